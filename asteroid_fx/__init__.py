@@ -1,0 +1,84 @@
+"""asteroid-fx: hybrid pipeline-parallel training across heterogeneous edge devices.
+
+Example::
+
+    import asteroid_fx as afx
+    costs = afx.analytic_costs(model, example_inputs)
+    cluster = afx.Cluster.from_yaml("examples/clusters/B-1000mbps.yaml")
+    plan = afx.plan(costs, cluster, batch_size=32)
+    stages = afx.partition(model, example_inputs, plan)
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from asteroid_fx.errors import (
+    AsteroidError,
+    ClusterError,
+    CostModelError,
+    DeadlockError,
+    ModelSpecError,
+    PartitionError,
+    PlanError,
+    RuntimeFailure,
+    ScheduleError,
+    StageFailure,
+    TraceError,
+)
+
+__version__ = "0.1.0"
+
+# [Note: lazy public API]
+# Attributes are imported on first use so that ``import asteroid_fx.errors`` (used by
+# the torch-free solver) and the runtime on a bare board pull in nothing heavy.
+_LAZY: dict[str, str] = {
+    "trace": "asteroid_fx.trace",
+    "LayerGraph": "asteroid_fx.trace",
+    "Layer": "asteroid_fx.trace",
+    "load_model_spec": "asteroid_fx.model_spec",
+    "ModelSpec": "asteroid_fx.model_spec",
+    "profile": "cost_models.profile",
+    "analytic_costs": "cost_models.analytic",
+    "CostTable": "cost_models.table",
+    "LayerCost": "cost_models.table",
+    "Cluster": "solver.cluster",
+    "Device": "solver.cluster",
+    "Plan": "solver.plan",
+    "Stage": "solver.plan",
+    "Prediction": "solver.plan",
+    "plan": "solver.api",
+    "evaluate": "solver.evaluate",
+    "simulate": "solver.simulate",
+    "partition": "asteroid_fx.partition",
+    "save_partition": "asteroid_fx.package",
+    "load_partition": "asteroid_fx.package",
+    "to_pipeline_stage": "asteroid_fx.interop",
+    "run": "runtime.launch",
+}
+
+__all__ = [
+    "AsteroidError",
+    "ClusterError",
+    "CostModelError",
+    "DeadlockError",
+    "ModelSpecError",
+    "PartitionError",
+    "PlanError",
+    "RuntimeFailure",
+    "ScheduleError",
+    "StageFailure",
+    "TraceError",
+    *_LAZY,
+]
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'asteroid_fx' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+

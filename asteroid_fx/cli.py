@@ -1,0 +1,424 @@
+"""The ``asteroid-fx`` command line: trace, profile, costs, plan, partition, simulate, run."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+
+from asteroid_fx.errors import AsteroidError
+
+__all__ = ["app", "main"]
+
+log = logging.getLogger(__name__)
+
+app = typer.Typer(
+    name="asteroid-fx",
+    help="Plan, partition and run hybrid-pipeline training across heterogeneous devices.",
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+
+console = Console()
+err_console = Console(stderr=True)
+
+_state: dict[str, bool] = {"debug": False}
+
+T = TypeVar("T")
+
+ModelArg = Annotated[
+    str,
+    typer.Argument(help="path/to/model.py, path/to/model.py:prefix, or builtin:NAME"),
+]
+ClusterOpt = Annotated[
+    Path, typer.Option("--cluster", "-c", help="cluster.yaml describing devices and links")
+]
+BatchOpt = Annotated[int, typer.Option("--batch-size", "-b", help="samples per training round")]
+PlannerOpt = Annotated[
+    str,
+    typer.Option(
+        "--planner",
+        help="asteroid | ilp | ilp-wide | dp-only | pp-equal | pipedream | dapple | hetpipe "
+        "| device",
+    ),
+]
+
+
+@app.callback()
+def _root(
+    debug: Annotated[bool, typer.Option("--debug", help="show tracebacks on errors")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="log progress")] = False,
+) -> None:
+    _state["debug"] = debug
+    logging.basicConfig(
+        level=logging.DEBUG if debug else (logging.INFO if verbose else logging.WARNING),
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+
+
+@contextmanager
+def _errors() -> Iterator[None]:
+    """Turn any failure into one line on stderr and a non-zero exit (traceback with --debug)."""
+    try:
+        yield
+    except (typer.Exit, typer.Abort, KeyboardInterrupt):
+        raise
+    except AsteroidError as exc:
+        if _state["debug"]:
+            raise
+        err_console.print(f"[bold red]error:[/] {type(exc).__name__}: {exc}", highlight=False,
+                          soft_wrap=True)
+        raise typer.Exit(1) from None
+    except Exception as exc:  # noqa: BLE001 - the CLI must never dump a traceback by default
+        if _state["debug"]:
+            raise
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        err_console.print(
+            f"[bold red]internal error:[/] {type(exc).__name__}: {first} "
+            "(re-run with --debug for the traceback)",
+            highlight=False, soft_wrap=True,
+        )
+        raise typer.Exit(1) from None
+
+
+def _progress_callback(description: str) -> tuple[Any, Callable[[int, int, str], None]]:
+    """A rich progress bar and a ``(done, total, what)`` callback that drives it."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    progress = Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/"
+        "{task.total}"), TextColumn("{task.fields[what]}"), TimeElapsedColumn(),
+        console=err_console, transient=False, disable=not err_console.is_terminal,
+    )
+    task = progress.add_task(description, total=None, what="")
+
+    def update(done: int, total: int, what: str) -> None:
+        progress.update(task, completed=done, total=total, what=what)
+
+    return progress, update
+
+
+def _load_model(spec: str, batch_size: int) -> tuple[Any, Any, tuple[Any, ...]]:
+    from asteroid_fx.model_spec import load_model_spec
+
+    model_spec = load_model_spec(spec)
+    model = model_spec.build_model()
+    inputs, _targets = model_spec.sample_batch(batch_size)
+    if not isinstance(inputs, tuple):
+        inputs = (inputs,)
+    return model_spec, model, inputs
+
+
+def _leaf(leaf_modules: list[str] | None) -> tuple[str, ...]:
+    return tuple(leaf_modules or ())
+
+
+LeafOpt = Annotated[
+    list[str] | None,
+    typer.Option("--leaf", help="qualified name or class name of a module to keep as a leaf"),
+]
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return f"{n:.2f} GiB"  # pragma: no cover
+
+
+@app.command()
+def trace(
+    model: ModelArg,
+    leaf: LeafOpt = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b")] = 2,
+) -> None:
+    """Show the layer graph: layers, parameters, activation and cut sizes."""
+    with _errors():
+        from rich.table import Table
+
+        from asteroid_fx.trace import trace as trace_fn
+
+        spec, module, inputs = _load_model(model, batch_size)
+        graph = trace_fn(module, inputs, leaf_modules=_leaf(leaf), model_name=spec.name)
+        table = Table(title=f"{spec.name}: {len(graph.layers)} layers (hash {graph.model_hash})")
+        for col in ("#", "layer", "op", "params", "act/sample", "out/sample", "cut after"):
+            table.add_column(col, justify="right" if col not in ("layer", "op") else "left")
+        for layer in graph.layers:
+            cut = graph.cut_bytes[layer.index] if layer.index < len(graph.cut_bytes) else None
+            table.add_row(str(layer.index), layer.name, layer.op, _fmt_bytes(layer.param_bytes),
+                          _fmt_bytes(layer.activation_bytes), _fmt_bytes(layer.output_bytes),
+                          "-" if cut is None else _fmt_bytes(cut))
+        console.print(table)
+        total = sum(layer.param_bytes for layer in graph.layers)
+        console.print(f"parameters: {_fmt_bytes(total)}; input: "
+                      f"{_fmt_bytes(graph.input_bytes)}/sample")
+
+
+@app.command()
+def profile(
+    model: ModelArg,
+    out: Annotated[Path, typer.Option("--out", "-o", help="where to write costs.json")] = Path(
+        "costs.json"),
+    batch_sizes: Annotated[str, typer.Option("--batch-sizes", help="comma-separated")] = "1,2,4,8",
+    repeats: Annotated[int, typer.Option("--repeats")] = 5,
+    leaf: LeafOpt = None,
+) -> None:
+    """Measure forward/backward time per layer on this host at several batch sizes."""
+    with _errors():
+        from asteroid_fx.errors import CostModelError
+        from asteroid_fx.model_spec import load_model_spec
+        from cost_models.profile import profile as profile_fn
+
+        try:
+            sizes = tuple(int(s) for s in batch_sizes.split(",") if s.strip())
+        except ValueError:
+            raise CostModelError(f"--batch-sizes must be comma-separated integers, got "
+                                 f"{batch_sizes!r}") from None
+        spec = load_model_spec(model)
+        start = time.perf_counter()
+        bar, update = _progress_callback("profiling")
+        with bar:
+            table = profile_fn(spec.build_model(), spec.sample_batch, batch_sizes=sizes,
+                               leaf_modules=_leaf(leaf), repeats=repeats, progress=update)
+        table = _renamed(table, spec.name)
+        table.save(out)
+        console.print(f"profiled {table.num_layers} layers at batch sizes {list(sizes)} in "
+                      f"{time.perf_counter() - start:.1f} s; host {table.host} "
+                      f"({table.host_flops / 1e9:.1f} GFLOP/s per core) -> {out}")
+
+
+def _renamed(table: Any, name: str) -> Any:
+    from dataclasses import replace
+
+    return table if table.model_name else replace(table, model_name=name)
+
+
+@app.command()
+def costs(
+    costs_file: Annotated[Path, typer.Argument(help="costs.json from `asteroid-fx profile`")],
+    cluster: Annotated[Path | None, typer.Option("--cluster", "-c")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b")] = 1,
+) -> None:
+    """Show a cost table: per-layer time per device type, memory and cut sizes."""
+    with _errors():
+        from rich.table import Table
+
+        from cost_models.table import CostTable
+        from solver.cluster import Cluster
+
+        table = CostTable.load(costs_file)
+        columns: dict[str, float] = {"local": 1.0}
+        if cluster is not None:
+            clus = Cluster.from_yaml(cluster)
+            speeds = clus.speeds(table.host_flops)
+            columns = {}
+            for device in clus.devices:
+                columns.setdefault(device.type if device.speed is None else device.name,
+                                   speeds[device.name])
+        out = Table(title=f"{table.model_name} ({table.source}, host {table.host}, "
+                          f"{table.host_flops / 1e9:.1f} GFLOP/s) — fwd+bwd ms at batch "
+                          f"{batch_size}")
+        out.add_column("#", justify="right")
+        out.add_column("layer")
+        out.add_column("op")
+        for name in columns:
+            out.add_column(name, justify="right")
+        out.add_column("params", justify="right")
+        out.add_column("cut after", justify="right")
+        totals = dict.fromkeys(columns, 0.0)
+        for i, layer in enumerate(table.layers):
+            t = layer.fwd.at(batch_size) + layer.bwd.at(batch_size)
+            cells = []
+            for name, speed in columns.items():
+                totals[name] += t / speed
+                cells.append(f"{1e3 * t / speed:.3f}")
+            cut = _fmt_bytes(table.cut_bytes[i]) if i < len(table.cut_bytes) else "-"
+            out.add_row(str(i), layer.name, layer.op, *cells, _fmt_bytes(layer.param_bytes), cut)
+        out.add_row("", "total", "", *(f"{1e3 * v:.3f}" for v in totals.values()),
+                    _fmt_bytes(table.total_param_bytes), "")
+        console.print(out)
+
+
+def _costs_for(model: str, batch_size: int, costs_file: Path | None,
+               leaf: tuple[str, ...]) -> tuple[Any, Any, tuple[Any, ...], Any]:
+    """The model, its example inputs and a cost table (given, or analytic)."""
+    from cost_models.table import CostTable
+
+    spec, module, inputs = _load_model(model, 2)
+    if costs_file is not None:
+        table = CostTable.load(costs_file)
+    else:
+        from cost_models.analytic import analytic_costs
+
+        table = analytic_costs(module, inputs, leaf_modules=leaf)
+    return spec, module, inputs, _renamed(table, spec.name)
+
+
+CostsOpt = Annotated[
+    Path | None,
+    typer.Option("--costs", help="costs.json from `asteroid-fx profile` (default: analytic)"),
+]
+
+
+@app.command()
+def plan(
+    model: ModelArg,
+    cluster: ClusterOpt,
+    batch_size: BatchOpt,
+    planner: PlannerOpt = "asteroid",
+    check_ilp: Annotated[bool, typer.Option("--check-ilp", help="cross-check with the ILP")]
+    = False,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="write plan.json")] = None,
+    costs_file: CostsOpt = None,
+    leaf: LeafOpt = None,
+) -> None:
+    """Plan stages, device groups, shares and micro-batches; print the report."""
+    with _errors():
+        from solver.api import plan as plan_fn
+        from solver.cluster import Cluster
+
+        clus = Cluster.from_yaml(cluster)
+        _spec, _module, _inputs, table = _costs_for(model, batch_size, costs_file, _leaf(leaf))
+        result = plan_fn(table, clus, batch_size, planner=planner, check_ilp=check_ilp)
+        _print_report(result, table, clus)
+        if out is not None:
+            result.save(out)
+            console.print(f"wrote {out}")
+
+
+def _print_report(plan_obj: Any, table: Any, clus: Any) -> None:
+    from solver.report import plan_report
+
+    console.print(plan_report(plan_obj, table, clus))
+
+
+@app.command()
+def partition(
+    model: ModelArg,
+    cluster: ClusterOpt,
+    batch_size: BatchOpt,
+    out: Annotated[Path, typer.Option("--out", "-o", help="output directory")] = Path("out"),
+    planner: PlannerOpt = "asteroid",
+    no_onnx: Annotated[bool, typer.Option("--no-onnx", help="skip per-stage ONNX export")] = False,
+    costs_file: CostsOpt = None,
+    leaf: LeafOpt = None,
+) -> None:
+    """Plan and split the model into runnable stages; write a stage package directory."""
+    with _errors():
+        from asteroid_fx.package import save_partition
+        from asteroid_fx.partition import partition as partition_fn
+        from solver.api import plan as plan_fn
+        from solver.cluster import Cluster
+
+        start = time.perf_counter()
+        clus = Cluster.from_yaml(cluster)
+        spec, module, inputs, table = _costs_for(model, batch_size, costs_file, _leaf(leaf))
+        result = plan_fn(table, clus, batch_size, planner=planner)
+        _print_report(result, table, clus)
+        stages = partition_fn(module, inputs, result, leaf_modules=_leaf(leaf))
+        written = save_partition(out, result, stages, model_spec=spec, onnx=not no_onnx,
+                                 example_inputs=inputs, costs=table, cluster=clus)
+        size = sum(p.stat().st_size for p in Path(out).rglob("*") if p.is_file())
+        console.print(f"wrote {len(written)} files ({_fmt_bytes(size)}) to {out}/ in "
+                      f"{time.perf_counter() - start:.1f} s: "
+                      + ", ".join(sorted(str(Path(p).name) for p in written.values())))
+
+
+@app.command()
+def simulate(
+    plan_file: Annotated[Path, typer.Argument(help="plan.json")],
+    costs_file: Annotated[Path | None, typer.Option("--costs", help="costs.json")] = None,
+    cluster: Annotated[Path | None, typer.Option("--cluster", "-c")] = None,
+    model: Annotated[str | None, typer.Option("--model", help="MODEL_SPEC for analytic costs")]
+    = None,
+    rounds: Annotated[int, typer.Option("--rounds")] = 1,
+    gantt: Annotated[Path | None, typer.Option("--gantt", help="write a Gantt chart PNG")] = None,
+) -> None:
+    """Event-simulate rounds of a plan: time, bubbles, memory; optional Gantt PNG."""
+    with _errors():
+        from asteroid_fx.errors import PlanError
+        from solver.cluster import Cluster
+        from solver.plan import Plan
+        from solver.simulate import simulate as simulate_fn
+
+        plan_obj = Plan.load(plan_file)
+        plan_dir = Path(plan_file).parent
+        cluster_path = cluster or (plan_dir / "cluster.yaml")
+        costs_path = costs_file or (plan_dir / "costs.json")
+        if not Path(cluster_path).is_file():
+            raise PlanError(f"simulate needs the cluster: pass --cluster cluster.yaml "
+                            f"(looked for {cluster_path})")
+        clus = Cluster.from_yaml(cluster_path)
+        if Path(costs_path).is_file():
+            from cost_models.table import CostTable
+
+            table = CostTable.load(costs_path)
+        elif model is not None:
+            table = _costs_for(model, plan_obj.batch_size, None, ())[3]
+        else:
+            raise PlanError(f"simulate needs the cost table: pass --costs costs.json or "
+                            f"--model MODEL_SPEC (looked for {costs_path})")
+        result = simulate_fn(plan_obj, table, clus, rounds=rounds)
+        console.print(f"simulated {rounds} round(s): round time {result.round_time_s:.4f} s, "
+                      f"bubble fraction {result.bubble_fraction:.1%}"
+                      + ("" if plan_obj.predicted is None else
+                         f" (model predicts {plan_obj.predicted.round_time_s:.4f} s)"))
+        for device, peak in sorted(result.peak_memory_bytes.items()):
+            console.print(f"  {device}: peak memory {_fmt_bytes(peak)}")
+        if gantt is not None:
+            from solver.gantt import gantt_png
+
+            gantt_png(result, gantt)
+            console.print(f"wrote {gantt}")
+
+
+@app.command()
+def run(
+    directory: Annotated[Path, typer.Argument(help="partition directory from `partition`")],
+    emulate: Annotated[Path | None, typer.Option("--emulate", help="cluster.yaml to emulate on "
+                                                 "this host")] = None,
+    steps: Annotated[int, typer.Option("--steps")] = 10,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    lr: Annotated[float, typer.Option("--lr")] = 0.01,
+    metrics: Annotated[Path | None, typer.Option("--metrics", help="metrics.jsonl")] = None,
+    fail: Annotated[str | None, typer.Option("--fail", help="DEVICE@STEP: SIGKILL a device")]
+    = None,
+    recovery: Annotated[str, typer.Option("--recovery", help="replay | restart")] = "replay",
+) -> None:
+    """Train from a partition directory (emulated cluster here, or under torchrun)."""
+    with _errors():
+        from runtime.launch import run as run_fn
+
+        kwargs: dict[str, Any] = {"emulate": emulate, "steps": steps, "seed": seed, "lr": lr,
+                                  "metrics": metrics}
+        if fail is not None:
+            kwargs["fail"] = fail
+            kwargs["recovery"] = recovery
+        result = run_fn(directory, **kwargs)
+        summary = getattr(result, "summary", None)
+        if callable(summary):
+            console.print(summary())
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console-script entry point; returns the exit code (usage errors exit 2)."""
+    try:
+        app(args=argv)
+    except SystemExit as exc:
+        if exc.code is None:
+            return 0
+        return exc.code if isinstance(exc.code, int) else 1
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,9 @@
+"""Planners, the round-latency and memory model, and the event simulator (never imports torch).
+
+Import the submodules you need (``solver.cluster``, ``solver.plan``, ``solver.evaluate``,
+``solver.api``); this package file imports nothing so the runtime can read plans cheaply.
+"""
+
+from __future__ import annotations
+
+__all__: list[str] = []

@@ -1,0 +1,244 @@
+"""The cluster: devices, their memory and speed, and the bandwidth of every link."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from asteroid_fx.errors import ClusterError
+from cost_models.devices import DEVICE_TYPES, GIB
+
+__all__ = ["Device", "Link", "Cluster"]
+
+_DEVICE_KEYS = {"name", "type", "memory_gb", "speed", "flops"}
+
+
+def _host_memory_bytes() -> int:
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):  # pragma: no cover - non-POSIX
+        return 8 * GIB
+
+
+def _positive(value: Any, what: str, entry: Any) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ClusterError(f"{what} must be a number, got {value!r} in {entry!r}") from None
+    if not (number > 0 and math.isfinite(number)):
+        raise ClusterError(f"{what} must be > 0, got {value!r} in {entry!r}")
+    return number
+
+
+@dataclass(frozen=True)
+class Device:
+    """One device. ``speed`` is relative to ``local`` (the profiling host); when it is
+    None the speed follows from ``flops`` and the cost table's ``host_flops``."""
+
+    name: str
+    type: str
+    memory_bytes: int
+    speed: float | None = None
+    flops: float | None = None
+
+    def speed_against(self, host_flops: float) -> float:
+        """Speed relative to a host whose effective FLOP/s is ``host_flops``."""
+        if self.speed is not None:
+            return self.speed
+        if self.flops is None:  # pragma: no cover - excluded by Cluster validation
+            raise ClusterError(f"device {self.name!r} has neither speed nor flops")
+        return self.flops / host_flops
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"name": self.name, "type": self.type,
+                               "memory_gb": self.memory_bytes / GIB}
+        if self.speed is not None:
+            out["speed"] = self.speed
+        if self.flops is not None:
+            out["flops"] = self.flops
+        return out
+
+    @classmethod
+    def from_entry(cls, entry: Any) -> Device:
+        if not isinstance(entry, Mapping):
+            raise ClusterError(f"a device is a mapping like {{name: nx0, type: jetson-nano}}, "
+                               f"got {entry!r}")
+        unknown = set(entry) - _DEVICE_KEYS
+        if unknown:
+            raise ClusterError(f"unknown device field(s) {sorted(unknown)} in {dict(entry)!r}; "
+                               f"allowed: {sorted(_DEVICE_KEYS)}")
+        name = entry.get("name")
+        if not isinstance(name, str) or not name:
+            raise ClusterError(f"every device needs a non-empty string name, got {dict(entry)!r}")
+        type_name = entry.get("type")
+        dtype = DEVICE_TYPES.get(str(type_name))
+        if dtype is None:
+            raise ClusterError(
+                f"unknown device type {type_name!r} for device {name!r}; known types: "
+                f"{', '.join(sorted(DEVICE_TYPES))} (or use type: custom with speed and memory_gb)"
+            )
+        speed = _positive(entry["speed"], "speed", dict(entry)) if "speed" in entry else None
+        flops = _positive(entry["flops"], "flops", dict(entry)) if "flops" in entry else None
+        if "memory_gb" in entry:
+            memory = int(_positive(entry["memory_gb"], "memory_gb", dict(entry)) * GIB)
+        elif dtype.memory_gb is not None:
+            memory = int(dtype.memory_gb * GIB)
+        elif dtype.name == "local":
+            memory = _host_memory_bytes()
+        else:
+            raise ClusterError(f"device {name!r} of type custom needs memory_gb, "
+                               f"e.g. {{name: {name}, type: custom, speed: 0.7, memory_gb: 3}}")
+        if speed is None and flops is None:
+            if dtype.flops is not None:
+                flops = dtype.flops
+            elif dtype.name == "local":
+                speed = 1.0
+            else:
+                raise ClusterError(f"device {name!r} of type custom needs speed (relative to "
+                                   f"local) or flops, e.g. speed: 0.7")
+        return cls(name=name, type=dtype.name, memory_bytes=memory, speed=speed, flops=flops)
+
+
+@dataclass(frozen=True)
+class Link:
+    """A per-pair bandwidth override (megabits per second, symmetric)."""
+
+    a: str
+    b: str
+    bandwidth_mbps: float
+
+
+@dataclass(frozen=True)
+class Cluster:
+    """Devices plus a symmetric bandwidth for every pair (default + overrides)."""
+
+    devices: tuple[Device, ...]
+    bandwidth_mbps: float
+    links: tuple[Link, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.devices:
+            raise ClusterError("a cluster needs at least one device under `devices:`")
+        seen: set[str] = set()
+        for device in self.devices:
+            if device.name in seen:
+                raise ClusterError(f"duplicate device name {device.name!r}; names must be unique")
+            seen.add(device.name)
+        _positive(self.bandwidth_mbps, "network.bandwidth_mbps", self.bandwidth_mbps)
+        for link in self.links:
+            for end in (link.a, link.b):
+                if end not in seen:
+                    raise ClusterError(f"link {[link.a, link.b]} names unknown device {end!r}; "
+                                       f"devices are {sorted(seen)}")
+            if link.a == link.b:
+                raise ClusterError(f"link {[link.a, link.b]} joins a device to itself")
+            _positive(link.bandwidth_mbps, "bandwidth_mbps", [link.a, link.b])
+
+    # -- lookup -------------------------------------------------------------------------
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(d.name for d in self.devices)
+
+    def device(self, name: str) -> Device:
+        for device in self.devices:
+            if device.name == name:
+                return device
+        raise ClusterError(f"unknown device {name!r}; devices are {list(self.names)}")
+
+    def bandwidth_mbps_between(self, a: str, b: str) -> float:
+        """Megabits per second between two devices (infinite for a device and itself)."""
+        if a == b:
+            return math.inf
+        for link in self.links:
+            if {link.a, link.b} == {a, b}:
+                return link.bandwidth_mbps
+        return self.bandwidth_mbps
+
+    def bandwidth_bytes_s(self, a: str, b: str) -> float:
+        """Bytes per second between two devices."""
+        return self.bandwidth_mbps_between(a, b) * 1e6 / 8.0
+
+    def speeds(self, host_flops: float) -> dict[str, float]:
+        """Every device's speed relative to a host of ``host_flops`` effective FLOP/s."""
+        return {d.name: d.speed_against(host_flops) for d in self.devices}
+
+    def subset(self, names: Iterable[str]) -> Cluster:
+        """The cluster restricted to ``names`` (e.g. the survivors of a failure)."""
+        keep = set(names)
+        return Cluster(
+            devices=tuple(d for d in self.devices if d.name in keep),
+            bandwidth_mbps=self.bandwidth_mbps,
+            links=tuple(lk for lk in self.links if lk.a in keep and lk.b in keep),
+        )
+
+    # -- (de)serialisation ----------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "devices": [d.to_dict() for d in self.devices],
+            "network": {
+                "bandwidth_mbps": self.bandwidth_mbps,
+                "links": [{"between": [lk.a, lk.b], "bandwidth_mbps": lk.bandwidth_mbps}
+                          for lk in self.links],
+            },
+        }
+
+    @property
+    def cluster_hash(self) -> str:
+        text = json.dumps(self.to_dict(), sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    @classmethod
+    def from_dict(cls, data: Any) -> Cluster:
+        if not isinstance(data, Mapping):
+            raise ClusterError(f"a cluster file is a mapping with `devices:` and `network:`, "
+                               f"got {type(data).__name__}")
+        unknown = set(data) - {"devices", "network"}
+        if unknown:
+            raise ClusterError(f"unknown top-level key(s) {sorted(unknown)}; "
+                               f"expected `devices:` and `network:`")
+        raw_devices = data.get("devices")
+        if not isinstance(raw_devices, list) or not raw_devices:
+            raise ClusterError("`devices:` must be a non-empty list of "
+                               "{name: ..., type: ...} entries")
+        devices = tuple(Device.from_entry(entry) for entry in raw_devices)
+        network = data.get("network", {}) or {}
+        if not isinstance(network, Mapping):
+            raise ClusterError(f"`network:` must be a mapping, got {network!r}")
+        bandwidth = _positive(network.get("bandwidth_mbps", 1000.0), "network.bandwidth_mbps",
+                              dict(network))
+        links = []
+        for entry in network.get("links", []) or []:
+            if (not isinstance(entry, Mapping) or not isinstance(entry.get("between"), list)
+                    or len(entry["between"]) != 2 or "bandwidth_mbps" not in entry):
+                raise ClusterError(f"a link is {{between: [a, b], bandwidth_mbps: N}}, "
+                                   f"got {entry!r}")
+            a, b = (str(x) for x in entry["between"])
+            links.append(Link(a, b, _positive(entry["bandwidth_mbps"], "bandwidth_mbps", entry)))
+        return cls(devices=devices, bandwidth_mbps=bandwidth, links=tuple(links))
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> Cluster:
+        import yaml
+
+        p = Path(path)
+        if not p.is_file():
+            raise ClusterError(f"cluster file {str(p)!r} does not exist; see "
+                               f"examples/clusters/ for the format")
+        try:
+            data = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as exc:
+            raise ClusterError(f"{p} is not valid YAML: {str(exc).splitlines()[0]}") from exc
+        return cls.from_dict(data)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict())
+
+    @classmethod
+    def from_json(cls, text: str) -> Cluster:
+        return cls.from_dict(json.loads(text))

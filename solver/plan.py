@@ -1,0 +1,318 @@
+"""Plans: stages, device groups, shares and predictions as frozen data with JSON round-trip."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from asteroid_fx.errors import PlanError
+
+__all__ = ["Stage", "StagePrediction", "Prediction", "PlannerInfo", "Plan", "PLAN_VERSION"]
+
+PLAN_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Stage:
+    """Layers ``first..last`` (inclusive) on ``devices``; ``shares[i]`` samples of every
+    micro-batch go to ``devices[i]`` (in that order, as contiguous sample ranges)."""
+
+    layers: tuple[int, int]
+    devices: tuple[str, ...]
+    shares: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        first, last = self.layers
+        if first < 0 or last < first:
+            raise PlanError(f"stage layers must be [first, last] with 0 <= first <= last, "
+                            f"got {list(self.layers)}")
+        if not self.devices:
+            raise PlanError(f"stage {list(self.layers)} has no devices")
+        if len(self.devices) != len(self.shares):
+            raise PlanError(f"stage {list(self.layers)} has {len(self.devices)} devices but "
+                            f"{len(self.shares)} shares")
+        if any(s < 1 for s in self.shares):
+            raise PlanError(f"every share must be >= 1 sample, got {list(self.shares)} for "
+                            f"devices {list(self.devices)}")
+
+    @property
+    def first(self) -> int:
+        return self.layers[0]
+
+    @property
+    def last(self) -> int:
+        return self.layers[1]
+
+    @property
+    def micro_batch_size(self) -> int:
+        return sum(self.shares)
+
+    def sample_ranges(self) -> dict[str, tuple[int, int]]:
+        """Half-open sample range ``[start, stop)`` of every device within a micro-batch."""
+        out: dict[str, tuple[int, int]] = {}
+        start = 0
+        for device, share in zip(self.devices, self.shares, strict=True):
+            out[device] = (start, start + share)
+            start += share
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"layers": list(self.layers), "devices": list(self.devices),
+                "shares": list(self.shares)}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Stage:
+        layers = tuple(int(v) for v in data["layers"])
+        if len(layers) != 2:
+            raise PlanError(f"stage layers are [first, last], got {data['layers']!r}")
+        return cls(layers=(layers[0], layers[1]),
+                   devices=tuple(str(d) for d in data["devices"]),
+                   shares=tuple(int(s) for s in data["shares"]))
+
+
+@dataclass(frozen=True)
+class StagePrediction:
+    """Predicted terms of one stage (seconds): E_f/E_b include the input cut's transfer."""
+
+    e_f: float
+    e_b: float
+    t_w: float
+    t_e: float
+    t_a: float
+    compute_f: float = 0.0
+    compute_b: float = 0.0
+    comm_f: float = 0.0
+    comm_b: float = 0.0
+
+    @property
+    def total(self) -> float:
+        return self.t_w + self.t_e + self.t_a
+
+    def to_dict(self) -> dict[str, float]:
+        return {k: getattr(self, k) for k in
+                ("e_f", "e_b", "t_w", "t_e", "t_a", "compute_f", "compute_b", "comm_f", "comm_b")}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> StagePrediction:
+        return cls(**{k: float(v) for k, v in data.items()})
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """What the latency/memory model predicts for one plan."""
+
+    round_time_s: float
+    throughput_samples_s: float
+    peak_memory_bytes: Mapping[str, int]
+    memory_capacity_bytes: Mapping[str, int]
+    stages: tuple[StagePrediction, ...]
+    dominant_stage: int
+
+    @property
+    def fits(self) -> bool:
+        return all(self.peak_memory_bytes[d] <= self.memory_capacity_bytes[d]
+                   for d in self.peak_memory_bytes)
+
+    def memory_shortfall(self) -> dict[str, int]:
+        """Bytes missing per device that does not fit (empty when the plan fits)."""
+        return {d: self.peak_memory_bytes[d] - self.memory_capacity_bytes[d]
+                for d in self.peak_memory_bytes
+                if self.peak_memory_bytes[d] > self.memory_capacity_bytes[d]}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "round_time_s": self.round_time_s,
+            "throughput_samples_s": self.throughput_samples_s,
+            "peak_memory_bytes": dict(self.peak_memory_bytes),
+            "memory_capacity_bytes": dict(self.memory_capacity_bytes),
+            "stages": [s.to_dict() for s in self.stages],
+            "dominant_stage": self.dominant_stage,
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=1)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Prediction:
+        return cls(
+            round_time_s=float(data["round_time_s"]),
+            throughput_samples_s=float(data["throughput_samples_s"]),
+            peak_memory_bytes={str(k): int(v) for k, v in data["peak_memory_bytes"].items()},
+            memory_capacity_bytes={str(k): int(v)
+                                   for k, v in data["memory_capacity_bytes"].items()},
+            stages=tuple(StagePrediction.from_dict(s) for s in data["stages"]),
+            dominant_stage=int(data["dominant_stage"]),
+        )
+
+
+@dataclass(frozen=True)
+class PlannerInfo:
+    """Which planner made the plan, how long it searched, and any DP/ILP cross-check."""
+
+    name: str
+    version: str = "1"
+    search_time_s: float = 0.0
+    check: Mapping[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "version": self.version,
+                "search_time_s": self.search_time_s, "check": dict(self.check)}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> PlannerInfo:
+        return cls(name=str(data["name"]), version=str(data.get("version", "1")),
+                   search_time_s=float(data.get("search_time_s", 0.0)),
+                   check=dict(data.get("check", {})))
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A hybrid-pipeline plan: the single input of the runtime (``plan.json``).
+
+    ``plan_version`` counts re-plans during one training run (0 = the initial plan).
+    ``optimizer_state_factor`` is optimizer state in units of the weights (0 for plain
+    SGD, 1 for momentum, 2 for Adam) and is used by the memory model.
+    """
+
+    model_hash: str
+    cluster_hash: str
+    batch_size: int
+    micro_batch_size: int
+    num_micro_batches: int
+    stages: tuple[Stage, ...]
+    schedule: str = "1f1b"
+    predicted: Prediction | None = None
+    replicas: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    planner: PlannerInfo = field(default_factory=lambda: PlannerInfo("manual"))
+    num_layers: int = 0
+    model_name: str = ""
+    optimizer_state_factor: float = 0.0
+    plan_version: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.stages:
+            raise PlanError("a plan needs at least one stage")
+        if self.micro_batch_size < 1 or self.num_micro_batches < 1:
+            raise PlanError(f"micro_batch_size ({self.micro_batch_size}) and num_micro_batches "
+                            f"({self.num_micro_batches}) must be >= 1")
+        if self.micro_batch_size * self.num_micro_batches != self.batch_size:
+            raise PlanError(
+                f"batch_size ({self.batch_size}) must equal micro_batch_size "
+                f"({self.micro_batch_size}) x num_micro_batches ({self.num_micro_batches})")
+        if self.schedule not in ("1f1b", "gpipe"):
+            raise PlanError(f"schedule must be '1f1b' or 'gpipe', got {self.schedule!r}")
+        expected = 0
+        seen: set[str] = set()
+        for index, stage in enumerate(self.stages):
+            if stage.first != expected:
+                raise PlanError(f"stage {index} starts at layer {stage.first} but layer "
+                                f"{expected} is next; stages must cover the layers in order")
+            expected = stage.last + 1
+            if stage.micro_batch_size != self.micro_batch_size:
+                raise PlanError(f"stage {index} shares {list(stage.shares)} add up to "
+                                f"{stage.micro_batch_size}, not the micro-batch size "
+                                f"{self.micro_batch_size}")
+            for device in stage.devices:
+                if device in seen:
+                    raise PlanError(f"device {device!r} appears in more than one stage")
+                seen.add(device)
+        if self.num_layers and expected != self.num_layers:
+            raise PlanError(f"stages cover layers 0..{expected - 1} but the model has "
+                            f"{self.num_layers} layers")
+
+    # -- queries ----------------------------------------------------------------------------
+    @property
+    def num_stages(self) -> int:
+        return len(self.stages)
+
+    @property
+    def devices(self) -> tuple[str, ...]:
+        return tuple(d for stage in self.stages for d in stage.devices)
+
+    def stage_of(self, device: str) -> int:
+        for index, stage in enumerate(self.stages):
+            if device in stage.devices:
+                return index
+        raise PlanError(f"device {device!r} is not in the plan; plan devices: "
+                        f"{list(self.devices)}")
+
+    def with_prediction(self, prediction: Prediction) -> Plan:
+        return replace(self, predicted=prediction)
+
+    # -- (de)serialisation -------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "version": PLAN_VERSION,
+            "model_name": self.model_name,
+            "model_hash": self.model_hash,
+            "cluster_hash": self.cluster_hash,
+            "num_layers": self.num_layers,
+            "batch_size": self.batch_size,
+            "micro_batch_size": self.micro_batch_size,
+            "num_micro_batches": self.num_micro_batches,
+            "schedule": self.schedule,
+            "optimizer_state_factor": self.optimizer_state_factor,
+            "plan_version": self.plan_version,
+            "stages": [s.to_dict() for s in self.stages],
+            "replicas": {k: list(v) for k, v in self.replicas.items()},
+            "planner": self.planner.to_dict(),
+            "predicted": None if self.predicted is None else self.predicted.to_dict(),
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=1)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Plan:
+        if not isinstance(data, Mapping):
+            raise PlanError(f"a plan is a JSON object, got {type(data).__name__}")
+        if data.get("version", PLAN_VERSION) != PLAN_VERSION:
+            raise PlanError(f"plan version {data.get('version')!r} is not supported "
+                            f"(expected {PLAN_VERSION}); re-run `asteroid-fx plan`")
+        try:
+            predicted = data.get("predicted")
+            return cls(
+                model_hash=str(data["model_hash"]),
+                cluster_hash=str(data["cluster_hash"]),
+                batch_size=int(data["batch_size"]),
+                micro_batch_size=int(data["micro_batch_size"]),
+                num_micro_batches=int(data["num_micro_batches"]),
+                stages=tuple(Stage.from_dict(s) for s in data["stages"]),
+                schedule=str(data.get("schedule", "1f1b")),
+                predicted=None if predicted is None else Prediction.from_dict(predicted),
+                replicas={str(k): tuple(str(x) for x in v)
+                          for k, v in data.get("replicas", {}).items()},
+                planner=PlannerInfo.from_dict(data.get("planner", {"name": "manual"})),
+                num_layers=int(data.get("num_layers", 0)),
+                model_name=str(data.get("model_name", "")),
+                optimizer_state_factor=float(data.get("optimizer_state_factor", 0.0)),
+                plan_version=int(data.get("plan_version", 0)),
+            )
+        except KeyError as exc:
+            raise PlanError(f"plan is missing the field {exc.args[0]!r}") from exc
+        except (TypeError, ValueError) as exc:
+            if isinstance(exc, PlanError):
+                raise
+            raise PlanError(f"malformed plan: {exc}") from exc
+
+    @classmethod
+    def from_json(cls, text: str) -> Plan:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise PlanError(f"plan is not valid JSON: {exc}") from exc
+        return cls.from_dict(data)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(self.to_json())
+
+    @classmethod
+    def load(cls, path: str | Path) -> Plan:
+        p = Path(path)
+        if not p.is_file():
+            raise PlanError(f"plan file {str(p)!r} does not exist; create it with "
+                            f"`asteroid-fx plan MODEL --cluster C --batch-size N --out {p}`")
+        return cls.from_json(p.read_text())

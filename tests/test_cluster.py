@@ -1,0 +1,106 @@
+"""Tests of solver.cluster: YAML loading, validation, bandwidth and speeds."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from asteroid_fx.errors import ClusterError
+from cost_models.devices import DEVICE_TYPES, GIB
+from solver.cluster import Cluster
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "clusters"
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "cluster.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_design_example_loads(tmp_path: Path) -> None:
+    path = _write(tmp_path, """
+devices:
+  - {name: nx0,   type: jetson-xavier-nx}
+  - {name: tx2-0, type: jetson-tx2}
+  - {name: nano0, type: jetson-nano, memory_gb: 4}
+  - {name: me,    type: local}
+  - {name: phone, type: custom, speed: 0.7, memory_gb: 3}
+network:
+  bandwidth_mbps: 100
+  links:
+    - {between: [nx0, tx2-0], bandwidth_mbps: 1000}
+""")
+    cluster = Cluster.from_yaml(path)
+    assert cluster.names == ("nx0", "tx2-0", "nano0", "me", "phone")
+    assert cluster.bandwidth_mbps_between("nx0", "tx2-0") == 1000
+    assert cluster.bandwidth_mbps_between("tx2-0", "nx0") == 1000
+    assert cluster.bandwidth_mbps_between("nx0", "nano0") == 100
+    assert cluster.bandwidth_bytes_s("nx0", "nano0") == pytest.approx(100e6 / 8)
+    assert cluster.device("phone").memory_bytes == 3 * GIB
+    host_flops = 50e9
+    speeds = cluster.speeds(host_flops)
+    assert speeds["me"] == 1.0
+    assert speeds["phone"] == 0.7
+    nano_flops = DEVICE_TYPES["jetson-nano"].flops
+    assert nano_flops is not None
+    assert speeds["nano0"] == pytest.approx(nano_flops / host_flops)
+    assert speeds["nx0"] > speeds["tx2-0"] > speeds["nano0"]
+
+
+def test_json_round_trip_and_hash() -> None:
+    cluster = Cluster.from_yaml(EXAMPLES / "C-100mbps.yaml")
+    again = Cluster.from_json(cluster.to_json())
+    assert again == cluster
+    assert again.cluster_hash == cluster.cluster_hash
+    other = Cluster.from_yaml(EXAMPLES / "C-1000mbps.yaml")
+    assert other.cluster_hash != cluster.cluster_hash
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in EXAMPLES.glob("*.yaml")))
+def test_every_example_cluster_loads(name: str) -> None:
+    cluster = Cluster.from_yaml(EXAMPLES / name)
+    assert len(cluster.devices) >= 3
+
+
+def test_subset_keeps_links(tmp_path: Path) -> None:
+    path = _write(tmp_path, """
+devices: [{name: a, type: local}, {name: b, type: local}, {name: c, type: local}]
+network: {bandwidth_mbps: 10, links: [{between: [a, b], bandwidth_mbps: 50}]}
+""")
+    cluster = Cluster.from_yaml(path)
+    assert cluster.subset(["a", "b"]).bandwidth_mbps_between("a", "b") == 50
+    assert cluster.subset(["a", "c"]).links == ()
+
+
+@pytest.mark.parametrize(
+    ("text", "match"),
+    [
+        ("devices: [{name: a, type: jetson-nanoo}]", r"unknown device type 'jetson-nanoo'.*known"),
+        ("devices: [{name: a, type: local}, {name: a, type: local}]", "duplicate device name 'a'"),
+        ("devices: [{name: a, type: local}]\nnetwork: {bandwidth_mbps: 0}", "must be > 0"),
+        ("devices: [{name: a, type: local}]\nnetwork: {bandwidth_mbps: -5}", "must be > 0"),
+        ("devices: [{name: a, type: local}, {name: b, type: local}]\n"
+         "network: {links: [{between: [a, zz], bandwidth_mbps: 5}]}", "unknown device 'zz'"),
+        ("devices: [{name: a, type: local}, {name: b, type: local}]\n"
+         "network: {links: [{between: [a], bandwidth_mbps: 5}]}", "a link is"),
+        ("devices: [{name: a, type: custom, speed: 1}]", "needs memory_gb"),
+        ("devices: [{name: a, type: custom, memory_gb: 1}]", "needs speed"),
+        ("devices: [{name: a, type: local, speed: fast}]", "speed must be a number"),
+        ("devices: []", "non-empty list"),
+        ("devices: [{type: local}]", "non-empty string name"),
+        ("devices: [{name: a, type: local, colour: red}]", "unknown device field"),
+        ("hosts: []", "unknown top-level key"),
+        ("- a\n- b", "a cluster file is a mapping"),
+        ("devices: [{name: a, type: local}\n", "not valid YAML"),
+    ],
+)
+def test_bad_clusters_raise_cluster_error(tmp_path: Path, text: str, match: str) -> None:
+    with pytest.raises(ClusterError, match=match):
+        Cluster.from_yaml(_write(tmp_path, text))
+
+
+def test_missing_file() -> None:
+    with pytest.raises(ClusterError, match="does not exist"):
+        Cluster.from_yaml("no/such/cluster.yaml")

@@ -1,0 +1,78 @@
+"""Tests of solver.plan: validation and exact JSON round-trip."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from asteroid_fx.errors import PlanError
+from solver.plan import Plan, PlannerInfo, Prediction, Stage, StagePrediction
+
+
+def _plan(**overrides: object) -> Plan:
+    fields: dict[str, object] = dict(
+        model_hash="m", cluster_hash="c", batch_size=8, micro_batch_size=4, num_micro_batches=2,
+        stages=(Stage((0, 2), ("a",), (4,)), Stage((3, 5), ("b", "c"), (3, 1))), num_layers=6,
+    )
+    fields.update(overrides)
+    return Plan(**fields)  # type: ignore[arg-type]
+
+
+def test_round_trip_exact(tmp_path: Path) -> None:
+    pred = Prediction(
+        round_time_s=0.1 + 0.2, throughput_samples_s=8 / 0.3,
+        peak_memory_bytes={"a": 10, "b": 20, "c": 30},
+        memory_capacity_bytes={"a": 100, "b": 100, "c": 100},
+        stages=(StagePrediction(0.1, 0.2, 0.0, 0.5, 0.0),
+                StagePrediction(1 / 3, 2 / 3, 0.1, 0.4, 1e-9, comm_f=1e-3)),
+        dominant_stage=1,
+    )
+    plan = _plan(predicted=pred, replicas={"a": ("b",), "b": ("a",), "c": ("a",)},
+                 planner=PlannerInfo("asteroid", "1", 0.0123, {"ilp_round": 0.3}))
+    again = Plan.from_json(plan.to_json())
+    assert again == plan
+    path = tmp_path / "plan.json"
+    plan.save(path)
+    assert Plan.load(path) == plan
+    assert again.predicted is not None and again.predicted.fits
+    assert plan.stage_of("c") == 1
+    assert plan.stages[1].sample_ranges() == {"b": (0, 3), "c": (3, 4)}
+
+
+@pytest.mark.parametrize(
+    ("overrides", "match"),
+    [
+        ({"batch_size": 9}, r"batch_size \(9\) must equal"),
+        ({"stages": (Stage((0, 2), ("a",), (4,)), Stage((4, 5), ("b",), (4,)))},
+         "starts at layer 4 but layer 3"),
+        ({"stages": (Stage((0, 5), ("a",), (3,)),)}, "add up to 3"),
+        ({"stages": (Stage((0, 2), ("a",), (4,)), Stage((3, 5), ("a",), (4,)))},
+         "more than one stage"),
+        ({"stages": (Stage((0, 4), ("a",), (4,)),)}, "model has 6 layers"),
+        ({"stages": ()}, "at least one stage"),
+        ({"schedule": "zb"}, "schedule must be"),
+    ],
+)
+def test_invalid_plans(overrides: dict[str, object], match: str) -> None:
+    with pytest.raises(PlanError, match=match):
+        _plan(**overrides)
+
+
+def test_invalid_stage() -> None:
+    with pytest.raises(PlanError, match="share must be >= 1"):
+        Stage((0, 1), ("a", "b"), (4, 0))
+    with pytest.raises(PlanError, match="2 devices but 1 shares"):
+        Stage((0, 1), ("a", "b"), (4,))
+    with pytest.raises(PlanError, match="first <= last"):
+        Stage((3, 1), ("a",), (4,))
+
+
+def test_bad_json(tmp_path: Path) -> None:
+    with pytest.raises(PlanError, match="not valid JSON"):
+        Plan.from_json("{")
+    with pytest.raises(PlanError, match="missing the field 'stages'"):
+        Plan.from_json('{"model_hash": "m", "cluster_hash": "c", "batch_size": 1, '
+                       '"micro_batch_size": 1, "num_micro_batches": 1}')
+    with pytest.raises(PlanError, match="does not exist"):
+        Plan.load(tmp_path / "nope.json")
