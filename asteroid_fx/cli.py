@@ -27,8 +27,9 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-console = Console()
-err_console = Console(stderr=True)
+# Tables are wide: when stdout is not a terminal (a file, a pipe, CI) do not squeeze them.
+console = Console(width=None if sys.stdout.isatty() else 160)
+err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 400)
 
 _state: dict[str, bool] = {"debug": False}
 

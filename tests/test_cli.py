@@ -1,0 +1,76 @@
+"""Tests of the ``asteroid-fx`` CLI: outputs and one-line errors with non-zero exits."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from asteroid_fx.cli import main
+from cost_models.table import CostTable, LayerCost, TimeFit
+
+ROOT = Path(__file__).resolve().parents[1]
+CLUSTERS = ROOT / "examples" / "clusters"
+
+
+def _costs(tmp_path: Path) -> Path:
+    layers = tuple(LayerCost(f"l{i}", "linear", TimeFit(1e-4, 1e-3), TimeFit(2e-4, 2e-3),
+                             param_bytes=4096, activation_bytes=256, output_bytes=128)
+                   for i in range(3))
+    table = CostTable(layers=layers, cut_bytes=(128, 128), input_bytes=64, model_name="toy",
+                      model_hash="h", host="test", host_flops=5e10, source="analytic")
+    path = tmp_path / "costs.json"
+    table.save(path)
+    return path
+
+
+def _one_error_line(err: str) -> str:
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    return lines[0]
+
+
+def test_costs_table(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["costs", str(_costs(tmp_path)), "--cluster",
+                 str(CLUSTERS / "C-100mbps.yaml")]) == 0
+    out = capsys.readouterr().out
+    assert "jetson-nano" in out and "jetson-xavier-nx" in out and "total" in out
+
+
+@pytest.mark.parametrize(
+    ("args", "match"),
+    [
+        (["costs", "missing.json"], "CostModelError: cost table 'missing.json' does not exist"),
+        (["costs", "{costs}", "--cluster", "missing.yaml"], "ClusterError: cluster file"),
+        (["costs", "{bad}"], "CostModelError: cost table is not valid JSON"),
+    ],
+)
+def test_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                             args: list[str], match: str) -> None:
+    bad = tmp_path / "bad.json"
+    bad.write_text("{")
+    args = [a.format(costs=_costs(tmp_path), bad=bad) for a in args]
+    assert main(args) == 1
+    assert match in _one_error_line(capsys.readouterr().err)
+
+
+def test_console_script_error_has_no_traceback(tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, "-m", "asteroid_fx.cli", "costs", "nope.json"],
+                          capture_output=True, text=True, check=False, cwd=tmp_path)
+    assert proc.returncode == 1
+    assert "does not exist" in _one_error_line(proc.stderr)
+
+
+def test_debug_shows_traceback(tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, "-m", "asteroid_fx.cli", "--debug", "costs",
+                           "nope.json"], capture_output=True, text=True, check=False,
+                          cwd=tmp_path)
+    assert proc.returncode != 0
+    assert "Traceback" in proc.stderr
+
+
+def test_unknown_command_is_usage_error() -> None:
+    assert main(["no-such-command"]) == 2
