@@ -12,6 +12,8 @@ Example::
 from __future__ import annotations
 
 import importlib
+import sys
+import types
 from typing import Any
 
 from asteroid_fx.errors import (
@@ -52,6 +54,7 @@ _LAZY: dict[str, str] = {
     "evaluate": "solver.evaluate",
     "simulate": "solver.simulate",
     "partition": "asteroid_fx.partition",
+    "tied_parameters": "asteroid_fx.partition",
     "save_partition": "asteroid_fx.package",
     "load_partition": "asteroid_fx.package",
     "to_pipeline_stage": "asteroid_fx.interop",
@@ -82,3 +85,22 @@ def __getattr__(name: str) -> Any:
     globals()[name] = value
     return value
 
+
+
+class _Package(types.ModuleType):
+    """The package module; keeps ``afx.trace``/``afx.partition`` the functions.
+
+    [Note: function shadows submodule]
+    Importing ``asteroid_fx.trace`` makes Python set the attribute ``trace`` of this package
+    to the submodule, which would shadow the public function of the same name. Such
+    assignments are ignored (the submodule stays in ``sys.modules``; use
+    ``from asteroid_fx.trace import ...`` to reach it).
+    """
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if isinstance(value, types.ModuleType) and _LAZY.get(name) == f"{__name__}.{name}":
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

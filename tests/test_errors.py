@@ -32,3 +32,12 @@ def test_solver_and_plain_data_never_import_torch() -> None:
         "sys.exit(1 if 'torch' in sys.modules else 0)"
     )
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
+def test_public_functions_are_not_shadowed_by_submodules() -> None:
+    code = (
+        "import asteroid_fx.partition, asteroid_fx.trace, asteroid_fx as afx, types, sys; "
+        "sys.exit(0 if callable(afx.partition) and callable(afx.trace) "
+        "and not isinstance(afx.trace, types.ModuleType) else 1)"
+    )
+    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0

@@ -1,0 +1,261 @@
+"""Save and load a partition directory: plan, per-stage modules, code, ONNX, model file, report.
+
+Example::
+
+    import asteroid_fx as afx
+    stages = afx.partition(model, (x,), plan)
+    files = afx.save_partition("out/", plan, stages, model_spec="examples/mlp.py",
+                               example_inputs=(x,))
+    plan, stages = afx.load_partition("out/")
+
+Layout (the runtime reads it with ``runtime.stage_io`` and torch alone)::
+
+    out/plan.json         Plan.to_json()
+    out/partition.json    stage boundary names, parameters, buffers, tied parameters, model
+    out/model.py          copy of the model file (when the spec is a file)
+    out/stage_<i>.pt      torch.save(GraphModule of stage i), weights included
+    out/stage_<i>.py      the stage's generated code, for reading
+    out/stage_<i>.onnx    the stage in ONNX (dynamic batch), when example inputs are given
+    out/report.md, out/gantt.png   when costs and a cluster are given
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from asteroid_fx.errors import AsteroidError, ModelSpecError, PartitionError
+from asteroid_fx.partition import StageInfo, stage_info, tied_parameters
+from runtime.stage_io import (
+    PARTITION_VERSION,
+    PartitionMeta,
+    StageMeta,
+    load_partition_meta,
+    load_plan,
+    load_stage,
+    stage_file,
+)
+from solver.plan import Plan
+
+__all__ = ["save_partition", "load_partition", "stage_example_args"]
+
+log = logging.getLogger(__name__)
+
+
+def save_partition(
+    directory: str | Path,
+    plan: Plan,
+    stages: Sequence[fx.GraphModule],
+    *,
+    model_spec: Any = None,
+    onnx: bool = True,
+    example_inputs: tuple[torch.Tensor, ...] | torch.Tensor | None = None,
+    costs: Any = None,
+    cluster: Any = None,
+) -> dict[str, Path]:
+    """Write the partition directory and return ``{file name: path}`` of what was written.
+
+    Args:
+        directory: created if missing; existing files of the same names are replaced.
+        plan: the plan the stages were made from (``len(plan.stages) == len(stages)``).
+        stages: the output of :func:`asteroid_fx.partition.partition`.
+        model_spec: a MODEL_SPEC string (``path/model.py[:prefix]`` or ``builtin:NAME``) or
+            a loaded ``ModelSpec``; a model file is copied to ``model.py``.
+        onnx: also write ``stage_<i>.onnx`` (needs ``example_inputs``; each file is checked
+            against torch in onnxruntime).
+        example_inputs: model inputs of one example batch (batch in dimension 0).
+        costs, cluster: a ``CostTable`` and ``Cluster``; with both, ``report.md`` and
+            ``gantt.png`` are written when the solver's report/Gantt modules are installed.
+
+    Raises:
+        PartitionError: stages and plan disagree, a stage cannot be saved, or ONNX export
+            fails (see :func:`asteroid_fx.onnx_export.export_stage_onnx`).
+    """
+    if len(stages) != plan.num_stages:
+        raise PartitionError(f"the plan has {plan.num_stages} stages but {len(stages)} stage "
+                             f"modules were given; partition with this plan first")
+    infos = [stage_info(s) for s in stages]
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    written: dict[str, Path] = {}
+
+    def put(name: str, text: str) -> None:
+        path = out / name
+        path.write_text(text)
+        written[name] = path
+
+    spec, source, prefix, module_name = _spec_fields(model_spec)
+    model_file: str | None = None
+    if source is not None:
+        shutil.copyfile(source, out / "model.py")
+        written["model.py"] = out / "model.py"
+        model_file = "model.py"
+    put("plan.json", plan.to_json())
+    meta = PartitionMeta(
+        version=PARTITION_VERSION, model_spec=spec, model_file=model_file, prefix=prefix,
+        num_stages=len(stages), torch_version=torch.__version__,
+        stages=tuple(_stage_meta(info, i) for i, info in enumerate(infos)),
+        tied=tied_parameters(stages), model_module=module_name,
+        model_name=plan.model_name, model_hash=plan.model_hash,
+        onnx=bool(onnx and example_inputs is not None),
+    )
+    put("partition.json", meta.to_json())
+    for i, stage in enumerate(stages):
+        try:
+            torch.save(stage, stage_file(out, i))
+        except Exception as exc:
+            raise PartitionError(f"stage {i} cannot be saved with torch.save: "
+                                 f"{type(exc).__name__}: {exc}") from exc
+        written[stage_file(out, i).name] = stage_file(out, i)
+        put(stage_file(out, i, ".py").name, _readable_code(stage, infos[i]))
+    if onnx:
+        if example_inputs is None:
+            log.info("no example inputs: skipping the per-stage ONNX files")
+        else:
+            from asteroid_fx.onnx_export import export_stage_onnx
+
+            for i, args in enumerate(stage_example_args(stages, example_inputs)):
+                path = stage_file(out, i, ".onnx")
+                export_stage_onnx(stages[i], args, path, stage_index=i)
+                written[path.name] = path
+    if costs is not None and cluster is not None:
+        written.update(_write_report(out, plan, costs, cluster))
+    log.info("saved a %d-stage partition to %s (%d files)", len(stages), out, len(written))
+    return written
+
+
+def load_partition(directory: str | Path) -> tuple[Plan, list[fx.GraphModule]]:
+    """Load the plan and every stage of a partition directory (see :mod:`runtime.stage_io`)."""
+    plan = load_plan(directory)
+    meta = load_partition_meta(directory)
+    if meta.num_stages != plan.num_stages:
+        raise PartitionError(f"partition.json lists {meta.num_stages} stages but plan.json has "
+                             f"{plan.num_stages}; re-run `asteroid-fx partition`")
+    stages: list[fx.GraphModule] = []
+    for i in range(meta.num_stages):
+        module = load_stage(directory, i)
+        if not isinstance(module, fx.GraphModule):
+            raise PartitionError(f"stage {i} of {str(directory)!r} is a "
+                                 f"{type(module).__name__}, not a torch.fx.GraphModule")
+        stages.append(module)
+    return plan, stages
+
+
+def stage_example_args(
+    stages: Sequence[torch.nn.Module], example_inputs: tuple[torch.Tensor, ...] | torch.Tensor,
+) -> list[tuple[torch.Tensor, ...]]:
+    """The positional inputs of every stage when the model runs on ``example_inputs``.
+
+    Runs the stages in eval mode without autograd (train/eval flags restored afterwards).
+    """
+    args: Any = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    result: list[tuple[torch.Tensor, ...]] = []
+    modes = {m: m.training for s in stages for m in s.modules()}
+    try:
+        with torch.no_grad():
+            for stage in stages:
+                stage.eval()
+                result.append(tuple(args))
+                args = stage(*args)
+    finally:
+        for module, training in modes.items():
+            module.training = training
+    return result
+
+
+def _stage_meta(info: StageInfo, position: int) -> StageMeta:
+    if info.index != position:
+        raise PartitionError(f"stage at position {position} was made as stage {info.index}; "
+                             f"pass the stages in the order partition() returned them")
+    return StageMeta(index=info.index, inputs=info.inputs, outputs=info.outputs,
+                     params=info.params, buffers=info.buffers, layers=info.layers,
+                     cloned_inputs=info.cloned_inputs, tied=dict(info.tied or {}))
+
+
+def _readable_code(stage: fx.GraphModule, info: StageInfo) -> str:
+    header = (f"# Stage {info.index}: layers {info.layers[0]}..{info.layers[1]}\n"
+              f"# inputs:  {', '.join(info.inputs) or '-'}\n"
+              f"# outputs: {', '.join(info.outputs) or '-'}\n"
+              f"# params:  {len(info.params)}, buffers: {len(info.buffers)}\n"
+              f"# Generated by asteroid-fx for reading; the runtime loads stage_{info.index}.pt\n")
+    return header + stage.code
+
+
+def _spec_fields(model_spec: Any) -> tuple[str | None, Path | None, str | None, str | None]:
+    """``(spec string, model file, prefix, module name)`` of a spec string or ModelSpec."""
+    if model_spec is None:
+        return None, None, None, None
+    if isinstance(model_spec, (str, Path)):
+        text = str(model_spec)
+        try:
+            from asteroid_fx.model_spec import load_model_spec
+
+            model_spec = load_model_spec(text)
+        except ImportError:
+            return _parse_spec(text)
+        except ModelSpecError as exc:
+            raise PartitionError(f"model spec {text!r} cannot be loaded: {exc}") from exc
+    spec = str(getattr(model_spec, "spec", "") or "") or None
+    path = getattr(model_spec, "path", None)
+    prefix = getattr(model_spec, "prefix", None)
+    build = getattr(model_spec, "build_model", None)
+    module = getattr(build, "__module__", None)
+    source = Path(path) if path is not None else None
+    if source is not None and not source.is_file():
+        raise PartitionError(f"model file {str(source)!r} does not exist")
+    return spec, source, prefix, module
+
+
+def _parse_spec(text: str) -> tuple[str | None, Path | None, str | None, str | None]:
+    if text.startswith("builtin:"):
+        return text, None, None, None
+    file, _, prefix = text.partition(":") if text.count(":") == 1 else (text, "", "")
+    source = Path(file)
+    if not source.is_file():
+        raise PartitionError(f"model file {str(source)!r} of spec {text!r} does not exist")
+    return text, source, prefix or None, None
+
+
+def _write_report(out: Path, plan: Plan, costs: Any, cluster: Any) -> dict[str, Path]:
+    """``report.md`` (solver.report) and ``gantt.png`` (solver.simulate + solver.gantt).
+
+    Each file is skipped, with a log line, when its solver module is not installed.
+    """
+    written: dict[str, Path] = {}
+    render = _optional("solver.report", "plan_report_markdown")
+    if render is not None:
+        try:
+            (out / "report.md").write_text(str(render(plan, costs, cluster)))
+            written["report.md"] = out / "report.md"
+        except (AsteroidError, ValueError, TypeError, KeyError) as exc:
+            log.warning("report.md not written: %s", exc)
+    simulate = _optional("solver.simulate", "simulate")
+    draw = _optional("solver.gantt", "gantt_png")
+    if simulate is not None and draw is not None:
+        try:
+            result = simulate(plan, costs, cluster)
+            draw(result, out / "gantt.png", title=f"{plan.model_name or 'model'}: one round")
+            written["gantt.png"] = out / "gantt.png"
+        except (AsteroidError, ValueError, TypeError, KeyError, ImportError) as exc:
+            log.warning("gantt.png not written: %s", exc)
+    return written
+
+
+def _optional(module_name: str, attribute: str) -> Any:
+    """``module_name.attribute``, or None (logged) when the module or name is missing."""
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        log.info("%s is not available (%s): skipping its part of the report", module_name, exc)
+        return None
+    value = getattr(module, attribute, None)
+    if value is None:
+        log.info("%s has no %s(): skipping its part of the report", module_name, attribute)
+    return value

@@ -1,0 +1,88 @@
+"""Tests of asteroid_fx.shape_prop: value metadata per node, saved bytes, error context."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.fx as fx
+from torch import nn
+
+from asteroid_fx.errors import TraceError
+from asteroid_fx.shape_prop import (
+    META_KEY,
+    SAVED_KEY,
+    NonTensorMeta,
+    ShapeProp,
+    TensorMeta,
+    describe,
+    iter_tensor_metas,
+)
+
+
+class _Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(6, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b = x.size(0)
+        a, c = self.fc(x).chunk(2, dim=1)
+        return torch.relu(a * c).view(b, -1)
+
+
+def _metas(gm: fx.GraphModule) -> dict[str, object]:
+    return {n.name: n.meta[META_KEY] for n in gm.graph.nodes}
+
+
+def test_records_tensor_shapes_dtypes_and_bytes() -> None:
+    gm = fx.symbolic_trace(_Net())
+    out = ShapeProp(gm).propagate(torch.randn(3, 6))
+    metas = _metas(gm)
+    assert out.shape == (3, 2)
+    assert metas["x"] == TensorMeta((3, 6), torch.float32, 3 * 6 * 4, False)
+    fc = metas["fc"]
+    assert isinstance(fc, TensorMeta) and fc.shape == (3, 4) and fc.nbytes == 48
+    assert fc.requires_grad is False  # propagate without record_saved runs under no_grad
+    assert metas["output"] == TensorMeta((3, 2), torch.float32, 24, False)
+
+
+def test_tuples_and_non_tensors() -> None:
+    gm = fx.symbolic_trace(_Net())
+    ShapeProp(gm).propagate(torch.randn(3, 6))
+    metas = _metas(gm)
+    chunk = metas["chunk"]
+    assert isinstance(chunk, tuple) and len(chunk) == 2
+    assert [t.shape for t in iter_tensor_metas(chunk)] == [(3, 2), (3, 2)]
+    assert metas["size"] == NonTensorMeta("int", 3)
+
+
+def test_describe_plain_values() -> None:
+    assert describe(None) == NonTensorMeta("NoneType", None)
+    assert describe(torch.Size([2, 3])) == NonTensorMeta("Size", (2, 3))
+    assert describe([torch.zeros(2), 1.5]) == (
+        TensorMeta((2,), torch.float32, 8, False),
+        NonTensorMeta("float", 1.5),
+    )
+    assert describe(object()).type_name == "object"  # type: ignore[union-attr]
+
+
+def test_record_saved_counts_activations_not_parameters() -> None:
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))
+    gm = fx.symbolic_trace(model)
+    ShapeProp(gm, record_saved=True).propagate(torch.randn(5, 8))
+    saved = {n.name: n.meta[SAVED_KEY] for n in gm.graph.nodes}
+    # Linear saves its input (5x8 floats), never its weight; ReLU saves its output (5x16);
+    # the second Linear saves the same ReLU output again, counted only once.
+    assert saved["_0"] == 5 * 8 * 4
+    assert saved["_1"] == 5 * 16 * 4
+    assert saved["_2"] == 0
+
+
+def test_errors_name_the_node_and_chain_the_cause() -> None:
+    gm = fx.symbolic_trace(_Net())
+    with pytest.raises(
+        TraceError, match=r"shape propagation failed at node %fc.*call_module"
+    ) as e:
+        ShapeProp(gm).propagate(torch.randn(3, 5))
+    assert isinstance(e.value.__cause__, RuntimeError)
+    assert "batch dimension first" in str(e.value)
