@@ -65,6 +65,14 @@ def _root(
     )
 
 
+def _error_line(label: str, message: str) -> None:
+    """Print ``label message`` as exactly one line on stderr (no markup interpretation)."""
+    from rich.text import Text
+
+    one_line = " ".join(part.strip() for part in message.splitlines() if part.strip())
+    err_console.print(Text.assemble((label, "bold red"), " ", one_line), soft_wrap=True)
+
+
 @contextmanager
 def _errors() -> Iterator[None]:
     """Turn any failure into one line on stderr and a non-zero exit (traceback with --debug)."""
@@ -75,18 +83,13 @@ def _errors() -> Iterator[None]:
     except AsteroidError as exc:
         if _state["debug"]:
             raise
-        err_console.print(f"[bold red]error:[/] {type(exc).__name__}: {exc}", highlight=False,
-                          soft_wrap=True)
+        _error_line("error:", f"{type(exc).__name__}: {exc}")
         raise typer.Exit(1) from None
     except Exception as exc:  # noqa: BLE001 - the CLI must never dump a traceback by default
         if _state["debug"]:
             raise
-        first = str(exc).splitlines()[0] if str(exc) else ""
-        err_console.print(
-            f"[bold red]internal error:[/] {type(exc).__name__}: {first} "
-            "(re-run with --debug for the traceback)",
-            highlight=False, soft_wrap=True,
-        )
+        _error_line("internal error:",
+                    f"{type(exc).__name__}: {exc} (re-run with --debug for the traceback)")
         raise typer.Exit(1) from None
 
 

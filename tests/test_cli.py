@@ -74,3 +74,46 @@ def test_debug_shows_traceback(tmp_path: Path) -> None:
 
 def test_unknown_command_is_usage_error() -> None:
     assert main(["no-such-command"]) == 2
+
+
+def test_trace_prints_layers(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["trace", str(ROOT / "examples" / "skipnet.py")]) == 0
+    out = capsys.readouterr().out
+    assert "skipnet: 11 layers" in out and "conv2d" in out and "24.00 KiB" in out
+
+
+UNTRACEABLE = """
+import torch
+
+class M(torch.nn.Module):
+    def forward(self, x):
+        if x.sum() > 0:
+            return x
+        return -x
+
+def build_model():
+    return M()
+
+def sample_batch(b):
+    return (torch.randn(b, 3),), torch.zeros(b, dtype=torch.long)
+"""
+
+
+@pytest.mark.parametrize(
+    ("content", "match"),
+    [
+        (None, "ModelSpecError: MODEL_SPEC"),
+        ("x = 1\n", "build_model"),
+        (UNTRACEABLE, "TraceError: torch.fx cannot trace M"),
+    ],
+)
+def test_trace_bad_models(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                          content: str | None, match: str) -> None:
+    path = tmp_path / "model.py"
+    if content is not None:
+        path.write_text(content)
+    assert main(["trace", str(path)]) == 1
+    line = _one_error_line(capsys.readouterr().err)
+    assert match in line
+    if content == UNTRACEABLE:
+        assert "model.py:6" in line and "leaf_modules" in line
