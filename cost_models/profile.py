@@ -1,0 +1,513 @@
+"""Per-layer profiler: measured forward/backward times of every traced layer on this host.
+
+[Note: how a layer is timed]
+The traced graph is split into one small ``GraphModule`` per layer (:func:`split_layers`):
+layer ``i`` takes, positionally, the values it reads from earlier layers or the model
+inputs and returns a tuple of the values later layers read. For every batch size the
+layers run in sequence on one ``sample_batch(b)``; before layer ``i`` computes the values
+later layers need, it is timed on the captured inputs:
+
+* forward: the layer with autograd recording (as in training), median of ``repeats``
+  timed calls after ``warmup`` untimed ones;
+* backward: a forward with inputs that require grad (those produced by earlier layers;
+  model inputs do not), then only ``torch.autograd.backward`` with random output
+  gradients is timed, median of ``repeats`` after ``warmup``.
+
+Calls faster than ~0.5 ms are repeated in a tight loop and averaged, so that timer noise
+does not swamp tiny layers. Every call gets fresh clones of its inputs (made outside the
+timed region), so in-place ops (``ReLU(inplace=True)``) neither fail nor accumulate.
+Everything runs with ``torch.set_num_threads(1)`` (restored afterwards): a measured table
+means "one host core", as the emulator's speed 1.0 does (see :mod:`cost_models.hostspeed`).
+Then ``time(b) = intercept + per_sample * b`` is fitted by non-negative least squares;
+the raw medians are kept in ``CostTable.meta``. The model's parameters, gradients,
+buffers (BatchNorm running statistics), train/eval flags and the torch RNG state are
+restored afterwards.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import platform
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import fx
+from torch.utils._pytree import tree_flatten
+
+from asteroid_fx.errors import AsteroidError, CostModelError
+from cost_models.analytic import layer_node_costs
+from cost_models.hostspeed import measure_host_flops, measure_host_mem_bw, single_thread
+from cost_models.table import CostTable, LayerCost, TimeFit
+
+if TYPE_CHECKING:
+    from asteroid_fx.trace import LayerGraph
+
+__all__ = ["profile", "split_layers", "LayerModule", "fit_time", "SampleBatch", "Progress"]
+
+logger = logging.getLogger(__name__)
+
+SampleBatch = Callable[[int], Any]
+Progress = Callable[[int, int, str], None]
+
+#: A timed call shorter than this is repeated in a loop and averaged.
+_MIN_TIMED_S = 5e-4
+_MAX_NUMBER = 50
+
+
+@dataclass(frozen=True)
+class LayerModule:
+    """One layer as a runnable module: ``module(*env[inputs]) -> tuple(env[outputs])``."""
+
+    index: int
+    module: fx.GraphModule
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+
+
+# -- splitting ----------------------------------------------------------------------------
+
+
+def _assign_all_nodes(graph: LayerGraph) -> dict[str, int]:
+    """Node name -> layer index, with nodes outside every layer put in their first user's."""
+    assign = dict(graph.node_to_layer())
+    nodes = list(graph.graph_module.graph.nodes)
+    for node in reversed(nodes):
+        if node.op in ("placeholder", "output") or node.name in assign:
+            continue
+        users = [assign[u.name] for u in node.users if u.name in assign]
+        assign[node.name] = min(users) if users else len(graph.layers) - 1
+    return assign
+
+
+def split_layers(graph: LayerGraph) -> list[LayerModule]:
+    """One :class:`LayerModule` per layer of ``graph`` (sharing the model's parameters).
+
+    Raises:
+        CostModelError: a layer reads a value produced by a later layer.
+    """
+    gm = graph.graph_module
+    assign = _assign_all_nodes(graph)
+    per_layer: list[list[fx.Node]] = [[] for _ in graph.layers]
+    for node in gm.graph.nodes:
+        if node.name in assign and node.op not in ("placeholder", "output"):
+            per_layer[assign[node.name]].append(node)
+    result = []
+    for index, members in enumerate(per_layer):
+        names = {n.name for n in members}
+        sub = fx.Graph()
+        env: dict[fx.Node, fx.Node] = {}
+        inputs: list[str] = []
+        for node in members:
+            for arg in node.all_input_nodes:
+                if arg.name in names or arg in env:
+                    continue
+                if arg.op != "placeholder" and assign.get(arg.name, -1) > index:
+                    raise CostModelError(
+                        f"layer {index} reads {arg.name!r} from the later layer "
+                        f"{assign[arg.name]}; the layer graph is not in topological order"
+                    )
+                env[arg] = sub.placeholder(arg.name)
+                inputs.append(arg.name)
+            env[node] = sub.node_copy(node, env.__getitem__)
+        outputs = [
+            n.name for n in members if any(u.name not in names for u in n.users)
+        ]
+        by_name = {n.name: n for n in members}
+        sub.output(tuple(env[by_name[o]] for o in outputs))
+        result.append(LayerModule(index, fx.GraphModule(gm, sub), tuple(inputs), tuple(outputs)))
+    return result
+
+
+def _last_uses(layers: Sequence[LayerModule]) -> dict[str, int]:
+    last: dict[str, int] = {}
+    for layer in layers:
+        for name in layer.inputs:
+            last[name] = layer.index
+    return last
+
+
+# -- fitting ------------------------------------------------------------------------------
+
+
+def fit_time(batch_sizes: Sequence[int], seconds: Sequence[float]) -> TimeFit:
+    """Non-negative least-squares fit of ``seconds ~ intercept + per_sample * batch``.
+
+    With a single batch size the whole time is per sample.
+
+    Raises:
+        CostModelError: mismatched lengths, no points, or a negative / non-finite time.
+    """
+    if len(batch_sizes) != len(seconds) or not batch_sizes:
+        raise CostModelError(
+            f"need one time per batch size, got {len(seconds)} times for "
+            f"{len(batch_sizes)} batch sizes"
+        )
+    if any(not math.isfinite(t) or t < 0 for t in seconds):
+        raise CostModelError(f"measured times must be finite and >= 0, got {list(seconds)}")
+    xs = [float(b) for b in batch_sizes]
+    ys = [float(t) for t in seconds]
+    if len(set(xs)) == 1:
+        return TimeFit(0.0, max(0.0, statistics.fmean(ys) / xs[0]))
+
+    def sse(a: float, c: float) -> float:
+        return sum((a + c * x - y) ** 2 for x, y in zip(xs, ys, strict=True))
+
+    n = len(xs)
+    mx, my = statistics.fmean(xs), statistics.fmean(ys)
+    sxx = sum((x - mx) ** 2 for x in xs)
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sxx
+    candidates = [(my - slope * mx, slope)]  # unconstrained
+    candidates.append((0.0, sum(x * y for x, y in zip(xs, ys, strict=True))
+                       / sum(x * x for x in xs)))  # intercept 0
+    candidates.append((sum(ys) / n, 0.0))  # slope 0
+    candidates.append((0.0, 0.0))
+    feasible = [(a, c) for a, c in candidates if a >= 0 and c >= 0]
+    a, c = min(feasible, key=lambda ac: sse(*ac))
+    return TimeFit(max(0.0, a), max(0.0, c))
+
+
+# -- timing -------------------------------------------------------------------------------
+
+
+def _fresh(args: Sequence[Any]) -> list[Any]:
+    """Clones of the tensor arguments (of a leaf that requires grad: a non-leaf copy)."""
+    return [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
+
+
+def _grad_tensors(outputs: Any) -> list[torch.Tensor]:
+    leaves, _ = tree_flatten(outputs)
+    return [t for t in leaves if isinstance(t, torch.Tensor) and t.requires_grad]
+
+
+def _time_calls(
+    run_once: Callable[[int], float], repeats: int, warmup: int
+) -> float:
+    """Median per-call seconds; ``run_once(number)`` returns the seconds of ``number`` calls."""
+    number = 1
+    samples: list[float] = []
+    for i in range(warmup + repeats):
+        elapsed = run_once(number)
+        if i == 0 and warmup > 0:
+            per_call = max(elapsed, 1e-9)
+            if per_call < _MIN_TIMED_S:
+                number = min(_MAX_NUMBER, math.ceil(_MIN_TIMED_S / per_call))
+            continue
+        if i >= warmup:
+            samples.append(elapsed / number)
+    return statistics.median(samples)
+
+
+class _LayerTimer:
+    """Times one layer's forward and backward on captured inputs."""
+
+    def __init__(self, layer: LayerModule, args: Sequence[Any], grad_mask: Sequence[bool]):
+        self.layer = layer
+        self.leaves = [
+            a.detach().requires_grad_(True)
+            if isinstance(a, torch.Tensor) and g and (a.is_floating_point() or a.is_complex())
+            else a
+            for a, g in zip(args, grad_mask, strict=True)
+        ]
+        self.params = [p for p in layer.module.parameters() if p.requires_grad]
+
+    def _args(self) -> list[Any]:
+        return _fresh(self.leaves)
+
+    def forward(self, number: int) -> float:
+        calls = [self._args() for _ in range(number)]
+        with torch.enable_grad():
+            start = time.perf_counter()
+            for args in calls:
+                self.layer.module(*args)
+            return time.perf_counter() - start
+
+    def backward(self, number: int) -> float:
+        with torch.enable_grad():
+            outputs = self.layer.module(*self._args())
+            tensors = _grad_tensors(outputs)
+            grads = [torch.randn_like(t) for t in tensors]
+            for p in self.params:
+                p.grad = None
+            for leaf in self.leaves:
+                if isinstance(leaf, torch.Tensor):
+                    leaf.grad = None
+            start = time.perf_counter()
+            for k in range(number):
+                torch.autograd.backward(tensors, grads, retain_graph=k < number - 1)
+            return time.perf_counter() - start
+
+    def needs_backward(self) -> bool:
+        with torch.enable_grad():
+            return bool(_grad_tensors(self.layer.module(*self._args())))
+
+
+def _prewarm_autograd() -> None:
+    """One tiny backward with explicit gradients: torch imports lazily on the first one."""
+    with torch.enable_grad():
+        x = torch.ones(2, requires_grad=True)
+        torch.autograd.backward([x * 2.0], [torch.ones(2)])
+
+
+# -- inputs -------------------------------------------------------------------------------
+
+
+def _check_batch_sizes(batch_sizes: Sequence[int]) -> tuple[int, ...]:
+    values = tuple(batch_sizes)
+    if not values:
+        raise CostModelError(
+            "batch_sizes is empty; give at least one positive batch size, e.g. (1, 2, 4, 8)"
+        )
+    for b in values:
+        if isinstance(b, bool) or not isinstance(b, int) or b <= 0:
+            raise CostModelError(
+                f"batch sizes must be positive integers, got {b!r} in {list(values)}"
+            )
+    return tuple(sorted(set(values)))
+
+
+def _draw(sample_batch: SampleBatch, b: int) -> tuple[torch.Tensor, ...]:
+    try:
+        result = sample_batch(b)
+    except AsteroidError:
+        raise
+    except Exception as exc:
+        raise CostModelError(
+            f"sample_batch({b}) raised {type(exc).__name__}: {exc}"
+        ) from exc
+    if not isinstance(result, (tuple, list)) or len(result) != 2:
+        got = type(result).__name__
+        if isinstance(result, (tuple, list)):
+            got += f" of length {len(result)}"
+        raise CostModelError(
+            f"sample_batch({b}) must return (inputs, targets), got {got}; inputs is a tuple "
+            "of tensors with the batch dimension first"
+        )
+    inputs = result[0]
+    if isinstance(inputs, torch.Tensor):
+        inputs = (inputs,)
+    if not isinstance(inputs, (tuple, list)) or not all(
+        isinstance(x, torch.Tensor) for x in inputs
+    ):
+        raise CostModelError(
+            f"sample_batch({b}) must return (inputs, targets) with inputs a tuple of tensors, "
+            f"got inputs of type {type(result[0]).__name__}"
+        )
+    for x in inputs:
+        if x.dim() == 0 or x.shape[0] != b:
+            raise CostModelError(
+                f"sample_batch({b}) returned an input of shape {tuple(x.shape)}; its first "
+                f"dimension must be the batch size {b}"
+            )
+    return tuple(inputs)
+
+
+# -- the profiler -------------------------------------------------------------------------
+
+
+class _ModelState:
+    """Saves and restores parameters' grads, buffers and train/eval flags of modules."""
+
+    def __init__(self, *modules: torch.nn.Module) -> None:
+        self.flags = [(m, m.training) for root in modules for m in root.modules()]
+        self.grads = [(p, p.grad) for root in modules for p in root.parameters()]
+        self.buffers = [
+            (b, b.detach().clone()) for root in modules for b in root.buffers()
+        ]
+
+    def restore(self) -> None:
+        for module, training in self.flags:
+            module.training = training
+        for param, grad in self.grads:
+            param.grad = grad
+        with torch.no_grad():
+            for buf, saved in self.buffers:
+                buf.copy_(saved)
+
+
+def _run_model(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
+    try:
+        with torch.no_grad():
+            model(*inputs)
+    except Exception as exc:
+        shapes = [tuple(x.shape) for x in inputs]
+        raise CostModelError(
+            f"the model failed to run on inputs of shapes {shapes}: "
+            f"{type(exc).__name__}: {exc}"
+        ) from exc
+
+
+def profile(
+    model: torch.nn.Module,
+    sample_batch: SampleBatch,
+    batch_sizes: Sequence[int] = (1, 2, 4, 8),
+    *,
+    leaf_modules: Sequence[Any] = (),
+    repeats: int = 5,
+    warmup: int = 2,
+    progress: Progress | None = None,
+    example_inputs: tuple[torch.Tensor, ...] | None = None,
+    graph: LayerGraph | None = None,
+    model_name: str = "",
+) -> CostTable:
+    """Measure every layer's forward and backward time on one core of this host.
+
+    See the module note for the method. Layer ``i`` of the result is layer ``i`` of
+    ``afx.trace(model, example_inputs)``.
+
+    Args:
+        model: the model; it is put in train mode while measuring and restored afterwards.
+        sample_batch: ``sample_batch(b) -> (inputs, targets)``, ``inputs`` a tuple of
+            tensors whose first dimension is ``b``.
+        batch_sizes: batch sizes to measure at (positive integers).
+        leaf_modules: module types or names that tracing keeps whole.
+        repeats: timed runs per layer and batch size (the median is used).
+        warmup: untimed runs before them.
+        progress: called as ``progress(done, total, what)`` after each layer measured.
+        example_inputs: inputs used for tracing (default: ``sample_batch(max(batch_sizes))``).
+        graph: an already traced layer graph of ``model`` (skips tracing).
+        model_name: recorded in the table (default: the class name).
+
+    Returns:
+        A :class:`~cost_models.table.CostTable` with source ``"measured"``.
+
+    Raises:
+        CostModelError: bad ``batch_sizes`` / ``repeats`` / ``warmup``, a ``sample_batch``
+            of the wrong form, or a model that fails to run (with the exception text).
+        TraceError: the model cannot be traced.
+    """
+    sizes = _check_batch_sizes(batch_sizes)
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+        raise CostModelError(f"repeats must be an integer >= 1, got {repeats!r}")
+    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
+        raise CostModelError(f"warmup must be an integer >= 0, got {warmup!r}")
+    started = time.perf_counter()
+    name = model_name or type(model).__name__
+    state = _ModelState(model)
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            model.train()
+            if example_inputs is None:
+                example_inputs = _draw(sample_batch, max(sizes))
+            elif isinstance(example_inputs, torch.Tensor):
+                example_inputs = (example_inputs,)
+            _run_model(model, tuple(example_inputs))
+            if graph is None:
+                from asteroid_fx.trace import trace
+
+                graph = trace(
+                    model, tuple(example_inputs), leaf_modules=tuple(leaf_modules),
+                    model_name=name,
+                )
+            host_flops = measure_host_flops()
+            host_bw = measure_host_mem_bw()
+            gm_state = _ModelState(graph.graph_module)
+            try:
+                graph.graph_module.train()
+                with single_thread():
+                    fwd, bwd = _measure(graph, sample_batch, sizes, repeats, warmup, progress)
+            finally:
+                gm_state.restore()
+    finally:
+        state.restore()
+    costs = layer_node_costs(graph)
+    layers = []
+    for i, layer in enumerate(graph.layers):
+        layers.append(
+            LayerCost(
+                name=layer.name,
+                op=layer.op,
+                fwd=fit_time(sizes, fwd[i]),
+                bwd=fit_time(sizes, bwd[i]),
+                param_bytes=layer.param_bytes,
+                activation_bytes=layer.activation_bytes,
+                output_bytes=layer.output_bytes,
+                flops=costs[i].fwd_flops,
+                buffer_bytes=layer.buffer_bytes,
+            )
+        )
+    wall = time.perf_counter() - started
+    logger.info("profiled %s: %d layers at batch sizes %s in %.1f s",
+                name, len(layers), list(sizes), wall)
+    return CostTable(
+        layers=tuple(layers),
+        cut_bytes=tuple(int(v) for v in graph.cut_bytes),
+        input_bytes=int(graph.input_bytes),
+        model_name=model_name or graph.model_name or name,
+        model_hash=graph.model_hash,
+        host=platform.node(),
+        host_flops=float(host_flops),
+        source="measured",
+        torch_version=torch.__version__,
+        batch_sizes=sizes,
+        meta={
+            "fwd_median_s": fwd,
+            "bwd_median_s": bwd,
+            "repeats": repeats,
+            "warmup": warmup,
+            "num_threads": 1,
+            "host_mem_bw": float(host_bw),
+            "profile_wall_s": wall,
+        },
+    )
+
+
+def _measure(
+    graph: LayerGraph,
+    sample_batch: SampleBatch,
+    sizes: tuple[int, ...],
+    repeats: int,
+    warmup: int,
+    progress: Progress | None,
+) -> tuple[list[list[float]], list[list[float]]]:
+    """Median forward / backward seconds, ``[layer][batch size index]``."""
+    layers = split_layers(graph)
+    last_use = _last_uses(layers)
+    placeholders = [n.name for n in graph.graph_module.graph.nodes if n.op == "placeholder"]
+    fwd = [[0.0] * len(sizes) for _ in layers]
+    bwd = [[0.0] * len(sizes) for _ in layers]
+    total = len(sizes) * len(layers)
+    done = 0
+    _prewarm_autograd()
+    if progress is not None:
+        progress(0, total, "starting")
+    for j, b in enumerate(sizes):
+        inputs = _draw(sample_batch, b)
+        if len(inputs) != len(placeholders):
+            raise CostModelError(
+                f"sample_batch({b}) returned {len(inputs)} inputs but the model takes "
+                f"{len(placeholders)} ({', '.join(placeholders)})"
+            )
+        env: dict[str, Any] = dict(zip(placeholders, inputs, strict=True))
+        for layer in layers:
+            args = [env[n] for n in layer.inputs]
+            mask = [n not in placeholders for n in layer.inputs]
+            name = graph.layers[layer.index].name
+            try:
+                timer = _LayerTimer(layer, args, mask)
+                fwd[layer.index][j] = _time_calls(timer.forward, repeats, warmup)
+                if timer.needs_backward():
+                    bwd[layer.index][j] = _time_calls(timer.backward, repeats, warmup)
+                with torch.no_grad():
+                    outputs = layer.module(*args)
+            except AsteroidError:
+                raise
+            except Exception as exc:
+                raise CostModelError(
+                    f"the model failed to run at layer {layer.index} ({name!r}) on a batch "
+                    f"of {b}: {type(exc).__name__}: {exc}"
+                ) from exc
+            for out_name, value in zip(layer.outputs, outputs, strict=True):
+                env[out_name] = value
+            for n in layer.inputs:
+                if last_use.get(n) == layer.index:
+                    env.pop(n, None)
+            done += 1
+            if progress is not None:
+                progress(done, total, f"batch {b}: layer {layer.index} {name}")
+    return fwd, bwd

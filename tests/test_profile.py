@@ -1,0 +1,220 @@
+"""Tests of cost_models.profile: measured per-layer times, fitting, splitting and errors."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from asteroid_fx.errors import CostModelError
+from asteroid_fx.trace import trace
+from cost_models.profile import fit_time, profile, split_layers
+from cost_models.table import CostTable, TimeFit
+
+
+class ConvNet(nn.Module):
+    """Compute dominates: 3x3 convolutions on 24x24 maps, with BN and an in-place ReLU."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 48, 3, padding=1)
+        self.bn = nn.BatchNorm2d(48)
+        self.act = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(48, 48, 3, padding=1)
+        self.fc = nn.Linear(48, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.act(self.bn(self.conv1(x)))
+        h = h + self.conv2(h)  # a skip connection
+        return self.fc(h.mean((2, 3)))
+
+
+def conv_batch(b: int) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+    return (torch.randn(b, 3, 24, 24),), torch.randint(0, 10, (b,))
+
+
+class Tiny(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(8, 8)
+        self.fc2 = nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+def tiny_batch(b: int) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+    return (torch.randn(b, 8),), torch.randint(0, 2, (b,))
+
+
+@pytest.fixture(scope="module")
+def measured() -> CostTable:
+    torch.manual_seed(0)
+    return profile(ConvNet(), conv_batch, (1, 2, 4, 8), repeats=5, warmup=1)
+
+
+def test_times_are_positive_and_grow_with_batch(measured: CostTable) -> None:
+    fwd = measured.meta["fwd_median_s"]
+    bwd = measured.meta["bwd_median_s"]
+    assert len(fwd) == len(bwd) == measured.num_layers
+    assert all(t > 0 for row in fwd for t in row)
+    total = [sum(row[j] for row in fwd) + sum(row[j] for row in bwd) for j in range(4)]
+    # b = 8 > b = 2 and b = 4 > b = 1 (4x the work each), with room for a noisy machine
+    assert total[3] > total[1]
+    assert total[2] > total[0]
+    assert total[3] > 2 * total[0]
+    per_sample = sum(c.fwd.per_sample_s + c.bwd.per_sample_s for c in measured.layers)
+    assert per_sample > 0
+    assert sum(c.fwd.at(8) for c in measured.layers) > sum(c.fwd.at(1) for c in measured.layers)
+    convs = [c for c in measured.layers if c.op == "conv2d"]
+    assert all(c.bwd.at(8) > 0 for c in convs)
+
+
+def test_table_matches_the_trace(measured: CostTable) -> None:
+    graph = trace(ConvNet(), conv_batch(2)[0])
+    assert [c.name for c in measured.layers] == [layer.name for layer in graph.layers]
+    assert list(measured.cut_bytes) == list(graph.cut_bytes)
+    assert measured.model_hash == graph.model_hash
+    assert measured.source == "measured"
+    assert measured.batch_sizes == (1, 2, 4, 8)
+    assert measured.meta["num_threads"] == 1
+    conv1 = next(c for c in measured.layers if c.name == "conv1")
+    assert conv1.flops == 2 * 3 * 9 * 48 * 24 * 24  # analytic FLOPs filled in too
+
+
+def test_json_round_trip_is_lossless(measured: CostTable, tmp_path: Any) -> None:
+    assert CostTable.from_json(measured.to_json()) == measured
+    path = tmp_path / "costs.json"
+    measured.save(path)
+    assert CostTable.load(path) == measured
+
+
+def test_model_state_threads_and_rng_are_restored() -> None:
+    model = ConvNet().eval()
+    model.conv1.weight.grad = torch.ones_like(model.conv1.weight)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    torch.set_num_threads(2)
+    try:
+        torch.manual_seed(123)
+        expected = torch.rand(3)
+        torch.manual_seed(123)
+        progress: list[tuple[int, int, str]] = []
+        table = profile(model, conv_batch, (2,), repeats=1, warmup=0,
+                        progress=lambda d, t, w: progress.append((d, t, w)))
+        assert torch.equal(torch.rand(3), expected)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(1)
+    assert not model.training
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    assert torch.equal(model.conv1.weight.grad, torch.ones_like(model.conv1.weight))
+    assert model.conv2.weight.grad is None
+    assert progress[0] == (0, table.num_layers, "starting")
+    assert progress[-1][:2] == (table.num_layers, table.num_layers)
+    assert [d for d, _, _ in progress] == list(range(table.num_layers + 1))
+
+
+def test_split_layers_reproduce_the_model() -> None:
+    model = ConvNet().eval()
+    inputs = conv_batch(2)[0]
+    graph = trace(model, inputs)
+    layers = split_layers(graph)
+    assert len(layers) == len(graph.layers)
+    env: dict[str, Any] = {"x": inputs[0]}
+    for layer in layers:
+        outs = layer.module(*(env[n] for n in layer.inputs))
+        env.update(zip(layer.outputs, outs, strict=True))
+    out_node = next(n for n in graph.graph_module.graph.nodes if n.op == "output")
+    result = env[out_node.args[0].name]
+    with torch.no_grad():
+        assert torch.allclose(result, model(inputs[0]), atol=1e-5)
+    # the skip connection: the add layer reads the ReLU output and conv2's output
+    add = next(m for m in layers if graph.layers[m.index].op == "add")
+    assert len(add.inputs) == 2
+
+
+def test_fit_time_is_non_negative_least_squares() -> None:
+    fit = fit_time([1, 2, 4, 8], [3.0, 5.0, 9.0, 17.0])
+    assert fit.intercept_s == pytest.approx(1.0)
+    assert fit.per_sample_s == pytest.approx(2.0)
+    clipped = fit_time([1, 2, 4, 8], [0.5, 2.0, 4.5, 9.5])  # line would cross below zero
+    assert clipped.intercept_s == 0.0
+    assert clipped.per_sample_s == pytest.approx(
+        (0.5 + 4 + 18 + 76) / (1 + 4 + 16 + 64)
+    )
+    flat = fit_time([1, 2, 4], [3.0, 2.0, 1.0])  # decreasing: constant
+    assert flat == TimeFit(2.0, 0.0)
+    assert fit_time([4], [2.0]) == TimeFit(0.0, 0.5)
+    with pytest.raises(CostModelError, match="need one time per batch size"):
+        fit_time([1, 2], [1.0])
+    with pytest.raises(CostModelError, match=r"finite and >= 0, got \[1.0, -1.0\]"):
+        fit_time([1, 2], [1.0, -1.0])
+
+
+@pytest.mark.parametrize(
+    ("batch_sizes", "match"),
+    [((), "batch_sizes is empty"), ((1, 0), r"positive integers, got 0 in \[1, 0\]"),
+     ((-3,), "got -3"), ((2.5,), "got 2.5")],
+)
+def test_bad_batch_sizes_raise(batch_sizes: tuple[Any, ...], match: str) -> None:
+    with pytest.raises(CostModelError, match=match):
+        profile(Tiny(), tiny_batch, batch_sizes)
+
+
+def test_bad_repeats_raise() -> None:
+    with pytest.raises(CostModelError, match="repeats must be an integer >= 1, got 0"):
+        profile(Tiny(), tiny_batch, (1,), repeats=0)
+    with pytest.raises(CostModelError, match="warmup must be an integer >= 0, got -1"):
+        profile(Tiny(), tiny_batch, (1,), warmup=-1)
+
+
+@pytest.mark.parametrize(
+    ("sample_batch", "match"),
+    [
+        (lambda b: torch.randn(b, 8), r"must return \(inputs, targets\), got Tensor"),
+        (lambda b: ((torch.randn(b, 8),),), r"got tuple of length 1"),
+        (lambda b: ((torch.randn(b + 1, 8),), None), r"shape \(3, 8\).*batch size 2"),
+        (lambda b: (("text",), None), "inputs a tuple of tensors"),
+        (lambda b: 1 / 0, "sample_batch\\(2\\) raised ZeroDivisionError"),
+    ],
+)
+def test_bad_sample_batch_raises(sample_batch: Any, match: str) -> None:
+    with pytest.raises(CostModelError, match=match):
+        profile(Tiny(), sample_batch, (2,), repeats=1, warmup=0)
+
+
+def test_model_that_fails_to_run_raises_with_the_exception_text() -> None:
+    def wrong_width(b: int) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+        return (torch.randn(b, 5),), torch.zeros(b)
+
+    with pytest.raises(CostModelError, match="failed to run.*(mat1 and mat2|shapes)"):
+        profile(Tiny(), wrong_width, (2,), repeats=1, warmup=0)
+
+
+def test_failure_at_a_later_batch_size_names_the_layer() -> None:
+    def changing(b: int) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+        width = 8 if b == 4 else 6  # traced at the largest batch, fails at b = 1
+        return (torch.randn(b, width),), torch.zeros(b)
+
+    with pytest.raises(CostModelError, match=r"layer 0 \('fc1'\) on a batch of 1"):
+        profile(Tiny(), changing, (1, 4), repeats=1, warmup=0)
+
+
+def test_integer_values_between_layers_get_no_gradient() -> None:
+    class Router(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.score = nn.Linear(4, 3)
+            self.table = nn.Embedding(3, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            choice = self.score(x).argmax(-1)  # an integer tensor crosses into the next layer
+            return self.table(choice) * x
+
+    table = profile(Router(), lambda b: ((torch.randn(b, 4),), torch.zeros(b)), (2,),
+                    repeats=1, warmup=0)
+    assert table.num_layers >= 2
+    assert all(c.fwd.at(2) > 0 for c in table.layers)
