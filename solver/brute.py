@@ -1,0 +1,100 @@
+"""Exhaustive enumeration of the DP's plan space for tiny instances (the DP's test oracle)."""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+from asteroid_fx.errors import PlanError
+from cost_models.table import CostTable
+from solver.cluster import Cluster
+from solver.dp import micro_batch_choices, sorted_devices
+from solver.evaluate import LayerSums, evaluate, in_flight
+from solver.plan import Plan, PlannerInfo, Stage
+from solver.split import split_stage
+
+__all__ = ["BruteResult", "enumerate_plans", "brute_force", "MAX_BRUTE_LAYERS",
+           "MAX_BRUTE_DEVICES"]
+
+MAX_BRUTE_LAYERS = 8
+MAX_BRUTE_DEVICES = 5
+
+
+@dataclass
+class BruteResult:
+    """The best plan, its round time, and how many feasible plans were scored."""
+
+    plan: Plan | None
+    round_time_s: float
+    plans_scored: int
+
+
+def _compositions(total: int, parts: int) -> Iterator[tuple[int, ...]]:
+    """Positive integer tuples of length ``parts`` summing to at most ``total``."""
+    for used in range(parts, total + 1):
+        for cuts in itertools.combinations(range(1, used), parts - 1):
+            bounds = (0, *cuts, used)
+            yield tuple(bounds[k + 1] - bounds[k] for k in range(parts))
+
+
+def enumerate_plans(costs: CostTable, cluster: Cluster, batch_size: int, *,
+                    optimizer_state_factor: float = 0.0,
+                    micro_batch_sizes: Sequence[int] | None = None) -> Iterator[Plan]:
+    """Every plan of the DP's space (see ``solver.dp``) whose Algorithm-1 shares exist."""
+    n_layers = costs.num_layers
+    if n_layers > MAX_BRUTE_LAYERS or len(cluster.devices) > MAX_BRUTE_DEVICES:
+        raise PlanError(f"brute force is for tiny instances (<= {MAX_BRUTE_LAYERS} layers, "
+                        f"<= {MAX_BRUTE_DEVICES} devices), got {n_layers} layers and "
+                        f"{len(cluster.devices)} devices; use the DP")
+    devices = sorted_devices(cluster, costs.host_flops)
+    speed_of = cluster.speeds(costs.host_flops)
+    sums = LayerSums.of(costs)
+    for mb in micro_batch_choices(batch_size, micro_batch_sizes):
+        m = batch_size // mb
+        for s_count in range(1, min(len(devices), n_layers) + 1):
+            for cuts in itertools.combinations(range(n_layers - 1), s_count - 1):
+                bounds = (-1, *cuts, n_layers - 1)
+                layer_ranges = [(bounds[k] + 1, bounds[k + 1]) for k in range(s_count)]
+                for sizes in _compositions(len(devices), s_count):
+                    stages = []
+                    start = 0
+                    for s, ((first, last), size) in enumerate(zip(layer_ranges, sizes,
+                                                                  strict=True)):
+                        group = devices[start:start + size]
+                        start += size
+                        shares = split_stage(sums, first, last,
+                                             [speed_of[d.name] for d in group],
+                                             [d.memory_bytes for d in group], mb,
+                                             in_flight(m, s_count, s), optimizer_state_factor)
+                        if shares is None:
+                            break
+                        stages.append(Stage((first, last), tuple(d.name for d in group),
+                                            shares))
+                    else:
+                        yield Plan(model_hash=costs.model_hash,
+                                   cluster_hash=cluster.cluster_hash, batch_size=batch_size,
+                                   micro_batch_size=mb, num_micro_batches=m,
+                                   stages=tuple(stages), num_layers=n_layers,
+                                   model_name=costs.model_name,
+                                   optimizer_state_factor=optimizer_state_factor,
+                                   planner=PlannerInfo("brute"))
+
+
+def brute_force(costs: CostTable, cluster: Cluster, batch_size: int, *,
+                optimizer_state_factor: float = 0.0,
+                micro_batch_sizes: Sequence[int] | None = None) -> BruteResult:
+    """Score every plan of the DP's space with ``evaluate`` and return the best one that fits."""
+    best: tuple[float, Plan | None] = (math.inf, None)
+    scored = 0
+    for plan in enumerate_plans(costs, cluster, batch_size,
+                                optimizer_state_factor=optimizer_state_factor,
+                                micro_batch_sizes=micro_batch_sizes):
+        pred = evaluate(plan, costs, cluster)
+        if not pred.fits:
+            continue
+        scored += 1
+        if pred.round_time_s < best[0]:
+            best = (pred.round_time_s, plan.with_prediction(pred))
+    return BruteResult(plan=best[1], round_time_s=best[0], plans_scored=scored)

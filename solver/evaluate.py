@@ -1,0 +1,324 @@
+"""The round-latency and memory model: what a plan costs on a cluster (``afx.evaluate``).
+
+[Note: the latency model]
+For stage ``s`` with layers ``D_s`` on devices ``G_s`` (shares ``b_d``, speeds ``v_d``):
+
+* compute: device ``d`` needs ``sum_{l in D_s} fwd_l.at(b_d) / v_d`` (the same for
+  backward); ``compute_f`` / ``compute_b`` are the maxima over the group. The sums are
+  taken from prefix sums of the fitted intercepts and slopes (``LayerSums``), which is
+  the same number up to float rounding and lets the DP reproduce it bit for bit.
+* communication of the cut before ``s`` (``s > 0``): ``cut_bytes[first_s - 1]`` per
+  sample. Devices own contiguous sample ranges (``Stage.sample_ranges``); every device of
+  ``G_s`` receives its range from the previous-stage devices that own those samples
+  (re-sharding). The transfer takes ``max(max over receivers of sum_src bytes/bw,
+  max over senders of sum_dst bytes/bw)``. Gradients of the same cut go back the same
+  way, so ``comm_b == comm_f``. Model inputs (stage 0) and labels are local.
+* ``E_f = compute_f + comm_f``, ``E_b = compute_b + comm_b``, ``X = E_f + E_b``.
+* ``T_a`` ring all-reduce of the stage's parameter bytes over the slowest link of the
+  group (0 for a single device). ``T_w`` / ``T_e`` as in DESIGN.md.
+* The dominant stage is the one with the largest ``X``; on exact ties the **last** such
+  stage wins. With two equal stages this gives the physically right ``(M + 1) X``
+  (the first of them must also wait for the second's last micro-batch); the first would
+  give ``M X``.
+* ``round = max_s (T_w + T_e + T_a)``; throughput = batch_size / round.
+
+The same formulas apply to ``schedule="gpipe"`` plans, except that all ``M``
+micro-batches are in flight for memory.
+
+[Note: the memory model]
+Device ``d`` of stage ``s`` holds ``param_bytes * (2 + optimizer_state_factor)``
+(weights, gradients, optimizer state) plus the stage's ``buffer_bytes``, plus the
+activations of its share for every micro-batch in flight, ``b_d * sum(activation_bytes)
+* min(M, S - s)``, plus workspace ``WORKSPACE_BYTES + WORKSPACE_FRACTION *
+activations``. Every holder of a replica (``plan.replicas``) also stores that device's
+stage weights and optimizer state, ``param_bytes * (1 + optimizer_state_factor)``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from itertools import accumulate
+
+from asteroid_fx.errors import PlanError
+from cost_models.table import CostTable
+from solver.cluster import Cluster
+from solver.plan import Plan, Prediction, StagePrediction
+
+__all__ = [
+    "WORKSPACE_BYTES",
+    "WORKSPACE_FRACTION",
+    "LayerSums",
+    "evaluate",
+    "transfer_time",
+    "allreduce_time",
+    "allreduce_from",
+    "stage_memory_bytes",
+    "stage_memory_parts",
+    "memory_from_parts",
+    "in_flight",
+    "round_terms",
+]
+
+WORKSPACE_BYTES = 1 << 20
+"""Fixed runtime workspace per device (1 MiB), small enough for a tiny stage on a tiny device."""
+
+WORKSPACE_FRACTION = 0.1
+"""Extra workspace as a fraction of the device's in-flight activation bytes."""
+
+
+@dataclass(frozen=True)
+class LayerSums:
+    """Prefix sums over the layers of a cost table (index ``i`` = sum of layers ``< i``).
+
+    Times are floats accumulated left to right; bytes are exact integers. Every consumer
+    (``evaluate``, the DP, Algorithm 1) takes stage sums from here so that they agree to
+    the last bit.
+    """
+
+    fwd_intercept: tuple[float, ...]
+    fwd_slope: tuple[float, ...]
+    bwd_intercept: tuple[float, ...]
+    bwd_slope: tuple[float, ...]
+    param_bytes: tuple[int, ...]
+    buffer_bytes: tuple[int, ...]
+    activation_bytes: tuple[int, ...]
+
+    @classmethod
+    def of(cls, costs: CostTable) -> LayerSums:
+        layers = costs.layers
+
+        def pre_f(values: Sequence[float]) -> tuple[float, ...]:
+            return (0.0, *accumulate(values))
+
+        def pre_i(values: Sequence[int]) -> tuple[int, ...]:
+            return (0, *accumulate(values))
+
+        return cls(
+            fwd_intercept=pre_f([lc.fwd.intercept_s for lc in layers]),
+            fwd_slope=pre_f([lc.fwd.per_sample_s for lc in layers]),
+            bwd_intercept=pre_f([lc.bwd.intercept_s for lc in layers]),
+            bwd_slope=pre_f([lc.bwd.per_sample_s for lc in layers]),
+            param_bytes=pre_i([lc.param_bytes for lc in layers]),
+            buffer_bytes=pre_i([lc.buffer_bytes for lc in layers]),
+            activation_bytes=pre_i([lc.activation_bytes for lc in layers]),
+        )
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.param_bytes) - 1
+
+    def params(self, first: int, last: int) -> int:
+        return self.param_bytes[last + 1] - self.param_bytes[first]
+
+    def buffers(self, first: int, last: int) -> int:
+        return self.buffer_bytes[last + 1] - self.buffer_bytes[first]
+
+    def activations(self, first: int, last: int) -> int:
+        return self.activation_bytes[last + 1] - self.activation_bytes[first]
+
+    def fwd_time(self, first: int, last: int, share: int, speed: float) -> float:
+        """Forward seconds of layers ``first..last`` for ``share`` samples at ``speed``."""
+        if share <= 0:
+            return 0.0
+        inter = self.fwd_intercept[last + 1] - self.fwd_intercept[first]
+        slope = self.fwd_slope[last + 1] - self.fwd_slope[first]
+        return (inter + slope * share) / speed
+
+    def bwd_time(self, first: int, last: int, share: int, speed: float) -> float:
+        """Backward seconds of layers ``first..last`` for ``share`` samples at ``speed``."""
+        if share <= 0:
+            return 0.0
+        inter = self.bwd_intercept[last + 1] - self.bwd_intercept[first]
+        slope = self.bwd_slope[last + 1] - self.bwd_slope[first]
+        return (inter + slope * share) / speed
+
+    def compute(self, first: int, last: int, shares: Sequence[int],
+                speeds: Sequence[float]) -> tuple[float, float]:
+        """``(compute_f, compute_b)``: the slowest device of the group, forward and backward."""
+        cf = max(self.fwd_time(first, last, b, v) for b, v in zip(shares, speeds, strict=True))
+        cb = max(self.bwd_time(first, last, b, v) for b, v in zip(shares, speeds, strict=True))
+        return cf, cb
+
+
+def transfer_time(cluster: Cluster, senders: Sequence[str], send_shares: Sequence[int],
+                  receivers: Sequence[str], recv_shares: Sequence[int],
+                  bytes_per_sample: int) -> float:
+    """Seconds to re-shard one micro-batch across a cut (see [Note: the latency model]).
+
+    Senders and receivers own contiguous sample ranges in the order given; each receiver
+    gets its range from whichever senders own those samples.
+    """
+    if bytes_per_sample <= 0:
+        return 0.0
+    recv = [0.0] * len(receivers)
+    send = [0.0] * len(senders)
+    i = j = 0
+    s_start, r_start = 0, 0
+    s_stop, r_stop = send_shares[0], recv_shares[0]
+    while i < len(senders) and j < len(receivers):
+        overlap = min(s_stop, r_stop) - max(s_start, r_start)
+        if overlap > 0:
+            seconds = overlap * bytes_per_sample / cluster.bandwidth_bytes_s(senders[i],
+                                                                             receivers[j])
+            recv[j] += seconds
+            send[i] += seconds
+        if s_stop <= r_stop:
+            i += 1
+            if i < len(senders):
+                s_start, s_stop = s_stop, s_stop + send_shares[i]
+        else:
+            j += 1
+            if j < len(receivers):
+                r_start, r_stop = r_stop, r_stop + recv_shares[j]
+    return max(max(recv), max(send))
+
+
+def allreduce_time(cluster: Cluster, devices: Sequence[str], param_bytes: int) -> float:
+    """Ring all-reduce of ``param_bytes`` inside a group: ``2(n-1) w / (n min_bw)``."""
+    n = len(devices)
+    if n <= 1 or param_bytes <= 0:
+        return 0.0
+    min_bw = min(cluster.bandwidth_bytes_s(a, b) for a in devices for b in devices if a != b)
+    return allreduce_from(n, param_bytes, min_bw)
+
+
+def allreduce_from(group_size: int, param_bytes: int, min_bw: float) -> float:
+    """``allreduce_time`` given the group's slowest link (bytes/s)."""
+    if group_size <= 1 or param_bytes <= 0:
+        return 0.0
+    return 2.0 * (group_size - 1) * param_bytes / (group_size * min_bw)
+
+
+def in_flight(num_micro_batches: int, num_stages: int, stage: int, schedule: str = "1f1b") -> int:
+    """Micro-batches whose activations stage ``stage`` holds at once."""
+    if schedule == "gpipe":
+        return num_micro_batches
+    return min(num_micro_batches, num_stages - stage)
+
+
+def stage_memory_parts(sums: LayerSums, first: int, last: int, in_flight: int,
+                       optimizer_state_factor: float) -> tuple[int, int]:
+    """``(fixed, per_sample)`` bytes of layers ``first..last``: a device with ``b`` samples
+    needs ``fixed + b * per_sample + ceil(b * per_sample * WORKSPACE_FRACTION)``."""
+    weights = math.ceil(sums.params(first, last) * (2.0 + optimizer_state_factor))
+    fixed = weights + sums.buffers(first, last) + WORKSPACE_BYTES
+    return fixed, sums.activations(first, last) * in_flight
+
+
+def memory_from_parts(fixed: int, per_sample: int, share: int) -> int:
+    """Peak bytes for ``share`` samples given ``stage_memory_parts``."""
+    activations = share * per_sample
+    return fixed + activations + math.ceil(activations * WORKSPACE_FRACTION)
+
+
+def stage_memory_bytes(sums: LayerSums, first: int, last: int, share: int, in_flight: int,
+                       optimizer_state_factor: float) -> int:
+    """Peak bytes of one device holding layers ``first..last`` with ``share`` samples."""
+    fixed, per_sample = stage_memory_parts(sums, first, last, in_flight,
+                                           optimizer_state_factor)
+    return memory_from_parts(fixed, per_sample, share)
+
+
+def round_terms(e_f: Sequence[float], e_b: Sequence[float],
+                num_micro_batches: int) -> tuple[list[float], list[float], int]:
+    """``(T_w, T_e, dominant)`` per stage from DESIGN.md (dominant: last argmax of E_f+E_b)."""
+    x = [f + b for f, b in zip(e_f, e_b, strict=True)]
+    dm = 0
+    for s, value in enumerate(x):
+        if value >= x[dm]:
+            dm = s
+    m = num_micro_batches
+    t_w = [0.0] * len(x)
+    for s in range(1, len(x)):
+        t_w[s] = t_w[s - 1] + e_f[s - 1]
+    t_e = []
+    for s in range(len(x)):
+        if s < dm:
+            t_e.append(m * x[dm] + sum(x[s:dm]))
+        else:
+            t_e.append(m * x[dm] - sum(x[dm:s]))
+    return t_w, t_e, dm
+
+
+def _check(plan: Plan, costs: CostTable, cluster: Cluster) -> None:
+    if plan.stages[-1].last != costs.num_layers - 1:
+        raise PlanError(f"the plan covers layers 0..{plan.stages[-1].last} but the cost table "
+                        f"has {costs.num_layers} layers; re-plan for this model")
+    known = set(cluster.names)
+    for device in plan.devices:
+        if device not in known:
+            raise PlanError(f"plan device {device!r} is not in the cluster "
+                            f"{sorted(known)}; re-plan for this cluster")
+    for device, holders in plan.replicas.items():
+        for name in (device, *holders):
+            if name not in known:
+                raise PlanError(f"replica entry {device!r}: {list(holders)} names unknown "
+                                f"device {name!r}; devices are {sorted(known)}")
+        if device not in plan.devices:
+            raise PlanError(f"replicas name {device!r}, which holds no stage of the plan")
+
+
+def evaluate(plan: Plan, costs: CostTable, cluster: Cluster) -> Prediction:
+    """Predict round time, throughput, per-stage terms and per-device peak memory.
+
+    Args:
+        plan: the plan to score (its ``predicted`` field is ignored).
+        costs: the model's cost table (layer ``i`` = layer ``i`` of the plan).
+        cluster: the devices and links named by the plan.
+
+    Returns:
+        The ``Prediction``; ``prediction.fits`` tells whether every device has room.
+
+    Raises:
+        PlanError: the plan does not match the cost table or the cluster.
+    """
+    _check(plan, costs, cluster)
+    sums = LayerSums.of(costs)
+    speeds = cluster.speeds(costs.host_flops)
+    m = plan.num_micro_batches
+    num_stages = plan.num_stages
+
+    compute: list[tuple[float, float]] = []
+    comm: list[float] = []
+    t_a: list[float] = []
+    for s, stage in enumerate(plan.stages):
+        compute.append(sums.compute(stage.first, stage.last, stage.shares,
+                                    [speeds[d] for d in stage.devices]))
+        if s == 0:
+            comm.append(0.0)
+        else:
+            prev = plan.stages[s - 1]
+            comm.append(transfer_time(cluster, prev.devices, prev.shares, stage.devices,
+                                      stage.shares, costs.cut_bytes[stage.first - 1]))
+        t_a.append(allreduce_time(cluster, stage.devices, sums.params(stage.first, stage.last)))
+
+    e_f = [cf + c for (cf, _), c in zip(compute, comm, strict=True)]
+    e_b = [cb + c for (_, cb), c in zip(compute, comm, strict=True)]
+    t_w, t_e, dm = round_terms(e_f, e_b, m)
+    predictions = tuple(
+        StagePrediction(e_f=e_f[s], e_b=e_b[s], t_w=t_w[s], t_e=t_e[s], t_a=t_a[s],
+                        compute_f=compute[s][0], compute_b=compute[s][1],
+                        comm_f=comm[s], comm_b=comm[s])
+        for s in range(num_stages))
+    round_time = max(p.total for p in predictions)
+
+    peak: dict[str, int] = {}
+    stage_weights: dict[str, int] = {}
+    for s, stage in enumerate(plan.stages):
+        flight = in_flight(m, num_stages, s, plan.schedule)
+        replica = math.ceil(sums.params(stage.first, stage.last)
+                            * (1.0 + plan.optimizer_state_factor))
+        for device, share in zip(stage.devices, stage.shares, strict=True):
+            peak[device] = stage_memory_bytes(sums, stage.first, stage.last, share, flight,
+                                              plan.optimizer_state_factor)
+            stage_weights[device] = replica
+    for device, holders in plan.replicas.items():
+        for holder in holders:
+            peak[holder] = peak.get(holder, 0) + stage_weights[device]
+    capacity = {d: cluster.device(d).memory_bytes for d in peak}
+    throughput = plan.batch_size / round_time if round_time > 0 else math.inf
+    return Prediction(round_time_s=round_time, throughput_samples_s=throughput,
+                      peak_memory_bytes=peak, memory_capacity_bytes=capacity,
+                      stages=predictions, dominant_stage=dm)

@@ -1,0 +1,314 @@
+"""The planning problem as a MILP (PuLP): a cross-check of the DP and a measure of its assumptions.
+
+[Note: the MILP]
+Stages are indexed by ``r``, their distance from the end (``r = 1`` is the last stage).
+A *candidate* is a stage ``(first, last, devices, shares)`` at some ``r``, with its
+Algorithm-1 shares for the in-flight count ``min(M, r)`` precomputed (so memory is
+always respected), and its compute times and all-reduce time as constants. Binary edge
+variables ``z`` chain candidates into a path source -> stage at ``r = S`` -> ... ->
+stage at ``r = 1`` -> sink; an edge between two adjacent stages carries the re-sharding
+time of their cut, so ``E_f`` / ``E_b`` of position ``r`` are linear in ``x`` and ``z``.
+
+``planner="ilp"`` allows exactly the DP's space (devices in capability order, stages on
+consecutive slices). ``planner="ilp-wide"`` allows any device subset per stage (each
+device in at most one stage) for small instances, to measure what the DP's ordering
+assumption costs.
+
+The round latency: a binary ``delta_d`` picks the dominant position. ``delta_d = 1``
+forces ``X_d >= X_r`` for stages before ``d`` and ``X_d >= X_r + eps`` for stages
+after it (the *last* argmax, as in ``evaluate``), and ``R >= T_w^r + T_e^r + T_a^r``
+(written for dominant ``d``) for every ``r``, with big-M relaxation when
+``delta_d = 0``. Positions beyond the pipeline's length have all terms 0 and their
+constraints are implied by those of the first stage. Times are scaled so that the
+largest candidate ``X`` is about 1; ``eps = 1e-6`` of that scale, so two stages whose
+``X`` differ by less than that (but are not equal) cannot both be represented — the
+solver then skips such plans. The decoded plan is always re-scored with ``evaluate``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import time
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from asteroid_fx.errors import PlanError
+from cost_models.table import CostTable
+from solver.cluster import Cluster
+from solver.dp import micro_batch_choices, sorted_devices
+from solver.evaluate import LayerSums, allreduce_time, transfer_time
+from solver.plan import Plan, PlannerInfo, Stage
+from solver.split import split_stage
+
+__all__ = ["ILPResult", "ilp_plan", "highs_available", "ILP_VERSION", "MAX_WIDE_DEVICES",
+           "MAX_WIDE_LAYERS"]
+
+log = logging.getLogger(__name__)
+
+ILP_VERSION = "1"
+MAX_WIDE_DEVICES = 5
+MAX_WIDE_LAYERS = 8
+_EPS = 1e-6
+
+
+@dataclass
+class ILPResult:
+    """The best plan the MILP found over all micro-batch sizes, and how the solves went."""
+
+    plan: Plan | None
+    round_time_s: float  # the MILP objective (seconds) of the best plan
+    status: str  # "optimal", "time limit (feasible)", "infeasible", "time limit (none)"
+    solve_time_s: float
+    solver: str
+    candidates: int
+
+
+@dataclass(frozen=True)
+class _Cand:
+    r: int
+    first: int
+    last: int
+    devs: tuple[int, ...]  # indices into the capability order
+    shares: tuple[int, ...]
+    cf: float
+    cb: float
+    ta: float
+
+
+def highs_available() -> bool:
+    """True when ``highspy`` is installed (PuLP then solves with HiGHS)."""
+    try:
+        import highspy  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _solver(time_limit_s: float) -> tuple[Any, str]:
+    import pulp
+
+    limit = max(1.0, time_limit_s)
+    if highs_available():
+        return pulp.HiGHS(msg=False, timeLimit=limit, gapRel=0.0), "HiGHS"
+    with warnings.catch_warnings():  # the bundled CBC is deprecated in PuLP 3.3, still fine
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return pulp.PULP_CBC_CMD(msg=False, timeLimit=limit, gapRel=0.0, threads=1), "CBC"
+
+
+def _candidates(costs: CostTable, names: Sequence[str], speeds: Sequence[float],
+                caps: Sequence[int], cluster: Cluster, sums: LayerSums, mb: int, m: int,
+                osf: float, wide: bool) -> list[_Cand]:
+    n = len(names)
+    n_layers = costs.num_layers
+    if wide:
+        groups = [g for size in range(1, min(n, mb) + 1)
+                  for g in itertools.combinations(range(n), size)]
+    else:
+        groups = [tuple(range(i, j)) for i in range(n) for j in range(i + 1, min(n, i + mb) + 1)]
+    out: list[_Cand] = []
+    for r in range(1, min(n, n_layers) + 1):
+        for first in range(n_layers):
+            lasts = [n_layers - 1] if r == 1 else range(first, n_layers - r + 1)
+            for last in lasts:
+                for g in groups:
+                    if not wide and g[-1] + 1 > n - (r - 1):
+                        continue
+                    shares = split_stage(sums, first, last, [speeds[d] for d in g],
+                                         [caps[d] for d in g], mb, min(m, r), osf)
+                    if shares is None:
+                        continue
+                    cf, cb = sums.compute(first, last, shares, [speeds[d] for d in g])
+                    ta = allreduce_time(cluster, [names[d] for d in g],
+                                        sums.params(first, last))
+                    out.append(_Cand(r, first, last, g, shares, cf, cb, ta))
+    return out
+
+
+def _solve_one(costs: CostTable, cluster: Cluster, names: Sequence[str], cands: list[_Cand],
+               mb: int, m: int, wide: bool, time_limit_s: float
+               ) -> tuple[float, list[_Cand] | None, str, str]:
+    import pulp
+
+    n_layers = costs.num_layers
+    if not cands:
+        return math.inf, None, "infeasible", "none"
+    s_max = max(c.r for c in cands)
+    by_start: dict[tuple[int, int], list[int]] = {}
+    for k, c in enumerate(cands):
+        by_start.setdefault((c.r, c.first), []).append(k)
+    edges: list[tuple[int, int, float]] = []  # (from, to, comm); -1 = source
+    for k, c in enumerate(cands):
+        if c.first == 0 and (wide or c.devs[0] == 0):
+            edges.append((-1, k, 0.0))
+        for k2 in by_start.get((c.r - 1, c.last + 1), []):
+            c2 = cands[k2]
+            if wide:
+                if set(c.devs) & set(c2.devs):
+                    continue
+            elif c2.devs[0] != c.devs[-1] + 1:
+                continue
+            comm = transfer_time(cluster, [names[d] for d in c.devs], c.shares,
+                                 [names[d] for d in c2.devs], c2.shares,
+                                 costs.cut_bytes[c2.first - 1])
+            edges.append((k, k2, comm))
+    max_comm = max((e[2] for e in edges), default=0.0)
+    scale = max(c.cf + c.cb for c in cands) + 2 * max_comm
+    scale = scale if scale > 0 else 1.0
+    x_ub = 1.0 + 1e-9
+    a_ub = max(c.ta for c in cands) / scale
+
+    prob = pulp.LpProblem("asteroid_plan", pulp.LpMinimize)
+    def var(name: str, cat: str = "Binary", low: float | None = None) -> Any:
+        if hasattr(prob, "add_variable"):  # PuLP >= 3.3
+            return prob.add_variable(name, lowBound=low, cat=cat)
+        return pulp.LpVariable(name, lowBound=low, cat=cat)  # pragma: no cover
+
+    x = [var(f"x{k}") for k in range(len(cands))]
+    z = [var(f"z{e}") for e in range(len(edges))]
+    delta = {d: var(f"dom{d}") for d in range(1, s_max + 1)}
+    big_r = var("round", "Continuous", 0.0)
+    prob += big_r
+    into: dict[int, list[int]] = {}
+    out_of: dict[int, list[int]] = {}
+    for e, (a, b, _) in enumerate(edges):
+        into.setdefault(b, []).append(e)
+        out_of.setdefault(a, []).append(e)
+    prob += pulp.lpSum(z[e] for e in out_of.get(-1, [])) == 1
+    for k, c in enumerate(cands):
+        prob += pulp.lpSum(z[e] for e in into.get(k, [])) == x[k]
+        if c.r > 1:
+            prob += pulp.lpSum(z[e] for e in out_of.get(k, [])) == x[k]
+        # r == 1 stages flow to the sink
+    for r in range(1, s_max + 1):
+        prob += pulp.lpSum(x[k] for k, c in enumerate(cands) if c.r == r) <= 1
+    if wide:
+        for d in range(len(names)):
+            prob += pulp.lpSum(x[k] for k, c in enumerate(cands) if d in c.devs) <= 1
+
+    f_r: dict[int, Any] = {}
+    b_r: dict[int, Any] = {}
+    a_r: dict[int, Any] = {}
+    for r in range(1, s_max + 1):
+        ks = [k for k, c in enumerate(cands) if c.r == r]
+        cut_terms = [(e, edges[e][2] / scale) for k in ks for e in into.get(k, [])
+                if edges[e][0] >= 0 and edges[e][2] > 0]
+        f_r[r] = (pulp.lpSum(x[k] * (cands[k].cf / scale) for k in ks)
+                  + pulp.lpSum(z[e] * v for e, v in cut_terms))
+        b_r[r] = (pulp.lpSum(x[k] * (cands[k].cb / scale) for k in ks)
+                  + pulp.lpSum(z[e] * v for e, v in cut_terms))
+        a_r[r] = pulp.lpSum(x[k] * (cands[k].ta / scale) for k in ks)
+    x_r = {r: f_r[r] + b_r[r] for r in f_r}
+
+    prob += pulp.lpSum(delta.values()) == 1
+    big_x = x_ub + _EPS
+    big_t = (3 * s_max + m) * x_ub + a_ub + 1.0
+    for d in delta:
+        prob += delta[d] <= pulp.lpSum(x[k] for k, c in enumerate(cands) if c.r == d)
+        for r in range(1, s_max + 1):
+            if r > d:  # stage r runs before d
+                prob += x_r[d] - x_r[r] >= -big_x * (1 - delta[d])
+            elif r < d:  # after d: strictly smaller (d is the last argmax)
+                prob += x_r[d] - x_r[r] >= _EPS - (big_x + _EPS) * (1 - delta[d])
+            warm = pulp.lpSum(f_r[q] for q in range(r + 1, s_max + 1))
+            if r > d:
+                steady = m * x_r[d] + pulp.lpSum(x_r[q] for q in range(d + 1, r + 1))
+            else:
+                steady = m * x_r[d] - pulp.lpSum(x_r[q] for q in range(r + 1, d + 1))
+            prob += big_r >= warm + steady + a_r[r] - big_t * (1 - delta[d])
+
+    solver, solver_name = _solver(time_limit_s)
+    prob.solve(solver)
+    sol = pulp.LpSolution.get(prob.sol_status, str(prob.sol_status))
+    if prob.sol_status == pulp.LpSolutionOptimal:
+        status = "optimal"
+    elif prob.sol_status == pulp.LpSolutionIntegerFeasible:
+        status = "time limit (feasible)"
+    elif prob.sol_status == pulp.LpSolutionInfeasible:
+        return math.inf, None, "infeasible", solver_name
+    else:
+        log.debug("MILP for micro-batch %d: %s", mb, sol)
+        return math.inf, None, "time limit (none)", solver_name
+    chain: list[_Cand] = []
+    node = -1
+    while True:
+        nxt = [b for e in out_of.get(node, []) if (z[e].value() or 0.0) > 0.5
+               for b in (edges[e][1],)]
+        if not nxt:
+            break
+        node = nxt[0]
+        chain.append(cands[node])
+    if not chain or chain[-1].last != n_layers - 1:
+        return math.inf, None, "time limit (none)", solver_name
+    value = float(pulp.value(big_r)) * scale
+    return value, chain, status, solver_name
+
+
+def ilp_plan(costs: CostTable, cluster: Cluster, batch_size: int, *,
+             optimizer_state_factor: float = 0.0, wide: bool = False,
+             time_limit_s: float = 60.0,
+             micro_batch_sizes: Sequence[int] | None = None) -> ILPResult:
+    """Solve the planning MILP for every micro-batch size and return the best plan.
+
+    Args:
+        costs, cluster, batch_size: the problem.
+        optimizer_state_factor: optimizer state in units of the weights.
+        wide: any device subset per stage (``ilp-wide``) instead of the DP's ordered slices.
+        time_limit_s: wall-clock budget for all solves together.
+        micro_batch_sizes: micro-batch sizes to try (default: every divisor of the batch).
+
+    Raises:
+        PlanError: ``wide`` on an instance larger than ``MAX_WIDE_LAYERS`` layers or
+            ``MAX_WIDE_DEVICES`` devices.
+    """
+    if wide and (costs.num_layers > MAX_WIDE_LAYERS or len(cluster.devices) > MAX_WIDE_DEVICES):
+        raise PlanError(f"planner 'ilp-wide' is for small instances (<= {MAX_WIDE_LAYERS} "
+                        f"layers, <= {MAX_WIDE_DEVICES} devices), got {costs.num_layers} layers "
+                        f"and {len(cluster.devices)} devices; use planner 'ilp' or 'asteroid'")
+    start = time.perf_counter()
+    mbs = micro_batch_choices(batch_size, micro_batch_sizes)
+    devices = sorted_devices(cluster, costs.host_flops)
+    names = [d.name for d in devices]
+    speed_of = cluster.speeds(costs.host_flops)
+    speeds = [speed_of[d] for d in names]
+    caps = [d.memory_bytes for d in devices]
+    sums = LayerSums.of(costs)
+    best: tuple[float, Plan | None] = (math.inf, None)
+    statuses: list[str] = []
+    solver_name = "none"
+    total_cands = 0
+    for index, mb in enumerate(mbs):
+        m = batch_size // mb
+        left = time_limit_s - (time.perf_counter() - start)
+        if left <= 0:
+            statuses.append("time limit (none)")
+            break
+        cands = _candidates(costs, names, speeds, caps, cluster, sums, mb, m,
+                            optimizer_state_factor, wide)
+        total_cands += len(cands)
+        value, chain, status, used = _solve_one(costs, cluster, names, cands, mb, m, wide,
+                                                left / (len(mbs) - index))
+        solver_name = used if used != "none" else solver_name
+        statuses.append(status)
+        if chain is not None and value < best[0]:
+            stages = tuple(Stage((c.first, c.last), tuple(names[d] for d in c.devs), c.shares)
+                           for c in chain)
+            plan = Plan(model_hash=costs.model_hash, cluster_hash=cluster.cluster_hash,
+                        batch_size=batch_size, micro_batch_size=mb, num_micro_batches=m,
+                        stages=stages, num_layers=costs.num_layers,
+                        model_name=costs.model_name,
+                        optimizer_state_factor=optimizer_state_factor,
+                        planner=PlannerInfo("ilp-wide" if wide else "ilp", ILP_VERSION))
+            best = (value, plan)
+    if any(s.startswith("time limit") for s in statuses):
+        overall = ("time limit (feasible)" if best[1] is not None else "time limit (none)")
+    elif best[1] is None:
+        overall = "infeasible"
+    else:
+        overall = "optimal"
+    return ILPResult(plan=best[1], round_time_s=best[0], status=overall,
+                     solve_time_s=time.perf_counter() - start, solver=solver_name,
+                     candidates=total_cands)

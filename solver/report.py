@@ -1,0 +1,158 @@
+"""Readable plan reports: stages, devices, shares, times and memory (rich for terminals, markdown).
+
+Example::
+
+    from rich.console import Console
+    Console().print(plan_report(plan, costs, cluster))
+    Path("report.md").write_text(plan_report_markdown(plan, costs, cluster))
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from rich.console import Group, RenderableType
+from rich.table import Table
+from rich.text import Text
+
+from cost_models.table import CostTable
+from solver.cluster import Cluster
+from solver.evaluate import evaluate
+from solver.plan import Plan, Prediction
+
+__all__ = ["plan_report", "plan_report_markdown", "format_bytes", "format_seconds"]
+
+_STAGE_HEADERS = ("stage", "layers", "devices", "shares", "E_f", "E_b", "T_w", "T_e", "T_a",
+                  "T_w+T_e+T_a")
+_MEMORY_HEADERS = ("device", "type", "stage", "share", "peak memory", "capacity", "use")
+
+
+def format_bytes(value: float) -> str:
+    """``1536`` -> ``"1.5 KiB"`` (binary units)."""
+    size = float(value)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(size) < 1024.0 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024.0
+    return f"{size:.1f} GiB"  # pragma: no cover - loop always returns
+
+
+def format_seconds(value: float) -> str:
+    """Seconds as ``"12.3 ms"`` or ``"1.23 s"``."""
+    if abs(value) < 1.0:
+        return f"{value * 1e3:.1f} ms"
+    return f"{value:.2f} s"
+
+
+@dataclass(frozen=True)
+class _Content:
+    title: str
+    summary: tuple[tuple[str, str], ...]
+    stages: tuple[tuple[str, ...], ...]
+    memory: tuple[tuple[str, ...], ...]
+    dominant: int
+    oom: tuple[str, ...]
+
+
+def _layer_label(costs: CostTable, first: int, last: int) -> str:
+    names = costs.layers
+    if first == last:
+        return f"{first} ({names[first].name})"
+    return f"{first}..{last} ({names[first].name} .. {names[last].name})"
+
+
+def _content(plan: Plan, costs: CostTable, cluster: Cluster) -> _Content:
+    pred: Prediction = plan.predicted or evaluate(plan, costs, cluster)
+    stage_rows = []
+    for s, (stage, sp) in enumerate(zip(plan.stages, pred.stages, strict=True)):
+        mark = " *" if s == pred.dominant_stage else ""
+        stage_rows.append((
+            f"{s}{mark}", _layer_label(costs, stage.first, stage.last),
+            ", ".join(stage.devices), ", ".join(str(x) for x in stage.shares),
+            format_seconds(sp.e_f), format_seconds(sp.e_b), format_seconds(sp.t_w),
+            format_seconds(sp.t_e), format_seconds(sp.t_a), format_seconds(sp.total)))
+    memory_rows = []
+    oom = []
+    for stage_index, stage in enumerate(plan.stages):
+        for device, share in zip(stage.devices, stage.shares, strict=True):
+            peak = pred.peak_memory_bytes.get(device, 0)
+            cap = pred.memory_capacity_bytes.get(device, cluster.device(device).memory_bytes)
+            use = f"{100.0 * peak / cap:.0f}%" if cap else "n/a"
+            if peak > cap:
+                use += " OOM"
+                oom.append(device)
+            memory_rows.append((device, cluster.device(device).type, str(stage_index),
+                                str(share), format_bytes(peak), format_bytes(cap), use))
+    info = plan.planner
+    summary = (
+        ("model", f"{plan.model_name or costs.model_name} ({costs.num_layers} layers, "
+                  f"{costs.source} costs)"),
+        ("planner", f"{info.name} v{info.version}, search {format_seconds(info.search_time_s)}"
+         + (f", check {dict(info.check)}" if info.check else "")),
+        ("batch", f"{plan.batch_size} = {plan.num_micro_batches} micro-batches x "
+                  f"{plan.micro_batch_size}, schedule {plan.schedule}"),
+        ("round time", format_seconds(pred.round_time_s)),
+        ("throughput", f"{pred.throughput_samples_s:.2f} samples/s"),
+        ("dominant stage", f"{pred.dominant_stage} (largest E_f + E_b, marked *)"),
+        ("fits in memory", "yes" if pred.fits else f"NO: {', '.join(oom)}"),
+    )
+    title = f"Plan for {plan.model_name or costs.model_name}: {plan.num_stages} stage(s) on " \
+            f"{len(plan.devices)} of {len(cluster.devices)} device(s)"
+    return _Content(title, summary, tuple(stage_rows), tuple(memory_rows),
+                    pred.dominant_stage, tuple(oom))
+
+
+def _rich_table(title: str, headers: Sequence[str], rows: Sequence[Sequence[str]],
+                numeric_from: int) -> Table:
+    table = Table(title=title, title_justify="left")
+    for i, header in enumerate(headers):
+        table.add_column(header, justify="right" if i >= numeric_from else "left")
+    for row in rows:
+        table.add_row(*row)
+    return table
+
+
+def plan_report(plan: Plan, costs: CostTable, cluster: Cluster) -> RenderableType:
+    """A rich renderable (summary, stage table, memory table) for ``Console().print``.
+
+    Uses ``plan.predicted`` when present, otherwise evaluates the plan.
+    """
+    content = _content(plan, costs, cluster)
+    summary = Table.grid(padding=(0, 2))
+    summary.add_column(style="bold")
+    summary.add_column()
+    for key, value in content.summary:
+        style = "bold red" if key == "fits in memory" and content.oom else ""
+        summary.add_row(key, Text(value, style=style))
+    return Group(
+        Text(content.title, style="bold"),
+        summary,
+        _rich_table("Stages (times per micro-batch; T_* per round)", _STAGE_HEADERS,
+                    content.stages, 4),
+        _rich_table("Memory per device", _MEMORY_HEADERS, content.memory, 3),
+    )
+
+
+def _md_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    def esc(cell: str) -> str:
+        return cell.replace("|", "\\|")
+
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(esc(c) for c in row) + " |" for row in rows]
+    return lines
+
+
+def plan_report_markdown(plan: Plan, costs: CostTable, cluster: Cluster) -> str:
+    """The same report as markdown (for ``report.md``)."""
+    content = _content(plan, costs, cluster)
+    lines = [f"# {content.title}", ""]
+    lines += [f"- **{key}**: {value}" for key, value in content.summary]
+    lines += ["", "## Stages", "",
+              "E_f / E_b: one micro-batch through the stage (slowest device of the group, "
+              "plus the input cut's transfer); T_w / T_e / T_a: warm-up, execution and "
+              "all-reduce time of the stage in one round.", ""]
+    lines += _md_table(_STAGE_HEADERS, content.stages)
+    lines += ["", "## Memory per device", ""]
+    lines += _md_table(_MEMORY_HEADERS, content.memory)
+    return "\n".join(lines) + "\n"

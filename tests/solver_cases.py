@@ -1,0 +1,115 @@
+"""Hand-written and seeded random cost tables and clusters for solver tests (no torch)."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+
+from cost_models.table import CostTable, LayerCost, TimeFit
+from solver.cluster import Cluster, Device, Link
+
+__all__ = [
+    "MIB",
+    "make_costs",
+    "uniform_costs",
+    "make_cluster",
+    "random_costs",
+    "random_cluster",
+    "random_instance",
+]
+
+MIB = 1 << 20
+HOST_FLOPS = 1e9
+
+
+def make_costs(fwd: Sequence[tuple[float, float]], bwd: Sequence[tuple[float, float]],
+               param_bytes: Sequence[int], activation_bytes: Sequence[int],
+               cut_bytes: Sequence[int], *, buffer_bytes: Sequence[int] | None = None,
+               name: str = "toy") -> CostTable:
+    """A cost table from per-layer (intercept, per-sample) fits and byte counts."""
+    n = len(fwd)
+    buffers = list(buffer_bytes) if buffer_bytes is not None else [0] * n
+    layers = tuple(
+        LayerCost(name=f"layer{i}", op="linear", fwd=TimeFit(*fwd[i]), bwd=TimeFit(*bwd[i]),
+                  param_bytes=int(param_bytes[i]), activation_bytes=int(activation_bytes[i]),
+                  output_bytes=int(cut_bytes[i]) if i < n - 1 else 4,
+                  buffer_bytes=int(buffers[i]))
+        for i in range(n))
+    return CostTable(layers=layers, cut_bytes=tuple(int(c) for c in cut_bytes),
+                     input_bytes=16, model_name=name, model_hash=f"hash-{name}",
+                     host="test-host", host_flops=HOST_FLOPS, source="analytic")
+
+
+def uniform_costs(num_layers: int, *, fwd: float = 0.01, bwd: float = 0.02,
+                  param_bytes: int = 4 * MIB, activation_bytes: int = MIB // 4,
+                  cut_bytes: int = 64 * 1024) -> CostTable:
+    """``num_layers`` identical layers with zero intercepts."""
+    return make_costs([(0.0, fwd)] * num_layers, [(0.0, bwd)] * num_layers,
+                      [param_bytes] * num_layers, [activation_bytes] * num_layers,
+                      [cut_bytes] * (num_layers - 1), name=f"uniform{num_layers}")
+
+
+def make_cluster(speeds: Sequence[float], memory_mib: Sequence[float] | float = 1024.0,
+                 bandwidth_mbps: float = 100.0,
+                 links: Sequence[tuple[str, str, float]] = ()) -> Cluster:
+    """Custom devices ``d0, d1, ...`` with the given speeds (relative to the host)."""
+    mems = ([float(memory_mib)] * len(speeds) if isinstance(memory_mib, (int, float))
+            else [float(m) for m in memory_mib])
+    devices = tuple(Device(name=f"d{i}", type="custom", memory_bytes=int(mems[i] * MIB),
+                           speed=float(v)) for i, v in enumerate(speeds))
+    return Cluster(devices=devices, bandwidth_mbps=bandwidth_mbps,
+                   links=tuple(Link(a, b, bw) for a, b, bw in links))
+
+
+def random_costs(rng: random.Random, num_layers: int, *, intercepts: bool = True,
+                 param_scale: float = 1.0) -> CostTable:
+    """Random layers: 5..50 ms per sample, a few MiB of params/activations, KiB..MiB cuts.
+
+    ``param_scale`` multiplies the parameter bytes (large values favour pipelines over
+    data parallelism, because the all-reduce gets expensive)."""
+    fwd, bwd = [], []
+    for _ in range(num_layers):
+        per = rng.uniform(5e-3, 50e-3)
+        inter = rng.uniform(0.0, 5e-3) if intercepts and rng.random() < 0.7 else 0.0
+        fwd.append((inter, per))
+        bwd.append((inter * rng.uniform(1.0, 2.0), per * rng.uniform(1.5, 2.5)))
+    params = [int(param_scale * rng.choice([0, rng.randrange(1, 8 * MIB)]))
+              for _ in range(num_layers)]
+    acts = [rng.randrange(16 * 1024, MIB) for _ in range(num_layers)]
+    cuts = [rng.randrange(1024, 256 * 1024) for _ in range(num_layers - 1)]
+    return make_costs(fwd, bwd, params, acts, cuts, name=f"rand{num_layers}")
+
+
+def random_cluster(rng: random.Random, num_devices: int, *, tight_memory: bool = False,
+                   links: bool = False) -> Cluster:
+    """Random speeds in [0.2, 2], memory 64 MiB..1 GiB (or tight: 4..64 MiB), 10..1000 Mbps."""
+    speeds = [round(rng.uniform(0.2, 2.0), 3) for _ in range(num_devices)]
+    if rng.random() < 0.3 and num_devices > 1:  # some identical devices -> exact ties
+        speeds[1] = speeds[0]
+    if tight_memory:
+        mems = [rng.uniform(4.0, 64.0) for _ in range(num_devices)]
+    else:
+        mems = [rng.uniform(64.0, 1024.0) for _ in range(num_devices)]
+    bandwidth = rng.choice([10.0, 100.0, 1000.0, 1000.0])
+    overrides: list[tuple[str, str, float]] = []
+    if links and num_devices > 1:
+        for _ in range(rng.randrange(1, num_devices + 1)):
+            a, b = rng.sample(range(num_devices), 2)
+            if all({x, y} != {f"d{a}", f"d{b}"} for x, y, _ in overrides):
+                overrides.append((f"d{a}", f"d{b}", rng.choice([10.0, 50.0, 1000.0])))
+    return make_cluster(speeds, mems, bandwidth, overrides)
+
+
+def random_instance(seed: int, *, max_layers: int = 6, max_devices: int = 4,
+                    tight_memory: bool | None = None,
+                    links: bool | None = None) -> tuple[CostTable, Cluster, int]:
+    """A seeded tiny instance ``(costs, cluster, batch_size)`` for exhaustive comparisons."""
+    rng = random.Random(seed)
+    num_layers = rng.randint(1, max_layers)
+    num_devices = rng.randint(1, max_devices)
+    tight = rng.random() < 0.3 if tight_memory is None else tight_memory
+    with_links = rng.random() < 0.3 if links is None else links
+    costs = random_costs(rng, num_layers, param_scale=rng.choice([0.1, 1.0, 10.0]))
+    cluster = random_cluster(rng, num_devices, tight_memory=tight, links=with_links)
+    batch_size = rng.choice([1, 2, 4, 6, 8, 12, 16])
+    return costs, cluster, batch_size

@@ -1,0 +1,115 @@
+"""Tests of ``afx.plan`` (solver/api.py): the registry, the filled-in plan, errors, checks."""
+
+from __future__ import annotations
+
+import pytest
+
+from asteroid_fx.errors import PlanError
+from solver.api import PLANNERS, plan, planner_names
+from solver.dp import asteroid_dp
+from solver.evaluate import evaluate
+from solver.plan import Plan
+from tests.solver_cases import MIB, make_cluster, random_instance, uniform_costs
+
+
+def test_registry_has_our_planners() -> None:
+    for name in ("asteroid", "ilp", "ilp-wide"):
+        assert name in PLANNERS
+    assert set(planner_names()) == set(PLANNERS)
+
+
+def test_plan_is_filled_in_and_matches_the_dp() -> None:
+    costs, cluster, batch = random_instance(21)
+    result = plan(costs, cluster, batch)
+    assert result.predicted is not None and result.predicted.fits
+    assert result.predicted == evaluate(result, costs, cluster)
+    assert result.num_layers == costs.num_layers
+    assert result.model_hash == costs.model_hash
+    assert result.cluster_hash == cluster.cluster_hash
+    assert result.planner.name == "asteroid" and result.planner.version == "1"
+    assert result.planner.search_time_s > 0
+    dp = asteroid_dp(costs, cluster, batch)
+    assert result.predicted.round_time_s <= dp.round_time_s * (1 + 1e-12)
+
+
+def test_plan_json_round_trip() -> None:
+    costs, cluster, batch = random_instance(22)
+    result = plan(costs, cluster, batch, check_ilp=True)
+    again = Plan.from_json(result.to_json())
+    assert again == result
+    assert again.predicted is not None
+    assert again.predicted.round_time_s == result.predicted.round_time_s  # type: ignore[union-attr]
+
+
+def test_check_ilp_records_the_agreement() -> None:
+    costs, cluster, batch = random_instance(23, max_layers=4, max_devices=3)
+    result = plan(costs, cluster, batch, check_ilp=True)
+    check = result.planner.check
+    assert {"dp_round", "ilp_round", "gap", "dp_time_s", "ilp_time_s",
+            "ilp_status"} <= set(check)
+    assert check["ilp_status"] == "optimal"
+    # the seeded Asteroid plan may leave the DP's space, but never gets worse than it
+    assert check["gap"] <= 1e-6
+
+
+def test_ilp_planners_through_the_api() -> None:
+    costs, cluster, batch = random_instance(24, max_layers=3, max_devices=3)
+    for name in ("ilp", "ilp-wide"):
+        result = plan(costs, cluster, batch, planner=name)
+        assert result.planner.name == name and result.predicted is not None
+        assert result.planner.check["ilp_status"] == "optimal"
+
+
+def test_micro_batch_sizes_are_respected() -> None:
+    result = plan(uniform_costs(4), make_cluster([1.0, 1.0]), 12, micro_batch_sizes=[3])
+    assert result.micro_batch_size == 3 and result.num_micro_batches == 4
+
+
+def test_unknown_planner() -> None:
+    with pytest.raises(PlanError, match="unknown planner 'nope'; choose one of .*asteroid"):
+        plan(uniform_costs(2), make_cluster([1.0]), 4, planner="nope")
+
+
+@pytest.mark.parametrize("batch", [0, -3])
+def test_bad_batch_size(batch: int) -> None:
+    with pytest.raises(PlanError, match="batch_size must be an integer >= 1"):
+        plan(uniform_costs(2), make_cluster([1.0]), batch)
+
+
+def test_nothing_fits() -> None:
+    costs = uniform_costs(3, param_bytes=64 * MIB)
+    cluster = make_cluster([1.0, 2.0], memory_mib=[100.0, 120.0])
+    with pytest.raises(PlanError, match=r"no plan .* fits in memory.*short.*smaller batch"):
+        plan(costs, cluster, 4)
+
+
+def test_plans_never_exceed_memory() -> None:
+    for seed in range(30):
+        costs, cluster, batch = random_instance(300 + seed, max_layers=8, max_devices=4,
+                                                tight_memory=True)
+        try:
+            result = plan(costs, cluster, batch, optimizer_state_factor=2.0)
+        except PlanError as exc:
+            assert "short" in str(exc) or "fits" in str(exc)
+            continue
+        assert result.predicted is not None and result.predicted.fits
+        assert not result.predicted.memory_shortfall()
+
+
+def test_asteroid_is_never_worse_than_the_baselines() -> None:
+    pytest.importorskip("solver.baselines")
+    baselines = [n for n in PLANNERS if n not in ("asteroid", "ilp", "ilp-wide")]
+    assert baselines
+    for seed in range(15):
+        costs, cluster, batch = random_instance(400 + seed, max_layers=8, max_devices=5)
+        try:
+            ours = plan(costs, cluster, batch).predicted
+        except PlanError:
+            ours = None
+        for name in baselines:
+            try:
+                theirs = plan(costs, cluster, batch, planner=name).predicted
+            except PlanError:
+                continue
+            assert ours is not None and theirs is not None, (seed, name)
+            assert ours.round_time_s <= theirs.round_time_s * (1 + 1e-9), (seed, name)

@@ -1,0 +1,163 @@
+"""Tests of the round-latency and memory model (solver/evaluate.py) on hand-computed plans."""
+
+from __future__ import annotations
+
+import pytest
+
+from asteroid_fx.errors import PlanError
+from solver.evaluate import (
+    WORKSPACE_BYTES,
+    LayerSums,
+    allreduce_time,
+    evaluate,
+    in_flight,
+    round_terms,
+    stage_memory_bytes,
+    transfer_time,
+)
+from solver.plan import Plan, Stage
+from tests.solver_cases import make_cluster, make_costs, uniform_costs
+
+
+def _costs3():  # type: ignore[no-untyped-def]
+    return make_costs(fwd=[(0.001, 0.01), (0.0, 0.02), (0.003, 0.005)],
+                      bwd=[(0.002, 0.02), (0.0, 0.04), (0.0, 0.01)],
+                      param_bytes=[1000, 2000, 3000], activation_bytes=[100, 200, 300],
+                      cut_bytes=[5000, 1000], buffer_bytes=[0, 64, 0])
+
+
+def _cluster3():  # type: ignore[no-untyped-def]
+    # 8 Mbps = 1e6 B/s by default, 16 Mbps = 2e6 B/s between d0 and d2
+    return make_cluster([2.0, 1.0, 1.0], memory_mib=1024, bandwidth_mbps=8.0,
+                        links=[("d0", "d2", 16.0)])
+
+
+def _plan3(**kw):  # type: ignore[no-untyped-def]
+    return Plan(model_hash="h", cluster_hash="c", batch_size=8, micro_batch_size=4,
+                num_micro_batches=2,
+                stages=(Stage((0, 0), ("d0",), (4,)), Stage((1, 2), ("d1", "d2"), (3, 1))),
+                **kw)
+
+
+def test_hand_computed_two_stage_plan() -> None:
+    pred = evaluate(_plan3(), _costs3(), _cluster3())
+    s0, s1 = pred.stages
+    assert s0.compute_f == pytest.approx(0.0205)
+    assert s0.compute_b == pytest.approx(0.041)
+    assert s0.comm_f == 0.0 and s0.t_a == 0.0 and s0.t_w == 0.0
+    assert s1.compute_f == pytest.approx(0.078)
+    assert s1.compute_b == pytest.approx(0.15)
+    # d0 sends 3 samples to d1 (15000 B at 1e6 B/s) and 1 to d2 (5000 B at 2e6 B/s)
+    assert s1.comm_f == pytest.approx(0.0175)
+    assert s1.comm_b == pytest.approx(0.0175)
+    assert s1.e_f == pytest.approx(0.0955)
+    assert s1.e_b == pytest.approx(0.1675)
+    assert s1.t_a == pytest.approx(0.005)  # 2 * 1 * 5000 / (2 * 1e6)
+    assert pred.dominant_stage == 1
+    assert s1.t_w == pytest.approx(0.0205)
+    assert s0.t_e == pytest.approx(2 * 0.263 + 0.0615)
+    assert s1.t_e == pytest.approx(2 * 0.263)
+    assert pred.round_time_s == pytest.approx(0.5875)
+    assert pred.throughput_samples_s == pytest.approx(8 / 0.5875)
+    assert pred.peak_memory_bytes == {"d0": 2000 + 800 + WORKSPACE_BYTES + 80,
+                                      "d1": 10000 + 64 + 1500 + WORKSPACE_BYTES + 150,
+                                      "d2": 10000 + 64 + 500 + WORKSPACE_BYTES + 50}
+    assert pred.memory_capacity_bytes["d1"] == 1024 * 2**20
+    assert pred.fits
+
+
+def test_optimizer_state_and_replicas_add_memory() -> None:
+    plan = _plan3(optimizer_state_factor=1.0, replicas={"d0": ("d1",)})
+    pred = evaluate(plan, _costs3(), _cluster3())
+    assert pred.peak_memory_bytes["d0"] == 3000 + 800 + WORKSPACE_BYTES + 80
+    assert pred.peak_memory_bytes["d1"] == (15000 + 64 + 1500 + WORKSPACE_BYTES + 150
+                                            + 2 * 1000)
+    assert pred.peak_memory_bytes["d2"] == 15000 + 64 + 500 + WORKSPACE_BYTES + 50
+
+
+def test_memory_shortfall_reported() -> None:
+    cluster = make_cluster([2.0, 1.0, 1.0], memory_mib=1.0, bandwidth_mbps=8.0)
+    pred = evaluate(_plan3(), _costs3(), cluster)
+    assert not pred.fits
+    assert set(pred.memory_shortfall()) == {"d0", "d1", "d2"}
+    assert pred.memory_shortfall()["d0"] == 2000 + 800 + 80
+
+
+def test_equal_stages_give_m_plus_one_x() -> None:
+    costs = uniform_costs(2, cut_bytes=0, param_bytes=0)
+    cluster = make_cluster([1.0, 1.0])
+    plan = Plan(model_hash="h", cluster_hash="c", batch_size=8, micro_batch_size=2,
+                num_micro_batches=4,
+                stages=(Stage((0, 0), ("d0",), (2,)), Stage((1, 1), ("d1",), (2,))))
+    pred = evaluate(plan, costs, cluster)
+    x = 2 * 0.01 + 2 * 0.02
+    assert pred.dominant_stage == 1  # ties go to the last stage
+    assert pred.round_time_s == pytest.approx(5 * x)
+
+
+def test_single_stage_round_is_m_times_x_plus_allreduce() -> None:
+    costs = uniform_costs(3, param_bytes=1000)
+    cluster = make_cluster([1.0, 0.5], bandwidth_mbps=8.0)
+    plan = Plan(model_hash="h", cluster_hash="c", batch_size=6, micro_batch_size=3,
+                num_micro_batches=2, stages=(Stage((0, 2), ("d0", "d1"), (2, 1)),))
+    pred = evaluate(plan, costs, cluster)
+    x = (3 * 0.01 * 2) + (3 * 0.02 * 2)  # d0: 2 samples at speed 1; d1: 1 at 0.5 -> same
+    ta = 2 * 1 * 3000 / (2 * 1e6)
+    assert pred.round_time_s == pytest.approx(2 * x + ta)
+    assert pred.stages[0].t_a == pytest.approx(ta)
+
+
+def test_transfer_time_reshards_by_sample_ranges() -> None:
+    cluster = make_cluster([1.0] * 4, bandwidth_mbps=8.0)  # 1e6 B/s
+    # senders own [0,3) and [3,4); receivers own [0,1) and [1,4)
+    t = transfer_time(cluster, ["d0", "d1"], [3, 1], ["d2", "d3"], [1, 3], 1000)
+    # d0 sends 1000 to d2 and 2000 to d3; d1 sends 1000 to d3: d0 and d3 move 3000 B
+    assert t == pytest.approx(0.003)
+    assert transfer_time(cluster, ["d0"], [4], ["d1"], [4], 0) == 0.0
+
+
+def test_allreduce_uses_slowest_link() -> None:
+    cluster = make_cluster([1.0] * 3, bandwidth_mbps=80.0, links=[("d0", "d1", 8.0)])
+    assert allreduce_time(cluster, ["d0", "d1", "d2"], 3000) == pytest.approx(
+        2 * 2 * 3000 / (3 * 1e6))
+    assert allreduce_time(cluster, ["d0"], 3000) == 0.0
+
+
+def test_round_terms_formula() -> None:
+    t_w, t_e, dm = round_terms([1.0, 2.0, 1.0], [1.0, 3.0, 1.0], 3)
+    assert dm == 1
+    assert t_w == [0.0, 1.0, 3.0]
+    assert t_e == [3 * 5 + 2, 15, 15 - 5]
+
+
+def test_in_flight_and_memory_helpers() -> None:
+    assert in_flight(4, 3, 0) == 3
+    assert in_flight(2, 3, 0) == 2
+    assert in_flight(4, 3, 2) == 1
+    assert in_flight(4, 3, 2, "gpipe") == 4
+    sums = LayerSums.of(_costs3())
+    assert sums.params(1, 2) == 5000
+    assert stage_memory_bytes(sums, 0, 2, 2, 1, 0.0) == (
+        12000 + 64 + 1200 + WORKSPACE_BYTES + 120)
+
+
+def test_gpipe_keeps_all_micro_batches() -> None:
+    plan = _plan3(schedule="gpipe")
+    pred = evaluate(plan, _costs3(), _cluster3())
+    assert pred.peak_memory_bytes["d1"] == 10000 + 64 + 3000 + WORKSPACE_BYTES + 300
+
+
+def test_plan_for_another_model_is_rejected() -> None:
+    with pytest.raises(PlanError, match="cost table has 4 layers"):
+        evaluate(_plan3(), uniform_costs(4), _cluster3())
+
+
+def test_unknown_device_is_rejected() -> None:
+    cluster = make_cluster([1.0, 1.0])
+    with pytest.raises(PlanError, match="'d2' is not in the cluster"):
+        evaluate(_plan3(), _costs3(), cluster)
+
+
+def test_bad_replicas_are_rejected() -> None:
+    with pytest.raises(PlanError, match="unknown device 'zz'"):
+        evaluate(_plan3(replicas={"d0": ("zz",)}), _costs3(), _cluster3())

@@ -1,0 +1,70 @@
+"""Tests of the planning MILP (solver/ilp.py): agreement with the DP, and the wide variant."""
+
+from __future__ import annotations
+
+import pytest
+
+from asteroid_fx.errors import PlanError
+from solver.dp import asteroid_dp
+from solver.evaluate import evaluate
+from solver.ilp import ilp_plan
+from tests.solver_cases import MIB, make_cluster, make_costs, random_instance, uniform_costs
+
+pytest.importorskip("pulp")
+
+
+def test_ilp_equals_dp_on_small_instances() -> None:
+    # (CBC occasionally takes ~10 s to return on this shared host even for a trivial model;
+    # the time limits below leave room for that)
+    agree = pipelines = 0
+    for seed in range(15):
+        costs, cluster, batch = random_instance(500 + seed, max_layers=4, max_devices=3)
+        dp = asteroid_dp(costs, cluster, batch, max_cuts=None)
+        ilp = ilp_plan(costs, cluster, batch, time_limit_s=120)
+        assert (dp.plan is None) == (ilp.plan is None), seed
+        if dp.plan is None:
+            assert ilp.status == "infeasible"
+            continue
+        assert ilp.status == "optimal", seed
+        assert ilp.plan is not None
+        ilp_round = evaluate(ilp.plan, costs, cluster).round_time_s
+        assert ilp_round == pytest.approx(dp.round_time_s, rel=1e-6), seed
+        assert ilp.round_time_s == pytest.approx(ilp_round, rel=1e-5), seed
+        agree += 1
+        pipelines += dp.plan.num_stages > 1
+    assert agree >= 12 and pipelines >= 3
+
+
+def test_ilp_wide_is_never_worse_than_the_dp() -> None:
+    for seed in range(10):
+        costs, cluster, batch = random_instance(700 + seed, max_layers=3, max_devices=3)
+        dp = asteroid_dp(costs, cluster, batch, max_cuts=None)
+        wide = ilp_plan(costs, cluster, batch, wide=True, time_limit_s=120)
+        if dp.plan is not None:
+            assert wide.plan is not None
+            wide_round = evaluate(wide.plan, costs, cluster).round_time_s
+            assert wide_round <= dp.round_time_s * (1 + 1e-6)
+
+
+def test_ilp_wide_escapes_the_device_order() -> None:
+    # the fastest device cannot hold the layer, so every plan of the DP's space (which
+    # starts at the fastest device) fails; any subset (ilp-wide) can skip it
+    costs = make_costs([(0.0, 0.01)], [(0.0, 0.02)], [16 * MIB], [MIB], [])
+    cluster = make_cluster([2.0, 1.0, 1.0], memory_mib=[8.0, 256.0, 256.0])
+    assert asteroid_dp(costs, cluster, 4).plan is None
+    assert ilp_plan(costs, cluster, 4).plan is None
+    wide = ilp_plan(costs, cluster, 4, wide=True)
+    assert wide.status == "optimal" and wide.plan is not None
+    assert "d0" not in wide.plan.devices
+    assert evaluate(wide.plan, costs, cluster).fits
+
+
+def test_ilp_wide_refuses_large_instances() -> None:
+    with pytest.raises(PlanError, match="ilp-wide.*small instances"):
+        ilp_plan(uniform_costs(20), make_cluster([1.0]), 4, wide=True)
+
+
+def test_ilp_reports_infeasible() -> None:
+    costs = uniform_costs(2, param_bytes=64 * MIB)
+    result = ilp_plan(costs, make_cluster([1.0], memory_mib=16.0), 2)
+    assert result.plan is None and result.status == "infeasible"

@@ -1,0 +1,78 @@
+"""Tests of the plan report (solver/report.py) and the Gantt chart (solver/gantt.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rich.console import Console
+
+from solver.evaluate import evaluate
+from solver.gantt import COLOURS, gantt_png
+from solver.plan import Plan, PlannerInfo, Stage
+from solver.report import format_bytes, format_seconds, plan_report, plan_report_markdown
+from solver.simulate import simulate
+from tests.solver_cases import MIB, make_cluster, uniform_costs
+
+
+def _setup() -> tuple[Plan, object, object]:
+    costs = uniform_costs(4, param_bytes=MIB, cut_bytes=10_000)
+    cluster = make_cluster([2.0, 1.0, 1.0], memory_mib=[1024.0, 512.0, 1.0])
+    plan = Plan(model_hash=costs.model_hash, cluster_hash=cluster.cluster_hash, batch_size=8,
+                micro_batch_size=4, num_micro_batches=2,
+                stages=(Stage((0, 2), ("d0",), (4,)), Stage((3, 3), ("d1", "d2"), (2, 2))),
+                planner=PlannerInfo("asteroid", "1", 0.0123), num_layers=4,
+                model_name="uniform4")
+    return plan, costs, cluster
+
+
+def test_formatters() -> None:
+    assert format_bytes(512) == "512 B"
+    assert format_bytes(1536) == "1.5 KiB"
+    assert format_bytes(3 * MIB) == "3.0 MiB"
+    assert format_bytes(5 * 2**30) == "5.0 GiB"
+    assert format_seconds(0.0123) == "12.3 ms"
+    assert format_seconds(2.5) == "2.50 s"
+
+
+def test_markdown_report_has_stages_memory_and_summary() -> None:
+    plan, costs, cluster = _setup()
+    text = plan_report_markdown(plan, costs, cluster)  # type: ignore[arg-type]
+    pred = evaluate(plan, costs, cluster)  # type: ignore[arg-type]
+    assert text.startswith("# Plan for uniform4: 2 stage(s) on 3 of 3 device(s)")
+    assert "0..2 (layer0 .. layer2)" in text and "3 (layer3)" in text
+    assert "| d1, d2 | 2, 2 |" in text
+    assert format_seconds(pred.round_time_s) in text
+    assert f"{pred.throughput_samples_s:.2f} samples/s" in text
+    assert "asteroid v1, search 12.3 ms" in text
+    assert "OOM" in text and "NO: d2" in text  # d2 has 1 MiB
+    assert "## Memory per device" in text and "1.0 MiB" in text
+    dominant = pred.dominant_stage
+    assert f"| {dominant} * |" in text
+
+
+def test_rich_report_renders() -> None:
+    plan, costs, cluster = _setup()
+    console = Console(record=True, width=200)
+    console.print(plan_report(plan, costs, cluster))  # type: ignore[arg-type]
+    out = console.export_text()
+    assert "Stages" in out and "Memory per device" in out and "d2" in out
+    assert "samples/s" in out
+
+
+def test_report_uses_stored_prediction() -> None:
+    plan, costs, cluster = _setup()
+    pred = evaluate(plan, costs, cluster)  # type: ignore[arg-type]
+    fake = Plan.from_dict({**plan.to_dict(),
+                           "predicted": {**pred.to_dict(), "round_time_s": 123.0}})
+    assert "123.00 s" in plan_report_markdown(fake, costs, cluster)  # type: ignore[arg-type]
+
+
+def test_gantt_png_written(tmp_path: Path) -> None:
+    plan, costs, cluster = _setup()
+    result = simulate(plan, costs, cluster)  # type: ignore[arg-type]
+    out = gantt_png(result, tmp_path / "gantt.png", title="toy")
+    assert out.is_file() and out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert out.stat().st_size > 5000
+    overlap = simulate(plan, costs, cluster, comm="overlap", rounds=2)  # type: ignore[arg-type]
+    assert gantt_png(overlap, tmp_path / "g2.png").is_file()
+    assert set(COLOURS) == {"F", "B", "SEND", "ALLREDUCE"}
