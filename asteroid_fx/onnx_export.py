@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -73,8 +74,26 @@ def export_stage_onnx(
             module.training = training
 
 
+@contextmanager
+def _quiet_exporter() -> Iterator[None]:
+    """Silence the exporter's own chatter (e.g. "torchvision is not installed. Skipping ...")."""
+    logger = logging.getLogger("torch.onnx")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def _export(stage: torch.nn.Module, args: tuple[torch.Tensor, ...], out: Path,
             stage_index: int, fallback: bool) -> None:
+    with _quiet_exporter():
+        _export_loud(stage, args, out, stage_index, fallback)
+
+
+def _export_loud(stage: torch.nn.Module, args: tuple[torch.Tensor, ...], out: Path,
+                 stage_index: int, fallback: bool) -> None:
     names = [f"input_{i}" for i in range(len(args))]
     try:
         batch = torch.export.Dim("batch", min=1)

@@ -117,3 +117,41 @@ def test_trace_bad_models(tmp_path: Path, capsys: pytest.CaptureFixture[str],
     assert match in line
     if content == UNTRACEABLE:
         assert "model.py:6" in line and "leaf_modules" in line
+
+
+SKIPNET = str(ROOT / "examples" / "skipnet.py")
+LOCAL3 = str(CLUSTERS / "local3.yaml")
+
+
+def test_plan_partition_simulate(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    plan_path = tmp_path / "plan.json"
+    assert main(["plan", SKIPNET, "--cluster", LOCAL3, "--batch-size", "8", "--check-ilp",
+                 "--out", str(plan_path)]) == 0
+    out = capsys.readouterr().out
+    assert "round time" in out and "Memory per device" in out and plan_path.is_file()
+    out_dir = tmp_path / "part"
+    assert main(["partition", SKIPNET, "--cluster", LOCAL3, "--batch-size", "8", "--out",
+                 str(out_dir), "--no-onnx"]) == 0
+    out = capsys.readouterr().out
+    assert "plan.json" in out and "stage_0.pt" in out
+    for name in ("plan.json", "partition.json", "model.py", "stage_0.pt", "stage_0.py",
+                 "report.md", "gantt.png"):
+        assert (out_dir / name).is_file(), name
+    gantt = tmp_path / "g.png"
+    assert main(["simulate", str(out_dir / "plan.json"), "--cluster", LOCAL3, "--model",
+                 SKIPNET, "--gantt", str(gantt)]) == 0
+    assert "round time" in capsys.readouterr().out and gantt.stat().st_size > 1000
+
+
+def test_plan_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["plan", SKIPNET, "--cluster", LOCAL3, "-b", "8", "--planner", "magic"]) == 1
+    assert "PlanError" in _one_error_line(capsys.readouterr().err)
+    tiny = tmp_path / "tiny.yaml"
+    tiny.write_text("devices: [{name: a, type: custom, speed: 1, memory_gb: 0.00001}]\n")
+    assert main(["plan", SKIPNET, "--cluster", str(tiny), "-b", "8"]) == 1
+    line = _one_error_line(capsys.readouterr().err)
+    assert "PlanError" in line and "short" in line
+    assert main(["plan", SKIPNET, "--cluster", LOCAL3, "-b", "0"]) == 1
+    assert "PlanError" in _one_error_line(capsys.readouterr().err)
+    assert main(["simulate", str(tmp_path / "nope.json"), "--cluster", LOCAL3]) == 1
+    assert "does not exist" in _one_error_line(capsys.readouterr().err)
