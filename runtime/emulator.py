@@ -1,0 +1,392 @@
+"""Local emulation of a cluster: one process per device, speed and bandwidth shaped."""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+import os
+import queue
+import socket
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from asteroid_fx.errors import RuntimeFailure, StageFailure
+from runtime.comm import CommFailure
+from runtime.train import StageSource, TrainConfig, WorkerResult, train_device
+from solver.plan import Plan
+
+__all__ = [
+    "EmulationSetup",
+    "EmulationResult",
+    "CGROUP_ROOT",
+    "cgroup_available",
+    "cfs_settings",
+    "emulation_setup",
+    "launch_local",
+    "emulate",
+]
+
+log = logging.getLogger(__name__)
+
+CGROUP_ROOT = Path("/sys/fs/cgroup/cpu")
+_CFS_PERIOD_US = 5_000
+
+# [Note: emulated speed]
+# Speed 1.0 is one host core. Each device process computes on one thread
+# (torch.set_num_threads(1)) and is held to ``speed`` of a core: by a cgroup-v1 CPU quota
+# (cpu.cfs_quota_us = speed x period, period 5 ms: CFS caps CPU time per period, so a longer
+# period would let a short burst after idle waiting run at full speed) when
+# /sys/fs/cgroup/cpu is writable, otherwise by time
+# dilation (after each forward/backward it sleeps (1/speed - 1) x the measured compute).
+# When the speeds add up to more than the host's cores, every speed is divided by one common
+# factor f = sum(speeds) / cores and every link's bandwidth too, so the whole emulated time
+# axis stretches by exactly f: measured times compare with f x the plan's predicted times.
+
+
+@dataclass(frozen=True)
+class EmulationSetup:
+    """Per-rank emulated speeds, the common slow-down factor and the link bandwidths."""
+
+    devices: tuple[str, ...]
+    speeds: tuple[float, ...]            # as declared (relative to one host core)
+    factor: float                        # common slow-down (>= 1)
+    link_bytes_s: tuple[tuple[float, ...], ...]   # already divided by factor
+    host_cores: int
+
+    @property
+    def effective_speeds(self) -> tuple[float, ...]:
+        return tuple(s / self.factor for s in self.speeds)
+
+
+@dataclass
+class EmulationResult:
+    """Results of every rank plus how the emulation was shaped."""
+
+    workers: list[WorkerResult]
+    setup: EmulationSetup | None
+    shaping: str                          # "cgroup", "dilation" or "none"
+    wall_s: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _host_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - non-Linux
+        return os.cpu_count() or 1
+
+
+def cgroup_available() -> bool:
+    """Whether this process may create cgroup-v1 CPU groups (root on a v1 host)."""
+    return (CGROUP_ROOT / "cpu.cfs_quota_us").exists() and os.access(CGROUP_ROOT, os.W_OK)
+
+
+def emulation_setup(plan: Plan, cluster: Any, *, host_cores: int | None = None,
+                    host_flops: float | None = None) -> EmulationSetup:
+    """Speeds and bandwidths of the plan's devices in ``cluster`` (a ``solver.cluster.Cluster``
+    or a path to cluster.yaml). Devices given by FLOP/s only (Jetson types) are scaled to
+    ``host_flops``; without it the fastest such device counts as one host core."""
+    if isinstance(cluster, (str, Path)):
+        from solver.cluster import Cluster  # host-side only: a device never emulates
+
+        cluster = Cluster.from_yaml(cluster)
+    names = set(cluster.names)
+    missing = [d for d in plan.devices if d not in names]
+    if missing:
+        raise RuntimeFailure(f"plan devices {missing} are not in the cluster "
+                             f"(devices: {sorted(names)}); emulate the cluster the plan was "
+                             f"made for")
+    if host_flops is None:
+        flops = [d.flops for d in cluster.devices if d.speed is None and d.flops]
+        host_flops = max(flops) if flops else 1.0
+    all_speeds = cluster.speeds(host_flops)
+    speeds = tuple(float(all_speeds[d]) for d in plan.devices)
+    cores = host_cores or _host_cores()
+    factor = max(1.0, sum(speeds) / cores)
+    links = tuple(tuple(math.inf if a == b else cluster.bandwidth_bytes_s(a, b) / factor
+                        for b in plan.devices) for a in plan.devices)
+    return EmulationSetup(devices=tuple(plan.devices), speeds=speeds, factor=factor,
+                          link_bytes_s=links, host_cores=cores)
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _worker(rank: int, world: int, port: int, source: StageSource, config: TrainConfig,
+            cgroup: str | None, results: Any) -> None:
+    """Body of one device process; reports ("step"|"ok"|"error", rank, payload)."""
+    try:
+        _exit_with_parent()
+        if cgroup is not None:
+            Path(cgroup, "cgroup.procs").write_text(str(os.getpid()))
+        torch.set_num_threads(1)
+        store = dist.TCPStore("127.0.0.1", port, world, is_master=False,
+                              timeout=timedelta(seconds=config.timeout_s))
+        dist.init_process_group("gloo", store=store, rank=rank, world_size=world,
+                                timeout=timedelta(seconds=config.timeout_s))
+        result = train_device(source, rank, config,
+                              report=lambda record: results.put(("step", rank, record)))
+        buffer = io.BytesIO()
+        torch.save(result, buffer)
+        results.put(("ok", rank, buffer.getvalue()))
+        dist.barrier()   # nobody tears its sockets down while a peer still reads
+        dist.destroy_process_group()
+    except BaseException as exc:  # noqa: BLE001 - reported to the launcher as data
+        results.put(("error", rank, (f"{type(exc).__name__}: {exc}", _is_secondary(exc))))
+        raise SystemExit(1) from None
+
+
+def _exit_with_parent(interval_s: float = 0.5) -> None:
+    """End this worker when the launcher dies (so a killed launcher leaves no orphans)."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while True:
+            time.sleep(interval_s)
+            if os.getppid() != parent:
+                os._exit(70)
+
+    threading.Thread(target=watch, name="asteroid-fx-parent-watch", daemon=True).start()
+
+
+_PEER_GONE = ("Connection reset by peer", "Connection closed by peer", "Broken pipe",
+              "connection closed")
+
+
+def _is_secondary(exc: BaseException) -> bool:
+    """Whether ``exc`` is only the echo of another rank's failure (a broken link)."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, CommFailure) or any(s in str(seen) for s in _PEER_GONE):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def cfs_settings(speed: float) -> tuple[int, int]:
+    """(cpu.cfs_period_us, cpu.cfs_quota_us) holding a process to ``speed`` of one core.
+
+    The period is short (5 ms) so that a burst of compute after idle waiting is throttled
+    too (CFS only caps the CPU time per period); the kernel's 1 ms minimum quota stretches
+    the period for very slow devices.
+    """
+    speed = min(max(speed, 1e-3), 1.0)
+    period = _CFS_PERIOD_US
+    quota = int(round(speed * period))
+    if quota < 1000:
+        quota, period = 1000, int(round(1000 / speed))
+    return period, quota
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove_stale_cgroups() -> None:
+    """Remove empty ``asteroid-fx-<pid>-<rank>`` groups left by launchers that were killed."""
+    for path in CGROUP_ROOT.glob("asteroid-fx-*-*"):
+        parts = path.name.split("-")
+        if len(parts) == 4 and parts[2].isdigit() and not _pid_alive(int(parts[2])):
+            try:
+                os.rmdir(path)
+            except OSError:
+                pass
+
+
+def _make_cgroups(speeds: Sequence[float]) -> list[str]:
+    _remove_stale_cgroups()
+    made: list[str] = []
+    try:
+        for rank, speed in enumerate(speeds):
+            path = CGROUP_ROOT / f"asteroid-fx-{os.getpid()}-{rank}"
+            path.mkdir(exist_ok=True)
+            made.append(str(path))
+            period, quota = cfs_settings(speed)
+            (path / "cpu.cfs_period_us").write_text(str(period))
+            (path / "cpu.cfs_quota_us").write_text(str(quota))
+    except OSError:
+        _remove_cgroups(made)
+        raise
+    return made
+
+
+def _remove_cgroups(paths: Sequence[str]) -> None:
+    for path in paths:
+        for _ in range(50):
+            try:
+                os.rmdir(path)
+                break
+            except FileNotFoundError:
+                break
+            except OSError:
+                time.sleep(0.05)
+        else:
+            log.warning("could not remove cgroup %s", path)
+
+
+def launch_local(source: StageSource, world: int, config: TrainConfig, *,
+                 cgroups: Sequence[str] | None = None,
+                 progress: Callable[[Mapping[str, Any]], None] | None = None,
+                 timeout_s: float = 600.0,
+                 devices: Sequence[str] | None = None) -> list[WorkerResult]:
+    """Run ``world`` device processes on this host (gloo, TCPStore rendezvous on 127.0.0.1).
+
+    The first worker that raises or dies ends the run: every other child is killed at once
+    and ``StageFailure`` carries the first error (rank, step, action). Never hangs: the
+    whole run is bounded by ``timeout_s``.
+    """
+    ctx = mp.get_context("spawn")
+    port = _free_port()
+    store = dist.TCPStore("127.0.0.1", port, world + 1, is_master=True,
+                          wait_for_workers=False, timeout=timedelta(seconds=config.timeout_s))
+    results: Any = ctx.Queue()
+    procs = []
+    for rank in range(world):
+        cgroup = None if cgroups is None else cgroups[rank]
+        proc = ctx.Process(target=_worker, daemon=True, name=f"asteroid-fx-rank{rank}",
+                           args=(rank, world, port, source, config, cgroup, results))
+        proc.start()
+        procs.append(proc)
+    names = list(devices) if devices is not None else [str(r) for r in range(world)]
+    done: dict[int, WorkerResult] = {}
+    failures: list[tuple[int, str]] = []      # (priority, message): 0 root cause, 1 echo
+    reported: set[int] = set()
+    grace_until: float | None = None
+    dead_since: dict[int, float] = {}
+    deadline = time.monotonic() + timeout_s
+    try:
+        while len(done) < world:
+            now = time.monotonic()
+            if grace_until is not None and now > grace_until:
+                break
+            if now > deadline:
+                failures.append((0, f"the run did not finish within {timeout_s:.0f} s"))
+                break
+            try:
+                kind, rank, payload = results.get(timeout=0.05)
+            except queue.Empty:
+                for r, proc in enumerate(procs):
+                    if r in done or r in reported or proc.is_alive():
+                        continue
+                    first_seen = dead_since.setdefault(r, time.monotonic())
+                    if time.monotonic() - first_seen > 0.5:   # its last words had time to arrive
+                        reported.add(r)
+                        failures.append((0, f"rank {r} (device {names[r]!r}) died with exit "
+                                            f"code {proc.exitcode} before reporting"))
+                        if grace_until is None:
+                            grace_until = time.monotonic() + 0.5
+                continue
+            if kind == "step":
+                if progress is not None:
+                    progress(payload)
+            elif kind == "ok":
+                done[rank] = torch.load(io.BytesIO(payload), weights_only=False)
+            else:
+                message, secondary = payload
+                reported.add(rank)
+                failures.append((1 if secondary else 0,
+                                 f"rank {rank} (device {names[rank]!r}): {message}"))
+                if grace_until is None:   # collect the root cause, not its echoes
+                    grace_until = time.monotonic() + 1.0
+    finally:
+        for proc in procs:
+            if proc.is_alive():
+                proc.kill()
+        for proc in procs:
+            proc.join(timeout=10)
+        results.close()
+        del store
+    if failures or len(done) < world:
+        raise StageFailure(min(failures, key=lambda f: f[0])[1] if failures else
+                           "a worker stopped without reporting")
+    return [done[r] for r in range(world)]
+
+
+def emulate(source: StageSource, cluster: Any, config: TrainConfig, *,
+            progress: Callable[[Mapping[str, Any]], None] | None = None,
+            timeout_s: float = 600.0, host_cores: int | None = None,
+            host_flops: float | None = None, use_cgroups: bool | None = None
+            ) -> EmulationResult:
+    """Train ``source`` on an emulated ``cluster`` (see [Note: emulated speed])."""
+    plan = source.load_plan()
+    setup = emulation_setup(plan, cluster, host_cores=host_cores, host_flops=host_flops)
+    speeds = setup.effective_speeds
+    cgroups: list[str] | None = None
+    shaping = "none"
+    if use_cgroups is None:
+        use_cgroups = cgroup_available()
+    if use_cgroups and any(s < 1.0 for s in speeds):
+        try:
+            cgroups = _make_cgroups(speeds)
+            shaping = "cgroup"
+        except OSError as exc:
+            log.warning("cgroup CPU shaping unavailable (%s); using time dilation", exc)
+    if cgroups is None and any(s < 1.0 for s in speeds):
+        shaping = "dilation"
+    if setup.factor > 1.0:
+        log.warning("device speeds add up to %.2f cores but this host has %d: every device "
+                    "and link is slowed by a common factor %.2f", sum(setup.speeds),
+                    setup.host_cores, setup.factor)
+    started = time.perf_counter()
+    try:
+        workers = _launch_shaped(source, config, setup, shaping, cgroups, progress, timeout_s)
+    finally:
+        if cgroups is not None:
+            _remove_cgroups(cgroups)
+    return EmulationResult(workers=workers, setup=setup, shaping=shaping,
+                           wall_s=time.perf_counter() - started)
+
+
+def _launch_shaped(source: StageSource, config: TrainConfig, setup: EmulationSetup,
+                   shaping: str, cgroups: list[str] | None,
+                   progress: Callable[[Mapping[str, Any]], None] | None,
+                   timeout_s: float) -> list[WorkerResult]:
+    world = len(setup.devices)
+    config = replace(config, link_bytes_s=setup.link_bytes_s)
+    if shaping != "dilation":
+        return launch_local(source, world, config, cgroups=cgroups, progress=progress,
+                            timeout_s=timeout_s, devices=setup.devices)
+    # time dilation needs a per-rank compute scale: one config per rank via a wrapper source
+    scaled = _PerRankScale(source, tuple(1.0 / s if s < 1.0 else 1.0
+                                         for s in setup.effective_speeds))
+    return launch_local(scaled, world, config, progress=progress, timeout_s=timeout_s,
+                        devices=setup.devices)
+
+
+@dataclass(frozen=True)
+class _PerRankScale:
+    """A source that also carries each rank's time-dilation factor (read by train_device)."""
+
+    inner: StageSource
+    scales: tuple[float, ...]
+
+    def load_plan(self) -> Plan:
+        return self.inner.load_plan()
+
+    def model_module(self) -> Any:
+        return self.inner.model_module()
+
+    def load_stage(self, index: int) -> torch.nn.Module:
+        return self.inner.load_stage(index)
+
+    def compute_scale(self, rank: int) -> float:
+        return self.scales[rank]

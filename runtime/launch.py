@@ -1,0 +1,199 @@
+"""``asteroid-fx run``: train a partition directory emulated on this host or under torchrun."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import statistics
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from asteroid_fx.errors import RuntimeFailure
+from runtime.train import DirectorySource, StageSource, TrainConfig, WorkerResult, train_device
+from solver.plan import Plan
+
+__all__ = ["StageTiming", "RunResult", "run", "run_source", "summarize", "metrics_lines"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StageTiming:
+    """Measured vs predicted per-micro-batch compute of one stage (slowest device), seconds.
+    Predictions are already multiplied by the emulation's slow-down factor."""
+
+    stage: int
+    devices: tuple[str, ...]
+    measured_f: float
+    measured_b: float
+    predicted_f: float | None
+    predicted_b: float | None
+
+
+@dataclass
+class RunResult:
+    """Outcome of ``asteroid-fx run``."""
+
+    losses: list[float]
+    round_times: list[float]
+    plan_version: int
+    batch_size: int
+    mode: str                                  # "emulate" or "torchrun"
+    slowdown_factor: float = 1.0
+    shaping: str = "none"
+    predicted_round_time_s: float | None = None   # x slowdown_factor
+    stages: list[StageTiming] = field(default_factory=list)
+    workers: list[WorkerResult] = field(default_factory=list)
+
+    @property
+    def measured_round_time_s(self) -> float:
+        """Median round time, leaving out the first (warm-up) step when there are more."""
+        times = self.round_times[1:] if len(self.round_times) > 1 else self.round_times
+        return statistics.median(times) if times else 0.0
+
+    @property
+    def throughput_samples_s(self) -> float:
+        t = self.measured_round_time_s
+        return self.batch_size / t if t > 0 else 0.0
+
+    def summary(self) -> str:
+        lines = [f"trained {len(self.losses)} step(s) ({self.mode}, shaping: {self.shaping}, "
+                 f"slow-down factor {self.slowdown_factor:.2f})"]
+        if self.losses:
+            lines.append(f"loss {self.losses[0]:.6f} -> {self.losses[-1]:.6f}")
+        line = (f"round time {self.measured_round_time_s:.4f} s (median), "
+                f"{self.throughput_samples_s:.1f} samples/s")
+        if self.predicted_round_time_s is not None:
+            line += f"; predicted {self.predicted_round_time_s:.4f} s"
+        lines.append(line)
+        for st in self.stages:
+            pred = ("" if st.predicted_f is None or st.predicted_b is None else
+                    f" (predicted F {st.predicted_f * 1e3:.2f} ms, "
+                    f"B {st.predicted_b * 1e3:.2f} ms)")
+            lines.append(f"  stage {st.stage} {list(st.devices)}: F {st.measured_f * 1e3:.2f} ms, "
+                         f"B {st.measured_b * 1e3:.2f} ms per micro-batch{pred}")
+        return "\n".join(lines)
+
+
+def summarize(plan: Plan, workers: Sequence[WorkerResult], *, mode: str, factor: float = 1.0,
+              shaping: str = "none") -> RunResult:
+    """Fold per-rank results into a :class:`RunResult` (predictions scaled by ``factor``)."""
+    first = min(workers, key=lambda w: w.rank)
+    stages = []
+    for index, stage in enumerate(plan.stages):
+        mine = [w for w in workers if w.stage == index]
+        pred = plan.predicted.stages[index] if plan.predicted is not None else None
+        stages.append(StageTiming(
+            stage=index, devices=stage.devices,
+            measured_f=max((w.forward_s for w in mine), default=0.0),
+            measured_b=max((w.backward_s for w in mine), default=0.0),
+            predicted_f=None if pred is None else pred.compute_f * factor,
+            predicted_b=None if pred is None else pred.compute_b * factor))
+    predicted = None if plan.predicted is None else plan.predicted.round_time_s * factor
+    return RunResult(losses=list(first.losses), round_times=list(first.round_times),
+                     plan_version=plan.plan_version, batch_size=plan.batch_size, mode=mode,
+                     slowdown_factor=factor, shaping=shaping, predicted_round_time_s=predicted,
+                     stages=stages, workers=list(workers))
+
+
+def _under_torchrun() -> bool:
+    return all(k in os.environ for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR"))
+
+
+def run_source(source: StageSource, *, emulate: Any = None, steps: int = 10, seed: int = 0,
+               lr: float = 0.01, metrics: str | Path | None = None,
+               progress: Callable[[Mapping[str, Any]], None] | None = None,
+               timeout_s: float = 120.0, return_state: bool = False,
+               host_cores: int | None = None) -> RunResult:
+    """:func:`run` for any :class:`~runtime.train.StageSource` (tests, benchmarks)."""
+    if steps < 1:
+        raise RuntimeFailure(f"steps must be >= 1, got {steps}")
+    config = TrainConfig(steps=steps, seed=seed, lr=lr, timeout_s=timeout_s,
+                         metrics=None if metrics is None else str(metrics),
+                         return_state=return_state)
+    plan = source.load_plan()
+    if emulate is not None:
+        from runtime.emulator import emulate as emulate_fn
+
+        result = emulate_fn(source, emulate, config, progress=progress,
+                            timeout_s=max(60.0, timeout_s * (steps + 2)),
+                            host_cores=host_cores)
+        factor = result.setup.factor if result.setup is not None else 1.0
+        return summarize(plan, result.workers, mode="emulate", factor=factor,
+                         shaping=result.shaping)
+    if not _under_torchrun():
+        raise RuntimeFailure("nothing to run on: pass --emulate cluster.yaml to emulate the "
+                             "cluster on this host, or start one process per device with "
+                             "torchrun (RANK/WORLD_SIZE/MASTER_ADDR unset)")
+    return _run_torchrun(source, plan, config, progress)
+
+
+def _run_torchrun(source: StageSource, plan: Plan, config: TrainConfig,
+                  progress: Callable[[Mapping[str, Any]], None] | None) -> RunResult:
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    if world != len(plan.devices):
+        raise RuntimeFailure(f"torchrun started {world} processes but the plan has "
+                             f"{len(plan.devices)} devices {list(plan.devices)}; use "
+                             f"--nproc-per-node/--nnodes so that WORLD_SIZE matches")
+    cuda = torch.cuda.is_available()
+    if cuda:
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        device = torch.device("cuda", local)
+    else:
+        device = torch.device("cpu")
+    backend = "nccl" if cuda and dist.is_nccl_available() else "gloo"
+    dist.init_process_group(backend, timeout=timedelta(seconds=config.timeout_s))
+    log.info("rank %d runs device %s (stage %d) on %s with %s", rank, plan.devices[rank],
+             plan.stage_of(plan.devices[rank]), device, backend)
+    try:
+        mine = train_device(source, rank, config, device=device, report=progress)
+        gathered: list[Any] = [None] * world
+        dist.all_gather_object(gathered, _strip(mine))
+        dist.barrier()   # nobody tears its sockets down while a peer still reads
+    finally:
+        dist.destroy_process_group()
+    return summarize(plan, [w for w in gathered if isinstance(w, WorkerResult)],
+                     mode="torchrun")
+
+
+def _strip(result: WorkerResult) -> WorkerResult:
+    return WorkerResult(rank=result.rank, device=result.device, stage=result.stage,
+                        losses=result.losses, round_times=result.round_times,
+                        forward_s=result.forward_s, backward_s=result.backward_s,
+                        allreduce_s=result.allreduce_s)
+
+
+def run(directory: str | Path, *, emulate: str | Path | None = None, steps: int = 10,
+        seed: int = 0, lr: float = 0.01, metrics: str | Path | None = None,
+        progress: Callable[[Mapping[str, Any]], None] | None = None) -> RunResult:
+    """Train the partition in ``directory`` for ``steps`` mini-batches.
+
+    With ``emulate=cluster.yaml`` one process per device runs on this host, speed and
+    bandwidth shaped; under torchrun (RANK/WORLD_SIZE/MASTER_ADDR set) this process runs
+    device ``plan.devices[RANK]``. ``metrics`` receives one JSON line per step.
+
+    Transparency: for models without batch-statistics layers the per-step losses and final
+    weights equal single-process training on the same seeded batches (up to float rounding;
+    see ``runtime.reference``). With BatchNorm in train mode each device normalises over its
+    own shard of each micro-batch, as DDP without SyncBatchNorm does, so results differ.
+    """
+    path = Path(directory)
+    if not (path / "plan.json").is_file():
+        raise RuntimeFailure(f"{str(path)!r} is not a partition directory (no plan.json); "
+                             f"create it with `asteroid-fx partition MODEL --cluster C "
+                             f"--batch-size N --out {path}`")
+    return run_source(DirectorySource(str(path)), emulate=emulate, steps=steps, seed=seed,
+                      lr=lr, metrics=metrics, progress=progress)
+
+
+def metrics_lines(path: str | Path) -> list[dict[str, Any]]:
+    """Read a metrics.jsonl file (one JSON object per line)."""
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]

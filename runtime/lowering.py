@@ -1,0 +1,146 @@
+"""Lowering pass: add SEND/RECV actions (with re-sharding by sample ranges) to a schedule."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from asteroid_fx.errors import ScheduleError
+from runtime.schedule import Action, ActionKind, Schedule, rank_stages
+from solver.plan import Plan
+
+__all__ = [
+    "Transfer",
+    "transfers",
+    "outgoing",
+    "incoming",
+    "local_needs",
+    "sends_after",
+    "remote_needs",
+    "add_comms",
+]
+
+# [Note: readiness rule]
+# The single source of truth for "what must happen before an action can run":
+#   F(s, m)      needs RECV_F(s, m) on the same rank            (s > 0)
+#   B(s, m)      needs F(s, m) and RECV_B(s, m) on the same rank (the latter when s < S-1)
+#   SEND_F(s, m) needs F(s, m) on the same rank;  SEND_B(s, m) needs B(s, m)
+#   RECV_F(s, m) needs SEND_F(s-1, m) on every rank of stage s-1 whose sample range overlaps
+#   RECV_B(s, m) needs SEND_B(s+1, m) on every rank of stage s+1 whose sample range overlaps
+# Sends are asynchronous (posted, then awaited at the end of the round), so a SEND never
+# waits for its receiver. ``add_comms`` inserts exactly the comm actions that
+# ``local_needs`` asks for, and ``runtime.validate`` checks order and simulates with
+# ``local_needs`` / ``remote_needs``.
+
+
+@dataclass(frozen=True)
+class Transfer:
+    """Samples ``[start, stop)`` of every micro-batch (micro-batch-relative) go from rank
+    ``src`` of stage ``boundary`` to rank ``dst`` of stage ``boundary + 1`` (activations)
+    and back (gradients)."""
+
+    boundary: int
+    src: int
+    dst: int
+    start: int
+    stop: int
+
+    @property
+    def samples(self) -> int:
+        return self.stop - self.start
+
+
+def _rank_ranges(plan: Plan, stage: int) -> list[tuple[int, int, int]]:
+    """(rank, start, stop) of every device of ``stage``."""
+    first_rank = sum(len(s.devices) for s in plan.stages[:stage])
+    ranges = plan.stages[stage].sample_ranges()
+    return [(first_rank + i, *ranges[d]) for i, d in enumerate(plan.stages[stage].devices)]
+
+
+def transfers(plan: Plan, boundary: int) -> list[Transfer]:
+    """Every transfer across the cut after stage ``boundary``: each device of the stage
+    sends each of its sample ranges to the device of the next stage that owns it."""
+    if not 0 <= boundary < plan.num_stages - 1:
+        raise ScheduleError(f"boundary {boundary} is not between two stages of a "
+                            f"{plan.num_stages}-stage plan")
+    out: list[Transfer] = []
+    for src, a0, a1 in _rank_ranges(plan, boundary):
+        for dst, b0, b1 in _rank_ranges(plan, boundary + 1):
+            lo, hi = max(a0, b0), min(a1, b1)
+            if lo < hi:
+                out.append(Transfer(boundary, src, dst, lo, hi))
+    return out
+
+
+def outgoing(plan: Plan, rank: int) -> list[Transfer]:
+    """Transfers whose activations leave ``rank`` (sorted by sample range)."""
+    stage = rank_stages(plan)[rank]
+    if stage == plan.num_stages - 1:
+        return []
+    return [t for t in transfers(plan, stage) if t.src == rank]
+
+
+def incoming(plan: Plan, rank: int) -> list[Transfer]:
+    """Transfers whose activations arrive at ``rank`` (sorted by sample range)."""
+    stage = rank_stages(plan)[rank]
+    if stage == 0:
+        return []
+    return sorted((t for t in transfers(plan, stage - 1) if t.dst == rank),
+                  key=lambda t: t.start)
+
+
+def local_needs(plan: Plan, action: Action) -> list[Action]:
+    """Actions that must come earlier on the same rank (see [Note: readiness rule])."""
+    s, m, last = action.stage, action.microbatch, plan.num_stages - 1
+    kind = action.kind
+    if kind is ActionKind.F:
+        return [Action(s, ActionKind.RECV_F, m)] if s > 0 else []
+    if kind is ActionKind.B:
+        needs = [Action(s, ActionKind.F, m)]
+        if s < last:
+            needs.append(Action(s, ActionKind.RECV_B, m))
+        return needs
+    if kind is ActionKind.SEND_F:
+        return [Action(s, ActionKind.F, m)]
+    if kind is ActionKind.SEND_B:
+        return [Action(s, ActionKind.B, m)]
+    return []
+
+
+def remote_needs(plan: Plan, rank: int, action: Action) -> list[tuple[int, Action]]:
+    """(rank, action) pairs that must have run elsewhere first (see [Note: readiness rule])."""
+    s, m = action.stage, action.microbatch
+    if action.kind is ActionKind.RECV_F:
+        return [(t.src, Action(s - 1, ActionKind.SEND_F, m)) for t in incoming(plan, rank)]
+    if action.kind is ActionKind.RECV_B:
+        return [(t.dst, Action(s + 1, ActionKind.SEND_B, m)) for t in outgoing(plan, rank)]
+    return []
+
+
+def sends_after(plan: Plan, action: Action) -> list[Action]:
+    s, m, last = action.stage, action.microbatch, plan.num_stages - 1
+    if action.kind is ActionKind.F and s < last:
+        return [Action(s, ActionKind.SEND_F, m)]
+    if action.kind is ActionKind.B and s > 0:
+        return [Action(s, ActionKind.SEND_B, m)]
+    return []
+
+
+def add_comms(plan: Plan, schedule: Schedule) -> Schedule:
+    """Pure pass: compute-only schedule -> compute + comm schedule.
+
+    Each receive the readiness rule asks for goes right before its compute action and each
+    send right after the compute that produces its data. Shapes of the re-sharding follow
+    :func:`transfers` (a device may send to, or receive from, several devices per action).
+    """
+    out: Schedule = {}
+    for rank, actions in schedule.items():
+        lowered: list[Action] = []
+        for action in actions:
+            if action.kind.is_comm:
+                raise ScheduleError(f"rank {rank}: add_comms expects a compute-only schedule, "
+                                    f"got {action}; lower the compute schedule once")
+            lowered.extend(a for a in local_needs(plan, action) if a.kind.is_comm)
+            lowered.append(action)
+            lowered.extend(sends_after(plan, action))
+        out[rank] = lowered
+    return out

@@ -1,0 +1,241 @@
+"""The reproducible training loop of one device (seeded weights and batches, metrics)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from asteroid_fx.errors import RuntimeFailure
+from runtime.comm import Comm
+from runtime.executor import StageExecutor
+from runtime.lowering import add_comms
+from runtime.schedule import compute_schedule, rank_stages
+from runtime.validate import check_schedule
+from solver.plan import Plan
+
+__all__ = [
+    "StageSource",
+    "DirectorySource",
+    "TrainConfig",
+    "WorkerResult",
+    "load_stage_weights",
+    "make_optimizer",
+    "resolve_loss_fn",
+    "train_device",
+]
+
+log = logging.getLogger(__name__)
+
+
+class StageSource(Protocol):
+    """Where a device gets its plan, the user's model file and its stage module."""
+
+    def load_plan(self) -> Plan: ...
+
+    def model_module(self) -> Any: ...
+
+    def load_stage(self, index: int) -> torch.nn.Module: ...
+
+
+@dataclass(frozen=True)
+class DirectorySource:
+    """A saved partition directory (read through ``runtime.stage_io``)."""
+
+    directory: str
+
+    def load_plan(self) -> Plan:
+        from runtime.stage_io import load_plan
+
+        return load_plan(self.directory)
+
+    def model_module(self) -> Any:
+        from runtime.stage_io import load_model_module
+
+        return load_model_module(self.directory)
+
+    def load_stage(self, index: int) -> torch.nn.Module:
+        from runtime.stage_io import load_stage
+
+        return load_stage(self.directory, index)
+
+    def tied_parameters(self) -> dict[str, Any]:
+        from runtime.stage_io import load_partition_meta
+
+        return dict(load_partition_meta(self.directory).tied)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything a device needs besides its source (picklable)."""
+
+    steps: int = 10
+    seed: int = 0
+    lr: float = 0.01
+    timeout_s: float = 120.0
+    metrics: str | None = None             # written by rank 0
+    compute_scale: float = 1.0             # time dilation (1.0 = none)
+    link_bytes_s: tuple[tuple[float, ...], ...] | None = None   # [src][dst], None = no pacing
+    loss_reduction: str = "mean"
+    return_state: bool = False
+
+
+@dataclass
+class WorkerResult:
+    """What one device reports after training."""
+
+    rank: int
+    device: str
+    stage: int
+    losses: list[float] = field(default_factory=list)
+    round_times: list[float] = field(default_factory=list)
+    forward_s: float = 0.0        # mean per micro-batch (after the first step)
+    backward_s: float = 0.0
+    allreduce_s: float = 0.0
+    state: dict[str, torch.Tensor] | None = None
+
+
+def load_stage_weights(stage: torch.nn.Module, full_state: dict[str, torch.Tensor],
+                       index: int) -> None:
+    """Copy the stage's own parameters and buffers (by qualified name) from the seeded
+    full model's state dict."""
+    own = stage.state_dict()
+    missing = sorted(k for k in own if k not in full_state)
+    if missing:
+        raise RuntimeFailure(f"stage {index} has parameters {missing[:5]} that "
+                             f"build_model() does not define; re-run `asteroid-fx partition` "
+                             f"with the same model file")
+    stage.load_state_dict({k: full_state[k] for k in own}, strict=True)
+
+
+def make_optimizer(module: Any, params: list[torch.nn.Parameter],
+                   lr: float) -> torch.optim.Optimizer:
+    """``build_optimizer(params)`` from the model file, else plain SGD(lr)."""
+    build = getattr(module, "build_optimizer", None)
+    if callable(build):
+        opt = build(params)
+        if not isinstance(opt, torch.optim.Optimizer):
+            raise RuntimeFailure(f"build_optimizer must return a torch.optim.Optimizer, got "
+                                 f"{type(opt).__name__}")
+        return opt
+    return torch.optim.SGD(params, lr=lr)
+
+
+def resolve_loss_fn(module: Any) -> Callable[[Any, Any], torch.Tensor]:
+    fn = getattr(module, "loss_fn", None)
+    return fn if callable(fn) else F.cross_entropy
+
+
+def _compute_scale(source: StageSource, rank: int, config: TrainConfig) -> float:
+    per_rank = getattr(source, "compute_scale", None)
+    return float(per_rank(rank)) if callable(per_rank) else config.compute_scale
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else 0.0
+
+
+def train_device(source: StageSource, rank: int, config: TrainConfig, *,
+                 device: torch.device | None = None,
+                 report: Callable[[dict[str, Any]], None] | None = None) -> WorkerResult:
+    """Train this rank's stage for ``config.steps`` mini-batches (process group ready).
+
+    Per the reproducible-run contract: ``torch.manual_seed(seed)`` then ``build_model()``
+    gives the initial weights (each stage copies its own by name); mini-batch ``k`` is
+    ``sample_batch(batch_size)`` right after ``torch.manual_seed(seed + 1 + k)``. The loss
+    of a step is the mean loss over the whole mini-batch (summed over the last stage).
+    """
+    device = device or torch.device("cpu")
+    plan = source.load_plan()
+    stages = rank_stages(plan)
+    if not dist.is_initialized() or dist.get_world_size() != len(stages):
+        raise RuntimeFailure(f"the plan has {len(stages)} devices {list(plan.devices)} but "
+                             f"the process group has "
+                             f"{dist.get_world_size() if dist.is_initialized() else 0} ranks; "
+                             f"launch one process per device")
+    stage_index = stages[rank]
+    tied = getattr(source, "tied_parameters", None)
+    if callable(tied) and tied():
+        raise RuntimeFailure(f"parameters {sorted(tied())} are shared by several stages; the "
+                             f"runtime does not synchronise tied weights yet - choose cuts "
+                             f"that keep each tied parameter inside one stage")
+    model_file = source.model_module()
+
+    torch.manual_seed(config.seed)
+    full_state = {k: v.detach().clone() for k, v in model_file.build_model().state_dict().items()}
+    module = source.load_stage(stage_index).to(device)
+    load_stage_weights(module, full_state, stage_index)
+    del full_state
+    params = [p for p in module.parameters() if p.requires_grad]
+    optimizer = make_optimizer(model_file, params, config.lr)
+
+    groups: list[Any] = []
+    start = 0
+    for stage in plan.stages:   # every rank creates every group, in the same order
+        ranks = list(range(start, start + len(stage.devices)))
+        groups.append(dist.new_group(ranks) if len(ranks) > 1 else None)
+        start += len(stage.devices)
+
+    links = config.link_bytes_s
+    comm = Comm(rank, device, timeout_s=config.timeout_s,
+                link_bytes_s=None if links is None else (lambda a, b: links[a][b]))
+    executor = StageExecutor(plan, rank, module, comm, resolve_loss_fn(model_file), optimizer,
+                             group=groups[stage_index], loss_reduction=config.loss_reduction,
+                             compute_scale=_compute_scale(source, rank, config), device=device)
+    schedule = add_comms(plan, compute_schedule(plan))
+    check_schedule(plan, schedule)
+    actions = schedule[rank]
+    needs_batch = executor.is_first or executor.is_last
+
+    result = WorkerResult(rank=rank, device=plan.devices[rank], stage=stage_index)
+    forward: list[float] = []
+    backward: list[float] = []
+    allreduce: list[float] = []
+    control = device if str(dist.get_backend()) == "nccl" else torch.device("cpu")
+    metrics = Path(config.metrics) if config.metrics and rank == 0 else None
+    if metrics is not None:
+        metrics.write_text("")
+    for step in range(config.steps):
+        inputs: Any = None
+        targets: Any = None
+        if needs_batch:
+            torch.manual_seed(config.seed + 1 + step)
+            inputs, targets = model_file.sample_batch(plan.batch_size)
+            inputs = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
+        dist.barrier()
+        began = time.perf_counter()
+        stats = executor.run_round(actions, step, inputs, targets)
+        elapsed = time.perf_counter() - began
+        loss_t = torch.tensor([stats.loss], dtype=torch.float64, device=control)
+        time_t = torch.tensor([elapsed], dtype=torch.float64, device=control)
+        dist.all_reduce(loss_t, op=dist.ReduceOp.SUM)
+        dist.all_reduce(time_t, op=dist.ReduceOp.MAX)
+        loss, round_time = float(loss_t), float(time_t)
+        result.losses.append(loss)
+        result.round_times.append(round_time)
+        if step > 0 or config.steps == 1:
+            forward += stats.forward_s
+            backward += stats.backward_s
+            allreduce.append(stats.allreduce_s)
+        record = {"step": step, "loss": loss, "round_time_s": round_time,
+                  "plan_version": plan.plan_version}
+        if metrics is not None:
+            with metrics.open("a") as fh:
+                fh.write(json.dumps(record) + "\n")
+        if report is not None and rank == 0:
+            report(record)
+        log.debug("rank %d step %d loss %.6f round %.4fs", rank, step, loss, round_time)
+    result.forward_s = _mean(forward)
+    result.backward_s = _mean(backward)
+    result.allreduce_s = _mean(allreduce)
+    if config.return_state:
+        result.state = {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+    return result

@@ -1,0 +1,118 @@
+"""Tests of runtime.emulator: setup arithmetic, shaped runs, and prompt failure on errors."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+from test_executor import SeqSource, write_model
+
+from asteroid_fx.errors import RuntimeFailure, StageFailure
+from runtime.emulator import (
+    CGROUP_ROOT,
+    cgroup_available,
+    emulate,
+    emulation_setup,
+    launch_local,
+)
+from runtime.reference import reference_training
+from runtime.train import TrainConfig
+from solver.cluster import Cluster
+from solver.plan import Plan, Stage
+
+BOOM = '''
+import os
+import torch
+from torch import nn
+
+class Boom(nn.Module):
+    calls = 0
+    def forward(self, x):
+        Boom.calls += 1
+        if Boom.calls == 2:
+            if os.environ.get("BOOM_EXIT"):
+                os._exit(3)
+            raise RuntimeError("boom")
+        return x
+
+def build_model():
+    return nn.Sequential(nn.Linear(4, 4), Boom(), nn.Linear(4, 2))
+
+def sample_batch(batch_size):
+    return (torch.randn(batch_size, 4),), torch.randint(0, 2, (batch_size,))
+'''
+
+
+def _cluster(speeds: dict[str, float], mbps: float = 1000.0) -> Cluster:
+    return Cluster.from_dict({
+        "devices": [{"name": n, "type": "local", "speed": s, "memory_gb": 1}
+                    for n, s in speeds.items()],
+        "network": {"bandwidth_mbps": mbps}})
+
+
+def _plan2() -> Plan:
+    return Plan("m", "c", 4, 4, 1, (Stage((0, 0), ("a",), (4,)),
+                                    Stage((1, 2), ("b",), (4,))))
+
+
+def test_setup_scales_speeds_and_links_by_one_factor() -> None:
+    plan = Plan("m", "c", 4, 4, 1, (Stage((0, 0), ("a", "b"), (2, 2)),
+                                    Stage((1, 1), ("c",), (4,))))
+    setup = emulation_setup(plan, _cluster({"a": 1.0, "b": 1.0, "c": 0.5}, 80), host_cores=2)
+    assert setup.factor == pytest.approx(1.25)
+    assert setup.effective_speeds == pytest.approx((0.8, 0.8, 0.4))
+    assert setup.link_bytes_s[0][2] == pytest.approx(80e6 / 8 / 1.25)
+    relaxed = emulation_setup(plan, _cluster({"a": 1.0, "b": 0.5, "c": 0.5}), host_cores=2)
+    assert relaxed.factor == 1.0
+
+
+def test_setup_rejects_devices_missing_from_cluster() -> None:
+    with pytest.raises(RuntimeFailure, match=r"plan devices \['b'\] are not in the cluster"):
+        emulation_setup(_plan2(), _cluster({"a": 1.0}))
+
+
+@pytest.mark.parametrize("exit_hard", [False, True])
+def test_failing_worker_stops_everyone_promptly(tmp_path: Path, exit_hard: bool,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    if exit_hard:
+        monkeypatch.setenv("BOOM_EXIT", "1")
+    source = SeqSource(_plan2().to_json(), write_model(tmp_path, BOOM))
+    start = time.perf_counter()
+    expected = (r"rank 1 \(device 'b'\) died with exit code 3" if exit_hard else
+                r"rank 1 \(device 'b'\): StageFailure: rank 1 \(device 'b', stage 1\) failed "
+                r"at step 1, action 1F0: RuntimeError: boom")
+    with pytest.raises(StageFailure, match=expected):
+        launch_local(source, 2, TrainConfig(steps=5, timeout_s=60), timeout_s=60,
+                     devices=("a", "b"))
+    assert time.perf_counter() - start < 30
+
+
+@pytest.mark.parametrize("use_cgroups", [True, False])
+def test_shaped_run_is_still_transparent(tmp_path: Path, use_cgroups: bool) -> None:
+    if use_cgroups and not cgroup_available():
+        pytest.skip("cgroup v1 cpu controller not writable here")
+    plan = Plan("m", "c", 8, 4, 2, (Stage((0, 1), ("a",), (4,)),
+                                    Stage((2, 4), ("b", "c"), (3, 1))))
+    source = SeqSource(plan.to_json(), write_model(tmp_path))
+    result = emulate(source, _cluster({"a": 1.0, "b": 0.5, "c": 0.5}, 100),
+                     TrainConfig(steps=2), host_cores=2, use_cgroups=use_cgroups,
+                     timeout_s=120)
+    assert result.shaping == ("cgroup" if use_cgroups else "dilation")
+    ref = reference_training(source.model_module(), 8, steps=2)
+    assert result.workers[0].losses == pytest.approx(ref.losses, rel=1e-6)
+    mine = f"asteroid-fx-{os.getpid()}-"
+    leftovers = ([p for p in os.listdir(CGROUP_ROOT) if p.startswith(mine)]
+                 if CGROUP_ROOT.exists() else [])
+    assert leftovers == []
+
+
+def test_cfs_settings_keep_short_periods() -> None:
+    from runtime.emulator import cfs_settings
+
+    assert cfs_settings(1.0) == (5000, 5000)
+    assert cfs_settings(0.4) == (5000, 2000)
+    period, quota = cfs_settings(0.05)
+    assert quota == 1000 and quota / period == pytest.approx(0.05)
+    assert cfs_settings(3.0) == (5000, 5000)

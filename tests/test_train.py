@@ -1,0 +1,91 @@
+"""Tests of runtime.train / runtime.launch: a saved partition trained end to end."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from test_executor import MODEL, write_model
+
+from asteroid_fx.errors import RuntimeFailure
+from runtime.launch import metrics_lines, run
+from runtime.reference import reference_training
+from runtime.stage_io import load_model_module
+from runtime.train import DirectorySource, load_stage_weights
+from solver.plan import Plan, Stage
+
+CLUSTER = """
+devices:
+  - {name: fast, type: local, speed: 1.0, memory_gb: 1}
+  - {name: slow0, type: local, speed: 0.5, memory_gb: 1}
+  - {name: slow1, type: local, speed: 0.5, memory_gb: 1}
+network:
+  bandwidth_mbps: 1000
+"""
+
+
+def _partition(tmp_path: Path) -> Path:
+    from asteroid_fx.package import save_partition
+    from asteroid_fx.partition import partition
+
+    model_file = write_model(tmp_path, MODEL)
+    namespace: dict[str, object] = {}
+    exec(compile(MODEL, model_file, "exec"), namespace)
+    model = namespace["build_model"]()  # type: ignore[operator]
+    inputs, _ = namespace["sample_batch"](4)  # type: ignore[operator]
+    plan = Plan("m", "c", 12, 6, 2, (Stage((0, 1), ("fast",), (6,)),
+                                     Stage((2, 4), ("slow0", "slow1"), (2, 4))), num_layers=5)
+    out = tmp_path / "part"
+    save_partition(out, plan, partition(model, inputs, plan), model_spec=model_file,
+                   onnx=False)
+    return out
+
+
+def test_partition_directory_trains_like_one_process(tmp_path: Path) -> None:
+    directory = _partition(tmp_path)
+    cluster = tmp_path / "cluster.yaml"
+    cluster.write_text(CLUSTER)
+    seen: list[int] = []
+    result = run(directory, emulate=cluster, steps=3, seed=5, lr=0.05,
+                 metrics=tmp_path / "metrics.jsonl",
+                 progress=lambda record: seen.append(int(record["step"])))
+    ref = reference_training(load_model_module(directory), 12, steps=3, seed=5, lr=0.05)
+    assert result.losses == pytest.approx(ref.losses, rel=1e-6)
+    lines = metrics_lines(tmp_path / "metrics.jsonl")
+    assert [line["step"] for line in lines] == [0, 1, 2] == seen
+    assert set(lines[0]) == {"step", "loss", "round_time_s", "plan_version"}
+    assert [line["loss"] for line in lines] == pytest.approx(ref.losses, rel=1e-6)
+    assert all(line["round_time_s"] > 0 and line["plan_version"] == 0 for line in lines)
+    assert result.mode == "emulate" and result.slowdown_factor == 1.0
+    assert [s.devices for s in result.stages] == [("fast",), ("slow0", "slow1")]
+    assert "round time" in result.summary()
+    json.dumps(lines)
+
+
+def test_stage_weights_come_from_the_seeded_model(tmp_path: Path) -> None:
+    directory = _partition(tmp_path)
+    source = DirectorySource(str(directory))
+    module = source.model_module()
+    torch.manual_seed(3)
+    full = module.build_model().state_dict()
+    stage = source.load_stage(1)
+    load_stage_weights(stage, full, 1)
+    for name, value in stage.state_dict().items():
+        assert torch.equal(value, full[name])
+    with pytest.raises(RuntimeFailure, match="that build_model\\(\\) does not define"):
+        load_stage_weights(stage, {}, 1)
+
+
+def test_run_needs_a_partition_and_a_launcher(tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(RuntimeFailure, match="is not a partition directory"):
+        run(tmp_path / "nope")
+    directory = _partition(tmp_path)
+    for key in ("RANK", "WORLD_SIZE", "MASTER_ADDR"):
+        monkeypatch.delenv(key, raising=False)
+    with pytest.raises(RuntimeFailure, match="pass --emulate cluster.yaml"):
+        run(directory)
+    with pytest.raises(RuntimeFailure, match="steps must be >= 1"):
+        run(directory, emulate=tmp_path / "c.yaml", steps=0)
