@@ -400,17 +400,38 @@ def run(
 ) -> None:
     """Train from a partition directory (emulated cluster here, or under torchrun)."""
     with _errors():
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
         from runtime.launch import run as run_fn
+        from runtime.stage_io import load_plan
+
+        batch = load_plan(directory).batch_size
+        progress = Progress(
+            TextColumn("[bold]training"), BarColumn(), TextColumn("step {task.completed}/"
+            "{task.total}"), TextColumn("{task.fields[info]}"), TimeElapsedColumn(),
+            console=err_console, disable=not err_console.is_terminal,
+        )
+        task = progress.add_task("train", total=steps, info="")
+
+        def on_step(record: Any) -> None:
+            if "step" not in record:
+                return
+            round_time = float(record.get("round_time_s", 0.0))
+            rate = batch / round_time if round_time > 0 else 0.0
+            progress.update(task, completed=int(record["step"]) + 1,
+                            info=f"loss {float(record['loss']):.4f}  round {round_time:.3f} s  "
+                                 f"{rate:.1f} samples/s  plan v{record.get('plan_version', 0)}")
 
         kwargs: dict[str, Any] = {"emulate": emulate, "steps": steps, "seed": seed, "lr": lr,
-                                  "metrics": metrics}
+                                  "metrics": metrics, "progress": on_step}
         if fail is not None:
             kwargs["fail"] = fail
             kwargs["recovery"] = recovery
-        result = run_fn(directory, **kwargs)
+        with progress:
+            result = run_fn(directory, **kwargs)
         summary = getattr(result, "summary", None)
         if callable(summary):
-            console.print(summary())
+            console.print(summary(), markup=False)
 
 
 def main(argv: list[str] | None = None) -> int:

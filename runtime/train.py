@@ -118,7 +118,14 @@ def load_stage_weights(stage: torch.nn.Module, full_state: dict[str, torch.Tenso
 
 def make_optimizer(module: Any, params: list[torch.nn.Parameter],
                    lr: float) -> torch.optim.Optimizer:
-    """``build_optimizer(params)`` from the model file, else plain SGD(lr)."""
+    """``build_optimizer(params)`` from the model file, else plain SGD(lr).
+
+    A stage without parameters (only activations, pooling, ...) gets an SGD over one empty
+    placeholder tensor, so every stage runs the same step logic (optimizers refuse an
+    empty parameter list, and so may a user's ``build_optimizer``).
+    """
+    if not params:
+        return torch.optim.SGD([torch.nn.Parameter(torch.zeros(0))], lr=lr)
     build = getattr(module, "build_optimizer", None)
     if callable(build):
         opt = build(params)

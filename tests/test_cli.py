@@ -155,3 +155,18 @@ def test_plan_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None
     assert "PlanError" in _one_error_line(capsys.readouterr().err)
     assert main(["simulate", str(tmp_path / "nope.json"), "--cluster", LOCAL3]) == 1
     assert "does not exist" in _one_error_line(capsys.readouterr().err)
+
+
+def test_run_emulated(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out_dir = tmp_path / "part"
+    mlp = str(ROOT / "examples" / "mlp.py")
+    assert main(["partition", mlp, "--cluster", LOCAL3, "-b", "8", "--out", str(out_dir),
+                 "--no-onnx"]) == 0
+    metrics = tmp_path / "metrics.jsonl"
+    assert main(["run", str(out_dir), "--emulate", LOCAL3, "--steps", "3", "--metrics",
+                 str(metrics)]) == 0
+    assert "trained 3 step" in capsys.readouterr().out
+    lines = metrics.read_text().splitlines()
+    assert len(lines) == 3 and '"plan_version": 0' in lines[0]
+    assert main(["run", str(tmp_path / "missing"), "--emulate", LOCAL3]) == 1
+    assert "does not exist" in _one_error_line(capsys.readouterr().err)
