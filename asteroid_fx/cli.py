@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -430,7 +431,7 @@ def run(
         with progress:
             result = run_fn(directory, **kwargs)
         summary = getattr(result, "summary", None)
-        if callable(summary):
+        if callable(summary) and os.environ.get("RANK", "0") == "0":
             console.print(summary(), markup=False)
 
 
