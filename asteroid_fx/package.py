@@ -16,7 +16,12 @@ Layout (the runtime reads it with ``runtime.stage_io`` and torch alone)::
     out/stage_<i>.pt      torch.save(GraphModule of stage i), weights included
     out/stage_<i>.py      the stage's generated code, for reading
     out/stage_<i>.onnx    the stage in ONNX (dynamic batch), when example inputs are given
+    out/costs.json        the cost table the plan was made with, when given
+    out/cluster.yaml      the cluster the plan was made for, when given
     out/report.md, out/gantt.png   when costs and a cluster are given
+
+``costs.json`` and ``cluster.yaml`` let ``asteroid-fx simulate DIR/plan.json`` and a
+re-plan after a failure work from the directory alone.
 """
 
 from __future__ import annotations
@@ -125,6 +130,14 @@ def save_partition(
                 path = stage_file(out, i, ".onnx")
                 export_stage_onnx(stages[i], args, path, stage_index=i)
                 written[path.name] = path
+    if costs is not None:
+        costs.save(out / "costs.json")
+        written["costs.json"] = out / "costs.json"
+    if cluster is not None:
+        import yaml
+
+        (out / "cluster.yaml").write_text(yaml.safe_dump(cluster.to_dict(), sort_keys=False))
+        written["cluster.yaml"] = out / "cluster.yaml"
     if costs is not None and cluster is not None:
         written.update(_write_report(out, plan, costs, cluster))
     log.info("saved a %d-stage partition to %s (%d files)", len(stages), out, len(written))

@@ -170,3 +170,14 @@ def test_run_emulated(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
     assert len(lines) == 3 and '"plan_version": 0' in lines[0]
     assert main(["run", str(tmp_path / "missing"), "--emulate", LOCAL3]) == 1
     assert "does not exist" in _one_error_line(capsys.readouterr().err)
+
+
+def test_simulate_from_a_partition_directory_alone(tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    out_dir = tmp_path / "part"
+    assert main(["partition", SKIPNET, "--cluster", LOCAL3, "-b", "8", "--out", str(out_dir),
+                 "--no-onnx"]) == 0
+    assert (out_dir / "costs.json").is_file() and (out_dir / "cluster.yaml").is_file()
+    capsys.readouterr()
+    assert main(["simulate", str(out_dir / "plan.json")]) == 0
+    assert "model predicts" in capsys.readouterr().out

@@ -163,12 +163,19 @@ def test_report_and_gantt_with_costs_and_cluster(tmp_path: Path) -> None:
 
 def test_missing_report_modules_are_skipped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                             caplog: pytest.LogCaptureFixture) -> None:
-    _, _, _, plan, stages = _skipnet_partition([3])
+    from cost_models.analytic import analytic_costs
+    from solver.cluster import Cluster
+
+    _, model, inputs, plan, stages = _skipnet_partition([3])
+    costs = analytic_costs(model, inputs, host_flops=1e10)
+    cluster = Cluster.from_yaml(EXAMPLES / "clusters" / "local3.yaml")
     monkeypatch.setitem(sys.modules, "solver.report", None)  # import raises ImportError
     monkeypatch.setitem(sys.modules, "solver.gantt", None)
     with caplog.at_level(logging.INFO, logger="asteroid_fx.package"):
-        files = save_partition(tmp_path, plan, stages, onnx=False, costs=object(),
-                               cluster=object())
+        files = save_partition(tmp_path, plan, stages, onnx=False, costs=costs,
+                               cluster=cluster)
     assert "report.md" not in files and "gantt.png" not in files
+    assert "costs.json" in files and "cluster.yaml" in files
+    assert Cluster.from_yaml(tmp_path / "cluster.yaml") == cluster
     assert "solver.report is not available" in caplog.text
     assert "solver.gantt is not available" in caplog.text
