@@ -126,24 +126,56 @@ def _free_port() -> int:
 
 
 def _worker(rank: int, world: int, port: int, source: StageSource, config: TrainConfig,
-            cgroup: str | None, results: Any) -> None:
-    """Body of one device process; reports ("step"|"ok"|"error", rank, payload)."""
+            cgroup: str | None, results: Any, recovery: Any = None) -> None:
+    """Body of one device process; reports ("step"|"ok"|"error", rank, payload).
+
+    With ``recovery`` (a ``runtime.replication.WorkerSpec``) the process beats,
+    checkpoints and replicates through its hooks and joins the process group of its
+    generation; when a round fails it reports ("interrupted", (generation, rank), ...),
+    hands its state over, and (replay) waits for its place in the next generation."""
+    hooks: Any = None
     try:
         _exit_with_parent()
-        if cgroup is not None:
-            Path(cgroup, "cgroup.procs").write_text(str(os.getpid()))
         torch.set_num_threads(1)
         store = dist.TCPStore("127.0.0.1", port, world, is_master=False,
                               timeout=timedelta(seconds=config.timeout_s))
-        dist.init_process_group("gloo", store=store, rank=rank, world_size=world,
-                                timeout=timedelta(seconds=config.timeout_s))
-        result = train_device(source, rank, config,
-                              report=lambda record: results.put(("step", rank, record)))
-        buffer = io.BytesIO()
-        torch.save(result, buffer)
-        results.put(("ok", rank, buffer.getvalue()))
-        dist.barrier()   # nobody tears its sockets down while a peer still reads
-        dist.destroy_process_group()
+        while True:
+            if cgroup is not None:
+                Path(cgroup, "cgroup.procs").write_text(str(os.getpid()))
+            group_store: Any = store
+            if recovery is not None:
+                hooks = recovery.hooks(store, rank, world)
+                group_store = dist.PrefixStore(f"pg/{recovery.generation}/", store)
+            dist.init_process_group("gloo", store=group_store, rank=rank, world_size=world,
+                                    timeout=timedelta(seconds=config.timeout_s))
+            def report(record: dict[str, Any], r: int = rank) -> None:
+                results.put(("step", r, record))
+
+            result: WorkerResult | None = None
+            try:
+                result = train_device(source, rank, config, hooks=hooks, report=report)
+            except Exception as exc:
+                if hooks is None:
+                    raise
+                results.put(("interrupted", (recovery.generation, rank),
+                             (f"{type(exc).__name__}: {exc}", _is_secondary(exc))))
+            if result is None:
+                # outside the except block: the traceback (and with it the failed round's
+                # process groups) is released, so destroying the group closes its sockets
+                # and unblocks peers still waiting on this rank
+                assignment = hooks.next_generation()
+                if assignment is None:
+                    return
+                rank, world = assignment["rank"], assignment["world"]
+                source, config = assignment["source"], assignment["config"]
+                recovery, cgroup = assignment["spec"], assignment["cgroup"]
+                continue
+            buffer = io.BytesIO()
+            torch.save(result, buffer)
+            results.put(("ok", rank, buffer.getvalue()))
+            dist.barrier()   # nobody tears its sockets down while a peer still reads
+            dist.destroy_process_group()
+            return
     except BaseException as exc:  # noqa: BLE001 - reported to the launcher as data
         results.put(("error", rank, (f"{type(exc).__name__}: {exc}", _is_secondary(exc))))
         raise SystemExit(1) from None
@@ -390,3 +422,4 @@ class _PerRankScale:
 
     def compute_scale(self, rank: int) -> float:
         return self.scales[rank]
+

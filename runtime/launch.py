@@ -51,6 +51,7 @@ class RunResult:
     predicted_round_time_s: float | None = None   # x slowdown_factor
     stages: list[StageTiming] = field(default_factory=list)
     workers: list[WorkerResult] = field(default_factory=list)
+    recoveries: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def measured_round_time_s(self) -> float:
@@ -79,6 +80,12 @@ class RunResult:
                     f"B {st.predicted_b * 1e3:.2f} ms)")
             lines.append(f"  stage {st.stage} {list(st.devices)}: F {st.measured_f * 1e3:.2f} ms, "
                          f"B {st.measured_b * 1e3:.2f} ms per micro-batch{pred}")
+        for ev in self.recoveries:
+            lines.append(f"recovery ({ev.get('mode')}, from {ev.get('source')}): lost "
+                         f"{ev.get('failed')}, detect {ev['detect_s']:.3f} s, re-plan "
+                         f"{ev['replan_s']:.3f} s, restore {ev['restore_s']:.3f} s, total "
+                         f"{ev['total_s']:.3f} s, lost steps {ev['lost_steps']}, now plan "
+                         f"v{ev.get('plan_version')}")
         return "\n".join(lines)
 
 
@@ -173,7 +180,9 @@ def _strip(result: WorkerResult) -> WorkerResult:
 
 def run(directory: str | Path, *, emulate: str | Path | None = None, steps: int = 10,
         seed: int = 0, lr: float = 0.01, metrics: str | Path | None = None,
-        progress: Callable[[Mapping[str, Any]], None] | None = None) -> RunResult:
+        progress: Callable[[Mapping[str, Any]], None] | None = None,
+        fail: str | Mapping[str, int] | None = None, recovery: str = "replay",
+        **recovery_options: Any) -> RunResult:
     """Train the partition in ``directory`` for ``steps`` mini-batches.
 
     With ``emulate=cluster.yaml`` one process per device runs on this host, speed and
@@ -184,14 +193,53 @@ def run(directory: str | Path, *, emulate: str | Path | None = None, steps: int 
     weights equal single-process training on the same seeded batches (up to float rounding;
     see ``runtime.reference``). With BatchNorm in train mode each device normalises over its
     own shard of each micro-batch, as DDP without SyncBatchNorm does, so results differ.
+
+    ``fail="DEVICE@STEP"`` (emulation only) SIGKILLs that device's process during step STEP
+    and recovers by ``recovery`` ("replay" or "restart", see ``runtime.recovery``);
+    ``recovery_options`` go to :func:`runtime.recovery.run_with_recovery`.
     """
     path = Path(directory)
     if not (path / "plan.json").is_file():
         raise RuntimeFailure(f"{str(path)!r} is not a partition directory (no plan.json); "
                              f"create it with `asteroid-fx partition MODEL --cluster C "
                              f"--batch-size N --out {path}`")
+    if fail is not None:
+        return _run_recovering(path, emulate, steps, seed, lr, metrics, progress, fail,
+                               recovery, recovery_options)
+    if recovery_options:
+        raise RuntimeFailure(f"options {sorted(recovery_options)} need fail=DEVICE@STEP")
     return run_source(DirectorySource(str(path)), emulate=emulate, steps=steps, seed=seed,
                       lr=lr, metrics=metrics, progress=progress)
+
+
+def _run_recovering(path: Path, emulate: str | Path | None, steps: int, seed: int, lr: float,
+                    metrics: str | Path | None,
+                    progress: Callable[[Mapping[str, Any]], None] | None,
+                    fail: str | Mapping[str, int], recovery: str,
+                    options: Mapping[str, Any]) -> RunResult:
+    from runtime.recovery import RECOVERY_MODES, run_with_recovery
+
+    if recovery not in RECOVERY_MODES:
+        raise RuntimeFailure(f"--recovery {recovery!r}: choose one of {list(RECOVERY_MODES)}")
+    if emulate is None:
+        raise RuntimeFailure("--fail needs --emulate cluster.yaml: under torchrun a failed "
+                             "process is not restarted by asteroid-fx (no elastic agent yet)")
+    if steps < 1:
+        raise RuntimeFailure(f"steps must be >= 1, got {steps}")
+    options = dict(options)
+    timeout_s = float(options.pop("timeout_s", 120.0))
+    config = TrainConfig(steps=steps, seed=seed, lr=lr, timeout_s=timeout_s,
+                         metrics=None if metrics is None else str(metrics))
+    out = run_with_recovery(path, emulate, config, fail=fail, recovery=recovery,
+                            progress=progress, **options)
+    assert out.plan is not None
+    result = summarize(out.plan, out.workers, mode="emulate", factor=out.factor,
+                       shaping=out.shaping)
+    ordered = [out.records[k] for k in sorted(out.records)]
+    result.losses = [float(r["loss"]) for r in ordered]
+    result.round_times = [float(r["round_time_s"]) for r in ordered]
+    result.recoveries = list(out.events)
+    return result
 
 
 def metrics_lines(path: str | Path) -> list[dict[str, Any]]:

@@ -26,6 +26,7 @@ __all__ = [
     "StageSource",
     "DirectorySource",
     "TrainConfig",
+    "TrainHooks",
     "WorkerResult",
     "load_stage_weights",
     "make_optimizer",
@@ -86,6 +87,26 @@ class TrainConfig:
     link_bytes_s: tuple[tuple[float, ...], ...] | None = None   # [src][dst], None = no pacing
     loss_reduction: str = "mean"
     return_state: bool = False
+    start_step: int = 0                    # first step to run (> 0 after a recovery)
+    append_metrics: bool = False           # keep earlier lines of ``metrics``
+
+
+class TrainHooks(Protocol):
+    """Called by :func:`train_device` around each step (checkpoints, replicas, recovery)."""
+
+    def restore(self, module: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                stage_index: int) -> None:
+        """After the seeded initial weights are loaded: replace them (recovery)."""
+
+    def round_started(self, step: int) -> None:
+        """Every rank has passed the barrier that opens round ``step``."""
+
+    def step_done(self, step: int, module: torch.nn.Module,
+                  optimizer: torch.optim.Optimizer) -> None:
+        """This rank's optimizer step of round ``step`` is done (not yet committed)."""
+
+    def step_committed(self, step: int, record: dict[str, Any]) -> None:
+        """Every rank finished round ``step`` (its loss was all-reduced)."""
 
 
 @dataclass
@@ -152,7 +173,8 @@ def _mean(values: list[float]) -> float:
 
 def train_device(source: StageSource, rank: int, config: TrainConfig, *,
                  device: torch.device | None = None,
-                 report: Callable[[dict[str, Any]], None] | None = None) -> WorkerResult:
+                 report: Callable[[dict[str, Any]], None] | None = None,
+                 hooks: TrainHooks | None = None) -> WorkerResult:
     """Train this rank's stage for ``config.steps`` mini-batches (process group ready).
 
     Per the reproducible-run contract: ``torch.manual_seed(seed)`` then ``build_model()``
@@ -183,6 +205,8 @@ def train_device(source: StageSource, rank: int, config: TrainConfig, *,
     del full_state
     params = [p for p in module.parameters() if p.requires_grad]
     optimizer = make_optimizer(model_file, params, config.lr)
+    if hooks is not None:
+        hooks.restore(module, optimizer, stage_index)
 
     groups: list[Any] = []
     start = 0
@@ -208,9 +232,9 @@ def train_device(source: StageSource, rank: int, config: TrainConfig, *,
     allreduce: list[float] = []
     control = device if str(dist.get_backend()) == "nccl" else torch.device("cpu")
     metrics = Path(config.metrics) if config.metrics and rank == 0 else None
-    if metrics is not None:
+    if metrics is not None and not config.append_metrics:
         metrics.write_text("")
-    for step in range(config.steps):
+    for step in range(config.start_step, config.steps):
         inputs: Any = None
         targets: Any = None
         if needs_batch:
@@ -218,9 +242,13 @@ def train_device(source: StageSource, rank: int, config: TrainConfig, *,
             inputs, targets = model_file.sample_batch(plan.batch_size)
             inputs = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
         dist.barrier()
+        if hooks is not None:
+            hooks.round_started(step)
         began = time.perf_counter()
         stats = executor.run_round(actions, step, inputs, targets)
         elapsed = time.perf_counter() - began
+        if hooks is not None:
+            hooks.step_done(step, module, optimizer)
         loss_t = torch.tensor([stats.loss], dtype=torch.float64, device=control)
         time_t = torch.tensor([elapsed], dtype=torch.float64, device=control)
         dist.all_reduce(loss_t, op=dist.ReduceOp.SUM)
@@ -228,7 +256,7 @@ def train_device(source: StageSource, rank: int, config: TrainConfig, *,
         loss, round_time = float(loss_t), float(time_t)
         result.losses.append(loss)
         result.round_times.append(round_time)
-        if step > 0 or config.steps == 1:
+        if step > config.start_step or config.steps - config.start_step == 1:
             forward += stats.forward_s
             backward += stats.backward_s
             allreduce.append(stats.allreduce_s)
@@ -237,6 +265,8 @@ def train_device(source: StageSource, rank: int, config: TrainConfig, *,
         if metrics is not None:
             with metrics.open("a") as fh:
                 fh.write(json.dumps(record) + "\n")
+        if hooks is not None:
+            hooks.step_committed(step, record)
         if report is not None and rank == 0:
             report(record)
         log.debug("rank %d step %d loss %.6f round %.4fs", rank, step, loss, round_time)

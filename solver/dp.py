@@ -12,31 +12,47 @@ of this space with the smallest ``evaluate()`` round latency; ``solver.brute`` e
 the same space and the tests check that both agree.
 
 [Note: why a Pareto front]
-The round latency is not a max of per-stage terms (the dominant stage's ``M X`` and the
-warm-up/cool-down sums couple all stages), so a plain min-max DP is not exact. The DP
-runs from the last stage to the first and describes a suffix pipeline ``P`` (stages
-``k..S-1``, costed as a pipeline of its own) by four numbers:
+The round latency is not a max of per-stage terms (the dominant stage's ``M X``, the
+warm-up/cool-down sums and the drain term couple all stages), so a plain min-max DP is
+not exact. The DP runs from the last stage to the first and describes a suffix pipeline
+``P`` (stages ``k..S-1``, costed as a pipeline of its own) by five numbers:
 
 * ``R``    its own round latency,
 * ``Xm``   the largest ``X_s = E_f^s + E_b^s`` (the dominant stage ``d``, last argmax),
-* ``Pre``  ``sum_{i=k}^{d-1} X_i``,
-* ``G``    ``max_{s in P} (T_a^s - sum_{i=k}^{s-1} E_b^i)``.
+* ``Pre``  ``sum_{i=k}^{d-1} X_i + D(P)``, where ``D(P)`` is the drain term of
+  ``solver.evaluate`` ([Note: the drain correction]); it depends only on ``d`` and the
+  stages after it, so it stays fixed while ``d`` stays dominant,
+* ``G``    ``max_{s in P} (T_a^s - sum_{i=k}^{s-1} E_b^i)``,
+* ``SumX`` ``sum_{s in P} X_s``,
+
+and by its stage count ``N`` (known from the DP cell, see [Note: DP cells]).
 
 Prepending a stage ``n`` (``F = E_f^n``, ``B = E_b^n``, ``X = F + B``, ``A = T_a^n``):
 
 * ``Xm >= X`` (the dominant stays in ``P``; ties go to the later stage):
   ``R' = max(F + R, M Xm + X + Pre + A)``, ``Xm' = Xm``, ``Pre' = X + Pre``;
-* ``Xm < X`` (``n`` becomes dominant): ``R' = M X + max(A, G - B)``, ``Xm' = X``,
-  ``Pre' = 0``;
-* in both cases ``G' = max(A, G - B)``.
+* ``Xm < X`` (``n`` becomes dominant, its tail is all of ``P``):
+  ``D' = max(0, SumX - (min(M, N + 1) - 1) min(F, B))``,
+  ``R' = M X + max(A + D', G - B)``, ``Xm' = X``, ``Pre' = D'``;
+* in both cases ``G' = max(A, G - B)`` and ``SumX' = X + SumX``.
 
-(Derivation: with ``d`` dominant, ``round = W_d + M X_d + max(max_{s<d}(sum_{i=s}^{d-1}
-B_i + A_s), max_{s>=d}(A_s - sum_{i=d}^{s-1} B_i))`` where ``W_d = sum_{i<d} F_i``;
+(Derivation: with ``d`` dominant, ``round = W_d + M X_d + max(D + max_{s<=d}(sum_{i=s}^{d-1}
+B_i + A_s), max_{s>d}(A_s - sum_{i=d}^{s-1} B_i))`` where ``W_d = sum_{i<d} F_i``;
 prepending adds ``F`` to every warm-up and one more ``s < d`` term.) ``R'`` is
-non-decreasing in ``R, Xm, Pre, G`` (when ``Xm`` crosses ``X`` the value can only jump up,
-because every pipeline satisfies ``R >= M Xm + G``), so a summary that is ``<=`` another
-in all four numbers is never worse after any prefix: keeping the non-dominated
-summaries per DP cell is exact.
+non-decreasing in ``R, Xm, Pre, G, SumX`` except where ``Xm`` crosses ``X``: a summary
+``lo`` with ``Xm_lo < X <= Xm_hi`` makes ``n`` dominant and pays ``D' <= SumX_lo``, while
+``hi`` keeps its own dominant and pays ``X + Pre_hi``. Every pipeline satisfies ``R >= M
+Xm + G``, so the ``G`` part of the jump is harmless. For ``D'``: every stage of the cost
+table has ``min(E_f, E_b) >= rho X`` (``hiding_ratio``: the fitted forward/backward time
+ratios of the layers bound it; re-sharding time adds equally to both), so with
+``h = 1 + (min(M, N + 1) - 1) rho``, ``D' <= SumX_lo - (h - 1) X``, which is at most
+``X + Pre_hi`` when ``SumX_lo - Pre_hi <= h Xm_lo``; more stages only hide more. So
+``lo`` *dominates* ``hi`` when it is ``<=`` in all five numbers, has at least as many
+stages (within a DP cell ``min(M, N + 1)`` is the same for all), and either ``Xm_lo ==
+Xm_hi`` or ``SumX_lo - Pre_hi <= h Xm_lo``. Prepending the same stage preserves this
+relation (case by case: both keep their dominant and ``SumX_lo - Pre_hi`` is unchanged;
+only ``lo``'s changes, to a larger ``Xm``; both change, to equal ``Xm``), so keeping the
+non-dominated summaries per DP cell is exact.
 
 [Note: DP cells]
 ``E_f`` of a stage includes receiving its input cut from the previous stage, which
@@ -45,9 +61,10 @@ depends on the previous stage's group and shares. A cell is therefore keyed by
 them has interface ``iface = (i, j, shares)`` (its device slice and shares, interned as a
 small integer; -1 before the first stage). ``r`` fixes the in-flight count ``min(M, r)``
 that memory needs; suffixes of ``M`` or more stages all have ``M`` in flight at their
-first stage, so they share one class ``r = M`` ("at least M stages"). Per-stage times
-are taken from ``LayerSums`` and ``transfer_time`` with the same float operations as
-``evaluate``, so the dominant-stage comparisons agree bit for bit.
+first stage, so they share one class ``r = M`` ("at least M stages"). The class also
+fixes the drain term of a stage prepended as the new dominant: its ``w = min(M, r + 1)``.
+Per-stage times are taken from ``LayerSums`` and ``transfer_time`` with the same float
+operations as ``evaluate``, so the dominant-stage comparisons agree bit for bit.
 
 [Note: incumbent pruning]
 Any plan's round latency is at least ``M X`` of each of its stages, and prepending a stage
@@ -55,7 +72,7 @@ whose ``X`` does not exceed ``Xm`` never lowers ``R``. So, given an incumbent pl
 latency ``I`` (from a first pass over a coarse subset of the cuts, then from every finished
 micro-batch size), a summary with ``M Xm >= I`` is dropped, and one with ``R >= I`` is
 kept only as a "ghost" (``R = Pre = inf``): it can still matter if a stage with a larger
-``X`` is prepended, which makes ``R`` depend on ``G`` alone. A stage whose layers need
+``X`` is prepended, which makes ``R`` depend on ``G`` and ``SumX`` alone. A stage whose layers need
 ``M * work * b / (sum of its group's speeds) >= I`` even when perfectly balanced, and a
 cell whose remaining layers need that on all remaining devices together, are skipped
 too (some stage carries at least the average load). All these rules are exact.
@@ -86,6 +103,7 @@ from solver.evaluate import (
     WORKSPACE_FRACTION,
     LayerSums,
     allreduce_from,
+    drain_term,
     evaluate,
     stage_memory_parts,
     transfer_time,
@@ -93,8 +111,9 @@ from solver.evaluate import (
 from solver.plan import Plan, PlannerInfo, Stage
 from solver.split import split_shares, split_stage
 
-__all__ = ["DP_VERSION", "DEFAULT_MAX_CUTS", "DPResult", "asteroid_dp", "sorted_devices",
-           "candidate_cuts", "micro_batch_choices", "no_fit_error", "prepend"]
+__all__ = ["DP_VERSION", "DEFAULT_MAX_CUTS", "DPResult", "PipelineSummary", "asteroid_dp",
+           "sorted_devices", "candidate_cuts", "micro_batch_choices", "no_fit_error",
+           "prepend", "dominates", "hiding_ratio"]
 
 log = logging.getLogger(__name__)
 
@@ -102,8 +121,29 @@ DP_VERSION = "1"
 DEFAULT_MAX_CUTS = 96
 _COARSE_CUTS = 12
 
-# A summary: (R, Xm, Pre, G, stage, tail); stage = (first, last, i, j, shares).
-Summary = tuple[float, float, float, float, tuple[int, int, int, int, tuple[int, ...]], Any]
+# A summary: (R, Xm, Pre, G, SumX, stage, tail); stage = (first, last, i, j, shares).
+Summary = tuple[float, float, float, float, float,
+                tuple[int, int, int, int, tuple[int, ...]], Any]
+
+
+class PipelineSummary(tuple[float, float, float, float]):
+    """``(R, Xm, Pre, G)`` of a suffix pipeline (see [Note: why a Pareto front]), with
+    ``sum_x`` (``SumX``) and ``stages`` (``N``) as attributes, so that code written for
+    the four numbers keeps working."""
+
+    sum_x: float
+    stages: int
+
+    def __new__(cls, r: float, xm: float, pre: float, g: float, sum_x: float,
+                stages: int) -> PipelineSummary:
+        self = super().__new__(cls, (r, xm, pre, g))
+        self.sum_x = sum_x
+        self.stages = stages
+        return self
+
+    def __repr__(self) -> str:
+        return (f"PipelineSummary({tuple(self)!r}, sum_x={self.sum_x!r}, "
+                f"stages={self.stages!r})")
 
 
 def sorted_devices(cluster: Cluster, host_flops: float) -> list[Device]:
@@ -148,24 +188,71 @@ def candidate_cuts(costs: CostTable, max_cuts: int | None) -> list[int]:
 
 
 def prepend(m: int, f: float, b: float, a: float,
-            tail: tuple[float, float, float, float] | None) -> tuple[float, float, float, float]:
-    """The summary ``(R, Xm, Pre, G)`` of a pipeline after prepending a stage (see Note)."""
+            tail: tuple[float, float, float, float] | None) -> PipelineSummary:
+    """The summary of a pipeline after prepending a stage with ``E_f = f``, ``E_b = b``,
+    ``T_a = a`` to ``tail`` (None: the stage alone); see [Note: why a Pareto front].
+
+    ``tail`` must be a ``PipelineSummary`` returned by ``prepend`` (typed as the four
+    numbers so that callers can keep their own summary aliases).
+    """
     x = f + b
     if tail is None:
-        return m * x + a, x, 0.0, a
+        return PipelineSummary(m * x + a, x, 0.0, a, x, 1)
+    if not isinstance(tail, PipelineSummary):
+        raise TypeError(f"prepend needs the PipelineSummary of the tail (from prepend), got "
+                        f"the plain tuple {tail!r}, which lacks SumX and the stage count")
     r_t, xm_t, pre_t, g_t = tail
     g = max(a, g_t - b)
+    sum_x = x + tail.sum_x
     if xm_t >= x:
-        return max(f + r_t, m * xm_t + x + pre_t + a), xm_t, x + pre_t, g
-    return m * x + g, x, 0.0, g
+        return PipelineSummary(max(f + r_t, m * xm_t + x + pre_t + a), xm_t, x + pre_t, g,
+                               sum_x, tail.stages + 1)
+    drain = drain_term(f, b, tail.sum_x, tail.stages, m)
+    return PipelineSummary(m * x + max(a + drain, g_t - b), x, drain, g, sum_x,
+                           tail.stages + 1)
 
 
-def _pareto(items: list[Summary], cap: int | None) -> list[Summary]:
-    items.sort(key=lambda s: (s[0], s[1], s[2], s[3]))
+def dominates(lo: PipelineSummary, hi: PipelineSummary, m: int, rho: float = 0.0) -> bool:
+    """True when ``lo`` is never worse than ``hi`` after prepending any stages whose
+    ``min(E_f, E_b) >= rho (E_f + E_b)``, with ``m`` micro-batches (the Pareto rule)."""
+    h = 1.0 + (min(m, lo.stages + 1) - 1) * rho
+    return (lo[0] <= hi[0] and lo[1] <= hi[1] and lo[2] <= hi[2] and lo[3] <= hi[3]
+            and lo.sum_x <= hi.sum_x and lo.stages >= hi.stages
+            and (lo[1] == hi[1] or lo.sum_x - hi[2] <= h * lo[1]))
+
+
+def hiding_ratio(costs: CostTable) -> float:
+    """A ``rho`` with ``min(E_f, E_b) >= rho (E_f + E_b)`` for every stage of any plan.
+
+    Each device's forward / backward time ratio lies between the smallest and the
+    largest ratio of the layers' fitted intercepts and slopes (a ratio of sums lies
+    between the ratios of the terms), and so does ``compute_f / compute_b``; re-sharding
+    time adds the same to both, which moves the share of the smaller one towards 1/2.
+    """
+    low, high = math.inf, 0.0
+    for lc in costs.layers:
+        for f, b in ((lc.fwd.intercept_s, lc.bwd.intercept_s),
+                     (lc.fwd.per_sample_s, lc.bwd.per_sample_s)):
+            if f == 0.0 and b == 0.0:
+                continue
+            ratio = f / b if b > 0.0 else math.inf
+            low, high = min(low, ratio), max(high, ratio)
+    if low == math.inf:  # no time anywhere
+        return 0.0
+    from_low = low / (1.0 + low)
+    from_high = 0.0 if high == math.inf else 1.0 / (1.0 + high)
+    # a hair below the bound: the DP's float sums may round the other way
+    return max(0.0, min(from_low, from_high, 0.5) * (1.0 - 1e-9))
+
+
+def _pareto(items: list[Summary], cap: int | None, h: float) -> list[Summary]:
+    """The summaries no other one dominates (``h``: see [Note: why a Pareto front])."""
+    items.sort(key=lambda s: (s[0], s[1], s[2], s[3], s[4]))
     kept: list[Summary] = []
     for s in items:
-        xm, pre, g = s[1], s[2], s[3]
-        if any(k[1] <= xm and k[2] <= pre and k[3] <= g for k in kept):
+        xm, pre, g, sx = s[1], s[2], s[3], s[4]
+        if any(k[1] <= xm and k[2] <= pre and k[3] <= g and k[4] <= sx
+               and (k[1] == xm or k[4] - pre <= h * k[1]) for k in kept):
             continue
         kept.append(s)
         if cap is not None and len(kept) >= cap:
@@ -225,6 +312,7 @@ class _Search:
         self._ifaces: list[tuple[int, int, tuple[int, ...]]] = []
         self.max_front_seen = 0
         self.incumbent = incumbent
+        self.rho = hiding_ratio(costs)
 
     # -- stage costs --------------------------------------------------------------------
     def iface(self, i: int, j: int, shares: tuple[int, ...]) -> int:
@@ -366,34 +454,38 @@ class _Search:
                     if final:
                         rr = m * x + ta
                         if rr >= inc:
-                            out.append((inf, x, inf, ta, stage, None))
+                            out.append((inf, x, inf, ta, x, stage, None))
                         else:
-                            out.append((rr, x, 0.0, ta, stage, None))
+                            out.append((rr, x, 0.0, ta, x, stage, None))
                         continue
                     for tail_class in tail_classes:
+                        # the drain term if this stage becomes dominant: [Note: DP cells]
+                        hidden = (min(m, tail_class + 1) - 1) * (f if f < b else b)
                         for t in self.closed(tail_class, l1 + 1, cur):
-                            r_t, xm_t, pre_t, g_t = t[0], t[1], t[2], t[3]
+                            r_t, xm_t, pre_t, g_t, sx_t = t[0], t[1], t[2], t[3], t[4]
                             if m * xm_t >= inc:
                                 continue
-                            g = g_t - b
-                            if g < ta:
-                                g = ta
+                            gb = g_t - b
+                            g = gb if gb > ta else ta
+                            sx = x + sx_t
                             if xm_t >= x:
                                 rr = f + r_t
                                 v = m * xm_t + x + pre_t + ta
                                 if v > rr:
                                     rr = v
                                 if rr >= inc:
-                                    out.append((inf, xm_t, inf, g, stage, t))
+                                    out.append((inf, xm_t, inf, g, sx, stage, t))
                                 else:
-                                    out.append((rr, xm_t, x + pre_t, g, stage, t))
+                                    out.append((rr, xm_t, x + pre_t, g, sx, stage, t))
                             else:
-                                rr = m * x + g
+                                drain = sx_t - hidden if sx_t > hidden else 0.0
+                                v = ta + drain
+                                rr = m * x + (v if v > gb else gb)
                                 if rr >= inc:
-                                    out.append((inf, x, inf, g, stage, t))
+                                    out.append((inf, x, inf, g, sx, stage, t))
                                 else:
-                                    out.append((rr, x, 0.0, g, stage, t))
-        front = _pareto(out, self.max_front)
+                                    out.append((rr, x, drain, g, sx, stage, t))
+        front = _pareto(out, self.max_front, 1.0 + (min(m, r + 1) - 1) * self.rho)
         self.max_front_seen = max(self.max_front_seen, len(front))
         self._closed[key] = front
         return front
@@ -412,9 +504,9 @@ class _Search:
         stages = []
         node: Any = summary
         while node is not None:
-            first, last, i, j, shares = node[4]
+            first, last, i, j, shares = node[5]
             stages.append(Stage((first, last), tuple(self.names[i:j]), shares))
-            node = node[5]
+            node = node[6]
         return tuple(stages)
 
 

@@ -15,12 +15,39 @@ For stage ``s`` with layers ``D_s`` on devices ``G_s`` (shares ``b_d``, speeds `
   way, so ``comm_b == comm_f``. Model inputs (stage 0) and labels are local.
 * ``E_f = compute_f + comm_f``, ``E_b = compute_b + comm_b``, ``X = E_f + E_b``.
 * ``T_a`` ring all-reduce of the stage's parameter bytes over the slowest link of the
-  group (0 for a single device). ``T_w`` / ``T_e`` as in DESIGN.md.
+  group (0 for a single device). ``T_w`` / ``T_e`` as in DESIGN.md, with the drain
+  correction below.
 * The dominant stage is the one with the largest ``X``; on exact ties the **last** such
   stage wins. With two equal stages this gives the physically right ``(M + 1) X``
   (the first of them must also wait for the second's last micro-batch); the first would
   give ``M X``.
 * ``round = max_s (T_w + T_e + T_a)``; throughput = batch_size / round.
+
+[Note: the drain correction]
+The paper's ``T_e^s = M X_dm + sum_{i=s}^{dm-1} X_i`` (``s <= dm``) never counts the
+stages *after* the dominant one: it assumes the dominant stage is busy from its first
+forward to its last backward. Every micro-batch must make the round trip through the tail
+``T_tail = sum_{i>dm} X_i`` between its forward and its backward on ``dm``; under 1F1B the
+dominant stage runs ``w = min(M, S - dm)`` forwards before its first backward and ``w - 1``
+backwards between its last forward and its last backward, so the round trip of the first
+(last) micro-batch hides only behind ``(w - 1) E_f^dm`` (``(w - 1) E_b^dm``) of its work.
+This model therefore adds, as a documented correction of the paper's formula,
+
+    D = max(0, T_tail - (w - 1) min(E_f^dm, E_b^dm))
+
+to ``T_e^s`` for every ``s <= dm`` (``s > dm`` are unchanged). Checks on single-device
+stages without communication (``tests/test_evaluate.py``; ``solver.simulate`` agrees
+exactly on the first three):
+
+* ``M = 1``: ``round = sum_s X_s`` wherever the dominant stage is (one micro-batch goes
+  through every stage and back; the paper's formula leaves out the stages after ``dm``);
+* ``X = (10, 1)`` (``E_f = E_b``): 11 with ``M = 1``, ``4 * 10 = 40`` with ``M = 4``
+  (the tail hides behind the dominant stage's work);
+* ``E_f = (8, 1, 1, 1)``, ``E_b = (2, 1, 1, 1)``, ``M = 2``: ``D = 6 - 1 * 2``, 24;
+* ``X_0 = 10`` (``E_f = E_b``) before 10 stages of ``X = 1``, ``M = 2``: ``D = 10 - 5``,
+  round 25, where the simulator needs 29. Behind a long tail the correction is a lower
+  bound: the tail's own 1F1B order makes micro-batch 0's backward wait for later
+  forwards. ``tests/test_simulate.py`` measures the remaining gap on random plans.
 
 The same formulas apply to ``schedule="gpipe"`` plans, except that all ``M``
 micro-batches are in flight for memory.
@@ -59,6 +86,7 @@ __all__ = [
     "memory_from_parts",
     "in_flight",
     "round_terms",
+    "drain_term",
 ]
 
 WORKSPACE_BYTES = 1 << 20
@@ -221,9 +249,25 @@ def stage_memory_bytes(sums: LayerSums, first: int, last: int, share: int, in_fl
     return memory_from_parts(fixed, per_sample, share)
 
 
+def drain_term(f_dm: float, b_dm: float, tail: float, tail_stages: int,
+               num_micro_batches: int) -> float:
+    """The drain correction ``D`` (see [Note: the drain correction]).
+
+    Args:
+        f_dm, b_dm: ``E_f`` and ``E_b`` of the dominant stage.
+        tail: ``sum (E_f + E_b)`` of the stages after it.
+        tail_stages: how many stages follow it.
+        num_micro_batches: ``M``.
+    """
+    w = min(num_micro_batches, tail_stages + 1)
+    hidden = (w - 1) * min(f_dm, b_dm)
+    return tail - hidden if tail > hidden else 0.0
+
+
 def round_terms(e_f: Sequence[float], e_b: Sequence[float],
                 num_micro_batches: int) -> tuple[list[float], list[float], int]:
-    """``(T_w, T_e, dominant)`` per stage from DESIGN.md (dominant: last argmax of E_f+E_b)."""
+    """``(T_w, T_e, dominant)`` per stage from DESIGN.md (dominant: last argmax of E_f+E_b),
+    with the drain correction added to ``T_e`` of the stages up to the dominant one."""
     x = [f + b for f, b in zip(e_f, e_b, strict=True)]
     dm = 0
     for s, value in enumerate(x):
@@ -233,10 +277,13 @@ def round_terms(e_f: Sequence[float], e_b: Sequence[float],
     t_w = [0.0] * len(x)
     for s in range(1, len(x)):
         t_w[s] = t_w[s - 1] + e_f[s - 1]
+    drain = drain_term(e_f[dm], e_b[dm], sum(x[dm + 1:]), len(x) - dm - 1, m)
     t_e = []
     for s in range(len(x)):
         if s < dm:
-            t_e.append(m * x[dm] + sum(x[s:dm]))
+            t_e.append(m * x[dm] + sum(x[s:dm]) + drain)
+        elif s == dm:
+            t_e.append(m * x[dm] + drain)
         else:
             t_e.append(m * x[dm] - sum(x[dm:s]))
     return t_w, t_e, dm

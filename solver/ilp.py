@@ -18,7 +18,12 @@ The round latency: a binary ``delta_d`` picks the dominant position. ``delta_d =
 forces ``X_d >= X_r`` for stages before ``d`` and ``X_d >= X_r + eps`` for stages
 after it (the *last* argmax, as in ``evaluate``), and ``R >= T_w^r + T_e^r + T_a^r``
 (written for dominant ``d``) for every ``r``, with big-M relaxation when
-``delta_d = 0``. Positions beyond the pipeline's length have all terms 0 and their
+``delta_d = 0``. The drain term of ``evaluate`` ([Note: the drain correction]) is a
+continuous ``D_d >= 0`` per dominant position with ``D_d >= T_tail - (w_d - 1) E_f^d`` and
+``D_d >= T_tail - (w_d - 1) E_b^d`` (``T_tail = sum_{r<d} X_r``, ``w_d = min(M, d)``: the
+``max(0, T_tail - (w_d - 1) min(E_f, E_b))`` of ``evaluate`` as linear lower bounds; the
+minimisation makes it tight where it matters), added to the ``R`` constraints of the
+stages ``r >= d``. Positions beyond the pipeline's length have all terms 0 and their
 constraints are implied by those of the first stage. Times are scaled so that the
 largest candidate ``X`` is about 1; ``eps = 1e-6`` of that scale, so two stages whose
 ``X`` differ by less than that (but are not equal) cannot both be represented — the
@@ -205,17 +210,23 @@ def _solve_one(costs: CostTable, cluster: Cluster, names: Sequence[str], cands: 
 
     prob += pulp.lpSum(delta.values()) == 1
     big_x = x_ub + _EPS
-    big_t = (3 * s_max + m) * x_ub + a_ub + 1.0
+    big_t = (4 * s_max + m) * x_ub + a_ub + 1.0
     for d in delta:
         prob += delta[d] <= pulp.lpSum(x[k] for k, c in enumerate(cands) if c.r == d)
+        drain = var(f"drain{d}", "Continuous", 0.0)
+        hide = min(m, d) - 1
+        tail = pulp.lpSum(x_r[q] for q in range(1, d))
+        prob += drain >= tail - hide * f_r[d]
+        prob += drain >= tail - hide * b_r[d]
         for r in range(1, s_max + 1):
             if r > d:  # stage r runs before d
                 prob += x_r[d] - x_r[r] >= -big_x * (1 - delta[d])
             elif r < d:  # after d: strictly smaller (d is the last argmax)
                 prob += x_r[d] - x_r[r] >= _EPS - (big_x + _EPS) * (1 - delta[d])
             warm = pulp.lpSum(f_r[q] for q in range(r + 1, s_max + 1))
-            if r > d:
-                steady = m * x_r[d] + pulp.lpSum(x_r[q] for q in range(d + 1, r + 1))
+            if r >= d:
+                steady = (m * x_r[d] + pulp.lpSum(x_r[q] for q in range(d + 1, r + 1))
+                          + drain)
             else:
                 steady = m * x_r[d] - pulp.lpSum(x_r[q] for q in range(r + 1, d + 1))
             prob += big_r >= warm + steady + a_r[r] - big_t * (1 - delta[d])

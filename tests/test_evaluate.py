@@ -5,10 +5,13 @@ from __future__ import annotations
 import pytest
 
 from asteroid_fx.errors import PlanError
+from cost_models.table import CostTable
+from solver.cluster import Cluster
 from solver.evaluate import (
     WORKSPACE_BYTES,
     LayerSums,
     allreduce_time,
+    drain_term,
     evaluate,
     in_flight,
     round_terms,
@@ -16,6 +19,7 @@ from solver.evaluate import (
     transfer_time,
 )
 from solver.plan import Plan, Stage
+from solver.simulate import simulate
 from tests.solver_cases import make_cluster, make_costs, uniform_costs
 
 
@@ -128,6 +132,79 @@ def test_round_terms_formula() -> None:
     assert dm == 1
     assert t_w == [0.0, 1.0, 3.0]
     assert t_e == [3 * 5 + 2, 15, 15 - 5]
+
+
+def _chain(f: list[float], b: list[float], m: int) -> tuple[Plan, CostTable, Cluster]:
+    """One single-device stage per layer, no communication, no weights, micro-batches of
+    one sample: stage ``s`` has ``E_f = f[s]`` and ``E_b = b[s]`` exactly."""
+    n = len(f)
+    costs = make_costs([(0.0, v) for v in f], [(0.0, v) for v in b], [0] * n, [1024] * n,
+                       [0] * (n - 1))
+    cluster = make_cluster([1.0] * n)
+    plan = Plan(model_hash=costs.model_hash, cluster_hash="c", batch_size=m,
+                micro_batch_size=1, num_micro_batches=m, num_layers=n,
+                stages=tuple(Stage((i, i), (f"d{i}",), (1,)) for i in range(n)))
+    return plan, costs, cluster
+
+
+def test_drain_term_helper() -> None:
+    # D = max(0, tail - (min(M, tail_stages + 1) - 1) * min(E_f, E_b))
+    assert drain_term(5.0, 5.0, 1.0, 1, 1) == 1.0
+    assert drain_term(5.0, 5.0, 1.0, 1, 4) == 0.0
+    assert drain_term(8.0, 2.0, 9.0, 3, 3) == 9.0 - 2 * 2.0
+    assert drain_term(8.0, 2.0, 9.0, 3, 10) == 9.0 - 3 * 2.0
+    assert drain_term(3.0, 3.0, 0.0, 0, 5) == 0.0
+
+
+def test_round_terms_with_drain() -> None:
+    # dominant stage 1 (X = 5, min(E_f, E_b) = 2), tail X = 4 over one stage
+    t_w, t_e, dm = round_terms([1.0, 2.0, 2.0], [1.0, 3.0, 2.0], 1)
+    assert dm == 1
+    assert t_e == [5 + 2 + 4, 5 + 4, 5 - 5]  # M = 1: D = the whole tail
+    assert max(w + e for w, e in zip(t_w, t_e, strict=True)) == 2 + 5 + 4
+    _, t_e, _ = round_terms([1.0, 2.0, 2.0], [1.0, 3.0, 2.0], 3)
+    assert t_e == [15 + 2 + 2, 15 + 2, 15 - 5]  # w = 2 hides 2 of the tail's 4
+
+
+@pytest.mark.parametrize("dominant", [0, 1, 2, 3])
+def test_one_micro_batch_visits_every_stage(dominant: int) -> None:
+    # with M = 1 the round is the sum of every stage's X (no all-reduce here), wherever
+    # the dominant stage is; the paper's formula gives X_dm plus the stages before it
+    f, b = [1.0, 0.5, 2.0, 1.0], [2.0, 1.5, 1.0, 1.0]
+    f[dominant], b[dominant] = 4.0, 6.0
+    plan, costs, cluster = _chain(f, b, 1)
+    pred = evaluate(plan, costs, cluster)
+    assert pred.dominant_stage == dominant
+    assert pred.round_time_s == pytest.approx(sum(f) + sum(b))
+    assert simulate(plan, costs, cluster).round_time_s == pytest.approx(sum(f) + sum(b))
+
+
+def test_drain_of_a_short_tail() -> None:
+    # X = (10, 1): M = 1 gives 11 (the paper's formula: 10); M = 4 hides the tail: 40
+    plan, costs, cluster = _chain([5.0, 0.5], [5.0, 0.5], 1)
+    pred = evaluate(plan, costs, cluster)
+    assert pred.dominant_stage == 0
+    assert pred.round_time_s == pytest.approx(11.0)
+    assert simulate(plan, costs, cluster).round_time_s == pytest.approx(11.0)
+    plan, costs, cluster = _chain([5.0, 0.5], [5.0, 0.5], 4)
+    assert evaluate(plan, costs, cluster).round_time_s == pytest.approx(40.0)
+    assert simulate(plan, costs, cluster).round_time_s == pytest.approx(40.0)
+    # E_f != E_b: the hiding work is w - 1 = 1 backward of 2 (min(8, 2)); tail 3 * 2 = 6
+    plan, costs, cluster = _chain([8.0, 1.0, 1.0, 1.0], [2.0, 1.0, 1.0, 1.0], 2)
+    assert evaluate(plan, costs, cluster).round_time_s == pytest.approx(2 * 10 + 6 - 2)
+    assert simulate(plan, costs, cluster).round_time_s == pytest.approx(24.0)
+
+
+def test_drain_of_a_long_tail_is_a_lower_bound() -> None:
+    # dominant first stage (E_f = E_b = 5) before 10 stages of X = 1, M = 2:
+    # D = 10 - (2 - 1) * 5 = 5, round 2 * 10 + 5 = 25. The simulator needs 29: under
+    # 1F1B the tail's own order makes micro-batch 0's backward wait for micro-batch 1's
+    # forward at the second-to-last stage, which the closed form does not model
+    plan, costs, cluster = _chain([5.0] + [0.5] * 10, [5.0] + [0.5] * 10, 2)
+    pred = evaluate(plan, costs, cluster)
+    assert pred.stages[0].t_e == pytest.approx(2 * 10 + 5)
+    assert pred.round_time_s == pytest.approx(25.0)
+    assert simulate(plan, costs, cluster).round_time_s == pytest.approx(29.0)
 
 
 def test_in_flight_and_memory_helpers() -> None:

@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 
 from asteroid_fx.errors import PlanError
 from solver.dp import asteroid_dp
 from solver.evaluate import evaluate
 from solver.ilp import ilp_plan
-from tests.solver_cases import MIB, make_cluster, make_costs, random_instance, uniform_costs
+from tests.solver_cases import (
+    MIB,
+    make_cluster,
+    make_costs,
+    random_cluster,
+    random_costs,
+    random_instance,
+    uniform_costs,
+)
 
 pytest.importorskip("pulp")
 
@@ -33,6 +43,26 @@ def test_ilp_equals_dp_on_small_instances() -> None:
         agree += 1
         pipelines += dp.plan.num_stages > 1
     assert agree >= 12 and pipelines >= 3
+
+
+@pytest.mark.parametrize("seed", [1, 10, 23])
+def test_ilp_equals_dp_where_the_drain_term_binds(seed: int) -> None:
+    # instances whose optimal plan pays evaluate's drain correction (a pipeline with a
+    # dominant stage before the last one and few micro-batches): the MILP models it too
+    rng = random.Random(seed)
+    costs = random_costs(rng, rng.randint(3, 4), param_scale=rng.choice([1.0, 10.0, 30.0]))
+    cluster = random_cluster(rng, 3)
+    batch = rng.choice([1, 2, 4])
+    dp = asteroid_dp(costs, cluster, batch, max_cuts=None)
+    assert dp.plan is not None
+    pred = evaluate(dp.plan, costs, cluster)
+    dom = pred.stages[pred.dominant_stage]
+    assert dom.t_e > dp.plan.num_micro_batches * (dom.e_f + dom.e_b) * (1 + 1e-9)  # drain > 0
+    ilp = ilp_plan(costs, cluster, batch, time_limit_s=120)
+    assert ilp.status == "optimal" and ilp.plan is not None
+    ilp_round = evaluate(ilp.plan, costs, cluster).round_time_s
+    assert ilp_round == pytest.approx(dp.round_time_s, rel=1e-6)
+    assert ilp.round_time_s == pytest.approx(ilp_round, rel=1e-5)
 
 
 def test_ilp_wide_is_never_worse_than_the_dp() -> None:

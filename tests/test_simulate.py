@@ -189,16 +189,31 @@ def test_exact_on_comm_free_single_device_stages_when_dominant_is_last() -> None
     assert checked > 50
 
 
+def test_evaluate_is_a_lower_bound_and_exact_with_one_micro_batch() -> None:
+    # On comm-free single-device stages every term of evaluate's round (the drain
+    # correction included) is the length of a path of the simulated schedule, so the
+    # simulator is never faster; with M = 1 the round is the sum of all X, exactly.
+    ratios = _ratios(single=True, comm_free=True)
+    assert min(r for r, _, _ in ratios) >= 1.0 - 1e-9
+    one = [r for r, plan, _ in ratios if plan.num_micro_batches == 1]
+    assert len(one) > 30
+    assert all(r == pytest.approx(1.0, rel=1e-9) for r in one)
+    # measured: 98% exact, at most 5.3% above evaluate (long tails, near-dominant stages)
+    assert sum(abs(r - 1.0) <= 1e-9 for r, _, _ in ratios) / len(ratios) >= 0.95
+    assert max(r for r, _, _ in ratios) < 1.1
+
+
 def test_agreement_with_evaluate_on_random_plans() -> None:
-    # [Note: simulator vs evaluate]. Measured on 150 random plans (groups, uneven shares,
-    # communication): the median ratio is 1, most are exact, and at least 85% lie within
-    # 15%. The outliers are known model gaps: evaluate's T_e leaves out the stages after
-    # the dominant one for the last micro-batch (underestimates when M is small and an
-    # early stage dominates), and it charges a group's transfer at the slowest device
-    # while the simulator lets each device go at its own pace.
+    # [Note: simulator vs evaluate]. Measured on 142 random plans (groups, uneven shares,
+    # communication): the median ratio is 1, 94% are exact, 98.6% lie within 10% and
+    # 99.3% within 15%, ratios 0.88..1.19 (before the drain correction of evaluate: 96.5%
+    # within 10%, 97.2% within 15%, up to 1.99). The remaining outliers are known model
+    # gaps: evaluate charges a group's transfer at the slowest device while the simulator
+    # lets each device go at its own pace, and the drain correction does not model the
+    # tail's own 1F1B order behind a long tail.
     ratios = [r for r, _, _ in _ratios(single=False, comm_free=False)]
     assert len(ratios) > 100
     assert statistics.median(ratios) == pytest.approx(1.0, abs=1e-9)
-    within = sum(abs(r - 1.0) <= 0.15 for r in ratios) / len(ratios)
-    assert within >= 0.85
-    assert min(ratios) > 0.5 and max(ratios) < 3.0
+    assert sum(abs(r - 1.0) <= 0.10 for r in ratios) / len(ratios) >= 0.97
+    assert sum(abs(r - 1.0) <= 0.15 for r in ratios) / len(ratios) >= 0.98
+    assert min(ratios) > 0.85 and max(ratios) < 1.3

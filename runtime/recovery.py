@@ -1,0 +1,582 @@
+"""Launcher side of fault tolerance: inject failures, detect, re-plan, restore, resume."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import pickle
+import queue
+import re
+import shutil
+import signal
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from asteroid_fx.errors import AsteroidError, RuntimeFailure, StageFailure
+from runtime.checkpoint import (
+    StageState,
+    latest_checkpoint,
+    load_checkpoint,
+    merge_states,
+    slice_state,
+    state_from_bytes,
+    state_to_bytes,
+)
+from runtime.heartbeat import FailureDetector
+from runtime.replication import WorkerSpec, external_holders, key
+from runtime.train import DirectorySource, StageSource, TrainConfig, WorkerResult
+from solver.plan import Plan
+
+__all__ = ["RECOVERY_MODES", "LEAVE_ROUND_S", "parse_fail", "RecoveryRun", "run_with_recovery"]
+
+log = logging.getLogger(__name__)
+
+RECOVERY_MODES = ("replay", "restart")
+#: seconds a survivor may take to leave the failed round before it is restarted instead
+LEAVE_ROUND_S = 1.5
+
+# [Note: who imports what]
+# Worker processes import only runtime/ (train, executor, comm, heartbeat, checkpoint,
+# replication) and solver.plan (plain data). This module runs in the *launcher* process,
+# which also imports the planner (solver.api, solver.replan, solver.replicas), the cost
+# model (cost_models.analytic) and asteroid_fx.partition / asteroid_fx.package: after a
+# failure it re-plans and traces the model file of the partition directory again to write
+# the next generation's stage modules to DIR/recovery/gen<k>/.
+#
+# [Note: recovery timeline]
+# t0 = the failed process's kill (it records time.time() in the store just before).
+# detect_s = detection (process exit seen by its parent, or heartbeat silence) - t0.
+# replan_s = plan search + writing the new generation's partition.
+# restore_s = the rest until the first round of the new generation starts: stopping the
+# workers, collecting the state (hand-over or checkpoint), starting the processes,
+# rendezvous, loading stage modules and state. total_s = detect_s + replan_s + restore_s.
+
+_FAIL = re.compile(r"^\s*([^@\s,]+)@(\d+)\s*$")
+
+
+def parse_fail(spec: str | Mapping[str, int] | None, plan: Plan, steps: int) -> dict[str, int]:
+    """``"DEVICE@STEP[,DEVICE@STEP...]"`` -> ``{device: step}`` (steps from 0)."""
+    if spec is None:
+        return {}
+    if isinstance(spec, Mapping):
+        items = [(str(d), s) for d, s in spec.items()]
+    else:
+        items = []
+        for part in str(spec).split(","):
+            match = _FAIL.match(part)
+            if not match:
+                raise RuntimeFailure(f"--fail {spec!r}: expected DEVICE@STEP (e.g. "
+                                     f"{plan.devices[-1]}@2), comma-separated for several")
+            items.append((match.group(1), int(match.group(2))))
+    out: dict[str, int] = {}
+    for device, step in items:
+        if device not in plan.devices:
+            raise RuntimeFailure(f"--fail: device {device!r} is not in the plan (devices: "
+                                 f"{list(plan.devices)})")
+        if not 0 <= int(step) < steps:
+            raise RuntimeFailure(f"--fail {device}@{step}: the step must be in [0, {steps}) "
+                                 f"for --steps {steps}")
+        if device in out:
+            raise RuntimeFailure(f"--fail names device {device!r} twice")
+        out[device] = int(step)
+    if set(out) >= set(plan.devices) and len(set(out.values())) == 1:
+        raise RuntimeFailure(f"--fail would kill every device of the plan {list(plan.devices)} "
+                             f"at once; at least one must survive")
+    return out
+
+
+@dataclass
+class RecoveryRun:
+    """Results of a run with recoveries (all generations)."""
+
+    records: dict[int, dict[str, Any]] = field(default_factory=dict)   # step -> metrics line
+    events: list[dict[str, Any]] = field(default_factory=list)
+    workers: list[WorkerResult] = field(default_factory=list)           # last generation
+    plan: Plan | None = None                                            # last generation
+    factor: float = 1.0
+    shaping: str = "none"
+    directories: list[str] = field(default_factory=list)
+
+
+@dataclass
+class _Outcome:
+    workers: list[WorkerResult] | None = None
+    failed: tuple[int, ...] = ()
+    detected_at: float = 0.0            # time.time()
+    detected_by: str = ""
+    silent_s: float = 0.0
+    stopped_at: float = 0.0             # time.time() when every old process was gone
+    handoffs: dict[int, dict[str, Any]] = field(default_factory=dict)
+
+
+@dataclass
+class _Model:
+    """What the launcher needs to re-plan and re-partition (loaded once, before training)."""
+
+    module: Any
+    inputs: tuple[Any, ...]
+    costs: Any
+    cluster: Any
+    spec: str
+
+
+def _load_model(directory: Path, cluster_path: Any) -> _Model:
+    from cost_models.analytic import analytic_costs
+    from runtime.stage_io import load_model_module, load_partition_meta
+    from solver.cluster import Cluster
+
+    module = load_model_module(directory)
+    meta = load_partition_meta(directory)
+    spec = str(directory / "model.py") + (f":{meta.prefix}" if meta.prefix else "")
+    torch.manual_seed(0)
+    inputs, _ = module.sample_batch(2)
+    inputs = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
+    costs_file = directory / "costs.json"
+    if costs_file.is_file():
+        from cost_models.table import CostTable
+
+        costs = CostTable.load(costs_file)
+    else:
+        costs = analytic_costs(module.build_model(), inputs)
+    cluster = cluster_path if not isinstance(cluster_path, (str, Path)) else \
+        Cluster.from_yaml(cluster_path)
+    return _Model(module=module, inputs=inputs, costs=costs, cluster=cluster, spec=spec)
+
+
+def _seeded_state(module: Any, seed: int) -> StageState:
+    torch.manual_seed(seed)
+    model = module.build_model()
+    return StageState(step=-1, model={k: v.detach().clone()
+                                      for k, v in model.state_dict().items()})
+
+
+def run_with_recovery(directory: str | Path, cluster: Any, config: TrainConfig, *,
+                      fail: str | Mapping[str, int] | None, recovery: str = "replay",
+                      progress: Callable[[Mapping[str, Any]], None] | None = None,
+                      host_cores: int | None = None, checkpoint_every: int = 1,
+                      replicate: bool = True, fail_signal: int = int(signal.SIGKILL),
+                      use_cgroups: bool | None = None, timeout_s: float = 600.0,
+                      heartbeat_timeout_s: float = 1.0) -> RecoveryRun:
+    """Emulate ``cluster`` and train the partition in ``directory`` with ``fail`` injected.
+
+    ``recovery="replay"``: replicas in holders' memory, layer-wise re-plan; the surviving
+    processes stay up, rebuild the process group (next generation), load their new stage
+    module and the state (their own, and the replicas of lost layers), and replay the
+    interrupted round; falls back to the on-disk checkpoint when a stage and all its
+    holders failed. ``recovery="restart"``: stop every process, full re-plan on the
+    survivors, reload the last on-disk checkpoint in fresh processes. Every
+    ``checkpoint_every`` steps each stage writes its state to ``DIR/recovery/checkpoints``.
+    """
+    if recovery not in RECOVERY_MODES:
+        raise RuntimeFailure(f"--recovery {recovery!r}: choose one of {list(RECOVERY_MODES)}")
+    if checkpoint_every < 1:
+        raise RuntimeFailure(f"checkpoint_every must be >= 1, got {checkpoint_every}")
+    root = Path(directory)
+    plan = DirectorySource(str(root)).load_plan()
+    pending = parse_fail(fail, plan, config.steps)
+    model = _load_model(root, cluster)
+    work = root / "recovery"
+    shutil.rmtree(work, ignore_errors=True)
+    checkpoints = work / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    if config.metrics:
+        Path(config.metrics).write_text("")
+    procs = _Processes(config.timeout_s, host_cores, use_cgroups)
+    out = RecoveryRun()
+    alive = model.cluster
+    current = root
+    generation = 0
+    event: dict[str, Any] | None = None
+    gen_config = replace(config, append_metrics=True)
+    try:
+        while True:
+            replicas = _replicas(plan, model, alive) if recovery == "replay" else {}
+            spec = WorkerSpec(
+                generation=generation, mode=recovery, plan_version=plan.plan_version,
+                devices=tuple(plan.devices),
+                stages=tuple(plan.stage_of(d) for d in plan.devices),
+                holders=external_holders(plan, replicas), checkpoint_dir=str(checkpoints),
+                checkpoint_every=checkpoint_every, replicate=replicate,
+                restore=generation > 0, fail_at=dict(pending), fail_signal=fail_signal,
+                metrics=config.metrics, event=event, heartbeat_timeout_s=heartbeat_timeout_s,
+                heartbeat_interval_s=heartbeat_timeout_s / 5)
+            out.directories.append(str(current))
+            outcome = procs.run_generation(DirectorySource(str(current)), plan, alive,
+                                           gen_config, spec, progress, timeout_s)
+            out.factor, out.shaping, out.plan = procs.factor, procs.shaping, plan
+            store = procs.store
+            _collect_records(store, generation, gen_config.start_step, config.steps, out)
+            if event is not None and store.check([key(generation, "event")]):
+                out.events.append(json.loads(store.get(key(generation, "event"))))
+            if outcome.workers is not None:
+                out.workers = outcome.workers
+                return out
+            # ---- recovery -----------------------------------------------------------
+            failed = [plan.devices[r] for r in outcome.failed]
+            committed = _committed(store, generation, gen_config.start_step)
+            killed_at = (float(store.get(key(generation, "killed_at")))
+                         if store.check([key(generation, "killed_at")])
+                         else outcome.detected_at - outcome.silent_s)
+            detect_s = max(0.0, outcome.detected_at - killed_at)
+            log.warning("devices %s failed during step %d (detected by %s after %.3f s); "
+                        "recovering by %s", failed, committed + 1, outcome.detected_by,
+                        detect_s, recovery)
+            began = time.perf_counter()
+            new_plan, choice = _new_plan(recovery, plan, model, alive, failed)
+            search_s = time.perf_counter() - began
+            survivors = alive.subset([d for d in alive.names if d not in failed])
+            generation += 1
+            began = time.perf_counter()
+            gen_dir = work / f"gen{generation}"
+            stage_names = _write_partition(gen_dir, new_plan, model)
+            partition_s = time.perf_counter() - began
+            began = time.perf_counter()
+            state, source_kind = _restore_state(recovery, plan, outcome, committed,
+                                                checkpoints, model, config.seed)
+            for index, names in enumerate(stage_names):
+                store.set(key(generation, "restore", index),
+                          state_to_bytes(slice_state(state, names)))  # type: ignore[arg-type]
+            load_s = time.perf_counter() - began
+            resume = state.step + 1
+            event = {"event": "recovery", "failed": failed, "detect_s": detect_s,
+                     "replan_s": search_s + partition_s, "lost_steps": committed - state.step,
+                     "mode": recovery, "source": source_kind,
+                     "detected_by": outcome.detected_by, "search_s": search_s,
+                     "partition_s": partition_s,
+                     "stop_s": max(0.0, outcome.stopped_at - outcome.detected_at),
+                     "load_s": load_s, "kept": sorted(procs.waiting),
+                     "spawn_at": time.time(), "plan_version": new_plan.plan_version,
+                     "resume_step": resume, "killed_at": killed_at, **choice}
+            for step in list(out.records):
+                if step >= resume:
+                    del out.records[step]
+            pending = {d: s for d, s in pending.items() if d not in failed and s > committed}
+            plan, alive, current = new_plan, survivors, gen_dir
+            gen_config = replace(config, start_step=resume, append_metrics=True)
+    finally:
+        procs.close()
+
+
+def _replicas(plan: Plan, model: _Model, alive: Any) -> dict[str, tuple[str, ...]]:
+    if plan.replicas:
+        return {d: tuple(h) for d, h in plan.replicas.items()}
+    from solver.replicas import choose_replicas
+
+    try:
+        return {d: tuple(h) for d, h in
+                choose_replicas(plan, model.costs, alive.subset(list(plan.devices))).items()}
+    except AsteroidError as exc:
+        log.warning("no replica placement (%s): recovery will use the on-disk checkpoint", exc)
+        return {}
+
+
+def _new_plan(mode: str, plan: Plan, model: _Model, alive: Any,
+              failed: list[str]) -> tuple[Plan, dict[str, Any]]:
+    """Replay: ``solver.replan.replan`` (layer-wise repair, or the full re-plan when the
+    repair is more than 10% slower); restart: the full planner on the survivors."""
+    from asteroid_fx.errors import PlanError
+    from solver.api import plan as full_plan
+    from solver.replan import replan, survivors_of
+
+    if mode == "replay":
+        try:
+            new, info = replan(plan, model.costs, alive, failed)
+            return new, {"chosen": info.chosen, "layerwise_round_s": info.layerwise_round_s,
+                         "full_round_s": info.full_round_s}
+        except PlanError as exc:
+            raise RuntimeFailure(f"cannot recover from the failure of {failed}: {exc}") from exc
+    try:
+        survivors = survivors_of(plan, alive, failed)
+        fresh = full_plan(model.costs, survivors, plan.batch_size, planner="asteroid",
+                          optimizer_state_factor=plan.optimizer_state_factor)
+    except PlanError as exc:
+        raise RuntimeFailure(f"cannot recover from the failure of {failed}: {exc}") from exc
+    return replace(fresh, plan_version=plan.plan_version + 1), {"chosen": "full"}
+
+
+def _write_partition(directory: Path, plan: Plan, model: _Model) -> list[list[str]]:
+    from asteroid_fx.package import save_partition
+    from asteroid_fx.partition import partition
+
+    stages = partition(model.module.build_model(), model.inputs, plan)
+    save_partition(directory, plan, stages, model_spec=model.spec, onnx=False)
+    return [list(stage.state_dict()) for stage in stages]
+
+
+def _restore_state(mode: str, plan: Plan, outcome: _Outcome, committed: int,
+                   checkpoints: Path, model: _Model, seed: int) -> tuple[StageState, str]:
+    """The whole-model state to resume from and where it came from."""
+    if committed < 0:
+        return _seeded_state(model.module, seed), "seed"
+    if mode == "replay":
+        found: list[StageState] = []
+        missing: list[int] = []
+        for index in range(plan.num_stages):
+            state = _from_handoffs(outcome.handoffs, index, committed)
+            if state is None:
+                missing.append(index)
+            else:
+                found.append(state)
+        if not missing:
+            return merge_states(found), "replica"
+        lost = [(i, list(plan.stages[i].devices)) for i in missing]
+        log.warning("stage(s) %s lost every device and every replica holder (or no "
+                    "replica of step %d exists): falling back to the last on-disk "
+                    "checkpoint", lost, committed)
+    step = latest_checkpoint(checkpoints, plan.plan_version, plan.num_stages, at_most=committed)
+    if step is None:
+        log.warning("no complete checkpoint of plan version %d: restarting from the seeded "
+                    "initial weights", plan.plan_version)
+        return _seeded_state(model.module, seed), "seed"
+    return load_checkpoint(checkpoints, step, plan.plan_version, plan.num_stages), "checkpoint"
+
+
+def _from_handoffs(handoffs: Mapping[int, Mapping[str, Any]], stage: int,
+                   step: int) -> StageState | None:
+    for payload in handoffs.values():
+        own = payload.get("own")
+        if payload.get("stage") == stage and own is not None and own[0] == step:
+            return state_from_bytes(own[1])
+    for payload in handoffs.values():
+        held = payload.get("held", {}).get(stage)
+        if held is not None and held[0] == step:
+            return state_from_bytes(held[1])
+    return None
+
+
+def _committed(store: dist.Store, generation: int, start: int) -> int:
+    step = start
+    while store.check([key(generation, "step", step)]):
+        step += 1
+    return step - 1
+
+
+def _collect_records(store: dist.Store, generation: int, start: int, steps: int,
+                     out: RecoveryRun) -> None:
+    for step in range(start, steps):
+        name = key(generation, "step", step)
+        if not store.check([name]):
+            break
+        out.records[step] = json.loads(store.get(name))
+
+
+class _Processes:
+    """The device processes of every generation, the store and the result queue.
+
+    In replay mode a process that survives a failure is kept: it waits on
+    ``rx/<g>/next/<device>`` for its assignment in generation ``g + 1`` (pickled rank,
+    world size, source, config and WorkerSpec) or ``exit``.
+    """
+
+    def __init__(self, timeout_s: float, host_cores: int | None,
+                 use_cgroups: bool | None) -> None:
+        from runtime import emulator as emu
+
+        self.port = emu._free_port()
+        self.store = dist.TCPStore("127.0.0.1", self.port, 1, is_master=True,
+                                   wait_for_workers=False, timeout=timedelta(seconds=timeout_s))
+        self.ctx = mp.get_context("spawn")
+        self.results: Any = self.ctx.Queue()
+        self.host_cores = host_cores
+        self.use_cgroups = emu.cgroup_available() if use_cgroups is None else use_cgroups
+        self.by_device: dict[str, Any] = {}
+        self.waiting: set[str] = set()        # survivors ready for the next generation
+        self.cgroups: list[str] = []
+        self.factor = 1.0
+        self.shaping = "none"
+        self.generation = -1
+
+    def _shape(self, plan: Plan, cluster: Any, source: StageSource, generation: int
+               ) -> tuple[StageSource, list[str] | None, Any]:
+        from runtime import emulator as emu
+
+        setup = emu.emulation_setup(plan, cluster, host_cores=self.host_cores)
+        speeds = setup.effective_speeds
+        self.factor, self.shaping = setup.factor, "none"
+        cgroups: list[str] | None = None
+        if self.use_cgroups and any(s < 1.0 for s in speeds):
+            try:
+                # one group per (generation, rank): survivors move in, old groups empty out
+                cgroups = [str(emu.CGROUP_ROOT / f"asteroid-fx-{os.getpid()}-"
+                                                 f"{generation * 1000 + r}")
+                           for r in range(len(speeds))]
+                for path, speed in zip(cgroups, speeds, strict=True):
+                    Path(path).mkdir(exist_ok=True)
+                    self.cgroups.append(path)
+                    period, quota = emu.cfs_settings(speed)
+                    Path(path, "cpu.cfs_period_us").write_text(str(period))
+                    Path(path, "cpu.cfs_quota_us").write_text(str(quota))
+                self.shaping = "cgroup"
+            except OSError as exc:
+                log.warning("cgroup CPU shaping unavailable (%s); using time dilation", exc)
+                cgroups = None
+        if cgroups is None and any(s < 1.0 for s in speeds):
+            self.shaping = "dilation"
+            source = emu._PerRankScale(source, tuple(1.0 / s if s < 1.0 else 1.0
+                                                     for s in speeds))
+        return source, cgroups, setup
+
+    def run_generation(self, source: StageSource, plan: Plan, cluster: Any,
+                       config: TrainConfig, spec: WorkerSpec,
+                       progress: Callable[[Mapping[str, Any]], None] | None,
+                       timeout_s: float) -> _Outcome:
+        from runtime.emulator import _worker
+
+        previous = self.generation
+        self.generation = spec.generation
+        run_source, cgroups, setup = self._shape(plan, cluster, source, spec.generation)
+        config = replace(config, link_bytes_s=setup.link_bytes_s)
+        world = len(plan.devices)
+        procs = []
+        for rank, device in enumerate(plan.devices):
+            cgroup = None if cgroups is None else cgroups[rank]
+            if device in self.waiting:
+                assignment = {"rank": rank, "world": world, "source": run_source,
+                              "config": config, "spec": spec, "cgroup": cgroup}
+                self.store.set(key(previous, "next", device),
+                               pickle.dumps(assignment))  # type: ignore[arg-type]
+                procs.append(self.by_device[device])
+                continue
+            proc = self.ctx.Process(
+                target=_worker, daemon=True, name=f"asteroid-fx-g{spec.generation}-{device}",
+                args=(rank, world, self.port, run_source, config, cgroup, self.results, spec))
+            proc.start()
+            self.by_device[device] = proc
+            procs.append(proc)
+        for device in sorted(self.waiting - set(plan.devices)):
+            self.store.set(key(previous, "next", device), "exit")
+        self.waiting = set()
+        outcome = self._supervise(plan, spec, procs, progress, timeout_s)
+        outcome.stopped_at = time.time()
+        return outcome
+
+    def _supervise(self, plan: Plan, spec: WorkerSpec, procs: list[Any],
+                   progress: Callable[[Mapping[str, Any]], None] | None,
+                   timeout_s: float) -> _Outcome:
+        """Watch one generation until it finishes or a process dies or hangs."""
+        world = len(procs)
+        detector = FailureDetector(self.store, world, generation=spec.generation,
+                                   timeout_s=spec.heartbeat_timeout_s)
+        done: dict[int, WorkerResult] = {}
+        errors: list[tuple[int, str]] = []
+        error_since: float | None = None
+        outcome = _Outcome()
+        deadline = time.monotonic() + timeout_s
+        ok = False
+        try:
+            while len(done) < world:
+                try:
+                    kind, rank, payload = self.results.get(timeout=0.02)
+                except queue.Empty:
+                    kind, rank, payload = "", -1, None
+                if kind == "step":
+                    if progress is not None:
+                        progress(payload)
+                elif kind == "ok":
+                    done[rank] = torch.load(io.BytesIO(payload), weights_only=False)
+                    continue
+                elif kind == "interrupted" and rank[0] == spec.generation:
+                    message, secondary = payload
+                    errors.append((1 if secondary else 0, f"rank {rank[1]} (device "
+                                   f"{plan.devices[rank[1]]!r}): {message}"))
+                    error_since = error_since or time.monotonic()
+                elif kind == "error":
+                    message, _secondary = payload
+                    raise StageFailure(f"rank {rank} (device {plan.devices[rank]!r}): "
+                                       f"{message}")
+                dead = [r for r, p in enumerate(procs) if r not in done and not p.is_alive()]
+                by = "process exit"
+                report = detector.poll()
+                silent = [r for r in report.failed if r not in done]
+                if silent and not dead:
+                    dead, by = sorted(silent), "heartbeat"
+                if dead:
+                    outcome.detected_at = time.time()
+                    time.sleep(0.05)   # failures at the same moment are recovered together
+                    dead = sorted(set(dead) | {r for r, p in enumerate(procs)
+                                               if r not in done and not p.is_alive()})
+                    outcome.failed = tuple(sorted(set(dead) | set(silent)))
+                    outcome.detected_by = by
+                    outcome.silent_s = max((report.silent_s.get(r, 0.0) for r in dead),
+                                           default=0.0)
+                    for r in outcome.failed:
+                        if procs[r].is_alive():
+                            procs[r].kill()   # fence a hung device (our own child)
+                    if spec.mode == "replay":
+                        outcome.handoffs = self._collect(plan, spec.generation, procs,
+                                                         outcome.failed)
+                    return outcome
+                if error_since is not None and time.monotonic() - error_since > 2.0:
+                    raise StageFailure(min(errors)[1])
+                if time.monotonic() > deadline:
+                    raise StageFailure(f"the run did not finish within {timeout_s:.0f} s")
+            outcome.workers = [done[r] for r in range(world)]
+            ok = True
+            return outcome
+        finally:
+            keep = self.waiting if not ok else set()
+            for device, proc in list(self.by_device.items()):
+                if device in keep:
+                    continue
+                if proc.is_alive():
+                    proc.kill()
+                proc.join(timeout=10)
+                del self.by_device[device]
+
+    def _collect(self, plan: Plan, generation: int, procs: list[Any],
+                 failed: tuple[int, ...], limit_s: float = 10.0,
+                 leave_s: float = LEAVE_ROUND_S) -> dict[int, dict[str, Any]]:
+        """Hand-overs of the survivors (up to ``limit_s``), and which of them left the
+        failed round within ``leave_s`` after that (free for the next generation)."""
+        store = self.store
+        store.set(key(generation, "recover"), json.dumps(list(failed)))
+        wanted = {r for r in range(len(procs)) if r not in failed}
+        got: dict[int, dict[str, Any]] = {}
+        free: set[int] = set()
+        deadline = time.monotonic() + limit_s
+        handed = False
+        while (wanted - free) and time.monotonic() < deadline:
+            for rank in sorted(wanted - free):
+                if not procs[rank].is_alive():
+                    wanted.discard(rank)
+                    continue
+                name = key(generation, "handoff", rank)
+                if rank not in got and store.check([name]):
+                    got[rank] = torch.load(io.BytesIO(store.get(name)), weights_only=False)
+                if rank in got and store.check([key(generation, "waiting", rank)]):
+                    free.add(rank)
+            if not handed and wanted <= set(got):
+                handed = True
+                deadline = min(deadline, time.monotonic() + leave_s)
+            time.sleep(0.005)
+        if wanted - free:
+            log.warning("ranks %s (%s) did not leave the failed round: they are stopped and "
+                        "started again", sorted(wanted - free),
+                        [plan.devices[r] for r in sorted(wanted - free)])
+        self.waiting = {plan.devices[r] for r in free}
+        return got
+
+    def close(self) -> None:
+        from runtime import emulator as emu
+
+        for proc in self.by_device.values():
+            if proc.is_alive():
+                proc.kill()
+            proc.join(timeout=10)
+        self.by_device.clear()
+        self.results.close()
+        if self.cgroups:
+            emu._remove_cgroups(self.cgroups)
+
+
+

@@ -1,0 +1,215 @@
+"""Tests of runtime.recovery: real multi-process runs with a device killed or stopped."""
+
+from __future__ import annotations
+
+import logging
+import signal
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from asteroid_fx.errors import RuntimeFailure
+from runtime.launch import RunResult, metrics_lines, run
+from runtime.recovery import parse_fail
+from runtime.reference import reference_training
+from runtime.stage_io import load_model_module, load_plan
+from solver.plan import Plan, Stage
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+CLUSTER = EXAMPLES / "clusters" / "local3.yaml"
+STEPS = 5
+SEED = 3
+LR = 0.05
+
+THREE = (Stage((0, 1), ("fast",), (6,)), Stage((2, 3), ("slow0",), (6,)),
+         Stage((4, 6), ("slow1",), (6,)))
+GROUP = (Stage((0, 3), ("fast",), (6,)), Stage((4, 6), ("slow0", "slow1"), (3, 3)))
+
+
+def make_partition(out: Path, stages: tuple[Stage, ...]) -> Path:
+    """examples/mlp.py split into ``stages`` (batch 12, two micro-batches of 6)."""
+    from asteroid_fx.package import save_partition
+    from asteroid_fx.partition import partition
+    from cost_models.analytic import analytic_costs
+    from solver.cluster import Cluster
+    from solver.evaluate import evaluate
+
+    module = load_model_module_file(EXAMPLES / "mlp.py")
+    torch.manual_seed(0)
+    inputs, _ = module.sample_batch(2)
+    costs = analytic_costs(module.build_model(), inputs)
+    cluster = Cluster.from_yaml(CLUSTER)
+    plan = Plan(costs.model_hash, cluster.cluster_hash, 12, 6, 2, stages, num_layers=7,
+                model_name="MLP")
+    plan = replace(plan, predicted=evaluate(plan, costs, cluster))
+    save_partition(out, plan, partition(module.build_model(), inputs, plan),
+                   model_spec=str(EXAMPLES / "mlp.py"), onnx=False)
+    return out
+
+
+def load_model_module_file(path: Path) -> Any:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("mlp_under_test", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _run(directory: Path, tmp_path: Path, fail: str, recovery: str,
+         **options: Any) -> tuple[RunResult, list[dict[str, Any]]]:
+    metrics = tmp_path / "metrics.jsonl"
+    result = run(directory, emulate=CLUSTER, steps=STEPS, seed=SEED, lr=LR, metrics=metrics,
+                 fail=fail, recovery=recovery, **options)
+    return result, metrics_lines(metrics)
+
+
+def _check_transparent(directory: Path, result: RunResult, lines: list[dict[str, Any]]) -> None:
+    ref = reference_training(load_model_module(directory), 12, steps=STEPS, seed=SEED, lr=LR)
+    assert result.losses == pytest.approx(ref.losses, rel=1e-5)
+    last = {line["step"]: line for line in lines if "step" in line}   # a lost step re-runs
+    assert sorted(last) == list(range(STEPS))
+    assert [last[k]["loss"] for k in range(STEPS)] == pytest.approx(ref.losses, rel=1e-5)
+    for line in lines:
+        if "step" in line:
+            assert line["loss"] == pytest.approx(ref.losses[line["step"]], rel=1e-5)
+
+
+def _event(lines: list[dict[str, Any]]) -> dict[str, Any]:
+    events = [line for line in lines if line.get("event") == "recovery"]
+    assert len(events) == 1
+    ev = events[0]
+    for name in ("detect_s", "replan_s", "restore_s", "total_s"):
+        assert ev[name] >= 0
+    assert ev["total_s"] == pytest.approx(ev["detect_s"] + ev["replan_s"] + ev["restore_s"])
+    return ev
+
+
+@pytest.mark.parametrize("victim", ["slow0", "slow1"])
+def test_replay_after_losing_a_single_device_stage(tmp_path: Path, victim: str) -> None:
+    directory = make_partition(tmp_path / "part", THREE)
+    result, lines = _run(directory, tmp_path, f"{victim}@2", "replay")
+    _check_transparent(directory, result, lines)
+    ev = _event(lines)
+    assert ev["failed"] == [victim] and ev["lost_steps"] == 0 and ev["mode"] == "replay"
+    assert ev["source"] == "replica" and ev["resume_step"] == 2
+    assert ev["detect_s"] < 1.5
+    versions = [line["plan_version"] for line in lines if "step" in line]
+    assert versions == [0, 0, 1, 1, 1]
+    assert victim not in load_plan(directory / "recovery" / "gen1").devices
+    assert result.recoveries and result.recoveries[0]["failed"] == [victim]
+    assert "recovery (replay" in result.summary()
+    survivors = sorted({"fast", "slow0", "slow1"} - {victim})
+    assert set(ev["kept"]) <= set(survivors)
+    if victim == "slow0":   # both neighbours talk to the victim: they leave the round at once
+        assert ev["kept"] == survivors and ev["total_s"] < 5.0
+
+
+def test_replay_after_losing_a_member_of_a_group(tmp_path: Path) -> None:
+    directory = make_partition(tmp_path / "part", GROUP)
+    result, lines = _run(directory, tmp_path, "slow1@1", "replay")
+    _check_transparent(directory, result, lines)
+    ev = _event(lines)
+    assert ev["failed"] == ["slow1"] and ev["lost_steps"] == 0 and ev["source"] == "replica"
+
+
+def test_restart_reloads_the_checkpoint(tmp_path: Path) -> None:
+    directory = make_partition(tmp_path / "part", THREE)
+    result, lines = _run(directory, tmp_path, "slow1@3", "restart")
+    _check_transparent(directory, result, lines)
+    ev = _event(lines)
+    assert ev["mode"] == "restart" and ev["source"] == "checkpoint"
+    assert ev["lost_steps"] == 0 and ev["resume_step"] == 3
+    assert (directory / "recovery" / "checkpoints").is_dir()
+
+
+def test_failure_of_a_stage_and_its_holder_falls_back_to_the_checkpoint(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    directory = make_partition(tmp_path / "part", THREE)
+    # choose_replicas gives stage 2 (slow1) to slow0: losing both defeats replication
+    with caplog.at_level(logging.WARNING, logger="runtime.recovery"):
+        result, lines = _run(directory, tmp_path, "slow0@3,slow1@3", "replay",
+                             checkpoint_every=2)
+    _check_transparent(directory, result, lines)
+    ev = _event(lines)
+    assert sorted(ev["failed"]) == ["slow0", "slow1"] and ev["source"] == "checkpoint"
+    assert ev["lost_steps"] == 1 and ev["resume_step"] == 2   # checkpoint of step 1
+    assert [line["step"] for line in lines if "step" in line] == [0, 1, 2, 2, 3, 4]
+    assert "falling back to the last on-disk checkpoint" in caplog.text
+
+
+def test_a_stopped_device_is_detected_as_hung(tmp_path: Path) -> None:
+    directory = make_partition(tmp_path / "part", THREE)
+    result, lines = _run(directory, tmp_path, "slow0@1", "replay",
+                         fail_signal=int(signal.SIGSTOP))
+    _check_transparent(directory, result, lines)
+    ev = _event(lines)
+    assert ev["detected_by"] == "heartbeat" and ev["failed"] == ["slow0"]
+    assert 0.5 < ev["detect_s"] < 3.0
+
+
+def test_bad_fail_and_recovery_values(tmp_path: Path) -> None:
+    plan = Plan("m", "c", 12, 6, 2, THREE, num_layers=7)
+    assert parse_fail("slow0@2, fast@0", plan, 3) == {"slow0": 2, "fast": 0}
+    with pytest.raises(RuntimeFailure, match="expected DEVICE@STEP"):
+        parse_fail("slow0", plan, 3)
+    with pytest.raises(RuntimeFailure, match="'gpu9' is not in the plan"):
+        parse_fail("gpu9@1", plan, 3)
+    with pytest.raises(RuntimeFailure, match=r"must be in \[0, 3\)"):
+        parse_fail("slow0@3", plan, 3)
+    with pytest.raises(RuntimeFailure, match="at least one must survive"):
+        parse_fail("fast@1,slow0@1,slow1@1", plan, 3)
+    directory = make_partition(tmp_path / "part", THREE)
+    with pytest.raises(RuntimeFailure, match="--recovery 'rewind'"):
+        run(directory, emulate=CLUSTER, steps=2, fail="slow0@1", recovery="rewind")
+    with pytest.raises(RuntimeFailure, match="--fail needs --emulate"):
+        run(directory, steps=2, fail="slow0@1")
+    with pytest.raises(RuntimeFailure, match="is not in the plan"):
+        run(directory, emulate=CLUSTER, steps=2, fail="nano@1")
+
+
+TIGHT4 = """
+devices:
+  - {name: fast, type: local, speed: 1.0, memory_gb: 0.00105}
+  - {name: slow0, type: local, speed: 0.5, memory_gb: 0.00105}
+  - {name: slow1, type: local, speed: 0.5, memory_gb: 0.00105}
+  - {name: slow2, type: local, speed: 0.5, memory_gb: 0.00105}
+network:
+  bandwidth_mbps: 1000
+"""
+
+
+def test_two_failures_in_a_row_recover_twice(tmp_path: Path) -> None:
+    from asteroid_fx.package import save_partition
+    from asteroid_fx.partition import partition
+    from cost_models.analytic import analytic_costs
+    from solver.api import plan as plan_fn
+    from solver.cluster import Cluster
+
+    cluster_file = tmp_path / "tight4.yaml"
+    cluster_file.write_text(TIGHT4)   # ~1 MiB per device: the model needs two devices
+    module = load_model_module_file(EXAMPLES / "mlp.py")
+    torch.manual_seed(0)
+    inputs, _ = module.sample_batch(2)
+    costs = analytic_costs(module.build_model(), inputs)
+    plan = plan_fn(costs, Cluster.from_yaml(cluster_file), 12)
+    assert len(plan.devices) == 2
+    directory = tmp_path / "part"
+    save_partition(directory, plan, partition(module.build_model(), inputs, plan),
+                   model_spec=str(EXAMPLES / "mlp.py"), onnx=False)
+    first, second = plan.devices
+    metrics = tmp_path / "metrics.jsonl"
+    result = run(directory, emulate=cluster_file, steps=STEPS, seed=SEED, lr=LR,
+                 metrics=metrics, fail=f"{first}@1,{second}@3")
+    lines = metrics_lines(metrics)
+    _check_transparent(directory, result, lines)
+    events = [line for line in lines if line.get("event") == "recovery"]
+    assert [e["failed"] for e in events] == [[first], [second]]
+    assert [e["plan_version"] for e in events] == [1, 2]
+    assert all(e["lost_steps"] == 0 and e["source"] == "replica" for e in events)
+    assert [line["plan_version"] for line in lines if "step" in line] == [0, 1, 1, 2, 2]
+    assert len(result.recoveries) == 2
