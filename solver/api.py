@@ -51,10 +51,12 @@ def asteroid(costs: CostTable, cluster: Cluster, batch_size: int, *,
     the Asteroid plan is never worse than a baseline's; ``planner.check`` records
     ``device_order_from`` / ``seeded_from`` when a seed won.
     """
+    front = None if len(cluster.devices) <= EXACT_MAX_DEVICES else LARGE_MAX_FRONT
     result = asteroid_dp(costs, cluster, batch_size, optimizer_state_factor=optimizer_state_factor,
-                         micro_batch_sizes=micro_batch_sizes, max_cuts=max_cuts)
+                         micro_batch_sizes=micro_batch_sizes, max_cuts=max_cuts,
+                         max_front=front)
     best_plan, best_value = result.plan, result.round_time_s
-    check: dict[str, Any] = {}
+    check: dict[str, Any] = {} if front is None else {"max_front": front}
     if seed_baselines:
         ranked = [d.name for d in sorted_devices(cluster, costs.host_flops)]
         tried = {tuple(ranked)}
@@ -74,7 +76,8 @@ def asteroid(costs: CostTable, cluster: Cluster, batch_size: int, *,
                 tried.add(order)
                 again = asteroid_dp(costs, cluster, batch_size,
                                     optimizer_state_factor=optimizer_state_factor,
-                                    micro_batch_sizes=micro_batch_sizes, max_cuts=max_cuts,
+                                    micro_batch_sizes=micro_batch_sizes,
+                                    max_cuts=_seed_cuts(max_cuts), max_front=SEED_MAX_FRONT,
                                     device_order=order, incumbent=best_value)
                 if again.plan is not None:
                     best_plan, best_value = again.plan, again.round_time_s
@@ -86,6 +89,23 @@ def asteroid(costs: CostTable, cluster: Cluster, batch_size: int, *,
     if best_plan is None:
         raise no_fit_error(costs, cluster, batch_size, optimizer_state_factor, "asteroid")
     return replace(best_plan, planner=replace(best_plan.planner, check=check))
+
+
+EXACT_MAX_DEVICES = 8
+LARGE_MAX_FRONT = 16
+"""Above ``EXACT_MAX_DEVICES`` devices the DP keeps at most ``LARGE_MAX_FRONT`` summaries
+per cell (lowest round time first): exactness is traded for bounded time (100 layers x 16
+devices: 43 s exact); the plan's ``planner.check`` then records ``max_front``."""
+
+SEED_MAX_CUTS = 32
+SEED_MAX_FRONT = 8
+"""Re-runs of the DP over a baseline's device order search a coarser space (fewer cut
+candidates, capped Pareto fronts): they are an insurance against the device-ordering
+assumption, and the full-resolution search has already run on the capability order."""
+
+
+def _seed_cuts(max_cuts: int | None) -> int:
+    return SEED_MAX_CUTS if max_cuts is None else min(max_cuts, SEED_MAX_CUTS)
 
 
 def _baselines() -> dict[str, Planner]:

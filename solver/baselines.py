@@ -379,8 +379,10 @@ def dapple(costs: CostTable, cluster: Cluster, batch_size: int, *,
     started = time.perf_counter()
     _check_batch(batch_size)
     view = homogeneous_view(costs, cluster)
-    homog = asteroid_dp(costs, view, batch_size,
-                        optimizer_state_factor=optimizer_state_factor).plan
+    # Identical devices make the exact DP's Pareto fronts large and redundant (every
+    # permutation ties); a capped front keeps DAPPLE's planner fast, as its own is.
+    homog = asteroid_dp(costs, view, batch_size, optimizer_state_factor=optimizer_state_factor,
+                        max_front=8).plan
     if homog is None:
         raise PlanError(f"dapple found no plan of batch size {batch_size} that fits on the "
                         f"homogeneous view of the cluster (every device at the mean speed "
