@@ -251,8 +251,14 @@ def _pareto(items: list[Summary], cap: int | None, h: float) -> list[Summary]:
     kept: list[Summary] = []
     for s in items:
         xm, pre, g, sx = s[1], s[2], s[3], s[4]
-        if any(k[1] <= xm and k[2] <= pre and k[3] <= g and k[4] <= sx
-               and (k[1] == xm or k[4] - pre <= h * k[1]) for k in kept):
+        dominated = False
+        for k in kept:  # a plain loop: this scan is the DP's hot spot
+            kx = k[1]
+            if (kx <= xm and k[2] <= pre and k[3] <= g and k[4] <= sx
+                    and (kx == xm or k[4] - pre <= h * kx)):
+                dominated = True
+                break
+        if dominated:
             continue
         kept.append(s)
         if cap is not None and len(kept) >= cap:
