@@ -16,9 +16,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from asteroid_fx.errors import ModelSpecError
+from asteroid_fx.errors import AsteroidError, ModelSpecError
 
-__all__ = ["ModelSpec", "load_model_spec", "BUILTIN_MODELS", "import_model_file"]
+__all__ = ["ModelSpec", "load_model_spec", "check_batch", "BUILTIN_MODELS", "import_model_file"]
 
 log = logging.getLogger(__name__)
 
@@ -53,29 +53,37 @@ class ModelSpec:
         """
         if batch_size < 1:
             raise ModelSpecError(f"batch_size must be >= 1, got {batch_size}")
-        batch = self.sample_batch(batch_size)
-        if not isinstance(batch, (tuple, list)) or len(batch) != 2:
-            raise ModelSpecError(
-                f"{self.spec}: sample_batch({batch_size}) must return (inputs, targets), "
-                f"got {type(batch).__name__}"
-            )
-        inputs, targets = batch
-        if isinstance(inputs, torch.Tensor):
-            inputs = (inputs,)
-        if not isinstance(inputs, (tuple, list)) or not all(
-            isinstance(t, torch.Tensor) for t in inputs
-        ):
-            raise ModelSpecError(
-                f"{self.spec}: sample_batch({batch_size}) must return a tuple of tensors as "
-                f"inputs, got {type(inputs).__name__}"
-            )
-        for i, t in enumerate(inputs):
-            if t.dim() == 0 or t.shape[0] != batch_size:
-                raise ModelSpecError(
-                    f"{self.spec}: sample_batch({batch_size}) input {i} has shape "
-                    f"{tuple(t.shape)}; dimension 0 must be the batch ({batch_size})"
-                )
-        return tuple(inputs), targets
+        return check_batch(self.sample_batch(batch_size), batch_size,
+                           where=f"{self.spec}: sample_batch({batch_size})")
+
+
+def check_batch(batch: Any, batch_size: int, *, where: str,
+                error: type[AsteroidError] = ModelSpecError,
+                ) -> tuple[tuple[torch.Tensor, ...], Any]:
+    """Check what a ``sample_batch(batch_size)`` returned; ``(inputs tuple, targets)``.
+
+    ``where`` starts every message (e.g. ``"model.py: sample_batch(8)"``); ``error`` is the
+    typed error to raise (``CostModelError`` when profiling).
+    """
+    if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+        got = type(batch).__name__
+        if isinstance(batch, (tuple, list)):
+            got += f" of length {len(batch)}"
+        raise error(f"{where} must return (inputs, targets), got {got}; inputs is a tuple "
+                    "of tensors with the batch dimension first")
+    inputs, targets = batch
+    if isinstance(inputs, torch.Tensor):
+        inputs = (inputs,)
+    if not isinstance(inputs, (tuple, list)) or not all(
+        isinstance(t, torch.Tensor) for t in inputs
+    ):
+        raise error(f"{where} must return (inputs, targets) with inputs a tuple of tensors, "
+                    f"got inputs of type {type(batch[0]).__name__}")
+    for i, t in enumerate(inputs):
+        if t.dim() == 0 or t.shape[0] != batch_size:
+            raise error(f"{where} input {i} has shape {tuple(t.shape)}; dimension 0 must be "
+                        f"the batch size {batch_size}")
+    return tuple(inputs), targets
 
 
 def load_model_spec(spec: str) -> ModelSpec:

@@ -40,6 +40,7 @@ from torch import fx
 from torch.utils._pytree import tree_flatten
 
 from asteroid_fx.errors import AsteroidError, CostModelError
+from asteroid_fx.model_spec import check_batch
 from cost_models.analytic import layer_node_costs
 from cost_models.hostspeed import measure_host_flops, measure_host_mem_bw, single_thread
 from cost_models.table import CostTable, LayerCost, TimeFit
@@ -279,31 +280,9 @@ def _draw(sample_batch: SampleBatch, b: int) -> tuple[torch.Tensor, ...]:
         raise CostModelError(
             f"sample_batch({b}) raised {type(exc).__name__}: {exc}"
         ) from exc
-    if not isinstance(result, (tuple, list)) or len(result) != 2:
-        got = type(result).__name__
-        if isinstance(result, (tuple, list)):
-            got += f" of length {len(result)}"
-        raise CostModelError(
-            f"sample_batch({b}) must return (inputs, targets), got {got}; inputs is a tuple "
-            "of tensors with the batch dimension first"
-        )
-    inputs = result[0]
-    if isinstance(inputs, torch.Tensor):
-        inputs = (inputs,)
-    if not isinstance(inputs, (tuple, list)) or not all(
-        isinstance(x, torch.Tensor) for x in inputs
-    ):
-        raise CostModelError(
-            f"sample_batch({b}) must return (inputs, targets) with inputs a tuple of tensors, "
-            f"got inputs of type {type(result[0]).__name__}"
-        )
-    for x in inputs:
-        if x.dim() == 0 or x.shape[0] != b:
-            raise CostModelError(
-                f"sample_batch({b}) returned an input of shape {tuple(x.shape)}; its first "
-                f"dimension must be the batch size {b}"
-            )
-    return tuple(inputs)
+    inputs, _targets = check_batch(result, b, where=f"sample_batch({b})",
+                                   error=CostModelError)
+    return inputs
 
 
 # -- the profiler -------------------------------------------------------------------------
