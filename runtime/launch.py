@@ -232,7 +232,9 @@ def _run_recovering(path: Path, emulate: str | Path | None, steps: int, seed: in
                          metrics=None if metrics is None else str(metrics))
     out = run_with_recovery(path, emulate, config, fail=fail, recovery=recovery,
                             progress=progress, **options)
-    assert out.plan is not None
+    if out.plan is None:
+        raise RuntimeFailure("training with recovery ended without a plan; see the log for "
+                             "the failure that stopped it")
     result = summarize(out.plan, out.workers, mode="emulate", factor=out.factor,
                        shaping=out.shaping)
     ordered = [out.records[k] for k in sorted(out.records)]

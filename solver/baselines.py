@@ -221,7 +221,8 @@ def dp_only(costs: CostTable, cluster: Cluster, batch_size: int, *,
         first = first or plan
         if _evaluate(plan, costs, cluster)[1]:
             return plan
-    assert first is not None  # options always holds m = 1
+    if first is None:
+        raise PlanError(f"dp-only found no micro-batch size dividing batch size {batch_size}")
     return first
 
 
@@ -493,7 +494,9 @@ def single_device(costs: CostTable, cluster: Cluster, batch_size: int, *,
             if fits and (best is None or round_time < best[0]):
                 best = (round_time, plan)
     chosen = best[1] if best is not None else fallback
-    assert chosen is not None
+    if chosen is None:
+        raise PlanError(f"device found no single-device plan for batch size {batch_size} on "
+                        f"devices {list(cluster.names)}")
     return _make_plan(costs, cluster, batch_size, chosen.num_micro_batches, chosen.stages,
                       "device", started, optimizer_state_factor, dict(chosen.planner.check))
 
