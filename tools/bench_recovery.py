@@ -39,6 +39,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from bench_models import mlp_source  # noqa: E402
+
 from runtime.launch import metrics_lines, run  # noqa: E402
 from runtime.recovery import run_with_recovery  # noqa: E402
 from runtime.train import TrainConfig  # noqa: E402
@@ -49,25 +51,7 @@ from solver.plan import Plan, Stage  # noqa: E402
 CLUSTER = ROOT / "examples" / "clusters" / "local3.yaml"
 BEGIN, END = "<!-- recovery-benchmark:begin -->", "<!-- recovery-benchmark:end -->"
 
-MODEL = '''
-"""Recovery benchmark MLP: 8 hidden layers of width 512."""
-import torch
-from torch import nn
-
-WIDTH, DEPTH, IN, OUT = 512, 8, 128, 10
-
-
-def build_model():
-    layers = [nn.Linear(IN, WIDTH), nn.ReLU()]
-    for _ in range(DEPTH - 1):
-        layers += [nn.Linear(WIDTH, WIDTH), nn.ReLU()]
-    layers.append(nn.Linear(WIDTH, OUT))
-    return nn.Sequential(*layers)
-
-
-def sample_batch(batch_size):
-    return (torch.randn(batch_size, IN),), torch.randint(0, OUT, (batch_size,))
-'''
+MODEL = mlp_source(512, 8, 128, 10)
 
 
 def _module(path: Path) -> Any:

@@ -39,6 +39,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from bench_models import mlp_source  # noqa: E402
+
 from runtime.emulator import (  # noqa: E402
     _free_port,
     _make_cgroups,
@@ -50,25 +52,7 @@ from solver.cluster import Cluster  # noqa: E402
 from solver.evaluate import evaluate  # noqa: E402
 from solver.plan import Plan  # noqa: E402
 
-MODEL = '''
-"""Benchmark MLP: 16 hidden layers of width 1024."""
-import torch
-from torch import nn
-
-WIDTH, DEPTH, IN, OUT = 1024, 16, 256, 10
-
-
-def build_model():
-    layers = [nn.Linear(IN, WIDTH), nn.ReLU()]
-    for _ in range(DEPTH - 1):
-        layers += [nn.Linear(WIDTH, WIDTH), nn.ReLU()]
-    layers.append(nn.Linear(WIDTH, OUT))
-    return nn.Sequential(*layers)
-
-
-def sample_batch(batch_size):
-    return (torch.randn(batch_size, IN),), torch.randint(0, OUT, (batch_size,))
-'''
+MODEL = mlp_source(1024, 16, 256, 10)
 
 CLUSTERS = {"3dev-1.0/0.5/0.5": [1.0, 0.5, 0.5], "4dev-1.0/0.6/0.4/0.4": [1.0, 0.6, 0.4, 0.4]}
 
