@@ -46,7 +46,7 @@ from typing import Any
 from asteroid_fx.errors import PlanError
 from cost_models.table import CostTable
 from solver.cluster import Cluster
-from solver.dp import prepend
+from solver.dp import PipelineSummary, dominates, prepend
 from solver.evaluate import (
     LayerSums,
     allreduce_time,
@@ -246,16 +246,17 @@ class _Search:
         A backward DP over the windows that summarises every suffix pipeline by
         ``(R, Xm, Pre, G)`` and prepends stages with ``solver.dp.prepend``, so a complete
         pipeline's ``R`` is the model's round time (exact up to the share caveat of
-        ``_stage_terms``); per start cut it keeps the Pareto front of summaries.
+        ``_stage_terms``); per start cut it keeps the Pareto front of summaries under
+        ``solver.dp.dominates``, the DP's own rule (exact with the drain term).
         """
         last = self.costs.num_layers - 1
         m = self.plan.batch_size // mb
         starts = [(-1, -1), *windows]  # the cut in front of stage s
-        Summary = tuple[float, float, float, float]
-        tails: dict[int, list[tuple[Summary | None, tuple[int, ...]]]] = {last: [(None, ())]}
+        tails: dict[int, list[tuple[PipelineSummary | None, tuple[int, ...]]]] = {
+            last: [(None, ())]}
         for s in reversed(range(len(self.groups))):
             lo, hi = starts[s]
-            nxt: dict[int, list[tuple[Summary, tuple[int, ...]]]] = {}
+            nxt: dict[int, list[tuple[PipelineSummary, tuple[int, ...]]]] = {}
             for end, entries in tails.items():
                 for start in range(lo, min(hi, end - 1) + 1):
                     terms = self._stage_terms(s, start, end, mb)
@@ -267,10 +268,9 @@ class _Search:
             tails = {}
             for key, bucket in nxt.items():
                 bucket.sort()
-                kept: list[tuple[Summary, tuple[int, ...]]] = []
+                kept: list[tuple[PipelineSummary, tuple[int, ...]]] = []
                 for item in bucket:  # sorted by R: keep what no kept summary dominates
-                    _, xm, pre, g = item[0]
-                    if not any(o[1] <= xm and o[2] <= pre and o[3] <= g for o, _ in kept):
+                    if not any(dominates(o, item[0], m) for o, _ in kept):
                         kept.append(item)
                         if len(kept) == self.front_cap:
                             break
