@@ -193,7 +193,8 @@ def profile(
         bar, update = _progress_callback("profiling")
         with bar:
             table = profile_fn(spec.build_model(), spec.sample_batch, batch_sizes=sizes,
-                               leaf_modules=_leaf(leaf), repeats=repeats, progress=update)
+                               leaf_modules=_leaf(leaf), repeats=repeats, progress=update,
+                               optimizer=spec.build_optimizer)
         table = _renamed(table, spec.name)
         table.save(out)
         console.print(f"profiled {table.num_layers} layers at batch sizes {list(sizes)} in "

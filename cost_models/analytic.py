@@ -42,12 +42,17 @@ from cost_models.table import CostTable, LayerCost, TimeFit
 if TYPE_CHECKING:
     from asteroid_fx.trace import LayerGraph
 
-__all__ = ["analytic_costs", "layer_node_costs", "OP_OVERHEAD_S"]
+__all__ = ["analytic_costs", "layer_node_costs", "OP_OVERHEAD_S", "SGD_UPDATE_TRAFFIC"]
 
 logger = logging.getLogger(__name__)
 
 #: Seconds of fixed overhead per op that does work (dispatch + kernel launch on a CPU).
 OP_OVERHEAD_S = 5e-6
+
+SGD_UPDATE_TRAFFIC = 3.0
+"""Bytes moved per parameter byte by one plain-SGD step (read weight and gradient, write
+the weight): the analytic ``CostTable.update_s_per_byte`` is this over the memory
+bandwidth."""
 
 
 def _positive(name: str, value: float | None) -> None:
@@ -176,4 +181,5 @@ def analytic_costs(
             "bwd_flops": [c.bwd_flops for c in costs],
             "bytes_moved": [c.bytes_moved for c in costs],
         },
+        update_s_per_byte=SGD_UPDATE_TRAFFIC / bw,
     )

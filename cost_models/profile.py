@@ -13,11 +13,29 @@ later layers need, it is timed on the captured inputs:
   model inputs do not), then only ``torch.autograd.backward`` with random output
   gradients is timed, median of ``repeats`` after ``warmup``.
 
-Calls faster than ~0.5 ms are repeated in a tight loop and averaged, so that timer noise
-does not swamp tiny layers. Every call gets fresh clones of its inputs (made outside the
-timed region), so in-place ops (``ReLU(inplace=True)``) neither fail nor accumulate.
+That is ``method="isolated"``: each layer runs again and again on the same inputs, so its
+weights stay in the CPU cache. In training they do not: a stage streams all its layers'
+weights (an MLP of 16 MB of weights at batch 8 measured 1.8x its isolated per-layer sum
+forward on this project's 2-core EPYC host), and the autograd engine runs the whole
+backward at once. So the default, ``method="chain"``, times every layer *in sequence*,
+as training runs it: one forward pass over all layers (each layer's time read between
+calls), then one backward pass in reverse layer order (each layer's
+``torch.autograd.backward`` on the output gradients its consumers produced), repeated
+``warmup + repeats`` times with the median per layer kept. The sum over a stage's layers
+then matches the stage's measured time (see tests/test_profile.py).
+
+Calls faster than ~0.5 ms are repeated in a tight loop and averaged (isolated mode), so
+that timer noise does not swamp tiny layers. Every call gets fresh clones of its inputs
+(made outside the timed region), so in-place ops (``ReLU(inplace=True)``) neither fail
+nor accumulate.
 Everything runs with ``torch.set_num_threads(1)`` (restored afterwards): a measured table
 means "one host core", as the emulator's speed 1.0 does (see :mod:`cost_models.hostspeed`).
+The process's C allocator gets the runtime workers' settings first
+(``asteroid_fx.allocator``), so both measure the same steady regime.
+The optimizer step is timed too: ``optimizer(params)`` (default plain SGD, as
+``asteroid-fx run``) steps over the model's parameters with random gradients, median of
+``repeats``; ``CostTable.update_s_per_byte`` is that time per parameter byte (the
+planner's ``T_a`` adds it per stage, ``solver.evaluate``).
 Then ``time(b) = intercept + per_sample * b`` is fitted by non-negative least squares;
 the raw medians are kept in ``CostTable.meta``. The model's parameters, gradients,
 buffers (BatchNorm running statistics), train/eval flags and the torch RNG state are
@@ -39,6 +57,7 @@ import torch
 from torch import fx
 from torch.utils._pytree import tree_flatten
 
+from asteroid_fx.allocator import tune_allocator
 from asteroid_fx.errors import AsteroidError, CostModelError
 from asteroid_fx.model_spec import check_batch
 from cost_models.analytic import layer_node_costs
@@ -54,6 +73,9 @@ logger = logging.getLogger(__name__)
 
 SampleBatch = Callable[[int], Any]
 Progress = Callable[[int, int, str], None]
+BuildOptimizer = Callable[[list[torch.nn.Parameter]], torch.optim.Optimizer]
+
+_METHODS = ("chain", "isolated")
 
 #: A timed call shorter than this is repeated in a loop and averaged.
 _MIN_TIMED_S = 5e-4
@@ -332,6 +354,8 @@ def profile(
     example_inputs: tuple[torch.Tensor, ...] | None = None,
     graph: LayerGraph | None = None,
     model_name: str = "",
+    method: str = "chain",
+    optimizer: BuildOptimizer | None = None,
 ) -> CostTable:
     """Measure every layer's forward and backward time on one core of this host.
 
@@ -346,10 +370,15 @@ def profile(
         leaf_modules: module types or names that tracing keeps whole.
         repeats: timed runs per layer and batch size (the median is used).
         warmup: untimed runs before them.
-        progress: called as ``progress(done, total, what)`` after each layer measured.
+        progress: called as ``progress(done, total, what)`` after each pass over the layers
+            (chain) or each layer measured (isolated).
         example_inputs: inputs used for tracing (default: ``sample_batch(max(batch_sizes))``).
         graph: an already traced layer graph of ``model`` (skips tracing).
         model_name: recorded in the table (default: the class name).
+        method: ``"chain"`` (layers timed in sequence, as training runs them; default) or
+            ``"isolated"`` (each layer repeated on its own, warm caches).
+        optimizer: ``optimizer(params)`` builds the optimizer whose step is timed
+            (default: ``torch.optim.SGD(params, lr=0.01)``).
 
     Returns:
         A :class:`~cost_models.table.CostTable` with source ``"measured"``.
@@ -364,7 +393,11 @@ def profile(
         raise CostModelError(f"repeats must be an integer >= 1, got {repeats!r}")
     if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
         raise CostModelError(f"warmup must be an integer >= 0, got {warmup!r}")
+    if method not in _METHODS:
+        raise CostModelError(
+            f"unknown profiling method {method!r}; use one of {', '.join(_METHODS)}")
     started = time.perf_counter()
+    tune_allocator()
     name = model_name or type(model).__name__
     state = _ModelState(model)
     try:
@@ -389,7 +422,9 @@ def profile(
             try:
                 graph.graph_module.train()
                 with single_thread():
-                    fwd, bwd = _measure(graph, sample_batch, sizes, repeats, warmup, progress)
+                    measure = _measure_chain if method == "chain" else _measure
+                    fwd, bwd = measure(graph, sample_batch, sizes, repeats, warmup, progress)
+                    update_s = _measure_update(graph.graph_module, optimizer, repeats, warmup)
             finally:
                 gm_state.restore()
     finally:
@@ -410,6 +445,7 @@ def profile(
                 buffer_bytes=layer.buffer_bytes,
             )
         )
+    param_bytes = sum(layer.param_bytes for layer in layers)
     wall = time.perf_counter() - started
     logger.info("profiled %s: %d layers at batch sizes %s in %.1f s",
                 name, len(layers), list(sizes), wall)
@@ -430,9 +466,12 @@ def profile(
             "repeats": repeats,
             "warmup": warmup,
             "num_threads": 1,
+            "method": method,
+            "update_s": update_s,
             "host_mem_bw": float(host_bw),
             "profile_wall_s": wall,
         },
+        update_s_per_byte=update_s / param_bytes if param_bytes > 0 else 0.0,
     )
 
 
@@ -490,3 +529,143 @@ def _measure(
             if progress is not None:
                 progress(done, total, f"batch {b}: layer {layer.index} {name}")
     return fwd, bwd
+
+
+def _float_tensor(value: Any) -> bool:
+    return isinstance(value, torch.Tensor) and (value.is_floating_point() or value.is_complex())
+
+
+def _measure_chain(
+    graph: LayerGraph,
+    sample_batch: SampleBatch,
+    sizes: tuple[int, ...],
+    repeats: int,
+    warmup: int,
+    progress: Progress | None,
+) -> tuple[list[list[float]], list[list[float]]]:
+    """Median forward / backward seconds, ``[layer][batch size index]``, timed in sequence.
+
+    Each pass: forward through all layers (a layer's inputs produced by earlier layers
+    enter as fresh leaves that require grad, cloned outside the timed region so in-place
+    layers stay legal), then backward in reverse layer order, each layer getting the sum
+    of the gradients its consumers left on its outputs (random for the model's outputs).
+    """
+    layers = split_layers(graph)
+    placeholders = [n.name for n in graph.graph_module.graph.nodes if n.op == "placeholder"]
+    fwd = [[0.0] * len(sizes) for _ in layers]
+    bwd = [[0.0] * len(sizes) for _ in layers]
+    passes = warmup + repeats
+    total = len(sizes) * passes
+    _prewarm_autograd()
+    # Gradients accumulate over the passes, as over the micro-batches of a round (the
+    # steady state of M > 1), in tensors of our own: the caller's .grad objects stay as
+    # they were (the profiler's _ModelState puts them back).
+    for p in graph.graph_module.parameters():
+        p.grad = None
+    if progress is not None:
+        progress(0, total, "starting")
+    for j, b in enumerate(sizes):
+        inputs = _draw(sample_batch, b)
+        if len(inputs) != len(placeholders):
+            raise CostModelError(
+                f"sample_batch({b}) returned {len(inputs)} inputs but the model takes "
+                f"{len(placeholders)} ({', '.join(placeholders)})"
+            )
+        f_samples: list[list[float]] = [[] for _ in layers]
+        b_samples: list[list[float]] = [[] for _ in layers]
+        for run in range(passes):
+            f_times, b_times = _chain_pass(graph, layers, placeholders, inputs, b)
+            if run >= warmup:
+                for i in range(len(layers)):
+                    f_samples[i].append(f_times[i])
+                    b_samples[i].append(b_times[i])
+            if progress is not None:
+                progress(j * passes + run + 1, total,
+                         f"batch {b}: pass {run + 1}/{passes} over {len(layers)} layers")
+        for i in range(len(layers)):
+            fwd[i][j] = statistics.median(f_samples[i])
+            bwd[i][j] = statistics.median(b_samples[i])
+    return fwd, bwd
+
+
+def _chain_pass(graph: LayerGraph, layers: Sequence[LayerModule], placeholders: Sequence[str],
+                inputs: Sequence[torch.Tensor], b: int) -> tuple[list[float], list[float]]:
+    """One timed forward pass then one timed backward pass over every layer."""
+    env: dict[str, Any] = dict(zip(placeholders, inputs, strict=True))
+    leaves: list[list[tuple[str, torch.Tensor]]] = []
+    outputs: list[tuple[Any, ...]] = []
+    f_times = [0.0] * len(layers)
+    b_times = [0.0] * len(layers)
+    with torch.enable_grad():
+        for layer in layers:
+            args: list[Any] = []
+            mine: list[tuple[str, torch.Tensor]] = []
+            for name in layer.inputs:
+                value = env[name]
+                if name not in placeholders and _float_tensor(value):
+                    leaf = value.detach().requires_grad_(True)
+                    mine.append((name, leaf))
+                    value = leaf
+                args.append(value.clone() if isinstance(value, torch.Tensor) else value)
+            try:
+                start = time.perf_counter()
+                out = layer.module(*args)
+                f_times[layer.index] = time.perf_counter() - start
+            except AsteroidError:
+                raise
+            except Exception as exc:
+                raise CostModelError(
+                    f"the model failed to run at layer {layer.index} "
+                    f"({graph.layers[layer.index].name!r}) on a batch of {b}: "
+                    f"{type(exc).__name__}: {exc}"
+                ) from exc
+            outs = tuple(out)
+            for out_name, value in zip(layer.outputs, outs, strict=True):
+                env[out_name] = value
+            leaves.append(mine)
+            outputs.append(outs)
+        grads: dict[str, torch.Tensor] = {}
+        for layer in reversed(layers):
+            pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
+            for out_name, value in zip(layer.outputs, outputs[layer.index], strict=True):
+                if isinstance(value, torch.Tensor) and value.requires_grad:
+                    grad = grads.pop(out_name, None)
+                    pairs.append((value, torch.randn_like(value) if grad is None else grad))
+            if pairs:
+                start = time.perf_counter()
+                torch.autograd.backward([t for t, _ in pairs], [g for _, g in pairs])
+                b_times[layer.index] = time.perf_counter() - start
+            outputs[layer.index] = ()
+            for name, leaf in leaves[layer.index]:
+                if leaf.grad is not None:
+                    grads[name] = leaf.grad if name not in grads else grads[name] + leaf.grad
+    return f_times, b_times
+
+
+def _measure_update(module: torch.nn.Module, optimizer: BuildOptimizer | None, repeats: int,
+                    warmup: int) -> float:
+    """Median seconds of one optimizer step over ``module``'s parameters (restored after)."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    if not params:
+        return 0.0
+    saved = [p.detach().clone() for p in params]
+    try:
+        opt = (optimizer(params) if optimizer is not None
+               else torch.optim.SGD(params, lr=0.01))
+    except Exception as exc:
+        raise CostModelError(
+            f"build_optimizer(params) failed: {type(exc).__name__}: {exc}") from exc
+    try:
+        for p in params:
+            p.grad = torch.randn_like(p)
+        samples = []
+        for run in range(warmup + repeats):
+            start = time.perf_counter()
+            opt.step()
+            if run >= warmup:
+                samples.append(time.perf_counter() - start)
+        return statistics.median(samples)
+    finally:
+        with torch.no_grad():
+            for p, value in zip(params, saved, strict=True):
+                p.copy_(value)

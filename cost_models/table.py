@@ -104,7 +104,8 @@ class CostTable:
     cut between layer ``i`` and layer ``i + 1`` (skip connections included), so it has
     ``len(layers) - 1`` entries. ``host_flops`` is the effective FLOP/s of one core of
     the profiling host; built-in device types are scaled against it (see
-    ``cost_models.devices``).
+    ``cost_models.devices``). ``update_s_per_byte`` is the host's time for one optimizer
+    step per byte of parameters (0 when unknown: tables from before it was measured).
     """
 
     layers: tuple[LayerCost, ...]
@@ -118,8 +119,14 @@ class CostTable:
     torch_version: str = ""
     batch_sizes: tuple[int, ...] = ()
     meta: Mapping[str, Any] = field(default_factory=dict)
+    update_s_per_byte: float = 0.0  # one optimizer step, seconds per parameter byte
 
     def __post_init__(self) -> None:
+        if not (math.isfinite(self.update_s_per_byte) and self.update_s_per_byte >= 0):
+            raise CostModelError(
+                f"update_s_per_byte must be finite and >= 0, got {self.update_s_per_byte!r}; "
+                "re-run `asteroid-fx profile`"
+            )
         if not self.layers:
             raise CostModelError("a cost table needs at least one layer, got none")
         if len(self.cut_bytes) != len(self.layers) - 1:
@@ -156,6 +163,7 @@ class CostTable:
             "cut_bytes": list(self.cut_bytes),
             "layers": [layer.to_dict() for layer in self.layers],
             "meta": dict(self.meta),
+            "update_s_per_byte": self.update_s_per_byte,
         }
 
     def to_json(self) -> str:
@@ -184,6 +192,7 @@ class CostTable:
                 torch_version=str(data.get("torch_version", "")),
                 batch_sizes=tuple(int(b) for b in data.get("batch_sizes", ())),
                 meta=dict(data.get("meta", {})),
+                update_s_per_byte=float(data.get("update_s_per_byte", 0.0)),
             )
         except KeyError as exc:
             raise CostModelError(f"cost table is missing the field {exc.args[0]!r}") from exc

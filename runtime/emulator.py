@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from asteroid_fx.allocator import tune_allocator
 from asteroid_fx.errors import RuntimeFailure, StageFailure
 from runtime.comm import CommFailure
 from runtime.train import StageSource, TrainConfig, WorkerResult, train_device
@@ -32,6 +33,8 @@ __all__ = [
     "cgroup_available",
     "cfs_settings",
     "emulation_setup",
+    "usable_cores",
+    "RESERVED_CORES",
     "launch_local",
     "emulate",
 ]
@@ -48,9 +51,15 @@ _CFS_PERIOD_US = 5_000
 # period would let a short burst after idle waiting run at full speed) when
 # /sys/fs/cgroup/cpu is writable, otherwise by time
 # dilation (after each forward/backward it sleeps (1/speed - 1) x the measured compute).
-# When the speeds add up to more than the host's cores, every speed is divided by one common
-# factor f = sum(speeds) / cores and every link's bandwidth too, so the whole emulated time
-# axis stretches by exactly f: measured times compare with f x the plan's predicted times.
+# When the speeds add up to more than the cores the emulator may use, every speed is
+# divided by one common factor f = sum(speeds) / usable cores and every link's bandwidth
+# too, so the whole emulated time axis stretches by exactly f: measured times compare with
+# f x the plan's predicted times. The usable cores are the host's minus RESERVED_CORES
+# (unless given explicitly): the launcher, gloo's communication threads, heartbeats and
+# the OS need CPU too, and a device process whose quota is the whole remaining host
+# starves. Measured on this project's 2-core host (tools/bench_runtime.py, MLP pipeline
+# of 3 devices 1.0/0.5/0.5, micro-batch 8): the dominant stage ran 1.28x its predicted
+# compute with all 2 cores handed out, 1.10x with 1.6, 1.03x with 1.2.
 
 
 @dataclass(frozen=True)
@@ -61,7 +70,7 @@ class EmulationSetup:
     speeds: tuple[float, ...]            # as declared (relative to one host core)
     factor: float                        # common slow-down (>= 1)
     link_bytes_s: tuple[tuple[float, ...], ...]   # already divided by factor
-    host_cores: int
+    host_cores: float                    # cores the devices share (see usable_cores)
 
     @property
     def effective_speeds(self) -> tuple[float, ...]:
@@ -79,6 +88,18 @@ class EmulationResult:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+RESERVED_CORES = 0.5
+"""Host CPU the emulator leaves to the launcher, communication threads and the OS."""
+
+
+def usable_cores(host_cores: float | None = None) -> float:
+    """Cores the emulated devices may share: ``host_cores`` if given, else the host's
+    cores minus ``RESERVED_CORES`` (at least half a core)."""
+    if host_cores is not None:
+        return float(host_cores)
+    return max(0.5, _host_cores() - RESERVED_CORES)
+
+
 def _host_cores() -> int:
     try:
         return len(os.sched_getaffinity(0))
@@ -91,7 +112,7 @@ def cgroup_available() -> bool:
     return (CGROUP_ROOT / "cpu.cfs_quota_us").exists() and os.access(CGROUP_ROOT, os.W_OK)
 
 
-def emulation_setup(plan: Plan, cluster: Any, *, host_cores: int | None = None,
+def emulation_setup(plan: Plan, cluster: Any, *, host_cores: float | None = None,
                     host_flops: float | None = None) -> EmulationSetup:
     """Speeds and bandwidths of the plan's devices in ``cluster`` (a ``solver.cluster.Cluster``
     or a path to cluster.yaml). Devices given by FLOP/s only (Jetson types) are scaled to
@@ -111,7 +132,7 @@ def emulation_setup(plan: Plan, cluster: Any, *, host_cores: int | None = None,
         host_flops = max(flops) if flops else 1.0
     all_speeds = cluster.speeds(host_flops)
     speeds = tuple(float(all_speeds[d]) for d in plan.devices)
-    cores = host_cores or _host_cores()
+    cores = usable_cores(host_cores)
     factor = max(1.0, sum(speeds) / cores)
     links = tuple(tuple(math.inf if a == b else cluster.bandwidth_bytes_s(a, b) / factor
                         for b in plan.devices) for a in plan.devices)
@@ -137,6 +158,7 @@ def _worker(rank: int, world: int, port: int, source: StageSource, config: Train
     try:
         _exit_with_parent()
         torch.set_num_threads(1)
+        tune_allocator()
         store = dist.TCPStore("127.0.0.1", port, world, is_master=False,
                               timeout=timedelta(seconds=config.timeout_s))
         while True:
@@ -355,7 +377,7 @@ def launch_local(source: StageSource, world: int, config: TrainConfig, *,
 
 def emulate(source: StageSource, cluster: Any, config: TrainConfig, *,
             progress: Callable[[Mapping[str, Any]], None] | None = None,
-            timeout_s: float = 600.0, host_cores: int | None = None,
+            timeout_s: float = 600.0, host_cores: float | None = None,
             host_flops: float | None = None, use_cgroups: bool | None = None
             ) -> EmulationResult:
     """Train ``source`` on an emulated ``cluster`` (see [Note: emulated speed])."""
@@ -375,8 +397,9 @@ def emulate(source: StageSource, cluster: Any, config: TrainConfig, *,
     if cgroups is None and any(s < 1.0 for s in speeds):
         shaping = "dilation"
     if setup.factor > 1.0:
-        log.warning("device speeds add up to %.2f cores but this host has %d: every device "
-                    "and link is slowed by a common factor %.2f", sum(setup.speeds),
+        log.warning("device speeds add up to %.2f cores but the emulator may use %.2f of this "
+                    "host's: every device and link is slowed by a common factor %.2f",
+                    sum(setup.speeds),
                     setup.host_cores, setup.factor)
     started = time.perf_counter()
     try:

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from asteroid_fx.allocator import tune_allocator
 from asteroid_fx.errors import RuntimeFailure
 from runtime.train import DirectorySource, StageSource, TrainConfig, WorkerResult, train_device
 from solver.plan import Plan
@@ -118,7 +119,7 @@ def run_source(source: StageSource, *, emulate: Any = None, steps: int = 10, see
                lr: float = 0.01, metrics: str | Path | None = None,
                progress: Callable[[Mapping[str, Any]], None] | None = None,
                timeout_s: float = 120.0, return_state: bool = False,
-               host_cores: int | None = None) -> RunResult:
+               host_cores: float | None = None) -> RunResult:
     """:func:`run` for any :class:`~runtime.train.StageSource` (tests, benchmarks)."""
     if steps < 1:
         raise RuntimeFailure(f"steps must be >= 1, got {steps}")
@@ -157,6 +158,7 @@ def _run_torchrun(source: StageSource, plan: Plan, config: TrainConfig,
     else:
         device = torch.device("cpu")
     backend = "nccl" if cuda and dist.is_nccl_available() else "gloo"
+    tune_allocator()
     dist.init_process_group(backend, timeout=timedelta(seconds=config.timeout_s))
     log.info("rank %d runs device %s (stage %d) on %s with %s", rank, plan.devices[rank],
              plan.stage_of(plan.devices[rank]), device, backend)

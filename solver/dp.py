@@ -297,6 +297,8 @@ class _Search:
         self.np_bs = np.asarray(sums.bwd_slope, dtype=np.float64)
         self.speed_total = [[sum(speeds[a:b]) for b in range(len(speeds) + 1)]
                             for a in range(len(speeds))]
+        self.slowest = [[min(speeds[a:b], default=1.0) for b in range(len(speeds) + 1)]
+                        for a in range(len(speeds))]
         self.min_bw = [[0.0] * (self.n + 1) for _ in range(self.n)]
         for a in range(self.n):
             low = math.inf
@@ -402,7 +404,8 @@ class _Search:
                     cb = np.maximum(cb, (b_int[:fits] + b_slope[:fits] * b) / v)
                 for k in range(fits):
                     last = lasts[k]
-                    ta = allreduce_from(j - i, sums.params(first, last), self.min_bw[i][j])
+                    ta = (allreduce_from(j - i, sums.params(first, last), self.min_bw[i][j])
+                          + sums.update_time(first, last, self.slowest[i][j]))
                     out.append((first, last, i, j, free, float(cf[k]), float(cb[k]), ta,
                                 free_id))
             for k in range(fits, len(lasts)):
@@ -412,7 +415,8 @@ class _Search:
                 if shares is None:  # longer stages need even more memory
                     break
                 cfs, cbs = sums.compute(first, last, shares, self.speeds[i:j])
-                ta = allreduce_from(j - i, sums.params(first, last), self.min_bw[i][j])
+                ta = (allreduce_from(j - i, sums.params(first, last), self.min_bw[i][j])
+                      + sums.update_time(first, last, self.slowest[i][j]))
                 out.append((first, last, i, j, shares, cfs, cbs, ta, self.iface(i, j, shares)))
         self._options[key] = out
         return out

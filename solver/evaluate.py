@@ -15,8 +15,12 @@ For stage ``s`` with layers ``D_s`` on devices ``G_s`` (shares ``b_d``, speeds `
   way, so ``comm_b == comm_f``. Model inputs (stage 0) and labels are local.
 * ``E_f = compute_f + comm_f``, ``E_b = compute_b + comm_b``, ``X = E_f + E_b``.
 * ``T_a`` ring all-reduce of the stage's parameter bytes over the slowest link of the
-  group (0 for a single device). ``T_w`` / ``T_e`` as in DESIGN.md, with the drain
-  correction below.
+  group (0 for a single device), plus the optimizer step on the group's slowest device,
+  ``param_bytes * update_s_per_byte / v`` (``CostTable.update_s_per_byte``, measured by
+  the profiler; 0 in tables without it). DESIGN.md's ``T_a`` is the all-reduce alone;
+  the step is added because the round ends only after it, and for parameter-heavy
+  stages it is several percent of a round. ``T_w`` / ``T_e`` as in DESIGN.md, with the
+  drain correction below.
 * The dominant stage is the one with the largest ``X``; on exact ties the **last** such
   stage wins. With two equal stages this gives the physically right ``(M + 1) X``
   (the first of them must also wait for the second's last micro-batch); the first would
@@ -64,7 +68,7 @@ stage weights and optimizer state, ``param_bytes * (1 + optimizer_state_factor)`
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from itertools import accumulate
 
@@ -81,6 +85,7 @@ __all__ = [
     "transfer_time",
     "allreduce_time",
     "allreduce_from",
+    "stage_tail_time",
     "stage_memory_bytes",
     "stage_memory_parts",
     "memory_from_parts",
@@ -112,6 +117,7 @@ class LayerSums:
     param_bytes: tuple[int, ...]
     buffer_bytes: tuple[int, ...]
     activation_bytes: tuple[int, ...]
+    update_per_byte: float = 0.0
 
     @classmethod
     def of(cls, costs: CostTable) -> LayerSums:
@@ -131,6 +137,7 @@ class LayerSums:
             param_bytes=pre_i([lc.param_bytes for lc in layers]),
             buffer_bytes=pre_i([lc.buffer_bytes for lc in layers]),
             activation_bytes=pre_i([lc.activation_bytes for lc in layers]),
+            update_per_byte=costs.update_s_per_byte,
         )
 
     @property
@@ -161,6 +168,10 @@ class LayerSums:
         inter = self.bwd_intercept[last + 1] - self.bwd_intercept[first]
         slope = self.bwd_slope[last + 1] - self.bwd_slope[first]
         return (inter + slope * share) / speed
+
+    def update_time(self, first: int, last: int, speed: float) -> float:
+        """Seconds of one optimizer step over layers ``first..last`` at ``speed``."""
+        return self.params(first, last) * self.update_per_byte / speed
 
     def compute(self, first: int, last: int, shares: Sequence[int],
                 speeds: Sequence[float]) -> tuple[float, float]:
@@ -217,6 +228,14 @@ def allreduce_from(group_size: int, param_bytes: int, min_bw: float) -> float:
     if group_size <= 1 or param_bytes <= 0:
         return 0.0
     return 2.0 * (group_size - 1) * param_bytes / (group_size * min_bw)
+
+
+def stage_tail_time(cluster: Cluster, devices: Sequence[str], sums: LayerSums, first: int,
+                    last: int, speeds: Mapping[str, float]) -> float:
+    """``T_a``: the group's all-reduce plus the optimizer step on its slowest device."""
+    slowest = min(speeds[d] for d in devices)
+    return (allreduce_time(cluster, devices, sums.params(first, last))
+            + sums.update_time(first, last, slowest))
 
 
 def in_flight(num_micro_batches: int, num_stages: int, stage: int, schedule: str = "1f1b") -> int:
@@ -339,7 +358,8 @@ def evaluate(plan: Plan, costs: CostTable, cluster: Cluster) -> Prediction:
             prev = plan.stages[s - 1]
             comm.append(transfer_time(cluster, prev.devices, prev.shares, stage.devices,
                                       stage.shares, costs.cut_bytes[stage.first - 1]))
-        t_a.append(allreduce_time(cluster, stage.devices, sums.params(stage.first, stage.last)))
+        t_a.append(stage_tail_time(cluster, stage.devices, sums, stage.first, stage.last,
+                                   speeds))
 
     e_f = [cf + c for (cf, _), c in zip(compute, comm, strict=True)]
     e_b = [cb + c for (_, cb), c in zip(compute, comm, strict=True)]

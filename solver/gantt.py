@@ -13,8 +13,10 @@ COLOURS: dict[str, str] = {
     "B": "#DD8452",
     "SEND": "#8C8C8C",
     "ALLREDUCE": "#55A868",
+    "UPDATE": "#8172B3",
 }
-_LABELS = {"F": "forward", "B": "backward", "SEND": "transfer", "ALLREDUCE": "all-reduce"}
+_LABELS = {"F": "forward", "B": "backward", "SEND": "transfer", "ALLREDUCE": "all-reduce",
+           "UPDATE": "optimizer step"}
 
 
 def gantt_png(result: SimResult, path: str | Path, *, title: str = "",

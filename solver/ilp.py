@@ -45,7 +45,7 @@ from asteroid_fx.errors import PlanError
 from cost_models.table import CostTable
 from solver.cluster import Cluster
 from solver.dp import micro_batch_choices, sorted_devices
-from solver.evaluate import LayerSums, allreduce_time, transfer_time
+from solver.evaluate import LayerSums, stage_tail_time, transfer_time
 from solver.plan import Plan, PlannerInfo, Stage
 from solver.split import split_stage
 
@@ -127,8 +127,8 @@ def _candidates(costs: CostTable, names: Sequence[str], speeds: Sequence[float],
                     if shares is None:
                         continue
                     cf, cb = sums.compute(first, last, shares, [speeds[d] for d in g])
-                    ta = allreduce_time(cluster, [names[d] for d in g],
-                                        sums.params(first, last))
+                    ta = stage_tail_time(cluster, [names[d] for d in g], sums, first, last,
+                                         {names[d]: speeds[d] for d in g})
                     out.append(_Cand(r, first, last, g, shares, cf, cb, ta))
     return out
 

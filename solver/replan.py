@@ -49,10 +49,10 @@ from solver.cluster import Cluster
 from solver.dp import PipelineSummary, dominates, prepend
 from solver.evaluate import (
     LayerSums,
-    allreduce_time,
     evaluate,
     in_flight,
     stage_memory_bytes,
+    stage_tail_time,
     transfer_time,
 )
 from solver.plan import Plan, PlannerInfo, Stage
@@ -237,7 +237,7 @@ class _Search:
             if comm == math.inf:
                 return None
         return (cf + comm, cb + comm,
-                allreduce_time(self.cluster, group, self.sums.params(start + 1, end)))
+                stage_tail_time(self.cluster, group, self.sums, start + 1, end, self.speeds))
 
     def window_dp(self, windows: list[tuple[int, int]], mb: int,
                   keep: int = 3) -> list[tuple[float, tuple[int, ...]]]:

@@ -48,13 +48,14 @@ from solver.plan import Plan
 
 __all__ = ["SimEvent", "SimResult", "simulate", "program_order"]
 
-_KINDS = ("F", "B", "SEND", "ALLREDUCE")
+_KINDS = ("F", "B", "SEND", "ALLREDUCE", "UPDATE")
 
 
 @dataclass(frozen=True)
 class SimEvent:
     """One interval of work: ``kind`` is F, B, SEND (a transfer; ``peer`` is the other end,
-    ``device`` the end that is busy or, with overlapped comm, the receiver) or ALLREDUCE."""
+    ``device`` the end that is busy or, with overlapped comm, the receiver), ALLREDUCE or
+    UPDATE (the optimizer step)."""
 
     device: str
     kind: str
@@ -288,15 +289,21 @@ def simulate(plan: Plan, costs: CostTable, cluster: Cluster, *, rounds: int = 1,
                                 add(("SENDB", r, s, d, src, m), secs, d, blocking, (d, src),
                                     "SEND", s, m, r, [("B", r, s, d, m)], peer=src)
             group = stages[s].devices
-            last = [("B", r, s, d, m) for d in group for m in range(m_count)]
+            last: list[tuple[Any, ...]] = [("B", r, s, d, m) for d in group
+                                           for m in range(m_count)]
             secs = allreduce_time(cluster, stages[s].devices,
                                   sums.params(stages[s].first, stages[s].last))
             if secs > 0:
                 for d in group:
                     add(("AR", r, s, d), secs, d, True, None, "ALLREDUCE", s, -1, r, last)
-                round_end[(r, s)] = [("AR", r, s, d) for d in group]
-            else:
-                round_end[(r, s)] = last
+                last = [("AR", r, s, d) for d in group]
+            step = sums.update_time(stages[s].first, stages[s].last,
+                                    min(speeds[d] for d in group))
+            if step > 0:
+                for d in group:
+                    add(("UP", r, s, d), step, d, True, None, "UPDATE", s, -1, r, last)
+                last = [("UP", r, s, d) for d in group]
+            round_end[(r, s)] = last
     for task, deps in zip(tasks, wants, strict=True):
         task.deps.extend(index[k] for k in deps)
 

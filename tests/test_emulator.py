@@ -68,6 +68,22 @@ def test_setup_scales_speeds_and_links_by_one_factor() -> None:
     assert relaxed.factor == 1.0
 
 
+def test_default_cores_leave_a_reserve(monkeypatch: pytest.MonkeyPatch) -> None:
+    import runtime.emulator as emulator
+
+    monkeypatch.setattr(emulator, "_host_cores", lambda: 2)
+    assert emulator.usable_cores() == pytest.approx(2 - emulator.RESERVED_CORES)
+    assert emulator.usable_cores(2) == 2.0
+    monkeypatch.setattr(emulator, "_host_cores", lambda: 1)
+    assert emulator.usable_cores() == pytest.approx(0.5)
+    plan = Plan("m", "c", 4, 4, 1, (Stage((0, 0), ("a", "b"), (2, 2)),
+                                    Stage((1, 1), ("c",), (4,))))
+    monkeypatch.setattr(emulator, "_host_cores", lambda: 2)
+    setup = emulation_setup(plan, _cluster({"a": 1.0, "b": 0.5, "c": 0.5}))
+    assert setup.factor == pytest.approx(2.0 / 1.5)
+    assert setup.host_cores == pytest.approx(1.5)
+
+
 def test_setup_rejects_devices_missing_from_cluster() -> None:
     with pytest.raises(RuntimeFailure, match=r"plan devices \['b'\] are not in the cluster"):
         emulation_setup(_plan2(), _cluster({"a": 1.0}))

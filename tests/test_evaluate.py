@@ -238,3 +238,60 @@ def test_unknown_device_is_rejected() -> None:
 def test_bad_replicas_are_rejected() -> None:
     with pytest.raises(PlanError, match="unknown device 'zz'"):
         evaluate(_plan3(replicas={"d0": ("zz",)}), _costs3(), _cluster3())
+
+
+def _with_update(costs: CostTable, per_byte: float) -> CostTable:
+    from dataclasses import replace
+
+    return replace(costs, update_s_per_byte=per_byte)
+
+
+def test_optimizer_step_is_part_of_t_a() -> None:
+    costs = _with_update(uniform_costs(3, param_bytes=1000), 1e-6)
+    cluster = make_cluster([1.0, 0.5], bandwidth_mbps=8.0)
+    plan = Plan(model_hash="h", cluster_hash="c", batch_size=6, micro_batch_size=3,
+                num_micro_batches=2, stages=(Stage((0, 2), ("d0", "d1"), (2, 1)),))
+    pred = evaluate(plan, costs, cluster)
+    x = (3 * 0.01 * 2) + (3 * 0.02 * 2)
+    ta = 2 * 1 * 3000 / (2 * 1e6)
+    step = 3000 * 1e-6 / 0.5  # the slowest member (speed 0.5) decides
+    assert pred.stages[0].t_a == pytest.approx(ta + step)
+    assert pred.round_time_s == pytest.approx(2 * x + ta + step)
+    sim = simulate(plan, costs, cluster)
+    assert sim.round_time_s == pytest.approx(pred.round_time_s)
+    assert {e.kind for e in sim.events} >= {"ALLREDUCE", "UPDATE"}
+
+
+def test_update_time_round_trips_and_is_validated() -> None:
+    costs = _with_update(uniform_costs(2), 2.5e-10)
+    assert CostTable.from_json(costs.to_json()).update_s_per_byte == 2.5e-10
+    legacy = costs.to_dict()
+    del legacy["update_s_per_byte"]
+    assert CostTable.from_dict(legacy).update_s_per_byte == 0.0
+    from asteroid_fx.errors import CostModelError
+
+    with pytest.raises(CostModelError, match="update_s_per_byte"):
+        _with_update(costs, -1.0)
+
+
+def test_planners_agree_with_an_optimizer_step() -> None:
+    import random
+
+    from solver.brute import brute_force
+    from solver.dp import asteroid_dp
+    from solver.ilp import ilp_plan
+    from tests.solver_cases import random_cluster, random_costs
+
+    for seed in range(6):
+        rng = random.Random(seed)
+        costs = _with_update(random_costs(rng, 5), 2e-9)
+        cluster = random_cluster(rng, 3)
+        dp = asteroid_dp(costs, cluster, 4)
+        brute = brute_force(costs, cluster, 4)
+        assert dp.round_time_s == pytest.approx(brute.round_time_s, rel=1e-9)
+        if dp.plan is None:
+            continue
+        assert evaluate(dp.plan, costs, cluster).round_time_s == pytest.approx(
+            brute.round_time_s, rel=1e-9)
+        ilp = ilp_plan(costs, cluster, 4)
+        assert ilp.round_time_s == pytest.approx(brute.round_time_s, rel=1e-6)

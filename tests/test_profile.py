@@ -112,9 +112,11 @@ def test_model_state_threads_and_rng_are_restored() -> None:
         assert torch.equal(value, before[key]), key
     assert torch.equal(model.conv1.weight.grad, torch.ones_like(model.conv1.weight))
     assert model.conv2.weight.grad is None
-    assert progress[0] == (0, table.num_layers, "starting")
-    assert progress[-1][:2] == (table.num_layers, table.num_layers)
-    assert [d for d, _, _ in progress] == list(range(table.num_layers + 1))
+    passes = 1  # warmup 0 + repeats 1, one batch size
+    assert progress[0] == (0, passes, "starting")
+    assert [d for d, _, _ in progress] == list(range(passes + 1))
+    assert all(t == passes for _, t, _ in progress)
+    assert table.update_s_per_byte > 0 and table.meta["method"] == "chain"
 
 
 def test_split_layers_reproduce_the_model() -> None:
@@ -218,3 +220,61 @@ def test_integer_values_between_layers_get_no_gradient() -> None:
                     repeats=1, warmup=0)
     assert table.num_layers >= 2
     assert all(c.fwd.at(2) > 0 for c in table.layers)
+
+
+def test_chain_pass_gradients_equal_a_plain_backward() -> None:
+    """The layer-by-layer backward of chain mode (gradients of a value read by several
+    layers are summed) computes exactly the whole model's parameter gradients."""
+    from cost_models.profile import _chain_pass
+
+    torch.manual_seed(0)
+    model = ConvNet().train()
+    (x,), _ = conv_batch(2)
+    graph = trace(model, (x,))
+    gm = graph.graph_module
+    layers = split_layers(graph)
+    placeholders = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
+    torch.manual_seed(7)
+    f_times, b_times = _chain_pass(graph, layers, placeholders, (x,), 2)
+    chained = {name: p.grad.clone() for name, p in gm.named_parameters()}
+    assert len(f_times) == len(b_times) == graph.num_layers
+    assert all(t > 0 for t in f_times)
+    assert all(t > 0 for t, layer in zip(b_times, graph.layers, strict=True)
+               if layer.param_bytes > 0)
+    for p in gm.parameters():
+        p.grad = None
+    out = gm(x)
+    torch.manual_seed(7)
+    out.backward(torch.randn_like(out))
+    for name, p in gm.named_parameters():
+        assert torch.allclose(chained[name], p.grad, atol=1e-5), name
+
+
+def test_isolated_method_and_bad_method() -> None:
+    table = profile(Tiny(), tiny_batch, (1, 2), repeats=1, warmup=0, method="isolated")
+    assert table.meta["method"] == "isolated" and table.num_layers >= 2
+    with pytest.raises(CostModelError, match=r"unknown profiling method 'fast'.*chain"):
+        profile(Tiny(), tiny_batch, (1,), method="fast")
+
+
+def test_optimizer_step_is_timed_with_the_given_optimizer() -> None:
+    built: list[int] = []
+
+    def adam(params: list[nn.Parameter]) -> torch.optim.Optimizer:
+        built.append(len(params))
+        return torch.optim.Adam(params, lr=0.1)
+
+    model = Tiny()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    table = profile(model, tiny_batch, (1,), repeats=2, warmup=1, optimizer=adam)
+    assert built == [4] and table.update_s_per_byte > 0
+    assert table.meta["update_s"] == pytest.approx(
+        table.update_s_per_byte * table.total_param_bytes)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+
+    def broken(params: list[nn.Parameter]) -> torch.optim.Optimizer:
+        raise ValueError("no such optimizer")
+
+    with pytest.raises(CostModelError, match="build_optimizer.*no such optimizer"):
+        profile(Tiny(), tiny_batch, (1,), repeats=1, warmup=0, optimizer=broken)

@@ -75,4 +75,4 @@ def test_gantt_png_written(tmp_path: Path) -> None:
     assert out.stat().st_size > 5000
     overlap = simulate(plan, costs, cluster, comm="overlap", rounds=2)  # type: ignore[arg-type]
     assert gantt_png(overlap, tmp_path / "g2.png").is_file()
-    assert set(COLOURS) == {"F", "B", "SEND", "ALLREDUCE"}
+    assert set(COLOURS) == {"F", "B", "SEND", "ALLREDUCE", "UPDATE"}
