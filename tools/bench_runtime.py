@@ -78,6 +78,12 @@ class Row:
     throughput: float | None
     note: str = ""
     batch: int = 0
+    factor: float = 1.0   # the emulator's common slow-down: emulated time = measured / factor
+
+    @property
+    def emulated_throughput(self) -> float | None:
+        """Samples/s on the emulated time axis (comparable across clusters and plans)."""
+        return None if self.throughput is None else self.throughput * self.factor
 
 
 def _plan_shape(plan: Plan) -> str:
@@ -243,7 +249,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-pipelining", action="store_true")
     parser.add_argument("--repeat", type=int, default=2,
                         help="runs per system; the fastest median is kept (shared hosts)")
+    parser.add_argument("--from-json", type=Path, default=None,
+                        help="re-render the rows of an earlier --json dump, run nothing")
     args = parser.parse_args(argv)
+    if args.from_json is not None:
+        loaded = [Row(**r) for r in json.loads(args.from_json.read_text())]
+        text = render(loaded, args, len(os.sched_getaffinity(0)), usable_cores())
+        print(text)
+        if args.out is not None:
+            update_section(args.out, text)
+        return 0
     torch.set_num_threads(1)
     from cost_models.profile import profile
 
@@ -303,7 +318,7 @@ def _setting(args: Any, batch: int, name: str, mbps: float, costs: Any, model_fi
             row = Row(name, mbps, system, _plan_shape(plan), result.measured_round_time_s,
                       predicted, result.throughput_samples_s,
                       f"{how}; shaping {result.shaping}, factor {factor:.2f}; "
-                      f"{_stage_note(result)}", batch)
+                      f"{_stage_note(result)}", batch, factor)
         except Exception as exc:  # noqa: BLE001 - reported in the table
             row = Row(name, mbps, system, _plan_shape(plan), None, None, None,
                       f"failed: {type(exc).__name__}: {str(exc)[:100]}", batch)
@@ -321,7 +336,8 @@ def _setting(args: Any, batch: int, name: str, mbps: float, costs: Any, model_fi
         rows.append(Row(name, mbps, "torch pipelining 1F1B (equal split)",
                         f"M={batch // micro} equal layers, 1 device/stage", measured, None,
                         None if measured is None else batch / measured,
-                        err or "CPU quota shaped; sends NOT bandwidth-paced", batch))
+                        err or "CPU quota shaped; sends NOT bandwidth-paced", batch,
+                        max(1.0, sum(speeds) / cores)))
         print(json.dumps(rows[-1].__dict__), flush=True)
     return rows
 
@@ -342,22 +358,24 @@ def render(rows: list[Row], args: Any, host_cores: int, cores: float) -> str:
              "links paced at the given bandwidth / f), except torch pipelining, which gets "
              "the same CPU quotas but unpaced links. Predicted = `solver.evaluate` on a cost "
              "table profiled on this host (`method=\"chain\"`, optimizer step included), "
-             "times f.", "",
+             "times f. Throughputs and speed-ups are on the emulated time axis (measured "
+             "samples/s times f), so that plans emulated with different f compare.", "",
              "| B | cluster | Mbps | system | plan | measured round (s) | predicted (s) | "
-             "meas/pred | samples/s | speed-up vs single | notes |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "meas/pred | f | samples/s (emulated time) | speed-up vs single | notes |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
-        single = next((r.throughput for r in rows if r.cluster == row.cluster
+        single = next((r.emulated_throughput for r in rows if r.cluster == row.cluster
                        and r.mbps == row.mbps and r.batch == row.batch
                        and r.system == "best single device"), None)
         ratio = (f"{row.measured_s / row.predicted_s:.2f}"
                  if row.measured_s and row.predicted_s else "-")
-        speed = (f"{row.throughput / single:.2f}x" if row.throughput and single else "-")
+        tput = row.emulated_throughput
+        speed = f"{tput / single:.2f}x" if tput and single else "-"
         lines.append(
             f"| {row.batch} | {row.cluster} | {row.mbps:.0f} | {row.system} | {row.plan} | "
             f"{'-' if row.measured_s is None else f'{row.measured_s:.4f}'} | "
             f"{'-' if row.predicted_s is None else f'{row.predicted_s:.4f}'} | {ratio} | "
-            f"{'-' if row.throughput is None else f'{row.throughput:.1f}'} | {speed} | "
+            f"{row.factor:.2f} | {'-' if tput is None else f'{tput:.1f}'} | {speed} | "
             f"{row.note} |")
     lines += ["", *summary_lines(rows), "", *reading_lines(rows)]
     return "\n".join(lines) + "\n"
@@ -371,10 +389,11 @@ def summary_lines(rows: list[Row]) -> list[str]:
         group = {r.system: r for r in rows
                  if r.batch == batch and r.cluster == cluster and r.mbps == mbps}
         ast = group.get("asteroid")
-        if ast is None or not ast.throughput:
+        if ast is None or not ast.emulated_throughput:
             continue
-        parts = [f"{name}: {ast.throughput / r.throughput:.2f}x"
-                 for name, r in group.items() if name != "asteroid" and r.throughput]
+        mine = ast.emulated_throughput or 0.0
+        parts = [f"{name}: {mine / other:.2f}x" for name, r in group.items()
+                 if name != "asteroid" and (other := r.emulated_throughput)]
         out.append(f"- B={batch}, {cluster} @ {mbps:.0f} Mbps: " + ", ".join(parts))
     return out
 
@@ -403,8 +422,9 @@ def _vs_pipelining(rows: list[Row]) -> str:
         base = next((p for p in rows if p.system.startswith("torch pipelining")
                      and p.batch == r.batch and p.cluster == r.cluster and p.mbps == r.mbps
                      and p.throughput), None)
-        if base is not None and base.throughput:
-            out.append(r.throughput / base.throughput)
+        mine, theirs = r.emulated_throughput, None if base is None else base.emulated_throughput
+        if mine and theirs:
+            out.append(mine / theirs)
     return f"{min(out):.2f}-{max(out):.2f}x" if out else "n/a"
 
 
