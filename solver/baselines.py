@@ -264,7 +264,7 @@ def _pipedream_dp(times: np.ndarray, sync: np.ndarray, comm: np.ndarray,
     pre_t = np.concatenate([[0.0], np.cumsum(times)])
     pre_w = np.concatenate([[0.0], np.cumsum(sync)])
 
-    def t_block(i: Any, j: int, m: int) -> Any:
+    def t_block(i: Any, j: int, m: Any) -> Any:
         comp = pre_t[j + 1] - pre_t[i]
         syn = (pre_w[j + 1] - pre_w[i]) * (m - 1) / m
         return np.maximum(comp, syn) / m
@@ -279,14 +279,22 @@ def _pipedream_dp(times: np.ndarray, sync: np.ndarray, comm: np.ndarray,
                 choice[(j, m)] = (-1, m)
             if j == 0:
                 continue
+            top = min(m - 1, max_replicas)
+            if top < 1:
+                continue
+            # all replica counts mp of the last stage at once (rows), every cut (columns):
+            # the first minimum in row-major order is what a loop over mp ascending with a
+            # strict improvement test keeps
             cut = np.arange(0, j)  # previous pipeline covers layers 0..cut
-            for mp in range(1, min(m - 1, max_replicas) + 1):
-                prev = best[cut, m - mp]
-                cand = np.maximum(np.maximum(prev, 2.0 * comm[cut]), t_block(cut + 1, j, mp))
-                k = int(np.argmin(cand))
-                if cand[k] < best[j, m]:
-                    best[j, m] = float(cand[k])
-                    choice[(j, m)] = (k, mp)
+            mps = np.arange(1, top + 1)[:, None]
+            prev = best[cut[None, :], m - mps]
+            cand = np.maximum(np.maximum(prev, 2.0 * comm[cut][None, :]),
+                              t_block(cut[None, :] + 1, j, mps))
+            flat = int(np.argmin(cand))
+            row, k = divmod(flat, j)
+            if cand[row, k] < best[j, m]:
+                best[j, m] = float(cand[row, k])
+                choice[(j, m)] = (k, row + 1)
     stages: list[tuple[int, int, int]] = []
     j = n_layers - 1
     # PipeDream uses every worker; with fewer layers than workers (or micro-batches too

@@ -16,6 +16,9 @@ __all__ = [
     "random_costs",
     "random_cluster",
     "random_instance",
+    "spread_cluster",
+    "planner_instance",
+    "INSTANCE_KINDS",
 ]
 
 MIB = 1 << 20
@@ -113,3 +116,27 @@ def random_instance(seed: int, *, max_layers: int = 6, max_devices: int = 4,
     cluster = random_cluster(rng, num_devices, tight_memory=tight, links=with_links)
     batch_size = rng.choice([1, 2, 4, 6, 8, 12, 16])
     return costs, cluster, batch_size
+
+
+def spread_cluster(rng: random.Random, num_devices: int) -> Cluster:
+    """Speeds drawn from U(0.2, 2) (no ties forced), 4096 MiB each, 100 Mbps everywhere:
+    a cluster where memory never binds and the planner's search space is widest."""
+    speeds = [rng.uniform(0.2, 2.0) for _ in range(num_devices)]
+    return make_cluster(speeds, 4096.0, 100.0)
+
+
+INSTANCE_KINDS = ("spread", "random")
+
+
+def planner_instance(kind: str, seed: int, num_layers: int,
+                     num_devices: int) -> tuple[CostTable, Cluster]:
+    """The planner-time instances of ``tools/time_planner.py``: ``random_costs`` from
+    ``random.Random(seed)``, then (same generator) a ``spread_cluster`` or a
+    ``random_cluster`` of ``num_devices`` devices."""
+    if kind not in INSTANCE_KINDS:
+        raise ValueError(f"unknown instance kind {kind!r}; choose one of {INSTANCE_KINDS}")
+    rng = random.Random(seed)
+    costs = random_costs(rng, num_layers)
+    if kind == "spread":
+        return costs, spread_cluster(rng, num_devices)
+    return costs, random_cluster(rng, num_devices)

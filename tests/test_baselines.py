@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import inspect
 import itertools
+import math
 import random
+from typing import Any
 
+import numpy as np
 import pytest
 
 from asteroid_fx.errors import PlanError
 from solver.baselines import (
     BASELINES,
+    _pipedream_dp,
     dapple,
     dp_only,
     equal_shares,
@@ -235,3 +239,66 @@ def test_asteroid_is_at_least_as_good_as_every_fitting_baseline() -> None:
                 worse += 1
     assert compared > 150
     assert worse <= compared // 50
+
+
+def _pipedream_loop(times: Any, sync: Any, comm: Any, num_devices: int,
+                    max_replicas: int) -> dict[tuple[int, int], tuple[int, int]]:
+    """PipeDream's recurrence as plain loops over the last stage's replica count (the
+    implementation before issue 4 vectorised it); returns the choices."""
+    n = len(times)
+    pre_t = np.concatenate([[0.0], np.cumsum(times)])
+    pre_w = np.concatenate([[0.0], np.cumsum(sync)])
+
+    def t_block(i: Any, j: int, m: int) -> Any:
+        return np.maximum(pre_t[j + 1] - pre_t[i], (pre_w[j + 1] - pre_w[i]) * (m - 1) / m) / m
+
+    best = np.full((n, num_devices + 1), math.inf)
+    choice: dict[tuple[int, int], tuple[int, int]] = {}
+    for j in range(n):
+        for m in range(1, num_devices + 1):
+            if m <= max_replicas:
+                best[j, m] = float(t_block(0, j, m))
+                choice[(j, m)] = (-1, m)
+            if j == 0:
+                continue
+            cut = np.arange(0, j)
+            for mp in range(1, min(m - 1, max_replicas) + 1):
+                cand = np.maximum(np.maximum(best[cut, m - mp], 2.0 * comm[cut]),
+                                  t_block(cut + 1, j, mp))
+                k = int(np.argmin(cand))
+                if cand[k] < best[j, m]:
+                    best[j, m] = float(cand[k])
+                    choice[(j, m)] = (k, mp)
+    return choice
+
+
+def test_pipedream_dp_equals_the_loop_version() -> None:
+    """The vectorised recurrence keeps the loop's choices, ties included (integer times
+    make many)."""
+    rng = random.Random(12)
+    for trial in range(60):
+        n = rng.randint(1, 25)
+        ints = trial % 2 == 0
+        times = np.array([float(rng.randint(1, 4)) if ints else rng.uniform(0.1, 2.0)
+                          for _ in range(n)])
+        sync = np.array([float(rng.randint(0, 3)) if ints else rng.uniform(0.0, 3.0)
+                         for _ in range(n)])
+        comm = np.array([float(rng.randint(0, 2)) if ints else rng.uniform(0.0, 0.5)
+                         for _ in range(n)])
+        devices, replicas = rng.randint(1, 8), rng.randint(1, 8)
+        expected = _pipedream_loop(times, sync, comm, devices, replicas)
+        stages = _pipedream_dp(times, sync, comm, devices, replicas)
+        # rebuild the stages the loop's choices give, as _pipedream_dp does
+        best_m = devices
+        j = n - 1
+        while best_m > 1 and (j, best_m) not in expected:
+            best_m -= 1
+        want = []
+        m = best_m
+        while True:
+            i, mp = expected[(j, m)]
+            want.append((i + 1, j, mp))
+            if i < 0:
+                break
+            j, m = i, m - mp
+        assert stages == want[::-1], trial

@@ -309,11 +309,15 @@ def synthetic_cluster(num_devices: int) -> Cluster:
 
 
 def bench_scaling(layers: Sequence[int], devices: Sequence[int], batch: int,
-                  fixed_devices: int, fixed_layers: int) -> list[dict[str, Any]]:
+                  fixed_devices: int, fixed_layers: int,
+                  extra: Sequence[tuple[int, int]] = ()) -> list[dict[str, Any]]:
+    """Planner wall time for ``layers`` x ``fixed_devices``, ``fixed_layers`` x ``devices``
+    and the ``extra`` (layers, devices) cases (issue 4's target is 200 layers x 8)."""
     asteroid = asteroid_planner()
     out = []
     cases = [(n_l, fixed_devices) for n_l in layers] + [(fixed_layers, n_d) for n_d in devices
                                                          if n_d != fixed_devices]
+    cases += [case for case in extra if case not in cases]
     for n_l, n_d in cases:
         costs, cluster = synthetic_costs(n_l), synthetic_cluster(n_d)
         started = time.perf_counter()
@@ -398,9 +402,14 @@ def render(rows: Sequence[Row], scaling: Sequence[dict[str, Any]], command: str)
                   f"{scaling[0]['batch']}, Jetson NX/TX2/Nano mix, 1000 Mbps)", ""]
         lines += scaling_table(scaling)
         lines += ["", "`asteroid planner` is `solver.api.plan(planner=\"asteroid\")` when it "
-                  "exists (the DP plus its baseline-seeded re-runs), else the DP alone; the DP "
-                  "considers at most `solver.dp.DEFAULT_MAX_CUTS` cut positions, so its time "
-                  "grows with devices much more than with layers.", ""]
+                  "exists (the DP plus every baseline as a seed, a DAPPLE planning run "
+                  "included, and the seeded re-runs), else the DP alone; the DP considers at "
+                  "most `solver.dp.DEFAULT_MAX_CUTS` cut positions, so its time grows with "
+                  "devices much more than with layers, and above 8 devices its fronts are "
+                  "capped (`solver.api.EXACT_MAX_DEVICES`). Wall times on the shared 2-core "
+                  "development host, so other jobs add noise; `python tools/time_planner.py` "
+                  "times the DP and `plan` alone on the seeded 200-layer x 8-device instances "
+                  "of issue 4 (median of several runs).", ""]
     lines.append(SECTION_END)
     return "\n".join(lines) + "\n"
 
@@ -454,6 +463,18 @@ def write_section(path: Path, section: str) -> None:
     path.write_text(text)
 
 
+def _case(text: str) -> tuple[int, int]:
+    """``"200x8"`` -> ``(200, 8)`` (argparse type of ``--cases``)."""
+    try:
+        n_layers, n_devices = (int(part) for part in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected LAYERSxDEVICES such as 200x8, got {text!r}") from None
+    if n_layers < 1 or n_devices < 1:
+        raise argparse.ArgumentTypeError(f"layers and devices must be >= 1, got {text!r}")
+    return n_layers, n_devices
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else "")
     parser.add_argument("--models", nargs="*", default=list(DEFAULT_MODELS),
@@ -466,6 +487,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--skip-scaling", action="store_true")
     parser.add_argument("--layers", nargs="*", type=int, default=[50, 100, 200, 400])
     parser.add_argument("--devices", nargs="*", type=int, default=[2, 4, 8, 16])
+    parser.add_argument("--cases", nargs="*", type=_case, default=[(200, 8)],
+                        metavar="LAYERSxDEVICES",
+                        help="extra scaling cases (default: 200x8, the issue-4 target)")
     parser.add_argument("--write", type=Path, help="update the planner section of this file")
     parser.add_argument("--json", type=Path, help="also dump raw numbers as JSON")
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -478,7 +502,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             rows = bench_models(args.models, args.envs, args.cache, not args.no_sim)
         except (ImportError, AsteroidError) as exc:
             print(f"model rows not run: {exc}", file=sys.stderr)
-    scaling = [] if args.skip_scaling else bench_scaling(args.layers, args.devices, 32, 6, 100)
+    scaling = [] if args.skip_scaling else bench_scaling(args.layers, args.devices, 32, 6, 100,
+                                                         args.cases)
     command = "python tools/bench_planner.py" + (" " + " ".join(argv) if argv else "")
     section = render(rows, scaling, command if argv is not None else
                      "python " + " ".join(sys.argv))
