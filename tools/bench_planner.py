@@ -25,6 +25,7 @@ import argparse
 import json
 import logging
 import math
+import os
 import random
 import sys
 import time
@@ -89,11 +90,16 @@ class Row:
     outcomes: dict[str, Outcome] = field(default_factory=dict)
 
 
+CACHE_VERSION = 2
+"""Bumped when the analytic model changes (2: the optimizer step, update_s_per_byte)."""
+
+
 def model_costs(key: str, cache: Path | None) -> CostTable:
     """The analytic cost table of a bundled model, Nano-referenced (cached as JSON)."""
     spec, _, _ = MODELS[key]
+    name = f"{key}.v{CACHE_VERSION}.json"
     if cache is not None:
-        path = cache / f"{key}.json"
+        path = cache / name
         if path.is_file():
             return CostTable.load(path)
     import torch
@@ -111,7 +117,7 @@ def model_costs(key: str, cache: Path | None) -> CostTable:
                                           host_mem_bw=NANO_MEM_BW, model_name=key)
     if cache is not None:
         cache.mkdir(parents=True, exist_ok=True)
-        costs.save(cache / f"{key}.json")
+        costs.save(cache / name)
     return costs
 
 
@@ -310,9 +316,11 @@ def synthetic_cluster(num_devices: int) -> Cluster:
 
 def bench_scaling(layers: Sequence[int], devices: Sequence[int], batch: int,
                   fixed_devices: int, fixed_layers: int,
-                  extra: Sequence[tuple[int, int]] = ()) -> list[dict[str, Any]]:
-    """Planner wall time for ``layers`` x ``fixed_devices``, ``fixed_layers`` x ``devices``
-    and the ``extra`` (layers, devices) cases (issue 4's target is 200 layers x 8)."""
+                  extra: Sequence[tuple[int, int]] = (), repeat: int = 3
+                  ) -> list[dict[str, Any]]:
+    """Planner wall time (best of ``repeat``) for ``layers`` x ``fixed_devices``,
+    ``fixed_layers`` x ``devices`` and the ``extra`` (layers, devices) cases (issue 4's
+    target is 200 layers x 8), with the host's 1-minute load average after each."""
     asteroid = asteroid_planner()
     out = []
     cases = [(n_l, fixed_devices) for n_l in layers] + [(fixed_layers, n_d) for n_d in devices
@@ -320,11 +328,13 @@ def bench_scaling(layers: Sequence[int], devices: Sequence[int], batch: int,
     cases += [case for case in extra if case not in cases]
     for n_l, n_d in cases:
         costs, cluster = synthetic_costs(n_l), synthetic_cluster(n_d)
-        started = time.perf_counter()
-        plan = asteroid(costs, cluster, batch)
-        wall = time.perf_counter() - started
-        timings = {"layers": n_l, "devices": n_d, "batch": batch, "asteroid_s": wall,
-                   "stages": plan.num_stages}
+        walls = []
+        for _ in range(repeat):
+            started = time.perf_counter()
+            plan = asteroid(costs, cluster, batch)
+            walls.append(time.perf_counter() - started)
+        timings = {"layers": n_l, "devices": n_d, "batch": batch, "asteroid_s": min(walls),
+                   "stages": plan.num_stages, "load": os.getloadavg()[0]}
         for name in ("pipedream", "dapple", "hetpipe"):
             started = time.perf_counter()
             BASELINES[name](costs, cluster, batch)
@@ -335,13 +345,14 @@ def bench_scaling(layers: Sequence[int], devices: Sequence[int], batch: int,
 
 
 def scaling_table(results: Sequence[dict[str, Any]]) -> list[str]:
-    head = ["layers", "devices", "asteroid planner (s)", "stages", "pipedream (s)", "dapple (s)",
-            "hetpipe (s)"]
+    head = ["layers", "devices", "asteroid planner (s, best of 3)", "stages", "pipedream (s)",
+            "dapple (s)", "hetpipe (s)", "host load (1 min)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results:
+        load = r.get("load")
         lines.append(f"| {r['layers']} | {r['devices']} | {r['asteroid_s']:.2f} | "
                      f"{r['stages']} | {r['pipedream_s']:.2f} | {r['dapple_s']:.2f} | "
-                     f"{r['hetpipe_s']:.2f} |")
+                     f"{r['hetpipe_s']:.2f} | {'-' if load is None else f'{load:.1f}'} |")
     return lines
 
 
