@@ -399,6 +399,12 @@ def run(
     fail: Annotated[str | None, typer.Option("--fail", help="DEVICE@STEP: SIGKILL a device")]
     = None,
     recovery: Annotated[str, typer.Option("--recovery", help="replay | restart")] = "replay",
+    replicate_every: Annotated[int | None, typer.Option(
+        "--replicate-every", help="with --fail: copy each stage's state to its replica "
+        "holder every K steps (default 1)")] = None,
+    checkpoint_every: Annotated[int | None, typer.Option(
+        "--checkpoint-every", help="with --fail: disk checkpoint every N steps (default: 1 "
+        "for restart, 10 for replay)")] = None,
 ) -> None:
     """Train from a partition directory (emulated cluster here, or under torchrun)."""
     with _errors():
@@ -429,6 +435,10 @@ def run(
         if fail is not None:
             kwargs["fail"] = fail
             kwargs["recovery"] = recovery
+        if replicate_every is not None:
+            kwargs["replicate_every"] = replicate_every
+        if checkpoint_every is not None:
+            kwargs["checkpoint_every"] = checkpoint_every
         with progress:
             result = run_fn(directory, **kwargs)
         summary = getattr(result, "summary", None)

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import io
+import json
 import logging
 import os
 import re
 import shutil
+import struct
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,12 +20,16 @@ from asteroid_fx.errors import RuntimeFailure
 
 __all__ = [
     "StageState",
+    "StateBuffer",
     "capture_state",
     "apply_state",
     "merge_states",
     "slice_state",
     "state_to_bytes",
     "state_from_bytes",
+    "state_names",
+    "join_state",
+    "header_names",
     "checkpoint_file",
     "write_checkpoint",
     "latest_checkpoint",
@@ -43,6 +49,18 @@ log = logging.getLogger(__name__)
 # includes (-1: the seeded initial weights).
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
+
+# [Note: flat state format]
+# ``state_to_bytes`` writes MAGIC, a little-endian uint64 header length, a JSON header
+# (step, per tensor: section, name, field, dtype, shape, offset; non-tensor optimizer values)
+# and then every tensor's raw bytes, each at an 8-byte aligned offset. ``StateBuffer`` keeps
+# one preallocated flat buffer in exactly that layout, so taking a snapshot after an
+# optimizer step is one ``copy_`` per tensor (no pickling, no allocation) and serialising
+# it is one ``bytes`` copy. ``state_from_bytes`` reads this format and, for old files,
+# ``torch.save`` archives.
+_MAGIC = b"AFXSTATE1"
+_ALIGN = 8
+_JSONABLE = (bool, int, float, str, type(None))
 
 
 @dataclass
@@ -119,15 +137,192 @@ def slice_state(state: StageState, names: Iterable[str]) -> StageState:
                       optim={n: v for n, v in state.optim.items() if n in set(wanted)})
 
 
+Entry = tuple[str, str, str, torch.Tensor]          # (section, name, field, tensor)
+
+
+def _entries(state: StageState) -> tuple[list[Entry], dict[str, dict[str, Any]]] | None:
+    """Tensors of ``state`` in a fixed order and its JSON-able non-tensor optimizer values;
+    None when some value is neither (then the torch.save format is used)."""
+    items: list[Entry] = [("model", name, "", t) for name, t in state.model.items()]
+    extras: dict[str, dict[str, Any]] = {}
+    for name, values in state.optim.items():
+        for fld, value in values.items():
+            if isinstance(value, torch.Tensor):
+                items.append(("optim", name, fld, value))
+            elif isinstance(value, _JSONABLE):
+                extras.setdefault(name, {})[fld] = value
+            else:
+                return None
+    return items, extras
+
+
+def _module_entries(module: torch.nn.Module, optimizer: torch.optim.Optimizer | None
+                    ) -> tuple[list[Entry], dict[str, dict[str, Any]]] | None:
+    optim: dict[str, dict[str, Any]] = {}
+    if optimizer is not None:
+        names = {id(p): n for n, p in module.named_parameters()}
+        for param, st in optimizer.state.items():
+            name = names.get(id(param))
+            if name is not None and st:
+                optim[name] = dict(st)
+    return _entries(StageState(step=0, model=dict(module.state_dict()), optim=optim))
+
+
+def _layout(items: list[Entry]) -> tuple[list[dict[str, Any]], int]:
+    rows: list[dict[str, Any]] = []
+    offset = 0
+    for section, name, fld, t in items:
+        nbytes = t.numel() * t.element_size()
+        rows.append({"s": section, "n": name, "f": fld, "d": str(t.dtype).split(".")[-1],
+                     "shape": list(t.shape), "o": offset})
+        offset += -(-nbytes // _ALIGN) * _ALIGN
+    return rows, offset
+
+
+def _encode(step: int, rows: list[dict[str, Any]], extras: dict[str, dict[str, Any]],
+            payload: bytes | memoryview) -> bytes:
+    header = json.dumps({"step": step, "t": rows, "x": extras}).encode()
+    return b"".join((_MAGIC, struct.pack("<Q", len(header)), header, payload))
+
+
+def _views(flat: torch.Tensor, rows: list[dict[str, Any]]) -> list[torch.Tensor]:
+    out = []
+    for row in rows:
+        dtype = getattr(torch, row["d"])
+        shape = tuple(row["shape"])
+        numel = 1
+        for d in shape:
+            numel *= d
+        nbytes = numel * torch.empty((), dtype=dtype).element_size()
+        out.append(flat[row["o"]: row["o"] + nbytes].view(dtype).view(shape))
+    return out
+
+
 def state_to_bytes(state: StageState) -> bytes:
-    buffer = io.BytesIO()
-    torch.save({"step": state.step, "model": state.model, "optim": state.optim}, buffer)
-    return buffer.getvalue()
+    """Serialise ``state`` (flat format, see [Note: flat state format])."""
+    found = _entries(state)
+    if found is None:
+        buffer = io.BytesIO()
+        torch.save({"step": state.step, "model": state.model, "optim": state.optim}, buffer)
+        return buffer.getvalue()
+    items, extras = found
+    rows, total = _layout(items)
+    flat = torch.zeros(total, dtype=torch.uint8)
+    for view, (_, _, _, t) in zip(_views(flat, rows), items, strict=True):
+        view.copy_(t.detach())
+    return _encode(state.step, rows, extras, flat.numpy().data)
 
 
 def state_from_bytes(data: bytes) -> StageState:
-    raw = torch.load(io.BytesIO(data), weights_only=True)
-    return StageState(step=int(raw["step"]), model=dict(raw["model"]), optim=dict(raw["optim"]))
+    """Inverse of :func:`state_to_bytes` (also reads ``torch.save`` archives). The tensors
+    share one buffer (no per-tensor copies)."""
+    if not data.startswith(_MAGIC):
+        raw = torch.load(io.BytesIO(data), weights_only=True)
+        return StageState(step=int(raw["step"]), model=dict(raw["model"]),
+                          optim=dict(raw["optim"]))
+    start = len(_MAGIC) + 8
+    (length,) = struct.unpack("<Q", data[len(_MAGIC): start])
+    header = json.loads(data[start: start + length])
+    body = bytearray(memoryview(data)[start + length:])
+    flat = torch.frombuffer(body, dtype=torch.uint8) if body else torch.zeros(0, dtype=torch.uint8)
+    state = StageState(step=int(header["step"]))
+    for row, view in zip(header["t"], _views(flat, header["t"]), strict=True):
+        if row["s"] == "model":
+            state.model[row["n"]] = view
+        else:
+            state.optim.setdefault(row["n"], {})[row["f"]] = view
+    for name, values in header["x"].items():
+        state.optim.setdefault(name, {}).update(values)
+    return state
+
+
+def join_state(header: bytes, flat: torch.Tensor) -> bytes:
+    """Flat-format bytes from a :meth:`StateBuffer.header` and the matching buffer."""
+    return b"".join((_MAGIC, struct.pack("<Q", len(header)), header, flat.numpy().data))
+
+
+def header_names(header: bytes) -> list[str]:
+    """The state-dict names listed in a :meth:`StateBuffer.header`."""
+    return [row["n"] for row in json.loads(header)["t"] if row["s"] == "model"]
+
+
+def state_names(data: bytes) -> list[str]:
+    """The state-dict names in serialised ``data`` (reads only the header when it can)."""
+    if not data.startswith(_MAGIC):
+        return list(state_from_bytes(data).model)
+    start = len(_MAGIC) + 8
+    (length,) = struct.unpack("<Q", data[len(_MAGIC): start])
+    header = json.loads(data[start: start + length])
+    return [row["n"] for row in header["t"] if row["s"] == "model"]
+
+
+class StateBuffer:
+    """A preallocated snapshot of one stage's state (see [Note: flat state format]).
+
+    :meth:`capture` copies the module's state dict and the optimizer's per-parameter state
+    into the buffer (re-allocating only when shapes change, e.g. when momentum buffers
+    appear after the first step); :meth:`to_bytes` serialises it; :meth:`state` views it.
+    """
+
+    def __init__(self) -> None:
+        self.step = -2
+        self.flat = torch.zeros(0, dtype=torch.uint8)
+        self._signature: tuple[Any, ...] = ()
+        self._rows: list[dict[str, Any]] = []
+        self._views: list[torch.Tensor] = []
+        self._extras: dict[str, dict[str, Any]] = {}
+        self.names: tuple[str, ...] = ()
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.flat.numel())
+
+    def capture(self, module: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
+                step: int) -> None:
+        """Copy ``module``/``optimizer`` state after optimizer step ``step`` into the buffer."""
+        found = _module_entries(module, optimizer)
+        if found is None:
+            raise RuntimeFailure("optimizer state holds values that are neither tensors nor "
+                                 "plain numbers/strings; such an optimizer cannot be "
+                                 "replicated (use a torch.optim optimizer)")
+        items, extras = found
+        signature = tuple((s, n, f, t.dtype, tuple(t.shape)) for s, n, f, t in items)
+        if signature != self._signature:
+            self._rows, total = _layout(items)
+            self.flat = torch.zeros(total, dtype=torch.uint8)
+            self._views = _views(self.flat, self._rows)
+            self._signature = signature
+            self.names = tuple(n for s, n, _, _ in items if s == "model")
+        with torch.no_grad():
+            for view, (_, _, _, t) in zip(self._views, items, strict=True):
+                view.copy_(t.detach())
+        self._extras = {k: dict(v) for k, v in extras.items()}
+        self.step = step
+
+    def to_bytes(self) -> bytes:
+        """The snapshot in the flat format (one copy of the buffer)."""
+        return _encode(self.step, self._rows, self._extras, self.flat.numpy().data)
+
+    def header(self) -> bytes:
+        """The JSON header of :meth:`to_bytes` (to send it apart from :attr:`flat`)."""
+        return json.dumps({"step": self.step, "t": self._rows, "x": self._extras}).encode()
+
+    def state(self, names: Iterable[str] | None = None) -> StageState:
+        """The snapshot as a :class:`StageState` of views into the buffer (all names, or
+        only the state-dict entries ``names`` and their optimizer state)."""
+        wanted = None if names is None else set(names)
+        out = StageState(step=self.step)
+        for row, view in zip(self._rows, self._views, strict=True):
+            if wanted is not None and row["n"] not in wanted:
+                continue
+            if row["s"] == "model":
+                out.model[row["n"]] = view
+            else:
+                out.optim.setdefault(row["n"], {})[row["f"]] = view
+        for name, values in self._extras.items():
+            if wanted is None or name in wanted:
+                out.optim.setdefault(name, {}).update(values)
+        return out
 
 
 def checkpoint_file(root: str | Path, step: int, plan_version: int, stage: int) -> Path:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import multiprocessing.connection
 import os
 import pickle
 import queue
@@ -37,13 +38,19 @@ from runtime.replication import WorkerSpec, external_holders, key
 from runtime.train import DirectorySource, StageSource, TrainConfig, WorkerResult
 from solver.plan import Plan
 
-__all__ = ["RECOVERY_MODES", "LEAVE_ROUND_S", "parse_fail", "RecoveryRun", "run_with_recovery"]
+__all__ = ["RECOVERY_MODES", "LEAVE_ROUND_S", "REPLAY_CHECKPOINT_EVERY", "parse_fail",
+           "resume_point", "RecoveryRun", "run_with_recovery"]
 
 log = logging.getLogger(__name__)
 
 RECOVERY_MODES = ("replay", "restart")
 #: seconds a survivor may take to leave the failed round before it is restarted instead
 LEAVE_ROUND_S = 1.5
+#: default disk-checkpoint period in replay mode (only the double-failure fallback);
+#: restart mode checkpoints every step
+REPLAY_CHECKPOINT_EVERY = 10
+#: seconds the launcher waits for a survivor to answer a request for part of its state
+REQUEST_TIMEOUT_S = 10.0
 
 # [Note: who imports what]
 # Worker processes import only runtime/ (train, executor, comm, heartbeat, checkpoint,
@@ -106,6 +113,7 @@ class RecoveryRun:
     factor: float = 1.0
     shaping: str = "none"
     directories: list[str] = field(default_factory=list)
+    replication: dict[str, dict[str, float]] = field(default_factory=dict)   # last generation
 
 
 @dataclass
@@ -117,6 +125,10 @@ class _Outcome:
     silent_s: float = 0.0
     stopped_at: float = 0.0             # time.time() when every old process was gone
     handoffs: dict[int, dict[str, Any]] = field(default_factory=dict)
+    resume: int | None = None           # newest step every stage has a state of (replay)
+    stuck: dict[int, StageState] = field(default_factory=dict)   # own states of stuck ranks
+    generation: int = 0
+    collect_parts: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -163,8 +175,9 @@ def _seeded_state(module: Any, seed: int) -> StageState:
 def run_with_recovery(directory: str | Path, cluster: Any, config: TrainConfig, *,
                       fail: str | Mapping[str, int] | None, recovery: str = "replay",
                       progress: Callable[[Mapping[str, Any]], None] | None = None,
-                      host_cores: int | None = None, checkpoint_every: int = 1,
-                      replicate: bool = True, fail_signal: int = int(signal.SIGKILL),
+                      host_cores: int | None = None, checkpoint_every: int | None = None,
+                      replicate: bool = True, replicate_every: int = 1,
+                      fail_signal: int = int(signal.SIGKILL),
                       use_cgroups: bool | None = None, timeout_s: float = 600.0,
                       heartbeat_timeout_s: float = 1.0) -> RecoveryRun:
     """Emulate ``cluster`` and train the partition in ``directory`` with ``fail`` injected.
@@ -175,12 +188,19 @@ def run_with_recovery(directory: str | Path, cluster: Any, config: TrainConfig, 
     interrupted round; falls back to the on-disk checkpoint when a stage and all its
     holders failed. ``recovery="restart"``: stop every process, full re-plan on the
     survivors, reload the last on-disk checkpoint in fresh processes. Every
-    ``checkpoint_every`` steps each stage writes its state to ``DIR/recovery/checkpoints``.
+    ``checkpoint_every`` steps (default: every step for restart, every
+    ``REPLAY_CHECKPOINT_EVERY`` for replay, where the checkpoint is only the fallback) each
+    stage writes its state to ``DIR/recovery/checkpoints``; replicas are refreshed every
+    ``replicate_every`` steps (a failure then re-trains the rounds since the last replica).
     """
     if recovery not in RECOVERY_MODES:
         raise RuntimeFailure(f"--recovery {recovery!r}: choose one of {list(RECOVERY_MODES)}")
+    if checkpoint_every is None:
+        checkpoint_every = REPLAY_CHECKPOINT_EVERY if recovery == "replay" else 1
     if checkpoint_every < 1:
         raise RuntimeFailure(f"checkpoint_every must be >= 1, got {checkpoint_every}")
+    if replicate_every < 1:
+        raise RuntimeFailure(f"--replicate-every must be >= 1, got {replicate_every}")
     root = Path(directory)
     plan = DirectorySource(str(root)).load_plan()
     pending = parse_fail(fail, plan, config.steps)
@@ -207,12 +227,17 @@ def run_with_recovery(directory: str | Path, cluster: Any, config: TrainConfig, 
                 stages=tuple(plan.stage_of(d) for d in plan.devices),
                 holders=external_holders(plan, replicas), checkpoint_dir=str(checkpoints),
                 checkpoint_every=checkpoint_every, replicate=replicate,
-                restore=generation > 0, fail_at=dict(pending), fail_signal=fail_signal,
+                replicate_every=replicate_every, steps=config.steps, restore=generation > 0,
+                fail_at=dict(pending), fail_signal=fail_signal,
                 metrics=config.metrics, event=event, heartbeat_timeout_s=heartbeat_timeout_s,
                 heartbeat_interval_s=heartbeat_timeout_s / 5)
             out.directories.append(str(current))
+            def committed_of(g: int = generation, first: int = gen_config.start_step) -> int:
+                return _committed(procs.store, g, first)
+
             outcome = procs.run_generation(DirectorySource(str(current)), plan, alive,
-                                           gen_config, spec, progress, timeout_s)
+                                           gen_config, spec, progress, timeout_s,
+                                           committed_of=committed_of)
             out.factor, out.shaping, out.plan = procs.factor, procs.shaping, plan
             store = procs.store
             _collect_records(store, generation, gen_config.start_step, config.steps, out)
@@ -220,6 +245,10 @@ def run_with_recovery(directory: str | Path, cluster: Any, config: TrainConfig, 
                 out.events.append(json.loads(store.get(key(generation, "event"))))
             if outcome.workers is not None:
                 out.workers = outcome.workers
+                for rank, device in enumerate(plan.devices):
+                    if store.check([key(generation, "stats", rank)]):
+                        out.replication[device] = json.loads(
+                            store.get(key(generation, "stats", rank)))
                 return out
             # ---- recovery -----------------------------------------------------------
             failed = [plan.devices[r] for r in outcome.failed]
@@ -241,19 +270,21 @@ def run_with_recovery(directory: str | Path, cluster: Any, config: TrainConfig, 
             stage_names = _write_partition(gen_dir, new_plan, model)
             partition_s = time.perf_counter() - began
             began = time.perf_counter()
-            state, source_kind = _restore_state(recovery, plan, outcome, committed,
-                                                checkpoints, model, config.seed)
-            for index, names in enumerate(stage_names):
-                store.set(key(generation, "restore", index),
-                          state_to_bytes(slice_state(state, names)))  # type: ignore[arg-type]
+            kept = set(procs.waiting)
+            manifests, source_kind, step_from = _assemble(
+                recovery, plan, new_plan, stage_names, outcome, committed, checkpoints,
+                model, config.seed, kept, procs, generation)
+            for device, manifest in manifests.items():
+                store.set(key(generation, "restore", device), json.dumps(manifest))
             load_s = time.perf_counter() - began
-            resume = state.step + 1
+            resume = step_from + 1
             event = {"event": "recovery", "failed": failed, "detect_s": detect_s,
-                     "replan_s": search_s + partition_s, "lost_steps": committed - state.step,
+                     "replan_s": search_s + partition_s, "lost_steps": committed - step_from,
                      "mode": recovery, "source": source_kind,
                      "detected_by": outcome.detected_by, "search_s": search_s,
                      "partition_s": partition_s,
                      "stop_s": max(0.0, outcome.stopped_at - outcome.detected_at),
+                     "stop_parts_s": outcome.collect_parts,
                      "load_s": load_s, "kept": sorted(procs.waiting),
                      "spawn_at": time.time(), "plan_version": new_plan.plan_version,
                      "resume_step": resume, "killed_at": killed_at, **choice}
@@ -313,45 +344,166 @@ def _write_partition(directory: Path, plan: Plan, model: _Model) -> list[list[st
     return [list(stage.state_dict()) for stage in stages]
 
 
-def _restore_state(mode: str, plan: Plan, outcome: _Outcome, committed: int,
-                   checkpoints: Path, model: _Model, seed: int) -> tuple[StageState, str]:
-    """The whole-model state to resume from and where it came from."""
+def resume_point(plan: Plan, handoffs: Mapping[int, Mapping[str, Any]],
+                 committed: int) -> int | None:
+    """The newest step (<= ``committed``) of which every stage of ``plan`` has a state: a
+    survivor's own snapshot or a replica held by a survivor; None when there is none."""
+    available: dict[int, set[int]] = {i: set() for i in range(plan.num_stages)}
+    for payload in handoffs.values():
+        available[int(payload["stage"])] |= set(payload["own_steps"])
+        for stage, steps in payload.get("held_steps", {}).items():
+            available[int(stage)] |= set(steps)
+    common = set.intersection(*available.values()) if available else set()
+    steps = [s for s in common if s <= committed]
+    return max(steps) if steps else None
+
+
+class _Requests:
+    """Requests for parts of survivors' states (``rx/<g>/want/<rank>/<n>``), served by each
+    survivor's watcher thread, which writes the bytes to the request's ``to`` key."""
+
+    def __init__(self, store: dist.Store, generation: int,
+                 counters: dict[tuple[int, int], int]) -> None:
+        self.store = store
+        self.generation = generation
+        self.counters = counters
+        self.pending: dict[int, list[tuple[int, str]]] = {}
+
+    def ask(self, rank: int, request: Mapping[str, Any], to: str | None = None,
+            tag: int | None = None) -> str:
+        """Send ``request`` to ``rank``; the answer lands in the store under the returned
+        key (``to``, or a fresh ``rx/<g>/own/<rank>/<n>``)."""
+        n = self.counters.get((self.generation, rank), 0)
+        self.counters[(self.generation, rank)] = n + 1
+        to = to or key(self.generation, "own", rank, n)
+        self.store.set(key(self.generation, "want", rank, n), json.dumps({**request, "to": to}))
+        self.pending.setdefault(rank if tag is None else tag, []).append((rank, to))
+        return to
+
+    def collect(self, timeout_s: float = REQUEST_TIMEOUT_S) -> dict[int, StageState]:
+        """tag -> the (merged) states answered; a missing answer raises RuntimeFailure."""
+        deadline = time.monotonic() + timeout_s
+        out: dict[int, StageState] = {}
+        for tag, answers in self.pending.items():
+            states = []
+            for rank, name in answers:
+                while not self.store.check([name]):
+                    if time.monotonic() > deadline:
+                        raise RuntimeFailure(f"rank {rank} did not send the requested part of "
+                                             f"its state within {timeout_s:.0f} s")
+                    time.sleep(0.002)
+                states.append(state_from_bytes(self.store.get(name)))
+            out[tag] = merge_states(states)
+        return out
+
+
+Manifest = dict[str, Any]
+
+
+def _assemble(mode: str, plan: Plan, new_plan: Plan, stage_names: list[list[str]],
+              outcome: _Outcome, committed: int, checkpoints: Path, model: _Model, seed: int,
+              kept: set[str], procs: _Processes, generation: int
+              ) -> tuple[dict[str, Manifest], str, int]:
+    """Per device of ``new_plan`` (generation ``generation``), the manifest of where its
+    stage state comes from (see ``WorkerHooks._gather``); the source kind and the step
+    resumed from. Replay from survivors moves only what a device does not hold itself."""
+    devices = [(d, index) for index, stage in enumerate(new_plan.stages) for d in stage.devices]
+    if mode == "replay" and committed >= 0:
+        try:
+            manifests, step = _from_survivors(plan, stage_names, outcome, kept, procs,
+                                              devices, generation)
+            return manifests, "replica", step
+        except _NoState as exc:
+            log.warning("stage(s) %s lost every device and every replica holder (or no "
+                        "replica of a common step exists): falling back to the last on-disk "
+                        "checkpoint", exc.args[0])
+    state, kind = _whole_state(plan, committed, checkpoints, model, seed)
+    manifests = {}
+    for device, index in devices:
+        name = key(generation, "restore", device, "data")
+        procs.store.set(name, state_to_bytes(slice_state(state, stage_names[index])))  # type: ignore[arg-type]
+        manifests[device] = {"step": state.step,
+                             "parts": [{"key": name, "names": stage_names[index]}]}
+    return manifests, kind, state.step
+
+
+class _NoState(Exception):
+    """No common step of which every stage has a state (payload: [(stage, devices)])."""
+
+
+def _from_survivors(plan: Plan, stage_names: list[list[str]], outcome: _Outcome,
+                    kept: set[str], procs: _Processes, devices: list[tuple[str, int]],
+                    generation: int) -> tuple[dict[str, Manifest], int]:
+    step = outcome.resume
+    by_rank = {int(p["rank"]): p for p in outcome.handoffs.values()}
+    if step is None:
+        covered = {int(p["stage"]) for p in by_rank.values()} | {
+            int(st) for p in by_rank.values() for st in p.get("held_steps", {})}
+        raise _NoState([(i, list(plan.stages[i].devices)) for i in range(plan.num_stages)
+                        if i not in covered] or "(no common step)")
+    # every old stage: where its state of ``step`` is (own snapshots first, then replicas)
+    owners: dict[int, list[tuple[str, int]]] = {}     # stage -> [("own"|"held", rank)]
+    names_of: dict[int, set[str]] = {}
+    for rank, p in by_rank.items():
+        if step in p["own_steps"]:
+            owners.setdefault(int(p["stage"]), []).append(("own", rank))
+            names_of[int(p["stage"])] = set(p["own_names"])
+    for rank, p in by_rank.items():
+        for st, steps in p.get("held_steps", {}).items():
+            if step in steps:
+                owners.setdefault(int(st), []).append(("held", rank))
+                names_of.setdefault(int(st), set(p["held_names"][st]))
+    missing = [i for i in range(plan.num_stages) if i not in owners]
+    if missing:
+        raise _NoState([(i, list(plan.stages[i].devices)) for i in missing])
+    stage_of_name = {n: st for st, names in names_of.items() for n in names}
+    rank_of = {d: r for r, d in enumerate(plan.devices)}
+    requests = _Requests(procs.store, outcome.generation, procs.requests)
+    manifests: dict[str, Manifest] = {}
+    for device, index in devices:
+        wanted: dict[int, list[str]] = {}
+        for name in stage_names[index]:
+            if name not in stage_of_name:
+                raise _NoState([("no state holds", name)])
+            wanted.setdefault(stage_of_name[name], []).append(name)
+        me = rank_of.get(device, -1) if device in kept else -1
+        parts: list[dict[str, Any]] = []
+        for st, names in sorted(wanted.items()):
+            sources = owners[st]
+            local = [kind for kind, r in sources if r == me]
+            if local:                       # this process has it: nothing moves
+                parts.append({local[0]: step if local[0] == "own" else st, "names": names})
+                continue
+            stuck = [r for kind, r in sources if r in outcome.stuck]
+            if stuck:                       # the launcher already has it
+                name = key(generation, "restore", device, st)
+                procs.store.set(name, state_to_bytes(slice_state(outcome.stuck[stuck[0]],
+                                                                 names)))  # type: ignore[arg-type]
+                parts.append({"key": name, "names": names})
+                continue
+            alive = [(kind, r) for kind, r in sources if plan.devices[r] in kept]
+            if not alive:
+                raise _NoState([(st, list(plan.stages[st].devices))])
+            kind, r = alive[0]
+            request = ({"step": step, "names": names} if kind == "own"
+                       else {"held": st, "step": step})
+            to = requests.ask(r, request, to=key(generation, "restore", device, st))
+            parts.append({"key": to, "names": names})
+        manifests[device] = {"step": step, "parts": parts}
+    return manifests, step
+
+
+def _whole_state(plan: Plan, committed: int, checkpoints: Path, model: _Model,
+                 seed: int) -> tuple[StageState, str]:
+    """The whole-model state of the newest complete checkpoint (or the seeded weights)."""
     if committed < 0:
         return _seeded_state(model.module, seed), "seed"
-    if mode == "replay":
-        found: list[StageState] = []
-        missing: list[int] = []
-        for index in range(plan.num_stages):
-            state = _from_handoffs(outcome.handoffs, index, committed)
-            if state is None:
-                missing.append(index)
-            else:
-                found.append(state)
-        if not missing:
-            return merge_states(found), "replica"
-        lost = [(i, list(plan.stages[i].devices)) for i in missing]
-        log.warning("stage(s) %s lost every device and every replica holder (or no "
-                    "replica of step %d exists): falling back to the last on-disk "
-                    "checkpoint", lost, committed)
     step = latest_checkpoint(checkpoints, plan.plan_version, plan.num_stages, at_most=committed)
     if step is None:
         log.warning("no complete checkpoint of plan version %d: restarting from the seeded "
                     "initial weights", plan.plan_version)
         return _seeded_state(model.module, seed), "seed"
     return load_checkpoint(checkpoints, step, plan.plan_version, plan.num_stages), "checkpoint"
-
-
-def _from_handoffs(handoffs: Mapping[int, Mapping[str, Any]], stage: int,
-                   step: int) -> StageState | None:
-    for payload in handoffs.values():
-        own = payload.get("own")
-        if payload.get("stage") == stage and own is not None and own[0] == step:
-            return state_from_bytes(own[1])
-    for payload in handoffs.values():
-        held = payload.get("held", {}).get(stage)
-        if held is not None and held[0] == step:
-            return state_from_bytes(held[1])
-    return None
 
 
 def _committed(store: dist.Store, generation: int, start: int) -> int:
@@ -391,6 +543,8 @@ class _Processes:
         self.use_cgroups = emu.cgroup_available() if use_cgroups is None else use_cgroups
         self.by_device: dict[str, Any] = {}
         self.waiting: set[str] = set()        # survivors ready for the next generation
+        self.requests: dict[tuple[int, int], int] = {}   # (generation, rank) -> next request
+        self.ranks: dict[str, int] = {}                  # device -> rank (this generation)
         self.cgroups: list[str] = []
         self.factor = 1.0
         self.shaping = "none"
@@ -429,7 +583,8 @@ class _Processes:
     def run_generation(self, source: StageSource, plan: Plan, cluster: Any,
                        config: TrainConfig, spec: WorkerSpec,
                        progress: Callable[[Mapping[str, Any]], None] | None,
-                       timeout_s: float) -> _Outcome:
+                       timeout_s: float,
+                       committed_of: Callable[[], int] | None = None) -> _Outcome:
         from runtime.emulator import _worker
 
         previous = self.generation
@@ -442,7 +597,8 @@ class _Processes:
             cgroup = None if cgroups is None else cgroups[rank]
             if device in self.waiting:
                 assignment = {"rank": rank, "world": world, "source": run_source,
-                              "config": config, "spec": spec, "cgroup": cgroup}
+                              "config": config, "spec": spec, "cgroup": cgroup,
+                              "requests": self._requests_of(previous, device)}
                 self.store.set(key(previous, "next", device),
                                pickle.dumps(assignment))  # type: ignore[arg-type]
                 procs.append(self.by_device[device])
@@ -454,15 +610,41 @@ class _Processes:
             self.by_device[device] = proc
             procs.append(proc)
         for device in sorted(self.waiting - set(plan.devices)):
-            self.store.set(key(previous, "next", device), "exit")
+            self.store.set(key(previous, "next", device), pickle.dumps(
+                {"exit": True, "requests": self._requests_of(previous, device)}))  # type: ignore[arg-type]
         self.waiting = set()
-        outcome = self._supervise(plan, spec, procs, progress, timeout_s)
+        self.ranks = {d: r for r, d in enumerate(plan.devices)}
+        outcome = self._supervise(plan, spec, procs, progress, timeout_s, committed_of)
         outcome.stopped_at = time.time()
         return outcome
 
+    def _next_message(self, procs: list[Any], done: Mapping[int, Any],
+                      wait_s: float = 0.02) -> tuple[str, Any, Any]:
+        """The next worker message, or ("", -1, None) after ``wait_s`` or as soon as a
+        worker process ends (its sentinel wakes the wait: a kill is seen at once)."""
+        try:
+            message: tuple[str, Any, Any] = self.results.get_nowait()
+            return message
+        except queue.Empty:
+            pass
+        reader = getattr(self.results, "_reader", None)
+        handles = [p.sentinel for r, p in enumerate(procs) if r not in done]
+        multiprocessing.connection.wait(handles + ([reader] if reader is not None else []), wait_s)
+        try:
+            message = self.results.get_nowait()
+            return message
+        except queue.Empty:
+            return "", -1, None
+
+    def _requests_of(self, generation: int, device: str) -> int:
+        """How many state requests the device's process got in ``generation``."""
+        rank = self.ranks.get(device)
+        return 0 if rank is None else self.requests.get((generation, rank), 0)
+
     def _supervise(self, plan: Plan, spec: WorkerSpec, procs: list[Any],
                    progress: Callable[[Mapping[str, Any]], None] | None,
-                   timeout_s: float) -> _Outcome:
+                   timeout_s: float, committed_of: Callable[[], int] | None = None
+                   ) -> _Outcome:
         """Watch one generation until it finishes or a process dies or hangs."""
         world = len(procs)
         detector = FailureDetector(self.store, world, generation=spec.generation,
@@ -475,10 +657,7 @@ class _Processes:
         ok = False
         try:
             while len(done) < world:
-                try:
-                    kind, rank, payload = self.results.get(timeout=0.02)
-                except queue.Empty:
-                    kind, rank, payload = "", -1, None
+                kind, rank, payload = self._next_message(procs, done)
                 if kind == "step":
                     if progress is not None:
                         progress(payload)
@@ -502,7 +681,6 @@ class _Processes:
                     dead, by = sorted(silent), "heartbeat"
                 if dead:
                     outcome.detected_at = time.time()
-                    time.sleep(0.05)   # failures at the same moment are recovered together
                     dead = sorted(set(dead) | {r for r, p in enumerate(procs)
                                                if r not in done and not p.is_alive()})
                     outcome.failed = tuple(sorted(set(dead) | set(silent)))
@@ -513,8 +691,8 @@ class _Processes:
                         if procs[r].is_alive():
                             procs[r].kill()   # fence a hung device (our own child)
                     if spec.mode == "replay":
-                        outcome.handoffs = self._collect(plan, spec.generation, procs,
-                                                         outcome.failed)
+                        committed = committed_of() if committed_of is not None else -1
+                        self._collect(plan, spec.generation, procs, outcome, committed)
                     return outcome
                 if error_since is not None and time.monotonic() - error_since > 2.0:
                     raise StageFailure(min(errors)[1])
@@ -533,38 +711,61 @@ class _Processes:
                 proc.join(timeout=10)
                 del self.by_device[device]
 
-    def _collect(self, plan: Plan, generation: int, procs: list[Any],
-                 failed: tuple[int, ...], limit_s: float = 10.0,
-                 leave_s: float = LEAVE_ROUND_S) -> dict[int, dict[str, Any]]:
-        """Hand-overs of the survivors (up to ``limit_s``), and which of them left the
-        failed round within ``leave_s`` after that (free for the next generation)."""
+    def _collect(self, plan: Plan, generation: int, procs: list[Any], outcome: _Outcome,
+                 committed: int, limit_s: float = 10.0,
+                 leave_s: float = LEAVE_ROUND_S) -> None:
+        """Hand-overs of the survivors (up to ``limit_s``), which of them left the failed
+        round within ``leave_s`` after that (free for the next generation), the step to
+        resume from, and the own state of survivors that did not leave (they are restarted)."""
         store = self.store
+        began = time.perf_counter()
+        outcome.generation = generation
+        failed = outcome.failed
         store.set(key(generation, "recover"), json.dumps(list(failed)))
         wanted = {r for r in range(len(procs)) if r not in failed}
         got: dict[int, dict[str, Any]] = {}
         free: set[int] = set()
         deadline = time.monotonic() + limit_s
-        handed = False
+        handed_at = None
+        late: set[int] = set()
         while (wanted - free) and time.monotonic() < deadline:
             for rank in sorted(wanted - free):
-                if not procs[rank].is_alive():
+                if not procs[rank].is_alive():     # failed too (e.g. at the same moment)
                     wanted.discard(rank)
+                    free.discard(rank)
+                    got.pop(rank, None)
+                    late.add(rank)
                     continue
                 name = key(generation, "handoff", rank)
                 if rank not in got and store.check([name]):
-                    got[rank] = torch.load(io.BytesIO(store.get(name)), weights_only=False)
+                    got[rank] = pickle.loads(store.get(name))
                 if rank in got and store.check([key(generation, "waiting", rank)]):
                     free.add(rank)
-            if not handed and wanted <= set(got):
-                handed = True
+            if handed_at is None and wanted <= set(got):
+                handed_at = time.perf_counter()
                 deadline = min(deadline, time.monotonic() + leave_s)
-            time.sleep(0.005)
-        if wanted - free:
+            if wanted - free:
+                time.sleep(0.002)
+        outcome.collect_parts = {
+            "handoff": (handed_at or time.perf_counter()) - began,
+            "leave": time.perf_counter() - (handed_at or began)}
+        if late:
+            outcome.failed = tuple(sorted(set(failed) | late))
+            log.warning("ranks %s (%s) failed during the hand-over", sorted(late),
+                        [plan.devices[r] for r in sorted(late)])
+        outcome.handoffs = got
+        outcome.resume = resume_point(plan, got, committed)
+        stuck = sorted((wanted - free) & set(got))
+        if stuck:
             log.warning("ranks %s (%s) did not leave the failed round: they are stopped and "
-                        "started again", sorted(wanted - free),
-                        [plan.devices[r] for r in sorted(wanted - free)])
+                        "started again", stuck, [plan.devices[r] for r in stuck])
+            if outcome.resume is not None and outcome.resume >= 0:
+                requests = _Requests(store, generation, self.requests)
+                for rank in stuck:
+                    if outcome.resume in got[rank]["own_steps"]:
+                        requests.ask(rank, {"step": outcome.resume})
+                outcome.stuck = requests.collect()
         self.waiting = {plan.devices[r] for r in free}
-        return got
 
     def close(self) -> None:
         from runtime import emulator as emu

@@ -6,25 +6,30 @@ import json
 import logging
 import os
 import pickle
+import queue
 import signal
+import socket
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from asteroid_fx.errors import RuntimeFailure
 from runtime.checkpoint import (
     StageState,
+    StateBuffer,
     apply_state,
-    capture_state,
     checkpoint_file,
+    header_names,
+    join_state,
     state_from_bytes,
     state_to_bytes,
-    write_checkpoint,
 )
 from runtime.heartbeat import Heartbeat
 from solver.plan import Plan
@@ -34,29 +39,53 @@ __all__ = [
     "WorkerHooks",
     "ReplicationStats",
     "external_holders",
-    "held_state",
     "key",
+    "abort_connections",
 ]
 
 log = logging.getLogger(__name__)
 
-# [Note: replication through the store]
-# After its optimizer step of round k, the first device of stage s serialises the stage's
-# state (weights + optimizer state, runtime.checkpoint) and ``set``s it under
-# ``rx/<g>/rep/<s>/<k>`` in the c10d store (the launcher's TCPStore). Once round k is
-# committed (every rank passed its loss all-reduce), each holder of s ``get``s the bytes and
-# keeps them in its own memory; the sender deletes the key of round k-2 when it pushes k
-# (every holder fetched k-2 before the barrier that opens round k-1). So a replica always
-# is the state after a committed step, and the store keeps at most two rounds per stage.
-# Holders inside the stage's own group need no copy (their own state is the replica).
-# The store is the transport because it survives any worker's death and never blocks the
-# training process group; the price is two copies through the launcher per step, measured
-# by tools/bench_recovery.py.
+# [Note: replication off the critical path]
+# After its optimizer step of round k every rank copies its stage state into a
+# preallocated flat buffer (runtime.checkpoint.StateBuffer: one ``copy_`` per tensor, no
+# allocation, no pickling) -- that is all the training thread does. A background thread
+# ("asteroid-fx-replicate") then, on the first device of a stage that has holders outside
+# its group, sends that buffer (every ``replicate_every``-th step) to each holder over a
+# two-rank gloo group of their own (``_Channel``: built by the two ends through a
+# PrefixStore of the c10d store, so it is no collective of the training group and the
+# store carries no replica bytes), and every ``checkpoint_every``-th step writes the disk
+# checkpoint from the same buffer. Each holder's receive thread keeps the three newest
+# replicas of the stage in its memory.
 #
-# Hand-over: on a failure every surviving rank ``set``s ``rx/<g>/handoff/<rank>`` = its own
-# committed state plus the replicas it holds, from the training thread when a round fails
-# or from a watcher thread when the launcher asks (``rx/<g>/recover``) while the training
-# thread is blocked.
+# Lag and roll-back: before taking the snapshot of round k the training thread waits until
+# the background job of round k-1 is done (it had a whole round; normally no wait), so
+# replication is at most one step behind. Every rank keeps its own snapshots of the last two
+# committed steps (and of the last two replicated ones when replicate_every > 1). On a
+# failure the launcher resumes from the newest step r for which every stage has a state (a
+# survivor's own snapshot or a replica held by a survivor); survivors roll back to r and the
+# rounds after r are replayed with the same seeded batches, so no optimizer step is missing
+# from the result and the losses equal single-process training. ``lost_steps`` (committed
+# steps trained again) is 0 when r is the last committed step, which is the case unless the
+# failure hits the short window between a commit and the end of that step's background
+# send (or replicate_every > 1).
+#
+# Hand-over on failure (``rx/<g>/recover`` names the failed ranks): every survivor's
+# watcher thread publishes ``rx/<g>/handoff/<rank>``: which own steps it keeps, the names of
+# its state and which replicas it holds (a replica of a lost stage still arriving is first
+# completed). No state moves then: survivors keep their own state and replicas in memory,
+# and the launcher's per-device manifest (``rx/<g+1>/restore/<device>``) says which parts a
+# process takes from its own memory and which from store keys that the survivor holding them
+# fills on request (``rx/<g>/want/<rank>/<n>``, answered by the watcher). The watcher also
+# shuts the old process group's TCP connections down (``abort_connections``): gloo cannot
+# abort a pending receive, and a destroyed group does not always close its sockets, so
+# without this a survivor waiting on another survivor could stay blocked in the failed round.
+
+#: device -> its hooks in this process: a survivor's own snapshots outlive its generation
+_PROCESS: dict[str, Any] = {}
+#: seconds the training thread waits at most for the previous round's background job
+BACKGROUND_WAIT_S = 60.0
+#: seconds a survivor waits at most to answer the launcher's requests before moving on
+REQUESTS_WAIT_S = 30.0
 
 
 def key(generation: int, *parts: object) -> str:
@@ -78,14 +107,75 @@ def external_holders(plan: Plan, replicas: Mapping[str, tuple[str, ...]]
     return out
 
 
+def abort_connections(store_port: int, only_ports: Collection[int] | None = None) -> int:
+    """Shut down every established TCP connection of this process except those to the
+    c10d store on ``store_port`` (i.e. the process groups' gloo connections), so that any
+    pending send/receive on them fails at once; with ``only_ports``, only connections with
+    one of those local or remote ports. Linux only (reads /proc); returns how many
+    connections were shut down (0 elsewhere)."""
+    sockets: dict[str, tuple[int, int]] = {}
+    for table in ("/proc/self/net/tcp", "/proc/self/net/tcp6"):
+        try:
+            with open(table) as fh:
+                rows = fh.read().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            cols = row.split()
+            if len(cols) > 9 and cols[3] == "01":      # ESTABLISHED
+                local = int(cols[1].rsplit(":", 1)[1], 16)
+                remote = int(cols[2].rsplit(":", 1)[1], 16)
+                sockets[cols[9]] = (local, remote)
+    if not sockets:
+        return 0
+    count = 0
+    try:
+        fds = os.listdir("/proc/self/fd")
+    except OSError:
+        return 0
+    for fd in fds:
+        try:
+            link = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        ports = sockets.get(link[8:-1]) if link.startswith("socket:[") else None
+        if ports is None or store_port in ports:
+            continue
+        if only_ports is not None and not set(ports) & set(only_ports):
+            continue
+        try:
+            with socket.socket(fileno=os.dup(int(fd))) as sock:
+                sock.shutdown(socket.SHUT_RDWR)
+            count += 1
+        except OSError:
+            continue
+    return count
+
+
 @dataclass
 class ReplicationStats:
-    """Seconds spent per step on the side work (this rank)."""
+    """Seconds spent on the side work (this rank): training thread and background."""
 
-    snapshot_s: list[float] = field(default_factory=list)
-    checkpoint_s: list[float] = field(default_factory=list)
-    replicate_s: list[float] = field(default_factory=list)
+    snapshot_s: list[float] = field(default_factory=list)     # training thread: copy
+    wait_s: list[float] = field(default_factory=list)         # training thread: back-pressure
+    serialize_s: list[float] = field(default_factory=list)    # background
+    checkpoint_s: list[float] = field(default_factory=list)   # background (sync in restart)
+    replicate_s: list[float] = field(default_factory=list)    # background: store.set
+    fetch_s: list[float] = field(default_factory=list)        # holder: receiving
+    process_cpu_s: float = 0.0      # CPU time of the whole process (all threads) ...
+    steps: int = 0                  # ... over this many steps
     bytes_sent: int = 0
+
+    def summary(self) -> dict[str, float]:
+        """Mean milliseconds per step of each kind of work, and bytes sent."""
+        def mean_ms(values: list[float]) -> float:
+            return 1e3 * sum(values) / len(values) if values else 0.0
+
+        return {"snapshot_ms": mean_ms(self.snapshot_s), "wait_ms": mean_ms(self.wait_s),
+                "send_ms": mean_ms(self.replicate_s), "receive_ms": mean_ms(self.fetch_s),
+                "checkpoint_ms": mean_ms(self.checkpoint_s), "bytes_sent": self.bytes_sent,
+                "process_cpu_ms": 1e3 * self.process_cpu_s / max(1, self.steps),
+                "snapshots": len(self.snapshot_s)}
 
 
 @dataclass(frozen=True)
@@ -101,7 +191,9 @@ class WorkerSpec:
     checkpoint_dir: str | None = None
     checkpoint_every: int = 1
     replicate: bool = True
-    restore: bool = False                           # fetch rx/<g>/restore/<stage>
+    replicate_every: int = 1
+    steps: int | None = None                        # training ends after step steps - 1
+    restore: bool = False                           # manifest rx/<g>/restore/<device>
     fail_at: Mapping[str, int] = field(default_factory=dict)   # device -> step
     fail_signal: int = int(signal.SIGKILL)
     metrics: str | None = None
@@ -110,46 +202,226 @@ class WorkerSpec:
     heartbeat_timeout_s: float = 1.0
 
     def hooks(self, store: dist.Store, rank: int, world: int) -> WorkerHooks:
-        """The hooks of ``rank`` (starts its heartbeat and, in replay mode, its watcher)."""
+        """The hooks of ``rank`` (starts its heartbeat and, in replay mode, its threads)."""
         return WorkerHooks(self, store, rank, world)
+
+    @property
+    def steps_end(self) -> int:
+        """The last step (-2 when unknown)."""
+        return -2 if self.steps is None else self.steps - 1
+
+    def replicates(self, step: int) -> bool:
+        """Whether the state after ``step`` is replicated (every ``replicate_every``-th)."""
+        return (step + 1) % self.replicate_every == 0
+
+
+class _Slot:
+    """One snapshot buffer and whether its background job is finished."""
+
+    def __init__(self) -> None:
+        self.buffer = StateBuffer()
+        self.idle = threading.Event()
+        self.idle.set()
+
+
+#: marks the end of a replica stream (the sender's last step is done)
+_END = -1000
+#: timeout of a replication channel (its waits are ended by ``abort_connections`` on a
+#: failure, never by the timeout: a timed-out gloo wait would close the channel)
+CHANNEL_TIMEOUT = timedelta(hours=12)
+
+
+@dataclass
+class _Replica:
+    """A stage state received from its sender: flat-format header and buffer."""
+
+    step: int
+    header: bytes
+    flat: torch.Tensor
+
+    def to_bytes(self) -> bytes:
+        return join_state(self.header, self.flat)
+
+
+class _Channel:
+    """A two-rank gloo group between a stage's sender (rank 0) and one holder (rank 1),
+    created by both ends through the store (no collective over the training group).
+    One replica = three messages: int64 [step, buffer bytes, header bytes], the JSON
+    header, the flat buffer (sent from the snapshot itself: no serialisation)."""
+
+    def __init__(self, store: dist.Store, prefix: str, rank: int) -> None:
+        # (send/recv exist on the object but not in torch's type stubs)
+        self.pg: Any = dist.ProcessGroupGloo(dist.PrefixStore(prefix, store), rank, 2,
+                                             CHANNEL_TIMEOUT)
+        self.peer = 1 - rank
+
+    def send(self, step: int, header: bytes, flat: torch.Tensor) -> None:
+        meta = torch.tensor([step, flat.numel(), len(header)], dtype=torch.int64)
+        self.pg.send([meta], self.peer, 0).wait()
+        if header:
+            self.pg.send([torch.frombuffer(bytearray(header), dtype=torch.uint8)],
+                         self.peer, 1).wait()
+        if flat.numel():
+            self.pg.send([flat], self.peer, 2).wait()
+
+
+def _clone_store(store: dist.Store) -> dist.Store:
+    clone = getattr(store, "clone", None)
+    if callable(clone):
+        try:
+            cloned: dist.Store = clone()
+            return cloned
+        except RuntimeError:   # pragma: no cover - store type without clone support
+            pass
+    return store
 
 
 class WorkerHooks:
-    """``runtime.train.TrainHooks`` of one rank (see [Note: replication through the store])."""
+    """``runtime.train.TrainHooks`` of one rank (see [Note: replication off the critical
+    path])."""
 
     def __init__(self, spec: WorkerSpec, store: dist.Store, rank: int, world: int) -> None:
+        self.created_at = time.time()
+        self.device = spec.devices[rank]
+        previous: WorkerHooks | None = _PROCESS.get(self.device)
+        if previous is not None:
+            previous.close()
+        _PROCESS[self.device] = self
         self.spec = spec
         self.store = store
         self.rank = rank
-        self.device = spec.devices[rank]
         self.stage = spec.stages[rank]
         self.first_of_stage = spec.stages.index(self.stage) == rank
         self.held_stages = tuple(s for s, hs in spec.holders.items() if self.device in hs)
-        self.sends = (spec.mode == "replay" and spec.replicate and self.first_of_stage
+        self.replay = spec.mode == "replay"
+        self.sends = (self.replay and spec.replicate and self.first_of_stage
                       and bool(spec.holders.get(self.stage)))
         self.stats = ReplicationStats()
-        self._pending: tuple[int, bytes] | None = None
-        self._committed: tuple[int, bytes] | None = None
-        self._held: dict[int, tuple[int, bytes]] = {}
+        self._slots: list[_Slot] = [] if previous is None else previous._slots
+        self._previous_current: dict[int, _Slot] = ({} if previous is None
+                                                    else dict(previous._current))
+        self._previous_committed = [] if previous is None else list(previous._committed)
+        self._previous_held: dict[int, dict[int, _Replica]] = ({} if previous is None
+                                                                else previous._held)
+        self._committed: list[int] = []
+        self._replicated: list[int] = []       # committed steps whose state was replicated
+        self._current: dict[int, _Slot] = {}    # step -> slot (this generation)
+        self._held: dict[int, dict[int, _Replica]] = {s: {} for s in self.held_stages}
+        self._receiving: set[int] = set()       # held stages with a replica half received
         self._lock = threading.Lock()
         self._handed = False
+        self._left = False
+        self._closed = threading.Event()
+        self._served = 0                        # requests answered by the watcher
+        self._serve_until = 0                   # requests announced by the launcher
+        self._previous = previous
+        if previous is not None:
+            previous._previous = None           # keep one generation back, not a chain
+        self._times: dict[str, float] = {"hooks": self.created_at}
+        self._cpu_began = time.process_time()
         self.heartbeat = Heartbeat(store, rank, world, generation=spec.generation,
                                    interval_s=spec.heartbeat_interval_s,
                                    timeout_s=spec.heartbeat_timeout_s)
-        if spec.mode == "replay":
-            watch = getattr(store, "clone", None)
-            self._watch_store = watch() if callable(watch) else store
-            threading.Thread(target=self._watch, name="asteroid-fx-handoff", daemon=True).start()
+        self._jobs: queue.Queue[tuple[_Slot, int, bool, bool] | None] = queue.Queue()
+        self._side_store = _clone_store(store)
+        threading.Thread(target=self._background, name="asteroid-fx-replicate",
+                         daemon=True).start()
+        if self.replay:
+            self._watch_store = _clone_store(store)
+            threading.Thread(target=self._watch, name="asteroid-fx-handoff",
+                             daemon=True).start()
+            if spec.replicate:
+                for stage in self.held_stages:
+                    threading.Thread(target=self._receive, args=(stage,), daemon=True,
+                                     name=f"asteroid-fx-receive-{stage}").start()
+
+    # -- snapshots ---------------------------------------------------------------------------
+    def _keep(self) -> set[int]:
+        return set(self._committed[-2:]) | set(self._replicated[-2:])
+
+    def _acquire(self) -> _Slot:
+        keep = self._keep()
+        busy = {id(s) for st, s in self._current.items() if st in keep}
+        if self._previous is not None and self._previous.serving():
+            # the previous generation's watcher may still read these snapshots
+            busy |= {id(s) for s in self._previous_current.values()}
+        for slot in self._slots:
+            if id(slot) not in busy and slot.idle.is_set():
+                with self._lock:
+                    for st in [st for st, s in self._current.items() if s is slot]:
+                        del self._current[st]
+                return slot
+        slot = _Slot()
+        self._slots.append(slot)
+        return slot
+
+    def _snapshot(self, step: int, module: torch.nn.Module,
+                  optimizer: torch.optim.Optimizer) -> _Slot:
+        began = time.perf_counter()
+        slot = self._acquire()
+        slot.buffer.capture(module, optimizer, step)
+        with self._lock:
+            self._current[step] = slot
+        self.stats.snapshot_s.append(time.perf_counter() - began)
+        return slot
+
+    def own_steps(self) -> list[int]:
+        """Committed steps of which this rank still holds its own snapshot."""
+        with self._lock:
+            last = self._committed[-1] if self._committed else -2
+            return sorted(st for st in self._current if st <= last)
+
+    def own_state(self, step: int, names: list[str] | None = None) -> StageState:
+        """This rank's own snapshot of committed ``step`` (views; copy before the next step)."""
+        return self._current[step].buffer.state(names)
 
     # -- TrainHooks ------------------------------------------------------------------------
     def restore(self, module: torch.nn.Module, optimizer: torch.optim.Optimizer,
                 stage_index: int) -> None:
-        if self.spec.restore:
-            data = self.store.get(key(self.spec.generation, "restore", stage_index))
-            apply_state(module, optimizer, state_from_bytes(data))
-        if self.spec.mode == "replay":
-            start = self._start_step() - 1
-            self._committed = (start, state_to_bytes(capture_state(module, optimizer, start)))
+        spec = self.spec
+        self._times["restore"] = time.time()
+        self._cpu_began = time.process_time()
+        if spec.restore:
+            apply_state(module, optimizer, self._gather(json.loads(self.store.get(
+                key(spec.generation, "restore", self.device)))))
+        start = self._start_step() - 1
+        if self.replay:
+            slot = self._snapshot(start, module, optimizer)
+            self._committed.append(start)
+            if spec.replicates(start) or spec.generation > 0:
+                self._replicated.append(start)
+            if self.sends and start >= 0:
+                slot.idle.clear()
+                self._jobs.put((slot, start, True, False))
+        self._times["restored"] = time.time()
+        self.store.set(key(spec.generation, "times", self.rank), json.dumps(self._times))
+
+    def _gather(self, manifest: Mapping[str, Any]) -> StageState:
+        """The state this rank restores: parts from its own snapshot or a replica it held
+        in the previous generation (no transfer), the rest from store keys."""
+        step = int(manifest["step"])
+        out = StageState(step=step)
+        for part in manifest["parts"]:
+            names = list(part["names"])
+            if "own" in part:
+                state = self._previous_own(step, names)
+            elif "held" in part:
+                state = state_from_bytes(
+                    self._previous_held[int(part["held"])][step].to_bytes())
+            else:
+                state = state_from_bytes(self.store.get(str(part["key"])))
+            for name in names:
+                out.model[name] = state.model[name]
+                if name in state.optim:
+                    out.optim[name] = state.optim[name]
+        return out
+
+    def _previous_own(self, step: int, names: list[str]) -> StageState:
+        slot = self._previous_current.get(step)
+        if slot is not None and step <= max(self._previous_committed, default=-2):
+            return slot.buffer.state(names)
+        raise RuntimeFailure(f"rank {self.rank} ({self.device}) has no own snapshot of step "
+                             f"{step} to restore {names[:3]}...")
 
     def _start_step(self) -> int:
         event = self.spec.event or {}
@@ -170,9 +442,25 @@ class WorkerHooks:
         now = time.time()
         record = dict(event)
         total = now - float(record.pop("killed_at"))
+        spawn = float(record.pop("spawn_at", now))
         record["total_s"] = total
         record["restore_s"] = max(0.0, total - record["detect_s"] - record["replan_s"])
-        record["start_s"] = now - float(record.pop("spawn_at", now))
+        record["start_s"] = now - spawn
+        # where start_s goes: hand-off -> hooks of every rank created (process start or
+        # assignment), -> restore() entered (process group, model file, stage module),
+        # -> state applied, -> first round (barrier); each the slowest rank
+        times = []
+        for r in range(len(self.spec.devices)):
+            name = key(self.spec.generation, "times", r)
+            if self.store.check([name]):
+                times.append(json.loads(self.store.get(name)))
+        if times:
+            hooks = max(t["hooks"] for t in times)
+            entered = max(t["restore"] for t in times)
+            restored = max(t["restored"] for t in times)
+            record["start_parts_s"] = {"hooks": hooks - spawn, "load_stage": entered - hooks,
+                                       "apply_state": restored - entered,
+                                       "first_barrier": now - restored}
         self.store.set(key(self.spec.generation, "event"), json.dumps(record))
         if self.spec.metrics:
             with Path(self.spec.metrics).open("a") as fh:
@@ -183,87 +471,241 @@ class WorkerHooks:
         spec = self.spec
         writes = (spec.checkpoint_dir is not None and self.first_of_stage
                   and (step + 1) % spec.checkpoint_every == 0)
-        if not (writes or self.sends or spec.mode == "replay"):
+        if not (writes or self.replay):
+            return
+        if not self.replay:   # restart baseline: the checkpoint is written synchronously
+            slot = self._snapshot(step, module, optimizer)
+            self._write_checkpoint(slot.buffer.to_bytes(), step)
             return
         began = time.perf_counter()
-        state = capture_state(module, optimizer, step)
-        data = state_to_bytes(state)
-        self.stats.snapshot_s.append(time.perf_counter() - began)
-        self._pending = (step, data)
-        if writes and spec.checkpoint_dir is not None:
-            began = time.perf_counter()
-            write_checkpoint(spec.checkpoint_dir, spec.plan_version, self.stage, state, data)
-            old = checkpoint_file(spec.checkpoint_dir, step - 2 * spec.checkpoint_every,
-                                  spec.plan_version, self.stage)
-            if old.exists():
-                old.unlink()
-            self.stats.checkpoint_s.append(time.perf_counter() - began)
+        prev = self._current.get(step - 1)
+        if prev is not None and not prev.idle.wait(BACKGROUND_WAIT_S):   # bounded lag
+            log.warning("rank %d: replication of step %d is still running after %.0f s",
+                        self.rank, step - 1, BACKGROUND_WAIT_S)
+        self.stats.wait_s.append(time.perf_counter() - began)
+        slot = self._snapshot(step, module, optimizer)
+        send = self.sends and spec.replicates(step)
+        if send or writes or (self.sends and step == spec.steps_end):
+            slot.idle.clear()
+            self._jobs.put((slot, step, send, writes))
+
+    def _write_checkpoint(self, data: bytes, step: int) -> None:
+        spec = self.spec
+        assert spec.checkpoint_dir is not None
+        began = time.perf_counter()
+        path = checkpoint_file(spec.checkpoint_dir, step, spec.plan_version, self.stage)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+        old = checkpoint_file(spec.checkpoint_dir, step - 2 * spec.checkpoint_every,
+                              spec.plan_version, self.stage)
+        if old.exists():
+            old.unlink()
+        self.stats.checkpoint_s.append(time.perf_counter() - began)
+
+    def _background(self) -> None:
+        """Send replicas and write checkpoints (see the Note)."""
+        spec = self.spec
+        channels: list[_Channel] = []
         if self.sends:
-            began = time.perf_counter()
-            self.store.set(key(spec.generation, "rep", self.stage, step),
-                               data)  # type: ignore[arg-type]
-            stale = key(spec.generation, "rep", self.stage, step - 2)
-            if step - 2 >= 0:
-                self.store.delete_key(stale)
-            self.stats.bytes_sent += len(data)
-            self.stats.replicate_s.append(time.perf_counter() - began)
+            try:
+                channels = [_Channel(self._side_store, key(spec.generation, "chan", self.stage,
+                                                           holder) + "/", 0)
+                            for holder in spec.holders[self.stage]]
+            except Exception as exc:  # noqa: BLE001 - a holder is gone: no replicas
+                log.warning("rank %d: no replication channel to %s: %s", self.rank,
+                            list(spec.holders[self.stage]), exc)
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            slot, step, send, writes = job
+            try:
+                if send and channels:
+                    began = time.perf_counter()
+                    header = slot.buffer.header()
+                    for channel in channels:
+                        channel.send(step, header, slot.buffer.flat)
+                    self.stats.bytes_sent += len(channels) * slot.buffer.nbytes
+                    self.stats.replicate_s.append(time.perf_counter() - began)
+                if channels and spec.steps is not None and step == spec.steps - 1:
+                    for channel in channels:    # the holders' receive threads end
+                        channel.send(_END, b"", torch.zeros(0, dtype=torch.uint8))
+                if writes:
+                    began = time.perf_counter()
+                    data = slot.buffer.to_bytes()
+                    self.stats.serialize_s.append(time.perf_counter() - began)
+                    self._write_checkpoint(data, step)
+            except Exception as exc:  # noqa: BLE001 - a peer or the disk failed: stop sending
+                log.debug("rank %d: background work of step %d failed: %s", self.rank, step,
+                          exc)
+                channels = []
+            finally:
+                slot.idle.set()
 
     def step_committed(self, step: int, record: dict[str, Any]) -> None:
         g = self.spec.generation
         with self._lock:
-            if self._pending is not None and self._pending[0] == step:
-                self._committed = self._pending
-        if self.spec.mode == "replay" and self.spec.replicate and self.held_stages:
-            began = time.perf_counter()
-            for stage in self.held_stages:
-                data = self.store.get(key(g, "rep", stage, step))
-                with self._lock:
-                    self._held[stage] = (step, data)
-            self.stats.replicate_s.append(time.perf_counter() - began)
+            self._committed.append(step)
+            del self._committed[:-4]
+            if self.spec.replicates(step):
+                self._replicated.append(step)
+                del self._replicated[:-4]
         if self.rank == 0:
             self.store.set(key(g, "step", step), json.dumps(record))
+        if step == self.spec.steps_end:
+            self.stats.process_cpu_s = time.process_time() - self._cpu_began
+            self.stats.steps = step + 1 - self._start_step()
+            self.store.set(key(g, "stats", self.rank), json.dumps(self.stats.summary()))
+
+    def flush(self, timeout_s: float = 30.0) -> None:
+        """Wait for the background jobs (tests, end of training)."""
+        deadline = time.monotonic() + timeout_s
+        for slot in list(self._slots):
+            slot.idle.wait(max(0.0, deadline - time.monotonic()))
+
+    # -- holders -----------------------------------------------------------------------------
+    def _receive(self, stage: int) -> None:
+        """Holder: receive every replica of ``stage`` into memory (the three newest)."""
+        spec = self.spec
+        try:
+            channel = _Channel(_clone_store(self.store),
+                               key(spec.generation, "chan", stage, self.device) + "/", 1)
+            while not self._closed.is_set():
+                meta = torch.zeros(3, dtype=torch.int64)
+                channel.pg.recv([meta], 0, 0).wait()
+                step, size, length = (int(v) for v in meta.tolist())
+                if step == _END:
+                    return
+                with self._lock:
+                    self._receiving.add(stage)
+                    held = self._held[stage]
+                    old = held.pop(min(held)) if len(held) >= 3 else None
+                began = time.perf_counter()
+                header = torch.zeros(length, dtype=torch.uint8)
+                if length:
+                    channel.pg.recv([header], 0, 1).wait()
+                flat = old.flat if old is not None and old.flat.numel() == size else \
+                    torch.zeros(size, dtype=torch.uint8)
+                if size:
+                    channel.pg.recv([flat], 0, 2).wait()
+                with self._lock:
+                    held[step] = _Replica(step, header.numpy().tobytes(), flat)
+                    self._receiving.discard(stage)
+                self.stats.fetch_s.append(time.perf_counter() - began)
+        except Exception as exc:  # noqa: BLE001 - the sender failed or the group was aborted
+            log.debug("rank %d: replicas of stage %d end: %s", self.rank, stage, exc)
+        finally:
+            with self._lock:
+                self._receiving.discard(stage)
 
     # -- failure ---------------------------------------------------------------------------
-    def handoff(self) -> None:
-        """Publish this rank's committed state and held replicas (once)."""
+    def handoff(self, store: dist.Store | None = None) -> None:
+        """Publish (once) which own steps this rank keeps and the replicas it holds of the
+        stages that lost every device."""
+        store = store or self.store
+        g = self.spec.generation
         with self._lock:
             if self._handed:
                 return
             self._handed = True
-            payload = {"rank": self.rank, "device": self.device, "stage": self.stage,
-                       "own": self._committed,
-                       "held": dict(self._held)}
-        import io
+        failed: set[int] = set()
+        name = key(g, "recover")
+        if store.check([name]):
+            failed = set(json.loads(store.get(name)))
+        ranks_of: dict[int, set[int]] = {}
+        for r, s in enumerate(self.spec.stages):
+            ranks_of.setdefault(s, set()).add(r)
+        lost = {s for s in self.held_stages if ranks_of[s] <= failed}
+        until = time.monotonic() + 0.5     # a replica still arriving completes (or fails)
+        while lost & self._receiving and time.monotonic() < until:
+            time.sleep(0.002)
+        held_steps: dict[int, list[int]] = {}
+        held_names: dict[int, list[str]] = {}
+        for stage in self.held_stages:
+            with self._lock:
+                have = dict(self._held[stage])
+            if have:
+                held_steps[stage] = sorted(have)
+                held_names[stage] = header_names(have[max(have)].header)
+        with self._lock:
+            current = dict(self._current)
+        names = list(current[max(current)].buffer.names) if current else []
+        payload = {"rank": self.rank, "device": self.device, "stage": self.stage,
+                   "own_steps": self.own_steps(), "own_names": names,
+                   "held_steps": held_steps, "held_names": held_names}
+        store.set(key(g, "handoff", self.rank), pickle.dumps(payload))  # type: ignore[arg-type]
 
-        buffer = io.BytesIO()
-        torch.save(payload, buffer)
-        store = getattr(self, "_watch_store", self.store)
-        store.set(key(self.spec.generation, "handoff", self.rank), buffer.getvalue())  # type: ignore[arg-type]
+    def _abort(self) -> None:
+        with self._lock:
+            if self._left:
+                return
+            count = abort_connections(int(getattr(self.store, "port", -1)))
+        log.debug("rank %d shut down %d connection(s) of the failed group", self.rank, count)
 
     def _watch(self) -> None:
-        wanted = [key(self.spec.generation, "recover")]
-        while True:
-            try:
-                if self._watch_store.check(wanted):
-                    self.handoff()
-                    return
-            except Exception:  # noqa: BLE001 - the launcher went away: nothing to hand over
+        """Replay: on ``recover`` hand over and abort the old group's connections; then serve
+        the launcher's requests for parts of this rank's own state."""
+        store = self._watch_store
+        g = self.spec.generation
+        recover = [key(g, "recover")]
+        try:
+            while not self._closed.is_set():
+                if store.check(recover):
+                    break
+                time.sleep(0.005)
+            else:
                 return
-            time.sleep(0.02)
+            self.handoff(store)
+            self._abort()
+            until = float("inf")
+            # after close(), go on until every request the launcher announced is answered
+            while not self._closed.is_set() or (self._served < self._serve_until
+                                                 and time.monotonic() < until):
+                if self._closed.is_set() and until == float("inf"):
+                    until = time.monotonic() + REQUESTS_WAIT_S
+                want = key(g, "want", self.rank, self._served)
+                if store.check([want]):
+                    request = json.loads(store.get(want))
+                    store.set(str(request["to"]), self._answer(request))  # type: ignore[arg-type]
+                    self._served += 1
+                    continue
+                time.sleep(0.002)
+        except Exception as exc:  # noqa: BLE001 - the launcher went away
+            log.debug("rank %d: hand-over watcher ends: %s", self.rank, exc)
+
+    def held_replica(self, stage: int, step: int) -> StageState | None:
+        """The replica of ``stage`` after ``step`` that this rank holds, if any."""
+        replica = self._held.get(stage, {}).get(step)
+        return None if replica is None else state_from_bytes(replica.to_bytes())
+
+    def _answer(self, request: Mapping[str, Any]) -> bytes:
+        """Bytes of a held replica (``{"held": stage, "step": k}``) or of part of this rank's
+        own snapshot (``{"step": k, "names": [...]}``, all names when absent), for the
+        store key ``request["to"]``."""
+        step = int(request["step"])
+        if "held" in request:
+            return self._held[int(request["held"])][step].to_bytes()
+        return state_to_bytes(self.own_state(step, request.get("names")))
 
     def next_generation(self, limit_s: float = 600.0) -> dict[str, Any] | None:
-        """After a failed round: hand over the state, leave the broken process group and
-        (replay) wait for this device's place in the next generation; None: exit.
+        """After a failed round: hand over, leave the broken process group and (replay) wait
+        for this device's place in the next generation; None: exit.
         In restart mode the launcher stops every process: wait for that."""
         g = self.spec.generation
-        if self.spec.mode != "replay":
+        if not self.replay:
             time.sleep(limit_s)
             return None
-        self.handoff()
         try:
             dist.destroy_process_group()
         except Exception as exc:  # noqa: BLE001 - the group is broken anyway
             log.debug("rank %d: destroying the failed group: %s", self.rank, exc)
+        # a destroyed gloo group does not always close its sockets: peers blocked on this
+        # rank would wait; shut them down (before the next generation opens new ones)
+        self._abort()
+        with self._lock:
+            self._left = True
         self.heartbeat.stop()
         self.store.set(key(g, "waiting", self.rank), "1")
         wanted = key(g, "next", self.device)
@@ -271,18 +713,29 @@ class WorkerHooks:
         while not self.store.check([wanted]):
             if time.monotonic() > deadline:
                 return None
-            time.sleep(0.005)
-        data = self.store.get(wanted)
-        if data == b"exit":
-            return None
-        assignment: dict[str, Any] = pickle.loads(data)
-        return assignment
+            time.sleep(0.002)
+        assignment: dict[str, Any] = pickle.loads(self.store.get(wanted))
+        # the watcher answers every request for this rank's state before it stops; a
+        # process that leaves waits for that, one that goes on does not
+        self._serve_until = int(assignment.get("requests", 0))
+        if assignment.get("exit"):
+            until = time.monotonic() + REQUESTS_WAIT_S
+            while self._served < self._serve_until and time.monotonic() < until:
+                time.sleep(0.002)
+        self.close()
+        return None if assignment.get("exit") else assignment
 
+    def serving(self) -> bool:
+        """Whether the watcher still has announced requests to answer."""
+        return self._served < self._serve_until
 
-def held_state(payload: Mapping[str, Any], stage: int) -> StageState | None:
-    """A stage's replica from a hand-over payload, if that rank held one."""
-    entry = payload.get("held", {}).get(stage)
-    return None if entry is None else state_from_bytes(entry[1])
-
-
+    def close(self) -> None:
+        """Stop the threads of this generation (the snapshots stay for the next one)."""
+        if self._closed.is_set():
+            return
+        with self._lock:
+            self._left = True      # a late watcher must not touch later connections
+        self._closed.set()
+        self._jobs.put(None)
+        self.heartbeat.stop()
 

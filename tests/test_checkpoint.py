@@ -11,6 +11,7 @@ from torch import nn
 from asteroid_fx.errors import RuntimeFailure
 from runtime.checkpoint import (
     StageState,
+    StateBuffer,
     apply_state,
     capture_state,
     checkpoint_file,
@@ -20,6 +21,7 @@ from runtime.checkpoint import (
     prune_checkpoints,
     slice_state,
     state_from_bytes,
+    state_names,
     state_to_bytes,
     write_checkpoint,
 )
@@ -55,6 +57,59 @@ def test_capture_and_apply_round_trip_weights_and_momentum() -> None:
         o.step()
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), other.parameters(),
                                                              strict=True))
+
+
+def test_flat_format_round_trips_and_reads_torch_save_archives() -> None:
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+    opt = torch.optim.Adam(model.parameters(), lr=0.1)
+    model(torch.randn(5, 3)).sum().backward()
+    opt.step()
+    state = capture_state(model, opt, 4)
+    state.optim["0.bias"]["note"] = "plain values travel in the header"
+    data = state_to_bytes(state)
+    assert data.startswith(b"AFXSTATE1") and state_names(data) == list(state.model)
+    back = state_from_bytes(data)
+    assert back.step == 4 and set(back.model) == set(state.model)
+    for name, value in state.model.items():
+        assert back.model[name].dtype == value.dtype and torch.equal(back.model[name], value)
+    assert back.optim["0.bias"]["note"] == "plain values travel in the header"
+    assert torch.equal(back.optim["0.weight"]["exp_avg"], state.optim["0.weight"]["exp_avg"])
+    assert torch.equal(back.optim["0.weight"]["step"], state.optim["0.weight"]["step"])
+    # files written by torch.save (the format before the flat one) still load
+    import io
+
+    buffer = io.BytesIO()
+    torch.save({"step": 2, "model": {"w": torch.ones(2)}, "optim": {}}, buffer)
+    old = state_from_bytes(buffer.getvalue())
+    assert old.step == 2 and torch.equal(old.model["w"], torch.ones(2))
+    # a value that is neither a tensor nor a plain value falls back to torch.save
+    odd = StageState(1, {"w": torch.ones(1)}, {"w": {"betas": (0.9, 0.99)}})
+    assert not state_to_bytes(odd).startswith(b"AFXSTATE1")
+
+
+def test_state_buffer_snapshots_into_preallocated_memory() -> None:
+    model = nn.Linear(3, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    buf = StateBuffer()
+    buf.capture(model, opt, -1)              # before the first step: no momentum yet
+    assert buf.nbytes == 32 and buf.names == ("weight", "bias")
+    model(torch.randn(4, 3)).sum().backward()
+    opt.step()
+    buf.capture(model, opt, 0)               # momentum buffers appear: re-allocated once
+    flat = buf.flat
+    assert buf.nbytes == 64
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    buf.capture(model, opt, 1)
+    assert buf.flat is flat and buf.step == 1   # same memory, new values
+    assert torch.equal(buf.state().model["weight"], model.weight.detach())
+    assert set(buf.state(["bias"]).model) == {"bias"}
+    back = state_from_bytes(buf.to_bytes())
+    assert back.step == 1 and torch.equal(back.optim["weight"]["momentum_buffer"],
+                                          opt.state[model.weight]["momentum_buffer"])
+    other = nn.Linear(3, 2)
+    apply_state(other, None, back)
+    assert torch.equal(other.weight, model.weight)
 
 
 def test_merge_and_slice_by_qualified_name() -> None:

@@ -1,21 +1,66 @@
-"""Tests of runtime.replication: replica traffic through the store, checkpoints, hand-over."""
+"""Tests of runtime.replication: background replicas through the store, checkpoints, hand-over."""
 
 from __future__ import annotations
 
-import io
+import json
+import pickle
+import socket
+import threading
+import time
+from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 
+import pytest
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from runtime.checkpoint import checkpoint_file, state_from_bytes
 from runtime.emulator import _free_port
-from runtime.replication import WorkerSpec, external_holders, held_state, key
+from runtime.recovery import resume_point
+from runtime.replication import (
+    WorkerHooks,
+    WorkerSpec,
+    abort_connections,
+    external_holders,
+    key,
+)
 from solver.plan import Plan, Stage
 
 PLAN = Plan("m", "c", 4, 2, 2, (Stage((0, 0), ("a",), (2,)), Stage((1, 1), ("b", "c"), (1, 1))))
+
+
+@pytest.fixture()
+def store() -> Iterator[dist.TCPStore]:
+    yield dist.TCPStore("127.0.0.1", _free_port(), 1, is_master=True, wait_for_workers=False,
+                        timeout=timedelta(seconds=10))
+
+
+def _wait_for(condition: object, timeout_s: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():  # type: ignore[operator]
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.005)
+
+
+def _spec(tmp_path: Path, **kw: object) -> WorkerSpec:
+    args: dict[str, object] = dict(steps=9,
+        generation=0, mode="replay", plan_version=0, devices=("a", "b", "c"), stages=(0, 1, 1),
+        holders={0: ("b",), 1: ()}, checkpoint_dir=str(tmp_path / "ckpt"), checkpoint_every=1)
+    args.update(kw)
+    return WorkerSpec(**args)  # type: ignore[arg-type]
+
+
+def _train(sender: WorkerHooks, holder: WorkerHooks, module: nn.Module,
+           opt: torch.optim.Optimizer, steps: range) -> None:
+    for step in steps:
+        opt.zero_grad()
+        module(torch.ones(1, 2)).sum().backward()
+        opt.step()
+        sender.step_done(step, module, opt)
+        sender.step_committed(step, {"step": step, "loss": 0.0})
+        holder.step_committed(step, {"step": step})
 
 
 def test_external_holders_skip_members_of_the_same_stage() -> None:
@@ -25,37 +70,123 @@ def test_external_holders_skip_members_of_the_same_stage() -> None:
     assert key(3, "rep", 1, 7) == "rx/3/rep/1/7"
 
 
-def test_replica_reaches_its_holder_and_the_handoff(tmp_path: Path) -> None:
-    store = dist.TCPStore("127.0.0.1", _free_port(), 1, is_master=True,
-                          wait_for_workers=False, timeout=timedelta(seconds=10))
-    spec = WorkerSpec(generation=0, mode="replay", plan_version=0, devices=("a", "b", "c"),
-                      stages=(0, 1, 1), holders={0: ("b",), 1: ()},
-                      checkpoint_dir=str(tmp_path / "ckpt"), checkpoint_every=1)
+def test_replica_reaches_its_holder_in_the_background(tmp_path: Path,
+                                                      store: dist.TCPStore) -> None:
+    spec = _spec(tmp_path)
     sender, holder = spec.hooks(store, 0, 3), spec.hooks(store, 1, 3)
     try:
         assert sender.sends and not holder.sends and holder.held_stages == (0,)
-        assert sender.held_stages == ()
+        module = nn.Linear(2, 2)
+        opt = torch.optim.SGD(module.parameters(), lr=0.1, momentum=0.9)
+        sender.restore(module, opt, 0)
+        _train(sender, holder, module, opt, range(3))
+        sender.flush()
+        assert store.check([key(0, "step", 2)])        # rank 0 publishes committed steps
+        _wait_for(lambda: 2 in holder._held[0])
+        assert sorted(holder._held[0]) == [0, 1, 2]     # the holder keeps the three newest
+        # the training thread only copied; sending ran in the background (and no replica
+        # went through the store)
+        assert len(sender.stats.snapshot_s) == 4 and len(sender.stats.replicate_s) == 3
+        assert not store.check([key(0, "rep", 0, 2)])
+        assert sender.stats.bytes_sent > 0 and {1, 2} <= set(sender.own_steps())
+        own = sender.own_state(2)
+        assert torch.equal(own.model["weight"], module.weight.detach())
+        # checkpoints, written by the background thread, pruned to the last two
+        assert checkpoint_file(tmp_path / "ckpt", 2, 0, 0).is_file()
+        assert not checkpoint_file(tmp_path / "ckpt", 0, 0, 0).is_file()
+        # on a failure of rank 0 the holder hands its newest replica over
+        store.set(key(0, "recover"), json.dumps([0]))
+        _wait_for(lambda: store.check([key(0, "handoff", 1)]))
+        payload = pickle.loads(store.get(key(0, "handoff", 1)))
+        assert payload["held_names"] == {0: ["weight", "bias"]}
+        replica = holder.held_replica(0, 2)
+        assert replica is not None and replica.step == 2
+        assert torch.equal(replica.model["weight"], module.weight.detach())
+        assert torch.equal(replica.optim["weight"]["momentum_buffer"],
+                           opt.state[module.weight]["momentum_buffer"])
+        assert payload["held_steps"] == {0: [0, 1, 2]}
+        survivor = {**payload, "own_steps": [1, 2]}    # (this holder trained no stage)
+        assert resume_point(PLAN, {1: survivor}, 2) == 2
+        assert resume_point(PLAN, {1: survivor}, 1) == 1
+        assert resume_point(PLAN, {1: payload}, 2) is None
+    finally:
+        sender.close()
+        holder.close()
+
+
+def test_survivor_serves_parts_of_its_own_state(tmp_path: Path, store: dist.TCPStore) -> None:
+    spec = _spec(tmp_path, holders={0: (), 1: ()}, checkpoint_dir=None)
+    hooks = spec.hooks(store, 0, 3)
+    try:
+        module = nn.Linear(2, 2)
+        opt = torch.optim.SGD(module.parameters(), lr=0.1)
+        hooks.restore(module, opt, 0)
+        for step in range(2):
+            with torch.no_grad():
+                module.bias.add_(1.0)
+            hooks.step_done(step, module, opt)
+            hooks.step_committed(step, {"step": step})
+        store.set(key(0, "recover"), json.dumps([1, 2]))
+        _wait_for(lambda: store.check([key(0, "handoff", 0)]))
+        payload = pickle.loads(store.get(key(0, "handoff", 0)))
+        assert {0, 1} <= set(payload["own_steps"])
+        assert set(payload["own_names"]) == {"weight", "bias"}
+        assert payload["held_steps"] == {}
+        store.set(key(0, "want", 0, 0), json.dumps({"step": 0, "names": ["bias"], "to": "x"}))
+        _wait_for(lambda: store.check(["x"]))
+        part = state_from_bytes(store.get("x"))
+        assert part.step == 0 and set(part.model) == {"bias"}
+        assert torch.allclose(part.model["bias"], module.bias.detach() - 1.0)
+    finally:
+        hooks.close()
+
+
+def test_resume_point_is_the_newest_common_step() -> None:
+    own = {0: {"rank": 0, "stage": 0, "own_steps": [4, 5]},
+           1: {"rank": 1, "stage": 1, "own_steps": [4, 5], "held_steps": {}}}
+    assert resume_point(PLAN, own, 5) == 5
+    lagging = {0: {"rank": 0, "stage": 0, "own_steps": [4, 5], "held_steps": {1: [3, 4]}}}
+    assert resume_point(PLAN, lagging, 5) == 4
+    assert resume_point(PLAN, {0: {"rank": 0, "stage": 0, "own_steps": [4, 5]}}, 5) is None
+
+
+def test_replicate_every_k_steps(tmp_path: Path, store: dist.TCPStore) -> None:
+    spec = _spec(tmp_path, replicate_every=3, checkpoint_dir=None)
+    assert [s for s in range(7) if spec.replicates(s)] == [2, 5]
+    sender, holder = spec.hooks(store, 0, 3), spec.hooks(store, 1, 3)
+    try:
         module = nn.Linear(2, 2)
         opt = torch.optim.SGD(module.parameters(), lr=0.1)
         sender.restore(module, opt, 0)
-        for step in range(3):
-            with torch.no_grad():
-                module.weight.add_(1.0)
-            sender.step_done(step, module, opt)
-            sender.step_committed(step, {"step": step, "loss": 0.0})
-            holder.step_committed(step, {"step": step})
-        assert store.check([key(0, "step", 2)])        # rank 0 publishes committed steps
-        assert not store.check([key(0, "rep", 0, 0)])  # the sender drops rounds k-2
-        holder.handoff()
-        payload = torch.load(io.BytesIO(store.get(key(0, "handoff", 1))), weights_only=False)
-        replica = held_state(payload, 0)
-        assert replica is not None and replica.step == 2
-        assert torch.equal(replica.model["weight"], module.weight.detach())
-        assert checkpoint_file(tmp_path / "ckpt", 2, 0, 0).is_file()
-        assert not checkpoint_file(tmp_path / "ckpt", 0, 0, 0).is_file()   # pruned
-        own = state_from_bytes(sender._committed[1]) if sender._committed else None
-        assert own is not None and own.step == 2
-        assert sender.stats.bytes_sent > 0 and len(sender.stats.replicate_s) == 3
+        _train(sender, holder, module, opt, range(5))
+        sender.flush()
+        assert len(sender.stats.replicate_s) == 1
+        _wait_for(lambda: 2 in holder._held[0])
+        _train(sender, holder, module, opt, range(5, 9))
+        sender.flush()
+        # the replicated steps 2 and 5 stay among the own snapshots for a roll-back
+        own = sender.own_steps()
+        assert {2, 5, 7, 8} <= set(own) and 0 not in own and len(sender._slots) <= 6
     finally:
-        sender.heartbeat.stop()
-        holder.heartbeat.stop()
+        sender.close()
+        holder.close()
+
+
+def test_abort_connections_wakes_a_blocked_receive() -> None:
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(1)
+    client = socket.create_connection(server.getsockname())
+    peer, _ = server.accept()
+    got: list[bytes] = []
+    reader = threading.Thread(target=lambda: got.append(client.recv(10)), daemon=True)
+    reader.start()
+    time.sleep(0.05)
+    assert reader.is_alive()
+    port = client.getsockname()[1]
+    assert abort_connections(store_port=port, only_ports={port}) == 0   # the store: kept
+    assert abort_connections(store_port=-1, only_ports={port}) == 2   # both ends are ours
+    reader.join(timeout=5)
+    assert not reader.is_alive() and got == [b""]
+    for s in (client, peer, server):
+        s.close()

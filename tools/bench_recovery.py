@@ -8,8 +8,13 @@ pipeline fast | slow0 | slow1 and measures:
   ``--fail-step``: detect / re-plan / restore / total seconds (from metrics.jsonl);
 * the step period after recovery vs a fresh run of a full re-plan
   (``solver.api.plan``) on the survivors;
-* the steady-state step period without failures: plain run, replay machinery with
-  replication, and the same without replication (checkpoints every step in both).
+* the steady-state step period without failures, interleaved: plain run, replay machinery
+  with replication (asynchronous, every ``--replicate-every`` steps) and the same without
+  replication (disk checkpoints every 10 steps in both, the replay default), plus the time
+  the training threads spend on replication per step (from the workers' own counters).
+
+``--batch`` changes the mini-batch (4 micro-batches; default 32) so that a step does more
+compute for the same state size.
 
 Step periods are the mean spacing of the launcher's arrival times of the steps' records
 over a window (so they include checkpointing and replication, which ``round_time_s`` does
@@ -17,7 +22,7 @@ not).
 
 Usage::
 
-    python tools/bench_recovery.py --steps 24 --repeats 2 --out docs/benchmarks.md
+    python tools/bench_recovery.py --steps 24 --fail-step 8 --repeats 3 --out docs/benchmarks.md
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import statistics
 import sys
 import tempfile
@@ -81,13 +87,17 @@ def _partition(work: Path, model_file: Path, plan_of: Any, name: str) -> tuple[P
     return out, plan
 
 
+BATCH = [32]     # set by --batch
+
+
 def _three_stages(costs: Any, cluster: Cluster) -> Plan:
     n = len(costs.layers)
     a, b = n // 3, 2 * n // 3
-    stages = (Stage((0, a - 1), ("fast",), (8,)), Stage((a, b - 1), ("slow0",), (8,)),
-              Stage((b, n - 1), ("slow1",), (8,)))
-    plan = Plan(costs.model_hash, cluster.cluster_hash, 32, 8, 4, stages, num_layers=n,
-                model_name="bench")
+    micro = BATCH[0] // 4
+    stages = (Stage((0, a - 1), ("fast",), (micro,)), Stage((a, b - 1), ("slow0",), (micro,)),
+              Stage((b, n - 1), ("slow1",), (micro,)))
+    plan = Plan(costs.model_hash, cluster.cluster_hash, BATCH[0], micro, 4, stages,
+                num_layers=n, model_name="bench")
     return replace(plan, predicted=evaluate(plan, costs, cluster))
 
 
@@ -95,7 +105,7 @@ def _fresh_on_survivors(costs: Any, cluster: Cluster) -> Plan:
     from solver.api import plan as full_plan
 
     survivors = cluster.subset([d for d in cluster.names if d != "slow0"])
-    return full_plan(costs, survivors, 32, planner="asteroid")
+    return full_plan(costs, survivors, BATCH[0], planner="asteroid")
 
 
 class _Clock:
@@ -114,6 +124,13 @@ class _Clock:
             return float("nan")
         return (self.at[last] - self.at[first]) / (last - first)
 
+    def median_period(self, first: int, last: int) -> float:
+        """Median spacing of consecutive steps in ``[first, last]`` (robust to the odd
+        stall caused by other jobs on a shared host)."""
+        gaps = [self.at[k] - self.at[k - 1] for k in range(first + 1, last + 1)
+                if k in self.at and k - 1 in self.at]
+        return statistics.median(gaps) if gaps else float("nan")
+
 
 def _recovery_run(directory: Path, mode: str, steps: int, fail_step: int,
                   metrics: Path) -> dict[str, Any]:
@@ -128,15 +145,19 @@ def _recovery_run(directory: Path, mode: str, steps: int, fail_step: int,
             "losses": result.losses}
 
 
-def _steady(directory: Path, steps: int, variant: str) -> float:
+def _steady(directory: Path, steps: int, variant: str, every: int = 1,
+            stats: list[dict[str, Any]] | None = None) -> float:
     clock = _Clock()
     if variant == "plain":
         run(directory, emulate=CLUSTER, steps=steps, seed=0, lr=0.01, progress=clock)
     else:
         config = TrainConfig(steps=steps, seed=0, lr=0.01, timeout_s=120.0)
-        run_with_recovery(directory, CLUSTER, config, fail=None, recovery="replay",
-                          progress=clock, replicate=(variant == "replicas"))
-    return clock.period(2, steps - 1)
+        out = run_with_recovery(directory, CLUSTER, config, fail=None, recovery="replay",
+                                progress=clock, replicate=(variant != "no-replicas"),
+                                replicate_every=every)
+        if stats is not None:
+            stats.append(out.replication)
+    return clock.median_period(2, steps - 1)
 
 
 def _fmt(values: list[float]) -> str:
@@ -154,10 +175,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--out", type=Path, default=None, help="docs/benchmarks.md to update")
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--batch", type=int, default=32, help="mini-batch (multiple of 4)")
+    parser.add_argument("--replicate-every", type=int, default=1,
+                        help="also measure replicas every K steps (K > 1)")
+    parser.add_argument("--steady-steps", type=int, default=None,
+                        help="steps of each steady-state run (default: --steps)")
+    parser.add_argument("--steady-repeats", type=int, default=None,
+                        help="repeats of the steady-state runs (default: --repeats)")
+    parser.add_argument("--skip-failures", action="store_true",
+                        help="only the steady-state measurements")
     args = parser.parse_args(argv)
+    if args.batch < 4 or args.batch % 4:
+        parser.error(f"--batch must be a positive multiple of 4, got {args.batch}")
+    BATCH[0] = args.batch
     logging.basicConfig(level=logging.ERROR)
     torch.set_num_threads(1)
     began = time.perf_counter()
+    load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         model_file = work / "model.py"
@@ -165,17 +199,28 @@ def main(argv: list[str] | None = None) -> int:
         three, plan3 = _partition(work, model_file, _three_stages, "three")
         fresh, fresh_plan = _partition(work, model_file, _fresh_on_survivors, "fresh")
         runs: dict[str, list[dict[str, Any]]] = {"replay": [], "restart": []}
-        for i in range(args.repeats):
-            for mode in ("replay", "restart"):
-                runs[mode].append(_recovery_run(three, mode, args.steps, args.fail_step,
-                                                work / f"{mode}{i}.jsonl"))
-        fresh_period = _steady(fresh, args.steps, "plain")
-        fresh_ft = _steady(fresh, args.steps, "replicas")
+        fresh_period = fresh_ft = float("nan")
+        if not args.skip_failures:
+            for i in range(args.repeats):
+                for mode in ("replay", "restart"):
+                    runs[mode].append(_recovery_run(three, mode, args.steps, args.fail_step,
+                                                    work / f"{mode}{i}.jsonl"))
+            fresh_period = _steady(fresh, args.steps, "plain")
+            fresh_ft = _steady(fresh, args.steps, "replicas")
         steady: dict[str, list[float]] = {"plain": [], "no-replicas": [], "replicas": []}
-        for _ in range(args.repeats):   # interleaved, so that load changes hit all three
-            for variant in steady:
-                steady[variant].append(_steady(three, args.steps, variant))
+        if args.replicate_every > 1:
+            steady["replicas-k"] = []
+        stats: dict[str, list[dict[str, Any]]] = {"no-replicas": [], "replicas": [],
+                                                  "replicas-k": []}
+        steady_steps = args.steady_steps or args.steps
+        for _ in range(args.steady_repeats or args.repeats):   # interleaved: load changes
+            for variant in steady:                              # hit every variant
+                every = args.replicate_every if variant == "replicas-k" else 1
+                steady[variant].append(_steady(three, steady_steps, variant, every,
+                                               stats.get(variant)))
     data = {"runs": runs, "fresh_period": fresh_period, "fresh_ft": fresh_ft, "steady": steady,
+            "stats": stats, "batch": args.batch, "every": args.replicate_every,
+            "load": [load_before, os.getloadavg()], "steady_steps": steady_steps,
             "fresh_stages": [list(s.devices) for s in fresh_plan.stages],
             "plan_stages": [[list(s.layers), list(s.devices)] for s in plan3.stages],
             "wall_s": time.perf_counter() - began, "steps": args.steps,
@@ -189,69 +234,144 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _ratio(values: list[float], plain: list[float]) -> str:
+    """Median step period over the plain run's, and the range of the per-repeat ratios
+    (repeat i of a variant ran right after repeat i of the plain run)."""
+    per = [v / p for v, p in zip(values, plain, strict=False) if p > 0]
+    text = f"{statistics.median(values) / statistics.median(plain):.3f}x"
+    return text + (f" ({min(per):.2f}-{max(per):.2f})" if len(per) > 1 else "")
+
+
+def _stats_table(stats: list[dict[str, Any]]) -> list[str]:
+    """Per device, the mean ms per step of replication work (median over the repeats)."""
+    lines = ["| device | training thread: snapshot | training thread: wait for the previous "
+             "push | background: send (wall) | holder: receive (wall) | MB sent | process CPU "
+             "time per step (all threads) |",
+             "|---|---|---|---|---|---|---|"]
+    devices = sorted({d for run in stats for d in run})
+    for device in devices:
+        rows = [run[device] for run in stats if device in run]
+
+        def med(name: str, rows: list[dict[str, Any]] = rows) -> float:
+            return statistics.median(float(r[name]) for r in rows)
+
+        sent = statistics.median(float(r["bytes_sent"]) / max(1, int(r["snapshots"]))
+                                 for r in rows)
+        lines.append(f"| {device} | {med('snapshot_ms'):.2f} ms | {med('wait_ms'):.2f} ms | "
+                     f"{med('send_ms'):.2f} ms | {med('receive_ms'):.2f} ms | "
+                     f"{sent / 1e6:.2f} | {med('process_cpu_ms'):.1f} ms |")
+    return lines
+
+
 def _markdown(data: dict[str, Any]) -> str:
     runs = data["runs"]
+    load = data["load"]
+    repeats = len(data["steady"]["plain"])
+    command = (f"`python tools/bench_recovery.py --steps {data['steps']} --fail-step "
+               f"{data['fail_step']} --repeats {len(runs['replay']) or repeats}"
+               + (f" --steady-steps {data['steady_steps']}"
+                  if data["steady_steps"] != data["steps"] else "")
+               + (f" --steady-repeats {repeats}" if runs["replay"]
+                  and repeats != len(runs["replay"]) else "")
+               + (" --skip-failures" if not runs["replay"] else "")
+               + (f" --batch {data['batch']}" if data["batch"] != 32 else "")
+               + (f" --replicate-every {data['every']}" if data["every"] > 1 else "")
+               + "`")
     lines = [
-        "## Recovery",
+        f"### Batch {data['batch']}" if data["batch"] != 32 else "## Recovery",
         "",
-        f"`python tools/bench_recovery.py --steps {data['steps']} --repeats "
-        f"{len(runs['replay'])} --out docs/benchmarks.md` ({data['wall_s']:.0f} s). "
-        f"Emulated `examples/clusters/local3.yaml` (fast 1.0, slow0 0.5, slow1 0.5 of a core, "
-        f"1000 Mbps, cgroup or dilation shaping as `asteroid-fx run --emulate`); MLP with 8 "
-        f"hidden layers of width 512 (about 2 M parameters, 8 MB of weights), batch 32 in 4 "
-        f"micro-batches; pipeline {data['plan_stages']}; `slow0` is SIGKILLed during step "
-        f"{data['fail_step']}; checkpoints every step in both modes. Seconds, median "
-        f"(min-max) over the repeats; 2-core host shared with other jobs, so expect noise.",
-        "",
-        "| mode | detect_s | replan_s | restore_s | total_s | lost steps | survivors kept "
-        "| plan after | step period after (s) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        f"{command} ({data['wall_s']:.0f} s; load average (1/5/15 min) "
+        f"{' / '.join(f'{x:.1f}' for x in load[0])} before, "
+        f"{' / '.join(f'{x:.1f}' for x in load[1])} after, on a 2-core host shared with "
+        f"other jobs, so expect noise). Emulated `examples/clusters/local3.yaml` (fast 1.0, "
+        f"slow0 0.5, slow1 0.5 of a core, 1000 Mbps, cgroup or dilation shaping as "
+        f"`asteroid-fx run --emulate`); MLP with 8 hidden layers of width 512 (about 2 M "
+        f"parameters, 8 MB of weights), batch {data['batch']} in 4 micro-batches; pipeline "
+        f"{data['plan_stages']}. Seconds, median (min-max) over the repeats.",
     ]
-    for mode in ("replay", "restart"):
-        evs = [r["event"] for r in runs[mode]]
-        kept = sorted({len(e.get("kept", [])) for e in evs})
-        lines.append(
-            f"| {mode} | {_fmt([e['detect_s'] for e in evs])} | "
-            f"{_fmt([e['replan_s'] for e in evs])} | {_fmt([e['restore_s'] for e in evs])} | "
-            f"{_fmt([e['total_s'] for e in evs])} | "
-            f"{sorted({e['lost_steps'] for e in evs})} | {kept} of 2 | "
-            f"{runs[mode][-1]['stages']} | {_fmt([r['period_after'] for r in runs[mode]])} |")
+    if runs["replay"]:
+        lines += [
+            "",
+            f"`slow0` is SIGKILLed during step {data['fail_step']}. Disk checkpoints: every "
+            f"step for restart, every 10 steps for replay (there they are only the fallback "
+            f"for a double failure).",
+            "",
+            "| mode | detect_s | replan_s | restore_s | total_s | lost steps | survivors kept "
+            "| plan after | step period after (s) |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for mode in ("replay", "restart"):
+            evs = [r["event"] for r in runs[mode]]
+            kept = sorted({len(e.get("kept", [])) for e in evs})
+            lines.append(
+                f"| {mode} | {_fmt([e['detect_s'] for e in evs])} | "
+                f"{_fmt([e['replan_s'] for e in evs])} | "
+                f"{_fmt([e['restore_s'] for e in evs])} | "
+                f"{_fmt([e['total_s'] for e in evs])} | "
+                f"{sorted({e['lost_steps'] for e in evs})} | {kept} of 2 | "
+                f"{runs[mode][-1]['stages']} | "
+                f"{_fmt([r['period_after'] for r in runs[mode]])} |")
+        replay = [r["event"] for r in runs["replay"]]
+        restart = [r["event"] for r in runs["restart"]]
+        speedups = [b["total_s"] / a["total_s"] for a, b in zip(replay, restart, strict=True)]
+        replay_t = statistics.median(e["total_s"] for e in replay)
+        restart_t = statistics.median(e["total_s"] for e in restart)
+        lines += [
+            "",
+            f"Replay is {restart_t / replay_t:.1f}x faster than restart (median total "
+            f"{replay_t:.3f} s vs {restart_t:.3f} s; per repeat {min(speedups):.1f}x-"
+            f"{max(speedups):.1f}x).",
+            "",
+            "Where replay's `restore_s` goes (median over the repeats, seconds): "
+            + ", ".join(f"{name} {statistics.median(float(v) for v in vals):.3f}"
+                        for name, vals in _restore_parts(replay).items()) + ".",
+            "",
+            f"Fresh full re-plan on the survivors (`solver.api.plan`, planner asteroid), "
+            f"trained from the start without failures: {data['fresh_stages']}, step period "
+            f"{data['fresh_period']:.3f} s as a plain run, {data['fresh_ft']:.3f} s with the "
+            f"same replica machinery as the recovered runs (compare with the last column "
+            f"above).",
+        ]
     steady = data["steady"]
-    plain = statistics.median(steady["plain"])
+    plain = steady["plain"]
     lines += [
         "",
-        f"Fresh full re-plan on the survivors (`solver.api.plan`, planner asteroid), trained "
-        f"from the start without failures: {data['fresh_stages']}, step period "
-        f"{data['fresh_period']:.3f} s as a plain run, {data['fresh_ft']:.3f} s with the same "
-        f"per-step checkpoints and replica machinery as the recovered runs (compare with the "
-        f"last column above).",
+        f"Steady state without failures (step period = median spacing of consecutive "
+        f"steps 2..{data['steady_steps'] - 1} as seen by the launcher, robust to the odd stall "
+        f"from other jobs; median (min-max) over the repeats, "
+        f"the variants run interleaved; the ratio column gives median over median and, in "
+        f"brackets, the range of the per-repeat ratios):",
         "",
-        "Steady state without failures (mean step period from step 2 to the last step; "
-        "median (min-max) over the repeats, run interleaved):",
-        "",
-        "| variant | step period (s) | median vs plain |",
+        "| variant | step period (s) | vs plain |",
         "|---|---|---|",
     ]
-    for name, label in (("plain", "plain `run` (no fault tolerance)"),
-                        ("no-replicas", "recovery machinery, checkpoints, no replicas"),
-                        ("replicas", "recovery machinery, checkpoints + replicas via store")):
-        values = steady[name]
-        lines.append(f"| {label} | {_fmt(values)} | "
-                     f"{statistics.median(values) / plain:.2f}x |")
-    ev = runs["replay"][-1]["event"]
-    lines += [
-        "",
-        "What the columns contain (see docs/fault-tolerance.md): `detect_s` runs from the "
-        "kill to the launcher noticing (process exit seen by the parent, or heartbeat "
-        "silence); `replan_s` = plan search + writing the new generation's stage modules "
-        f"(last replay run: search {ev['search_s']:.3f} s, partition {ev['partition_s']:.3f} "
-        f"s); `restore_s` = stopping the failed round (hand-over of states and replicas: "
-        f"{ev['stop_s']:.3f} s in that run), moving the state, (re)starting processes, "
-        f"rendezvous and loading the stage modules, until the first round of the new plan "
-        f"starts. Restart starts every process afresh; replay keeps the survivors that "
-        f"leave the failed round within {1.5} s and starts only the others.",
-    ]
+    labels = {"plain": "plain `run` (no fault tolerance)",
+              "no-replicas": "replay machinery, checkpoints every 10 steps, no replicas",
+              "replicas": "replay machinery, checkpoints every 10 steps + replicas every step",
+              "replicas-k": f"the same with replicas every {data['every']} steps"}
+    for name, values in steady.items():
+        lines.append(f"| {labels[name]} | {_fmt(values)} | {_ratio(values, plain)} |")
+    for name, what in (("no-replicas", "off"), ("replicas", "every step"),
+                       ("replicas-k", f"every {data['every']} steps")):
+        if data["stats"].get(name):
+            lines += ["", f"Replication work with replicas {what} (the workers' own counters, "
+                      f"per training step, median over the repeats; the background threads' "
+                      f"wall time overlaps with training, but their CPU time, which includes "
+                      f"gloo's I/O threads, counts against a CPU-capped device's budget: "
+                      f"compare the last column with replicas off):", ""]
+            lines += _stats_table(data["stats"][name])
     return "\n".join(lines)
+
+
+def _restore_parts(events: list[dict[str, Any]]) -> dict[str, list[float]]:
+    parts: dict[str, list[float]] = {"hand-over and leaving the round (stop_s)": [],
+                                     "state manifests (load_s)": []}
+    for ev in events:
+        parts["hand-over and leaving the round (stop_s)"].append(ev["stop_s"])
+        parts["state manifests (load_s)"].append(ev["load_s"])
+        for name, value in ev.get("start_parts_s", {}).items():
+            parts.setdefault(f"start: {name}", []).append(value)
+    return parts
 
 
 def _write_section(path: Path, text: str) -> None:
