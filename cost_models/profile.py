@@ -293,6 +293,18 @@ def _check_batch_sizes(batch_sizes: Sequence[int]) -> tuple[int, ...]:
     return tuple(sorted(set(values)))
 
 
+def _draw_for(sample_batch: SampleBatch, b: int,
+              placeholders: Sequence[str]) -> tuple[torch.Tensor, ...]:
+    """``sample_batch(b)``'s inputs, one per model input (CostModelError otherwise)."""
+    inputs = _draw(sample_batch, b)
+    if len(inputs) != len(placeholders):
+        raise CostModelError(
+            f"sample_batch({b}) returned {len(inputs)} inputs but the model takes "
+            f"{len(placeholders)} ({', '.join(placeholders)})"
+        )
+    return inputs
+
+
 def _draw(sample_batch: SampleBatch, b: int) -> tuple[torch.Tensor, ...]:
     try:
         result = sample_batch(b)
@@ -495,12 +507,7 @@ def _measure(
     if progress is not None:
         progress(0, total, "starting")
     for j, b in enumerate(sizes):
-        inputs = _draw(sample_batch, b)
-        if len(inputs) != len(placeholders):
-            raise CostModelError(
-                f"sample_batch({b}) returned {len(inputs)} inputs but the model takes "
-                f"{len(placeholders)} ({', '.join(placeholders)})"
-            )
+        inputs = _draw_for(sample_batch, b, placeholders)
         env: dict[str, Any] = dict(zip(placeholders, inputs, strict=True))
         for layer in layers:
             args = [env[n] for n in layer.inputs]
@@ -565,12 +572,7 @@ def _measure_chain(
     if progress is not None:
         progress(0, total, "starting")
     for j, b in enumerate(sizes):
-        inputs = _draw(sample_batch, b)
-        if len(inputs) != len(placeholders):
-            raise CostModelError(
-                f"sample_batch({b}) returned {len(inputs)} inputs but the model takes "
-                f"{len(placeholders)} ({', '.join(placeholders)})"
-            )
+        inputs = _draw_for(sample_batch, b, placeholders)
         f_samples: list[list[float]] = [[] for _ in layers]
         b_samples: list[list[float]] = [[] for _ in layers]
         for run in range(passes):
