@@ -16,8 +16,8 @@ pipeline fast | slow0 | slow1 and measures:
 ``--batch`` changes the mini-batch (4 micro-batches; default 32) so that a step does more
 compute for the same state size.
 
-Step periods are the mean spacing of the launcher's arrival times of the steps' records
-over a window (so they include checkpointing and replication, which ``round_time_s`` does
+Step periods are the median spacing of the launcher's arrival times of consecutive steps'
+records over a window (so they include checkpointing and replication, which ``round_time_s`` does
 not).
 
 Usage::
@@ -118,12 +118,6 @@ class _Clock:
         if "step" in record:
             self.at[int(record["step"])] = time.perf_counter()
 
-    def period(self, first: int, last: int) -> float:
-        """Mean seconds per step from step ``first`` to step ``last``."""
-        if first not in self.at or last not in self.at or last <= first:
-            return float("nan")
-        return (self.at[last] - self.at[first]) / (last - first)
-
     def median_period(self, first: int, last: int) -> float:
         """Median spacing of consecutive steps in ``[first, last]`` (robust to the odd
         stall caused by other jobs on a shared host)."""
@@ -140,7 +134,8 @@ def _recovery_run(directory: Path, mode: str, steps: int, fail_step: int,
     events = [line for line in metrics_lines(metrics) if line.get("event") == "recovery"]
     assert len(events) == 1, events
     ev = events[0]
-    return {"event": ev, "period_after": clock.period(fail_step + 3, steps - 1),
+    # the same measure as the fresh and steady-state runs (median spacing of steps)
+    return {"event": ev, "period_after": clock.median_period(fail_step + 3, steps - 1),
             "stages": [list(s.devices) for s in result.stages],
             "losses": result.losses}
 
