@@ -558,7 +558,10 @@ class _Processes:
         speeds = setup.effective_speeds
         self.factor, self.shaping = setup.factor, "none"
         cgroups: list[str] | None = None
-        if self.use_cgroups and any(s < 1.0 for s in speeds):
+        # After the first generation survivors sit in their old groups, whose quotas were
+        # set for the old plan's common factor: every rank then gets a group of this
+        # generation (speed >= 1: no quota), or a survivor would keep its old, lower cap.
+        if self.use_cgroups and (any(s < 1.0 for s in speeds) or self.cgroups):
             try:
                 # one group per (generation, rank): survivors move in, old groups empty out
                 cgroups = [str(emu.CGROUP_ROOT / f"asteroid-fx-{os.getpid()}-"
@@ -569,7 +572,8 @@ class _Processes:
                     self.cgroups.append(path)
                     period, quota = emu.cfs_settings(speed)
                     Path(path, "cpu.cfs_period_us").write_text(str(period))
-                    Path(path, "cpu.cfs_quota_us").write_text(str(quota))
+                    Path(path, "cpu.cfs_quota_us").write_text(str(quota) if speed < 1.0
+                                                              else "-1")
                 self.shaping = "cgroup"
             except OSError as exc:
                 log.warning("cgroup CPU shaping unavailable (%s); using time dilation", exc)

@@ -236,3 +236,29 @@ def test_two_failures_in_a_row_recover_twice(tmp_path: Path) -> None:
     assert all(e["lost_steps"] == 0 and e["source"] == "replica" for e in events)
     assert [line["plan_version"] for line in lines if "step" in line] == [0, 1, 1, 2, 2]
     assert len(result.recoveries) == 2
+
+
+def test_survivors_get_the_new_generations_cpu_quota() -> None:
+    """A survivor's old cgroup quota was set for the old plan's common slow-down factor;
+    the next generation gives every rank a group of its own (no cap at speed >= 1)."""
+    from runtime import emulator as emu
+    from runtime.recovery import _Processes
+    from tests.solver_cases import make_cluster
+
+    if not emu.cgroup_available():
+        pytest.skip("cgroup v1 cpu controller not writable here")
+    procs = _Processes(30.0, 1, True)   # speeds 2.0 on 1 core: common factor 2
+    try:
+        cluster = make_cluster([1.0, 0.5, 0.5])
+        three = Plan("m", "c", 4, 4, 1, (Stage((0, 0), ("d0",), (4,)),
+                                         Stage((1, 1), ("d1",), (4,)),
+                                         Stage((2, 2), ("d2",), (4,))))
+        _, first, _ = procs._shape(three, cluster, None, 0)  # type: ignore[arg-type]
+        assert first is not None
+        assert Path(first[0], "cpu.cfs_quota_us").read_text().strip() == "2500"  # 0.5 core
+        alone = Plan("m", "c", 4, 4, 1, (Stage((0, 2), ("d0",), (4,)),))
+        _, second, setup = procs._shape(alone, cluster, None, 1)  # type: ignore[arg-type]
+        assert setup.factor == 1.0 and second is not None and second[0] not in first
+        assert Path(second[0], "cpu.cfs_quota_us").read_text().strip() == "-1"
+    finally:
+        procs.close()
