@@ -197,6 +197,10 @@ def fit_time(batch_sizes: Sequence[int], seconds: Sequence[float]) -> TimeFit:
 # -- timing -------------------------------------------------------------------------------
 
 
+def _float_tensor(value: Any) -> bool:
+    return isinstance(value, torch.Tensor) and (value.is_floating_point() or value.is_complex())
+
+
 def _fresh(args: Sequence[Any]) -> list[Any]:
     """Clones of the tensor arguments (of a leaf that requires grad: a non-leaf copy)."""
     return [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
@@ -231,9 +235,7 @@ class _LayerTimer:
     def __init__(self, layer: LayerModule, args: Sequence[Any], grad_mask: Sequence[bool]):
         self.layer = layer
         self.leaves = [
-            a.detach().requires_grad_(True)
-            if isinstance(a, torch.Tensor) and g and (a.is_floating_point() or a.is_complex())
-            else a
+            a.detach().requires_grad_(True) if g and _float_tensor(a) else a
             for a, g in zip(args, grad_mask, strict=True)
         ]
         self.params = [p for p in layer.module.parameters() if p.requires_grad]
@@ -536,10 +538,6 @@ def _measure(
             if progress is not None:
                 progress(done, total, f"batch {b}: layer {layer.index} {name}")
     return fwd, bwd
-
-
-def _float_tensor(value: Any) -> bool:
-    return isinstance(value, torch.Tensor) and (value.is_floating_point() or value.is_complex())
 
 
 def _measure_chain(

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from asteroid_fx.errors import RuntimeFailure
+from asteroid_fx.model_spec import import_model_file
 from runtime.launch import RunResult, metrics_lines, run
 from runtime.recovery import parse_fail
 from runtime.reference import reference_training
@@ -37,7 +38,7 @@ def make_partition(out: Path, stages: tuple[Stage, ...]) -> Path:
     from solver.cluster import Cluster
     from solver.evaluate import evaluate
 
-    module = load_model_module_file(EXAMPLES / "mlp.py")
+    module = import_model_file(EXAMPLES / "mlp.py")
     torch.manual_seed(0)
     inputs, _ = module.sample_batch(2)
     costs = analytic_costs(module.build_model(), inputs)
@@ -48,16 +49,6 @@ def make_partition(out: Path, stages: tuple[Stage, ...]) -> Path:
     save_partition(out, plan, partition(module.build_model(), inputs, plan),
                    model_spec=str(EXAMPLES / "mlp.py"), onnx=False)
     return out
-
-
-def load_model_module_file(path: Path) -> Any:
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("mlp_under_test", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _run(directory: Path, tmp_path: Path, fail: str, recovery: str,
@@ -215,7 +206,7 @@ def test_two_failures_in_a_row_recover_twice(tmp_path: Path) -> None:
 
     cluster_file = tmp_path / "tight4.yaml"
     cluster_file.write_text(TIGHT4)   # ~1 MiB per device: the model needs two devices
-    module = load_model_module_file(EXAMPLES / "mlp.py")
+    module = import_model_file(EXAMPLES / "mlp.py")
     torch.manual_seed(0)
     inputs, _ = module.sample_batch(2)
     costs = analytic_costs(module.build_model(), inputs)

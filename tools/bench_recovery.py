@@ -47,6 +47,7 @@ if str(ROOT) not in sys.path:
 
 from bench_models import mlp_source  # noqa: E402
 
+from asteroid_fx.model_spec import import_model_file  # noqa: E402
 from runtime.launch import metrics_lines, run  # noqa: E402
 from runtime.recovery import run_with_recovery  # noqa: E402
 from runtime.train import TrainConfig  # noqa: E402
@@ -60,22 +61,12 @@ BEGIN, END = "<!-- recovery-benchmark:begin -->", "<!-- recovery-benchmark:end -
 MODEL = mlp_source(512, 8, 128, 10)
 
 
-def _module(path: Path) -> Any:
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("bench_recovery_model", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def _partition(work: Path, model_file: Path, plan_of: Any, name: str) -> tuple[Path, Plan]:
     from asteroid_fx.package import save_partition
     from asteroid_fx.partition import partition
     from cost_models.analytic import analytic_costs
 
-    module = _module(model_file)
+    module = import_model_file(model_file)
     torch.manual_seed(0)
     inputs, _ = module.sample_batch(2)
     costs = analytic_costs(module.build_model(), inputs)
