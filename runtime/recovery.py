@@ -34,7 +34,7 @@ from runtime.checkpoint import (
     state_to_bytes,
 )
 from runtime.heartbeat import FailureDetector
-from runtime.replication import WorkerSpec, external_holders, key
+from runtime.replication import WorkerSpec, announce_failure, external_holders, key
 from runtime.train import DirectorySource, StageSource, TrainConfig, WorkerResult
 from solver.plan import Plan
 
@@ -220,7 +220,8 @@ def run_with_recovery(directory: str | Path, cluster: Any, config: TrainConfig, 
     gen_config = replace(config, append_metrics=True)
     try:
         while True:
-            replicas = _replicas(plan, model, alive) if recovery == "replay" else {}
+            replicas = (_replicas(plan, model, alive, replicate_every) if recovery == "replay"
+                        else {})
             spec = WorkerSpec(
                 generation=generation, mode=recovery, plan_version=plan.plan_version,
                 devices=tuple(plan.devices),
@@ -298,14 +299,16 @@ def run_with_recovery(directory: str | Path, cluster: Any, config: TrainConfig, 
         procs.close()
 
 
-def _replicas(plan: Plan, model: _Model, alive: Any) -> dict[str, tuple[str, ...]]:
+def _replicas(plan: Plan, model: _Model, alive: Any, every_k_steps: int = 1
+              ) -> dict[str, tuple[str, ...]]:
     if plan.replicas:
         return {d: tuple(h) for d, h in plan.replicas.items()}
     from solver.replicas import choose_replicas
 
     try:
         return {d: tuple(h) for d, h in
-                choose_replicas(plan, model.costs, alive.subset(list(plan.devices))).items()}
+                choose_replicas(plan, model.costs, alive.subset(list(plan.devices)),
+                                every_k_steps=every_k_steps).items()}
     except AsteroidError as exc:
         log.warning("no replica placement (%s): recovery will use the on-disk checkpoint", exc)
         return {}
@@ -725,7 +728,7 @@ class _Processes:
         began = time.perf_counter()
         outcome.generation = generation
         failed = outcome.failed
-        store.set(key(generation, "recover"), json.dumps(list(failed)))
+        announce_failure(store, generation, failed, len(procs))
         wanted = {r for r in range(len(procs)) if r not in failed}
         got: dict[int, dict[str, Any]] = {}
         free: set[int] = set()

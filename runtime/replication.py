@@ -40,6 +40,8 @@ __all__ = [
     "ReplicationStats",
     "external_holders",
     "key",
+    "announce_failure",
+    "lower_priority",
     "abort_connections",
 ]
 
@@ -49,7 +51,9 @@ log = logging.getLogger(__name__)
 # After its optimizer step of round k every rank copies its stage state into a
 # preallocated flat buffer (runtime.checkpoint.StateBuffer: one ``copy_`` per tensor, no
 # allocation, no pickling) -- that is all the training thread does. A background thread
-# ("asteroid-fx-replicate") then, on the first device of a stage that has holders outside
+# ("asteroid-fx-replicate", scheduled SCHED_IDLE like the holders' receive threads and
+# the gloo I/O threads they create, so replication only uses CPU time that training leaves
+# idle: pipeline bubbles and waits) then, on the first device of a stage that has holders outside
 # its group, sends that buffer (every ``replicate_every``-th step) to each holder over a
 # two-rank gloo group of their own (``_Channel``: built by the two ends through a
 # PrefixStore of the c10d store, so it is no collective of the training group and the
@@ -60,7 +64,8 @@ log = logging.getLogger(__name__)
 # Lag and roll-back: before taking the snapshot of round k the training thread waits until
 # the background job of round k-1 is done (it had a whole round; normally no wait), so
 # replication is at most one step behind. Every rank keeps its own snapshots of the last two
-# committed steps (and of the last two replicated ones when replicate_every > 1). On a
+# committed steps; with replicate_every > 1 it snapshots only the replicated steps (and
+# those written to disk), so the training thread copies once per K steps. On a
 # failure the launcher resumes from the newest step r for which every stage has a state (a
 # survivor's own snapshot or a replica held by a survivor); survivors roll back to r and the
 # rounds after r are replayed with the same seeded batches, so no optimizer step is missing
@@ -91,6 +96,37 @@ REQUESTS_WAIT_S = 30.0
 def key(generation: int, *parts: object) -> str:
     """Store key ``rx/<generation>/<parts...>``."""
     return "/".join(["rx", str(generation), *(str(p) for p in parts)])
+
+
+def _wake_key(generation: int, rank: int) -> str:
+    return key(generation, "wake", rank)
+
+
+def announce_failure(store: dist.Store, generation: int, failed: Collection[int],
+                     world: int) -> None:
+    """Tell every rank of ``generation`` that ``failed`` ranks are lost: sets
+    ``rx/<g>/recover`` and wakes each rank's hand-over watcher (which blocks on its own
+    ``rx/<g>/wake/<rank>`` key instead of polling the store)."""
+    store.set(key(generation, "recover"), json.dumps(sorted(failed)))
+    for rank in range(world):
+        store.set(_wake_key(generation, rank), "recover")
+
+
+def lower_priority() -> bool:
+    """Run the calling thread, and threads it creates later (a gloo group's I/O threads
+    among them), only when the process has nothing else to run: ``SCHED_IDLE`` on Linux,
+    else nice 19. Returns whether the change took effect."""
+    try:
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))  # 0: this thread
+        return True
+    except (AttributeError, OSError):
+        pass
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+        return True
+    except (AttributeError, OSError) as exc:
+        log.debug("cannot lower the priority of the replication thread: %s", exc)
+        return False
 
 
 def external_holders(plan: Plan, replicas: Mapping[str, tuple[str, ...]]
@@ -167,15 +203,19 @@ class ReplicationStats:
     bytes_sent: int = 0
 
     def summary(self) -> dict[str, float]:
-        """Mean milliseconds per step of each kind of work, and bytes sent."""
-        def mean_ms(values: list[float]) -> float:
-            return 1e3 * sum(values) / len(values) if values else 0.0
+        """Milliseconds of each kind of work and bytes sent, per training step (averaged
+        over all ``steps``, also those without a snapshot or replica)."""
+        steps = max(1, self.steps or len(self.snapshot_s))
 
-        return {"snapshot_ms": mean_ms(self.snapshot_s), "wait_ms": mean_ms(self.wait_s),
-                "send_ms": mean_ms(self.replicate_s), "receive_ms": mean_ms(self.fetch_s),
-                "checkpoint_ms": mean_ms(self.checkpoint_s), "bytes_sent": self.bytes_sent,
-                "process_cpu_ms": 1e3 * self.process_cpu_s / max(1, self.steps),
-                "snapshots": len(self.snapshot_s)}
+        def per_step_ms(values: list[float]) -> float:
+            return 1e3 * sum(values) / steps
+
+        return {"snapshot_ms": per_step_ms(self.snapshot_s), "wait_ms": per_step_ms(self.wait_s),
+                "send_ms": per_step_ms(self.replicate_s), "receive_ms": per_step_ms(self.fetch_s),
+                "checkpoint_ms": per_step_ms(self.checkpoint_s),
+                "bytes_sent_per_step": self.bytes_sent / steps, "bytes_sent": self.bytes_sent,
+                "process_cpu_ms": 1e3 * self.process_cpu_s / steps,
+                "snapshots": len(self.snapshot_s), "steps": steps}
 
 
 @dataclass(frozen=True)
@@ -306,6 +346,7 @@ class WorkerHooks:
         self._committed: list[int] = []
         self._replicated: list[int] = []       # committed steps whose state was replicated
         self._current: dict[int, _Slot] = {}    # step -> slot (this generation)
+        self._last_job: tuple[_Slot, int] | None = None   # newest background job
         self._held: dict[int, dict[int, _Replica]] = {s: {} for s in self.held_stages}
         self._receiving: set[int] = set()       # held stages with a replica half received
         self._lock = threading.Lock()
@@ -392,6 +433,7 @@ class WorkerHooks:
                 self._replicated.append(start)
             if self.sends and start >= 0:
                 slot.idle.clear()
+                self._last_job = (slot, start)
                 self._jobs.put((slot, start, True, False))
         self._times["restored"] = time.time()
         self.store.set(key(spec.generation, "times", self.rank), json.dumps(self._times))
@@ -477,16 +519,22 @@ class WorkerHooks:
             slot = self._snapshot(step, module, optimizer)
             self._write_checkpoint(slot.buffer.to_bytes(), step)
             return
+        send = self.sends and spec.replicates(step)
+        last = self.sends and step == spec.steps_end
+        # own snapshots only of steps a roll-back can resume from: every step with
+        # replicas every step, else the replicated ones (and those written to disk)
+        if not (spec.replicate_every == 1 or spec.replicates(step) or writes or last):
+            return
         began = time.perf_counter()
-        prev = self._current.get(step - 1)
-        if prev is not None and not prev.idle.wait(BACKGROUND_WAIT_S):   # bounded lag
+        prev = self._last_job
+        if prev is not None and not prev[0].idle.wait(BACKGROUND_WAIT_S):   # bounded lag
             log.warning("rank %d: replication of step %d is still running after %.0f s",
-                        self.rank, step - 1, BACKGROUND_WAIT_S)
+                        self.rank, prev[1], BACKGROUND_WAIT_S)
         self.stats.wait_s.append(time.perf_counter() - began)
         slot = self._snapshot(step, module, optimizer)
-        send = self.sends and spec.replicates(step)
-        if send or writes or (self.sends and step == spec.steps_end):
+        if send or writes or last:
             slot.idle.clear()
+            self._last_job = (slot, step)
             self._jobs.put((slot, step, send, writes))
 
     def _write_checkpoint(self, data: bytes, step: int) -> None:
@@ -509,6 +557,7 @@ class WorkerHooks:
         """Send replicas and write checkpoints (see the Note)."""
         spec = self.spec
         channels: list[_Channel] = []
+        lower_priority()    # before the channels: their gloo I/O threads inherit it
         if self.sends:
             try:
                 channels = [_Channel(self._side_store, key(spec.generation, "chan", self.stage,
@@ -570,6 +619,7 @@ class WorkerHooks:
     def _receive(self, stage: int) -> None:
         """Holder: receive every replica of ``stage`` into memory (the three newest)."""
         spec = self.spec
+        lower_priority()
         try:
             channel = _Channel(_clone_store(self.store),
                                key(spec.generation, "chan", stage, self.device) + "/", 1)
@@ -650,13 +700,10 @@ class WorkerHooks:
         the launcher's requests for parts of this rank's own state."""
         store = self._watch_store
         g = self.spec.generation
-        recover = [key(g, "recover")]
         try:
-            while not self._closed.is_set():
-                if store.check(recover):
-                    break
-                time.sleep(0.005)
-            else:
+            # blocks without polling until the launcher or close() sets the wake key
+            store.wait([_wake_key(g, self.rank)], CHANNEL_TIMEOUT)
+            if self._closed.is_set() or not store.check([key(g, "recover")]):
                 return
             self.handoff(store)
             self._abort()
@@ -738,5 +785,10 @@ class WorkerHooks:
             self._left = True      # a late watcher must not touch later connections
         self._closed.set()
         self._jobs.put(None)
+        if self.replay:      # end the watcher's wait (the launcher may have woken it)
+            try:
+                self.store.set(_wake_key(self.spec.generation, self.rank), "close")
+            except (RuntimeError, OSError) as exc:   # the launcher's store is gone
+                log.debug("rank %d: cannot wake the watcher: %s", self.rank, exc)
         self.heartbeat.stop()
 

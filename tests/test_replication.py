@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import socket
 import threading
@@ -23,8 +24,10 @@ from runtime.replication import (
     WorkerHooks,
     WorkerSpec,
     abort_connections,
+    announce_failure,
     external_holders,
     key,
+    lower_priority,
 )
 from solver.plan import Plan, Stage
 
@@ -95,7 +98,7 @@ def test_replica_reaches_its_holder_in_the_background(tmp_path: Path,
         assert checkpoint_file(tmp_path / "ckpt", 2, 0, 0).is_file()
         assert not checkpoint_file(tmp_path / "ckpt", 0, 0, 0).is_file()
         # on a failure of rank 0 the holder hands its newest replica over
-        store.set(key(0, "recover"), json.dumps([0]))
+        announce_failure(store, 0, [0], 3)
         _wait_for(lambda: store.check([key(0, "handoff", 1)]))
         payload = pickle.loads(store.get(key(0, "handoff", 1)))
         assert payload["held_names"] == {0: ["weight", "bias"]}
@@ -126,7 +129,7 @@ def test_survivor_serves_parts_of_its_own_state(tmp_path: Path, store: dist.TCPS
                 module.bias.add_(1.0)
             hooks.step_done(step, module, opt)
             hooks.step_committed(step, {"step": step})
-        store.set(key(0, "recover"), json.dumps([1, 2]))
+        announce_failure(store, 0, [1, 2], 3)
         _wait_for(lambda: store.check([key(0, "handoff", 0)]))
         payload = pickle.loads(store.get(key(0, "handoff", 0)))
         assert {0, 1} <= set(payload["own_steps"])
@@ -164,9 +167,11 @@ def test_replicate_every_k_steps(tmp_path: Path, store: dist.TCPStore) -> None:
         _wait_for(lambda: 2 in holder._held[0])
         _train(sender, holder, module, opt, range(5, 9))
         sender.flush()
-        # the replicated steps 2 and 5 stay among the own snapshots for a roll-back
+        # the training thread copied only the replicated steps 2 and 5 and the last one, 8
+        # (and the start state); they stay among the own snapshots for a roll-back
         own = sender.own_steps()
-        assert {2, 5, 7, 8} <= set(own) and 0 not in own and len(sender._slots) <= 6
+        assert {2, 5, 8} <= set(own) and not {0, 1, 3, 4, 6, 7} & set(own)
+        assert len(sender.stats.snapshot_s) == 4 and len(sender._slots) <= 4
     finally:
         sender.close()
         holder.close()
@@ -190,3 +195,33 @@ def test_abort_connections_wakes_a_blocked_receive() -> None:
     assert not reader.is_alive() and got == [b""]
     for s in (client, peer, server):
         s.close()
+
+
+def test_replication_threads_run_at_idle_priority() -> None:
+    seen: dict[str, object] = {}
+
+    def body() -> None:
+        seen["lowered"] = lower_priority()
+        seen["policy"] = os.sched_getscheduler(0)
+
+    thread = threading.Thread(target=body)
+    thread.start()
+    thread.join()
+    assert seen["lowered"] is True and seen["policy"] == os.SCHED_IDLE
+    assert os.sched_getscheduler(0) != os.SCHED_IDLE     # only the calling thread
+
+
+def test_handoff_watcher_blocks_and_ends_on_close(tmp_path: Path,
+                                                  store: dist.TCPStore) -> None:
+    hooks = _spec(tmp_path, holders={0: (), 1: ()}, checkpoint_dir=None).hooks(store, 0, 3)
+
+    def watchers() -> list[threading.Thread]:
+        return [t for t in threading.enumerate() if t.name == "asteroid-fx-handoff"]
+
+    try:
+        assert watchers()
+        hooks.close()
+        _wait_for(lambda: not watchers())
+        assert not store.check([key(0, "handoff", 0)])   # closed: no hand-over published
+    finally:
+        hooks.close()

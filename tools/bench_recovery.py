@@ -146,12 +146,18 @@ def _steady(directory: Path, steps: int, variant: str, every: int = 1,
     return clock.median_period(2, steps - 1)
 
 
-def _fmt(values: list[float]) -> str:
+def _fmt(values: list[float], scale: float = 1.0, digits: int = 3) -> str:
     if not values:
         return "-"
-    if len(values) == 1:
-        return f"{values[0]:.3f}"
-    return f"{statistics.median(values):.3f} ({min(values):.3f}-{max(values):.3f})"
+    v = [x * scale for x in values]
+    if len(v) == 1:
+        return f"{v[0]:.{digits}f}"
+    return f"{statistics.median(v):.{digits}f} ({min(v):.{digits}f}-{max(v):.{digits}f})"
+
+
+def _ms(values: list[float]) -> str:
+    """Seconds shown as milliseconds with two decimals (step periods)."""
+    return _fmt(values, 1e3, 2)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -162,8 +168,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None, help="docs/benchmarks.md to update")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--batch", type=int, default=32, help="mini-batch (multiple of 4)")
-    parser.add_argument("--replicate-every", type=int, default=1,
-                        help="also measure replicas every K steps (K > 1)")
+    parser.add_argument("--replicate-every", default="",
+                        help="also measure replicas every K steps: comma list of K > 1, "
+                             "e.g. 4,8")
     parser.add_argument("--steady-steps", type=int, default=None,
                         help="steps of each steady-state run (default: --steps)")
     parser.add_argument("--steady-repeats", type=int, default=None,
@@ -171,6 +178,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-failures", action="store_true",
                         help="only the steady-state measurements")
     args = parser.parse_args(argv)
+    try:
+        every_k = [int(k) for k in args.replicate_every.split(",") if k.strip()]
+    except ValueError:
+        parser.error(f"--replicate-every takes a comma list of integers, got "
+                     f"{args.replicate_every!r}")
+    if any(k < 2 for k in every_k):
+        parser.error(f"--replicate-every values must be > 1, got {args.replicate_every!r}")
     if args.batch < 4 or args.batch % 4:
         parser.error(f"--batch must be a positive multiple of 4, got {args.batch}")
     BATCH[0] = args.batch
@@ -194,18 +208,18 @@ def main(argv: list[str] | None = None) -> int:
             fresh_period = _steady(fresh, args.steps, "plain")
             fresh_ft = _steady(fresh, args.steps, "replicas")
         steady: dict[str, list[float]] = {"plain": [], "no-replicas": [], "replicas": []}
-        if args.replicate_every > 1:
-            steady["replicas-k"] = []
-        stats: dict[str, list[dict[str, Any]]] = {"no-replicas": [], "replicas": [],
-                                                  "replicas-k": []}
+        for k in every_k:
+            steady[f"replicas-{k}"] = []
+        stats: dict[str, list[dict[str, Any]]] = {name: [] for name in steady
+                                                  if name != "plain"}
         steady_steps = args.steady_steps or args.steps
         for _ in range(args.steady_repeats or args.repeats):   # interleaved: load changes
             for variant in steady:                              # hit every variant
-                every = args.replicate_every if variant == "replicas-k" else 1
+                every = int(variant.split("-")[1]) if variant[-1].isdigit() else 1
                 steady[variant].append(_steady(three, steady_steps, variant, every,
                                                stats.get(variant)))
     data = {"runs": runs, "fresh_period": fresh_period, "fresh_ft": fresh_ft, "steady": steady,
-            "stats": stats, "batch": args.batch, "every": args.replicate_every,
+            "stats": stats, "batch": args.batch, "every": every_k,
             "load": [load_before, os.getloadavg()], "steady_steps": steady_steps,
             "fresh_stages": [list(s.devices) for s in fresh_plan.stages],
             "plan_stages": [[list(s.layers), list(s.devices)] for s in plan3.stages],
@@ -229,7 +243,7 @@ def _ratio(values: list[float], plain: list[float]) -> str:
 
 
 def _stats_table(stats: list[dict[str, Any]]) -> list[str]:
-    """Per device, the mean ms per step of replication work (median over the repeats)."""
+    """Per device, the ms per training step of replication work (median over the repeats)."""
     lines = ["| device | training thread: snapshot | training thread: wait for the previous "
              "push | background: send (wall) | holder: receive (wall) | MB sent | process CPU "
              "time per step (all threads) |",
@@ -241,8 +255,7 @@ def _stats_table(stats: list[dict[str, Any]]) -> list[str]:
         def med(name: str, rows: list[dict[str, Any]] = rows) -> float:
             return statistics.median(float(r[name]) for r in rows)
 
-        sent = statistics.median(float(r["bytes_sent"]) / max(1, int(r["snapshots"]))
-                                 for r in rows)
+        sent = med("bytes_sent_per_step")
         lines.append(f"| {device} | {med('snapshot_ms'):.2f} ms | {med('wait_ms'):.2f} ms | "
                      f"{med('send_ms'):.2f} ms | {med('receive_ms'):.2f} ms | "
                      f"{sent / 1e6:.2f} | {med('process_cpu_ms'):.1f} ms |")
@@ -261,7 +274,8 @@ def _markdown(data: dict[str, Any]) -> str:
                   and repeats != len(runs["replay"]) else "")
                + (" --skip-failures" if not runs["replay"] else "")
                + (f" --batch {data['batch']}" if data["batch"] != 32 else "")
-               + (f" --replicate-every {data['every']}" if data["every"] > 1 else "")
+               + (f" --replicate-every {','.join(map(str, data['every']))}"
+                  if data["every"] else "")
                + "`")
     lines = [
         f"### Batch {data['batch']}" if data["batch"] != 32 else "## Recovery",
@@ -283,7 +297,7 @@ def _markdown(data: dict[str, Any]) -> str:
             f"for a double failure).",
             "",
             "| mode | detect_s | replan_s | restore_s | total_s | lost steps | survivors kept "
-            "| plan after | step period after (s) |",
+            "| plan after | step period after (ms) |",
             "|---|---|---|---|---|---|---|---|---|",
         ]
         for mode in ("replay", "restart"):
@@ -296,7 +310,7 @@ def _markdown(data: dict[str, Any]) -> str:
                 f"{_fmt([e['total_s'] for e in evs])} | "
                 f"{sorted({e['lost_steps'] for e in evs})} | {kept} of 2 | "
                 f"{runs[mode][-1]['stages']} | "
-                f"{_fmt([r['period_after'] for r in runs[mode]])} |")
+                f"{_ms([r['period_after'] for r in runs[mode]])} |")
         replay = [r["event"] for r in runs["replay"]]
         restart = [r["event"] for r in runs["restart"]]
         speedups = [b["total_s"] / a["total_s"] for a, b in zip(replay, restart, strict=True)]
@@ -314,7 +328,8 @@ def _markdown(data: dict[str, Any]) -> str:
             "",
             f"Fresh full re-plan on the survivors (`solver.api.plan`, planner asteroid), "
             f"trained from the start without failures: {data['fresh_stages']}, step period "
-            f"{data['fresh_period']:.3f} s as a plain run, {data['fresh_ft']:.3f} s with the "
+            f"{1e3 * data['fresh_period']:.2f} ms as a plain run, {1e3 * data['fresh_ft']:.2f} "
+            f"ms with the "
             f"same replica machinery as the recovered runs (compare with the last column "
             f"above).",
         ]
@@ -328,17 +343,21 @@ def _markdown(data: dict[str, Any]) -> str:
         f"the variants run interleaved; the ratio column gives median over median and, in "
         f"brackets, the range of the per-repeat ratios):",
         "",
-        "| variant | step period (s) | vs plain |",
+        "| variant | step period (ms) | vs plain |",
         "|---|---|---|",
     ]
     labels = {"plain": "plain `run` (no fault tolerance)",
               "no-replicas": "replay machinery, checkpoints every 10 steps, no replicas",
-              "replicas": "replay machinery, checkpoints every 10 steps + replicas every step",
-              "replicas-k": f"the same with replicas every {data['every']} steps"}
+              "replicas": "replay machinery, checkpoints every 10 steps + replicas every step"}
+    whats = {"no-replicas": "off", "replicas": "every step"}
+    for name in steady:
+        if name.startswith("replicas-"):
+            k = name.split("-")[1]
+            labels[name] = f"the same with replicas every {k} steps"
+            whats[name] = f"every {k} steps"
     for name, values in steady.items():
-        lines.append(f"| {labels[name]} | {_fmt(values)} | {_ratio(values, plain)} |")
-    for name, what in (("no-replicas", "off"), ("replicas", "every step"),
-                       ("replicas-k", f"every {data['every']} steps")):
+        lines.append(f"| {labels[name]} | {_ms(values)} | {_ratio(values, plain)} |")
+    for name, what in whats.items():
         if data["stats"].get(name):
             lines += ["", f"Replication work with replicas {what} (the workers' own counters, "
                       f"per training step, median over the repeats; the background threads' "
