@@ -398,10 +398,14 @@ def run(
     metrics: Annotated[Path | None, typer.Option("--metrics", help="metrics.jsonl")] = None,
     fail: Annotated[str | None, typer.Option("--fail", help="DEVICE@STEP: SIGKILL a device")]
     = None,
+    leave: Annotated[str | None, typer.Option(
+        "--leave", help="DEVICE@STEP: SIGTERM a device: it finishes the step, hands its "
+        "state over and leaves (graceful, nothing replayed)")] = None,
     recovery: Annotated[str, typer.Option("--recovery", help="replay | restart")] = "replay",
-    replicate_every: Annotated[int | None, typer.Option(
+    replicate_every: Annotated[str | None, typer.Option(
         "--replicate-every", help="with --fail: copy each stage's state to its replica "
-        "holder every K steps (default 1)")] = None,
+        "holder every K steps, or 'auto': the smallest K whose traffic fits in half of "
+        "the devices' predicted idle time (default 1)")] = None,
     checkpoint_every: Annotated[int | None, typer.Option(
         "--checkpoint-every", help="with --fail: disk checkpoint every N steps (default: 1 "
         "for restart, 10 for replay)")] = None,
@@ -434,6 +438,9 @@ def run(
                                   "metrics": metrics, "progress": on_step}
         if fail is not None:
             kwargs["fail"] = fail
+        if leave is not None:
+            kwargs["leave"] = leave
+        if fail is not None or leave is not None:
             kwargs["recovery"] = recovery
         if replicate_every is not None:
             kwargs["replicate_every"] = replicate_every

@@ -8,6 +8,7 @@ import math
 import os
 import queue
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -153,7 +154,9 @@ def _worker(rank: int, world: int, port: int, source: StageSource, config: Train
     With ``recovery`` (a ``runtime.replication.WorkerSpec``) the process beats,
     checkpoints and replicates through its hooks and joins the process group of its
     generation; when a round fails it reports ("interrupted", (generation, rank), ...),
-    hands its state over, and (replay) waits for its place in the next generation."""
+    hands its state over, and (replay) waits for its place in the next generation. When a
+    device leaves gracefully (SIGTERM) every rank reports ("left", (generation, rank), step)
+    after that committed step and does the same."""
     hooks: Any = None
     try:
         _exit_with_parent()
@@ -161,6 +164,10 @@ def _worker(rank: int, world: int, port: int, source: StageSource, config: Train
         tune_allocator()
         store = dist.TCPStore("127.0.0.1", port, world, is_master=False,
                               timeout=timedelta(seconds=config.timeout_s))
+        if recovery is not None and recovery.mode == "replay":
+            from runtime.replication import install_leave_handler
+
+            install_leave_handler()   # SIGTERM: leave gracefully after the current round
         while True:
             if cgroup is not None:
                 Path(cgroup, "cgroup.procs").write_text(str(os.getpid()))
@@ -181,12 +188,16 @@ def _worker(rank: int, world: int, port: int, source: StageSource, config: Train
                     raise
                 results.put(("interrupted", (recovery.generation, rank),
                              (f"{type(exc).__name__}: {exc}", _is_secondary(exc))))
-            if result is None:
+            if result is None or result.ended_after is not None:
                 # outside the except block: the traceback (and with it the failed round's
                 # process groups) is released, so destroying the group closes its sockets
-                # and unblocks peers still waiting on this rank
+                # and unblocks peers still waiting on this rank. A graceful leave ends the
+                # generation after a committed round: wake the launcher (it reads the marker)
+                if result is not None:
+                    results.put(("left", (recovery.generation, rank), result.ended_after))
                 assignment = hooks.next_generation()
                 if assignment is None:
+                    _exit_handed_over(results)
                     return
                 rank, world = assignment["rank"], assignment["world"]
                 source, config = assignment["source"], assignment["config"]
@@ -201,6 +212,26 @@ def _worker(rank: int, world: int, port: int, source: StageSource, config: Train
     except BaseException as exc:  # noqa: BLE001 - reported to the launcher as data
         results.put(("error", rank, (f"{type(exc).__name__}: {exc}", _is_secondary(exc))))
         raise SystemExit(1) from None
+
+
+def _exit_handed_over(results: Any) -> None:
+    """End a worker whose work is done and handed over (told to exit after a failure or a
+    graceful leave) with code 0: flush the result queue and the log, then ``os._exit``.
+    A normal interpreter exit would destroy torch.distributed objects whose threads (a
+    replica channel's send or receive left blocked when the group was shut down) still run,
+    which aborts the process ("terminate called without an active exception", code -6)."""
+    try:
+        results.close()
+        results.join_thread()     # every message put so far reaches the launcher
+    except (OSError, ValueError, AssertionError) as exc:
+        log.debug("flushing the result queue: %s", exc)
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(0)
 
 
 def _exit_with_parent(interval_s: float = 0.5) -> None:

@@ -53,6 +53,8 @@ class RunResult:
     stages: list[StageTiming] = field(default_factory=list)
     workers: list[WorkerResult] = field(default_factory=list)
     recoveries: list[dict[str, Any]] = field(default_factory=list)
+    #: device processes that ended by themselves before the end (a device that left: 0)
+    exit_codes: dict[str, int | None] = field(default_factory=dict)
 
     @property
     def measured_round_time_s(self) -> float:
@@ -82,7 +84,8 @@ class RunResult:
             lines.append(f"  stage {st.stage} {list(st.devices)}: F {st.measured_f * 1e3:.2f} ms, "
                          f"B {st.measured_b * 1e3:.2f} ms per micro-batch{pred}")
         for ev in self.recoveries:
-            lines.append(f"recovery ({ev.get('mode')}, from {ev.get('source')}): lost "
+            lost = "left" if ev.get("reason") == "leave" else "lost"
+            lines.append(f"recovery ({ev.get('mode')}, from {ev.get('source')}): {lost} "
                          f"{ev.get('failed')}, detect {ev['detect_s']:.3f} s, re-plan "
                          f"{ev['replan_s']:.3f} s, restore {ev['restore_s']:.3f} s, total "
                          f"{ev['total_s']:.3f} s, lost steps {ev['lost_steps']}, now plan "
@@ -184,6 +187,7 @@ def run(directory: str | Path, *, emulate: str | Path | None = None, steps: int 
         seed: int = 0, lr: float = 0.01, metrics: str | Path | None = None,
         progress: Callable[[Mapping[str, Any]], None] | None = None,
         fail: str | Mapping[str, int] | None = None, recovery: str = "replay",
+        leave: str | Mapping[str, int] | None = None,
         **recovery_options: Any) -> RunResult:
     """Train the partition in ``directory`` for ``steps`` mini-batches.
 
@@ -198,18 +202,21 @@ def run(directory: str | Path, *, emulate: str | Path | None = None, steps: int 
 
     ``fail="DEVICE@STEP"`` (emulation only) SIGKILLs that device's process during step STEP
     and recovers by ``recovery`` ("replay" or "restart", see ``runtime.recovery``);
-    ``recovery_options`` go to :func:`runtime.recovery.run_with_recovery`.
+    ``leave="DEVICE@STEP"`` (emulation, replay) sends it SIGTERM instead: it finishes the
+    step, hands its state over and leaves, and training goes on without it, nothing
+    replayed. ``recovery_options`` go to :func:`runtime.recovery.run_with_recovery`.
     """
     path = Path(directory)
     if not (path / "plan.json").is_file():
         raise RuntimeFailure(f"{str(path)!r} is not a partition directory (no plan.json); "
                              f"create it with `asteroid-fx partition MODEL --cluster C "
                              f"--batch-size N --out {path}`")
-    if fail is not None:
+    if fail is not None or leave is not None:
         return _run_recovering(path, emulate, steps, seed, lr, metrics, progress, fail,
-                               recovery, recovery_options)
+                               recovery, recovery_options, leave)
     if recovery_options:
-        raise RuntimeFailure(f"options {sorted(recovery_options)} need fail=DEVICE@STEP")
+        raise RuntimeFailure(f"options {sorted(recovery_options)} need fail=DEVICE@STEP (or "
+                             f"leave=DEVICE@STEP)")
     return run_source(DirectorySource(str(path)), emulate=emulate, steps=steps, seed=seed,
                       lr=lr, metrics=metrics, progress=progress)
 
@@ -217,22 +224,25 @@ def run(directory: str | Path, *, emulate: str | Path | None = None, steps: int 
 def _run_recovering(path: Path, emulate: str | Path | None, steps: int, seed: int, lr: float,
                     metrics: str | Path | None,
                     progress: Callable[[Mapping[str, Any]], None] | None,
-                    fail: str | Mapping[str, int], recovery: str,
-                    options: Mapping[str, Any]) -> RunResult:
+                    fail: str | Mapping[str, int] | None, recovery: str,
+                    options: Mapping[str, Any],
+                    leave: str | Mapping[str, int] | None = None) -> RunResult:
     from runtime.recovery import RECOVERY_MODES, run_with_recovery
 
     if recovery not in RECOVERY_MODES:
         raise RuntimeFailure(f"--recovery {recovery!r}: choose one of {list(RECOVERY_MODES)}")
     if emulate is None:
-        raise RuntimeFailure("--fail needs --emulate cluster.yaml: under torchrun a failed "
-                             "process is not restarted by asteroid-fx (no elastic agent yet)")
+        flag = "--fail" if fail is not None else "--leave"
+        raise RuntimeFailure(f"{flag} needs --emulate cluster.yaml: under torchrun a failed "
+                             f"or leaving process is not replaced by asteroid-fx (no elastic "
+                             f"agent yet)")
     if steps < 1:
         raise RuntimeFailure(f"steps must be >= 1, got {steps}")
     options = dict(options)
     timeout_s = float(options.pop("timeout_s", 120.0))
     config = TrainConfig(steps=steps, seed=seed, lr=lr, timeout_s=timeout_s,
                          metrics=None if metrics is None else str(metrics))
-    out = run_with_recovery(path, emulate, config, fail=fail, recovery=recovery,
+    out = run_with_recovery(path, emulate, config, fail=fail, recovery=recovery, leave=leave,
                             progress=progress, **options)
     if out.plan is None:
         raise RuntimeFailure("training with recovery ended without a plan; see the log for "
@@ -243,6 +253,7 @@ def _run_recovering(path: Path, emulate: str | Path | None, steps: int, seed: in
     result.losses = [float(r["loss"]) for r in ordered]
     result.round_times = [float(r["round_time_s"]) for r in ordered]
     result.recoveries = list(out.events)
+    result.exit_codes = dict(out.exit_codes)
     return result
 
 

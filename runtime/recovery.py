@@ -39,7 +39,7 @@ from runtime.train import DirectorySource, StageSource, TrainConfig, WorkerResul
 from solver.plan import Plan
 
 __all__ = ["RECOVERY_MODES", "LEAVE_ROUND_S", "REPLAY_CHECKPOINT_EVERY", "parse_fail",
-           "resume_point", "RecoveryRun", "run_with_recovery"]
+           "parse_leave", "resume_point", "RecoveryRun", "run_with_recovery"]
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +51,10 @@ LEAVE_ROUND_S = 1.5
 REPLAY_CHECKPOINT_EVERY = 10
 #: seconds the launcher waits for a survivor to answer a request for part of its state
 REQUEST_TIMEOUT_S = 10.0
+#: seconds the launcher lets a process told to exit (e.g. a device that left) end by itself
+EXIT_WAIT_S = 5.0
+#: seconds the launcher waits after a leave for rank 0's record of the leaver's last step
+LEAVE_RECORD_S = 5.0
 
 # [Note: who imports what]
 # Worker processes import only runtime/ (train, executor, comm, heartbeat, checkpoint,
@@ -71,8 +75,11 @@ REQUEST_TIMEOUT_S = 10.0
 _FAIL = re.compile(r"^\s*([^@\s,]+)@(\d+)\s*$")
 
 
-def parse_fail(spec: str | Mapping[str, int] | None, plan: Plan, steps: int) -> dict[str, int]:
-    """``"DEVICE@STEP[,DEVICE@STEP...]"`` -> ``{device: step}`` (steps from 0)."""
+def parse_fail(spec: str | Mapping[str, int] | None, plan: Plan, steps: int, *,
+               option: str = "--fail") -> dict[str, int]:
+    """``"DEVICE@STEP[,DEVICE@STEP...]"`` -> ``{device: step}`` (steps from 0); ``option``
+    names the flag in the messages (``--fail``, or ``--leave``: steps in ``[0, steps - 1)``,
+    a device leaves after finishing its step)."""
     if spec is None:
         return {}
     if isinstance(spec, Mapping):
@@ -82,23 +89,55 @@ def parse_fail(spec: str | Mapping[str, int] | None, plan: Plan, steps: int) -> 
         for part in str(spec).split(","):
             match = _FAIL.match(part)
             if not match:
-                raise RuntimeFailure(f"--fail {spec!r}: expected DEVICE@STEP (e.g. "
+                raise RuntimeFailure(f"{option} {spec!r}: expected DEVICE@STEP (e.g. "
                                      f"{plan.devices[-1]}@2), comma-separated for several")
             items.append((match.group(1), int(match.group(2))))
     out: dict[str, int] = {}
     for device, step in items:
         if device not in plan.devices:
-            raise RuntimeFailure(f"--fail: device {device!r} is not in the plan (devices: "
+            raise RuntimeFailure(f"{option}: device {device!r} is not in the plan (devices: "
                                  f"{list(plan.devices)})")
-        if not 0 <= int(step) < steps:
-            raise RuntimeFailure(f"--fail {device}@{step}: the step must be in [0, {steps}) "
-                                 f"for --steps {steps}")
+        end = steps - 1 if option == "--leave" else steps
+        if not 0 <= int(step) < end:
+            why = (" (the device leaves after finishing that step; after the last step there "
+                   "is nothing left to hand over)" if option == "--leave" else "")
+            raise RuntimeFailure(f"{option} {device}@{step}: the step must be in [0, {end}) "
+                                 f"for --steps {steps}{why}")
         if device in out:
-            raise RuntimeFailure(f"--fail names device {device!r} twice")
+            raise RuntimeFailure(f"{option} names device {device!r} twice")
         out[device] = int(step)
     if set(out) >= set(plan.devices) and len(set(out.values())) == 1:
-        raise RuntimeFailure(f"--fail would kill every device of the plan {list(plan.devices)} "
-                             f"at once; at least one must survive")
+        verb = "kill" if option == "--fail" else "remove"
+        raise RuntimeFailure(f"{option} would {verb} every device of the plan "
+                             f"{list(plan.devices)} at once; at least one must survive")
+    return out
+
+
+def parse_leave(spec: str | Mapping[str, int] | None, fail: Mapping[str, int], plan: Plan,
+                steps: int) -> dict[str, int]:
+    """``--leave DEVICE@STEP[,...]`` -> ``{device: step}``: that device gets SIGTERM during
+    step STEP, finishes it and leaves (see [Note: graceful leave] in runtime.replication).
+    ``fail`` is the parsed ``--fail``: a device may be in one of them only.
+
+    Raises:
+        RuntimeFailure: bad format, unknown device, a step outside ``[0, steps - 1)`` (the
+            device leaves after finishing STEP, so the last step leaves nothing to hand
+            over), a device also in ``fail``, or every device of the plan gone at once.
+    """
+    out = parse_fail(spec, plan, steps, option="--leave")
+    for device, step in out.items():
+        if device in fail:
+            raise RuntimeFailure(f"device {device!r} is in both --fail ({device}@"
+                                 f"{fail[device]}) and --leave ({device}@{step}); name it in "
+                                 f"one of them")
+    gone: dict[int, set[str]] = {}
+    for device, step in [*fail.items(), *out.items()]:
+        gone.setdefault(step, set()).add(device)
+    for step, devices in sorted(gone.items()):
+        if devices >= set(plan.devices):
+            raise RuntimeFailure(f"--fail and --leave would remove every device of the plan "
+                                 f"{list(plan.devices)} during step {step}; at least one must "
+                                 f"stay")
     return out
 
 
@@ -114,6 +153,10 @@ class RecoveryRun:
     shaping: str = "none"
     directories: list[str] = field(default_factory=list)
     replication: dict[str, dict[str, float]] = field(default_factory=dict)   # last generation
+    replicate_every: list[int] = field(default_factory=list)   # replication period per generation
+    #: exit codes of the device processes that ended before the last generation's end
+    #: (a device that left gracefully: 0; a killed one: -9)
+    exit_codes: dict[str, int | None] = field(default_factory=dict)
 
 
 @dataclass
@@ -129,6 +172,7 @@ class _Outcome:
     stuck: dict[int, StageState] = field(default_factory=dict)   # own states of stuck ranks
     generation: int = 0
     collect_parts: dict[str, float] = field(default_factory=dict)
+    left: dict[int, dict[str, Any]] = field(default_factory=dict)   # rank -> its left marker
 
 
 @dataclass
@@ -174,9 +218,10 @@ def _seeded_state(module: Any, seed: int) -> StageState:
 
 def run_with_recovery(directory: str | Path, cluster: Any, config: TrainConfig, *,
                       fail: str | Mapping[str, int] | None, recovery: str = "replay",
+                      leave: str | Mapping[str, int] | None = None,
                       progress: Callable[[Mapping[str, Any]], None] | None = None,
                       host_cores: int | None = None, checkpoint_every: int | None = None,
-                      replicate: bool = True, replicate_every: int = 1,
+                      replicate: bool = True, replicate_every: int | str = 1,
                       fail_signal: int = int(signal.SIGKILL),
                       use_cgroups: bool | None = None, timeout_s: float = 600.0,
                       heartbeat_timeout_s: float = 1.0) -> RecoveryRun:
@@ -191,7 +236,14 @@ def run_with_recovery(directory: str | Path, cluster: Any, config: TrainConfig, 
     ``checkpoint_every`` steps (default: every step for restart, every
     ``REPLAY_CHECKPOINT_EVERY`` for replay, where the checkpoint is only the fallback) each
     stage writes its state to ``DIR/recovery/checkpoints``; replicas are refreshed every
-    ``replicate_every`` steps (a failure then re-trains the rounds since the last replica).
+    ``replicate_every`` steps (a failure then re-trains the rounds since the last replica;
+    ``"auto"``: the smallest K whose replica traffic fits in half of every device's
+    predicted idle time, chosen again for every generation's plan).
+
+    ``leave="DEVICE@STEP"`` (replay only) sends SIGTERM to that device during step STEP: it
+    finishes the step, hands its state over and exits with code 0; the survivors re-plan
+    without it and go on at STEP + 1 with nothing replayed (event ``reason: "leave"``,
+    ``source: "handover"``; see [Note: graceful leave] in runtime.replication).
     """
     if recovery not in RECOVERY_MODES:
         raise RuntimeFailure(f"--recovery {recovery!r}: choose one of {list(RECOVERY_MODES)}")
@@ -199,11 +251,15 @@ def run_with_recovery(directory: str | Path, cluster: Any, config: TrainConfig, 
         checkpoint_every = REPLAY_CHECKPOINT_EVERY if recovery == "replay" else 1
     if checkpoint_every < 1:
         raise RuntimeFailure(f"checkpoint_every must be >= 1, got {checkpoint_every}")
-    if replicate_every < 1:
-        raise RuntimeFailure(f"--replicate-every must be >= 1, got {replicate_every}")
+    every_k = parse_replicate_every(replicate_every)
     root = Path(directory)
     plan = DirectorySource(str(root)).load_plan()
     pending = parse_fail(fail, plan, config.steps)
+    leaving = parse_leave(leave, pending, plan, config.steps)
+    if leaving and recovery != "replay":
+        raise RuntimeFailure(f"--leave needs --recovery replay (got {recovery!r}): a device "
+                             f"that leaves hands its state to the survivors, which restart "
+                             f"mode does not keep")
     model = _load_model(root, cluster)
     work = root / "recovery"
     shutil.rmtree(work, ignore_errors=True)
@@ -220,16 +276,17 @@ def run_with_recovery(directory: str | Path, cluster: Any, config: TrainConfig, 
     gen_config = replace(config, append_metrics=True)
     try:
         while True:
-            replicas = (_replicas(plan, model, alive, replicate_every) if recovery == "replay"
-                        else {})
+            replicas, every = (_replicas(plan, model, alive, every_k)
+                               if recovery == "replay" else ({}, 1))
+            out.replicate_every.append(every)
             spec = WorkerSpec(
                 generation=generation, mode=recovery, plan_version=plan.plan_version,
                 devices=tuple(plan.devices),
                 stages=tuple(plan.stage_of(d) for d in plan.devices),
                 holders=external_holders(plan, replicas), checkpoint_dir=str(checkpoints),
                 checkpoint_every=checkpoint_every, replicate=replicate,
-                replicate_every=replicate_every, steps=config.steps, restore=generation > 0,
-                fail_at=dict(pending), fail_signal=fail_signal,
+                replicate_every=every, steps=config.steps, restore=generation > 0,
+                fail_at=dict(pending), fail_signal=fail_signal, leave_at=dict(leaving),
                 metrics=config.metrics, event=event, heartbeat_timeout_s=heartbeat_timeout_s,
                 heartbeat_interval_s=heartbeat_timeout_s / 5)
             out.directories.append(str(current))
@@ -244,6 +301,7 @@ def run_with_recovery(directory: str | Path, cluster: Any, config: TrainConfig, 
             _collect_records(store, generation, gen_config.start_step, config.steps, out)
             if event is not None and store.check([key(generation, "event")]):
                 out.events.append(json.loads(store.get(key(generation, "event"))))
+            out.exit_codes.update(procs.exit_codes)
             if outcome.workers is not None:
                 out.workers = outcome.workers
                 for rank, device in enumerate(plan.devices):
@@ -253,14 +311,24 @@ def run_with_recovery(directory: str | Path, cluster: Any, config: TrainConfig, 
                 return out
             # ---- recovery -----------------------------------------------------------
             failed = [plan.devices[r] for r in outcome.failed]
+            left = sorted(plan.devices[r] for r in outcome.left)
+            # a leave: every lost device left gracefully after committing its last step
+            reason = "leave" if left and set(failed) <= set(left) else "failure"
             committed = _committed(store, generation, gen_config.start_step)
-            killed_at = (float(store.get(key(generation, "killed_at")))
-                         if store.check([key(generation, "killed_at")])
-                         else outcome.detected_at - outcome.silent_s)
+            if reason == "leave":   # t0: the leavers stopped (committed their last step)
+                killed_at = min(float(m["at"]) for m in outcome.left.values())
+            elif store.check([key(generation, "killed_at")]):
+                killed_at = float(store.get(key(generation, "killed_at")))
+            else:
+                killed_at = outcome.detected_at - outcome.silent_s
             detect_s = max(0.0, outcome.detected_at - killed_at)
-            log.warning("devices %s failed during step %d (detected by %s after %.3f s); "
-                        "recovering by %s", failed, committed + 1, outcome.detected_by,
-                        detect_s, recovery)
+            if reason == "leave":
+                log.warning("devices %s left after step %d (noticed after %.3f s); "
+                            "recovering by %s", failed, committed, detect_s, recovery)
+            else:
+                log.warning("devices %s failed during step %d (detected by %s after %.3f s); "
+                            "recovering by %s", failed, committed + 1, outcome.detected_by,
+                            detect_s, recovery)
             began = time.perf_counter()
             new_plan, choice = _new_plan(recovery, plan, model, alive, failed)
             search_s = time.perf_counter() - began
@@ -279,39 +347,77 @@ def run_with_recovery(directory: str | Path, cluster: Any, config: TrainConfig, 
                 store.set(key(generation, "restore", device), json.dumps(manifest))
             load_s = time.perf_counter() - began
             resume = step_from + 1
-            event = {"event": "recovery", "failed": failed, "detect_s": detect_s,
+            if reason == "leave" and source_kind == "replica":
+                source_kind = "handover"    # the leavers' and survivors' own states
+            extra: dict[str, Any] = {}
+            if left:
+                extra["left"] = left
+                notice = [float(m["at"]) - float(m["signal_at"]) for m in outcome.left.values()
+                          if m.get("signal_at") is not None]
+                if notice:   # SIGTERM -> the leaver committed its last step (still training)
+                    extra["notice_s"] = max(0.0, max(notice))
+            event = {"event": "recovery", "failed": failed, "reason": reason,
+                     "detect_s": detect_s,
                      "replan_s": search_s + partition_s, "lost_steps": committed - step_from,
                      "mode": recovery, "source": source_kind,
+                     "replicate_every": out.replicate_every[-1],
                      "detected_by": outcome.detected_by, "search_s": search_s,
                      "partition_s": partition_s,
                      "stop_s": max(0.0, outcome.stopped_at - outcome.detected_at),
                      "stop_parts_s": outcome.collect_parts,
-                     "load_s": load_s, "kept": sorted(procs.waiting),
+                     "load_s": load_s, "kept": sorted(procs.waiting - set(left)),
                      "spawn_at": time.time(), "plan_version": new_plan.plan_version,
-                     "resume_step": resume, "killed_at": killed_at, **choice}
+                     "resume_step": resume, "killed_at": killed_at, **extra, **choice}
             for step in list(out.records):
                 if step >= resume:
                     del out.records[step]
             pending = {d: s for d, s in pending.items() if d not in failed and s > committed}
+            leaving = {d: s for d, s in leaving.items() if d not in failed and s > committed}
             plan, alive, current = new_plan, survivors, gen_dir
             gen_config = replace(config, start_step=resume, append_metrics=True)
     finally:
         procs.close()
 
 
-def _replicas(plan: Plan, model: _Model, alive: Any, every_k_steps: int = 1
-              ) -> dict[str, tuple[str, ...]]:
-    if plan.replicas:
-        return {d: tuple(h) for d, h in plan.replicas.items()}
-    from solver.replicas import choose_replicas
+def parse_replicate_every(value: int | str | None) -> int | None:
+    """``--replicate-every`` as a period K >= 1, or ``None`` for "auto" (see
+    ``solver.replicas.plan_replication``).
 
+    Raises:
+        RuntimeFailure: neither "auto" nor an integer >= 1.
+    """
+    if value is None or (isinstance(value, str) and value.strip().lower() == "auto"):
+        return None
     try:
-        return {d: tuple(h) for d, h in
-                choose_replicas(plan, model.costs, alive.subset(list(plan.devices)),
-                                every_k_steps=every_k_steps).items()}
+        k = int(value)
+    except (TypeError, ValueError):
+        k = 0
+    if k < 1:
+        raise RuntimeFailure(f"--replicate-every must be 'auto' or an integer >= 1 (steps "
+                             f"between replicas), got {value!r}")
+    return k
+
+
+def _replicas(plan: Plan, model: _Model, alive: Any, every_k_steps: int | None
+              ) -> tuple[dict[str, tuple[str, ...]], int]:
+    """Holders and replication period of ``plan``: the plan's own holders when it has
+    them, else ``plan_replication``; ``every_k_steps=None`` chooses K from the idle time."""
+    from solver.replicas import auto_replicate_every, plan_replication
+
+    cluster = alive.subset(list(plan.devices))
+    try:
+        if plan.replicas:
+            replicas = {d: tuple(h) for d, h in plan.replicas.items()}
+            k = (every_k_steps if every_k_steps is not None
+                 else auto_replicate_every(plan, model.costs, cluster, replicas))
+        else:
+            replicas, k = plan_replication(plan, model.costs, cluster,
+                                           every_k_steps=every_k_steps)
     except AsteroidError as exc:
         log.warning("no replica placement (%s): recovery will use the on-disk checkpoint", exc)
-        return {}
+        return {}, every_k_steps or 1
+    log.info("replicas %s every %d step(s)", replicas, k)
+    return replicas, k
 
 
 def _new_plan(mode: str, plan: Plan, model: _Model, alive: Any,
@@ -552,6 +658,8 @@ class _Processes:
         self.factor = 1.0
         self.shaping = "none"
         self.generation = -1
+        self.exiting: set[str] = set()        # told to exit (after answering requests)
+        self.exit_codes: dict[str, int | None] = {}   # processes that ended by themselves
 
     def _shape(self, plan: Plan, cluster: Any, source: StageSource, generation: int
                ) -> tuple[StageSource, list[str] | None, Any]:
@@ -598,6 +706,7 @@ class _Processes:
         self.generation = spec.generation
         run_source, cgroups, setup = self._shape(plan, cluster, source, spec.generation)
         config = replace(config, link_bytes_s=setup.link_bytes_s)
+        spec = replace(spec, link_bytes_s=setup.link_bytes_s)   # replica sends are paced too
         world = len(plan.devices)
         procs = []
         for rank, device in enumerate(plan.devices):
@@ -619,6 +728,7 @@ class _Processes:
         for device in sorted(self.waiting - set(plan.devices)):
             self.store.set(key(previous, "next", device), pickle.dumps(
                 {"exit": True, "requests": self._requests_of(previous, device)}))  # type: ignore[arg-type]
+            self.exiting.add(device)
         self.waiting = set()
         self.ranks = {d: r for r, d in enumerate(plan.devices)}
         outcome = self._supervise(plan, spec, procs, progress, timeout_s, committed_of)
@@ -680,24 +790,35 @@ class _Processes:
                     message, _secondary = payload
                     raise StageFailure(f"rank {rank} (device {plan.devices[rank]!r}): "
                                        f"{message}")
+                # ("left", ...) only wakes the wait: the store's markers say who left
+                left = self._left(spec.generation, world) if spec.mode == "replay" else {}
                 dead = [r for r, p in enumerate(procs) if r not in done and not p.is_alive()]
                 by = "process exit"
-                report = detector.poll()
-                silent = [r for r in report.failed if r not in done]
-                if silent and not dead:
-                    dead, by = sorted(silent), "heartbeat"
-                if dead:
+                silent_s: Mapping[int, float] = {}
+                silent: list[int] = []
+                if left:     # every rank stops beating after a leave: no heartbeat verdict
+                    by = by if dead else "leave"
+                else:
+                    report = detector.poll()
+                    silent_s = report.silent_s
+                    silent = [r for r in report.failed if r not in done]
+                    if silent and not dead:
+                        dead, by = sorted(silent), "heartbeat"
+                if dead or left:
                     outcome.detected_at = time.time()
                     dead = sorted(set(dead) | {r for r, p in enumerate(procs)
                                                if r not in done and not p.is_alive()})
-                    outcome.failed = tuple(sorted(set(dead) | set(silent)))
+                    outcome.failed = tuple(sorted(set(dead) | set(silent) | set(left)))
+                    outcome.left = left
                     outcome.detected_by = by
-                    outcome.silent_s = max((report.silent_s.get(r, 0.0) for r in dead),
-                                           default=0.0)
+                    outcome.silent_s = max((silent_s.get(r, 0.0) for r in dead), default=0.0)
                     for r in outcome.failed:
-                        if procs[r].is_alive():
+                        if r not in left and procs[r].is_alive():
                             procs[r].kill()   # fence a hung device (our own child)
                     if spec.mode == "replay":
+                        if left:   # rank 0 records the leavers' last step right after it
+                            self._await_record(spec.generation,
+                                               max(int(m["step"]) for m in left.values()))
                         committed = committed_of() if committed_of is not None else -1
                         self._collect(plan, spec.generation, procs, outcome, committed)
                     return outcome
@@ -713,10 +834,39 @@ class _Processes:
             for device, proc in list(self.by_device.items()):
                 if device in keep:
                     continue
-                if proc.is_alive():
+                if device in self.exiting:   # e.g. a device that left: let it end by itself
+                    proc.join(timeout=EXIT_WAIT_S)
+                    self.exiting.discard(device)
+                if not proc.is_alive():
+                    self.exit_codes[device] = proc.exitcode
+                else:
                     proc.kill()
                 proc.join(timeout=10)
                 del self.by_device[device]
+
+    def _left(self, generation: int, world: int) -> dict[int, dict[str, Any]]:
+        """Ranks of ``generation`` that left gracefully: their ``rx/<g>/left/<rank>``
+        markers (one cheap counter read while nobody left)."""
+        if int(self.store.add(key(generation, "left", "count"), 0)) == 0:
+            return {}
+        out: dict[int, dict[str, Any]] = {}
+        for rank in range(world):
+            name = key(generation, "left", rank)
+            if self.store.check([name]):
+                out[rank] = json.loads(self.store.get(name))
+        return out
+
+    def _await_record(self, generation: int, step: int,
+                      limit_s: float = LEAVE_RECORD_S) -> None:
+        """Wait (at most ``limit_s``) until rank 0 has recorded committed ``step``."""
+        name = key(generation, "step", step)
+        deadline = time.monotonic() + limit_s
+        while not self.store.check([name]):
+            if time.monotonic() > deadline:
+                log.warning("rank 0 did not record step %d within %.0f s after a device left "
+                            "after it; resuming from the last recorded step", step, limit_s)
+                return
+            time.sleep(0.002)
 
     def _collect(self, plan: Plan, generation: int, procs: list[Any], outcome: _Outcome,
                  committed: int, limit_s: float = 10.0,
@@ -729,7 +879,8 @@ class _Processes:
         outcome.generation = generation
         failed = outcome.failed
         announce_failure(store, generation, failed, len(procs))
-        wanted = {r for r in range(len(procs)) if r not in failed}
+        # a device that left gracefully is lost to the plan but hands its state over
+        wanted = {r for r in range(len(procs)) if r not in failed or r in outcome.left}
         got: dict[int, dict[str, Any]] = {}
         free: set[int] = set()
         deadline = time.monotonic() + limit_s

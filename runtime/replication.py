@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import pickle
 import queue
@@ -15,6 +16,7 @@ from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import torch
@@ -43,6 +45,8 @@ __all__ = [
     "announce_failure",
     "lower_priority",
     "abort_connections",
+    "install_leave_handler",
+    "leave_requested_at",
 ]
 
 log = logging.getLogger(__name__)
@@ -60,6 +64,12 @@ log = logging.getLogger(__name__)
 # store carries no replica bytes), and every ``checkpoint_every``-th step writes the disk
 # checkpoint from the same buffer. Each holder's receive thread keeps the three newest
 # replicas of the stage in its memory.
+#
+# Emulation: the emulator passes its link bandwidths (``WorkerSpec.link_bytes_s``) and every
+# replica send then lasts at least bytes / bandwidth (a sleep in the background thread), as
+# the activations' sends do, so a period K that the link cannot carry shows up as the
+# training thread waiting for the previous push, not as free traffic over loopback. The
+# pacing is per channel: replica traffic does not delay activations on a shared link.
 #
 # Lag and roll-back: before taking the snapshot of round k the training thread waits until
 # the background job of round k-1 is done (it had a whole round; normally no wait), so
@@ -91,6 +101,59 @@ _PROCESS: dict[str, Any] = {}
 BACKGROUND_WAIT_S = 60.0
 #: seconds a survivor waits at most to answer the launcher's requests before moving on
 REQUESTS_WAIT_S = 30.0
+#: seconds a device that leaves gracefully waits at most for the launcher's answer (its
+#: ``exit``) after handing over, before it exits anyway
+LEAVE_WAIT_S = 60.0
+#: seconds a rank's watcher waits, after a device left, for the training thread's hand-over
+LEAVE_HANDOFF_S = 5.0
+
+# [Note: graceful leave]
+# A device asked to leave (SIGTERM: ``--leave DEVICE@STEP``, or a scheduler taking the board
+# back) must cost no roll-back. The handler (``install_leave_handler``, worker processes in
+# replay mode) only records the time. At the end of each round the training thread adds
+# "this rank leaves" to the all-reduce of the loss, so every rank learns in that same
+# collective that round k is the last one of this generation: no rank starts round k + 1.
+# After committing k every rank keeps its own snapshot of k (from the live state, which
+# nothing changes after the commit; also with replicate_every > 1, where step k may have had
+# no snapshot) and publishes its hand-over at once; the leaver also writes
+# ``rx/<g>/left/<rank>`` ({"step", "at", "signal_at"}) and bumps ``rx/<g>/left/count``.
+# Then every rank leaves the group and waits for its next assignment, as after a failure.
+# The launcher sees the marker (polled every supervision tick, <= 20 ms), re-plans without
+# the leaver and restores its layers from its hand-over: the leaver serves the requests for
+# parts of its state like any survivor, then gets ``exit`` and ends with code 0. Training
+# resumes at k + 1 (lost_steps 0, nothing replayed). A SIGTERM during the last step, or in
+# a round that fails, takes effect after the next committed round that is not the last.
+
+
+class _LeaveFlag:
+    """Set by the SIGTERM handler (which must do nothing more than that)."""
+
+    requested_at: float | None = None
+
+
+_LEAVE = _LeaveFlag()
+
+
+def _on_leave_signal(signum: int, frame: FrameType | None) -> None:
+    if _LEAVE.requested_at is None:
+        _LEAVE.requested_at = time.time()
+
+
+def install_leave_handler() -> bool:
+    """In a worker process (main thread only): SIGTERM asks this device to leave gracefully
+    after the round it is in (see [Note: graceful leave]) instead of ending the process.
+    Returns whether the handler was installed."""
+    if threading.current_thread() is not threading.main_thread():
+        return False
+    signal.signal(signal.SIGTERM, _on_leave_signal)
+    # blocking system calls of other threads (gloo, store) restart instead of failing (EINTR)
+    signal.siginterrupt(signal.SIGTERM, False)
+    return True
+
+
+def leave_requested_at() -> float | None:
+    """``time.time()`` of the SIGTERM that asked this process to leave; None when none."""
+    return _LEAVE.requested_at
 
 
 def key(generation: int, *parts: object) -> str:
@@ -201,6 +264,7 @@ class ReplicationStats:
     process_cpu_s: float = 0.0      # CPU time of the whole process (all threads) ...
     steps: int = 0                  # ... over this many steps
     bytes_sent: int = 0
+    paced_s: float = 0.0      # emulation: sleeping to the emulated link's bandwidth
 
     def summary(self) -> dict[str, float]:
         """Milliseconds of each kind of work and bytes sent, per training step (averaged
@@ -215,6 +279,7 @@ class ReplicationStats:
                 "checkpoint_ms": per_step_ms(self.checkpoint_s),
                 "bytes_sent_per_step": self.bytes_sent / steps, "bytes_sent": self.bytes_sent,
                 "process_cpu_ms": 1e3 * self.process_cpu_s / steps,
+                "paced_ms": 1e3 * self.paced_s / steps,
                 "snapshots": len(self.snapshot_s), "steps": steps}
 
 
@@ -236,10 +301,15 @@ class WorkerSpec:
     restore: bool = False                           # manifest rx/<g>/restore/<device>
     fail_at: Mapping[str, int] = field(default_factory=dict)   # device -> step
     fail_signal: int = int(signal.SIGKILL)
+    #: device -> step: SIGTERM (graceful leave, see [Note: graceful leave]) during that step
+    leave_at: Mapping[str, int] = field(default_factory=dict)
     metrics: str | None = None
     event: Mapping[str, Any] | None = None          # recovery event to complete and log
     heartbeat_interval_s: float = 0.2
     heartbeat_timeout_s: float = 1.0
+    #: emulated bandwidth (bytes/s) between ranks, set by the emulator: replica sends are
+    #: paced to it like activations (see [Note: replication off the critical path])
+    link_bytes_s: tuple[tuple[float, ...], ...] | None = None
 
     def hooks(self, store: dist.Store, rank: int, world: int) -> WorkerHooks:
         """The hooks of ``rank`` (starts its heartbeat and, in replay mode, its threads)."""
@@ -352,6 +422,7 @@ class WorkerHooks:
         self._lock = threading.Lock()
         self._handed = False
         self._left = False
+        self._leaving = False                   # this device leaves (graceful, SIGTERM)
         self._closed = threading.Event()
         self._served = 0                        # requests answered by the watcher
         self._serve_until = 0                   # requests announced by the launcher
@@ -479,6 +550,11 @@ class WorkerHooks:
             log.warning("device %s (rank %d) sends itself signal %d during step %d",
                         self.device, self.rank, self.spec.fail_signal, step)
             os.kill(os.getpid(), self.spec.fail_signal)
+        leave = self.spec.leave_at.get(self.device)
+        if leave is not None and leave == step and _LEAVE.requested_at is None:
+            log.warning("device %s (rank %d) sends itself SIGTERM during step %d (graceful "
+                        "leave)", self.device, self.rank, step)
+            os.kill(os.getpid(), signal.SIGTERM)
 
     def _log_event(self, event: Mapping[str, Any]) -> None:
         now = time.time()
@@ -575,8 +651,11 @@ class WorkerHooks:
                 if send and channels:
                     began = time.perf_counter()
                     header = slot.buffer.header()
-                    for channel in channels:
+                    for channel, holder in zip(channels, spec.holders[self.stage],
+                                               strict=False):
+                        sent = time.perf_counter()
                         channel.send(step, header, slot.buffer.flat)
+                        self._pace(holder, slot.buffer.nbytes, sent)
                     self.stats.bytes_sent += len(channels) * slot.buffer.nbytes
                     self.stats.replicate_s.append(time.perf_counter() - began)
                 if channels and spec.steps is not None and step == spec.steps - 1:
@@ -594,6 +673,18 @@ class WorkerHooks:
             finally:
                 slot.idle.set()
 
+    def _pace(self, holder: str, nbytes: int, began: float) -> None:
+        """Emulation: let a replica of ``nbytes`` to ``holder`` take at least as long as
+        the emulated link needs for it (a sleep: no CPU)."""
+        links = self.spec.link_bytes_s
+        if links is None or holder not in self.spec.devices:
+            return
+        bandwidth = links[self.rank][self.spec.devices.index(holder)]
+        if bandwidth > 0 and math.isfinite(bandwidth):
+            left = began + nbytes / bandwidth - time.perf_counter()
+            if left > 0 and not self._closed.wait(left):
+                self.stats.paced_s += left
+
     def step_committed(self, step: int, record: dict[str, Any]) -> None:
         g = self.spec.generation
         with self._lock:
@@ -605,9 +696,45 @@ class WorkerHooks:
         if self.rank == 0:
             self.store.set(key(g, "step", step), json.dumps(record))
         if step == self.spec.steps_end:
+            if self.leave_requested():
+                log.warning("device %s was asked to leave during the last step %d: training "
+                            "ends normally", self.device, step)
             self.stats.process_cpu_s = time.process_time() - self._cpu_began
             self.stats.steps = step + 1 - self._start_step()
             self.store.set(key(g, "stats", self.rank), json.dumps(self.stats.summary()))
+
+    def leave_requested(self) -> bool:
+        """Whether this device was asked to leave (SIGTERM, replay mode): the training loop
+        then makes the current round the last one of this generation."""
+        return self.replay and _LEAVE.requested_at is not None
+
+    def generation_ends(self, step: int, module: torch.nn.Module,
+                        optimizer: torch.optim.Optimizer, leaving: bool) -> None:
+        """Round ``step`` is committed and a device leaves after it (``leaving``: this one):
+        keep this rank's own state of ``step`` (the live state: nothing changed it since the
+        commit), publish the hand-over and, on the leaver, the ``rx/<g>/left/<rank>`` marker
+        (see [Note: graceful leave]). The caller then leaves the group
+        (``next_generation``)."""
+        at = time.time()
+        g = self.spec.generation
+        with self._lock:
+            have = step in self._current
+        if not have:
+            self._snapshot(step, module, optimizer)
+        self.handoff()
+        if not leaving:
+            log.info("rank %d (%s): a device leaves after step %d; waiting for the next "
+                     "generation", self.rank, self.device, step)
+            return
+        signal_at = _LEAVE.requested_at
+        _LEAVE.requested_at = None
+        self._leaving = True
+        self.store.set(key(g, "left", self.rank), json.dumps(
+            {"step": step, "at": at, "signal_at": signal_at, "device": self.device}))
+        self.store.add(key(g, "left", "count"), 1)
+        log.warning("device %s (rank %d) leaves after committing step %d (SIGTERM %.3f s "
+                    "earlier); its state is handed over", self.device, self.rank, step,
+                    at - (signal_at or at))
 
     def flush(self, timeout_s: float = 30.0) -> None:
         """Wait for the background jobs (tests, end of training)."""
@@ -705,6 +832,18 @@ class WorkerHooks:
             store.wait([_wake_key(g, self.rank)], CHANNEL_TIMEOUT)
             if self._closed.is_set() or not store.check([key(g, "recover")]):
                 return
+            if int(store.add(key(g, "left", "count"), 0)) > 0:
+                # a graceful leave: the training thread hands over itself once it has
+                # committed the leaver's last step (a hand-over from here could come first
+                # and miss that step); wait for it, bounded
+                until = time.monotonic() + LEAVE_HANDOFF_S
+                while (not self._handed and not self._closed.is_set()
+                       and time.monotonic() < until):
+                    time.sleep(0.002)
+                if not self._handed:
+                    log.warning("rank %d (%s): a device left, but this rank did not hand over "
+                                "within %.0f s; handing over what it has", self.rank,
+                                self.device, LEAVE_HANDOFF_S)
             self.handoff(store)
             self._abort()
             until = float("inf")
@@ -757,9 +896,15 @@ class WorkerHooks:
         self.heartbeat.stop()
         self.store.set(key(g, "waiting", self.rank), "1")
         wanted = key(g, "next", self.device)
+        if self._leaving:
+            limit_s = min(limit_s, LEAVE_WAIT_S)
         deadline = time.monotonic() + limit_s
         while not self.store.check([wanted]):
             if time.monotonic() > deadline:
+                if self._leaving:
+                    log.warning("device %s left, but the launcher did not collect its state "
+                                "within %.0f s: exiting anyway", self.device, limit_s)
+                    self.close()
                 return None
             time.sleep(0.002)
         assignment: dict[str, Any] = pickle.loads(self.store.get(wanted))
@@ -770,6 +915,13 @@ class WorkerHooks:
             until = time.monotonic() + REQUESTS_WAIT_S
             while self._served < self._serve_until and time.monotonic() < until:
                 time.sleep(0.002)
+            if self._served < self._serve_until:
+                log.warning("device %s answered %d of %d request(s) for its state within "
+                            "%.0f s; exiting", self.device, self._served, self._serve_until,
+                            REQUESTS_WAIT_S)
+            elif self._leaving:
+                log.info("device %s handed its state over (%d request(s)) and exits",
+                         self.device, self._served)
         self.close()
         return None if assignment.get("exit") else assignment
 

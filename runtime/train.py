@@ -108,6 +108,15 @@ class TrainHooks(Protocol):
     def step_committed(self, step: int, record: dict[str, Any]) -> None:
         """Every rank finished round ``step`` (its loss was all-reduced)."""
 
+    def leave_requested(self) -> bool:
+        """Whether this device was asked to leave gracefully (e.g. SIGTERM) after the round
+        it is in."""
+
+    def generation_ends(self, step: int, module: torch.nn.Module,
+                        optimizer: torch.optim.Optimizer, leaving: bool) -> None:
+        """Round ``step`` is committed and some device (``leaving``: this one) leaves after
+        it: keep and hand over this rank's state of ``step``; training stops here."""
+
 
 @dataclass
 class WorkerResult:
@@ -122,6 +131,8 @@ class WorkerResult:
     backward_s: float = 0.0
     allreduce_s: float = 0.0
     state: dict[str, torch.Tensor] | None = None
+    #: training stopped after this committed step because a device left gracefully
+    ended_after: int | None = None
 
 
 def load_stage_weights(stage: torch.nn.Module, full_state: dict[str, torch.Tensor],
@@ -249,11 +260,16 @@ def train_device(source: StageSource, rank: int, config: TrainConfig, *,
         elapsed = time.perf_counter() - began
         if hooks is not None:
             hooks.step_done(step, module, optimizer)
-        loss_t = torch.tensor([stats.loss], dtype=torch.float64, device=control)
+        # a graceful leave rides on the loss all-reduce, so every rank learns in the same
+        # collective that this round is the last one (no rank starts the next round)
+        leaving = hooks is not None and step < config.steps - 1 and hooks.leave_requested()
+        loss_t = torch.tensor([stats.loss, 1.0 if leaving else 0.0], dtype=torch.float64,
+                              device=control)
         time_t = torch.tensor([elapsed], dtype=torch.float64, device=control)
         dist.all_reduce(loss_t, op=dist.ReduceOp.SUM)
         dist.all_reduce(time_t, op=dist.ReduceOp.MAX)
-        loss, round_time = float(loss_t), float(time_t)
+        loss, round_time = float(loss_t[0]), float(time_t)
+        leavers = int(round(float(loss_t[1])))
         result.losses.append(loss)
         result.round_times.append(round_time)
         if step > config.start_step or config.steps - config.start_step == 1:
@@ -270,6 +286,10 @@ def train_device(source: StageSource, rank: int, config: TrainConfig, *,
         if report is not None and rank == 0:
             report(record)
         log.debug("rank %d step %d loss %.6f round %.4fs", rank, step, loss, round_time)
+        if leavers and hooks is not None:
+            hooks.generation_ends(step, module, optimizer, leaving)
+            result.ended_after = step
+            break
     result.forward_s = _mean(forward)
     result.backward_s = _mean(backward)
     result.allreduce_s = _mean(allreduce)

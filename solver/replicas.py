@@ -78,6 +78,7 @@ __all__ = [
     "choose_replicas",
     "with_replicas",
     "auto_replicate_every",
+    "plan_replication",
 ]
 
 logger = logging.getLogger(__name__)
@@ -418,3 +419,47 @@ def auto_replicate_every(plan: Plan, costs: CostTable, cluster: Cluster,
                    "expect slower rounds, or raise max_k or the budget",
                    100 * budget, max_k, device, seconds, allowed, max_k)
     return max_k
+
+
+def plan_replication(plan: Plan, costs: CostTable, cluster: Cluster, *,
+                     every_k_steps: int | None = None, copies: int = 1,
+                     budget: float = 0.5, max_k: int = 16
+                     ) -> tuple[dict[str, tuple[str, ...]], int]:
+    """Replica holders and the replication period K, chosen together.
+
+    Placement weighs traffic by ``1 / K`` and K depends on where the traffic goes, so with
+    ``every_k_steps=None`` ("auto") this places for K = 1, takes the smallest K whose
+    traffic fits (``auto_replicate_every``), places again for that K and repeats until K
+    stops growing (at most ``max_k`` rounds; K only grows, so it ends).
+
+    Args:
+        plan: the plan to protect.
+        costs: the model's cost table.
+        cluster: the devices and links of the plan.
+        every_k_steps: a fixed period (placement for it only), or ``None`` for auto.
+        copies: holders per device.
+        budget: with auto, the share of every device's idle time replication may use.
+        max_k: with auto, the largest period considered.
+
+    Returns:
+        ``(replicas, K)``: device -> holders (as ``choose_replicas``) and the period.
+
+    Raises:
+        PlanError: bad ``every_k_steps``, ``copies``, ``budget`` or ``max_k``; the plan does
+            not fit even without replicas.
+    """
+    if every_k_steps is not None:
+        _check_every(every_k_steps)
+        return choose_replicas(plan, costs, cluster, copies=copies,
+                               every_k_steps=every_k_steps), every_k_steps
+    k = 1
+    replicas = choose_replicas(plan, costs, cluster, copies=copies, every_k_steps=k)
+    for _ in range(max_k):
+        wanted = auto_replicate_every(plan, costs, cluster, replicas, budget=budget,
+                                      max_k=max_k)
+        if wanted <= k:
+            break
+        k = wanted
+        replicas = choose_replicas(plan, costs, cluster, copies=copies, every_k_steps=k)
+    logger.info("replication every %d step(s), holders %s", k, replicas)
+    return replicas, k

@@ -14,7 +14,7 @@ import torch
 from asteroid_fx.errors import RuntimeFailure
 from asteroid_fx.model_spec import import_model_file
 from runtime.launch import RunResult, metrics_lines, run
-from runtime.recovery import parse_fail
+from runtime.recovery import parse_fail, parse_leave
 from runtime.reference import reference_training
 from runtime.stage_io import load_model_module, load_plan
 from solver.plan import Plan, Stage
@@ -51,7 +51,7 @@ def make_partition(out: Path, stages: tuple[Stage, ...]) -> Path:
     return out
 
 
-def _run(directory: Path, tmp_path: Path, fail: str, recovery: str,
+def _run(directory: Path, tmp_path: Path, fail: str | None, recovery: str,
          **options: Any) -> tuple[RunResult, list[dict[str, Any]]]:
     metrics = tmp_path / "metrics.jsonl"
     result = run(directory, emulate=CLUSTER, steps=STEPS, seed=SEED, lr=LR, metrics=metrics,
@@ -87,7 +87,7 @@ def test_replay_after_losing_a_single_device_stage(tmp_path: Path, victim: str) 
     _check_transparent(directory, result, lines)
     ev = _event(lines)
     assert ev["failed"] == [victim] and ev["lost_steps"] == 0 and ev["mode"] == "replay"
-    assert ev["source"] == "replica" and ev["resume_step"] == 2
+    assert ev["source"] == "replica" and ev["resume_step"] == 2 and ev["reason"] == "failure"
     assert ev["detect_s"] < 1.5
     versions = [line["plan_version"] for line in lines if "step" in line]
     assert versions == [0, 0, 1, 1, 1]
@@ -115,6 +115,7 @@ def test_replicas_every_k_steps_replay_the_rounds_since(tmp_path: Path) -> None:
     _check_transparent(directory, result, lines)
     ev = _event(lines)
     assert ev["source"] == "replica" and ev["resume_step"] == 2 and ev["lost_steps"] == 1
+    assert ev["replicate_every"] == 2
     assert [line["step"] for line in lines if "step" in line] == [0, 1, 2, 2, 3, 4]
 
 
@@ -128,7 +129,17 @@ def test_cli_options_of_fault_tolerance(tmp_path: Path,
     assert "need fail=DEVICE@STEP" in capsys.readouterr().err
     assert main(["run", str(directory), "--emulate", str(CLUSTER), "--steps", "2",
                  "--fail", "slow0@1", "--replicate-every", "0"]) == 1
-    assert "--replicate-every must be >= 1" in capsys.readouterr().err
+    assert "--replicate-every must be 'auto' or an integer >= 1" in capsys.readouterr().err
+
+
+def test_replicate_every_values() -> None:
+    from runtime.recovery import parse_replicate_every
+
+    assert parse_replicate_every("auto") is None and parse_replicate_every(" AUTO ") is None
+    assert parse_replicate_every(3) == 3 and parse_replicate_every("4") == 4
+    for bad in (0, -2, "0", "often", "2.5"):
+        with pytest.raises(RuntimeFailure, match="must be 'auto' or an integer >= 1"):
+            parse_replicate_every(bad)
 
 
 def test_restart_reloads_the_checkpoint(tmp_path: Path) -> None:
@@ -194,6 +205,55 @@ def test_bad_fail_and_recovery_values(tmp_path: Path) -> None:
         run(directory, emulate=CLUSTER, steps=2, fail="nano@1")
 
 
+@pytest.mark.parametrize(("stages", "leaver"), [(THREE, "slow0"), (GROUP, "slow1")],
+                         ids=["single-device-stage", "member-of-a-group"])
+def test_graceful_leave_hands_over_and_replays_nothing(tmp_path: Path,
+                                                       stages: tuple[Stage, ...],
+                                                       leaver: str) -> None:
+    directory = make_partition(tmp_path / "part", stages)
+    # replicas only after step 3: a failure during step 3 would roll back to the seed; a
+    # leave after step 2 hands over the state of step 2 itself
+    result, lines = _run(directory, tmp_path, None, "replay", leave=f"{leaver}@2",
+                         replicate_every=4)
+    _check_transparent(directory, result, lines)
+    ev = _event(lines)
+    assert ev["reason"] == "leave" and ev["failed"] == [leaver] and ev["left"] == [leaver]
+    assert ev["source"] == "handover" and ev["detected_by"] == "leave"
+    assert ev["lost_steps"] == 0 and ev["resume_step"] == 3 and ev["replicate_every"] == 4
+    assert ev["detect_s"] < 0.5 and ev["notice_s"] >= 0    # the marker, not the heartbeat
+    # nothing replayed: every step once, the plan changes after the leaver's last step
+    assert [line["step"] for line in lines if "step" in line] == list(range(STEPS))
+    assert [line["plan_version"] for line in lines if "step" in line] == [0, 0, 0, 1, 1]
+    assert leaver not in load_plan(directory / "recovery" / "gen1").devices
+    assert leaver not in ev["kept"] and ev["kept"]          # the others stay up
+    assert result.exit_codes[leaver] == 0
+    assert f"left ['{leaver}']" in result.summary()
+
+
+def test_bad_leave_values(tmp_path: Path) -> None:
+    plan = Plan("m", "c", 12, 6, 2, THREE, num_layers=7)
+    assert parse_leave("slow0@1", {}, plan, 4) == {"slow0": 1}
+    assert parse_leave("slow0@2", {"slow1": 1}, plan, 4) == {"slow0": 2}   # with --fail
+    with pytest.raises(RuntimeFailure, match="--leave 'slow0': expected DEVICE@STEP"):
+        parse_leave("slow0", {}, plan, 4)
+    with pytest.raises(RuntimeFailure, match="--leave: device 'gpu9' is not in the plan"):
+        parse_leave("gpu9@1", {}, plan, 4)
+    with pytest.raises(RuntimeFailure, match=r"--leave slow0@3: the step must be in \[0, 3\) "
+                       r"for --steps 4 \(the device leaves after finishing that step"):
+        parse_leave("slow0@3", {}, plan, 4)
+    with pytest.raises(RuntimeFailure, match="'slow0' is in both --fail"):
+        parse_leave("slow0@1", {"slow0": 2}, plan, 4)
+    with pytest.raises(RuntimeFailure, match="remove every device .* during step 1"):
+        parse_leave("fast@1,slow0@1", {"slow1": 1}, plan, 4)
+    directory = make_partition(tmp_path / "part", THREE)
+    with pytest.raises(RuntimeFailure, match="--leave needs --emulate"):
+        run(directory, steps=3, leave="slow0@1")
+    with pytest.raises(RuntimeFailure, match="--leave needs --recovery replay"):
+        run(directory, emulate=CLUSTER, steps=3, leave="slow0@1", recovery="restart")
+    with pytest.raises(RuntimeFailure, match="--leave: device 'nano' is not in the plan"):
+        run(directory, emulate=CLUSTER, steps=3, leave="nano@1")
+
+
 TIGHT4 = """
 devices:
   - {name: fast, type: local, speed: 1.0, memory_gb: 0.00105}
@@ -205,7 +265,9 @@ network:
 """
 
 
-def test_two_failures_in_a_row_recover_twice(tmp_path: Path) -> None:
+def _tight4_partition(tmp_path: Path) -> tuple[Path, Path, tuple[str, ...]]:
+    """examples/mlp.py planned on TIGHT4 (two of its four devices): (partition directory,
+    cluster file, the plan's devices)."""
     from asteroid_fx.package import save_partition
     from asteroid_fx.partition import partition
     from cost_models.analytic import analytic_costs
@@ -223,7 +285,11 @@ def test_two_failures_in_a_row_recover_twice(tmp_path: Path) -> None:
     directory = tmp_path / "part"
     save_partition(directory, plan, partition(module.build_model(), inputs, plan),
                    model_spec=str(EXAMPLES / "mlp.py"), onnx=False)
-    first, second = plan.devices
+    return directory, cluster_file, plan.devices
+
+
+def test_two_failures_in_a_row_recover_twice(tmp_path: Path) -> None:
+    directory, cluster_file, (first, second) = _tight4_partition(tmp_path)
     metrics = tmp_path / "metrics.jsonl"
     result = run(directory, emulate=cluster_file, steps=STEPS, seed=SEED, lr=LR,
                  metrics=metrics, fail=f"{first}@1,{second}@3")
@@ -235,6 +301,34 @@ def test_two_failures_in_a_row_recover_twice(tmp_path: Path) -> None:
     assert all(e["lost_steps"] == 0 and e["source"] == "replica" for e in events)
     assert [line["plan_version"] for line in lines if "step" in line] == [0, 1, 1, 2, 2]
     assert len(result.recoveries) == 2
+
+
+def test_cli_leave_after_a_failure(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from asteroid_fx.cli import main
+
+    directory, cluster_file, (first, second) = _tight4_partition(tmp_path)
+    assert main(["run", str(directory), "--steps", "3", "--leave", f"{second}@1"]) == 1
+    assert "--leave needs --emulate" in capsys.readouterr().err
+    assert main(["run", str(directory), "--emulate", str(cluster_file), "--steps", "3",
+                 "--leave", f"{second}@2"]) == 1
+    assert "the step must be in [0, 2)" in capsys.readouterr().err
+    # --fail and --leave together: `first` is killed during step 1, then `second` (still in
+    # the repaired plan) leaves after step 3
+    metrics = tmp_path / "metrics.jsonl"
+    assert main(["run", str(directory), "--emulate", str(cluster_file), "--steps", str(STEPS),
+                 "--seed", str(SEED), "--lr", str(LR), "--metrics", str(metrics),
+                 "--fail", f"{first}@1", "--leave", f"{second}@3"]) == 0
+    out = capsys.readouterr().out
+    assert "from handover" in out and f"left ['{second}']" in out
+    lines = metrics_lines(metrics)
+    events = [line for line in lines if line.get("event") == "recovery"]
+    assert [(e["reason"], e["failed"], e["source"]) for e in events] == [
+        ("failure", [first], "replica"), ("leave", [second], "handover")]
+    assert all(e["lost_steps"] == 0 for e in events)
+    assert [line["step"] for line in lines if "step" in line] == [0, 1, 2, 3, 4]
+    ref = reference_training(load_model_module(directory), 12, steps=STEPS, seed=SEED, lr=LR)
+    assert [line["loss"] for line in lines if "step" in line] == pytest.approx(ref.losses,
+                                                                               rel=1e-5)
 
 
 def test_survivors_get_the_new_generations_cpu_quota() -> None:

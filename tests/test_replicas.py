@@ -18,6 +18,7 @@ from solver.replicas import (
     auto_replicate_every,
     choose_replicas,
     idle_time_s,
+    plan_replication,
     replication_load_s,
     replication_time_s,
     stage_state_bytes,
@@ -355,3 +356,22 @@ def test_auto_replicate_every_rejects_bad_budget_and_max_k() -> None:
         auto_replicate_every(plan, costs, cluster, budget=float("nan"))
     with pytest.raises(PlanError, match=r"max_k must be >= 1 .* got 0"):
         auto_replicate_every(plan, costs, cluster, max_k=0)
+
+
+def test_plan_replication_settles_holders_and_period_together() -> None:
+    plan, costs, cluster = _bench(param_mib=16)
+    replicas, k = plan_replication(plan, costs, cluster)
+    # the period fits the traffic of the placement made for that period
+    assert replicas == choose_replicas(plan, costs, cluster, every_k_steps=k)
+    assert auto_replicate_every(plan, costs, cluster, replicas) <= k
+    idle = idle_time_s(plan, costs, cluster)
+    load = replication_load_s(plan, costs, cluster, replicas, every_k_steps=k)
+    assert all(load[d] <= 0.5 * idle[d] for d in load)
+    assert k == 3 and all(replicas[d] for d in plan.devices)
+    # a fixed period is kept as given, with the placement for it
+    fixed, one = plan_replication(plan, costs, cluster, every_k_steps=1)
+    assert one == 1 and fixed == choose_replicas(plan, costs, cluster)
+    # small state: every step
+    assert plan_replication(*_bench(param_mib=0.01))[1] == 1
+    with pytest.raises(PlanError, match="every_k_steps must be >= 1, got 0"):
+        plan_replication(plan, costs, cluster, every_k_steps=0)

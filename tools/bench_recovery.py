@@ -131,8 +131,9 @@ def _recovery_run(directory: Path, mode: str, steps: int, fail_step: int,
             "losses": result.losses}
 
 
-def _steady(directory: Path, steps: int, variant: str, every: int = 1,
-            stats: list[dict[str, Any]] | None = None) -> float:
+def _steady(directory: Path, steps: int, variant: str, every: int | str = 1,
+            stats: list[dict[str, Any]] | None = None,
+            chosen: list[int] | None = None) -> float:
     clock = _Clock()
     if variant == "plain":
         run(directory, emulate=CLUSTER, steps=steps, seed=0, lr=0.01, progress=clock)
@@ -143,6 +144,8 @@ def _steady(directory: Path, steps: int, variant: str, every: int = 1,
                                 replicate_every=every)
         if stats is not None:
             stats.append(out.replication)
+        if chosen is not None:
+            chosen.extend(out.replicate_every)
     return clock.median_period(2, steps - 1)
 
 
@@ -178,12 +181,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-failures", action="store_true",
                         help="only the steady-state measurements")
     args = parser.parse_args(argv)
-    try:
-        every_k = [int(k) for k in args.replicate_every.split(",") if k.strip()]
-    except ValueError:
-        parser.error(f"--replicate-every takes a comma list of integers, got "
-                     f"{args.replicate_every!r}")
-    if any(k < 2 for k in every_k):
+    every_k: list[int | str] = []
+    for item in (k.strip() for k in args.replicate_every.split(",")):
+        if item == "auto":
+            every_k.append(item)
+        elif item:
+            try:
+                every_k.append(int(item))
+            except ValueError:
+                parser.error(f"--replicate-every takes a comma list of integers > 1 and "
+                             f"'auto', got {args.replicate_every!r}")
+    if any(isinstance(k, int) and k < 2 for k in every_k):
         parser.error(f"--replicate-every values must be > 1, got {args.replicate_every!r}")
     if args.batch < 4 or args.batch % 4:
         parser.error(f"--batch must be a positive multiple of 4, got {args.batch}")
@@ -213,13 +221,17 @@ def main(argv: list[str] | None = None) -> int:
         stats: dict[str, list[dict[str, Any]]] = {name: [] for name in steady
                                                   if name != "plain"}
         steady_steps = args.steady_steps or args.steps
+        chosen: list[int] = []      # the periods "auto" chose
         for _ in range(args.steady_repeats or args.repeats):   # interleaved: load changes
             for variant in steady:                              # hit every variant
-                every = int(variant.split("-")[1]) if variant[-1].isdigit() else 1
+                tail = variant.split("-")[-1]
+                every: int | str = (int(tail) if tail.isdigit()
+                                    else "auto" if tail == "auto" else 1)
                 steady[variant].append(_steady(three, steady_steps, variant, every,
-                                               stats.get(variant)))
+                                               stats.get(variant),
+                                               chosen if tail == "auto" else None))
     data = {"runs": runs, "fresh_period": fresh_period, "fresh_ft": fresh_ft, "steady": steady,
-            "stats": stats, "batch": args.batch, "every": every_k,
+            "stats": stats, "batch": args.batch, "every": every_k, "auto_k": sorted(set(chosen)),
             "load": [load_before, os.getloadavg()], "steady_steps": steady_steps,
             "fresh_stages": [list(s.devices) for s in fresh_plan.stages],
             "plan_stages": [[list(s.layers), list(s.devices)] for s in plan3.stages],
@@ -245,9 +257,9 @@ def _ratio(values: list[float], plain: list[float]) -> str:
 def _stats_table(stats: list[dict[str, Any]]) -> list[str]:
     """Per device, the ms per training step of replication work (median over the repeats)."""
     lines = ["| device | training thread: snapshot | training thread: wait for the previous "
-             "push | background: send (wall) | holder: receive (wall) | MB sent | process CPU "
-             "time per step (all threads) |",
-             "|---|---|---|---|---|---|---|"]
+             "push | background: send (wall) | of which paced to the link | holder: receive "
+             "(wall) | MB sent | process CPU time per step (all threads) |",
+             "|---|---|---|---|---|---|---|---|"]
     devices = sorted({d for run in stats for d in run})
     for device in devices:
         rows = [run[device] for run in stats if device in run]
@@ -257,7 +269,8 @@ def _stats_table(stats: list[dict[str, Any]]) -> list[str]:
 
         sent = med("bytes_sent_per_step")
         lines.append(f"| {device} | {med('snapshot_ms'):.2f} ms | {med('wait_ms'):.2f} ms | "
-                     f"{med('send_ms'):.2f} ms | {med('receive_ms'):.2f} ms | "
+                     f"{med('send_ms'):.2f} ms | {med('paced_ms'):.2f} ms | "
+                     f"{med('receive_ms'):.2f} ms | "
                      f"{sent / 1e6:.2f} | {med('process_cpu_ms'):.1f} ms |")
     return lines
 
@@ -351,7 +364,12 @@ def _markdown(data: dict[str, Any]) -> str:
               "replicas": "replay machinery, checkpoints every 10 steps + replicas every step"}
     whats = {"no-replicas": "off", "replicas": "every step"}
     for name in steady:
-        if name.startswith("replicas-"):
+        if name == "replicas-auto":
+            ks = "/".join(str(k) for k in data.get("auto_k", [])) or "?"
+            labels[name] = (f"the same with `--replicate-every auto` (chose every {ks} "
+                            f"steps)")
+            whats[name] = f"auto (every {ks} steps)"
+        elif name.startswith("replicas-"):
             k = name.split("-")[1]
             labels[name] = f"the same with replicas every {k} steps"
             whats[name] = f"every {k} steps"
