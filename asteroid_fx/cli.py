@@ -409,6 +409,10 @@ def run(
     checkpoint_every: Annotated[int | None, typer.Option(
         "--checkpoint-every", help="with --fail: disk checkpoint every N steps (default: 1 "
         "for restart, 10 for replay)")] = None,
+    replan_tolerance: Annotated[float | None, typer.Option(
+        "--replan-tolerance", help="with --fail/--leave, replay: keep the layer-wise repair "
+        "when its predicted round is at most this fraction slower than a full re-plan "
+        "(default 0.1; 0: always the faster plan)")] = None,
 ) -> None:
     """Train from a partition directory (emulated cluster here, or under torchrun)."""
     with _errors():
@@ -446,6 +450,8 @@ def run(
             kwargs["replicate_every"] = replicate_every
         if checkpoint_every is not None:
             kwargs["checkpoint_every"] = checkpoint_every
+        if replan_tolerance is not None:
+            kwargs["replan_tolerance"] = replan_tolerance
         with progress:
             result = run_fn(directory, **kwargs)
         summary = getattr(result, "summary", None)

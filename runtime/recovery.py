@@ -38,14 +38,18 @@ from runtime.replication import WorkerSpec, announce_failure, external_holders, 
 from runtime.train import DirectorySource, StageSource, TrainConfig, WorkerResult
 from solver.plan import Plan
 
-__all__ = ["RECOVERY_MODES", "LEAVE_ROUND_S", "REPLAY_CHECKPOINT_EVERY", "parse_fail",
-           "parse_leave", "resume_point", "RecoveryRun", "run_with_recovery"]
+__all__ = ["RECOVERY_MODES", "LEAVE_ROUND_S", "REPLAY_CHECKPOINT_EVERY", "REPLAN_TOLERANCE",
+           "parse_fail", "parse_leave", "parse_replicate_every", "resume_point", "RecoveryRun",
+           "run_with_recovery"]
 
 log = logging.getLogger(__name__)
 
 RECOVERY_MODES = ("replay", "restart")
 #: seconds a survivor may take to leave the failed round before it is restarted instead
 LEAVE_ROUND_S = 1.5
+#: default of ``replan_tolerance``: replay keeps the layer-wise repair when its predicted
+#: round is at most this much slower than a full re-plan's
+REPLAN_TOLERANCE = 0.10
 #: default disk-checkpoint period in replay mode (only the double-failure fallback);
 #: restart mode checkpoints every step
 REPLAY_CHECKPOINT_EVERY = 10
@@ -224,7 +228,8 @@ def run_with_recovery(directory: str | Path, cluster: Any, config: TrainConfig, 
                       replicate: bool = True, replicate_every: int | str = 1,
                       fail_signal: int = int(signal.SIGKILL),
                       use_cgroups: bool | None = None, timeout_s: float = 600.0,
-                      heartbeat_timeout_s: float = 1.0) -> RecoveryRun:
+                      heartbeat_timeout_s: float = 1.0,
+                      replan_tolerance: float = REPLAN_TOLERANCE) -> RecoveryRun:
     """Emulate ``cluster`` and train the partition in ``directory`` with ``fail`` injected.
 
     ``recovery="replay"``: replicas in holders' memory, layer-wise re-plan; the surviving
@@ -238,7 +243,9 @@ def run_with_recovery(directory: str | Path, cluster: Any, config: TrainConfig, 
     stage writes its state to ``DIR/recovery/checkpoints``; replicas are refreshed every
     ``replicate_every`` steps (a failure then re-trains the rounds since the last replica;
     ``"auto"``: the smallest K whose replica traffic fits in half of every device's
-    predicted idle time, chosen again for every generation's plan).
+    predicted idle time, chosen again for every generation's plan). After a failure replay
+    keeps the layer-wise repair when its predicted round is at most ``replan_tolerance``
+    slower than a full re-plan's (0: always the faster of the two).
 
     ``leave="DEVICE@STEP"`` (replay only) sends SIGTERM to that device during step STEP: it
     finishes the step, hands its state over and exits with code 0; the survivors re-plan
@@ -252,6 +259,10 @@ def run_with_recovery(directory: str | Path, cluster: Any, config: TrainConfig, 
     if checkpoint_every < 1:
         raise RuntimeFailure(f"checkpoint_every must be >= 1, got {checkpoint_every}")
     every_k = parse_replicate_every(replicate_every)
+    if not 0.0 <= replan_tolerance < float("inf"):
+        raise RuntimeFailure(f"--replan-tolerance must be a fraction >= 0 (0.1: keep the "
+                             f"layer-wise repair when at most 10% slower than a full "
+                             f"re-plan; 0: always the faster plan), got {replan_tolerance}")
     root = Path(directory)
     plan = DirectorySource(str(root)).load_plan()
     pending = parse_fail(fail, plan, config.steps)
@@ -330,7 +341,8 @@ def run_with_recovery(directory: str | Path, cluster: Any, config: TrainConfig, 
                             "recovering by %s", failed, committed + 1, outcome.detected_by,
                             detect_s, recovery)
             began = time.perf_counter()
-            new_plan, choice = _new_plan(recovery, plan, model, alive, failed)
+            new_plan, choice = _new_plan(recovery, plan, model, alive, failed,
+                                         replan_tolerance)
             search_s = time.perf_counter() - began
             survivors = alive.subset([d for d in alive.names if d not in failed])
             generation += 1
@@ -420,17 +432,18 @@ def _replicas(plan: Plan, model: _Model, alive: Any, every_k_steps: int | None
     return replicas, k
 
 
-def _new_plan(mode: str, plan: Plan, model: _Model, alive: Any,
-              failed: list[str]) -> tuple[Plan, dict[str, Any]]:
+def _new_plan(mode: str, plan: Plan, model: _Model, alive: Any, failed: list[str],
+              tolerance: float = 0.10) -> tuple[Plan, dict[str, Any]]:
     """Replay: ``solver.replan.replan`` (layer-wise repair, or the full re-plan when the
-    repair is more than 10% slower); restart: the full planner on the survivors."""
+    repair's predicted round is more than ``tolerance`` slower); restart: the full planner
+    on the survivors."""
     from asteroid_fx.errors import PlanError
     from solver.api import plan as full_plan
     from solver.replan import replan, survivors_of
 
     if mode == "replay":
         try:
-            new, info = replan(plan, model.costs, alive, failed)
+            new, info = replan(plan, model.costs, alive, failed, tolerance=tolerance)
             return new, {"chosen": info.chosen, "layerwise_round_s": info.layerwise_round_s,
                          "full_round_s": info.full_round_s}
         except PlanError as exc:

@@ -546,6 +546,13 @@ class WorkerHooks:
             self._log_event(event)
         fail = self.spec.fail_at.get(self.device)
         if fail is not None and fail == step:
+            # injected failures hit after this device's replica of the previous step is out
+            # (the send overlaps the round; a real failure inside that window re-trains one
+            # round, lost_steps 1): tests and benchmarks then see one defined outcome
+            last = self._last_job
+            if last is not None and not last[0].idle.wait(BACKGROUND_WAIT_S):
+                log.warning("rank %d: replica of step %d still in flight at the injected "
+                            "failure", self.rank, last[1])
             self.store.set(key(self.spec.generation, "killed_at"), repr(time.time()))
             log.warning("device %s (rank %d) sends itself signal %d during step %d",
                         self.device, self.rank, self.spec.fail_signal, step)

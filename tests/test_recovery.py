@@ -130,6 +130,9 @@ def test_cli_options_of_fault_tolerance(tmp_path: Path,
     assert main(["run", str(directory), "--emulate", str(CLUSTER), "--steps", "2",
                  "--fail", "slow0@1", "--replicate-every", "0"]) == 1
     assert "--replicate-every must be 'auto' or an integer >= 1" in capsys.readouterr().err
+    assert main(["run", str(directory), "--emulate", str(CLUSTER), "--steps", "2",
+                 "--fail", "slow0@1", "--replan-tolerance", "-1"]) == 1
+    assert "--replan-tolerance must be a fraction >= 0" in capsys.readouterr().err
 
 
 def test_replicate_every_values() -> None:
@@ -140,6 +143,23 @@ def test_replicate_every_values() -> None:
     for bad in (0, -2, "0", "often", "2.5"):
         with pytest.raises(RuntimeFailure, match="must be 'auto' or an integer >= 1"):
             parse_replicate_every(bad)
+
+
+def test_replan_tolerance_picks_between_repair_and_full_plan(tmp_path: Path) -> None:
+    from runtime.recovery import _load_model, _new_plan
+
+    directory = make_partition(tmp_path / "part", THREE)
+    model = _load_model(directory, CLUSTER)
+    plan = load_plan(directory)
+    # the repair (fast | slow1) is predicted ~60 % slower than the full re-plan (fast alone)
+    full, info = _new_plan("replay", plan, model, model.cluster, ["slow0"], 0.0)
+    assert info["chosen"] == "full" and [s.devices for s in full.stages] == [("fast",)]
+    assert info["layerwise_round_s"] > info["full_round_s"]
+    repair, info = _new_plan("replay", plan, model, model.cluster, ["slow0"], 10.0)
+    assert info["chosen"] == "layerwise" and len(repair.stages) == 2
+    for bad in (-0.1, float("nan"), float("inf")):
+        with pytest.raises(RuntimeFailure, match="--replan-tolerance must be a fraction >= 0"):
+            run(directory, emulate=CLUSTER, steps=2, fail="slow0@1", replan_tolerance=bad)
 
 
 def test_restart_reloads_the_checkpoint(tmp_path: Path) -> None:

@@ -49,7 +49,7 @@ from bench_models import mlp_source  # noqa: E402
 
 from asteroid_fx.model_spec import import_model_file  # noqa: E402
 from runtime.launch import metrics_lines, run  # noqa: E402
-from runtime.recovery import run_with_recovery  # noqa: E402
+from runtime.recovery import REPLAN_TOLERANCE, run_with_recovery  # noqa: E402
 from runtime.train import TrainConfig  # noqa: E402
 from solver.cluster import Cluster  # noqa: E402
 from solver.evaluate import evaluate  # noqa: E402
@@ -73,8 +73,11 @@ def _partition(work: Path, model_file: Path, plan_of: Any, name: str) -> tuple[P
     cluster = Cluster.from_yaml(CLUSTER)
     plan = plan_of(costs, cluster)
     out = work / name
+    # with the cost table, as `asteroid-fx partition` writes it: the launcher's re-plan
+    # after a failure then uses the table the plan was made with (without it, it measures
+    # this host's speed again, which drifts on a shared host)
     save_partition(out, plan, partition(module.build_model(), inputs, plan),
-                   model_spec=str(model_file), onnx=False)
+                   model_spec=str(model_file), onnx=False, costs=costs)
     return out, plan
 
 
@@ -118,10 +121,11 @@ class _Clock:
 
 
 def _recovery_run(directory: Path, mode: str, steps: int, fail_step: int,
-                  metrics: Path) -> dict[str, Any]:
+                  metrics: Path, tolerance: float = REPLAN_TOLERANCE) -> dict[str, Any]:
     clock = _Clock()
+    options = {"replan_tolerance": tolerance} if mode == "replay" else {}
     result = run(directory, emulate=CLUSTER, steps=steps, seed=0, lr=0.01, metrics=metrics,
-                 progress=clock, fail=f"slow0@{fail_step}", recovery=mode)
+                 progress=clock, fail=f"slow0@{fail_step}", recovery=mode, **options)
     events = [line for line in metrics_lines(metrics) if line.get("event") == "recovery"]
     assert len(events) == 1, events
     ev = events[0]
@@ -178,6 +182,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="steps of each steady-state run (default: --steps)")
     parser.add_argument("--steady-repeats", type=int, default=None,
                         help="repeats of the steady-state runs (default: --repeats)")
+    parser.add_argument("--replan-tolerance", type=float, default=REPLAN_TOLERANCE,
+                        help="replay's re-plan tolerance (run --replan-tolerance)")
     parser.add_argument("--skip-failures", action="store_true",
                         help="only the steady-state measurements")
     args = parser.parse_args(argv)
@@ -212,7 +218,8 @@ def main(argv: list[str] | None = None) -> int:
             for i in range(args.repeats):
                 for mode in ("replay", "restart"):
                     runs[mode].append(_recovery_run(three, mode, args.steps, args.fail_step,
-                                                    work / f"{mode}{i}.jsonl"))
+                                                    tolerance=args.replan_tolerance,
+                                                    metrics=work / f"{mode}{i}.jsonl"))
             fresh_period = _steady(fresh, args.steps, "plain")
             fresh_ft = _steady(fresh, args.steps, "replicas")
         steady: dict[str, list[float]] = {"plain": [], "no-replicas": [], "replicas": []}
@@ -231,7 +238,8 @@ def main(argv: list[str] | None = None) -> int:
                                                stats.get(variant),
                                                chosen if tail == "auto" else None))
     data = {"runs": runs, "fresh_period": fresh_period, "fresh_ft": fresh_ft, "steady": steady,
-            "stats": stats, "batch": args.batch, "every": every_k, "auto_k": sorted(set(chosen)),
+            "stats": stats, "batch": args.batch, "tolerance": args.replan_tolerance,
+            "every": every_k, "auto_k": sorted(set(chosen)),
             "load": [load_before, os.getloadavg()], "steady_steps": steady_steps,
             "fresh_stages": [list(s.devices) for s in fresh_plan.stages],
             "plan_stages": [[list(s.layers), list(s.devices)] for s in plan3.stages],
@@ -287,6 +295,8 @@ def _markdown(data: dict[str, Any]) -> str:
                   and repeats != len(runs["replay"]) else "")
                + (" --skip-failures" if not runs["replay"] else "")
                + (f" --batch {data['batch']}" if data["batch"] != 32 else "")
+               + (f" --replan-tolerance {data['tolerance']:g}"
+                  if data.get("tolerance", REPLAN_TOLERANCE) != REPLAN_TOLERANCE else "")
                + (f" --replicate-every {','.join(map(str, data['every']))}"
                   if data["every"] else "")
                + "`")
@@ -316,16 +326,24 @@ def _markdown(data: dict[str, Any]) -> str:
         for mode in ("replay", "restart"):
             evs = [r["event"] for r in runs[mode]]
             kept = sorted({len(e.get("kept", [])) for e in evs})
+            plans = sorted({json.dumps(r["stages"]) for r in runs[mode]})
             lines.append(
                 f"| {mode} | {_fmt([e['detect_s'] for e in evs])} | "
                 f"{_fmt([e['replan_s'] for e in evs])} | "
                 f"{_fmt([e['restore_s'] for e in evs])} | "
                 f"{_fmt([e['total_s'] for e in evs])} | "
                 f"{sorted({e['lost_steps'] for e in evs})} | {kept} of 2 | "
-                f"{runs[mode][-1]['stages']} | "
+                f"{' or '.join(plans)} | "
                 f"{_ms([r['period_after'] for r in runs[mode]])} |")
         replay = [r["event"] for r in runs["replay"]]
         restart = [r["event"] for r in runs["restart"]]
+        choice = replay[-1]
+        if "layerwise_round_s" in choice:
+            lines += ["", f"Replay's re-plan (`solver.replan.replan`, tolerance "
+                      f"{data.get('tolerance', 0.1):g}) chose the {choice['chosen']} plan: "
+                      f"predicted round {1e3 * choice['layerwise_round_s']:.2f} ms for the "
+                      f"layer-wise repair vs {1e3 * choice['full_round_s']:.2f} ms for the "
+                      f"full re-plan."]
         speedups = [b["total_s"] / a["total_s"] for a, b in zip(replay, restart, strict=True)]
         replay_t = statistics.median(e["total_s"] for e in replay)
         restart_t = statistics.median(e["total_s"] for e in restart)
