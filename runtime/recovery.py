@@ -683,21 +683,24 @@ class _Processes:
         self.factor, self.shaping = setup.factor, "none"
         cgroups: list[str] | None = None
         # After the first generation survivors sit in their old groups, whose quotas were
-        # set for the old plan's common factor: every rank then gets a group of this
-        # generation (speed >= 1: no quota), or a survivor would keep its old, lower cap.
+        # set for the old plan's common factor: every rank then moves to a group of this
+        # generation, or a survivor would keep its old, lower cap. A rank at speed >= 1
+        # (no quota) moves to the root group, where a fresh run's processes are too.
         if self.use_cgroups and (any(s < 1.0 for s in speeds) or self.cgroups):
             try:
                 # one group per (generation, rank): survivors move in, old groups empty out
                 cgroups = [str(emu.CGROUP_ROOT / f"asteroid-fx-{os.getpid()}-"
                                                  f"{generation * 1000 + r}")
-                           for r in range(len(speeds))]
+                           if speed < 1.0 else str(emu.CGROUP_ROOT)
+                           for r, speed in enumerate(speeds)]
                 for path, speed in zip(cgroups, speeds, strict=True):
+                    if speed >= 1.0:
+                        continue
                     Path(path).mkdir(exist_ok=True)
                     self.cgroups.append(path)
                     period, quota = emu.cfs_settings(speed)
                     Path(path, "cpu.cfs_period_us").write_text(str(period))
-                    Path(path, "cpu.cfs_quota_us").write_text(str(quota) if speed < 1.0
-                                                              else "-1")
+                    Path(path, "cpu.cfs_quota_us").write_text(str(quota))
                 self.shaping = "cgroup"
             except OSError as exc:
                 log.warning("cgroup CPU shaping unavailable (%s); using time dilation", exc)

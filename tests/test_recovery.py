@@ -353,7 +353,8 @@ def test_cli_leave_after_a_failure(tmp_path: Path, capsys: pytest.CaptureFixture
 
 def test_survivors_get_the_new_generations_cpu_quota() -> None:
     """A survivor's old cgroup quota was set for the old plan's common slow-down factor;
-    the next generation gives every rank a group of its own (no cap at speed >= 1)."""
+    the next generation gives every capped rank a group of its own and moves a rank at
+    speed >= 1 (no cap) back to the root group."""
     from runtime import emulator as emu
     from runtime.recovery import _Processes
     from tests.solver_cases import make_cluster
@@ -371,7 +372,8 @@ def test_survivors_get_the_new_generations_cpu_quota() -> None:
         assert Path(first[0], "cpu.cfs_quota_us").read_text().strip() == "2500"  # 0.5 core
         alone = Plan("m", "c", 4, 4, 1, (Stage((0, 2), ("d0",), (4,)),))
         _, second, setup = procs._shape(alone, cluster, None, 1)  # type: ignore[arg-type]
-        assert setup.factor == 1.0 and second is not None and second[0] not in first
+        assert setup.factor == 1.0 and second is not None
+        assert second == [str(emu.CGROUP_ROOT)]
         assert Path(second[0], "cpu.cfs_quota_us").read_text().strip() == "-1"
     finally:
         procs.close()
