@@ -124,6 +124,8 @@ def _recovery_run(directory: Path, mode: str, steps: int, fail_step: int,
                   metrics: Path, tolerance: float = REPLAN_TOLERANCE) -> dict[str, Any]:
     clock = _Clock()
     options = {"replan_tolerance": tolerance} if mode == "replay" else {}
+    if mode == "replay-full":      # replay that always takes the faster (full) plan
+        mode, options = "replay", {"replan_tolerance": 0.0}
     result = run(directory, emulate=CLUSTER, steps=steps, seed=0, lr=0.01, metrics=metrics,
                  progress=clock, fail=f"slow0@{fail_step}", recovery=mode, **options)
     events = [line for line in metrics_lines(metrics) if line.get("event") == "recovery"]
@@ -213,10 +215,12 @@ def main(argv: list[str] | None = None) -> int:
         three, plan3 = _partition(work, model_file, _three_stages, "three")
         fresh, fresh_plan = _partition(work, model_file, _fresh_on_survivors, "fresh")
         runs: dict[str, list[dict[str, Any]]] = {"replay": [], "restart": []}
+        if args.replan_tolerance > 0:       # also replay with --replan-tolerance 0
+            runs["replay-full"] = []
         fresh_period = fresh_ft = float("nan")
         if not args.skip_failures:
             for i in range(args.repeats):
-                for mode in ("replay", "restart"):
+                for mode in runs:
                     runs[mode].append(_recovery_run(three, mode, args.steps, args.fail_step,
                                                     tolerance=args.replan_tolerance,
                                                     metrics=work / f"{mode}{i}.jsonl"))
@@ -323,12 +327,14 @@ def _markdown(data: dict[str, Any]) -> str:
             "| plan after | step period after (ms) |",
             "|---|---|---|---|---|---|---|---|---|",
         ]
-        for mode in ("replay", "restart"):
+        labels = {"replay": f"replay (`--replan-tolerance {data.get('tolerance', 0.1):g}`)",
+                  "replay-full": "replay (`--replan-tolerance 0`)", "restart": "restart"}
+        for mode in [m for m in ("replay", "replay-full", "restart") if runs.get(m)]:
             evs = [r["event"] for r in runs[mode]]
             kept = sorted({len(e.get("kept", [])) for e in evs})
             plans = sorted({json.dumps(r["stages"]) for r in runs[mode]})
             lines.append(
-                f"| {mode} | {_fmt([e['detect_s'] for e in evs])} | "
+                f"| {labels[mode]} | {_fmt([e['detect_s'] for e in evs])} | "
                 f"{_fmt([e['replan_s'] for e in evs])} | "
                 f"{_fmt([e['restore_s'] for e in evs])} | "
                 f"{_fmt([e['total_s'] for e in evs])} | "
@@ -364,6 +370,11 @@ def _markdown(data: dict[str, Any]) -> str:
             f"same replica machinery as the recovered runs (compare with the last column "
             f"above).",
         ]
+        for mode in [m for m in ("replay", "replay-full", "restart") if runs.get(m)]:
+            after = statistics.median(r["period_after"] for r in runs[mode])
+            lines.append(f"{'' if mode == 'replay' else ' '}Throughput after {labels[mode]}: "
+                         f"{data['fresh_ft'] / after:.0%} of the fresh re-plan's (same "
+                         f"machinery).")
     steady = data["steady"]
     plain = steady["plain"]
     lines += [
