@@ -549,10 +549,7 @@ class WorkerHooks:
             # injected failures hit after this device's replica of the previous step is out
             # (the send overlaps the round; a real failure inside that window re-trains one
             # round, lost_steps 1): tests and benchmarks then see one defined outcome
-            last = self._last_job
-            if last is not None and not last[0].idle.wait(BACKGROUND_WAIT_S):
-                log.warning("rank %d: replica of step %d still in flight at the injected "
-                            "failure", self.rank, last[1])
+            self._wait_last_job()
             self.store.set(key(self.spec.generation, "killed_at"), repr(time.time()))
             log.warning("device %s (rank %d) sends itself signal %d during step %d",
                         self.device, self.rank, self.spec.fail_signal, step)
@@ -562,6 +559,13 @@ class WorkerHooks:
             log.warning("device %s (rank %d) sends itself SIGTERM during step %d (graceful "
                         "leave)", self.device, self.rank, step)
             os.kill(os.getpid(), signal.SIGTERM)
+
+    def _wait_last_job(self) -> None:
+        """Wait (at most ``BACKGROUND_WAIT_S``) until the newest background job is done."""
+        last = self._last_job
+        if last is not None and not last[0].idle.wait(BACKGROUND_WAIT_S):
+            log.warning("rank %d: replication of step %d is still running after %.0f s",
+                        self.rank, last[1], BACKGROUND_WAIT_S)
 
     def _log_event(self, event: Mapping[str, Any]) -> None:
         now = time.time()
@@ -609,10 +613,7 @@ class WorkerHooks:
         if not (spec.replicate_every == 1 or spec.replicates(step) or writes or last):
             return
         began = time.perf_counter()
-        prev = self._last_job
-        if prev is not None and not prev[0].idle.wait(BACKGROUND_WAIT_S):   # bounded lag
-            log.warning("rank %d: replication of step %d is still running after %.0f s",
-                        self.rank, prev[1], BACKGROUND_WAIT_S)
+        self._wait_last_job()   # bounded lag
         self.stats.wait_s.append(time.perf_counter() - began)
         slot = self._snapshot(step, module, optimizer)
         if send or writes or last:
