@@ -433,7 +433,7 @@ def _replicas(plan: Plan, model: _Model, alive: Any, every_k_steps: int | None
 
 
 def _new_plan(mode: str, plan: Plan, model: _Model, alive: Any, failed: list[str],
-              tolerance: float = 0.10) -> tuple[Plan, dict[str, Any]]:
+              tolerance: float = REPLAN_TOLERANCE) -> tuple[Plan, dict[str, Any]]:
     """Replay: ``solver.replan.replan`` (layer-wise repair, or the full re-plan when the
     repair's predicted round is more than ``tolerance`` slower); restart: the full planner
     on the survivors."""
@@ -875,14 +875,11 @@ class _Processes:
     def _await_record(self, generation: int, step: int,
                       limit_s: float = LEAVE_RECORD_S) -> None:
         """Wait (at most ``limit_s``) until rank 0 has recorded committed ``step``."""
-        name = key(generation, "step", step)
-        deadline = time.monotonic() + limit_s
-        while not self.store.check([name]):
-            if time.monotonic() > deadline:
-                log.warning("rank 0 did not record step %d within %.0f s after a device left "
-                            "after it; resuming from the last recorded step", step, limit_s)
-                return
-            time.sleep(0.002)
+        try:
+            self.store.wait([key(generation, "step", step)], timedelta(seconds=limit_s))
+        except RuntimeError:    # DistStoreError: timed out
+            log.warning("rank 0 did not record step %d within %.0f s after a device left "
+                        "after it; resuming from the last recorded step", step, limit_s)
 
     def _collect(self, plan: Plan, generation: int, procs: list[Any], outcome: _Outcome,
                  committed: int, limit_s: float = 10.0,

@@ -430,7 +430,7 @@ def plan_replication(plan: Plan, costs: CostTable, cluster: Cluster, *,
     Placement weighs traffic by ``1 / K`` and K depends on where the traffic goes, so with
     ``every_k_steps=None`` ("auto") this places for K = 1, takes the smallest K whose
     traffic fits (``auto_replicate_every``), places again for that K and repeats until K
-    stops growing (at most ``max_k`` rounds; K only grows, so it ends).
+    stops growing or reaches ``max_k`` (K only grows, so it ends).
 
     Args:
         plan: the plan to protect.
@@ -454,7 +454,7 @@ def plan_replication(plan: Plan, costs: CostTable, cluster: Cluster, *,
                                every_k_steps=every_k_steps), every_k_steps
     k = 1
     replicas = choose_replicas(plan, costs, cluster, copies=copies, every_k_steps=k)
-    for _ in range(max_k):
+    while k < max_k:
         wanted = auto_replicate_every(plan, costs, cluster, replicas, budget=budget,
                                       max_k=max_k)
         if wanted <= k:
