@@ -28,9 +28,13 @@ log = logging.getLogger(__name__)
 # [Note: emulated links]
 # Under emulation every process shares one host clock. A link of ``b`` bytes/s is emulated
 # on the receiving side: a buffer of ``n`` bytes sent at ``t`` on a link last free at ``f``
-# becomes usable at ``max(t, f) + n / b``, and the receiver sleeps until then. Sends stay
-# asynchronous, as on a real network, and each link carries one transfer at a time. Group
-# all-reduces are paced the same way with the ring cost ``2 (g-1)/g * bytes / b_min``.
+# leaves the link at ``max(t, f) + n / b`` and becomes usable a one-way latency ``L``
+# later (``network: latency_ms`` of the cluster file, 0 by default); the receiver sleeps
+# until then. Sends stay asynchronous, as on a real network, and each link carries one
+# transfer at a time (the latency of one message overlaps the next one's transmission).
+# Group all-reduces are paced the same way with the ring cost
+# ``2 (g-1)/g * bytes / b_min + 2 (g-1) L_max``. The host's own cost of a message (gloo
+# over loopback, waking a process) comes on top and is not subtracted.
 
 class CommFailure(RuntimeFailure):
     """A transfer or collective failed or timed out: usually the symptom of a peer's failure."""
@@ -118,14 +122,18 @@ class Comm:
         device: where this rank computes (CUDA tensors are staged through CPU for gloo).
         timeout_s: every wait gives up after this long and raises ``RuntimeFailure``.
         link_bytes_s: emulated bandwidth between two ranks (bytes/s), or None for no pacing.
+        link_latency_s: emulated one-way latency of a message between two ranks (seconds),
+            or None for none (only used with ``link_bytes_s``).
     """
 
     def __init__(self, rank: int, device: torch.device, *, timeout_s: float = 120.0,
-                 link_bytes_s: Callable[[int, int], float] | None = None) -> None:
+                 link_bytes_s: Callable[[int, int], float] | None = None,
+                 link_latency_s: Callable[[int, int], float] | None = None) -> None:
         self.rank = rank
         self.device = device
         self.timeout = timedelta(seconds=timeout_s)
         self.link_bytes_s = link_bytes_s
+        self.link_latency_s = link_latency_s
         self.backend = str(dist.get_backend()) if dist.is_initialized() else "gloo"
         self._stage_cpu = self.backend == "gloo" and device.type != "cpu"
         self._wire_device = torch.device("cpu") if self.backend == "gloo" else device
@@ -154,6 +162,9 @@ class Comm:
                 raise CommFailure(f"rank {self.rank}: {what} timed out after "
                                      f"{self.timeout.total_seconds():.0f} s")
         self.wait_s += time.perf_counter() - start
+
+    def _latency(self, src: int, dst: int) -> float:
+        return 0.0 if self.link_latency_s is None else self.link_latency_s(src, dst)
 
     def _pace_until(self, moment: float) -> None:
         delay = moment - time.time()
@@ -207,10 +218,12 @@ class Comm:
         for p in peers:
             tensors, stamp = unpack(buffers[p].to(self.device), self._recv_meta[(p, channel)])
             if self.link_bytes_s is not None:
-                arrival = (max(stamp, self._link_free.get(p, 0.0))
-                           + buffers[p].numel() / self.link_bytes_s(p, self.rank))
-                self._link_free[p] = arrival
-                self._pace_until(arrival)
+                # the link is busy for bytes / bandwidth (messages queue behind each
+                # other); the latency delays the arrival without holding the link
+                sent = (max(stamp, self._link_free.get(p, 0.0))
+                        + buffers[p].numel() / self.link_bytes_s(p, self.rank))
+                self._link_free[p] = sent
+                self._pace_until(sent + self._latency(p, self.rank))
             out.append(tensors)
         return out
 
@@ -233,4 +246,6 @@ class Comm:
             slowest = min(self.link_bytes_s(a, b) for a in group_ranks for b in group_ranks
                           if a != b)
             nbytes = tensor.numel() * tensor.element_size()
-            time.sleep(2 * (g - 1) / g * nbytes / slowest)
+            latency = max(self._latency(a, b) for a in group_ranks for b in group_ranks
+                          if a != b)
+            time.sleep(2 * (g - 1) / g * nbytes / slowest + 2 * (g - 1) * latency)

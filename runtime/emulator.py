@@ -72,6 +72,8 @@ class EmulationSetup:
     factor: float                        # common slow-down (>= 1)
     link_bytes_s: tuple[tuple[float, ...], ...]   # already divided by factor
     host_cores: float                    # cores the devices share (see usable_cores)
+    #: one-way latency (seconds) of a message between two ranks, already times factor
+    link_latency_s: tuple[tuple[float, ...], ...] = ()
 
     @property
     def effective_speeds(self) -> tuple[float, ...]:
@@ -137,8 +139,10 @@ def emulation_setup(plan: Plan, cluster: Any, *, host_cores: float | None = None
     factor = max(1.0, sum(speeds) / cores)
     links = tuple(tuple(math.inf if a == b else cluster.bandwidth_bytes_s(a, b) / factor
                         for b in plan.devices) for a in plan.devices)
+    latency = tuple(tuple(cluster.latency_s(a, b) * factor for b in plan.devices)
+                    for a in plan.devices)
     return EmulationSetup(devices=tuple(plan.devices), speeds=speeds, factor=factor,
-                          link_bytes_s=links, host_cores=cores)
+                          link_bytes_s=links, host_cores=cores, link_latency_s=latency)
 
 
 def _free_port() -> int:
@@ -447,7 +451,8 @@ def _launch_shaped(source: StageSource, config: TrainConfig, setup: EmulationSet
                    progress: Callable[[Mapping[str, Any]], None] | None,
                    timeout_s: float) -> list[WorkerResult]:
     world = len(setup.devices)
-    config = replace(config, link_bytes_s=setup.link_bytes_s)
+    config = replace(config, link_bytes_s=setup.link_bytes_s,
+                     link_latency_s=setup.link_latency_s or None)
     if shaping != "dilation":
         return launch_local(source, world, config, cgroups=cgroups, progress=progress,
                             timeout_s=timeout_s, devices=setup.devices)

@@ -721,8 +721,10 @@ class _Processes:
         previous = self.generation
         self.generation = spec.generation
         run_source, cgroups, setup = self._shape(plan, cluster, source, spec.generation)
-        config = replace(config, link_bytes_s=setup.link_bytes_s)
-        spec = replace(spec, link_bytes_s=setup.link_bytes_s)   # replica sends are paced too
+        config = replace(config, link_bytes_s=setup.link_bytes_s,
+                         link_latency_s=setup.link_latency_s or None)
+        spec = replace(spec, link_bytes_s=setup.link_bytes_s,    # replica sends are paced too
+                       link_latency_s=setup.link_latency_s or None)
         world = len(plan.devices)
         procs = []
         for rank, device in enumerate(plan.devices):

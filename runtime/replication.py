@@ -310,6 +310,8 @@ class WorkerSpec:
     #: emulated bandwidth (bytes/s) between ranks, set by the emulator: replica sends are
     #: paced to it like activations (see [Note: replication off the critical path])
     link_bytes_s: tuple[tuple[float, ...], ...] | None = None
+    #: and the emulated one-way latency (seconds) of each of those links
+    link_latency_s: tuple[tuple[float, ...], ...] | None = None
 
     def hooks(self, store: dist.Store, rank: int, world: int) -> WorkerHooks:
         """The hooks of ``rank`` (starts its heartbeat and, in replay mode, its threads)."""
@@ -684,12 +686,14 @@ class WorkerHooks:
     def _pace(self, holder: str, nbytes: int, began: float) -> None:
         """Emulation: let a replica of ``nbytes`` to ``holder`` take at least as long as
         the emulated link needs for it (a sleep: no CPU)."""
-        links = self.spec.link_bytes_s
+        links, latency = self.spec.link_bytes_s, self.spec.link_latency_s
         if links is None or holder not in self.spec.devices:
             return
-        bandwidth = links[self.rank][self.spec.devices.index(holder)]
+        other = self.spec.devices.index(holder)
+        bandwidth = links[self.rank][other]
         if bandwidth > 0 and math.isfinite(bandwidth):
-            left = began + nbytes / bandwidth - time.perf_counter()
+            delay = latency[self.rank][other] if latency is not None else 0.0
+            left = began + delay + nbytes / bandwidth - time.perf_counter()
             if left > 0 and not self._closed.wait(left):
                 self.stats.paced_s += left
 

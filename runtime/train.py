@@ -85,6 +85,7 @@ class TrainConfig:
     metrics: str | None = None             # written by rank 0
     compute_scale: float = 1.0             # time dilation (1.0 = none)
     link_bytes_s: tuple[tuple[float, ...], ...] | None = None   # [src][dst], None = no pacing
+    link_latency_s: tuple[tuple[float, ...], ...] | None = None  # [src][dst] seconds, or None
     loss_reduction: str = "mean"
     return_state: bool = False
     start_step: int = 0                    # first step to run (> 0 after a recovery)
@@ -226,9 +227,10 @@ def train_device(source: StageSource, rank: int, config: TrainConfig, *,
         groups.append(dist.new_group(ranks) if len(ranks) > 1 else None)
         start += len(stage.devices)
 
-    links = config.link_bytes_s
+    links, latency = config.link_bytes_s, config.link_latency_s
     comm = Comm(rank, device, timeout_s=config.timeout_s,
-                link_bytes_s=None if links is None else (lambda a, b: links[a][b]))
+                link_bytes_s=None if links is None else (lambda a, b: links[a][b]),
+                link_latency_s=None if latency is None else (lambda a, b: latency[a][b]))
     executor = StageExecutor(plan, rank, module, comm, resolve_loss_fn(model_file), optimizer,
                              group=groups[stage_index], loss_reduction=config.loss_reduction,
                              compute_scale=_compute_scale(source, rank, config), device=device)

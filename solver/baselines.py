@@ -27,6 +27,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -154,7 +155,7 @@ def homogeneous_view(costs: CostTable, cluster: Cluster) -> Cluster:
     mean_memory = int(sum(d.memory_bytes for d in cluster.devices) / len(cluster.devices))
     devices = tuple(Device(name=d.name, type="custom", memory_bytes=mean_memory,
                            speed=mean_speed) for d in cluster.devices)
-    return Cluster(devices=devices, bandwidth_mbps=cluster.bandwidth_mbps, links=cluster.links)
+    return replace(cluster, devices=devices)
 
 
 def _layer_times(costs: CostTable, batch: float) -> list[float]:

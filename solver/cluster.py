@@ -1,4 +1,4 @@
-"""The cluster: devices, their memory and speed, and the bandwidth of every link."""
+"""The cluster: devices, their memory and speed, and the bandwidth and latency of every link."""
 
 from __future__ import annotations
 
@@ -34,6 +34,22 @@ def _positive(value: Any, what: str, entry: Any) -> float:
     if not (number > 0 and math.isfinite(number)):
         raise ClusterError(f"{what} must be > 0, got {value!r} in {entry!r}")
     return number
+
+
+def _latency(value: Any, what: str, entry: Any) -> float:
+    """A one-way latency in milliseconds: a finite number >= 0."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ClusterError(f"{what} must be a number of milliseconds, got {value!r} in "
+                           f"{entry!r}") from None
+    if not (number >= 0 and math.isfinite(number)):
+        raise ClusterError(f"{what} must be >= 0 milliseconds, got {value!r} in {entry!r}")
+    return number
+
+
+_NETWORK_KEYS = {"bandwidth_mbps", "latency_ms", "links"}
+_LINK_KEYS = {"between", "bandwidth_mbps", "latency_ms"}
 
 
 @dataclass(frozen=True)
@@ -107,20 +123,33 @@ class Device:
 
 @dataclass(frozen=True)
 class Link:
-    """A per-pair bandwidth override (megabits per second, symmetric)."""
+    """A per-pair override (symmetric): bandwidth in megabits per second and/or one-way
+    latency in milliseconds; ``None`` keeps the network's default."""
 
     a: str
     b: str
-    bandwidth_mbps: float
+    bandwidth_mbps: float | None = None
+    latency_ms: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"between": [self.a, self.b]}
+        if self.bandwidth_mbps is not None:
+            out["bandwidth_mbps"] = self.bandwidth_mbps
+        if self.latency_ms is not None:
+            out["latency_ms"] = self.latency_ms
+        return out
 
 
 @dataclass(frozen=True)
 class Cluster:
-    """Devices plus a symmetric bandwidth for every pair (default + overrides)."""
+    """Devices plus a symmetric bandwidth and one-way latency for every pair (default +
+    overrides). A message of ``n`` bytes between two devices takes
+    ``latency + n / bandwidth`` (see docs/latency-model.md)."""
 
     devices: tuple[Device, ...]
     bandwidth_mbps: float
     links: tuple[Link, ...] = ()
+    latency_ms: float = 0.0
 
     def __post_init__(self) -> None:
         if not self.devices:
@@ -138,7 +167,14 @@ class Cluster:
                                        f"devices are {sorted(seen)}")
             if link.a == link.b:
                 raise ClusterError(f"link {[link.a, link.b]} joins a device to itself")
-            _positive(link.bandwidth_mbps, "bandwidth_mbps", [link.a, link.b])
+            if link.bandwidth_mbps is None and link.latency_ms is None:
+                raise ClusterError(f"link {[link.a, link.b]} overrides nothing; give "
+                                   f"bandwidth_mbps and/or latency_ms")
+            if link.bandwidth_mbps is not None:
+                _positive(link.bandwidth_mbps, "bandwidth_mbps", [link.a, link.b])
+            if link.latency_ms is not None:
+                _latency(link.latency_ms, "latency_ms", [link.a, link.b])
+        _latency(self.latency_ms, "network.latency_ms", self.latency_ms)
 
     # -- lookup -------------------------------------------------------------------------
     @property
@@ -156,13 +192,29 @@ class Cluster:
         if a == b:
             return math.inf
         for link in self.links:
-            if {link.a, link.b} == {a, b}:
+            if {link.a, link.b} == {a, b} and link.bandwidth_mbps is not None:
                 return link.bandwidth_mbps
         return self.bandwidth_mbps
 
     def bandwidth_bytes_s(self, a: str, b: str) -> float:
         """Bytes per second between two devices."""
         return self.bandwidth_mbps_between(a, b) * 1e6 / 8.0
+
+    def latency_s(self, a: str, b: str) -> float:
+        """One-way latency of one message between two devices, seconds (0 for a device and
+        itself)."""
+        if a == b:
+            return 0.0
+        for link in self.links:
+            if {link.a, link.b} == {a, b} and link.latency_ms is not None:
+                return link.latency_ms / 1e3
+        return self.latency_ms / 1e3
+
+    def max_latency_s(self, names: Iterable[str]) -> float:
+        """The largest latency between two of ``names`` (0 for fewer than two)."""
+        group = list(names)
+        return max((self.latency_s(a, b) for a in group for b in group if a != b),
+                   default=0.0)
 
     def speeds(self, host_flops: float) -> dict[str, float]:
         """Every device's speed relative to a host of ``host_flops`` effective FLOP/s."""
@@ -175,18 +227,16 @@ class Cluster:
             devices=tuple(d for d in self.devices if d.name in keep),
             bandwidth_mbps=self.bandwidth_mbps,
             links=tuple(lk for lk in self.links if lk.a in keep and lk.b in keep),
+            latency_ms=self.latency_ms,
         )
 
     # -- (de)serialisation ----------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "devices": [d.to_dict() for d in self.devices],
-            "network": {
-                "bandwidth_mbps": self.bandwidth_mbps,
-                "links": [{"between": [lk.a, lk.b], "bandwidth_mbps": lk.bandwidth_mbps}
-                          for lk in self.links],
-            },
-        }
+        network: dict[str, Any] = {"bandwidth_mbps": self.bandwidth_mbps,
+                                   "links": [lk.to_dict() for lk in self.links]}
+        if self.latency_ms:     # only when set, so clusters without latency keep their hash
+            network["latency_ms"] = self.latency_ms
+        return {"devices": [d.to_dict() for d in self.devices], "network": network}
 
     @property
     def cluster_hash(self) -> str:
@@ -210,17 +260,31 @@ class Cluster:
         network = data.get("network", {}) or {}
         if not isinstance(network, Mapping):
             raise ClusterError(f"`network:` must be a mapping, got {network!r}")
+        unknown = set(network) - _NETWORK_KEYS
+        if unknown:
+            raise ClusterError(f"unknown key(s) {sorted(unknown)} under `network:`; expected "
+                               f"{sorted(_NETWORK_KEYS)}")
         bandwidth = _positive(network.get("bandwidth_mbps", 1000.0), "network.bandwidth_mbps",
                               dict(network))
+        latency = _latency(network.get("latency_ms", 0.0), "network.latency_ms", dict(network))
         links = []
         for entry in network.get("links", []) or []:
             if (not isinstance(entry, Mapping) or not isinstance(entry.get("between"), list)
-                    or len(entry["between"]) != 2 or "bandwidth_mbps" not in entry):
-                raise ClusterError(f"a link is {{between: [a, b], bandwidth_mbps: N}}, "
+                    or len(entry["between"]) != 2
+                    or not ({"bandwidth_mbps", "latency_ms"} & set(entry))
+                    or set(entry) - _LINK_KEYS):
+                raise ClusterError(f"a link is {{between: [a, b], bandwidth_mbps: N, "
+                                   f"latency_ms: L}} (either or both of the last two), "
                                    f"got {entry!r}")
             a, b = (str(x) for x in entry["between"])
-            links.append(Link(a, b, _positive(entry["bandwidth_mbps"], "bandwidth_mbps", entry)))
-        return cls(devices=devices, bandwidth_mbps=bandwidth, links=tuple(links))
+            links.append(Link(
+                a, b,
+                _positive(entry["bandwidth_mbps"], "bandwidth_mbps", entry)
+                if "bandwidth_mbps" in entry else None,
+                _latency(entry["latency_ms"], "latency_ms", entry)
+                if "latency_ms" in entry else None))
+        return cls(devices=devices, bandwidth_mbps=bandwidth, links=tuple(links),
+                   latency_ms=latency)
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> Cluster:

@@ -465,12 +465,15 @@ class _Context:
         self.speed_total = [[sum(speeds[a:b]) for b in range(n + 1)] for a in range(n)]
         self.slowest = [[min(speeds[a:b], default=1.0) for b in range(n + 1)] for a in range(n)]
         self.min_bw = [[0.0] * (n + 1) for _ in range(n)]
+        self.max_lat = [[0.0] * (n + 1) for _ in range(n)]    # as allreduce_time's
         for a in range(n):
-            low = math.inf
+            low, high = math.inf, 0.0
             for b in range(a + 1, n):
                 for c in range(a, b):
                     low = min(low, cluster.bandwidth_bytes_s(self.names[c], self.names[b]))
+                    high = max(high, cluster.latency_s(self.names[c], self.names[b]))
                 self.min_bw[a][b + 1] = low
+                self.max_lat[a][b + 1] = high
         self.rho = hiding_ratio(costs)
         # interfaces (i, j, shares) as small integers; -1 = before the first stage
         self.iface_ids: dict[tuple[int, int, tuple[int, ...]], int] = {}
@@ -543,6 +546,7 @@ class _Search:
         self.speed_total = ctx.speed_total
         self.slowest = ctx.slowest
         self.min_bw = ctx.min_bw
+        self.max_lat = ctx.max_lat
         self.num_layers = costs.num_layers
         self.ends = ends  # candidate last layers of a non-final stage
         self.max_front = max_front
@@ -658,7 +662,8 @@ class _Search:
             size = j - i
             if size > 1:
                 reduce = np.where(positive[lo:], 2.0 * (size - 1) * params_f[lo:]
-                                  / (size * self.min_bw[i][j]), 0.0)
+                                  / (size * self.min_bw[i][j])
+                                  + 2.0 * (size - 1) * self.max_lat[i][j], 0.0)
             else:
                 reduce = np.zeros(len(lasts) - lo)
             ta = (reduce + params[lo:] * sums.update_per_byte / self.slowest[i][j]).tolist()
@@ -706,7 +711,9 @@ class _Search:
                 cb.append(max((b_int + b_slope * b) / v for b, v in deciders))
             size = j - i
             min_bw, slowest = self.min_bw[i][j], self.slowest[i][j]
-            ta = [(2.0 * (size - 1) * p / (size * min_bw) if size > 1 and p > 0 else 0.0)
+            lat = self.max_lat[i][j]
+            ta = [(2.0 * (size - 1) * p / (size * min_bw) + 2.0 * (size - 1) * lat
+                   if size > 1 and p > 0 else 0.0)
                   + p * upb / slowest for p in params[lo:]]
             keep = 0
             for x_f, x_b in zip(cf, cb, strict=True):

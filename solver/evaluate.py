@@ -10,12 +10,15 @@ For stage ``s`` with layers ``D_s`` on devices ``G_s`` (shares ``b_d``, speeds `
 * communication of the cut before ``s`` (``s > 0``): ``cut_bytes[first_s - 1]`` per
   sample. Devices own contiguous sample ranges (``Stage.sample_ranges``); every device of
   ``G_s`` receives its range from the previous-stage devices that own those samples
-  (re-sharding). The transfer takes ``max(max over receivers of sum_src bytes/bw,
-  max over senders of sum_dst bytes/bw)``. Gradients of the same cut go back the same
-  way, so ``comm_b == comm_f``. Model inputs (stage 0) and labels are local.
+  (re-sharding). Every (sender, receiver) piece is one message of ``latency + bytes/bw``
+  (``Cluster.latency_s``: the link's one-way latency, 0 unless the cluster file sets
+  ``latency_ms``). The transfer takes ``max(max over receivers of sum_src message times,
+  max over senders of sum_dst message times)``. Gradients of the same cut go back the
+  same way, so ``comm_b == comm_f``. Model inputs (stage 0) and labels are local.
 * ``E_f = compute_f + comm_f``, ``E_b = compute_b + comm_b``, ``X = E_f + E_b``.
 * ``T_a`` ring all-reduce of the stage's parameter bytes over the slowest link of the
-  group (0 for a single device), plus the optimizer step on the group's slowest device,
+  group, plus ``2(n - 1)`` times the group's largest latency (one message per ring step;
+  0 for a single device), plus the optimizer step on the group's slowest device,
   ``param_bytes * update_s_per_byte / v`` (``CostTable.update_s_per_byte``, measured by
   the profiler; 0 in tables without it). DESIGN.md's ``T_a`` is the all-reduce alone;
   the step is added because the round ends only after it, and for parameter-heavy
@@ -198,9 +201,10 @@ def transfer_time(cluster: Cluster, senders: Sequence[str], send_shares: Sequenc
     s_stop, r_stop = send_shares[0], recv_shares[0]
     while i < len(senders) and j < len(receivers):
         overlap = min(s_stop, r_stop) - max(s_start, r_start)
-        if overlap > 0:
-            seconds = overlap * bytes_per_sample / cluster.bandwidth_bytes_s(senders[i],
-                                                                             receivers[j])
+        if overlap > 0 and senders[i] != receivers[j]:
+            seconds = (cluster.latency_s(senders[i], receivers[j])
+                       + overlap * bytes_per_sample / cluster.bandwidth_bytes_s(senders[i],
+                                                                                receivers[j]))
             recv[j] += seconds
             send[i] += seconds
         if s_stop <= r_stop:
@@ -215,19 +219,22 @@ def transfer_time(cluster: Cluster, senders: Sequence[str], send_shares: Sequenc
 
 
 def allreduce_time(cluster: Cluster, devices: Sequence[str], param_bytes: int) -> float:
-    """Ring all-reduce of ``param_bytes`` inside a group: ``2(n-1) w / (n min_bw)``."""
+    """Ring all-reduce of ``param_bytes`` inside a group:
+    ``2(n-1) w / (n min_bw) + 2(n-1) max_latency`` (2(n-1) steps of one message each)."""
     n = len(devices)
     if n <= 1 or param_bytes <= 0:
         return 0.0
     min_bw = min(cluster.bandwidth_bytes_s(a, b) for a in devices for b in devices if a != b)
-    return allreduce_from(n, param_bytes, min_bw)
+    return allreduce_from(n, param_bytes, min_bw, cluster.max_latency_s(devices))
 
 
-def allreduce_from(group_size: int, param_bytes: int, min_bw: float) -> float:
-    """``allreduce_time`` given the group's slowest link (bytes/s)."""
+def allreduce_from(group_size: int, param_bytes: int, min_bw: float,
+                   max_latency_s: float = 0.0) -> float:
+    """``allreduce_time`` given the group's slowest link (bytes/s) and largest latency."""
     if group_size <= 1 or param_bytes <= 0:
         return 0.0
-    return 2.0 * (group_size - 1) * param_bytes / (group_size * min_bw)
+    return (2.0 * (group_size - 1) * param_bytes / (group_size * min_bw)
+            + 2.0 * (group_size - 1) * max_latency_s)
 
 
 def stage_tail_time(cluster: Cluster, devices: Sequence[str], sums: LayerSums, first: int,

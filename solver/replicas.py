@@ -97,12 +97,14 @@ def stage_state_bytes(costs: CostTable, plan: Plan, stage: int) -> int:
 
 
 def _send_time(cluster: Cluster, senders: tuple[str, ...], holder: str, nbytes: int) -> float:
-    """Seconds to copy ``nbytes`` to ``holder`` from the best-connected sender."""
+    """Seconds to copy ``nbytes`` to ``holder`` from the best-connected sender (one
+    message: latency plus bytes / bandwidth)."""
     if nbytes <= 0:
         return 0.0
     if holder in senders:  # a group peer already has the state
         return 0.0
-    return nbytes / max(cluster.bandwidth_bytes_s(s, holder) for s in senders)
+    return min(cluster.latency_s(s, holder) + nbytes / cluster.bandwidth_bytes_s(s, holder)
+               for s in senders)
 
 
 def _check_every(every_k_steps: int) -> None:
@@ -204,7 +206,8 @@ def _transfer_s(cluster: Cluster, sender: str, holder: str, nbytes: int,
     """Seconds per round to copy ``nbytes`` from ``sender`` to ``holder`` every K steps."""
     if nbytes <= 0:
         return 0.0
-    return nbytes / cluster.bandwidth_bytes_s(sender, holder) / every_k_steps
+    one = cluster.latency_s(sender, holder) + nbytes / cluster.bandwidth_bytes_s(sender, holder)
+    return one / every_k_steps
 
 
 def replication_load_s(plan: Plan, costs: CostTable, cluster: Cluster,

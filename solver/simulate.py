@@ -225,7 +225,8 @@ def simulate(plan: Plan, costs: CostTable, cluster: Cluster, *, rounds: int = 1,
         return timer(st.first, st.last, share, speeds[dev])
 
     def pieces(stage: int, dev: str) -> list[tuple[str, float]]:
-        """(source device in stage - 1, seconds) of every piece of its input ``dev`` needs
+        """(source device in stage - 1, seconds) of every piece of its input ``dev`` needs:
+        the link's latency plus bytes / bandwidth, as ``transfer_time`` charges a message
         (0 seconds for a cut that carries no bytes: a dependency without a transfer)."""
         if stage == 0:
             return []
@@ -234,7 +235,10 @@ def simulate(plan: Plan, costs: CostTable, cluster: Cluster, *, rounds: int = 1,
         for src, rng in ranges[stage - 1].items():
             samples = _overlap(rng, ranges[stage][dev])
             if samples:
-                out.append((src, samples * per_sample / cluster.bandwidth_bytes_s(src, dev)))
+                secs = (0.0 if per_sample <= 0 or src == dev else
+                        cluster.latency_s(src, dev)
+                        + samples * per_sample / cluster.bandwidth_bytes_s(src, dev))
+                out.append((src, secs))
         return out
 
     blocking = comm == "blocking"

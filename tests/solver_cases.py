@@ -54,14 +54,19 @@ def uniform_costs(num_layers: int, *, fwd: float = 0.01, bwd: float = 0.02,
 
 def make_cluster(speeds: Sequence[float], memory_mib: Sequence[float] | float = 1024.0,
                  bandwidth_mbps: float = 100.0,
-                 links: Sequence[tuple[str, str, float]] = ()) -> Cluster:
-    """Custom devices ``d0, d1, ...`` with the given speeds (relative to the host)."""
+                 links: Sequence[tuple[str, str, float]] = (), latency_ms: float = 0.0,
+                 link_latency: Sequence[tuple[str, str, float]] = ()) -> Cluster:
+    """Custom devices ``d0, d1, ...`` with the given speeds (relative to the host);
+    ``link_latency`` overrides the latency of some pairs (milliseconds)."""
     mems = ([float(memory_mib)] * len(speeds) if isinstance(memory_mib, (int, float))
             else [float(m) for m in memory_mib])
     devices = tuple(Device(name=f"d{i}", type="custom", memory_bytes=int(mems[i] * MIB),
                            speed=float(v)) for i, v in enumerate(speeds))
-    return Cluster(devices=devices, bandwidth_mbps=bandwidth_mbps,
-                   links=tuple(Link(a, b, bw) for a, b, bw in links))
+    lat = {frozenset((a, b)): ms for a, b, ms in link_latency}
+    overrides = [Link(a, b, bw, lat.pop(frozenset((a, b)), None)) for a, b, bw in links]
+    overrides += [Link(*sorted(pair), None, ms) for pair, ms in lat.items()]
+    return Cluster(devices=devices, bandwidth_mbps=bandwidth_mbps, links=tuple(overrides),
+                   latency_ms=latency_ms)
 
 
 def random_costs(rng: random.Random, num_layers: int, *, intercepts: bool = True,
@@ -84,8 +89,9 @@ def random_costs(rng: random.Random, num_layers: int, *, intercepts: bool = True
 
 
 def random_cluster(rng: random.Random, num_devices: int, *, tight_memory: bool = False,
-                   links: bool = False) -> Cluster:
-    """Random speeds in [0.2, 2], memory 64 MiB..1 GiB (or tight: 4..64 MiB), 10..1000 Mbps."""
+                   links: bool = False, latency: bool = False) -> Cluster:
+    """Random speeds in [0.2, 2], memory 64 MiB..1 GiB (or tight: 4..64 MiB), 10..1000 Mbps;
+    with ``latency``, a default latency of 0.1..20 ms and some per-pair overrides."""
     speeds = [round(rng.uniform(0.2, 2.0), 3) for _ in range(num_devices)]
     if rng.random() < 0.3 and num_devices > 1:  # some identical devices -> exact ties
         speeds[1] = speeds[0]
@@ -100,12 +106,20 @@ def random_cluster(rng: random.Random, num_devices: int, *, tight_memory: bool =
             a, b = rng.sample(range(num_devices), 2)
             if all({x, y} != {f"d{a}", f"d{b}"} for x, y, _ in overrides):
                 overrides.append((f"d{a}", f"d{b}", rng.choice([10.0, 50.0, 1000.0])))
-    return make_cluster(speeds, mems, bandwidth, overrides)
+    if not latency:
+        return make_cluster(speeds, mems, bandwidth, overrides)
+    default_ms = rng.choice([0.1, 1.0, 5.0, 20.0])
+    pair_ms: dict[tuple[str, str], float] = {}
+    for _ in range(rng.randrange(0, num_devices + 1) if num_devices > 1 else 0):
+        a, b = sorted(rng.sample(range(num_devices), 2))
+        pair_ms[(f"d{a}", f"d{b}")] = rng.choice([0.0, 2.0, 50.0])
+    return make_cluster(speeds, mems, bandwidth, overrides, latency_ms=default_ms,
+                        link_latency=[(a, b, ms) for (a, b), ms in pair_ms.items()])
 
 
 def random_instance(seed: int, *, max_layers: int = 6, max_devices: int = 4,
-                    tight_memory: bool | None = None,
-                    links: bool | None = None) -> tuple[CostTable, Cluster, int]:
+                    tight_memory: bool | None = None, links: bool | None = None,
+                    latency: bool = False) -> tuple[CostTable, Cluster, int]:
     """A seeded tiny instance ``(costs, cluster, batch_size)`` for exhaustive comparisons."""
     rng = random.Random(seed)
     num_layers = rng.randint(1, max_layers)
@@ -113,7 +127,8 @@ def random_instance(seed: int, *, max_layers: int = 6, max_devices: int = 4,
     tight = rng.random() < 0.3 if tight_memory is None else tight_memory
     with_links = rng.random() < 0.3 if links is None else links
     costs = random_costs(rng, num_layers, param_scale=rng.choice([0.1, 1.0, 10.0]))
-    cluster = random_cluster(rng, num_devices, tight_memory=tight, links=with_links)
+    cluster = random_cluster(rng, num_devices, tight_memory=tight, links=with_links,
+                             latency=latency)
     batch_size = rng.choice([1, 2, 4, 6, 8, 12, 16])
     return costs, cluster, batch_size
 

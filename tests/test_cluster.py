@@ -74,6 +74,45 @@ network: {bandwidth_mbps: 10, links: [{between: [a, b], bandwidth_mbps: 50}]}
     assert cluster.subset(["a", "c"]).links == ()
 
 
+def test_latency_default_and_per_link(tmp_path: Path) -> None:
+    path = _write(tmp_path, """
+devices: [{name: a, type: local}, {name: b, type: local}, {name: c, type: local}]
+network:
+  bandwidth_mbps: 100
+  latency_ms: 2
+  links:
+    - {between: [a, b], latency_ms: 0.5}
+    - {between: [b, c], bandwidth_mbps: 10}
+""")
+    cluster = Cluster.from_yaml(path)
+    assert cluster.latency_s("a", "b") == pytest.approx(0.0005)
+    assert cluster.latency_s("b", "a") == pytest.approx(0.0005)
+    assert cluster.latency_s("b", "c") == pytest.approx(0.002)     # bandwidth-only link
+    assert cluster.latency_s("a", "a") == 0.0
+    assert cluster.bandwidth_mbps_between("a", "b") == 100           # latency-only link
+    assert cluster.bandwidth_mbps_between("b", "c") == 10
+    assert cluster.max_latency_s(["a", "b", "c"]) == pytest.approx(0.002)
+    assert cluster.max_latency_s(["a"]) == 0.0
+    again = Cluster.from_json(cluster.to_json())
+    assert again == cluster and again.cluster_hash == cluster.cluster_hash
+    sub = cluster.subset(["a", "b"])
+    assert sub.latency_s("a", "b") == pytest.approx(0.0005) and sub.latency_ms == 2.0
+
+
+def test_no_latency_keeps_the_old_hash(tmp_path: Path) -> None:
+    # clusters that do not mention latency hash (and serialise) as before it existed, so
+    # plans made earlier still match their cluster file
+    plain = Cluster.from_yaml(_write(tmp_path, "devices: [{name: a, type: local}]\n"
+                                               "network: {bandwidth_mbps: 100}"))
+    zero = Cluster.from_yaml(_write(tmp_path, "devices: [{name: a, type: local}]\n"
+                                              "network: {bandwidth_mbps: 100, latency_ms: 0}"))
+    assert "latency_ms" not in plain.to_dict()["network"]
+    assert zero.cluster_hash == plain.cluster_hash
+    slow = Cluster.from_yaml(_write(tmp_path, "devices: [{name: a, type: local}]\n"
+                                              "network: {bandwidth_mbps: 100, latency_ms: 3}"))
+    assert slow.cluster_hash != plain.cluster_hash
+
+
 @pytest.mark.parametrize(
     ("text", "match"),
     [
@@ -92,6 +131,17 @@ network: {bandwidth_mbps: 10, links: [{between: [a, b], bandwidth_mbps: 50}]}
         ("devices: [{type: local}]", "non-empty string name"),
         ("devices: [{name: a, type: local, colour: red}]", "unknown device field"),
         ("hosts: []", "unknown top-level key"),
+        ("devices: [{name: a, type: local}]\nnetwork: {latency_ms: -1}", "must be >= 0"),
+        ("devices: [{name: a, type: local}]\nnetwork: {latency_ms: slow}",
+         "number of milliseconds"),
+        ("devices: [{name: a, type: local}]\nnetwork: {latency: 3}",
+         r"unknown key\(s\) \['latency'\] under `network:`"),
+        ("devices: [{name: a, type: local}, {name: b, type: local}]\n"
+         "network: {links: [{between: [a, b]}]}", "a link is"),
+        ("devices: [{name: a, type: local}, {name: b, type: local}]\n"
+         "network: {links: [{between: [a, b], latency_ms: .nan}]}", "must be >= 0"),
+        ("devices: [{name: a, type: local}, {name: b, type: local}]\n"
+         "network: {links: [{between: [a, b], latency_ms: 1, jitter_ms: 2}]}", "a link is"),
         ("- a\n- b", "a cluster file is a mapping"),
         ("devices: [{name: a, type: local}\n", "not valid YAML"),
     ],

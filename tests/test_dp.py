@@ -179,6 +179,38 @@ def test_dp_equals_brute_force_on_random_instances(size: tuple[int, int]) -> Non
     assert multi_stage >= 40  # the comparison covers real pipelines, not only data parallelism
 
 
+def test_dp_equals_brute_force_with_link_latency() -> None:
+    # per-message latency (network default and per-pair overrides) enters transfer_time
+    # and the all-reduce; the DP's numpy/Python stage terms must still match evaluate's
+    agree = multi_stage = 0
+    for seed in range(120):
+        costs, cluster, batch = random_instance(seed + 70_000, max_layers=5, max_devices=4,
+                                                latency=True)
+        dp = asteroid_dp(costs, cluster, batch, max_cuts=None)
+        brute = brute_force(costs, cluster, batch)
+        assert (dp.plan is None) == (brute.plan is None), seed
+        if dp.plan is None:
+            continue
+        pred = evaluate(dp.plan, costs, cluster)
+        assert pred.round_time_s == pytest.approx(brute.round_time_s, rel=1e-9), seed
+        assert dp.round_time_s == pytest.approx(pred.round_time_s, rel=1e-9), seed
+        agree += 1
+        multi_stage += dp.plan.num_stages > 1
+    assert agree >= 90 and multi_stage >= 10
+
+
+def test_latency_pushes_the_dp_towards_fewer_hops() -> None:
+    # two equal devices, a cheap cut and small weights: without latency the DP uses both;
+    # with a latency that dwarfs the compute (every hop and every all-reduce step pays it)
+    # it keeps everything on one device
+    costs = uniform_costs(4, param_bytes=1000, cut_bytes=16)
+    fast_link = asteroid_dp(costs, make_cluster([1.0, 1.0], bandwidth_mbps=1000.0), 8)
+    assert fast_link.plan is not None and len(fast_link.plan.devices) == 2
+    slow_hop = asteroid_dp(costs, make_cluster([1.0, 1.0], bandwidth_mbps=1000.0,
+                                               latency_ms=500.0), 8)
+    assert slow_hop.plan is not None and len(slow_hop.plan.devices) == 1
+
+
 def test_dp_plans_fit_in_memory() -> None:
     for seed in range(40):
         costs, cluster, batch = random_instance(1000 + seed, max_layers=10, max_devices=5,
@@ -495,7 +527,8 @@ def test_numpy_and_python_paths_agree(monkeypatch: pytest.MonkeyPatch,
             rng = random.Random(100 + seed)
             costs = random_costs(rng, rng.choice([12, 40]))
             cluster = (spread_cluster(rng, 4) if seed % 2
-                       else random_cluster(rng, 4, tight_memory=seed % 4 == 0))
+                       else random_cluster(rng, 4, tight_memory=seed % 4 == 0,
+                                           latency=seed % 3 == 0))
             result = asteroid_dp(costs, cluster, 16, max_front=max_front)
             out.append((result.round_time_s, _stages(result)))
         results[label] = out

@@ -64,6 +64,12 @@ def test_setup_scales_speeds_and_links_by_one_factor() -> None:
     assert setup.factor == pytest.approx(1.25)
     assert setup.effective_speeds == pytest.approx((0.8, 0.8, 0.4))
     assert setup.link_bytes_s[0][2] == pytest.approx(80e6 / 8 / 1.25)
+    assert setup.link_latency_s == ((0.0,) * 3,) * 3      # no latency_ms: none
+    slow = Cluster.from_dict({**_cluster({"a": 1.0, "b": 1.0, "c": 0.5}, 80).to_dict(),
+                              "network": {"bandwidth_mbps": 80, "latency_ms": 4}})
+    lagged = emulation_setup(plan, slow, host_cores=2)
+    assert lagged.link_latency_s[0][2] == pytest.approx(0.004 * 1.25)   # dilated like time
+    assert lagged.link_latency_s[1][1] == 0.0
     relaxed = emulation_setup(plan, _cluster({"a": 1.0, "b": 0.5, "c": 0.5}), host_cores=2)
     assert relaxed.factor == 1.0
 

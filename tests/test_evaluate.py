@@ -127,6 +127,49 @@ def test_allreduce_uses_slowest_link() -> None:
     assert allreduce_time(cluster, ["d0"], 3000) == 0.0
 
 
+def test_latency_is_charged_once_per_message() -> None:
+    # 1 ms default, 5 ms between d0 and d3; the same re-sharding as above: d0 sends two
+    # messages (to d2 and d3), d3 receives two (from d0 and d1)
+    cluster = make_cluster([1.0] * 4, bandwidth_mbps=8.0, latency_ms=1.0,
+                           link_latency=[("d0", "d3", 5.0)])
+    t = transfer_time(cluster, ["d0", "d1"], [3, 1], ["d2", "d3"], [1, 3], 1000)
+    # d0: (1 ms + 1 ms) to d2 + (5 ms + 2 ms) to d3 = 9 ms; d3: 7 ms + (1 ms + 1 ms) = 9 ms
+    assert t == pytest.approx(0.009)
+    # a cut without bytes sends nothing, so it pays no latency either
+    assert transfer_time(cluster, ["d0"], [4], ["d1"], [4], 0) == 0.0
+
+
+def test_latency_in_the_ring_all_reduce() -> None:
+    cluster = make_cluster([1.0] * 3, bandwidth_mbps=8.0, latency_ms=2.0,
+                           link_latency=[("d1", "d2", 3.0)])
+    # 2(n-1) ring steps, each one message on the group's slowest (largest-latency) link
+    assert allreduce_time(cluster, ["d0", "d1", "d2"], 3000) == pytest.approx(
+        2 * 2 * 3000 / (3 * 1e6) + 2 * 2 * 0.003)
+    assert allreduce_time(cluster, ["d0", "d1"], 3000) == pytest.approx(
+        2 * 1 * 3000 / (2 * 1e6) + 2 * 1 * 0.002)
+    assert allreduce_time(cluster, ["d0"], 3000) == 0.0
+
+
+def test_latency_adds_to_the_hand_computed_plan() -> None:
+    # _plan3 with 1 ms on every link: stage 1 receives one message per device (d0 -> d1,
+    # d0 -> d2), d0 sends two, so comm_f = comm_b = 0.0175 + 2 * 0.001 (the sender's side
+    # is the maximum); the group's all-reduce pays 2 x 1 ms
+    base = evaluate(_plan3(), _costs3(), _cluster3())
+    slow = make_cluster([2.0, 1.0, 1.0], memory_mib=1024, bandwidth_mbps=8.0,
+                        links=[("d0", "d2", 16.0)], latency_ms=1.0)
+    pred = evaluate(_plan3(), _costs3(), slow)
+    assert pred.stages[1].comm_f == pytest.approx(0.0175 + 0.002)
+    assert pred.stages[1].t_a == pytest.approx(base.stages[1].t_a + 0.002)
+    # stage 1 dominates, X_1 grows by 2 x 2 ms, so stage 0's T_e = M X_1 + X_0 (the
+    # round's maximum) grows by M x 4 ms; stage 1's T_a grows too but stays off the maximum
+    assert pred.stages[0].t_e == pytest.approx(base.stages[0].t_e + 2 * 0.004)
+    assert pred.round_time_s == pytest.approx(base.round_time_s + 2 * 0.004)
+    # without latency the numbers are bit for bit those of a cluster that never had it
+    zero = make_cluster([2.0, 1.0, 1.0], memory_mib=1024, bandwidth_mbps=8.0,
+                        links=[("d0", "d2", 16.0)], latency_ms=0.0)
+    assert evaluate(_plan3(), _costs3(), zero).round_time_s == base.round_time_s
+
+
 def test_round_terms_formula() -> None:
     t_w, t_e, dm = round_terms([1.0, 2.0, 1.0], [1.0, 3.0, 1.0], 3)
     assert dm == 1

@@ -65,6 +65,23 @@ def test_ilp_equals_dp_where_the_drain_term_binds(seed: int) -> None:
     assert ilp.round_time_s == pytest.approx(ilp_round, rel=1e-5)
 
 
+def test_ilp_equals_dp_with_link_latency() -> None:
+    agree = 0
+    for seed in range(6):
+        costs, cluster, batch = random_instance(900 + seed, max_layers=4, max_devices=3,
+                                                latency=True)
+        dp = asteroid_dp(costs, cluster, batch, max_cuts=None)
+        ilp = ilp_plan(costs, cluster, batch, time_limit_s=120)
+        assert (dp.plan is None) == (ilp.plan is None), seed
+        if dp.plan is None:
+            continue
+        assert ilp.status == "optimal" and ilp.plan is not None, seed
+        ilp_round = evaluate(ilp.plan, costs, cluster).round_time_s
+        assert ilp_round == pytest.approx(dp.round_time_s, rel=1e-6), seed
+        agree += 1
+    assert agree >= 4
+
+
 def test_ilp_wide_is_never_worse_than_the_dp() -> None:
     for seed in range(10):
         costs, cluster, batch = random_instance(700 + seed, max_layers=3, max_devices=3)

@@ -84,6 +84,21 @@ def test_two_equal_stages_hand_computed() -> None:
     assert len(res.events) == 16
 
 
+def test_latency_delays_every_transfer_as_evaluate_charges_it() -> None:
+    # two single-device stages, one cut of 1000 B per sample at 1e6 B/s plus 5 ms latency:
+    # with one micro-batch the round is F0 + send + F1 + B1 + send + B0, exactly
+    costs = uniform_costs(2, cut_bytes=1000, param_bytes=0)
+    cluster = make_cluster([1.0, 1.0], bandwidth_mbps=8.0, latency_ms=5.0)
+    plan = _plan(costs, [Stage((0, 0), ("d0",), (2,)), Stage((1, 1), ("d1",), (2,))], 2, 1)
+    res = simulate(plan, costs, cluster)
+    send = 0.005 + 2 * 1000 / 1e6
+    sends = [e for e in res.events if e.kind == "SEND"]
+    assert len(sends) == 2 and all(e.end - e.start == pytest.approx(send) for e in sends)
+    assert res.round_time_s == pytest.approx(2 * 0.02 + 2 * 0.04 + 2 * send)
+    assert res.round_time_s == pytest.approx(evaluate(plan, costs, cluster).round_time_s,
+                                             rel=1e-12)
+
+
 def test_allreduce_and_rounds() -> None:
     costs = uniform_costs(2, cut_bytes=0, param_bytes=1_000_000)
     cluster = make_cluster([1.0, 1.0], bandwidth_mbps=8.0)  # 1e6 B/s

@@ -67,6 +67,22 @@ def test_partition_directory_trains_like_one_process(tmp_path: Path) -> None:
     json.dumps(lines)
 
 
+def test_emulated_link_latency_delays_every_hop(tmp_path: Path) -> None:
+    # 100 ms one-way latency: every micro-batch's activations reach stage 1 at least 100 ms
+    # after they leave stage 0 and its gradients come back at least 100 ms later, so no
+    # round can be shorter than 2 x 100 ms (a lower bound: sleeps are never cut short);
+    # the losses do not change
+    directory = _partition(tmp_path)
+    cluster = tmp_path / "cluster.yaml"
+    cluster.write_text(CLUSTER.replace("bandwidth_mbps: 1000",
+                                       "bandwidth_mbps: 1000\n  latency_ms: 100"))
+    result = run(directory, emulate=cluster, steps=2, seed=5, lr=0.05)
+    ref = reference_training(load_model_module(directory), 12, steps=2, seed=5, lr=0.05)
+    assert result.losses == pytest.approx(ref.losses, rel=1e-6)
+    # (the emulator dilates the latency by its slow-down factor, like every other time)
+    assert min(result.round_times) >= 0.2 * result.slowdown_factor
+
+
 def test_stage_weights_come_from_the_seeded_model(tmp_path: Path) -> None:
     directory = _partition(tmp_path)
     source = DirectorySource(str(directory))
