@@ -413,6 +413,9 @@ def run(
         "--replan-tolerance", help="with --fail/--leave, replay: keep the layer-wise repair "
         "when its predicted round is at most this fraction slower than a full re-plan "
         "(default 0.1; 0: always the faster plan)")] = None,
+    calibrate: Annotated[bool, typer.Option(
+        "--calibrate/--no-calibrate", help="with --fail/--leave, replay: predict the re-plan "
+        "on the cluster as the run measured it (compute speed, per-message overhead)")] = True,
 ) -> None:
     """Train from a partition directory (emulated cluster here, or under torchrun)."""
     with _errors():
@@ -452,6 +455,8 @@ def run(
             kwargs["checkpoint_every"] = checkpoint_every
         if replan_tolerance is not None:
             kwargs["replan_tolerance"] = replan_tolerance
+        if not calibrate:
+            kwargs["calibrate"] = False
         with progress:
             result = run_fn(directory, **kwargs)
         summary = getattr(result, "summary", None)

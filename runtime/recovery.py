@@ -12,6 +12,7 @@ import queue
 import re
 import shutil
 import signal
+import statistics
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
@@ -229,7 +230,8 @@ def run_with_recovery(directory: str | Path, cluster: Any, config: TrainConfig, 
                       fail_signal: int = int(signal.SIGKILL),
                       use_cgroups: bool | None = None, timeout_s: float = 600.0,
                       heartbeat_timeout_s: float = 1.0,
-                      replan_tolerance: float = REPLAN_TOLERANCE) -> RecoveryRun:
+                      replan_tolerance: float = REPLAN_TOLERANCE,
+                      calibrate: bool = True) -> RecoveryRun:
     """Emulate ``cluster`` and train the partition in ``directory`` with ``fail`` injected.
 
     ``recovery="replay"``: replicas in holders' memory, layer-wise re-plan; the surviving
@@ -245,7 +247,10 @@ def run_with_recovery(directory: str | Path, cluster: Any, config: TrainConfig, 
     ``"auto"``: the smallest K whose replica traffic fits in half of every device's
     predicted idle time, chosen again for every generation's plan). After a failure replay
     keeps the layer-wise repair when its predicted round is at most ``replan_tolerance``
-    slower than a full re-plan's (0: always the faster of the two).
+    slower than a full re-plan's (0: always the faster of the two). With ``calibrate``
+    (replay), both are predicted on the cluster as the failed generation measured it:
+    device speeds corrected by the workers' own compute times and a per-message overhead
+    fitted to the measured round (``solver.calibrate``; the event's ``calibration``).
 
     ``leave="DEVICE@STEP"`` (replay only) sends SIGTERM to that device during step STEP: it
     finishes the step, hands its state over and exits with code 0; the survivors re-plan
@@ -341,9 +346,15 @@ def run_with_recovery(directory: str | Path, cluster: Any, config: TrainConfig, 
                             "recovering by %s", failed, committed + 1, outcome.detected_by,
                             detect_s, recovery)
             began = time.perf_counter()
-            new_plan, choice = _new_plan(recovery, plan, model, alive, failed,
+            calibration = (_calibration(plan, model, alive, store, generation, out,
+                                        gen_config.start_step, committed, procs.factor)
+                           if recovery == "replay" and calibrate else None)
+            planned_on = alive if calibration is None else calibration[0]
+            new_plan, choice = _new_plan(recovery, plan, model, planned_on, failed,
                                          replan_tolerance)
             search_s = time.perf_counter() - began
+            if calibration is not None:
+                choice["calibration"] = calibration[1].to_dict()
             survivors = alive.subset([d for d in alive.names if d not in failed])
             generation += 1
             began = time.perf_counter()
@@ -430,6 +441,40 @@ def _replicas(plan: Plan, model: _Model, alive: Any, every_k_steps: int | None
         return {}, every_k_steps or 1
     log.info("replicas %s every %d step(s)", replicas, k)
     return replicas, k
+
+
+def _calibration(plan: Plan, model: _Model, alive: Any, store: dist.Store, generation: int,
+                 out: RecoveryRun, start: int, committed: int, factor: float
+                 ) -> tuple[Any, Any] | None:
+    """``(calibrated cluster, Calibration)`` from what generation ``generation`` measured
+    (rank ``compute`` records and the committed rounds, divided by the emulator's
+    slow-down ``factor``), or None with fewer than ``solver.calibrate.MIN_STEPS`` rounds."""
+    from solver.calibrate import MIN_STEPS, calibrate
+
+    rounds = [float(out.records[s]["round_time_s"]) for s in range(start + 1, committed + 1)
+              if s in out.records]
+    if len(rounds) < MIN_STEPS:
+        log.info("re-plan on the declared cluster: only %d measured round(s) in this "
+                 "generation (calibration needs %d)", len(rounds), MIN_STEPS)
+        return None
+    scale = 1.0 / max(factor, 1e-9)
+    compute: dict[str, tuple[float, float]] = {}
+    for rank, device in enumerate(plan.devices):
+        name = key(generation, "compute", rank)
+        if store.check([name]):
+            data = json.loads(store.get(name))
+            compute[device] = (float(data["forward_s"]) * scale,
+                               float(data["backward_s"]) * scale)
+    try:
+        cluster, found = calibrate(plan, model.costs, alive, compute,
+                                   statistics.median(rounds) * scale)
+    except AsteroidError as exc:
+        log.warning("re-plan on the declared cluster: calibration failed (%s)", exc)
+        return None
+    log.info("calibrated from %d round(s): compute x%s, %.3f ms per message",
+             len(rounds), {d: round(r, 2) for d, r in found.compute_ratio.items()},
+             found.message_overhead_s * 1e3)
+    return cluster, found
 
 
 def _new_plan(mode: str, plan: Plan, model: _Model, alive: Any, failed: list[str],

@@ -10,6 +10,7 @@ import pickle
 import queue
 import signal
 import socket
+import statistics
 import threading
 import time
 from collections.abc import Collection, Mapping
@@ -106,6 +107,11 @@ REQUESTS_WAIT_S = 30.0
 LEAVE_WAIT_S = 60.0
 #: seconds a rank's watcher waits, after a device left, for the training thread's hand-over
 LEAVE_HANDOFF_S = 5.0
+#: every this many rounds a rank publishes its median compute per micro-batch (the
+#: launcher's calibration after a failure, see solver.calibrate)
+TIMING_EVERY = 4
+#: rounds the published median covers (the newest)
+TIMING_WINDOW = 32
 
 # [Note: graceful leave]
 # A device asked to leave (SIGTERM: ``--leave DEVICE@STEP``, or a scheduler taking the board
@@ -416,6 +422,7 @@ class WorkerHooks:
         self._previous_held: dict[int, dict[int, _Replica]] = ({} if previous is None
                                                                 else previous._held)
         self._committed: list[int] = []
+        self._compute: list[tuple[float, float]] = []   # (forward, backward) per round
         self._replicated: list[int] = []       # committed steps whose state was replicated
         self._current: dict[int, _Slot] = {}    # step -> slot (this generation)
         self._last_job: tuple[_Slot, int] | None = None   # newest background job
@@ -537,6 +544,16 @@ class WorkerHooks:
             return slot.buffer.state(names)
         raise RuntimeFailure(f"rank {self.rank} ({self.device}) has no own snapshot of step "
                              f"{step} to restore {names[:3]}...")
+
+    def _publish_timing(self) -> None:
+        """``rx/<g>/compute/<rank>``: median forward and backward seconds per micro-batch
+        over the newest rounds (as measured: emulated time)."""
+        del self._compute[:-TIMING_WINDOW]
+        fwd = statistics.median(f for f, _ in self._compute)
+        bwd = statistics.median(b for _, b in self._compute)
+        self.store.set(key(self.spec.generation, "compute", self.rank),
+                       json.dumps({"forward_s": fwd, "backward_s": bwd,
+                                   "rounds": len(self._compute)}))
 
     def _start_step(self) -> int:
         event = self.spec.event or {}
@@ -697,8 +714,13 @@ class WorkerHooks:
             if left > 0 and not self._closed.wait(left):
                 self.stats.paced_s += left
 
-    def step_committed(self, step: int, record: dict[str, Any]) -> None:
+    def step_committed(self, step: int, record: dict[str, Any],
+                       compute_s: tuple[float, float] | None = None) -> None:
         g = self.spec.generation
+        if compute_s is not None and step > self._start_step():   # the first is warm-up
+            self._compute.append(compute_s)
+            if len(self._compute) % TIMING_EVERY == 0:
+                self._publish_timing()
         with self._lock:
             self._committed.append(step)
             del self._committed[:-4]

@@ -106,8 +106,10 @@ class TrainHooks(Protocol):
                   optimizer: torch.optim.Optimizer) -> None:
         """This rank's optimizer step of round ``step`` is done (not yet committed)."""
 
-    def step_committed(self, step: int, record: dict[str, Any]) -> None:
-        """Every rank finished round ``step`` (its loss was all-reduced)."""
+    def step_committed(self, step: int, record: dict[str, Any],
+                       compute_s: tuple[float, float] | None = None) -> None:
+        """Every rank finished round ``step`` (its loss was all-reduced); ``compute_s`` is
+        this rank's mean (forward, backward) seconds per micro-batch in that round."""
 
     def leave_requested(self) -> bool:
         """Whether this device was asked to leave gracefully (e.g. SIGTERM) after the round
@@ -284,7 +286,8 @@ def train_device(source: StageSource, rank: int, config: TrainConfig, *,
             with metrics.open("a") as fh:
                 fh.write(json.dumps(record) + "\n")
         if hooks is not None:
-            hooks.step_committed(step, record)
+            hooks.step_committed(step, record, (_mean(stats.forward_s),
+                                                _mean(stats.backward_s)))
         if report is not None and rank == 0:
             report(record)
         log.debug("rank %d step %d loss %.6f round %.4fs", rank, step, loss, round_time)

@@ -162,6 +162,36 @@ def test_replan_tolerance_picks_between_repair_and_full_plan(tmp_path: Path) -> 
             run(directory, emulate=CLUSTER, steps=2, fail="slow0@1", replan_tolerance=bad)
 
 
+def test_replay_calibrates_the_re_plan_from_the_measured_rounds(tmp_path: Path) -> None:
+    # failing at step 6 leaves rounds 1..5 measured: the re-plan is predicted on the
+    # cluster as measured (solver.calibrate), and the event says what was found
+    directory = make_partition(tmp_path / "part", THREE)
+    metrics = tmp_path / "metrics.jsonl"
+    result = run(directory, emulate=CLUSTER, steps=8, seed=SEED, lr=LR, metrics=metrics,
+                 fail="slow0@6", recovery="replay")
+    ref = reference_training(load_model_module(directory), 12, steps=8, seed=SEED, lr=LR)
+    assert result.losses == pytest.approx(ref.losses, rel=1e-5)
+    ev = _event(metrics_lines(metrics))
+    cal = ev["calibration"]
+    assert {"fast", "slow1"} <= set(cal["measured_devices"])
+    assert cal["compute_scale"] > 0 and cal["message_overhead_ms"] >= 0
+    assert set(cal["speeds"]) == {"fast", "slow0", "slow1"}
+    # the declared speeds' ratios are kept (one correction for all devices)
+    assert cal["speeds"]["fast"] == pytest.approx(2 * cal["speeds"]["slow1"], rel=1e-4)
+    # the calibrated prediction of the failed plan matches what it measured (or, with no
+    # overhead to fit, is already at least as long)
+    if cal["message_overhead_ms"] > 0:
+        assert cal["calibrated_round_s"] == pytest.approx(cal["measured_round_s"], rel=1e-4)
+    else:
+        assert cal["calibrated_round_s"] >= cal["measured_round_s"]
+    assert ev["layerwise_round_s"] > 0 and ev["full_round_s"] > 0
+    # --no-calibrate: the declared cluster, no calibration in the event
+    plain = tmp_path / "plain.jsonl"
+    run(directory, emulate=CLUSTER, steps=8, seed=SEED, lr=LR, metrics=plain,
+        fail="slow0@6", recovery="replay", calibrate=False)
+    assert "calibration" not in _event(metrics_lines(plain))
+
+
 def test_restart_reloads_the_checkpoint(tmp_path: Path) -> None:
     directory = make_partition(tmp_path / "part", THREE)
     result, lines = _run(directory, tmp_path, "slow1@3", "restart")

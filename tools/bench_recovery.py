@@ -5,7 +5,9 @@ trains an MLP (8 hidden layers of width 512, batch 32, 4 micro-batches) as a 3-s
 pipeline fast | slow0 | slow1 and measures:
 
 * ``--recovery replay`` vs ``--recovery restart`` with ``slow0`` SIGKILLed during step
-  ``--fail-step``: detect / re-plan / restore / total seconds (from metrics.jsonl);
+  ``--fail-step``: detect / re-plan / restore / total seconds (from metrics.jsonl); replay
+  as by default (re-plan predicted on the calibrated cluster), with ``--no-calibrate`` (on
+  the declared cluster) and with ``--replan-tolerance 0``;
 * the step period after recovery vs a fresh run of a full re-plan
   (``solver.api.plan``) on the survivors;
 * the steady-state step period without failures, interleaved: plain run, replay machinery
@@ -123,9 +125,11 @@ class _Clock:
 def _recovery_run(directory: Path, mode: str, steps: int, fail_step: int,
                   metrics: Path, tolerance: float = REPLAN_TOLERANCE) -> dict[str, Any]:
     clock = _Clock()
-    options = {"replan_tolerance": tolerance} if mode == "replay" else {}
+    options: dict[str, Any] = {"replan_tolerance": tolerance} if mode == "replay" else {}
     if mode == "replay-full":      # replay that always takes the faster (full) plan
         mode, options = "replay", {"replan_tolerance": 0.0}
+    elif mode == "replay-declared":   # replay that predicts on the declared cluster
+        mode, options = "replay", {"replan_tolerance": tolerance, "calibrate": False}
     result = run(directory, emulate=CLUSTER, steps=steps, seed=0, lr=0.01, metrics=metrics,
                  progress=clock, fail=f"slow0@{fail_step}", recovery=mode, **options)
     events = [line for line in metrics_lines(metrics) if line.get("event") == "recovery"]
@@ -214,7 +218,8 @@ def main(argv: list[str] | None = None) -> int:
         model_file.write_text(MODEL)
         three, plan3 = _partition(work, model_file, _three_stages, "three")
         fresh, fresh_plan = _partition(work, model_file, _fresh_on_survivors, "fresh")
-        runs: dict[str, list[dict[str, Any]]] = {"replay": [], "restart": []}
+        runs: dict[str, list[dict[str, Any]]] = {"replay": [], "replay-declared": [],
+                                                 "restart": []}
         if args.replan_tolerance > 0:       # also replay with --replan-tolerance 0
             runs["replay-full"] = []
         fresh_period = fresh_ft = float("nan")
@@ -327,9 +332,14 @@ def _markdown(data: dict[str, Any]) -> str:
             "| plan after | step period after (ms) |",
             "|---|---|---|---|---|---|---|---|---|",
         ]
-        labels = {"replay": f"replay (`--replan-tolerance {data.get('tolerance', 0.1):g}`)",
-                  "replay-full": "replay (`--replan-tolerance 0`)", "restart": "restart"}
-        for mode in [m for m in ("replay", "replay-full", "restart") if runs.get(m)]:
+        tol = f"--replan-tolerance {data.get('tolerance', 0.1):g}"
+        labels = {"replay": f"replay (`{tol}`, calibrated)",
+                  "replay-declared": f"replay (`{tol} --no-calibrate`)",
+                  "replay-full": "replay (`--replan-tolerance 0`, calibrated)",
+                  "restart": "restart"}
+        modes = [m for m in ("replay", "replay-declared", "replay-full", "restart")
+                 if runs.get(m)]
+        for mode in modes:
             evs = [r["event"] for r in runs[mode]]
             kept = sorted({len(e.get("kept", [])) for e in evs})
             plans = sorted({json.dumps(r["stages"]) for r in runs[mode]})
@@ -343,13 +353,32 @@ def _markdown(data: dict[str, Any]) -> str:
                 f"{_ms([r['period_after'] for r in runs[mode]])} |")
         replay = [r["event"] for r in runs["replay"]]
         restart = [r["event"] for r in runs["restart"]]
-        choice = replay[-1]
-        if "layerwise_round_s" in choice:
-            lines += ["", f"Replay's re-plan (`solver.replan.replan`, tolerance "
-                      f"{data.get('tolerance', 0.1):g}) chose the {choice['chosen']} plan: "
-                      f"predicted round {1e3 * choice['layerwise_round_s']:.2f} ms for the "
-                      f"layer-wise repair vs {1e3 * choice['full_round_s']:.2f} ms for the "
-                      f"full re-plan."]
+        lines += ["", "Replay's re-plan (`solver.replan.replan`): the layer-wise repair vs "
+                  "the full re-plan, predicted rounds (median over the repeats) and the "
+                  "choices; calibrated = predicted on the cluster as the failed generation "
+                  "measured it (`solver.calibrate`: one compute correction for all devices, "
+                  "the per-device ratios measured, and a per-message overhead fitted to the "
+                  "measured round):", "",
+                  "| mode | layer-wise (ms) | full (ms) | chosen | compute scale | per-device "
+                  "ratios | message overhead (ms) | failed plan: measured / predicted / "
+                  "calibrated round (ms) |", "|---|---|---|---|---|---|---|---|"]
+        for mode in [m for m in modes if m != "restart"]:
+            evs = [r["event"] for r in runs[mode]]
+            chosen = ", ".join(f"{name} {sum(e['chosen'] == name for e in evs)}/{len(evs)}"
+                               for name in ("layerwise", "full")
+                               if any(e["chosen"] == name for e in evs))
+            cals = [e["calibration"] for e in evs if "calibration" in e]
+            ratio = ("-" if not cals else ", ".join(
+                f"{d} {statistics.median(c['compute_ratio'][d] for c in cals):.2f}"
+                for d in cals[0]["compute_ratio"]))
+            rounds = ("-" if not cals else " / ".join(
+                _ms([c[k] for c in cals]) for k in ("measured_round_s", "predicted_round_s",
+                                                    "calibrated_round_s")))
+            lines.append(
+                f"| {labels[mode]} | {_ms(_known(evs, 'layerwise_round_s'))} | "
+                f"{_ms(_known(evs, 'full_round_s'))} | {chosen} | "
+                f"{_fmt([c['compute_scale'] for c in cals], digits=2)} | {ratio} | "
+                f"{_fmt([c['message_overhead_ms'] for c in cals], digits=2)} | {rounds} |")
         speedups = [b["total_s"] / a["total_s"] for a, b in zip(replay, restart, strict=True)]
         replay_t = statistics.median(e["total_s"] for e in replay)
         restart_t = statistics.median(e["total_s"] for e in restart)
@@ -370,7 +399,7 @@ def _markdown(data: dict[str, Any]) -> str:
             f"same replica machinery as the recovered runs (compare with the last column "
             f"above).",
         ]
-        for mode in [m for m in ("replay", "replay-full", "restart") if runs.get(m)]:
+        for mode in modes:
             after = statistics.median(r["period_after"] for r in runs[mode])
             lines.append(f"{'' if mode == 'replay' else ' '}Throughput after {labels[mode]}: "
                          f"{data['fresh_ft'] / after:.0%} of the fresh re-plan's (same "
@@ -413,6 +442,11 @@ def _markdown(data: dict[str, Any]) -> str:
                       f"compare the last column with replicas off):", ""]
             lines += _stats_table(data["stats"][name])
     return "\n".join(lines)
+
+
+def _known(events: list[dict[str, Any]], name: str) -> list[float]:
+    """The events' ``name`` values that are set (a search that failed records None)."""
+    return [float(e[name]) for e in events if e.get(name) is not None]
 
 
 def _restore_parts(events: list[dict[str, Any]]) -> dict[str, list[float]]:

@@ -1,0 +1,111 @@
+"""Tests of solver.calibrate: speeds and the per-message overhead from a running plan."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from solver.calibrate import calibrate, with_message_overhead
+from solver.evaluate import LayerSums, evaluate
+from solver.plan import Plan, Stage
+from tests.solver_cases import make_cluster, uniform_costs
+
+COSTS = uniform_costs(4, param_bytes=1000, cut_bytes=1000)
+
+
+def _plan(stages: tuple[Stage, ...], batch: int = 8, micro: int = 2) -> Plan:
+    return Plan("h", "c", batch, micro, batch // micro, stages, num_layers=4)
+
+
+TWO = _plan((Stage((0, 1), ("d0",), (2,)), Stage((2, 3), ("d1",), (2,))))
+ONE = _plan((Stage((0, 3), ("d0",), (2,)),))
+
+
+def _compute(plan: Plan, speeds: dict[str, float], scale: dict[str, float]
+             ) -> dict[str, tuple[float, float]]:
+    """What the devices would measure: the prediction times ``scale``."""
+    sums = LayerSums.of(COSTS)
+    out = {}
+    for st in plan.stages:
+        for d, share in zip(st.devices, st.shares, strict=True):
+            out[d] = (sums.fwd_time(st.first, st.last, share, speeds[d]) * scale[d],
+                      sums.bwd_time(st.first, st.last, share, speeds[d]) * scale[d])
+    return out
+
+
+def test_a_run_as_predicted_changes_nothing() -> None:
+    cluster = make_cluster([1.0, 0.5], bandwidth_mbps=8.0)
+    predicted = evaluate(TWO, COSTS, cluster).round_time_s
+    out, cal = calibrate(TWO, COSTS, cluster, _compute(TWO, {"d0": 1.0, "d1": 0.5},
+                                                       {"d0": 1.0, "d1": 1.0}), predicted)
+    assert cal.compute_scale == pytest.approx(1.0)
+    assert cal.speeds == pytest.approx({"d0": 1.0, "d1": 0.5})
+    assert cal.message_overhead_s == 0.0
+    assert cal.calibrated_round_s == pytest.approx(predicted)
+    assert out.latency_s("d0", "d1") == 0.0
+
+
+def test_slow_compute_scales_every_speed_by_the_median() -> None:
+    cluster = make_cluster([1.0, 0.5, 0.5], bandwidth_mbps=8.0)
+    three = _plan((Stage((0, 1), ("d0",), (2,)), Stage((2, 2), ("d1",), (2,)),
+                   Stage((3, 3), ("d2",), (2,))))
+    measured = _compute(three, {"d0": 1.0, "d1": 0.5, "d2": 0.5},
+                        {"d0": 3.0, "d1": 2.0, "d2": 1.5})
+    rounds = evaluate(three, COSTS, cluster).round_time_s * 2.0
+    _, common = calibrate(three, COSTS, cluster, measured, rounds)
+    assert common.compute_ratio == pytest.approx({"d0": 3.0, "d1": 2.0, "d2": 1.5})
+    assert common.compute_scale == pytest.approx(2.0)
+    # the declared ratios between devices stay: one correction for the table's bias
+    assert common.speeds == pytest.approx({"d0": 0.5, "d1": 0.25, "d2": 0.25})
+    _, each = calibrate(three, COSTS, cluster, measured, rounds, per_device=True)
+    assert each.speeds == pytest.approx({"d0": 1 / 3, "d1": 0.25, "d2": 0.5 / 1.5})
+
+
+def test_unexplained_round_time_becomes_a_per_message_overhead() -> None:
+    cluster = make_cluster([1.0, 1.0], bandwidth_mbps=8.0)
+    base = evaluate(TWO, COSTS, cluster).round_time_s
+    measured = _compute(TWO, {"d0": 1.0, "d1": 1.0}, {"d0": 1.0, "d1": 1.0})
+    out, cal = calibrate(TWO, COSTS, cluster, measured, base + 0.05)
+    assert cal.compute_scale == pytest.approx(1.0)
+    assert cal.message_overhead_s > 0
+    assert cal.calibrated_round_s == pytest.approx(base + 0.05, rel=1e-6)
+    assert evaluate(TWO, COSTS, out).round_time_s == pytest.approx(base + 0.05, rel=1e-6)
+    assert out.latency_s("d0", "d1") == pytest.approx(cal.message_overhead_s)
+    # a faster measured round than predicted never gives a negative overhead
+    _, fast = calibrate(TWO, COSTS, cluster, measured, base * 0.5)
+    assert fast.message_overhead_s == 0.0
+
+
+def test_a_plan_without_messages_shows_no_overhead() -> None:
+    cluster = make_cluster([1.0, 1.0], bandwidth_mbps=8.0)
+    measured = _compute(ONE, {"d0": 1.0}, {"d0": 2.0})
+    predicted = evaluate(ONE, COSTS, cluster).round_time_s
+    out, cal = calibrate(ONE, COSTS, cluster, measured, predicted * 3.0)
+    assert cal.compute_scale == pytest.approx(2.0) and cal.message_overhead_s == 0.0
+    assert cal.speeds == {"d0": pytest.approx(0.5)}
+    # d1 ran nothing: it gets the same correction in the calibrated cluster
+    assert out.device("d1").speed == pytest.approx(0.5)
+
+
+def test_missing_and_broken_measurements_are_left_out() -> None:
+    cluster = make_cluster([1.0, 0.5], bandwidth_mbps=8.0)
+    predicted = evaluate(TWO, COSTS, cluster).round_time_s
+    broken = {"d0": (1e3, 1e3), "d1": (float("nan"), 0.0)}
+    out, cal = calibrate(TWO, COSTS, cluster, broken, predicted)
+    assert cal.measured_devices == [] and cal.compute_scale == 1.0
+    assert out.device("d1").speed == pytest.approx(0.5)
+    _, none = calibrate(TWO, COSTS, cluster, {}, float("nan"))
+    assert none.message_overhead_s == 0.0 and none.compute_scale == 1.0
+    json.dumps(cal.to_dict())
+
+
+def test_with_message_overhead_adds_to_every_link() -> None:
+    cluster = make_cluster([1.0] * 3, bandwidth_mbps=8.0, latency_ms=1.0,
+                           links=[("d0", "d1", 16.0)], link_latency=[("d1", "d2", 4.0)])
+    more = with_message_overhead(cluster, 0.002)
+    assert more.latency_s("d0", "d2") == pytest.approx(0.003)
+    assert more.latency_s("d1", "d2") == pytest.approx(0.006)
+    assert more.latency_s("d0", "d1") == pytest.approx(0.003)    # bandwidth-only override
+    assert more.bandwidth_mbps_between("d0", "d1") == 16.0
+    assert with_message_overhead(cluster, 0.0) is cluster
