@@ -212,15 +212,21 @@ def _worker(rank: int, world: int, port: int, source: StageSource, config: Train
             results.put(("ok", rank, buffer.getvalue()))
             dist.barrier()   # nobody tears its sockets down while a peer still reads
             dist.destroy_process_group()
+            if hooks is not None:   # replica channels' threads may still be blocked
+                hooks.close()
+                _exit_handed_over(results)
             return
     except BaseException as exc:  # noqa: BLE001 - reported to the launcher as data
         results.put(("error", rank, (f"{type(exc).__name__}: {exc}", _is_secondary(exc))))
+        if hooks is not None:    # threads of replica channels may still run: no teardown
+            _exit_handed_over(results, 1)
         raise SystemExit(1) from None
 
 
-def _exit_handed_over(results: Any) -> None:
-    """End a worker whose work is done and handed over (told to exit after a failure or a
-    graceful leave) with code 0: flush the result queue and the log, then ``os._exit``.
+def _exit_handed_over(results: Any, code: int = 0) -> None:
+    """End a worker whose work is done and handed over (training finished, or told to exit
+    after a failure or a graceful leave) with code 0: flush the result queue and the log,
+    then ``os._exit(code)``.
     A normal interpreter exit would destroy torch.distributed objects whose threads (a
     replica channel's send or receive left blocked when the group was shut down) still run,
     which aborts the process ("terminate called without an active exception", code -6)."""
@@ -235,7 +241,7 @@ def _exit_handed_over(results: Any) -> None:
             stream.flush()
         except (OSError, ValueError):
             pass
-    os._exit(0)
+    os._exit(code)
 
 
 def _exit_with_parent(interval_s: float = 0.5) -> None:

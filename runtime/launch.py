@@ -53,7 +53,8 @@ class RunResult:
     stages: list[StageTiming] = field(default_factory=list)
     workers: list[WorkerResult] = field(default_factory=list)
     recoveries: list[dict[str, Any]] = field(default_factory=list)
-    #: device processes that ended by themselves before the end (a device that left: 0)
+    #: exit codes of the device processes that ended by themselves (0: a device that left,
+    #: or one that finished training; a process that had to be killed is not listed)
     exit_codes: dict[str, int | None] = field(default_factory=dict)
 
     @property

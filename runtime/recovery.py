@@ -897,9 +897,9 @@ class _Processes:
             for device, proc in list(self.by_device.items()):
                 if device in keep:
                     continue
-                if device in self.exiting:   # e.g. a device that left: let it end by itself
-                    proc.join(timeout=EXIT_WAIT_S)
-                    self.exiting.discard(device)
+                if device in self.exiting or ok:   # a device that left, or training is
+                    proc.join(timeout=EXIT_WAIT_S)    # done: let it end by itself (killing
+                    self.exiting.discard(device)      # one breaks its peers' last barrier)
                 if not proc.is_alive():
                     self.exit_codes[device] = proc.exitcode
                 else:

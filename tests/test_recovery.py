@@ -277,6 +277,8 @@ def test_graceful_leave_hands_over_and_replays_nothing(tmp_path: Path,
     assert leaver not in load_plan(directory / "recovery" / "gen1").devices
     assert leaver not in ev["kept"] and ev["kept"]          # the others stay up
     assert result.exit_codes[leaver] == 0
+    # every process ends by itself with code 0 (none is killed, none aborts in teardown)
+    assert set(result.exit_codes.values()) == {0}
     assert f"left ['{leaver}']" in result.summary()
 
 
