@@ -133,6 +133,9 @@ def test_cli_options_of_fault_tolerance(tmp_path: Path,
     assert main(["run", str(directory), "--emulate", str(CLUSTER), "--steps", "2",
                  "--fail", "slow0@1", "--replan-tolerance", "-1"]) == 1
     assert "--replan-tolerance must be a fraction >= 0" in capsys.readouterr().err
+    assert main(["run", str(directory), "--emulate", str(CLUSTER), "--steps", "2",
+                 "--no-calibrate"]) == 1
+    assert "['calibrate'] need fail=DEVICE@STEP" in capsys.readouterr().err
 
 
 def test_replicate_every_values() -> None:
