@@ -158,12 +158,13 @@ def test_drain_breaks_the_plain_four_number_dominance() -> None:
                                                     [10.0, 4.9] + [0.5] * 6, [0.0] * 8, m))
 
 
-@pytest.mark.parametrize("size", [(6, 4), (7, 5)])
-def test_dp_equals_brute_force_on_random_instances(size: tuple[int, int]) -> None:
+def _agreement_with_brute_force(seeds: range, max_layers: int, max_devices: int,
+                                latency: bool = False) -> tuple[int, int]:
+    """(instances where DP = brute force = evaluate, of which multi-stage plans)."""
     agree = multi_stage = 0
-    for seed in range(300):
-        costs, cluster, batch = random_instance(seed + 10_000 * size[0], max_layers=size[0],
-                                                max_devices=size[1])
+    for seed in seeds:
+        costs, cluster, batch = random_instance(seed, max_layers=max_layers,
+                                                max_devices=max_devices, latency=latency)
         dp = asteroid_dp(costs, cluster, batch, max_cuts=None)
         brute = brute_force(costs, cluster, batch)
         assert (dp.plan is None) == (brute.plan is None), seed
@@ -175,6 +176,13 @@ def test_dp_equals_brute_force_on_random_instances(size: tuple[int, int]) -> Non
         assert dp.round_time_s == pytest.approx(pred.round_time_s, rel=1e-9), seed
         agree += 1
         multi_stage += dp.plan.num_stages > 1
+    return agree, multi_stage
+
+
+@pytest.mark.parametrize("size", [(6, 4), (7, 5)])
+def test_dp_equals_brute_force_on_random_instances(size: tuple[int, int]) -> None:
+    agree, multi_stage = _agreement_with_brute_force(
+        range(10_000 * size[0], 10_000 * size[0] + 300), *size)
     assert agree >= 240
     assert multi_stage >= 40  # the comparison covers real pipelines, not only data parallelism
 
@@ -182,20 +190,8 @@ def test_dp_equals_brute_force_on_random_instances(size: tuple[int, int]) -> Non
 def test_dp_equals_brute_force_with_link_latency() -> None:
     # per-message latency (network default and per-pair overrides) enters transfer_time
     # and the all-reduce; the DP's numpy/Python stage terms must still match evaluate's
-    agree = multi_stage = 0
-    for seed in range(120):
-        costs, cluster, batch = random_instance(seed + 70_000, max_layers=5, max_devices=4,
-                                                latency=True)
-        dp = asteroid_dp(costs, cluster, batch, max_cuts=None)
-        brute = brute_force(costs, cluster, batch)
-        assert (dp.plan is None) == (brute.plan is None), seed
-        if dp.plan is None:
-            continue
-        pred = evaluate(dp.plan, costs, cluster)
-        assert pred.round_time_s == pytest.approx(brute.round_time_s, rel=1e-9), seed
-        assert dp.round_time_s == pytest.approx(pred.round_time_s, rel=1e-9), seed
-        agree += 1
-        multi_stage += dp.plan.num_stages > 1
+    agree, multi_stage = _agreement_with_brute_force(range(70_000, 70_120), 5, 4,
+                                                     latency=True)
     assert agree >= 90 and multi_stage >= 10
 
 
