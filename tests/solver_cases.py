@@ -64,7 +64,9 @@ def make_cluster(speeds: Sequence[float], memory_mib: Sequence[float] | float = 
                            speed=float(v)) for i, v in enumerate(speeds))
     lat = {frozenset((a, b)): ms for a, b, ms in link_latency}
     overrides = [Link(a, b, bw, lat.pop(frozenset((a, b)), None)) for a, b, bw in links]
-    overrides += [Link(*sorted(pair), None, ms) for pair, ms in lat.items()]
+    for pair, ms in lat.items():
+        a, b = sorted(pair)
+        overrides.append(Link(a, b, None, ms))
     return Cluster(devices=devices, bandwidth_mbps=bandwidth_mbps, links=tuple(overrides),
                    latency_ms=latency_ms)
 
