@@ -79,6 +79,13 @@ class EmulationSetup:
     def effective_speeds(self) -> tuple[float, ...]:
         return tuple(s / self.factor for s in self.speeds)
 
+    @property
+    def links(self) -> dict[str, Any]:
+        """``link_bytes_s`` and ``link_latency_s``, as ``TrainConfig`` and the recovery
+        ``WorkerSpec`` take them (``dataclasses.replace(config, **setup.links)``)."""
+        return {"link_bytes_s": self.link_bytes_s,
+                "link_latency_s": self.link_latency_s or None}
+
 
 @dataclass
 class EmulationResult:
@@ -307,17 +314,23 @@ def _remove_stale_cgroups() -> None:
                 pass
 
 
+def make_cgroup(path: Path, speed: float) -> None:
+    """Create (or reuse) the cgroup-v1 CPU group ``path`` holding its processes to
+    ``speed`` of one core (:func:`cfs_settings`)."""
+    path.mkdir(exist_ok=True)
+    period, quota = cfs_settings(speed)
+    (path / "cpu.cfs_period_us").write_text(str(period))
+    (path / "cpu.cfs_quota_us").write_text(str(quota))
+
+
 def _make_cgroups(speeds: Sequence[float]) -> list[str]:
     _remove_stale_cgroups()
     made: list[str] = []
     try:
         for rank, speed in enumerate(speeds):
             path = CGROUP_ROOT / f"asteroid-fx-{os.getpid()}-{rank}"
-            path.mkdir(exist_ok=True)
             made.append(str(path))
-            period, quota = cfs_settings(speed)
-            (path / "cpu.cfs_period_us").write_text(str(period))
-            (path / "cpu.cfs_quota_us").write_text(str(quota))
+            make_cgroup(path, speed)
     except OSError:
         _remove_cgroups(made)
         raise
@@ -457,8 +470,7 @@ def _launch_shaped(source: StageSource, config: TrainConfig, setup: EmulationSet
                    progress: Callable[[Mapping[str, Any]], None] | None,
                    timeout_s: float) -> list[WorkerResult]:
     world = len(setup.devices)
-    config = replace(config, link_bytes_s=setup.link_bytes_s,
-                     link_latency_s=setup.link_latency_s or None)
+    config = replace(config, **setup.links)
     if shaping != "dilation":
         return launch_local(source, world, config, cgroups=cgroups, progress=progress,
                             timeout_s=timeout_s, devices=setup.devices)

@@ -741,11 +741,8 @@ class _Processes:
                 for path, speed in zip(cgroups, speeds, strict=True):
                     if speed >= 1.0:
                         continue
-                    Path(path).mkdir(exist_ok=True)
                     self.cgroups.append(path)
-                    period, quota = emu.cfs_settings(speed)
-                    Path(path, "cpu.cfs_period_us").write_text(str(period))
-                    Path(path, "cpu.cfs_quota_us").write_text(str(quota))
+                    emu.make_cgroup(Path(path), speed)
                 self.shaping = "cgroup"
             except OSError as exc:
                 log.warning("cgroup CPU shaping unavailable (%s); using time dilation", exc)
@@ -766,10 +763,8 @@ class _Processes:
         previous = self.generation
         self.generation = spec.generation
         run_source, cgroups, setup = self._shape(plan, cluster, source, spec.generation)
-        config = replace(config, link_bytes_s=setup.link_bytes_s,
-                         link_latency_s=setup.link_latency_s or None)
-        spec = replace(spec, link_bytes_s=setup.link_bytes_s,    # replica sends are paced too
-                       link_latency_s=setup.link_latency_s or None)
+        config = replace(config, **setup.links)
+        spec = replace(spec, **setup.links)    # replica sends are paced too
         world = len(plan.devices)
         procs = []
         for rank, device in enumerate(plan.devices):

@@ -155,9 +155,10 @@ def _fit_overhead(plan: Plan, costs: CostTable, cluster: Cluster, base_s: float,
         return evaluate(plan, costs, with_message_overhead(cluster, h)).round_time_s
 
     hi = round_s
-    if round_with(hi) <= base_s:          # no message on any path: nothing to fit
+    top = round_with(hi)
+    if top <= base_s:                      # no message on any path: nothing to fit
         return 0.0
-    if round_with(hi) < round_s:           # pragma: no cover - h = round_s always suffices
+    if top < round_s:                      # pragma: no cover - h = round_s always suffices
         return hi
     lo = 0.0
     for _ in range(50):

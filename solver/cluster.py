@@ -26,26 +26,28 @@ def _host_memory_bytes() -> int:
         return 8 * GIB
 
 
-def _positive(value: Any, what: str, entry: Any) -> float:
+def _number(value: Any, what: str, entry: Any, *, zero_ok: bool = False,
+            unit: str = "") -> float:
+    """``value`` as a finite number > 0 (``zero_ok``: >= 0), else ``ClusterError``."""
     try:
         number = float(value)
     except (TypeError, ValueError):
-        raise ClusterError(f"{what} must be a number, got {value!r} in {entry!r}") from None
-    if not (number > 0 and math.isfinite(number)):
-        raise ClusterError(f"{what} must be > 0, got {value!r} in {entry!r}")
+        of = f" of {unit}" if unit else ""
+        raise ClusterError(f"{what} must be a number{of}, got {value!r} in {entry!r}") from None
+    if not ((number >= 0 if zero_ok else number > 0) and math.isfinite(number)):
+        bound = ">= 0" if zero_ok else "> 0"
+        raise ClusterError(f"{what} must be {bound}{' ' + unit if unit else ''}, got {value!r} "
+                           f"in {entry!r}")
     return number
+
+
+def _positive(value: Any, what: str, entry: Any) -> float:
+    return _number(value, what, entry)
 
 
 def _latency(value: Any, what: str, entry: Any) -> float:
     """A one-way latency in milliseconds: a finite number >= 0."""
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise ClusterError(f"{what} must be a number of milliseconds, got {value!r} in "
-                           f"{entry!r}") from None
-    if not (number >= 0 and math.isfinite(number)):
-        raise ClusterError(f"{what} must be >= 0 milliseconds, got {value!r} in {entry!r}")
-    return number
+    return _number(value, what, entry, zero_ok=True, unit="milliseconds")
 
 
 _NETWORK_KEYS = {"bandwidth_mbps", "latency_ms", "links"}
