@@ -11,9 +11,20 @@ from typing import Any
 
 from asteroid_fx.errors import CostModelError
 
-__all__ = ["TimeFit", "LayerCost", "CostTable", "COST_TABLE_VERSION"]
+__all__ = ["TimeFit", "LayerCost", "DeviceColumn", "CostTable", "COST_TABLE_VERSION",
+           "COLUMN_SOURCES", "UNMEASURED_TYPES"]
 
-COST_TABLE_VERSION = 1
+COST_TABLE_VERSION = 2
+"""Version 2 adds ``device_type`` and ``columns``; version 1 files are still read."""
+
+COLUMN_SOURCES = ("measured", "calibrated", "analytic")
+"""Where a column's times come from: a profiler run on a device of its type, a measured
+table corrected by what a training run measured (``asteroid-fx calibrate``), or the
+FLOP/byte model."""
+
+UNMEASURED_TYPES = ("local", "custom")
+"""Types that never have a column of their own: ``local`` is the table's own host (the
+base times, scaled by ``speed``) and ``custom`` devices are declared by their speed."""
 
 
 @dataclass(frozen=True)
@@ -39,6 +50,10 @@ class TimeFit:
 
     def to_list(self) -> list[float]:
         return [self.intercept_s, self.per_sample_s]
+
+    def scaled(self, factor: float) -> TimeFit:
+        """Both coefficients times ``factor`` (> 0)."""
+        return TimeFit(self.intercept_s * factor, self.per_sample_s * factor)
 
     @classmethod
     def from_list(cls, value: Sequence[float]) -> TimeFit:
@@ -96,6 +111,85 @@ class LayerCost:
             raise CostModelError(f"malformed layer entry {dict(data)!r}: {exc}") from exc
 
 
+def _fits(values: Any, what: str, count: int) -> tuple[TimeFit, ...]:
+    if not isinstance(values, Sequence) or isinstance(values, str) or len(values) != count:
+        raise CostModelError(f"{what} must list one [intercept_s, per_sample_s] per layer "
+                             f"({count}), got {values!r:.80}")
+    return tuple(TimeFit.from_list(v) for v in values)
+
+
+@dataclass(frozen=True)
+class DeviceColumn:
+    """One device type's per-layer times (``fwd[i]``/``bwd[i]`` for layer ``i``) and
+    optimizer step, taken as they are for every device of that type: no ``speed`` is
+    applied on top (see docs/latency-model.md, "Cost columns").
+
+    ``host`` / ``torch_version`` / ``host_flops`` describe the device that measured it.
+    """
+
+    device_type: str
+    fwd: tuple[TimeFit, ...]
+    bwd: tuple[TimeFit, ...]
+    update_s_per_byte: float = 0.0
+    source: str = "measured"
+    host: str = ""
+    torch_version: str = ""
+    host_flops: float = 0.0
+    meta: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.device_type or self.device_type in UNMEASURED_TYPES:
+            raise CostModelError(
+                f"a cost column needs a device type other than {' or '.join(UNMEASURED_TYPES)}, "
+                f"got {self.device_type!r}; profile with `--device-type TYPE` on that device")
+        if len(self.fwd) != len(self.bwd):
+            raise CostModelError(f"column {self.device_type!r} has {len(self.fwd)} forward "
+                                 f"and {len(self.bwd)} backward times")
+        if self.source not in COLUMN_SOURCES:
+            raise CostModelError(f"column {self.device_type!r}: source must be one of "
+                                 f"{COLUMN_SOURCES}, got {self.source!r}")
+        for value, what in ((self.update_s_per_byte, "update_s_per_byte"),
+                            (self.host_flops, "host_flops")):
+            if not (math.isfinite(value) and value >= 0):
+                raise CostModelError(f"column {self.device_type!r}: {what} must be finite "
+                                     f"and >= 0, got {value!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "device_type": self.device_type,
+            "source": self.source,
+            "host": self.host,
+            "torch_version": self.torch_version,
+            "host_flops": self.host_flops,
+            "update_s_per_byte": self.update_s_per_byte,
+            "fwd": [f.to_list() for f in self.fwd],
+            "bwd": [b.to_list() for b in self.bwd],
+            "meta": dict(self.meta),
+        }
+
+    @classmethod
+    def from_dict(cls, data: Any, num_layers: int) -> DeviceColumn:
+        if not isinstance(data, Mapping):
+            raise CostModelError(f"a cost column is a JSON object, got {data!r:.80}")
+        try:
+            name = str(data["device_type"])
+            return cls(
+                device_type=name,
+                fwd=_fits(data["fwd"], f"column {name!r} fwd", num_layers),
+                bwd=_fits(data["bwd"], f"column {name!r} bwd", num_layers),
+                update_s_per_byte=float(data.get("update_s_per_byte", 0.0)),
+                source=str(data.get("source", "measured")),
+                host=str(data.get("host", "")),
+                torch_version=str(data.get("torch_version", "")),
+                host_flops=float(data.get("host_flops", 0.0)),
+                meta=dict(data.get("meta", {})),
+            )
+        except KeyError as exc:
+            raise CostModelError(f"a cost column is missing the field {exc.args[0]!r}") from exc
+        except (TypeError, ValueError) as exc:
+            raise CostModelError(f"malformed cost column: {exc}") from exc
+
+
 @dataclass(frozen=True)
 class CostTable:
     """Per-layer costs of one model in topological order, plus the bytes across every cut.
@@ -106,6 +200,13 @@ class CostTable:
     the profiling host; built-in device types are scaled against it (see
     ``cost_models.devices``). ``update_s_per_byte`` is the host's time for one optimizer
     step per byte of parameters (0 when unknown: tables from before it was measured).
+
+    The layers' times are the *base column*: they were measured (or modelled) on a device
+    of type ``device_type`` (``"local"``: the workstation that ran ``profile``). Devices of
+    that type, when it is not ``local``, take them as they are; ``columns`` hold further
+    types measured on their own devices (``asteroid-fx costs merge``). Every other device
+    scales the base times by its ``speed`` (``Cluster`` / ``cost_models.devices``). See
+    :meth:`column` and :meth:`timing_source`.
     """
 
     layers: tuple[LayerCost, ...]
@@ -120,8 +221,22 @@ class CostTable:
     batch_sizes: tuple[int, ...] = ()
     meta: Mapping[str, Any] = field(default_factory=dict)
     update_s_per_byte: float = 0.0  # one optimizer step, seconds per parameter byte
+    device_type: str = "local"  # the type the base times were measured on
+    columns: tuple[DeviceColumn, ...] = ()  # other measured types, sorted by type
 
     def __post_init__(self) -> None:
+        if not self.device_type or self.device_type == "custom":
+            raise CostModelError(f"a cost table's device_type must name a device type "
+                                 f"(e.g. local, jetson-nano), got {self.device_type!r}")
+        seen = {self.device_type}
+        for col in self.columns:
+            if col.device_type in seen:
+                raise CostModelError(f"the cost table has two columns for device type "
+                                     f"{col.device_type!r}; merge tables of distinct types")
+            seen.add(col.device_type)
+            if len(col.fwd) != len(self.layers):
+                raise CostModelError(f"column {col.device_type!r} has {len(col.fwd)} layers, "
+                                     f"the table {len(self.layers)}")
         if not (math.isfinite(self.update_s_per_byte) and self.update_s_per_byte >= 0):
             raise CostModelError(
                 f"update_s_per_byte must be finite and >= 0, got {self.update_s_per_byte!r}; "
@@ -149,6 +264,50 @@ class CostTable:
     def total_param_bytes(self) -> int:
         return sum(layer.param_bytes for layer in self.layers)
 
+    @property
+    def base_column(self) -> DeviceColumn | None:
+        """The base times as a column when they were measured on a board type (``profile
+        --device-type``), else None (``local``: they describe the workstation)."""
+        if self.device_type in UNMEASURED_TYPES:
+            return None
+        return DeviceColumn(
+            device_type=self.device_type,
+            fwd=tuple(lc.fwd for lc in self.layers),
+            bwd=tuple(lc.bwd for lc in self.layers),
+            update_s_per_byte=self.update_s_per_byte,
+            source="measured" if self.source == "measured" else "analytic",
+            host=self.host, torch_version=self.torch_version, host_flops=self.host_flops,
+        )
+
+    @property
+    def measured_types(self) -> tuple[str, ...]:
+        """The device types with times of their own (base column first, then columns)."""
+        base = () if self.device_type in UNMEASURED_TYPES else (self.device_type,)
+        return base + tuple(col.device_type for col in self.columns)
+
+    def column(self, device_type: str) -> DeviceColumn | None:
+        """The times devices of ``device_type`` take as they are, or None when they scale
+        the base times by their speed (``local``, ``custom`` and unmeasured types)."""
+        if device_type == self.device_type:
+            return self.base_column
+        for col in self.columns:
+            if col.device_type == device_type:
+                return col
+        return None
+
+    def timing_source(self, device_type: str) -> str:
+        """One phrase: where devices of ``device_type`` take their times from."""
+        col = self.column(device_type)
+        if col is not None:
+            where = f" on {col.host}" if col.host else ""
+            return f"{col.source} on a {device_type}{where}"
+        base = f"{self.source} on {self.host or 'the profiling host'}"
+        if device_type == "local":
+            return base
+        if device_type == "custom":
+            return f"scaled by speed from {base}"
+        return f"scaled by speed from {base} (no {device_type} column)"
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "version": COST_TABLE_VERSION,
@@ -164,6 +323,8 @@ class CostTable:
             "layers": [layer.to_dict() for layer in self.layers],
             "meta": dict(self.meta),
             "update_s_per_byte": self.update_s_per_byte,
+            "device_type": self.device_type,
+            "columns": [col.to_dict() for col in self.columns],
         }
 
     def to_json(self) -> str:
@@ -174,10 +335,12 @@ class CostTable:
         if not isinstance(data, Mapping):
             raise CostModelError(f"a cost table is a JSON object, got {type(data).__name__}")
         version = data.get("version", COST_TABLE_VERSION)
-        if version != COST_TABLE_VERSION:
+        if version not in (1, COST_TABLE_VERSION):
+            newer = isinstance(version, int) and version > COST_TABLE_VERSION
             raise CostModelError(
-                f"cost table version {version!r} is not supported (expected "
-                f"{COST_TABLE_VERSION}); re-run `asteroid-fx profile`"
+                f"cost table version {version!r} is not supported (this asteroid-fx reads "
+                f"1..{COST_TABLE_VERSION}); "
+                + ("upgrade asteroid-fx" if newer else "re-run `asteroid-fx profile`")
             )
         try:
             return cls(
@@ -193,6 +356,9 @@ class CostTable:
                 batch_sizes=tuple(int(b) for b in data.get("batch_sizes", ())),
                 meta=dict(data.get("meta", {})),
                 update_s_per_byte=float(data.get("update_s_per_byte", 0.0)),
+                device_type=str(data.get("device_type", "local")),
+                columns=tuple(DeviceColumn.from_dict(c, len(data["layers"]))
+                              for c in data.get("columns", ())),
             )
         except KeyError as exc:
             raise CostModelError(f"cost table is missing the field {exc.args[0]!r}") from exc
