@@ -43,6 +43,8 @@ _LAZY: dict[str, str] = {
     "ModelSpec": "asteroid_fx.model_spec",
     "profile": "cost_models.profile",
     "analytic_costs": "cost_models.analytic",
+    "merge_costs": "cost_models.merge",
+    "calibrate": "asteroid_fx.calibration",
     "CostTable": "cost_models.table",
     "LayerCost": "cost_models.table",
     "Cluster": "solver.cluster",

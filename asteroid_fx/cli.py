@@ -174,8 +174,13 @@ def profile(
     out: Annotated[Path, typer.Option("--out", "-o", help="where to write costs.json")] = Path(
         "costs.json"),
     batch_sizes: Annotated[str, typer.Option("--batch-sizes", help="comma-separated")] = "1,2,4,8",
-    repeats: Annotated[int, typer.Option("--repeats")] = 5,
+    repeats: Annotated[int, typer.Option("--repeats", help="timed runs per layer and batch "
+                                         "size (the median is kept)")] = 5,
     leaf: LeafOpt = None,
+    device_type: Annotated[str, typer.Option(
+        "--device-type", help="the device type this machine is (e.g. jetson-nano when run "
+        "on a Nano); devices of that type then take these times as measured, and `costs "
+        "merge` joins tables of several types")] = "local",
 ) -> None:
     """Measure forward/backward time per layer on this host at several batch sizes."""
     with _errors():
@@ -194,12 +199,13 @@ def profile(
         with bar:
             table = profile_fn(spec.build_model(), spec.sample_batch, batch_sizes=sizes,
                                leaf_modules=_leaf(leaf), repeats=repeats, progress=update,
-                               optimizer=spec.build_optimizer)
+                               optimizer=spec.build_optimizer, device_type=device_type)
         table = _renamed(table, spec.name)
         table.save(out)
         console.print(f"profiled {table.num_layers} layers at batch sizes {list(sizes)} in "
-                      f"{time.perf_counter() - start:.1f} s; host {table.host} "
-                      f"({table.host_flops / 1e9:.1f} GFLOP/s per core) -> {out}")
+                      f"{time.perf_counter() - start:.1f} s; {table.device_type} {table.host} "
+                      f"({table.host_flops / 1e9:.1f} GFLOP/s per core, optimizer state "
+                      f"{table.optimizer_state_factor:.2g}x weights) -> {out}")
 
 
 def _renamed(table: Any, name: str) -> Any:
@@ -210,68 +216,129 @@ def _renamed(table: Any, name: str) -> Any:
 
 @app.command()
 def costs(
-    costs_file: Annotated[Path, typer.Argument(help="costs.json from `asteroid-fx profile`")],
-    cluster: Annotated[Path | None, typer.Option("--cluster", "-c")] = None,
-    batch_size: Annotated[int, typer.Option("--batch-size", "-b")] = 1,
+    files: Annotated[list[str], typer.Argument(
+        help="costs.json to show, or `merge A.json B.json ...` to join tables of one model "
+        "measured on different device types", metavar="COSTS.json | merge FILES...")],
+    cluster: Annotated[Path | None, typer.Option(
+        "--cluster", "-c", help="show one time column per device type of this cluster "
+        "(measured, or scaled by speed)")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b",
+                                            help="batch size the times are shown at")] = 1,
+    out: Annotated[Path | None, typer.Option(
+        "--out", "-o", help="with merge: where to write the merged table")] = None,
 ) -> None:
-    """Show a cost table: per-layer time per device type, memory and cut sizes."""
+    """Show a cost table (per-layer time per device type, memory, cuts), or merge tables."""
     with _errors():
-        from rich.table import Table
-
+        from asteroid_fx.errors import CostModelError
         from cost_models.table import CostTable
-        from solver.cluster import Cluster
 
-        table = CostTable.load(costs_file)
-        columns: dict[str, float] = {"local": 1.0}
-        if cluster is not None:
-            clus = Cluster.from_yaml(cluster)
-            speeds = clus.speeds(table.host_flops)
-            columns = {}
-            for device in clus.devices:
-                columns.setdefault(device.type if device.speed is None else device.name,
-                                   speeds[device.name])
-        out = Table(title=f"{table.model_name} ({table.source}, host {table.host}, "
-                          f"{table.host_flops / 1e9:.1f} GFLOP/s) — fwd+bwd ms at batch "
-                          f"{batch_size}")
-        out.add_column("#", justify="right")
-        out.add_column("layer")
-        out.add_column("op")
-        for name in columns:
-            out.add_column(name, justify="right")
-        out.add_column("params", justify="right")
-        out.add_column("cut after", justify="right")
-        totals = dict.fromkeys(columns, 0.0)
-        for i, layer in enumerate(table.layers):
-            t = layer.fwd.at(batch_size) + layer.bwd.at(batch_size)
-            cells = []
-            for name, speed in columns.items():
-                totals[name] += t / speed
-                cells.append(f"{1e3 * t / speed:.3f}")
-            cut = _fmt_bytes(table.cut_bytes[i]) if i < len(table.cut_bytes) else "-"
-            out.add_row(str(i), layer.name, layer.op, *cells, _fmt_bytes(layer.param_bytes), cut)
-        out.add_row("", "total", "", *(f"{1e3 * v:.3f}" for v in totals.values()),
-                    _fmt_bytes(table.total_param_bytes), "")
-        console.print(out)
+        if files[0] == "merge":
+            from cost_models.merge import merge_costs
+
+            if len(files) < 2 or out is None:
+                raise CostModelError("usage: asteroid-fx costs merge A.json B.json ... "
+                                     "--out costs.json")
+            merged = merge_costs([CostTable.load(f) for f in files[1:]], names=files[1:])
+            merged.save(out)
+            console.print(f"merged {len(files) - 1} tables of {merged.model_name}: "
+                          f"{_measured_line(merged)} -> {out}")
+            return
+        if len(files) != 1:
+            raise CostModelError(f"costs shows one table, got {len(files)} files; to join "
+                                 f"tables use `asteroid-fx costs merge ... --out FILE`")
+        _show_costs(CostTable.load(files[0]), cluster, batch_size)
 
 
-def _costs_for(model: str, batch_size: int, costs_file: Path | None,
-               leaf: tuple[str, ...]) -> tuple[Any, Any, tuple[Any, ...], Any]:
-    """The model, its example inputs and a cost table (given, or analytic)."""
-    from cost_models.table import CostTable
+def _measured_line(table: Any) -> str:
+    kinds = ", ".join(f"{t} ({table.timing_source(t)})" for t in table.measured_types)
+    return f"base {table.device_type} ({table.source})" + (f"; columns {kinds}" if kinds else "")
+
+
+def _show_costs(table: Any, cluster: Path | None, batch_size: int) -> None:
+    """Print the table with one time column per device type (or per device speed)."""
+    from rich.table import Table
+
+    from solver.cluster import Cluster
+
+    # column label -> (per-layer fwd/bwd fits, speed divisor, where the times come from)
+    base = [(lc.fwd, lc.bwd) for lc in table.layers]
+    columns: dict[str, tuple[list[Any], float, str]] = {}
+    types = [table.device_type, *table.measured_types]
+    speeds: dict[str, float] = {}
+    if cluster is not None:
+        clus = Cluster.from_yaml(cluster)
+        speeds = clus.speeds(table.host_flops)
+        types = []
+        for device in clus.devices:
+            label = device.type if (device.speed is None or table.column(device.type)) \
+                else f"{device.name} ({device.type})"
+            if label not in columns:
+                types.append(label)
+                col = table.column(device.type)
+                columns[label] = ((list(zip(col.fwd, col.bwd, strict=True)), 1.0,
+                                   table.timing_source(device.type)) if col is not None else
+                                  (base, speeds[device.name],
+                                   table.timing_source(device.type)
+                                   + f", speed {speeds[device.name]:.3g}"))
+    else:
+        for t in dict.fromkeys(types):
+            col = table.column(t)
+            columns[t] = ((list(zip(col.fwd, col.bwd, strict=True)), 1.0,
+                           table.timing_source(t)) if col is not None else
+                          (base, 1.0, table.timing_source(t)))
+    out = Table(title=f"{table.model_name} — fwd+bwd ms at batch {batch_size}")
+    out.add_column("#", justify="right")
+    out.add_column("layer")
+    out.add_column("op")
+    for label in columns:
+        out.add_column(label, justify="right")
+    out.add_column("params", justify="right")
+    out.add_column("cut after", justify="right")
+    totals = dict.fromkeys(columns, 0.0)
+    for i, layer in enumerate(table.layers):
+        cells = []
+        for label, (fits, divisor, _src) in columns.items():
+            t = (fits[i][0].at(batch_size) + fits[i][1].at(batch_size)) / divisor
+            totals[label] += t
+            cells.append(f"{1e3 * t:.3f}")
+        cut = _fmt_bytes(table.cut_bytes[i]) if i < len(table.cut_bytes) else "-"
+        out.add_row(str(i), layer.name, layer.op, *cells, _fmt_bytes(layer.param_bytes), cut)
+    out.add_row("", "total", "", *(f"{1e3 * v:.3f}" for v in totals.values()),
+                _fmt_bytes(table.total_param_bytes), "")
+    console.print(out)
+    for label, (_fits, _divisor, src) in columns.items():
+        console.print(f"{label}: {src}")
+    console.print(f"optimizer state: {table.optimizer_state_factor:.3g}x the weights")
+
+
+def _costs_for(model: str, batch_size: int, costs: str | None, leaf: tuple[str, ...],
+               clus: Any, planner: str = "asteroid") -> tuple[Any, Any, tuple[Any, ...], Any]:
+    """The model, its example inputs and the cost table ``--costs`` asks for (bad
+    ``--planner`` / ``--batch-size`` are refused first: measuring takes a while)."""
+    from asteroid_fx.cost_source import resolve_costs
+    from asteroid_fx.errors import PlanError
+    from solver.api import PLANNERS
+
+    if planner not in PLANNERS:
+        raise PlanError(f"unknown planner {planner!r}; choose one of "
+                        f"{', '.join(sorted(PLANNERS))}")
+    if batch_size < 1:
+        raise PlanError(f"--batch-size must be >= 1, got {batch_size}")
 
     spec, module, inputs = _load_model(model, 2)
-    if costs_file is not None:
-        table = CostTable.load(costs_file)
-    else:
-        from cost_models.analytic import analytic_costs
-
-        table = analytic_costs(module, inputs, leaf_modules=leaf)
-    return spec, module, inputs, _renamed(table, spec.name)
+    bar, update = _progress_callback("measuring the model on this host")
+    with bar:
+        choice = resolve_costs(spec, module, inputs, clus, costs, leaf_modules=leaf,
+                               batch_size=batch_size, progress=update)
+    console.print(f"costs: {choice.detail}", soft_wrap=True, highlight=False)
+    return spec, module, inputs, _renamed(choice.table, spec.name)
 
 
 CostsOpt = Annotated[
-    Path | None,
-    typer.Option("--costs", help="costs.json from `asteroid-fx profile` (default: analytic)"),
+    str | None,
+    typer.Option("--costs", help="costs.json (from `profile` or `costs merge`), `measure` "
+                 "(this host, cached) or `analytic` (FLOP model); default: measure when the "
+                 "cluster has a local device, else analytic"),
 ]
 
 
@@ -293,8 +360,10 @@ def plan(
         from solver.cluster import Cluster
 
         clus = Cluster.from_yaml(cluster)
-        _spec, _module, _inputs, table = _costs_for(model, batch_size, costs_file, _leaf(leaf))
-        result = plan_fn(table, clus, batch_size, planner=planner, check_ilp=check_ilp)
+        _spec, _module, _inputs, table = _costs_for(model, batch_size, costs_file, _leaf(leaf),
+                                                    clus, planner)
+        result = plan_fn(table, clus, batch_size, planner=planner, check_ilp=check_ilp,
+                         optimizer_state_factor=table.optimizer_state_factor)
         _print_report(result, table, clus)
         if out is not None:
             result.save(out)
@@ -327,8 +396,10 @@ def partition(
 
         start = time.perf_counter()
         clus = Cluster.from_yaml(cluster)
-        spec, module, inputs, table = _costs_for(model, batch_size, costs_file, _leaf(leaf))
-        result = plan_fn(table, clus, batch_size, planner=planner)
+        spec, module, inputs, table = _costs_for(model, batch_size, costs_file, _leaf(leaf),
+                                                 clus, planner)
+        result = plan_fn(table, clus, batch_size, planner=planner,
+                         optimizer_state_factor=table.optimizer_state_factor)
         _print_report(result, table, clus)
         stages = partition_fn(module, inputs, result, leaf_modules=_leaf(leaf))
         written = save_partition(out, result, stages, model_spec=spec, onnx=not no_onnx,
@@ -337,6 +408,31 @@ def partition(
         console.print(f"wrote {len(written)} files ({_fmt_bytes(size)}) to {out}/ in "
                       f"{time.perf_counter() - start:.1f} s: "
                       + ", ".join(sorted(str(Path(p).name) for p in written.values())))
+
+
+@app.command()
+def calibrate(
+    directory: Annotated[Path, typer.Argument(help="the partition directory that ran")],
+    metrics: Annotated[Path, typer.Argument(help="metrics.jsonl of `asteroid-fx run DIR "
+                                            "--metrics`")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="where to write the corrected "
+                                      "cost table")] = Path("costs.json"),
+) -> None:
+    """Correct the partition's cost table by what a run of it measured (per device type and
+    stage, plus a per-message overhead); plan with it via `--costs`."""
+    with _errors():
+        from asteroid_fx.calibration import calibrate as calibrate_fn
+
+        table, correction = calibrate_fn(directory, metrics)
+        table.save(out)
+        for group, stages in sorted(correction.ratios.items()):
+            cells = ", ".join(f"stage {s}: F x{f:.2f} B x{b:.2f}"
+                              for s, (f, b) in sorted(stages.items()))
+            console.print(f"{group}: {cells}")
+        console.print(f"per-message overhead {correction.message_overhead_s * 1e3:.3f} ms; "
+                      f"round {correction.predicted_round_s * 1e3:.2f} ms predicted, "
+                      f"{correction.measured_round_s * 1e3:.2f} ms measured, "
+                      f"{correction.calibrated_round_s * 1e3:.2f} ms calibrated -> {out}")
 
 
 @app.command()
@@ -369,7 +465,7 @@ def simulate(
 
             table = CostTable.load(costs_path)
         elif model is not None:
-            table = _costs_for(model, plan_obj.batch_size, None, ())[3]
+            table = _costs_for(model, plan_obj.batch_size, None, (), clus)[3]
         else:
             raise PlanError(f"simulate needs the cost table: pass --costs costs.json or "
                             f"--model MODEL_SPEC (looked for {costs_path})")

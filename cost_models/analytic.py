@@ -37,6 +37,7 @@ import torch
 from asteroid_fx.errors import CostModelError
 from cost_models.flops import NodeCost, nodes_cost
 from cost_models.hostspeed import measure_host_flops, measure_host_mem_bw, measure_norm_flops
+from cost_models.optimizer import BuildOptimizer, optimizer_state_factor
 from cost_models.table import CostTable, LayerCost, TimeFit
 
 if TYPE_CHECKING:
@@ -87,6 +88,7 @@ def analytic_costs(
     graph: LayerGraph | None = None,
     model_name: str = "",
     norm_efficiency: float | None = None,
+    optimizer: BuildOptimizer | None = None,
 ) -> CostTable:
     """A cost table from FLOP and byte counts (source ``"analytic"``; see the module note).
 
@@ -101,6 +103,9 @@ def analytic_costs(
         model_name: recorded in the table (default: the graph's name or the class name).
         norm_efficiency: training-mode batch-norm FLOP/s as a fraction of ``host_flops``;
             default: measured on this host.
+        optimizer: the model file's ``build_optimizer`` (default plain SGD); one step on
+            clones of the parameters measures its state per weight byte
+            (``CostTable.optimizer_state_factor``, e.g. 2 for Adam).
 
     Returns:
         A :class:`~cost_models.table.CostTable` whose layer ``i`` is layer ``i`` of the graph.
@@ -182,4 +187,5 @@ def analytic_costs(
             "bytes_moved": [c.bytes_moved for c in costs],
         },
         update_s_per_byte=SGD_UPDATE_TRAFFIC / bw,
+        optimizer_state_factor=optimizer_state_factor(model.parameters(), optimizer),
     )

@@ -15,6 +15,19 @@ Sources and assumptions (peak figures from NVIDIA's module data sheets):
 * Jetson Xavier NX: 384 Volta CUDA cores at 1.10 GHz = 845 GFLOP/s FP32 peak (plus 48
   tensor cores), 8 GB LPDDR4x at 51.2 GB/s.
 
+* Jetson AGX Xavier 32GB: 512 Volta CUDA cores at 1.377 GHz = 1.41 TFLOP/s FP32 peak,
+  32 GB LPDDR4x at 136.5 GB/s (NVIDIA Jetson AGX Xavier series data sheet).
+* Jetson Orin Nano 8GB: 1024 Ampere CUDA cores at 625 MHz = 1.28 TFLOP/s FP32 peak,
+  8 GB LPDDR5 at 68 GB/s (Jetson Orin Nano series data sheet; the later "Super" power
+  mode raises the GPU to 1020 MHz and memory to 102 GB/s: declare ``flops:`` for it).
+* Jetson Orin NX 16GB: 1024 Ampere CUDA cores at 918 MHz = 1.88 TFLOP/s FP32 peak,
+  16 GB LPDDR5 at 102.4 GB/s (Jetson Orin NX series data sheet).
+* Jetson AGX Orin 64GB: 2048 Ampere CUDA cores at 1.3 GHz = 5.32 TFLOP/s FP32 peak,
+  64 GB LPDDR5 at 204.8 GB/s (Jetson AGX Orin series data sheet).
+* Raspberry Pi 5 8GB (CPU only): 4 Cortex-A76 cores at 2.4 GHz, two 128-bit NEON FMA
+  pipes each = 16 FP32 FLOP/cycle/core = 153.6 GFLOP/s peak, 8 GB LPDDR4X-4267 on a
+  32-bit bus = 17.1 GB/s (Raspberry Pi 5 product brief; Arm Cortex-A76 TRM).
+
 Training kernels on these boards reach only part of peak (small batches, memory-bound
 depthwise/normalisation layers). We assume an effective fraction of 0.25 (Nano, TX2)
 and 0.30 (NX, whose tensor cores help mixed workloads), which gives the relative
@@ -22,6 +35,11 @@ training speeds Nano : TX2 : NX = 1 : 2.8 : 4.3. The Asteroid paper (MobiCom'24,
 Table 2 and section 7.1) reports the TX2 and NX as several times faster than the Nano
 at training; the factors are documented assumptions and every one can be overridden
 per device in ``cluster.yaml`` with ``speed:`` (relative to ``local``) or ``flops:``.
+For the newer boards we assume 0.30 (AGX Xavier, as the NX; the Orin family, whose
+Ampere GPUs are at least as well used) and 0.25 for the Raspberry Pi 5's CPU (PyTorch's
+CPU kernels on small batches). These analytic defaults are only a starting point: a
+column measured on the board itself (``asteroid-fx profile --device-type TYPE`` run there,
+then ``asteroid-fx costs merge``) replaces them.
 """
 
 from __future__ import annotations
@@ -35,23 +53,39 @@ GIB = 2**30
 
 @dataclass(frozen=True)
 class DeviceType:
-    """A kind of device: memory (GiB) and effective training FLOP/s (None: relative)."""
+    """A kind of device: memory (GiB), effective training FLOP/s (None: relative), memory
+    bandwidth (GB/s) and peak FP32 FLOP/s from the data sheet."""
 
     name: str
     memory_gb: float | None
     flops: float | None
     mem_bw_gbs: float | None
     description: str
+    peak_flops: float | None = None
+
+
+def _board(name: str, memory_gb: float, peak: float, fraction: float, mem_bw_gbs: float,
+           description: str) -> DeviceType:
+    return DeviceType(name, memory_gb, peak * fraction, mem_bw_gbs, description, peak)
 
 
 DEVICE_TYPES: dict[str, DeviceType] = {
     t.name: t
     for t in (
-        DeviceType("jetson-nano", 4.0, 236e9 * 0.25, 25.6, "Jetson Nano 4GB (Maxwell, 128 cores)"),
-        DeviceType("jetson-tx2", 8.0, 665e9 * 0.25, 59.7, "Jetson TX2 8GB (Pascal, 256 cores)"),
-        DeviceType(
-            "jetson-xavier-nx", 8.0, 845e9 * 0.30, 51.2, "Jetson Xavier NX 8GB (Volta, 384 cores)"
-        ),
+        _board("jetson-nano", 4.0, 236e9, 0.25, 25.6, "Jetson Nano 4GB (Maxwell, 128 cores)"),
+        _board("jetson-tx2", 8.0, 665e9, 0.25, 59.7, "Jetson TX2 8GB (Pascal, 256 cores)"),
+        _board("jetson-xavier-nx", 8.0, 845e9, 0.30, 51.2,
+               "Jetson Xavier NX 8GB (Volta, 384 cores)"),
+        _board("jetson-agx-xavier", 32.0, 1.41e12, 0.30, 136.5,
+               "Jetson AGX Xavier 32GB (Volta, 512 cores)"),
+        _board("jetson-orin-nano", 8.0, 1.28e12, 0.30, 68.0,
+               "Jetson Orin Nano 8GB (Ampere, 1024 cores)"),
+        _board("jetson-orin-nx", 16.0, 1.88e12, 0.30, 102.4,
+               "Jetson Orin NX 16GB (Ampere, 1024 cores)"),
+        _board("jetson-agx-orin", 64.0, 5.32e12, 0.30, 204.8,
+               "Jetson AGX Orin 64GB (Ampere, 2048 cores)"),
+        _board("raspberry-pi-5", 8.0, 153.6e9, 0.25, 17.1,
+               "Raspberry Pi 5 8GB (4x Cortex-A76, CPU only)"),
         DeviceType("local", None, None, None, "the host that measured the cost table"),
         DeviceType("custom", None, None, None, "declared inline with speed and memory_gb"),
     )

@@ -62,6 +62,8 @@ from asteroid_fx.errors import AsteroidError, CostModelError
 from asteroid_fx.model_spec import check_batch
 from cost_models.analytic import layer_node_costs
 from cost_models.hostspeed import measure_host_flops, measure_host_mem_bw, single_thread
+from cost_models.optimizer import BuildOptimizer, state_bytes
+from cost_models.optimizer import build as build_optimizer
 from cost_models.table import CostTable, LayerCost, TimeFit
 
 if TYPE_CHECKING:
@@ -73,8 +75,6 @@ logger = logging.getLogger(__name__)
 
 SampleBatch = Callable[[int], Any]
 Progress = Callable[[int, int, str], None]
-BuildOptimizer = Callable[[list[torch.nn.Parameter]], torch.optim.Optimizer]
-
 _METHODS = ("chain", "isolated")
 
 #: A timed call shorter than this is repeated in a loop and averaged.
@@ -370,6 +370,7 @@ def profile(
     model_name: str = "",
     method: str = "chain",
     optimizer: BuildOptimizer | None = None,
+    device_type: str = "local",
 ) -> CostTable:
     """Measure every layer's forward and backward time on one core of this host.
 
@@ -392,7 +393,12 @@ def profile(
         method: ``"chain"`` (layers timed in sequence, as training runs them; default) or
             ``"isolated"`` (each layer repeated on its own, warm caches).
         optimizer: ``optimizer(params)`` builds the optimizer whose step is timed
-            (default: ``torch.optim.SGD(params, lr=0.01)``).
+            (default: ``torch.optim.SGD(params, lr=0.01)``); its state per parameter
+            byte is recorded as ``CostTable.optimizer_state_factor``.
+        device_type: the device type this host is (``asteroid-fx profile --device-type``,
+            e.g. ``jetson-nano`` when run on a Nano); ``"local"`` for the workstation.
+            A labelled table's times are taken as they are for devices of that type, and
+            ``asteroid-fx costs merge`` joins tables of several types.
 
     Returns:
         A :class:`~cost_models.table.CostTable` with source ``"measured"``.
@@ -410,6 +416,7 @@ def profile(
     if method not in _METHODS:
         raise CostModelError(
             f"unknown profiling method {method!r}; use one of {', '.join(_METHODS)}")
+    _check_device_type(device_type)
     started = time.perf_counter()
     tune_allocator()
     name = model_name or type(model).__name__
@@ -438,7 +445,8 @@ def profile(
                 with single_thread():
                     measure = _measure_chain if method == "chain" else _measure
                     fwd, bwd = measure(graph, sample_batch, sizes, repeats, warmup, progress)
-                    update_s = _measure_update(graph.graph_module, optimizer, repeats, warmup)
+                    update_s, osf = _measure_update(graph.graph_module, optimizer,
+                                                    repeats, warmup)
             finally:
                 gm_state.restore()
     finally:
@@ -486,7 +494,20 @@ def profile(
             "profile_wall_s": wall,
         },
         update_s_per_byte=update_s / param_bytes if param_bytes > 0 else 0.0,
+        optimizer_state_factor=osf,
+        device_type=device_type,
     )
+
+
+def _check_device_type(device_type: str) -> None:
+    """``CostModelError`` unless ``device_type`` is ``local`` or a built-in board type."""
+    from cost_models.devices import DEVICE_TYPES
+
+    if device_type != "custom" and device_type in DEVICE_TYPES:
+        return
+    known = ", ".join(sorted(t for t in DEVICE_TYPES if t != "custom"))
+    raise CostModelError(f"unknown --device-type {device_type!r}; use one of: {known} "
+                         f"(the type this device is, as in cluster.yaml)")
 
 
 def _measure(
@@ -643,18 +664,14 @@ def _chain_pass(graph: LayerGraph, layers: Sequence[LayerModule], placeholders: 
 
 
 def _measure_update(module: torch.nn.Module, optimizer: BuildOptimizer | None, repeats: int,
-                    warmup: int) -> float:
-    """Median seconds of one optimizer step over ``module``'s parameters (restored after)."""
+                    warmup: int) -> tuple[float, float]:
+    """Median seconds of one optimizer step over ``module``'s parameters (restored after),
+    and the optimizer's state in units of the weights (``cost_models.optimizer``)."""
     params = [p for p in module.parameters() if p.requires_grad]
     if not params:
-        return 0.0
+        return 0.0, 0.0
     saved = [p.detach().clone() for p in params]
-    try:
-        opt = (optimizer(params) if optimizer is not None
-               else torch.optim.SGD(params, lr=0.01))
-    except Exception as exc:
-        raise CostModelError(
-            f"build_optimizer(params) failed: {type(exc).__name__}: {exc}") from exc
+    opt = build_optimizer(optimizer, params)
     try:
         for p in params:
             p.grad = torch.randn_like(p)
@@ -664,8 +681,10 @@ def _measure_update(module: torch.nn.Module, optimizer: BuildOptimizer | None, r
             opt.step()
             if run >= warmup:
                 samples.append(time.perf_counter() - start)
-        return statistics.median(samples)
+        weights = sum(p.numel() * p.element_size() for p in params)
+        return statistics.median(samples), state_bytes(opt) / weights
     finally:
         with torch.no_grad():
             for p, value in zip(params, saved, strict=True):
                 p.copy_(value)
+                p.grad = None

@@ -222,9 +222,15 @@ class CostTable:
     meta: Mapping[str, Any] = field(default_factory=dict)
     update_s_per_byte: float = 0.0  # one optimizer step, seconds per parameter byte
     device_type: str = "local"  # the type the base times were measured on
+    optimizer_state_factor: float = 0.0  # optimizer state per weight byte (measured)
+    message_overhead_s: float = 0.0  # runtime cost per message on top of the link (calibrated)
     columns: tuple[DeviceColumn, ...] = ()  # other measured types, sorted by type
 
     def __post_init__(self) -> None:
+        for value, what in ((self.optimizer_state_factor, "optimizer_state_factor"),
+                            (self.message_overhead_s, "message_overhead_s")):
+            if not (math.isfinite(value) and value >= 0):
+                raise CostModelError(f"{what} must be finite and >= 0, got {value!r}")
         if not self.device_type or self.device_type == "custom":
             raise CostModelError(f"a cost table's device_type must name a device type "
                                  f"(e.g. local, jetson-nano), got {self.device_type!r}")
@@ -251,9 +257,9 @@ class CostTable:
             )
         if not (self.host_flops > 0 and math.isfinite(self.host_flops)):
             raise CostModelError(f"host_flops must be > 0, got {self.host_flops!r}")
-        if self.source not in ("measured", "analytic"):
+        if self.source not in COLUMN_SOURCES:
             raise CostModelError(
-                f"source must be 'measured' or 'analytic', got {self.source!r}"
+                f"source must be one of {', '.join(COLUMN_SOURCES)}, got {self.source!r}"
             )
 
     @property
@@ -275,7 +281,7 @@ class CostTable:
             fwd=tuple(lc.fwd for lc in self.layers),
             bwd=tuple(lc.bwd for lc in self.layers),
             update_s_per_byte=self.update_s_per_byte,
-            source="measured" if self.source == "measured" else "analytic",
+            source=self.source,
             host=self.host, torch_version=self.torch_version, host_flops=self.host_flops,
         )
 
@@ -324,6 +330,8 @@ class CostTable:
             "meta": dict(self.meta),
             "update_s_per_byte": self.update_s_per_byte,
             "device_type": self.device_type,
+            "optimizer_state_factor": self.optimizer_state_factor,
+            "message_overhead_s": self.message_overhead_s,
             "columns": [col.to_dict() for col in self.columns],
         }
 
@@ -357,6 +365,8 @@ class CostTable:
                 meta=dict(data.get("meta", {})),
                 update_s_per_byte=float(data.get("update_s_per_byte", 0.0)),
                 device_type=str(data.get("device_type", "local")),
+                optimizer_state_factor=float(data.get("optimizer_state_factor", 0.0)),
+                message_overhead_s=float(data.get("message_overhead_s", 0.0)),
                 columns=tuple(DeviceColumn.from_dict(c, len(data["layers"]))
                               for c in data.get("columns", ())),
             )

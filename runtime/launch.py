@@ -20,7 +20,8 @@ from asteroid_fx.errors import RuntimeFailure
 from runtime.train import DirectorySource, StageSource, TrainConfig, WorkerResult, train_device
 from solver.plan import Plan
 
-__all__ = ["StageTiming", "RunResult", "run", "run_source", "summarize", "metrics_lines"]
+__all__ = ["StageTiming", "RunResult", "run", "run_source", "summarize", "metrics_lines",
+           "summary_record"]
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +116,43 @@ def summarize(plan: Plan, workers: Sequence[WorkerResult], *, mode: str, factor:
                      stages=stages, workers=list(workers))
 
 
+def summary_record(plan: Plan, result: RunResult) -> dict[str, Any]:
+    """The ``{"event": "summary"}`` line that ends a run's metrics.jsonl: what every device
+    measured per micro-batch (mean after the first step, as the run measured it, i.e.
+    times ``slowdown_factor`` under emulation) and the plan it ran. ``asteroid-fx
+    calibrate`` reads it."""
+    devices: dict[str, Any] = {}
+    for w in sorted(result.workers, key=lambda w: w.rank):
+        stage = plan.stages[w.stage]
+        devices[w.device] = {"stage": w.stage,
+                             "share": stage.shares[stage.devices.index(w.device)],
+                             "forward_s": w.forward_s, "backward_s": w.backward_s,
+                             "allreduce_s": w.allreduce_s}
+    return {"event": "summary", "plan_version": plan.plan_version,
+            "plan_hash": plan_fingerprint(plan), "mode": result.mode,
+            "steps": len(result.losses), "slowdown_factor": result.slowdown_factor,
+            "round_time_s": result.measured_round_time_s,
+            "predicted_round_time_s": (None if plan.predicted is None
+                                       else plan.predicted.round_time_s),
+            "devices": devices}
+
+
+def plan_fingerprint(plan: Plan) -> str:
+    """A short hash of what a run's measurements depend on: stages, devices, shares, batch."""
+    import hashlib
+
+    layout = [[st.first, st.last, list(st.devices), list(st.shares)] for st in plan.stages]
+    text = json.dumps([plan.model_hash, plan.batch_size, plan.micro_batch_size, layout])
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _write_summary(metrics: str | Path | None, plan: Plan, result: RunResult) -> None:
+    if metrics is None or int(os.environ.get("RANK", "0")) != 0:
+        return
+    with Path(metrics).open("a") as fh:
+        fh.write(json.dumps(summary_record(plan, result)) + "\n")
+
+
 def _under_torchrun() -> bool:
     return all(k in os.environ for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR"))
 
@@ -138,13 +176,16 @@ def run_source(source: StageSource, *, emulate: Any = None, steps: int = 10, see
                             timeout_s=max(60.0, timeout_s * (steps + 2)),
                             host_cores=host_cores)
         factor = result.setup.factor if result.setup is not None else 1.0
-        return summarize(plan, result.workers, mode="emulate", factor=factor,
-                         shaping=result.shaping)
-    if not _under_torchrun():
+        out = summarize(plan, result.workers, mode="emulate", factor=factor,
+                        shaping=result.shaping)
+    elif not _under_torchrun():
         raise RuntimeFailure("nothing to run on: pass --emulate cluster.yaml to emulate the "
                              "cluster on this host, or start one process per device with "
                              "torchrun (RANK/WORLD_SIZE/MASTER_ADDR unset)")
-    return _run_torchrun(source, plan, config, progress)
+    else:
+        out = _run_torchrun(source, plan, config, progress)
+    _write_summary(metrics, plan, out)
+    return out
 
 
 def _run_torchrun(source: StageSource, plan: Plan, config: TrainConfig,

@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from cost_models.table import CostTable
+from cost_models.table import UNMEASURED_TYPES, CostTable, DeviceColumn, TimeFit
 from solver.cluster import Cluster, Device, Link
 from solver.evaluate import LayerSums, evaluate
 from solver.plan import Plan
 
-__all__ = ["Calibration", "calibrate", "with_message_overhead", "MIN_STEPS"]
+__all__ = ["Calibration", "calibrate", "with_message_overhead", "MIN_STEPS", "CostCorrection",
+           "calibrate_costs", "timing_group", "BASE_GROUP"]
 
 # [Note: calibrating from the running plan]
 # A plan's prediction rests on the cost table (analytic FLOP counts or a profile of the
@@ -146,14 +147,19 @@ def calibrate(plan: Plan, costs: CostTable, cluster: Cluster,
 
 def _fit_overhead(plan: Plan, costs: CostTable, cluster: Cluster, base_s: float,
                   round_s: float) -> float:
-    """The per-message overhead ``h >= 0`` with ``evaluate(plan)`` = ``round_s`` (bisection;
-    the round grows with ``h``), or 0 when the plan's round does not depend on it."""
+    """The per-message overhead ``h >= 0`` with ``evaluate(plan)`` = ``round_s`` when ``h``
+    is added to every link's latency, or 0 when the plan's round does not depend on it."""
+    return _bisect_overhead(
+        lambda h: evaluate(plan, costs, with_message_overhead(cluster, h)).round_time_s,
+        base_s, round_s)
+
+
+def _bisect_overhead(round_with: Callable[[float], float], base_s: float,
+                     round_s: float) -> float:
+    """The ``h >= 0`` with ``round_with(h) = round_s`` (bisection; the round grows with
+    ``h``), or 0 when ``round_s`` is no more than ``base_s`` or does not depend on ``h``."""
     if not (math.isfinite(round_s) and round_s > base_s):
         return 0.0
-
-    def round_with(h: float) -> float:
-        return evaluate(plan, costs, with_message_overhead(cluster, h)).round_time_s
-
     hi = round_s
     top = round_with(hi)
     if top <= base_s:                      # no message on any path: nothing to fit
@@ -170,3 +176,156 @@ def _fit_overhead(plan: Plan, costs: CostTable, cluster: Cluster, base_s: float,
         if hi - lo <= 1e-7 * round_s:
             break
     return 0.5 * (lo + hi)
+
+
+# [Note: a cost table corrected by a run]
+# ``asteroid-fx calibrate DIR METRICS`` turns what a run measured into a cost table, so that
+# the next ``plan --costs`` predicts the devices as they ran, not as profiled or modelled.
+# Every device of the run belongs to one *timing group*: ``base`` (the table's own times,
+# scaled by speed: ``local``/``custom`` devices, and devices of the type the base was
+# measured on) or its device type (a column, or a board type scaled from the base). For
+# each group and stage the forward and backward ratios measured / predicted (the median
+# over the group's devices in that stage) scale the group's times of that stage's layers:
+# the correction is per device type and per stage, not one factor. Layers a group did not
+# run take the group's median over all its devices, so a different plan on the same
+# cluster is corrected too. A board type without a column gets a new ``calibrated``
+# column: the base times over its speed, corrected. What the corrected compute does not
+# explain of the measured round is a per-message overhead ``h`` (the runtime's own cost of
+# a hop), fitted by bisection as in ``calibrate`` and kept as
+# ``CostTable.message_overhead_s``, which the solver adds to every message.
+
+BASE_GROUP = "base"
+"""The timing group of devices that scale the table's base times by their speed."""
+
+
+@dataclass(frozen=True)
+class CostCorrection:
+    """What ``calibrate_costs`` found: per group and stage ``(forward, backward)`` ratios
+    measured / predicted, the fitted per-message overhead and the round before and after."""
+
+    ratios: dict[str, dict[int, tuple[float, float]]]
+    message_overhead_s: float
+    measured_round_s: float
+    predicted_round_s: float
+    calibrated_round_s: float
+    unmeasured: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"ratios": {g: {str(s): [round(f, 4), round(b, 4)] for s, (f, b) in st.items()}
+                           for g, st in self.ratios.items()},
+                "message_overhead_ms": round(self.message_overhead_s * 1e3, 4),
+                "measured_round_s": self.measured_round_s,
+                "predicted_round_s": self.predicted_round_s,
+                "calibrated_round_s": self.calibrated_round_s,
+                "unmeasured": list(self.unmeasured)}
+
+
+def timing_group(costs: CostTable, device: Device) -> str:
+    """``BASE_GROUP`` or the device type whose times ``device`` takes (see the Note)."""
+    if device.type == costs.device_type or (costs.column(device.type) is None
+                                            and device.type in UNMEASURED_TYPES):
+        return BASE_GROUP
+    return device.type
+
+
+def _group_fits(costs: CostTable, group: str, speed: float) -> tuple[list[TimeFit],
+                                                                     list[TimeFit], float]:
+    """The group's per-layer (forward, backward) fits and optimizer step per byte, in the
+    plan's time units for a device of ``speed`` (used when the group scales the base)."""
+    col = None if group == BASE_GROUP else costs.column(group)
+    if col is not None:
+        return list(col.fwd), list(col.bwd), col.update_s_per_byte
+    scale = 1.0 if group == BASE_GROUP else 1.0 / speed
+    return ([lc.fwd.scaled(scale) for lc in costs.layers],
+            [lc.bwd.scaled(scale) for lc in costs.layers], costs.update_s_per_byte * scale)
+
+
+def _stage_time(fits: list[TimeFit], first: int, last: int, share: int, speed: float) -> float:
+    return sum(fits[i].at(share) for i in range(first, last + 1)) / speed
+
+
+def calibrate_costs(plan: Plan, costs: CostTable, cluster: Cluster,
+                    compute_s: Mapping[str, tuple[float, float]],
+                    round_s: float) -> tuple[CostTable, CostCorrection]:
+    """The cost table corrected by what ``plan`` measured (see [Note: a cost table corrected
+    by a run]).
+
+    Args:
+        plan: the plan that ran.
+        costs: the table it was planned with.
+        cluster: the cluster it ran on (every device of ``plan`` in it).
+        compute_s: device -> (forward, backward) seconds per micro-batch as measured, in the
+            plan's time units (divide emulated times by the slow-down factor first).
+        round_s: the measured round time (median), in the same units.
+
+    Returns:
+        ``(calibrated table, CostCorrection)``: the table keeps the model and its bytes;
+        corrected times have source ``calibrated``, and ``message_overhead_s`` is set.
+    """
+    speeds = cluster.speeds(costs.host_flops)
+    samples: dict[str, dict[int, list[tuple[float, float]]]] = {}
+    group_speed: dict[str, float] = {}
+    unmeasured = []
+    for index, stage in enumerate(plan.stages):
+        for name, share in zip(stage.devices, stage.shares, strict=True):
+            device = cluster.device(name)
+            group = timing_group(costs, device)
+            measured = compute_s.get(name)
+            if measured is None:
+                unmeasured.append(name)
+                continue
+            scaled = group == BASE_GROUP or costs.column(group) is None
+            speed = speeds[name] if scaled else 1.0
+            group_speed.setdefault(group, speeds[name])
+            fits_f, fits_b, _ = _group_fits(costs, group, group_speed[group])
+            if group != BASE_GROUP and costs.column(group) is None:
+                speed = speeds[name] / group_speed[group]   # fits already over its speed
+            pf = _stage_time(fits_f, stage.first, stage.last, share, speed)
+            pb = _stage_time(fits_b, stage.first, stage.last, share, speed)
+            rf, rb = (float(measured[0]) / pf if pf > 0 else 1.0,
+                      float(measured[1]) / pb if pb > 0 else 1.0)
+            if all(_RATIO_BOUNDS[0] <= r <= _RATIO_BOUNDS[1] for r in (rf, rb)):
+                samples.setdefault(group, {}).setdefault(index, []).append((rf, rb))
+    ratios = {g: {s: (statistics.median(r[0] for r in rs), statistics.median(r[1] for r in rs))
+                  for s, rs in per_stage.items()}
+              for g, per_stage in samples.items()}
+    layers = list(costs.layers)
+    columns = {c.device_type: c for c in costs.columns}
+    base_source = costs.source
+    for group, per_stage in ratios.items():
+        every = [r for rs in samples[group].values() for r in rs]
+        default = (statistics.median(r[0] for r in every), statistics.median(r[1] for r in every))
+        factor = [default] * costs.num_layers
+        for s, value in per_stage.items():
+            for i in range(plan.stages[s].first, plan.stages[s].last + 1):
+                factor[i] = value
+        fits_f, fits_b, update = _group_fits(costs, group, group_speed[group])
+        new_f = tuple(fit.scaled(f) for fit, (f, _b) in zip(fits_f, factor, strict=True))
+        new_b = tuple(fit.scaled(b) for fit, (_f, b) in zip(fits_b, factor, strict=True))
+        if group == BASE_GROUP:
+            layers = [replace(lc, fwd=f, bwd=b) for lc, f, b in zip(layers, new_f, new_b,
+                                                                     strict=True)]
+            base_source = "calibrated"
+            continue
+        old = costs.column(group)
+        columns[group] = DeviceColumn(
+            device_type=group, fwd=new_f, bwd=new_b, update_s_per_byte=update,
+            source="calibrated", host=old.host if old is not None else "",
+            torch_version=old.torch_version if old is not None else "",
+            host_flops=old.host_flops if old is not None else 0.0)
+    meta = dict(costs.meta)
+    table = replace(costs, layers=tuple(layers), source=base_source,
+                    columns=tuple(columns[k] for k in sorted(columns)
+                                  if k != costs.device_type), meta=meta)
+    before = evaluate(plan, costs, cluster).round_time_s
+    base = evaluate(plan, replace(table, message_overhead_s=0.0), cluster).round_time_s
+    overhead = _bisect_overhead(
+        lambda h: evaluate(plan, replace(table, message_overhead_s=h), cluster).round_time_s,
+        base, round_s)
+    table = replace(table, message_overhead_s=overhead)
+    after = evaluate(plan, table, cluster).round_time_s
+    correction = CostCorrection(ratios=ratios, message_overhead_s=overhead,
+                                measured_round_s=round_s, predicted_round_s=before,
+                                calibrated_round_s=after, unmeasured=unmeasured)
+    meta["calibration"] = correction.to_dict()
+    return replace(table, meta=meta), correction

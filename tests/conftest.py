@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+import os
 import random
+import tempfile
 
 import pytest
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # measured cost tables and host speeds are cached (asteroid_fx.cost_source): keep the
+    # suite's cache out of the user's home, shared by the tests and the CLIs they spawn
+    os.environ["ASTEROID_FX_CACHE"] = tempfile.mkdtemp(prefix="afx-test-cache-")
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from solver.calibrate import calibrate, with_message_overhead
+from solver.calibrate import BASE_GROUP, calibrate, calibrate_costs, with_message_overhead
+from solver.cluster import Cluster, Device
 from solver.evaluate import LayerSums, evaluate
 from solver.plan import Plan, Stage
 from tests.solver_cases import make_cluster, uniform_costs
@@ -109,3 +110,37 @@ def test_with_message_overhead_adds_to_every_link() -> None:
     assert more.latency_s("d0", "d1") == pytest.approx(0.003)    # bandwidth-only override
     assert more.bandwidth_mbps_between("d0", "d1") == 16.0
     assert with_message_overhead(cluster, 0.0) is cluster
+
+
+def _typed_cluster() -> Cluster:
+    """d0 (local, speed 1), d1 (a Nano, scaled from the base by its FLOP/s)."""
+    return Cluster(devices=(Device("d0", "local", 1 << 30, speed=1.0),
+                            Device("d1", "jetson-nano", 1 << 30, speed=0.5)),
+                   bandwidth_mbps=8.0)
+
+
+def test_calibrate_costs_corrects_per_group_and_stage() -> None:
+    cluster = _typed_cluster()
+    compute = _compute(TWO, {"d0": 1.0, "d1": 0.5}, {"d0": 2.0, "d1": 3.0})
+    table, corr = calibrate_costs(TWO, COSTS, cluster, compute, 1.0)
+    assert corr.ratios[BASE_GROUP] == {0: pytest.approx((2.0, 2.0))}
+    assert corr.ratios["jetson-nano"] == {1: pytest.approx((3.0, 3.0))}
+    # the base (local) times of stage 0's layers doubled, and layers 2..3 (not run on a
+    # local device) took the group's median as well
+    for i in range(4):
+        assert table.layers[i].fwd.per_sample_s == pytest.approx(
+            COSTS.layers[i].fwd.per_sample_s * 2.0)
+    # the Nano had no column: it gets a calibrated one, base / speed x its ratio
+    col = table.column("jetson-nano")
+    assert col is not None and col.source == "calibrated"
+    assert col.bwd[3].per_sample_s == pytest.approx(COSTS.layers[3].bwd.per_sample_s / 0.5 * 3)
+    assert table.source == "calibrated" and table.meta["calibration"]["ratios"]
+    assert table.model_hash == COSTS.model_hash and table.cut_bytes == COSTS.cut_bytes
+
+
+def test_calibrate_costs_ignores_broken_and_missing_measurements() -> None:
+    cluster = _typed_cluster()
+    compute = {"d0": (float("nan"), 1.0)}
+    table, corr = calibrate_costs(TWO, COSTS, cluster, compute, 0.0)
+    assert corr.ratios == {} and corr.unmeasured == ["d1"]
+    assert table.layers == COSTS.layers and corr.message_overhead_s == 0.0

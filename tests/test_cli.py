@@ -167,9 +167,27 @@ def test_run_emulated(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
                  str(metrics)]) == 0
     assert "trained 3 step" in capsys.readouterr().out
     lines = metrics.read_text().splitlines()
-    assert len(lines) == 3 and '"plan_version": 0' in lines[0]
+    assert len(lines) == 4 and '"plan_version": 0' in lines[0]
+    assert '"event": "summary"' in lines[3]
     assert main(["run", str(tmp_path / "missing"), "--emulate", LOCAL3]) == 1
     assert "does not exist" in _one_error_line(capsys.readouterr().err)
+    # the run's measurements correct the partition's cost table
+    calibrated = tmp_path / "calibrated.json"
+    assert main(["calibrate", str(out_dir), str(metrics), "--out", str(calibrated)]) == 0
+    assert "per-message overhead" in capsys.readouterr().out
+    table = CostTable.load(calibrated)
+    assert table.source == "calibrated" and "calibration" in table.meta
+    # bad input: steps only (no summary), another plan's metrics, a missing package file
+    (tmp_path / "steps.jsonl").write_text("\n".join(lines[:3]) + "\n")
+    other = lines[3].replace('"plan_hash": "', '"plan_hash": "x')
+    (tmp_path / "other.jsonl").write_text(other + "\n")
+    for args, match in (([str(out_dir), str(tmp_path / "steps.jsonl")], "no run summary"),
+                        ([str(out_dir), str(tmp_path / "other.jsonl")], "another plan"),
+                        ([str(out_dir), "nope.jsonl"], "does not exist"),
+                        ([str(tmp_path), str(metrics)], "plan.json' is missing")):
+        assert main(["calibrate", *args, "--out", str(tmp_path / "bad.json")]) == 1
+        assert match in _one_error_line(capsys.readouterr().err)
+    assert not (tmp_path / "bad.json").exists()
 
 
 def test_simulate_from_a_partition_directory_alone(tmp_path: Path,
@@ -181,3 +199,46 @@ def test_simulate_from_a_partition_directory_alone(tmp_path: Path,
     capsys.readouterr()
     assert main(["simulate", str(out_dir / "plan.json")]) == 0
     assert "model predicts" in capsys.readouterr().out
+
+
+def test_profile_per_device_type_merge_and_show(tmp_path: Path,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    model = str(ROOT / "examples" / "mlp.py")
+    local, nano, merged = (tmp_path / n for n in ("local.json", "nano.json", "merged.json"))
+    for args in (["--out", str(local)], ["--device-type", "jetson-nano", "--out", str(nano)]):
+        assert main(["profile", model, "--batch-sizes", "1,2", "--repeats", "1", *args]) == 0
+    assert CostTable.load(nano).device_type == "jetson-nano"
+    assert main(["costs", "merge", str(local), str(nano), "--out", str(merged)]) == 0
+    table = CostTable.load(merged)
+    assert table.device_type == "local" and table.measured_types == ("jetson-nano",)
+    capsys.readouterr()
+    assert main(["costs", str(merged), "--cluster", str(CLUSTERS / "C-1000mbps.yaml")]) == 0
+    out = capsys.readouterr().out
+    assert "jetson-nano: measured on a jetson-nano" in out
+    assert "jetson-tx2: scaled by speed from measured" in out
+
+
+@pytest.mark.parametrize(("args", "match"), [
+    (["profile", "{mlp}", "--device-type", "jetson-foo"], "unknown --device-type 'jetson-foo'"),
+    (["costs", "merge", "{costs}"], "usage: asteroid-fx costs merge"),
+    (["costs", "merge", "{costs}", "{costs}", "--out", "{out}"], "both unlabelled"),
+    (["costs", "{costs}", "{costs}"], "costs shows one table"),
+    (["plan", "{mlp}", "--cluster", "{local3}", "-b", "8", "--costs", "nope"],
+     "neither a file nor one of"),
+])
+def test_cost_command_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                             args: list[str], match: str) -> None:
+    values = {"{mlp}": str(ROOT / "examples" / "mlp.py"), "{costs}": str(_costs(tmp_path)),
+              "{out}": str(tmp_path / "m.json"), "{local3}": str(CLUSTERS / "local3.yaml")}
+    assert main([values.get(a, a) for a in args]) == 1
+    assert match in _one_error_line(capsys.readouterr().err)
+    assert not (tmp_path / "m.json").exists()
+
+
+def test_plan_names_its_costs(capsys: pytest.CaptureFixture[str]) -> None:
+    model = str(ROOT / "examples" / "mlp.py")
+    assert main(["plan", model, "--cluster", str(CLUSTERS / "local3.yaml"), "-b", "8"]) == 0
+    assert "costs: measured on this host" in capsys.readouterr().out
+    assert main(["plan", model, "--cluster", str(CLUSTERS / "local3.yaml"), "-b", "8",
+                 "--costs", "analytic"]) == 0
+    assert "costs: analytic costs" in capsys.readouterr().out

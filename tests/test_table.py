@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from asteroid_fx.errors import CostModelError
-from cost_models.table import CostTable, LayerCost, TimeFit
+from cost_models.table import CostTable, DeviceColumn, LayerCost, TimeFit
 
 
 def _table() -> CostTable:
@@ -56,3 +58,64 @@ def test_validation() -> None:
         CostTable.from_json("nope")
     with pytest.raises(CostModelError, match="does not exist"):
         CostTable.load("missing/costs.json")
+
+
+def _column(table: CostTable, device_type: str, factor: float) -> DeviceColumn:
+    return DeviceColumn(device_type, tuple(lc.fwd.scaled(factor) for lc in table.layers),
+                        tuple(lc.bwd.scaled(factor) for lc in table.layers),
+                        update_s_per_byte=1e-9, host="nano-1", torch_version="2.1.2")
+
+
+def test_columns_round_trip_and_lookup(tmp_path: Path) -> None:
+    base = _table()
+    table = replace(base, columns=(_column(base, "jetson-nano", 3.0),),
+                    optimizer_state_factor=2.0)
+    table.save(tmp_path / "costs.json")
+    loaded = CostTable.load(tmp_path / "costs.json")
+    assert loaded == table
+    col = loaded.column("jetson-nano")
+    assert col is not None and col.fwd[1] == base.layers[1].fwd.scaled(3.0)
+    assert loaded.column("jetson-tx2") is None and loaded.column("local") is None
+    assert loaded.measured_types == ("jetson-nano",)
+    assert "measured on a jetson-nano on nano-1" == loaded.timing_source("jetson-nano")
+    assert "no jetson-tx2 column" in loaded.timing_source("jetson-tx2")
+    assert loaded.optimizer_state_factor == 2.0
+
+
+def test_labelled_base_is_its_own_column() -> None:
+    table = replace(_table(), device_type="jetson-tx2")
+    col = table.column("jetson-tx2")
+    assert col is not None and col.fwd == tuple(lc.fwd for lc in table.layers)
+    assert table.measured_types == ("jetson-tx2",)
+
+
+def test_version_one_files_still_read() -> None:
+    data = json.loads(_table().to_json())
+    data["version"] = 1
+    for key in ("device_type", "columns", "optimizer_state_factor"):
+        del data[key]
+    assert CostTable.from_dict(data) == _table()
+
+
+@pytest.mark.parametrize(("change", "match"), [
+    ({"version": 99}, "upgrade asteroid-fx"),
+    ({"device_type": "custom"}, "device_type must name"),
+    ({"optimizer_state_factor": -1}, "optimizer_state_factor"),
+    ({"columns": [{"device_type": "local", "fwd": [[0, 1]] * 4, "bwd": [[0, 1]] * 4}]},
+     "other than local"),
+    ({"columns": [{"device_type": "jetson-nano", "fwd": [[0, 1]], "bwd": [[0, 1]]}]},
+     "one \\[intercept_s, per_sample_s\\] per layer"),
+    ({"columns": [{"fwd": []}]}, "missing the field 'device_type'"),
+])
+def test_bad_columns_are_refused(change: dict[str, object], match: str) -> None:
+    data = json.loads(_table().to_json())
+    data.update(change)
+    with pytest.raises(CostModelError, match=match):
+        CostTable.from_dict(data)
+
+
+def test_duplicate_column_types_are_refused() -> None:
+    base = _table()
+    with pytest.raises(CostModelError, match="two columns"):
+        replace(base, columns=(_column(base, "jetson-nano", 2.0),
+                               _column(base, "jetson-nano", 3.0)))

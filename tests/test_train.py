@@ -53,7 +53,14 @@ def test_partition_directory_trains_like_one_process(tmp_path: Path) -> None:
                  progress=lambda record: seen.append(int(record["step"])))
     ref = reference_training(load_model_module(directory), 12, steps=3, seed=5, lr=0.05)
     assert result.losses == pytest.approx(ref.losses, rel=1e-6)
-    lines = metrics_lines(tmp_path / "metrics.jsonl")
+    every = metrics_lines(tmp_path / "metrics.jsonl")
+    lines = [line for line in every if "event" not in line]
+    summary = every[-1]
+    assert summary["event"] == "summary" and summary["steps"] == 3
+    assert set(summary["devices"]) == {"fast", "slow0", "slow1"}
+    assert summary["devices"]["slow1"]["stage"] == 1 and summary["devices"]["slow1"]["share"] == 4
+    assert all(d["forward_s"] > 0 and d["backward_s"] > 0 for d in summary["devices"].values())
+    assert summary["slowdown_factor"] == result.slowdown_factor
     assert [line["step"] for line in lines] == [0, 1, 2] == seen
     assert set(lines[0]) == {"step", "loss", "round_time_s", "plan_version"}
     assert [line["loss"] for line in lines] == pytest.approx(ref.losses, rel=1e-6)

@@ -1,0 +1,201 @@
+"""Where a command's cost table comes from: a file, this host measured (cached), or FLOPs."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import platform
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from asteroid_fx.errors import CostModelError
+
+__all__ = [
+    "CHOICES",
+    "CostChoice",
+    "cache_dir",
+    "measures_by_default",
+    "default_batch_sizes",
+    "resolve_costs",
+]
+
+log = logging.getLogger(__name__)
+
+CHOICES = ("auto", "measure", "analytic")
+"""``--costs`` words; anything else is a path to a ``costs.json``."""
+
+MAX_PROFILE_BATCH = 32
+"""The largest batch size the default measurement adds (besides 1, 2, 4, 8)."""
+
+Progress = Callable[[int, int, str], None]
+
+
+@dataclass(frozen=True)
+class CostChoice:
+    """The table a command plans with, and one line saying where it came from."""
+
+    table: Any  # cost_models.table.CostTable
+    how: str  # "file", "measured", "cached" or "analytic"
+    detail: str
+
+
+def cache_dir() -> Path:
+    """``$ASTEROID_FX_CACHE``, else ``$XDG_CACHE_HOME/asteroid-fx``, else
+    ``~/.cache/asteroid-fx``."""
+    explicit = os.environ.get("ASTEROID_FX_CACHE")
+    if explicit:
+        return Path(explicit)
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "asteroid-fx"
+
+
+def measures_by_default(cluster: Any) -> bool:
+    """True when the cluster has a ``local`` device: this host is one of the devices (or
+    stands for them, scaled by ``speed``), so measuring it here describes them better
+    than the FLOP model. Board types cannot be measured here: profile them on the board
+    (``profile --device-type``) and pass the merged table."""
+    return any(d.type == "local" for d in cluster.devices)
+
+
+def default_batch_sizes(batch_size: int) -> tuple[int, ...]:
+    """1, 2, 4, 8 and, for larger batches, ``min(batch_size, 32)``: the fit
+    ``a + b * batch`` then spans the shares that plans of this batch size use."""
+    sizes = {1, 2, 4, 8}
+    if batch_size > 8:
+        sizes.add(min(batch_size, MAX_PROFILE_BATCH))
+    return tuple(sorted(sizes))
+
+
+def _digest(payload: Any) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _file_digest(path: Path | None) -> str:
+    if path is None or not Path(path).is_file():
+        return ""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _load_cached(path: Path) -> Any:
+    from cost_models.table import CostTable
+
+    try:
+        return CostTable.load(path)
+    except CostModelError as exc:
+        log.warning("ignoring the unreadable cached cost table %s (%s); measuring again",
+                    path, exc)
+        return None
+
+
+def _host_speeds() -> dict[str, float]:
+    """This host's FLOP/s, memory bandwidth and norm efficiency, measured once per host
+    and torch version and cached, so analytic tables (and the plans made from them) are
+    the same on every run."""
+    import torch
+
+    from cost_models.hostspeed import measure_host_flops, measure_host_mem_bw, measure_norm_flops
+
+    path = cache_dir() / f"host-{_digest([platform.node(), torch.__version__])}.json"
+    if path.is_file():
+        try:
+            data = json.loads(path.read_text())
+            return {k: float(data[k]) for k in ("host_flops", "host_mem_bw", "norm_efficiency")}
+        except (OSError, ValueError, KeyError, TypeError):
+            log.warning("ignoring the unreadable host-speed cache %s", path)
+    flops = measure_host_flops()
+    speeds = {"host_flops": flops, "host_mem_bw": measure_host_mem_bw(),
+              "norm_efficiency": min(1.0, measure_norm_flops() / flops)}
+    try:
+        _write_atomic(path, json.dumps(speeds))
+    except OSError as exc:
+        log.warning("cannot cache the host speed in %s: %s", path, exc)
+    return speeds
+
+
+def resolve_costs(spec: Any, model: Any, inputs: tuple[Any, ...], cluster: Any,
+                  choice: str | None, *, leaf_modules: Sequence[str] = (),
+                  batch_size: int = 8, batch_sizes: Sequence[int] | None = None,
+                  progress: Progress | None = None) -> CostChoice:
+    """The cost table for ``plan`` / ``partition``.
+
+    Args:
+        spec: the loaded ``ModelSpec`` (its ``sample_batch`` and ``build_optimizer``).
+        model, inputs: the built model and example inputs (batch first).
+        cluster: the ``Cluster`` being planned for (decides the ``auto`` default).
+        choice: ``None``/``"auto"`` (measure this host when the cluster has a ``local``
+            device, else analytic), ``"measure"``, ``"analytic"``, or a costs.json path.
+        leaf_modules: kept whole by tracing.
+        batch_size: the training batch (sets the measured batch sizes).
+        batch_sizes: measure at these instead of :func:`default_batch_sizes`.
+        progress: ``progress(done, total, what)`` while measuring.
+
+    Returns:
+        The table and where it came from. Measured tables are cached under
+        :func:`cache_dir` by model graph hash, model file, host, torch version and batch
+        sizes, so the same command plans the same way every time.
+    """
+    from asteroid_fx.trace import trace
+    from cost_models.table import CostTable
+
+    word = (choice or "auto").strip()
+    if word not in CHOICES:
+        path = Path(word)
+        if not path.is_file():
+            raise CostModelError(
+                f"--costs {word!r} is neither a file nor one of {', '.join(CHOICES)}; give a "
+                f"costs.json from `asteroid-fx profile`, or `analytic` / `measure`")
+        return CostChoice(CostTable.load(path), "file", f"cost table {path}")
+    if word == "auto":
+        word = "measure" if measures_by_default(cluster) else "analytic"
+    graph = trace(model, inputs, leaf_modules=tuple(leaf_modules))
+    if word == "analytic":
+        from cost_models.analytic import analytic_costs
+
+        host = _host_speeds()
+        table = analytic_costs(model, inputs, graph=graph, optimizer=spec.build_optimizer,
+                               host_flops=host["host_flops"], host_mem_bw=host["host_mem_bw"],
+                               norm_efficiency=host["norm_efficiency"])
+        why = ("" if choice == "analytic" else
+               " (no local device in the cluster; profile the boards with --device-type "
+               "and pass the merged table with --costs for measured times)")
+        return CostChoice(table, "analytic", f"analytic costs{why}")
+    import torch
+
+    sizes = tuple(batch_sizes) if batch_sizes else default_batch_sizes(batch_size)
+    key = _digest([graph.model_hash, _file_digest(spec.path), platform.node(),
+                   torch.__version__, list(sizes), "chain"])
+    path = cache_dir() / "costs" / f"{spec.name.replace(':', '_').replace('/', '_')}-{key}.json"
+    if path.is_file():
+        cached = _load_cached(path)
+        if cached is not None:
+            return CostChoice(cached, "cached",
+                              f"measured on this host at batch sizes {list(sizes)} (cached "
+                              f"in {path})")
+    from cost_models.profile import profile
+
+    table = profile(model, spec.sample_batch, sizes, graph=graph,
+                    optimizer=spec.build_optimizer, progress=progress,
+                    example_inputs=inputs)
+    try:
+        _write_atomic(path, table.to_json())
+    except OSError as exc:
+        log.warning("cannot cache the measured cost table in %s: %s", path, exc)
+    return CostChoice(table, "measured",
+                      f"measured on this host at batch sizes {list(sizes)} (cached in {path})")

@@ -1,0 +1,165 @@
+"""Benchmark the cost tables behind plans: predicted against measured rounds on emulated clusters.
+
+For each model and ``local``-type cluster it runs what a user runs, with no flags:
+
+1. ``partition MODEL --cluster C --batch-size B`` (default costs: this host measured, cached),
+   then ``run DIR --emulate C`` and compares the measured median round with the plan's
+   prediction (times the emulator's slow-down factor);
+2. ``calibrate DIR metrics.jsonl`` and a second run of the *same* plan, compared with that
+   plan evaluated on the calibrated table;
+3. a *different* plan on the same cluster (``--planner`` given, default ``dp-only``: every
+   device in one data-parallel stage; or ``pp-equal``) planned with the calibrated table,
+   run and compared with its prediction.
+
+Every figure is measured in this script; ratios are printed side by side.
+
+Usage::
+
+    python tools/bench_costs.py --steps 10 --out docs/benchmarks-costs.md
+    python tools/bench_costs.py --models examples/mlp.py --clusters examples/clusters/local3.yaml
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+DEFAULT_CASES = [
+    ("examples/mlp.py", 16),
+    ("examples/skipnet.py", 32),
+    ("examples/mobilenet_v2.py", 32),
+    ("examples/resnet.py:cifar", 32),
+    ("examples/efficientnet.py", 16),
+]
+DEFAULT_CLUSTERS = ["examples/clusters/local3.yaml", "examples/clusters/local4-wifi.yaml"]
+
+
+@dataclass
+class Row:
+    model: str
+    cluster: str
+    what: str
+    layout: str
+    predicted_s: float
+    measured_s: float
+
+    @property
+    def ratio(self) -> float:
+        return self.measured_s / self.predicted_s if self.predicted_s > 0 else float("nan")
+
+
+def _cli(*args: str) -> str:
+    out = subprocess.run([sys.executable, "-m", "asteroid_fx.cli", *args], cwd=ROOT,
+                         capture_output=True, text=True, check=False)
+    if out.returncode != 0:
+        raise SystemExit(f"asteroid-fx {' '.join(args)} failed:\n{out.stderr}")
+    return out.stdout
+
+
+def _summary(metrics: Path) -> dict[str, Any]:
+    lines = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()]
+    return [x for x in lines if x.get("event") == "summary"][-1]
+
+
+def _layout(plan: Any) -> str:
+    return " | ".join(f"{st.first}..{st.last}:{'+'.join(st.devices)}" for st in plan.stages)
+
+
+def _run(directory: Path, cluster: str, steps: int, metrics: Path) -> dict[str, Any]:
+    _cli("run", str(directory), "--emulate", cluster, "--steps", str(steps),
+         "--metrics", str(metrics))
+    return _summary(metrics)
+
+
+def bench_case(model: str, batch: int, cluster: str, steps: int, work: Path,
+               other_planner: str) -> list[Row]:
+    from cost_models.table import CostTable
+    from solver.cluster import Cluster
+    from solver.evaluate import evaluate
+    from solver.plan import Plan
+
+    rows: list[Row] = []
+    name = Path(model.split(":")[0]).stem + (":" + model.split(":")[1] if ":" in model else "")
+    short = Path(cluster).stem
+    first = work / "default"
+    _cli("partition", model, "--cluster", cluster, "--batch-size", str(batch), "--out",
+         str(first), "--no-onnx")
+    plan = Plan.load(first / "plan.json")
+    s = _run(first, cluster, steps, work / "m1.jsonl")
+    factor = s["slowdown_factor"]
+    assert plan.predicted is not None
+    rows.append(Row(name, short, "default (measured costs)", _layout(plan),
+                    plan.predicted.round_time_s * factor, s["round_time_s"]))
+    _cli("calibrate", str(first), str(work / "m1.jsonl"), "--out", str(work / "cal.json"))
+    cal = CostTable.load(work / "cal.json")
+    clus = Cluster.from_yaml(cluster)
+    again = evaluate(plan, cal, clus).round_time_s
+    s2 = _run(first, cluster, steps, work / "m2.jsonl")
+    rows.append(Row(name, short, "same plan after calibrate", _layout(plan),
+                    again * s2["slowdown_factor"], s2["round_time_s"]))
+    second = work / "other"
+    _cli("partition", model, "--cluster", cluster, "--batch-size", str(batch), "--out",
+         str(second), "--no-onnx", "--costs", str(work / "cal.json"), "--planner",
+         other_planner)
+    plan2 = Plan.load(second / "plan.json")
+    s3 = _run(second, cluster, steps, work / "m3.jsonl")
+    assert plan2.predicted is not None
+    rows.append(Row(name, short, f"{other_planner} plan, calibrated costs", _layout(plan2),
+                    plan2.predicted.round_time_s * s3["slowdown_factor"], s3["round_time_s"]))
+    return rows
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="*", default=None,
+                        help="MODEL_SPEC[@BATCH] ... (default: the bundled examples)")
+    parser.add_argument("--clusters", nargs="*", default=DEFAULT_CLUSTERS)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--other-planner", default="dp-only")
+    parser.add_argument("--out", type=Path, default=None, help="append a markdown table")
+    args = parser.parse_args()
+    cases = DEFAULT_CASES if not args.models else [
+        (m.split("@")[0], int(m.split("@")[1]) if "@" in m else 16) for m in args.models]
+    os.environ.setdefault("ASTEROID_FX_CACHE", str(Path(tempfile.gettempdir()) / "afx-bench"))
+    rows: list[Row] = []
+    started = time.time()
+    for cluster in args.clusters:
+        for model, batch in cases:
+            with tempfile.TemporaryDirectory() as tmp:
+                got = bench_case(model, batch, cluster, args.steps, Path(tmp),
+                                 args.other_planner)
+            for r in got:
+                print(f"{r.model:24s} {r.cluster:12s} {r.what:34s} predicted "
+                      f"{r.predicted_s * 1e3:9.2f} ms  measured {r.measured_s * 1e3:9.2f} ms  "
+                      f"ratio {r.ratio:5.2f}  [{r.layout}]", flush=True)
+            rows += got
+    load = os.getloadavg()
+    print(f"{len(rows)} runs in {time.time() - started:.0f} s; load average "
+          f"{load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
+    if args.out is not None:
+        lines = ["", f"### Predicted vs measured rounds (`python tools/bench_costs.py "
+                 f"--steps {args.steps}`)", "",
+                 "| model | cluster | plan | layout | predicted ms | measured ms | ratio |",
+                 "|---|---|---|---|---|---|---|"]
+        lines += [f"| {r.model} | {r.cluster} | {r.what} | {r.layout} | "
+                  f"{r.predicted_s * 1e3:.2f} | {r.measured_s * 1e3:.2f} | {r.ratio:.2f} |"
+                  for r in rows]
+        with args.out.open("a") as fh:
+            fh.write("\n".join(lines) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
