@@ -8,12 +8,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from cost_models.table import CostTable
+from cost_models.table import CostTable, DeviceColumn
 from solver.cluster import Cluster, Device, Link
-from solver.evaluate import LayerSums, evaluate
+from solver.evaluate import evaluate
 from solver.plan import Plan
+from solver.timing import Timing
 
-__all__ = ["Calibration", "calibrate", "with_message_overhead", "MIN_STEPS"]
+__all__ = ["Calibration", "calibrate", "calibrated_costs", "with_message_overhead",
+           "MIN_STEPS"]
 
 # [Note: calibrating from the running plan]
 # A plan's prediction rests on the cost table (analytic FLOP counts or a profile of the
@@ -36,6 +38,13 @@ __all__ = ["Calibration", "calibrate", "with_message_overhead", "MIN_STEPS"]
 #   waking the receiver), found by bisection as the ``h`` for which ``evaluate`` of the
 #   running plan, on the corrected speeds and with ``h`` added to every link's latency,
 #   gives the measured round. A plan without messages (one device) cannot show ``h``: 0.
+#
+# A device whose type has a measured column in the cost table ([Note: cost columns] in
+# solver.timing) takes the column's times as they are, whatever its speed, so the cluster
+# cannot carry its correction: ``calibrate`` predicts its compute from the column (its
+# ratio is reported and counts towards the median) but leaves it as it is in the returned
+# cluster and names it in ``Calibration.uncorrected``; ``calibrated_costs`` scales those
+# columns instead (source "calibrated"), for a caller that re-plans with the table.
 #
 # The re-plan then compares the layer-wise repair and the full re-plan on the calibrated
 # cluster. On this project's 2-core host the analytic table underestimates compute by
@@ -62,6 +71,7 @@ class Calibration:
     predicted_round_s: float              # the plan on the declared cluster
     calibrated_round_s: float             # the plan on the calibrated cluster
     measured_devices: list[str] = field(default_factory=list)
+    uncorrected: list[str] = field(default_factory=list)  # column devices (see the Note)
 
     def to_dict(self) -> dict[str, Any]:
         return {"speeds": {d: round(v, 6) for d, v in self.speeds.items()},
@@ -71,7 +81,8 @@ class Calibration:
                 "measured_round_s": self.measured_round_s,
                 "predicted_round_s": self.predicted_round_s,
                 "calibrated_round_s": self.calibrated_round_s,
-                "measured_devices": list(self.measured_devices)}
+                "measured_devices": list(self.measured_devices),
+                "uncorrected": list(self.uncorrected)}
 
 
 def with_message_overhead(cluster: Cluster, overhead_s: float) -> Cluster:
@@ -86,6 +97,7 @@ def with_message_overhead(cluster: Cluster, overhead_s: float) -> Cluster:
 
 
 def _with_speeds(cluster: Cluster, speeds: Mapping[str, float]) -> Cluster:
+    """``cluster`` with the devices of ``speeds`` declared at those speeds."""
     devices = tuple(Device(name=d.name, type=d.type, memory_bytes=d.memory_bytes,
                            speed=speeds[d.name]) if d.name in speeds else d
                     for d in cluster.devices)
@@ -113,16 +125,16 @@ def calibrate(plan: Plan, costs: CostTable, cluster: Cluster,
         ``(calibrated cluster, Calibration)``; with nothing usable measured the cluster is
         returned unchanged (ratios 1, overhead 0).
     """
-    sums = LayerSums.of(costs)
-    declared = cluster.speeds(costs.host_flops)
+    timing = Timing.of(costs, cluster)
+    declared = timing.speeds
     ratio: dict[str, float] = {}
     for stage in plan.stages:
         for device, share in zip(stage.devices, stage.shares, strict=True):
             measured = compute_s.get(device)
             if measured is None:
                 continue
-            predicted = (sums.fwd_time(stage.first, stage.last, share, declared[device])
-                         + sums.bwd_time(stage.first, stage.last, share, declared[device]))
+            predicted = (timing.fwd_time(device, stage.first, stage.last, share)
+                         + timing.bwd_time(device, stage.first, stage.last, share))
             total = float(measured[0]) + float(measured[1])
             if predicted > 0 and math.isfinite(total) and total > 0:
                 r = total / predicted
@@ -131,7 +143,8 @@ def calibrate(plan: Plan, costs: CostTable, cluster: Cluster,
     common = statistics.median(ratio.values()) if ratio else 1.0
     ratios = {d: ratio.get(d, common) if per_device else common for d in cluster.names}
     speeds = {d: declared[d] / ratios[d] for d in cluster.names}
-    corrected = _with_speeds(cluster, speeds)
+    columns = sorted(d for d in cluster.names if timing.device(d).column is not None)
+    corrected = _with_speeds(cluster, {d: v for d, v in speeds.items() if d not in columns})
     before = evaluate(plan, costs, cluster).round_time_s
     base = evaluate(plan, costs, corrected).round_time_s
     overhead = _fit_overhead(plan, costs, corrected, base, round_s)
@@ -141,7 +154,36 @@ def calibrate(plan: Plan, costs: CostTable, cluster: Cluster,
         speeds={d: speeds[d] for d in plan.devices},
         compute_ratio={d: ratio.get(d, common) for d in plan.devices}, compute_scale=common,
         message_overhead_s=overhead, measured_round_s=round_s, predicted_round_s=before,
-        calibrated_round_s=after, measured_devices=sorted(ratio))
+        calibrated_round_s=after, measured_devices=sorted(ratio),
+        uncorrected=[d for d in columns if d in plan.devices])
+
+
+def calibrated_costs(costs: CostTable, cluster: Cluster, calibration: Calibration) -> CostTable:
+    """``costs`` with the column of every device type in ``calibration.uncorrected``
+    scaled by the correction ``calibrate`` applied to its devices (their median;
+    optimizer step included; source ``"calibrated"``), which it could not put into the
+    cluster. ``cluster`` is the one given to ``calibrate``.
+
+    A base column (``costs.device_type`` measured on a board) cannot be scaled without
+    scaling every speed-scaled device too; it is left as it is.
+    """
+    declared = Timing.of(costs, cluster).speeds
+    by_type: dict[str, list[float]] = {}
+    for name in calibration.uncorrected:
+        by_type.setdefault(cluster.device(name).type,
+                           []).append(declared[name] / calibration.speeds[name])
+    columns: list[DeviceColumn] = []
+    for col in costs.columns:
+        ratios = by_type.get(col.device_type)
+        if not ratios or statistics.median(ratios) == 1.0:
+            columns.append(col)
+            continue
+        factor = statistics.median(ratios)
+        columns.append(replace(col, fwd=tuple(f.scaled(factor) for f in col.fwd),
+                               bwd=tuple(b.scaled(factor) for b in col.bwd),
+                               update_s_per_byte=col.update_s_per_byte * factor,
+                               source="calibrated"))
+    return replace(costs, columns=tuple(columns))
 
 
 def _fit_overhead(plan: Plan, costs: CostTable, cluster: Cluster, base_s: float,
