@@ -43,8 +43,13 @@ __all__ = ["Calibration", "calibrate", "calibrated_costs", "with_message_overhea
 # solver.timing) takes the column's times as they are, whatever its speed, so the cluster
 # cannot carry its correction: ``calibrate`` predicts its compute from the column (its
 # ratio is reported and counts towards the median) but leaves it as it is in the returned
-# cluster and names it in ``Calibration.uncorrected``; ``calibrated_costs`` scales those
-# columns instead (source "calibrated"), for a caller that re-plans with the table.
+# cluster and names it in ``Calibration.uncorrected``. The correction goes into the table
+# instead: ``calibrated_costs`` scales each such type's column by the median correction of
+# its devices of the plan (``Calibration.column_scale``; source "calibrated"), and the
+# per-message overhead is fitted on that table, so it explains only what compute does
+# not. A caller re-planning with the uncorrected table under-predicts those devices by
+# their ratio. (A table whose base times were measured on a board type cannot scale
+# that base column alone; its devices stay uncorrected and ``column_scale`` omits it.)
 #
 # The re-plan then compares the layer-wise repair and the full re-plan on the calibrated
 # cluster. On this project's 2-core host the analytic table underestimates compute by
@@ -72,6 +77,7 @@ class Calibration:
     calibrated_round_s: float             # the plan on the calibrated cluster
     measured_devices: list[str] = field(default_factory=list)
     uncorrected: list[str] = field(default_factory=list)  # column devices (see the Note)
+    column_scale: dict[str, float] = field(default_factory=dict)  # type -> column factor
 
     def to_dict(self) -> dict[str, Any]:
         return {"speeds": {d: round(v, 6) for d, v in self.speeds.items()},
@@ -82,7 +88,8 @@ class Calibration:
                 "predicted_round_s": self.predicted_round_s,
                 "calibrated_round_s": self.calibrated_round_s,
                 "measured_devices": list(self.measured_devices),
-                "uncorrected": list(self.uncorrected)}
+                "uncorrected": list(self.uncorrected),
+                "column_scale": {t: round(v, 4) for t, v in self.column_scale.items()}}
 
 
 def with_message_overhead(cluster: Cluster, overhead_s: float) -> Cluster:
@@ -145,45 +152,49 @@ def calibrate(plan: Plan, costs: CostTable, cluster: Cluster,
     speeds = {d: declared[d] / ratios[d] for d in cluster.names}
     columns = sorted(d for d in cluster.names if timing.device(d).column is not None)
     corrected = _with_speeds(cluster, {d: v for d, v in speeds.items() if d not in columns})
+    uncorrected = [d for d in columns if d in plan.devices]
+    by_type: dict[str, list[float]] = {}
+    for d in uncorrected:
+        by_type.setdefault(cluster.device(d).type, []).append(ratios[d])
+    own = {col.device_type for col in costs.columns}
+    scale = {t: statistics.median(r) for t, r in sorted(by_type.items()) if t in own}
+    table = _scaled_columns(costs, scale)
     before = evaluate(plan, costs, cluster).round_time_s
-    base = evaluate(plan, costs, corrected).round_time_s
-    overhead = _fit_overhead(plan, costs, corrected, base, round_s)
+    base = evaluate(plan, table, corrected).round_time_s
+    overhead = _fit_overhead(plan, table, corrected, base, round_s)
     calibrated = with_message_overhead(corrected, overhead)
-    after = evaluate(plan, costs, calibrated).round_time_s if overhead > 0 else base
+    after = evaluate(plan, table, calibrated).round_time_s if overhead > 0 else base
     return calibrated, Calibration(
         speeds={d: speeds[d] for d in plan.devices},
         compute_ratio={d: ratio.get(d, common) for d in plan.devices}, compute_scale=common,
         message_overhead_s=overhead, measured_round_s=round_s, predicted_round_s=before,
-        calibrated_round_s=after, measured_devices=sorted(ratio),
-        uncorrected=[d for d in columns if d in plan.devices])
+        calibrated_round_s=after, measured_devices=sorted(ratio), uncorrected=uncorrected,
+        column_scale=scale)
 
 
-def calibrated_costs(costs: CostTable, cluster: Cluster, calibration: Calibration) -> CostTable:
-    """``costs`` with the column of every device type in ``calibration.uncorrected``
-    scaled by the correction ``calibrate`` applied to its devices (their median;
-    optimizer step included; source ``"calibrated"``), which it could not put into the
-    cluster. ``cluster`` is the one given to ``calibrate``.
-
-    A base column (``costs.device_type`` measured on a board) cannot be scaled without
-    scaling every speed-scaled device too; it is left as it is.
-    """
-    declared = Timing.of(costs, cluster).speeds
-    by_type: dict[str, list[float]] = {}
-    for name in calibration.uncorrected:
-        by_type.setdefault(cluster.device(name).type,
-                           []).append(declared[name] / calibration.speeds[name])
+def _scaled_columns(costs: CostTable, scale: Mapping[str, float]) -> CostTable:
+    """``costs`` with the column of each type in ``scale`` times its factor."""
+    if all(scale.get(col.device_type, 1.0) == 1.0 for col in costs.columns):
+        return costs
     columns: list[DeviceColumn] = []
     for col in costs.columns:
-        ratios = by_type.get(col.device_type)
-        if not ratios or statistics.median(ratios) == 1.0:
+        factor = scale.get(col.device_type, 1.0)
+        if factor == 1.0:
             columns.append(col)
             continue
-        factor = statistics.median(ratios)
         columns.append(replace(col, fwd=tuple(f.scaled(factor) for f in col.fwd),
                                bwd=tuple(b.scaled(factor) for b in col.bwd),
                                update_s_per_byte=col.update_s_per_byte * factor,
                                source="calibrated"))
     return replace(costs, columns=tuple(columns))
+
+
+def calibrated_costs(costs: CostTable, calibration: Calibration) -> CostTable:
+    """``costs`` corrected where the calibrated cluster cannot be: every column of
+    ``calibration.column_scale`` scaled by its factor (optimizer step included; source
+    ``"calibrated"``). ``calibration.calibrated_round_s`` is the running plan on this
+    table and the calibrated cluster; a table without such columns is returned as is."""
+    return _scaled_columns(costs, calibration.column_scale)
 
 
 def _fit_overhead(plan: Plan, costs: CostTable, cluster: Cluster, base_s: float,
