@@ -2,7 +2,8 @@
 
 [Note: the DP's space]
 Devices are sorted by capability (speed descending, then memory descending, then
-name). A plan is a sequence of stages; stage ``s`` takes a contiguous run of layers and a
+name; the capability speeds of ``solver.timing``, see [Note: cost columns in the DP]).
+A plan is a sequence of stages; stage ``s`` takes a contiguous run of layers and a
 contiguous slice of the sorted devices; stages in pipeline order take consecutive slices
 starting at the most capable device (the least capable devices may stay unused). The
 shares inside a stage come from Algorithm 1 (``solver.split``) for the stage's layers,
@@ -139,6 +140,34 @@ the maximum over the devices that can decide it (``_deciders``), memory checks o
 devices that can bind first; both drop only devices whose value is provably never larger.
 The searches of one ``asteroid_dp`` call share prefix arrays, bound tables, interfaces and
 re-sharding times (``_Context``).
+
+[Note: cost columns in the DP]
+A device whose type has a column in the cost table takes the column's times as measured
+([Note: cost columns] in ``solver.timing``), so a group's devices no longer share one
+time function scaled by speed. The DP keeps every rule above exact as follows:
+
+* order and shares use the capability speed (a column device: its whole-model ratio of
+  base to column work), which does not depend on the stage, so ``base_shares`` stay
+  per group and micro-batch;
+* stage times are taken per device from its time source (the base or its column) and
+  divisor (speed, or 1 for a column), in the same float operations as ``evaluate``;
+  ``_deciders`` compares devices only within one time source (``_source_deciders``);
+  ``T_a``'s optimizer step is the maximum over the group's sources of ``params *
+  update_per_byte / (smallest divisor)`` (``Timing.update_pairs``);
+* every bound that divides base work by a sum of speeds (``work``, ``work_i``,
+  ``head_*``: cell and stage cut-offs, candidate windows, exact bounds) divides by the
+  *bound speeds* ``u_d`` instead (``_Context.speed_total``): no stage is faster on ``d``
+  than the base times over ``u_d`` (the largest base / column ratio of any layer's
+  intercept or slope), so a group's ``X * sum(u) >= intercepts + slopes * b`` still
+  holds and the bounds stay lower bounds;
+* ``hiding_ratio`` takes the forward / backward ratios of every time source the
+  cluster uses (the group maximum of forward and of backward may come from different
+  devices, each within the smallest and largest ratio of its own source).
+
+Without columns the bound speeds are the speeds, there is one time source, and every
+number, the order of equal summaries and the time taken are those of before
+(``tests/test_dp.py`` keeps the reference implementation and checks DP = brute force
+with and without columns).
 
 [Note: candidate cuts]
 Exactness costs time roughly quadratic in the number of cut positions. With more than
