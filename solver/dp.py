@@ -537,9 +537,12 @@ class _Context:
         self.np_buffers = np.asarray(sums.buffer_bytes, dtype=np.int64)
         self.np_acts = np.asarray(sums.activation_bytes, dtype=np.int64)
         self.speed_total = [[sum(bounds[a:b]) for b in range(n + 1)] for a in range(n)]
-        # the optimizer step of group a..b-1: max over (update_per_byte, divisor) pairs
+        # the optimizer step of group a..b-1: max over (update_per_byte, divisor) pairs;
+        # the time sources of devices a..b-1
         self.update_pairs = [[timing.update_pairs(self.names[a:b]) for b in range(n + 1)]
                              for a in range(n)]
+        self.group_srcs = [[sorted(set(self.srcs[a:b])) for b in range(n + 1)]
+                           for a in range(n)]
         self.min_bw = [[0.0] * (n + 1) for _ in range(n)]
         self.max_lat = [[0.0] * (n + 1) for _ in range(n)]    # as allreduce_time's
         for a in range(n):
@@ -622,7 +625,7 @@ class _Search:
          self.compute_devices, self.memory_devices) = ctx.for_micro_batch(micro_batch)
         self.speed_total = ctx.speed_total
         self.timing, self.srcs, self.np_src = ctx.timing, ctx.srcs, ctx.np_src
-        self.update_pairs = ctx.update_pairs
+        self.update_pairs, self.group_srcs = ctx.update_pairs, ctx.group_srcs
         self.min_bw = ctx.min_bw
         self.max_lat = ctx.max_lat
         self.num_layers = costs.num_layers
@@ -707,7 +710,7 @@ class _Search:
         # per time source: (fwd intercepts, fwd slopes, bwd intercepts, bwd slopes) of the
         # stages first..last (one source without columns)
         terms = {src: tuple(a[stop] - a[first] for a in self.np_src[src])
-                 for src in sorted(set(self.srcs[i:upper]))}
+                 for src in self.group_srcs[i][upper]}
         params = self.np_params[stop] - self.np_params[first]
         params_f = params.astype(np.float64)
         positive = params > 0
@@ -773,7 +776,7 @@ class _Search:
         # per time source, per `last`: (fwd intercept, fwd slope, bwd intercept, bwd slope)
         sources = self.timing.sources
         terms: dict[int, list[tuple[float, float, float, float]]] = {}
-        for src in sorted(set(self.srcs[i:upper])):
+        for src in self.group_srcs[i][upper]:
             t = sources[src]
             fi, fs, bi, bs = t.fwd_intercept, t.fwd_slope, t.bwd_intercept, t.bwd_slope
             terms[src] = [(fi[last + 1] - fi[first], fs[last + 1] - fs[first],

@@ -7,6 +7,7 @@ import logging
 import math
 import random
 from dataclasses import replace
+from typing import Any
 
 import pytest
 
@@ -236,3 +237,52 @@ def test_no_warning_without_measured_types(caplog: pytest.LogCaptureFixture) -> 
     with caplog.at_level(logging.WARNING, logger="solver.timing"):
         Timing.of(costs, cluster)
     assert not [r for r in caplog.records if r.name == "solver.timing"]
+
+
+# (seed, DP round, evaluate, simulate, hetpipe, pipedream) as float.hex(), computed by the
+# solver before cost columns existed (commit 8950538); None: no plan fits
+_BEFORE_COLUMNS: list[tuple[Any, ...]] = [
+    (0, "0x1.2f1048127a7ecp+1", "0x1.2f1048127a7ecp+1", "0x1.2f1048127a7ecp+1",
+     "0x1.2d5c98d5d6387p+4", "0x1.2d5c98d5d6387p+4"),
+    (1, "0x1.f08daa8be0090p-4", "0x1.f08daa8be0090p-4", "0x1.f08daa8be0090p-4",
+     "0x1.66128633e8f32p+1", "0x1.66128633e8f32p+1"),
+    (2, "0x1.8855932bb6219p+0", "0x1.8855932bb6219p+0", "0x1.8855932bb6219p+0",
+     "0x1.05a882a3b439dp+1", "0x1.05a882a3b439dp+1"),
+    (3, "0x1.d187075bc3befp-5", "0x1.d187075bc3befp-5", "0x1.d187075bc3befp-5",
+     "0x1.26ac6df96323cp+0", "0x1.26ac6df96323cp+0"),
+    (4, "0x1.e1824f89228c2p-1", "0x1.e1824f89228c2p-1", "0x1.3195e44d3f7ddp+0",
+     "0x1.166763d8899c6p+1", "0x1.166763d8899c6p+1"),
+    (5, None, None, None),
+    (6, None, None, None),
+    (7, "0x1.0f7834f7c79bbp+1", "0x1.0f7834f7c79bbp+1", "0x1.13bcae047efd0p+1",
+     "0x1.26cf51e2a7bcdp+3", "0x1.c44c371e206a8p+2"),
+    (8, "0x1.0ca1d1a820550p+0", "0x1.0ca1d1a820550p+0", "0x1.0ca1d1a820550p+0",
+     "0x1.ed5ad65e9b2f5p+1", "0x1.ed5ad65e9b2f5p+1"),
+    (9, "0x1.6fd280ba38331p-2", "0x1.6fd280ba38331p-2", "0x1.6fd280ba38331p-2",
+     "0x1.5c9484e016ddfp+2", "0x1.373fa474aad6dp+2"),
+    (10, "0x1.e3981f16b7e22p-2", "0x1.e3981f16b7e22p-2", "0x1.e3981f16b7e22p-2",
+     "0x1.2cda51aa0497ep+1", "0x1.75a3e35affe56p+1"),
+    (11, "0x1.7dee10f31ed52p-2", "0x1.7dee10f31ed52p-2", "0x1.7dee10f31ed52p-2",
+     "0x1.34e65fac73cc5p+1", "0x1.34e65fac73cc5p+1"),
+]
+
+
+def test_without_columns_predictions_are_bit_for_bit_those_of_before() -> None:
+    from solver.baselines import hetpipe, pipedream
+    from solver.simulate import simulate
+    from tests.solver_cases import random_instance
+
+    for seed, *expected in _BEFORE_COLUMNS:
+        costs, cluster, batch = random_instance(7000 + seed, max_layers=8, max_devices=5,
+                                                latency=seed % 3 == 0)
+        if seed % 2:
+            costs = replace(costs, update_s_per_byte=1e-9)
+        dp = asteroid_dp(costs, cluster, batch)
+        if dp.plan is None:
+            assert expected == [None, None, None], seed
+            continue
+        got = [dp.round_time_s, evaluate(dp.plan, costs, cluster).round_time_s,
+               simulate(dp.plan, costs, cluster).round_time_s,
+               evaluate(hetpipe(costs, cluster, 16), costs, cluster).round_time_s,
+               evaluate(pipedream(costs, cluster, 16), costs, cluster).round_time_s]
+        assert [x.hex() for x in got] == expected, seed
