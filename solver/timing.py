@@ -248,7 +248,7 @@ class Timing:
         devices = cluster.devices if isinstance(cluster, Cluster) else tuple(cluster)
         base = LayerSums.of(costs)
         sources = [base]
-        by_type: dict[str, tuple[int, float, float] | None] = {}
+        by_type: dict[str, tuple[int, float | None, float] | None] = {}
         unmeasured: dict[str, list[float]] = {}
         out: dict[str, DeviceTiming] = {}
         for device in devices:
@@ -259,8 +259,8 @@ class Timing:
                 else:
                     index = len(sources)
                     sources.append(base.with_column(col))
-                    declared = device.speed_against(costs.host_flops)
-                    by_type[device.type] = (index, column_speed(costs, col, declared),
+                    whole = column_speed(costs, col, math.nan)  # nan: degenerate
+                    by_type[device.type] = (index, None if math.isnan(whole) else whole,
                                             column_bound_speed(costs, col))
             found = by_type[device.type]
             if found is None:
@@ -269,7 +269,8 @@ class Timing:
                 if device.type not in UNMEASURED_TYPES:
                     unmeasured.setdefault(device.type, []).append(v)
             else:
-                index, speed, bound = found
+                index, own, bound = found
+                speed = device.speed_against(costs.host_flops) if own is None else own
                 out[device.name] = DeviceTiming(device.name, device.type, index, 1.0, speed,
                                                 bound, device.type)
         if unmeasured and costs.measured_types:
