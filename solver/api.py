@@ -58,7 +58,7 @@ def asteroid(costs: CostTable, cluster: Cluster, batch_size: int, *,
     best_plan, best_value = result.plan, result.round_time_s
     check: dict[str, Any] = {} if front is None else {"max_front": front}
     if seed_baselines:
-        ranked = [d.name for d in sorted_devices(cluster, costs.host_flops)]
+        ranked = [d.name for d in sorted_devices(cluster, costs)]
         tried = {tuple(ranked)}
         for name, fn in _baselines().items():
             try:

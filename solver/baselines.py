@@ -19,6 +19,9 @@ Common simplifications (stated once here, repeated where they matter):
 * The network is flat (every pair at the cluster's bandwidth unless overridden), so the
   hierarchical placement policies of PipeDream and DAPPLE reduce to taking devices in
   the order the cluster file lists them.
+* Where a baseline reasons with one speed per device (mean speed, shares, virtual
+  workers), a device whose type has a column in the cost table counts with its
+  whole-model ratio (``solver.timing``); the plans are still scored with its column.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from asteroid_fx.errors import PlanError
 from cost_models.table import CostTable
 from solver.cluster import Cluster, Device
 from solver.plan import Plan, PlannerInfo, Stage
+from solver.timing import Timing
 
 __all__ = [
     "BASELINES",
@@ -144,7 +148,9 @@ def gpipe_micro_batches(batch_size: int, num_stages: int, min_micro_batch: int =
 
 
 def _speeds(costs: CostTable, cluster: Cluster) -> dict[str, float]:
-    return cluster.speeds(costs.host_flops)
+    """Capability speeds (``solver.timing.Timing``: a device with a cost column has its
+    whole-model ratio), the one number per device these planners reason with."""
+    return Timing.of(costs, cluster).speeds
 
 
 def homogeneous_view(costs: CostTable, cluster: Cluster) -> Cluster:

@@ -14,6 +14,7 @@ from solver.dp import micro_batch_choices, sorted_devices
 from solver.evaluate import LayerSums, evaluate, in_flight
 from solver.plan import Plan, PlannerInfo, Stage
 from solver.split import split_stage
+from solver.timing import Timing
 
 __all__ = ["BruteResult", "enumerate_plans", "brute_force", "MAX_BRUTE_LAYERS",
            "MAX_BRUTE_DEVICES"]
@@ -48,8 +49,8 @@ def enumerate_plans(costs: CostTable, cluster: Cluster, batch_size: int, *,
         raise PlanError(f"brute force is for tiny instances (<= {MAX_BRUTE_LAYERS} layers, "
                         f"<= {MAX_BRUTE_DEVICES} devices), got {n_layers} layers and "
                         f"{len(cluster.devices)} devices; use the DP")
-    devices = sorted_devices(cluster, costs.host_flops)
-    speed_of = cluster.speeds(costs.host_flops)
+    devices = sorted_devices(cluster, costs)
+    speed_of = Timing.of(costs, cluster).speeds  # capability: Algorithm 1's split
     sums = LayerSums.of(costs)
     for mb in micro_batch_choices(batch_size, micro_batch_sizes):
         m = batch_size // mb

@@ -10,11 +10,12 @@ from typing import Any
 
 from cost_models.table import UNMEASURED_TYPES, CostTable, DeviceColumn, TimeFit
 from solver.cluster import Cluster, Device, Link
-from solver.evaluate import LayerSums, evaluate
+from solver.evaluate import evaluate
 from solver.plan import Plan
+from solver.timing import Timing
 
-__all__ = ["Calibration", "calibrate", "with_message_overhead", "MIN_STEPS", "CostCorrection",
-           "calibrate_costs", "timing_group", "BASE_GROUP"]
+__all__ = ["Calibration", "calibrate", "calibrated_costs", "with_message_overhead",
+           "MIN_STEPS", "CostCorrection", "calibrate_costs", "timing_group", "BASE_GROUP"]
 
 # [Note: calibrating from the running plan]
 # A plan's prediction rests on the cost table (analytic FLOP counts or a profile of the
@@ -37,6 +38,18 @@ __all__ = ["Calibration", "calibrate", "with_message_overhead", "MIN_STEPS", "Co
 #   waking the receiver), found by bisection as the ``h`` for which ``evaluate`` of the
 #   running plan, on the corrected speeds and with ``h`` added to every link's latency,
 #   gives the measured round. A plan without messages (one device) cannot show ``h``: 0.
+#
+# A device whose type has a measured column in the cost table ([Note: cost columns] in
+# solver.timing) takes the column's times as they are, whatever its speed, so the cluster
+# cannot carry its correction: ``calibrate`` predicts its compute from the column (its
+# ratio is reported and counts towards the median) but leaves it as it is in the returned
+# cluster and names it in ``Calibration.uncorrected``. The correction goes into the table
+# instead: ``calibrated_costs`` scales each such type's column by the median correction of
+# its devices of the plan (``Calibration.column_scale``; source "calibrated"), and the
+# per-message overhead is fitted on that table, so it explains only what compute does
+# not. A caller re-planning with the uncorrected table under-predicts those devices by
+# their ratio. (A table whose base times were measured on a board type cannot scale
+# that base column alone; its devices stay uncorrected and ``column_scale`` omits it.)
 #
 # The re-plan then compares the layer-wise repair and the full re-plan on the calibrated
 # cluster. On this project's 2-core host the analytic table underestimates compute by
@@ -63,6 +76,8 @@ class Calibration:
     predicted_round_s: float              # the plan on the declared cluster
     calibrated_round_s: float             # the plan on the calibrated cluster
     measured_devices: list[str] = field(default_factory=list)
+    uncorrected: list[str] = field(default_factory=list)  # column devices (see the Note)
+    column_scale: dict[str, float] = field(default_factory=dict)  # type -> column factor
 
     def to_dict(self) -> dict[str, Any]:
         return {"speeds": {d: round(v, 6) for d, v in self.speeds.items()},
@@ -72,7 +87,9 @@ class Calibration:
                 "measured_round_s": self.measured_round_s,
                 "predicted_round_s": self.predicted_round_s,
                 "calibrated_round_s": self.calibrated_round_s,
-                "measured_devices": list(self.measured_devices)}
+                "measured_devices": list(self.measured_devices),
+                "uncorrected": list(self.uncorrected),
+                "column_scale": {t: round(v, 4) for t, v in self.column_scale.items()}}
 
 
 def with_message_overhead(cluster: Cluster, overhead_s: float) -> Cluster:
@@ -87,6 +104,7 @@ def with_message_overhead(cluster: Cluster, overhead_s: float) -> Cluster:
 
 
 def _with_speeds(cluster: Cluster, speeds: Mapping[str, float]) -> Cluster:
+    """``cluster`` with the devices of ``speeds`` declared at those speeds."""
     devices = tuple(Device(name=d.name, type=d.type, memory_bytes=d.memory_bytes,
                            speed=speeds[d.name]) if d.name in speeds else d
                     for d in cluster.devices)
@@ -114,16 +132,16 @@ def calibrate(plan: Plan, costs: CostTable, cluster: Cluster,
         ``(calibrated cluster, Calibration)``; with nothing usable measured the cluster is
         returned unchanged (ratios 1, overhead 0).
     """
-    sums = LayerSums.of(costs)
-    declared = cluster.speeds(costs.host_flops)
+    timing = Timing.of(costs, cluster)
+    declared = timing.speeds
     ratio: dict[str, float] = {}
     for stage in plan.stages:
         for device, share in zip(stage.devices, stage.shares, strict=True):
             measured = compute_s.get(device)
             if measured is None:
                 continue
-            predicted = (sums.fwd_time(stage.first, stage.last, share, declared[device])
-                         + sums.bwd_time(stage.first, stage.last, share, declared[device]))
+            predicted = (timing.fwd_time(device, stage.first, stage.last, share)
+                         + timing.bwd_time(device, stage.first, stage.last, share))
             total = float(measured[0]) + float(measured[1])
             if predicted > 0 and math.isfinite(total) and total > 0:
                 r = total / predicted
@@ -132,17 +150,51 @@ def calibrate(plan: Plan, costs: CostTable, cluster: Cluster,
     common = statistics.median(ratio.values()) if ratio else 1.0
     ratios = {d: ratio.get(d, common) if per_device else common for d in cluster.names}
     speeds = {d: declared[d] / ratios[d] for d in cluster.names}
-    corrected = _with_speeds(cluster, speeds)
+    columns = sorted(d for d in cluster.names if timing.device(d).column is not None)
+    corrected = _with_speeds(cluster, {d: v for d, v in speeds.items() if d not in columns})
+    uncorrected = [d for d in columns if d in plan.devices]
+    by_type: dict[str, list[float]] = {}
+    for d in uncorrected:
+        by_type.setdefault(cluster.device(d).type, []).append(ratios[d])
+    own = {col.device_type for col in costs.columns}
+    scale = {t: statistics.median(r) for t, r in sorted(by_type.items()) if t in own}
+    table = _scaled_columns(costs, scale)
     before = evaluate(plan, costs, cluster).round_time_s
-    base = evaluate(plan, costs, corrected).round_time_s
-    overhead = _fit_overhead(plan, costs, corrected, base, round_s)
+    base = evaluate(plan, table, corrected).round_time_s
+    overhead = _fit_overhead(plan, table, corrected, base, round_s)
     calibrated = with_message_overhead(corrected, overhead)
-    after = evaluate(plan, costs, calibrated).round_time_s if overhead > 0 else base
+    after = evaluate(plan, table, calibrated).round_time_s if overhead > 0 else base
     return calibrated, Calibration(
         speeds={d: speeds[d] for d in plan.devices},
         compute_ratio={d: ratio.get(d, common) for d in plan.devices}, compute_scale=common,
         message_overhead_s=overhead, measured_round_s=round_s, predicted_round_s=before,
-        calibrated_round_s=after, measured_devices=sorted(ratio))
+        calibrated_round_s=after, measured_devices=sorted(ratio), uncorrected=uncorrected,
+        column_scale=scale)
+
+
+def _scaled_columns(costs: CostTable, scale: Mapping[str, float]) -> CostTable:
+    """``costs`` with the column of each type in ``scale`` times its factor."""
+    if all(scale.get(col.device_type, 1.0) == 1.0 for col in costs.columns):
+        return costs
+    columns: list[DeviceColumn] = []
+    for col in costs.columns:
+        factor = scale.get(col.device_type, 1.0)
+        if factor == 1.0:
+            columns.append(col)
+            continue
+        columns.append(replace(col, fwd=tuple(f.scaled(factor) for f in col.fwd),
+                               bwd=tuple(b.scaled(factor) for b in col.bwd),
+                               update_s_per_byte=col.update_s_per_byte * factor,
+                               source="calibrated"))
+    return replace(costs, columns=tuple(columns))
+
+
+def calibrated_costs(costs: CostTable, calibration: Calibration) -> CostTable:
+    """``costs`` corrected where the calibrated cluster cannot be: every column of
+    ``calibration.column_scale`` scaled by its factor (optimizer step included; source
+    ``"calibrated"``). ``calibration.calibrated_round_s`` is the running plan on this
+    table and the calibrated cluster; a table without such columns is returned as is."""
+    return _scaled_columns(costs, calibration.column_scale)
 
 
 def _fit_overhead(plan: Plan, costs: CostTable, cluster: Cluster, base_s: float,
@@ -240,10 +292,6 @@ def _group_fits(costs: CostTable, group: str, speed: float) -> tuple[list[TimeFi
             [lc.bwd.scaled(scale) for lc in costs.layers], costs.update_s_per_byte * scale)
 
 
-def _stage_time(fits: list[TimeFit], first: int, last: int, share: int, speed: float) -> float:
-    return sum(fits[i].at(share) for i in range(first, last + 1)) / speed
-
-
 def calibrate_costs(plan: Plan, costs: CostTable, cluster: Cluster,
                     compute_s: Mapping[str, tuple[float, float]],
                     round_s: float) -> tuple[CostTable, CostCorrection]:
@@ -263,25 +311,20 @@ def calibrate_costs(plan: Plan, costs: CostTable, cluster: Cluster,
         corrected times have source ``calibrated``, and ``message_overhead_s`` is set.
     """
     speeds = cluster.speeds(costs.host_flops)
+    timing = Timing.of(costs, cluster)
     samples: dict[str, dict[int, list[tuple[float, float]]]] = {}
     group_speed: dict[str, float] = {}
     unmeasured = []
     for index, stage in enumerate(plan.stages):
         for name, share in zip(stage.devices, stage.shares, strict=True):
-            device = cluster.device(name)
-            group = timing_group(costs, device)
+            group = timing_group(costs, cluster.device(name))
             measured = compute_s.get(name)
             if measured is None:
                 unmeasured.append(name)
                 continue
-            scaled = group == BASE_GROUP or costs.column(group) is None
-            speed = speeds[name] if scaled else 1.0
             group_speed.setdefault(group, speeds[name])
-            fits_f, fits_b, _ = _group_fits(costs, group, group_speed[group])
-            if group != BASE_GROUP and costs.column(group) is None:
-                speed = speeds[name] / group_speed[group]   # fits already over its speed
-            pf = _stage_time(fits_f, stage.first, stage.last, share, speed)
-            pb = _stage_time(fits_b, stage.first, stage.last, share, speed)
+            pf = timing.fwd_time(name, stage.first, stage.last, share)
+            pb = timing.bwd_time(name, stage.first, stage.last, share)
             rf, rb = (float(measured[0]) / pf if pf > 0 else 1.0,
                       float(measured[1]) / pb if pb > 0 else 1.0)
             if all(_RATIO_BOUNDS[0] <= r <= _RATIO_BOUNDS[1] for r in (rf, rb)):

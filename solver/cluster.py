@@ -219,7 +219,9 @@ class Cluster:
                    default=0.0)
 
     def speeds(self, host_flops: float) -> dict[str, float]:
-        """Every device's speed relative to a host of ``host_flops`` effective FLOP/s."""
+        """Every device's declared speed relative to a host of ``host_flops`` effective
+        FLOP/s. With a cost table, take speeds and times from ``solver.timing.Timing``
+        instead: a device whose type has a column there ignores its declared speed."""
         return {d.name: d.speed_against(host_flops) for d in self.devices}
 
     def subset(self, names: Iterable[str]) -> Cluster:

@@ -2,7 +2,8 @@
 
 [Note: the DP's space]
 Devices are sorted by capability (speed descending, then memory descending, then
-name). A plan is a sequence of stages; stage ``s`` takes a contiguous run of layers and a
+name; the capability speeds of ``solver.timing``, see [Note: cost columns in the DP]).
+A plan is a sequence of stages; stage ``s`` takes a contiguous run of layers and a
 contiguous slice of the sorted devices; stages in pipeline order take consecutive slices
 starting at the most capable device (the least capable devices may stay unused). The
 shares inside a stage come from Algorithm 1 (``solver.split``) for the stage's layers,
@@ -140,6 +141,34 @@ devices that can bind first; both drop only devices whose value is provably neve
 The searches of one ``asteroid_dp`` call share prefix arrays, bound tables, interfaces and
 re-sharding times (``_Context``).
 
+[Note: cost columns in the DP]
+A device whose type has a column in the cost table takes the column's times as measured
+([Note: cost columns] in ``solver.timing``), so a group's devices no longer share one
+time function scaled by speed. The DP keeps every rule above exact as follows:
+
+* order and shares use the capability speed (a column device: its whole-model ratio of
+  base to column work), which does not depend on the stage, so ``base_shares`` stay
+  per group and micro-batch;
+* stage times are taken per device from its time source (the base or its column) and
+  divisor (speed, or 1 for a column), in the same float operations as ``evaluate``;
+  ``_deciders`` compares devices only within one time source (``_source_deciders``);
+  ``T_a``'s optimizer step is the maximum over the group's sources of ``params *
+  update_per_byte / (smallest divisor)`` (``Timing.update_pairs``);
+* every bound that divides base work by a sum of speeds (``work``, ``work_i``,
+  ``head_*``: cell and stage cut-offs, candidate windows, exact bounds) divides by the
+  *bound speeds* ``u_d`` instead (``_Context.speed_total``): no stage is faster on ``d``
+  than the base times over ``u_d`` (the largest base / column ratio of any layer's
+  intercept or slope), so a group's ``X * sum(u) >= intercepts + slopes * b`` still
+  holds and the bounds stay lower bounds;
+* ``hiding_ratio`` takes the forward / backward ratios of every time source the
+  cluster uses (the group maximum of forward and of backward may come from different
+  devices, each within the smallest and largest ratio of its own source).
+
+Without columns the bound speeds are the speeds, there is one time source, and every
+number, the order of equal summaries and the time taken are those of before
+(``tests/test_dp.py`` keeps the reference implementation and checks DP = brute force
+with and without columns).
+
 [Note: candidate cuts]
 Exactness costs time roughly quadratic in the number of cut positions. With more than
 ``max_cuts`` layers boundaries, cuts are restricted to ``max_cuts`` candidates: the
@@ -162,7 +191,7 @@ from typing import Any
 import numpy as np
 
 from asteroid_fx.errors import PlanError
-from cost_models.table import CostTable
+from cost_models.table import CostTable, TimeFit
 from solver.cluster import Cluster, Device
 from solver.evaluate import (
     WORKSPACE_BYTES,
@@ -174,6 +203,7 @@ from solver.evaluate import (
 )
 from solver.plan import Plan, PlannerInfo, Stage
 from solver.split import split_shares, split_stage
+from solver.timing import Timing
 
 __all__ = ["DP_VERSION", "DEFAULT_MAX_CUTS", "DPResult", "PipelineSummary", "asteroid_dp",
            "sorted_devices", "candidate_cuts", "micro_batch_choices", "no_fit_error",
@@ -225,9 +255,16 @@ class PipelineSummary(tuple[float, float, float, float]):
                 f"stages={self.stages!r})")
 
 
-def sorted_devices(cluster: Cluster, host_flops: float) -> list[Device]:
-    """Devices by capability: speed descending, then memory descending, then name."""
-    speeds = cluster.speeds(host_flops)
+def sorted_devices(cluster: Cluster, costs: CostTable | float) -> list[Device]:
+    """Devices by capability: speed descending, then memory descending, then name.
+
+    ``costs`` is the cost table (capability speeds of ``solver.timing.Timing``: a device
+    with a column has its whole-model ratio) or a host's FLOP/s (the declared speeds).
+    """
+    if isinstance(costs, CostTable):
+        speeds = Timing.of(costs, cluster).speeds
+    else:
+        speeds = cluster.speeds(costs)
     return sorted(cluster.devices, key=lambda d: (-speeds[d.name], -d.memory_bytes, d.name))
 
 
@@ -300,18 +337,36 @@ def dominates(lo: PipelineSummary, hi: PipelineSummary, m: int, rho: float = 0.0
             and (lo[1] == hi[1] or lo.sum_x - hi[2] <= h * lo[1]))
 
 
-def hiding_ratio(costs: CostTable) -> float:
+def hiding_ratio(costs: CostTable, cluster: Cluster | None = None) -> float:
     """A ``rho`` with ``min(E_f, E_b) >= rho (E_f + E_b)`` for every stage of any plan.
 
     Each device's forward / backward time ratio lies between the smallest and the
     largest ratio of the layers' fitted intercepts and slopes (a ratio of sums lies
-    between the ratios of the terms), and so does ``compute_f / compute_b``; re-sharding
-    time adds the same to both, which moves the share of the smaller one towards 1/2.
+    between the ratios of the terms), and so does ``compute_f / compute_b`` (the device
+    with the largest backward has a forward of at least the smallest ratio times it);
+    re-sharding time adds the same to both, which moves the share of the smaller one
+    towards 1/2. With ``cluster``, the layers of every time source its devices use
+    count (the base times and the columns of their types, [Note: cost columns]).
     """
+    fits: list[tuple[TimeFit, TimeFit]] = []
+    if cluster is None:
+        fits = [(lc.fwd, lc.bwd) for lc in costs.layers]
+    else:
+        base_used = False
+        seen: set[str] = set()
+        for device in cluster.devices:
+            col = costs.column(device.type)
+            if col is None:
+                base_used = True
+            elif device.type not in seen:
+                seen.add(device.type)
+                fits.extend(zip(col.fwd, col.bwd, strict=True))
+        if base_used:
+            fits = [(lc.fwd, lc.bwd) for lc in costs.layers] + fits
     low, high = math.inf, 0.0
-    for lc in costs.layers:
-        for f, b in ((lc.fwd.intercept_s, lc.bwd.intercept_s),
-                     (lc.fwd.per_sample_s, lc.bwd.per_sample_s)):
+    for fwd, bwd in fits:
+        for f, b in ((fwd.intercept_s, bwd.intercept_s),
+                     (fwd.per_sample_s, bwd.per_sample_s)):
             if f == 0.0 and b == 0.0:
                 continue
             ratio = f / b if b > 0.0 else math.inf
@@ -335,6 +390,17 @@ def _deciders(pairs: list[tuple[int, float]]) -> list[tuple[int, float]]:
             continue
         kept.append((b, v))
     return kept
+
+
+def _source_deciders(triples: list[tuple[int, float, int]]) -> list[tuple[int, float, int]]:
+    """``_deciders`` for ``(share, divisor, time source)``: only devices of one source
+    share a time function, so each source keeps its own deciders ([Note: cost columns])."""
+    sources = sorted({src for _, _, src in triples})
+    out: list[tuple[int, float, int]] = []
+    for src in sources:
+        out.extend((b, v, src) for b, v in _deciders([(b, v) for b, v, k in triples
+                                                       if k == src]))
+    return out
 
 
 _KEY = itemgetter(0, 1, 2, 3, 4)
@@ -455,15 +521,28 @@ class _Context:
         self.speeds = speeds
         self.caps = [d.memory_bytes for d in devices]
         n = self.n = len(devices)
-        self.np_fi = np.asarray(sums.fwd_intercept, dtype=np.float64)
-        self.np_fs = np.asarray(sums.fwd_slope, dtype=np.float64)
-        self.np_bi = np.asarray(sums.bwd_intercept, dtype=np.float64)
-        self.np_bs = np.asarray(sums.bwd_slope, dtype=np.float64)
+        # [Note: cost columns in the DP]: per device its time source and divisor; the
+        # bounds divide base work by the bound speeds (equal to the speeds without columns)
+        timing = self.timing = Timing.of(costs, cluster)
+        per = [timing.device(name) for name in self.names]
+        self.srcs = [t.source for t in per]
+        self.divs = [t.divisor for t in per]
+        bounds = [t.bound_speed for t in per]
+        self.np_src = [tuple(np.asarray(values, dtype=np.float64)
+                             for values in (src.fwd_intercept, src.fwd_slope,
+                                            src.bwd_intercept, src.bwd_slope))
+                       for src in timing.sources]
+        self.np_fi, self.np_fs, self.np_bi, self.np_bs = self.np_src[0]
         self.np_params = np.asarray(sums.param_bytes, dtype=np.int64)
         self.np_buffers = np.asarray(sums.buffer_bytes, dtype=np.int64)
         self.np_acts = np.asarray(sums.activation_bytes, dtype=np.int64)
-        self.speed_total = [[sum(speeds[a:b]) for b in range(n + 1)] for a in range(n)]
-        self.slowest = [[min(speeds[a:b], default=1.0) for b in range(n + 1)] for a in range(n)]
+        self.speed_total = [[sum(bounds[a:b]) for b in range(n + 1)] for a in range(n)]
+        # the optimizer step of group a..b-1: max over (update_per_byte, divisor) pairs;
+        # the time sources of devices a..b-1
+        self.update_pairs = [[timing.update_pairs(self.names[a:b]) for b in range(n + 1)]
+                             for a in range(n)]
+        self.group_srcs = [[sorted(set(self.srcs[a:b])) for b in range(n + 1)]
+                           for a in range(n)]
         self.min_bw = [[0.0] * (n + 1) for _ in range(n)]
         self.max_lat = [[0.0] * (n + 1) for _ in range(n)]    # as allreduce_time's
         for a in range(n):
@@ -474,7 +553,7 @@ class _Context:
                     high = max(high, cluster.latency_s(self.names[c], self.names[b]))
                 self.min_bw[a][b + 1] = low
                 self.max_lat[a][b + 1] = high
-        self.rho = hiding_ratio(costs)
+        self.rho = hiding_ratio(costs, cluster)
         # interfaces (i, j, shares) as small integers; -1 = before the first stage
         self.iface_ids: dict[tuple[int, int, tuple[int, ...]], int] = {}
         self.ifaces: list[tuple[int, int, tuple[int, ...]]] = []
@@ -506,13 +585,14 @@ class _Context:
         # the devices that decide a group's compute time and memory fit: a device with at
         # most the share of another and at least its speed (memory) never decides (the
         # float operations are monotone, so dropping it changes no bit)
-        compute_devices: dict[tuple[int, int], list[tuple[int, float]]] = {}
+        compute_devices: dict[tuple[int, int], list[tuple[int, float, int]]] = {}
         memory_devices: dict[tuple[int, int], list[tuple[int, int]]] = {}
         for (a, b), shares in base_shares.items():
             if shares is None:
                 continue
             members = list(zip(shares, range(a, b), strict=True))
-            compute_devices[(a, b)] = _deciders([(share, speeds[d]) for share, d in members])
+            compute_devices[(a, b)] = _source_deciders(
+                [(share, self.divs[d], self.srcs[d]) for share, d in members])
             memory_devices[(a, b)] = [
                 (share, d) for share, d in members
                 if not any((s2 >= share and caps[d2] <= caps[d])
@@ -544,7 +624,8 @@ class _Search:
         (self.work, self.work_i, self.head_f, self.head_x, self.base_shares,
          self.compute_devices, self.memory_devices) = ctx.for_micro_batch(micro_batch)
         self.speed_total = ctx.speed_total
-        self.slowest = ctx.slowest
+        self.timing, self.srcs, self.np_src = ctx.timing, ctx.srcs, ctx.np_src
+        self.update_pairs, self.group_srcs = ctx.update_pairs, ctx.group_srcs
         self.min_bw = ctx.min_bw
         self.max_lat = ctx.max_lat
         self.num_layers = costs.num_layers
@@ -626,10 +707,10 @@ class _Search:
         if len(lasts) <= _NUMPY_LASTS:
             return self._base_py(first, i, final, lasts, upper, out)
         stop = np.asarray(lasts) + 1
-        f_int = self.np_fi[stop] - self.np_fi[first]
-        f_slope = self.np_fs[stop] - self.np_fs[first]
-        b_int = self.np_bi[stop] - self.np_bi[first]
-        b_slope = self.np_bs[stop] - self.np_bs[first]
+        # per time source: (fwd intercepts, fwd slopes, bwd intercepts, bwd slopes) of the
+        # stages first..last (one source without columns)
+        terms = {src: tuple(a[stop] - a[first] for a in self.np_src[src])
+                 for src in self.group_srcs[i][upper]}
         params = self.np_params[stop] - self.np_params[first]
         params_f = params.astype(np.float64)
         positive = params > 0
@@ -651,14 +732,16 @@ class _Search:
                 if lo == len(lasts):
                     continue
             deciders = self.compute_devices[(i, j)]
-            b, v = deciders[0]
+            b, v, src = deciders[0]
+            f_int, f_slope, b_int, b_slope = terms[src]
             cf = (f_int[lo:] + f_slope[lo:] * b) / v
             cb = (b_int[lo:] + b_slope[lo:] * b) / v
-            for b, v in deciders[1:]:
+            for b, v, src in deciders[1:]:
+                f_int, f_slope, b_int, b_slope = terms[src]
                 cf = np.maximum(cf, (f_int[lo:] + f_slope[lo:] * b) / v)
                 cb = np.maximum(cb, (b_int[lo:] + b_slope[lo:] * b) / v)
             # T_a: all-reduce (allreduce_from) plus the optimizer step on the slowest
-            # device (LayerSums.update_time), in the same float operations
+            # device (Timing.group_update_time), in the same float operations
             size = j - i
             if size > 1:
                 reduce = np.where(positive[lo:], 2.0 * (size - 1) * params_f[lo:]
@@ -666,7 +749,12 @@ class _Search:
                                   + 2.0 * (size - 1) * self.max_lat[i][j], 0.0)
             else:
                 reduce = np.zeros(len(lasts) - lo)
-            ta = (reduce + params[lo:] * sums.update_per_byte / self.slowest[i][j]).tolist()
+            pairs = self.update_pairs[i][j]
+            upb, div = pairs[0]
+            step = params[lo:] * upb / div
+            for upb, div in pairs[1:]:
+                step = np.maximum(step, params[lo:] * upb / div)
+            ta = (reduce + step).tolist()
             # compute grows with `last`: stages past `keep` cost M X >= incumbent
             keep = int(np.count_nonzero(m * (cf + cb) < inc))
             out.append((j, free, self.iface(i, j, free), lasts[lo:], cf.tolist(), cb.tolist(),
@@ -679,15 +767,22 @@ class _Search:
         numpy path (and as ``LayerSums``, ``allreduce_from``, ``stage_memory_parts``)."""
         sums = self.sums
         m, inc = self.m, self.incumbent
-        fi, fs, bi, bs = sums.fwd_intercept, sums.fwd_slope, sums.bwd_intercept, sums.bwd_slope
         pb, bb, ab = sums.param_bytes, sums.buffer_bytes, sums.activation_bytes
-        upb, factor = sums.update_per_byte, 2.0 + self.osf
+        factor = 2.0 + self.osf
         params = [pb[last + 1] - pb[first] for last in lasts]
         fixed = [float(math.ceil(p * factor) + (bb[last + 1] - bb[first]) + WORKSPACE_BYTES)
                  for p, last in zip(params, lasts, strict=True)]
         acts = [float(ab[last + 1] - ab[first]) for last in lasts]
-        terms = [(fi[last + 1] - fi[first], fs[last + 1] - fs[first],
-                  bi[last + 1] - bi[first], bs[last + 1] - bs[first]) for last in lasts]
+        # per time source, per `last`: (fwd intercept, fwd slope, bwd intercept, bwd slope)
+        sources = self.timing.sources
+        terms: dict[int, list[tuple[float, float, float, float]]] = {}
+        for src in self.group_srcs[i][upper]:
+            t = sources[src]
+            fi, fs, bi, bs = t.fwd_intercept, t.fwd_slope, t.bwd_intercept, t.bwd_slope
+            terms[src] = [(fi[last + 1] - fi[first], fs[last + 1] - fs[first],
+                           bi[last + 1] - bi[first], bs[last + 1] - bs[first])
+                          for last in lasts]
+        single = terms[self.srcs[i]] if len(terms) == 1 else None
         work = self.work_i
         tail_limit = inc * (1.0 + 1e-9) / m
         for j in range(i + 1, upper + 1):
@@ -706,15 +801,27 @@ class _Search:
             deciders = self.compute_devices[(i, j)]
             cf: list[float] = []
             cb: list[float] = []
-            for f_int, f_slope, b_int, b_slope in terms[lo:]:
-                cf.append(max((f_int + f_slope * b) / v for b, v in deciders))
-                cb.append(max((b_int + b_slope * b) / v for b, v in deciders))
+            if single is not None:
+                for f_int, f_slope, b_int, b_slope in single[lo:]:
+                    cf.append(max((f_int + f_slope * b) / v for b, v, _ in deciders))
+                    cb.append(max((b_int + b_slope * b) / v for b, v, _ in deciders))
+            else:
+                for k in range(lo, len(lasts)):
+                    cf.append(max((terms[src][k][0] + terms[src][k][1] * b) / v
+                                  for b, v, src in deciders))
+                    cb.append(max((terms[src][k][2] + terms[src][k][3] * b) / v
+                                  for b, v, src in deciders))
             size = j - i
-            min_bw, slowest = self.min_bw[i][j], self.slowest[i][j]
+            min_bw, pairs = self.min_bw[i][j], self.update_pairs[i][j]
             lat = self.max_lat[i][j]
+            upb, slowest = pairs[0]
+            if len(pairs) == 1:
+                steps = [p * upb / slowest for p in params[lo:]]
+            else:
+                steps = [max(p * u / d for u, d in pairs) for p in params[lo:]]
             ta = [(2.0 * (size - 1) * p / (size * min_bw) + 2.0 * (size - 1) * lat
                    if size > 1 and p > 0 else 0.0)
-                  + p * upb / slowest for p in params[lo:]]
+                  + step for p, step in zip(params[lo:], steps, strict=True)]
             keep = 0
             for x_f, x_b in zip(cf, cb, strict=True):
                 if m * (x_f + x_b) >= inc:
@@ -777,7 +884,7 @@ class _Search:
                                      flight, self.osf, free)
                 if shares is None:  # longer stages need even more memory
                     break
-                cfs, cbs = sums.compute(first, last, shares, self.speeds[i:j])
+                cfs, cbs = self.timing.compute(first, last, self.names[i:j], shares)
                 if m * (cfs + cbs) >= inc:
                     continue
                 out.append((j, shares, self.iface(i, j, shares), [last], [cfs], [cbs],
@@ -1103,12 +1210,12 @@ def asteroid_dp(costs: CostTable, cluster: Cluster, batch_size: int, *,
     start = time.perf_counter()
     mbs = micro_batch_choices(batch_size, micro_batch_sizes)
     if device_order is None:
-        devices = sorted_devices(cluster, costs.host_flops)
+        devices = sorted_devices(cluster, costs)
     else:
         devices = [cluster.device(name) for name in device_order]
         if len(set(device_order)) != len(devices):
             raise PlanError(f"device_order repeats a device: {list(device_order)}")
-    speed_of = cluster.speeds(costs.host_flops)
+    speed_of = Timing.of(costs, cluster).speeds
     speeds = [speed_of[d.name] for d in devices]
     sums = LayerSums.of(costs)
     ends = candidate_cuts(costs, max_cuts)

@@ -4,9 +4,12 @@
 For stage ``s`` with layers ``D_s`` on devices ``G_s`` (shares ``b_d``, speeds ``v_d``):
 
 * compute: device ``d`` needs ``sum_{l in D_s} fwd_l.at(b_d) / v_d`` (the same for
-  backward); ``compute_f`` / ``compute_b`` are the maxima over the group. The sums are
-  taken from prefix sums of the fitted intercepts and slopes (``LayerSums``), which is
-  the same number up to float rounding and lets the DP reproduce it bit for bit.
+  backward); ``compute_f`` / ``compute_b`` are the maxima over the group. A device whose
+  type has a column in the cost table takes that column's ``fwd_l`` / ``bwd_l`` as they
+  are, without ``v_d`` ([Note: cost columns] in ``solver.timing``). The sums are
+  taken from prefix sums of the fitted intercepts and slopes (``LayerSums``, through
+  ``Timing``), which is the same number up to float rounding and lets the DP reproduce
+  it bit for bit.
 * communication of the cut before ``s`` (``s > 0``): ``cut_bytes[first_s - 1]`` per
   sample. Devices own contiguous sample ranges (``Stage.sample_ranges``); every device of
   ``G_s`` receives its range from the previous-stage devices that own those samples
@@ -19,8 +22,9 @@ For stage ``s`` with layers ``D_s`` on devices ``G_s`` (shares ``b_d``, speeds `
 * ``T_a`` ring all-reduce of the stage's parameter bytes over the slowest link of the
   group, plus ``2(n - 1)`` times the group's largest latency (one message per ring step;
   0 for a single device), plus the optimizer step on the group's slowest device,
-  ``param_bytes * update_s_per_byte / v`` (``CostTable.update_s_per_byte``, measured by
-  the profiler; 0 in tables without it). DESIGN.md's ``T_a`` is the all-reduce alone;
+  ``max_d param_bytes * update_s_per_byte / v_d`` (``CostTable.update_s_per_byte``,
+  measured by the profiler, 0 in tables without it; a device with a column takes its
+  column's ``update_s_per_byte`` without ``v_d``). DESIGN.md's ``T_a`` is the all-reduce alone;
   the step is added because the round ends only after it, and for parameter-heavy
   stages it is several percent of a round. ``T_w`` / ``T_e`` as in DESIGN.md, with the
   drain correction below.
@@ -71,14 +75,13 @@ stage weights and optimizer state, ``param_bytes * (1 + optimizer_state_factor)`
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from itertools import accumulate
+from collections.abc import Sequence
 
 from asteroid_fx.errors import PlanError
 from cost_models.table import CostTable
 from solver.cluster import Cluster
 from solver.plan import Plan, Prediction, StagePrediction
+from solver.timing import LayerSums, Timing
 
 __all__ = [
     "WORKSPACE_BYTES",
@@ -102,86 +105,6 @@ WORKSPACE_BYTES = 1 << 20
 
 WORKSPACE_FRACTION = 0.1
 """Extra workspace as a fraction of the device's in-flight activation bytes."""
-
-
-@dataclass(frozen=True)
-class LayerSums:
-    """Prefix sums over the layers of a cost table (index ``i`` = sum of layers ``< i``).
-
-    Times are floats accumulated left to right; bytes are exact integers. Every consumer
-    (``evaluate``, the DP, Algorithm 1) takes stage sums from here so that they agree to
-    the last bit.
-    """
-
-    fwd_intercept: tuple[float, ...]
-    fwd_slope: tuple[float, ...]
-    bwd_intercept: tuple[float, ...]
-    bwd_slope: tuple[float, ...]
-    param_bytes: tuple[int, ...]
-    buffer_bytes: tuple[int, ...]
-    activation_bytes: tuple[int, ...]
-    update_per_byte: float = 0.0
-
-    @classmethod
-    def of(cls, costs: CostTable) -> LayerSums:
-        layers = costs.layers
-
-        def pre_f(values: Sequence[float]) -> tuple[float, ...]:
-            return (0.0, *accumulate(values))
-
-        def pre_i(values: Sequence[int]) -> tuple[int, ...]:
-            return (0, *accumulate(values))
-
-        return cls(
-            fwd_intercept=pre_f([lc.fwd.intercept_s for lc in layers]),
-            fwd_slope=pre_f([lc.fwd.per_sample_s for lc in layers]),
-            bwd_intercept=pre_f([lc.bwd.intercept_s for lc in layers]),
-            bwd_slope=pre_f([lc.bwd.per_sample_s for lc in layers]),
-            param_bytes=pre_i([lc.param_bytes for lc in layers]),
-            buffer_bytes=pre_i([lc.buffer_bytes for lc in layers]),
-            activation_bytes=pre_i([lc.activation_bytes for lc in layers]),
-            update_per_byte=costs.update_s_per_byte,
-        )
-
-    @property
-    def num_layers(self) -> int:
-        return len(self.param_bytes) - 1
-
-    def params(self, first: int, last: int) -> int:
-        return self.param_bytes[last + 1] - self.param_bytes[first]
-
-    def buffers(self, first: int, last: int) -> int:
-        return self.buffer_bytes[last + 1] - self.buffer_bytes[first]
-
-    def activations(self, first: int, last: int) -> int:
-        return self.activation_bytes[last + 1] - self.activation_bytes[first]
-
-    def fwd_time(self, first: int, last: int, share: int, speed: float) -> float:
-        """Forward seconds of layers ``first..last`` for ``share`` samples at ``speed``."""
-        if share <= 0:
-            return 0.0
-        inter = self.fwd_intercept[last + 1] - self.fwd_intercept[first]
-        slope = self.fwd_slope[last + 1] - self.fwd_slope[first]
-        return (inter + slope * share) / speed
-
-    def bwd_time(self, first: int, last: int, share: int, speed: float) -> float:
-        """Backward seconds of layers ``first..last`` for ``share`` samples at ``speed``."""
-        if share <= 0:
-            return 0.0
-        inter = self.bwd_intercept[last + 1] - self.bwd_intercept[first]
-        slope = self.bwd_slope[last + 1] - self.bwd_slope[first]
-        return (inter + slope * share) / speed
-
-    def update_time(self, first: int, last: int, speed: float) -> float:
-        """Seconds of one optimizer step over layers ``first..last`` at ``speed``."""
-        return self.params(first, last) * self.update_per_byte / speed
-
-    def compute(self, first: int, last: int, shares: Sequence[int],
-                speeds: Sequence[float]) -> tuple[float, float]:
-        """``(compute_f, compute_b)``: the slowest device of the group, forward and backward."""
-        cf = max(self.fwd_time(first, last, b, v) for b, v in zip(shares, speeds, strict=True))
-        cb = max(self.bwd_time(first, last, b, v) for b, v in zip(shares, speeds, strict=True))
-        return cf, cb
 
 
 def transfer_time(cluster: Cluster, senders: Sequence[str], send_shares: Sequence[int],
@@ -237,12 +160,12 @@ def allreduce_from(group_size: int, param_bytes: int, min_bw: float,
             + 2.0 * (group_size - 1) * max_latency_s)
 
 
-def stage_tail_time(cluster: Cluster, devices: Sequence[str], sums: LayerSums, first: int,
-                    last: int, speeds: Mapping[str, float]) -> float:
-    """``T_a``: the group's all-reduce plus the optimizer step on its slowest device."""
-    slowest = min(speeds[d] for d in devices)
-    return (allreduce_time(cluster, devices, sums.params(first, last))
-            + sums.update_time(first, last, slowest))
+def stage_tail_time(cluster: Cluster, devices: Sequence[str], timing: Timing, first: int,
+                    last: int) -> float:
+    """``T_a``: the group's all-reduce plus the optimizer step of its slowest device
+    (``Timing.group_update_time``: each device's own column or scaled base step)."""
+    return (allreduce_time(cluster, devices, timing.base.params(first, last))
+            + timing.group_update_time(first, last, devices))
 
 
 def in_flight(num_micro_batches: int, num_stages: int, stage: int, schedule: str = "1f1b") -> int:
@@ -348,8 +271,8 @@ def evaluate(plan: Plan, costs: CostTable, cluster: Cluster) -> Prediction:
         PlanError: the plan does not match the cost table or the cluster.
     """
     _check(plan, costs, cluster)
-    sums = LayerSums.of(costs)
-    speeds = cluster.speeds(costs.host_flops)
+    timing = Timing.of(costs, cluster)
+    sums = timing.base
     m = plan.num_micro_batches
     num_stages = plan.num_stages
 
@@ -357,16 +280,14 @@ def evaluate(plan: Plan, costs: CostTable, cluster: Cluster) -> Prediction:
     comm: list[float] = []
     t_a: list[float] = []
     for s, stage in enumerate(plan.stages):
-        compute.append(sums.compute(stage.first, stage.last, stage.shares,
-                                    [speeds[d] for d in stage.devices]))
+        compute.append(timing.compute(stage.first, stage.last, stage.devices, stage.shares))
         if s == 0:
             comm.append(0.0)
         else:
             prev = plan.stages[s - 1]
             comm.append(transfer_time(cluster, prev.devices, prev.shares, stage.devices,
                                       stage.shares, costs.cut_bytes[stage.first - 1]))
-        t_a.append(stage_tail_time(cluster, stage.devices, sums, stage.first, stage.last,
-                                   speeds))
+        t_a.append(stage_tail_time(cluster, stage.devices, timing, stage.first, stage.last))
 
     e_f = [cf + c for (cf, _), c in zip(compute, comm, strict=True)]
     e_b = [cb + c for (_, cb), c in zip(compute, comm, strict=True)]

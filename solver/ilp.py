@@ -4,7 +4,10 @@
 Stages are indexed by ``r``, their distance from the end (``r = 1`` is the last stage).
 A *candidate* is a stage ``(first, last, devices, shares)`` at some ``r``, with its
 Algorithm-1 shares for the in-flight count ``min(M, r)`` precomputed (so memory is
-always respected), and its compute times and all-reduce time as constants. Binary edge
+always respected), and its compute times and all-reduce time as constants (each
+device's times from ``solver.timing.Timing``: its type's cost column as measured, or
+the base times over its speed; devices ordered and split by the same capability speeds
+as the DP's, so both search the same space). Binary edge
 variables ``z`` chain candidates into a path source -> stage at ``r = S`` -> ... ->
 stage at ``r = 1`` -> sink; an edge between two adjacent stages carries the re-sharding
 time of their cut, so ``E_f`` / ``E_b`` of position ``r`` are linear in ``x`` and ``z``.
@@ -45,9 +48,10 @@ from asteroid_fx.errors import PlanError
 from cost_models.table import CostTable
 from solver.cluster import Cluster
 from solver.dp import micro_batch_choices, sorted_devices
-from solver.evaluate import LayerSums, stage_tail_time, transfer_time
+from solver.evaluate import stage_tail_time, transfer_time
 from solver.plan import Plan, PlannerInfo, Stage
 from solver.split import split_stage
+from solver.timing import Timing
 
 __all__ = ["ILPResult", "ilp_plan", "highs_available", "ILP_VERSION", "MAX_WIDE_DEVICES",
            "MAX_WIDE_LAYERS"]
@@ -105,8 +109,9 @@ def _solver(time_limit_s: float) -> tuple[Any, str]:
 
 
 def _candidates(costs: CostTable, names: Sequence[str], speeds: Sequence[float],
-                caps: Sequence[int], cluster: Cluster, sums: LayerSums, mb: int, m: int,
+                caps: Sequence[int], cluster: Cluster, timing: Timing, mb: int, m: int,
                 osf: float, wide: bool) -> list[_Cand]:
+    sums = timing.base
     n = len(names)
     n_layers = costs.num_layers
     if wide:
@@ -126,9 +131,9 @@ def _candidates(costs: CostTable, names: Sequence[str], speeds: Sequence[float],
                                          [caps[d] for d in g], mb, min(m, r), osf)
                     if shares is None:
                         continue
-                    cf, cb = sums.compute(first, last, shares, [speeds[d] for d in g])
-                    ta = stage_tail_time(cluster, [names[d] for d in g], sums, first, last,
-                                         {names[d]: speeds[d] for d in g})
+                    group = [names[d] for d in g]
+                    cf, cb = timing.compute(first, last, group, shares)
+                    ta = stage_tail_time(cluster, group, timing, first, last)
                     out.append(_Cand(r, first, last, g, shares, cf, cb, ta))
     return out
 
@@ -281,12 +286,12 @@ def ilp_plan(costs: CostTable, cluster: Cluster, batch_size: int, *,
                         f"and {len(cluster.devices)} devices; use planner 'ilp' or 'asteroid'")
     start = time.perf_counter()
     mbs = micro_batch_choices(batch_size, micro_batch_sizes)
-    devices = sorted_devices(cluster, costs.host_flops)
+    devices = sorted_devices(cluster, costs)
     names = [d.name for d in devices]
-    speed_of = cluster.speeds(costs.host_flops)
+    timing = Timing.of(costs, cluster)
+    speed_of = timing.speeds  # capability: the order and Algorithm 1's split
     speeds = [speed_of[d] for d in names]
     caps = [d.memory_bytes for d in devices]
-    sums = LayerSums.of(costs)
     best: tuple[float, Plan | None] = (math.inf, None)
     statuses: list[str] = []
     solver_name = "none"
@@ -297,7 +302,7 @@ def ilp_plan(costs: CostTable, cluster: Cluster, batch_size: int, *,
         if left <= 0:
             statuses.append("time limit (none)")
             break
-        cands = _candidates(costs, names, speeds, caps, cluster, sums, mb, m,
+        cands = _candidates(costs, names, speeds, caps, cluster, timing, mb, m,
                             optimizer_state_factor, wide)
         total_cands += len(cands)
         value, chain, status, used = _solve_one(costs, cluster, names, cands, mb, m, wide,

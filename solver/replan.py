@@ -22,7 +22,8 @@ group that lost members.
 For every layout a windowed DP over the cuts summarises suffix pipelines by the same
 ``(R, Xm, Pre, G)`` numbers as the Asteroid DP (``solver.dp.prepend``), so it ranks cut
 vectors by the model's round time; shares come from Algorithm 1
-(``solver.split.split_stage``: by speed, capped by memory at the new in-flight counts)
+(``solver.split.split_stage``: by capability speed, capped by memory at the new in-flight
+counts; times per device from ``solver.timing.Timing``, cost columns included)
 and a stage that its group cannot hold is excluded. All layouts run at the current
 micro-batch size, the two best also at the ``micro_batch_radius`` neighbouring divisors
 of the batch size. The best few candidates (and the unmoved cuts) are polished by
@@ -58,6 +59,7 @@ from solver.evaluate import (
 from solver.plan import Plan, PlannerInfo, Stage
 from solver.replicas import with_replicas
 from solver.split import split_shares, split_stage
+from solver.timing import Timing
 
 __all__ = ["ReplanInfo", "replan_layerwise", "replan", "survivors_of", "FullPlanner"]
 
@@ -146,8 +148,9 @@ class _Search:
         self.costs = costs
         self.cluster = survivors
         self.groups = groups
-        self.sums = LayerSums.of(costs)
-        self.speeds = survivors.speeds(costs.host_flops)
+        self.timing = Timing.of(costs, survivors)
+        self.sums = self.timing.base
+        self.speeds = self.timing.speeds  # capability: Algorithm 1's split
         self.capacity = {d.name: d.memory_bytes for d in survivors.devices}
         self.evaluations = 0
         self.front_cap = 8
@@ -224,7 +227,7 @@ class _Search:
         if shares is None:
             return None
         group = self.groups[s]
-        cf, cb = self.sums.compute(start + 1, end, shares, [self.speeds[d] for d in group])
+        cf, cb = self.timing.compute(start + 1, end, group, shares)
         comm = 0.0
         if s > 0:
             key = (s, start, shares)
@@ -237,7 +240,7 @@ class _Search:
             if comm == math.inf:
                 return None
         return (cf + comm, cb + comm,
-                stage_tail_time(self.cluster, group, self.sums, start + 1, end, self.speeds))
+                stage_tail_time(self.cluster, group, self.timing, start + 1, end))
 
     def window_dp(self, windows: list[tuple[int, int]], mb: int,
                   keep: int = 3) -> list[tuple[float, tuple[int, ...]]]:
@@ -310,8 +313,8 @@ class _Layout:
 def _layouts(plan: Plan, costs: CostTable, cluster: Cluster, survivors: Cluster,
              lost: set[str], k: int) -> list[_Layout]:
     """The base repair and its local variants (see [Note: layer-wise re-planning])."""
-    speeds = survivors.speeds(costs.host_flops)
-    cluster_speeds = cluster.speeds(costs.host_flops)
+    cluster_speeds = Timing.of(costs, cluster).speeds  # capability (columns included)
+    speeds = {d: cluster_speeds[d] for d in survivors.names}
     memory = {d.name: d.memory_bytes for d in survivors.devices}
 
     def order(devices: Iterable[str]) -> tuple[str, ...]:

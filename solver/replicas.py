@@ -68,6 +68,7 @@ from cost_models.table import CostTable
 from solver.cluster import Cluster
 from solver.evaluate import LayerSums, evaluate
 from solver.plan import Plan, Prediction
+from solver.timing import Timing
 
 __all__ = [
     "IDLE_BUCKET",
@@ -151,14 +152,13 @@ def replication_time_s(plan: Plan, costs: CostTable, cluster: Cluster, *,
 def _idle_from(plan: Plan, costs: CostTable, cluster: Cluster,
                pred: Prediction) -> dict[str, float]:
     """``idle_time_s`` given the prediction of ``plan`` without replicas."""
-    sums = LayerSums.of(costs)
-    speeds = cluster.speeds(costs.host_flops)
+    timing = Timing.of(costs, cluster)
     m = plan.num_micro_batches
     out: dict[str, float] = {}
     for stage, terms in zip(plan.stages, pred.stages, strict=True):
         for device, share in zip(stage.devices, stage.shares, strict=True):
-            busy = m * (sums.fwd_time(stage.first, stage.last, share, speeds[device])
-                        + sums.bwd_time(stage.first, stage.last, share, speeds[device]))
+            busy = m * (timing.fwd_time(device, stage.first, stage.last, share)
+                        + timing.bwd_time(device, stage.first, stage.last, share))
             idle = pred.round_time_s - (busy + terms.t_a)
             out[device] = idle if idle > 0.0 else 0.0
     return out

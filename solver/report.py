@@ -1,4 +1,5 @@
-"""Readable plan reports: stages, devices, shares, times and memory (rich for terminals, markdown).
+"""Readable plan reports: stages, devices, shares, times, memory and where each device type's
+times come from (rich for terminals, markdown).
 
 Example::
 
@@ -26,6 +27,7 @@ __all__ = ["plan_report", "plan_report_markdown", "format_bytes", "format_second
 _STAGE_HEADERS = ("stage", "layers", "devices", "shares", "E_f", "E_b", "T_w", "T_e", "T_a",
                   "T_w+T_e+T_a")
 _MEMORY_HEADERS = ("device", "type", "stage", "share", "peak memory", "capacity", "use")
+_SOURCE_HEADERS = ("device type", "devices", "layer times from")
 
 
 def format_bytes(value: float) -> str:
@@ -51,6 +53,7 @@ class _Content:
     summary: tuple[tuple[str, str], ...]
     stages: tuple[tuple[str, ...], ...]
     memory: tuple[tuple[str, ...], ...]
+    sources: tuple[tuple[str, ...], ...]
     dominant: int
     oom: tuple[str, ...]
 
@@ -84,6 +87,11 @@ def _content(plan: Plan, costs: CostTable, cluster: Cluster) -> _Content:
                 oom.append(device)
             memory_rows.append((device, cluster.device(device).type, str(stage_index),
                                 str(share), format_bytes(peak), format_bytes(cap), use))
+    by_type: dict[str, list[str]] = {}
+    for member in cluster.devices:
+        by_type.setdefault(member.type, []).append(member.name)
+    source_rows = tuple((type_name, ", ".join(names), costs.timing_source(type_name))
+                        for type_name, names in by_type.items())
     info = plan.planner
     summary = (
         ("model", f"{plan.model_name or costs.model_name} ({costs.num_layers} layers, "
@@ -99,7 +107,7 @@ def _content(plan: Plan, costs: CostTable, cluster: Cluster) -> _Content:
     )
     title = f"Plan for {plan.model_name or costs.model_name}: {plan.num_stages} stage(s) on " \
             f"{len(plan.devices)} of {len(cluster.devices)} device(s)"
-    return _Content(title, summary, tuple(stage_rows), tuple(memory_rows),
+    return _Content(title, summary, tuple(stage_rows), tuple(memory_rows), source_rows,
                     pred.dominant_stage, tuple(oom))
 
 
@@ -114,7 +122,8 @@ def _rich_table(title: str, headers: Sequence[str], rows: Sequence[Sequence[str]
 
 
 def plan_report(plan: Plan, costs: CostTable, cluster: Cluster) -> RenderableType:
-    """A rich renderable (summary, stage table, memory table) for ``Console().print``.
+    """A rich renderable (summary, stage table, memory table, time sources) for
+    ``Console().print``.
 
     Uses ``plan.predicted`` when present, otherwise evaluates the plan.
     """
@@ -131,6 +140,7 @@ def plan_report(plan: Plan, costs: CostTable, cluster: Cluster) -> RenderableTyp
         _rich_table("Stages (times per micro-batch; T_* per round)", _STAGE_HEADERS,
                     content.stages, 4),
         _rich_table("Memory per device", _MEMORY_HEADERS, content.memory, 3),
+        _rich_table("Layer times per device type", _SOURCE_HEADERS, content.sources, 3),
     )
 
 
@@ -155,4 +165,8 @@ def plan_report_markdown(plan: Plan, costs: CostTable, cluster: Cluster) -> str:
     lines += _md_table(_STAGE_HEADERS, content.stages)
     lines += ["", "## Memory per device", ""]
     lines += _md_table(_MEMORY_HEADERS, content.memory)
+    lines += ["", "## Layer times per device type", "",
+              "A type with a column in the cost table takes its measured times as they are; "
+              "every other type scales the base times by its speed.", ""]
+    lines += _md_table(_SOURCE_HEADERS, content.sources)
     return "\n".join(lines) + "\n"

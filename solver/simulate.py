@@ -5,6 +5,9 @@
 slowest device of each group, the dominant stage pacing the steady phase). The
 simulator executes the schedule micro-batch by micro-batch instead:
 
+* every device's forward, backward and optimizer step take the times ``evaluate``
+  charges (``solver.timing.Timing``: its type's column of the cost table as measured,
+  or the base times over its speed; the group steps as long as its slowest member);
 * every device is a serial resource running its own program (1F1B: ``S - s - 1``
   warm-up forwards, then one-forward-one-backward, then the cool-down backwards;
   GPipe: all forwards, then all backwards in reverse order);
@@ -45,6 +48,7 @@ from cost_models.table import CostTable
 from solver.cluster import Cluster
 from solver.evaluate import WORKSPACE_FRACTION, LayerSums, allreduce_time, stage_memory_bytes
 from solver.plan import Plan
+from solver.timing import Timing
 
 __all__ = ["SimEvent", "SimResult", "simulate", "program_order"]
 
@@ -205,13 +209,13 @@ def simulate(plan: Plan, costs: CostTable, cluster: Cluster, *, rounds: int = 1,
     if plan.stages[-1].last != costs.num_layers - 1:
         raise PlanError(f"the plan covers layers 0..{plan.stages[-1].last} but the cost table "
                         f"has {costs.num_layers} layers; re-plan for this model")
-    speeds = cluster.speeds(costs.host_flops)
+    timing = Timing.of(costs, cluster)
     for dev in plan.devices:
-        if dev not in speeds:
+        if dev not in timing.devices:
             raise PlanError(f"plan device {dev!r} is not in the cluster; cluster devices: "
                             f"{list(cluster.names)}")
 
-    sums = LayerSums.of(costs)
+    sums = timing.base
     stages = plan.stages
     n_stages = len(stages)
     m_count = plan.num_micro_batches
@@ -221,8 +225,8 @@ def simulate(plan: Plan, costs: CostTable, cluster: Cluster, *, rounds: int = 1,
     def compute(stage: int, dev: str, kind: str) -> float:
         st = stages[stage]
         share = st.shares[st.devices.index(dev)]
-        timer = sums.fwd_time if kind == "F" else sums.bwd_time
-        return timer(st.first, st.last, share, speeds[dev])
+        timer = timing.fwd_time if kind == "F" else timing.bwd_time
+        return timer(dev, st.first, st.last, share)
 
     def pieces(stage: int, dev: str) -> list[tuple[str, float]]:
         """(source device in stage - 1, seconds) of every piece of its input ``dev`` needs:
@@ -301,8 +305,7 @@ def simulate(plan: Plan, costs: CostTable, cluster: Cluster, *, rounds: int = 1,
                 for d in group:
                     add(("AR", r, s, d), secs, d, True, None, "ALLREDUCE", s, -1, r, last)
                 last = [("AR", r, s, d) for d in group]
-            step = sums.update_time(stages[s].first, stages[s].last,
-                                    min(speeds[d] for d in group))
+            step = timing.group_update_time(stages[s].first, stages[s].last, group)
             if step > 0:
                 for d in group:
                     add(("UP", r, s, d), step, d, True, None, "UPDATE", s, -1, r, last)

@@ -18,6 +18,13 @@ The split balances the per-sample part of the device times. The fitted intercept
 a per-device constant (``intercept / v_d``) that the split cannot change except by
 dropping the device, which is the DP's choice of group. Because of that the shares depend
 only on the group, the micro-batch size and — when memory binds — the stage's layers.
+
+The speeds are the capability speeds of ``solver.timing.Timing``: a device whose type has
+a column in the cost table counts with its whole-model ratio (base work over its
+column's), which does not depend on the stage, so the shares still depend only on the
+group and the micro-batch size ([Note: cost columns]). Its time is then charged from
+its column, so on a stage where the column's ratio differs the split is not balanced;
+the DP sees that time and picks groups accordingly.
 """
 
 from __future__ import annotations

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
 
-from cost_models.table import CostTable, LayerCost, TimeFit
+from cost_models.table import CostTable, DeviceColumn, LayerCost, TimeFit
 from solver.cluster import Cluster, Device, Link
 
 __all__ = [
@@ -19,6 +20,12 @@ __all__ = [
     "spread_cluster",
     "planner_instance",
     "INSTANCE_KINDS",
+    "BOARD_TYPES",
+    "with_ops",
+    "scaled_column",
+    "random_columns",
+    "typed_cluster",
+    "random_column_instance",
 ]
 
 MIB = 1 << 20
@@ -157,3 +164,85 @@ def planner_instance(kind: str, seed: int, num_layers: int,
     if kind == "spread":
         return costs, spread_cluster(rng, num_devices)
     return costs, random_cluster(rng, num_devices)
+
+
+# -- cost columns (per-device-type times, solver/timing.py) ------------------------------------
+BOARD_TYPES = ("jetson-nano", "jetson-tx2", "jetson-xavier-nx")
+"""Built-in device types that a cost table may hold a column for."""
+
+
+def with_ops(costs: CostTable, ops: Sequence[str]) -> CostTable:
+    """``costs`` with layer ``i``'s op set to ``ops[i]`` (e.g. "conv", "matmul")."""
+    return replace(costs, layers=tuple(replace(lc, op=op)
+                                       for lc, op in zip(costs.layers, ops, strict=True)))
+
+
+def scaled_column(costs: CostTable, device_type: str, factors: Mapping[str, float], *,
+                  update_factor: float = 1.0, noise: random.Random | None = None
+                  ) -> DeviceColumn:
+    """A column for ``device_type``: every layer's base times times ``factors[op]`` (a
+    device twice as slow on "matmul" has ``{"matmul": 2.0, ...}``), each coefficient
+    jittered by up to +-20 % with ``noise``, and the optimizer step times
+    ``update_factor``."""
+    def jitter() -> float:
+        return 1.0 if noise is None else noise.uniform(0.8, 1.2)
+
+    fwd, bwd = [], []
+    for lc in costs.layers:
+        k = factors[lc.op]
+        fwd.append(TimeFit(lc.fwd.intercept_s * k * jitter(), lc.fwd.per_sample_s * k * jitter()))
+        bwd.append(TimeFit(lc.bwd.intercept_s * k * jitter(), lc.bwd.per_sample_s * k * jitter()))
+    return DeviceColumn(device_type=device_type, fwd=tuple(fwd), bwd=tuple(bwd),
+                        update_s_per_byte=costs.update_s_per_byte * update_factor,
+                        host=f"{device_type}-0")
+
+
+def random_columns(rng: random.Random, costs: CostTable, types: Sequence[str]) -> CostTable:
+    """``costs`` with "conv"/"matmul" ops at random and one column per type of ``types``:
+    each type is fast on one kind of layer and slow on the other (factors 0.2..5, drawn
+    independently), with per-layer jitter and its own optimizer step."""
+    ops = [rng.choice(["conv", "matmul"]) for _ in costs.layers]
+    costs = with_ops(costs, ops)
+    if costs.update_s_per_byte == 0.0 and rng.random() < 0.5:
+        costs = replace(costs, update_s_per_byte=rng.choice([1e-9, 1e-8]))
+    columns = tuple(sorted(
+        (scaled_column(costs, t, {"conv": rng.uniform(0.2, 5.0), "matmul": rng.uniform(0.2, 5.0)},
+                       update_factor=rng.uniform(0.2, 5.0), noise=rng)
+         for t in types), key=lambda c: c.device_type))
+    return replace(costs, columns=columns)
+
+
+def typed_cluster(types: Sequence[str], speeds: Sequence[float],
+                  memory_mib: Sequence[float] | float = 1024.0, bandwidth_mbps: float = 100.0,
+                  latency_ms: float = 0.0) -> Cluster:
+    """Devices ``d0, d1, ...`` of the given types, each declared with ``speed`` (which a
+    device whose type has a column ignores)."""
+    mems = ([float(memory_mib)] * len(types) if isinstance(memory_mib, (int, float))
+            else [float(m) for m in memory_mib])
+    devices = tuple(Device(name=f"d{i}", type=t, memory_bytes=int(mems[i] * MIB),
+                           speed=float(v))
+                    for i, (t, v) in enumerate(zip(types, speeds, strict=True)))
+    return Cluster(devices=devices, bandwidth_mbps=bandwidth_mbps, latency_ms=latency_ms)
+
+
+def random_column_instance(seed: int, *, max_layers: int = 6, max_devices: int = 4,
+                           latency: bool = False) -> tuple[CostTable, Cluster, int]:
+    """``random_instance`` with cost columns: one or two board types measured (fast on
+    "conv" layers and slow on "matmul" ones, or the other way round), and a cluster that
+    mixes devices of those types with ``custom`` / ``local`` ones (scaled by speed)."""
+    rng = random.Random(seed)
+    num_layers = rng.randint(1, max_layers)
+    num_devices = rng.randint(1, max_devices)
+    costs = random_costs(rng, num_layers, param_scale=rng.choice([0.1, 1.0, 10.0]))
+    measured = rng.sample(BOARD_TYPES[:2], rng.randint(1, 2))
+    costs = random_columns(rng, costs, measured)
+    types = [rng.choice([*measured, *measured, "custom", "local"]) for _ in range(num_devices)]
+    if all(t not in measured for t in types):
+        types[0] = measured[0]
+    speeds = [round(rng.uniform(0.2, 2.0), 3) for _ in range(num_devices)]
+    tight = rng.random() < 0.3
+    mems = [rng.uniform(4.0, 64.0) if tight else rng.uniform(64.0, 1024.0)
+            for _ in range(num_devices)]
+    cluster = typed_cluster(types, speeds, mems, rng.choice([10.0, 100.0, 1000.0, 1000.0]),
+                            rng.choice([0.1, 1.0, 5.0]) if latency else 0.0)
+    return costs, cluster, rng.choice([1, 2, 4, 6, 8, 12, 16])

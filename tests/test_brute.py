@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from asteroid_fx.errors import PlanError
 from solver.brute import _compositions, brute_force, enumerate_plans
 from solver.dp import sorted_devices
 from solver.evaluate import evaluate
-from tests.solver_cases import make_cluster, random_instance, uniform_costs
+from tests.solver_cases import (
+    make_cluster,
+    random_instance,
+    scaled_column,
+    typed_cluster,
+    uniform_costs,
+    with_ops,
+)
 
 
 def test_compositions() -> None:
@@ -32,6 +41,24 @@ def test_enumerates_exactly_the_dp_space() -> None:
     shapes = {(p.micro_batch_size, tuple((s.layers, s.devices) for s in p.stages))
               for p in plans}
     assert len(shapes) == len(plans) == 3 + 4
+
+
+def test_enumerates_the_dp_space_in_capability_order_with_columns() -> None:
+    # d1 (jetson-nano) is measured 4x faster than the base on every layer, so it leads the
+    # order although it declares speed 0.1; the custom d0 (speed 2) follows
+    costs = with_ops(uniform_costs(3), ["conv", "matmul", "conv"])
+    costs = replace(costs, columns=(scaled_column(costs, "jetson-nano",
+                                                  {"conv": 0.25, "matmul": 0.25}),))
+    cluster = typed_cluster(["custom", "jetson-nano"], [2.0, 0.1])
+    assert [d.name for d in sorted_devices(cluster, costs)] == ["d1", "d0"]
+    for plan in enumerate_plans(costs, cluster, 6):
+        used = list(plan.devices)
+        assert used == ["d1", "d0"][:len(used)]
+        for stage in plan.stages:
+            if stage.devices == ("d1", "d0"):
+                assert stage.shares in ((4, 2), (1, 1), (2, 1))  # 4 : 2 by speed
+    best = brute_force(costs, cluster, 6)
+    assert best.plan is not None and best.plan.devices[0] == "d1"
 
 
 def test_brute_force_picks_the_best_fitting_plan() -> None:

@@ -144,3 +144,46 @@ def test_calibrate_costs_ignores_broken_and_missing_measurements() -> None:
     table, corr = calibrate_costs(TWO, COSTS, cluster, compute, 0.0)
     assert corr.ratios == {} and corr.unmeasured == ["d1"]
     assert table.layers == COSTS.layers and corr.message_overhead_s == 0.0
+
+
+def test_a_device_with_a_cost_column_is_predicted_from_it_and_left_uncorrected() -> None:
+    from dataclasses import replace
+
+    from solver.calibrate import calibrated_costs
+    from solver.timing import Timing
+    from tests.solver_cases import scaled_column, typed_cluster, with_ops
+
+    costs = with_ops(COSTS, ["conv", "conv", "matmul", "matmul"])
+    costs = replace(costs, columns=(scaled_column(costs, "jetson-nano",
+                                                  {"conv": 0.5, "matmul": 3.0}),))
+    cluster = typed_cluster(["custom", "jetson-nano"], [1.0, 5.0], bandwidth_mbps=8.0)
+    timing = Timing.of(costs, cluster)
+    # both devices measure twice what evaluate predicts for them (d1 from its column)
+    measured = {}
+    for st in TWO.stages:
+        (d,), (share,) = st.devices, st.shares
+        measured[d] = (2.0 * timing.fwd_time(d, st.first, st.last, share),
+                       2.0 * timing.bwd_time(d, st.first, st.last, share))
+    rounds = evaluate(TWO, costs, cluster).round_time_s * 2.0
+    out, cal = calibrate(TWO, costs, cluster, measured, rounds)
+    assert cal.compute_ratio == pytest.approx({"d0": 2.0, "d1": 2.0})
+    assert cal.uncorrected == ["d1"] and cal.to_dict()["uncorrected"] == ["d1"]
+    assert out.device("d0").speed == pytest.approx(0.5)
+    assert out.device("d1") == cluster.device("d1")  # its column ignores speed anyway
+    # the table can carry d1's correction instead: its column scaled, "calibrated"
+    assert cal.column_scale == pytest.approx({"jetson-nano": 2.0})
+    fixed = calibrated_costs(costs, cal)
+    (col,) = fixed.columns
+    assert col.source == "calibrated"
+    assert Timing.of(fixed, out).fwd_time("d1", 2, 3, 2) == pytest.approx(
+        measured["d1"][0])
+    # with the calibrated table and cluster both devices are predicted as they measured
+    pred = evaluate(TWO, fixed, out)
+    assert pred.stages[0].compute_f == pytest.approx(measured["d0"][0], rel=1e-9)
+    assert pred.stages[1].compute_b == pytest.approx(measured["d1"][1], rel=1e-9)
+    # the round measured twice the prediction, as the compute did: twice the compute and
+    # the transfer left for the per-message overhead, fitted on the calibrated table
+    assert cal.message_overhead_s > 0
+    assert cal.calibrated_round_s == pytest.approx(rounds, rel=1e-6)
+    assert pred.round_time_s == pytest.approx(rounds, rel=1e-6)
+    assert calibrated_costs(COSTS, cal) is COSTS

@@ -34,17 +34,24 @@ from solver.evaluate import (
     round_terms,
     stage_memory_parts,
 )
+from solver.plan import Stage
 from solver.split import split_stage
+from solver.timing import Timing
 from tests.solver_cases import (
     MIB,
     make_cluster,
     make_costs,
     planner_instance,
     random_cluster,
+    random_column_instance,
+    random_columns,
     random_costs,
     random_instance,
+    scaled_column,
     spread_cluster,
+    typed_cluster,
     uniform_costs,
+    with_ops,
 )
 
 
@@ -159,12 +166,13 @@ def test_drain_breaks_the_plain_four_number_dominance() -> None:
 
 
 def _agreement_with_brute_force(seeds: range, max_layers: int, max_devices: int,
-                                latency: bool = False) -> tuple[int, int]:
+                                latency: bool = False, instance: Any = random_instance
+                                ) -> tuple[int, int]:
     """(instances where DP = brute force = evaluate, of which multi-stage plans)."""
     agree = multi_stage = 0
     for seed in seeds:
-        costs, cluster, batch = random_instance(seed, max_layers=max_layers,
-                                                max_devices=max_devices, latency=latency)
+        costs, cluster, batch = instance(seed, max_layers=max_layers,
+                                         max_devices=max_devices, latency=latency)
         dp = asteroid_dp(costs, cluster, batch, max_cuts=None)
         brute = brute_force(costs, cluster, batch)
         assert (dp.plan is None) == (brute.plan is None), seed
@@ -193,6 +201,42 @@ def test_dp_equals_brute_force_with_link_latency() -> None:
     agree, multi_stage = _agreement_with_brute_force(range(70_000, 70_120), 5, 4,
                                                      latency=True)
     assert agree >= 90 and multi_stage >= 10
+
+
+@pytest.mark.parametrize("size", [(6, 4), (7, 5)])
+def test_dp_equals_brute_force_with_cost_columns(size: tuple[int, int]) -> None:
+    # devices of one or two measured board types (each fast on "conv" layers and slow on
+    # "matmul" ones or the other way round, per-layer jitter, its own optimizer step) mixed
+    # with speed-scaled custom / local devices: the DP's order and shares use capability
+    # speeds, its bounds the bound speeds, its group maxima per time source
+    # (measured: 273 / 300 with (6, 4), 56 of them pipelines)
+    agree, multi_stage = _agreement_with_brute_force(
+        range(20_000 * size[0], 20_000 * size[0] + 300), *size,
+        instance=random_column_instance)
+    assert agree >= 240 and multi_stage >= 40
+
+
+def test_dp_equals_brute_force_with_cost_columns_and_latency() -> None:
+    agree, multi_stage = _agreement_with_brute_force(range(90_000, 90_120), 5, 4,
+                                                     latency=True,
+                                                     instance=random_column_instance)
+    assert agree >= 90 and multi_stage >= 10
+
+
+def test_columns_order_the_devices_and_split_the_shares() -> None:
+    # a nano measured 4x slower than the base on every layer sorts after a custom device
+    # of speed 0.5 whatever it declares, and a group of both splits 2 : 1 for the custom
+    costs = with_ops(uniform_costs(2, param_bytes=0, cut_bytes=0), ["conv", "matmul"])
+    costs = dataclasses.replace(costs, columns=(
+        scaled_column(costs, "jetson-nano", {"conv": 4.0, "matmul": 4.0}),))
+    cluster = typed_cluster(["jetson-nano", "custom"], [100.0, 0.5])
+    assert [d.name for d in sorted_devices(cluster, costs)] == ["d1", "d0"]
+    result = asteroid_dp(costs, cluster, 6, micro_batch_sizes=[6])
+    assert result.plan is not None
+    assert result.plan.stages == (Stage((0, 1), ("d1", "d0"), (4, 2)),)
+    # 4 samples at speed 0.5 and 2 samples 4x slower both take 8 x the base time per sample
+    pred = evaluate(result.plan, costs, cluster)
+    assert pred.stages[0].compute_f == pytest.approx(8 * 0.02)
 
 
 def test_latency_pushes_the_dp_towards_fewer_hops() -> None:
@@ -351,9 +395,10 @@ class _Reference(dp_module._Search):
                     if capped is None:
                         break
                     shares = capped
-                cf, cb = sums.compute(first, last, shares, self.speeds[i:j])
+                # (with cost columns through Timing; without, LayerSums bit for bit)
+                cf, cb = self.timing.compute(first, last, self.names[i:j], shares)
                 ta = (allreduce_from(j - i, sums.params(first, last), self.min_bw[i][j])
-                      + sums.update_time(first, last, min(self.speeds[i:j])))
+                      + self.timing.group_update_time(first, last, self.names[i:j]))
                 out.append((first, last, i, j, shares, cf, cb, ta, self.iface(i, j, shares)))
         cache[key] = out
         return out
@@ -416,8 +461,8 @@ class _Reference(dp_module._Search):
 def _reference_dp(costs: CostTable, cluster: Cluster, batch: int, max_front: int | None,
                   max_cuts: int | None = dp_module.DEFAULT_MAX_CUTS) -> tuple[float, Any]:
     """The round time and ``(micro-batch, stages)`` of the pre-issue-4 DP."""
-    devices = sorted_devices(cluster, costs.host_flops)
-    speed_of = cluster.speeds(costs.host_flops)
+    devices = sorted_devices(cluster, costs)
+    speed_of = Timing.of(costs, cluster).speeds
     speeds = [speed_of[d.name] for d in devices]
     sums = LayerSums.of(costs)
     ends = candidate_cuts(costs, max_cuts)
@@ -464,6 +509,32 @@ def test_fast_dp_equals_the_reference_on_random_instances(max_front: int | None)
             assert _stages(fast) == ref, seed
         same_plan += _stages(fast) == ref
     assert same_plan >= 10
+
+
+@pytest.mark.parametrize("max_front", [None, 4])
+def test_fast_dp_equals_the_reference_with_cost_columns(max_front: int | None) -> None:
+    """The same with cost columns on instances big enough for the coarse passes, the
+    candidate windows, the exact bounds and the numpy paths (brute force checks the
+    small ones)."""
+    for seed in range(8):
+        rng = random.Random(500 + seed)
+        costs = random_columns(rng, random_costs(rng, rng.choice([12, 30, 40])),
+                               rng.sample(["jetson-nano", "jetson-tx2"], rng.randint(1, 2)))
+        measured = [c.device_type for c in costs.columns]
+        n = rng.choice([3, 4, 5])
+        types = [rng.choice([*measured, "custom"]) for _ in range(n)]
+        cluster = typed_cluster(types, [rng.uniform(0.2, 2.0) for _ in range(n)],
+                                [rng.uniform(8.0, 64.0) if seed % 3 == 1 else 4096.0
+                                 for _ in range(n)])
+        batch = rng.choice([8, 12, 16])
+        value, ref = _reference_dp(costs, cluster, batch, max_front)
+        fast = asteroid_dp(costs, cluster, batch, max_front=max_front)
+        assert fast.round_time_s == pytest.approx(value, rel=1e-12, abs=0.0), seed
+        if max_front is not None:
+            assert _stages(fast) == ref, seed
+        if fast.plan is not None:
+            assert evaluate(fast.plan, costs, cluster).round_time_s == pytest.approx(
+                fast.round_time_s, rel=1e-12)
 
 
 def test_pareto_np_equals_the_plain_scan() -> None:
@@ -525,6 +596,14 @@ def test_numpy_and_python_paths_agree(monkeypatch: pytest.MonkeyPatch,
             cluster = (spread_cluster(rng, 4) if seed % 2
                        else random_cluster(rng, 4, tight_memory=seed % 4 == 0,
                                            latency=seed % 3 == 0))
+            result = asteroid_dp(costs, cluster, 16, max_front=max_front)
+            out.append((result.round_time_s, _stages(result)))
+        for seed in range(4):  # groups mixing cost columns and speed-scaled devices
+            rng = random.Random(200 + seed)
+            costs = random_columns(rng, random_costs(rng, rng.choice([12, 40])),
+                                   ["jetson-nano", "jetson-tx2"])
+            cluster = typed_cluster(["jetson-nano", "custom", "jetson-tx2", "jetson-nano"],
+                                    [rng.uniform(0.2, 2.0) for _ in range(4)])
             result = asteroid_dp(costs, cluster, 16, max_front=max_front)
             out.append((result.round_time_s, _stages(result)))
         results[label] = out

@@ -338,3 +338,38 @@ def test_planners_agree_with_an_optimizer_step() -> None:
             brute.round_time_s, rel=1e-9)
         ilp = ilp_plan(costs, cluster, 4)
         assert ilp.round_time_s == pytest.approx(brute.round_time_s, rel=1e-6)
+
+
+def test_hand_computed_plan_with_a_cost_column() -> None:
+    """``_plan3`` with d0 a Jetson Nano whose measured column the table holds: stage 0 takes
+    the column as it is (d0's declared speed is ignored), stage 1 scales the base times."""
+    from dataclasses import replace
+
+    from cost_models.table import DeviceColumn, TimeFit
+    from solver.cluster import Cluster, Device
+
+    base = _with_update(_costs3(), 1e-6)
+    column = DeviceColumn("jetson-nano",
+                          fwd=(TimeFit(0.002, 0.005), TimeFit(0.0, 0.5), TimeFit(0.0, 0.5)),
+                          bwd=(TimeFit(0.001, 0.012), TimeFit(0.0, 0.5), TimeFit(0.0, 0.5)),
+                          update_s_per_byte=2e-6)
+    costs = replace(base, columns=(column,))
+    for declared in (2.0, 0.1):
+        plain = _cluster3()
+        cluster = Cluster(devices=(Device("d0", "jetson-nano", 2**30, speed=declared),
+                                   *plain.devices[1:]),
+                          bandwidth_mbps=plain.bandwidth_mbps, links=plain.links)
+        pred = evaluate(_plan3(), costs, cluster)
+        s0, s1 = pred.stages
+        assert s0.compute_f == pytest.approx(0.002 + 0.005 * 4)
+        assert s0.compute_b == pytest.approx(0.001 + 0.012 * 4)
+        assert s0.t_a == pytest.approx(1000 * 2e-6)  # the column's optimizer step
+        assert s1.compute_f == pytest.approx(0.078) and s1.compute_b == pytest.approx(0.15)
+        assert s1.comm_f == pytest.approx(0.0175)
+        assert s1.t_a == pytest.approx(0.005 + 5000 * 1e-6)
+        assert pred.dominant_stage == 1
+        # T_e of stage 0: 2 X_1 + X_0 = 2 * 0.263 + 0.071; stage 1: 0.022 + 2 * 0.263 + 0.01
+        assert pred.round_time_s == pytest.approx(2 * 0.263 + 0.071 + 0.002)
+        # without the column the same plan scales the base times by d0's speed
+        assert evaluate(_plan3(), base, cluster).stages[0].compute_f == pytest.approx(
+            0.0205 * 2.0 / declared)

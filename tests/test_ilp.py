@@ -15,6 +15,7 @@ from tests.solver_cases import (
     make_cluster,
     make_costs,
     random_cluster,
+    random_column_instance,
     random_costs,
     random_instance,
     uniform_costs,
@@ -80,6 +81,28 @@ def test_ilp_equals_dp_with_link_latency() -> None:
         assert ilp_round == pytest.approx(dp.round_time_s, rel=1e-6), seed
         agree += 1
     assert agree >= 4
+
+
+def test_ilp_equals_dp_with_cost_columns() -> None:
+    # devices of measured board types (their columns as measured, ratios differing per
+    # layer kind) mixed with speed-scaled ones: the MILP searches the DP's space (same
+    # capability order and shares) with the same per-device times
+    agree = pipelines = 0
+    for seed in range(10):
+        costs, cluster, batch = random_column_instance(3000 + seed, max_layers=4,
+                                                       max_devices=3, latency=seed % 2 == 1)
+        dp = asteroid_dp(costs, cluster, batch, max_cuts=None)
+        ilp = ilp_plan(costs, cluster, batch, time_limit_s=120)
+        assert (dp.plan is None) == (ilp.plan is None), seed
+        if dp.plan is None:
+            continue
+        assert ilp.status == "optimal" and ilp.plan is not None, seed
+        ilp_round = evaluate(ilp.plan, costs, cluster).round_time_s
+        assert ilp_round == pytest.approx(dp.round_time_s, rel=1e-6), seed
+        assert ilp.round_time_s == pytest.approx(ilp_round, rel=1e-5), seed
+        agree += 1
+        pipelines += dp.plan.num_stages > 1
+    assert agree >= 8 and pipelines >= 2
 
 
 def test_ilp_wide_is_never_worse_than_the_dp() -> None:

@@ -288,3 +288,35 @@ def test_layerwise_on_larger_models() -> None:
     assert len(ratios) >= 8
     assert statistics.mean(ratios) <= 1.10
     assert sum(lw_cpu) < sum(full_cpu)
+
+
+def test_layerwise_replan_with_cost_columns() -> None:
+    """With cost columns the windowed DP ranks cut vectors by the round time ``evaluate``
+    gives them (the same per-device times), and the repair fits and is scored exactly."""
+    from solver.replan import _layouts, _Search
+    from tests.solver_cases import random_columns, typed_cluster
+
+    checked = 0
+    for seed in range(12):
+        rng = random.Random(4000 + seed)
+        costs = random_columns(rng, random_costs(rng, rng.randint(6, 12)),
+                               ["jetson-nano", "jetson-tx2"])
+        types = [rng.choice(["jetson-nano", "jetson-tx2", "custom"]) for _ in range(4)]
+        cluster = typed_cluster(types, [rng.uniform(0.3, 2.0) for _ in range(4)],
+                                memory_mib=4096.0, bandwidth_mbps=1000.0)
+        plan = _dp_full(costs, cluster, 8, 0.0)
+        if len(plan.devices) < 2:
+            continue
+        failed = {rng.choice(plan.devices)}
+        new = replan_layerwise(plan, costs, cluster, failed)
+        survivors = cluster.subset(d for d in cluster.names if d not in failed)
+        assert new.predicted is not None and new.predicted.fits
+        assert evaluate(new, costs, survivors) == new.predicted
+        lost = set(failed)
+        for layout in _layouts(plan, costs, cluster, survivors, lost, 2):
+            search = _Search(plan, costs, survivors, layout.groups)
+            for value, cuts in search.window_dp(layout.windows, plan.micro_batch_size):
+                assert value == pytest.approx(search.build(cuts, plan.micro_batch_size)[0],
+                                              rel=1e-9)
+                checked += 1
+    assert checked >= 20

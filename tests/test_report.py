@@ -76,3 +76,27 @@ def test_gantt_png_written(tmp_path: Path) -> None:
     overlap = simulate(plan, costs, cluster, comm="overlap", rounds=2)  # type: ignore[arg-type]
     assert gantt_png(overlap, tmp_path / "g2.png").is_file()
     assert set(COLOURS) == {"F", "B", "SEND", "ALLREDUCE", "UPDATE"}
+
+
+def test_report_names_the_source_of_every_device_types_times() -> None:
+    from dataclasses import replace
+
+    from tests.solver_cases import scaled_column, typed_cluster, with_ops
+
+    costs = with_ops(uniform_costs(4, param_bytes=MIB, cut_bytes=10_000),
+                     ["conv", "matmul", "conv", "matmul"])
+    costs = replace(costs, columns=(scaled_column(costs, "jetson-nano",
+                                                  {"conv": 2.0, "matmul": 0.5}),))
+    cluster = typed_cluster(["jetson-nano", "custom", "local", "jetson-nano"],
+                            [1.0, 0.5, 1.0, 1.0])
+    plan = Plan(model_hash=costs.model_hash, cluster_hash=cluster.cluster_hash, batch_size=4,
+                micro_batch_size=4, num_micro_batches=1,
+                stages=(Stage((0, 3), ("d0",), (4,)),), num_layers=4)
+    text = plan_report_markdown(plan, costs, cluster)
+    assert "## Layer times per device type" in text
+    for type_name, devices in (("jetson-nano", "d0, d3"), ("custom", "d1"), ("local", "d2")):
+        assert f"| {type_name} | {devices} | {costs.timing_source(type_name)} |" in text
+    assert "measured on a jetson-nano on jetson-nano-0" in text
+    console = Console(record=True, width=200)
+    console.print(plan_report(plan, costs, cluster))
+    assert "Layer times per device type" in console.export_text()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import random
 import statistics
+from typing import Any
 
 import pytest
 
@@ -14,7 +15,13 @@ from solver.cluster import Cluster
 from solver.evaluate import evaluate
 from solver.plan import Plan, Stage
 from solver.simulate import SimResult, program_order, simulate
-from tests.solver_cases import make_cluster, make_costs, random_instance, uniform_costs
+from tests.solver_cases import (
+    make_cluster,
+    make_costs,
+    random_column_instance,
+    random_instance,
+    uniform_costs,
+)
 
 
 def _plan(costs: CostTable, stages: list[Stage], batch: int, m: int,
@@ -175,11 +182,12 @@ def test_bad_arguments_raise_plan_error() -> None:
         simulate(plan, uniform_costs(3), cluster)
 
 
-def _ratios(single: bool, comm_free: bool, count: int = 150) -> list[tuple[float, Plan, int]]:
+def _ratios(single: bool, comm_free: bool, count: int = 150,
+            instance: Any = random_instance) -> list[tuple[float, Plan, int]]:
     out = []
     for seed in range(count):
         rng = random.Random(seed)
-        costs, cluster, batch = random_instance(seed, max_layers=7, max_devices=4)
+        costs, cluster, batch = instance(seed, max_layers=7, max_devices=4)
         if comm_free:
             costs = CostTable.from_dict({**costs.to_dict(),
                                          "cut_bytes": [0] * (costs.num_layers - 1)})
@@ -232,3 +240,22 @@ def test_agreement_with_evaluate_on_random_plans() -> None:
     assert sum(abs(r - 1.0) <= 0.10 for r in ratios) / len(ratios) >= 0.97
     assert sum(abs(r - 1.0) <= 0.15 for r in ratios) / len(ratios) >= 0.98
     assert min(ratios) > 0.85 and max(ratios) < 1.3
+
+
+def test_agreement_with_evaluate_with_cost_columns() -> None:
+    # the simulator charges every device the times evaluate does (solver.timing: a
+    # measured type's column as it is, the base over the speed otherwise), so what held
+    # without columns holds with them: exact on comm-free single-device stages with one
+    # micro-batch or the dominant stage last, a lower bound there, close elsewhere
+    # (measured on 139 random plans: 93.5% exact, all within 10%, ratios 0.94..1.005)
+    exact = _ratios(single=True, comm_free=True, instance=random_column_instance)
+    assert min(r for r, _, _ in exact) >= 1.0 - 1e-9
+    checked = [r for r, plan, dm in exact
+               if plan.num_micro_batches == 1 or dm == plan.num_stages - 1]
+    assert len(checked) > 50
+    assert all(r == pytest.approx(1.0, rel=1e-9) for r in checked)
+    ratios = [r for r, _, _ in _ratios(single=False, comm_free=False,
+                                       instance=random_column_instance)]
+    assert len(ratios) > 100
+    assert statistics.median(ratios) == pytest.approx(1.0, abs=1e-9)
+    assert sum(abs(r - 1.0) <= 0.10 for r in ratios) / len(ratios) >= 0.95
