@@ -51,6 +51,7 @@ def asteroid(costs: CostTable, cluster: Cluster, batch_size: int, *,
     the Asteroid plan is never worse than a baseline's; ``planner.check`` records
     ``device_order_from`` / ``seeded_from`` when a seed won.
     """
+    cluster = cluster.for_costs(costs)
     front = None if len(cluster.devices) <= EXACT_MAX_DEVICES else LARGE_MAX_FRONT
     result = asteroid_dp(costs, cluster, batch_size, optimizer_state_factor=optimizer_state_factor,
                          micro_batch_sizes=micro_batch_sizes, max_cuts=max_cuts,
@@ -211,6 +212,7 @@ def plan(costs: CostTable, cluster: Cluster, batch_size: int, *, planner: str = 
         PlanError: unknown planner, ``batch_size < 1``, micro-batch sizes that do not
             divide the batch, or a plan that does not fit in memory (with the shortfall).
     """
+    cluster = cluster.for_costs(costs)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise PlanError(f"batch_size must be an integer >= 1, got {batch_size!r}")
     fn = PLANNERS.get(planner)

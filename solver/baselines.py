@@ -156,6 +156,7 @@ def _speeds(costs: CostTable, cluster: Cluster) -> dict[str, float]:
 def homogeneous_view(costs: CostTable, cluster: Cluster) -> Cluster:
     """The cluster as a homogeneous planner sees it: same names and network, every device
     at the mean speed and the mean memory of the real ones."""
+    cluster = cluster.for_costs(costs)
     speeds = _speeds(costs, cluster)
     mean_speed = sum(speeds.values()) / len(speeds)
     mean_memory = int(sum(d.memory_bytes for d in cluster.devices) / len(cluster.devices))
@@ -212,6 +213,7 @@ def dp_only(costs: CostTable, cluster: Cluster, batch_size: int, *,
     it fall back to gradient accumulation (the fewest accumulation steps that fit), the
     usual DDP workaround. If even that does not fit the plan is returned and reported OOM.
     """
+    cluster = cluster.for_costs(costs)
     started = time.perf_counter()
     _check_batch(batch_size)
     names = cluster.names
@@ -246,6 +248,7 @@ def pp_equal(costs: CostTable, cluster: Cluster, batch_size: int, *,
     partition; we run 1F1B rather than GPipe's all-forward-all-backward with
     re-materialisation.
     """
+    cluster = cluster.for_costs(costs)
     started = time.perf_counter()
     _check_batch(batch_size)
     names = cluster.names[: min(len(cluster.names), costs.num_layers)]
@@ -335,6 +338,7 @@ def pipedream(costs: CostTable, cluster: Cluster, batch_size: int, *,
     round (``/ M`` per micro-batch); M by GPipe's rule ``M >= 4 S``, at least the
     in-flight count ``ceil(N / m_0)``; replicas split each micro-batch.
     """
+    cluster = cluster.for_costs(costs)
     started = time.perf_counter()
     _check_batch(batch_size)
     speeds = _speeds(costs, cluster)
@@ -390,6 +394,7 @@ def dapple(costs: CostTable, cluster: Cluster, batch_size: int, *,
     (on a flat network the placement policies coincide), with equal shares.
     Blind spots kept: mean speed and memory, equal split, placement ignoring speed.
     """
+    cluster = cluster.for_costs(costs)
     from solver.dp import asteroid_dp
 
     started = time.perf_counter()
@@ -449,6 +454,7 @@ def hetpipe(costs: CostTable, cluster: Cluster, batch_size: int, *,
     proportion to speed. ``k`` is chosen by predicted round time. Blind spot kept: no
     memory model at all (neither in the cuts nor in choosing ``k``).
     """
+    cluster = cluster.for_costs(costs)
     started = time.perf_counter()
     _check_batch(batch_size)
     speeds = _speeds(costs, cluster)
@@ -492,6 +498,7 @@ def single_device(costs: CostTable, cluster: Cluster, batch_size: int, *,
     anywhere, the plan with the smallest micro-batch on the device with the most memory is
     returned (and is reported OOM).
     """
+    cluster = cluster.for_costs(costs)
     started = time.perf_counter()
     _check_batch(batch_size)
     best: tuple[float, Plan] | None = None

@@ -44,6 +44,7 @@ def enumerate_plans(costs: CostTable, cluster: Cluster, batch_size: int, *,
                     optimizer_state_factor: float = 0.0,
                     micro_batch_sizes: Sequence[int] | None = None) -> Iterator[Plan]:
     """Every plan of the DP's space (see ``solver.dp``) whose Algorithm-1 shares exist."""
+    cluster = cluster.for_costs(costs)
     n_layers = costs.num_layers
     if n_layers > MAX_BRUTE_LAYERS or len(cluster.devices) > MAX_BRUTE_DEVICES:
         raise PlanError(f"brute force is for tiny instances (<= {MAX_BRUTE_LAYERS} layers, "
@@ -87,6 +88,7 @@ def brute_force(costs: CostTable, cluster: Cluster, batch_size: int, *,
                 optimizer_state_factor: float = 0.0,
                 micro_batch_sizes: Sequence[int] | None = None) -> BruteResult:
     """Score every plan of the DP's space with ``evaluate`` and return the best one that fits."""
+    cluster = cluster.for_costs(costs)
     best: tuple[float, Plan | None] = (math.inf, None)
     scored = 0
     for plan in enumerate_plans(costs, cluster, batch_size,

@@ -132,6 +132,7 @@ def calibrate(plan: Plan, costs: CostTable, cluster: Cluster,
         ``(calibrated cluster, Calibration)``; with nothing usable measured the cluster is
         returned unchanged (ratios 1, overhead 0).
     """
+    cluster = cluster.for_costs(costs)
     timing = Timing.of(costs, cluster)
     declared = timing.speeds
     ratio: dict[str, float] = {}
@@ -310,6 +311,7 @@ def calibrate_costs(plan: Plan, costs: CostTable, cluster: Cluster,
         ``(calibrated table, CostCorrection)``: the table keeps the model and its bytes;
         corrected times have source ``calibrated``, and ``message_overhead_s`` is set.
     """
+    cluster = cluster.for_costs(costs)
     speeds = cluster.speeds(costs.host_flops)
     timing = Timing.of(costs, cluster)
     samples: dict[str, dict[int, list[tuple[float, float]]]] = {}

@@ -7,7 +7,7 @@ import json
 import math
 import os
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -152,6 +152,10 @@ class Cluster:
     bandwidth_mbps: float
     links: tuple[Link, ...] = ()
     latency_ms: float = 0.0
+    #: the runtime's own cost of one message (seconds) on top of every link's latency: a
+    #: property of the cost table (``CostTable.message_overhead_s``, fitted by ``calibrate``),
+    #: set by :meth:`for_costs`; not part of the cluster file or its hash
+    message_overhead_s: float = 0.0
 
     def __post_init__(self) -> None:
         if not self.devices:
@@ -209,8 +213,17 @@ class Cluster:
             return 0.0
         for link in self.links:
             if {link.a, link.b} == {a, b} and link.latency_ms is not None:
-                return link.latency_ms / 1e3
-        return self.latency_ms / 1e3
+                return link.latency_ms / 1e3 + self.message_overhead_s
+        return self.latency_ms / 1e3 + self.message_overhead_s
+
+    def for_costs(self, costs: Any) -> Cluster:
+        """This cluster with the cost table's per-message overhead (``message_overhead_s``)
+        charged on every message. Idempotent: every solver entry point calls it, so a
+        table's overhead counts once however the calls nest."""
+        overhead = float(getattr(costs, "message_overhead_s", 0.0))
+        if overhead == self.message_overhead_s:
+            return self
+        return replace(self, message_overhead_s=overhead)
 
     def max_latency_s(self, names: Iterable[str]) -> float:
         """The largest latency between two of ``names`` (0 for fewer than two)."""
@@ -232,6 +245,7 @@ class Cluster:
             bandwidth_mbps=self.bandwidth_mbps,
             links=tuple(lk for lk in self.links if lk.a in keep and lk.b in keep),
             latency_ms=self.latency_ms,
+            message_overhead_s=self.message_overhead_s,
         )
 
     # -- (de)serialisation ----------------------------------------------------------------

@@ -1207,6 +1207,7 @@ def asteroid_dp(costs: CostTable, cluster: Cluster, batch_size: int, *,
         A ``DPResult``; ``plan`` is None when no plan of the space fits in memory (or
         none beats ``incumbent``, whose value ``round_time_s`` then keeps).
     """
+    cluster = cluster.for_costs(costs)
     start = time.perf_counter()
     mbs = micro_batch_choices(batch_size, micro_batch_sizes)
     if device_order is None:

@@ -270,6 +270,7 @@ def evaluate(plan: Plan, costs: CostTable, cluster: Cluster) -> Prediction:
     Raises:
         PlanError: the plan does not match the cost table or the cluster.
     """
+    cluster = cluster.for_costs(costs)
     _check(plan, costs, cluster)
     timing = Timing.of(costs, cluster)
     sums = timing.base

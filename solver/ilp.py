@@ -280,6 +280,7 @@ def ilp_plan(costs: CostTable, cluster: Cluster, batch_size: int, *,
         PlanError: ``wide`` on an instance larger than ``MAX_WIDE_LAYERS`` layers or
             ``MAX_WIDE_DEVICES`` devices.
     """
+    cluster = cluster.for_costs(costs)
     if wide and (costs.num_layers > MAX_WIDE_LAYERS or len(cluster.devices) > MAX_WIDE_DEVICES):
         raise PlanError(f"planner 'ilp-wide' is for small instances (<= {MAX_WIDE_LAYERS} "
                         f"layers, <= {MAX_WIDE_DEVICES} devices), got {costs.num_layers} layers "

@@ -479,6 +479,7 @@ def replan_layerwise(plan: Plan, costs: CostTable, cluster: Cluster, failed: Ite
         PlanError: unknown or no failed devices, no survivor in the plan, or no repair
             of this shape fits in the survivors' memory.
     """
+    cluster = cluster.for_costs(costs)
     start = time.perf_counter()
     lost = set(failed)
     survivors = survivors_of(plan, cluster, lost)
@@ -575,6 +576,7 @@ def replan(plan: Plan, costs: CostTable, cluster: Cluster, failed: Iterable[str]
     Raises:
         PlanError: bad arguments, or neither search finds a plan that fits.
     """
+    cluster = cluster.for_costs(costs)
     if not tolerance >= 0:
         raise PlanError(f"tolerance must be >= 0, got {tolerance}")
     lost = tuple(sorted(set(failed)))

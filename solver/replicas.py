@@ -136,6 +136,7 @@ def replication_time_s(plan: Plan, costs: CostTable, cluster: Cluster, *,
     Raises:
         PlanError: ``every_k_steps < 1``.
     """
+    cluster = cluster.for_costs(costs)
     _check_every(every_k_steps)
     mapping = plan.replicas if replicas is None else replicas
     out: dict[str, float] = {}
@@ -182,6 +183,7 @@ def idle_time_s(plan: Plan, costs: CostTable, cluster: Cluster) -> dict[str, flo
     Raises:
         PlanError: the plan does not match the cost table or the cluster.
     """
+    cluster = cluster.for_costs(costs)
     base = replace(plan, replicas={})
     return _idle_from(base, costs, cluster, evaluate(base, costs, cluster))
 
@@ -232,6 +234,7 @@ def replication_load_s(plan: Plan, costs: CostTable, cluster: Cluster,
     Raises:
         PlanError: ``every_k_steps < 1``.
     """
+    cluster = cluster.for_costs(costs)
     _check_every(every_k_steps)
     mapping = plan.replicas if replicas is None else replicas
     out = {d: 0.0 for d in plan.devices}
@@ -301,6 +304,7 @@ def choose_replicas(plan: Plan, costs: CostTable, cluster: Cluster, *, copies: i
         PlanError: ``copies < 1``; ``every_k_steps < 1``; the plan does not fit even
             without replicas; with ``strict``, a stage for which no holder has room.
     """
+    cluster = cluster.for_costs(costs)
     if copies < 1:
         raise PlanError(f"copies must be >= 1, got {copies}")
     _check_every(every_k_steps)
@@ -374,6 +378,7 @@ def with_replicas(plan: Plan, costs: CostTable, cluster: Cluster, *, copies: int
                   strict: bool = False, every_k_steps: int = 1) -> Plan:
     """``plan`` with ``replicas`` chosen by ``choose_replicas`` and ``predicted``
     re-evaluated (its peak memory includes the replicas; it still fits)."""
+    cluster = cluster.for_costs(costs)
     replicas = choose_replicas(plan, costs, cluster, copies=copies, strict=strict,
                                every_k_steps=every_k_steps)
     placed = replace(plan, replicas=replicas)
@@ -402,6 +407,7 @@ def auto_replicate_every(plan: Plan, costs: CostTable, cluster: Cluster,
         PlanError: ``budget <= 0`` or ``max_k < 1``; the plan does not match the cost
             table or the cluster.
     """
+    cluster = cluster.for_costs(costs)
     if not budget > 0.0:
         raise PlanError(f"budget must be > 0 (a share of each device's idle time, e.g. "
                         f"0.5), got {budget}")
@@ -451,6 +457,7 @@ def plan_replication(plan: Plan, costs: CostTable, cluster: Cluster, *,
         PlanError: bad ``every_k_steps``, ``copies``, ``budget`` or ``max_k``; the plan does
             not fit even without replicas.
     """
+    cluster = cluster.for_costs(costs)
     if every_k_steps is not None:
         _check_every(every_k_steps)
         return choose_replicas(plan, costs, cluster, copies=copies,

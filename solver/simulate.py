@@ -197,6 +197,7 @@ def simulate(plan: Plan, costs: CostTable, cluster: Cluster, *, rounds: int = 1,
         PlanError: bad arguments, or a plan that names devices or layers the cluster or
             cost table lacks.
     """
+    cluster = cluster.for_costs(costs)
     sched = schedule or plan.schedule
     if sched not in ("1f1b", "gpipe"):
         raise PlanError(f"schedule must be '1f1b' or 'gpipe', got {sched!r}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 
@@ -122,7 +123,7 @@ def _typed_cluster() -> Cluster:
 def test_calibrate_costs_corrects_per_group_and_stage() -> None:
     cluster = _typed_cluster()
     compute = _compute(TWO, {"d0": 1.0, "d1": 0.5}, {"d0": 2.0, "d1": 3.0})
-    table, corr = calibrate_costs(TWO, COSTS, cluster, compute, 1.0)
+    table, corr = calibrate_costs(TWO, COSTS, cluster, compute, 4.0)
     assert corr.ratios[BASE_GROUP] == {0: pytest.approx((2.0, 2.0))}
     assert corr.ratios["jetson-nano"] == {1: pytest.approx((3.0, 3.0))}
     # the base (local) times of stage 0's layers doubled, and layers 2..3 (not run on a
@@ -136,6 +137,14 @@ def test_calibrate_costs_corrects_per_group_and_stage() -> None:
     assert col.bwd[3].per_sample_s == pytest.approx(COSTS.layers[3].bwd.per_sample_s / 0.5 * 3)
     assert table.source == "calibrated" and table.meta["calibration"]["ratios"]
     assert table.model_hash == COSTS.model_hash and table.cut_bytes == COSTS.cut_bytes
+    # what the corrected compute leaves of the measured round is a per-message overhead,
+    # which the solver then charges on every message of any plan
+    assert corr.message_overhead_s > 0
+    assert evaluate(TWO, table, cluster).round_time_s == pytest.approx(4.0, rel=1e-6)
+    assert corr.calibrated_round_s == pytest.approx(4.0, rel=1e-6)
+    plain = replace(table, message_overhead_s=0.0)
+    assert evaluate(TWO, table, cluster) == evaluate(
+        TWO, plain, with_message_overhead(cluster, corr.message_overhead_s))
 
 
 def test_calibrate_costs_ignores_broken_and_missing_measurements() -> None:

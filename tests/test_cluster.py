@@ -154,3 +154,26 @@ def test_bad_clusters_raise_cluster_error(tmp_path: Path, text: str, match: str)
 def test_missing_file() -> None:
     with pytest.raises(ClusterError, match="does not exist"):
         Cluster.from_yaml("no/such/cluster.yaml")
+
+
+def test_a_tables_message_overhead_is_charged_once_per_message() -> None:
+    from dataclasses import replace
+
+    from solver.calibrate import with_message_overhead
+    from solver.dp import asteroid_dp
+    from solver.evaluate import evaluate
+    from tests.solver_cases import make_cluster, uniform_costs
+
+    costs = uniform_costs(4, param_bytes=1000, cut_bytes=1000)
+    cluster = make_cluster([1.0, 0.5], bandwidth_mbps=8.0)
+    slow = replace(costs, message_overhead_s=0.002)
+    once = cluster.for_costs(slow)
+    assert once.for_costs(slow) is once and once.cluster_hash == cluster.cluster_hash
+    assert once.latency_s("d0", "d1") == pytest.approx(0.002) and once.latency_s("d0", "d0") == 0
+    result = asteroid_dp(slow, cluster, 8)
+    assert result.plan is not None
+    # the same as a cluster whose links are 2 ms slower, however the calls nest
+    assert evaluate(result.plan, slow, cluster) == evaluate(
+        result.plan, costs, with_message_overhead(cluster, 0.002))
+    assert evaluate(result.plan, slow, once) == evaluate(result.plan, slow, cluster)
+    assert result.round_time_s == evaluate(result.plan, slow, cluster).round_time_s
