@@ -34,6 +34,7 @@ import json
 import logging
 import sys
 import types
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -396,7 +397,9 @@ def read_weights(file: str | Path,
         raise PartitionError(f"weights file {str(path)!r} is missing; re-run "
                              f"`asteroid-fx partition`")
     try:
-        data = torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():   # torch 2.1's weights_only loader warns on its own
+            warnings.filterwarnings("ignore", message="TypedStorage is deprecated")
+            data = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:
         raise PartitionError(f"{str(path)!r} is not a readable weights file "
                              f"({type(exc).__name__}: {_first_line(exc)}); re-run "
