@@ -51,7 +51,8 @@ def _parser() -> argparse.ArgumentParser:
                      help="metrics.jsonl written by rank 0 (one JSON object per step)")
     run.add_argument("--timeout", type=float, default=120.0,
                      help="seconds a collective may wait for a peer (120)")
-    run.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    run.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                     help=argparse.SUPPRESS)   # also accepted after `run`
     return parser
 
 

@@ -15,6 +15,7 @@ import pytest
 from partition_cases import EXAMPLES, ROOT, example_spec, hand_plan
 
 from asteroid_fx.device import main
+from asteroid_fx.errors import RuntimeFailure
 from asteroid_fx.package import save_partition
 from asteroid_fx.partition import partition
 from asteroid_fx.trace import trace
@@ -62,6 +63,7 @@ def test_the_device_path_imports_no_workstation_package(tmp_path: Path) -> None:
     script = textwrap.dedent(f"""
         import json, sys
         from asteroid_fx.device import main
+from asteroid_fx.errors import RuntimeFailure
         import runtime.emulator, runtime.replication, runtime.checkpoint, runtime.heartbeat
         rc = main(["run", {str(out)!r}, "--steps", "2"])
         mods = sorted(m for m in sys.modules if m.split(".")[0] in {WORKSTATION_ONLY!r})
@@ -154,6 +156,9 @@ def test_bad_input_is_one_line_on_stderr(tmp_path: Path, capsys: pytest.CaptureF
     assert err.count("\n") == 1
     assert "RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT not set: start one process per " \
            "device with `torchrun" in err
+    for argv in (["--debug", "run", str(out)], ["run", "--debug", str(out)]):
+        with pytest.raises(RuntimeFailure, match="not set: start one process per device"):
+            main(argv)
     for name, value in (("RANK", "0"), ("WORLD_SIZE", "2"), ("MASTER_ADDR", "127.0.0.1"),
                         ("MASTER_PORT", "1")):
         monkeypatch.setenv(name, value)
