@@ -122,6 +122,7 @@ def save_partition(
         onnx=bool(onnx and example_inputs is not None),
     )
     put("partition.json", meta.to_json())
+    loaded: list[torch.nn.Module] = []
     for i, stage in enumerate(stages):
         code = stage_source(stage, index=i, header=_header(infos[i], spec),
                             model_module=module_name, build_model=build_model)
@@ -132,7 +133,10 @@ def save_partition(
             raise PartitionError(f"writing the weights of stage {i} to "
                                  f"{str(weights_file(out, i))!r} failed: {exc}") from exc
         written[weights_file(out, i).name] = weights_file(out, i)
-        _check_round_trip(stage, load_stage(out, i), i)
+        loaded.append(load_stage(out, i))
+        _check_round_trip(stage, loaded[-1], i)
+    if example_inputs is not None:
+        _check_outputs(stages, loaded, example_inputs)
     if onnx:
         if example_inputs is None:
             log.info("no example inputs: skipping the per-stage ONNX files")
@@ -214,6 +218,41 @@ def _header(info: StageInfo, spec: str | None) -> list[str]:
             f"The runtime imports this file (Python >= 3.8, torch >= 2.0), builds "
             f"Stage{info.index} under the meta device",
             f"and loads stage_{info.index}.weights.pt with torch.load(weights_only=True)."]
+
+
+def _check_outputs(stages: Sequence[fx.GraphModule], loaded: Sequence[torch.nn.Module],
+                   example_inputs: tuple[torch.Tensor, ...] | torch.Tensor) -> None:
+    """The loaded stages compute exactly what the originals do on the example inputs."""
+    args = stage_example_args(stages, example_inputs)
+    want = [_flat(outputs) for outputs in _run_eval(stages, args)]
+    got = [_flat(outputs) for outputs in _run_eval(loaded, args)]
+    for i, (w, g) in enumerate(zip(want, got, strict=True)):
+        if len(w) != len(g) or not all(torch.equal(x, y) for x, y in zip(w, g, strict=True)):
+            raise PartitionError(f"stage {i} loaded from its source computes other values "
+                                 f"than the traced stage on the example inputs; report it, "
+                                 f"with the model")
+
+
+def _run_eval(stages: Sequence[torch.nn.Module],
+              args: Sequence[tuple[torch.Tensor, ...]]) -> list[Any]:
+    modes = {m: m.training for s in stages for m in s.modules()}
+    try:
+        with torch.no_grad():
+            return [stage.eval()(*a) for stage, a in zip(stages, args, strict=True)]
+    finally:
+        for module, training in modes.items():
+            module.training = training
+
+
+def _flat(value: Any) -> list[torch.Tensor]:
+    """The tensors of a (nested) stage output, in order."""
+    if isinstance(value, torch.Tensor):
+        return [value.detach()]
+    if isinstance(value, (tuple, list)):
+        return [t for v in value for t in _flat(v)]
+    if isinstance(value, dict):
+        return [t for v in value.values() for t in _flat(v)]
+    return []
 
 
 def _check_round_trip(original: fx.GraphModule, loaded: torch.nn.Module, index: int) -> None:

@@ -113,6 +113,7 @@ def stage_source(
     tree = ast.parse(forward)
     used = {node.id for node in ast.walk(tree) if isinstance(node, ast.Name)}
     imports = _import_lines(python.globals, used, where, model_module)
+    _check_names(tree, imports, where)
     torch_names = sorted(_torch_names(tree))
     attributes = _tensor_attributes(stage)
     frozen = tuple(n for n, p in stage.named_parameters(remove_duplicate=False)
@@ -316,6 +317,29 @@ def _split_forward(src: str, where: str) -> tuple[list[str], str]:
     prologue = [line for line in lines[: starts[0]]
                 if line.strip() and not line.startswith("torch.fx._symbolic_trace.wrap(")]
     return prologue, "\n".join(lines[starts[0]:])
+
+
+def _check_names(tree: ast.AST, imports: list[str], where: str) -> None:
+    """Every name ``forward`` reads is its argument, a local, an import or a builtin."""
+    defined = set(dir(builtins))
+    for line in imports:
+        for node in ast.walk(ast.parse(line)):
+            if isinstance(node, ast.alias):
+                defined.add(node.asname or node.name.split(".")[0])
+            elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+                defined.add(node.id)
+    for node in ast.walk(tree):
+        if isinstance(node, ast.arg):
+            defined.add(node.arg)
+        elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+            defined.add(node.id)
+    missing = sorted({node.id for node in ast.walk(tree)
+                      if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Load)
+                      and node.id not in defined})
+    if missing:
+        raise PartitionError(f"the code of {where} reads {missing}, which the stage source "
+                             f"would not define (a constant torch.fx printed as a name); make "
+                             f"that value a tensor, a number or a module-level function")
 
 
 def _import_lines(globals_: Mapping[str, Any], used: set[str], where: str,

@@ -63,7 +63,6 @@ def test_the_device_path_imports_no_workstation_package(tmp_path: Path) -> None:
     script = textwrap.dedent(f"""
         import json, sys
         from asteroid_fx.device import main
-from asteroid_fx.errors import RuntimeFailure
         import runtime.emulator, runtime.replication, runtime.checkpoint, runtime.heartbeat
         rc = main(["run", {str(out)!r}, "--steps", "2"])
         mods = sorted(m for m in sys.modules if m.split(".")[0] in {WORKSTATION_ONLY!r})

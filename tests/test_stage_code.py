@@ -204,3 +204,20 @@ def test_generated_source_parses_as_python_38(tmp_path: Path) -> None:
     out, stages, _, _ = _wrapped_partition(tmp_path)
     for i in range(len(stages)):
         ast.parse(stage_file(out, i).read_text(), feature_version=(3, 8))
+
+
+class _Config:
+    """An object torch.fx can only print by its repr."""
+
+    def __repr__(self) -> str:
+        return "_Config()"
+
+
+def test_a_constant_printed_as_a_name_fails_at_save_time() -> None:
+    graph = fx.Graph()
+    x = graph.placeholder("x")
+    graph.output(graph.call_function(torch.add, (x, _Config())))
+    stage = fx.GraphModule(nn.Module(), graph)
+    with pytest.raises(PartitionError, match=r"the code of stage 0 reads \['_Config'\], which "
+                                             r"the stage source would not define"):
+        stage_source(stage)
