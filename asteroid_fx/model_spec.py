@@ -8,10 +8,9 @@ import logging
 import sys
 import traceback
 import types
-from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterable, Tuple
 
 import torch
 from torch import nn
@@ -23,7 +22,7 @@ __all__ = ["ModelSpec", "load_model_spec", "check_batch", "BUILTIN_MODELS", "imp
 log = logging.getLogger(__name__)
 
 BuildModel = Callable[[], nn.Module]
-SampleBatch = Callable[[int], tuple[tuple[torch.Tensor, ...], torch.Tensor]]
+SampleBatch = Callable[[int], Tuple[Tuple[torch.Tensor, ...], torch.Tensor]]
 LossFn = Callable[[Any, torch.Tensor], torch.Tensor]
 BuildOptimizer = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 

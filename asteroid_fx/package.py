@@ -1,4 +1,4 @@
-"""Save and load a partition directory: plan, per-stage modules, code, ONNX, model file, report.
+"""Save and load a partition directory: plan, per-stage source + weights, ONNX, model file.
 
 Example::
 
@@ -13,8 +13,10 @@ Layout (the runtime reads it with ``runtime.stage_io`` and torch alone)::
     out/plan.json         Plan.to_json()
     out/partition.json    stage boundary names, parameters, buffers, tied parameters, model
     out/model.py          copy of the model file (when the spec is a file)
-    out/stage_<i>.pt      torch.save(GraphModule of stage i), weights included
-    out/stage_<i>.py      the stage's generated code, for reading
+    out/stage_<i>.py      stage i as generated Python source (a torch.nn.Module; see
+                          [Note: stage package format 2] in runtime/stage_io.py)
+    out/stage_<i>.weights.pt   its parameters, buffers and tensor attributes: a plain
+                          {name: tensor} dict, read with torch.load(weights_only=True)
     out/stage_<i>.onnx    the stage in ONNX (dynamic batch), when example inputs are given
     out/costs.json        the cost table the plan was made with, when given
     out/cluster.yaml      the cluster the plan was made for, when given
@@ -38,6 +40,7 @@ import torch.fx as fx
 
 from asteroid_fx.errors import AsteroidError, ModelSpecError, PartitionError
 from asteroid_fx.partition import StageInfo, stage_info, tied_parameters
+from asteroid_fx.stage_code import stage_source
 from runtime.stage_io import (
     PARTITION_VERSION,
     PartitionMeta,
@@ -46,6 +49,7 @@ from runtime.stage_io import (
     load_plan,
     load_stage,
     stage_file,
+    weights_file,
 )
 from solver.plan import Plan
 
@@ -79,9 +83,15 @@ def save_partition(
         costs, cluster: a ``CostTable`` and ``Cluster``; with both, ``report.md`` and
             ``gantt.png`` are written when the solver's report/Gantt modules are installed.
 
+    Each stage is written as ``stage_<i>.py`` (source) and ``stage_<i>.weights.pt`` (a
+    ``{name: tensor}`` dict), then loaded back as a device would and compared with the
+    original (see :mod:`asteroid_fx.stage_code`).
+
     Raises:
-        PartitionError: stages and plan disagree, a stage cannot be saved, or ONNX export
-            fails (see :func:`asteroid_fx.onnx_export.export_stage_onnx`).
+        PartitionError: stages and plan disagree, a stage cannot be written without pickle
+            (a global of its code that cannot be imported by name, a model-file submodule
+            without a model spec ...), or ONNX export fails (see
+            :func:`asteroid_fx.onnx_export.export_stage_onnx`).
     """
     if len(stages) != plan.num_stages:
         raise PartitionError(f"the plan has {plan.num_stages} stages but {len(stages)} stage "
@@ -96,7 +106,7 @@ def save_partition(
         path.write_text(text)
         written[name] = path
 
-    spec, source, prefix, module_name = _spec_fields(model_spec)
+    spec, source, prefix, module_name, build_model = _spec_fields(model_spec)
     model_file: str | None = None
     if source is not None:
         shutil.copyfile(source, out / "model.py")
@@ -112,14 +122,21 @@ def save_partition(
         onnx=bool(onnx and example_inputs is not None),
     )
     put("partition.json", meta.to_json())
+    loaded: list[torch.nn.Module] = []
     for i, stage in enumerate(stages):
+        code = stage_source(stage, index=i, header=_header(infos[i], spec),
+                            model_module=module_name, build_model=build_model)
+        put(stage_file(out, i).name, code.source)
         try:
-            torch.save(stage, stage_file(out, i))
-        except Exception as exc:
-            raise PartitionError(f"stage {i} cannot be saved with torch.save: "
-                                 f"{type(exc).__name__}: {exc}") from exc
-        written[stage_file(out, i).name] = stage_file(out, i)
-        put(stage_file(out, i, ".py").name, _readable_code(stage, infos[i]))
+            torch.save(code.weights, weights_file(out, i))
+        except (OSError, RuntimeError) as exc:
+            raise PartitionError(f"writing the weights of stage {i} to "
+                                 f"{str(weights_file(out, i))!r} failed: {exc}") from exc
+        written[weights_file(out, i).name] = weights_file(out, i)
+        loaded.append(load_stage(out, i))
+        _check_round_trip(stage, loaded[-1], i)
+    if example_inputs is not None:
+        _check_outputs(stages, loaded, example_inputs)
     if onnx:
         if example_inputs is None:
             log.info("no example inputs: skipping the per-stage ONNX files")
@@ -144,21 +161,20 @@ def save_partition(
     return written
 
 
-def load_partition(directory: str | Path) -> tuple[Plan, list[fx.GraphModule]]:
-    """Load the plan and every stage of a partition directory (see :mod:`runtime.stage_io`)."""
+def load_partition(directory: str | Path) -> tuple[Plan, list[torch.nn.Module]]:
+    """Load the plan and every stage of a partition directory (see :mod:`runtime.stage_io`).
+
+    The stages are the generated ``Stage<i>`` modules of ``stage_<i>.py`` (plain
+    ``torch.nn.Module``s, not GraphModules) with their weights; each carries its
+    ``partition.json`` entry in ``stage.meta`` (so :func:`~asteroid_fx.partition.stage_info`
+    works) and composes like the stages :func:`~asteroid_fx.partition.partition` made.
+    """
     plan = load_plan(directory)
     meta = load_partition_meta(directory)
     if meta.num_stages != plan.num_stages:
         raise PartitionError(f"partition.json lists {meta.num_stages} stages but plan.json has "
                              f"{plan.num_stages}; re-run `asteroid-fx partition`")
-    stages: list[fx.GraphModule] = []
-    for i in range(meta.num_stages):
-        module = load_stage(directory, i)
-        if not isinstance(module, fx.GraphModule):
-            raise PartitionError(f"stage {i} of {str(directory)!r} is a "
-                                 f"{type(module).__name__}, not a torch.fx.GraphModule")
-        stages.append(module)
-    return plan, stages
+    return plan, [load_stage(directory, i) for i in range(meta.num_stages)]
 
 
 def stage_example_args(
@@ -192,19 +208,72 @@ def _stage_meta(info: StageInfo, position: int) -> StageMeta:
                      cloned_inputs=info.cloned_inputs, tied=dict(info.tied or {}))
 
 
-def _readable_code(stage: fx.GraphModule, info: StageInfo) -> str:
-    header = (f"# Stage {info.index}: layers {info.layers[0]}..{info.layers[1]}\n"
-              f"# inputs:  {', '.join(info.inputs) or '-'}\n"
-              f"# outputs: {', '.join(info.outputs) or '-'}\n"
-              f"# params:  {len(info.params)}, buffers: {len(info.buffers)}\n"
-              f"# Generated by asteroid-fx for reading; the runtime loads stage_{info.index}.pt\n")
-    return header + stage.code
+def _header(info: StageInfo, spec: str | None) -> list[str]:
+    return [f"Stage {info.index} of {spec or 'the model'}: layers "
+            f"{info.layers[0]}..{info.layers[1]} (generated by asteroid-fx, torch "
+            f"{torch.__version__})",
+            f"inputs:  {', '.join(info.inputs) or '-'}",
+            f"outputs: {', '.join(info.outputs) or '-'}",
+            f"params:  {len(info.params)}, buffers: {len(info.buffers)}",
+            f"The runtime imports this file (Python >= 3.8, torch >= 2.0), builds "
+            f"Stage{info.index} under the meta device",
+            f"and loads stage_{info.index}.weights.pt with torch.load(weights_only=True)."]
 
 
-def _spec_fields(model_spec: Any) -> tuple[str | None, Path | None, str | None, str | None]:
-    """``(spec string, model file, prefix, module name)`` of a spec string or ModelSpec."""
+def _check_outputs(stages: Sequence[fx.GraphModule], loaded: Sequence[torch.nn.Module],
+                   example_inputs: tuple[torch.Tensor, ...] | torch.Tensor) -> None:
+    """The loaded stages compute exactly what the originals do on the example inputs."""
+    args = stage_example_args(stages, example_inputs)
+    want = [_flat(outputs) for outputs in _run_eval(stages, args)]
+    got = [_flat(outputs) for outputs in _run_eval(loaded, args)]
+    for i, (w, g) in enumerate(zip(want, got, strict=True)):
+        if len(w) != len(g) or not all(torch.equal(x, y) for x, y in zip(w, g, strict=True)):
+            raise PartitionError(f"stage {i} loaded from its source computes other values "
+                                 f"than the traced stage on the example inputs; report it, "
+                                 f"with the model")
+
+
+def _run_eval(stages: Sequence[torch.nn.Module],
+              args: Sequence[tuple[torch.Tensor, ...]]) -> list[Any]:
+    modes = {m: m.training for s in stages for m in s.modules()}
+    try:
+        with torch.no_grad():
+            return [stage.eval()(*a) for stage, a in zip(stages, args, strict=True)]
+    finally:
+        for module, training in modes.items():
+            module.training = training
+
+
+def _flat(value: Any) -> list[torch.Tensor]:
+    """The tensors of a (nested) stage output, in order."""
+    if isinstance(value, torch.Tensor):
+        return [value.detach()]
+    if isinstance(value, (tuple, list)):
+        return [t for v in value for t in _flat(v)]
+    if isinstance(value, dict):
+        return [t for v in value.values() for t in _flat(v)]
+    return []
+
+
+def _check_round_trip(original: fx.GraphModule, loaded: torch.nn.Module, index: int) -> None:
+    """The loaded stage has the original's submodules, tensors (equal values) and flags."""
+    from asteroid_fx.stage_code import tree_difference
+
+    problem = tree_difference(original, loaded, values=True, whole=False)
+    if problem is not None:
+        raise PartitionError(f"stage {index} does not load back as it was saved: {problem}; "
+                             f"the model has a submodule the generated source cannot rebuild "
+                             f"(report it, with the model)")
+
+
+_SpecFields = tuple[str | None, Path | None, str | None, str | None, Any]
+
+
+def _spec_fields(model_spec: Any) -> _SpecFields:
+    """``(spec string, model file, prefix, module name, build_model)`` of a spec string or
+    ModelSpec."""
     if model_spec is None:
-        return None, None, None, None
+        return None, None, None, None, None
     if isinstance(model_spec, (str, Path)):
         text = str(model_spec)
         try:
@@ -223,17 +292,17 @@ def _spec_fields(model_spec: Any) -> tuple[str | None, Path | None, str | None, 
     source = Path(path) if path is not None else None
     if source is not None and not source.is_file():
         raise PartitionError(f"model file {str(source)!r} does not exist")
-    return spec, source, prefix, module
+    return spec, source, prefix, module, build if callable(build) else None
 
 
-def _parse_spec(text: str) -> tuple[str | None, Path | None, str | None, str | None]:
+def _parse_spec(text: str) -> _SpecFields:
     if text.startswith("builtin:"):
-        return text, None, None, None
+        return text, None, None, None, None
     file, _, prefix = text.partition(":") if text.count(":") == 1 else (text, "", "")
     source = Path(file)
     if not source.is_file():
         raise PartitionError(f"model file {str(source)!r} of spec {text!r} does not exist")
-    return text, source, prefix or None, None
+    return text, source, prefix or None, None, None
 
 
 def _write_report(out: Path, plan: Plan, costs: Any, cluster: Any) -> dict[str, Path]:

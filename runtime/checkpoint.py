@@ -12,7 +12,7 @@ import struct
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Tuple
 
 import torch
 
@@ -137,7 +137,7 @@ def slice_state(state: StageState, names: Iterable[str]) -> StageState:
                       optim={n: v for n, v in state.optim.items() if n in set(wanted)})
 
 
-Entry = tuple[str, str, str, torch.Tensor]          # (section, name, field, tensor)
+Entry = Tuple[str, str, str, torch.Tensor]          # (section, name, field, tensor)
 
 
 def _entries(state: StageState) -> tuple[list[Entry], dict[str, dict[str, Any]]] | None:
@@ -208,7 +208,7 @@ def state_to_bytes(state: StageState) -> bytes:
     items, extras = found
     rows, total = _layout(items)
     flat = torch.zeros(total, dtype=torch.uint8)
-    for view, (_, _, _, t) in zip(_views(flat, rows), items, strict=True):
+    for view, (_, _, _, t) in zip(_views(flat, rows), items):
         view.copy_(t.detach())
     return _encode(state.step, rows, extras, flat.numpy().data)
 
@@ -226,7 +226,7 @@ def state_from_bytes(data: bytes) -> StageState:
     body = bytearray(memoryview(data)[start + length:])
     flat = torch.frombuffer(body, dtype=torch.uint8) if body else torch.zeros(0, dtype=torch.uint8)
     state = StageState(step=int(header["step"]))
-    for row, view in zip(header["t"], _views(flat, header["t"]), strict=True):
+    for row, view in zip(header["t"], _views(flat, header["t"])):
         if row["s"] == "model":
             state.model[row["n"]] = view
         else:
@@ -294,7 +294,7 @@ class StateBuffer:
             self._signature = signature
             self.names = tuple(n for s, n, _, _ in items if s == "model")
         with torch.no_grad():
-            for view, (_, _, _, t) in zip(self._views, items, strict=True):
+            for view, (_, _, _, t) in zip(self._views, items):
                 view.copy_(t.detach())
         self._extras = {k: dict(v) for k, v in extras.items()}
         self.step = step
@@ -312,7 +312,7 @@ class StateBuffer:
         only the state-dict entries ``names`` and their optimizer state)."""
         wanted = None if names is None else set(names)
         out = StageState(step=self.step)
-        for row, view in zip(self._rows, self._views, strict=True):
+        for row, view in zip(self._rows, self._views):
             if wanted is not None and row["n"] not in wanted:
                 continue
             if row["s"] == "model":

@@ -18,7 +18,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Dict
 
 import torch
 import torch.distributed as dist
@@ -564,7 +564,7 @@ class _Requests:
         return out
 
 
-Manifest = dict[str, Any]
+Manifest = Dict[str, Any]
 
 
 def _assemble(mode: str, plan: Plan, new_plan: Plan, stage_names: list[list[str]],
@@ -738,7 +738,7 @@ class _Processes:
                                                  f"{generation * 1000 + r}")
                            if speed < 1.0 else str(emu.CGROUP_ROOT)
                            for r, speed in enumerate(speeds)]
-                for path, speed in zip(cgroups, speeds, strict=True):
+                for path, speed in zip(cgroups, speeds):
                     if speed >= 1.0:
                         continue
                     self.cgroups.append(path)

@@ -678,8 +678,7 @@ class WorkerHooks:
                 if send and channels:
                     began = time.perf_counter()
                     header = slot.buffer.header()
-                    for channel, holder in zip(channels, spec.holders[self.stage],
-                                               strict=False):
+                    for channel, holder in zip(channels, spec.holders[self.stage]):
                         sent = time.perf_counter()
                         channel.send(step, header, slot.buffer.flat)
                         self._pace(holder, slot.buffer.nbytes, sent)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from enum import Enum
+from typing import Dict, List
 
 from asteroid_fx.errors import ScheduleError
 from solver.plan import Plan
@@ -69,7 +70,7 @@ class Action:
 
 
 # A schedule: one list of actions per rank (rank i <-> plan.devices[i]).
-Schedule = dict[int, list[Action]]
+Schedule = Dict[int, List[Action]]   # typing: evaluated at run time on Python 3.8
 
 
 def parse_action(text: str) -> Action:

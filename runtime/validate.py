@@ -22,7 +22,7 @@ def format_grid(rows: Sequence[Sequence[str]], num_ranks: int,
     widths = [max(len(line[c]) for line in table) for c in range(len(header))]
     lines = []
     for i, line in enumerate(table):
-        text = " | ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True))
+        text = " | ".join(cell.ljust(w) for cell, w in zip(line, widths))
         if error_step is not None and i - 1 == error_step:
             text += _MARK
         lines.append(text.rstrip() if not text.endswith(_MARK) else text)

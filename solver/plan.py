@@ -54,7 +54,7 @@ class Stage:
         """Half-open sample range ``[start, stop)`` of every device within a micro-batch."""
         out: dict[str, tuple[int, int]] = {}
         start = 0
-        for device, share in zip(self.devices, self.shares, strict=True):
+        for device, share in zip(self.devices, self.shares):
             out[device] = (start, start + share)
             start += share
         return out

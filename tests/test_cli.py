@@ -133,8 +133,8 @@ def test_plan_partition_simulate(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert main(["partition", SKIPNET, "--cluster", LOCAL3, "--batch-size", "8", "--out",
                  str(out_dir), "--no-onnx"]) == 0
     out = capsys.readouterr().out
-    assert "plan.json" in out and "stage_0.pt" in out
-    for name in ("plan.json", "partition.json", "model.py", "stage_0.pt", "stage_0.py",
+    assert "plan.json" in out and "stage_0.weights.pt" in out
+    for name in ("plan.json", "partition.json", "model.py", "stage_0.weights.pt", "stage_0.py",
                  "report.md", "gantt.png"):
         assert (out_dir / name).is_file(), name
     gantt = tmp_path / "g.png"

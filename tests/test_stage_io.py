@@ -26,11 +26,13 @@ from runtime.stage_io import (
     load_partition_meta,
     load_plan,
     load_stage,
+    read_weights,
     stage_file,
+    weights_file,
 )
 
 CUSTOM_MODEL = '''
-"""A model with a custom leaf module class, so stage pickles refer to this file."""
+"""A model with a custom leaf module class, which a stage takes from build_model()."""
 from __future__ import annotations
 
 import torch
@@ -163,9 +165,14 @@ def test_errors_name_the_problem(tmp_path: Path,
     with pytest.raises(PartitionError, match=r"is not valid JSON"):
         load_partition_meta(tmp_path / "empty")
     data = json.loads((out / "partition.json").read_text())
-    changes: list[tuple[dict[str, Any], str]] = [({"version": 7}, r"version 7 is not supported"),
-                            ({"num_stages": 5}, r"declares 5 stages but lists"),
-               ({"stages": None}, r"malformed partition.json")]
+    changes: list[tuple[dict[str, Any], str]] = [
+        ({"version": 7}, r"written by a newer asteroid-fx \(format 7, this reads <= 2\); "
+                         r"upgrade the device side with `pip install --no-deps \.`"),
+        ({"version": 1}, r"format 1 \(pickled stage_<i>.pt modules\), which this asteroid-fx "
+                         r"no longer loads; re-run `asteroid-fx partition`"),
+        ({"version": "2"}, r"version '2' is not a format number"),
+        ({"num_stages": 5}, r"declares 5 stages but lists"),
+        ({"stages": None}, r"malformed partition.json")]
     for change, message in changes:
         (tmp_path / "empty" / "partition.json").write_text(json.dumps({**data, **change}))
         with pytest.raises(PartitionError, match=message):
@@ -174,11 +181,11 @@ def test_errors_name_the_problem(tmp_path: Path,
     (tmp_path / "empty" / "partition.json").write_text(json.dumps(data))
     with pytest.raises(PartitionError, match=r"missing the field 'stages'"):
         load_partition_meta(tmp_path / "empty")
-    stage_file(out, 1).unlink()
-    with pytest.raises(PartitionError, match=r"stage_1.pt' is missing"):
+    weights_file(out, 1).unlink()
+    with pytest.raises(PartitionError, match=r"stage_1.weights.pt' is missing"):
         load_stage(out, 1)
-    stage_file(out, 1).write_bytes(b"garbage")
-    with pytest.raises(PartitionError, match=r"loading .*stage_1.pt' failed .*saved with torch"):
+    stage_file(out, 1).unlink()
+    with pytest.raises(PartitionError, match=r"stage_1.py' is missing"):
         load_stage(out, 1)
     (out / "model.py").unlink()
     with pytest.raises(PartitionError, match=r"model file .*model.py' listed in partition.json"):
@@ -201,3 +208,96 @@ def test_stage_meta_round_trip() -> None:
     meta = StageMeta(index=0, inputs=("x",), outputs=("h",), params=("a.weight",),
                      buffers=(), layers=(0, 3), cloned_inputs=(), tied={"a.weight": "a.weight"})
     assert StageMeta.from_dict(meta.to_dict()) == meta
+
+
+def test_weights_are_a_plain_dict_read_with_weights_only(saved: Saved) -> None:
+    out, stages, _ = saved
+    for i, stage in enumerate(stages):
+        data = torch.load(weights_file(out, i), weights_only=True)
+        assert isinstance(data, dict)
+        assert set(data) == {n for n, _ in (*stage.named_parameters(), *stage.named_buffers())}
+        for name, value in data.items():
+            assert torch.equal(value, stage.get_parameter(name))
+    assert not list(out.glob("*.pkl")) and not stage_file(out, 0, ".pt").exists()
+
+
+def test_a_model_file_submodule_is_taken_from_build_model(saved: Saved) -> None:
+    out, stages, inputs = saved
+    code = stage_file(out, 1).read_text()
+    assert "MODEL_SUBMODULES = ('gate',)" in code
+    assert "model.get_submodule('gate')" in code
+    assert "torch.nn.Linear(4, 3)" in code   # a torch.nn layer: from its arguments
+    loaded = load_stage(out, 1)
+    assert type(loaded.get_submodule("gate")).__name__ == "Gate"
+    assert torch.equal(loaded.get_parameter("gate.w"), stages[1].get_parameter("gate.w"))
+    # the meta-device build of the model used no random numbers
+    state = torch.get_rng_state()
+    load_stage(out, 1)
+    assert torch.equal(state, torch.get_rng_state())
+
+
+def test_a_stage_needing_the_model_is_refused_without_one(tmp_path: Path, saved: Saved) -> None:
+    out, stages, _ = saved
+    plan = load_plan(out)
+    with pytest.raises(PartitionError, match=r"stage 1 calls submodule 'gate' \(.*Gate\), "
+                                             r"which can only be rebuilt from the model's "
+                                             r"build_model\(\); save the partition with its "
+                                             r"model spec"):
+        save_partition(tmp_path / "nomodel", plan, stages, onnx=False)
+
+
+def test_garbled_and_mismatched_weights_are_refused(saved: Saved) -> None:
+    out, _, _ = saved
+    good = torch.load(weights_file(out, 0), weights_only=True)
+    weights_file(out, 0).write_bytes(b"garbage")
+    with pytest.raises(PartitionError, match=r"stage_0.weights.pt' is not a readable weights "
+                                             r"file \(.*\); re-run `asteroid-fx partition`"):
+        load_stage(out, 0)
+    torch.save([1, 2], weights_file(out, 0))
+    with pytest.raises(PartitionError, match=r"holds a list, not a dict of named tensors"):
+        read_weights(weights_file(out, 0))
+    torch.save({k: v for k, v in good.items() if k != "a.bias"}, weights_file(out, 0))
+    with pytest.raises(PartitionError, match=r"the weights of .*stage_0.py' lack 'a.bias'"):
+        load_stage(out, 0)
+    torch.save({**good, "a.bias": torch.zeros(5)}, weights_file(out, 0))
+    with pytest.raises(PartitionError, match=r"hold 'a.bias' as torch.float32 \[5\] but the "
+                                             r"stage needs torch.float32 \[4\]"):
+        load_stage(out, 0)
+    torch.save({**good, "extra": torch.zeros(1)}, weights_file(out, 0))
+    with pytest.raises(PartitionError, match=r"hold \['extra'\], which the stage does not "
+                                             r"have"):
+        load_stage(out, 0)
+
+
+def test_a_pickled_module_is_not_a_weights_file(saved: Saved) -> None:
+    out, stages, _ = saved
+    torch.save(stages[0], weights_file(out, 0))   # what format 1 wrote: pickled code
+    with pytest.raises(PartitionError, match=r"is not a readable weights file"):
+        load_stage(out, 0)
+
+
+def test_stage_sources_from_elsewhere_are_refused(saved: Saved) -> None:
+    out, _, _ = saved
+    code = stage_file(out, 0).read_text()
+    stage_file(out, 0).write_text(code.replace("FORMAT = 2", "FORMAT = 3"))
+    with pytest.raises(PartitionError, match=r"stage_0.py' was written by a newer asteroid-fx "
+                                             r"\(format 3, this reads <= 2\); upgrade"):
+        load_stage(out, 0)
+    stage_file(out, 0).write_text(code.replace("TORCH_NAMES = (",
+                                               "TORCH_NAMES = ('torch.no_such_op', "))
+    with pytest.raises(PartitionError, match=r"calls torch.no_such_op, which torch .* on this "
+                                             r"device does not have"):
+        load_stage(out, 0)
+    stage_file(out, 0).write_text("import no_such_module_here\n" + code)
+    with pytest.raises(PartitionError, match=r"imports no_such_module_here, which this device "
+                                             r"cannot import"):
+        load_stage(out, 0)
+    stage_file(out, 0).write_text(code + "\nmatch = [\n")
+    with pytest.raises(PartitionError, match=r"stage_0.py' .* does not parse: line"):
+        load_stage(out, 0)
+    stage_file(out, 0).write_text("x = 1\n")
+    with pytest.raises(PartitionError, match=r"declares no FORMAT"):
+        load_stage(out, 0)
+    stage_file(out, 0).write_text(code.replace("torch.nn.Linear(4, 4)", "torch.nn.Linear(4, 5)"))
+    with pytest.raises(PartitionError, match=r"needs torch.float32 \[5, 4\]"):
+        load_stage(out, 0)

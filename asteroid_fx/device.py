@@ -1,0 +1,120 @@
+"""Device-side entry point ``torchrun ... -m asteroid_fx.device run DIR`` (torch/numpy/pyyaml).
+
+Example (on each of N boards, ``i`` = the board's index in ``plan.json``'s devices)::
+
+    torchrun --nnodes N --nproc-per-node 1 --node-rank i --master-addr HOST \\
+        --master-port 29500 -m asteroid_fx.device run out/ --steps 100 --metrics m.jsonl
+
+It does what ``asteroid-fx run DIR`` does under torchrun (rank ``i`` trains device ``i`` of
+the plan, seeded weights and batches, ``metrics.jsonl`` written by rank 0), without the
+workstation's dependencies (typer, rich, pulp, ONNX, matplotlib), on Python >= 3.8 and
+torch >= 2.0. Bad input exits non-zero with one line on stderr (``--debug``: traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from asteroid_fx.errors import AsteroidError, RuntimeFailure
+
+__all__ = ["main", "run_device"]
+
+log = logging.getLogger(__name__)
+
+_TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+_LAUNCH_HINT = ("torchrun --nnodes N --nproc-per-node 1 --node-rank i --master-addr HOST "
+                "-m asteroid_fx.device run DIR")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m asteroid_fx.device",
+        description="asteroid-fx on a device: train this device's stage of a partition "
+                    "directory, one process per device under torchrun.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands.required = True
+    run = commands.add_parser(
+        "run", help="train the partition in DIR (rank i = device i of DIR/plan.json)",
+        description=f"Train the partition in DIR; launch with: {_LAUNCH_HINT}")
+    run.add_argument("directory", metavar="DIR", type=Path,
+                     help="partition directory written by `asteroid-fx partition`")
+    run.add_argument("--steps", type=int, default=10, help="mini-batches to train (10)")
+    run.add_argument("--seed", type=int, default=0, help="seed of weights and batches (0)")
+    run.add_argument("--lr", type=float, default=0.01, help="SGD learning rate (0.01)")
+    run.add_argument("--metrics", type=Path, default=None,
+                     help="metrics.jsonl written by rank 0 (one JSON object per step)")
+    run.add_argument("--timeout", type=float, default=120.0,
+                     help="seconds a collective may wait for a peer (120)")
+    run.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                     help=argparse.SUPPRESS)   # also accepted after `run`
+    return parser
+
+
+def run_device(directory: Path, *, steps: int = 10, seed: int = 0, lr: float = 0.01,
+               metrics: Path | None = None, timeout_s: float = 120.0) -> Any:
+    """Train this process's device of the partition in ``directory`` (under torchrun).
+
+    Raises:
+        RuntimeFailure: not started by torchrun, bad options, or training failed.
+        PartitionError: the directory is missing, incomplete or of another format.
+    """
+    missing = [name for name in _TORCHRUN_VARS if name not in os.environ]
+    if missing:
+        raise RuntimeFailure(f"{', '.join(missing)} not set: start one process per device with "
+                             f"`{_LAUNCH_HINT}`")
+    if steps < 1:
+        raise RuntimeFailure(f"--steps must be >= 1, got {steps}")
+    if timeout_s <= 0:
+        raise RuntimeFailure(f"--timeout must be > 0 seconds, got {timeout_s}")
+    if not (directory / "plan.json").is_file():
+        raise RuntimeFailure(f"{str(directory)!r} is not a partition directory (no plan.json); "
+                             f"copy the directory written by `asteroid-fx partition` to this "
+                             f"device")
+    if metrics is not None and not metrics.parent.is_dir():
+        raise RuntimeFailure(f"--metrics {str(metrics)!r}: directory {str(metrics.parent)!r} "
+                             f"does not exist")
+    from runtime.launch import run_source
+    from runtime.stage_io import load_partition_meta
+    from runtime.train import DirectorySource
+
+    load_partition_meta(directory)   # format check before any process group is made
+    rank = int(os.environ["RANK"])
+
+    def progress(record: Mapping[str, Any]) -> None:
+        if rank == 0 and "step" in record:
+            print(f"step {record['step']}: loss {float(record['loss']):.6f}, round "
+                  f"{float(record['round_time_s']):.3f} s", flush=True)
+
+    return run_source(DirectorySource(str(directory)), steps=steps, seed=seed, lr=lr,
+                      metrics=metrics, progress=progress, timeout_s=timeout_s)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; returns the exit code (0 ok, 1 failure, 2 usage)."""
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        result = run_device(args.directory, steps=args.steps, seed=args.seed, lr=args.lr,
+                            metrics=args.metrics, timeout_s=args.timeout)
+    except AsteroidError as exc:
+        if args.debug:
+            raise
+        print(f"asteroid-fx device: error: {exc}".replace("\n", " "), file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("asteroid-fx device: interrupted", file=sys.stderr)
+        return 130
+    summary = getattr(result, "summary", None)
+    if callable(summary) and os.environ.get("RANK", "0") == "0":
+        print(summary(), flush=True)
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover - exercised through a subprocess in tests
+    sys.exit(main())
