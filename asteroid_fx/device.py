@@ -1,4 +1,4 @@
-"""Device-side entry point ``torchrun ... -m asteroid_fx.device run DIR`` (torch/numpy/pyyaml).
+"""Device-side entry points ``-m asteroid_fx.device run DIR | profile MODEL`` (torch/numpy/pyyaml).
 
 Example (on each of N boards, ``i`` = the board's index in ``plan.json``'s devices)::
 
@@ -9,6 +9,10 @@ It does what ``asteroid-fx run DIR`` does under torchrun (rank ``i`` trains devi
 the plan, seeded weights and batches, ``metrics.jsonl`` written by rank 0), without the
 workstation's dependencies (typer, rich, pulp, ONNX, matplotlib), on Python >= 3.8 and
 torch >= 2.0. Bad input exits non-zero with one line on stderr (``--debug``: traceback).
+
+``python -m asteroid_fx.device profile model.py --device-type jetson-nano --out nano.json``
+measures the model on the board itself (``asteroid-fx costs merge`` then joins the tables of
+every type on the workstation).
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from typing import Any, Mapping, Sequence
 
 from asteroid_fx.errors import AsteroidError, RuntimeFailure
 
-__all__ = ["main", "run_device"]
+__all__ = ["main", "run_device", "profile_device"]
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +57,66 @@ def _parser() -> argparse.ArgumentParser:
                      help="seconds a collective may wait for a peer (120)")
     run.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                      help=argparse.SUPPRESS)   # also accepted after `run`
+    prof = commands.add_parser(
+        "profile", help="measure the model's layers on this device, labelled with its type",
+        description="Measure forward/backward time per layer on this device at several batch "
+                    "sizes and write a cost table labelled with --device-type; join the "
+                    "tables of all types on the workstation with `asteroid-fx costs merge`.")
+    prof.add_argument("model", metavar="MODEL_SPEC",
+                      help="path/to/model.py (or path/to/model.py:prefix)")
+    prof.add_argument("--device-type", required=True,
+                      help="the type of this device as in cluster.yaml, e.g. jetson-nano")
+    prof.add_argument("--out", type=Path, required=True, help="where to write the table")
+    prof.add_argument("--batch-sizes", default="1,2,4,8",
+                      help="comma-separated batch sizes to measure at (1,2,4,8)")
+    prof.add_argument("--repeats", type=int, default=5,
+                      help="timed runs per layer and batch size; the median is kept (5)")
+    prof.add_argument("--leaf", action="append", default=None,
+                      help="qualified name or class name of a module to keep whole")
+    prof.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                      help=argparse.SUPPRESS)
     return parser
+
+
+def profile_device(model: str, device_type: str, out: Path, *, batch_sizes: str = "1,2,4,8",
+                   repeats: int = 5, leaf: Sequence[str] = ()) -> Any:
+    """Profile ``model`` on this device and write a table labelled ``device_type``
+    (``asteroid-fx profile --device-type`` without the workstation's dependencies).
+
+    Raises:
+        CostModelError: bad batch sizes, device type or output directory.
+        ModelSpecError / TraceError: the model cannot be loaded or traced.
+    """
+    from asteroid_fx.errors import CostModelError
+    from asteroid_fx.model_spec import load_model_spec
+    from cost_models.profile import profile
+
+    try:
+        sizes = tuple(int(s) for s in batch_sizes.split(",") if s.strip())
+    except ValueError:
+        raise CostModelError(f"--batch-sizes must be comma-separated integers, got "
+                             f"{batch_sizes!r}") from None
+    if not out.parent.is_dir():
+        raise CostModelError(f"--out {str(out)!r}: directory {str(out.parent)!r} does not "
+                             f"exist")
+    spec = load_model_spec(model)
+
+    tty = sys.stderr.isatty()
+
+    def progress(done: int, total: int, what: str) -> None:
+        if tty:
+            print(f"\r\033[Kprofiling {done}/{total} {what}", end="", file=sys.stderr,
+                  flush=True)
+
+    table = profile(spec.build_model(), spec.sample_batch, sizes, leaf_modules=tuple(leaf),
+                    repeats=repeats, progress=progress, optimizer=spec.build_optimizer,
+                    device_type=device_type)
+    if tty:
+        print(file=sys.stderr)
+    table.save(out)
+    print(f"profiled {table.num_layers} layers of {spec.name} at batch sizes {list(sizes)} on "
+          f"this {device_type} ({table.host}) -> {out}", flush=True)
+    return table
 
 
 def run_device(directory: Path, *, steps: int = 10, seed: int = 0, lr: float = 0.01,
@@ -100,6 +163,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
+        if args.command == "profile":
+            profile_device(args.model, args.device_type, args.out, batch_sizes=args.batch_sizes,
+                           repeats=args.repeats, leaf=args.leaf or ())
+            return 0
         result = run_device(args.directory, steps=args.steps, seed=args.seed, lr=args.lr,
                             metrics=args.metrics, timeout_s=args.timeout)
     except AsteroidError as exc:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, TypeAlias
+from typing import Any, Tuple, Union
 
 import torch
 import torch.fx as fx
@@ -51,7 +51,7 @@ class NonTensorMeta:
 
 
 # A node's value: a tensor, a non-tensor, or a (possibly nested) tuple of those.
-ValueMeta: TypeAlias = TensorMeta | NonTensorMeta | tuple["ValueMeta", ...]
+ValueMeta = Union[TensorMeta, NonTensorMeta, Tuple["ValueMeta", ...]]
 
 _PLAIN = (int, float, bool, str, type(None))
 

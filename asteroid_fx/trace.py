@@ -205,6 +205,12 @@ class _LeafTracer(fx.Tracer):
             raise
 
 
+def _nodes(graph: fx.Graph, op: str) -> list[fx.Node]:
+    """The graph's nodes of kind ``op`` in order (``Graph.find_nodes`` needs torch >= 2.3;
+    the device side runs on torch >= 2.0)."""
+    return [n for n in graph.nodes if n.op == op]
+
+
 def trace(
     model: nn.Module,
     example_inputs: tuple[torch.Tensor, ...] | torch.Tensor,
@@ -267,7 +273,7 @@ def trace(
     layers = _build_layers(gm, layer_of, anchors, batch)
     node_layer = {n.name: i for n, i in layer_of.items() if n.op != "placeholder"}
     cut_bytes = _all_cut_bytes(gm.graph, node_layer, num_layers, batch)
-    input_bytes = sum(_per_sample(n, batch) for n in gm.graph.find_nodes(op="placeholder"))
+    input_bytes = sum(_per_sample(n, batch) for n in _nodes(gm.graph, "placeholder"))
     graph = LayerGraph(
         graph_module=gm,
         layers=layers,
@@ -371,7 +377,7 @@ def _defaulted_args(model: nn.Module, num_inputs: int) -> dict[str, Any]:
 
 
 def _drop_specialized_placeholders(graph: fx.Graph, num_inputs: int) -> None:
-    placeholders = list(graph.find_nodes(op="placeholder"))
+    placeholders = _nodes(graph, "placeholder")
     for ph in placeholders[num_inputs:]:
         for user in list(ph.users):
             if not user.users and getattr(user.target, "__name__", "") == "_assert_is_none":
@@ -469,7 +475,7 @@ def _classify(gm: fx.GraphModule, batch: int) -> dict[fx.Node, str]:
             depends[node] = any(
                 depends[m] and _has_tensor(m.meta.get(META_KEY)) for m in node.all_input_nodes
             )
-        pairs = list(zip(iter_tensor_metas(meta), iter_tensor_metas(probe), strict=False))
+        pairs = list(zip(iter_tensor_metas(meta), iter_tensor_metas(probe)))
         scales = [
             bool(t.shape) and bool(u.shape) and t.shape[0] == batch and u.shape[0] == batch + 1
             for t, u in pairs
@@ -696,7 +702,7 @@ def _sort_by_layer(graph: fx.Graph, layer_of: dict[fx.Node, int]) -> None:
     """
     nodes = [n for n in graph.nodes if n.op != "output"]
     position = {n: i for i, n in enumerate(nodes)}
-    output = next(iter(graph.find_nodes(op="output")))
+    output = _nodes(graph, "output")[0]
     for node in sorted(nodes, key=lambda n: (layer_of[n], position[n])):
         output.prepend(node)
 
@@ -717,7 +723,7 @@ def _build_layers(
     claimed: set[str] = set()  # qualified names owned by an earlier layer
     used_names: set[str] = set()
     layers = []
-    for index, (anchor, nodes) in enumerate(zip(anchors, members, strict=True)):
+    for index, (anchor, nodes) in enumerate(zip(anchors, members)):
         name, op = _describe_anchor(gm, anchor)
         if name in used_names:
             name = f"{name}@{anchor.name}"

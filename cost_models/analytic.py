@@ -138,7 +138,7 @@ def analytic_costs(
 
     costs = layer_node_costs(graph)
     layers = []
-    for layer, c in zip(graph.layers, costs, strict=True):
+    for layer, c in zip(graph.layers, costs):
         fwd = TimeFit(
             intercept_s=c.ops * OP_OVERHEAD_S + c.weight_bytes / bw,
             per_sample_s=max(compute_s(c.fwd_flops, c.norm_fwd_flops), c.bytes_moved / bw),

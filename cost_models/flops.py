@@ -351,8 +351,8 @@ def _einsum_flops(node: fx.Node, gm: fx.GraphModule, out: int) -> float:
     known = [s for s in shapes if s is not None]  # all of them: None returned above
     lhs = equation.replace(" ", "").split("->")[0].split(",")
     sizes: dict[str, int] = {}
-    for letters, shape in zip(lhs, known, strict=False):
-        for letter, size in zip(letters, shape.shape, strict=False):
+    for letters, shape in zip(lhs, known):
+        for letter, size in zip(letters, shape.shape):
             sizes[letter] = max(sizes.get(letter, 1), size)
     factor = 2.0 if len(operands) > 1 else 1.0
     return factor * math.prod(sizes.values())

@@ -27,7 +27,7 @@ def _check_same_model(first: CostTable, other: CostTable, what_first: str,
     names_a = [(lc.name, lc.op) for lc in first.layers]
     names_b = [(lc.name, lc.op) for lc in other.layers]
     if names_a != names_b:
-        diff = next((i for i, (a, b) in enumerate(zip(names_a, names_b, strict=False))
+        diff = next((i for i, (a, b) in enumerate(zip(names_a, names_b))
                      if a != b),
                     min(len(names_a), len(names_b)))
         raise CostModelError(

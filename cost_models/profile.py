@@ -49,9 +49,9 @@ import math
 import platform
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 from torch import fx
@@ -178,14 +178,14 @@ def fit_time(batch_sizes: Sequence[int], seconds: Sequence[float]) -> TimeFit:
         return TimeFit(0.0, max(0.0, statistics.fmean(ys) / xs[0]))
 
     def sse(a: float, c: float) -> float:
-        return sum((a + c * x - y) ** 2 for x, y in zip(xs, ys, strict=True))
+        return sum((a + c * x - y) ** 2 for x, y in zip(xs, ys))
 
     n = len(xs)
     mx, my = statistics.fmean(xs), statistics.fmean(ys)
     sxx = sum((x - mx) ** 2 for x in xs)
-    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sxx
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx
     candidates = [(my - slope * mx, slope)]  # unconstrained
-    candidates.append((0.0, sum(x * y for x, y in zip(xs, ys, strict=True))
+    candidates.append((0.0, sum(x * y for x, y in zip(xs, ys))
                        / sum(x * x for x in xs)))  # intercept 0
     candidates.append((sum(ys) / n, 0.0))  # slope 0
     candidates.append((0.0, 0.0))
@@ -236,7 +236,7 @@ class _LayerTimer:
         self.layer = layer
         self.leaves = [
             a.detach().requires_grad_(True) if g and _float_tensor(a) else a
-            for a, g in zip(args, grad_mask, strict=True)
+            for a, g in zip(args, grad_mask)
         ]
         self.params = [p for p in layer.module.parameters() if p.requires_grad]
 
@@ -531,7 +531,7 @@ def _measure(
         progress(0, total, "starting")
     for j, b in enumerate(sizes):
         inputs = _draw_for(sample_batch, b, placeholders)
-        env: dict[str, Any] = dict(zip(placeholders, inputs, strict=True))
+        env: dict[str, Any] = dict(zip(placeholders, inputs))
         for layer in layers:
             args = [env[n] for n in layer.inputs]
             mask = [n not in placeholders for n in layer.inputs]
@@ -550,7 +550,7 @@ def _measure(
                     f"the model failed to run at layer {layer.index} ({name!r}) on a batch "
                     f"of {b}: {type(exc).__name__}: {exc}"
                 ) from exc
-            for out_name, value in zip(layer.outputs, outputs, strict=True):
+            for out_name, value in zip(layer.outputs, outputs):
                 env[out_name] = value
             for n in layer.inputs:
                 if last_use.get(n) == layer.index:
@@ -612,7 +612,7 @@ def _measure_chain(
 def _chain_pass(graph: LayerGraph, layers: Sequence[LayerModule], placeholders: Sequence[str],
                 inputs: Sequence[torch.Tensor], b: int) -> tuple[list[float], list[float]]:
     """One timed forward pass then one timed backward pass over every layer."""
-    env: dict[str, Any] = dict(zip(placeholders, inputs, strict=True))
+    env: dict[str, Any] = dict(zip(placeholders, inputs))
     leaves: list[list[tuple[str, torch.Tensor]]] = []
     outputs: list[tuple[Any, ...]] = []
     f_times = [0.0] * len(layers)
@@ -641,14 +641,14 @@ def _chain_pass(graph: LayerGraph, layers: Sequence[LayerModule], placeholders: 
                     f"{type(exc).__name__}: {exc}"
                 ) from exc
             outs = tuple(out)
-            for out_name, value in zip(layer.outputs, outs, strict=True):
+            for out_name, value in zip(layer.outputs, outs):
                 env[out_name] = value
             leaves.append(mine)
             outputs.append(outs)
         grads: dict[str, torch.Tensor] = {}
         for layer in reversed(layers):
             pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
-            for out_name, value in zip(layer.outputs, outputs[layer.index], strict=True):
+            for out_name, value in zip(layer.outputs, outputs[layer.index]):
                 if isinstance(value, torch.Tensor) and value.requires_grad:
                     grad = grads.pop(out_name, None)
                     pairs.append((value, torch.randn_like(value) if grad is None else grad))
@@ -685,6 +685,6 @@ def _measure_update(module: torch.nn.Module, optimizer: BuildOptimizer | None, r
         return statistics.median(samples), state_bytes(opt) / weights
     finally:
         with torch.no_grad():
-            for p, value in zip(params, saved, strict=True):
+            for p, value in zip(params, saved):
                 p.copy_(value)
                 p.grad = None

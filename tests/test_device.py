@@ -93,6 +93,9 @@ _GENERICS = {"dict", "list", "tuple", "set", "frozenset", "type"}
 def _python38_problems(path: Path) -> list[str]:
     tree = ast.parse(path.read_text(), feature_version=(3, 8))
     problems: list[str] = []
+    abc_names = {alias.asname or alias.name for node in ast.walk(tree)
+                 if isinstance(node, ast.ImportFrom) and node.module == "collections.abc"
+                 for alias in node.names}
     annotations: set[int] = set()
     for node in ast.walk(tree):
         for field in ("annotation", "returns"):
@@ -113,6 +116,10 @@ def _python38_problems(path: Path) -> list[str]:
         if isinstance(node, ast.Subscript) and isinstance(node.value, ast.Name) \
                 and node.value.id in _GENERICS:
             problems.append(f"{where}: {node.value.id}[...] evaluated at run time needs 3.9")
+        if isinstance(node, ast.Subscript) and isinstance(node.value, ast.Name) \
+                and node.value.id in abc_names:
+            problems.append(f"{where}: collections.abc.{node.value.id}[...] evaluated at run "
+                            f"time needs 3.9 (use typing's)")
         if isinstance(node, ast.BinOp) and isinstance(node.op, ast.BitOr) and any(
                 isinstance(side, ast.Constant) and side.value is None
                 or isinstance(side, ast.Name) and side.id in ("int", "str", "float", "bool")
@@ -127,7 +134,10 @@ def test_device_modules_run_on_python_38() -> None:
     files = sorted({*ROOT.glob("runtime/*.py"), ROOT / "solver" / "__init__.py",
                     ROOT / "solver" / "plan.py", ROOT / "asteroid_fx" / "__init__.py",
                     ROOT / "asteroid_fx" / "errors.py", ROOT / "asteroid_fx" / "allocator.py",
-                    ROOT / "asteroid_fx" / "device.py", ROOT / "asteroid_fx" / "model_spec.py"})
+                    ROOT / "asteroid_fx" / "device.py", ROOT / "asteroid_fx" / "model_spec.py",
+                    # the profiler (`python -m asteroid_fx.device profile`)
+                    *ROOT.glob("cost_models/*.py"), ROOT / "asteroid_fx" / "trace.py",
+                    ROOT / "asteroid_fx" / "shape_prop.py"})
     problems = [p for f in files for p in _python38_problems(f)]
     assert problems == []
 
@@ -139,7 +149,10 @@ def test_two_devices_under_torchrun_train_like_one_process(tmp_path: Path) -> No
                    "-m", "asteroid_fx.device", "run", str(out), "--steps", "3", "--seed", "4",
                    "--lr", "0.05", "--metrics", str(metrics)])
     assert result.returncode == 0, result.stderr[-3000:]
-    losses = [json.loads(line)["loss"] for line in metrics.read_text().splitlines()]
+    lines = [json.loads(line) for line in metrics.read_text().splitlines()]
+    losses = [line["loss"] for line in lines if "event" not in line]
+    assert lines[-1]["event"] == "summary" and lines[-1]["mode"] == "torchrun"
+    assert len(lines[-1]["devices"]) == 2
     ref = reference_training(load_model_module(out), 8, steps=3, seed=4, lr=0.05)
     assert losses == pytest.approx(ref.losses, rel=1e-6)
     assert "trained 3 step(s) (torchrun" in result.stdout
@@ -178,3 +191,28 @@ def test_bad_input_is_one_line_on_stderr(tmp_path: Path, capsys: pytest.CaptureF
     with pytest.raises(SystemExit) as usage:
         main(["run"])
     assert usage.value.code == 2
+
+
+def test_profile_on_the_device_labels_the_table_and_imports_no_workstation_package(
+        tmp_path: Path) -> None:
+    out = tmp_path / "nano.json"
+    script = textwrap.dedent(f"""
+        import json, sys
+        from asteroid_fx.device import main
+        rc = main(["profile", {str(EXAMPLES / "mlp.py")!r}, "--device-type", "jetson-nano",
+                   "--out", {str(out)!r}, "--batch-sizes", "1,2", "--repeats", "1"])
+        mods = sorted(m for m in sys.modules if m.split(".")[0] in {WORKSTATION_ONLY!r})
+        print(json.dumps({{"rc": rc, "bad": mods}}))
+    """)
+    result = _run(["-c", script])
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report == {"rc": 0, "bad": []}
+    table = json.loads(out.read_text())
+    assert table["device_type"] == "jetson-nano" and table["batch_sizes"] == [1, 2]
+    bad = _run(["-m", "asteroid_fx.device", "profile", str(EXAMPLES / "mlp.py"),
+                "--device-type", "jetson-foo", "--out", str(tmp_path / "x.json")])
+    assert bad.returncode == 1
+    lines = [line for line in bad.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "unknown --device-type 'jetson-foo'" in lines[0]
+    assert not (tmp_path / "x.json").exists()

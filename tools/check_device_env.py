@@ -159,8 +159,8 @@ def train(python: Path, module: list[str], package: Path, metrics: Path, steps: 
     _run([python, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
           "-m", *module, "run", package, "--steps", str(steps), "--metrics", metrics],
          cwd=cwd, env=env, timeout=900, what=what)
-    return [float(json.loads(line)["loss"]) for line in metrics.read_text().splitlines()
-            if line.strip()]
+    records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    return [float(r["loss"]) for r in records if "event" not in r]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
