@@ -34,6 +34,10 @@ MAX_PROFILE_BATCH = 32
 
 Progress = Callable[[int, int, str], None]
 
+PROFILER_KEY = "chain/thread-cpu-time"
+"""What the cached measurements were made with (part of the cache key): a change of the
+profiler's method invalidates the cache."""
+
 
 @dataclass(frozen=True)
 class CostChoice:
@@ -112,7 +116,7 @@ def _host_speeds() -> dict[str, float]:
 
     from cost_models.hostspeed import measure_host_flops, measure_host_mem_bw, measure_norm_flops
 
-    path = cache_dir() / f"host-{_digest([platform.node(), torch.__version__])}.json"
+    path = cache_dir() / f"host-{_digest([platform.node(), torch.__version__, PROFILER_KEY])}.json"
     if path.is_file():
         try:
             data = json.loads(path.read_text())
@@ -180,7 +184,7 @@ def resolve_costs(spec: Any, model: Any, inputs: tuple[Any, ...], cluster: Any,
 
     sizes = tuple(batch_sizes) if batch_sizes else default_batch_sizes(batch_size)
     key = _digest([graph.model_hash, _file_digest(spec.path), platform.node(),
-                   torch.__version__, list(sizes), "chain"])
+                   torch.__version__, list(sizes), PROFILER_KEY])
     path = cache_dir() / "costs" / f"{spec.name.replace(':', '_').replace('/', '_')}-{key}.json"
     if path.is_file():
         cached = _load_cached(path)

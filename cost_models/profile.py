@@ -30,6 +30,8 @@ that timer noise does not swamp tiny layers. Every call gets fresh clones of its
 nor accumulate.
 Everything runs with ``torch.set_num_threads(1)`` (restored afterwards): a measured table
 means "one host core", as the emulator's speed 1.0 does (see :mod:`cost_models.hostspeed`).
+Times are the thread's CPU time (``hostspeed.compute_clock``), not the wall clock, so a
+busy host does not inflate them ([Note: CPU time, not wall time]).
 The process's C allocator gets the runtime workers' settings first
 (``asteroid_fx.allocator``), so both measure the same steady regime.
 The optimizer step is timed too: ``optimizer(params)`` (default plain SGD, as
@@ -61,7 +63,12 @@ from asteroid_fx.allocator import tune_allocator
 from asteroid_fx.errors import AsteroidError, CostModelError
 from asteroid_fx.model_spec import check_batch
 from cost_models.analytic import layer_node_costs
-from cost_models.hostspeed import measure_host_flops, measure_host_mem_bw, single_thread
+from cost_models.hostspeed import (
+    compute_clock,
+    measure_host_flops,
+    measure_host_mem_bw,
+    single_thread,
+)
 from cost_models.optimizer import BuildOptimizer, state_bytes
 from cost_models.optimizer import build as build_optimizer
 from cost_models.table import CostTable, LayerCost, TimeFit
@@ -246,10 +253,10 @@ class _LayerTimer:
     def forward(self, number: int) -> float:
         calls = [self._args() for _ in range(number)]
         with torch.enable_grad():
-            start = time.perf_counter()
+            start = compute_clock()
             for args in calls:
                 self.layer.module(*args)
-            return time.perf_counter() - start
+            return compute_clock() - start
 
     def backward(self, number: int) -> float:
         with torch.enable_grad():
@@ -261,10 +268,10 @@ class _LayerTimer:
             for leaf in self.leaves:
                 if isinstance(leaf, torch.Tensor):
                     leaf.grad = None
-            start = time.perf_counter()
+            start = compute_clock()
             for k in range(number):
                 torch.autograd.backward(tensors, grads, retain_graph=k < number - 1)
-            return time.perf_counter() - start
+            return compute_clock() - start
 
     def needs_backward(self) -> bool:
         with torch.enable_grad():
@@ -629,9 +636,9 @@ def _chain_pass(graph: LayerGraph, layers: Sequence[LayerModule], placeholders: 
                     value = leaf
                 args.append(value.clone() if isinstance(value, torch.Tensor) else value)
             try:
-                start = time.perf_counter()
+                start = compute_clock()
                 out = layer.module(*args)
-                f_times[layer.index] = time.perf_counter() - start
+                f_times[layer.index] = compute_clock() - start
             except AsteroidError:
                 raise
             except Exception as exc:
@@ -653,9 +660,9 @@ def _chain_pass(graph: LayerGraph, layers: Sequence[LayerModule], placeholders: 
                     grad = grads.pop(out_name, None)
                     pairs.append((value, torch.randn_like(value) if grad is None else grad))
             if pairs:
-                start = time.perf_counter()
+                start = compute_clock()
                 torch.autograd.backward([t for t, _ in pairs], [g for _, g in pairs])
-                b_times[layer.index] = time.perf_counter() - start
+                b_times[layer.index] = compute_clock() - start
             outputs[layer.index] = ()
             for name, leaf in leaves[layer.index]:
                 if leaf.grad is not None:
@@ -677,10 +684,10 @@ def _measure_update(module: torch.nn.Module, optimizer: BuildOptimizer | None, r
             p.grad = torch.randn_like(p)
         samples = []
         for run in range(warmup + repeats):
-            start = time.perf_counter()
+            start = compute_clock()
             opt.step()
             if run >= warmup:
-                samples.append(time.perf_counter() - start)
+                samples.append(compute_clock() - start)
         weights = sum(p.numel() * p.element_size() for p in params)
         return statistics.median(samples), state_bytes(opt) / weights
     finally:
