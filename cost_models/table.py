@@ -142,6 +142,13 @@ class DeviceColumn:
             raise CostModelError(
                 f"a cost column needs a device type other than {' or '.join(UNMEASURED_TYPES)}, "
                 f"got {self.device_type!r}; profile with `--device-type TYPE` on that device")
+        from cost_models.devices import DEVICE_TYPES
+
+        if self.device_type not in DEVICE_TYPES:
+            known = ", ".join(sorted(t for t in DEVICE_TYPES if t not in UNMEASURED_TYPES))
+            raise CostModelError(
+                f"cost column for unknown device type {self.device_type!r}; known types: "
+                f"{known} (profile with --device-type set to the type used in cluster.yaml)")
         if len(self.fwd) != len(self.bwd):
             raise CostModelError(f"column {self.device_type!r} has {len(self.fwd)} forward "
                                  f"and {len(self.bwd)} backward times")

@@ -106,6 +106,8 @@ def test_version_one_files_still_read() -> None:
     ({"columns": [{"device_type": "jetson-nano", "fwd": [[0, 1]], "bwd": [[0, 1]]}]},
      "one \\[intercept_s, per_sample_s\\] per layer"),
     ({"columns": [{"fwd": []}]}, "missing the field 'device_type'"),
+    ({"columns": [{"device_type": "jetson-nan", "fwd": [[0, 1]] * 4, "bwd": [[0, 1]] * 4}]},
+     "unknown device type 'jetson-nan'"),
 ])
 def test_bad_columns_are_refused(change: dict[str, object], match: str) -> None:
     data = json.loads(_table().to_json())
