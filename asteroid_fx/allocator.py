@@ -8,7 +8,7 @@ import logging
 import os
 import sys
 
-__all__ = ["tune_allocator", "ENV_VAR"]
+__all__ = ["tune_allocator", "trim_heap", "ENV_VAR"]
 
 log = logging.getLogger(__name__)
 
@@ -57,3 +57,17 @@ def tune_allocator() -> bool:
     if not ok:
         log.debug("mallopt refused the thresholds; allocator left as is")
     return ok
+
+
+def trim_heap() -> bool:
+    """Return the C heap's free pages to the OS (glibc ``malloc_trim(0)``); False where
+    there is no glibc. ``runtime.memory`` calls it before taking a memory baseline, so
+    that memory freed during start-up is not silently reused by training."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):
+        return False
+    return True
