@@ -60,12 +60,34 @@ The same formulas apply to ``schedule="gpipe"`` plans, except that all ``M``
 micro-batches are in flight for memory.
 
 [Note: the memory model]
-Device ``d`` of stage ``s`` holds ``param_bytes * (2 + optimizer_state_factor)``
-(weights, gradients, optimizer state) plus the stage's ``buffer_bytes``, plus the
-activations of its share for every micro-batch in flight, ``b_d * sum(activation_bytes)
-* min(M, S - s)``, plus workspace ``WORKSPACE_BYTES + WORKSPACE_FRACTION *
-activations``. Every holder of a replica (``plan.replicas``) also stores that device's
-stage weights and optimizer state, ``param_bytes * (1 + optimizer_state_factor)``.
+Device ``d`` of stage ``s`` (layers ``first..last``, share ``b_d``) holds
+
+* ``param_bytes * (2 + optimizer_state_factor)``: weights, gradients (backward allocates
+  one per weight; later micro-batches accumulate into it) and optimizer state;
+* the largest layer's ``param_bytes`` once more (``LayerSums.largest_params``): autograd
+  computes a later micro-batch's gradient of a weight before adding it to ``.grad``, and
+  an optimizer such as Adam makes a temporary of a weight's size at its step (with one
+  micro-batch the gradient is assigned, not added, so this over-counts a little);
+* the stage's ``buffer_bytes``;
+* for every micro-batch in flight (``min(M, S - s)`` under 1F1B, ``M`` under GPipe),
+  ``b_d`` times ``LayerSums.in_flight_bytes``: the activations its layers save for
+  backward (``activation_bytes``), plus the tensors at its two cuts: the inputs it
+  received (``cut_bytes[first - 1]``, kept until its backward hands their gradient back;
+  the trace counts their storage in the stage that made them) and the packed copy of the
+  outputs it sent (``cut_bytes[last]``, kept until the gradient comes back, see
+  runtime/lowering.py [Note: releasing sends]); the last stage holds the model's output
+  for the loss instead (the last layer's ``output_bytes``);
+* workspace ``WORKSPACE_BYTES + WORKSPACE_FRACTION * in-flight bytes``: the gradient
+  received for and sent back by the micro-batch in backward, the mini-batch the first
+  and last stages hold, operators' scratch and gradients before they are accumulated.
+
+Every holder of a replica (``plan.replicas``) also stores that device's stage weights
+and optimizer state, ``param_bytes * (1 + optimizer_state_factor)``.
+
+This counts tensors, as ``torch.cuda.max_memory_allocated`` does, and the runtime
+measures the same (``peak_memory_bytes``, runtime/memory.py [Note: measured memory]).
+What a CPU process takes from the C heap for those tensors is more (docs/latency-model.md,
+"Memory").
 """
 
 from __future__ import annotations
@@ -121,6 +143,13 @@ class LayerSums:
     buffer_bytes: tuple[int, ...]
     activation_bytes: tuple[int, ...]
     update_per_byte: float = 0.0
+    #: per sample, the tensors crossing the cut *before* layer ``i`` (``len = layers + 1``):
+    #: 0 before layer 0 (the mini-batch), ``cut_bytes[i - 1]`` inside, and the model's
+    #: output after the last layer (see [Note: the memory model]); empty: none counted
+    boundary_bytes: tuple[int, ...] = ()
+    #: ``largest_params`` lookups: level ``k`` holds the largest ``param_bytes`` of the
+    #: ``2**k`` layers starting at each index (a sparse table); empty: 0
+    param_max: tuple[tuple[int, ...], ...] = ()
 
     @classmethod
     def of(cls, costs: CostTable) -> LayerSums:
@@ -141,6 +170,8 @@ class LayerSums:
             buffer_bytes=pre_i([lc.buffer_bytes for lc in layers]),
             activation_bytes=pre_i([lc.activation_bytes for lc in layers]),
             update_per_byte=costs.update_s_per_byte,
+            boundary_bytes=(0, *costs.cut_bytes, layers[-1].output_bytes),
+            param_max=_range_max_table([lc.param_bytes for lc in layers]),
         )
 
     @property
@@ -155,6 +186,22 @@ class LayerSums:
 
     def activations(self, first: int, last: int) -> int:
         return self.activation_bytes[last + 1] - self.activation_bytes[first]
+
+    def largest_params(self, first: int, last: int) -> int:
+        """The largest ``param_bytes`` of one layer among ``first..last``."""
+        if not self.param_max:
+            return 0
+        k = (last - first + 1).bit_length() - 1
+        level = self.param_max[k]
+        return max(level[first], level[last - (1 << k) + 1])
+
+    def in_flight_bytes(self, first: int, last: int) -> int:
+        """Per-sample bytes that a stage over layers ``first..last`` holds for every
+        micro-batch in flight: the layers' saved activations plus the tensors at its two
+        cuts (see [Note: the memory model])."""
+        edges = self.boundary_bytes
+        cuts = edges[first] + edges[last + 1] if edges else 0
+        return self.activations(first, last) + cuts
 
     def fwd_time(self, first: int, last: int, share: int, speed: float) -> float:
         """Forward seconds of layers ``first..last`` for ``share`` samples at ``speed``."""
@@ -182,6 +229,16 @@ class LayerSums:
         cf = max(self.fwd_time(first, last, b, v) for b, v in zip(shares, speeds, strict=True))
         cb = max(self.bwd_time(first, last, b, v) for b, v in zip(shares, speeds, strict=True))
         return cf, cb
+
+
+def _range_max_table(values: Sequence[int]) -> tuple[tuple[int, ...], ...]:
+    table = [tuple(values)]
+    span = 1
+    while 2 * span <= len(values):
+        below = table[-1]
+        table.append(tuple(max(below[i], below[i + span]) for i in range(len(below) - span)))
+        span *= 2
+    return tuple(table)
 
 
 def transfer_time(cluster: Cluster, senders: Sequence[str], send_shares: Sequence[int],
@@ -257,8 +314,9 @@ def stage_memory_parts(sums: LayerSums, first: int, last: int, in_flight: int,
     """``(fixed, per_sample)`` bytes of layers ``first..last``: a device with ``b`` samples
     needs ``fixed + b * per_sample + ceil(b * per_sample * WORKSPACE_FRACTION)``."""
     weights = math.ceil(sums.params(first, last) * (2.0 + optimizer_state_factor))
-    fixed = weights + sums.buffers(first, last) + WORKSPACE_BYTES
-    return fixed, sums.activations(first, last) * in_flight
+    fixed = (weights + sums.buffers(first, last) + WORKSPACE_BYTES
+             + sums.largest_params(first, last))
+    return fixed, sums.in_flight_bytes(first, last) * in_flight
 
 
 def memory_from_parts(fixed: int, per_sample: int, share: int) -> int:
