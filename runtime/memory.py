@@ -15,13 +15,14 @@ stage's own weights are):
   ``torch.autograd.graph.saved_tensors_hooks``, each storage once, parameters and buffers
   excluded), received inputs, outputs and gradients waiting to be used or sent, send
   buffers not yet known to be received, the mini-batch held by the first and last
-  stages, and the flat gradient copy of the group all-reduce. Transients inside one
-  operator (a convolution's workspace, a gradient before it is accumulated) are not seen;
-  measured once with torch's profiler they added up to 7 % on the examples
-  (docs/latency-model.md, "Memory"). The in-flight part is counted on the first round a
-  process trains (the pack hook costs a few microseconds per saved tensor, and that round
-  is the warm-up round the timing statistics leave out anyway); every round runs the same
-  schedule.
+  stages, and the flat gradient copy of the group all-reduce; plus the largest gradient
+  that a later micro-batch's backward makes before autograd adds it to ``.grad`` (seen by
+  a hook on every parameter). Other transients inside one operator (a convolution's
+  scratch) are not seen: torch's profiler, run once on the same loops, found the
+  allocator's peak within -2 % .. +6 % of this count (docs/latency-model.md, "Memory").
+  The in-flight part is counted on the first round a process trains (the hooks cost a
+  few microseconds per saved tensor and per parameter, and that round is the warm-up
+  round the timing statistics leave out anyway); every round runs the same schedule.
 * ``peak_reserved_bytes``: the most memory the process held for it. On CUDA,
   ``torch.cuda.max_memory_reserved`` (the caching allocator's blocks). On CPU, the
   resident anonymous memory at its high-water mark (Linux: ``VmHWM`` of
@@ -113,6 +114,8 @@ class _Round:
 
     saved: dict[int, dict[int, int]] = field(default_factory=dict)  # mb -> {ptr: bytes}
     peak: int = 0
+    accumulating: int = 0          # the largest gradient that arrived while .grad existed
+    handles: list[Any] = field(default_factory=list)
 
 
 class MemoryMeter:
@@ -142,12 +145,15 @@ class MemoryMeter:
         #: how ``peak_reserved_bytes`` is measured: "cuda", "rss", "rss-sampled" or "none"
         self.reserved_method = "none"
         self.in_flight_peak = 0
+        self.accumulating_peak = 0
         self._weights = {t.untyped_storage().data_ptr()
                          for t in [*module.parameters(), *module.buffers()]}
         self._round: _Round | None = None
         self._current: int | None = None
         self._baseline = 0
         self._reserved: int | None = None
+        self._weight_parts: dict[str, int] | None = None
+        self._state_bytes: tuple[int, int] | None = None
 
     # -- what the process reserved ---------------------------------------------------------
     def start(self) -> None:
@@ -211,11 +217,26 @@ class MemoryMeter:
     def begin_round(self) -> None:
         """Count the in-flight tensors of the round that starts now."""
         self._round = _Round()
+        for param in self.module.parameters():
+            if param.requires_grad:
+                self._round.handles.append(param.register_hook(self._grad_hook(param)))
 
     def end_round(self) -> None:
         if self._round is not None:
             self.in_flight_peak = max(self.in_flight_peak, self._round.peak)
+            self.accumulating_peak = max(self.accumulating_peak, self._round.accumulating)
+            for handle in self._round.handles:
+                handle.remove()
         self._round = None
+
+    def _grad_hook(self, param: torch.Tensor) -> Any:
+        def hook(grad: torch.Tensor) -> None:
+            # called with a micro-batch's gradient before autograd adds it to .grad: while
+            # both exist the parameter's gradient takes twice its size
+            if self._round is not None and param.grad is not None:
+                size = grad.numel() * grad.element_size()
+                self._round.accumulating = max(self._round.accumulating, size)
+        return hook
 
     @property
     def counting(self) -> bool:
@@ -269,16 +290,27 @@ class MemoryMeter:
 
     def parts(self) -> dict[str, int]:
         """The tensor-level count by kind: ``params``, ``grads`` (one per trainable
-        parameter), ``optimizer_state``, ``buffers`` and ``in_flight`` (the largest of the
-        rounds counted), and their ``total``."""
-        params = list(self.module.parameters())
-        seen: set[int] = set()
+        parameter), ``optimizer_state``, ``buffers``, ``in_flight`` (the largest of the
+        rounds counted), ``accumulating`` (the largest gradient of a later micro-batch,
+        which exists next to ``.grad`` until autograd adds it), and their ``total``."""
+        if self._weight_parts is None:   # the stage's tensors keep their sizes
+            params = list(self.module.parameters())
+            seen: set[int] = set()
+            self._weight_parts = {
+                "params": storage_bytes(params, seen),
+                "grads": sum(p.numel() * p.element_size() for p in params if p.requires_grad),
+                "buffers": storage_bytes(self.module.buffers(), seen),
+            }
+        entries = len(self.optimizer.state)   # state appears at the first step, then stays
+        if self._state_bytes is None or self._state_bytes[0] != entries:
+            self._state_bytes = (entries, storage_bytes(_state_tensors(self.optimizer)))
         parts = {
-            "params": storage_bytes(params, seen),
-            "grads": sum(p.numel() * p.element_size() for p in params if p.requires_grad),
-            "optimizer_state": storage_bytes(_state_tensors(self.optimizer), seen),
-            "buffers": storage_bytes(self.module.buffers(), seen),
+            "params": self._weight_parts["params"],
+            "grads": self._weight_parts["grads"],
+            "optimizer_state": self._state_bytes[1],
+            "buffers": self._weight_parts["buffers"],
             "in_flight": self.in_flight_peak,
+            "accumulating": self.accumulating_peak,
         }
         parts["total"] = sum(parts.values())
         return parts

@@ -54,7 +54,7 @@ def test_tensor_count_of_a_linear_model_by_hand() -> None:
     assert weights == 67 * 4
     parts = meter.parts()
     assert parts == {"params": weights, "grads": weights, "optimizer_state": weights,
-                     "buffers": 0, "in_flight": saved + held_out,
+                     "buffers": 0, "in_flight": saved + held_out, "accumulating": 0,
                      "total": 3 * weights + saved + held_out}
     assert meter.peak_bytes() == parts["total"]
 
@@ -82,6 +82,26 @@ def test_in_flight_peak_is_the_largest_set_of_live_micro_batches() -> None:
     meter.observe([torch.zeros(1000)])
     assert meter.in_flight_peak == 3 * one
     assert meter.parts()["optimizer_state"] == 0     # plain SGD keeps no state
+
+
+def test_a_gradient_being_accumulated_is_counted() -> None:
+    model = _linear_model()
+    meter = MemoryMeter(model, torch.optim.SGD(model.parameters(), lr=0.1),
+                        torch.device("cpu"))
+    meter.begin_round()
+    for m in range(2):                     # the second backward adds into existing grads
+        with meter.forward(m):
+            out = model(torch.randn(2, 4))
+        out.sum().backward()
+        meter.backward_done(m)
+        meter.observe([])
+    meter.end_round()
+    # the largest parameter is the first Linear's weight, 8 x 4 floats
+    assert meter.accumulating_peak == 8 * 4 * 4
+    assert meter.parts()["total"] == 2 * _param_bytes(model) + meter.in_flight_peak + 128
+    # the hooks are gone after the round: a gradient arriving later changes nothing
+    model(torch.randn(2, 4)).sum().backward()
+    assert all(not p._backward_hooks for p in model.parameters())
 
 
 def test_buffers_and_frozen_parameters() -> None:
