@@ -30,7 +30,9 @@ _done = False
 # 16 MB MLP at batch 32 took 44 ms for its first ~20-30 steps and 27 ms afterwards.
 # Raising the mmap and trim thresholds once makes every step run in the steady regime
 # from the first one; the price is that the process keeps its peak heap instead of
-# returning it to the OS between steps (the memory model already budgets for the peak).
+# returning it to the OS between steps. That heap is 1.1-1.9x the peak of the tensors,
+# which is what the memory model budgets (fragmentation: docs/latency-model.md, "Memory";
+# workers report it as peak_reserved_bytes).
 # The profiler applies the same setting so that a cost table and a training run measure
 # the same regime.
 

@@ -18,8 +18,8 @@ stage's own weights are):
   stages, and the flat gradient copy of the group all-reduce; plus the largest gradient
   that a later micro-batch's backward makes before autograd adds it to ``.grad`` (seen by
   a hook on every parameter). Other transients inside one operator (a convolution's
-  scratch) are not seen: torch's profiler, run once on the same loops, found the
-  allocator's peak within -2 % .. +6 % of this count (docs/latency-model.md, "Memory").
+  scratch) are not seen: torch's profiler found the allocator's peak at 0.91-1.08x this
+  count on the examples (docs/latency-model.md, "Memory").
   The in-flight part is counted on the first round a process trains (the hooks cost a
   few microseconds per saved tensor and per parameter, and that round is the warm-up
   round the timing statistics leave out anyway); every round runs the same schedule.

@@ -15,6 +15,7 @@ Usage::
     python tools/check_memory.py                      # every case, 4 steps each
     python tools/check_memory.py --cases mobilenet,mobilenet-adam --steps 6
     python tools/check_memory.py --list
+    python tools/check_memory.py --cases resnet-cifar-pp --allocator   # vs the allocator
 """
 
 from __future__ import annotations
@@ -106,7 +107,10 @@ def _model_file(case: Case, work: Path) -> str:
     source = EXAMPLES / path
     if case.adam:
         copy = work / f"adam_{source.name}"
-        copy.write_text(source.read_text() + ADAM)
+        # the planner reads a prefixed spec's functions from the prefix's namespace, the
+        # runtime from the module: give both the same optimizer
+        extra = f"\n{prefix}.build_optimizer = staticmethod(build_optimizer)\n" if prefix else ""
+        copy.write_text(source.read_text() + ADAM + extra)
         source = copy
     return f"{source}:{prefix}" if prefix else str(source)
 
@@ -141,8 +145,86 @@ def _optimizer_state_factor(table: Any, spec: Any, module: Any) -> float:
     return state / sum(p.numel() * p.element_size() for p in params)
 
 
-def run_case(case: Case, steps: int, work: Path) -> dict[str, Any]:
-    """Partition and train one case; per-device rows of predicted and measured bytes."""
+def allocator_check(directory: Path, plan: Plan, index: int, share: int) -> dict[str, int]:
+    """The tensor count and the CPU allocator's peak of stage ``index`` with ``share``
+    samples per micro-batch, trained in this process for one 1F1B round after a warm-up
+    round. Nothing is sent: the stage's inputs, outputs and a copy of the outputs (the send
+    buffer) are held per micro-batch as the runtime holds them, and backward starts from
+    gradients of ones. The allocator's peak comes from torch's profiler
+    (``profile_memory=True``; its event tree is a private API)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from runtime.memory import MemoryMeter, storage_bytes
+    from runtime.stage_io import load_model_module, load_stage
+    from runtime.train import load_stage_weights, make_optimizer
+
+    model_file = load_model_module(directory)
+    torch.manual_seed(0)
+    state = model_file.build_model().state_dict()
+    stages = [load_stage(directory, i) for i in range(index + 1)]
+    for i, module in enumerate(stages):
+        load_stage_weights(module, state, i)
+    stage = stages[index]
+    optimizer = make_optimizer(model_file, [p for p in stage.parameters() if p.requires_grad],
+                               0.01)
+    count, flight = plan.num_micro_batches, min(plan.num_micro_batches, plan.num_stages - index)
+    inputs, _ = model_file.sample_batch(share * count)
+    x = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
+    with torch.no_grad():
+        for module in stages[:index]:
+            out = module(*x)
+            x = out if isinstance(out, tuple) else (out,)
+    x = tuple(t.detach() for t in x)
+    meter = MemoryMeter(stage, optimizer, torch.device("cpu"))
+
+    def one_round() -> None:
+        live: dict[int, tuple[Any, ...]] = {}
+        forward = backward = 0
+        while backward < count:
+            if forward < count and forward - backward < flight:
+                rows = slice(forward * share, (forward + 1) * share)
+                xs = tuple(t[rows].clone().requires_grad_(index > 0 and t.is_floating_point())
+                           for t in x)
+                with meter.forward(forward):
+                    out = stage(*xs)
+                outs = out if isinstance(out, tuple) else (out,)
+                live[forward] = (*xs, *outs, *(o.detach().clone() for o in outs))
+                forward += 1
+            else:
+                outs = [o for o in live.pop(backward)[len(x):] if o.requires_grad]
+                torch.autograd.backward(outs, [torch.ones_like(o) for o in outs])
+                meter.backward_done(backward)
+                backward += 1
+            meter.observe([t for held in live.values() for t in held])
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    one_round()                        # the optimizer's state exists from here on
+    resident = storage_bytes([*stage.parameters(), *stage.buffers(), *x,
+                              *(v for per in optimizer.state.values() for v in per.values()
+                                if isinstance(v, torch.Tensor))])
+    meter.begin_round()
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        one_round()
+    meter.end_round()
+
+    def walk(nodes: Any) -> Any:
+        for node in nodes:
+            yield node
+            yield from walk(node.children)
+
+    events = sorted((n.start_time_ns, n.extra_fields.total_allocated, n.extra_fields.alloc_size)
+                    for n in walk(prof.profiler.kineto_results.experimental_event_tree())
+                    if type(n.extra_fields).__name__ == "_ExtraFields_Allocation")
+    start = events[0][1] - events[0][2]
+    peak = resident - storage_bytes(x) + max(e[1] for e in events) - start
+    return {"count": meter.parts()["total"], "allocator": int(peak)}
+
+
+def run_case(case: Case, steps: int, work: Path, allocator: bool = False) -> dict[str, Any]:
+    """Partition and train one case; per-device rows of predicted and measured bytes (and,
+    with ``allocator``, each stage's :func:`allocator_check`)."""
     spec = load_model_spec(_model_file(case, work))
     cluster_path = _cluster_file(case, work)
     cluster = Cluster.from_yaml(cluster_path)
@@ -168,6 +250,7 @@ def run_case(case: Case, steps: int, work: Path) -> dict[str, Any]:
     result = run(out, emulate=cluster_path, steps=steps)
     rows = []
     layers = table.layers
+    checks: dict[tuple[int, int], dict[str, int]] = {}
     for s, stage in enumerate(plan.stages):
         model = {  # per sample, from the cost table
             "activations": sum(lc.activation_bytes for lc in layers[stage.first:stage.last + 1]),
@@ -186,6 +269,10 @@ def run_case(case: Case, steps: int, work: Path) -> dict[str, Any]:
                 "reserved": result.peak_reserved_bytes.get(device),
                 "tensors": result.tensor_memory.get(device, {}),
             })
+            if allocator:
+                if (s, share) not in checks:
+                    checks[(s, share)] = allocator_check(out, plan, s, share)
+                rows[-1]["allocator_check"] = checks[(s, share)]
     return {"case": case.name, "model": case.model, "batch_size": case.batch_size,
             "planner": case.planner, "optimizer_state_factor": osf,
             "micro_batches": plan.num_micro_batches, "stages": plan.num_stages,
@@ -231,6 +318,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=4, help="training steps per case")
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--list", action="store_true", help="list the cases and exit")
+    parser.add_argument("--allocator", action="store_true",
+                        help="also run every stage in this process under torch's profiler "
+                             "and compare the tensor count with the CPU allocator's peak")
     args = parser.parse_args(argv)
     if args.list:
         for case in CASES:
@@ -250,9 +340,15 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     for name in names:
         with tempfile.TemporaryDirectory(prefix=f"check-memory-{name}-") as tmp:
-            res = run_case(known[name], args.steps, Path(tmp))
+            res = run_case(known[name], args.steps, Path(tmp), allocator=args.allocator)
         results.append(res)
         print("\n".join(format_results([res]).splitlines()[2:]), flush=True)
+        for row in res["rows"]:
+            check = row.get("allocator_check")
+            if check is not None:
+                print(f"  stage {row['stage']} share {row['share']}: tensor count "
+                      f"{_mib(check['count'])} MiB, allocator peak {_mib(check['allocator'])} "
+                      f"MiB ({check['allocator'] / check['count']:.2f}x)", flush=True)
     print()
     print(format_results(results))
     ok, total = within_target(results)
