@@ -8,7 +8,7 @@ import logging
 import os
 import sys
 
-__all__ = ["tune_allocator", "ENV_VAR"]
+__all__ = ["tune_allocator", "trim_heap", "ENV_VAR"]
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +30,9 @@ _done = False
 # 16 MB MLP at batch 32 took 44 ms for its first ~20-30 steps and 27 ms afterwards.
 # Raising the mmap and trim thresholds once makes every step run in the steady regime
 # from the first one; the price is that the process keeps its peak heap instead of
-# returning it to the OS between steps (the memory model already budgets for the peak).
+# returning it to the OS between steps. That heap is 1.1-1.9x the peak of the tensors,
+# which is what the memory model budgets (fragmentation: docs/latency-model.md, "Memory";
+# workers report it as peak_reserved_bytes).
 # The profiler applies the same setting so that a cost table and a training run measure
 # the same regime.
 
@@ -57,3 +59,17 @@ def tune_allocator() -> bool:
     if not ok:
         log.debug("mallopt refused the thresholds; allocator left as is")
     return ok
+
+
+def trim_heap() -> bool:
+    """Return the C heap's free pages to the OS (glibc ``malloc_trim(0)``); False where
+    there is no glibc. ``runtime.memory`` calls it before taking a memory baseline, so
+    that memory freed during start-up is not silently reused by training."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):
+        return False
+    return True

@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 
 #: ``node.meta`` key holding the :data:`ValueMeta` of the node's value.
 META_KEY = "asteroid.tensor_meta"
-#: ``node.meta`` key holding the bytes autograd saved for backward while running the node
+#: ``node.meta`` key holding the bytes of the node's values that autograd saves for backward
 #: (only when :class:`ShapeProp` runs with ``record_saved=True``; parameters excluded).
 SAVED_KEY = "asteroid.saved_bytes"
 
@@ -89,9 +89,14 @@ class ShapeProp(fx.Interpreter):
     ``meta_key`` defaults to :data:`META_KEY` (``"asteroid.tensor_meta"``).
 
     With ``record_saved=True`` the run is made with autograd enabled and every node also gets
-    ``node.meta[SAVED_KEY]``: the bytes of the tensors autograd saved for backward while the
-    node ran (each storage counted once, at the first node that saved it; parameters are not
-    counted). Errors are re-raised as :class:`TraceError` naming the failing node.
+    ``node.meta[SAVED_KEY]``: the bytes of the tensors saved for backward that the node
+    produced (each storage counted once, whichever node saves it; parameters are not
+    counted). A saved tensor that no node produced (a model input, an operator's internal
+    buffer) counts at the node that saved it. Attributing a tensor to its producer is what
+    a pipeline stage pays: the stage that makes a tensor keeps it until its backward, as an
+    output if a later stage is the one that saves it (solver/evaluate.py
+    [Note: the memory model]). Errors are re-raised as :class:`TraceError` naming the
+    failing node.
 
     Example::
 
@@ -109,17 +114,29 @@ class ShapeProp(fx.Interpreter):
         self.meta_key = meta_key
         self._param_ptrs = {p.untyped_storage().data_ptr() for p in module.parameters()}
         self._seen_ptrs: set[int] = set()
-        self._saved_now = 0
-        self._keep: list[torch.Tensor] = []  # keep saved tensors alive: no data_ptr reuse
+        self._producer: dict[int, fx.Node] = {}  # storage pointer -> node whose value it is
+        self._running: fx.Node | None = None
+        self._keep: list[Any] = []  # keep saved tensors and values alive: no data_ptr reuse
 
     def _pack(self, t: torch.Tensor) -> torch.Tensor:
         storage = t.untyped_storage()
         ptr = storage.data_ptr()
         if ptr not in self._param_ptrs and ptr not in self._seen_ptrs and storage.nbytes() > 0:
             self._seen_ptrs.add(ptr)
-            self._saved_now += storage.nbytes()
+            node = self._producer.get(ptr, self._running)
+            if node is not None:
+                node.meta[SAVED_KEY] = node.meta.get(SAVED_KEY, 0) + storage.nbytes()
             self._keep.append(t)
         return t
+
+    def _note_producer(self, n: fx.Node, result: Any) -> None:
+        tensors = [result] if isinstance(result, torch.Tensor) else (
+            [v for v in result if isinstance(v, torch.Tensor)]
+            if isinstance(result, (tuple, list)) else [])
+        for t in tensors:
+            self._producer.setdefault(t.untyped_storage().data_ptr(), n)
+        if tensors:
+            self._keep.append(tensors)
 
     @staticmethod
     def _unpack(t: torch.Tensor) -> torch.Tensor:
@@ -128,10 +145,13 @@ class ShapeProp(fx.Interpreter):
     def run_node(self, n: fx.Node) -> Any:
         try:
             if self.record_saved:
-                self._saved_now = 0
+                n.meta[SAVED_KEY] = 0
+                self._running = n
                 with torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack):
                     result = super().run_node(n)
-                n.meta[SAVED_KEY] = self._saved_now
+                self._running = None
+                if n.op != "placeholder":
+                    self._note_producer(n, result)
             else:
                 result = super().run_node(n)
         except TraceError:
@@ -149,6 +169,7 @@ class ShapeProp(fx.Interpreter):
     def propagate(self, *args: Any) -> Any:
         """Run the graph on ``args`` and return its output (metadata written as a side effect)."""
         self._seen_ptrs.clear()
+        self._producer.clear()
         self._keep.clear()
         try:
             if self.record_saved:
@@ -158,3 +179,4 @@ class ShapeProp(fx.Interpreter):
                 return self.run(*args)
         finally:
             self._keep.clear()
+            self._producer.clear()

@@ -140,7 +140,7 @@ class Comm:
         self._sent_meta: set[tuple[int, str]] = set()
         self._recv_meta: dict[tuple[int, str], list[tuple[tuple[int, ...], torch.dtype]]] = {}
         self._link_free: dict[int, float] = {}
-        self._pending: list[tuple[Any, torch.Tensor]] = []
+        self._pending: list[tuple[Any, torch.Tensor, Any]] = []   # (work, buffer, key)
         self.bytes_sent = 0
         self.wait_s = 0.0
 
@@ -172,26 +172,30 @@ class Comm:
             time.sleep(delay)
 
     # -- point to point -----------------------------------------------------------------
-    def send(self, items: Sequence[tuple[int, Sequence[torch.Tensor]]], channel: str) -> None:
+    def send(self, items: Sequence[tuple[int, Sequence[torch.Tensor]]], channel: str,
+             key: Any = None) -> None:
         """Post asynchronous sends of ``tensors`` to each ``peer`` (batched); the buffers
-        are kept alive until :meth:`flush`."""
+        are kept alive until :meth:`release` of ``key`` or :meth:`flush`."""
         ops = []
+        posted: list[torch.Tensor] = []
         for peer, tensors in items:
-            key = (peer, channel)
-            if key not in self._sent_meta:
+            pair = (peer, channel)
+            if pair not in self._sent_meta:
                 header = encode_meta(tensors).to(self._wire_device)
                 ops.append(dist.P2POp(dist.isend, header, peer))
-                self._pending.append((None, header))
-                self._sent_meta.add(key)
+                posted.append(header)
+                self._sent_meta.add(pair)
             buffer = self._wire(pack(tensors, time.time()))
             ops.append(dist.P2POp(dist.isend, buffer, peer))
-            self._pending.append((None, buffer))
+            posted.append(buffer)
             self.bytes_sent += buffer.numel()
         if ops:
-            works = dist.batch_isend_irecv(ops)
-            start = len(self._pending) - len(works)
-            for i, work in enumerate(works):
-                self._pending[start + i] = (work, self._pending[start + i][1])
+            works = list(dist.batch_isend_irecv(ops))
+            # one work per op (gloo), or fewer for a coalesced batch (NCCL): the works go
+            # with the last buffers, and waiting on them covers the whole batch
+            skip = len(posted) - len(works)
+            for i, buffer in enumerate(posted):
+                self._pending.append((works[i - skip] if i >= skip else None, buffer, key))
 
     def recv(self, peers: Sequence[int], channel: str) -> list[list[torch.Tensor]]:
         """Receive one transfer from each of ``peers`` (batched); tensors land on
@@ -227,9 +231,21 @@ class Comm:
             out.append(tensors)
         return out
 
+    def held(self) -> list[torch.Tensor]:
+        """Send buffers posted and not yet awaited."""
+        return [buffer for _, buffer, _ in self._pending]
+
+    def release(self, keys: Sequence[Any]) -> None:
+        """Wait for the sends posted under ``keys`` (already received, so this does not
+        block; see runtime/lowering.py [Note: releasing sends]) and drop their buffers."""
+        wanted = set(keys)
+        done = [w for w, _, k in self._pending if k in wanted and w is not None]
+        self._pending = [entry for entry in self._pending if entry[2] not in wanted]
+        self._wait(done, "sending")
+
     def flush(self) -> None:
         """Wait for every posted send."""
-        works = [w for w, _ in self._pending if w is not None]
+        works = [w for w, _, _ in self._pending if w is not None]
         self._pending.clear()
         self._wait(works, "sending")
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -13,6 +13,7 @@ import torch
 from asteroid_fx.errors import AsteroidError, RuntimeFailure, StageFailure
 from runtime.comm import Comm
 from runtime.lowering import incoming, outgoing
+from runtime.memory import MemoryMeter
 from runtime.schedule import Action, ActionKind, rank_stages
 from solver.plan import Plan
 
@@ -41,6 +42,14 @@ def micro_batch_rows(plan: Plan, microbatch: int, start: int, stop: int) -> slic
 
 def _is_float(t: torch.Tensor) -> bool:
     return t.is_floating_point() or t.is_complex()
+
+
+def _tensors(value: Any) -> Iterator[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, (tuple, list)):
+        for item in value:
+            yield from _tensors(item)
 
 
 def _slice_rows(value: Any, rows: slice) -> Any:
@@ -77,12 +86,15 @@ class StageExecutor:
         loss_reduction: ``"mean"`` (default) or ``"sum"`` - see [Note: loss scaling].
         compute_scale: emulated slowness; after each F/B the rank sleeps
             ``(compute_scale - 1) x`` the measured compute time (1.0 = no dilation).
+        memory: counts the tensors this rank holds at every action boundary of the rounds
+            it is told to (``MemoryMeter.begin_round``; see runtime/memory.py).
     """
 
     def __init__(self, plan: Plan, rank: int, module: torch.nn.Module, comm: Comm,
                  loss_fn: LossFn, optimizer: torch.optim.Optimizer, *, group: Any = None,
                  loss_reduction: str = "mean", compute_scale: float = 1.0,
-                 device: torch.device | None = None) -> None:
+                 device: torch.device | None = None,
+                 memory: MemoryMeter | None = None) -> None:
         if loss_reduction not in ("mean", "sum"):
             raise RuntimeFailure(f"loss_reduction must be 'mean' or 'sum', got "
                                  f"{loss_reduction!r}")
@@ -104,6 +116,7 @@ class StageExecutor:
         self.loss_weight = share / plan.batch_size if loss_reduction == "mean" else 1.0
         self.compute_scale = compute_scale
         self.device = device or torch.device("cpu")
+        self.memory = memory
         self._outgoing = sorted(outgoing(plan, rank), key=lambda t: t.start)
         self._incoming = incoming(plan, rank)
         self._dispatch: dict[ActionKind, Callable[[Action], None]] = {
@@ -133,21 +146,45 @@ class StageExecutor:
         """Micro-batches whose activations this rank still holds (for tests)."""
         return len(self._outputs) + len(self._losses)
 
+    def held_tensors(self) -> Iterator[torch.Tensor]:
+        """Every tensor this rank holds between actions: the mini-batch (first and last
+        stage), received inputs, inputs and outputs of micro-batches awaiting backward,
+        losses, gradients received or to be sent, and unflushed send buffers."""
+        yield from _tensors(self._batch_inputs)
+        yield from _tensors(self._batch_targets)
+        for values in (self._recv_inputs, self._inputs, self._outputs, self._losses,
+                       self._out_grads, self._in_grads):
+            for value in values.values():
+                yield from _tensors(value)
+        yield from self.comm.held()
+
+    def _observe(self, *extra: torch.Tensor) -> None:
+        if self.memory is not None and self.memory.counting:
+            self.memory.observe([*self.held_tensors(), *extra])
+
     def run_round(self, actions: Sequence[Action], step: int,
-                  inputs: Sequence[torch.Tensor] | None, targets: Any) -> RoundStats:
+                  inputs: Sequence[torch.Tensor] | None, targets: Any,
+                  releases: Mapping[int, Sequence[Action]] | None = None) -> RoundStats:
         """Run one mini-batch: every action, then the group all-reduce and optimizer step.
 
         ``inputs`` (stage 0) and ``targets`` (last stage) are the whole mini-batch; the rank
-        slices its own rows. Raises ``StageFailure`` naming rank, step and action.
+        slices its own rows. ``releases`` (``runtime.lowering.send_releases`` of this rank)
+        frees send buffers as soon as they are known to be received; without it they are
+        all awaited at the end of the round. Raises ``StageFailure`` naming rank, step and
+        action.
         """
         self._reset_round(inputs, targets)
         self.optimizer.zero_grad(set_to_none=True)
         self.module.train()
         current = "start"
         try:
-            for action in actions:
+            self._observe()
+            for index, action in enumerate(actions):
                 current = str(action)
                 self._dispatch[action.kind](action)
+                if releases is not None and index in releases:
+                    self.comm.release(releases[index])
+                self._observe()
             current = "flush sends"
             self.comm.flush()
             current = "all-reduce"
@@ -189,6 +226,13 @@ class StageExecutor:
                     x.requires_grad_(True)
 
         def run() -> None:
+            if self.memory is not None:
+                with self.memory.forward(m):
+                    compute()
+            else:
+                compute()
+
+        def compute() -> None:
             out = self.module(*inputs)
             if self.is_last:
                 rows = micro_batch_rows(self.plan, m, self.start, self.stop)
@@ -221,13 +265,15 @@ class StageExecutor:
                                      for x in inputs if _is_float(x)]
 
         self._timed(run, self._stats.backward_s)
+        if self.memory is not None:
+            self.memory.backward_done(m)
 
     # -- communication -----------------------------------------------------------------------
     def _send_f(self, action: Action) -> None:
         outputs = self._outputs[action.microbatch]
         items = [(t.dst, [o.detach()[t.start - self.start: t.stop - self.start]
                           for o in outputs]) for t in self._outgoing]
-        self.comm.send(items, "f")
+        self.comm.send(items, "f", key=action)
 
     def _recv_f(self, action: Action) -> None:
         pieces = self.comm.recv([t.src for t in self._incoming], "f")
@@ -240,7 +286,7 @@ class StageExecutor:
         grads = self._in_grads.pop(action.microbatch)
         items = [(t.src, [g[t.start - self.start: t.stop - self.start] for g in grads])
                  for t in self._incoming]
-        self.comm.send(items, "b")
+        self.comm.send(items, "b", key=action)
 
     def _recv_b(self, action: Action) -> None:
         pieces = self.comm.recv([t.dst for t in self._outgoing], "b")
@@ -259,6 +305,7 @@ class StageExecutor:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
         flat = torch.cat([p.grad.reshape(-1) for p in params if p.grad is not None])
+        self._observe(flat)
         self.comm.all_reduce(flat, self.group, self.group_ranks)
         offset = 0
         for p in params:

@@ -57,6 +57,14 @@ class RunResult:
     #: exit codes of the device processes that ended by themselves (0: a device that left,
     #: or one that finished training; a process that had to be killed is not listed)
     exit_codes: dict[str, int | None] = field(default_factory=dict)
+    #: per device (bytes; runtime/memory.py [Note: measured memory]): the peak of its
+    #: tensors, what the process reserved for them (None where not measurable), the
+    #: tensor-level count by kind, and the plan's prediction
+    peak_memory_bytes: dict[str, int | None] = field(default_factory=dict)
+    peak_reserved_bytes: dict[str, int | None] = field(default_factory=dict)
+    tensor_memory: dict[str, dict[str, int]] = field(default_factory=dict)
+    predicted_peak_memory_bytes: dict[str, int] = field(default_factory=dict)
+    reserved_method: str = "none"
 
     @property
     def measured_round_time_s(self) -> float:
@@ -85,6 +93,7 @@ class RunResult:
                     f"B {st.predicted_b * 1e3:.2f} ms)")
             lines.append(f"  stage {st.stage} {list(st.devices)}: F {st.measured_f * 1e3:.2f} ms, "
                          f"B {st.measured_b * 1e3:.2f} ms per micro-batch{pred}")
+        lines += self._memory_lines()
         for ev in self.recoveries:
             lost = "left" if ev.get("reason") == "leave" else "lost"
             lines.append(f"recovery ({ev.get('mode')}, from {ev.get('source')}): {lost} "
@@ -93,6 +102,30 @@ class RunResult:
                          f"{ev['total_s']:.3f} s, lost steps {ev['lost_steps']}, now plan "
                          f"v{ev.get('plan_version')}")
         return "\n".join(lines)
+
+
+    def _memory_lines(self) -> list[str]:
+        if not self.peak_memory_bytes:
+            return []
+        how = {"rss": "resident high-water", "rss-sampled": "resident, sampled",
+               "cuda": "CUDA reserved", "none": "not measured"}
+        lines = [f"peak memory per device (tensors; reserved: "
+                 f"{how.get(self.reserved_method, self.reserved_method)}; predicted: plan.json)"]
+        width = max(len(d) for d in self.peak_memory_bytes)
+        for device, measured in self.peak_memory_bytes.items():
+            line = (f"  {device:<{width}}  tensors {_mib(measured)}, reserved "
+                    f"{_mib(self.peak_reserved_bytes.get(device))}")
+            predicted = self.predicted_peak_memory_bytes.get(device)
+            if predicted is not None:
+                line += f"; predicted {_mib(predicted)}"
+                if measured:
+                    line += f" ({predicted / measured:.2f}x)"
+            lines.append(line)
+        return lines
+
+
+def _mib(value: int | None) -> str:
+    return "-" if value is None else f"{value / 2**20:.1f} MiB"
 
 
 def summarize(plan: Plan, workers: Sequence[WorkerResult], *, mode: str, factor: float = 1.0,
@@ -110,10 +143,19 @@ def summarize(plan: Plan, workers: Sequence[WorkerResult], *, mode: str, factor:
             predicted_f=None if pred is None else pred.compute_f * factor,
             predicted_b=None if pred is None else pred.compute_b * factor))
     predicted = None if plan.predicted is None else plan.predicted.round_time_s * factor
+    ordered = sorted(workers, key=lambda w: w.rank)
+    methods = {w.reserved_method for w in ordered}
     return RunResult(losses=list(first.losses), round_times=list(first.round_times),
                      plan_version=plan.plan_version, batch_size=plan.batch_size, mode=mode,
                      slowdown_factor=factor, shaping=shaping, predicted_round_time_s=predicted,
-                     stages=stages, workers=list(workers))
+                     stages=stages, workers=list(workers),
+                     peak_memory_bytes={w.device: w.peak_memory_bytes for w in ordered},
+                     peak_reserved_bytes={w.device: w.peak_reserved_bytes for w in ordered},
+                     tensor_memory={w.device: dict(w.tensor_memory) for w in ordered
+                                    if w.tensor_memory},
+                     predicted_peak_memory_bytes=({} if plan.predicted is None else
+                                                  dict(plan.predicted.peak_memory_bytes)),
+                     reserved_method=methods.pop() if len(methods) == 1 else "mixed")
 
 
 def summary_record(plan: Plan, result: RunResult) -> dict[str, Any]:
@@ -127,7 +169,11 @@ def summary_record(plan: Plan, result: RunResult) -> dict[str, Any]:
         devices[w.device] = {"stage": w.stage,
                              "share": stage.shares[stage.devices.index(w.device)],
                              "forward_s": w.forward_s, "backward_s": w.backward_s,
-                             "allreduce_s": w.allreduce_s}
+                             "allreduce_s": w.allreduce_s,
+                             "peak_memory_bytes": result.peak_memory_bytes.get(w.device),
+                             "peak_reserved_bytes": result.peak_reserved_bytes.get(w.device),
+                             "predicted_peak_memory_bytes":
+                                 result.predicted_peak_memory_bytes.get(w.device)}
     return {"event": "summary", "plan_version": plan.plan_version,
             "plan_hash": plan_fingerprint(plan), "mode": result.mode,
             "steps": len(result.losses), "slowdown_factor": result.slowdown_factor,
@@ -222,7 +268,11 @@ def _strip(result: WorkerResult) -> WorkerResult:
     return WorkerResult(rank=result.rank, device=result.device, stage=result.stage,
                         losses=result.losses, round_times=result.round_times,
                         forward_s=result.forward_s, backward_s=result.backward_s,
-                        allreduce_s=result.allreduce_s)
+                        allreduce_s=result.allreduce_s,
+                        peak_memory_bytes=result.peak_memory_bytes,
+                        peak_reserved_bytes=result.peak_reserved_bytes,
+                        reserved_method=result.reserved_method,
+                        tensor_memory=result.tensor_memory)
 
 
 def run(directory: str | Path, *, emulate: str | Path | None = None, steps: int = 10,

@@ -17,6 +17,8 @@ __all__ = [
     "sends_after",
     "remote_needs",
     "add_comms",
+    "send_peers",
+    "send_releases",
 ]
 
 # [Note: readiness rule]
@@ -30,6 +32,18 @@ __all__ = [
 # waits for its receiver. ``add_comms`` inserts exactly the comm actions that
 # ``local_needs`` asks for, and ``runtime.validate`` checks order and simulates with
 # ``local_needs`` / ``remote_needs``.
+#
+# [Note: releasing sends]
+# A posted send keeps its packed buffer alive until it is awaited. Awaiting every send only
+# at the end of the round would hold one buffer per micro-batch and direction, M of them,
+# where 1F1B needs activations for at most min(M, S - s) micro-batches. A send is awaited
+# (and its buffer freed) as soon as the schedule proves it was received, without ever
+# blocking: X = SEND on rank r to peer q is received once q ran the matching RECV, and r
+# knows that once it has received anything q sent after that RECV (q runs its actions in
+# order). ``send_releases`` finds, for every send, the first of r's receives that proves
+# it for all of its peers; sends no later receive proves (the last micro-batches) are
+# awaited at the end of the round as before. Under 1F1B a SEND_F(m) is released by
+# RECV_B(m), so a stage holds its send buffers as long as the activations they came from.
 
 
 @dataclass(frozen=True)
@@ -144,3 +158,61 @@ def add_comms(plan: Plan, schedule: Schedule) -> Schedule:
             lowered.extend(sends_after(plan, action))
         out[rank] = lowered
     return out
+
+
+def send_peers(plan: Plan, rank: int, action: Action) -> list[int]:
+    """Ranks that a SEND action of ``rank`` sends to (empty for other actions)."""
+    if action.kind is ActionKind.SEND_F:
+        return [t.dst for t in outgoing(plan, rank)]
+    if action.kind is ActionKind.SEND_B:
+        return [t.src for t in incoming(plan, rank)]
+    return []
+
+
+def _matching_recv(action: Action) -> Action:
+    if action.kind is ActionKind.SEND_F:
+        return Action(action.stage + 1, ActionKind.RECV_F, action.microbatch)
+    return Action(action.stage - 1, ActionKind.RECV_B, action.microbatch)
+
+
+def send_releases(plan: Plan, schedule: Schedule) -> dict[int, dict[int, list[Action]]]:
+    """Pure pass: ``out[rank][i]`` lists the SEND actions of ``rank`` that every receiver
+    has provably received once ``rank`` has run its ``i``-th action (see
+    [Note: releasing sends]); sends listed nowhere are awaited at the end of the round."""
+    position = {r: {a: i for i, a in enumerate(actions)} for r, actions in schedule.items()}
+    peers = {r: {a: send_peers(plan, r, a) for a in actions if a.kind in _SENDS}
+             for r, actions in schedule.items()}
+    # proof[q][r][i]: the earliest position on r of a receive of something q sent at or
+    # after q's i-th action (None: nothing q sends to r from there on)
+    proof: dict[int, dict[int, list[int | None]]] = {}
+    for q, actions in schedule.items():
+        proof[q] = {}
+        for r in {p for targets in peers[q].values() for p in targets}:
+            best: int | None = None
+            earliest: list[int | None] = [None] * (len(actions) + 1)
+            for i in range(len(actions) - 1, -1, -1):
+                action = actions[i]
+                if r in peers[q].get(action, ()):
+                    got = position[r].get(_matching_recv(action))
+                    if got is not None and (best is None or got < best):
+                        best = got
+                earliest[i] = best
+            proof[q][r] = earliest
+    out: dict[int, dict[int, list[Action]]] = {r: {} for r in schedule}
+    for r, sends in peers.items():
+        for action, targets in sends.items():
+            release: int | None = -1
+            for q in targets:
+                received = position.get(q, {}).get(_matching_recv(action))
+                chain = proof.get(q, {}).get(r)
+                known = chain[received + 1] if received is not None and chain else None
+                if known is None or release is None:
+                    release = None
+                    break
+                release = max(release, known)
+            if release is not None and release > position[r][action]:
+                out[r].setdefault(release, []).append(action)
+    return out
+
+
+_SENDS = (ActionKind.SEND_F, ActionKind.SEND_B)

@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from asteroid_fx.errors import RuntimeFailure
 from runtime.comm import Comm
 from runtime.executor import StageExecutor
-from runtime.lowering import add_comms
+from runtime.lowering import add_comms, send_releases
+from runtime.memory import MemoryMeter
 from runtime.schedule import compute_schedule, rank_stages
 from runtime.validate import check_schedule
 from solver.plan import Plan
@@ -136,6 +137,13 @@ class WorkerResult:
     state: dict[str, torch.Tensor] | None = None
     #: training stopped after this committed step because a device left gracefully
     ended_after: int | None = None
+    #: peak memory of this device's tensors and what the process reserved for them (bytes;
+    #: see runtime/memory.py [Note: measured memory]), how the latter was measured, and
+    #: the tensor-level count by kind (params, grads, optimizer_state, buffers, in_flight)
+    peak_memory_bytes: int | None = None
+    peak_reserved_bytes: int | None = None
+    reserved_method: str = "none"
+    tensor_memory: dict[str, int] = field(default_factory=dict)
 
 
 def load_stage_weights(stage: torch.nn.Module, full_state: dict[str, torch.Tensor],
@@ -233,12 +241,15 @@ def train_device(source: StageSource, rank: int, config: TrainConfig, *,
     comm = Comm(rank, device, timeout_s=config.timeout_s,
                 link_bytes_s=None if links is None else (lambda a, b: links[a][b]),
                 link_latency_s=None if latency is None else (lambda a, b: latency[a][b]))
+    meter = MemoryMeter(module, optimizer, device)
     executor = StageExecutor(plan, rank, module, comm, resolve_loss_fn(model_file), optimizer,
                              group=groups[stage_index], loss_reduction=config.loss_reduction,
-                             compute_scale=_compute_scale(source, rank, config), device=device)
+                             compute_scale=_compute_scale(source, rank, config), device=device,
+                             memory=meter)
     schedule = add_comms(plan, compute_schedule(plan))
     check_schedule(plan, schedule)
     actions = schedule[rank]
+    releases = send_releases(plan, schedule)[rank]
     needs_batch = executor.is_first or executor.is_last
 
     result = WorkerResult(rank=rank, device=plan.devices[rank], stage=stage_index)
@@ -249,6 +260,8 @@ def train_device(source: StageSource, rank: int, config: TrainConfig, *,
     metrics = Path(config.metrics) if config.metrics and rank == 0 else None
     if metrics is not None and not config.append_metrics:
         metrics.write_text("")
+    meter.start()
+    world = len(stages)
     for step in range(config.start_step, config.steps):
         inputs: Any = None
         targets: Any = None
@@ -259,9 +272,15 @@ def train_device(source: StageSource, rank: int, config: TrainConfig, *,
         dist.barrier()
         if hooks is not None:
             hooks.round_started(step)
+        counting = step == config.start_step
+        if counting:
+            meter.begin_round()
         began = time.perf_counter()
-        stats = executor.run_round(actions, step, inputs, targets)
+        stats = executor.run_round(actions, step, inputs, targets, releases)
         elapsed = time.perf_counter() - began
+        if counting:
+            meter.end_round()
+        peak, reserved = meter.peaks()
         if hooks is not None:
             hooks.step_done(step, module, optimizer)
         # a graceful leave rides on the loss all-reduce, so every rank learns in the same
@@ -269,10 +288,16 @@ def train_device(source: StageSource, rank: int, config: TrainConfig, *,
         leaving = hooks is not None and step < config.steps - 1 and hooks.leave_requested()
         loss_t = torch.tensor([stats.loss, 1.0 if leaving else 0.0], dtype=torch.float64,
                               device=control)
-        time_t = torch.tensor([elapsed], dtype=torch.float64, device=control)
+        # every rank's peak memory rides on the round-time all-reduce (MAX over slots that
+        # only their owner fills; -1: not measured)
+        time_t = torch.full((1 + 2 * world,), -1.0, dtype=torch.float64, device=control)
+        time_t[0] = elapsed
+        time_t[1 + rank] = float(peak)
+        time_t[1 + world + rank] = -1.0 if reserved is None else float(reserved)
         dist.all_reduce(loss_t, op=dist.ReduceOp.SUM)
         dist.all_reduce(time_t, op=dist.ReduceOp.MAX)
-        loss, round_time = float(loss_t[0]), float(time_t)
+        loss, round_time = float(loss_t[0]), float(time_t[0])
+        peaks = [int(v) for v in time_t[1:].tolist()]
         leavers = int(round(float(loss_t[1])))
         result.losses.append(loss)
         result.round_times.append(round_time)
@@ -280,8 +305,13 @@ def train_device(source: StageSource, rank: int, config: TrainConfig, *,
             forward += stats.forward_s
             backward += stats.backward_s
             allreduce.append(stats.allreduce_s)
-        record = {"step": step, "loss": loss, "round_time_s": round_time,
-                  "plan_version": plan.plan_version}
+        record: dict[str, Any] = {"step": step, "loss": loss, "round_time_s": round_time,
+                                  "plan_version": plan.plan_version}
+        record["peak_memory_bytes"] = {d: peaks[i] for i, d in enumerate(plan.devices)}
+        if any(v >= 0 for v in peaks[world:]):
+            record["peak_reserved_bytes"] = {d: (peaks[world + i] if peaks[world + i] >= 0
+                                                 else None)
+                                             for i, d in enumerate(plan.devices)}
         if metrics is not None:
             with metrics.open("a") as fh:
                 fh.write(json.dumps(record) + "\n")
@@ -298,6 +328,12 @@ def train_device(source: StageSource, rank: int, config: TrainConfig, *,
     result.forward_s = _mean(forward)
     result.backward_s = _mean(backward)
     result.allreduce_s = _mean(allreduce)
+    if result.losses:        # as the last metrics line has them
+        result.peak_memory_bytes, result.peak_reserved_bytes = peak, reserved
+    else:
+        result.peak_memory_bytes, result.peak_reserved_bytes = meter.peaks()
+    result.reserved_method = meter.reserved_method
+    result.tensor_memory = meter.parts()
     if config.return_state:
         result.state = {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
     return result

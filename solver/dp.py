@@ -536,6 +536,9 @@ class _Context:
         self.np_params = np.asarray(sums.param_bytes, dtype=np.int64)
         self.np_buffers = np.asarray(sums.buffer_bytes, dtype=np.int64)
         self.np_acts = np.asarray(sums.activation_bytes, dtype=np.int64)
+        self.np_edges = np.asarray(sums.boundary_bytes or [0] * len(sums.activation_bytes),
+                                   dtype=np.int64)   # LayerSums.in_flight_bytes
+        self.np_layer_params = np.diff(self.np_params)   # LayerSums.largest_params
         self.speed_total = [[sum(bounds[a:b]) for b in range(n + 1)] for a in range(n)]
         # the optimizer step of group a..b-1: max over (update_per_byte, divisor) pairs;
         # the time sources of devices a..b-1
@@ -621,6 +624,7 @@ class _Search:
         self.np_fi, self.np_fs, self.np_bi, self.np_bs = ctx.np_fi, ctx.np_fs, ctx.np_bi, ctx.np_bs
         self.np_params, self.np_buffers, self.np_acts = (ctx.np_params, ctx.np_buffers,
                                                          ctx.np_acts)
+        self.np_edges, self.np_layer_params = ctx.np_edges, ctx.np_layer_params
         (self.work, self.work_i, self.head_f, self.head_x, self.base_shares,
          self.compute_devices, self.memory_devices) = ctx.for_micro_batch(micro_batch)
         self.speed_total = ctx.speed_total
@@ -715,9 +719,12 @@ class _Search:
         params_f = params.astype(np.float64)
         positive = params > 0
         # stage_memory_parts over all `last` at once (exact while bytes stay below 2**53)
+        largest = np.maximum.accumulate(self.np_layer_params[first:])[stop - 1 - first]
         fixed = (np.ceil(params * (2.0 + self.osf))
-                 + (self.np_buffers[stop] - self.np_buffers[first]) + WORKSPACE_BYTES).tolist()
-        acts = (self.np_acts[stop] - self.np_acts[first]).astype(np.float64).tolist()
+                 + (self.np_buffers[stop] - self.np_buffers[first]) + WORKSPACE_BYTES
+                 + largest).tolist()
+        acts = (self.np_acts[stop] - self.np_acts[first] + self.np_edges[first]
+                + self.np_edges[stop]).astype(np.float64).tolist()
         for j in range(i + 1, upper + 1):
             free = self.base_shares[(i, j)]
             if free is None:
@@ -767,12 +774,13 @@ class _Search:
         numpy path (and as ``LayerSums``, ``allreduce_from``, ``stage_memory_parts``)."""
         sums = self.sums
         m, inc = self.m, self.incumbent
-        pb, bb, ab = sums.param_bytes, sums.buffer_bytes, sums.activation_bytes
+        pb, bb = sums.param_bytes, sums.buffer_bytes
         factor = 2.0 + self.osf
         params = [pb[last + 1] - pb[first] for last in lasts]
-        fixed = [float(math.ceil(p * factor) + (bb[last + 1] - bb[first]) + WORKSPACE_BYTES)
+        fixed = [float(math.ceil(p * factor) + (bb[last + 1] - bb[first]) + WORKSPACE_BYTES
+                       + sums.largest_params(first, last))
                  for p, last in zip(params, lasts, strict=True)]
-        acts = [float(ab[last + 1] - ab[first]) for last in lasts]
+        acts = [float(sums.in_flight_bytes(first, last)) for last in lasts]
         # per time source, per `last`: (fwd intercept, fwd slope, bwd intercept, bwd slope)
         sources = self.timing.sources
         terms: dict[int, list[tuple[float, float, float, float]]] = {}

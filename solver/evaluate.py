@@ -64,12 +64,34 @@ The same formulas apply to ``schedule="gpipe"`` plans, except that all ``M``
 micro-batches are in flight for memory.
 
 [Note: the memory model]
-Device ``d`` of stage ``s`` holds ``param_bytes * (2 + optimizer_state_factor)``
-(weights, gradients, optimizer state) plus the stage's ``buffer_bytes``, plus the
-activations of its share for every micro-batch in flight, ``b_d * sum(activation_bytes)
-* min(M, S - s)``, plus workspace ``WORKSPACE_BYTES + WORKSPACE_FRACTION *
-activations``. Every holder of a replica (``plan.replicas``) also stores that device's
-stage weights and optimizer state, ``param_bytes * (1 + optimizer_state_factor)``.
+Device ``d`` of stage ``s`` (layers ``first..last``, share ``b_d``) holds
+
+* ``param_bytes * (2 + optimizer_state_factor)``: weights, gradients (backward allocates
+  one per weight; later micro-batches accumulate into it) and optimizer state;
+* the largest layer's ``param_bytes`` once more (``LayerSums.largest_params``): autograd
+  computes a later micro-batch's gradient of a weight before adding it to ``.grad``, and
+  an optimizer such as Adam makes a temporary of a weight's size at its step (with one
+  micro-batch the gradient is assigned, not added, so this over-counts a little);
+* the stage's ``buffer_bytes``;
+* for every micro-batch in flight (``min(M, S - s)`` under 1F1B, ``M`` under GPipe),
+  ``b_d`` times ``LayerSums.in_flight_bytes``: the activations its layers save for
+  backward (``activation_bytes``), plus the tensors at its two cuts: the inputs it
+  received (``cut_bytes[first - 1]``, kept until its backward hands their gradient back;
+  the trace counts their storage in the stage that made them) and the packed copy of the
+  outputs it sent (``cut_bytes[last]``, kept until the gradient comes back, see
+  runtime/lowering.py [Note: releasing sends]); the last stage holds the model's output
+  for the loss instead (the last layer's ``output_bytes``);
+* workspace ``WORKSPACE_BYTES + WORKSPACE_FRACTION * in-flight bytes``: the gradient
+  received for and sent back by the micro-batch in backward, the mini-batch the first
+  and last stages hold, operators' scratch and gradients before they are accumulated.
+
+Every holder of a replica (``plan.replicas``) also stores that device's stage weights
+and optimizer state, ``param_bytes * (1 + optimizer_state_factor)``.
+
+This counts tensors, as ``torch.cuda.max_memory_allocated`` does, and the runtime
+measures the same (``peak_memory_bytes``, runtime/memory.py [Note: measured memory]).
+What a CPU process takes from the C heap for those tensors is more (docs/latency-model.md,
+"Memory").
 """
 
 from __future__ import annotations
@@ -180,8 +202,9 @@ def stage_memory_parts(sums: LayerSums, first: int, last: int, in_flight: int,
     """``(fixed, per_sample)`` bytes of layers ``first..last``: a device with ``b`` samples
     needs ``fixed + b * per_sample + ceil(b * per_sample * WORKSPACE_FRACTION)``."""
     weights = math.ceil(sums.params(first, last) * (2.0 + optimizer_state_factor))
-    fixed = weights + sums.buffers(first, last) + WORKSPACE_BYTES
-    return fixed, sums.activations(first, last) * in_flight
+    fixed = (weights + sums.buffers(first, last) + WORKSPACE_BYTES
+             + sums.largest_params(first, last))
+    return fixed, sums.in_flight_bytes(first, last) * in_flight
 
 
 def memory_from_parts(fixed: int, per_sample: int, share: int) -> int:

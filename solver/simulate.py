@@ -167,7 +167,7 @@ def _memory_terms(plan: Plan, sums: LayerSums) -> tuple[dict[str, int], dict[str
     for stage in plan.stages:
         for dev, share in zip(stage.devices, stage.shares, strict=True):
             static[dev] = stage_memory_bytes(sums, stage.first, stage.last, share, 0, osf)
-            act[dev] = share * sums.activations(stage.first, stage.last)
+            act[dev] = share * sums.in_flight_bytes(stage.first, stage.last)
             weights[dev] = math.ceil(sums.params(stage.first, stage.last) * (1.0 + osf))
     for dev, holders in plan.replicas.items():
         for holder in holders:

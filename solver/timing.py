@@ -75,6 +75,16 @@ def _prefix_i(values: Sequence[int]) -> tuple[int, ...]:
     return (0, *accumulate(values))
 
 
+def _range_max_table(values: Sequence[int]) -> tuple[tuple[int, ...], ...]:
+    table = [tuple(values)]
+    span = 1
+    while 2 * span <= len(values):
+        below = table[-1]
+        table.append(tuple(max(below[i], below[i + span]) for i in range(len(below) - span)))
+        span *= 2
+    return tuple(table)
+
+
 @dataclass(frozen=True)
 class LayerSums:
     """Prefix sums over the layers of a cost table (index ``i`` = sum of layers ``< i``).
@@ -94,6 +104,14 @@ class LayerSums:
     buffer_bytes: tuple[int, ...]
     activation_bytes: tuple[int, ...]
     update_per_byte: float = 0.0
+    #: per sample, the tensors crossing the cut *before* layer ``i`` (``len = layers + 1``):
+    #: 0 before layer 0 (the mini-batch), ``cut_bytes[i - 1]`` inside, and the model's
+    #: output after the last layer (see solver.evaluate [Note: the memory model]); empty:
+    #: none counted
+    boundary_bytes: tuple[int, ...] = ()
+    #: ``largest_params`` lookups: level ``k`` holds the largest ``param_bytes`` of the
+    #: ``2**k`` layers starting at each index (a sparse table); empty: 0
+    param_max: tuple[tuple[int, ...], ...] = ()
 
     @classmethod
     def of(cls, costs: CostTable, column: DeviceColumn | None = None) -> LayerSums:
@@ -108,6 +126,8 @@ class LayerSums:
             buffer_bytes=_prefix_i([lc.buffer_bytes for lc in layers]),
             activation_bytes=_prefix_i([lc.activation_bytes for lc in layers]),
             update_per_byte=costs.update_s_per_byte,
+            boundary_bytes=(0, *costs.cut_bytes, layers[-1].output_bytes),
+            param_max=_range_max_table([lc.param_bytes for lc in layers]),
         )
         return base if column is None else base.with_column(column)
 
@@ -137,6 +157,22 @@ class LayerSums:
 
     def activations(self, first: int, last: int) -> int:
         return self.activation_bytes[last + 1] - self.activation_bytes[first]
+
+    def largest_params(self, first: int, last: int) -> int:
+        """The largest ``param_bytes`` of one layer among ``first..last``."""
+        if not self.param_max:
+            return 0
+        k = (last - first + 1).bit_length() - 1
+        level = self.param_max[k]
+        return max(level[first], level[last - (1 << k) + 1])
+
+    def in_flight_bytes(self, first: int, last: int) -> int:
+        """Per-sample bytes that a stage over layers ``first..last`` holds for every
+        micro-batch in flight: the layers' saved activations plus the tensors at its two
+        cuts (see solver.evaluate [Note: the memory model])."""
+        edges = self.boundary_bytes
+        cuts = edges[first] + edges[last + 1] if edges else 0
+        return self.activations(first, last) + cuts
 
     def fwd_time(self, first: int, last: int, share: int, speed: float) -> float:
         """Forward seconds of layers ``first..last`` for ``share`` samples at ``speed``."""

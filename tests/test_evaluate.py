@@ -63,9 +63,15 @@ def test_hand_computed_two_stage_plan() -> None:
     assert s1.t_e == pytest.approx(2 * 0.263)
     assert pred.round_time_s == pytest.approx(0.5875)
     assert pred.throughput_samples_s == pytest.approx(8 / 0.5875)
-    assert pred.peak_memory_bytes == {"d0": 2000 + 800 + WORKSPACE_BYTES + 80,
-                                      "d1": 10000 + 64 + 1500 + WORKSPACE_BYTES + 150,
-                                      "d2": 10000 + 64 + 500 + WORKSPACE_BYTES + 50}
+    # per sample and micro-batch in flight: stage 0 holds its activations (100) and the
+    # copy of its outputs sent across the cut (5000), for 2 micro-batches of 4 samples;
+    # stage 1 holds its activations (500), its received inputs (5000) and the model's
+    # output (4), for one micro-batch; 10 % of that on top as workspace. Weights count
+    # twice (gradients) and the largest layer's once more (a gradient being accumulated)
+    assert pred.peak_memory_bytes == {
+        "d0": 2000 + 1000 + 40800 + WORKSPACE_BYTES + 4080,
+        "d1": 10000 + 3000 + 64 + 16512 + WORKSPACE_BYTES + 1652,
+        "d2": 10000 + 3000 + 64 + 5504 + WORKSPACE_BYTES + 551}
     assert pred.memory_capacity_bytes["d1"] == 1024 * 2**20
     assert pred.fits
 
@@ -73,10 +79,11 @@ def test_hand_computed_two_stage_plan() -> None:
 def test_optimizer_state_and_replicas_add_memory() -> None:
     plan = _plan3(optimizer_state_factor=1.0, replicas={"d0": ("d1",)})
     pred = evaluate(plan, _costs3(), _cluster3())
-    assert pred.peak_memory_bytes["d0"] == 3000 + 800 + WORKSPACE_BYTES + 80
-    assert pred.peak_memory_bytes["d1"] == (15000 + 64 + 1500 + WORKSPACE_BYTES + 150
-                                            + 2 * 1000)
-    assert pred.peak_memory_bytes["d2"] == 15000 + 64 + 500 + WORKSPACE_BYTES + 50
+    assert pred.peak_memory_bytes["d0"] == 3000 + 1000 + 40800 + WORKSPACE_BYTES + 4080
+    assert pred.peak_memory_bytes["d1"] == (15000 + 3000 + 64 + 16512 + WORKSPACE_BYTES
+                                            + 1652 + 2 * 1000)
+    assert pred.peak_memory_bytes["d2"] == (15000 + 3000 + 64 + 5504 + WORKSPACE_BYTES
+                                            + 551)
 
 
 def test_memory_shortfall_reported() -> None:
@@ -84,7 +91,7 @@ def test_memory_shortfall_reported() -> None:
     pred = evaluate(_plan3(), _costs3(), cluster)
     assert not pred.fits
     assert set(pred.memory_shortfall()) == {"d0", "d1", "d2"}
-    assert pred.memory_shortfall()["d0"] == 2000 + 800 + 80
+    assert pred.memory_shortfall()["d0"] == 2000 + 1000 + 40800 + 4080
 
 
 def test_equal_stages_give_m_plus_one_x() -> None:
@@ -257,14 +264,33 @@ def test_in_flight_and_memory_helpers() -> None:
     assert in_flight(4, 3, 2, "gpipe") == 4
     sums = LayerSums.of(_costs3())
     assert sums.params(1, 2) == 5000
+    # one stage: no cut inside, the model's output (4 bytes per sample) for the loss
+    assert sums.in_flight_bytes(0, 2) == 600 + 4
+    assert sums.in_flight_bytes(1, 1) == 5000 + 200 + 1000
+    assert [sums.largest_params(0, i) for i in range(3)] == [1000, 2000, 3000]
+    assert sums.largest_params(1, 1) == 2000
     assert stage_memory_bytes(sums, 0, 2, 2, 1, 0.0) == (
-        12000 + 64 + 1200 + WORKSPACE_BYTES + 120)
+        12000 + 3000 + 64 + 1208 + WORKSPACE_BYTES + 121)
+
+
+def test_largest_params_is_the_range_maximum() -> None:
+    import random
+
+    rng = random.Random(3)
+    values = [rng.randrange(10_000) for _ in range(37)]
+    n = len(values)
+    costs = make_costs([(0.0, 0.01)] * n, [(0.0, 0.02)] * n, values, [1] * n, [8] * (n - 1))
+    sums = LayerSums.of(costs)
+    for first in range(n):
+        for last in range(first, n):
+            assert sums.largest_params(first, last) == max(values[first:last + 1])
 
 
 def test_gpipe_keeps_all_micro_batches() -> None:
     plan = _plan3(schedule="gpipe")
     pred = evaluate(plan, _costs3(), _cluster3())
-    assert pred.peak_memory_bytes["d1"] == 10000 + 64 + 3000 + WORKSPACE_BYTES + 300
+    assert pred.peak_memory_bytes["d1"] == (10000 + 3000 + 64 + 33024 + WORKSPACE_BYTES
+                                            + 3303)
 
 
 def test_plan_for_another_model_is_rejected() -> None:

@@ -5,8 +5,17 @@ from __future__ import annotations
 import pytest
 
 from asteroid_fx.errors import ScheduleError
-from runtime.lowering import Transfer, add_comms, incoming, outgoing, remote_needs, transfers
-from runtime.schedule import Action, ActionKind, format_actions, one_f_one_b
+from runtime.lowering import (
+    Transfer,
+    add_comms,
+    incoming,
+    outgoing,
+    remote_needs,
+    send_peers,
+    send_releases,
+    transfers,
+)
+from runtime.schedule import Action, ActionKind, Schedule, format_actions, gpipe, one_f_one_b
 from solver.plan import Plan, Stage
 
 
@@ -62,3 +71,77 @@ def test_add_comms_is_pure_and_rejects_lowered_input() -> None:
     assert compute == before
     with pytest.raises(ScheduleError, match="expects a compute-only schedule"):
         add_comms(plan, lowered)
+
+
+def _pipeline(micro_batches: int) -> Plan:
+    return Plan("m", "c", micro_batches, 1, micro_batches,
+                tuple(Stage((i, i), (f"d{i}",), (1,)) for i in range(3)))
+
+
+def _proven(plan: Plan, schedule: Schedule, rank: int, index: int, send: Action) -> bool:
+    """Brute force: every peer of ``send`` ran its matching receive and then sent ``rank``
+    something that ``rank`` received by its ``index``-th action."""
+    recv = (Action(send.stage + 1, ActionKind.RECV_F, send.microbatch)
+            if send.kind is ActionKind.SEND_F
+            else Action(send.stage - 1, ActionKind.RECV_B, send.microbatch))
+    for q in send_peers(plan, rank, send):
+        after = schedule[q][schedule[q].index(recv) + 1:]
+        proofs = []
+        for z in after:
+            if rank not in send_peers(plan, q, z):
+                continue
+            got = (Action(z.stage + 1, ActionKind.RECV_F, z.microbatch)
+                   if z.kind is ActionKind.SEND_F
+                   else Action(z.stage - 1, ActionKind.RECV_B, z.microbatch))
+            proofs.append(schedule[rank].index(got))
+        if not proofs or min(proofs) > index:
+            return False
+    return True
+
+
+def _most_pending(schedule: Schedule, releases: dict[int, dict[int, list[Action]]],
+                  rank: int) -> int:
+    pending: set[Action] = set()
+    most = 0
+    for i, action in enumerate(schedule[rank]):
+        if action.kind in (ActionKind.SEND_F, ActionKind.SEND_B):
+            pending.add(action)
+        pending -= set(releases[rank].get(i, ()))
+        most = max(most, len(pending))
+    return most
+
+
+@pytest.mark.parametrize("make", [_pipeline, lambda m: _plan()])
+@pytest.mark.parametrize("order", [one_f_one_b, gpipe])
+def test_send_releases_are_proven_by_a_later_receive(make: object, order: object) -> None:
+    plan = make(8)  # type: ignore[operator]
+    schedule = add_comms(plan, order(plan))  # type: ignore[operator]
+    releases = send_releases(plan, schedule)
+    assert set(releases) == set(schedule)
+    for rank, by_index in releases.items():
+        for index, sends in by_index.items():
+            assert schedule[rank][index].kind in (ActionKind.RECV_F, ActionKind.RECV_B)
+            for send in sends:
+                assert schedule[rank].index(send) < index
+                assert _proven(plan, schedule, rank, index, send)
+
+
+def test_1f1b_holds_send_buffers_only_for_micro_batches_in_flight() -> None:
+    plan = _pipeline(8)
+    schedule = add_comms(plan, one_f_one_b(plan))
+    releases = send_releases(plan, schedule)
+    # SEND_F(m) of stage 0 is known received when the gradient of m comes back, or earlier
+    where = {a: i for i, sends in releases[0].items() for a in sends}
+    for m in range(8):
+        assert where[Action(0, ActionKind.SEND_F, m)] <= schedule[0].index(
+            Action(0, ActionKind.RECV_B, m))
+    # without releases every rank would hold all 8 (stage 1: 16) buffers until the end
+    assert [_most_pending(schedule, releases, r) for r in range(3)] == [3, 3, 2]
+    assert [_most_pending(schedule, {r: {} for r in range(3)}, r) for r in range(3)] == [
+        8, 16, 8]
+    # one micro-batch: activations are proven received by the gradient that comes back;
+    # nothing proves the gradients, which are awaited at the end of the round
+    one = _pipeline(1)
+    assert send_releases(one, add_comms(one, one_f_one_b(one))) == {
+        0: {2: [Action(0, ActionKind.SEND_F, 0)]}, 1: {3: [Action(1, ActionKind.SEND_F, 0)]},
+        2: {}}

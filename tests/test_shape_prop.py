@@ -78,6 +78,19 @@ def test_record_saved_counts_activations_not_parameters() -> None:
     assert saved["_2"] == 0
 
 
+def test_record_saved_counts_a_tensor_at_the_node_that_made_it() -> None:
+    model = nn.Sequential(nn.Linear(8, 16), nn.Linear(16, 2))
+    gm = fx.symbolic_trace(model)
+    ShapeProp(gm, record_saved=True).propagate(torch.randn(5, 8))
+    saved = {n.name: n.meta[SAVED_KEY] for n in gm.graph.nodes}
+    # the first Linear saves the model input (made by no node: counted where it is saved);
+    # its own output is saved only by the second Linear but belongs to the first, which
+    # is the stage that would hold it if the model were cut between the two
+    assert saved["_0"] == 5 * 8 * 4 + 5 * 16 * 4
+    assert saved["_1"] == 0
+    assert saved["input_1"] == 0
+
+
 def test_errors_name_the_node_and_chain_the_cause() -> None:
     gm = fx.symbolic_trace(_Net())
     with pytest.raises(

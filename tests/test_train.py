@@ -26,7 +26,7 @@ network:
 """
 
 
-def _partition(tmp_path: Path) -> Path:
+def _partition(tmp_path: Path, predicted: bool = False) -> Path:
     from asteroid_fx.package import save_partition
     from asteroid_fx.partition import partition
 
@@ -37,6 +37,15 @@ def _partition(tmp_path: Path) -> Path:
     inputs, _ = namespace["sample_batch"](4)  # type: ignore[operator]
     plan = Plan("m", "c", 12, 6, 2, (Stage((0, 1), ("fast",), (6,)),
                                      Stage((2, 4), ("slow0", "slow1"), (2, 4))), num_layers=5)
+    if predicted:
+        import yaml
+
+        from cost_models.analytic import analytic_costs
+        from solver.cluster import Cluster
+        from solver.evaluate import evaluate
+
+        cluster = Cluster.from_dict(yaml.safe_load(CLUSTER))
+        plan = plan.with_prediction(evaluate(plan, analytic_costs(model, inputs), cluster))
     out = tmp_path / "part"
     save_partition(out, plan, partition(model, inputs, plan), model_spec=model_file,
                    onnx=False)
@@ -62,7 +71,9 @@ def test_partition_directory_trains_like_one_process(tmp_path: Path) -> None:
     assert all(d["forward_s"] > 0 and d["backward_s"] > 0 for d in summary["devices"].values())
     assert summary["slowdown_factor"] == result.slowdown_factor
     assert [line["step"] for line in lines] == [0, 1, 2] == seen
-    assert set(lines[0]) == {"step", "loss", "round_time_s", "plan_version"}
+    assert set(lines[0]) >= {"step", "loss", "round_time_s", "plan_version"}
+    assert set(lines[0]) <= {"step", "loss", "round_time_s", "plan_version",
+                             "peak_memory_bytes", "peak_reserved_bytes"}
     assert [line["loss"] for line in lines] == pytest.approx(ref.losses, rel=1e-6)
     assert all(line["round_time_s"] > 0 and line["plan_version"] == 0 for line in lines)
     from runtime.emulator import usable_cores
@@ -72,6 +83,38 @@ def test_partition_directory_trains_like_one_process(tmp_path: Path) -> None:
     assert [s.devices for s in result.stages] == [("fast",), ("slow0", "slow1")]
     assert "round time" in result.summary()
     json.dumps(lines)
+
+
+def test_metrics_and_summary_carry_each_device_peak_memory(tmp_path: Path) -> None:
+    directory = _partition(tmp_path, predicted=True)
+    cluster = tmp_path / "cluster.yaml"
+    cluster.write_text(CLUSTER)
+    result = run(directory, emulate=cluster, steps=2, metrics=tmp_path / "metrics.jsonl")
+    every = metrics_lines(tmp_path / "metrics.jsonl")
+    lines = [line for line in every if "event" not in line]
+    devices = {"fast", "slow0", "slow1"}
+    summary_line = every[-1]["devices"]
+    assert {d: summary_line[d]["peak_memory_bytes"] for d in devices} == \
+        lines[-1]["peak_memory_bytes"]
+    assert all(summary_line[d]["predicted_peak_memory_bytes"] > 0 for d in devices)
+    for line in lines:
+        assert set(line["peak_memory_bytes"]) == devices
+        assert all(v > 0 for v in line["peak_memory_bytes"].values())
+    assert result.peak_memory_bytes == lines[-1]["peak_memory_bytes"]
+    for device, parts in result.tensor_memory.items():
+        # the tensor count: weights, gradients, no SGD state, and the in-flight tensors
+        assert parts["params"] == parts["grads"] > 0 and parts["optimizer_state"] == 0
+        assert parts["in_flight"] > 0
+        assert parts["total"] == result.peak_memory_bytes[device]
+    if result.reserved_method == "rss":          # Linux: the resident high-water mark
+        assert set(lines[-1]["peak_reserved_bytes"]) == devices
+        assert result.peak_reserved_bytes == lines[-1]["peak_reserved_bytes"]
+    plan_peaks = result.predicted_peak_memory_bytes
+    assert set(plan_peaks) == devices
+    summary = result.summary()
+    assert "peak memory per device" in summary
+    for device in devices:
+        assert f"predicted {plan_peaks[device] / 2**20:.1f} MiB" in summary
 
 
 def test_emulated_link_latency_delays_every_hop(tmp_path: Path) -> None:
