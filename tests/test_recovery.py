@@ -311,10 +311,10 @@ def test_bad_leave_values(tmp_path: Path) -> None:
 
 TIGHT4 = """
 devices:
-  - {name: fast, type: local, speed: 1.0, memory_gb: 0.00105}
-  - {name: slow0, type: local, speed: 0.5, memory_gb: 0.00105}
-  - {name: slow1, type: local, speed: 0.5, memory_gb: 0.00105}
-  - {name: slow2, type: local, speed: 0.5, memory_gb: 0.00105}
+  - {name: fast, type: local, speed: 1.0, memory_gb: 0.00107}
+  - {name: slow0, type: local, speed: 0.5, memory_gb: 0.00107}
+  - {name: slow1, type: local, speed: 0.5, memory_gb: 0.00107}
+  - {name: slow2, type: local, speed: 0.5, memory_gb: 0.00107}
 network:
   bandwidth_mbps: 1000
 """
