@@ -309,6 +309,9 @@ def _show_costs(table: Any, cluster: Path | None, batch_size: int) -> None:
     for label, (_fits, _divisor, src) in columns.items():
         console.print(f"{label}: {src}")
     console.print(f"optimizer state: {table.optimizer_state_factor:.3g}x the weights")
+    if table.message_overhead_s > 0:
+        console.print(f"runtime cost per message: {table.message_overhead_s * 1e3:.3f} ms on top "
+                      f"of every link's latency (fitted by `asteroid-fx calibrate`)")
 
 
 def _costs_for(model: str, batch_size: int, costs: str | None, leaf: tuple[str, ...],
