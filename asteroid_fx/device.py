@@ -22,7 +22,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from asteroid_fx.errors import AsteroidError, RuntimeFailure
 
@@ -79,9 +79,13 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def profile_device(model: str, device_type: str, out: Path, *, batch_sizes: str = "1,2,4,8",
-                   repeats: int = 5, leaf: Sequence[str] = ()) -> Any:
+                   repeats: int = 5, leaf: Sequence[str] = (),
+                   progress: Callable[[int, int, str], None] | None = None) -> Any:
     """Profile ``model`` on this device and write a table labelled ``device_type``
     (``asteroid-fx profile --device-type`` without the workstation's dependencies).
+
+    Returns:
+        The ``CostTable`` written to ``out``.
 
     Raises:
         CostModelError: bad batch sizes, device type or output directory.
@@ -100,7 +104,15 @@ def profile_device(model: str, device_type: str, out: Path, *, batch_sizes: str 
         raise CostModelError(f"--out {str(out)!r}: directory {str(out.parent)!r} does not "
                              f"exist")
     spec = load_model_spec(model)
+    table = profile(spec.build_model(), spec.sample_batch, sizes, leaf_modules=tuple(leaf),
+                    repeats=repeats, progress=progress, optimizer=spec.build_optimizer,
+                    device_type=device_type)
+    table.save(out)
+    return table
 
+
+def _profile_command(args: argparse.Namespace) -> None:
+    """``profile``: progress on a terminal, one line when done."""
     tty = sys.stderr.isatty()
 
     def progress(done: int, total: int, what: str) -> None:
@@ -108,15 +120,14 @@ def profile_device(model: str, device_type: str, out: Path, *, batch_sizes: str 
             print(f"\r\033[Kprofiling {done}/{total} {what}", end="", file=sys.stderr,
                   flush=True)
 
-    table = profile(spec.build_model(), spec.sample_batch, sizes, leaf_modules=tuple(leaf),
-                    repeats=repeats, progress=progress, optimizer=spec.build_optimizer,
-                    device_type=device_type)
+    table = profile_device(args.model, args.device_type, args.out,
+                           batch_sizes=args.batch_sizes, repeats=args.repeats,
+                           leaf=args.leaf or (), progress=progress)
     if tty:
         print(file=sys.stderr)
-    table.save(out)
-    print(f"profiled {table.num_layers} layers of {spec.name} at batch sizes {list(sizes)} on "
-          f"this {device_type} ({table.host}) -> {out}", flush=True)
-    return table
+    print(f"profiled {table.num_layers} layers of {table.model_name} at batch sizes "
+          f"{list(table.batch_sizes)} on this {args.device_type} ({table.host}) -> {args.out}",
+          flush=True)
 
 
 def run_device(directory: Path, *, steps: int = 10, seed: int = 0, lr: float = 0.01,
@@ -164,8 +175,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         if args.command == "profile":
-            profile_device(args.model, args.device_type, args.out, batch_sizes=args.batch_sizes,
-                           repeats=args.repeats, leaf=args.leaf or ())
+            _profile_command(args)
             return 0
         result = run_device(args.directory, steps=args.steps, seed=args.seed, lr=args.lr,
                             metrics=args.metrics, timeout_s=args.timeout)
