@@ -255,50 +255,47 @@ def _measured_line(table: Any) -> str:
 
 
 def _show_costs(table: Any, cluster: Path | None, batch_size: int) -> None:
-    """Print the table with one time column per device type (or per device speed)."""
+    """Print the table with one time column per device type (or per device speed), each
+    taken from ``solver.timing`` as the planner takes it."""
     from rich.table import Table
 
-    from solver.cluster import Cluster
+    from solver.cluster import Cluster, Device
+    from solver.timing import Timing
 
-    # column label -> (per-layer fwd/bwd fits, speed divisor, where the times come from)
-    base = [(lc.fwd, lc.bwd) for lc in table.layers]
-    columns: dict[str, tuple[list[Any], float, str]] = {}
-    types = [table.device_type, *table.measured_types]
-    speeds: dict[str, float] = {}
+    # column label -> the device whose times it shows
+    labels: dict[str, str] = {}
     if cluster is not None:
         clus = Cluster.from_yaml(cluster)
-        speeds = clus.speeds(table.host_flops)
-        types = []
         for device in clus.devices:
             label = device.type if (device.speed is None or table.column(device.type)) \
                 else f"{device.name} ({device.type})"
-            if label not in columns:
-                types.append(label)
-                col = table.column(device.type)
-                columns[label] = ((list(zip(col.fwd, col.bwd, strict=True)), 1.0,
-                                   table.timing_source(device.type)) if col is not None else
-                                  (base, speeds[device.name],
-                                   table.timing_source(device.type)
-                                   + f", speed {speeds[device.name]:.3g}"))
-    else:
-        for t in dict.fromkeys(types):
-            col = table.column(t)
-            columns[t] = ((list(zip(col.fwd, col.bwd, strict=True)), 1.0,
-                           table.timing_source(t)) if col is not None else
-                          (base, 1.0, table.timing_source(t)))
+            labels.setdefault(label, device.name)
+    else:   # one stand-in device per type the table has times for
+        types = list(dict.fromkeys([table.device_type, *table.measured_types]))
+        clus = Cluster(devices=tuple(Device(t, t, 1, speed=1.0) for t in types),
+                       bandwidth_mbps=1000.0)
+        labels = {t: t for t in types}
+    timing = Timing.of(table, clus)
+    sources = {}
+    for label, name in labels.items():
+        kind = clus.device(name).type
+        scaled = "" if table.column(kind) is not None or cluster is None \
+            else f", speed {timing.speeds[name]:.3g}"
+        sources[label] = table.timing_source(kind) + scaled
     out = Table(title=f"{table.model_name} — fwd+bwd ms at batch {batch_size}")
     out.add_column("#", justify="right")
     out.add_column("layer")
     out.add_column("op")
-    for label in columns:
+    for label in labels:
         out.add_column(label, justify="right")
     out.add_column("params", justify="right")
     out.add_column("cut after", justify="right")
-    totals = dict.fromkeys(columns, 0.0)
+    totals = dict.fromkeys(labels, 0.0)
     for i, layer in enumerate(table.layers):
         cells = []
-        for label, (fits, divisor, _src) in columns.items():
-            t = (fits[i][0].at(batch_size) + fits[i][1].at(batch_size)) / divisor
+        for label, name in labels.items():
+            t = (timing.fwd_time(name, i, i, batch_size)
+                 + timing.bwd_time(name, i, i, batch_size))
             totals[label] += t
             cells.append(f"{1e3 * t:.3f}")
         cut = _fmt_bytes(table.cut_bytes[i]) if i < len(table.cut_bytes) else "-"
@@ -306,7 +303,7 @@ def _show_costs(table: Any, cluster: Path | None, batch_size: int) -> None:
     out.add_row("", "total", "", *(f"{1e3 * v:.3f}" for v in totals.values()),
                 _fmt_bytes(table.total_param_bytes), "")
     console.print(out)
-    for label, (_fits, _divisor, src) in columns.items():
+    for label, src in sources.items():
         console.print(f"{label}: {src}")
     console.print(f"optimizer state: {table.optimizer_state_factor:.3g}x the weights")
     if table.message_overhead_s > 0:
