@@ -312,7 +312,6 @@ def calibrate_costs(plan: Plan, costs: CostTable, cluster: Cluster,
         corrected times have source ``calibrated``, and ``message_overhead_s`` is set.
     """
     cluster = cluster.for_costs(costs)
-    speeds = cluster.speeds(costs.host_flops)
     timing = Timing.of(costs, cluster)
     samples: dict[str, dict[int, list[tuple[float, float]]]] = {}
     group_speed: dict[str, float] = {}
@@ -324,7 +323,7 @@ def calibrate_costs(plan: Plan, costs: CostTable, cluster: Cluster,
             if measured is None:
                 unmeasured.append(name)
                 continue
-            group_speed.setdefault(group, speeds[name])
+            group_speed.setdefault(group, timing.speeds[name])   # scaled groups only
             pf = timing.fwd_time(name, stage.first, stage.last, share)
             pb = timing.bwd_time(name, stage.first, stage.last, share)
             rf, rb = (float(measured[0]) / pf if pf > 0 else 1.0,
@@ -358,10 +357,9 @@ def calibrate_costs(plan: Plan, costs: CostTable, cluster: Cluster,
             source="calibrated", host=old.host if old is not None else "",
             torch_version=old.torch_version if old is not None else "",
             host_flops=old.host_flops if old is not None else 0.0)
-    meta = dict(costs.meta)
     table = replace(costs, layers=tuple(layers), source=base_source,
                     columns=tuple(columns[k] for k in sorted(columns)
-                                  if k != costs.device_type), meta=meta)
+                                  if k != costs.device_type))
     before = evaluate(plan, costs, cluster).round_time_s
     base = evaluate(plan, replace(table, message_overhead_s=0.0), cluster).round_time_s
     overhead = _bisect_overhead(
@@ -372,5 +370,4 @@ def calibrate_costs(plan: Plan, costs: CostTable, cluster: Cluster,
     correction = CostCorrection(ratios=ratios, message_overhead_s=overhead,
                                 measured_round_s=round_s, predicted_round_s=before,
                                 calibrated_round_s=after, unmeasured=unmeasured)
-    meta["calibration"] = correction.to_dict()
-    return replace(table, meta=meta), correction
+    return replace(table, meta={**costs.meta, "calibration": correction.to_dict()}), correction
