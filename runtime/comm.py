@@ -14,7 +14,8 @@ import torch.distributed as dist
 
 from asteroid_fx.errors import RuntimeFailure
 
-__all__ = ["Comm", "CommFailure", "pack", "unpack", "encode_meta", "decode_meta"]
+__all__ = ["Comm", "CommFailure", "pack", "unpack", "encode_meta", "decode_meta",
+           "gradient_buckets"]
 
 log = logging.getLogger(__name__)
 
@@ -33,8 +34,11 @@ log = logging.getLogger(__name__)
 # until then. Sends stay asynchronous, as on a real network, and each link carries one
 # transfer at a time (the latency of one message overlaps the next one's transmission).
 # Group all-reduces are paced the same way with the ring cost
-# ``2 (g-1)/g * bytes / b_min + 2 (g-1) L_max``. The host's own cost of a message (gloo
-# over loopback, waking a process) comes on top and is not subtracted.
+# ``2 (g-1)/g * bytes / b_min + 2 (g-1) L_max``, counted from the moment the all-reduce
+# starts: gloo's own work over loopback (copies and the reduction, on the device's CPU
+# share) overlaps the emulated transfer as a real ring's chunks overlap theirs, so the
+# all-reduce takes the longer of the two. The host's own cost of a p2p message (gloo over
+# loopback, waking a process) is likewise inside the paced time when the link is slow.
 
 class CommFailure(RuntimeFailure):
     """A transfer or collective failed or timed out: usually the symptom of a peer's failure."""
@@ -250,18 +254,63 @@ class Comm:
         self._wait(works, "sending")
 
     # -- collectives --------------------------------------------------------------------
-    def all_reduce(self, tensor: torch.Tensor, group: Any, group_ranks: Sequence[int]) -> None:
-        """Sum ``tensor`` in place over ``group`` (paced as a ring all-reduce)."""
-        wire = self._wire(tensor)
-        work = dist.all_reduce(wire, op=dist.ReduceOp.SUM, group=group, async_op=True)
-        self._wait([work], f"all-reduce over ranks {list(group_ranks)}")
-        if wire is not tensor:
-            tensor.copy_(wire)
+    def all_reduce(self, buckets: Sequence[Sequence[torch.Tensor]], group: Any,
+                   group_ranks: Sequence[int],
+                   observe: Callable[[torch.Tensor], None] | None = None) -> None:
+        """Sum every tensor of ``buckets`` in place over ``group``, one bucket after the
+        other (see ``gradient_buckets``): a bucket of one contiguous tensor is reduced in
+        place, a larger one through a flat buffer of its own (handed to ``observe`` while
+        it lives). The buckets are paced together as one ring all-reduce of their bytes."""
+        start = time.time()
+        what = f"all-reduce over ranks {list(group_ranks)}"
+        nbytes = 0
+        for bucket in buckets:
+            alone = len(bucket) == 1 and bucket[0].is_contiguous()
+            flat = bucket[0] if alone else torch.cat([t.reshape(-1) for t in bucket])
+            if observe is not None and not alone:
+                observe(flat)
+            wire = self._wire(flat)
+            self._wait([dist.all_reduce(wire, op=dist.ReduceOp.SUM, group=group,
+                                        async_op=True)], what)
+            if wire is not flat:
+                flat.copy_(wire)
+            if not alone:
+                offset = 0
+                for t in bucket:
+                    t.copy_(flat[offset: offset + t.numel()].view_as(t))
+                    offset += t.numel()
+            nbytes += flat.numel() * flat.element_size()
         g = len(group_ranks)
         if self.link_bytes_s is not None and g > 1:
             slowest = min(self.link_bytes_s(a, b) for a in group_ranks for b in group_ranks
                           if a != b)
-            nbytes = tensor.numel() * tensor.element_size()
             latency = max(self._latency(a, b) for a in group_ranks for b in group_ranks
                           if a != b)
-            time.sleep(2 * (g - 1) / g * nbytes / slowest + 2 * (g - 1) * latency)
+            # gloo's own transfer over loopback stands in for part of the link's time
+            self._pace_until(start + 2 * (g - 1) / g * nbytes / slowest
+                             + 2 * (g - 1) * latency)
+
+
+def gradient_buckets(grads: Sequence[torch.Tensor]) -> list[list[torch.Tensor]]:
+    """``grads`` in order, grouped into all-reduce buckets of at most the largest
+    gradient's bytes (contiguous tensors of one dtype share a bucket).
+
+    No flat buffer is then larger than the largest gradient, which the memory model already
+    budgets (the largest layer's gradient, ``LayerSums.largest_params``), so data
+    parallelism needs no copy of a whole stage's gradients.
+    """
+    if not grads:
+        return []
+    cap = max(g.numel() * g.element_size() for g in grads)
+    buckets: list[list[torch.Tensor]] = []
+    size = 0
+    for g in grads:
+        nbytes = g.numel() * g.element_size()
+        if (buckets and g.is_contiguous() and buckets[-1][0].is_contiguous()
+                and buckets[-1][0].dtype == g.dtype and size + nbytes <= cap):
+            buckets[-1].append(g)
+            size += nbytes
+        else:
+            buckets.append([g])
+            size = nbytes
+    return buckets

@@ -11,7 +11,7 @@ from typing import Any, Callable
 import torch
 
 from asteroid_fx.errors import AsteroidError, RuntimeFailure, StageFailure
-from runtime.comm import Comm
+from runtime.comm import Comm, gradient_buckets
 from runtime.lowering import incoming, outgoing
 from runtime.memory import MemoryMeter
 from runtime.schedule import Action, ActionKind, rank_stages
@@ -304,13 +304,8 @@ class StageExecutor:
         for p in params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-        flat = torch.cat([p.grad.reshape(-1) for p in params if p.grad is not None])
-        self._observe(flat)
-        self.comm.all_reduce(flat, self.group, self.group_ranks)
-        offset = 0
-        for p in params:
-            if p.grad is not None:
-                n = p.grad.numel()
-                p.grad.copy_(flat[offset: offset + n].view_as(p.grad))
-                offset += n
+        grads = [p.grad for p in params if p.grad is not None]
+        self.comm.all_reduce(gradient_buckets(grads), self.group, self.group_ranks,
+                             observe=self._observe)
         self._stats.allreduce_s = time.perf_counter() - start
+

@@ -248,9 +248,11 @@ def run_with_recovery(directory: str | Path, cluster: Any, config: TrainConfig, 
     predicted idle time, chosen again for every generation's plan). After a failure replay
     keeps the layer-wise repair when its predicted round is at most ``replan_tolerance``
     slower than a full re-plan's (0: always the faster of the two). With ``calibrate``
-    (replay), both are predicted on the cluster as the failed generation measured it:
-    device speeds corrected by the workers' own compute times and a per-message overhead
-    fitted to the measured round (``solver.calibrate``; the event's ``calibration``).
+    (replay), both are predicted on the cost table as the failed generation measured it:
+    forward and backward times corrected per timing group and stage by the workers' own
+    compute times, and a per-message overhead fitted to the measured round
+    (``solver.calibrate.calibrate_costs``, what ``asteroid-fx calibrate`` does; the event's
+    ``calibration``).
 
     ``leave="DEVICE@STEP"`` (replay only) sends SIGTERM to that device during step STEP: it
     finishes the step, hands its state over and exits with code 0; the survivors re-plan
@@ -349,8 +351,8 @@ def run_with_recovery(directory: str | Path, cluster: Any, config: TrainConfig, 
             calibration = (_calibration(plan, model, alive, store, generation, out,
                                         gen_config.start_step, committed, procs.factor)
                            if recovery == "replay" and calibrate else None)
-            planned_on = alive if calibration is None else calibration[0]
-            new_plan, choice = _new_plan(recovery, plan, model, planned_on, failed,
+            costs = model.costs if calibration is None else calibration[0]
+            new_plan, choice = _new_plan(recovery, plan, costs, alive, failed,
                                          replan_tolerance)
             search_s = time.perf_counter() - began
             if calibration is not None:
@@ -446,10 +448,11 @@ def _replicas(plan: Plan, model: _Model, alive: Any, every_k_steps: int | None
 def _calibration(plan: Plan, model: _Model, alive: Any, store: dist.Store, generation: int,
                  out: RecoveryRun, start: int, committed: int, factor: float
                  ) -> tuple[Any, Any] | None:
-    """``(calibrated cluster, Calibration)`` from what generation ``generation`` measured
-    (rank ``compute`` records and the committed rounds, divided by the emulator's
-    slow-down ``factor``), or None with fewer than ``solver.calibrate.MIN_STEPS`` rounds."""
-    from solver.calibrate import MIN_STEPS, calibrate
+    """``(calibrated cost table, CostCorrection)`` from what generation ``generation``
+    measured (rank ``compute`` records and the committed rounds, divided by the emulator's
+    slow-down ``factor``; ``solver.calibrate.calibrate_costs``, as ``asteroid-fx calibrate``
+    does), or None with fewer than ``solver.calibrate.MIN_STEPS`` rounds."""
+    from solver.calibrate import MIN_STEPS, calibrate_costs
 
     rounds = [float(out.records[s]["round_time_s"]) for s in range(start + 1, committed + 1)
               if s in out.records]
@@ -466,18 +469,19 @@ def _calibration(plan: Plan, model: _Model, alive: Any, store: dist.Store, gener
             compute[device] = (float(data["forward_s"]) * scale,
                                float(data["backward_s"]) * scale)
     try:
-        cluster, found = calibrate(plan, model.costs, alive, compute,
-                                   statistics.median(rounds) * scale)
+        table, found = calibrate_costs(plan, model.costs, alive, compute,
+                                       statistics.median(rounds) * scale)
     except AsteroidError as exc:
-        log.warning("re-plan on the declared cluster: calibration failed (%s)", exc)
+        log.warning("re-plan on the profiled costs: calibration failed (%s)", exc)
         return None
-    log.info("calibrated from %d round(s): compute x%s, %.3f ms per message",
-             len(rounds), {d: round(r, 2) for d, r in found.compute_ratio.items()},
-             found.message_overhead_s * 1e3)
-    return cluster, found
+    log.info("calibrated from %d round(s): (forward, backward) x%s per group and stage, "
+             "%.3f ms per message", len(rounds),
+             {g: {s: (round(f, 2), round(b, 2)) for s, (f, b) in st.items()}
+              for g, st in found.ratios.items()}, found.message_overhead_s * 1e3)
+    return table, found
 
 
-def _new_plan(mode: str, plan: Plan, model: _Model, alive: Any, failed: list[str],
+def _new_plan(mode: str, plan: Plan, costs: Any, alive: Any, failed: list[str],
               tolerance: float = REPLAN_TOLERANCE) -> tuple[Plan, dict[str, Any]]:
     """Replay: ``solver.replan.replan`` (layer-wise repair, or the full re-plan when the
     repair's predicted round is more than ``tolerance`` slower); restart: the full planner
@@ -488,14 +492,14 @@ def _new_plan(mode: str, plan: Plan, model: _Model, alive: Any, failed: list[str
 
     if mode == "replay":
         try:
-            new, info = replan(plan, model.costs, alive, failed, tolerance=tolerance)
+            new, info = replan(plan, costs, alive, failed, tolerance=tolerance)
             return new, {"chosen": info.chosen, "layerwise_round_s": info.layerwise_round_s,
                          "full_round_s": info.full_round_s}
         except PlanError as exc:
             raise RuntimeFailure(f"cannot recover from the failure of {failed}: {exc}") from exc
     try:
         survivors = survivors_of(plan, alive, failed)
-        fresh = full_plan(model.costs, survivors, plan.batch_size, planner="asteroid",
+        fresh = full_plan(costs, survivors, plan.batch_size, planner="asteroid",
                           optimizer_state_factor=plan.optimizer_state_factor)
     except PlanError as exc:
         raise RuntimeFailure(f"cannot recover from the failure of {failed}: {exc}") from exc

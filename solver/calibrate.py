@@ -1,4 +1,4 @@
-"""Calibrating a cluster from what a running plan measured: device speeds, message overhead."""
+"""Calibrating a cost table from what a running plan measured (per group and stage)."""
 
 from __future__ import annotations
 
@@ -14,82 +14,33 @@ from solver.evaluate import evaluate
 from solver.plan import Plan
 from solver.timing import Timing
 
-__all__ = ["Calibration", "calibrate", "calibrated_costs", "with_message_overhead",
-           "MIN_STEPS", "CostCorrection", "calibrate_costs", "timing_group", "BASE_GROUP"]
+__all__ = ["with_message_overhead", "MIN_STEPS", "CostCorrection", "calibrate_costs",
+           "timing_group", "BASE_GROUP"]
 
 # [Note: calibrating from the running plan]
-# A plan's prediction rests on the cost table (analytic FLOP counts or a profile of the
-# host) and on the declared cluster. A running plan measures two things the re-plan after
-# a failure can use instead:
+# A plan's prediction rests on the cost table (a profile of the host, a board's column, or
+# analytic FLOP counts) and on the declared cluster. A running plan measures each device's
+# forward and backward time per micro-batch (the workers time their own compute) and the
+# round. ``calibrate_costs`` ([Note: a cost table corrected by a run]) turns both into a
+# corrected cost table. It has two users, one mechanism:
 #
-# * each device's forward and backward time per micro-batch (the workers time their own
-#   compute). Its ratio to the prediction is the cost table's error on that device. By
-#   default every device's speed is divided by the median ratio (one correction for the
-#   table's bias, which is mostly common to all devices: FLOP counts miss the same
-#   overheads everywhere); ``per_device=True`` divides each device's speed by its own ratio
-#   (a device without a measurement gets the median). Per device is the right thing for
-#   real devices whose declared speed is off, but under emulation on one shared host a
-#   device's measured speed depends on which other processes run beside it: on this
-#   project's 2-core host the benchmark's 3-device pipeline measured ratios of 2.5-3.8 on
-#   ``fast`` and 1.0-2.4 on the two half-speed devices, which would make ``fast`` look no
-#   faster than ``slow1`` after the failure, when it again has a core to itself.
-# * the round time. What the corrected compute does not explain is charged to the messages:
-#   one overhead ``h`` per message (the runtime's own cost of a hop: packing, the gloo call,
-#   waking the receiver), found by bisection as the ``h`` for which ``evaluate`` of the
-#   running plan, on the corrected speeds and with ``h`` added to every link's latency,
-#   gives the measured round. A plan without messages (one device) cannot show ``h``: 0.
+# * ``asteroid-fx calibrate DIR METRICS`` (asteroid_fx.calibration): the next ``plan
+#   --costs`` predicts the devices as they ran;
+# * replay after a failure (runtime.recovery): the layer-wise repair and the full re-plan
+#   are compared on the table as the failed generation measured it. On this project's
+#   2-core host a hop costs more than the links' bandwidth says, so a pipeline of two
+#   devices can be predicted faster than one device and measure slower; the calibrated
+#   comparison sees that.
 #
-# A device whose type has a measured column in the cost table ([Note: cost columns] in
-# solver.timing) takes the column's times as they are, whatever its speed, so the cluster
-# cannot carry its correction: ``calibrate`` predicts its compute from the column (its
-# ratio is reported and counts towards the median) but leaves it as it is in the returned
-# cluster and names it in ``Calibration.uncorrected``. The correction goes into the table
-# instead: ``calibrated_costs`` scales each such type's column by the median correction of
-# its devices of the plan (``Calibration.column_scale``; source "calibrated"), and the
-# per-message overhead is fitted on that table, so it explains only what compute does
-# not. A caller re-planning with the uncorrected table under-predicts those devices by
-# their ratio. (A table whose base times were measured on a board type cannot scale
-# that base column alone; its devices stay uncorrected and ``column_scale`` omits it.)
-#
-# The re-plan then compares the layer-wise repair and the full re-plan on the calibrated
-# cluster. On this project's 2-core host the analytic table underestimates compute by
-# 1.5-2x and a hop costs 0.3-0.7 ms more than the links' bandwidth says, so a pipeline of
-# two devices can be predicted faster than one device and measure 10-350 % slower; the
-# calibrated comparison sees that. Times measured under the emulator are first divided by
-# its slow-down factor, so the calibrated cluster is in the declared cluster's time units.
+# Times measured under the emulator are first divided by its slow-down factor, so the
+# corrected table is in the declared cluster's time units. Under emulation on one shared
+# host a device's measured speed also depends on which other processes run beside it, so
+# corrections are pooled per timing group (device type) and stage, never per device.
 
 MIN_STEPS = 3
 """Fewest measured rounds (after the first) a calibration needs."""
 
 _RATIO_BOUNDS = (0.05, 20.0)     # a correction outside this is a broken measurement
-
-
-@dataclass(frozen=True)
-class Calibration:
-    """What a calibration found (plain data for the recovery event in metrics.jsonl)."""
-
-    speeds: dict[str, float]              # calibrated speed of every device of the plan
-    compute_ratio: dict[str, float]       # measured / predicted compute (1.0: as predicted)
-    compute_scale: float                  # the correction applied to every speed (median)
-    message_overhead_s: float             # charged to every message on top of the link's
-    measured_round_s: float
-    predicted_round_s: float              # the plan on the declared cluster
-    calibrated_round_s: float             # the plan on the calibrated cluster
-    measured_devices: list[str] = field(default_factory=list)
-    uncorrected: list[str] = field(default_factory=list)  # column devices (see the Note)
-    column_scale: dict[str, float] = field(default_factory=dict)  # type -> column factor
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"speeds": {d: round(v, 6) for d, v in self.speeds.items()},
-                "compute_ratio": {d: round(v, 4) for d, v in self.compute_ratio.items()},
-                "compute_scale": round(self.compute_scale, 4),
-                "message_overhead_ms": round(self.message_overhead_s * 1e3, 4),
-                "measured_round_s": self.measured_round_s,
-                "predicted_round_s": self.predicted_round_s,
-                "calibrated_round_s": self.calibrated_round_s,
-                "measured_devices": list(self.measured_devices),
-                "uncorrected": list(self.uncorrected),
-                "column_scale": {t: round(v, 4) for t, v in self.column_scale.items()}}
 
 
 def with_message_overhead(cluster: Cluster, overhead_s: float) -> Cluster:
@@ -101,110 +52,6 @@ def with_message_overhead(cluster: Cluster, overhead_s: float) -> Cluster:
                        None if lk.latency_ms is None else lk.latency_ms + ms)
                   for lk in cluster.links)
     return replace(cluster, links=links, latency_ms=cluster.latency_ms + ms)
-
-
-def _with_speeds(cluster: Cluster, speeds: Mapping[str, float]) -> Cluster:
-    """``cluster`` with the devices of ``speeds`` declared at those speeds."""
-    devices = tuple(Device(name=d.name, type=d.type, memory_bytes=d.memory_bytes,
-                           speed=speeds[d.name]) if d.name in speeds else d
-                    for d in cluster.devices)
-    return replace(cluster, devices=devices)
-
-
-def calibrate(plan: Plan, costs: CostTable, cluster: Cluster,
-              compute_s: Mapping[str, tuple[float, float]], round_s: float, *,
-              per_device: bool = False) -> tuple[Cluster, Calibration]:
-    """The cluster corrected by what ``plan`` measured (see [Note: calibrating from the
-    running plan]).
-
-    Args:
-        plan: the plan that ran.
-        costs: its cost table.
-        cluster: the declared cluster (every device of ``plan`` in it; others are kept and
-            get the median speed correction).
-        compute_s: device -> (forward, backward) seconds per micro-batch as measured, in the
-            declared time units (divide emulated times by the slow-down factor first).
-        round_s: the measured round time (median), in the same units.
-        per_device: correct each device's speed by its own measurement instead of all by
-            the median one.
-
-    Returns:
-        ``(calibrated cluster, Calibration)``; with nothing usable measured the cluster is
-        returned unchanged (ratios 1, overhead 0).
-    """
-    cluster = cluster.for_costs(costs)
-    timing = Timing.of(costs, cluster)
-    declared = timing.speeds
-    ratio: dict[str, float] = {}
-    for stage in plan.stages:
-        for device, share in zip(stage.devices, stage.shares, strict=True):
-            measured = compute_s.get(device)
-            if measured is None:
-                continue
-            predicted = (timing.fwd_time(device, stage.first, stage.last, share)
-                         + timing.bwd_time(device, stage.first, stage.last, share))
-            total = float(measured[0]) + float(measured[1])
-            if predicted > 0 and math.isfinite(total) and total > 0:
-                r = total / predicted
-                if _RATIO_BOUNDS[0] <= r <= _RATIO_BOUNDS[1]:
-                    ratio[device] = r
-    common = statistics.median(ratio.values()) if ratio else 1.0
-    ratios = {d: ratio.get(d, common) if per_device else common for d in cluster.names}
-    speeds = {d: declared[d] / ratios[d] for d in cluster.names}
-    columns = sorted(d for d in cluster.names if timing.device(d).column is not None)
-    corrected = _with_speeds(cluster, {d: v for d, v in speeds.items() if d not in columns})
-    uncorrected = [d for d in columns if d in plan.devices]
-    by_type: dict[str, list[float]] = {}
-    for d in uncorrected:
-        by_type.setdefault(cluster.device(d).type, []).append(ratios[d])
-    own = {col.device_type for col in costs.columns}
-    scale = {t: statistics.median(r) for t, r in sorted(by_type.items()) if t in own}
-    table = _scaled_columns(costs, scale)
-    before = evaluate(plan, costs, cluster).round_time_s
-    base = evaluate(plan, table, corrected).round_time_s
-    overhead = _fit_overhead(plan, table, corrected, base, round_s)
-    calibrated = with_message_overhead(corrected, overhead)
-    after = evaluate(plan, table, calibrated).round_time_s if overhead > 0 else base
-    return calibrated, Calibration(
-        speeds={d: speeds[d] for d in plan.devices},
-        compute_ratio={d: ratio.get(d, common) for d in plan.devices}, compute_scale=common,
-        message_overhead_s=overhead, measured_round_s=round_s, predicted_round_s=before,
-        calibrated_round_s=after, measured_devices=sorted(ratio), uncorrected=uncorrected,
-        column_scale=scale)
-
-
-def _scaled_columns(costs: CostTable, scale: Mapping[str, float]) -> CostTable:
-    """``costs`` with the column of each type in ``scale`` times its factor."""
-    if all(scale.get(col.device_type, 1.0) == 1.0 for col in costs.columns):
-        return costs
-    columns: list[DeviceColumn] = []
-    for col in costs.columns:
-        factor = scale.get(col.device_type, 1.0)
-        if factor == 1.0:
-            columns.append(col)
-            continue
-        columns.append(replace(col, fwd=tuple(f.scaled(factor) for f in col.fwd),
-                               bwd=tuple(b.scaled(factor) for b in col.bwd),
-                               update_s_per_byte=col.update_s_per_byte * factor,
-                               source="calibrated"))
-    return replace(costs, columns=tuple(columns))
-
-
-def calibrated_costs(costs: CostTable, calibration: Calibration) -> CostTable:
-    """``costs`` corrected where the calibrated cluster cannot be: every column of
-    ``calibration.column_scale`` scaled by its factor (optimizer step included; source
-    ``"calibrated"``). ``calibration.calibrated_round_s`` is the running plan on this
-    table and the calibrated cluster; a table without such columns is returned as is."""
-    return _scaled_columns(costs, calibration.column_scale)
-
-
-def _fit_overhead(plan: Plan, costs: CostTable, cluster: Cluster, base_s: float,
-                  round_s: float) -> float:
-    """The per-message overhead ``h >= 0`` with ``evaluate(plan)`` = ``round_s`` when ``h``
-    is added to every link's latency, or 0 when the plan's round does not depend on it."""
-    return _bisect_overhead(
-        lambda h: evaluate(plan, costs, with_message_overhead(cluster, h)).round_time_s,
-        base_s, round_s)
 
 
 def _bisect_overhead(round_with: Callable[[float], float], base_s: float,
@@ -244,7 +91,7 @@ def _bisect_overhead(round_with: Callable[[float], float], base_s: float,
 # cluster is corrected too. A board type without a column gets a new ``calibrated``
 # column: the base times over its speed, corrected. What the corrected compute does not
 # explain of the measured round is a per-message overhead ``h`` (the runtime's own cost of
-# a hop), fitted by bisection as in ``calibrate`` and kept as
+# a hop), fitted by bisection and kept as
 # ``CostTable.message_overhead_s``, which the solver adds to every message.
 
 BASE_GROUP = "base"

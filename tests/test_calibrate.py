@@ -1,4 +1,4 @@
-"""Tests of solver.calibrate: speeds and the per-message overhead from a running plan."""
+"""Tests of solver.calibrate: a cost table and per-message overhead from a running plan."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from dataclasses import replace
 
 import pytest
 
-from solver.calibrate import BASE_GROUP, calibrate, calibrate_costs, with_message_overhead
+from solver.calibrate import BASE_GROUP, calibrate_costs, with_message_overhead
 from solver.cluster import Cluster, Device
 from solver.evaluate import LayerSums, evaluate
 from solver.plan import Plan, Stage
@@ -39,43 +39,45 @@ def _compute(plan: Plan, speeds: dict[str, float], scale: dict[str, float]
 def test_a_run_as_predicted_changes_nothing() -> None:
     cluster = make_cluster([1.0, 0.5], bandwidth_mbps=8.0)
     predicted = evaluate(TWO, COSTS, cluster).round_time_s
-    out, cal = calibrate(TWO, COSTS, cluster, _compute(TWO, {"d0": 1.0, "d1": 0.5},
-                                                       {"d0": 1.0, "d1": 1.0}), predicted)
-    assert cal.compute_scale == pytest.approx(1.0)
-    assert cal.speeds == pytest.approx({"d0": 1.0, "d1": 0.5})
-    assert cal.message_overhead_s == 0.0
-    assert cal.calibrated_round_s == pytest.approx(predicted)
-    assert out.latency_s("d0", "d1") == 0.0
+    table, corr = calibrate_costs(TWO, COSTS, cluster, _compute(
+        TWO, {"d0": 1.0, "d1": 0.5}, {"d0": 1.0, "d1": 1.0}), predicted)
+    assert corr.ratios[BASE_GROUP] == {0: pytest.approx((1.0, 1.0)),
+                                       1: pytest.approx((1.0, 1.0))}
+    assert corr.message_overhead_s == 0.0
+    assert corr.calibrated_round_s == pytest.approx(predicted)
+    assert evaluate(TWO, table, cluster).round_time_s == pytest.approx(predicted)
 
 
-def test_slow_compute_scales_every_speed_by_the_median() -> None:
+def test_each_stage_of_a_group_gets_its_own_forward_and_backward_ratio() -> None:
     cluster = make_cluster([1.0, 0.5, 0.5], bandwidth_mbps=8.0)
     three = _plan((Stage((0, 1), ("d0",), (2,)), Stage((2, 2), ("d1",), (2,)),
                    Stage((3, 3), ("d2",), (2,))))
-    measured = _compute(three, {"d0": 1.0, "d1": 0.5, "d2": 0.5},
-                        {"d0": 3.0, "d1": 2.0, "d2": 1.5})
+    speeds = {"d0": 1.0, "d1": 0.5, "d2": 0.5}
+    measured = _compute(three, speeds, {"d0": 3.0, "d1": 2.0, "d2": 1.5})
+    measured["d2"] = (measured["d2"][0], measured["d2"][1] * 2.0)   # backward x3
     rounds = evaluate(three, COSTS, cluster).round_time_s * 2.0
-    _, common = calibrate(three, COSTS, cluster, measured, rounds)
-    assert common.compute_ratio == pytest.approx({"d0": 3.0, "d1": 2.0, "d2": 1.5})
-    assert common.compute_scale == pytest.approx(2.0)
-    # the declared ratios between devices stay: one correction for the table's bias
-    assert common.speeds == pytest.approx({"d0": 0.5, "d1": 0.25, "d2": 0.25})
-    _, each = calibrate(three, COSTS, cluster, measured, rounds, per_device=True)
-    assert each.speeds == pytest.approx({"d0": 1 / 3, "d1": 0.25, "d2": 0.5 / 1.5})
+    table, corr = calibrate_costs(three, COSTS, cluster, measured, rounds)
+    assert corr.ratios[BASE_GROUP] == {0: pytest.approx((3.0, 3.0)),
+                                       1: pytest.approx((2.0, 2.0)),
+                                       2: pytest.approx((1.5, 3.0))}
+    # the corrected table predicts every device as it measured
+    pred = evaluate(three, table, cluster)
+    for st, got in zip(three.stages, pred.stages, strict=True):
+        assert got.compute_f == pytest.approx(measured[st.devices[0]][0], rel=1e-9)
+        assert got.compute_b == pytest.approx(measured[st.devices[0]][1], rel=1e-9)
 
 
 def test_unexplained_round_time_becomes_a_per_message_overhead() -> None:
     cluster = make_cluster([1.0, 1.0], bandwidth_mbps=8.0)
     base = evaluate(TWO, COSTS, cluster).round_time_s
     measured = _compute(TWO, {"d0": 1.0, "d1": 1.0}, {"d0": 1.0, "d1": 1.0})
-    out, cal = calibrate(TWO, COSTS, cluster, measured, base + 0.05)
-    assert cal.compute_scale == pytest.approx(1.0)
-    assert cal.message_overhead_s > 0
-    assert cal.calibrated_round_s == pytest.approx(base + 0.05, rel=1e-6)
-    assert evaluate(TWO, COSTS, out).round_time_s == pytest.approx(base + 0.05, rel=1e-6)
-    assert out.latency_s("d0", "d1") == pytest.approx(cal.message_overhead_s)
+    table, corr = calibrate_costs(TWO, COSTS, cluster, measured, base + 0.05)
+    assert corr.message_overhead_s > 0
+    assert table.message_overhead_s == corr.message_overhead_s
+    assert corr.calibrated_round_s == pytest.approx(base + 0.05, rel=1e-6)
+    assert evaluate(TWO, table, cluster).round_time_s == pytest.approx(base + 0.05, rel=1e-6)
     # a faster measured round than predicted never gives a negative overhead
-    _, fast = calibrate(TWO, COSTS, cluster, measured, base * 0.5)
+    _, fast = calibrate_costs(TWO, COSTS, cluster, measured, base * 0.5)
     assert fast.message_overhead_s == 0.0
 
 
@@ -83,23 +85,14 @@ def test_a_plan_without_messages_shows_no_overhead() -> None:
     cluster = make_cluster([1.0, 1.0], bandwidth_mbps=8.0)
     measured = _compute(ONE, {"d0": 1.0}, {"d0": 2.0})
     predicted = evaluate(ONE, COSTS, cluster).round_time_s
-    out, cal = calibrate(ONE, COSTS, cluster, measured, predicted * 3.0)
-    assert cal.compute_scale == pytest.approx(2.0) and cal.message_overhead_s == 0.0
-    assert cal.speeds == {"d0": pytest.approx(0.5)}
-    # d1 ran nothing: it gets the same correction in the calibrated cluster
-    assert out.device("d1").speed == pytest.approx(0.5)
-
-
-def test_missing_and_broken_measurements_are_left_out() -> None:
-    cluster = make_cluster([1.0, 0.5], bandwidth_mbps=8.0)
-    predicted = evaluate(TWO, COSTS, cluster).round_time_s
-    broken = {"d0": (1e3, 1e3), "d1": (float("nan"), 0.0)}
-    out, cal = calibrate(TWO, COSTS, cluster, broken, predicted)
-    assert cal.measured_devices == [] and cal.compute_scale == 1.0
-    assert out.device("d1").speed == pytest.approx(0.5)
-    _, none = calibrate(TWO, COSTS, cluster, {}, float("nan"))
-    assert none.message_overhead_s == 0.0 and none.compute_scale == 1.0
-    json.dumps(cal.to_dict())
+    table, corr = calibrate_costs(ONE, COSTS, cluster, measured, predicted * 3.0)
+    assert corr.ratios[BASE_GROUP] == {0: pytest.approx((2.0, 2.0))}
+    assert corr.message_overhead_s == 0.0
+    # d1 ran nothing: as a device of the same group it is predicted with the correction
+    other = _plan((Stage((0, 3), ("d1",), (2,)),))
+    assert evaluate(other, table, cluster).stages[0].compute_f == pytest.approx(
+        2.0 * evaluate(other, COSTS, cluster).stages[0].compute_f)
+    json.dumps(corr.to_dict())
 
 
 def test_with_message_overhead_adds_to_every_link() -> None:
@@ -155,10 +148,7 @@ def test_calibrate_costs_ignores_broken_and_missing_measurements() -> None:
     assert table.layers == COSTS.layers and corr.message_overhead_s == 0.0
 
 
-def test_a_device_with_a_cost_column_is_predicted_from_it_and_left_uncorrected() -> None:
-    from dataclasses import replace
-
-    from solver.calibrate import calibrated_costs
+def test_a_device_with_a_cost_column_has_its_column_corrected() -> None:
     from solver.timing import Timing
     from tests.solver_cases import scaled_column, typed_cluster, with_ops
 
@@ -174,25 +164,14 @@ def test_a_device_with_a_cost_column_is_predicted_from_it_and_left_uncorrected()
         measured[d] = (2.0 * timing.fwd_time(d, st.first, st.last, share),
                        2.0 * timing.bwd_time(d, st.first, st.last, share))
     rounds = evaluate(TWO, costs, cluster).round_time_s * 2.0
-    out, cal = calibrate(TWO, costs, cluster, measured, rounds)
-    assert cal.compute_ratio == pytest.approx({"d0": 2.0, "d1": 2.0})
-    assert cal.uncorrected == ["d1"] and cal.to_dict()["uncorrected"] == ["d1"]
-    assert out.device("d0").speed == pytest.approx(0.5)
-    assert out.device("d1") == cluster.device("d1")  # its column ignores speed anyway
-    # the table can carry d1's correction instead: its column scaled, "calibrated"
-    assert cal.column_scale == pytest.approx({"jetson-nano": 2.0})
-    fixed = calibrated_costs(costs, cal)
+    fixed, corr = calibrate_costs(TWO, costs, cluster, measured, rounds)
+    assert corr.ratios == {BASE_GROUP: {0: pytest.approx((2.0, 2.0))},
+                           "jetson-nano": {1: pytest.approx((2.0, 2.0))}}
     (col,) = fixed.columns
     assert col.source == "calibrated"
-    assert Timing.of(fixed, out).fwd_time("d1", 2, 3, 2) == pytest.approx(
-        measured["d1"][0])
-    # with the calibrated table and cluster both devices are predicted as they measured
-    pred = evaluate(TWO, fixed, out)
+    # with the calibrated table both devices are predicted as they measured; the speed of
+    # d1 still does not apply on top of its column
+    pred = evaluate(TWO, fixed, cluster)
     assert pred.stages[0].compute_f == pytest.approx(measured["d0"][0], rel=1e-9)
     assert pred.stages[1].compute_b == pytest.approx(measured["d1"][1], rel=1e-9)
-    # the round measured twice the prediction, as the compute did: twice the compute and
-    # the transfer left for the per-message overhead, fitted on the calibrated table
-    assert cal.message_overhead_s > 0
-    assert cal.calibrated_round_s == pytest.approx(rounds, rel=1e-6)
-    assert pred.round_time_s == pytest.approx(rounds, rel=1e-6)
-    assert calibrated_costs(COSTS, cal) is COSTS
+    assert corr.calibrated_round_s == pytest.approx(rounds, rel=1e-6)

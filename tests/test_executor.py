@@ -144,3 +144,21 @@ def test_three_stages_with_uneven_middle_pair_transparent(tmp_path: Path) -> Non
                                      Stage((3, 4), ("d",), (6,))))
     check_transparent(SeqSource(plan.to_json(), write_model(tmp_path)), steps=3, world=4)
     assert time.perf_counter() - start < 60
+
+
+def test_gradient_buckets_never_exceed_the_largest_gradient() -> None:
+    from runtime.comm import gradient_buckets
+
+    grads = [torch.zeros(10), torch.zeros(3), torch.zeros(4), torch.zeros(2, 2),
+             torch.zeros(8, dtype=torch.float64), torch.zeros(3, 4).t(), torch.zeros(1)]
+    buckets = gradient_buckets(grads)
+    # every gradient once, in order
+    assert [id(g) for b in buckets for g in b] == [id(g) for g in grads]
+    cap = max(g.numel() * g.element_size() for g in grads)
+    for b in buckets:
+        assert sum(g.numel() * g.element_size() for g in b) <= cap
+        assert len({g.dtype for g in b}) == 1
+        # a non-contiguous gradient is never packed together with others
+        assert len(b) == 1 or all(g.is_contiguous() for g in b)
+    assert [len(b) for b in buckets] == [2, 2, 1, 1, 1]
+    assert gradient_buckets([]) == []

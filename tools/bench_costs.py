@@ -84,7 +84,7 @@ def _run(directory: Path, cluster: str, steps: int, metrics: Path) -> dict[str, 
 
 
 def bench_case(model: str, batch: int, cluster: str, steps: int, work: Path,
-               other_planner: str) -> list[Row]:
+               other_planner: str, default_only: bool = False) -> list[Row]:
     from cost_models.table import CostTable
     from solver.cluster import Cluster
     from solver.evaluate import evaluate
@@ -102,6 +102,8 @@ def bench_case(model: str, batch: int, cluster: str, steps: int, work: Path,
     assert plan.predicted is not None
     rows.append(Row(name, short, "default (measured costs)", _layout(plan),
                     plan.predicted.round_time_s * factor, s["round_time_s"]))
+    if default_only:
+        return rows
     _cli("calibrate", str(first), str(work / "m1.jsonl"), "--out", str(work / "cal.json"))
     cal = CostTable.load(work / "cal.json")
     clus = Cluster.from_yaml(cluster)
@@ -128,6 +130,8 @@ def main() -> int:
     parser.add_argument("--clusters", nargs="*", default=DEFAULT_CLUSTERS)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--other-planner", default="dp-only")
+    parser.add_argument("--default-only", action="store_true",
+                        help="only the default path (no calibrate, no other plan)")
     parser.add_argument("--out", type=Path, default=None, help="append a markdown table")
     args = parser.parse_args()
     cases = DEFAULT_CASES if not args.models else [
@@ -139,7 +143,7 @@ def main() -> int:
         for model, batch in cases:
             with tempfile.TemporaryDirectory() as tmp:
                 got = bench_case(model, batch, cluster, args.steps, Path(tmp),
-                                 args.other_planner)
+                                 args.other_planner, args.default_only)
             for r in got:
                 print(f"{r.model:24s} {r.cluster:12s} {r.what:34s} predicted "
                       f"{r.predicted_s * 1e3:9.2f} ms  measured {r.measured_s * 1e3:9.2f} ms  "

@@ -367,12 +367,12 @@ def _markdown(data: dict[str, Any]) -> str:
         lines += ["", "Replay's re-plan (`solver.replan.replan`): the layer-wise repair vs "
                   "the full re-plan, predicted rounds (median over the repeats) and the "
                   "choices; calibrated = predicted on the cluster as the failed generation "
-                  "measured it (`solver.calibrate`: one compute correction for all devices, "
-                  "the per-device ratios measured, and a per-message overhead fitted to the "
-                  "measured round):", "",
-                  "| mode | layer-wise (ms) | full (ms) | chosen | compute scale | per-device "
-                  "ratios | message overhead (ms) | failed plan: measured / predicted / "
-                  "calibrated round (ms) |", "|---|---|---|---|---|---|---|---|"]
+                  "measured it (`solver.calibrate.calibrate_costs`: forward/backward "
+                  "ratios per timing group and stage, and a per-message overhead fitted to "
+                  "the measured round):", "",
+                  "| mode | layer-wise (ms) | full (ms) | chosen | (forward, backward) ratios "
+                  "per group and stage | message overhead (ms) | failed plan: measured / "
+                  "predicted / calibrated round (ms) |", "|---|---|---|---|---|---|---|"]
         for mode in [m for m in modes if m != "restart"]:
             evs = [r["event"] for r in runs[mode]]
             chosen = ", ".join(f"{name} {sum(e['chosen'] == name for e in evs)}/{len(evs)}"
@@ -380,15 +380,18 @@ def _markdown(data: dict[str, Any]) -> str:
                                if any(e["chosen"] == name for e in evs))
             cals = [e["calibration"] for e in evs if "calibration" in e]
             ratio = ("-" if not cals else ", ".join(
-                f"{d} {statistics.median(c['compute_ratio'][d] for c in cals):.2f}"
-                for d in cals[0]["compute_ratio"]))
+                f"{g} stage {st} "
+                f"{statistics.median(c['ratios'][g][st][0] for c in cals):.2f}/"
+                f"{statistics.median(c['ratios'][g][st][1] for c in cals):.2f}"
+                for g in cals[0]["ratios"] for st in cals[0]["ratios"][g]
+                if all(st in c["ratios"].get(g, {}) for c in cals)))
             rounds = ("-" if not cals else " / ".join(
                 _ms([c[k] for c in cals]) for k in ("measured_round_s", "predicted_round_s",
                                                     "calibrated_round_s")))
             lines.append(
                 f"| {labels[mode]} | {_ms(_known(evs, 'layerwise_round_s'))} | "
                 f"{_ms(_known(evs, 'full_round_s'))} | {chosen} | "
-                f"{_fmt([c['compute_scale'] for c in cals], digits=2)} | {ratio} | "
+                f"{ratio} | "
                 f"{_fmt([c['message_overhead_ms'] for c in cals], digits=2)} | {rounds} |")
         speedups = [b["total_s"] / a["total_s"] for a, b in zip(replay, restart, strict=True)]
         replay_t = statistics.median(e["total_s"] for e in replay)
