@@ -767,7 +767,8 @@ class _Processes:
         previous = self.generation
         self.generation = spec.generation
         run_source, cgroups, setup = self._shape(plan, cluster, source, spec.generation)
-        config = replace(config, **setup.links)
+        config = replace(config, **setup.links,
+                         **(setup.placement if self.shaping == "cgroup" else {}))
         spec = replace(spec, **setup.links)    # replica sends are paced too
         world = len(plan.devices)
         procs = []

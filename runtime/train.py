@@ -87,6 +87,7 @@ class TrainConfig:
     compute_scale: float = 1.0             # time dilation (1.0 = none)
     link_bytes_s: tuple[tuple[float, ...], ...] | None = None   # [src][dst], None = no pacing
     link_latency_s: tuple[tuple[float, ...], ...] | None = None  # [src][dst] seconds, or None
+    rank_cpus: tuple[tuple[int, ...], ...] | None = None  # emulation: host cores per rank
     loss_reduction: str = "mean"
     return_state: bool = False
     start_step: int = 0                    # first step to run (> 0 after a recovery)
