@@ -26,6 +26,7 @@ app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,     # plain click help: wraps to the terminal, flags without <bool>
 )
 
 # Tables are wide: when stdout is not a terminal (a file, a pipe, CI) do not squeeze them.
@@ -44,20 +45,39 @@ ClusterOpt = Annotated[
     Path, typer.Option("--cluster", "-c", help="cluster.yaml describing devices and links")
 ]
 BatchOpt = Annotated[int, typer.Option("--batch-size", "-b", help="samples per training round")]
-PlannerOpt = Annotated[
-    str,
-    typer.Option(
-        "--planner",
-        help="asteroid | ilp | ilp-wide | dp-only | pp-equal | pipedream | dapple | hetpipe "
-        "| device",
-    ),
-]
+MicroOpt = Annotated[int | None, typer.Option(
+    "--micro-batch", help="fix the micro-batch size (a divisor of the batch size; asteroid and "
+    "ilp planners) instead of letting the planner choose it")]
+PLANNERS_HELP = (
+    "asteroid: the Asteroid DP, exact over its search space (default); "
+    "ilp: the same space as a MILP (PuLP/CBC), a cross-check; "
+    "ilp-wide: any device subset per stage (small instances only); "
+    "baselines, each with its published blind spots: dp-only (DDP: the whole model on "
+    "every device, equal shares), pp-equal (GPipe: one device per stage, layers balanced by "
+    "time), pipedream, dapple, hetpipe, device (the best single device)"
+)
+PlannerOpt = Annotated[str, typer.Option("--planner", help=PLANNERS_HELP)]
+
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            found = version("asteroid-fx")
+        except PackageNotFoundError:   # run from a source tree that is not installed
+            found = "unknown (not installed)"
+        console.print(f"asteroid-fx {found}")
+        raise typer.Exit()
 
 
 @app.callback()
 def _root(
     debug: Annotated[bool, typer.Option("--debug", help="show tracebacks on errors")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="log progress")] = False,
+    version: Annotated[bool, typer.Option(
+        "--version", callback=_version, is_eager=True, help="print the version and exit")]
+    = False,
 ) -> None:
     _state["debug"] = debug
     logging.basicConfig(
@@ -144,7 +164,8 @@ def _fmt_bytes(n: float) -> str:
 def trace(
     model: ModelArg,
     leaf: LeafOpt = None,
-    batch_size: Annotated[int, typer.Option("--batch-size", "-b")] = 2,
+    batch_size: Annotated[int, typer.Option(
+        "--batch-size", "-b", help="samples in the example batch that is traced")] = 2,
 ) -> None:
     """Show the layer graph: layers, parameters, activation and cut sizes."""
     with _errors():
@@ -353,6 +374,7 @@ def plan(
     out: Annotated[Path | None, typer.Option("--out", "-o", help="write plan.json")] = None,
     costs_file: CostsOpt = None,
     leaf: LeafOpt = None,
+    micro_batch: MicroOpt = None,
 ) -> None:
     """Plan stages, device groups, shares and micro-batches; print the report."""
     with _errors():
@@ -363,7 +385,8 @@ def plan(
         _spec, _module, _inputs, table = _costs_for(model, batch_size, costs_file, _leaf(leaf),
                                                     clus, planner)
         result = plan_fn(table, clus, batch_size, planner=planner, check_ilp=check_ilp,
-                         optimizer_state_factor=table.optimizer_state_factor)
+                         optimizer_state_factor=table.optimizer_state_factor,
+                         micro_batch_size=micro_batch)
         _print_report(result, table, clus)
         if out is not None:
             result.save(out)
@@ -386,6 +409,7 @@ def partition(
     no_onnx: Annotated[bool, typer.Option("--no-onnx", help="skip per-stage ONNX export")] = False,
     costs_file: CostsOpt = None,
     leaf: LeafOpt = None,
+    micro_batch: MicroOpt = None,
 ) -> None:
     """Plan and split the model into runnable stages; write a stage package directory."""
     with _errors():
@@ -399,7 +423,8 @@ def partition(
         spec, module, inputs, table = _costs_for(model, batch_size, costs_file, _leaf(leaf),
                                                  clus, planner)
         result = plan_fn(table, clus, batch_size, planner=planner,
-                         optimizer_state_factor=table.optimizer_state_factor)
+                         optimizer_state_factor=table.optimizer_state_factor,
+                         micro_batch_size=micro_batch)
         _print_report(result, table, clus)
         stages = partition_fn(module, inputs, result, leaf_modules=_leaf(leaf))
         written = save_partition(out, result, stages, model_spec=spec, onnx=not no_onnx,
@@ -438,11 +463,13 @@ def calibrate(
 @app.command()
 def simulate(
     plan_file: Annotated[Path, typer.Argument(help="plan.json")],
-    costs_file: Annotated[Path | None, typer.Option("--costs", help="costs.json")] = None,
-    cluster: Annotated[Path | None, typer.Option("--cluster", "-c")] = None,
+    costs_file: Annotated[Path | None, typer.Option(
+        "--costs", help="costs.json (default: costs.json beside plan.json)")] = None,
+    cluster: Annotated[Path | None, typer.Option(
+        "--cluster", "-c", help="cluster.yaml (default: cluster.yaml beside plan.json)")] = None,
     model: Annotated[str | None, typer.Option("--model", help="MODEL_SPEC for analytic costs")]
     = None,
-    rounds: Annotated[int, typer.Option("--rounds")] = 1,
+    rounds: Annotated[int, typer.Option("--rounds", help="training rounds to simulate")] = 1,
     gantt: Annotated[Path | None, typer.Option("--gantt", help="write a Gantt chart PNG")] = None,
 ) -> None:
     """Event-simulate rounds of a plan: time, bubbles, memory; optional Gantt PNG."""
@@ -488,9 +515,11 @@ def run(
     directory: Annotated[Path, typer.Argument(help="partition directory from `partition`")],
     emulate: Annotated[Path | None, typer.Option("--emulate", help="cluster.yaml to emulate on "
                                                  "this host")] = None,
-    steps: Annotated[int, typer.Option("--steps")] = 10,
-    seed: Annotated[int, typer.Option("--seed")] = 0,
-    lr: Annotated[float, typer.Option("--lr")] = 0.01,
+    steps: Annotated[int, typer.Option("--steps", help="training rounds (mini-batches)")] = 10,
+    seed: Annotated[int, typer.Option(
+        "--seed", help="seed of the weights, data and dropout (same seed, same losses)")] = 0,
+    lr: Annotated[float, typer.Option("--lr", help="learning rate (when the model file "
+                                                 "has no build_optimizer)")] = 0.01,
     metrics: Annotated[Path | None, typer.Option("--metrics", help="metrics.jsonl")] = None,
     fail: Annotated[str | None, typer.Option("--fail", help="DEVICE@STEP: SIGKILL a device")]
     = None,
@@ -511,9 +540,16 @@ def run(
         "(default 0.1; 0: always the faster plan)")] = None,
     calibrate: Annotated[bool, typer.Option(
         "--calibrate/--no-calibrate", help="with --fail/--leave, replay: predict the re-plan "
-        "on the cluster as the run measured it (compute speed, per-message overhead)")] = True,
+        "on the cost table as the run measured it (forward/backward per device type and "
+        "stage, per-message overhead)")] = True,
 ) -> None:
-    """Train from a partition directory (emulated cluster here, or under torchrun)."""
+    """Train from a partition directory: on an emulated cluster on this host (--emulate), or
+    on real devices, one process per device, rank i = device i of plan.json:
+
+    \b
+      torchrun --nnodes N --node-rank I --nproc-per-node 1 \\
+          --master-addr HOST --master-port 29500 -m asteroid_fx.cli run DIR
+    """
     with _errors():
         from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 

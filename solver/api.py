@@ -186,10 +186,29 @@ def planner_names() -> list[str]:
     return list(PLANNERS)
 
 
+def _fixed_micro_batch(micro_batch_size: int, batch_size: int, planner: str) -> int:
+    """``micro_batch_size`` checked against the batch and the planner (``PlanError``)."""
+    m = micro_batch_size
+    if isinstance(m, bool) or not isinstance(m, int) or m < 1:
+        raise PlanError(f"the micro-batch size must be an integer >= 1, got {m!r}")
+    if m > batch_size:
+        raise PlanError(f"micro-batch {m} is larger than the batch {batch_size}; use at most "
+                        f"{batch_size} (one micro-batch per round)")
+    if batch_size % m:
+        divisors = [d for d in range(1, batch_size + 1) if batch_size % d == 0]
+        raise PlanError(f"micro-batch {m} does not divide the batch {batch_size}; use one of "
+                        f"{divisors}")
+    if planner not in _OWN:
+        raise PlanError(f"a fixed micro-batch applies to the planners {sorted(_OWN)}; "
+                        f"{planner!r} chooses its own (drop --micro-batch)")
+    return m
+
+
 def plan(costs: CostTable, cluster: Cluster, batch_size: int, *, planner: str = "asteroid",
          check_ilp: bool = False, optimizer_state_factor: float = 0.0,
          micro_batch_sizes: Sequence[int] | None = None,
-         time_limit_s: float = DEFAULT_ILP_TIME_LIMIT_S) -> Plan:
+         time_limit_s: float = DEFAULT_ILP_TIME_LIMIT_S,
+         micro_batch_size: int | None = None) -> Plan:
     """Plan with the named planner and return the evaluated plan.
 
     Args:
@@ -204,6 +223,8 @@ def plan(costs: CostTable, cluster: Cluster, batch_size: int, *, planner: str = 
             momentum, 2 Adam).
         micro_batch_sizes: micro-batch sizes to try (asteroid / ilp planners only).
         time_limit_s: budget of the MILP solves.
+        micro_batch_size: fix the micro-batch size (a divisor of ``batch_size``; asteroid /
+            ilp planners only) instead of letting the planner choose it.
 
     Returns:
         The plan with ``predicted``, ``num_layers``, hashes and planner info filled in.
@@ -219,6 +240,8 @@ def plan(costs: CostTable, cluster: Cluster, batch_size: int, *, planner: str = 
     if fn is None:
         raise PlanError(f"unknown planner {planner!r}; choose one of "
                         f"{', '.join(sorted(PLANNERS))}")
+    if micro_batch_size is not None:
+        micro_batch_sizes = [_fixed_micro_batch(micro_batch_size, batch_size, planner)]
     kwargs: dict[str, Any] = {"optimizer_state_factor": optimizer_state_factor}
     if planner in _OWN and micro_batch_sizes is not None:
         kwargs["micro_batch_sizes"] = micro_batch_sizes

@@ -247,3 +247,59 @@ def test_plan_names_its_costs(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["plan", model, "--cluster", str(CLUSTERS / "local3.yaml"), "-b", "8",
                  "--costs", "analytic"]) == 0
     assert "costs: analytic costs" in capsys.readouterr().out
+
+
+def test_every_command_and_option_has_help() -> None:
+    import click
+    import typer
+
+    from asteroid_fx.cli import app
+
+    root = typer.main.get_command(app)
+    ctx = click.Context(root)
+    missing = []
+    commands: list[tuple[str, click.Command]] = [("", root)]
+    while commands:
+        path, cmd = commands.pop()
+        if isinstance(cmd, click.Group):
+            commands += [(f"{path} {n}".strip(), cmd.get_command(ctx, n))
+                         for n in cmd.list_commands(ctx)]
+        if path and not (cmd.help or "").strip():
+            missing.append(f"{path}: command help")
+        missing += [f"{path or 'asteroid-fx'} {p.name}" for p in cmd.params
+                    if not (getattr(p, "help", None) or "").strip()]
+    assert missing == []
+
+
+def test_version_prints_the_package_version(capsys: pytest.CaptureFixture[str]) -> None:
+    from importlib.metadata import version
+
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"asteroid-fx {version('asteroid-fx')}"
+
+
+@pytest.mark.parametrize("micro, match", [
+    ("0", "must be an integer >= 1, got 0"),
+    ("32", "micro-batch 32 is larger than the batch 16"),
+    ("5", r"micro-batch 5 does not divide the batch 16; use one of \[1, 2, 4, 8, 16\]"),
+])
+def test_micro_batch_is_checked(micro: str, match: str,
+                                capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["plan", str(ROOT / "examples" / "mlp.py"), "--cluster",
+                 str(CLUSTERS / "local3.yaml"), "--batch-size", "16",
+                 "--costs", "analytic", "--micro-batch", micro])
+    assert code == 1
+    import re
+
+    assert re.search(match, _one_error_line(capsys.readouterr().err))
+
+
+def test_micro_batch_fixes_the_plans_micro_batch(tmp_path: Path) -> None:
+    from solver.plan import Plan
+
+    out = tmp_path / "plan.json"
+    assert main(["plan", str(ROOT / "examples" / "mlp.py"), "--cluster",
+                 str(CLUSTERS / "local3.yaml"), "--batch-size", "16",
+                 "--costs", "analytic", "--micro-batch", "4", "--out", str(out)]) == 0
+    got = Plan.load(out)
+    assert got.micro_batch_size == 4 and got.num_micro_batches == 4
