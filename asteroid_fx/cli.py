@@ -1,4 +1,4 @@
-"""The ``asteroid-fx`` command line: trace, profile, costs, plan, partition, simulate, run."""
+"""The ``asteroid-fx`` command line (trace, profile, plan, partition, run, plot and more)."""
 
 from __future__ import annotations
 
@@ -458,6 +458,19 @@ def calibrate(
                       f"round {correction.predicted_round_s * 1e3:.2f} ms predicted, "
                       f"{correction.measured_round_s * 1e3:.2f} ms measured, "
                       f"{correction.calibrated_round_s * 1e3:.2f} ms calibrated -> {out}")
+
+
+@app.command()
+def plot(
+    metrics: Annotated[Path, typer.Argument(help="metrics.jsonl of `asteroid-fx run DIR "
+                                            "--metrics`")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="PNG to write")] = Path("run.png"),
+) -> None:
+    """Plot measured against predicted round time per step, recoveries marked."""
+    with _errors():
+        from asteroid_fx.run_plot import plot_metrics
+
+        console.print(f"wrote {plot_metrics(metrics, out)}")
 
 
 @app.command()

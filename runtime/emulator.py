@@ -74,19 +74,17 @@ class EmulationSetup:
     host_cores: float                    # cores the devices share (see usable_cores)
     #: one-way latency (seconds) of a message between two ranks, already times factor
     link_latency_s: tuple[tuple[float, ...], ...] = ()
-    #: host cores per rank under cgroup shaping (core_placement), or None
-    cpus: tuple[tuple[int, ...], ...] | None = None
 
     @property
     def effective_speeds(self) -> tuple[float, ...]:
         return tuple(s / self.factor for s in self.speeds)
 
-    @property
-    def placement(self) -> dict[str, Any]:
-        """``rank_cpus`` as ``TrainConfig`` takes it under cgroup shaping: the host cores
-        each rank is pinned to (see [Note: pinning emulated devices]), or None to let the
-        OS place them (time dilation needs a whole core per computing process)."""
-        return {"rank_cpus": self.cpus}
+    def timing(self, config: Any) -> dict[str, Any]:
+        """``time_factor`` and ``prediction`` for ``config`` (a ``TrainConfig``): its rows
+        compare with the prediction times the slow-down factor ("emulated", unless a re-plan
+        already named it "calibrated")."""
+        kind = "emulated" if config.prediction == "plan" else config.prediction
+        return {"time_factor": self.factor, "prediction": kind}
 
     @property
     def links(self) -> dict[str, Any]:
@@ -158,55 +156,21 @@ def emulation_setup(plan: Plan, cluster: Any, *, host_cores: float | None = None
     latency = tuple(tuple(cluster.latency_s(a, b) * factor for b in plan.devices)
                     for a in plan.devices)
     return EmulationSetup(devices=tuple(plan.devices), speeds=speeds, factor=factor,
-                          link_bytes_s=links, host_cores=cores, link_latency_s=latency,
-                          cpus=core_placement([s / factor for s in speeds], _host_cpus()))
+                          link_bytes_s=links, host_cores=cores, link_latency_s=latency)
 
 
-# [Note: pinning emulated devices]
-# A device's cgroup quota caps its CPU time per period, but does not guarantee it: when
-# more device processes want to run than there are cores, CFS shares the cores between
-# them by weight, and a period's unused quota is lost. On this project's 2-core host a
-# ResNet-50 pipeline on local3 (fast 0.75 core | slow0+slow1 at 0.375 each) measured its
-# `fast` device's forward/backward at 2.2x its thread CPU time where its quota allows
-# 1.33x, so the plan measured 1.42x its prediction. Each rank is therefore pinned to
-# host cores (worst-fit decreasing by speed: the fastest device first, each onto the
-# least-loaded core) when every core's devices add up to at most one core, and each
-# cgroup's cpu.shares is proportional to its speed, so a device contending with others
-# on its core still gets its quota. Speeds above one core are not pinned.
-
-
-def core_placement(speeds: Sequence[float], cpus: Sequence[int]
-                   ) -> tuple[tuple[int, ...], ...] | None:
-    """Host cores per rank for emulated ``speeds`` (fractions of one core), or None when
-    they cannot be packed one core each with every core at most full (see [Note: pinning
-    emulated devices])."""
-    if len(cpus) < 2 or not speeds or any(not 0 < s <= 1.0 for s in speeds):
-        return None
-    load = {c: 0.0 for c in cpus}
-    placed: dict[int, int] = {}
-    for rank in sorted(range(len(speeds)), key=lambda r: (-speeds[r], r)):
-        core = min(cpus, key=lambda c: (load[c], c))
-        if load[core] + speeds[rank] > 1.0 + 1e-9:
-            return None
-        load[core] += speeds[rank]
-        placed[rank] = core
-    return tuple((placed[r],) for r in range(len(speeds)))
-
-
-def _host_cpus() -> list[int]:
-    try:
-        return sorted(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - non-Linux
-        return []
-
-
-def pin_to(cpus: Sequence[int] | None) -> None:
-    """Pin this process (and the threads it starts later) to ``cpus``; None: no-op."""
-    if cpus:
-        try:
-            os.sched_setaffinity(0, set(cpus))
-        except (AttributeError, OSError) as exc:  # pragma: no cover - non-Linux
-            log.warning("could not pin the device process to cores %s: %s", list(cpus), exc)
+# [Note: contending devices]
+# A device's cgroup quota caps its CPU time per period but does not guarantee it: when more
+# device processes want to run than there are cores, CFS shares the cores between them by
+# weight, and a period's unused quota is lost. On this project's 2-core host (while other
+# jobs ran) a ResNet-50 pipeline on local3 (fast at 0.75 core | slow0+slow1 at 0.375 each)
+# measured its `fast` device's forward/backward at 2.2x its thread CPU time, where its
+# quota allows 1.33x. Each cgroup's cpu.shares therefore grows with its speed (2048 x speed,
+# at least a plain process's 1024), so a contending fast device wins its quota over the
+# slow ones. Pinning each device to a core
+# (worst-fit by speed, no core overbooked) brought that ratio to 1.6x in one run, but made
+# heartbeats miss their 1 s deadline at start-up in the recovery tests (two processes
+# importing torch on one core under their quotas), so it is not done.
 
 
 def _free_port() -> int:
@@ -239,7 +203,6 @@ def _worker(rank: int, world: int, port: int, source: StageSource, config: Train
         while True:
             if cgroup is not None:
                 Path(cgroup, "cgroup.procs").write_text(str(os.getpid()))
-            pin_to(None if config.rank_cpus is None else config.rank_cpus[rank])
             group_store: Any = store
             if recovery is not None:
                 hooks = recovery.hooks(store, rank, world)
@@ -377,8 +340,10 @@ def make_cgroup(path: Path, speed: float) -> None:
     ``speed`` of one core (:func:`cfs_settings`)."""
     path.mkdir(exist_ok=True)
     period, quota = cfs_settings(speed)
-    # weight by speed (1024 = one core): contending devices get their quotas
-    (path / "cpu.shares").write_text(str(max(2, int(round(1024 * min(speed, 1.0))))))
+    # weight by speed (1024 = one core; see [Note: contending devices])
+    # (never below a plain process's 1024, so a device does not lose its CPU to the host's
+    # other work: at least 1024, and 2048 x speed for devices above half a core)
+    (path / "cpu.shares").write_text(str(max(1024, int(round(2048 * min(speed, 1.0))))))
     (path / "cpu.cfs_period_us").write_text(str(period))
     (path / "cpu.cfs_quota_us").write_text(str(quota))
 
@@ -530,8 +495,7 @@ def _launch_shaped(source: StageSource, config: TrainConfig, setup: EmulationSet
                    progress: Callable[[Mapping[str, Any]], None] | None,
                    timeout_s: float) -> list[WorkerResult]:
     world = len(setup.devices)
-    config = replace(config, **setup.links,
-                     **(setup.placement if shaping == "cgroup" else {}))
+    config = replace(config, **setup.links, **setup.timing(config))
     if shaping != "dilation":
         return launch_local(source, world, config, cgroups=cgroups, progress=progress,
                             timeout_s=timeout_s, devices=setup.devices)

@@ -86,6 +86,10 @@ class RunResult:
                 f"{self.throughput_samples_s:.1f} samples/s")
         if self.predicted_round_time_s is not None:
             line += f"; predicted {self.predicted_round_time_s:.4f} s"
+            if self.mode == "emulate":
+                plan_s = self.predicted_round_time_s / self.slowdown_factor
+                line += (f" (emulated: the plan's {plan_s:.4f} s x slow-down factor "
+                         f"{self.slowdown_factor:.2f})")
         lines.append(line)
         for st in self.stages:
             pred = ("" if st.predicted_f is None or st.predicted_b is None else

@@ -399,7 +399,9 @@ def run_with_recovery(directory: str | Path, cluster: Any, config: TrainConfig, 
             pending = {d: s for d, s in pending.items() if d not in failed and s > committed}
             leaving = {d: s for d, s in leaving.items() if d not in failed and s > committed}
             plan, alive, current = new_plan, survivors, gen_dir
-            gen_config = replace(config, start_step=resume, append_metrics=True)
+            gen_config = replace(config, start_step=resume, append_metrics=True,
+                                 prediction="calibrated" if calibration is not None
+                                 else config.prediction)
     finally:
         procs.close()
 
@@ -767,8 +769,7 @@ class _Processes:
         previous = self.generation
         self.generation = spec.generation
         run_source, cgroups, setup = self._shape(plan, cluster, source, spec.generation)
-        config = replace(config, **setup.links,
-                         **(setup.placement if self.shaping == "cgroup" else {}))
+        config = replace(config, **setup.links, **setup.timing(config))
         spec = replace(spec, **setup.links)    # replica sends are paced too
         world = len(plan.devices)
         procs = []

@@ -87,7 +87,10 @@ class TrainConfig:
     compute_scale: float = 1.0             # time dilation (1.0 = none)
     link_bytes_s: tuple[tuple[float, ...], ...] | None = None   # [src][dst], None = no pacing
     link_latency_s: tuple[tuple[float, ...], ...] | None = None  # [src][dst] seconds, or None
-    rank_cpus: tuple[tuple[int, ...], ...] | None = None  # emulation: host cores per rank
+    time_factor: float = 1.0               # emulation: the slow-down factor of every time
+    # what metrics rows compare with: "plan" (the plan's predicted round), "emulated" (times
+    # time_factor) or "calibrated" (a re-plan predicted on the run's calibrated costs)
+    prediction: str = "plan"
     loss_reduction: str = "mean"
     return_state: bool = False
     start_step: int = 0                    # first step to run (> 0 after a recovery)
@@ -308,6 +311,9 @@ def train_device(source: StageSource, rank: int, config: TrainConfig, *,
             allreduce.append(stats.allreduce_s)
         record: dict[str, Any] = {"step": step, "loss": loss, "round_time_s": round_time,
                                   "plan_version": plan.plan_version}
+        if plan.predicted is not None:
+            record["predicted_round_time_s"] = plan.predicted.round_time_s * config.time_factor
+            record["prediction"] = config.prediction
         record["peak_memory_bytes"] = {d: peaks[i] for i, d in enumerate(plan.devices)}
         if any(v >= 0 for v in peaks[world:]):
             record["peak_reserved_bytes"] = {d: (peaks[world + i] if peaks[world + i] >= 0

@@ -139,32 +139,3 @@ def test_cfs_settings_keep_short_periods() -> None:
     assert quota == 1000 and quota / period == pytest.approx(0.05)
     assert cfs_settings(3.0) == (5000, 5000)
 
-
-def test_core_placement_packs_devices_onto_cores_without_overbooking() -> None:
-    from runtime.emulator import core_placement
-
-    # local3 after the common factor: 0.75 alone on one core, the two halves on the other
-    assert core_placement([0.75, 0.375, 0.375], [0, 1]) == ((0,), (1,), (1,))
-    # local4-wifi: the fastest first, each onto the least-loaded core
-    got = core_placement([0.625, 0.375, 0.25, 0.25], [0, 1])
-    assert got is not None
-    load = {0: 0.0, 1: 0.0}
-    for speed, (core,) in zip([0.625, 0.375, 0.25, 0.25], got, strict=True):
-        load[core] += speed
-    assert max(load.values()) <= 1.0
-    # cannot pack without overbooking a core, one core only, or a speed above one core
-    assert core_placement([0.6, 0.6, 0.6], [0, 1]) is None
-    assert core_placement([0.5], [0]) is None
-    assert core_placement([1.5], [0, 1]) is None
-
-
-def test_setup_places_each_rank_on_host_cores() -> None:
-    plan = Plan("m", "c", 8, 4, 2, (Stage((0, 1), ("a",), (4,)),
-                                    Stage((2, 4), ("b", "c"), (3, 1))))
-    setup = emulation_setup(plan, _cluster({"a": 1.0, "b": 0.5, "c": 0.5}, 100),
-                            host_cores=1.5)
-    if len(os.sched_getaffinity(0)) >= 2:
-        assert setup.placement["rank_cpus"] is not None
-        assert len(setup.placement["rank_cpus"]) == 3
-    else:
-        assert setup.placement["rank_cpus"] is None
