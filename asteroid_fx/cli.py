@@ -59,6 +59,10 @@ PLANNERS_HELP = (
 PlannerOpt = Annotated[str, typer.Option("--planner", help=PLANNERS_HELP)]
 
 
+_THIRD_PARTY_LOGGERS = ("onnxscript", "onnx_ir", "onnx", "torch", "matplotlib", "PIL",
+                        "pulp", "urllib3", "filelock")
+
+
 def _version(value: bool) -> None:
     if value:
         from importlib.metadata import PackageNotFoundError, version
@@ -84,6 +88,9 @@ def _root(
         level=logging.DEBUG if debug else (logging.INFO if verbose else logging.WARNING),
         format="%(levelname)s %(name)s: %(message)s",
     )
+    if not debug:   # -v is our progress; other libraries' INFO only with --debug
+        for name in _THIRD_PARTY_LOGGERS:
+            logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def _error_line(label: str, message: str) -> None:

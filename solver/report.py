@@ -10,7 +10,7 @@ Example::
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from rich.console import Group, RenderableType
@@ -97,7 +97,7 @@ def _content(plan: Plan, costs: CostTable, cluster: Cluster) -> _Content:
         ("model", f"{plan.model_name or costs.model_name} ({costs.num_layers} layers, "
                   f"{costs.source} costs)"),
         ("planner", f"{info.name} v{info.version}, search {format_seconds(info.search_time_s)}"
-         + (f", check {dict(info.check)}" if info.check else "")),
+         + (f"; {check_words(info.check)}" if info.check else "")),
         ("batch", f"{plan.batch_size} = {plan.num_micro_batches} micro-batches x "
                   f"{plan.micro_batch_size}, schedule {plan.schedule}"),
         ("round time", format_seconds(pred.round_time_s)),
@@ -170,3 +170,29 @@ def plan_report_markdown(plan: Plan, costs: CostTable, cluster: Cluster) -> str:
               "every other type scales the base times by its speed.", ""]
     lines += _md_table(_SOURCE_HEADERS, content.sources)
     return "\n".join(lines) + "\n"
+
+
+_CHECK_PHRASES = {
+    "device_order_from": "best device order from the {} baseline",
+    "seeded_from": "seeded from the {} baseline",
+    "ilp_status": "ILP {}",
+    "ilp_solver": "solver {}",
+    "gap": "DP-ILP gap {}",
+}
+
+
+def check_words(check: Mapping[str, object]) -> str:
+    """``PlannerInfo.check`` as words for the report (``gap 0.12 %``, ``ILP optimal``...)."""
+    parts = []
+    for key, value in check.items():
+        if isinstance(value, float):
+            text = (f"{value:.2%}" if key == "gap" else format_seconds(value)
+                    if key.endswith(("_round", "_time_s", "_s")) else f"{value:.4g}")
+        elif isinstance(value, (list, tuple)):
+            text = ", ".join(str(v) for v in value)
+        else:
+            text = str(value)
+        phrase = _CHECK_PHRASES.get(key)
+        parts.append(phrase.format(text) if phrase else
+                     f"{key.removesuffix('_s').replace('_', ' ')} {text}")
+    return "; ".join(parts)

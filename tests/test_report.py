@@ -100,3 +100,13 @@ def test_report_names_the_source_of_every_device_types_times() -> None:
     console = Console(record=True, width=200)
     console.print(plan_report(plan, costs, cluster))
     assert "Layer times per device type" in console.export_text()
+
+
+def test_planner_checks_read_as_words() -> None:
+    from solver.report import check_words
+
+    text = check_words({"device_order_from": "hetpipe", "replicas": [5, 1], "gap": 0.0012,
+                        "ilp_status": "optimal", "dp_time_s": 1.5})
+    assert text == ("best device order from the hetpipe baseline; replicas 5, 1; "
+                    "DP-ILP gap 0.12%; ILP optimal; dp time 1.50 s")
+    assert "{" not in text
