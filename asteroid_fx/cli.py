@@ -434,8 +434,13 @@ def partition(
                          micro_batch_size=micro_batch)
         _print_report(result, table, clus)
         stages = partition_fn(module, inputs, result, leaf_modules=_leaf(leaf))
-        written = save_partition(out, result, stages, model_spec=spec, onnx=not no_onnx,
-                                 example_inputs=inputs, costs=table, cluster=clus)
+        bar, update = _progress_callback("ONNX export and check")
+        if no_onnx:
+            bar.disable = True
+        with bar:
+            written = save_partition(out, result, stages, model_spec=spec, onnx=not no_onnx,
+                                     example_inputs=inputs, costs=table, cluster=clus,
+                                     progress=update)
         size = sum(p.stat().st_size for p in Path(out).rglob("*") if p.is_file())
         console.print(f"wrote {len(written)} files ({_fmt_bytes(size)}) to {out}/ in "
                       f"{time.perf_counter() - start:.1f} s: "

@@ -31,7 +31,7 @@ from __future__ import annotations
 import importlib
 import logging
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -68,8 +68,11 @@ def save_partition(
     example_inputs: tuple[torch.Tensor, ...] | torch.Tensor | None = None,
     costs: Any = None,
     cluster: Any = None,
+    progress: Callable[[int, int, str], None] | None = None,
 ) -> dict[str, Path]:
     """Write the partition directory and return ``{file name: path}`` of what was written.
+
+    ``progress(done, total, what)`` is called around each stage's ONNX export and check.
 
     Args:
         directory: created if missing; existing files of the same names are replaced.
@@ -145,8 +148,12 @@ def save_partition(
 
             for i, args in enumerate(stage_example_args(stages, example_inputs)):
                 path = stage_file(out, i, ".onnx")
+                if progress is not None:
+                    progress(i, len(stages), path.name)
                 export_stage_onnx(stages[i], args, path, stage_index=i)
                 written[path.name] = path
+            if progress is not None:
+                progress(len(stages), len(stages), "checked")
     if costs is not None:
         costs.save(out / "costs.json")
         written["costs.json"] = out / "costs.json"
