@@ -303,3 +303,20 @@ def test_micro_batch_fixes_the_plans_micro_batch(tmp_path: Path) -> None:
                  "--costs", "analytic", "--micro-batch", "4", "--out", str(out)]) == 0
     got = Plan.load(out)
     assert got.micro_batch_size == 4 and got.num_micro_batches == 4
+
+
+@pytest.mark.parametrize("cluster", ["C-1000mbps.yaml", "local3.yaml"])
+def test_the_same_command_writes_the_same_plan(tmp_path: Path, cluster: str) -> None:
+    # host measurements (the analytic table's host speed, a local cluster's profile) are
+    # taken once and cached: a second run plans from the same numbers
+    import json
+
+    def written(i: int) -> str:
+        out = tmp_path / f"plan{i}.json"
+        assert main(["plan", str(ROOT / "examples" / "mlp.py"), "--cluster",
+                     str(CLUSTERS / cluster), "--batch-size", "16", "--out", str(out)]) == 0
+        data = json.loads(out.read_text())
+        data["planner"].pop("search_time_s")
+        return json.dumps(data, sort_keys=True)
+
+    assert written(0) == written(1) == written(2)
