@@ -184,7 +184,8 @@ def trace(
         graph = trace_fn(module, inputs, leaf_modules=_leaf(leaf), model_name=spec.name)
         table = Table(title=f"{spec.name}: {len(graph.layers)} layers (hash {graph.model_hash})")
         for col in ("#", "layer", "op", "params", "act/sample", "out/sample", "cut after"):
-            table.add_column(col, justify="right" if col not in ("layer", "op") else "left")
+            table.add_column(col, justify="right" if col not in ("layer", "op") else "left",
+                             overflow="fold")
         for layer in graph.layers:
             cut = graph.cut_bytes[layer.index] if layer.index < len(graph.cut_bytes) else None
             table.add_row(str(layer.index), layer.name, layer.op, _fmt_bytes(layer.param_bytes),
@@ -311,13 +312,13 @@ def _show_costs(table: Any, cluster: Path | None, batch_size: int) -> None:
             else f", speed {timing.speeds[name]:.3g}"
         sources[label] = table.timing_source(kind) + scaled
     out = Table(title=f"{table.model_name} — fwd+bwd ms at batch {batch_size}")
-    out.add_column("#", justify="right")
-    out.add_column("layer")
-    out.add_column("op")
+    out.add_column("#", justify="right", overflow="fold")
+    out.add_column("layer", overflow="fold")
+    out.add_column("op", overflow="fold")
     for label in labels:
-        out.add_column(label, justify="right")
-    out.add_column("params", justify="right")
-    out.add_column("cut after", justify="right")
+        out.add_column(label, justify="right", overflow="fold")
+    out.add_column("params", justify="right", overflow="fold")
+    out.add_column("cut after", justify="right", overflow="fold")
     totals = dict.fromkeys(labels, 0.0)
     for i, layer in enumerate(table.layers):
         cells = []

@@ -115,7 +115,8 @@ def _rich_table(title: str, headers: Sequence[str], rows: Sequence[Sequence[str]
                 numeric_from: int) -> Table:
     table = Table(title=title, title_justify="left")
     for i, header in enumerate(headers):
-        table.add_column(header, justify="right" if i >= numeric_from else "left")
+        table.add_column(header, justify="right" if i >= numeric_from else "left",
+                         overflow="fold")
     for row in rows:
         table.add_row(*row)
     return table
@@ -130,7 +131,7 @@ def plan_report(plan: Plan, costs: CostTable, cluster: Cluster) -> RenderableTyp
     content = _content(plan, costs, cluster)
     summary = Table.grid(padding=(0, 2))
     summary.add_column(style="bold")
-    summary.add_column()
+    summary.add_column(overflow="fold")
     for key, value in content.summary:
         style = "bold red" if key == "fits in memory" and content.oom else ""
         summary.add_row(key, Text(value, style=style))

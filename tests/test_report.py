@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+from dataclasses import replace
 from pathlib import Path
 
 from rich.console import Console
@@ -110,3 +112,13 @@ def test_planner_checks_read_as_words() -> None:
     assert text == ("best device order from the hetpipe baseline; replicas 5, 1; "
                     "DP-ILP gap 0.12%; ILP optimal; dp time 1.50 s")
     assert "{" not in text
+
+
+def test_report_fits_an_80_column_terminal_without_cutting_text() -> None:
+    plan, costs, cluster = _setup()
+    console = Console(width=80, record=True, file=io.StringIO())
+    plan = replace(plan, predicted=evaluate(plan, costs, cluster))  # type: ignore[arg-type]
+    console.print(plan_report(plan, costs, cluster))  # type: ignore[arg-type]
+    text = console.export_text()
+    assert max(len(line) for line in text.splitlines()) <= 80
+    assert "…" not in text
