@@ -29,9 +29,11 @@ app = typer.Typer(
     rich_markup_mode=None,     # plain click help: wraps to the terminal, flags without <bool>
 )
 
-# Tables are wide: when stdout is not a terminal (a file, a pipe, CI) do not squeeze them.
-console = Console(width=None if sys.stdout.isatty() else 160)
-err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 400)
+# Tables are wide: when stdout is not a terminal (a file, a pipe, CI) do not squeeze them,
+# unless $COLUMNS says how wide to be; on a terminal they fold to its width.
+_SIZED = "COLUMNS" in os.environ
+console = Console(width=None if sys.stdout.isatty() or _SIZED else 160)
+err_console = Console(stderr=True, width=None if sys.stderr.isatty() or _SIZED else 400)
 
 _state: dict[str, bool] = {"debug": False}
 
@@ -359,7 +361,7 @@ def _costs_for(model: str, batch_size: int, costs: str | None, leaf: tuple[str, 
     with bar:
         choice = resolve_costs(spec, module, inputs, clus, costs, leaf_modules=leaf,
                                batch_size=batch_size, progress=update)
-    console.print(f"costs: {choice.detail}", soft_wrap=True, highlight=False)
+    console.print(f"costs: {choice.detail}", highlight=False)
     return spec, module, inputs, _renamed(choice.table, spec.name)
 
 
