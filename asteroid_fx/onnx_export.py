@@ -5,7 +5,8 @@ Example::
     from asteroid_fx.onnx_export import export_stage_onnx
     export_stage_onnx(stages[1], (activation,), "out/stage_1.onnx", stage_index=1)
 
-The stage is exported in eval mode (its train/eval flags are restored afterwards) with the
+The stage is exported in eval mode (its train/eval flags are restored afterwards; a
+:class:`~asteroid_fx.modes.ModeStage` exports its eval graph) with the
 dynamo exporter (``torch.onnx.export(..., dynamo=True)``, needs ``onnxscript``); when that
 fails the TorchScript exporter is tried. The file is then run in onnxruntime on the example
 arguments and on a batch one sample larger, and compared with the stage in torch.
@@ -23,6 +24,7 @@ from typing import Any
 import torch
 
 from asteroid_fx.errors import PartitionError
+from asteroid_fx.modes import ModeStage
 
 __all__ = ["ONNX_TOLERANCE", "export_stage_onnx", "run_onnx", "check_stage_onnx"]
 
@@ -65,8 +67,10 @@ def export_stage_onnx(
     out.parent.mkdir(parents=True, exist_ok=True)
     modes = {m: m.training for m in stage.modules()}
     stage.eval()
+    # a two-mode stage's graph is its train mode; the exporter reads the graph
+    exported = stage.eval_module() if isinstance(stage, ModeStage) else stage
     try:
-        _export(stage, args, out, stage_index, fallback)
+        _export(exported, args, out, stage_index, fallback)
         if check:
             check_stage_onnx(stage, args, out, stage_index=stage_index, tolerance=tolerance)
     finally:
