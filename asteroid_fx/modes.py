@@ -64,12 +64,15 @@ _SKIP = ("placeholder", "output")
 
 
 # -- tracing ----------------------------------------------------------------------------------
-def trace_both_modes(model: nn.Module, trace_one: Callable[[], LayerGraph]) -> LayerGraph:
+def trace_both_modes(model: nn.Module, trace_one: Callable[[], LayerGraph],
+                     graph_code: Callable[[], str | None]) -> LayerGraph:
     """Run ``trace_one`` with ``model`` in train mode, then in eval mode; see
     [Note: train and eval mode].
 
-    A model already in train mode keeps its submodules' flags (a frozen BatchNorm stays in
-    eval mode); one in eval mode is switched with ``model.train()``. Every flag is restored
+    ``graph_code`` is a cheap capture of the code in the current mode (None when there is
+    none): when it is the same in both modes, the eval mode is not traced again. A model
+    already in train mode keeps its submodules' flags (a frozen BatchNorm stays in eval
+    mode); one in eval mode is switched with ``model.train()``. Every flag is restored
     afterwards.
 
     Returns:
@@ -83,7 +86,10 @@ def trace_both_modes(model: nn.Module, trace_one: Callable[[], LayerGraph]) -> L
         if not model.training:
             model.train()
         graph = trace_one()
+        code = graph_code()
         model.eval()
+        if code is not None and graph_code() == code:
+            return graph
         try:
             other = trace_one()
         except TraceError as exc:
@@ -143,11 +149,12 @@ def eval_stage_layers(graph: LayerGraph, layer_stage: Sequence[int]) -> list[tup
                 fits = [num_stages - 1]
             if not fits:
                 raise PartitionError(
-                    f"the eval mode of {graph.model_name or 'the model'} uses "
+                    f"in eval mode {graph.model_name or 'the model'} runs "
                     f"{sorted(_state_targets(evals.graph_module, nodes))} (eval layer {j} "
-                    f"{evals.layers[j].name!r}) in another order than the train mode, so no "
-                    f"stage can run it where its parameters are; move the cut, or keep the "
-                    f"mode-dependent code inside a leaf module (leaf_modules=[...])")
+                    f"{evals.layers[j].name!r}) in another order than in train mode, where "
+                    f"stage(s) {sorted(choices)} hold them, so no stage of this plan can run "
+                    f"that layer next to its parameters; put the cut elsewhere, or make the "
+                    f"mode-dependent code a leaf module (leaf_modules=[...])")
             stage = fits[0]
         else:
             wanted = max((hints[n.name] for n in nodes if n.name in hints), default=low)

@@ -205,7 +205,8 @@ def _stage_meta(info: StageInfo, position: int) -> StageMeta:
                              f"pass the stages in the order partition() returned them")
     return StageMeta(index=info.index, inputs=info.inputs, outputs=info.outputs,
                      params=info.params, buffers=info.buffers, layers=info.layers,
-                     cloned_inputs=info.cloned_inputs, tied=dict(info.tied or {}))
+                     cloned_inputs=info.cloned_inputs, tied=dict(info.tied or {}),
+                     eval_inputs=info.eval_inputs, eval_outputs=info.eval_outputs)
 
 
 def _header(info: StageInfo, spec: str | None) -> list[str]:

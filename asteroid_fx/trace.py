@@ -255,7 +255,23 @@ def trace(
     return trace_both_modes(
         model,
         lambda: _trace_mode(model, example_inputs, leaf_modules=leaves, model_name=model_name),
+        lambda: _graph_code(model, example_inputs, leaves),
     )
+
+
+def _graph_code(
+    model: nn.Module,
+    example_inputs: tuple[torch.Tensor, ...] | torch.Tensor,
+    leaf_modules: tuple[type[nn.Module] | str, ...],
+) -> str | None:
+    """The code torch.fx captures in the model's current mode, before any of our passes (a
+    cheap test of whether two modes differ); None when it cannot be captured."""
+    try:
+        inputs = _check_inputs(example_inputs)
+        classes, names = _check_leaf_modules(model, leaf_modules)
+        return str(_symbolic_trace(model, len(inputs), classes, names, "Model").code)
+    except TraceError:
+        return None
 
 
 def _trace_mode(
