@@ -401,9 +401,12 @@ def markdown(rows: Sequence[Row]) -> str:
              "max diff train out / grad / buffers | max diff eval out / grad | time s | error |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
+        done = not row.error or row.stages > 0
+        train, evals = ((_mark(row.train_ok), _mark(row.eval_ok)) if done else ("-", "-"))
         lines.append(
-            f"| {row.model} | {_mark(row.trace_ok)} | {'yes' if row.eval_graph else 'no'} | "
-            f"{row.stages or '-'} | {_mark(row.train_ok)} | {_mark(row.eval_ok)} | {row.onnx} | "
+            f"| {row.model} | {_mark(row.trace_ok)} | "
+            f"{('yes' if row.eval_graph else 'no') if row.trace_ok else '-'} | "
+            f"{row.stages or '-'} | {train} | {evals} | {row.onnx} | "
             f"{' / '.join(map(_number, (row.train_out_diff, row.train_grad_diff, row.train_buffer_diff)))} | "  # noqa: E501
             f"{' / '.join(map(_number, (row.eval_out_diff, row.eval_grad_diff)))} | "
             f"{row.seconds:.0f} | {(row.error or '; '.join(row.notes)).replace('|', '/')} |")
