@@ -197,6 +197,10 @@ def trace(
         total = sum(layer.param_bytes for layer in graph.layers)
         console.print(f"parameters: {_fmt_bytes(total)}; input: "
                       f"{_fmt_bytes(graph.input_bytes)}/sample")
+        if graph.eval_graph is not None:
+            console.print(f"layers of the train mode; the eval mode runs other code "
+                          f"({graph.eval_graph.num_layers} layers), which stages run in eval "
+                          f"mode (docs/train-eval.md)")
 
 
 @app.command()

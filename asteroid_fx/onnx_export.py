@@ -5,7 +5,8 @@ Example::
     from asteroid_fx.onnx_export import export_stage_onnx
     export_stage_onnx(stages[1], (activation,), "out/stage_1.onnx", stage_index=1)
 
-The stage is exported in eval mode (its train/eval flags are restored afterwards) with the
+The stage is exported in eval mode (its train/eval flags are restored afterwards; a
+:class:`~asteroid_fx.modes.ModeStage` exports its eval graph) with the
 dynamo exporter (``torch.onnx.export(..., dynamo=True)``, needs ``onnxscript``); when that
 fails the TorchScript exporter is tried. The file is then run in onnxruntime on the example
 arguments and on a batch one sample larger, and compared with the stage in torch.
@@ -23,12 +24,15 @@ from typing import Any
 import torch
 
 from asteroid_fx.errors import PartitionError
+from asteroid_fx.modes import ModeStage
 
 __all__ = ["ONNX_TOLERANCE", "export_stage_onnx", "run_onnx", "check_stage_onnx"]
 
 log = logging.getLogger(__name__)
 
-#: Largest absolute difference accepted between onnxruntime and torch outputs.
+#: Largest difference accepted between onnxruntime and torch outputs, relative to the
+#: output's largest magnitude when that is above 1 (float32 rounding grows with the values:
+#: a randomly initialised resnet50 reaches 160 and differs by 1.8e-4 in ONNX).
 ONNX_TOLERANCE = 1e-4
 
 
@@ -50,7 +54,8 @@ def export_stage_onnx(
         path: the ``.onnx`` file to write.
         stage_index: used in error messages only.
         check: run the file in onnxruntime and compare with torch (two batch sizes).
-        tolerance: largest accepted absolute difference.
+        tolerance: largest accepted difference, relative to the output's largest magnitude
+            when that is above 1.
         fallback: try the TorchScript exporter when the dynamo exporter fails.
 
     Raises:
@@ -65,8 +70,10 @@ def export_stage_onnx(
     out.parent.mkdir(parents=True, exist_ok=True)
     modes = {m: m.training for m in stage.modules()}
     stage.eval()
+    # a two-mode stage's graph is its train mode; the exporter reads the graph
+    exported = stage.eval_module() if isinstance(stage, ModeStage) else stage
     try:
-        _export(stage, args, out, stage_index, fallback)
+        _export(exported, args, out, stage_index, fallback)
         if check:
             check_stage_onnx(stage, args, out, stage_index=stage_index, tolerance=tolerance)
     finally:
@@ -145,7 +152,8 @@ def run_onnx(path: str | Path, args: Sequence[torch.Tensor]) -> list[torch.Tenso
 
 def check_stage_onnx(stage: torch.nn.Module, args: Sequence[torch.Tensor], path: str | Path,
                      *, stage_index: int = 0, tolerance: float = ONNX_TOLERANCE) -> float:
-    """Compare the ONNX file with ``stage`` (eval mode) at two batch sizes; max difference.
+    """Compare the ONNX file with ``stage`` (eval mode) at two batch sizes; the largest
+    difference relative to the output's magnitude (when above 1; see :data:`ONNX_TOLERANCE`).
 
     Raises:
         PartitionError: a difference above ``tolerance``, or a different number/shape of
@@ -167,12 +175,14 @@ def check_stage_onnx(stage: torch.nn.Module, args: Sequence[torch.Tensor], path:
             if e.numel() == 0:
                 continue
             diff = float((g.to(torch.float64) - e.to(torch.float64)).abs().max())
-            worst = max(worst, diff)
-            if not diff <= tolerance:
+            scale = max(1.0, float(e.to(torch.float64).abs().max()))
+            worst = max(worst, diff / scale)
+            if not diff <= tolerance * scale:
                 raise PartitionError(
                     f"stage {stage_index}: ONNX output {k} differs from torch by {diff:.3g} "
-                    f"(tolerance {tolerance:g}, batch {batch}); the exported file is not "
-                    f"faithful, save without ONNX (onnx=False / --no-onnx)")
+                    f"(tolerance {tolerance:g} x {scale:.3g}, its largest magnitude, batch "
+                    f"{batch}); the exported file is not faithful, save without ONNX "
+                    f"(onnx=False / --no-onnx)")
     log.debug("stage %d: ONNX matches torch within %.3g", stage_index, worst)
     return worst
 

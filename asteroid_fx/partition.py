@@ -40,13 +40,14 @@ import inspect
 import logging
 import operator
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.fx as fx
 
 from asteroid_fx.errors import PartitionError
+from asteroid_fx.modes import ModeStage, eval_stage_layers, graph_targets
 from runtime.stage_io import STAGE_META_KEY
 from solver.plan import Plan
 
@@ -91,7 +92,9 @@ class StageInfo:
 
     ``inputs``/``outputs`` are node names of the original traced graph, in the order the
     stage takes/returns them (the last stage's outputs are the tensors of the model output,
-    flattened). ``tied`` maps a local parameter name to the canonical name of its tie group.
+    flattened); ``eval_inputs``/``eval_outputs`` are those of the eval mode when they differ
+    (names of the eval graph, see [Note: train and eval mode] in ``asteroid_fx.modes``).
+    ``tied`` maps a local parameter name to the canonical name of its tie group.
     """
 
     index: int
@@ -102,14 +105,21 @@ class StageInfo:
     buffers: tuple[str, ...]
     cloned_inputs: tuple[str, ...] = ()
     tied: Mapping[str, str] | None = None
+    eval_inputs: tuple[str, ...] | None = None   # None: the same as in train mode
+    eval_outputs: tuple[str, ...] | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        data: dict[str, Any] = {
             "index": self.index, "layers": list(self.layers), "inputs": list(self.inputs),
             "outputs": list(self.outputs), "params": list(self.params),
             "buffers": list(self.buffers), "cloned_inputs": list(self.cloned_inputs),
             "tied": dict(self.tied or {}),
         }
+        if self.eval_inputs is not None:
+            data["eval_inputs"] = list(self.eval_inputs)
+        if self.eval_outputs is not None:
+            data["eval_outputs"] = list(self.eval_outputs)
+        return data
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> StageInfo:
@@ -120,7 +130,13 @@ class StageInfo:
             params=tuple(data["params"]), buffers=tuple(data["buffers"]),
             cloned_inputs=tuple(data.get("cloned_inputs", ())),
             tied=dict(data.get("tied", {})),
+            eval_inputs=_names_or_none(data.get("eval_inputs")),
+            eval_outputs=_names_or_none(data.get("eval_outputs")),
         )
+
+
+def _names_or_none(value: Any) -> tuple[str, ...] | None:
+    return None if value is None else tuple(str(v) for v in value)
 
 
 # -- public API -----------------------------------------------------------------------------
@@ -147,7 +163,10 @@ def partition(
 
     Returns:
         The stages, following [Note: stage calling convention]; each carries its
-        :class:`StageInfo` in ``stage.meta[STAGE_META_KEY]``.
+        :class:`StageInfo` in ``stage.meta[STAGE_META_KEY]``. A stage runs what the model
+        runs in its train/eval mode: when the model's code decides on ``self.training``,
+        a stage whose two modes differ is a :class:`~asteroid_fx.modes.ModeStage` (see
+        [Note: train and eval mode] in ``asteroid_fx.modes``).
 
     Raises:
         PartitionError: the plan does not match the graph, or a non-tensor value (or a
@@ -158,7 +177,10 @@ def partition(
         from asteroid_fx.trace import trace
 
         graph = trace(model, inputs, leaf_modules=tuple(leaf_modules))
-    return _Partitioner(graph, plan, inputs, check_batch_dim).run()
+    stages = _Partitioner(graph, plan, inputs, check_batch_dim).run()
+    if graph.eval_graph is not None:
+        stages = _join_eval_mode(stages, graph, plan, inputs, check_batch_dim)
+    return stages
 
 
 def stage_info(stage: torch.nn.Module) -> StageInfo:
@@ -398,6 +420,96 @@ class _Partitioner:
             if meta["tied"]:
                 log.info("stage %d holds tied parameters %s", meta["index"],
                          sorted(meta["tied"]))
+
+
+def _join_eval_mode(train: list[fx.GraphModule], graph: LayerGraph, plan: Plan,
+                    inputs: tuple[Any, ...], check_batch_dim: bool) -> list[fx.GraphModule]:
+    """Split the eval graph along ``plan`` and join each train stage with its eval stage.
+
+    See [Note: train and eval mode] in ``asteroid_fx.modes``.
+    """
+    evals = graph.eval_graph
+    if evals is None:  # pragma: no cover - the caller checks
+        return train
+    layer_stage = [s for s, stage in enumerate(plan.stages)
+                   for _ in range(stage.first, stage.last + 1)]
+    ranges = eval_stage_layers(graph, layer_stage)
+    kept = [s for s, (start, stop) in enumerate(ranges) if stop > start]
+    eval_plan = replace(
+        plan, model_hash=evals.model_hash, num_layers=evals.num_layers, predicted=None,
+        replicas={}, stages=tuple(replace(plan.stages[s], layers=(ranges[s][0],
+                                                                  ranges[s][1] - 1))
+                                  for s in kept))
+    made = _Partitioner(evals, eval_plan, inputs, check_batch_dim).run()
+    by_stage = dict(zip(kept, made, strict=True))
+    names = [n.name for n in evals.graph_module.graph.nodes if n.op == "placeholder"]
+    canonical = {**_canonical_param_names(evals.graph_module),
+                 **_canonical_param_names(graph.graph_module)}
+    joined: list[fx.GraphModule] = []
+    for s, stage in enumerate(train):
+        other = by_stage.get(s)
+        if other is None:
+            other = _pass_through(names, s)
+        else:
+            names = list(stage_info(other).outputs)
+        joined.append(_join(stage, other, canonical))
+    _Partitioner._keep_cross_stage_ties(joined)
+    return joined
+
+
+def _pass_through(names: Sequence[str], index: int) -> fx.GraphModule:
+    """A stage that returns its inputs (a stage that runs no eval layer)."""
+    graph = fx.Graph()
+    graph.output(tuple(graph.placeholder(name) for name in names))
+    stage = fx.GraphModule(torch.nn.Module(), graph, class_name=f"Stage{index}")
+    info = StageInfo(index=index, layers=(0, 0), inputs=tuple(names), outputs=tuple(names),
+                     params=(), buffers=())
+    stage.meta[STAGE_META_KEY] = info.to_dict()
+    return stage
+
+
+def _join(train: fx.GraphModule, evals: fx.GraphModule,
+          canonical: Mapping[str, str]) -> fx.GraphModule:
+    """One stage of both modes: ``train`` itself when both run the same code."""
+    info = stage_info(train)
+    other = stage_info(evals)
+    same_io = (info.inputs, info.outputs) == (other.inputs, other.outputs)
+    if same_io and train.code == evals.code:
+        stage = train
+    else:
+        root = {t: _attr(train, t) for t in graph_targets(train.graph)}
+        for target in graph_targets(evals.graph):
+            root.setdefault(target, _attr(train, target) if _has_attr(train, target)
+                            else _attr(evals, target))
+        stage = ModeStage(root, copy.deepcopy(train.graph), copy.deepcopy(evals.graph),
+                          class_name=type(train).__name__)
+        for name, module in stage.named_modules():   # the flags the train stage had
+            if _has_attr(train, name):
+                module.training = _attr(train, name).training
+    stage.meta[STAGE_META_KEY] = replace(
+        info,
+        params=tuple(name for name, _ in stage.named_parameters(remove_duplicate=False)),
+        buffers=tuple(name for name, _ in stage.named_buffers(remove_duplicate=False)),
+        tied={name: canonical.get(name, name) for name, _ in stage.named_parameters()},
+        eval_inputs=None if other.inputs == info.inputs else other.inputs,
+        eval_outputs=None if other.outputs == info.outputs else other.outputs,
+    ).to_dict()
+    return stage
+
+
+def _attr(root: torch.nn.Module, target: str) -> Any:
+    value: Any = root
+    for part in target.split(".") if target else ():
+        value = getattr(value, part)
+    return value
+
+
+def _has_attr(root: torch.nn.Module, target: str) -> bool:
+    try:
+        _attr(root, target)
+    except AttributeError:
+        return False
+    return True
 
 
 @dataclass(frozen=True)

@@ -42,6 +42,7 @@ import torch
 import torch.fx as fx
 
 from asteroid_fx.errors import PartitionError
+from asteroid_fx.modes import ModeStage, dispatch_source
 from runtime.stage_io import STAGE_FORMAT, build_meta_model
 
 __all__ = ["StageCode", "stage_source", "constructor_call", "tree_difference"]
@@ -110,9 +111,12 @@ def stage_source(
     init, taken = _init_lines(stage, where, model)
     python = stage.graph.python_code(root_module="self")
     prologue, forward = _split_forward(python.src, where)
+    globals_ = dict(python.globals)
+    if isinstance(stage, ModeStage):   # see [Note: train and eval mode] in asteroid_fx.modes
+        prologue, forward = _two_modes(stage, prologue, forward, globals_, where)
     tree = ast.parse(forward)
     used = {node.id for node in ast.walk(tree) if isinstance(node, ast.Name)}
-    imports = _import_lines(python.globals, used, where, model_module)
+    imports = _import_lines(globals_, used, where, model_module)
     _check_names(tree, imports, where)
     torch_names = sorted(_torch_names(tree))
     attributes = _tensor_attributes(stage)
@@ -317,6 +321,35 @@ def _split_forward(src: str, where: str) -> tuple[list[str], str]:
     prologue = [line for line in lines[: starts[0]]
                 if line.strip() and not line.startswith("torch.fx._symbolic_trace.wrap(")]
     return prologue, "\n".join(lines[starts[0]:])
+
+
+def _two_modes(stage: ModeStage, prologue: list[str], forward: str, globals_: dict[str, Any],
+               where: str) -> tuple[list[str], str]:
+    """The module-level lines and the ``forward_train``, ``forward_eval`` and dispatching
+    ``forward`` methods of a two-mode stage; ``globals_`` gains the eval code's globals."""
+    python = stage.eval_graph.python_code(root_module="self")
+    eval_prologue, eval_forward = _split_forward(python.src, where)
+    for name, value in python.globals.items():
+        if globals_.setdefault(name, value) is not value:
+            raise PartitionError(f"the train and eval code of {where} use the global {name!r} "
+                                 f"for two objects (internal error; report it, with the model)")
+    train_text = forward.replace("def forward(", "def forward_train(", 1)
+    eval_text = eval_forward.replace("def forward(", "def forward_eval(", 1)
+    dispatch = dispatch_source(_forward_params(train_text), _forward_params(eval_text))
+    lines = [*prologue, *(line for line in eval_prologue if line not in prologue)]
+    return lines, "\n\n".join([train_text.rstrip("\n"), eval_text.rstrip("\n"), dispatch])
+
+
+def _forward_params(text: str) -> list[str] | None:
+    """Positional parameter names of the function ``text`` defines, or None when it has
+    defaults, ``*args``, keyword-only or ``**kwargs`` parameters."""
+    function = ast.parse(text).body[0]
+    if not isinstance(function, ast.FunctionDef):  # pragma: no cover - fx code is a def
+        return None
+    args = function.args
+    if args.defaults or args.vararg or args.kwonlyargs or args.kwarg or args.posonlyargs:
+        return None
+    return [arg.arg for arg in args.args[1:]]
 
 
 def _check_names(tree: ast.AST, imports: list[str], where: str) -> None:

@@ -18,6 +18,7 @@ import torch.fx as fx
 from torch import nn
 
 from asteroid_fx.errors import TraceError
+from asteroid_fx.modes import trace_both_modes
 from asteroid_fx.shape_prop import (
     META_KEY,
     SAVED_KEY,
@@ -77,6 +78,9 @@ class LayerGraph:
     model_hash: str
     model_name: str
     example_batch: int
+    # the model traced in eval mode, when its graph differs (see [Note: train and eval mode]
+    # in asteroid_fx/modes.py); None when both modes run the same code
+    eval_graph: LayerGraph | None = None
 
     @property
     def num_layers(self) -> int:
@@ -221,8 +225,10 @@ def trace(
     """Trace ``model`` with torch.fx and group its nodes into layers.
 
     Args:
-        model: the model; traced in its current train/eval mode. Its parameters and buffers
-            are left unchanged (BatchNorm running statistics are restored after the run).
+        model: the model; traced in train mode, and in eval mode when its code decides on
+            ``self.training`` (see [Note: train and eval mode] in ``asteroid_fx.modes``).
+            Its parameters, buffers and train/eval flags are left unchanged (BatchNorm
+            running statistics are restored after the run).
         example_inputs: a tuple of tensors (or one tensor) with the batch in dimension 0. The
             model is run on them, resized to a batch of 2 to 4 samples (recorded as
             ``example_batch``), and once more on one sample more, to tell batched values
@@ -232,7 +238,8 @@ def trace(
         model_name: recorded in the result (default: the model's class name).
 
     Returns:
-        A :class:`LayerGraph`.
+        A :class:`LayerGraph` of the train mode; its ``eval_graph`` is the eval mode's when
+        the two differ.
 
     Raises:
         TraceError: the model cannot be traced (the message names the module, the line of
@@ -244,6 +251,37 @@ def trace(
         graph = trace(model, (torch.randn(2, 3, 32, 32),))
         graph.layers[0].name, graph.cut_bytes[:3]
     """
+    leaves = tuple(leaf_modules)
+    return trace_both_modes(
+        model,
+        lambda: _trace_mode(model, example_inputs, leaf_modules=leaves, model_name=model_name),
+        lambda: _graph_code(model, example_inputs, leaves),
+    )
+
+
+def _graph_code(
+    model: nn.Module,
+    example_inputs: tuple[torch.Tensor, ...] | torch.Tensor,
+    leaf_modules: tuple[type[nn.Module] | str, ...],
+) -> str | None:
+    """The code torch.fx captures in the model's current mode, before any of our passes (a
+    cheap test of whether two modes differ); None when it cannot be captured."""
+    try:
+        inputs = _check_inputs(example_inputs)
+        classes, names = _check_leaf_modules(model, leaf_modules)
+        return str(_symbolic_trace(model, len(inputs), classes, names, "Model").code)
+    except TraceError:
+        return None
+
+
+def _trace_mode(
+    model: nn.Module,
+    example_inputs: tuple[torch.Tensor, ...] | torch.Tensor,
+    *,
+    leaf_modules: Iterable[type[nn.Module] | str],
+    model_name: str,
+) -> LayerGraph:
+    """:func:`trace` in the model's current train/eval mode."""
     inputs = _check_inputs(example_inputs)
     leaf_classes, leaf_names = _check_leaf_modules(model, leaf_modules)
     name = model_name or type(model).__name__

@@ -103,12 +103,20 @@ class StageMeta:
     layers: tuple[int, int] = (0, 0)
     cloned_inputs: tuple[str, ...] = ()
     tied: Mapping[str, str] = field(default_factory=dict)
+    eval_inputs: tuple[str, ...] | None = None   # the eval mode's, when not the same
+    eval_outputs: tuple[str, ...] | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"index": self.index, "layers": list(self.layers), "inputs": list(self.inputs),
-                "outputs": list(self.outputs), "params": list(self.params),
-                "buffers": list(self.buffers), "cloned_inputs": list(self.cloned_inputs),
-                "tied": dict(self.tied)}
+        data: dict[str, Any] = {
+            "index": self.index, "layers": list(self.layers), "inputs": list(self.inputs),
+            "outputs": list(self.outputs), "params": list(self.params),
+            "buffers": list(self.buffers), "cloned_inputs": list(self.cloned_inputs),
+            "tied": dict(self.tied)}
+        if self.eval_inputs is not None:
+            data["eval_inputs"] = list(self.eval_inputs)
+        if self.eval_outputs is not None:
+            data["eval_outputs"] = list(self.eval_outputs)
+        return data
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> StageMeta:
@@ -119,7 +127,13 @@ class StageMeta:
                    buffers=tuple(map(str, data["buffers"])),
                    layers=(layers[0], layers[1]),
                    cloned_inputs=tuple(map(str, data.get("cloned_inputs", ()))),
-                   tied={str(k): str(v) for k, v in data.get("tied", {}).items()})
+                   tied={str(k): str(v) for k, v in data.get("tied", {}).items()},
+                   eval_inputs=_optional_names(data.get("eval_inputs")),
+                   eval_outputs=_optional_names(data.get("eval_outputs")))
+
+
+def _optional_names(value: Any) -> tuple[str, ...] | None:
+    return None if value is None else tuple(map(str, value))
 
 
 @dataclass(frozen=True)

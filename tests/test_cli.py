@@ -82,6 +82,36 @@ def test_trace_prints_layers(capsys: pytest.CaptureFixture[str]) -> None:
     assert "skipnet: 11 layers" in out and "conv2d" in out and "24.00 KiB" in out
 
 
+MODAL = """
+import torch
+
+class M(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Linear(3, 3)
+        self.b = torch.nn.Linear(3, 3)
+
+    def forward(self, x):
+        return self.b(torch.nn.functional.dropout(self.a(x), 0.5, self.training))
+
+def build_model():
+    return M()
+
+def sample_batch(b):
+    return (torch.randn(b, 3),), torch.zeros(b, dtype=torch.long)
+"""
+
+
+def test_trace_says_when_the_eval_mode_runs_other_code(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "modal.py"
+    path.write_text(MODAL)
+    assert main(["trace", str(path)]) == 0
+    assert "the eval mode runs other code (3 layers)" in capsys.readouterr().out
+    assert main(["trace", str(ROOT / "examples" / "skipnet.py")]) == 0
+    assert "eval mode" not in capsys.readouterr().out
+
+
 UNTRACEABLE = """
 import torch
 

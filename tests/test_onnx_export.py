@@ -66,8 +66,24 @@ def test_disagreement_reports_the_largest_difference(tmp_path: Path) -> None:
     with torch.no_grad():
         stages[1].get_parameter("fc4.bias").add_(0.5)
     with pytest.raises(PartitionError, match=r"stage 4: ONNX output 0 differs from torch by "
-                                             r"0\.5 \(tolerance 0\.0001, batch 3\)"):
+                                             r"0\.5 \(tolerance 0\.0001 x 1, its largest "
+                                             r"magnitude, batch 3\)"):
         check_stage_onnx(stages[1], args[1], path, stage_index=4)
+
+
+def test_the_tolerance_grows_with_the_outputs_magnitude(tmp_path: Path) -> None:
+    stages, args = _stages("mlp.py", 2)
+    path = tmp_path / "s1.onnx"
+    with torch.no_grad():
+        stages[1].get_parameter("fc4.bias").add_(1000.0)
+    export_stage_onnx(stages[1], args[1], path, stage_index=1)
+    with torch.no_grad():
+        stages[1].get_parameter("fc4.bias").add_(0.05)   # 5e-5 of the outputs
+    assert 4e-5 < check_stage_onnx(stages[1], args[1], path) < 6e-5
+    with torch.no_grad():
+        stages[1].get_parameter("fc4.bias").add_(0.5)
+    with pytest.raises(PartitionError, match=r"by 0\.55 \(tolerance 0\.0001 x 1e\+03"):
+        check_stage_onnx(stages[1], args[1], path)
 
 
 def test_dynamo_failure_falls_back_or_names_the_stage(tmp_path: Path,

@@ -111,6 +111,40 @@ def test_onnx_needs_example_inputs(tmp_path: Path, caplog: pytest.LogCaptureFixt
     assert load_partition_meta(tmp_path).model_file is None
 
 
+def test_saving_compares_the_loaded_stages_in_train_mode_too(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import asteroid_fx.package as package
+
+    _, _, _, plan, stages = _skipnet_partition([3])
+    load_stage = package.load_stage
+
+    def off_in_train_mode(directory: Any, index: int) -> torch.nn.Module:
+        stage = load_stage(directory, index)
+        if index == 1:   # the last stage returns a tensor; in train mode it is off by one
+            stage.register_forward_hook(lambda m, a, out: out + 1 if m.training else out)
+        return stage
+
+    monkeypatch.setattr(package, "load_stage", off_in_train_mode)
+    with pytest.raises(PartitionError, match=r"stage 1 loaded from its source computes other "
+                                             r"values .* in train mode"):
+        save_partition(tmp_path, plan, stages, onnx=False,
+                       example_inputs=example_spec("skipnet.py").example_inputs(2)[0])
+
+
+def test_a_one_sample_example_skips_the_train_mode_comparison(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from partition_cases import TwoInOut  # BatchNorm1d: train mode needs 2 samples
+
+    model = TwoInOut()
+    x, y = torch.randn(1, 4), torch.randn(1, 4)
+    graph = trace(model, (torch.randn(3, 4), torch.randn(3, 4)))
+    stages = partition(model, (x, y), hand_plan(graph.num_layers, [2]), graph=graph)
+    with caplog.at_level(logging.INFO, logger="asteroid_fx.package"):
+        save_partition(tmp_path, hand_plan(graph.num_layers, [2]), stages, onnx=False,
+                       example_inputs=(x, y))
+    assert "not comparing the loaded stages in train mode" in caplog.text
+
+
 def test_stage_example_args_follow_the_pipeline() -> None:
     _, model, inputs, _, stages = _skipnet_partition([1, 4])
     args = stage_example_args(stages, inputs)
