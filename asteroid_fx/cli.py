@@ -100,6 +100,9 @@ def _error_line(label: str, message: str) -> None:
     from rich.text import Text
 
     one_line = " ".join(part.strip() for part in message.splitlines() if part.strip())
+    rank = os.environ.get("RANK") if "TORCHELASTIC_RUN_ID" in os.environ else None
+    if rank is not None:   # under torchrun: one line per rank, above torchrun's own report
+        label = f"[rank {rank}] {label}"
     err_console.print(Text.assemble((label, "bold red"), " ", one_line), soft_wrap=True)
 
 

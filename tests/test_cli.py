@@ -350,3 +350,12 @@ def test_the_same_command_writes_the_same_plan(tmp_path: Path, cluster: str) -> 
         return json.dumps(data, sort_keys=True)
 
     assert written(0) == written(1) == written(2)
+
+
+def test_errors_under_torchrun_name_the_rank(monkeypatch: pytest.MonkeyPatch,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "test")
+    monkeypatch.setenv("RANK", "3")
+    assert main(["costs", "nope.json"]) == 1
+    line = _one_error_line(capsys.readouterr().err)
+    assert line.startswith("[rank 3] error:") and "nope.json" in line
