@@ -6,6 +6,7 @@ __all__ = [
     "AsteroidError",
     "ModelSpecError",
     "TraceError",
+    "ModelOutputError",
     "ClusterError",
     "CostModelError",
     "PlanError",
@@ -35,6 +36,11 @@ class ModelSpecError(AsteroidError, ValueError):
 
 class TraceError(AsteroidError):
     """torch.fx could not trace the model; the message names module, line and fix."""
+
+
+class ModelOutputError(TraceError, TypeError):
+    """The model returns something other than tensors in tuples, lists and mappings; the
+    message names the type and where in the output it is."""
 
 
 class ClusterError(AsteroidError, ValueError):

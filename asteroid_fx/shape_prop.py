@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Tuple, Union
 
@@ -17,6 +17,7 @@ __all__ = [
     "SAVED_KEY",
     "TensorMeta",
     "NonTensorMeta",
+    "MappingMeta",
     "ValueMeta",
     "ShapeProp",
     "describe",
@@ -50,14 +51,30 @@ class NonTensorMeta:
     value: Any = None  # kept only for small plain values (int, float, bool, sizes, None)
 
 
-# A node's value: a tensor, a non-tensor, or a (possibly nested) tuple of those.
-ValueMeta = Union[TensorMeta, NonTensorMeta, Tuple["ValueMeta", ...]]
+@dataclass(frozen=True)
+class MappingMeta:
+    """A mapping value (a dict, a Hugging Face ``ModelOutput`` ...): its keys and their values.
+
+    ``type_name`` is the mapping's class name; ``items`` keeps the mapping's order.
+    """
+
+    type_name: str
+    items: tuple[tuple[str, ValueMeta], ...]
+
+    def keys(self) -> tuple[str, ...]:
+        """The mapping's keys, in order."""
+        return tuple(key for key, _ in self.items)
+
+
+# A node's value: a tensor, a non-tensor, or a (possibly nested) tuple or mapping of those.
+ValueMeta = Union[TensorMeta, NonTensorMeta, MappingMeta, Tuple["ValueMeta", ...]]
 
 _PLAIN = (int, float, bool, str, type(None))
 
 
 def describe(value: Any) -> ValueMeta:
-    """Return the :data:`ValueMeta` of a runtime value (tuples/lists handled recursively)."""
+    """Return the :data:`ValueMeta` of a runtime value (tuples, lists and mappings with string
+    keys handled recursively)."""
     if isinstance(value, torch.Tensor):
         return TensorMeta(
             shape=tuple(int(s) for s in value.shape),
@@ -69,6 +86,8 @@ def describe(value: Any) -> ValueMeta:
         return tuple(describe(v) for v in value)
     if isinstance(value, torch.Size):
         return NonTensorMeta("Size", tuple(int(s) for s in value))
+    if isinstance(value, Mapping) and all(isinstance(k, str) for k in value):
+        return MappingMeta(type(value).__name__, tuple((k, describe(v)) for k, v in value.items()))
     if isinstance(value, _PLAIN):
         return NonTensorMeta(type(value).__name__, value)
     return NonTensorMeta(type(value).__name__)
@@ -78,6 +97,9 @@ def iter_tensor_metas(meta: ValueMeta) -> Iterator[TensorMeta]:
     """Yield every :class:`TensorMeta` inside ``meta`` (depth first)."""
     if isinstance(meta, TensorMeta):
         yield meta
+    elif isinstance(meta, MappingMeta):
+        for _, m in meta.items:
+            yield from iter_tensor_metas(m)
     elif isinstance(meta, tuple):
         for m in meta:
             yield from iter_tensor_metas(m)
@@ -130,9 +152,10 @@ class ShapeProp(fx.Interpreter):
         return t
 
     def _note_producer(self, n: fx.Node, result: Any) -> None:
+        values = list(result.values()) if isinstance(result, Mapping) else result
         tensors = [result] if isinstance(result, torch.Tensor) else (
-            [v for v in result if isinstance(v, torch.Tensor)]
-            if isinstance(result, (tuple, list)) else [])
+            [v for v in values if isinstance(v, torch.Tensor)]
+            if isinstance(values, (tuple, list)) else [])
         for t in tensors:
             self._producer.setdefault(t.untyped_storage().data_ptr(), n)
         if tensors:

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import builtins
+import difflib
 import hashlib
 import inspect
 import logging
 import operator
 import os
 import traceback
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,15 +18,17 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from asteroid_fx.errors import TraceError
+from asteroid_fx.errors import ModelOutputError, TraceError
 from asteroid_fx.modes import trace_both_modes
 from asteroid_fx.shape_prop import (
     META_KEY,
     SAVED_KEY,
+    MappingMeta,
     NonTensorMeta,
     ShapeProp,
     TensorMeta,
     ValueMeta,
+    describe,
     iter_tensor_metas,
 )
 
@@ -42,6 +45,8 @@ LAYER_KEY = "asteroid.layer"
 _SHAPE_BATCH_MAX = 4
 # node.meta key of the probe run at batch + 1 (removed before trace() returns).
 _PROBE_KEY = "asteroid.probe_meta"
+# node.meta key of captured graphs (asteroid_fx.capture.MODULE_STACK_KEY): the module stack
+_STACK_KEY = "asteroid.module_stack"
 
 
 @dataclass(frozen=True)
@@ -81,11 +86,21 @@ class LayerGraph:
     # the model traced in eval mode, when its graph differs (see [Note: train and eval mode]
     # in asteroid_fx/modes.py); None when both modes run the same code
     eval_graph: LayerGraph | None = None
+    capture: str = "fx"  # how the graph was captured: "fx" (symbolic tracing) or "export"
 
     @property
     def num_layers(self) -> int:
         """Number of layers."""
         return len(self.layers)
+
+    @property
+    def input_names(self) -> tuple[str, ...]:
+        """The model inputs, in the order the graph (and stage 0) takes them positionally.
+
+        For keyword inputs these are the mapping's keys in its order, and the graph's
+        parameters have these names; see [Note: named inputs].
+        """
+        return tuple(str(n.target) for n in _nodes(self.graph_module.graph, "placeholder"))
 
     def node_to_layer(self) -> dict[str, int]:
         """Map every node name to its layer index (placeholders and output excluded)."""
@@ -170,6 +185,36 @@ _CHEAP_FUNCTIONS: frozenset[Callable[..., Any]] = frozenset(
 )  # fmt: skip
 _CHEAP_MODULES: tuple[type[nn.Module], ...] = (nn.Identity, nn.Flatten, nn.Unflatten)
 
+
+def _aten_packets(names: Iterable[str]) -> frozenset[Any]:
+    packets = set()
+    for name in names:
+        try:
+            packets.add(getattr(torch.ops.aten, name))
+        except (AttributeError, RuntimeError):  # pragma: no cover - an older torch lacks it
+            continue
+    return frozenset(packets)
+
+
+# aten operators (graphs captured by torch.export) that only view, size or alias a tensor
+_CHEAP_ATEN = _aten_packets(
+    "view _unsafe_view reshape view_as reshape_as permute transpose t unsqueeze squeeze "
+    "expand expand_as slice select split split_with_sizes chunk unbind flatten unflatten "
+    "alias detach narrow movedim sym_size sym_numel sym_stride".split()
+)
+
+
+def _cheap_target(node: fx.Node) -> bool:
+    """The node is a view, size or indexing method / function call (fx or aten)."""
+    target = node.target
+    if node.op == "call_method":
+        return target in _CHEAP_METHODS
+    if node.op != "call_function":
+        return False
+    if isinstance(target, torch._ops.OpOverload):
+        return target.overloadpacket in _CHEAP_ATEN
+    return target in _CHEAP_FUNCTIONS
+
 _TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__))
 _THIS_FILE = os.path.abspath(__file__)
 
@@ -217,39 +262,48 @@ def _nodes(graph: fx.Graph, op: str) -> list[fx.Node]:
 
 def trace(
     model: nn.Module,
-    example_inputs: tuple[torch.Tensor, ...] | torch.Tensor,
+    example_inputs: tuple[torch.Tensor, ...] | torch.Tensor | Mapping[str, torch.Tensor],
     *,
     leaf_modules: Iterable[type[nn.Module] | str] = (),
     model_name: str = "",
 ) -> LayerGraph:
-    """Trace ``model`` with torch.fx and group its nodes into layers.
+    """Capture ``model`` as an fx graph and group its nodes into layers.
+
+    The graph comes from torch.fx symbolic tracing; when that fails (Python code on
+    traced sizes or values, as in Hugging Face models), from ``torch.export(strict=False)``
+    (see [Note: capture by torch.export] in ``asteroid_fx/capture.py``).
 
     Args:
         model: the model; traced in train mode, and in eval mode when its code decides on
             ``self.training`` (see [Note: train and eval mode] in ``asteroid_fx.modes``).
             Its parameters, buffers and train/eval flags are left unchanged (BatchNorm
             running statistics are restored after the run).
-        example_inputs: a tuple of tensors (or one tensor) with the batch in dimension 0. The
-            model is run on them, resized to a batch of 2 to 4 samples (recorded as
-            ``example_batch``), and once more on one sample more, to tell batched values
-            apart (see [Note: which values are batched]).
-        leaf_modules: module classes or qualified module names to keep opaque (not traced
-            through); ``nn.MultiheadAttention`` always is.
+        example_inputs: a tuple of tensors (or one tensor) passed positionally, or a mapping
+            ``{name: tensor}`` passed as keyword inputs (``input_ids``, ``attention_mask``
+            ...), with the batch in dimension 0. The model is run on them, resized to a batch
+            of 2 to 4 samples (recorded as ``example_batch``), and once more on one sample
+            more, to tell batched values apart (see [Note: which values are batched]).
+        leaf_modules: module classes, class names or qualified module names to keep whole:
+            not traced through by torch.fx, never split by a cut in a captured graph;
+            ``nn.MultiheadAttention`` always is.
         model_name: recorded in the result (default: the model's class name).
 
     Returns:
         A :class:`LayerGraph` of the train mode; its ``eval_graph`` is the eval mode's when
-        the two differ.
+        the two differ. See [Note: named inputs] for how it takes its inputs.
 
     Raises:
-        TraceError: the model cannot be traced (the message names the module, the line of
-            user code and the ``leaf_modules`` fix), cannot run on ``example_inputs``, or
-            only runs at one fixed batch size.
+        TraceError: neither torch.fx nor torch.export can capture the model (the message
+            names the module, the line of user code and a fix), it cannot run on
+            ``example_inputs``, or it only runs at one fixed batch size.
+        ModelOutputError: the model returns something other than tensors in tuples, lists
+            and mappings (a ``TraceError``).
 
     Example::
 
         graph = trace(model, (torch.randn(2, 3, 32, 32),))
         graph.layers[0].name, graph.cut_bytes[:3]
+        graph = trace(bert, {"input_ids": ids, "attention_mask": mask})
     """
     leaves = tuple(leaf_modules)
     return trace_both_modes(
@@ -261,36 +315,40 @@ def trace(
 
 def _graph_code(
     model: nn.Module,
-    example_inputs: tuple[torch.Tensor, ...] | torch.Tensor,
+    example_inputs: tuple[torch.Tensor, ...] | torch.Tensor | Mapping[str, torch.Tensor],
     leaf_modules: tuple[type[nn.Module] | str, ...],
 ) -> str | None:
     """The code torch.fx captures in the model's current mode, before any of our passes (a
     cheap test of whether two modes differ); None when it cannot be captured."""
+    from asteroid_fx.capture import capture_context
+
     try:
-        inputs = _check_inputs(example_inputs)
-        classes, names = _check_leaf_modules(model, leaf_modules)
-        return str(_symbolic_trace(model, len(inputs), classes, names, "Model").code)
+        inputs, names = _check_inputs(example_inputs)
+        classes, leaf_names = _check_leaf_modules(model, leaf_modules)
+        with capture_context(model):
+            return str(_symbolic_trace(model, inputs, names, classes, leaf_names, "Model").code)
     except TraceError:
         return None
 
 
 def _trace_mode(
     model: nn.Module,
-    example_inputs: tuple[torch.Tensor, ...] | torch.Tensor,
+    example_inputs: tuple[torch.Tensor, ...] | torch.Tensor | Mapping[str, torch.Tensor],
     *,
     leaf_modules: Iterable[type[nn.Module] | str],
     model_name: str,
 ) -> LayerGraph:
     """:func:`trace` in the model's current train/eval mode."""
-    inputs = _check_inputs(example_inputs)
+    inputs, names = _check_inputs(example_inputs)
     leaf_classes, leaf_names = _check_leaf_modules(model, leaf_modules)
     name = model_name or type(model).__name__
-    gm = _symbolic_trace(model, len(inputs), leaf_classes, leaf_names, name)
 
     # see [Note: which values are batched]
     batch = min(max(int(inputs[0].shape[0]), 2), _SHAPE_BATCH_MAX)
     inputs = tuple(_resize_batch(t, batch) for t in inputs)
-    _propagate(gm, model, inputs, batch)
+    gm, capture = _capture(model, inputs, names, leaf_classes, leaf_names, name, batch)
+    output = _nodes(gm.graph, "output")[0]
+    _check_output(output.meta.get(META_KEY), "output")
 
     kinds = _classify(gm, batch)
     _retarget_batch_sizes(gm, kinds, batch)
@@ -299,6 +357,8 @@ def _trace_mode(
     layer_of, anchors = _group(gm, kinds)
     _duplicate_shared(gm, kinds, layer_of, anchors, len(anchors))
     layer_of, anchors = _merge_crossings(gm, kinds, layer_of, anchors)
+    if capture == "export":
+        layer_of, anchors = _merge_leaves(gm, layer_of, anchors, leaf_classes, leaf_names)
     num_layers = len(anchors)
     _sort_by_layer(gm.graph, layer_of)
     gm.graph.lint()
@@ -320,25 +380,49 @@ def _trace_mode(
         model_hash=_model_hash(gm),
         model_name=name,
         example_batch=batch,
+        capture=capture,
     )
-    log.debug("traced %s: %d layers, %d nodes", name, num_layers, len(gm.graph.nodes))
+    log.debug("traced %s (%s): %d layers, %d nodes", name, capture, num_layers,
+              len(gm.graph.nodes))
     return graph
+
+
+# [Note: named inputs]
+# A model called with keyword inputs (``model(input_ids=..., attention_mask=...)``) is
+# traced from a mapping ``{name: tensor}``. Its graph, and stage 0 of every partition, take
+# those tensors positionally in the mapping's order, and their ``forward`` parameters carry
+# the names, so ``stage0(**inputs)`` works as well as ``stage0(*inputs.values())``.
+# Forward parameters the mapping leaves out keep their defaults. A ``sample_batch`` that
+# returns such a mapping is fed to the runtime in the same order. Outputs are unchanged by
+# this: a mapping output (a dict, or a ``ModelOutput`` -- a plain dict when captured by
+# torch.export) is what the last stage returns.
 
 
 # --------------------------------------------------------------------------- checks
 
 
-def _check_inputs(example_inputs: Any) -> tuple[torch.Tensor, ...]:
+def _check_inputs(example_inputs: Any) -> tuple[tuple[torch.Tensor, ...], tuple[str, ...] | None]:
+    """The example tensors in order, and their keyword names (None: positional)."""
+    names: tuple[str, ...] | None = None
     inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else example_inputs
+    if isinstance(inputs, Mapping):
+        bad = [k for k in inputs if not (isinstance(k, str) and k.isidentifier())]
+        if bad:
+            raise TraceError(f"keyword example_inputs must have identifier keys (the forward "
+                             f"parameters' names), got {bad[0]!r}")
+        names = tuple(inputs)
+        inputs = tuple(inputs.values())
     if not isinstance(inputs, (tuple, list)) or not inputs:
         raise TraceError(
-            f"example_inputs must be a non-empty tuple of tensors, got {type(example_inputs)}"
+            f"example_inputs must be a non-empty tuple of tensors or mapping of named tensors, "
+            f"got {type(example_inputs)}"
         )
     batches = set()
     for i, t in enumerate(inputs):
+        label = f"example_inputs[{names[i]!r}]" if names else f"example_inputs[{i}]"
         if not isinstance(t, torch.Tensor) or t.dim() == 0:
             raise TraceError(
-                f"example_inputs[{i}] must be a tensor with the batch in dimension 0, "
+                f"{label} must be a tensor with the batch in dimension 0, "
                 f"got {type(t).__name__}{' (0-d)' if isinstance(t, torch.Tensor) else ''}"
             )
         batches.add(int(t.shape[0]))
@@ -347,81 +431,211 @@ def _check_inputs(example_inputs: Any) -> tuple[torch.Tensor, ...]:
         raise TraceError(f"example_inputs disagree on the batch size (dimension 0): {shapes}")
     if 0 in batches:
         raise TraceError("example_inputs have an empty batch (dimension 0 is 0)")
-    return tuple(inputs)
+    return tuple(inputs), names
 
 
 def _check_leaf_modules(
     model: nn.Module, leaf_modules: Iterable[type[nn.Module] | str]
 ) -> tuple[tuple[type[nn.Module], ...], frozenset[str]]:
+    """Split ``leaf_modules`` into classes and qualified names.
+
+    A string is a qualified submodule name, or else the class name (``BertEmbeddings``) or
+    qualified class name of a submodule.
+    """
     classes: list[type[nn.Module]] = []
     names: set[str] = set()
     known = dict(model.named_modules())
+    by_class: dict[str, type[nn.Module]] = {}
+    for module in known.values():
+        cls = type(module)
+        by_class.setdefault(cls.__name__, cls)
+        by_class.setdefault(f"{cls.__module__}.{cls.__qualname__}", cls)
     for leaf in leaf_modules:
         if isinstance(leaf, str):
-            if leaf not in known:
-                sample = ", ".join(list(n for n in known if n)[:8])
-                raise TraceError(
-                    f"leaf_modules names {leaf!r}, which is not a submodule of "
-                    f"{type(model).__name__} (submodules include: {sample})"
-                )
-            names.add(leaf)
+            if leaf in known and leaf:
+                names.add(leaf)
+            elif leaf in by_class:
+                classes.append(by_class[leaf])
+            else:
+                raise TraceError(_unknown_leaf(model, leaf, known, by_class))
         elif isinstance(leaf, type) and issubclass(leaf, nn.Module):
             classes.append(leaf)
         else:
             raise TraceError(
-                f"leaf_modules entries must be nn.Module classes or qualified module names, "
-                f"got {leaf!r}"
+                f"leaf_modules entries must be nn.Module classes, class names or qualified "
+                f"module names, got {leaf!r}"
             )
     return tuple(classes), frozenset(names)
 
 
-# --------------------------------------------------------------------------- tracing
+def _unknown_leaf(model: nn.Module, leaf: str, known: Mapping[str, nn.Module],
+                  by_class: Mapping[str, type[nn.Module]]) -> str:
+    candidates = [n for n in known if n] + [n for n in by_class if "." not in n]
+    close = difflib.get_close_matches(leaf, candidates, n=5, cutoff=0.6)
+    if not close:  # a misspelt dotted name: compare its last part with the last parts
+        tail = leaf.rsplit(".", 1)[-1]
+        close = [n for n in candidates if n.rsplit(".", 1)[-1] in
+                 difflib.get_close_matches(tail, [c.rsplit(".", 1)[-1] for c in candidates],
+                                           n=5, cutoff=0.7)][:5]
+    hint = (f"close names: {', '.join(close)}" if close else
+            f"submodules include: {', '.join(list(n for n in known if n)[:8])}")
+    return (f"leaf_modules names {leaf!r}, which is not a submodule of {type(model).__name__} "
+            f"nor the class of one ({hint})")
+
+
+def _check_output(meta: ValueMeta | None, where: str) -> None:
+    """Raise :class:`ModelOutputError` unless the output is tensors (or None) in tuples,
+    lists and mappings."""
+    if meta is None or isinstance(meta, TensorMeta):
+        return
+    if isinstance(meta, tuple):
+        for i, item in enumerate(meta):
+            _check_output(item, f"{where}[{i}]")
+        return
+    if isinstance(meta, MappingMeta):
+        for key, item in meta.items:
+            _check_output(item, f"{where}[{key!r}]")
+        return
+    if meta.type_name == "NoneType":
+        return
+    raise ModelOutputError(
+        f"the model's {where} is a {meta.type_name}, not a tensor: a model must return a "
+        f"tensor, or tuples, lists or dicts of tensors; return the tensors the "
+        f"{meta.type_name} holds instead (e.g. from a wrapper module)")
+
+
+# --------------------------------------------------------------------------- capturing
+
+
+def _capture(
+    model: nn.Module,
+    inputs: tuple[torch.Tensor, ...],
+    names: tuple[str, ...] | None,
+    leaf_classes: tuple[type[nn.Module], ...],
+    leaf_names: frozenset[str],
+    name: str,
+    batch: int,
+) -> tuple[fx.GraphModule, str]:
+    """The graph, shapes propagated, and how it was captured ("fx" or "export")."""
+    try:
+        gm = _symbolic_trace(model, inputs, names, leaf_classes, leaf_names, name)
+        _propagate(gm, model, inputs, batch)
+        return gm, "fx"
+    except ModelOutputError:
+        raise
+    except TraceError as fx_error:
+        failure = fx_error
+    try:
+        from asteroid_fx.capture import export_graph
+
+        gm = export_graph(model, inputs, names, _identifier(name))
+        _propagate(gm, model, inputs, batch)
+    except ModelOutputError:
+        raise
+    except TraceError as export_error:
+        _check_eager_output(model, inputs, names)
+        raise _both_failed(failure, export_error) from failure
+    log.info("torch.fx cannot trace %s (%s); captured it with torch.export instead", name,
+             str(failure).splitlines()[0])
+    return gm, "export"
+
+
+def _both_failed(fx_error: TraceError, export_error: TraceError) -> TraceError:
+    """fx's message (module, line, fix) with export's reason before the fix."""
+    text = str(fx_error)
+    head, sep, fix = text.partition("\n  fix: ")
+    reason = str(export_error).replace("\n", "\n  ")
+    return TraceError(f"{head}\n  and {reason}" + (f"{sep}{fix}" if sep else ""))
+
+
+def _check_eager_output(
+    model: nn.Module, inputs: tuple[torch.Tensor, ...], names: tuple[str, ...] | None
+) -> None:
+    """Raise :class:`ModelOutputError` when the model, run eagerly, returns a bad type."""
+    from asteroid_fx.capture import capture_context
+
+    buffers = [(b, b.detach().clone()) for b in model.buffers()]
+    try:
+        with torch.no_grad(), capture_context(model):
+            value = model(**dict(zip(names, inputs))) if names else model(*inputs)
+    except Exception:  # the model does not run: the trace error says why
+        return
+    finally:
+        with torch.no_grad():
+            for buf, saved in buffers:
+                buf.copy_(saved)
+    _check_output(describe(value), "output")
 
 
 def _symbolic_trace(
     model: nn.Module,
-    num_inputs: int,
+    inputs: tuple[torch.Tensor, ...],
+    names: tuple[str, ...] | None,
     leaf_classes: tuple[type[nn.Module], ...],
     leaf_names: frozenset[str],
     name: str,
 ) -> fx.GraphModule:
     tracer = _LeafTracer(leaf_classes, leaf_names)
-    concrete = _defaulted_args(model, num_inputs)
+    concrete = _defaulted_args(model, len(inputs), names)
     try:
         graph = tracer.trace(model, concrete_args=concrete or None)
     except Exception as e:
         raise _trace_error(model, tracer, e) from e
-    _drop_specialized_placeholders(graph, num_inputs)
+    _drop_specialized_placeholders(graph, len(inputs), names)
     return fx.GraphModule(tracer.root, graph, class_name=_identifier(name))
 
 
-def _defaulted_args(model: nn.Module, num_inputs: int) -> dict[str, Any]:
+def _defaulted_args(
+    model: nn.Module, num_inputs: int, names: tuple[str, ...] | None
+) -> dict[str, Any]:
     """Bake forward() parameters beyond the example inputs in at their default values."""
     try:
         params = list(inspect.signature(model.forward).parameters.values())
     except (TypeError, ValueError):  # pragma: no cover - builtin forward
         return {}
+    if names is not None:
+        missing = [n for n in names if n not in {p.name for p in params
+                                                 if p.kind not in (p.VAR_POSITIONAL,
+                                                                   p.VAR_KEYWORD)}]
+        if missing:
+            raise TraceError(f"torch.fx traces named forward parameters only, and "
+                             f"{type(model).__name__}.forward has no parameter {missing[0]!r}")
     extra = {}
-    for p in params[num_inputs:]:
-        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+    for i, p in enumerate(params):
+        given = p.name in names if names is not None else i < num_inputs
+        if given or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
             continue
         if p.default is p.empty:
+            told = f"the keyword inputs {list(names)}" if names is not None else \
+                f"only {num_inputs} example input(s)"
             raise TraceError(
                 f"{type(model).__name__}.forward takes parameter {p.name!r} without a "
-                f"default, but only {num_inputs} example input(s) were given"
+                f"default, but {told} were given"
             )
         extra[p.name] = p.default
     return extra
 
 
-def _drop_specialized_placeholders(graph: fx.Graph, num_inputs: int) -> None:
+def _drop_specialized_placeholders(
+    graph: fx.Graph, num_inputs: int, names: tuple[str, ...] | None
+) -> None:
     placeholders = _nodes(graph, "placeholder")
-    for ph in placeholders[num_inputs:]:
+    if names is None:
+        baked = placeholders[num_inputs:]
+    else:
+        baked = [ph for ph in placeholders if str(ph.target) not in names]
+    for ph in baked:
         for user in list(ph.users):
             if not user.users and getattr(user.target, "__name__", "") == "_assert_is_none":
                 graph.erase_node(user)
         if not ph.users:
             graph.erase_node(ph)
+    if names is not None:  # placeholders in the mapping's order: see [Note: named inputs]
+        by_name = {str(ph.target): ph for ph in _nodes(graph, "placeholder")}
+        first = next(n for n in graph.nodes if n.op != "placeholder")
+        for key in names:
+            if key in by_name:
+                first.prepend(by_name[key])
 
 
 def _identifier(name: str) -> str:
@@ -550,7 +764,7 @@ def _retarget_batch_sizes(gm: fx.GraphModule, kinds: dict[fx.Node, str], batch: 
     for node in list(graph.nodes):
         if node.op not in ("call_method", "call_function") or not _is_batch_size(node, batch):
             continue
-        if not (node.target in _CHEAP_METHODS or node.target in _CHEAP_FUNCTIONS):
+        if not _cheap_target(node):
             continue
         source = _size_source(node, kinds)
         for user in list(node.users):
@@ -584,7 +798,7 @@ def _erase_dead_chain(graph: fx.Graph, node: fx.Node) -> None:
         current = pending.pop()
         if current.users or current.op not in ("call_method", "call_function"):
             continue
-        if not (current.target in _CHEAP_METHODS or current.target in _CHEAP_FUNCTIONS):
+        if not _cheap_target(current):
             continue
         inputs = current.all_input_nodes
         graph.erase_node(current)
@@ -598,10 +812,8 @@ def _has_tensor(meta: ValueMeta | None) -> bool:
 def _is_cheap(gm: fx.GraphModule, node: fx.Node) -> bool:
     if node.op == "get_attr":
         return True
-    if node.op == "call_method":
-        return node.target in _CHEAP_METHODS
-    if node.op == "call_function":
-        return node.target in _CHEAP_FUNCTIONS
+    if node.op in ("call_method", "call_function"):
+        return _cheap_target(node)
     if node.op == "call_module":
         return isinstance(gm.get_submodule(str(node.target)), _CHEAP_MODULES)
     return False
@@ -689,9 +901,18 @@ def _is_impure(gm: fx.GraphModule, node: fx.Node) -> bool:
         mod = gm.get_submodule(str(node.target))
         stateful = any(True for _ in mod.buffers())  # e.g. BatchNorm running statistics
         return stateful or isinstance(mod, nn.modules.dropout._DropoutNd)
-    name = str(getattr(node.target, "__name__", node.target)).lstrip("_")
+    if isinstance(node.target, torch._ops.OpOverload) and node.target._schema.is_mutable:
+        return True
+    name = _target_name(node.target).lstrip("_")
     in_place = name.endswith("_") and not name.endswith("__")
     return in_place or "dropout" in name or name.startswith(_RANDOM_PREFIXES)
+
+
+def _target_name(target: Any) -> str:
+    """A function's name; an aten operator's without the overload (``addmm``)."""
+    if isinstance(target, torch._ops.OpOverload):
+        return str(target.overloadpacket.__name__)
+    return str(getattr(target, "__name__", target))
 
 
 def _merge_crossings(
@@ -722,14 +943,49 @@ def _merge_crossings(
             )
             for j in range(home + 1, far + 1):
                 joined[j] = True
+    return _join(layer_of, anchors, joined)
+
+
+def _join(
+    layer_of: dict[fx.Node, int], anchors: list[fx.Node], joined: list[bool]
+) -> tuple[dict[fx.Node, int], list[fx.Node]]:
+    """Merge every layer j with ``joined[j]`` into layer j - 1; renumber the layers."""
     if not any(joined):
         return layer_of, anchors
     new_index: list[int] = []
-    for j in range(num_layers):
+    for j in range(len(anchors)):
         new_index.append(new_index[-1] if joined[j] else (new_index[-1] + 1 if j else 0))
     merged = {n: (i if i < 0 else new_index[i]) for n, i in layer_of.items()}
     kept = [a for j, a in enumerate(anchors) if not joined[j]]
     return merged, kept
+
+
+def _merge_leaves(
+    gm: fx.GraphModule,
+    layer_of: dict[fx.Node, int],
+    anchors: list[fx.Node],
+    leaf_classes: tuple[type[nn.Module], ...],
+    leaf_names: frozenset[str],
+) -> tuple[dict[fx.Node, int], list[fx.Node]]:
+    """Captured graphs: the layers made by one call of a leaf module become one layer.
+
+    torch.export has no opaque modules; a leaf is kept whole by never cutting inside it.
+    A node belongs to the outermost leaf in its module stack.
+    """
+    leaves: tuple[type[nn.Module], ...] = (nn.MultiheadAttention, *leaf_classes)
+    classes = {f"{c.__module__}.{c.__qualname__}" for c in leaves}
+    spans: dict[str, list[int]] = {}
+    for node, layer in layer_of.items():
+        for path, cls in node.meta.get(_STACK_KEY, ()):
+            if path.split("@")[0] in leaf_names or cls in classes:
+                span = spans.setdefault(path, [layer, layer])
+                span[0], span[1] = min(span[0], layer), max(span[1], layer)
+                break
+    joined = [False] * len(anchors)
+    for first, last in spans.values():
+        for j in range(max(first, 0) + 1, last + 1):
+            joined[j] = True
+    return _join(layer_of, anchors, joined)
 
 
 def _sort_by_layer(graph: fx.Graph, layer_of: dict[fx.Node, int]) -> None:
@@ -831,8 +1087,10 @@ def _describe_anchor(gm: fx.GraphModule, node: fx.Node) -> tuple[str, str]:
         return str(node.target), cls.__name__.lower() if builtin else cls.__name__
     if node.op == "call_method":
         return node.name, str(node.target)
-    target = node.target
-    op = getattr(target, "__name__", str(target)).strip("_")
+    op = _target_name(node.target).strip("_")
+    stack = node.meta.get(_STACK_KEY)
+    if stack:  # captured graphs: the innermost module that made the node
+        return str(stack[-1][0]), op
     return node.name, op
 
 
