@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import operator
 import os
@@ -93,7 +94,9 @@ def export_graph(
             args, kwargs = (), dict(zip(names, inputs))
             dynamic = {name: {0: batch} for name in names}
         try:
-            program = export.export(model, args, kwargs, strict=False, dynamic_shapes=dynamic)
+            with _quiet():
+                program = export.export(model, args, kwargs, strict=False,
+                                        dynamic_shapes=dynamic)
         except Exception as exc:
             raise TraceError(_export_failure(model, exc)) from exc
         spec = program.call_spec.out_spec
@@ -110,6 +113,29 @@ def export_graph(
     graph._codegen = fx.graph.CodeGen()  # plain forward(inputs) -> output, no pytree specs
     graph.lint()
     return fx.GraphModule(gm, graph, class_name=class_name)
+
+
+# torch loggers that report a failed export at warning level (the error says it already)
+_NOISY_LOGGERS = ("torch.fx.experimental.symbolic_shapes", "torch.export", "torch._export")
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Keep a failing export from printing its partial graph and warnings on stderr (the
+    text goes to this module's debug log instead)."""
+    loggers = [logging.getLogger(name) for name in _NOISY_LOGGERS]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    text = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(text):
+            yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+        if text.getvalue().strip():
+            log.debug("torch.export printed:\n%s", text.getvalue())
 
 
 @contextlib.contextmanager
@@ -329,9 +355,9 @@ def _unflatten(spec: Any, leaves: Iterator[Any], where: str) -> Any:
             return dict(zip(keys, items))
     raise ModelOutputError(
         f"the model's {where} is a {getattr(kind, '__module__', '?')}."
-        f"{getattr(kind, '__qualname__', kind)}; a model must return a tensor, or tuples, "
-        f"lists or dicts of tensors: return the tensors it holds instead (e.g. from a "
-        f"wrapper module)")
+        f"{getattr(kind, '__qualname__', kind)}, not a tensor: a model must return a "
+        f"tensor, or tuples, lists or dicts of tensors; return the tensors you train on "
+        f"instead (e.g. from a wrapper module)")
 
 
 def _keep_module_stacks(graph: fx.Graph) -> None:

@@ -143,14 +143,12 @@ def _progress_callback(description: str) -> tuple[Any, Callable[[int, int, str],
     return progress, update
 
 
-def _load_model(spec: str, batch_size: int) -> tuple[Any, Any, tuple[Any, ...]]:
+def _load_model(spec: str, batch_size: int) -> tuple[Any, Any, Any]:
     from asteroid_fx.model_spec import load_model_spec
 
     model_spec = load_model_spec(spec)
     model = model_spec.build_model()
-    inputs, _targets = model_spec.sample_batch(batch_size)
-    if not isinstance(inputs, tuple):
-        inputs = (inputs,)
+    inputs, _targets = model_spec.example_inputs(batch_size)
     return model_spec, model, inputs
 
 
@@ -350,7 +348,7 @@ def _show_costs(table: Any, cluster: Path | None, batch_size: int) -> None:
 
 
 def _costs_for(model: str, batch_size: int, costs: str | None, leaf: tuple[str, ...],
-               clus: Any, planner: str = "asteroid") -> tuple[Any, Any, tuple[Any, ...], Any]:
+               clus: Any, planner: str = "asteroid") -> tuple[Any, Any, Any, Any]:
     """The model, its example inputs and the cost table ``--costs`` asks for (bad
     ``--planner`` / ``--batch-size`` are refused first: measuring takes a while)."""
     from asteroid_fx.cost_source import resolve_costs

@@ -133,7 +133,7 @@ def _host_speeds() -> dict[str, float]:
     return speeds
 
 
-def resolve_costs(spec: Any, model: Any, inputs: tuple[Any, ...], cluster: Any,
+def resolve_costs(spec: Any, model: Any, inputs: Any, cluster: Any,
                   choice: str | None, *, leaf_modules: Sequence[str] = (),
                   batch_size: int = 8, batch_sizes: Sequence[int] | None = None,
                   progress: Progress | None = None) -> CostChoice:
@@ -141,7 +141,8 @@ def resolve_costs(spec: Any, model: Any, inputs: tuple[Any, ...], cluster: Any,
 
     Args:
         spec: the loaded ``ModelSpec`` (its ``sample_batch`` and ``build_optimizer``).
-        model, inputs: the built model and example inputs (batch first).
+        model, inputs: the built model and example inputs (batch first; a tuple, or a dict
+            of keyword inputs).
         cluster: the ``Cluster`` being planned for (decides the ``auto`` default).
         choice: ``None``/``"auto"`` (measure this host when the cluster has a ``local``
             device, else analytic), ``"measure"``, ``"analytic"``, or a costs.json path.

@@ -31,7 +31,7 @@ from __future__ import annotations
 import importlib
 import logging
 import shutil
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -65,7 +65,8 @@ def save_partition(
     *,
     model_spec: Any = None,
     onnx: bool = True,
-    example_inputs: tuple[torch.Tensor, ...] | torch.Tensor | None = None,
+    example_inputs: tuple[torch.Tensor, ...] | torch.Tensor | Mapping[str, torch.Tensor] | None
+    = None,
     costs: Any = None,
     cluster: Any = None,
     progress: Callable[[int, int, str], None] | None = None,
@@ -82,7 +83,8 @@ def save_partition(
             a loaded ``ModelSpec``; a model file is copied to ``model.py``.
         onnx: also write ``stage_<i>.onnx`` (needs ``example_inputs``; each file is checked
             against torch in onnxruntime).
-        example_inputs: model inputs of one example batch (batch in dimension 0).
+        example_inputs: model inputs of one example batch (batch in dimension 0; a mapping
+            of keyword inputs is taken in its order, as stage 0 takes them).
         costs, cluster: a ``CostTable`` and ``Cluster``; with both, ``report.md`` and
             ``gantt.png`` are written when the solver's report/Gantt modules are installed.
 
@@ -185,13 +187,16 @@ def load_partition(directory: str | Path) -> tuple[Plan, list[torch.nn.Module]]:
 
 
 def stage_example_args(
-    stages: Sequence[torch.nn.Module], example_inputs: tuple[torch.Tensor, ...] | torch.Tensor,
+    stages: Sequence[torch.nn.Module],
+    example_inputs: tuple[torch.Tensor, ...] | torch.Tensor | Mapping[str, torch.Tensor],
 ) -> list[tuple[torch.Tensor, ...]]:
     """The positional inputs of every stage when the model runs on ``example_inputs``.
 
     Runs the stages in eval mode without autograd (train/eval flags restored afterwards).
     """
-    args: Any = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    from asteroid_fx.model_spec import model_inputs
+
+    args: Any = model_inputs(example_inputs)
     result: list[tuple[torch.Tensor, ...]] = []
     modes = {m: m.training for s in stages for m in s.modules()}
     try:
@@ -229,7 +234,7 @@ def _header(info: StageInfo, spec: str | None) -> list[str]:
 
 
 def _check_outputs(stages: Sequence[fx.GraphModule], loaded: Sequence[torch.nn.Module],
-                   example_inputs: tuple[torch.Tensor, ...] | torch.Tensor) -> None:
+                   example_inputs: Any) -> None:
     """The loaded stages compute exactly what the originals do on the example inputs, in
     eval mode and in train mode (each stage run from the same RNG seed; BatchNorm running
     statistics restored afterwards)."""
@@ -250,11 +255,12 @@ def _check_outputs(stages: Sequence[fx.GraphModule], loaded: Sequence[torch.nn.M
                                      f"mode; report it, with the model")
 
 
-def _run_stages(stages: Sequence[torch.nn.Module],
-                example_inputs: tuple[torch.Tensor, ...] | torch.Tensor,
+def _run_stages(stages: Sequence[torch.nn.Module], example_inputs: Any,
                 training: bool) -> list[tuple[tuple[Any, ...], Any]]:
     """``(inputs, outputs)`` of every stage run one after the other in the given mode."""
-    args: Any = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    from asteroid_fx.model_spec import model_inputs
+
+    args: Any = model_inputs(example_inputs)
     runs = []
     for i, stage in enumerate(stages):
         out = _run_stage(stage, args, training, i)

@@ -142,7 +142,7 @@ def _names_or_none(value: Any) -> tuple[str, ...] | None:
 # -- public API -----------------------------------------------------------------------------
 def partition(
     model: torch.nn.Module,
-    example_inputs: tuple[Any, ...] | torch.Tensor,
+    example_inputs: tuple[Any, ...] | torch.Tensor | Mapping[str, torch.Tensor],
     plan: Plan,
     *,
     leaf_modules: Sequence[type[torch.nn.Module] | str] = (),
@@ -153,7 +153,9 @@ def partition(
 
     Args:
         model: the model (used only when ``graph`` is not given, to trace it).
-        example_inputs: the model inputs (batch dimension 0), used to check that only
+        example_inputs: the model inputs (batch dimension 0): a tuple of tensors, or a
+            mapping of keyword inputs (stage 0 then takes them in the mapping's order, see
+            [Note: named inputs] in ``asteroid_fx/trace.py``); used to check that only
             tensors with a batch dimension cross a cut.
         plan: the plan; ``plan.stages[i].layers`` are layer indices of the layer graph.
         leaf_modules: passed to :func:`asteroid_fx.trace.trace` when tracing here.
@@ -172,11 +174,15 @@ def partition(
         PartitionError: the plan does not match the graph, or a non-tensor value (or a
             tensor without the batch dimension) would cross a cut.
     """
-    inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    from asteroid_fx.model_spec import model_inputs
+
     if graph is None:
         from asteroid_fx.trace import trace
 
-        graph = trace(model, inputs, leaf_modules=tuple(leaf_modules))
+        traced: Any = example_inputs if isinstance(example_inputs, Mapping) else \
+            model_inputs(example_inputs)
+        graph = trace(model, traced, leaf_modules=tuple(leaf_modules))
+    inputs = model_inputs(example_inputs)
     stages = _Partitioner(graph, plan, inputs, check_batch_dim).run()
     if graph.eval_graph is not None:
         stages = _join_eval_mode(stages, graph, plan, inputs, check_batch_dim)

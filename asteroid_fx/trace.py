@@ -500,8 +500,8 @@ def _check_output(meta: ValueMeta | None, where: str) -> None:
         return
     raise ModelOutputError(
         f"the model's {where} is a {meta.type_name}, not a tensor: a model must return a "
-        f"tensor, or tuples, lists or dicts of tensors; return the tensors the "
-        f"{meta.type_name} holds instead (e.g. from a wrapper module)")
+        f"tensor, or tuples, lists or dicts of tensors; return the tensors you train on "
+        f"instead (e.g. from a wrapper module)")
 
 
 # --------------------------------------------------------------------------- capturing

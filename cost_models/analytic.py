@@ -29,7 +29,7 @@ from __future__ import annotations
 import logging
 import math
 import platform
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -61,14 +61,16 @@ def _positive(name: str, value: float | None) -> None:
         raise CostModelError(f"{name} must be a finite number > 0, got {value!r}")
 
 
-def _as_inputs(example_inputs: Any) -> tuple[Any, ...]:
+def _as_inputs(example_inputs: Any) -> Any:
     if isinstance(example_inputs, torch.Tensor):
         return (example_inputs,)
     if isinstance(example_inputs, (tuple, list)):
         return tuple(example_inputs)
+    if isinstance(example_inputs, Mapping):
+        return dict(example_inputs)
     raise CostModelError(
-        f"example_inputs must be a tensor or a tuple of tensors (batch first), got "
-        f"{type(example_inputs).__name__}"
+        f"example_inputs must be a tensor, a tuple of tensors or a dict of named tensors "
+        f"(batch first), got {type(example_inputs).__name__}"
     )
 
 
@@ -94,7 +96,8 @@ def analytic_costs(
 
     Args:
         model: the model (traced unless ``graph`` is given).
-        example_inputs: a tuple of tensors, batch dimension first (shapes only matter).
+        example_inputs: a tuple of tensors, or a dict of keyword tensors, batch dimension
+            first (shapes only matter).
         leaf_modules: module types or qualified names that tracing keeps whole.
         host_flops: effective FLOP/s of the reference host; default: this host's single
             core, measured once per process.

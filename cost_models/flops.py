@@ -194,7 +194,8 @@ _FREE = set(
     "view reshape permute transpose t size dim getattr getitem flatten unflatten unsqueeze "
     "squeeze expand expand_as chunk split unbind narrow select detach view_as reshape_as "
     "numel movedim moveaxis swapaxes swapdims type_as requires_grad_ identity "
-    "sym_size contiguous_format stride is_contiguous".split()
+    "sym_size contiguous_format stride is_contiguous unsafe_view alias slice "
+    "split_with_sizes".split()
 )
 
 # Ops that copy data: bytes moved but no FLOPs.
@@ -246,6 +247,8 @@ def _function_name(target: Any) -> str:
         return "getitem"
     if isinstance(target, str):
         return _normalise(target)
+    if isinstance(target, torch._ops.OpOverload):  # aten.addmm.default -> "addmm"
+        return _normalise(str(target.overloadpacket.__name__))
     return _normalise(str(getattr(target, "__name__", target)))
 
 

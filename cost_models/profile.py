@@ -51,7 +51,7 @@ import math
 import platform
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -61,7 +61,7 @@ from torch.utils._pytree import tree_flatten
 
 from asteroid_fx.allocator import tune_allocator
 from asteroid_fx.errors import AsteroidError, CostModelError
-from asteroid_fx.model_spec import check_batch
+from asteroid_fx.model_spec import Inputs, check_batch, model_inputs
 from cost_models.analytic import layer_node_costs
 from cost_models.hostspeed import (
     compute_clock,
@@ -304,8 +304,9 @@ def _check_batch_sizes(batch_sizes: Sequence[int]) -> tuple[int, ...]:
 
 def _draw_for(sample_batch: SampleBatch, b: int,
               placeholders: Sequence[str]) -> tuple[torch.Tensor, ...]:
-    """``sample_batch(b)``'s inputs, one per model input (CostModelError otherwise)."""
-    inputs = _draw(sample_batch, b)
+    """``sample_batch(b)``'s inputs, one per model input and in the traced graph's order
+    (CostModelError otherwise)."""
+    inputs = model_inputs(_draw(sample_batch, b))
     if len(inputs) != len(placeholders):
         raise CostModelError(
             f"sample_batch({b}) returned {len(inputs)} inputs but the model takes "
@@ -314,7 +315,7 @@ def _draw_for(sample_batch: SampleBatch, b: int,
     return inputs
 
 
-def _draw(sample_batch: SampleBatch, b: int) -> tuple[torch.Tensor, ...]:
+def _draw(sample_batch: SampleBatch, b: int) -> Inputs:
     try:
         result = sample_batch(b)
     except AsteroidError:
@@ -351,12 +352,15 @@ class _ModelState:
                 buf.copy_(saved)
 
 
-def _run_model(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
+def _run_model(model: torch.nn.Module, inputs: Inputs) -> None:
     try:
         with torch.no_grad():
-            model(*inputs)
+            if isinstance(inputs, Mapping):
+                model(**inputs)
+            else:
+                model(*inputs)
     except Exception as exc:
-        shapes = [tuple(x.shape) for x in inputs]
+        shapes = [tuple(x.shape) for x in model_inputs(inputs)]
         raise CostModelError(
             f"the model failed to run on inputs of shapes {shapes}: "
             f"{type(exc).__name__}: {exc}"
@@ -372,7 +376,7 @@ def profile(
     repeats: int = 5,
     warmup: int = 2,
     progress: Progress | None = None,
-    example_inputs: tuple[torch.Tensor, ...] | None = None,
+    example_inputs: Inputs | torch.Tensor | None = None,
     graph: LayerGraph | None = None,
     model_name: str = "",
     method: str = "chain",
@@ -436,12 +440,14 @@ def profile(
                 example_inputs = _draw(sample_batch, max(sizes))
             elif isinstance(example_inputs, torch.Tensor):
                 example_inputs = (example_inputs,)
-            _run_model(model, tuple(example_inputs))
+            elif not isinstance(example_inputs, Mapping):
+                example_inputs = tuple(example_inputs)
+            _run_model(model, example_inputs)
             if graph is None:
                 from asteroid_fx.trace import trace
 
                 graph = trace(
-                    model, tuple(example_inputs), leaf_modules=tuple(leaf_modules),
+                    model, example_inputs, leaf_modules=tuple(leaf_modules),
                     model_name=name,
                 )
             host_flops = measure_host_flops()

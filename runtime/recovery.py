@@ -192,6 +192,7 @@ class _Model:
 
 
 def _load_model(directory: Path, cluster_path: Any) -> _Model:
+    from asteroid_fx.model_spec import model_inputs
     from cost_models.analytic import analytic_costs
     from runtime.stage_io import load_model_module, load_partition_meta
     from solver.cluster import Cluster
@@ -201,7 +202,8 @@ def _load_model(directory: Path, cluster_path: Any) -> _Model:
     spec = str(directory / "model.py") + (f":{meta.prefix}" if meta.prefix else "")
     torch.manual_seed(0)
     inputs, _ = module.sample_batch(2)
-    inputs = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
+    if not isinstance(inputs, Mapping):  # keyword inputs stay a mapping: traced by name
+        inputs = model_inputs(inputs)
     costs_file = directory / "costs.json"
     if costs_file.is_file():
         from cost_models.table import CostTable

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from asteroid_fx.model_spec import model_inputs
 from runtime.train import make_optimizer, resolve_loss_fn
 
 __all__ = ["ReferenceResult", "reference_training"]
@@ -36,10 +38,10 @@ def reference_training(model_file: Any, batch_size: int, *, steps: int = 10, see
     for step in range(steps):
         torch.manual_seed(seed + 1 + step)
         inputs, targets = model_file.sample_batch(batch_size)
-        inputs = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
         start = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
-        loss = loss_fn(model(*inputs), targets)
+        outputs = model(**inputs) if isinstance(inputs, Mapping) else model(*model_inputs(inputs))
+        loss = loss_fn(outputs, targets)
         loss.backward()
         optimizer.step()
         result.step_times.append(time.perf_counter() - start)

@@ -15,6 +15,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from asteroid_fx.errors import RuntimeFailure
+from asteroid_fx.model_spec import model_inputs
 from runtime.comm import Comm
 from runtime.executor import StageExecutor
 from runtime.lowering import add_comms, send_releases
@@ -272,7 +273,7 @@ def train_device(source: StageSource, rank: int, config: TrainConfig, *,
         if needs_batch:
             torch.manual_seed(config.seed + 1 + step)
             inputs, targets = model_file.sample_batch(plan.batch_size)
-            inputs = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
+            inputs = model_inputs(inputs)
         dist.barrier()
         if hooks is not None:
             hooks.round_started(step)

@@ -429,7 +429,7 @@ def test_untraceable_root_suggests_moving_code_into_a_submodule() -> None:
 @pytest.mark.parametrize(
     ("leaves", "pattern"),
     [
-        ([3], "must be nn.Module classes or qualified module names, got 3"),
+        ([3], "must be nn.Module classes, class names or qualified module names, got 3"),
         (["nope"], "'nope', which is not a submodule of _Gated .*fc, gate"),
     ],
 )
