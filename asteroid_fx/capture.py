@@ -389,6 +389,6 @@ def _check_supported(graph: fx.Graph, model: nn.Module) -> None:
         module = f" in module {stack[-1][0]!r} ({stack[-1][1]})" if stack else ""
         raise TraceError(
             f"torch.export captured {type(model).__name__} with a functorch transform "
-            f"or higher-order operator ({name}){module}, which a pipeline stage cannot run: "
-            f"compute the value without torch.vmap (e.g. by broadcasting) and without "
-            f"autocast in forward")
+            f"or higher-order operator ({name}){module}, which a pipeline stage cannot run"
+            f"\n  fix: compute the value without torch.vmap (e.g. by broadcasting) and "
+            f"without autocast in forward")

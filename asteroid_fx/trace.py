@@ -541,10 +541,13 @@ def _capture(
 
 
 def _both_failed(fx_error: TraceError, export_error: TraceError) -> TraceError:
-    """fx's message (module, line, fix) with export's reason before the fix."""
-    text = str(fx_error)
-    head, sep, fix = text.partition("\n  fix: ")
-    reason = str(export_error).replace("\n", "\n  ")
+    """fx's message (module, line) and export's reason, then the fix: export's own when it
+    names one (a construct no capture supports), else fx's (a leaf module)."""
+    head, sep, fix = str(fx_error).partition("\n  fix: ")
+    reason, own, own_fix = str(export_error).partition("\n  fix: ")
+    if own:
+        sep, fix = own, own_fix
+    reason = reason.replace("\n", "\n  ")
     return TraceError(f"{head}\n  and {reason}" + (f"{sep}{fix}" if sep else ""))
 
 
@@ -628,14 +631,33 @@ def _drop_specialized_placeholders(
         for user in list(ph.users):
             if not user.users and getattr(user.target, "__name__", "") == "_assert_is_none":
                 graph.erase_node(user)
+        default = ph.args[0] if ph.args else None
+        if ph.users and isinstance(default, (int, float, bool, str, type(None))):
+            _write_in(ph, default)
         if not ph.users:
             graph.erase_node(ph)
-    if names is not None:  # placeholders in the mapping's order: see [Note: named inputs]
-        by_name = {str(ph.target): ph for ph in _nodes(graph, "placeholder")}
+    if names is not None:  # inputs in the mapping's order, then baked parameters (with
+        # defaults) still read: see [Note: named inputs]
+        remaining = _nodes(graph, "placeholder")
+        by_name = {str(ph.target): ph for ph in remaining}
+        order = [by_name[k] for k in names if k in by_name]
+        for ph in order:
+            ph.args = ()  # a given input has no default (``mask=None`` in forward)
+        order += [ph for ph in remaining if ph not in order]
         first = next(n for n in graph.nodes if n.op != "placeholder")
-        for key in names:
-            if key in by_name:
-                first.prepend(by_name[key])
+        for ph in order:
+            first.prepend(ph)
+
+
+def _write_in(placeholder: fx.Node, value: Any) -> None:
+    """Replace every use of ``placeholder`` by the plain constant ``value``."""
+
+    def swap(node: fx.Node) -> Any:
+        return value if node is placeholder else node
+
+    for user in list(placeholder.users):
+        user.args = fx.map_arg(user.args, swap)
+        user.kwargs = fx.map_arg(user.kwargs, swap)
 
 
 def _identifier(name: str) -> str:

@@ -95,7 +95,8 @@ def test_bad_host_flops_raise(bad: float) -> None:
 
 
 def test_bad_example_inputs_raise() -> None:
-    with pytest.raises(CostModelError, match="example_inputs must be a tensor or a tuple"):
+    with pytest.raises(CostModelError,
+                       match="example_inputs must be a tensor, a tuple of tensors or a dict"):
         analytic_costs(SmallCNN(), "not a tensor", host_flops=1e9)
 
 

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from asteroid_fx.errors import ModelSpecError
-from asteroid_fx.model_spec import BUILTIN_MODELS, ModelSpec, load_model_spec
+from asteroid_fx.model_spec import BUILTIN_MODELS, ModelSpec, load_model_spec, model_inputs
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
@@ -158,7 +158,8 @@ def test_unknown_builtin_lists_known_names() -> None:
         match="unknown built-in model 'vgg'.*builtin:bert-small, builtin:efficientnet_b1",
     ):
         load_model_spec("builtin:vgg")
-    assert set(BUILTIN_MODELS) == {"resnet50", "mobilenet_v2", "efficientnet_b1", "bert-small"}
+    assert set(BUILTIN_MODELS) == {"resnet50", "mobilenet_v2", "efficientnet_b1", "bert-small",
+                                   "gpt2-small"}
 
 
 @pytest.mark.skipif(
@@ -173,9 +174,10 @@ def test_builtin_without_the_models_extra_gives_the_install_hint(name: str) -> N
 @pytest.mark.skipif(
     importlib.util.find_spec("transformers") is not None, reason="models extra installed"
 )
-def test_bert_builtin_without_transformers() -> None:
+@pytest.mark.parametrize("name", ["bert-small", "gpt2-small"])
+def test_transformers_builtins_without_transformers(name: str) -> None:
     with pytest.raises(ModelSpecError, match=r"needs transformers.*asteroid-fx\[models\]"):
-        load_model_spec("builtin:bert-small")
+        load_model_spec(f"builtin:{name}")
 
 
 @pytest.mark.skipif(importlib.util.find_spec("torchvision") is None, reason="needs [models]")
@@ -219,3 +221,60 @@ def wrong_sample_batch(batch_size):
         load_model_spec(f"{path}:wrong").example_inputs(2)
     with pytest.raises(ModelSpecError, match="batch_size must be >= 1"):
         load_model_spec(str(path)).example_inputs(0)
+
+
+def test_keyword_inputs_are_checked_and_kept_in_order(tmp_path: Path) -> None:
+    path = _write(
+        tmp_path,
+        """
+import torch
+
+def build_model():
+    return torch.nn.Identity()
+
+def sample_batch(batch_size):
+    return {"mask": torch.ones(batch_size, 4), "ids": torch.zeros(batch_size, 4)}, None
+
+def bad_build_model():
+    return torch.nn.Identity()
+
+def bad_sample_batch(batch_size):
+    return {"ids": torch.zeros(batch_size + 1, 4)}, None
+
+def key_build_model():
+    return torch.nn.Identity()
+
+def key_sample_batch(batch_size):
+    return {"not a name": torch.zeros(batch_size, 4)}, None
+""",
+    )
+    inputs, _ = load_model_spec(str(path)).example_inputs(2)
+    assert isinstance(inputs, dict) and list(inputs) == ["mask", "ids"]
+    assert model_inputs(inputs) == tuple(inputs.values())
+    with pytest.raises(ModelSpecError, match=r"input 'ids' has shape \(3, 4\); dimension 0"):
+        load_model_spec(f"{path}:bad").example_inputs(2)
+    with pytest.raises(ModelSpecError, match="key 'not a name'; keys must be the model's forward"):
+        load_model_spec(f"{path}:key").example_inputs(2)
+
+
+def test_model_inputs_is_the_positional_form() -> None:
+    x = torch.zeros(2, 3)
+    assert model_inputs(x) == (x,)
+    assert model_inputs([x, x]) == (x, x)
+    assert model_inputs({"b": x, "a": x + 1})[1] is not x
+
+
+@pytest.mark.skipif(importlib.util.find_spec("transformers") is None, reason="needs [models]")
+def test_builtin_gpt2_small_takes_keyword_ids_and_predicts_next_tokens() -> None:
+    spec = load_model_spec("builtin:gpt2-small")
+    inputs, targets = spec.example_inputs(2)
+    assert isinstance(inputs, dict) and list(inputs) == ["input_ids"]
+    assert inputs["input_ids"].shape == targets.shape == (2, 128)
+    torch.manual_seed(0)
+    model = spec.build_model()
+    with torch.no_grad():
+        outputs = model(**inputs)
+    loss = spec.loss_fn(outputs, targets)
+    expected = torch.nn.functional.cross_entropy(outputs.logits.reshape(-1, 50257),
+                                                 targets.reshape(-1))
+    torch.testing.assert_close(loss, expected, rtol=0, atol=0)
