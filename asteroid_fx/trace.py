@@ -349,6 +349,7 @@ def _trace_mode(
     gm, capture = _capture(model, inputs, names, leaf_classes, leaf_names, name, batch)
     output = _nodes(gm.graph, "output")[0]
     _check_output(output.meta.get(META_KEY), "output")
+    _plain_mapping_output(gm.graph, output)
 
     kinds = _classify(gm, batch)
     _retarget_batch_sizes(gm, kinds, batch)
@@ -502,6 +503,36 @@ def _check_output(meta: ValueMeta | None, where: str) -> None:
         f"the model's {where} is a {meta.type_name}, not a tensor: a model must return a "
         f"tensor, or tuples, lists or dicts of tensors; return the tensors you train on "
         f"instead (e.g. from a wrapper module)")
+
+
+def _plain_mapping_output(graph: fx.Graph, output: fx.Node) -> None:
+    """A mapping the model returns is a plain dict without None fields, as a ``ModelOutput``.
+
+    torch.fx turns a returned ``ModelOutput`` into a plain dict holding every field it was
+    built with, also those that are None when the model runs (the model returns only the
+    others), and keeps ``forward``'s return annotation, which no longer holds.
+    """
+    value = output.args[0]
+    if not isinstance(value, dict):
+        return
+    output.type = None
+    kept = {}
+    for key, item in value.items():
+        if item is None or (isinstance(item, fx.Node) and item.meta.get(META_KEY)
+                            == NonTensorMeta("NoneType", None)):
+            continue
+        kept[key] = item
+    if len(kept) == len(value):
+        return
+    dropped = [item for key, item in value.items() if key not in kept]
+    output.args = (kept,)
+    meta = output.meta.get(META_KEY)
+    if isinstance(meta, MappingMeta):
+        output.meta[META_KEY] = MappingMeta(meta.type_name,
+                                            tuple((k, m) for k, m in meta.items if k in kept))
+    for item in dropped:
+        if isinstance(item, fx.Node):
+            _erase_dead_chain(graph, item)
 
 
 # --------------------------------------------------------------------------- capturing

@@ -1,0 +1,198 @@
+"""Hugging Face transformers models trace, partition and compose with no flags (needs the
+``models`` extra; skipped without transformers)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from partition_cases import compose, even_lasts, hand_plan
+from torch import nn
+
+from asteroid_fx.cli import main
+from asteroid_fx.errors import TraceError
+from asteroid_fx.model_spec import load_model_spec
+from asteroid_fx.package import load_partition, save_partition
+from asteroid_fx.partition import partition, stage_info
+from asteroid_fx.trace import trace
+
+transformers = pytest.importorskip("transformers")
+
+ROOT = Path(__file__).resolve().parents[1]
+CLUSTER = str(ROOT / "examples" / "clusters" / "C-1000mbps.yaml")
+VOCAB = 100
+
+
+def _model(name: str) -> nn.Module:
+    """A tiny model of the family (hidden 32, 2 layers, vocabulary 100)."""
+    t = transformers
+    small = {"num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64,
+             "hidden_size": 32}
+    if name == "bert":
+        return t.BertForSequenceClassification(t.BertConfig(
+            vocab_size=VOCAB, max_position_embeddings=64, **small))
+    if name == "roberta":
+        return t.RobertaModel(t.RobertaConfig(vocab_size=VOCAB, max_position_embeddings=66,
+                                              **small))
+    if name == "distilbert":
+        return t.DistilBertModel(t.DistilBertConfig(
+            vocab_size=VOCAB, dim=32, n_layers=2, n_heads=2, hidden_dim=64,
+            max_position_embeddings=64))
+    if name == "gpt2":
+        return t.GPT2LMHeadModel(t.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=2,
+                                              n_positions=64))
+    if name == "t5":
+        return t.T5ForConditionalGeneration(t.T5Config(
+            vocab_size=VOCAB, d_model=32, d_kv=16, d_ff=64, num_layers=2, num_heads=2,
+            decoder_start_token_id=0))
+    if name == "llama":
+        return t.LlamaForCausalLM(t.LlamaConfig(
+            vocab_size=VOCAB, num_key_value_heads=1, max_position_embeddings=64, **small))
+    if name == "vit":
+        return t.ViTForImageClassification(t.ViTConfig(image_size=32, patch_size=8, **small))
+    raise AssertionError(name)
+
+
+def _inputs(name: str, batch: int = 3) -> dict[str, torch.Tensor]:
+    ids = torch.randint(1, VOCAB, (batch, 8))
+    if name == "vit":
+        return {"pixel_values": torch.randn(batch, 3, 32, 32)}
+    if name == "t5":
+        return {"input_ids": ids, "decoder_input_ids": torch.randint(1, VOCAB, (batch, 5))}
+    mask = torch.ones(batch, 8, dtype=torch.long)
+    mask[0, 6:] = 0  # padding in one sample: the mask matters
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def _tensors(output: Any) -> dict[str, torch.Tensor]:
+    """The tensor fields of a ModelOutput / dict (caches are not part of the stages)."""
+    return {k: v for k, v in output.items() if isinstance(v, torch.Tensor)}
+
+
+def _loss(output: dict[str, torch.Tensor]) -> torch.Tensor:
+    return sum((v.float().square().mean() for v in output.values()), torch.zeros(()))
+
+
+def _summed_grads(stages: list[Any]) -> dict[str, torch.Tensor]:
+    grads: dict[str, torch.Tensor] = {}
+    for stage in stages:
+        for name, p in stage.named_parameters():
+            if p.grad is not None:
+                grads[name] = grads[name] + p.grad if name in grads else p.grad.clone()
+    return grads
+
+
+def _check_composes(model: nn.Module, inputs: dict[str, torch.Tensor], stages: list[Any],
+                    seed: int = 1) -> None:
+    """Outputs equal exactly and gradients to rtol 1e-5 (dropout draws the same numbers)."""
+    torch.manual_seed(seed)
+    expected = _tensors(model(**inputs))
+    _loss(expected).backward()
+    torch.manual_seed(seed)
+    got = compose(stages, tuple(inputs.values()))
+    assert isinstance(got, dict) and list(got) == list(expected)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    _loss(got).backward()
+    grads = _summed_grads(stages)
+    names: dict[int, list[str]] = {}  # a tied parameter has several names
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(name)
+    for p in model.parameters():
+        if p.grad is None:
+            continue
+        held = [grads.pop(n) for n in names[id(p)] if n in grads]
+        assert held, names[id(p)]
+        torch.testing.assert_close(sum(held[1:], held[0]), p.grad, rtol=1e-5, atol=1e-7)
+    assert not grads  # no stage parameter the model has no gradient for
+
+
+MODELS = ["bert", "gpt2", "distilbert", "t5", "llama", "roberta", "vit"]
+
+
+@pytest.mark.parametrize("mode", ["eval", "train"])
+@pytest.mark.parametrize("name", MODELS)
+def test_model_traces_partitions_and_composes_exactly(name: str, mode: str) -> None:
+    model = _model(name).train(mode == "train")
+    inputs = _inputs(name)
+    graph = trace(model, inputs)
+    assert graph.capture == "export" and graph.input_names == tuple(inputs)
+    plan = hand_plan(graph.num_layers, even_lasts(graph.num_layers, 3), micro_batch=3)
+    stages = partition(model, inputs, plan, graph=graph)
+    assert len(stages) == 3 and all(stage_info(s).layers[0] <= stage_info(s).layers[1]
+                                    for s in stages)
+    _check_composes(model, inputs, stages)
+    if mode == "eval":  # stage 0 takes the keyword inputs by name too
+        with torch.no_grad():
+            by_name = compose(stages[1:], stages[0](**inputs))
+            torch.testing.assert_close(by_name, _tensors(model(**inputs)), rtol=0, atol=0)
+
+
+def test_partition_saves_and_loads_back(tmp_path: Path) -> None:
+    model = _model("gpt2").eval()
+    inputs = _inputs("gpt2")
+    graph = trace(model, inputs)
+    plan = hand_plan(graph.num_layers, even_lasts(graph.num_layers, 3), micro_batch=3)
+    stages = partition(model, inputs, plan, graph=graph)
+    save_partition(tmp_path, plan, stages, onnx=True, example_inputs=inputs)
+    _, loaded = load_partition(tmp_path)
+    assert not any(isinstance(s, torch.fx.GraphModule) for s in loaded)
+    assert (tmp_path / "stage_2.onnx").is_file()
+    _check_composes(model, inputs, loaded)
+
+
+@pytest.mark.parametrize(
+    ("name", "leaves", "whole"),
+    [
+        ("bert", ["BertEmbeddings"], "bert.embeddings"),  # a class name
+        ("bert", ["bert"], "bert"),  # the issue's --leaf bert: a ModelOutput-returning leaf
+        ("distilbert", ["embeddings"], "embeddings"),
+        ("t5", ["encoder"], "encoder"),
+    ],
+)
+def test_leaves_by_name_or_class_stay_whole(name: str, leaves: list[str], whole: str) -> None:
+    model = _model(name).eval()
+    inputs = _inputs(name)
+    graph = trace(model, inputs, leaf_modules=leaves)
+    params = [layer for layer in graph.layers
+              if any(p.startswith(whole + ".") for p in layer.param_names)]
+    assert len(params) == 1  # every parameter of the leaf is in one layer
+    lasts = even_lasts(graph.num_layers, min(3, graph.num_layers))
+    stages = partition(model, inputs, hand_plan(graph.num_layers, lasts, micro_batch=3),
+                       graph=graph)
+    _check_composes(model, inputs, stages)
+
+
+def test_leaf_that_matches_nothing_lists_close_names() -> None:
+    with pytest.raises(TraceError, match="'BertEmbedding', which is not a submodule .*close "
+                                         "names: BertEmbeddings"):
+        trace(_model("bert"), _inputs("bert"), leaf_modules=["BertEmbedding"])
+    with pytest.raises(TraceError, match="close names: .*bert.embeddings"):
+        trace(_model("bert"), _inputs("bert"), leaf_modules=["bert.embedding"])
+
+
+@pytest.mark.parametrize("name", ["bert-small", "gpt2-small"])
+def test_builtin_partitions_with_no_flags_and_loads_back(
+        name: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "out"
+    torch.manual_seed(0)
+    assert main(["partition", f"builtin:{name}", "--cluster", CLUSTER, "--batch-size", "32",
+                 "--out", str(out), "--no-onnx"]) == 0
+    assert "stage_0.py" in capsys.readouterr().out
+    plan, stages = load_partition(out)
+    assert plan.num_stages >= 2
+    spec = load_model_spec(f"builtin:{name}")
+    torch.manual_seed(0)  # the command built its model first thing after this seed
+    model = spec.build_model().eval()
+    inputs, targets = spec.example_inputs(2)
+    with torch.no_grad():
+        got = compose([s.eval() for s in stages], tuple(inputs.values()) if isinstance(
+            inputs, dict) else inputs)
+        expected = model(**inputs) if isinstance(inputs, dict) else model(*inputs)
+    if isinstance(got, dict):
+        assert list(got) == ["logits"]
+        got, expected = got["logits"], expected["logits"]
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    assert torch.isfinite(spec.loss_fn(got if name == "bert-small" else {"logits": got},
+                                       targets))
