@@ -359,3 +359,44 @@ def test_errors_under_torchrun_name_the_rank(monkeypatch: pytest.MonkeyPatch,
     assert main(["costs", "nope.json"]) == 1
     line = _one_error_line(capsys.readouterr().err)
     assert line.startswith("[rank 3] error:") and "nope.json" in line
+
+
+BLOCKS = """
+import torch
+
+class Block(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(4, 4)
+
+    def forward(self, x):
+        return torch.relu(self.fc(x)) + x
+
+class Net(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.first = Block()
+        self.second = Block()
+
+    def forward(self, x):
+        return self.second(self.first(x))
+
+def build_model():
+    return Net()
+
+def sample_batch(b):
+    return (torch.randn(b, 4),), torch.zeros(b, dtype=torch.long)
+"""
+
+
+def test_leaf_takes_a_class_name_or_lists_close_names(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "blocks.py"
+    path.write_text(BLOCKS)
+    assert main(["trace", str(path), "--leaf", "Block"]) == 0
+    assert "blocks: 2 layers" in capsys.readouterr().out  # each Block is one layer
+    assert main(["trace", str(path), "--leaf", "first"]) == 0
+    assert "blocks: 4 layers" in capsys.readouterr().out
+    assert main(["trace", str(path), "--leaf", "Blok"]) == 1
+    line = _one_error_line(capsys.readouterr().err)
+    assert "TraceError" in line and "'Blok'" in line and "close names: Block" in line

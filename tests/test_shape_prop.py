@@ -11,6 +11,7 @@ from asteroid_fx.errors import TraceError
 from asteroid_fx.shape_prop import (
     META_KEY,
     SAVED_KEY,
+    MappingMeta,
     NonTensorMeta,
     ShapeProp,
     TensorMeta,
@@ -64,6 +65,46 @@ def test_describe_plain_values() -> None:
         NonTensorMeta("float", 1.5),
     )
     assert describe(object()).type_name == "object"  # type: ignore[union-attr]
+
+
+def test_mappings_are_described_like_tuples() -> None:
+    value = {"logits": torch.zeros(2, 3), "extra": (torch.zeros(2), None)}
+    meta = describe(value)
+    assert meta == MappingMeta("dict", (
+        ("logits", TensorMeta((2, 3), torch.float32, 24, False)),
+        ("extra", (TensorMeta((2,), torch.float32, 8, False), NonTensorMeta("NoneType"))),
+    ))
+    assert isinstance(meta, MappingMeta) and meta.keys() == ("logits", "extra")
+    assert [t.shape for t in iter_tensor_metas(meta)] == [(2, 3), (2,)]
+    assert describe({1: torch.zeros(1)}) == NonTensorMeta("dict")  # keys must be names
+
+
+class _DictLeaf(nn.Module):
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"hidden": x * 2, "pooled": x.mean(1)}
+
+
+class _UsesDict(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.leaf = _DictLeaf()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.leaf(x)
+        return out["hidden"] + out["pooled"].unsqueeze(1)
+
+
+def test_mapping_values_of_a_leaf_module_record_their_tensors() -> None:
+    class Tracer(fx.Tracer):
+        def is_leaf_module(self, m: nn.Module, name: str) -> bool:
+            return isinstance(m, _DictLeaf) or super().is_leaf_module(m, name)
+
+    model = _UsesDict()
+    gm = fx.GraphModule(model, Tracer().trace(model))
+    ShapeProp(gm, record_saved=True).propagate(torch.randn(3, 4, requires_grad=True))
+    leaf = _metas(gm)["leaf"]
+    assert isinstance(leaf, MappingMeta) and leaf.keys() == ("hidden", "pooled")
+    assert [t.shape for t in iter_tensor_metas(leaf)] == [(3, 4), (3,)]
 
 
 def test_record_saved_counts_activations_not_parameters() -> None:

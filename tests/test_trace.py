@@ -408,6 +408,8 @@ def test_untraceable_module_names_class_line_and_fix() -> None:
     msg = str(e.value)
     assert "cannot trace Gate (module 'gate')" in msg
     assert f"test_trace.py:{line}: if x.sum() > 0:" in msg
+    assert "torch.export(strict=False) cannot capture _Gated: GuardOnDataDependentSymNode" in msg
+    assert msg.rstrip().splitlines()[-1].startswith("  fix: keep the module opaque")
     assert "leaf_modules=[Gate]" in msg
     assert e.value.__cause__ is not None
 
