@@ -400,3 +400,56 @@ def test_leaf_takes_a_class_name_or_lists_close_names(
     assert main(["trace", str(path), "--leaf", "Blok"]) == 1
     line = _one_error_line(capsys.readouterr().err)
     assert "TraceError" in line and "'Blok'" in line and "close names: Block" in line
+
+
+KEYWORD_MODEL = """
+import torch
+
+class Net(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = torch.nn.Embedding(20, 8)
+        self.fc1 = torch.nn.Linear(8, 8)
+        self.fc2 = torch.nn.Linear(8, 3)
+
+    def forward(self, input_ids, attention_mask=None):
+        h = self.emb(input_ids)
+        if attention_mask is not None:
+            h = h * attention_mask.unsqueeze(-1)
+        return {"logits": self.fc2(torch.relu(self.fc1(h)).mean(1))}
+
+def build_model():
+    return Net()
+
+def sample_batch(b):
+    mask = (torch.rand(b, 5) > 0.2).float()
+    ids = torch.randint(0, 20, (b, 5))
+    return {"attention_mask": mask, "input_ids": ids}, torch.randint(0, 3, (b,))
+
+def loss_fn(outputs, targets):
+    return torch.nn.functional.cross_entropy(outputs["logits"], targets)
+"""
+
+
+def test_keyword_inputs_train_like_one_process(tmp_path: Path,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    from runtime.reference import reference_training
+    from runtime.stage_io import load_model_module
+
+    model = tmp_path / "keywords.py"
+    model.write_text(KEYWORD_MODEL)
+    out_dir = tmp_path / "part"
+    assert main(["partition", str(model), "--cluster", LOCAL3, "-b", "8", "--out",
+                 str(out_dir), "--no-onnx", "--planner", "pp-equal"]) == 0
+    assert "def forward(self, attention_mask, input_ids)" in (out_dir / "stage_0.py").read_text()
+    assert len(list(out_dir.glob("stage_*.py"))) >= 2
+    metrics = tmp_path / "metrics.jsonl"
+    assert main(["run", str(out_dir), "--emulate", LOCAL3, "--steps", "2", "--metrics",
+                 str(metrics)]) == 0
+    capsys.readouterr()
+    losses = [json.loads(line)["loss"] for line in metrics.read_text().splitlines()
+              if '"loss"' in line]
+    ref = reference_training(load_model_module(out_dir), 8, steps=2)
+    assert losses == pytest.approx(ref.losses, rel=1e-6)
