@@ -123,10 +123,13 @@ def test_model_traces_partitions_and_composes_exactly(name: str, mode: str) -> N
     assert len(stages) == 3 and all(stage_info(s).layers[0] <= stage_info(s).layers[1]
                                     for s in stages)
     _check_composes(model, inputs, stages)
-    if mode == "eval":  # stage 0 takes the keyword inputs by name too
+    if mode == "eval":  # stage 0 takes the keyword inputs by name too; any batch size runs
         with torch.no_grad():
             by_name = compose(stages[1:], stages[0](**inputs))
             torch.testing.assert_close(by_name, _tensors(model(**inputs)), rtol=0, atol=0)
+            one = _inputs(name, batch=1)
+            torch.testing.assert_close(compose(stages, tuple(one.values())),
+                                       _tensors(model(**one)), rtol=0, atol=0)
 
 
 def test_partition_saves_and_loads_back(tmp_path: Path) -> None:
