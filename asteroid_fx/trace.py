@@ -548,9 +548,12 @@ def _capture(
     batch: int,
 ) -> tuple[fx.GraphModule, str]:
     """The graph, shapes propagated, and how it was captured ("fx" or "export")."""
+    from asteroid_fx.capture import capture_context
+
     try:
-        gm = _symbolic_trace(model, inputs, names, leaf_classes, leaf_names, name)
-        _propagate(gm, model, inputs, batch)
+        with capture_context(model):  # e.g. Hugging Face caches off (asteroid_fx/hf.py)
+            gm = _symbolic_trace(model, inputs, names, leaf_classes, leaf_names, name)
+            _propagate(gm, model, inputs, batch)
         return gm, "fx"
     except ModelOutputError:
         raise
