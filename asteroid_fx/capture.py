@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import logging
 import operator
@@ -36,17 +37,19 @@ MODULE_STACK_KEY = "asteroid.module_stack"
 #
 # * placeholders are the model inputs (positional, or the keyword inputs in the order the
 #   mapping gives them), parameters and buffers are ``get_attr`` nodes under their
-#   qualified names, and the graph returns the model's output structure: tensors, tuples,
-#   lists, and dicts (a ``ModelOutput`` becomes a plain ``dict`` of its fields);
+#   qualified names (a tied parameter under its first name in ``model.named_parameters()``),
+#   and the graph returns the model's output structure: tensors, tuples, lists, dicts,
+#   and a ``ModelOutput`` built again from its (non-None) fields;
 # * export's guard module and metadata assertions are dropped, and ``node.meta`` keeps
-#   only the module stack (:data:`MODULE_STACK_KEY`) that names layers and finds leaves;
+#   only the module stack (:data:`MODULE_STACK_KEY`, and ``nn_module_stack``) that names
+#   layers and finds leaves;
 # * the batch dimension of every input is dynamic (so micro-batches of any size run);
 #   the other dimensions are specialised to the example inputs (sequence length, image
 #   size), as a pipeline trains on batches of one shape.
 #
 # Operators run exactly the kernels the eager model runs, so the stages compose to the
-# model's outputs and gradients. The train/eval mode of operators such as dropout is
-# fixed at capture (see the trace docstring).
+# model's outputs and gradients. A graph fixes the train/eval mode it was captured in
+# (dropout's ``train`` argument); ``trace`` captures both modes (asteroid_fx/modes.py).
 
 # operators that only check metadata at run time: no value, dropped from captured graphs
 _ASSERT_PREFIXES = ("_assert", "sym_constrain_range", "_check")
@@ -112,7 +115,7 @@ def export_graph(
     _check_supported(graph, model)
     graph._codegen = fx.graph.CodeGen()  # plain forward(inputs) -> output, no pytree specs
     graph.lint()
-    return fx.GraphModule(gm, graph, class_name=class_name)
+    return fx.GraphModule(_tensor_holder(gm, graph, model), graph, class_name=class_name)
 
 
 # torch loggers that report a failed export at warning level (the error says it already)
@@ -328,7 +331,8 @@ def _rebuild_output(graph: fx.Graph, spec: Any) -> None:
     output = next(n for n in graph.nodes if n.op == "output")
     flat = output.args[0]
     leaves = iter(flat if isinstance(flat, (tuple, list)) else (flat,))
-    structure = _unflatten(spec, leaves, "output")
+    with graph.inserting_before(output):
+        structure = _unflatten(graph, spec, leaves, "output")
     output.args = (structure,)
 
 
@@ -337,11 +341,11 @@ def _children(spec: Any) -> list[Any]:
     return list(children()) if callable(children) else list(spec.children_specs)
 
 
-def _unflatten(spec: Any, leaves: Iterator[Any], where: str) -> Any:
+def _unflatten(graph: fx.Graph, spec: Any, leaves: Iterator[Any], where: str) -> Any:
     if spec.is_leaf():
         return next(leaves)
     kind = spec.type
-    items = [_unflatten(child, leaves, f"{where}[{i}]")
+    items = [_unflatten(graph, child, leaves, f"{where}[{i}]")
              for i, child in enumerate(_children(spec))]
     if kind is type(None):
         return None
@@ -352,12 +356,61 @@ def _unflatten(spec: Any, leaves: Iterator[Any], where: str) -> Any:
     if isinstance(kind, type) and issubclass(kind, Mapping):
         keys = list(spec.context)
         if all(isinstance(k, str) for k in keys):
+            if dataclasses.is_dataclass(kind):  # a ModelOutput: built again, by its fields
+                return graph.call_function(kind, (), dict(zip(keys, items)))
             return dict(zip(keys, items))
     raise ModelOutputError(
         f"the model's {where} is a {getattr(kind, '__module__', '?')}."
         f"{getattr(kind, '__qualname__', kind)}, not a tensor: a model must return a "
         f"tensor, or tuples, lists or dicts of tensors; return the tensors you train on "
         f"instead (e.g. from a wrapper module)")
+
+
+def _tensor_holder(gm: fx.GraphModule, graph: fx.Graph, model: nn.Module) -> nn.Module:
+    """The tensors the graph reads, under the model's own (first) qualified names.
+
+    Export may name a tied parameter by any of its names (``lm_head.weight`` for GPT-2's
+    token embedding); the stages name it as ``model.named_parameters()`` does, so that a
+    parameter is found under one name in the model and in every stage.
+    """
+    first: dict[int, str] = {}
+    persistent: dict[str, bool] = {}
+    named = dict(model.named_parameters(remove_duplicate=False))
+    for name, tensor in (*named.items(), *model.named_buffers(remove_duplicate=False)):
+        first.setdefault(id(tensor), name)
+    for prefix, module in model.named_modules(remove_duplicate=False):
+        for key in module._buffers:
+            full = f"{prefix}.{key}" if prefix else key
+            persistent[full] = key not in module._non_persistent_buffers_set
+    holder = nn.Module()
+    for node in graph.nodes:
+        if node.op != "get_attr":
+            continue
+        value = _fetch(gm, str(node.target))
+        name = first.get(id(value), str(node.target))
+        node.target = name
+        owner_name, _, leaf = name.rpartition(".")
+        owner = holder
+        for part in owner_name.split(".") if owner_name else ():
+            child = owner._modules.get(part)
+            if child is None:
+                child = nn.Module()
+                owner.add_module(part, child)
+            owner = child
+        if isinstance(value, nn.Parameter):
+            owner.register_parameter(leaf, value)
+        elif isinstance(value, torch.Tensor):
+            owner.register_buffer(leaf, value, persistent=persistent.get(name, True))
+        else:
+            setattr(owner, leaf, value)
+    return holder
+
+
+def _fetch(module: nn.Module, target: str) -> Any:
+    value: Any = module
+    for part in target.split("."):
+        value = getattr(value, part)
+    return value
 
 
 def _keep_module_stacks(graph: fx.Graph) -> None:
@@ -372,7 +425,8 @@ def _keep_module_stacks(graph: fx.Graph) -> None:
                 continue
             name = cls if isinstance(cls, str) else f"{cls.__module__}.{cls.__qualname__}"
             entries.append((path, name))
-        node.meta = {MODULE_STACK_KEY: tuple(entries)} if entries else {}
+        node.meta = {MODULE_STACK_KEY: tuple(entries), "nn_module_stack": dict(stack)} \
+            if entries else {}
 
 
 def _check_supported(graph: fx.Graph, model: nn.Module) -> None:

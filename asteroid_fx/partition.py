@@ -549,11 +549,17 @@ def _cut_problem(value: Any, batch: int) -> str | None:
 
 
 def _node_names(arg: Any) -> list[str]:
-    """Names of the nodes inside a (nested) output argument, in flattening order."""
+    """Names of the nodes inside a (nested) output argument, in flattening order (the
+    fields of a mapping built in the graph, such as a ``ModelOutput``, by field)."""
     names: list[str] = []
 
     def record(node: fx.Node) -> fx.Node:
-        names.append(node.name)
+        target = node.target
+        if node.op == "call_function" and isinstance(target, type) and issubclass(
+                target, Mapping):
+            fx.map_arg((node.args, node.kwargs), record)
+        else:
+            names.append(node.name)
         return node
 
     fx.map_arg(arg, record)

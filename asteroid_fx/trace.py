@@ -213,6 +213,8 @@ def _cheap_target(node: fx.Node) -> bool:
         return False
     if isinstance(target, torch._ops.OpOverload):
         return target.overloadpacket in _CHEAP_ATEN
+    if isinstance(target, type) and issubclass(target, Mapping):
+        return True  # a ModelOutput built again at the end of a captured graph
     return target in _CHEAP_FUNCTIONS
 
 _TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__))
@@ -395,8 +397,10 @@ def _trace_mode(
 # the names, so ``stage0(**inputs)`` works as well as ``stage0(*inputs.values())``.
 # Forward parameters the mapping leaves out keep their defaults. A ``sample_batch`` that
 # returns such a mapping is fed to the runtime in the same order. Outputs are unchanged by
-# this: a mapping output (a dict, or a ``ModelOutput`` -- a plain dict when captured by
-# torch.export) is what the last stage returns.
+# this: the last stage returns the model's output structure without its None fields; a
+# ``ModelOutput`` stays one when torch.export captured the model (its class is imported
+# from transformers by the last stage's source), and is a plain dict when torch.fx traced
+# it (fx does not keep the class).
 
 
 # --------------------------------------------------------------------------- checks

@@ -50,6 +50,8 @@ def _assert_composes(model: nn.Module, inputs: Any, num_stages: int) -> list[Any
     graph = trace(model, inputs)
     plan = hand_plan(graph.num_layers, even_lasts(graph.num_layers, num_stages))
     stages = partition(model, inputs, plan, graph=graph)
+    for stage in stages:
+        stage.train(model.training)
     positional = tuple(inputs.values()) if isinstance(inputs, dict) else inputs
     expected = model(**inputs) if isinstance(inputs, dict) else model(*inputs)
     got = compose(stages, positional)
