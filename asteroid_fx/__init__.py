@@ -18,12 +18,14 @@ from typing import Any
 
 from asteroid_fx.errors import (
     AsteroidError,
+    AuthenticationError,
     ClusterError,
     CostModelError,
     DeadlockError,
     ModelSpecError,
     PartitionError,
     PlanError,
+    ProtocolError,
     RuntimeFailure,
     ScheduleError,
     StageFailure,
@@ -65,12 +67,14 @@ _LAZY: dict[str, str] = {
 
 __all__ = [
     "AsteroidError",
+    "AuthenticationError",
     "ClusterError",
     "CostModelError",
     "DeadlockError",
     "ModelSpecError",
     "PartitionError",
     "PlanError",
+    "ProtocolError",
     "RuntimeFailure",
     "ScheduleError",
     "StageFailure",

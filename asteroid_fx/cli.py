@@ -386,6 +386,10 @@ def partition(
     no_onnx: Annotated[bool, typer.Option("--no-onnx", help="skip per-stage ONNX export")] = False,
     costs_file: CostsOpt = None,
     leaf: LeafOpt = None,
+    token: Annotated[str | None, typer.Option(
+        "--token", help="the shared secret devices prove to join a run of this package, "
+        "written to DIR/token (mode 0600); default: $ASTEROID_TOKEN, else the directory's "
+        "existing token, else a fresh random one")] = None,
 ) -> None:
     """Plan and split the model into runnable stages; write a stage package directory."""
     with _errors():
@@ -403,7 +407,7 @@ def partition(
         _print_report(result, table, clus)
         stages = partition_fn(module, inputs, result, leaf_modules=_leaf(leaf))
         written = save_partition(out, result, stages, model_spec=spec, onnx=not no_onnx,
-                                 example_inputs=inputs, costs=table, cluster=clus)
+                                 example_inputs=inputs, costs=table, cluster=clus, token=token)
         size = sum(p.stat().st_size for p in Path(out).rglob("*") if p.is_file())
         console.print(f"wrote {len(written)} files ({_fmt_bytes(size)}) to {out}/ in "
                       f"{time.perf_counter() - start:.1f} s: "
@@ -512,6 +516,9 @@ def run(
     calibrate: Annotated[bool, typer.Option(
         "--calibrate/--no-calibrate", help="with --fail/--leave, replay: predict the re-plan "
         "on the cluster as the run measured it (compute speed, per-message overhead)")] = True,
+    token: Annotated[str | None, typer.Option(
+        "--token", help="the job's shared secret (default: $ASTEROID_TOKEN, else DIR/token); "
+        "a device process without it is refused")] = None,
 ) -> None:
     """Train from a partition directory (emulated cluster here, or under torchrun)."""
     with _errors():
@@ -538,7 +545,7 @@ def run(
                                  f"{rate:.1f} samples/s  plan v{record.get('plan_version', 0)}")
 
         kwargs: dict[str, Any] = {"emulate": emulate, "steps": steps, "seed": seed, "lr": lr,
-                                  "metrics": metrics, "progress": on_step}
+                                  "metrics": metrics, "progress": on_step, "token": token}
         if fail is not None:
             kwargs["fail"] = fail
         if leave is not None:

@@ -19,7 +19,8 @@ import pytest
 import torch.distributed as dist
 
 from asteroid_fx.errors import RuntimeFailure
-from runtime.heartbeat import FailureDetector, FailureReport, Heartbeat, heartbeat_key
+from runtime.heartbeat import FailureDetector, FailureReport, Heartbeat
+from runtime.protocol import Keys
 
 REPO = Path(__file__).resolve().parents[1]
 logger = logging.getLogger(__name__)
@@ -80,7 +81,7 @@ def test_generations_do_not_mix() -> None:
     old = Heartbeat(store, 0, 1, interval_s=0.02, timeout_s=0.1, generation=0)
     try:
         _wait_until(lambda: old.beats > 2, 2.0)
-        assert int(store.add(heartbeat_key(1, 0), 0)) == 0
+        assert int(store.add(Keys(1).heartbeat(0), 0)) == 0
         detector = FailureDetector(store, 1, generation=1, timeout_s=0.1,
                                    startup_timeout_s=0.05)
         time.sleep(0.08)
@@ -92,14 +93,14 @@ def test_generations_do_not_mix() -> None:
 def test_detector_without_pid_calls_silent_ranks_dead() -> None:
     clock = [0.0]
     store = dist.HashStore()
-    store.add(heartbeat_key(0, 0), 1)
+    store.add(Keys(0).heartbeat(0), 1)
     detector = FailureDetector(store, [0], timeout_s=1.0, check_pid=False,
                                clock=lambda: clock[0])
     assert detector.poll().ok
     clock[0] = 1.5
     report = detector.poll()
     assert report.dead == {0} and report.failed == {0}
-    store.add(heartbeat_key(0, 0), 1)
+    store.add(Keys(0).heartbeat(0), 1)
     assert detector.poll().ok
 
 
@@ -167,7 +168,7 @@ def test_three_processes_kill_stop_fatal(
         three_workers: tuple[dist.TCPStore, list[subprocess.Popen[bytes]]]) -> None:
     store, procs = three_workers
     interval, timeout = 0.2, 1.0
-    _wait_until(lambda: all(int(store.add(heartbeat_key(0, r), 0)) > 1 for r in range(3)),
+    _wait_until(lambda: all(int(store.add(Keys(0).heartbeat(r), 0)) > 1 for r in range(3)),
                 30.0, 0.05)
     for proc in procs:
         assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
