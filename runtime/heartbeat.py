@@ -35,19 +35,6 @@ logger = logging.getLogger(__name__)
 # (it creates a missing key as 0, which means "has not beaten yet").
 
 
-def _clone(store: dist.Store) -> dist.Store:
-    """A second client of the same store (own connection), so a blocking ``get`` or
-    ``wait`` of the training thread cannot stall the heartbeat thread."""
-    clone = getattr(store, "clone", None)
-    if clone is None:  # torch < 2.5
-        return store
-    try:
-        cloned: dist.Store = clone()
-    except RuntimeError:  # pragma: no cover - store type without clone support
-        return store
-    return cloned
-
-
 def _process_state(pid: int) -> str:
     """'gone', 'zombie', 'stopped' or 'alive' for a process on this host."""
     try:
@@ -323,7 +310,7 @@ class Heartbeat:
         self.timeout_s = timeout_s
         self.generation = generation
         self._store = store
-        self._beat_store = _clone(store)
+        self._beat_store = proto.clone_store(store)
         self._keys = proto.Keys(generation)
         self._key = self._keys.heartbeat(rank)
         self._lock = threading.Lock()

@@ -106,6 +106,8 @@ __all__ = [
     "put",
     "get",
     "get_if_present",
+    "clone_store",
+    "store_port",
     "encode_result",
     "decode_result",
     "kind_of",
@@ -830,6 +832,33 @@ def get(store: dist.Store, name: str, *expected: type[Any],
     if timeout_s is not None:
         store.wait([name], timedelta(seconds=timeout_s))
     return decode(store.get(name), *expected, where=f"store key {name!r}")
+
+
+def clone_store(store: dist.Store) -> dist.Store:
+    """A second client of the same store, with the same prefix (its own connection, so a
+    blocking ``get``/``wait`` of one thread cannot stall another); the store itself where
+    this torch cannot clone (torch < 2.5)."""
+    clone = getattr(store, "clone", None)
+    if callable(clone):
+        try:
+            cloned: dist.Store = clone()
+            return cloned
+        except RuntimeError:  # pragma: no cover - store type without clone support
+            pass
+    return store
+
+
+def store_port(store: dist.Store) -> int:
+    """The TCP port of the c10d server behind ``store`` (through prefixes); -1 if none."""
+    seen: Any = store
+    for _ in range(8):
+        port = getattr(seen, "port", None)
+        if isinstance(port, int):
+            return port
+        seen = getattr(seen, "underlying_store", None)
+        if seen is None:
+            break
+    return -1
 
 
 def get_if_present(store: dist.Store, name: str, expected: type[T]) -> T | None:

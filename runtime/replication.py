@@ -375,17 +375,6 @@ class _Channel:
             self.pg.send([flat], self.peer, 2).wait()
 
 
-def _clone_store(store: dist.Store) -> dist.Store:
-    clone = getattr(store, "clone", None)
-    if callable(clone):
-        try:
-            cloned: dist.Store = clone()
-            return cloned
-        except RuntimeError:   # pragma: no cover - store type without clone support
-            pass
-    return store
-
-
 class WorkerHooks:
     """``runtime.train.TrainHooks`` of one rank (see [Note: replication off the critical
     path])."""
@@ -437,11 +426,11 @@ class WorkerHooks:
                                    interval_s=spec.heartbeat_interval_s,
                                    timeout_s=spec.heartbeat_timeout_s)
         self._jobs: queue.Queue[tuple[_Slot, int, bool, bool] | None] = queue.Queue()
-        self._side_store = _clone_store(store)
+        self._side_store = proto.clone_store(store)
         threading.Thread(target=self._background, name="asteroid-fx-replicate",
                          daemon=True).start()
         if self.replay:
-            self._watch_store = _clone_store(store)
+            self._watch_store = proto.clone_store(store)
             threading.Thread(target=self._watch, name="asteroid-fx-handoff",
                              daemon=True).start()
             if spec.replicate:
@@ -774,7 +763,8 @@ class WorkerHooks:
         """Holder: receive every replica of ``stage`` into memory (the three newest)."""
         lower_priority()
         try:
-            channel = _Channel(_clone_store(self.store), self.keys.channel(stage, self.device), 1)
+            channel = _Channel(proto.clone_store(self.store),
+                               self.keys.channel(stage, self.device), 1)
             while not self._closed.is_set():
                 meta = torch.zeros(3, dtype=torch.int64)
                 channel.pg.recv([meta], 0, 0).wait()
@@ -841,7 +831,7 @@ class WorkerHooks:
         with self._lock:
             if self._left:
                 return
-            count = abort_connections(int(getattr(self.store, "port", -1)))
+            count = abort_connections(proto.store_port(self.store))
         log.debug("rank %d shut down %d connection(s) of the failed group", self.rank, count)
 
     def _watch(self) -> None:

@@ -188,7 +188,7 @@ class Gatekeeper:
         self._thread.start()
 
     def _run(self) -> None:
-        store = _clone(self.store)
+        store = proto.clone_store(self.store)
         while not self._stop.wait(self._poll_s):
             try:
                 self.check(store)
@@ -314,17 +314,6 @@ def join_job(store: dist.Store, token: str, rank: int, *, timeout_s: float = 60.
         raise AuthenticationError(f"{where} admitted rank {rank} without proving the token; "
                                   f"refusing to join it")
     return dist.PrefixStore(job_prefix(token, challenge.nonce), store)
-
-
-def _clone(store: dist.Store) -> dist.Store:
-    clone = getattr(store, "clone", None)
-    if callable(clone):
-        try:
-            cloned: dist.Store = clone()
-            return cloned
-        except RuntimeError:  # pragma: no cover - store type without clone support
-            pass
-    return store
 
 
 def _first_line(exc: BaseException) -> str:
