@@ -796,6 +796,7 @@ class _Processes:
         spec = replace(spec, **setup.links)    # replica sends are paced too
         world = len(plan.devices)
         procs = []
+        self.gate.expect()
         for rank, device in enumerate(plan.devices):
             cgroup = None if cgroups is None else cgroups[rank]
             if device in self.waiting:
@@ -1025,6 +1026,7 @@ class _Processes:
             proc.join(timeout=10)
         self.by_device.clear()
         self.results.close()
+        self.gate.stop()
         if self.cgroups:
             emu._remove_cgroups(self.cgroups)
 

@@ -77,6 +77,10 @@ TOKEN_ENV = "ASTEROID_TOKEN"
 TOKEN_FILE = "token"
 #: tokens shorter than this are accepted with a warning
 MIN_TOKEN_CHARS = 16
+#: longest pause between two polls of the gatekeeper while nobody joins (seconds)
+_IDLE_POLL_S = 0.1
+#: seconds the gatekeeper polls at full speed after it starts or is told to ``expect()``
+_EXPECT_S = 15.0
 _WHERE = ("--token, the environment variable ASTEROID_TOKEN, or the file DIR/token that "
           "`asteroid-fx partition` writes")
 
@@ -167,7 +171,7 @@ class Gatekeeper:
     ``refused`` (one line each); the supervisor ends the job with :meth:`raise_if_refused`.
     """
 
-    def __init__(self, store: dist.Store, token: str, *, poll_s: float = 0.005,
+    def __init__(self, store: dist.Store, token: str, *, poll_s: float = 0.01,
                  where: str = "the job") -> None:
         self.store = store
         self.token = token
@@ -181,6 +185,7 @@ class Gatekeeper:
         self._poll_s = poll_s
         self._lock = threading.Lock()
         self._stop = threading.Event()
+        self._expect = threading.Event()
         proto.put(store, proto.JoinKeys.challenge(),
                   proto.Challenge(nonce=self.nonce, proof=_mac(token, "job", self.nonce)))
         self._thread = threading.Thread(target=self._run, name="asteroid-fx-gatekeeper",
@@ -188,21 +193,38 @@ class Gatekeeper:
         self._thread.start()
 
     def _run(self) -> None:
+        # polls (a blocking ``store.wait`` with a timeout logs a warning at every timeout):
+        # every ``poll_s`` while processes are expected (``expect``: for ``_EXPECT_S``) or
+        # just joined, backing off to ``_IDLE_POLL_S`` while nobody joins
         store = proto.clone_store(self.store)
-        while not self._stop.wait(self._poll_s):
+        interval = self._poll_s
+        eager_until = time.monotonic() + _EXPECT_S
+        while not self._stop.is_set():
+            if self._expect.wait(interval):
+                self._expect.clear()
+                eager_until = time.monotonic() + _EXPECT_S
             try:
-                self.check(store)
+                answered = self.check(store)
             except (RuntimeError, OSError) as exc:     # the store went away: the job ends
                 log.debug("gatekeeper stops: %s", exc)
                 return
+            eager = answered or time.monotonic() < eager_until
+            interval = self._poll_s if eager else min(2 * interval, _IDLE_POLL_S)
 
-    def check(self, store: dist.Store | None = None) -> None:
-        """Answer every proof written since the last call."""
+    def expect(self) -> None:
+        """Processes are about to join: poll every ``poll_s`` again (for ``_EXPECT_S``)."""
+        self._expect.set()
+
+    def check(self, store: dist.Store | None = None) -> int:
+        """Answer every proof written since the last call; returns how many."""
         store = store or self.store
         count = int(store.add(proto.JoinKeys.count(), 0))
+        answered = 0
         while self._seen < count:
             self._seen += 1
             self._answer(store, self._seen)
+            answered += 1
+        return answered
 
     def _answer(self, store: dist.Store, n: int) -> None:
         name = proto.JoinKeys.proof(n)
@@ -265,6 +287,7 @@ class Gatekeeper:
 
     def stop(self) -> None:
         self._stop.set()
+        self._expect.set()
         self._thread.join(timeout=5.0)
 
 
