@@ -329,7 +329,7 @@ class ComputeTiming:
 class ReplicationSummary:
     """A rank's side work per step (``ReplicationStats.summary()``)."""
 
-    values: Mapping[str, float]
+    values: Mapping[str, int | float]
 
 
 @_message("times")

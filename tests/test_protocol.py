@@ -275,3 +275,31 @@ def test_state_bytes_are_checked_strictly() -> None:
         state_from_bytes(data[:start + 4])
     with pytest.raises(ProtocolError, match="other fields"):
         state_from_bytes(with_header({**header, "t": [{"s": "model"}]}))
+
+
+def test_the_runtime_never_unpickles() -> None:
+    """No module of runtime/ imports pickle, calls torch.load without weights_only=True, or
+    uses torch.distributed's pickling ``*_object`` collectives."""
+    import ast
+
+    root = Path(__file__).resolve().parents[1] / "runtime"
+    problems = []
+    for path in sorted(root.glob("*.py")):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            where = f"{path.name}:{getattr(node, 'lineno', 0)}"
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                names = [a.name for a in node.names] + [getattr(node, "module", "") or ""]
+                if any(n.split(".")[0] in ("pickle", "cPickle", "dill") for n in names):
+                    problems.append(f"{where}: imports pickle")
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
+                if node.func.attr == "load" and isinstance(node.func.value, ast.Name) \
+                        and node.func.value.id == "torch":
+                    safe = [k for k in node.keywords if k.arg == "weights_only"
+                            and isinstance(k.value, ast.Constant) and k.value.value is True]
+                    if not safe:
+                        problems.append(f"{where}: torch.load without weights_only=True")
+                if node.func.attr.endswith("_object") or node.func.attr.endswith(
+                        "_object_list"):
+                    problems.append(f"{where}: {node.func.attr} pickles objects")
+    assert problems == []

@@ -249,3 +249,21 @@ def test_device_entry_points_with_different_tokens_both_stop_with_one_line(
     assert "rank 1 was refused by rank 0 at 127.0.0.1" in outputs[1][1]
     assert not (tmp_path / "metrics.jsonl").exists()
     assert json.loads((out / "partition.json").read_text())["files"]
+
+
+def test_cli_run_refuses_an_empty_token_in_one_line(tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    from asteroid_fx.cli import main
+
+    cluster = tmp_path / "c.yaml"
+    cluster.write_text("devices:\n  - {name: dev0, type: local}\n  - {name: dev1, type: local}\n")
+    model = EXAMPLES / "mlp.py"
+    out = tmp_path / "part"
+    assert main(["partition", str(model), "--cluster", str(cluster), "--batch-size", "4",
+                 "--out", str(out), "--no-onnx", "--costs", "analytic", "--planner",
+                 "pp-equal", "--token", RIGHT]) == 0
+    assert (out / "token").read_text().strip() == RIGHT
+    capsys.readouterr()
+    assert main(["run", str(out), "--emulate", str(cluster), "--token", " "]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--token must be a non-empty string without spaces" in err
