@@ -263,7 +263,6 @@ class JoinKeys:
 # messages
 # ---------------------------------------------------------------------------------------
 
-_KINDS: dict[str, type] = {}           # kind -> message class
 _KIND_OF: dict[type, str] = {}         # message class -> kind
 #: classes that messages name in annotations but that live in other runtime modules
 #: (imported when first needed, so that this module imports nothing of the runtime)
@@ -277,7 +276,6 @@ _NESTED: dict[str, type] = {}           # dataclasses usable inside messages, by
 
 def _message(kind: str) -> Callable[[type[T]], type[T]]:
     def register(cls: type[T]) -> type[T]:
-        _KINDS[kind] = cls
         _KIND_OF[cls] = kind
         _NESTED[cls.__name__] = cls
         return cls
