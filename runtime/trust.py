@@ -247,11 +247,11 @@ class Gatekeeper:
 
     def _refuse(self, store: dist.Store, n: int, reason: str) -> None:
         line = f"{self.where} refused {reason}; it must use the job's token ({_WHERE})"
-        proto.put(store, proto.JoinKeys.verdict(n), proto.Verdict(ok=False, reason=reason))
-        with self._lock:
+        with self._lock:       # recorded first: a verdict read implies a refusal on record
             self.refused.append(line)
             self._refused_at.append(n)
         log.debug("%s", line)
+        proto.put(store, proto.JoinKeys.verdict(n), proto.Verdict(ok=False, reason=reason))
 
     def wait_for(self, ranks: set[int], timeout_s: float) -> None:
         """Block until each of ``ranks`` was admitted once (torchrun's rank 0 before the
