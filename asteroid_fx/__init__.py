@@ -18,6 +18,7 @@ from typing import Any
 
 from asteroid_fx.errors import (
     AsteroidError,
+    AuthenticationError,
     ClusterError,
     CostModelError,
     DeadlockError,
@@ -25,6 +26,7 @@ from asteroid_fx.errors import (
     ModelSpecError,
     PartitionError,
     PlanError,
+    ProtocolError,
     RuntimeFailure,
     ScheduleError,
     StageFailure,
@@ -66,6 +68,7 @@ _LAZY: dict[str, str] = {
 
 __all__ = [
     "AsteroidError",
+    "AuthenticationError",
     "ClusterError",
     "CostModelError",
     "DeadlockError",
@@ -73,6 +76,7 @@ __all__ = [
     "ModelSpecError",
     "PartitionError",
     "PlanError",
+    "ProtocolError",
     "RuntimeFailure",
     "ScheduleError",
     "StageFailure",

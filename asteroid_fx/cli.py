@@ -425,6 +425,10 @@ def partition(
     costs_file: CostsOpt = None,
     leaf: LeafOpt = None,
     micro_batch: MicroOpt = None,
+    token: Annotated[str | None, typer.Option(
+        "--token", help="the shared secret devices prove to join a run of this package, "
+        "written to DIR/token (mode 0600); default: $ASTEROID_TOKEN, else the directory's "
+        "existing token, else a fresh random one")] = None,
 ) -> None:
     """Plan and split the model into runnable stages; write a stage package directory."""
     with _errors():
@@ -448,7 +452,7 @@ def partition(
         with bar:
             written = save_partition(out, result, stages, model_spec=spec, onnx=not no_onnx,
                                      example_inputs=inputs, costs=table, cluster=clus,
-                                     progress=update)
+                                     progress=update, token=token)
         size = sum(p.stat().st_size for p in Path(out).rglob("*") if p.is_file())
         console.print(f"wrote {len(written)} files ({_fmt_bytes(size)}) to {out}/ in "
                       f"{time.perf_counter() - start:.1f} s: "
@@ -575,6 +579,9 @@ def run(
         "--calibrate/--no-calibrate", help="with --fail/--leave, replay: predict the re-plan "
         "on the cost table as the run measured it (forward/backward per device type and "
         "stage, per-message overhead)")] = True,
+    token: Annotated[str | None, typer.Option(
+        "--token", help="the job's shared secret (default: $ASTEROID_TOKEN, else DIR/token); "
+        "a device process without it is refused")] = None,
 ) -> None:
     """Train from a partition directory: on an emulated cluster on this host (--emulate), or
     on real devices, one process per device, rank i = device i of plan.json:
@@ -607,7 +614,7 @@ def run(
                                  f"{rate:.1f} samples/s  plan v{record.get('plan_version', 0)}")
 
         kwargs: dict[str, Any] = {"emulate": emulate, "steps": steps, "seed": seed, "lr": lr,
-                                  "metrics": metrics, "progress": on_step}
+                                  "metrics": metrics, "progress": on_step, "token": token}
         if fail is not None:
             kwargs["fail"] = fail
         if leave is not None:

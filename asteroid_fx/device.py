@@ -55,6 +55,9 @@ def _parser() -> argparse.ArgumentParser:
                      help="metrics.jsonl written by rank 0 (one JSON object per step)")
     run.add_argument("--timeout", type=float, default=120.0,
                      help="seconds a collective may wait for a peer (120)")
+    run.add_argument("--token", default=None,
+                     help="the job's shared secret (default: $ASTEROID_TOKEN, else DIR/token); "
+                          "a process without the job's token is refused")
     run.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                      help=argparse.SUPPRESS)   # also accepted after `run`
     prof = commands.add_parser(
@@ -131,12 +134,20 @@ def _profile_command(args: argparse.Namespace) -> None:
 
 
 def run_device(directory: Path, *, steps: int = 10, seed: int = 0, lr: float = 0.01,
-               metrics: Path | None = None, timeout_s: float = 120.0) -> Any:
+               metrics: Path | None = None, timeout_s: float = 120.0,
+               token: str | None = None) -> Any:
     """Train this process's device of the partition in ``directory`` (under torchrun).
+
+    The package is checked first (plan, stage files and model agree), and the process
+    proves the job's token (``token``, else ``$ASTEROID_TOKEN``, else ``DIR/token``) before
+    it joins the process group.
 
     Raises:
         RuntimeFailure: not started by torchrun, bad options, or training failed.
-        PartitionError: the directory is missing, incomplete or of another format.
+        PartitionError: the directory is missing, incomplete, of another format, or its
+            files do not match its plan.
+        AuthenticationError: no token, or not the job's (this process, or another one, was
+            refused).
     """
     missing = [name for name in _TORCHRUN_VARS if name not in os.environ]
     if missing:
@@ -154,10 +165,12 @@ def run_device(directory: Path, *, steps: int = 10, seed: int = 0, lr: float = 0
         raise RuntimeFailure(f"--metrics {str(metrics)!r}: directory {str(metrics.parent)!r} "
                              f"does not exist")
     from runtime.launch import run_source
-    from runtime.stage_io import load_partition_meta
+    from runtime.package_check import check_package
     from runtime.train import DirectorySource
+    from runtime.trust import resolve_token
 
-    load_partition_meta(directory)   # format check before any process group is made
+    check_package(directory)   # format and files, before any process group is made
+    token = resolve_token(token, directory)
     rank = int(os.environ["RANK"])
 
     def progress(record: Mapping[str, Any]) -> None:
@@ -166,7 +179,7 @@ def run_device(directory: Path, *, steps: int = 10, seed: int = 0, lr: float = 0
                   f"{float(record['round_time_s']):.3f} s", flush=True)
 
     return run_source(DirectorySource(str(directory)), steps=steps, seed=seed, lr=lr,
-                      metrics=metrics, progress=progress, timeout_s=timeout_s)
+                      metrics=metrics, progress=progress, timeout_s=timeout_s, token=token)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -178,7 +191,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             _profile_command(args)
             return 0
         result = run_device(args.directory, steps=args.steps, seed=args.seed, lr=args.lr,
-                            metrics=args.metrics, timeout_s=args.timeout)
+                            metrics=args.metrics, timeout_s=args.timeout, token=args.token)
     except AsteroidError as exc:
         if args.debug:
             raise

@@ -15,6 +15,8 @@ __all__ = [
     "DeadlockError",
     "RuntimeFailure",
     "StageFailure",
+    "ProtocolError",
+    "AuthenticationError",
 ]
 
 # [Note: dependency-free errors]
@@ -73,3 +75,13 @@ class RuntimeFailure(AsteroidError):
 
 class StageFailure(RuntimeFailure):
     """One stage's worker raised or died."""
+
+
+class ProtocolError(RuntimeFailure):
+    """A message between processes (c10d store, result queue) is malformed or not the kind
+    expected; the message names the key and what was found. Nothing in it was executed."""
+
+
+class AuthenticationError(RuntimeFailure):
+    """A process could not prove the job's shared token (``--token``, ``ASTEROID_TOKEN`` or
+    ``DIR/token``), or the job could not prove it to the process: it was refused."""

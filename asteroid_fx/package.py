@@ -21,6 +21,11 @@ Layout (the runtime reads it with ``runtime.stage_io`` and torch alone)::
     out/costs.json        the cost table the plan was made with, when given
     out/cluster.yaml      the cluster the plan was made for, when given
     out/report.md, out/gantt.png   when costs and a cluster are given
+    out/token             the shared secret a process proves to join a run of this package
+                          (mode 0600; see [Note: trust boundary] in runtime/trust.py)
+
+``partition.json`` records the SHA-256 of plan.json, model.py and every stage file; the
+runtime checks them before anything runs (runtime/package_check.py).
 
 ``costs.json`` and ``cluster.yaml`` let ``asteroid-fx simulate DIR/plan.json`` and a
 re-plan after a failure work from the directory alone.
@@ -32,6 +37,7 @@ import importlib
 import logging
 import shutil
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +47,7 @@ import torch.fx as fx
 from asteroid_fx.errors import AsteroidError, ModelSpecError, PartitionError
 from asteroid_fx.partition import StageInfo, stage_info, tied_parameters
 from asteroid_fx.stage_code import stage_source
+from runtime.package_check import file_digest, package_files
 from runtime.stage_io import (
     PARTITION_VERSION,
     PartitionMeta,
@@ -51,6 +58,7 @@ from runtime.stage_io import (
     stage_file,
     weights_file,
 )
+from runtime.trust import TOKEN_FILE, find_token, new_token, write_token
 from solver.plan import Plan
 
 __all__ = ["save_partition", "load_partition", "stage_example_args"]
@@ -70,6 +78,7 @@ def save_partition(
     costs: Any = None,
     cluster: Any = None,
     progress: Callable[[int, int, str], None] | None = None,
+    token: str | None = None,
 ) -> dict[str, Path]:
     """Write the partition directory and return ``{file name: path}`` of what was written.
 
@@ -87,6 +96,8 @@ def save_partition(
             of keyword inputs is taken in its order, as stage 0 takes them).
         costs, cluster: a ``CostTable`` and ``Cluster``; with both, ``report.md`` and
             ``gantt.png`` are written when the solver's report/Gantt modules are installed.
+        token: the job's shared secret, written to ``token`` (mode 0600); when None,
+            ``$ASTEROID_TOKEN``, else the directory's existing token, else a fresh random one.
 
     Each stage is written as ``stage_<i>.py`` (source) and ``stage_<i>.weights.pt`` (a
     ``{name: tensor}`` dict), then loaded back as a device would and compared with the
@@ -140,6 +151,10 @@ def save_partition(
         written[weights_file(out, i).name] = weights_file(out, i)
         loaded.append(load_stage(out, i))
         _check_round_trip(stage, loaded[-1], i)
+    meta = replace(meta, files={name: file_digest(out / name) for name in package_files(meta)})
+    put("partition.json", meta.to_json())
+    chosen = find_token(token, out) or new_token()
+    written[TOKEN_FILE] = write_token(out, chosen)
     if example_inputs is not None:
         _check_outputs(stages, loaded, example_inputs)
     if onnx:

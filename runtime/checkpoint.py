@@ -16,7 +16,7 @@ from typing import Any, Tuple
 
 import torch
 
-from asteroid_fx.errors import RuntimeFailure
+from asteroid_fx.errors import ProtocolError, RuntimeFailure
 
 __all__ = [
     "StageState",
@@ -213,17 +213,82 @@ def state_to_bytes(state: StageState) -> bytes:
     return _encode(state.step, rows, extras, flat.numpy().data)
 
 
-def state_from_bytes(data: bytes) -> StageState:
-    """Inverse of :func:`state_to_bytes` (also reads ``torch.save`` archives). The tensors
-    share one buffer (no per-tensor copies)."""
-    if not data.startswith(_MAGIC):
-        raw = torch.load(io.BytesIO(data), weights_only=True)
-        return StageState(step=int(raw["step"]), model=dict(raw["model"]),
-                          optim=dict(raw["optim"]))
+#: the dtypes a flat state may hold (a header naming another is refused)
+_DTYPES = {name: getattr(torch, name) for name in (
+    "float32", "float64", "float16", "bfloat16", "int64", "int32", "int16", "int8", "uint8",
+    "bool", "complex64", "complex128")}
+_ITEMSIZE = {name: torch.empty((), dtype=dtype).element_size() for name, dtype in _DTYPES.items()}
+
+
+def _bad(where: str, what: str) -> ProtocolError:
+    return ProtocolError(f"{where}: {what}; it is not a stage state written by asteroid-fx")
+
+
+def _header(data: bytes, where: str) -> tuple[dict[str, Any], int]:
+    """The checked JSON header of flat-format ``data`` and where the tensor bytes start."""
     start = len(_MAGIC) + 8
+    if len(data) < start:
+        raise _bad(where, f"{len(data)} bytes is too short for the flat state format")
     (length,) = struct.unpack("<Q", data[len(_MAGIC): start])
-    header = json.loads(data[start: start + length])
-    body = bytearray(memoryview(data)[start + length:])
+    if start + length > len(data):
+        raise _bad(where, f"the header declares {length} bytes but {len(data) - start} follow")
+    try:
+        header = json.loads(bytes(data[start: start + length]).decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise _bad(where, f"the header is not JSON ({exc})") from None
+    if not isinstance(header, dict) or set(header) != {"step", "t", "x"} \
+            or not isinstance(header["step"], int) or isinstance(header["step"], bool) \
+            or not isinstance(header["t"], list) or not isinstance(header["x"], dict):
+        raise _bad(where, "the header is not {step: int, t: [...], x: {...}}")
+    body = len(data) - start - length
+    for row in header["t"]:
+        if not isinstance(row, dict) or set(row) != {"s", "n", "f", "d", "shape", "o"}:
+            raise _bad(where, f"tensor entry {str(row)[:80]} has other fields than "
+                              f"s, n, f, d, shape, o")
+        shape = row["shape"]
+        if row["s"] not in ("model", "optim") or not isinstance(row["n"], str) \
+                or not isinstance(row["f"], str) or row["d"] not in _DTYPES \
+                or not isinstance(shape, list) or not all(
+                    isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape) \
+                or not isinstance(row["o"], int) or isinstance(row["o"], bool) or row["o"] < 0:
+            raise _bad(where, f"malformed tensor entry {str(row)[:120]}")
+        numel = 1
+        for d in shape:
+            numel *= d
+        if row["o"] + numel * _ITEMSIZE[row["d"]] > body:
+            raise _bad(where, f"tensor {row['n']!r} lies beyond the {body} bytes of data")
+    for name, values in header["x"].items():
+        if not isinstance(values, dict) or not all(
+                isinstance(v, _JSONABLE) for v in values.values()):
+            raise _bad(where, f"optimizer values of {name!r} are not plain numbers")
+    return header, start + length
+
+
+def state_from_bytes(data: bytes, *, where: str = "stage state") -> StageState:
+    """Inverse of :func:`state_to_bytes`; the tensors share one buffer (no per-tensor copies).
+
+    The header is checked strictly (fields, dtypes among the known ones, every tensor inside
+    the data). A ``torch.save`` zip archive (older files, optimizer state that is not
+    tensors or numbers) is read with ``torch.load(weights_only=True)``; anything else, a
+    pickle among them, is refused unread.
+
+    Raises:
+        ProtocolError: ``data`` is not a stage state (``where`` names it in the message).
+    """
+    if not data.startswith(_MAGIC):
+        if not bytes(data[:4]) == b"PK\x03\x04":
+            head = bytes(data[:8])
+            what = "a pickle, refused unread" if head[:1] == b"\x80" else "an unknown format"
+            raise _bad(where, f"{len(data)} bytes starting {head!r} ({what})")
+        try:
+            raw = torch.load(io.BytesIO(data), weights_only=True)
+            return StageState(step=int(raw["step"]), model=dict(raw["model"]),
+                              optim=dict(raw["optim"]))
+        except Exception as exc:  # noqa: BLE001 - any failure of the restricted loader
+            raise _bad(where, f"a torch.save archive that weights_only loading refuses "
+                              f"({type(exc).__name__})") from None
+    header, start = _header(data, where)
+    body = bytearray(memoryview(data)[start:])
     flat = torch.frombuffer(body, dtype=torch.uint8) if body else torch.zeros(0, dtype=torch.uint8)
     state = StageState(step=int(header["step"]))
     for row, view in zip(header["t"], _views(flat, header["t"])):
@@ -250,9 +315,7 @@ def state_names(data: bytes) -> list[str]:
     """The state-dict names in serialised ``data`` (reads only the header when it can)."""
     if not data.startswith(_MAGIC):
         return list(state_from_bytes(data).model)
-    start = len(_MAGIC) + 8
-    (length,) = struct.unpack("<Q", data[len(_MAGIC): start])
-    header = json.loads(data[start: start + length])
+    header, _ = _header(data, "stage state")
     return [row["n"] for row in header["t"] if row["s"] == "model"]
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import logging
 import math
 import os
@@ -23,8 +22,10 @@ import torch.multiprocessing as mp
 
 from asteroid_fx.allocator import tune_allocator
 from asteroid_fx.errors import RuntimeFailure, StageFailure
+from runtime import protocol as proto
 from runtime.comm import CommFailure
-from runtime.train import StageSource, TrainConfig, WorkerResult, train_device
+from runtime.train import DirectorySource, StageSource, TrainConfig, WorkerResult, train_device
+from runtime.trust import Gatekeeper, join_job, new_token
 from solver.plan import Plan
 
 __all__ = [
@@ -180,8 +181,12 @@ def _free_port() -> int:
 
 
 def _worker(rank: int, world: int, port: int, source: StageSource, config: TrainConfig,
-            cgroup: str | None, results: Any, recovery: Any = None) -> None:
+            cgroup: str | None, results: Any, recovery: Any = None, token: str = "") -> None:
     """Body of one device process; reports ("step"|"ok"|"error", rank, payload).
+
+    The process first proves the job's ``token`` on the launcher's store
+    (``runtime.trust.join_job``) and then uses only the job's prefixed store; a finished
+    rank's result travels as ``runtime.protocol.encode_result`` bytes.
 
     With ``recovery`` (a ``runtime.replication.WorkerSpec``) the process beats,
     checkpoints and replicates through its hooks and joins the process group of its
@@ -194,8 +199,10 @@ def _worker(rank: int, world: int, port: int, source: StageSource, config: Train
         _exit_with_parent()
         torch.set_num_threads(1)
         tune_allocator()
-        store = dist.TCPStore("127.0.0.1", port, world, is_master=False,
-                              timeout=timedelta(seconds=config.timeout_s))
+        client = dist.TCPStore("127.0.0.1", port, world, is_master=False,
+                               timeout=timedelta(seconds=config.timeout_s))
+        store = join_job(client, token, rank, timeout_s=config.timeout_s,
+                         where=f"the launcher at 127.0.0.1:{port}")
         if recovery is not None and recovery.mode == "replay":
             from runtime.replication import install_leave_handler
 
@@ -206,7 +213,8 @@ def _worker(rank: int, world: int, port: int, source: StageSource, config: Train
             group_store: Any = store
             if recovery is not None:
                 hooks = recovery.hooks(store, rank, world)
-                group_store = dist.PrefixStore(f"pg/{recovery.generation}/", store)
+                group_store = dist.PrefixStore(
+                    proto.Keys(recovery.generation).process_group(), store)
             dist.init_process_group("gloo", store=group_store, rank=rank, world_size=world,
                                     timeout=timedelta(seconds=config.timeout_s))
             def report(record: dict[str, Any], r: int = rank) -> None:
@@ -231,13 +239,12 @@ def _worker(rank: int, world: int, port: int, source: StageSource, config: Train
                 if assignment is None:
                     _exit_handed_over(results)
                     return
-                rank, world = assignment["rank"], assignment["world"]
-                source, config = assignment["source"], assignment["config"]
-                recovery, cgroup = assignment["spec"], assignment["cgroup"]
+                rank, world = assignment.rank, assignment.world
+                source = DirectorySource(assignment.directory)
+                config, recovery = assignment.config, assignment.spec
+                cgroup = assignment.cgroup
                 continue
-            buffer = io.BytesIO()
-            torch.save(result, buffer)
-            results.put(("ok", rank, buffer.getvalue()))
+            results.put(("ok", rank, proto.encode_result(result)))
             dist.barrier()   # nobody tears its sockets down while a peer still reads
             dist.destroy_process_group()
             if hooks is not None:   # replica channels' threads may still be blocked
@@ -380,23 +387,29 @@ def launch_local(source: StageSource, world: int, config: TrainConfig, *,
                  cgroups: Sequence[str] | None = None,
                  progress: Callable[[Mapping[str, Any]], None] | None = None,
                  timeout_s: float = 600.0,
-                 devices: Sequence[str] | None = None) -> list[WorkerResult]:
+                 devices: Sequence[str] | None = None,
+                 token: str | None = None) -> list[WorkerResult]:
     """Run ``world`` device processes on this host (gloo, TCPStore rendezvous on 127.0.0.1).
 
     The first worker that raises or dies ends the run: every other child is killed at once
     and ``StageFailure`` carries the first error (rank, step, action). Never hangs: the
-    whole run is bounded by ``timeout_s``.
+    whole run is bounded by ``timeout_s``. Each worker proves ``token`` (a fresh one when
+    None) before it joins (see [Note: trust boundary] in runtime.trust); a process that
+    fails to prove it ends the run with ``AuthenticationError``.
     """
     ctx = mp.get_context("spawn")
     port = _free_port()
     store = dist.TCPStore("127.0.0.1", port, world + 1, is_master=True,
                           wait_for_workers=False, timeout=timedelta(seconds=config.timeout_s))
+    token = token or new_token()
+    gate = Gatekeeper(store, token, where=f"the launcher at 127.0.0.1:{port}")
     results: Any = ctx.Queue()
     procs = []
     for rank in range(world):
         cgroup = None if cgroups is None else cgroups[rank]
         proc = ctx.Process(target=_worker, daemon=True, name=f"asteroid-fx-rank{rank}",
-                           args=(rank, world, port, source, config, cgroup, results))
+                           args=(rank, world, port, source, config, cgroup, results, None,
+                                 token))
         proc.start()
         procs.append(proc)
     names = list(devices) if devices is not None else [str(r) for r in range(world)]
@@ -408,6 +421,7 @@ def launch_local(source: StageSource, world: int, config: TrainConfig, *,
     deadline = time.monotonic() + timeout_s
     try:
         while len(done) < world:
+            gate.raise_if_refused()
             now = time.monotonic()
             if grace_until is not None and now > grace_until:
                 break
@@ -432,7 +446,7 @@ def launch_local(source: StageSource, world: int, config: TrainConfig, *,
                 if progress is not None:
                     progress(payload)
             elif kind == "ok":
-                done[rank] = torch.load(io.BytesIO(payload), weights_only=False)
+                done[rank] = proto.decode_result(payload, f"the result of rank {rank}")
             else:
                 message, secondary = payload
                 reported.add(rank)
@@ -447,6 +461,7 @@ def launch_local(source: StageSource, world: int, config: TrainConfig, *,
         for proc in procs:
             proc.join(timeout=10)
         results.close()
+        gate.stop()
         del store
     if failures or len(done) < world:
         raise StageFailure(min(failures, key=lambda f: f[0])[1] if failures else
@@ -457,9 +472,10 @@ def launch_local(source: StageSource, world: int, config: TrainConfig, *,
 def emulate(source: StageSource, cluster: Any, config: TrainConfig, *,
             progress: Callable[[Mapping[str, Any]], None] | None = None,
             timeout_s: float = 600.0, host_cores: float | None = None,
-            host_flops: float | None = None, use_cgroups: bool | None = None
-            ) -> EmulationResult:
-    """Train ``source`` on an emulated ``cluster`` (see [Note: emulated speed])."""
+            host_flops: float | None = None, use_cgroups: bool | None = None,
+            token: str | None = None) -> EmulationResult:
+    """Train ``source`` on an emulated ``cluster`` (see [Note: emulated speed]); the
+    device processes join with ``token`` (a fresh one when None)."""
     plan = source.load_plan()
     setup = emulation_setup(plan, cluster, host_cores=host_cores, host_flops=host_flops)
     speeds = setup.effective_speeds
@@ -482,7 +498,8 @@ def emulate(source: StageSource, cluster: Any, config: TrainConfig, *,
                     setup.host_cores, setup.factor)
     started = time.perf_counter()
     try:
-        workers = _launch_shaped(source, config, setup, shaping, cgroups, progress, timeout_s)
+        workers = _launch_shaped(source, config, setup, shaping, cgroups, progress, timeout_s,
+                                 token)
     finally:
         if cgroups is not None:
             _remove_cgroups(cgroups)
@@ -493,17 +510,17 @@ def emulate(source: StageSource, cluster: Any, config: TrainConfig, *,
 def _launch_shaped(source: StageSource, config: TrainConfig, setup: EmulationSetup,
                    shaping: str, cgroups: list[str] | None,
                    progress: Callable[[Mapping[str, Any]], None] | None,
-                   timeout_s: float) -> list[WorkerResult]:
+                   timeout_s: float, token: str | None = None) -> list[WorkerResult]:
     world = len(setup.devices)
     config = replace(config, **setup.links, **setup.timing(config))
     if shaping != "dilation":
         return launch_local(source, world, config, cgroups=cgroups, progress=progress,
-                            timeout_s=timeout_s, devices=setup.devices)
+                            timeout_s=timeout_s, devices=setup.devices, token=token)
     # time dilation needs a per-rank compute scale: one config per rank via a wrapper source
     scaled = _PerRankScale(source, tuple(1.0 / s if s < 1.0 else 1.0
                                          for s in setup.effective_speeds))
     return launch_local(scaled, world, config, progress=progress, timeout_s=timeout_s,
-                        devices=setup.devices)
+                        devices=setup.devices, token=token)
 
 
 @dataclass(frozen=True)

@@ -2,64 +2,37 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from types import TracebackType
 
 import torch.distributed as dist
 
-from asteroid_fx.errors import RuntimeFailure
+from asteroid_fx.errors import ProtocolError, RuntimeFailure
+from runtime import protocol as proto
 
-__all__ = ["FailureReport", "FailureDetector", "Heartbeat", "heartbeat_key", "fatal_key"]
+__all__ = ["FailureReport", "FailureDetector", "Heartbeat", "Blame", "blame"]
 
 logger = logging.getLogger(__name__)
 
 # [Note: heartbeat keys]
 # Everything lives in the c10d store (the TCPStore that torchrun or the emulator already
 # runs for rendezvous), never in the training process group, so a dead or stopped peer
-# cannot block detection. Keys of generation g (a rebuilt group after a recovery uses
-# g + 1, so stale keys of the old group are never read):
+# cannot block detection. Keys of generation g (``runtime.protocol.Keys``; a rebuilt group
+# after a recovery uses g + 1, so stale keys of the old group are never read):
 #   hb/<g>/<rank>          integer counter, incremented with ``store.add`` every interval
-#   hb/<g>/<rank>/info     JSON {"pid": ..., "host": ...}, written once at start
-#   fatal/<g>/<rank>       the error message of a worker that hit a fatal error
+#   hb/<g>/<rank>/info     ``HeartbeatInfo`` {"pid": ..., "host": ...}, written once at start
+#   fatal/<g>/<rank>       ``FatalReport``: the error of a worker that hit a fatal error
 #   fatal/<g>/count        integer counter of fatal reports (cheap to poll)
 # Liveness is judged on the observer's own monotonic clock: a rank is silent when its
 # counter has not changed for more than ``timeout_s`` of the observer's time. No clock
 # is compared across machines. ``store.add(key, 0)`` reads a counter without blocking
 # (it creates a missing key as 0, which means "has not beaten yet").
-
-
-def heartbeat_key(generation: int, rank: int) -> str:
-    """Store key of the heartbeat counter of ``rank`` in ``generation``."""
-    return f"hb/{generation}/{rank}"
-
-
-def fatal_key(generation: int, rank: int) -> str:
-    """Store key of the fatal-error report of ``rank`` in ``generation``."""
-    return f"fatal/{generation}/{rank}"
-
-
-def _fatal_count_key(generation: int) -> str:
-    return f"fatal/{generation}/count"
-
-
-def _clone(store: dist.Store) -> dist.Store:
-    """A second client of the same store (own connection), so a blocking ``get`` or
-    ``wait`` of the training thread cannot stall the heartbeat thread."""
-    clone = getattr(store, "clone", None)
-    if clone is None:  # torch < 2.5
-        return store
-    try:
-        cloned: dist.Store = clone()
-    except RuntimeError:  # pragma: no cover - store type without clone support
-        return store
-    return cloned
 
 
 def _process_state(pid: int) -> str:
@@ -113,6 +86,60 @@ class FailureReport:
         return not self.failed
 
 
+# [Note: who failed]
+# A recovery event must name exactly the devices that failed: the re-plan drops them, and
+# the launcher kills ("fences") them. Evidence differs in strength:
+#   * a process that ended (its parent sees the exit), a rank whose heartbeat process is
+#     gone or stopped (SIGSTOP: /proc state T), a fatal report, a graceful leave: certain;
+#   * a heartbeat that is silent while its process still runs: only a suspicion. A process
+#     starved of CPU (heavy imports at start-up under a CPU quota, a busy host, a long
+#     allocation holding the GIL) misses beats for a second or more, and a survivor of a
+#     failed round stops beating on purpose while it waits for its next assignment.
+# The first version took the union of every process exit and every silent heartbeat at the
+# moment of detection, and used a silent heartbeat alone as a verdict. On a loaded 2-core
+# host that blamed live devices: a 4-stage plan on 4 emulated devices named a starved
+# rank (e.g. "f3", or "f0" during step 0) instead of, or besides, the device that was
+# killed, and the re-plan dropped it. Now ``blame`` counts certain evidence at once and a
+# running-but-silent rank only once it has been silent for ``hang_s`` (several heartbeat
+# timeouts), and never a rank that finished or is waiting for its next assignment.
+
+
+@dataclass(frozen=True)
+class Blame:
+    """Who failed, how it was seen, and the longest silence among them (seconds)."""
+
+    failed: tuple[int, ...] = ()
+    by: str = ""                 # "process exit", "leave", "heartbeat" or "" (nobody)
+    silent_s: float = 0.0
+
+
+def blame(report: FailureReport, *, exited: Collection[int] = (),
+          left: Collection[int] = (), done: Collection[int] = (),
+          waiting: Collection[int] = (), hang_s: float = 5.0) -> Blame:
+    """The ranks that failed, from certain evidence only (see [Note: who failed]).
+
+    Args:
+        report: the heartbeat detector's view (dead, hung, stopped, fatal, silence).
+        exited: ranks whose process ended without finishing (seen by their parent).
+        left: ranks that left gracefully.
+        done: ranks that finished training (never blamed).
+        waiting: ranks that left a failed round on purpose and wait (never blamed).
+        hang_s: seconds a running process must be silent before it counts as hung.
+    """
+    spared = set(done) | set(waiting)
+    certain = (set(exited) | set(report.dead) | set(report.stopped)
+               | set(report.fatal)) - spared - set(left)
+    hung = {r for r in report.hung - report.stopped
+            if report.silent_s.get(r, 0.0) > hang_s} - spared - set(left)
+    failed = certain | hung | set(left)
+    if not failed:
+        return Blame()
+    by = ("process exit" if set(exited) - spared else "leave" if not certain | hung
+          else "heartbeat")
+    silent = max((report.silent_s.get(r, 0.0) for r in certain | hung), default=0.0)
+    return Blame(failed=tuple(sorted(failed)), by=by, silent_s=silent)
+
+
 class FailureDetector:
     """Polls the heartbeat and fatal keys of ``ranks`` and classifies the silent ones.
 
@@ -143,6 +170,7 @@ class FailureDetector:
         if any(r < 0 for r in self._ranks):
             raise RuntimeFailure(f"ranks must be >= 0, got {list(self._ranks)}")
         self.generation = generation
+        self._keys = proto.Keys(generation)
         self.timeout_s = timeout_s
         self.startup_timeout_s = startup_timeout_s
         self.check_pid = check_pid
@@ -160,33 +188,36 @@ class FailureDetector:
         return self._ranks
 
     def _read_counters(self) -> dict[int, int]:
-        return {r: int(self._store.add(heartbeat_key(self.generation, r), 0))
-                for r in self._ranks}
+        return {r: int(self._store.add(self._keys.heartbeat(r), 0)) for r in self._ranks}
 
     def _read_info(self, rank: int) -> tuple[int, str] | None:
         if rank in self._info:
             return self._info[rank]
-        key = heartbeat_key(self.generation, rank) + "/info"
-        if not self._store.check([key]):
-            return None
         try:
-            data = json.loads(self._store.get(key).decode())
-            info = (int(data["pid"]), str(data["host"]))
-        except (ValueError, KeyError, TypeError):
-            logger.warning("malformed heartbeat info under %s; PID check disabled for rank %d",
-                           key, rank)
+            info = proto.get_if_present(self._store, self._keys.heartbeat_info(rank),
+                                        proto.HeartbeatInfo)
+        except ProtocolError as exc:
+            logger.warning("%s; PID check disabled for rank %d", exc, rank)
             return None
-        self._info[rank] = info
-        return info
+        if info is None:
+            return None
+        self._info[rank] = (info.pid, info.host)
+        return self._info[rank]
 
     def _read_fatal(self) -> None:
-        count = int(self._store.add(_fatal_count_key(self.generation), 0))
+        count = int(self._store.add(self._keys.fatal_count(), 0))
         if count == self._fatal_count:
             return
         for rank in self._ranks:
-            key = fatal_key(self.generation, rank)
-            if rank not in self._fatal and self._store.check([key]):
-                self._fatal[rank] = self._store.get(key).decode(errors="replace")
+            if rank in self._fatal:
+                continue
+            try:
+                report = proto.get_if_present(self._store, self._keys.fatal(rank),
+                                              proto.FatalReport)
+            except ProtocolError as exc:
+                report = proto.FatalReport(f"(unreadable fatal report: {exc})")
+            if report is not None:
+                self._fatal[rank] = report.message
         self._fatal_count = count
 
     def _classify(self, rank: int) -> str:
@@ -279,8 +310,9 @@ class Heartbeat:
         self.timeout_s = timeout_s
         self.generation = generation
         self._store = store
-        self._beat_store = _clone(store)
-        self._key = heartbeat_key(generation, rank)
+        self._beat_store = proto.clone_store(store)
+        self._keys = proto.Keys(generation)
+        self._key = self._keys.heartbeat(rank)
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -291,8 +323,8 @@ class Heartbeat:
             generation=generation, timeout_s=timeout_s,
             startup_timeout_s=startup_timeout_s, check_pid=check_pid)
         self._report = FailureReport()
-        info = json.dumps({"pid": os.getpid(), "host": socket.gethostname()})
-        self._store.set(self._key + "/info", info)
+        proto.put(self._store, self._keys.heartbeat_info(rank),
+                  proto.HeartbeatInfo(pid=os.getpid(), host=socket.gethostname()))
         if start:
             self.start()
 
@@ -363,8 +395,8 @@ class Heartbeat:
 
     def report_fatal(self, error: str) -> None:
         """Tell every peer at once that this rank hit a fatal error."""
-        self._store.set(fatal_key(self.generation, self.rank), error)
-        self._store.add(_fatal_count_key(self.generation), 1)
+        proto.put(self._store, self._keys.fatal(self.rank), proto.FatalReport(error))
+        self._store.add(self._keys.fatal_count(), 1)
         logger.error("rank %d reported a fatal error: %s", self.rank, error)
 
     def fatal_reports(self) -> dict[int, str]:

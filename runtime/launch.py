@@ -17,7 +17,9 @@ import torch.distributed as dist
 
 from asteroid_fx.allocator import tune_allocator
 from asteroid_fx.errors import RuntimeFailure
+from runtime import protocol as proto
 from runtime.train import DirectorySource, StageSource, TrainConfig, WorkerResult, train_device
+from runtime.trust import Gatekeeper, find_token, join_job, resolve_token
 from solver.plan import Plan
 
 __all__ = ["StageTiming", "RunResult", "run", "run_source", "summarize", "metrics_lines",
@@ -211,8 +213,11 @@ def run_source(source: StageSource, *, emulate: Any = None, steps: int = 10, see
                lr: float = 0.01, metrics: str | Path | None = None,
                progress: Callable[[Mapping[str, Any]], None] | None = None,
                timeout_s: float = 120.0, return_state: bool = False,
-               host_cores: float | None = None) -> RunResult:
-    """:func:`run` for any :class:`~runtime.train.StageSource` (tests, benchmarks)."""
+               host_cores: float | None = None, token: str | None = None) -> RunResult:
+    """:func:`run` for any :class:`~runtime.train.StageSource` (tests, benchmarks).
+
+    ``token``: the job's shared secret (see [Note: trust boundary] in runtime.trust); under
+    torchrun it is required, emulated device processes get a fresh one when None."""
     if steps < 1:
         raise RuntimeFailure(f"steps must be >= 1, got {steps}")
     config = TrainConfig(steps=steps, seed=seed, lr=lr, timeout_s=timeout_s,
@@ -224,7 +229,7 @@ def run_source(source: StageSource, *, emulate: Any = None, steps: int = 10, see
 
         result = emulate_fn(source, emulate, config, progress=progress,
                             timeout_s=max(60.0, timeout_s * (steps + 2)),
-                            host_cores=host_cores)
+                            host_cores=host_cores, token=token)
         factor = result.setup.factor if result.setup is not None else 1.0
         out = summarize(plan, result.workers, mode="emulate", factor=factor,
                         shaping=result.shaping)
@@ -233,13 +238,15 @@ def run_source(source: StageSource, *, emulate: Any = None, steps: int = 10, see
                              "cluster on this host, or start one process per device with "
                              "torchrun (RANK/WORLD_SIZE/MASTER_ADDR unset)")
     else:
-        out = _run_torchrun(source, plan, config, progress)
+        out = _run_torchrun(source, plan, config, progress,
+                            token or resolve_token(None, getattr(source, "directory", None)))
     _write_summary(metrics, plan, out)
     return out
 
 
 def _run_torchrun(source: StageSource, plan: Plan, config: TrainConfig,
-                  progress: Callable[[Mapping[str, Any]], None] | None) -> RunResult:
+                  progress: Callable[[Mapping[str, Any]], None] | None,
+                  token: str) -> RunResult:
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     if world != len(plan.devices):
         raise RuntimeFailure(f"torchrun started {world} processes but the plan has "
@@ -254,18 +261,61 @@ def _run_torchrun(source: StageSource, plan: Plan, config: TrainConfig,
         device = torch.device("cpu")
     backend = "nccl" if cuda and dist.is_nccl_available() else "gloo"
     tune_allocator()
-    dist.init_process_group(backend, timeout=timedelta(seconds=config.timeout_s))
+    store = _join_torchrun(token, rank, world, config.timeout_s)
+    dist.init_process_group(backend, store=dist.PrefixStore(proto.Keys(0).process_group(), store),
+                            rank=rank, world_size=world,
+                            timeout=timedelta(seconds=config.timeout_s))
     log.info("rank %d runs device %s (stage %d) on %s with %s", rank, plan.devices[rank],
              plan.stage_of(plan.devices[rank]), device, backend)
     try:
         mine = train_device(source, rank, config, device=device, report=progress)
-        gathered: list[Any] = [None] * world
-        dist.all_gather_object(gathered, _strip(mine))
+        gathered = _gather_results(_strip(mine), world,
+                                   device if backend == "nccl" else torch.device("cpu"))
         dist.barrier()   # nobody tears its sockets down while a peer still reads
     finally:
         dist.destroy_process_group()
-    return summarize(plan, [w for w in gathered if isinstance(w, WorkerResult)],
-                     mode="torchrun")
+    return summarize(plan, gathered, mode="torchrun")
+
+
+def _join_torchrun(token: str, rank: int, world: int, timeout_s: float) -> dist.Store:
+    """The job's store under torchrun: a client of the rendezvous store (hosted by
+    torchrun's agent, or by rank 0 with a plain ``env://`` launch) on which rank 0 admits
+    every other rank that proves ``token`` (see [Note: trust boundary] in runtime.trust).
+
+    Raises:
+        AuthenticationError: a rank with another token (on both sides), or a rank that does
+            not join within ``timeout_s``.
+    """
+    host, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+    agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
+    raw = dist.TCPStore(host, port, world, is_master=rank == 0 and not agent,
+                        timeout=timedelta(seconds=timeout_s), wait_for_workers=False)
+    where = f"rank 0 at {host}:{port}"
+    if rank != 0:
+        return join_job(raw, token, rank, timeout_s=timeout_s, where=where)
+    gate = Gatekeeper(raw, token, where=where)
+    try:
+        gate.wait_for(set(range(1, world)), timeout_s)
+    finally:
+        gate.stop()
+    return gate.job_store
+
+
+def _gather_results(mine: WorkerResult, world: int, device: torch.device
+                    ) -> list[WorkerResult]:
+    """Every rank's result on every rank, as ``runtime.protocol.encode_result`` bytes
+    gathered in byte tensors (no pickled objects cross the process group)."""
+    data = torch.frombuffer(bytearray(proto.encode_result(mine)), dtype=torch.uint8)
+    size = torch.tensor([data.numel()], dtype=torch.int64, device=device)
+    sizes = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(world)]
+    dist.all_gather(sizes, size)
+    lengths = [int(s.item()) for s in sizes]
+    padded = torch.zeros(max(lengths), dtype=torch.uint8, device=device)
+    padded[: data.numel()] = data.to(device)
+    chunks = [torch.zeros(max(lengths), dtype=torch.uint8, device=device) for _ in range(world)]
+    dist.all_gather(chunks, padded)
+    return [proto.decode_result(bytes(chunk[:n].cpu().numpy()), f"the result of rank {r}")
+            for r, (chunk, n) in enumerate(zip(chunks, lengths))]
 
 
 def _strip(result: WorkerResult) -> WorkerResult:
@@ -283,9 +333,15 @@ def run(directory: str | Path, *, emulate: str | Path | None = None, steps: int 
         seed: int = 0, lr: float = 0.01, metrics: str | Path | None = None,
         progress: Callable[[Mapping[str, Any]], None] | None = None,
         fail: str | Mapping[str, int] | None = None, recovery: str = "replay",
-        leave: str | Mapping[str, int] | None = None,
+        leave: str | Mapping[str, int] | None = None, token: str | None = None,
         **recovery_options: Any) -> RunResult:
     """Train the partition in ``directory`` for ``steps`` mini-batches.
+
+    The package is checked first (``runtime.package_check``: plan, stage files and model
+    agree), and every device process proves the job's shared ``token`` before it joins:
+    ``token``, else ``$ASTEROID_TOKEN``, else ``DIR/token`` (under torchrun one of them is
+    required; an emulation without any uses a fresh one). See [Note: trust boundary] in
+    runtime.trust.
 
     With ``emulate=cluster.yaml`` one process per device runs on this host, speed and
     bandwidth shaped; under torchrun (RANK/WORLD_SIZE/MASTER_ADDR set) this process runs
@@ -307,14 +363,18 @@ def run(directory: str | Path, *, emulate: str | Path | None = None, steps: int 
         raise RuntimeFailure(f"{str(path)!r} is not a partition directory (no plan.json); "
                              f"create it with `asteroid-fx partition MODEL --cluster C "
                              f"--batch-size N --out {path}`")
+    from runtime.package_check import check_package
+
+    check_package(path)
+    token = find_token(token, path)     # required under torchrun: run_source says so
     if fail is not None or leave is not None:
         return _run_recovering(path, emulate, steps, seed, lr, metrics, progress, fail,
-                               recovery, recovery_options, leave)
+                               recovery, {**recovery_options, "token": token}, leave)
     if recovery_options:
         raise RuntimeFailure(f"options {sorted(recovery_options)} need fail=DEVICE@STEP (or "
                              f"leave=DEVICE@STEP)")
     return run_source(DirectorySource(str(path)), emulate=emulate, steps=steps, seed=seed,
-                      lr=lr, metrics=metrics, progress=progress)
+                      lr=lr, metrics=metrics, progress=progress, token=token)
 
 
 def _run_recovering(path: Path, emulate: str | Path | None, steps: int, seed: int, lr: float,

@@ -2,29 +2,27 @@
 
 from __future__ import annotations
 
-import io
-import json
 import logging
 import multiprocessing.connection
 import os
-import pickle
 import queue
 import re
 import shutil
 import signal
 import statistics
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from asteroid_fx.errors import AsteroidError, RuntimeFailure, StageFailure
+from runtime import protocol as proto
 from runtime.checkpoint import (
     StageState,
     latest_checkpoint,
@@ -34,9 +32,10 @@ from runtime.checkpoint import (
     state_from_bytes,
     state_to_bytes,
 )
-from runtime.heartbeat import FailureDetector
-from runtime.replication import WorkerSpec, announce_failure, external_holders, key
+from runtime.heartbeat import FailureDetector, FailureReport, blame
+from runtime.replication import WorkerSpec, announce_failure, external_holders
 from runtime.train import DirectorySource, StageSource, TrainConfig, WorkerResult
+from runtime.trust import Gatekeeper, new_token
 from solver.plan import Plan
 
 __all__ = ["RECOVERY_MODES", "LEAVE_ROUND_S", "REPLAY_CHECKPOINT_EVERY", "REPLAN_TOLERANCE",
@@ -60,6 +59,9 @@ REQUEST_TIMEOUT_S = 10.0
 EXIT_WAIT_S = 5.0
 #: seconds the launcher waits after a leave for rank 0's record of the leaver's last step
 LEAVE_RECORD_S = 5.0
+#: a running device whose heartbeat is silent for this many heartbeat timeouts is hung
+#: (a stopped or exited one fails at once; see [Note: who failed] in runtime.heartbeat)
+HANG_TIMEOUTS = 5.0
 
 # [Note: who imports what]
 # Worker processes import only runtime/ (train, executor, comm, heartbeat, checkpoint,
@@ -172,12 +174,12 @@ class _Outcome:
     detected_by: str = ""
     silent_s: float = 0.0
     stopped_at: float = 0.0             # time.time() when every old process was gone
-    handoffs: dict[int, dict[str, Any]] = field(default_factory=dict)
+    handoffs: dict[int, proto.Handoff] = field(default_factory=dict)
     resume: int | None = None           # newest step every stage has a state of (replay)
     stuck: dict[int, StageState] = field(default_factory=dict)   # own states of stuck ranks
     generation: int = 0
     collect_parts: dict[str, float] = field(default_factory=dict)
-    left: dict[int, dict[str, Any]] = field(default_factory=dict)   # rank -> its left marker
+    left: dict[int, proto.LeftMarker] = field(default_factory=dict)   # rank -> its marker
 
 
 @dataclass
@@ -233,7 +235,7 @@ def run_with_recovery(directory: str | Path, cluster: Any, config: TrainConfig, 
                       use_cgroups: bool | None = None, timeout_s: float = 600.0,
                       heartbeat_timeout_s: float = 1.0,
                       replan_tolerance: float = REPLAN_TOLERANCE,
-                      calibrate: bool = True) -> RecoveryRun:
+                      calibrate: bool = True, token: str | None = None) -> RecoveryRun:
     """Emulate ``cluster`` and train the partition in ``directory`` with ``fail`` injected.
 
     ``recovery="replay"``: replicas in holders' memory, layer-wise re-plan; the surviving
@@ -260,6 +262,10 @@ def run_with_recovery(directory: str | Path, cluster: Any, config: TrainConfig, 
     finishes the step, hands its state over and exits with code 0; the survivors re-plan
     without it and go on at STEP + 1 with nothing replayed (event ``reason: "leave"``,
     ``source: "handover"``; see [Note: graceful leave] in runtime.replication).
+
+    Every device process proves ``token`` (a fresh one when None) before it joins, and the
+    processes exchange only ``runtime.protocol`` messages through the store. The recovery
+    event names exactly the devices that failed (see [Note: who failed]).
     """
     if recovery not in RECOVERY_MODES:
         raise RuntimeFailure(f"--recovery {recovery!r}: choose one of {list(RECOVERY_MODES)}")
@@ -287,7 +293,7 @@ def run_with_recovery(directory: str | Path, cluster: Any, config: TrainConfig, 
     checkpoints.mkdir(parents=True)
     if config.metrics:
         Path(config.metrics).write_text("")
-    procs = _Processes(config.timeout_s, host_cores, use_cgroups)
+    procs = _Processes(config.timeout_s, host_cores, use_cgroups, token)
     out = RecoveryRun()
     alive = model.cluster
     current = root
@@ -318,16 +324,19 @@ def run_with_recovery(directory: str | Path, cluster: Any, config: TrainConfig, 
                                            committed_of=committed_of)
             out.factor, out.shaping, out.plan = procs.factor, procs.shaping, plan
             store = procs.store
+            keys = proto.Keys(generation)
             _collect_records(store, generation, gen_config.start_step, config.steps, out)
-            if event is not None and store.check([key(generation, "event")]):
-                out.events.append(json.loads(store.get(key(generation, "event"))))
+            logged = proto.get_if_present(store, keys.event(), proto.RecoveryEvent)
+            if event is not None and logged is not None:
+                out.events.append(dict(logged.data))
             out.exit_codes.update(procs.exit_codes)
             if outcome.workers is not None:
                 out.workers = outcome.workers
                 for rank, device in enumerate(plan.devices):
-                    if store.check([key(generation, "stats", rank)]):
-                        out.replication[device] = json.loads(
-                            store.get(key(generation, "stats", rank)))
+                    stats = proto.get_if_present(store, keys.stats(rank),
+                                                 proto.ReplicationSummary)
+                    if stats is not None:
+                        out.replication[device] = dict(stats.values)
                 return out
             # ---- recovery -----------------------------------------------------------
             failed = [plan.devices[r] for r in outcome.failed]
@@ -335,10 +344,11 @@ def run_with_recovery(directory: str | Path, cluster: Any, config: TrainConfig, 
             # a leave: every lost device left gracefully after committing its last step
             reason = "leave" if left and set(failed) <= set(left) else "failure"
             committed = _committed(store, generation, gen_config.start_step)
+            killed = proto.get_if_present(store, keys.killed_at(), proto.KilledAt)
             if reason == "leave":   # t0: the leavers stopped (committed their last step)
-                killed_at = min(float(m["at"]) for m in outcome.left.values())
-            elif store.check([key(generation, "killed_at")]):
-                killed_at = float(store.get(key(generation, "killed_at")))
+                killed_at = min(m.at for m in outcome.left.values())
+            elif killed is not None:
+                killed_at = killed.at
             else:
                 killed_at = outcome.detected_at - outcome.silent_s
             detect_s = max(0.0, outcome.detected_at - killed_at)
@@ -363,7 +373,7 @@ def run_with_recovery(directory: str | Path, cluster: Any, config: TrainConfig, 
             generation += 1
             began = time.perf_counter()
             gen_dir = work / f"gen{generation}"
-            stage_names = _write_partition(gen_dir, new_plan, model)
+            stage_names = _write_partition(gen_dir, new_plan, model, procs.token)
             partition_s = time.perf_counter() - began
             began = time.perf_counter()
             kept = set(procs.waiting)
@@ -371,7 +381,7 @@ def run_with_recovery(directory: str | Path, cluster: Any, config: TrainConfig, 
                 recovery, plan, new_plan, stage_names, outcome, committed, checkpoints,
                 model, config.seed, kept, procs, generation)
             for device, manifest in manifests.items():
-                store.set(key(generation, "restore", device), json.dumps(manifest))
+                proto.put(store, proto.Keys(generation).restore(device), manifest)
             load_s = time.perf_counter() - began
             resume = step_from + 1
             if reason == "leave" and source_kind == "replica":
@@ -379,8 +389,8 @@ def run_with_recovery(directory: str | Path, cluster: Any, config: TrainConfig, 
             extra: dict[str, Any] = {}
             if left:
                 extra["left"] = left
-                notice = [float(m["at"]) - float(m["signal_at"]) for m in outcome.left.values()
-                          if m.get("signal_at") is not None]
+                notice = [m.at - m.signal_at for m in outcome.left.values()
+                          if m.signal_at is not None]
                 if notice:   # SIGTERM -> the leaver committed its last step (still training)
                     extra["notice_s"] = max(0.0, max(notice))
             event = {"event": "recovery", "failed": failed, "reason": reason,
@@ -467,11 +477,10 @@ def _calibration(plan: Plan, model: _Model, alive: Any, store: dist.Store, gener
     scale = 1.0 / max(factor, 1e-9)
     compute: dict[str, tuple[float, float]] = {}
     for rank, device in enumerate(plan.devices):
-        name = key(generation, "compute", rank)
-        if store.check([name]):
-            data = json.loads(store.get(name))
-            compute[device] = (float(data["forward_s"]) * scale,
-                               float(data["backward_s"]) * scale)
+        timing = proto.get_if_present(store, proto.Keys(generation).compute(rank),
+                                      proto.ComputeTiming)
+        if timing is not None:
+            compute[device] = (timing.forward_s * scale, timing.backward_s * scale)
     try:
         table, found = calibrate_costs(plan, model.costs, alive, compute,
                                        statistics.median(rounds) * scale)
@@ -510,24 +519,27 @@ def _new_plan(mode: str, plan: Plan, costs: Any, alive: Any, failed: list[str],
     return replace(fresh, plan_version=plan.plan_version + 1), {"chosen": "full"}
 
 
-def _write_partition(directory: Path, plan: Plan, model: _Model) -> list[list[str]]:
+def _write_partition(directory: Path, plan: Plan, model: _Model,
+                     token: str) -> list[list[str]]:
     from asteroid_fx.package import save_partition
     from asteroid_fx.partition import partition
 
     stages = partition(model.module.build_model(), model.inputs, plan)
-    save_partition(directory, plan, stages, model_spec=model.spec, onnx=False)
+    save_partition(directory, plan, stages, model_spec=model.spec, onnx=False, token=token)
     return [list(stage.state_dict()) for stage in stages]
 
 
-def resume_point(plan: Plan, handoffs: Mapping[int, Mapping[str, Any]],
+def resume_point(plan: Plan, handoffs: Mapping[int, proto.Handoff],
                  committed: int) -> int | None:
     """The newest step (<= ``committed``) of which every stage of ``plan`` has a state: a
     survivor's own snapshot or a replica held by a survivor; None when there is none."""
     available: dict[int, set[int]] = {i: set() for i in range(plan.num_stages)}
     for payload in handoffs.values():
-        available[int(payload["stage"])] |= set(payload["own_steps"])
-        for stage, steps in payload.get("held_steps", {}).items():
-            available[int(stage)] |= set(steps)
+        if payload.stage in available:
+            available[payload.stage] |= set(payload.own_steps)
+        for stage, held in payload.held_steps.items():
+            if stage in available:
+                available[stage] |= set(held)
     common = set.intersection(*available.values()) if available else set()
     steps = [s for s in common if s <= committed]
     return max(steps) if steps else None
@@ -544,14 +556,17 @@ class _Requests:
         self.counters = counters
         self.pending: dict[int, list[tuple[int, str]]] = {}
 
-    def ask(self, rank: int, request: Mapping[str, Any], to: str | None = None,
-            tag: int | None = None) -> str:
-        """Send ``request`` to ``rank``; the answer lands in the store under the returned
+    def ask(self, rank: int, step: int, *, names: list[str] | None = None,
+            held: int | None = None, to: str | None = None, tag: int | None = None) -> str:
+        """Ask ``rank`` for state of ``step`` (the replica of stage ``held``, or its own
+        state ``names``: all when None); the answer lands in the store under the returned
         key (``to``, or a fresh ``rx/<g>/own/<rank>/<n>``)."""
+        keys = proto.Keys(self.generation)
         n = self.counters.get((self.generation, rank), 0)
         self.counters[(self.generation, rank)] = n + 1
-        to = to or key(self.generation, "own", rank, n)
-        self.store.set(key(self.generation, "want", rank, n), json.dumps({**request, "to": to}))
+        to = to or keys.own(rank, n)
+        proto.put(self.store, keys.want(rank, n), proto.StateRequest(
+            step=step, to=to, names=None if names is None else tuple(names), held=held))
         self.pending.setdefault(rank if tag is None else tag, []).append((rank, to))
         return to
 
@@ -567,18 +582,16 @@ class _Requests:
                         raise RuntimeFailure(f"rank {rank} did not send the requested part of "
                                              f"its state within {timeout_s:.0f} s")
                     time.sleep(0.002)
-                states.append(state_from_bytes(self.store.get(name)))
+                states.append(state_from_bytes(self.store.get(name),
+                                               where=f"store key {name!r}"))
             out[tag] = merge_states(states)
         return out
-
-
-Manifest = Dict[str, Any]
 
 
 def _assemble(mode: str, plan: Plan, new_plan: Plan, stage_names: list[list[str]],
               outcome: _Outcome, committed: int, checkpoints: Path, model: _Model, seed: int,
               kept: set[str], procs: _Processes, generation: int
-              ) -> tuple[dict[str, Manifest], str, int]:
+              ) -> tuple[dict[str, proto.Manifest], str, int]:
     """Per device of ``new_plan`` (generation ``generation``), the manifest of where its
     stage state comes from (see ``WorkerHooks._gather``); the source kind and the step
     resumed from. Replay from survivors moves only what a device does not hold itself."""
@@ -595,10 +608,10 @@ def _assemble(mode: str, plan: Plan, new_plan: Plan, stage_names: list[list[str]
     state, kind = _whole_state(plan, committed, checkpoints, model, seed)
     manifests = {}
     for device, index in devices:
-        name = key(generation, "restore", device, "data")
+        name = proto.Keys(generation).restore_part(device, "data")
         procs.store.set(name, state_to_bytes(slice_state(state, stage_names[index])))  # type: ignore[arg-type]
-        manifests[device] = {"step": state.step,
-                             "parts": [{"key": name, "names": stage_names[index]}]}
+        manifests[device] = proto.Manifest(step=state.step, parts=(
+            proto.ManifestPart(names=tuple(stage_names[index]), key=name),))
     return manifests, kind, state.step
 
 
@@ -608,33 +621,34 @@ class _NoState(Exception):
 
 def _from_survivors(plan: Plan, stage_names: list[list[str]], outcome: _Outcome,
                     kept: set[str], procs: _Processes, devices: list[tuple[str, int]],
-                    generation: int) -> tuple[dict[str, Manifest], int]:
+                    generation: int) -> tuple[dict[str, proto.Manifest], int]:
     step = outcome.resume
-    by_rank = {int(p["rank"]): p for p in outcome.handoffs.values()}
+    by_rank = {p.rank: p for p in outcome.handoffs.values()}
     if step is None:
-        covered = {int(p["stage"]) for p in by_rank.values()} | {
-            int(st) for p in by_rank.values() for st in p.get("held_steps", {})}
+        covered = {p.stage for p in by_rank.values()} | {
+            st for p in by_rank.values() for st in p.held_steps}
         raise _NoState([(i, list(plan.stages[i].devices)) for i in range(plan.num_stages)
                         if i not in covered] or "(no common step)")
     # every old stage: where its state of ``step`` is (own snapshots first, then replicas)
     owners: dict[int, list[tuple[str, int]]] = {}     # stage -> [("own"|"held", rank)]
     names_of: dict[int, set[str]] = {}
     for rank, p in by_rank.items():
-        if step in p["own_steps"]:
-            owners.setdefault(int(p["stage"]), []).append(("own", rank))
-            names_of[int(p["stage"])] = set(p["own_names"])
+        if step in p.own_steps:
+            owners.setdefault(p.stage, []).append(("own", rank))
+            names_of[p.stage] = set(p.own_names)
     for rank, p in by_rank.items():
-        for st, steps in p.get("held_steps", {}).items():
+        for st, steps in p.held_steps.items():
             if step in steps:
-                owners.setdefault(int(st), []).append(("held", rank))
-                names_of.setdefault(int(st), set(p["held_names"][st]))
+                owners.setdefault(st, []).append(("held", rank))
+                names_of.setdefault(st, set(p.held_names.get(st, ())))
     missing = [i for i in range(plan.num_stages) if i not in owners]
     if missing:
         raise _NoState([(i, list(plan.stages[i].devices)) for i in missing])
     stage_of_name = {n: st for st, names in names_of.items() for n in names}
     rank_of = {d: r for r, d in enumerate(plan.devices)}
     requests = _Requests(procs.store, outcome.generation, procs.requests)
-    manifests: dict[str, Manifest] = {}
+    keys = proto.Keys(generation)
+    manifests: dict[str, proto.Manifest] = {}
     for device, index in devices:
         wanted: dict[int, list[str]] = {}
         for name in stage_names[index]:
@@ -642,29 +656,31 @@ def _from_survivors(plan: Plan, stage_names: list[list[str]], outcome: _Outcome,
                 raise _NoState([("no state holds", name)])
             wanted.setdefault(stage_of_name[name], []).append(name)
         me = rank_of.get(device, -1) if device in kept else -1
-        parts: list[dict[str, Any]] = []
+        parts: list[proto.ManifestPart] = []
         for st, names in sorted(wanted.items()):
             sources = owners[st]
             local = [kind for kind, r in sources if r == me]
             if local:                       # this process has it: nothing moves
-                parts.append({local[0]: step if local[0] == "own" else st, "names": names})
+                parts.append(proto.ManifestPart(names=tuple(names), own=step)
+                             if local[0] == "own" else
+                             proto.ManifestPart(names=tuple(names), held=st))
                 continue
             stuck = [r for kind, r in sources if r in outcome.stuck]
             if stuck:                       # the launcher already has it
-                name = key(generation, "restore", device, st)
+                name = keys.restore_part(device, st)
                 procs.store.set(name, state_to_bytes(slice_state(outcome.stuck[stuck[0]],
                                                                  names)))  # type: ignore[arg-type]
-                parts.append({"key": name, "names": names})
+                parts.append(proto.ManifestPart(names=tuple(names), key=name))
                 continue
             alive = [(kind, r) for kind, r in sources if plan.devices[r] in kept]
             if not alive:
                 raise _NoState([(st, list(plan.stages[st].devices))])
             kind, r = alive[0]
-            request = ({"step": step, "names": names} if kind == "own"
-                       else {"held": st, "step": step})
-            to = requests.ask(r, request, to=key(generation, "restore", device, st))
-            parts.append({"key": to, "names": names})
-        manifests[device] = {"step": step, "parts": parts}
+            to = requests.ask(r, step, names=names if kind == "own" else None,
+                              held=st if kind == "held" else None,
+                              to=keys.restore_part(device, st))
+            parts.append(proto.ManifestPart(names=tuple(names), key=to))
+        manifests[device] = proto.Manifest(step=step, parts=tuple(parts))
     return manifests, step
 
 
@@ -683,7 +699,7 @@ def _whole_state(plan: Plan, committed: int, checkpoints: Path, model: _Model,
 
 def _committed(store: dist.Store, generation: int, start: int) -> int:
     step = start
-    while store.check([key(generation, "step", step)]):
+    while store.check([proto.Keys(generation).step(step)]):
         step += 1
     return step - 1
 
@@ -691,27 +707,35 @@ def _committed(store: dist.Store, generation: int, start: int) -> int:
 def _collect_records(store: dist.Store, generation: int, start: int, steps: int,
                      out: RecoveryRun) -> None:
     for step in range(start, steps):
-        name = key(generation, "step", step)
-        if not store.check([name]):
+        record = proto.get_if_present(store, proto.Keys(generation).step(step),
+                                      proto.StepRecord)
+        if record is None:
             break
-        out.records[step] = json.loads(store.get(name))
+        out.records[step] = dict(record.data)
 
 
 class _Processes:
     """The device processes of every generation, the store and the result queue.
 
     In replay mode a process that survives a failure is kept: it waits on
-    ``rx/<g>/next/<device>`` for its assignment in generation ``g + 1`` (pickled rank,
-    world size, source, config and WorkerSpec) or ``exit``.
+    ``rx/<g>/next/<device>`` for its ``runtime.protocol.Assignment`` in generation ``g + 1``
+    (rank, world size, partition directory, config and WorkerSpec, as JSON) or
+    ``ExitOrder``. Every process proves the job's token first (``Gatekeeper``).
     """
 
     def __init__(self, timeout_s: float, host_cores: int | None,
-                 use_cgroups: bool | None) -> None:
+                 use_cgroups: bool | None, token: str | None = None) -> None:
         from runtime import emulator as emu
 
         self.port = emu._free_port()
-        self.store = dist.TCPStore("127.0.0.1", self.port, 1, is_master=True,
-                                   wait_for_workers=False, timeout=timedelta(seconds=timeout_s))
+        self._server = dist.TCPStore("127.0.0.1", self.port, 1, is_master=True,
+                                     wait_for_workers=False,
+                                     timeout=timedelta(seconds=timeout_s))
+        self.token = token or new_token()
+        self.gate = Gatekeeper(self._server, self.token,
+                               where=f"the launcher at 127.0.0.1:{self.port}")
+        #: the job's keys (prefixed: see runtime.trust); everything below reads and writes here
+        self.store: dist.Store = self.gate.job_store
         self.ctx = mp.get_context("spawn")
         self.results: Any = self.ctx.Queue()
         self.host_cores = host_cores
@@ -761,7 +785,7 @@ class _Processes:
                                                      for s in speeds))
         return source, cgroups, setup
 
-    def run_generation(self, source: StageSource, plan: Plan, cluster: Any,
+    def run_generation(self, source: DirectorySource, plan: Plan, cluster: Any,
                        config: TrainConfig, spec: WorkerSpec,
                        progress: Callable[[Mapping[str, Any]], None] | None,
                        timeout_s: float,
@@ -775,25 +799,30 @@ class _Processes:
         spec = replace(spec, **setup.links)    # replica sends are paced too
         world = len(plan.devices)
         procs = []
+        self.gate.expect()
         for rank, device in enumerate(plan.devices):
             cgroup = None if cgroups is None else cgroups[rank]
             if device in self.waiting:
-                assignment = {"rank": rank, "world": world, "source": run_source,
-                              "config": config, "spec": spec, "cgroup": cgroup,
-                              "requests": self._requests_of(previous, device)}
-                self.store.set(key(previous, "next", device),
-                               pickle.dumps(assignment))  # type: ignore[arg-type]
+                # plain data: the partition directory, and the rank's time-dilation scale
+                # in its own config (what a _PerRankScale source carries for a new process)
+                scale = getattr(run_source, "compute_scale", None)
+                mine = replace(config, compute_scale=float(scale(rank))) \
+                    if callable(scale) else config
+                proto.put(self.store, proto.Keys(previous).next(device), proto.Assignment(
+                    rank=rank, world=world, directory=source.directory, config=mine,
+                    spec=spec, cgroup=cgroup, requests=self._requests_of(previous, device)))
                 procs.append(self.by_device[device])
                 continue
             proc = self.ctx.Process(
                 target=_worker, daemon=True, name=f"asteroid-fx-g{spec.generation}-{device}",
-                args=(rank, world, self.port, run_source, config, cgroup, self.results, spec))
+                args=(rank, world, self.port, run_source, config, cgroup, self.results, spec,
+                      self.token))
             proc.start()
             self.by_device[device] = proc
             procs.append(proc)
         for device in sorted(self.waiting - set(plan.devices)):
-            self.store.set(key(previous, "next", device), pickle.dumps(
-                {"exit": True, "requests": self._requests_of(previous, device)}))  # type: ignore[arg-type]
+            proto.put(self.store, proto.Keys(previous).next(device),
+                      proto.ExitOrder(requests=self._requests_of(previous, device)))
             self.exiting.add(device)
         self.waiting = set()
         self.ranks = {d: r for r, d in enumerate(plan.devices)}
@@ -845,7 +874,7 @@ class _Processes:
                     if progress is not None:
                         progress(payload)
                 elif kind == "ok":
-                    done[rank] = torch.load(io.BytesIO(payload), weights_only=False)
+                    done[rank] = proto.decode_result(payload, f"the result of rank {rank}")
                     continue
                 elif kind == "interrupted" and rank[0] == spec.generation:
                     message, secondary = payload
@@ -856,35 +885,29 @@ class _Processes:
                     message, _secondary = payload
                     raise StageFailure(f"rank {rank} (device {plan.devices[rank]!r}): "
                                        f"{message}")
+                self.gate.raise_if_refused()
                 # ("left", ...) only wakes the wait: the store's markers say who left
                 left = self._left(spec.generation, world) if spec.mode == "replay" else {}
-                dead = [r for r, p in enumerate(procs) if r not in done and not p.is_alive()]
-                by = "process exit"
-                silent_s: Mapping[int, float] = {}
-                silent: list[int] = []
-                if left:     # every rank stops beating after a leave: no heartbeat verdict
-                    by = by if dead else "leave"
-                else:
-                    report = detector.poll()
-                    silent_s = report.silent_s
-                    silent = [r for r in report.failed if r not in done]
-                    if silent and not dead:
-                        dead, by = sorted(silent), "heartbeat"
-                if dead or left:
+                exited = [r for r, p in enumerate(procs) if r not in done and not p.is_alive()]
+                # every rank stops beating after a leave: no heartbeat verdict then
+                report = FailureReport() if left else detector.poll()
+                waiting = (self._waiting(spec.generation, report.hung)
+                           if spec.mode == "replay" and report.hung else set())
+                verdict = blame(report, exited=exited, left=left, done=done, waiting=waiting,
+                                hang_s=HANG_TIMEOUTS * spec.heartbeat_timeout_s)
+                if verdict.failed:
                     outcome.detected_at = time.time()
-                    dead = sorted(set(dead) | {r for r, p in enumerate(procs)
-                                               if r not in done and not p.is_alive()})
-                    outcome.failed = tuple(sorted(set(dead) | set(silent) | set(left)))
+                    outcome.failed = verdict.failed
                     outcome.left = left
-                    outcome.detected_by = by
-                    outcome.silent_s = max((silent_s.get(r, 0.0) for r in dead), default=0.0)
+                    outcome.detected_by = verdict.by
+                    outcome.silent_s = verdict.silent_s
                     for r in outcome.failed:
                         if r not in left and procs[r].is_alive():
                             procs[r].kill()   # fence a hung device (our own child)
                     if spec.mode == "replay":
                         if left:   # rank 0 records the leavers' last step right after it
                             self._await_record(spec.generation,
-                                               max(int(m["step"]) for m in left.values()))
+                                               max(m.step for m in left.values()))
                         committed = committed_of() if committed_of is not None else -1
                         self._collect(plan, spec.generation, procs, outcome, committed)
                     return outcome
@@ -910,23 +933,30 @@ class _Processes:
                 proc.join(timeout=10)
                 del self.by_device[device]
 
-    def _left(self, generation: int, world: int) -> dict[int, dict[str, Any]]:
+    def _left(self, generation: int, world: int) -> dict[int, proto.LeftMarker]:
         """Ranks of ``generation`` that left gracefully: their ``rx/<g>/left/<rank>``
         markers (one cheap counter read while nobody left)."""
-        if int(self.store.add(key(generation, "left", "count"), 0)) == 0:
+        keys = proto.Keys(generation)
+        if int(self.store.add(keys.left_count(), 0)) == 0:
             return {}
-        out: dict[int, dict[str, Any]] = {}
+        out: dict[int, proto.LeftMarker] = {}
         for rank in range(world):
-            name = key(generation, "left", rank)
-            if self.store.check([name]):
-                out[rank] = json.loads(self.store.get(name))
+            marker = proto.get_if_present(self.store, keys.left(rank), proto.LeftMarker)
+            if marker is not None:
+                out[rank] = marker
         return out
+
+    def _waiting(self, generation: int, ranks: Collection[int]) -> set[int]:
+        """Those of ``ranks`` that left the failed round and wait for their next
+        assignment (they stopped beating on purpose)."""
+        keys = proto.Keys(generation)
+        return {r for r in ranks if self.store.check([keys.waiting(r)])}
 
     def _await_record(self, generation: int, step: int,
                       limit_s: float = LEAVE_RECORD_S) -> None:
         """Wait (at most ``limit_s``) until rank 0 has recorded committed ``step``."""
         try:
-            self.store.wait([key(generation, "step", step)], timedelta(seconds=limit_s))
+            self.store.wait([proto.Keys(generation).step(step)], timedelta(seconds=limit_s))
         except RuntimeError:    # DistStoreError: timed out
             log.warning("rank 0 did not record step %d within %.0f s after a device left "
                         "after it; resuming from the last recorded step", step, limit_s)
@@ -944,7 +974,8 @@ class _Processes:
         announce_failure(store, generation, failed, len(procs))
         # a device that left gracefully is lost to the plan but hands its state over
         wanted = {r for r in range(len(procs)) if r not in failed or r in outcome.left}
-        got: dict[int, dict[str, Any]] = {}
+        got: dict[int, proto.Handoff] = {}
+        keys = proto.Keys(generation)
         free: set[int] = set()
         deadline = time.monotonic() + limit_s
         handed_at = None
@@ -957,10 +988,11 @@ class _Processes:
                     got.pop(rank, None)
                     late.add(rank)
                     continue
-                name = key(generation, "handoff", rank)
-                if rank not in got and store.check([name]):
-                    got[rank] = pickle.loads(store.get(name))
-                if rank in got and store.check([key(generation, "waiting", rank)]):
+                if rank not in got:
+                    handoff = proto.get_if_present(store, keys.handoff(rank), proto.Handoff)
+                    if handoff is not None:
+                        got[rank] = handoff
+                if rank in got and store.check([keys.waiting(rank)]):
                     free.add(rank)
             if handed_at is None and wanted <= set(got):
                 handed_at = time.perf_counter()
@@ -983,8 +1015,8 @@ class _Processes:
             if outcome.resume is not None and outcome.resume >= 0:
                 requests = _Requests(store, generation, self.requests)
                 for rank in stuck:
-                    if outcome.resume in got[rank]["own_steps"]:
-                        requests.ask(rank, {"step": outcome.resume})
+                    if outcome.resume in got[rank].own_steps:
+                        requests.ask(rank, outcome.resume)
                 outcome.stuck = requests.collect()
         self.waiting = {plan.devices[r] for r in free}
 
@@ -997,6 +1029,7 @@ class _Processes:
             proc.join(timeout=10)
         self.by_device.clear()
         self.results.close()
+        self.gate.stop()
         if self.cgroups:
             emu._remove_cgroups(self.cgroups)
 

@@ -6,7 +6,6 @@ import json
 import logging
 import math
 import os
-import pickle
 import queue
 import signal
 import socket
@@ -23,7 +22,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from asteroid_fx.errors import RuntimeFailure
+from asteroid_fx.errors import ProtocolError, RuntimeFailure
+from runtime import protocol as proto
 from runtime.checkpoint import (
     StageState,
     StateBuffer,
@@ -42,7 +42,6 @@ __all__ = [
     "WorkerHooks",
     "ReplicationStats",
     "external_holders",
-    "key",
     "announce_failure",
     "lower_priority",
     "abort_connections",
@@ -162,23 +161,15 @@ def leave_requested_at() -> float | None:
     return _LEAVE.requested_at
 
 
-def key(generation: int, *parts: object) -> str:
-    """Store key ``rx/<generation>/<parts...>``."""
-    return "/".join(["rx", str(generation), *(str(p) for p in parts)])
-
-
-def _wake_key(generation: int, rank: int) -> str:
-    return key(generation, "wake", rank)
-
-
 def announce_failure(store: dist.Store, generation: int, failed: Collection[int],
                      world: int) -> None:
     """Tell every rank of ``generation`` that ``failed`` ranks are lost: sets
     ``rx/<g>/recover`` and wakes each rank's hand-over watcher (which blocks on its own
     ``rx/<g>/wake/<rank>`` key instead of polling the store)."""
-    store.set(key(generation, "recover"), json.dumps(sorted(failed)))
+    keys = proto.Keys(generation)
+    proto.put(store, keys.recover(), proto.RecoverNotice(tuple(sorted(failed))))
     for rank in range(world):
-        store.set(_wake_key(generation, rank), "recover")
+        proto.put(store, keys.wake(rank), proto.Wake("recover"))
 
 
 def lower_priority() -> bool:
@@ -291,7 +282,8 @@ class ReplicationStats:
 
 @dataclass(frozen=True)
 class WorkerSpec:
-    """What a device process of one generation needs for fault tolerance (picklable)."""
+    """What a device process of one generation needs for fault tolerance (plain data: it
+    travels as JSON in a ``runtime.protocol.Assignment``)."""
 
     generation: int
     mode: str                                       # "replay" or "restart"
@@ -383,17 +375,6 @@ class _Channel:
             self.pg.send([flat], self.peer, 2).wait()
 
 
-def _clone_store(store: dist.Store) -> dist.Store:
-    clone = getattr(store, "clone", None)
-    if callable(clone):
-        try:
-            cloned: dist.Store = clone()
-            return cloned
-        except RuntimeError:   # pragma: no cover - store type without clone support
-            pass
-    return store
-
-
 class WorkerHooks:
     """``runtime.train.TrainHooks`` of one rank (see [Note: replication off the critical
     path])."""
@@ -407,6 +388,7 @@ class WorkerHooks:
         _PROCESS[self.device] = self
         self.spec = spec
         self.store = store
+        self.keys = proto.Keys(spec.generation)
         self.rank = rank
         self.stage = spec.stages[rank]
         self.first_of_stage = spec.stages.index(self.stage) == rank
@@ -444,11 +426,11 @@ class WorkerHooks:
                                    interval_s=spec.heartbeat_interval_s,
                                    timeout_s=spec.heartbeat_timeout_s)
         self._jobs: queue.Queue[tuple[_Slot, int, bool, bool] | None] = queue.Queue()
-        self._side_store = _clone_store(store)
+        self._side_store = proto.clone_store(store)
         threading.Thread(target=self._background, name="asteroid-fx-replicate",
                          daemon=True).start()
         if self.replay:
-            self._watch_store = _clone_store(store)
+            self._watch_store = proto.clone_store(store)
             threading.Thread(target=self._watch, name="asteroid-fx-handoff",
                              daemon=True).start()
             if spec.replicate:
@@ -503,8 +485,8 @@ class WorkerHooks:
         self._times["restore"] = time.time()
         self._cpu_began = time.process_time()
         if spec.restore:
-            apply_state(module, optimizer, self._gather(json.loads(self.store.get(
-                key(spec.generation, "restore", self.device)))))
+            apply_state(module, optimizer, self._gather(proto.get(
+                self.store, self.keys.restore(self.device), proto.Manifest)))
         start = self._start_step() - 1
         if self.replay:
             slot = self._snapshot(start, module, optimizer)
@@ -516,22 +498,28 @@ class WorkerHooks:
                 self._last_job = (slot, start)
                 self._jobs.put((slot, start, True, False))
         self._times["restored"] = time.time()
-        self.store.set(key(spec.generation, "times", self.rank), json.dumps(self._times))
+        proto.put(self.store, self.keys.times(self.rank), proto.StartTimes(
+            hooks=self._times["hooks"], restore=self._times["restore"],
+            restored=self._times["restored"]))
 
-    def _gather(self, manifest: Mapping[str, Any]) -> StageState:
+    def _gather(self, manifest: proto.Manifest) -> StageState:
         """The state this rank restores: parts from its own snapshot or a replica it held
         in the previous generation (no transfer), the rest from store keys."""
-        step = int(manifest["step"])
+        step = manifest.step
         out = StageState(step=step)
-        for part in manifest["parts"]:
-            names = list(part["names"])
-            if "own" in part:
+        for part in manifest.parts:
+            names = list(part.names)
+            if part.own is not None:
                 state = self._previous_own(step, names)
-            elif "held" in part:
-                state = state_from_bytes(
-                    self._previous_held[int(part["held"])][step].to_bytes())
+            elif part.held is not None:
+                held = self._previous_held.get(part.held, {}).get(step)
+                if held is None:
+                    raise RuntimeFailure(f"rank {self.rank} ({self.device}) holds no replica "
+                                         f"of stage {part.held} at step {step} to restore")
+                state = state_from_bytes(held.to_bytes())
             else:
-                state = state_from_bytes(self.store.get(str(part["key"])))
+                name = str(part.key)
+                state = state_from_bytes(self.store.get(name), where=f"store key {name!r}")
             for name in names:
                 out.model[name] = state.model[name]
                 if name in state.optim:
@@ -551,9 +539,8 @@ class WorkerHooks:
         del self._compute[:-TIMING_WINDOW]
         fwd = statistics.median(f for f, _ in self._compute)
         bwd = statistics.median(b for _, b in self._compute)
-        self.store.set(key(self.spec.generation, "compute", self.rank),
-                       json.dumps({"forward_s": fwd, "backward_s": bwd,
-                                   "rounds": len(self._compute)}))
+        proto.put(self.store, self.keys.compute(self.rank),
+                  proto.ComputeTiming(forward_s=fwd, backward_s=bwd, rounds=len(self._compute)))
 
     def _start_step(self) -> int:
         event = self.spec.event or {}
@@ -569,7 +556,7 @@ class WorkerHooks:
             # (the send overlaps the round; a real failure inside that window re-trains one
             # round, lost_steps 1): tests and benchmarks then see one defined outcome
             self._wait_last_job()
-            self.store.set(key(self.spec.generation, "killed_at"), repr(time.time()))
+            proto.put(self.store, self.keys.killed_at(), proto.KilledAt(time.time()))
             log.warning("device %s (rank %d) sends itself signal %d during step %d",
                         self.device, self.rank, self.spec.fail_signal, step)
             os.kill(os.getpid(), self.spec.fail_signal)
@@ -597,19 +584,17 @@ class WorkerHooks:
         # where start_s goes: hand-off -> hooks of every rank created (process start or
         # assignment), -> restore() entered (process group, model file, stage module),
         # -> state applied, -> first round (barrier); each the slowest rank
-        times = []
-        for r in range(len(self.spec.devices)):
-            name = key(self.spec.generation, "times", r)
-            if self.store.check([name]):
-                times.append(json.loads(self.store.get(name)))
+        times = [t for t in (proto.get_if_present(self.store, self.keys.times(r),
+                                                  proto.StartTimes)
+                             for r in range(len(self.spec.devices))) if t is not None]
         if times:
-            hooks = max(t["hooks"] for t in times)
-            entered = max(t["restore"] for t in times)
-            restored = max(t["restored"] for t in times)
+            hooks = max(t.hooks for t in times)
+            entered = max(t.restore for t in times)
+            restored = max(t.restored for t in times)
             record["start_parts_s"] = {"hooks": hooks - spawn, "load_stage": entered - hooks,
                                        "apply_state": restored - entered,
                                        "first_barrier": now - restored}
-        self.store.set(key(self.spec.generation, "event"), json.dumps(record))
+        proto.put(self.store, self.keys.event(), proto.RecoveryEvent(record))
         if self.spec.metrics:
             with Path(self.spec.metrics).open("a") as fh:
                 fh.write(json.dumps(record) + "\n")
@@ -663,8 +648,7 @@ class WorkerHooks:
         lower_priority()    # before the channels: their gloo I/O threads inherit it
         if self.sends:
             try:
-                channels = [_Channel(self._side_store, key(spec.generation, "chan", self.stage,
-                                                           holder) + "/", 0)
+                channels = [_Channel(self._side_store, self.keys.channel(self.stage, holder), 0)
                             for holder in spec.holders[self.stage]]
             except Exception as exc:  # noqa: BLE001 - a holder is gone: no replicas
                 log.warning("rank %d: no replication channel to %s: %s", self.rank,
@@ -715,7 +699,6 @@ class WorkerHooks:
 
     def step_committed(self, step: int, record: dict[str, Any],
                        compute_s: tuple[float, float] | None = None) -> None:
-        g = self.spec.generation
         if compute_s is not None and step > self._start_step():   # the first is warm-up
             self._compute.append(compute_s)
             if len(self._compute) % TIMING_EVERY == 0:
@@ -727,14 +710,15 @@ class WorkerHooks:
                 self._replicated.append(step)
                 del self._replicated[:-4]
         if self.rank == 0:
-            self.store.set(key(g, "step", step), json.dumps(record))
+            proto.put(self.store, self.keys.step(step), proto.StepRecord(record))
         if step == self.spec.steps_end:
             if self.leave_requested():
                 log.warning("device %s was asked to leave during the last step %d: training "
                             "ends normally", self.device, step)
             self.stats.process_cpu_s = time.process_time() - self._cpu_began
             self.stats.steps = step + 1 - self._start_step()
-            self.store.set(key(g, "stats", self.rank), json.dumps(self.stats.summary()))
+            proto.put(self.store, self.keys.stats(self.rank),
+                      proto.ReplicationSummary(self.stats.summary()))
 
     def leave_requested(self) -> bool:
         """Whether this device was asked to leave (SIGTERM, replay mode): the training loop
@@ -749,7 +733,6 @@ class WorkerHooks:
         (see [Note: graceful leave]). The caller then leaves the group
         (``next_generation``)."""
         at = time.time()
-        g = self.spec.generation
         with self._lock:
             have = step in self._current
         if not have:
@@ -762,9 +745,9 @@ class WorkerHooks:
         signal_at = _LEAVE.requested_at
         _LEAVE.requested_at = None
         self._leaving = True
-        self.store.set(key(g, "left", self.rank), json.dumps(
-            {"step": step, "at": at, "signal_at": signal_at, "device": self.device}))
-        self.store.add(key(g, "left", "count"), 1)
+        proto.put(self.store, self.keys.left(self.rank), proto.LeftMarker(
+            step=step, at=at, signal_at=signal_at, device=self.device))
+        self.store.add(self.keys.left_count(), 1)
         log.warning("device %s (rank %d) leaves after committing step %d (SIGTERM %.3f s "
                     "earlier); its state is handed over", self.device, self.rank, step,
                     at - (signal_at or at))
@@ -778,11 +761,10 @@ class WorkerHooks:
     # -- holders -----------------------------------------------------------------------------
     def _receive(self, stage: int) -> None:
         """Holder: receive every replica of ``stage`` into memory (the three newest)."""
-        spec = self.spec
         lower_priority()
         try:
-            channel = _Channel(_clone_store(self.store),
-                               key(spec.generation, "chan", stage, self.device) + "/", 1)
+            channel = _Channel(proto.clone_store(self.store),
+                               self.keys.channel(stage, self.device), 1)
             while not self._closed.is_set():
                 meta = torch.zeros(3, dtype=torch.int64)
                 channel.pg.recv([meta], 0, 0).wait()
@@ -816,15 +798,12 @@ class WorkerHooks:
         """Publish (once) which own steps this rank keeps and the replicas it holds of the
         stages that lost every device."""
         store = store or self.store
-        g = self.spec.generation
         with self._lock:
             if self._handed:
                 return
             self._handed = True
-        failed: set[int] = set()
-        name = key(g, "recover")
-        if store.check([name]):
-            failed = set(json.loads(store.get(name)))
+        notice = proto.get_if_present(store, self.keys.recover(), proto.RecoverNotice)
+        failed = set() if notice is None else set(notice.failed)
         ranks_of: dict[int, set[int]] = {}
         for r, s in enumerate(self.spec.stages):
             ranks_of.setdefault(s, set()).add(r)
@@ -832,40 +811,39 @@ class WorkerHooks:
         until = time.monotonic() + 0.5     # a replica still arriving completes (or fails)
         while lost & self._receiving and time.monotonic() < until:
             time.sleep(0.002)
-        held_steps: dict[int, list[int]] = {}
-        held_names: dict[int, list[str]] = {}
+        held_steps: dict[int, tuple[int, ...]] = {}
+        held_names: dict[int, tuple[str, ...]] = {}
         for stage in self.held_stages:
             with self._lock:
                 have = dict(self._held[stage])
             if have:
-                held_steps[stage] = sorted(have)
-                held_names[stage] = header_names(have[max(have)].header)
+                held_steps[stage] = tuple(sorted(have))
+                held_names[stage] = tuple(header_names(have[max(have)].header))
         with self._lock:
             current = dict(self._current)
-        names = list(current[max(current)].buffer.names) if current else []
-        payload = {"rank": self.rank, "device": self.device, "stage": self.stage,
-                   "own_steps": self.own_steps(), "own_names": names,
-                   "held_steps": held_steps, "held_names": held_names}
-        store.set(key(g, "handoff", self.rank), pickle.dumps(payload))  # type: ignore[arg-type]
+        names = tuple(current[max(current)].buffer.names) if current else ()
+        proto.put(store, self.keys.handoff(self.rank), proto.Handoff(
+            rank=self.rank, device=self.device, stage=self.stage,
+            own_steps=tuple(self.own_steps()), own_names=names, held_steps=held_steps,
+            held_names=held_names))
 
     def _abort(self) -> None:
         with self._lock:
             if self._left:
                 return
-            count = abort_connections(int(getattr(self.store, "port", -1)))
+            count = abort_connections(proto.store_port(self.store))
         log.debug("rank %d shut down %d connection(s) of the failed group", self.rank, count)
 
     def _watch(self) -> None:
         """Replay: on ``recover`` hand over and abort the old group's connections; then serve
         the launcher's requests for parts of this rank's own state."""
         store = self._watch_store
-        g = self.spec.generation
         try:
             # blocks without polling until the launcher or close() sets the wake key
-            store.wait([_wake_key(g, self.rank)], CHANNEL_TIMEOUT)
-            if self._closed.is_set() or not store.check([key(g, "recover")]):
+            store.wait([self.keys.wake(self.rank)], CHANNEL_TIMEOUT)
+            if self._closed.is_set() or not store.check([self.keys.recover()]):
                 return
-            if int(store.add(key(g, "left", "count"), 0)) > 0:
+            if int(store.add(self.keys.left_count(), 0)) > 0:
                 # a graceful leave: the training thread hands over itself once it has
                 # committed the leaver's last step (a hand-over from here could come first
                 # and miss that step); wait for it, bounded
@@ -885,13 +863,19 @@ class WorkerHooks:
                                                  and time.monotonic() < until):
                 if self._closed.is_set() and until == float("inf"):
                     until = time.monotonic() + REQUESTS_WAIT_S
-                want = key(g, "want", self.rank, self._served)
-                if store.check([want]):
-                    request = json.loads(store.get(want))
-                    store.set(str(request["to"]), self._answer(request))  # type: ignore[arg-type]
+                want = self.keys.want(self.rank, self._served)
+                request = proto.get_if_present(store, want, proto.StateRequest)
+                if request is not None:
+                    if not self.keys.is_answer_key(request.to):
+                        raise ProtocolError(f"store key {want!r}: a request to write to "
+                                            f"{request.to!r}, which is not an answer key")
+                    store.set(request.to, self._answer(request))  # type: ignore[arg-type]
                     self._served += 1
                     continue
                 time.sleep(0.002)
+        except ProtocolError as exc:
+            log.error("rank %d (%s) stops serving the launcher: %s", self.rank, self.device,
+                      exc)
         except Exception as exc:  # noqa: BLE001 - the launcher went away
             log.debug("rank %d: hand-over watcher ends: %s", self.rank, exc)
 
@@ -900,20 +884,18 @@ class WorkerHooks:
         replica = self._held.get(stage, {}).get(step)
         return None if replica is None else state_from_bytes(replica.to_bytes())
 
-    def _answer(self, request: Mapping[str, Any]) -> bytes:
-        """Bytes of a held replica (``{"held": stage, "step": k}``) or of part of this rank's
-        own snapshot (``{"step": k, "names": [...]}``, all names when absent), for the
-        store key ``request["to"]``."""
-        step = int(request["step"])
-        if "held" in request:
-            return self._held[int(request["held"])][step].to_bytes()
-        return state_to_bytes(self.own_state(step, request.get("names")))
+    def _answer(self, request: proto.StateRequest) -> bytes:
+        """Bytes of a held replica (``request.held``: the stage) or of part of this rank's
+        own snapshot (``request.names``; all names when None) of ``request.step``."""
+        if request.held is not None:
+            return self._held[request.held][request.step].to_bytes()
+        names = None if request.names is None else list(request.names)
+        return state_to_bytes(self.own_state(request.step, names))
 
-    def next_generation(self, limit_s: float = 600.0) -> dict[str, Any] | None:
+    def next_generation(self, limit_s: float = 600.0) -> proto.Assignment | None:
         """After a failed round: hand over, leave the broken process group and (replay) wait
         for this device's place in the next generation; None: exit.
         In restart mode the launcher stops every process: wait for that."""
-        g = self.spec.generation
         if not self.replay:
             time.sleep(limit_s)
             return None
@@ -927,8 +909,8 @@ class WorkerHooks:
         with self._lock:
             self._left = True
         self.heartbeat.stop()
-        self.store.set(key(g, "waiting", self.rank), "1")
-        wanted = key(g, "next", self.device)
+        proto.put(self.store, self.keys.waiting(self.rank), proto.Waiting(self.rank))
+        wanted = self.keys.next(self.device)
         if self._leaving:
             limit_s = min(limit_s, LEAVE_WAIT_S)
         deadline = time.monotonic() + limit_s
@@ -940,11 +922,11 @@ class WorkerHooks:
                     self.close()
                 return None
             time.sleep(0.002)
-        assignment: dict[str, Any] = pickle.loads(self.store.get(wanted))
+        assignment = proto.get(self.store, wanted, proto.Assignment, proto.ExitOrder)
         # the watcher answers every request for this rank's state before it stops; a
         # process that leaves waits for that, one that goes on does not
-        self._serve_until = int(assignment.get("requests", 0))
-        if assignment.get("exit"):
+        self._serve_until = assignment.requests
+        if isinstance(assignment, proto.ExitOrder):
             until = time.monotonic() + REQUESTS_WAIT_S
             while self._served < self._serve_until and time.monotonic() < until:
                 time.sleep(0.002)
@@ -956,7 +938,7 @@ class WorkerHooks:
                 log.info("device %s handed its state over (%d request(s)) and exits",
                          self.device, self._served)
         self.close()
-        return None if assignment.get("exit") else assignment
+        return None if isinstance(assignment, proto.ExitOrder) else assignment
 
     def serving(self) -> bool:
         """Whether the watcher still has announced requests to answer."""
@@ -972,7 +954,7 @@ class WorkerHooks:
         self._jobs.put(None)
         if self.replay:      # end the watcher's wait (the launcher may have woken it)
             try:
-                self.store.set(_wake_key(self.spec.generation, self.rank), "close")
+                proto.put(self.store, self.keys.wake(self.rank), proto.Wake("close"))
             except (RuntimeError, OSError) as exc:   # the launcher's store is gone
                 log.debug("rank %d: cannot wake the watcher: %s", self.rank, exc)
         self.heartbeat.stop()

@@ -144,6 +144,9 @@ class PartitionMeta:
     ``((stage, local name), ...)``: a runtime sums their gradients before each step.
     ``model_module`` is the module name the model file had when the stages were saved; the
     model file is imported under that name, so stage sources can import its functions.
+    ``files`` maps each file the runtime reads (``plan.json``, ``model.py``, every
+    ``stage_<i>.py`` and ``stage_<i>.weights.pt``) to its SHA-256 (hex), checked by
+    ``runtime.package_check.check_package`` before anything runs.
     """
 
     version: int
@@ -158,6 +161,7 @@ class PartitionMeta:
     model_name: str = ""
     model_hash: str = ""
     onnx: bool = False
+    files: Mapping[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -168,6 +172,7 @@ class PartitionMeta:
             "model_hash": self.model_hash, "onnx": self.onnx,
             "tied": {k: [list(h) for h in v] for k, v in self.tied.items()},
             "stages": [s.to_dict() for s in self.stages],
+            **({"files": dict(self.files)} if self.files else {}),
         }
 
     def to_json(self) -> str:
@@ -203,6 +208,7 @@ class PartitionMeta:
                 model_name=str(data.get("model_name", "")),
                 model_hash=str(data.get("model_hash", "")),
                 onnx=bool(data.get("onnx", False)),
+                files=_files(data.get("files", {})),
             )
         except KeyError as exc:
             raise PartitionError(f"partition.json is missing the field {exc.args[0]!r}; "
@@ -213,6 +219,15 @@ class PartitionMeta:
             raise PartitionError(f"partition.json declares {meta.num_stages} stages but lists "
                                  f"indices {[s.index for s in stages]}")
         return meta
+
+
+def _files(value: Any) -> dict[str, str]:
+    """The ``files`` entry of partition.json: {file name: SHA-256 hex}."""
+    if not isinstance(value, Mapping) or not all(
+            isinstance(k, str) and isinstance(v, str) and len(v) == 64 for k, v in value.items()):
+        raise PartitionError(f"partition.json 'files' must map file names to SHA-256 hex "
+                             f"digests, got {str(value)[:80]}; re-run `asteroid-fx partition`")
+    return {str(k): str(v) for k, v in value.items()}
 
 
 def _opt_str(value: Any) -> str | None:

@@ -78,7 +78,8 @@ class DirectorySource:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Everything a device needs besides its source (picklable)."""
+    """Everything a device needs besides its source (plain data: it travels as JSON in a
+    ``runtime.protocol.Assignment``)."""
 
     steps: int = 10
     seed: int = 0

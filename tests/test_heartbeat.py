@@ -19,7 +19,8 @@ import pytest
 import torch.distributed as dist
 
 from asteroid_fx.errors import RuntimeFailure
-from runtime.heartbeat import FailureDetector, FailureReport, Heartbeat, heartbeat_key
+from runtime.heartbeat import Blame, FailureDetector, FailureReport, Heartbeat, blame
+from runtime.protocol import Keys
 
 REPO = Path(__file__).resolve().parents[1]
 logger = logging.getLogger(__name__)
@@ -36,6 +37,37 @@ def _wait_until(cond: Callable[[], bool], timeout_s: float, step_s: float = 0.01
 
 
 # -- in-process -----------------------------------------------------------------------------
+
+
+def _report(**silent: float) -> FailureReport:
+    """Ranks (``r<k>=seconds``) silent for that long while their process runs."""
+    ranks = {int(k[1:]): v for k, v in silent.items()}
+    return FailureReport(hung=frozenset(ranks), silent_s=ranks)
+
+
+def test_blame_names_only_the_ranks_that_failed() -> None:
+    """[Note: who failed]: a silent heartbeat of a running process is a suspicion, not a
+    verdict (issue 15: "f3" was blamed when "f2" was killed)."""
+    starved = _report(r3=1.2)
+    # the killed rank exited; a starved rank's late beats do not make it a victim
+    assert blame(starved, exited=[2]) == Blame((2,), "process exit", 0.0)
+    # nothing certain yet: a running, silent rank is not failed ...
+    assert blame(starved) == Blame()
+    # ... until it has been silent for hang_s
+    assert blame(_report(r3=6.0), hang_s=5.0) == Blame((3,), "heartbeat", 6.0)
+    # a stopped process (SIGSTOP) or a gone one is certain at once, a fatal report too
+    stopped = FailureReport(hung=frozenset({1}), stopped=frozenset({1}), silent_s={1: 1.1})
+    assert blame(stopped) == Blame((1,), "heartbeat", 1.1)
+    gone = FailureReport(dead=frozenset({0}), silent_s={0: 1.0})
+    assert blame(gone).failed == (0,)
+    assert blame(FailureReport(fatal={0: "NaN"})).failed == (0,)
+    # survivors that left the failed round (replay) stop beating on purpose; finished
+    # ranks are not watched
+    assert blame(_report(r1=9.0, r3=9.0), exited=[2], waiting=[1, 3]).failed == (2,)
+    assert blame(_report(r1=9.0), done=[1]) == Blame()
+    # a graceful leave
+    assert blame(FailureReport(), left=[1]) == Blame((1,), "leave", 0.0)
+    assert blame(FailureReport(), left=[1], exited=[2]) == Blame((1, 2), "process exit", 0.0)
 
 
 def test_bad_arguments_raise() -> None:
@@ -80,7 +112,7 @@ def test_generations_do_not_mix() -> None:
     old = Heartbeat(store, 0, 1, interval_s=0.02, timeout_s=0.1, generation=0)
     try:
         _wait_until(lambda: old.beats > 2, 2.0)
-        assert int(store.add(heartbeat_key(1, 0), 0)) == 0
+        assert int(store.add(Keys(1).heartbeat(0), 0)) == 0
         detector = FailureDetector(store, 1, generation=1, timeout_s=0.1,
                                    startup_timeout_s=0.05)
         time.sleep(0.08)
@@ -92,14 +124,14 @@ def test_generations_do_not_mix() -> None:
 def test_detector_without_pid_calls_silent_ranks_dead() -> None:
     clock = [0.0]
     store = dist.HashStore()
-    store.add(heartbeat_key(0, 0), 1)
+    store.add(Keys(0).heartbeat(0), 1)
     detector = FailureDetector(store, [0], timeout_s=1.0, check_pid=False,
                                clock=lambda: clock[0])
     assert detector.poll().ok
     clock[0] = 1.5
     report = detector.poll()
     assert report.dead == {0} and report.failed == {0}
-    store.add(heartbeat_key(0, 0), 1)
+    store.add(Keys(0).heartbeat(0), 1)
     assert detector.poll().ok
 
 
@@ -167,7 +199,7 @@ def test_three_processes_kill_stop_fatal(
         three_workers: tuple[dist.TCPStore, list[subprocess.Popen[bytes]]]) -> None:
     store, procs = three_workers
     interval, timeout = 0.2, 1.0
-    _wait_until(lambda: all(int(store.add(heartbeat_key(0, r), 0)) > 1 for r in range(3)),
+    _wait_until(lambda: all(int(store.add(Keys(0).heartbeat(r), 0)) > 1 for r in range(3)),
                 30.0, 0.05)
     for proc in procs:
         assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""

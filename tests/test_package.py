@@ -33,7 +33,7 @@ def test_save_load_run_is_identical_without_onnx(tmp_path: Path) -> None:
     spec, model, inputs, plan, stages = _skipnet_partition([1, 4, 7])
     files = save_partition(tmp_path / "out", plan, stages, model_spec=spec.spec, onnx=False,
                            example_inputs=inputs)
-    expected = {"plan.json", "partition.json", "model.py",
+    expected = {"plan.json", "partition.json", "model.py", "token",
                 *(f"stage_{i}.{ext}" for i in range(4) for ext in ("weights.pt", "py"))}
     assert set(files) == expected
     assert all(p.is_file() for p in files.values())

@@ -418,3 +418,47 @@ def test_survivors_get_the_new_generations_cpu_quota() -> None:
         assert Path(second[0], "cpu.cfs_quota_us").read_text().strip() == "-1"
     finally:
         procs.close()
+
+
+FOUR = (Stage((0, 1), ("f0",), (6,)), Stage((2, 3), ("f1",), (6,)), Stage((4, 4), ("f2",), (6,)),
+        Stage((5, 6), ("f3",), (6,)))
+
+
+@pytest.mark.parametrize(("mode", "step"), [("restart", 3), ("replay", 1)])
+def test_the_event_names_exactly_the_device_that_failed(tmp_path: Path, mode: str,
+                                                        step: int) -> None:
+    """Issue 15: a 4-stage plan on 4 emulated devices, f2 (stage 2) killed; the event named
+    "f3" (or a starved device, e.g. "f0" during step 0 on a loaded host) because a silent
+    heartbeat of a live process counted as a failure (see [Note: who failed])."""
+    from asteroid_fx.package import save_partition
+    from asteroid_fx.partition import partition
+    from cost_models.analytic import analytic_costs
+    from solver.cluster import Cluster
+
+    cluster_file = tmp_path / "four.yaml"
+    cluster_file.write_text("devices:\n" + "".join(
+        f"  - {{name: f{i}, type: local, speed: 0.35, memory_gb: 1}}\n" for i in range(4))
+        + "network:\n  bandwidth_mbps: 1000\n")
+    module = import_model_file(EXAMPLES / "mlp.py")
+    torch.manual_seed(0)
+    inputs, _ = module.sample_batch(2)
+    costs = analytic_costs(module.build_model(), inputs)
+    cluster = Cluster.from_yaml(cluster_file)
+    plan = Plan(costs.model_hash, cluster.cluster_hash, 12, 6, 2, FOUR, num_layers=7,
+                model_name="MLP")
+    directory = tmp_path / "part"
+    save_partition(directory, plan, partition(module.build_model(), inputs, plan),
+                   model_spec=str(EXAMPLES / "mlp.py"), onnx=False)
+    steps = 4
+    metrics = tmp_path / "metrics.jsonl"
+    result = run(directory, emulate=cluster_file, steps=steps, seed=SEED, lr=LR,
+                 metrics=metrics, fail=f"f2@{step}", recovery=mode)
+    lines = metrics_lines(metrics)
+    events = [line for line in lines if line.get("event") == "recovery"]
+    assert [e["failed"] for e in events] == [["f2"]]
+    assert events[0]["detected_by"] == "process exit" and events[0]["mode"] == mode
+    if mode == "replay":
+        assert events[0]["kept"] == ["f0", "f1", "f3"]
+    assert "f2" not in load_plan(directory / "recovery" / "gen1").devices
+    ref = reference_training(load_model_module(directory), 12, steps=steps, seed=SEED, lr=LR)
+    assert result.losses == pytest.approx(ref.losses, rel=1e-5)

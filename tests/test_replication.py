@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import os
-import pickle
 import socket
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 
@@ -17,8 +16,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from runtime import protocol as proto
 from runtime.checkpoint import checkpoint_file, state_from_bytes
 from runtime.emulator import _free_port
+from runtime.protocol import Handoff, key
 from runtime.recovery import resume_point
 from runtime.replication import (
     WorkerHooks,
@@ -26,7 +27,6 @@ from runtime.replication import (
     abort_connections,
     announce_failure,
     external_holders,
-    key,
     lower_priority,
 )
 from solver.plan import Plan, Stage
@@ -100,15 +100,15 @@ def test_replica_reaches_its_holder_in_the_background(tmp_path: Path,
         # on a failure of rank 0 the holder hands its newest replica over
         announce_failure(store, 0, [0], 3)
         _wait_for(lambda: store.check([key(0, "handoff", 1)]))
-        payload = pickle.loads(store.get(key(0, "handoff", 1)))
-        assert payload["held_names"] == {0: ["weight", "bias"]}
+        payload = proto.get(store, key(0, "handoff", 1), Handoff)
+        assert payload.held_names == {0: ("weight", "bias")}
         replica = holder.held_replica(0, 2)
         assert replica is not None and replica.step == 2
         assert torch.equal(replica.model["weight"], module.weight.detach())
         assert torch.equal(replica.optim["weight"]["momentum_buffer"],
                            opt.state[module.weight]["momentum_buffer"])
-        assert payload["held_steps"] == {0: [0, 1, 2]}
-        survivor = {**payload, "own_steps": [1, 2]}    # (this holder trained no stage)
+        assert payload.held_steps == {0: (0, 1, 2)}
+        survivor = replace(payload, own_steps=(1, 2))    # (this holder trained no stage)
         assert resume_point(PLAN, {1: survivor}, 2) == 2
         assert resume_point(PLAN, {1: survivor}, 1) == 1
         assert resume_point(PLAN, {1: payload}, 2) is None
@@ -131,26 +131,33 @@ def test_survivor_serves_parts_of_its_own_state(tmp_path: Path, store: dist.TCPS
             hooks.step_committed(step, {"step": step})
         announce_failure(store, 0, [1, 2], 3)
         _wait_for(lambda: store.check([key(0, "handoff", 0)]))
-        payload = pickle.loads(store.get(key(0, "handoff", 0)))
-        assert {0, 1} <= set(payload["own_steps"])
-        assert set(payload["own_names"]) == {"weight", "bias"}
-        assert payload["held_steps"] == {}
-        store.set(key(0, "want", 0, 0), json.dumps({"step": 0, "names": ["bias"], "to": "x"}))
-        _wait_for(lambda: store.check(["x"]))
-        part = state_from_bytes(store.get("x"))
+        payload = proto.get(store, key(0, "handoff", 0), Handoff)
+        assert {0, 1} <= set(payload.own_steps)
+        assert set(payload.own_names) == {"weight", "bias"}
+        assert payload.held_steps == {}
+        to = proto.Keys(1).restore_part("a", 0)
+        proto.put(store, key(0, "want", 0, 0), proto.StateRequest(step=0, to=to,
+                                                                  names=("bias",)))
+        _wait_for(lambda: store.check([to]))
+        part = state_from_bytes(store.get(to))
         assert part.step == 0 and set(part.model) == {"bias"}
         assert torch.allclose(part.model["bias"], module.bias.detach() - 1.0)
     finally:
         hooks.close()
 
 
+def _handoff(rank: int, stage: int, own: tuple[int, ...],
+             held: dict[int, tuple[int, ...]] | None = None) -> Handoff:
+    return Handoff(rank=rank, device="abc"[rank], stage=stage, own_steps=own, own_names=(),
+                   held_steps=held or {})
+
+
 def test_resume_point_is_the_newest_common_step() -> None:
-    own = {0: {"rank": 0, "stage": 0, "own_steps": [4, 5]},
-           1: {"rank": 1, "stage": 1, "own_steps": [4, 5], "held_steps": {}}}
+    own = {0: _handoff(0, 0, (4, 5)), 1: _handoff(1, 1, (4, 5))}
     assert resume_point(PLAN, own, 5) == 5
-    lagging = {0: {"rank": 0, "stage": 0, "own_steps": [4, 5], "held_steps": {1: [3, 4]}}}
+    lagging = {0: _handoff(0, 0, (4, 5), {1: (3, 4)})}
     assert resume_point(PLAN, lagging, 5) == 4
-    assert resume_point(PLAN, {0: {"rank": 0, "stage": 0, "own_steps": [4, 5]}}, 5) is None
+    assert resume_point(PLAN, {0: _handoff(0, 0, (4, 5))}, 5) is None
 
 
 def test_replicate_every_k_steps(tmp_path: Path, store: dist.TCPStore) -> None:
