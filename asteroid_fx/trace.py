@@ -710,14 +710,15 @@ def _trace_error(model: nn.Module, tracer: _LeafTracer, e: Exception) -> TraceEr
     module_txt = f"{cls} (module '{path}')" if path else f"{cls} (the root module)"
     if path:
         fix = (
-            f"keep the module opaque: trace(model, inputs, leaf_modules=[{cls}]) "
-            f"(or leaf_modules=['{path}']), or rewrite the data-dependent Python code"
+            f"keep the module opaque: --leaf {cls} or --leaf {path} on the command line "
+            f"(leaf_modules=['{cls}'] in the API), or rewrite the data-dependent Python code"
         )
     else:
         fix = (
-            "move the data-dependent code into a submodule and pass "
-            "leaf_modules=[ThatModuleClass], or rewrite it without Python control flow on "
-            f"tensor values (leaf_modules=[{cls}] would make the whole model one layer)"
+            "move the data-dependent code into a submodule and keep it opaque with --leaf "
+            "ThatModuleClass (leaf_modules=['ThatModuleClass'] in the API), or rewrite it "
+            f"without Python control flow on tensor values (--leaf {cls} would make the whole "
+            "model one layer)"
         )
     return TraceError(
         f"torch.fx cannot trace {module_txt}: {type(e).__name__}: {e}{where_txt}\n  fix: {fix}"
