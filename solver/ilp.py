@@ -47,9 +47,9 @@ from typing import Any
 from asteroid_fx.errors import PlanError
 from cost_models.table import CostTable
 from solver.cluster import Cluster
-from solver.dp import micro_batch_choices, sorted_devices
 from solver.evaluate import stage_tail_time, transfer_time
 from solver.plan import Plan, PlannerInfo, Stage
+from solver.space import micro_batch_choices, sorted_devices
 from solver.split import split_stage
 from solver.timing import Timing
 
