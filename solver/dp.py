@@ -70,7 +70,14 @@ stage, ``M X_d + sum_{s<d} X_s + D`` with ``D >= (sum of X after d) - (w - 1) X_
   of the layers before, and ``round >= M Xm + Pre + sum X`` of them; a summary reaching
   ``I`` in either becomes a ghost;
 * the dominant before the suffix (what a ghost waits for): ``round >= (M - (w - 1) / 2)
-  X_d + SumX`` with ``X_d > Xm``; a ghost reaching ``I`` is dropped.
+  X_d + SumX`` with ``X_d > Xm``; a ghost reaching ``I`` is dropped;
+* the all-reduce: every pipeline has ``R >= M Xm + G`` and prepending a stage keeps ``G'
+  >= G - B``; the ``k`` stages before the cell (at most one per device outside its pool)
+  have ``sum B <= k Xm_final``, so ``round >= (M - k) Xm_final + G``, i.e. ``round >= G
+  min(1, M / k)`` (``Xm_final <= round / M``). A summary (or a stage, whose ``T_a`` is a
+  lower bound of ``G``; ``T_a`` grows with ``last``) with ``G min(1, M / k) >= I`` is
+  dropped. This prunes the data-parallel groups whose all-reduce alone is slower than
+  the incumbent, which on slow links is most of them.
 
 A summary that one of these rules removes or turns into a ghost dominates only summaries
 the same rule removes or turns into ghosts (the bounds grow with ``R``, ``Xm``, ``Pre``
@@ -139,7 +146,7 @@ import math
 import time
 from bisect import bisect_right
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import numpy as np
@@ -193,8 +200,8 @@ _Base = tuple[tuple[int, ...], int, list[int], list[float], list[float], list[fl
 # The cut-offs of a cell ([Note: exact bounds]): (ghost when R >= this, ghost when M Xm +
 # Pre >= this, drop a ghost when (M - (w-1)/2) max(Xm, head) + SumX >= this, drop any
 # summary when (M - 1 - (w-1)/2) max(Xm, head) + SumX >= this, head, M - (w-1)/2,
-# M - 1 - (w-1)/2); with a cap only the first is finite.
-_Bounds = tuple[float, float, float, float, float, float, float]
+# M - 1 - (w-1)/2, drop any summary when G >= this); with a cap only the first is finite.
+_Bounds = tuple[float, float, float, float, float, float, float, float]
 
 
 class SearchTimeout(Exception):
@@ -230,7 +237,10 @@ class DPResult:
     """The best plan found, its predicted round time, and search statistics.
 
     ``complete`` is False when the search stopped at its deadline: ``plan`` is then the
-    best plan found before it (or None), not a proven optimum.
+    best plan found before it (or None), not a proven optimum. ``bounds`` holds, per
+    micro-batch size whose exact search over all candidate cuts finished, a proven lower
+    bound on the round time of its plans (its optimum, or the incumbent it could not
+    beat).
     """
 
     plan: Plan | None
@@ -240,6 +250,7 @@ class DPResult:
     max_front: int
     candidate_cuts: int
     complete: bool = True
+    bounds: dict[int, float] = field(default_factory=dict)
 
 
 def make_space(costs: CostTable, cluster: Cluster, space: SpaceName = "order",
@@ -637,7 +648,7 @@ class _Search:
         total = 0
         # every plan has a stage with X >= (remaining work) / (remaining speed)
         inc = self.incumbent
-        bounds: _Bounds = (inc, math.inf, math.inf, math.inf, 0.0, 0.0, 0.0)
+        bounds: _Bounds = (inc, math.inf, math.inf, math.inf, 0.0, 0.0, 0.0, math.inf)
         rest = self.work_i[first] / pool_speed
         if (pool_size >= r and self.num_layers - first >= r
                 and m * self.work[first] / pool_speed < inc
@@ -654,15 +665,18 @@ class _Search:
                 if low * (xpre if xpre > rest else rest) + xpre + rest >= cut:
                     self._closed[key] = []
                     return []
+                # G reaches the round unless the stages before hide it: at most k of them
+                k = self.n - pool_size
+                g_cut = cut if k <= m else cut * k / m
                 if first > 0:
                     bounds = (cut - self.head_f[first] / outside, cut - xpre,
-                              cut, cut - xpre, xpre, half, low)
+                              cut, cut - xpre, xpre, half, low, g_cut)
                 else:
-                    bounds = (inc, cut, cut, cut, 0.0, half, low)
+                    bounds = (inc, cut, cut, cut, 0.0, half, low, g_cut)
             flight, kinds = self._kinds(r)
             work = self.work_i
             exact = self.max_front is None
-            _, _, _, low_cut, xpre, _, low = bounds
+            _, _, _, low_cut, xpre, _, low, g_cut = bounds
             # a tail from layer `last + 1` on the pool left needs M X < incumbent for its
             # average stage ([Note: candidate windows])
             tail_limit = inc * (1.0 + 1e-9) / m
@@ -693,6 +707,15 @@ class _Search:
                             while lo_k < hi_k:
                                 mid = (lo_k + hi_k) // 2
                                 if m * ((cfl[mid] + c) + (cbl[mid] + c)) >= inc:
+                                    hi_k = mid
+                                else:
+                                    lo_k = mid + 1
+                            hi = lo_k
+                        if hi and tal[hi - 1] >= g_cut:  # T_a grows with `last` too
+                            lo_k, hi_k = 0, hi - 1
+                            while lo_k < hi_k:
+                                mid = (lo_k + hi_k) // 2
+                                if tal[mid] >= g_cut:
                                     hi_k = mid
                                 else:
                                     lo_k = mid + 1
@@ -778,7 +801,7 @@ class _Search:
         """Prepend each stage to each tail summary and keep the Pareto front (pure Python,
         for small cells; ``_combine_np`` is the same computation vectorised)."""
         m, inc = self.m, self.incumbent
-        inc_r, inc_p, ghost_cut, low_cut, xpre, half, low = bounds
+        inc_r, inc_p, ghost_cut, low_cut, xpre, half, low, g_cut = bounds
         inf = math.inf
         out: list[Summary] = []
         ghosts: list[Summary] = []
@@ -798,6 +821,8 @@ class _Search:
                     continue
                 gb = g_t - b
                 g = gb if gb > ta else ta
+                if g >= g_cut:
+                    continue
                 sx = x + sx_t
                 if xm_t >= x:
                     if low * (xm_t if xm_t > xpre else xpre) + sx >= low_cut:
@@ -831,7 +856,7 @@ class _Search:
         """``_combine_py`` with numpy: the same float operations element by element, the
         same stable order and the same front (see ``solver.pareto.pareto_np``)."""
         m, inc = self.m, self.incumbent
-        inc_r, inc_p, ghost_cut, low_cut, xpre, half, low = bounds
+        inc_r, inc_p, ghost_cut, low_cut, xpre, half, low, g_cut = bounds
         inf = math.inf
         cols: list[Any] = []
         if finals:
@@ -866,7 +891,7 @@ class _Search:
             pre = np.where(stay, x + pre_t, drain)
             ghost = (rr >= inc_r) | (m * xm + pre >= inc_p)
             keep = valid & ~(ghost & (half * np.maximum(xm, xpre) + sx >= ghost_cut))
-            keep &= low * np.maximum(xm, xpre) + sx < low_cut
+            keep &= (low * np.maximum(xm, xpre) + sx < low_cut) & (g < g_cut)
             rr = np.where(ghost, inf, rr)
             pre = np.where(ghost, inf, pre)
             cols.append((rr, xm, pre, g, sx, keep))
@@ -991,6 +1016,7 @@ def asteroid_dp(costs: CostTable, cluster: Cluster, batch_size: int, *,
     steps = sum(min(count, len(mbs)) for _, count in passes)
     done = 0
     complete = True
+    bounds: dict[int, float] = {}
 
     def keep(search: _Search, value: float, summary: Summary | None, mb: int) -> None:
         nonlocal best_value, best_plan
@@ -1013,6 +1039,8 @@ def asteroid_dp(costs: CostTable, cluster: Cluster, batch_size: int, *,
                     proof = _Search(context, pass_ends, mb, m, optimizer_state_factor, None,
                                     best_value, deadline)
                     if proof.best()[1] is None:
+                        if pass_ends is ends:
+                            bounds[mb] = best_value
                         found[mb] = math.inf
                         cells += len(proof._closed)
                         done += 1
@@ -1021,6 +1049,7 @@ def asteroid_dp(costs: CostTable, cluster: Cluster, batch_size: int, *,
                         continue
                 search = _Search(context, pass_ends, mb, m, optimizer_state_factor, max_front,
                                  best_value, deadline)
+                start_value = best_value
                 try:
                     value, summary = search.best()
                 except SearchTimeout:
@@ -1031,6 +1060,8 @@ def asteroid_dp(costs: CostTable, cluster: Cluster, batch_size: int, *,
                             keep(search, front[0][0], front[0], mb)
                     raise
                 found[mb] = value
+                if pass_ends is ends and max_front is None:
+                    bounds[mb] = min(value, start_value)
                 cells += len(search._closed)
                 biggest = max(biggest, search.max_front_seen)
                 log.debug("micro-batch %d, %d cuts: round %.6g s, %d cells", mb,
@@ -1048,4 +1079,4 @@ def asteroid_dp(costs: CostTable, cluster: Cluster, batch_size: int, *,
         best_plan = replace(best_plan, planner=PlannerInfo("asteroid", DP_VERSION, elapsed))
     return DPResult(plan=best_plan, round_time_s=best_value, search_time_s=elapsed,
                     cells=cells, max_front=biggest, candidate_cuts=len(ends),
-                    complete=complete)
+                    complete=complete, bounds=bounds)
