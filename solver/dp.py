@@ -19,8 +19,10 @@ exact is in ``solver.summary`` ([Note: why a Pareto front]), the front kernels i
 ``E_f`` of a stage includes receiving its input cut from the previous stage, which
 depends on the previous stage's group and shares. A cell is therefore keyed by
 ``(r, l, iface)``: ``r`` stages remain, they start at layer ``l``, and the stage before
-them has interface ``iface`` = (its group and shares, the pool of devices it leaves),
-interned as a small integer; -1 before the first stage. ``r`` fixes the in-flight count
+them has interface ``iface`` = (how its group sends the cut: the shares and each member's
+links, ``SearchSpace.signature``; the pool of devices it leaves), interned as a small
+integer; -1 before the first stage. Two groups with the same signature re-shard to any
+next group in the same time, so their suffixes are the same. ``r`` fixes the in-flight count
 ``min(M, r)`` that memory needs; suffixes of ``M`` or more stages all have ``M`` in flight
 at their first stage, so they share one class ``r = M`` ("at least M stages"). The class
 also fixes the drain term of a stage prepended as the new dominant: its ``w = min(M, r +
@@ -155,7 +157,7 @@ from asteroid_fx.errors import PlanError
 from cost_models.table import CostTable
 from solver.cluster import Cluster
 from solver.diagnose import no_fit_error
-from solver.evaluate import WORKSPACE_BYTES, WORKSPACE_FRACTION, LayerSums, transfer_time
+from solver.evaluate import WORKSPACE_BYTES, WORKSPACE_FRACTION, LayerSums, Pieces, pieces_time
 from solver.pareto import pareto, pareto_np
 from solver.plan import Plan, PlannerInfo, Stage
 from solver.space import (
@@ -291,13 +293,16 @@ class _Context:
                                    dtype=np.int64)   # LayerSums.in_flight_bytes
         self.np_layer_params = np.diff(self.np_params)   # LayerSums.largest_params
         self.rho = hiding_ratio(costs, cluster)
-        # (group, shares) and (gs, pool left) as small integers
+        # (group, shares) and (what the next stage receives from it, pool left) as small
+        # integers; an interface keeps the first (group, shares) of its signature
         self.gs_ids: dict[tuple[int, tuple[int, ...]], int] = {}
         self.gs: list[tuple[int, tuple[int, ...]]] = []
-        self.iface_ids: dict[tuple[int, int], int] = {}
+        self.gs_sig: list[Any] = []
+        self.iface_ids: dict[tuple[Any, int], int] = {}
         self.iface_gs: list[int] = []
         self.iface_pool: list[int] = []
         self.comm: dict[tuple[int, int, int], float] = {}
+        self.pieces: dict[tuple[int, int], tuple[Pieces, int, int]] = {}
         self._per_mb: dict[int, tuple[list[float], list[float], list[float], list[float]]] = {}
         self._group_mb: dict[int, dict[int, Any]] = {}
 
@@ -307,10 +312,13 @@ class _Context:
         if found is None:
             found = self.gs_ids[key] = len(self.gs)
             self.gs.append(key)
+            self.gs_sig.append(self.space.signature(gid, shares))
         return found
 
     def iface(self, gs: int, pool: int) -> int:
-        key = (gs, pool)
+        """The interface of a stage on ``gs`` that leaves ``pool``: stages whose groups
+        send the same way (``SearchSpace.signature``) share it ([Note: DP cells])."""
+        key = (self.gs_sig[gs], pool)
         found = self.iface_ids.get(key)
         if found is None:
             found = self.iface_ids[key] = len(self.iface_gs)
@@ -323,11 +331,15 @@ class _Context:
         key = (prev_gs, cur_gs, first)
         value = self.comm.get(key)
         if value is None:
-            pg, pshares = self.gs[prev_gs]
-            cg, shares = self.gs[cur_gs]
-            senders, receivers = self.space.transfer_names(pg, cg)
-            value = self.comm[key] = transfer_time(self.cluster, senders, pshares, receivers,
-                                                   shares, self.costs.cut_bytes[first - 1])
+            pair = (prev_gs, cur_gs)
+            found = self.pieces.get(pair)
+            if found is None:
+                pg, pshares = self.gs[prev_gs]
+                cg, shares = self.gs[cur_gs]
+                found = self.pieces[pair] = (self.space.pieces(pg, pshares, cg, shares),
+                                             len(pshares), len(shares))
+            value = self.comm[key] = pieces_time(found[0], found[1], found[2],
+                                                 self.costs.cut_bytes[first - 1])
         return value
 
     def for_micro_batch(self, mb: int) -> tuple[list[float], list[float], list[float],
@@ -497,11 +509,16 @@ class _Search:
         m, inc, mb = self.m, self.incumbent, self.mb
         inc_hi = inc * (1.0 + 1e-9)
         speed = info.bound_speed
-        count = 0
-        for slope, inter in zip(slopes, inters, strict=True):
-            if m * slope * mb / speed >= inc or m * (inter + slope * mb) / speed >= inc_hi:
-                break
-            count += 1
+        # the stages that even a perfectly balanced split cannot keep below the incumbent
+        # (slopes and intercepts only grow with `last`): bisect the first of them
+        count, hi_k = 0, len(slopes)
+        while count < hi_k:
+            mid = (count + hi_k) // 2
+            if (m * slopes[mid] * mb / speed >= inc
+                    or m * (inters[mid] + slopes[mid] * mb) / speed >= inc_hi):
+                hi_k = mid
+            else:
+                count = mid + 1
         if not count:
             return None
         lasts = lasts_all[:count]
@@ -641,8 +658,9 @@ class _Search:
         m = self.m
         pool = space.root if prev < 0 else ctx.iface_pool[prev]
         prev_gs = ctx.iface_gs[prev] if prev >= 0 else -1
-        pool_speed = space.pool_speed(pool)
-        pool_size = space.pool_size(pool)
+        sizes, speeds = space.pool_sizes, space.pool_speeds
+        pool_speed = speeds[pool]
+        pool_size = sizes[pool]
         finals: list[tuple[float, float, Any]] = []
         segs: list[tuple[float, float, float, float, float, Any, list[Summary]]] = []
         total = 0
@@ -655,7 +673,7 @@ class _Search:
                 and m * rest < inc * (1.0 + 1e-9)):
             if self.max_front is None:  # [Note: exact bounds]
                 cut = inc * (1.0 + 1e-12)
-                outside = space.prefix_speed(pool)
+                outside = space.outside_speeds[pool]
                 xpre = self.head_x[first] / outside if first > 0 else 0.0
                 # at most one stage per device outside the pool, plus r: the dominant
                 # stage hides at most w - 1 halves
@@ -685,33 +703,21 @@ class _Search:
             groups = space.groups(pool, self.mb)
             for final, min_class, hidden_mult in kinds:
                 last_ok = self.num_layers - 1 - min_class
+                options = self._options
                 for gid, left in groups:
-                    left_size = space.pool_size(left)
+                    left_size = sizes[left]
                     if left_size < r - 1 or (not final and left_size < min_class):
                         continue
-                    opts = self._options.get((first, gid, flight, final))
+                    opts = options.get((first, gid, flight, final))
                     if opts is None:
                         opts = self.options(first, gid, flight, final)
                     if not opts:
                         continue
-                    speed_rest = space.pool_speed(left) if not final else 0.0
+                    speed_rest = speeds[left] if not final else 0.0
                     for shares, cur_gs, lasts, cfl, cbl, tal in opts:
-                        c = 0.0
-                        if prev >= 0:
-                            known = comm_cache.get((prev_gs, cur_gs, first))
-                            c = ctx.transfer(prev_gs, cur_gs, first) if known is None else known
+                        # first what needs no re-sharding time: T_a grows with `last`
                         hi = len(lasts)
-                        # f, b and X grow with `last` inside a group: bisect the last usable
-                        if m * ((cfl[-1] + c) + (cbl[-1] + c)) >= inc:
-                            lo_k, hi_k = 0, hi - 1
-                            while lo_k < hi_k:
-                                mid = (lo_k + hi_k) // 2
-                                if m * ((cfl[mid] + c) + (cbl[mid] + c)) >= inc:
-                                    hi_k = mid
-                                else:
-                                    lo_k = mid + 1
-                            hi = lo_k
-                        if hi and tal[hi - 1] >= g_cut:  # T_a grows with `last` too
+                        if tal[hi - 1] >= g_cut:
                             lo_k, hi_k = 0, hi - 1
                             while lo_k < hi_k:
                                 mid = (lo_k + hi_k) // 2
@@ -736,6 +742,22 @@ class _Search:
                                     else:
                                         hi_k = mid
                                 lo = lo_k
+                        if hi <= lo or m * (cfl[lo] + cbl[lo]) >= inc:
+                            continue
+                        c = 0.0
+                        if prev >= 0:
+                            known = comm_cache.get((prev_gs, cur_gs, first))
+                            c = ctx.transfer(prev_gs, cur_gs, first) if known is None else known
+                        # f, b and X grow with `last` inside a group: bisect the last usable
+                        if m * ((cfl[hi - 1] + c) + (cbl[hi - 1] + c)) >= inc:
+                            lo_k, hi_k = lo, hi - 1
+                            while lo_k < hi_k:
+                                mid = (lo_k + hi_k) // 2
+                                if m * ((cfl[mid] + c) + (cbl[mid] + c)) >= inc:
+                                    hi_k = mid
+                                else:
+                                    lo_k = mid + 1
+                            hi = lo_k
                         if final:
                             for k in range(lo, hi):
                                 finals.append(((cfl[k] + c) + (cbl[k] + c), tal[k],

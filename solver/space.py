@@ -48,6 +48,7 @@ from typing import Any
 from asteroid_fx.errors import PlanError
 from cost_models.table import CostTable
 from solver.cluster import Cluster, Device
+from solver.evaluate import Pieces, resharding_pieces
 from solver.timing import Timing
 
 __all__ = [
@@ -219,17 +220,23 @@ class SearchSpace:
         self._group_ids: dict[Any, int] = {}
 
     # -- pools ----------------------------------------------------------------------------
+    # per pool id: its devices, the sum of their bound speeds, and the sum of the bound
+    # speeds of the devices outside it (those the stages before it may have used)
+    pool_sizes: list[int]
+    pool_speeds: list[float]
+    outside_speeds: list[float]
+
     def pool_size(self, pool: int) -> int:
-        raise NotImplementedError
+        return self.pool_sizes[pool]
 
     def pool_speed(self, pool: int) -> float:
         """Sum of the bound speeds of the pool's devices."""
-        raise NotImplementedError
+        return self.pool_speeds[pool]
 
     def prefix_speed(self, pool: int) -> float:
         """Sum of the bound speeds of the devices outside the pool (those the stages
         before it may have used)."""
-        raise NotImplementedError
+        return self.outside_speeds[pool]
 
     def best_speed(self, pool: int, limit: int) -> float:
         """The largest bound speed of a group of at most ``limit`` devices of the pool."""
@@ -248,9 +255,23 @@ class SearchSpace:
     def group(self, gid: int) -> GroupInfo:
         return self.groups_info[gid]
 
-    def transfer_names(self, prev: int, cur: int) -> tuple[tuple[str, ...], tuple[str, ...]]:
-        """Device names of two adjacent stages' groups (disjoint, as in a plan)."""
-        return self.groups_info[prev].names, self.groups_info[cur].names
+    def pieces(self, prev: int, prev_shares: tuple[int, ...], cur: int,
+               shares: tuple[int, ...]) -> Pieces:
+        """The messages of the cut between two adjacent stages' groups (disjoint, as in a
+        plan): ``pieces_time`` of them is ``transfer_time``, in its float operations."""
+        senders, receivers = self.groups_info[prev].names, self.groups_info[cur].names
+        cluster = self.cluster
+
+        def link(i: int, j: int) -> tuple[float, float] | None:
+            a, b = senders[i], receivers[j]
+            return None if a == b else (cluster.latency_s(a, b), cluster.bandwidth_bytes_s(a, b))
+
+        return resharding_pieces(prev_shares, shares, link)
+
+    def signature(self, gid: int, shares: tuple[int, ...]) -> Any:
+        """What decides how a stage on ``gid`` with ``shares`` sends its cut to any next
+        group: equal signatures give equal re-sharding times (here: the group itself)."""
+        return (gid, shares)
 
     def assign(self, gids: Sequence[int]) -> list[tuple[str, ...]]:
         """The device names of a plan's groups, first stage first."""
@@ -303,15 +324,9 @@ class SliceSpace(SearchSpace):
                 self._min_bw[a][b + 1] = low
                 self._max_lat[a][b + 1] = high
         self._groups: dict[tuple[int, int], list[tuple[int, int]]] = {}
-
-    def pool_size(self, pool: int) -> int:
-        return self.n - pool
-
-    def pool_speed(self, pool: int) -> float:
-        return self._total[pool][self.n]
-
-    def prefix_speed(self, pool: int) -> float:
-        return self._total[0][pool]
+        self.pool_sizes = [n - i for i in range(n + 1)]
+        self.pool_speeds = [self._total[i][n] for i in range(n + 1)]
+        self.outside_speeds = [self._total[0][i] for i in range(n + 1)]
 
     def best_speed(self, pool: int, limit: int) -> float:
         return self._total[pool][min(self.n, pool + limit)]
@@ -356,6 +371,19 @@ class ClassSpace(SearchSpace):
                 self.classes.append([])
             self.classes[seen[k]].append(d)
         self.counts = tuple(len(c) for c in self.classes)
+        self._class_of = {d: k for k, members in enumerate(self.classes) for d in members}
+        # per class, its link (latency s, bandwidth bytes/s) to a device of every class
+        # (its own: to another member; None for a class of one), the numbers of
+        # Cluster.latency_s / bandwidth_bytes_s
+        self._rows: list[tuple[tuple[float, float] | None, ...]] = []
+        for members in self.classes:
+            a = self.names[members[0]]
+            row: list[tuple[float, float] | None] = []
+            for others in self.classes:
+                b = next((self.names[d] for d in others if d != members[0]), None)
+                row.append(None if b is None else (cluster.latency_s(a, b),
+                                                   cluster.bandwidth_bytes_s(a, b)))
+            self._rows.append(tuple(row))
         k_count = len(self.classes)
         self._class_bound = [self.bounds[c[0]] for c in self.classes]
         self._class_src = [self.srcs[c[0]] for c in self.classes]
@@ -363,7 +391,7 @@ class ClassSpace(SearchSpace):
         self._by_bound = sorted(range(k_count), key=lambda k: -self._class_bound[k])
         self._pool_ids: dict[tuple[int, ...], int] = {}
         self._pools: list[tuple[int, ...]] = []
-        self._pool_cache: dict[int, tuple[int, float, float]] = {}
+        self.pool_sizes, self.pool_speeds, self.outside_speeds = [], [], []
         self._groups: dict[tuple[int, int], list[tuple[int, int]]] = {}
         self._group_counts: list[tuple[int, ...]] = []
         self.root = self.pool_id(self.counts)
@@ -377,30 +405,17 @@ class ClassSpace(SearchSpace):
         if found is None:
             found = self._pool_ids[counts] = len(self._pools)
             self._pools.append(counts)
-        return found
-
-    def pool_counts(self, pool: int) -> tuple[int, ...]:
-        return self._pools[pool]
-
-    def _pool_numbers(self, pool: int) -> tuple[int, float, float]:
-        found = self._pool_cache.get(pool)
-        if found is None:
-            counts = self._pools[pool]
             inside = outside = 0.0
             for k, c in enumerate(counts):
                 inside += c * self._class_bound[k]
                 outside += (self.counts[k] - c) * self._class_bound[k]
-            found = self._pool_cache[pool] = (sum(counts), inside, outside)
+            self.pool_sizes.append(sum(counts))
+            self.pool_speeds.append(inside)
+            self.outside_speeds.append(outside)
         return found
 
-    def pool_size(self, pool: int) -> int:
-        return self._pool_numbers(pool)[0]
-
-    def pool_speed(self, pool: int) -> float:
-        return self._pool_numbers(pool)[1]
-
-    def prefix_speed(self, pool: int) -> float:
-        return self._pool_numbers(pool)[2]
+    def pool_counts(self, pool: int) -> tuple[int, ...]:
+        return self._pools[pool]
 
     def best_speed(self, pool: int, limit: int) -> float:
         counts = self._pools[pool]
@@ -440,12 +455,22 @@ class ClassSpace(SearchSpace):
     def group_counts(self, gid: int) -> tuple[int, ...]:
         return self._group_counts[gid]
 
-    def transfer_names(self, prev: int, cur: int) -> tuple[tuple[str, ...], tuple[str, ...]]:
-        before = self._group_counts[prev]
-        after = self._group_counts[cur]
-        recv = tuple(self.names[d] for k, t in enumerate(after)
-                     for d in self.classes[k][before[k]:before[k] + t])
-        return self.groups_info[prev].names, recv
+    def signature(self, gid: int, shares: tuple[int, ...]) -> Any:
+        """The shares and, per member, its links to every class: a receiver of class ``l``
+        sees a sender of class ``k`` over the link between the classes, so two groups
+        with equal signatures re-shard to any next group in the same time."""
+        return (shares, tuple(self._rows[self._class_of[d]]
+                              for d in self.groups_info[gid].members))
+
+    def pieces(self, prev: int, prev_shares: tuple[int, ...], cur: int,
+               shares: tuple[int, ...]) -> Pieces:
+        """The messages between two disjoint groups of these classes: a link's numbers
+        follow from the classes of its ends ([Note: device classes])."""
+        rows = self._rows
+        senders = [self._class_of[d] for d in self.groups_info[prev].members]
+        receivers = [self._class_of[d] for d in self.groups_info[cur].members]
+        return resharding_pieces(prev_shares, shares,
+                                 lambda i, j: rows[senders[i]][receivers[j]])
 
     def assign(self, gids: Sequence[int]) -> list[tuple[str, ...]]:
         used = [0] * len(self.classes)
