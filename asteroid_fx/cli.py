@@ -390,18 +390,28 @@ def plan(
     costs_file: CostsOpt = None,
     leaf: LeafOpt = None,
     micro_batch: MicroOpt = None,
+    time_limit: Annotated[float | None, typer.Option(
+        "--time-limit", help="seconds for the search: the best plan by then, with its proven "
+        "gap (default: search to the end, exact)")] = None,
 ) -> None:
     """Plan stages, device groups, shares and micro-batches; print the report."""
     with _errors():
+        from solver.anytime import check_time_limit
         from solver.api import plan as plan_fn
         from solver.cluster import Cluster
 
+        check_time_limit(time_limit)
         clus = Cluster.from_yaml(cluster)
         _spec, _module, _inputs, table = _costs_for(model, batch_size, costs_file, _leaf(leaf),
                                                     clus, planner)
-        result = plan_fn(table, clus, batch_size, planner=planner, check_ilp=check_ilp,
-                         optimizer_state_factor=table.optimizer_state_factor,
-                         micro_batch_size=micro_batch)
+        bar, update = _progress_callback("planning")
+        with bar:
+            result = plan_fn(table, clus, batch_size, planner=planner, check_ilp=check_ilp,
+                             optimizer_state_factor=table.optimizer_state_factor,
+                             micro_batch_size=micro_batch,
+                             time_limit=time_limit,
+                             progress=lambda done, what: update(round(1000 * done), 1000,
+                                                                what))
         _print_report(result, table, clus)
         if out is not None:
             result.save(out)

@@ -5,7 +5,8 @@ Example::
     from solver.api import plan
     p = plan(costs, cluster, batch_size=32)                  # the Asteroid DP
     p = plan(costs, cluster, batch_size=32, check_ilp=True)  # + MILP cross-check
-    p.predicted.round_time_s, p.planner.check["gap"]
+    p = plan(costs, cluster, batch_size=32, time_limit=5.0)  # anytime: best in 5 s
+    p.predicted.round_time_s, p.planner.bound.gap, p.planner.check["gap"]
 """
 
 from __future__ import annotations
@@ -17,15 +18,19 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
-from asteroid_fx.errors import AsteroidError, PlanError
+from asteroid_fx.errors import PlanError
 from cost_models.table import CostTable
+from solver.anytime import Progress, check_time_limit, plan_or_raise
 from solver.cluster import Cluster
-from solver.dp import DEFAULT_MAX_CUTS, DP_VERSION, asteroid_dp, no_fit_error, sorted_devices
+from solver.diagnose import no_fit_error
+from solver.dp import asteroid_dp
 from solver.evaluate import evaluate
-from solver.ilp import ilp_plan
+from solver.ilp import ilp_plan, milp_size
 from solver.plan import Plan, PlannerInfo
+from solver.space import DEFAULT_MAX_CUTS, candidate_cuts
 
-__all__ = ["PLANNERS", "Planner", "plan", "planner_names", "DEFAULT_ILP_TIME_LIMIT_S"]
+__all__ = ["PLANNERS", "Planner", "plan", "planner_names", "DEFAULT_ILP_TIME_LIMIT_S",
+           "ILP_CHECK_MAX_VARIABLES"]
 
 log = logging.getLogger(__name__)
 
@@ -38,78 +43,22 @@ DEFAULT_ILP_TIME_LIMIT_S = 60.0
 def asteroid(costs: CostTable, cluster: Cluster, batch_size: int, *,
              optimizer_state_factor: float = 0.0,
              micro_batch_sizes: Sequence[int] | None = None,
-             max_cuts: int | None = DEFAULT_MAX_CUTS, seed_baselines: bool = True) -> Plan:
-    """The Asteroid planner (Algorithm 2 over Algorithm 1); PlanError when nothing fits.
+             max_cuts: int | None = DEFAULT_MAX_CUTS, time_limit: float | None = None,
+             progress: Progress | None = None) -> Plan:
+    """The Asteroid planner (Algorithm 2 over Algorithm 1, every device order searched);
+    PlanError when nothing fits.
 
-    [Note: baseline seeds]
-    The DP searches stages on consecutive slices of the devices sorted by capability. A
-    baseline may order devices differently (the cluster file's order, a memory-rich
-    device first), which that space does not contain. With ``seed_baselines`` every
-    baseline's plan seeds the search: the DP runs again over the baseline's device order
-    (its stages' devices, then the unused ones by capability) with the best round time so
-    far as incumbent, and the baseline plan itself is kept if it is still better. So
-    the Asteroid plan is never worse than a baseline's; ``planner.check`` records
-    ``device_order_from`` / ``seeded_from`` when a seed won.
+    The search runs in the phases of [Note: anytime planning] (``solver.anytime``): the
+    paper's space (slices of the capability order), the baselines' plans as a safety net,
+    then every group in every order (counts of interchangeable devices). Without
+    ``time_limit`` the plan is optimal over that wide space (the space of ``ilp-wide``, on
+    the candidate cuts); with one, it is the best found by then, and
+    ``plan.planner.bound`` holds the proven lower bound and gap. A baseline plan that
+    wins is recorded as ``planner.check["seeded_from"]``.
     """
-    cluster = cluster.for_costs(costs)
-    front = None if len(cluster.devices) <= EXACT_MAX_DEVICES else LARGE_MAX_FRONT
-    result = asteroid_dp(costs, cluster, batch_size, optimizer_state_factor=optimizer_state_factor,
+    return plan_or_raise(costs, cluster, batch_size, optimizer_state_factor=optimizer_state_factor,
                          micro_batch_sizes=micro_batch_sizes, max_cuts=max_cuts,
-                         max_front=front)
-    best_plan, best_value = result.plan, result.round_time_s
-    check: dict[str, Any] = {} if front is None else {"max_front": front}
-    if seed_baselines:
-        ranked = [d.name for d in sorted_devices(cluster, costs)]
-        tried = {tuple(ranked)}
-        for name, fn in _baselines().items():
-            try:
-                seed = fn(costs, cluster, batch_size,
-                          optimizer_state_factor=optimizer_state_factor)
-                pred = evaluate(seed, costs, cluster)
-            except AsteroidError as exc:
-                log.debug("baseline %s gives no seed: %s", name, exc)
-                continue
-            if not pred.fits or (micro_batch_sizes is not None
-                                 and seed.micro_batch_size not in micro_batch_sizes):
-                continue
-            order = tuple(seed.devices) + tuple(d for d in ranked if d not in seed.devices)
-            if order not in tried:
-                tried.add(order)
-                again = asteroid_dp(costs, cluster, batch_size,
-                                    optimizer_state_factor=optimizer_state_factor,
-                                    micro_batch_sizes=micro_batch_sizes,
-                                    max_cuts=_seed_cuts(max_cuts), max_front=SEED_MAX_FRONT,
-                                    device_order=order, incumbent=best_value)
-                if again.plan is not None:
-                    best_plan, best_value = again.plan, again.round_time_s
-                    check = {"device_order_from": name}
-            if pred.round_time_s < best_value:
-                best_plan = replace(seed, planner=PlannerInfo("asteroid", DP_VERSION))
-                best_value = pred.round_time_s
-                check = {"seeded_from": name}
-    if best_plan is None:
-        raise no_fit_error(costs, cluster, batch_size, optimizer_state_factor, "asteroid")
-    return replace(best_plan, planner=replace(best_plan.planner, check=check))
-
-
-EXACT_MAX_DEVICES = 8
-LARGE_MAX_FRONT = 16
-"""Above ``EXACT_MAX_DEVICES`` devices the DP keeps at most ``LARGE_MAX_FRONT`` summaries
-per cell (lowest round time first): exactness is traded for bounded time; the plan's
-``planner.check`` then records ``max_front``. (Since the issue-4 bounds the exact DP is
-about as fast: 100 synthetic layers x 16 Jetson-mix devices, batch 32, 11.2 s exact vs
-10.1 s capped on the 2-core development host, with a 2.6% better round time; the cap is
-kept so that plans above 8 devices do not change.)"""
-
-SEED_MAX_CUTS = 32
-SEED_MAX_FRONT = 8
-"""Re-runs of the DP over a baseline's device order search a coarser space (fewer cut
-candidates, capped Pareto fronts): they are an insurance against the device-ordering
-assumption, and the full-resolution search has already run on the capability order."""
-
-
-def _seed_cuts(max_cuts: int | None) -> int:
-    return SEED_MAX_CUTS if max_cuts is None else min(max_cuts, SEED_MAX_CUTS)
+                         time_limit=time_limit, progress=progress)
 
 
 def _baselines() -> dict[str, Planner]:
@@ -208,7 +157,9 @@ def plan(costs: CostTable, cluster: Cluster, batch_size: int, *, planner: str = 
          check_ilp: bool = False, optimizer_state_factor: float = 0.0,
          micro_batch_sizes: Sequence[int] | None = None,
          time_limit_s: float = DEFAULT_ILP_TIME_LIMIT_S,
-         micro_batch_size: int | None = None) -> Plan:
+         micro_batch_size: int | None = None,
+         time_limit: float | None = None,
+         progress: Progress | None = None) -> Plan:
     """Plan with the named planner and return the evaluated plan.
 
     Args:
@@ -216,13 +167,21 @@ def plan(costs: CostTable, cluster: Cluster, batch_size: int, *, planner: str = 
         cluster: the devices and links.
         batch_size: samples per training round (mini-batch).
         planner: a name of ``PLANNERS`` (``asteroid``, ``ilp``, ``ilp-wide``, baselines).
-        check_ilp: also solve the MILP and record ``dp_round``, ``ilp_round``, ``gap``
-            (relative, DP minus ILP), ``dp_time_s``, ``ilp_time_s``, ``ilp_status`` in
-            ``plan.planner.check``.
+        check_ilp: also solve the MILP and record in ``plan.planner.check``: ``ilp_round``,
+            ``dp_round`` (the DP over the same space and cuts: they must agree),
+            ``gap`` (relative, DP minus ILP), ``plan_round`` (the plan returned, which
+            may search a wider space), ``ilp_cuts``, ``dp_time_s``, ``ilp_time_s``,
+            ``ilp_status``. An instance whose MILP would be too large is checked on
+            fewer candidate cuts, or refused before planning (``ILP_CHECK_MAX_VARIABLES``).
         optimizer_state_factor: optimizer state in units of the weights (0 SGD, 1
             momentum, 2 Adam).
         micro_batch_sizes: micro-batch sizes to try (asteroid / ilp planners only).
-        time_limit_s: budget of the MILP solves.
+        time_limit_s: budget of the MILP solves (planners ``ilp``, ``ilp-wide`` and the
+            check).
+        time_limit: wall-clock seconds for the ``asteroid`` search (anytime: the best plan
+            by then, with its proven gap in ``plan.planner.bound``; the ``ilp`` planners
+            take it as their budget); None: search to the end (exact).
+        progress: ``(fraction done, what)`` callback of the ``asteroid`` search.
         micro_batch_size: fix the micro-batch size (a divisor of ``batch_size``; asteroid /
             ilp planners only) instead of letting the planner choose it.
 
@@ -230,23 +189,29 @@ def plan(costs: CostTable, cluster: Cluster, batch_size: int, *, planner: str = 
         The plan with ``predicted``, ``num_layers``, hashes and planner info filled in.
 
     Raises:
-        PlanError: unknown planner, ``batch_size < 1``, micro-batch sizes that do not
-            divide the batch, or a plan that does not fit in memory (with the shortfall).
+        PlanError: unknown planner, ``batch_size < 1``, a time limit that is not > 0,
+            micro-batch sizes that do not divide the batch, a check the MILP cannot make,
+            or a plan that does not fit in memory (with the shortfall).
     """
     cluster = cluster.for_costs(costs)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise PlanError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    check_time_limit(time_limit)
     fn = PLANNERS.get(planner)
     if fn is None:
         raise PlanError(f"unknown planner {planner!r}; choose one of "
                         f"{', '.join(sorted(PLANNERS))}")
     if micro_batch_size is not None:
         micro_batch_sizes = [_fixed_micro_batch(micro_batch_size, batch_size, planner)]
+    ilp_cuts = _check_cuts(costs, cluster, batch_size, micro_batch_sizes) if check_ilp else None
     kwargs: dict[str, Any] = {"optimizer_state_factor": optimizer_state_factor}
     if planner in _OWN and micro_batch_sizes is not None:
         kwargs["micro_batch_sizes"] = micro_batch_sizes
     if planner in ("ilp", "ilp-wide"):
-        kwargs["time_limit_s"] = time_limit_s
+        kwargs["time_limit_s"] = time_limit_s if time_limit is None else time_limit
+    if planner == "asteroid":
+        kwargs["time_limit"] = time_limit
+        kwargs["progress"] = progress
     start = time.perf_counter()
     result = fn(costs, cluster, batch_size, **kwargs)
     elapsed = time.perf_counter() - start
@@ -262,28 +227,78 @@ def plan(costs: CostTable, cluster: Cluster, batch_size: int, *, planner: str = 
               "or planner 'asteroid'")
     check: dict[str, Any] = dict(result.planner.check)
     if check_ilp:
-        check.update(_ilp_check(costs, cluster, batch_size, planner, prediction.round_time_s,
-                                elapsed, optimizer_state_factor, micro_batch_sizes,
-                                time_limit_s))
+        check.update(_ilp_check(costs, cluster, batch_size, prediction.round_time_s,
+                                optimizer_state_factor, micro_batch_sizes, time_limit_s,
+                                ilp_cuts))
     info = PlannerInfo(name=planner, version=result.planner.version, search_time_s=elapsed,
-                       check=check)
+                       check=check, bound=result.planner.bound)
     return replace(result, predicted=prediction, planner=info, num_layers=costs.num_layers,
                    model_hash=costs.model_hash, cluster_hash=cluster.cluster_hash,
                    model_name=result.model_name or costs.model_name,
                    optimizer_state_factor=optimizer_state_factor)
 
 
-def _ilp_check(costs: CostTable, cluster: Cluster, batch_size: int, planner: str,
-               dp_round: float, dp_time: float, optimizer_state_factor: float,
-               micro_batch_sizes: Sequence[int] | None, time_limit_s: float) -> dict[str, Any]:
+ILP_CHECK_MAX_VARIABLES = 4_000
+"""The largest MILP (``solver.ilp.milp_size``, all micro-batch sizes together) that
+``check_ilp`` solves: PuLP and the solver stay well under 2 GB and finish in seconds on
+a laptop (CBC: about 5 s at this size). Larger instances are checked on fewer candidate
+cuts."""
+
+
+def _check_cuts(costs: CostTable, cluster: Cluster, batch_size: int,
+                micro_batch_sizes: Sequence[int] | None) -> int | None:
+    """The ``max_cuts`` of the cross-check: None for all cuts, else the most candidate
+    cuts whose MILP fits ``ILP_CHECK_MAX_VARIABLES`` (PlanError, before any planning,
+    when not even one does)."""
+    full = milp_size(costs, cluster, batch_size, micro_batch_sizes=micro_batch_sizes)
+    if full <= ILP_CHECK_MAX_VARIABLES:
+        return None
+    lo, hi = 0, min(costs.num_layers - 1, DEFAULT_MAX_CUTS)
+    size = {k: milp_size(costs, cluster, batch_size, micro_batch_sizes=micro_batch_sizes,
+                         ends=candidate_cuts(costs, k) if k else [])
+            for k in (lo, hi)}
+    if size[lo] > ILP_CHECK_MAX_VARIABLES:
+        raise PlanError(
+            f"--check-ilp: the MILP would have about {size[lo]} variables even for "
+            f"single-stage plans on {len(cluster.devices)} devices (limit "
+            f"{ILP_CHECK_MAX_VARIABLES}); the cluster is too large for the cross-check, plan "
+            f"without it")
+    while lo < hi:  # the most cuts whose MILP fits the budget
+        mid = (lo + hi + 1) // 2
+        if milp_size(costs, cluster, batch_size, micro_batch_sizes=micro_batch_sizes,
+                     ends=candidate_cuts(costs, mid)) <= ILP_CHECK_MAX_VARIABLES:
+            lo = mid
+        else:
+            hi = mid - 1
+    log.warning("--check-ilp: the full MILP would have about %d variables (limit %d); "
+                "checking the DP against it on %d candidate cuts instead of %d",
+                full, ILP_CHECK_MAX_VARIABLES, lo, costs.num_layers - 1)
+    return lo
+
+
+def _ilp_check(costs: CostTable, cluster: Cluster, batch_size: int, plan_round: float,
+               optimizer_state_factor: float, micro_batch_sizes: Sequence[int] | None,
+               time_limit_s: float, max_cuts: int | None) -> dict[str, Any]:
+    """The DP over the paper's space against the MILP over the same space and cuts."""
+    ends = None if max_cuts is None else candidate_cuts(costs, max_cuts)
+    started = time.perf_counter()
+    dp = asteroid_dp(costs, cluster, batch_size, optimizer_state_factor=optimizer_state_factor,
+                     micro_batch_sizes=micro_batch_sizes,
+                     max_cuts=None if max_cuts is None else max(max_cuts, 0))
+    dp_time = time.perf_counter() - started
     result = ilp_plan(costs, cluster, batch_size, optimizer_state_factor=optimizer_state_factor,
-                      time_limit_s=time_limit_s, micro_batch_sizes=micro_batch_sizes)
+                      time_limit_s=time_limit_s, micro_batch_sizes=micro_batch_sizes,
+                      ends=ends)
     ilp_round = (evaluate(result.plan, costs, cluster).round_time_s
                  if result.plan is not None else math.inf)
+    dp_round = dp.round_time_s
     gap = (dp_round - ilp_round) / ilp_round if math.isfinite(ilp_round) else None
-    if gap is not None and gap > 1e-6 and result.status == "optimal":
-        log.warning("the %s plan (%.6g s) is %.3g%% slower than the MILP optimum (%.6g s)",
-                    planner, dp_round, 100 * gap, ilp_round)
-    return {"dp_round": dp_round, "ilp_round": ilp_round if math.isfinite(ilp_round) else None,
-            "gap": gap, "dp_time_s": dp_time, "ilp_time_s": result.solve_time_s,
+    if gap is not None and abs(gap) > 1e-6 and result.status == "optimal":
+        log.warning("the DP (%.6g s) and the MILP (%.6g s) disagree by %.3g%% on the same "
+                    "space", dp_round, ilp_round, 100 * gap)
+    return {"dp_round": dp_round if math.isfinite(dp_round) else None,
+            "ilp_round": ilp_round if math.isfinite(ilp_round) else None,
+            "gap": gap, "plan_round": plan_round,
+            "ilp_cuts": len(ends) if ends is not None else costs.num_layers - 1,
+            "dp_time_s": dp_time, "ilp_time_s": result.solve_time_s,
             "ilp_status": result.status, "ilp_solver": result.solver}

@@ -1,4 +1,10 @@
-"""Exhaustive enumeration of the DP's plan space for tiny instances (the DP's test oracle)."""
+"""Exhaustive enumeration of the DP's plan spaces for tiny instances (the DP's test oracle).
+
+Two spaces ([Note: group spaces] in ``solver.space``): consecutive slices of the
+capability order (the default, ``space="order"``), or any disjoint groups, each listed in
+capability order (``wide=True``: the ``space="classes"`` DP and ``planner="ilp-wide"``).
+Every device is tried individually, so symmetry between devices is not assumed here.
+"""
 
 from __future__ import annotations
 
@@ -10,9 +16,9 @@ from dataclasses import dataclass
 from asteroid_fx.errors import PlanError
 from cost_models.table import CostTable
 from solver.cluster import Cluster
-from solver.dp import micro_batch_choices, sorted_devices
 from solver.evaluate import LayerSums, evaluate, in_flight
 from solver.plan import Plan, PlannerInfo, Stage
+from solver.space import micro_batch_choices, sorted_devices
 from solver.split import split_stage
 from solver.timing import Timing
 
@@ -40,10 +46,29 @@ def _compositions(total: int, parts: int) -> Iterator[tuple[int, ...]]:
             yield tuple(bounds[k + 1] - bounds[k] for k in range(parts))
 
 
+def _groupings(num_devices: int, parts: int, wide: bool) -> Iterator[list[list[int]]]:
+    """Device index groups (capability order) for ``parts`` stages: consecutive slices
+    from the front, or (``wide``) any disjoint nonempty groups, unused devices allowed."""
+    if not wide:
+        for sizes in _compositions(num_devices, parts):
+            bounds = list(itertools.accumulate(sizes, initial=0))
+            yield [list(range(bounds[k], bounds[k + 1])) for k in range(parts)]
+        return
+    for owner in itertools.product(range(-1, parts), repeat=num_devices):
+        groups: list[list[int]] = [[] for _ in range(parts)]
+        for d, s in enumerate(owner):
+            if s >= 0:
+                groups[s].append(d)
+        if all(groups):
+            yield groups
+
+
 def enumerate_plans(costs: CostTable, cluster: Cluster, batch_size: int, *,
                     optimizer_state_factor: float = 0.0,
-                    micro_batch_sizes: Sequence[int] | None = None) -> Iterator[Plan]:
-    """Every plan of the DP's space (see ``solver.dp``) whose Algorithm-1 shares exist."""
+                    micro_batch_sizes: Sequence[int] | None = None,
+                    wide: bool = False) -> Iterator[Plan]:
+    """Every plan of the DP's space (see ``solver.dp``; ``wide``: of the classes space)
+    whose Algorithm-1 shares exist."""
     cluster = cluster.for_costs(costs)
     n_layers = costs.num_layers
     if n_layers > MAX_BRUTE_LAYERS or len(cluster.devices) > MAX_BRUTE_DEVICES:
@@ -59,13 +84,11 @@ def enumerate_plans(costs: CostTable, cluster: Cluster, batch_size: int, *,
             for cuts in itertools.combinations(range(n_layers - 1), s_count - 1):
                 bounds = (-1, *cuts, n_layers - 1)
                 layer_ranges = [(bounds[k] + 1, bounds[k + 1]) for k in range(s_count)]
-                for sizes in _compositions(len(devices), s_count):
+                for groups in _groupings(len(devices), s_count, wide):
                     stages = []
-                    start = 0
-                    for s, ((first, last), size) in enumerate(zip(layer_ranges, sizes,
-                                                                  strict=True)):
-                        group = devices[start:start + size]
-                        start += size
+                    for s, ((first, last), members) in enumerate(zip(layer_ranges, groups,
+                                                                     strict=True)):
+                        group = [devices[d] for d in members]
                         shares = split_stage(sums, first, last,
                                              [speed_of[d.name] for d in group],
                                              [d.memory_bytes for d in group], mb,
@@ -86,14 +109,16 @@ def enumerate_plans(costs: CostTable, cluster: Cluster, batch_size: int, *,
 
 def brute_force(costs: CostTable, cluster: Cluster, batch_size: int, *,
                 optimizer_state_factor: float = 0.0,
-                micro_batch_sizes: Sequence[int] | None = None) -> BruteResult:
-    """Score every plan of the DP's space with ``evaluate`` and return the best one that fits."""
+                micro_batch_sizes: Sequence[int] | None = None,
+                wide: bool = False) -> BruteResult:
+    """Score every plan of the DP's space (``wide``: of the classes space) with
+    ``evaluate`` and return the best one that fits."""
     cluster = cluster.for_costs(costs)
     best: tuple[float, Plan | None] = (math.inf, None)
     scored = 0
     for plan in enumerate_plans(costs, cluster, batch_size,
                                 optimizer_state_factor=optimizer_state_factor,
-                                micro_batch_sizes=micro_batch_sizes):
+                                micro_batch_sizes=micro_batch_sizes, wide=wide):
         pred = evaluate(plan, costs, cluster)
         if not pred.fits:
             continue

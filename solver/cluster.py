@@ -8,6 +8,7 @@ import math
 import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -197,10 +198,7 @@ class Cluster:
         """Megabits per second between two devices (infinite for a device and itself)."""
         if a == b:
             return math.inf
-        for link in self.links:
-            if {link.a, link.b} == {a, b} and link.bandwidth_mbps is not None:
-                return link.bandwidth_mbps
-        return self.bandwidth_mbps
+        return self._overrides[0].get((a, b), self.bandwidth_mbps)
 
     def bandwidth_bytes_s(self, a: str, b: str) -> float:
         """Bytes per second between two devices."""
@@ -211,10 +209,21 @@ class Cluster:
         itself)."""
         if a == b:
             return 0.0
+        return self._overrides[1].get((a, b), self.latency_ms) / 1e3 + self.message_overhead_s
+
+    @cached_property
+    def _overrides(self) -> tuple[dict[tuple[str, str], float], dict[tuple[str, str], float]]:
+        """Per-pair bandwidth (Mbps) and latency (ms) overrides, both orders of each pair;
+        the first link that sets a value wins (one dict lookup per query, not a scan)."""
+        bandwidth: dict[tuple[str, str], float] = {}
+        latency: dict[tuple[str, str], float] = {}
         for link in self.links:
-            if {link.a, link.b} == {a, b} and link.latency_ms is not None:
-                return link.latency_ms / 1e3 + self.message_overhead_s
-        return self.latency_ms / 1e3 + self.message_overhead_s
+            for pair in ((link.a, link.b), (link.b, link.a)):
+                if link.bandwidth_mbps is not None:
+                    bandwidth.setdefault(pair, link.bandwidth_mbps)
+                if link.latency_ms is not None:
+                    latency.setdefault(pair, link.latency_ms)
+        return bandwidth, latency
 
     def for_costs(self, costs: Any) -> Cluster:
         """This cluster with the cost table's per-message overhead (``message_overhead_s``)

@@ -1,71 +1,35 @@
 """Algorithm 2, the Asteroid planner: an exact Pareto-front DP over stages, groups and shares.
 
 [Note: the DP's space]
-Devices are sorted by capability (speed descending, then memory descending, then
-name; the capability speeds of ``solver.timing``, see [Note: cost columns in the DP]).
-A plan is a sequence of stages; stage ``s`` takes a contiguous run of layers and a
-contiguous slice of the sorted devices; stages in pipeline order take consecutive slices
-starting at the most capable device (the least capable devices may stay unused). The
-shares inside a stage come from Algorithm 1 (``solver.split``) for the stage's layers,
-group, micro-batch size and in-flight count ``min(M, S - s)``. The micro-batch size
-ranges over the divisors of the batch size (or the sizes given). The DP returns the plan
-of this space with the smallest ``evaluate()`` round latency; ``solver.brute`` enumerates
-the same space and the tests check that both agree.
-
-[Note: why a Pareto front]
-The round latency is not a max of per-stage terms (the dominant stage's ``M X``, the
-warm-up/cool-down sums and the drain term couple all stages), so a plain min-max DP is
-not exact. The DP runs from the last stage to the first and describes a suffix pipeline
-``P`` (stages ``k..S-1``, costed as a pipeline of its own) by five numbers:
-
-* ``R``    its own round latency,
-* ``Xm``   the largest ``X_s = E_f^s + E_b^s`` (the dominant stage ``d``, last argmax),
-* ``Pre``  ``sum_{i=k}^{d-1} X_i + D(P)``, where ``D(P)`` is the drain term of
-  ``solver.evaluate`` ([Note: the drain correction]); it depends only on ``d`` and the
-  stages after it, so it stays fixed while ``d`` stays dominant,
-* ``G``    ``max_{s in P} (T_a^s - sum_{i=k}^{s-1} E_b^i)``,
-* ``SumX`` ``sum_{s in P} X_s``,
-
-and by its stage count ``N`` (known from the DP cell, see [Note: DP cells]).
-
-Prepending a stage ``n`` (``F = E_f^n``, ``B = E_b^n``, ``X = F + B``, ``A = T_a^n``):
-
-* ``Xm >= X`` (the dominant stays in ``P``; ties go to the later stage):
-  ``R' = max(F + R, M Xm + X + Pre + A)``, ``Xm' = Xm``, ``Pre' = X + Pre``;
-* ``Xm < X`` (``n`` becomes dominant, its tail is all of ``P``):
-  ``D' = max(0, SumX - (min(M, N + 1) - 1) min(F, B))``,
-  ``R' = M X + max(A + D', G - B)``, ``Xm' = X``, ``Pre' = D'``;
-* in both cases ``G' = max(A, G - B)`` and ``SumX' = X + SumX``.
-
-(Derivation: with ``d`` dominant, ``round = W_d + M X_d + max(D + max_{s<=d}(sum_{i=s}^{d-1}
-B_i + A_s), max_{s>d}(A_s - sum_{i=d}^{s-1} B_i))`` where ``W_d = sum_{i<d} F_i``;
-prepending adds ``F`` to every warm-up and one more ``s < d`` term.) ``R'`` is
-non-decreasing in ``R, Xm, Pre, G, SumX`` except where ``Xm`` crosses ``X``: a summary
-``lo`` with ``Xm_lo < X <= Xm_hi`` makes ``n`` dominant and pays ``D' <= SumX_lo``, while
-``hi`` keeps its own dominant and pays ``X + Pre_hi``. Every pipeline satisfies ``R >= M
-Xm + G``, so the ``G`` part of the jump is harmless. For ``D'``: every stage of the cost
-table has ``min(E_f, E_b) >= rho X`` (``hiding_ratio``: the fitted forward/backward time
-ratios of the layers bound it; re-sharding time adds equally to both), so with
-``h = 1 + (min(M, N + 1) - 1) rho``, ``D' <= SumX_lo - (h - 1) X``, which is at most
-``X + Pre_hi`` when ``SumX_lo - Pre_hi <= h Xm_lo``; more stages only hide more. So
-``lo`` *dominates* ``hi`` when it is ``<=`` in all five numbers, has at least as many
-stages (within a DP cell ``min(M, N + 1)`` is the same for all), and either ``Xm_lo ==
-Xm_hi`` or ``SumX_lo - Pre_hi <= h Xm_lo``. Prepending the same stage preserves this
-relation (case by case: both keep their dominant and ``SumX_lo - Pre_hi`` is unchanged;
-only ``lo``'s changes, to a larger ``Xm``; both change, to equal ``Xm``), so keeping the
-non-dominated summaries per DP cell is exact.
+A plan is a sequence of stages; stage ``s`` takes a contiguous run of layers and a group
+of devices that no other stage uses. Which groups a stage may take is the *search space*
+(``solver.space``, [Note: group spaces]): consecutive slices of one device order (the
+paper's space, ``space="order"``; by default the capability order, [Note: the capability
+order]), or any group, searched as counts of interchangeable devices (``space="classes"``,
+the wide space of ``planner="ilp-wide"``). The shares inside a stage come from Algorithm 1
+(``solver.split``) for the stage's layers, group, micro-batch size and in-flight count
+``min(M, S - s)``. The micro-batch size ranges over the divisors of the batch size (or
+the sizes given), the cuts over ``solver.space.candidate_cuts``. The DP returns the plan
+of its space with the smallest ``evaluate()`` round latency; ``solver.brute`` enumerates
+both spaces and the tests check that they agree. The summary algebra that makes the DP
+exact is in ``solver.summary`` ([Note: why a Pareto front]), the front kernels in
+``solver.pareto``.
 
 [Note: DP cells]
 ``E_f`` of a stage includes receiving its input cut from the previous stage, which
 depends on the previous stage's group and shares. A cell is therefore keyed by
 ``(r, l, iface)``: ``r`` stages remain, they start at layer ``l``, and the stage before
-them has interface ``iface = (i, j, shares)`` (its device slice and shares, interned as a
-small integer; -1 before the first stage). ``r`` fixes the in-flight count ``min(M, r)``
-that memory needs; suffixes of ``M`` or more stages all have ``M`` in flight at their
-first stage, so they share one class ``r = M`` ("at least M stages"). The class also
-fixes the drain term of a stage prepended as the new dominant: its ``w = min(M, r + 1)``.
-Per-stage times are taken from ``LayerSums`` and ``transfer_time`` with the same float
-operations as ``evaluate``, so the dominant-stage comparisons agree bit for bit.
+them has interface ``iface`` = (how its group sends the cut: the shares and each member's
+links, ``SearchSpace.signature``; the pool of devices it leaves), interned as a small
+integer; -1 before the first stage. Two groups with the same signature re-shard to any
+next group in the same time, so their suffixes are the same. ``r`` fixes the in-flight count
+``min(M, r)`` that memory needs; suffixes of ``M`` or more stages all have ``M`` in flight
+at their first stage, so they share one class ``r = M`` ("at least M stages"). The class
+also fixes the drain term of a stage prepended as the new dominant: its ``w = min(M, r +
+1)``. Per-stage times are taken from ``LayerSums`` and ``transfer_time`` with the same
+float operations as ``evaluate``, so the dominant-stage comparisons agree bit for bit.
+Stage costs depend on the group, not on the pool, so they are built once per (first
+layer, group) and shared by every pool that offers the group.
 
 [Note: incumbent pruning]
 Any plan's round latency is at least ``M X`` of each of its stages, and prepending a stage
@@ -73,33 +37,34 @@ whose ``X`` does not exceed ``Xm`` never lowers ``R``. So, given an incumbent pl
 latency ``I`` (from first passes over subsets of the cuts, then from every finished
 micro-batch size), a summary with ``M Xm >= I`` is dropped, and one with ``R >= I`` is
 kept only as a "ghost" (``R = Pre = inf``): it can still matter if a stage with a larger
-``X`` is prepended, which makes ``R`` depend on ``G`` and ``SumX`` alone. A stage whose layers need
-``M * work * b / (sum of its group's speeds) >= I`` even when perfectly balanced, and a
-cell whose remaining layers need that on all remaining devices together, are skipped
-too (some stage carries at least the average load). All these rules are exact, and they
-hold with or without a cap on the fronts: what they remove would be dropped anyway.
+``X`` is prepended, which makes ``R`` depend on ``G`` and ``SumX`` alone. A stage whose
+layers need ``M * work * b / (sum of its group's speeds) >= I`` even when perfectly
+balanced, and a cell whose remaining layers need that on all the pool's devices together,
+are skipped too (some stage carries at least the average load). All these rules are
+exact, and they hold with or without a cap on the fronts: what they remove would be
+dropped anyway.
 
 [Note: candidate windows]
-A stage ``first..last`` on devices ``i..j-1`` is only worth combining with a tail that
-can itself stay below the incumbent, i.e. ``M * work_i(last + 1..) / (speed of devices
-j..) < I`` (``work_i``: slopes times the micro-batch plus the intercepts; a group's
-``X * (sum of its speeds) >= intercepts + slopes * b`` by averaging its devices' times
-weighted by speed). That rules out the short stages, and the stage's own ``M X < I``
-rules out the long ones, so per group the usable ``last`` form a window: ``options``
-keeps, per group, the ``last`` from where the tail fits, and ``closed`` bisects the
-window for the current interface (``X`` grows with ``last``: the float operations are
-monotone). Tails ruled out this way would have had every summary dropped by ``M Xm >=
-I`` (a relative slack of ``1e-9`` covers float rounding), so the fronts do not change.
+A stage ``first..last`` on a group that leaves the pool ``P'`` is only worth combining
+with a tail that can itself stay below the incumbent, i.e. ``M * work_i(last + 1..) /
+(speed of P') < I`` (``work_i``: slopes times the micro-batch plus the intercepts; a
+group's ``X * (sum of its speeds) >= intercepts + slopes * b`` by averaging its devices'
+times weighted by speed). That rules out the short stages, and the stage's own ``M X <
+I`` rules out the long ones, so per group the usable ``last`` form a window, which
+``closed`` bisects for the current interface (``X`` grows with ``last``: the float
+operations are monotone). Tails ruled out this way would have had every summary dropped
+by ``M Xm >= I`` (a relative slack of ``1e-9`` covers float rounding), so the fronts do
+not change.
 
 [Note: exact bounds]
 Without a cap on the fronts (``max_front=None``) the DP also drops what provably cannot
-lead to a plan below ``I`` given the layers before the cell: they run on the devices
-before it, so the stages there have ``sum F >= head_f / V`` and ``sum X >= head_x / V``
-and the largest ``X >= head_x / V`` (``head_*``: the forward / both times of layers
-``< first`` with intercepts, ``V``: the speed of the devices before the cell). With ``d``
-the dominant stage of the whole plan and ``w <= min(M, stages)`` (at most ``i + r``
-stages), the round is at least ``T_e`` of the first stage, ``M X_d + sum_{s<d} X_s + D``
-with ``D >= (sum of X after d) - (w - 1) X_d / 2``, so
+lead to a plan below ``I`` given the layers before the cell: they run on devices outside
+the cell's pool, so the stages there have ``sum F >= head_f / V`` and ``sum X >= head_x /
+V`` and the largest ``X >= head_x / V`` (``head_*``: the forward / both times of layers
+``< first`` with intercepts, ``V``: the speed of the devices outside the pool). With
+``d`` the dominant stage of the whole plan and ``w <= min(M, stages)`` (at most one stage
+per device outside the pool, plus ``r``), the round is at least ``T_e`` of the first
+stage, ``M X_d + sum_{s<d} X_s + D`` with ``D >= (sum of X after d) - (w - 1) X_d / 2``, so
 
 * every plan: ``round >= (M - 1 - (w - 1) / 2) X_d + sum_all X``: a summary, a stage
   with the average of its tail, or a whole cell whose bound reaches ``I`` is dropped;
@@ -107,7 +72,14 @@ with ``D >= (sum of X after d) - (w - 1) X_d / 2``, so
   of the layers before, and ``round >= M Xm + Pre + sum X`` of them; a summary reaching
   ``I`` in either becomes a ghost;
 * the dominant before the suffix (what a ghost waits for): ``round >= (M - (w - 1) / 2)
-  X_d + SumX`` with ``X_d > Xm``; a ghost reaching ``I`` is dropped.
+  X_d + SumX`` with ``X_d > Xm``; a ghost reaching ``I`` is dropped;
+* the all-reduce: every pipeline has ``R >= M Xm + G`` and prepending a stage keeps ``G'
+  >= G - B``; the ``k`` stages before the cell (at most one per device outside its pool)
+  have ``sum B <= k Xm_final``, so ``round >= (M - k) Xm_final + G``, i.e. ``round >= G
+  min(1, M / k)`` (``Xm_final <= round / M``). A summary (or a stage, whose ``T_a`` is a
+  lower bound of ``G``; ``T_a`` grows with ``last``) with ``G min(1, M / k) >= I`` is
+  dropped. This prunes the data-parallel groups whose all-reduce alone is slower than
+  the incumbent, which on slow links is most of them.
 
 A summary that one of these rules removes or turns into a ghost dominates only summaries
 the same rule removes or turns into ghosts (the bounds grow with ``R``, ``Xm``, ``Pre``
@@ -129,17 +101,16 @@ the proof is much cheaper because it prunes harder.
 Every speed-up here keeps the floats bit for bit and the order of equal summaries, so a
 capped search returns the same plan as the plain implementation and an uncapped one the
 same optimum (``tests/test_dp.py`` keeps that implementation as a reference; the extra
-passes can only pick another plan of equal round time). Cells with many
-candidate summaries are combined with numpy (``_combine_np``: the same float operations
-element by element, a stable ``lexsort`` and a blocked dominance scan, ``_pareto_np``,
-exact because dominance is transitive); small ones in plain Python, where ghosts are
-sorted and scanned only if the finite summaries leave room under the cap. Stage options
-are built once per (first layer, first device) and shared by all in-flight counts, with
-numpy only for long candidate lists (``_base`` / ``_base_py``). Group compute times take
-the maximum over the devices that can decide it (``_deciders``), memory checks over the
-devices that can bind first; both drop only devices whose value is provably never larger.
-The searches of one ``asteroid_dp`` call share prefix arrays, bound tables, interfaces and
-re-sharding times (``_Context``).
+passes can only pick another plan of equal round time). Cells with many candidate
+summaries are combined with numpy (``_combine_np``: the same float operations element by
+element, a stable ``lexsort`` and ``solver.pareto.pareto_np``, exact because dominance is
+transitive); small ones in plain Python, where ghosts are sorted and scanned only if the
+finite summaries leave room under the cap. Stage options are built once per (first
+layer, group) and shared by all in-flight counts and pools, with numpy only for long
+candidate lists. Group compute times take the maximum over the devices that can decide
+it (``_deciders``), memory checks over the devices that can bind first; both drop only
+devices whose value is provably never larger. The searches of one ``asteroid_dp`` call
+share prefix arrays, bound tables, interfaces and re-sharding times (``_Context``).
 
 [Note: cost columns in the DP]
 A device whose type has a column in the cost table takes the column's times as measured
@@ -147,7 +118,7 @@ A device whose type has a column in the cost table takes the column's times as m
 time function scaled by speed. The DP keeps every rule above exact as follows:
 
 * order and shares use the capability speed (a column device: its whole-model ratio of
-  base to column work), which does not depend on the stage, so ``base_shares`` stay
+  base to column work), which does not depend on the stage, so the free shares stay
   per group and micro-batch;
 * stage times are taken per device from its time source (the base or its column) and
   divisor (speed, or 1 for a column), in the same float operations as ``evaluate``;
@@ -156,10 +127,10 @@ time function scaled by speed. The DP keeps every rule above exact as follows:
   update_per_byte / (smallest divisor)`` (``Timing.update_pairs``);
 * every bound that divides base work by a sum of speeds (``work``, ``work_i``,
   ``head_*``: cell and stage cut-offs, candidate windows, exact bounds) divides by the
-  *bound speeds* ``u_d`` instead (``_Context.speed_total``): no stage is faster on ``d``
-  than the base times over ``u_d`` (the largest base / column ratio of any layer's
-  intercept or slope), so a group's ``X * sum(u) >= intercepts + slopes * b`` still
-  holds and the bounds stay lower bounds;
+  *bound speeds* ``u_d`` instead (``SearchSpace.pool_speed`` and friends): no stage is
+  faster on ``d`` than the base times over ``u_d`` (the largest base / column ratio of
+  any layer's intercept or slope), so a group's ``X * sum(u) >= intercepts + slopes * b``
+  still holds and the bounds stay lower bounds;
 * ``hiding_ratio`` takes the forward / backward ratios of every time source the
   cluster uses (the group maximum of forward and of backward may come from different
   devices, each within the smallest and largest ratio of its own source).
@@ -168,13 +139,6 @@ Without columns the bound speeds are the speeds, there is one time source, and e
 number, the order of equal summaries and the time taken are those of before
 (``tests/test_dp.py`` keeps the reference implementation and checks DP = brute force
 with and without columns).
-
-[Note: candidate cuts]
-Exactness costs time roughly quadratic in the number of cut positions. With more than
-``max_cuts`` layers boundaries, cuts are restricted to ``max_cuts`` candidates: the
-boundaries that split the model's total compute evenly, each moved to the boundary with
-the fewest cut bytes within half a step. The DP is exact over the candidate cuts;
-``max_cuts=None`` uses every boundary.
 """
 
 from __future__ import annotations
@@ -183,200 +147,67 @@ import logging
 import math
 import time
 from bisect import bisect_right
-from collections.abc import Sequence
-from dataclasses import dataclass, replace
-from operator import itemgetter
-from typing import Any
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal
 
 import numpy as np
 
 from asteroid_fx.errors import PlanError
-from cost_models.table import CostTable, TimeFit
-from solver.cluster import Cluster, Device
-from solver.evaluate import (
-    WORKSPACE_BYTES,
-    WORKSPACE_FRACTION,
-    LayerSums,
-    drain_term,
-    evaluate,
-    transfer_time,
-)
+from cost_models.table import CostTable
+from solver.cluster import Cluster
+from solver.diagnose import no_fit_error
+from solver.evaluate import WORKSPACE_BYTES, WORKSPACE_FRACTION, LayerSums, Pieces, pieces_time
+from solver.pareto import pareto, pareto_np
 from solver.plan import Plan, PlannerInfo, Stage
+from solver.space import (
+    DEFAULT_MAX_CUTS,
+    ClassSpace,
+    SearchSpace,
+    SliceSpace,
+    candidate_cuts,
+    micro_batch_choices,
+    sorted_devices,
+)
 from solver.split import split_shares, split_stage
-from solver.timing import Timing
+from solver.summary import PipelineSummary, Summary, dominates, hiding_ratio, prepend
 
-__all__ = ["DP_VERSION", "DEFAULT_MAX_CUTS", "DPResult", "PipelineSummary", "asteroid_dp",
-           "sorted_devices", "candidate_cuts", "micro_batch_choices", "no_fit_error",
-           "prepend", "dominates", "hiding_ratio"]
+__all__ = ["DP_VERSION", "DEFAULT_MAX_CUTS", "DPResult", "SearchTimeout", "asteroid_dp",
+           "make_space", "PipelineSummary", "prepend", "dominates", "hiding_ratio",
+           "sorted_devices", "candidate_cuts", "micro_batch_choices", "no_fit_error"]
 
 log = logging.getLogger(__name__)
 
 DP_VERSION = "1"
-DEFAULT_MAX_CUTS = 96
 _COARSE_CUTS = 12
 _REFINE_MBS = 1
 
-# A group of stage options: (j, shares, iface, lasts, compute_f, compute_b, t_a).
-_Group = tuple[int, tuple[int, ...], int, list[int], list[float], list[float], list[float]]
+SpaceName = Literal["order", "classes"]
 
-# The flight-independent part of a group: (j, shares, iface, lasts, compute_f, compute_b,
-# t_a, keep, fixed bytes, activation bytes per sample), lists over ``lasts``.
-_Base = tuple[int, tuple[int, ...], int, list[int], list[float], list[float], list[float],
+_NUMPY_ITEMS = 400
+"""Cells with at least this many candidate summaries are combined with numpy."""
+
+_NUMPY_LASTS = 16
+"""Stage options use numpy for more candidate ``last`` layers than this."""
+
+# The options of one group: (shares, gs, lasts, compute_f, compute_b, t_a); ``gs`` is the
+# interned (group, shares).
+_Option = tuple[tuple[int, ...], int, list[int], list[float], list[float], list[float]]
+
+# The share-independent part of a group's options: (free shares, gs, lasts, compute_f,
+# compute_b, t_a, keep, fixed bytes, activation bytes per sample), lists over ``lasts``.
+_Base = tuple[tuple[int, ...], int, list[int], list[float], list[float], list[float],
               int, list[float], list[float]]
 
 # The cut-offs of a cell ([Note: exact bounds]): (ghost when R >= this, ghost when M Xm +
 # Pre >= this, drop a ghost when (M - (w-1)/2) max(Xm, head) + SumX >= this, drop any
 # summary when (M - 1 - (w-1)/2) max(Xm, head) + SumX >= this, head, M - (w-1)/2,
-# M - 1 - (w-1)/2); with a cap only the first is finite.
-_Bounds = tuple[float, float, float, float, float, float, float]
-
-# A summary: (R, Xm, Pre, G, SumX, stage, tail); stage = (first, last, i, j, shares).
-Summary = tuple[float, float, float, float, float,
-                tuple[int, int, int, int, tuple[int, ...]], Any]
+# M - 1 - (w-1)/2, drop any summary when G >= this); with a cap only the first is finite.
+_Bounds = tuple[float, float, float, float, float, float, float, float]
 
 
-class PipelineSummary(tuple[float, float, float, float]):
-    """``(R, Xm, Pre, G)`` of a suffix pipeline (see [Note: why a Pareto front]), with
-    ``sum_x`` (``SumX``) and ``stages`` (``N``) as attributes, so that code written for
-    the four numbers keeps working."""
-
-    sum_x: float
-    stages: int
-
-    def __new__(cls, r: float, xm: float, pre: float, g: float, sum_x: float,
-                stages: int) -> PipelineSummary:
-        self = super().__new__(cls, (r, xm, pre, g))
-        self.sum_x = sum_x
-        self.stages = stages
-        return self
-
-    def __repr__(self) -> str:
-        return (f"PipelineSummary({tuple(self)!r}, sum_x={self.sum_x!r}, "
-                f"stages={self.stages!r})")
-
-
-def sorted_devices(cluster: Cluster, costs: CostTable | float) -> list[Device]:
-    """Devices by capability: speed descending, then memory descending, then name.
-
-    ``costs`` is the cost table (capability speeds of ``solver.timing.Timing``: a device
-    with a column has its whole-model ratio) or a host's FLOP/s (the declared speeds).
-    """
-    if isinstance(costs, CostTable):
-        speeds = Timing.of(costs, cluster).speeds
-    else:
-        speeds = cluster.speeds(costs)
-    return sorted(cluster.devices, key=lambda d: (-speeds[d.name], -d.memory_bytes, d.name))
-
-
-def micro_batch_choices(batch_size: int, micro_batch_sizes: Sequence[int] | None) -> list[int]:
-    """The micro-batch sizes to try: divisors of the batch size (or the given ones)."""
-    if batch_size < 1:
-        raise PlanError(f"batch_size must be >= 1, got {batch_size}")
-    if micro_batch_sizes is None:
-        return [b for b in range(1, batch_size + 1) if batch_size % b == 0]
-    bad = [b for b in micro_batch_sizes if b < 1 or batch_size % b]
-    if bad:
-        raise PlanError(f"micro-batch sizes {bad} do not divide the batch size {batch_size}; "
-                        f"use divisors of {batch_size}")
-    return sorted(set(micro_batch_sizes))
-
-
-def candidate_cuts(costs: CostTable, max_cuts: int | None) -> list[int]:
-    """Layer indices ``c`` after which a stage may end (``c`` in ``0..L-2``), sorted."""
-    n = costs.num_layers
-    if max_cuts is None or n - 1 <= max_cuts:
-        return list(range(n - 1))
-    work = [lc.fwd.at(1) + lc.bwd.at(1) for lc in costs.layers]
-    total = sum(work) or 1.0
-    prefix = [0.0]
-    for w in work:
-        prefix.append(prefix[-1] + w)
-    chosen: set[int] = set()
-    step = total / (max_cuts + 1)
-    for k in range(1, max_cuts + 1):
-        target = k * step
-        # boundary c (after layer c) where prefix[c + 1] is closest to the target
-        best = min(range(n - 1), key=lambda c: abs(prefix[c + 1] - target))
-        window = [c for c in range(n - 1) if abs(prefix[c + 1] - target) <= step / 2] or [best]
-        chosen.add(min(window, key=lambda c: (costs.cut_bytes[c],
-                                              abs(prefix[c + 1] - target))))
-    return sorted(chosen)
-
-
-def prepend(m: int, f: float, b: float, a: float,
-            tail: tuple[float, float, float, float] | None) -> PipelineSummary:
-    """The summary of a pipeline after prepending a stage with ``E_f = f``, ``E_b = b``,
-    ``T_a = a`` to ``tail`` (None: the stage alone); see [Note: why a Pareto front].
-
-    ``tail`` must be a ``PipelineSummary`` returned by ``prepend`` (typed as the four
-    numbers so that callers can keep their own summary aliases).
-    """
-    x = f + b
-    if tail is None:
-        return PipelineSummary(m * x + a, x, 0.0, a, x, 1)
-    if not isinstance(tail, PipelineSummary):
-        raise TypeError(f"prepend needs the PipelineSummary of the tail (from prepend), got "
-                        f"the plain tuple {tail!r}, which lacks SumX and the stage count")
-    r_t, xm_t, pre_t, g_t = tail
-    g = max(a, g_t - b)
-    sum_x = x + tail.sum_x
-    if xm_t >= x:
-        return PipelineSummary(max(f + r_t, m * xm_t + x + pre_t + a), xm_t, x + pre_t, g,
-                               sum_x, tail.stages + 1)
-    drain = drain_term(f, b, tail.sum_x, tail.stages, m)
-    return PipelineSummary(m * x + max(a + drain, g_t - b), x, drain, g, sum_x,
-                           tail.stages + 1)
-
-
-def dominates(lo: PipelineSummary, hi: PipelineSummary, m: int, rho: float = 0.0) -> bool:
-    """True when ``lo`` is never worse than ``hi`` after prepending any stages whose
-    ``min(E_f, E_b) >= rho (E_f + E_b)``, with ``m`` micro-batches (the Pareto rule)."""
-    h = 1.0 + (min(m, lo.stages + 1) - 1) * rho
-    return (lo[0] <= hi[0] and lo[1] <= hi[1] and lo[2] <= hi[2] and lo[3] <= hi[3]
-            and lo.sum_x <= hi.sum_x and lo.stages >= hi.stages
-            and (lo[1] == hi[1] or lo.sum_x - hi[2] <= h * lo[1]))
-
-
-def hiding_ratio(costs: CostTable, cluster: Cluster | None = None) -> float:
-    """A ``rho`` with ``min(E_f, E_b) >= rho (E_f + E_b)`` for every stage of any plan.
-
-    Each device's forward / backward time ratio lies between the smallest and the
-    largest ratio of the layers' fitted intercepts and slopes (a ratio of sums lies
-    between the ratios of the terms), and so does ``compute_f / compute_b`` (the device
-    with the largest backward has a forward of at least the smallest ratio times it);
-    re-sharding time adds the same to both, which moves the share of the smaller one
-    towards 1/2. With ``cluster``, the layers of every time source its devices use
-    count (the base times and the columns of their types, [Note: cost columns]).
-    """
-    fits: list[tuple[TimeFit, TimeFit]] = []
-    if cluster is None:
-        fits = [(lc.fwd, lc.bwd) for lc in costs.layers]
-    else:
-        base_used = False
-        seen: set[str] = set()
-        for device in cluster.devices:
-            col = costs.column(device.type)
-            if col is None:
-                base_used = True
-            elif device.type not in seen:
-                seen.add(device.type)
-                fits.extend(zip(col.fwd, col.bwd, strict=True))
-        if base_used:
-            fits = [(lc.fwd, lc.bwd) for lc in costs.layers] + fits
-    low, high = math.inf, 0.0
-    for fwd, bwd in fits:
-        for f, b in ((fwd.intercept_s, bwd.intercept_s),
-                     (fwd.per_sample_s, bwd.per_sample_s)):
-            if f == 0.0 and b == 0.0:
-                continue
-            ratio = f / b if b > 0.0 else math.inf
-            low, high = min(low, ratio), max(high, ratio)
-    if low == math.inf:  # no time anywhere
-        return 0.0
-    from_low = low / (1.0 + low)
-    from_high = 0.0 if high == math.inf else 1.0 / (1.0 + high)
-    # a hair below the bound: the DP's float sums may round the other way
-    return max(0.0, min(from_low, from_high, 0.5) * (1.0 - 1e-9))
+class SearchTimeout(Exception):
+    """Raised inside a search when its deadline passes (``asteroid_dp`` catches it)."""
 
 
 def _deciders(pairs: list[tuple[int, float]]) -> list[tuple[int, float]]:
@@ -403,103 +234,16 @@ def _source_deciders(triples: list[tuple[int, float, int]]) -> list[tuple[int, f
     return out
 
 
-_KEY = itemgetter(0, 1, 2, 3, 4)
-
-_NUMPY_ITEMS = 400
-"""Cells with at least this many candidate summaries are combined with numpy."""
-
-_NUMPY_LASTS = 16
-"""``_base`` uses numpy for more candidate ``last`` layers than this."""
-
-_BLOCK = 64
-"""Rows per block of ``_pareto_np``."""
-
-
-def _dominated(k_xm: Any, k_pre: Any, k_g: Any, k_sx: Any, xm: Any, pre: Any, g: Any,
-               sx: Any, h: float) -> Any:
-    """Entry ``[p, q]``: does row ``p`` of the first four arrays dominate row ``q`` of the
-    last four (the rule of ``_pareto``, ``R`` order assumed)?"""
-    return ((k_xm[:, None] <= xm[None, :]) & (k_pre[:, None] <= pre[None, :])
-            & (k_g[:, None] <= g[None, :]) & (k_sx[:, None] <= sx[None, :])
-            & ((k_xm[:, None] == xm[None, :])
-               | (k_sx[:, None] - pre[None, :] <= h * k_xm[:, None])))
-
-
-def _pareto_np(table: Any, cap: int | None, h: float) -> list[int]:
-    """``_pareto`` on rows ``(R, Xm, Pre, G, SumX)`` already in sorted order: the indices
-    of the rows kept.
-
-    The dominance relation of ``_pareto`` is transitive (for a fixed ``h``), so a row is
-    dominated by an earlier kept row exactly when it is dominated by any earlier row;
-    each block of rows is checked against the earlier rows of the block and against the
-    rows kept before it (in chunks, dropping the rows already found dominated)."""
-    n = len(table)
-    kept: list[int] = []
-    k_xm, k_pre, k_g, k_sx = (np.empty(0) for _ in range(4))
-    for start in range(0, n, _BLOCK):
-        blk = table[start:start + _BLOCK]
-        xm, pre, g, sx = blk[:, 1], blk[:, 2], blk[:, 3], blk[:, 4]
-        alive = ~np.triu(_dominated(xm, pre, g, sx, xm, pre, g, sx, h), 1).any(axis=0)
-        for c0 in range(0, len(k_xm), _BLOCK):
-            idx = np.flatnonzero(alive)
-            if not len(idx):
-                break
-            c1 = c0 + _BLOCK
-            hit = _dominated(k_xm[c0:c1], k_pre[c0:c1], k_g[c0:c1], k_sx[c0:c1],
-                             xm[idx], pre[idx], g[idx], sx[idx], h).any(axis=0)
-            alive[idx[hit]] = False
-        new = np.flatnonzero(alive)
-        if len(new):
-            kept.extend((new + start).tolist())
-            if cap is not None and len(kept) >= cap:
-                return kept[:cap]
-            k_xm = np.concatenate([k_xm, xm[new]])
-            k_pre = np.concatenate([k_pre, pre[new]])
-            k_g = np.concatenate([k_g, g[new]])
-            k_sx = np.concatenate([k_sx, sx[new]])
-    return kept
-
-
-def _pareto(items: list[Summary], cap: int | None, h: float,
-            ghosts: list[Summary] | None = None) -> list[Summary]:
-    """The summaries no other one dominates (``h``: see [Note: why a Pareto front]), in
-    sorted order, at most ``cap`` of them.
-
-    ``ghosts`` (``R = inf``, optional) sort after all of ``items`` (finite ``R``); they
-    are only sorted and scanned when ``items`` leave room under the cap."""
-    items.sort(key=_KEY)
-    kept = _scan(items, [], cap, h)
-    if ghosts and (cap is None or len(kept) < cap):
-        ghosts.sort(key=_KEY)
-        kept = _scan(ghosts, kept, cap, h)
-    return kept
-
-
-def _scan(items: list[Summary], kept: list[Summary], cap: int | None,
-          h: float) -> list[Summary]:
-    """``_pareto``'s scan of sorted ``items`` after the summaries ``kept`` so far."""
-    if cap is not None and len(kept) >= cap:
-        return kept
-    for s in items:
-        xm, pre, g, sx = s[1], s[2], s[3], s[4]
-        dominated = False
-        for k in kept:  # a plain loop: this scan is the DP's hot spot
-            kx = k[1]
-            if (kx <= xm and k[2] <= pre and k[3] <= g and k[4] <= sx
-                    and (kx == xm or k[4] - pre <= h * kx)):
-                dominated = True
-                break
-        if dominated:
-            continue
-        kept.append(s)
-        if cap is not None and len(kept) >= cap:
-            break
-    return kept
-
-
 @dataclass
 class DPResult:
-    """The best plan found, its predicted round time, and search statistics."""
+    """The best plan found, its predicted round time, and search statistics.
+
+    ``complete`` is False when the search stopped at its deadline: ``plan`` is then the
+    best plan found before it (or None), not a proven optimum. ``bounds`` holds, per
+    micro-batch size whose exact search over all candidate cuts finished, a proven lower
+    bound on the round time of its plans (its optimum, or the incumbent it could not
+    beat).
+    """
 
     plan: Plan | None
     round_time_s: float
@@ -507,74 +251,108 @@ class DPResult:
     cells: int
     max_front: int
     candidate_cuts: int
+    complete: bool = True
+    bounds: dict[int, float] = field(default_factory=dict)
+
+
+def make_space(costs: CostTable, cluster: Cluster, space: SpaceName = "order",
+               device_order: Sequence[str] | None = None) -> SearchSpace:
+    """The search space of ``asteroid_dp`` ([Note: group spaces] in ``solver.space``)."""
+    if space == "classes":
+        if device_order is not None:
+            raise PlanError("device_order applies to space='order' only; the classes space "
+                            "searches every order")
+        return ClassSpace(costs, cluster)
+    if space != "order":
+        raise PlanError(f"unknown search space {space!r}; use 'order' or 'classes'")
+    if device_order is None:
+        return SliceSpace(costs, cluster, sorted_devices(cluster, costs))
+    devices = [cluster.device(name) for name in device_order]
+    if len(set(device_order)) != len(devices):
+        raise PlanError(f"device_order repeats a device: {list(device_order)}")
+    return SliceSpace(costs, cluster, devices)
 
 
 class _Context:
-    """What the searches of one ``asteroid_dp`` call share: prefix sums as arrays, speed
-    and bandwidth tables, interned interfaces and their re-sharding times, and per
-    micro-batch size the bound tables and Algorithm-1 shares."""
+    """What the searches of one ``asteroid_dp`` call share: prefix sums as arrays, the
+    space, interned interfaces and their re-sharding times, and per micro-batch size the
+    bound tables and Algorithm-1 shares of every group."""
 
-    def __init__(self, costs: CostTable, cluster: Cluster, devices: list[Device],
-                 speeds: list[float], sums: LayerSums) -> None:
-        self.costs, self.cluster, self.sums = costs, cluster, sums
-        self.names = [d.name for d in devices]
-        self.speeds = speeds
-        self.caps = [d.memory_bytes for d in devices]
-        n = self.n = len(devices)
-        # [Note: cost columns in the DP]: per device its time source and divisor; the
-        # bounds divide base work by the bound speeds (equal to the speeds without columns)
-        timing = self.timing = Timing.of(costs, cluster)
-        per = [timing.device(name) for name in self.names]
-        self.srcs = [t.source for t in per]
-        self.divs = [t.divisor for t in per]
-        bounds = [t.bound_speed for t in per]
+    def __init__(self, costs: CostTable, cluster: Cluster, space: SearchSpace,
+                 sums: LayerSums) -> None:
+        self.costs, self.cluster, self.sums, self.space = costs, cluster, sums, space
+        timing = self.timing = space.timing
         self.np_src = [tuple(np.asarray(values, dtype=np.float64)
                              for values in (src.fwd_intercept, src.fwd_slope,
                                             src.bwd_intercept, src.bwd_slope))
                        for src in timing.sources]
-        self.np_fi, self.np_fs, self.np_bi, self.np_bs = self.np_src[0]
         self.np_params = np.asarray(sums.param_bytes, dtype=np.int64)
         self.np_buffers = np.asarray(sums.buffer_bytes, dtype=np.int64)
         self.np_acts = np.asarray(sums.activation_bytes, dtype=np.int64)
         self.np_edges = np.asarray(sums.boundary_bytes or [0] * len(sums.activation_bytes),
                                    dtype=np.int64)   # LayerSums.in_flight_bytes
         self.np_layer_params = np.diff(self.np_params)   # LayerSums.largest_params
-        self.speed_total = [[sum(bounds[a:b]) for b in range(n + 1)] for a in range(n)]
-        # the optimizer step of group a..b-1: max over (update_per_byte, divisor) pairs;
-        # the time sources of devices a..b-1
-        self.update_pairs = [[timing.update_pairs(self.names[a:b]) for b in range(n + 1)]
-                             for a in range(n)]
-        self.group_srcs = [[sorted(set(self.srcs[a:b])) for b in range(n + 1)]
-                           for a in range(n)]
-        self.min_bw = [[0.0] * (n + 1) for _ in range(n)]
-        self.max_lat = [[0.0] * (n + 1) for _ in range(n)]    # as allreduce_time's
-        for a in range(n):
-            low, high = math.inf, 0.0
-            for b in range(a + 1, n):
-                for c in range(a, b):
-                    low = min(low, cluster.bandwidth_bytes_s(self.names[c], self.names[b]))
-                    high = max(high, cluster.latency_s(self.names[c], self.names[b]))
-                self.min_bw[a][b + 1] = low
-                self.max_lat[a][b + 1] = high
         self.rho = hiding_ratio(costs, cluster)
-        # interfaces (i, j, shares) as small integers; -1 = before the first stage
-        self.iface_ids: dict[tuple[int, int, tuple[int, ...]], int] = {}
-        self.ifaces: list[tuple[int, int, tuple[int, ...]]] = []
+        # (group, shares) and (what the next stage receives from it, pool left) as small
+        # integers; an interface keeps the first (group, shares) of its signature
+        self.gs_ids: dict[tuple[int, tuple[int, ...]], int] = {}
+        self.gs: list[tuple[int, tuple[int, ...]]] = []
+        self.gs_sig: list[Any] = []
+        self.iface_ids: dict[tuple[Any, int], int] = {}
+        self.iface_gs: list[int] = []
+        self.iface_pool: list[int] = []
         self.comm: dict[tuple[int, int, int], float] = {}
-        self._per_mb: dict[int, tuple[Any, ...]] = {}
+        self.pieces: dict[tuple[int, int], tuple[Pieces, int, int]] = {}
+        self._per_mb: dict[int, tuple[list[float], list[float], list[float], list[float]]] = {}
+        self._group_mb: dict[int, dict[int, Any]] = {}
 
-    def for_micro_batch(self, mb: int) -> tuple[Any, ...]:
-        """``(work, work_i, head_f, head_x, base_shares, compute_devices,
-        memory_devices)`` for micro-batches of ``mb`` samples (see ``_Search``)."""
+    def gs_id(self, gid: int, shares: tuple[int, ...]) -> int:
+        key = (gid, shares)
+        found = self.gs_ids.get(key)
+        if found is None:
+            found = self.gs_ids[key] = len(self.gs)
+            self.gs.append(key)
+            self.gs_sig.append(self.space.signature(gid, shares))
+        return found
+
+    def iface(self, gs: int, pool: int) -> int:
+        """The interface of a stage on ``gs`` that leaves ``pool``: stages whose groups
+        send the same way (``SearchSpace.signature``) share it ([Note: DP cells])."""
+        key = (self.gs_sig[gs], pool)
+        found = self.iface_ids.get(key)
+        if found is None:
+            found = self.iface_ids[key] = len(self.iface_gs)
+            self.iface_gs.append(gs)
+            self.iface_pool.append(pool)
+        return found
+
+    def transfer(self, prev_gs: int, cur_gs: int, first: int) -> float:
+        """Re-sharding time of the cut before layer ``first`` between two (group, shares)."""
+        key = (prev_gs, cur_gs, first)
+        value = self.comm.get(key)
+        if value is None:
+            pair = (prev_gs, cur_gs)
+            found = self.pieces.get(pair)
+            if found is None:
+                pg, pshares = self.gs[prev_gs]
+                cg, shares = self.gs[cur_gs]
+                found = self.pieces[pair] = (self.space.pieces(pg, pshares, cg, shares),
+                                             len(pshares), len(shares))
+            value = self.comm[key] = pieces_time(found[0], found[1], found[2],
+                                                 self.costs.cut_bytes[first - 1])
+        return value
+
+    def for_micro_batch(self, mb: int) -> tuple[list[float], list[float], list[float],
+                                                 list[float]]:
+        """``(work, work_i, head_f, head_x)`` for micro-batches of ``mb`` samples: compute
+        of layers ``l..`` for one micro-batch at speed 1, per sample (``work``) and with the
+        intercepts (``work_i``); ``head_f`` / ``head_x``: the same of layers ``< l``,
+        forward only / forward and backward, with the intercepts."""
         found = self._per_mb.get(mb)
         if found is not None:
             return found
-        sums, n, speeds, caps = self.sums, self.n, self.speeds, self.caps
+        sums = self.sums
         layers = range(sums.num_layers + 1)
-        # compute of layers l.. for one micro-batch at speed 1, per sample (``work``, as
-        # the cell bound has always used it) and with the intercepts (``work_i``, for the
-        # bounds of [Note: exact bounds]); ``head_f`` / ``head_x``: the same of layers < l,
-        # forward only / forward and backward, with the intercepts
         work = [(sums.fwd_slope[-1] - sums.fwd_slope[first]
                  + sums.bwd_slope[-1] - sums.bwd_slope[first]) * mb for first in layers]
         work_i = [work[first] + (sums.fwd_intercept[-1] - sums.fwd_intercept[first]
@@ -583,323 +361,288 @@ class _Context:
         head_f = [sums.fwd_intercept[first] + sums.fwd_slope[first] * mb for first in layers]
         head_x = [head_f[first] + sums.bwd_intercept[first] + sums.bwd_slope[first] * mb
                   for first in layers]
-        base_shares = {(i, j): split_shares(mb, speeds[i:j])
-                       for i in range(n) for j in range(i + 1, min(n, i + mb) + 1)}
-        # the devices that decide a group's compute time and memory fit: a device with at
-        # most the share of another and at least its speed (memory) never decides (the
-        # float operations are monotone, so dropping it changes no bit)
-        compute_devices: dict[tuple[int, int], list[tuple[int, float, int]]] = {}
-        memory_devices: dict[tuple[int, int], list[tuple[int, int]]] = {}
-        for (a, b), shares in base_shares.items():
-            if shares is None:
-                continue
-            members = list(zip(shares, range(a, b), strict=True))
-            compute_devices[(a, b)] = _source_deciders(
-                [(share, self.divs[d], self.srcs[d]) for share, d in members])
-            memory_devices[(a, b)] = [
-                (share, d) for share, d in members
-                if not any((s2 >= share and caps[d2] <= caps[d])
-                           and (s2, -caps[d2], d2) > (share, -caps[d], d)
-                           for s2, d2 in members)]
-        found = self._per_mb[mb] = (work, work_i, head_f, head_x, base_shares,
-                                    compute_devices, memory_devices)
+        found = self._per_mb[mb] = (work, work_i, head_f, head_x)
+        return found
+
+    def group_mb(self, mb: int, gid: int) -> Any:
+        """``(free shares, compute deciders, memory holders)`` of group ``gid`` for
+        micro-batches of ``mb`` samples, or None when the group has more devices than
+        samples. A device with at most the share of another and at least its speed
+        (memory) never decides (the float operations are monotone, so dropping it changes
+        no bit)."""
+        table = self._group_mb.setdefault(mb, {})
+        if gid in table:
+            return table[gid]
+        info = self.space.group(gid)
+        shares = split_shares(mb, info.speeds)
+        if shares is None:
+            table[gid] = None
+            return None
+        space = self.space
+        members = list(zip(shares, info.members, strict=True))
+        deciders = _source_deciders([(share, space.divs[d], space.srcs[d])
+                                     for share, d in members])
+        caps = space.caps
+        holders = [(share, d) for share, d in members
+                   if not any((s2 >= share and caps[d2] <= caps[d])
+                              and (s2, -caps[d2], d2) > (share, -caps[d], d)
+                              for s2, d2 in members)]
+        found = table[gid] = (shares, deciders, holders)
         return found
 
 
 class _Search:
     """The DP for one micro-batch size (see the module notes)."""
 
-    def __init__(self, costs: CostTable, cluster: Cluster, devices: list[Device],
-                 speeds: list[float], sums: LayerSums, ends: list[int], micro_batch: int,
-                 num_micro: int, osf: float, max_front: int | None,
-                 incumbent: float = math.inf, context: _Context | None = None) -> None:
-        ctx = context if context is not None else _Context(costs, cluster, devices, speeds,
-                                                             sums)
-        self.costs, self.cluster, self.devices = costs, cluster, devices
-        self.names = ctx.names
-        self.speeds, self.sums, self.osf = speeds, sums, osf
+    def __init__(self, ctx: _Context, ends: list[int], micro_batch: int, num_micro: int,
+                 osf: float, max_front: int | None, incumbent: float = math.inf,
+                 deadline: float | None = None) -> None:
+        self.ctx = ctx
+        self.space = ctx.space
+        self.costs, self.sums, self.timing = ctx.costs, ctx.sums, ctx.timing
+        self.osf = osf
         self.mb, self.m = micro_batch, num_micro
-        self.caps = ctx.caps
-        self.n = ctx.n
-        self.np_fi, self.np_fs, self.np_bi, self.np_bs = ctx.np_fi, ctx.np_fs, ctx.np_bi, ctx.np_bs
-        self.np_params, self.np_buffers, self.np_acts = (ctx.np_params, ctx.np_buffers,
-                                                         ctx.np_acts)
-        self.np_edges, self.np_layer_params = ctx.np_edges, ctx.np_layer_params
-        (self.work, self.work_i, self.head_f, self.head_x, self.base_shares,
-         self.compute_devices, self.memory_devices) = ctx.for_micro_batch(micro_batch)
-        self.speed_total = ctx.speed_total
-        self.timing, self.srcs, self.np_src = ctx.timing, ctx.srcs, ctx.np_src
-        self.update_pairs, self.group_srcs = ctx.update_pairs, ctx.group_srcs
-        self.min_bw = ctx.min_bw
-        self.max_lat = ctx.max_lat
-        self.num_layers = costs.num_layers
+        self.n = ctx.space.n
+        self.work, self.work_i, self.head_f, self.head_x = ctx.for_micro_batch(micro_batch)
+        self.num_layers = ctx.costs.num_layers
         self.ends = ends  # candidate last layers of a non-final stage
         self.max_front = max_front
-        self._comm = ctx.comm
-        self._options: dict[tuple[int, int, int, bool], list[_Group]] = {}
-        self._bases: dict[tuple[int, int, bool], list[_Base]] = {}
+        self.deadline = deadline
+        self._layers: dict[tuple[int, bool], tuple[Any, ...]] = {}
+        self._bases: dict[tuple[int, int, bool], _Base | None] = {}
+        self._options: dict[tuple[int, int, int, bool], list[_Option]] = {}
         self._closed: dict[tuple[int, int, int], list[Summary]] = {}
         self._kind_cache: dict[int, tuple[int, list[tuple[bool, int, list[tuple[int, int]]]]]] = {}
         # fronts as float arrays, by id() of the (cached, hence alive) front list
         self._arrays: dict[int, Any] = {}
-        self._iface_ids = ctx.iface_ids
-        self._ifaces = ctx.ifaces
         self.max_front_seen = 0
         self.incumbent = incumbent
         self.rho = ctx.rho
+        self._top_speed = ctx.space.best_speed(ctx.space.root, micro_batch)
 
     # -- stage costs --------------------------------------------------------------------
-    def iface(self, i: int, j: int, shares: tuple[int, ...]) -> int:
-        key = (i, j, shares)
-        found = self._iface_ids.get(key)
-        if found is None:
-            found = self._iface_ids[key] = len(self._ifaces)
-            self._ifaces.append(key)
-        return found
-
-    def comm(self, prev: int, cur: int, first: int) -> float:
-        """Re-sharding time of the cut before layer ``first`` between two interfaces."""
-        if prev < 0:
-            return 0.0
-        key = (prev, cur, first)
-        value = self._comm.get(key)
-        if value is None:
-            pi, pj, pshares = self._ifaces[prev]
-            i, j, shares = self._ifaces[cur]
-            value = self._comm[key] = transfer_time(
-                self.cluster, self.names[pi:pj], pshares, self.names[i:j], shares,
-                self.costs.cut_bytes[first - 1])
-        return value
-
-    # -- the recursion ------------------------------------------------------------------
-    def _base(self, first: int, i: int, final: bool) -> list[_Base]:
-        """The flight-independent part of ``options``: per group ``i..j-1`` with the
-        speed-proportional shares, the candidate ``last`` layers and their compute times.
-
-        Candidates stop once even a perfectly balanced split over the largest group would
-        cost ``M X >= incumbent`` (compute only grows with ``last``); for a non-final stage
-        they start where the layers left after it fit the devices after it ([Note:
-        candidate windows]). Times are computed with numpy over all ``last`` at once, with
-        the same float operations as ``LayerSums.compute`` and ``allreduce_from``, so they
-        are bit-identical to ``evaluate``'s."""
-        key = (first, i, final)
-        found = self._bases.get(key)
+    def _layer_terms(self, first: int, final: bool) -> tuple[Any, ...]:
+        """Per candidate ``last`` (up to where even the fastest group of the cluster costs
+        ``M X >= incumbent``): the stage's slope and intercept sums, per time source its
+        (fwd intercepts, fwd slopes, bwd intercepts, bwd slopes), params, and the memory
+        parts (fixed bytes, activation bytes per sample), as numpy arrays for long lists
+        and Python lists for short ones, in the float operations of ``LayerSums``,
+        ``allreduce_from`` and ``stage_memory_parts``."""
+        key = (first, final)
+        found = self._layers.get(key)
         if found is not None:
             return found
-        out: list[_Base] = []
-        self._bases[key] = out
-        candidates = [self.num_layers - 1] if final else [e for e in self.ends if e >= first]
-        upper = min(self.n, i + self.mb)
         sums = self.sums
-        m, inc = self.m, self.incumbent
+        m, inc, mb = self.m, self.incumbent, self.mb
         inc_hi = inc * (1.0 + 1e-9)
+        speed = self._top_speed
+        candidates = [self.num_layers - 1] if final else [e for e in self.ends if e >= first]
         lasts: list[int] = []
+        slopes: list[float] = []
+        inters: list[float] = []
         for last in candidates:
             slope = (sums.fwd_slope[last + 1] - sums.fwd_slope[first]
                      + sums.bwd_slope[last + 1] - sums.bwd_slope[first])
-            if m * slope * self.mb / self.speed_total[i][upper] >= inc:
+            if m * slope * mb / speed >= inc:
                 break
             inter = (sums.fwd_intercept[last + 1] - sums.fwd_intercept[first]
                      + sums.bwd_intercept[last + 1] - sums.bwd_intercept[first])
-            if m * (inter + slope * self.mb) / self.speed_total[i][upper] >= inc_hi:
+            if m * (inter + slope * mb) / speed >= inc_hi:
                 break
             lasts.append(last)
+            slopes.append(slope)
+            inters.append(inter)
+        use_np = len(lasts) > _NUMPY_LASTS
+        sources = self.timing.sources
+        used = sorted(set(self.space.srcs))
         if not lasts:
-            return out
-        work = self.work_i
-        tail_limit = inc_hi / m
-        if len(lasts) <= _NUMPY_LASTS:
-            return self._base_py(first, i, final, lasts, upper, out)
-        stop = np.asarray(lasts) + 1
-        # per time source: (fwd intercepts, fwd slopes, bwd intercepts, bwd slopes) of the
-        # stages first..last (one source without columns)
-        terms = {src: tuple(a[stop] - a[first] for a in self.np_src[src])
-                 for src in self.group_srcs[i][upper]}
-        params = self.np_params[stop] - self.np_params[first]
-        params_f = params.astype(np.float64)
-        positive = params > 0
-        # stage_memory_parts over all `last` at once (exact while bytes stay below 2**53)
-        largest = np.maximum.accumulate(self.np_layer_params[first:])[stop - 1 - first]
-        fixed = (np.ceil(params * (2.0 + self.osf))
-                 + (self.np_buffers[stop] - self.np_buffers[first]) + WORKSPACE_BYTES
-                 + largest).tolist()
-        acts = (self.np_acts[stop] - self.np_acts[first] + self.np_edges[first]
-                + self.np_edges[stop]).astype(np.float64).tolist()
-        for j in range(i + 1, upper + 1):
-            free = self.base_shares[(i, j)]
-            if free is None:
-                continue
-            lo = 0
-            if not final:
-                if j >= self.n:
-                    continue
-                speed_rest = self.speed_total[j][self.n]
-                while lo < len(lasts) and work[lasts[lo] + 1] / speed_rest >= tail_limit:
-                    lo += 1
-                if lo == len(lasts):
-                    continue
-            deciders = self.compute_devices[(i, j)]
+            found = (lasts, slopes, inters, {}, [], [], [], use_np)
+        elif use_np:
+            stop = np.asarray(lasts) + 1
+            terms: dict[int, Any] = {src: tuple(a[stop] - a[first] for a in self.ctx.np_src[src])
+                                     for src in used}
+            params = self.ctx.np_params[stop] - self.ctx.np_params[first]
+            largest = np.maximum.accumulate(self.ctx.np_layer_params[first:])[stop - 1 - first]
+            # stage_memory_parts over all `last` at once (exact while bytes stay below 2**53)
+            fixed = (np.ceil(params * (2.0 + self.osf))
+                     + (self.ctx.np_buffers[stop] - self.ctx.np_buffers[first]) + WORKSPACE_BYTES
+                     + largest).tolist()
+            acts = (self.ctx.np_acts[stop] - self.ctx.np_acts[first] + self.ctx.np_edges[first]
+                    + self.ctx.np_edges[stop]).astype(np.float64).tolist()
+            found = (lasts, slopes, inters, terms, params, fixed, acts, use_np)
+        else:
+            pb, bb = sums.param_bytes, sums.buffer_bytes
+            factor = 2.0 + self.osf
+            params_l = [pb[last + 1] - pb[first] for last in lasts]
+            fixed = [float(math.ceil(p * factor) + (bb[last + 1] - bb[first]) + WORKSPACE_BYTES
+                           + sums.largest_params(first, last))
+                     for p, last in zip(params_l, lasts, strict=True)]
+            acts = [float(sums.in_flight_bytes(first, last)) for last in lasts]
+            terms = {}
+            for src in used:
+                t = sources[src]
+                fi, fs, bi, bs = t.fwd_intercept, t.fwd_slope, t.bwd_intercept, t.bwd_slope
+                terms[src] = [(fi[last + 1] - fi[first], fs[last + 1] - fs[first],
+                               bi[last + 1] - bi[first], bs[last + 1] - bs[first])
+                              for last in lasts]
+            found = (lasts, slopes, inters, terms, params_l, fixed, acts, use_np)
+        self._layers[key] = found
+        return found
+
+    def _base(self, first: int, gid: int, final: bool) -> _Base | None:
+        """The flight-independent part of ``options``: the group's free shares (Algorithm 1
+        without a memory cap), the candidate ``last`` layers and their compute times, T_a
+        and memory parts. Candidates stop once even a perfectly balanced split over the
+        group costs ``M X >= incumbent`` (compute only grows with ``last``). Times are
+        bit-identical to ``evaluate``'s."""
+        key = (first, gid, final)
+        if key in self._bases:
+            return self._bases[key]
+        self._bases[key] = None
+        per = self.ctx.group_mb(self.mb, gid)
+        if per is None:
+            return None
+        free, deciders, _ = per
+        info = self.space.group(gid)
+        lasts_all, slopes, inters, terms, params, fixed, acts, use_np = self._layer_terms(
+            first, final)
+        m, inc, mb = self.m, self.incumbent, self.mb
+        inc_hi = inc * (1.0 + 1e-9)
+        speed = info.bound_speed
+        # the stages that even a perfectly balanced split cannot keep below the incumbent
+        # (slopes and intercepts only grow with `last`): bisect the first of them
+        count, hi_k = 0, len(slopes)
+        while count < hi_k:
+            mid = (count + hi_k) // 2
+            if (m * slopes[mid] * mb / speed >= inc
+                    or m * (inters[mid] + slopes[mid] * mb) / speed >= inc_hi):
+                hi_k = mid
+            else:
+                count = mid + 1
+        if not count:
+            return None
+        lasts = lasts_all[:count]
+        size = info.size
+        pairs = info.update_pairs
+        if use_np:
             b, v, src = deciders[0]
             f_int, f_slope, b_int, b_slope = terms[src]
-            cf = (f_int[lo:] + f_slope[lo:] * b) / v
-            cb = (b_int[lo:] + b_slope[lo:] * b) / v
+            cf = (f_int[:count] + f_slope[:count] * b) / v
+            cb = (b_int[:count] + b_slope[:count] * b) / v
             for b, v, src in deciders[1:]:
                 f_int, f_slope, b_int, b_slope = terms[src]
-                cf = np.maximum(cf, (f_int[lo:] + f_slope[lo:] * b) / v)
-                cb = np.maximum(cb, (b_int[lo:] + b_slope[lo:] * b) / v)
+                cf = np.maximum(cf, (f_int[:count] + f_slope[:count] * b) / v)
+                cb = np.maximum(cb, (b_int[:count] + b_slope[:count] * b) / v)
             # T_a: all-reduce (allreduce_from) plus the optimizer step on the slowest
             # device (Timing.group_update_time), in the same float operations
-            size = j - i
+            par = params[:count]
             if size > 1:
-                reduce = np.where(positive[lo:], 2.0 * (size - 1) * params_f[lo:]
-                                  / (size * self.min_bw[i][j])
-                                  + 2.0 * (size - 1) * self.max_lat[i][j], 0.0)
+                reduce = np.where(par > 0, 2.0 * (size - 1) * par.astype(np.float64)
+                                  / (size * info.min_bw) + 2.0 * (size - 1) * info.max_lat,
+                                  0.0)
             else:
-                reduce = np.zeros(len(lasts) - lo)
-            pairs = self.update_pairs[i][j]
+                reduce = np.zeros(count)
             upb, div = pairs[0]
-            step = params[lo:] * upb / div
+            step = par * upb / div
             for upb, div in pairs[1:]:
-                step = np.maximum(step, params[lo:] * upb / div)
+                step = np.maximum(step, par * upb / div)
             ta = (reduce + step).tolist()
             # compute grows with `last`: stages past `keep` cost M X >= incumbent
             keep = int(np.count_nonzero(m * (cf + cb) < inc))
-            out.append((j, free, self.iface(i, j, free), lasts[lo:], cf.tolist(), cb.tolist(),
-                        ta, keep, fixed[lo:], acts[lo:]))
-        return out
-
-    def _base_py(self, first: int, i: int, final: bool, lasts: list[int], upper: int,
-                 out: list[_Base]) -> list[_Base]:
-        """``_base`` for a few ``last`` in plain Python: the same float operations as the
-        numpy path (and as ``LayerSums``, ``allreduce_from``, ``stage_memory_parts``)."""
-        sums = self.sums
-        m, inc = self.m, self.incumbent
-        pb, bb = sums.param_bytes, sums.buffer_bytes
-        factor = 2.0 + self.osf
-        params = [pb[last + 1] - pb[first] for last in lasts]
-        fixed = [float(math.ceil(p * factor) + (bb[last + 1] - bb[first]) + WORKSPACE_BYTES
-                       + sums.largest_params(first, last))
-                 for p, last in zip(params, lasts, strict=True)]
-        acts = [float(sums.in_flight_bytes(first, last)) for last in lasts]
-        # per time source, per `last`: (fwd intercept, fwd slope, bwd intercept, bwd slope)
-        sources = self.timing.sources
-        terms: dict[int, list[tuple[float, float, float, float]]] = {}
-        for src in self.group_srcs[i][upper]:
-            t = sources[src]
-            fi, fs, bi, bs = t.fwd_intercept, t.fwd_slope, t.bwd_intercept, t.bwd_slope
-            terms[src] = [(fi[last + 1] - fi[first], fs[last + 1] - fs[first],
-                           bi[last + 1] - bi[first], bs[last + 1] - bs[first])
-                          for last in lasts]
-        single = terms[self.srcs[i]] if len(terms) == 1 else None
-        work = self.work_i
-        tail_limit = inc * (1.0 + 1e-9) / m
-        for j in range(i + 1, upper + 1):
-            free = self.base_shares[(i, j)]
-            if free is None:
-                continue
-            lo = 0
-            if not final:
-                if j >= self.n:
-                    continue
-                speed_rest = self.speed_total[j][self.n]
-                while lo < len(lasts) and work[lasts[lo] + 1] / speed_rest >= tail_limit:
-                    lo += 1
-                if lo == len(lasts):
-                    continue
-            deciders = self.compute_devices[(i, j)]
-            cf: list[float] = []
-            cb: list[float] = []
-            if single is not None:
-                for f_int, f_slope, b_int, b_slope in single[lo:]:
-                    cf.append(max((f_int + f_slope * b) / v for b, v, _ in deciders))
-                    cb.append(max((b_int + b_slope * b) / v for b, v, _ in deciders))
+            cf_l, cb_l = cf.tolist(), cb.tolist()
+        else:
+            cf_l, cb_l = [], []
+            if len(info.sources) == 1:
+                for f_i, f_s, b_i, b_s in terms[info.sources[0]][:count]:
+                    cf_l.append(max((f_i + f_s * b) / v for b, v, _ in deciders))
+                    cb_l.append(max((b_i + b_s * b) / v for b, v, _ in deciders))
             else:
-                for k in range(lo, len(lasts)):
-                    cf.append(max((terms[src][k][0] + terms[src][k][1] * b) / v
-                                  for b, v, src in deciders))
-                    cb.append(max((terms[src][k][2] + terms[src][k][3] * b) / v
-                                  for b, v, src in deciders))
-            size = j - i
-            min_bw, pairs = self.min_bw[i][j], self.update_pairs[i][j]
-            lat = self.max_lat[i][j]
+                for k in range(count):
+                    cf_l.append(max((terms[src][k][0] + terms[src][k][1] * b) / v
+                                    for b, v, src in deciders))
+                    cb_l.append(max((terms[src][k][2] + terms[src][k][3] * b) / v
+                                    for b, v, src in deciders))
+            min_bw, lat = info.min_bw, info.max_lat
             upb, slowest = pairs[0]
             if len(pairs) == 1:
-                steps = [p * upb / slowest for p in params[lo:]]
+                steps = [p * upb / slowest for p in params[:count]]
             else:
-                steps = [max(p * u / d for u, d in pairs) for p in params[lo:]]
+                steps = [max(p * u / d for u, d in pairs) for p in params[:count]]
             ta = [(2.0 * (size - 1) * p / (size * min_bw) + 2.0 * (size - 1) * lat
                    if size > 1 and p > 0 else 0.0)
-                  + step for p, step in zip(params[lo:], steps, strict=True)]
+                  + step for p, step in zip(params[:count], steps, strict=True)]
             keep = 0
-            for x_f, x_b in zip(cf, cb, strict=True):
+            for x_f, x_b in zip(cf_l, cb_l, strict=True):
                 if m * (x_f + x_b) >= inc:
                     break
                 keep += 1
-            out.append((j, free, self.iface(i, j, free), lasts[lo:], cf, cb, ta, keep,
-                        fixed[lo:], acts[lo:]))
-        return out
+        found = (free, self.ctx.gs_id(gid, free), lasts, cf_l, cb_l, ta, keep,
+                 fixed[:count], acts[:count])
+        self._bases[key] = found
+        return found
 
-    def options(self, first: int, i: int, flight: int, final: bool) -> list[_Group]:
-        """Stages starting at layer ``first`` on devices from ``i`` with ``flight``
+    def options(self, first: int, gid: int, flight: int, final: bool) -> list[_Option]:
+        """Stages starting at layer ``first`` on group ``gid`` with ``flight``
         micro-batches in flight (``final``: the last stage, else one that ends before the
-        last layer), as groups ``(j, shares, iface, lasts, compute_f, compute_b, t_a)``:
-        the stages on devices ``i..j-1`` with those shares, one per ``last`` (ascending).
+        last layer), as ``(shares, gs, lasts, compute_f, compute_b, t_a)``: one stage per
+        ``last`` (ascending).
 
-        A group with the speed-proportional shares (Algorithm 1 without a memory cap) has
-        compute times non-decreasing in ``last``; memory-capped stages come as groups of
-        one, in the order of their ``last``. A group stops where its own compute reaches
-        ``M X >= incumbent`` (the recursion would drop those, and the incumbent only
-        decreases) and where a device runs out of memory (memory only grows with
-        ``last``); then Algorithm 1 caps the shares until the group cannot hold the stage
-        at all."""
-        key = (first, i, flight, final)
+        The free shares (Algorithm 1 without a memory cap) have compute times
+        non-decreasing in ``last``; memory-capped stages come one per entry, in the order
+        of their ``last``. The free entry stops where its own compute reaches ``M X >=
+        incumbent`` (the recursion would drop those, and the incumbent only decreases) and
+        where a device runs out of memory (memory only grows with ``last``); then
+        Algorithm 1 caps the shares until the group cannot hold the stage at all."""
+        key = (first, gid, flight, final)
         found = self._options.get(key)
         if found is not None:
             return found
-        out: list[_Group] = []
-        m, inc = self.m, self.incumbent
-        sums, caps = self.sums, self.caps
-        frac = WORKSPACE_FRACTION
-        for j, free, free_id, sel, cf, cb, ta, keep, fixed, acts in self._base(first, i, final):
-            holders = self.memory_devices[(i, j)]
-
-            def fit(k: int, holders: list[tuple[int, int]] = holders,
-                    fixed: list[float] = fixed, acts: list[float] = acts) -> bool:
-                per = acts[k] * flight
-                for b, d in holders:  # memory_from_parts, in the same float operations
-                    a = per * b
-                    if fixed[k] + a + math.ceil(a * frac) > caps[d]:
-                        return False
-                return True
-
-            fits = len(sel)
-            if not fit(fits - 1):  # memory grows with `last`: bisect the first misfit
-                lo_k, hi_k = 0, fits - 1
-                while lo_k < hi_k:
-                    mid = (lo_k + hi_k) // 2
-                    if fit(mid):
-                        lo_k = mid + 1
-                    else:
-                        hi_k = mid
-                fits = lo_k
-            n_free = min(fits, keep)
-            if n_free:
-                out.append((j, free, free_id, sel[:n_free], cf[:n_free], cb[:n_free],
-                            ta[:n_free]))
-            for k in range(fits, len(sel)):
-                last = sel[k]
-                shares = split_stage(sums, first, last, self.speeds[i:j], caps[i:j], self.mb,
-                                     flight, self.osf, free)
-                if shares is None:  # longer stages need even more memory
-                    break
-                cfs, cbs = self.timing.compute(first, last, self.names[i:j], shares)
-                if m * (cfs + cbs) >= inc:
-                    continue
-                out.append((j, shares, self.iface(i, j, shares), [last], [cfs], [cbs],
-                            [ta[k]]))
+        out: list[_Option] = []
         self._options[key] = out
+        base = self._base(first, gid, final)
+        if base is None:
+            return out
+        free, free_gs, sel, cf, cb, ta, keep, fixed, acts = base
+        m, inc = self.m, self.incumbent
+        info = self.space.group(gid)
+        holders = self.ctx.group_mb(self.mb, gid)[2]
+        caps = self.space.caps
+        frac = WORKSPACE_FRACTION
+
+        def fit(k: int) -> bool:
+            per = acts[k] * flight
+            for b, d in holders:  # memory_from_parts, in the same float operations
+                a = per * b
+                if fixed[k] + a + math.ceil(a * frac) > caps[d]:
+                    return False
+            return True
+
+        fits = len(sel)
+        if not fit(fits - 1):  # memory grows with `last`: bisect the first misfit
+            lo_k, hi_k = 0, fits - 1
+            while lo_k < hi_k:
+                mid = (lo_k + hi_k) // 2
+                if fit(mid):
+                    lo_k = mid + 1
+                else:
+                    hi_k = mid
+            fits = lo_k
+        n_free = min(fits, keep)
+        if n_free:
+            out.append((free, free_gs, sel[:n_free], cf[:n_free], cb[:n_free], ta[:n_free]))
+        for k in range(fits, len(sel)):
+            last = sel[k]
+            shares = split_stage(self.sums, first, last, info.speeds, info.caps, self.mb,
+                                 flight, self.osf, free)
+            if shares is None:  # longer stages need even more memory
+                break
+            cfs, cbs = self.timing.compute(first, last, info.names, shares)
+            if m * (cfs + cbs) >= inc:
+                continue
+            out.append((shares, self.ctx.gs_id(gid, shares), [last], [cfs], [cbs], [ta[k]]))
         return out
 
+    # -- the recursion ------------------------------------------------------------------
     def closed(self, r: int, first: int, prev: int) -> list[Summary]:
         """Non-dominated summaries of suffixes from layer ``first`` whose first stage
         receives from ``prev`` and that have exactly ``r`` stages (``r < M``) or at least
@@ -909,114 +652,145 @@ class _Search:
         found = self._closed.get(key)
         if found is not None:
             return found
+        if self.deadline is not None and time.perf_counter() > self.deadline:
+            raise SearchTimeout
+        ctx, space = self.ctx, self.space
         m = self.m
-        i = 0 if prev < 0 else self._ifaces[prev][1]
+        pool = space.root if prev < 0 else ctx.iface_pool[prev]
+        prev_gs = ctx.iface_gs[prev] if prev >= 0 else -1
+        sizes, speeds = space.pool_sizes, space.pool_speeds
+        pool_speed = speeds[pool]
+        pool_size = sizes[pool]
         finals: list[tuple[float, float, Any]] = []
         segs: list[tuple[float, float, float, float, float, Any, list[Summary]]] = []
         total = 0
         # every plan has a stage with X >= (remaining work) / (remaining speed)
         inc = self.incumbent
-        bounds: _Bounds = (inc, math.inf, math.inf, math.inf, 0.0, 0.0, 0.0)
-        rest = self.work_i[first] / self.speed_total[i][self.n]
-        if (self.n - i >= r and self.num_layers - first >= r
-                and m * self.work[first] / self.speed_total[i][self.n] < inc
+        bounds: _Bounds = (inc, math.inf, math.inf, math.inf, 0.0, 0.0, 0.0, math.inf)
+        rest = self.work_i[first] / pool_speed
+        if (pool_size >= r and self.num_layers - first >= r
+                and m * self.work[first] / pool_speed < inc
                 and m * rest < inc * (1.0 + 1e-9)):
             if self.max_front is None:  # [Note: exact bounds]
                 cut = inc * (1.0 + 1e-12)
-                xpre = self.head_x[first] / self.speed_total[0][i] if first > 0 else 0.0
-                # at most i + r stages, so the dominant stage hides at most w - 1 halves
-                w = min(m, i + r) if r < m else m
+                outside = space.outside_speeds[pool]
+                xpre = self.head_x[first] / outside if first > 0 else 0.0
+                # at most one stage per device outside the pool, plus r: the dominant
+                # stage hides at most w - 1 halves
+                w = min(m, self.n - pool_size + r) if r < m else m
                 half = m - (w - 1) / 2
                 low = half - 1
                 if low * (xpre if xpre > rest else rest) + xpre + rest >= cut:
                     self._closed[key] = []
                     return []
+                # G reaches the round unless the stages before hide it: at most k of them
+                k = self.n - pool_size
+                g_cut = cut if k <= m else cut * k / m
                 if first > 0:
-                    bounds = (cut - self.head_f[first] / self.speed_total[0][i], cut - xpre,
-                              cut, cut - xpre, xpre, half, low)
+                    bounds = (cut - self.head_f[first] / outside, cut - xpre,
+                              cut, cut - xpre, xpre, half, low, g_cut)
                 else:
-                    bounds = (inc, cut, cut, cut, 0.0, half, low)
+                    bounds = (inc, cut, cut, cut, 0.0, half, low, g_cut)
             flight, kinds = self._kinds(r)
-            j_max = self.n - (r - 1)
             work = self.work_i
             exact = self.max_front is None
-            _, _, _, low_cut, xpre, _, low = bounds
-            # a tail from layer `last + 1` on devices from j needs M X < incumbent for its
+            _, _, _, low_cut, xpre, _, low, g_cut = bounds
+            # a tail from layer `last + 1` on the pool left needs M X < incumbent for its
             # average stage ([Note: candidate windows])
             tail_limit = inc * (1.0 + 1e-9) / m
             cache = self._closed
-            comm_cache = self._comm
+            comm_cache = ctx.comm
+            groups = space.groups(pool, self.mb)
             for final, min_class, hidden_mult in kinds:
                 last_ok = self.num_layers - 1 - min_class
-                for j, shares, cur, lasts, cfl, cbl, tal in self.options(first, i, flight,
-                                                                         final):
-                    if j > j_max:
+                options = self._options
+                for gid, left in groups:
+                    left_size = sizes[left]
+                    if left_size < r - 1 or (not final and left_size < min_class):
                         continue
-                    c = comm_cache.get((prev, cur, first)) if prev >= 0 else 0.0
-                    if c is None:
-                        c = self.comm(prev, cur, first)
-                    hi = len(lasts)
-                    # f, b and X grow with `last` inside a group: bisect the last usable one
-                    if m * ((cfl[-1] + c) + (cbl[-1] + c)) >= inc:
-                        lo_k, hi_k = 0, hi - 1
-                        while lo_k < hi_k:
-                            mid = (lo_k + hi_k) // 2
-                            if m * ((cfl[mid] + c) + (cbl[mid] + c)) >= inc:
-                                hi_k = mid
-                            else:
-                                lo_k = mid + 1
-                        hi = lo_k
-                    lo = 0
-                    if not final:
-                        if self.n - j < min_class:
-                            continue
-                        speed_rest = self.speed_total[j][self.n]
-                        while hi > 0 and lasts[hi - 1] > last_ok:
-                            hi -= 1
-                        if hi == 0 or work[lasts[hi - 1] + 1] / speed_rest >= tail_limit:
-                            continue
-                        if work[lasts[0] + 1] / speed_rest >= tail_limit:
-                            # `_base` cut the window for a larger incumbent: bisect again
-                            lo_k, hi_k = 0, hi
+                    opts = options.get((first, gid, flight, final))
+                    if opts is None:
+                        opts = self.options(first, gid, flight, final)
+                    if not opts:
+                        continue
+                    speed_rest = speeds[left] if not final else 0.0
+                    for shares, cur_gs, lasts, cfl, cbl, tal in opts:
+                        # first what needs no re-sharding time: T_a grows with `last`
+                        hi = len(lasts)
+                        if tal[hi - 1] >= g_cut:
+                            lo_k, hi_k = 0, hi - 1
                             while lo_k < hi_k:
                                 mid = (lo_k + hi_k) // 2
-                                if work[lasts[mid] + 1] / speed_rest >= tail_limit:
-                                    lo_k = mid + 1
-                                else:
+                                if tal[mid] >= g_cut:
                                     hi_k = mid
-                            lo = lo_k
-                    if final:
-                        for k in range(lo, hi):
-                            finals.append(((cfl[k] + c) + (cbl[k] + c), tal[k],
-                                           (first, lasts[k], i, j, shares)))
-                        total += hi - lo
-                        continue
-                    for k in range(lo, hi):
-                        f = cfl[k] + c
-                        b = cbl[k] + c
-                        x = f + b
-                        nxt = lasts[k] + 1
-                        if exact:
-                            # prefix, this stage and the tail's average: [Note: exact bounds]
-                            rest_k = work[nxt] / speed_rest
-                            top = rest_k if rest_k > x else x
-                            if top < xpre:
-                                top = xpre
-                            if low * top + x + rest_k >= low_cut:
+                                else:
+                                    lo_k = mid + 1
+                            hi = lo_k
+                        lo = 0
+                        if not final:
+                            while hi > 0 and lasts[hi - 1] > last_ok:
+                                hi -= 1
+                            if hi == 0 or work[lasts[hi - 1] + 1] / speed_rest >= tail_limit:
                                 continue
-                        stage = None
-                        for tail_class, mult in hidden_mult:
-                            tail = cache.get((tail_class, nxt, cur))
-                            if tail is None:
-                                tail = self.closed(tail_class, nxt, cur)
-                            if tail:
-                                if stage is None:
-                                    stage = (first, nxt - 1, i, j, shares)
-                                # the drain term if this stage becomes dominant: [Note: DP
-                                # cells]
-                                segs.append((f, b, x, tal[k], mult * (f if f < b else b),
-                                             stage, tail))
-                                total += len(tail)
+                            if work[lasts[0] + 1] / speed_rest >= tail_limit:
+                                # the window starts later: bisect its first `last`
+                                lo_k, hi_k = 0, hi
+                                while lo_k < hi_k:
+                                    mid = (lo_k + hi_k) // 2
+                                    if work[lasts[mid] + 1] / speed_rest >= tail_limit:
+                                        lo_k = mid + 1
+                                    else:
+                                        hi_k = mid
+                                lo = lo_k
+                        if hi <= lo or m * (cfl[lo] + cbl[lo]) >= inc:
+                            continue
+                        c = 0.0
+                        if prev >= 0:
+                            known = comm_cache.get((prev_gs, cur_gs, first))
+                            c = ctx.transfer(prev_gs, cur_gs, first) if known is None else known
+                        # f, b and X grow with `last` inside a group: bisect the last usable
+                        if m * ((cfl[hi - 1] + c) + (cbl[hi - 1] + c)) >= inc:
+                            lo_k, hi_k = lo, hi - 1
+                            while lo_k < hi_k:
+                                mid = (lo_k + hi_k) // 2
+                                if m * ((cfl[mid] + c) + (cbl[mid] + c)) >= inc:
+                                    hi_k = mid
+                                else:
+                                    lo_k = mid + 1
+                            hi = lo_k
+                        if final:
+                            for k in range(lo, hi):
+                                finals.append(((cfl[k] + c) + (cbl[k] + c), tal[k],
+                                               (first, lasts[k], gid, shares)))
+                            total += hi - lo
+                            continue
+                        cur = ctx.iface(cur_gs, left)
+                        for k in range(lo, hi):
+                            f = cfl[k] + c
+                            b = cbl[k] + c
+                            x = f + b
+                            nxt = lasts[k] + 1
+                            if exact:
+                                # prefix, this stage and the tail's average: [Note: exact bounds]
+                                rest_k = work[nxt] / speed_rest
+                                top = rest_k if rest_k > x else x
+                                if top < xpre:
+                                    top = xpre
+                                if low * top + x + rest_k >= low_cut:
+                                    continue
+                            stage = None
+                            for tail_class, mult in hidden_mult:
+                                tail = cache.get((tail_class, nxt, cur))
+                                if tail is None:
+                                    tail = self.closed(tail_class, nxt, cur)
+                                if tail:
+                                    if stage is None:
+                                        stage = (first, nxt - 1, gid, shares)
+                                    # the drain term if this stage becomes dominant: [Note:
+                                    # DP cells]
+                                    segs.append((f, b, x, tal[k], mult * (f if f < b else b),
+                                                 stage, tail))
+                                    total += len(tail)
         h = 1.0 + (min(m, r + 1) - 1) * self.rho
         if total >= _NUMPY_ITEMS:
             front = self._combine_np(finals, segs, bounds, h)
@@ -1049,7 +823,7 @@ class _Search:
         """Prepend each stage to each tail summary and keep the Pareto front (pure Python,
         for small cells; ``_combine_np`` is the same computation vectorised)."""
         m, inc = self.m, self.incumbent
-        inc_r, inc_p, ghost_cut, low_cut, xpre, half, low = bounds
+        inc_r, inc_p, ghost_cut, low_cut, xpre, half, low, g_cut = bounds
         inf = math.inf
         out: list[Summary] = []
         ghosts: list[Summary] = []
@@ -1069,6 +843,8 @@ class _Search:
                     continue
                 gb = g_t - b
                 g = gb if gb > ta else ta
+                if g >= g_cut:
+                    continue
                 sx = x + sx_t
                 if xm_t >= x:
                     if low * (xm_t if xm_t > xpre else xpre) + sx >= low_cut:
@@ -1094,15 +870,15 @@ class _Search:
                             ghosts.append((inf, x, inf, g, sx, stage, t))
                     else:
                         out.append((rr, x, drain, g, sx, stage, t))
-        return _pareto(out, self.max_front, h, ghosts)
+        return pareto(out, self.max_front, h, ghosts)
 
     def _combine_np(self, finals: list[tuple[float, float, Any]],
                     segs: list[tuple[float, float, float, float, float, Any, list[Summary]]],
                     bounds: _Bounds, h: float) -> list[Summary]:
         """``_combine_py`` with numpy: the same float operations element by element, the
-        same stable order and the same front (see ``_pareto_np``)."""
+        same stable order and the same front (see ``solver.pareto.pareto_np``)."""
         m, inc = self.m, self.incumbent
-        inc_r, inc_p, ghost_cut, low_cut, xpre, half, low = bounds
+        inc_r, inc_p, ghost_cut, low_cut, xpre, half, low, g_cut = bounds
         inf = math.inf
         cols: list[Any] = []
         if finals:
@@ -1137,7 +913,7 @@ class _Search:
             pre = np.where(stay, x + pre_t, drain)
             ghost = (rr >= inc_r) | (m * xm + pre >= inc_p)
             keep = valid & ~(ghost & (half * np.maximum(xm, xpre) + sx >= ghost_cut))
-            keep &= low * np.maximum(xm, xpre) + sx < low_cut
+            keep &= (low * np.maximum(xm, xpre) + sx < low_cut) & (g < g_cut)
             rr = np.where(ghost, inf, rr)
             pre = np.where(ghost, inf, pre)
             cols.append((rr, xm, pre, g, sx, keep))
@@ -1148,7 +924,7 @@ class _Search:
         order = np.lexsort((table[:, 4], table[:, 3], table[:, 2], table[:, 1], table[:, 0]))
         table = table[order]
         index = index[order]
-        chosen = _pareto_np(table, self.max_front, h)
+        chosen = pareto_np(table, self.max_front, h)
         n_final = len(finals)
         starts = np.cumsum([n_final] + [len(seg[6]) for seg in segs]).tolist()
         rows = table[chosen].tolist()
@@ -1182,13 +958,18 @@ class _Search:
         return best
 
     def to_stages(self, summary: Summary) -> tuple[Stage, ...]:
-        stages = []
+        parts = []
         node: Any = summary
         while node is not None:
-            first, last, i, j, shares = node[5]
-            stages.append(Stage((first, last), tuple(self.names[i:j]), shares))
+            parts.append(node[5])
             node = node[6]
-        return tuple(stages)
+        names = self.space.assign([gid for _, _, gid, _ in parts])
+        return tuple(Stage((first, last), group, shares)
+                     for (first, last, _, shares), group in zip(parts, names, strict=True))
+
+
+Progress = Callable[[int, int, str], None]
+"""``(done, total, what)``: called after each micro-batch size of each pass."""
 
 
 def asteroid_dp(costs: CostTable, cluster: Cluster, batch_size: int, *,
@@ -1197,19 +978,29 @@ def asteroid_dp(costs: CostTable, cluster: Cluster, batch_size: int, *,
                 max_cuts: int | None = DEFAULT_MAX_CUTS,
                 max_front: int | None = None,
                 device_order: Sequence[str] | None = None,
-                incumbent: float = math.inf) -> DPResult:
+                space: SpaceName = "order",
+                incumbent: float = math.inf,
+                deadline: float | None = None,
+                progress: Progress | None = None) -> DPResult:
     """Run Algorithm 2 and return the best plan of the DP's space (see the module notes).
 
     Args:
         costs, cluster, batch_size: the problem.
         optimizer_state_factor: optimizer state in units of the weights (memory model).
         micro_batch_sizes: micro-batch sizes to try (default: every divisor of the batch).
-        max_cuts: at most this many candidate cut positions (None: all; see Note).
+        max_cuts: at most this many candidate cut positions (None: all; see
+            ``solver.space.candidate_cuts``).
         max_front: cap on the Pareto front per cell (None: exact).
-        device_order: the device order whose slices stages take (default: by capability,
-            ``sorted_devices``); devices left out are not used.
+        device_order: the device order whose slices stages take (``space="order"``;
+            default: the capability order, ``sorted_devices``); devices left out are not
+            used.
+        space: ``"order"`` (slices of one order, the paper's space) or ``"classes"`` (any
+            group, as counts of interchangeable devices: every order is searched).
         incumbent: a round time already achieved elsewhere; only better plans are
             returned (``plan`` is None when there is none).
+        deadline: a ``time.perf_counter()`` value; the search stops there and returns the
+            best plan found so far with ``complete=False``.
+        progress: called after every micro-batch size of every pass.
 
     Returns:
         A ``DPResult``; ``plan`` is None when no plan of the space fits in memory (or
@@ -1218,17 +1009,10 @@ def asteroid_dp(costs: CostTable, cluster: Cluster, batch_size: int, *,
     cluster = cluster.for_costs(costs)
     start = time.perf_counter()
     mbs = micro_batch_choices(batch_size, micro_batch_sizes)
-    if device_order is None:
-        devices = sorted_devices(cluster, costs)
-    else:
-        devices = [cluster.device(name) for name in device_order]
-        if len(set(device_order)) != len(devices):
-            raise PlanError(f"device_order repeats a device: {list(device_order)}")
-    speed_of = Timing.of(costs, cluster).speeds
-    speeds = [speed_of[d.name] for d in devices]
+    searched = make_space(costs, cluster, space, device_order)
     sums = LayerSums.of(costs)
     ends = candidate_cuts(costs, max_cuts)
-    context = _Context(costs, cluster, devices, speeds, sums)
+    context = _Context(costs, cluster, searched, sums)
     best_value = incumbent
     best_plan: Plan | None = None
     cells = 0
@@ -1251,86 +1035,70 @@ def asteroid_dp(costs: CostTable, cluster: Cluster, batch_size: int, *,
     passes.append((ends, len(mbs)))
     order = list(mbs)
     found: dict[int, float] = {}
-    for pass_ends, count in passes:
-        for mb in order[:count]:
-            m = batch_size // mb
-            if (max_front is not None and math.isfinite(best_value)
-                    and not math.isfinite(found.get(mb, math.inf))):
-                # [Note: proofs for capped fronts]
-                proof = _Search(costs, cluster, devices, speeds, sums, pass_ends, mb, m,
-                                optimizer_state_factor, None, best_value, context)
-                if proof.best()[1] is None:
-                    found[mb] = math.inf
-                    cells += len(proof._closed)
-                    continue
-            search = _Search(costs, cluster, devices, speeds, sums, pass_ends, mb, m,
-                             optimizer_state_factor, max_front, best_value, context)
-            value, summary = search.best()
-            found[mb] = value
-            cells += len(search._closed)
-            biggest = max(biggest, search.max_front_seen)
-            log.debug("micro-batch %d, %d cuts: round %.6g s, %d cells", mb, len(pass_ends),
-                      value, len(search._closed))
-            if summary is not None and value < best_value:
-                best_value = value
-                best_plan = Plan(
-                    model_hash=costs.model_hash, cluster_hash=cluster.cluster_hash,
-                    batch_size=batch_size, micro_batch_size=mb, num_micro_batches=m,
-                    stages=search.to_stages(summary), num_layers=costs.num_layers,
-                    model_name=costs.model_name, optimizer_state_factor=optimizer_state_factor,
-                    planner=PlannerInfo("asteroid", DP_VERSION))
-        # the next pass starts with the most promising micro-batch sizes
-        order.sort(key=lambda b: found[b])
+    steps = sum(min(count, len(mbs)) for _, count in passes)
+    done = 0
+    complete = True
+    bounds: dict[int, float] = {}
+
+    def keep(search: _Search, value: float, summary: Summary | None, mb: int) -> None:
+        nonlocal best_value, best_plan
+        if summary is not None and value < best_value:
+            best_value = value
+            best_plan = Plan(
+                model_hash=costs.model_hash, cluster_hash=cluster.cluster_hash,
+                batch_size=batch_size, micro_batch_size=mb, num_micro_batches=batch_size // mb,
+                stages=search.to_stages(summary), num_layers=costs.num_layers,
+                model_name=costs.model_name, optimizer_state_factor=optimizer_state_factor,
+                planner=PlannerInfo("asteroid", DP_VERSION))
+
+    try:
+        for pass_ends, count in passes:
+            for mb in order[:count]:
+                m = batch_size // mb
+                if (max_front is not None and math.isfinite(best_value)
+                        and not math.isfinite(found.get(mb, math.inf))):
+                    # [Note: proofs for capped fronts]
+                    proof = _Search(context, pass_ends, mb, m, optimizer_state_factor, None,
+                                    best_value, deadline)
+                    if proof.best()[1] is None:
+                        if pass_ends is ends:
+                            bounds[mb] = best_value
+                        found[mb] = math.inf
+                        cells += len(proof._closed)
+                        done += 1
+                        if progress is not None:
+                            progress(done, steps, f"micro-batch {mb}")
+                        continue
+                search = _Search(context, pass_ends, mb, m, optimizer_state_factor, max_front,
+                                 best_value, deadline)
+                start_value = best_value
+                try:
+                    value, summary = search.best()
+                except SearchTimeout:
+                    # a cell of r stages finished before the deadline is a real plan
+                    for r in range(1, min(search.n, search.num_layers, m) + 1):
+                        front = search._closed.get((r, 0, -1))
+                        if front and front[0][0] < best_value:
+                            keep(search, front[0][0], front[0], mb)
+                    raise
+                found[mb] = value
+                if pass_ends is ends and max_front is None:
+                    bounds[mb] = min(value, start_value)
+                cells += len(search._closed)
+                biggest = max(biggest, search.max_front_seen)
+                log.debug("micro-batch %d, %d cuts: round %.6g s, %d cells", mb,
+                          len(pass_ends), value, len(search._closed))
+                keep(search, value, summary, mb)
+                done += 1
+                if progress is not None:
+                    progress(done, steps, f"micro-batch {mb}")
+            # the next pass starts with the most promising micro-batch sizes
+            order.sort(key=lambda b: found.get(b, math.inf))
+    except SearchTimeout:
+        complete = False
     elapsed = time.perf_counter() - start
     if best_plan is not None:
         best_plan = replace(best_plan, planner=PlannerInfo("asteroid", DP_VERSION, elapsed))
     return DPResult(plan=best_plan, round_time_s=best_value, search_time_s=elapsed,
-                    cells=cells, max_front=biggest, candidate_cuts=len(ends))
-
-
-def no_fit_error(costs: CostTable, cluster: Cluster, batch_size: int,
-                 optimizer_state_factor: float = 0.0, planner: str = "asteroid") -> PlanError:
-    """A ``PlanError`` naming the device closest to fitting and the bytes it lacks.
-
-    The diagnosis uses the most memory-friendly plan shape: micro-batches of one sample,
-    one device per stage on every device, layers split to balance memory per capacity.
-    """
-    devices = sorted(cluster.devices, key=lambda d: -d.memory_bytes)
-    sums = LayerSums.of(costs)
-    n_layers = costs.num_layers
-    k = min(len(devices), n_layers)
-    need = [sums.params(i, i) * (2 + optimizer_state_factor) + sums.activations(i, i) * k
-            for i in range(n_layers)]
-    total_need = sum(need)
-    total_cap = sum(d.memory_bytes for d in devices[:k])
-    # greedy contiguous split: fill each device up to its fraction of the total
-    stages = []
-    first = 0
-    acc = 0.0
-    for s, device in enumerate(devices[:k]):
-        target = total_need * sum(d.memory_bytes for d in devices[:s + 1]) / total_cap
-        last = first
-        acc += need[first]
-        while last + 1 < n_layers - (k - s - 1) and acc + need[last + 1] <= target:
-            last += 1
-            acc += need[last]
-        if s == k - 1:
-            last = n_layers - 1
-        stages.append(Stage((first, last), (device.name,), (1,)))
-        first = last + 1
-    plan = Plan(model_hash=costs.model_hash, cluster_hash=cluster.cluster_hash,
-                batch_size=batch_size, micro_batch_size=1, num_micro_batches=batch_size,
-                stages=tuple(stages), optimizer_state_factor=optimizer_state_factor)
-    shortfall = evaluate(plan, costs, cluster).memory_shortfall()
-    if shortfall:
-        name, short = min(shortfall.items(), key=lambda kv: kv[1])
-        where = (f"device {name!r} is {short} bytes ({short / 2**20:.1f} MiB) short even "
-                 f"with micro-batches of one sample and one device per stage")
-    else:
-        where = "every device would fit only with a plan shape outside this planner's space"
-    return PlanError(
-        f"no plan of planner {planner!r} fits in memory for batch size {batch_size}: {where}; "
-        f"the model needs about {total_need / 2**20:.1f} MiB of weights, gradients, optimizer "
-        f"state and activations against {total_cap / 2**20:.1f} MiB on the cluster. Use a "
-        f"smaller batch or micro-batch size, a lighter optimizer, or add devices with more "
-        f"memory")
+                    cells=cells, max_front=biggest, candidate_cuts=len(ends),
+                    complete=complete, bounds=bounds)

@@ -97,7 +97,7 @@ What a CPU process takes from the C heap for those tensors is more (docs/latency
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from asteroid_fx.errors import PlanError
 from cost_models.table import CostTable
@@ -111,6 +111,10 @@ __all__ = [
     "LayerSums",
     "evaluate",
     "transfer_time",
+    "resharding_time",
+    "resharding_pieces",
+    "pieces_time",
+    "Pieces",
     "allreduce_time",
     "allreduce_from",
     "stage_tail_time",
@@ -137,29 +141,69 @@ def transfer_time(cluster: Cluster, senders: Sequence[str], send_shares: Sequenc
     Senders and receivers own contiguous sample ranges in the order given; each receiver
     gets its range from whichever senders own those samples.
     """
+    def link(i: int, j: int) -> tuple[float, float] | None:
+        a, b = senders[i], receivers[j]
+        if a == b:
+            return None
+        return cluster.latency_s(a, b), cluster.bandwidth_bytes_s(a, b)
+
+    return resharding_time(send_shares, recv_shares, bytes_per_sample, link)
+
+
+def resharding_time(send_shares: Sequence[int], recv_shares: Sequence[int],
+                    bytes_per_sample: int,
+                    link: Callable[[int, int], tuple[float, float] | None]) -> float:
+    """``transfer_time`` given ``link(sender index, receiver index)``: the link's
+    ``(latency s, bandwidth bytes/s)``, or None for a device sending to itself (free)."""
     if bytes_per_sample <= 0:
         return 0.0
-    recv = [0.0] * len(receivers)
-    send = [0.0] * len(senders)
+    return pieces_time(resharding_pieces(send_shares, recv_shares, link), len(send_shares),
+                       len(recv_shares), bytes_per_sample)
+
+
+Pieces = list[tuple[int, int, float, int, float]]
+"""The messages of a re-sharding: ``(sender, receiver, latency s, samples, bandwidth
+bytes/s)`` in the order the samples are walked (see ``resharding_pieces``)."""
+
+
+def resharding_pieces(send_shares: Sequence[int], recv_shares: Sequence[int],
+                      link: Callable[[int, int], tuple[float, float] | None]) -> Pieces:
+    """Which sender sends how many samples to which receiver over which link: every
+    overlap of a sender's and a receiver's contiguous sample ranges, except a device's
+    samples to itself."""
+    out: Pieces = []
     i = j = 0
     s_start, r_start = 0, 0
     s_stop, r_stop = send_shares[0], recv_shares[0]
-    while i < len(senders) and j < len(receivers):
+    while i < len(send_shares) and j < len(recv_shares):
         overlap = min(s_stop, r_stop) - max(s_start, r_start)
-        if overlap > 0 and senders[i] != receivers[j]:
-            seconds = (cluster.latency_s(senders[i], receivers[j])
-                       + overlap * bytes_per_sample / cluster.bandwidth_bytes_s(senders[i],
-                                                                                receivers[j]))
-            recv[j] += seconds
-            send[i] += seconds
+        if overlap > 0:
+            found = link(i, j)
+            if found is not None:
+                out.append((i, j, found[0], overlap, found[1]))
         if s_stop <= r_stop:
             i += 1
-            if i < len(senders):
+            if i < len(send_shares):
                 s_start, s_stop = s_stop, s_stop + send_shares[i]
         else:
             j += 1
-            if j < len(receivers):
+            if j < len(recv_shares):
                 r_start, r_stop = r_stop, r_stop + recv_shares[j]
+    return out
+
+
+def pieces_time(pieces: Pieces, senders: int, receivers: int, bytes_per_sample: int) -> float:
+    """The re-sharding time of ``pieces`` for a cut of ``bytes_per_sample``: the largest
+    sum of message times ``latency + samples * bytes / bandwidth`` over the senders and
+    over the receivers."""
+    if bytes_per_sample <= 0:
+        return 0.0
+    recv = [0.0] * receivers
+    send = [0.0] * senders
+    for i, j, latency, overlap, bandwidth in pieces:
+        seconds = latency + overlap * bytes_per_sample / bandwidth
+        recv[j] += seconds
+        send[i] += seconds
     return max(max(recv), max(send))
 
 

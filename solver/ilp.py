@@ -40,6 +40,7 @@ import logging
 import math
 import time
 import warnings
+from bisect import bisect_left, bisect_right
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -47,14 +48,14 @@ from typing import Any
 from asteroid_fx.errors import PlanError
 from cost_models.table import CostTable
 from solver.cluster import Cluster
-from solver.dp import micro_batch_choices, sorted_devices
 from solver.evaluate import stage_tail_time, transfer_time
 from solver.plan import Plan, PlannerInfo, Stage
+from solver.space import micro_batch_choices, sorted_devices
 from solver.split import split_stage
 from solver.timing import Timing
 
-__all__ = ["ILPResult", "ilp_plan", "highs_available", "ILP_VERSION", "MAX_WIDE_DEVICES",
-           "MAX_WIDE_LAYERS"]
+__all__ = ["ILPResult", "ilp_plan", "milp_size", "highs_available", "ILP_VERSION",
+           "MAX_WIDE_DEVICES", "MAX_WIDE_LAYERS"]
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +111,7 @@ def _solver(time_limit_s: float) -> tuple[Any, str]:
 
 def _candidates(costs: CostTable, names: Sequence[str], speeds: Sequence[float],
                 caps: Sequence[int], cluster: Cluster, timing: Timing, mb: int, m: int,
-                osf: float, wide: bool) -> list[_Cand]:
+                osf: float, wide: bool, ends: Sequence[int] | None = None) -> list[_Cand]:
     sums = timing.base
     n = len(names)
     n_layers = costs.num_layers
@@ -119,10 +120,14 @@ def _candidates(costs: CostTable, names: Sequence[str], speeds: Sequence[float],
                   for g in itertools.combinations(range(n), size)]
     else:
         groups = [tuple(range(i, j)) for i in range(n) for j in range(i + 1, min(n, i + mb) + 1)]
+    cut_after = set(range(n_layers - 1) if ends is None else ends)
     out: list[_Cand] = []
     for r in range(1, min(n, n_layers) + 1):
         for first in range(n_layers):
-            lasts = [n_layers - 1] if r == 1 else range(first, n_layers - r + 1)
+            if first > 0 and first - 1 not in cut_after:
+                continue
+            lasts = ([n_layers - 1] if r == 1 else
+                     [e for e in range(first, n_layers - r + 1) if e in cut_after])
             for last in lasts:
                 for g in groups:
                     if not wide and g[-1] + 1 > n - (r - 1):
@@ -263,10 +268,49 @@ def _solve_one(costs: CostTable, cluster: Cluster, names: Sequence[str], cands: 
     return value, chain, status, solver_name
 
 
+def milp_size(costs: CostTable, cluster: Cluster, batch_size: int, *,
+              micro_batch_sizes: Sequence[int] | None = None,
+              ends: Sequence[int] | None = None) -> int:
+    """An upper bound on the variables of ``ilp_plan``'s MILPs (the DP's space), summed
+    over the micro-batch sizes, counted without building them: a candidate per (stage
+    position, layers, slice) and an edge per pair of candidates that can follow each other
+    (memory is not checked here, so the MILPs may be smaller)."""
+    n, n_layers = len(cluster.devices), costs.num_layers
+    cut_after = sorted(set(range(n_layers - 1) if ends is None else ends))
+    starts = [0] + [c + 1 for c in cut_after]
+    total = 0
+
+    def count(r: int, first: int) -> int:
+        """Candidate last layers of a stage at position ``r`` from layer ``first``."""
+        if r == 1:
+            return 1
+        return max(0, bisect_right(cut_after, n_layers - r) - bisect_left(cut_after, first))
+
+    for mb in micro_batch_choices(batch_size, micro_batch_sizes):
+        positions = min(n, n_layers)
+        # slices(r, i): slices starting at device i allowed at position r
+        slices = [[max(0, min(n - (r - 1), i + mb) - i) for i in range(n + 1)]
+                  for r in range(positions + 1)]
+        for r in range(1, positions + 1):
+            per_slice = sum(slices[r][i] for i in range(n))
+            after = (sum(slices[r - 1][j] for i in range(n)
+                         for j in range(i + 1, min(n, i + mb) + 1)) if r > 1 else 0)
+            for first in starts:
+                lasts = count(r, first)
+                total += lasts * per_slice
+                if r > 1 and lasts:
+                    low = bisect_left(cut_after, first)
+                    total += after * sum(count(r - 1, last + 1)
+                                         for last in cut_after[low:low + lasts])
+        total += 2 * positions + 1
+    return total
+
+
 def ilp_plan(costs: CostTable, cluster: Cluster, batch_size: int, *,
              optimizer_state_factor: float = 0.0, wide: bool = False,
              time_limit_s: float = 60.0,
-             micro_batch_sizes: Sequence[int] | None = None) -> ILPResult:
+             micro_batch_sizes: Sequence[int] | None = None,
+             ends: Sequence[int] | None = None) -> ILPResult:
     """Solve the planning MILP for every micro-batch size and return the best plan.
 
     Args:
@@ -275,6 +319,8 @@ def ilp_plan(costs: CostTable, cluster: Cluster, batch_size: int, *,
         wide: any device subset per stage (``ilp-wide``) instead of the DP's ordered slices.
         time_limit_s: wall-clock budget for all solves together.
         micro_batch_sizes: micro-batch sizes to try (default: every divisor of the batch).
+        ends: the layers after which a stage may end (default: every layer; the DP's
+            ``solver.space.candidate_cuts`` to compare with a DP over the same cuts).
 
     Raises:
         PlanError: ``wide`` on an instance larger than ``MAX_WIDE_LAYERS`` layers or
@@ -304,7 +350,7 @@ def ilp_plan(costs: CostTable, cluster: Cluster, batch_size: int, *,
             statuses.append("time limit (none)")
             break
         cands = _candidates(costs, names, speeds, caps, cluster, timing, mb, m,
-                            optimizer_state_factor, wide)
+                            optimizer_state_factor, wide, ends)
         total_cands += len(cands)
         value, chain, status, used = _solve_one(costs, cluster, names, cands, mb, m, wide,
                                                 left / (len(mbs) - index))

@@ -10,7 +10,8 @@ from typing import Any
 
 from asteroid_fx.errors import PlanError
 
-__all__ = ["Stage", "StagePrediction", "Prediction", "PlannerInfo", "Plan", "PLAN_VERSION"]
+__all__ = ["Stage", "StagePrediction", "Prediction", "PlannerInfo", "SearchBound", "Plan",
+           "PLAN_VERSION"]
 
 PLAN_VERSION = 1
 
@@ -149,23 +150,65 @@ class Prediction:
 
 
 @dataclass(frozen=True)
+class SearchBound:
+    """What the search proved about the plan (``planner.bound`` in ``plan.json``).
+
+    ``space`` names the plans the bound covers (``"classes"``: every group of devices in
+    every order, i.e. ``planner="ilp-wide"``'s space; ``"order"``: slices of the
+    capability order), over ``cuts`` candidate cut positions of ``layers - 1`` (solver.space
+    [Note: candidate cuts]). ``bound_s`` is a proven lower bound on the round time of every
+    plan of that space; ``gap`` = ``(round - bound) / bound`` (0.0: proven optimal).
+    ``stopped`` says why the search ended early (``"time limit"``), empty when it finished.
+    """
+
+    space: str
+    bound_s: float
+    gap: float
+    cuts: int
+    layers: int
+    stopped: str = ""
+
+    @property
+    def optimal(self) -> bool:
+        return self.gap <= 1e-9
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"space": self.space, "bound_s": self.bound_s, "gap": self.gap,
+                "cuts": self.cuts, "layers": self.layers, "stopped": self.stopped}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> SearchBound:
+        return cls(space=str(data["space"]), bound_s=float(data["bound_s"]),
+                   gap=float(data["gap"]), cuts=int(data.get("cuts", 0)),
+                   layers=int(data.get("layers", 0)), stopped=str(data.get("stopped", "")))
+
+
+@dataclass(frozen=True)
 class PlannerInfo:
-    """Which planner made the plan, how long it searched, and any DP/ILP cross-check."""
+    """Which planner made the plan, how long it searched, what it proved (``bound``,
+    None for planners that prove nothing) and any DP/ILP cross-check."""
 
     name: str
     version: str = "1"
     search_time_s: float = 0.0
     check: Mapping[str, Any] = field(default_factory=dict)
+    bound: SearchBound | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "version": self.version,
-                "search_time_s": self.search_time_s, "check": dict(self.check)}
+        out: dict[str, Any] = {"name": self.name, "version": self.version,
+                               "search_time_s": self.search_time_s,
+                               "check": dict(self.check)}
+        if self.bound is not None:  # absent in plans of before (and of baselines)
+            out["bound"] = self.bound.to_dict()
+        return out
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> PlannerInfo:
+        bound = data.get("bound")
         return cls(name=str(data["name"]), version=str(data.get("version", "1")),
                    search_time_s=float(data.get("search_time_s", 0.0)),
-                   check=dict(data.get("check", {})))
+                   check=dict(data.get("check", {})),
+                   bound=None if bound is None else SearchBound.from_dict(bound))
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ use or to a member of a neighbouring multi-device group; an unused survivor join
 group that lost members.
 
 For every layout a windowed DP over the cuts summarises suffix pipelines by the same
-``(R, Xm, Pre, G)`` numbers as the Asteroid DP (``solver.dp.prepend``), so it ranks cut
+``(R, Xm, Pre, G)`` numbers as the Asteroid DP (``solver.summary.prepend``), so it ranks cut
 vectors by the model's round time; shares come from Algorithm 1
 (``solver.split.split_stage``: by capability speed, capped by memory at the new in-flight
 counts; times per device from ``solver.timing.Timing``, cost columns included)
@@ -47,7 +47,6 @@ from typing import Any
 from asteroid_fx.errors import PlanError
 from cost_models.table import CostTable
 from solver.cluster import Cluster
-from solver.dp import PipelineSummary, dominates, prepend
 from solver.evaluate import (
     LayerSums,
     evaluate,
@@ -59,6 +58,7 @@ from solver.evaluate import (
 from solver.plan import Plan, PlannerInfo, Stage
 from solver.replicas import with_replicas
 from solver.split import split_shares, split_stage
+from solver.summary import PipelineSummary, dominates, prepend
 from solver.timing import Timing
 
 __all__ = ["ReplanInfo", "replan_layerwise", "replan", "survivors_of", "FullPlanner"]
@@ -247,10 +247,10 @@ class _Search:
         """Best cut vectors with every cut ``i`` inside ``windows[i]``.
 
         A backward DP over the windows that summarises every suffix pipeline by
-        ``(R, Xm, Pre, G)`` and prepends stages with ``solver.dp.prepend``, so a complete
+        ``(R, Xm, Pre, G)`` and prepends stages with ``solver.summary.prepend``, so a complete
         pipeline's ``R`` is the model's round time (exact up to the share caveat of
         ``_stage_terms``); per start cut it keeps the Pareto front of summaries under
-        ``solver.dp.dominates``, the DP's own rule (exact with the drain term).
+        ``solver.summary.dominates``, the DP's own rule (exact with the drain term).
         """
         last = self.costs.num_layers - 1
         m = self.plan.batch_size // mb

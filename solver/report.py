@@ -20,7 +20,7 @@ from rich.text import Text
 from cost_models.table import CostTable
 from solver.cluster import Cluster
 from solver.evaluate import evaluate
-from solver.plan import Plan, Prediction
+from solver.plan import Plan, Prediction, SearchBound
 
 __all__ = ["plan_report", "plan_report_markdown", "format_bytes", "format_seconds"]
 
@@ -98,6 +98,7 @@ def _content(plan: Plan, costs: CostTable, cluster: Cluster) -> _Content:
                   f"{costs.source} costs)"),
         ("planner", f"{info.name} v{info.version}, search {format_seconds(info.search_time_s)}"
          + (f"; {check_words(info.check)}" if info.check else "")),
+        *((("optimality", _bound_text(info.bound)),) if info.bound is not None else ()),
         ("batch", f"{plan.batch_size} = {plan.num_micro_batches} micro-batches x "
                   f"{plan.micro_batch_size}, schedule {plan.schedule}"),
         ("round time", format_seconds(pred.round_time_s)),
@@ -109,6 +110,17 @@ def _content(plan: Plan, costs: CostTable, cluster: Cluster) -> _Content:
             f"{len(plan.devices)} of {len(cluster.devices)} device(s)"
     return _Content(title, summary, tuple(stage_rows), tuple(memory_rows), source_rows,
                     pred.dominant_stage, tuple(oom))
+
+
+def _bound_text(bound: SearchBound) -> str:
+    """``optimal over ...`` or ``within 3.1% of the optimum ... (time limit)``."""
+    over = "every device order" if bound.space == "classes" else "the capability order"
+    cuts = (f"{bound.cuts} candidate cuts of {bound.layers - 1}"
+            if bound.cuts < bound.layers - 1 else "every cut")
+    if bound.optimal:
+        return f"optimal over {over}, {cuts}"
+    return (f"within {100 * bound.gap:.3g}% of the optimum over {over}, {cuts} (proven bound "
+            f"{format_seconds(bound.bound_s)}; search stopped: {bound.stopped or 'early'})")
 
 
 def _rich_table(title: str, headers: Sequence[str], rows: Sequence[Sequence[str]],

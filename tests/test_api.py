@@ -26,7 +26,7 @@ def test_plan_is_filled_in_and_matches_the_dp() -> None:
     assert result.num_layers == costs.num_layers
     assert result.model_hash == costs.model_hash
     assert result.cluster_hash == cluster.cluster_hash
-    assert result.planner.name == "asteroid" and result.planner.version == "1"
+    assert result.planner.name == "asteroid" and result.planner.version == "2"
     assert result.planner.search_time_s > 0
     dp = asteroid_dp(costs, cluster, batch)
     assert result.predicted.round_time_s <= dp.round_time_s * (1 + 1e-12)

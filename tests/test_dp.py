@@ -1,5 +1,5 @@
-"""Tests of the Asteroid DP (solver/dp.py): the combine rule, exactness against brute force,
-memory safety, cut candidates and speed."""
+"""Tests of the Asteroid DP (solver/dp.py, solver/summary.py, solver/pareto.py, solver/space.py):
+the combine rule, exactness against brute force, memory safety, cut candidates and speed."""
 
 from __future__ import annotations
 
@@ -16,16 +16,8 @@ from asteroid_fx.errors import PlanError
 from cost_models.table import CostTable
 from solver.brute import brute_force
 from solver.cluster import Cluster
-from solver.dp import (
-    asteroid_dp,
-    candidate_cuts,
-    dominates,
-    hiding_ratio,
-    micro_batch_choices,
-    no_fit_error,
-    prepend,
-    sorted_devices,
-)
+from solver.diagnose import no_fit_error
+from solver.dp import asteroid_dp, make_space
 from solver.evaluate import (
     LayerSums,
     allreduce_from,
@@ -34,9 +26,11 @@ from solver.evaluate import (
     round_terms,
     stage_memory_parts,
 )
+from solver.pareto import pareto, pareto_np
 from solver.plan import Stage
-from solver.split import split_stage
-from solver.timing import Timing
+from solver.space import DEFAULT_MAX_CUTS, candidate_cuts, micro_batch_choices, sorted_devices
+from solver.split import split_shares, split_stage
+from solver.summary import dominates, hiding_ratio, prepend
 from tests.solver_cases import (
     MIB,
     make_cluster,
@@ -360,46 +354,49 @@ def _reference_pareto(items: list[Any], cap: int | None, h: float) -> list[Any]:
 class _Reference(dp_module._Search):
     """The pre-issue-4 recursion (``options`` as tuples, no windows, no exact bounds)."""
 
-    def ref_options(self, first: int, i: int, flight: int, final: bool) -> list[Any]:
-        key = (first, i, flight, final)
+    def ref_options(self, first: int, pool: int, flight: int, final: bool) -> list[Any]:
+        key = (first, pool, flight, final)
         cache: dict[Any, list[Any]] = self.__dict__.setdefault("_ref_opts", {})
         if key in cache:
             return cache[key]
         out: list[Any] = []
         candidates = [self.num_layers - 1] if final else [e for e in self.ends if e >= first]
-        upper = min(self.n, i + self.mb)
         sums = self.sums
         lasts = []
         for last in candidates:
             slope = (sums.fwd_slope[last + 1] - sums.fwd_slope[first]
                      + sums.bwd_slope[last + 1] - sums.bwd_slope[first])
-            if self.m * slope * self.mb / self.speed_total[i][upper] >= self.incumbent:
+            if (self.m * slope * self.mb / self.space.best_speed(pool, self.mb)
+                    >= self.incumbent):
                 break
             lasts.append(last)
-        for j in range(i + 1, upper + 1):
-            free = self.base_shares[(i, j)]
+        for gid, left in self.space.groups(pool, self.mb):
+            info = self.space.group(gid)
+            free = split_shares(self.mb, info.speeds)
             if free is None:
                 continue
             fits = 0
             for last in lasts:
                 fixed, per = stage_memory_parts(sums, first, last, flight, self.osf)
-                if any(memory_from_parts(fixed, per, b) > self.caps[d]
-                       for b, d in zip(free, range(i, j), strict=True)):
+                if any(memory_from_parts(fixed, per, b) > cap
+                       for b, cap in zip(free, info.caps, strict=True)):
                     break
                 fits += 1
             for k, last in enumerate(lasts):
                 shares = free
                 if k >= fits:
-                    capped = split_stage(sums, first, last, self.speeds[i:j], self.caps[i:j],
+                    capped = split_stage(sums, first, last, info.speeds, info.caps,
                                          self.mb, flight, self.osf, free)
                     if capped is None:
                         break
                     shares = capped
                 # (with cost columns through Timing; without, LayerSums bit for bit)
-                cf, cb = self.timing.compute(first, last, self.names[i:j], shares)
-                ta = (allreduce_from(j - i, sums.params(first, last), self.min_bw[i][j])
-                      + self.timing.group_update_time(first, last, self.names[i:j]))
-                out.append((first, last, i, j, shares, cf, cb, ta, self.iface(i, j, shares)))
+                cf, cb = self.timing.compute(first, last, info.names, shares)
+                ta = (allreduce_from(info.size, sums.params(first, last), info.min_bw,
+                                     info.max_lat)
+                      + self.timing.group_update_time(first, last, info.names))
+                out.append((first, last, gid, shares, cf, cb, ta,
+                            self.ctx.gs_id(gid, shares), left))
         cache[key] = out
         return out
 
@@ -408,13 +405,13 @@ class _Reference(dp_module._Search):
         if key in self._closed:
             return self._closed[key]
         m, inc, inf = self.m, self.incumbent, math.inf
-        i = 0 if prev < 0 else self._ifaces[prev][1]
+        pool = self.space.root if prev < 0 else self.ctx.iface_pool[prev]
         sums = self.sums
         work = (sums.fwd_slope[-1] - sums.fwd_slope[first]
                 + sums.bwd_slope[-1] - sums.bwd_slope[first]) * self.mb
         out: list[Any] = []
-        if (self.n - i >= r and self.num_layers - first >= r
-                and m * work / self.speed_total[i][self.n] < inc):
+        if (self.space.pool_size(pool) >= r and self.num_layers - first >= r
+                and m * work / self.space.pool_speed(pool) < inc):
             kinds: list[tuple[bool, tuple[int, ...]]] = []
             if r == 1:
                 kinds.append((True, ()))
@@ -422,21 +419,22 @@ class _Reference(dp_module._Search):
                 kinds.append((False, (r - 1, r) if r == m and r > 1 else
                               (r,) if r == m else (r - 1,)))
             for final, tail_classes in kinds:
-                for l0, l1, si, sj, shares, cf, cb, ta, cur in self.ref_options(
-                        first, i, min(m, r), final):
-                    if sj > self.n - (r - 1) or m * (cf + cb) >= inc:
+                for l0, l1, gid, shares, cf, cb, ta, gs, left in self.ref_options(
+                        first, pool, min(m, r), final):
+                    if self.space.pool_size(left) < r - 1 or m * (cf + cb) >= inc:
                         continue
-                    c = self.comm(prev, cur, l0)
+                    c = 0.0 if prev < 0 else self.ctx.transfer(self.ctx.iface_gs[prev], gs, l0)
                     f, b = cf + c, cb + c
                     x = f + b
                     if m * x >= inc:
                         continue
-                    stage = (l0, l1, si, sj, shares)
+                    stage = (l0, l1, gid, shares)
                     if final:
                         rr = m * x + ta
                         out.append((inf, x, inf, ta, x, stage, None) if rr >= inc
                                    else (rr, x, 0.0, ta, x, stage, None))
                         continue
+                    cur = self.ctx.iface(gs, left)
                     for tail_class in tail_classes:
                         hidden = (min(m, tail_class + 1) - 1) * min(f, b)
                         for t in self.closed(tail_class, l1 + 1, cur):
@@ -459,11 +457,8 @@ class _Reference(dp_module._Search):
 
 
 def _reference_dp(costs: CostTable, cluster: Cluster, batch: int, max_front: int | None,
-                  max_cuts: int | None = dp_module.DEFAULT_MAX_CUTS) -> tuple[float, Any]:
+                  max_cuts: int | None = DEFAULT_MAX_CUTS) -> tuple[float, Any]:
     """The round time and ``(micro-batch, stages)`` of the pre-issue-4 DP."""
-    devices = sorted_devices(cluster, costs)
-    speed_of = Timing.of(costs, cluster).speeds
-    speeds = [speed_of[d.name] for d in devices]
     sums = LayerSums.of(costs)
     ends = candidate_cuts(costs, max_cuts)
     passes = [ends[::len(ends) // 12]] if len(ends) > 24 else []
@@ -472,8 +467,8 @@ def _reference_dp(costs: CostTable, cluster: Cluster, batch: int, max_front: int
     for pass_ends in passes + [ends]:
         found = {}
         for mb in order:
-            search = _Reference(costs, cluster, devices, speeds, sums, pass_ends, mb,
-                                batch // mb, 0.0, max_front, best[0])
+            ctx = dp_module._Context(costs, cluster, make_space(costs, cluster), sums)
+            search = _Reference(ctx, pass_ends, mb, batch // mb, 0.0, max_front, best[0])
             value, summary = search.best()
             found[mb] = value
             if summary is not None and value < best[0]:
@@ -550,10 +545,10 @@ def test_pareto_np_equals_the_plain_scan() -> None:
                          float(rng.randint(0, 4)), xm + rng.randint(0, 6), ("s", len(rows))))
         h = rng.choice([1.0, 1.5])
         cap = rng.choice([None, None, 3, 8])
-        plain = dp_module._pareto(list(rows), cap, h)
+        plain = pareto(list(rows), cap, h)
         ordered = sorted(rows, key=lambda s: s[:5])
         table = np.array([s[:5] for s in ordered], dtype=np.float64).reshape(-1, 5)
-        fast = [ordered[k] for k in dp_module._pareto_np(table, cap, h)]
+        fast = [ordered[k] for k in pareto_np(table, cap, h)]
         assert fast == plain, trial
 
 

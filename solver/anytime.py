@@ -1,0 +1,283 @@
+"""Anytime planning: the exact search in phases, with the best plan so far and its proven gap.
+
+[Note: anytime planning]
+``search`` runs the Asteroid DP (``solver.dp``) in phases, each exact over its space and
+each starting from the best round time so far (the incumbent, which only prunes):
+
+1. the paper's space: slices of the capability order (fast: one order);
+2. the baselines' plans (``solver.baselines``), a safety net: a baseline plan outside the
+   DP's spaces (equal shares, another order of a group) is kept when it is better;
+3. the wide space: every group in every order, as counts of interchangeable devices
+   (``space="classes"``, [Note: device classes] in ``solver.space``). When it finishes
+   the plan is optimal over every plan of the wide space on the candidate cuts (the
+   space of ``planner="ilp-wide"``); where the wide space holds nothing better than the
+   incumbent, that proves the incumbent optimal.
+
+The wide space grows with the number of classes: a pool is a count per class, so a
+cluster of ``n_k`` devices in class ``k`` has ``prod (n_k + 1)`` pools and ``prod (n_k +
+1)(n_k + 2) / 2`` (pool, group) pairs (``wide_size``). Eight devices of four types have
+1080 pairs; eight devices of eight different speeds 6561; sixteen Jetsons of three types
+12348.
+
+* Without a time limit (``time_limit=None``) phases 1 and 2 run to their end, so the plan
+  is optimal over the paper's space, and phase 3 runs to its end when the wide space has
+  at most ``WIDE_EXACT_MAX`` pairs (then the plan is optimal over every order). A larger
+  wide space is not searched; the plan says so (``stopped="size limit"``) with the gap to
+  the proven bound below.
+* With a time limit (a wall-clock deadline) every phase runs until the deadline, the wide
+  one whatever its size; ``time_limit=inf`` searches every order to the end, however
+  long that takes.
+
+The result is the best plan found with a *proven* lower bound on the wide space's
+optimum: per micro-batch size, the bound its finished wide search proved
+(``DPResult.bounds``), or else the work bound ``M * work / (sum of bound speeds)``: some
+stage has ``X`` at least the average ``work / V`` and every round is at least ``M X`` of
+its dominant stage (``[Note: incumbent pruning]`` in ``solver.dp``). The gap ``(round -
+bound) / bound`` goes into ``plan.planner.bound``; the work bound ignores communication
+and integer shares, so a search stopped early reports a large but honest gap.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+
+from asteroid_fx.errors import AsteroidError, PlanError
+from cost_models.table import CostTable
+from solver.cluster import Cluster
+from solver.diagnose import no_fit_error
+from solver.dp import DPResult, asteroid_dp
+from solver.evaluate import LayerSums, evaluate
+from solver.plan import Plan, PlannerInfo, SearchBound
+from solver.space import DEFAULT_MAX_CUTS, candidate_cuts, device_classes, micro_batch_choices
+from solver.timing import Timing
+
+__all__ = ["Progress", "SearchReport", "search", "plan_or_raise", "work_bound",
+           "check_time_limit", "wide_size", "WIDE_EXACT_MAX"]
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[float, str], None]
+"""``(fraction done in [0, 1], what)``: called as the search advances."""
+
+PLANNER_VERSION = "2"
+"""Version of the asteroid planner's plans (2: every device order searched, proven bounds)."""
+
+_ORDER_SHARE = 0.2
+"""Share of the progress bar given to the first phase (the paper's space)."""
+
+
+@dataclass(frozen=True)
+class SearchReport:
+    """The best plan (None: nothing fits, or nothing found before the deadline), its
+    round time, what was proven (``bound``) and whether every phase ran to its end."""
+
+    plan: Plan | None
+    round_time_s: float
+    bound: SearchBound | None
+    phases: tuple[str, ...]
+    complete: bool
+
+
+WIDE_EXACT_MAX = 700
+"""Without a time limit, the wide space is searched to its end when it has at most this
+many (pool, group) pairs (``wide_size``); measured on the 2-core development host: eight
+Jetsons of three types (600 pairs) take about 5 s of CPU."""
+
+
+WIDE_ANYTIME_MAX = 100_000
+"""With a time limit, the first phase (one order) gets half of it when the wide space has
+at most this many pairs, and all of it above (where the wide search cannot get far)."""
+
+
+def wide_size(costs: CostTable, cluster: Cluster) -> int:
+    """The (pool, group) pairs of the wide space: ``prod (n_k + 1)(n_k + 2) / 2`` over the
+    classes of interchangeable devices."""
+    size = 1
+    for members in device_classes(cluster, costs):
+        n = len(members)
+        size *= (n + 1) * (n + 2) // 2
+    return size
+
+
+def check_time_limit(time_limit: float | None) -> None:
+    """``PlanError`` unless ``time_limit`` is None or a number of seconds > 0 (``inf``:
+    search every order to the end)."""
+    if time_limit is None:
+        return
+    ok = (isinstance(time_limit, (int, float)) and not isinstance(time_limit, bool)
+          and not math.isnan(time_limit) and time_limit > 0)
+    if not ok:
+        raise PlanError(f"time limit must be a number of seconds > 0, got {time_limit!r}; "
+                        f"leave it out for an exact search")
+
+
+def work_bound(costs: CostTable, cluster: Cluster, batch_size: int, micro_batch: int) -> float:
+    """``M * work_i / V``: a lower bound on the round time of every plan with this
+    micro-batch size (``work_i``: every layer's forward and backward for one micro-batch,
+    intercepts included; ``V``: the sum of the bound speeds, solver.timing)."""
+    sums = LayerSums.of(costs)
+    work = ((sums.fwd_slope[-1] + sums.bwd_slope[-1]) * micro_batch
+            + sums.fwd_intercept[-1] + sums.bwd_intercept[-1])
+    speed = sum(Timing.of(costs, cluster).bound_speeds.values())
+    return (batch_size // micro_batch) * work / speed
+
+
+SAFETY_NET_MAX_DEVICES = 8
+"""Baselines that run a planning DP of their own (DAPPLE: the Asteroid DP on the
+homogeneous view of the cluster) join the safety net only up to this many devices: on
+32 devices DAPPLE's own search takes minutes (170 s of CPU on a 32-device fleet), longer
+than the search it backs up."""
+
+_PLANNING_BASELINES = frozenset({"dapple"})
+
+
+def _baseline_plans(costs: CostTable, cluster: Cluster, batch_size: int, osf: float,
+                    micro_batch_sizes: Sequence[int] | None,
+                    deadline: float | None) -> list[tuple[str, Plan, float]]:
+    """The baselines' plans that fit, with their round times (``[Note: baseline seeds]``
+    of before, now a safety net), as far as the deadline allows."""
+    try:
+        from solver.baselines import BASELINES
+    except Exception as exc:  # a broken or missing module must not break planning
+        log.warning("baseline planners unavailable: %s", exc)
+        return []
+    out = []
+    for name, fn in BASELINES.items():
+        if deadline is not None and time.perf_counter() > deadline:
+            break
+        if name in _PLANNING_BASELINES and len(cluster.devices) > SAFETY_NET_MAX_DEVICES:
+            continue
+        try:
+            seed = fn(costs, cluster, batch_size, optimizer_state_factor=osf)
+            pred = evaluate(seed, costs, cluster)
+        except AsteroidError as exc:
+            log.debug("baseline %s gives no plan: %s", name, exc)
+            continue
+        if pred.fits and (micro_batch_sizes is None
+                          or seed.micro_batch_size in micro_batch_sizes):
+            out.append((name, seed, pred.round_time_s))
+    return out
+
+
+def search(costs: CostTable, cluster: Cluster, batch_size: int, *,
+           optimizer_state_factor: float = 0.0,
+           micro_batch_sizes: Sequence[int] | None = None,
+           max_cuts: int | None = DEFAULT_MAX_CUTS,
+           time_limit: float | None = None,
+           baselines: bool = True,
+           progress: Progress | None = None) -> SearchReport:
+    """Plan in the phases of [Note: anytime planning] and say what was proven.
+
+    Args:
+        costs, cluster, batch_size: the problem.
+        optimizer_state_factor: optimizer state in units of the weights.
+        micro_batch_sizes: micro-batch sizes to try (default: every divisor of the batch).
+        max_cuts: candidate cut positions (``solver.space.candidate_cuts``).
+        time_limit: wall-clock seconds (> 0; ``inf``: every phase to its end); None:
+            phases 1 and 2 to their end, phase 3 too where the wide space is small.
+        baselines: keep a baseline's plan when it beats the DP's (the safety net).
+        progress: called with the fraction done and a short description.
+
+    Returns:
+        The report; ``plan`` is None only when nothing fits (or the deadline passed before
+        any plan was found).
+
+    Raises:
+        PlanError: a time limit that is not a number > 0, or bad micro-batch sizes.
+    """
+    check_time_limit(time_limit)
+    cluster = cluster.for_costs(costs)
+    started = time.perf_counter()
+    deadline = (None if time_limit is None or math.isinf(time_limit)
+                else started + time_limit)
+    wide_ok = time_limit is not None or wide_size(costs, cluster) <= WIDE_EXACT_MAX
+    mbs = micro_batch_choices(batch_size, micro_batch_sizes)
+    best: Plan | None = None
+    best_value = math.inf
+    phases: list[str] = []
+
+    def report(share: float, offset: float, what: str) -> Callable[[int, int, str], None]:
+        def step(done: int, total: int, where: str) -> None:
+            if progress is not None:
+                progress(offset + share * done / max(total, 1),
+                         f"{what}, {where}, best {best_value:.4g} s")
+        return step
+
+    def take(result: DPResult) -> None:
+        nonlocal best, best_value
+        if result.plan is not None and result.round_time_s < best_value:
+            best, best_value = result.plan, result.round_time_s
+
+    # 1: the paper's space (slices of the capability order); with a limit, half of it
+    # unless the wide space is too large to search in any case
+    first_deadline = deadline
+    if deadline is not None and wide_size(costs, cluster) <= WIDE_ANYTIME_MAX:
+        first_deadline = started + (deadline - started) / 2
+    take(asteroid_dp(costs, cluster, batch_size, optimizer_state_factor=optimizer_state_factor,
+                     micro_batch_sizes=micro_batch_sizes, max_cuts=max_cuts,
+                     deadline=first_deadline,
+                     progress=report(_ORDER_SHARE, 0.0, "one order")))
+    phases.append("order")
+    # 2: the safety net
+    seeded = ""
+    if baselines:
+        for name, seed, value in _baseline_plans(costs, cluster, batch_size,
+                                                 optimizer_state_factor, micro_batch_sizes,
+                                                 deadline):
+            if value < best_value:
+                best, best_value, seeded = seed, value, name
+        phases.append("baselines")
+    # 3: the wide space
+    wide: DPResult | None = None
+    wide_ok = wide_ok or best is None   # a plan may fit only in another order
+    if wide_ok and (deadline is None or time.perf_counter() < deadline):
+        wide = asteroid_dp(costs, cluster, batch_size,
+                           optimizer_state_factor=optimizer_state_factor,
+                           micro_batch_sizes=micro_batch_sizes, max_cuts=max_cuts,
+                           space="classes", incumbent=best_value, deadline=deadline,
+                           progress=report(1.0 - _ORDER_SHARE, _ORDER_SHARE, "every order"))
+        if wide.plan is not None and wide.round_time_s < best_value:
+            seeded = ""
+        take(wide)
+        phases.append("classes")
+    if progress is not None:
+        progress(1.0, f"done, best {best_value:.4g} s")
+    complete = wide is not None and wide.complete
+    if best is None:
+        return SearchReport(None, math.inf, None, tuple(phases), complete)
+    # what is proven about the wide space: per micro-batch size its finished search's
+    # bound, else the work bound
+    proven = wide.bounds if wide is not None else {}
+    bound = min(min(proven.get(mb, work_bound(costs, cluster, batch_size, mb)), best_value)
+                for mb in mbs)
+    cuts = len(candidate_cuts(costs, max_cuts))
+    stopped = "" if complete else "time limit" if wide_ok else "size limit"
+    info = SearchBound(space="classes", bound_s=bound,
+                       gap=0.0 if complete else max(0.0, (best_value - bound) / bound),
+                       cuts=cuts, layers=costs.num_layers, stopped=stopped)
+    check = {"seeded_from": seeded} if seeded else {}
+    plan = replace(best, planner=PlannerInfo("asteroid", PLANNER_VERSION,
+                                             time.perf_counter() - started, check, info))
+    return SearchReport(plan, best_value, info, tuple(phases), complete)
+
+
+def plan_or_raise(costs: CostTable, cluster: Cluster, batch_size: int, *,
+                  optimizer_state_factor: float = 0.0,
+                  micro_batch_sizes: Sequence[int] | None = None,
+                  max_cuts: int | None = DEFAULT_MAX_CUTS,
+                  time_limit: float | None = None,
+                  progress: Progress | None = None) -> Plan:
+    """``search``'s plan, or the ``PlanError`` of why there is none."""
+    report = search(costs, cluster, batch_size, optimizer_state_factor=optimizer_state_factor,
+                    micro_batch_sizes=micro_batch_sizes, max_cuts=max_cuts,
+                    time_limit=time_limit, progress=progress)
+    if report.plan is not None:
+        return report.plan
+    if not report.complete and time_limit is not None:
+        raise PlanError(f"no plan found within the time limit of {time_limit:g} s (the "
+                        f"search had not finished); raise the time limit or leave it out")
+    raise no_fit_error(costs, cluster, batch_size, optimizer_state_factor, "asteroid")

@@ -1,0 +1,59 @@
+"""Why nothing fits: a ``PlanError`` naming the device closest to fitting and what it lacks."""
+
+from __future__ import annotations
+
+from asteroid_fx.errors import PlanError
+from cost_models.table import CostTable
+from solver.cluster import Cluster
+from solver.evaluate import LayerSums, evaluate
+from solver.plan import Plan, Stage
+
+__all__ = ["no_fit_error"]
+
+
+def no_fit_error(costs: CostTable, cluster: Cluster, batch_size: int,
+                 optimizer_state_factor: float = 0.0, planner: str = "asteroid") -> PlanError:
+    """A ``PlanError`` naming the device closest to fitting and the bytes it lacks.
+
+    The diagnosis uses the most memory-friendly plan shape: micro-batches of one sample,
+    one device per stage on every device, layers split to balance memory per capacity.
+    """
+    devices = sorted(cluster.devices, key=lambda d: -d.memory_bytes)
+    sums = LayerSums.of(costs)
+    n_layers = costs.num_layers
+    k = min(len(devices), n_layers)
+    need = [sums.params(i, i) * (2 + optimizer_state_factor) + sums.activations(i, i) * k
+            for i in range(n_layers)]
+    total_need = sum(need)
+    total_cap = sum(d.memory_bytes for d in devices[:k])
+    # greedy contiguous split: fill each device up to its fraction of the total
+    stages = []
+    first = 0
+    acc = 0.0
+    for s, device in enumerate(devices[:k]):
+        target = total_need * sum(d.memory_bytes for d in devices[:s + 1]) / total_cap
+        last = first
+        acc += need[first]
+        while last + 1 < n_layers - (k - s - 1) and acc + need[last + 1] <= target:
+            last += 1
+            acc += need[last]
+        if s == k - 1:
+            last = n_layers - 1
+        stages.append(Stage((first, last), (device.name,), (1,)))
+        first = last + 1
+    plan = Plan(model_hash=costs.model_hash, cluster_hash=cluster.cluster_hash,
+                batch_size=batch_size, micro_batch_size=1, num_micro_batches=batch_size,
+                stages=tuple(stages), optimizer_state_factor=optimizer_state_factor)
+    shortfall = evaluate(plan, costs, cluster).memory_shortfall()
+    if shortfall:
+        name, short = min(shortfall.items(), key=lambda kv: kv[1])
+        where = (f"device {name!r} is {short} bytes ({short / 2**20:.1f} MiB) short even "
+                 f"with micro-batches of one sample and one device per stage")
+    else:
+        where = "every device would fit only with a plan shape outside this planner's space"
+    return PlanError(
+        f"no plan of planner {planner!r} fits in memory for batch size {batch_size}: {where}; "
+        f"the model needs about {total_need / 2**20:.1f} MiB of weights, gradients, optimizer "
+        f"state and activations against {total_cap / 2**20:.1f} MiB on the cluster. Use a "
+        f"smaller batch or micro-batch size, a lighter optimizer, or add devices with more "
+        f"memory")
