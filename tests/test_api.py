@@ -113,3 +113,42 @@ def test_asteroid_is_never_worse_than_the_baselines() -> None:
                 continue
             assert ours is not None and theirs is not None, (seed, name)
             assert ours.round_time_s <= theirs.round_time_s * (1 + 1e-9), (seed, name)
+
+
+def test_time_limit_through_the_api() -> None:
+    costs, cluster, batch = random_instance(25, max_layers=5, max_devices=3,
+                                            tight_memory=False)
+    result = plan(costs, cluster, batch, time_limit=30.0)
+    assert result.planner.bound is not None and result.planner.bound.optimal
+    assert result.planner.search_time_s < 30.0
+    for bad in (0, -1.0):
+        with pytest.raises(PlanError, match="time limit must be a number of seconds > 0"):
+            plan(costs, cluster, batch, time_limit=bad)
+    # the MILP planners take the limit as their budget
+    ilp = plan(costs, cluster, batch, planner="ilp", time_limit=60.0)
+    assert ilp.planner.bound is None and ilp.predicted is not None
+
+
+def test_check_ilp_on_fewer_cuts_when_the_milp_is_large(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import random
+
+    import solver.api as api
+    from solver.ilp import milp_size
+    from solver.space import candidate_cuts
+    from tests.solver_cases import random_costs
+
+    costs, cluster, batch = random_costs(random.Random(26), 8), make_cluster([1.0, 1.5, 0.7]), 4
+    budget = milp_size(costs, cluster, batch, ends=candidate_cuts(costs, 3))
+    assert budget < milp_size(costs, cluster, batch)
+    monkeypatch.setattr(api, "ILP_CHECK_MAX_VARIABLES", budget)
+    result = plan(costs, cluster, batch, check_ilp=True)
+    check = result.planner.check
+    assert 1 <= check["ilp_cuts"] < costs.num_layers - 1
+    assert check["ilp_status"] == "optimal" and abs(check["gap"]) <= 1e-6
+    assert check["plan_round"] <= check["dp_round"] * (1 + 1e-9)
+    # not even single-stage plans fit the budget: refused before planning, in one line
+    monkeypatch.setattr(api, "ILP_CHECK_MAX_VARIABLES", 5)
+    with pytest.raises(PlanError, match=r"--check-ilp: the MILP would have about \d+ "
+                                        r"variables even for single-stage plans"):
+        plan(costs, cluster, batch, check_ilp=True)

@@ -75,3 +75,18 @@ def test_brute_force_picks_the_best_fitting_plan() -> None:
 def test_brute_force_refuses_large_instances() -> None:
     with pytest.raises(PlanError, match="brute force is for tiny instances"):
         brute_force(uniform_costs(20), make_cluster([1.0]), 4)
+
+
+def test_wide_enumeration_tries_every_group_in_every_order() -> None:
+    costs = uniform_costs(2)
+    cluster = make_cluster([2.0, 1.0])
+    plans = list(enumerate_plans(costs, cluster, 2, micro_batch_sizes=[1], wide=True))
+    shapes = {tuple((s.layers, s.devices) for s in p.stages) for p in plans}
+    # one stage on d0 or d1; two stages on (d0, d1) or (d1, d0): the slice space has only
+    # the first of each
+    assert shapes == {(((0, 1), ("d0",)),), (((0, 1), ("d1",)),),
+                      (((0, 0), ("d0",)), ((1, 1), ("d1",))),
+                      (((0, 0), ("d1",)), ((1, 1), ("d0",)))}
+    narrow = {tuple((s.layers, s.devices) for s in p.stages)
+              for p in enumerate_plans(costs, cluster, 2, micro_batch_sizes=[1])}
+    assert narrow < shapes

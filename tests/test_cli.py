@@ -453,3 +453,21 @@ def test_keyword_inputs_train_like_one_process(tmp_path: Path,
               if '"loss"' in line]
     ref = reference_training(load_model_module(out_dir), 8, steps=2)
     assert losses == pytest.approx(ref.losses, rel=1e-6)
+
+
+def test_plan_time_limit(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    mlp = str(ROOT / "examples" / "mlp.py")
+    plan_path = tmp_path / "plan.json"
+    assert main(["plan", mlp, "--cluster", LOCAL3, "-b", "8", "--costs", "analytic",
+                 "--time-limit", "20", "--out", str(plan_path)]) == 0
+    out = capsys.readouterr().out
+    assert "optimality" in out and "optimal over every device order" in out
+    from solver.plan import Plan
+
+    bound = Plan.load(plan_path).planner.bound
+    assert bound is not None and bound.optimal and bound.space == "classes"
+    for bad in ("0", "-2", "nan"):
+        assert main(["plan", mlp, "--cluster", LOCAL3, "-b", "8", "--costs", "analytic",
+                     "--time-limit", bad]) == 1
+        line = _one_error_line(capsys.readouterr().err)
+        assert "PlanError" in line and "time limit must be a number of seconds > 0" in line

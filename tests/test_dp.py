@@ -217,6 +217,90 @@ def test_dp_equals_brute_force_with_cost_columns_and_latency() -> None:
     assert agree >= 90 and multi_stage >= 10
 
 
+def _wide_agreement(seeds: range, instance: Any, **kwargs: Any) -> tuple[int, int, int]:
+    """(instances where the classes DP = wide brute force, pipelines among them, instances
+    where it beats the paper's space)."""
+    agree = multi = beats = 0
+    for seed in seeds:
+        costs, cluster, batch = instance(seed, max_layers=5, max_devices=4, **kwargs)
+        wide = asteroid_dp(costs, cluster, batch, space="classes", max_cuts=None)
+        brute = brute_force(costs, cluster, batch, wide=True)
+        assert (wide.plan is None) == (brute.plan is None), seed
+        if wide.plan is None:
+            continue
+        pred = evaluate(wide.plan, costs, cluster)
+        assert pred.fits, seed
+        assert pred.round_time_s == pytest.approx(brute.round_time_s, rel=1e-9), seed
+        assert wide.round_time_s == pytest.approx(pred.round_time_s, rel=1e-12), seed
+        order = asteroid_dp(costs, cluster, batch, max_cuts=None)
+        assert wide.round_time_s <= order.round_time_s * (1 + 1e-12), seed
+        agree += 1
+        multi += wide.plan.num_stages > 1
+        beats += wide.round_time_s < order.round_time_s * (1 - 1e-9)
+    return agree, multi, beats
+
+
+def test_classes_dp_equals_wide_brute_force() -> None:
+    # random speeds (some tied), memory (some tight) and per-pair links: any group in any
+    # order, every device tried individually by brute force (measured: 110 of 120 with a
+    # plan, 22 pipelines, 15 better than the capability order)
+    agree, multi, beats = _wide_agreement(range(0, 120), random_instance, links=True,
+                                          latency=False)
+    assert agree >= 100 and multi >= 15 and beats >= 10
+
+
+def test_classes_dp_equals_wide_brute_force_with_latency_and_columns() -> None:
+    agree, multi, beats = _wide_agreement(range(120, 180), random_instance, links=True,
+                                          latency=True)
+    assert agree >= 45 and beats >= 3
+    agree, multi, beats = _wide_agreement(range(500, 560), random_column_instance,
+                                          latency=True)
+    assert agree >= 45 and beats >= 3
+
+
+def test_classes_dp_escapes_the_device_order() -> None:
+    # the fastest device cannot hold the layer, so every slice of the capability order
+    # fails; the wide space skips it
+    costs = make_costs([(0.0, 0.01)], [(0.0, 0.02)], [16 * MIB], [MIB], [])
+    cluster = make_cluster([2.0, 1.0, 1.0], memory_mib=[8.0, 256.0, 256.0])
+    assert asteroid_dp(costs, cluster, 4).plan is None
+    wide = asteroid_dp(costs, cluster, 4, space="classes")
+    assert wide.plan is not None and "d0" not in wide.plan.devices
+    assert evaluate(wide.plan, costs, cluster).fits
+
+
+def test_classes_dp_puts_the_fast_device_on_the_heavy_stage() -> None:
+    # a light first layer and a heavy second one on a fast and a slow device over a slow
+    # link: the paper's space must start at the fast device; the wide space reverses it
+    # (one device: 8 x 0.5 / 4 = 1.0 s; slow then fast: about 9 x 0.1 s)
+    costs = make_costs([(0.0, 0.03), (0.0, 0.13)], [(0.0, 0.07), (0.0, 0.27)],
+                       [4 * MIB, 4 * MIB], [MIB, MIB], [1024])
+    cluster = make_cluster([4.0, 1.0], bandwidth_mbps=10.0)
+    order = asteroid_dp(costs, cluster, 8, max_cuts=None)
+    wide = asteroid_dp(costs, cluster, 8, space="classes", max_cuts=None)
+    assert order.plan is not None and wide.plan is not None
+    assert order.plan.devices == ("d0",)
+    assert wide.round_time_s < order.round_time_s * 0.95
+    assert [s.devices for s in wide.plan.stages] == [("d1",), ("d0",)]
+
+
+def test_search_stops_at_its_deadline() -> None:
+    import time
+
+    costs, cluster = planner_instance("spread", 7, 200, 8)
+    started = time.perf_counter()
+    result = asteroid_dp(costs, cluster, 32, space="classes",
+                         deadline=time.perf_counter() + 0.5)
+    assert time.perf_counter() - started < 5.0
+    assert not result.complete
+    if result.plan is not None:  # a plan found before the deadline is a real one
+        assert evaluate(result.plan, costs, cluster).round_time_s == pytest.approx(
+            result.round_time_s, rel=1e-12)
+    exact = asteroid_dp(costs, cluster, 32)
+    assert exact.complete and exact.bounds  # per micro-batch size: what it proved
+    assert min(exact.bounds.values()) == pytest.approx(exact.round_time_s, rel=1e-12)
+
+
 def test_columns_order_the_devices_and_split_the_shares() -> None:
     # a nano measured 4x slower than the base on every layer sorts after a custom device
     # of speed 0.5 whatever it declares, and a group of both splits 2 : 1 for the custom

@@ -138,3 +138,34 @@ def test_ilp_reports_infeasible() -> None:
     costs = uniform_costs(2, param_bytes=64 * MIB)
     result = ilp_plan(costs, make_cluster([1.0], memory_mib=16.0), 2)
     assert result.plan is None and result.status == "infeasible"
+
+
+def test_ilp_wide_equals_the_classes_dp() -> None:
+    # the DP over every order (counts of interchangeable devices) searches ilp-wide's
+    # space: where the MILP proves its optimum, the two agree
+    agree = 0
+    for seed in range(8):
+        costs, cluster, batch = random_instance(1400 + seed, max_layers=3, max_devices=3,
+                                                links=True, latency=seed % 2 == 0)
+        wide_dp = asteroid_dp(costs, cluster, batch, space="classes", max_cuts=None)
+        wide = ilp_plan(costs, cluster, batch, wide=True, time_limit_s=120)
+        assert (wide_dp.plan is None) == (wide.plan is None), seed
+        if wide.plan is None or wide.status != "optimal":
+            continue
+        wide_round = evaluate(wide.plan, costs, cluster).round_time_s
+        assert wide_dp.round_time_s == pytest.approx(wide_round, rel=1e-6), seed
+        agree += 1
+    assert agree >= 6
+
+
+def test_milp_size_bounds_the_built_model() -> None:
+    from solver.ilp import milp_size
+    from solver.space import candidate_cuts
+
+    for seed in range(5):
+        costs, cluster, batch = random_instance(1500 + seed, max_layers=6, max_devices=4)
+        for ends in (None, candidate_cuts(costs, 2)):
+            result = ilp_plan(costs, cluster, batch, time_limit_s=60, ends=ends)
+            assert result.candidates <= milp_size(costs, cluster, batch, ends=ends)
+    costs, cluster, batch = random_instance(1500, max_layers=6, max_devices=4)
+    assert milp_size(costs, cluster, batch, ends=[]) < milp_size(costs, cluster, batch)

@@ -76,3 +76,14 @@ def test_bad_json(tmp_path: Path) -> None:
                        '"micro_batch_size": 1, "num_micro_batches": 1}')
     with pytest.raises(PlanError, match="does not exist"):
         Plan.load(tmp_path / "nope.json")
+
+
+def test_plans_written_before_the_bound_still_load() -> None:
+    from solver.plan import PlannerInfo, SearchBound
+
+    old = {"name": "asteroid", "version": "1", "search_time_s": 0.5, "check": {}}
+    info = PlannerInfo.from_dict(old)
+    assert info.bound is None and info.to_dict() == old  # and writes the same JSON back
+    bound = SearchBound("classes", 1.0, 0.02, cuts=12, layers=40, stopped="time limit")
+    again = PlannerInfo.from_dict(PlannerInfo("asteroid", "2", 1.0, {}, bound).to_dict())
+    assert again.bound == bound and not bound.optimal

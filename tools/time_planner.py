@@ -1,40 +1,76 @@
-"""Wall time of the Asteroid DP and of ``solver.api.plan`` on seeded synthetic instances.
+"""Planner time and exactness: synthetic instances, the cases of issue 14, fleets, small instances.
 
-Reproduces the issue-4 target "plan < 1 s for 200 layers x 8 devices": for every
-cluster kind, layer count, device count and seed it builds the instance of
-``tests.solver_cases.planner_instance`` (``random_costs`` from ``random.Random(seed)``,
-then a ``spread_cluster`` — speeds U(0.2, 2), 4096 MiB, 100 Mbps — or a
-``random_cluster`` from the same generator), runs ``solver.dp.asteroid_dp`` and
-``solver.api.plan(planner="asteroid")`` ``--repeat`` times each and prints the median
-wall times and the round time found.
+Every time is the planner's process CPU time (``time.process_time``), best of
+``--repeat`` runs, with the host's load average; time-limited runs (``time_limit`` is a
+wall-clock deadline) also give their wall time, since the search does less under load.
 
-Usage::
+Modes::
 
-    python tools/time_planner.py                                   # 200 x 8, seeds 1 2 7
-    python tools/time_planner.py --layers 100 200 --devices 8 --kinds spread --repeat 5
+    python tools/time_planner.py               # issue 4: 200 x 8 synthetic, seeds 1 2 7
+    python tools/time_planner.py --issue14     # the cases measured in issue 14
+    python tools/time_planner.py --fleet       # ResNet-50 / BERT-small on 8..64 devices
+    python tools/time_planner.py --small 200   # plan vs ilp-wide and the baselines
+
+* ``--issue14``: the 200-layer MLP (200 Linear 512x512, batch 64) on eight mixed devices
+  (2 Xavier NX, 2 TX2, 3 Nano, a ``custom`` phone of speed 0.7 and 3 GB; 100 Mbps, one
+  1000 Mbps link between the NX); ResNet-50 (``examples/resnet.py:imagenet``, batch 64)
+  on NX/TX2/Nano mixes of 8, 16 and 32 devices at 1000 Mbps; the 32-device home fleet
+  (100 Mbps Wi-Fi with 2 ms latency, ten wired 1000 Mbps pairs); and the README's
+  ``--check-ilp`` example (MobileNetV2 on ``C-100mbps.yaml``, batch 64), with its peak
+  memory.
+* ``--fleet``: ResNet-50 (batch 64) and BERT-small (batch 32) on fleets of 8, 16, 32 and 64
+  boards (NX/TX2/Nano in turn, 100 Mbps and 2 ms, ``n // 3`` wired 1000 Mbps pairs): the
+  plan with the time limit of the issue's targets (5 s up to 32 devices, 30 s for 64;
+  none for 8), its round, stages, proven gap and why the search stopped.
+* ``--small N``: ``N`` seeded instances of at most 8 layers and 5 devices with random
+  links and latency: the Asteroid plan against ``planner="ilp-wide"`` and every baseline.
+
+Cost tables are analytic and Nano-referenced as in ``tools/bench_planner.py`` (cached in
+``build/bench_costs``).
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
+import random
+import resource
 import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.append(str(ROOT))
 
-from solver.api import plan  # noqa: E402
+from asteroid_fx.errors import PlanError  # noqa: E402
+from cost_models.devices import DEVICE_TYPES, GIB  # noqa: E402
+from cost_models.table import CostTable  # noqa: E402
+from solver.anytime import wide_size  # noqa: E402
+from solver.api import PLANNERS, plan  # noqa: E402
+from solver.cluster import Cluster, Device, Link  # noqa: E402
 from solver.dp import asteroid_dp  # noqa: E402
-from tests.solver_cases import INSTANCE_KINDS, planner_instance  # noqa: E402
+from solver.plan import Plan  # noqa: E402
+from solver.space import device_classes  # noqa: E402
+from tests.solver_cases import INSTANCE_KINDS, planner_instance, random_instance  # noqa: E402
 
 T = TypeVar("T")
+
+CACHE = ROOT / "build" / "bench_costs"
+NANO_MEM_BW = 25.6e9
+
+
+def load() -> float:
+    """The host's 1-minute load average (nan where unknown)."""
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return math.nan
 
 
 def _median_time(fn: Callable[[], T], repeat: int) -> tuple[float, T]:
@@ -47,25 +83,237 @@ def _median_time(fn: Callable[[], T], repeat: int) -> tuple[float, T]:
     return statistics.median(times), result
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else "")
-    parser.add_argument("--layers", nargs="+", type=int, default=[200])
-    parser.add_argument("--devices", nargs="+", type=int, default=[8])
-    parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 7])
-    parser.add_argument("--kinds", nargs="+", default=list(INSTANCE_KINDS),
-                        choices=INSTANCE_KINDS)
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--repeat", type=int, default=3, help="runs per timing (median)")
-    parser.add_argument("--skip-dp", action="store_true", help="time only solver.api.plan")
-    parser.add_argument("--skip-plan", action="store_true", help="time only the DP")
-    args = parser.parse_args(argv)
-    if args.repeat < 1:
-        parser.error("--repeat must be >= 1")
-    try:
-        load = " ".join(f"{x:.2f}" for x in os.getloadavg())
-    except OSError:
-        load = "n/a"
-    print(f"# batch {args.batch}, median of {args.repeat} run(s), load average {load}, "
+def best_cpu(fn: Callable[[], T], repeat: int) -> tuple[float, float, T]:
+    """``(best CPU seconds, wall seconds of that run, its result)`` over ``repeat`` calls."""
+    best: tuple[float, float, T] | None = None
+    for _ in range(repeat):
+        cpu, wall = time.process_time(), time.perf_counter()
+        result = fn()
+        cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+        if best is None or cpu < best[0]:
+            best = (cpu, wall, result)
+    assert best is not None
+    return best
+
+
+# -- instances ----------------------------------------------------------------------------
+BOARDS = ("jetson-xavier-nx", "jetson-tx2", "jetson-nano")
+_SHORT = {"jetson-xavier-nx": "nx", "jetson-tx2": "tx2-", "jetson-nano": "nano"}
+
+
+def board(name: str, kind: str) -> Device:
+    spec = DEVICE_TYPES[kind]
+    return Device(name=name, type=kind, memory_bytes=int((spec.memory_gb or 4.0) * GIB),
+                  flops=spec.flops)
+
+
+def mixed8() -> Cluster:
+    """Issue 14's eight mixed devices: 2 NX, 2 TX2, 3 Nano, a phone; 100 Mbps, NX pair 1 Gbps."""
+    devices = (board("nx0", BOARDS[0]), board("nx1", BOARDS[0]), board("tx2-0", BOARDS[1]),
+               board("tx2-1", BOARDS[1]), board("nano0", BOARDS[2]), board("nano1", BOARDS[2]),
+               board("nano2", BOARDS[2]),
+               Device(name="phone", type="custom", memory_bytes=3 * GIB, speed=0.7))
+    return Cluster(devices=devices, bandwidth_mbps=100.0, links=(Link("nx0", "nx1", 1000.0),))
+
+
+def jetson_mix(n: int, mbps: float = 1000.0) -> Cluster:
+    """``n`` boards, NX, TX2 and Nano in turn, one network of ``mbps``."""
+    count = dict.fromkeys(BOARDS, 0)
+    devices = []
+    for i in range(n):
+        kind = BOARDS[i % 3]
+        devices.append(board(f"{_SHORT[kind]}{count[kind]}", kind))
+        count[kind] += 1
+    return Cluster(devices=tuple(devices), bandwidth_mbps=mbps)
+
+
+def fleet(n: int, pairs: int | None = None, seed: int = 0) -> Cluster:
+    """A home or lab fleet: ``jetson_mix(n)`` on 100 Mbps Wi-Fi with 2 ms latency, plus
+    ``pairs`` (default ``n // 3``) seeded wired pairs at 1000 Mbps and 0.2 ms."""
+    base = jetson_mix(n, 100.0)
+    names = list(base.names)
+    random.Random(seed).shuffle(names)
+    pairs = n // 3 if pairs is None else pairs
+    links = tuple(Link(names[2 * k], names[2 * k + 1], 1000.0, 0.2) for k in range(pairs))
+    return Cluster(devices=base.devices, bandwidth_mbps=100.0, links=links, latency_ms=2.0)
+
+
+def model_costs(key: str) -> CostTable:
+    """Analytic, Nano-referenced costs of ``tools/bench_planner.py``'s models, plus
+    ``mlp200`` (200 Linear 512x512 layers), cached."""
+    if key != "mlp200":
+        sys.path.insert(0, str(ROOT / "tools"))
+        from bench_planner import model_costs as bench_costs
+
+        return bench_costs(key, CACHE)
+    path = CACHE / "mlp200.json"
+    if path.is_file():
+        return CostTable.load(path)
+    import torch
+
+    import asteroid_fx as afx
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*[torch.nn.Linear(512, 512) for _ in range(200)])
+    costs: CostTable = afx.analytic_costs(model, (torch.randn(2, 512),),
+                                          host_flops=DEVICE_TYPES["jetson-nano"].flops,
+                                          host_mem_bw=NANO_MEM_BW, model_name="mlp200")
+    CACHE.mkdir(parents=True, exist_ok=True)
+    costs.save(path)
+    return costs
+
+
+# -- one measured planning run --------------------------------------------------------------
+def plan_row(label: str, costs: CostTable, cluster: Cluster, batch: int, repeat: int,
+             time_limit: float | None = None, **kwargs: Any) -> dict[str, Any]:
+    """``solver.api.plan`` on one instance: best-of-``repeat`` CPU time and what it found."""
+    cpu, wall, result = best_cpu(partial(plan, costs, cluster, batch, time_limit=time_limit,
+                                         **kwargs), repeat)
+    pred = result.predicted
+    bound = result.planner.bound
+    return {"case": label, "layers": costs.num_layers, "devices": len(cluster.devices),
+            "classes": len(device_classes(cluster, costs)),
+            "wide_pairs": wide_size(costs, cluster), "batch": batch,
+            "time_limit": time_limit, "cpu_s": cpu, "wall_s": wall,
+            "round_s": None if pred is None else pred.round_time_s,
+            "stages": result.num_stages, "used": len(result.devices),
+            "micro_batches": result.num_micro_batches,
+            "gap": None if bound is None else bound.gap,
+            "bound_s": None if bound is None else bound.bound_s,
+            "stopped": "" if bound is None else bound.stopped,
+            "check": dict(result.planner.check), "load": load()}
+
+
+def row_line(r: dict[str, Any]) -> str:
+    limit = "-" if r["time_limit"] is None else f"{r['time_limit']:g}"
+    gap = "-" if r["gap"] is None else f"{100 * r['gap']:.1f} %"
+    return (f"| {r['case']} | {r['layers']} | {r['devices']} | {r['classes']} | "
+            f"{r['wide_pairs']} | {limit} | {r['cpu_s']:.2f} | {r['wall_s']:.2f} | "
+            f"{r['round_s']:.4g} | {r['stages']} / {r['used']} | {gap} | "
+            f"{r['stopped'] or 'finished'} | {r['load']:.1f} |")
+
+
+ROW_HEAD = ["| case | layers | devices | classes | wide pairs | time limit (s) | CPU (s) | "
+            "wall (s) | round (s) | stages / devices used | proven gap | search | load |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+
+
+# -- issue 14 ---------------------------------------------------------------------------------
+def issue14(repeat: int) -> list[str]:
+    """The cases measured in issue 14 (see the module docstring), as table lines."""
+    lines = list(ROW_HEAD)
+    mlp = model_costs("mlp200")
+    lines.append(row_line(plan_row("MLP 200 x 8 mixed, 100 Mbps + NX pair", mlp, mixed8(), 64,
+                                   repeat)))
+    resnet = model_costs("resnet50_imagenet")
+    for n, limit in ((8, None), (16, None), (16, 5.0), (32, 5.0), (32, 30.0)):
+        lines.append(row_line(plan_row(f"ResNet-50 on {n} Jetsons, 1000 Mbps", resnet,
+                                       jetson_mix(n), 64, 1 if limit else repeat, limit)))
+        print(lines[-1], flush=True)
+    for limit in (5.0, 30.0):
+        lines.append(row_line(plan_row("ResNet-50 on the 32-device home fleet", resnet,
+                                       fleet(32, 10), 64, 1, limit)))
+        print(lines[-1], flush=True)
+    return lines
+
+
+def check_ilp_example() -> str:
+    """The README's ``--check-ilp`` example: wall time, CBC's CPU time, peak memory."""
+    costs = model_costs("mobilenet_v2")
+    cluster = Cluster.from_yaml(ROOT / "examples" / "clusters" / "C-100mbps.yaml")
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    wall = time.perf_counter()
+    result = plan(costs, cluster, 64, check_ilp=True)
+    wall = time.perf_counter() - wall
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    check = result.planner.check
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return (f"README --check-ilp example (MobileNetV2, C-100mbps, batch 64): {wall:.1f} s "
+            f"wall, MILP on {check['ilp_cuts']} candidate cuts ({check['ilp_status']}, "
+            f"{check['ilp_time_s']:.1f} s, solver CPU "
+            f"{after.ru_utime - before.ru_utime:.1f} s), DP = MILP: gap {check['gap']}, "
+            f"peak memory {own:.0f} MiB (planner) / {after.ru_maxrss / 1024:.0f} MiB "
+            f"(solver), load {load():.1f}")
+
+
+# -- fleets --------------------------------------------------------------------------------
+FLEET_MODELS = {"resnet50_imagenet": ("ResNet-50", 64), "bert_small": ("BERT-small", 32)}
+FLEET_LIMITS = {8: None, 16: 5.0, 32: 5.0, 64: 30.0}
+
+
+def fleet_rows(sizes: Sequence[int] = (8, 16, 32, 64),
+               models: Sequence[str] = tuple(FLEET_MODELS), repeat: int = 1
+               ) -> list[dict[str, Any]]:
+    """Every model on every fleet size with the time limit of ``FLEET_LIMITS``."""
+    rows = []
+    for key in models:
+        name, batch = FLEET_MODELS[key]
+        costs = model_costs(key)
+        for n in sizes:
+            limit = FLEET_LIMITS.get(n, 30.0)
+            row = plan_row(f"{name}, {n}-device fleet", costs, fleet(n), batch,
+                           repeat if limit is None else 1, limit)
+            rows.append(row)
+            print(row_line(row), flush=True)
+    return rows
+
+
+# -- small instances against ilp-wide ------------------------------------------------------
+def small_check(count: int, seed0: int = 140_000) -> dict[str, Any]:
+    """The Asteroid plan against ``ilp-wide`` and every baseline on ``count`` seeded
+    instances (<= 8 layers, <= 5 devices, random links and latency)."""
+    baselines = [n for n in PLANNERS if n not in ("asteroid", "ilp", "ilp-wide")]
+    equal = better = worse = unproven = none = 0
+    worse_than_baseline: list[str] = []
+    statuses: list[str] = []
+    cpu = 0.0
+    for seed in range(seed0, seed0 + count):
+        costs, cluster, batch = random_instance(seed, max_layers=8, max_devices=5,
+                                                links=True, latency=seed % 2 == 0)
+        started = time.process_time()
+        try:
+            ours: Plan | None = plan(costs, cluster, batch)
+        except PlanError:
+            ours = None
+        cpu += time.process_time() - started
+        try:
+            wide: Plan | None = plan(costs, cluster, batch, planner="ilp-wide")
+        except PlanError:
+            wide = None
+        value = math.inf if ours is None or ours.predicted is None else ours.predicted.round_time_s
+        if wide is None or wide.predicted is None:
+            none += ours is None
+            unproven += ours is not None
+        else:
+            theirs = wide.predicted.round_time_s
+            if abs(value - theirs) <= 1e-6 * theirs:
+                equal += 1
+            elif value < theirs:
+                better += 1   # the MILP stopped at its time limit, or its epsilon
+                statuses.append(str(wide.planner.check.get("ilp_status")))
+            else:
+                worse += 1
+                print(f"seed {seed}: asteroid {value:.6g} > ilp-wide {theirs:.6g} "
+                      f"({wide.planner.check.get('ilp_status')})", flush=True)
+        for name in baselines:
+            try:
+                base = plan(costs, cluster, batch, planner=name).predicted
+            except PlanError:
+                continue
+            if base is not None and base.round_time_s < value * (1 - 1e-9):
+                worse_than_baseline.append(f"seed {seed}: {name}")
+    compared = equal + better + worse
+    return {"instances": count, "compared": compared, "equal": equal, "better": better,
+            "worse": worse, "ilp_status_when_better": sorted(set(statuses)),
+            "ilp_none": unproven + none, "both_none": none,
+            "share_at_least_ilp_wide": (equal + better) / compared if compared else math.nan,
+            "worse_than_a_baseline": worse_than_baseline, "asteroid_cpu_s": cpu,
+            "load": load()}
+
+
+# -- issue 4: synthetic instances ----------------------------------------------------------
+def synthetic(args: argparse.Namespace) -> int:
+    print(f"# batch {args.batch}, median of {args.repeat} run(s), load average {load():.2f}, "
           f"{os.cpu_count()} CPU(s)")
     print("| kind | layers | devices | seed | DP (s) | DP round (s) | plan (s) | "
           "plan round (s) | stages |")
@@ -94,6 +342,39 @@ def main(argv: Sequence[str] | None = None) -> int:
                           flush=True)
     if not args.skip_plan:
         print(f"# slowest solver.api.plan median: {worst:.3f} s")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else "")
+    parser.add_argument("--issue14", action="store_true", help="the cases of issue 14")
+    parser.add_argument("--fleet", action="store_true", help="the fleet table")
+    parser.add_argument("--small", type=int, metavar="N", help="N small instances vs ilp-wide")
+    parser.add_argument("--sizes", nargs="+", type=int, default=[8, 16, 32, 64])
+    parser.add_argument("--layers", nargs="+", type=int, default=[200])
+    parser.add_argument("--devices", nargs="+", type=int, default=[8])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 7])
+    parser.add_argument("--kinds", nargs="+", default=list(INSTANCE_KINDS),
+                        choices=INSTANCE_KINDS)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--repeat", type=int, default=3, help="runs per timing")
+    parser.add_argument("--skip-dp", action="store_true", help="time only solver.api.plan")
+    parser.add_argument("--skip-plan", action="store_true", help="time only the DP")
+    args = parser.parse_args(argv)
+    if args.repeat < 1:
+        parser.error("--repeat must be >= 1")
+    if not (args.issue14 or args.fleet or args.small):
+        return synthetic(args)
+    if args.issue14:
+        for line in issue14(args.repeat):
+            print(line)
+        print(check_ilp_example())
+    if args.fleet:
+        print("\n".join(ROW_HEAD))
+        for row in fleet_rows(args.sizes, repeat=args.repeat):
+            print(row_line(row))
+    if args.small:
+        print(small_check(args.small))
     return 0
 
 

@@ -1,0 +1,115 @@
+"""Tests of anytime planning (solver/anytime.py): phases, time limits, proven bounds."""
+
+from __future__ import annotations
+
+import math
+import time
+
+import pytest
+
+from asteroid_fx.errors import PlanError
+from solver.anytime import (
+    WIDE_EXACT_MAX,
+    check_time_limit,
+    plan_or_raise,
+    search,
+    wide_size,
+    work_bound,
+)
+from solver.dp import asteroid_dp
+from solver.evaluate import evaluate
+from solver.plan import Plan
+from tests.solver_cases import (
+    MIB,
+    make_cluster,
+    make_costs,
+    planner_instance,
+    random_instance,
+    uniform_costs,
+)
+
+
+@pytest.mark.parametrize("bad", [0, -1.0, float("nan"), True, "5", None])
+def test_bad_time_limits_are_refused(bad: object) -> None:
+    if bad is None:
+        check_time_limit(None)  # no limit: fine
+        return
+    with pytest.raises(PlanError, match=r"time limit must be a number of seconds > 0"):
+        check_time_limit(bad)  # type: ignore[arg-type]
+
+
+def test_without_a_limit_the_plan_is_optimal_over_every_order() -> None:
+    costs, cluster, batch = random_instance(31, max_layers=6, max_devices=4, links=True)
+    report = search(costs, cluster, batch)
+    assert report.complete and report.plan is not None and report.bound is not None
+    assert report.bound.optimal and report.bound.stopped == ""
+    assert report.bound.bound_s == pytest.approx(report.round_time_s, rel=1e-12)
+    wide = asteroid_dp(costs, cluster, batch, space="classes")
+    assert report.round_time_s <= wide.round_time_s * (1 + 1e-12)
+    assert evaluate(report.plan, costs, cluster).round_time_s == pytest.approx(
+        report.round_time_s, rel=1e-12)
+    assert report.phases == ("order", "baselines", "classes")
+
+
+def test_a_time_limit_returns_the_best_plan_with_a_proven_gap() -> None:
+    # eight devices of eight speeds: the wide space (6561 pairs) does not finish in 1 s
+    costs, cluster = planner_instance("spread", 7, 200, 8)
+    assert wide_size(costs, cluster) > WIDE_EXACT_MAX
+    started = time.perf_counter()
+    report = search(costs, cluster, 32, time_limit=1.0)
+    assert time.perf_counter() - started < 10.0   # the limit, plus finishing a step
+    assert report.plan is not None and report.bound is not None
+    assert not report.bound.optimal and report.bound.stopped == "time limit"
+    # the bound is a lower bound: no better than the exact optimum over one order
+    exact = asteroid_dp(costs, cluster, 32)
+    assert report.bound.bound_s <= exact.round_time_s
+    assert report.bound.gap == pytest.approx(
+        (report.round_time_s - report.bound.bound_s) / report.bound.bound_s)
+    assert report.bound.bound_s >= min(work_bound(costs, cluster, 32, mb)
+                                       for mb in (1, 2, 4, 8, 16, 32)) * (1 - 1e-12)
+
+
+def test_a_large_wide_space_is_not_searched_without_a_limit() -> None:
+    costs, cluster = planner_instance("spread", 7, 200, 8)
+    report = search(costs, cluster, 32)
+    assert report.bound is not None and report.bound.stopped == "size limit"
+    assert report.phases == ("order", "baselines")
+    assert report.round_time_s <= asteroid_dp(costs, cluster, 32).round_time_s
+
+
+def test_infinite_limit_searches_every_order() -> None:
+    costs, cluster, batch = random_instance(33, max_layers=5, max_devices=4, links=True)
+    report = search(costs, cluster, batch, time_limit=math.inf)
+    assert report.complete and report.bound is not None and report.bound.optimal
+
+
+def test_progress_reports_fractions_up_to_one() -> None:
+    seen: list[float] = []
+    costs, cluster, batch = random_instance(34, max_layers=5, max_devices=3)
+    search(costs, cluster, batch, progress=lambda done, what: seen.append(done))
+    assert seen and seen[-1] == 1.0
+    assert all(0.0 <= x <= 1.0 for x in seen) and seen == sorted(seen)
+
+
+def test_nothing_fits_is_a_plan_error_with_the_shortfall() -> None:
+    costs = uniform_costs(3, param_bytes=64 * MIB)
+    cluster = make_cluster([1.0, 2.0], memory_mib=[100.0, 120.0])
+    with pytest.raises(PlanError, match=r"no plan .* fits in memory.*short"):
+        plan_or_raise(costs, cluster, 4)
+
+
+def test_a_plan_that_fits_only_in_another_order_is_found() -> None:
+    # the fastest device cannot hold the layer: only the wide phase finds a plan, and it
+    # runs even where the size gate would skip it
+    costs = make_costs([(0.0, 0.01)], [(0.0, 0.02)], [16 * MIB], [MIB], [])
+    cluster = make_cluster([2.0, 1.0, 1.0], memory_mib=[8.0, 256.0, 256.0])
+    plan = plan_or_raise(costs, cluster, 4)
+    assert "d0" not in plan.devices and evaluate(plan, costs, cluster).fits
+
+
+def test_the_bound_survives_plan_json() -> None:
+    costs, cluster, batch = random_instance(35, max_layers=5, max_devices=3)
+    plan = plan_or_raise(costs, cluster, batch)
+    assert plan.planner.bound is not None and plan.planner.version == "2"
+    again = Plan.from_json(plan.to_json())
+    assert again == plan and again.planner.bound == plan.planner.bound
