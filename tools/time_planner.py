@@ -181,6 +181,7 @@ def plan_row(label: str, costs: CostTable, cluster: Cluster, batch: int, repeat:
             "gap": None if bound is None else bound.gap,
             "bound_s": None if bound is None else bound.bound_s,
             "stopped": "" if bound is None else bound.stopped,
+            "order_optimal": bound is not None and bound.order_optimal,
             "check": dict(result.planner.check), "load": load()}
 
 
@@ -189,13 +190,15 @@ def row_line(r: dict[str, Any]) -> str:
     gap = "-" if r["gap"] is None else f"{100 * r['gap']:.1f} %"
     return (f"| {r['case']} | {r['layers']} | {r['devices']} | {r['classes']} | "
             f"{r['wide_pairs']} | {limit} | {r['cpu_s']:.2f} | {r['wall_s']:.2f} | "
-            f"{r['round_s']:.4g} | {r['stages']} / {r['used']} | {gap} | "
+            f"{r['round_s']:.4g} | {r['stages']} / {r['used']} | "
+            f"{'yes' if r['order_optimal'] else 'no'} | {gap} | "
             f"{r['stopped'] or 'finished'} | {r['load']:.1f} |")
 
 
 ROW_HEAD = ["| case | layers | devices | classes | wide pairs | time limit (s) | CPU (s) | "
-            "wall (s) | round (s) | stages / devices used | proven gap | search | load |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+            "wall (s) | round (s) | stages / devices used | optimal in one order | "
+            "proven gap, every order | search | load |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
 
 
 # -- issue 14 ---------------------------------------------------------------------------------
