@@ -48,8 +48,8 @@ PlannerOpt = Annotated[
     str,
     typer.Option(
         "--planner",
-        help="asteroid | ilp | ilp-wide | dp-only | pp-equal | pipedream | dapple | hetpipe "
-        "| device",
+        help="asteroid | asteroid-order | ilp | ilp-wide | dp-only | pp-equal | pipedream | "
+        "dapple | hetpipe | device",
     ),
 ]
 

@@ -265,7 +265,7 @@ def fleet_rows(sizes: Sequence[int] = (8, 16, 32, 64),
 def small_check(count: int, seed0: int = 140_000) -> dict[str, Any]:
     """The Asteroid plan against ``ilp-wide`` and every baseline on ``count`` seeded
     instances (<= 8 layers, <= 5 devices, random links and latency)."""
-    baselines = [n for n in PLANNERS if n not in ("asteroid", "ilp", "ilp-wide")]
+    baselines = [n for n in PLANNERS if n not in ("asteroid", "asteroid-order", "ilp", "ilp-wide")]
     equal = better = worse = unproven = none = 0
     worse_than_baseline: list[str] = []
     statuses: list[str] = []
