@@ -51,7 +51,8 @@ MicroOpt = Annotated[int | None, typer.Option(
     "--micro-batch", help="fix the micro-batch size (a divisor of the batch size; asteroid and "
     "ilp planners) instead of letting the planner choose it")]
 PLANNERS_HELP = (
-    "asteroid: the Asteroid DP, exact over its search space (default); "
+    "asteroid: the Asteroid DP, exact over every device order (default; --time-limit "
+    "makes it anytime); asteroid-order: the paper's DP over the capability order only; "
     "ilp: the same space as a MILP (PuLP/CBC), a cross-check; "
     "ilp-wide: any device subset per stage (small instances only); "
     "baselines, each with its published blind spots: dp-only (DDP: the whole model on "

@@ -4,9 +4,11 @@
 ``search`` runs the Asteroid DP (``solver.dp``) in phases, each exact over its space and
 each starting from the best round time so far (the incumbent, which only prunes):
 
+0. the quick baselines' plans (``solver.baselines``): a safety net (a baseline plan
+   outside the DP's spaces, with equal shares or another order of a group, is kept when
+   it is better) and a first incumbent;
 1. the paper's space: slices of the capability order (fast: one order);
-2. the baselines' plans (``solver.baselines``), a safety net: a baseline plan outside the
-   DP's spaces (equal shares, another order of a group) is kept when it is better;
+2. the baselines that run a planning search of their own (DAPPLE), on small clusters;
 3. the wide space: every group in every order, as counts of interchangeable devices
    (``space="classes"``, [Note: device classes] in ``solver.space``). When it finishes
    the plan is optimal over every plan of the wide space on the candidate cuts (the
@@ -126,9 +128,11 @@ def work_bound(costs: CostTable, cluster: Cluster, batch_size: int, micro_batch:
     return (batch_size // micro_batch) * work / speed
 
 
-SAFETY_NET_MAX_DEVICES = 8
+SAFETY_NET_MAX_DEVICES = 6
 """Baselines that run a planning DP of their own (DAPPLE: the Asteroid DP on the
-homogeneous view of the cluster) join the safety net only up to this many devices: on
+homogeneous view of the cluster) join the safety net only up to this many devices (the
+sizes of the paper's settings, docs/benchmarks.md): on eight devices DAPPLE takes longer
+than the Asteroid search itself (2 s against 1 s on the 200-layer MLP of issue 14), on
 32 devices DAPPLE's own search takes minutes (170 s of CPU on a 32-device fleet), longer
 than the search it backs up."""
 
@@ -136,10 +140,11 @@ _PLANNING_BASELINES = frozenset({"dapple"})
 
 
 def _baseline_plans(costs: CostTable, cluster: Cluster, batch_size: int, osf: float,
-                    micro_batch_sizes: Sequence[int] | None,
-                    deadline: float | None) -> list[tuple[str, Plan, float]]:
-    """The baselines' plans that fit, with their round times (``[Note: baseline seeds]``
-    of before, now a safety net), as far as the deadline allows."""
+                    micro_batch_sizes: Sequence[int] | None, deadline: float | None,
+                    planning: bool) -> list[tuple[str, Plan, float]]:
+    """The baselines' plans that fit, with their round times, as far as the deadline
+    allows: the quick ones, or (``planning``) those that run a planning search of their
+    own (only up to ``SAFETY_NET_MAX_DEVICES``)."""
     try:
         from solver.baselines import BASELINES
     except Exception as exc:  # a broken or missing module must not break planning
@@ -149,7 +154,8 @@ def _baseline_plans(costs: CostTable, cluster: Cluster, batch_size: int, osf: fl
     for name, fn in BASELINES.items():
         if deadline is not None and time.perf_counter() > deadline:
             break
-        if name in _PLANNING_BASELINES and len(cluster.devices) > SAFETY_NET_MAX_DEVICES:
+        if (name in _PLANNING_BASELINES) != planning or (
+                planning and len(cluster.devices) > SAFETY_NET_MAX_DEVICES):
             continue
         try:
             seed = fn(costs, cluster, batch_size, optimizer_state_factor=osf)
@@ -207,29 +213,39 @@ def search(costs: CostTable, cluster: Cluster, batch_size: int, *,
                          f"{what}, {where}, best {best_value:.4g} s")
         return step
 
-    def take(result: DPResult) -> None:
-        nonlocal best, best_value
-        if result.plan is not None and result.round_time_s < best_value:
-            best, best_value = result.plan, result.round_time_s
+    seeded = ""
 
+    def take(result: DPResult) -> None:
+        nonlocal best, best_value, seeded
+        if result.plan is not None and result.round_time_s < best_value:
+            best, best_value, seeded = result.plan, result.round_time_s, ""
+
+    def safety_net(planning: bool) -> None:
+        nonlocal best, best_value, seeded
+        if not baselines:
+            return
+        for name, seed, value in _baseline_plans(costs, cluster, batch_size,
+                                                 optimizer_state_factor, micro_batch_sizes,
+                                                 deadline, planning):
+            if value < best_value:
+                best, best_value, seeded = seed, value, name
+
+    # 0: the quick baselines: a safety net, and an incumbent that prunes from the start
+    safety_net(planning=False)
     # 1: the paper's space (slices of the capability order); with a limit, half of it
     # unless the wide space is too large to search in any case
     first_deadline = deadline
     if deadline is not None and wide_size(costs, cluster) <= WIDE_ANYTIME_MAX:
         first_deadline = started + (deadline - started) / 2
-    take(asteroid_dp(costs, cluster, batch_size, optimizer_state_factor=optimizer_state_factor,
-                     micro_batch_sizes=micro_batch_sizes, max_cuts=max_cuts,
-                     deadline=first_deadline,
-                     progress=report(_ORDER_SHARE, 0.0, "one order")))
+    order = asteroid_dp(costs, cluster, batch_size, optimizer_state_factor=optimizer_state_factor,
+                        micro_batch_sizes=micro_batch_sizes, max_cuts=max_cuts,
+                        incumbent=best_value, deadline=first_deadline,
+                        progress=report(_ORDER_SHARE, 0.0, "one order"))
+    take(order)
     phases.append("order")
-    # 2: the safety net
-    seeded = ""
+    # 2: the baselines that plan with a search of their own
+    safety_net(planning=True)
     if baselines:
-        for name, seed, value in _baseline_plans(costs, cluster, batch_size,
-                                                 optimizer_state_factor, micro_batch_sizes,
-                                                 deadline):
-            if value < best_value:
-                best, best_value, seeded = seed, value, name
         phases.append("baselines")
     # 3: the wide space
     wide: DPResult | None = None
@@ -240,8 +256,6 @@ def search(costs: CostTable, cluster: Cluster, batch_size: int, *,
                            micro_batch_sizes=micro_batch_sizes, max_cuts=max_cuts,
                            space="classes", incumbent=best_value, deadline=deadline,
                            progress=report(1.0 - _ORDER_SHARE, _ORDER_SHARE, "every order"))
-        if wide.plan is not None and wide.round_time_s < best_value:
-            seeded = ""
         take(wide)
         phases.append("classes")
     if progress is not None:
@@ -258,7 +272,8 @@ def search(costs: CostTable, cluster: Cluster, batch_size: int, *,
     stopped = "" if complete else "time limit" if wide_ok else "size limit"
     info = SearchBound(space="classes", bound_s=bound,
                        gap=0.0 if complete else max(0.0, (best_value - bound) / bound),
-                       cuts=cuts, layers=costs.num_layers, stopped=stopped)
+                       cuts=cuts, layers=costs.num_layers, stopped=stopped,
+                       order_optimal=order.complete or complete)
     check = {"seeded_from": seeded} if seeded else {}
     plan = replace(best, planner=PlannerInfo("asteroid", PLANNER_VERSION,
                                              time.perf_counter() - started, check, info))

@@ -23,10 +23,10 @@ from cost_models.table import CostTable
 from solver.anytime import Progress, check_time_limit, plan_or_raise
 from solver.cluster import Cluster
 from solver.diagnose import no_fit_error
-from solver.dp import asteroid_dp
+from solver.dp import DP_VERSION, asteroid_dp
 from solver.evaluate import evaluate
 from solver.ilp import ilp_plan, milp_size
-from solver.plan import Plan, PlannerInfo
+from solver.plan import Plan, PlannerInfo, SearchBound
 from solver.space import DEFAULT_MAX_CUTS, candidate_cuts
 
 __all__ = ["PLANNERS", "Planner", "plan", "planner_names", "DEFAULT_ILP_TIME_LIMIT_S",
@@ -61,8 +61,23 @@ def asteroid(costs: CostTable, cluster: Cluster, batch_size: int, *,
                          time_limit=time_limit, progress=progress)
 
 
-def _baselines() -> dict[str, Planner]:
-    return {k: v for k, v in PLANNERS.items() if k not in _OWN}
+def asteroid_order(costs: CostTable, cluster: Cluster, batch_size: int, *,
+                   optimizer_state_factor: float = 0.0,
+                   micro_batch_sizes: Sequence[int] | None = None,
+                   max_cuts: int | None = DEFAULT_MAX_CUTS) -> Plan:
+    """The paper's Algorithm 2 as published: the exact DP over consecutive slices of the
+    capability order only (``solver.dp``, ``space="order"``); PlanError when nothing fits.
+    Faster than ``asteroid`` where the device order matters, and never better."""
+    result = asteroid_dp(costs, cluster, batch_size,
+                         optimizer_state_factor=optimizer_state_factor,
+                         micro_batch_sizes=micro_batch_sizes, max_cuts=max_cuts)
+    if result.plan is None:
+        raise no_fit_error(costs, cluster, batch_size, optimizer_state_factor, "asteroid-order")
+    bound = SearchBound(space="order", bound_s=result.round_time_s, gap=0.0,
+                        cuts=result.candidate_cuts, layers=costs.num_layers,
+                        order_optimal=True)
+    return replace(result.plan, planner=PlannerInfo("asteroid-order", DP_VERSION,
+                                                    result.search_time_s, {}, bound))
 
 
 def _ilp(wide: bool) -> Planner:
@@ -92,6 +107,7 @@ def _ilp(wide: bool) -> Planner:
 
 _OWN: dict[str, Planner] = {
     "asteroid": asteroid,
+    "asteroid-order": asteroid_order,
     "ilp": _ilp(wide=False),
     "ilp-wide": _ilp(wide=True),
 }

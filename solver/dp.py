@@ -190,13 +190,12 @@ _NUMPY_ITEMS = 400
 _NUMPY_LASTS = 16
 """Stage options use numpy for more candidate ``last`` layers than this."""
 
-# The options of one group: (shares, gs, lasts, compute_f, compute_b, t_a); ``gs`` is the
-# interned (group, shares).
-_Option = tuple[tuple[int, ...], int, list[int], list[float], list[float], list[float]]
+# The options of one group kind: (shares, lasts, compute_f, compute_b, t_a).
+_Option = tuple[tuple[int, ...], list[int], list[float], list[float], list[float]]
 
-# The share-independent part of a group's options: (free shares, gs, lasts, compute_f,
+# The share-independent part of a group kind's options: (free shares, lasts, compute_f,
 # compute_b, t_a, keep, fixed bytes, activation bytes per sample), lists over ``lasts``.
-_Base = tuple[tuple[int, ...], int, list[int], list[float], list[float], list[float],
+_Base = tuple[tuple[int, ...], list[int], list[float], list[float], list[float],
               int, list[float], list[float]]
 
 # The cut-offs of a cell ([Note: exact bounds]): (ghost when R >= this, ghost when M Xm +
@@ -364,30 +363,30 @@ class _Context:
         found = self._per_mb[mb] = (work, work_i, head_f, head_x)
         return found
 
-    def group_mb(self, mb: int, gid: int) -> Any:
-        """``(free shares, compute deciders, memory holders)`` of group ``gid`` for
-        micro-batches of ``mb`` samples, or None when the group has more devices than
-        samples. A device with at most the share of another and at least its speed
-        (memory) never decides (the float operations are monotone, so dropping it changes
-        no bit)."""
+    def group_mb(self, mb: int, kind: int) -> Any:
+        """``(free shares, compute deciders, memory holders (share, bytes))`` of the groups
+        of ``kind`` for micro-batches of ``mb`` samples, or None when they have more
+        devices than samples. A device with at most the share of another and at least its
+        speed (memory) never decides (the float operations are monotone, so dropping it
+        changes no bit)."""
         table = self._group_mb.setdefault(mb, {})
-        if gid in table:
-            return table[gid]
-        info = self.space.group(gid)
+        if kind in table:
+            return table[kind]
+        space = self.space
+        info = space.group(space.kind_group[kind])
         shares = split_shares(mb, info.speeds)
         if shares is None:
-            table[gid] = None
+            table[kind] = None
             return None
-        space = self.space
         members = list(zip(shares, info.members, strict=True))
         deciders = _source_deciders([(share, space.divs[d], space.srcs[d])
                                      for share, d in members])
         caps = space.caps
-        holders = [(share, d) for share, d in members
+        holders = [(share, caps[d]) for share, d in members
                    if not any((s2 >= share and caps[d2] <= caps[d])
                               and (s2, -caps[d2], d2) > (share, -caps[d], d)
                               for s2, d2 in members)]
-        found = table[gid] = (shares, deciders, holders)
+        found = table[kind] = (shares, deciders, holders)
         return found
 
 
@@ -410,7 +409,9 @@ class _Search:
         self.deadline = deadline
         self._layers: dict[tuple[int, bool], tuple[Any, ...]] = {}
         self._bases: dict[tuple[int, int, bool], _Base | None] = {}
-        self._options: dict[tuple[int, int, int, bool], list[_Option]] = {}
+        self._options: dict[tuple[int, int, int, bool, float], list[_Option]] = {}
+        self._pool_options: dict[tuple[int, int, int, bool],
+                                 list[tuple[int, int, list[_Option]]]] = {}
         self._closed: dict[tuple[int, int, int], list[Summary]] = {}
         self._kind_cache: dict[int, tuple[int, list[tuple[bool, int, list[tuple[int, int]]]]]] = {}
         # fronts as float arrays, by id() of the (cached, hence alive) front list
@@ -489,21 +490,21 @@ class _Search:
         self._layers[key] = found
         return found
 
-    def _base(self, first: int, gid: int, final: bool) -> _Base | None:
+    def _base(self, first: int, kind: int, final: bool) -> _Base | None:
         """The flight-independent part of ``options``: the group's free shares (Algorithm 1
         without a memory cap), the candidate ``last`` layers and their compute times, T_a
         and memory parts. Candidates stop once even a perfectly balanced split over the
         group costs ``M X >= incumbent`` (compute only grows with ``last``). Times are
         bit-identical to ``evaluate``'s."""
-        key = (first, gid, final)
+        key = (first, kind, final)
         if key in self._bases:
             return self._bases[key]
         self._bases[key] = None
-        per = self.ctx.group_mb(self.mb, gid)
+        per = self.ctx.group_mb(self.mb, kind)
         if per is None:
             return None
         free, deciders, _ = per
-        info = self.space.group(gid)
+        info = self.space.group(self.space.kind_group[kind])
         lasts_all, slopes, inters, terms, params, fixed, acts, use_np = self._layer_terms(
             first, final)
         m, inc, mb = self.m, self.incumbent, self.mb
@@ -576,16 +577,17 @@ class _Search:
                 if m * (x_f + x_b) >= inc:
                     break
                 keep += 1
-        found = (free, self.ctx.gs_id(gid, free), lasts, cf_l, cb_l, ta, keep,
-                 fixed[:count], acts[:count])
+        found = (free, lasts, cf_l, cb_l, ta, keep, fixed[:count], acts[:count])
         self._bases[key] = found
         return found
 
-    def options(self, first: int, gid: int, flight: int, final: bool) -> list[_Option]:
-        """Stages starting at layer ``first`` on group ``gid`` with ``flight``
+    def options(self, first: int, kind: int, flight: int, final: bool,
+                rest: float) -> list[_Option]:
+        """Stages starting at layer ``first`` on a group of ``kind`` with ``flight``
         micro-batches in flight (``final``: the last stage, else one that ends before the
-        last layer), as ``(shares, gs, lasts, compute_f, compute_b, t_a)``: one stage per
-        ``last`` (ascending).
+        last layer and leaves devices of at most ``rest`` bound speed for the tail), as
+        ``(shares, lasts, compute_f, compute_b, t_a)``: one stage per ``last``
+        (ascending).
 
         The free shares (Algorithm 1 without a memory cap) have compute times
         non-decreasing in ``last``; memory-capped stages come one per entry, in the order
@@ -593,27 +595,26 @@ class _Search:
         incumbent`` (the recursion would drop those, and the incumbent only decreases) and
         where a device runs out of memory (memory only grows with ``last``); then
         Algorithm 1 caps the shares until the group cannot hold the stage at all."""
-        key = (first, gid, flight, final)
+        key = (first, kind, flight, final, rest)
         found = self._options.get(key)
         if found is not None:
             return found
         out: list[_Option] = []
         self._options[key] = out
-        base = self._base(first, gid, final)
+        base = self._base(first, kind, final)
         if base is None:
             return out
-        free, free_gs, sel, cf, cb, ta, keep, fixed, acts = base
+        free, sel, cf, cb, ta, keep, fixed, acts = base
         m, inc = self.m, self.incumbent
-        info = self.space.group(gid)
-        holders = self.ctx.group_mb(self.mb, gid)[2]
-        caps = self.space.caps
+        info = self.space.group(self.space.kind_group[kind])
+        holders = self.ctx.group_mb(self.mb, kind)[2]
         frac = WORKSPACE_FRACTION
 
         def fit(k: int) -> bool:
             per = acts[k] * flight
-            for b, d in holders:  # memory_from_parts, in the same float operations
+            for b, cap in holders:  # memory_from_parts, in the same float operations
                 a = per * b
-                if fixed[k] + a + math.ceil(a * frac) > caps[d]:
+                if fixed[k] + a + math.ceil(a * frac) > cap:
                     return False
             return True
 
@@ -627,10 +628,29 @@ class _Search:
                 else:
                     hi_k = mid
             fits = lo_k
+        # where the devices left cannot take the tail below the incumbent ([Note:
+        # candidate windows]), the window starts later
+        start = 0
+        if not final:
+            limit = self.incumbent * (1.0 + 1e-9) / m
+            work = self.work_i
+            if rest <= 0.0 or work[sel[-1] + 1] / rest >= limit:
+                return out
+            hi_k = len(sel) - 1
+            while start < hi_k:
+                mid = (start + hi_k) // 2
+                if work[sel[mid] + 1] / rest >= limit:
+                    start = mid + 1
+                else:
+                    hi_k = mid
         n_free = min(fits, keep)
-        if n_free:
-            out.append((free, free_gs, sel[:n_free], cf[:n_free], cb[:n_free], ta[:n_free]))
-        for k in range(fits, len(sel)):
+        if n_free > start:
+            if start:
+                out.append((free, sel[start:n_free], cf[start:n_free], cb[start:n_free],
+                            ta[start:n_free]))
+            else:
+                out.append((free, sel[:n_free], cf[:n_free], cb[:n_free], ta[:n_free]))
+        for k in range(max(fits, start), len(sel)):
             last = sel[k]
             shares = split_stage(self.sums, first, last, info.speeds, info.caps, self.mb,
                                  flight, self.osf, free)
@@ -639,7 +659,23 @@ class _Search:
             cfs, cbs = self.timing.compute(first, last, info.names, shares)
             if m * (cfs + cbs) >= inc:
                 continue
-            out.append((shares, self.ctx.gs_id(gid, shares), [last], [cfs], [cbs], [ta[k]]))
+            out.append((shares, [last], [cfs], [cbs], [ta[k]]))
+        return out
+
+    def _usable(self, first: int, groups: list[tuple[int, int]], flight: int,
+                final: bool) -> list[tuple[int, int, list[_Option]]]:
+        """``(group, pool left, options)`` of the groups of a pool that have options."""
+        out = []
+        space = self.space
+        kinds_of, options = space.group_kind, self._options
+        for gid, left in groups:
+            kind = kinds_of[gid]
+            rest = 0.0 if final else space.rest_speed(gid, left)
+            opts = options.get((first, kind, flight, final, rest))
+            if opts is None:
+                opts = self.options(first, kind, flight, final, rest)
+            if opts:
+                out.append((gid, left, opts))
         return out
 
     # -- the recursion ------------------------------------------------------------------
@@ -703,18 +739,18 @@ class _Search:
             groups = space.groups(pool, self.mb)
             for final, min_class, hidden_mult in kinds:
                 last_ok = self.num_layers - 1 - min_class
-                options = self._options
-                for gid, left in groups:
+                gs_ids = ctx.gs_ids
+                pool_key = (first, pool, flight, final)
+                usable = self._pool_options.get(pool_key)
+                if usable is None:
+                    usable = self._pool_options[pool_key] = self._usable(first, groups,
+                                                                         flight, final)
+                for gid, left, opts in usable:
                     left_size = sizes[left]
                     if left_size < r - 1 or (not final and left_size < min_class):
                         continue
-                    opts = options.get((first, gid, flight, final))
-                    if opts is None:
-                        opts = self.options(first, gid, flight, final)
-                    if not opts:
-                        continue
                     speed_rest = speeds[left] if not final else 0.0
-                    for shares, cur_gs, lasts, cfl, cbl, tal in opts:
+                    for shares, lasts, cfl, cbl, tal in opts:
                         # first what needs no re-sharding time: T_a grows with `last`
                         hi = len(lasts)
                         if tal[hi - 1] >= g_cut:
@@ -744,6 +780,9 @@ class _Search:
                                 lo = lo_k
                         if hi <= lo or m * (cfl[lo] + cbl[lo]) >= inc:
                             continue
+                        cur_gs = gs_ids.get((gid, shares))
+                        if cur_gs is None:
+                            cur_gs = ctx.gs_id(gid, shares)
                         c = 0.0
                         if prev >= 0:
                             known = comm_cache.get((prev_gs, cur_gs, first))

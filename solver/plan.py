@@ -158,7 +158,10 @@ class SearchBound:
     capability order), over ``cuts`` candidate cut positions of ``layers - 1`` (solver.space
     [Note: candidate cuts]). ``bound_s`` is a proven lower bound on the round time of every
     plan of that space; ``gap`` = ``(round - bound) / bound`` (0.0: proven optimal).
-    ``stopped`` says why the search ended early (``"time limit"``), empty when it finished.
+    ``stopped`` says why the search ended early (``"time limit"``; ``"size limit"``: the
+    space was too large to search without a time limit), empty when it finished.
+    ``order_optimal``: the plan is at least as good as every plan of the paper's space
+    (slices of the capability order), which was searched to its end.
     """
 
     space: str
@@ -167,6 +170,7 @@ class SearchBound:
     cuts: int
     layers: int
     stopped: str = ""
+    order_optimal: bool = False
 
     @property
     def optimal(self) -> bool:
@@ -174,13 +178,15 @@ class SearchBound:
 
     def to_dict(self) -> dict[str, Any]:
         return {"space": self.space, "bound_s": self.bound_s, "gap": self.gap,
-                "cuts": self.cuts, "layers": self.layers, "stopped": self.stopped}
+                "cuts": self.cuts, "layers": self.layers, "stopped": self.stopped,
+                "order_optimal": self.order_optimal}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> SearchBound:
         return cls(space=str(data["space"]), bound_s=float(data["bound_s"]),
                    gap=float(data["gap"]), cuts=int(data.get("cuts", 0)),
-                   layers=int(data.get("layers", 0)), stopped=str(data.get("stopped", "")))
+                   layers=int(data.get("layers", 0)), stopped=str(data.get("stopped", "")),
+                   order_optimal=bool(data.get("order_optimal", False)))
 
 
 @dataclass(frozen=True)

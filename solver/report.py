@@ -119,8 +119,10 @@ def _bound_text(bound: SearchBound) -> str:
             if bound.cuts < bound.layers - 1 else "every cut")
     if bound.optimal:
         return f"optimal over {over}, {cuts}"
-    return (f"within {100 * bound.gap:.3g}% of the optimum over {over}, {cuts} (proven bound "
-            f"{format_seconds(bound.bound_s)}; search stopped: {bound.stopped or 'early'})")
+    order = "optimal over the capability order; " if bound.order_optimal else ""
+    return (f"{order}within {100 * bound.gap:.3g}% of the optimum over {over}, {cuts} "
+            f"(proven bound {format_seconds(bound.bound_s)}; search stopped: "
+            f"{bound.stopped or 'early'})")
 
 
 def _rich_table(title: str, headers: Sequence[str], rows: Sequence[Sequence[str]],

@@ -218,6 +218,11 @@ class SearchSpace:
         self.divs = [t.divisor for t in per]
         self.groups_info: list[GroupInfo] = []
         self._group_ids: dict[Any, int] = {}
+        # groups whose stages cost the same (same speeds, memory, time sources and links
+        # inside, member by member) share a kind: the DP builds their stages once
+        self.group_kind: list[int] = []
+        self.kind_group: list[int] = []
+        self._kinds: dict[Any, int] = {}
 
     # -- pools ----------------------------------------------------------------------------
     # per pool id: its devices, the sum of their bound speeds, and the sum of the bound
@@ -251,6 +256,11 @@ class SearchSpace:
         in a fixed order."""
         raise NotImplementedError
 
+    def rest_speed(self, gid: int, left: int) -> float:
+        """An upper bound on the bound speed of the devices a stage on ``gid`` leaves to the
+        stages after it when it leaves ``left``; the DP builds stages once per value."""
+        return self.pool_speeds[left]
+
     # -- groups -----------------------------------------------------------------------------
     def group(self, gid: int) -> GroupInfo:
         return self.groups_info[gid]
@@ -282,7 +292,15 @@ class SearchSpace:
         if found is not None:
             return found
         gid = self._group_ids[key] = len(self.groups_info)
-        self.groups_info.append(self._info(members))
+        info = self._info(members)
+        self.groups_info.append(info)
+        value = (tuple((self.speeds[d], self.caps[d], self.bounds[d], self.srcs[d], self.divs[d])
+                       for d in members), info.min_bw, info.max_lat, info.update_pairs)
+        kind = self._kinds.get(value)
+        if kind is None:
+            kind = self._kinds[value] = len(self.kind_group)
+            self.kind_group.append(gid)
+        self.group_kind.append(kind)
         return gid
 
     def _info(self, members: Sequence[int]) -> GroupInfo:
@@ -454,6 +472,11 @@ class ClassSpace(SearchSpace):
 
     def group_counts(self, gid: int) -> tuple[int, ...]:
         return self._group_counts[gid]
+
+    def rest_speed(self, gid: int, left: int) -> float:
+        """Everything outside the group: a group's stages are then built once for every
+        pool that offers it."""
+        return self.pool_speeds[self.root] - self.groups_info[gid].bound_speed
 
     def signature(self, gid: int, shares: tuple[int, ...]) -> Any:
         """The shares and, per member, its links to every class: a receiver of class ``l``

@@ -73,6 +73,7 @@ def test_a_large_wide_space_is_not_searched_without_a_limit() -> None:
     costs, cluster = planner_instance("spread", 7, 200, 8)
     report = search(costs, cluster, 32)
     assert report.bound is not None and report.bound.stopped == "size limit"
+    assert report.bound.order_optimal and not report.bound.optimal
     assert report.phases == ("order", "baselines")
     assert report.round_time_s <= asteroid_dp(costs, cluster, 32).round_time_s
 

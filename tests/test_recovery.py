@@ -341,7 +341,10 @@ def _tight4_partition(tmp_path: Path) -> tuple[Path, Path, tuple[str, ...]]:
     torch.manual_seed(0)
     inputs, _ = module.sample_batch(2)
     costs = analytic_costs(module.build_model(), inputs)
-    plan = plan_fn(costs, Cluster.from_yaml(cluster_file), 12)
+    # the paper's space (fast device first): its plan leaves the room for replicas these
+    # tests recover from; the search over every order puts slow0 first, 9 % faster, and
+    # fills the fast device to its last KiB
+    plan = plan_fn(costs, Cluster.from_yaml(cluster_file), 12, planner="asteroid-order")
     assert len(plan.devices) == 2
     directory = tmp_path / "part"
     save_partition(directory, plan, partition(module.build_model(), inputs, plan),

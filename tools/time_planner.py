@@ -181,6 +181,7 @@ def plan_row(label: str, costs: CostTable, cluster: Cluster, batch: int, repeat:
             "gap": None if bound is None else bound.gap,
             "bound_s": None if bound is None else bound.bound_s,
             "stopped": "" if bound is None else bound.stopped,
+            "order_optimal": bound is not None and bound.order_optimal,
             "check": dict(result.planner.check), "load": load()}
 
 
@@ -189,13 +190,15 @@ def row_line(r: dict[str, Any]) -> str:
     gap = "-" if r["gap"] is None else f"{100 * r['gap']:.1f} %"
     return (f"| {r['case']} | {r['layers']} | {r['devices']} | {r['classes']} | "
             f"{r['wide_pairs']} | {limit} | {r['cpu_s']:.2f} | {r['wall_s']:.2f} | "
-            f"{r['round_s']:.4g} | {r['stages']} / {r['used']} | {gap} | "
+            f"{r['round_s']:.4g} | {r['stages']} / {r['used']} | "
+            f"{'yes' if r['order_optimal'] else 'no'} | {gap} | "
             f"{r['stopped'] or 'finished'} | {r['load']:.1f} |")
 
 
 ROW_HEAD = ["| case | layers | devices | classes | wide pairs | time limit (s) | CPU (s) | "
-            "wall (s) | round (s) | stages / devices used | proven gap | search | load |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+            "wall (s) | round (s) | stages / devices used | optimal in one order | "
+            "proven gap, every order | search | load |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
 
 
 # -- issue 14 ---------------------------------------------------------------------------------
@@ -262,7 +265,7 @@ def fleet_rows(sizes: Sequence[int] = (8, 16, 32, 64),
 def small_check(count: int, seed0: int = 140_000) -> dict[str, Any]:
     """The Asteroid plan against ``ilp-wide`` and every baseline on ``count`` seeded
     instances (<= 8 layers, <= 5 devices, random links and latency)."""
-    baselines = [n for n in PLANNERS if n not in ("asteroid", "ilp", "ilp-wide")]
+    baselines = [n for n in PLANNERS if n not in ("asteroid", "asteroid-order", "ilp", "ilp-wide")]
     equal = better = worse = unproven = none = 0
     worse_than_baseline: list[str] = []
     statuses: list[str] = []
