@@ -519,6 +519,9 @@ def simulate(
     = None,
     rounds: Annotated[int, typer.Option("--rounds", help="training rounds to simulate")] = 1,
     gantt: Annotated[Path | None, typer.Option("--gantt", help="write a Gantt chart PNG")] = None,
+    micro_batch: Annotated[int | None, typer.Option(
+        "--micro-batch", help="simulate the plan's stages and groups at this micro-batch size "
+        "(a divisor of the batch; shares split again by speed and memory)")] = None,
 ) -> None:
     """Event-simulate rounds of a plan: time, bubbles, memory; optional Gantt PNG."""
     with _errors():
@@ -544,6 +547,12 @@ def simulate(
         else:
             raise PlanError(f"simulate needs the cost table: pass --costs costs.json or "
                             f"--model MODEL_SPEC (looked for {costs_path})")
+        if micro_batch is not None:
+            from solver.split import resplit
+
+            plan_obj = resplit(plan_obj, table, clus, micro_batch)
+            console.print(f"micro-batch {micro_batch}: shares "
+                          + " | ".join("/".join(map(str, st.shares)) for st in plan_obj.stages))
         result = simulate_fn(plan_obj, table, clus, rounds=rounds)
         console.print(f"simulated {rounds} round(s): round time {result.round_time_s:.4f} s, "
                       f"bubble fraction {result.bubble_fraction:.1%}"

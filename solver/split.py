@@ -31,15 +31,23 @@ from __future__ import annotations
 
 import heapq
 from collections.abc import Sequence
+from dataclasses import replace
 
+from asteroid_fx.errors import PlanError
+from cost_models.table import CostTable
+from solver.cluster import Cluster
 from solver.evaluate import (
     WORKSPACE_FRACTION,
     LayerSums,
+    evaluate,
+    in_flight,
     memory_from_parts,
     stage_memory_parts,
 )
+from solver.plan import Plan
+from solver.timing import Timing
 
-__all__ = ["split_shares", "memory_cap", "cap_from_parts", "split_stage"]
+__all__ = ["split_shares", "memory_cap", "cap_from_parts", "split_stage", "resplit"]
 
 _NO_CAP = 1 << 62
 
@@ -130,3 +138,52 @@ def split_stage(sums: LayerSums, first: int, last: int, speeds: Sequence[float],
         return free
     caps = [cap_from_parts(fixed, per_sample, cap) for cap in capacities]
     return split_shares(micro_batch, speeds, caps)
+
+
+def resplit(plan: Plan, costs: CostTable, cluster: Cluster, micro_batch_size: int) -> Plan:
+    """``plan`` with the same stages and groups at another micro-batch size: every group's
+    shares split again by Algorithm 1 (``split_stage``, memory at the new in-flight
+    counts), evaluated. What ``simulate --micro-batch`` runs.
+
+    Raises:
+        PlanError: a micro-batch size that is not an integer >= 1 dividing the batch, one
+            smaller than a stage's group, or a stage its group cannot hold at that size
+            (naming the stage and its devices).
+    """
+    m = micro_batch_size
+    batch = plan.batch_size
+    if isinstance(m, bool) or not isinstance(m, int) or m < 1:
+        raise PlanError(f"the micro-batch size must be an integer >= 1, got {m!r}")
+    if m > batch or batch % m:
+        divisors = [d for d in range(1, batch + 1) if batch % d == 0]
+        raise PlanError(f"micro-batch {m} does not divide the plan's batch {batch}; use one "
+                        f"of {divisors}")
+    cluster = cluster.for_costs(costs)
+    timing = Timing.of(costs, cluster)
+    capacity = {d.name: d.memory_bytes for d in cluster.devices}
+    count = batch // m
+    stages = []
+    for s, stage in enumerate(plan.stages):
+        first, last = stage.layers
+        if m < len(stage.devices):
+            raise PlanError(f"micro-batch {m} is smaller than stage {s}'s group of "
+                            f"{len(stage.devices)} devices ({', '.join(stage.devices)}); use "
+                            f"at least {len(stage.devices)}")
+        flight = in_flight(count, len(plan.stages), s, plan.schedule)
+        shares = split_stage(timing.base, first, last,
+                             [timing.speeds[d] for d in stage.devices],
+                             [capacity[d] for d in stage.devices], m, flight,
+                             plan.optimizer_state_factor)
+        if shares is None:
+            raise PlanError(f"stage {s} (layers {first}..{last}) does not fit on "
+                            f"{', '.join(stage.devices)} at micro-batch {m}; use a smaller "
+                            f"micro-batch or plan again")
+        stages.append(replace(stage, shares=shares))
+    candidate = replace(plan, stages=tuple(stages), micro_batch_size=m,
+                        num_micro_batches=count, predicted=None)
+    prediction = evaluate(candidate, costs, cluster)
+    if not prediction.fits:
+        device, short = max(prediction.memory_shortfall().items(), key=lambda kv: kv[1])
+        raise PlanError(f"at micro-batch {m} device {device} is {short} bytes short of "
+                        f"memory; use a smaller micro-batch or plan again")
+    return candidate.with_prediction(prediction)

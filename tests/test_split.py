@@ -7,6 +7,7 @@ import random
 
 import pytest
 
+from asteroid_fx.errors import PlanError
 from solver.evaluate import LayerSums, stage_memory_bytes
 from solver.split import cap_from_parts, memory_cap, split_shares, split_stage
 from tests.solver_cases import MIB, make_costs
@@ -79,3 +80,41 @@ def test_split_stage_uses_memory_only_when_needed() -> None:
     assert capped == (2, 4)
     assert split_stage(sums, 0, 2, [2.0, 1.0], [MIB, MIB], 6, 1) is None
     assert split_stage(sums, 0, 2, [2.0, 1.0, 1.0], [1024 * MIB] * 3, 2, 1) is None
+
+
+def test_resplit_keeps_the_stages_and_splits_each_group_again() -> None:
+    from solver.api import plan as plan_fn
+    from solver.evaluate import evaluate
+    from solver.split import resplit
+    from tests.solver_cases import make_cluster, uniform_costs
+
+    costs = uniform_costs(6)
+    cluster = make_cluster([2.0, 1.0, 1.0, 1.0])
+    plan = plan_fn(costs, cluster, 24, planner="dp-only")
+    again = resplit(plan, costs, cluster, 12)
+    assert again.micro_batch_size == 12 and again.num_micro_batches == 2
+    assert [s.layers for s in again.stages] == [s.layers for s in plan.stages]
+    assert [s.devices for s in again.stages] == [s.devices for s in plan.stages]
+    for stage in again.stages:   # Algorithm 1 at 12 samples: shares by speed
+        assert sum(stage.shares) == 12
+        assert stage.shares == split_shares(12, [2.0, 1.0, 1.0, 1.0][:len(stage.shares)])
+    assert again.predicted is not None
+    assert again.predicted.round_time_s == evaluate(again, costs, cluster).round_time_s
+    for bad, match in ((0, "integer >= 1"), (5, "does not divide"), (48, "does not divide"),
+                       (2, "smaller than stage 0's group")):
+        with pytest.raises(PlanError, match=match):
+            resplit(plan, costs, cluster, bad)
+
+
+def test_resplit_names_the_stage_that_does_not_fit() -> None:
+    from solver.api import plan as plan_fn
+    from solver.split import resplit
+    from tests.solver_cases import make_cluster, uniform_costs
+
+    costs = uniform_costs(4)
+    plan = plan_fn(costs, make_cluster([1.0]), 8, micro_batch_size=1)
+    assert plan.predicted is not None
+    tight = make_cluster([1.0], memory_mib=plan.predicted.peak_memory_bytes["d0"] / MIB * 1.01)
+    assert resplit(plan, costs, tight, 1).micro_batch_size == 1
+    with pytest.raises(PlanError, match="does not fit on d0 at micro-batch 8"):
+        resplit(plan, costs, tight, 8)
