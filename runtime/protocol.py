@@ -106,6 +106,9 @@ __all__ = [
     "put",
     "get",
     "get_if_present",
+    "put_bytes",
+    "get_bytes",
+    "CHUNK_BYTES",
     "clone_store",
     "store_port",
     "encode_result",
@@ -830,6 +833,52 @@ def get(store: dist.Store, name: str, *expected: type[Any],
     if timeout_s is not None:
         store.wait([name], timedelta(seconds=timeout_s))
     return decode(store.get(name), *expected, where=f"store key {name!r}")
+
+
+#: the largest value one ``store.set`` writes: the c10d TCPStore's libuv server (the
+#: default since torch 2.4) refuses a message over 8 MiB ("Invalid payload size") and
+#: drops the connection, so state bytes go in chunks of at most this many bytes
+CHUNK_BYTES = 4 * 2**20
+_CHUNKS_MAGIC = b"AFXCHUNKS1"
+_CHUNKS_HEAD = struct.Struct("<QQ")   # chunk count, total bytes
+
+
+def _chunk_key(name: str, index: int) -> str:
+    return f"{name}/#{index}"
+
+
+def put_bytes(store: dist.Store, name: str, data: bytes | bytearray | memoryview) -> None:
+    """Write raw bytes (a stage state) under ``name`` in chunks of at most ``CHUNK_BYTES``:
+    the chunks at ``name/#0..`` first, then at ``name`` a head with their count and the
+    total length, so a reader that waits for ``name`` finds every chunk in place."""
+    view = memoryview(data).cast("B")
+    count = max(1, -(-len(view) // CHUNK_BYTES))
+    for index in range(count):
+        piece = view[index * CHUNK_BYTES:(index + 1) * CHUNK_BYTES]
+        store.set(_chunk_key(name, index), bytes(piece))  # type: ignore[arg-type]
+    store.set(name, _CHUNKS_MAGIC + _CHUNKS_HEAD.pack(count, len(view)))  # type: ignore[arg-type]
+
+
+def get_bytes(store: dist.Store, name: str) -> bytes:
+    """The bytes :func:`put_bytes` wrote under ``name`` (waits for the head like
+    ``store.get``).
+
+    Raises:
+        ProtocolError: the value at ``name`` is not a chunk head, or the chunks do not
+            add up to the length it declares.
+    """
+    head = bytes(store.get(name))
+    where = f"store key {name!r}"
+    if not head.startswith(_CHUNKS_MAGIC) or len(head) != len(_CHUNKS_MAGIC) + _CHUNKS_HEAD.size:
+        raise _fail(where, "expected the head of chunked state bytes, got "
+                           + _describe_bytes(head))
+    count, total = _CHUNKS_HEAD.unpack(head[len(_CHUNKS_MAGIC):])
+    if count > total // CHUNK_BYTES + 1:
+        raise _fail(where, f"declares {count} chunks for {total} bytes")
+    data = b"".join(bytes(store.get(_chunk_key(name, index))) for index in range(count))
+    if len(data) != total:
+        raise _fail(where, f"declares {total} bytes but its chunks hold {len(data)}")
+    return data
 
 
 def clone_store(store: dist.Store) -> dist.Store:

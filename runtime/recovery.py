@@ -582,7 +582,7 @@ class _Requests:
                         raise RuntimeFailure(f"rank {rank} did not send the requested part of "
                                              f"its state within {timeout_s:.0f} s")
                     time.sleep(0.002)
-                states.append(state_from_bytes(self.store.get(name),
+                states.append(state_from_bytes(proto.get_bytes(self.store, name),
                                                where=f"store key {name!r}"))
             out[tag] = merge_states(states)
         return out
@@ -609,7 +609,8 @@ def _assemble(mode: str, plan: Plan, new_plan: Plan, stage_names: list[list[str]
     manifests = {}
     for device, index in devices:
         name = proto.Keys(generation).restore_part(device, "data")
-        procs.store.set(name, state_to_bytes(slice_state(state, stage_names[index])))  # type: ignore[arg-type]
+        proto.put_bytes(procs.store, name, state_to_bytes(slice_state(state,
+                                                                      stage_names[index])))
         manifests[device] = proto.Manifest(step=state.step, parts=(
             proto.ManifestPart(names=tuple(stage_names[index]), key=name),))
     return manifests, kind, state.step
@@ -668,8 +669,8 @@ def _from_survivors(plan: Plan, stage_names: list[list[str]], outcome: _Outcome,
             stuck = [r for kind, r in sources if r in outcome.stuck]
             if stuck:                       # the launcher already has it
                 name = keys.restore_part(device, st)
-                procs.store.set(name, state_to_bytes(slice_state(outcome.stuck[stuck[0]],
-                                                                 names)))  # type: ignore[arg-type]
+                proto.put_bytes(procs.store, name,
+                                state_to_bytes(slice_state(outcome.stuck[stuck[0]], names)))
                 parts.append(proto.ManifestPart(names=tuple(names), key=name))
                 continue
             alive = [(kind, r) for kind, r in sources if plan.devices[r] in kept]

@@ -256,7 +256,7 @@ class ReplicationStats:
     wait_s: list[float] = field(default_factory=list)         # training thread: back-pressure
     serialize_s: list[float] = field(default_factory=list)    # background
     checkpoint_s: list[float] = field(default_factory=list)   # background (sync in restart)
-    replicate_s: list[float] = field(default_factory=list)    # background: store.set
+    replicate_s: list[float] = field(default_factory=list)    # background: send to holder
     fetch_s: list[float] = field(default_factory=list)        # holder: receiving
     process_cpu_s: float = 0.0      # CPU time of the whole process (all threads) ...
     steps: int = 0                  # ... over this many steps
@@ -519,7 +519,8 @@ class WorkerHooks:
                 state = state_from_bytes(held.to_bytes())
             else:
                 name = str(part.key)
-                state = state_from_bytes(self.store.get(name), where=f"store key {name!r}")
+                state = state_from_bytes(proto.get_bytes(self.store, name),
+                                         where=f"store key {name!r}")
             for name in names:
                 out.model[name] = state.model[name]
                 if name in state.optim:
@@ -869,7 +870,7 @@ class WorkerHooks:
                     if not self.keys.is_answer_key(request.to):
                         raise ProtocolError(f"store key {want!r}: a request to write to "
                                             f"{request.to!r}, which is not an answer key")
-                    store.set(request.to, self._answer(request))  # type: ignore[arg-type]
+                    proto.put_bytes(store, request.to, self._answer(request))
                     self._served += 1
                     continue
                 time.sleep(0.002)

@@ -304,3 +304,31 @@ def test_the_runtime_never_unpickles() -> None:
                         "_object_list"):
                     problems.append(f"{where}: {node.func.attr} pickles objects")
     assert problems == []
+
+
+def test_state_bytes_larger_than_the_store_takes_in_one_value_go_in_chunks(
+        store: dist.TCPStore) -> None:
+    # the libuv TCPStore server refuses a value over 8 MiB and drops the connection: a
+    # stage state of 25 MiB (EfficientNet's first stage) stopped a replay
+    state = StageState(step=4, model={"w": torch.arange(9 * 2**20 // 4 + 3, dtype=torch.float32)})
+    data = state_to_bytes(state)
+    assert len(data) > 8 * 2**20
+    proto.put_bytes(store, "rx/1/restore/slow0/data", data)
+    assert proto.get_bytes(store, "rx/1/restore/slow0/data") == data
+    assert store.check(["rx/1/restore/slow0/data/#2"])   # 3 chunks of <= 4 MiB
+    back = state_from_bytes(proto.get_bytes(store, "rx/1/restore/slow0/data"))
+    assert torch.equal(back.model["w"], state.model["w"])
+    proto.put_bytes(store, "small", b"")
+    assert proto.get_bytes(store, "small") == b""
+
+
+def test_chunked_bytes_refuse_what_is_not_a_chunk_head(store: dist.TCPStore,
+                                                       tmp_path: Path) -> None:
+    store.set("raw", _blob(tmp_path))
+    with pytest.raises(ProtocolError, match="head of chunked state bytes"):
+        proto.get_bytes(store, "raw")
+    proto.put_bytes(store, "cut", b"x" * 10)
+    store.set("cut/#0", b"x" * 9)   # a chunk that lost a byte
+    with pytest.raises(ProtocolError, match="declares 10 bytes but its chunks hold 9"):
+        proto.get_bytes(store, "cut")
+    assert not (tmp_path / TRAP_FILE).exists()

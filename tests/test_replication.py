@@ -139,7 +139,7 @@ def test_survivor_serves_parts_of_its_own_state(tmp_path: Path, store: dist.TCPS
         proto.put(store, key(0, "want", 0, 0), proto.StateRequest(step=0, to=to,
                                                                   names=("bias",)))
         _wait_for(lambda: store.check([to]))
-        part = state_from_bytes(store.get(to))
+        part = state_from_bytes(proto.get_bytes(store, to))
         assert part.step == 0 and set(part.model) == {"bias"}
         assert torch.allclose(part.model["bias"], module.bias.detach() - 1.0)
     finally:
