@@ -60,6 +60,9 @@ PLANNERS_HELP = (
     "time), pipedream, dapple, hetpipe, device (the best single device)"
 )
 PlannerOpt = Annotated[str, typer.Option("--planner", help=PLANNERS_HELP)]
+TimeLimitOpt = Annotated[float | None, typer.Option(
+    "--time-limit", help="seconds for the asteroid search: the best plan by then, with its "
+    "proven gap (default: search to the end, exact)")]
 
 
 _THIRD_PARTY_LOGGERS = ("onnxscript", "onnx_ir", "onnx", "torch", "matplotlib", "PIL",
@@ -391,32 +394,44 @@ def plan(
     costs_file: CostsOpt = None,
     leaf: LeafOpt = None,
     micro_batch: MicroOpt = None,
-    time_limit: Annotated[float | None, typer.Option(
-        "--time-limit", help="seconds for the search: the best plan by then, with its proven "
-        "gap (default: search to the end, exact)")] = None,
+    time_limit: TimeLimitOpt = None,
 ) -> None:
     """Plan stages, device groups, shares and micro-batches; print the report."""
     with _errors():
         from solver.anytime import check_time_limit
-        from solver.api import plan as plan_fn
         from solver.cluster import Cluster
 
         check_time_limit(time_limit)
         clus = Cluster.from_yaml(cluster)
         _spec, _module, _inputs, table = _costs_for(model, batch_size, costs_file, _leaf(leaf),
                                                     clus, planner)
-        bar, update = _progress_callback("planning")
-        with bar:
-            result = plan_fn(table, clus, batch_size, planner=planner, check_ilp=check_ilp,
-                             optimizer_state_factor=table.optimizer_state_factor,
-                             micro_batch_size=micro_batch,
-                             time_limit=time_limit,
-                             progress=lambda done, what: update(round(1000 * done), 1000,
-                                                                what))
+        result = _plan(table, clus, batch_size, planner, micro_batch, time_limit, check_ilp)
         _print_report(result, table, clus)
         if out is not None:
             result.save(out)
             console.print(f"wrote {out}")
+
+
+LARGE_FLEET = 12
+"""Above this many devices, ``plan``/``partition`` without ``--time-limit`` say that the
+exact search may take minutes (docs/planner.md, "Limits")."""
+
+
+def _plan(table: Any, clus: Any, batch_size: int, planner: str, micro_batch: int | None,
+          time_limit: float | None, check_ilp: bool = False) -> Any:
+    """``solver.api.plan`` with a progress bar, and a hint on large fleets."""
+    from solver.api import plan as plan_fn
+
+    if time_limit is None and planner == "asteroid" and len(clus.devices) > LARGE_FLEET:
+        err_console.print(f"note: {len(clus.devices)} devices: the exact search may take "
+                          f"minutes; --time-limit SECONDS returns the best plan found by "
+                          f"then, with its proven gap", highlight=False)
+    bar, update = _progress_callback("planning")
+    with bar:
+        return plan_fn(table, clus, batch_size, planner=planner, check_ilp=check_ilp,
+                       optimizer_state_factor=table.optimizer_state_factor,
+                       micro_batch_size=micro_batch, time_limit=time_limit,
+                       progress=lambda done, what: update(round(1000 * done), 1000, what))
 
 
 def _print_report(plan_obj: Any, table: Any, clus: Any) -> None:
@@ -436,6 +451,7 @@ def partition(
     costs_file: CostsOpt = None,
     leaf: LeafOpt = None,
     micro_batch: MicroOpt = None,
+    time_limit: TimeLimitOpt = None,
     token: Annotated[str | None, typer.Option(
         "--token", help="the shared secret devices prove to join a run of this package, "
         "written to DIR/token (mode 0600); default: $ASTEROID_TOKEN, else the directory's "
@@ -445,16 +461,15 @@ def partition(
     with _errors():
         from asteroid_fx.package import save_partition
         from asteroid_fx.partition import partition as partition_fn
-        from solver.api import plan as plan_fn
+        from solver.anytime import check_time_limit
         from solver.cluster import Cluster
 
+        check_time_limit(time_limit)
         start = time.perf_counter()
         clus = Cluster.from_yaml(cluster)
         spec, module, inputs, table = _costs_for(model, batch_size, costs_file, _leaf(leaf),
                                                  clus, planner)
-        result = plan_fn(table, clus, batch_size, planner=planner,
-                         optimizer_state_factor=table.optimizer_state_factor,
-                         micro_batch_size=micro_batch)
+        result = _plan(table, clus, batch_size, planner, micro_batch, time_limit)
         _print_report(result, table, clus)
         stages = partition_fn(module, inputs, result, leaf_modules=_leaf(leaf))
         bar, update = _progress_callback("ONNX export and check")

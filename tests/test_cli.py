@@ -477,3 +477,27 @@ def test_plan_time_limit(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
                      "--time-limit", bad]) == 1
         line = _one_error_line(capsys.readouterr().err)
         assert "PlanError" in line and "time limit must be a number of seconds > 0" in line
+
+
+def test_partition_time_limit_and_the_large_fleet_hint(tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture[str]
+                                                       ) -> None:
+    mlp = str(ROOT / "examples" / "mlp.py")
+    out_dir = tmp_path / "part"
+    assert main(["partition", mlp, "--cluster", LOCAL3, "-b", "8", "--costs", "analytic",
+                 "--time-limit", "20", "--no-onnx", "--out", str(out_dir)]) == 0
+    from solver.plan import Plan
+
+    bound = Plan.load(out_dir / "plan.json").planner.bound
+    assert bound is not None and bound.optimal
+    assert main(["partition", mlp, "--cluster", LOCAL3, "-b", "8", "--costs", "analytic",
+                 "--time-limit", "0", "--no-onnx", "--out", str(tmp_path / "bad")]) == 1
+    assert "time limit must be" in _one_error_line(capsys.readouterr().err)
+    assert not (tmp_path / "bad").exists()
+    # thirteen devices, no limit: a one-line hint that a limit exists (the search is exact)
+    fleet = tmp_path / "fleet.yaml"
+    fleet.write_text("network: {bandwidth_mbps: 1000}\ndevices:\n" + "".join(
+        f"  - {{name: d{i}, type: custom, speed: 1, memory_gb: 2}}\n" for i in range(13)))
+    assert main(["plan", mlp, "--cluster", str(fleet), "-b", "8", "--costs", "analytic"]) == 0
+    err = capsys.readouterr().err
+    assert "13 devices: the exact search may take minutes; --time-limit SECONDS" in err
