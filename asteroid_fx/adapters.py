@@ -29,7 +29,7 @@ backbone once per sample and trains on cache entries afterwards (docs/finetune.m
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -37,24 +37,10 @@ from torch import nn
 
 from asteroid_fx.errors import AdapterError
 from asteroid_fx.trace import LayerGraph
+from runtime.adapter_model import Adapter, AdapterModel
 
 __all__ = ["Adapter", "AdapterModel", "block_taps", "resolve_taps", "parallel_adapters"]
 
-
-class Adapter(nn.Module):
-    """One tapped layer's adapter: ``gate * up(relu(down(h)))`` on the last dimension."""
-
-    def __init__(self, hidden: int, rank: int) -> None:
-        super().__init__()
-        self.down = nn.Linear(hidden, rank)
-        self.up = nn.Linear(rank, hidden)
-        nn.init.zeros_(self.up.weight)
-        nn.init.zeros_(self.up.bias)
-        self.gate = nn.Parameter(torch.ones(1))
-
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        out: torch.Tensor = self.gate * self.up(torch.relu(self.down(hidden)))
-        return out
 
 
 def _module_names(model: nn.Module | None) -> set[str]:
@@ -174,93 +160,6 @@ def resolve_taps(graph: LayerGraph, model: nn.Module | None,
     return taps
 
 
-class AdapterModel(nn.Module):
-    """A frozen backbone in segments, adapters on their taps, and the head
-    (see [Note: parallel adapters])."""
-
-    def __init__(self, segments: Sequence[nn.Module], head: nn.Module,
-                 adapters: Sequence[Adapter], tap_positions: Sequence[int], head_position: int,
-                 taps: Sequence[int], tap_shapes: Sequence[tuple[int, ...]],
-                 train_head: bool = False) -> None:
-        super().__init__()
-        self.segments = nn.ModuleList(segments)
-        self.head = head
-        self.adapters = nn.ModuleList(adapters)
-        self.tap_positions = tuple(tap_positions)
-        self.head_position = head_position
-        self.taps = tuple(taps)
-        self.tap_shapes = tuple(tap_shapes)    # per sample
-        self.train_head = train_head
-        for p in self.segments.parameters():
-            p.requires_grad_(False)
-        for p in self.head.parameters():
-            p.requires_grad_(train_head)
-
-    @property
-    def num_taps(self) -> int:
-        return len(self.taps)
-
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        """The adapters' parameters (and the head's when ``train_head``), in a fixed order."""
-        params = list(self.adapters.parameters())
-        if self.train_head:
-            params += list(self.head.parameters())
-        return params
-
-    def trainable_state(self) -> dict[str, torch.Tensor]:
-        """The trainable parameters by qualified name (what fine-tuning produces)."""
-        wanted = {id(p) for p in self.trainable_parameters()}
-        return {k: v.detach().clone() for k, v in self.named_parameters() if id(v) in wanted}
-
-    def run_segment(self, index: int, values: tuple[torch.Tensor, ...]
-                    ) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
-        """Segment ``index`` on the tensors of the cut before it: (the cut after it, its tap)."""
-        with torch.no_grad():
-            out = self.segments[index](*values)
-        out = out if isinstance(out, tuple) else (out,)
-        return out, out[self.tap_positions[index]]
-
-    def backbone(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """The frozen backbone on the model inputs, without gradients: the cache entry."""
-        values: tuple[torch.Tensor, ...] = tuple(inputs)
-        taps = []
-        for index in range(len(self.segments)):
-            values, tap = self.run_segment(index, values)
-            taps.append(tap)
-        return self.cache_entry(taps, values)
-
-    def cache_entry(self, taps: Sequence[torch.Tensor],
-                    head_inputs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
-        """``(h_1 .. h_{k-1}, *head_inputs)``: ``h_k`` is one of the head's inputs."""
-        return (*taps[:-1], *head_inputs)
-
-    def split_entry(self, entry: Sequence[torch.Tensor]
-                    ) -> tuple[list[torch.Tensor], tuple[torch.Tensor, ...]]:
-        """Inverse of :meth:`cache_entry`: (the taps, the head's inputs)."""
-        k = self.num_taps
-        head_inputs = tuple(entry[k - 1:])
-        return [*entry[:k - 1], head_inputs[self.head_position]], head_inputs
-
-    def train_forward(self, entry: Sequence[torch.Tensor]) -> Any:
-        """The model output from a cache entry: side path, then the head."""
-        taps, head_inputs = self.split_entry(entry)
-        side = self.adapters[0](taps[0])
-        for adapter, tap in zip(list(self.adapters)[1:], taps[1:], strict=True):
-            side = side + adapter(tap)
-        values = list(head_inputs)
-        values[self.head_position] = values[self.head_position] + side
-        return self.head(*values)
-
-    def forward(self, *inputs: torch.Tensor) -> Any:
-        return self.train_forward(self.backbone(*inputs))
-
-    def entry_bytes(self) -> int:
-        """Bytes of one sample's cache entry (from the traced shapes and dtypes)."""
-        return int(sum(self._entry_sizes))
-
-    _entry_sizes: tuple[int, ...] = ()
-
-
 def _inputs_tuple(example_inputs: Any) -> tuple[torch.Tensor, ...]:
     from asteroid_fx.model_spec import model_inputs
 
@@ -344,7 +243,8 @@ def parallel_adapters(model: nn.Module | LayerGraph, example_inputs: Any, *,
     sizes = [_sample_bytes(shapes.get(name)) for name in
              [stage_info(parts[i]).outputs[positions[i]] for i in range(len(taps) - 1)]]
     sizes += [_sample_bytes(shapes.get(name)) for name in head_inputs]
-    result._entry_sizes = tuple(sizes)
+    result.entry_sizes = tuple(sizes)
+    result.segment_plan = plan
     return result
 
 
@@ -371,11 +271,3 @@ def _sample_bytes(meta: Any) -> int:
     for d in shape[1:]:
         count *= int(d)
     return count * torch.empty((), dtype=dtype).element_size()
-
-
-def named_trainable(model: AdapterModel) -> Iterator[tuple[str, nn.Parameter]]:
-    """``(name, parameter)`` of the trainable parameters, in :meth:`trainable_parameters`
-    order."""
-    wanted = {id(p): i for i, p in enumerate(model.trainable_parameters())}
-    named = [(n, p) for n, p in model.named_parameters() if id(p) in wanted]
-    yield from sorted(named, key=lambda item: wanted[id(item[1])])

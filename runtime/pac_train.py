@@ -1,0 +1,345 @@
+"""One device of a PAC fine-tuning run: forward-only pipeline and cache fill, then adapter steps.
+
+[Note: PAC run]
+Every device loads the saved backbone segments of its phase-1 stage only, the head, and
+the adapters' initial weights (``adapters.weights.pt``). For epoch ``e`` and mini-batch
+``k`` (global step ``e * steps + k``):
+
+* phase 1 (``e == 0``): the devices of phase-1 stage ``s`` take their rows of each
+  micro-batch (stage 0 makes them from the samples, [Note: fine-tuning data]; later
+  stages receive them, re-sharded as ``runtime.lowering.transfers`` says), run their
+  segments under ``torch.no_grad``, pass the cut on, and then send each cache-entry part
+  (their taps; the last stage: the head's inputs) to the device that trains on those
+  rows. On one pair of ranks the activations of a step all go before its entry parts, and
+  the receiver takes them in that order, so the asynchronous sends never deadlock.
+* phase 2 (every step): the rows ``[lo, hi)`` of the mini-batch that this device trains on
+  come from its cache (hits; misses are the rows computed in phase 1 this step); the side
+  path and head run forward and backward on them with the loss weighted by
+  ``(hi - lo) / B``, the adapter gradients are summed over all devices
+  (``Comm.all_reduce``), and every device takes the same optimizer step. So the losses
+  equal single-process training of the same adapter model on the whole mini-batch.
+
+Rank 0 writes one metrics row per step: ``phase``, ``loss``, ``round_time_s`` (and its
+phase-1 and phase-2 parts, the slowest device each), the cache hit rate of the step and
+the bytes cached per device.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from asteroid_fx.errors import RuntimeFailure
+from asteroid_fx.model_spec import model_inputs
+from runtime.activation_cache import ActivationCache
+from runtime.adapter_model import AdapterModel
+from runtime.comm import Comm
+from runtime.lowering import transfers
+from runtime.memory import storage_bytes
+from runtime.samples import SampleSource
+from runtime.train import TrainConfig, WorkerResult, make_optimizer, resolve_loss_fn
+from solver.pac import PacPlan
+from solver.plan import Plan, Stage
+
+__all__ = ["PacSource", "finetune_device", "build_device_model", "stage_segments",
+           "BACKBONE_DIR", "PAC_PLAN_FILE", "LAYOUT_FILE", "ADAPTERS_FILE"]
+
+log = logging.getLogger(__name__)
+
+BACKBONE_DIR = "backbone"
+PAC_PLAN_FILE = "pac_plan.json"
+LAYOUT_FILE = "pac.json"
+ADAPTERS_FILE = "adapters.weights.pt"
+
+
+@dataclass(frozen=True)
+class PacSource:
+    """A saved PAC directory (``asteroid-fx finetune --out DIR``): ``backbone/`` (the
+    segments and the head as a stage package), ``pac_plan.json``, ``pac.json`` and
+    ``adapters.weights.pt``."""
+
+    directory: str
+
+    def pac_plan(self) -> PacPlan:
+        return PacPlan.load(Path(self.directory) / PAC_PLAN_FILE)
+
+    def load_plan(self) -> Plan:
+        """A one-stage ``Plan`` over the run's devices in rank order (what the emulator
+        needs to shape them)."""
+        pac = self.pac_plan()
+        return Plan(model_hash=pac.model_hash, cluster_hash=pac.cluster_hash,
+                    batch_size=pac.batch_size, micro_batch_size=pac.batch_size,
+                    num_micro_batches=1,
+                    stages=(Stage((0, 0), pac.devices, pac.shares),))
+
+    def model_module(self) -> Any:
+        from runtime.stage_io import load_model_module
+
+        return load_model_module(Path(self.directory) / BACKBONE_DIR)
+
+    def load_stage(self, index: int) -> nn.Module:
+        from runtime.stage_io import load_stage
+
+        return load_stage(Path(self.directory) / BACKBONE_DIR, index)
+
+    def layout(self) -> dict[str, Any]:
+        data: dict[str, Any] = json.loads((Path(self.directory) / LAYOUT_FILE).read_text())
+        return data
+
+    def adapter_weights(self) -> dict[str, torch.Tensor]:
+        weights: dict[str, torch.Tensor] = torch.load(Path(self.directory) / ADAPTERS_FILE,
+                                                      weights_only=True)
+        return weights
+
+
+def build_device_model(source: PacSource, segments: Sequence[int]) -> AdapterModel:
+    """The adapter model with only ``segments`` of the backbone loaded (the others are
+    placeholders), the head, and the adapters' initial weights."""
+    layout = source.layout()
+    k = len(layout["taps"])
+    parts: list[nn.Module] = [source.load_stage(j) if j in segments else nn.Identity()
+                              for j in range(k)]
+    model = AdapterModel.from_parts(parts, source.load_stage(k), layout)
+    model.load_state_dict(source.adapter_weights(), strict=False)
+    return model
+
+
+def stage_segments(pac: PacPlan, rank: int) -> list[int]:
+    """The backbone segments rank ``rank`` runs in phase 1 (none when it has no stage)."""
+    me = pac.devices[rank]
+    if me not in pac.phase1.devices:
+        return []
+    stage = pac.phase1.stages[pac.phase1.stage_of(me)]
+    return list(range(stage.first, stage.last + 1))
+
+
+def _cat(pieces: Sequence[Sequence[torch.Tensor]]) -> tuple[torch.Tensor, ...]:
+    return tuple(torch.cat([p[i] for p in pieces], dim=0) for i in range(len(pieces[0])))
+
+
+class _Phase1:
+    """This rank's part of the forward-only pipeline (see [Note: PAC run])."""
+
+    def __init__(self, pac: PacPlan, rank: int, model: AdapterModel, comm: Comm,
+                 samples: SampleSource) -> None:
+        self.pac, self.rank, self.model, self.comm, self.samples = pac, rank, model, comm, samples
+        self.plan = pac.phase1
+        self.rank_of = {d: i for i, d in enumerate(pac.devices)}
+        me = pac.devices[rank]
+        self.stage = self.plan.stage_of(me) if me in self.plan.devices else None
+        self.global_of = [self.rank_of[d] for d in self.plan.devices]
+        self.owner_rows = [pac.sample_range(d) for d in pac.devices]
+
+    def _my_rows(self, stage: int, device: str, m: int) -> tuple[int, int]:
+        lo, hi = self.plan.stages[stage].sample_ranges()[device]
+        mb = self.plan.micro_batch_size
+        return m * mb + lo, m * mb + hi
+
+    def run(self, step: int) -> tuple[torch.Tensor, ...]:
+        """Run this rank's stage on mini-batch ``step``, hand the entry parts over, and
+        return this rank's cache entry (its phase-2 rows)."""
+        local: dict[tuple[int, int, int], tuple[torch.Tensor, ...]] = {}
+        if self.stage is not None:
+            self._forward(step, local)
+        return self._collect(local)
+
+    def _forward(self, step: int, local: dict[tuple[int, int, int], tuple[torch.Tensor, ...]]
+                 ) -> None:
+        s = self.stage
+        assert s is not None
+        plan, pac = self.plan, self.pac
+        stage = plan.stages[s]
+        me = pac.devices[self.rank]
+        batch_start = step * pac.batch_size
+        incoming = [] if s == 0 else sorted(
+            (t for t in transfers(plan, s - 1) if self.global_of[t.dst] == self.rank),
+            key=lambda t: t.start)
+        outgoing = [] if s == plan.num_stages - 1 else [
+            t for t in transfers(plan, s) if self.global_of[t.src] == self.rank]
+        last_segment = len(self.model.taps) - 1
+        handoff: list[tuple[int, int, tuple[torch.Tensor, ...]]] = []
+        for m in range(plan.num_micro_batches):
+            lo, hi = self._my_rows(s, me, m)
+            values: tuple[torch.Tensor, ...]
+            if s == 0:
+                inputs, _ = self.samples.rows(batch_start + lo, batch_start + hi)
+                values = model_inputs(inputs)
+            else:
+                got = self.comm.recv([self.global_of[t.src] for t in incoming], f"act{m}")
+                values = _cat(got)
+            taps = []
+            for j in range(stage.first, stage.last + 1):
+                values, tap = self.model.run_segment(j, values)
+                taps.append(tap)
+            part = tuple(taps[:-1]) + values if stage.last == last_segment else tuple(taps)
+            for t in outgoing:
+                a, b = t.start - (lo - m * plan.micro_batch_size), \
+                    t.stop - (lo - m * plan.micro_batch_size)
+                self.comm.send([(self.global_of[t.dst], [v[a:b] for v in values])], f"act{m}")
+            for owner, (o_lo, o_hi) in enumerate(self.owner_rows):
+                a, b = max(lo, o_lo), min(hi, o_hi)
+                if a >= b:
+                    continue
+                rows = tuple(v[a - lo:b - lo] for v in part)
+                if owner == self.rank:
+                    local[(s, m, self.rank)] = rows
+                else:
+                    handoff.append((owner, m, rows))
+        for owner, m, rows in handoff:      # after every activation (see [Note: PAC run])
+            self.comm.send([(owner, list(rows))], f"tap{m}")
+
+    def _collect(self, local: dict[tuple[int, int, int], tuple[torch.Tensor, ...]]
+                 ) -> tuple[torch.Tensor, ...]:
+        o_lo, o_hi = self.owner_rows[self.rank]
+        entry: list[torch.Tensor] = []
+        for s, stage in enumerate(self.plan.stages):
+            pieces = []
+            for m in range(self.plan.num_micro_batches):
+                for device in stage.devices:
+                    lo, hi = self._my_rows(s, device, m)
+                    if max(lo, o_lo) >= min(hi, o_hi):
+                        continue
+                    sender = self.rank_of[device]
+                    if sender == self.rank:
+                        pieces.append(local[(s, m, sender)])
+                    else:
+                        pieces.append(tuple(self.comm.recv([sender], f"tap{m}")[0]))
+            entry.extend(_cat(pieces))
+        self.comm.flush()
+        return tuple(entry)
+
+
+_SLOTS = 8   # loss, hits, rows, round, phase 1, phase 2, peak bytes, cache bytes
+
+
+def _compute_scale(source: Any, rank: int, config: TrainConfig) -> float:
+    per_rank = getattr(source, "compute_scale", None)
+    return float(per_rank(rank)) if callable(per_rank) else config.compute_scale
+
+
+def _dilate(began: float, scale: float) -> None:
+    """Time dilation of the emulator (speed < 1 without cgroups): sleep (scale - 1) x the
+    compute just done."""
+    if scale > 1.0:
+        time.sleep((scale - 1.0) * (time.perf_counter() - began))
+
+
+def finetune_device(source: Any, rank: int, config: TrainConfig, *, hooks: Any = None,
+                    report: Callable[[dict[str, Any]], None] | None = None) -> WorkerResult:
+    """Run this rank's part of the PAC plan in ``source`` (process group ready); see
+    [Note: PAC run]. ``config.steps`` is ignored: the plan's epochs decide."""
+    if hooks is not None:
+        raise RuntimeFailure("PAC fine-tuning has no recovery hooks yet; run it without "
+                             "--fail/--leave")
+    inner = getattr(source, "inner", source)
+    pac = inner.pac_plan()
+    world = len(pac.devices)
+    if not dist.is_initialized() or dist.get_world_size() != world:
+        raise RuntimeFailure(f"the PAC plan has {world} devices {list(pac.devices)}; launch "
+                             f"one process per device")
+    device = torch.device("cpu")
+    model_file = inner.model_module()
+    samples = SampleSource(model_file, config.seed, pac.num_samples)
+    links, latency = config.link_bytes_s, config.link_latency_s
+    comm = Comm(rank, device, timeout_s=config.timeout_s,
+                link_bytes_s=None if links is None else (lambda a, b: links[a][b]),
+                link_latency_s=None if latency is None else (lambda a, b: latency[a][b]))
+    scale = _compute_scale(source, rank, config)
+    model = build_device_model(inner, stage_segments(pac, rank))
+    phase1 = _Phase1(pac, rank, model, comm, samples)
+    params = model.trainable_parameters()
+    optimizer = make_optimizer(model_file, params, config.lr)
+    loss_fn = resolve_loss_fn(model_file)
+    cache = ActivationCache()
+    lo, hi = pac.sample_range(pac.devices[rank])
+    weight = (hi - lo) / pac.batch_size
+    ranks = list(range(world))
+    metrics = Path(config.metrics) if config.metrics and rank == 0 else None
+    if metrics is not None and not config.append_metrics:
+        metrics.write_text("")
+    fixed = storage_bytes(list(model.parameters()) + list(model.buffers()))
+    peak = fixed
+    result = WorkerResult(rank=rank, device=pac.devices[rank], stage=phase1.stage or 0)
+    steps = pac.steps_per_epoch
+    for epoch in range(pac.epochs):
+        for k in range(steps):
+            step = epoch * steps + k
+            dist.barrier()
+            began = time.perf_counter()
+            hits_before = cache.hits
+            entry = cache.get(k)
+            if entry is None:
+                entry = phase1.run(k)
+                cache.missed(hi - lo)
+                cache.put(k, entry)
+            if epoch == 0:
+                _dilate(began, scale)
+            p1_done = time.perf_counter()
+            _, targets = samples.rows(k * pac.batch_size + lo, k * pac.batch_size + hi)
+            saved: list[int] = [0]
+
+            def pack(t: torch.Tensor, saved: list[int] = saved) -> torch.Tensor:
+                saved[0] += t.numel() * t.element_size()
+                return t
+
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                out = model.train_forward(entry)
+                loss = loss_fn(out, targets) * weight
+            loss.backward()
+            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+            state = [t for s in optimizer.state.values() for t in s.values()
+                     if isinstance(t, torch.Tensor)]
+            peak = max(peak, fixed + storage_bytes(grads) + storage_bytes(state) + saved[0]
+                       + storage_bytes(entry))
+            _dilate(p1_done, scale)
+            comm.all_reduce([grads], None, ranks)   # adapters are small: one bucket
+            for p, g in zip(params, grads, strict=True):
+                p.grad = g
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            ended = time.perf_counter()
+            # one collective for the metrics: every rank fills its own slots, SUM
+            slots = torch.zeros((world, _SLOTS), dtype=torch.float64)
+            slots[rank] = torch.tensor([float(loss.detach()), float(cache.hits - hits_before),
+                                        float(hi - lo), ended - began, p1_done - began,
+                                        ended - p1_done, float(peak), float(cache.bytes)],
+                                       dtype=torch.float64)
+            dist.all_reduce(slots, op=dist.ReduceOp.SUM)
+            total = slots.sum(dim=0)
+            worst = slots.max(dim=0).values
+            record: dict[str, Any] = {
+                "step": step, "epoch": epoch, "phase": 1 if epoch == 0 else 2,
+                "loss": float(total[0]), "round_time_s": float(worst[3]),
+                "phase1_s": float(worst[4]), "phase2_s": float(worst[5]),
+                "cache_hit_rate": float(total[1]) / float(total[2]) if total[2] else 0.0,
+                "cache_bytes": {d: int(slots[i, 7]) for i, d in enumerate(pac.devices)},
+                "peak_memory_bytes": {d: int(slots[i, 6]) for i, d in enumerate(pac.devices)},
+                "plan_version": 0,
+            }
+            if pac.predicted is not None:
+                pred = pac.predicted
+                record["predicted_round_time_s"] = config.time_factor * (
+                    pred.phase2_step_s + (pred.phase1_step_s if epoch == 0 else 0.0))
+                record["prediction"] = config.prediction
+            result.losses.append(record["loss"])
+            result.round_times.append(record["round_time_s"])
+            if metrics is not None:
+                with metrics.open("a") as fh:
+                    fh.write(json.dumps(record) + "\n")
+            if report is not None and rank == 0:
+                report(record)
+    result.peak_memory_bytes = peak
+    result.tensor_memory = {"cache_bytes": cache.bytes, "cache_hits": cache.hits,
+                            "cache_misses": cache.misses}
+    if config.return_state:
+        result.state = model.trainable_state()
+    return result
