@@ -260,6 +260,7 @@ def finetune_device(source: Any, rank: int, config: TrainConfig, *, hooks: Any =
     optimizer = make_optimizer(model_file, params, config.lr)
     loss_fn = resolve_loss_fn(model_file)
     cache = ActivationCache()
+    targets_of: dict[int, Any] = {}
     lo, hi = pac.sample_range(pac.devices[rank])
     weight = (hi - lo) / pac.batch_size
     ranks = list(range(world))
@@ -284,7 +285,10 @@ def finetune_device(source: Any, rank: int, config: TrainConfig, *, hooks: Any =
             if epoch == 0:
                 _dilate(began, scale)
             p1_done = time.perf_counter()
-            _, targets = samples.rows(k * pac.batch_size + lo, k * pac.batch_size + hi)
+            if k not in targets_of:     # kept beside the cache: no sample is made twice
+                targets_of[k] = samples.rows(k * pac.batch_size + lo,
+                                             k * pac.batch_size + hi)[1]
+            targets = targets_of[k]
             saved: list[int] = [0]
 
             def pack(t: torch.Tensor, saved: list[int] = saved) -> torch.Tensor:
