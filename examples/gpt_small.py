@@ -47,7 +47,7 @@ class GPTSmall(nn.Module):
         self.norm = nn.LayerNorm(HIDDEN)
         self.lm_head = nn.Linear(HIDDEN, VOCAB_SIZE, bias=False)
         causal = torch.triu(torch.ones(SEQ_LEN, SEQ_LEN, dtype=torch.bool), diagonal=1)
-        self.register_buffer("causal_mask", causal, persistent=False)
+        self.register_buffer("causal_mask", causal)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         x = self.tokens(input_ids) + self.positions
