@@ -665,6 +665,9 @@ def finetune(
                                                  "model file has build_optimizer)")] = 0.01,
     costs_file: CostsOpt = None,
     micro_batch: MicroOpt = None,
+    phase1_planner: Annotated[str, typer.Option(
+        "--phase1-planner", help="planner of the forward-only phase 1 (asteroid: fastest; "
+        "pp-equal: one device per stage, spreading the frozen weights)")] = "asteroid",
 ) -> None:
     """Fine-tune with parallel adapters and an activation cache (PAC), or fully for comparison."""
     with _errors():
@@ -687,7 +690,8 @@ def finetune(
         plan_obj = prepare_finetune(spec, clus, table, out, batch_size=batch_size,
                                     epochs=epochs, num_samples=samples, rank=rank, seed=seed,
                                     layers=layers, train_head=train_head,
-                                    micro_batch_size=micro_batch)
+                                    micro_batch_size=micro_batch,
+                                    phase1_planner=phase1_planner)
         console.print(_pac_report(plan_obj), markup=False, highlight=False)
         console.print(f"wrote {out}/")
         if emulate is not None:

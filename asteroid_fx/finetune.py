@@ -69,8 +69,8 @@ def pac_model_of(pac: AdapterModel) -> PacModel:
 def prepare_finetune(spec: Any, cluster: Any, costs: Any, out: str | Path, *, batch_size: int,
                      epochs: int, num_samples: int | None, rank: int = 8, seed: int = 0,
                      layers: Sequence[Any] | None = None, train_head: bool = False,
-                     micro_batch_size: int | None = None, token: str | None = None
-                     ) -> PacPlan:
+                     micro_batch_size: int | None = None, token: str | None = None,
+                     phase1_planner: str = "asteroid") -> PacPlan:
     """Build the adapter model, plan both phases and write the PAC directory ``out``."""
     from asteroid_fx.package import save_partition
 
@@ -80,7 +80,7 @@ def prepare_finetune(spec: Any, cluster: Any, costs: Any, out: str | Path, *, ba
                                               train_head=train_head)
     plan = plan_finetune(costs, cluster, pac_model_of(pac), batch_size=batch_size,
                          num_samples=samples.num_samples, epochs=epochs,
-                         micro_batch_size=micro_batch_size)
+                         micro_batch_size=micro_batch_size, phase1_planner=phase1_planner)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     parts: list[Any] = [*pac.segments, pac.head]

@@ -363,8 +363,13 @@ def _phase2_shares(costs: CostTable, cluster: Cluster, model: PacModel, batch_si
 
 
 def plan_finetune(costs: CostTable, cluster: Cluster, model: PacModel, *, batch_size: int,
-                  num_samples: int, epochs: int, micro_batch_size: int | None = None) -> PacPlan:
+                  num_samples: int, epochs: int, micro_batch_size: int | None = None,
+                  phase1_planner: str = "asteroid") -> PacPlan:
     """Plan both phases of PAC fine-tuning (see [Note: PAC phases]); pure.
+
+    ``phase1_planner`` is any planner of ``solver.api`` (``asteroid``: the fastest
+    forward pipeline; ``pp-equal``: one device per stage, which spreads the frozen
+    weights and so lowers each device's peak memory).
 
     Raises:
         PlanError: bad sizes, no forward-only pipeline fits, or the cache fits nowhere.
@@ -382,8 +387,8 @@ def plan_finetune(costs: CostTable, cluster: Cluster, model: PacModel, *, batch_
         raise PlanError(f"--batch-size {batch_size} is smaller than the {len(cluster.devices)} "
                         f"devices of the cluster; phase 2 gives every device >= 1 sample")
     coarse = segment_costs(costs, model.taps)
-    phase1 = plan_fn(coarse, cluster, batch_size, optimizer_state_factor=0.0,
-                     micro_batch_size=micro_batch_size)
+    phase1 = plan_fn(coarse, cluster, batch_size, planner=phase1_planner,
+                     optimizer_state_factor=0.0, micro_batch_size=micro_batch_size)
     p1_memory = evaluate(phase1, coarse, cluster.for_costs(coarse)).peak_memory_bytes
     devices = tuple(cluster.names)
     shares = _phase2_shares(costs, cluster.for_costs(costs), model, batch_size, steps, devices,

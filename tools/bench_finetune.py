@@ -71,6 +71,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--costs", default=None, help="costs.json, measure or analytic")
     parser.add_argument("--out", default="runs/bench-finetune")
     parser.add_argument("--json", default=None)
+    parser.add_argument("--phase1-planner", default="asteroid")
     args = parser.parse_args(argv)
 
     print(f"before: {_load()}")
@@ -84,7 +85,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     plan = prepare_finetune(spec, cluster, costs, out / "pac", batch_size=args.batch_size,
                             epochs=args.epochs, num_samples=args.samples, rank=args.rank,
-                            seed=args.seed)
+                            seed=args.seed, phase1_planner=args.phase1_planner)
     pac = run_finetune(out / "pac", args.cluster, seed=args.seed, lr=args.lr,
                        metrics=out / "pac.jsonl")
     reference = reference_finetune(spec, batch_size=args.batch_size, epochs=args.epochs,
