@@ -668,6 +668,9 @@ def finetune(
     phase1_planner: Annotated[str, typer.Option(
         "--phase1-planner", help="planner of the forward-only phase 1 (asteroid: fastest; "
         "pp-equal: one device per stage, spreading the frozen weights)")] = "asteroid",
+    fail: Annotated[str | None, typer.Option(
+        "--fail", help="DEVICE@STEP: with --emulate, kill that device at the start of a "
+        "phase-2 step; the others take over its samples")] = None,
 ) -> None:
     """Fine-tune with parallel adapters and an activation cache (PAC), or fully for comparison."""
     with _errors():
@@ -695,7 +698,7 @@ def finetune(
         console.print(_pac_report(plan_obj), markup=False, highlight=False)
         console.print(f"wrote {out}/")
         if emulate is not None:
-            result = run_finetune(out, emulate, seed=seed, lr=lr, metrics=metrics)
+            result = run_finetune(out, emulate, seed=seed, lr=lr, metrics=metrics, fail=fail)
             console.print(result.summary(plan_obj.steps_per_epoch), markup=False,
                           highlight=False)
 

@@ -111,6 +111,7 @@ class FinetuneResult:
     peak_memory_bytes: dict[str, int] = field(default_factory=dict)
     cache_bytes: dict[str, int] = field(default_factory=dict)
     predicted: dict[str, Any] = field(default_factory=dict)
+    recoveries: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def losses(self) -> list[float]:
@@ -133,6 +134,10 @@ class FinetuneResult:
             lines.append(f"predicted (x{f:.2f}): epoch 1 {self.predicted['epoch1_s'] * f:.3f} s, "
                          f"later epochs {self.predicted['epoch_s'] * f:.3f} s, total "
                          f"{self.predicted['total_s'] * f:.3f} s")
+        for ev in self.recoveries:
+            lines.append(f"recovery at step {ev['at_step']}: lost {ev['failed']}, detect "
+                         f"{ev['detect_s']:.2f} s, total {ev['total_s']:.2f} s, now shares "
+                         f"{ev['shares']}")
         for device, peak in sorted(self.peak_memory_bytes.items()):
             cached = self.cache_bytes.get(device)
             lines.append(f"  {device}: peak tensors {peak / 2**20:.1f} MiB"
@@ -143,14 +148,18 @@ class FinetuneResult:
 def run_finetune(directory: str | Path, cluster: str | Path, *, seed: int = 0, lr: float = 0.01,
                  metrics: str | Path | None = None, timeout_s: float = 1800.0,
                  progress: Callable[[Mapping[str, Any]], None] | None = None,
-                 token: str | None = None) -> FinetuneResult:
-    """Run a PAC directory on an emulated ``cluster`` (one process per device)."""
+                 token: str | None = None, fail: str | None = None) -> FinetuneResult:
+    """Run a PAC directory on an emulated ``cluster`` (one process per device); ``fail``
+    ("DEVICE@STEP") kills that device at the start of a phase-2 step to exercise recovery
+    ([Note: PAC recovery] in ``runtime.pac_train``)."""
     from runtime.emulator import emulate
     from runtime.pac_train import PacSource, finetune_device
     from runtime.train import TrainConfig
 
-    source = PacSource(str(directory))
+    source = PacSource(str(directory), fail=fail)
     plan = source.pac_plan()
+    may_fail = [plan.devices.index(fail.partition("@")[0])] if fail and \
+        fail.partition("@")[0] in plan.devices else []
     records: list[dict[str, Any]] = []
 
     def on_step(record: Mapping[str, Any]) -> None:
@@ -162,16 +171,21 @@ def run_finetune(directory: str | Path, cluster: str | Path, *, seed: int = 0, l
                          metrics=None if metrics is None else str(metrics), timeout_s=300.0)
     started = time.perf_counter()
     result = emulate(source, cluster, config, progress=on_step, timeout_s=timeout_s,
-                     token=token, body=finetune_device)
+                     token=token, body=finetune_device, may_fail=may_fail)
     records.sort(key=lambda r: int(r["step"]))
     last = records[-1] if records else {}
+    recoveries = []
+    if metrics is not None and Path(metrics).is_file():
+        recoveries = [json.loads(line) for line in Path(metrics).read_text().splitlines()
+                      if '"event"' in line]
     factor = result.setup.factor if result.setup is not None else 1.0
     return FinetuneResult(method="pac", records=records,
                           wall_s=time.perf_counter() - started, slowdown_factor=factor,
                           shaping=result.shaping,
                           peak_memory_bytes=dict(last.get("peak_memory_bytes", {})),
                           cache_bytes=dict(last.get("cache_bytes", {})),
-                          predicted={} if plan.predicted is None else plan.predicted.to_dict())
+                          predicted={} if plan.predicted is None else plan.predicted.to_dict(),
+                          recoveries=recoveries)
 
 
 def reference_finetune(spec: Any, *, batch_size: int, epochs: int, num_samples: int | None,

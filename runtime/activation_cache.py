@@ -1,4 +1,4 @@
-"""The activation cache of PAC: one device's cache entries by mini-batch, with hit counts."""
+"""The activation cache of PAC: one device's cache entries by sample index, with hit counts."""
 
 from __future__ import annotations
 
@@ -11,29 +11,39 @@ __all__ = ["ActivationCache"]
 
 @dataclass
 class ActivationCache:
-    """Cache entries (``AdapterModel.cache_entry`` rows) of the samples one device trains on,
-    keyed by mini-batch; the rows of a key are the device's share of that mini-batch.
+    """Cache entries (``AdapterModel.cache_entry`` rows) of the samples a device trains on,
+    keyed by global sample index, so that after a re-split of the shares (a lost device)
+    a device keeps every row it has and computes only the rows that are new to it.
 
     ``hits``/``misses`` count rows served from the cache and rows that had to be computed
     (the first epoch, or samples taken over from a lost device)."""
 
-    entries: dict[int, tuple[torch.Tensor, ...]] = field(default_factory=dict)
+    rows: dict[int, tuple[torch.Tensor, ...]] = field(default_factory=dict)
     hits: int = 0
     misses: int = 0
 
-    def put(self, step: int, entry: tuple[torch.Tensor, ...]) -> None:
-        self.entries[step] = tuple(t.detach().contiguous() for t in entry)
+    def put(self, start: int, entry: tuple[torch.Tensor, ...]) -> None:
+        """Keep the rows of ``entry`` as samples ``start, start + 1, ...``."""
+        entry = tuple(t.detach().contiguous() for t in entry)
+        for i in range(int(entry[0].shape[0])):
+            self.rows[start + i] = tuple(t[i:i + 1] for t in entry)
 
-    def get(self, step: int) -> tuple[torch.Tensor, ...] | None:
-        """The entry of ``step`` counted as a hit, or None (not counted: the caller
-        computes it and counts the miss with :meth:`missed`)."""
-        entry = self.entries.get(step)
-        if entry is not None:
-            self.hits += int(entry[0].shape[0])
-        return entry
+    def missing(self, start: int, stop: int) -> list[int]:
+        """Sample indices in ``[start, stop)`` that are not cached."""
+        return [i for i in range(start, stop) if i not in self.rows]
 
-    def missed(self, rows: int) -> None:
-        self.misses += rows
+    def get(self, start: int, stop: int) -> tuple[torch.Tensor, ...] | None:
+        """Samples ``[start, stop)`` as one entry (counted as hits), or None when any is
+        missing (nothing counted: the caller computes them and counts the misses)."""
+        if stop <= start or self.missing(start, stop):
+            return None
+        self.hits += stop - start
+        parts = [self.rows[i] for i in range(start, stop)]
+        return tuple(torch.cat([p[j] for p in parts], dim=0) for j in range(len(parts[0])))
+
+    def count(self, hits: int, misses: int) -> None:
+        self.hits += hits
+        self.misses += misses
 
     @property
     def hit_rate(self) -> float:
@@ -42,8 +52,5 @@ class ActivationCache:
 
     @property
     def bytes(self) -> int:
-        """Bytes the cache holds."""
-        return sum(t.numel() * t.element_size() for e in self.entries.values() for t in e)
-
-    def drop(self, step: int) -> None:
-        self.entries.pop(step, None)
+        """Bytes of the rows the cache holds."""
+        return sum(t.numel() * t.element_size() for row in self.rows.values() for t in row)

@@ -19,6 +19,20 @@ the adapters' initial weights (``adapters.weights.pt``). For epoch ``e`` and min
   (``Comm.all_reduce``), and every device takes the same optimizer step. So the losses
   equal single-process training of the same adapter model on the whole mini-batch.
 
+[Note: PAC recovery]
+A device lost in phase 2 loses only its share. The step's one collective fails on the
+survivors; each announces itself under a new generation key in the launcher's store,
+waits up to ``DETECT_S`` for the others, and the survivors start a new process group on
+that prefix (one failure at a time). The plan's ``fallback`` shares (made by the planner
+for every device that could be lost: Algorithm 1 over the others, capped by memory) give
+every survivor its new rows; rows it has cached are hits, rows that are new to it (the
+lost device's samples, and any shift of its range) are recomputed through the whole
+frozen backbone, loaded from the package on first need, and cached. The interrupted step
+is redone from its start (no optimizer step was taken: the failure surfaces in the
+step's all-reduce), so no step is lost and the losses still equal the reference. A
+``{"event": "recovery", ...}`` row goes to the metrics. A device lost in phase 1 ends the
+run.
+
 Rank 0 writes one metrics row per step: ``phase``, ``loss``, ``round_time_s`` (and its
 phase-1 and phase-2 parts, the slowest device each), the cache hit rate of the step and
 the bytes cached per device.
@@ -28,9 +42,11 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +59,7 @@ from asteroid_fx.model_spec import model_inputs
 from runtime.activation_cache import ActivationCache
 from runtime.adapter_model import AdapterModel
 from runtime.comm import Comm
+from runtime.comm import CommFailure as CommFailureError
 from runtime.lowering import transfers
 from runtime.memory import storage_bytes
 from runtime.samples import SampleSource
@@ -68,6 +85,9 @@ class PacSource:
     ``adapters.weights.pt``."""
 
     directory: str
+    #: "DEVICE@STEP": that device's process exits at the start of global step STEP (an
+    #: emulated loss in phase 2, see [Note: PAC recovery])
+    fail: str | None = None
 
     def pac_plan(self) -> PacPlan:
         return PacPlan.load(Path(self.directory) / PAC_PLAN_FILE)
@@ -218,7 +238,7 @@ class _Phase1:
         return tuple(entry)
 
 
-_SLOTS = 8   # loss, hits, rows, round, phase 1, phase 2, peak bytes, cache bytes
+_SLOTS = 8   # loss, hits, misses, phase 1 s, phase 2 s, peak bytes, cache bytes, spare
 
 
 def _compute_scale(source: Any, rank: int, config: TrainConfig) -> float:
@@ -233,62 +253,147 @@ def _dilate(began: float, scale: float) -> None:
         time.sleep((scale - 1.0) * (time.perf_counter() - began))
 
 
+@dataclass
+class _Group:
+    """The devices of the current phase-2 generation and this rank's place in it."""
+
+    devices: tuple[str, ...]
+    shares: tuple[int, ...]
+    rank: int
+    old_ranks: tuple[int, ...]        # rank in the launch of every member
+
+    @property
+    def world(self) -> int:
+        return len(self.devices)
+
+    def rows(self, batch_size: int, step: int) -> tuple[int, int]:
+        """Global sample indices ``[start, stop)`` this rank trains on in mini-batch ``step``."""
+        start = step * batch_size + sum(self.shares[:self.rank])
+        return start, start + self.shares[self.rank]
+
+
+def _comm(rank: int, config: TrainConfig, old_ranks: Sequence[int]) -> Comm:
+    links, latency = config.link_bytes_s, config.link_latency_s
+    old = list(old_ranks)
+    return Comm(rank, torch.device("cpu"), timeout_s=config.timeout_s,
+                link_bytes_s=None if links is None else
+                (lambda a, b: links[old[a]][old[b]]),
+                link_latency_s=None if latency is None else
+                (lambda a, b: latency[old[a]][old[b]]))
+
+
+DETECT_S = 5.0
+"""How long survivors of a failed phase-2 step wait for each other to announce themselves."""
+
+
+def _regroup(store: Any, generation: int, group: _Group, pac: PacPlan,
+             config: TrainConfig) -> tuple[_Group, list[str], float]:
+    """After a failed collective: find the survivors through the launcher's store, start
+    their process group, and take the plan's fallback shares without the lost device
+    (see [Note: PAC recovery]). Returns the new group, the lost devices and the seconds
+    spent detecting."""
+    began = time.perf_counter()
+    me = group.old_ranks[group.rank]
+    prefix = f"asteroid-fx/pac/gen{generation}"
+    store.set(f"{prefix}/alive/{me}", "1")
+    expected = [f"{prefix}/alive/{r}" for r in group.old_ranks]
+    alive: list[int] = []
+    deadline = time.monotonic() + DETECT_S
+    while time.monotonic() < deadline:
+        alive = [r for r, key in zip(group.old_ranks, expected, strict=True)
+                 if store.check([key])]
+        if len(alive) >= group.world - 1:      # one failure at a time
+            break
+        time.sleep(0.05)
+    lost = [pac.devices[r] for r in group.old_ranks if r not in alive]
+    if len(lost) != 1 or lost[0] not in pac.fallback:
+        raise RuntimeFailure(f"phase 2 lost devices {lost}; PAC recovers from one lost "
+                             f"device whose samples the others can cache "
+                             f"(fallback shares for {sorted(pac.fallback)})")
+    try:
+        dist.destroy_process_group()
+    except Exception as exc:  # noqa: BLE001 - the broken group may refuse a clean teardown
+        log.debug("destroying the failed process group: %s", exc)
+    devices = tuple(d for d in group.devices if d != lost[0])
+    old_ranks = tuple(r for r in group.old_ranks if r in alive)
+    rank = old_ranks.index(me)
+    dist.init_process_group("gloo", store=dist.PrefixStore(prefix, store), rank=rank,
+                            world_size=len(devices),
+                            timeout=timedelta(seconds=config.timeout_s))
+    return (_Group(devices, tuple(pac.fallback[lost[0]]), rank, old_ranks), lost,
+            time.perf_counter() - began)
+
+
 def finetune_device(source: Any, rank: int, config: TrainConfig, *, hooks: Any = None,
                     report: Callable[[dict[str, Any]], None] | None = None) -> WorkerResult:
     """Run this rank's part of the PAC plan in ``source`` (process group ready); see
-    [Note: PAC run]. ``config.steps`` is ignored: the plan's epochs decide."""
+    [Note: PAC run] and [Note: PAC recovery]. ``config.steps`` is ignored: the plan's
+    epochs decide."""
     if hooks is not None:
-        raise RuntimeFailure("PAC fine-tuning has no recovery hooks yet; run it without "
-                             "--fail/--leave")
+        raise RuntimeFailure("PAC fine-tuning takes no recovery hooks; it recovers a device "
+                             "lost in phase 2 by itself (PacSource.fail)")
     inner = getattr(source, "inner", source)
     pac = inner.pac_plan()
     world = len(pac.devices)
     if not dist.is_initialized() or dist.get_world_size() != world:
         raise RuntimeFailure(f"the PAC plan has {world} devices {list(pac.devices)}; launch "
                              f"one process per device")
-    device = torch.device("cpu")
+    store = _default_store()
+    fail_device, fail_step = _parse_fail(getattr(inner, "fail", None), pac)
     model_file = inner.model_module()
     samples = SampleSource(model_file, config.seed, pac.num_samples)
-    links, latency = config.link_bytes_s, config.link_latency_s
-    comm = Comm(rank, device, timeout_s=config.timeout_s,
-                link_bytes_s=None if links is None else (lambda a, b: links[a][b]),
-                link_latency_s=None if latency is None else (lambda a, b: latency[a][b]))
+    group = _Group(tuple(pac.devices), tuple(pac.shares), rank, tuple(range(world)))
+    comm = _comm(rank, config, group.old_ranks)
     scale = _compute_scale(source, rank, config)
     model = build_device_model(inner, stage_segments(pac, rank))
     phase1 = _Phase1(pac, rank, model, comm, samples)
+    full: AdapterModel | None = None      # the whole backbone, loaded to recompute rows
     params = model.trainable_parameters()
     optimizer = make_optimizer(model_file, params, config.lr)
     loss_fn = resolve_loss_fn(model_file)
     cache = ActivationCache()
-    targets_of: dict[int, Any] = {}
-    lo, hi = pac.sample_range(pac.devices[rank])
-    weight = (hi - lo) / pac.batch_size
-    ranks = list(range(world))
-    metrics = Path(config.metrics) if config.metrics and rank == 0 else None
-    if metrics is not None and not config.append_metrics:
+    targets_of: dict[tuple[int, int], Any] = {}
+    metrics = Path(config.metrics) if config.metrics else None
+    if metrics is not None and rank == 0 and not config.append_metrics:
         metrics.write_text("")
     fixed = storage_bytes(list(model.parameters()) + list(model.buffers()))
     peak = fixed
     result = WorkerResult(rank=rank, device=pac.devices[rank], stage=phase1.stage or 0)
-    steps = pac.steps_per_epoch
-    for epoch in range(pac.epochs):
-        for k in range(steps):
-            step = epoch * steps + k
-            dist.barrier()
-            began = time.perf_counter()
-            hits_before = cache.hits
-            entry = cache.get(k)
-            if entry is None:
+    steps, batch = pac.steps_per_epoch, pac.batch_size
+    step, generation = 0, 0
+    last_end = time.perf_counter()
+    while step < pac.epochs * steps:
+        epoch, k = divmod(step, steps)
+        me = pac.devices[group.old_ranks[group.rank]]
+        if me == fail_device and step == fail_step:
+            os._exit(1)       # the emulated loss of this device (--fail DEVICE@STEP)
+        try:
+            if epoch == 0:
+                dist.barrier()
+                last_end = time.perf_counter()
+            began = last_end
+            lo, hi = group.rows(batch, k)
+            hits_before, misses_before = cache.hits, cache.misses
+            entry = cache.get(lo, hi)
+            if entry is None and epoch == 0 and generation == 0:
                 entry = phase1.run(k)
-                cache.missed(hi - lo)
-                cache.put(k, entry)
+                cache.count(0, hi - lo)
+                cache.put(lo, entry)
+            elif entry is None:          # rows taken over from a lost device
+                full = full or build_device_model(inner, list(range(len(model.taps))))
+                new = cache.missing(lo, hi)
+                for i in new:
+                    inputs, _ = samples.rows(i, i + 1)
+                    cache.put(i, full.backbone(*model_inputs(inputs)))
+                entry = cache.get(lo, hi)        # counts every row as a hit
+                cache.count(-len(new), len(new))
+                assert entry is not None
             if epoch == 0:
                 _dilate(began, scale)
             p1_done = time.perf_counter()
-            if k not in targets_of:     # kept beside the cache: no sample is made twice
-                targets_of[k] = samples.rows(k * pac.batch_size + lo,
-                                             k * pac.batch_size + hi)[1]
-            targets = targets_of[k]
+            if (lo, hi) not in targets_of:     # kept beside the cache: made once
+                targets_of[(lo, hi)] = samples.rows(lo, hi)[1]
+            targets = targets_of[(lo, hi)]
             saved: list[int] = [0]
 
             def pack(t: torch.Tensor, saved: list[int] = saved) -> torch.Tensor:
@@ -297,53 +402,99 @@ def finetune_device(source: Any, rank: int, config: TrainConfig, *, hooks: Any =
 
             with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
                 out = model.train_forward(entry)
-                loss = loss_fn(out, targets) * weight
+                loss = loss_fn(out, targets) * ((hi - lo) / batch)
             loss.backward()
             grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-            state = [t for s in optimizer.state.values() for t in s.values()
+            state = [t for st in optimizer.state.values() for t in st.values()
                      if isinstance(t, torch.Tensor)]
             peak = max(peak, fixed + storage_bytes(grads) + storage_bytes(state) + saved[0]
-                       + storage_bytes(entry))
+                       + storage_bytes(entry) + (0 if full is None else storage_bytes(
+                           list(full.segments.parameters()))))
             _dilate(p1_done, scale)
-            comm.all_reduce([grads], None, ranks)   # adapters are small: one bucket
-            for p, g in zip(params, grads, strict=True):
-                p.grad = g
-            optimizer.step()
+            computed = time.perf_counter()
+            # one collective per step: the gradients and every rank's metrics slots (SUM)
+            slots = torch.zeros((group.world, _SLOTS), dtype=torch.float64)
+            slots[group.rank] = torch.tensor(
+                [float(loss.detach()), float(cache.hits - hits_before),
+                 float(cache.misses - misses_before), p1_done - began, computed - p1_done,
+                 float(peak), float(cache.bytes), 0.0])
+            flat = torch.cat([g.reshape(-1).double() for g in grads] + [slots.reshape(-1)])
+            comm.all_reduce([[flat]], None, list(range(group.world)))
+        except (RuntimeError, CommFailureError) as exc:
+            if epoch == 0:
+                raise
+            log.warning("phase-2 step %d failed (%s); regrouping", step, exc)
             optimizer.zero_grad(set_to_none=True)
-            ended = time.perf_counter()
-            # one collective for the metrics: every rank fills its own slots, SUM
-            slots = torch.zeros((world, _SLOTS), dtype=torch.float64)
-            slots[rank] = torch.tensor([float(loss.detach()), float(cache.hits - hits_before),
-                                        float(hi - lo), ended - began, p1_done - began,
-                                        ended - p1_done, float(peak), float(cache.bytes)],
-                                       dtype=torch.float64)
-            dist.all_reduce(slots, op=dist.ReduceOp.SUM)
-            total = slots.sum(dim=0)
-            worst = slots.max(dim=0).values
-            record: dict[str, Any] = {
-                "step": step, "epoch": epoch, "phase": 1 if epoch == 0 else 2,
-                "loss": float(total[0]), "round_time_s": float(worst[3]),
-                "phase1_s": float(worst[4]), "phase2_s": float(worst[5]),
-                "cache_hit_rate": float(total[1]) / float(total[2]) if total[2] else 0.0,
-                "cache_bytes": {d: int(slots[i, 7]) for i, d in enumerate(pac.devices)},
-                "peak_memory_bytes": {d: int(slots[i, 6]) for i, d in enumerate(pac.devices)},
-                "plan_version": 0,
-            }
-            if pac.predicted is not None:
-                pred = pac.predicted
-                record["predicted_round_time_s"] = config.time_factor * (
-                    pred.phase2_step_s + (pred.phase1_step_s if epoch == 0 else 0.0))
-                record["prediction"] = config.prediction
-            result.losses.append(record["loss"])
-            result.round_times.append(record["round_time_s"])
+            generation += 1
+            failed_at = time.perf_counter()
+            group, lost, detect_s = _regroup(store, generation, group, pac, config)
+            comm = _comm(group.rank, config, group.old_ranks)
+            event = {"event": "recovery", "failed": lost, "at_step": step,
+                     "detect_s": detect_s, "total_s": time.perf_counter() - failed_at,
+                     "lost_steps": 0, "shares": dict(zip(group.devices, group.shares,
+                                                         strict=True))}
+            if metrics is not None and group.rank == 0:
+                with metrics.open("a") as fh:
+                    fh.write(json.dumps(event) + "\n")
+            last_end = time.perf_counter()
+            continue
+        offset = 0
+        for p, g in zip(params, grads, strict=True):
+            p.grad = flat[offset:offset + g.numel()].view_as(g).to(g.dtype)
+            offset += g.numel()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        ended = time.perf_counter()
+        slots = flat[offset:].view(group.world, _SLOTS)
+        total = slots.sum(dim=0)
+        worst = slots.max(dim=0).values
+        rows = float(total[1] + total[2])
+        record: dict[str, Any] = {
+            "step": step, "epoch": epoch, "phase": 1 if epoch == 0 else 2,
+            "loss": float(total[0]), "round_time_s": ended - began,
+            "phase1_s": float(worst[3]), "phase2_s": float(worst[4]),
+            "cache_hit_rate": float(total[1]) / rows if rows else 0.0,
+            "cache_bytes": {d: int(slots[i, 6]) for i, d in enumerate(group.devices)},
+            "peak_memory_bytes": {d: int(slots[i, 5]) for i, d in enumerate(group.devices)},
+            "plan_version": generation,
+        }
+        if pac.predicted is not None:
+            pred = pac.predicted
+            record["predicted_round_time_s"] = config.time_factor * (
+                pred.phase2_step_s + (pred.phase1_step_s if epoch == 0 else 0.0))
+            record["prediction"] = config.prediction
+        result.losses.append(record["loss"])
+        result.round_times.append(record["round_time_s"])
+        if group.rank == 0:
             if metrics is not None:
                 with metrics.open("a") as fh:
                     fh.write(json.dumps(record) + "\n")
-            if report is not None and rank == 0:
+            if report is not None:
                 report(record)
+        last_end = ended
+        step += 1
     result.peak_memory_bytes = peak
     result.tensor_memory = {"cache_bytes": cache.bytes, "cache_hits": cache.hits,
                             "cache_misses": cache.misses}
     if config.return_state:
         result.state = model.trainable_state()
     return result
+
+
+def _default_store() -> Any:
+    from torch.distributed import distributed_c10d
+
+    return distributed_c10d._get_default_store()
+
+
+def _parse_fail(text: str | None, pac: PacPlan) -> tuple[str | None, int]:
+    if not text:
+        return None, -1
+    device, _, step = text.partition("@")
+    if device not in pac.devices or not step.isdigit():
+        raise RuntimeFailure(f"--fail must be DEVICE@STEP with a device of {list(pac.devices)}, "
+                             f"got {text!r}")
+    if int(step) < pac.steps_per_epoch:
+        raise RuntimeFailure(f"--fail {text}: PAC recovers devices lost in phase 2, from step "
+                             f"{pac.steps_per_epoch} on (epoch 2); phase 1 has no recovery yet")
+    return device, int(step)

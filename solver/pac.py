@@ -131,6 +131,8 @@ class PacPlan:
     predicted: PacPrediction | None = None
     model_hash: str = ""
     cluster_hash: str = ""
+    #: phase-2 shares over the other devices (in ``devices`` order) when one is lost
+    fallback: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
     version: int = PAC_PLAN_VERSION
     meta: Mapping[str, Any] = field(default_factory=dict)
 
@@ -165,6 +167,7 @@ class PacPlan:
                 "shares": list(self.shares), "cache": self.cache,
                 "predicted": None if self.predicted is None else self.predicted.to_dict(),
                 "model_hash": self.model_hash, "cluster_hash": self.cluster_hash,
+                "fallback": {d: list(v) for d, v in self.fallback.items()},
                 "meta": dict(self.meta)}
 
     def to_json(self) -> str:
@@ -185,6 +188,8 @@ class PacPlan:
                        predicted=None if pred is None else PacPrediction.from_dict(pred),
                        model_hash=str(data.get("model_hash", "")),
                        cluster_hash=str(data.get("cluster_hash", "")),
+                       fallback={str(d): tuple(int(x) for x in v)
+                                 for d, v in data.get("fallback", {}).items()},
                        version=int(data.get("version", PAC_PLAN_VERSION)),
                        meta=dict(data.get("meta", {})))
         except (KeyError, TypeError, ValueError) as exc:
@@ -393,8 +398,17 @@ def plan_finetune(costs: CostTable, cluster: Cluster, model: PacModel, *, batch_
     devices = tuple(cluster.names)
     shares = _phase2_shares(costs, cluster.for_costs(costs), model, batch_size, steps, devices,
                             p1_memory)
+    fallback = {}
+    for lost in devices:        # phase 2 without one device (see docs/finetune.md)
+        others = tuple(d for d in devices if d != lost)
+        if len(others) > 0 and batch_size >= len(others):
+            try:
+                fallback[lost] = _phase2_shares(costs, cluster.for_costs(costs), model,
+                                                batch_size, steps, others, p1_memory)
+            except PlanError:
+                continue        # the others cannot hold the cache: no recovery from it
     draft = PacPlan(model=model, batch_size=batch_size, num_samples=num_samples,
                     steps_per_epoch=steps, epochs=epochs, phase1=phase1, devices=devices,
                     shares=shares, model_hash=costs.model_hash,
-                    cluster_hash=cluster.cluster_hash)
+                    cluster_hash=cluster.cluster_hash, fallback=fallback)
     return replace(draft, predicted=predict_finetune(draft, costs, cluster))

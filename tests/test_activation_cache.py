@@ -1,4 +1,4 @@
-"""The activation cache: entries by mini-batch, hit counts and bytes."""
+"""The activation cache: rows by sample index, hits, misses and bytes."""
 
 from __future__ import annotations
 
@@ -7,11 +7,16 @@ import torch
 from runtime.activation_cache import ActivationCache
 
 
-def test_activation_cache_counts_hits_and_bytes() -> None:
+def test_rows_by_sample_index() -> None:
     cache = ActivationCache()
-    assert cache.get(0) is None
-    cache.missed(4)
-    cache.put(0, (torch.zeros(4, 8), torch.zeros(4, 2)))
-    assert cache.get(0) is not None
-    assert cache.hits == 4 and cache.hit_rate == 0.5
-    assert cache.bytes == 4 * 10 * 4
+    assert cache.get(0, 4) is None
+    cache.count(0, 4)
+    entry = (torch.arange(8.0).reshape(4, 2), torch.zeros(4, 3))
+    cache.put(10, entry)
+    assert cache.missing(8, 12) == [8, 9]
+    got = cache.get(11, 13)
+    assert got is not None
+    torch.testing.assert_close(got[0], entry[0][1:3])
+    assert cache.hits == 2 and cache.hit_rate == 2 / 6
+    assert cache.bytes == 4 * 5 * 4
+    assert cache.get(12, 15) is None and cache.hits == 2

@@ -112,3 +112,34 @@ def test_emulated_pac_equals_the_reference(tmp_path: Path, pipelined: bool) -> N
     assert rows[-1]["cache_bytes"] == {d: 2 * shares[d] * entry for d in plan.devices}
     assert all(v > 0 for v in rows[-1]["peak_memory_bytes"].values())
     assert PacPlan.load(out / PAC_PLAN_FILE) == plan
+
+
+def test_a_device_lost_in_phase_2_loses_only_its_share(tmp_path: Path) -> None:
+    model_file = tmp_path / "tiny.py"
+    model_file.write_text(TINY_GPT)
+    cluster_file = tmp_path / "c.yaml"
+    cluster_file.write_text(CLUSTER)
+    spec = load_model_spec(str(model_file))
+    cluster = Cluster.from_yaml(cluster_file)
+    costs = analytic_costs(spec.build_model(), spec.example_inputs(2)[0], model_name=spec.name)
+    out = tmp_path / "pac"
+    plan = prepare_finetune(spec, cluster, costs, out, batch_size=6, epochs=3, num_samples=12,
+                            rank=4)
+    assert set(plan.fallback) == {"a", "b", "c"}
+    metrics = tmp_path / "m.jsonl"
+    result = run_finetune(out, cluster_file, seed=0, lr=0.05, metrics=metrics, timeout_s=300,
+                          fail="c@3")
+    reference = reference_finetune(spec, batch_size=6, epochs=3, num_samples=12, rank=4,
+                                   seed=0, lr=0.05)
+    assert len(result.losses) == len(reference) == 6
+    for got, want in zip(result.losses, reference, strict=True):
+        assert abs(got - want) <= 1e-4 * abs(want)
+    (event,) = result.recoveries
+    assert event["failed"] == ["c"] and event["at_step"] == 3
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()
+            if '"step"' in line]
+    assert [r["step"] for r in rows] == list(range(6))
+    after = rows[3]
+    assert set(after["cache_bytes"]) == {"a", "b"}
+    assert 0.0 < after["cache_hit_rate"] < 1.0      # c's rows recomputed, the rest cached
+    assert rows[5]["cache_hit_rate"] == 1.0           # mini-batch 1's rows too, by then
