@@ -70,6 +70,7 @@ _LAZY: dict[str, str] = {
     "AdapterModel": "asteroid_fx.adapters",
     "plan_finetune": "solver.pac",
     "PacPlan": "solver.pac",
+    "predict_finetune": "solver.pac",
 }
 
 __all__ = [

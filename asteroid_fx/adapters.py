@@ -42,7 +42,6 @@ from runtime.adapter_model import Adapter, AdapterModel
 __all__ = ["Adapter", "AdapterModel", "block_taps", "resolve_taps", "parallel_adapters"]
 
 
-
 def _module_names(model: nn.Module | None) -> set[str]:
     return set() if model is None else {name for name, _ in model.named_modules() if name}
 
