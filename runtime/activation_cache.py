@@ -28,17 +28,17 @@ class ActivationCache:
         for i in range(int(entry[0].shape[0])):
             self.rows[start + i] = tuple(t[i:i + 1] for t in entry)
 
-    def missing(self, start: int, stop: int) -> list[int]:
-        """Sample indices in ``[start, stop)`` that are not cached."""
-        return [i for i in range(start, stop) if i not in self.rows]
+    def missing(self, indices: list[int]) -> list[int]:
+        """The sample indices of ``indices`` that are not cached."""
+        return [i for i in indices if i not in self.rows]
 
-    def get(self, start: int, stop: int) -> tuple[torch.Tensor, ...] | None:
-        """Samples ``[start, stop)`` as one entry (counted as hits), or None when any is
+    def get(self, indices: list[int]) -> tuple[torch.Tensor, ...] | None:
+        """Samples ``indices`` as one entry (counted as hits), or None when any is
         missing (nothing counted: the caller computes them and counts the misses)."""
-        if stop <= start or self.missing(start, stop):
+        if not indices or self.missing(indices):
             return None
-        self.hits += stop - start
-        parts = [self.rows[i] for i in range(start, stop)]
+        self.hits += len(indices)
+        parts = [self.rows[i] for i in indices]
         return tuple(torch.cat([p[j] for p in parts], dim=0) for j in range(len(parts[0])))
 
     def count(self, hits: int, misses: int) -> None:

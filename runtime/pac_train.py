@@ -23,15 +23,15 @@ the adapters' initial weights (``adapters.weights.pt``). For epoch ``e`` and min
 A device lost in phase 2 loses only its share. The step's one collective fails on the
 survivors; each announces itself under a new generation key in the launcher's store,
 waits up to ``DETECT_S`` for the others, and the survivors start a new process group on
-that prefix (one failure at a time). The plan's ``fallback`` shares (made by the planner
-for every device that could be lost: Algorithm 1 over the others, capped by memory) give
-every survivor its new rows; rows it has cached are hits, rows that are new to it (the
-lost device's samples, and any shift of its range) are recomputed through the whole
-frozen backbone, loaded from the package on first need, and cached. The interrupted step
-is redone from its start (no optimizer step was taken: the failure surfaces in the
-step's all-reduce), so no step is lost and the losses still equal the reference. A
-``{"event": "recovery", ...}`` row goes to the metrics. A device lost in phase 1 ends the
-run.
+that prefix (one failure at a time). Everyone keeps the rows it trained on (and their
+cache entries); the lost device's rows of every mini-batch are split between the others
+as the plan's ``fallback`` says (made by the planner for every device: Algorithm 1 over
+the fastest others, capped by the memory their own caches leave). Those rows are cache
+misses once, recomputed through the whole frozen backbone (loaded from the package on
+first need) and cached. The interrupted step is redone from its start (no optimizer step
+was taken: the failure surfaces in the step's all-reduce), so no step is lost and the
+losses still equal the reference. A ``{"event": "recovery", ...}`` row goes to the
+metrics. A device lost in phase 1 ends the run.
 
 Rank 0 writes one metrics row per step: ``phase``, ``loss``, ``round_time_s`` (and its
 phase-1 and phase-2 parts, the slowest device each), the cache hit rate of the step and
@@ -255,10 +255,11 @@ def _dilate(began: float, scale: float) -> None:
 
 @dataclass
 class _Group:
-    """The devices of the current phase-2 generation and this rank's place in it."""
+    """The devices of the current phase-2 generation and this rank's place in it;
+    ``ranges[i]``: the row ranges of every mini-batch that member ``i`` trains on."""
 
     devices: tuple[str, ...]
-    shares: tuple[int, ...]
+    ranges: tuple[tuple[tuple[int, int], ...], ...]
     rank: int
     old_ranks: tuple[int, ...]        # rank in the launch of every member
 
@@ -266,10 +267,25 @@ class _Group:
     def world(self) -> int:
         return len(self.devices)
 
-    def rows(self, batch_size: int, step: int) -> tuple[int, int]:
-        """Global sample indices ``[start, stop)`` this rank trains on in mini-batch ``step``."""
-        start = step * batch_size + sum(self.shares[:self.rank])
-        return start, start + self.shares[self.rank]
+    def rows(self, batch_size: int, step: int) -> list[int]:
+        """Global sample indices this rank trains on in mini-batch ``step``."""
+        return [step * batch_size + i for a, b in self.ranges[self.rank] for i in range(a, b)]
+
+    def without(self, lost: str, extra: Sequence[int]) -> tuple[tuple[str, ...], tuple[
+            tuple[tuple[int, int], ...], ...]]:
+        """Members and ranges after ``lost``: its rows go to the others, ``extra[i]`` each
+        (in member order), and everyone keeps the rows it had."""
+        index = self.devices.index(lost)
+        lost_rows = [i for a, b in self.ranges[index] for i in range(a, b)]
+        devices, ranges, taken = [], [], 0
+        for device, own, more in zip((d for d in self.devices if d != lost),
+                                     (r for i, r in enumerate(self.ranges) if i != index),
+                                     extra, strict=True):
+            rows = lost_rows[taken:taken + more]
+            taken += more
+            devices.append(device)
+            ranges.append(own + ((rows[0], rows[-1] + 1),) if rows else own)
+        return tuple(devices), tuple(ranges)
 
 
 def _comm(rank: int, config: TrainConfig, old_ranks: Sequence[int]) -> Comm:
@@ -314,14 +330,13 @@ def _regroup(store: Any, generation: int, group: _Group, pac: PacPlan,
         dist.destroy_process_group()
     except Exception as exc:  # noqa: BLE001 - the broken group may refuse a clean teardown
         log.debug("destroying the failed process group: %s", exc)
-    devices = tuple(d for d in group.devices if d != lost[0])
+    devices, ranges = group.without(lost[0], pac.fallback[lost[0]])
     old_ranks = tuple(r for r in group.old_ranks if r in alive)
     rank = old_ranks.index(me)
     dist.init_process_group("gloo", store=dist.PrefixStore(prefix, store), rank=rank,
                             world_size=len(devices),
                             timeout=timedelta(seconds=config.timeout_s))
-    return (_Group(devices, tuple(pac.fallback[lost[0]]), rank, old_ranks), lost,
-            time.perf_counter() - began)
+    return _Group(devices, ranges, rank, old_ranks), lost, time.perf_counter() - began
 
 
 def finetune_device(source: Any, rank: int, config: TrainConfig, *, hooks: Any = None,
@@ -342,7 +357,8 @@ def finetune_device(source: Any, rank: int, config: TrainConfig, *, hooks: Any =
     fail_device, fail_step = _parse_fail(getattr(inner, "fail", None), pac)
     model_file = inner.model_module()
     samples = SampleSource(model_file, config.seed, pac.num_samples)
-    group = _Group(tuple(pac.devices), tuple(pac.shares), rank, tuple(range(world)))
+    group = _Group(tuple(pac.devices), tuple((pac.sample_range(d),) for d in pac.devices),
+                   rank, tuple(range(world)))
     comm = _comm(rank, config, group.old_ranks)
     scale = _compute_scale(source, rank, config)
     model = build_device_model(inner, stage_segments(pac, rank))
@@ -352,7 +368,7 @@ def finetune_device(source: Any, rank: int, config: TrainConfig, *, hooks: Any =
     optimizer = make_optimizer(model_file, params, config.lr)
     loss_fn = resolve_loss_fn(model_file)
     cache = ActivationCache()
-    targets_of: dict[tuple[int, int], Any] = {}
+    targets_of: dict[tuple[int, ...], Any] = {}
     metrics = Path(config.metrics) if config.metrics else None
     if metrics is not None and rank == 0 and not config.append_metrics:
         metrics.write_text("")
@@ -372,28 +388,29 @@ def finetune_device(source: Any, rank: int, config: TrainConfig, *, hooks: Any =
                 dist.barrier()
                 last_end = time.perf_counter()
             began = last_end
-            lo, hi = group.rows(batch, k)
+            rows = group.rows(batch, k)
             hits_before, misses_before = cache.hits, cache.misses
-            entry = cache.get(lo, hi)
+            entry = cache.get(rows)
             if entry is None and epoch == 0 and generation == 0:
                 entry = phase1.run(k)
-                cache.count(0, hi - lo)
-                cache.put(lo, entry)
+                cache.count(0, len(rows))
+                cache.put(rows[0], entry)
             elif entry is None:          # rows taken over from a lost device
                 full = full or build_device_model(inner, list(range(len(model.taps))))
-                new = cache.missing(lo, hi)
+                new = cache.missing(rows)
                 for i in new:
                     inputs, _ = samples.rows(i, i + 1)
                     cache.put(i, full.backbone(*model_inputs(inputs)))
-                entry = cache.get(lo, hi)        # counts every row as a hit
+                entry = cache.get(rows)        # counts every row as a hit
                 cache.count(-len(new), len(new))
                 assert entry is not None
             if epoch == 0:
                 _dilate(began, scale)
             p1_done = time.perf_counter()
-            if (lo, hi) not in targets_of:     # kept beside the cache: made once
-                targets_of[(lo, hi)] = samples.rows(lo, hi)[1]
-            targets = targets_of[(lo, hi)]
+            key = tuple(rows)
+            if key not in targets_of:     # kept beside the cache: made once
+                targets_of[key] = samples.take(rows)[1]
+            targets = targets_of[key]
             saved: list[int] = [0]
 
             def pack(t: torch.Tensor, saved: list[int] = saved) -> torch.Tensor:
@@ -402,7 +419,7 @@ def finetune_device(source: Any, rank: int, config: TrainConfig, *, hooks: Any =
 
             with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
                 out = model.train_forward(entry)
-                loss = loss_fn(out, targets) * ((hi - lo) / batch)
+                loss = loss_fn(out, targets) * (len(rows) / batch)
             loss.backward()
             grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
             state = [t for st in optimizer.state.values() for t in st.values()
@@ -431,8 +448,9 @@ def finetune_device(source: Any, rank: int, config: TrainConfig, *, hooks: Any =
             comm = _comm(group.rank, config, group.old_ranks)
             event = {"event": "recovery", "failed": lost, "at_step": step,
                      "detect_s": detect_s, "total_s": time.perf_counter() - failed_at,
-                     "lost_steps": 0, "shares": dict(zip(group.devices, group.shares,
-                                                         strict=True))}
+                     "lost_steps": 0,
+                     "rows": {d: [list(r) for r in rs]
+                              for d, rs in zip(group.devices, group.ranges, strict=True)}}
             if metrics is not None and group.rank == 0:
                 with metrics.open("a") as fh:
                     fh.write(json.dumps(event) + "\n")
@@ -448,12 +466,12 @@ def finetune_device(source: Any, rank: int, config: TrainConfig, *, hooks: Any =
         slots = flat[offset:].view(group.world, _SLOTS)
         total = slots.sum(dim=0)
         worst = slots.max(dim=0).values
-        rows = float(total[1] + total[2])
+        served = float(total[1] + total[2])
         record: dict[str, Any] = {
             "step": step, "epoch": epoch, "phase": 1 if epoch == 0 else 2,
             "loss": float(total[0]), "round_time_s": ended - began,
             "phase1_s": float(worst[3]), "phase2_s": float(worst[4]),
-            "cache_hit_rate": float(total[1]) / rows if rows else 0.0,
+            "cache_hit_rate": float(total[1]) / served if served else 0.0,
             "cache_bytes": {d: int(slots[i, 6]) for i, d in enumerate(group.devices)},
             "peak_memory_bytes": {d: int(slots[i, 5]) for i, d in enumerate(group.devices)},
             "plan_version": generation,

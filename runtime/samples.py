@@ -17,7 +17,7 @@ Every process makes the rows it needs by itself, so nothing but activations trav
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -98,5 +98,9 @@ class SampleSource:
 
     def rows(self, start: int, stop: int) -> tuple[Any, Any]:
         """Samples ``start .. stop - 1`` collated: ``(inputs, targets)``."""
-        pairs = [self.row(i) for i in range(start, stop)]
+        return self.take(range(start, stop))
+
+    def take(self, indices: Iterable[int]) -> tuple[Any, Any]:
+        """The samples ``indices`` (in that order) collated: ``(inputs, targets)``."""
+        pairs = [self.row(i) for i in indices]
         return collate([p[0] for p in pairs]), collate([p[1] for p in pairs])

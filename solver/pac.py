@@ -131,7 +131,8 @@ class PacPlan:
     predicted: PacPrediction | None = None
     model_hash: str = ""
     cluster_hash: str = ""
-    #: phase-2 shares over the other devices (in ``devices`` order) when one is lost
+    #: when a device is lost in phase 2: how many of its rows each other device (in
+    #: ``devices`` order) takes over; everyone keeps its own rows (and cache)
     fallback: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
     version: int = PAC_PLAN_VERSION
     meta: Mapping[str, Any] = field(default_factory=dict)
@@ -367,6 +368,24 @@ def _phase2_shares(costs: CostTable, cluster: Cluster, model: PacModel, batch_si
         f"samples (--samples), fewer taps, a smaller batch or devices with more memory")
 
 
+def _takeover(costs: CostTable, cluster: Cluster, model: PacModel, lost_share: int,
+              steps: int, others: Sequence[str], reserved: Mapping[str, int]
+              ) -> tuple[int, ...] | None:
+    """How many of a lost device's rows each other device takes over (Algorithm 1 over
+    the fastest ``min(len(others), lost_share)`` of them, capped by the memory their own
+    cache leaves), or None when they cannot hold them."""
+    if not others:
+        return None
+    timing = Timing.of(costs, cluster)
+    order = sorted(others, key=lambda d: -timing.speeds[d])[:lost_share]
+    try:
+        part = _phase2_shares(costs, cluster, model, lost_share, steps, order, reserved)
+    except PlanError:
+        return None
+    taken = dict(zip(order, part, strict=True))
+    return tuple(taken.get(d, 0) for d in others)
+
+
 def plan_finetune(costs: CostTable, cluster: Cluster, model: PacModel, *, batch_size: int,
                   num_samples: int, epochs: int, micro_batch_size: int | None = None,
                   phase1_planner: str = "asteroid") -> PacPlan:
@@ -399,14 +418,14 @@ def plan_finetune(costs: CostTable, cluster: Cluster, model: PacModel, *, batch_
     shares = _phase2_shares(costs, cluster.for_costs(costs), model, batch_size, steps, devices,
                             p1_memory)
     fallback = {}
-    for lost in devices:        # phase 2 without one device (see docs/finetune.md)
+    for lost, lost_share in zip(devices, shares, strict=True):
         others = tuple(d for d in devices if d != lost)
-        if len(others) > 0 and batch_size >= len(others):
-            try:
-                fallback[lost] = _phase2_shares(costs, cluster.for_costs(costs), model,
-                                                batch_size, steps, others, p1_memory)
-            except PlanError:
-                continue        # the others cannot hold the cache: no recovery from it
+        extra = _takeover(costs, cluster.for_costs(costs), model, lost_share, steps, others,
+                          {d: p1_memory.get(d, 0) + s * sum(_phase2_per_sample(
+                              costs, model, steps)) for d, s in zip(devices, shares,
+                                                                    strict=True)})
+        if extra is not None:
+            fallback[lost] = extra
     draft = PacPlan(model=model, batch_size=batch_size, num_samples=num_samples,
                     steps_per_epoch=steps, epochs=epochs, phase1=phase1, devices=devices,
                     shares=shares, model_hash=costs.model_hash,
