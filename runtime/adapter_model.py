@@ -108,7 +108,7 @@ class AdapterModel(nn.Module):
         """The model output from a cache entry: side path, then the head."""
         taps, head_inputs = self.split_entry(entry)
         side = self.adapters[0](taps[0])
-        for adapter, tap in zip(list(self.adapters)[1:], taps[1:], strict=True):
+        for adapter, tap in zip(list(self.adapters)[1:], taps[1:]):
             side = side + adapter(tap)
         values = list(head_inputs)
         values[self.head_position] = values[self.head_position] + side

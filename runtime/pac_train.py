@@ -64,7 +64,7 @@ from runtime.lowering import transfers
 from runtime.memory import storage_bytes
 from runtime.samples import SampleSource
 from runtime.train import TrainConfig, WorkerResult, make_optimizer, resolve_loss_fn
-from solver.pac import PacPlan
+from solver.pac_plan import PacPlan
 from solver.plan import Plan, Stage
 
 __all__ = ["PacSource", "finetune_device", "build_device_model", "stage_segments",
@@ -102,9 +102,19 @@ class PacSource:
                     stages=(Stage((0, 0), pac.devices, pac.shares),))
 
     def model_module(self) -> Any:
-        from runtime.stage_io import load_model_module
+        """The model file's functions (``sample_batch``, ``loss_fn``, ``dataset`` ...): the
+        copied module, or the ``ModelSpec`` of a built-in or a ``file.py:prefix`` spec."""
+        from runtime.stage_io import load_model_module, load_partition_meta
 
-        return load_model_module(Path(self.directory) / BACKBONE_DIR)
+        backbone = Path(self.directory) / BACKBONE_DIR
+        meta = load_partition_meta(backbone)
+        spec = meta.model_spec or ""
+        if spec.startswith("builtin:") or (meta.prefix and meta.model_file):
+            from asteroid_fx.model_spec import load_model_spec
+
+            return load_model_spec(spec if spec.startswith("builtin:") else
+                                   f"{backbone / str(meta.model_file)}:{meta.prefix}")
+        return load_model_module(backbone)
 
     def load_stage(self, index: int) -> nn.Module:
         from runtime.stage_io import load_stage
@@ -280,7 +290,7 @@ class _Group:
         devices, ranges, taken = [], [], 0
         for device, own, more in zip((d for d in self.devices if d != lost),
                                      (r for i, r in enumerate(self.ranges) if i != index),
-                                     extra, strict=True):
+                                     extra):
             rows = lost_rows[taken:taken + more]
             taken += more
             devices.append(device)
@@ -316,7 +326,7 @@ def _regroup(store: Any, generation: int, group: _Group, pac: PacPlan,
     alive: list[int] = []
     deadline = time.monotonic() + DETECT_S
     while time.monotonic() < deadline:
-        alive = [r for r, key in zip(group.old_ranks, expected, strict=True)
+        alive = [r for r, key in zip(group.old_ranks, expected)
                  if store.check([key])]
         if len(alive) >= group.world - 1:      # one failure at a time
             break
@@ -450,14 +460,14 @@ def finetune_device(source: Any, rank: int, config: TrainConfig, *, hooks: Any =
                      "detect_s": detect_s, "total_s": time.perf_counter() - failed_at,
                      "lost_steps": 0,
                      "rows": {d: [list(r) for r in rs]
-                              for d, rs in zip(group.devices, group.ranges, strict=True)}}
+                              for d, rs in zip(group.devices, group.ranges)}}
             if metrics is not None and group.rank == 0:
                 with metrics.open("a") as fh:
                     fh.write(json.dumps(event) + "\n")
             last_end = time.perf_counter()
             continue
         offset = 0
-        for p, g in zip(params, grads, strict=True):
+        for p, g in zip(params, grads):
             p.grad = flat[offset:offset + g.numel()].view_as(g).to(g.dtype)
             offset += g.numel()
         optimizer.step()
