@@ -146,3 +146,20 @@ def test_a_device_lost_in_phase_2_loses_only_its_share(tmp_path: Path) -> None:
     # only c's rows are recomputed: every other row of the step comes from the cache
     assert after["cache_hit_rate"] == pytest.approx(1 - lost / 6)
     assert rows[5]["cache_hit_rate"] == 1.0           # mini-batch 1's rows too, by then
+
+
+@pytest.mark.slow
+def test_hugging_face_bert_equals_the_reference(tmp_path: Path) -> None:
+    pytest.importorskip("transformers")
+    cluster_file = tmp_path / "c.yaml"
+    cluster_file.write_text(CLUSTER)
+    spec = load_model_spec("builtin:bert-small")
+    cluster = Cluster.from_yaml(cluster_file)
+    costs = analytic_costs(spec.build_model(), spec.example_inputs(2)[0], model_name=spec.name)
+    prepare_finetune(spec, cluster, costs, tmp_path / "pac", batch_size=3, epochs=2,
+                     num_samples=3, rank=2)
+    result = run_finetune(tmp_path / "pac", cluster_file, seed=0, lr=0.05, timeout_s=600)
+    reference = reference_finetune(spec, batch_size=3, epochs=2, num_samples=3, rank=2,
+                                   seed=0, lr=0.05)
+    for got, want in zip(result.losses, reference, strict=True):
+        assert abs(got - want) <= 1e-4 * abs(want)
