@@ -29,7 +29,8 @@ from runtime.pac_train import ADAPTERS_FILE, BACKBONE_DIR, LAYOUT_FILE, PAC_PLAN
 from runtime.samples import SampleSource
 from solver.pac import PacModel, PacPlan, plan_finetune
 
-__all__ = ["FinetuneResult", "build_adapter_model", "pac_model_of", "prepare_finetune",
+__all__ = ["FinetuneResult", "build_adapter_model", "measure_step", "pac_model_of",
+           "prepare_finetune",
            "run_finetune", "reference_finetune", "DEFAULT_SAMPLES_BATCHES"]
 
 log = logging.getLogger(__name__)
@@ -53,7 +54,47 @@ def build_adapter_model(spec: Any, *, rank: int, seed: int, layers: Sequence[Any
     return model, pac, inputs
 
 
-def pac_model_of(pac: AdapterModel) -> PacModel:
+def measure_step(pac: AdapterModel, spec: Any, *, batch_sizes: Sequence[int] = (1, 4, 8),
+                 repeats: int = 5) -> tuple[float, float]:
+    """``(intercept_s, per_sample_s)`` of one phase-2 step of ``pac`` on this host, one
+    thread as a device runs (median of ``repeats`` after a warm-up, fitted as
+    ``cost_models.profile`` fits layers); the adapters' weights are left unchanged."""
+    import statistics
+
+    from asteroid_fx.model_spec import model_inputs
+    from cost_models.profile import fit_time
+    from runtime.train import resolve_loss_fn
+
+    loss_fn = resolve_loss_fn(_ModelFile(spec))
+    saved = {k: v.clone() for k, v in pac.trainable_state().items()}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    times = []
+    try:
+        for batch in batch_sizes:
+            inputs, targets = spec.example_inputs(batch)
+            entry = pac.backbone(*model_inputs(inputs))
+            runs = []
+            for i in range(repeats + 1):
+                began = time.perf_counter()
+                loss = loss_fn(pac.train_forward(entry), targets)
+                loss.backward()
+                with torch.no_grad():
+                    for p in pac.trainable_parameters():
+                        if p.grad is not None:
+                            p.add_(p.grad, alpha=-1e-3)
+                            p.grad = None
+                if i:
+                    runs.append(time.perf_counter() - began)
+            times.append(statistics.median(runs))
+    finally:
+        torch.set_num_threads(threads)
+        pac.load_state_dict(saved, strict=False)
+    fit = fit_time(list(batch_sizes), times)
+    return fit.intercept_s, fit.per_sample_s
+
+
+def pac_model_of(pac: AdapterModel, step_fit: tuple[float, float] = (0.0, 0.0)) -> PacModel:
     """The planner's view of an adapter model (plain data)."""
     trainable = sum(p.numel() * p.element_size() for p in pac.trainable_parameters())
     flops = 0.0
@@ -63,7 +104,7 @@ def pac_model_of(pac: AdapterModel) -> PacModel:
             tokens *= d
         flops += 2.0 * tokens * 2 * shape[-1] * pac.rank
     return PacModel(taps=pac.taps, entry_bytes=pac.entry_bytes(), trainable_bytes=trainable,
-                    adapter_flops=flops, train_head=pac.train_head)
+                    adapter_flops=flops, train_head=pac.train_head, step_fit=step_fit)
 
 
 def prepare_finetune(spec: Any, cluster: Any, costs: Any, out: str | Path, *, batch_size: int,
@@ -78,7 +119,8 @@ def prepare_finetune(spec: Any, cluster: Any, costs: Any, out: str | Path, *, ba
                            _default_samples(spec, batch_size))
     _model, pac, inputs = build_adapter_model(spec, rank=rank, seed=seed, layers=layers,
                                               train_head=train_head)
-    plan = plan_finetune(costs, cluster, pac_model_of(pac), batch_size=batch_size,
+    step_fit = measure_step(pac, spec) if costs.source != "analytic" else (0.0, 0.0)
+    plan = plan_finetune(costs, cluster, pac_model_of(pac, step_fit), batch_size=batch_size,
                          num_samples=samples.num_samples, epochs=epochs,
                          micro_batch_size=micro_batch_size, phase1_planner=phase1_planner)
     out = Path(out)

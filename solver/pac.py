@@ -18,8 +18,11 @@ The cache is placed on the device that trains on the samples (``cache="local"``:
 moves after epoch 1). Predicted times (``PacPrediction``): one phase-1 step is a
 forward-only pipeline of ``M`` micro-batches, ``sum_s E_f^s + (M - 1) max_s E_f^s``, where
 ``E_f^s`` is ``solver.evaluate``'s forward term plus the stage's hand-off of cache entries;
-one phase-2 step is ``max_d compute_d + all-reduce + optimizer step`` (a frozen head's
-backward counted at ``FROZEN_BACKWARD_SHARE`` of its measured backward); epoch 1 runs a
+one phase-2 step is ``max_d compute_d + all-reduce``, ``compute_d`` the whole step
+(side path, head, loss, backward, optimizer step) as ``PacModel.step_fit`` measured it on
+the profiling host, over the device's speed; without that measurement, the head's layers
+from the cost table (a frozen head's backward counted at ``FROZEN_BACKWARD_SHARE`` of its
+measured backward), the adapters' FLOPs and the optimizer step; epoch 1 runs a
 phase-1 and a phase-2 step per mini-batch, later epochs only phase 2.
 """
 
@@ -129,7 +132,11 @@ def predict_finetune(plan: PacPlan, costs: CostTable, cluster: Cluster) -> PacPr
     # a frozen head computes input gradients only: about half of a layer's backward
     bwd_share = 1.0 if model.train_head else FROZEN_BACKWARD_SHARE
     compute = []
+    intercept, per_sample = model.step_fit
     for device, share in zip(plan.devices, plan.shares, strict=True):
+        if per_sample > 0:       # measured: the whole step, scaled by the device's speed
+            compute.append((intercept + per_sample * share) / speeds[device])
+            continue
         head = (timing.fwd_time(device, head_first, last, share)
                 + bwd_share * timing.bwd_time(device, head_first, last, share))
         adapters = 3.0 * model.adapter_flops * share / (costs.host_flops * speeds[device])

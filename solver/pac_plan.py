@@ -26,7 +26,10 @@ class PacModel:
 
     ``taps``: tapped layer indices; ``entry_bytes``: one sample's cache entry;
     ``trainable_bytes``: adapter (and trainable head) parameter bytes; ``adapter_flops``:
-    forward FLOPs of the adapters per sample; ``train_head``: whether the head trains.
+    forward FLOPs of the adapters per sample; ``train_head``: whether the head trains;
+    ``step_fit``: ``(intercept_s, per_sample_s)`` of one whole phase-2 step (side path,
+    head, loss, backward, optimizer step) measured on the profiling host, one thread
+    (``(0, 0)``: not measured, the step is modelled from the cost table).
     """
 
     taps: tuple[int, ...]
@@ -34,19 +37,22 @@ class PacModel:
     trainable_bytes: int
     adapter_flops: float
     train_head: bool = False
+    step_fit: tuple[float, float] = (0.0, 0.0)
 
     def to_dict(self) -> dict[str, Any]:
         return {"taps": list(self.taps), "entry_bytes": self.entry_bytes,
                 "trainable_bytes": self.trainable_bytes, "adapter_flops": self.adapter_flops,
-                "train_head": self.train_head}
+                "train_head": self.train_head, "step_fit": list(self.step_fit)}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> PacModel:
+        fit = data.get("step_fit", (0.0, 0.0))
         return cls(taps=tuple(int(t) for t in data["taps"]),
                    entry_bytes=int(data["entry_bytes"]),
                    trainable_bytes=int(data["trainable_bytes"]),
                    adapter_flops=float(data["adapter_flops"]),
-                   train_head=bool(data.get("train_head", False)))
+                   train_head=bool(data.get("train_head", False)),
+                   step_fit=(float(fit[0]), float(fit[1])))
 
 
 @dataclass(frozen=True)

@@ -57,6 +57,33 @@ def test_pac_model_of_counts_adapters() -> None:
     assert model.trainable_bytes == 4 * 4 * (256 * 8 + 8 + 8 * 256 + 256 + 1)
 
 
+def test_measured_step_fit_feeds_the_prediction() -> None:
+    from dataclasses import replace
+
+    from asteroid_fx.adapters import parallel_adapters
+    from asteroid_fx.finetune import measure_step
+    from solver.pac import plan_finetune
+
+    spec = load_model_spec(GPT)
+    torch.manual_seed(0)
+    model = spec.build_model()
+    pac = parallel_adapters(model, spec.sample_batch(2)[0], rank=8)
+    before = pac.trainable_state()
+    intercept, per_sample = measure_step(pac, spec, batch_sizes=(1, 2), repeats=1)
+    assert per_sample > 0 and intercept >= 0
+    for name, value in pac.trainable_state().items():
+        torch.testing.assert_close(value, before[name])      # weights left unchanged
+    costs = analytic_costs(model, spec.sample_batch(2)[0])
+    cluster = Cluster.from_yaml(LOCAL3)
+    base = pac_model_of(pac)
+    slow = replace(base, step_fit=(0.0, 1.0))                # one second per sample
+    plan = plan_finetune(costs, cluster, slow, batch_size=8, num_samples=8, epochs=2)
+    assert plan.predicted is not None
+    assert plan.predicted.phase2_step_s == pytest.approx(
+        max(n / s for n, s in zip(plan.shares, (1.0, 0.5, 0.5), strict=True))
+        + plan.predicted.allreduce_s)
+
+
 def test_reference_trains(tmp_path: Path) -> None:
     spec = load_model_spec(GPT)
     losses = reference_finetune(spec, batch_size=4, epochs=2, num_samples=8, rank=4, lr=0.5)
