@@ -134,7 +134,7 @@ def predict_finetune(plan: PacPlan, costs: CostTable, cluster: Cluster) -> PacPr
     compute = []
     intercept, per_sample = model.step_fit
     for device, share in zip(plan.devices, plan.shares, strict=True):
-        if per_sample > 0:       # measured: the whole step, scaled by the device's speed
+        if intercept + per_sample > 0:   # measured: the whole step, over the device's speed
             compute.append((intercept + per_sample * share) / speeds[device])
             continue
         head = (timing.fwd_time(device, head_first, last, share)

@@ -69,8 +69,8 @@ def test_measured_step_fit_feeds_the_prediction() -> None:
     model = spec.build_model()
     pac = parallel_adapters(model, spec.sample_batch(2)[0], rank=8)
     before = pac.trainable_state()
-    intercept, per_sample = measure_step(pac, spec, batch_sizes=(1, 2), repeats=1)
-    assert per_sample > 0 and intercept >= 0
+    intercept, per_sample = measure_step(pac, spec, batch_sizes=(1, 8), repeats=2)
+    assert per_sample >= 0 and intercept >= 0 and intercept + 8 * per_sample > 0
     for name, value in pac.trainable_state().items():
         torch.testing.assert_close(value, before[name])      # weights left unchanged
     costs = analytic_costs(model, spec.sample_batch(2)[0])
