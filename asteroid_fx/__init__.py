@@ -17,10 +17,12 @@ import types
 from typing import Any
 
 from asteroid_fx.errors import (
+    AdapterError,
     AsteroidError,
     AuthenticationError,
     ClusterError,
     CostModelError,
+    DatasetError,
     DeadlockError,
     ModelOutputError,
     ModelSpecError,
@@ -64,13 +66,20 @@ _LAZY: dict[str, str] = {
     "load_partition": "asteroid_fx.package",
     "to_pipeline_stage": "asteroid_fx.interop",
     "run": "runtime.launch",
+    "parallel_adapters": "asteroid_fx.adapters",
+    "AdapterModel": "asteroid_fx.adapters",
+    "plan_finetune": "solver.pac",
+    "PacPlan": "solver.pac",
+    "predict_finetune": "solver.pac",
 }
 
 __all__ = [
+    "AdapterError",
     "AsteroidError",
     "AuthenticationError",
     "ClusterError",
     "CostModelError",
+    "DatasetError",
     "DeadlockError",
     "ModelOutputError",
     "ModelSpecError",

@@ -671,6 +671,131 @@ def run(
             console.print(summary(), markup=False)
 
 
+@app.command()
+def finetune(
+    model: ModelArg,
+    cluster: ClusterOpt,
+    batch_size: BatchOpt,
+    method: Annotated[str, typer.Option(
+        "--method", help="pac: parallel adapters on the frozen model, backbone forward once "
+        "(phase 1, pipelined) then adapters from the activation cache (phase 2, data "
+        "parallel); full: today's hybrid-pipeline training of the whole model")] = "pac",
+    epochs: Annotated[int, typer.Option("--epochs", help="passes over the samples")] = 3,
+    out: Annotated[Path, typer.Option("--out", "-o", help="output directory")] = Path("out"),
+    emulate: Annotated[Path | None, typer.Option(
+        "--emulate", help="cluster.yaml to run on, emulated on this host")] = None,
+    metrics: Annotated[Path | None, typer.Option("--metrics", help="metrics.jsonl")] = None,
+    samples: Annotated[int | None, typer.Option(
+        "--samples", help="samples per epoch (default: len(dataset()) when the model file "
+        "defines dataset(), else 8 batches of sample_batch with per-index seeds)")] = None,
+    rank: Annotated[int, typer.Option("--rank", help="adapter bottleneck width")] = 8,
+    tap: Annotated[list[str] | None, typer.Option(
+        "--tap", help="layer index, layer name or module to tap (repeatable; default: "
+        "every transformer block's output)")] = None,
+    train_head: Annotated[bool, typer.Option(
+        "--train-head", help="also train a copy of the model's head")] = False,
+    seed: Annotated[int, typer.Option("--seed", help="seed of weights, adapters and data")]
+    = 0,
+    lr: Annotated[float, typer.Option("--lr", help="learning rate (plain SGD unless the "
+                                                 "model file has build_optimizer)")] = 0.01,
+    costs_file: CostsOpt = None,
+    micro_batch: MicroOpt = None,
+    phase1_planner: Annotated[str, typer.Option(
+        "--phase1-planner", help="planner of the forward-only phase 1 (asteroid: fastest; "
+        "pp-equal: one device per stage, spreading the frozen weights)")] = "asteroid",
+    fail: Annotated[str | None, typer.Option(
+        "--fail", help="DEVICE@STEP: with --emulate, kill that device at the start of a "
+        "phase-2 step; the others take over its samples")] = None,
+) -> None:
+    """Fine-tune with parallel adapters and an activation cache (PAC), or fully for comparison."""
+    with _errors():
+        from asteroid_fx.errors import PlanError
+        from solver.cluster import Cluster
+
+        if method not in ("pac", "full"):
+            raise PlanError(f"--method must be pac or full, got {method!r}")
+        if epochs < 1:
+            raise PlanError(f"--epochs must be >= 1, got {epochs}")
+        clus = Cluster.from_yaml(cluster)
+        spec, module, inputs, table = _costs_for(model, batch_size, costs_file, (), clus)
+        if method == "full":
+            _finetune_full(spec, module, inputs, table, clus, batch_size, epochs, samples, out,
+                           emulate, metrics, seed, lr, micro_batch)
+            return
+        from asteroid_fx.finetune import prepare_finetune, run_finetune
+
+        layers = None if not tap else [int(t) if t.isdigit() else t for t in tap]
+        plan_obj = prepare_finetune(spec, clus, table, out, batch_size=batch_size,
+                                    epochs=epochs, num_samples=samples, rank=rank, seed=seed,
+                                    layers=layers, train_head=train_head,
+                                    micro_batch_size=micro_batch,
+                                    phase1_planner=phase1_planner)
+        console.print(_pac_report(plan_obj), markup=False, highlight=False)
+        console.print(f"wrote {out}/")
+        if emulate is not None:
+            result = run_finetune(out, emulate, seed=seed, lr=lr, metrics=metrics, fail=fail)
+            console.print(result.summary(plan_obj.steps_per_epoch), markup=False,
+                          highlight=False)
+
+
+def _pac_report(plan_obj: Any) -> str:
+    p1 = plan_obj.phase1
+    stages = "; ".join(f"segments {s.first}-{s.last} on {list(s.devices)} shares "
+                       f"{list(s.shares)}" for s in p1.stages)
+    lines = [f"PAC: taps at layers {list(plan_obj.model.taps)}, cache entry "
+             f"{_fmt_bytes(plan_obj.model.entry_bytes)}/sample, adapters "
+             f"{_fmt_bytes(plan_obj.model.trainable_bytes)}",
+             f"phase 1 (epoch 1, forward only): {stages}; micro-batch "
+             f"{p1.micro_batch_size} x {p1.num_micro_batches}",
+             "phase 2 (data parallel from the cache): " + ", ".join(
+                 f"{d} {n}" for d, n in zip(plan_obj.devices, plan_obj.shares, strict=True))
+             + f" of {plan_obj.batch_size}; {plan_obj.steps_per_epoch} steps/epoch, "
+             f"{plan_obj.epochs} epochs"]
+    pred = plan_obj.predicted
+    if pred is not None:
+        lines.append(f"predicted: phase-1 step {pred.phase1_step_s * 1e3:.2f} ms, phase-2 step "
+                     f"{pred.phase2_step_s * 1e3:.2f} ms (all-reduce "
+                     f"{pred.allreduce_s * 1e3:.2f} ms); epoch 1 {pred.epoch1_s:.3f} s, later "
+                     f"epochs {pred.epoch_s:.3f} s, total {pred.total_s:.3f} s")
+        lines += [f"  {d}: peak {_fmt_bytes(pred.peak_memory_bytes[d])}, cache "
+                  f"{_fmt_bytes(pred.cache_bytes[d])}" for d in plan_obj.devices]
+    return "\n".join(lines)
+
+
+def _finetune_full(spec: Any, module: Any, inputs: Any, table: Any, clus: Any, batch_size: int,
+                   epochs: int, samples: int | None, out: Path, emulate: Path | None,
+                   metrics: Path | None, seed: int, lr: float, micro_batch: int | None) -> None:
+    """``--method full``: plan, partition and (with --emulate) run the whole model for the
+    same number of steps as PAC would take."""
+    import json
+
+    from asteroid_fx.finetune import DEFAULT_SAMPLES_BATCHES
+    from asteroid_fx.package import save_partition
+    from asteroid_fx.partition import partition as partition_fn
+    from runtime.launch import run as run_fn
+    from runtime.samples import SampleSource
+    from solver.api import plan as plan_fn
+
+    count = samples if samples is not None or spec.dataset is not None else \
+        DEFAULT_SAMPLES_BATCHES * batch_size
+    steps = epochs * SampleSource(spec, seed, count).steps_per_epoch(batch_size)
+    result = plan_fn(table, clus, batch_size, optimizer_state_factor=table.optimizer_state_factor,
+                     micro_batch_size=micro_batch)
+    _print_report(result, table, clus)
+    stages = partition_fn(module, inputs, result)
+    save_partition(out, result, stages, model_spec=spec, onnx=False, example_inputs=inputs,
+                   costs=table, cluster=clus)
+    console.print(f"wrote {out}/ ({steps} steps)")
+    if emulate is None:
+        return
+    run = run_fn(out, emulate=emulate, steps=steps, seed=seed, lr=lr, metrics=metrics)
+    if metrics is not None:      # every step row carries its phase, as PAC's do
+        rows = [json.loads(line) for line in Path(metrics).read_text().splitlines() if line]
+        Path(metrics).write_text("".join(
+            json.dumps({**r, "phase": "full"} if "step" in r else r) + "\n" for r in rows))
+    console.print(run.summary(), markup=False)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Console-script entry point; returns the exit code (usage errors exit 2)."""
     try:

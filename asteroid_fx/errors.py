@@ -17,6 +17,8 @@ __all__ = [
     "StageFailure",
     "ProtocolError",
     "AuthenticationError",
+    "AdapterError",
+    "DatasetError",
 ]
 
 # [Note: dependency-free errors]
@@ -85,3 +87,13 @@ class ProtocolError(RuntimeFailure):
 class AuthenticationError(RuntimeFailure):
     """A process could not prove the job's shared token (``--token``, ``ASTEROID_TOKEN`` or
     ``DIR/token``), or the job could not prove it to the process: it was refused."""
+
+
+class AdapterError(AsteroidError, ValueError):
+    """Parallel adapters cannot be attached as asked (no layer to tap, rank <= 0, a tapped
+    tensor of another shape than the head's input ...)."""
+
+
+class DatasetError(ModelSpecError):
+    """A model file's ``dataset()`` is not a finite indexable dataset of ``(inputs,
+    target)`` samples (no ``__len__``, empty, wrong item shape ...)."""

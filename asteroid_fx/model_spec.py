@@ -37,7 +37,7 @@ SampleBatch = Callable[[int], Tuple[Any, Any]]
 LossFn = Callable[[Any, torch.Tensor], torch.Tensor]
 BuildOptimizer = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 
-_FUNCTIONS = ("build_model", "sample_batch", "loss_fn", "build_optimizer")
+_FUNCTIONS = ("build_model", "sample_batch", "loss_fn", "build_optimizer", "dataset")
 _REQUIRED = ("build_model", "sample_batch")
 _MODELS_HINT = "pip install 'asteroid-fx[models]'"
 
@@ -54,6 +54,9 @@ class ModelSpec:
     sample_batch: SampleBatch
     loss_fn: LossFn
     build_optimizer: BuildOptimizer | None
+    #: optional ``dataset()``: a finite indexable dataset of ``(inputs, target)`` samples,
+    #: used by ``asteroid-fx finetune`` ([Note: fine-tuning data] in runtime/samples.py)
+    dataset: Callable[[], Any] | None = None
 
     def example_inputs(self, batch_size: int) -> tuple[Inputs, Any]:
         """Call ``sample_batch(batch_size)`` and check its result: ``(inputs, targets)``.
@@ -165,6 +168,7 @@ def load_model_spec(spec: str) -> ModelSpec:
         sample_batch=functions["sample_batch"],
         loss_fn=functions.get("loss_fn") or nn.functional.cross_entropy,
         build_optimizer=functions.get("build_optimizer"),
+        dataset=functions.get("dataset"),
     )
 
 

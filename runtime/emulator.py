@@ -181,7 +181,8 @@ def _free_port() -> int:
 
 
 def _worker(rank: int, world: int, port: int, source: StageSource, config: TrainConfig,
-            cgroup: str | None, results: Any, recovery: Any = None, token: str = "") -> None:
+            cgroup: str | None, results: Any, recovery: Any = None, token: str = "",
+            body: Callable[..., WorkerResult] = train_device) -> None:
     """Body of one device process; reports ("step"|"ok"|"error", rank, payload).
 
     The process first proves the job's ``token`` on the launcher's store
@@ -222,7 +223,7 @@ def _worker(rank: int, world: int, port: int, source: StageSource, config: Train
 
             result: WorkerResult | None = None
             try:
-                result = train_device(source, rank, config, hooks=hooks, report=report)
+                result = body(source, rank, config, hooks=hooks, report=report)
             except Exception as exc:
                 if hooks is None:
                     raise
@@ -388,8 +389,15 @@ def launch_local(source: StageSource, world: int, config: TrainConfig, *,
                  progress: Callable[[Mapping[str, Any]], None] | None = None,
                  timeout_s: float = 600.0,
                  devices: Sequence[str] | None = None,
-                 token: str | None = None) -> list[WorkerResult]:
+                 token: str | None = None,
+                 body: Callable[..., WorkerResult] = train_device,
+                 may_fail: Sequence[int] = ()) -> list[WorkerResult]:
     """Run ``world`` device processes on this host (gloo, TCPStore rendezvous on 127.0.0.1).
+
+    Each process runs ``body(source, rank, config, hooks=None, report=...)`` (default
+    ``runtime.train.train_device``; PAC fine-tuning passes ``runtime.pac_train``'s).
+    Ranks in ``may_fail`` may die without ending the run (a body that recovers by itself,
+    as PAC's phase 2 does); the results then leave them out.
 
     The first worker that raises or dies ends the run: every other child is killed at once
     and ``StageFailure`` carries the first error (rank, step, action). Never hangs: the
@@ -409,7 +417,7 @@ def launch_local(source: StageSource, world: int, config: TrainConfig, *,
         cgroup = None if cgroups is None else cgroups[rank]
         proc = ctx.Process(target=_worker, daemon=True, name=f"asteroid-fx-rank{rank}",
                            args=(rank, world, port, source, config, cgroup, results, None,
-                                 token))
+                                 token, body))
         proc.start()
         procs.append(proc)
     names = list(devices) if devices is not None else [str(r) for r in range(world)]
@@ -419,8 +427,9 @@ def launch_local(source: StageSource, world: int, config: TrainConfig, *,
     grace_until: float | None = None
     dead_since: dict[int, float] = {}
     deadline = time.monotonic() + timeout_s
+    lost: set[int] = set()
     try:
-        while len(done) < world:
+        while len(done) + len(lost) < world:
             gate.raise_if_refused()
             now = time.monotonic()
             if grace_until is not None and now > grace_until:
@@ -433,6 +442,10 @@ def launch_local(source: StageSource, world: int, config: TrainConfig, *,
             except queue.Empty:
                 for r, proc in enumerate(procs):
                     if r in done or r in reported or proc.is_alive():
+                        continue
+                    if r in may_fail:
+                        reported.add(r)
+                        lost.add(r)
                         continue
                     first_seen = dead_since.setdefault(r, time.monotonic())
                     if time.monotonic() - first_seen > 0.5:   # its last words had time to arrive
@@ -463,17 +476,19 @@ def launch_local(source: StageSource, world: int, config: TrainConfig, *,
         results.close()
         gate.stop()
         del store
-    if failures or len(done) < world:
+    if failures or len(done) + len(lost) < world:
         raise StageFailure(min(failures, key=lambda f: f[0])[1] if failures else
                            "a worker stopped without reporting")
-    return [done[r] for r in range(world)]
+    return [done[r] for r in range(world) if r in done]
 
 
 def emulate(source: StageSource, cluster: Any, config: TrainConfig, *,
             progress: Callable[[Mapping[str, Any]], None] | None = None,
             timeout_s: float = 600.0, host_cores: float | None = None,
             host_flops: float | None = None, use_cgroups: bool | None = None,
-            token: str | None = None) -> EmulationResult:
+            token: str | None = None,
+            body: Callable[..., WorkerResult] = train_device,
+            may_fail: Sequence[int] = ()) -> EmulationResult:
     """Train ``source`` on an emulated ``cluster`` (see [Note: emulated speed]); the
     device processes join with ``token`` (a fresh one when None)."""
     plan = source.load_plan()
@@ -499,7 +514,7 @@ def emulate(source: StageSource, cluster: Any, config: TrainConfig, *,
     started = time.perf_counter()
     try:
         workers = _launch_shaped(source, config, setup, shaping, cgroups, progress, timeout_s,
-                                 token)
+                                 token, body, may_fail)
     finally:
         if cgroups is not None:
             _remove_cgroups(cgroups)
@@ -510,17 +525,20 @@ def emulate(source: StageSource, cluster: Any, config: TrainConfig, *,
 def _launch_shaped(source: StageSource, config: TrainConfig, setup: EmulationSetup,
                    shaping: str, cgroups: list[str] | None,
                    progress: Callable[[Mapping[str, Any]], None] | None,
-                   timeout_s: float, token: str | None = None) -> list[WorkerResult]:
+                   timeout_s: float, token: str | None = None,
+                   body: Callable[..., WorkerResult] = train_device,
+                   may_fail: Sequence[int] = ()) -> list[WorkerResult]:
     world = len(setup.devices)
     config = replace(config, **setup.links, **setup.timing(config))
     if shaping != "dilation":
         return launch_local(source, world, config, cgroups=cgroups, progress=progress,
-                            timeout_s=timeout_s, devices=setup.devices, token=token)
+                            timeout_s=timeout_s, devices=setup.devices, token=token, body=body,
+                            may_fail=may_fail)
     # time dilation needs a per-rank compute scale: one config per rank via a wrapper source
     scaled = _PerRankScale(source, tuple(1.0 / s if s < 1.0 else 1.0
                                          for s in setup.effective_speeds))
     return launch_local(scaled, world, config, progress=progress, timeout_s=timeout_s,
-                        devices=setup.devices, token=token)
+                        devices=setup.devices, token=token, body=body, may_fail=may_fail)
 
 
 @dataclass(frozen=True)

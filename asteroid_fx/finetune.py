@@ -1,0 +1,272 @@
+"""``asteroid-fx finetune``: prepare, run and check PAC runs (parallel adapters, activation cache).
+
+A PAC directory (``--out DIR``) holds ``backbone/`` (the frozen segments and the head as
+a stage package, ``asteroid_fx.package``), ``pac.json`` (the adapter layout),
+``adapters.weights.pt`` (the adapters' initial weights, a ``{name: tensor}`` dict),
+``pac_plan.json`` (``solver.pac.PacPlan``), ``cluster.yaml`` and ``costs.json``. See
+docs/finetune.md.
+
+Seeds (as ``asteroid-fx run``): ``torch.manual_seed(seed)`` then ``build_model()`` gives
+the backbone; ``torch.manual_seed(seed)`` again right before the adapters are made gives
+their initial weights; samples follow [Note: fine-tuning data] in ``runtime.samples``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from asteroid_fx.adapters import parallel_adapters
+from runtime.adapter_model import AdapterModel
+from runtime.pac_train import ADAPTERS_FILE, BACKBONE_DIR, LAYOUT_FILE, PAC_PLAN_FILE
+from runtime.samples import SampleSource
+from solver.pac import PacModel, PacPlan, plan_finetune
+
+__all__ = ["FinetuneResult", "build_adapter_model", "measure_step", "pac_model_of",
+           "prepare_finetune",
+           "run_finetune", "reference_finetune", "DEFAULT_SAMPLES_BATCHES"]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SAMPLES_BATCHES = 8
+"""Without ``dataset()`` and ``--samples``, a run has this many mini-batches per epoch."""
+
+
+def build_adapter_model(spec: Any, *, rank: int, seed: int, layers: Sequence[Any] | None = None,
+                        train_head: bool = False) -> tuple[torch.nn.Module, AdapterModel, Any]:
+    """The seeded model, its adapter model and example inputs (see the module's seeds)."""
+    from asteroid_fx.trace import trace
+
+    torch.manual_seed(seed)
+    model = spec.build_model()
+    inputs, _ = spec.example_inputs(2)
+    graph = trace(model, inputs, model_name=spec.name)
+    torch.manual_seed(seed)
+    pac = parallel_adapters(model, inputs, layers=layers, rank=rank, train_head=train_head,
+                            graph=graph)
+    return model, pac, inputs
+
+
+def measure_step(pac: AdapterModel, spec: Any, *, batch_sizes: Sequence[int] = (1, 4, 8),
+                 repeats: int = 5) -> tuple[float, float]:
+    """``(intercept_s, per_sample_s)`` of one phase-2 step of ``pac`` on this host, one
+    thread as a device runs (median of ``repeats`` after a warm-up, fitted as
+    ``cost_models.profile`` fits layers); the adapters' weights are left unchanged."""
+    import statistics
+
+    from asteroid_fx.model_spec import model_inputs
+    from cost_models.profile import fit_time
+    from runtime.train import resolve_loss_fn
+
+    loss_fn = resolve_loss_fn(_ModelFile(spec))
+    saved = {k: v.clone() for k, v in pac.trainable_state().items()}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    times = []
+    try:
+        for batch in batch_sizes:
+            inputs, targets = spec.example_inputs(batch)
+            entry = pac.backbone(*model_inputs(inputs))
+            runs = []
+            for i in range(repeats + 1):
+                began = time.perf_counter()
+                loss = loss_fn(pac.train_forward(entry), targets)
+                loss.backward()
+                with torch.no_grad():
+                    for p in pac.trainable_parameters():
+                        if p.grad is not None:
+                            p.add_(p.grad, alpha=-1e-3)
+                            p.grad = None
+                if i:
+                    runs.append(time.perf_counter() - began)
+            times.append(statistics.median(runs))
+    finally:
+        torch.set_num_threads(threads)
+        pac.load_state_dict(saved, strict=False)
+    fit = fit_time(list(batch_sizes), times)
+    return fit.intercept_s, fit.per_sample_s
+
+
+def pac_model_of(pac: AdapterModel, step_fit: tuple[float, float] = (0.0, 0.0)) -> PacModel:
+    """The planner's view of an adapter model (plain data)."""
+    trainable = sum(p.numel() * p.element_size() for p in pac.trainable_parameters())
+    flops = 0.0
+    for shape in pac.tap_shapes:
+        tokens = 1
+        for d in shape[:-1]:
+            tokens *= d
+        flops += 2.0 * tokens * 2 * shape[-1] * pac.rank
+    return PacModel(taps=pac.taps, entry_bytes=pac.entry_bytes(), trainable_bytes=trainable,
+                    adapter_flops=flops, train_head=pac.train_head, step_fit=step_fit)
+
+
+def prepare_finetune(spec: Any, cluster: Any, costs: Any, out: str | Path, *, batch_size: int,
+                     epochs: int, num_samples: int | None, rank: int = 8, seed: int = 0,
+                     layers: Sequence[Any] | None = None, train_head: bool = False,
+                     micro_batch_size: int | None = None, token: str | None = None,
+                     phase1_planner: str = "asteroid") -> PacPlan:
+    """Build the adapter model, plan both phases and write the PAC directory ``out``."""
+    from asteroid_fx.package import save_partition
+
+    samples = SampleSource(spec, seed, num_samples if num_samples is not None else
+                           _default_samples(spec, batch_size))
+    _model, pac, inputs = build_adapter_model(spec, rank=rank, seed=seed, layers=layers,
+                                              train_head=train_head)
+    step_fit = measure_step(pac, spec) if costs.source != "analytic" else (0.0, 0.0)
+    plan = plan_finetune(costs, cluster, pac_model_of(pac, step_fit), batch_size=batch_size,
+                         num_samples=samples.num_samples, epochs=epochs,
+                         micro_batch_size=micro_batch_size, phase1_planner=phase1_planner)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    parts: list[Any] = [*pac.segments, pac.head]
+    save_partition(out / BACKBONE_DIR, pac.segment_plan, parts,
+                   model_spec=spec, onnx=False, example_inputs=inputs, token=token)
+    (out / LAYOUT_FILE).write_text(json.dumps(pac.layout(), indent=2))
+    torch.save(pac.trainable_state(), out / ADAPTERS_FILE)
+    plan.save(out / PAC_PLAN_FILE)
+    costs.save(out / "costs.json")
+    (out / "cluster.json").write_text(cluster.to_json())
+    return plan
+
+
+def _default_samples(spec: Any, batch_size: int) -> int | None:
+    return None if callable(getattr(spec, "dataset", None)) else \
+        DEFAULT_SAMPLES_BATCHES * batch_size
+
+
+@dataclass
+class FinetuneResult:
+    """What a PAC (or full) run measured: per-step records and per-device figures."""
+
+    method: str
+    records: list[dict[str, Any]] = field(default_factory=list)
+    wall_s: float = 0.0
+    slowdown_factor: float = 1.0
+    shaping: str = "none"
+    peak_memory_bytes: dict[str, int] = field(default_factory=dict)
+    cache_bytes: dict[str, int] = field(default_factory=dict)
+    predicted: dict[str, Any] = field(default_factory=dict)
+    recoveries: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def losses(self) -> list[float]:
+        return [float(r["loss"]) for r in self.records]
+
+    def epoch_times(self, steps_per_epoch: int) -> list[float]:
+        times = [float(r["round_time_s"]) for r in self.records]
+        return [sum(times[i:i + steps_per_epoch])
+                for i in range(0, len(times), steps_per_epoch)]
+
+    def summary(self, steps_per_epoch: int) -> str:
+        epochs = self.epoch_times(steps_per_epoch)
+        lines = [f"{self.method}: {len(self.records)} steps, loss {self.losses[0]:.6f} -> "
+                 f"{self.losses[-1]:.6f}; epochs "
+                 + ", ".join(f"{t:.3f} s" for t in epochs)
+                 + f" (wall {self.wall_s:.1f} s, shaping {self.shaping}, slow-down factor "
+                 f"{self.slowdown_factor:.2f})"]
+        if self.predicted:
+            f = self.slowdown_factor
+            lines.append(f"predicted (x{f:.2f}): epoch 1 {self.predicted['epoch1_s'] * f:.3f} s, "
+                         f"later epochs {self.predicted['epoch_s'] * f:.3f} s, total "
+                         f"{self.predicted['total_s'] * f:.3f} s")
+        for ev in self.recoveries:
+            lines.append(f"recovery at step {ev['at_step']}: lost {ev['failed']}, detect "
+                         f"{ev['detect_s']:.2f} s, total {ev['total_s']:.2f} s, now shares "
+                         f"{ev['shares']}")
+        for device, peak in sorted(self.peak_memory_bytes.items()):
+            cached = self.cache_bytes.get(device)
+            lines.append(f"  {device}: peak tensors {peak / 2**20:.1f} MiB"
+                         + ("" if cached is None else f", cache {cached / 2**20:.1f} MiB"))
+        return "\n".join(lines)
+
+
+def run_finetune(directory: str | Path, cluster: str | Path, *, seed: int = 0, lr: float = 0.01,
+                 metrics: str | Path | None = None, timeout_s: float = 1800.0,
+                 progress: Callable[[Mapping[str, Any]], None] | None = None,
+                 token: str | None = None, fail: str | None = None) -> FinetuneResult:
+    """Run a PAC directory on an emulated ``cluster`` (one process per device); ``fail``
+    ("DEVICE@STEP") kills that device at the start of a phase-2 step to exercise recovery
+    ([Note: PAC recovery] in ``runtime.pac_train``)."""
+    from runtime.emulator import emulate
+    from runtime.pac_train import PacSource, finetune_device
+    from runtime.train import TrainConfig
+
+    source = PacSource(str(directory), fail=fail)
+    plan = source.pac_plan()
+    may_fail = [plan.devices.index(fail.partition("@")[0])] if fail and \
+        fail.partition("@")[0] in plan.devices else []
+    records: list[dict[str, Any]] = []
+
+    def on_step(record: Mapping[str, Any]) -> None:
+        records.append(dict(record))
+        if progress is not None:
+            progress(record)
+
+    config = TrainConfig(steps=plan.epochs * plan.steps_per_epoch, seed=seed, lr=lr,
+                         metrics=None if metrics is None else str(metrics), timeout_s=300.0)
+    started = time.perf_counter()
+    result = emulate(source, cluster, config, progress=on_step, timeout_s=timeout_s,
+                     token=token, body=finetune_device, may_fail=may_fail)
+    records.sort(key=lambda r: int(r["step"]))
+    last = records[-1] if records else {}
+    recoveries = []
+    if metrics is not None and Path(metrics).is_file():
+        recoveries = [json.loads(line) for line in Path(metrics).read_text().splitlines()
+                      if '"event"' in line]
+    factor = result.setup.factor if result.setup is not None else 1.0
+    return FinetuneResult(method="pac", records=records,
+                          wall_s=time.perf_counter() - started, slowdown_factor=factor,
+                          shaping=result.shaping,
+                          peak_memory_bytes=dict(last.get("peak_memory_bytes", {})),
+                          cache_bytes=dict(last.get("cache_bytes", {})),
+                          predicted={} if plan.predicted is None else plan.predicted.to_dict(),
+                          recoveries=recoveries)
+
+
+def reference_finetune(spec: Any, *, batch_size: int, epochs: int, num_samples: int | None,
+                       rank: int = 8, seed: int = 0, lr: float = 0.01,
+                       layers: Sequence[Any] | None = None, train_head: bool = False
+                       ) -> list[float]:
+    """Per-step losses of single-process PAC training of the same adapter model on the same
+    samples (the check the distributed run must equal up to float rounding)."""
+    from runtime.train import make_optimizer, resolve_loss_fn
+
+    samples = SampleSource(spec, seed, num_samples if num_samples is not None else
+                           _default_samples(spec, batch_size))
+    steps = samples.steps_per_epoch(batch_size)
+    _model, pac, _inputs = build_adapter_model(spec, rank=rank, seed=seed, layers=layers,
+                                               train_head=train_head)
+    module = _ModelFile(spec)
+    optimizer = make_optimizer(module, pac.trainable_parameters(), lr)
+    loss_fn = resolve_loss_fn(module)
+    from asteroid_fx.model_spec import model_inputs
+
+    cache: dict[int, tuple[torch.Tensor, ...]] = {}
+    losses = []
+    for _epoch in range(epochs):
+        for k in range(steps):
+            inputs, targets = samples.rows(k * batch_size, (k + 1) * batch_size)
+            if k not in cache:
+                cache[k] = pac.backbone(*model_inputs(inputs))
+            loss = loss_fn(pac.train_forward(cache[k]), targets)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(float(loss.detach()))
+    return losses
+
+
+class _ModelFile:
+    """A ``ModelSpec`` seen as a model file module (``loss_fn``, ``build_optimizer``)."""
+
+    def __init__(self, spec: Any) -> None:
+        self.loss_fn = spec.loss_fn
+        if spec.build_optimizer is not None:
+            self.build_optimizer = spec.build_optimizer

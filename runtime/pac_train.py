@@ -1,0 +1,528 @@
+"""One device of a PAC fine-tuning run: forward-only pipeline and cache fill, then adapter steps.
+
+[Note: PAC run]
+Every device loads the saved backbone segments of its phase-1 stage only, the head, and
+the adapters' initial weights (``adapters.weights.pt``). For epoch ``e`` and mini-batch
+``k`` (global step ``e * steps + k``):
+
+* phase 1 (``e == 0``): the devices of phase-1 stage ``s`` take their rows of each
+  micro-batch (stage 0 makes them from the samples, [Note: fine-tuning data]; later
+  stages receive them, re-sharded as ``runtime.lowering.transfers`` says), run their
+  segments under ``torch.no_grad``, pass the cut on, and then send each cache-entry part
+  (their taps; the last stage: the head's inputs) to the device that trains on those
+  rows. On one pair of ranks the activations of a step all go before its entry parts, and
+  the receiver takes them in that order, so the asynchronous sends never deadlock.
+* phase 2 (every step): the rows ``[lo, hi)`` of the mini-batch that this device trains on
+  come from its cache (hits; misses are the rows computed in phase 1 this step); the side
+  path and head run forward and backward on them with the loss weighted by
+  ``(hi - lo) / B``, the adapter gradients are summed over all devices
+  (``Comm.all_reduce``), and every device takes the same optimizer step. So the losses
+  equal single-process training of the same adapter model on the whole mini-batch.
+
+[Note: PAC recovery]
+A device lost in phase 2 loses only its share. The step's one collective fails on the
+survivors; each announces itself under a new generation key in the launcher's store,
+waits up to ``DETECT_S`` for the others, and the survivors start a new process group on
+that prefix (one failure at a time). Everyone keeps the rows it trained on (and their
+cache entries); the lost device's rows of every mini-batch are split between the others
+as the plan's ``fallback`` says (made by the planner for every device: Algorithm 1 over
+the fastest others, capped by the memory their own caches leave). Those rows are cache
+misses once, recomputed through the whole frozen backbone (loaded from the package on
+first need) and cached. The interrupted step is redone from its start (no optimizer step
+was taken: the failure surfaces in the step's all-reduce), so no step is lost and the
+losses still equal the reference. A ``{"event": "recovery", ...}`` row goes to the
+metrics. A device lost in phase 1 ends the run.
+
+Rank 0 writes one metrics row per step: ``phase``, ``loss``, ``round_time_s`` (and its
+phase-1 and phase-2 parts, the slowest device each), the cache hit rate of the step and
+the bytes cached per device.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from asteroid_fx.errors import RuntimeFailure
+from asteroid_fx.model_spec import model_inputs
+from runtime.activation_cache import ActivationCache
+from runtime.adapter_model import AdapterModel
+from runtime.comm import Comm
+from runtime.comm import CommFailure as CommFailureError
+from runtime.lowering import transfers
+from runtime.memory import storage_bytes
+from runtime.samples import SampleSource
+from runtime.train import TrainConfig, WorkerResult, make_optimizer, resolve_loss_fn
+from solver.pac_plan import PacPlan
+from solver.plan import Plan, Stage
+
+__all__ = ["PacSource", "finetune_device", "build_device_model", "stage_segments",
+           "BACKBONE_DIR", "PAC_PLAN_FILE", "LAYOUT_FILE", "ADAPTERS_FILE"]
+
+log = logging.getLogger(__name__)
+
+BACKBONE_DIR = "backbone"
+PAC_PLAN_FILE = "pac_plan.json"
+LAYOUT_FILE = "pac.json"
+ADAPTERS_FILE = "adapters.weights.pt"
+
+
+@dataclass(frozen=True)
+class PacSource:
+    """A saved PAC directory (``asteroid-fx finetune --out DIR``): ``backbone/`` (the
+    segments and the head as a stage package), ``pac_plan.json``, ``pac.json`` and
+    ``adapters.weights.pt``."""
+
+    directory: str
+    #: "DEVICE@STEP": that device's process exits at the start of global step STEP (an
+    #: emulated loss in phase 2, see [Note: PAC recovery])
+    fail: str | None = None
+
+    def pac_plan(self) -> PacPlan:
+        return PacPlan.load(Path(self.directory) / PAC_PLAN_FILE)
+
+    def load_plan(self) -> Plan:
+        """A one-stage ``Plan`` over the run's devices in rank order (what the emulator
+        needs to shape them)."""
+        pac = self.pac_plan()
+        return Plan(model_hash=pac.model_hash, cluster_hash=pac.cluster_hash,
+                    batch_size=pac.batch_size, micro_batch_size=pac.batch_size,
+                    num_micro_batches=1,
+                    stages=(Stage((0, 0), pac.devices, pac.shares),))
+
+    def model_module(self) -> Any:
+        """The model file's functions (``sample_batch``, ``loss_fn``, ``dataset`` ...): the
+        copied module, or the ``ModelSpec`` of a built-in or a ``file.py:prefix`` spec."""
+        from runtime.stage_io import load_model_module, load_partition_meta
+
+        backbone = Path(self.directory) / BACKBONE_DIR
+        meta = load_partition_meta(backbone)
+        spec = meta.model_spec or ""
+        if spec.startswith("builtin:") or (meta.prefix and meta.model_file):
+            from asteroid_fx.model_spec import load_model_spec
+
+            return load_model_spec(spec if spec.startswith("builtin:") else
+                                   f"{backbone / str(meta.model_file)}:{meta.prefix}")
+        return load_model_module(backbone)
+
+    def load_stage(self, index: int) -> nn.Module:
+        from runtime.stage_io import load_stage
+
+        return load_stage(Path(self.directory) / BACKBONE_DIR, index)
+
+    def layout(self) -> dict[str, Any]:
+        data: dict[str, Any] = json.loads((Path(self.directory) / LAYOUT_FILE).read_text())
+        return data
+
+    def adapter_weights(self) -> dict[str, torch.Tensor]:
+        weights: dict[str, torch.Tensor] = torch.load(Path(self.directory) / ADAPTERS_FILE,
+                                                      weights_only=True)
+        return weights
+
+
+def build_device_model(source: PacSource, segments: Sequence[int]) -> AdapterModel:
+    """The adapter model with only ``segments`` of the backbone loaded (the others are
+    placeholders), the head, and the adapters' initial weights."""
+    layout = source.layout()
+    k = len(layout["taps"])
+    parts: list[nn.Module] = [source.load_stage(j) if j in segments else nn.Identity()
+                              for j in range(k)]
+    model = AdapterModel.from_parts(parts, source.load_stage(k), layout)
+    model.load_state_dict(source.adapter_weights(), strict=False)
+    return model
+
+
+def stage_segments(pac: PacPlan, rank: int) -> list[int]:
+    """The backbone segments rank ``rank`` runs in phase 1 (none when it has no stage)."""
+    me = pac.devices[rank]
+    if me not in pac.phase1.devices:
+        return []
+    stage = pac.phase1.stages[pac.phase1.stage_of(me)]
+    return list(range(stage.first, stage.last + 1))
+
+
+def _cat(pieces: Sequence[Sequence[torch.Tensor]]) -> tuple[torch.Tensor, ...]:
+    return tuple(torch.cat([p[i] for p in pieces], dim=0) for i in range(len(pieces[0])))
+
+
+class _Phase1:
+    """This rank's part of the forward-only pipeline (see [Note: PAC run])."""
+
+    def __init__(self, pac: PacPlan, rank: int, model: AdapterModel, comm: Comm,
+                 samples: SampleSource) -> None:
+        self.pac, self.rank, self.model, self.comm, self.samples = pac, rank, model, comm, samples
+        self.plan = pac.phase1
+        self.rank_of = {d: i for i, d in enumerate(pac.devices)}
+        me = pac.devices[rank]
+        self.stage = self.plan.stage_of(me) if me in self.plan.devices else None
+        self.global_of = [self.rank_of[d] for d in self.plan.devices]
+        self.owner_rows = [pac.sample_range(d) for d in pac.devices]
+
+    def _my_rows(self, stage: int, device: str, m: int) -> tuple[int, int]:
+        lo, hi = self.plan.stages[stage].sample_ranges()[device]
+        mb = self.plan.micro_batch_size
+        return m * mb + lo, m * mb + hi
+
+    def run(self, step: int) -> tuple[torch.Tensor, ...]:
+        """Run this rank's stage on mini-batch ``step``, hand the entry parts over, and
+        return this rank's cache entry (its phase-2 rows)."""
+        local: dict[tuple[int, int, int], tuple[torch.Tensor, ...]] = {}
+        if self.stage is not None:
+            self._forward(step, local)
+        return self._collect(local)
+
+    def _forward(self, step: int, local: dict[tuple[int, int, int], tuple[torch.Tensor, ...]]
+                 ) -> None:
+        s = self.stage
+        assert s is not None
+        plan, pac = self.plan, self.pac
+        stage = plan.stages[s]
+        me = pac.devices[self.rank]
+        batch_start = step * pac.batch_size
+        incoming = [] if s == 0 else sorted(
+            (t for t in transfers(plan, s - 1) if self.global_of[t.dst] == self.rank),
+            key=lambda t: t.start)
+        outgoing = [] if s == plan.num_stages - 1 else [
+            t for t in transfers(plan, s) if self.global_of[t.src] == self.rank]
+        last_segment = len(self.model.taps) - 1
+        handoff: list[tuple[int, int, tuple[torch.Tensor, ...]]] = []
+        for m in range(plan.num_micro_batches):
+            lo, hi = self._my_rows(s, me, m)
+            values: tuple[torch.Tensor, ...]
+            if s == 0:
+                inputs, _ = self.samples.rows(batch_start + lo, batch_start + hi)
+                values = model_inputs(inputs)
+            else:
+                got = self.comm.recv([self.global_of[t.src] for t in incoming], f"act{m}")
+                values = _cat(got)
+            taps = []
+            for j in range(stage.first, stage.last + 1):
+                values, tap = self.model.run_segment(j, values)
+                taps.append(tap)
+            part = tuple(taps[:-1]) + values if stage.last == last_segment else tuple(taps)
+            for t in outgoing:
+                a, b = t.start - (lo - m * plan.micro_batch_size), \
+                    t.stop - (lo - m * plan.micro_batch_size)
+                self.comm.send([(self.global_of[t.dst], [v[a:b] for v in values])], f"act{m}")
+            for owner, (o_lo, o_hi) in enumerate(self.owner_rows):
+                a, b = max(lo, o_lo), min(hi, o_hi)
+                if a >= b:
+                    continue
+                rows = tuple(v[a - lo:b - lo] for v in part)
+                if owner == self.rank:
+                    local[(s, m, self.rank)] = rows
+                else:
+                    handoff.append((owner, m, rows))
+        for owner, m, rows in handoff:      # after every activation (see [Note: PAC run])
+            self.comm.send([(owner, list(rows))], f"tap{m}")
+
+    def _collect(self, local: dict[tuple[int, int, int], tuple[torch.Tensor, ...]]
+                 ) -> tuple[torch.Tensor, ...]:
+        o_lo, o_hi = self.owner_rows[self.rank]
+        entry: list[torch.Tensor] = []
+        for s, stage in enumerate(self.plan.stages):
+            pieces = []
+            for m in range(self.plan.num_micro_batches):
+                for device in stage.devices:
+                    lo, hi = self._my_rows(s, device, m)
+                    if max(lo, o_lo) >= min(hi, o_hi):
+                        continue
+                    sender = self.rank_of[device]
+                    if sender == self.rank:
+                        pieces.append(local[(s, m, sender)])
+                    else:
+                        pieces.append(tuple(self.comm.recv([sender], f"tap{m}")[0]))
+            entry.extend(_cat(pieces))
+        self.comm.flush()
+        return tuple(entry)
+
+
+_SLOTS = 8   # loss, hits, misses, phase 1 s, phase 2 s, peak bytes, cache bytes, spare
+
+
+def _compute_scale(source: Any, rank: int, config: TrainConfig) -> float:
+    per_rank = getattr(source, "compute_scale", None)
+    return float(per_rank(rank)) if callable(per_rank) else config.compute_scale
+
+
+def _dilate(began: float, scale: float) -> None:
+    """Time dilation of the emulator (speed < 1 without cgroups): sleep (scale - 1) x the
+    compute just done."""
+    if scale > 1.0:
+        time.sleep((scale - 1.0) * (time.perf_counter() - began))
+
+
+@dataclass
+class _Group:
+    """The devices of the current phase-2 generation and this rank's place in it;
+    ``ranges[i]``: the row ranges of every mini-batch that member ``i`` trains on."""
+
+    devices: tuple[str, ...]
+    ranges: tuple[tuple[tuple[int, int], ...], ...]
+    rank: int
+    old_ranks: tuple[int, ...]        # rank in the launch of every member
+
+    @property
+    def world(self) -> int:
+        return len(self.devices)
+
+    def rows(self, batch_size: int, step: int) -> list[int]:
+        """Global sample indices this rank trains on in mini-batch ``step``."""
+        return [step * batch_size + i for a, b in self.ranges[self.rank] for i in range(a, b)]
+
+    def without(self, lost: str, extra: Sequence[int]) -> tuple[tuple[str, ...], tuple[
+            tuple[tuple[int, int], ...], ...]]:
+        """Members and ranges after ``lost``: its rows go to the others, ``extra[i]`` each
+        (in member order), and everyone keeps the rows it had."""
+        index = self.devices.index(lost)
+        lost_rows = [i for a, b in self.ranges[index] for i in range(a, b)]
+        devices, ranges, taken = [], [], 0
+        for device, own, more in zip((d for d in self.devices if d != lost),
+                                     (r for i, r in enumerate(self.ranges) if i != index),
+                                     extra):
+            rows = lost_rows[taken:taken + more]
+            taken += more
+            devices.append(device)
+            ranges.append(own + ((rows[0], rows[-1] + 1),) if rows else own)
+        return tuple(devices), tuple(ranges)
+
+
+def _comm(rank: int, config: TrainConfig, old_ranks: Sequence[int]) -> Comm:
+    links, latency = config.link_bytes_s, config.link_latency_s
+    old = list(old_ranks)
+    return Comm(rank, torch.device("cpu"), timeout_s=config.timeout_s,
+                link_bytes_s=None if links is None else
+                (lambda a, b: links[old[a]][old[b]]),
+                link_latency_s=None if latency is None else
+                (lambda a, b: latency[old[a]][old[b]]))
+
+
+DETECT_S = 5.0
+"""How long survivors of a failed phase-2 step wait for each other to announce themselves."""
+
+
+def _regroup(store: Any, generation: int, group: _Group, pac: PacPlan,
+             config: TrainConfig) -> tuple[_Group, list[str], float]:
+    """After a failed collective: find the survivors through the launcher's store, start
+    their process group, and take the plan's fallback shares without the lost device
+    (see [Note: PAC recovery]). Returns the new group, the lost devices and the seconds
+    spent detecting."""
+    began = time.perf_counter()
+    me = group.old_ranks[group.rank]
+    prefix = f"asteroid-fx/pac/gen{generation}"
+    store.set(f"{prefix}/alive/{me}", "1")
+    expected = [f"{prefix}/alive/{r}" for r in group.old_ranks]
+    alive: list[int] = []
+    deadline = time.monotonic() + DETECT_S
+    while time.monotonic() < deadline:
+        alive = [r for r, key in zip(group.old_ranks, expected)
+                 if store.check([key])]
+        if len(alive) >= group.world - 1:      # one failure at a time
+            break
+        time.sleep(0.05)
+    lost = [pac.devices[r] for r in group.old_ranks if r not in alive]
+    if len(lost) != 1 or lost[0] not in pac.fallback:
+        raise RuntimeFailure(f"phase 2 lost devices {lost}; PAC recovers from one lost "
+                             f"device whose samples the others can cache "
+                             f"(fallback shares for {sorted(pac.fallback)})")
+    try:
+        dist.destroy_process_group()
+    except Exception as exc:  # noqa: BLE001 - the broken group may refuse a clean teardown
+        log.debug("destroying the failed process group: %s", exc)
+    devices, ranges = group.without(lost[0], pac.fallback[lost[0]])
+    old_ranks = tuple(r for r in group.old_ranks if r in alive)
+    rank = old_ranks.index(me)
+    dist.init_process_group("gloo", store=dist.PrefixStore(prefix, store), rank=rank,
+                            world_size=len(devices),
+                            timeout=timedelta(seconds=config.timeout_s))
+    return _Group(devices, ranges, rank, old_ranks), lost, time.perf_counter() - began
+
+
+def finetune_device(source: Any, rank: int, config: TrainConfig, *, hooks: Any = None,
+                    report: Callable[[dict[str, Any]], None] | None = None) -> WorkerResult:
+    """Run this rank's part of the PAC plan in ``source`` (process group ready); see
+    [Note: PAC run] and [Note: PAC recovery]. ``config.steps`` is ignored: the plan's
+    epochs decide."""
+    if hooks is not None:
+        raise RuntimeFailure("PAC fine-tuning takes no recovery hooks; it recovers a device "
+                             "lost in phase 2 by itself (PacSource.fail)")
+    inner = getattr(source, "inner", source)
+    pac = inner.pac_plan()
+    world = len(pac.devices)
+    if not dist.is_initialized() or dist.get_world_size() != world:
+        raise RuntimeFailure(f"the PAC plan has {world} devices {list(pac.devices)}; launch "
+                             f"one process per device")
+    store = _default_store()
+    fail_device, fail_step = _parse_fail(getattr(inner, "fail", None), pac)
+    model_file = inner.model_module()
+    samples = SampleSource(model_file, config.seed, pac.num_samples)
+    group = _Group(tuple(pac.devices), tuple((pac.sample_range(d),) for d in pac.devices),
+                   rank, tuple(range(world)))
+    comm = _comm(rank, config, group.old_ranks)
+    scale = _compute_scale(source, rank, config)
+    model = build_device_model(inner, stage_segments(pac, rank))
+    phase1 = _Phase1(pac, rank, model, comm, samples)
+    full: AdapterModel | None = None      # the whole backbone, loaded to recompute rows
+    params = model.trainable_parameters()
+    optimizer = make_optimizer(model_file, params, config.lr)
+    loss_fn = resolve_loss_fn(model_file)
+    cache = ActivationCache()
+    targets_of: dict[tuple[int, ...], Any] = {}
+    metrics = Path(config.metrics) if config.metrics else None
+    if metrics is not None and rank == 0 and not config.append_metrics:
+        metrics.write_text("")
+    fixed = storage_bytes(list(model.parameters()) + list(model.buffers()))
+    peak = fixed
+    result = WorkerResult(rank=rank, device=pac.devices[rank], stage=phase1.stage or 0)
+    steps, batch = pac.steps_per_epoch, pac.batch_size
+    step, generation = 0, 0
+    last_end = time.perf_counter()
+    while step < pac.epochs * steps:
+        epoch, k = divmod(step, steps)
+        me = pac.devices[group.old_ranks[group.rank]]
+        if me == fail_device and step == fail_step:
+            os._exit(1)       # the emulated loss of this device (--fail DEVICE@STEP)
+        try:
+            if epoch == 0:
+                dist.barrier()
+                last_end = time.perf_counter()
+            began = last_end
+            rows = group.rows(batch, k)
+            hits_before, misses_before = cache.hits, cache.misses
+            entry = cache.get(rows)
+            if entry is None and epoch == 0 and generation == 0:
+                entry = phase1.run(k)
+                cache.count(0, len(rows))
+                cache.put(rows[0], entry)
+            elif entry is None:          # rows taken over from a lost device
+                full = full or build_device_model(inner, list(range(len(model.taps))))
+                new = cache.missing(rows)
+                for i in new:
+                    inputs, _ = samples.rows(i, i + 1)
+                    cache.put(i, full.backbone(*model_inputs(inputs)))
+                entry = cache.get(rows)        # counts every row as a hit
+                cache.count(-len(new), len(new))
+                assert entry is not None
+            if epoch == 0:
+                _dilate(began, scale)
+            p1_done = time.perf_counter()
+            key = tuple(rows)
+            if key not in targets_of:     # kept beside the cache: made once
+                targets_of[key] = samples.take(rows)[1]
+            targets = targets_of[key]
+            saved: list[int] = [0]
+
+            def pack(t: torch.Tensor, saved: list[int] = saved) -> torch.Tensor:
+                saved[0] += t.numel() * t.element_size()
+                return t
+
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                out = model.train_forward(entry)
+                loss = loss_fn(out, targets) * (len(rows) / batch)
+            loss.backward()
+            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+            state = [t for st in optimizer.state.values() for t in st.values()
+                     if isinstance(t, torch.Tensor)]
+            peak = max(peak, fixed + storage_bytes(grads) + storage_bytes(state) + saved[0]
+                       + storage_bytes(entry) + (0 if full is None else storage_bytes(
+                           list(full.segments.parameters()))))
+            _dilate(p1_done, scale)
+            computed = time.perf_counter()
+            # one collective per step: the gradients and every rank's metrics slots (SUM)
+            slots = torch.zeros((group.world, _SLOTS), dtype=torch.float64)
+            slots[group.rank] = torch.tensor(
+                [float(loss.detach()), float(cache.hits - hits_before),
+                 float(cache.misses - misses_before), p1_done - began, computed - p1_done,
+                 float(peak), float(cache.bytes), 0.0])
+            flat = torch.cat([g.reshape(-1).double() for g in grads] + [slots.reshape(-1)])
+            comm.all_reduce([[flat]], None, list(range(group.world)))
+        except (RuntimeError, CommFailureError) as exc:
+            if epoch == 0:
+                raise
+            log.warning("phase-2 step %d failed (%s); regrouping", step, exc)
+            optimizer.zero_grad(set_to_none=True)
+            generation += 1
+            failed_at = time.perf_counter()
+            group, lost, detect_s = _regroup(store, generation, group, pac, config)
+            comm = _comm(group.rank, config, group.old_ranks)
+            event = {"event": "recovery", "failed": lost, "at_step": step,
+                     "detect_s": detect_s, "total_s": time.perf_counter() - failed_at,
+                     "lost_steps": 0,
+                     "rows": {d: [list(r) for r in rs]
+                              for d, rs in zip(group.devices, group.ranges)}}
+            if metrics is not None and group.rank == 0:
+                with metrics.open("a") as fh:
+                    fh.write(json.dumps(event) + "\n")
+            last_end = time.perf_counter()
+            continue
+        offset = 0
+        for p, g in zip(params, grads):
+            p.grad = flat[offset:offset + g.numel()].view_as(g).to(g.dtype)
+            offset += g.numel()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        ended = time.perf_counter()
+        slots = flat[offset:].view(group.world, _SLOTS)
+        total = slots.sum(dim=0)
+        worst = slots.max(dim=0).values
+        served = float(total[1] + total[2])
+        record: dict[str, Any] = {
+            "step": step, "epoch": epoch, "phase": 1 if epoch == 0 else 2,
+            "loss": float(total[0]), "round_time_s": ended - began,
+            "phase1_s": float(worst[3]), "phase2_s": float(worst[4]),
+            "cache_hit_rate": float(total[1]) / served if served else 0.0,
+            "cache_bytes": {d: int(slots[i, 6]) for i, d in enumerate(group.devices)},
+            "peak_memory_bytes": {d: int(slots[i, 5]) for i, d in enumerate(group.devices)},
+            "plan_version": generation,
+        }
+        if pac.predicted is not None:
+            pred = pac.predicted
+            record["predicted_round_time_s"] = config.time_factor * (
+                pred.phase2_step_s + (pred.phase1_step_s if epoch == 0 else 0.0))
+            record["prediction"] = config.prediction
+        result.losses.append(record["loss"])
+        result.round_times.append(record["round_time_s"])
+        if group.rank == 0:
+            if metrics is not None:
+                with metrics.open("a") as fh:
+                    fh.write(json.dumps(record) + "\n")
+            if report is not None:
+                report(record)
+        last_end = ended
+        step += 1
+    result.peak_memory_bytes = peak
+    result.tensor_memory = {"cache_bytes": cache.bytes, "cache_hits": cache.hits,
+                            "cache_misses": cache.misses}
+    if config.return_state:
+        result.state = model.trainable_state()
+    return result
+
+
+def _default_store() -> Any:
+    from torch.distributed import distributed_c10d
+
+    return distributed_c10d._get_default_store()
+
+
+def _parse_fail(text: str | None, pac: PacPlan) -> tuple[str | None, int]:
+    if not text:
+        return None, -1
+    device, _, step = text.partition("@")
+    if device not in pac.devices or not step.isdigit():
+        raise RuntimeFailure(f"--fail must be DEVICE@STEP with a device of {list(pac.devices)}, "
+                             f"got {text!r}")
+    if int(step) < pac.steps_per_epoch:
+        raise RuntimeFailure(f"--fail {text}: PAC recovers devices lost in phase 2, from step "
+                             f"{pac.steps_per_epoch} on (epoch 2); phase 1 has no recovery yet")
+    return device, int(step)

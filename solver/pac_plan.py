@@ -1,0 +1,187 @@
+"""The plan of a PAC fine-tuning run as plain data (``pac_plan.json``), read on the devices.
+
+Made by ``solver.pac.plan_finetune`` (see [Note: PAC phases] there); frozen dataclasses
+with an exact JSON round trip. Imports only the standard library and ``solver.plan``, and
+runs on Python 3.8 (a device reads it).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from asteroid_fx.errors import PlanError
+from solver.plan import Plan
+
+__all__ = ["PacModel", "PacPrediction", "PacPlan", "PAC_PLAN_VERSION"]
+
+PAC_PLAN_VERSION = 1
+
+
+@dataclass(frozen=True)
+class PacModel:
+    """What the planner knows of the adapter model besides the cost table (plain data).
+
+    ``taps``: tapped layer indices; ``entry_bytes``: one sample's cache entry;
+    ``trainable_bytes``: adapter (and trainable head) parameter bytes; ``adapter_flops``:
+    forward FLOPs of the adapters per sample; ``train_head``: whether the head trains;
+    ``step_fit``: ``(intercept_s, per_sample_s)`` of one whole phase-2 step (side path,
+    head, loss, backward, optimizer step) measured on the profiling host, one thread
+    (``(0, 0)``: not measured, the step is modelled from the cost table).
+    """
+
+    taps: tuple[int, ...]
+    entry_bytes: int
+    trainable_bytes: int
+    adapter_flops: float
+    train_head: bool = False
+    step_fit: tuple[float, float] = (0.0, 0.0)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"taps": list(self.taps), "entry_bytes": self.entry_bytes,
+                "trainable_bytes": self.trainable_bytes, "adapter_flops": self.adapter_flops,
+                "train_head": self.train_head, "step_fit": list(self.step_fit)}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> PacModel:
+        fit = data.get("step_fit", (0.0, 0.0))
+        return cls(taps=tuple(int(t) for t in data["taps"]),
+                   entry_bytes=int(data["entry_bytes"]),
+                   trainable_bytes=int(data["trainable_bytes"]),
+                   adapter_flops=float(data["adapter_flops"]),
+                   train_head=bool(data.get("train_head", False)),
+                   step_fit=(float(fit[0]), float(fit[1])))
+
+
+@dataclass(frozen=True)
+class PacPrediction:
+    """Predicted seconds of one step of each phase, of each epoch, and of ``epochs`` epochs;
+    per-device peak memory (bytes) and cached bytes."""
+
+    phase1_step_s: float
+    phase2_step_s: float
+    allreduce_s: float
+    epoch1_s: float
+    epoch_s: float                   # an epoch after the first
+    total_s: float
+    peak_memory_bytes: Mapping[str, int]
+    cache_bytes: Mapping[str, int]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"phase1_step_s": self.phase1_step_s, "phase2_step_s": self.phase2_step_s,
+                "allreduce_s": self.allreduce_s, "epoch1_s": self.epoch1_s,
+                "epoch_s": self.epoch_s, "total_s": self.total_s,
+                "peak_memory_bytes": dict(self.peak_memory_bytes),
+                "cache_bytes": dict(self.cache_bytes)}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> PacPrediction:
+        return cls(**{k: float(data[k]) for k in ("phase1_step_s", "phase2_step_s",
+                                                  "allreduce_s", "epoch1_s", "epoch_s",
+                                                  "total_s")},
+                   peak_memory_bytes={k: int(v) for k, v in data["peak_memory_bytes"].items()},
+                   cache_bytes={k: int(v) for k, v in data["cache_bytes"].items()})
+
+
+@dataclass(frozen=True)
+class PacPlan:
+    """Both phases of a PAC run (``pac_plan.json``).
+
+    ``phase1`` is a ``Plan`` over the backbone's segments (layer ``j`` = segment ``j``);
+    ``devices``/``shares``: phase 2's devices in rank order and the samples of every
+    mini-batch each trains on (contiguous ranges in that order), which are also the
+    samples whose cache entries it holds.
+    """
+
+    model: PacModel
+    batch_size: int
+    num_samples: int
+    steps_per_epoch: int
+    epochs: int
+    phase1: Plan
+    devices: tuple[str, ...]
+    shares: tuple[int, ...]
+    cache: str = "local"
+    predicted: PacPrediction | None = None
+    model_hash: str = ""
+    cluster_hash: str = ""
+    #: when a device is lost in phase 2: how many of its rows each other device (in
+    #: ``devices`` order) takes over; everyone keeps its own rows (and cache)
+    fallback: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
+    version: int = PAC_PLAN_VERSION
+    meta: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if len(self.devices) != len(self.shares) or not self.devices:
+            raise PlanError(f"phase 2 needs one share per device, got devices "
+                            f"{list(self.devices)} and shares {list(self.shares)}")
+        if sum(self.shares) != self.batch_size or any(s < 1 for s in self.shares):
+            raise PlanError(f"phase-2 shares {list(self.shares)} must be >= 1 and add up to "
+                            f"the batch size {self.batch_size}")
+        if self.cache != "local":
+            raise PlanError(f"cache placement {self.cache!r} is not supported; use 'local'")
+        missing = [d for d in self.phase1.devices if d not in self.devices]
+        if missing:
+            raise PlanError(f"phase-1 devices {missing} are not phase-2 devices "
+                            f"{list(self.devices)}")
+
+    def sample_range(self, device: str) -> tuple[int, int]:
+        """Half-open rows ``[start, stop)`` of every mini-batch that ``device`` trains on."""
+        start = 0
+        for d, share in zip(self.devices, self.shares):
+            if d == device:
+                return start, start + share
+            start += share
+        raise PlanError(f"device {device!r} is not in the plan ({list(self.devices)})")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"version": self.version, "model": self.model.to_dict(),
+                "batch_size": self.batch_size, "num_samples": self.num_samples,
+                "steps_per_epoch": self.steps_per_epoch, "epochs": self.epochs,
+                "phase1": self.phase1.to_dict(), "devices": list(self.devices),
+                "shares": list(self.shares), "cache": self.cache,
+                "predicted": None if self.predicted is None else self.predicted.to_dict(),
+                "model_hash": self.model_hash, "cluster_hash": self.cluster_hash,
+                "fallback": {d: list(v) for d, v in self.fallback.items()},
+                "meta": dict(self.meta)}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> PacPlan:
+        try:
+            pred = data.get("predicted")
+            return cls(model=PacModel.from_dict(data["model"]),
+                       batch_size=int(data["batch_size"]),
+                       num_samples=int(data["num_samples"]),
+                       steps_per_epoch=int(data["steps_per_epoch"]),
+                       epochs=int(data["epochs"]), phase1=Plan.from_dict(data["phase1"]),
+                       devices=tuple(data["devices"]),
+                       shares=tuple(int(s) for s in data["shares"]),
+                       cache=str(data.get("cache", "local")),
+                       predicted=None if pred is None else PacPrediction.from_dict(pred),
+                       model_hash=str(data.get("model_hash", "")),
+                       cluster_hash=str(data.get("cluster_hash", "")),
+                       fallback={str(d): tuple(int(x) for x in v)
+                                 for d, v in data.get("fallback", {}).items()},
+                       version=int(data.get("version", PAC_PLAN_VERSION)),
+                       meta=dict(data.get("meta", {})))
+        except (KeyError, TypeError, ValueError) as exc:
+            if isinstance(exc, PlanError):
+                raise
+            raise PlanError(f"malformed PAC plan: {type(exc).__name__}: {exc}; re-plan with "
+                            f"`asteroid-fx finetune`") from None
+
+    @classmethod
+    def from_json(cls, text: str) -> PacPlan:
+        return cls.from_dict(json.loads(text))
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(self.to_json())
+
+    @classmethod
+    def load(cls, path: str | Path) -> PacPlan:
+        return cls.from_json(Path(path).read_text())

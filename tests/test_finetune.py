@@ -1,0 +1,181 @@
+"""`asteroid-fx finetune`: the PAC directory, the plan report, one-line errors for bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from asteroid_fx.cli import main
+from asteroid_fx.finetune import pac_model_of, prepare_finetune, reference_finetune
+from asteroid_fx.model_spec import load_model_spec
+from cost_models.analytic import analytic_costs
+from runtime.pac_train import ADAPTERS_FILE, LAYOUT_FILE, PAC_PLAN_FILE, PacSource
+from solver.cluster import Cluster
+
+ROOT = Path(__file__).resolve().parents[1]
+GPT = str(ROOT / "examples" / "gpt_small.py")
+LOCAL3 = str(ROOT / "examples" / "clusters" / "local3.yaml")
+
+
+def _one_error_line(err: str) -> str:
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    return lines[0]
+
+
+def test_plans_and_writes_the_pac_directory(tmp_path: Path,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "pac"
+    assert main(["finetune", GPT, "--cluster", LOCAL3, "--batch-size", "8", "--epochs", "2",
+                 "--samples", "16", "--costs", "analytic", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "taps at layers [9, 17, 25, 33]" in text and "phase 2 (data parallel" in text
+    for name in (PAC_PLAN_FILE, LAYOUT_FILE, ADAPTERS_FILE, "backbone/plan.json"):
+        assert (out / name).is_file()
+    source = PacSource(str(out))
+    plan = source.pac_plan()
+    assert plan.steps_per_epoch == 2 and sum(plan.shares) == 8
+    assert set(source.adapter_weights()) == {f"adapters.{i}.{p}" for i in range(4)
+                                             for p in ("gate", "down.weight", "down.bias",
+                                                       "up.weight", "up.bias")}
+    assert json.loads((out / LAYOUT_FILE).read_text())["rank"] == 8
+
+
+def test_pac_model_of_counts_adapters() -> None:
+    spec = load_model_spec(GPT)
+    torch.manual_seed(0)
+    from asteroid_fx.adapters import parallel_adapters
+
+    pac = parallel_adapters(spec.build_model(), spec.sample_batch(2)[0], rank=8)
+    model = pac_model_of(pac)
+    assert model.taps == pac.taps
+    assert model.entry_bytes == 4 * 64 * 256 * 4
+    assert model.trainable_bytes == 4 * 4 * (256 * 8 + 8 + 8 * 256 + 256 + 1)
+
+
+def test_measured_step_fit_feeds_the_prediction() -> None:
+    from dataclasses import replace
+
+    from asteroid_fx.adapters import parallel_adapters
+    from asteroid_fx.finetune import measure_step
+    from solver.pac import plan_finetune
+
+    spec = load_model_spec(GPT)
+    torch.manual_seed(0)
+    model = spec.build_model()
+    pac = parallel_adapters(model, spec.sample_batch(2)[0], rank=8)
+    before = pac.trainable_state()
+    intercept, per_sample = measure_step(pac, spec, batch_sizes=(1, 8), repeats=2)
+    assert per_sample >= 0 and intercept >= 0 and intercept + 8 * per_sample > 0
+    for name, value in pac.trainable_state().items():
+        torch.testing.assert_close(value, before[name])      # weights left unchanged
+    costs = analytic_costs(model, spec.sample_batch(2)[0])
+    cluster = Cluster.from_yaml(LOCAL3)
+    base = pac_model_of(pac)
+    slow = replace(base, step_fit=(0.0, 1.0))                # one second per sample
+    plan = plan_finetune(costs, cluster, slow, batch_size=8, num_samples=8, epochs=2)
+    assert plan.predicted is not None
+    assert plan.predicted.phase2_step_s == pytest.approx(
+        max(n / s for n, s in zip(plan.shares, (1.0, 0.5, 0.5), strict=True))
+        + plan.predicted.allreduce_s)
+
+
+def test_reference_trains(tmp_path: Path) -> None:
+    spec = load_model_spec(GPT)
+    losses = reference_finetune(spec, batch_size=4, epochs=2, num_samples=8, rank=4, lr=0.5)
+    assert len(losses) == 4
+    assert losses[2] < losses[0] and losses[3] < losses[1]   # same batches, lower loss
+
+
+NO_LEN = '''"""A model whose dataset has no length."""
+import torch
+from torch import nn
+
+
+class Stream:
+    def __getitem__(self, i):
+        return (torch.zeros(4),), 0
+
+
+class M(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.Linear(4, 4) for _ in range(2))
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        for b in self.blocks:
+            x = torch.relu(b(x))
+        return self.head(x)
+
+
+def build_model():
+    return M()
+
+
+def sample_batch(n):
+    return (torch.randn(n, 4),), torch.randint(0, 2, (n,))
+
+
+def dataset():
+    return Stream()
+'''
+
+TINY_MEMORY = """devices:
+  - {name: a, type: local, speed: 1.0, memory_gb: 0.03}
+  - {name: b, type: local, speed: 0.5, memory_gb: 0.03}
+network:
+  bandwidth_mbps: 100
+"""
+
+
+@pytest.mark.parametrize("extra, words", [
+    (["--rank", "0"], "AdapterError: adapter rank must be an integer >= 1, got 0"),
+    (["--method", "lora"], "--method must be pac or full"),
+    (["--tap", "nope"], "no layer or module named 'nope'"),
+])
+def test_bad_options_are_one_line(extra: list[str], words: str, tmp_path: Path,
+                                  capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["finetune", GPT, "--cluster", LOCAL3, "--batch-size", "8", "--samples", "16",
+                 "--costs", "analytic", "--out", str(tmp_path / "o"), *extra])
+    assert code == 1
+    assert words in _one_error_line(capsys.readouterr().err)
+
+
+def test_nothing_to_tap_and_dataset_without_len(tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    base = ["--cluster", LOCAL3, "--batch-size", "4", "--costs", "analytic", "--out",
+            str(tmp_path / "o")]
+    assert main(["finetune", str(ROOT / "examples" / "mlp.py"), "--samples", "8", *base]) == 1
+    assert "AdapterError" in _one_error_line(capsys.readouterr().err)
+    model = tmp_path / "nolen.py"
+    model.write_text(NO_LEN)
+    assert main(["finetune", str(model), *base]) == 1
+    line = _one_error_line(capsys.readouterr().err)
+    assert "DatasetError" in line and "without __len__" in line
+
+
+def test_cache_that_fits_nowhere(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    cluster = tmp_path / "tiny.yaml"
+    cluster.write_text(TINY_MEMORY)
+    assert main(["finetune", GPT, "--cluster", str(cluster), "--batch-size", "8",
+                 "--samples", "800", "--costs", "analytic", "--out", str(tmp_path / "o")]) == 1
+    line = _one_error_line(capsys.readouterr().err)
+    assert "PlanError: the activation cache does not fit: device" in line
+    assert "bytes short" in line
+
+
+def test_prepare_refuses_a_cache_too_big_for_the_cluster(tmp_path: Path) -> None:
+    from asteroid_fx.errors import PlanError
+
+    cluster_file = tmp_path / "tiny.yaml"
+    cluster_file.write_text(TINY_MEMORY)
+    spec = load_model_spec(GPT)
+    costs = analytic_costs(spec.build_model(), spec.sample_batch(2)[0])
+    with pytest.raises(PlanError, match="bytes short"):
+        prepare_finetune(spec, Cluster.from_yaml(cluster_file), costs, tmp_path / "o",
+                         batch_size=8, epochs=1, num_samples=800)

@@ -1,0 +1,165 @@
+"""PAC on emulated devices: a forward-only pipeline with hand-off, then cached steps, equal to the
+single-process reference."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from asteroid_fx.finetune import prepare_finetune, reference_finetune, run_finetune
+from asteroid_fx.model_spec import load_model_spec
+from cost_models.analytic import analytic_costs
+from runtime.pac_train import PAC_PLAN_FILE, PacSource, stage_segments
+from solver.cluster import Cluster
+from solver.pac import PacPlan, predict_finetune
+from solver.plan import Plan, Stage
+
+TINY_GPT = '''"""A tiny GPT-style decoder for tests."""
+import torch
+from torch import nn
+
+VOCAB, SEQ, HIDDEN = 50, 8, 32
+
+
+class Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.norm = nn.LayerNorm(HIDDEN)
+        self.attn = nn.MultiheadAttention(HIDDEN, 2, batch_first=True)
+        self.ffn = nn.Linear(HIDDEN, HIDDEN)
+
+    def forward(self, x, mask):
+        h = self.norm(x)
+        x = x + self.attn(h, h, h, attn_mask=mask, need_weights=False)[0]
+        return x + torch.relu(self.ffn(x))
+
+
+class Tiny(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.tokens = nn.Embedding(VOCAB, HIDDEN)
+        self.blocks = nn.ModuleList(Block() for _ in range(3))
+        self.head = nn.Linear(HIDDEN, VOCAB)
+        self.register_buffer("mask", torch.triu(torch.ones(SEQ, SEQ, dtype=torch.bool), 1),
+                             persistent=False)
+
+    def forward(self, ids):
+        x = self.tokens(ids)
+        for block in self.blocks:
+            x = block(x, self.mask)
+        return self.head(x)
+
+
+def build_model():
+    return Tiny()
+
+
+def sample_batch(batch_size):
+    t = torch.randint(0, VOCAB, (batch_size, SEQ + 1))
+    return (t[:, :-1],), t[:, 1:]
+
+
+def loss_fn(out, targets):
+    return nn.functional.cross_entropy(out.flatten(0, 1), targets.flatten())
+'''
+
+CLUSTER = """devices:
+  - {name: a, type: local, speed: 0.5, memory_gb: 1}
+  - {name: b, type: local, speed: 0.25, memory_gb: 1}
+  - {name: c, type: local, speed: 0.25, memory_gb: 1}
+network:
+  bandwidth_mbps: 1000
+"""
+
+
+@pytest.mark.parametrize("pipelined", [False, True], ids=["planned", "pipeline-handoff"])
+def test_emulated_pac_equals_the_reference(tmp_path: Path, pipelined: bool) -> None:
+    model_file = tmp_path / "tiny.py"
+    model_file.write_text(TINY_GPT)
+    cluster_file = tmp_path / "c.yaml"
+    cluster_file.write_text(CLUSTER)
+    spec = load_model_spec(str(model_file))
+    cluster = Cluster.from_yaml(cluster_file)
+    model = spec.build_model()
+    costs = analytic_costs(model, spec.example_inputs(2)[0], model_name=spec.name)
+    out = tmp_path / "pac"
+    plan = prepare_finetune(spec, cluster, costs, out, batch_size=6, epochs=2, num_samples=12,
+                            rank=4)
+    if pipelined:   # segment 0 on a, segments 1-2 on b+c, two micro-batches: hand-off
+        phase1 = Plan(model_hash="h", cluster_hash="c", batch_size=6, micro_batch_size=3,
+                      num_micro_batches=2, num_layers=3,
+                      stages=(Stage((0, 0), ("a",), (3,)), Stage((1, 2), ("b", "c"), (2, 1))))
+        plan = replace(plan, phase1=phase1)
+        plan = replace(plan, predicted=predict_finetune(plan, costs, cluster))
+        plan.save(out / PAC_PLAN_FILE)
+        assert stage_segments(PacSource(str(out)).pac_plan(), 1) == [1, 2]
+    metrics = tmp_path / "m.jsonl"
+    result = run_finetune(out, cluster_file, seed=0, lr=0.05, metrics=metrics, timeout_s=300)
+    reference = reference_finetune(spec, batch_size=6, epochs=2, num_samples=12, rank=4,
+                                   seed=0, lr=0.05)
+    assert len(result.losses) == len(reference) == 4
+    for got, want in zip(result.losses, reference, strict=True):
+        assert abs(got - want) <= 1e-4 * abs(want)
+    assert reference[-1] != reference[0]          # the adapters did train
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert [r["phase"] for r in rows] == [1, 1, 2, 2]
+    assert [r["cache_hit_rate"] for r in rows] == [0.0, 0.0, 1.0, 1.0]
+    shares = dict(zip(plan.devices, plan.shares, strict=True))
+    entry = plan.model.entry_bytes
+    assert rows[-1]["cache_bytes"] == {d: 2 * shares[d] * entry for d in plan.devices}
+    assert all(v > 0 for v in rows[-1]["peak_memory_bytes"].values())
+    assert PacPlan.load(out / PAC_PLAN_FILE) == plan
+
+
+def test_a_device_lost_in_phase_2_loses_only_its_share(tmp_path: Path) -> None:
+    model_file = tmp_path / "tiny.py"
+    model_file.write_text(TINY_GPT)
+    cluster_file = tmp_path / "c.yaml"
+    cluster_file.write_text(CLUSTER)
+    spec = load_model_spec(str(model_file))
+    cluster = Cluster.from_yaml(cluster_file)
+    costs = analytic_costs(spec.build_model(), spec.example_inputs(2)[0], model_name=spec.name)
+    out = tmp_path / "pac"
+    plan = prepare_finetune(spec, cluster, costs, out, batch_size=6, epochs=3, num_samples=12,
+                            rank=4)
+    assert set(plan.fallback) == {"a", "b", "c"}
+    assert sum(plan.fallback["c"]) == dict(zip(plan.devices, plan.shares, strict=True))["c"]
+    metrics = tmp_path / "m.jsonl"
+    result = run_finetune(out, cluster_file, seed=0, lr=0.05, metrics=metrics, timeout_s=300,
+                          fail="c@3")
+    reference = reference_finetune(spec, batch_size=6, epochs=3, num_samples=12, rank=4,
+                                   seed=0, lr=0.05)
+    assert len(result.losses) == len(reference) == 6
+    for got, want in zip(result.losses, reference, strict=True):
+        assert abs(got - want) <= 1e-4 * abs(want)
+    (event,) = result.recoveries
+    assert event["failed"] == ["c"] and event["at_step"] == 3
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()
+            if '"step"' in line]
+    assert [r["step"] for r in rows] == list(range(6))
+    after = rows[3]
+    assert set(after["cache_bytes"]) == {"a", "b"}
+    lost = dict(zip(plan.devices, plan.shares, strict=True))["c"]
+    # only c's rows are recomputed: every other row of the step comes from the cache
+    assert after["cache_hit_rate"] == pytest.approx(1 - lost / 6)
+    assert rows[5]["cache_hit_rate"] == 1.0           # mini-batch 1's rows too, by then
+
+
+@pytest.mark.slow
+def test_hugging_face_bert_equals_the_reference(tmp_path: Path) -> None:
+    pytest.importorskip("transformers")
+    cluster_file = tmp_path / "c.yaml"
+    cluster_file.write_text(CLUSTER)
+    spec = load_model_spec("builtin:bert-small")
+    cluster = Cluster.from_yaml(cluster_file)
+    costs = analytic_costs(spec.build_model(), spec.example_inputs(2)[0], model_name=spec.name)
+    prepare_finetune(spec, cluster, costs, tmp_path / "pac", batch_size=3, epochs=2,
+                     num_samples=3, rank=2)
+    result = run_finetune(tmp_path / "pac", cluster_file, seed=0, lr=0.05, timeout_s=600)
+    reference = reference_finetune(spec, batch_size=3, epochs=2, num_samples=3, rank=2,
+                                   seed=0, lr=0.05)
+    for got, want in zip(result.losses, reference, strict=True):
+        assert abs(got - want) <= 1e-4 * abs(want)

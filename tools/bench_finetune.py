@@ -1,0 +1,161 @@
+"""Benchmark PAC fine-tuning against full fine-tuning and the single-process reference, one run.
+
+Usage::
+
+    PYTHONPATH=. python tools/bench_finetune.py [--model examples/gpt_small.py]
+        [--cluster examples/clusters/local3.yaml] [--batch-size 16] [--samples 64]
+        [--epochs 3] [--out runs/bench-finetune] [--json runs/bench-finetune.json]
+
+Everything is measured in this one invocation on the emulated cluster (same host, same
+load): PAC (``asteroid-fx finetune --method pac``), full fine-tuning of the same model for
+the same number of steps (``--method full``), and the single-process reference of the same
+adapter model. It prints each measured figure next to its baseline or target:
+
+* loss: largest relative difference of PAC's per-step losses from the reference;
+* epochs 2+ vs epoch 1: epoch 1 time / mean time of the later epochs;
+* peak memory per device: PAC's peak tensor bytes (with and without its activation cache)
+  against full fine-tuning's on the same device;
+* end to end: full fine-tuning's summed step times / PAC's, for all epochs;
+* prediction: measured phase-1 and phase-2 time of the run against the plan's prediction
+  times the emulator's slow-down factor.
+
+The host's load (``os.getloadavg``) is printed before and after: on a shared host the
+measured times stretch with it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+from pathlib import Path
+from typing import Any
+
+
+def _load() -> str:
+    one, five, fifteen = os.getloadavg()
+    return f"load average {one:.2f} {five:.2f} {fifteen:.2f} on {os.cpu_count()} cores"
+
+
+def _full(spec: Any, module: Any, inputs: Any, costs: Any, cluster: Any, cluster_path: str,
+          batch: int, steps: int, out: Path, seed: int, lr: float) -> Any:
+    from asteroid_fx.package import save_partition
+    from asteroid_fx.partition import partition
+    from runtime.launch import run
+    from solver.api import plan
+
+    full_plan = plan(costs, cluster, batch, optimizer_state_factor=costs.optimizer_state_factor)
+    stages = partition(module, inputs, full_plan)
+    save_partition(out, full_plan, stages, model_spec=spec, onnx=False, example_inputs=inputs,
+                   costs=costs, cluster=cluster)
+    return full_plan, run(out, emulate=cluster_path, steps=steps, seed=seed, lr=lr,
+                          metrics=out / "metrics.jsonl")
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    from asteroid_fx.cost_source import resolve_costs
+    from asteroid_fx.finetune import prepare_finetune, reference_finetune, run_finetune
+    from asteroid_fx.model_spec import load_model_spec
+    from solver.cluster import Cluster
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="examples/gpt_small.py")
+    parser.add_argument("--cluster", default="examples/clusters/local3.yaml")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--samples", type=int, default=64)
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--lr", type=float, default=0.01)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--costs", default=None, help="costs.json, measure or analytic")
+    parser.add_argument("--out", default="runs/bench-finetune")
+    parser.add_argument("--json", default=None)
+    parser.add_argument("--phase1-planner", default="asteroid")
+    args = parser.parse_args(argv)
+
+    print(f"before: {_load()}")
+    out = Path(args.out)
+    spec = load_model_spec(args.model)
+    cluster = Cluster.from_yaml(args.cluster)
+    module = spec.build_model()
+    inputs, _ = spec.example_inputs(2)
+    costs = resolve_costs(spec, module, inputs, cluster, args.costs,
+                          batch_size=args.batch_size).table
+
+    plan = prepare_finetune(spec, cluster, costs, out / "pac", batch_size=args.batch_size,
+                            epochs=args.epochs, num_samples=args.samples, rank=args.rank,
+                            seed=args.seed, phase1_planner=args.phase1_planner)
+    pac = run_finetune(out / "pac", args.cluster, seed=args.seed, lr=args.lr,
+                       metrics=out / "pac.jsonl")
+    reference = reference_finetune(spec, batch_size=args.batch_size, epochs=args.epochs,
+                                   num_samples=args.samples, rank=args.rank, seed=args.seed,
+                                   lr=args.lr)
+    steps = plan.steps_per_epoch
+    torch_module = spec.build_model()
+    full_plan, full = _full(spec, torch_module, inputs, costs, cluster, args.cluster,
+                            args.batch_size, args.epochs * steps, out / "full", args.seed,
+                            args.lr)
+
+    loss_rel = max(abs(a - b) / abs(b) for a, b in zip(pac.losses, reference, strict=True))
+    epochs = pac.epoch_times(steps)
+    later = statistics.mean(epochs[1:]) if len(epochs) > 1 else float("nan")
+    pac_total = sum(float(r["round_time_s"]) for r in pac.records)
+    full_total = sum(full.round_times)
+    f = pac.slowdown_factor
+    pred = plan.predicted
+    assert pred is not None
+    measured_p1 = sum(float(r["phase1_s"]) for r in pac.records[:steps])
+    measured_p2 = statistics.mean(
+        [float(r["phase2_s"]) for r in pac.records[steps:]] or [float("nan")])
+    memory = {}
+    for device, peak in pac.peak_memory_bytes.items():
+        full_peak = full.peak_memory_bytes.get(device)
+        cached = pac.cache_bytes.get(device, 0)
+        memory[device] = {"pac": peak, "pac_with_cache": peak + cached, "full": full_peak,
+                          "reduction": None if not full_peak else 1 - peak / full_peak,
+                          "reduction_with_cache": None if not full_peak else
+                          1 - (peak + cached) / full_peak}
+    report = {
+        "model": args.model, "cluster": args.cluster, "batch_size": args.batch_size,
+        "samples": args.samples, "epochs": args.epochs, "slowdown_factor": f,
+        "shaping": pac.shaping,
+        "phase1_plan": [[s.first, s.last, list(s.devices), list(s.shares)]
+                        for s in plan.phase1.stages],
+        "phase2_shares": dict(zip(plan.devices, plan.shares, strict=True)),
+        "full_plan": [[s.first, s.last, list(s.devices), list(s.shares)]
+                      for s in full_plan.stages],
+        "loss_max_rel_diff": loss_rel, "epoch_times_s": epochs,
+        "epoch1_over_later": epochs[0] / later, "pac_total_s": pac_total,
+        "full_total_s": full_total, "full_over_pac": full_total / pac_total,
+        "phase1_measured_s": measured_p1, "phase1_predicted_s": pred.phase1_step_s * steps * f,
+        "phase2_step_measured_s": measured_p2, "phase2_step_predicted_s": pred.phase2_step_s * f,
+        "memory": memory, "load_after": os.getloadavg(),
+    }
+    print(f"PAC phase 1 {report['phase1_plan']}, phase 2 shares {report['phase2_shares']}; "
+          f"full {report['full_plan']}; slow-down factor {f:.2f}, shaping {pac.shaping}")
+    print(f"loss vs single-process reference: max relative diff {loss_rel:.2e} "
+          f"(target <= 1e-4)")
+    print("epochs (s): " + ", ".join(f"{t:.3f}" for t in epochs)
+          + f"; epoch 1 / later epochs = {report['epoch1_over_later']:.2f}x (target >= 5x)")
+    print(f"{args.epochs} epochs: full {full_total:.3f} s vs PAC {pac_total:.3f} s = "
+          f"{report['full_over_pac']:.2f}x (target >= 3x)")
+    for device, m in memory.items():
+        red = "n/a" if m["reduction"] is None else f"{m['reduction']:.0%}"
+        red_c = "n/a" if m["reduction_with_cache"] is None else f"{m['reduction_with_cache']:.0%}"
+        full_mib = "-" if not m["full"] else f"{m['full'] / 2**20:.1f}"
+        print(f"  {device}: peak PAC {m['pac'] / 2**20:.1f} MiB (+cache "
+              f"{m['pac_with_cache'] / 2**20:.1f}) vs full {full_mib} MiB: "
+              f"{red} lower ({red_c} with the cache; target >= 60%)")
+    for name, got, want in (("phase 1 (epoch 1)", measured_p1, report["phase1_predicted_s"]),
+                            ("phase-2 step", measured_p2, report["phase2_step_predicted_s"])):
+        print(f"{name}: measured {got:.4f} s, predicted {want:.4f} s "
+              f"({got / want - 1:+.0%}; target within 15%)")
+    print(f"after: {_load()}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2))
+    return report
+
+
+if __name__ == "__main__":
+    main()
