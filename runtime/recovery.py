@@ -404,7 +404,8 @@ def run_with_recovery(directory: str | Path, cluster: Any, config: TrainConfig, 
                      "stop_parts_s": outcome.collect_parts,
                      "load_s": load_s, "kept": sorted(procs.waiting - set(left)),
                      "spawn_at": time.time(), "plan_version": new_plan.plan_version,
-                     "resume_step": resume, "killed_at": killed_at, **extra, **choice}
+                     "resume_step": resume, "killed_at": killed_at,
+                     "detected_at": outcome.detected_at, **extra, **choice}
             for step in list(out.records):
                 if step >= resume:
                     del out.records[step]

@@ -1,0 +1,115 @@
+"""Tests of runtime.faults and tools/chaos.py: fault points, and fixed seeds of chaos trials."""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from asteroid_fx.errors import RuntimeFailure
+from runtime import faults
+from runtime.faults import Fault, parse_faults
+
+TOOLS = Path(__file__).resolve().parent.parent / "tools"
+if str(TOOLS) not in sys.path:
+    sys.path.insert(0, str(TOOLS))
+
+import chaos  # noqa: E402
+
+
+@pytest.fixture
+def sent(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[list[tuple[int, int]]]:
+    """Signals ``runtime.faults`` would send (recorded, not sent); its log in tmp_path."""
+    calls: list[tuple[int, int]] = []
+    monkeypatch.setattr(faults.os, "kill", lambda pid, sig: calls.append((pid, sig)))
+    monkeypatch.setenv(faults.LOG_ENV, str(tmp_path / "faults.jsonl"))
+    yield calls
+    faults.rearm(None)
+
+
+def test_parse_faults() -> None:
+    assert parse_faults(None) == () and parse_faults("  ") == ()
+    assert parse_faults("slow0@2:backward:kill, d1@0:recovery:stop-cont:0.5") == (
+        Fault("slow0", 2, "backward", "kill"), Fault("d1", 0, "recovery", "stop-cont", 0.5))
+    assert Fault("d1", 0, "recovery", "stop-cont", 0.5).spec() == "d1@0:recovery:stop-cont:0.5"
+    assert Fault("d1", 3, "forward", "kill").spec() == "d1@3:forward:kill"
+    with pytest.raises(RuntimeFailure, match="expected DEVICE@STEP:MOMENT:FAULT"):
+        parse_faults("slow0@2")
+    with pytest.raises(RuntimeFailure, match="unknown moment 'optimizer'"):
+        parse_faults("slow0@2:optimizer:kill")
+    with pytest.raises(RuntimeFailure, match="unknown fault 'explode'"):
+        parse_faults("slow0@2:forward:explode")
+
+
+def test_a_fault_fires_once_at_its_moment_and_logs_first(sent: list[tuple[int, int]],
+                                                        tmp_path: Path) -> None:
+    faults.rearm("d1@2:backward:stop,d0@1:allreduce:leave")
+    faults.fault_point("backward", "d1", 1)       # too early
+    faults.fault_point("forward", "d1", 2)        # another moment
+    faults.fault_point("backward", "d0", 2)       # another device
+    assert sent == []
+    faults.fault_point("backward", "d1", 3)       # the first time at or after the step
+    faults.fault_point("backward", "d1", 4)       # once only
+    faults.fault_point("allreduce", "d0", 1)
+    assert [sig for _, sig in sent] == [int(signal.SIGSTOP), int(signal.SIGTERM)]
+    logged = [json.loads(line) for line in (tmp_path / "faults.jsonl").read_text().splitlines()]
+    assert [(r["device"], r["step"], r["moment"], r["fault"]) for r in logged] == [
+        ("d1", 3, "backward", "stop"), ("d0", 1, "allreduce", "leave")]
+    assert faults.armed() == ()
+
+
+def test_without_the_variable_nothing_is_armed(sent: list[tuple[int, int]]) -> None:
+    faults.rearm(None)
+    for moment in faults.MOMENTS:
+        faults.fault_point(moment, "d0", 0)
+    assert sent == [] and faults.armed() == ()
+
+
+def test_trials_are_drawn_by_seed_within_their_constraints() -> None:
+    trials = [chaos.draw(i, 7, 6) for i in range(60)]
+    assert trials == [chaos.draw(i, 7, 6) for i in range(60)]   # reproducible
+    assert {t.fault.moment for t in trials} == set(faults.MOMENTS)
+    assert {t.fault.fault for t in trials} == set(faults.FAULTS)
+    for t in trials:
+        stages = chaos.layout_devices(t.layout)
+        assert 3 <= sum(map(len, stages)) <= 5 and any(len(s) > 1 for s in stages)
+        assert 1 <= t.fault.step <= 4
+        if t.fault.moment == "allreduce":
+            assert any(t.fault.device in s for s in stages if len(s) > 1)
+        if t.fault.moment == "replica-push":
+            assert t.fault.device in [s[0] for s in stages]
+        assert (t.primary is not None) == (t.fault.moment == "recovery")
+        assert t.primary != t.fault.device
+
+
+def _trial(tmp_path: Path, layout: str, fault: Fault, primary: str | None = None) -> chaos.Row:
+    steps = 5
+    trial = chaos.Trial(0, layout, fault, primary)
+    row = chaos.run_trial(trial, tmp_path, steps=steps, seed=1, deadline_s=100.0,
+                          reference=chaos.reference_losses(steps, 1), hog=False)
+    assert row.outcome != "hang" and row.leftover == 0, row
+    assert row.devices_ok and row.losses_ok, row
+    return row
+
+
+def test_a_kill_in_the_backward_of_a_group_member(tmp_path: Path) -> None:
+    row = _trial(tmp_path, "1|2", Fault("d2", 2, "backward", "kill"))
+    assert row.outcome == "finished" and row.fired == ["d2"] and row.failed == [["d2"]]
+    assert row.sources == ["replica"] and row.lost_steps == 0
+    assert row.detect_s is not None and 0 <= row.detect_s < 1.0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("index", [2, 4, 6, 11])
+def test_fixed_seeds_of_the_chaos_run(tmp_path: Path, index: int) -> None:
+    trial = chaos.draw(index, 0, 6)
+    row = chaos.run_trial(trial, tmp_path, steps=6, seed=0, deadline_s=120.0,
+                          reference=chaos.reference_losses(6, 0), hog=False)
+    assert row.outcome in ("finished", "stopped") and row.leftover == 0, row
+    assert row.devices_ok and row.losses_ok, row
+    if row.outcome == "stopped":
+        assert row.reason and "\n" not in row.reason
