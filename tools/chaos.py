@@ -348,7 +348,8 @@ def check(row: Row, trial: Trial, metrics: Path, fault_log: Path,
         problems.append(f"steps {sorted(set(range(steps)) - last)} missing")
     row.losses_ok, row.losses_note = not problems, "; ".join(problems)
     # times: the event that names the faulted device (the first one for --fail's victim)
-    at = {f["device"]: float(f["at"]) for f in fired}
+    # (not for a fault during a recovery: the event's detection is the --fail victim's)
+    at = {f["device"]: float(f["at"]) for f in fired if f["moment"] != "recovery"}
     for e in events:
         if "detected_at" in e and "resumed_at" in e:
             row.recover_s.append(float(e["resumed_at"]) - float(e["detected_at"]))
