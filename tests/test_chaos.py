@@ -96,6 +96,7 @@ def _trial(tmp_path: Path, layout: str, fault: Fault, primary: str | None = None
     return row
 
 
+@pytest.mark.slow
 def test_a_kill_in_the_backward_of_a_group_member(tmp_path: Path) -> None:
     row = _trial(tmp_path, "1|2", Fault("d2", 2, "backward", "kill"))
     assert row.outcome == "finished" and row.fired == ["d2"] and row.failed == [["d2"]]
@@ -124,3 +125,53 @@ def test_a_device_stopped_during_the_hand_over_is_fenced_and_named(tmp_path: Pat
     assert row.outcome == "finished" and row.fired == ["d1"]
     assert row.failed == [["d1", "d2"]] and row.sources == ["replica"]
     assert max(row.recover_s) < 5.0      # not the 10 s hand-over limit
+
+
+def test_a_double_failure_without_a_replica_falls_back_to_the_checkpoint(
+        tmp_path: Path) -> None:
+    """Layout 2|1: d2 (the last stage alone) is killed during step 3 and the holder of its
+    replica dies in its hand-over: no copy of stage 1 is left, so the recovery says so and
+    resumes from the disk checkpoint of step 1 (every 2 steps), re-training step 2."""
+    from runtime.recovery import _load_model, _replicas
+    from runtime.stage_io import load_plan
+
+    directory, cluster_file = chaos.make_partition(tmp_path, "2|1")
+    model = _load_model(directory, cluster_file)
+    replicas, _ = _replicas(load_plan(directory), model, model.cluster, 1)
+    holder = replicas["d2"][0]
+    row = _trial(tmp_path, "2|1", Fault(holder, 3, "recovery", "kill"), primary="d2")
+    assert row.outcome == "finished" and row.double and row.double_ok
+    assert row.failed == [sorted(["d2", holder])] and row.sources == ["checkpoint"]
+    assert row.lost_steps == 1
+
+
+def _check(tmp_path: Path, trial: chaos.Trial, events: list[list[str]],
+           fired: list[dict[str, object]], plans: list[list[str]]) -> chaos.Row:
+    reference = [2.0, 1.5, 1.0]
+    metrics = tmp_path / "metrics.jsonl"
+    lines: list[dict[str, object]] = [{"step": k, "loss": v} for k, v in enumerate(reference)]
+    lines += [{"event": "recovery", "failed": f, "source": "replica", "lost_steps": 0}
+              for f in events]
+    metrics.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    log = tmp_path / "faults.jsonl"
+    log.write_text("".join(json.dumps(f) + "\n" for f in fired))
+    row = chaos.Row(trial=0, layout=trial.layout, fault=trial.label, moment=trial.fault.moment,
+                    kind=trial.fault.fault, outcome="finished", plans=plans)
+    chaos.check(row, trial, metrics, log, reference, 3)
+    return row
+
+
+def test_the_checker_flags_a_wrong_or_missing_device(tmp_path: Path) -> None:
+    trial = chaos.Trial(0, "1|2", Fault("d1", 1, "forward", "kill"))
+    fired: list[dict[str, object]] = [{"device": "d1", "step": 1, "moment": "forward",
+                                       "fault": "kill", "at": 0.0}]
+    assert _check(tmp_path, trial, [["d1"]], fired, [["d0", "d2"]]).devices_ok
+    wrong = _check(tmp_path, trial, [["d2"]], fired, [["d0", "d1"]])
+    assert not wrong.devices_ok and "blamed ['d2']" in wrong.devices_note
+    assert "['d1'] failed but no event names it" in wrong.devices_note
+    assert not _check(tmp_path, trial, [["d1"], ["d1"]], fired, []).devices_ok
+    # a leave asked during a recovery whose re-plan dropped the device: nothing to name
+    trial = chaos.Trial(0, "1|2", Fault("d2", 1, "recovery", "leave"), primary="d1")
+    fired = [{"device": "d2", "step": 1, "moment": "recovery", "fault": "leave", "at": 0.0}]
+    assert _check(tmp_path, trial, [["d1"]], fired, [["d0"]]).devices_ok
+    assert not _check(tmp_path, trial, [["d1"]], fired, [["d0", "d2"]]).devices_ok

@@ -106,6 +106,7 @@ class Row:
     recover_s: list[float] = field(default_factory=list)
     total_s: float | None = None
     leftover: int = 0
+    plans: list[list[str]] = field(default_factory=list)   # devices of generation 1, 2, ...
     double: bool = False
     double_ok: bool | None = None
     wall_s: float = 0.0
@@ -288,8 +289,20 @@ def run_trial(trial: Trial, work: Path, *, steps: int, seed: int, deadline_s: fl
         else:
             row.outcome = "crashed"
             row.reason = f"the trial process ended with code {proc.returncode} and no result"
+    row.plans = generation_devices(directory)
     check(row, trial, metrics, fault_log, reference, steps)
     return row
+
+
+def generation_devices(directory: Path) -> list[list[str]]:
+    """Devices of the plan of every generation after the first (DIR/recovery/gen<k>)."""
+    out = []
+    k = 1
+    while (directory / "recovery" / f"gen{k}" / "plan.json").is_file():
+        plan = json.loads((directory / "recovery" / f"gen{k}" / "plan.json").read_text())
+        out.append([d for stage in plan["stages"] for d in stage["devices"]])
+        k += 1
+    return out
 
 
 def _lines(path: Path) -> list[dict[str, Any]]:
@@ -321,7 +334,11 @@ def check(row: Row, trial: Trial, metrics: Path, fault_log: Path,
     may = set(must)
     for f in fired:
         may.add(f["device"])
-        if f["fault"] != "stop-cont":
+        # a leave asked during a recovery takes effect after the next committed round: when
+        # the re-plan already dropped the device it just exits (nothing to name)
+        dropped = (f["fault"] == "leave" and f["moment"] == "recovery"
+                   and bool(row.plans) and f["device"] not in row.plans[0])
+        if f["fault"] != "stop-cont" and not dropped:
             must.add(f["device"])
     named = [d for e in row.failed for d in e]
     problems = []
