@@ -513,12 +513,20 @@ def _new_plan(mode: str, plan: Plan, costs: Any, alive: Any, failed: list[str],
               tolerance: float = REPLAN_TOLERANCE) -> tuple[Plan, dict[str, Any]]:
     """Replay: ``solver.replan.replan`` (layer-wise repair, or the full re-plan when the
     repair's predicted round is more than ``tolerance`` slower); restart: the full planner
-    on the survivors."""
+    on the survivors. When every device of the plan is lost but devices of the cluster
+    that the plan did not use are alive (e.g. the plan's last device left gracefully after
+    a re-plan dropped the others), either mode plans afresh on those: the state comes from
+    the leavers' hand-over, else from the checkpoint."""
     from asteroid_fx.errors import PlanError
     from solver.api import plan as full_plan
     from solver.replan import replan, survivors_of
 
-    if mode == "replay":
+    unused = [d for d in alive.names if d not in failed]
+    fresh_start = set(plan.devices) <= set(failed) and bool(unused)
+    if fresh_start:
+        log.warning("every device of the plan %s is lost; planning afresh on the cluster's "
+                    "other devices %s", list(plan.devices), unused)
+    if mode == "replay" and not fresh_start:
         try:
             new, info = replan(plan, costs, alive, failed, tolerance=tolerance)
             return new, {"chosen": info.chosen, "layerwise_round_s": info.layerwise_round_s,
@@ -526,7 +534,7 @@ def _new_plan(mode: str, plan: Plan, costs: Any, alive: Any, failed: list[str],
         except PlanError as exc:
             raise RuntimeFailure(f"cannot recover from the failure of {failed}: {exc}") from exc
     try:
-        survivors = survivors_of(plan, alive, failed)
+        survivors = alive.subset(unused) if fresh_start else survivors_of(plan, alive, failed)
         fresh = full_plan(costs, survivors, plan.batch_size, planner="asteroid",
                           optimizer_state_factor=plan.optimizer_state_factor)
     except PlanError as exc:

@@ -127,6 +127,7 @@ def test_a_device_stopped_during_the_hand_over_is_fenced_and_named(tmp_path: Pat
     assert max(row.recover_s) < 5.0      # not the 10 s hand-over limit
 
 
+@pytest.mark.slow
 def test_a_double_failure_without_a_replica_falls_back_to_the_checkpoint(
         tmp_path: Path) -> None:
     """Layout 2|1: d2 (the last stage alone) is killed during step 3 and the holder of its
@@ -175,3 +176,18 @@ def test_the_checker_flags_a_wrong_or_missing_device(tmp_path: Path) -> None:
     fired = [{"device": "d2", "step": 1, "moment": "recovery", "fault": "leave", "at": 0.0}]
     assert _check(tmp_path, trial, [["d1"]], fired, [["d0"]]).devices_ok
     assert not _check(tmp_path, trial, [["d1"]], fired, [["d0", "d2"]]).devices_ok
+
+
+def test_the_last_device_of_the_plan_leaves_and_an_unused_one_takes_over(
+        tmp_path: Path) -> None:
+    """Chaos seed 0, trial 41, on five steps: d0 is killed during step 2 and d1 asks to leave
+    during the hand-over. When the re-plan keeps d1 alone, d1 leaves after the next round
+    and no device of the plan is left: the run stopped ("no device of the plan survives")
+    although d2, dropped by the re-plan, was alive. Now a fresh plan on the cluster's unused
+    devices takes over, with d1's handed-over state."""
+    row = _trial(tmp_path, "1|2", Fault("d1", 2, "recovery", "leave"), primary="d0")
+    assert row.outcome == "finished", row.reason
+    assert row.failed[0] == ["d0"]
+    if row.plans[0] == ["d1"]:          # the case that stopped the run
+        assert row.failed == [["d0"], ["d1"]] and row.sources[1] == "handover"
+        assert row.plans[1] == ["d2"] and row.lost_steps == 0
