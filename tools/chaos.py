@@ -448,7 +448,8 @@ def markdown(rows: Sequence[Row], summary: Mapping[str, Any]) -> str:
     out += ["", "| # | layout | fault | outcome | failed (per event) | source | losses | "
             "devices | lost | detect s | recover s | left |", "|" + "---|" * 12]
     for r in rows:
-        out.append(f"| {r.trial} | {r.layout} | `{r.fault}` | {r.outcome} | "
+        out.append(f"| {r.trial} | {r.layout.replace('|', ' / ')} | `{r.fault}` | "
+                   f"{r.outcome} | "
                    f"{' '.join(','.join(f) for f in r.failed) or '-'} | "
                    f"{','.join(r.sources) or '-'} | {'ok' if r.losses_ok else 'MISMATCH'} | "
                    f"{'ok' if r.devices_ok else 'WRONG'} | {r.lost_steps} | "
