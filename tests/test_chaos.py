@@ -25,7 +25,8 @@ import chaos  # noqa: E402
 def sent(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[list[tuple[int, int]]]:
     """Signals ``runtime.faults`` would send (recorded, not sent); its log in tmp_path."""
     calls: list[tuple[int, int]] = []
-    monkeypatch.setattr(faults.os, "kill", lambda pid, sig: calls.append((pid, sig)))
+    monkeypatch.setattr(faults.signal, "pthread_kill",
+                        lambda thread, sig: calls.append((thread, sig)))
     monkeypatch.setenv(faults.LOG_ENV, str(tmp_path / "faults.jsonl"))
     yield calls
     faults.rearm(None)
