@@ -12,6 +12,7 @@ import torch
 
 from asteroid_fx.errors import AsteroidError, RuntimeFailure, StageFailure
 from runtime.comm import Comm, gradient_buckets
+from runtime.faults import fault_point
 from runtime.lowering import incoming, outgoing
 from runtime.memory import MemoryMeter
 from runtime.schedule import Action, ActionKind, rank_stages
@@ -127,6 +128,7 @@ class StageExecutor:
             ActionKind.SEND_B: self._send_b,
             ActionKind.RECV_B: self._recv_b,
         }
+        self._step = -1             # the round being run (fault injection names it)
         self._reset_round(None, None)
 
     # -- state of one round ---------------------------------------------------------------
@@ -174,6 +176,7 @@ class StageExecutor:
         action.
         """
         self._reset_round(inputs, targets)
+        self._step = step
         self.optimizer.zero_grad(set_to_none=True)
         self.module.train()
         current = "start"
@@ -213,6 +216,7 @@ class StageExecutor:
         into.append(time.perf_counter() - start)
 
     def _forward(self, action: Action) -> None:
+        fault_point("forward", self.device_name, self._step)   # tests only: see runtime.faults
         m = action.microbatch
         if self.is_first:
             if self._batch_inputs is None:
@@ -247,6 +251,7 @@ class StageExecutor:
         self._timed(run, self._stats.forward_s)
 
     def _backward(self, action: Action) -> None:
+        fault_point("backward", self.device_name, self._step)
         m = action.microbatch
         inputs = self._inputs.pop(m)
 
@@ -299,6 +304,7 @@ class StageExecutor:
     def _all_reduce_grads(self) -> None:
         if self.group is None or len(self.group_ranks) < 2:
             return
+        fault_point("allreduce", self.device_name, self._step)
         start = time.perf_counter()
         params = [p for p in self.module.parameters() if p.requires_grad]
         for p in params:

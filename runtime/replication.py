@@ -34,6 +34,7 @@ from runtime.checkpoint import (
     state_from_bytes,
     state_to_bytes,
 )
+from runtime.faults import fault_point
 from runtime.heartbeat import Heartbeat
 from solver.plan import Plan
 
@@ -582,6 +583,7 @@ class WorkerHooks:
         record["total_s"] = total
         record["restore_s"] = max(0.0, total - record["detect_s"] - record["replan_s"])
         record["start_s"] = now - spawn
+        record["resumed_at"] = now     # wall clock of the new generation's first round
         # where start_s goes: hand-off -> hooks of every rank created (process start or
         # assignment), -> restore() entered (process group, model file, stage module),
         # -> state applied, -> first round (barrier); each the slowest rank
@@ -661,6 +663,7 @@ class WorkerHooks:
             slot, step, send, writes = job
             try:
                 if send and channels:
+                    fault_point("replica-push", self.device, step)   # tests: runtime.faults
                     began = time.perf_counter()
                     header = slot.buffer.header()
                     for channel, holder in zip(channels, spec.holders[self.stage]):
@@ -803,6 +806,8 @@ class WorkerHooks:
             if self._handed:
                 return
             self._handed = True
+            failed_step = self._committed[-1] + 1 if self._committed else self._start_step()
+        fault_point("recovery", self.device, failed_step)   # tests only: runtime.faults
         notice = proto.get_if_present(store, self.keys.recover(), proto.RecoverNotice)
         failed = set() if notice is None else set(notice.failed)
         ranks_of: dict[int, set[int]] = {}
