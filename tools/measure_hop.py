@@ -13,6 +13,12 @@ where each slope is (round at M=16 - round at M=1) / 15. This is the overhead th
 and that the latency model charges as link latency when the cluster file gives
 ``latency_ms``.
 
+The baseline is a raw gloo ping-pong (blocking ``dist.send``/``dist.recv`` of a buffer of
+one message's bytes; one-way time = round trip / 2) between two processes shaped like the
+pipeline's two devices (the same cgroup CPU caps when the emulator uses them), measured in
+the same run before, between and after the pipeline runs (median), so that the ratio
+runtime / raw compares runs on this noisy shared host.
+
 Usage::
 
     python tools/measure_hop.py --cluster examples/clusters/local3.yaml --first fast \\
@@ -23,13 +29,21 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import socket
 import statistics
 import sys
 import tempfile
+import time
+from collections.abc import Sequence
 from dataclasses import replace
+from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -44,6 +58,78 @@ from solver.evaluate import evaluate  # noqa: E402
 from solver.plan import Plan, Stage  # noqa: E402
 
 MICRO_BATCHES = (1, 4, 16)
+PING_PONGS = 400        # round trips per ping-pong batch
+PING_BATCHES = 5        # batches per measurement (the median is kept)
+
+
+def _ping_pong_worker(rank: int, port: int, cgroup: str | None, nbytes: int,
+                      results: Any) -> None:
+    if cgroup is not None:
+        Path(cgroup, "cgroup.procs").write_text(str(os.getpid()))
+    torch.set_num_threads(1)
+    store = dist.TCPStore("127.0.0.1", port, 2, is_master=rank == 0,
+                          timeout=timedelta(seconds=60))
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=2,
+                            timeout=timedelta(seconds=60))
+    buffer = torch.zeros(nbytes, dtype=torch.uint8)
+    one_way = []
+    for _ in range(PING_BATCHES):
+        dist.barrier()
+        start = time.perf_counter()
+        for _ in range(PING_PONGS):
+            if rank == 0:
+                dist.send(buffer, 1)
+                dist.recv(buffer, 1)
+            else:
+                dist.recv(buffer, 0)
+                dist.send(buffer, 0)
+        one_way.append((time.perf_counter() - start) / PING_PONGS / 2)
+    if rank == 0:
+        results.put(statistics.median(one_way))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def gloo_ping_pong(nbytes: int, speeds: Sequence[float]) -> float:
+    """One-way seconds of a raw gloo ping-pong of ``nbytes`` between two processes, each
+    held to its speed by a cgroup when the emulator would use one (median of batches)."""
+    from runtime.emulator import cgroup_available, make_cgroup
+
+    cgroups: list[Path] = []
+    if cgroup_available() and any(s < 1.0 for s in speeds):
+        for rank, speed in enumerate(speeds):
+            path = Path("/sys/fs/cgroup/cpu") / f"asteroid-fx-{os.getpid()}-{rank}"
+            make_cgroup(path, speed)
+            cgroups.append(path)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    procs = [ctx.Process(target=_ping_pong_worker,
+                         args=(r, port, str(cgroups[r]) if cgroups else None, nbytes, results))
+             for r in range(2)]
+    try:
+        for proc in procs:
+            proc.start()
+        one_way = float(results.get(timeout=300))
+        for proc in procs:
+            proc.join(timeout=60)
+    finally:
+        for proc in procs:
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+        for path in cgroups:
+            for _ in range(50):
+                try:
+                    os.rmdir(path)
+                    break
+                except FileNotFoundError:
+                    break
+                except OSError:
+                    time.sleep(0.05)
+    return one_way
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -69,8 +155,10 @@ def main(argv: list[str] | None = None) -> int:
     from asteroid_fx.package import save_partition
     from asteroid_fx.partition import partition
     from cost_models.analytic import analytic_costs
+    from runtime.emulator import emulation_setup
 
     rounds: dict[str, dict[int, float]] = {"single": {}, "pipeline": {}}
+    raw: list[float] = []
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         model_file = work / "model.py"
@@ -85,10 +173,18 @@ def main(argv: list[str] | None = None) -> int:
             "pipeline": (Stage((0, n // 2 - 1), (args.first,), (1,)),
                          Stage((n // 2, n - 1), (args.second,), (1,))),
         }
+        # one message: the activations of one sample at the cut, padded, plus the stamp
+        cut = costs.cut_bytes[n // 2 - 1]
+        nbytes = -(-int(cut) // 8) * 8 + 8
         for m in MICRO_BATCHES:
             for name, stages in layouts.items():
                 plan = Plan(costs.model_hash, cluster.cluster_hash, m, 1, m, stages,
                             num_layers=n, model_name="hop")
+                if name == "pipeline":
+                    speeds = emulation_setup(plan, cluster).effective_speeds
+                    raw.append(gloo_ping_pong(nbytes, speeds))
+                    print(f"raw gloo ping-pong ({nbytes} bytes) {raw[-1] * 1e3:.3f} ms "
+                          f"one-way", flush=True)
                 plan = replace(plan, predicted=evaluate(plan, costs, cluster))
                 out = work / f"{name}{m}"
                 save_partition(out, plan, partition(module.build_model(), inputs, plan),
@@ -102,9 +198,15 @@ def main(argv: list[str] | None = None) -> int:
     lo, hi = MICRO_BATCHES[0], MICRO_BATCHES[-1]
     slope = {name: (r[hi] - r[lo]) / (hi - lo) for name, r in rounds.items()}
     per_message = (slope["pipeline"] - slope["single"]) / 2
+    raw.append(gloo_ping_pong(nbytes, speeds))
+    baseline = statistics.median(raw)
     print(f"per micro-batch: single {slope['single'] * 1e3:.3f} ms, pipeline "
           f"{slope['pipeline'] * 1e3:.3f} ms -> {per_message * 1e3:.3f} ms per message "
           f"({args.first} -> {args.second} on {args.cluster.name})")
+    print(f"per hop: runtime {per_message * 1e3:.3f} ms, raw gloo ping-pong "
+          f"{baseline * 1e3:.3f} ms one-way (median of {len(raw)}: "
+          f"{', '.join(f'{r * 1e3:.3f}' for r in raw)}), ratio {per_message / baseline:.2f}; "
+          f"load average {os.getloadavg()[0]:.2f}")
     return 0
 
 
