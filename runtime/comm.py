@@ -15,7 +15,7 @@ import torch.distributed as dist
 from asteroid_fx.errors import RuntimeFailure
 
 __all__ = ["Comm", "CommFailure", "pack", "unpack", "encode_meta", "decode_meta",
-           "gradient_buckets"]
+           "gradient_buckets", "message_tag"]
 
 log = logging.getLogger(__name__)
 
@@ -23,8 +23,25 @@ log = logging.getLogger(__name__)
 # One transfer (a device's slice of a micro-batch's activations or gradients, for one peer)
 # travels as ONE flat uint8 buffer: every tensor's bytes, each padded to 8 bytes, followed by
 # the sender's clock (float64, seconds). The receiver learns shapes and dtypes once per
-# (peer, channel) from a fixed-size int64 header sent before the first buffer; shapes never
-# change during a run (fixed shares), so later transfers carry no header.
+# (peer, channel) from a fixed-size int64 header sent (on a tag of its own) with the first
+# buffer; shapes never change during a run (fixed shares), so later transfers carry no
+# header, and a send whose shapes differ from the first one's raises ``CommFailure``.
+#
+# [Note: lean hops]
+# What one message costs the runtime beyond gloo's own ping-pong (tools/measure_hop.py):
+# * gloo's tcp transport writes a send's payload at once only when the peer's receive is
+#   already posted (its NOTIFY_RECV_READY has arrived); otherwise it announces the send and
+#   the payload follows only after the receiver posts, through the sender's gloo thread: an
+#   extra round trip and two thread wake-ups per message. The executor therefore posts
+#   every receive ahead (``runtime.lowering.recv_posts``: as soon as the previous receive
+#   of its kind is consumed) and waits on it at the RECV action, which stays the only
+#   blocking point, so runtime/validate.py's proof is unchanged. Each message has a tag of
+#   its own (``message_tag``: channel and micro-batch), so a posted receive can only match
+#   its own message whatever the order of the posts.
+# * Wire buffers come from per-(peer, channel) pools with typed views made once: a send
+#   copies into the views (no pack/cat), a receive hands out aliases of the views (no
+#   unpack/clone) that go back to the pool when the executor is done with the micro-batch
+#   (``recycle``); sends go straight to the process group (no batch_isend_irecv).
 #
 # [Note: emulated links]
 # Under emulation every process shares one host clock. A link of ``b`` bytes/s is emulated
@@ -50,6 +67,8 @@ _DTYPES: list[torch.dtype] = [
 ]
 _HEADER_LEN = 256
 _ALIGN = 8
+_TAG_BASE = 1 << 20   # message tags (headers use the small ones below)
+_META_TAG = {"f": 1, "b": 2}
 
 
 def encode_meta(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -118,6 +137,34 @@ def unpack(buffer: torch.Tensor, meta: Sequence[tuple[tuple[int, ...], torch.dty
     return out, float(stamp)
 
 
+class _Slot:
+    """One pooled wire buffer of a (peer, channel) with typed views of its tensors and of
+    its float64 stamp, made once when the buffer is allocated (see [Note: lean hops])."""
+
+    __slots__ = ("buffer", "views", "stamp")
+
+    def __init__(self, layout: Sequence[tuple[tuple[int, ...], torch.dtype]],
+                 device: torch.device) -> None:
+        size = sum(_nbytes(shape, dtype) for shape, dtype in layout) + 8
+        self.buffer = torch.empty(size, dtype=torch.uint8, device=device)
+        views, offset = [], 0
+        for shape, dtype in layout:
+            numel = 1
+            for d in shape:
+                numel *= d
+            elem = torch.empty((), dtype=dtype).element_size()
+            views.append(self.buffer[offset: offset + numel * elem].view(dtype).view(shape))
+            offset += _nbytes(shape, dtype)
+        self.views: list[torch.Tensor] = views
+        self.stamp = self.buffer[offset: offset + 8].view(torch.float64)
+
+
+def message_tag(channel: str, microbatch: int) -> int:
+    """Tag of the message of ``channel`` ("f" or "b") for ``microbatch``: distinct for every
+    (channel, micro-batch), so a pre-posted receive can only match its own message."""
+    return _TAG_BASE + 2 * microbatch + (0 if channel == "f" else 1)
+
+
 class Comm:
     """Point-to-point transfers and group all-reduce for one rank.
 
@@ -141,12 +188,28 @@ class Comm:
         self.backend = str(dist.get_backend()) if dist.is_initialized() else "gloo"
         self._stage_cpu = self.backend == "gloo" and device.type != "cpu"
         self._wire_device = torch.device("cpu") if self.backend == "gloo" else device
-        self._sent_meta: set[tuple[int, str]] = set()
+        # received tensors may alias the pooled wire buffer (no copy) when they live there
+        self._lend = self._wire_device == device
+        # gloo matches a message by (peer, tag) whenever its receive is posted; other
+        # backends pair p2p operations by call order, so they post receives at the wait
+        self.can_post = self.backend == "gloo"
+        self._pg: Any = dist.group.WORLD if dist.is_initialized() else None
+        self._send_layout: dict[tuple[int, str], list[tuple[tuple[int, ...],
+                                                            torch.dtype]]] = {}
         self._recv_meta: dict[tuple[int, str], list[tuple[tuple[int, ...], torch.dtype]]] = {}
+        self._send_pool: dict[tuple[int, str], list[_Slot]] = {}
+        self._recv_pool: dict[tuple[int, str], list[_Slot]] = {}
         self._link_free: dict[int, float] = {}
-        self._pending: list[tuple[Any, torch.Tensor, Any]] = []   # (work, buffer, key)
+        # sends posted and not yet awaited, by key: (work, slot or header, pool or None)
+        self._pending: dict[Any, list[tuple[Any, Any, list[_Slot] | None]]] = {}
+        # receives posted and not yet awaited, by (channel, tag): (peer, work, slot)
+        self._posted: dict[tuple[str, int], list[tuple[int, Any, _Slot]]] = {}
+        # received buffers whose tensors the caller still uses, by key (see recycle)
+        self._lent: dict[Any, list[tuple[list[_Slot], _Slot]]] = {}
         self.bytes_sent = 0
         self.wait_s = 0.0
+        self.messages_sent = 0
+        self.messages_received = 0
 
     # -- helpers ------------------------------------------------------------------------
     def _wire(self, t: torch.Tensor) -> torch.Tensor:
@@ -175,83 +238,174 @@ class Comm:
         if delay > 0:
             time.sleep(delay)
 
+    def _isend(self, tensor: torch.Tensor, peer: int, tag: int) -> Any:
+        if self._pg is not None:
+            return self._pg.send([tensor], peer, tag)
+        return dist.isend(tensor, peer, tag=tag)
+
+    def _irecv(self, tensor: torch.Tensor, peer: int, tag: int) -> Any:
+        if self._pg is not None:
+            return self._pg.recv([tensor], peer, tag)
+        return dist.irecv(tensor, peer, tag=tag)
+
     # -- point to point -----------------------------------------------------------------
     def send(self, items: Sequence[tuple[int, Sequence[torch.Tensor]]], channel: str,
-             key: Any = None) -> None:
-        """Post asynchronous sends of ``tensors`` to each ``peer`` (batched); the buffers
-        are kept alive until :meth:`release` of ``key`` or :meth:`flush`."""
-        ops = []
-        posted: list[torch.Tensor] = []
+             key: Any = None, tag: int = 0) -> None:
+        """Post asynchronous sends of ``tensors`` to each ``peer``, each packed into a
+        pooled wire buffer; the buffers are kept until :meth:`release` of ``key`` or
+        :meth:`flush`. The first send to a peer on a channel also sends the header.
+
+        Raises:
+            CommFailure: when the tensors' shapes or dtypes differ from the first send's.
+        """
+        pending = self._pending.setdefault(key, [])
         for peer, tensors in items:
             pair = (peer, channel)
-            if pair not in self._sent_meta:
+            layout = self._send_layout.get(pair)
+            if layout is None:
                 header = encode_meta(tensors).to(self._wire_device)
-                ops.append(dist.P2POp(dist.isend, header, peer))
-                posted.append(header)
-                self._sent_meta.add(pair)
-            buffer = self._wire(pack(tensors, time.time()))
-            ops.append(dist.P2POp(dist.isend, buffer, peer))
-            posted.append(buffer)
-            self.bytes_sent += buffer.numel()
-        if ops:
-            works = list(dist.batch_isend_irecv(ops))
-            # one work per op (gloo), or fewer for a coalesced batch (NCCL): the works go
-            # with the last buffers, and waiting on them covers the whole batch
-            skip = len(posted) - len(works)
-            for i, buffer in enumerate(posted):
-                self._pending.append((works[i - skip] if i >= skip else None, buffer, key))
+                pending.append((self._isend(header, peer, _META_TAG[channel]), header, None))
+                layout = [(tuple(t.shape), t.dtype) for t in tensors]
+                self._send_layout[pair] = layout
+                self._send_pool[pair] = []
+            pool = self._send_pool[pair]
+            slot = pool.pop() if pool else _Slot(layout, self._wire_device)
+            if len(tensors) != len(slot.views):
+                raise CommFailure(f"rank {self.rank}: {len(tensors)} tensors to send to rank "
+                                  f"{peer} ({channel}), the first send had {len(slot.views)}")
+            for view, t in zip(slot.views, tensors):
+                if view.shape != t.shape or view.dtype != t.dtype:
+                    raise CommFailure(f"rank {self.rank}: a tensor of shape "
+                                      f"{tuple(t.shape)} {t.dtype} to send to rank {peer} "
+                                      f"({channel}), the first send had {tuple(view.shape)} "
+                                      f"{view.dtype}; shapes must not change during a run")
+                view.copy_(t)
+            if self.link_bytes_s is not None:
+                slot.stamp.fill_(time.time())
+            pending.append((self._isend(slot.buffer, peer, tag), slot, pool))
+            self.bytes_sent += slot.buffer.numel()
+            self.messages_sent += 1
 
-    def recv(self, peers: Sequence[int], channel: str) -> list[list[torch.Tensor]]:
-        """Receive one transfer from each of ``peers`` (batched); tensors land on
-        ``self.device``. Sleeps as the emulated links require (see [Note: emulated links])."""
+    def _learn_meta(self, peers: Sequence[int], channel: str) -> None:
         new = [p for p in peers if (p, channel) not in self._recv_meta]
-        if new:
-            headers = {p: torch.zeros(_HEADER_LEN, dtype=torch.int64, device=self._wire_device)
-                       for p in new}
-            works = dist.batch_isend_irecv([dist.P2POp(dist.irecv, h, p)
-                                            for p, h in headers.items()])
-            self._wait(works, f"receiving shapes from rank(s) {new} ({channel})")
-            for p, h in headers.items():
-                self._recv_meta[(p, channel)] = decode_meta(h.cpu())
-        buffers = {}
+        if not new:
+            return
+        headers = {p: torch.zeros(_HEADER_LEN, dtype=torch.int64, device=self._wire_device)
+                   for p in new}
+        works = [self._irecv(h, p, _META_TAG[channel]) for p, h in headers.items()]
+        self._wait(works, f"receiving shapes from rank(s) {new} ({channel})")
+        for p, h in headers.items():
+            self._recv_meta[(p, channel)] = decode_meta(h.cpu())
+            self._recv_pool[(p, channel)] = []
+
+    def _post(self, peers: Sequence[int], channel: str, tag: int) -> None:
+        entries = []
         for p in peers:
-            meta = self._recv_meta[(p, channel)]
-            size = sum(_nbytes(shape, dtype) for shape, dtype in meta) + 8
-            buffers[p] = torch.empty(size, dtype=torch.uint8, device=self._wire_device)
-        if buffers:
-            works = dist.batch_isend_irecv([dist.P2POp(dist.irecv, b, p)
-                                            for p, b in buffers.items()])
-            self._wait(works, f"receiving from rank(s) {list(peers)} ({channel})")
+            pool = self._recv_pool[(p, channel)]
+            slot = pool.pop() if pool else _Slot(self._recv_meta[(p, channel)],
+                                                  self._wire_device)
+            entries.append((p, self._irecv(slot.buffer, p, tag), slot))
+        self._posted[(channel, tag)] = entries
+
+    def post_recv(self, peers: Sequence[int], channel: str, tag: int) -> bool:
+        """Post the receives of the message ``tag`` from every peer now, into pooled
+        buffers, so that the sender's data lands while this rank computes; :meth:`recv`
+        with the same ``tag`` waits for them. Returns False (and posts nothing) when the
+        backend pairs messages by call order or a peer's shapes are not known yet (its
+        first message: :meth:`recv` learns them and posts at the wait)."""
+        if not self.can_post or (channel, tag) in self._posted:
+            return False
+        for p in peers:
+            if (p, channel) not in self._recv_meta:
+                return False
+        self._post(peers, channel, tag)
+        return True
+
+    def recv(self, peers: Sequence[int], channel: str, tag: int = 0,
+             key: Any = None) -> list[list[torch.Tensor]]:
+        """Receive one transfer from each of ``peers`` (its receive posted by
+        :meth:`post_recv`, else now); tensors land on ``self.device``. Sleeps as the
+        emulated links require (see [Note: emulated links]).
+
+        With ``key`` the tensors may alias pooled wire buffers, which go back to the pool
+        at :meth:`recycle` of ``key`` (the caller must not use the tensors after that);
+        without it they are the caller's own."""
+        entries = self._posted.pop((channel, tag), None)
+        if entries is None:
+            self._learn_meta(peers, channel)
+            self._post(peers, channel, tag)
+            entries = self._posted.pop((channel, tag))
+        try:
+            self._wait([work for _, work, _ in entries],
+                       f"receiving from rank(s) {list(peers)} ({channel})")
+        except CommFailure:
+            self._posted[(channel, tag)] = entries   # still held by the backend
+            raise
         out = []
-        for p in peers:
-            tensors, stamp = unpack(buffers[p].to(self.device), self._recv_meta[(p, channel)])
+        lent: list[tuple[list[_Slot], _Slot]] = []
+        for p, _, slot in entries:
+            if self._lend and key is not None:
+                tensors = [view.detach() for view in slot.views]
+                lent.append((self._recv_pool[(p, channel)], slot))
+            else:
+                tensors = [view.to(self.device, copy=True) for view in slot.views]
+                self._recv_pool[(p, channel)].append(slot)
             if self.link_bytes_s is not None:
                 # the link is busy for bytes / bandwidth (messages queue behind each
                 # other); the latency delays the arrival without holding the link
-                sent = (max(stamp, self._link_free.get(p, 0.0))
-                        + buffers[p].numel() / self.link_bytes_s(p, self.rank))
+                sent = (max(slot.stamp.item(), self._link_free.get(p, 0.0))
+                        + slot.buffer.numel() / self.link_bytes_s(p, self.rank))
                 self._link_free[p] = sent
                 self._pace_until(sent + self._latency(p, self.rank))
             out.append(tensors)
+            self.messages_received += 1
+        if lent:
+            self._lent.setdefault(key, []).extend(lent)
         return out
 
+    def recycle(self, key: Any) -> None:
+        """The tensors :meth:`recv` returned under ``key`` are no longer used: their wire
+        buffers go back to the pool."""
+        for pool, slot in self._lent.pop(key, ()):
+            pool.append(slot)
+
     def held(self) -> list[torch.Tensor]:
-        """Send buffers posted and not yet awaited."""
-        return [buffer for _, buffer, _ in self._pending]
+        """Wire buffers this rank holds besides the tensors handed out: sends posted and
+        not yet awaited, receives posted and not yet awaited, and the idle pools."""
+        out = [slot.buffer if isinstance(slot, _Slot) else slot
+               for entries in self._pending.values() for _, slot, _ in entries]
+        out += [slot.buffer for entries in self._posted.values() for _, _, slot in entries]
+        for pools in (self._send_pool, self._recv_pool):
+            out += [slot.buffer for pool in pools.values() for slot in pool]
+        return out
+
+    def _finish(self, entries: Sequence[tuple[Any, Any, list[_Slot] | None]]) -> None:
+        self._wait([work for work, _, _ in entries], "sending")
+        for _, slot, pool in entries:
+            if pool is not None:
+                pool.append(slot)
 
     def release(self, keys: Sequence[Any]) -> None:
         """Wait for the sends posted under ``keys`` (already received, so this does not
-        block; see runtime/lowering.py [Note: releasing sends]) and drop their buffers."""
-        wanted = set(keys)
-        done = [w for w, _, k in self._pending if k in wanted and w is not None]
-        self._pending = [entry for entry in self._pending if entry[2] not in wanted]
-        self._wait(done, "sending")
+        block; see runtime/lowering.py [Note: releasing sends]); their buffers go back to
+        the pool."""
+        for key in keys:
+            entries = self._pending.pop(key, None)
+            if entries:
+                self._finish(entries)
 
     def flush(self) -> None:
         """Wait for every posted send."""
-        works = [w for w, _, _ in self._pending if w is not None]
+        pending, self._pending = self._pending, {}
+        for entries in pending.values():
+            self._finish(entries)
+
+    def abandon(self) -> None:
+        """Forget posted receives and sends after a failure (the process group that holds
+        them is torn down by the caller); buffers are not reused."""
+        self._posted.clear()
         self._pending.clear()
-        self._wait(works, "sending")
+        self._lent.clear()
 
     # -- collectives --------------------------------------------------------------------
     def all_reduce(self, buckets: Sequence[Sequence[torch.Tensor]], group: Any,

@@ -11,7 +11,7 @@ from typing import Any, Callable
 import torch
 
 from asteroid_fx.errors import AsteroidError, RuntimeFailure, StageFailure
-from runtime.comm import Comm, gradient_buckets
+from runtime.comm import Comm, gradient_buckets, message_tag
 from runtime.faults import fault_point
 from runtime.lowering import incoming, outgoing
 from runtime.memory import MemoryMeter
@@ -60,6 +60,26 @@ def _slice_rows(value: Any, rows: slice) -> Any:
         return type(value)(_slice_rows(v, rows) for v in value)
     raise RuntimeFailure(f"targets must be a tensor or a tuple of tensors with the batch in "
                          f"dimension 0, got {type(value).__name__}")
+
+
+# [Note: the round's program]
+# ``run_round`` interprets a program compiled once from the rank's action list (and its
+# send releases and receive posts): per action, the bound handler with its argument, the
+# sends it releases and the receives to post before it. Nothing per message is looked up,
+# formatted, inferred or logged in the step loop: peers and row slices are fixed at
+# construction, shapes travel once (runtime/comm.py [Note: message format]), the memory
+# meter only runs in the rounds it counts, and the action is named only when one fails.
+
+
+@dataclass(frozen=True)
+class _Step:
+    """One action of the compiled program."""
+
+    run: Callable[[Any], None]
+    arg: Any
+    release: list[Action] | None
+    post: list[tuple[list[int], str, int]]
+    action: Action
 
 
 @dataclass
@@ -120,16 +140,23 @@ class StageExecutor:
         self.memory = memory
         self._outgoing = sorted(outgoing(plan, rank), key=lambda t: t.start)
         self._incoming = incoming(plan, rank)
-        self._dispatch: dict[ActionKind, Callable[[Action], None]] = {
-            ActionKind.F: self._forward,
-            ActionKind.B: self._backward,
-            ActionKind.SEND_F: self._send_f,
-            ActionKind.RECV_F: self._recv_f,
-            ActionKind.SEND_B: self._send_b,
-            ActionKind.RECV_B: self._recv_b,
-        }
+        # hoisted out of the step loop: peers, row slices (None: the whole share)
+        self._f_peers = [t.src for t in self._incoming]      # activations come from
+        self._b_peers = [t.dst for t in self._outgoing]      # gradients come from
+        self._f_slices = [(t.dst, self._share_rows(t.start, t.stop)) for t in self._outgoing]
+        self._b_slices = [(t.src, self._share_rows(t.start, t.stop)) for t in self._incoming]
+        self._rows = [micro_batch_rows(plan, m, self.start, self.stop)
+                      for m in range(plan.num_micro_batches)]
+        self._program: list[_Step] = []
+        self._program_key: tuple[Any, Any, Any] | None = None
+        self._counting = False
         self._step = -1             # the round being run (fault injection names it)
         self._reset_round(None, None)
+
+    def _share_rows(self, start: int, stop: int) -> slice | None:
+        if (start, stop) == (self.start, self.stop):
+            return None
+        return slice(start - self.start, stop - self.start)
 
     # -- state of one round ---------------------------------------------------------------
     def _reset_round(self, inputs: Sequence[torch.Tensor] | None, targets: Any) -> None:
@@ -164,32 +191,79 @@ class StageExecutor:
         if self.memory is not None and self.memory.counting:
             self.memory.observe([*self.held_tensors(), *extra])
 
+    def _compile(self, actions: Sequence[Action],
+                 releases: Mapping[int, Sequence[Action]] | None,
+                 posts: Mapping[int, Sequence[Action]] | None) -> list[_Step]:
+        """The round's program: for every action its bound handler and argument, the sends
+        it releases and the receives posted before it (see [Note: the round's program])."""
+        handlers: dict[ActionKind, Callable[[Any], None]] = {
+            ActionKind.F: self._forward,
+            ActionKind.B: self._backward,
+            ActionKind.SEND_F: self._send_f,
+            ActionKind.RECV_F: self._recv_f,
+            ActionKind.SEND_B: self._send_b,
+            ActionKind.RECV_B: self._recv_b,
+        }
+        program = []
+        for index, action in enumerate(actions):
+            kind, m = action.kind, action.microbatch
+            arg: Any = m
+            if kind is ActionKind.SEND_F or kind is ActionKind.SEND_B:
+                arg = (m, action)
+            post = []
+            for recv in (posts or {}).get(index, ()):
+                if recv.kind is ActionKind.RECV_F:
+                    post.append((self._f_peers, "f", message_tag("f", recv.microbatch)))
+                elif recv.kind is ActionKind.RECV_B:
+                    post.append((self._b_peers, "b", message_tag("b", recv.microbatch)))
+            release = list(releases[index]) if releases is not None and index in releases \
+                else None
+            program.append(_Step(handlers[kind], arg, release, post, action))
+        return program
+
     def run_round(self, actions: Sequence[Action], step: int,
                   inputs: Sequence[torch.Tensor] | None, targets: Any,
-                  releases: Mapping[int, Sequence[Action]] | None = None) -> RoundStats:
+                  releases: Mapping[int, Sequence[Action]] | None = None,
+                  posts: Mapping[int, Sequence[Action]] | None = None) -> RoundStats:
         """Run one mini-batch: every action, then the group all-reduce and optimizer step.
 
         ``inputs`` (stage 0) and ``targets`` (last stage) are the whole mini-batch; the rank
         slices its own rows. ``releases`` (``runtime.lowering.send_releases`` of this rank)
         frees send buffers as soon as they are known to be received; without it they are
-        all awaited at the end of the round. Raises ``StageFailure`` naming rank, step and
-        action.
+        all awaited at the end of the round. ``posts`` (``runtime.lowering.recv_posts`` of
+        this rank) posts receives ahead of their RECV action; without it each receive is
+        posted when its RECV waits. The program is compiled once per (actions, releases,
+        posts) objects, which must not change in place between rounds. Raises
+        ``StageFailure`` naming rank, step and action.
         """
+        key = (actions, releases, posts)
+        if (self._program_key is None
+                or any(a is not b for a, b in zip(key, self._program_key))):
+            self._program = self._compile(actions, releases, posts)
+            self._program_key = key
         self._reset_round(inputs, targets)
         self._step = step
         self.optimizer.zero_grad(set_to_none=True)
         self.module.train()
+        comm = self.comm
+        counting = self.memory is not None and self.memory.counting
+        self._counting = counting
         current = "start"
+        entry: _Step | None = None
         try:
-            self._observe()
-            for index, action in enumerate(actions):
-                current = str(action)
-                self._dispatch[action.kind](action)
-                if releases is not None and index in releases:
-                    self.comm.release(releases[index])
+            if counting:
                 self._observe()
+            for entry in self._program:
+                for peers, channel, tag in entry.post:
+                    comm.post_recv(peers, channel, tag)
+                entry.run(entry.arg)
+                if entry.release is not None:
+                    comm.release(entry.release)
+                if counting:
+                    self._observe()
+            entry = None
             current = "flush sends"
-            self.comm.flush()
+            comm.flush()
             current = "all-reduce"
             self._all_reduce_grads()
             current = "optimizer step"
@@ -199,6 +273,8 @@ class StageExecutor:
         except StageFailure:
             raise
         except (AsteroidError, RuntimeError, ValueError, TypeError, IndexError, KeyError) as exc:
+            if entry is not None:
+                current = str(entry.action)
             raise StageFailure(f"rank {self.rank} (device {self.device_name!r}, stage "
                                f"{self.stage}) failed at step {step}, action {current}: "
                                f"{type(exc).__name__}: {exc}") from exc
@@ -207,98 +283,96 @@ class StageExecutor:
         return stats
 
     # -- compute ---------------------------------------------------------------------------
-    def _timed(self, fn: Callable[[], None], into: list[float]) -> None:
-        start = time.perf_counter()
-        fn()
-        elapsed = time.perf_counter() - start
+    def _dilate(self, start: float, into: list[float]) -> None:
         if self.compute_scale > 1.0:
-            time.sleep((self.compute_scale - 1.0) * elapsed)
+            time.sleep((self.compute_scale - 1.0) * (time.perf_counter() - start))
         into.append(time.perf_counter() - start)
 
-    def _forward(self, action: Action) -> None:
+    def _forward(self, m: int) -> None:
         fault_point("forward", self.device_name, self._step)   # tests only: see runtime.faults
-        m = action.microbatch
         if self.is_first:
             if self._batch_inputs is None:
                 raise RuntimeFailure("stage 0 needs the mini-batch inputs")
-            rows = micro_batch_rows(self.plan, m, self.start, self.stop)
+            rows = self._rows[m]
             inputs = [x[rows].to(self.device) for x in self._batch_inputs]
         else:
             inputs = self._recv_inputs.pop(m)
             for x in inputs:
                 if _is_float(x):
                     x.requires_grad_(True)
-
-        def run() -> None:
-            if self.memory is not None:
-                with self.memory.forward(m):
-                    compute()
-            else:
-                compute()
-
-        def compute() -> None:
+        start = time.perf_counter()
+        if self._counting:
+            assert self.memory is not None
+            with self.memory.forward(m):
+                out = self.module(*inputs)
+        else:
             out = self.module(*inputs)
-            if self.is_last:
-                rows = micro_batch_rows(self.plan, m, self.start, self.stop)
-                targets = _slice_rows(self._batch_targets, rows)
-                loss = self.loss_fn(out, targets)
-                self._losses[m] = loss * self.loss_weight
-                self._stats.loss += float(self._losses[m].detach())
-            else:
-                self._outputs[m] = out if isinstance(out, tuple) else (out,)
-            self._inputs[m] = inputs
+        if self.is_last:
+            targets = _slice_rows(self._batch_targets, self._rows[m])
+            loss = self.loss_fn(out, targets) * self.loss_weight
+            self._losses[m] = loss
+            self._stats.loss += float(loss.detach())
+        else:
+            self._outputs[m] = out if isinstance(out, tuple) else (out,)
+        self._inputs[m] = inputs
+        self._dilate(start, self._stats.forward_s)
 
-        self._timed(run, self._stats.forward_s)
-
-    def _backward(self, action: Action) -> None:
+    def _backward(self, m: int) -> None:
         fault_point("backward", self.device_name, self._step)
-        m = action.microbatch
         inputs = self._inputs.pop(m)
-
-        def run() -> None:
-            if self.is_last:
-                self._losses.pop(m).backward()
-            else:
-                outputs = self._outputs.pop(m)
-                grads = iter(self._out_grads.pop(m))
-                pairs = [(o, next(grads)) for o in outputs if _is_float(o)]
-                pairs = [(o, g) for o, g in pairs if o.requires_grad]
-                if pairs:
-                    torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
-            if not self.is_first:
-                self._in_grads[m] = [x.grad if x.grad is not None else torch.zeros_like(x)
-                                     for x in inputs if _is_float(x)]
-
-        self._timed(run, self._stats.backward_s)
+        start = time.perf_counter()
+        if self.is_last:
+            self._losses.pop(m).backward()
+        else:
+            outputs = self._outputs.pop(m)
+            grads = iter(self._out_grads.pop(m))
+            pairs = [(o, next(grads)) for o in outputs if _is_float(o)]
+            pairs = [(o, g) for o, g in pairs if o.requires_grad]
+            if pairs:
+                torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
+        if not self.is_first:
+            self._in_grads[m] = [x.grad if x.grad is not None else torch.zeros_like(x)
+                                 for x in inputs if _is_float(x)]
+        del inputs
+        self._dilate(start, self._stats.backward_s)
+        # the micro-batch's received activations and gradients are no longer used
+        self.comm.recycle(("f", m))
+        self.comm.recycle(("b", m))
         if self.memory is not None:
             self.memory.backward_done(m)
 
     # -- communication -----------------------------------------------------------------------
-    def _send_f(self, action: Action) -> None:
-        outputs = self._outputs[action.microbatch]
-        items = [(t.dst, [o.detach()[t.start - self.start: t.stop - self.start]
-                          for o in outputs]) for t in self._outgoing]
-        self.comm.send(items, "f", key=action)
+    def _send_f(self, arg: tuple[int, Action]) -> None:
+        m, action = arg
+        outputs = self._outputs[m]
+        items = [(dst, [o.detach()[rows] if rows is not None else o.detach()
+                        for o in outputs]) for dst, rows in self._f_slices]
+        self.comm.send(items, "f", key=action, tag=message_tag("f", m))
 
-    def _recv_f(self, action: Action) -> None:
-        pieces = self.comm.recv([t.src for t in self._incoming], "f")
-        count = len(pieces[0])
-        self._recv_inputs[action.microbatch] = [
-            torch.cat([p[i] for p in pieces]) if len(pieces) > 1 else pieces[0][i]
-            for i in range(count)]
+    def _received(self, pieces: list[list[torch.Tensor]], key: tuple[str, int]
+                  ) -> list[torch.Tensor]:
+        if len(pieces) == 1:
+            return pieces[0]
+        joined = [torch.cat([p[i] for p in pieces]) for i in range(len(pieces[0]))]
+        self.comm.recycle(key)
+        return joined
 
-    def _send_b(self, action: Action) -> None:
-        grads = self._in_grads.pop(action.microbatch)
-        items = [(t.src, [g[t.start - self.start: t.stop - self.start] for g in grads])
-                 for t in self._incoming]
-        self.comm.send(items, "b", key=action)
+    def _recv_f(self, m: int) -> None:
+        key = ("f", m)
+        pieces = self.comm.recv(self._f_peers, "f", message_tag("f", m), key=key)
+        self._recv_inputs[m] = self._received(pieces, key)
 
-    def _recv_b(self, action: Action) -> None:
-        pieces = self.comm.recv([t.dst for t in self._outgoing], "b")
-        count = len(pieces[0])
-        self._out_grads[action.microbatch] = [
-            torch.cat([p[i] for p in pieces]) if len(pieces) > 1 else pieces[0][i]
-            for i in range(count)]
+    def _send_b(self, arg: tuple[int, Action]) -> None:
+        m, action = arg
+        grads = self._in_grads.pop(m)
+        items = [(src, [g[rows] if rows is not None else g for g in grads])
+                 for src, rows in self._b_slices]
+        self.comm.send(items, "b", key=action, tag=message_tag("b", m))
+
+    def _recv_b(self, m: int) -> None:
+        key = ("b", m)
+        pieces = self.comm.recv(self._b_peers, "b", message_tag("b", m), key=key)
+        self._out_grads[m] = self._received(pieces, key)
 
     # -- data parallelism inside the stage ---------------------------------------------------
     def _all_reduce_grads(self) -> None:

@@ -19,6 +19,8 @@ __all__ = [
     "add_comms",
     "send_peers",
     "send_releases",
+    "recv_posts",
+    "RECV_WINDOW",
 ]
 
 # [Note: readiness rule]
@@ -44,6 +46,17 @@ __all__ = [
 # it for all of its peers; sends no later receive proves (the last micro-batches) are
 # awaited at the end of the round as before. Under 1F1B a SEND_F(m) is released by
 # RECV_B(m), so a stage holds its send buffers as long as the activations they came from.
+#
+# [Note: posting receives]
+# A RECV action is where the rank WAITS for its message; the receive itself is posted
+# earlier (``recv_posts``), so that gloo writes the payload as soon as the sender sends
+# (see runtime/comm.py [Note: lean hops]). Posting never blocks and every message has a tag
+# of its own, so the blocking points are exactly the RECV actions of the schedule and the
+# readiness rule, ``runtime.validate.simulate`` and the release proofs above are unchanged.
+# The first receive of each kind (RECV_F, RECV_B) is posted before the rank's first
+# action, every later one right after the previous receive of its kind was consumed: at
+# most ``RECV_WINDOW`` receives of a kind are posted ahead of their wait, which bounds the
+# buffers held for them (``runtime.validate.check_posts`` checks all of this).
 
 
 @dataclass(frozen=True)
@@ -216,3 +229,23 @@ def send_releases(plan: Plan, schedule: Schedule) -> dict[int, dict[int, list[Ac
 
 
 _SENDS = (ActionKind.SEND_F, ActionKind.SEND_B)
+
+
+RECV_WINDOW = 1
+"""Receives of one kind a rank posts ahead of their wait (see [Note: posting receives])."""
+
+
+def recv_posts(plan: Plan, schedule: Schedule) -> dict[int, dict[int, list[Action]]]:
+    """Pure pass: ``out[rank][i]`` lists the RECV actions of ``rank`` whose receives are
+    posted right before its ``i``-th action (see [Note: posting receives])."""
+    out: dict[int, dict[int, list[Action]]] = {}
+    for rank, actions in schedule.items():
+        posts: dict[int, list[Action]] = {}
+        last: dict[ActionKind, int] = {}
+        for index, action in enumerate(actions):
+            if action.kind in (ActionKind.RECV_F, ActionKind.RECV_B):
+                at = last.get(action.kind, -1) + 1
+                posts.setdefault(at, []).append(action)
+                last[action.kind] = index
+        out[rank] = posts
+    return out

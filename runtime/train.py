@@ -18,7 +18,7 @@ from asteroid_fx.errors import RuntimeFailure
 from asteroid_fx.model_spec import model_inputs
 from runtime.comm import Comm
 from runtime.executor import StageExecutor
-from runtime.lowering import add_comms, send_releases
+from runtime.lowering import add_comms, recv_posts, send_releases
 from runtime.memory import MemoryMeter
 from runtime.schedule import compute_schedule, rank_stages
 from runtime.validate import check_schedule
@@ -253,9 +253,11 @@ def train_device(source: StageSource, rank: int, config: TrainConfig, *,
                              compute_scale=_compute_scale(source, rank, config), device=device,
                              memory=meter)
     schedule = add_comms(plan, compute_schedule(plan))
-    check_schedule(plan, schedule)
+    all_posts = recv_posts(plan, schedule)
+    check_schedule(plan, schedule, all_posts)
     actions = schedule[rank]
     releases = send_releases(plan, schedule)[rank]
+    posts = all_posts[rank]
     needs_batch = executor.is_first or executor.is_last
 
     result = WorkerResult(rank=rank, device=plan.devices[rank], stage=stage_index)
@@ -282,7 +284,7 @@ def train_device(source: StageSource, rank: int, config: TrainConfig, *,
         if counting:
             meter.begin_round()
         began = time.perf_counter()
-        stats = executor.run_round(actions, step, inputs, targets, releases)
+        stats = executor.run_round(actions, step, inputs, targets, releases, posts)
         elapsed = time.perf_counter() - began
         if counting:
             meter.end_round()

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from asteroid_fx.errors import DeadlockError, ScheduleError
-from runtime.lowering import local_needs, remote_needs, sends_after
+from runtime.lowering import RECV_WINDOW, local_needs, remote_needs, sends_after
 from runtime.schedule import Action, ActionKind, Schedule, rank_stages
 from solver.plan import Plan
 
-__all__ = ["validate", "simulate", "check_schedule", "format_grid"]
+__all__ = ["validate", "simulate", "check_posts", "check_schedule", "format_grid"]
 
 _MARK = "  <-- ERROR HERE"
 
@@ -146,7 +146,72 @@ def simulate(plan: Plan, schedule: Schedule) -> list[list[str]]:
     return rows
 
 
-def check_schedule(plan: Plan, schedule: Schedule) -> list[list[str]]:
-    """:func:`validate` then :func:`simulate`; returns the simulated grid."""
+_RECVS = (ActionKind.RECV_F, ActionKind.RECV_B)
+
+
+def check_posts(plan: Plan, schedule: Schedule, posts: Mapping[int, Mapping[int,
+                Sequence[Action]]], window: int = RECV_WINDOW) -> None:
+    """Check where receives are posted (``runtime.lowering.recv_posts``; see
+    runtime/lowering.py [Note: posting receives]): each RECV of a rank is posted exactly
+    once, at or before its own position (where the rank waits for it), nothing else is
+    posted, and at no position more than ``window`` receives of one kind are posted ahead
+    of their wait. Posting never blocks and each (channel, micro-batch) has its own tag, so
+    with these checks :func:`simulate`'s deadlock proof covers the posted schedule.
+
+    Raises:
+        ScheduleError: naming the rank and the receive, with the schedule as a grid.
+    """
+    n = len(rank_stages(plan))
+    for rank in range(n):
+        actions = schedule.get(rank, [])
+        where = {a: i for i, a in enumerate(actions)}
+        posted_at: dict[Action, int] = {}
+        problem: str | None = None
+        index = len(actions) - 1
+        for at, posted in sorted(posts.get(rank, {}).items()):
+            for action in posted:
+                if action.kind not in _RECVS or action not in where:
+                    problem = (f"rank {rank}: posts {action} at step {at}, which is not a "
+                               f"receive of its schedule")
+                elif action in posted_at:
+                    problem = (f"rank {rank}: posts {action} twice (steps {posted_at[action]}"
+                               f" and {at})")
+                elif not 0 <= at <= where[action]:
+                    problem = (f"rank {rank}: posts {action} at step {at}, after it waits "
+                               f"for it at step {where[action]}")
+                if problem is not None:
+                    index = min(max(at, 0), index)
+                    break
+                posted_at[action] = at
+            if problem is not None:
+                break
+        if problem is None:
+            missing = [a for a in actions if a.kind in _RECVS and a not in posted_at]
+            if missing:
+                problem = f"rank {rank}: never posts {', '.join(map(str, missing))}"
+                index = where[missing[0]]
+        if problem is None:
+            for kind in _RECVS:
+                spans = [(posted_at[a], where[a]) for a in actions if a.kind is kind]
+                for i in range(len(actions)):
+                    ahead = sum(1 for p, w in spans if p <= i < w)
+                    if ahead > window:
+                        problem = (f"rank {rank}: {ahead} {kind.value} receives are posted "
+                                   f"ahead of their wait at step {i} (at most {window})")
+                        index = i
+                        break
+                if problem is not None:
+                    break
+        if problem is not None:
+            raise ScheduleError(f"{problem}\n{_listing_grid(schedule, n, rank, index)}")
+
+
+def check_schedule(plan: Plan, schedule: Schedule,
+                   posts: Mapping[int, Mapping[int, Sequence[Action]]] | None = None
+                   ) -> list[list[str]]:
+    """:func:`validate` then :func:`simulate` (and :func:`check_posts` when ``posts``
+    is given); returns the simulated grid."""
     validate(plan, schedule)
+    if posts is not None:
+        check_posts(plan, schedule, posts)
     return simulate(plan, schedule)

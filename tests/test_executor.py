@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib.util
+import os
+import socket
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -12,15 +14,16 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
+import torch.multiprocessing as mp
 
 from asteroid_fx.errors import RuntimeFailure, StageFailure
-from runtime.comm import Comm, decode_meta, encode_meta, pack, unpack
+from runtime.comm import Comm, CommFailure, decode_meta, encode_meta, message_tag, pack, unpack
 from runtime.emulator import launch_local
 from runtime.executor import StageExecutor
 from runtime.lowering import add_comms
 from runtime.reference import reference_training
 from runtime.schedule import one_f_one_b
-from runtime.train import TrainConfig, load_stage_weights
+from runtime.train import TrainConfig, load_stage_weights, train_device
 from solver.plan import Plan, Stage
 
 MODEL = '''
@@ -162,3 +165,133 @@ def test_gradient_buckets_never_exceed_the_largest_gradient() -> None:
         assert len(b) == 1 or all(g.is_contiguous() for g in b)
     assert [len(b) for b in buckets] == [2, 2, 1, 1, 1]
     assert gradient_buckets([]) == []
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _spawn(target: Any, extra: tuple[Any, ...], reports: int = 2,
+           timeout_s: float = 120) -> tuple[dict[int, Any], list[int | None]]:
+    """Run ``target(rank, port, results, *extra)`` in two spawned processes: the first
+    ``reports`` (rank, report) pairs they put, and their exit codes."""
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=target, args=(rank, port, results, *extra)) for rank in (0, 1)]
+    for proc in procs:
+        proc.start()
+    try:
+        out = dict(results.get(timeout=timeout_s) for _ in range(reports))
+    finally:
+        for proc in procs:
+            proc.join(timeout=10)
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+    return out, [proc.exitcode for proc in procs]
+
+
+def _pooled_comm_worker(rank: int, port: int, results: Any) -> None:
+    store = dist.TCPStore("127.0.0.1", port, 2, is_master=rank == 0)
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=2)
+    comm = Comm(rank, torch.device("cpu"), timeout_s=30)
+    report: dict[str, Any] = {"ok": True}
+    buffers: set[int] = set()
+    micro = 4
+    for step in range(3):
+        for m in range(micro):
+            payload = [torch.full((2, 3), 10.0 * step + m), torch.arange(m, m + 5)]
+            tag = message_tag("f", m)
+            if rank == 0:
+                comm.send([(1, payload)], "f", key=m, tag=tag)
+                comm.release([m])
+            else:
+                # post the next receive as soon as this one is consumed (the executor's rule)
+                got = comm.recv([0], "f", tag, key=m)[0]
+                if m + 1 < micro:
+                    report.setdefault("posted", []).append(
+                        comm.post_recv([0], "f", message_tag("f", m + 1)))
+                report["ok"] &= all(torch.equal(a, b) for a, b in zip(got, payload, strict=True))
+                buffers.add(got[0].untyped_storage().data_ptr())
+                comm.recycle(m)
+        comm.flush()
+        dist.barrier()
+    report["buffers"] = len(buffers)
+    report["messages"] = comm.messages_sent + comm.messages_received
+    if rank == 0:
+        try:
+            comm.send([(1, [torch.zeros(3, 3), torch.arange(5)])], "f", key=0)
+        except CommFailure as exc:
+            report["mismatch"] = str(exc)
+    dist.barrier()
+    dist.destroy_process_group()
+    results.put((rank, report))
+
+
+def test_lean_comm_posts_receives_into_pooled_buffers() -> None:
+    """Tagged messages land in receives posted ahead, the wire buffers are reused across
+    micro-batches and rounds (no allocation per message), and a send whose shapes change
+    raises ``CommFailure`` instead of corrupting the peer's buffers."""
+    reports, _ = _spawn(_pooled_comm_worker, ())
+    sender, receiver = reports[0], reports[1]
+    assert sender["ok"] and receiver["ok"]
+    assert sender["messages"] == receiver["messages"] == 12
+    # only the very first receive learns the shapes at its wait; every later one is posted
+    assert receiver["posted"] == [True] * 9
+    # the one being consumed and the one posted ahead: two buffers serve all 12 messages
+    assert receiver["buffers"] == 2
+    assert "shapes must not change during a run" in sender["mismatch"]
+
+
+DYING = '''
+import os
+import torch
+from torch import nn
+
+class Die(nn.Module):
+    calls = 0
+    def forward(self, x):
+        Die.calls += 1
+        if Die.calls == 6 and os.environ.get("DIE_RANK") == os.environ.get("THIS_RANK"):
+            os._exit(5)
+        return x
+
+def build_model():
+    return nn.Sequential(nn.Linear(4, 4), Die(), nn.Linear(4, 2))
+
+def sample_batch(batch_size):
+    return (torch.randn(batch_size, 4),), torch.randint(0, 2, (batch_size,))
+'''
+
+
+def _dying_worker(rank: int, port: int, results: Any, source: SeqSource) -> None:
+    os.environ["THIS_RANK"] = str(rank)
+    torch.set_num_threads(1)
+    store = dist.TCPStore("127.0.0.1", port, 2, is_master=rank == 0)
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=2)
+    start = time.perf_counter()
+    try:
+        train_device(source, rank, TrainConfig(steps=4, timeout_s=60))
+        results.put((rank, ("finished", "", time.perf_counter() - start)))
+    except Exception as exc:  # noqa: BLE001 - reported to the test
+        results.put((rank, (type(exc).__name__, str(exc), time.perf_counter() - start)))
+
+
+def test_peer_dying_mid_step_raises_on_its_partner(tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rank 1 dies in its 6th forward (step 1, micro-batch 1 of 4) while rank 0 has
+    receives posted ahead and waits for a gradient: rank 0 raises ``StageFailure`` naming
+    the step and the action at once (the broken connection), not after its 60 s timeout."""
+    monkeypatch.setenv("DIE_RANK", "1")
+    plan = Plan("m", "c", 8, 2, 4, (Stage((0, 0), ("a",), (2,)), Stage((1, 2), ("b",), (2,))))
+    source = SeqSource(plan.to_json(), write_model(tmp_path, DYING))
+    reports, exit_codes = _spawn(_dying_worker, (source,), reports=1)
+    assert exit_codes[1] == 5
+    kind, message, elapsed = reports[0]
+    assert kind == "StageFailure"
+    assert "rank 0 (device 'a', stage 0) failed at step 1, action 0RECV_B" in message
+    assert "CommFailure" in message
+    assert elapsed < 45

@@ -10,6 +10,7 @@ from runtime.lowering import (
     add_comms,
     incoming,
     outgoing,
+    recv_posts,
     remote_needs,
     send_peers,
     send_releases,
@@ -145,3 +146,28 @@ def test_1f1b_holds_send_buffers_only_for_micro_batches_in_flight() -> None:
     assert send_releases(one, add_comms(one, one_f_one_b(one))) == {
         0: {2: [Action(0, ActionKind.SEND_F, 0)]}, 1: {3: [Action(1, ActionKind.SEND_F, 0)]},
         2: {}}
+
+
+@pytest.mark.parametrize("order", [one_f_one_b, gpipe])
+def test_receives_are_posted_once_the_previous_of_their_kind_is_consumed(order: object) -> None:
+    plan = _plan()
+    schedule = add_comms(plan, order(plan))  # type: ignore[operator]
+    posts = recv_posts(plan, schedule)
+    assert set(posts) == set(schedule)
+    for rank, actions in schedule.items():
+        where = {a: i for i, sends in posts[rank].items() for a in sends}
+        recvs = [a for a in actions if a.kind in (ActionKind.RECV_F, ActionKind.RECV_B)]
+        assert sorted(where, key=actions.index) == recvs       # each exactly once
+        for kind in (ActionKind.RECV_F, ActionKind.RECV_B):
+            mine = [a for a in recvs if a.kind is kind]
+            for before, after in zip([None, *mine][: len(mine)], mine, strict=True):
+                # the first at the start, every later one right after the previous wait
+                assert where[after] == (0 if before is None else actions.index(before) + 1)
+    # the middle stage of a 3-stage 1F1B pipeline: both first receives at the start
+    one = _pipeline(2)
+    lowered = add_comms(one, one_f_one_b(one))
+    assert format_actions(lowered[1]) == ("1RECV_F0 1F0 1SEND_F0 1RECV_F1 1F1 1SEND_F1 "
+                                          "1RECV_B0 1B0 1SEND_B0 1RECV_B1 1B1 1SEND_B1")
+    assert recv_posts(one, lowered)[1] == {
+        0: [Action(1, ActionKind.RECV_F, 0), Action(1, ActionKind.RECV_B, 0)],
+        1: [Action(1, ActionKind.RECV_F, 1)], 7: [Action(1, ActionKind.RECV_B, 1)]}

@@ -7,9 +7,9 @@ import itertools
 import pytest
 
 from asteroid_fx.errors import DeadlockError, ScheduleError
-from runtime.lowering import add_comms
+from runtime.lowering import add_comms, recv_posts
 from runtime.schedule import Action, ActionKind, gpipe, one_f_one_b, parse_actions
-from runtime.validate import check_schedule, format_grid, simulate, validate
+from runtime.validate import check_posts, check_schedule, format_grid, simulate, validate
 from solver.plan import Plan, Stage
 
 GROUPS = [
@@ -40,6 +40,8 @@ def test_generated_schedules_validate(groups: list[list[int]], m: int) -> None:
     for generator in (one_f_one_b, gpipe):
         lowered = add_comms(plan, generator(plan))
         rows = check_schedule(plan, lowered)
+        # posting receives ahead leaves the blocking points, and so the proof, unchanged
+        assert check_schedule(plan, lowered, recv_posts(plan, lowered)) == rows
         for rank, actions in lowered.items():
             assert [row[rank] for row in rows if row[rank]] == [str(a) for a in actions]
 
@@ -98,3 +100,34 @@ def test_format_grid_marks_one_row() -> None:
     lines = text.splitlines()
     assert lines[0].startswith("step | rank 0 | rank 1")
     assert lines[2].endswith("<-- ERROR HERE") and not lines[1].endswith("<-- ERROR HERE")
+
+
+def test_posted_receives_are_checked() -> None:
+    """Each receive is posted once, before it is waited on, and at most one per kind ahead
+    (runtime/lowering.py [Note: posting receives])."""
+    plan = _plan([[4], [2, 2]], 3)
+    sched = add_comms(plan, one_f_one_b(plan))
+    posts = recv_posts(plan, sched)
+    check_posts(plan, sched, posts)
+
+    def moved(rank: int, changes: dict[int, list[Action]]) -> dict[int, dict[int, list[Action]]]:
+        out = {r: {i: list(v) for i, v in p.items()} for r, p in posts.items()}
+        out[rank] = changes
+        return out
+
+    recvs = [a for a in sched[1] if a.kind in (ActionKind.RECV_F, ActionKind.RECV_B)]
+    first_f = sched[1].index(Action(1, ActionKind.RECV_F, 0))
+    with pytest.raises(ScheduleError, match=r"rank 1: posts 1RECV_F0 at step 1, after it waits "
+                                            r"for it at step 0(.|\n)*<-- ERROR HERE"):
+        check_posts(plan, sched, moved(1, {first_f + 1: recvs}))
+    with pytest.raises(ScheduleError, match="posts 1RECV_F0 twice"):
+        check_posts(plan, sched, moved(1, {0: recvs + [recvs[0]]}))
+    with pytest.raises(ScheduleError, match="rank 1: never posts 1RECV_F0"):
+        check_posts(plan, sched, moved(1, {0: recvs[1:]}))
+    with pytest.raises(ScheduleError, match="posts 1F0 at step 0, which is not a receive"):
+        check_posts(plan, sched, moved(1, {0: [Action(1, ActionKind.F, 0), *recvs]}))
+    # everything posted at the start: three RECV_F ahead of their waits at once
+    with pytest.raises(ScheduleError, match=r"2 RECV_F receives are posted ahead of their "
+                                            r"wait at step 0 \(at most 1\)"):
+        check_posts(plan, sched, moved(1, {0: recvs}))
+    check_posts(plan, sched, moved(1, {0: recvs}), window=len(recvs))
