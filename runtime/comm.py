@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import struct
 import time
+import zlib
 from collections.abc import Callable, Sequence
 from datetime import timedelta
 from typing import Any
@@ -69,6 +70,16 @@ _HEADER_LEN = 256
 _ALIGN = 8
 _TAG_BASE = 1 << 20   # message tags (headers use the small ones below)
 _META_TAG = {"f": 1, "b": 2}
+
+
+def _meta_tag(channel: str) -> int:
+    """Tag of ``channel``'s shape header: 1 and 2 for the pipeline's "f" and "b"; other
+    channels (PAC's ``act<m>``/``tap<m>``) a stable tag in ``[3, 2**19)`` from the name,
+    below every message tag. Their data go with tag 0, matched in call order."""
+    tag = _META_TAG.get(channel)
+    if tag is None:
+        tag = 3 + zlib.crc32(channel.encode()) % ((1 << 19) - 3)
+    return tag
 
 
 def encode_meta(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -264,7 +275,7 @@ class Comm:
             layout = self._send_layout.get(pair)
             if layout is None:
                 header = encode_meta(tensors).to(self._wire_device)
-                pending.append((self._isend(header, peer, _META_TAG[channel]), header, None))
+                pending.append((self._isend(header, peer, _meta_tag(channel)), header, None))
                 layout = [(tuple(t.shape), t.dtype) for t in tensors]
                 self._send_layout[pair] = layout
                 self._send_pool[pair] = []
@@ -292,7 +303,7 @@ class Comm:
             return
         headers = {p: torch.zeros(_HEADER_LEN, dtype=torch.int64, device=self._wire_device)
                    for p in new}
-        works = [self._irecv(h, p, _META_TAG[channel]) for p, h in headers.items()]
+        works = [self._irecv(h, p, _meta_tag(channel)) for p, h in headers.items()]
         self._wait(works, f"receiving shapes from rank(s) {new} ({channel})")
         for p, h in headers.items():
             self._recv_meta[(p, channel)] = decode_meta(h.cpu())
