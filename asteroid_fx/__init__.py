@@ -16,7 +16,7 @@ import sys
 import types
 from typing import Any
 
-from asteroid_fx.errors import (
+from contracts.errors import (
     AsteroidError,
     AuthenticationError,
     ClusterError,
@@ -36,7 +36,7 @@ from asteroid_fx.errors import (
 __version__ = "0.1.0"
 
 # [Note: lazy public API]
-# Attributes are imported on first use so that ``import asteroid_fx.errors`` (used by
+# Attributes are imported on first use so that ``import contracts.errors`` (used by
 # the torch-free solver) and the runtime on a bare board pull in nothing heavy.
 _LAZY: dict[str, str] = {
     "trace": "asteroid_fx.trace",
@@ -48,13 +48,13 @@ _LAZY: dict[str, str] = {
     "analytic_costs": "cost_models.analytic",
     "merge_costs": "cost_models.merge",
     "calibrate": "asteroid_fx.calibration",
-    "CostTable": "cost_models.table",
-    "LayerCost": "cost_models.table",
-    "Cluster": "solver.cluster",
-    "Device": "solver.cluster",
-    "Plan": "solver.plan",
-    "Stage": "solver.plan",
-    "Prediction": "solver.plan",
+    "CostTable": "contracts.table",
+    "LayerCost": "contracts.table",
+    "Cluster": "contracts.cluster",
+    "Device": "contracts.cluster",
+    "Plan": "contracts.plan",
+    "Stage": "contracts.plan",
+    "Prediction": "contracts.plan",
     "plan": "solver.api",
     "evaluate": "solver.evaluate",
     "simulate": "solver.simulate",

@@ -14,7 +14,7 @@ from typing import Annotated, Any, TypeVar
 import typer
 from rich.console import Console
 
-from asteroid_fx.errors import AsteroidError
+from contracts.errors import AsteroidError
 
 __all__ = ["app", "main"]
 
@@ -221,8 +221,8 @@ def profile(
 ) -> None:
     """Measure forward/backward time per layer on this host at several batch sizes."""
     with _errors():
-        from asteroid_fx.errors import CostModelError
         from asteroid_fx.model_spec import load_model_spec
+        from contracts.errors import CostModelError
         from cost_models.profile import profile as profile_fn
 
         try:
@@ -266,8 +266,8 @@ def costs(
 ) -> None:
     """Show a cost table (per-layer time per device type, memory, cuts), or merge tables."""
     with _errors():
-        from asteroid_fx.errors import CostModelError
-        from cost_models.table import CostTable
+        from contracts.errors import CostModelError
+        from contracts.table import CostTable
 
         if files[0] == "merge":
             from cost_models.merge import merge_costs
@@ -296,7 +296,7 @@ def _show_costs(table: Any, cluster: Path | None, batch_size: int) -> None:
     taken from ``solver.timing`` as the planner takes it."""
     from rich.table import Table
 
-    from solver.cluster import Cluster, Device
+    from contracts.cluster import Cluster, Device
     from solver.timing import Timing
 
     # column label -> the device whose times it shows
@@ -353,7 +353,7 @@ def _costs_for(model: str, batch_size: int, costs: str | None, leaf: tuple[str, 
     """The model, its example inputs and the cost table ``--costs`` asks for (bad
     ``--planner`` / ``--batch-size`` are refused first: measuring takes a while)."""
     from asteroid_fx.cost_source import resolve_costs
-    from asteroid_fx.errors import PlanError
+    from contracts.errors import PlanError
     from solver.api import PLANNERS
 
     if planner not in PLANNERS:
@@ -397,9 +397,9 @@ def plan(
 ) -> None:
     """Plan stages, device groups, shares and micro-batches; print the report."""
     with _errors():
+        from contracts.cluster import Cluster
         from solver.anytime import check_time_limit
         from solver.api import plan as plan_fn
-        from solver.cluster import Cluster
 
         check_time_limit(time_limit)
         clus = Cluster.from_yaml(cluster)
@@ -445,8 +445,8 @@ def partition(
     with _errors():
         from asteroid_fx.package import save_partition
         from asteroid_fx.partition import partition as partition_fn
+        from contracts.cluster import Cluster
         from solver.api import plan as plan_fn
-        from solver.cluster import Cluster
 
         start = time.perf_counter()
         clus = Cluster.from_yaml(cluster)
@@ -522,9 +522,9 @@ def simulate(
 ) -> None:
     """Event-simulate rounds of a plan: time, bubbles, memory; optional Gantt PNG."""
     with _errors():
-        from asteroid_fx.errors import PlanError
-        from solver.cluster import Cluster
-        from solver.plan import Plan
+        from contracts.cluster import Cluster
+        from contracts.errors import PlanError
+        from contracts.plan import Plan
         from solver.simulate import simulate as simulate_fn
 
         plan_obj = Plan.load(plan_file)
@@ -536,7 +536,7 @@ def simulate(
                             f"(looked for {cluster_path})")
         clus = Cluster.from_yaml(cluster_path)
         if Path(costs_path).is_file():
-            from cost_models.table import CostTable
+            from contracts.table import CostTable
 
             table = CostTable.load(costs_path)
         elif model is not None:

@@ -10,12 +10,14 @@ import traceback
 import types
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, Mapping, Tuple, Union
+from typing import Any, Callable, Iterable, Tuple
 
 import torch
 from torch import nn
 
-from asteroid_fx.errors import AsteroidError, ModelSpecError
+from contracts.errors import ModelSpecError
+from contracts.inputs import model_inputs
+from cost_models.batches import Inputs, check_batch
 
 __all__ = [
     "ModelSpec",
@@ -30,9 +32,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 BuildModel = Callable[[], nn.Module]
-#: A model's inputs: positional tensors, or keyword tensors by name (``{"input_ids": ...}``;
-#: see [Note: named inputs] in ``asteroid_fx/trace.py``).
-Inputs = Union[Tuple[torch.Tensor, ...], Dict[str, torch.Tensor]]
 SampleBatch = Callable[[int], Tuple[Any, Any]]
 LossFn = Callable[[Any, torch.Tensor], torch.Tensor]
 BuildOptimizer = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
@@ -65,62 +64,6 @@ class ModelSpec:
             raise ModelSpecError(f"batch_size must be >= 1, got {batch_size}")
         return check_batch(self.sample_batch(batch_size), batch_size,
                            where=f"{self.spec}: sample_batch({batch_size})")
-
-
-def model_inputs(inputs: Any) -> tuple[torch.Tensor, ...]:
-    """A ``sample_batch``'s inputs as stage 0 takes them, positionally.
-
-    A tensor becomes a 1-tuple, a tuple or list a tuple, and a mapping of keyword inputs
-    its values in the mapping's order: stage 0's parameters are the mapping's keys in that
-    order ([Note: named inputs] in ``asteroid_fx/trace.py``).
-    """
-    if isinstance(inputs, torch.Tensor):
-        return (inputs,)
-    if isinstance(inputs, Mapping):
-        return tuple(inputs.values())
-    return tuple(inputs)
-
-
-def check_batch(batch: Any, batch_size: int, *, where: str,
-                error: type[AsteroidError] = ModelSpecError,
-                ) -> tuple[Inputs, Any]:
-    """Check what a ``sample_batch(batch_size)`` returned; ``(inputs, targets)``.
-
-    ``inputs`` is a tensor or a tuple/list of tensors (returned as a tuple: positional
-    inputs), or a mapping ``{name: tensor}`` of keyword inputs (returned as a dict in the
-    same order). ``where`` starts every message (e.g. ``"model.py: sample_batch(8)"``);
-    ``error`` is the typed error to raise (``CostModelError`` when profiling).
-    """
-    if not isinstance(batch, (tuple, list)) or len(batch) != 2:
-        got = type(batch).__name__
-        if isinstance(batch, (tuple, list)):
-            got += f" of length {len(batch)}"
-        raise error(f"{where} must return (inputs, targets), got {got}; inputs is a tuple "
-                    "of tensors with the batch dimension first")
-    inputs, targets = batch
-    if isinstance(inputs, torch.Tensor):
-        inputs = (inputs,)
-    if isinstance(inputs, Mapping):
-        named = dict(inputs)
-        bad = [k for k in named if not (isinstance(k, str) and k.isidentifier())]
-        if bad:
-            raise error(f"{where} returned keyword inputs with the key {bad[0]!r}; keys must "
-                        f"be the model's forward parameter names")
-        labels = [repr(k) for k in named]
-        values = list(named.values())
-    elif isinstance(inputs, (tuple, list)):
-        labels = [str(i) for i in range(len(inputs))]
-        values = list(inputs)
-    else:
-        values = []
-    if not values or not all(isinstance(t, torch.Tensor) for t in values):
-        raise error(f"{where} must return (inputs, targets) with inputs a tuple of tensors or "
-                    f"a dict of named tensors, got inputs of type {type(batch[0]).__name__}")
-    for label, t in zip(labels, values):
-        if t.dim() == 0 or t.shape[0] != batch_size:
-            raise error(f"{where} input {label} has shape {tuple(t.shape)}; dimension 0 must "
-                        f"be the batch size {batch_size}")
-    return (named if isinstance(inputs, Mapping) else tuple(values)), targets
 
 
 def load_model_spec(spec: str) -> ModelSpec:

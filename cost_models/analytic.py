@@ -34,11 +34,11 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from asteroid_fx.errors import CostModelError
+from contracts.errors import CostModelError
+from contracts.table import CostTable, LayerCost, TimeFit
 from cost_models.flops import NodeCost, nodes_cost
 from cost_models.hostspeed import measure_host_flops, measure_host_mem_bw, measure_norm_flops
 from cost_models.optimizer import BuildOptimizer, optimizer_state_factor
-from cost_models.table import CostTable, LayerCost, TimeFit
 
 if TYPE_CHECKING:
     from asteroid_fx.trace import LayerGraph
@@ -111,7 +111,7 @@ def analytic_costs(
             (``CostTable.optimizer_state_factor``, e.g. 2 for Adam).
 
     Returns:
-        A :class:`~cost_models.table.CostTable` whose layer ``i`` is layer ``i`` of the graph.
+        A :class:`~contracts.table.CostTable` whose layer ``i`` is layer ``i`` of the graph.
 
     Raises:
         CostModelError: a non-positive ``host_flops`` / ``host_mem_bw`` /

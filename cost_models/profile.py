@@ -33,7 +33,7 @@ means "one host core", as the emulator's speed 1.0 does (see :mod:`cost_models.h
 Times are the thread's CPU time (``hostspeed.compute_clock``), not the wall clock, so a
 busy host does not inflate them ([Note: CPU time, not wall time]).
 The process's C allocator gets the runtime workers' settings first
-(``asteroid_fx.allocator``), so both measure the same steady regime.
+(``contracts.allocator``), so both measure the same steady regime.
 The optimizer step is timed too: ``optimizer(params)`` (default plain SGD, as
 ``asteroid-fx run``) steps over the model's parameters with random gradients, median of
 ``repeats``; ``CostTable.update_s_per_byte`` is that time per parameter byte (the
@@ -59,10 +59,12 @@ import torch
 from torch import fx
 from torch.utils._pytree import tree_flatten
 
-from asteroid_fx.allocator import tune_allocator
-from asteroid_fx.errors import AsteroidError, CostModelError
-from asteroid_fx.model_spec import Inputs, check_batch, model_inputs
+from contracts.allocator import tune_allocator
+from contracts.errors import AsteroidError, CostModelError
+from contracts.inputs import model_inputs
+from contracts.table import CostTable, LayerCost, TimeFit
 from cost_models.analytic import layer_node_costs
+from cost_models.batches import Inputs, check_batch
 from cost_models.hostspeed import (
     compute_clock,
     measure_host_flops,
@@ -71,7 +73,6 @@ from cost_models.hostspeed import (
 )
 from cost_models.optimizer import BuildOptimizer, state_bytes
 from cost_models.optimizer import build as build_optimizer
-from cost_models.table import CostTable, LayerCost, TimeFit
 
 if TYPE_CHECKING:
     from asteroid_fx.trace import LayerGraph
@@ -412,7 +413,7 @@ def profile(
             ``asteroid-fx costs merge`` joins tables of several types.
 
     Returns:
-        A :class:`~cost_models.table.CostTable` with source ``"measured"``.
+        A :class:`~contracts.table.CostTable` with source ``"measured"``.
 
     Raises:
         CostModelError: bad ``batch_sizes`` / ``repeats`` / ``warmup``, a ``sample_batch``
@@ -514,7 +515,7 @@ def profile(
 
 def _check_device_type(device_type: str) -> None:
     """``CostModelError`` unless ``device_type`` is ``local`` or a built-in board type."""
-    from cost_models.devices import DEVICE_TYPES
+    from contracts.devices import DEVICE_TYPES
 
     if device_type != "custom" and device_type in DEVICE_TYPES:
         return

@@ -16,7 +16,7 @@ from typing import Any, Tuple
 
 import torch
 
-from asteroid_fx.errors import ProtocolError, RuntimeFailure
+from contracts.errors import ProtocolError, RuntimeFailure
 
 __all__ = [
     "StageState",

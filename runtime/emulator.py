@@ -20,13 +20,13 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from asteroid_fx.allocator import tune_allocator
-from asteroid_fx.errors import RuntimeFailure, StageFailure
+from contracts.allocator import tune_allocator
+from contracts.errors import RuntimeFailure, StageFailure
+from contracts.plan import Plan
 from runtime import protocol as proto
 from runtime.comm import CommFailure
 from runtime.train import DirectorySource, StageSource, TrainConfig, WorkerResult, train_device
 from runtime.trust import Gatekeeper, join_job, new_token
-from solver.plan import Plan
 
 __all__ = [
     "EmulationSetup",
@@ -132,11 +132,11 @@ def cgroup_available() -> bool:
 
 def emulation_setup(plan: Plan, cluster: Any, *, host_cores: float | None = None,
                     host_flops: float | None = None) -> EmulationSetup:
-    """Speeds and bandwidths of the plan's devices in ``cluster`` (a ``solver.cluster.Cluster``
+    """Speeds and bandwidths of the plan's devices in ``cluster`` (a ``contracts.cluster.Cluster``
     or a path to cluster.yaml). Devices given by FLOP/s only (Jetson types) are scaled to
     ``host_flops``; without it the fastest such device counts as one host core."""
     if isinstance(cluster, (str, Path)):
-        from solver.cluster import Cluster  # host-side only: a device never emulates
+        from contracts.cluster import Cluster  # host-side only: a device never emulates
 
         cluster = Cluster.from_yaml(cluster)
     names = set(cluster.names)

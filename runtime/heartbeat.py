@@ -13,7 +13,7 @@ from types import TracebackType
 
 import torch.distributed as dist
 
-from asteroid_fx.errors import ProtocolError, RuntimeFailure
+from contracts.errors import ProtocolError, RuntimeFailure
 from runtime import protocol as proto
 
 __all__ = ["FailureReport", "FailureDetector", "Heartbeat", "Blame", "blame"]

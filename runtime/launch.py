@@ -15,12 +15,12 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from asteroid_fx.allocator import tune_allocator
-from asteroid_fx.errors import RuntimeFailure
+from contracts.allocator import tune_allocator
+from contracts.errors import RuntimeFailure
+from contracts.plan import Plan
 from runtime import protocol as proto
 from runtime.train import DirectorySource, StageSource, TrainConfig, WorkerResult, train_device
 from runtime.trust import Gatekeeper, find_token, join_job, resolve_token
-from solver.plan import Plan
 
 __all__ = ["StageTiming", "RunResult", "run", "run_source", "summarize", "metrics_lines",
            "summary_record"]

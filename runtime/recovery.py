@@ -21,7 +21,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from asteroid_fx.errors import AsteroidError, RuntimeFailure, StageFailure
+from contracts.errors import AsteroidError, RuntimeFailure, StageFailure
+from contracts.plan import Plan
 from runtime import protocol as proto
 from runtime.checkpoint import (
     StageState,
@@ -36,7 +37,6 @@ from runtime.heartbeat import FailureDetector, FailureReport, blame
 from runtime.replication import WorkerSpec, announce_failure, external_holders
 from runtime.train import DirectorySource, StageSource, TrainConfig, WorkerResult
 from runtime.trust import Gatekeeper, new_token
-from solver.plan import Plan
 
 __all__ = ["RECOVERY_MODES", "LEAVE_ROUND_S", "REPLAY_CHECKPOINT_EVERY", "REPLAN_TOLERANCE",
            "parse_fail", "parse_leave", "parse_replicate_every", "resume_point", "RecoveryRun",
@@ -65,7 +65,7 @@ HANG_TIMEOUTS = 5.0
 
 # [Note: who imports what]
 # Worker processes import only runtime/ (train, executor, comm, heartbeat, checkpoint,
-# replication) and solver.plan (plain data). This module runs in the *launcher* process,
+# replication) and contracts.plan (plain data). This module runs in the *launcher* process,
 # which also imports the planner (solver.api, solver.replan, solver.replicas), the cost
 # model (cost_models.analytic) and asteroid_fx.partition / asteroid_fx.package: after a
 # failure it re-plans and traces the model file of the partition directory again to write
@@ -195,9 +195,9 @@ class _Model:
 
 def _load_model(directory: Path, cluster_path: Any) -> _Model:
     from asteroid_fx.model_spec import model_inputs
+    from contracts.cluster import Cluster
     from cost_models.analytic import analytic_costs
     from runtime.stage_io import load_model_module, load_partition_meta
-    from solver.cluster import Cluster
 
     module = load_model_module(directory)
     meta = load_partition_meta(directory)
@@ -208,7 +208,7 @@ def _load_model(directory: Path, cluster_path: Any) -> _Model:
         inputs = model_inputs(inputs)
     costs_file = directory / "costs.json"
     if costs_file.is_file():
-        from cost_models.table import CostTable
+        from contracts.table import CostTable
 
         costs = CostTable.load(costs_file)
     else:
@@ -499,7 +499,7 @@ def _new_plan(mode: str, plan: Plan, costs: Any, alive: Any, failed: list[str],
     """Replay: ``solver.replan.replan`` (layer-wise repair, or the full re-plan when the
     repair's predicted round is more than ``tolerance`` slower); restart: the full planner
     on the survivors."""
-    from asteroid_fx.errors import PlanError
+    from contracts.errors import PlanError
     from solver.api import plan as full_plan
     from solver.replan import replan, survivors_of
 

@@ -22,7 +22,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from asteroid_fx.errors import ProtocolError, RuntimeFailure
+from contracts.errors import ProtocolError, RuntimeFailure
+from contracts.plan import Plan
 from runtime import protocol as proto
 from runtime.checkpoint import (
     StageState,
@@ -35,7 +36,6 @@ from runtime.checkpoint import (
     state_to_bytes,
 )
 from runtime.heartbeat import Heartbeat
-from solver.plan import Plan
 
 __all__ = [
     "WorkerSpec",

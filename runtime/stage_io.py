@@ -21,7 +21,7 @@ attributes, read with ``torch.load(weights_only=True)``. No pickled code is load
 code that runs is the stage source and the model file, both readable in the directory.
 Format 1 directories (pickled ``stage_<i>.pt`` modules) are refused with a request to
 re-run ``asteroid-fx partition``. No tracing, ONNX or solver code is imported here
-(``solver.plan`` is plain data).
+(``contracts.plan`` is plain data).
 """
 
 from __future__ import annotations
@@ -42,8 +42,8 @@ from typing import Any
 
 import torch
 
-from asteroid_fx.errors import PartitionError
-from solver.plan import Plan
+from contracts.errors import PartitionError
+from contracts.plan import Plan
 
 __all__ = [
     "PARTITION_VERSION",

@@ -15,10 +15,10 @@ import pytest
 from partition_cases import EXAMPLES, ROOT, example_spec, hand_plan
 
 from asteroid_fx.device import main
-from asteroid_fx.errors import RuntimeFailure
 from asteroid_fx.package import save_partition
 from asteroid_fx.partition import partition
 from asteroid_fx.trace import trace
+from contracts.errors import RuntimeFailure
 from runtime.reference import reference_training
 from runtime.stage_io import load_model_module
 
@@ -78,9 +78,9 @@ def test_the_device_path_imports_no_workstation_package(tmp_path: Path) -> None:
     assert report["rc"] == 0 and report["bad"] == []
     assert "step 1: loss" in result.stdout
     ours = set(report["ours"])
-    assert {"asteroid_fx.device", "runtime.train", "runtime.stage_io", "solver.plan"} <= ours
+    assert {"asteroid_fx.device", "runtime.train", "runtime.stage_io", "contracts.plan"} <= ours
     assert not ours & {"asteroid_fx.trace", "asteroid_fx.partition", "asteroid_fx.package",
-                       "asteroid_fx.cli", "solver.api", "solver.evaluate", "cost_models.table"}
+                       "asteroid_fx.cli", "solver.api", "solver.evaluate", "contracts.table"}
     (tmp_path / "device_modules.json").write_text(json.dumps(sorted(ours)))
 
 

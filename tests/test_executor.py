@@ -13,7 +13,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from asteroid_fx.errors import RuntimeFailure, StageFailure
+from contracts.errors import RuntimeFailure, StageFailure
+from contracts.plan import Plan, Stage
 from runtime.comm import Comm, decode_meta, encode_meta, pack, unpack
 from runtime.emulator import launch_local
 from runtime.executor import StageExecutor
@@ -21,7 +22,6 @@ from runtime.lowering import add_comms
 from runtime.reference import reference_training
 from runtime.schedule import one_f_one_b
 from runtime.train import TrainConfig, load_stage_weights
-from solver.plan import Plan, Stage
 
 MODEL = '''
 import torch

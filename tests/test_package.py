@@ -13,10 +13,10 @@ import pytest
 import torch
 from partition_cases import EXAMPLES, compose, example_spec, hand_plan
 
-from asteroid_fx.errors import PartitionError
 from asteroid_fx.package import load_partition, save_partition, stage_example_args
 from asteroid_fx.partition import partition, stage_info
 from asteroid_fx.trace import trace
+from contracts.errors import PartitionError
 from runtime.stage_io import PARTITION_VERSION, load_model_module, load_partition_meta
 
 
@@ -176,8 +176,8 @@ def test_bad_model_spec_is_rejected(tmp_path: Path) -> None:
 
 
 def test_report_and_gantt_with_costs_and_cluster(tmp_path: Path) -> None:
+    from contracts.cluster import Cluster
     from cost_models.analytic import analytic_costs
-    from solver.cluster import Cluster
 
     spec, model, inputs, plan, stages = _skipnet_partition([1, 4])
     graph = trace(model, inputs)
@@ -198,8 +198,8 @@ def test_report_and_gantt_with_costs_and_cluster(tmp_path: Path) -> None:
 
 def test_missing_report_modules_are_skipped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                             caplog: pytest.LogCaptureFixture) -> None:
+    from contracts.cluster import Cluster
     from cost_models.analytic import analytic_costs
-    from solver.cluster import Cluster
 
     _, model, inputs, plan, stages = _skipnet_partition([3])
     costs = analytic_costs(model, inputs, host_flops=1e10)

@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from asteroid_fx.errors import ProtocolError
+from contracts.errors import ProtocolError
 from runtime import protocol as proto
 from runtime.checkpoint import StageState, state_from_bytes, state_to_bytes
 from runtime.emulator import _free_port

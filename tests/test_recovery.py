@@ -11,13 +11,13 @@ from typing import Any
 import pytest
 import torch
 
-from asteroid_fx.errors import RuntimeFailure
 from asteroid_fx.model_spec import import_model_file
+from contracts.errors import RuntimeFailure
+from contracts.plan import Plan, Stage
 from runtime.launch import RunResult, metrics_lines, run
 from runtime.recovery import parse_fail, parse_leave
 from runtime.reference import reference_training
 from runtime.stage_io import load_model_module, load_plan
-from solver.plan import Plan, Stage
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 CLUSTER = EXAMPLES / "clusters" / "local3.yaml"
@@ -34,8 +34,8 @@ def make_partition(out: Path, stages: tuple[Stage, ...]) -> Path:
     """examples/mlp.py split into ``stages`` (batch 12, two micro-batches of 6)."""
     from asteroid_fx.package import save_partition
     from asteroid_fx.partition import partition
+    from contracts.cluster import Cluster
     from cost_models.analytic import analytic_costs
-    from solver.cluster import Cluster
     from solver.evaluate import evaluate
 
     module = import_model_file(EXAMPLES / "mlp.py")
@@ -213,8 +213,8 @@ def test_restart_reloads_the_checkpoint(tmp_path: Path) -> None:
 
 def test_failure_of_a_stage_and_its_holder_falls_back_to_the_checkpoint(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from contracts.cluster import Cluster
     from cost_models.analytic import analytic_costs
-    from solver.cluster import Cluster
     from solver.replicas import choose_replicas
 
     directory = make_partition(tmp_path / "part", THREE)
@@ -331,9 +331,9 @@ def _tight4_partition(tmp_path: Path) -> tuple[Path, Path, tuple[str, ...]]:
     cluster file, the plan's devices)."""
     from asteroid_fx.package import save_partition
     from asteroid_fx.partition import partition
+    from contracts.cluster import Cluster
     from cost_models.analytic import analytic_costs
     from solver.api import plan as plan_fn
-    from solver.cluster import Cluster
 
     cluster_file = tmp_path / "tight4.yaml"
     cluster_file.write_text(TIGHT4)   # ~1 MiB per device: the model needs two devices
@@ -435,8 +435,8 @@ def test_the_event_names_exactly_the_device_that_failed(tmp_path: Path, mode: st
     heartbeat of a live process counted as a failure (see [Note: who failed])."""
     from asteroid_fx.package import save_partition
     from asteroid_fx.partition import partition
+    from contracts.cluster import Cluster
     from cost_models.analytic import analytic_costs
-    from solver.cluster import Cluster
 
     cluster_file = tmp_path / "four.yaml"
     cluster_file.write_text("devices:\n" + "".join(

@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from contracts.plan import Plan, Stage
 from runtime import protocol as proto
 from runtime.checkpoint import checkpoint_file, state_from_bytes
 from runtime.emulator import _free_port
@@ -29,7 +30,6 @@ from runtime.replication import (
     external_holders,
     lower_priority,
 )
-from solver.plan import Plan, Stage
 
 PLAN = Plan("m", "c", 4, 2, 2, (Stage((0, 0), ("a",), (2,)), Stage((1, 1), ("b", "c"), (1, 1))))
 

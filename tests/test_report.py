@@ -8,9 +8,9 @@ from pathlib import Path
 
 from rich.console import Console
 
+from contracts.plan import Plan, PlannerInfo, Stage
 from solver.evaluate import evaluate
 from solver.gantt import COLOURS, gantt_png
-from solver.plan import Plan, PlannerInfo, Stage
 from solver.report import format_bytes, format_seconds, plan_report, plan_report_markdown
 from solver.simulate import simulate
 from tests.solver_cases import MIB, make_cluster, uniform_costs

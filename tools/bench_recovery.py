@@ -51,12 +51,12 @@ if str(ROOT) not in sys.path:
 from bench_models import mlp_source  # noqa: E402
 
 from asteroid_fx.model_spec import import_model_file  # noqa: E402
+from contracts.cluster import Cluster  # noqa: E402
+from contracts.plan import Plan, Stage  # noqa: E402
 from runtime.launch import metrics_lines, run  # noqa: E402
 from runtime.recovery import REPLAN_TOLERANCE, run_with_recovery  # noqa: E402
 from runtime.train import TrainConfig  # noqa: E402
-from solver.cluster import Cluster  # noqa: E402
 from solver.evaluate import evaluate  # noqa: E402
-from solver.plan import Plan, Stage  # noqa: E402
 
 CLUSTER = ROOT / "examples" / "clusters" / "local3.yaml"
 BEGIN, END = "<!-- recovery-benchmark:begin -->", "<!-- recovery-benchmark:end -->"

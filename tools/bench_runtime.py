@@ -41,6 +41,8 @@ if str(ROOT) not in sys.path:
 
 from bench_models import mlp_source  # noqa: E402
 
+from contracts.cluster import Cluster  # noqa: E402
+from contracts.plan import Plan  # noqa: E402
 from runtime.emulator import (  # noqa: E402
     RESERVED_CORES,
     _free_port,
@@ -50,9 +52,7 @@ from runtime.emulator import (  # noqa: E402
     usable_cores,
 )
 from runtime.launch import RunResult, run  # noqa: E402
-from solver.cluster import Cluster  # noqa: E402
 from solver.evaluate import evaluate  # noqa: E402
-from solver.plan import Plan  # noqa: E402
 
 MODEL = mlp_source(1024, 16, 256, 10)
 
@@ -451,7 +451,7 @@ def reading_lines(rows: list[Row]) -> list[str]:
         "predicted'): the profiler times layers in sequence as training runs them "
         "(method='chain', weights streamed from memory rather than cache-hot), the optimizer "
         "step is part of T_a, workers and profiler use the same allocator settings "
-        "(asteroid_fx/allocator.py), and the emulator keeps half a core of the host free.",
+        "(contracts/allocator.py), and the emulator keeps half a core of the host free.",
         "- The host is 2 shared cores: single runs vary by about +-10-30 %; each figure is "
         "the best of the repeated runs.",
     ]

@@ -38,10 +38,10 @@ if str(ROOT) not in sys.path:
 from bench_models import mlp_source  # noqa: E402
 
 from asteroid_fx.model_spec import import_model_file  # noqa: E402
+from contracts.cluster import Cluster  # noqa: E402
+from contracts.plan import Plan, Stage  # noqa: E402
 from runtime.launch import run  # noqa: E402
-from solver.cluster import Cluster  # noqa: E402
 from solver.evaluate import evaluate  # noqa: E402
-from solver.plan import Plan, Stage  # noqa: E402
 
 MICRO_BATCHES = (1, 4, 16)
 
