@@ -420,7 +420,7 @@ def plan(
 
 
 def _print_report(plan_obj: Any, table: Any, clus: Any) -> None:
-    from solver.report import plan_report
+    from asteroid_fx.report import plan_report
 
     console.print(plan_report(plan_obj, table, clus))
 
@@ -552,7 +552,7 @@ def simulate(
         for device, peak in sorted(result.peak_memory_bytes.items()):
             console.print(f"  {device}: peak memory {_fmt_bytes(peak)}")
         if gantt is not None:
-            from solver.gantt import gantt_png
+            from asteroid_fx.gantt import gantt_png
 
             gantt_png(result, gantt)
             console.print(f"wrote {gantt}")

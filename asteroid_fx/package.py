@@ -363,12 +363,12 @@ def _parse_spec(text: str) -> _SpecFields:
 
 
 def _write_report(out: Path, plan: Plan, costs: Any, cluster: Any) -> dict[str, Path]:
-    """``report.md`` (solver.report) and ``gantt.png`` (solver.simulate + solver.gantt).
+    """``report.md`` (asteroid_fx.report) and ``gantt.png`` (solver.simulate + asteroid_fx.gantt).
 
-    Each file is skipped, with a log line, when its solver module is not installed.
+    Each file is skipped, with a log line, when its module (or rich, matplotlib) is not installed.
     """
     written: dict[str, Path] = {}
-    render = _optional("solver.report", "plan_report_markdown")
+    render = _optional("asteroid_fx.report", "plan_report_markdown")
     if render is not None:
         try:
             (out / "report.md").write_text(str(render(plan, costs, cluster)))
@@ -376,7 +376,7 @@ def _write_report(out: Path, plan: Plan, costs: Any, cluster: Any) -> dict[str, 
         except (AsteroidError, ValueError, TypeError, KeyError) as exc:
             log.warning("report.md not written: %s", exc)
     simulate = _optional("solver.simulate", "simulate")
-    draw = _optional("solver.gantt", "gantt_png")
+    draw = _optional("asteroid_fx.gantt", "gantt_png")
     if simulate is not None and draw is not None:
         try:
             result = simulate(plan, costs, cluster)

@@ -204,13 +204,13 @@ def test_missing_report_modules_are_skipped(tmp_path: Path, monkeypatch: pytest.
     _, model, inputs, plan, stages = _skipnet_partition([3])
     costs = analytic_costs(model, inputs, host_flops=1e10)
     cluster = Cluster.from_yaml(EXAMPLES / "clusters" / "local3.yaml")
-    monkeypatch.setitem(sys.modules, "solver.report", None)  # import raises ImportError
-    monkeypatch.setitem(sys.modules, "solver.gantt", None)
+    monkeypatch.setitem(sys.modules, "asteroid_fx.report", None)  # import raises ImportError
+    monkeypatch.setitem(sys.modules, "asteroid_fx.gantt", None)
     with caplog.at_level(logging.INFO, logger="asteroid_fx.package"):
         files = save_partition(tmp_path, plan, stages, onnx=False, costs=costs,
                                cluster=cluster)
     assert "report.md" not in files and "gantt.png" not in files
     assert "costs.json" in files and "cluster.yaml" in files
     assert Cluster.from_yaml(tmp_path / "cluster.yaml") == cluster
-    assert "solver.report is not available" in caplog.text
-    assert "solver.gantt is not available" in caplog.text
+    assert "asteroid_fx.report is not available" in caplog.text
+    assert "asteroid_fx.gantt is not available" in caplog.text
