@@ -221,9 +221,9 @@ def profile(
 ) -> None:
     """Measure forward/backward time per layer on this host at several batch sizes."""
     with _errors():
+        from asteroid_fx.costs import profile as profile_fn
         from asteroid_fx.model_spec import load_model_spec
         from contracts.errors import CostModelError
-        from cost_models.profile import profile as profile_fn
 
         try:
             sizes = tuple(int(s) for s in batch_sizes.split(",") if s.strip())

@@ -171,7 +171,7 @@ def resolve_costs(spec: Any, model: Any, inputs: Any, cluster: Any,
         word = "measure" if measures_by_default(cluster) else "analytic"
     graph = trace(model, inputs, leaf_modules=tuple(leaf_modules))
     if word == "analytic":
-        from cost_models.analytic import analytic_costs
+        from asteroid_fx.costs import analytic_costs
 
         host = _host_speeds()
         table = analytic_costs(model, inputs, graph=graph, optimizer=spec.build_optimizer,
@@ -193,7 +193,7 @@ def resolve_costs(spec: Any, model: Any, inputs: Any, cluster: Any,
             return CostChoice(cached, "cached",
                               f"measured on this host at batch sizes {list(sizes)} (cached "
                               f"in {path})")
-    from cost_models.profile import profile
+    from asteroid_fx.costs import profile
 
     table = profile(model, spec.sample_batch, sizes, graph=graph,
                     optimizer=spec.build_optimizer, progress=progress,

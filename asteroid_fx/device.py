@@ -94,9 +94,9 @@ def profile_device(model: str, device_type: str, out: Path, *, batch_sizes: str 
         CostModelError: bad batch sizes, device type or output directory.
         ModelSpecError / TraceError: the model cannot be loaded or traced.
     """
+    from asteroid_fx.costs import profile
     from asteroid_fx.model_spec import load_model_spec
     from contracts.errors import CostModelError
-    from cost_models.profile import profile
 
     try:
         sizes = tuple(int(s) for s in batch_sizes.split(",") if s.strip())

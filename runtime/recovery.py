@@ -194,9 +194,9 @@ class _Model:
 
 
 def _load_model(directory: Path, cluster_path: Any) -> _Model:
+    from asteroid_fx.costs import analytic_costs
     from asteroid_fx.model_spec import model_inputs
     from contracts.cluster import Cluster
-    from cost_models.analytic import analytic_costs
     from runtime.stage_io import load_model_module, load_partition_meta
 
     module = load_model_module(directory)

@@ -66,8 +66,8 @@ def test_the_device_path_imports_no_workstation_package(tmp_path: Path) -> None:
         import runtime.emulator, runtime.replication, runtime.checkpoint, runtime.heartbeat
         rc = main(["run", {str(out)!r}, "--steps", "2"])
         mods = sorted(m for m in sys.modules if m.split(".")[0] in {WORKSTATION_ONLY!r})
-        ours = sorted(m for m in sys.modules
-                      if m.split(".")[0] in ("asteroid_fx", "runtime", "solver", "cost_models"))
+        ours = sorted(m for m in sys.modules if m.split(".")[0] in
+                      ("asteroid_fx", "runtime", "solver", "cost_models", "contracts"))
         print(json.dumps({{"rc": rc, "bad": mods, "ours": ours}}))
     """)
     env = {"RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
@@ -131,12 +131,13 @@ def _python38_problems(path: Path) -> list[str]:
 def test_device_modules_run_on_python_38() -> None:
     """Every module the device path imports parses as Python 3.8 and avoids 3.9+ run-time
     constructs (the venv check of tools/check_device_env.py runs them on a real 3.8)."""
-    files = sorted({*ROOT.glob("runtime/*.py"), ROOT / "solver" / "__init__.py",
-                    ROOT / "solver" / "plan.py", ROOT / "asteroid_fx" / "__init__.py",
-                    ROOT / "asteroid_fx" / "errors.py", ROOT / "asteroid_fx" / "allocator.py",
+    files = sorted({*ROOT.glob("runtime/*.py"), *ROOT.glob("contracts/*.py"),
+                    ROOT / "solver" / "__init__.py", ROOT / "asteroid_fx" / "__init__.py",
+                    ROOT / "asteroid_fx" / "errors.py",
                     ROOT / "asteroid_fx" / "device.py", ROOT / "asteroid_fx" / "model_spec.py",
                     # the profiler (`python -m asteroid_fx.device profile`)
-                    *ROOT.glob("cost_models/*.py"), ROOT / "asteroid_fx" / "trace.py",
+                    *ROOT.glob("cost_models/*.py"), ROOT / "asteroid_fx" / "costs.py",
+                    ROOT / "asteroid_fx" / "trace.py",
                     ROOT / "asteroid_fx" / "shape_prop.py",
                     # what trace imports when torch.fx fails
                     ROOT / "asteroid_fx" / "capture.py"})

@@ -176,8 +176,8 @@ def test_bad_model_spec_is_rejected(tmp_path: Path) -> None:
 
 
 def test_report_and_gantt_with_costs_and_cluster(tmp_path: Path) -> None:
+    from asteroid_fx.costs import analytic_costs
     from contracts.cluster import Cluster
-    from cost_models.analytic import analytic_costs
 
     spec, model, inputs, plan, stages = _skipnet_partition([1, 4])
     graph = trace(model, inputs)
@@ -198,8 +198,8 @@ def test_report_and_gantt_with_costs_and_cluster(tmp_path: Path) -> None:
 
 def test_missing_report_modules_are_skipped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                             caplog: pytest.LogCaptureFixture) -> None:
+    from asteroid_fx.costs import analytic_costs
     from contracts.cluster import Cluster
-    from cost_models.analytic import analytic_costs
 
     _, model, inputs, plan, stages = _skipnet_partition([3])
     costs = analytic_costs(model, inputs, host_flops=1e10)

@@ -32,10 +32,10 @@ GROUP = (Stage((0, 3), ("fast",), (6,)), Stage((4, 6), ("slow0", "slow1"), (3, 3
 
 def make_partition(out: Path, stages: tuple[Stage, ...]) -> Path:
     """examples/mlp.py split into ``stages`` (batch 12, two micro-batches of 6)."""
+    from asteroid_fx.costs import analytic_costs
     from asteroid_fx.package import save_partition
     from asteroid_fx.partition import partition
     from contracts.cluster import Cluster
-    from cost_models.analytic import analytic_costs
     from solver.evaluate import evaluate
 
     module = import_model_file(EXAMPLES / "mlp.py")
@@ -213,8 +213,8 @@ def test_restart_reloads_the_checkpoint(tmp_path: Path) -> None:
 
 def test_failure_of_a_stage_and_its_holder_falls_back_to_the_checkpoint(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from asteroid_fx.costs import analytic_costs
     from contracts.cluster import Cluster
-    from cost_models.analytic import analytic_costs
     from solver.replicas import choose_replicas
 
     directory = make_partition(tmp_path / "part", THREE)
@@ -329,10 +329,10 @@ network:
 def _tight4_partition(tmp_path: Path) -> tuple[Path, Path, tuple[str, ...]]:
     """examples/mlp.py planned on TIGHT4 (two of its four devices): (partition directory,
     cluster file, the plan's devices)."""
+    from asteroid_fx.costs import analytic_costs
     from asteroid_fx.package import save_partition
     from asteroid_fx.partition import partition
     from contracts.cluster import Cluster
-    from cost_models.analytic import analytic_costs
     from solver.api import plan as plan_fn
 
     cluster_file = tmp_path / "tight4.yaml"
@@ -433,10 +433,10 @@ def test_the_event_names_exactly_the_device_that_failed(tmp_path: Path, mode: st
     """Issue 15: a 4-stage plan on 4 emulated devices, f2 (stage 2) killed; the event named
     "f3" (or a starved device, e.g. "f0" during step 0 on a loaded host) because a silent
     heartbeat of a live process counted as a failure (see [Note: who failed])."""
+    from asteroid_fx.costs import analytic_costs
     from asteroid_fx.package import save_partition
     from asteroid_fx.partition import partition
     from contracts.cluster import Cluster
-    from cost_models.analytic import analytic_costs
 
     cluster_file = tmp_path / "four.yaml"
     cluster_file.write_text("devices:\n" + "".join(

@@ -40,8 +40,8 @@ def _partition(tmp_path: Path, predicted: bool = False) -> Path:
     if predicted:
         import yaml
 
+        from asteroid_fx.costs import analytic_costs
         from contracts.cluster import Cluster
-        from cost_models.analytic import analytic_costs
         from solver.evaluate import evaluate
 
         cluster = Cluster.from_dict(yaml.safe_load(CLUSTER))

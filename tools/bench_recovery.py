@@ -65,9 +65,9 @@ MODEL = mlp_source(512, 8, 128, 10)
 
 
 def _partition(work: Path, model_file: Path, plan_of: Any, name: str) -> tuple[Path, Plan]:
+    from asteroid_fx.costs import analytic_costs
     from asteroid_fx.package import save_partition
     from asteroid_fx.partition import partition
-    from cost_models.analytic import analytic_costs
 
     module = import_model_file(model_file)
     torch.manual_seed(0)

@@ -260,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
             update_section(args.out, text)
         return 0
     torch.set_num_threads(1)
-    from cost_models.profile import profile
+    from asteroid_fx.costs import profile
 
     batches = [int(b) for b in args.batch_sizes.split(",")]
     work = Path(tempfile.mkdtemp(prefix="bench_runtime_"))

@@ -66,9 +66,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--first and --second must be different devices")
     logging.basicConfig(level=logging.ERROR)
     torch.set_num_threads(1)
+    from asteroid_fx.costs import analytic_costs
     from asteroid_fx.package import save_partition
     from asteroid_fx.partition import partition
-    from cost_models.analytic import analytic_costs
 
     rounds: dict[str, dict[int, float]] = {"single": {}, "pipeline": {}}
     with tempfile.TemporaryDirectory() as tmp:
