@@ -27,6 +27,7 @@ from contracts.errors import (
     PartitionError,
     PlanError,
     ProtocolError,
+    ReplannerUnavailable,
     RuntimeFailure,
     ScheduleError,
     StageFailure,
@@ -63,7 +64,7 @@ _LAZY: dict[str, str] = {
     "save_partition": "asteroid_fx.package",
     "load_partition": "asteroid_fx.package",
     "to_pipeline_stage": "asteroid_fx.interop",
-    "run": "runtime.launch",
+    "run": "asteroid_fx.training",
 }
 
 __all__ = [
@@ -77,6 +78,7 @@ __all__ = [
     "PartitionError",
     "PlanError",
     "ProtocolError",
+    "ReplannerUnavailable",
     "RuntimeFailure",
     "ScheduleError",
     "StageFailure",

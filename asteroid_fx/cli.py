@@ -604,7 +604,7 @@ def run(
     with _errors():
         from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-        from runtime.launch import run as run_fn
+        from asteroid_fx.training import run as run_fn
         from runtime.stage_io import load_plan
 
         batch = load_plan(directory).batch_size

@@ -17,6 +17,7 @@ __all__ = [
     "StageFailure",
     "ProtocolError",
     "AuthenticationError",
+    "ReplannerUnavailable",
 ]
 
 # [Note: dependency-free errors]
@@ -85,3 +86,8 @@ class ProtocolError(RuntimeFailure):
 class AuthenticationError(RuntimeFailure):
     """A process could not prove the job's shared token (``--token``, ``ASTEROID_TOKEN`` or
     ``DIR/token``), or the job could not prove it to the process: it was refused."""
+
+
+class ReplannerUnavailable(RuntimeFailure):
+    """Recovery needs a re-planner (``runtime.replanning.Replanner``) and has none, e.g. on
+    a device-only install; the message names what to install or pass."""

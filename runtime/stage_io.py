@@ -313,9 +313,9 @@ def model_builder(directory: str | Path,
     path = _directory(directory)
     meta = meta or load_partition_meta(path)
     if meta.model_file is None and (meta.model_spec or "").startswith("builtin:"):
-        from asteroid_fx.model_spec import load_model_spec  # torch only; needs the models extra
+        from runtime.builtin_models import builtin_build_model  # needs the models extra
 
-        return load_model_spec(str(meta.model_spec)).build_model
+        return builtin_build_model(str(meta.model_spec)[len("builtin:"):])
     if meta.model_file is None and not meta.model_module:
         return None
     module = load_model_module(path)

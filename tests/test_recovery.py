@@ -12,9 +12,10 @@ import pytest
 import torch
 
 from asteroid_fx.model_spec import import_model_file
+from asteroid_fx.training import run
 from contracts.errors import RuntimeFailure
 from contracts.plan import Plan, Stage
-from runtime.launch import RunResult, metrics_lines, run
+from runtime.launch import RunResult, metrics_lines
 from runtime.recovery import parse_fail, parse_leave
 from runtime.reference import reference_training
 from runtime.stage_io import load_model_module, load_plan
@@ -149,16 +150,19 @@ def test_replicate_every_values() -> None:
 
 
 def test_replan_tolerance_picks_between_repair_and_full_plan(tmp_path: Path) -> None:
+    from asteroid_fx.replanning import Replanner
     from runtime.recovery import _load_model, _new_plan
 
     directory = make_partition(tmp_path / "part", THREE)
-    model = _load_model(directory, CLUSTER)
+    model = _load_model(directory, CLUSTER, Replanner())
     plan = load_plan(directory)
     # the repair (fast | slow1) is predicted ~60 % slower than the full re-plan (fast alone)
-    full, info = _new_plan("replay", plan, model.costs, model.cluster, ["slow0"], 0.0)
+    full, info = _new_plan(model.replanner, "replay", plan, model.costs, model.cluster,
+                           ["slow0"], 0.0)
     assert info["chosen"] == "full" and [s.devices for s in full.stages] == [("fast",)]
     assert info["layerwise_round_s"] > info["full_round_s"]
-    repair, info = _new_plan("replay", plan, model.costs, model.cluster, ["slow0"], 10.0)
+    repair, info = _new_plan(model.replanner, "replay", plan, model.costs, model.cluster,
+                             ["slow0"], 10.0)
     assert info["chosen"] == "layerwise" and len(repair.stages) == 2
     for bad in (-0.1, float("nan"), float("inf")):
         with pytest.raises(RuntimeFailure, match="--replan-tolerance must be a fraction >= 0"):
