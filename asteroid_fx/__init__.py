@@ -37,8 +37,9 @@ from contracts.errors import (
 __version__ = "0.1.0"
 
 # [Note: lazy public API]
-# Attributes are imported on first use so that ``import contracts.errors`` (used by
-# the torch-free solver) and the runtime on a bare board pull in nothing heavy.
+# Attributes are imported on first use so that ``import asteroid_fx`` (the device entry
+# point ``asteroid_fx.device`` on a bare board, or code that only wants the errors) pulls
+# in nothing heavy.
 _LAZY: dict[str, str] = {
     "trace": "asteroid_fx.trace",
     "LayerGraph": "asteroid_fx.trace",

@@ -21,9 +21,10 @@ __all__ = [
 ]
 
 # [Note: dependency-free errors]
-# This module imports nothing but the standard library so that ``solver`` (which
-# never imports torch) and ``runtime`` (which must run on a bare board) can both
-# raise the same typed errors.
+# This module imports nothing but the standard library so that every layer (``solver``,
+# which never imports torch, ``runtime``, which must run on a bare board, the cost models
+# and the front end) raises the same typed errors; ``asteroid_fx.errors`` re-exports them
+# as public API.
 
 
 class AsteroidError(Exception):

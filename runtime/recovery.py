@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import multiprocessing.connection
-import os
 import queue
 import re
 import shutil
@@ -38,6 +37,7 @@ from runtime.checkpoint import (
 from runtime.heartbeat import FailureDetector, FailureReport, blame
 from runtime.replanning import Calibration, Replanner, load_replanner
 from runtime.replication import WorkerSpec, announce_failure, external_holders
+from runtime.shaping import choose_shaping, remove_cgroups
 from runtime.train import DirectorySource, StageSource, TrainConfig, WorkerResult
 from runtime.trust import Gatekeeper, new_token
 
@@ -693,7 +693,7 @@ class _Processes:
                  use_cgroups: bool | None, token: str | None = None) -> None:
         from runtime import emulator as emu
 
-        self.port = emu._free_port()
+        self.port = emu.free_port()
         self._server = dist.TCPStore("127.0.0.1", self.port, 1, is_master=True,
                                      wait_for_workers=False,
                                      timeout=timedelta(seconds=timeout_s))
@@ -722,41 +722,24 @@ class _Processes:
         from runtime import emulator as emu
 
         setup = emu.emulation_setup(plan, cluster, host_cores=self.host_cores)
-        speeds = setup.effective_speeds
-        self.factor, self.shaping = setup.factor, "none"
-        cgroups: list[str] | None = None
         # After the first generation survivors sit in their old groups, whose quotas were
         # set for the old plan's common factor: every rank then moves to a group of this
-        # generation, or a survivor would keep its old, lower cap. A rank at speed >= 1
-        # (no quota) moves to the root group, where a fresh run's processes are too.
-        if self.use_cgroups and (any(s < 1.0 for s in speeds) or self.cgroups):
-            try:
-                # one group per (generation, rank): survivors move in, old groups empty out
-                cgroups = [str(emu.CGROUP_ROOT / f"asteroid-fx-{os.getpid()}-"
-                                                 f"{generation * 1000 + r}")
-                           if speed < 1.0 else str(emu.CGROUP_ROOT)
-                           for r, speed in enumerate(speeds)]
-                for path, speed in zip(cgroups, speeds):
-                    if speed >= 1.0:
-                        continue
-                    self.cgroups.append(path)
-                    emu.make_cgroup(Path(path), speed)
-                self.shaping = "cgroup"
-            except OSError as exc:
-                log.warning("cgroup CPU shaping unavailable (%s); using time dilation", exc)
-                cgroups = None
-        if cgroups is None and any(s < 1.0 for s in speeds):
-            self.shaping = "dilation"
-            source = emu._PerRankScale(source, tuple(1.0 / s if s < 1.0 else 1.0
-                                                     for s in speeds))
-        return source, cgroups, setup
+        # generation (regroup), or a survivor would keep its old, lower cap. A rank at
+        # speed >= 1 (no quota) moves to the root group (fast_in_root).
+        shaping = choose_shaping(setup.effective_speeds, use_cgroups=self.use_cgroups,
+                                 tag=generation, fast_in_root=True,
+                                 regroup=bool(self.cgroups))
+        self.cgroups.extend(shaping.made)
+        self.factor, self.shaping = setup.factor, shaping.kind
+        cgroups = None if shaping.cgroups is None else list(shaping.cgroups)
+        return shaping.wrap(source), cgroups, setup
 
     def run_generation(self, source: DirectorySource, plan: Plan, cluster: Any,
                        config: TrainConfig, spec: WorkerSpec,
                        progress: Callable[[Mapping[str, Any]], None] | None,
                        timeout_s: float,
                        committed_of: Callable[[], int] | None = None) -> _Outcome:
-        from runtime.emulator import _worker
+        from runtime.emulator import worker_main
 
         previous = self.generation
         self.generation = spec.generation
@@ -770,7 +753,7 @@ class _Processes:
             cgroup = None if cgroups is None else cgroups[rank]
             if device in self.waiting:
                 # plain data: the partition directory, and the rank's time-dilation scale
-                # in its own config (what a _PerRankScale source carries for a new process)
+                # in its own config (what a PerRankScale source carries for a new process)
                 scale = getattr(run_source, "compute_scale", None)
                 mine = replace(config, compute_scale=float(scale(rank))) \
                     if callable(scale) else config
@@ -780,7 +763,7 @@ class _Processes:
                 procs.append(self.by_device[device])
                 continue
             proc = self.ctx.Process(
-                target=_worker, daemon=True, name=f"asteroid-fx-g{spec.generation}-{device}",
+                target=worker_main, daemon=True, name=f"asteroid-fx-g{spec.generation}-{device}",
                 args=(rank, world, self.port, run_source, config, cgroup, self.results, spec,
                       self.token))
             proc.start()
@@ -987,8 +970,6 @@ class _Processes:
         self.waiting = {plan.devices[r] for r in free}
 
     def close(self) -> None:
-        from runtime import emulator as emu
-
         for proc in self.by_device.values():
             if proc.is_alive():
                 proc.kill()
@@ -997,7 +978,7 @@ class _Processes:
         self.results.close()
         self.gate.stop()
         if self.cgroups:
-            emu._remove_cgroups(self.cgroups)
+            remove_cgroups(self.cgroups)
 
 
 

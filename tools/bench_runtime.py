@@ -43,15 +43,9 @@ from bench_models import mlp_source  # noqa: E402
 
 from contracts.cluster import Cluster  # noqa: E402
 from contracts.plan import Plan  # noqa: E402
-from runtime.emulator import (  # noqa: E402
-    RESERVED_CORES,
-    _free_port,
-    _make_cgroups,
-    _remove_cgroups,
-    cgroup_available,
-    usable_cores,
-)
+from runtime.emulator import RESERVED_CORES, free_port, usable_cores  # noqa: E402
 from runtime.launch import RunResult, run  # noqa: E402
+from runtime.shaping import cgroup_available, make_cgroups, remove_cgroups  # noqa: E402
 from solver.evaluate import evaluate  # noqa: E402
 
 MODEL = mlp_source(1024, 16, 256, 10)
@@ -199,8 +193,8 @@ def run_pipelining(speeds: list[float], batch: int, micro: int, steps: int,
                    host_cores: float) -> tuple[float | None, str]:
     world = len(speeds)
     factor = max(1.0, sum(speeds) / host_cores)
-    cgroups = _make_cgroups([s / factor for s in speeds]) if cgroup_available() else None
-    port = _free_port()
+    cgroups = make_cgroups([s / factor for s in speeds]) if cgroup_available() else None
+    port = free_port()
     store = dist.TCPStore("127.0.0.1", port, world + 1, is_master=True,
                           wait_for_workers=False)
     ctx = mp.get_context("spawn")
@@ -224,7 +218,7 @@ def run_pipelining(speeds: list[float], batch: int, micro: int, steps: int,
                 p.kill()
             p.join(timeout=10)
         if cgroups is not None:
-            _remove_cgroups(cgroups)
+            remove_cgroups(cgroups)
         del store
     bad = [v for v in results.values() if isinstance(v, str)]
     if bad:
