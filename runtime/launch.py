@@ -10,7 +10,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -19,9 +19,11 @@ from contracts.allocator import tune_allocator
 from contracts.errors import RuntimeFailure
 from contracts.plan import Plan
 from runtime import protocol as proto
-from runtime.replanning import Replanner
 from runtime.train import DirectorySource, StageSource, TrainConfig, WorkerResult, train_device
 from runtime.trust import Gatekeeper, find_token, join_job, resolve_token
+
+if TYPE_CHECKING:   # the device path (training without recovery) never loads it
+    from runtime.replanning import Replanner
 
 __all__ = ["StageTiming", "RunResult", "run", "run_source", "summarize", "metrics_lines",
            "summary_record"]
