@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import logging
 import math
+import multiprocessing.connection
 import os
 import queue
 import socket
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from pathlib import Path
@@ -49,6 +50,7 @@ __all__ = [
     "emulate",
     "free_port",
     "worker_main",
+    "LocalJob",
 ]
 
 log = logging.getLogger(__name__)
@@ -296,6 +298,63 @@ def _is_secondary(exc: BaseException) -> bool:
     return False
 
 
+class LocalJob:
+    """The launcher's side of device processes on this host, shared by ``launch_local``
+    (``run --emulate``) and ``runtime.recovery`` (every generation): the job's store on
+    127.0.0.1 behind the token gate (see [Note: trust boundary] in runtime.trust), the
+    result queue, spawning :func:`worker_main`, and reading the workers' messages."""
+
+    def __init__(self, timeout_s: float, token: str | None = None, *,
+                 expected: int = 1) -> None:
+        self.port = free_port()
+        self._server = dist.TCPStore("127.0.0.1", self.port, expected, is_master=True,
+                                     wait_for_workers=False,
+                                     timeout=timedelta(seconds=timeout_s))
+        self.token = token or new_token()
+        self.gate = Gatekeeper(self._server, self.token,
+                               where=f"the launcher at 127.0.0.1:{self.port}")
+        #: the job's keys (prefixed: see runtime.trust)
+        self.store: dist.Store = self.gate.job_store
+        self.ctx = mp.get_context("spawn")
+        self.results: Any = self.ctx.Queue()
+
+    def spawn(self, rank: int, world: int, source: StageSource, config: TrainConfig,
+              cgroup: str | None, *, spec: Any = None, name: str = "") -> Any:
+        """Start one device process (:func:`worker_main`) and return it."""
+        proc = self.ctx.Process(target=worker_main, daemon=True,
+                                name=f"asteroid-fx-{name or rank}",
+                                args=(rank, world, self.port, source, config, cgroup,
+                                      self.results, spec, self.token))
+        proc.start()
+        return proc
+
+    def next_message(self, procs: Sequence[Any], done: Collection[int],
+                     wait_s: float = 0.02) -> tuple[str, Any, Any]:
+        """The next worker message, or ("", -1, None) after ``wait_s`` or as soon as a
+        worker process not in ``done`` ends (its sentinel wakes the wait: a kill is seen
+        at once)."""
+        try:
+            message: tuple[str, Any, Any] = self.results.get_nowait()
+            return message
+        except queue.Empty:
+            pass
+        reader = getattr(self.results, "_reader", None)
+        handles = [p.sentinel for r, p in enumerate(procs) if r not in done]
+        multiprocessing.connection.wait(handles + ([reader] if reader is not None else []),
+                                        wait_s)
+        try:
+            message = self.results.get_nowait()
+            return message
+        except queue.Empty:
+            return "", -1, None
+
+    def close(self) -> None:
+        """Close the result queue and stop the token gate (the processes are the
+        caller's to end first)."""
+        self.results.close()
+        self.gate.stop()
+
+
 def launch_local(source: StageSource, world: int, config: TrainConfig, *,
                  cgroups: Sequence[str] | None = None,
                  progress: Callable[[Mapping[str, Any]], None] | None = None,
@@ -310,21 +369,11 @@ def launch_local(source: StageSource, world: int, config: TrainConfig, *,
     None) before it joins (see [Note: trust boundary] in runtime.trust); a process that
     fails to prove it ends the run with ``AuthenticationError``.
     """
-    ctx = mp.get_context("spawn")
-    port = free_port()
-    store = dist.TCPStore("127.0.0.1", port, world + 1, is_master=True,
-                          wait_for_workers=False, timeout=timedelta(seconds=config.timeout_s))
-    token = token or new_token()
-    gate = Gatekeeper(store, token, where=f"the launcher at 127.0.0.1:{port}")
-    results: Any = ctx.Queue()
-    procs = []
-    for rank in range(world):
-        cgroup = None if cgroups is None else cgroups[rank]
-        proc = ctx.Process(target=worker_main, daemon=True, name=f"asteroid-fx-rank{rank}",
-                           args=(rank, world, port, source, config, cgroup, results, None,
-                                 token))
-        proc.start()
-        procs.append(proc)
+    job = LocalJob(config.timeout_s, token, expected=world + 1)
+    gate, results = job.gate, job.results
+    procs = [job.spawn(rank, world, source, config,
+                       None if cgroups is None else cgroups[rank], name=f"rank{rank}")
+             for rank in range(world)]
     names = list(devices) if devices is not None else [str(r) for r in range(world)]
     done: dict[int, WorkerResult] = {}
     failures: list[tuple[int, str]] = []      # (priority, message): 0 root cause, 1 echo
@@ -373,9 +422,7 @@ def launch_local(source: StageSource, world: int, config: TrainConfig, *,
                 proc.kill()
         for proc in procs:
             proc.join(timeout=10)
-        results.close()
-        gate.stop()
-        del store
+        job.close()
     if failures or len(done) < world:
         raise StageFailure(min(failures, key=lambda f: f[0])[1] if failures else
                            "a worker stopped without reporting")

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import logging
-import multiprocessing.connection
-import queue
 import re
 import shutil
 import signal
@@ -18,7 +16,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from contracts.cluster import Cluster
 from contracts.errors import AsteroidError, PlanError, RuntimeFailure, StageFailure
@@ -39,7 +36,6 @@ from runtime.replanning import Calibration, Replanner, load_replanner
 from runtime.replication import WorkerSpec, announce_failure, external_holders
 from runtime.shaping import choose_shaping, remove_cgroups
 from runtime.train import DirectorySource, StageSource, TrainConfig, WorkerResult
-from runtime.trust import Gatekeeper, new_token
 
 __all__ = ["RECOVERY_MODES", "LEAVE_ROUND_S", "REPLAY_CHECKPOINT_EVERY", "REPLAN_TOLERANCE",
            "parse_fail", "parse_leave", "parse_replicate_every", "resume_point", "RecoveryRun",
@@ -693,17 +689,12 @@ class _Processes:
                  use_cgroups: bool | None, token: str | None = None) -> None:
         from runtime import emulator as emu
 
-        self.port = emu.free_port()
-        self._server = dist.TCPStore("127.0.0.1", self.port, 1, is_master=True,
-                                     wait_for_workers=False,
-                                     timeout=timedelta(seconds=timeout_s))
-        self.token = token or new_token()
-        self.gate = Gatekeeper(self._server, self.token,
-                               where=f"the launcher at 127.0.0.1:{self.port}")
+        #: the store, token gate, result queue and spawning (shared with launch_local)
+        self.job = emu.LocalJob(timeout_s, token)
+        self.token = self.job.token
+        self.gate = self.job.gate
         #: the job's keys (prefixed: see runtime.trust); everything below reads and writes here
-        self.store: dist.Store = self.gate.job_store
-        self.ctx = mp.get_context("spawn")
-        self.results: Any = self.ctx.Queue()
+        self.store: dist.Store = self.job.store
         self.host_cores = host_cores
         self.use_cgroups = emu.cgroup_available() if use_cgroups is None else use_cgroups
         self.by_device: dict[str, Any] = {}
@@ -739,7 +730,6 @@ class _Processes:
                        progress: Callable[[Mapping[str, Any]], None] | None,
                        timeout_s: float,
                        committed_of: Callable[[], int] | None = None) -> _Outcome:
-        from runtime.emulator import worker_main
 
         previous = self.generation
         self.generation = spec.generation
@@ -762,11 +752,8 @@ class _Processes:
                     spec=spec, cgroup=cgroup, requests=self._requests_of(previous, device)))
                 procs.append(self.by_device[device])
                 continue
-            proc = self.ctx.Process(
-                target=worker_main, daemon=True, name=f"asteroid-fx-g{spec.generation}-{device}",
-                args=(rank, world, self.port, run_source, config, cgroup, self.results, spec,
-                      self.token))
-            proc.start()
+            proc = self.job.spawn(rank, world, run_source, config, cgroup, spec=spec,
+                                  name=f"g{spec.generation}-{device}")
             self.by_device[device] = proc
             procs.append(proc)
         for device in sorted(self.waiting - set(plan.devices)):
@@ -778,24 +765,6 @@ class _Processes:
         outcome = self._supervise(plan, spec, procs, progress, timeout_s, committed_of)
         outcome.stopped_at = time.time()
         return outcome
-
-    def _next_message(self, procs: list[Any], done: Mapping[int, Any],
-                      wait_s: float = 0.02) -> tuple[str, Any, Any]:
-        """The next worker message, or ("", -1, None) after ``wait_s`` or as soon as a
-        worker process ends (its sentinel wakes the wait: a kill is seen at once)."""
-        try:
-            message: tuple[str, Any, Any] = self.results.get_nowait()
-            return message
-        except queue.Empty:
-            pass
-        reader = getattr(self.results, "_reader", None)
-        handles = [p.sentinel for r, p in enumerate(procs) if r not in done]
-        multiprocessing.connection.wait(handles + ([reader] if reader is not None else []), wait_s)
-        try:
-            message = self.results.get_nowait()
-            return message
-        except queue.Empty:
-            return "", -1, None
 
     def _requests_of(self, generation: int, device: str) -> int:
         """How many state requests the device's process got in ``generation``."""
@@ -818,7 +787,7 @@ class _Processes:
         ok = False
         try:
             while len(done) < world:
-                kind, rank, payload = self._next_message(procs, done)
+                kind, rank, payload = self.job.next_message(procs, done)
                 if kind == "step":
                     if progress is not None:
                         progress(payload)
@@ -975,8 +944,7 @@ class _Processes:
                 proc.kill()
             proc.join(timeout=10)
         self.by_device.clear()
-        self.results.close()
-        self.gate.stop()
+        self.job.close()
         if self.cgroups:
             remove_cgroups(self.cgroups)
 
