@@ -16,7 +16,7 @@ import sys
 import types
 from typing import Any
 
-from asteroid_fx.errors import (
+from contracts.errors import (
     AdapterError,
     AsteroidError,
     AuthenticationError,
@@ -29,6 +29,7 @@ from asteroid_fx.errors import (
     PartitionError,
     PlanError,
     ProtocolError,
+    ReplannerUnavailable,
     RuntimeFailure,
     ScheduleError,
     StageFailure,
@@ -38,25 +39,26 @@ from asteroid_fx.errors import (
 __version__ = "0.1.0"
 
 # [Note: lazy public API]
-# Attributes are imported on first use so that ``import asteroid_fx.errors`` (used by
-# the torch-free solver) and the runtime on a bare board pull in nothing heavy.
+# Attributes are imported on first use so that ``import asteroid_fx`` (the device entry
+# point ``asteroid_fx.device`` on a bare board, or code that only wants the errors) pulls
+# in nothing heavy.
 _LAZY: dict[str, str] = {
     "trace": "asteroid_fx.trace",
     "LayerGraph": "asteroid_fx.trace",
     "Layer": "asteroid_fx.trace",
     "load_model_spec": "asteroid_fx.model_spec",
     "ModelSpec": "asteroid_fx.model_spec",
-    "profile": "cost_models.profile",
-    "analytic_costs": "cost_models.analytic",
+    "profile": "asteroid_fx.costs",
+    "analytic_costs": "asteroid_fx.costs",
     "merge_costs": "cost_models.merge",
     "calibrate": "asteroid_fx.calibration",
-    "CostTable": "cost_models.table",
-    "LayerCost": "cost_models.table",
-    "Cluster": "solver.cluster",
-    "Device": "solver.cluster",
-    "Plan": "solver.plan",
-    "Stage": "solver.plan",
-    "Prediction": "solver.plan",
+    "CostTable": "contracts.table",
+    "LayerCost": "contracts.table",
+    "Cluster": "contracts.cluster",
+    "Device": "contracts.cluster",
+    "Plan": "contracts.plan",
+    "Stage": "contracts.plan",
+    "Prediction": "contracts.plan",
     "plan": "solver.api",
     "evaluate": "solver.evaluate",
     "simulate": "solver.simulate",
@@ -65,7 +67,7 @@ _LAZY: dict[str, str] = {
     "save_partition": "asteroid_fx.package",
     "load_partition": "asteroid_fx.package",
     "to_pipeline_stage": "asteroid_fx.interop",
-    "run": "runtime.launch",
+    "run": "asteroid_fx.training",
     "parallel_adapters": "asteroid_fx.adapters",
     "AdapterModel": "asteroid_fx.adapters",
     "plan_finetune": "solver.pac",
@@ -86,6 +88,7 @@ __all__ = [
     "PartitionError",
     "PlanError",
     "ProtocolError",
+    "ReplannerUnavailable",
     "RuntimeFailure",
     "ScheduleError",
     "StageFailure",

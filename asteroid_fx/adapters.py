@@ -190,7 +190,7 @@ def parallel_adapters(model: nn.Module | LayerGraph, example_inputs: Any, *,
             from the head input it is added to.
     """
     from asteroid_fx.partition import partition, stage_info
-    from solver.plan import Plan, Stage
+    from contracts.plan import Plan, Stage
 
     if not isinstance(rank, int) or rank < 1:
         raise AdapterError(f"adapter rank must be an integer >= 1, got {rank!r}; try rank=8")

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from asteroid_fx.errors import CostModelError
+from contracts.errors import CostModelError
 
 __all__ = ["calibrate", "read_summary"]
 
@@ -61,11 +61,11 @@ def calibrate(directory: str | Path, metrics: str | Path) -> tuple[Any, Any]:
     Raises:
         CostModelError: a missing package file or metrics file, or metrics of another plan.
     """
-    from cost_models.table import CostTable
+    from contracts.cluster import Cluster
+    from contracts.plan import Plan
+    from contracts.table import CostTable
     from runtime.launch import plan_fingerprint
     from solver.calibrate import calibrate_costs
-    from solver.cluster import Cluster
-    from solver.plan import Plan
 
     root = Path(directory)
     again = "re-create it with `asteroid-fx partition MODEL --cluster C --batch-size N --out DIR`"

@@ -16,7 +16,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from asteroid_fx.errors import ModelOutputError, TraceError
+from contracts.errors import ModelOutputError, TraceError
 
 __all__: list[str] = []
 

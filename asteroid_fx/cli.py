@@ -14,7 +14,7 @@ from typing import Annotated, Any, TypeVar
 import typer
 from rich.console import Console
 
-from asteroid_fx.errors import AsteroidError
+from contracts.errors import AsteroidError
 
 __all__ = ["app", "main"]
 
@@ -224,9 +224,9 @@ def profile(
 ) -> None:
     """Measure forward/backward time per layer on this host at several batch sizes."""
     with _errors():
-        from asteroid_fx.errors import CostModelError
+        from asteroid_fx.costs import profile as profile_fn
         from asteroid_fx.model_spec import load_model_spec
-        from cost_models.profile import profile as profile_fn
+        from contracts.errors import CostModelError
 
         try:
             sizes = tuple(int(s) for s in batch_sizes.split(",") if s.strip())
@@ -269,8 +269,8 @@ def costs(
 ) -> None:
     """Show a cost table (per-layer time per device type, memory, cuts), or merge tables."""
     with _errors():
-        from asteroid_fx.errors import CostModelError
-        from cost_models.table import CostTable
+        from contracts.errors import CostModelError
+        from contracts.table import CostTable
 
         if files[0] == "merge":
             from cost_models.merge import merge_costs
@@ -299,7 +299,7 @@ def _show_costs(table: Any, cluster: Path | None, batch_size: int) -> None:
     taken from ``solver.timing`` as the planner takes it."""
     from rich.table import Table
 
-    from solver.cluster import Cluster, Device
+    from contracts.cluster import Cluster, Device
     from solver.timing import Timing
 
     # column label -> the device whose times it shows
@@ -356,7 +356,7 @@ def _costs_for(model: str, batch_size: int, costs: str | None, leaf: tuple[str, 
     """The model, its example inputs and the cost table ``--costs`` asks for (bad
     ``--planner`` / ``--batch-size`` are refused first: measuring takes a while)."""
     from asteroid_fx.cost_source import resolve_costs
-    from asteroid_fx.errors import PlanError
+    from contracts.errors import PlanError
     from solver.api import PLANNERS
 
     if planner not in PLANNERS:
@@ -398,8 +398,8 @@ def plan(
 ) -> None:
     """Plan stages, device groups, shares and micro-batches; print the report."""
     with _errors():
+        from contracts.cluster import Cluster
         from solver.anytime import check_time_limit
-        from solver.cluster import Cluster
 
         check_time_limit(time_limit)
         clus = Cluster.from_yaml(cluster)
@@ -435,7 +435,7 @@ def _plan(table: Any, clus: Any, batch_size: int, planner: str, micro_batch: int
 
 
 def _print_report(plan_obj: Any, table: Any, clus: Any) -> None:
-    from solver.report import plan_report
+    from asteroid_fx.report import plan_report
 
     console.print(plan_report(plan_obj, table, clus))
 
@@ -461,8 +461,8 @@ def partition(
     with _errors():
         from asteroid_fx.package import save_partition
         from asteroid_fx.partition import partition as partition_fn
+        from contracts.cluster import Cluster
         from solver.anytime import check_time_limit
-        from solver.cluster import Cluster
 
         check_time_limit(time_limit)
         start = time.perf_counter()
@@ -540,9 +540,9 @@ def simulate(
 ) -> None:
     """Event-simulate rounds of a plan: time, bubbles, memory; optional Gantt PNG."""
     with _errors():
-        from asteroid_fx.errors import PlanError
-        from solver.cluster import Cluster
-        from solver.plan import Plan
+        from contracts.cluster import Cluster
+        from contracts.errors import PlanError
+        from contracts.plan import Plan
         from solver.simulate import simulate as simulate_fn
 
         plan_obj = Plan.load(plan_file)
@@ -554,7 +554,7 @@ def simulate(
                             f"(looked for {cluster_path})")
         clus = Cluster.from_yaml(cluster_path)
         if Path(costs_path).is_file():
-            from cost_models.table import CostTable
+            from contracts.table import CostTable
 
             table = CostTable.load(costs_path)
         elif model is not None:
@@ -576,7 +576,7 @@ def simulate(
         for device, peak in sorted(result.peak_memory_bytes.items()):
             console.print(f"  {device}: peak memory {_fmt_bytes(peak)}")
         if gantt is not None:
-            from solver.gantt import gantt_png
+            from asteroid_fx.gantt import gantt_png
 
             gantt_png(result, gantt)
             console.print(f"wrote {gantt}")
@@ -628,7 +628,7 @@ def run(
     with _errors():
         from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-        from runtime.launch import run as run_fn
+        from asteroid_fx.training import run as run_fn
         from runtime.stage_io import load_plan
 
         batch = load_plan(directory).batch_size
@@ -710,7 +710,7 @@ def finetune(
     """Fine-tune with parallel adapters and an activation cache (PAC), or fully for comparison."""
     with _errors():
         from asteroid_fx.errors import PlanError
-        from solver.cluster import Cluster
+        from contracts.cluster import Cluster
 
         if method not in ("pac", "full"):
             raise PlanError(f"--method must be pac or full, got {method!r}")

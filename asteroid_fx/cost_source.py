@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from asteroid_fx.errors import CostModelError
+from contracts.errors import CostModelError
 
 __all__ = [
     "CHOICES",
@@ -43,7 +43,7 @@ profiler's method invalidates the cache."""
 class CostChoice:
     """The table a command plans with, and one line saying where it came from."""
 
-    table: Any  # cost_models.table.CostTable
+    table: Any  # contracts.table.CostTable
     how: str  # "file", "measured", "cached" or "analytic"
     detail: str
 
@@ -98,7 +98,7 @@ def _write_atomic(path: Path, text: str) -> None:
 
 
 def _load_cached(path: Path) -> Any:
-    from cost_models.table import CostTable
+    from contracts.table import CostTable
 
     try:
         return CostTable.load(path)
@@ -157,7 +157,7 @@ def resolve_costs(spec: Any, model: Any, inputs: Any, cluster: Any,
         sizes, so the same command plans the same way every time.
     """
     from asteroid_fx.trace import trace
-    from cost_models.table import CostTable
+    from contracts.table import CostTable
 
     word = (choice or "auto").strip()
     if word not in CHOICES:
@@ -171,7 +171,7 @@ def resolve_costs(spec: Any, model: Any, inputs: Any, cluster: Any,
         word = "measure" if measures_by_default(cluster) else "analytic"
     graph = trace(model, inputs, leaf_modules=tuple(leaf_modules))
     if word == "analytic":
-        from cost_models.analytic import analytic_costs
+        from asteroid_fx.costs import analytic_costs
 
         host = _host_speeds()
         table = analytic_costs(model, inputs, graph=graph, optimizer=spec.build_optimizer,
@@ -193,7 +193,7 @@ def resolve_costs(spec: Any, model: Any, inputs: Any, cluster: Any,
             return CostChoice(cached, "cached",
                               f"measured on this host at batch sizes {list(sizes)} (cached "
                               f"in {path})")
-    from cost_models.profile import profile
+    from asteroid_fx.costs import profile
 
     table = profile(model, spec.sample_batch, sizes, graph=graph,
                     optimizer=spec.build_optimizer, progress=progress,

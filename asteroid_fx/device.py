@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-from asteroid_fx.errors import AsteroidError, RuntimeFailure
+from contracts.errors import AsteroidError, RuntimeFailure
 
 __all__ = ["main", "run_device", "profile_device"]
 
@@ -94,9 +94,9 @@ def profile_device(model: str, device_type: str, out: Path, *, batch_sizes: str 
         CostModelError: bad batch sizes, device type or output directory.
         ModelSpecError / TraceError: the model cannot be loaded or traced.
     """
-    from asteroid_fx.errors import CostModelError
+    from asteroid_fx.costs import profile
     from asteroid_fx.model_spec import load_model_spec
-    from cost_models.profile import profile
+    from contracts.errors import CostModelError
 
     try:
         sizes = tuple(int(s) for s in batch_sizes.split(",") if s.strip())

@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from asteroid_fx.errors import PartitionError
+from contracts.errors import PartitionError
 
 __all__ = ["to_pipeline_stage"]
 

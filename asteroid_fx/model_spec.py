@@ -10,12 +10,21 @@ import traceback
 import types
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, Mapping, Tuple, Union
+from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
 
-from asteroid_fx.errors import AsteroidError, ModelSpecError
+from contracts.errors import ModelSpecError
+from contracts.inputs import model_inputs
+from cost_models.batches import Inputs, check_batch
+from runtime.builtin_models import (
+    BUILTIN_LOSSES,
+    BUILTIN_MODELS,
+    BuildModel,
+    LossFn,
+    SampleBatch,
+)
 
 __all__ = [
     "ModelSpec",
@@ -29,17 +38,10 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-BuildModel = Callable[[], nn.Module]
-#: A model's inputs: positional tensors, or keyword tensors by name (``{"input_ids": ...}``;
-#: see [Note: named inputs] in ``asteroid_fx/trace.py``).
-Inputs = Union[Tuple[torch.Tensor, ...], Dict[str, torch.Tensor]]
-SampleBatch = Callable[[int], Tuple[Any, Any]]
-LossFn = Callable[[Any, torch.Tensor], torch.Tensor]
 BuildOptimizer = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 
 _FUNCTIONS = ("build_model", "sample_batch", "loss_fn", "build_optimizer", "dataset")
 _REQUIRED = ("build_model", "sample_batch")
-_MODELS_HINT = "pip install 'asteroid-fx[models]'"
 
 
 @dataclass(frozen=True)
@@ -68,62 +70,6 @@ class ModelSpec:
             raise ModelSpecError(f"batch_size must be >= 1, got {batch_size}")
         return check_batch(self.sample_batch(batch_size), batch_size,
                            where=f"{self.spec}: sample_batch({batch_size})")
-
-
-def model_inputs(inputs: Any) -> tuple[torch.Tensor, ...]:
-    """A ``sample_batch``'s inputs as stage 0 takes them, positionally.
-
-    A tensor becomes a 1-tuple, a tuple or list a tuple, and a mapping of keyword inputs
-    its values in the mapping's order: stage 0's parameters are the mapping's keys in that
-    order ([Note: named inputs] in ``asteroid_fx/trace.py``).
-    """
-    if isinstance(inputs, torch.Tensor):
-        return (inputs,)
-    if isinstance(inputs, Mapping):
-        return tuple(inputs.values())
-    return tuple(inputs)
-
-
-def check_batch(batch: Any, batch_size: int, *, where: str,
-                error: type[AsteroidError] = ModelSpecError,
-                ) -> tuple[Inputs, Any]:
-    """Check what a ``sample_batch(batch_size)`` returned; ``(inputs, targets)``.
-
-    ``inputs`` is a tensor or a tuple/list of tensors (returned as a tuple: positional
-    inputs), or a mapping ``{name: tensor}`` of keyword inputs (returned as a dict in the
-    same order). ``where`` starts every message (e.g. ``"model.py: sample_batch(8)"``);
-    ``error`` is the typed error to raise (``CostModelError`` when profiling).
-    """
-    if not isinstance(batch, (tuple, list)) or len(batch) != 2:
-        got = type(batch).__name__
-        if isinstance(batch, (tuple, list)):
-            got += f" of length {len(batch)}"
-        raise error(f"{where} must return (inputs, targets), got {got}; inputs is a tuple "
-                    "of tensors with the batch dimension first")
-    inputs, targets = batch
-    if isinstance(inputs, torch.Tensor):
-        inputs = (inputs,)
-    if isinstance(inputs, Mapping):
-        named = dict(inputs)
-        bad = [k for k in named if not (isinstance(k, str) and k.isidentifier())]
-        if bad:
-            raise error(f"{where} returned keyword inputs with the key {bad[0]!r}; keys must "
-                        f"be the model's forward parameter names")
-        labels = [repr(k) for k in named]
-        values = list(named.values())
-    elif isinstance(inputs, (tuple, list)):
-        labels = [str(i) for i in range(len(inputs))]
-        values = list(inputs)
-    else:
-        values = []
-    if not values or not all(isinstance(t, torch.Tensor) for t in values):
-        raise error(f"{where} must return (inputs, targets) with inputs a tuple of tensors or "
-                    f"a dict of named tensors, got inputs of type {type(batch[0]).__name__}")
-    for label, t in zip(labels, values):
-        if t.dim() == 0 or t.shape[0] != batch_size:
-            raise error(f"{where} input {label} has shape {tuple(t.shape)}; dimension 0 must "
-                        f"be the batch size {batch_size}")
-    return (named if isinstance(inputs, Mapping) else tuple(values)), targets
 
 
 def load_model_spec(spec: str) -> ModelSpec:
@@ -282,128 +228,6 @@ def _available_prefixes(module: types.ModuleType) -> list[str]:
 # --------------------------------------------------------------------------- built-ins
 
 
-def _require_models_extra(name: str, package: str) -> None:
-    if importlib.util.find_spec(package) is None:
-        raise ModelSpecError(
-            f"builtin:{name} needs {package}, which is not installed; install the models "
-            f"extra: {_MODELS_HINT}"
-        )
-
-
-def _torchvision_model(name: str, fn: str, image: int) -> tuple[BuildModel, SampleBatch]:
-    _require_models_extra(name, "torchvision")
-
-    def build_model() -> nn.Module:
-        import torchvision  # type: ignore[import-untyped, unused-ignore]
-
-        model: nn.Module = getattr(torchvision.models, fn)(weights=None, num_classes=1000)
-        return model
-
-    def sample_batch(batch_size: int) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
-        x = torch.randn(batch_size, 3, image, image)
-        return (x,), torch.randint(0, 1000, (batch_size,))
-
-    return build_model, sample_batch
-
-
-class _BertClassifier(nn.Module):
-    """BERT encoder + pooler + linear head, returning the logits tensor."""
-
-    def __init__(self, bert: nn.Module, hidden: int, num_classes: int) -> None:
-        super().__init__()
-        self.bert = bert
-        self.classifier = nn.Linear(hidden, num_classes)
-
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        bert: Any = self.bert
-        x = bert.embeddings(input_ids=input_ids)
-        for layer in bert.encoder.layer:
-            out = layer(x)
-            x = out[0] if isinstance(out, tuple) else out
-        logits: torch.Tensor = self.classifier(bert.pooler(x))
-        return logits
-
-
-_BERT_SEQ = 512
-_BERT_VOCAB = 30522
-
-
-def _bert_small() -> tuple[BuildModel, SampleBatch]:
-    _require_models_extra("bert-small", "transformers")
-
-    def build_model() -> nn.Module:
-        import transformers  # type: ignore[import-untyped, unused-ignore]
-
-        config = transformers.BertConfig(
-            vocab_size=_BERT_VOCAB,
-            hidden_size=512,
-            num_hidden_layers=4,
-            num_attention_heads=8,
-            intermediate_size=2048,
-            max_position_embeddings=_BERT_SEQ,
-            hidden_dropout_prob=0.0,
-            attention_probs_dropout_prob=0.0,
-        )
-        return _BertClassifier(transformers.BertModel(config), 512, 2)
-
-    def sample_batch(batch_size: int) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
-        ids = torch.randint(0, _BERT_VOCAB, (batch_size, _BERT_SEQ))
-        return (ids,), torch.randint(0, 2, (batch_size,))
-
-    return build_model, sample_batch
-
-
-_GPT2_SEQ = 128
-_GPT2_VOCAB = 50257
-
-
-def _gpt2_small() -> tuple[BuildModel, SampleBatch]:
-    _require_models_extra("gpt2-small", "transformers")
-
-    def build_model() -> nn.Module:
-        import transformers  # type: ignore[import-untyped, unused-ignore]
-
-        config = transformers.GPT2Config(
-            vocab_size=_GPT2_VOCAB,
-            n_positions=1024,
-            n_embd=512,
-            n_layer=4,
-            n_head=8,
-            resid_pdrop=0.0,
-            embd_pdrop=0.0,
-            attn_pdrop=0.0,
-        )
-        model: nn.Module = transformers.GPT2LMHeadModel(config)
-        return model
-
-    def sample_batch(batch_size: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        tokens = torch.randint(0, _GPT2_VOCAB, (batch_size, _GPT2_SEQ + 1))
-        return {"input_ids": tokens[:, :-1]}, tokens[:, 1:]
-
-    return build_model, sample_batch
-
-
-def next_token_loss(outputs: Any, targets: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy of a causal LM's ``outputs["logits"]`` (batch, sequence, vocabulary)
-    against the next tokens ``targets`` (batch, sequence)."""
-    logits = outputs["logits"]
-    return nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten())
-
-
-BUILTIN_MODELS: dict[str, Callable[[], tuple[BuildModel, SampleBatch]]] = {
-    "resnet50": lambda: _torchvision_model("resnet50", "resnet50", 224),
-    "mobilenet_v2": lambda: _torchvision_model("mobilenet_v2", "mobilenet_v2", 224),
-    "efficientnet_b1": lambda: _torchvision_model("efficientnet_b1", "efficientnet_b1", 240),
-    # BERT-Small (4 layers, hidden 512, sequence 512): one of the Asteroid paper's models
-    "bert-small": _bert_small,
-    # a GPT-2-style decoder of the same size (4 layers, hidden 512, sequence 128, GPT-2's
-    # vocabulary); a Hugging Face GPT2LMHeadModel called with keyword input_ids, whose
-    # output is a ModelOutput (not OpenAI's 124M "GPT-2 small")
-    "gpt2-small": _gpt2_small,
-}
-_BUILTIN_LOSSES: dict[str, LossFn] = {"gpt2-small": next_token_loss}
-
-
 def _load_builtin(spec: str, name: str) -> ModelSpec:
     factory = BUILTIN_MODELS.get(name)
     if factory is None:
@@ -420,6 +244,6 @@ def _load_builtin(spec: str, name: str) -> ModelSpec:
         prefix=None,
         build_model=build_model,
         sample_batch=sample_batch,
-        loss_fn=_BUILTIN_LOSSES.get(name, nn.functional.cross_entropy),
+        loss_fn=BUILTIN_LOSSES.get(name, nn.functional.cross_entropy),
         build_optimizer=None,
     )

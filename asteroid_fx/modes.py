@@ -47,7 +47,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from asteroid_fx.errors import PartitionError, TraceError
+from contracts.errors import PartitionError, TraceError
 
 if TYPE_CHECKING:  # pragma: no cover
     from asteroid_fx.trace import LayerGraph

@@ -23,8 +23,8 @@ from typing import Any
 
 import torch
 
-from asteroid_fx.errors import PartitionError
 from asteroid_fx.modes import ModeStage
+from contracts.errors import PartitionError
 
 __all__ = ["ONNX_TOLERANCE", "export_stage_onnx", "run_onnx", "check_stage_onnx"]
 

@@ -44,9 +44,10 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from asteroid_fx.errors import AsteroidError, ModelSpecError, PartitionError
 from asteroid_fx.partition import StageInfo, stage_info, tied_parameters
 from asteroid_fx.stage_code import stage_source
+from contracts.errors import AsteroidError, ModelSpecError, PartitionError
+from contracts.plan import Plan
 from runtime.package_check import file_digest, package_files
 from runtime.stage_io import (
     PARTITION_VERSION,
@@ -59,7 +60,6 @@ from runtime.stage_io import (
     weights_file,
 )
 from runtime.trust import TOKEN_FILE, find_token, new_token, write_token
-from solver.plan import Plan
 
 __all__ = ["save_partition", "load_partition", "stage_example_args"]
 
@@ -209,7 +209,7 @@ def stage_example_args(
 
     Runs the stages in eval mode without autograd (train/eval flags restored afterwards).
     """
-    from asteroid_fx.model_spec import model_inputs
+    from contracts.inputs import model_inputs
 
     args: Any = model_inputs(example_inputs)
     result: list[tuple[torch.Tensor, ...]] = []
@@ -273,7 +273,7 @@ def _check_outputs(stages: Sequence[fx.GraphModule], loaded: Sequence[torch.nn.M
 def _run_stages(stages: Sequence[torch.nn.Module], example_inputs: Any,
                 training: bool) -> list[tuple[tuple[Any, ...], Any]]:
     """``(inputs, outputs)`` of every stage run one after the other in the given mode."""
-    from asteroid_fx.model_spec import model_inputs
+    from contracts.inputs import model_inputs
 
     args: Any = model_inputs(example_inputs)
     runs = []
@@ -363,12 +363,12 @@ def _parse_spec(text: str) -> _SpecFields:
 
 
 def _write_report(out: Path, plan: Plan, costs: Any, cluster: Any) -> dict[str, Path]:
-    """``report.md`` (solver.report) and ``gantt.png`` (solver.simulate + solver.gantt).
+    """``report.md`` (asteroid_fx.report) and ``gantt.png`` (solver.simulate + asteroid_fx.gantt).
 
-    Each file is skipped, with a log line, when its solver module is not installed.
+    Each file is skipped, with a log line, when its module (or rich, matplotlib) is not installed.
     """
     written: dict[str, Path] = {}
-    render = _optional("solver.report", "plan_report_markdown")
+    render = _optional("asteroid_fx.report", "plan_report_markdown")
     if render is not None:
         try:
             (out / "report.md").write_text(str(render(plan, costs, cluster)))
@@ -376,7 +376,7 @@ def _write_report(out: Path, plan: Plan, costs: Any, cluster: Any) -> dict[str, 
         except (AsteroidError, ValueError, TypeError, KeyError) as exc:
             log.warning("report.md not written: %s", exc)
     simulate = _optional("solver.simulate", "simulate")
-    draw = _optional("solver.gantt", "gantt_png")
+    draw = _optional("asteroid_fx.gantt", "gantt_png")
     if simulate is not None and draw is not None:
         try:
             result = simulate(plan, costs, cluster)

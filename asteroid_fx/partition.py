@@ -46,10 +46,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.fx as fx
 
-from asteroid_fx.errors import PartitionError
 from asteroid_fx.modes import ModeStage, eval_stage_layers, graph_targets
+from contracts.errors import PartitionError
+from contracts.plan import Plan
 from runtime.stage_io import STAGE_META_KEY
-from solver.plan import Plan
 
 if TYPE_CHECKING:  # pragma: no cover
     from asteroid_fx.trace import LayerGraph
@@ -174,7 +174,7 @@ def partition(
         PartitionError: the plan does not match the graph, or a non-tensor value (or a
             tensor without the batch dimension) would cross a cut.
     """
-    from asteroid_fx.model_spec import model_inputs
+    from contracts.inputs import model_inputs
 
     if graph is None:
         from asteroid_fx.trace import trace

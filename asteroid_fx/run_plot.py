@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from asteroid_fx.errors import RuntimeFailure
+from contracts.errors import RuntimeFailure
 
 __all__ = ["RunMetrics", "read_metrics", "plot_metrics"]
 

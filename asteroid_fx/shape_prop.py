@@ -10,7 +10,7 @@ from typing import Any, Tuple, Union
 import torch
 import torch.fx as fx
 
-from asteroid_fx.errors import TraceError
+from contracts.errors import TraceError
 
 __all__ = [
     "META_KEY",

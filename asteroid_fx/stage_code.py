@@ -41,8 +41,8 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from asteroid_fx.errors import PartitionError
 from asteroid_fx.modes import ModeStage, dispatch_source
+from contracts.errors import PartitionError
 from runtime.stage_io import STAGE_FORMAT, build_meta_model
 
 __all__ = ["StageCode", "stage_source", "constructor_call", "tree_difference"]

@@ -18,7 +18,6 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from asteroid_fx.errors import ModelOutputError, TraceError
 from asteroid_fx.modes import trace_both_modes
 from asteroid_fx.shape_prop import (
     META_KEY,
@@ -31,6 +30,7 @@ from asteroid_fx.shape_prop import (
     describe,
     iter_tensor_metas,
 )
+from contracts.errors import ModelOutputError, TraceError
 
 __all__ = ["Layer", "LayerGraph", "trace", "BATCHED_KEY", "LAYER_KEY"]
 

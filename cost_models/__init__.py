@@ -1,6 +1,6 @@
 """Layer-graph costs: analytic and measured per-layer times, bytes and memory, device profiles.
 
-``cost_models.table`` and ``cost_models.devices`` are plain data and import no torch, so
+``contracts.table`` and ``contracts.devices`` are plain data and import no torch, so
 the solver can use them; ``analytic`` and ``profile`` need torch and are imported lazily
 through ``asteroid_fx``.
 """

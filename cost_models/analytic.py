@@ -1,7 +1,7 @@
 """Analytic cost tables: per-layer roofline times from FLOP and byte counts, no timing runs.
 
 [Note: analytic roofline]
-For every layer of the traced :class:`~asteroid_fx.trace.LayerGraph` the forward time on
+For every layer of the traced :class:`~cost_models.graph.LayerGraph` the forward time on
 the reference host is ``intercept + per_sample * b`` with
 
 * ``per_sample = max(compute, bytes_moved / host_mem_bw)`` with
@@ -29,21 +29,17 @@ from __future__ import annotations
 import logging
 import math
 import platform
-from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
 
 import torch
 
-from asteroid_fx.errors import CostModelError
+from contracts.errors import CostModelError
+from contracts.table import CostTable, LayerCost, TimeFit
 from cost_models.flops import NodeCost, nodes_cost
+from cost_models.graph import LayerGraph
 from cost_models.hostspeed import measure_host_flops, measure_host_mem_bw, measure_norm_flops
 from cost_models.optimizer import BuildOptimizer, optimizer_state_factor
-from cost_models.table import CostTable, LayerCost, TimeFit
 
-if TYPE_CHECKING:
-    from asteroid_fx.trace import LayerGraph
-
-__all__ = ["analytic_costs", "layer_node_costs", "OP_OVERHEAD_S", "SGD_UPDATE_TRAFFIC"]
+__all__ = ["analytic_table", "layer_node_costs", "OP_OVERHEAD_S", "SGD_UPDATE_TRAFFIC"]
 
 logger = logging.getLogger(__name__)
 
@@ -61,48 +57,32 @@ def _positive(name: str, value: float | None) -> None:
         raise CostModelError(f"{name} must be a finite number > 0, got {value!r}")
 
 
-def _as_inputs(example_inputs: Any) -> Any:
-    if isinstance(example_inputs, torch.Tensor):
-        return (example_inputs,)
-    if isinstance(example_inputs, (tuple, list)):
-        return tuple(example_inputs)
-    if isinstance(example_inputs, Mapping):
-        return dict(example_inputs)
-    raise CostModelError(
-        f"example_inputs must be a tensor, a tuple of tensors or a dict of named tensors "
-        f"(batch first), got {type(example_inputs).__name__}"
-    )
-
-
 def layer_node_costs(graph: LayerGraph) -> list[NodeCost]:
     """The summed :class:`~cost_models.flops.NodeCost` of every layer of ``graph``."""
     gm = graph.graph_module
     return [nodes_cost(gm, layer.node_names, graph.example_batch) for layer in graph.layers]
 
 
-def analytic_costs(
+def analytic_table(
+    graph: LayerGraph,
     model: torch.nn.Module,
-    example_inputs: Any,
     *,
-    leaf_modules: Sequence[type[torch.nn.Module] | str] = (),
     host_flops: float | None = None,
     host_mem_bw: float | None = None,
-    graph: LayerGraph | None = None,
     model_name: str = "",
     norm_efficiency: float | None = None,
     optimizer: BuildOptimizer | None = None,
 ) -> CostTable:
-    """A cost table from FLOP and byte counts (source ``"analytic"``; see the module note).
+    """A cost table of the traced ``graph`` of ``model`` from FLOP and byte counts (source
+    ``"analytic"``; see the module note). ``asteroid_fx.analytic_costs`` traces a model and
+    calls this.
 
     Args:
-        model: the model (traced unless ``graph`` is given).
-        example_inputs: a tuple of tensors, or a dict of keyword tensors, batch dimension
-            first (shapes only matter).
-        leaf_modules: module types or qualified names that tracing keeps whole.
+        graph: the traced layer graph of ``model`` (``asteroid_fx.trace.trace``).
+        model: the model (its parameters size the optimizer state).
         host_flops: effective FLOP/s of the reference host; default: this host's single
             core, measured once per process.
         host_mem_bw: memory bandwidth of the reference host in bytes/s; default: measured.
-        graph: an already traced :class:`~asteroid_fx.trace.LayerGraph` of ``model``.
         model_name: recorded in the table (default: the graph's name or the class name).
         norm_efficiency: training-mode batch-norm FLOP/s as a fraction of ``host_flops``;
             default: measured on this host.
@@ -111,25 +91,15 @@ def analytic_costs(
             (``CostTable.optimizer_state_factor``, e.g. 2 for Adam).
 
     Returns:
-        A :class:`~cost_models.table.CostTable` whose layer ``i`` is layer ``i`` of the graph.
+        A :class:`~contracts.table.CostTable` whose layer ``i`` is layer ``i`` of the graph.
 
     Raises:
         CostModelError: a non-positive ``host_flops`` / ``host_mem_bw`` /
-            ``norm_efficiency``, or example inputs that are not tensors.
-        TraceError: the model cannot be traced.
+            ``norm_efficiency``.
     """
     _positive("host_flops", host_flops)
     _positive("host_mem_bw", host_mem_bw)
     _positive("norm_efficiency", norm_efficiency)
-    if graph is None:
-        from asteroid_fx.trace import trace
-
-        graph = trace(
-            model,
-            _as_inputs(example_inputs),
-            leaf_modules=tuple(leaf_modules),
-            model_name=model_name or type(model).__name__,
-        )
     flops_s = host_flops if host_flops is not None else measure_host_flops()
     bw = host_mem_bw if host_mem_bw is not None else measure_host_mem_bw()
     if norm_efficiency is None:

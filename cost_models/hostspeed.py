@@ -7,7 +7,7 @@ effective FLOP/s recorded in the table (``CostTable.host_flops``) is therefore m
 one thread too: the median of many short timed dense ``n x n`` float32 matmuls (``2 n^3``
 FLOPs each, about 0.3 ms on a 100 GFLOP/s core) after a warm-up; many short runs keep a
 burst of load from other processes from moving the median. Built-in device types
-(``cost_models.devices``) carry their own effective FLOP/s, so ``device.flops /
+(``contracts.devices``) carry their own effective FLOP/s, so ``device.flops /
 host_flops`` is the device's speed against this host, and analytic and measured tables
 share one time scale.
 
@@ -29,7 +29,7 @@ from contextlib import contextmanager
 
 import torch
 
-from asteroid_fx.errors import CostModelError
+from contracts.errors import CostModelError
 
 __all__ = [
     "measure_host_flops",

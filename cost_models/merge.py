@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import replace
 
-from asteroid_fx.errors import CostModelError
-from cost_models.table import UNMEASURED_TYPES, CostTable, DeviceColumn
+from contracts.errors import CostModelError
+from contracts.table import UNMEASURED_TYPES, CostTable, DeviceColumn
 
 __all__ = ["merge_costs"]
 

@@ -7,7 +7,7 @@ from typing import Any, Callable
 
 import torch
 
-from asteroid_fx.errors import CostModelError
+from contracts.errors import CostModelError
 
 __all__ = ["BuildOptimizer", "build", "state_bytes", "optimizer_state_factor"]
 

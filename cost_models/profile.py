@@ -33,7 +33,7 @@ means "one host core", as the emulator's speed 1.0 does (see :mod:`cost_models.h
 Times are the thread's CPU time (``hostspeed.compute_clock``), not the wall clock, so a
 busy host does not inflate them ([Note: CPU time, not wall time]).
 The process's C allocator gets the runtime workers' settings first
-(``asteroid_fx.allocator``), so both measure the same steady regime.
+(``contracts.allocator``), so both measure the same steady regime.
 The optimizer step is timed too: ``optimizer(params)`` (default plain SGD, as
 ``asteroid-fx run``) steps over the model's parameters with random gradients, median of
 ``repeats``; ``CostTable.update_s_per_byte`` is that time per parameter byte (the
@@ -53,16 +53,19 @@ import statistics
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 import torch
 from torch import fx
 from torch.utils._pytree import tree_flatten
 
-from asteroid_fx.allocator import tune_allocator
-from asteroid_fx.errors import AsteroidError, CostModelError
-from asteroid_fx.model_spec import Inputs, check_batch, model_inputs
+from contracts.allocator import tune_allocator
+from contracts.errors import AsteroidError, CostModelError
+from contracts.inputs import model_inputs
+from contracts.table import CostTable, LayerCost, TimeFit
 from cost_models.analytic import layer_node_costs
+from cost_models.batches import Inputs, check_batch
+from cost_models.graph import LayerGraph
 from cost_models.hostspeed import (
     compute_clock,
     measure_host_flops,
@@ -71,17 +74,17 @@ from cost_models.hostspeed import (
 )
 from cost_models.optimizer import BuildOptimizer, state_bytes
 from cost_models.optimizer import build as build_optimizer
-from cost_models.table import CostTable, LayerCost, TimeFit
 
-if TYPE_CHECKING:
-    from asteroid_fx.trace import LayerGraph
-
-__all__ = ["profile", "split_layers", "LayerModule", "fit_time", "SampleBatch", "Progress"]
+__all__ = ["profile", "split_layers", "LayerModule", "fit_time", "SampleBatch", "Progress",
+           "Tracer"]
 
 logger = logging.getLogger(__name__)
 
 SampleBatch = Callable[[int], Any]
 Progress = Callable[[int, int, str], None]
+#: ``tracer(model, example_inputs) -> LayerGraph``: the front end's tracing (bound to its
+#: leaf modules and model name), called with the model in train mode on a checked batch.
+Tracer = Callable[[torch.nn.Module, Inputs], LayerGraph]
 _METHODS = ("chain", "isolated")
 
 #: A timed call shorter than this is repeated in a loop and averaged.
@@ -372,12 +375,12 @@ def profile(
     sample_batch: SampleBatch,
     batch_sizes: Sequence[int] = (1, 2, 4, 8),
     *,
-    leaf_modules: Sequence[Any] = (),
     repeats: int = 5,
     warmup: int = 2,
     progress: Progress | None = None,
     example_inputs: Inputs | torch.Tensor | None = None,
     graph: LayerGraph | None = None,
+    tracer: Tracer | None = None,
     model_name: str = "",
     method: str = "chain",
     optimizer: BuildOptimizer | None = None,
@@ -386,20 +389,21 @@ def profile(
     """Measure every layer's forward and backward time on one core of this host.
 
     See the module note for the method. Layer ``i`` of the result is layer ``i`` of
-    ``afx.trace(model, example_inputs)``.
+    ``graph``, or of ``tracer(model, example_inputs)``: the cost models never trace
+    themselves (``asteroid_fx.profile`` passes ``asteroid_fx.trace.trace`` as the tracer).
 
     Args:
         model: the model; it is put in train mode while measuring and restored afterwards.
         sample_batch: ``sample_batch(b) -> (inputs, targets)``, ``inputs`` a tuple of
             tensors whose first dimension is ``b``.
         batch_sizes: batch sizes to measure at (positive integers).
-        leaf_modules: module types or names that tracing keeps whole.
         repeats: timed runs per layer and batch size (the median is used).
         warmup: untimed runs before them.
         progress: called as ``progress(done, total, what)`` after each pass over the layers
             (chain) or each layer measured (isolated).
         example_inputs: inputs used for tracing (default: ``sample_batch(max(batch_sizes))``).
-        graph: an already traced layer graph of ``model`` (skips tracing).
+        graph: the traced layer graph of ``model``.
+        tracer: traces ``model`` on the example inputs when ``graph`` is None.
         model_name: recorded in the table (default: the class name).
         method: ``"chain"`` (layers timed in sequence, as training runs them; default) or
             ``"isolated"`` (each layer repeated on its own, warm caches).
@@ -412,12 +416,13 @@ def profile(
             ``asteroid-fx costs merge`` joins tables of several types.
 
     Returns:
-        A :class:`~cost_models.table.CostTable` with source ``"measured"``.
+        A :class:`~contracts.table.CostTable` with source ``"measured"``.
 
     Raises:
         CostModelError: bad ``batch_sizes`` / ``repeats`` / ``warmup``, a ``sample_batch``
-            of the wrong form, or a model that fails to run (with the exception text).
-        TraceError: the model cannot be traced.
+            of the wrong form, a model that fails to run (with the exception text), or
+            neither ``graph`` nor ``tracer``.
+        TraceError: ``tracer`` cannot trace the model.
     """
     sizes = _check_batch_sizes(batch_sizes)
     if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
@@ -428,6 +433,9 @@ def profile(
         raise CostModelError(
             f"unknown profiling method {method!r}; use one of {', '.join(_METHODS)}")
     _check_device_type(device_type)
+    if graph is None and tracer is None:
+        raise CostModelError("profile needs the model's traced graph (graph=) or a tracer "
+                             "(tracer=); asteroid_fx.profile traces the model for you")
     started = time.perf_counter()
     tune_allocator()
     name = model_name or type(model).__name__
@@ -444,12 +452,8 @@ def profile(
                 example_inputs = tuple(example_inputs)
             _run_model(model, example_inputs)
             if graph is None:
-                from asteroid_fx.trace import trace
-
-                graph = trace(
-                    model, example_inputs, leaf_modules=tuple(leaf_modules),
-                    model_name=name,
-                )
+                assert tracer is not None   # checked above
+                graph = tracer(model, example_inputs)
             host_flops = measure_host_flops()
             host_bw = measure_host_mem_bw()
             gm_state = _ModelState(graph.graph_module)
@@ -514,7 +518,7 @@ def profile(
 
 def _check_device_type(device_type: str) -> None:
     """``CostModelError`` unless ``device_type`` is ``local`` or a built-in board type."""
-    from cost_models.devices import DEVICE_TYPES
+    from contracts.devices import DEVICE_TYPES
 
     if device_type != "custom" and device_type in DEVICE_TYPES:
         return

@@ -16,7 +16,7 @@ from typing import Any, Tuple
 
 import torch
 
-from asteroid_fx.errors import ProtocolError, RuntimeFailure
+from contracts.errors import ProtocolError, RuntimeFailure
 
 __all__ = [
     "StageState",
@@ -32,6 +32,7 @@ __all__ = [
     "header_names",
     "checkpoint_file",
     "write_checkpoint",
+    "write_checkpoint_bytes",
     "latest_checkpoint",
     "load_checkpoint",
     "prune_checkpoints",
@@ -395,11 +396,21 @@ def checkpoint_file(root: str | Path, step: int, plan_version: int, stage: int) 
 
 def write_checkpoint(root: str | Path, plan_version: int, stage: int, state: StageState,
                      data: bytes | None = None) -> Path:
-    """Write one stage's state atomically (temporary file + rename)."""
-    path = checkpoint_file(root, state.step, plan_version, stage)
+    """Write one stage's state atomically (temporary file + rename); ``data``: the state
+    already encoded (``state_to_bytes``)."""
+    return write_checkpoint_bytes(root, state.step, plan_version, stage,
+                                  state_to_bytes(state) if data is None else data)
+
+
+def write_checkpoint_bytes(root: str | Path, step: int, plan_version: int, stage: int,
+                           data: bytes) -> Path:
+    """The one checkpoint writer: ``data`` (a stage state as ``state_to_bytes`` encodes
+    it) to :func:`checkpoint_file` atomically (temporary file + rename), so that a reader
+    never sees a partial file."""
+    path = checkpoint_file(root, step, plan_version, stage)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_bytes(state_to_bytes(state) if data is None else data)
+    tmp.write_bytes(data)
     os.replace(tmp, path)
     return path
 

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from asteroid_fx.errors import RuntimeFailure
+from contracts.errors import RuntimeFailure
 
 __all__ = ["Comm", "CommFailure", "pack", "unpack", "encode_meta", "decode_meta",
            "gradient_buckets", "message_tag"]

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import logging
 import math
+import multiprocessing.connection
 import os
 import queue
 import socket
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from pathlib import Path
@@ -20,13 +21,21 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from asteroid_fx.allocator import tune_allocator
-from asteroid_fx.errors import RuntimeFailure, StageFailure
+from contracts.allocator import tune_allocator
+from contracts.errors import RuntimeFailure, StageFailure
+from contracts.plan import Plan
 from runtime import protocol as proto
 from runtime.comm import CommFailure
+from runtime.shaping import (
+    CGROUP_ROOT,
+    Shaping,
+    cfs_settings,
+    cgroup_available,
+    choose_shaping,
+    remove_cgroups,
+)
 from runtime.train import DirectorySource, StageSource, TrainConfig, WorkerResult, train_device
 from runtime.trust import Gatekeeper, join_job, new_token
-from solver.plan import Plan
 
 __all__ = [
     "EmulationSetup",
@@ -39,12 +48,13 @@ __all__ = [
     "RESERVED_CORES",
     "launch_local",
     "emulate",
+    "free_port",
+    "worker_main",
+    "LocalJob",
 ]
 
 log = logging.getLogger(__name__)
 
-CGROUP_ROOT = Path("/sys/fs/cgroup/cpu")
-_CFS_PERIOD_US = 5_000
 
 # [Note: emulated speed]
 # Speed 1.0 is one host core. Each device process computes on one thread
@@ -125,18 +135,13 @@ def _host_cores() -> int:
         return os.cpu_count() or 1
 
 
-def cgroup_available() -> bool:
-    """Whether this process may create cgroup-v1 CPU groups (root on a v1 host)."""
-    return (CGROUP_ROOT / "cpu.cfs_quota_us").exists() and os.access(CGROUP_ROOT, os.W_OK)
-
-
 def emulation_setup(plan: Plan, cluster: Any, *, host_cores: float | None = None,
                     host_flops: float | None = None) -> EmulationSetup:
-    """Speeds and bandwidths of the plan's devices in ``cluster`` (a ``solver.cluster.Cluster``
+    """Speeds and bandwidths of the plan's devices in ``cluster`` (a ``contracts.cluster.Cluster``
     or a path to cluster.yaml). Devices given by FLOP/s only (Jetson types) are scaled to
     ``host_flops``; without it the fastest such device counts as one host core."""
     if isinstance(cluster, (str, Path)):
-        from solver.cluster import Cluster  # host-side only: a device never emulates
+        from contracts.cluster import Cluster  # host-side only: a device never emulates
 
         cluster = Cluster.from_yaml(cluster)
     names = set(cluster.names)
@@ -160,29 +165,16 @@ def emulation_setup(plan: Plan, cluster: Any, *, host_cores: float | None = None
                           link_bytes_s=links, host_cores=cores, link_latency_s=latency)
 
 
-# [Note: contending devices]
-# A device's cgroup quota caps its CPU time per period but does not guarantee it: when more
-# device processes want to run than there are cores, CFS shares the cores between them by
-# weight, and a period's unused quota is lost. On this project's 2-core host (while other
-# jobs ran) a ResNet-50 pipeline on local3 (fast at 0.75 core | slow0+slow1 at 0.375 each)
-# measured its `fast` device's forward/backward at 2.2x its thread CPU time, where its
-# quota allows 1.33x. Each cgroup's cpu.shares therefore grows with its speed (2048 x speed,
-# at least a plain process's 1024), so a contending fast device wins its quota over the
-# slow ones. Pinning each device to a core
-# (worst-fit by speed, no core overbooked) brought that ratio to 1.6x in one run, but made
-# heartbeats miss their 1 s deadline at start-up in the recovery tests (two processes
-# importing torch on one core under their quotas), so it is not done.
-
-
-def _free_port() -> int:
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 (for a launcher's store)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
 
 
-def _worker(rank: int, world: int, port: int, source: StageSource, config: TrainConfig,
-            cgroup: str | None, results: Any, recovery: Any = None, token: str = "",
-            body: Callable[..., WorkerResult] = train_device) -> None:
+def worker_main(rank: int, world: int, port: int, source: StageSource, config: TrainConfig,
+                cgroup: str | None, results: Any, recovery: Any = None, token: str = "",
+                body: Callable[..., WorkerResult] = train_device) -> None:
     """Body of one device process; reports ("step"|"ok"|"error", rank, payload).
 
     The process first proves the job's ``token`` on the launcher's store
@@ -307,81 +299,62 @@ def _is_secondary(exc: BaseException) -> bool:
     return False
 
 
-def cfs_settings(speed: float) -> tuple[int, int]:
-    """(cpu.cfs_period_us, cpu.cfs_quota_us) holding a process to ``speed`` of one core.
+class LocalJob:
+    """The launcher's side of device processes on this host, shared by ``launch_local``
+    (``run --emulate``) and ``runtime.recovery`` (every generation): the job's store on
+    127.0.0.1 behind the token gate (see [Note: trust boundary] in runtime.trust), the
+    result queue, spawning :func:`worker_main`, and reading the workers' messages."""
 
-    The period is short (5 ms) so that a burst of compute after idle waiting is throttled
-    too (CFS only caps the CPU time per period); the kernel's 1 ms minimum quota stretches
-    the period for very slow devices.
-    """
-    speed = min(max(speed, 1e-3), 1.0)
-    period = _CFS_PERIOD_US
-    quota = int(round(speed * period))
-    if quota < 1000:
-        quota, period = 1000, int(round(1000 / speed))
-    return period, quota
+    def __init__(self, timeout_s: float, token: str | None = None, *,
+                 expected: int = 1) -> None:
+        self.port = free_port()
+        self._server = dist.TCPStore("127.0.0.1", self.port, expected, is_master=True,
+                                     wait_for_workers=False,
+                                     timeout=timedelta(seconds=timeout_s))
+        self.token = token or new_token()
+        self.gate = Gatekeeper(self._server, self.token,
+                               where=f"the launcher at 127.0.0.1:{self.port}")
+        #: the job's keys (prefixed: see runtime.trust)
+        self.store: dist.Store = self.gate.job_store
+        self.ctx = mp.get_context("spawn")
+        self.results: Any = self.ctx.Queue()
 
+    def spawn(self, rank: int, world: int, source: StageSource, config: TrainConfig,
+              cgroup: str | None, *, spec: Any = None, name: str = "",
+              body: Callable[..., WorkerResult] = train_device) -> Any:
+        """Start one device process (:func:`worker_main`, running ``body``) and return it."""
+        proc = self.ctx.Process(target=worker_main, daemon=True,
+                                name=f"asteroid-fx-{name or rank}",
+                                args=(rank, world, self.port, source, config, cgroup,
+                                      self.results, spec, self.token, body))
+        proc.start()
+        return proc
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    def next_message(self, procs: Sequence[Any], done: Collection[int],
+                     wait_s: float = 0.02) -> tuple[str, Any, Any]:
+        """The next worker message, or ("", -1, None) after ``wait_s`` or as soon as a
+        worker process not in ``done`` ends (its sentinel wakes the wait: a kill is seen
+        at once)."""
+        try:
+            message: tuple[str, Any, Any] = self.results.get_nowait()
+            return message
+        except queue.Empty:
+            pass
+        reader = getattr(self.results, "_reader", None)
+        handles = [p.sentinel for r, p in enumerate(procs) if r not in done]
+        multiprocessing.connection.wait(handles + ([reader] if reader is not None else []),
+                                        wait_s)
+        try:
+            message = self.results.get_nowait()
+            return message
+        except queue.Empty:
+            return "", -1, None
 
-
-def _remove_stale_cgroups() -> None:
-    """Remove empty ``asteroid-fx-<pid>-<rank>`` groups left by launchers that were killed."""
-    for path in CGROUP_ROOT.glob("asteroid-fx-*-*"):
-        parts = path.name.split("-")
-        if len(parts) == 4 and parts[2].isdigit() and not _pid_alive(int(parts[2])):
-            try:
-                os.rmdir(path)
-            except OSError:
-                pass
-
-
-def make_cgroup(path: Path, speed: float) -> None:
-    """Create (or reuse) the cgroup-v1 CPU group ``path`` holding its processes to
-    ``speed`` of one core (:func:`cfs_settings`)."""
-    path.mkdir(exist_ok=True)
-    period, quota = cfs_settings(speed)
-    # weight by speed (1024 = one core; see [Note: contending devices])
-    # (never below a plain process's 1024, so a device does not lose its CPU to the host's
-    # other work: at least 1024, and 2048 x speed for devices above half a core)
-    (path / "cpu.shares").write_text(str(max(1024, int(round(2048 * min(speed, 1.0))))))
-    (path / "cpu.cfs_period_us").write_text(str(period))
-    (path / "cpu.cfs_quota_us").write_text(str(quota))
-
-
-def _make_cgroups(speeds: Sequence[float]) -> list[str]:
-    _remove_stale_cgroups()
-    made: list[str] = []
-    try:
-        for rank, speed in enumerate(speeds):
-            path = CGROUP_ROOT / f"asteroid-fx-{os.getpid()}-{rank}"
-            made.append(str(path))
-            make_cgroup(path, speed)
-    except OSError:
-        _remove_cgroups(made)
-        raise
-    return made
-
-
-def _remove_cgroups(paths: Sequence[str]) -> None:
-    for path in paths:
-        for _ in range(50):
-            try:
-                os.rmdir(path)
-                break
-            except FileNotFoundError:
-                break
-            except OSError:
-                time.sleep(0.05)
-        else:
-            log.warning("could not remove cgroup %s", path)
+    def close(self) -> None:
+        """Close the result queue and stop the token gate (the processes are the
+        caller's to end first)."""
+        self.results.close()
+        self.gate.stop()
 
 
 def launch_local(source: StageSource, world: int, config: TrainConfig, *,
@@ -405,21 +378,12 @@ def launch_local(source: StageSource, world: int, config: TrainConfig, *,
     None) before it joins (see [Note: trust boundary] in runtime.trust); a process that
     fails to prove it ends the run with ``AuthenticationError``.
     """
-    ctx = mp.get_context("spawn")
-    port = _free_port()
-    store = dist.TCPStore("127.0.0.1", port, world + 1, is_master=True,
-                          wait_for_workers=False, timeout=timedelta(seconds=config.timeout_s))
-    token = token or new_token()
-    gate = Gatekeeper(store, token, where=f"the launcher at 127.0.0.1:{port}")
-    results: Any = ctx.Queue()
-    procs = []
-    for rank in range(world):
-        cgroup = None if cgroups is None else cgroups[rank]
-        proc = ctx.Process(target=_worker, daemon=True, name=f"asteroid-fx-rank{rank}",
-                           args=(rank, world, port, source, config, cgroup, results, None,
-                                 token, body))
-        proc.start()
-        procs.append(proc)
+    job = LocalJob(config.timeout_s, token, expected=world + 1)
+    gate, results = job.gate, job.results
+    procs = [job.spawn(rank, world, source, config,
+                       None if cgroups is None else cgroups[rank], name=f"rank{rank}",
+                       body=body)
+             for rank in range(world)]
     names = list(devices) if devices is not None else [str(r) for r in range(world)]
     done: dict[int, WorkerResult] = {}
     failures: list[tuple[int, str]] = []      # (priority, message): 0 root cause, 1 echo
@@ -473,9 +437,7 @@ def launch_local(source: StageSource, world: int, config: TrainConfig, *,
                 proc.kill()
         for proc in procs:
             proc.join(timeout=10)
-        results.close()
-        gate.stop()
-        del store
+        job.close()
     if failures or len(done) + len(lost) < world:
         raise StageFailure(min(failures, key=lambda f: f[0])[1] if failures else
                            "a worker stopped without reporting")
@@ -493,19 +455,8 @@ def emulate(source: StageSource, cluster: Any, config: TrainConfig, *,
     device processes join with ``token`` (a fresh one when None)."""
     plan = source.load_plan()
     setup = emulation_setup(plan, cluster, host_cores=host_cores, host_flops=host_flops)
-    speeds = setup.effective_speeds
-    cgroups: list[str] | None = None
-    shaping = "none"
-    if use_cgroups is None:
-        use_cgroups = cgroup_available()
-    if use_cgroups and any(s < 1.0 for s in speeds):
-        try:
-            cgroups = _make_cgroups(speeds)
-            shaping = "cgroup"
-        except OSError as exc:
-            log.warning("cgroup CPU shaping unavailable (%s); using time dilation", exc)
-    if cgroups is None and any(s < 1.0 for s in speeds):
-        shaping = "dilation"
+    shaping = choose_shaping(setup.effective_speeds, use_cgroups=cgroup_available()
+                             if use_cgroups is None else use_cgroups)
     if setup.factor > 1.0:
         log.warning("device speeds add up to %.2f cores but the emulator may use %.2f of this "
                     "host's: every device and link is slowed by a common factor %.2f",
@@ -513,50 +464,22 @@ def emulate(source: StageSource, cluster: Any, config: TrainConfig, *,
                     setup.host_cores, setup.factor)
     started = time.perf_counter()
     try:
-        workers = _launch_shaped(source, config, setup, shaping, cgroups, progress, timeout_s,
-                                 token, body, may_fail)
+        workers = _launch_shaped(source, config, setup, shaping, progress, timeout_s, token,
+                                 body, may_fail)
     finally:
-        if cgroups is not None:
-            _remove_cgroups(cgroups)
-    return EmulationResult(workers=workers, setup=setup, shaping=shaping,
+        remove_cgroups(shaping.made)
+    return EmulationResult(workers=workers, setup=setup, shaping=shaping.kind,
                            wall_s=time.perf_counter() - started)
 
 
 def _launch_shaped(source: StageSource, config: TrainConfig, setup: EmulationSetup,
-                   shaping: str, cgroups: list[str] | None,
-                   progress: Callable[[Mapping[str, Any]], None] | None,
+                   shaping: Shaping, progress: Callable[[Mapping[str, Any]], None] | None,
                    timeout_s: float, token: str | None = None,
                    body: Callable[..., WorkerResult] = train_device,
                    may_fail: Sequence[int] = ()) -> list[WorkerResult]:
-    world = len(setup.devices)
     config = replace(config, **setup.links, **setup.timing(config))
-    if shaping != "dilation":
-        return launch_local(source, world, config, cgroups=cgroups, progress=progress,
-                            timeout_s=timeout_s, devices=setup.devices, token=token, body=body,
-                            may_fail=may_fail)
-    # time dilation needs a per-rank compute scale: one config per rank via a wrapper source
-    scaled = _PerRankScale(source, tuple(1.0 / s if s < 1.0 else 1.0
-                                         for s in setup.effective_speeds))
-    return launch_local(scaled, world, config, progress=progress, timeout_s=timeout_s,
-                        devices=setup.devices, token=token, body=body, may_fail=may_fail)
-
-
-@dataclass(frozen=True)
-class _PerRankScale:
-    """A source that also carries each rank's time-dilation factor (read by train_device)."""
-
-    inner: StageSource
-    scales: tuple[float, ...]
-
-    def load_plan(self) -> Plan:
-        return self.inner.load_plan()
-
-    def model_module(self) -> Any:
-        return self.inner.model_module()
-
-    def load_stage(self, index: int) -> torch.nn.Module:
-        return self.inner.load_stage(index)
-
-    def compute_scale(self, rank: int) -> float:
-        return self.scales[rank]
-
+    # time dilation needs a per-rank compute scale: the source carries one per rank
+    return launch_local(shaping.wrap(source), len(setup.devices), config,
+                        cgroups=shaping.cgroups, progress=progress, timeout_s=timeout_s,
+                        devices=setup.devices, token=token, body=body,
+                        may_fail=may_fail)

@@ -10,13 +10,13 @@ from typing import Any, Callable
 
 import torch
 
-from asteroid_fx.errors import AsteroidError, RuntimeFailure, StageFailure
+from contracts.errors import AsteroidError, RuntimeFailure, StageFailure
+from contracts.plan import Plan
 from runtime.comm import Comm, gradient_buckets, message_tag
 from runtime.faults import fault_point
 from runtime.lowering import incoming, outgoing
 from runtime.memory import MemoryMeter
 from runtime.schedule import Action, ActionKind, rank_stages
-from solver.plan import Plan
 
 __all__ = ["RoundStats", "StageExecutor", "micro_batch_rows"]
 

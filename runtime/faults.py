@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from asteroid_fx.errors import RuntimeFailure
+from contracts.errors import RuntimeFailure
 
 __all__ = ["ENV", "LOG_ENV", "MOMENTS", "FAULTS", "Fault", "parse_faults", "armed",
            "fault_point", "rearm"]

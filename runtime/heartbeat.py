@@ -13,7 +13,7 @@ from types import TracebackType
 
 import torch.distributed as dist
 
-from asteroid_fx.errors import ProtocolError, RuntimeFailure
+from contracts.errors import ProtocolError, RuntimeFailure
 from runtime import protocol as proto
 
 __all__ = ["FailureReport", "FailureDetector", "Heartbeat", "Blame", "blame"]
@@ -35,7 +35,7 @@ logger = logging.getLogger(__name__)
 # (it creates a missing key as 0, which means "has not beaten yet").
 
 
-def _process_state(pid: int) -> str:
+def process_state(pid: int) -> str:
     """'gone', 'zombie', 'stopped' or 'alive' for a process on this host."""
     try:
         with open(f"/proc/{pid}/stat") as handle:
@@ -225,7 +225,7 @@ class FailureDetector:
         info = self._read_info(rank) if self.check_pid else None
         if info is None or info[1] != self._host:
             return "dead"
-        state = _process_state(info[0])
+        state = process_state(info[0])
         if state in ("gone", "zombie"):
             return "dead"
         return "stopped" if state == "stopped" else "hung"

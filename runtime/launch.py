@@ -10,17 +10,20 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 
-from asteroid_fx.allocator import tune_allocator
-from asteroid_fx.errors import RuntimeFailure
+from contracts.allocator import tune_allocator
+from contracts.errors import RuntimeFailure
+from contracts.plan import Plan
 from runtime import protocol as proto
 from runtime.train import DirectorySource, StageSource, TrainConfig, WorkerResult, train_device
 from runtime.trust import Gatekeeper, find_token, join_job, resolve_token
-from solver.plan import Plan
+
+if TYPE_CHECKING:   # the device path (training without recovery) never loads it
+    from runtime.replanning import Replanner
 
 __all__ = ["StageTiming", "RunResult", "run", "run_source", "summarize", "metrics_lines",
            "summary_record"]
@@ -334,7 +337,7 @@ def run(directory: str | Path, *, emulate: str | Path | None = None, steps: int 
         progress: Callable[[Mapping[str, Any]], None] | None = None,
         fail: str | Mapping[str, int] | None = None, recovery: str = "replay",
         leave: str | Mapping[str, int] | None = None, token: str | None = None,
-        **recovery_options: Any) -> RunResult:
+        replanner: Replanner | str | None = None, **recovery_options: Any) -> RunResult:
     """Train the partition in ``directory`` for ``steps`` mini-batches.
 
     The package is checked first (``runtime.package_check``: plan, stage files and model
@@ -357,6 +360,9 @@ def run(directory: str | Path, *, emulate: str | Path | None = None, steps: int 
     ``leave="DEVICE@STEP"`` (emulation, replay) sends it SIGTERM instead: it finishes the
     step, hands its state over and leaves, and training goes on without it, nothing
     replayed. ``recovery_options`` go to :func:`runtime.recovery.run_with_recovery`.
+    Recovery needs a ``replanner`` (a :class:`~runtime.replanning.Replanner` or its dotted
+    name; ``afx.run`` and ``asteroid-fx run`` pass the front end's): the runtime never
+    plans (see [Note: re-planner plugin point] in runtime.replanning).
     """
     path = Path(directory)
     if not (path / "plan.json").is_file():
@@ -369,7 +375,8 @@ def run(directory: str | Path, *, emulate: str | Path | None = None, steps: int 
     token = find_token(token, path)     # required under torchrun: run_source says so
     if fail is not None or leave is not None:
         return _run_recovering(path, emulate, steps, seed, lr, metrics, progress, fail,
-                               recovery, {**recovery_options, "token": token}, leave)
+                               recovery, {**recovery_options, "token": token,
+                                          "replanner": replanner}, leave)
     if recovery_options:
         raise RuntimeFailure(f"options {sorted(recovery_options)} need fail=DEVICE@STEP (or "
                              f"leave=DEVICE@STEP)")

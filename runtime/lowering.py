@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from asteroid_fx.errors import ScheduleError
+from contracts.errors import ScheduleError
+from contracts.plan import Plan
 from runtime.schedule import Action, ActionKind, Schedule, rank_stages
-from solver.plan import Plan
 
 __all__ = [
     "Transfer",

@@ -32,7 +32,7 @@ stage's own weights are):
   (``malloc_trim``) and the high-water mark is reset (``/proc/self/clear_refs``), so the
   seeded full model that every device builds once at start-up (to copy its stage's
   initial weights) is not counted. This number includes what the tensors leave behind in
-  the C heap: freed blocks the workers keep on purpose (asteroid_fx/allocator.py) and
+  the C heap: freed blocks the workers keep on purpose (contracts/allocator.py) and
   fragmentation, oneDNN's scratch buffers, gloo's and Python's own allocations. It costs
   one read of ``/proc/self/status`` per step. Without ``/proc`` it is None; where the
   high-water mark cannot be reset, the resident memory is sampled at every action
@@ -50,7 +50,7 @@ from typing import Any
 
 import torch
 
-from asteroid_fx.allocator import trim_heap
+from contracts.allocator import trim_heap
 
 __all__ = ["MemoryMeter", "storage_bytes", "read_status"]
 

@@ -54,8 +54,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from asteroid_fx.errors import RuntimeFailure
-from asteroid_fx.model_spec import model_inputs
+from contracts.errors import RuntimeFailure
+from contracts.inputs import model_inputs
+from contracts.plan import Plan, Stage
 from runtime.activation_cache import ActivationCache
 from runtime.adapter_model import AdapterModel
 from runtime.comm import Comm
@@ -65,7 +66,6 @@ from runtime.memory import storage_bytes
 from runtime.samples import SampleSource
 from runtime.train import TrainConfig, WorkerResult, make_optimizer, resolve_loss_fn
 from solver.pac_plan import PacPlan
-from solver.plan import Plan, Stage
 
 __all__ = ["PacSource", "finetune_device", "build_device_model", "stage_segments",
            "BACKBONE_DIR", "PAC_PLAN_FILE", "LAYOUT_FILE", "ADAPTERS_FILE"]
@@ -104,16 +104,13 @@ class PacSource:
     def model_module(self) -> Any:
         """The model file's functions (``sample_batch``, ``loss_fn``, ``dataset`` ...): the
         copied module, or the ``ModelSpec`` of a built-in or a ``file.py:prefix`` spec."""
-        from runtime.stage_io import load_model_module, load_partition_meta
+        from runtime.stage_io import load_model_module, load_partition_meta, spec_functions
 
         backbone = Path(self.directory) / BACKBONE_DIR
         meta = load_partition_meta(backbone)
         spec = meta.model_spec or ""
         if spec.startswith("builtin:") or (meta.prefix and meta.model_file):
-            from asteroid_fx.model_spec import load_model_spec
-
-            return load_model_spec(spec if spec.startswith("builtin:") else
-                                   f"{backbone / str(meta.model_file)}:{meta.prefix}")
+            return spec_functions(backbone, meta)
         return load_model_module(backbone)
 
     def load_stage(self, index: int) -> nn.Module:

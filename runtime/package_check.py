@@ -28,7 +28,8 @@ import hashlib
 import logging
 from pathlib import Path
 
-from asteroid_fx.errors import PartitionError
+from contracts.errors import PartitionError
+from contracts.plan import Plan
 from runtime.stage_io import (
     PartitionMeta,
     load_partition_meta,
@@ -36,7 +37,6 @@ from runtime.stage_io import (
     stage_file,
     weights_file,
 )
-from solver.plan import Plan
 
 __all__ = ["file_digest", "package_files", "check_package"]
 

@@ -72,7 +72,7 @@ from typing import TYPE_CHECKING, Any, Callable, TypeVar, Union, overload
 
 import torch.distributed as dist
 
-from asteroid_fx.errors import ProtocolError
+from contracts.errors import ProtocolError
 
 __all__ = [
     "VERSION",

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import logging
-import multiprocessing.connection
-import os
-import queue
 import re
 import shutil
 import signal
@@ -19,9 +16,11 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
-from asteroid_fx.errors import AsteroidError, RuntimeFailure, StageFailure
+from contracts.cluster import Cluster
+from contracts.errors import AsteroidError, PlanError, RuntimeFailure, StageFailure
+from contracts.plan import Plan
+from contracts.table import CostTable
 from runtime import protocol as proto
 from runtime.checkpoint import (
     StageState,
@@ -32,11 +31,11 @@ from runtime.checkpoint import (
     state_from_bytes,
     state_to_bytes,
 )
-from runtime.heartbeat import FailureDetector, FailureReport, _process_state, blame
+from runtime.heartbeat import FailureDetector, FailureReport, process_state, blame
+from runtime.replanning import Calibration, Replanner, load_replanner
 from runtime.replication import WorkerSpec, announce_failure, external_holders
+from runtime.shaping import choose_shaping, remove_cgroups
 from runtime.train import DirectorySource, StageSource, TrainConfig, WorkerResult
-from runtime.trust import Gatekeeper, new_token
-from solver.plan import Plan
 
 __all__ = ["RECOVERY_MODES", "LEAVE_ROUND_S", "REPLAY_CHECKPOINT_EVERY", "REPLAN_TOLERANCE",
            "parse_fail", "parse_leave", "parse_replicate_every", "resume_point", "RecoveryRun",
@@ -65,11 +64,12 @@ HANG_TIMEOUTS = 5.0
 
 # [Note: who imports what]
 # Worker processes import only runtime/ (train, executor, comm, heartbeat, checkpoint,
-# replication) and solver.plan (plain data). This module runs in the *launcher* process,
-# which also imports the planner (solver.api, solver.replan, solver.replicas), the cost
-# model (cost_models.analytic) and asteroid_fx.partition / asteroid_fx.package: after a
-# failure it re-plans and traces the model file of the partition directory again to write
-# the next generation's stage modules to DIR/recovery/gen<k>/.
+# replication) and contracts (plain data). This module runs in the *launcher* process and
+# imports nothing more: after a failure it asks the re-planner it was handed
+# (runtime.replanning.Replanner; the front end's is asteroid_fx.replanning.Replanner) for
+# the survivors' plan and for the next generation's stage modules in DIR/recovery/gen<k>/
+# (the re-planner traces the model file of the partition directory again). See [Note:
+# re-planner plugin point] in runtime.replanning.
 #
 # [Note: recovery timeline]
 # t0 = the failed process's kill (it records time.time() in the store just before).
@@ -184,50 +184,36 @@ class _Outcome:
 
 @dataclass
 class _Model:
-    """What the launcher needs to re-plan and re-partition (loaded once, before training)."""
+    """What the launcher needs to recover (loaded once, before training): the model file,
+    the cost table and cluster to re-plan with, and the re-planner."""
 
     module: Any
-    inputs: tuple[Any, ...]
-    costs: Any
-    cluster: Any
-    spec: str
+    costs: CostTable
+    cluster: Cluster
+    directory: Path
+    replanner: Replanner
 
 
-def _load_model(directory: Path, cluster_path: Any) -> _Model:
-    from asteroid_fx.model_spec import model_inputs
-    from cost_models.analytic import analytic_costs
-    from runtime.stage_io import load_model_module, load_partition_meta
-    from solver.cluster import Cluster
+def _load_model(directory: Path, cluster_path: Cluster | str | Path,
+                replanner: Replanner) -> _Model:
+    from runtime.stage_io import load_model_module
 
     module = load_model_module(directory)
-    meta = load_partition_meta(directory)
-    spec = str(directory / "model.py") + (f":{meta.prefix}" if meta.prefix else "")
-    torch.manual_seed(0)
-    inputs, _ = module.sample_batch(2)
-    if not isinstance(inputs, Mapping):  # keyword inputs stay a mapping: traced by name
-        inputs = model_inputs(inputs)
-    costs_file = directory / "costs.json"
-    if costs_file.is_file():
-        from cost_models.table import CostTable
-
-        costs = CostTable.load(costs_file)
-    else:
-        costs = analytic_costs(module.build_model(), inputs)
-    cluster = cluster_path if not isinstance(cluster_path, (str, Path)) else \
+    costs = replanner.costs(str(directory))
+    cluster = cluster_path if isinstance(cluster_path, Cluster) else \
         Cluster.from_yaml(cluster_path)
-    return _Model(module=module, inputs=inputs, costs=costs, cluster=cluster, spec=spec)
+    return _Model(module=module, costs=costs, cluster=cluster, directory=directory,
+                  replanner=replanner)
 
 
-def _prewarm() -> None:
-    """Import now what a recovery needs (the planners, calibration, partitioning and
-    packaging): a first import after a failure cost ~0.5 s of the launcher's re-plan on
-    the 2-core test host (tools/chaos.py, cold ``search_s`` + ``partition_s`` 0.7 s against
-    0.16 s warm)."""
-    import importlib
-
-    for name in ("asteroid_fx.package", "asteroid_fx.partition", "solver.api",
-                 "solver.calibrate", "solver.replan"):
-        importlib.import_module(name)
+def _prewarm(planner: Replanner) -> None:
+    """Let the re-planner import now what a recovery needs (the planners, calibration,
+    partitioning and packaging), if it can: a first import after a failure cost ~0.5 s of
+    the launcher's re-plan on the 2-core test host (tools/chaos.py, cold ``search_s`` +
+    ``partition_s`` 0.7 s against 0.16 s warm)."""
+    prewarm = getattr(planner, "prewarm", None)
+    if callable(prewarm):
+        prewarm()
 
 
 def _seeded_state(module: Any, seed: int) -> StageState:
@@ -247,7 +233,8 @@ def run_with_recovery(directory: str | Path, cluster: Any, config: TrainConfig, 
                       use_cgroups: bool | None = None, timeout_s: float = 600.0,
                       heartbeat_timeout_s: float = 1.0,
                       replan_tolerance: float = REPLAN_TOLERANCE,
-                      calibrate: bool = True, token: str | None = None) -> RecoveryRun:
+                      calibrate: bool = True, token: str | None = None,
+                      replanner: Replanner | str | None = None) -> RecoveryRun:
     """Emulate ``cluster`` and train the partition in ``directory`` with ``fail`` injected.
 
     ``recovery="replay"``: replicas in holders' memory, layer-wise re-plan; the surviving
@@ -267,7 +254,7 @@ def run_with_recovery(directory: str | Path, cluster: Any, config: TrainConfig, 
     (replay), both are predicted on the cost table as the failed generation measured it:
     forward and backward times corrected per timing group and stage by the workers' own
     compute times, and a per-message overhead fitted to the measured round
-    (``solver.calibrate.calibrate_costs``, what ``asteroid-fx calibrate`` does; the event's
+    (the re-planner's ``calibrate``, what ``asteroid-fx calibrate`` does; the event's
     ``calibration``).
 
     ``leave="DEVICE@STEP"`` (replay only) sends SIGTERM to that device during step STEP: it
@@ -278,6 +265,12 @@ def run_with_recovery(directory: str | Path, cluster: Any, config: TrainConfig, 
     Every device process proves ``token`` (a fresh one when None) before it joins, and the
     processes exchange only ``runtime.protocol`` messages through the store. The recovery
     event names exactly the devices that failed (see [Note: who failed]).
+
+    ``replanner``: the :class:`~runtime.replanning.Replanner` (or its dotted name
+    ``"package.module:attr"``) that gives the cost table, replicas, calibration, the
+    survivors' plan and the next generation's partition; ``asteroid-fx run`` passes the
+    front end's. Without one every recovery mode raises ``ReplannerUnavailable`` before
+    training starts (see [Note: re-planner plugin point] in runtime.replanning).
     """
     if recovery not in RECOVERY_MODES:
         raise RuntimeFailure(f"--recovery {recovery!r}: choose one of {list(RECOVERY_MODES)}")
@@ -298,9 +291,10 @@ def run_with_recovery(directory: str | Path, cluster: Any, config: TrainConfig, 
         raise RuntimeFailure(f"--leave needs --recovery replay (got {recovery!r}): a device "
                              f"that leaves hands its state to the survivors, which restart "
                              f"mode does not keep")
-    model = _load_model(root, cluster)
-    if recovery == "replay":
-        _prewarm()
+    planner = load_replanner(replanner, needed_for=f"--recovery {recovery}")
+    model = _load_model(root, cluster, planner)
+    if recovery == "replay":   # the re-planner's imports now, not after a failure
+        _prewarm(planner)
     work = root / "recovery"
     shutil.rmtree(work, ignore_errors=True)
     checkpoints = work / "checkpoints"
@@ -377,17 +371,18 @@ def run_with_recovery(directory: str | Path, cluster: Any, config: TrainConfig, 
             calibration = (_calibration(plan, model, alive, store, generation, out,
                                         gen_config.start_step, committed, procs.factor)
                            if recovery == "replay" and calibrate else None)
-            costs = model.costs if calibration is None else calibration[0]
-            new_plan, choice = _new_plan(recovery, plan, costs, alive, failed,
+            costs = model.costs if calibration is None else calibration.costs
+            new_plan, choice = _new_plan(model.replanner, recovery, plan, costs, alive, failed,
                                          replan_tolerance)
             search_s = time.perf_counter() - began
             if calibration is not None:
-                choice["calibration"] = calibration[1].to_dict()
+                choice["calibration"] = dict(calibration.correction)
             survivors = alive.subset([d for d in alive.names if d not in failed])
             generation += 1
             began = time.perf_counter()
             gen_dir = work / f"gen{generation}"
-            stage_names = _write_partition(gen_dir, new_plan, model, procs.token)
+            stage_names = model.replanner.partition(str(root), new_plan, str(gen_dir),
+                                                    procs.token)
             partition_s = time.perf_counter() - began
             began = time.perf_counter()
             kept = set(procs.waiting)
@@ -434,8 +429,8 @@ def run_with_recovery(directory: str | Path, cluster: Any, config: TrainConfig, 
 
 
 def parse_replicate_every(value: int | str | None) -> int | None:
-    """``--replicate-every`` as a period K >= 1, or ``None`` for "auto" (see
-    ``solver.replicas.plan_replication``).
+    """``--replicate-every`` as a period K >= 1, or ``None`` for "auto" (the re-planner
+    chooses K; the front end's with ``solver.replicas.plan_replication``).
 
     Raises:
         RuntimeFailure: neither "auto" nor an integer >= 1.
@@ -452,21 +447,12 @@ def parse_replicate_every(value: int | str | None) -> int | None:
     return k
 
 
-def _replicas(plan: Plan, model: _Model, alive: Any, every_k_steps: int | None
+def _replicas(plan: Plan, model: _Model, alive: Cluster, every_k_steps: int | None
               ) -> tuple[dict[str, tuple[str, ...]], int]:
-    """Holders and replication period of ``plan``: the plan's own holders when it has
-    them, else ``plan_replication``; ``every_k_steps=None`` chooses K from the idle time."""
-    from solver.replicas import auto_replicate_every, plan_replication
-
-    cluster = alive.subset(list(plan.devices))
+    """Holders and replication period of ``plan`` (the re-planner's: the plan's own
+    holders when it has them); ``every_k_steps=None`` chooses K from the idle time."""
     try:
-        if plan.replicas:
-            replicas = {d: tuple(h) for d, h in plan.replicas.items()}
-            k = (every_k_steps if every_k_steps is not None
-                 else auto_replicate_every(plan, model.costs, cluster, replicas))
-        else:
-            replicas, k = plan_replication(plan, model.costs, cluster,
-                                           every_k_steps=every_k_steps)
+        replicas, k = model.replanner.replicas(plan, model.costs, alive, every_k_steps)
     except AsteroidError as exc:
         log.warning("no replica placement (%s): recovery will use the on-disk checkpoint", exc)
         return {}, every_k_steps or 1
@@ -474,20 +460,19 @@ def _replicas(plan: Plan, model: _Model, alive: Any, every_k_steps: int | None
     return replicas, k
 
 
-def _calibration(plan: Plan, model: _Model, alive: Any, store: dist.Store, generation: int,
-                 out: RecoveryRun, start: int, committed: int, factor: float
-                 ) -> tuple[Any, Any] | None:
-    """``(calibrated cost table, CostCorrection)`` from what generation ``generation``
-    measured (rank ``compute`` records and the committed rounds, divided by the emulator's
-    slow-down ``factor``; ``solver.calibrate.calibrate_costs``, as ``asteroid-fx calibrate``
-    does), or None with fewer than ``solver.calibrate.MIN_STEPS`` rounds."""
-    from solver.calibrate import MIN_STEPS, calibrate_costs
-
+def _calibration(plan: Plan, model: _Model, alive: Cluster, store: dist.Store,
+                 generation: int, out: RecoveryRun, start: int, committed: int, factor: float
+                 ) -> Calibration | None:
+    """The calibrated cost table from what generation ``generation`` measured (rank
+    ``compute`` records and the committed rounds, divided by the emulator's slow-down
+    ``factor``; the re-planner's ``calibrate``, as ``asteroid-fx calibrate`` does), or None
+    with fewer than the re-planner's ``min_calibration_steps`` rounds."""
+    min_steps = model.replanner.min_calibration_steps
     rounds = [float(out.records[s]["round_time_s"]) for s in range(start + 1, committed + 1)
               if s in out.records]
-    if len(rounds) < MIN_STEPS:
+    if len(rounds) < min_steps:
         log.info("re-plan on the declared cluster: only %d measured round(s) in this "
-                 "generation (calibration needs %d)", len(rounds), MIN_STEPS)
+                 "generation (calibration needs %d)", len(rounds), min_steps)
         return None
     scale = 1.0 / max(factor, 1e-9)
     compute: dict[str, tuple[float, float]] = {}
@@ -497,59 +482,26 @@ def _calibration(plan: Plan, model: _Model, alive: Any, store: dist.Store, gener
         if timing is not None:
             compute[device] = (timing.forward_s * scale, timing.backward_s * scale)
     try:
-        table, found = calibrate_costs(plan, model.costs, alive, compute,
-                                       statistics.median(rounds) * scale)
+        found = model.replanner.calibrate(plan, model.costs, alive, compute,
+                                          statistics.median(rounds) * scale)
     except AsteroidError as exc:
         log.warning("re-plan on the profiled costs: calibration failed (%s)", exc)
         return None
-    log.info("calibrated from %d round(s): (forward, backward) x%s per group and stage, "
-             "%.3f ms per message", len(rounds),
-             {g: {s: (round(f, 2), round(b, 2)) for s, (f, b) in st.items()}
-              for g, st in found.ratios.items()}, found.message_overhead_s * 1e3)
-    return table, found
+    log.info("calibrated from %d round(s): %s", len(rounds), dict(found.correction))
+    return found
 
 
-def _new_plan(mode: str, plan: Plan, costs: Any, alive: Any, failed: list[str],
-              tolerance: float = REPLAN_TOLERANCE) -> tuple[Plan, dict[str, Any]]:
-    """Replay: ``solver.replan.replan`` (layer-wise repair, or the full re-plan when the
-    repair's predicted round is more than ``tolerance`` slower); restart: the full planner
-    on the survivors. When every device of the plan is lost but devices of the cluster
-    that the plan did not use are alive (e.g. the plan's last device left gracefully after
-    a re-plan dropped the others), either mode plans afresh on those: the state comes from
-    the leavers' hand-over, else from the checkpoint."""
-    from asteroid_fx.errors import PlanError
-    from solver.api import plan as full_plan
-    from solver.replan import replan, survivors_of
-
-    unused = [d for d in alive.names if d not in failed]
-    fresh_start = set(plan.devices) <= set(failed) and bool(unused)
-    if fresh_start:
-        log.warning("every device of the plan %s is lost; planning afresh on the cluster's "
-                    "other devices %s", list(plan.devices), unused)
-    if mode == "replay" and not fresh_start:
-        try:
-            new, info = replan(plan, costs, alive, failed, tolerance=tolerance)
-            return new, {"chosen": info.chosen, "layerwise_round_s": info.layerwise_round_s,
-                         "full_round_s": info.full_round_s}
-        except PlanError as exc:
-            raise RuntimeFailure(f"cannot recover from the failure of {failed}: {exc}") from exc
+def _new_plan(replanner: Replanner, mode: str, plan: Plan, costs: CostTable, alive: Cluster,
+              failed: list[str], tolerance: float = REPLAN_TOLERANCE
+              ) -> tuple[Plan, dict[str, Any]]:
+    """The re-planner's plan for the survivors of ``failed`` (replay: a layer-wise repair,
+    or the full re-plan when the repair's predicted round is more than ``tolerance``
+    slower; restart: the full planner) and the choice behind it."""
     try:
-        survivors = alive.subset(unused) if fresh_start else survivors_of(plan, alive, failed)
-        fresh = full_plan(costs, survivors, plan.batch_size, planner="asteroid",
-                          optimizer_state_factor=plan.optimizer_state_factor)
+        found = replanner.replan(mode, plan, costs, alive, failed, tolerance)
     except PlanError as exc:
         raise RuntimeFailure(f"cannot recover from the failure of {failed}: {exc}") from exc
-    return replace(fresh, plan_version=plan.plan_version + 1), {"chosen": "full"}
-
-
-def _write_partition(directory: Path, plan: Plan, model: _Model,
-                     token: str) -> list[list[str]]:
-    from asteroid_fx.package import save_partition
-    from asteroid_fx.partition import partition
-
-    stages = partition(model.module.build_model(), model.inputs, plan)
-    save_partition(directory, plan, stages, model_spec=model.spec, onnx=False, token=token)
-    return [list(stage.state_dict()) for stage in stages]
+    return found.plan, dict(found.choice)
 
 
 def resume_point(plan: Plan, handoffs: Mapping[int, proto.Handoff],
@@ -751,17 +703,12 @@ class _Processes:
                  use_cgroups: bool | None, token: str | None = None) -> None:
         from runtime import emulator as emu
 
-        self.port = emu._free_port()
-        self._server = dist.TCPStore("127.0.0.1", self.port, 1, is_master=True,
-                                     wait_for_workers=False,
-                                     timeout=timedelta(seconds=timeout_s))
-        self.token = token or new_token()
-        self.gate = Gatekeeper(self._server, self.token,
-                               where=f"the launcher at 127.0.0.1:{self.port}")
+        #: the store, token gate, result queue and spawning (shared with launch_local)
+        self.job = emu.LocalJob(timeout_s, token)
+        self.token = self.job.token
+        self.gate = self.job.gate
         #: the job's keys (prefixed: see runtime.trust); everything below reads and writes here
-        self.store: dist.Store = self.gate.job_store
-        self.ctx = mp.get_context("spawn")
-        self.results: Any = self.ctx.Queue()
+        self.store: dist.Store = self.job.store
         self.host_cores = host_cores
         self.use_cgroups = emu.cgroup_available() if use_cgroups is None else use_cgroups
         self.by_device: dict[str, Any] = {}
@@ -780,41 +727,23 @@ class _Processes:
         from runtime import emulator as emu
 
         setup = emu.emulation_setup(plan, cluster, host_cores=self.host_cores)
-        speeds = setup.effective_speeds
-        self.factor, self.shaping = setup.factor, "none"
-        cgroups: list[str] | None = None
         # After the first generation survivors sit in their old groups, whose quotas were
         # set for the old plan's common factor: every rank then moves to a group of this
-        # generation, or a survivor would keep its old, lower cap. A rank at speed >= 1
-        # (no quota) moves to the root group, where a fresh run's processes are too.
-        if self.use_cgroups and (any(s < 1.0 for s in speeds) or self.cgroups):
-            try:
-                # one group per (generation, rank): survivors move in, old groups empty out
-                cgroups = [str(emu.CGROUP_ROOT / f"asteroid-fx-{os.getpid()}-"
-                                                 f"{generation * 1000 + r}")
-                           if speed < 1.0 else str(emu.CGROUP_ROOT)
-                           for r, speed in enumerate(speeds)]
-                for path, speed in zip(cgroups, speeds):
-                    if speed >= 1.0:
-                        continue
-                    self.cgroups.append(path)
-                    emu.make_cgroup(Path(path), speed)
-                self.shaping = "cgroup"
-            except OSError as exc:
-                log.warning("cgroup CPU shaping unavailable (%s); using time dilation", exc)
-                cgroups = None
-        if cgroups is None and any(s < 1.0 for s in speeds):
-            self.shaping = "dilation"
-            source = emu._PerRankScale(source, tuple(1.0 / s if s < 1.0 else 1.0
-                                                     for s in speeds))
-        return source, cgroups, setup
+        # generation (regroup), or a survivor would keep its old, lower cap. A rank at
+        # speed >= 1 (no quota) moves to the root group (fast_in_root).
+        shaping = choose_shaping(setup.effective_speeds, use_cgroups=self.use_cgroups,
+                                 tag=generation, fast_in_root=True,
+                                 regroup=bool(self.cgroups))
+        self.cgroups.extend(shaping.made)
+        self.factor, self.shaping = setup.factor, shaping.kind
+        cgroups = None if shaping.cgroups is None else list(shaping.cgroups)
+        return shaping.wrap(source), cgroups, setup
 
     def run_generation(self, source: DirectorySource, plan: Plan, cluster: Any,
                        config: TrainConfig, spec: WorkerSpec,
                        progress: Callable[[Mapping[str, Any]], None] | None,
                        timeout_s: float,
                        committed_of: Callable[[], int] | None = None) -> _Outcome:
-        from runtime.emulator import _worker
 
         previous = self.generation
         self.generation = spec.generation
@@ -828,7 +757,7 @@ class _Processes:
             cgroup = None if cgroups is None else cgroups[rank]
             if device in self.waiting:
                 # plain data: the partition directory, and the rank's time-dilation scale
-                # in its own config (what a _PerRankScale source carries for a new process)
+                # in its own config (what a PerRankScale source carries for a new process)
                 scale = getattr(run_source, "compute_scale", None)
                 mine = replace(config, compute_scale=float(scale(rank))) \
                     if callable(scale) else config
@@ -837,11 +766,8 @@ class _Processes:
                     spec=spec, cgroup=cgroup, requests=self._requests_of(previous, device)))
                 procs.append(self.by_device[device])
                 continue
-            proc = self.ctx.Process(
-                target=_worker, daemon=True, name=f"asteroid-fx-g{spec.generation}-{device}",
-                args=(rank, world, self.port, run_source, config, cgroup, self.results, spec,
-                      self.token))
-            proc.start()
+            proc = self.job.spawn(rank, world, run_source, config, cgroup, spec=spec,
+                                  name=f"g{spec.generation}-{device}")
             self.by_device[device] = proc
             procs.append(proc)
         for device in sorted(self.waiting - set(plan.devices)):
@@ -853,24 +779,6 @@ class _Processes:
         outcome = self._supervise(plan, spec, procs, progress, timeout_s, committed_of)
         outcome.stopped_at = time.time()
         return outcome
-
-    def _next_message(self, procs: list[Any], done: Mapping[int, Any],
-                      wait_s: float = 0.02) -> tuple[str, Any, Any]:
-        """The next worker message, or ("", -1, None) after ``wait_s`` or as soon as a
-        worker process ends (its sentinel wakes the wait: a kill is seen at once)."""
-        try:
-            message: tuple[str, Any, Any] = self.results.get_nowait()
-            return message
-        except queue.Empty:
-            pass
-        reader = getattr(self.results, "_reader", None)
-        handles = [p.sentinel for r, p in enumerate(procs) if r not in done]
-        multiprocessing.connection.wait(handles + ([reader] if reader is not None else []), wait_s)
-        try:
-            message = self.results.get_nowait()
-            return message
-        except queue.Empty:
-            return "", -1, None
 
     def _requests_of(self, generation: int, device: str) -> int:
         """How many state requests the device's process got in ``generation``."""
@@ -893,7 +801,7 @@ class _Processes:
         ok = False
         try:
             while len(done) < world:
-                kind, rank, payload = self._next_message(procs, done)
+                kind, rank, payload = self.job.next_message(procs, done)
                 if kind == "step":
                     if progress is not None:
                         progress(payload)
@@ -1008,7 +916,7 @@ class _Processes:
             for rank in sorted(wanted - free):
                 # failed too (e.g. at the same moment), or stopped (SIGSTOP) during the
                 # hand-over: certain evidence (see [Note: who failed]); fence a stopped one
-                if not procs[rank].is_alive() or _process_state(procs[rank].pid) == "stopped":
+                if not procs[rank].is_alive() or process_state(procs[rank].pid) == "stopped":
                     if procs[rank].is_alive():
                         procs[rank].kill()
                     wanted.discard(rank)
@@ -1061,17 +969,14 @@ class _Processes:
         self.waiting = {plan.devices[r] for r in free}
 
     def close(self) -> None:
-        from runtime import emulator as emu
-
         for proc in self.by_device.values():
             if proc.is_alive():
                 proc.kill()
             proc.join(timeout=10)
         self.by_device.clear()
-        self.results.close()
-        self.gate.stop()
+        self.job.close()
         if self.cgroups:
-            emu._remove_cgroups(self.cgroups)
+            remove_cgroups(self.cgroups)
 
 
 

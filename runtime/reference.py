@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from asteroid_fx.model_spec import model_inputs
+from contracts.inputs import model_inputs
 from runtime.train import make_optimizer, resolve_loss_fn
 
 __all__ = ["ReferenceResult", "reference_training"]

@@ -22,7 +22,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from asteroid_fx.errors import ProtocolError, RuntimeFailure
+from contracts.errors import ProtocolError, RuntimeFailure
+from contracts.plan import Plan
 from runtime import protocol as proto
 from runtime.checkpoint import (
     StageState,
@@ -33,10 +34,10 @@ from runtime.checkpoint import (
     join_state,
     state_from_bytes,
     state_to_bytes,
+    write_checkpoint_bytes,
 )
 from runtime.faults import fault_point
 from runtime.heartbeat import Heartbeat
-from solver.plan import Plan
 
 __all__ = [
     "WorkerSpec",
@@ -633,11 +634,7 @@ class WorkerHooks:
         if spec.checkpoint_dir is None:  # only called when checkpoints are on
             return
         began = time.perf_counter()
-        path = checkpoint_file(spec.checkpoint_dir, step, spec.plan_version, self.stage)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
+        write_checkpoint_bytes(spec.checkpoint_dir, step, spec.plan_version, self.stage, data)
         old = checkpoint_file(spec.checkpoint_dir, step - 2 * spec.checkpoint_every,
                               spec.plan_version, self.stage)
         if old.exists():

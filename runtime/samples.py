@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from asteroid_fx.errors import DatasetError
+from contracts.errors import DatasetError
 
 __all__ = ["SampleSource", "collate"]
 

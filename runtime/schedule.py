@@ -7,8 +7,8 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Dict, List
 
-from asteroid_fx.errors import ScheduleError
-from solver.plan import Plan
+from contracts.errors import ScheduleError
+from contracts.plan import Plan
 
 __all__ = [
     "ActionKind",

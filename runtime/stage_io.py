@@ -21,7 +21,7 @@ attributes, read with ``torch.load(weights_only=True)``. No pickled code is load
 code that runs is the stage source and the model file, both readable in the directory.
 Format 1 directories (pickled ``stage_<i>.pt`` modules) are refused with a request to
 re-run ``asteroid-fx partition``. No tracing, ONNX or solver code is imported here
-(``solver.plan`` is plain data).
+(``contracts.plan`` is plain data).
 """
 
 from __future__ import annotations
@@ -42,8 +42,8 @@ from typing import Any
 
 import torch
 
-from asteroid_fx.errors import PartitionError
-from solver.plan import Plan
+from contracts.errors import PartitionError
+from contracts.plan import Plan
 
 __all__ = [
     "PARTITION_VERSION",
@@ -313,9 +313,9 @@ def model_builder(directory: str | Path,
     path = _directory(directory)
     meta = meta or load_partition_meta(path)
     if meta.model_file is None and (meta.model_spec or "").startswith("builtin:"):
-        from asteroid_fx.model_spec import load_model_spec  # torch only; needs the models extra
+        from runtime.builtin_models import builtin_build_model  # needs the models extra
 
-        return load_model_spec(str(meta.model_spec)).build_model
+        return builtin_build_model(str(meta.model_spec)[len("builtin:"):])
     if meta.model_file is None and not meta.model_module:
         return None
     module = load_model_module(path)
@@ -332,6 +332,46 @@ def model_builder(directory: str | Path,
                              f"has no {name}(); re-run `asteroid-fx partition` with the model "
                              f"file")
     return build
+
+
+_SPEC_FUNCTIONS = ("build_model", "sample_batch", "loss_fn", "build_optimizer", "dataset")
+
+
+def spec_functions(directory: str | Path, meta: PartitionMeta | None = None) -> Any:
+    """The partition's model functions (``build_model``, ``sample_batch``, ``loss_fn``
+    (default ``cross_entropy``), ``build_optimizer``, ``dataset``) as a namespace: a
+    built-in's (``runtime.builtin_models``, needs the models extra), or the copied model
+    file's, under its prefix (an attribute ``prefix`` holding them, else ``prefix_NAME``).
+    What the front end's ``load_model_spec`` finds, without the front end (devices)."""
+    import types
+
+    path = _directory(directory)
+    meta = meta or load_partition_meta(path)
+    spec = meta.model_spec or ""
+    found: dict[str, Any] = dict.fromkeys(_SPEC_FUNCTIONS)
+    if meta.model_file is None and spec.startswith("builtin:"):
+        from runtime.builtin_models import BUILTIN_LOSSES, BUILTIN_MODELS
+
+        name = spec[len("builtin:"):]
+        if name not in BUILTIN_MODELS:
+            raise PartitionError(f"the partition names the unknown built-in model {spec!r}; "
+                                 f"known: {sorted(BUILTIN_MODELS)}")
+        found["build_model"], found["sample_batch"] = BUILTIN_MODELS[name]()
+        found["loss_fn"] = BUILTIN_LOSSES.get(name)
+    else:
+        module = load_model_module(path)
+        holder: Any = module
+        names = {f: f for f in _SPEC_FUNCTIONS}
+        if meta.prefix:
+            if hasattr(module, meta.prefix):
+                holder = getattr(module, meta.prefix)
+            else:
+                names = {f: f"{meta.prefix}_{f}" for f in _SPEC_FUNCTIONS}
+        for key, attr in names.items():
+            found[key] = getattr(holder, attr, None)
+    if found["loss_fn"] is None:
+        found["loss_fn"] = torch.nn.functional.cross_entropy
+    return types.SimpleNamespace(**found)
 
 
 def load_stage(directory: str | Path, index: int,

@@ -14,15 +14,15 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from asteroid_fx.errors import RuntimeFailure
-from asteroid_fx.model_spec import model_inputs
+from contracts.errors import RuntimeFailure
+from contracts.inputs import model_inputs
+from contracts.plan import Plan
 from runtime.comm import Comm
 from runtime.executor import StageExecutor
 from runtime.lowering import add_comms, recv_posts, send_releases
 from runtime.memory import MemoryMeter
 from runtime.schedule import compute_schedule, rank_stages
 from runtime.validate import check_schedule
-from solver.plan import Plan
 
 __all__ = [
     "StageSource",

@@ -52,7 +52,7 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from asteroid_fx.errors import AuthenticationError, ProtocolError
+from contracts.errors import AuthenticationError, ProtocolError
 from runtime import protocol as proto
 
 __all__ = [

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-from asteroid_fx.errors import DeadlockError, ScheduleError
+from contracts.errors import DeadlockError, ScheduleError
+from contracts.plan import Plan
 from runtime.lowering import RECV_WINDOW, local_needs, remote_needs, sends_after
 from runtime.schedule import Action, ActionKind, Schedule, rank_stages
-from solver.plan import Plan
 
 __all__ = ["validate", "simulate", "check_posts", "check_schedule", "format_grid"]
 

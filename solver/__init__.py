@@ -1,6 +1,6 @@
 """Planners, the round-latency and memory model, and the event simulator (never imports torch).
 
-Import the submodules you need (``solver.cluster``, ``solver.plan``, ``solver.evaluate``,
+Import the submodules you need (``contracts.cluster``, ``contracts.plan``, ``solver.evaluate``,
 ``solver.api``); this package file imports nothing so the runtime can read plans cheaply.
 """
 

@@ -47,13 +47,13 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
-from asteroid_fx.errors import AsteroidError, PlanError
-from cost_models.table import CostTable
-from solver.cluster import Cluster
+from contracts.cluster import Cluster
+from contracts.errors import AsteroidError, PlanError
+from contracts.plan import Plan, PlannerInfo, SearchBound
+from contracts.table import CostTable
 from solver.diagnose import no_fit_error
 from solver.dp import DPResult, asteroid_dp
 from solver.evaluate import LayerSums, evaluate
-from solver.plan import Plan, PlannerInfo, SearchBound
 from solver.space import DEFAULT_MAX_CUTS, candidate_cuts, device_classes, micro_batch_choices
 from solver.timing import Timing
 

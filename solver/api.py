@@ -18,15 +18,15 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
-from asteroid_fx.errors import PlanError
-from cost_models.table import CostTable
+from contracts.cluster import Cluster
+from contracts.errors import PlanError
+from contracts.plan import Plan, PlannerInfo, SearchBound
+from contracts.table import CostTable
 from solver.anytime import Progress, check_time_limit, plan_or_raise
-from solver.cluster import Cluster
 from solver.diagnose import no_fit_error
 from solver.dp import DP_VERSION, asteroid_dp
 from solver.evaluate import evaluate
 from solver.ilp import ilp_plan, milp_size
-from solver.plan import Plan, PlannerInfo, SearchBound
 from solver.space import DEFAULT_MAX_CUTS, candidate_cuts
 
 __all__ = ["PLANNERS", "Planner", "plan", "planner_names", "DEFAULT_ILP_TIME_LIMIT_S",

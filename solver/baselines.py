@@ -35,10 +35,10 @@ from typing import Any
 
 import numpy as np
 
-from asteroid_fx.errors import PlanError
-from cost_models.table import CostTable
-from solver.cluster import Cluster, Device
-from solver.plan import Plan, PlannerInfo, Stage
+from contracts.cluster import Cluster, Device
+from contracts.errors import PlanError
+from contracts.plan import Plan, PlannerInfo, Stage
+from contracts.table import CostTable
 from solver.timing import Timing
 
 __all__ = [

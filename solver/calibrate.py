@@ -8,10 +8,10 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from cost_models.table import UNMEASURED_TYPES, CostTable, DeviceColumn, TimeFit
-from solver.cluster import Cluster, Device, Link
+from contracts.cluster import Cluster, Device, Link
+from contracts.plan import Plan
+from contracts.table import UNMEASURED_TYPES, CostTable, DeviceColumn, TimeFit
 from solver.evaluate import evaluate
-from solver.plan import Plan
 from solver.timing import Timing
 
 __all__ = ["with_message_overhead", "MIN_STEPS", "CostCorrection", "calibrate_costs",

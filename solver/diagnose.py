@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from asteroid_fx.errors import PlanError
-from cost_models.table import CostTable
-from solver.cluster import Cluster
+from contracts.cluster import Cluster
+from contracts.errors import PlanError
+from contracts.plan import Plan, Stage
+from contracts.table import CostTable
 from solver.evaluate import LayerSums, evaluate
-from solver.plan import Plan, Stage
 
 __all__ = ["no_fit_error"]
 

@@ -153,13 +153,13 @@ from typing import Any, Literal
 
 import numpy as np
 
-from asteroid_fx.errors import PlanError
-from cost_models.table import CostTable
-from solver.cluster import Cluster
+from contracts.cluster import Cluster
+from contracts.errors import PlanError
+from contracts.plan import Plan, PlannerInfo, Stage
+from contracts.table import CostTable
 from solver.diagnose import no_fit_error
 from solver.evaluate import WORKSPACE_BYTES, WORKSPACE_FRACTION, LayerSums, Pieces, pieces_time
 from solver.pareto import pareto, pareto_np
-from solver.plan import Plan, PlannerInfo, Stage
 from solver.space import (
     DEFAULT_MAX_CUTS,
     ClassSpace,

@@ -99,10 +99,10 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 
-from asteroid_fx.errors import PlanError
-from cost_models.table import CostTable
-from solver.cluster import Cluster
-from solver.plan import Plan, Prediction, StagePrediction
+from contracts.cluster import Cluster
+from contracts.errors import PlanError
+from contracts.plan import Plan, Prediction, StagePrediction
+from contracts.table import CostTable
 from solver.timing import LayerSums, Timing
 
 __all__ = [

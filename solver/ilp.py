@@ -45,11 +45,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from asteroid_fx.errors import PlanError
-from cost_models.table import CostTable
-from solver.cluster import Cluster
+from contracts.cluster import Cluster
+from contracts.errors import PlanError
+from contracts.plan import Plan, PlannerInfo, Stage
+from contracts.table import CostTable
 from solver.evaluate import stage_tail_time, transfer_time
-from solver.plan import Plan, PlannerInfo, Stage
 from solver.space import micro_batch_choices, sorted_devices
 from solver.split import split_stage
 from solver.timing import Timing

@@ -32,12 +32,12 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 
-from asteroid_fx.errors import PlanError
-from cost_models.table import CostTable, LayerCost, TimeFit
-from solver.cluster import Cluster
+from contracts.cluster import Cluster
+from contracts.errors import PlanError
+from contracts.plan import Plan
+from contracts.table import CostTable, LayerCost, TimeFit
 from solver.evaluate import WORKSPACE_BYTES, allreduce_time, evaluate, transfer_time
 from solver.pac_plan import PacModel, PacPlan, PacPrediction
-from solver.plan import Plan
 from solver.split import split_shares
 from solver.timing import Timing
 

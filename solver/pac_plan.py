@@ -1,7 +1,7 @@
 """The plan of a PAC fine-tuning run as plain data (``pac_plan.json``), read on the devices.
 
 Made by ``solver.pac.plan_finetune`` (see [Note: PAC phases] there); frozen dataclasses
-with an exact JSON round trip. Imports only the standard library and ``solver.plan``, and
+with an exact JSON round trip. Imports only the standard library and ``contracts.plan``, and
 runs on Python 3.8 (a device reads it).
 """
 
@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from asteroid_fx.errors import PlanError
-from solver.plan import Plan
+from contracts.errors import PlanError
+from contracts.plan import Plan
 
 __all__ = ["PacModel", "PacPrediction", "PacPlan", "PAC_PLAN_VERSION"]
 

@@ -44,9 +44,10 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from asteroid_fx.errors import PlanError
-from cost_models.table import CostTable
-from solver.cluster import Cluster
+from contracts.cluster import Cluster
+from contracts.errors import PlanError
+from contracts.plan import Plan, PlannerInfo, Stage
+from contracts.table import CostTable
 from solver.evaluate import (
     LayerSums,
     evaluate,
@@ -55,7 +56,6 @@ from solver.evaluate import (
     stage_tail_time,
     transfer_time,
 )
-from solver.plan import Plan, PlannerInfo, Stage
 from solver.replicas import with_replicas
 from solver.split import split_shares, split_stage
 from solver.summary import PipelineSummary, dominates, prepend

@@ -63,11 +63,11 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
-from asteroid_fx.errors import PlanError
-from cost_models.table import CostTable
-from solver.cluster import Cluster
+from contracts.cluster import Cluster
+from contracts.errors import PlanError
+from contracts.plan import Plan, Prediction
+from contracts.table import CostTable
 from solver.evaluate import LayerSums, evaluate
-from solver.plan import Plan, Prediction
 from solver.timing import Timing
 
 __all__ = [

@@ -43,11 +43,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from asteroid_fx.errors import PlanError
-from cost_models.table import CostTable
-from solver.cluster import Cluster
+from contracts.cluster import Cluster
+from contracts.errors import PlanError
+from contracts.plan import Plan
+from contracts.table import CostTable
 from solver.evaluate import WORKSPACE_FRACTION, LayerSums, allreduce_time, stage_memory_bytes
-from solver.plan import Plan
 from solver.timing import Timing
 
 __all__ = ["SimEvent", "SimResult", "simulate", "program_order"]

@@ -45,9 +45,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from asteroid_fx.errors import PlanError
-from cost_models.table import CostTable
-from solver.cluster import Cluster, Device
+from contracts.cluster import Cluster, Device
+from contracts.errors import PlanError
+from contracts.table import CostTable
 from solver.evaluate import Pieces, resharding_pieces
 from solver.timing import Timing
 

@@ -33,9 +33,10 @@ import heapq
 from collections.abc import Sequence
 from dataclasses import replace
 
-from asteroid_fx.errors import PlanError
-from cost_models.table import CostTable
-from solver.cluster import Cluster
+from contracts.cluster import Cluster
+from contracts.errors import PlanError
+from contracts.plan import Plan
+from contracts.table import CostTable
 from solver.evaluate import (
     WORKSPACE_FRACTION,
     LayerSums,
@@ -44,7 +45,6 @@ from solver.evaluate import (
     memory_from_parts,
     stage_memory_parts,
 )
-from solver.plan import Plan
 from solver.timing import Timing
 
 __all__ = ["split_shares", "memory_cap", "cap_from_parts", "split_stage", "resplit"]

@@ -49,8 +49,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from cost_models.table import CostTable, TimeFit
-from solver.cluster import Cluster
+from contracts.cluster import Cluster
+from contracts.table import CostTable, TimeFit
 from solver.evaluate import drain_term
 
 __all__ = ["PipelineSummary", "Summary", "prepend", "dominates", "hiding_ratio"]

@@ -53,8 +53,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from itertools import accumulate
 
-from cost_models.table import UNMEASURED_TYPES, CostTable, DeviceColumn, TimeFit
-from solver.cluster import Cluster, Device
+from contracts.cluster import Cluster, Device
+from contracts.table import UNMEASURED_TYPES, CostTable, DeviceColumn, TimeFit
 
 __all__ = ["LayerSums", "DeviceTiming", "Timing", "column_speed", "column_bound_speed"]
 

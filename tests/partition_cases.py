@@ -12,7 +12,7 @@ from torch import nn
 
 from asteroid_fx.model_spec import ModelSpec, load_model_spec
 from asteroid_fx.trace import Layer, LayerGraph
-from solver.plan import Plan, Stage
+from contracts.plan import Plan, Stage
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"

@@ -6,8 +6,8 @@ import random
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 
-from cost_models.table import CostTable, DeviceColumn, LayerCost, TimeFit
-from solver.cluster import Cluster, Device, Link
+from contracts.cluster import Cluster, Device, Link
+from contracts.table import CostTable, DeviceColumn, LayerCost, TimeFit
 
 __all__ = [
     "MIB",

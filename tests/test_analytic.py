@@ -8,11 +8,12 @@ import pytest
 import torch
 from torch import nn
 
-from asteroid_fx.errors import CostModelError
+from asteroid_fx.costs import analytic_costs
 from asteroid_fx.trace import trace
-from cost_models.analytic import OP_OVERHEAD_S, analytic_costs
+from contracts.errors import CostModelError
+from contracts.table import CostTable
+from cost_models.analytic import OP_OVERHEAD_S
 from cost_models.hostspeed import measure_host_flops
-from cost_models.table import CostTable
 
 
 class SmallCNN(nn.Module):

@@ -7,7 +7,8 @@ import time
 
 import pytest
 
-from asteroid_fx.errors import PlanError
+from contracts.errors import PlanError
+from contracts.plan import Plan
 from solver.anytime import (
     WIDE_EXACT_MAX,
     check_time_limit,
@@ -18,7 +19,6 @@ from solver.anytime import (
 )
 from solver.dp import asteroid_dp
 from solver.evaluate import evaluate
-from solver.plan import Plan
 from tests.solver_cases import (
     MIB,
     make_cluster,

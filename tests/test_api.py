@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from asteroid_fx.errors import PlanError
+from contracts.errors import PlanError
+from contracts.plan import Plan
 from solver.api import PLANNERS, plan, planner_names
 from solver.dp import asteroid_dp
 from solver.evaluate import evaluate
-from solver.plan import Plan
 from tests.solver_cases import MIB, make_cluster, random_instance, uniform_costs
 
 

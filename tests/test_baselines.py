@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from asteroid_fx.errors import PlanError
+from contracts.errors import PlanError
 from solver.baselines import (
     BASELINES,
     _pipedream_dp,

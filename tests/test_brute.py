@@ -6,7 +6,7 @@ from dataclasses import replace
 
 import pytest
 
-from asteroid_fx.errors import PlanError
+from contracts.errors import PlanError
 from solver.brute import _compositions, brute_force, enumerate_plans
 from solver.dp import sorted_devices
 from solver.evaluate import evaluate

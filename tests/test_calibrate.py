@@ -7,10 +7,10 @@ from dataclasses import replace
 
 import pytest
 
+from contracts.cluster import Cluster, Device
+from contracts.plan import Plan, Stage
 from solver.calibrate import BASE_GROUP, calibrate_costs, with_message_overhead
-from solver.cluster import Cluster, Device
 from solver.evaluate import LayerSums, evaluate
-from solver.plan import Plan, Stage
 from tests.solver_cases import make_cluster, uniform_costs
 
 COSTS = uniform_costs(4, param_bytes=1000, cut_bytes=1000)

@@ -9,9 +9,9 @@ import torch
 from partition_cases import compose, even_lasts, hand_plan
 from torch import nn
 
-from asteroid_fx.errors import ModelOutputError, TraceError
 from asteroid_fx.partition import partition
 from asteroid_fx.trace import trace
+from contracts.errors import ModelOutputError, TraceError
 
 
 class Block(nn.Module):

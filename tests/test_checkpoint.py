@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from asteroid_fx.errors import RuntimeFailure
+from contracts.errors import RuntimeFailure
 from runtime.checkpoint import (
     StageState,
     StateBuffer,

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from asteroid_fx.cli import main
-from cost_models.table import CostTable, LayerCost, TimeFit
+from contracts.table import CostTable, LayerCost, TimeFit
 
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTERS = ROOT / "examples" / "clusters"
@@ -331,7 +331,7 @@ def test_micro_batch_is_checked(micro: str, match: str,
 
 
 def test_micro_batch_fixes_the_plans_micro_batch(tmp_path: Path) -> None:
-    from solver.plan import Plan
+    from contracts.plan import Plan
 
     out = tmp_path / "plan.json"
     assert main(["plan", str(ROOT / "examples" / "mlp.py"), "--cluster",
@@ -468,7 +468,7 @@ def test_plan_time_limit(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
                  "--time-limit", "20", "--out", str(plan_path)]) == 0
     out = capsys.readouterr().out
     assert "optimality" in out and "optimal over every device order" in out
-    from solver.plan import Plan
+    from contracts.plan import Plan
 
     bound = Plan.load(plan_path).planner.bound
     assert bound is not None and bound.optimal and bound.space == "classes"
@@ -486,7 +486,7 @@ def test_partition_time_limit_and_the_large_fleet_hint(tmp_path: Path,
     out_dir = tmp_path / "part"
     assert main(["partition", mlp, "--cluster", LOCAL3, "-b", "8", "--costs", "analytic",
                  "--time-limit", "20", "--no-onnx", "--out", str(out_dir)]) == 0
-    from solver.plan import Plan
+    from contracts.plan import Plan
 
     bound = Plan.load(out_dir / "plan.json").planner.bound
     assert bound is not None and bound.optimal

@@ -1,4 +1,4 @@
-"""Tests of solver.cluster: YAML loading, validation, bandwidth and speeds."""
+"""Tests of contracts.cluster: YAML loading, validation, bandwidth and speeds."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from asteroid_fx.errors import ClusterError
-from cost_models.devices import DEVICE_TYPES, GIB
-from solver.cluster import Cluster
+from contracts.cluster import Cluster
+from contracts.devices import DEVICE_TYPES, GIB
+from contracts.errors import ClusterError
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "clusters"
 

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 
 from asteroid_fx.cost_source import default_batch_sizes, measures_by_default, resolve_costs
-from asteroid_fx.errors import CostModelError
 from asteroid_fx.model_spec import load_model_spec
-from solver.cluster import Cluster
+from contracts.cluster import Cluster
+from contracts.errors import CostModelError
 
 ROOT = Path(__file__).resolve().parents[1]
 LOCAL = Cluster.from_yaml(ROOT / "examples/clusters/local3.yaml")

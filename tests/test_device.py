@@ -15,10 +15,10 @@ import pytest
 from partition_cases import EXAMPLES, ROOT, example_spec, hand_plan
 
 from asteroid_fx.device import main
-from asteroid_fx.errors import RuntimeFailure
 from asteroid_fx.package import save_partition
 from asteroid_fx.partition import partition
 from asteroid_fx.trace import trace
+from contracts.errors import RuntimeFailure
 from runtime.reference import reference_training
 from runtime.stage_io import load_model_module
 
@@ -66,8 +66,8 @@ def test_the_device_path_imports_no_workstation_package(tmp_path: Path) -> None:
         import runtime.emulator, runtime.replication, runtime.checkpoint, runtime.heartbeat
         rc = main(["run", {str(out)!r}, "--steps", "2"])
         mods = sorted(m for m in sys.modules if m.split(".")[0] in {WORKSTATION_ONLY!r})
-        ours = sorted(m for m in sys.modules
-                      if m.split(".")[0] in ("asteroid_fx", "runtime", "solver", "cost_models"))
+        ours = sorted(m for m in sys.modules if m.split(".")[0] in
+                      ("asteroid_fx", "runtime", "solver", "cost_models", "contracts"))
         print(json.dumps({{"rc": rc, "bad": mods, "ours": ours}}))
     """)
     env = {"RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
@@ -78,9 +78,9 @@ def test_the_device_path_imports_no_workstation_package(tmp_path: Path) -> None:
     assert report["rc"] == 0 and report["bad"] == []
     assert "step 1: loss" in result.stdout
     ours = set(report["ours"])
-    assert {"asteroid_fx.device", "runtime.train", "runtime.stage_io", "solver.plan"} <= ours
+    assert {"asteroid_fx.device", "runtime.train", "runtime.stage_io", "contracts.plan"} <= ours
     assert not ours & {"asteroid_fx.trace", "asteroid_fx.partition", "asteroid_fx.package",
-                       "asteroid_fx.cli", "solver.api", "solver.evaluate", "cost_models.table"}
+                       "asteroid_fx.cli", "solver.api", "solver.evaluate", "contracts.table"}
     (tmp_path / "device_modules.json").write_text(json.dumps(sorted(ours)))
 
 
@@ -131,12 +131,13 @@ def _python38_problems(path: Path) -> list[str]:
 def test_device_modules_run_on_python_38() -> None:
     """Every module the device path imports parses as Python 3.8 and avoids 3.9+ run-time
     constructs (the venv check of tools/check_device_env.py runs them on a real 3.8)."""
-    files = sorted({*ROOT.glob("runtime/*.py"), ROOT / "solver" / "__init__.py",
-                    ROOT / "solver" / "plan.py", ROOT / "asteroid_fx" / "__init__.py",
-                    ROOT / "asteroid_fx" / "errors.py", ROOT / "asteroid_fx" / "allocator.py",
+    files = sorted({*ROOT.glob("runtime/*.py"), *ROOT.glob("contracts/*.py"),
+                    ROOT / "solver" / "__init__.py", ROOT / "asteroid_fx" / "__init__.py",
+                    ROOT / "asteroid_fx" / "errors.py",
                     ROOT / "asteroid_fx" / "device.py", ROOT / "asteroid_fx" / "model_spec.py",
                     # the profiler (`python -m asteroid_fx.device profile`)
-                    *ROOT.glob("cost_models/*.py"), ROOT / "asteroid_fx" / "trace.py",
+                    *ROOT.glob("cost_models/*.py"), ROOT / "asteroid_fx" / "costs.py",
+                    ROOT / "asteroid_fx" / "trace.py",
                     ROOT / "asteroid_fx" / "shape_prop.py",
                     # what trace imports when torch.fx fails
                     ROOT / "asteroid_fx" / "capture.py"})

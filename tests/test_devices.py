@@ -1,11 +1,11 @@
-"""Tests of cost_models.devices: the catalogue of built-in device types."""
+"""Tests of contracts.devices: the catalogue of built-in device types."""
 
 from __future__ import annotations
 
 import pytest
 
-from cost_models.devices import DEVICE_TYPES, GIB
-from solver.cluster import Cluster
+from contracts.cluster import Cluster
+from contracts.devices import DEVICE_TYPES, GIB
 
 BOARDS = [t for t in DEVICE_TYPES.values() if t.name not in ("local", "custom")]
 

@@ -12,10 +12,11 @@ import numpy as np
 import pytest
 
 import solver.dp as dp_module
-from asteroid_fx.errors import PlanError
-from cost_models.table import CostTable
+from contracts.cluster import Cluster
+from contracts.errors import PlanError
+from contracts.plan import Stage
+from contracts.table import CostTable
 from solver.brute import brute_force
-from solver.cluster import Cluster
 from solver.diagnose import no_fit_error
 from solver.dp import asteroid_dp, make_space
 from solver.evaluate import (
@@ -27,7 +28,6 @@ from solver.evaluate import (
     stage_memory_parts,
 )
 from solver.pareto import pareto, pareto_np
-from solver.plan import Stage
 from solver.space import DEFAULT_MAX_CUTS, candidate_cuts, micro_batch_choices, sorted_devices
 from solver.split import split_shares, split_stage
 from solver.summary import dominates, hiding_ratio, prepend

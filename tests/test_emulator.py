@@ -9,7 +9,9 @@ from pathlib import Path
 import pytest
 from test_executor import SeqSource, write_model
 
-from asteroid_fx.errors import RuntimeFailure, StageFailure
+from contracts.cluster import Cluster
+from contracts.errors import RuntimeFailure, StageFailure
+from contracts.plan import Plan, Stage
 from runtime.emulator import (
     CGROUP_ROOT,
     cgroup_available,
@@ -19,8 +21,6 @@ from runtime.emulator import (
 )
 from runtime.reference import reference_training
 from runtime.train import TrainConfig
-from solver.cluster import Cluster
-from solver.plan import Plan, Stage
 
 BOOM = '''
 import os

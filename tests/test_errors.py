@@ -1,4 +1,4 @@
-"""Tests of asteroid_fx.errors and the lazy public API."""
+"""Tests of contracts.errors and the lazy public API."""
 
 from __future__ import annotations
 
@@ -27,8 +27,8 @@ def test_unknown_attribute() -> None:
 
 def test_solver_and_plain_data_never_import_torch() -> None:
     code = (
-        "import sys, asteroid_fx.errors, solver.cluster, solver.plan, cost_models.table, "
-        "cost_models.devices; import asteroid_fx; afx = asteroid_fx; afx.Cluster; afx.Plan; "
+        "import sys, contracts.errors, contracts.cluster, contracts.plan, contracts.table, "
+        "contracts.devices; import asteroid_fx; afx = asteroid_fx; afx.Cluster; afx.Plan; "
         "sys.exit(1 if 'torch' in sys.modules else 0)"
     )
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0

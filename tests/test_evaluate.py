@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from asteroid_fx.errors import PlanError
-from cost_models.table import CostTable
-from solver.cluster import Cluster
+from contracts.cluster import Cluster
+from contracts.errors import PlanError
+from contracts.plan import Plan, Stage
+from contracts.table import CostTable
 from solver.evaluate import (
     WORKSPACE_BYTES,
     LayerSums,
@@ -18,7 +19,6 @@ from solver.evaluate import (
     stage_memory_bytes,
     transfer_time,
 )
-from solver.plan import Plan, Stage
 from solver.simulate import simulate
 from tests.solver_cases import make_cluster, make_costs, uniform_costs
 
@@ -337,7 +337,7 @@ def test_update_time_round_trips_and_is_validated() -> None:
     legacy = costs.to_dict()
     del legacy["update_s_per_byte"]
     assert CostTable.from_dict(legacy).update_s_per_byte == 0.0
-    from asteroid_fx.errors import CostModelError
+    from contracts.errors import CostModelError
 
     with pytest.raises(CostModelError, match="update_s_per_byte"):
         _with_update(costs, -1.0)
@@ -371,8 +371,8 @@ def test_hand_computed_plan_with_a_cost_column() -> None:
     the column as it is (d0's declared speed is ignored), stage 1 scales the base times."""
     from dataclasses import replace
 
-    from cost_models.table import DeviceColumn, TimeFit
-    from solver.cluster import Cluster, Device
+    from contracts.cluster import Cluster, Device
+    from contracts.table import DeviceColumn, TimeFit
 
     base = _with_update(_costs3(), 1e-6)
     column = DeviceColumn("jetson-nano",

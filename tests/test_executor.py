@@ -16,7 +16,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from asteroid_fx.errors import RuntimeFailure, StageFailure
+from contracts.errors import RuntimeFailure, StageFailure
+from contracts.plan import Plan, Stage
 from runtime.comm import Comm, CommFailure, decode_meta, encode_meta, message_tag, pack, unpack
 from runtime.emulator import launch_local
 from runtime.executor import StageExecutor
@@ -24,7 +25,6 @@ from runtime.lowering import add_comms
 from runtime.reference import reference_training
 from runtime.schedule import one_f_one_b
 from runtime.train import TrainConfig, load_stage_weights, train_device
-from solver.plan import Plan, Stage
 
 MODEL = '''
 import torch

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import torch.distributed as dist
 
-from asteroid_fx.errors import RuntimeFailure
+from contracts.errors import RuntimeFailure
 from runtime.heartbeat import Blame, FailureDetector, FailureReport, Heartbeat, blame
 from runtime.protocol import Keys
 

@@ -12,11 +12,11 @@ from partition_cases import compose, even_lasts, hand_plan
 from torch import nn
 
 from asteroid_fx.cli import main
-from asteroid_fx.errors import TraceError
 from asteroid_fx.model_spec import load_model_spec
 from asteroid_fx.package import load_partition, save_partition
 from asteroid_fx.partition import partition, stage_info
 from asteroid_fx.trace import trace
+from contracts.errors import TraceError
 
 transformers = pytest.importorskip("transformers")
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from asteroid_fx.errors import CostModelError
+from contracts.errors import CostModelError
 from cost_models import hostspeed
 
 

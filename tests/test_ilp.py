@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from asteroid_fx.errors import PlanError
+from contracts.errors import PlanError
 from solver.dp import asteroid_dp
 from solver.evaluate import evaluate
 from solver.ilp import ilp_plan

@@ -10,10 +10,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from partition_cases import example_spec, hand_plan
 
-from asteroid_fx.errors import PartitionError
 from asteroid_fx.interop import to_pipeline_stage
 from asteroid_fx.partition import partition
 from asteroid_fx.trace import trace
+from contracts.errors import PartitionError
 
 BATCH = 8
 MICRO_BATCHES = 4

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from asteroid_fx.errors import ScheduleError
+from contracts.errors import ScheduleError
+from contracts.plan import Plan, Stage
 from runtime.lowering import (
     Transfer,
     add_comms,
@@ -17,7 +18,6 @@ from runtime.lowering import (
     transfers,
 )
 from runtime.schedule import Action, ActionKind, Schedule, format_actions, gpipe, one_f_one_b
-from solver.plan import Plan, Stage
 
 
 def _plan() -> Plan:

@@ -6,9 +6,9 @@ from dataclasses import replace
 
 import pytest
 
-from asteroid_fx.errors import CostModelError
+from contracts.errors import CostModelError
+from contracts.table import CostTable, LayerCost, TimeFit
 from cost_models.merge import merge_costs
-from cost_models.table import CostTable, LayerCost, TimeFit
 
 
 def _table(device_type: str = "local", factor: float = 1.0, **changes: object) -> CostTable:

@@ -10,8 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-from asteroid_fx.errors import ModelSpecError
 from asteroid_fx.model_spec import BUILTIN_MODELS, ModelSpec, load_model_spec, model_inputs
+from contracts.errors import ModelSpecError
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 

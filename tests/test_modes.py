@@ -14,13 +14,13 @@ import torch.fx as fx
 from partition_cases import compose, even_lasts, hand_plan
 from torch import nn
 
-from asteroid_fx.errors import PartitionError, TraceError
 from asteroid_fx.model_spec import ModelSpec, load_model_spec
 from asteroid_fx.modes import ModeStage, dispatch_source
 from asteroid_fx.onnx_export import export_stage_onnx, run_onnx
 from asteroid_fx.package import load_partition, save_partition, stage_example_args
 from asteroid_fx.partition import partition, stage_info
 from asteroid_fx.trace import trace
+from contracts.errors import PartitionError, TraceError
 from runtime.stage_io import stage_file
 
 MODAL_MODEL = '''

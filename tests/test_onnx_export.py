@@ -10,11 +10,11 @@ import pytest
 import torch
 from partition_cases import TwoInOut, even_lasts, example_spec, hand_plan
 
-from asteroid_fx.errors import PartitionError
 from asteroid_fx.onnx_export import check_stage_onnx, export_stage_onnx, run_onnx
 from asteroid_fx.package import stage_example_args
 from asteroid_fx.partition import partition
 from asteroid_fx.trace import trace
+from contracts.errors import PartitionError
 
 
 def _stages(spec_name: str, num_stages: int, batch: int = 3) -> tuple[list[Any], list[Any]]:

@@ -10,8 +10,8 @@ import pytest
 from solver_cases import MIB, make_cluster, uniform_costs
 
 from asteroid_fx.errors import PlanError
+from contracts.plan import Plan, Stage
 from solver.pac import PacModel, PacPlan, plan_finetune, predict_finetune, segment_costs
-from solver.plan import Plan, Stage
 
 COSTS = uniform_costs(10, fwd=0.01, bwd=0.02, param_bytes=MIB, cut_bytes=64 * 1024)
 MODEL = PacModel(taps=(2, 5, 8), entry_bytes=3 * 64 * 1024, trainable_bytes=32 * 1024,

@@ -11,11 +11,11 @@ import pytest
 
 from asteroid_fx.finetune import prepare_finetune, reference_finetune, run_finetune
 from asteroid_fx.model_spec import load_model_spec
-from cost_models.analytic import analytic_costs
+from contracts.cluster import Cluster
+from contracts.plan import Plan, Stage
+from asteroid_fx.costs import analytic_costs
 from runtime.pac_train import PAC_PLAN_FILE, PacSource, stage_segments
-from solver.cluster import Cluster
 from solver.pac import PacPlan, predict_finetune
-from solver.plan import Plan, Stage
 
 TINY_GPT = '''"""A tiny GPT-style decoder for tests."""
 import torch

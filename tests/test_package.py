@@ -13,10 +13,10 @@ import pytest
 import torch
 from partition_cases import EXAMPLES, compose, example_spec, hand_plan
 
-from asteroid_fx.errors import PartitionError
 from asteroid_fx.package import load_partition, save_partition, stage_example_args
 from asteroid_fx.partition import partition, stage_info
 from asteroid_fx.trace import trace
+from contracts.errors import PartitionError
 from runtime.stage_io import PARTITION_VERSION, load_model_module, load_partition_meta
 
 
@@ -176,8 +176,8 @@ def test_bad_model_spec_is_rejected(tmp_path: Path) -> None:
 
 
 def test_report_and_gantt_with_costs_and_cluster(tmp_path: Path) -> None:
-    from cost_models.analytic import analytic_costs
-    from solver.cluster import Cluster
+    from asteroid_fx.costs import analytic_costs
+    from contracts.cluster import Cluster
 
     spec, model, inputs, plan, stages = _skipnet_partition([1, 4])
     graph = trace(model, inputs)
@@ -198,19 +198,19 @@ def test_report_and_gantt_with_costs_and_cluster(tmp_path: Path) -> None:
 
 def test_missing_report_modules_are_skipped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                             caplog: pytest.LogCaptureFixture) -> None:
-    from cost_models.analytic import analytic_costs
-    from solver.cluster import Cluster
+    from asteroid_fx.costs import analytic_costs
+    from contracts.cluster import Cluster
 
     _, model, inputs, plan, stages = _skipnet_partition([3])
     costs = analytic_costs(model, inputs, host_flops=1e10)
     cluster = Cluster.from_yaml(EXAMPLES / "clusters" / "local3.yaml")
-    monkeypatch.setitem(sys.modules, "solver.report", None)  # import raises ImportError
-    monkeypatch.setitem(sys.modules, "solver.gantt", None)
+    monkeypatch.setitem(sys.modules, "asteroid_fx.report", None)  # import raises ImportError
+    monkeypatch.setitem(sys.modules, "asteroid_fx.gantt", None)
     with caplog.at_level(logging.INFO, logger="asteroid_fx.package"):
         files = save_partition(tmp_path, plan, stages, onnx=False, costs=costs,
                                cluster=cluster)
     assert "report.md" not in files and "gantt.png" not in files
     assert "costs.json" in files and "cluster.yaml" in files
     assert Cluster.from_yaml(tmp_path / "cluster.yaml") == cluster
-    assert "solver.report is not available" in caplog.text
-    assert "solver.gantt is not available" in caplog.text
+    assert "asteroid_fx.report is not available" in caplog.text
+    assert "asteroid_fx.gantt is not available" in caplog.text

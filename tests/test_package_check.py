@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 from partition_cases import EXAMPLES, example_spec, hand_plan
 
-from asteroid_fx.errors import PartitionError
 from asteroid_fx.package import save_partition
 from asteroid_fx.partition import partition
+from contracts.errors import PartitionError
+from contracts.plan import Plan
 from runtime.package_check import check_package, file_digest
-from solver.plan import Plan
 
 CLUSTER = EXAMPLES / "clusters" / "local3.yaml"
 

@@ -20,7 +20,6 @@ from partition_cases import (
 )
 from torch import nn
 
-from asteroid_fx.errors import PartitionError
 from asteroid_fx.partition import (
     STAGE_META_KEY,
     StageInfo,
@@ -30,6 +29,7 @@ from asteroid_fx.partition import (
     tied_parameters,
 )
 from asteroid_fx.trace import LayerGraph, trace
+from contracts.errors import PartitionError
 
 
 def _grads(module: nn.Module) -> dict[str, torch.Tensor]:

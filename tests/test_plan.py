@@ -1,4 +1,4 @@
-"""Tests of solver.plan: validation and exact JSON round-trip."""
+"""Tests of contracts.plan: validation and exact JSON round-trip."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from asteroid_fx.errors import PlanError
-from solver.plan import Plan, PlannerInfo, Prediction, Stage, StagePrediction
+from contracts.errors import PlanError
+from contracts.plan import Plan, PlannerInfo, Prediction, Stage, StagePrediction
 
 
 def _plan(**overrides: object) -> Plan:
@@ -79,7 +79,7 @@ def test_bad_json(tmp_path: Path) -> None:
 
 
 def test_plans_written_before_the_bound_still_load() -> None:
-    from solver.plan import PlannerInfo, SearchBound
+    from contracts.plan import PlannerInfo, SearchBound
 
     old = {"name": "asteroid", "version": "1", "search_time_s": 0.5, "check": {}}
     info = PlannerInfo.from_dict(old)

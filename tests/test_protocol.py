@@ -14,10 +14,10 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from asteroid_fx.errors import ProtocolError
+from contracts.errors import ProtocolError
 from runtime import protocol as proto
 from runtime.checkpoint import StageState, state_from_bytes, state_to_bytes
-from runtime.emulator import _free_port
+from runtime.emulator import free_port
 from runtime.replication import WorkerSpec
 from runtime.train import TrainConfig, WorkerResult
 
@@ -42,7 +42,7 @@ def _blob(tmp_path: Path) -> bytes:
 
 @pytest.fixture()
 def store() -> Iterator[dist.TCPStore]:
-    yield dist.TCPStore("127.0.0.1", _free_port(), 1, is_master=True, wait_for_workers=False,
+    yield dist.TCPStore("127.0.0.1", free_port(), 1, is_master=True, wait_for_workers=False,
                         timeout=timedelta(seconds=10))
 
 

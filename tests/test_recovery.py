@@ -11,13 +11,14 @@ from typing import Any
 import pytest
 import torch
 
-from asteroid_fx.errors import RuntimeFailure
 from asteroid_fx.model_spec import import_model_file
-from runtime.launch import RunResult, metrics_lines, run
+from asteroid_fx.training import run
+from contracts.errors import RuntimeFailure
+from contracts.plan import Plan, Stage
+from runtime.launch import RunResult, metrics_lines
 from runtime.recovery import parse_fail, parse_leave
 from runtime.reference import reference_training
 from runtime.stage_io import load_model_module, load_plan
-from solver.plan import Plan, Stage
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 CLUSTER = EXAMPLES / "clusters" / "local3.yaml"
@@ -32,10 +33,10 @@ GROUP = (Stage((0, 3), ("fast",), (6,)), Stage((4, 6), ("slow0", "slow1"), (3, 3
 
 def make_partition(out: Path, stages: tuple[Stage, ...]) -> Path:
     """examples/mlp.py split into ``stages`` (batch 12, two micro-batches of 6)."""
+    from asteroid_fx.costs import analytic_costs
     from asteroid_fx.package import save_partition
     from asteroid_fx.partition import partition
-    from cost_models.analytic import analytic_costs
-    from solver.cluster import Cluster
+    from contracts.cluster import Cluster
     from solver.evaluate import evaluate
 
     module = import_model_file(EXAMPLES / "mlp.py")
@@ -149,16 +150,19 @@ def test_replicate_every_values() -> None:
 
 
 def test_replan_tolerance_picks_between_repair_and_full_plan(tmp_path: Path) -> None:
+    from asteroid_fx.replanning import Replanner
     from runtime.recovery import _load_model, _new_plan
 
     directory = make_partition(tmp_path / "part", THREE)
-    model = _load_model(directory, CLUSTER)
+    model = _load_model(directory, CLUSTER, Replanner())
     plan = load_plan(directory)
     # the repair (fast | slow1) is predicted ~60 % slower than the full re-plan (fast alone)
-    full, info = _new_plan("replay", plan, model.costs, model.cluster, ["slow0"], 0.0)
+    full, info = _new_plan(model.replanner, "replay", plan, model.costs, model.cluster,
+                           ["slow0"], 0.0)
     assert info["chosen"] == "full" and [s.devices for s in full.stages] == [("fast",)]
     assert info["layerwise_round_s"] > info["full_round_s"]
-    repair, info = _new_plan("replay", plan, model.costs, model.cluster, ["slow0"], 10.0)
+    repair, info = _new_plan(model.replanner, "replay", plan, model.costs, model.cluster,
+                             ["slow0"], 10.0)
     assert info["chosen"] == "layerwise" and len(repair.stages) == 2
     for bad in (-0.1, float("nan"), float("inf")):
         with pytest.raises(RuntimeFailure, match="--replan-tolerance must be a fraction >= 0"):
@@ -213,8 +217,8 @@ def test_restart_reloads_the_checkpoint(tmp_path: Path) -> None:
 
 def test_failure_of_a_stage_and_its_holder_falls_back_to_the_checkpoint(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    from cost_models.analytic import analytic_costs
-    from solver.cluster import Cluster
+    from asteroid_fx.costs import analytic_costs
+    from contracts.cluster import Cluster
     from solver.replicas import choose_replicas
 
     directory = make_partition(tmp_path / "part", THREE)
@@ -329,11 +333,11 @@ network:
 def _tight4_partition(tmp_path: Path) -> tuple[Path, Path, tuple[str, ...]]:
     """examples/mlp.py planned on TIGHT4 (two of its four devices): (partition directory,
     cluster file, the plan's devices)."""
+    from asteroid_fx.costs import analytic_costs
     from asteroid_fx.package import save_partition
     from asteroid_fx.partition import partition
-    from cost_models.analytic import analytic_costs
+    from contracts.cluster import Cluster
     from solver.api import plan as plan_fn
-    from solver.cluster import Cluster
 
     cluster_file = tmp_path / "tight4.yaml"
     cluster_file.write_text(TIGHT4)   # ~1 MiB per device: the model needs two devices
@@ -433,10 +437,10 @@ def test_the_event_names_exactly_the_device_that_failed(tmp_path: Path, mode: st
     """Issue 15: a 4-stage plan on 4 emulated devices, f2 (stage 2) killed; the event named
     "f3" (or a starved device, e.g. "f0" during step 0 on a loaded host) because a silent
     heartbeat of a live process counted as a failure (see [Note: who failed])."""
+    from asteroid_fx.costs import analytic_costs
     from asteroid_fx.package import save_partition
     from asteroid_fx.partition import partition
-    from cost_models.analytic import analytic_costs
-    from solver.cluster import Cluster
+    from contracts.cluster import Cluster
 
     cluster_file = tmp_path / "four.yaml"
     cluster_file.write_text("devices:\n" + "".join(

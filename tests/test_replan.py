@@ -10,12 +10,12 @@ from dataclasses import replace
 
 import pytest
 
-from asteroid_fx.errors import PlanError
-from cost_models.table import CostTable
-from solver.cluster import Cluster
+from contracts.cluster import Cluster
+from contracts.errors import PlanError
+from contracts.plan import Plan, Stage
+from contracts.table import CostTable
 from solver.dp import asteroid_dp
 from solver.evaluate import evaluate
-from solver.plan import Plan, Stage
 from solver.replan import ReplanInfo, replan, replan_layerwise
 from solver.replicas import with_replicas
 from tests.solver_cases import make_cluster, random_cluster, random_costs, uniform_costs

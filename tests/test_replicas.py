@@ -8,11 +8,11 @@ from dataclasses import replace
 
 import pytest
 
-from asteroid_fx.errors import PlanError
-from cost_models.table import CostTable
-from solver.cluster import Cluster, Device
+from contracts.cluster import Cluster, Device
+from contracts.errors import PlanError
+from contracts.plan import Plan, Stage
+from contracts.table import CostTable
 from solver.evaluate import evaluate
-from solver.plan import Plan, Stage
 from solver.replicas import (
     IDLE_BUCKET,
     auto_replicate_every,

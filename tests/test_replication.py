@@ -16,9 +16,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from contracts.plan import Plan, Stage
 from runtime import protocol as proto
 from runtime.checkpoint import checkpoint_file, state_from_bytes
-from runtime.emulator import _free_port
+from runtime.emulator import free_port
 from runtime.protocol import Handoff, key
 from runtime.recovery import resume_point
 from runtime.replication import (
@@ -29,14 +30,13 @@ from runtime.replication import (
     external_holders,
     lower_priority,
 )
-from solver.plan import Plan, Stage
 
 PLAN = Plan("m", "c", 4, 2, 2, (Stage((0, 0), ("a",), (2,)), Stage((1, 1), ("b", "c"), (1, 1))))
 
 
 @pytest.fixture()
 def store() -> Iterator[dist.TCPStore]:
-    yield dist.TCPStore("127.0.0.1", _free_port(), 1, is_master=True, wait_for_workers=False,
+    yield dist.TCPStore("127.0.0.1", free_port(), 1, is_master=True, wait_for_workers=False,
                         timeout=timedelta(seconds=10))
 
 

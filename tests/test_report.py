@@ -1,4 +1,4 @@
-"""Tests of the plan report (solver/report.py) and the Gantt chart (solver/gantt.py)."""
+"""Tests of the plan report (asteroid_fx/report.py) and the Gantt chart (asteroid_fx/gantt.py)."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ from pathlib import Path
 
 from rich.console import Console
 
+from asteroid_fx.gantt import COLOURS, gantt_png
+from asteroid_fx.report import format_bytes, format_seconds, plan_report, plan_report_markdown
+from contracts.plan import Plan, PlannerInfo, Stage
 from solver.evaluate import evaluate
-from solver.gantt import COLOURS, gantt_png
-from solver.plan import Plan, PlannerInfo, Stage
-from solver.report import format_bytes, format_seconds, plan_report, plan_report_markdown
 from solver.simulate import simulate
 from tests.solver_cases import MIB, make_cluster, uniform_costs
 
@@ -105,7 +105,7 @@ def test_report_names_the_source_of_every_device_types_times() -> None:
 
 
 def test_planner_checks_read_as_words() -> None:
-    from solver.report import check_words
+    from asteroid_fx.report import check_words
 
     text = check_words({"device_order_from": "hetpipe", "replicas": [5, 1], "gap": 0.0012,
                         "ilp_status": "optimal", "dp_time_s": 1.5})

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from asteroid_fx.cli import main
-from asteroid_fx.errors import RuntimeFailure
 from asteroid_fx.run_plot import plot_metrics, read_metrics
+from contracts.errors import RuntimeFailure
 
 
 def _metrics(path: Path) -> Path:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from asteroid_fx.errors import ScheduleError
+from contracts.errors import ScheduleError
+from contracts.plan import Plan, Stage
 from runtime.schedule import (
     Action,
     ActionKind,
@@ -17,7 +18,6 @@ from runtime.schedule import (
     stage_order_1f1b,
     stage_order_gpipe,
 )
-from solver.plan import Plan, Stage
 
 
 def _plan(groups: list[list[int]], m: int) -> Plan:

@@ -7,7 +7,6 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from asteroid_fx.errors import TraceError
 from asteroid_fx.shape_prop import (
     META_KEY,
     SAVED_KEY,
@@ -18,6 +17,7 @@ from asteroid_fx.shape_prop import (
     describe,
     iter_tensor_metas,
 )
+from contracts.errors import TraceError
 
 
 class _Net(nn.Module):

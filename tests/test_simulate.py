@@ -9,11 +9,11 @@ from typing import Any
 
 import pytest
 
-from asteroid_fx.errors import PlanError
-from cost_models.table import CostTable
-from solver.cluster import Cluster
+from contracts.cluster import Cluster
+from contracts.errors import PlanError
+from contracts.plan import Plan, Stage
+from contracts.table import CostTable
 from solver.evaluate import evaluate
-from solver.plan import Plan, Stage
 from solver.simulate import SimResult, program_order, simulate
 from tests.solver_cases import (
     make_cluster,

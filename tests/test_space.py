@@ -8,9 +8,9 @@ from dataclasses import replace
 
 import pytest
 
-from solver.cluster import Cluster, Device, Link
+from contracts.cluster import Cluster, Device, Link
+from contracts.plan import Plan, Stage
 from solver.evaluate import evaluate, pieces_time, transfer_time
-from solver.plan import Plan, Stage
 from solver.space import ClassSpace, SliceSpace, device_classes, sorted_devices
 from tests.solver_cases import (
     make_cluster,

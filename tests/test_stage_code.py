@@ -14,12 +14,12 @@ import torch.fx as fx
 from partition_cases import ROOT, compose, hand_plan
 from torch import nn
 
-from asteroid_fx.errors import PartitionError
 from asteroid_fx.model_spec import load_model_spec
 from asteroid_fx.package import load_partition, save_partition
 from asteroid_fx.partition import partition
 from asteroid_fx.stage_code import constructor_call, stage_source, tree_difference
 from asteroid_fx.trace import trace
+from contracts.errors import PartitionError
 from runtime.stage_io import stage_file
 
 WRAPPED_MODEL = '''

@@ -13,11 +13,11 @@ import pytest
 import torch
 from partition_cases import ROOT, compose, example_spec, hand_plan
 
-from asteroid_fx.errors import PartitionError
 from asteroid_fx.model_spec import load_model_spec
 from asteroid_fx.package import save_partition
 from asteroid_fx.partition import partition, stage_info
 from asteroid_fx.trace import trace
+from contracts.errors import PartitionError
 from runtime.stage_io import (
     STAGE_META_KEY,
     PartitionMeta,

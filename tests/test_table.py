@@ -1,4 +1,4 @@
-"""Tests of cost_models.table: validation and lossless JSON round-trip."""
+"""Tests of contracts.table: validation and lossless JSON round-trip."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from asteroid_fx.errors import CostModelError
-from cost_models.table import CostTable, DeviceColumn, LayerCost, TimeFit
+from contracts.errors import CostModelError
+from contracts.table import CostTable, DeviceColumn, LayerCost, TimeFit
 
 
 def _table() -> CostTable:

@@ -12,10 +12,10 @@ from typing import Any
 import pytest
 
 import solver.timing as timing_module
-from cost_models.table import DeviceColumn, TimeFit
+from contracts.plan import Plan, Stage
+from contracts.table import DeviceColumn, TimeFit
 from solver.dp import asteroid_dp, hiding_ratio, sorted_devices
 from solver.evaluate import LayerSums, evaluate
-from solver.plan import Plan, Stage
 from solver.timing import Timing, column_bound_speed, column_speed
 from tests.solver_cases import (
     make_cluster,

@@ -12,10 +12,10 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from asteroid_fx.errors import TraceError
 from asteroid_fx.model_spec import load_model_spec
 from asteroid_fx.shape_prop import META_KEY, TensorMeta
 from asteroid_fx.trace import BATCHED_KEY, LayerGraph, trace
+from contracts.errors import TraceError
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 

@@ -9,12 +9,12 @@ import pytest
 import torch
 from test_executor import MODEL, write_model
 
-from asteroid_fx.errors import RuntimeFailure
+from contracts.errors import RuntimeFailure
+from contracts.plan import Plan, Stage
 from runtime.launch import metrics_lines, run
 from runtime.reference import reference_training
 from runtime.stage_io import load_model_module
 from runtime.train import DirectorySource, load_stage_weights
-from solver.plan import Plan, Stage
 
 CLUSTER = """
 devices:
@@ -40,8 +40,8 @@ def _partition(tmp_path: Path, predicted: bool = False) -> Path:
     if predicted:
         import yaml
 
-        from cost_models.analytic import analytic_costs
-        from solver.cluster import Cluster
+        from asteroid_fx.costs import analytic_costs
+        from contracts.cluster import Cluster
         from solver.evaluate import evaluate
 
         cluster = Cluster.from_dict(yaml.safe_load(CLUSTER))

@@ -18,7 +18,7 @@ import pytest
 import torch.distributed as dist
 from partition_cases import EXAMPLES, ROOT, example_spec, hand_plan
 
-from asteroid_fx.errors import AuthenticationError
+from contracts.errors import AuthenticationError
 from runtime import protocol as proto
 from runtime.trust import (
     TOKEN_ENV,
@@ -107,7 +107,7 @@ _JOINER = textwrap.dedent("""
     import sys
     from datetime import timedelta
     import torch.distributed as dist
-    from asteroid_fx.errors import AuthenticationError
+    from contracts.errors import AuthenticationError
     from runtime.trust import join_job
     port, token = int(sys.argv[1]), sys.argv[2]
     store = dist.TCPStore("127.0.0.1", port, 1, is_master=False, timeout=timedelta(seconds=20))

@@ -6,11 +6,11 @@ import itertools
 
 import pytest
 
-from asteroid_fx.errors import DeadlockError, ScheduleError
+from contracts.errors import DeadlockError, ScheduleError
+from contracts.plan import Plan, Stage
 from runtime.lowering import add_comms, recv_posts
 from runtime.schedule import Action, ActionKind, gpipe, one_f_one_b, parse_actions
 from runtime.validate import check_posts, check_schedule, format_grid, simulate, validate
-from solver.plan import Plan, Stage
 
 GROUPS = [
     [[4]],

@@ -23,10 +23,9 @@ from collections.abc import Sequence
 
 import torch
 
+from asteroid_fx.costs import analytic_costs, profile
 from asteroid_fx.model_spec import load_model_spec
 from asteroid_fx.trace import trace
-from cost_models.analytic import analytic_costs
-from cost_models.profile import profile
 
 __all__ = ["pearson", "spearman", "main"]
 

@@ -85,10 +85,10 @@ def _run(directory: Path, cluster: str, steps: int, metrics: Path) -> dict[str, 
 
 def bench_case(model: str, batch: int, cluster: str, steps: int, work: Path,
                other_planner: str, default_only: bool = False) -> list[Row]:
-    from cost_models.table import CostTable
-    from solver.cluster import Cluster
+    from contracts.cluster import Cluster
+    from contracts.plan import Plan
+    from contracts.table import CostTable
     from solver.evaluate import evaluate
-    from solver.plan import Plan
 
     rows: list[Row] = []
     name = Path(model.split(":")[0]).stem + (":" + model.split(":")[1] if ":" in model else "")

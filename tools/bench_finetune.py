@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from asteroid_fx.cost_source import resolve_costs
     from asteroid_fx.finetune import prepare_finetune, reference_finetune, run_finetune
     from asteroid_fx.model_spec import load_model_spec
-    from solver.cluster import Cluster
+    from contracts.cluster import Cluster
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="examples/gpt_small.py")

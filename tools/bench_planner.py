@@ -9,7 +9,7 @@ It also times the planner against the number of layers and devices on synthetic 
 
 Cost tables come from ``asteroid_fx.analytic_costs`` with the reference host set to a
 Jetson Nano (its effective FLOP/s and 25.6 GB/s memory bandwidth, see
-``cost_models/devices.py``), so times are Nano times and the other boards scale by their
+``contracts/devices.py``), so times are Nano times and the other boards scale by their
 FLOP/s through the cluster.
 
 Usage::
@@ -44,13 +44,13 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from asteroid_fx.errors import AsteroidError, PlanError  # noqa: E402
-from cost_models.devices import DEVICE_TYPES  # noqa: E402
-from cost_models.table import CostTable, LayerCost, TimeFit  # noqa: E402
+from contracts.cluster import Cluster, Device  # noqa: E402
+from contracts.devices import DEVICE_TYPES  # noqa: E402
+from contracts.errors import AsteroidError, PlanError  # noqa: E402
+from contracts.plan import Plan  # noqa: E402
+from contracts.table import CostTable, LayerCost, TimeFit  # noqa: E402
 from solver.baselines import BASELINES  # noqa: E402
-from solver.cluster import Cluster, Device  # noqa: E402
 from solver.evaluate import evaluate  # noqa: E402
-from solver.plan import Plan  # noqa: E402
 from solver.simulate import simulate  # noqa: E402
 
 log = logging.getLogger("bench_planner")
@@ -371,7 +371,7 @@ def render(rows: Sequence[Row], scaling: Sequence[dict[str, Any]], command: str)
     lines += [
         "Setup: cost tables from `asteroid_fx.analytic_costs` (FLOP/byte roofline) with the "
         "reference host set to a Jetson Nano (60 GFLOP/s effective, 25.6 GB/s), scaled to "
-        "TX2 / Xavier NX by their effective FLOP/s (`cost_models/devices.py`); environments "
+        "TX2 / Xavier NX by their effective FLOP/s (`contracts/devices.py`); environments "
         "`examples/clusters/{A,B,C,D}-{100,1000}mbps.yaml`; plain SGD (optimizer state 0). "
         "Batch per round (our choice; the paper's per-model batch sizes are not restated "
         "here): 128 for the 32x32 CNNs, 32 for BERT-small (sequence 512). Every plan, "

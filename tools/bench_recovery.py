@@ -51,12 +51,14 @@ if str(ROOT) not in sys.path:
 from bench_models import mlp_source  # noqa: E402
 
 from asteroid_fx.model_spec import import_model_file  # noqa: E402
-from runtime.launch import metrics_lines, run  # noqa: E402
+from asteroid_fx.replanning import Replanner  # noqa: E402
+from asteroid_fx.training import run  # noqa: E402
+from contracts.cluster import Cluster  # noqa: E402
+from contracts.plan import Plan, Stage  # noqa: E402
+from runtime.launch import metrics_lines  # noqa: E402
 from runtime.recovery import REPLAN_TOLERANCE, run_with_recovery  # noqa: E402
 from runtime.train import TrainConfig  # noqa: E402
-from solver.cluster import Cluster  # noqa: E402
 from solver.evaluate import evaluate  # noqa: E402
-from solver.plan import Plan, Stage  # noqa: E402
 
 CLUSTER = ROOT / "examples" / "clusters" / "local3.yaml"
 BEGIN, END = "<!-- recovery-benchmark:begin -->", "<!-- recovery-benchmark:end -->"
@@ -65,9 +67,9 @@ MODEL = mlp_source(512, 8, 128, 10)
 
 
 def _partition(work: Path, model_file: Path, plan_of: Any, name: str) -> tuple[Path, Plan]:
+    from asteroid_fx.costs import analytic_costs
     from asteroid_fx.package import save_partition
     from asteroid_fx.partition import partition
-    from cost_models.analytic import analytic_costs
 
     module = import_model_file(model_file)
     torch.manual_seed(0)
@@ -162,7 +164,7 @@ def _steady(directory: Path, steps: int, variant: str, every: int | str = 1,
         config = TrainConfig(steps=steps, seed=0, lr=0.01, timeout_s=120.0)
         out = run_with_recovery(directory, CLUSTER, config, fail=None, recovery="replay",
                                 progress=clock, replicate=(variant != "no-replicas"),
-                                replicate_every=every)
+                                replicate_every=every, replanner=Replanner())
         if stats is not None:
             stats.append(out.replication)
         if chosen is not None:

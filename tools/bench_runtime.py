@@ -41,18 +41,12 @@ if str(ROOT) not in sys.path:
 
 from bench_models import mlp_source  # noqa: E402
 
-from runtime.emulator import (  # noqa: E402
-    RESERVED_CORES,
-    _free_port,
-    _make_cgroups,
-    _remove_cgroups,
-    cgroup_available,
-    usable_cores,
-)
+from contracts.cluster import Cluster  # noqa: E402
+from contracts.plan import Plan  # noqa: E402
+from runtime.emulator import RESERVED_CORES, free_port, usable_cores  # noqa: E402
 from runtime.launch import RunResult, run  # noqa: E402
-from solver.cluster import Cluster  # noqa: E402
+from runtime.shaping import cgroup_available, make_cgroups, remove_cgroups  # noqa: E402
 from solver.evaluate import evaluate  # noqa: E402
-from solver.plan import Plan  # noqa: E402
 
 MODEL = mlp_source(1024, 16, 256, 10)
 
@@ -199,8 +193,8 @@ def run_pipelining(speeds: list[float], batch: int, micro: int, steps: int,
                    host_cores: float) -> tuple[float | None, str]:
     world = len(speeds)
     factor = max(1.0, sum(speeds) / host_cores)
-    cgroups = _make_cgroups([s / factor for s in speeds]) if cgroup_available() else None
-    port = _free_port()
+    cgroups = make_cgroups([s / factor for s in speeds]) if cgroup_available() else None
+    port = free_port()
     store = dist.TCPStore("127.0.0.1", port, world + 1, is_master=True,
                           wait_for_workers=False)
     ctx = mp.get_context("spawn")
@@ -224,7 +218,7 @@ def run_pipelining(speeds: list[float], batch: int, micro: int, steps: int,
                 p.kill()
             p.join(timeout=10)
         if cgroups is not None:
-            _remove_cgroups(cgroups)
+            remove_cgroups(cgroups)
         del store
     bad = [v for v in results.values() if isinstance(v, str)]
     if bad:
@@ -260,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
             update_section(args.out, text)
         return 0
     torch.set_num_threads(1)
-    from cost_models.profile import profile
+    from asteroid_fx.costs import profile
 
     batches = [int(b) for b in args.batch_sizes.split(",")]
     work = Path(tempfile.mkdtemp(prefix="bench_runtime_"))
@@ -451,7 +445,7 @@ def reading_lines(rows: list[Row]) -> list[str]:
         "predicted'): the profiler times layers in sequence as training runs them "
         "(method='chain', weights streamed from memory rather than cache-hot), the optimizer "
         "step is part of T_a, workers and profiler use the same allocator settings "
-        "(asteroid_fx/allocator.py), and the emulator keeps half a core of the host free.",
+        "(contracts/allocator.py), and the emulator keeps half a core of the host free.",
         "- The host is 2 shared cores: single runs vary by about +-10-30 %; each figure is "
         "the best of the repeated runs.",
     ]

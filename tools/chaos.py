@@ -161,10 +161,10 @@ def make_partition(work: Path, layout: str) -> tuple[Path, Path]:
     from asteroid_fx.model_spec import import_model_file
     from asteroid_fx.package import save_partition
     from asteroid_fx.partition import partition
-    from cost_models.analytic import analytic_costs
-    from solver.cluster import Cluster
+    from contracts.cluster import Cluster
+    from contracts.plan import Plan, Stage
+    from asteroid_fx.costs import analytic_costs
     from solver.evaluate import evaluate
-    from solver.plan import Plan, Stage
 
     name = layout.replace("|", "-")
     directory, cluster_file = work / f"part-{name}", work / f"cluster-{name}.yaml"

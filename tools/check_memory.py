@@ -34,15 +34,15 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from asteroid_fx.costs import analytic_costs  # noqa: E402
 from asteroid_fx.model_spec import load_model_spec  # noqa: E402
 from asteroid_fx.package import save_partition  # noqa: E402
 from asteroid_fx.partition import partition  # noqa: E402
-from cost_models.analytic import analytic_costs  # noqa: E402
+from contracts.cluster import Cluster  # noqa: E402
+from contracts.plan import Plan, Stage  # noqa: E402
 from runtime.launch import run  # noqa: E402
 from solver.api import plan as plan_fn  # noqa: E402
-from solver.cluster import Cluster  # noqa: E402
 from solver.evaluate import evaluate  # noqa: E402
-from solver.plan import Plan, Stage  # noqa: E402
 
 EXAMPLES = ROOT / "examples"
 LOCAL3 = EXAMPLES / "clusters" / "local3.yaml"

@@ -62,10 +62,10 @@ if str(ROOT) not in sys.path:
 from bench_models import mlp_source  # noqa: E402
 
 from asteroid_fx.model_spec import import_model_file  # noqa: E402
+from contracts.cluster import Cluster  # noqa: E402
+from contracts.plan import Plan, Stage  # noqa: E402
 from runtime.launch import run  # noqa: E402
-from solver.cluster import Cluster  # noqa: E402
 from solver.evaluate import evaluate  # noqa: E402
-from solver.plan import Plan, Stage  # noqa: E402
 
 MICRO_BATCHES = (1, 4, 16)
 PING_PONGS = 400        # round trips per ping-pong batch
@@ -236,9 +236,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--first and --second must be different devices")
     logging.basicConfig(level=logging.ERROR)
     torch.set_num_threads(1)
+    from asteroid_fx.costs import analytic_costs
     from asteroid_fx.package import save_partition
     from asteroid_fx.partition import partition
-    from cost_models.analytic import analytic_costs
     from runtime.emulator import emulation_setup
 
     rounds: dict[str, dict[int, float]] = {"single": {}, "pipeline": {}}

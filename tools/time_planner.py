@@ -48,14 +48,14 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.append(str(ROOT))
 
-from asteroid_fx.errors import PlanError  # noqa: E402
-from cost_models.devices import DEVICE_TYPES, GIB  # noqa: E402
-from cost_models.table import CostTable  # noqa: E402
+from contracts.cluster import Cluster, Device, Link  # noqa: E402
+from contracts.devices import DEVICE_TYPES, GIB  # noqa: E402
+from contracts.errors import PlanError  # noqa: E402
+from contracts.plan import Plan  # noqa: E402
+from contracts.table import CostTable  # noqa: E402
 from solver.anytime import wide_size  # noqa: E402
 from solver.api import PLANNERS, plan  # noqa: E402
-from solver.cluster import Cluster, Device, Link  # noqa: E402
 from solver.dp import asteroid_dp  # noqa: E402
-from solver.plan import Plan  # noqa: E402
 from solver.space import device_classes  # noqa: E402
 from tests.solver_cases import INSTANCE_KINDS, planner_instance, random_instance  # noqa: E402
 

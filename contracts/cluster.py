@@ -12,8 +12,8 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from asteroid_fx.errors import ClusterError
-from cost_models.devices import DEVICE_TYPES, GIB
+from contracts.devices import DEVICE_TYPES, GIB
+from contracts.errors import ClusterError
 
 __all__ = ["Device", "Link", "Cluster"]
 

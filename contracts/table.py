@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from asteroid_fx.errors import CostModelError
+from contracts.errors import CostModelError
 
 __all__ = ["TimeFit", "LayerCost", "DeviceColumn", "CostTable", "COST_TABLE_VERSION",
            "COLUMN_SOURCES", "UNMEASURED_TYPES"]
@@ -142,7 +142,7 @@ class DeviceColumn:
             raise CostModelError(
                 f"a cost column needs a device type other than {' or '.join(UNMEASURED_TYPES)}, "
                 f"got {self.device_type!r}; profile with `--device-type TYPE` on that device")
-        from cost_models.devices import DEVICE_TYPES
+        from contracts.devices import DEVICE_TYPES
 
         if self.device_type not in DEVICE_TYPES:
             known = ", ".join(sorted(t for t in DEVICE_TYPES if t not in UNMEASURED_TYPES))
@@ -205,14 +205,14 @@ class CostTable:
     cut between layer ``i`` and layer ``i + 1`` (skip connections included), so it has
     ``len(layers) - 1`` entries. ``host_flops`` is the effective FLOP/s of one core of
     the profiling host; built-in device types are scaled against it (see
-    ``cost_models.devices``). ``update_s_per_byte`` is the host's time for one optimizer
+    ``contracts.devices``). ``update_s_per_byte`` is the host's time for one optimizer
     step per byte of parameters (0 when unknown: tables from before it was measured).
 
     The layers' times are the *base column*: they were measured (or modelled) on a device
     of type ``device_type`` (``"local"``: the workstation that ran ``profile``). Devices of
     that type, when it is not ``local``, take them as they are; ``columns`` hold further
     types measured on their own devices (``asteroid-fx costs merge``). Every other device
-    scales the base times by its ``speed`` (``Cluster`` / ``cost_models.devices``). See
+    scales the base times by its ``speed`` (``Cluster`` / ``contracts.devices``). See
     :meth:`column` and :meth:`timing_source`.
     """
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from asteroid_fx.errors import PlanError
+from contracts.errors import PlanError
 
 __all__ = ["Stage", "StagePrediction", "Prediction", "PlannerInfo", "SearchBound", "Plan",
            "PLAN_VERSION"]

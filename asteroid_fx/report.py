@@ -17,10 +17,10 @@ from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
-from cost_models.table import CostTable
-from solver.cluster import Cluster
+from contracts.cluster import Cluster
+from contracts.plan import Plan, Prediction, SearchBound
+from contracts.table import CostTable
 from solver.evaluate import evaluate
-from solver.plan import Plan, Prediction, SearchBound
 
 __all__ = ["plan_report", "plan_report_markdown", "format_bytes", "format_seconds"]
 

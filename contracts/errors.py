@@ -1,0 +1,106 @@
+"""Typed errors of asteroid-fx: every user-facing failure is an ``AsteroidError``."""
+
+from __future__ import annotations
+
+__all__ = [
+    "AsteroidError",
+    "ModelSpecError",
+    "TraceError",
+    "ModelOutputError",
+    "ClusterError",
+    "CostModelError",
+    "PlanError",
+    "PartitionError",
+    "ScheduleError",
+    "DeadlockError",
+    "RuntimeFailure",
+    "StageFailure",
+    "ProtocolError",
+    "AuthenticationError",
+    "ReplannerUnavailable",
+    "AdapterError",
+    "DatasetError",
+]
+
+# [Note: dependency-free errors]
+# This module imports nothing but the standard library so that every layer (``solver``,
+# which never imports torch, ``runtime``, which must run on a bare board, the cost models
+# and the front end) raises the same typed errors; ``asteroid_fx.errors`` re-exports them
+# as public API.
+
+
+class AsteroidError(Exception):
+    """Base class of every error asteroid-fx raises for bad input or failed work.
+
+    The message always names the offending value and, where there is one, the fix.
+    """
+
+
+class ModelSpecError(AsteroidError, ValueError):
+    """A MODEL_SPEC could not be loaded (missing file, missing ``build_model`` ...)."""
+
+
+class TraceError(AsteroidError):
+    """torch.fx could not trace the model; the message names module, line and fix."""
+
+
+class ModelOutputError(TraceError, TypeError):
+    """The model returns something other than tensors in tuples, lists and mappings; the
+    message names the type and where in the output it is."""
+
+
+class ClusterError(AsteroidError, ValueError):
+    """A cluster description is malformed (unknown device type, bad bandwidth ...)."""
+
+
+class CostModelError(AsteroidError, ValueError):
+    """A cost table is malformed, inconsistent, or could not be measured."""
+
+
+class PlanError(AsteroidError, ValueError):
+    """No plan fits, or a plan is malformed / inconsistent with its inputs."""
+
+
+class PartitionError(AsteroidError):
+    """A model cannot be split as the plan asks (non-tensor at a cut, ...)."""
+
+
+class ScheduleError(AsteroidError, ValueError):
+    """A pipeline schedule is malformed (unmatched send/recv, wrong order ...)."""
+
+
+class DeadlockError(ScheduleError):
+    """Dry-running a schedule found a deadlock; the message holds a step x rank grid."""
+
+
+class RuntimeFailure(AsteroidError):
+    """Distributed training failed; the message names rank, step and action."""
+
+
+class StageFailure(RuntimeFailure):
+    """One stage's worker raised or died."""
+
+
+class ProtocolError(RuntimeFailure):
+    """A message between processes (c10d store, result queue) is malformed or not the kind
+    expected; the message names the key and what was found. Nothing in it was executed."""
+
+
+class AuthenticationError(RuntimeFailure):
+    """A process could not prove the job's shared token (``--token``, ``ASTEROID_TOKEN`` or
+    ``DIR/token``), or the job could not prove it to the process: it was refused."""
+
+
+class ReplannerUnavailable(RuntimeFailure):
+    """Recovery needs a re-planner (``runtime.replanning.Replanner``) and has none, e.g. on
+    a device-only install; the message names what to install or pass."""
+
+
+class AdapterError(AsteroidError, ValueError):
+    """Parallel adapters cannot be attached as asked (no layer to tap, rank <= 0, a tapped
+    tensor of another shape than the head's input ...)."""
+
+
+class DatasetError(ModelSpecError):
+    """A model file's ``dataset()`` is not a finite indexable dataset of ``(inputs,
+    target)`` samples (no ``__len__``, empty, wrong item shape ...)."""

@@ -1,0 +1,201 @@
+"""Shaping emulated devices to their speed on this host: cgroup-v1 CPU quotas when this
+process may create groups, else time dilation (each rank's compute time scaled up).
+
+[Note: one shaping choice]
+:func:`choose_shaping` is the one place that picks the mechanism, for ``runtime.emulator``
+(``run --emulate``) and for every generation of ``runtime.recovery``: cgroups when allowed
+and some rank is slower than one core (or, ``regroup``, when ranks of an earlier generation
+sit in groups that must be replaced), falling back to time dilation when making a group
+fails; nothing when every rank runs at full speed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from contracts.plan import Plan
+from runtime.train import StageSource
+
+__all__ = ["CGROUP_ROOT", "Shaping", "choose_shaping", "cgroup_available", "cfs_settings",
+           "make_cgroup", "make_cgroups", "remove_cgroups", "PerRankScale"]
+
+log = logging.getLogger(__name__)
+
+CGROUP_ROOT = Path("/sys/fs/cgroup/cpu")
+_CFS_PERIOD_US = 5_000
+
+# [Note: contending devices]
+# A device's cgroup quota caps its CPU time per period but does not guarantee it: when more
+# device processes want to run than there are cores, CFS shares the cores between them by
+# weight, and a period's unused quota is lost. On this project's 2-core host (while other
+# jobs ran) a ResNet-50 pipeline on local3 (fast at 0.75 core | slow0+slow1 at 0.375 each)
+# measured its `fast` device's forward/backward at 2.2x its thread CPU time, where its
+# quota allows 1.33x. Each cgroup's cpu.shares therefore grows with its speed (2048 x speed,
+# at least a plain process's 1024), so a contending fast device wins its quota over the
+# slow ones. Pinning each device to a core
+# (worst-fit by speed, no core overbooked) brought that ratio to 1.6x in one run, but made
+# heartbeats miss their 1 s deadline at start-up in the recovery tests (two processes
+# importing torch on one core under their quotas), so it is not done.
+
+
+@dataclass(frozen=True)
+class Shaping:
+    """How the ranks of one launch are shaped: ``kind`` is "cgroup", "dilation" or
+    "none"; ``cgroups`` the group each rank runs in (cgroup shaping, else None),
+    ``scales`` each rank's time-dilation factor (1.0: none) and ``made`` the groups
+    created for it (remove them with :func:`remove_cgroups`)."""
+
+    kind: str
+    cgroups: tuple[str, ...] | None
+    scales: tuple[float, ...]
+    made: tuple[str, ...] = ()
+
+    def wrap(self, source: StageSource) -> StageSource:
+        """``source``, carrying the per-rank dilation factors when ``kind`` is "dilation"."""
+        return PerRankScale(source, self.scales) if self.kind == "dilation" else source
+
+
+def choose_shaping(speeds: Sequence[float], *, use_cgroups: bool, tag: int = 0,
+                   fast_in_root: bool = False, regroup: bool = False) -> Shaping:
+    """Shape ranks running at ``speeds`` (fractions of one host core; see [Note: one shaping
+    choice]). With cgroups, each rank gets a group of its own named by ``tag`` (a
+    generation) and its rank; ``fast_in_root`` puts ranks at speed >= 1 in the root group
+    instead (no cap: how recovery moves a survivor out of an older, lower cap)."""
+    slow = any(s < 1.0 for s in speeds)
+    ones = tuple(1.0 for _ in speeds)
+    if use_cgroups and (slow or regroup):
+        try:
+            if not fast_in_root:
+                made = make_cgroups(speeds, tag=tag)
+                return Shaping("cgroup", tuple(made), ones, tuple(made))
+            capped = [r for r, s in enumerate(speeds) if s < 1.0]
+            made = (make_cgroups([speeds[r] for r in capped], tag=tag, ranks=capped)
+                    if capped else [])
+            groups = [str(CGROUP_ROOT)] * len(speeds)
+            for r, path in zip(capped, made):
+                groups[r] = path
+            return Shaping("cgroup", tuple(groups), ones, tuple(made))
+        except OSError as exc:
+            log.warning("cgroup CPU shaping unavailable (%s); using time dilation", exc)
+    if slow:
+        return Shaping("dilation", None, tuple(1.0 / s if s < 1.0 else 1.0 for s in speeds))
+    return Shaping("none", None, ones)
+
+
+def cgroup_available() -> bool:
+    """Whether this process may create cgroup-v1 CPU groups (root on a v1 host)."""
+    return (CGROUP_ROOT / "cpu.cfs_quota_us").exists() and os.access(CGROUP_ROOT, os.W_OK)
+
+
+def cfs_settings(speed: float) -> tuple[int, int]:
+    """(cpu.cfs_period_us, cpu.cfs_quota_us) holding a process to ``speed`` of one core.
+
+    The period is short (5 ms) so that a burst of compute after idle waiting is throttled
+    too (CFS only caps the CPU time per period); the kernel's 1 ms minimum quota stretches
+    the period for very slow devices.
+    """
+    speed = min(max(speed, 1e-3), 1.0)
+    period = _CFS_PERIOD_US
+    quota = int(round(speed * period))
+    if quota < 1000:
+        quota, period = 1000, int(round(1000 / speed))
+    return period, quota
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove_stale_cgroups() -> None:
+    """Remove empty ``asteroid-fx-<pid>-<rank>`` groups left by launchers that were killed."""
+    for path in CGROUP_ROOT.glob("asteroid-fx-*-*"):
+        parts = path.name.split("-")
+        if len(parts) == 4 and parts[2].isdigit() and not _pid_alive(int(parts[2])):
+            try:
+                os.rmdir(path)
+            except OSError:
+                pass
+
+
+def make_cgroup(path: Path, speed: float) -> None:
+    """Create (or reuse) the cgroup-v1 CPU group ``path`` holding its processes to
+    ``speed`` of one core (:func:`cfs_settings`)."""
+    path.mkdir(exist_ok=True)
+    period, quota = cfs_settings(speed)
+    # weight by speed (1024 = one core; see [Note: contending devices])
+    # (never below a plain process's 1024, so a device does not lose its CPU to the host's
+    # other work: at least 1024, and 2048 x speed for devices above half a core)
+    (path / "cpu.shares").write_text(str(max(1024, int(round(2048 * min(speed, 1.0))))))
+    (path / "cpu.cfs_period_us").write_text(str(period))
+    (path / "cpu.cfs_quota_us").write_text(str(quota))
+
+
+def make_cgroups(speeds: Sequence[float], *, tag: int = 0,
+                 ranks: Sequence[int] | None = None) -> list[str]:
+    """One group per rank (``asteroid-fx-<pid>-<tag * 1000 + rank>``; ``ranks[i]`` is the
+    rank of ``speeds[i]``, default ``i``) holding it to its speed (at most one core); on an
+    OSError the groups made so far are removed."""
+    _remove_stale_cgroups()
+    made: list[str] = []
+    try:
+        for i, speed in enumerate(speeds):
+            path = _group(tag, i if ranks is None else ranks[i])
+            made.append(str(path))
+            make_cgroup(path, speed)
+    except OSError:
+        remove_cgroups(made)
+        raise
+    return made
+
+
+def _group(tag: int, rank: int) -> Path:
+    return CGROUP_ROOT / f"asteroid-fx-{os.getpid()}-{tag * 1000 + rank}"
+
+
+def remove_cgroups(paths: Sequence[str]) -> None:
+    """Remove the (emptied) groups ``paths``, waiting up to 2.5 s for each to empty."""
+    for path in paths:
+        for _ in range(50):
+            try:
+                os.rmdir(path)
+                break
+            except FileNotFoundError:
+                break
+            except OSError:
+                time.sleep(0.05)
+        else:
+            log.warning("could not remove cgroup %s", path)
+
+
+@dataclass(frozen=True)
+class PerRankScale:
+    """A source that also carries each rank's time-dilation factor (read by train_device)."""
+
+    inner: StageSource
+    scales: tuple[float, ...]
+
+    def load_plan(self) -> Plan:
+        return self.inner.load_plan()
+
+    def model_module(self) -> Any:
+        return self.inner.model_module()
+
+    def load_stage(self, index: int) -> torch.nn.Module:
+        return self.inner.load_stage(index)
+
+    def compute_scale(self, rank: int) -> float:
+        return self.scales[rank]
