@@ -31,7 +31,7 @@ from runtime.checkpoint import (
     state_from_bytes,
     state_to_bytes,
 )
-from runtime.heartbeat import FailureDetector, FailureReport, process_state, blame
+from runtime.heartbeat import FailureDetector, FailureReport, blame, process_state
 from runtime.replanning import Calibration, Replanner, load_replanner
 from runtime.replication import WorkerSpec, announce_failure, external_holders
 from runtime.shaping import choose_shaping, remove_cgroups

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from asteroid_fx.cli import main
+from asteroid_fx.costs import analytic_costs
 from asteroid_fx.finetune import pac_model_of, prepare_finetune, reference_finetune
 from asteroid_fx.model_spec import load_model_spec
 from contracts.cluster import Cluster
-from asteroid_fx.costs import analytic_costs
 from runtime.pac_train import ADAPTERS_FILE, LAYOUT_FILE, PAC_PLAN_FILE, PacSource
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
+from asteroid_fx.costs import analytic_costs
 from asteroid_fx.finetune import prepare_finetune, reference_finetune, run_finetune
 from asteroid_fx.model_spec import load_model_spec
 from contracts.cluster import Cluster
 from contracts.plan import Plan, Stage
-from asteroid_fx.costs import analytic_costs
 from runtime.pac_train import PAC_PLAN_FILE, PacSource, stage_segments
 from solver.pac import PacPlan, predict_finetune
 

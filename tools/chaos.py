@@ -158,12 +158,12 @@ def make_partition(work: Path, layout: str) -> tuple[Path, Path]:
     directory, cluster file), made once per work directory."""
     import torch
 
+    from asteroid_fx.costs import analytic_costs
     from asteroid_fx.model_spec import import_model_file
     from asteroid_fx.package import save_partition
     from asteroid_fx.partition import partition
     from contracts.cluster import Cluster
     from contracts.plan import Plan, Stage
-    from asteroid_fx.costs import analytic_costs
     from solver.evaluate import evaluate
 
     name = layout.replace("|", "-")
