@@ -56,6 +56,7 @@ from torch import nn
 
 from contracts.errors import RuntimeFailure
 from contracts.inputs import model_inputs
+from contracts.pac_plan import PacPlan
 from contracts.plan import Plan, Stage
 from runtime.activation_cache import ActivationCache
 from runtime.adapter_model import AdapterModel
@@ -65,7 +66,6 @@ from runtime.lowering import transfers
 from runtime.memory import storage_bytes
 from runtime.samples import SampleSource
 from runtime.train import TrainConfig, WorkerResult, make_optimizer, resolve_loss_fn
-from solver.pac_plan import PacPlan
 
 __all__ = ["PacSource", "finetune_device", "build_device_model", "stage_segments",
            "BACKBONE_DIR", "PAC_PLAN_FILE", "LAYOUT_FILE", "ADAPTERS_FILE"]

@@ -34,15 +34,15 @@ from dataclasses import replace
 
 from contracts.cluster import Cluster
 from contracts.errors import PlanError
+from contracts.pac_plan import PacModel, PacPlan, PacPrediction
 from contracts.plan import Plan
 from contracts.table import CostTable, LayerCost, TimeFit
 from solver.evaluate import WORKSPACE_BYTES, allreduce_time, evaluate, transfer_time
-from solver.pac_plan import PacModel, PacPlan, PacPrediction
 from solver.split import split_shares
 from solver.timing import Timing
 
 __all__ = ["PacModel", "PacPrediction", "PacPlan", "segment_costs", "plan_finetune",
-           "predict_finetune"]   # the plan's data types live in solver/pac_plan.py
+           "predict_finetune"]   # the plan's data types live in contracts/pac_plan.py
 
 FROZEN_BACKWARD_SHARE = 0.5
 """Backward time of a frozen layer (input gradients only) as a share of its measured
