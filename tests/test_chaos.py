@@ -134,11 +134,12 @@ def test_a_double_failure_without_a_replica_falls_back_to_the_checkpoint(
     """Layout 2|1: d2 (the last stage alone) is killed during step 3 and the holder of its
     replica dies in its hand-over: no copy of stage 1 is left, so the recovery says so and
     resumes from the disk checkpoint of step 1 (every 2 steps), re-training step 2."""
+    from asteroid_fx.replanning import Replanner
     from runtime.recovery import _load_model, _replicas
     from runtime.stage_io import load_plan
 
     directory, cluster_file = chaos.make_partition(tmp_path, "2|1")
-    model = _load_model(directory, cluster_file)
+    model = _load_model(directory, cluster_file, Replanner())
     replicas, _ = _replicas(load_plan(directory), model, model.cluster, 1)
     holder = replicas["d2"][0]
     row = _trial(tmp_path, "2|1", Fault(holder, 3, "recovery", "kill"), primary="d2")

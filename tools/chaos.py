@@ -191,6 +191,7 @@ def make_partition(work: Path, layout: str) -> tuple[Path, Path]:
 def child(spec_file: Path) -> int:
     """Run one trial's training (``--child``) and write its outcome as JSON."""
     from asteroid_fx.errors import AsteroidError
+    from asteroid_fx.replanning import Replanner
     from runtime.recovery import run_with_recovery
     from runtime.train import TrainConfig
 
@@ -201,7 +202,8 @@ def child(spec_file: Path) -> int:
     try:
         run_with_recovery(spec["directory"], spec["cluster"], config, fail=spec["fail"],
                           recovery="replay", checkpoint_every=CHECKPOINT_EVERY,
-                          replicate_every=1, timeout_s=spec["run_timeout_s"])
+                          replicate_every=1, timeout_s=spec["run_timeout_s"],
+                          replanner=Replanner())
         result = {"status": "finished"}
     except AsteroidError as exc:
         result = {"status": "stopped", "reason": f"{type(exc).__name__}: {exc}"}
