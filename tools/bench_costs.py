@@ -157,7 +157,7 @@ def main() -> int:
                  f"--steps {args.steps}`)", "",
                  "| model | cluster | plan | layout | predicted ms | measured ms | ratio |",
                  "|---|---|---|---|---|---|---|"]
-        lines += [f"| {r.model} | {r.cluster} | {r.what} | {r.layout} | "
+        lines += [f"| {r.model} | {r.cluster} | {r.what} | {r.layout.replace(' | ', ' / ')} | "
                   f"{r.predicted_s * 1e3:.2f} | {r.measured_s * 1e3:.2f} | {r.ratio:.2f} |"
                   for r in rows]
         with args.out.open("a") as fh:
