@@ -104,7 +104,7 @@ def gloo_ping_pong(nbytes: int, speeds: Sequence[float]) -> tuple[float, float]:
     """One-way seconds of a raw gloo ping-pong of ``nbytes`` between two processes, each
     held to its speed by a cgroup when the emulator would use one (median of batches),
     and the CPU seconds both processes spend per one-way message."""
-    from runtime.emulator import cgroup_available, make_cgroup
+    from runtime.shaping import cgroup_available, make_cgroup, remove_cgroups
 
     cgroups: list[Path] = []
     if cgroup_available() and any(s < 1.0 for s in speeds):
@@ -131,15 +131,7 @@ def gloo_ping_pong(nbytes: int, speeds: Sequence[float]) -> tuple[float, float]:
             if proc.is_alive():
                 proc.kill()
                 proc.join()
-        for path in cgroups:
-            for _ in range(50):
-                try:
-                    os.rmdir(path)
-                    break
-                except FileNotFoundError:
-                    break
-                except OSError:
-                    time.sleep(0.05)
+        remove_cgroups([str(path) for path in cgroups])
     wall = next(w for r, w, _ in reports if r == 0)
     return float(wall), float(sum(c for _, _, c in reports))
 
