@@ -28,6 +28,7 @@ from solver.dp import DP_VERSION, asteroid_dp
 from solver.evaluate import evaluate
 from solver.ilp import ilp_plan, milp_size
 from solver.space import DEFAULT_MAX_CUTS, candidate_cuts
+from solver.split import check_micro_batch
 
 __all__ = ["PLANNERS", "Planner", "plan", "planner_names", "DEFAULT_ILP_TIME_LIMIT_S",
            "ILP_CHECK_MAX_VARIABLES"]
@@ -153,16 +154,7 @@ def planner_names() -> list[str]:
 
 def _fixed_micro_batch(micro_batch_size: int, batch_size: int, planner: str) -> int:
     """``micro_batch_size`` checked against the batch and the planner (``PlanError``)."""
-    m = micro_batch_size
-    if isinstance(m, bool) or not isinstance(m, int) or m < 1:
-        raise PlanError(f"the micro-batch size must be an integer >= 1, got {m!r}")
-    if m > batch_size:
-        raise PlanError(f"micro-batch {m} is larger than the batch {batch_size}; use at most "
-                        f"{batch_size} (one micro-batch per round)")
-    if batch_size % m:
-        divisors = [d for d in range(1, batch_size + 1) if batch_size % d == 0]
-        raise PlanError(f"micro-batch {m} does not divide the batch {batch_size}; use one of "
-                        f"{divisors}")
+    m = check_micro_batch(micro_batch_size, batch_size)
     if planner not in _OWN:
         raise PlanError(f"a fixed micro-batch applies to the planners {sorted(_OWN)}; "
                         f"{planner!r} chooses its own (drop --micro-batch)")

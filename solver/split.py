@@ -47,7 +47,8 @@ from solver.evaluate import (
 )
 from solver.timing import Timing
 
-__all__ = ["split_shares", "memory_cap", "cap_from_parts", "split_stage", "resplit"]
+__all__ = ["split_shares", "memory_cap", "cap_from_parts", "split_stage", "check_micro_batch",
+           "resplit"]
 
 _NO_CAP = 1 << 62
 
@@ -140,6 +141,22 @@ def split_stage(sums: LayerSums, first: int, last: int, speeds: Sequence[float],
     return split_shares(micro_batch, speeds, caps)
 
 
+def check_micro_batch(micro_batch_size: int, batch_size: int) -> int:
+    """``micro_batch_size``, checked: an integer >= 1, at most the batch and dividing it
+    (``PlanError`` naming the valid sizes otherwise)."""
+    m = micro_batch_size
+    if isinstance(m, bool) or not isinstance(m, int) or m < 1:
+        raise PlanError(f"the micro-batch size must be an integer >= 1, got {m!r}")
+    if m > batch_size:
+        raise PlanError(f"micro-batch {m} is larger than the batch {batch_size}; use at most "
+                        f"{batch_size} (one micro-batch per round)")
+    if batch_size % m:
+        divisors = [d for d in range(1, batch_size + 1) if batch_size % d == 0]
+        raise PlanError(f"micro-batch {m} does not divide the batch {batch_size}; use one of "
+                        f"{divisors}")
+    return m
+
+
 def resplit(plan: Plan, costs: CostTable, cluster: Cluster, micro_batch_size: int) -> Plan:
     """``plan`` with the same stages and groups at another micro-batch size: every group's
     shares split again by Algorithm 1 (``split_stage``, memory at the new in-flight
@@ -150,14 +167,8 @@ def resplit(plan: Plan, costs: CostTable, cluster: Cluster, micro_batch_size: in
             smaller than a stage's group, or a stage its group cannot hold at that size
             (naming the stage and its devices).
     """
-    m = micro_batch_size
+    m = check_micro_batch(micro_batch_size, plan.batch_size)
     batch = plan.batch_size
-    if isinstance(m, bool) or not isinstance(m, int) or m < 1:
-        raise PlanError(f"the micro-batch size must be an integer >= 1, got {m!r}")
-    if m > batch or batch % m:
-        divisors = [d for d in range(1, batch + 1) if batch % d == 0]
-        raise PlanError(f"micro-batch {m} does not divide the plan's batch {batch}; use one "
-                        f"of {divisors}")
     cluster = cluster.for_costs(costs)
     timing = Timing.of(costs, cluster)
     capacity = {d.name: d.memory_bytes for d in cluster.devices}

@@ -238,7 +238,8 @@ def test_simulate_from_a_partition_directory_alone(tmp_path: Path,
     # the same stages at another micro-batch size; bad sizes are one line
     assert main(["simulate", str(out_dir / "plan.json"), "--micro-batch", "8"]) == 0
     assert "micro-batch 8: shares" in capsys.readouterr().out
-    for bad, match in (("0", "integer >= 1"), ("3", "does not divide"), ("16", "does not divide")):
+    for bad, match in (("0", "integer >= 1"), ("3", "does not divide"),
+                       ("16", "micro-batch 16 is larger than the batch 8")):
         assert main(["simulate", str(out_dir / "plan.json"), "--micro-batch", bad]) == 1
         assert match in _one_error_line(capsys.readouterr().err)
 

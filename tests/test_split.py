@@ -100,7 +100,8 @@ def test_resplit_keeps_the_stages_and_splits_each_group_again() -> None:
         assert stage.shares == split_shares(12, [2.0, 1.0, 1.0, 1.0][:len(stage.shares)])
     assert again.predicted is not None
     assert again.predicted.round_time_s == evaluate(again, costs, cluster).round_time_s
-    for bad, match in ((0, "integer >= 1"), (5, "does not divide"), (48, "does not divide"),
+    for bad, match in ((0, "integer >= 1"), (5, "does not divide"),
+                       (48, "micro-batch 48 is larger than the batch 24"),
                        (2, "smaller than stage 0's group")):
         with pytest.raises(PlanError, match=match):
             resplit(plan, costs, cluster, bad)
