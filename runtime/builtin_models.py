@@ -13,7 +13,7 @@ from torch import nn
 from contracts.errors import ModelSpecError
 
 __all__ = ["BUILTIN_MODELS", "BUILTIN_LOSSES", "next_token_loss", "builtin_build_model",
-           "MODELS_HINT"]
+           "builtin_functions", "MODELS_HINT"]
 
 BuildModel = Callable[[], nn.Module]
 SampleBatch = Callable[[int], Tuple[Any, Any]]
@@ -145,8 +145,8 @@ BUILTIN_MODELS: dict[str, Callable[[], tuple[BuildModel, SampleBatch]]] = {
 BUILTIN_LOSSES: dict[str, LossFn] = {"gpt2-small": next_token_loss}
 
 
-def builtin_build_model(name: str) -> BuildModel:
-    """``build_model`` of the built-in model ``name``.
+def builtin_functions(name: str) -> tuple[BuildModel, SampleBatch]:
+    """``(build_model, sample_batch)`` of the built-in model ``name``.
 
     Raises:
         ModelSpecError: an unknown name (known names listed), or the ``models`` extra is not
@@ -156,4 +156,9 @@ def builtin_build_model(name: str) -> BuildModel:
     if factory is None:
         raise ModelSpecError(f"unknown built-in model {name!r}; known: "
                              + ", ".join(f"builtin:{n}" for n in sorted(BUILTIN_MODELS)))
-    return factory()[0]
+    return factory()
+
+
+def builtin_build_model(name: str) -> BuildModel:
+    """``build_model`` of the built-in model ``name`` (see :func:`builtin_functions`)."""
+    return builtin_functions(name)[0]

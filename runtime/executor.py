@@ -301,9 +301,9 @@ class StageExecutor:
                 if _is_float(x):
                     x.requires_grad_(True)
         start = time.perf_counter()
-        if self._counting:
-            assert self.memory is not None
-            with self.memory.forward(m):
+        memory = self.memory if self._counting else None
+        if memory is not None:
+            with memory.forward(m):
                 out = self.module(*inputs)
         else:
             out = self.module(*inputs)

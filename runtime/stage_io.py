@@ -350,13 +350,10 @@ def spec_functions(directory: str | Path, meta: PartitionMeta | None = None) -> 
     spec = meta.model_spec or ""
     found: dict[str, Any] = dict.fromkeys(_SPEC_FUNCTIONS)
     if meta.model_file is None and spec.startswith("builtin:"):
-        from runtime.builtin_models import BUILTIN_LOSSES, BUILTIN_MODELS
+        from runtime.builtin_models import BUILTIN_LOSSES, builtin_functions
 
         name = spec[len("builtin:"):]
-        if name not in BUILTIN_MODELS:
-            raise PartitionError(f"the partition names the unknown built-in model {spec!r}; "
-                                 f"known: {sorted(BUILTIN_MODELS)}")
-        found["build_model"], found["sample_batch"] = BUILTIN_MODELS[name]()
+        found["build_model"], found["sample_batch"] = builtin_functions(name)
         found["loss_fn"] = BUILTIN_LOSSES.get(name)
     else:
         module = load_model_module(path)
