@@ -100,6 +100,23 @@ def _ping_pong_worker(rank: int, port: int, cgroup: str | None, nbytes: int,
     dist.destroy_process_group()
 
 
+def _collect(procs: Sequence[Any], results: Any, timeout_s: float) -> list[Any]:
+    """Start ``procs``, take one report from each off ``results`` and join them; a process
+    still alive at the end (a failure or a timeout) is killed."""
+    try:
+        for proc in procs:
+            proc.start()
+        reports = [results.get(timeout=timeout_s) for _ in procs]
+        for proc in procs:
+            proc.join(timeout=60)
+        return reports
+    finally:
+        for proc in procs:
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+
+
 def gloo_ping_pong(nbytes: int, speeds: Sequence[float]) -> tuple[float, float]:
     """One-way seconds of a raw gloo ping-pong of ``nbytes`` between two processes, each
     held to its speed by a cgroup when the emulator would use one (median of batches),
@@ -121,16 +138,8 @@ def gloo_ping_pong(nbytes: int, speeds: Sequence[float]) -> tuple[float, float]:
                          args=(r, port, str(cgroups[r]) if cgroups else None, nbytes, results))
              for r in range(2)]
     try:
-        for proc in procs:
-            proc.start()
-        reports = [results.get(timeout=300) for _ in procs]
-        for proc in procs:
-            proc.join(timeout=60)
+        reports = _collect(procs, results, timeout_s=300)
     finally:
-        for proc in procs:
-            if proc.is_alive():
-                proc.kill()
-                proc.join()
         remove_cgroups([str(path) for path in cgroups])
     wall = next(w for r, w, _ in reports if r == 0)
     return float(wall), float(sum(c for _, _, c in reports))
@@ -192,18 +201,7 @@ def round_cpu(directory: Path, world: int, steps: int) -> float:
     procs = [ctx.Process(target=_cpu_worker,
                          args=(r, world, port, str(directory), steps, results))
              for r in range(world)]
-    try:
-        for proc in procs:
-            proc.start()
-        total = sum(float(results.get(timeout=600)[1]) for _ in procs)
-        for proc in procs:
-            proc.join(timeout=60)
-    finally:
-        for proc in procs:
-            if proc.is_alive():
-                proc.kill()
-                proc.join()
-    return total
+    return sum(float(report[1]) for report in _collect(procs, results, timeout_s=600))
 
 
 def main(argv: list[str] | None = None) -> int:
