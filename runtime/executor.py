@@ -89,6 +89,10 @@ class RoundStats:
     loss: float = 0.0                 # this rank's weighted share of the mini-batch loss
     forward_s: list[float] = field(default_factory=list)
     backward_s: list[float] = field(default_factory=list)
+    #: CPU time of the computing thread per forward / backward: with ``forward_s`` it tells
+    #: computing from waiting for a core (a device held to a quota, or sharing the host)
+    forward_cpu_s: list[float] = field(default_factory=list)
+    backward_cpu_s: list[float] = field(default_factory=list)
     allreduce_s: float = 0.0
     optimizer_s: float = 0.0
 
@@ -283,7 +287,9 @@ class StageExecutor:
         return stats
 
     # -- compute ---------------------------------------------------------------------------
-    def _dilate(self, start: float, into: list[float]) -> None:
+    def _dilate(self, start: float, into: list[float], cpu_start: float,
+                cpu_into: list[float]) -> None:
+        cpu_into.append(time.thread_time() - cpu_start)
         if self.compute_scale > 1.0:
             time.sleep((self.compute_scale - 1.0) * (time.perf_counter() - start))
         into.append(time.perf_counter() - start)
@@ -300,7 +306,7 @@ class StageExecutor:
             for x in inputs:
                 if _is_float(x):
                     x.requires_grad_(True)
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.thread_time()
         memory = self.memory if self._counting else None
         if memory is not None:
             with memory.forward(m):
@@ -315,12 +321,12 @@ class StageExecutor:
         else:
             self._outputs[m] = out if isinstance(out, tuple) else (out,)
         self._inputs[m] = inputs
-        self._dilate(start, self._stats.forward_s)
+        self._dilate(start, self._stats.forward_s, cpu_start, self._stats.forward_cpu_s)
 
     def _backward(self, m: int) -> None:
         fault_point("backward", self.device_name, self._step)
         inputs = self._inputs.pop(m)
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.thread_time()
         if self.is_last:
             self._losses.pop(m).backward()
         else:
@@ -334,7 +340,7 @@ class StageExecutor:
             self._in_grads[m] = [x.grad if x.grad is not None else torch.zeros_like(x)
                                  for x in inputs if _is_float(x)]
         del inputs
-        self._dilate(start, self._stats.backward_s)
+        self._dilate(start, self._stats.backward_s, cpu_start, self._stats.backward_cpu_s)
         # the micro-batch's received activations and gradients are no longer used
         self.comm.recycle(("f", m))
         self.comm.recycle(("b", m))

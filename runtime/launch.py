@@ -42,6 +42,9 @@ class StageTiming:
     measured_b: float
     predicted_f: float | None
     predicted_b: float | None
+    #: CPU time of the slowest device's computing thread per forward / backward (0: none)
+    cpu_f: float = 0.0
+    cpu_b: float = 0.0
 
 
 @dataclass
@@ -100,8 +103,10 @@ class RunResult:
             pred = ("" if st.predicted_f is None or st.predicted_b is None else
                     f" (predicted F {st.predicted_f * 1e3:.2f} ms, "
                     f"B {st.predicted_b * 1e3:.2f} ms)")
+            cpu = ("" if st.cpu_f <= 0.0 else
+                   f"; CPU F {st.cpu_f * 1e3:.2f} ms, B {st.cpu_b * 1e3:.2f} ms")
             lines.append(f"  stage {st.stage} {list(st.devices)}: F {st.measured_f * 1e3:.2f} ms, "
-                         f"B {st.measured_b * 1e3:.2f} ms per micro-batch{pred}")
+                         f"B {st.measured_b * 1e3:.2f} ms per micro-batch{pred}{cpu}")
         lines += self._memory_lines()
         for ev in self.recoveries:
             lost = "left" if ev.get("reason") == "leave" else "lost"
@@ -148,6 +153,8 @@ def summarize(plan: Plan, workers: Sequence[WorkerResult], *, mode: str, factor:
         stages.append(StageTiming(
             stage=index, devices=stage.devices,
             measured_f=max((w.forward_s for w in mine), default=0.0),
+            cpu_f=max((w.forward_cpu_s for w in mine), default=0.0),
+            cpu_b=max((w.backward_cpu_s for w in mine), default=0.0),
             measured_b=max((w.backward_s for w in mine), default=0.0),
             predicted_f=None if pred is None else pred.compute_f * factor,
             predicted_b=None if pred is None else pred.compute_b * factor))
@@ -178,6 +185,8 @@ def summary_record(plan: Plan, result: RunResult) -> dict[str, Any]:
         devices[w.device] = {"stage": w.stage,
                              "share": stage.shares[stage.devices.index(w.device)],
                              "forward_s": w.forward_s, "backward_s": w.backward_s,
+                             "forward_cpu_s": w.forward_cpu_s,
+                             "backward_cpu_s": w.backward_cpu_s,
                              "allreduce_s": w.allreduce_s,
                              "peak_memory_bytes": result.peak_memory_bytes.get(w.device),
                              "peak_reserved_bytes": result.peak_reserved_bytes.get(w.device),
@@ -186,6 +195,7 @@ def summary_record(plan: Plan, result: RunResult) -> dict[str, Any]:
     return {"event": "summary", "plan_version": plan.plan_version,
             "plan_hash": plan_fingerprint(plan), "mode": result.mode,
             "steps": len(result.losses), "slowdown_factor": result.slowdown_factor,
+            "shaping": result.shaping,
             "round_time_s": result.measured_round_time_s,
             "predicted_round_time_s": (None if plan.predicted is None
                                        else plan.predicted.round_time_s),
@@ -325,6 +335,8 @@ def _strip(result: WorkerResult) -> WorkerResult:
     return WorkerResult(rank=result.rank, device=result.device, stage=result.stage,
                         losses=result.losses, round_times=result.round_times,
                         forward_s=result.forward_s, backward_s=result.backward_s,
+                        forward_cpu_s=result.forward_cpu_s,
+                        backward_cpu_s=result.backward_cpu_s,
                         allreduce_s=result.allreduce_s,
                         peak_memory_bytes=result.peak_memory_bytes,
                         peak_reserved_bytes=result.peak_reserved_bytes,

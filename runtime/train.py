@@ -139,6 +139,9 @@ class WorkerResult:
     round_times: list[float] = field(default_factory=list)
     forward_s: float = 0.0        # mean per micro-batch (after the first step)
     backward_s: float = 0.0
+    #: CPU time of the computing thread per forward / backward (same micro-batches)
+    forward_cpu_s: float = 0.0
+    backward_cpu_s: float = 0.0
     allreduce_s: float = 0.0
     state: dict[str, torch.Tensor] | None = None
     #: training stopped after this committed step because a device left gracefully
@@ -263,6 +266,8 @@ def train_device(source: StageSource, rank: int, config: TrainConfig, *,
     result = WorkerResult(rank=rank, device=plan.devices[rank], stage=stage_index)
     forward: list[float] = []
     backward: list[float] = []
+    forward_cpu: list[float] = []
+    backward_cpu: list[float] = []
     allreduce: list[float] = []
     control = device if str(dist.get_backend()) == "nccl" else torch.device("cpu")
     metrics = Path(config.metrics) if config.metrics and rank == 0 else None
@@ -312,6 +317,8 @@ def train_device(source: StageSource, rank: int, config: TrainConfig, *,
         if step > config.start_step or config.steps - config.start_step == 1:
             forward += stats.forward_s
             backward += stats.backward_s
+            forward_cpu += stats.forward_cpu_s
+            backward_cpu += stats.backward_cpu_s
             allreduce.append(stats.allreduce_s)
         record: dict[str, Any] = {"step": step, "loss": loss, "round_time_s": round_time,
                                   "plan_version": plan.plan_version}
@@ -338,6 +345,8 @@ def train_device(source: StageSource, rank: int, config: TrainConfig, *,
             break
     result.forward_s = _mean(forward)
     result.backward_s = _mean(backward)
+    result.forward_cpu_s = _mean(forward_cpu)
+    result.backward_cpu_s = _mean(backward_cpu)
     result.allreduce_s = _mean(allreduce)
     if result.losses:        # as the last metrics line has them
         result.peak_memory_bytes, result.peak_reserved_bytes = peak, reserved

@@ -69,6 +69,12 @@ def test_partition_directory_trains_like_one_process(tmp_path: Path) -> None:
     assert set(summary["devices"]) == {"fast", "slow0", "slow1"}
     assert summary["devices"]["slow1"]["stage"] == 1 and summary["devices"]["slow1"]["share"] == 4
     assert all(d["forward_s"] > 0 and d["backward_s"] > 0 for d in summary["devices"].values())
+    # the computing thread's CPU time rides along: never more than the wall time it took
+    # (plus the clocks' granularity), so wall / CPU says how long a device waited for a core
+    for d in summary["devices"].values():
+        assert 0 < d["forward_cpu_s"] <= d["forward_s"] + 1e-3
+        assert 0 < d["backward_cpu_s"] <= d["backward_s"] + 1e-3
+    assert summary["shaping"] == result.shaping
     assert summary["slowdown_factor"] == result.slowdown_factor
     assert [line["step"] for line in lines] == [0, 1, 2] == seen
     assert set(lines[0]) >= {"step", "loss", "round_time_s", "plan_version"}

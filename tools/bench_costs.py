@@ -54,10 +54,42 @@ class Row:
     layout: str
     predicted_s: float
     measured_s: float
+    #: run CPU / profiled time of the same compute (the host's speed drifted by this much
+    #: between profile and run: other jobs on the cores, caches, memory bandwidth)
+    host_drift: float = float("nan")
+    #: wall / (CPU / quota) of the compute (1.0: each device got its quota whenever it
+    #: computed; above: it waited for a core beyond its quota, the emulator's share)
+    core_wait: float = float("nan")
 
     @property
     def ratio(self) -> float:
         return self.measured_s / self.predicted_s if self.predicted_s > 0 else float("nan")
+
+
+def decompose(plan: Any, costs: Any, cluster: Any, summary: dict[str, Any]
+              ) -> tuple[float, float]:
+    """(host drift, core wait) of a run from its summary's per-device CPU and wall times.
+
+    The profiled time of a device's compute is its stage's layer fits at its share, in the
+    table's base time (one host core). Both figures weigh devices by their compute."""
+    factor = float(summary.get("slowdown_factor") or 1.0)
+    cpu = base = wall = expected = 0.0
+    speeds = {d.name: d.speed_against(costs.host_flops) for d in cluster.devices}
+    for name, got in summary["devices"].items():
+        f_cpu, b_cpu = got.get("forward_cpu_s", 0.0), got.get("backward_cpu_s", 0.0)
+        if not f_cpu and not b_cpu:
+            continue
+        stage = plan.stages[got["stage"]]
+        share = got["share"]
+        layers = costs.layers[stage.first:stage.last + 1]
+        base += sum(layer.fwd.at(share) + layer.bwd.at(share) for layer in layers)
+        cpu += f_cpu + b_cpu
+        quota = min(1.0, speeds[name] / factor) if summary.get("shaping") != "none" else 1.0
+        wall += got["forward_s"] + got["backward_s"]
+        expected += (f_cpu + b_cpu) / quota
+    if base <= 0.0 or expected <= 0.0:
+        return float("nan"), float("nan")
+    return cpu / base, wall / expected
 
 
 def _cli(*args: str) -> str:
@@ -100,13 +132,15 @@ def bench_case(model: str, batch: int, cluster: str, steps: int, work: Path,
     s = _run(first, cluster, steps, work / "m1.jsonl")
     factor = s["slowdown_factor"]
     assert plan.predicted is not None
+    table = CostTable.load(first / "costs.json")
+    clus = Cluster.from_yaml(cluster)
     rows.append(Row(name, short, "default (measured costs)", _layout(plan),
-                    plan.predicted.round_time_s * factor, s["round_time_s"]))
+                    plan.predicted.round_time_s * factor, s["round_time_s"],
+                    *decompose(plan, table, clus, s)))
     if default_only:
         return rows
     _cli("calibrate", str(first), str(work / "m1.jsonl"), "--out", str(work / "cal.json"))
     cal = CostTable.load(work / "cal.json")
-    clus = Cluster.from_yaml(cluster)
     again = evaluate(plan, cal, clus).round_time_s
     s2 = _run(first, cluster, steps, work / "m2.jsonl")
     rows.append(Row(name, short, "same plan after calibrate", _layout(plan),
@@ -147,7 +181,8 @@ def main() -> int:
             for r in got:
                 print(f"{r.model:24s} {r.cluster:12s} {r.what:34s} predicted "
                       f"{r.predicted_s * 1e3:9.2f} ms  measured {r.measured_s * 1e3:9.2f} ms  "
-                      f"ratio {r.ratio:5.2f}  [{r.layout}]", flush=True)
+                      f"ratio {r.ratio:5.2f}  host drift {r.host_drift:4.2f}  core wait "
+                      f"{r.core_wait:4.2f}  [{r.layout}]", flush=True)
             rows += got
     load = os.getloadavg()
     print(f"{len(rows)} runs in {time.time() - started:.0f} s; load average "
@@ -155,10 +190,12 @@ def main() -> int:
     if args.out is not None:
         lines = ["", f"### Predicted vs measured rounds (`python tools/bench_costs.py "
                  f"--steps {args.steps}`)", "",
-                 "| model | cluster | plan | layout | predicted ms | measured ms | ratio |",
-                 "|---|---|---|---|---|---|---|"]
+                 "| model | cluster | plan | layout | predicted ms | measured ms | ratio | "
+                 "host drift | core wait |",
+                 "|---|---|---|---|---|---|---|---|---|"]
         lines += [f"| {r.model} | {r.cluster} | {r.what} | {r.layout.replace(' | ', ' / ')} | "
-                  f"{r.predicted_s * 1e3:.2f} | {r.measured_s * 1e3:.2f} | {r.ratio:.2f} |"
+                  f"{r.predicted_s * 1e3:.2f} | {r.measured_s * 1e3:.2f} | {r.ratio:.2f} | "
+                  f"{r.host_drift:.2f} | {r.core_wait:.2f} |"
                   for r in rows]
         with args.out.open("a") as fh:
             fh.write("\n".join(lines) + "\n")
