@@ -456,17 +456,28 @@ class Comm:
                              + 2 * (g - 1) * latency)
 
 
+SMALL_BUCKET_BYTES = 256 << 10
+"""Gradients smaller than this share an all-reduce bucket up to this size even when no
+single gradient is as large (see :func:`gradient_buckets`)."""
+
+
 def gradient_buckets(grads: Sequence[torch.Tensor]) -> list[list[torch.Tensor]]:
     """``grads`` in order, grouped into all-reduce buckets of at most the largest
-    gradient's bytes (contiguous tensors of one dtype share a bucket).
+    gradient's bytes or :data:`SMALL_BUCKET_BYTES`, whichever is larger (contiguous tensors
+    of one dtype share a bucket).
 
     No flat buffer is then larger than the largest gradient, which the memory model already
-    budgets (the largest layer's gradient, ``LayerSums.largest_params``), so data
-    parallelism needs no copy of a whole stage's gradients.
+    budgets (the largest layer's gradient, ``LayerSums.largest_params``), or than 256 KiB,
+    which its fixed workspace (``solver.evaluate.WORKSPACE_BYTES``, 1 MiB) covers; so data
+    parallelism needs no copy of a whole stage's gradients. The floor matters for stages of
+    many small layers: each bucket is one collective, and a collective costs a fixed time
+    per ring step (a process wake-up on each member; on a CPU-capped emulated device up to
+    a quota period) whatever its size. SkipNet's ten gradients of 19 KB went in three
+    all-reduces without it.
     """
     if not grads:
         return []
-    cap = max(g.numel() * g.element_size() for g in grads)
+    cap = max(max(g.numel() * g.element_size() for g in grads), SMALL_BUCKET_BYTES)
     buckets: list[list[torch.Tensor]] = []
     size = 0
     for g in grads:

@@ -149,21 +149,27 @@ def test_three_stages_with_uneven_middle_pair_transparent(tmp_path: Path) -> Non
     assert time.perf_counter() - start < 60
 
 
-def test_gradient_buckets_never_exceed_the_largest_gradient() -> None:
-    from runtime.comm import gradient_buckets
+def test_gradient_buckets_never_exceed_the_largest_gradient_or_the_small_bucket() -> None:
+    from runtime.comm import SMALL_BUCKET_BYTES, gradient_buckets
 
-    grads = [torch.zeros(10), torch.zeros(3), torch.zeros(4), torch.zeros(2, 2),
-             torch.zeros(8, dtype=torch.float64), torch.zeros(3, 4).t(), torch.zeros(1)]
+    # large gradients (a quarter of the floor each): the largest gradient is the cap
+    big = SMALL_BUCKET_BYTES // 4 // 4         # float32 elements per quarter
+    grads = [torch.zeros(big * 4), torch.zeros(big), torch.zeros(big), torch.zeros(big),
+             torch.zeros(big), torch.zeros(big * 2, dtype=torch.float64),
+             torch.zeros(3, 4).t(), torch.zeros(big)]
     buckets = gradient_buckets(grads)
     # every gradient once, in order
     assert [id(g) for b in buckets for g in b] == [id(g) for g in grads]
-    cap = max(g.numel() * g.element_size() for g in grads)
+    cap = max(max(g.numel() * g.element_size() for g in grads), SMALL_BUCKET_BYTES)
     for b in buckets:
         assert sum(g.numel() * g.element_size() for g in b) <= cap
         assert len({g.dtype for g in b}) == 1
         # a non-contiguous gradient is never packed together with others
         assert len(b) == 1 or all(g.is_contiguous() for g in b)
-    assert [len(b) for b in buckets] == [2, 2, 1, 1, 1]
+    assert [len(b) for b in buckets] == [1, 4, 1, 1, 1]
+    # many small gradients (SkipNet's ten of 19 KB) share one collective
+    small = [torch.zeros(n) for n in (432, 16, 2304, 16, 2304, 16, 2304, 16, 640, 10)]
+    assert [len(b) for b in gradient_buckets(small)] == [10]
     assert gradient_buckets([]) == []
 
 
