@@ -85,4 +85,5 @@ def calibrate(directory: str | Path, metrics: str | Path) -> tuple[Any, Any]:
     compute = {name: (float(d["forward_s"]) / factor, float(d["backward_s"]) / factor)
                for name, d in devices.items()}
     round_s = float(summary["round_time_s"]) / factor
-    return calibrate_costs(plan, costs, cluster, compute, round_s)
+    # a plan's prediction of a run is its event simulation (Prediction.expected_round_time_s)
+    return calibrate_costs(plan, costs, cluster, compute, round_s, model="simulate")

@@ -102,6 +102,9 @@ def _content(plan: Plan, costs: CostTable, cluster: Cluster) -> _Content:
         ("batch", f"{plan.batch_size} = {plan.num_micro_batches} micro-batches x "
                   f"{plan.micro_batch_size}, schedule {plan.schedule}"),
         ("round time", format_seconds(pred.round_time_s)),
+        *((("simulated", f"{format_seconds(pred.simulated_round_time_s)} (event simulation of "
+                         f"the schedule: what a run should measure)"),)
+          if pred.simulated_round_time_s is not None else ()),
         ("throughput", f"{pred.throughput_samples_s:.2f} samples/s"),
         ("dominant stage", f"{pred.dominant_stage} (largest E_f + E_b, marked *)"),
         ("fits in memory", "yes" if pred.fits else f"NO: {', '.join(oom)}"),

@@ -103,7 +103,15 @@ class StagePrediction:
 
 @dataclass(frozen=True)
 class Prediction:
-    """What the latency/memory model predicts for one plan."""
+    """What the latency/memory model predicts for one plan.
+
+    ``round_time_s`` is the closed-form round-latency model (``solver.evaluate``, the
+    planners' objective). ``simulated_round_time_s``, when set, is the event simulation of
+    the same plan with the same times (``solver.simulate``): it executes the schedule
+    micro-batch by micro-batch, so it also sees the bubbles of a dominant stage that its
+    neighbours and their transfers cannot keep busy, which the closed form misses
+    (docs/latency-model.md, cause 7). A run compares its rounds with
+    :attr:`expected_round_time_s`, the simulation where there is one."""
 
     round_time_s: float
     throughput_samples_s: float
@@ -111,6 +119,13 @@ class Prediction:
     memory_capacity_bytes: Mapping[str, int]
     stages: tuple[StagePrediction, ...]
     dominant_stage: int
+    simulated_round_time_s: float | None = None
+
+    @property
+    def expected_round_time_s(self) -> float:
+        """The round a run should measure: the simulation if there is one, else the model."""
+        return (self.round_time_s if self.simulated_round_time_s is None
+                else self.simulated_round_time_s)
 
     @property
     def fits(self) -> bool:
@@ -131,6 +146,8 @@ class Prediction:
             "memory_capacity_bytes": dict(self.memory_capacity_bytes),
             "stages": [s.to_dict() for s in self.stages],
             "dominant_stage": self.dominant_stage,
+            **({} if self.simulated_round_time_s is None
+               else {"simulated_round_time_s": self.simulated_round_time_s}),
         }
 
     def to_json(self) -> str:
@@ -146,6 +163,8 @@ class Prediction:
                                    for k, v in data["memory_capacity_bytes"].items()},
             stages=tuple(StagePrediction.from_dict(s) for s in data["stages"]),
             dominant_stage=int(data["dominant_stage"]),
+            simulated_round_time_s=(None if data.get("simulated_round_time_s") is None
+                                    else float(data["simulated_round_time_s"])),
         )
 
 

@@ -158,7 +158,7 @@ def summarize(plan: Plan, workers: Sequence[WorkerResult], *, mode: str, factor:
             measured_b=max((w.backward_s for w in mine), default=0.0),
             predicted_f=None if pred is None else pred.compute_f * factor,
             predicted_b=None if pred is None else pred.compute_b * factor))
-    predicted = None if plan.predicted is None else plan.predicted.round_time_s * factor
+    predicted = None if plan.predicted is None else plan.predicted.expected_round_time_s * factor
     ordered = sorted(workers, key=lambda w: w.rank)
     methods = {w.reserved_method for w in ordered}
     return RunResult(losses=list(first.losses), round_times=list(first.round_times),
@@ -198,7 +198,7 @@ def summary_record(plan: Plan, result: RunResult) -> dict[str, Any]:
             "shaping": result.shaping,
             "round_time_s": result.measured_round_time_s,
             "predicted_round_time_s": (None if plan.predicted is None
-                                       else plan.predicted.round_time_s),
+                                       else plan.predicted.expected_round_time_s),
             "devices": devices}
 
 

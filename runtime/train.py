@@ -323,7 +323,8 @@ def train_device(source: StageSource, rank: int, config: TrainConfig, *,
         record: dict[str, Any] = {"step": step, "loss": loss, "round_time_s": round_time,
                                   "plan_version": plan.plan_version}
         if plan.predicted is not None:
-            record["predicted_round_time_s"] = plan.predicted.round_time_s * config.time_factor
+            record["predicted_round_time_s"] = (plan.predicted.expected_round_time_s
+                                                * config.time_factor)
             record["prediction"] = config.prediction
         record["peak_memory_bytes"] = {d: peaks[i] for i, d in enumerate(plan.devices)}
         if any(v >= 0 for v in peaks[world:]):

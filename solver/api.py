@@ -27,6 +27,7 @@ from solver.diagnose import no_fit_error
 from solver.dp import DP_VERSION, asteroid_dp
 from solver.evaluate import evaluate
 from solver.ilp import ilp_plan, milp_size
+from solver.simulate import simulate
 from solver.space import DEFAULT_MAX_CUTS, candidate_cuts
 from solver.split import check_micro_batch
 
@@ -233,6 +234,10 @@ def plan(costs: CostTable, cluster: Cluster, batch_size: int, *, planner: str = 
             + (f" (and {len(shortfall) - 1} more device(s))" if len(shortfall) > 1 else "")
             + "; use a smaller batch or micro-batch size, a lighter optimizer, more devices, "
               "or planner 'asteroid'")
+    # what a run should measure: the schedule executed event by event with the same times
+    # (contracts.plan.Prediction; docs/latency-model.md, cause 7)
+    prediction = replace(prediction, simulated_round_time_s=simulate(
+        result, costs, cluster).round_time_s)
     check: dict[str, Any] = dict(result.planner.check)
     if check_ilp:
         check.update(_ilp_check(costs, cluster, batch_size, prediction.round_time_s,

@@ -9,9 +9,11 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from contracts.cluster import Cluster, Device, Link
+from contracts.errors import CostModelError
 from contracts.plan import Plan
 from contracts.table import UNMEASURED_TYPES, CostTable, DeviceColumn, TimeFit
 from solver.evaluate import evaluate
+from solver.simulate import simulate
 from solver.timing import Timing
 
 __all__ = ["with_message_overhead", "MIN_STEPS", "CostCorrection", "calibrate_costs",
@@ -142,7 +144,8 @@ def _group_fits(costs: CostTable, group: str, speed: float) -> tuple[list[TimeFi
 
 def calibrate_costs(plan: Plan, costs: CostTable, cluster: Cluster,
                     compute_s: Mapping[str, tuple[float, float]],
-                    round_s: float) -> tuple[CostTable, CostCorrection]:
+                    round_s: float, *, model: str = "evaluate"
+                    ) -> tuple[CostTable, CostCorrection]:
     """The cost table corrected by what ``plan`` measured (see [Note: a cost table corrected
     by a run]).
 
@@ -153,6 +156,10 @@ def calibrate_costs(plan: Plan, costs: CostTable, cluster: Cluster,
         compute_s: device -> (forward, backward) seconds per micro-batch as measured, in the
             plan's time units (divide emulated times by the slow-down factor first).
         round_s: the measured round time (median), in the same units.
+        model: what predicts a round from the corrected times, to fit the per-message
+            overhead against: ``"evaluate"`` (the closed form the planners optimise; what
+            the re-planner of a recovery compares) or ``"simulate"`` (the event simulation,
+            which a plan's ``expected_round_time_s`` is and a run compares with).
 
     Returns:
         ``(calibrated table, CostCorrection)``: the table keeps the model and its bytes;
@@ -207,13 +214,20 @@ def calibrate_costs(plan: Plan, costs: CostTable, cluster: Cluster,
     table = replace(costs, layers=tuple(layers), source=base_source,
                     columns=tuple(columns[k] for k in sorted(columns)
                                   if k != costs.device_type))
-    before = evaluate(plan, costs, cluster).round_time_s
-    base = evaluate(plan, replace(table, message_overhead_s=0.0), cluster).round_time_s
-    overhead = _bisect_overhead(
-        lambda h: evaluate(plan, replace(table, message_overhead_s=h), cluster).round_time_s,
-        base, round_s)
+    if model not in ("evaluate", "simulate"):
+        raise CostModelError(f"model must be 'evaluate' or 'simulate', got {model!r}")
+
+    def predict(t: CostTable) -> float:
+        if model == "simulate":
+            return simulate(plan, t, cluster).round_time_s
+        return evaluate(plan, t, cluster).round_time_s
+
+    before = predict(costs)
+    base = predict(replace(table, message_overhead_s=0.0))
+    overhead = _bisect_overhead(lambda h: predict(replace(table, message_overhead_s=h)),
+                                base, round_s)
     table = replace(table, message_overhead_s=overhead)
-    after = evaluate(plan, table, cluster).round_time_s
+    after = predict(table)
     correction = CostCorrection(ratios=ratios, message_overhead_s=overhead,
                                 measured_round_s=round_s, predicted_round_s=before,
                                 calibrated_round_s=after, unmeasured=unmeasured)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from contracts.errors import PlanError
@@ -9,6 +11,7 @@ from contracts.plan import Plan
 from solver.api import PLANNERS, plan, planner_names
 from solver.dp import asteroid_dp
 from solver.evaluate import evaluate
+from solver.simulate import simulate
 from tests.solver_cases import MIB, make_cluster, random_instance, uniform_costs
 
 
@@ -22,7 +25,12 @@ def test_plan_is_filled_in_and_matches_the_dp() -> None:
     costs, cluster, batch = random_instance(21)
     result = plan(costs, cluster, batch)
     assert result.predicted is not None and result.predicted.fits
-    assert result.predicted == evaluate(result, costs, cluster)
+    # the closed form, plus the event simulation of the same plan (what a run measures)
+    assert replace(result.predicted, simulated_round_time_s=None) == evaluate(result, costs,
+                                                                              cluster)
+    assert result.predicted.simulated_round_time_s == simulate(result, costs,
+                                                               cluster).round_time_s
+    assert result.predicted.expected_round_time_s == result.predicted.simulated_round_time_s
     assert result.num_layers == costs.num_layers
     assert result.model_hash == costs.model_hash
     assert result.cluster_hash == cluster.cluster_hash

@@ -8,9 +8,11 @@ from dataclasses import replace
 import pytest
 
 from contracts.cluster import Cluster, Device
+from contracts.errors import CostModelError
 from contracts.plan import Plan, Stage
 from solver.calibrate import BASE_GROUP, calibrate_costs, with_message_overhead
 from solver.evaluate import LayerSums, evaluate
+from solver.simulate import simulate
 from tests.solver_cases import make_cluster, uniform_costs
 
 COSTS = uniform_costs(4, param_bytes=1000, cut_bytes=1000)
@@ -79,6 +81,22 @@ def test_unexplained_round_time_becomes_a_per_message_overhead() -> None:
     # a faster measured round than predicted never gives a negative overhead
     _, fast = calibrate_costs(TWO, COSTS, cluster, measured, base * 0.5)
     assert fast.message_overhead_s == 0.0
+
+
+def test_the_overhead_can_be_fitted_against_the_event_simulation() -> None:
+    """What ``asteroid-fx calibrate`` does: a plan's prediction of a run is its simulation
+    (``Prediction.expected_round_time_s``), so the overhead is what the simulation lacks."""
+    cluster = make_cluster([1.0, 1.0], bandwidth_mbps=8.0)
+    simulated = simulate(TWO, COSTS, cluster).round_time_s
+    measured = _compute(TWO, {"d0": 1.0, "d1": 1.0}, {"d0": 1.0, "d1": 1.0})
+    table, corr = calibrate_costs(TWO, COSTS, cluster, measured, simulated + 0.05,
+                                  model="simulate")
+    assert corr.predicted_round_s == pytest.approx(simulated)
+    assert corr.message_overhead_s > 0
+    assert simulate(TWO, table, cluster).round_time_s == pytest.approx(simulated + 0.05,
+                                                                       rel=1e-6)
+    with pytest.raises(CostModelError, match="'evaluate' or 'simulate'"):
+        calibrate_costs(TWO, COSTS, cluster, measured, 1.0, model="guess")
 
 
 def test_a_plan_without_messages_shows_no_overhead() -> None:

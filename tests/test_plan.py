@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -38,6 +39,12 @@ def test_round_trip_exact(tmp_path: Path) -> None:
     assert again.predicted is not None and again.predicted.fits
     assert plan.stage_of("c") == 1
     assert plan.stages[1].sample_ranges() == {"b": (0, 3), "c": (3, 4)}
+    # without a simulation the run expects the closed form, and the JSON has no such key
+    assert pred.expected_round_time_s == pred.round_time_s
+    assert "simulated_round_time_s" not in pred.to_dict()
+    simulated = replace(pred, simulated_round_time_s=0.1 + 0.25)
+    again_pred = Prediction.from_dict(simulated.to_dict())
+    assert again_pred == simulated and again_pred.expected_round_time_s == 0.1 + 0.25
 
 
 @pytest.mark.parametrize(

@@ -52,8 +52,9 @@ class Row:
     cluster: str
     what: str
     layout: str
-    predicted_s: float
+    predicted_s: float             # the plan's expected round (its event simulation)
     measured_s: float
+    closed_s: float = float("nan")  # the closed-form model (solver.evaluate) of the same plan
     #: run CPU / profiled time of the same compute (the host's speed drifted by this much
     #: between profile and run: other jobs on the cores, caches, memory bandwidth)
     host_drift: float = float("nan")
@@ -121,6 +122,7 @@ def bench_case(model: str, batch: int, cluster: str, steps: int, work: Path,
     from contracts.plan import Plan
     from contracts.table import CostTable
     from solver.evaluate import evaluate
+    from solver.simulate import simulate
 
     rows: list[Row] = []
     name = Path(model.split(":")[0]).stem + (":" + model.split(":")[1] if ":" in model else "")
@@ -135,16 +137,18 @@ def bench_case(model: str, batch: int, cluster: str, steps: int, work: Path,
     table = CostTable.load(first / "costs.json")
     clus = Cluster.from_yaml(cluster)
     rows.append(Row(name, short, "default (measured costs)", _layout(plan),
-                    plan.predicted.round_time_s * factor, s["round_time_s"],
-                    *decompose(plan, table, clus, s)))
+                    plan.predicted.expected_round_time_s * factor, s["round_time_s"],
+                    plan.predicted.round_time_s * factor, *decompose(plan, table, clus, s)))
     if default_only:
         return rows
     _cli("calibrate", str(first), str(work / "m1.jsonl"), "--out", str(work / "cal.json"))
     cal = CostTable.load(work / "cal.json")
-    again = evaluate(plan, cal, clus).round_time_s
+    again = simulate(plan, cal, clus).round_time_s
     s2 = _run(first, cluster, steps, work / "m2.jsonl")
     rows.append(Row(name, short, "same plan after calibrate", _layout(plan),
-                    again * s2["slowdown_factor"], s2["round_time_s"]))
+                    again * s2["slowdown_factor"], s2["round_time_s"],
+                    evaluate(plan, cal, clus).round_time_s * s2["slowdown_factor"],
+                    *decompose(plan, cal, clus, s2)))
     second = work / "other"
     _cli("partition", model, "--cluster", cluster, "--batch-size", str(batch), "--out",
          str(second), "--no-onnx", "--costs", str(work / "cal.json"), "--planner",
@@ -153,7 +157,9 @@ def bench_case(model: str, batch: int, cluster: str, steps: int, work: Path,
     s3 = _run(second, cluster, steps, work / "m3.jsonl")
     assert plan2.predicted is not None
     rows.append(Row(name, short, f"{other_planner} plan, calibrated costs", _layout(plan2),
-                    plan2.predicted.round_time_s * s3["slowdown_factor"], s3["round_time_s"]))
+                    plan2.predicted.expected_round_time_s * s3["slowdown_factor"],
+                    s3["round_time_s"], plan2.predicted.round_time_s * s3["slowdown_factor"],
+                    *decompose(plan2, cal, clus, s3)))
     return rows
 
 
@@ -181,7 +187,8 @@ def main() -> int:
             for r in got:
                 print(f"{r.model:24s} {r.cluster:12s} {r.what:34s} predicted "
                       f"{r.predicted_s * 1e3:9.2f} ms  measured {r.measured_s * 1e3:9.2f} ms  "
-                      f"ratio {r.ratio:5.2f}  host drift {r.host_drift:4.2f}  core wait "
+                      f"ratio {r.ratio:5.2f} (closed form {r.measured_s / r.closed_s:5.2f})  "
+                      f"host drift {r.host_drift:4.2f}  core wait "
                       f"{r.core_wait:4.2f}  [{r.layout}]", flush=True)
             rows += got
     load = os.getloadavg()
@@ -191,11 +198,11 @@ def main() -> int:
         lines = ["", f"### Predicted vs measured rounds (`python tools/bench_costs.py "
                  f"--steps {args.steps}`)", "",
                  "| model | cluster | plan | layout | predicted ms | measured ms | ratio | "
-                 "host drift | core wait |",
-                 "|---|---|---|---|---|---|---|---|---|"]
+                 "ratio to the closed form | host drift | core wait |",
+                 "|---|---|---|---|---|---|---|---|---|---|"]
         lines += [f"| {r.model} | {r.cluster} | {r.what} | {r.layout.replace(' | ', ' / ')} | "
                   f"{r.predicted_s * 1e3:.2f} | {r.measured_s * 1e3:.2f} | {r.ratio:.2f} | "
-                  f"{r.host_drift:.2f} | {r.core_wait:.2f} |"
+                  f"{r.measured_s / r.closed_s:.2f} | {r.host_drift:.2f} | {r.core_wait:.2f} |"
                   for r in rows]
         with args.out.open("a") as fh:
             fh.write("\n".join(lines) + "\n")
