@@ -81,6 +81,16 @@ stage, ``M X_d + sum_{s<d} X_s + D`` with ``D >= (sum of X after d) - (w - 1) X_
   dropped. This prunes the data-parallel groups whose all-reduce alone is slower than
   the incumbent, which on slow links is most of them.
 
+* the stage bound (``solver.bounds``, [Note: the stage bound]; opt-in with
+  ``stage_bounds_prune=True``, the paper's space, without a cap or deadline): every plan
+  has ``round >= M X_s + max(0, T_a^s - s X_s)`` for each stage ``s`` and ``round >=
+  alpha X_d + sum X``, with each ``X_s`` bounded below by its compute at the best integer
+  split and its transfers at the fastest links. A DP over (first layer, devices used,
+  stages before) finds where no completion can beat ``I``: a micro-batch size hopeless
+  at its first layer is not searched, and a hopeless cell is dropped (with the stages
+  before it counted as ``min(M, devices used)``, the bound's weakest case, and their sum
+  as ``head_x / V``).
+
 A summary that one of these rules removes or turns into a ghost dominates only summaries
 the same rule removes or turns into ghosts (the bounds grow with ``R``, ``Xm``, ``Pre``
 and ``SumX``; ghosts compare on ``Xm``, ``G`` and ``SumX``, which is all that matters once
@@ -157,6 +167,7 @@ from contracts.cluster import Cluster
 from contracts.errors import PlanError
 from contracts.plan import Plan, PlannerInfo, Stage
 from contracts.table import CostTable
+from solver.bounds import StageBound, stage_bound
 from solver.diagnose import no_fit_error
 from solver.evaluate import WORKSPACE_BYTES, WORKSPACE_FRACTION, LayerSums, Pieces, pieces_time
 from solver.pareto import pareto, pareto_np
@@ -395,8 +406,9 @@ class _Search:
 
     def __init__(self, ctx: _Context, ends: list[int], micro_batch: int, num_micro: int,
                  osf: float, max_front: int | None, incumbent: float = math.inf,
-                 deadline: float | None = None) -> None:
+                 deadline: float | None = None, bound: StageBound | None = None) -> None:
         self.ctx = ctx
+        self.bound = bound
         self.space = ctx.space
         self.costs, self.sums, self.timing = ctx.costs, ctx.sums, ctx.timing
         self.osf = osf
@@ -706,7 +718,10 @@ class _Search:
         rest = self.work_i[first] / pool_speed
         if (pool_size >= r and self.num_layers - first >= r
                 and m * self.work[first] / pool_speed < inc
-                and m * rest < inc * (1.0 + 1e-9)):
+                and m * rest < inc * (1.0 + 1e-9)
+                and (self.bound is None or not self.bound.hopeless(
+                    first, self.n - pool_size, self.head_x[first] / space.outside_speeds[pool]
+                    if first > 0 else 0.0, inc))):
             if self.max_front is None:  # [Note: exact bounds]
                 cut = inc * (1.0 + 1e-12)
                 outside = space.outside_speeds[pool]
@@ -1020,7 +1035,8 @@ def asteroid_dp(costs: CostTable, cluster: Cluster, batch_size: int, *,
                 space: SpaceName = "order",
                 incumbent: float = math.inf,
                 deadline: float | None = None,
-                progress: Progress | None = None) -> DPResult:
+                progress: Progress | None = None,
+                stage_bounds_prune: bool = False) -> DPResult:
     """Run Algorithm 2 and return the best plan of the DP's space (see the module notes).
 
     Args:
@@ -1040,6 +1056,9 @@ def asteroid_dp(costs: CostTable, cluster: Cluster, batch_size: int, *,
         deadline: a ``time.perf_counter()`` value; the search stops there and returns the
             best plan found so far with ``complete=False``.
         progress: called after every micro-batch size of every pass.
+        stage_bounds_prune: also prune with the stage bound of ``solver.bounds`` (the
+            paper's space, no cap, no deadline). Exact, but off by default: measured
+            slower than without on issue 14's instances (docs/planner.md).
 
     Returns:
         A ``DPResult``; ``plan`` is None when no plan of the space fits in memory (or
@@ -1078,6 +1097,7 @@ def asteroid_dp(costs: CostTable, cluster: Cluster, batch_size: int, *,
     done = 0
     complete = True
     bounds: dict[int, float] = {}
+    stage_bounds: dict[int, StageBound] = {}
 
     def keep(search: _Search, value: float, summary: Summary | None, mb: int) -> None:
         nonlocal best_value, best_plan
@@ -1108,8 +1128,29 @@ def asteroid_dp(costs: CostTable, cluster: Cluster, batch_size: int, *,
                         if progress is not None:
                             progress(done, steps, f"micro-batch {mb}")
                         continue
+                stage_lb: StageBound | None = None
+                if (stage_bounds_prune and max_front is None and deadline is None
+                        and pass_ends is ends and math.isfinite(best_value)
+                        and isinstance(searched, SliceSpace)):
+                    # [Note: the stage bound] in solver.bounds: once per micro-batch size,
+                    # in the pass over every candidate cut
+                    stage_lb = stage_bounds.get(mb)
+                    if stage_lb is None:
+                        stage_lb = stage_bound(searched, sums, costs.cut_bytes, ends, mb, m,
+                                               best_value, deadline)
+                        if stage_lb is None:
+                            raise SearchTimeout
+                        stage_bounds[mb] = stage_lb
+                    if stage_lb.hopeless(0, 0, 0.0, best_value):
+                        if pass_ends is ends:
+                            bounds[mb] = best_value
+                        found[mb] = math.inf
+                        done += 1
+                        if progress is not None:
+                            progress(done, steps, f"micro-batch {mb}")
+                        continue
                 search = _Search(context, pass_ends, mb, m, optimizer_state_factor, max_front,
-                                 best_value, deadline)
+                                 best_value, deadline, stage_lb)
                 start_value = best_value
                 try:
                     value, summary = search.best()

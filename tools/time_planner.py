@@ -10,6 +10,7 @@ Modes::
     python tools/time_planner.py --issue14     # the cases measured in issue 14
     python tools/time_planner.py --fleet       # ResNet-50 / BERT-small on 8..64 devices
     python tools/time_planner.py --small 200   # plan vs ilp-wide and the baselines
+    python tools/time_planner.py --bounds      # the stage bound (solver.bounds)
 
 * ``--issue14``: the 200-layer MLP (200 Linear 512x512, batch 64) on eight mixed devices
   (2 Xavier NX, 2 TX2, 3 Nano, a ``custom`` phone of speed 0.7 and 3 GB; 100 Mbps, one
@@ -314,6 +315,51 @@ def small_check(count: int, seed0: int = 140_000) -> dict[str, Any]:
             "load": load()}
 
 
+# -- the stage bound (solver.bounds) ---------------------------------------------------------
+def stage_bound_rows() -> list[str]:
+    """The paper's space without a limit on the 200-layer MLP x 8 and ResNet-50 x 32: the
+    DP's CPU time without and with ``stage_bounds_prune`` (alternating, same process), and
+    the proven lower bound of the paper's space per micro-batch size (``proven_bound``)
+    against the work bound."""
+    from solver.anytime import work_bound
+    from solver.bounds import proven_bound
+    from solver.dp import make_space
+    from solver.evaluate import LayerSums
+    from solver.space import SliceSpace, candidate_cuts
+
+    lines = ["| case | DP CPU without (s) | with (s) | with / without | round (s) | "
+             "work bound (s) | stage bound (s) | gap to work / stage bound | load |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for label, key, cluster in (("MLP 200 x 8 mixed", "mlp200", mixed8()),
+                                ("ResNet-50 x 32 Jetsons, 1000 Mbps", "resnet50_imagenet",
+                                 jetson_mix(32))):
+        costs = model_costs(key)
+        cluster = cluster.for_costs(costs)
+        times: dict[bool, float] = {}
+        result = None
+        for flag in (False, True):
+            cpu, _, result = best_cpu(partial(asteroid_dp, costs, cluster, 64,
+                                              stage_bounds_prune=flag), 1)
+            times[flag] = cpu
+        assert result is not None
+        best = result.round_time_s
+        space = make_space(costs, cluster, "order")
+        assert isinstance(space, SliceSpace)
+        sums, ends = LayerSums.of(costs), candidate_cuts(costs, 96)
+        work = stage = math.inf
+        for mb in (1, 2, 4, 8, 16, 32, 64):
+            w = work_bound(costs, cluster, 64, mb)
+            work = min(work, w)
+            stage = min(stage, proven_bound(space, sums, costs.cut_bytes, ends, mb, 64 // mb,
+                                            w, 2.0 * best))
+        lines.append(f"| {label} | {times[False]:.2f} | {times[True]:.2f} | "
+                     f"{times[True] / times[False]:.2f} | {best:.4g} | {work:.4g} | "
+                     f"{stage:.4g} | {100 * (best - work) / work:.0f} % / "
+                     f"{100 * (best - stage) / stage:.0f} % | {load():.1f} |")
+        print(lines[-1], flush=True)
+    return lines
+
+
 # -- issue 4: synthetic instances ----------------------------------------------------------
 def synthetic(args: argparse.Namespace) -> int:
     print(f"# batch {args.batch}, median of {args.repeat} run(s), load average {load():.2f}, "
@@ -353,6 +399,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--issue14", action="store_true", help="the cases of issue 14")
     parser.add_argument("--fleet", action="store_true", help="the fleet table")
     parser.add_argument("--small", type=int, metavar="N", help="N small instances vs ilp-wide")
+    parser.add_argument("--bounds", action="store_true",
+                        help="the stage bound: DP time with and without, proven bounds")
     parser.add_argument("--sizes", nargs="+", type=int, default=[8, 16, 32, 64])
     parser.add_argument("--layers", nargs="+", type=int, default=[200])
     parser.add_argument("--devices", nargs="+", type=int, default=[8])
@@ -366,6 +414,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.repeat < 1:
         parser.error("--repeat must be >= 1")
+    if args.bounds:
+        print("\n".join(stage_bound_rows()))
+        return 0
     if not (args.issue14 or args.fleet or args.small):
         return synthetic(args)
     if args.issue14:
