@@ -703,6 +703,14 @@ def finetune(
     phase1_planner: Annotated[str, typer.Option(
         "--phase1-planner", help="planner of the forward-only phase 1 (asteroid: fastest; "
         "pp-equal: one device per stage, spreading the frozen weights)")] = "asteroid",
+    phase1_objective: Annotated[str, typer.Option(
+        "--phase1-objective", help="memory: the phase-1 plan of lowest peak memory pressure "
+        "(peak / device memory) among those at most 1 + --phase1-slack times slower than the "
+        "fastest; time: the fastest phase 1")] = "memory",
+    phase1_slack: Annotated[float, typer.Option(
+        "--phase1-slack", help="with --phase1-objective memory: how much slower than the "
+        "fastest phase 1 (a fraction of its step time) a plan may be for less memory")]
+    = 2.0,
     fail: Annotated[str | None, typer.Option(
         "--fail", help="DEVICE@STEP: with --emulate, kill that device at the start of a "
         "phase-2 step; the others take over its samples")] = None,
@@ -729,7 +737,9 @@ def finetune(
                                     epochs=epochs, num_samples=samples, rank=rank, seed=seed,
                                     layers=layers, train_head=train_head,
                                     micro_batch_size=micro_batch,
-                                    phase1_planner=phase1_planner)
+                                    phase1_planner=phase1_planner,
+                                    phase1_objective=phase1_objective,
+                                    phase1_slack=phase1_slack)
         console.print(_pac_report(plan_obj), markup=False, highlight=False)
         console.print(f"wrote {out}/")
         if emulate is not None:
@@ -751,6 +761,16 @@ def _pac_report(plan_obj: Any) -> str:
                  f"{d} {n}" for d, n in zip(plan_obj.devices, plan_obj.shares, strict=True))
              + f" of {plan_obj.batch_size}; {plan_obj.steps_per_epoch} steps/epoch, "
              f"{plan_obj.epochs} epochs"]
+    choice = plan_obj.meta.get("phase1_choice")
+    if choice:
+        lines.append(f"phase-1 choice ({choice['objective']} objective): {choice['reason']}")
+        for i, c in enumerate(choice["candidates"]):
+            mark = "*" if i == choice["chosen"] else " "
+            peaks = ", ".join(f"{d} {_fmt_bytes(b)}"
+                              for d, b in c["peak_memory_bytes"].items())
+            lines.append(f"  {mark} {c['phase1']}: phase-1 step "
+                         f"{c['phase1_step_s'] * 1e3:.2f} ms, pressure {c['pressure']:.3%}, "
+                         f"peaks {peaks}")
     pred = plan_obj.predicted
     if pred is not None:
         lines.append(f"predicted: phase-1 step {pred.phase1_step_s * 1e3:.2f} ms, phase-2 step "
@@ -778,7 +798,8 @@ def _finetune_full(spec: Any, module: Any, inputs: Any, table: Any, clus: Any, b
 
     count = samples if samples is not None or spec.dataset is not None else \
         DEFAULT_SAMPLES_BATCHES * batch_size
-    steps = epochs * SampleSource(spec, seed, count).steps_per_epoch(batch_size)
+    source = SampleSource(spec, seed, count)
+    steps = epochs * source.steps_per_epoch(batch_size)
     result = plan_fn(table, clus, batch_size, optimizer_state_factor=table.optimizer_state_factor,
                      micro_batch_size=micro_batch)
     _print_report(result, table, clus)
@@ -788,7 +809,8 @@ def _finetune_full(spec: Any, module: Any, inputs: Any, table: Any, clus: Any, b
     console.print(f"wrote {out}/ ({steps} steps)")
     if emulate is None:
         return
-    run = run_fn(out, emulate=emulate, steps=steps, seed=seed, lr=lr, metrics=metrics)
+    run = run_fn(out, emulate=emulate, steps=steps, seed=seed, lr=lr, metrics=metrics,
+                 num_samples=source.num_samples)
     if metrics is not None:      # every step row carries its phase, as PAC's do
         rows = [json.loads(line) for line in Path(metrics).read_text().splitlines() if line]
         Path(metrics).write_text("".join(

@@ -27,7 +27,7 @@ from asteroid_fx.adapters import parallel_adapters
 from runtime.adapter_model import AdapterModel
 from runtime.pac_train import ADAPTERS_FILE, BACKBONE_DIR, LAYOUT_FILE, PAC_PLAN_FILE
 from runtime.samples import SampleSource
-from solver.pac import PacModel, PacPlan, plan_finetune
+from solver.pac import DEFAULT_PHASE1_SLACK, PacModel, PacPlan, plan_finetune
 
 __all__ = ["FinetuneResult", "build_adapter_model", "measure_step", "pac_model_of",
            "prepare_finetune",
@@ -111,7 +111,8 @@ def prepare_finetune(spec: Any, cluster: Any, costs: Any, out: str | Path, *, ba
                      epochs: int, num_samples: int | None, rank: int = 8, seed: int = 0,
                      layers: Sequence[Any] | None = None, train_head: bool = False,
                      micro_batch_size: int | None = None, token: str | None = None,
-                     phase1_planner: str = "asteroid") -> PacPlan:
+                     phase1_planner: str = "asteroid", phase1_objective: str = "memory",
+                     phase1_slack: float = DEFAULT_PHASE1_SLACK) -> PacPlan:
     """Build the adapter model, plan both phases and write the PAC directory ``out``."""
     from asteroid_fx.package import save_partition
 
@@ -122,7 +123,8 @@ def prepare_finetune(spec: Any, cluster: Any, costs: Any, out: str | Path, *, ba
     step_fit = measure_step(pac, spec) if costs.source != "analytic" else (0.0, 0.0)
     plan = plan_finetune(costs, cluster, pac_model_of(pac, step_fit), batch_size=batch_size,
                          num_samples=samples.num_samples, epochs=epochs,
-                         micro_batch_size=micro_batch_size, phase1_planner=phase1_planner)
+                         micro_batch_size=micro_batch_size, phase1_planner=phase1_planner,
+                         phase1_objective=phase1_objective, phase1_slack=phase1_slack)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     parts: list[Any] = [*pac.segments, pac.head]
