@@ -29,7 +29,9 @@ class PacModel:
     forward FLOPs of the adapters per sample; ``train_head``: whether the head trains;
     ``step_fit``: ``(intercept_s, per_sample_s)`` of one whole phase-2 step (side path,
     head, loss, backward, optimizer step) measured on the profiling host, one thread
-    (``(0, 0)``: not measured, the step is modelled from the cost table).
+    (``(0, 0)``: not measured, the step is modelled from the cost table); ``sample_s``:
+    seconds to make one sample (``dataset()[i]`` or the seeded ``sample_batch(1)``) on the
+    profiling host, which phase 1's first stage pays (0: not measured).
     """
 
     taps: tuple[int, ...]
@@ -38,11 +40,13 @@ class PacModel:
     adapter_flops: float
     train_head: bool = False
     step_fit: tuple[float, float] = (0.0, 0.0)
+    sample_s: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return {"taps": list(self.taps), "entry_bytes": self.entry_bytes,
                 "trainable_bytes": self.trainable_bytes, "adapter_flops": self.adapter_flops,
-                "train_head": self.train_head, "step_fit": list(self.step_fit)}
+                "train_head": self.train_head, "step_fit": list(self.step_fit),
+                "sample_s": self.sample_s}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> PacModel:
@@ -52,7 +56,8 @@ class PacModel:
                    trainable_bytes=int(data["trainable_bytes"]),
                    adapter_flops=float(data["adapter_flops"]),
                    train_head=bool(data.get("train_head", False)),
-                   step_fit=(float(fit[0]), float(fit[1])))
+                   step_fit=(float(fit[0]), float(fit[1])),
+                   sample_s=float(data.get("sample_s", 0.0)))
 
 
 @dataclass(frozen=True)

@@ -139,6 +139,8 @@ def phase1_costs(costs: CostTable, taps: Sequence[int], cluster: Cluster) -> Cos
 # Only then does it hand its cache-entry parts to their owners (runtime.pac_train sends
 # them after every activation, so that the asynchronous sends cannot deadlock), so
 #     phase-1 step = max_s (finish_s + M x mean hand-off of stage s per micro-batch).
+# Stage 0 also makes its samples (``PacModel.sample_s`` per sample, measured at planning,
+# over the device's speed): about a tenth of a GPT segment's forward per sample.
 # Every message (a re-sharded piece of a cut, a hand-off) also costs the runtime CPU on
 # both ends, ~1.5 ms at host speed on the profiling host, which a capped device pays at
 # 1/speed; with hundreds of small messages per step it, not the links, is what pipelines
@@ -158,8 +160,12 @@ def predict_finetune(plan: PacPlan, costs: CostTable, cluster: Cluster) -> PacPr
     parts = _entry_parts(costs, model.taps, model.entry_bytes)
     m = plan.phase1.num_micro_batches
     phase1_step, e_f = 0.0, []
+    speeds = Timing.of(costs, cluster).speeds
     for s, stage in enumerate(plan.phase1.stages):
-        e_f.append(p1.stages[s].e_f)
+        making = 0.0 if s > 0 else max(   # stage 0 makes its samples (PacModel.sample_s)
+            model.sample_s * share / speeds[d]
+            for d, share in zip(stage.devices, stage.shares, strict=True))
+        e_f.append(p1.stages[s].e_f + making)
         finish = sum(e_f) + (m - 1) * max(e_f)
         sent = sum(parts[stage.first:stage.last + 1])
         handoff = m * _handoff_s(p1_cluster, plan.phase1, s, plan.devices, plan.shares, sent)

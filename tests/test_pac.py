@@ -173,3 +173,16 @@ def test_phase1_prediction_adds_the_hand_off_after_the_pipeline() -> None:
     e_f = [st.e_f for st in evaluate(one, coarse, cluster.for_costs(coarse)).stages]
     pipeline = sum(e_f) + max(e_f)          # M = 2
     assert pred.phase1_step_s > pipeline     # hand-off to the other owner comes after it
+
+
+def test_stage_0_pays_for_making_its_samples() -> None:
+    cluster = make_cluster([1.0, 0.5, 0.5], bandwidth_mbps=1000)
+    plan = plan_finetune(COSTS, cluster, MODEL, batch_size=8, num_samples=16, epochs=1,
+                         phase1_objective="time")
+    slow = replace(plan, model=replace(MODEL, sample_s=0.01))
+    base, made = predict_finetune(plan, COSTS, cluster), predict_finetune(slow, COSTS, cluster)
+    (stage,) = plan.phase1.stages      # data parallel: each makes its share at its speed
+    per_mb = max(0.01 * n / v for n, v in zip(stage.shares, (1.0, 0.5, 0.5), strict=True))
+    assert made.phase1_step_s == pytest.approx(base.phase1_step_s
+                                               + plan.phase1.num_micro_batches * per_mb)
+    assert PacPlan.from_json(slow.to_json()).model.sample_s == 0.01
