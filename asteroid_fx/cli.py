@@ -525,7 +525,9 @@ def plot(
 
 @app.command()
 def simulate(
-    plan_file: Annotated[Path, typer.Argument(help="plan.json")],
+    plan_file: Annotated[Path, typer.Argument(
+        help="plan.json, or a fine-tuning directory of `finetune --method pac` (or its "
+        "pac_plan.json): both phases and the E-epoch total")],
     costs_file: Annotated[Path | None, typer.Option(
         "--costs", help="costs.json (default: costs.json beside plan.json)")] = None,
     cluster: Annotated[Path | None, typer.Option(
@@ -545,6 +547,13 @@ def simulate(
         from contracts.plan import Plan
         from solver.simulate import simulate as simulate_fn
 
+        pac_file = _pac_plan_file(plan_file)
+        if pac_file is not None:
+            _simulate_finetune(pac_file, costs_file, cluster)
+            return
+        if not Path(plan_file).is_file():
+            raise PlanError(f"no plan at {plan_file}: pass a plan.json, or a fine-tuning "
+                            f"directory with pac_plan.json")
         plan_obj = Plan.load(plan_file)
         plan_dir = Path(plan_file).parent
         cluster_path = cluster or (plan_dir / "cluster.yaml")
@@ -580,6 +589,54 @@ def simulate(
 
             gantt_png(result, gantt)
             console.print(f"wrote {gantt}")
+
+
+def _pac_plan_file(path: Path) -> Path | None:
+    """``pac_plan.json`` when ``path`` is it or a fine-tuning directory holding it."""
+    from runtime.pac_train import PAC_PLAN_FILE
+
+    if path.is_dir() and (path / PAC_PLAN_FILE).is_file():
+        return path / PAC_PLAN_FILE
+    if path.name == PAC_PLAN_FILE and path.is_file():
+        return path
+    return None
+
+
+def _simulate_finetune(pac_file: Path, costs_file: Path | None, cluster: Path | None) -> None:
+    """``simulate`` of a PAC plan: both phases, each epoch and the total (see
+    [Note: PAC simulation] in solver.pac_simulate)."""
+    from contracts.cluster import Cluster
+    from contracts.errors import PlanError
+    from contracts.pac_plan import PacPlan
+    from contracts.table import CostTable
+    from solver.pac import predict_finetune
+    from solver.pac_simulate import simulate_finetune
+
+    plan_obj = PacPlan.load(pac_file)
+    here = pac_file.parent
+    costs_path = costs_file or (here / "costs.json")
+    if not Path(costs_path).is_file():
+        raise PlanError(f"simulate needs the cost table: pass --costs costs.json (looked for "
+                        f"{costs_path})")
+    if cluster is not None:
+        clus = Cluster.from_yaml(cluster)
+    elif (here / "cluster.json").is_file():
+        clus = Cluster.from_json((here / "cluster.json").read_text())
+    else:
+        raise PlanError(f"simulate needs the cluster: pass --cluster cluster.yaml (looked for "
+                        f"{here / 'cluster.json'})")
+    table = CostTable.load(costs_path)
+    result = simulate_finetune(plan_obj, table, clus)
+    pred = predict_finetune(plan_obj, table, clus)
+    e = plan_obj.epochs
+    console.print(
+        f"simulated PAC: phase-1 step {result.phase1_step_s * 1e3:.2f} ms (model "
+        f"{pred.phase1_step_s * 1e3:.2f} ms, bubbles {result.phase1_bubble_fraction:.0%}), "
+        f"phase-2 step {result.phase2_step_s * 1e3:.2f} ms; epoch 1 {result.epoch1_s:.3f} s, "
+        f"later epochs {result.epoch_s:.3f} s, {e} epochs {result.total_s:.3f} s (model "
+        f"{pred.total_s:.3f} s)", markup=False, highlight=False)
+    for device, peak in sorted(result.peak_memory_bytes.items()):
+        console.print(f"  {device}: peak memory {_fmt_bytes(peak)}")
 
 
 @app.command()

@@ -85,7 +85,7 @@ def segment_costs(costs: CostTable, taps: Sequence[int]) -> CostTable:
                    model_name=f"{costs.model_name} (PAC backbone)")
 
 
-def _entry_parts(costs: CostTable, taps: Sequence[int], entry_bytes: int) -> list[int]:
+def entry_parts(costs: CostTable, taps: Sequence[int], entry_bytes: int) -> list[int]:
     """Cache-entry bytes per sample produced by each segment (taps, and the head inputs
     for the last), scaled so that they add up to ``entry_bytes``."""
     raw = [costs.cut_bytes[t] for t in taps]
@@ -157,7 +157,7 @@ def predict_finetune(plan: PacPlan, costs: CostTable, cluster: Cluster) -> PacPr
     p1_cluster = cluster.for_costs(coarse)
     cluster = cluster.for_costs(costs)
     p1 = evaluate(plan.phase1, coarse, p1_cluster)
-    parts = _entry_parts(costs, model.taps, model.entry_bytes)
+    parts = entry_parts(costs, model.taps, model.entry_bytes)
     m = plan.phase1.num_micro_batches
     phase1_step, e_f = 0.0, []
     speeds = Timing.of(costs, cluster).speeds

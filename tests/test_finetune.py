@@ -48,6 +48,22 @@ def test_plans_and_writes_the_pac_directory(tmp_path: Path,
     assert plan.meta["phase1_choice"]["objective"] == "memory"
 
 
+def test_simulate_a_finetune_directory(tmp_path: Path,
+                                      capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "pac"
+    assert main(["finetune", GPT, "--cluster", LOCAL3, "--batch-size", "8", "--epochs", "3",
+                 "--samples", "16", "--costs", "analytic", "--out", str(out)]) == 0
+    capsys.readouterr()
+    for target in (out, out / PAC_PLAN_FILE):
+        assert main(["simulate", str(target)]) == 0
+        text = capsys.readouterr().out
+        assert "simulated PAC: phase-1 step" in text and "3 epochs" in text
+    (out / "cluster.json").unlink()
+    assert main(["simulate", str(out)]) == 1
+    assert "simulate needs the cluster" in _one_error_line(capsys.readouterr().err)
+    assert main(["simulate", str(out), "--cluster", LOCAL3]) == 0
+
+
 def test_phase1_objective_options(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from solver.pac import DEFAULT_PHASE1_SLACK
 

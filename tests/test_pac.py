@@ -186,3 +186,41 @@ def test_stage_0_pays_for_making_its_samples() -> None:
     assert made.phase1_step_s == pytest.approx(base.phase1_step_s
                                                + plan.phase1.num_micro_batches * per_mb)
     assert PacPlan.from_json(slow.to_json()).model.sample_s == 0.01
+
+
+# -- simulation of both phases (solver/pac_simulate.py) ------------------------------------
+
+def test_simulation_equals_the_model_on_one_device() -> None:
+    from solver.pac_simulate import simulate_finetune
+
+    cluster = make_cluster([1.0], bandwidth_mbps=1000)
+    plan = plan_finetune(COSTS, cluster, replace(MODEL, sample_s=1e-3), batch_size=8,
+                         num_samples=24, epochs=3)
+    sim, pred = simulate_finetune(plan, COSTS, cluster), predict_finetune(plan, COSTS, cluster)
+    assert sim.phase1_step_s == pytest.approx(pred.phase1_step_s)
+    assert sim.phase2_step_s == pred.phase2_step_s
+    assert sim.total_s == pytest.approx(pred.total_s)
+    assert sim.total_s == pytest.approx(sim.epoch1_s + 2 * sim.epoch_s)
+    assert sim.phase1_bubble_fraction == pytest.approx(0.0, abs=1e-9)
+
+
+def test_simulation_of_a_pipeline_with_hand_offs() -> None:
+    from solver.pac_simulate import simulate_finetune
+
+    cluster = make_cluster([1.0, 0.5, 0.5], bandwidth_mbps=100)
+    plan = plan_finetune(COSTS, cluster, MODEL, batch_size=8, num_samples=16, epochs=2,
+                         phase1_objective="time")
+    phase1 = Plan(model_hash="h", cluster_hash="c", batch_size=8, micro_batch_size=4,
+                  num_micro_batches=2, num_layers=3,
+                  stages=(Stage((0, 0), ("d0",), (4,)), Stage((1, 2), ("d1", "d2"), (2, 2))))
+    piped = replace(plan, phase1=phase1)
+    sim = simulate_finetune(piped, COSTS, cluster)
+    kinds = {(e.kind, e.device) for e in sim.events}
+    assert ("F", "d0") in kinds and ("F", "d1") in kinds and ("SEND", "d0") in kinds
+    # d1 and d2 each hold two segments: their forwards pace the pipeline, then hand-offs
+    slow_fwd = max(e.end for e in sim.events if e.kind == "F")
+    assert sim.phase1_step_s > slow_fwd > 0
+    assert 0.0 < sim.phase1_bubble_fraction < 1.0
+    bad = make_cluster([1.0, 0.5], bandwidth_mbps=100)
+    with pytest.raises(PlanError, match="not in the cluster"):
+        simulate_finetune(piped, COSTS, bad)
