@@ -142,6 +142,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     measured_p2 = statistics.mean(
         [float(r["phase2_s"]) for r in pac.records[steps:]] or [float("nan")])
     forward = _phase1_forward(plan, costs, cluster, pac.records[:steps], f)
+    from solver.pac_simulate import simulate_finetune
+    simulated = simulate_finetune(plan, costs, cluster)
     memory = {}
     for device, peak in pac.peak_memory_bytes.items():
         full_peak = full.peak_memory_bytes.get(device)
@@ -163,6 +165,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "epoch1_over_later": epochs[0] / later, "pac_total_s": pac_total,
         "full_total_s": full_total, "full_over_pac": full_total / pac_total,
         "phase1_measured_s": measured_p1, "phase1_predicted_s": pred.phase1_step_s * steps * f,
+        "phase1_simulated_s": simulated.phase1_step_s * steps * f,
         "phase2_step_measured_s": measured_p2, "phase2_step_predicted_s": pred.phase2_step_s * f,
         "memory": memory, "load_after": os.getloadavg(), "phase1_forward": forward,
         "phase1_choice": choice,
@@ -183,6 +186,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               f"{m['pac_with_cache'] / 2**20:.1f}) vs full {full_mib} MiB: "
               f"{red} lower ({red_c} with the cache; target >= 60%)")
     for name, got, want in (("phase 1 (epoch 1)", measured_p1, report["phase1_predicted_s"]),
+                            ("phase 1 (epoch 1) vs simulated", measured_p1,
+                             report["phase1_simulated_s"]),
                             ("phase-2 step", measured_p2, report["phase2_step_predicted_s"])):
         print(f"{name}: measured {got:.4f} s, predicted {want:.4f} s "
               f"({got / want - 1:+.0%}; target within 15%)")
