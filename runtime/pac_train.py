@@ -169,6 +169,9 @@ class _Phase1:
         #: making its samples (stage 0)
         self.compute_s = 0.0
         self.samples_s = 0.0
+        #: CPU seconds of this rank's segments in the last run (not stretched by a CPU cap
+        #: or by other jobs waiting for the core: what the cost table measured)
+        self.compute_cpu_s = 0.0
         #: the most bytes of activations this rank held at once in phase 1 (received
         #: inputs, outputs, entry parts waiting for their owner or for the cache)
         self.in_flight_peak = 0
@@ -188,7 +191,7 @@ class _Phase1:
         """Run this rank's stage on mini-batch ``step``, hand the entry parts over, and
         return this rank's cache entry (its phase-2 rows)."""
         local: dict[tuple[int, int, int], tuple[torch.Tensor, ...]] = {}
-        self.compute_s = self.samples_s = 0.0
+        self.compute_s = self.samples_s = self.compute_cpu_s = 0.0
         if self.stage is not None:
             self._forward(step, local)
         return self._collect(local)
@@ -220,10 +223,11 @@ class _Phase1:
                 got = self.comm.recv([self.global_of[t.src] for t in incoming], f"act{m}")
                 values = _cat(got)
             taps = []
-            computing = time.perf_counter()
+            computing, cpu = time.perf_counter(), time.thread_time()
             for j in range(stage.first, stage.last + 1):
                 values, tap = self.model.run_segment(j, values)
                 taps.append(tap)
+            self.compute_cpu_s += time.thread_time() - cpu
             _dilate(computing, self.scale)       # the compute only, not the waits
             self.compute_s += time.perf_counter() - computing
             part = tuple(taps[:-1]) + values if stage.last == last_segment else tuple(taps)
@@ -267,8 +271,8 @@ class _Phase1:
         return tuple(entry)
 
 
-_SLOTS = 9   # loss, hits, misses, phase 1 s, phase 2 s, peak bytes, cache bytes,
-#              phase-1 forward s, phase-1 samples s
+_SLOTS = 10  # loss, hits, misses, phase 1 s, phase 2 s, peak bytes, cache bytes,
+#              phase-1 forward s, phase-1 samples s, phase-1 forward CPU s
 
 
 def _compute_scale(source: Any, rank: int, config: TrainConfig) -> float:
@@ -477,7 +481,7 @@ def finetune_device(source: Any, rank: int, config: TrainConfig, *, hooks: Any =
                 [float(loss.detach()), float(cache.hits - hits_before),
                  float(cache.misses - misses_before), p1_done - began, computed - p1_done,
                  float(peak), float(cache.bytes)]
-                + (list(phase1_s[k][1:]) if epoch == 0 else [0.0, 0.0]))
+                + (list(phase1_s[k][1:]) if epoch == 0 else [0.0, 0.0, 0.0]))
             flat = torch.cat([g.reshape(-1).double() for g in grads] + [slots.reshape(-1)])
             comm.all_reduce([[flat]], None, list(range(group.world)))
         except (RuntimeError, CommFailureError) as exc:
@@ -524,6 +528,8 @@ def finetune_device(source: Any, rank: int, config: TrainConfig, *, hooks: Any =
                                           for i, d in enumerate(group.devices)}
             record["phase1_samples_s"] = {d: float(slots[i, 8])
                                           for i, d in enumerate(group.devices)}
+            record["phase1_forward_cpu_s"] = {d: float(slots[i, 9])
+                                              for i, d in enumerate(group.devices)}
         if pac.predicted is not None:
             pred = pac.predicted
             record["predicted_round_time_s"] = config.time_factor * (
@@ -548,10 +554,10 @@ def finetune_device(source: Any, rank: int, config: TrainConfig, *, hooks: Any =
 
 
 def _fill_cache(phase1: _Phase1, cache: ActivationCache, group: _Group, steps: int,
-                batch: int) -> list[tuple[float, float, float]]:
+                batch: int) -> list[tuple[float, float, float, float]]:
     """Phase 1 for every mini-batch of the epoch (each after a barrier): this rank's cache
-    entries into ``cache``; returns ``(wall, forward, samples)`` seconds of each on this
-    rank (see :class:`_Phase1`)."""
+    entries into ``cache``; returns ``(wall, forward, samples, forward CPU)`` seconds of
+    each on this rank (see :class:`_Phase1`)."""
     seconds = []
     for k in range(steps):
         dist.barrier()
@@ -559,7 +565,8 @@ def _fill_cache(phase1: _Phase1, cache: ActivationCache, group: _Group, steps: i
         rows = group.rows(batch, k)
         entry = phase1.run(k)
         cache.put(rows[0], entry)
-        seconds.append((time.perf_counter() - began, phase1.compute_s, phase1.samples_s))
+        seconds.append((time.perf_counter() - began, phase1.compute_s, phase1.samples_s,
+                        phase1.compute_cpu_s))
     return seconds
 
 

@@ -57,7 +57,8 @@ def _phase1_forward(plan: Any, costs: Any, cluster: Any, records: list[dict[str,
                    factor: float) -> dict[str, dict[str, float]]:
     """Per phase-1 device: its segments' forward seconds over epoch 1, measured (metrics
     ``phase1_forward_s``) and predicted (the cost table at its share of each micro-batch,
-    over its speed, times the emulator's factor), and the seconds it spent making samples."""
+    over its speed, times the emulator's factor), the seconds it spent making samples, and
+    its forward CPU seconds (``phase1_forward_cpu_s``) against the table at host speed."""
     from solver.pac import segment_costs
     from solver.timing import Timing
 
@@ -69,9 +70,14 @@ def _phase1_forward(plan: Any, costs: Any, cluster: Any, records: list[dict[str,
         for device, share in zip(stage.devices, stage.shares, strict=True):
             predicted = p1.num_micro_batches * timing.fwd_time(device, stage.first, stage.last,
                                                                share)
+            host = p1.num_micro_batches * timing.fwd_time(device, stage.first, stage.last,
+                                                          share) * timing.speeds[device]
             out[device] = {
                 "measured_s": sum(float(r.get("phase1_forward_s", {}).get(device, 0.0))
                                   for r in records),
+                "cpu_s": sum(float(r.get("phase1_forward_cpu_s", {}).get(device, 0.0))
+                             for r in records),
+                "predicted_host_s": host * plan.steps_per_epoch,
                 "samples_s": sum(float(r.get("phase1_samples_s", {}).get(device, 0.0))
                                  for r in records),
                 "predicted_s": predicted * plan.steps_per_epoch * factor}
@@ -194,7 +200,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for device, row in forward.items():
         print(f"  phase 1 on {device}: forward measured {row['measured_s']:.4f} s vs predicted "
               f"{row['predicted_s']:.4f} s ({row['measured_s'] / row['predicted_s'] - 1:+.0%}), "
-              f"making samples {row['samples_s']:.4f} s, whole phase 1 {measured_p1:.4f} s")
+              f"making samples {row['samples_s']:.4f} s, whole phase 1 {measured_p1:.4f} s; "
+              f"forward CPU {row['cpu_s']:.4f} s vs the cost table at host speed "
+              f"{row['predicted_host_s']:.4f} s "
+              f"({row['cpu_s'] / row['predicted_host_s'] - 1:+.0%})")
     print(f"after: {_load()}")
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
