@@ -73,13 +73,17 @@ class PacPrediction:
     total_s: float
     peak_memory_bytes: Mapping[str, int]
     cache_bytes: Mapping[str, int]
+    #: the closed-form phase-1 step (``phase1_step_s`` is the larger of it and the event
+    #: simulation for a pipeline; see [Note: phase-1 time] in solver/pac.py)
+    phase1_closed_form_s: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return {"phase1_step_s": self.phase1_step_s, "phase2_step_s": self.phase2_step_s,
                 "allreduce_s": self.allreduce_s, "epoch1_s": self.epoch1_s,
                 "epoch_s": self.epoch_s, "total_s": self.total_s,
                 "peak_memory_bytes": dict(self.peak_memory_bytes),
-                "cache_bytes": dict(self.cache_bytes)}
+                "cache_bytes": dict(self.cache_bytes),
+                "phase1_closed_form_s": self.phase1_closed_form_s}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> PacPrediction:
@@ -87,7 +91,8 @@ class PacPrediction:
                                                   "allreduce_s", "epoch1_s", "epoch_s",
                                                   "total_s")},
                    peak_memory_bytes={k: int(v) for k, v in data["peak_memory_bytes"].items()},
-                   cache_bytes={k: int(v) for k, v in data["cache_bytes"].items()})
+                   cache_bytes={k: int(v) for k, v in data["cache_bytes"].items()},
+                   phase1_closed_form_s=float(data.get("phase1_closed_form_s", 0.0)))
 
 
 @dataclass(frozen=True)

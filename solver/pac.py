@@ -147,6 +147,13 @@ def phase1_costs(costs: CostTable, taps: Sequence[int], cluster: Cluster) -> Cos
 # pay. It is charged as a per-message latency (``CostTable.message_overhead_s`` of the
 # forward-only table, ``phase1_costs``), so the phase-1 planner and the prediction both
 # see it: without it, phase 1 of a 3-stage pipeline was predicted 1.8x too fast.
+# The closed form overlaps what a device cannot: its receives block it and each device
+# has one outgoing port, so the hand-offs of all micro-batches queue behind each other and
+# behind the cut pieces. For a pipeline (more than one stage) the phase-1 step is
+# therefore the larger of the closed form and the event simulation of one mini-batch
+# (``solver.pac_simulate.simulate_phase1``, a few hundred tasks); the closed form is kept
+# as ``PacPrediction.phase1_closed_form_s``. On local3 the simulation came within +14 %
+# of a run where the closed form missed by +50 % (docs/benchmarks.md).
 
 
 def predict_finetune(plan: PacPlan, costs: CostTable, cluster: Cluster) -> PacPrediction:
@@ -170,6 +177,11 @@ def predict_finetune(plan: PacPlan, costs: CostTable, cluster: Cluster) -> PacPr
         sent = sum(parts[stage.first:stage.last + 1])
         handoff = m * _handoff_s(p1_cluster, plan.phase1, s, plan.devices, plan.shares, sent)
         phase1_step = max(phase1_step, finish + handoff)
+    closed_form = phase1_step
+    if plan.phase1.num_stages > 1:     # ports and blocking receives: see the Note
+        from solver.pac_simulate import simulate_phase1
+
+        phase1_step = max(closed_form, simulate_phase1(plan, costs, cluster)[0])
 
     timing = Timing.of(costs, cluster)
     head_first, last = model.taps[-1] + 1, costs.num_layers - 1
@@ -203,7 +215,8 @@ def predict_finetune(plan: PacPlan, costs: CostTable, cluster: Cluster) -> PacPr
             for d in plan.devices}
     return PacPrediction(phase1_step_s=phase1_step, phase2_step_s=phase2_step,
                          allreduce_s=allreduce, epoch1_s=epoch1, epoch_s=epoch,
-                         total_s=total, peak_memory_bytes=peak, cache_bytes=cache)
+                         total_s=total, peak_memory_bytes=peak, cache_bytes=cache,
+                         phase1_closed_form_s=closed_form)
 
 
 def _phase2_fixed(costs: CostTable, model: PacModel, osf: float) -> int:

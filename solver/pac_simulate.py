@@ -37,7 +37,7 @@ from solver.pac import entry_parts, phase1_costs, predict_finetune
 from solver.simulate import SimEvent, _run, _Task
 from solver.timing import Timing
 
-__all__ = ["PacSimResult", "simulate_finetune"]
+__all__ = ["PacSimResult", "simulate_finetune", "simulate_phase1"]
 
 
 @dataclass(frozen=True)
@@ -72,6 +72,22 @@ def simulate_finetune(plan: PacPlan, costs: CostTable, cluster: Cluster) -> PacS
         PlanError: a plan whose devices are not in the cluster, or whose taps do not fit
             the cost table.
     """
+    phase1_step, events, bubble = simulate_phase1(plan, costs, cluster)
+    pred = predict_finetune(plan, costs, cluster)
+    steps = plan.steps_per_epoch
+    epoch1 = steps * (phase1_step + pred.phase2_step_s)
+    epoch = steps * pred.phase2_step_s
+    return PacSimResult(phase1_step_s=phase1_step, phase2_step_s=pred.phase2_step_s,
+                        epoch1_s=epoch1, epoch_s=epoch,
+                        total_s=epoch1 + (plan.epochs - 1) * epoch, epochs=plan.epochs,
+                        phase1_bubble_fraction=bubble,
+                        peak_memory_bytes=dict(pred.peak_memory_bytes), events=events)
+
+
+def simulate_phase1(plan: PacPlan, costs: CostTable, cluster: Cluster
+                    ) -> tuple[float, tuple[SimEvent, ...], float]:
+    """One phase-1 mini-batch of ``plan``, event by event (see [Note: PAC simulation]):
+    its seconds, its events and the devices' idle fraction; pure."""
     missing = [d for d in plan.devices if d not in cluster.names]
     if missing:
         raise PlanError(f"PAC plan devices {missing} are not in the cluster "
@@ -148,13 +164,4 @@ def simulate_finetune(plan: PacPlan, costs: CostTable, cluster: Cluster) -> PacS
                           key=lambda e: (e.start, e.device, e.kind)))
     bubble = (1.0 - sum(busy.values()) / (len(busy) * phase1_step)
               if phase1_step > 0 and busy else 0.0)
-
-    pred = predict_finetune(plan, costs, cluster)
-    steps = plan.steps_per_epoch
-    epoch1 = steps * (phase1_step + pred.phase2_step_s)
-    epoch = steps * pred.phase2_step_s
-    return PacSimResult(phase1_step_s=phase1_step, phase2_step_s=pred.phase2_step_s,
-                        epoch1_s=epoch1, epoch_s=epoch,
-                        total_s=epoch1 + (plan.epochs - 1) * epoch, epochs=plan.epochs,
-                        phase1_bubble_fraction=bubble,
-                        peak_memory_bytes=dict(pred.peak_memory_bytes), events=events)
+    return phase1_step, events, bubble

@@ -224,3 +224,24 @@ def test_simulation_of_a_pipeline_with_hand_offs() -> None:
     bad = make_cluster([1.0, 0.5], bandwidth_mbps=100)
     with pytest.raises(PlanError, match="not in the cluster"):
         simulate_finetune(piped, COSTS, bad)
+
+
+def test_a_pipeline_is_predicted_no_faster_than_its_simulation() -> None:
+    from solver.pac_simulate import simulate_phase1
+
+    cluster = make_cluster([1.0, 0.5, 0.5], bandwidth_mbps=100)
+    plan = plan_finetune(COSTS, cluster, MODEL, batch_size=8, num_samples=16, epochs=2,
+                         phase1_objective="time")
+    phase1 = Plan(model_hash="h", cluster_hash="c", batch_size=8, micro_batch_size=2,
+                  num_micro_batches=4, num_layers=3,
+                  stages=(Stage((0, 0), ("d0",), (2,)), Stage((1, 1), ("d1",), (2,)),
+                          Stage((2, 2), ("d2",), (2,))))
+    piped = replace(plan, phase1=phase1)
+    pred = predict_finetune(piped, COSTS, cluster)
+    simulated = simulate_phase1(piped, COSTS, cluster)[0]
+    assert pred.phase1_step_s == pytest.approx(max(simulated, pred.phase1_closed_form_s))
+    assert pred.phase1_closed_form_s > 0
+    back = type(pred).from_dict(pred.to_dict())
+    assert back == pred
+    older = {k: v for k, v in pred.to_dict().items() if k != "phase1_closed_form_s"}
+    assert type(pred).from_dict(older).phase1_closed_form_s == 0.0   # plans made before
