@@ -551,9 +551,6 @@ def simulate(
         if pac_file is not None:
             _simulate_finetune(pac_file, costs_file, cluster)
             return
-        if not Path(plan_file).is_file():
-            raise PlanError(f"no plan at {plan_file}: pass a plan.json, or a fine-tuning "
-                            f"directory with pac_plan.json")
         plan_obj = Plan.load(plan_file)
         plan_dir = Path(plan_file).parent
         cluster_path = cluster or (plan_dir / "cluster.yaml")
