@@ -73,6 +73,7 @@ _LAZY: dict[str, str] = {
     "plan_finetune": "solver.pac",
     "PacPlan": "solver.pac",
     "predict_finetune": "solver.pac",
+    "simulate_finetune": "solver.pac_simulate",
 }
 
 __all__ = [

@@ -525,7 +525,9 @@ def plot(
 
 @app.command()
 def simulate(
-    plan_file: Annotated[Path, typer.Argument(help="plan.json")],
+    plan_file: Annotated[Path, typer.Argument(
+        help="plan.json, or a fine-tuning directory of `finetune --method pac` (or its "
+        "pac_plan.json): both phases and the E-epoch total")],
     costs_file: Annotated[Path | None, typer.Option(
         "--costs", help="costs.json (default: costs.json beside plan.json)")] = None,
     cluster: Annotated[Path | None, typer.Option(
@@ -545,6 +547,10 @@ def simulate(
         from contracts.plan import Plan
         from solver.simulate import simulate as simulate_fn
 
+        pac_file = _pac_plan_file(plan_file)
+        if pac_file is not None:
+            _simulate_finetune(pac_file, costs_file, cluster)
+            return
         plan_obj = Plan.load(plan_file)
         plan_dir = Path(plan_file).parent
         cluster_path = cluster or (plan_dir / "cluster.yaml")
@@ -580,6 +586,54 @@ def simulate(
 
             gantt_png(result, gantt)
             console.print(f"wrote {gantt}")
+
+
+def _pac_plan_file(path: Path) -> Path | None:
+    """``pac_plan.json`` when ``path`` is it or a fine-tuning directory holding it."""
+    from runtime.pac_train import PAC_PLAN_FILE
+
+    if path.is_dir() and (path / PAC_PLAN_FILE).is_file():
+        return path / PAC_PLAN_FILE
+    if path.name == PAC_PLAN_FILE and path.is_file():
+        return path
+    return None
+
+
+def _simulate_finetune(pac_file: Path, costs_file: Path | None, cluster: Path | None) -> None:
+    """``simulate`` of a PAC plan: both phases, each epoch and the total (see
+    [Note: PAC simulation] in solver.pac_simulate)."""
+    from contracts.cluster import Cluster
+    from contracts.errors import PlanError
+    from contracts.pac_plan import PacPlan
+    from contracts.table import CostTable
+    from solver.pac import predict_finetune
+    from solver.pac_simulate import simulate_finetune
+
+    plan_obj = PacPlan.load(pac_file)
+    here = pac_file.parent
+    costs_path = costs_file or (here / "costs.json")
+    if not Path(costs_path).is_file():
+        raise PlanError(f"simulate needs the cost table: pass --costs costs.json (looked for "
+                        f"{costs_path})")
+    if cluster is not None:
+        clus = Cluster.from_yaml(cluster)
+    elif (here / "cluster.json").is_file():
+        clus = Cluster.from_json((here / "cluster.json").read_text())
+    else:
+        raise PlanError(f"simulate needs the cluster: pass --cluster cluster.yaml (looked for "
+                        f"{here / 'cluster.json'})")
+    table = CostTable.load(costs_path)
+    result = simulate_finetune(plan_obj, table, clus)
+    pred = predict_finetune(plan_obj, table, clus)
+    e = plan_obj.epochs
+    console.print(
+        f"simulated PAC: phase-1 step {result.phase1_step_s * 1e3:.2f} ms (model "
+        f"{pred.phase1_step_s * 1e3:.2f} ms, bubbles {result.phase1_bubble_fraction:.0%}), "
+        f"phase-2 step {result.phase2_step_s * 1e3:.2f} ms; epoch 1 {result.epoch1_s:.3f} s, "
+        f"later epochs {result.epoch_s:.3f} s, {e} epochs {result.total_s:.3f} s (model "
+        f"{pred.total_s:.3f} s)", markup=False, highlight=False)
+    for device, peak in sorted(result.peak_memory_bytes.items()):
+        console.print(f"  {device}: peak memory {_fmt_bytes(peak)}")
 
 
 @app.command()
@@ -703,6 +757,14 @@ def finetune(
     phase1_planner: Annotated[str, typer.Option(
         "--phase1-planner", help="planner of the forward-only phase 1 (asteroid: fastest; "
         "pp-equal: one device per stage, spreading the frozen weights)")] = "asteroid",
+    phase1_objective: Annotated[str, typer.Option(
+        "--phase1-objective", help="memory: the phase-1 plan of lowest peak memory pressure "
+        "(peak / device memory) among those at most 1 + --phase1-slack times slower than the "
+        "fastest; time: the fastest phase 1")] = "memory",
+    phase1_slack: Annotated[float, typer.Option(
+        "--phase1-slack", help="with --phase1-objective memory: how much slower than the "
+        "fastest phase 1 (a fraction of its step time) a plan may be for less memory")]
+    = 2.0,
     fail: Annotated[str | None, typer.Option(
         "--fail", help="DEVICE@STEP: with --emulate, kill that device at the start of a "
         "phase-2 step; the others take over its samples")] = None,
@@ -729,7 +791,9 @@ def finetune(
                                     epochs=epochs, num_samples=samples, rank=rank, seed=seed,
                                     layers=layers, train_head=train_head,
                                     micro_batch_size=micro_batch,
-                                    phase1_planner=phase1_planner)
+                                    phase1_planner=phase1_planner,
+                                    phase1_objective=phase1_objective,
+                                    phase1_slack=phase1_slack)
         console.print(_pac_report(plan_obj), markup=False, highlight=False)
         console.print(f"wrote {out}/")
         if emulate is not None:
@@ -751,6 +815,16 @@ def _pac_report(plan_obj: Any) -> str:
                  f"{d} {n}" for d, n in zip(plan_obj.devices, plan_obj.shares, strict=True))
              + f" of {plan_obj.batch_size}; {plan_obj.steps_per_epoch} steps/epoch, "
              f"{plan_obj.epochs} epochs"]
+    choice = plan_obj.meta.get("phase1_choice")
+    if choice:
+        lines.append(f"phase-1 choice ({choice['objective']} objective): {choice['reason']}")
+        for i, c in enumerate(choice["candidates"]):
+            mark = "*" if i == choice["chosen"] else " "
+            peaks = ", ".join(f"{d} {_fmt_bytes(b)}"
+                              for d, b in c["peak_memory_bytes"].items())
+            lines.append(f"  {mark} {c['phase1']}: phase-1 step "
+                         f"{c['phase1_step_s'] * 1e3:.2f} ms, pressure {c['pressure']:.3%}, "
+                         f"peaks {peaks}")
     pred = plan_obj.predicted
     if pred is not None:
         lines.append(f"predicted: phase-1 step {pred.phase1_step_s * 1e3:.2f} ms, phase-2 step "
@@ -778,7 +852,8 @@ def _finetune_full(spec: Any, module: Any, inputs: Any, table: Any, clus: Any, b
 
     count = samples if samples is not None or spec.dataset is not None else \
         DEFAULT_SAMPLES_BATCHES * batch_size
-    steps = epochs * SampleSource(spec, seed, count).steps_per_epoch(batch_size)
+    source = SampleSource(spec, seed, count)
+    steps = epochs * source.steps_per_epoch(batch_size)
     result = plan_fn(table, clus, batch_size, optimizer_state_factor=table.optimizer_state_factor,
                      micro_batch_size=micro_batch)
     _print_report(result, table, clus)
@@ -788,7 +863,8 @@ def _finetune_full(spec: Any, module: Any, inputs: Any, table: Any, clus: Any, b
     console.print(f"wrote {out}/ ({steps} steps)")
     if emulate is None:
         return
-    run = run_fn(out, emulate=emulate, steps=steps, seed=seed, lr=lr, metrics=metrics)
+    run = run_fn(out, emulate=emulate, steps=steps, seed=seed, lr=lr, metrics=metrics,
+                 num_samples=source.num_samples)
     if metrics is not None:      # every step row carries its phase, as PAC's do
         rows = [json.loads(line) for line in Path(metrics).read_text().splitlines() if line]
         Path(metrics).write_text("".join(

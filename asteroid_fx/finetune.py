@@ -17,7 +17,7 @@ import json
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,9 +27,10 @@ from asteroid_fx.adapters import parallel_adapters
 from runtime.adapter_model import AdapterModel
 from runtime.pac_train import ADAPTERS_FILE, BACKBONE_DIR, LAYOUT_FILE, PAC_PLAN_FILE
 from runtime.samples import SampleSource
-from solver.pac import PacModel, PacPlan, plan_finetune
+from solver.pac import DEFAULT_PHASE1_SLACK, PacModel, PacPlan, plan_finetune
 
-__all__ = ["FinetuneResult", "build_adapter_model", "measure_step", "pac_model_of",
+__all__ = ["FinetuneResult", "build_adapter_model", "measure_samples", "measure_step",
+           "pac_model_of",
            "prepare_finetune",
            "run_finetune", "reference_finetune", "DEFAULT_SAMPLES_BATCHES"]
 
@@ -94,6 +95,25 @@ def measure_step(pac: AdapterModel, spec: Any, *, batch_sizes: Sequence[int] = (
     return fit.intercept_s, fit.per_sample_s
 
 
+def measure_samples(samples: SampleSource, count: int = 8, repeats: int = 3) -> float:
+    """Seconds to make one sample of ``samples`` on this host, one thread (median of
+    ``repeats`` runs over the first ``count`` samples), which phase 1's first stage pays."""
+    import statistics
+
+    count = max(1, min(count, samples.num_samples))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    runs = []
+    try:
+        for _ in range(repeats + 1):
+            began = time.perf_counter()
+            samples.rows(0, count)
+            runs.append((time.perf_counter() - began) / count)
+    finally:
+        torch.set_num_threads(threads)
+    return statistics.median(runs[1:])
+
+
 def pac_model_of(pac: AdapterModel, step_fit: tuple[float, float] = (0.0, 0.0)) -> PacModel:
     """The planner's view of an adapter model (plain data)."""
     trainable = sum(p.numel() * p.element_size() for p in pac.trainable_parameters())
@@ -111,7 +131,8 @@ def prepare_finetune(spec: Any, cluster: Any, costs: Any, out: str | Path, *, ba
                      epochs: int, num_samples: int | None, rank: int = 8, seed: int = 0,
                      layers: Sequence[Any] | None = None, train_head: bool = False,
                      micro_batch_size: int | None = None, token: str | None = None,
-                     phase1_planner: str = "asteroid") -> PacPlan:
+                     phase1_planner: str = "asteroid", phase1_objective: str = "memory",
+                     phase1_slack: float = DEFAULT_PHASE1_SLACK) -> PacPlan:
     """Build the adapter model, plan both phases and write the PAC directory ``out``."""
     from asteroid_fx.package import save_partition
 
@@ -119,10 +140,14 @@ def prepare_finetune(spec: Any, cluster: Any, costs: Any, out: str | Path, *, ba
                            _default_samples(spec, batch_size))
     _model, pac, inputs = build_adapter_model(spec, rank=rank, seed=seed, layers=layers,
                                               train_head=train_head)
-    step_fit = measure_step(pac, spec) if costs.source != "analytic" else (0.0, 0.0)
-    plan = plan_finetune(costs, cluster, pac_model_of(pac, step_fit), batch_size=batch_size,
+    measured = costs.source != "analytic"
+    step_fit = measure_step(pac, spec) if measured else (0.0, 0.0)
+    model = replace(pac_model_of(pac, step_fit),
+                    sample_s=measure_samples(samples) if measured else 0.0)
+    plan = plan_finetune(costs, cluster, model, batch_size=batch_size,
                          num_samples=samples.num_samples, epochs=epochs,
-                         micro_batch_size=micro_batch_size, phase1_planner=phase1_planner)
+                         micro_batch_size=micro_batch_size, phase1_planner=phase1_planner,
+                         phase1_objective=phase1_objective, phase1_slack=phase1_slack)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     parts: list[Any] = [*pac.segments, pac.head]

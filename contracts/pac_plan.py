@@ -29,7 +29,9 @@ class PacModel:
     forward FLOPs of the adapters per sample; ``train_head``: whether the head trains;
     ``step_fit``: ``(intercept_s, per_sample_s)`` of one whole phase-2 step (side path,
     head, loss, backward, optimizer step) measured on the profiling host, one thread
-    (``(0, 0)``: not measured, the step is modelled from the cost table).
+    (``(0, 0)``: not measured, the step is modelled from the cost table); ``sample_s``:
+    seconds to make one sample (``dataset()[i]`` or the seeded ``sample_batch(1)``) on the
+    profiling host, which phase 1's first stage pays (0: not measured).
     """
 
     taps: tuple[int, ...]
@@ -38,11 +40,13 @@ class PacModel:
     adapter_flops: float
     train_head: bool = False
     step_fit: tuple[float, float] = (0.0, 0.0)
+    sample_s: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return {"taps": list(self.taps), "entry_bytes": self.entry_bytes,
                 "trainable_bytes": self.trainable_bytes, "adapter_flops": self.adapter_flops,
-                "train_head": self.train_head, "step_fit": list(self.step_fit)}
+                "train_head": self.train_head, "step_fit": list(self.step_fit),
+                "sample_s": self.sample_s}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> PacModel:
@@ -52,7 +56,8 @@ class PacModel:
                    trainable_bytes=int(data["trainable_bytes"]),
                    adapter_flops=float(data["adapter_flops"]),
                    train_head=bool(data.get("train_head", False)),
-                   step_fit=(float(fit[0]), float(fit[1])))
+                   step_fit=(float(fit[0]), float(fit[1])),
+                   sample_s=float(data.get("sample_s", 0.0)))
 
 
 @dataclass(frozen=True)
@@ -68,13 +73,17 @@ class PacPrediction:
     total_s: float
     peak_memory_bytes: Mapping[str, int]
     cache_bytes: Mapping[str, int]
+    #: the closed-form phase-1 step (``phase1_step_s`` is the larger of it and the event
+    #: simulation for a pipeline; see [Note: phase-1 time] in solver/pac.py)
+    phase1_closed_form_s: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return {"phase1_step_s": self.phase1_step_s, "phase2_step_s": self.phase2_step_s,
                 "allreduce_s": self.allreduce_s, "epoch1_s": self.epoch1_s,
                 "epoch_s": self.epoch_s, "total_s": self.total_s,
                 "peak_memory_bytes": dict(self.peak_memory_bytes),
-                "cache_bytes": dict(self.cache_bytes)}
+                "cache_bytes": dict(self.cache_bytes),
+                "phase1_closed_form_s": self.phase1_closed_form_s}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> PacPrediction:
@@ -82,7 +91,8 @@ class PacPrediction:
                                                   "allreduce_s", "epoch1_s", "epoch_s",
                                                   "total_s")},
                    peak_memory_bytes={k: int(v) for k, v in data["peak_memory_bytes"].items()},
-                   cache_bytes={k: int(v) for k, v in data["cache_bytes"].items()})
+                   cache_bytes={k: int(v) for k, v in data["cache_bytes"].items()},
+                   phase1_closed_form_s=float(data.get("phase1_closed_form_s", 0.0)))
 
 
 @dataclass(frozen=True)

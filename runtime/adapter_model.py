@@ -75,6 +75,11 @@ class AdapterModel(nn.Module):
         wanted = {id(p) for p in self.trainable_parameters()}
         return {k: v.detach().clone() for k, v in self.named_parameters() if id(v) in wanted}
 
+    def drop_backbone(self) -> None:
+        """Replace the frozen segments by placeholders (after phase 1: the cache serves
+        every later step), so that their weights are freed."""
+        self.segments = nn.ModuleList(nn.Identity() for _ in self.segments)
+
     def run_segment(self, index: int, values: tuple[torch.Tensor, ...]
                     ) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
         """Segment ``index`` on the tensors of the cut before it: (the cut after it, its tap)."""

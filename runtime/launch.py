@@ -226,7 +226,8 @@ def run_source(source: StageSource, *, emulate: Any = None, steps: int = 10, see
                lr: float = 0.01, metrics: str | Path | None = None,
                progress: Callable[[Mapping[str, Any]], None] | None = None,
                timeout_s: float = 120.0, return_state: bool = False,
-               host_cores: float | None = None, token: str | None = None) -> RunResult:
+               host_cores: float | None = None, token: str | None = None,
+               num_samples: int = 0) -> RunResult:
     """:func:`run` for any :class:`~runtime.train.StageSource` (tests, benchmarks).
 
     ``token``: the job's shared secret (see [Note: trust boundary] in runtime.trust); under
@@ -235,7 +236,7 @@ def run_source(source: StageSource, *, emulate: Any = None, steps: int = 10, see
         raise RuntimeFailure(f"steps must be >= 1, got {steps}")
     config = TrainConfig(steps=steps, seed=seed, lr=lr, timeout_s=timeout_s,
                          metrics=None if metrics is None else str(metrics),
-                         return_state=return_state)
+                         return_state=return_state, num_samples=num_samples)
     plan = source.load_plan()
     if emulate is not None:
         from runtime.emulator import emulate as emulate_fn
@@ -349,7 +350,8 @@ def run(directory: str | Path, *, emulate: str | Path | None = None, steps: int 
         progress: Callable[[Mapping[str, Any]], None] | None = None,
         fail: str | Mapping[str, int] | None = None, recovery: str = "replay",
         leave: str | Mapping[str, int] | None = None, token: str | None = None,
-        replanner: Replanner | str | None = None, **recovery_options: Any) -> RunResult:
+        replanner: Replanner | str | None = None, num_samples: int = 0,
+        **recovery_options: Any) -> RunResult:
     """Train the partition in ``directory`` for ``steps`` mini-batches.
 
     The package is checked first (``runtime.package_check``: plan, stage files and model
@@ -372,6 +374,9 @@ def run(directory: str | Path, *, emulate: str | Path | None = None, steps: int 
     ``leave="DEVICE@STEP"`` (emulation, replay) sends it SIGTERM instead: it finishes the
     step, hands its state over and leaves, and training goes on without it, nothing
     replayed. ``recovery_options`` go to :func:`runtime.recovery.run_with_recovery`.
+    ``num_samples`` > 0: mini-batch ``k`` is the fine-tuning samples ``(k mod N//B)*B ...``
+    of ``runtime.samples`` (``dataset()`` or per-index seeds; what ``asteroid-fx finetune
+    --method full`` trains on, the same samples in the same order as PAC).
     Recovery needs a ``replanner`` (a :class:`~runtime.replanning.Replanner` or its dotted
     name; ``afx.run`` and ``asteroid-fx run`` pass the front end's): the runtime never
     plans (see [Note: re-planner plugin point] in runtime.replanning).
@@ -385,6 +390,9 @@ def run(directory: str | Path, *, emulate: str | Path | None = None, steps: int 
 
     check_package(path)
     token = find_token(token, path)     # required under torchrun: run_source says so
+    if num_samples and (fail is not None or leave is not None):
+        raise RuntimeFailure("fine-tuning samples (num_samples) are not taken by runs with "
+                             "--fail/--leave yet; drop one of them")
     if fail is not None or leave is not None:
         return _run_recovering(path, emulate, steps, seed, lr, metrics, progress, fail,
                                recovery, {**recovery_options, "token": token,
@@ -393,7 +401,8 @@ def run(directory: str | Path, *, emulate: str | Path | None = None, steps: int 
         raise RuntimeFailure(f"options {sorted(recovery_options)} need fail=DEVICE@STEP (or "
                              f"leave=DEVICE@STEP)")
     return run_source(DirectorySource(str(path)), emulate=emulate, steps=steps, seed=seed,
-                      lr=lr, metrics=metrics, progress=progress, token=token)
+                      lr=lr, metrics=metrics, progress=progress, token=token,
+                      num_samples=num_samples)
 
 
 def _run_recovering(path: Path, emulate: str | Path | None, steps: int, seed: int, lr: float,

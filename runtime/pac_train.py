@@ -5,13 +5,18 @@ Every device loads the saved backbone segments of its phase-1 stage only, the he
 the adapters' initial weights (``adapters.weights.pt``). For epoch ``e`` and mini-batch
 ``k`` (global step ``e * steps + k``):
 
-* phase 1 (``e == 0``): the devices of phase-1 stage ``s`` take their rows of each
-  micro-batch (stage 0 makes them from the samples, [Note: fine-tuning data]; later
-  stages receive them, re-sharded as ``runtime.lowering.transfers`` says), run their
-  segments under ``torch.no_grad``, pass the cut on, and then send each cache-entry part
-  (their taps; the last stage: the head's inputs) to the device that trains on those
-  rows. On one pair of ranks the activations of a step all go before its entry parts, and
-  the receiver takes them in that order, so the asynchronous sends never deadlock.
+* phase 1 (epoch 1, every mini-batch ``k`` before any adapter step): the devices of
+  phase-1 stage ``s`` take their rows of each micro-batch (stage 0 makes them from the
+  samples, [Note: fine-tuning data]; later stages receive them, re-sharded as
+  ``runtime.lowering.transfers`` says), run their segments under ``torch.no_grad``, pass
+  the cut on, and then send each cache-entry part (their taps; the last stage: the head's
+  inputs) to the device that trains on those rows. On one pair of ranks the activations
+  of a step all go before its entry parts, and the receiver takes them in that order, so
+  the asynchronous sends never deadlock. When the cache holds the whole epoch, every
+  device drops its backbone segments (``AdapterModel.drop_backbone``): the frozen weights
+  and the adapter steps' activations are never held at once, so a device's peak is the
+  larger of the two, not their sum. The losses are those of interleaving (the backbone
+  is frozen); step ``k`` of epoch 1 reports phase-1 mini-batch ``k``'s time with it.
 * phase 2 (every step): the rows ``[lo, hi)`` of the mini-batch that this device trains on
   come from its cache (hits; misses are the rows computed in phase 1 this step); the side
   path and head run forward and backward on them with the loss weighted by
@@ -157,8 +162,19 @@ class _Phase1:
     """This rank's part of the forward-only pipeline (see [Note: PAC run])."""
 
     def __init__(self, pac: PacPlan, rank: int, model: AdapterModel, comm: Comm,
-                 samples: SampleSource) -> None:
+                 samples: SampleSource, scale: float = 1.0) -> None:
         self.pac, self.rank, self.model, self.comm, self.samples = pac, rank, model, comm, samples
+        self.scale = scale
+        #: seconds of the last :meth:`run`: this rank's segments (dilation included) and
+        #: making its samples (stage 0)
+        self.compute_s = 0.0
+        self.samples_s = 0.0
+        #: CPU seconds of this rank's segments in the last run (not stretched by a CPU cap
+        #: or by other jobs waiting for the core: what the cost table measured)
+        self.compute_cpu_s = 0.0
+        #: the most bytes of activations this rank held at once in phase 1 (received
+        #: inputs, outputs, entry parts waiting for their owner or for the cache)
+        self.in_flight_peak = 0
         self.plan = pac.phase1
         self.rank_of = {d: i for i, d in enumerate(pac.devices)}
         me = pac.devices[rank]
@@ -175,6 +191,7 @@ class _Phase1:
         """Run this rank's stage on mini-batch ``step``, hand the entry parts over, and
         return this rank's cache entry (its phase-2 rows)."""
         local: dict[tuple[int, int, int], tuple[torch.Tensor, ...]] = {}
+        self.compute_s = self.samples_s = self.compute_cpu_s = 0.0
         if self.stage is not None:
             self._forward(step, local)
         return self._collect(local)
@@ -198,15 +215,21 @@ class _Phase1:
             lo, hi = self._my_rows(s, me, m)
             values: tuple[torch.Tensor, ...]
             if s == 0:
+                making = time.perf_counter()
                 inputs, _ = self.samples.rows(batch_start + lo, batch_start + hi)
                 values = model_inputs(inputs)
+                self.samples_s += time.perf_counter() - making
             else:
                 got = self.comm.recv([self.global_of[t.src] for t in incoming], f"act{m}")
                 values = _cat(got)
             taps = []
+            computing, cpu = time.perf_counter(), time.thread_time()
             for j in range(stage.first, stage.last + 1):
                 values, tap = self.model.run_segment(j, values)
                 taps.append(tap)
+            self.compute_cpu_s += time.thread_time() - cpu
+            _dilate(computing, self.scale)       # the compute only, not the waits
+            self.compute_s += time.perf_counter() - computing
             part = tuple(taps[:-1]) + values if stage.last == last_segment else tuple(taps)
             for t in outgoing:
                 a, b = t.start - (lo - m * plan.micro_batch_size), \
@@ -221,6 +244,9 @@ class _Phase1:
                     local[(s, m, self.rank)] = rows
                 else:
                     handoff.append((owner, m, rows))
+            held = [t for rows in local.values() for t in rows]
+            held += [t for _o, _m, rows in handoff for t in rows] + list(values) + list(part)
+            self.in_flight_peak = max(self.in_flight_peak, storage_bytes(held))
         for owner, m, rows in handoff:      # after every activation (see [Note: PAC run])
             self.comm.send([(owner, list(rows))], f"tap{m}")
 
@@ -245,7 +271,8 @@ class _Phase1:
         return tuple(entry)
 
 
-_SLOTS = 8   # loss, hits, misses, phase 1 s, phase 2 s, peak bytes, cache bytes, spare
+_SLOTS = 10  # loss, hits, misses, phase 1 s, phase 2 s, peak bytes, cache bytes,
+#              phase-1 forward s, phase-1 samples s, phase-1 forward CPU s
 
 
 def _compute_scale(source: Any, rank: int, config: TrainConfig) -> float:
@@ -369,7 +396,7 @@ def finetune_device(source: Any, rank: int, config: TrainConfig, *, hooks: Any =
     comm = _comm(rank, config, group.old_ranks)
     scale = _compute_scale(source, rank, config)
     model = build_device_model(inner, stage_segments(pac, rank))
-    phase1 = _Phase1(pac, rank, model, comm, samples)
+    phase1 = _Phase1(pac, rank, model, comm, samples, scale)
     full: AdapterModel | None = None      # the whole backbone, loaded to recompute rows
     params = model.trainable_parameters()
     optimizer = make_optimizer(model_file, params, config.lr)
@@ -379,10 +406,18 @@ def finetune_device(source: Any, rank: int, config: TrainConfig, *, hooks: Any =
     metrics = Path(config.metrics) if config.metrics else None
     if metrics is not None and rank == 0 and not config.append_metrics:
         metrics.write_text("")
-    fixed = storage_bytes(list(model.parameters()) + list(model.buffers()))
-    peak = fixed
-    result = WorkerResult(rank=rank, device=pac.devices[rank], stage=phase1.stage or 0)
     steps, batch = pac.steps_per_epoch, pac.batch_size
+    # phase 1 first, for every mini-batch of epoch 1 (see [Note: PAC run]); then the
+    # backbone goes: phase 2 holds only the head, the adapters and the cache
+    phase1_s = _fill_cache(phase1, cache, group, steps, batch)
+    peak = storage_bytes(list(model.parameters()) + list(model.buffers())) \
+        + phase1.in_flight_peak
+    model.drop_backbone()
+    fixed = storage_bytes(list(model.parameters()) + list(model.buffers()))
+    weight_ptrs = {t.untyped_storage().data_ptr()
+                   for t in [*model.parameters(), *model.buffers()]}
+    peak = max(peak, fixed)
+    result = WorkerResult(rank=rank, device=pac.devices[rank], stage=phase1.stage or 0)
     step, generation = 0, 0
     last_end = time.perf_counter()
     while step < pac.epochs * steps:
@@ -398,10 +433,9 @@ def finetune_device(source: Any, rank: int, config: TrainConfig, *, hooks: Any =
             rows = group.rows(batch, k)
             hits_before, misses_before = cache.hits, cache.misses
             entry = cache.get(rows)
-            if entry is None and epoch == 0 and generation == 0:
-                entry = phase1.run(k)
-                cache.count(0, len(rows))
-                cache.put(rows[0], entry)
+            if entry is not None and epoch == 0 and generation == 0:
+                cache.count(-len(rows), len(rows))    # computed by phase 1 for this step
+                began -= phase1_s[k][0]
             elif entry is None:          # rows taken over from a lost device
                 full = full or build_device_model(inner, list(range(len(model.taps))))
                 new = cache.missing(rows)
@@ -410,18 +444,20 @@ def finetune_device(source: Any, rank: int, config: TrainConfig, *, hooks: Any =
                     cache.put(i, full.backbone(*model_inputs(inputs)))
                 entry = cache.get(rows)        # counts every row as a hit
                 cache.count(-len(new), len(new))
-                assert entry is not None
-            if epoch == 0:
-                _dilate(began, scale)
+            if entry is None:
+                raise RuntimeFailure(f"samples {rows[0]}..{rows[-1]} of step {step} are not "
+                                     f"in the activation cache after they were computed")
             p1_done = time.perf_counter()
             key = tuple(rows)
             if key not in targets_of:     # kept beside the cache: made once
                 targets_of[key] = samples.take(rows)[1]
             targets = targets_of[key]
-            saved: list[int] = [0]
+            saved: dict[int, int] = {}
 
-            def pack(t: torch.Tensor, saved: list[int] = saved) -> torch.Tensor:
-                saved[0] += t.numel() * t.element_size()
+            def pack(t: torch.Tensor, saved: dict[int, int] = saved) -> torch.Tensor:
+                storage = t.untyped_storage()    # each storage once, weights excluded, as
+                if storage.data_ptr() not in weight_ptrs:   # runtime.memory counts them
+                    saved[storage.data_ptr()] = storage.nbytes()
                 return t
 
             with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
@@ -431,8 +467,11 @@ def finetune_device(source: Any, rank: int, config: TrainConfig, *, hooks: Any =
             grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
             state = [t for st in optimizer.state.values() for t in st.values()
                      if isinstance(t, torch.Tensor)]
-            peak = max(peak, fixed + storage_bytes(grads) + storage_bytes(state) + saved[0]
-                       + storage_bytes(entry) + (0 if full is None else storage_bytes(
+            seen: set[int] = set()
+            held = storage_bytes(entry, seen)
+            held += sum(b for ptr, b in saved.items() if ptr not in seen)
+            peak = max(peak, fixed + storage_bytes(grads) + storage_bytes(state) + held
+                       + (0 if full is None else storage_bytes(
                            list(full.segments.parameters()))))
             _dilate(p1_done, scale)
             computed = time.perf_counter()
@@ -441,7 +480,8 @@ def finetune_device(source: Any, rank: int, config: TrainConfig, *, hooks: Any =
             slots[group.rank] = torch.tensor(
                 [float(loss.detach()), float(cache.hits - hits_before),
                  float(cache.misses - misses_before), p1_done - began, computed - p1_done,
-                 float(peak), float(cache.bytes), 0.0])
+                 float(peak), float(cache.bytes)]
+                + (list(phase1_s[k][1:]) if epoch == 0 else [0.0, 0.0, 0.0]))
             flat = torch.cat([g.reshape(-1).double() for g in grads] + [slots.reshape(-1)])
             comm.all_reduce([[flat]], None, list(range(group.world)))
         except (RuntimeError, CommFailureError) as exc:
@@ -483,6 +523,13 @@ def finetune_device(source: Any, rank: int, config: TrainConfig, *, hooks: Any =
             "peak_memory_bytes": {d: int(slots[i, 5]) for i, d in enumerate(group.devices)},
             "plan_version": generation,
         }
+        if epoch == 0:     # this device's segments (forward) and sample making, seconds
+            record["phase1_forward_s"] = {d: float(slots[i, 7])
+                                          for i, d in enumerate(group.devices)}
+            record["phase1_samples_s"] = {d: float(slots[i, 8])
+                                          for i, d in enumerate(group.devices)}
+            record["phase1_forward_cpu_s"] = {d: float(slots[i, 9])
+                                              for i, d in enumerate(group.devices)}
         if pac.predicted is not None:
             pred = pac.predicted
             record["predicted_round_time_s"] = config.time_factor * (
@@ -504,6 +551,23 @@ def finetune_device(source: Any, rank: int, config: TrainConfig, *, hooks: Any =
     if config.return_state:
         result.state = model.trainable_state()
     return result
+
+
+def _fill_cache(phase1: _Phase1, cache: ActivationCache, group: _Group, steps: int,
+                batch: int) -> list[tuple[float, float, float, float]]:
+    """Phase 1 for every mini-batch of the epoch (each after a barrier): this rank's cache
+    entries into ``cache``; returns ``(wall, forward, samples, forward CPU)`` seconds of
+    each on this rank (see :class:`_Phase1`)."""
+    seconds = []
+    for k in range(steps):
+        dist.barrier()
+        began = time.perf_counter()
+        rows = group.rows(batch, k)
+        entry = phase1.run(k)
+        cache.put(rows[0], entry)
+        seconds.append((time.perf_counter() - began, phase1.compute_s, phase1.samples_s,
+                        phase1.compute_cpu_s))
+    return seconds
 
 
 def _default_store() -> Any:

@@ -97,6 +97,10 @@ class TrainConfig:
     return_state: bool = False
     start_step: int = 0                    # first step to run (> 0 after a recovery)
     append_metrics: bool = False           # keep earlier lines of ``metrics``
+    #: > 0: mini-batch ``k`` is samples ``(k mod N//B)*B ...`` of ``runtime.samples`` (the
+    #: model file's ``dataset()`` or per-index seeds, as PAC fine-tuning takes them) instead
+    #: of ``sample_batch(B)`` seeded per step
+    num_samples: int = 0
 
 
 class TrainHooks(Protocol):
@@ -202,6 +206,19 @@ def _mean(values: list[float]) -> float:
     return sum(values) / len(values) if values else 0.0
 
 
+def _batch(model_file: Any, batch_size: int, config: TrainConfig, step: int,
+           samples: Any) -> tuple[Any, Any]:
+    """Mini-batch ``step``: seeded ``sample_batch`` (the reproducible-run contract) or, with
+    ``config.num_samples``, the fine-tuning samples of [Note: fine-tuning data]."""
+    if samples is None:
+        torch.manual_seed(config.seed + 1 + step)
+        out: tuple[Any, Any] = model_file.sample_batch(batch_size)
+        return out
+    k = step % samples.steps_per_epoch(batch_size)
+    rows: tuple[Any, Any] = samples.rows(k * batch_size, (k + 1) * batch_size)
+    return rows
+
+
 def train_device(source: StageSource, rank: int, config: TrainConfig, *,
                  device: torch.device | None = None,
                  report: Callable[[dict[str, Any]], None] | None = None,
@@ -273,14 +290,18 @@ def train_device(source: StageSource, rank: int, config: TrainConfig, *,
     metrics = Path(config.metrics) if config.metrics and rank == 0 else None
     if metrics is not None and not config.append_metrics:
         metrics.write_text("")
+    samples = None
+    if config.num_samples > 0 and needs_batch:
+        from runtime.samples import SampleSource
+
+        samples = SampleSource(model_file, config.seed, config.num_samples)
     meter.start()
     world = len(stages)
     for step in range(config.start_step, config.steps):
         inputs: Any = None
         targets: Any = None
         if needs_batch:
-            torch.manual_seed(config.seed + 1 + step)
-            inputs, targets = model_file.sample_batch(plan.batch_size)
+            inputs, targets = _batch(model_file, plan.batch_size, config, step, samples)
             inputs = model_inputs(inputs)
         dist.barrier()
         if hooks is not None:

@@ -41,8 +41,10 @@ from solver.evaluate import WORKSPACE_BYTES, allreduce_time, evaluate, transfer_
 from solver.split import split_shares
 from solver.timing import Timing
 
-__all__ = ["PacModel", "PacPrediction", "PacPlan", "segment_costs", "plan_finetune",
-           "predict_finetune"]   # the plan's data types live in contracts/pac_plan.py
+__all__ = ["PacModel", "PacPrediction", "PacPlan", "segment_costs", "phase1_costs",
+           "plan_finetune",
+           "predict_finetune", "describe_phase1", "PHASE1_OBJECTIVES",
+           "DEFAULT_PHASE1_SLACK"]   # the plan's data types live in contracts/pac_plan.py
 
 FROZEN_BACKWARD_SHARE = 0.5
 """Backward time of a frozen layer (input gradients only) as a share of its measured
@@ -83,7 +85,7 @@ def segment_costs(costs: CostTable, taps: Sequence[int]) -> CostTable:
                    model_name=f"{costs.model_name} (PAC backbone)")
 
 
-def _entry_parts(costs: CostTable, taps: Sequence[int], entry_bytes: int) -> list[int]:
+def entry_parts(costs: CostTable, taps: Sequence[int], entry_bytes: int) -> list[int]:
     """Cache-entry bytes per sample produced by each segment (taps, and the head inputs
     for the last), scaled so that they add up to ``entry_bytes``."""
     raw = [costs.cut_bytes[t] for t in taps]
@@ -112,19 +114,74 @@ def _handoff_s(cluster: Cluster, phase1: Plan, s: int, owners: Sequence[str],
     return total / phase1.num_micro_batches
 
 
+MESSAGE_CPU_S = 1.5e-3
+"""The runtime's CPU per pipeline message on the profiling host (``runtime.comm``: packing,
+gloo's threads, unpacking; docs/benchmarks.md, "Per-hop cost": 1.29-1.70 ms per message
+after the lean hops). A device at speed ``v`` pays it at ``1 / v``."""
+
+
+def phase1_costs(costs: CostTable, taps: Sequence[int], cluster: Cluster) -> CostTable:
+    """The forward-only table of phase 1 (:func:`segment_costs`) with the runtime's cost
+    per message (see [Note: phase-1 time]): the table's calibrated ``message_overhead_s``
+    when it has one, else ``MESSAGE_CPU_S`` at the slowest device's speed."""
+    coarse = segment_costs(costs, taps)
+    if costs.message_overhead_s > 0:
+        return coarse
+    slowest = min(Timing.of(costs, cluster.for_costs(costs)).speeds.values())
+    return replace(coarse, message_overhead_s=MESSAGE_CPU_S / max(slowest, 1e-9))
+
+
+# [Note: phase-1 time]
+# A phase-1 step is a forward-only pipeline of M micro-batches; stage s's forward term
+# E_f^s is solver.evaluate's (its slowest device's segments at its share, plus receiving
+# the cut), and stage s finishes its last micro-batch at
+#     finish_s = sum_{i<=s} E_f^i + (M - 1) max_{i<=s} E_f^i .
+# Only then does it hand its cache-entry parts to their owners (runtime.pac_train sends
+# them after every activation, so that the asynchronous sends cannot deadlock), so
+#     phase-1 step = max_s (finish_s + M x mean hand-off of stage s per micro-batch).
+# Stage 0 also makes its samples (``PacModel.sample_s`` per sample, measured at planning,
+# over the device's speed): about a tenth of a GPT segment's forward per sample.
+# Every message (a re-sharded piece of a cut, a hand-off) also costs the runtime CPU on
+# both ends, ~1.5 ms at host speed on the profiling host, which a capped device pays at
+# 1/speed; with hundreds of small messages per step it, not the links, is what pipelines
+# pay. It is charged as a per-message latency (``CostTable.message_overhead_s`` of the
+# forward-only table, ``phase1_costs``), so the phase-1 planner and the prediction both
+# see it: without it, phase 1 of a 3-stage pipeline was predicted 1.8x too fast.
+# The closed form overlaps what a device cannot: its receives block it and each device
+# has one outgoing port, so the hand-offs of all micro-batches queue behind each other and
+# behind the cut pieces. For a pipeline (more than one stage) the phase-1 step is
+# therefore the larger of the closed form and the event simulation of one mini-batch
+# (``solver.pac_simulate.simulate_phase1``, a few hundred tasks); the closed form is kept
+# as ``PacPrediction.phase1_closed_form_s``. On local3 the simulation came within +14 %
+# of a run where the closed form missed by +50 % (docs/benchmarks.md).
+
+
 def predict_finetune(plan: PacPlan, costs: CostTable, cluster: Cluster) -> PacPrediction:
-    """Predict both phases of ``plan`` (see [Note: PAC phases]); pure."""
-    cluster = cluster.for_costs(costs)
+    """Predict both phases of ``plan`` (see [Note: PAC phases] and [Note: phase-1 time]);
+    pure."""
     model = plan.model
-    coarse = segment_costs(costs, model.taps)
-    p1 = evaluate(plan.phase1, coarse, cluster)
-    parts = _entry_parts(costs, model.taps, model.entry_bytes)
-    e_f = []
+    coarse = phase1_costs(costs, model.taps, cluster)
+    p1_cluster = cluster.for_costs(coarse)
+    cluster = cluster.for_costs(costs)
+    p1 = evaluate(plan.phase1, coarse, p1_cluster)
+    parts = entry_parts(costs, model.taps, model.entry_bytes)
+    m = plan.phase1.num_micro_batches
+    phase1_step, e_f = 0.0, []
+    speeds = Timing.of(costs, cluster).speeds
     for s, stage in enumerate(plan.phase1.stages):
+        making = 0.0 if s > 0 else max(   # stage 0 makes its samples (PacModel.sample_s)
+            model.sample_s * share / speeds[d]
+            for d, share in zip(stage.devices, stage.shares, strict=True))
+        e_f.append(p1.stages[s].e_f + making)
+        finish = sum(e_f) + (m - 1) * max(e_f)
         sent = sum(parts[stage.first:stage.last + 1])
-        e_f.append(p1.stages[s].e_f + _handoff_s(cluster, plan.phase1, s, plan.devices,
-                                                 plan.shares, sent))
-    phase1_step = sum(e_f) + (plan.phase1.num_micro_batches - 1) * max(e_f)
+        handoff = m * _handoff_s(p1_cluster, plan.phase1, s, plan.devices, plan.shares, sent)
+        phase1_step = max(phase1_step, finish + handoff)
+    closed_form = phase1_step
+    if plan.phase1.num_stages > 1:     # ports and blocking receives: see the Note
+        from solver.pac_simulate import simulate_phase1
+
+        phase1_step = max(closed_form, simulate_phase1(plan, costs, cluster)[0])
 
     timing = Timing.of(costs, cluster)
     head_first, last = model.taps[-1] + 1, costs.num_layers - 1
@@ -152,10 +209,14 @@ def predict_finetune(plan: PacPlan, costs: CostTable, cluster: Cluster) -> PacPr
     cache = {d: share * steps * model.entry_bytes
              for d, share in zip(plan.devices, plan.shares, strict=True)}
     phase2_mem = _phase2_memory(costs, plan)
-    peak = {d: p1.peak_memory_bytes.get(d, 0) + phase2_mem[d] for d in plan.devices}
+    # phase 1 fills the whole cache before the adapters train and the backbone is dropped
+    # then (runtime.pac_train): the frozen weights and the adapter steps never meet
+    peak = {d: max(p1.peak_memory_bytes.get(d, 0) + cache[d], phase2_mem[d])
+            for d in plan.devices}
     return PacPrediction(phase1_step_s=phase1_step, phase2_step_s=phase2_step,
                          allreduce_s=allreduce, epoch1_s=epoch1, epoch_s=epoch,
-                         total_s=total, peak_memory_bytes=peak, cache_bytes=cache)
+                         total_s=total, peak_memory_bytes=peak, cache_bytes=cache,
+                         phase1_closed_form_s=closed_form)
 
 
 def _phase2_fixed(costs: CostTable, model: PacModel, osf: float) -> int:
@@ -228,23 +289,122 @@ def _takeover(costs: CostTable, cluster: Cluster, model: PacModel, lost_share: i
     return tuple(taken.get(d, 0) for d in others)
 
 
+PHASE1_OBJECTIVES = ("memory", "time")
+"""How ``plan_finetune`` picks the phase-1 plan (see [Note: phase-1 objective])."""
+
+DEFAULT_PHASE1_SLACK = 2.0
+"""How much slower than the fastest phase-1 plan (a fraction of its predicted step time)
+the ``memory`` objective may choose, for lower peak memory."""
+
+MEMORY_LEVELS = 12
+"""Memory caps (each ``CAP_RATIO`` of the one before) under which the ``memory`` objective
+re-runs the phase-1 planner for candidates that hold less of the backbone per device."""
+
+CAP_RATIO = 0.8
+
+# [Note: phase-1 objective]
+# The fastest forward-only phase 1 is often data parallel: every device holds the whole
+# frozen backbone during epoch 1, so PAC's peak memory per device can exceed full
+# fine-tuning's, whose pipeline spreads the model. With ``phase1_objective="memory"``
+# (the default) the planner makes a small Pareto front of phase-1 plans: the fastest
+# one, the same planner under per-device memory caps of ``alpha x memory_d`` for
+# ``alpha`` shrinking by ``CAP_RATIO`` from the fastest plan's pressure (each cap gives
+# the fastest plan that holds less per device), and one device per stage
+# (``pp-equal``). Each candidate gets its phase-2 shares and the whole PAC prediction;
+# among those whose phase-1 step is at most ``1 + phase1_slack`` times the fastest's, it
+# takes the lowest *memory pressure* ``max_d peak_d / memory_d`` (PAC peak, both phases),
+# then the faster. ``plan.meta["phase1_choice"]`` keeps every candidate and the reason,
+# which the report prints. ``phase1_objective="time"`` takes the fastest plan.
+
+
+def _pressure(peak: Mapping[str, int], cluster: Cluster) -> float:
+    return max(peak[d] / cluster.device(d).memory_bytes for d in peak)
+
+
+def _capped(cluster: Cluster, alpha: float) -> Cluster:
+    devices = tuple(replace(d, memory_bytes=max(1, int(alpha * d.memory_bytes)))
+                    for d in cluster.devices)
+    return replace(cluster, devices=devices)
+
+
+def _phase1_candidates(coarse: CostTable, cluster: Cluster, batch_size: int,
+                       planner: str, micro_batch_size: int | None, objective: str
+                       ) -> list[tuple[str, Plan]]:
+    """Phase-1 plans to choose from (see [Note: phase-1 objective]), fastest first."""
+    from solver.api import plan as plan_fn
+
+    def make(planner_name: str, where: Cluster) -> Plan:
+        made = plan_fn(coarse, where, batch_size, planner=planner_name,
+                       optimizer_state_factor=0.0,
+                       micro_batch_size=micro_batch_size if planner_name == planner
+                       or planner_name == "asteroid" else None)
+        return replace(made, cluster_hash=cluster.cluster_hash)
+
+    fastest = make(planner, cluster)
+    out = [(planner, fastest)]
+    if objective == "time":
+        return out
+    seen = {_shape(fastest)}
+    real = cluster.for_costs(coarse)
+    alpha = _pressure(evaluate(fastest, coarse, real).peak_memory_bytes, real)
+    for _level in range(MEMORY_LEVELS):
+        alpha *= CAP_RATIO
+        try:
+            capped = make(planner, _capped(cluster, alpha))
+        except PlanError:
+            break          # nothing fits under this cap (nor under smaller ones)
+        if _shape(capped) not in seen:
+            seen.add(_shape(capped))
+            out.append((f"{planner}, memory cap {alpha:.3g} x each device's", capped))
+    if planner != "pp-equal":
+        try:
+            spread = make("pp-equal", cluster)
+        except PlanError:
+            spread = None
+        if spread is not None and _shape(spread) not in seen:
+            out.append(("pp-equal", spread))
+    return out
+
+
+def _shape(plan: Plan) -> tuple[object, ...]:
+    return (plan.micro_batch_size, tuple((s.first, s.last, s.devices, s.shares)
+                                          for s in plan.stages))
+
+
+def describe_phase1(plan: Plan) -> str:
+    """``segments 0-1 on ['a'] | 2-3 on ['b', 'c'] (2/2), micro-batch 4 x 4``."""
+    stages = " | ".join(f"{s.first}-{s.last} on {list(s.devices)}"
+                        + (f" ({'/'.join(map(str, s.shares))})" if len(s.devices) > 1 else "")
+                        for s in plan.stages)
+    return f"segments {stages}, micro-batch {plan.micro_batch_size} x {plan.num_micro_batches}"
+
+
 def plan_finetune(costs: CostTable, cluster: Cluster, model: PacModel, *, batch_size: int,
                   num_samples: int, epochs: int, micro_batch_size: int | None = None,
-                  phase1_planner: str = "asteroid") -> PacPlan:
+                  phase1_planner: str = "asteroid", phase1_objective: str = "memory",
+                  phase1_slack: float = DEFAULT_PHASE1_SLACK) -> PacPlan:
     """Plan both phases of PAC fine-tuning (see [Note: PAC phases]); pure.
 
     ``phase1_planner`` is any planner of ``solver.api`` (``asteroid``: the fastest
     forward pipeline; ``pp-equal``: one device per stage, which spreads the frozen
-    weights and so lowers each device's peak memory).
+    weights and so lowers each device's peak memory). ``phase1_objective``: ``memory``
+    (default) takes the phase-1 plan of lowest peak memory pressure among those at most
+    ``1 + phase1_slack`` times slower than the fastest; ``time`` the fastest (see
+    [Note: phase-1 objective]).
 
     Raises:
-        PlanError: bad sizes, no forward-only pipeline fits, or the cache fits nowhere.
+        PlanError: bad sizes or objective, no forward-only pipeline fits, or the cache
+            fits nowhere.
     """
-    from solver.api import plan as plan_fn
-
     if batch_size < 1 or epochs < 1:
         raise PlanError(f"--batch-size and --epochs must be >= 1, got {batch_size} and "
                         f"{epochs}")
+    if phase1_objective not in PHASE1_OBJECTIVES:
+        raise PlanError(f"phase-1 objective must be one of {list(PHASE1_OBJECTIVES)}, got "
+                        f"{phase1_objective!r}")
+    if not phase1_slack >= 0.0:
+        raise PlanError(f"phase-1 slack must be >= 0 (a fraction of the fastest phase 1), "
+                        f"got {phase1_slack}")
     steps = num_samples // batch_size
     if steps < 1:
         raise PlanError(f"{num_samples} samples make no full batch of {batch_size}; use "
@@ -252,9 +412,66 @@ def plan_finetune(costs: CostTable, cluster: Cluster, model: PacModel, *, batch_
     if batch_size < len(cluster.devices):
         raise PlanError(f"--batch-size {batch_size} is smaller than the {len(cluster.devices)} "
                         f"devices of the cluster; phase 2 gives every device >= 1 sample")
-    coarse = segment_costs(costs, model.taps)
-    phase1 = plan_fn(coarse, cluster, batch_size, planner=phase1_planner,
-                     optimizer_state_factor=0.0, micro_batch_size=micro_batch_size)
+    coarse = phase1_costs(costs, model.taps, cluster)
+    candidates = _phase1_candidates(coarse, cluster, batch_size, phase1_planner,
+                                    micro_batch_size, phase1_objective)
+    drafts: list[tuple[str, PacPlan, PacPrediction]] = []
+    error: PlanError | None = None
+    for label, phase1 in candidates:
+        try:
+            draft = _draft(costs, cluster, model, coarse, phase1, batch_size=batch_size,
+                           num_samples=num_samples, steps=steps, epochs=epochs)
+        except PlanError as exc:      # this phase 1 leaves no room for the cache
+            error = error or exc
+            continue
+        drafts.append((label, draft, predict_finetune(draft, costs, cluster)))
+    if not drafts:
+        assert error is not None
+        raise error
+    fastest = min(p.phase1_step_s for _l, _d, p in drafts)
+    admissible = [i for i, (_l, _d, p) in enumerate(drafts)
+                  if p.phase1_step_s <= (1.0 + phase1_slack) * fastest * (1 + 1e-12)]
+    pressures = [_pressure(p.peak_memory_bytes, cluster) for _l, _d, p in drafts]
+    if phase1_objective == "time":
+        chosen = min(admissible, key=lambda i: drafts[i][2].phase1_step_s)
+    else:
+        chosen = min(admissible, key=lambda i: (round(pressures[i], 12),
+                                                drafts[i][2].phase1_step_s))
+    label, draft, pred = drafts[chosen]
+    choice = {
+        "objective": phase1_objective, "slack": phase1_slack, "chosen": chosen,
+        "reason": _reason(phase1_objective, phase1_slack, drafts, pressures, chosen),
+        "candidates": [{"label": lab, "phase1": describe_phase1(d.phase1),
+                        "phase1_step_s": p.phase1_step_s, "total_s": p.total_s,
+                        "pressure": pressures[i],
+                        "peak_memory_bytes": dict(p.peak_memory_bytes)}
+                       for i, (lab, d, p) in enumerate(drafts)],
+    }
+    return replace(draft, predicted=pred, meta={**dict(draft.meta), "phase1_choice": choice})
+
+
+def _reason(objective: str, slack: float, drafts: Sequence[tuple[str, PacPlan, PacPrediction]],
+            pressures: Sequence[float], chosen: int) -> str:
+    label, plan, pred = drafts[chosen]
+    fastest = min(range(len(drafts)), key=lambda i: drafts[i][2].phase1_step_s)
+    if objective == "time" or chosen == fastest:
+        why = ("the fastest phase 1" if objective == "time" else
+               f"the fastest phase 1 also has the lowest peak memory pressure of the plans "
+               f"within {slack:.0%} of it")
+        return f"{label}: {describe_phase1(plan.phase1)}: {why}"
+    fast = drafts[fastest][2]
+    peak, fast_peak = max(pred.peak_memory_bytes.values()), max(fast.peak_memory_bytes.values())
+    return (f"{label}: {describe_phase1(plan.phase1)}: peak memory pressure "
+            f"{pressures[chosen]:.3%} instead of {pressures[fastest]:.3%} (largest device peak "
+            f"{peak / 2**20:.1f} instead of {fast_peak / 2**20:.1f} MiB) for a phase-1 step "
+            f"{pred.phase1_step_s / fast.phase1_step_s - 1:+.0%} of the fastest "
+            f"({describe_phase1(drafts[fastest][1].phase1)}); allowed: +{slack:.0%}")
+
+
+def _draft(costs: CostTable, cluster: Cluster, model: PacModel, coarse: CostTable,
+           phase1: Plan, *, batch_size: int, num_samples: int, steps: int, epochs: int
+           ) -> PacPlan:
+    """A PAC plan around ``phase1``: phase-2 shares and fallbacks, no prediction."""
     p1_memory = evaluate(phase1, coarse, cluster.for_costs(coarse)).peak_memory_bytes
     devices = tuple(cluster.names)
     shares = _phase2_shares(costs, cluster.for_costs(costs), model, batch_size, steps, devices,
@@ -268,8 +485,7 @@ def plan_finetune(costs: CostTable, cluster: Cluster, model: PacModel, *, batch_
                                                                     strict=True)})
         if extra is not None:
             fallback[lost] = extra
-    draft = PacPlan(model=model, batch_size=batch_size, num_samples=num_samples,
-                    steps_per_epoch=steps, epochs=epochs, phase1=phase1, devices=devices,
-                    shares=shares, model_hash=costs.model_hash,
-                    cluster_hash=cluster.cluster_hash, fallback=fallback)
-    return replace(draft, predicted=predict_finetune(draft, costs, cluster))
+    return PacPlan(model=model, batch_size=batch_size, num_samples=num_samples,
+                   steps_per_epoch=steps, epochs=epochs, phase1=phase1, devices=devices,
+                   shares=shares, model_hash=costs.model_hash,
+                   cluster_hash=cluster.cluster_hash, fallback=fallback)

@@ -159,3 +159,20 @@ def test_hugging_face_builtins(builtin: str) -> None:
     if isinstance(ref, dict):
         ref, out = ref["logits"], out["logits"]
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_drop_backbone_keeps_the_cached_training_path() -> None:
+    import copy
+
+    spec = load_model_spec(str(ROOT / "examples" / "gpt_small.py"))
+    torch.manual_seed(0)
+    model = spec.build_model()
+    (ids,), _targets = spec.sample_batch(2)
+    pac = parallel_adapters(model, (ids,), rank=2)
+    entry = pac.backbone(ids)
+    want = pac.train_forward(entry)
+    lean = copy.deepcopy(pac)
+    lean.drop_backbone()          # after phase 1: the cache serves every step
+    assert not list(lean.segments.parameters())
+    assert len(lean.segments) == len(pac.segments)
+    torch.testing.assert_close(lean.train_forward(entry), want)

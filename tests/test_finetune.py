@@ -43,6 +43,82 @@ def test_plans_and_writes_the_pac_directory(tmp_path: Path,
                                              for p in ("gate", "down.weight", "down.bias",
                                                        "up.weight", "up.bias")}
     assert json.loads((out / LAYOUT_FILE).read_text())["rank"] == 8
+    # the report explains the phase-1 choice and lists the candidates it chose from
+    assert "phase-1 choice (memory objective):" in text
+    assert plan.meta["phase1_choice"]["objective"] == "memory"
+
+
+def test_simulate_a_finetune_directory(tmp_path: Path,
+                                      capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "pac"
+    assert main(["finetune", GPT, "--cluster", LOCAL3, "--batch-size", "8", "--epochs", "3",
+                 "--samples", "16", "--costs", "analytic", "--out", str(out)]) == 0
+    capsys.readouterr()
+    for target in (out, out / PAC_PLAN_FILE):
+        assert main(["simulate", str(target)]) == 0
+        text = capsys.readouterr().out
+        assert "simulated PAC: phase-1 step" in text and "3 epochs" in text
+    (out / "cluster.json").unlink()
+    assert main(["simulate", str(out)]) == 1
+    assert "simulate needs the cluster" in _one_error_line(capsys.readouterr().err)
+    assert main(["simulate", str(out), "--cluster", LOCAL3]) == 0
+
+
+def test_phase1_objective_options(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from solver.pac import DEFAULT_PHASE1_SLACK
+
+    out = tmp_path / "pac"
+    assert main(["finetune", GPT, "--cluster", LOCAL3, "--batch-size", "8", "--epochs", "1",
+                 "--samples", "8", "--costs", "analytic", "--out", str(out),
+                 "--phase1-objective", "time"]) == 0
+    assert "phase-1 choice (time objective)" in capsys.readouterr().out
+    choice = PacSource(str(out)).pac_plan().meta["phase1_choice"]
+    assert len(choice["candidates"]) == 1
+    code = main(["finetune", GPT, "--cluster", LOCAL3, "--batch-size", "8", "--samples", "8",
+                 "--costs", "analytic", "--out", str(out), "--phase1-slack", "-1"])
+    assert code == 1
+    assert "phase-1 slack must be >= 0" in _one_error_line(capsys.readouterr().err)
+    import inspect
+
+    from asteroid_fx.cli import finetune
+    default = inspect.signature(finetune).parameters["phase1_slack"].default
+    assert default == DEFAULT_PHASE1_SLACK
+
+
+def test_full_fine_tuning_batches_are_the_pac_samples() -> None:
+    from runtime.samples import SampleSource
+    from runtime.train import TrainConfig, _batch
+
+    spec = load_model_spec(GPT)
+    samples = SampleSource(spec, 3, 24)
+    config = TrainConfig(seed=3, num_samples=24)
+    for step in (0, 2, 5):           # 3 steps per epoch: step 5 is mini-batch 2 again
+        inputs, targets = _batch(spec, 8, config, step, samples)
+        want = samples.rows((step % 3) * 8, (step % 3 + 1) * 8)
+        assert torch.equal(inputs[0], want[0][0]) and torch.equal(targets, want[1])
+    torch.manual_seed(3 + 1 + 4)    # without samples: the reproducible-run contract
+    want_inputs, _ = spec.sample_batch(8)
+    got, _ = _batch(spec, 8, TrainConfig(seed=3), 4, None)
+    assert torch.equal(got[0], want_inputs[0])
+
+
+def test_full_run_with_samples_refuses_failures(tmp_path: Path) -> None:
+    from asteroid_fx.errors import RuntimeFailure
+    from asteroid_fx.package import save_partition
+    from asteroid_fx.partition import partition
+    from runtime.launch import run
+    from solver.api import plan as plan_fn
+
+    spec = load_model_spec(GPT)
+    module = spec.build_model()
+    inputs, _ = spec.example_inputs(2)
+    cluster = Cluster.from_yaml(LOCAL3)
+    costs = analytic_costs(module, inputs)
+    made = plan_fn(costs, cluster, 8)
+    save_partition(tmp_path / "full", made, partition(module, inputs, made), model_spec=spec,
+                   onnx=False, example_inputs=inputs, costs=costs, cluster=cluster)
+    with pytest.raises(RuntimeFailure, match="num_samples"):
+        run(tmp_path / "full", emulate=LOCAL3, steps=2, num_samples=16, fail="fast@1")
 
 
 def test_pac_model_of_counts_adapters() -> None:

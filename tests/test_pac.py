@@ -11,7 +11,16 @@ from solver_cases import MIB, make_cluster, uniform_costs
 
 from asteroid_fx.errors import PlanError
 from contracts.plan import Plan, Stage
-from solver.pac import PacModel, PacPlan, plan_finetune, predict_finetune, segment_costs
+from solver.pac import (
+    DEFAULT_PHASE1_SLACK,
+    MESSAGE_CPU_S,
+    PacModel,
+    PacPlan,
+    phase1_costs,
+    plan_finetune,
+    predict_finetune,
+    segment_costs,
+)
 
 COSTS = uniform_costs(10, fwd=0.01, bwd=0.02, param_bytes=MIB, cut_bytes=64 * 1024)
 MODEL = PacModel(taps=(2, 5, 8), entry_bytes=3 * 64 * 1024, trainable_bytes=32 * 1024,
@@ -85,3 +94,154 @@ def test_malformed_json_is_a_plan_error() -> None:
 def test_solver_pac_never_imports_torch() -> None:
     code = "import sys, solver.pac; sys.exit(1 if 'torch' in sys.modules else 0)"
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
+# -- the phase-1 objective (see [Note: phase-1 objective]) --------------------------------
+
+BIG = uniform_costs(8, fwd=0.002, bwd=0.004, param_bytes=64 * MIB, cut_bytes=16 * 1024)
+BIG_MODEL = PacModel(taps=(1, 3, 5), entry_bytes=3 * 16 * 1024, trainable_bytes=32 * 1024,
+                     adapter_flops=1e6)
+
+
+def _plan(objective: str, slack: float = DEFAULT_PHASE1_SLACK) -> PacPlan:
+    cluster = make_cluster([1.0, 1.0, 1.0], memory_mib=4096, bandwidth_mbps=1000)
+    return plan_finetune(BIG, cluster, BIG_MODEL, batch_size=12, num_samples=24, epochs=2,
+                         phase1_objective=objective, phase1_slack=slack)
+
+
+def _held(plan: PacPlan) -> dict[str, int]:
+    """Backbone segments each device holds in phase 1."""
+    return {d: plan.phase1.stages[plan.phase1.stage_of(d)].last
+            - plan.phase1.stages[plan.phase1.stage_of(d)].first + 1
+            for d in plan.phase1.devices}
+
+
+def test_memory_objective_spreads_the_frozen_backbone() -> None:
+    fast, lean = _plan("time"), _plan("memory")
+    assert fast.predicted is not None and lean.predicted is not None
+    # the fastest phase 1 is data parallel: every device holds all 3 segments
+    assert max(_held(fast).values()) == 3
+    assert max(_held(lean).values()) < 3
+    assert max(lean.predicted.peak_memory_bytes.values()) < \
+        max(fast.predicted.peak_memory_bytes.values())
+    assert lean.predicted.phase1_step_s <= (1 + DEFAULT_PHASE1_SLACK) * \
+        fast.predicted.phase1_step_s
+    choice = lean.meta["phase1_choice"]
+    assert choice["objective"] == "memory" and len(choice["candidates"]) >= 2
+    chosen = choice["candidates"][choice["chosen"]]
+    assert chosen["pressure"] == min(c["pressure"] for c in choice["candidates"]
+                                     if c["phase1_step_s"] <= (1 + DEFAULT_PHASE1_SLACK)
+                                     * min(x["phase1_step_s"] for x in choice["candidates"]))
+    assert "peak memory pressure" in choice["reason"] and "\n" not in choice["reason"]
+    assert PacPlan.from_json(lean.to_json()) == lean
+
+
+def test_no_slack_keeps_the_fastest_phase_1() -> None:
+    plan = _plan("memory", slack=0.0)
+    assert plan.phase1.stages == _plan("time").phase1.stages
+    assert plan.meta["phase1_choice"]["chosen"] == 0
+
+
+@pytest.mark.parametrize(("objective", "slack", "match"), [
+    ("speed", 1.0, "objective must be one of"), ("memory", -0.5, "slack must be >= 0"),
+    ("memory", float("nan"), "slack must be >= 0")])
+def test_bad_phase1_objective_or_slack(objective: str, slack: float, match: str) -> None:
+    with pytest.raises(PlanError, match=match) as info:
+        _plan(objective, slack)
+    assert "\n" not in str(info.value)
+
+
+def test_phase1_costs_charge_the_runtime_per_message() -> None:
+    cluster = make_cluster([1.0, 0.5], bandwidth_mbps=1000)
+    coarse = phase1_costs(COSTS, MODEL.taps, cluster)
+    assert coarse.message_overhead_s == pytest.approx(MESSAGE_CPU_S / 0.5)
+    calibrated = replace(COSTS, message_overhead_s=2e-4)      # measured: kept as it is
+    assert phase1_costs(calibrated, MODEL.taps, cluster).message_overhead_s == 2e-4
+
+
+def test_phase1_prediction_adds_the_hand_off_after_the_pipeline() -> None:
+    cluster = make_cluster([1.0, 1.0], bandwidth_mbps=10)
+    plan = plan_finetune(COSTS, cluster, MODEL, batch_size=4, num_samples=8, epochs=1,
+                         phase1_objective="time")
+    one = Plan(model_hash="h", cluster_hash="c", batch_size=4, micro_batch_size=2,
+               num_micro_batches=2, num_layers=3,
+               stages=(Stage((0, 1), ("d0",), (2,)), Stage((2, 2), ("d1",), (2,))))
+    piped = replace(plan, phase1=one, shares=(2, 2))
+    pred = predict_finetune(piped, COSTS, cluster)
+    coarse = phase1_costs(COSTS, MODEL.taps, cluster)
+    from solver.evaluate import evaluate
+    e_f = [st.e_f for st in evaluate(one, coarse, cluster.for_costs(coarse)).stages]
+    pipeline = sum(e_f) + max(e_f)          # M = 2
+    assert pred.phase1_step_s > pipeline     # hand-off to the other owner comes after it
+
+
+def test_stage_0_pays_for_making_its_samples() -> None:
+    cluster = make_cluster([1.0, 0.5, 0.5], bandwidth_mbps=1000)
+    plan = plan_finetune(COSTS, cluster, MODEL, batch_size=8, num_samples=16, epochs=1,
+                         phase1_objective="time")
+    slow = replace(plan, model=replace(MODEL, sample_s=0.01))
+    base, made = predict_finetune(plan, COSTS, cluster), predict_finetune(slow, COSTS, cluster)
+    (stage,) = plan.phase1.stages      # data parallel: each makes its share at its speed
+    per_mb = max(0.01 * n / v for n, v in zip(stage.shares, (1.0, 0.5, 0.5), strict=True))
+    assert made.phase1_step_s == pytest.approx(base.phase1_step_s
+                                               + plan.phase1.num_micro_batches * per_mb)
+    assert PacPlan.from_json(slow.to_json()).model.sample_s == 0.01
+
+
+# -- simulation of both phases (solver/pac_simulate.py) ------------------------------------
+
+def test_simulation_equals_the_model_on_one_device() -> None:
+    from solver.pac_simulate import simulate_finetune
+
+    cluster = make_cluster([1.0], bandwidth_mbps=1000)
+    plan = plan_finetune(COSTS, cluster, replace(MODEL, sample_s=1e-3), batch_size=8,
+                         num_samples=24, epochs=3)
+    sim, pred = simulate_finetune(plan, COSTS, cluster), predict_finetune(plan, COSTS, cluster)
+    assert sim.phase1_step_s == pytest.approx(pred.phase1_step_s)
+    assert sim.phase2_step_s == pred.phase2_step_s
+    assert sim.total_s == pytest.approx(pred.total_s)
+    assert sim.total_s == pytest.approx(sim.epoch1_s + 2 * sim.epoch_s)
+    assert sim.phase1_bubble_fraction == pytest.approx(0.0, abs=1e-9)
+
+
+def test_simulation_of_a_pipeline_with_hand_offs() -> None:
+    from solver.pac_simulate import simulate_finetune
+
+    cluster = make_cluster([1.0, 0.5, 0.5], bandwidth_mbps=100)
+    plan = plan_finetune(COSTS, cluster, MODEL, batch_size=8, num_samples=16, epochs=2,
+                         phase1_objective="time")
+    phase1 = Plan(model_hash="h", cluster_hash="c", batch_size=8, micro_batch_size=4,
+                  num_micro_batches=2, num_layers=3,
+                  stages=(Stage((0, 0), ("d0",), (4,)), Stage((1, 2), ("d1", "d2"), (2, 2))))
+    piped = replace(plan, phase1=phase1)
+    sim = simulate_finetune(piped, COSTS, cluster)
+    kinds = {(e.kind, e.device) for e in sim.events}
+    assert ("F", "d0") in kinds and ("F", "d1") in kinds and ("SEND", "d0") in kinds
+    # d1 and d2 each hold two segments: their forwards pace the pipeline, then hand-offs
+    slow_fwd = max(e.end for e in sim.events if e.kind == "F")
+    assert sim.phase1_step_s > slow_fwd > 0
+    assert 0.0 < sim.phase1_bubble_fraction < 1.0
+    bad = make_cluster([1.0, 0.5], bandwidth_mbps=100)
+    with pytest.raises(PlanError, match="not in the cluster"):
+        simulate_finetune(piped, COSTS, bad)
+
+
+def test_a_pipeline_is_predicted_no_faster_than_its_simulation() -> None:
+    from solver.pac_simulate import simulate_phase1
+
+    cluster = make_cluster([1.0, 0.5, 0.5], bandwidth_mbps=100)
+    plan = plan_finetune(COSTS, cluster, MODEL, batch_size=8, num_samples=16, epochs=2,
+                         phase1_objective="time")
+    phase1 = Plan(model_hash="h", cluster_hash="c", batch_size=8, micro_batch_size=2,
+                  num_micro_batches=4, num_layers=3,
+                  stages=(Stage((0, 0), ("d0",), (2,)), Stage((1, 1), ("d1",), (2,)),
+                          Stage((2, 2), ("d2",), (2,))))
+    piped = replace(plan, phase1=phase1)
+    pred = predict_finetune(piped, COSTS, cluster)
+    simulated = simulate_phase1(piped, COSTS, cluster)[0]
+    assert pred.phase1_step_s == pytest.approx(max(simulated, pred.phase1_closed_form_s))
+    assert pred.phase1_closed_form_s > 0
+    back = type(pred).from_dict(pred.to_dict())
+    assert back == pred
+    older = {k: v for k, v in pred.to_dict().items() if k != "phase1_closed_form_s"}
+    assert type(pred).from_dict(older).phase1_closed_form_s == 0.0   # plans made before

@@ -111,6 +111,13 @@ def test_emulated_pac_equals_the_reference(tmp_path: Path, pipelined: bool) -> N
     entry = plan.model.entry_bytes
     assert rows[-1]["cache_bytes"] == {d: 2 * shares[d] * entry for d in plan.devices}
     assert all(v > 0 for v in rows[-1]["peak_memory_bytes"].values())
+    # epoch-1 rows carry each phase-1 device's forward and sample-making seconds
+    p1_devices = set(plan.phase1.devices)
+    for r in rows[:2]:
+        assert {d for d, v in r["phase1_forward_s"].items() if v > 0} == p1_devices
+        assert set(r["phase1_samples_s"]) == set(plan.devices)
+        assert r["phase1_s"] > 0
+    assert "phase1_forward_s" not in rows[-1]
     assert PacPlan.load(out / PAC_PLAN_FILE) == plan
 
 

@@ -39,7 +39,7 @@ def _load() -> str:
 
 
 def _full(spec: Any, module: Any, inputs: Any, costs: Any, cluster: Any, cluster_path: str,
-          batch: int, steps: int, out: Path, seed: int, lr: float) -> Any:
+          batch: int, steps: int, out: Path, seed: int, lr: float, samples: int) -> Any:
     from asteroid_fx.package import save_partition
     from asteroid_fx.partition import partition
     from runtime.launch import run
@@ -50,7 +50,38 @@ def _full(spec: Any, module: Any, inputs: Any, costs: Any, cluster: Any, cluster
     save_partition(out, full_plan, stages, model_spec=spec, onnx=False, example_inputs=inputs,
                    costs=costs, cluster=cluster)
     return full_plan, run(out, emulate=cluster_path, steps=steps, seed=seed, lr=lr,
-                          metrics=out / "metrics.jsonl")
+                          metrics=out / "metrics.jsonl", num_samples=samples)
+
+
+def _phase1_forward(plan: Any, costs: Any, cluster: Any, records: list[dict[str, Any]],
+                   factor: float) -> dict[str, dict[str, float]]:
+    """Per phase-1 device: its segments' forward seconds over epoch 1, measured (metrics
+    ``phase1_forward_s``) and predicted (the cost table at its share of each micro-batch,
+    over its speed, times the emulator's factor), the seconds it spent making samples, and
+    its forward CPU seconds (``phase1_forward_cpu_s``) against the table at host speed."""
+    from solver.pac import segment_costs
+    from solver.timing import Timing
+
+    coarse = segment_costs(costs, plan.model.taps)
+    timing = Timing.of(coarse, cluster.for_costs(coarse))
+    out = {}
+    p1 = plan.phase1
+    for stage in p1.stages:
+        for device, share in zip(stage.devices, stage.shares, strict=True):
+            predicted = p1.num_micro_batches * timing.fwd_time(device, stage.first, stage.last,
+                                                               share)
+            host = p1.num_micro_batches * timing.fwd_time(device, stage.first, stage.last,
+                                                          share) * timing.speeds[device]
+            out[device] = {
+                "measured_s": sum(float(r.get("phase1_forward_s", {}).get(device, 0.0))
+                                  for r in records),
+                "cpu_s": sum(float(r.get("phase1_forward_cpu_s", {}).get(device, 0.0))
+                             for r in records),
+                "predicted_host_s": host * plan.steps_per_epoch,
+                "samples_s": sum(float(r.get("phase1_samples_s", {}).get(device, 0.0))
+                                 for r in records),
+                "predicted_s": predicted * plan.steps_per_epoch * factor}
+    return out
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -72,6 +103,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--out", default="runs/bench-finetune")
     parser.add_argument("--json", default=None)
     parser.add_argument("--phase1-planner", default="asteroid")
+    parser.add_argument("--phase1-objective", default="memory", choices=("memory", "time"))
+    parser.add_argument("--phase1-slack", type=float, default=None)
     args = parser.parse_args(argv)
 
     print(f"before: {_load()}")
@@ -85,7 +118,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     plan = prepare_finetune(spec, cluster, costs, out / "pac", batch_size=args.batch_size,
                             epochs=args.epochs, num_samples=args.samples, rank=args.rank,
-                            seed=args.seed, phase1_planner=args.phase1_planner)
+                            seed=args.seed, phase1_planner=args.phase1_planner,
+                            phase1_objective=args.phase1_objective,
+                            **({} if args.phase1_slack is None else
+                               {"phase1_slack": args.phase1_slack}))
+    choice: dict[str, Any] = dict(plan.meta.get("phase1_choice", {}))
+    if choice:
+        print(f"phase-1 choice: {choice['reason']}")
     pac = run_finetune(out / "pac", args.cluster, seed=args.seed, lr=args.lr,
                        metrics=out / "pac.jsonl")
     reference = reference_finetune(spec, batch_size=args.batch_size, epochs=args.epochs,
@@ -95,7 +134,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     torch_module = spec.build_model()
     full_plan, full = _full(spec, torch_module, inputs, costs, cluster, args.cluster,
                             args.batch_size, args.epochs * steps, out / "full", args.seed,
-                            args.lr)
+                            args.lr, plan.num_samples)
 
     loss_rel = max(abs(a - b) / abs(b) for a, b in zip(pac.losses, reference, strict=True))
     epochs = pac.epoch_times(steps)
@@ -108,6 +147,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     measured_p1 = sum(float(r["phase1_s"]) for r in pac.records[:steps])
     measured_p2 = statistics.mean(
         [float(r["phase2_s"]) for r in pac.records[steps:]] or [float("nan")])
+    forward = _phase1_forward(plan, costs, cluster, pac.records[:steps], f)
+    from solver.pac_simulate import simulate_finetune
+    simulated = simulate_finetune(plan, costs, cluster)
     memory = {}
     for device, peak in pac.peak_memory_bytes.items():
         full_peak = full.peak_memory_bytes.get(device)
@@ -129,8 +171,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "epoch1_over_later": epochs[0] / later, "pac_total_s": pac_total,
         "full_total_s": full_total, "full_over_pac": full_total / pac_total,
         "phase1_measured_s": measured_p1, "phase1_predicted_s": pred.phase1_step_s * steps * f,
+        "phase1_simulated_s": simulated.phase1_step_s * steps * f,
         "phase2_step_measured_s": measured_p2, "phase2_step_predicted_s": pred.phase2_step_s * f,
-        "memory": memory, "load_after": os.getloadavg(),
+        "memory": memory, "load_after": os.getloadavg(), "phase1_forward": forward,
+        "phase1_choice": choice,
     }
     print(f"PAC phase 1 {report['phase1_plan']}, phase 2 shares {report['phase2_shares']}; "
           f"full {report['full_plan']}; slow-down factor {f:.2f}, shaping {pac.shaping}")
@@ -148,9 +192,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               f"{m['pac_with_cache'] / 2**20:.1f}) vs full {full_mib} MiB: "
               f"{red} lower ({red_c} with the cache; target >= 60%)")
     for name, got, want in (("phase 1 (epoch 1)", measured_p1, report["phase1_predicted_s"]),
+                            ("phase 1 (epoch 1) vs simulated", measured_p1,
+                             report["phase1_simulated_s"]),
                             ("phase-2 step", measured_p2, report["phase2_step_predicted_s"])):
         print(f"{name}: measured {got:.4f} s, predicted {want:.4f} s "
               f"({got / want - 1:+.0%}; target within 15%)")
+    for device, row in forward.items():
+        print(f"  phase 1 on {device}: forward measured {row['measured_s']:.4f} s vs predicted "
+              f"{row['predicted_s']:.4f} s ({row['measured_s'] / row['predicted_s'] - 1:+.0%}), "
+              f"making samples {row['samples_s']:.4f} s, whole phase 1 {measured_p1:.4f} s; "
+              f"forward CPU {row['cpu_s']:.4f} s vs the cost table at host speed "
+              f"{row['predicted_host_s']:.4f} s "
+              f"({row['cpu_s'] / row['predicted_host_s'] - 1:+.0%})")
     print(f"after: {_load()}")
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
