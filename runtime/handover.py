@@ -9,6 +9,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
+from datetime import timedelta
 
 import torch.distributed as dist
 
@@ -30,6 +31,28 @@ REQUESTS_WAIT_S = 30.0
 LEAVE_WAIT_S = 60.0
 #: seconds a rank's watcher waits, after a device left, for the training thread's hand-over
 LEAVE_HANDOFF_S = 5.0
+#: the watcher looks for the launcher's next request after this many seconds, doubling
+#: up to ``REQUEST_POLL_MAX_S`` while none comes (see [Note: no polling on a starved host])
+REQUEST_POLL_MIN_S = 0.002
+REQUEST_POLL_MAX_S = 0.016
+
+# [Note: no polling on a starved host]
+# A survivor waiting for its assignment blocks in the store's ``wait`` (the server answers
+# when the key is set) instead of polling ``check`` every 2 ms, and its watcher, which must
+# also notice when it is closed, looks for the launcher's next request at most every 16 ms
+# while none comes (2 ms again right after one): with four survivors the two 2 ms polls
+# were some 4000 store requests a second, all served by the launcher's store thread while
+# the launcher re-plans, on a host whose CPU a hog or other jobs already take. (A store
+# ``wait`` that times out is not used in a loop: c10d logs every timeout.)
+
+
+def _arrives(store: dist.Store, key: str, timeout: timedelta) -> bool:
+    """Whether ``key`` is set within ``timeout`` (a blocking wait, no polling)."""
+    try:
+        store.wait([key], timeout)
+        return True
+    except RuntimeError:      # DistStoreError: timed out
+        return False
 
 
 class Handover:
@@ -133,6 +156,7 @@ class Handover:
             self.publish(store)
             self.abort()
             until = float("inf")
+            pause = REQUEST_POLL_MIN_S
             # after close(), go on until every request the launcher announced is answered
             while not self._closed.is_set() or (self.served < self.serve_until
                                                 and time.monotonic() < until):
@@ -140,14 +164,16 @@ class Handover:
                     until = time.monotonic() + REQUESTS_WAIT_S
                 want = self.keys.want(self.rank, self.served)
                 request = proto.get_if_present(store, want, proto.StateRequest)
-                if request is not None:
-                    if not self.keys.is_answer_key(request.to):
-                        raise ProtocolError(f"store key {want!r}: a request to write to "
-                                            f"{request.to!r}, which is not an answer key")
-                    proto.put_bytes(store, request.to, self.answer(request))
-                    self.served += 1
+                if request is None:
+                    time.sleep(pause)
+                    pause = min(REQUEST_POLL_MAX_S, 2 * pause)
                     continue
-                time.sleep(0.002)
+                if not self.keys.is_answer_key(request.to):
+                    raise ProtocolError(f"store key {want!r}: a request to write to "
+                                        f"{request.to!r}, which is not an answer key")
+                proto.put_bytes(store, request.to, self.answer(request))
+                self.served += 1
+                pause = REQUEST_POLL_MIN_S
         except ProtocolError as exc:
             log.error("rank %d (%s) stops serving the launcher: %s", self.rank, self.device,
                       exc)
@@ -162,24 +188,25 @@ class Handover:
         names = None if request.names is None else list(request.names)
         return state_to_bytes(self.snapshots.own_state(request.step, names))
 
+    def announce_waiting(self) -> None:
+        """Tell the launcher that this rank left the failed round and waits
+        (``rx/<g>/waiting/<rank>``)."""
+        proto.put(self.store, self.keys.waiting(self.rank), proto.Waiting(self.rank))
+
     def await_assignment(self, limit_s: float, close: Callable[[], None]
                          ) -> proto.Assignment | None:
-        """Announce that this rank waits (``rx/<g>/waiting/<rank>``) and wait for its
-        assignment in the next generation or its exit order (then, before ``close``,
-        answer every request announced for this rank's state); None: exit."""
-        proto.put(self.store, self.keys.waiting(self.rank), proto.Waiting(self.rank))
+        """Wait (after ``announce_waiting``) for this rank's assignment in the next
+        generation or its exit order (then, before ``close``, answer every request
+        announced for this rank's state); None: exit."""
         wanted = self.keys.next(self.device)
         if self.leaving:
             limit_s = min(limit_s, LEAVE_WAIT_S)
-        deadline = time.monotonic() + limit_s
-        while not self.store.check([wanted]):
-            if time.monotonic() > deadline:
-                if self.leaving:
-                    log.warning("device %s left, but the launcher did not collect its state "
-                                "within %.0f s: exiting anyway", self.device, limit_s)
-                    close()
-                return None
-            time.sleep(0.002)
+        if not _arrives(self.store, wanted, timedelta(seconds=limit_s)):
+            if self.leaving:
+                log.warning("device %s left, but the launcher did not collect its state "
+                            "within %.0f s: exiting anyway", self.device, limit_s)
+                close()
+            return None
         assignment = proto.get(self.store, wanted, proto.Assignment, proto.ExitOrder)
         # the watcher answers every request for this rank's state before it stops; a
         # process that leaves waits for that, one that goes on does not

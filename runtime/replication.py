@@ -537,6 +537,7 @@ class WorkerHooks:
         self.handover.abort()
         self.handover.mark_left()
         self.heartbeat.stop()
+        self.handover.announce_waiting()
         return self.handover.await_assignment(limit_s, self.close)
 
     def serving(self) -> bool:

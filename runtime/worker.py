@@ -19,6 +19,7 @@ import torch.distributed as dist
 from contracts.allocator import tune_allocator
 from runtime import protocol as proto
 from runtime.comm import CommFailure
+from runtime.memory import freeze_startup
 from runtime.train import DirectorySource, StageSource, TrainConfig, WorkerResult, train_device
 from runtime.trust import join_job
 
@@ -55,6 +56,9 @@ def worker_main(rank: int, world: int, port: int, source: StageSource, config: T
             from runtime.replication import install_leave_handler
 
             install_leave_handler()   # SIGTERM: leave gracefully after the current round
+        # every import done: later collections skip what exists now (a recovery's
+        # new generation then starts without a 0.2 s full collection)
+        freeze_startup()
         while True:
             if cgroup is not None:
                 Path(cgroup, "cgroup.procs").write_text(str(os.getpid()))
