@@ -8,7 +8,7 @@ import shutil
 import signal
 import statistics
 import time
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from pathlib import Path
@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from contracts.cluster import Cluster
-from contracts.errors import AsteroidError, PlanError, RuntimeFailure, StageFailure
+from contracts.errors import AsteroidError, PlanError, RuntimeFailure
 from contracts.plan import Plan
 from contracts.table import CostTable
 from runtime import protocol as proto
@@ -31,10 +31,11 @@ from runtime.checkpoint import (
     state_from_bytes,
     state_to_bytes,
 )
-from runtime.heartbeat import FailureDetector, FailureReport, blame, process_state
+from runtime.heartbeat import Blame, process_state
 from runtime.replanning import Calibration, Replanner, load_replanner
 from runtime.replication import WorkerSpec, announce_failure, external_holders
 from runtime.shaping import choose_shaping, remove_cgroups
+from runtime.supervisor import FailureJudge, Supervisor
 from runtime.train import DirectorySource, StageSource, TrainConfig, WorkerResult
 
 __all__ = ["RECOVERY_MODES", "LEAVE_ROUND_S", "REPLAY_CHECKPOINT_EVERY", "REPLAN_TOLERANCE",
@@ -54,13 +55,8 @@ REPLAN_TOLERANCE = 0.10
 REPLAY_CHECKPOINT_EVERY = 10
 #: seconds the launcher waits for a survivor to answer a request for part of its state
 REQUEST_TIMEOUT_S = 10.0
-#: seconds the launcher lets a process told to exit (e.g. a device that left) end by itself
-EXIT_WAIT_S = 5.0
 #: seconds the launcher waits after a leave for rank 0's record of the leaver's last step
 LEAVE_RECORD_S = 5.0
-#: a running device whose heartbeat is silent for this many heartbeat timeouts is hung
-#: (a stopped or exited one fails at once; see [Note: who failed] in runtime.heartbeat)
-HANG_TIMEOUTS = 5.0
 
 # [Note: who imports what]
 # Worker processes import only runtime/ (train, executor, comm, heartbeat, checkpoint,
@@ -703,15 +699,15 @@ class _Processes:
                  use_cgroups: bool | None, token: str | None = None) -> None:
         from runtime import emulator as emu
 
-        #: the store, token gate, result queue and spawning (shared with launch_local)
-        self.job = emu.LocalJob(timeout_s, token)
-        self.token = self.job.token
-        self.gate = self.job.gate
+        #: every device process of every generation, the job's store, token gate and
+        #: result queue (the supervisor ``launch_local`` uses too)
+        self.supervisor = Supervisor(timeout_s, token)
+        self.token = self.supervisor.token
+        self.gate = self.supervisor.gate
         #: the job's keys (prefixed: see runtime.trust); everything below reads and writes here
-        self.store: dist.Store = self.job.store
+        self.store: dist.Store = self.supervisor.store
         self.host_cores = host_cores
         self.use_cgroups = emu.cgroup_available() if use_cgroups is None else use_cgroups
-        self.by_device: dict[str, Any] = {}
         self.waiting: set[str] = set()        # survivors ready for the next generation
         self.requests: dict[tuple[int, int], int] = {}   # (generation, rank) -> next request
         self.ranks: dict[str, int] = {}                  # device -> rank (this generation)
@@ -720,7 +716,11 @@ class _Processes:
         self.shaping = "none"
         self.generation = -1
         self.exiting: set[str] = set()        # told to exit (after answering requests)
-        self.exit_codes: dict[str, int | None] = {}   # processes that ended by themselves
+
+    @property
+    def exit_codes(self) -> dict[str, int | None]:
+        """Exit codes of the processes that ended by themselves, by device."""
+        return self.supervisor.exit_codes
 
     def _shape(self, plan: Plan, cluster: Any, source: StageSource, generation: int
                ) -> tuple[StageSource, list[str] | None, Any]:
@@ -764,12 +764,11 @@ class _Processes:
                 proto.put(self.store, proto.Keys(previous).next(device), proto.Assignment(
                     rank=rank, world=world, directory=source.directory, config=mine,
                     spec=spec, cgroup=cgroup, requests=self._requests_of(previous, device)))
-                procs.append(self.by_device[device])
+                procs.append(self.supervisor.procs[device])
                 continue
-            proc = self.job.spawn(rank, world, run_source, config, cgroup, spec=spec,
-                                  name=f"g{spec.generation}-{device}")
-            self.by_device[device] = proc
-            procs.append(proc)
+            procs.append(self.supervisor.start(device, rank, world, run_source, config,
+                                               cgroup, spec=spec,
+                                               label=f"g{spec.generation}-{device}"))
         for device in sorted(self.waiting - set(plan.devices)):
             proto.put(self.store, proto.Keys(previous).next(device),
                       proto.ExitOrder(requests=self._requests_of(previous, device)))
@@ -791,98 +790,43 @@ class _Processes:
                    ) -> _Outcome:
         """Watch one generation until it finishes or a process dies or hangs."""
         world = len(procs)
-        detector = FailureDetector(self.store, world, generation=spec.generation,
-                                   timeout_s=spec.heartbeat_timeout_s)
-        done: dict[int, WorkerResult] = {}
-        errors: list[tuple[int, str]] = []
-        error_since: float | None = None
+        judge = FailureJudge(self.store, world, generation=spec.generation,
+                             heartbeat_timeout_s=spec.heartbeat_timeout_s,
+                             replay=spec.mode == "replay")
         outcome = _Outcome()
-        deadline = time.monotonic() + timeout_s
         ok = False
         try:
-            while len(done) < world:
-                kind, rank, payload = self.job.next_message(procs, done)
-                if kind == "step":
-                    if progress is not None:
-                        progress(payload)
-                elif kind == "ok":
-                    done[rank] = proto.decode_result(payload, f"the result of rank {rank}")
-                    continue
-                elif kind == "interrupted" and rank[0] == spec.generation:
-                    message, secondary = payload
-                    errors.append((1 if secondary else 0, f"rank {rank[1]} (device "
-                                   f"{plan.devices[rank[1]]!r}): {message}"))
-                    error_since = error_since or time.monotonic()
-                elif kind == "error":
-                    message, _secondary = payload
-                    raise StageFailure(f"rank {rank} (device {plan.devices[rank]!r}): "
-                                       f"{message}")
-                self.gate.raise_if_refused()
-                # ("left", ...) only wakes the wait: the store's markers say who left
-                left = self._left(spec.generation, world) if spec.mode == "replay" else {}
-                exited = [r for r, p in enumerate(procs) if r not in done and not p.is_alive()]
-                # every rank stops beating after a leave: no heartbeat verdict then
-                report = FailureReport() if left else detector.poll()
-                waiting = (self._waiting(spec.generation, report.hung)
-                           if spec.mode == "replay" and report.hung else set())
-                verdict = blame(report, exited=exited, left=left, done=done, waiting=waiting,
-                                hang_s=HANG_TIMEOUTS * spec.heartbeat_timeout_s)
-                if verdict.failed:
-                    outcome.detected_at = time.time()
-                    outcome.failed = verdict.failed
-                    outcome.left = left
-                    outcome.detected_by = verdict.by
-                    outcome.silent_s = verdict.silent_s
-                    for r in outcome.failed:
-                        if r not in left and procs[r].is_alive():
-                            procs[r].kill()   # fence a hung device (our own child)
-                    if spec.mode == "replay":
-                        if left:   # rank 0 records the leavers' last step right after it
-                            self._await_record(spec.generation,
-                                               max(m.step for m in left.values()))
-                        committed = committed_of() if committed_of is not None else -1
-                        self._collect(plan, spec.generation, procs, outcome, committed)
-                    return outcome
-                if error_since is not None and time.monotonic() - error_since > 2.0:
-                    raise StageFailure(min(errors)[1])
-                if time.monotonic() > deadline:
-                    raise StageFailure(f"the run did not finish within {timeout_s:.0f} s")
-            outcome.workers = [done[r] for r in range(world)]
-            ok = True
+            watched = self.supervisor.watch(
+                procs, plan.devices, progress=progress, timeout_s=timeout_s, judge=judge,
+                grace_s={"error": 0.0, "interrupted": 2.0}, generation=spec.generation)
+            verdict: Blame | None = watched.verdict
+            if verdict is None:
+                outcome.workers = [watched.done[r] for r in range(world)]
+                ok = True
+                return outcome
+            left = judge.left
+            outcome.detected_at = time.time()
+            outcome.failed = verdict.failed
+            outcome.left = left
+            outcome.detected_by = verdict.by
+            outcome.silent_s = verdict.silent_s
+            for r in outcome.failed:
+                if r not in left:
+                    self.supervisor.fence(procs[r])   # a hung device (our own child)
+            if spec.mode == "replay":
+                if left:   # rank 0 records the leavers' last step right after it
+                    self._await_record(spec.generation, max(m.step for m in left.values()))
+                committed = committed_of() if committed_of is not None else -1
+                self._collect(plan, spec.generation, procs, outcome, committed)
             return outcome
         finally:
-            keep = self.waiting if not ok else set()
-            for device, proc in list(self.by_device.items()):
-                if device in keep:
-                    continue
-                if device in self.exiting or ok:   # a device that left, or training is
-                    proc.join(timeout=EXIT_WAIT_S)    # done: let it end by itself (killing
-                    self.exiting.discard(device)      # one breaks its peers' last barrier)
-                if not proc.is_alive():
-                    self.exit_codes[device] = proc.exitcode
-                else:
-                    proc.kill()
-                proc.join(timeout=10)
-                del self.by_device[device]
-
-    def _left(self, generation: int, world: int) -> dict[int, proto.LeftMarker]:
-        """Ranks of ``generation`` that left gracefully: their ``rx/<g>/left/<rank>``
-        markers (one cheap counter read while nobody left)."""
-        keys = proto.Keys(generation)
-        if int(self.store.add(keys.left_count(), 0)) == 0:
-            return {}
-        out: dict[int, proto.LeftMarker] = {}
-        for rank in range(world):
-            marker = proto.get_if_present(self.store, keys.left(rank), proto.LeftMarker)
-            if marker is not None:
-                out[rank] = marker
-        return out
-
-    def _waiting(self, generation: int, ranks: Collection[int]) -> set[int]:
-        """Those of ``ranks`` that left the failed round and wait for their next
-        assignment (they stopped beating on purpose)."""
-        keys = proto.Keys(generation)
-        return {r for r in ranks if self.store.check([keys.waiting(r)])}
+            # training done: every process may end by itself (killing one breaks its
+            # peers' last barrier); else only those that left; survivors waiting for the
+            # next generation are kept, every other process is killed at once
+            everyone = set(self.supervisor.procs)
+            self.supervisor.stop(keep=set() if ok else self.waiting,
+                                 let_end=everyone if ok else set(self.exiting))
+            self.exiting -= everyone
 
     def _await_record(self, generation: int, step: int,
                       limit_s: float = LEAVE_RECORD_S) -> None:
@@ -917,8 +861,7 @@ class _Processes:
                 # failed too (e.g. at the same moment), or stopped (SIGSTOP) during the
                 # hand-over: certain evidence (see [Note: who failed]); fence a stopped one
                 if not procs[rank].is_alive() or process_state(procs[rank].pid) == "stopped":
-                    if procs[rank].is_alive():
-                        procs[rank].kill()
+                    self.supervisor.fence(procs[rank])
                     wanted.discard(rank)
                     free.discard(rank)
                     got.pop(rank, None)
@@ -943,7 +886,7 @@ class _Processes:
             log.warning("ranks %s (%s) did not hand over within %.0f s: counted as failed",
                         silent, [plan.devices[r] for r in silent], limit_s)
             for rank in silent:
-                procs[rank].kill()
+                self.supervisor.fence(procs[rank])
                 wanted.discard(rank)
                 free.discard(rank)
                 late.add(rank)
@@ -969,14 +912,8 @@ class _Processes:
         self.waiting = {plan.devices[r] for r in free}
 
     def close(self) -> None:
-        for proc in self.by_device.values():
-            if proc.is_alive():
-                proc.kill()
-            proc.join(timeout=10)
-        self.by_device.clear()
-        self.job.close()
-        if self.cgroups:
-            remove_cgroups(self.cgroups)
-
-
-
+        try:
+            self.supervisor.close()
+        finally:
+            if self.cgroups:
+                remove_cgroups(self.cgroups)

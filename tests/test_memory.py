@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import gc
 import sys
+import weakref
 from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
-from runtime.memory import MemoryMeter, read_status, storage_bytes
+from runtime.memory import MemoryMeter, freeze_startup, read_status, storage_bytes
 
 MiB = 1 << 20
 
@@ -183,3 +185,29 @@ def test_reserved_peak_sees_a_real_allocation() -> None:
     reserved = meter.reserved_bytes()
     # file-backed pages paged in after the peak are subtracted too: a little below
     assert reserved is not None and 60 * MiB <= reserved < 200 * MiB
+
+
+class _Cycle:
+    def __init__(self) -> None:
+        self.me = self
+
+
+def test_a_frozen_start_keeps_the_meter_baseline_garbage_free() -> None:
+    """A device process freezes what it imported (see [Note: garbage collection ahead]);
+    garbage from before and after that is gone once the meter starts."""
+    before = _Cycle()
+    gone_before = weakref.ref(before)
+    del before
+    try:
+        freeze_startup()
+        assert gone_before() is None and gc.get_freeze_count() > 0
+        after = _Cycle()
+        gone_after = weakref.ref(after)
+        del after
+        module = nn.Linear(2, 2)
+        meter = MemoryMeter(module, torch.optim.SGD(module.parameters(), lr=0.1),
+                            torch.device("cpu"))
+        meter.start()
+        assert gone_after() is None and gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()

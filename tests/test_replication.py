@@ -85,8 +85,8 @@ def test_replica_reaches_its_holder_in_the_background(tmp_path: Path,
         _train(sender, holder, module, opt, range(3))
         sender.flush()
         assert store.check([key(0, "step", 2)])        # rank 0 publishes committed steps
-        _wait_for(lambda: 2 in holder._held[0])
-        assert sorted(holder._held[0]) == [0, 1, 2]     # the holder keeps the three newest
+        _wait_for(lambda: 2 in holder.holder.held[0])
+        assert sorted(holder.holder.held[0]) == [0, 1, 2]     # the holder keeps the three newest
         # the training thread only copied; sending ran in the background (and no replica
         # went through the store)
         assert len(sender.stats.snapshot_s) == 4 and len(sender.stats.replicate_s) == 3
@@ -171,14 +171,14 @@ def test_replicate_every_k_steps(tmp_path: Path, store: dist.TCPStore) -> None:
         _train(sender, holder, module, opt, range(5))
         sender.flush()
         assert len(sender.stats.replicate_s) == 1
-        _wait_for(lambda: 2 in holder._held[0])
+        _wait_for(lambda: 2 in holder.holder.held[0])
         _train(sender, holder, module, opt, range(5, 9))
         sender.flush()
         # the training thread copied only the replicated steps 2 and 5 and the last one, 8
         # (and the start state); they stay among the own snapshots for a roll-back
         own = sender.own_steps()
         assert {2, 5, 8} <= set(own) and not {0, 1, 3, 4, 6, 7} & set(own)
-        assert len(sender.stats.snapshot_s) == 4 and len(sender._slots) <= 4
+        assert len(sender.stats.snapshot_s) == 4 and len(sender.snapshots.slots) <= 4
     finally:
         sender.close()
         holder.close()
