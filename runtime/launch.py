@@ -153,11 +153,11 @@ def summarize(plan: Plan, workers: Sequence[WorkerResult], *, mode: str, factor:
         stages.append(StageTiming(
             stage=index, devices=stage.devices,
             measured_f=max((w.forward_s for w in mine), default=0.0),
-            cpu_f=max((w.forward_cpu_s for w in mine), default=0.0),
-            cpu_b=max((w.backward_cpu_s for w in mine), default=0.0),
             measured_b=max((w.backward_s for w in mine), default=0.0),
             predicted_f=None if pred is None else pred.compute_f * factor,
-            predicted_b=None if pred is None else pred.compute_b * factor))
+            predicted_b=None if pred is None else pred.compute_b * factor,
+            cpu_f=max((w.forward_cpu_s for w in mine), default=0.0),
+            cpu_b=max((w.backward_cpu_s for w in mine), default=0.0)))
     predicted = None if plan.predicted is None else plan.predicted.expected_round_time_s * factor
     ordered = sorted(workers, key=lambda w: w.rank)
     methods = {w.reserved_method for w in ordered}

@@ -193,13 +193,11 @@ class _Phase1:
         local: dict[tuple[int, int, int], tuple[torch.Tensor, ...]] = {}
         self.compute_s = self.samples_s = self.compute_cpu_s = 0.0
         if self.stage is not None:
-            self._forward(step, local)
+            self._forward(self.stage, step, local)
         return self._collect(local)
 
-    def _forward(self, step: int, local: dict[tuple[int, int, int], tuple[torch.Tensor, ...]]
-                 ) -> None:
-        s = self.stage
-        assert s is not None
+    def _forward(self, s: int, step: int,
+                 local: dict[tuple[int, int, int], tuple[torch.Tensor, ...]]) -> None:
         plan, pac = self.plan, self.pac
         stage = plan.stages[s]
         me = pac.devices[self.rank]

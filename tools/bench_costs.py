@@ -71,23 +71,26 @@ def decompose(plan: Any, costs: Any, cluster: Any, summary: dict[str, Any]
               ) -> tuple[float, float]:
     """(host drift, core wait) of a run from its summary's per-device CPU and wall times.
 
-    The profiled time of a device's compute is its stage's layer fits at its share, in the
-    table's base time (one host core). Both figures weigh devices by their compute."""
+    The profiled time of a device's compute is its stage's layers at its share in the
+    table's base time (one host core: ``LayerSums.fwd_time`` / ``bwd_time`` at speed 1).
+    Both figures weigh devices by their compute."""
+    from solver.evaluate import LayerSums
+
+    sums = LayerSums.of(costs)
     factor = float(summary.get("slowdown_factor") or 1.0)
+    shaped = summary.get("shaping") != "none"
     cpu = base = wall = expected = 0.0
-    speeds = {d.name: d.speed_against(costs.host_flops) for d in cluster.devices}
     for name, got in summary["devices"].items():
-        f_cpu, b_cpu = got.get("forward_cpu_s", 0.0), got.get("backward_cpu_s", 0.0)
-        if not f_cpu and not b_cpu:
+        spent = got.get("forward_cpu_s", 0.0) + got.get("backward_cpu_s", 0.0)
+        if not spent:
             continue
-        stage = plan.stages[got["stage"]]
-        share = got["share"]
-        layers = costs.layers[stage.first:stage.last + 1]
-        base += sum(layer.fwd.at(share) + layer.bwd.at(share) for layer in layers)
-        cpu += f_cpu + b_cpu
-        quota = min(1.0, speeds[name] / factor) if summary.get("shaping") != "none" else 1.0
+        stage, share = plan.stages[got["stage"]], got["share"]
+        base += (sums.fwd_time(stage.first, stage.last, share, 1.0)
+                 + sums.bwd_time(stage.first, stage.last, share, 1.0))
+        cpu += spent
+        speed = cluster.device(name).speed_against(costs.host_flops)
+        expected += spent / (min(1.0, speed / factor) if shaped else 1.0)
         wall += got["forward_s"] + got["backward_s"]
-        expected += (f_cpu + b_cpu) / quota
     if base <= 0.0 or expected <= 0.0:
         return float("nan"), float("nan")
     return cpu / base, wall / expected
