@@ -221,6 +221,10 @@ def profile(
         "--device-type", help="the device type this machine is (e.g. jetson-nano when run "
         "on a Nano); devices of that type then take these times as measured, and `costs "
         "merge` joins tables of several types")] = "local",
+    runtime_overhead: Annotated[bool, typer.Option(
+        "--runtime-overhead/--no-runtime-overhead",
+        help="also record what the training runtime costs on this host per stage call and "
+        "round (measured once per host in about 10 s, then cached)")] = True,
 ) -> None:
     """Measure forward/backward time per layer on this host at several batch sizes."""
     with _errors():
@@ -241,6 +245,12 @@ def profile(
                                leaf_modules=_leaf(leaf), repeats=repeats, progress=update,
                                optimizer=spec.build_optimizer, device_type=device_type)
         table = _renamed(table, spec.name)
+        if runtime_overhead:
+            from asteroid_fx.cost_source import with_host_overhead
+
+            bar, update = _progress_callback("measuring")
+            with bar:
+                table = with_host_overhead(table, update)
         table.save(out)
         console.print(f"profiled {table.num_layers} layers at batch sizes {list(sizes)} in "
                       f"{time.perf_counter() - start:.1f} s; {table.device_type} {table.host} "
@@ -315,7 +325,8 @@ def _show_costs(table: Any, cluster: Path | None, batch_size: int) -> None:
         clus = Cluster(devices=tuple(Device(t, t, 1, speed=1.0) for t in types),
                        bandwidth_mbps=1000.0)
         labels = {t: t for t in types}
-    timing = Timing.of(table, clus)
+    # per layer: the layers' own times (the runtime's per-call overhead is shown below)
+    timing = Timing.of(table.without_runtime_overhead(), clus)
     sources = {}
     for label, name in labels.items():
         kind = clus.device(name).type
@@ -349,6 +360,12 @@ def _show_costs(table: Any, cluster: Path | None, batch_size: int) -> None:
     if table.message_overhead_s > 0:
         console.print(f"runtime cost per message: {table.message_overhead_s * 1e3:.3f} ms on top "
                       f"of every link's latency (fitted by `asteroid-fx calibrate`)")
+    for kind, over in [(table.device_type, table.runtime_overhead),
+                       *((c.device_type, c.runtime_overhead) for c in table.columns)]:
+        if not over.is_zero:
+            console.print(f"runtime overhead ({kind}): {over.forward_s * 1e3:.3f} ms forward "
+                          f"and {over.backward_s * 1e3:.3f} ms backward per stage call, "
+                          f"{over.round_s * 1e3:.3f} ms per round (docs/latency-model.md)")
 
 
 def _costs_for(model: str, batch_size: int, costs: str | None, leaf: tuple[str, ...],

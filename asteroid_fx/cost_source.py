@@ -22,6 +22,7 @@ __all__ = [
     "measures_by_default",
     "default_batch_sizes",
     "resolve_costs",
+    "with_host_overhead",
 ]
 
 log = logging.getLogger(__name__)
@@ -34,7 +35,7 @@ MAX_PROFILE_BATCH = 32
 
 Progress = Callable[[int, int, str], None]
 
-PROFILER_KEY = "chain/thread-cpu-time"
+PROFILER_KEY = "chain/thread-cpu-time/less-timing-overhead"
 """What the cached measurements were made with (part of the cache key): a change of the
 profiler's method invalidates the cache."""
 
@@ -190,7 +191,7 @@ def resolve_costs(spec: Any, model: Any, inputs: Any, cluster: Any,
     if path.is_file():
         cached = _load_cached(path)
         if cached is not None:
-            return CostChoice(cached, "cached",
+            return CostChoice(with_host_overhead(cached, progress), "cached",
                               f"measured on this host at batch sizes {list(sizes)} (cached "
                               f"in {path})")
     from asteroid_fx.costs import profile
@@ -202,5 +203,23 @@ def resolve_costs(spec: Any, model: Any, inputs: Any, cluster: Any,
         _write_atomic(path, table.to_json())
     except OSError as exc:
         log.warning("cannot cache the measured cost table in %s: %s", path, exc)
-    return CostChoice(table, "measured",
+    return CostChoice(with_host_overhead(table, progress), "measured",
                       f"measured on this host at batch sizes {list(sizes)} (cached in {path})")
+
+
+def with_host_overhead(table: Any, progress: Progress | None = None) -> Any:
+    """``table`` with this host's runtime overhead and per-message cost
+    (``asteroid_fx.runtime_overhead``, measured once per host and cached), each unless the
+    table already carries one (a calibrated table keeps its fitted message overhead)."""
+    from dataclasses import replace
+
+    from asteroid_fx.runtime_overhead import host_runtime_overhead
+
+    if not table.runtime_overhead.is_zero and table.message_overhead_s > 0:
+        return table
+    host = host_runtime_overhead(progress=progress)
+    if table.runtime_overhead.is_zero:
+        table = replace(table, runtime_overhead=host.runtime)
+    if table.message_overhead_s == 0.0:
+        table = replace(table, message_overhead_s=host.message_s)
+    return table

@@ -65,6 +65,17 @@ def _layer_label(costs: CostTable, first: int, last: int) -> str:
     return f"{first}..{last} ({names[first].name} .. {names[last].name})"
 
 
+def _source_phrase(costs: CostTable, device_type: str) -> str:
+    """Where a type's layer times come from, and the runtime overhead it pays."""
+    phrase = costs.timing_source(device_type)
+    over = costs.runtime_overhead_of(device_type)
+    if over.is_zero:
+        return phrase
+    return (f"{phrase}; runtime overhead {over.forward_s * 1e3:.2f} / "
+            f"{over.backward_s * 1e3:.2f} ms per stage call (F / B), "
+            f"{over.round_s * 1e3:.2f} ms per round")
+
+
 def _content(plan: Plan, costs: CostTable, cluster: Cluster) -> _Content:
     pred: Prediction = plan.predicted or evaluate(plan, costs, cluster)
     stage_rows = []
@@ -90,7 +101,7 @@ def _content(plan: Plan, costs: CostTable, cluster: Cluster) -> _Content:
     by_type: dict[str, list[str]] = {}
     for member in cluster.devices:
         by_type.setdefault(member.type, []).append(member.name)
-    source_rows = tuple((type_name, ", ".join(names), costs.timing_source(type_name))
+    source_rows = tuple((type_name, ", ".join(names), _source_phrase(costs, type_name))
                         for type_name, names in by_type.items())
     info = plan.planner
     summary = (

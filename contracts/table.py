@@ -5,14 +5,14 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from contracts.errors import CostModelError
 
-__all__ = ["TimeFit", "LayerCost", "DeviceColumn", "CostTable", "COST_TABLE_VERSION",
-           "COLUMN_SOURCES", "UNMEASURED_TYPES"]
+__all__ = ["TimeFit", "LayerCost", "DeviceColumn", "CostTable", "RuntimeOverhead",
+           "COST_TABLE_VERSION", "COLUMN_SOURCES", "UNMEASURED_TYPES"]
 
 COST_TABLE_VERSION = 2
 """Version 2 adds ``device_type`` and ``columns``; version 1 files are still read."""
@@ -119,6 +119,54 @@ def _fits(values: Any, what: str, count: int) -> tuple[TimeFit, ...]:
 
 
 @dataclass(frozen=True)
+class RuntimeOverhead:
+    """What the training runtime costs on a device beyond its layers' times, in seconds
+    of that device (or of one core of the profiling host, for the base times: devices
+    that scale the base divide these by their speed too). See docs/latency-model.md,
+    "Runtime overhead"; measured by ``asteroid_fx.runtime_overhead``.
+
+    ``forward_s`` / ``backward_s``: per stage call (one micro-batch on one device):
+    calling the stage module and the loss, the autograd engine's launch, and running a
+    stage right after a wait, with colder caches than back-to-back layers.
+    ``round_s``: per device and round: the round's bookkeeping, ``zero_grad``, the
+    optimizer's fixed cost (its per-byte cost is ``update_s_per_byte``).
+    """
+
+    forward_s: float = 0.0
+    backward_s: float = 0.0
+    round_s: float = 0.0
+
+    def __post_init__(self) -> None:
+        for value, what in ((self.forward_s, "forward_s"), (self.backward_s, "backward_s"),
+                            (self.round_s, "round_s")):
+            if isinstance(value, bool) or not (math.isfinite(value) and value >= 0):
+                raise CostModelError(f"runtime_overhead.{what} must be finite and >= 0 "
+                                     f"seconds, got {value!r}")
+
+    @property
+    def is_zero(self) -> bool:
+        return self.forward_s == 0.0 and self.backward_s == 0.0 and self.round_s == 0.0
+
+    def to_dict(self) -> dict[str, float]:
+        return {"forward_s": self.forward_s, "backward_s": self.backward_s,
+                "round_s": self.round_s}
+
+    @classmethod
+    def from_dict(cls, data: Any) -> RuntimeOverhead:
+        if data is None:
+            return cls()
+        if not isinstance(data, Mapping):
+            raise CostModelError(f"runtime_overhead is a JSON object with forward_s, "
+                                 f"backward_s and round_s, got {data!r:.80}")
+        try:
+            return cls(forward_s=float(data.get("forward_s", 0.0)),
+                       backward_s=float(data.get("backward_s", 0.0)),
+                       round_s=float(data.get("round_s", 0.0)))
+        except (TypeError, ValueError) as exc:
+            raise CostModelError(f"malformed runtime_overhead {data!r:.80}: {exc}") from exc
+
+
+@dataclass(frozen=True)
 class DeviceColumn:
     """One device type's per-layer times (``fwd[i]``/``bwd[i]`` for layer ``i``) and
     optimizer step, taken as they are for every device of that type: no ``speed`` is
@@ -136,6 +184,7 @@ class DeviceColumn:
     torch_version: str = ""
     host_flops: float = 0.0
     meta: Mapping[str, Any] = field(default_factory=dict)
+    runtime_overhead: RuntimeOverhead = field(default_factory=RuntimeOverhead)
 
     def __post_init__(self) -> None:
         if not self.device_type or self.device_type in UNMEASURED_TYPES:
@@ -172,6 +221,7 @@ class DeviceColumn:
             "fwd": [f.to_list() for f in self.fwd],
             "bwd": [b.to_list() for b in self.bwd],
             "meta": dict(self.meta),
+            "runtime_overhead": self.runtime_overhead.to_dict(),
         }
 
     @classmethod
@@ -190,6 +240,7 @@ class DeviceColumn:
                 torch_version=str(data.get("torch_version", "")),
                 host_flops=float(data.get("host_flops", 0.0)),
                 meta=dict(data.get("meta", {})),
+                runtime_overhead=RuntimeOverhead.from_dict(data.get("runtime_overhead")),
             )
         except KeyError as exc:
             raise CostModelError(f"a cost column is missing the field {exc.args[0]!r}") from exc
@@ -232,6 +283,8 @@ class CostTable:
     optimizer_state_factor: float = 0.0  # optimizer state per weight byte (measured)
     message_overhead_s: float = 0.0  # runtime cost per message on top of the link (calibrated)
     columns: tuple[DeviceColumn, ...] = ()  # other measured types, sorted by type
+    #: the runtime's own cost per stage call and round on the base device (measured)
+    runtime_overhead: RuntimeOverhead = field(default_factory=RuntimeOverhead)
 
     def __post_init__(self) -> None:
         for value, what in ((self.optimizer_state_factor, "optimizer_state_factor"),
@@ -290,7 +343,15 @@ class CostTable:
             update_s_per_byte=self.update_s_per_byte,
             source=self.source,
             host=self.host, torch_version=self.torch_version, host_flops=self.host_flops,
+            runtime_overhead=self.runtime_overhead,
         )
+
+    def without_runtime_overhead(self) -> CostTable:
+        """This table with no runtime overhead on the base or any column: its stage
+        times are the layers' sums alone (what one layer costs, shown per layer)."""
+        zero = RuntimeOverhead()
+        return replace(self, runtime_overhead=zero,
+                       columns=tuple(replace(c, runtime_overhead=zero) for c in self.columns))
 
     @property
     def measured_types(self) -> tuple[str, ...]:
@@ -307,6 +368,12 @@ class CostTable:
             if col.device_type == device_type:
                 return col
         return None
+
+    def runtime_overhead_of(self, device_type: str) -> RuntimeOverhead:
+        """The runtime overhead devices of ``device_type`` take: their column's, else the
+        base's (which scaled devices divide by their speed)."""
+        col = self.column(device_type)
+        return self.runtime_overhead if col is None else col.runtime_overhead
 
     def timing_source(self, device_type: str) -> str:
         """One phrase: where devices of ``device_type`` take their times from."""
@@ -340,6 +407,7 @@ class CostTable:
             "optimizer_state_factor": self.optimizer_state_factor,
             "message_overhead_s": self.message_overhead_s,
             "columns": [col.to_dict() for col in self.columns],
+            "runtime_overhead": self.runtime_overhead.to_dict(),
         }
 
     def to_json(self) -> str:
@@ -376,6 +444,7 @@ class CostTable:
                 message_overhead_s=float(data.get("message_overhead_s", 0.0)),
                 columns=tuple(DeviceColumn.from_dict(c, len(data["layers"]))
                               for c in data.get("columns", ())),
+                runtime_overhead=RuntimeOverhead.from_dict(data.get("runtime_overhead")),
             )
         except KeyError as exc:
             raise CostModelError(f"cost table is missing the field {exc.args[0]!r}") from exc

@@ -163,7 +163,7 @@ def stage_bound(space: SliceSpace, sums: LayerSums, cut_bytes: Sequence[int],
             size = info.size
             reduce_a = 2.0 * (size - 1) / (size * info.min_bw) if size > 1 else 0.0
             reduce_b = 2.0 * (size - 1) * info.max_lat if size > 1 else 0.0
-            step = max(upb / div for upb, div in info.update_pairs)
+            step = max(upb / div for upb, div, _ in info.update_pairs)
             rows.append((c, size, 1.0 / max(us), beta, gamma, reduce_a, reduce_b, step))
     if not rows:
         return StageBound(tuple(firsts), index, grid, alpha, limit, m,

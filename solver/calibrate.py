@@ -11,7 +11,13 @@ from typing import Any
 from contracts.cluster import Cluster, Device, Link
 from contracts.errors import CostModelError
 from contracts.plan import Plan
-from contracts.table import UNMEASURED_TYPES, CostTable, DeviceColumn, TimeFit
+from contracts.table import (
+    UNMEASURED_TYPES,
+    CostTable,
+    DeviceColumn,
+    RuntimeOverhead,
+    TimeFit,
+)
 from solver.evaluate import evaluate
 from solver.simulate import simulate
 from solver.timing import Timing
@@ -54,6 +60,14 @@ def with_message_overhead(cluster: Cluster, overhead_s: float) -> Cluster:
                        None if lk.latency_ms is None else lk.latency_ms + ms)
                   for lk in cluster.links)
     return replace(cluster, links=links, latency_ms=cluster.latency_ms + ms)
+
+
+def _scaled_overhead(overhead: RuntimeOverhead, speed: float) -> RuntimeOverhead:
+    """The base device's runtime overhead on a device of ``speed`` (a group that scaled the
+    base times and now gets a column of its own)."""
+    return RuntimeOverhead(forward_s=overhead.forward_s / speed,
+                           backward_s=overhead.backward_s / speed,
+                           round_s=overhead.round_s / speed)
 
 
 def _bisect_overhead(round_with: Callable[[float], float], base_s: float,
@@ -178,10 +192,14 @@ def calibrate_costs(plan: Plan, costs: CostTable, cluster: Cluster,
                 unmeasured.append(name)
                 continue
             group_speed.setdefault(group, timing.speeds[name])   # scaled groups only
-            pf = timing.fwd_time(name, stage.first, stage.last, share)
-            pb = timing.bwd_time(name, stage.first, stage.last, share)
-            rf, rb = (float(measured[0]) / pf if pf > 0 else 1.0,
-                      float(measured[1]) / pb if pb > 0 else 1.0)
+            # the ratios correct the layers' times; the runtime's per-call overhead
+            # (CostTable.runtime_overhead) stays as it is, so it is left out of both sides
+            sums, div = timing.sums_of(name), timing.device(name).divisor
+            call_f, call_b = sums.call_fwd / div, sums.call_bwd / div
+            pf = timing.fwd_time(name, stage.first, stage.last, share) - call_f
+            pb = timing.bwd_time(name, stage.first, stage.last, share) - call_b
+            rf, rb = ((float(measured[0]) - call_f) / pf if pf > 0 else 1.0,
+                      (float(measured[1]) - call_b) / pb if pb > 0 else 1.0)
             if all(_RATIO_BOUNDS[0] <= r <= _RATIO_BOUNDS[1] for r in (rf, rb)):
                 samples.setdefault(group, {}).setdefault(index, []).append((rf, rb))
     ratios = {g: {s: (statistics.median(r[0] for r in rs), statistics.median(r[1] for r in rs))
@@ -210,7 +228,10 @@ def calibrate_costs(plan: Plan, costs: CostTable, cluster: Cluster,
             device_type=group, fwd=new_f, bwd=new_b, update_s_per_byte=update,
             source="calibrated", host=old.host if old is not None else "",
             torch_version=old.torch_version if old is not None else "",
-            host_flops=old.host_flops if old is not None else 0.0)
+            host_flops=old.host_flops if old is not None else 0.0,
+            runtime_overhead=(old.runtime_overhead if old is not None
+                              else _scaled_overhead(costs.runtime_overhead,
+                                                    group_speed[group])))
     table = replace(costs, layers=tuple(layers), source=base_source,
                     columns=tuple(columns[k] for k in sorted(columns)
                                   if k != costs.device_type))

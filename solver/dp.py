@@ -133,8 +133,9 @@ time function scaled by speed. The DP keeps every rule above exact as follows:
 * stage times are taken per device from its time source (the base or its column) and
   divisor (speed, or 1 for a column), in the same float operations as ``evaluate``;
   ``_deciders`` compares devices only within one time source (``_source_deciders``);
-  ``T_a``'s optimizer step is the maximum over the group's sources of ``params *
-  update_per_byte / (smallest divisor)`` (``Timing.update_pairs``);
+  ``T_a``'s optimizer step is the maximum over the group's sources of ``(params *
+  update_per_byte + round_s) / (smallest divisor)`` (``Timing.update_pairs``); a
+  source's per-call runtime overhead enters its intercept terms as in ``LayerSums``;
 * every bound that divides base work by a sum of speeds (``work``, ``work_i``,
   ``head_*``: cell and stage cut-offs, candidate windows, exact bounds) divides by the
   *bound speeds* ``u_d`` instead (``SearchSpace.pool_speed`` and friends): no stage is
@@ -472,8 +473,12 @@ class _Search:
             found = (lasts, slopes, inters, {}, [], [], [], use_np)
         elif use_np:
             stop = np.asarray(lasts) + 1
-            terms: dict[int, Any] = {src: tuple(a[stop] - a[first] for a in self.ctx.np_src[src])
-                                     for src in used}
+            terms: dict[int, Any] = {}
+            for src in used:
+                f_i, f_s, b_i, b_s = (a[stop] - a[first] for a in self.ctx.np_src[src])
+                # LayerSums.fwd_time's float operations: (sum + call) + slope * share
+                terms[src] = (f_i + sources[src].call_fwd, f_s, b_i + sources[src].call_bwd,
+                              b_s)
             params = self.ctx.np_params[stop] - self.ctx.np_params[first]
             largest = np.maximum.accumulate(self.ctx.np_layer_params[first:])[stop - 1 - first]
             # stage_memory_parts over all `last` at once (exact while bytes stay below 2**53)
@@ -495,8 +500,9 @@ class _Search:
             for src in used:
                 t = sources[src]
                 fi, fs, bi, bs = t.fwd_intercept, t.fwd_slope, t.bwd_intercept, t.bwd_slope
-                terms[src] = [(fi[last + 1] - fi[first], fs[last + 1] - fs[first],
-                               bi[last + 1] - bi[first], bs[last + 1] - bs[first])
+                cf_t, cb_t = t.call_fwd, t.call_bwd
+                terms[src] = [(fi[last + 1] - fi[first] + cf_t, fs[last + 1] - fs[first],
+                               bi[last + 1] - bi[first] + cb_t, bs[last + 1] - bs[first])
                               for last in lasts]
             found = (lasts, slopes, inters, terms, params_l, fixed, acts, use_np)
         self._layers[key] = found
@@ -555,10 +561,10 @@ class _Search:
                                   0.0)
             else:
                 reduce = np.zeros(count)
-            upb, div = pairs[0]
-            step = par * upb / div
-            for upb, div in pairs[1:]:
-                step = np.maximum(step, par * upb / div)
+            upb, div, fixed_s = pairs[0]
+            step = (par * upb + fixed_s) / div
+            for upb, div, fixed_s in pairs[1:]:
+                step = np.maximum(step, (par * upb + fixed_s) / div)
             ta = (reduce + step).tolist()
             # compute grows with `last`: stages past `keep` cost M X >= incumbent
             keep = int(np.count_nonzero(m * (cf + cb) < inc))
@@ -576,11 +582,11 @@ class _Search:
                     cb_l.append(max((terms[src][k][2] + terms[src][k][3] * b) / v
                                     for b, v, src in deciders))
             min_bw, lat = info.min_bw, info.max_lat
-            upb, slowest = pairs[0]
+            upb, slowest, fixed_s = pairs[0]
             if len(pairs) == 1:
-                steps = [p * upb / slowest for p in params[:count]]
+                steps = [(p * upb + fixed_s) / slowest for p in params[:count]]
             else:
-                steps = [max(p * u / d for u, d in pairs) for p in params[:count]]
+                steps = [max((p * u + r) / d for u, d, r in pairs) for p in params[:count]]
             ta = [(2.0 * (size - 1) * p / (size * min_bw) + 2.0 * (size - 1) * lat
                    if size > 1 and p > 0 else 0.0)
                   + step for p, step in zip(params[:count], steps, strict=True)]

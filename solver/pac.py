@@ -122,10 +122,12 @@ after the lean hops). A device at speed ``v`` pays it at ``1 / v``."""
 
 def phase1_costs(costs: CostTable, taps: Sequence[int], cluster: Cluster) -> CostTable:
     """The forward-only table of phase 1 (:func:`segment_costs`) with the runtime's cost
-    per message (see [Note: phase-1 time]): the table's calibrated ``message_overhead_s``
-    when it has one, else ``MESSAGE_CPU_S`` at the slowest device's speed."""
+    per message (see [Note: phase-1 time]): the table's ``message_overhead_s`` when
+    ``calibrate`` fitted it to a run, else ``MESSAGE_CPU_S`` at the slowest device's speed
+    (a host's probe figure, ``asteroid_fx.runtime_overhead``, is one all-reduce step at
+    0.75 of a core, not phase 1's many small pieces and hand-offs)."""
     coarse = segment_costs(costs, taps)
-    if costs.message_overhead_s > 0:
+    if costs.message_overhead_s > 0 and "calibration" in costs.meta:
         return coarse
     slowest = min(Timing.of(costs, cluster.for_costs(costs)).speeds.values())
     return replace(coarse, message_overhead_s=MESSAGE_CPU_S / max(slowest, 1e-9))

@@ -182,7 +182,7 @@ class GroupInfo:
     bound_speed: float             # sum of the bound speeds
     min_bw: float                  # slowest link inside (bytes/s; 0.0 for one device)
     max_lat: float                 # largest latency inside (seconds)
-    update_pairs: tuple[tuple[float, float], ...]   # Timing.update_pairs
+    update_pairs: tuple[tuple[float, float, float], ...]   # Timing.update_pairs
     sources: tuple[int, ...]       # time sources used, sorted
 
     @property

@@ -112,6 +112,11 @@ class LayerSums:
     #: ``largest_params`` lookups: level ``k`` holds the largest ``param_bytes`` of the
     #: ``2**k`` layers starting at each index (a sparse table); empty: 0
     param_max: tuple[tuple[int, ...], ...] = ()
+    #: the runtime's own seconds per stage call (forward, backward) and per device and
+    #: round (``CostTable.runtime_overhead``, see [Note: runtime overhead])
+    call_fwd: float = 0.0
+    call_bwd: float = 0.0
+    round_s: float = 0.0
 
     @classmethod
     def of(cls, costs: CostTable, column: DeviceColumn | None = None) -> LayerSums:
@@ -128,6 +133,9 @@ class LayerSums:
             update_per_byte=costs.update_s_per_byte,
             boundary_bytes=(0, *costs.cut_bytes, layers[-1].output_bytes),
             param_max=_range_max_table([lc.param_bytes for lc in layers]),
+            call_fwd=costs.runtime_overhead.forward_s,
+            call_bwd=costs.runtime_overhead.backward_s,
+            round_s=costs.runtime_overhead.round_s,
         )
         return base if column is None else base.with_column(column)
 
@@ -143,6 +151,9 @@ class LayerSums:
             bwd_intercept=_prefix_f([b.intercept_s for b in column.bwd]),
             bwd_slope=_prefix_f([b.per_sample_s for b in column.bwd]),
             update_per_byte=column.update_s_per_byte,
+            call_fwd=column.runtime_overhead.forward_s,
+            call_bwd=column.runtime_overhead.backward_s,
+            round_s=column.runtime_overhead.round_s,
         )
 
     @property
@@ -178,7 +189,7 @@ class LayerSums:
         """Forward seconds of layers ``first..last`` for ``share`` samples at ``speed``."""
         if share <= 0:
             return 0.0
-        inter = self.fwd_intercept[last + 1] - self.fwd_intercept[first]
+        inter = self.fwd_intercept[last + 1] - self.fwd_intercept[first] + self.call_fwd
         slope = self.fwd_slope[last + 1] - self.fwd_slope[first]
         return (inter + slope * share) / speed
 
@@ -186,13 +197,14 @@ class LayerSums:
         """Backward seconds of layers ``first..last`` for ``share`` samples at ``speed``."""
         if share <= 0:
             return 0.0
-        inter = self.bwd_intercept[last + 1] - self.bwd_intercept[first]
+        inter = self.bwd_intercept[last + 1] - self.bwd_intercept[first] + self.call_bwd
         slope = self.bwd_slope[last + 1] - self.bwd_slope[first]
         return (inter + slope * share) / speed
 
     def update_time(self, first: int, last: int, speed: float) -> float:
-        """Seconds of one optimizer step over layers ``first..last`` at ``speed``."""
-        return self.params(first, last) * self.update_per_byte / speed
+        """Seconds of one optimizer step over layers ``first..last`` at ``speed``, with
+        the round's fixed runtime cost (``round_s``)."""
+        return (self.params(first, last) * self.update_per_byte + self.round_s) / speed
 
     def compute(self, first: int, last: int, shares: Sequence[int],
                 speeds: Sequence[float]) -> tuple[float, float]:
@@ -371,15 +383,17 @@ class Timing:
         ``params * update_per_byte / min speed``, bit for bit: division is monotone)."""
         return max(self.update_time(d, first, last) for d in devices)
 
-    def update_pairs(self, devices: Iterable[str]) -> list[tuple[float, float]]:
-        """``(update_per_byte, divisor)`` per time source of the group, the smallest
-        divisor of each: the group's step is ``max(params * upb / div)`` over them."""
+    def update_pairs(self, devices: Iterable[str]) -> list[tuple[float, float, float]]:
+        """``(update_per_byte, divisor, round_s)`` per time source of the group, the
+        smallest divisor of each: the group's step is ``max((params * upb + round_s) /
+        div)`` over them."""
         best: dict[int, float] = {}
         for d in devices:
             t = self.devices[d]
             if t.source not in best or t.divisor < best[t.source]:
                 best[t.source] = t.divisor
-        return [(self.sources[s].update_per_byte, div) for s, div in sorted(best.items())]
+        return [(self.sources[s].update_per_byte, div, self.sources[s].round_s)
+                for s, div in sorted(best.items())]
 
 
 def _warn_unmeasured(costs: CostTable, unmeasured: Mapping[str, list[float]]) -> None:

@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import replace
 
 from contracts.cluster import Cluster, Device, Link
-from contracts.table import CostTable, DeviceColumn, LayerCost, TimeFit
+from contracts.table import CostTable, DeviceColumn, LayerCost, RuntimeOverhead, TimeFit
 
 __all__ = [
     "MIB",
@@ -246,3 +246,26 @@ def random_column_instance(seed: int, *, max_layers: int = 6, max_devices: int =
     cluster = typed_cluster(types, speeds, mems, rng.choice([10.0, 100.0, 1000.0, 1000.0]),
                             rng.choice([0.1, 1.0, 5.0]) if latency else 0.0)
     return costs, cluster, rng.choice([1, 2, 4, 6, 8, 12, 16])
+
+
+def with_runtime_overhead(seed: int, costs: CostTable) -> CostTable:
+    """``costs`` with a random runtime overhead per stage call and round (0-3x the mean
+    layer time; zero in a third of the draws of each part) on the base and every column."""
+    rng = random.Random(seed)
+    mean = sum(lc.fwd.at(4) + lc.bwd.at(4) for lc in costs.layers) / (2 * len(costs.layers))
+
+    def draw() -> RuntimeOverhead:
+        parts = [0.0 if rng.random() < 1 / 3 else rng.uniform(0.0, 3.0) * mean
+                 for _ in range(3)]
+        return RuntimeOverhead(forward_s=parts[0], backward_s=parts[1], round_s=parts[2])
+
+    columns = tuple(replace(col, runtime_overhead=draw()) for col in costs.columns)
+    return replace(costs, runtime_overhead=draw(), columns=columns)
+
+
+def random_overhead_instance(seed: int, **kwargs: object) -> tuple[CostTable, Cluster, int]:
+    """``random_instance`` (even seeds) or ``random_column_instance`` (odd) with a random
+    runtime overhead (``with_runtime_overhead``)."""
+    make = random_column_instance if seed % 2 else random_instance
+    costs, cluster, batch = make(seed, **kwargs)  # type: ignore[arg-type]
+    return with_runtime_overhead(seed, costs), cluster, batch

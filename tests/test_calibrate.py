@@ -10,6 +10,7 @@ import pytest
 from contracts.cluster import Cluster, Device
 from contracts.errors import CostModelError
 from contracts.plan import Plan, Stage
+from contracts.table import RuntimeOverhead
 from solver.calibrate import BASE_GROUP, calibrate_costs, with_message_overhead
 from solver.evaluate import LayerSums, evaluate
 from solver.simulate import simulate
@@ -193,3 +194,33 @@ def test_a_device_with_a_cost_column_has_its_column_corrected() -> None:
     assert pred.stages[0].compute_f == pytest.approx(measured["d0"][0], rel=1e-9)
     assert pred.stages[1].compute_b == pytest.approx(measured["d1"][1], rel=1e-9)
     assert corr.calibrated_round_s == pytest.approx(rounds, rel=1e-6)
+
+
+def test_the_runtime_overhead_stays_out_of_the_ratios() -> None:
+    # layers measured 2x their table times, the runtime's per-call overhead as predicted:
+    # the ratio is 2 (not diluted by the overhead) and the calibrated table predicts the
+    # measured stage times exactly
+    over = RuntimeOverhead(forward_s=5e-3, backward_s=4e-3, round_s=1e-3)
+    costs = replace(COSTS, runtime_overhead=over)
+    bare = LayerSums.of(COSTS)
+    cluster = make_cluster([1.0, 0.5], bandwidth_mbps=8.0)
+    speeds = {"d0": 1.0, "d1": 0.5}
+    measured = {}
+    for st in TWO.stages:
+        d, share = st.devices[0], st.shares[0]
+        measured[d] = (2.0 * bare.fwd_time(st.first, st.last, share, speeds[d])
+                       + over.forward_s / speeds[d],
+                       2.0 * bare.bwd_time(st.first, st.last, share, speeds[d])
+                       + over.backward_s / speeds[d])
+    table, corr = calibrate_costs(TWO, costs, cluster, measured,
+                                  evaluate(TWO, costs, cluster).round_time_s * 2.0)
+    assert corr.ratios[BASE_GROUP] == {0: pytest.approx((2.0, 2.0)),
+                                       1: pytest.approx((2.0, 2.0))}
+    assert table.runtime_overhead == over
+    sums = LayerSums.of(table)
+    for st in TWO.stages:
+        d, share = st.devices[0], st.shares[0]
+        assert sums.fwd_time(st.first, st.last, share, speeds[d]) == pytest.approx(
+            measured[d][0], rel=1e-9)
+        assert sums.bwd_time(st.first, st.last, share, speeds[d]) == pytest.approx(
+            measured[d][1], rel=1e-9)

@@ -41,11 +41,13 @@ from tests.solver_cases import (
     random_columns,
     random_costs,
     random_instance,
+    random_overhead_instance,
     scaled_column,
     spread_cluster,
     typed_cluster,
     uniform_costs,
     with_ops,
+    with_runtime_overhead,
 )
 
 
@@ -215,6 +217,17 @@ def test_dp_equals_brute_force_with_cost_columns_and_latency() -> None:
                                                      latency=True,
                                                      instance=random_column_instance)
     assert agree >= 90 and multi_stage >= 10
+
+
+def test_dp_equals_brute_force_with_runtime_overhead() -> None:
+    # a fixed runtime cost per stage call (forward, backward) and per device and round
+    # (in T_a with the optimizer step), on the base times and on columns: the DP's
+    # intercept terms and update pairs carry them in evaluate's float operations
+    # (measured: 137 of 160 with a plan, 13 pipelines: overhead per stage discourages them)
+    agree, multi_stage = _agreement_with_brute_force(range(40_000, 40_160), 6, 4,
+                                                     latency=True,
+                                                     instance=random_overhead_instance)
+    assert agree >= 120 and multi_stage >= 10
 
 
 def _wide_agreement(seeds: range, instance: Any, **kwargs: Any) -> tuple[int, int, int]:
@@ -614,6 +627,28 @@ def test_fast_dp_equals_the_reference_with_cost_columns(max_front: int | None) -
         if fast.plan is not None:
             assert evaluate(fast.plan, costs, cluster).round_time_s == pytest.approx(
                 fast.round_time_s, rel=1e-12)
+
+
+def test_fast_dp_matches_evaluate_with_runtime_overhead() -> None:
+    """Instances big enough for the numpy paths: the DP's round is evaluate's, and a
+    runtime overhead never makes a round shorter."""
+    for seed in range(6):
+        rng = random.Random(700 + seed)
+        costs = random_costs(rng, rng.choice([30, 40]))
+        if seed % 2:
+            costs = random_columns(rng, costs, ["jetson-nano"])
+            cluster = typed_cluster(["jetson-nano", "custom", "jetson-nano", "local"],
+                                    [1.0, 0.5, 1.0, 1.5])
+        else:
+            cluster = random_cluster(rng, 4, tight_memory=False)
+        batch = rng.choice([8, 16])
+        plain = asteroid_dp(costs, cluster, batch)
+        costs = with_runtime_overhead(seed, costs)
+        fast = asteroid_dp(costs, cluster, batch)
+        assert fast.plan is not None, seed
+        assert evaluate(fast.plan, costs, cluster).round_time_s == pytest.approx(
+            fast.round_time_s, rel=1e-12), seed
+        assert fast.round_time_s >= plain.round_time_s * (1 - 1e-12), seed
 
 
 def test_pareto_np_equals_the_plain_scan() -> None:

@@ -18,6 +18,7 @@ from tests.solver_cases import (
     random_column_instance,
     random_costs,
     random_instance,
+    random_overhead_instance,
     uniform_costs,
 )
 
@@ -103,6 +104,25 @@ def test_ilp_equals_dp_with_cost_columns() -> None:
         agree += 1
         pipelines += dp.plan.num_stages > 1
     assert agree >= 8 and pipelines >= 2
+
+
+def test_ilp_equals_dp_with_runtime_overhead() -> None:
+    # the per-call and per-round runtime overhead enters the MILP's stage times as it
+    # enters the DP's (through Timing)
+    agree = 0
+    for seed in range(6):
+        costs, cluster, batch = random_overhead_instance(3100 + seed, max_layers=4,
+                                                         max_devices=3)
+        dp = asteroid_dp(costs, cluster, batch, max_cuts=None)
+        ilp = ilp_plan(costs, cluster, batch, time_limit_s=120)
+        assert (dp.plan is None) == (ilp.plan is None), seed
+        if dp.plan is None:
+            continue
+        assert ilp.status == "optimal" and ilp.plan is not None, seed
+        ilp_round = evaluate(ilp.plan, costs, cluster).round_time_s
+        assert ilp_round == pytest.approx(dp.round_time_s, rel=1e-6), seed
+        agree += 1
+    assert agree >= 4
 
 
 def test_ilp_wide_is_never_worse_than_the_dp() -> None:

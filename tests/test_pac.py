@@ -155,8 +155,12 @@ def test_phase1_costs_charge_the_runtime_per_message() -> None:
     cluster = make_cluster([1.0, 0.5], bandwidth_mbps=1000)
     coarse = phase1_costs(COSTS, MODEL.taps, cluster)
     assert coarse.message_overhead_s == pytest.approx(MESSAGE_CPU_S / 0.5)
-    calibrated = replace(COSTS, message_overhead_s=2e-4)      # measured: kept as it is
+    calibrated = replace(COSTS, message_overhead_s=2e-4,      # fitted to a run: kept
+                         meta={**COSTS.meta, "calibration": {}})
     assert phase1_costs(calibrated, MODEL.taps, cluster).message_overhead_s == 2e-4
+    probed = replace(COSTS, message_overhead_s=2e-4)   # the host probe's all-reduce step
+    assert phase1_costs(probed, MODEL.taps, cluster).message_overhead_s == pytest.approx(
+        MESSAGE_CPU_S / 0.5)
 
 
 def test_phase1_prediction_adds_the_hand_off_after_the_pipeline() -> None:

@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+import cost_models.profile as profile_module
 from asteroid_fx.costs import profile
 from asteroid_fx.trace import trace
 from contracts.errors import CostModelError
@@ -279,3 +280,10 @@ def test_optimizer_step_is_timed_with_the_given_optimizer() -> None:
 
     with pytest.raises(CostModelError, match="build_optimizer.*no such optimizer"):
         profile(Tiny(), tiny_batch, (1,), repeats=1, warmup=0, optimizer=broken)
+
+
+def test_what_timing_a_layer_adds_is_measured_and_taken_off(measured: CostTable) -> None:
+    eps_f, eps_b = measured.meta["timing_overhead_s"]
+    assert 0.0 < eps_f < 1e-3 and 0.0 < eps_b < 1e-3
+    # nothing goes below zero, a layer never timed stays zero
+    assert profile_module._less([[3e-6, 0.0, 1e-5]], 5e-6) == [[0.0, 0.0, 5e-6]]

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from contracts.errors import CostModelError
-from contracts.table import CostTable, DeviceColumn, LayerCost, TimeFit
+from contracts.table import CostTable, DeviceColumn, LayerCost, RuntimeOverhead, TimeFit
 
 
 def _table() -> CostTable:
@@ -121,3 +121,35 @@ def test_duplicate_column_types_are_refused() -> None:
     with pytest.raises(CostModelError, match="two columns"):
         replace(base, columns=(_column(base, "jetson-nano", 2.0),
                                _column(base, "jetson-nano", 3.0)))
+
+
+def test_runtime_overhead_round_trips_and_is_looked_up_per_type(tmp_path: Path) -> None:
+    over = RuntimeOverhead(forward_s=1e-4, backward_s=2e-4, round_s=3e-4)
+    nano = RuntimeOverhead(forward_s=5e-4)
+    column = DeviceColumn("jetson-nano", fwd=tuple(lc.fwd for lc in _table().layers),
+                          bwd=tuple(lc.bwd for lc in _table().layers), runtime_overhead=nano)
+    table = replace(_table(), runtime_overhead=over, columns=(column,))
+    assert CostTable.from_json(table.to_json()) == table
+    assert table.runtime_overhead_of("local") == over       # scaled devices: the base's
+    assert table.runtime_overhead_of("jetson-tx2") == over
+    assert table.runtime_overhead_of("jetson-nano") == nano  # a column: its own
+    bare = table.without_runtime_overhead()
+    assert bare.runtime_overhead.is_zero and bare.columns[0].runtime_overhead.is_zero
+    assert bare.layers == table.layers
+    # files of before have no runtime_overhead: zero
+    data = json.loads(_table().to_json())
+    del data["runtime_overhead"]
+    assert CostTable.from_dict(data).runtime_overhead == RuntimeOverhead()
+
+
+@pytest.mark.parametrize("value", [-1e-3, float("nan"), float("inf")])
+def test_bad_runtime_overhead_is_refused(value: float) -> None:
+    with pytest.raises(CostModelError, match="runtime_overhead.round_s must be finite"):
+        RuntimeOverhead(round_s=value)
+    data = json.loads(_table().to_json())
+    data["runtime_overhead"] = {"forward_s": "fast"}
+    with pytest.raises(CostModelError, match="malformed runtime_overhead"):
+        CostTable.from_dict(data)
+    data["runtime_overhead"] = [1, 2, 3]
+    with pytest.raises(CostModelError, match="runtime_overhead is a JSON object"):
+        CostTable.from_dict(data)

@@ -13,7 +13,7 @@ import pytest
 
 import solver.timing as timing_module
 from contracts.plan import Plan, Stage
-from contracts.table import DeviceColumn, TimeFit
+from contracts.table import DeviceColumn, RuntimeOverhead, TimeFit
 from solver.dp import asteroid_dp, hiding_ratio, sorted_devices
 from solver.evaluate import LayerSums, evaluate
 from solver.timing import Timing, column_bound_speed, column_speed
@@ -286,3 +286,31 @@ def test_without_columns_predictions_are_bit_for_bit_those_of_before() -> None:
                evaluate(hetpipe(costs, cluster, 16), costs, cluster).round_time_s,
                evaluate(pipedream(costs, cluster, 16), costs, cluster).round_time_s]
         assert [x.hex() for x in got] == expected, seed
+
+
+def test_runtime_overhead_is_charged_per_stage_call_and_round() -> None:
+    """Every stage call pays the source's per-call overhead and every device the round's,
+    divided by its speed; a column device pays its column's; zero changes nothing."""
+    costs = random_columns(random.Random(4), random_costs(random.Random(3), 6),
+                           ["jetson-nano"])
+    cluster = typed_cluster(["local", "jetson-nano"], [0.5, 1.0])
+    plain = Timing.of(costs, cluster)
+    base = RuntimeOverhead(forward_s=1e-3, backward_s=2e-3, round_s=4e-3)
+    nano = RuntimeOverhead(forward_s=3e-3)
+    over = replace(costs, runtime_overhead=base,
+                   columns=(replace(costs.columns[0], runtime_overhead=nano),))
+    timing = Timing.of(over, cluster)
+    assert timing.fwd_time("d0", 1, 4, 3) == pytest.approx(
+        plain.fwd_time("d0", 1, 4, 3) + 1e-3 / 0.5, rel=1e-12)
+    assert timing.bwd_time("d0", 1, 4, 3) == pytest.approx(
+        plain.bwd_time("d0", 1, 4, 3) + 2e-3 / 0.5, rel=1e-12)
+    assert timing.update_time("d0", 1, 4) == pytest.approx(
+        plain.update_time("d0", 1, 4) + 4e-3 / 0.5, rel=1e-12)
+    assert timing.fwd_time("d1", 1, 4, 3) == pytest.approx(
+        plain.fwd_time("d1", 1, 4, 3) + 3e-3, rel=1e-12)
+    assert timing.bwd_time("d1", 1, 4, 3) == plain.bwd_time("d1", 1, 4, 3)
+    assert timing.fwd_time("d0", 1, 4, 0) == 0.0      # a device with no share computes nothing
+    zero = Timing.of(over.without_runtime_overhead(), cluster)
+    for name in ("d0", "d1"):
+        assert zero.fwd_time(name, 0, 5, 7) == plain.fwd_time(name, 0, 5, 7)   # bit for bit
+        assert zero.update_time(name, 0, 5) == plain.update_time(name, 0, 5)

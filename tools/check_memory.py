@@ -231,7 +231,9 @@ def run_case(case: Case, steps: int, work: Path, allocator: bool = False) -> dic
     module = spec.build_model()
     inputs, _ = spec.sample_batch(2)
     inputs = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
-    table = analytic_costs(module, inputs)
+    # the optimizer is measured as the partition command measures it (one step of the
+    # model's build_optimizer): its state enters the memory model
+    table = analytic_costs(module, inputs, optimizer=spec.build_optimizer)
     osf = _optimizer_state_factor(table, spec, module)
     if case.stages:
         plan = Plan(table.model_hash, cluster.cluster_hash, case.batch_size, case.micro_batch,

@@ -1,0 +1,225 @@
+"""What the training runtime costs on this host beyond a model's layer times (measured, cached).
+
+[Note: runtime overhead]
+A cost table times layers back to back on warm caches (cost_models.profile). A training
+stage pays more per micro-batch than the sum of its layers: it calls its module and the
+loss, launches the autograd engine, and computes right after it waited for a message or
+for the step's collectives, with caches gone cold. Each device also pays, once per round,
+the round's own bookkeeping: ``zero_grad``, putting the module in train mode, walking the
+schedule, the optimizer's fixed cost. On rounds of tens of milliseconds this is noise; on
+a small model it is most of the round (the bundled 7-layer MLP at batch 16: 0.37 ms
+predicted from its layers, 0.75-0.83 ms measured on this project's 2-core host, its
+forward 0.24-0.26 ms of CPU in the runtime against 0.11 ms back to back).
+
+These costs belong to the runtime on a host, not to a model, so they are measured once
+per host and torch version on a probe: a small MLP (``PROBE_SOURCE``) is profiled as any
+model is (its layer times), written as a one-stage package and trained as a user's run
+trains it (``run --emulate``, one ``local`` device of speed 1.0, one micro-batch per
+round, so every stage call comes cold after the step's collectives, as a pipeline
+stage's comes after a wait). Then
+
+* ``forward_s = max(0, runtime CPU per forward - the table's forward)``, the same for
+  ``backward_s`` (the runtime's CPU time of the computing thread, as the table's);
+* ``round_s = max(0, round - (forward + backward) - optimizer step)`` from the wall
+  clock, scaled by the CPU share the computing thread got (CPU / wall of its forward and
+  backward), so a busy host does not inflate it.
+
+``CostTable.runtime_overhead`` carries them; the latency model adds ``forward_s`` /
+``backward_s`` to every stage's ``E_f`` / ``E_b`` per micro-batch and ``round_s`` to its
+``T_a`` (solver/timing.py), each divided by the device's speed like the layer times.
+The default cost path (``asteroid_fx.cost_source``) and ``asteroid-fx profile`` attach
+the host's figures to a table measured here. Devices that take a measured column of
+another type use that column's own figures (zero unless measured there: ``calibrate``
+fits what is left from a run). The loss is in ``forward_s`` of every stage, although only
+the last stage computes it: a few microseconds on this host.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import platform
+import statistics
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from contracts.errors import AsteroidError, CostModelError
+from contracts.table import RuntimeOverhead
+
+__all__ = ["measure", "host_runtime_overhead", "HostOverhead", "PROBE_KEY", "PROBE_SOURCE"]
+
+log = logging.getLogger(__name__)
+
+PROBE_KEY = "probe-mlp4x32-b4-m1-emulated-v3"
+"""What the cached figures were measured with (part of the cache key)."""
+
+PROBE_SOURCE = '''"""The asteroid-fx runtime-overhead probe: 4 Linear layers of width 32.
+
+Written by asteroid_fx.runtime_overhead.
+"""
+
+import torch
+from torch import nn
+
+
+def build_model():
+    return nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(),
+                         nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 10))
+
+
+def sample_batch(batch_size):
+    return (torch.randn(batch_size, 32),), torch.randint(0, 10, (batch_size,))
+'''
+"""The probe's model file."""
+
+_ONE_DEVICE = ("devices:\n  - {name: probe, type: local, speed: 1.0, memory_gb: 1}\n"
+               "network:\n  bandwidth_mbps: 1000\n")
+#: two devices that together take 1.5 cores (the emulator's share of a 2-core host: no
+#: common slow-down factor), for the all-reduce's per-message cost
+_TWO_DEVICES = ("devices:\n  - {name: a, type: local, speed: 0.75, memory_gb: 1}\n"
+                "  - {name: b, type: local, speed: 0.75, memory_gb: 1}\n"
+                "network:\n  bandwidth_mbps: 1000\n")
+_MICRO_BATCH = 4
+_STEPS = 60
+
+
+def measure(steps: int = _STEPS) -> dict[str, Any]:
+    """Measure this host's runtime overhead (see [Note: runtime overhead]): profile the
+    probe, write it as a one-stage package and train it with ``run --emulate`` on one
+    ``local`` device of speed 1.0, one micro-batch per round; then as one data-parallel
+    stage over two devices, for the cost of a message.
+
+    Returns:
+        ``{"runtime_overhead": {...}, "message_overhead_s": float, "probe": {...}}``: the
+        figures and what they were computed from.
+
+    Raises:
+        CostModelError: ``steps`` < 3, or the probe failed (the reason in the message).
+    """
+    if steps < 3:
+        raise CostModelError(f"the runtime-overhead probe needs steps >= 3, got {steps}")
+    try:
+        return _measure(steps)
+    except CostModelError:
+        raise
+    except (AsteroidError, OSError) as exc:
+        raise CostModelError(f"measuring the runtime's overhead failed ({type(exc).__name__}: "
+                             f"{exc}); pass --costs analytic or a costs.json to skip it, or "
+                             f"--no-runtime-overhead to `profile`") from exc
+
+
+def _measure(steps: int) -> dict[str, Any]:
+    from asteroid_fx.costs import profile
+    from asteroid_fx.model_spec import load_model_spec
+    from asteroid_fx.package import save_partition
+    from asteroid_fx.partition import partition
+    from asteroid_fx.training import run
+    from contracts.cluster import Cluster
+    from contracts.plan import Plan, Stage
+    from solver.evaluate import allreduce_time
+    from solver.timing import LayerSums
+
+    b = _MICRO_BATCH
+    with tempfile.TemporaryDirectory(prefix="asteroid-fx-probe-") as tmp:
+        root = Path(tmp)
+        (root / "probe.py").write_text(PROBE_SOURCE)
+        spec = load_model_spec(str(root / "probe.py"))
+        model = spec.build_model()
+        inputs = spec.sample_batch(b)[0]
+        table = profile(model, spec.sample_batch, (b,), repeats=9, warmup=3)
+        n = table.num_layers
+
+        def train(name: str, cluster_yaml: str, devices: tuple[str, ...]) -> Any:
+            (root / f"{name}.yaml").write_text(cluster_yaml)
+            plan = Plan(model_hash=table.model_hash, cluster_hash="runtime-overhead-probe",
+                        batch_size=b * len(devices), micro_batch_size=b * len(devices),
+                        num_micro_batches=1,
+                        stages=(Stage((0, n - 1), devices, (b,) * len(devices)),),
+                        num_layers=n, model_name="probe")
+            stages = partition(model, inputs, plan)
+            save_partition(root / name, plan, stages, model_spec=spec, onnx=False,
+                           example_inputs=inputs)
+            return run(root / name, emulate=root / f"{name}.yaml", steps=steps)
+
+        one = train("one", _ONE_DEVICE, ("probe",))
+        two = train("two", _TWO_DEVICES, ("a", "b"))
+        cluster = Cluster.from_yaml(root / "two.yaml")
+    sums = LayerSums.of(table)
+    fwd, bwd = sums.fwd_time(0, n - 1, b, 1.0), sums.bwd_time(0, n - 1, b, 1.0)
+    update = sums.update_time(0, n - 1, 1.0)
+    worker = one.workers[0]
+    round_s = statistics.median(one.round_times[1:])
+    wall = worker.forward_s + worker.backward_s
+    cpu = worker.forward_cpu_s + worker.backward_cpu_s
+    share = min(1.0, cpu / wall) if wall > 0 else 1.0
+    overhead = RuntimeOverhead(
+        forward_s=max(0.0, worker.forward_cpu_s - fwd),
+        backward_s=max(0.0, worker.backward_cpu_s - bwd),
+        round_s=max(0.0, (round_s - wall - update) * share))
+    # a ring all-reduce over two devices: 2 messages (solver.evaluate.allreduce_time)
+    reduce_s = statistics.median(w.allreduce_s for w in two.workers) / two.slowdown_factor
+    wire = allreduce_time(cluster, ("a", "b"), table.total_param_bytes)
+    message = max(0.0, (reduce_s - wire) / 2.0)
+    return {"runtime_overhead": overhead.to_dict(), "message_overhead_s": message, "probe": {
+        "table_forward_s": fwd, "table_backward_s": bwd, "table_update_s": update,
+        "forward_cpu_s": worker.forward_cpu_s, "backward_cpu_s": worker.backward_cpu_s,
+        "forward_s": worker.forward_s, "backward_s": worker.backward_s,
+        "round_s": round_s, "allreduce_s": reduce_s, "allreduce_wire_s": wire,
+        "micro_batch": b, "steps": steps, "shaping": [one.shaping, two.shaping]}}
+
+
+def _cache_path() -> Path:
+    import torch
+
+    from asteroid_fx.cost_source import PROFILER_KEY, _digest, cache_dir
+
+    key = _digest([platform.node(), torch.__version__, PROFILER_KEY, PROBE_KEY])
+    return cache_dir() / f"runtime-overhead-{key}.json"
+
+
+@dataclass(frozen=True)
+class HostOverhead:
+    """This host's runtime overhead and per-message cost (``measure``'s figures)."""
+
+    runtime: RuntimeOverhead
+    message_s: float
+
+
+def host_runtime_overhead(*, refresh: bool = False,
+                          progress: Callable[[int, int, str], None] | None = None
+                          ) -> HostOverhead:
+    """This host's runtime overhead and per-message cost, measured on first use (about
+    20 s; ``progress(done, total, what)`` before and after) and cached under
+    ``cache_dir()`` by host, torch version and method."""
+    from asteroid_fx.cost_source import _write_atomic
+
+    path = _cache_path()
+    if path.is_file() and not refresh:
+        try:
+            return _parse(json.loads(path.read_text()))
+        except (OSError, ValueError, KeyError, TypeError, CostModelError):
+            log.warning("ignoring the unreadable runtime-overhead cache %s; measuring again",
+                        path)
+    what = "the runtime's overhead on this host (once per host; cached)"
+    log.info("measuring %s in %s", what, path)
+    if progress is not None:
+        progress(0, 1, what)
+    data = measure()
+    if progress is not None:
+        progress(1, 1, what)
+    try:
+        _write_atomic(path, json.dumps(data, indent=1))
+    except OSError as exc:
+        log.warning("cannot cache the runtime overhead in %s: %s", path, exc)
+    return _parse(data)
+
+
+def _parse(data: Any) -> HostOverhead:
+    message = float(data["message_overhead_s"])
+    if not (math.isfinite(message) and message >= 0):
+        raise CostModelError(f"message_overhead_s must be finite and >= 0, got {message!r}")
+    return HostOverhead(RuntimeOverhead.from_dict(data["runtime_overhead"]), message)
