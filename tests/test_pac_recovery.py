@@ -4,6 +4,7 @@ still equal the single-process reference ([Note: PAC phase-1 recovery])."""
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,7 @@ from asteroid_fx.costs import analytic_costs
 from asteroid_fx.finetune import prepare_finetune, reference_finetune, run_finetune
 from asteroid_fx.model_spec import load_model_spec
 from contracts.cluster import Cluster
-from contracts.errors import PlanError, RuntimeFailure
+from contracts.errors import PlanError, RuntimeFailure, StageFailure
 from contracts.pac_plan import PacPlan
 from contracts.plan import Plan, Stage
 from runtime.pac_recovery import parse_fail
@@ -106,3 +107,22 @@ def test_bad_fail_values_are_one_line_errors(tmp_path: Path) -> None:
         replan_phase1(plan, costs, cluster, ["a", "b", "c"])
     new = replan_phase1(plan, costs, cluster, ["b"])
     assert set(new.devices) <= {"a", "c"} and new.plan_version == plan.phase1.plan_version + 1
+
+
+def test_no_phase_1_plan_on_the_survivors_ends_the_run_with_one_line(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The re-planner's error reaches every survivor, which stops (no hang)."""
+    import asteroid_fx.finetune as finetune
+
+    _spec, _cluster, _costs, out, _plan, cluster_file = _prepare(tmp_path)
+
+    def no_plan(*_args: Any) -> Plan:
+        raise PlanError("no forward-only pipeline fits on the survivors")
+
+    monkeypatch.setattr(finetune, "replan_phase1", no_plan)
+    began = time.perf_counter()
+    with pytest.raises(StageFailure, match="could not be re-planned: PlanError: no forward") \
+            as info:
+        run_finetune(out, cluster_file, seed=0, lr=0.05, timeout_s=120, fail="c@1")
+    assert "\n" not in str(info.value)
+    assert time.perf_counter() - began < 60
