@@ -277,9 +277,15 @@ class PacReplanner:
 
     def __init__(self, directory: str | Path) -> None:
         from contracts.cluster import Cluster
+        from contracts.errors import RuntimeFailure
         from contracts.table import CostTable
 
         path = Path(directory)
+        missing = [n for n in ("costs.json", "cluster.json") if not (path / n).is_file()]
+        if missing:
+            raise RuntimeFailure(f"the PAC directory {path} has no {' or '.join(missing)}, "
+                                 f"which re-planning phase 1 after a lost device needs; "
+                                 f"write it again with `asteroid-fx finetune --out`")
         self.costs = CostTable.load(path / "costs.json")
         self.cluster = Cluster.from_json((path / "cluster.json").read_text())
 

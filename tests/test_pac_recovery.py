@@ -126,3 +126,10 @@ def test_no_phase_1_plan_on_the_survivors_ends_the_run_with_one_line(
         run_finetune(out, cluster_file, seed=0, lr=0.05, timeout_s=120, fail="c@1")
     assert "\n" not in str(info.value)
     assert time.perf_counter() - began < 60
+
+
+def test_the_re_planner_needs_the_directory_s_costs_and_cluster(tmp_path: Path) -> None:
+    from asteroid_fx.finetune import PacReplanner
+
+    with pytest.raises(RuntimeFailure, match="no costs.json or cluster.json"):
+        PacReplanner(tmp_path)
