@@ -783,8 +783,9 @@ def finetune(
         "fastest phase 1 (a fraction of its step time) a plan may be for less memory")]
     = 2.0,
     fail: Annotated[str | None, typer.Option(
-        "--fail", help="DEVICE@STEP: with --emulate, kill that device at the start of a "
-        "phase-2 step; the others take over its samples")] = None,
+        "--fail", help="DEVICE@STEP: with --emulate, kill that device at the start of step "
+        "STEP (in epoch 1: during phase-1 mini-batch STEP, and phase 1 is re-planned on the "
+        "survivors; later: a phase-2 step); the others take over its samples")] = None,
 ) -> None:
     """Fine-tune with parallel adapters and an activation cache (PAC), or fully for comparison."""
     with _errors():

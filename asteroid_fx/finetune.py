@@ -24,13 +24,14 @@ from typing import Any
 import torch
 
 from asteroid_fx.adapters import parallel_adapters
+from contracts.plan import Plan
 from runtime.adapter_model import AdapterModel
 from runtime.pac_train import ADAPTERS_FILE, BACKBONE_DIR, LAYOUT_FILE, PAC_PLAN_FILE
 from runtime.samples import SampleSource
-from solver.pac import DEFAULT_PHASE1_SLACK, PacModel, PacPlan, plan_finetune
+from solver.pac import DEFAULT_PHASE1_SLACK, PacModel, PacPlan, plan_finetune, replan_phase1
 
-__all__ = ["FinetuneResult", "build_adapter_model", "measure_samples", "measure_step",
-           "pac_model_of",
+__all__ = ["FinetuneResult", "PacReplanner", "build_adapter_model", "measure_samples",
+           "measure_step", "pac_model_of",
            "prepare_finetune",
            "run_finetune", "reference_finetune", "DEFAULT_SAMPLES_BATCHES"]
 
@@ -202,9 +203,13 @@ class FinetuneResult:
                          f"later epochs {self.predicted['epoch_s'] * f:.3f} s, total "
                          f"{self.predicted['total_s'] * f:.3f} s")
         for ev in self.recoveries:
-            lines.append(f"recovery at step {ev['at_step']}: lost {ev['failed']}, detect "
-                         f"{ev['detect_s']:.2f} s, total {ev['total_s']:.2f} s, now shares "
-                         f"{ev['shares']}")
+            rows = "; ".join(f"{d} {r}" for d, r in ev.get("rows", {}).items())
+            extra = (f", re-plan {ev['replan_s']:.3f} s, restore {ev['restore_s']:.3f} s, "
+                     f"recompute {ev['recompute_s']:.3f} s ({ev['recomputed_rows']} rows), "
+                     f"phase 1 now {ev['phase1']}" if ev.get("phase") == 1 else "")
+            lines.append(f"recovery in phase {ev.get('phase', 2)} at step {ev['at_step']}: "
+                         f"lost {ev['failed']}, detect {ev['detect_s']:.3f} s{extra}, total "
+                         f"{ev['total_s']:.3f} s; rows now {rows}")
         for device, peak in sorted(self.peak_memory_bytes.items()):
             cached = self.cache_bytes.get(device)
             lines.append(f"  {device}: peak tensors {peak / 2**20:.1f} MiB"
@@ -217,16 +222,26 @@ def run_finetune(directory: str | Path, cluster: str | Path, *, seed: int = 0, l
                  progress: Callable[[Mapping[str, Any]], None] | None = None,
                  token: str | None = None, fail: str | None = None) -> FinetuneResult:
     """Run a PAC directory on an emulated ``cluster`` (one process per device); ``fail``
-    ("DEVICE@STEP") kills that device at the start of a phase-2 step to exercise recovery
-    ([Note: PAC recovery] in ``runtime.pac_train``)."""
+    ("DEVICE@STEP") ends that device's process at the start of step STEP to exercise
+    recovery: in epoch 1 during phase 1 (mini-batch STEP; the launcher re-plans phase 1 on
+    the survivors with :class:`PacReplanner`, [Note: PAC phase-1 recovery] in
+    ``runtime.pac_recovery``), later at a phase-2 step ([Note: PAC recovery] in
+    ``runtime.pac_train``).
+
+    Raises:
+        RuntimeFailure: a bad ``fail`` (one line, before anything starts), or the run failed.
+    """
     from runtime.emulator import emulate
+    from runtime.pac_recovery import Phase1Recovery, parse_fail
     from runtime.pac_train import PacSource, finetune_device
     from runtime.train import TrainConfig
 
     source = PacSource(str(directory), fail=fail)
     plan = source.pac_plan()
-    may_fail = [plan.devices.index(fail.partition("@")[0])] if fail and \
-        fail.partition("@")[0] in plan.devices else []
+    spec = parse_fail(fail, plan)
+    may_fail = [] if spec is None else [plan.devices.index(spec.device)]
+    on_lost = Phase1Recovery(plan, PacReplanner(directory)) \
+        if spec is not None and spec.in_phase1(plan) else None
     records: list[dict[str, Any]] = []
 
     def on_step(record: Mapping[str, Any]) -> None:
@@ -238,7 +253,7 @@ def run_finetune(directory: str | Path, cluster: str | Path, *, seed: int = 0, l
                          metrics=None if metrics is None else str(metrics), timeout_s=300.0)
     started = time.perf_counter()
     result = emulate(source, cluster, config, progress=on_step, timeout_s=timeout_s,
-                     token=token, body=finetune_device, may_fail=may_fail)
+                     token=token, body=finetune_device, may_fail=may_fail, on_lost=on_lost)
     records.sort(key=lambda r: int(r["step"]))
     last = records[-1] if records else {}
     recoveries = []
@@ -253,6 +268,29 @@ def run_finetune(directory: str | Path, cluster: str | Path, *, seed: int = 0, l
                           cache_bytes=dict(last.get("cache_bytes", {})),
                           predicted={} if plan.predicted is None else plan.predicted.to_dict(),
                           recoveries=recoveries)
+
+
+class PacReplanner:
+    """The front end's phase-1 re-planner (``runtime.pac_recovery.Phase1Replanner``) for a PAC
+    directory: ``solver.pac.replan_phase1`` on the directory's cost table and cluster,
+    both loaded (and the planner imported) when it is made, before the run starts."""
+
+    def __init__(self, directory: str | Path) -> None:
+        from contracts.cluster import Cluster
+        from contracts.errors import RuntimeFailure
+        from contracts.table import CostTable
+
+        path = Path(directory)
+        missing = [n for n in ("costs.json", "cluster.json") if not (path / n).is_file()]
+        if missing:
+            raise RuntimeFailure(f"the PAC directory {path} has no {' or '.join(missing)}, "
+                                 f"which re-planning phase 1 after a lost device needs; "
+                                 f"write it again with `asteroid-fx finetune --out`")
+        self.costs = CostTable.load(path / "costs.json")
+        self.cluster = Cluster.from_json((path / "cluster.json").read_text())
+
+    def replan_phase1(self, pac: PacPlan, failed: Sequence[str]) -> Plan:
+        return replan_phase1(pac, self.costs, self.cluster, failed)
 
 
 def reference_finetune(spec: Any, *, batch_size: int, epochs: int, num_samples: int | None,

@@ -161,13 +161,16 @@ def launch_local(source: StageSource, world: int, config: TrainConfig, *,
                  devices: Sequence[str] | None = None,
                  token: str | None = None,
                  body: Callable[..., WorkerResult] = train_device,
-                 may_fail: Sequence[int] = ()) -> list[WorkerResult]:
+                 may_fail: Sequence[int] = (),
+                 on_lost: Callable[[int, Any], None] | None = None) -> list[WorkerResult]:
     """Run ``world`` device processes on this host (gloo, TCPStore rendezvous on 127.0.0.1).
 
     Each process runs ``body(source, rank, config, hooks=None, report=...)`` (default
     ``runtime.train.train_device``; PAC fine-tuning passes ``runtime.pac_train``'s).
     Ranks in ``may_fail`` may die without ending the run (a body that recovers by itself,
-    as PAC's phase 2 does); the results then leave them out.
+    as PAC does); the results then leave them out, and ``on_lost(rank, store)`` is called
+    in this process as soon as such a rank's process is gone (``store``: the job's store,
+    which the workers see as their default store; see runtime.pac_recovery).
 
     The first worker that raises, dies or stays stopped ends the run: every other child is
     killed at once and ``StageFailure`` carries the first error (rank, step, action; see
@@ -182,8 +185,11 @@ def launch_local(source: StageSource, world: int, config: TrainConfig, *,
         procs = [supervisor.start(f"rank{rank}", rank, world, source, config,
                                   None if cgroups is None else cgroups[rank], body=body)
                  for rank in range(world)]
+        store = supervisor.store
         watched = supervisor.watch(procs, names, progress=progress, timeout_s=timeout_s,
-                                   may_fail=may_fail)
+                                   may_fail=may_fail,
+                                   on_lost=None if on_lost is None else
+                                   (lambda r: on_lost(r, store)))
     finally:
         supervisor.close()     # every child that still runs is killed at once
     return [watched.done[r] for r in range(world) if r in watched.done]
@@ -195,7 +201,8 @@ def emulate(source: StageSource, cluster: Any, config: TrainConfig, *,
             host_flops: float | None = None, use_cgroups: bool | None = None,
             token: str | None = None,
             body: Callable[..., WorkerResult] = train_device,
-            may_fail: Sequence[int] = ()) -> EmulationResult:
+            may_fail: Sequence[int] = (),
+            on_lost: Callable[[int, Any], None] | None = None) -> EmulationResult:
     """Train ``source`` on an emulated ``cluster`` (see [Note: emulated speed]); the
     device processes join with ``token`` (a fresh one when None)."""
     plan = source.load_plan()
@@ -210,7 +217,7 @@ def emulate(source: StageSource, cluster: Any, config: TrainConfig, *,
     started = time.perf_counter()
     try:
         workers = _launch_shaped(source, config, setup, shaping, progress, timeout_s, token,
-                                 body, may_fail)
+                                 body, may_fail, on_lost)
     finally:
         remove_cgroups(shaping.made)
     return EmulationResult(workers=workers, setup=setup, shaping=shaping.kind,
@@ -221,10 +228,11 @@ def _launch_shaped(source: StageSource, config: TrainConfig, setup: EmulationSet
                    shaping: Shaping, progress: Callable[[Mapping[str, Any]], None] | None,
                    timeout_s: float, token: str | None = None,
                    body: Callable[..., WorkerResult] = train_device,
-                   may_fail: Sequence[int] = ()) -> list[WorkerResult]:
+                   may_fail: Sequence[int] = (),
+                   on_lost: Callable[[int, Any], None] | None = None) -> list[WorkerResult]:
     config = replace(config, **setup.links, **setup.timing(config))
     # time dilation needs a per-rank compute scale: the source carries one per rank
     return launch_local(shaping.wrap(source), len(setup.devices), config,
                         cgroups=shaping.cgroups, progress=progress, timeout_s=timeout_s,
                         devices=setup.devices, token=token, body=body,
-                        may_fail=may_fail)
+                        may_fail=may_fail, on_lost=on_lost)

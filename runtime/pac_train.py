@@ -35,8 +35,21 @@ the fastest others, capped by the memory their own caches leave). Those rows are
 misses once, recomputed through the whole frozen backbone (loaded from the package on
 first need) and cached. The interrupted step is redone from its start (no optimizer step
 was taken: the failure surfaces in the step's all-reduce), so no step is lost and the
-losses still equal the reference. A ``{"event": "recovery", ...}`` row goes to the
-metrics. A device lost in phase 1 ends the run.
+losses still equal the reference. A ``{"event": "recovery", "phase": 2, ...}`` row goes
+to the metrics.
+
+A device lost in phase 1 is recovered too ([Note: PAC phase-1 recovery] in
+runtime.pac_recovery): phase 1 runs under a watcher that shuts the group's connections
+down when the loss is announced, so no survivor stays blocked on another; the survivors
+take the launcher's new phase-1 plan (the runtime never plans), start a group of their
+own, load the segments of their new stage, keep every cache entry they hold, recompute
+the lost device's rows of the mini-batches already done (only the micro-batches that hold
+them run, and only those rows are handed over, on ``fix<m>`` channels), redo the
+interrupted mini-batch and the rest of the epoch on the new plan, and phase 2 runs
+without the lost device (its rows split as the ``fallback`` says). The hand-off sends one
+message per owner and micro-batch, so an owner of several row ranges (after a loss) gets
+its rows of a micro-batch together. A ``{"event": "recovery", "phase": 1, ...}`` row goes
+to the metrics. One lost device per run (in either phase).
 
 Rank 0 writes one metrics row per step: ``phase``, ``loss``, ``round_time_s`` (and its
 phase-1 and phase-2 parts, the slowest device each), the cache hit rate of the step and
@@ -48,6 +61,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -69,6 +83,17 @@ from runtime.comm import Comm
 from runtime.comm import CommFailure as CommFailureError
 from runtime.lowering import transfers
 from runtime.memory import storage_bytes
+from runtime.pac_recovery import (
+    DONE_KEY,
+    KILLED_KEY,
+    NOTICE_POLL_S,
+    FailSpec,
+    notice_key,
+    parse_fail,
+    read_record,
+)
+from runtime.protocol import store_port
+from runtime.replication import abort_connections
 from runtime.samples import SampleSource
 from runtime.train import TrainConfig, WorkerResult, make_optimizer, resolve_loss_fn
 
@@ -91,7 +116,8 @@ class PacSource:
 
     directory: str
     #: "DEVICE@STEP": that device's process exits at the start of global step STEP (an
-    #: emulated loss in phase 2, see [Note: PAC recovery])
+    #: emulated loss: in epoch 1 at phase-1 mini-batch STEP, see [Note: PAC phase-1
+    #: recovery] in runtime.pac_recovery; later in phase 2, see [Note: PAC recovery])
     fail: str | None = None
 
     def pac_plan(self) -> PacPlan:
@@ -159,12 +185,15 @@ def _cat(pieces: Sequence[Sequence[torch.Tensor]]) -> tuple[torch.Tensor, ...]:
 
 
 class _Phase1:
-    """This rank's part of the forward-only pipeline (see [Note: PAC run])."""
+    """This rank's part of the forward-only pipeline ``plan`` among the members of ``group``
+    (see [Note: PAC run]); the cache-entry parts go to the members that train on the rows
+    (``group.ranges``, which after a lost device are more than one range per member)."""
 
-    def __init__(self, pac: PacPlan, rank: int, model: AdapterModel, comm: Comm,
-                 samples: SampleSource, scale: float = 1.0) -> None:
-        self.pac, self.rank, self.model, self.comm, self.samples = pac, rank, model, comm, samples
-        self.scale = scale
+    def __init__(self, plan: Plan, group: _Group, model: AdapterModel, comm: Comm,
+                 samples: SampleSource, batch_size: int, scale: float = 1.0) -> None:
+        self.plan, self.group, self.model, self.comm = plan, group, model, comm
+        self.samples, self.batch_size, self.scale = samples, batch_size, scale
+        self.rank = group.rank
         #: seconds of the last :meth:`run`: this rank's segments (dilation included) and
         #: making its samples (stage 0)
         self.compute_s = 0.0
@@ -175,33 +204,55 @@ class _Phase1:
         #: the most bytes of activations this rank held at once in phase 1 (received
         #: inputs, outputs, entry parts waiting for their owner or for the cache)
         self.in_flight_peak = 0
-        self.plan = pac.phase1
-        self.rank_of = {d: i for i, d in enumerate(pac.devices)}
-        me = pac.devices[rank]
-        self.stage = self.plan.stage_of(me) if me in self.plan.devices else None
-        self.global_of = [self.rank_of[d] for d in self.plan.devices]
-        self.owner_rows = [pac.sample_range(d) for d in pac.devices]
+        self.rank_of = {d: i for i, d in enumerate(group.devices)}
+        me = group.devices[group.rank]
+        self.stage = plan.stage_of(me) if me in plan.devices else None
+        self.global_of = [self.rank_of[d] for d in plan.devices]
 
     def _my_rows(self, stage: int, device: str, m: int) -> tuple[int, int]:
         lo, hi = self.plan.stages[stage].sample_ranges()[device]
         mb = self.plan.micro_batch_size
         return m * mb + lo, m * mb + hi
 
-    def run(self, step: int) -> tuple[torch.Tensor, ...]:
-        """Run this rank's stage on mini-batch ``step``, hand the entry parts over, and
-        return this rank's cache entry (its phase-2 rows)."""
-        local: dict[tuple[int, int, int], tuple[torch.Tensor, ...]] = {}
-        self.compute_s = self.samples_s = self.compute_cpu_s = 0.0
-        if self.stage is not None:
-            self._forward(self.stage, step, local)
-        return self._collect(local)
+    def micro_batches(self, wanted: Sequence[tuple[int, int]] | None) -> list[int]:
+        """The micro-batches that hold any of the ``wanted`` rows (all without)."""
+        mb = self.plan.micro_batch_size
+        return [m for m in range(self.plan.num_micro_batches)
+                if wanted is None or any(max(a, m * mb) < min(b, (m + 1) * mb)
+                                         for a, b in wanted)]
 
-    def _forward(self, s: int, step: int,
-                 local: dict[tuple[int, int, int], tuple[torch.Tensor, ...]]) -> None:
-        plan, pac = self.plan, self.pac
+    def segments_for(self, lo: int, hi: int, owner: int,
+                     wanted: Sequence[tuple[int, int]] | None) -> list[tuple[int, int]]:
+        """The row ranges of ``[lo, hi)`` that ``owner`` trains on (and that are
+        ``wanted``), in the order both the sender and the owner walk them."""
+        out = []
+        for o_lo, o_hi in self.group.ranges[owner]:
+            a, b = max(lo, o_lo), min(hi, o_hi)
+            for w_lo, w_hi in ((a, b),) if wanted is None else wanted:
+                c, d = max(a, w_lo), min(b, w_hi)
+                if c < d:
+                    out.append((c, d))
+        return out
+
+    def run(self, step: int, cache: ActivationCache,
+            wanted: Sequence[tuple[int, int]] | None = None) -> None:
+        """Run this rank's stage on mini-batch ``step``, hand the entry parts over, and put
+        this rank's rows of it into ``cache``. With ``wanted`` (row ranges of the
+        mini-batch) only the micro-batches that hold them run, and only those rows are
+        handed over and cached (the lost device's rows, [Note: PAC phase-1 recovery])."""
+        local: dict[tuple[int, int], tuple[torch.Tensor, ...]] = {}
+        self.compute_s = self.samples_s = self.compute_cpu_s = 0.0
+        channel = "tap" if wanted is None else "fix"
+        if self.stage is not None:
+            self._forward(self.stage, step, local, wanted, channel)
+        self._collect(step, local, cache, wanted, channel)
+
+    def _forward(self, s: int, step: int, local: dict[tuple[int, int], tuple[torch.Tensor, ...]],
+                 wanted: Sequence[tuple[int, int]] | None, channel: str) -> None:
+        plan = self.plan
         stage = plan.stages[s]
-        me = pac.devices[self.rank]
-        batch_start = step * pac.batch_size
+        me = self.group.devices[self.rank]
+        batch_start = step * self.batch_size
         incoming = [] if s == 0 else sorted(
             (t for t in transfers(plan, s - 1) if self.global_of[t.dst] == self.rank),
             key=lambda t: t.start)
@@ -209,7 +260,7 @@ class _Phase1:
             t for t in transfers(plan, s) if self.global_of[t.src] == self.rank]
         last_segment = len(self.model.taps) - 1
         handoff: list[tuple[int, int, tuple[torch.Tensor, ...]]] = []
-        for m in range(plan.num_micro_batches):
+        for m in self.micro_batches(wanted):
             lo, hi = self._my_rows(s, me, m)
             values: tuple[torch.Tensor, ...]
             if s == 0:
@@ -233,40 +284,45 @@ class _Phase1:
                 a, b = t.start - (lo - m * plan.micro_batch_size), \
                     t.stop - (lo - m * plan.micro_batch_size)
                 self.comm.send([(self.global_of[t.dst], [v[a:b] for v in values])], f"act{m}")
-            for owner, (o_lo, o_hi) in enumerate(self.owner_rows):
-                a, b = max(lo, o_lo), min(hi, o_hi)
-                if a >= b:
-                    continue
-                rows = tuple(v[a - lo:b - lo] for v in part)
+            for owner in range(self.group.world):
+                pieces = self.segments_for(lo, hi, owner, wanted)
+                if not pieces:
+                    continue     # one message per owner: its rows of this micro-batch
+                rows = tuple(torch.cat([v[a - lo:b - lo] for a, b in pieces]) for v in part)
                 if owner == self.rank:
-                    local[(s, m, self.rank)] = rows
+                    local[(s, m)] = rows
                 else:
                     handoff.append((owner, m, rows))
             held = [t for rows in local.values() for t in rows]
             held += [t for _o, _m, rows in handoff for t in rows] + list(values) + list(part)
             self.in_flight_peak = max(self.in_flight_peak, storage_bytes(held))
         for owner, m, rows in handoff:      # after every activation (see [Note: PAC run])
-            self.comm.send([(owner, list(rows))], f"tap{m}")
+            self.comm.send([(owner, list(rows))], f"{channel}{m}")
 
-    def _collect(self, local: dict[tuple[int, int, int], tuple[torch.Tensor, ...]]
-                 ) -> tuple[torch.Tensor, ...]:
-        o_lo, o_hi = self.owner_rows[self.rank]
-        entry: list[torch.Tensor] = []
+    def _collect(self, step: int, local: dict[tuple[int, int], tuple[torch.Tensor, ...]],
+                 cache: ActivationCache, wanted: Sequence[tuple[int, int]] | None,
+                 channel: str) -> None:
+        parts: dict[int, list[torch.Tensor]] = {}      # row -> its entry, stage by stage
         for s, stage in enumerate(self.plan.stages):
-            pieces = []
-            for m in range(self.plan.num_micro_batches):
+            for m in self.micro_batches(wanted):
                 for device in stage.devices:
                     lo, hi = self._my_rows(s, device, m)
-                    if max(lo, o_lo) >= min(hi, o_hi):
+                    pieces = self.segments_for(lo, hi, self.rank, wanted)
+                    if not pieces:
                         continue
                     sender = self.rank_of[device]
-                    if sender == self.rank:
-                        pieces.append(local[(s, m, sender)])
-                    else:
-                        pieces.append(tuple(self.comm.recv([sender], f"tap{m}")[0]))
-            entry.extend(_cat(pieces))
+                    got = local[(s, m)] if sender == self.rank else \
+                        tuple(self.comm.recv([sender], f"{channel}{m}")[0])
+                    offset = 0
+                    for a, b in pieces:
+                        for i in range(a, b):
+                            row = offset + i - a
+                            parts.setdefault(i, []).extend(t[row:row + 1] for t in got)
+                        offset += b - a
         self.comm.flush()
-        return tuple(entry)
+        start = step * self.batch_size
+        for i, entry in parts.items():
+            cache.put(start + i, tuple(entry))
 
 
 _SLOTS = 10  # loss, hits, misses, phase 1 s, phase 2 s, peak bytes, cache bytes,
@@ -374,11 +430,11 @@ def _regroup(store: Any, generation: int, group: _Group, pac: PacPlan,
 def finetune_device(source: Any, rank: int, config: TrainConfig, *, hooks: Any = None,
                     report: Callable[[dict[str, Any]], None] | None = None) -> WorkerResult:
     """Run this rank's part of the PAC plan in ``source`` (process group ready); see
-    [Note: PAC run] and [Note: PAC recovery]. ``config.steps`` is ignored: the plan's
-    epochs decide."""
+    [Note: PAC run], [Note: PAC recovery] and [Note: PAC phase-1 recovery].
+    ``config.steps`` is ignored: the plan's epochs decide."""
     if hooks is not None:
-        raise RuntimeFailure("PAC fine-tuning takes no recovery hooks; it recovers a device "
-                             "lost in phase 2 by itself (PacSource.fail)")
+        raise RuntimeFailure("PAC fine-tuning takes no recovery hooks; it recovers a lost "
+                             "device by itself (PacSource.fail, runtime.pac_recovery)")
     inner = getattr(source, "inner", source)
     pac = inner.pac_plan()
     world = len(pac.devices)
@@ -386,15 +442,15 @@ def finetune_device(source: Any, rank: int, config: TrainConfig, *, hooks: Any =
         raise RuntimeFailure(f"the PAC plan has {world} devices {list(pac.devices)}; launch "
                              f"one process per device")
     store = _default_store()
-    fail_device, fail_step = _parse_fail(getattr(inner, "fail", None), pac)
+    fail = parse_fail(getattr(inner, "fail", None), pac)
     model_file = inner.model_module()
     samples = SampleSource(model_file, config.seed, pac.num_samples)
     group = _Group(tuple(pac.devices), tuple((pac.sample_range(d),) for d in pac.devices),
                    rank, tuple(range(world)))
     comm = _comm(rank, config, group.old_ranks)
     scale = _compute_scale(source, rank, config)
-    model = build_device_model(inner, stage_segments(pac, rank))
-    phase1 = _Phase1(pac, rank, model, comm, samples, scale)
+    segments = stage_segments(pac, rank)
+    model = build_device_model(inner, segments)
     full: AdapterModel | None = None      # the whole backbone, loaded to recompute rows
     params = model.trainable_parameters()
     optimizer = make_optimizer(model_file, params, config.lr)
@@ -407,21 +463,29 @@ def finetune_device(source: Any, rank: int, config: TrainConfig, *, hooks: Any =
     steps, batch = pac.steps_per_epoch, pac.batch_size
     # phase 1 first, for every mini-batch of epoch 1 (see [Note: PAC run]); then the
     # backbone goes: phase 2 holds only the head, the adapters and the cache
-    phase1_s = _fill_cache(phase1, cache, group, steps, batch)
+    p1 = _Phase1Run(pac=pac, inner=inner, config=config, store=_job_store(store), model=model,
+                    samples=samples, cache=cache, scale=scale, group=group, comm=comm,
+                    fail=fail, segments=segments)
+    phase1_s = _fill_cache(p1)
+    group, comm, generation = p1.group, p1.comm, p1.generation
+    if p1.event is not None and metrics is not None and group.rank == 0:
+        with metrics.open("a") as fh:
+            fh.write(json.dumps(p1.event) + "\n")
     peak = storage_bytes(list(model.parameters()) + list(model.buffers())) \
-        + phase1.in_flight_peak
+        + p1.in_flight_peak
     model.drop_backbone()
     fixed = storage_bytes(list(model.parameters()) + list(model.buffers()))
     weight_ptrs = {t.untyped_storage().data_ptr()
                    for t in [*model.parameters(), *model.buffers()]}
     peak = max(peak, fixed)
-    result = WorkerResult(rank=rank, device=pac.devices[rank], stage=phase1.stage or 0)
-    step, generation = 0, 0
+    me = pac.devices[rank]
+    first_stage = pac.phase1.stage_of(me) if me in pac.phase1.devices else 0
+    result = WorkerResult(rank=rank, device=me, stage=first_stage)
+    step = 0
     last_end = time.perf_counter()
     while step < pac.epochs * steps:
         epoch, k = divmod(step, steps)
-        me = pac.devices[group.old_ranks[group.rank]]
-        if me == fail_device and step == fail_step:
+        if fail is not None and me == fail.device and step == fail.step:
             os._exit(1)       # the emulated loss of this device (--fail DEVICE@STEP)
         try:
             if epoch == 0:
@@ -431,7 +495,7 @@ def finetune_device(source: Any, rank: int, config: TrainConfig, *, hooks: Any =
             rows = group.rows(batch, k)
             hits_before, misses_before = cache.hits, cache.misses
             entry = cache.get(rows)
-            if entry is not None and epoch == 0 and generation == 0:
+            if entry is not None and epoch == 0:
                 cache.count(-len(rows), len(rows))    # computed by phase 1 for this step
                 began -= phase1_s[k][0]
             elif entry is None:          # rows taken over from a lost device
@@ -491,7 +555,7 @@ def finetune_device(source: Any, rank: int, config: TrainConfig, *, hooks: Any =
             failed_at = time.perf_counter()
             group, lost, detect_s = _regroup(store, generation, group, pac, config)
             comm = _comm(group.rank, config, group.old_ranks)
-            event = {"event": "recovery", "failed": lost, "at_step": step,
+            event = {"event": "recovery", "phase": 2, "failed": lost, "at_step": step,
                      "detect_s": detect_s, "total_s": time.perf_counter() - failed_at,
                      "lost_steps": 0,
                      "rows": {d: [list(r) for r in rs]
@@ -551,37 +615,197 @@ def finetune_device(source: Any, rank: int, config: TrainConfig, *, hooks: Any =
     return result
 
 
-def _fill_cache(phase1: _Phase1, cache: ActivationCache, group: _Group, steps: int,
-                batch: int) -> list[tuple[float, float, float, float]]:
-    """Phase 1 for every mini-batch of the epoch (each after a barrier): this rank's cache
-    entries into ``cache``; returns ``(wall, forward, samples, forward CPU)`` seconds of
-    each on this rank (see :class:`_Phase1`)."""
-    seconds = []
-    for k in range(steps):
-        dist.barrier()
-        began = time.perf_counter()
-        rows = group.rows(batch, k)
-        entry = phase1.run(k)
-        cache.put(rows[0], entry)
-        seconds.append((time.perf_counter() - began, phase1.compute_s, phase1.samples_s,
-                        phase1.compute_cpu_s))
+@dataclass
+class _Phase1Run:
+    """What phase 1 needs on this rank, and what it leaves for phase 2 (the current group,
+    its communicator and generation, and the recovery event if a device was lost)."""
+
+    pac: PacPlan
+    inner: Any
+    config: TrainConfig
+    store: Any
+    model: AdapterModel
+    samples: SampleSource
+    cache: ActivationCache
+    scale: float
+    group: _Group
+    comm: Comm
+    fail: FailSpec | None
+    segments: list[int]
+    generation: int = 0
+    event: dict[str, Any] | None = None
+    in_flight_peak: int = 0
+
+
+class _NoticeWatch:
+    """During phase 1: when the loss notice appears in the store, shut this process's
+    process-group connections down, so that a receive from a survivor that is itself
+    recovering fails at once (see [Note: PAC phase-1 recovery])."""
+
+    def __init__(self, store: Any, key: str) -> None:
+        self.store, self.key = store, key
+        self.fired_at: float | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="asteroid-fx-pac-notice",
+                                        daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(NOTICE_POLL_S):
+            try:
+                seen = self.store.check([self.key])
+            except RuntimeError as exc:     # the store is gone: the run is ending anyway
+                log.debug("phase-1 notice watch ends: %s", exc)
+                return
+            if seen and not self._stop.is_set():
+                self.fired_at = time.time()
+                count = abort_connections(store_port(self.store))
+                log.info("phase-1 loss notice: %d connections shut down", count)
+                return
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5.0)
+
+
+def _fill_cache(run: _Phase1Run) -> list[tuple[float, float, float, float]]:
+    """Phase 1 for every mini-batch of the epoch (each after a barrier, one more barrier
+    at the end): this rank's cache entries into ``run.cache``; a device lost on the way is
+    recovered ([Note: PAC phase-1 recovery]). Returns ``(wall, forward, samples, forward
+    CPU)`` seconds of each mini-batch on this rank (see :class:`_Phase1`)."""
+    pac, steps = run.pac, run.pac.steps_per_epoch
+    phase1 = _Phase1(pac.phase1, run.group, run.model, run.comm, run.samples,
+                     pac.batch_size, run.scale)
+    me = run.group.devices[run.group.rank]
+    seconds = [(0.0, 0.0, 0.0, 0.0)] * steps
+    done = 0            # mini-batches whose rows this rank holds completely
+    watch: _NoticeWatch | None = _NoticeWatch(run.store, notice_key(1))
+    try:
+        while True:
+            try:
+                for k in range(done, steps):
+                    dist.barrier()
+                    if run.fail is not None and run.fail.device == me and run.fail.step == k:
+                        run.store.set(KILLED_KEY, repr(time.time()))
+                        os._exit(1)      # the emulated loss of this device (--fail)
+                    began = time.perf_counter()
+                    phase1.run(k, run.cache)
+                    seconds[k] = (time.perf_counter() - began, phase1.compute_s,
+                                  phase1.samples_s, phase1.compute_cpu_s)
+                    done = k + 1
+                dist.barrier()    # every mini-batch done everywhere: a loss surfaces here too
+                break
+            except (RuntimeError, CommFailureError) as exc:
+                detected_at = time.time()
+                if run.event is not None or watch is None:
+                    raise RuntimeFailure(f"phase 1 failed again after recovering from "
+                                         f"{run.event['failed'] if run.event else []}: "
+                                         f"PAC recovers one lost device per run ({exc})"
+                                         ) from None
+                log.warning("phase-1 mini-batch %d failed (%s); recovering", done, exc)
+                run.store.set(notice_key(1), json.dumps({"by": me, "at": detected_at}))
+                watch.stop()
+                watch = None
+                run.in_flight_peak = max(run.in_flight_peak, phase1.in_flight_peak)
+                phase1 = _recover_phase1(run, done, detected_at)
+                done = int(run.event["resume_step"]) if run.event else done
+    finally:
+        if watch is not None:
+            watch.stop()
+    run.in_flight_peak = max(run.in_flight_peak, phase1.in_flight_peak)
+    run.store.add(DONE_KEY, 1)
     return seconds
+
+
+def _recover_phase1(run: _Phase1Run, done: int, detected_at: float) -> _Phase1:
+    """The survivors' side of [Note: PAC phase-1 recovery]: the launcher's re-plan, a process
+    group of the survivors, this rank's new segments, the first mini-batch not every
+    survivor holds, and the lost device's rows of the mini-batches before it recomputed
+    through the new pipeline. Sets ``run.event`` (the metrics row) and returns the new
+    phase-1 runner."""
+    run.comm.abandon()
+    try:
+        dist.destroy_process_group()
+    except Exception as exc:  # noqa: BLE001 - the broken group may refuse a clean teardown
+        log.debug("destroying the failed process group: %s", exc)
+    record = read_record(run.store, 1)
+    got_plan_at = time.time()
+    old = run.group
+    me = old.devices[old.rank]
+    failed = [str(d) for d in record["failed"]]
+    lost = failed[0]
+    if me in failed or lost not in old.devices or lost not in run.pac.fallback:
+        raise RuntimeFailure(f"phase 1 lost {failed}; PAC recovers one lost device whose "
+                             f"samples the others can cache (fallback shares for "
+                             f"{sorted(run.pac.fallback)})")
+    plan = Plan.from_dict(record["phase1"])
+    devices, ranges = old.without(lost, run.pac.fallback[lost])
+    old_ranks = tuple(r for r, d in zip(old.old_ranks, old.devices) if d != lost)
+    rank = old_ranks.index(old.old_ranks[old.rank])
+    run.generation += 1
+    prefix = f"asteroid-fx/pac/gen{run.generation}"
+    dist.init_process_group("gloo", store=dist.PrefixStore(prefix, run.store), rank=rank,
+                            world_size=len(devices),
+                            timeout=timedelta(seconds=run.config.timeout_s))
+    run.group = _Group(devices, ranges, rank, old_ranks)
+    run.comm = _comm(rank, run.config, old_ranks)
+    segments = [] if me not in plan.devices else list(range(
+        plan.stages[plan.stage_of(me)].first, plan.stages[plan.stage_of(me)].last + 1))
+    _swap_segments(run, segments)
+    new = _Phase1(plan, run.group, run.model, run.comm, run.samples, run.pac.batch_size,
+                  run.scale)
+    sync = torch.tensor([-float(done), detected_at, got_plan_at], dtype=torch.float64)
+    dist.all_reduce(sync, op=dist.ReduceOp.MAX)
+    resume = int(-sync[0].item())
+    ready_at = time.time()
+    lost_rows = old.ranges[old.devices.index(lost)]
+    for j in range(resume):       # the lost device's cache entries of the done mini-batches
+        new.run(j, run.cache, wanted=lost_rows)
+    resumed_at = time.time()
+    killed_at = float(run.store.get(KILLED_KEY).decode()) if run.store.check([KILLED_KEY]) \
+        else float(record["seen_at"])
+    last_detect, last_plan = float(sync[1]), float(sync[2])
+    run.event = {
+        "event": "recovery", "phase": 1, "failed": failed, "at_step": done,
+        "resume_step": resume, "detect_s": last_detect - killed_at,
+        "replan_s": float(record["replan_s"]), "plan_wait_s": last_plan - last_detect,
+        "restore_s": ready_at - last_plan, "recompute_s": resumed_at - ready_at,
+        "total_s": resumed_at - killed_at, "lost_steps": 0,
+        "replanned": bool(record.get("replanned", True)),
+        "recomputed_rows": resume * sum(b - a for a, b in lost_rows),
+        "phase1": [{"segments": [st.first, st.last], "devices": list(st.devices),
+                    "shares": list(st.shares)} for st in plan.stages],
+        "micro_batch": [plan.micro_batch_size, plan.num_micro_batches],
+        "rows": {d: [list(r) for r in rs] for d, rs in zip(devices, ranges)},
+    }
+    log.warning("phase 1 recovered from losing %s: resuming at mini-batch %d after %.3f s",
+                lost, resume, resumed_at - killed_at)
+    return new
+
+
+def _swap_segments(run: _Phase1Run, segments: Sequence[int]) -> None:
+    """Load the backbone segments this rank runs under the new phase-1 plan and drop the
+    others it no longer runs."""
+    for j in sorted(set(run.segments) | set(segments)):
+        if j in segments and j not in run.segments:
+            module = run.inner.load_stage(j)
+            module.requires_grad_(False)
+            run.model.segments[j] = module
+        elif j not in segments:
+            run.model.segments[j] = nn.Identity()
+    run.segments = list(segments)
+
+
+def _job_store(default: Any) -> Any:
+    """The job's store, where the launcher writes (``runtime.pac_recovery``): torch keeps
+    the default group's store as a ``PrefixStore("<group name>/", store given)``, so the
+    store the worker gave ``init_process_group`` is its ``underlying_store``."""
+    if isinstance(default, dist.PrefixStore):
+        return default.underlying_store
+    return default
 
 
 def _default_store() -> Any:
     from torch.distributed import distributed_c10d
 
     return distributed_c10d._get_default_store()
-
-
-def _parse_fail(text: str | None, pac: PacPlan) -> tuple[str | None, int]:
-    if not text:
-        return None, -1
-    device, _, step = text.partition("@")
-    if device not in pac.devices or not step.isdigit():
-        raise RuntimeFailure(f"--fail must be DEVICE@STEP with a device of {list(pac.devices)}, "
-                             f"got {text!r}")
-    if int(step) < pac.steps_per_epoch:
-        raise RuntimeFailure(f"--fail {text}: PAC recovers devices lost in phase 2, from step "
-                             f"{pac.steps_per_epoch} on (epoch 2); phase 1 has no recovery yet")
-    return device, int(step)

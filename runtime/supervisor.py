@@ -257,14 +257,18 @@ class Supervisor:
               judge: Callable[[Sequence[int], Collection[int]], Any] | None = None,
               grace_s: Mapping[str, float] | None = None,
               may_fail: Collection[int] = (), generation: int | None = None,
-              hang_s: float = HANG_S) -> Watch:
+              hang_s: float = HANG_S,
+              on_lost: Callable[[int], None] | None = None) -> Watch:
         """Watch ``procs`` (rank -> process; ``names`` their devices) until every rank
         reported its result, or ``judge`` (called every tick with the ranks whose process
         ended before reporting, and the finished ranks) returns a verdict.
 
         Without a judge a rank whose process ended before reporting (``LAST_WORDS_S``
         later), or that stays stopped for ``hang_s``, fails the watch; ranks in
-        ``may_fail`` may end without failing it (they are ``lost``). ``grace_s``: per kind
+        ``may_fail`` may end without failing it (they are ``lost``; ``on_lost`` is called
+        with each such rank as soon as its process is seen gone, so that a body that
+        recovers by itself can be helped by the launcher, e.g. with a re-plan, see
+        runtime.pac_recovery). ``grace_s``: per kind
         of failure ("error", "interrupted", "died", "hung"), the seconds to wait after the
         first one for the root cause before raising (default: 1 s after an error, 0.5 s
         after a death). ``generation``: "interrupted" reports of other generations are old
@@ -320,6 +324,8 @@ class Supervisor:
                     if r in may_fail:
                         reported.add(r)
                         out.lost.add(r)
+                        if on_lost is not None:
+                            on_lost(r)
                     elif now - dead_since.setdefault(r, now) > LAST_WORDS_S:
                         reported.add(r)
                         errors.add("died", f"rank {r} (device {names[r]!r}) died with exit "

@@ -43,7 +43,7 @@ from solver.timing import Timing
 
 __all__ = ["PacModel", "PacPrediction", "PacPlan", "segment_costs", "phase1_costs",
            "plan_finetune",
-           "predict_finetune", "describe_phase1", "PHASE1_OBJECTIVES",
+           "predict_finetune", "describe_phase1", "PHASE1_OBJECTIVES", "replan_phase1",
            "DEFAULT_PHASE1_SLACK"]   # the plan's data types live in contracts/pac_plan.py
 
 FROZEN_BACKWARD_SHARE = 0.5
@@ -491,3 +491,34 @@ def _draft(costs: CostTable, cluster: Cluster, model: PacModel, coarse: CostTabl
                    steps_per_epoch=steps, epochs=epochs, phase1=phase1, devices=devices,
                    shares=shares, model_hash=costs.model_hash,
                    cluster_hash=cluster.cluster_hash, fallback=fallback)
+
+
+def replan_phase1(pac: PacPlan, costs: CostTable, cluster: Cluster, failed: Sequence[str]
+                  ) -> Plan:
+    """The phase-1 plan of ``pac`` without the devices ``failed`` (lost during phase 1;
+    see [Note: PAC phase-1 recovery] in runtime.pac_recovery); pure.
+
+    When none of them ran a phase-1 stage the plan stays (only the owners of the lost
+    samples change, as the plan's ``fallback`` says). Otherwise the phase-1 planner runs
+    on the survivors with the plan's own objective and slack (``meta.phase1_choice``),
+    exactly as :func:`plan_finetune` chose the first plan; its ``plan_version`` is the old
+    one's plus one.
+
+    Raises:
+        PlanError: every device lost, or no phase-1 plan fits on the survivors.
+    """
+    survivors = [d for d in pac.devices if d not in set(failed)]
+    if not survivors:
+        raise PlanError(f"every device of the PAC plan {list(pac.devices)} is lost; nothing "
+                        f"is left to re-plan phase 1 on")
+    if not set(failed) & set(pac.phase1.devices):
+        return pac.phase1
+    choice = pac.meta.get("phase1_choice", {})
+    objective = str(choice.get("objective", "memory")) if isinstance(choice, Mapping) \
+        else "memory"
+    slack = float(choice.get("slack", DEFAULT_PHASE1_SLACK)) if isinstance(choice, Mapping) \
+        else DEFAULT_PHASE1_SLACK
+    fresh = plan_finetune(costs, cluster.subset(survivors), pac.model,
+                          batch_size=pac.batch_size, num_samples=pac.num_samples,
+                          epochs=pac.epochs, phase1_objective=objective, phase1_slack=slack)
+    return replace(fresh.phase1, plan_version=pac.phase1.plan_version + 1)
