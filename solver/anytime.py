@@ -51,10 +51,17 @@ from contracts.cluster import Cluster
 from contracts.errors import AsteroidError, PlanError
 from contracts.plan import Plan, PlannerInfo, SearchBound
 from contracts.table import CostTable
+from solver.bounds import class_bound
 from solver.diagnose import no_fit_error
 from solver.dp import DPResult, asteroid_dp
 from solver.evaluate import LayerSums, evaluate
-from solver.space import DEFAULT_MAX_CUTS, candidate_cuts, device_classes, micro_batch_choices
+from solver.space import (
+    DEFAULT_MAX_CUTS,
+    ClassSpace,
+    candidate_cuts,
+    device_classes,
+    micro_batch_choices,
+)
 from solver.timing import Timing
 
 __all__ = ["Progress", "SearchReport", "search", "plan_or_raise", "work_bound",
@@ -169,6 +176,40 @@ def _baseline_plans(costs: CostTable, cluster: Cluster, batch_size: int, osf: fl
     return out
 
 
+CLASS_BOUND_SHARE = 0.25
+"""Where the wide search is not expected to finish (more than ``WIDE_EXACT_MAX`` pairs),
+the class bound (``solver.bounds.class_bound``) gets this share of a time limit, or,
+without one, this share of the search's own time (at least ``CLASS_BOUND_MIN_S``)."""
+
+CLASS_BOUND_MIN_S = 0.25
+
+
+def _class_bounds(costs: CostTable, cluster: Cluster, batch_size: int, mbs: Sequence[int],
+                  max_cuts: int | None, target: float, proven: dict[int, float],
+                  deadline: float) -> dict[int, float]:
+    """Per micro-batch size without a bound in ``proven``, until the deadline: the larger
+    of the work bound and ``class_bound`` (at most ``target``). The sizes go in order of
+    their work bound, lowest first: each one finished raises the smallest bound."""
+    if not math.isfinite(target):
+        return {}
+    space = ClassSpace(costs, cluster)
+    sums = LayerSums.of(costs)
+    ends = candidate_cuts(costs, max_cuts)
+    out: dict[int, float] = {}
+    work = {mb: work_bound(costs, cluster, batch_size, mb) for mb in mbs if mb not in proven}
+    for mb in sorted(work, key=work.__getitem__):
+        if time.perf_counter() > deadline:
+            break
+        value = class_bound(space, sums, costs.cut_bytes, ends, mb, batch_size // mb, target,
+                            deadline)
+        if value is None:
+            if time.perf_counter() > deadline:
+                break
+            continue
+        out[mb] = max(value, work[mb])
+    return out
+
+
 def search(costs: CostTable, cluster: Cluster, batch_size: int, *,
            optimizer_state_factor: float = 0.0,
            micro_batch_sizes: Sequence[int] | None = None,
@@ -201,6 +242,11 @@ def search(costs: CostTable, cluster: Cluster, batch_size: int, *,
     deadline = (None if time_limit is None or math.isinf(time_limit)
                 else started + time_limit)
     wide_ok = time_limit is not None or wide_size(costs, cluster) <= WIDE_EXACT_MAX
+    # where the wide search cannot be expected to finish, the class bound gets the last
+    # CLASS_BOUND_SHARE of a time limit
+    bound_deadline = deadline
+    if deadline is not None and wide_size(costs, cluster) > WIDE_EXACT_MAX:
+        deadline = started + (1.0 - CLASS_BOUND_SHARE) * (deadline - started)
     mbs = micro_batch_choices(batch_size, micro_batch_sizes)
     best: Plan | None = None
     best_value = math.inf
@@ -264,8 +310,15 @@ def search(costs: CostTable, cluster: Cluster, batch_size: int, *,
     if best is None:
         return SearchReport(None, math.inf, None, tuple(phases), complete)
     # what is proven about the wide space: per micro-batch size its finished search's
-    # bound, else the work bound
-    proven = wide.bounds if wide is not None else {}
+    # bound, else the larger of the work bound and the class bound
+    proven = dict(wide.bounds) if wide is not None else {}
+    if not complete:
+        searched = time.perf_counter() - started
+        until = (bound_deadline if bound_deadline is not None
+                 else time.perf_counter() + max(CLASS_BOUND_SHARE * searched,
+                                                CLASS_BOUND_MIN_S))
+        proven.update(_class_bounds(costs, cluster, batch_size, mbs, max_cuts, best_value,
+                                    proven, until))
     bound = min(min(proven.get(mb, work_bound(costs, cluster, batch_size, mb)), best_value)
                 for mb in mbs)
     cuts = len(candidate_cuts(costs, max_cuts))
