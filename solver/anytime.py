@@ -177,9 +177,10 @@ def _baseline_plans(costs: CostTable, cluster: Cluster, batch_size: int, osf: fl
 
 
 CLASS_BOUND_SHARE = 0.25
-"""Where the wide search is not expected to finish (more than ``WIDE_EXACT_MAX`` pairs),
-the class bound (``solver.bounds.class_bound``) gets this share of a time limit, or,
-without one, this share of the search's own time (at least ``CLASS_BOUND_MIN_S``)."""
+"""Where the wide search did not finish, the class bound (``solver.bounds.class_bound``)
+runs until the time limit (whatever the search left of it: the search is not cut short
+for it), or, without a limit, for this share of the search's own time (at least
+``CLASS_BOUND_MIN_S``)."""
 
 CLASS_BOUND_MIN_S = 0.25
 
@@ -242,11 +243,6 @@ def search(costs: CostTable, cluster: Cluster, batch_size: int, *,
     deadline = (None if time_limit is None or math.isinf(time_limit)
                 else started + time_limit)
     wide_ok = time_limit is not None or wide_size(costs, cluster) <= WIDE_EXACT_MAX
-    # where the wide search cannot be expected to finish, the class bound gets the last
-    # CLASS_BOUND_SHARE of a time limit
-    bound_deadline = deadline
-    if deadline is not None and wide_size(costs, cluster) > WIDE_EXACT_MAX:
-        deadline = started + (1.0 - CLASS_BOUND_SHARE) * (deadline - started)
     mbs = micro_batch_choices(batch_size, micro_batch_sizes)
     best: Plan | None = None
     best_value = math.inf
@@ -314,7 +310,7 @@ def search(costs: CostTable, cluster: Cluster, batch_size: int, *,
     proven = dict(wide.bounds) if wide is not None else {}
     if not complete:
         searched = time.perf_counter() - started
-        until = (bound_deadline if bound_deadline is not None
+        until = (deadline if deadline is not None
                  else time.perf_counter() + max(CLASS_BOUND_SHARE * searched,
                                                 CLASS_BOUND_MIN_S))
         proven.update(_class_bounds(costs, cluster, batch_size, mbs, max_cuts, best_value,

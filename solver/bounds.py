@@ -268,9 +268,10 @@ fastest): the first tried, and the factor of the search."""
 
 @dataclass(frozen=True)
 class _ClassTables:
-    """Per first layer ``firsts[i]``: ``(e_f, e_b, t_a, next)``, lower bounds of the
-    stage's ``E_f`` / ``E_b`` and its exact ``T_a`` (groups x candidate ends), and the row
-    of the layer after each end; ``counts``: devices per class of each group."""
+    """Per first layer ``firsts[i]``: ``(x, big, t_a, next, shortest)``: lower bounds of
+    the stage's ``X = E_f + E_b`` and ``max(E_f, E_b)`` and its exact ``T_a`` (groups x
+    candidate ends), the row of the layer after each end, and the smallest ``x`` over the
+    groups per end (non-decreasing); ``counts``: devices per class of each group."""
 
     firsts: tuple[int, ...]
     rows: tuple[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray], ...]
@@ -378,8 +379,9 @@ def _class_tables(space: ClassSpace, sums: LayerSums, cut_bytes: Sequence[int],
                + p * step[:, None]) * _SLACK
         nxt = np.asarray([index.get(int(e), len(firsts)) for e in stop])
         # the smallest x over the groups per end (non-decreasing: see _relaxed)
-        shortest = np.maximum.accumulate((e_f + e_b).min(axis=0))
-        rows.append((e_f, e_b, t_a, nxt, shortest))
+        x = e_f + e_b
+        shortest = np.maximum.accumulate(x.min(axis=0))
+        rows.append((x, np.maximum(e_f, e_b), t_a, nxt, shortest))
     speeds = np.asarray([space.bounds[members[0]] for members in space.classes])
     return _ClassTables(tuple(firsts), tuple(rows), counts,
                         np.asarray(space.counts, dtype=np.float64), speeds)
@@ -411,45 +413,48 @@ def _relaxed(tables: _ClassTables, m: int, low: float, top: float, limit: float,
             chords[a, k], chords[a, k + 1] = 1.0 - w, w
     m_low = m * low
     for i in range(count - 1, -1, -1):
-        e_f, e_b, t_a, nxt, shortest = tables.rows[i]
+        x, big, t_a, nxt, shortest = tables.rows[i]
         # x grows with the end for every group: only the first `k` ends can have x <= top
         k = int(np.searchsorted(shortest, top, side="right"))
         if not k:
             continue
-        e_f, e_b, t_a, nxt = e_f[:, :k], e_b[:, :k], t_a[:, :k], nxt[:k]
-        x = e_f + e_b
-        ok = x <= top
-        priced = x + cost
-        head = t_a if tables.firsts[i] == 0 else 0.0
+        x, big, t_a, nxt = x[:, :k], big[:, :k], t_a[:, :k], nxt[:k]
+        first = tables.firsts[i] == 0
+        # x where it is at most `top`, else inf (inf stays inf in the sums below)
+        capped = np.where(x <= top, x, inf)
+        priced = capped + cost
         # a stage after the dominant one
-        c_after = np.where(ok, priced, inf).min(axis=0)                      # (ends,)
         tail = after[nxt]                                                     # (ends, A)
-        best = (c_after[:, None] + tail).min(axis=0)
+        best = (priced.min(axis=0)[:, None] + tail).min(axis=0)
         np.minimum.at(after[i], shift, best)
         # the dominant stage, with a stages after it
-        x_d = np.maximum(x, low)
-        keep = ok & (m * x_d + t_a < limit)
-        if np.isfinite(tail).any() and keep.any():
+        x_d = np.maximum(capped, low)
+        if np.isfinite(tail).any():
             # min over the groups of C - a h is concave in a: above its chords between
             # the points `points` (all of them for a few a)
-            hide = x_d - np.maximum(np.maximum(e_f, e_b), low / 2)
-            base = np.where(keep, m * x_d + cost + head, inf)
-            at = np.stack([(base - p * hide).min(axis=0) for p in points])   # (P, ends)
+            hide = np.maximum(x, low) - np.maximum(big, low / 2)
+            total = m * x_d + t_a
+            base = np.where(total < limit, (total if first else m * x_d) + cost, inf)
+            at = np.stack([base.min(axis=0) if p == 0 else (base - p * hide).min(axis=0)
+                           for p in points])                                 # (P, ends)
             finite = np.isfinite(at[0])
-            c_d = chords @ np.where(finite, at, 0.0)                          # (A, ends)
-            c_d[:, ~finite] = inf
-            with_d[i] = (c_d.T + tail).min()
+            if finite.any():
+                c_d = chords @ np.where(finite, at, 0.0)                      # (A, ends)
+                c_d[:, ~finite] = inf
+                with_d[i] = (c_d.T + tail).min()
         # a stage before the dominant one
-        keep_b = ok & (m_low + t_a < limit)
-        if keep_b.any():
-            c_b = np.where(keep_b, priced + head, inf).min(axis=0)
-            with_d[i] = min(with_d[i], (c_b + with_d[nxt]).min())
-    return float(with_d[0] - prices @ tables.totals)
+        if m_low + t_a.min() < limit:
+            c_b = np.where(m_low + t_a < limit, priced + t_a if first else priced, inf)
+            with_d[i] = min(with_d[i], (c_b.min(axis=0) + with_d[nxt]).min())
+    # the prices cancel: allow for the rounding of the large terms
+    paid = float(prices @ tables.totals)
+    found = float(with_d[0])
+    return found - paid - 1e-10 * (abs(found) + abs(paid))
 
 
 def class_bound(space: ClassSpace, sums: LayerSums, cut_bytes: Sequence[int],
                 ends: Sequence[int], micro_batch: int, num_micro: int, target: float,
-                deadline: float | None = None, max_evals: int = 40) -> float | None:
+                deadline: float | None = None, max_evals: int = 24) -> float | None:
     """A lower bound, at most ``target``, on the round time of every plan of the wide space
     (``ClassSpace``: every group in every order) with this micro-batch size on the
     candidate ends ``ends`` ([Note: the class bound]); None when the
@@ -552,7 +557,7 @@ def class_bound(space: ClassSpace, sums: LayerSums, cut_bytes: Sequence[int],
     except _Late:
         if len(buckets) < CLASS_BUCKETS:
             return None
-    return max(0.0, min(min(b[2] for b in buckets), target))
+    return max(0.0, min(min(b[2] for b in buckets), target) * _SLACK)
 
 
 class _Late(Exception):
