@@ -449,6 +449,8 @@ def _relaxed(tables: _ClassTables, m: int, low: float, top: float, limit: float,
     # the prices cancel: allow for the rounding of the large terms
     paid = float(prices @ tables.totals)
     found = float(with_d[0])
+    if math.isinf(found):
+        return found          # no relaxed plan: none in the bucket
     return found - paid - 1e-10 * (abs(found) + abs(paid))
 
 

@@ -124,7 +124,8 @@ def test_proven_bound_is_below_the_optimum() -> None:
 def _check_class_bound(seeds: range, instance: Any, **kwargs: Any) -> tuple[int, int]:
     """Every plan of the wide space (brute force, fitting or not) has a round time of at
     least ``class_bound`` of its micro-batch size, for targets at, between and above the
-    plans' round times. Returns the plans checked and the bounds above the work bound."""
+    plans' round times. Returns the plans checked and how often the bound proves more
+    than the work bound (a target of 0.9 of the optimum counts when it is proven)."""
     from solver.anytime import work_bound
     from solver.bounds import class_bound
     from solver.space import ClassSpace
@@ -142,22 +143,27 @@ def _check_class_bound(seeds: range, instance: Any, **kwargs: Any) -> tuple[int,
                 evaluate(plan, costs, cluster).round_time_s)
         for mb, values in rounds.items():
             values.sort()
-            for target in (values[0], values[len(values) // 2], values[-1] * 2.0):
+            for target in (values[0] * 0.9, values[0], values[len(values) // 2],
+                           values[-1] * 2.0):
                 bound = class_bound(space, sums, costs.cut_bytes, ends, mb, batch // mb,
                                     target)
                 assert bound is not None
                 assert bound <= target
                 assert values[0] >= bound, (seed, mb, target, values[0], bound)
                 checked += len(values)
-                above += bound > work_bound(costs, cluster, batch, mb) * (1 + 1e-9)
+                work = work_bound(costs, cluster, batch, mb)
+                above += bound > work * (1 + 1e-9) and (target >= values[0]
+                                                         or bound >= target * (1 - 1e-6))
     return checked, above
 
 
 def test_class_bound_is_below_every_plan() -> None:
+    # and it is useful: measured 378 of the bounds above the work bound (or proving 0.9 of
+    # the optimum out) on these 60 instances
     checked, above = _check_class_bound(range(0, 60), random_instance, links=True,
                                         latency=True)
     assert checked > 2000
-    assert above > 20
+    assert above > 250
 
 
 @pytest.mark.parametrize("latency", [False, True])
