@@ -179,10 +179,10 @@ def _baseline_plans(costs: CostTable, cluster: Cluster, batch_size: int, osf: fl
 CLASS_BOUND_SHARE = 0.25
 """Where the wide search did not finish, the class bound (``solver.bounds.class_bound``)
 runs until the time limit (whatever the search left of it: the search is not cut short
-for it), or, without a limit, for this share of the search's own time (at least
-``CLASS_BOUND_MIN_S``)."""
+for it), or, without a limit and where the search took at least ``CLASS_BOUND_AFTER_S``,
+for this share of the search's own time."""
 
-CLASS_BOUND_MIN_S = 0.25
+CLASS_BOUND_AFTER_S = 5.0
 
 
 def _class_bounds(costs: CostTable, cluster: Cluster, batch_size: int, mbs: Sequence[int],
@@ -308,11 +308,10 @@ def search(costs: CostTable, cluster: Cluster, batch_size: int, *,
     # what is proven about the wide space: per micro-batch size its finished search's
     # bound, else the larger of the work bound and the class bound
     proven = dict(wide.bounds) if wide is not None else {}
-    if not complete:
-        searched = time.perf_counter() - started
+    searched = time.perf_counter() - started
+    if not complete and (deadline is not None or searched >= CLASS_BOUND_AFTER_S):
         until = (deadline if deadline is not None
-                 else time.perf_counter() + max(CLASS_BOUND_SHARE * searched,
-                                                CLASS_BOUND_MIN_S))
+                 else time.perf_counter() + CLASS_BOUND_SHARE * searched)
         proven.update(_class_bounds(costs, cluster, batch_size, mbs, max_cuts, best_value,
                                     proven, until))
     bound = min(min(proven.get(mb, work_bound(costs, cluster, batch_size, mb)), best_value)
