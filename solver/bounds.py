@@ -256,6 +256,9 @@ _FINEST = 0.992
 _FINEST_LOW = 0.05
 """The lowest bucket (from 0) is not split below this share of ``target / M``."""
 
+_AFTER_LEVELS = 4
+"""Stages right after the dominant one whose all-reduce ``_relaxed`` checks."""
+
 _CHORD_POINTS = 3
 """``a`` values at which ``_relaxed`` takes the dominant stage's minimum exactly."""
 
@@ -398,6 +401,12 @@ def _relaxed(tables: _ClassTables, m: int, low: float, top: float, limit: float,
     a_max = m                                   # a = 0 .. M - 1 stages after the dominant
     after = np.full((count + 1, a_max), inf)    # suffixes after the dominant stage, by a
     after[count, 0] = 0.0
+    # the same, with the first stages after the dominant one at positions j = 1 .. J:
+    # round >= T^{d+j} >= (M - j) X_d + T_a^{d+j} (each E_b before it is below X_d), so
+    # the stage at position j keeps (M - j) low + T_a < limit; `placed[j - 1]`: tails whose
+    # first stage is at position j
+    levels = min(m, _AFTER_LEVELS)
+    placed = [after.copy() for _ in range(levels)]
     with_d = np.full(count + 1, inf)            # suffixes holding the dominant stage
     cost = (tables.counts @ prices)[:, None]
     shift = np.minimum(np.arange(a_max) + 1, a_max - 1)
@@ -427,6 +436,15 @@ def _relaxed(tables: _ClassTables, m: int, low: float, top: float, limit: float,
         tail = after[nxt]                                                     # (ends, A)
         best = (priced.min(axis=0)[:, None] + tail).min(axis=0)
         np.minimum.at(after[i], shift, best)
+        lowest_ta = t_a.min()
+        for j in range(levels, 0, -1):
+            gate = (m - j) * low
+            if gate + lowest_ta < limit:
+                rest = placed[j][nxt] if j < levels else tail
+                here = np.where(gate + t_a < limit, priced, inf).min(axis=0)
+                np.minimum.at(placed[j - 1][i], shift, (here[:, None] + rest).min(axis=0))
+        if levels:
+            tail = placed[0][nxt]
         # the dominant stage, with a stages after it
         x_d = np.maximum(capped, low)
         if np.isfinite(tail).any():
