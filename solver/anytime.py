@@ -62,6 +62,7 @@ from solver.space import (
     device_classes,
     micro_batch_choices,
 )
+from solver.summary import hiding_ratio
 from solver.timing import Timing
 
 __all__ = ["Progress", "SearchReport", "search", "plan_or_raise", "work_bound",
@@ -196,13 +197,14 @@ def _class_bounds(costs: CostTable, cluster: Cluster, batch_size: int, mbs: Sequ
     space = ClassSpace(costs, cluster)
     sums = LayerSums.of(costs)
     ends = candidate_cuts(costs, max_cuts)
+    rho = hiding_ratio(costs, cluster)
     out: dict[int, float] = {}
     work = {mb: work_bound(costs, cluster, batch_size, mb) for mb in mbs if mb not in proven}
     for mb in sorted(work, key=work.__getitem__):
         if time.perf_counter() > deadline:
             break
         value = class_bound(space, sums, costs.cut_bytes, ends, mb, batch_size // mb, target,
-                            deadline)
+                            deadline, rho=rho)
         if value is None:
             if time.perf_counter() > deadline:
                 break

@@ -391,7 +391,7 @@ def _class_tables(space: ClassSpace, sums: LayerSums, cut_bytes: Sequence[int],
 
 
 def _relaxed(tables: _ClassTables, m: int, low: float, top: float, limit: float,
-             prices: np.ndarray) -> float:
+             prices: np.ndarray, rho: float = 0.0) -> float:
     """``L``: the smallest value of bound (A) of [Note: the class bound] over relaxed plans
     whose stages all have ``x <= top``, whose dominant stage has ``X > low`` and whose
     stages up to the dominant one keep ``M X_d + T_a < limit``, with devices priced at
@@ -402,10 +402,12 @@ def _relaxed(tables: _ClassTables, m: int, low: float, top: float, limit: float,
     after = np.full((count + 1, a_max), inf)    # suffixes after the dominant stage, by a
     after[count, 0] = 0.0
     # the same, with the first stages after the dominant one at positions j = 1 .. J:
-    # round >= T^{d+j} >= (M - j) X_d + T_a^{d+j} (each E_b before it is below X_d), so
-    # the stage at position j keeps (M - j) low + T_a < limit; `placed[j - 1]`: tails whose
-    # first stage is at position j
-    levels = min(m, _AFTER_LEVELS)
+    # round >= T^{d+j} >= sum_{i<d} E_f^i + M X_d - sum_{i=d}^{d+j-1} E_b^i + T_a^{d+j}
+    # >= (M - j (1 - rho)) X_d + T_a^{d+j} (E_b <= (1 - rho) X <= (1 - rho) X_d, rho the
+    # hiding ratio), so the stage at position j keeps that with `low` for X_d below
+    # `limit`; `placed[j - 1]`: tails whose first stage is at position j
+    gates = [(m - j * (1.0 - rho)) * low for j in range(1, _AFTER_LEVELS + 1)]
+    levels = next((j for j, gate in enumerate(gates) if gate < 0.0), len(gates))
     placed = [after.copy() for _ in range(levels)]
     with_d = np.full(count + 1, inf)            # suffixes holding the dominant stage
     cost = (tables.counts @ prices)[:, None]
@@ -438,7 +440,7 @@ def _relaxed(tables: _ClassTables, m: int, low: float, top: float, limit: float,
         np.minimum.at(after[i], shift, best)
         lowest_ta = t_a.min()
         for j in range(levels, 0, -1):
-            gate = (m - j) * low
+            gate = gates[j - 1]
             if gate + lowest_ta < limit:
                 rest = placed[j][nxt] if j < levels else tail
                 here = np.where(gate + t_a < limit, priced, inf).min(axis=0)
@@ -474,11 +476,15 @@ def _relaxed(tables: _ClassTables, m: int, low: float, top: float, limit: float,
 
 def class_bound(space: ClassSpace, sums: LayerSums, cut_bytes: Sequence[int],
                 ends: Sequence[int], micro_batch: int, num_micro: int, target: float,
-                deadline: float | None = None, max_evals: int = 24) -> float | None:
+                deadline: float | None = None, max_evals: int = 24,
+                rho: float = 0.0) -> float | None:
     """A lower bound, at most ``target``, on the round time of every plan of the wide space
     (``ClassSpace``: every group in every order) with this micro-batch size on the
     candidate ends ``ends`` ([Note: the class bound]); None when the
-    ``time.perf_counter()`` deadline passes first or ``target`` is not finite.
+    ``time.perf_counter()`` deadline passes first, ``target`` is not finite or the cluster
+    has more than ``CLASS_VECTORS_MAX`` count vectors. ``rho``: a hiding ratio
+    (``solver.summary.hiding_ratio``: ``min(E_f, E_b) >= rho X`` in every plan; 0 is
+    always safe); ``max_evals``: stop splitting buckets after this many DP runs.
 
     [Note: the class bound]
     Let ``d`` be the dominant stage (largest ``X``) and ``a = min(M, S - d) - 1`` (at most
@@ -501,10 +507,13 @@ def class_bound(space: ClassSpace, sums: LayerSums, cut_bytes: Sequence[int],
     bound (``_relaxed``). Over buckets ``0 = T_{-1} < T_0 < ... < T_J = target / M`` of
     ``X_d``, every plan has ``round >= min(target, max(M T_{j-1}, L_j))`` in its bucket
     (a plan below ``target`` keeps the filters), and plans with ``X_d > target / M`` have
-    ``round > target``. The bound is the smallest over the buckets. Memory is ignored (a
-    relaxation); more than ``CLASS_GROUPS_MAX`` groups are merged per bucket of counts
-    into a group with the smallest counts and constants of its members (again a
-    relaxation). ``tests/test_bounds.py`` checks it against every plan of brute force.
+    ``round > target``. The first stages after the dominant one, at position ``j``, also
+    keep ``(M - j (1 - rho)) X_d + T_a < target`` (``round >= T^{d+j}``; each ``E_b``
+    between is at most ``(1 - rho) X_d``). The bound is the smallest over the buckets.
+    Memory is ignored (a relaxation); more than ``CLASS_GROUPS_MAX`` groups are merged
+    per bucket of counts into a group with the smallest counts and constants of its
+    members (again a relaxation). ``tests/test_bounds.py`` checks it against every plan
+    of brute force.
     """
     if (not math.isfinite(target) or target <= 0
             or math.prod(c + 1 for c in space.counts) > CLASS_VECTORS_MAX):
@@ -524,7 +533,7 @@ def class_bound(space: ClassSpace, sums: LayerSums, cut_bytes: Sequence[int],
             if deadline is not None and time.perf_counter() > deadline:
                 raise _Late
             evals[0] += 1
-            found = _relaxed(tables, m, low, top, target, p * top * shape)
+            found = _relaxed(tables, m, low, top, target, p * top * shape, rho)
             return max(m * low, found) if not math.isnan(found) else m * low
 
         best = value(price)

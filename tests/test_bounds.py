@@ -129,6 +129,7 @@ def _check_class_bound(seeds: range, instance: Any, **kwargs: Any) -> tuple[int,
     from solver.anytime import work_bound
     from solver.bounds import class_bound
     from solver.space import ClassSpace
+    from solver.summary import hiding_ratio
 
     checked = above = 0
     for seed in seeds:
@@ -137,6 +138,7 @@ def _check_class_bound(seeds: range, instance: Any, **kwargs: Any) -> tuple[int,
         sums = LayerSums.of(costs)
         ends = list(range(costs.num_layers - 1))
         space = ClassSpace(costs, cluster)
+        rho = hiding_ratio(costs, cluster)
         rounds: dict[int, list[float]] = {}
         for plan in enumerate_plans(costs, cluster, batch, wide=True):
             rounds.setdefault(plan.micro_batch_size, []).append(
@@ -146,7 +148,7 @@ def _check_class_bound(seeds: range, instance: Any, **kwargs: Any) -> tuple[int,
             for target in (values[0] * 0.9, values[0], values[len(values) // 2],
                            values[-1] * 2.0):
                 bound = class_bound(space, sums, costs.cut_bytes, ends, mb, batch // mb,
-                                    target)
+                                    target, rho=rho)
                 assert bound is not None
                 assert bound <= target
                 assert values[0] >= bound, (seed, mb, target, values[0], bound)

@@ -377,6 +377,7 @@ def class_bound_rows() -> list[str]:
     from solver.bounds import class_bound
     from solver.evaluate import LayerSums
     from solver.space import ClassSpace, candidate_cuts
+    from solver.summary import hiding_ratio
 
     lines = ["| case | best round (s) | micro-batch | work bound (s) | class bound (s) | "
              "CPU (s) | load |", "|---|---|---|---|---|---|---|"]
@@ -389,7 +390,8 @@ def class_bound_rows() -> list[str]:
         total = 0.0
         for mb in (1, 2, 4, 8, 16, 32, 64):
             cpu = time.process_time()
-            value = class_bound(space, sums, costs.cut_bytes, ends, mb, 64 // mb, target)
+            value = class_bound(space, sums, costs.cut_bytes, ends, mb, 64 // mb, target,
+                                rho=hiding_ratio(costs, cluster))
             cpu = time.process_time() - cpu
             total += cpu
             work = work_bound(costs, cluster, 64, mb)
