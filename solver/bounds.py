@@ -462,9 +462,10 @@ def _relaxed(tables: _ClassTables, m: int, low: float, top: float, limit: float,
                 c_d = chords @ np.where(finite, at, 0.0)                      # (A, ends)
                 c_d[:, ~finite] = inf
                 with_d[i] = (c_d.T + tail).min()
-        # a stage before the dominant one
+        # a stage s before the dominant one: round >= T^s >= M X_d + X_s + T_a^s
         if m_low + t_a.min() < limit:
-            c_b = np.where(m_low + t_a < limit, priced + t_a if first else priced, inf)
+            c_b = np.where(m_low + capped + t_a < limit, priced + t_a if first else priced,
+                           inf)
             with_d[i] = min(with_d[i], (c_b.min(axis=0) + with_d[nxt]).min())
     # the prices cancel: allow for the rounding of the large terms
     paid = float(prices @ tables.totals)
