@@ -34,9 +34,12 @@ The result is the best plan found with a *proven* lower bound on the wide space'
 optimum: per micro-batch size, the bound its finished wide search proved
 (``DPResult.bounds``), or else the work bound ``M * work / (sum of bound speeds)``: some
 stage has ``X`` at least the average ``work / V`` and every round is at least ``M X`` of
-its dominant stage (``[Note: incumbent pruning]`` in ``solver.dp``). The gap ``(round -
-bound) / bound`` goes into ``plan.planner.bound``; the work bound ignores communication
-and integer shares, so a search stopped early reports a large but honest gap.
+its dominant stage (``[Note: incumbent pruning]`` in ``solver.dp``), raised to the class
+bound (``solver.bounds``, [Note: the class bound]) where time is left for it (the time
+limit's rest, or a quarter of a search of ``CLASS_BOUND_AFTER_S`` or more without one).
+The gap ``(round - bound) / bound`` goes into ``plan.planner.bound``; the work bound
+ignores communication and integer shares, so a search stopped early reports a large but
+honest gap.
 """
 
 from __future__ import annotations
