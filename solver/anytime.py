@@ -34,9 +34,12 @@ The result is the best plan found with a *proven* lower bound on the wide space'
 optimum: per micro-batch size, the bound its finished wide search proved
 (``DPResult.bounds``), or else the work bound ``M * work / (sum of bound speeds)``: some
 stage has ``X`` at least the average ``work / V`` and every round is at least ``M X`` of
-its dominant stage (``[Note: incumbent pruning]`` in ``solver.dp``). The gap ``(round -
-bound) / bound`` goes into ``plan.planner.bound``; the work bound ignores communication
-and integer shares, so a search stopped early reports a large but honest gap.
+its dominant stage (``[Note: incumbent pruning]`` in ``solver.dp``), raised to the class
+bound (``solver.bounds``, [Note: the class bound]) where time is left for it (the time
+limit's rest, or a quarter of a search of ``CLASS_BOUND_AFTER_S`` or more without one).
+The gap ``(round - bound) / bound`` goes into ``plan.planner.bound``; the work bound
+ignores communication and integer shares, so a search stopped early reports a large but
+honest gap.
 """
 
 from __future__ import annotations
@@ -51,10 +54,18 @@ from contracts.cluster import Cluster
 from contracts.errors import AsteroidError, PlanError
 from contracts.plan import Plan, PlannerInfo, SearchBound
 from contracts.table import CostTable
+from solver.bounds import class_bound
 from solver.diagnose import no_fit_error
 from solver.dp import DPResult, asteroid_dp
 from solver.evaluate import LayerSums, evaluate
-from solver.space import DEFAULT_MAX_CUTS, candidate_cuts, device_classes, micro_batch_choices
+from solver.space import (
+    DEFAULT_MAX_CUTS,
+    ClassSpace,
+    candidate_cuts,
+    device_classes,
+    micro_batch_choices,
+)
+from solver.summary import hiding_ratio
 from solver.timing import Timing
 
 __all__ = ["Progress", "SearchReport", "search", "plan_or_raise", "work_bound",
@@ -169,6 +180,42 @@ def _baseline_plans(costs: CostTable, cluster: Cluster, batch_size: int, osf: fl
     return out
 
 
+CLASS_BOUND_SHARE = 0.25
+"""Where the wide search did not finish, the class bound (``solver.bounds.class_bound``)
+runs until the time limit (whatever the search left of it: the search is not cut short
+for it), or, without a limit and where the search took at least ``CLASS_BOUND_AFTER_S``,
+for this share of the search's own time."""
+
+CLASS_BOUND_AFTER_S = 5.0
+
+
+def _class_bounds(costs: CostTable, cluster: Cluster, batch_size: int, mbs: Sequence[int],
+                  max_cuts: int | None, target: float, proven: dict[int, float],
+                  deadline: float) -> dict[int, float]:
+    """Per micro-batch size without a bound in ``proven``, until the deadline: the larger
+    of the work bound and ``class_bound`` (at most ``target``). The sizes go in order of
+    their work bound, lowest first: each one finished raises the smallest bound."""
+    if not math.isfinite(target):
+        return {}
+    space = ClassSpace(costs, cluster)
+    sums = LayerSums.of(costs)
+    ends = candidate_cuts(costs, max_cuts)
+    rho = hiding_ratio(costs, cluster)
+    out: dict[int, float] = {}
+    work = {mb: work_bound(costs, cluster, batch_size, mb) for mb in mbs if mb not in proven}
+    for mb in sorted(work, key=work.__getitem__):
+        if time.perf_counter() > deadline:
+            break
+        value = class_bound(space, sums, costs.cut_bytes, ends, mb, batch_size // mb, target,
+                            deadline, rho=rho)
+        if value is None:
+            if time.perf_counter() > deadline:
+                break
+            continue
+        out[mb] = max(value, work[mb])
+    return out
+
+
 def search(costs: CostTable, cluster: Cluster, batch_size: int, *,
            optimizer_state_factor: float = 0.0,
            micro_batch_sizes: Sequence[int] | None = None,
@@ -264,8 +311,14 @@ def search(costs: CostTable, cluster: Cluster, batch_size: int, *,
     if best is None:
         return SearchReport(None, math.inf, None, tuple(phases), complete)
     # what is proven about the wide space: per micro-batch size its finished search's
-    # bound, else the work bound
-    proven = wide.bounds if wide is not None else {}
+    # bound, else the larger of the work bound and the class bound
+    proven = dict(wide.bounds) if wide is not None else {}
+    searched = time.perf_counter() - started
+    if not complete and (deadline is not None or searched >= CLASS_BOUND_AFTER_S):
+        until = (deadline if deadline is not None
+                 else time.perf_counter() + CLASS_BOUND_SHARE * searched)
+        proven.update(_class_bounds(costs, cluster, batch_size, mbs, max_cuts, best_value,
+                                    proven, until))
     bound = min(min(proven.get(mb, work_bound(costs, cluster, batch_size, mb)), best_value)
                 for mb in mbs)
     cuts = len(candidate_cuts(costs, max_cuts))

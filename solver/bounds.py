@@ -45,6 +45,7 @@ Relative slacks of ``1e-9`` cover float rounding against the DP's own sums.
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from collections.abc import Sequence
@@ -52,11 +53,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from solver.space import SliceSpace
+from solver.space import ClassSpace, SearchSpace, SliceSpace
 from solver.split import split_shares
 from solver.timing import LayerSums
 
-__all__ = ["StageBound", "stage_bound", "proven_bound", "GRID"]
+__all__ = ["StageBound", "stage_bound", "proven_bound", "GRID", "class_bound",
+           "CLASS_GROUPS_MAX"]
 
 GRID = 8
 """Values ``T_j`` of the largest stage time the fill bound (F) is split over."""
@@ -96,7 +98,7 @@ class StageBound:
         return True
 
 
-def _in_bandwidth(space: SliceSpace) -> list[float]:
+def _in_bandwidth(space: SearchSpace) -> list[float]:
     """The fastest link into each device of the space (bytes/s; inf alone)."""
     cluster, names = space.cluster, space.names
     out = []
@@ -106,7 +108,7 @@ def _in_bandwidth(space: SliceSpace) -> list[float]:
     return out
 
 
-def _min_latency(space: SliceSpace) -> float:
+def _min_latency(space: SearchSpace) -> float:
     cluster, names = space.cluster, space.names
     values = [cluster.latency_s(a, b) for a in names for b in names if a != b]
     return min(values) if values else 0.0
@@ -230,3 +232,363 @@ def proven_bound(space: SliceSpace, sums: LayerSums, cut_bytes: Sequence[int],
         else:
             high = mid
     return proven
+
+
+# -- the class bound: every order, as counts of each class ----------------------------------
+CLASS_GROUPS_MAX = 1500
+"""``class_bound`` uses at most this many groups (count vectors); above, groups with
+counts in the same geometric bucket of every class merge into one that is at least as
+good as each of them."""
+
+CLASS_VECTORS_MAX = 20_000
+"""``class_bound`` gives up (None) on clusters with more count vectors than this
+(``prod (n_k + 1)`` over the classes)."""
+
+CLASS_BUCKETS = 10
+"""Buckets of the dominant stage's ``X`` in ``class_bound``'s first grid."""
+
+_BUCKET_RATIO = 0.93
+"""Each bucket's top is this share of the next one's in the first grid."""
+
+_FINEST = 0.992
+"""Buckets narrower than this ratio are not split."""
+
+_FINEST_LOW = 0.05
+"""The lowest bucket (from 0) is not split below this share of ``target / M``."""
+
+_AFTER_LEVELS = 4
+"""Stages right after the dominant one whose all-reduce ``_relaxed`` checks."""
+
+_CHORD_POINTS = 3
+"""``a`` values at which ``_relaxed`` takes the dominant stage's minimum exactly."""
+
+_PRICE_START = 0.1
+_PRICE_MIN, _PRICE_MAX = 1e-6, 1e6
+_PRICE_STEP = 4.0
+"""Device prices (Lagrange multipliers) in units of (bucket top) x (bound speed /
+fastest): the first tried, and the factor of the search."""
+
+
+@dataclass(frozen=True)
+class _ClassTables:
+    """Per first layer ``firsts[i]``: ``(x, big, t_a, next, shortest)``: lower bounds of
+    the stage's ``X = E_f + E_b`` and ``max(E_f, E_b)`` and its exact ``T_a`` (groups x
+    candidate ends), the row of the layer after each end, and the smallest ``x`` over the
+    groups per end (non-decreasing); ``counts``: devices per class of each group."""
+
+    firsts: tuple[int, ...]
+    rows: tuple[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray], ...]
+    counts: np.ndarray
+    totals: np.ndarray
+    speeds: np.ndarray
+
+
+def _bucket(count: int) -> int:
+    """Geometric bucket of a device count: 0, 1, 2, 3, 4-5, 6-7, 8-11, 12-15, ..."""
+    if count < 4:
+        return count
+    top = count.bit_length() - 1
+    return 2 * top + (1 if count >= 3 << (top - 1) else 0)
+
+
+def _class_tables(space: ClassSpace, sums: LayerSums, cut_bytes: Sequence[int],
+                  ends: Sequence[int], micro_batch: int) -> _ClassTables | None:
+    """The per-stage lower bounds of [Note: the class bound] for every group of at most
+    ``micro_batch`` devices (merged into buckets above ``CLASS_GROUPS_MAX``)."""
+    n_classes = space.num_classes
+    counts_all = space.counts
+    bw_in = _in_bandwidth(space)
+    lat0 = _min_latency(space)
+    cluster, names, timing = space.cluster, space.names, space.timing
+    heads = [members[0] for members in space.classes]
+    # per pair of classes (k <= l): an upper bound on the bandwidth and a lower bound on
+    # the latency of a link between their members, either way (T_a's slowest link and
+    # largest latency, so T_a below is a lower bound of the group's)
+    link_bw = [[0.0] * n_classes for _ in range(n_classes)]
+    link_lat = [[0.0] * n_classes for _ in range(n_classes)]
+    for k, a_members in enumerate(space.classes):
+        for j, b_members in enumerate(space.classes):
+            a = names[a_members[0]]
+            b = next((names[d] for d in b_members if d != a_members[0]), None)
+            if b is None:
+                continue
+            link_bw[k][j] = max(cluster.bandwidth_bytes_s(a, b), cluster.bandwidth_bytes_s(b, a))
+            link_lat[k][j] = min(cluster.latency_s(a, b), cluster.latency_s(b, a))
+    per_class = [(space.bounds[d], bw_in[d], timing.device(names[d]).source,
+                  timing.device(names[d]).divisor) for d in heads]
+    found: dict[tuple[int, ...], list[float]] = {}
+    for take in itertools.product(*(range(c + 1) for c in counts_all)):
+        size = sum(take)
+        if size == 0 or size > micro_batch:
+            continue
+        present = [k for k, t in enumerate(take) if t]
+        us = [per_class[k][0] for k in present for _ in range(take[k])]
+        beta = _min_max_ratio(micro_batch, us)
+        gamma = _min_max_ratio(micro_batch, [per_class[k][1] for k in present
+                                             for _ in range(take[k])])
+        if beta is None or gamma is None:
+            continue
+        if size > 1:
+            pairs = [(k, j) for k in present for j in present if j > k or (j == k and take[k] > 1)]
+            min_bw = min(link_bw[k][j] for k, j in pairs)
+            max_lat = max(link_lat[k][j] for k, j in pairs)
+            reduce_a = 2.0 * (size - 1) / (size * min_bw)
+            reduce_b = 2.0 * (size - 1) * max_lat
+        else:
+            reduce_a = reduce_b = 0.0
+        divisors: dict[int, float] = {}
+        for k in present:
+            src, div = per_class[k][2], per_class[k][3]
+            divisors[src] = min(div, divisors.get(src, math.inf))
+        step = max(timing.sources[src].update_per_byte / div for src, div in divisors.items())
+        found[take] = [1.0 / max(us), beta, gamma, reduce_a, reduce_b, step]
+    if not found:
+        return None
+    if len(found) > CLASS_GROUPS_MAX:
+        # a merged group has the smallest count of each class and the smallest of every
+        # constant of its members: every stage of a member costs at least as much
+        merged: dict[tuple[int, ...], tuple[list[int], list[float]]] = {}
+        for vec, consts in found.items():
+            key = tuple(_bucket(c) for c in vec)
+            old = merged.get(key)
+            if old is None:
+                merged[key] = (list(vec), list(consts))
+            else:
+                old[0][:] = [min(a, b) for a, b in zip(old[0], vec, strict=True)]
+                old[1][:] = [min(a, b) for a, b in zip(old[1], consts, strict=True)]
+        found = {tuple(c): k for c, k in merged.values()}
+    keys = list(found)
+    table = np.asarray([found[k] for k in keys], dtype=np.float64)
+    counts = np.asarray(keys, dtype=np.float64).reshape(len(keys), n_classes)
+    inv_u, beta, gamma, red_a, red_b, step = table.T
+    num_layers = len(sums.fwd_slope) - 1
+    firsts = [0] + [e + 1 for e in ends if e + 1 < num_layers]
+    lasts = [e for e in ends if e < num_layers - 1] + [num_layers - 1]
+    index = {f: i for i, f in enumerate(firsts)}
+    fi, fs = np.asarray(sums.fwd_intercept), np.asarray(sums.fwd_slope)
+    bi, bs = np.asarray(sums.bwd_intercept), np.asarray(sums.bwd_slope)
+    params = np.asarray(sums.param_bytes, dtype=np.float64)
+    rows = []
+    for first in firsts:
+        stop = np.asarray([last + 1 for last in lasts if last >= first])
+        cut = cut_bytes[first - 1] if first > 0 else 0
+        comm = (lat0 + cut * gamma) if cut > 0 else np.zeros_like(gamma)
+        e_f = ((fi[stop] - fi[first])[None] * inv_u[:, None]
+               + (fs[stop] - fs[first])[None] * beta[:, None] + comm[:, None]) * _SLACK
+        e_b = ((bi[stop] - bi[first])[None] * inv_u[:, None]
+               + (bs[stop] - bs[first])[None] * beta[:, None] + comm[:, None]) * _SLACK
+        p = (params[stop] - params[first])[None]
+        t_a = (np.where(p > 0, p * red_a[:, None] + red_b[:, None], 0.0)
+               + p * step[:, None]) * _SLACK
+        nxt = np.asarray([index.get(int(e), len(firsts)) for e in stop])
+        # the smallest x over the groups per end (non-decreasing: see _relaxed)
+        x = e_f + e_b
+        shortest = np.maximum.accumulate(x.min(axis=0))
+        rows.append((x, np.maximum(e_f, e_b), t_a, nxt, shortest))
+    speeds = np.asarray([space.bounds[members[0]] for members in space.classes])
+    return _ClassTables(tuple(firsts), tuple(rows), counts,
+                        np.asarray(space.counts, dtype=np.float64), speeds)
+
+
+def _relaxed(tables: _ClassTables, m: int, low: float, top: float, limit: float,
+             prices: np.ndarray, rho: float = 0.0) -> float:
+    """``L``: the smallest value of bound (A) of [Note: the class bound] over relaxed plans
+    whose stages all have ``x <= top``, whose dominant stage has ``X > low`` and whose
+    stages up to the dominant one keep ``M X_d + T_a < limit``, with devices priced at
+    ``prices`` per class instead of limited to the cluster's counts."""
+    inf = math.inf
+    count = len(tables.firsts)
+    a_max = m                                   # a = 0 .. M - 1 stages after the dominant
+    after = np.full((count + 1, a_max), inf)    # suffixes after the dominant stage, by a
+    after[count, 0] = 0.0
+    # the same, with the first stages after the dominant one at positions j = 1 .. J:
+    # round >= T^{d+j} >= sum_{i<d} E_f^i + M X_d - sum_{i=d}^{d+j-1} E_b^i + T_a^{d+j}
+    # >= (M - j (1 - rho)) X_d + T_a^{d+j} (E_b <= (1 - rho) X <= (1 - rho) X_d, rho the
+    # hiding ratio), so the stage at position j keeps that with `low` for X_d below
+    # `limit`; `placed[j - 1]`: tails whose first stage is at position j
+    gates = [(m - j * (1.0 - rho)) * low for j in range(1, _AFTER_LEVELS + 1)]
+    levels = next((j for j, gate in enumerate(gates) if gate < 0.0), len(gates))
+    placed = [after.copy() for _ in range(levels)]
+    with_d = np.full(count + 1, inf)            # suffixes holding the dominant stage
+    cost = (tables.counts @ prices)[:, None]
+    shift = np.minimum(np.arange(a_max) + 1, a_max - 1)
+    points = list(range(a_max)) if a_max <= _CHORD_POINTS else sorted(
+        {round(k * (a_max - 1) / (_CHORD_POINTS - 1)) for k in range(_CHORD_POINTS)})
+    chords = np.zeros((a_max, len(points)))
+    for a in range(a_max):
+        k = max(j for j, p in enumerate(points) if p <= a)
+        if points[k] == a:
+            chords[a, k] = 1.0
+        else:
+            w = (a - points[k]) / (points[k + 1] - points[k])
+            chords[a, k], chords[a, k + 1] = 1.0 - w, w
+    m_low = m * low
+    for i in range(count - 1, -1, -1):
+        x, big, t_a, nxt, shortest = tables.rows[i]
+        # x grows with the end for every group: only the first `k` ends can have x <= top
+        k = int(np.searchsorted(shortest, top, side="right"))
+        if not k:
+            continue
+        x, big, t_a, nxt = x[:, :k], big[:, :k], t_a[:, :k], nxt[:k]
+        first = tables.firsts[i] == 0
+        # x where it is at most `top`, else inf (inf stays inf in the sums below)
+        capped = np.where(x <= top, x, inf)
+        priced = capped + cost
+        # a stage after the dominant one
+        tail = after[nxt]                                                     # (ends, A)
+        best = (priced.min(axis=0)[:, None] + tail).min(axis=0)
+        np.minimum.at(after[i], shift, best)
+        lowest_ta = t_a.min()
+        for j in range(levels, 0, -1):
+            gate = gates[j - 1]
+            if gate + lowest_ta < limit:
+                rest = placed[j][nxt] if j < levels else tail
+                here = np.where(gate + t_a < limit, priced, inf).min(axis=0)
+                np.minimum.at(placed[j - 1][i], shift, (here[:, None] + rest).min(axis=0))
+        if levels:
+            tail = placed[0][nxt]
+        # the dominant stage, with a stages after it
+        x_d = np.maximum(capped, low)
+        if np.isfinite(tail).any():
+            # min over the groups of C - a h is concave in a: above its chords between
+            # the points `points` (all of them for a few a)
+            hide = np.maximum(x, low) - np.maximum(big, low / 2)
+            total = m * x_d + t_a
+            base = np.where(total < limit, (total if first else m * x_d) + cost, inf)
+            at = np.stack([base.min(axis=0) if p == 0 else (base - p * hide).min(axis=0)
+                           for p in points])                                 # (P, ends)
+            finite = np.isfinite(at[0])
+            if finite.any():
+                c_d = chords @ np.where(finite, at, 0.0)                      # (A, ends)
+                c_d[:, ~finite] = inf
+                with_d[i] = (c_d.T + tail).min()
+        # a stage s before the dominant one: round >= T^s >= M X_d + X_s + T_a^s
+        if m_low + t_a.min() < limit:
+            c_b = np.where(m_low + capped + t_a < limit, priced + t_a if first else priced,
+                           inf)
+            with_d[i] = min(with_d[i], (c_b.min(axis=0) + with_d[nxt]).min())
+    # the prices cancel: allow for the rounding of the large terms
+    paid = float(prices @ tables.totals)
+    found = float(with_d[0])
+    if math.isinf(found):
+        return found          # no relaxed plan: none in the bucket
+    return found - paid - 1e-10 * (abs(found) + abs(paid))
+
+
+def class_bound(space: ClassSpace, sums: LayerSums, cut_bytes: Sequence[int],
+                ends: Sequence[int], micro_batch: int, num_micro: int, target: float,
+                deadline: float | None = None, max_evals: int = 24,
+                rho: float = 0.0) -> float | None:
+    """A lower bound, at most ``target``, on the round time of every plan of the wide space
+    (``ClassSpace``: every group in every order) with this micro-batch size on the
+    candidate ends ``ends`` ([Note: the class bound]); None when the
+    ``time.perf_counter()`` deadline passes first, ``target`` is not finite or the cluster
+    has more than ``CLASS_VECTORS_MAX`` count vectors. ``rho``: a hiding ratio
+    (``solver.summary.hiding_ratio``: ``min(E_f, E_b) >= rho X`` in every plan; 0 is
+    always safe); ``max_evals``: stop splitting buckets after this many DP runs.
+
+    [Note: the class bound]
+    Let ``d`` be the dominant stage (largest ``X``) and ``a = min(M, S - d) - 1`` (at most
+    the number of stages after it). Stage 0's term of ``solver.evaluate`` is ``T_e^0 + T_a^0
+    = M X_d + sum_{i<d} X_i + D + T_a^0`` with ``D >= sum_{i>d} X_i - a min(E_f^d, E_b^d)``,
+    and ``M X_d - a min(E_f^d, E_b^d) = (M - a) X_d + a max(E_f^d, E_b^d)``, so
+
+        (A)  round >= (M - a) X_d + a max(E_f^d, E_b^d) + sum_{i != d} X_i + T_a^0,
+
+    which only grows with every stage's ``E_f`` and ``E_b``. So the per-stage lower bounds
+    of [Note: the stage bound] (compute at the best integer split over bound speeds,
+    transfers at the fastest links, exact ``T_a``) give a lower bound of (A). For a plan
+    whose ``X_d`` lies in ``(low, top]``: every ``x_s <= top``, ``X_d > low`` (so ``X_d >=
+    max(x_d, low)`` and ``max(E_f^d, E_b^d) >= low / 2``), ``round > M low``, and for
+    every stage ``s <= d``, ``round >= T_e^s + T_a^s >= M X_d + T_a^s``. A DP over (first
+    layer, phase: after / at or before the dominant stage, ``a``) finds the smallest (A)
+    over sequences of stages on count vectors of the classes, with the device limits
+    relaxed by Lagrange prices ``lambda_k >= 0`` per device of class ``k`` (the plan's
+    ``sum lambda . counts <= lambda . n``): every ``L(lambda) - lambda . n`` is a lower
+    bound (``_relaxed``). Over buckets ``0 = T_{-1} < T_0 < ... < T_J = target / M`` of
+    ``X_d``, every plan has ``round >= min(target, max(M T_{j-1}, L_j))`` in its bucket
+    (a plan below ``target`` keeps the filters), and plans with ``X_d > target / M`` have
+    ``round > target``. The first stages after the dominant one, at position ``j``, also
+    keep ``(M - j (1 - rho)) X_d + T_a < target`` (``round >= T^{d+j}``; each ``E_b``
+    between is at most ``(1 - rho) X_d``). The bound is the smallest over the buckets.
+    Memory is ignored (a relaxation); more than ``CLASS_GROUPS_MAX`` groups are merged
+    per bucket of counts into a group with the smallest counts and constants of its
+    members (again a relaxation). ``tests/test_bounds.py`` checks it against every plan
+    of brute force.
+    """
+    if (not math.isfinite(target) or target <= 0
+            or math.prod(c + 1 for c in space.counts) > CLASS_VECTORS_MAX):
+        return None
+    tables = _class_tables(space, sums, cut_bytes, ends, micro_batch)
+    if tables is None:
+        return target        # no group can take a micro-batch: no plan
+    m = num_micro
+    top_all = target / m
+    shape = tables.speeds / tables.speeds.max()
+
+    def bucket(low: float, top: float, price: float, enough: float) -> tuple[float, float]:
+        """``(bound of the bucket, best price)``: the dual is concave in the price, so walk
+        from ``price`` by factors of ``_PRICE_STEP`` while the bound rises (stop once it
+        reaches ``enough``), then try once its square root either way."""
+        def value(p: float) -> float:
+            if deadline is not None and time.perf_counter() > deadline:
+                raise _Late
+            evals[0] += 1
+            found = _relaxed(tables, m, low, top, target, p * top * shape, rho)
+            return max(m * low, found) if not math.isnan(found) else m * low
+
+        best = value(price)
+        for factor in (_PRICE_STEP, 1.0 / _PRICE_STEP):
+            moved = False
+            while best < enough and _PRICE_MIN < price < _PRICE_MAX:
+                trial = value(price * factor)
+                if trial <= best:
+                    break
+                best, price, moved = trial, price * factor, True
+            if moved:
+                break
+        for factor in (_PRICE_STEP ** 0.5, _PRICE_STEP ** -0.5):
+            if best < enough:
+                trial = value(price * factor)
+                if trial > best:
+                    best, price = trial, price * factor
+        return best, price
+
+    # buckets (low, top, bound, price) of X_d covering (0, target / M]: a coarse grid,
+    # then the bucket that sets the bound is split while that raises it
+    tops = [top_all * _BUCKET_RATIO ** k for k in range(CLASS_BUCKETS)][::-1]
+    buckets: list[tuple[float, float, float, float]] = []
+    evals = [0]
+    price = _PRICE_START
+    worst = target
+    try:
+        for low, top in zip([0.0, *tops[:-1]], tops, strict=True):
+            if m * low >= target:
+                buckets.append((low, top, target, price))
+                continue
+            found, price = bucket(low, top, price, worst)
+            worst = min(worst, found)
+            buckets.append((low, top, found, price))
+        while True:
+            j = min(range(len(buckets)), key=lambda k: buckets[k][2])
+            low, top, found, price = buckets[j]
+            if (found >= target or low >= top * _FINEST or top < top_all * _FINEST_LOW
+                    or evals[0] >= max_evals):
+                break
+            mid = math.sqrt(low * top) if low > 0.0 else top / 2
+            enough = min(b[2] for k, b in enumerate(buckets) if k != j) if len(buckets) > 1 \
+                else target
+            # the bucket's bound holds in each half too
+            halves = []
+            for a, b in ((low, mid), (mid, top)):
+                value, p = bucket(a, b, price, enough)
+                halves.append((a, b, max(value, found), p))
+            buckets[j:j + 1] = halves
+    except _Late:
+        if len(buckets) < CLASS_BUCKETS:
+            return None
+    return max(0.0, min(min(b[2] for b in buckets), target) * _SLACK)
+
+
+class _Late(Exception):
+    """The deadline of ``class_bound`` passed."""

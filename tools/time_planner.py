@@ -11,6 +11,7 @@ Modes::
     python tools/time_planner.py --fleet       # ResNet-50 / BERT-small on 8..64 devices
     python tools/time_planner.py --small 200   # plan vs ilp-wide and the baselines
     python tools/time_planner.py --bounds      # the stage bound (solver.bounds)
+    python tools/time_planner.py --class-bounds   # the class bound, every order
 
 * ``--issue14``: the 200-layer MLP (200 Linear 512x512, batch 64) on eight mixed devices
   (2 Xavier NX, 2 TX2, 3 Nano, a ``custom`` phone of speed 0.7 and 3 GB; 100 Mbps, one
@@ -360,6 +361,53 @@ def stage_bound_rows() -> list[str]:
     return lines
 
 
+# -- the class bound (solver.bounds.class_bound) ----------------------------------------------
+CLASS_BOUND_CASES = (("MLP 200 x 8 mixed", "mlp200", 0, 0.06268075162732864),
+                     ("ResNet-50 x 32 Jetsons, 1000 Mbps", "resnet50_imagenet", 32,
+                      0.9249183904623013),
+                     ("ResNet-50 x 64 Jetsons, 1000 Mbps", "resnet50_imagenet", 64,
+                      0.6516567990877246))
+
+
+def class_bound_rows() -> list[str]:
+    """Per micro-batch size (batch 64) of issue 14's instances: the work bound and the class
+    bound over every order for the best round time known (the target), with the CPU
+    seconds of each class bound, and the gap of the smallest bound over the sizes."""
+    from solver.anytime import work_bound
+    from solver.bounds import class_bound
+    from solver.evaluate import LayerSums
+    from solver.space import ClassSpace, candidate_cuts
+    from solver.summary import hiding_ratio
+
+    lines = ["| case | best round (s) | micro-batch | work bound (s) | class bound (s) | "
+             "CPU (s) | load |", "|---|---|---|---|---|---|---|"]
+    for label, key, n, target in CLASS_BOUND_CASES:
+        costs = model_costs(key)
+        cluster = (mixed8() if n == 0 else jetson_mix(n)).for_costs(costs)
+        space = ClassSpace(costs, cluster)
+        sums, ends = LayerSums.of(costs), candidate_cuts(costs, 96)
+        lowest = {"work": math.inf, "both": math.inf}
+        total = 0.0
+        for mb in (1, 2, 4, 8, 16, 32, 64):
+            cpu = time.process_time()
+            value = class_bound(space, sums, costs.cut_bytes, ends, mb, 64 // mb, target,
+                                rho=hiding_ratio(costs, cluster))
+            cpu = time.process_time() - cpu
+            total += cpu
+            work = work_bound(costs, cluster, 64, mb)
+            lowest["work"] = min(lowest["work"], work)
+            lowest["both"] = min(lowest["both"], max(work, value or 0.0))
+            shown = "-" if value is None else f"{value:.4g}"
+            lines.append(f"| {label} | {target:.4g} | {mb} | {work:.4g} | {shown} | "
+                         f"{cpu:.2f} | {load():.1f} |")
+            print(lines[-1], flush=True)
+        lines.append(f"| {label}: gap | | all | {100 * (target / lowest['work'] - 1):.0f} % | "
+                     f"{100 * (target / lowest['both'] - 1):.0f} % | {total:.2f} | "
+                     f"{load():.1f} |")
+        print(lines[-1], flush=True)
+    return lines
+
+
 # -- issue 4: synthetic instances ----------------------------------------------------------
 def synthetic(args: argparse.Namespace) -> int:
     print(f"# batch {args.batch}, median of {args.repeat} run(s), load average {load():.2f}, "
@@ -401,6 +449,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--small", type=int, metavar="N", help="N small instances vs ilp-wide")
     parser.add_argument("--bounds", action="store_true",
                         help="the stage bound: DP time with and without, proven bounds")
+    parser.add_argument("--class-bounds", action="store_true",
+                        help="the class bound over every order per micro-batch size")
     parser.add_argument("--sizes", nargs="+", type=int, default=[8, 16, 32, 64])
     parser.add_argument("--layers", nargs="+", type=int, default=[200])
     parser.add_argument("--devices", nargs="+", type=int, default=[8])
@@ -416,6 +466,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--repeat must be >= 1")
     if args.bounds:
         print("\n".join(stage_bound_rows()))
+        return 0
+    if args.class_bounds:
+        class_bound_rows()
         return 0
     if not (args.issue14 or args.fleet or args.small):
         return synthetic(args)
