@@ -245,8 +245,14 @@ def calibrate_costs(plan: Plan, costs: CostTable, cluster: Cluster,
 
     before = predict(costs)
     base = predict(replace(table, message_overhead_s=0.0))
-    overhead = _bisect_overhead(lambda h: predict(replace(table, message_overhead_s=h)),
-                                base, round_s)
+    if predict(replace(table, message_overhead_s=max(round_s, 1e-3))) <= base:
+        # the plan sends no message (one device): nothing to fit, so the table keeps the
+        # per-message cost it had (the host's probe, asteroid_fx.runtime_overhead, or an
+        # earlier fit) for the plans that will send some
+        overhead = costs.message_overhead_s
+    else:
+        overhead = _bisect_overhead(lambda h: predict(replace(table, message_overhead_s=h)),
+                                    base, round_s)
     table = replace(table, message_overhead_s=overhead)
     after = predict(table)
     correction = CostCorrection(ratios=ratios, message_overhead_s=overhead,

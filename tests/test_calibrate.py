@@ -112,6 +112,10 @@ def test_a_plan_without_messages_shows_no_overhead() -> None:
     assert evaluate(other, table, cluster).stages[0].compute_f == pytest.approx(
         2.0 * evaluate(other, COSTS, cluster).stages[0].compute_f)
     json.dumps(corr.to_dict())
+    # with nothing to fit, a table's per-message cost (e.g. the host's probe) is kept
+    probed = replace(COSTS, message_overhead_s=7e-4)
+    table, corr = calibrate_costs(ONE, probed, cluster, measured, predicted * 3.0)
+    assert corr.message_overhead_s == 7e-4 and table.message_overhead_s == 7e-4
 
 
 def test_with_message_overhead_adds_to_every_link() -> None:
