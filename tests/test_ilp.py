@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from typing import Any
 
 import pytest
 
@@ -67,31 +68,11 @@ def test_ilp_equals_dp_where_the_drain_term_binds(seed: int) -> None:
     assert ilp.round_time_s == pytest.approx(ilp_round, rel=1e-5)
 
 
-def test_ilp_equals_dp_with_link_latency() -> None:
-    agree = 0
-    for seed in range(6):
-        costs, cluster, batch = random_instance(900 + seed, max_layers=4, max_devices=3,
-                                                latency=True)
-        dp = asteroid_dp(costs, cluster, batch, max_cuts=None)
-        ilp = ilp_plan(costs, cluster, batch, time_limit_s=120)
-        assert (dp.plan is None) == (ilp.plan is None), seed
-        if dp.plan is None:
-            continue
-        assert ilp.status == "optimal" and ilp.plan is not None, seed
-        ilp_round = evaluate(ilp.plan, costs, cluster).round_time_s
-        assert ilp_round == pytest.approx(dp.round_time_s, rel=1e-6), seed
-        agree += 1
-    assert agree >= 4
-
-
-def test_ilp_equals_dp_with_cost_columns() -> None:
-    # devices of measured board types (their columns as measured, ratios differing per
-    # layer kind) mixed with speed-scaled ones: the MILP searches the DP's space (same
-    # capability order and shares) with the same per-device times
+def _ilp_agrees_with_dp(instances: Any) -> tuple[int, int]:
+    """(instances where the MILP is optimal with the DP's round, pipelines among them) over
+    ``(costs, cluster, batch)`` triples."""
     agree = pipelines = 0
-    for seed in range(10):
-        costs, cluster, batch = random_column_instance(3000 + seed, max_layers=4,
-                                                       max_devices=3, latency=seed % 2 == 1)
+    for seed, (costs, cluster, batch) in enumerate(instances):
         dp = asteroid_dp(costs, cluster, batch, max_cuts=None)
         ilp = ilp_plan(costs, cluster, batch, time_limit_s=120)
         assert (dp.plan is None) == (ilp.plan is None), seed
@@ -103,25 +84,33 @@ def test_ilp_equals_dp_with_cost_columns() -> None:
         assert ilp.round_time_s == pytest.approx(ilp_round, rel=1e-5), seed
         agree += 1
         pipelines += dp.plan.num_stages > 1
+    return agree, pipelines
+
+
+def test_ilp_equals_dp_with_link_latency() -> None:
+    agree, _ = _ilp_agrees_with_dp(
+        random_instance(900 + seed, max_layers=4, max_devices=3, latency=True)
+        for seed in range(6))
+    assert agree >= 4
+
+
+def test_ilp_equals_dp_with_cost_columns() -> None:
+    # devices of measured board types (their columns as measured, ratios differing per
+    # layer kind) mixed with speed-scaled ones: the MILP searches the DP's space (same
+    # capability order and shares) with the same per-device times
+    agree, pipelines = _ilp_agrees_with_dp(
+        random_column_instance(3000 + seed, max_layers=4, max_devices=3,
+                               latency=seed % 2 == 1)
+        for seed in range(10))
     assert agree >= 8 and pipelines >= 2
 
 
 def test_ilp_equals_dp_with_runtime_overhead() -> None:
     # the per-call and per-round runtime overhead enters the MILP's stage times as it
     # enters the DP's (through Timing)
-    agree = 0
-    for seed in range(6):
-        costs, cluster, batch = random_overhead_instance(3100 + seed, max_layers=4,
-                                                         max_devices=3)
-        dp = asteroid_dp(costs, cluster, batch, max_cuts=None)
-        ilp = ilp_plan(costs, cluster, batch, time_limit_s=120)
-        assert (dp.plan is None) == (ilp.plan is None), seed
-        if dp.plan is None:
-            continue
-        assert ilp.status == "optimal" and ilp.plan is not None, seed
-        ilp_round = evaluate(ilp.plan, costs, cluster).round_time_s
-        assert ilp_round == pytest.approx(dp.round_time_s, rel=1e-6), seed
-        agree += 1
+    agree, _ = _ilp_agrees_with_dp(
+        random_overhead_instance(3100 + seed, max_layers=4, max_devices=3)
+        for seed in range(6))
     assert agree >= 4
 
 

@@ -11,39 +11,20 @@ from typing import Any
 
 import pytest
 
-from asteroid_fx.costs import analytic_costs
-from asteroid_fx.finetune import prepare_finetune, reference_finetune, run_finetune
-from asteroid_fx.model_spec import load_model_spec
+from asteroid_fx.finetune import run_finetune
 from contracts.cluster import Cluster
 from contracts.errors import PlanError, RuntimeFailure, StageFailure
 from contracts.pac_plan import PacPlan
 from contracts.plan import Plan, Stage
 from runtime.pac_recovery import parse_fail
-from runtime.pac_train import PAC_PLAN_FILE
-from solver.pac import predict_finetune, replan_phase1
-from tests.test_pac_train import CLUSTER, TINY_GPT
+from solver.pac import replan_phase1
+from tests.test_pac_train import assert_matches_reference, prepare_tiny
 
 
 def _prepare(tmp_path: Path) -> tuple[Any, Cluster, Any, Path, PacPlan, Path]:
-    """The tiny GPT on a, b, c with a pipelined phase 1: segment 0 on a, segments 1-2 on
-    b + c (2/1), two micro-batches of 3; 2 epochs of 2 mini-batches of 6."""
-    model_file = tmp_path / "tiny.py"
-    model_file.write_text(TINY_GPT)
-    cluster_file = tmp_path / "c.yaml"
-    cluster_file.write_text(CLUSTER)
-    spec = load_model_spec(str(model_file))
-    cluster = Cluster.from_yaml(cluster_file)
-    costs = analytic_costs(spec.build_model(), spec.example_inputs(2)[0], model_name=spec.name)
-    out = tmp_path / "pac"
-    plan = prepare_finetune(spec, cluster, costs, out, batch_size=6, epochs=2, num_samples=12,
-                            rank=4)
-    phase1 = Plan(model_hash="h", cluster_hash="c", batch_size=6, micro_batch_size=3,
-                  num_micro_batches=2, num_layers=3,
-                  stages=(Stage((0, 0), ("a",), (3,)), Stage((1, 2), ("b", "c"), (2, 1))))
-    plan = replace(plan, phase1=phase1)
-    plan = replace(plan, predicted=predict_finetune(plan, costs, cluster))
-    plan.save(out / PAC_PLAN_FILE)
-    return spec, cluster, costs, out, plan, cluster_file
+    """The tiny GPT on a, b, c with a pipelined phase 1 (segment 0 on a, segments 1-2 on
+    b + c); 2 epochs of 2 mini-batches of 6."""
+    return prepare_tiny(tmp_path, 2, pipelined=True)
 
 
 @pytest.mark.parametrize("fail", ["b@1", "a@0"], ids=["middle-stage-second-batch",
@@ -54,11 +35,7 @@ def test_a_device_lost_in_phase_1_is_recovered(tmp_path: Path, fail: str) -> Non
     metrics = tmp_path / "m.jsonl"
     result = run_finetune(out, cluster_file, seed=0, lr=0.05, metrics=metrics, timeout_s=300,
                           fail=fail)
-    reference = reference_finetune(spec, batch_size=6, epochs=2, num_samples=12, rank=4,
-                                   seed=0, lr=0.05)
-    assert len(result.losses) == len(reference) == 4
-    for got, want in zip(result.losses, reference, strict=True):
-        assert abs(got - want) <= 1e-4 * abs(want)
+    assert_matches_reference(result.losses, spec, 2)
     (event,) = result.recoveries
     assert event["event"] == "recovery" and event["phase"] == 1
     assert event["failed"] == [lost] and event["at_step"] == int(step)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -75,34 +76,55 @@ network:
 """
 
 
-@pytest.mark.parametrize("pipelined", [False, True], ids=["planned", "pipeline-handoff"])
-def test_emulated_pac_equals_the_reference(tmp_path: Path, pipelined: bool) -> None:
+PIPELINED_PHASE1 = Plan(model_hash="h", cluster_hash="c", batch_size=6, micro_batch_size=3,
+                        num_micro_batches=2, num_layers=3,
+                        stages=(Stage((0, 0), ("a",), (3,)),
+                                Stage((1, 2), ("b", "c"), (2, 1))))
+"""Segment 0 on a, segments 1-2 on b + c (2/1), two micro-batches of 3: a hand-off."""
+
+
+def prepare_tiny(tmp_path: Path, epochs: int, *, pipelined: bool = False
+                 ) -> tuple[Any, Cluster, Any, Path, PacPlan, Path]:
+    """``(spec, cluster, costs, out, plan, cluster_file)``: the tiny GPT on a, b, c,
+    prepared for ``epochs`` epochs of 2 mini-batches of 6 (adapter rank 4); with
+    ``pipelined``, phase 1 is :data:`PIPELINED_PHASE1`."""
     model_file = tmp_path / "tiny.py"
     model_file.write_text(TINY_GPT)
     cluster_file = tmp_path / "c.yaml"
     cluster_file.write_text(CLUSTER)
     spec = load_model_spec(str(model_file))
     cluster = Cluster.from_yaml(cluster_file)
-    model = spec.build_model()
-    costs = analytic_costs(model, spec.example_inputs(2)[0], model_name=spec.name)
+    costs = analytic_costs(spec.build_model(), spec.example_inputs(2)[0], model_name=spec.name)
     out = tmp_path / "pac"
-    plan = prepare_finetune(spec, cluster, costs, out, batch_size=6, epochs=2, num_samples=12,
-                            rank=4)
-    if pipelined:   # segment 0 on a, segments 1-2 on b+c, two micro-batches: hand-off
-        phase1 = Plan(model_hash="h", cluster_hash="c", batch_size=6, micro_batch_size=3,
-                      num_micro_batches=2, num_layers=3,
-                      stages=(Stage((0, 0), ("a",), (3,)), Stage((1, 2), ("b", "c"), (2, 1))))
-        plan = replace(plan, phase1=phase1)
+    plan = prepare_finetune(spec, cluster, costs, out, batch_size=6, epochs=epochs,
+                            num_samples=12, rank=4)
+    if pipelined:
+        plan = replace(plan, phase1=PIPELINED_PHASE1)
         plan = replace(plan, predicted=predict_finetune(plan, costs, cluster))
         plan.save(out / PAC_PLAN_FILE)
+    return spec, cluster, costs, out, plan, cluster_file
+
+
+def assert_matches_reference(losses: list[float], spec: Any, epochs: int) -> list[float]:
+    """The run's losses equal the single-process reference within 1e-4 relative; returns
+    the reference."""
+    reference = reference_finetune(spec, batch_size=6, epochs=epochs, num_samples=12, rank=4,
+                                   seed=0, lr=0.05)
+    assert len(losses) == len(reference) == 2 * epochs
+    for got, want in zip(losses, reference, strict=True):
+        assert abs(got - want) <= 1e-4 * abs(want)
+    return reference
+
+
+@pytest.mark.parametrize("pipelined", [False, True], ids=["planned", "pipeline-handoff"])
+def test_emulated_pac_equals_the_reference(tmp_path: Path, pipelined: bool) -> None:
+    spec, _cluster, _costs, out, plan, cluster_file = prepare_tiny(tmp_path, 2,
+                                                                   pipelined=pipelined)
+    if pipelined:
         assert stage_segments(PacSource(str(out)).pac_plan(), 1) == [1, 2]
     metrics = tmp_path / "m.jsonl"
     result = run_finetune(out, cluster_file, seed=0, lr=0.05, metrics=metrics, timeout_s=300)
-    reference = reference_finetune(spec, batch_size=6, epochs=2, num_samples=12, rank=4,
-                                   seed=0, lr=0.05)
-    assert len(result.losses) == len(reference) == 4
-    for got, want in zip(result.losses, reference, strict=True):
-        assert abs(got - want) <= 1e-4 * abs(want)
+    reference = assert_matches_reference(result.losses, spec, 2)
     assert reference[-1] != reference[0]          # the adapters did train
     rows = [json.loads(line) for line in metrics.read_text().splitlines()]
     assert [r["phase"] for r in rows] == [1, 1, 2, 2]
@@ -122,26 +144,13 @@ def test_emulated_pac_equals_the_reference(tmp_path: Path, pipelined: bool) -> N
 
 
 def test_a_device_lost_in_phase_2_loses_only_its_share(tmp_path: Path) -> None:
-    model_file = tmp_path / "tiny.py"
-    model_file.write_text(TINY_GPT)
-    cluster_file = tmp_path / "c.yaml"
-    cluster_file.write_text(CLUSTER)
-    spec = load_model_spec(str(model_file))
-    cluster = Cluster.from_yaml(cluster_file)
-    costs = analytic_costs(spec.build_model(), spec.example_inputs(2)[0], model_name=spec.name)
-    out = tmp_path / "pac"
-    plan = prepare_finetune(spec, cluster, costs, out, batch_size=6, epochs=3, num_samples=12,
-                            rank=4)
+    spec, _cluster, _costs, out, plan, cluster_file = prepare_tiny(tmp_path, 3)
     assert set(plan.fallback) == {"a", "b", "c"}
     assert sum(plan.fallback["c"]) == dict(zip(plan.devices, plan.shares, strict=True))["c"]
     metrics = tmp_path / "m.jsonl"
     result = run_finetune(out, cluster_file, seed=0, lr=0.05, metrics=metrics, timeout_s=300,
                           fail="c@3")
-    reference = reference_finetune(spec, batch_size=6, epochs=3, num_samples=12, rank=4,
-                                   seed=0, lr=0.05)
-    assert len(result.losses) == len(reference) == 6
-    for got, want in zip(result.losses, reference, strict=True):
-        assert abs(got - want) <= 1e-4 * abs(want)
+    assert_matches_reference(result.losses, spec, 3)
     (event,) = result.recoveries
     assert event["failed"] == ["c"] and event["at_step"] == 3
     rows = [json.loads(line) for line in metrics.read_text().splitlines()
