@@ -44,6 +44,9 @@ log = logging.getLogger(__name__)
 #   copies into the views (no pack/cat), a receive hands out aliases of the views (no
 #   unpack/clone) that go back to the pool when the executor is done with the micro-batch
 #   (``recycle``); sends go straight to the process group (no batch_isend_irecv).
+# * What remained after these was not in the runtime's Python but in gloo's transport
+#   thread spinning on the pair lock that the main thread holds while it sends or posts;
+#   see [Note: gloo's loop thread] for that and its fix.
 #
 # [Note: emulated links]
 # Under emulation every process shares one host clock. A link of ``b`` bytes/s is emulated
@@ -60,7 +63,7 @@ log = logging.getLogger(__name__)
 # loopback, waking a process) is likewise inside the paced time when the link is slow.
 
 # [Note: gloo's loop thread]
-# gloo's tcp transport reads every socket of a process on one thread ("gloo_tcp_loop"):
+# gloo's tcp transport reads its sockets on a thread of its own ("gloo_tcp_loop"):
 # level-triggered epoll, and a handler that only TRIES the pair's lock and, when the lock is
 # taken, returns to epoll_wait, which reports the same unread bytes at once. A pair's lock is
 # taken by this process's main thread for every send and every posted receive (a writev to
@@ -69,15 +72,18 @@ log = logging.getLogger(__name__)
 # (a thread that slept is due the CPU); it then spins on the lock its own main thread holds
 # until the scheduler takes the core back from it, up to a time slice (ms). In a pipeline
 # the two directions' messages overlap (a rank sends its activations while the next stage
-# sends its gradients back), so this happened on a good share of the hops: measured with
-# tools/measure_hop.py --cpu on this 2-core host, the loop threads of the two ranks burnt
-# 30-40 ms of CPU per round of 16 micro-batches (~0.5 ms per message, strace: runs of
-# epoll_wait returning EPOLLIN without a read), under a cgroup quota out of the device's
-# own CPU share. ``calm_transport_threads`` puts the loop threads under SCHED_BATCH: a
-# waking SCHED_BATCH thread does not preempt the running one (it runs when the main thread
-# blocks, which is when a message is needed, or on another core), but competes with its
-# normal weight, so unlike SCHED_IDLE it is not starved by other work on the host. The loop
-# threads' CPU then fell to 3-7 ms per such round.
+# sends its gradients back), so this happened on a good share of the hops. On this 2-core
+# host (the 2-stage pipeline of tools/measure_hop.py, 16 micro-batches, uncapped, CPU read
+# per thread) the loop threads of the two ranks burnt 30-50 ms of CPU per round, more than
+# the main threads (~0.5-1.5 ms per message; strace: runs of epoll_wait returning EPOLLIN
+# without a read); under the emulator's cgroup caps that CPU comes out of the device's
+# quota, and the slow device was throttled in 3 of 4 periods. ``calm_transport_threads``
+# puts the loop threads under SCHED_BATCH: a waking SCHED_BATCH thread does not preempt
+# the running one (it runs when the main thread blocks, which is when a message is needed,
+# or on another core), but competes with its normal weight, so unlike SCHED_IDLE it is not
+# starved by other work on the host (nice 19 did not help: a niced thread that got the
+# core still runs out its slice). The loop threads' CPU then fell to 1-16 ms per such
+# round, the hop's CPU from 0.9 to 0.2 ms (docs/benchmarks.md, "Per-hop cost").
 
 TRANSPORT_THREAD = "gloo_tcp_loop"
 """Name of the thread on which gloo's tcp transport handles a process's sockets."""
