@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import struct
 import time
 import zlib
@@ -16,7 +17,7 @@ import torch.distributed as dist
 from contracts.errors import RuntimeFailure
 
 __all__ = ["Comm", "CommFailure", "pack", "unpack", "encode_meta", "decode_meta",
-           "gradient_buckets", "message_tag"]
+           "gradient_buckets", "message_tag", "calm_transport_threads"]
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +44,9 @@ log = logging.getLogger(__name__)
 #   copies into the views (no pack/cat), a receive hands out aliases of the views (no
 #   unpack/clone) that go back to the pool when the executor is done with the micro-batch
 #   (``recycle``); sends go straight to the process group (no batch_isend_irecv).
+# * What remained after these was not in the runtime's Python but in gloo's transport
+#   thread spinning on the pair lock that the main thread holds while it sends or posts;
+#   see [Note: gloo's loop thread] for that and its fix.
 #
 # [Note: emulated links]
 # Under emulation every process shares one host clock. A link of ``b`` bytes/s is emulated
@@ -57,6 +61,59 @@ log = logging.getLogger(__name__)
 # share) overlaps the emulated transfer as a real ring's chunks overlap theirs, so the
 # all-reduce takes the longer of the two. The host's own cost of a p2p message (gloo over
 # loopback, waking a process) is likewise inside the paced time when the link is slow.
+
+# [Note: gloo's loop thread]
+# gloo's tcp transport reads its sockets on a thread of its own ("gloo_tcp_loop"):
+# level-triggered epoll, and a handler that only TRIES the pair's lock and, when the lock is
+# taken, returns to epoll_wait, which reports the same unread bytes at once. A pair's lock is
+# taken by this process's main thread for every send and every posted receive (a writev to
+# the peer inside it). When a message arrives in that window, the loop thread wakes, and the
+# kernel's wake-up preemption puts it on the main thread's core in place of the main thread
+# (a thread that slept is due the CPU); it then spins on the lock its own main thread holds
+# until the scheduler takes the core back from it, up to a time slice (ms). In a pipeline
+# the two directions' messages overlap (a rank sends its activations while the next stage
+# sends its gradients back), so this happened on a good share of the hops. On this 2-core
+# host (the 2-stage pipeline of tools/measure_hop.py, 16 micro-batches, uncapped, CPU read
+# per thread) the loop threads of the two ranks burnt 30-50 ms of CPU per round, more than
+# the main threads (~0.5-1.5 ms per message; strace: runs of epoll_wait returning EPOLLIN
+# without a read); under the emulator's cgroup caps that CPU comes out of the device's
+# quota, and the slow device was throttled in 3 of 4 periods. ``calm_transport_threads``
+# puts the loop threads under SCHED_BATCH: a waking SCHED_BATCH thread does not preempt
+# the running one (it runs when the main thread blocks, which is when a message is needed,
+# or on another core), but competes with its normal weight, so unlike SCHED_IDLE it is not
+# starved by other work on the host (nice 19 did not help: a niced thread that got the
+# core still runs out its slice). The loop threads' CPU then fell to 1-16 ms per such
+# round, the hop's CPU from 0.9 to 0.2 ms (docs/benchmarks.md, "Per-hop cost").
+
+TRANSPORT_THREAD = "gloo_tcp_loop"
+"""Name of the thread on which gloo's tcp transport handles a process's sockets."""
+
+
+def calm_transport_threads() -> int:
+    """Put this process's gloo transport loop threads under SCHED_BATCH (see [Note: gloo's
+    loop thread]); returns how many threads were changed. Linux only (reads
+    ``/proc/self/task``); elsewhere, or when the policy cannot be set, it does nothing."""
+    setter = getattr(os, "sched_setscheduler", None)
+    batch = getattr(os, "SCHED_BATCH", None)
+    if setter is None or batch is None:
+        return 0
+    try:
+        tids = os.listdir("/proc/self/task")
+    except OSError:
+        return 0
+    changed = 0
+    for tid in tids:
+        try:
+            with open(f"/proc/self/task/{tid}/comm") as fh:
+                if fh.read().strip() != TRANSPORT_THREAD:
+                    continue
+            if os.sched_getscheduler(int(tid)) != batch:
+                setter(int(tid), batch, os.sched_param(0))
+                changed += 1
+        except OSError:      # the thread ended, or the policy may not be changed here
+            continue
+    return changed
+
 
 class CommFailure(RuntimeFailure):
     """A transfer or collective failed or timed out: usually the symptom of a peer's failure."""
@@ -204,6 +261,9 @@ class Comm:
         # gloo matches a message by (peer, tag) whenever its receive is posted; other
         # backends pair p2p operations by call order, so they post receives at the wait
         self.can_post = self.backend == "gloo"
+        if self.backend == "gloo" and dist.is_initialized():
+            # every process group of this rank exists by now (see [Note: gloo's loop thread])
+            calm_transport_threads()
         self._pg: Any = dist.group.WORLD if dist.is_initialized() else None
         self._send_layout: dict[tuple[int, str], list[tuple[tuple[int, ...],
                                                             torch.dtype]]] = {}

@@ -18,7 +18,17 @@ import torch.multiprocessing as mp
 
 from contracts.errors import RuntimeFailure, StageFailure
 from contracts.plan import Plan, Stage
-from runtime.comm import Comm, CommFailure, decode_meta, encode_meta, message_tag, pack, unpack
+from runtime.comm import (
+    TRANSPORT_THREAD,
+    Comm,
+    CommFailure,
+    calm_transport_threads,
+    decode_meta,
+    encode_meta,
+    message_tag,
+    pack,
+    unpack,
+)
 from runtime.emulator import launch_local
 from runtime.executor import StageExecutor
 from runtime.lowering import add_comms
@@ -200,11 +210,23 @@ def _spawn(target: Any, extra: tuple[Any, ...], reports: int = 2,
     return out, [proc.exitcode for proc in procs]
 
 
+def _thread_policies(name: str) -> list[int]:
+    """Scheduling policies of this process's threads called ``name`` (Linux)."""
+    out = []
+    for tid in os.listdir("/proc/self/task"):
+        with open(f"/proc/self/task/{tid}/comm") as fh:
+            if fh.read().strip() == name:
+                out.append(os.sched_getscheduler(int(tid)))
+    return out
+
+
 def _pooled_comm_worker(rank: int, port: int, results: Any) -> None:
     store = dist.TCPStore("127.0.0.1", port, 2, is_master=rank == 0)
     dist.init_process_group("gloo", store=store, rank=rank, world_size=2)
     comm = Comm(rank, torch.device("cpu"), timeout_s=30)
     report: dict[str, Any] = {"ok": True}
+    report["loop_policies"] = _thread_policies(TRANSPORT_THREAD)
+    report["calmed_again"] = calm_transport_threads()
     buffers: set[int] = set()
     micro = 4
     for step in range(3):
@@ -250,6 +272,12 @@ def test_lean_comm_posts_receives_into_pooled_buffers() -> None:
     # the one being consumed and the one posted ahead: two buffers serve all 12 messages
     assert receiver["buffers"] == 2
     assert "shapes must not change during a run" in sender["mismatch"]
+    # gloo's transport loop thread runs under SCHED_BATCH (runtime/comm.py [Note: gloo's
+    # loop thread]); a second call finds nothing left to change
+    for report in (sender, receiver):
+        assert report["loop_policies"] and all(p == os.SCHED_BATCH
+                                               for p in report["loop_policies"])
+        assert report["calmed_again"] == 0
 
 
 DYING = '''
