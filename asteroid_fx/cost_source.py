@@ -35,7 +35,7 @@ MAX_PROFILE_BATCH = 32
 
 Progress = Callable[[int, int, str], None]
 
-PROFILER_KEY = "chain/thread-cpu-time/less-timing-overhead"
+PROFILER_KEY = "chain/thread-cpu-time/less-timing-overhead/min-50ms"
 """What the cached measurements were made with (part of the cache key): a change of the
 profiler's method invalidates the cache."""
 
