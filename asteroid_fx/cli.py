@@ -223,8 +223,8 @@ def profile(
         "merge` joins tables of several types")] = "local",
     runtime_overhead: Annotated[bool, typer.Option(
         "--runtime-overhead/--no-runtime-overhead",
-        help="also record what the training runtime costs on this host per stage call and "
-        "round (measured once per host in about 10 s, then cached)")] = True,
+        help="also record what the training runtime costs on this host per stage call, "
+        "round and message (measured once per host in about 20 s, then cached)")] = True,
 ) -> None:
     """Measure forward/backward time per layer on this host at several batch sizes."""
     with _errors():
@@ -363,9 +363,8 @@ def _show_costs(table: Any, cluster: Path | None, batch_size: int) -> None:
     for kind, over in [(table.device_type, table.runtime_overhead),
                        *((c.device_type, c.runtime_overhead) for c in table.columns)]:
         if not over.is_zero:
-            console.print(f"runtime overhead ({kind}): {over.forward_s * 1e3:.3f} ms forward "
-                          f"and {over.backward_s * 1e3:.3f} ms backward per stage call, "
-                          f"{over.round_s * 1e3:.3f} ms per round (docs/latency-model.md)")
+            console.print(f"runtime overhead ({kind}): {over.describe()} "
+                          f"(docs/latency-model.md)")
 
 
 def _costs_for(model: str, batch_size: int, costs: str | None, leaf: tuple[str, ...],

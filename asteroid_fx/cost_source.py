@@ -11,7 +11,7 @@ import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from contracts.errors import CostModelError
 
@@ -19,6 +19,8 @@ __all__ = [
     "CHOICES",
     "CostChoice",
     "cache_dir",
+    "cached_measurement",
+    "cache_key",
     "measures_by_default",
     "default_batch_sizes",
     "resolve_costs",
@@ -34,6 +36,7 @@ MAX_PROFILE_BATCH = 32
 """The largest batch size the default measurement adds (besides 1, 2, 4, 8)."""
 
 Progress = Callable[[int, int, str], None]
+T = TypeVar("T")
 
 PROFILER_KEY = "chain/thread-cpu-time/less-timing-overhead/min-50ms"
 """What the cached measurements were made with (part of the cache key): a change of the
@@ -76,11 +79,12 @@ def default_batch_sizes(batch_size: int) -> tuple[int, ...]:
     return tuple(sorted(sizes))
 
 
-def _digest(payload: Any) -> str:
+def cache_key(payload: Any) -> str:
+    """A short stable digest of a JSON-able payload (a cache file's key)."""
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _file_digest(path: Path | None) -> str:
+def _filecache_key(path: Path | None) -> str:
     if path is None or not Path(path).is_file():
         return ""
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
@@ -117,21 +121,37 @@ def _host_speeds() -> dict[str, float]:
 
     from cost_models.hostspeed import measure_host_flops, measure_host_mem_bw, measure_norm_flops
 
-    path = cache_dir() / f"host-{_digest([platform.node(), torch.__version__, PROFILER_KEY])}.json"
-    if path.is_file():
+    def measure() -> dict[str, float]:
+        flops = measure_host_flops()
+        return {"host_flops": flops, "host_mem_bw": measure_host_mem_bw(),
+                "norm_efficiency": min(1.0, measure_norm_flops() / flops)}
+
+    key = cache_key([platform.node(), torch.__version__, PROFILER_KEY])
+    path = cache_dir() / f"host-{key}.json"
+    return cached_measurement(
+        path, measure,
+        lambda data: {k: float(data[k]) for k in ("host_flops", "host_mem_bw", "norm_efficiency")},
+        "host-speed")
+
+
+def cached_measurement(path: Path, measure: Callable[[], Any], parse: Callable[[Any], T],
+                       what: str, *, refresh: bool = False) -> T:
+    """``parse`` of the JSON cached at ``path``, else of ``measure()`` (then cached there).
+
+    An unreadable cache (``parse`` raising a lookup, value or ``CostModelError``) is
+    measured again with a warning naming ``what``; a cache that cannot be written is
+    a warning too, and the measurement is still returned."""
+    if path.is_file() and not refresh:
         try:
-            data = json.loads(path.read_text())
-            return {k: float(data[k]) for k in ("host_flops", "host_mem_bw", "norm_efficiency")}
-        except (OSError, ValueError, KeyError, TypeError):
-            log.warning("ignoring the unreadable host-speed cache %s", path)
-    flops = measure_host_flops()
-    speeds = {"host_flops": flops, "host_mem_bw": measure_host_mem_bw(),
-              "norm_efficiency": min(1.0, measure_norm_flops() / flops)}
+            return parse(json.loads(path.read_text()))
+        except (OSError, ValueError, KeyError, TypeError, CostModelError):
+            log.warning("ignoring the unreadable %s cache %s; measuring again", what, path)
+    data = measure()
     try:
-        _write_atomic(path, json.dumps(speeds))
+        _write_atomic(path, json.dumps(data, indent=1))
     except OSError as exc:
-        log.warning("cannot cache the host speed in %s: %s", path, exc)
-    return speeds
+        log.warning("cannot cache the %s measurement in %s: %s", what, path, exc)
+    return parse(data)
 
 
 def resolve_costs(spec: Any, model: Any, inputs: Any, cluster: Any,
@@ -185,7 +205,7 @@ def resolve_costs(spec: Any, model: Any, inputs: Any, cluster: Any,
     import torch
 
     sizes = tuple(batch_sizes) if batch_sizes else default_batch_sizes(batch_size)
-    key = _digest([graph.model_hash, _file_digest(spec.path), platform.node(),
+    key = cache_key([graph.model_hash, _filecache_key(spec.path), platform.node(),
                    torch.__version__, list(sizes), PROFILER_KEY])
     path = cache_dir() / "costs" / f"{spec.name.replace(':', '_').replace('/', '_')}-{key}.json"
     if path.is_file():

@@ -71,9 +71,7 @@ def _source_phrase(costs: CostTable, device_type: str) -> str:
     over = costs.runtime_overhead_of(device_type)
     if over.is_zero:
         return phrase
-    return (f"{phrase}; runtime overhead {over.forward_s * 1e3:.2f} / "
-            f"{over.backward_s * 1e3:.2f} ms per stage call (F / B), "
-            f"{over.round_s * 1e3:.2f} ms per round")
+    return f"{phrase}; runtime overhead {over.describe()}"
 
 
 def _content(plan: Plan, costs: CostTable, cluster: Cluster) -> _Content:

@@ -36,7 +36,6 @@ the last stage computes it: a few microseconds on this host.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import platform
@@ -175,9 +174,9 @@ def _measure(steps: int) -> dict[str, Any]:
 def _cache_path() -> Path:
     import torch
 
-    from asteroid_fx.cost_source import PROFILER_KEY, _digest, cache_dir
+    from asteroid_fx.cost_source import PROFILER_KEY, cache_dir, cache_key
 
-    key = _digest([platform.node(), torch.__version__, PROFILER_KEY, PROBE_KEY])
+    key = cache_key([platform.node(), torch.__version__, PROFILER_KEY, PROBE_KEY])
     return cache_dir() / f"runtime-overhead-{key}.json"
 
 
@@ -195,27 +194,21 @@ def host_runtime_overhead(*, refresh: bool = False,
     """This host's runtime overhead and per-message cost, measured on first use (about
     20 s; ``progress(done, total, what)`` before and after) and cached under
     ``cache_dir()`` by host, torch version and method."""
-    from asteroid_fx.cost_source import _write_atomic
+    from asteroid_fx.cost_source import cached_measurement
 
     path = _cache_path()
-    if path.is_file() and not refresh:
-        try:
-            return _parse(json.loads(path.read_text()))
-        except (OSError, ValueError, KeyError, TypeError, CostModelError):
-            log.warning("ignoring the unreadable runtime-overhead cache %s; measuring again",
-                        path)
-    what = "the runtime's overhead on this host (once per host; cached)"
-    log.info("measuring %s in %s", what, path)
-    if progress is not None:
-        progress(0, 1, what)
-    data = measure()
-    if progress is not None:
-        progress(1, 1, what)
-    try:
-        _write_atomic(path, json.dumps(data, indent=1))
-    except OSError as exc:
-        log.warning("cannot cache the runtime overhead in %s: %s", path, exc)
-    return _parse(data)
+
+    def measured() -> dict[str, Any]:
+        what = "the runtime's overhead on this host (once per host; cached)"
+        log.info("measuring %s in %s", what, path)
+        if progress is not None:
+            progress(0, 1, what)
+        data = measure()
+        if progress is not None:
+            progress(1, 1, what)
+        return data
+
+    return cached_measurement(path, measured, _parse, "runtime-overhead", refresh=refresh)
 
 
 def _parse(data: Any) -> HostOverhead:

@@ -147,6 +147,12 @@ class RuntimeOverhead:
     def is_zero(self) -> bool:
         return self.forward_s == 0.0 and self.backward_s == 0.0 and self.round_s == 0.0
 
+    def describe(self) -> str:
+        """One phrase, e.g. ``0.108 / 0.133 ms per stage call (F / B), 0.173 ms per
+        round``."""
+        return (f"{self.forward_s * 1e3:.3f} / {self.backward_s * 1e3:.3f} ms per stage call "
+                f"(F / B), {self.round_s * 1e3:.3f} ms per round")
+
     def to_dict(self) -> dict[str, float]:
         return {"forward_s": self.forward_s, "backward_s": self.backward_s,
                 "round_s": self.round_s}

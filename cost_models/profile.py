@@ -470,7 +470,8 @@ def profile(
                 example_inputs = tuple(example_inputs)
             _run_model(model, example_inputs)
             if graph is None:
-                assert tracer is not None   # checked above
+                if tracer is None:   # checked above; keeps the type checker informed
+                    raise CostModelError("profile needs graph= or tracer=")
                 graph = tracer(model, example_inputs)
             host_flops = measure_host_flops()
             host_bw = measure_host_mem_bw()

@@ -428,8 +428,8 @@ def plan_finetune(costs: CostTable, cluster: Cluster, model: PacModel, *, batch_
             continue
         drafts.append((label, draft, predict_finetune(draft, costs, cluster)))
     if not drafts:
-        assert error is not None
-        raise error
+        raise error if error is not None else PlanError(
+            "no phase-1 plan leaves room for the activation cache")
     fastest = min(p.phase1_step_s for _l, _d, p in drafts)
     admissible = [i for i, (_l, _d, p) in enumerate(drafts)
                   if p.phase1_step_s <= (1.0 + phase1_slack) * fastest * (1 + 1e-12)]
