@@ -292,9 +292,11 @@ def _bucket(count: int) -> int:
 
 
 def _class_tables(space: ClassSpace, sums: LayerSums, cut_bytes: Sequence[int],
-                  ends: Sequence[int], micro_batch: int) -> _ClassTables | None:
+                  ends: Sequence[int], micro_batch: int,
+                  deadline: float | None = None) -> _ClassTables | None:
     """The per-stage lower bounds of [Note: the class bound] for every group of at most
-    ``micro_batch`` devices (merged into buckets above ``CLASS_GROUPS_MAX``)."""
+    ``micro_batch`` devices (merged into buckets above ``CLASS_GROUPS_MAX``); ``_Late``
+    when the ``time.perf_counter()`` deadline passes first."""
     n_classes = space.num_classes
     counts_all = space.counts
     bw_in = _in_bandwidth(space)
@@ -317,7 +319,9 @@ def _class_tables(space: ClassSpace, sums: LayerSums, cut_bytes: Sequence[int],
     per_class = [(space.bounds[d], bw_in[d], timing.device(names[d]).source,
                   timing.device(names[d]).divisor) for d in heads]
     found: dict[tuple[int, ...], list[float]] = {}
-    for take in itertools.product(*(range(c + 1) for c in counts_all)):
+    for seen, take in enumerate(itertools.product(*(range(c + 1) for c in counts_all))):
+        if deadline is not None and not seen % 256 and time.perf_counter() > deadline:
+            raise _Late
         size = sum(take)
         if size == 0 or size > micro_batch:
             continue
@@ -391,11 +395,12 @@ def _class_tables(space: ClassSpace, sums: LayerSums, cut_bytes: Sequence[int],
 
 
 def _relaxed(tables: _ClassTables, m: int, low: float, top: float, limit: float,
-             prices: np.ndarray, rho: float = 0.0) -> float:
+             prices: np.ndarray, rho: float = 0.0, deadline: float | None = None) -> float:
     """``L``: the smallest value of bound (A) of [Note: the class bound] over relaxed plans
     whose stages all have ``x <= top``, whose dominant stage has ``X > low`` and whose
     stages up to the dominant one keep ``M X_d + T_a < limit``, with devices priced at
-    ``prices`` per class instead of limited to the cluster's counts."""
+    ``prices`` per class instead of limited to the cluster's counts; ``_Late`` once the
+    ``time.perf_counter()`` deadline has passed."""
     inf = math.inf
     count = len(tables.firsts)
     a_max = m                                   # a = 0 .. M - 1 stages after the dominant
@@ -424,6 +429,8 @@ def _relaxed(tables: _ClassTables, m: int, low: float, top: float, limit: float,
             chords[a, k], chords[a, k + 1] = 1.0 - w, w
     m_low = m * low
     for i in range(count - 1, -1, -1):
+        if deadline is not None and not i % 8 and time.perf_counter() > deadline:
+            raise _Late
         x, big, t_a, nxt, shortest = tables.rows[i]
         # x grows with the end for every group: only the first `k` ends can have x <= top
         k = int(np.searchsorted(shortest, top, side="right"))
@@ -478,14 +485,17 @@ def _relaxed(tables: _ClassTables, m: int, low: float, top: float, limit: float,
 def class_bound(space: ClassSpace, sums: LayerSums, cut_bytes: Sequence[int],
                 ends: Sequence[int], micro_batch: int, num_micro: int, target: float,
                 deadline: float | None = None, max_evals: int = 24,
-                rho: float = 0.0) -> float | None:
+                rho: float = 0.0, buckets: int = CLASS_BUCKETS) -> float | None:
     """A lower bound, at most ``target``, on the round time of every plan of the wide space
     (``ClassSpace``: every group in every order) with this micro-batch size on the
     candidate ends ``ends`` ([Note: the class bound]); None when the
-    ``time.perf_counter()`` deadline passes first, ``target`` is not finite or the cluster
-    has more than ``CLASS_VECTORS_MAX`` count vectors. ``rho``: a hiding ratio
+    ``time.perf_counter()`` deadline passes before the first bucket of ``X_d`` is bounded,
+    ``target`` is not finite or the cluster has more than ``CLASS_VECTORS_MAX`` count
+    vectors. A deadline that passes later gives the bound of the buckets done so far,
+    ``M`` times the last one's top for the rest (``round > M X_d``). ``rho``: a hiding ratio
     (``solver.summary.hiding_ratio``: ``min(E_f, E_b) >= rho X`` in every plan; 0 is
-    always safe); ``max_evals``: stop splitting buckets after this many DP runs.
+    always safe); ``max_evals``: stop splitting buckets after this many DP runs;
+    ``buckets``: buckets of the first grid (fewer: a quicker, weaker first bound).
 
     [Note: the class bound]
     Let ``d`` be the dominant stage (largest ``X``) and ``a = min(M, S - d) - 1`` (at most
@@ -519,7 +529,10 @@ def class_bound(space: ClassSpace, sums: LayerSums, cut_bytes: Sequence[int],
     if (not math.isfinite(target) or target <= 0
             or math.prod(c + 1 for c in space.counts) > CLASS_VECTORS_MAX):
         return None
-    tables = _class_tables(space, sums, cut_bytes, ends, micro_batch)
+    try:
+        tables = _class_tables(space, sums, cut_bytes, ends, micro_batch, deadline)
+    except _Late:
+        return None
     if tables is None:
         return target        # no group can take a micro-batch: no plan
     m = num_micro
@@ -534,7 +547,7 @@ def class_bound(space: ClassSpace, sums: LayerSums, cut_bytes: Sequence[int],
             if deadline is not None and time.perf_counter() > deadline:
                 raise _Late
             evals[0] += 1
-            found = _relaxed(tables, m, low, top, target, p * top * shape, rho)
+            found = _relaxed(tables, m, low, top, target, p * top * shape, rho, deadline)
             return max(m * low, found) if not math.isnan(found) else m * low
 
         best = value(price)
@@ -556,38 +569,41 @@ def class_bound(space: ClassSpace, sums: LayerSums, cut_bytes: Sequence[int],
 
     # buckets (low, top, bound, price) of X_d covering (0, target / M]: a coarse grid,
     # then the bucket that sets the bound is split while that raises it
-    tops = [top_all * _BUCKET_RATIO ** k for k in range(CLASS_BUCKETS)][::-1]
-    buckets: list[tuple[float, float, float, float]] = []
+    tops = [top_all * _BUCKET_RATIO ** k for k in range(max(1, buckets))][::-1]
+    done: list[tuple[float, float, float, float]] = []
     evals = [0]
     price = _PRICE_START
     worst = target
     try:
         for low, top in zip([0.0, *tops[:-1]], tops, strict=True):
             if m * low >= target:
-                buckets.append((low, top, target, price))
+                done.append((low, top, target, price))
                 continue
             found, price = bucket(low, top, price, worst)
             worst = min(worst, found)
-            buckets.append((low, top, found, price))
+            done.append((low, top, found, price))
         while True:
-            j = min(range(len(buckets)), key=lambda k: buckets[k][2])
-            low, top, found, price = buckets[j]
+            j = min(range(len(done)), key=lambda k: done[k][2])
+            low, top, found, price = done[j]
             if (found >= target or low >= top * _FINEST or top < top_all * _FINEST_LOW
                     or evals[0] >= max_evals):
                 break
             mid = math.sqrt(low * top) if low > 0.0 else top / 2
-            enough = min(b[2] for k, b in enumerate(buckets) if k != j) if len(buckets) > 1 \
+            enough = min(b[2] for k, b in enumerate(done) if k != j) if len(done) > 1 \
                 else target
             # the bucket's bound holds in each half too
             halves = []
             for a, b in ((low, mid), (mid, top)):
                 value, p = bucket(a, b, price, enough)
                 halves.append((a, b, max(value, found), p))
-            buckets[j:j + 1] = halves
+            done[j:j + 1] = halves
     except _Late:
-        if len(buckets) < CLASS_BUCKETS:
+        if not done:
             return None
-    return max(0.0, min(min(b[2] for b in buckets), target) * _SLACK)
+        if len(done) < len(tops):
+            # the buckets not reached hold plans with X_d above the last one's top
+            done.append((done[-1][1], top_all, m * done[-1][1], price))
+    return max(0.0, min(min(b[2] for b in done), target) * _SLACK)
 
 
 class _Late(Exception):

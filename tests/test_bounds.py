@@ -193,3 +193,49 @@ def test_class_bound_stops_at_its_deadline_and_size() -> None:
     args = (space, LayerSums.of(costs), costs.cut_bytes, [0, 1, 2], 1, batch)
     assert class_bound(*args, 1.0, deadline=0.0) is None
     assert class_bound(*args, math.inf) is None
+
+
+def test_class_bound_cut_short_by_its_deadline_is_still_below_every_plan(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # a clock that advances one tick per reading: the deadline passes after a few buckets,
+    # and the buckets not reached count with M times the last top (round > M X_d)
+    import solver.bounds
+    from solver.bounds import class_bound
+    from solver.space import ClassSpace
+    from solver.summary import hiding_ratio
+
+    class Clock:
+        now = 0.0
+
+        def perf_counter(self) -> float:
+            self.now += 1.0
+            return self.now
+
+    partial = 0
+    for seed in range(40, 52):
+        costs, cluster, batch = random_instance(seed, max_layers=5, max_devices=4,
+                                                links=True, latency=True)
+        cluster = cluster.for_costs(costs)
+        sums = LayerSums.of(costs)
+        ends = list(range(costs.num_layers - 1))
+        space = ClassSpace(costs, cluster)
+        rho = hiding_ratio(costs, cluster)
+        best: dict[int, float] = {}
+        for plan in enumerate_plans(costs, cluster, batch, wide=True):
+            value = evaluate(plan, costs, cluster).round_time_s
+            best[plan.micro_batch_size] = min(value, best.get(plan.micro_batch_size, math.inf))
+        for mb, value in best.items():
+            full = class_bound(space, sums, costs.cut_bytes, ends, mb, batch // mb,
+                               value * 2.0, rho=rho)
+            assert full is not None
+            for ticks in (3, 6, 12, 24, 48):
+                clock = Clock()
+                monkeypatch.setattr(solver.bounds, "time", clock)
+                cut = class_bound(space, sums, costs.cut_bytes, ends, mb, batch // mb,
+                                  value * 2.0, deadline=float(ticks), rho=rho)
+                monkeypatch.undo()
+                if cut is None:
+                    continue
+                partial += 1
+                assert cut <= value, (seed, mb, ticks, cut, value)
+    assert partial > 20
