@@ -57,7 +57,7 @@ from contracts.cluster import Cluster
 from contracts.errors import AsteroidError, PlanError
 from contracts.plan import Plan, PlannerInfo, SearchBound
 from contracts.table import CostTable
-from solver.bounds import class_bound
+from solver.bounds import bound_classes, class_bound
 from solver.diagnose import no_fit_error
 from solver.dp import DPResult, asteroid_dp
 from solver.evaluate import LayerSums, evaluate
@@ -190,9 +190,10 @@ this share of the search's own time."""
 
 CLASS_BOUND_LIMIT_SHARE = 0.3
 """With a time limit, where the wide space is larger than ``WIDE_EXACT_MAX`` pairs (the
-search is unlikely to finish), the search stops at this share of the limit before the
-deadline and the class bound gets the rest (and whatever the search left unused). A search
-that finishes proves its plan optimal and skips the bound."""
+search is unlikely to finish) and the class bound applies (``solver.bounds.bound_classes``),
+the search stops at this share of the limit before the deadline and the class bound gets
+the rest (and whatever the search left unused). A search that finishes proves its plan
+optimal and skips the bound."""
 
 CLASS_BOUND_AFTER_S = 5.0
 
@@ -259,7 +260,8 @@ def search(costs: CostTable, cluster: Cluster, batch_size: int, *,
     wide_ok = time_limit is not None or size <= WIDE_EXACT_MAX
     # with a limit, the search's own deadline leaves the class bound its share
     search_end = deadline
-    if deadline is not None and size > WIDE_EXACT_MAX:
+    if (deadline is not None and size > WIDE_EXACT_MAX
+            and bound_classes(ClassSpace(costs, cluster)) is not None):
         search_end = started + (1.0 - CLASS_BOUND_LIMIT_SHARE) * (deadline - started)
     mbs = micro_batch_choices(batch_size, micro_batch_sizes)
     best: Plan | None = None

@@ -58,7 +58,7 @@ from solver.split import split_shares
 from solver.timing import LayerSums
 
 __all__ = ["StageBound", "stage_bound", "proven_bound", "GRID", "class_bound",
-           "CLASS_GROUPS_MAX"]
+           "bound_classes", "CLASS_GROUPS_MAX"]
 
 GRID = 8
 """Values ``T_j`` of the largest stage time the fill bound (F) is split over."""
@@ -241,8 +241,9 @@ counts in the same geometric bucket of every class merge into one that is at lea
 good as each of them."""
 
 CLASS_VECTORS_MAX = 20_000
-"""``class_bound`` gives up (None) on clusters with more count vectors than this
-(``prod (n_k + 1)`` over the classes)."""
+"""``class_bound`` counts devices in coarser classes (same compute, links bounded by
+their best) on clusters with more count vectors than this (``prod (n_k + 1)`` over the
+classes), and gives up (None) where those too have more."""
 
 CLASS_BUCKETS = 10
 """Buckets of the dominant stage's ``X`` in ``class_bound``'s first grid."""
@@ -297,27 +298,34 @@ def _class_tables(space: ClassSpace, sums: LayerSums, cut_bytes: Sequence[int],
     """The per-stage lower bounds of [Note: the class bound] for every group of at most
     ``micro_batch`` devices (merged into buckets above ``CLASS_GROUPS_MAX``); ``_Late``
     when the ``time.perf_counter()`` deadline passes first."""
-    n_classes = space.num_classes
-    counts_all = space.counts
+    classes = bound_classes(space)
+    if classes is None:
+        return None
+    n_classes = len(classes)
+    counts_all = tuple(len(c) for c in classes)
     bw_in = _in_bandwidth(space)
     lat0 = _min_latency(space)
     cluster, names, timing = space.cluster, space.names, space.timing
-    heads = [members[0] for members in space.classes]
-    # per pair of classes (k <= l): an upper bound on the bandwidth and a lower bound on
-    # the latency of a link between their members, either way (T_a's slowest link and
-    # largest latency, so T_a below is a lower bound of the group's)
+    heads = [members[0] for members in classes]
+    # per pair of classes: an upper bound on the bandwidth and a lower bound on the latency
+    # of a link between two of their members, either way (T_a's slowest link and largest
+    # latency, so T_a below is a lower bound of the group's); 0 where no such pair
     link_bw = [[0.0] * n_classes for _ in range(n_classes)]
-    link_lat = [[0.0] * n_classes for _ in range(n_classes)]
-    for k, a_members in enumerate(space.classes):
-        for j, b_members in enumerate(space.classes):
-            a = names[a_members[0]]
-            b = next((names[d] for d in b_members if d != a_members[0]), None)
-            if b is None:
-                continue
-            link_bw[k][j] = max(cluster.bandwidth_bytes_s(a, b), cluster.bandwidth_bytes_s(b, a))
-            link_lat[k][j] = min(cluster.latency_s(a, b), cluster.latency_s(b, a))
-    per_class = [(space.bounds[d], bw_in[d], timing.device(names[d]).source,
-                  timing.device(names[d]).divisor) for d in heads]
+    link_lat = [[math.inf] * n_classes for _ in range(n_classes)]
+    for k, a_members in enumerate(classes):
+        for j, b_members in enumerate(classes):
+            for a in (names[d] for d in a_members):
+                for b in (names[d] for d in b_members if names[d] != a):
+                    link_bw[k][j] = max(link_bw[k][j], cluster.bandwidth_bytes_s(a, b),
+                                        cluster.bandwidth_bytes_s(b, a))
+                    link_lat[k][j] = min(link_lat[k][j], cluster.latency_s(a, b),
+                                         cluster.latency_s(b, a))
+    tri_bw, tri_lat = _triangle_links(space)
+    # per class: bound speed, fastest links into its members (fastest first), time
+    # source and divisor (the same for every member, bound_classes)
+    per_class = [(space.bounds[d], sorted((bw_in[e] for e in members), reverse=True),
+                  timing.device(names[d]).source, timing.device(names[d]).divisor)
+                 for d, members in zip(heads, classes, strict=True)]
     found: dict[tuple[int, ...], list[float]] = {}
     for seen, take in enumerate(itertools.product(*(range(c + 1) for c in counts_all))):
         if deadline is not None and not seen % 256 and time.perf_counter() > deadline:
@@ -328,14 +336,17 @@ def _class_tables(space: ClassSpace, sums: LayerSums, cut_bytes: Sequence[int],
         present = [k for k, t in enumerate(take) if t]
         us = [per_class[k][0] for k in present for _ in range(take[k])]
         beta = _min_max_ratio(micro_batch, us)
-        gamma = _min_max_ratio(micro_batch, [per_class[k][1] for k in present
-                                             for _ in range(take[k])])
+        # the members with the fastest links into them: a lower bound for any members
+        gamma = _min_max_ratio(micro_batch, [bw for k in present
+                                             for bw in per_class[k][1][:take[k]]])
         if beta is None or gamma is None:
             continue
         if size > 1:
             pairs = [(k, j) for k in present for j in present if j > k or (j == k and take[k] > 1)]
             min_bw = min(link_bw[k][j] for k, j in pairs)
             max_lat = max(link_lat[k][j] for k, j in pairs)
+            if size > 2:   # the group holds a triangle of devices
+                min_bw, max_lat = min(min_bw, tri_bw), max(max_lat, tri_lat)
             reduce_a = 2.0 * (size - 1) / (size * min_bw)
             reduce_b = 2.0 * (size - 1) * max_lat
         else:
@@ -374,6 +385,8 @@ def _class_tables(space: ClassSpace, sums: LayerSums, cut_bytes: Sequence[int],
     params = np.asarray(sums.param_bytes, dtype=np.float64)
     rows = []
     for first in firsts:
+        if deadline is not None and time.perf_counter() > deadline:
+            raise _Late
         stop = np.asarray([last + 1 for last in lasts if last >= first])
         cut = cut_bytes[first - 1] if first > 0 else 0
         comm = (lat0 + cut * gamma) if cut > 0 else np.zeros_like(gamma)
@@ -389,9 +402,64 @@ def _class_tables(space: ClassSpace, sums: LayerSums, cut_bytes: Sequence[int],
         x = e_f + e_b
         shortest = np.maximum.accumulate(x.min(axis=0))
         rows.append((x, np.maximum(e_f, e_b), t_a, nxt, shortest))
-    speeds = np.asarray([space.bounds[members[0]] for members in space.classes])
+    speeds = np.asarray([space.bounds[members[0]] for members in classes])
     return _ClassTables(tuple(firsts), tuple(rows), counts,
-                        np.asarray(space.counts, dtype=np.float64), speeds)
+                        np.asarray(counts_all, dtype=np.float64), speeds)
+
+
+def bound_classes(space: ClassSpace) -> list[list[int]] | None:
+    """The classes ``class_bound`` counts devices in: the space's classes of interchangeable
+    devices where they have at most ``CLASS_VECTORS_MAX`` count vectors that merge into at
+    most ``CLASS_GROUPS_MAX`` groups (``_bucket``), else the coarser classes of devices
+    with the same compute (bound speed, time source and divisor), whose links
+    ``_class_tables`` bounds by the best of their members' (a relaxation); None where
+    those have more than ``CLASS_VECTORS_MAX`` count vectors (``class_bound`` gives up)."""
+    def buckets(count: int) -> int:
+        return _bucket(count) + 1
+
+    if (math.prod(c + 1 for c in space.counts) <= CLASS_VECTORS_MAX
+            and math.prod(buckets(c) for c in space.counts) <= CLASS_GROUPS_MAX):
+        return [list(members) for members in space.classes]
+    coarse = _coarse_classes(space)
+    if math.prod(len(c) + 1 for c in coarse) > CLASS_VECTORS_MAX:
+        return None
+    return coarse
+
+
+def _coarse_classes(space: ClassSpace) -> list[list[int]]:
+    """Devices of the space with the same compute (bound speed, time source, divisor)."""
+    timing, names = space.timing, space.names
+    coarse: dict[tuple[float, int, float], list[int]] = {}
+    for d in range(space.n):
+        t = timing.device(names[d])
+        coarse.setdefault((space.bounds[d], t.source, t.divisor), []).append(d)
+    return list(coarse.values())
+
+
+def _triangle_links(space: SearchSpace) -> tuple[float, float]:
+    """``(bandwidth, latency)``: an upper bound on the slowest link's bandwidth and a lower
+    bound on the largest latency inside any group of three or more devices (the best of
+    every triangle of devices, either way along each link; (inf, 0) with fewer than
+    three devices)."""
+    n, cluster, names = space.n, space.cluster, space.names
+    if n < 3:
+        return math.inf, 0.0
+    bw = np.full((n, n), -math.inf)
+    lat = np.full((n, n), math.inf)
+    for a in range(n):
+        for b in range(n):
+            if a != b:
+                x, y = names[a], names[b]
+                bw[a, b] = max(cluster.bandwidth_bytes_s(x, y), cluster.bandwidth_bytes_s(y, x))
+                lat[a, b] = min(cluster.latency_s(x, y), cluster.latency_s(y, x))
+    best_bw, best_lat = -math.inf, math.inf
+    for a in range(n):
+        # triangles (a, b, c): the slowest of the three links, the largest latency
+        tri = np.minimum(np.minimum(bw[a][:, None], bw[a][None, :]), bw)
+        best_bw = max(best_bw, float(tri.max()))
+        tri = np.maximum(np.maximum(lat[a][:, None], lat[a][None, :]), lat)
+        best_lat = min(best_lat, float(tri.min()))
+    return best_bw, best_lat
 
 
 def _relaxed(tables: _ClassTables, m: int, low: float, top: float, limit: float,
@@ -441,9 +509,9 @@ def _relaxed(tables: _ClassTables, m: int, low: float, top: float, limit: float,
         # x where it is at most `top`, else inf (inf stays inf in the sums below)
         capped = np.where(x <= top, x, inf)
         priced = capped + cost
-        # a stage after the dominant one
+        # a stage after the dominant one: round >= T_w + T_e + T_a >= T_a of every stage
         tail = after[nxt]                                                     # (ends, A)
-        best = (priced.min(axis=0)[:, None] + tail).min(axis=0)
+        best = (np.where(t_a < limit, priced, inf).min(axis=0)[:, None] + tail).min(axis=0)
         np.minimum.at(after[i], shift, best)
         lowest_ta = t_a.min()
         for j in range(levels, 0, -1):
@@ -526,8 +594,7 @@ def class_bound(space: ClassSpace, sums: LayerSums, cut_bytes: Sequence[int],
     members (again a relaxation). ``tests/test_bounds.py`` checks it against every plan
     of brute force.
     """
-    if (not math.isfinite(target) or target <= 0
-            or math.prod(c + 1 for c in space.counts) > CLASS_VECTORS_MAX):
+    if not math.isfinite(target) or target <= 0 or bound_classes(space) is None:
         return None
     try:
         tables = _class_tables(space, sums, cut_bytes, ends, micro_batch, deadline)

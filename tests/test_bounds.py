@@ -3,6 +3,7 @@ plan below the incumbent passes through, and it is close to the optimum."""
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Any
 
@@ -181,6 +182,60 @@ def test_class_bound_with_merged_groups(monkeypatch: pytest.MonkeyPatch) -> None
     monkeypatch.setattr(solver.bounds, "CLASS_GROUPS_MAX", 2)
     checked, _ = _check_class_bound(range(100, 130), random_instance, links=True)
     assert checked > 500
+
+
+def _same_compute_instance(seed: int, *, max_layers: int, max_devices: int,
+                           **_: Any) -> tuple[Any, Any, int]:
+    """Devices of two speeds with random links and latencies: devices of the same compute
+    that are not interchangeable (a fleet in miniature)."""
+    import random
+
+    from tests.solver_cases import make_cluster, random_costs
+
+    rng = random.Random(seed)
+    n = rng.randint(2, max_devices)
+    costs = random_costs(rng, rng.randint(1, max_layers),
+                         param_scale=rng.choice([0.1, 1.0, 10.0]))
+    speeds = [rng.choice([0.5, 1.3]) for _ in range(n)]
+    overrides = []
+    for _ in range(rng.randrange(1, n + 1)):
+        a, b = rng.sample(range(n), 2)
+        if all({x, y} != {f"d{a}", f"d{b}"} for x, y, _ in overrides):
+            overrides.append((f"d{a}", f"d{b}", rng.choice([10.0, 50.0, 1000.0])))
+    pair_ms = {tuple(sorted(rng.sample(range(n), 2))): rng.choice([0.0, 2.0, 50.0])
+               for _ in range(rng.randrange(0, n + 1))}
+    cluster = make_cluster(speeds, 1024.0, rng.choice([10.0, 100.0, 1000.0]), overrides,
+                           latency_ms=rng.choice([0.1, 1.0, 5.0]),
+                           link_latency=[(f"d{a}", f"d{b}", ms)
+                                         for (a, b), ms in pair_ms.items()])
+    return costs, cluster, rng.choice([1, 2, 4, 6, 8])
+
+
+def test_class_bound_over_coarse_classes(monkeypatch: pytest.MonkeyPatch) -> None:
+    # counting devices of the same compute together, with their links bounded by the best
+    # of the members' (what class_bound does above CLASS_VECTORS_MAX), is a relaxation too
+    import solver.bounds
+
+    monkeypatch.setattr(solver.bounds, "bound_classes", solver.bounds._coarse_classes)
+    checked, above = _check_class_bound(range(500, 560), _same_compute_instance)
+    assert checked > 1000
+    assert above > 20
+
+
+def test_triangle_links_bound_every_group_of_three() -> None:
+    from solver.bounds import _triangle_links
+    from solver.space import ClassSpace
+
+    for seed in range(600, 620):
+        costs, cluster, _ = _same_compute_instance(seed, max_layers=2, max_devices=5)
+        cluster = cluster.for_costs(costs)
+        space = ClassSpace(costs, cluster)
+        bw, lat = _triangle_links(space)
+        names = space.names
+        for trio in itertools.combinations(names, 3):
+            pairs = [(a, b) for a in trio for b in trio if a != b]
+            assert min(cluster.bandwidth_bytes_s(a, b) for a, b in pairs) <= bw
+            assert cluster.max_latency_s(list(trio)) >= lat
 
 
 def test_class_bound_stops_at_its_deadline_and_size() -> None:
