@@ -375,6 +375,8 @@ def _class_tables(space: ClassSpace, sums: LayerSums, cut_bytes: Sequence[int],
     keys = list(found)
     table = np.asarray([found[k] for k in keys], dtype=np.float64)
     counts = np.asarray(keys, dtype=np.float64).reshape(len(keys), n_classes)
+    kept = _undominated(counts, table)
+    counts, table = counts[kept], table[kept]
     inv_u, beta, gamma, red_a, red_b, step = table.T
     num_layers = len(sums.fwd_slope) - 1
     firsts = [0] + [e + 1 for e in ends if e + 1 < num_layers]
@@ -405,6 +407,26 @@ def _class_tables(space: ClassSpace, sums: LayerSums, cut_bytes: Sequence[int],
     speeds = np.asarray([space.bounds[members[0]] for members in classes])
     return _ClassTables(tuple(firsts), tuple(rows), counts,
                         np.asarray(counts_all, dtype=np.float64), speeds)
+
+
+def _undominated(counts: np.ndarray, consts: np.ndarray) -> np.ndarray:
+    """Indices of the groups that no other group dominates: one with no more devices of
+    any class and no larger constant (``1 / u_max``, ``beta``, ``gamma``, the all-reduce
+    terms, the step) has stage bounds ``x``, ``max(E_f, E_b)`` and ``T_a`` no larger on
+    every layer range (each is a sum of non-negative layer terms times the constants) and
+    costs no more at any prices >= 0, so ``_relaxed`` never needs the dominated one (of
+    equal groups, the first is kept)."""
+    both = np.concatenate([counts, consts], axis=1)
+    keep = []
+    for g in range(len(both)):
+        below = np.all(both <= both[g], axis=1)
+        below[g] = False
+        # an equal group dominates only when it comes first
+        equal = below & np.all(both == both[g], axis=1)
+        below &= ~equal | (np.arange(len(both)) < g)
+        if not below.any():
+            keep.append(g)
+    return np.asarray(keep, dtype=np.intp)
 
 
 def bound_classes(space: ClassSpace) -> list[list[int]] | None:
@@ -504,11 +526,16 @@ def _relaxed(tables: _ClassTables, m: int, low: float, top: float, limit: float,
         k = int(np.searchsorted(shortest, top, side="right"))
         if not k:
             continue
-        x, big, t_a, nxt = x[:, :k], big[:, :k], t_a[:, :k], nxt[:k]
+        keep = x[:, 0] <= top                  # groups with some end of x <= top
+        if not keep.all():
+            x, big, t_a, cost_i = x[keep, :k], big[keep, :k], t_a[keep, :k], cost[keep]
+        else:
+            x, big, t_a, cost_i = x[:, :k], big[:, :k], t_a[:, :k], cost
+        nxt = nxt[:k]
         first = tables.firsts[i] == 0
         # x where it is at most `top`, else inf (inf stays inf in the sums below)
         capped = np.where(x <= top, x, inf)
-        priced = capped + cost
+        priced = capped + cost_i
         # a stage after the dominant one: round >= T_w + T_e + T_a >= T_a of every stage
         tail = after[nxt]                                                     # (ends, A)
         best = (np.where(t_a < limit, priced, inf).min(axis=0)[:, None] + tail).min(axis=0)
@@ -529,7 +556,7 @@ def _relaxed(tables: _ClassTables, m: int, low: float, top: float, limit: float,
             # the points `points` (all of them for a few a)
             hide = np.maximum(x, low) - np.maximum(big, low / 2)
             total = m * x_d + t_a
-            base = np.where(total < limit, (total if first else m * x_d) + cost, inf)
+            base = np.where(total < limit, (total if first else m * x_d) + cost_i, inf)
             at = np.stack([base.min(axis=0) if p == 0 else (base - p * hide).min(axis=0)
                            for p in points])                                 # (P, ends)
             finite = np.isfinite(at[0])

@@ -222,6 +222,40 @@ def test_class_bound_over_coarse_classes(monkeypatch: pytest.MonkeyPatch) -> Non
     assert above > 20
 
 
+def test_dominated_groups_do_not_change_the_class_bound(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # dropping groups that another one dominates (no more devices, no larger constants)
+    # is exact: the same bound with every group kept
+    import numpy as np
+
+    import solver.bounds
+    from solver.bounds import class_bound
+    from solver.space import ClassSpace
+
+    dropped = 0
+    for seed in range(700, 725):
+        costs, cluster, batch = random_instance(seed, max_layers=5, max_devices=5, links=True,
+                                                latency=True)
+        cluster = cluster.for_costs(costs)
+        space = ClassSpace(costs, cluster)
+        sums = LayerSums.of(costs)
+        ends = list(range(costs.num_layers - 1))
+        for mb in (1, 2, batch):
+            if batch % mb:
+                continue
+            pruned = class_bound(space, sums, costs.cut_bytes, ends, mb, batch // mb, 1.0)
+            tables = solver.bounds._class_tables(space, sums, costs.cut_bytes, ends, mb)
+            with monkeypatch.context() as patch:
+                patch.setattr(solver.bounds, "_undominated",
+                              lambda counts, consts: np.arange(len(counts)))
+                full = class_bound(space, sums, costs.cut_bytes, ends, mb, batch // mb, 1.0)
+                every = solver.bounds._class_tables(space, sums, costs.cut_bytes, ends, mb)
+            assert pruned == full, (seed, mb)
+            if tables is not None and every is not None:
+                dropped += len(every.counts) - len(tables.counts)
+    assert dropped > 0
+
+
 def test_triangle_links_bound_every_group_of_three() -> None:
     from solver.bounds import _triangle_links
     from solver.space import ClassSpace
