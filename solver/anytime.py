@@ -203,7 +203,10 @@ def _class_bounds(costs: CostTable, cluster: Cluster, batch_size: int, mbs: Sequ
                   deadline: float) -> dict[int, float]:
     """Per micro-batch size without a bound in ``proven``, until the deadline: the larger
     of the work bound and ``class_bound`` (at most ``target``). The sizes go in order of
-    their work bound, lowest first: each one finished raises the smallest bound."""
+    their work bound, lowest first: each one finished raises the smallest bound. Only the
+    smallest bound over the sizes is reported, so each size's class bound is asked for no
+    more than the smallest so far (its target: a lower target is still a bound, and
+    cheaper, since the bound stops once every bucket reaches it)."""
     if not math.isfinite(target):
         return {}
     space = ClassSpace(costs, cluster)
@@ -212,16 +215,18 @@ def _class_bounds(costs: CostTable, cluster: Cluster, batch_size: int, mbs: Sequ
     rho = hiding_ratio(costs, cluster)
     out: dict[int, float] = {}
     work = {mb: work_bound(costs, cluster, batch_size, mb) for mb in mbs if mb not in proven}
+    cap = min(target, min(proven.values(), default=math.inf))
     for mb in sorted(work, key=work.__getitem__):
         if time.perf_counter() > deadline:
             break
-        value = class_bound(space, sums, costs.cut_bytes, ends, mb, batch_size // mb, target,
+        value = class_bound(space, sums, costs.cut_bytes, ends, mb, batch_size // mb, cap,
                             deadline, rho=rho)
         if value is None:
             if time.perf_counter() > deadline:
                 break
             continue
         out[mb] = max(value, work[mb])
+        cap = min(cap, out[mb])
     return out
 
 
