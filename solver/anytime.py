@@ -197,6 +197,13 @@ optimal and skips the bound."""
 
 CLASS_BOUND_AFTER_S = 5.0
 
+CLASS_BOUND_BISECT_TOL = 0.01
+"""The class bounds' targets are bisected until the smallest bound is within this share
+of the lowest target it did not reach."""
+
+_PROVED = 1.0 - 1e-6
+"""A class bound at least this share of its target proves the target."""
+
 
 def _class_bounds(costs: CostTable, cluster: Cluster, batch_size: int, mbs: Sequence[int],
                   max_cuts: int | None, target: float, proven: dict[int, float],
@@ -206,7 +213,9 @@ def _class_bounds(costs: CostTable, cluster: Cluster, batch_size: int, mbs: Sequ
     their work bound, lowest first: each one finished raises the smallest bound. Only the
     smallest bound over the sizes is reported, so each size's class bound is asked for no
     more than the smallest so far (its target: a lower target is still a bound, and
-    cheaper, since the bound stops once every bucket reaches it)."""
+    cheaper, since the bound stops once every bucket reaches it). Once every size has
+    one, the target of the size with the smallest bound is bisected while time is left:
+    ``class_bound`` with a lower target filters more, and often proves the target."""
     if not math.isfinite(target):
         return {}
     space = ClassSpace(costs, cluster)
@@ -216,6 +225,7 @@ def _class_bounds(costs: CostTable, cluster: Cluster, batch_size: int, mbs: Sequ
     out: dict[int, float] = {}
     work = {mb: work_bound(costs, cluster, batch_size, mb) for mb in mbs if mb not in proven}
     cap = min(target, min(proven.values(), default=math.inf))
+    unproven: dict[int, float] = {}     # per size: a target its class bound fell short of
     for mb in sorted(work, key=work.__getitem__):
         if time.perf_counter() > deadline:
             break
@@ -225,8 +235,27 @@ def _class_bounds(costs: CostTable, cluster: Cluster, batch_size: int, mbs: Sequ
             if time.perf_counter() > deadline:
                 break
             continue
+        if value < cap * _PROVED:
+            unproven[mb] = cap
         out[mb] = max(value, work[mb])
         cap = min(cap, out[mb])
+    # then bisect the target of the size with the smallest bound, between that bound and
+    # the lowest target it fell short of (or the first target): a lower target is a
+    # stronger filter, and where the class bound reaches its target, the target is proven
+    while len(out) == len(work) and time.perf_counter() < deadline:
+        mb = min(out, key=out.__getitem__)
+        low, high = out[mb], unproven.get(mb, target)
+        if (high <= low * (1.0 + CLASS_BOUND_BISECT_TOL)
+                or low >= min(proven.values(), default=math.inf)):
+            break
+        trial = (low + high) / 2
+        value = class_bound(space, sums, costs.cut_bytes, ends, mb, batch_size // mb, trial,
+                            deadline, rho=rho)
+        if value is None:
+            break
+        if value < trial * _PROVED:
+            unproven[mb] = trial
+        out[mb] = max(out[mb], value)
     return out
 
 
