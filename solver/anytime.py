@@ -26,17 +26,20 @@ cluster of ``n_k`` devices in class ``k`` has ``prod (n_k + 1)`` pools and ``pro
   at most ``WIDE_EXACT_MAX`` pairs (then the plan is optimal over every order). A larger
   wide space is not searched; the plan says so (``stopped="size limit"``) with the gap to
   the proven bound below.
-* With a time limit (a wall-clock deadline) every phase runs until the deadline, the wide
-  one whatever its size; ``time_limit=inf`` searches every order to the end, however
-  long that takes.
+* With a time limit (a wall-clock deadline) every phase runs until the deadline (less the
+  class bound's share, below), the wide one whatever its size; ``time_limit=inf``
+  searches every order to the end, however long that takes.
 
 The result is the best plan found with a *proven* lower bound on the wide space's
 optimum: per micro-batch size, the bound its finished wide search proved
 (``DPResult.bounds``), or else the work bound ``M * work / (sum of bound speeds)``: some
 stage has ``X`` at least the average ``work / V`` and every round is at least ``M X`` of
 its dominant stage (``[Note: incumbent pruning]`` in ``solver.dp``), raised to the class
-bound (``solver.bounds``, [Note: the class bound]) where time is left for it (the time
-limit's rest, or a quarter of a search of ``CLASS_BOUND_AFTER_S`` or more without one).
+bound (``solver.bounds``, [Note: the class bound]) where the wide search did not finish:
+with a time limit and a wide space of more than ``WIDE_EXACT_MAX`` pairs the search stops
+``CLASS_BOUND_LIMIT_SHARE`` of the limit before the deadline and the bound runs until the
+deadline (cut short there, it keeps what it proved so far); without a limit it gets a
+quarter of a search of ``CLASS_BOUND_AFTER_S`` or more.
 The gap ``(round - bound) / bound`` goes into ``plan.planner.bound``; the work bound
 ignores communication and integer shares, so a search stopped early reports a large but
 honest gap.
@@ -54,7 +57,7 @@ from contracts.cluster import Cluster
 from contracts.errors import AsteroidError, PlanError
 from contracts.plan import Plan, PlannerInfo, SearchBound
 from contracts.table import CostTable
-from solver.bounds import class_bound
+from solver.bounds import bound_classes, class_bound
 from solver.diagnose import no_fit_error
 from solver.dp import DPResult, asteroid_dp
 from solver.evaluate import LayerSums, evaluate
@@ -181,12 +184,25 @@ def _baseline_plans(costs: CostTable, cluster: Cluster, batch_size: int, osf: fl
 
 
 CLASS_BOUND_SHARE = 0.25
-"""Where the wide search did not finish, the class bound (``solver.bounds.class_bound``)
-runs until the time limit (whatever the search left of it: the search is not cut short
-for it), or, without a limit and where the search took at least ``CLASS_BOUND_AFTER_S``,
-for this share of the search's own time."""
+"""Without a time limit, where the wide search was not run to its end and the search took
+at least ``CLASS_BOUND_AFTER_S``, the class bound (``solver.bounds.class_bound``) runs for
+this share of the search's own time."""
+
+CLASS_BOUND_LIMIT_SHARE = 0.3
+"""With a time limit, where the wide space is larger than ``WIDE_EXACT_MAX`` pairs (the
+search is unlikely to finish) and the class bound applies (``solver.bounds.bound_classes``),
+the search stops at this share of the limit before the deadline and the class bound gets
+the rest (and whatever the search left unused). A search that finishes proves its plan
+optimal and skips the bound."""
 
 CLASS_BOUND_AFTER_S = 5.0
+
+CLASS_BOUND_BISECT_TOL = 0.01
+"""The class bounds' targets are bisected until the smallest bound is within this share
+of the lowest target it did not reach."""
+
+_PROVED = 1.0 - 1e-6
+"""A class bound at least this share of its target proves the target."""
 
 
 def _class_bounds(costs: CostTable, cluster: Cluster, batch_size: int, mbs: Sequence[int],
@@ -194,7 +210,12 @@ def _class_bounds(costs: CostTable, cluster: Cluster, batch_size: int, mbs: Sequ
                   deadline: float) -> dict[int, float]:
     """Per micro-batch size without a bound in ``proven``, until the deadline: the larger
     of the work bound and ``class_bound`` (at most ``target``). The sizes go in order of
-    their work bound, lowest first: each one finished raises the smallest bound."""
+    their work bound, lowest first: each one finished raises the smallest bound. Only the
+    smallest bound over the sizes is reported, so each size's class bound is asked for no
+    more than the smallest so far (its target: a lower target is still a bound, and
+    cheaper, since the bound stops once every bucket reaches it). Once every size has
+    one, the target of the size with the smallest bound is bisected while time is left:
+    ``class_bound`` with a lower target filters more, and often proves the target."""
     if not math.isfinite(target):
         return {}
     space = ClassSpace(costs, cluster)
@@ -203,16 +224,38 @@ def _class_bounds(costs: CostTable, cluster: Cluster, batch_size: int, mbs: Sequ
     rho = hiding_ratio(costs, cluster)
     out: dict[int, float] = {}
     work = {mb: work_bound(costs, cluster, batch_size, mb) for mb in mbs if mb not in proven}
+    cap = min(target, min(proven.values(), default=math.inf))
+    unproven: dict[int, float] = {}     # per size: a target its class bound fell short of
     for mb in sorted(work, key=work.__getitem__):
         if time.perf_counter() > deadline:
             break
-        value = class_bound(space, sums, costs.cut_bytes, ends, mb, batch_size // mb, target,
+        value = class_bound(space, sums, costs.cut_bytes, ends, mb, batch_size // mb, cap,
                             deadline, rho=rho)
         if value is None:
             if time.perf_counter() > deadline:
                 break
             continue
+        if value < cap * _PROVED:
+            unproven[mb] = cap
         out[mb] = max(value, work[mb])
+        cap = min(cap, out[mb])
+    # then bisect the target of the size with the smallest bound, between that bound and
+    # the lowest target it fell short of (or the first target): a lower target is a
+    # stronger filter, and where the class bound reaches its target, the target is proven
+    while len(out) == len(work) and time.perf_counter() < deadline:
+        mb = min(out, key=out.__getitem__)
+        low, high = out[mb], unproven.get(mb, target)
+        if (high <= low * (1.0 + CLASS_BOUND_BISECT_TOL)
+                or low >= min(proven.values(), default=math.inf)):
+            break
+        trial = (low + high) / 2
+        value = class_bound(space, sums, costs.cut_bytes, ends, mb, batch_size // mb, trial,
+                            deadline, rho=rho)
+        if value is None:
+            break
+        if value < trial * _PROVED:
+            unproven[mb] = trial
+        out[mb] = max(out[mb], value)
     return out
 
 
@@ -247,7 +290,13 @@ def search(costs: CostTable, cluster: Cluster, batch_size: int, *,
     started = time.perf_counter()
     deadline = (None if time_limit is None or math.isinf(time_limit)
                 else started + time_limit)
-    wide_ok = time_limit is not None or wide_size(costs, cluster) <= WIDE_EXACT_MAX
+    size = wide_size(costs, cluster)
+    wide_ok = time_limit is not None or size <= WIDE_EXACT_MAX
+    # with a limit, the search's own deadline leaves the class bound its share
+    search_end = deadline
+    if (deadline is not None and size > WIDE_EXACT_MAX
+            and bound_classes(ClassSpace(costs, cluster)) is not None):
+        search_end = started + (1.0 - CLASS_BOUND_LIMIT_SHARE) * (deadline - started)
     mbs = micro_batch_choices(batch_size, micro_batch_sizes)
     best: Plan | None = None
     best_value = math.inf
@@ -273,7 +322,7 @@ def search(costs: CostTable, cluster: Cluster, batch_size: int, *,
             return
         for name, seed, value in _baseline_plans(costs, cluster, batch_size,
                                                  optimizer_state_factor, micro_batch_sizes,
-                                                 deadline, planning):
+                                                 search_end, planning):
             if value < best_value:
                 best, best_value, seeded = seed, value, name
 
@@ -281,9 +330,9 @@ def search(costs: CostTable, cluster: Cluster, batch_size: int, *,
     safety_net(planning=False)
     # 1: the paper's space (slices of the capability order); with a limit, half of it
     # unless the wide space is too large to search in any case
-    first_deadline = deadline
-    if deadline is not None and wide_size(costs, cluster) <= WIDE_ANYTIME_MAX:
-        first_deadline = started + (deadline - started) / 2
+    first_deadline = search_end
+    if search_end is not None and size <= WIDE_ANYTIME_MAX:
+        first_deadline = started + (search_end - started) / 2
     order = asteroid_dp(costs, cluster, batch_size, optimizer_state_factor=optimizer_state_factor,
                         micro_batch_sizes=micro_batch_sizes, max_cuts=max_cuts,
                         incumbent=best_value, deadline=first_deadline,
@@ -297,11 +346,14 @@ def search(costs: CostTable, cluster: Cluster, batch_size: int, *,
     # 3: the wide space
     wide: DPResult | None = None
     wide_ok = wide_ok or best is None   # a plan may fit only in another order
-    if wide_ok and (deadline is None or time.perf_counter() < deadline):
+    if wide_ok and (search_end is None or time.perf_counter() < search_end
+                    or (best is None and deadline is not None
+                        and time.perf_counter() < deadline)):
         wide = asteroid_dp(costs, cluster, batch_size,
                            optimizer_state_factor=optimizer_state_factor,
                            micro_batch_sizes=micro_batch_sizes, max_cuts=max_cuts,
-                           space="classes", incumbent=best_value, deadline=deadline,
+                           space="classes", incumbent=best_value,
+                           deadline=search_end if best is not None else deadline,
                            progress=report(1.0 - _ORDER_SHARE, _ORDER_SHARE, "every order"))
         take(wide)
         phases.append("classes")

@@ -58,7 +58,7 @@ from solver.split import split_shares
 from solver.timing import LayerSums
 
 __all__ = ["StageBound", "stage_bound", "proven_bound", "GRID", "class_bound",
-           "CLASS_GROUPS_MAX"]
+           "bound_classes", "CLASS_GROUPS_MAX"]
 
 GRID = 8
 """Values ``T_j`` of the largest stage time the fill bound (F) is split over."""
@@ -241,8 +241,9 @@ counts in the same geometric bucket of every class merge into one that is at lea
 good as each of them."""
 
 CLASS_VECTORS_MAX = 20_000
-"""``class_bound`` gives up (None) on clusters with more count vectors than this
-(``prod (n_k + 1)`` over the classes)."""
+"""``class_bound`` counts devices in coarser classes (same compute, links bounded by
+their best) on clusters with more count vectors than this (``prod (n_k + 1)`` over the
+classes), and gives up (None) where those too have more."""
 
 CLASS_BUCKETS = 10
 """Buckets of the dominant stage's ``X`` in ``class_bound``'s first grid."""
@@ -292,46 +293,60 @@ def _bucket(count: int) -> int:
 
 
 def _class_tables(space: ClassSpace, sums: LayerSums, cut_bytes: Sequence[int],
-                  ends: Sequence[int], micro_batch: int) -> _ClassTables | None:
+                  ends: Sequence[int], micro_batch: int,
+                  deadline: float | None = None) -> _ClassTables | None:
     """The per-stage lower bounds of [Note: the class bound] for every group of at most
-    ``micro_batch`` devices (merged into buckets above ``CLASS_GROUPS_MAX``)."""
-    n_classes = space.num_classes
-    counts_all = space.counts
+    ``micro_batch`` devices (merged into buckets above ``CLASS_GROUPS_MAX``); ``_Late``
+    when the ``time.perf_counter()`` deadline passes first."""
+    classes = bound_classes(space)
+    if classes is None:
+        return None
+    n_classes = len(classes)
+    counts_all = tuple(len(c) for c in classes)
     bw_in = _in_bandwidth(space)
     lat0 = _min_latency(space)
     cluster, names, timing = space.cluster, space.names, space.timing
-    heads = [members[0] for members in space.classes]
-    # per pair of classes (k <= l): an upper bound on the bandwidth and a lower bound on
-    # the latency of a link between their members, either way (T_a's slowest link and
-    # largest latency, so T_a below is a lower bound of the group's)
+    heads = [members[0] for members in classes]
+    # per pair of classes: an upper bound on the bandwidth and a lower bound on the latency
+    # of a link between two of their members, either way (T_a's slowest link and largest
+    # latency, so T_a below is a lower bound of the group's); 0 where no such pair
     link_bw = [[0.0] * n_classes for _ in range(n_classes)]
-    link_lat = [[0.0] * n_classes for _ in range(n_classes)]
-    for k, a_members in enumerate(space.classes):
-        for j, b_members in enumerate(space.classes):
-            a = names[a_members[0]]
-            b = next((names[d] for d in b_members if d != a_members[0]), None)
-            if b is None:
-                continue
-            link_bw[k][j] = max(cluster.bandwidth_bytes_s(a, b), cluster.bandwidth_bytes_s(b, a))
-            link_lat[k][j] = min(cluster.latency_s(a, b), cluster.latency_s(b, a))
-    per_class = [(space.bounds[d], bw_in[d], timing.device(names[d]).source,
-                  timing.device(names[d]).divisor) for d in heads]
+    link_lat = [[math.inf] * n_classes for _ in range(n_classes)]
+    for k, a_members in enumerate(classes):
+        for j, b_members in enumerate(classes):
+            for a in (names[d] for d in a_members):
+                for b in (names[d] for d in b_members if names[d] != a):
+                    link_bw[k][j] = max(link_bw[k][j], cluster.bandwidth_bytes_s(a, b),
+                                        cluster.bandwidth_bytes_s(b, a))
+                    link_lat[k][j] = min(link_lat[k][j], cluster.latency_s(a, b),
+                                         cluster.latency_s(b, a))
+    tri_bw, tri_lat = _triangle_links(space)
+    # per class: bound speed, fastest links into its members (fastest first), time
+    # source and divisor (the same for every member, bound_classes)
+    per_class = [(space.bounds[d], sorted((bw_in[e] for e in members), reverse=True),
+                  timing.device(names[d]).source, timing.device(names[d]).divisor)
+                 for d, members in zip(heads, classes, strict=True)]
     found: dict[tuple[int, ...], list[float]] = {}
-    for take in itertools.product(*(range(c + 1) for c in counts_all)):
+    for seen, take in enumerate(itertools.product(*(range(c + 1) for c in counts_all))):
+        if deadline is not None and not seen % 256 and time.perf_counter() > deadline:
+            raise _Late
         size = sum(take)
         if size == 0 or size > micro_batch:
             continue
         present = [k for k, t in enumerate(take) if t]
         us = [per_class[k][0] for k in present for _ in range(take[k])]
         beta = _min_max_ratio(micro_batch, us)
-        gamma = _min_max_ratio(micro_batch, [per_class[k][1] for k in present
-                                             for _ in range(take[k])])
+        # the members with the fastest links into them: a lower bound for any members
+        gamma = _min_max_ratio(micro_batch, [bw for k in present
+                                             for bw in per_class[k][1][:take[k]]])
         if beta is None or gamma is None:
             continue
         if size > 1:
             pairs = [(k, j) for k in present for j in present if j > k or (j == k and take[k] > 1)]
             min_bw = min(link_bw[k][j] for k, j in pairs)
             max_lat = max(link_lat[k][j] for k, j in pairs)
+            if size > 2:   # the group holds a triangle of devices
+                min_bw, max_lat = min(min_bw, tri_bw), max(max_lat, tri_lat)
             reduce_a = 2.0 * (size - 1) / (size * min_bw)
             reduce_b = 2.0 * (size - 1) * max_lat
         else:
@@ -360,6 +375,8 @@ def _class_tables(space: ClassSpace, sums: LayerSums, cut_bytes: Sequence[int],
     keys = list(found)
     table = np.asarray([found[k] for k in keys], dtype=np.float64)
     counts = np.asarray(keys, dtype=np.float64).reshape(len(keys), n_classes)
+    kept = _undominated(counts, table)
+    counts, table = counts[kept], table[kept]
     inv_u, beta, gamma, red_a, red_b, step = table.T
     num_layers = len(sums.fwd_slope) - 1
     firsts = [0] + [e + 1 for e in ends if e + 1 < num_layers]
@@ -370,6 +387,8 @@ def _class_tables(space: ClassSpace, sums: LayerSums, cut_bytes: Sequence[int],
     params = np.asarray(sums.param_bytes, dtype=np.float64)
     rows = []
     for first in firsts:
+        if deadline is not None and time.perf_counter() > deadline:
+            raise _Late
         stop = np.asarray([last + 1 for last in lasts if last >= first])
         cut = cut_bytes[first - 1] if first > 0 else 0
         comm = (lat0 + cut * gamma) if cut > 0 else np.zeros_like(gamma)
@@ -385,17 +404,93 @@ def _class_tables(space: ClassSpace, sums: LayerSums, cut_bytes: Sequence[int],
         x = e_f + e_b
         shortest = np.maximum.accumulate(x.min(axis=0))
         rows.append((x, np.maximum(e_f, e_b), t_a, nxt, shortest))
-    speeds = np.asarray([space.bounds[members[0]] for members in space.classes])
+    speeds = np.asarray([space.bounds[members[0]] for members in classes])
     return _ClassTables(tuple(firsts), tuple(rows), counts,
-                        np.asarray(space.counts, dtype=np.float64), speeds)
+                        np.asarray(counts_all, dtype=np.float64), speeds)
+
+
+def _undominated(counts: np.ndarray, consts: np.ndarray) -> np.ndarray:
+    """Indices of the groups that no other group dominates: one with no more devices of
+    any class and no larger constant (``1 / u_max``, ``beta``, ``gamma``, the all-reduce
+    terms, the step) has stage bounds ``x``, ``max(E_f, E_b)`` and ``T_a`` no larger on
+    every layer range (each is a sum of non-negative layer terms times the constants) and
+    costs no more at any prices >= 0, so ``_relaxed`` never needs the dominated one (of
+    equal groups, the first is kept)."""
+    both = np.concatenate([counts, consts], axis=1)
+    keep = []
+    for g in range(len(both)):
+        below = np.all(both <= both[g], axis=1)
+        below[g] = False
+        # an equal group dominates only when it comes first
+        equal = below & np.all(both == both[g], axis=1)
+        below &= ~equal | (np.arange(len(both)) < g)
+        if not below.any():
+            keep.append(g)
+    return np.asarray(keep, dtype=np.intp)
+
+
+def bound_classes(space: ClassSpace) -> list[list[int]] | None:
+    """The classes ``class_bound`` counts devices in: the space's classes of interchangeable
+    devices where they have at most ``CLASS_VECTORS_MAX`` count vectors that merge into at
+    most ``CLASS_GROUPS_MAX`` groups (``_bucket``), else the coarser classes of devices
+    with the same compute (bound speed, time source and divisor), whose links
+    ``_class_tables`` bounds by the best of their members' (a relaxation); None where
+    those have more than ``CLASS_VECTORS_MAX`` count vectors (``class_bound`` gives up)."""
+    def buckets(count: int) -> int:
+        return _bucket(count) + 1
+
+    if (math.prod(c + 1 for c in space.counts) <= CLASS_VECTORS_MAX
+            and math.prod(buckets(c) for c in space.counts) <= CLASS_GROUPS_MAX):
+        return [list(members) for members in space.classes]
+    coarse = _coarse_classes(space)
+    if math.prod(len(c) + 1 for c in coarse) > CLASS_VECTORS_MAX:
+        return None
+    return coarse
+
+
+def _coarse_classes(space: ClassSpace) -> list[list[int]]:
+    """Devices of the space with the same compute (bound speed, time source, divisor)."""
+    timing, names = space.timing, space.names
+    coarse: dict[tuple[float, int, float], list[int]] = {}
+    for d in range(space.n):
+        t = timing.device(names[d])
+        coarse.setdefault((space.bounds[d], t.source, t.divisor), []).append(d)
+    return list(coarse.values())
+
+
+def _triangle_links(space: SearchSpace) -> tuple[float, float]:
+    """``(bandwidth, latency)``: an upper bound on the slowest link's bandwidth and a lower
+    bound on the largest latency inside any group of three or more devices (the best of
+    every triangle of devices, either way along each link; (inf, 0) with fewer than
+    three devices)."""
+    n, cluster, names = space.n, space.cluster, space.names
+    if n < 3:
+        return math.inf, 0.0
+    bw = np.full((n, n), -math.inf)
+    lat = np.full((n, n), math.inf)
+    for a in range(n):
+        for b in range(n):
+            if a != b:
+                x, y = names[a], names[b]
+                bw[a, b] = max(cluster.bandwidth_bytes_s(x, y), cluster.bandwidth_bytes_s(y, x))
+                lat[a, b] = min(cluster.latency_s(x, y), cluster.latency_s(y, x))
+    best_bw, best_lat = -math.inf, math.inf
+    for a in range(n):
+        # triangles (a, b, c): the slowest of the three links, the largest latency
+        tri = np.minimum(np.minimum(bw[a][:, None], bw[a][None, :]), bw)
+        best_bw = max(best_bw, float(tri.max()))
+        tri = np.maximum(np.maximum(lat[a][:, None], lat[a][None, :]), lat)
+        best_lat = min(best_lat, float(tri.min()))
+    return best_bw, best_lat
 
 
 def _relaxed(tables: _ClassTables, m: int, low: float, top: float, limit: float,
-             prices: np.ndarray, rho: float = 0.0) -> float:
+             prices: np.ndarray, rho: float = 0.0, deadline: float | None = None) -> float:
     """``L``: the smallest value of bound (A) of [Note: the class bound] over relaxed plans
     whose stages all have ``x <= top``, whose dominant stage has ``X > low`` and whose
     stages up to the dominant one keep ``M X_d + T_a < limit``, with devices priced at
-    ``prices`` per class instead of limited to the cluster's counts."""
+    ``prices`` per class instead of limited to the cluster's counts; ``_Late`` once the
+    ``time.perf_counter()`` deadline has passed."""
     inf = math.inf
     count = len(tables.firsts)
     a_max = m                                   # a = 0 .. M - 1 stages after the dominant
@@ -424,19 +519,26 @@ def _relaxed(tables: _ClassTables, m: int, low: float, top: float, limit: float,
             chords[a, k], chords[a, k + 1] = 1.0 - w, w
     m_low = m * low
     for i in range(count - 1, -1, -1):
+        if deadline is not None and not i % 8 and time.perf_counter() > deadline:
+            raise _Late
         x, big, t_a, nxt, shortest = tables.rows[i]
         # x grows with the end for every group: only the first `k` ends can have x <= top
         k = int(np.searchsorted(shortest, top, side="right"))
         if not k:
             continue
-        x, big, t_a, nxt = x[:, :k], big[:, :k], t_a[:, :k], nxt[:k]
+        keep = x[:, 0] <= top                  # groups with some end of x <= top
+        if not keep.all():
+            x, big, t_a, cost_i = x[keep, :k], big[keep, :k], t_a[keep, :k], cost[keep]
+        else:
+            x, big, t_a, cost_i = x[:, :k], big[:, :k], t_a[:, :k], cost
+        nxt = nxt[:k]
         first = tables.firsts[i] == 0
         # x where it is at most `top`, else inf (inf stays inf in the sums below)
         capped = np.where(x <= top, x, inf)
-        priced = capped + cost
-        # a stage after the dominant one
+        priced = capped + cost_i
+        # a stage after the dominant one: round >= T_w + T_e + T_a >= T_a of every stage
         tail = after[nxt]                                                     # (ends, A)
-        best = (priced.min(axis=0)[:, None] + tail).min(axis=0)
+        best = (np.where(t_a < limit, priced, inf).min(axis=0)[:, None] + tail).min(axis=0)
         np.minimum.at(after[i], shift, best)
         lowest_ta = t_a.min()
         for j in range(levels, 0, -1):
@@ -454,7 +556,7 @@ def _relaxed(tables: _ClassTables, m: int, low: float, top: float, limit: float,
             # the points `points` (all of them for a few a)
             hide = np.maximum(x, low) - np.maximum(big, low / 2)
             total = m * x_d + t_a
-            base = np.where(total < limit, (total if first else m * x_d) + cost, inf)
+            base = np.where(total < limit, (total if first else m * x_d) + cost_i, inf)
             at = np.stack([base.min(axis=0) if p == 0 else (base - p * hide).min(axis=0)
                            for p in points])                                 # (P, ends)
             finite = np.isfinite(at[0])
@@ -478,14 +580,17 @@ def _relaxed(tables: _ClassTables, m: int, low: float, top: float, limit: float,
 def class_bound(space: ClassSpace, sums: LayerSums, cut_bytes: Sequence[int],
                 ends: Sequence[int], micro_batch: int, num_micro: int, target: float,
                 deadline: float | None = None, max_evals: int = 24,
-                rho: float = 0.0) -> float | None:
+                rho: float = 0.0, buckets: int = CLASS_BUCKETS) -> float | None:
     """A lower bound, at most ``target``, on the round time of every plan of the wide space
     (``ClassSpace``: every group in every order) with this micro-batch size on the
     candidate ends ``ends`` ([Note: the class bound]); None when the
-    ``time.perf_counter()`` deadline passes first, ``target`` is not finite or the cluster
-    has more than ``CLASS_VECTORS_MAX`` count vectors. ``rho``: a hiding ratio
+    ``time.perf_counter()`` deadline passes before the first bucket of ``X_d`` is bounded,
+    ``target`` is not finite or the cluster has more than ``CLASS_VECTORS_MAX`` count
+    vectors. A deadline that passes later gives the bound of the buckets done so far,
+    ``M`` times the last one's top for the rest (``round > M X_d``). ``rho``: a hiding ratio
     (``solver.summary.hiding_ratio``: ``min(E_f, E_b) >= rho X`` in every plan; 0 is
-    always safe); ``max_evals``: stop splitting buckets after this many DP runs.
+    always safe); ``max_evals``: stop splitting buckets after this many DP runs;
+    ``buckets``: buckets of the first grid (fewer: a quicker, weaker first bound).
 
     [Note: the class bound]
     Let ``d`` be the dominant stage (largest ``X``) and ``a = min(M, S - d) - 1`` (at most
@@ -516,10 +621,12 @@ def class_bound(space: ClassSpace, sums: LayerSums, cut_bytes: Sequence[int],
     members (again a relaxation). ``tests/test_bounds.py`` checks it against every plan
     of brute force.
     """
-    if (not math.isfinite(target) or target <= 0
-            or math.prod(c + 1 for c in space.counts) > CLASS_VECTORS_MAX):
+    if not math.isfinite(target) or target <= 0 or bound_classes(space) is None:
         return None
-    tables = _class_tables(space, sums, cut_bytes, ends, micro_batch)
+    try:
+        tables = _class_tables(space, sums, cut_bytes, ends, micro_batch, deadline)
+    except _Late:
+        return None
     if tables is None:
         return target        # no group can take a micro-batch: no plan
     m = num_micro
@@ -534,7 +641,7 @@ def class_bound(space: ClassSpace, sums: LayerSums, cut_bytes: Sequence[int],
             if deadline is not None and time.perf_counter() > deadline:
                 raise _Late
             evals[0] += 1
-            found = _relaxed(tables, m, low, top, target, p * top * shape, rho)
+            found = _relaxed(tables, m, low, top, target, p * top * shape, rho, deadline)
             return max(m * low, found) if not math.isnan(found) else m * low
 
         best = value(price)
@@ -556,38 +663,41 @@ def class_bound(space: ClassSpace, sums: LayerSums, cut_bytes: Sequence[int],
 
     # buckets (low, top, bound, price) of X_d covering (0, target / M]: a coarse grid,
     # then the bucket that sets the bound is split while that raises it
-    tops = [top_all * _BUCKET_RATIO ** k for k in range(CLASS_BUCKETS)][::-1]
-    buckets: list[tuple[float, float, float, float]] = []
+    tops = [top_all * _BUCKET_RATIO ** k for k in range(max(1, buckets))][::-1]
+    done: list[tuple[float, float, float, float]] = []
     evals = [0]
     price = _PRICE_START
     worst = target
     try:
         for low, top in zip([0.0, *tops[:-1]], tops, strict=True):
             if m * low >= target:
-                buckets.append((low, top, target, price))
+                done.append((low, top, target, price))
                 continue
             found, price = bucket(low, top, price, worst)
             worst = min(worst, found)
-            buckets.append((low, top, found, price))
+            done.append((low, top, found, price))
         while True:
-            j = min(range(len(buckets)), key=lambda k: buckets[k][2])
-            low, top, found, price = buckets[j]
+            j = min(range(len(done)), key=lambda k: done[k][2])
+            low, top, found, price = done[j]
             if (found >= target or low >= top * _FINEST or top < top_all * _FINEST_LOW
                     or evals[0] >= max_evals):
                 break
             mid = math.sqrt(low * top) if low > 0.0 else top / 2
-            enough = min(b[2] for k, b in enumerate(buckets) if k != j) if len(buckets) > 1 \
+            enough = min(b[2] for k, b in enumerate(done) if k != j) if len(done) > 1 \
                 else target
             # the bucket's bound holds in each half too
             halves = []
             for a, b in ((low, mid), (mid, top)):
                 value, p = bucket(a, b, price, enough)
                 halves.append((a, b, max(value, found), p))
-            buckets[j:j + 1] = halves
+            done[j:j + 1] = halves
     except _Late:
-        if len(buckets) < CLASS_BUCKETS:
+        if not done:
             return None
-    return max(0.0, min(min(b[2] for b in buckets), target) * _SLACK)
+        if len(done) < len(tops):
+            # the buckets not reached hold plans with X_d above the last one's top
+            done.append((done[-1][1], top_all, m * done[-1][1], price))
+    return max(0.0, min(min(b[2] for b in done), target) * _SLACK)
 
 
 class _Late(Exception):

@@ -114,3 +114,33 @@ def test_the_bound_survives_plan_json() -> None:
     assert plan.planner.bound is not None and plan.planner.version == "2"
     again = Plan.from_json(plan.to_json())
     assert again == plan and again.planner.bound == plan.planner.bound
+
+
+def test_the_class_bounds_over_the_sizes_stay_below_the_optimum() -> None:
+    # each size's class bound targets the smallest bound so far: the smallest over the
+    # sizes is still below every plan of the wide space (brute force), for a target at and
+    # above the optimum
+    from solver.anytime import _class_bounds
+    from solver.brute import enumerate_plans
+    from solver.space import micro_batch_choices
+
+    raised = 0
+    for seed in range(800, 840):
+        costs, cluster, batch = random_instance(seed, max_layers=5, max_devices=4, links=True,
+                                                latency=seed % 2 == 0)
+        cluster = cluster.for_costs(costs)
+        best = min((evaluate(p, costs, cluster).round_time_s
+                    for p in enumerate_plans(costs, cluster, batch, wide=True)),
+                   default=math.inf)
+        if not math.isfinite(best):
+            continue
+        mbs = micro_batch_choices(batch, None)
+        for target in (best, 1.5 * best):
+            out = _class_bounds(costs, cluster, batch, mbs, None, target, {},
+                                time.perf_counter() + 60.0)
+            assert out
+            bound = min(out.get(mb, work_bound(costs, cluster, batch, mb)) for mb in mbs)
+            assert bound <= best * (1 + 1e-9), (seed, target, bound, best)
+            raised += bound > min(work_bound(costs, cluster, batch, mb)
+                                  for mb in mbs) * (1 + 1e-9)
+    assert raised > 20

@@ -3,6 +3,7 @@ plan below the incumbent passes through, and it is close to the optimum."""
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Any
 
@@ -183,6 +184,94 @@ def test_class_bound_with_merged_groups(monkeypatch: pytest.MonkeyPatch) -> None
     assert checked > 500
 
 
+def _same_compute_instance(seed: int, *, max_layers: int, max_devices: int,
+                           **_: Any) -> tuple[Any, Any, int]:
+    """Devices of two speeds with random links and latencies: devices of the same compute
+    that are not interchangeable (a fleet in miniature)."""
+    import random
+
+    from tests.solver_cases import make_cluster, random_costs
+
+    rng = random.Random(seed)
+    n = rng.randint(2, max_devices)
+    costs = random_costs(rng, rng.randint(1, max_layers),
+                         param_scale=rng.choice([0.1, 1.0, 10.0]))
+    speeds = [rng.choice([0.5, 1.3]) for _ in range(n)]
+    overrides = []
+    for _ in range(rng.randrange(1, n + 1)):
+        a, b = rng.sample(range(n), 2)
+        if all({x, y} != {f"d{a}", f"d{b}"} for x, y, _ in overrides):
+            overrides.append((f"d{a}", f"d{b}", rng.choice([10.0, 50.0, 1000.0])))
+    pair_ms = {tuple(sorted(rng.sample(range(n), 2))): rng.choice([0.0, 2.0, 50.0])
+               for _ in range(rng.randrange(0, n + 1))}
+    cluster = make_cluster(speeds, 1024.0, rng.choice([10.0, 100.0, 1000.0]), overrides,
+                           latency_ms=rng.choice([0.1, 1.0, 5.0]),
+                           link_latency=[(f"d{a}", f"d{b}", ms)
+                                         for (a, b), ms in pair_ms.items()])
+    return costs, cluster, rng.choice([1, 2, 4, 6, 8])
+
+
+def test_class_bound_over_coarse_classes(monkeypatch: pytest.MonkeyPatch) -> None:
+    # counting devices of the same compute together, with their links bounded by the best
+    # of the members' (what class_bound does above CLASS_VECTORS_MAX), is a relaxation too
+    import solver.bounds
+
+    monkeypatch.setattr(solver.bounds, "bound_classes", solver.bounds._coarse_classes)
+    checked, above = _check_class_bound(range(500, 560), _same_compute_instance)
+    assert checked > 1000
+    assert above > 20
+
+
+def test_dominated_groups_do_not_change_the_class_bound(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # dropping groups that another one dominates (no more devices, no larger constants)
+    # is exact: the same bound with every group kept
+    import numpy as np
+
+    import solver.bounds
+    from solver.bounds import class_bound
+    from solver.space import ClassSpace
+
+    dropped = 0
+    for seed in range(700, 725):
+        costs, cluster, batch = random_instance(seed, max_layers=5, max_devices=5, links=True,
+                                                latency=True)
+        cluster = cluster.for_costs(costs)
+        space = ClassSpace(costs, cluster)
+        sums = LayerSums.of(costs)
+        ends = list(range(costs.num_layers - 1))
+        for mb in (1, 2, batch):
+            if batch % mb:
+                continue
+            pruned = class_bound(space, sums, costs.cut_bytes, ends, mb, batch // mb, 1.0)
+            tables = solver.bounds._class_tables(space, sums, costs.cut_bytes, ends, mb)
+            with monkeypatch.context() as patch:
+                patch.setattr(solver.bounds, "_undominated",
+                              lambda counts, consts: np.arange(len(counts)))
+                full = class_bound(space, sums, costs.cut_bytes, ends, mb, batch // mb, 1.0)
+                every = solver.bounds._class_tables(space, sums, costs.cut_bytes, ends, mb)
+            assert pruned == full, (seed, mb)
+            if tables is not None and every is not None:
+                dropped += len(every.counts) - len(tables.counts)
+    assert dropped > 0
+
+
+def test_triangle_links_bound_every_group_of_three() -> None:
+    from solver.bounds import _triangle_links
+    from solver.space import ClassSpace
+
+    for seed in range(600, 620):
+        costs, cluster, _ = _same_compute_instance(seed, max_layers=2, max_devices=5)
+        cluster = cluster.for_costs(costs)
+        space = ClassSpace(costs, cluster)
+        bw, lat = _triangle_links(space)
+        names = space.names
+        for trio in itertools.combinations(names, 3):
+            pairs = [(a, b) for a in trio for b in trio if a != b]
+            assert min(cluster.bandwidth_bytes_s(a, b) for a, b in pairs) <= bw
+            assert cluster.max_latency_s(list(trio)) >= lat
+
+
 def test_class_bound_stops_at_its_deadline_and_size() -> None:
     from solver.bounds import class_bound
     from solver.space import ClassSpace
@@ -193,3 +282,49 @@ def test_class_bound_stops_at_its_deadline_and_size() -> None:
     args = (space, LayerSums.of(costs), costs.cut_bytes, [0, 1, 2], 1, batch)
     assert class_bound(*args, 1.0, deadline=0.0) is None
     assert class_bound(*args, math.inf) is None
+
+
+def test_class_bound_cut_short_by_its_deadline_is_still_below_every_plan(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # a clock that advances one tick per reading: the deadline passes after a few buckets,
+    # and the buckets not reached count with M times the last top (round > M X_d)
+    import solver.bounds
+    from solver.bounds import class_bound
+    from solver.space import ClassSpace
+    from solver.summary import hiding_ratio
+
+    class Clock:
+        now = 0.0
+
+        def perf_counter(self) -> float:
+            self.now += 1.0
+            return self.now
+
+    partial = 0
+    for seed in range(40, 52):
+        costs, cluster, batch = random_instance(seed, max_layers=5, max_devices=4,
+                                                links=True, latency=True)
+        cluster = cluster.for_costs(costs)
+        sums = LayerSums.of(costs)
+        ends = list(range(costs.num_layers - 1))
+        space = ClassSpace(costs, cluster)
+        rho = hiding_ratio(costs, cluster)
+        best: dict[int, float] = {}
+        for plan in enumerate_plans(costs, cluster, batch, wide=True):
+            value = evaluate(plan, costs, cluster).round_time_s
+            best[plan.micro_batch_size] = min(value, best.get(plan.micro_batch_size, math.inf))
+        for mb, value in best.items():
+            full = class_bound(space, sums, costs.cut_bytes, ends, mb, batch // mb,
+                               value * 2.0, rho=rho)
+            assert full is not None
+            for ticks in (3, 6, 12, 24, 48):
+                clock = Clock()
+                monkeypatch.setattr(solver.bounds, "time", clock)
+                cut = class_bound(space, sums, costs.cut_bytes, ends, mb, batch // mb,
+                                  value * 2.0, deadline=float(ticks), rho=rho)
+                monkeypatch.undo()
+                if cut is None:
+                    continue
+                partial += 1
+                assert cut <= value, (seed, mb, ticks, cut, value)
+    assert partial > 20

@@ -12,6 +12,7 @@ Modes::
     python tools/time_planner.py --small 200   # plan vs ilp-wide and the baselines
     python tools/time_planner.py --bounds      # the stage bound (solver.bounds)
     python tools/time_planner.py --class-bounds   # the class bound, every order
+    python tools/time_planner.py --once jetsons 32 --time-limit 5   # one run, a JSON line
 
 * ``--issue14``: the 200-layer MLP (200 Linear 512x512, batch 64) on eight mixed devices
   (2 Xavier NX, 2 TX2, 3 Nano, a ``custom`` phone of speed 0.7 and 3 GB; 100 Mbps, one
@@ -362,15 +363,20 @@ def stage_bound_rows() -> list[str]:
 
 
 # -- the class bound (solver.bounds.class_bound) ----------------------------------------------
-CLASS_BOUND_CASES = (("MLP 200 x 8 mixed", "mlp200", 0, 0.06268075162732864),
-                     ("ResNet-50 x 32 Jetsons, 1000 Mbps", "resnet50_imagenet", 32,
-                      0.9249183904623013),
-                     ("ResNet-50 x 64 Jetsons, 1000 Mbps", "resnet50_imagenet", 64,
-                      0.6516567990877246))
+CLASS_BOUND_CASES: tuple[tuple[str, str, Callable[[], Cluster], int, float], ...] = (
+    ("MLP 200 x 8 mixed", "mlp200", mixed8, 64, 0.06268075162732864),
+    ("ResNet-50 x 32 Jetsons, 1000 Mbps", "resnet50_imagenet", partial(jetson_mix, 32), 64,
+     0.9249183904623013),
+    ("ResNet-50 x 64 Jetsons, 1000 Mbps", "resnet50_imagenet", partial(jetson_mix, 64), 64,
+     0.6516567990877246),
+    # fleets: the best round of the time-limited runs of 2026-12-04 (not proven optimal)
+    ("ResNet-50, 32-device fleet", "resnet50_imagenet", partial(fleet, 32), 64,
+     5.513405382718929),
+    ("BERT-small, 16-device fleet", "bert_small", partial(fleet, 16), 32, 4.937790864922259))
 
 
 def class_bound_rows() -> list[str]:
-    """Per micro-batch size (batch 64) of issue 14's instances: the work bound and the class
+    """Per micro-batch size of issue 14's instances: the work bound and the class
     bound over every order for the best round time known (the target), with the CPU
     seconds of each class bound, and the gap of the smallest bound over the sizes."""
     from solver.anytime import work_bound
@@ -381,20 +387,22 @@ def class_bound_rows() -> list[str]:
 
     lines = ["| case | best round (s) | micro-batch | work bound (s) | class bound (s) | "
              "CPU (s) | load |", "|---|---|---|---|---|---|---|"]
-    for label, key, n, target in CLASS_BOUND_CASES:
+    from solver.space import micro_batch_choices
+
+    for label, key, make, batch, target in CLASS_BOUND_CASES:
         costs = model_costs(key)
-        cluster = (mixed8() if n == 0 else jetson_mix(n)).for_costs(costs)
+        cluster = make().for_costs(costs)
         space = ClassSpace(costs, cluster)
         sums, ends = LayerSums.of(costs), candidate_cuts(costs, 96)
         lowest = {"work": math.inf, "both": math.inf}
         total = 0.0
-        for mb in (1, 2, 4, 8, 16, 32, 64):
+        for mb in micro_batch_choices(batch, None):
             cpu = time.process_time()
-            value = class_bound(space, sums, costs.cut_bytes, ends, mb, 64 // mb, target,
+            value = class_bound(space, sums, costs.cut_bytes, ends, mb, batch // mb, target,
                                 rho=hiding_ratio(costs, cluster))
             cpu = time.process_time() - cpu
             total += cpu
-            work = work_bound(costs, cluster, 64, mb)
+            work = work_bound(costs, cluster, batch, mb)
             lowest["work"] = min(lowest["work"], work)
             lowest["both"] = min(lowest["both"], max(work, value or 0.0))
             shown = "-" if value is None else f"{value:.4g}"
@@ -406,6 +414,37 @@ def class_bound_rows() -> list[str]:
                      f"{load():.1f} |")
         print(lines[-1], flush=True)
     return lines
+
+
+# -- one time-limited run, for comparing checkouts ------------------------------------------
+ONCE_CASES = {
+    "mlp8": ("mlp200", 64, lambda n: mixed8()),
+    "jetsons": ("resnet50_imagenet", 64, jetson_mix),
+    "resnet-fleet": ("resnet50_imagenet", 64, fleet),
+    "bert-fleet": ("bert_small", 32, fleet),
+}
+
+
+def once(case: str, devices: int, limit: float | None) -> dict[str, Any]:
+    """One ``solver.api.plan`` run of a case of ``ONCE_CASES`` on ``devices`` devices: CPU
+    and wall seconds, round, proven bound and gap, and the load at the end. The solver
+    comes from ``sys.path`` (``PYTHONPATH=<checkout>`` runs another checkout's planner with
+    this script, for alternating runs of two versions)."""
+    import solver
+
+    key, batch, make = ONCE_CASES[case]
+    costs, cluster = model_costs(key), make(devices)
+    cpu, wall = time.process_time(), time.perf_counter()
+    result = plan(costs, cluster, batch, time_limit=limit)
+    cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+    bound = result.planner.bound
+    return {"case": case, "devices": len(cluster.devices), "time_limit": limit,
+            "solver": str(Path(solver.__file__).resolve().parents[1]),
+            "cpu_s": round(cpu, 2), "wall_s": round(wall, 2),
+            "round_s": None if result.predicted is None else result.predicted.round_time_s,
+            "bound_s": None if bound is None else bound.bound_s,
+            "gap": None if bound is None else bound.gap,
+            "stopped": None if bound is None else bound.stopped, "load": load()}
 
 
 # -- issue 4: synthetic instances ----------------------------------------------------------
@@ -451,6 +490,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="the stage bound: DP time with and without, proven bounds")
     parser.add_argument("--class-bounds", action="store_true",
                         help="the class bound over every order per micro-batch size")
+    parser.add_argument("--once", nargs=2, metavar=("CASE", "DEVICES"),
+                        help=f"one run of a case ({', '.join(ONCE_CASES)}) on DEVICES devices "
+                             f"with --time-limit, as a JSON line")
+    parser.add_argument("--time-limit", type=float, default=None,
+                        help="seconds, for --once (default: none)")
     parser.add_argument("--sizes", nargs="+", type=int, default=[8, 16, 32, 64])
     parser.add_argument("--layers", nargs="+", type=int, default=[200])
     parser.add_argument("--devices", nargs="+", type=int, default=[8])
@@ -464,6 +508,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.repeat < 1:
         parser.error("--repeat must be >= 1")
+    if args.once:
+        import json
+
+        if args.once[0] not in ONCE_CASES:
+            parser.error(f"--once: unknown case {args.once[0]!r}; choose one of "
+                         f"{', '.join(ONCE_CASES)}")
+        print(json.dumps(once(args.once[0], int(args.once[1]), args.time_limit)), flush=True)
+        return 0
     if args.bounds:
         print("\n".join(stage_bound_rows()))
         return 0
