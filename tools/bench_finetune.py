@@ -125,6 +125,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     choice: dict[str, Any] = dict(plan.meta.get("phase1_choice", {}))
     if choice:
         print(f"phase-1 choice: {choice['reason']}")
+    print(f"cache: {plan.meta.get('cache_choice', {}).get('reason', plan.cache)}")
     pac = run_finetune(out / "pac", args.cluster, seed=args.seed, lr=args.lr,
                        metrics=out / "pac.jsonl")
     reference = reference_finetune(spec, batch_size=args.batch_size, epochs=args.epochs,
@@ -153,11 +154,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     memory = {}
     for device, peak in pac.peak_memory_bytes.items():
         full_peak = full.peak_memory_bytes.get(device)
-        cached = pac.cache_bytes.get(device, 0)
-        memory[device] = {"pac": peak, "pac_with_cache": peak + cached, "full": full_peak,
+        # measured over the run with the entries held at each moment (a sharded cache
+        # parks rows on other devices in phase 1); older runs: peak + final cache
+        with_cache = pac.peak_with_cache_bytes.get(device,
+                                                   peak + pac.cache_bytes.get(device, 0))
+        memory[device] = {"pac": peak, "pac_with_cache": with_cache, "full": full_peak,
+                          "cache": pac.cache_bytes.get(device, 0),
+                          "predicted_with_cache": pred.peak_memory_bytes.get(device),
                           "reduction": None if not full_peak else 1 - peak / full_peak,
                           "reduction_with_cache": None if not full_peak else
-                          1 - (peak + cached) / full_peak}
+                          1 - with_cache / full_peak}
     report = {
         "model": args.model, "cluster": args.cluster, "batch_size": args.batch_size,
         "samples": args.samples, "epochs": args.epochs, "slowdown_factor": f,
@@ -174,7 +180,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "phase1_simulated_s": simulated.phase1_step_s * steps * f,
         "phase2_step_measured_s": measured_p2, "phase2_step_predicted_s": pred.phase2_step_s * f,
         "memory": memory, "load_after": os.getloadavg(), "phase1_forward": forward,
-        "phase1_choice": choice,
+        "phase1_choice": choice, "cache": plan.cache,
+        "cache_phase1": dict(plan.cache_phase1), "cache_phase2": dict(plan.cache_phase2),
+        "cache_choice": dict(plan.meta.get("cache_choice", {})),
     }
     print(f"PAC phase 1 {report['phase1_plan']}, phase 2 shares {report['phase2_shares']}; "
           f"full {report['full_plan']}; slow-down factor {f:.2f}, shaping {pac.shaping}")
@@ -188,8 +196,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         red = "n/a" if m["reduction"] is None else f"{m['reduction']:.0%}"
         red_c = "n/a" if m["reduction_with_cache"] is None else f"{m['reduction_with_cache']:.0%}"
         full_mib = "-" if not m["full"] else f"{m['full'] / 2**20:.1f}"
-        print(f"  {device}: peak PAC {m['pac'] / 2**20:.1f} MiB (+cache "
-              f"{m['pac_with_cache'] / 2**20:.1f}) vs full {full_mib} MiB: "
+        print(f"  {device}: peak PAC {m['pac'] / 2**20:.1f} MiB (with the cache "
+              f"{m['pac_with_cache'] / 2**20:.1f}, predicted "
+              f"{(m['predicted_with_cache'] or 0) / 2**20:.1f}; cached at the end "
+              f"{m['cache'] / 2**20:.1f}) vs full {full_mib} MiB: "
               f"{red} lower ({red_c} with the cache; target >= 60%)")
     for name, got, want in (("phase 1 (epoch 1)", measured_p1, report["phase1_predicted_s"]),
                             ("phase 1 (epoch 1) vs simulated", measured_p1,
