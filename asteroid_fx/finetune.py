@@ -67,7 +67,9 @@ def measure_step(pac: AdapterModel, spec: Any, *, batch_sizes: Sequence[int] = (
                  repeats: int = 5) -> tuple[float, float]:
     """``(intercept_s, per_sample_s)`` of one phase-2 step of ``pac`` on this host, one
     thread as a device runs (median of ``repeats`` after a warm-up, fitted as
-    ``cost_models.profile`` fits layers); the adapters' weights are left unchanged."""
+    ``cost_models.profile`` fits layers); the adapters' weights are left unchanged. Each
+    run is timed in this thread's CPU seconds, not wall clock: on a shared host other
+    jobs would otherwise stretch the fit (the fits of one host varied 10x with its load)."""
     import statistics
 
     from asteroid_fx.model_spec import model_inputs
@@ -85,7 +87,7 @@ def measure_step(pac: AdapterModel, spec: Any, *, batch_sizes: Sequence[int] = (
             entry = pac.backbone(*model_inputs(inputs))
             runs = []
             for i in range(repeats + 1):
-                began = time.perf_counter()
+                began = time.thread_time()
                 loss = loss_fn(pac.train_forward(entry), targets)
                 loss.backward()
                 with torch.no_grad():
@@ -94,7 +96,7 @@ def measure_step(pac: AdapterModel, spec: Any, *, batch_sizes: Sequence[int] = (
                             p.add_(p.grad, alpha=-1e-3)
                             p.grad = None
                 if i:
-                    runs.append(time.perf_counter() - began)
+                    runs.append(time.thread_time() - began)
             times.append(statistics.median(runs))
     finally:
         torch.set_num_threads(threads)
@@ -131,8 +133,11 @@ def pac_model_of(pac: AdapterModel, step_fit: tuple[float, float] = (0.0, 0.0)) 
         for d in shape[:-1]:
             tokens *= d
         flops += 2.0 * tokens * 2 * shape[-1] * pac.rank
+    # runtime.pac_train sums the gradients in float64 (one all-reduce per step)
+    wire = sum(p.numel() for p in pac.trainable_parameters()) * torch.float64.itemsize
     return PacModel(taps=pac.taps, entry_bytes=pac.entry_bytes(), trainable_bytes=trainable,
-                    adapter_flops=flops, train_head=pac.train_head, step_fit=step_fit)
+                    adapter_flops=flops, train_head=pac.train_head, step_fit=step_fit,
+                    allreduce_bytes=wire)
 
 
 def prepare_finetune(spec: Any, cluster: Any, costs: Any, out: str | Path, *, batch_size: int,

@@ -40,7 +40,10 @@ class PacModel:
     head, loss, backward, optimizer step) measured on the profiling host, one thread
     (``(0, 0)``: not measured, the step is modelled from the cost table); ``sample_s``:
     seconds to make one sample (``dataset()[i]`` or the seeded ``sample_batch(1)``) on the
-    profiling host, which phase 1's first stage pays (0: not measured).
+    profiling host, which phase 1's first stage pays (0: not measured);
+    ``allreduce_bytes``: bytes one phase-2 step all-reduces (the runtime sums the adapter
+    gradients in float64, so that every step equals the single-process reference; 0: the
+    ``trainable_bytes``).
     """
 
     taps: tuple[int, ...]
@@ -50,12 +53,18 @@ class PacModel:
     train_head: bool = False
     step_fit: tuple[float, float] = (0.0, 0.0)
     sample_s: float = 0.0
+    allreduce_bytes: int = 0
+
+    @property
+    def wire_bytes(self) -> int:
+        """Bytes of one phase-2 all-reduce."""
+        return self.allreduce_bytes or self.trainable_bytes
 
     def to_dict(self) -> dict[str, Any]:
         return {"taps": list(self.taps), "entry_bytes": self.entry_bytes,
                 "trainable_bytes": self.trainable_bytes, "adapter_flops": self.adapter_flops,
                 "train_head": self.train_head, "step_fit": list(self.step_fit),
-                "sample_s": self.sample_s}
+                "sample_s": self.sample_s, "allreduce_bytes": self.allreduce_bytes}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> PacModel:
@@ -66,7 +75,8 @@ class PacModel:
                    adapter_flops=float(data["adapter_flops"]),
                    train_head=bool(data.get("train_head", False)),
                    step_fit=(float(fit[0]), float(fit[1])),
-                   sample_s=float(data.get("sample_s", 0.0)))
+                   sample_s=float(data.get("sample_s", 0.0)),
+                   allreduce_bytes=int(data.get("allreduce_bytes", 0)))
 
 
 @dataclass(frozen=True)

@@ -187,7 +187,7 @@ def predict_finetune(plan: PacPlan, costs: CostTable, cluster: Cluster) -> PacPr
         phase1_step = max(closed_form, simulate_phase1(plan, costs, cluster)[0])
 
     compute = _phase2_compute(costs, cluster, model, plan.devices, plan.shares)
-    allreduce = allreduce_time(cluster, plan.devices, model.trainable_bytes)
+    allreduce = allreduce_time(cluster, plan.devices, model.wire_bytes)
     fetch = _fetch_s(cluster, plan.devices, plan.shares, _table(plan, 2), model.entry_bytes)
     phase2_step = max(max(compute) + allreduce, fetch)
     handoff = _rehome_s(cluster, plan.devices, plan.shares, _table(plan, 1), _table(plan, 2),
@@ -687,7 +687,7 @@ def place_cache(costs: CostTable, cluster: Cluster, model: PacModel, devices: Se
     n = len(devices)
     memory = [cluster.device(d).memory_bytes for d in devices]
     compute = _phase2_compute(costs, cluster, model, devices, shares)
-    base_step = max(compute) + allreduce_time(cluster, devices, model.trainable_bytes)
+    base_step = max(compute) + allreduce_time(cluster, devices, model.wire_bytes)
     limit = (1.0 + cache_slack) * base_step * (1 + 1e-9)
 
     def score(one: list[list[int]], two: list[list[int]]) -> tuple[float, ...]:
