@@ -688,8 +688,8 @@ def finetune_device(source: Any, rank: int, config: TrainConfig, *, hooks: Any =
             flat = torch.cat([g.reshape(-1).double() for g in grads] + [slots.reshape(-1)])
             comm.all_reduce([[flat]], None, list(range(group.world)))
         except (RuntimeError, CommFailureError) as exc:
-            if epoch == 0:
-                raise
+            # in phase 2, or in epoch 1 after phase 1 ended everywhere (the cache is full:
+            # the same recovery, the step redone on the survivors)
             log.warning("phase-2 step %d failed (%s); regrouping", step, exc)
             optimizer.zero_grad(set_to_none=True)
             generation += 1
@@ -828,7 +828,8 @@ def _fill_cache(run: _Phase1Run) -> list[tuple[float, float, float, float]]:
             try:
                 for k in range(done, steps):
                     dist.barrier()
-                    if run.fail is not None and run.fail.device == me and run.fail.step == k:
+                    if run.fail is not None and run.fail.device == me and \
+                            run.fail.in_phase1(pac) and run.fail.step == k:
                         run.store.set(KILLED_KEY, repr(time.time()))
                         os._exit(1)      # the emulated loss of this device (--fail)
                     began = time.perf_counter()

@@ -176,6 +176,26 @@ def test_a_device_lost_in_phase_2_loses_only_its_share(tmp_path: Path, cache: st
     assert rows[5]["cache_hit_rate"] == 1.0           # mini-batch 1's rows too, by then
 
 
+def test_a_device_lost_after_phase_1_in_epoch_1_is_recovered(tmp_path: Path) -> None:
+    spec, _cluster, _costs, out, plan, cluster_file = prepare_tiny(tmp_path, 2)
+    metrics = tmp_path / "m.jsonl"
+    # adapter step 1 of epoch 1: phase 1 has filled the whole cache by then
+    result = run_finetune(out, cluster_file, seed=0, lr=0.05, metrics=metrics, timeout_s=300,
+                          fail="c@a1")
+    assert_matches_reference(result.losses, spec, 2)
+    (event,) = result.recoveries
+    assert event["phase"] == 2 and event["failed"] == ["c"] and event["at_step"] == 1
+    assert event["lost_steps"] == 0 and set(event["rows"]) == {"a", "b"}
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()
+            if '"step"' in line]
+    assert [r["step"] for r in rows] == list(range(4))
+    assert [r["phase"] for r in rows] == [1, 1, 2, 2]
+    assert set(rows[1]["cache_bytes"]) == {"a", "b"}
+    on_c = sum(b - a for a, b in plan.homes(2)[plan.devices.index("c")])
+    # mini-batch 1's rows cached on c are recomputed in epoch 2's step 3, the rest hit
+    assert rows[3]["cache_hit_rate"] == pytest.approx(1 - on_c / 6)
+
+
 @pytest.mark.slow
 def test_hugging_face_bert_equals_the_reference(tmp_path: Path) -> None:
     pytest.importorskip("transformers")
