@@ -5,6 +5,7 @@ Usage::
     PYTHONPATH=. python tools/bench_finetune.py [--model examples/gpt_small.py]
         [--cluster examples/clusters/local3.yaml] [--batch-size 16] [--samples 64]
         [--epochs 3] [--out runs/bench-finetune] [--json runs/bench-finetune.json]
+        [--cache auto|local] [--cache-slack X]
 
 Everything is measured in this one invocation on the emulated cluster (same host, same
 load): PAC (``asteroid-fx finetune --method pac``), full fine-tuning of the same model for
@@ -106,6 +107,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--phase1-planner", default="asteroid")
     parser.add_argument("--phase1-objective", default="memory", choices=("memory", "time"))
     parser.add_argument("--phase1-slack", type=float, default=None)
+    parser.add_argument("--cache", default="auto", choices=("auto", "local"))
+    parser.add_argument("--cache-slack", type=float, default=0.0)
     args = parser.parse_args(argv)
 
     print(f"before: {_load()}")
@@ -121,6 +124,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                             epochs=args.epochs, num_samples=args.samples, rank=args.rank,
                             seed=args.seed, phase1_planner=args.phase1_planner,
                             phase1_objective=args.phase1_objective,
+                            cache=args.cache, cache_slack=args.cache_slack,
                             **({} if args.phase1_slack is None else
                                {"phase1_slack": args.phase1_slack}))
     choice: dict[str, Any] = dict(plan.meta.get("phase1_choice", {}))
