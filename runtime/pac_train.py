@@ -10,7 +10,9 @@ the adapters' initial weights (``adapters.weights.pt``). For epoch ``e`` and min
   samples, [Note: fine-tuning data]; later stages receive them, re-sharded as
   ``runtime.lowering.transfers`` says), run their segments under ``torch.no_grad``, pass
   the cut on, and then send each cache-entry part (their taps; the last stage: the head's
-  inputs) to the device that trains on those rows. On one pair of ranks the activations
+  inputs) to the device that caches those rows in phase 1 (the trainer, or where the plan
+  parks them, [Note: cache placement] in solver/pac.py; parked rows go to their phase-2
+  holder when phase 1 ends, ``_rehome``). On one pair of ranks the activations
   of a step all go before its entry parts, and the receiver takes them in that order, so
   the asynchronous sends never deadlock. When the cache holds the whole epoch, every
   device drops its backbone segments (``AdapterModel.drop_backbone``): the frozen weights
@@ -18,7 +20,9 @@ the adapters' initial weights (``adapters.weights.pt``). For epoch ``e`` and min
   larger of the two, not their sum. The losses are those of interleaving (the backbone
   is frozen); step ``k`` of epoch 1 reports phase-1 mini-batch ``k``'s time with it.
 * phase 2 (every step): the rows ``[lo, hi)`` of the mini-batch that this device trains on
-  come from its cache (hits; misses are the rows computed in phase 1 this step); the side
+  come from its cache, or from the device that caches them (``_Fetch``: sent a step ahead
+  over the process group; hits either way; in epoch 1 all rows count as misses, computed
+  by phase 1); the side
   path and head run forward and backward on them with the loss weighted by
   ``(hi - lo) / B``, the adapter gradients are summed over all devices
   (``Comm.all_reduce``), and every device takes the same optimizer step. So the losses
@@ -67,7 +71,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Tuple
 
 import torch
 import torch.distributed as dist
@@ -343,7 +347,7 @@ def _dilate(began: float, scale: float) -> None:
         time.sleep((scale - 1.0) * (time.perf_counter() - began))
 
 
-Ranges = tuple[tuple[tuple[int, int], ...], ...]
+Ranges = Tuple[Tuple[Tuple[int, int], ...], ...]
 
 
 def _runs(rows: Sequence[int]) -> tuple[tuple[int, int], ...]:
@@ -453,7 +457,7 @@ def _rehome(group: _Group, comm: Comm, cache: ActivationCache, batch: int, steps
         for m, rows in into.items():
             if rows:
                 got = comm.recv([m], "rehome")[0]
-                for i, row in zip(rows, _split(got, len(rows)), strict=True):
+                for i, row in zip(rows, _split(got, len(rows))):
                     cache.put(base + i, row)
         most = max(most, cache.bytes + storage_bytes(comm.held()))
         comm.flush()
@@ -495,7 +499,7 @@ class _Fetch:
         got: dict[int, tuple[torch.Tensor, ...]] = {}
         for m, rows in self.into.items():
             tensors = self.comm.recv([m], "fetch")[0]
-            for i, row in zip(rows, _split(tensors, len(rows)), strict=True):
+            for i, row in zip(rows, _split(tensors, len(rows))):
                 got[base + i] = row
         return got
 

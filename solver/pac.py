@@ -14,8 +14,11 @@ only a side network fed by tapped hidden states of a frozen backbone, so
   ``solver.split.split_shares``, by speed, capped by the memory left after its cache),
   then the adapter gradients are all-reduced (``solver.evaluate.allreduce_time``).
 
-The cache is placed on the device that trains on the samples (``cache="local"``: nothing
-moves after epoch 1). Predicted times (``PacPrediction``): one phase-1 step is a
+Where the cache lives is planned too ([Note: cache placement]): on the device that trains
+on the samples (``cache="local"``: nothing moves after epoch 1), or ``sharded`` (rows
+parked on devices with room while the backbone is held and handed to their phase-2 holder
+when phase 1 ends, or held on another device and streamed to the trainer every step).
+Predicted times (``PacPrediction``): one phase-1 step is a
 forward-only pipeline of ``M`` micro-batches, ``sum_s E_f^s + (M - 1) max_s E_f^s``, where
 ``E_f^s`` is ``solver.evaluate``'s forward term plus the stage's hand-off of cache entries;
 one phase-2 step is ``max_d compute_d + all-reduce``, ``compute_d`` the whole step
