@@ -207,7 +207,8 @@ class _Phase1:
         #: or by other jobs waiting for the core: what the cost table measured)
         self.compute_cpu_s = 0.0
         #: the most bytes of activations this rank held at once in phase 1 (received
-        #: inputs, outputs, entry parts waiting for their owner or for the cache)
+        #: inputs, outputs, entry parts waiting for their owner or for the cache, and the
+        #: wire buffers of its messages)
         self.in_flight_peak = 0
         self.rank_of = {d: i for i, d in enumerate(group.devices)}
         me = group.devices[group.rank]
@@ -300,7 +301,9 @@ class _Phase1:
                     handoff.append((owner, m, rows))
             held = [t for rows in local.values() for t in rows]
             held += [t for _o, _m, rows in handoff for t in rows] + list(values) + list(part)
-            self.in_flight_peak = max(self.in_flight_peak, storage_bytes(held))
+            # and the wire buffers (sends posted, the pools), as runtime.executor counts
+            self.in_flight_peak = max(self.in_flight_peak, storage_bytes(held)
+                                      + storage_bytes(self.comm.held()))
         for owner, m, rows in handoff:      # after every activation (see [Note: PAC run])
             self.comm.send([(owner, list(rows))], f"{channel}{m}")
 
@@ -324,6 +327,8 @@ class _Phase1:
                             row = offset + i - a
                             parts.setdefault(i, []).extend(t[row:row + 1] for t in got)
                         offset += b - a
+        # the hand-offs' wire buffers (sends posted, the pools), held with the cache
+        self.in_flight_peak = max(self.in_flight_peak, storage_bytes(self.comm.held()))
         self.comm.flush()
         start = step * self.batch_size
         for i, entry in parts.items():

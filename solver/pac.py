@@ -203,7 +203,7 @@ def predict_finetune(plan: PacPlan, costs: CostTable, cluster: Cluster) -> PacPr
     # phase 1 fills the whole cache before the adapters train and the backbone is dropped
     # then (runtime.pac_train): the frozen weights and the adapter steps never meet
     peak, cache = _peaks(costs, model, plan.devices, plan.shares, steps,
-                         p1.peak_memory_bytes, _table(plan, 1), _table(plan, 2))
+                         p1.peak_memory_bytes, _table(plan, 1), _table(plan, 2), plan.phase1)
     return PacPrediction(phase1_step_s=phase1_step, phase2_step_s=phase2_step,
                          allreduce_s=allreduce, epoch1_s=epoch1, epoch_s=epoch,
                          total_s=total, peak_memory_bytes=peak, cache_bytes=cache,
@@ -263,12 +263,37 @@ def _counts(devices: Sequence[str], shares: Sequence[int], holders: Holders
             for t, (d, s) in enumerate(zip(devices, shares, strict=True))]
 
 
+def _phase1_wire(costs: CostTable, model: PacModel, devices: Sequence[str],
+                 plan: Plan | None, held: Sequence[int]) -> list[int]:
+    """Wire buffers of phase 1's hand-offs per device (``runtime.comm`` keeps one message
+    per peer and micro-batch in its pools): the entry parts of one mini-batch that it sends
+    (rows it computes and another device holds) and receives (rows it holds and another
+    device computes); ``held[h]``: rows of a mini-batch device ``h`` holds in phase 1
+    (rows spread evenly, an estimate for data-parallel stages)."""
+    if plan is None:
+        return [0] * len(devices)
+    parts = entry_parts(costs, model.taps, model.entry_bytes)
+    batch = plan.batch_size
+    out = []
+    for h, d in enumerate(devices):
+        wire = 0.0
+        for st in plan.stages:
+            part = sum(parts[st.first:st.last + 1])
+            computed = (st.shares[st.devices.index(d)] * plan.num_micro_batches
+                        if d in st.devices else 0)
+            wire += part * computed * (1 - held[h] / batch)      # sent
+            wire += part * held[h] * (1 - computed / batch)      # received
+        out.append(int(wire))
+    return out
+
+
 def _peaks(costs: CostTable, model: PacModel, devices: Sequence[str], shares: Sequence[int],
-           steps: int, p1_memory: Mapping[str, int], phase1: Holders, phase2: Holders
-           ) -> tuple[dict[str, int], dict[str, int]]:
+           steps: int, p1_memory: Mapping[str, int], phase1: Holders, phase2: Holders,
+           phase1_plan: Plan | None = None) -> tuple[dict[str, int], dict[str, int]]:
     """Peak bytes of each device over both phases and the bytes it caches in phase 2 (see
-    [Note: cache placement]): ``max(phase-1 peak + rows held in phase 1, phase-2 step
-    + rows held in phase 2 + the wire buffers of the rows it streams)``."""
+    [Note: cache placement]): ``max(phase-1 peak + rows held in phase 1 + the hand-offs'
+    wire buffers, phase-2 step + rows held in phase 2 + the wire buffers of the rows it
+    streams)``."""
     fixed = _phase2_fixed(costs, model, costs.optimizer_state_factor)
     unit, work = _phase2_per_sample(costs, model, steps)
     one, two = _counts(devices, shares, phase1), _counts(devices, shares, phase2)
@@ -276,8 +301,10 @@ def _peaks(costs: CostTable, model: PacModel, devices: Sequence[str], shares: Se
     weights = sum(lc.param_bytes + lc.buffer_bytes
                   for lc in costs.layers[model.taps[-1] + 1:]) + model.trainable_bytes
     peak, cache = {}, {}
+    wire1 = _phase1_wire(costs, model, devices, phase1_plan,
+                         [sum(one[t][h] for t in range(n)) for h in range(n)])
     for h, d in enumerate(devices):
-        held1 = sum(one[t][h] for t in range(n)) * unit
+        held1 = sum(one[t][h] for t in range(n)) * unit + wire1[h]
         held2 = sum(two[t][h] for t in range(n)) * unit
         # streamed rows: a holder keeps two steps' sends in flight (prefetch), the trainer
         # one step's receive buffers besides the step's entry (counted in ``work``)
@@ -629,7 +656,7 @@ def _draft(costs: CostTable, cluster: Cluster, model: PacModel, coarse: CostTabl
         except PlanError:
             raise local_error from None
     phase1_holders, phase2_holders = ({}, {}) if cache == "local" else place_cache(
-        costs, cluster, model, devices, shares, steps, p1_memory, cache_slack)
+        costs, cluster, model, devices, shares, steps, p1_memory, cache_slack, phase1)
     fallback = {}
     for lost, lost_share in zip(devices, shares, strict=True):
         others = tuple(d for d in devices if d != lost)
@@ -678,7 +705,7 @@ def _holders_of(devices: Sequence[str], shares: Sequence[int], rows: Sequence[Se
 
 def place_cache(costs: CostTable, cluster: Cluster, model: PacModel, devices: Sequence[str],
                 shares: Sequence[int], steps: int, p1_memory: Mapping[str, int],
-                cache_slack: float = DEFAULT_CACHE_SLACK
+                cache_slack: float = DEFAULT_CACHE_SLACK, phase1: Plan | None = None
                 ) -> tuple[dict[str, tuple[int, ...]], dict[str, tuple[int, ...]]]:
     """The cache's holders in phase 1 and in phase 2 (``PacPlan.cache_phase1/2``; empty:
     every trainer caches its own rows), see [Note: cache placement]; pure.
@@ -695,7 +722,8 @@ def place_cache(costs: CostTable, cluster: Cluster, model: PacModel, devices: Se
 
     def score(one: list[list[int]], two: list[list[int]]) -> tuple[float, ...]:
         peak, _ = _peaks(costs, model, devices, shares, steps, p1_memory,
-                         _holders_of(devices, shares, one), _holders_of(devices, shares, two))
+                         _holders_of(devices, shares, one), _holders_of(devices, shares, two),
+                         phase1)
         over = sum(max(0, peak[d] - memory[i]) for i, d in enumerate(devices))
         pressure = max(peak[d] / memory[i] for i, d in enumerate(devices))
         return (float(over), float(sum(peak.values())), round(pressure, 12))
@@ -734,7 +762,7 @@ def place_cache(costs: CostTable, cluster: Cluster, model: PacModel, devices: Se
     if best[0] > 0:
         peak, _ = _peaks(costs, model, devices, shares, steps, p1_memory,
                          _holders_of(devices, shares, rows[0]),
-                         _holders_of(devices, shares, rows[1]))
+                         _holders_of(devices, shares, rows[1]), phase1)
         gap, device = max((peak[d] - memory[i], d) for i, d in enumerate(devices))
         raise PlanError(
             f"the activation cache does not fit: device {device!r} would hold "

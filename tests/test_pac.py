@@ -266,33 +266,34 @@ def _rows_held(plan: PacPlan, phase: int) -> dict[str, int]:
 
 
 def test_a_cache_that_fits_only_sharded_is_streamed_from_other_devices() -> None:
-    with pytest.raises(PlanError, match=r"device 'd0' .* bytes short"):
-        _placed([12, 12, 12], cache="local")
-    plan = _placed([12, 12, 12])
-    assert plan.cache == "sharded" and "d0" in plan.cache_phase2
+    with pytest.raises(PlanError, match=r"device 'd1' .* bytes short"):
+        _placed([64, 4, 64], cache="local")
+    plan = _placed([64, 4, 64])
+    assert plan.cache == "sharded" and "d1" in plan.cache_phase2
     assert PacPlan.from_json(plan.to_json()) == plan
     held, own = _rows_held(plan, 2), dict(zip(plan.devices, plan.shares, strict=True))
-    assert held["d0"] < own["d0"] and sum(held.values()) == plan.batch_size
+    assert held["d1"] < own["d1"] and sum(held.values()) == plan.batch_size
     pred = plan.predicted
     assert pred is not None and pred.fetch_s > 0
     assert pred.phase2_step_s >= pred.fetch_s
     # every device within its memory, and the cache bytes are where the rows are held
-    cluster = make_cluster([1.0, 0.5, 0.5], memory_mib=[12, 12, 12])
+    cluster = make_cluster([1.0, 0.5, 0.5], memory_mib=[64, 4, 64])
     for d, peak in pred.peak_memory_bytes.items():
         assert peak <= cluster.device(d).memory_bytes
         assert pred.cache_bytes[d] == held[d] * plan.steps_per_epoch * MODEL.entry_bytes
     assert "sharded" in plan.meta["cache_choice"]["reason"]
 
 
-def test_rows_move_in_phase_1_and_phase_2_to_fit() -> None:
-    with pytest.raises(PlanError, match=r"device 'd1' .* bytes short"):
-        _placed([64, 4, 64], cache="local")
-    plan = _placed([64, 4, 64])
-    assert plan.cache == "sharded" and "d1" in plan.cache_phase1
-    assert _rows_held(plan, 2)["d1"] < dict(zip(plan.devices, plan.shares, strict=True))["d1"]
+def test_rows_parked_in_phase_1_make_the_cache_fit() -> None:
+    with pytest.raises(PlanError, match=r"device 'd0' .* bytes short"):
+        _placed([12, 12, 12], cache="local")
+    plan = _placed([12, 12, 12])
+    # d0 runs phase 1's last stage: its rows wait on another device until phase 1 ends
+    assert plan.cache == "sharded" and "d0" in plan.cache_phase1
+    assert _rows_held(plan, 1)["d0"] < _rows_held(plan, 2)["d0"]
     pred = plan.predicted
     assert pred is not None
-    cluster = make_cluster([1.0, 0.5, 0.5], memory_mib=[64, 4, 64])
+    cluster = make_cluster([1.0, 0.5, 0.5], memory_mib=[12, 12, 12])
     assert all(peak <= cluster.device(d).memory_bytes
                for d, peak in pred.peak_memory_bytes.items())
     # rows held elsewhere in phase 1 than in phase 2 are handed over once, in epoch 1
@@ -316,12 +317,13 @@ def test_sharding_lowers_the_summed_peak_and_only_where_memory_dictates() -> Non
 
 
 def test_no_slack_keeps_fetches_hidden_behind_the_step() -> None:
-    plan = _placed([12, 12, 12])
+    plan = _placed([64, 20, 64])
+    assert plan.cache_phase2 and plan.predicted is not None and plan.predicted.fetch_s > 0
     local_like = replace(plan, cache="local", cache_phase1={}, cache_phase2={})
     assert plan.predicted is not None
     base = predict_finetune(local_like, COSTS, make_cluster([1.0, 0.5, 0.5],
                                                            bandwidth_mbps=1000,
-                                                           memory_mib=[12, 12, 12]))
+                                                           memory_mib=[64, 20, 64]))
     assert plan.predicted.phase2_step_s == pytest.approx(base.phase2_step_s)
 
 
