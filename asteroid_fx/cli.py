@@ -357,14 +357,16 @@ def _show_costs(table: Any, cluster: Path | None, batch_size: int) -> None:
     for label, src in sources.items():
         console.print(f"{label}: {src}")
     console.print(f"optimizer state: {table.optimizer_state_factor:.3g}x the weights")
-    if table.message_overhead_s > 0:
-        console.print(f"runtime cost per message: {table.message_overhead_s * 1e3:.3f} ms on top "
-                      f"of every link's latency (fitted by `asteroid-fx calibrate`)")
-    for kind, over in [(table.device_type, table.runtime_overhead),
-                       *((c.device_type, c.runtime_overhead) for c in table.columns)]:
+    for kind, over, message in [
+            (table.device_type, table.runtime_overhead, table.message_overhead_s),
+            *((c.device_type, c.runtime_overhead, c.message_overhead_s) for c in table.columns)]:
         if not over.is_zero:
             console.print(f"runtime overhead ({kind}): {over.describe()} "
                           f"(docs/latency-model.md)")
+        if message > 0:
+            console.print(f"runtime cost per message ({kind}): {message * 1e3:.3f} ms of one "
+                          f"core, over a device's speed; a message pays its slower end's, on "
+                          f"top of the link's latency (probed, or fitted by `calibrate`)")
 
 
 def _costs_for(model: str, batch_size: int, costs: str | None, leaf: tuple[str, ...],

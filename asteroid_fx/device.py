@@ -76,16 +76,23 @@ def _parser() -> argparse.ArgumentParser:
                       help="timed runs per layer and batch size; the median is kept (5)")
     prof.add_argument("--leaf", action="append", default=None,
                       help="qualified name or class name of a module to keep whole")
+    prof.add_argument("--no-runtime-overhead", dest="runtime_overhead", action="store_false",
+                      help="skip measuring the runtime's own cost per stage call, round and "
+                           "message on this device (about 20 s; `calibrate` then fits it "
+                           "from a run)")
     prof.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                       help=argparse.SUPPRESS)
     return parser
 
 
 def profile_device(model: str, device_type: str, out: Path, *, batch_sizes: str = "1,2,4,8",
-                   repeats: int = 5, leaf: Sequence[str] = (),
+                   repeats: int = 5, leaf: Sequence[str] = (), runtime_overhead: bool = True,
                    progress: Callable[[int, int, str], None] | None = None) -> Any:
     """Profile ``model`` on this device and write a table labelled ``device_type``
-    (``asteroid-fx profile --device-type`` without the workstation's dependencies).
+    (``asteroid-fx profile --device-type`` without the workstation's dependencies); with
+    ``runtime_overhead``, also the runtime's own cost per stage call, round and message on
+    this device (``asteroid_fx.runtime_overhead.measure_here``), which the column of this
+    type then carries after ``asteroid-fx costs merge``.
 
     Returns:
         The ``CostTable`` written to ``out``.
@@ -110,6 +117,22 @@ def profile_device(model: str, device_type: str, out: Path, *, batch_sizes: str 
     table = profile(spec.build_model(), spec.sample_batch, sizes, leaf_modules=tuple(leaf),
                     repeats=repeats, progress=progress, optimizer=spec.build_optimizer,
                     device_type=device_type)
+    if runtime_overhead:
+        from dataclasses import replace
+
+        from asteroid_fx.runtime_overhead import measure_here
+        from contracts.table import RuntimeOverhead
+
+        what = "the runtime's own overhead on this device"
+        if progress is not None:
+            progress(0, 1, what)
+        found = measure_here()
+        if progress is not None:
+            progress(1, 1, what)
+        table = replace(table,
+                        runtime_overhead=RuntimeOverhead.from_dict(found["runtime_overhead"]),
+                        message_overhead_s=float(found["message_overhead_s"]),
+                        meta={**table.meta, "runtime_overhead_probe": found["probe"]})
     table.save(out)
     return table
 
@@ -125,7 +148,8 @@ def _profile_command(args: argparse.Namespace) -> None:
 
     table = profile_device(args.model, args.device_type, args.out,
                            batch_sizes=args.batch_sizes, repeats=args.repeats,
-                           leaf=args.leaf or (), progress=progress)
+                           leaf=args.leaf or (), runtime_overhead=args.runtime_overhead,
+                           progress=progress)
     if tty:
         print(file=sys.stderr)
     print(f"profiled {table.num_layers} layers of {table.model_name} at batch sizes "

@@ -67,11 +67,17 @@ def _layer_label(costs: CostTable, first: int, last: int) -> str:
 
 def _source_phrase(costs: CostTable, device_type: str) -> str:
     """Where a type's layer times come from, and the runtime overhead it pays."""
-    phrase = costs.timing_source(device_type)
+    parts = [costs.timing_source(device_type)]
     over = costs.runtime_overhead_of(device_type)
-    if over.is_zero:
-        return phrase
-    return f"{phrase}; runtime overhead {over.describe()}"
+    if not over.is_zero:
+        parts.append(f"runtime overhead {over.describe()}")
+    col = costs.column(device_type)
+    if col is not None and col.message_overhead_s > 0:
+        parts.append(f"{col.message_overhead_s * 1e3:.3f} ms per message")
+    elif costs.message_overhead_s > 0:
+        parts.append(f"{costs.message_overhead_s * 1e3:.3f} ms per message of one core, "
+                     f"over each device's speed")
+    return "; ".join(parts)
 
 
 def _content(plan: Plan, costs: CostTable, cluster: Cluster) -> _Content:

@@ -143,6 +143,14 @@ class Link:
         return out
 
 
+def _speed_or_one(device: Device, host_flops: float) -> float:
+    """``device``'s speed against the host, or 1.0 when it cannot be known (a device given
+    by ``flops`` and a table without ``host_flops``)."""
+    if device.speed is None and host_flops <= 0:
+        return 1.0
+    return device.speed_against(host_flops)
+
+
 @dataclass(frozen=True)
 class Cluster:
     """Devices plus a symmetric bandwidth and one-way latency for every pair (default +
@@ -153,10 +161,11 @@ class Cluster:
     bandwidth_mbps: float
     links: tuple[Link, ...] = ()
     latency_ms: float = 0.0
-    #: the runtime's own cost of one message (seconds) on top of every link's latency: a
-    #: property of the cost table (``CostTable.message_overhead_s``, fitted by ``calibrate``),
-    #: set by :meth:`for_costs`; not part of the cluster file or its hash
-    message_overhead_s: float = 0.0
+    #: the runtime's own cost of one message (seconds) on each device, ``(name, seconds)``
+    #: pairs: a property of the cost table (``CostTable.message_cost_s``: probed, fitted by
+    #: ``calibrate``), set by :meth:`for_costs`; a message pays the larger of its two ends'
+    #: on top of the link's latency; not part of the cluster file or its hash
+    message_costs: tuple[tuple[str, float], ...] = ()
 
     def __post_init__(self) -> None:
         if not self.devices:
@@ -209,7 +218,15 @@ class Cluster:
         itself)."""
         if a == b:
             return 0.0
-        return self._overrides[1].get((a, b), self.latency_ms) / 1e3 + self.message_overhead_s
+        link = self._overrides[1].get((a, b), self.latency_ms) / 1e3
+        costs = self._message_costs
+        if not costs:
+            return link
+        return link + max(costs.get(a, 0.0), costs.get(b, 0.0))
+
+    @cached_property
+    def _message_costs(self) -> dict[str, float]:
+        return dict(self.message_costs)
 
     @cached_property
     def _overrides(self) -> tuple[dict[tuple[str, str], float], dict[tuple[str, str], float]]:
@@ -226,13 +243,24 @@ class Cluster:
         return bandwidth, latency
 
     def for_costs(self, costs: Any) -> Cluster:
-        """This cluster with the cost table's per-message overhead (``message_overhead_s``)
-        charged on every message. Idempotent: every solver entry point calls it, so a
-        table's overhead counts once however the calls nest."""
-        overhead = float(getattr(costs, "message_overhead_s", 0.0))
-        if overhead == self.message_overhead_s:
+        """This cluster with the cost table's per-message cost (``costs.message_cost_s``:
+        the base's ``message_overhead_s`` over each device's speed, or a measured column's
+        own) charged on every message, at its slower end. Idempotent: every solver entry
+        point calls it, so a table's cost counts once however the calls nest."""
+        cost_of = getattr(costs, "message_cost_s", None)
+        host_flops = float(getattr(costs, "host_flops", 0.0))
+        found = tuple((d.name, float(cost_of(d.type, _speed_or_one(d, host_flops))))
+                      for d in self.devices) if callable(cost_of) else ()
+        if all(v == 0.0 for _, v in found):
+            found = ()
+        if found == self.message_costs:
             return self
-        return replace(self, message_overhead_s=overhead)
+        return replace(self, message_costs=found)
+
+    def message_cost_s(self, name: str) -> float:
+        """The runtime's own seconds per message on device ``name`` (see
+        :meth:`for_costs`; 0 before it)."""
+        return self._message_costs.get(name, 0.0)
 
     def max_latency_s(self, names: Iterable[str]) -> float:
         """The largest latency between two of ``names`` (0 for fewer than two)."""
@@ -254,7 +282,7 @@ class Cluster:
             bandwidth_mbps=self.bandwidth_mbps,
             links=tuple(lk for lk in self.links if lk.a in keep and lk.b in keep),
             latency_ms=self.latency_ms,
-            message_overhead_s=self.message_overhead_s,
+            message_costs=tuple((n, v) for n, v in self.message_costs if n in keep),
         )
 
     # -- (de)serialisation ----------------------------------------------------------------

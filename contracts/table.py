@@ -191,6 +191,10 @@ class DeviceColumn:
     host_flops: float = 0.0
     meta: Mapping[str, Any] = field(default_factory=dict)
     runtime_overhead: RuntimeOverhead = field(default_factory=RuntimeOverhead)
+    #: the runtime's seconds per message on a device of this type, as measured there
+    #: (``CostTable.message_overhead_s`` of its table); 0: not measured, so such a device
+    #: pays the base's figure over its declared speed (``CostTable.message_cost_s``)
+    message_overhead_s: float = 0.0
 
     def __post_init__(self) -> None:
         if not self.device_type or self.device_type in UNMEASURED_TYPES:
@@ -211,7 +215,8 @@ class DeviceColumn:
             raise CostModelError(f"column {self.device_type!r}: source must be one of "
                                  f"{COLUMN_SOURCES}, got {self.source!r}")
         for value, what in ((self.update_s_per_byte, "update_s_per_byte"),
-                            (self.host_flops, "host_flops")):
+                            (self.host_flops, "host_flops"),
+                            (self.message_overhead_s, "message_overhead_s")):
             if not (math.isfinite(value) and value >= 0):
                 raise CostModelError(f"column {self.device_type!r}: {what} must be finite "
                                      f"and >= 0, got {value!r}")
@@ -228,6 +233,7 @@ class DeviceColumn:
             "bwd": [b.to_list() for b in self.bwd],
             "meta": dict(self.meta),
             "runtime_overhead": self.runtime_overhead.to_dict(),
+            "message_overhead_s": self.message_overhead_s,
         }
 
     @classmethod
@@ -247,6 +253,7 @@ class DeviceColumn:
                 host_flops=float(data.get("host_flops", 0.0)),
                 meta=dict(data.get("meta", {})),
                 runtime_overhead=RuntimeOverhead.from_dict(data.get("runtime_overhead")),
+                message_overhead_s=float(data.get("message_overhead_s", 0.0)),
             )
         except KeyError as exc:
             raise CostModelError(f"a cost column is missing the field {exc.args[0]!r}") from exc
@@ -287,7 +294,10 @@ class CostTable:
     update_s_per_byte: float = 0.0  # one optimizer step, seconds per parameter byte
     device_type: str = "local"  # the type the base times were measured on
     optimizer_state_factor: float = 0.0  # optimizer state per weight byte (measured)
-    message_overhead_s: float = 0.0  # runtime cost per message on top of the link (calibrated)
+    #: the runtime's cost of one message on top of the link, in seconds of one core of the
+    #: base device (probed or calibrated); a device of speed ``v`` pays it over ``v``, and a
+    #: message pays the slower end's (``message_cost_s``)
+    message_overhead_s: float = 0.0
     columns: tuple[DeviceColumn, ...] = ()  # other measured types, sorted by type
     #: the runtime's own cost per stage call and round on the base device (measured)
     runtime_overhead: RuntimeOverhead = field(default_factory=RuntimeOverhead)
@@ -350,6 +360,7 @@ class CostTable:
             source=self.source,
             host=self.host, torch_version=self.torch_version, host_flops=self.host_flops,
             runtime_overhead=self.runtime_overhead,
+            message_overhead_s=self.message_overhead_s,
         )
 
     def without_runtime_overhead(self) -> CostTable:
@@ -380,6 +391,18 @@ class CostTable:
         base's (which scaled devices divide by their speed)."""
         col = self.column(device_type)
         return self.runtime_overhead if col is None else col.runtime_overhead
+
+    def message_cost_s(self, device_type: str, speed: float) -> float:
+        """The runtime's seconds per message on a device of ``device_type`` and declared
+        ``speed`` (see docs/latency-model.md, "The runtime's own overhead"): its column's
+        ``message_overhead_s`` when that type measured one, else the base's
+        ``message_overhead_s`` (seconds of the profiling host's core) over ``speed``."""
+        col = self.column(device_type)
+        if col is not None and col.message_overhead_s > 0.0:
+            return col.message_overhead_s
+        if self.message_overhead_s == 0.0:
+            return 0.0
+        return self.message_overhead_s / speed
 
     def timing_source(self, device_type: str) -> str:
         """One phrase: where devices of ``device_type`` take their times from."""

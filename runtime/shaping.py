@@ -21,11 +21,12 @@ from typing import Any
 
 import torch
 
+from contracts.errors import RuntimeFailure
 from contracts.plan import Plan
 from runtime.train import StageSource
 
 __all__ = ["CGROUP_ROOT", "Shaping", "choose_shaping", "cgroup_available", "cfs_settings",
-           "make_cgroup", "make_cgroups", "remove_cgroups", "PerRankScale"]
+           "make_cgroup", "make_cgroups", "remove_cgroups", "PerRankScale", "cpu_stat"]
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +109,22 @@ def cfs_settings(speed: float) -> tuple[int, int]:
     if quota < 1000:
         quota, period = 1000, int(round(1000 / speed))
     return period, quota
+
+
+def cpu_stat(path: str | Path) -> dict[str, int]:
+    """The counters of the cgroup-v1 CPU group ``path`` (its ``cpu.stat``): ``nr_periods``
+    (quota periods in which it ran), ``nr_throttled`` (periods in which its quota ran out),
+    ``throttled_time`` (ns its runqueues spent throttled, summed over CPUs), and whatever
+    else this kernel reports. Raises ``OSError`` when the group cannot be read and
+    ``RuntimeFailure`` when a line is not ``name value``."""
+    counters: dict[str, int] = {}
+    for line in Path(path, "cpu.stat").read_text().splitlines():
+        parts = line.split()
+        if len(parts) != 2 or not parts[1].isdigit():
+            raise RuntimeFailure(f"{path}/cpu.stat: line {line!r} is not 'name value'; is "
+                                 f"{path} a cgroup-v1 CPU group?")
+        counters[parts[0]] = int(parts[1])
+    return counters
 
 
 def _pid_alive(pid: int) -> bool:

@@ -121,20 +121,21 @@ def _handoff_s(cluster: Cluster, phase1: Plan, s: int, owners: Sequence[str],
 MESSAGE_CPU_S = 1.5e-3
 """The runtime's CPU per pipeline message on the profiling host (``runtime.comm``: packing,
 gloo's threads, unpacking; docs/benchmarks.md, "Per-hop cost": 1.29-1.70 ms per message
-after the lean hops). A device at speed ``v`` pays it at ``1 / v``."""
+after the lean hops). A device at speed ``v`` pays it at ``1 / v``, a message at its slower
+end (``CostTable.message_cost_s``)."""
 
 
 def phase1_costs(costs: CostTable, taps: Sequence[int], cluster: Cluster) -> CostTable:
     """The forward-only table of phase 1 (:func:`segment_costs`) with the runtime's cost
     per message (see [Note: phase-1 time]): the table's ``message_overhead_s`` when
-    ``calibrate`` fitted it to a run, else ``MESSAGE_CPU_S`` at the slowest device's speed
-    (a host's probe figure, ``asteroid_fx.runtime_overhead``, is one all-reduce step at
-    0.75 of a core, not phase 1's many small pieces and hand-offs)."""
+    ``calibrate`` fitted it to a run, else ``MESSAGE_CPU_S`` (a host's probe figure,
+    ``asteroid_fx.runtime_overhead``, is one all-reduce step, not phase 1's many small
+    pieces and hand-offs). Either is at one core of the profiling host: the cluster
+    charges each message at its slower end's speed."""
     coarse = segment_costs(costs, taps)
     if costs.message_overhead_s > 0 and "calibration" in costs.meta:
         return coarse
-    slowest = min(Timing.of(costs, cluster.for_costs(costs)).speeds.values())
-    return replace(coarse, message_overhead_s=MESSAGE_CPU_S / max(slowest, 1e-9))
+    return replace(coarse, message_overhead_s=MESSAGE_CPU_S)
 
 
 # [Note: phase-1 time]

@@ -250,7 +250,8 @@ def random_column_instance(seed: int, *, max_layers: int = 6, max_devices: int =
 
 def with_runtime_overhead(seed: int, costs: CostTable) -> CostTable:
     """``costs`` with a random runtime overhead per stage call and round (0-3x the mean
-    layer time; zero in a third of the draws of each part) on the base and every column."""
+    layer time; zero in a third of the draws of each part) and per message (0-0.5x) on the
+    base and every column."""
     rng = random.Random(seed)
     mean = sum(lc.fwd.at(4) + lc.bwd.at(4) for lc in costs.layers) / (2 * len(costs.layers))
 
@@ -259,8 +260,13 @@ def with_runtime_overhead(seed: int, costs: CostTable) -> CostTable:
                  for _ in range(3)]
         return RuntimeOverhead(forward_s=parts[0], backward_s=parts[1], round_s=parts[2])
 
-    columns = tuple(replace(col, runtime_overhead=draw()) for col in costs.columns)
-    return replace(costs, runtime_overhead=draw(), columns=columns)
+    def message() -> float:   # per message, paid at the slower end (its speed or column)
+        return 0.0 if rng.random() < 1 / 3 else rng.uniform(0.0, 0.5) * mean
+
+    columns = tuple(replace(col, runtime_overhead=draw(), message_overhead_s=message())
+                    for col in costs.columns)
+    return replace(costs, runtime_overhead=draw(), columns=columns,
+                   message_overhead_s=message())
 
 
 def random_overhead_instance(seed: int, **kwargs: object) -> tuple[CostTable, Cluster, int]:

@@ -212,7 +212,7 @@ def test_run_emulated(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
 
     replace(table, message_overhead_s=0.002).save(tmp_path / "h.json")
     assert main(["costs", str(tmp_path / "h.json")]) == 0
-    assert "runtime cost per message: 2.000 ms" in capsys.readouterr().out
+    assert "runtime cost per message (local): 2.000 ms" in capsys.readouterr().out
     # bad input: steps only (no summary), another plan's metrics, a missing package file
     (tmp_path / "steps.jsonl").write_text("\n".join(lines[:3]) + "\n")
     other = lines[3].replace('"plan_hash": "', '"plan_hash": "x')

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -169,11 +170,55 @@ def test_a_tables_message_overhead_is_charged_once_per_message() -> None:
     slow = replace(costs, message_overhead_s=0.002)
     once = cluster.for_costs(slow)
     assert once.for_costs(slow) is once and once.cluster_hash == cluster.cluster_hash
-    assert once.latency_s("d0", "d1") == pytest.approx(0.002) and once.latency_s("d0", "d0") == 0
+    # paid at the slower end: d1 runs at half speed, so 4 ms
+    assert once.latency_s("d0", "d1") == pytest.approx(0.004) and once.latency_s("d0", "d0") == 0
     result = asteroid_dp(slow, cluster, 8)
     assert result.plan is not None
-    # the same as a cluster whose links are 2 ms slower, however the calls nest
+    # the same as a cluster whose links are 4 ms slower, however the calls nest
     assert evaluate(result.plan, slow, cluster) == evaluate(
-        result.plan, costs, with_message_overhead(cluster, 0.002))
+        result.plan, costs, with_message_overhead(cluster, 0.004))
     assert evaluate(result.plan, slow, once) == evaluate(result.plan, slow, cluster)
     assert result.round_time_s == evaluate(result.plan, slow, cluster).round_time_s
+
+
+def test_a_message_pays_the_runtime_cost_of_its_slower_end() -> None:
+    from dataclasses import replace
+
+    from tests.solver_cases import make_cluster, uniform_costs
+
+    costs = replace(uniform_costs(4), message_overhead_s=0.002)
+    cluster = make_cluster([1.0, 1.0, 0.25]).for_costs(costs)
+    assert cluster.message_cost_s("d0") == pytest.approx(0.002)
+    assert cluster.message_cost_s("d2") == pytest.approx(0.008)
+    assert cluster.latency_s("d0", "d1") == pytest.approx(0.002)
+    assert cluster.latency_s("d0", "d2") == cluster.latency_s("d2", "d1") == pytest.approx(0.008)
+    # a survivor keeps its own cost; a table without one charges nothing
+    assert cluster.subset(["d1", "d2"]).latency_s("d1", "d2") == pytest.approx(0.008)
+    assert make_cluster([1.0, 0.25]).for_costs(uniform_costs(4)).message_costs == ()
+
+
+def test_a_measured_column_pays_its_own_message_cost() -> None:
+    from dataclasses import replace
+
+    from contracts.cluster import Cluster, Device
+    from tests.solver_cases import uniform_costs
+
+    costs = replace(uniform_costs(4), message_overhead_s=0.001)
+    nano = replace(_column(costs, "jetson-nano"), message_overhead_s=0.003)
+    tx2 = _column(costs, "jetson-tx2")            # measured times, no message cost
+    table = replace(costs, columns=(nano, tx2))
+    cluster = Cluster(devices=(Device("n", "jetson-nano", int(4e9), speed=0.2),
+                               Device("t", "jetson-tx2", int(4e9), speed=0.5),
+                               Device("h", "local", int(4e9), speed=1.0)),
+                      bandwidth_mbps=100.0).for_costs(table)
+    assert cluster.message_cost_s("n") == pytest.approx(0.003)     # as measured
+    assert cluster.message_cost_s("t") == pytest.approx(0.002)     # the base over its speed
+    assert cluster.message_cost_s("h") == pytest.approx(0.001)
+    assert cluster.latency_s("h", "n") == pytest.approx(0.003)
+
+
+def _column(costs: Any, device_type: str) -> Any:
+    from contracts.table import DeviceColumn
+
+    return DeviceColumn(device_type=device_type, fwd=tuple(lc.fwd for lc in costs.layers),
+                        bwd=tuple(lc.bwd for lc in costs.layers))

@@ -137,6 +137,7 @@ def test_device_modules_run_on_python_38() -> None:
                     ROOT / "asteroid_fx" / "device.py", ROOT / "asteroid_fx" / "model_spec.py",
                     # the profiler (`python -m asteroid_fx.device profile`)
                     *ROOT.glob("cost_models/*.py"), ROOT / "asteroid_fx" / "costs.py",
+                    ROOT / "asteroid_fx" / "runtime_overhead.py",
                     ROOT / "asteroid_fx" / "trace.py",
                     ROOT / "asteroid_fx" / "shape_prop.py",
                     # what trace imports when torch.fx fails
@@ -213,6 +214,10 @@ def test_profile_on_the_device_labels_the_table_and_imports_no_workstation_packa
     assert report == {"rc": 0, "bad": []}
     table = json.loads(out.read_text())
     assert table["device_type"] == "jetson-nano" and table["batch_sizes"] == [1, 2]
+    # the runtime's own overhead, measured here in-process, rides along to the column
+    assert table["message_overhead_s"] > 0 and sum(table["runtime_overhead"].values()) > 0
+    probe = table["meta"]["runtime_overhead_probe"]
+    assert probe["shaping"][0] == "in-process" and probe["allreduce_s"] > 0
     bad = _run(["-m", "asteroid_fx.device", "profile", str(EXAMPLES / "mlp.py"),
                 "--device-type", "jetson-foo", "--out", str(tmp_path / "x.json")])
     assert bad.returncode == 1

@@ -139,3 +139,15 @@ def test_cfs_settings_keep_short_periods() -> None:
     assert quota == 1000 and quota / period == pytest.approx(0.05)
     assert cfs_settings(3.0) == (5000, 5000)
 
+
+
+def test_cpu_stat_reads_the_counters_and_names_a_bad_line(tmp_path: Path) -> None:
+    from runtime.shaping import cpu_stat
+
+    (tmp_path / "cpu.stat").write_text("nr_periods 931\nnr_throttled 124\n"
+                                       "throttled_time 70000000\n")
+    assert cpu_stat(tmp_path) == {"nr_periods": 931, "nr_throttled": 124,
+                                  "throttled_time": 70000000}
+    (tmp_path / "cpu.stat").write_text("nr_periods many\n")
+    with pytest.raises(RuntimeFailure, match="'nr_periods many'"):
+        cpu_stat(tmp_path)

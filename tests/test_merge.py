@@ -72,3 +72,18 @@ def test_merge_refuses_different_layers() -> None:
 def test_merge_needs_tables() -> None:
     with pytest.raises(CostModelError, match="at least one"):
         merge_costs([])
+
+
+def test_merge_keeps_each_boards_runtime_overhead_and_message_cost() -> None:
+    from contracts.table import RuntimeOverhead
+
+    over = RuntimeOverhead(forward_s=3e-4, backward_s=4e-4, round_s=5e-4)
+    nano = _table("jetson-nano", 4.0, runtime_overhead=over, message_overhead_s=2e-3)
+    local = _table(message_overhead_s=5e-4)
+    merged = merge_costs([local, nano])
+    col = merged.column("jetson-nano")
+    assert col is not None and col.runtime_overhead == over and col.message_overhead_s == 2e-3
+    assert merged.message_overhead_s == 5e-4       # the workstation's stays the base's
+    # a Nano pays its own per message, a local device of speed 0.5 the base's over 0.5
+    assert merged.message_cost_s("jetson-nano", 0.1) == 2e-3
+    assert merged.message_cost_s("local", 0.5) == pytest.approx(1e-3)

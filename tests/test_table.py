@@ -153,3 +153,22 @@ def test_bad_runtime_overhead_is_refused(value: float) -> None:
     data["runtime_overhead"] = [1, 2, 3]
     with pytest.raises(CostModelError, match="runtime_overhead is a JSON object"):
         CostTable.from_dict(data)
+
+
+def test_a_columns_message_cost_round_trips_and_is_looked_up_per_type() -> None:
+    layers = _table().layers
+    nano = DeviceColumn("jetson-nano", fwd=tuple(lc.fwd for lc in layers),
+                        bwd=tuple(lc.bwd for lc in layers), message_overhead_s=3e-3)
+    tx2 = DeviceColumn("jetson-tx2", fwd=tuple(lc.fwd for lc in layers),
+                       bwd=tuple(lc.bwd for lc in layers))
+    table = replace(_table(), message_overhead_s=1e-3, columns=(nano, tx2))
+    assert CostTable.from_json(table.to_json()) == table
+    assert table.message_cost_s("jetson-nano", 0.1) == 3e-3     # measured there: as it is
+    assert table.message_cost_s("jetson-tx2", 0.5) == pytest.approx(2e-3)  # base / speed
+    assert table.message_cost_s("local", 1.0) == 1e-3
+    assert replace(table, message_overhead_s=0.0).message_cost_s("jetson-tx2", 0.5) == 0.0
+    # a table measured on a board carries its figure into the column it becomes
+    board = replace(_table(), device_type="jetson-nano", message_overhead_s=4e-3)
+    assert board.base_column is not None and board.base_column.message_overhead_s == 4e-3
+    with pytest.raises(CostModelError, match="message_overhead_s must be finite and >= 0"):
+        replace(nano, message_overhead_s=-1.0)

@@ -17,6 +17,11 @@ Usage::
 
     python tools/bench_costs.py --steps 10 --out docs/benchmarks-costs.md
     python tools/bench_costs.py --models examples/mlp.py --clusters examples/clusters/local3.yaml
+    python tools/bench_costs.py --default-only --steps 20 --repeats 3   # median of 3 runs each
+
+Rounds of a few milliseconds vary by 20-30 % from one run to the next on the shared 2-core
+host; ``--repeats`` runs each plan several times and compares the median run (every run's
+ratio is printed next to it).
 """
 
 from __future__ import annotations
@@ -61,6 +66,8 @@ class Row:
     #: wall / (CPU / quota) of the compute (1.0: each device got its quota whenever it
     #: computed; above: it waited for a core beyond its quota, the emulator's share)
     core_wait: float = float("nan")
+    #: the measured rounds of every repeat (``--repeats``); ``measured_s`` is their median
+    repeats: tuple[float, ...] = ()
 
     @property
     def ratio(self) -> float:
@@ -96,6 +103,12 @@ def decompose(plan: Any, costs: Any, cluster: Any, summary: dict[str, Any]
     return cpu / base, wall / expected
 
 
+def _ratios(row: Row) -> str:
+    """Every repeat's measured / predicted, e.g. ``0.98-1.07`` (one run: its ratio)."""
+    got = sorted(x / row.predicted_s for x in row.repeats) if row.predicted_s > 0 else []
+    return "-" if not got else f"{got[0]:.2f}" if len(got) == 1 else f"{got[0]:.2f}-{got[-1]:.2f}"
+
+
 def _cli(*args: str) -> str:
     out = subprocess.run([sys.executable, "-m", "asteroid_fx.cli", *args], cwd=ROOT,
                          capture_output=True, text=True, check=False)
@@ -113,10 +126,20 @@ def _layout(plan: Any) -> str:
     return " | ".join(f"{st.first}..{st.last}:{'+'.join(st.devices)}" for st in plan.stages)
 
 
+REPEATS = 1
+"""Runs of each plan (``--repeats``); the one with the median round is reported."""
+
+
 def _run(directory: Path, cluster: str, steps: int, metrics: Path) -> dict[str, Any]:
-    _cli("run", str(directory), "--emulate", cluster, "--steps", str(steps),
-         "--metrics", str(metrics))
-    return _summary(metrics)
+    """The summary of the run with the median round of ``REPEATS`` runs, with every run's
+    round under ``"repeats"`` (this host's run-to-run noise, shown next to the ratio)."""
+    runs = []
+    for _ in range(REPEATS):
+        _cli("run", str(directory), "--emulate", cluster, "--steps", str(steps),
+             "--metrics", str(metrics))
+        runs.append(_summary(metrics))
+    runs.sort(key=lambda r: r["round_time_s"])
+    return {**runs[len(runs) // 2], "repeats": [r["round_time_s"] for r in runs]}
 
 
 def bench_case(model: str, batch: int, cluster: str, steps: int, work: Path,
@@ -141,7 +164,8 @@ def bench_case(model: str, batch: int, cluster: str, steps: int, work: Path,
     clus = Cluster.from_yaml(cluster)
     rows.append(Row(name, short, "default (measured costs)", _layout(plan),
                     plan.predicted.expected_round_time_s * factor, s["round_time_s"],
-                    plan.predicted.round_time_s * factor, *decompose(plan, table, clus, s)))
+                    plan.predicted.round_time_s * factor, *decompose(plan, table, clus, s),
+                    repeats=tuple(s["repeats"])))
     if default_only:
         return rows
     _cli("calibrate", str(first), str(work / "m1.jsonl"), "--out", str(work / "cal.json"))
@@ -151,7 +175,7 @@ def bench_case(model: str, batch: int, cluster: str, steps: int, work: Path,
     rows.append(Row(name, short, "same plan after calibrate", _layout(plan),
                     again * s2["slowdown_factor"], s2["round_time_s"],
                     evaluate(plan, cal, clus).round_time_s * s2["slowdown_factor"],
-                    *decompose(plan, cal, clus, s2)))
+                    *decompose(plan, cal, clus, s2), repeats=tuple(s2["repeats"])))
     second = work / "other"
     _cli("partition", model, "--cluster", cluster, "--batch-size", str(batch), "--out",
          str(second), "--no-onnx", "--costs", str(work / "cal.json"), "--planner",
@@ -162,7 +186,7 @@ def bench_case(model: str, batch: int, cluster: str, steps: int, work: Path,
     rows.append(Row(name, short, f"{other_planner} plan, calibrated costs", _layout(plan2),
                     plan2.predicted.expected_round_time_s * s3["slowdown_factor"],
                     s3["round_time_s"], plan2.predicted.round_time_s * s3["slowdown_factor"],
-                    *decompose(plan2, cal, clus, s3)))
+                    *decompose(plan2, cal, clus, s3), repeats=tuple(s3["repeats"])))
     return rows
 
 
@@ -176,7 +200,11 @@ def main() -> int:
     parser.add_argument("--default-only", action="store_true",
                         help="only the default path (no calibrate, no other plan)")
     parser.add_argument("--out", type=Path, default=None, help="append a markdown table")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="runs of each plan; the median round is compared (1)")
     args = parser.parse_args()
+    global REPEATS
+    REPEATS = max(1, args.repeats)
     cases = DEFAULT_CASES if not args.models else [
         (m.split("@")[0], int(m.split("@")[1]) if "@" in m else 16) for m in args.models]
     os.environ.setdefault("ASTEROID_FX_CACHE", str(Path(tempfile.gettempdir()) / "afx-bench"))
@@ -192,20 +220,21 @@ def main() -> int:
                       f"{r.predicted_s * 1e3:9.2f} ms  measured {r.measured_s * 1e3:9.2f} ms  "
                       f"ratio {r.ratio:5.2f} (closed form {r.measured_s / r.closed_s:5.2f})  "
                       f"host drift {r.host_drift:4.2f}  core wait "
-                      f"{r.core_wait:4.2f}  [{r.layout}]", flush=True)
+                      f"{r.core_wait:4.2f}  runs {_ratios(r)}  [{r.layout}]", flush=True)
             rows += got
     load = os.getloadavg()
     print(f"{len(rows)} runs in {time.time() - started:.0f} s; load average "
           f"{load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
     if args.out is not None:
         lines = ["", f"### Predicted vs measured rounds (`python tools/bench_costs.py "
-                 f"--steps {args.steps}`)", "",
+                 f"--steps {args.steps} --repeats {REPEATS}`)", "",
                  "| model | cluster | plan | layout | predicted ms | measured ms | ratio | "
-                 "ratio to the closed form | host drift | core wait |",
-                 "|---|---|---|---|---|---|---|---|---|---|"]
+                 "ratio to the closed form | host drift | core wait | every run's ratio |",
+                 "|---|---|---|---|---|---|---|---|---|---|---|"]
         lines += [f"| {r.model} | {r.cluster} | {r.what} | {r.layout.replace(' | ', ' / ')} | "
                   f"{r.predicted_s * 1e3:.2f} | {r.measured_s * 1e3:.2f} | {r.ratio:.2f} | "
-                  f"{r.measured_s / r.closed_s:.2f} | {r.host_drift:.2f} | {r.core_wait:.2f} |"
+                  f"{r.measured_s / r.closed_s:.2f} | {r.host_drift:.2f} | {r.core_wait:.2f} | "
+                  f"{_ratios(r)} |"
                   for r in rows]
         with args.out.open("a") as fh:
             fh.write("\n".join(lines) + "\n")

@@ -12,7 +12,10 @@ What a JetPack 5 board has (Python 3.8, torch 2.0/2.1) is rebuilt as a virtual e
    ``--nproc-per-node 2`` on localhost), ``python -m asteroid_fx.device run``, from a
    directory outside the checkout so the installed package is the one imported;
 5. the same package trained by this install under its own torchrun (``asteroid-fx run``);
-6. both runs' per-step losses printed side by side; exit 0 only if they agree to
+6. ``python -m asteroid_fx.device profile`` of ``--model`` in the venv, labelled
+   ``jetson-nano``, with the runtime's own overhead measured there in-process; the table
+   must load here with a per-message cost and a runtime overhead;
+7. both runs' per-step losses printed side by side; exit 0 only if they agree to
    ``--tolerance`` (relative), with the max absolute difference reported.
 
 Not part of CI and not imported by tests (it downloads GBs). Usage::
@@ -163,6 +166,26 @@ def train(python: Path, module: list[str], package: Path, metrics: Path, steps: 
     return [float(r["loss"]) for r in records if "event" not in r]
 
 
+def profile_on_device(python: Path, model: str, out: Path, cwd: Path) -> str:
+    """``python -m asteroid_fx.device profile`` in the device venv (with the runtime's own
+    overhead, measured in-process there); the table must load in the main install with a
+    per-message cost and a runtime overhead. Returns one line of what it measured."""
+    from contracts.table import CostTable
+
+    _run([python, "-m", "asteroid_fx.device", "profile", model, "--device-type",
+          "jetson-nano", "--out", out, "--batch-sizes", "1,2", "--repeats", "3"],
+         cwd=cwd, env=_clean_env(), timeout=900, what="the device-side profile")
+    table = CostTable.load(out)
+    over = table.runtime_overhead
+    if table.message_overhead_s <= 0 or over.is_zero:
+        raise CheckFailed(f"the device-side table has no runtime overhead "
+                          f"({over.describe()}, {table.message_overhead_s * 1e3:.3f} ms per "
+                          f"message)")
+    return (f"{table.num_layers} layers on a {table.device_type} ({table.torch_version}); "
+            f"runtime overhead {over.describe()}, {table.message_overhead_s * 1e3:.3f} ms per "
+            f"message")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else "")
     parser.add_argument("--python", default="3.8", help="Python version of the venv (3.8)")
@@ -205,6 +228,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                             work / "main.jsonl", args.steps, ROOT,
                             _clean_env(PYTHONPATH=str(ROOT)), "the main install's run")
         main_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        measured = profile_on_device(python, args.model, work / "device-table.json", run_dir)
+        _log(f"device-side profile ({time.perf_counter() - t0:.0f} s): {measured}")
     except (CheckFailed, subprocess.TimeoutExpired) as exc:
         print(f"check_device_env: FAILED: {exc}", file=sys.stderr)
         return 1

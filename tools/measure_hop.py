@@ -19,6 +19,9 @@ pipeline's two devices (the same cgroup CPU caps when the emulator uses them), m
 the same run before, between and after the pipeline runs (median), so that the ratio
 runtime / raw compares runs on this noisy shared host.
 
+Under cgroup shaping each run's line also gives, per device, how many of its quota periods
+over the measured steps (5 and later) were throttled (its quota ran out) and for how long.
+
 With ``--cpu`` it measures instead the CPU time (``time.process_time()``: every thread,
 user and system) that the device processes spend per round, uncapped and unpaced, so
 
@@ -45,7 +48,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
@@ -143,6 +146,47 @@ def gloo_ping_pong(nbytes: int, speeds: Sequence[float]) -> tuple[float, float]:
         remove_cgroups([str(path) for path in cgroups])
     wall = next(w for r, w, _ in reports if r == 0)
     return float(wall), float(sum(c for _, _, c in reports))
+
+
+class _Throttling:
+    """Progress hook of a capped run: the ``cpu.stat`` counters of this launcher's device
+    groups (``runtime.shaping.make_cgroups`` names them ``asteroid-fx-<launcher pid>-<rank>``)
+    when the first step after the warm-up is reported and at the last step reported, so
+    that the run's quota periods and throttled periods over the measured steps are printed
+    next to its round time."""
+
+    def __init__(self, warmup: int) -> None:
+        self.warmup = warmup
+        self.first: dict[int, dict[str, int]] = {}
+        self.last: dict[int, dict[str, int]] = {}
+
+    def __call__(self, record: Mapping[str, Any]) -> None:
+        from runtime.shaping import CGROUP_ROOT, cpu_stat
+
+        step = record.get("step")
+        if not isinstance(step, int) or step < self.warmup:
+            return
+        snapshot: dict[int, dict[str, int]] = {}
+        for path in CGROUP_ROOT.glob(f"asteroid-fx-{os.getpid()}-*"):
+            try:
+                snapshot[int(path.name.rsplit("-", 1)[1])] = cpu_stat(path)
+            except (OSError, ValueError):    # the group went away at the end of the run
+                continue
+        if not self.first:
+            self.first = snapshot
+        self.last = snapshot
+
+    def describe(self, devices: Sequence[str]) -> str:
+        """``device: throttled N of P periods (T ms)`` per capped rank, or "" without groups."""
+        parts = []
+        for rank, end in sorted(self.last.items()):
+            start = self.first.get(rank, {})
+            delta = {k: end.get(k, 0) - start.get(k, 0)
+                     for k in ("nr_periods", "nr_throttled", "throttled_time")}
+            name = devices[rank] if rank < len(devices) else f"rank {rank}"
+            parts.append(f"{name} throttled {delta['nr_throttled']} of {delta['nr_periods']} "
+                         f"periods ({delta['throttled_time'] / 1e6:.1f} ms)")
+        return "; ".join(parts)
 
 
 class _RoundCpu:
@@ -272,12 +316,15 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"M={m:2d} {name:8s} CPU per round (all ranks) "
                           f"{rounds[name][m] * 1e3:7.3f} ms", flush=True)
                     continue
-                result = run(out, emulate=args.cluster, steps=args.steps, seed=0, lr=0.01)
+                throttling = _Throttling(warmup=5)
+                result = run(out, emulate=args.cluster, steps=args.steps, seed=0, lr=0.01,
+                             progress=throttling)
                 rounds[name][m] = (statistics.median(result.round_times[5:])
                                    / result.slowdown_factor)
+                caps = throttling.describe(plan.devices)
                 print(f"M={m:2d} {name:8s} round {rounds[name][m] * 1e3:7.3f} ms "
-                      f"(emulated time / slow-down factor {result.slowdown_factor:.2f})",
-                      flush=True)
+                      f"(emulated time / slow-down factor {result.slowdown_factor:.2f})"
+                      + (f"; steps 5+: {caps}" if caps else ""), flush=True)
     lo, hi = MICRO_BATCHES[0], MICRO_BATCHES[-1]
     slope = {name: (r[hi] - r[lo]) / (hi - lo) for name, r in rounds.items()}
     per_message = (slope["pipeline"] - slope["single"]) / 2
