@@ -783,6 +783,14 @@ def finetune(
         "--phase1-slack", help="with --phase1-objective memory: how much slower than the "
         "fastest phase 1 (a fraction of its step time) a plan may be for less memory")]
     = 2.0,
+    cache: Annotated[str, typer.Option(
+        "--cache", help="where the activation cache lives: auto (planned by memory and link "
+        "bandwidth: rows parked on other devices during phase 1 or streamed to their trainer "
+        "every step) or local (every device caches the rows it trains on)")] = "auto",
+    cache_slack: Annotated[float, typer.Option(
+        "--cache-slack", help="with --cache auto: how much longer the phase-2 step may get "
+        "for streaming rows cached on other devices (a fraction of it; 0: only fetches the "
+        "step hides)")] = 0.0,
     fail: Annotated[str | None, typer.Option(
         "--fail", help="DEVICE@STEP: with --emulate, kill that device at the start of step "
         "STEP (in epoch 1: during phase-1 mini-batch STEP, and phase 1 is re-planned on the "
@@ -812,7 +820,8 @@ def finetune(
                                     micro_batch_size=micro_batch,
                                     phase1_planner=phase1_planner,
                                     phase1_objective=phase1_objective,
-                                    phase1_slack=phase1_slack)
+                                    phase1_slack=phase1_slack, cache=cache,
+                                    cache_slack=cache_slack)
         console.print(_pac_report(plan_obj), markup=False, highlight=False)
         console.print(f"wrote {out}/")
         if emulate is not None:
@@ -844,6 +853,8 @@ def _pac_report(plan_obj: Any) -> str:
             lines.append(f"  {mark} {c['phase1']}: phase-1 step "
                          f"{c['phase1_step_s'] * 1e3:.2f} ms, pressure {c['pressure']:.3%}, "
                          f"peaks {peaks}")
+    cache_choice = plan_obj.meta.get("cache_choice")
+    lines.append(f"cache: {cache_choice['reason'] if cache_choice else plan_obj.cache}")
     pred = plan_obj.predicted
     if pred is not None:
         lines.append(f"predicted: phase-1 step {pred.phase1_step_s * 1e3:.2f} ms, phase-2 step "

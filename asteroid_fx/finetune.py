@@ -28,7 +28,14 @@ from contracts.plan import Plan
 from runtime.adapter_model import AdapterModel
 from runtime.pac_train import ADAPTERS_FILE, BACKBONE_DIR, LAYOUT_FILE, PAC_PLAN_FILE
 from runtime.samples import SampleSource
-from solver.pac import DEFAULT_PHASE1_SLACK, PacModel, PacPlan, plan_finetune, replan_phase1
+from solver.pac import (
+    DEFAULT_CACHE_SLACK,
+    DEFAULT_PHASE1_SLACK,
+    PacModel,
+    PacPlan,
+    plan_finetune,
+    replan_phase1,
+)
 
 __all__ = ["FinetuneResult", "PacReplanner", "build_adapter_model", "measure_samples",
            "measure_step", "pac_model_of",
@@ -60,7 +67,9 @@ def measure_step(pac: AdapterModel, spec: Any, *, batch_sizes: Sequence[int] = (
                  repeats: int = 5) -> tuple[float, float]:
     """``(intercept_s, per_sample_s)`` of one phase-2 step of ``pac`` on this host, one
     thread as a device runs (median of ``repeats`` after a warm-up, fitted as
-    ``cost_models.profile`` fits layers); the adapters' weights are left unchanged."""
+    ``cost_models.profile`` fits layers); the adapters' weights are left unchanged. Each
+    run is timed in this thread's CPU seconds, not wall clock: on a shared host other
+    jobs would otherwise stretch the fit (the fits of one host varied 10x with its load)."""
     import statistics
 
     from asteroid_fx.model_spec import model_inputs
@@ -78,7 +87,7 @@ def measure_step(pac: AdapterModel, spec: Any, *, batch_sizes: Sequence[int] = (
             entry = pac.backbone(*model_inputs(inputs))
             runs = []
             for i in range(repeats + 1):
-                began = time.perf_counter()
+                began = time.thread_time()
                 loss = loss_fn(pac.train_forward(entry), targets)
                 loss.backward()
                 with torch.no_grad():
@@ -87,7 +96,7 @@ def measure_step(pac: AdapterModel, spec: Any, *, batch_sizes: Sequence[int] = (
                             p.add_(p.grad, alpha=-1e-3)
                             p.grad = None
                 if i:
-                    runs.append(time.perf_counter() - began)
+                    runs.append(time.thread_time() - began)
             times.append(statistics.median(runs))
     finally:
         torch.set_num_threads(threads)
@@ -124,8 +133,11 @@ def pac_model_of(pac: AdapterModel, step_fit: tuple[float, float] = (0.0, 0.0)) 
         for d in shape[:-1]:
             tokens *= d
         flops += 2.0 * tokens * 2 * shape[-1] * pac.rank
+    # runtime.pac_train sums the gradients in float64 (one all-reduce per step)
+    wire = sum(p.numel() for p in pac.trainable_parameters()) * torch.float64.itemsize
     return PacModel(taps=pac.taps, entry_bytes=pac.entry_bytes(), trainable_bytes=trainable,
-                    adapter_flops=flops, train_head=pac.train_head, step_fit=step_fit)
+                    adapter_flops=flops, train_head=pac.train_head, step_fit=step_fit,
+                    allreduce_bytes=wire)
 
 
 def prepare_finetune(spec: Any, cluster: Any, costs: Any, out: str | Path, *, batch_size: int,
@@ -133,8 +145,11 @@ def prepare_finetune(spec: Any, cluster: Any, costs: Any, out: str | Path, *, ba
                      layers: Sequence[Any] | None = None, train_head: bool = False,
                      micro_batch_size: int | None = None, token: str | None = None,
                      phase1_planner: str = "asteroid", phase1_objective: str = "memory",
-                     phase1_slack: float = DEFAULT_PHASE1_SLACK) -> PacPlan:
-    """Build the adapter model, plan both phases and write the PAC directory ``out``."""
+                     phase1_slack: float = DEFAULT_PHASE1_SLACK, cache: str = "auto",
+                     cache_slack: float = DEFAULT_CACHE_SLACK) -> PacPlan:
+    """Build the adapter model, plan both phases (``cache``, ``cache_slack``: where the
+    activation cache lives, ``solver.pac.plan_finetune``) and write the PAC directory
+    ``out``."""
     from asteroid_fx.package import save_partition
 
     samples = SampleSource(spec, seed, num_samples if num_samples is not None else
@@ -148,7 +163,8 @@ def prepare_finetune(spec: Any, cluster: Any, costs: Any, out: str | Path, *, ba
     plan = plan_finetune(costs, cluster, model, batch_size=batch_size,
                          num_samples=samples.num_samples, epochs=epochs,
                          micro_batch_size=micro_batch_size, phase1_planner=phase1_planner,
-                         phase1_objective=phase1_objective, phase1_slack=phase1_slack)
+                         phase1_objective=phase1_objective, phase1_slack=phase1_slack,
+                         cache=cache, cache_slack=cache_slack)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     parts: list[Any] = [*pac.segments, pac.head]
@@ -178,6 +194,9 @@ class FinetuneResult:
     shaping: str = "none"
     peak_memory_bytes: dict[str, int] = field(default_factory=dict)
     cache_bytes: dict[str, int] = field(default_factory=dict)
+    #: peak tensors with the cache entries held at that moment (phase 1 included, where
+    #: a sharded cache parks rows on other devices), per device
+    peak_with_cache_bytes: dict[str, int] = field(default_factory=dict)
     predicted: dict[str, Any] = field(default_factory=dict)
     recoveries: list[dict[str, Any]] = field(default_factory=list)
 
@@ -212,8 +231,11 @@ class FinetuneResult:
                          f"{ev['total_s']:.3f} s; rows now {rows}")
         for device, peak in sorted(self.peak_memory_bytes.items()):
             cached = self.cache_bytes.get(device)
+            with_cache = self.peak_with_cache_bytes.get(device)
             lines.append(f"  {device}: peak tensors {peak / 2**20:.1f} MiB"
-                         + ("" if cached is None else f", cache {cached / 2**20:.1f} MiB"))
+                         + ("" if cached is None else f", cache {cached / 2**20:.1f} MiB")
+                         + ("" if with_cache is None else
+                            f", peak with the cache {with_cache / 2**20:.1f} MiB"))
         return "\n".join(lines)
 
 
@@ -266,6 +288,7 @@ def run_finetune(directory: str | Path, cluster: str | Path, *, seed: int = 0, l
                           shaping=result.shaping,
                           peak_memory_bytes=dict(last.get("peak_memory_bytes", {})),
                           cache_bytes=dict(last.get("cache_bytes", {})),
+                          peak_with_cache_bytes=dict(last.get("peak_with_cache_bytes", {})),
                           predicted={} if plan.predicted is None else plan.predicted.to_dict(),
                           recoveries=recoveries)
 

@@ -10,14 +10,23 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Tuple
 
 from contracts.errors import PlanError
 from contracts.plan import Plan
 
-__all__ = ["PacModel", "PacPrediction", "PacPlan", "PAC_PLAN_VERSION"]
+__all__ = ["PacModel", "PacPrediction", "PacPlan", "PAC_PLAN_VERSION", "CACHE_PLACEMENTS",
+           "Ranges"]
 
 PAC_PLAN_VERSION = 1
+
+CACHE_PLACEMENTS = ("local", "sharded")
+"""``local``: every device caches exactly the rows it trains on; ``sharded``: some rows are
+cached on other devices, in phase 1 (handed to their phase-2 holder when phase 1 ends) or in
+phase 2 too (streamed to the trainer every step); see ``PacPlan.homes``."""
+
+Ranges = Tuple[Tuple[Tuple[int, int], ...], ...]
+"""Per device (in ``PacPlan.devices`` order): half-open row ranges of every mini-batch."""
 
 
 @dataclass(frozen=True)
@@ -31,7 +40,10 @@ class PacModel:
     head, loss, backward, optimizer step) measured on the profiling host, one thread
     (``(0, 0)``: not measured, the step is modelled from the cost table); ``sample_s``:
     seconds to make one sample (``dataset()[i]`` or the seeded ``sample_batch(1)``) on the
-    profiling host, which phase 1's first stage pays (0: not measured).
+    profiling host, which phase 1's first stage pays (0: not measured);
+    ``allreduce_bytes``: bytes one phase-2 step all-reduces (the runtime sums the adapter
+    gradients in float64, so that every step equals the single-process reference; 0: the
+    ``trainable_bytes``).
     """
 
     taps: tuple[int, ...]
@@ -41,12 +53,18 @@ class PacModel:
     train_head: bool = False
     step_fit: tuple[float, float] = (0.0, 0.0)
     sample_s: float = 0.0
+    allreduce_bytes: int = 0
+
+    @property
+    def wire_bytes(self) -> int:
+        """Bytes of one phase-2 all-reduce."""
+        return self.allreduce_bytes or self.trainable_bytes
 
     def to_dict(self) -> dict[str, Any]:
         return {"taps": list(self.taps), "entry_bytes": self.entry_bytes,
                 "trainable_bytes": self.trainable_bytes, "adapter_flops": self.adapter_flops,
                 "train_head": self.train_head, "step_fit": list(self.step_fit),
-                "sample_s": self.sample_s}
+                "sample_s": self.sample_s, "allreduce_bytes": self.allreduce_bytes}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> PacModel:
@@ -57,7 +75,8 @@ class PacModel:
                    adapter_flops=float(data["adapter_flops"]),
                    train_head=bool(data.get("train_head", False)),
                    step_fit=(float(fit[0]), float(fit[1])),
-                   sample_s=float(data.get("sample_s", 0.0)))
+                   sample_s=float(data.get("sample_s", 0.0)),
+                   allreduce_bytes=int(data.get("allreduce_bytes", 0)))
 
 
 @dataclass(frozen=True)
@@ -76,6 +95,11 @@ class PacPrediction:
     #: the closed-form phase-1 step (``phase1_step_s`` is the larger of it and the event
     #: simulation for a pipeline; see [Note: phase-1 time] in solver/pac.py)
     phase1_closed_form_s: float = 0.0
+    #: link seconds per phase-2 step of the rows streamed from other devices' caches
+    #: (overlapped with the step before: ``phase2_step_s`` is at least this), and of the
+    #: one hand-off of the rows parked elsewhere in phase 1 (in ``epoch1_s``)
+    fetch_s: float = 0.0
+    handoff_s: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return {"phase1_step_s": self.phase1_step_s, "phase2_step_s": self.phase2_step_s,
@@ -83,7 +107,8 @@ class PacPrediction:
                 "epoch_s": self.epoch_s, "total_s": self.total_s,
                 "peak_memory_bytes": dict(self.peak_memory_bytes),
                 "cache_bytes": dict(self.cache_bytes),
-                "phase1_closed_form_s": self.phase1_closed_form_s}
+                "phase1_closed_form_s": self.phase1_closed_form_s,
+                "fetch_s": self.fetch_s, "handoff_s": self.handoff_s}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> PacPrediction:
@@ -92,7 +117,9 @@ class PacPrediction:
                                                   "total_s")},
                    peak_memory_bytes={k: int(v) for k, v in data["peak_memory_bytes"].items()},
                    cache_bytes={k: int(v) for k, v in data["cache_bytes"].items()},
-                   phase1_closed_form_s=float(data.get("phase1_closed_form_s", 0.0)))
+                   phase1_closed_form_s=float(data.get("phase1_closed_form_s", 0.0)),
+                   fetch_s=float(data.get("fetch_s", 0.0)),
+                   handoff_s=float(data.get("handoff_s", 0.0)))
 
 
 @dataclass(frozen=True)
@@ -122,6 +149,13 @@ class PacPlan:
     fallback: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
     version: int = PAC_PLAN_VERSION
     meta: Mapping[str, Any] = field(default_factory=dict)
+    #: ``cache="sharded"``: for a trainer whose rows are not all cached on itself, how many
+    #: of its rows of every mini-batch each device (``devices`` order) caches in phase 1
+    #: (while the backbone is held; handed to the phase-2 holders when phase 1 ends) and in
+    #: phase 2 (a row held on another device is fetched by the trainer every step). A
+    #: trainer that is not a key caches its own rows in that phase.
+    cache_phase1: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
+    cache_phase2: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if len(self.devices) != len(self.shares) or not self.devices:
@@ -130,8 +164,23 @@ class PacPlan:
         if sum(self.shares) != self.batch_size or any(s < 1 for s in self.shares):
             raise PlanError(f"phase-2 shares {list(self.shares)} must be >= 1 and add up to "
                             f"the batch size {self.batch_size}")
-        if self.cache != "local":
-            raise PlanError(f"cache placement {self.cache!r} is not supported; use 'local'")
+        if self.cache not in CACHE_PLACEMENTS:
+            raise PlanError(f"cache placement {self.cache!r} is not one of "
+                            f"{list(CACHE_PLACEMENTS)}")
+        for what, holders in (("cache_phase1", self.cache_phase1),
+                              ("cache_phase2", self.cache_phase2)):
+            for trainer, counts in holders.items():
+                share = dict(zip(self.devices, self.shares)).get(trainer)
+                if share is None or len(counts) != len(self.devices) or \
+                        any(c < 0 for c in counts) or sum(counts) != share:
+                    raise PlanError(f"{what}[{trainer!r}] = {list(counts)} must be a trainer "
+                                    f"of {list(self.devices)} with one count >= 0 per device "
+                                    f"adding up to its share {share}; re-plan")
+        sharded = any(self._moved(t) for t in self.devices)
+        if sharded != (self.cache == "sharded"):
+            raise PlanError(f"cache placement {self.cache!r} but "
+                            f"{'some' if sharded else 'no'} rows are held off their trainer; "
+                            f"use cache={'sharded' if sharded else 'local'!r}")
         missing = [d for d in self.phase1.devices if d not in self.devices]
         if missing:
             raise PlanError(f"phase-1 devices {missing} are not phase-2 devices "
@@ -146,6 +195,35 @@ class PacPlan:
             start += share
         raise PlanError(f"device {device!r} is not in the plan ({list(self.devices)})")
 
+    def _moved(self, trainer: str) -> bool:
+        i = self.devices.index(trainer)
+        share = self.shares[i]
+        return any(h.get(trainer, ())[i:i + 1] not in ((), (share,))
+                   for h in (self.cache_phase1, self.cache_phase2))
+
+    def holders(self, trainer: str, phase: int) -> tuple[int, ...]:
+        """Rows of ``trainer``'s share of every mini-batch that each device caches in
+        ``phase`` (1 or 2), in ``devices`` order."""
+        table = self.cache_phase1 if phase == 1 else self.cache_phase2
+        if trainer in table:
+            return tuple(table[trainer])
+        return tuple(s if d == trainer else 0 for d, s in zip(self.devices, self.shares))
+
+    def homes(self, phase: int) -> Ranges:
+        """Per device: the row ranges of every mini-batch whose cache entries it holds in
+        ``phase`` (1 or 2). Within a trainer's range its own rows come first, then those
+        of the other holders in ``devices`` order (the same layout in both phases, so a
+        row held on one device in both phases stays there)."""
+        out: list[list[tuple[int, int]]] = [[] for _ in self.devices]
+        for t, trainer in enumerate(self.devices):
+            start = self.sample_range(trainer)[0]
+            counts = self.holders(trainer, phase)
+            for h in [t] + [i for i in range(len(self.devices)) if i != t]:
+                if counts[h]:
+                    out[h].append((start, start + counts[h]))
+                    start += counts[h]
+        return tuple(tuple(r) for r in out)
+
     def to_dict(self) -> dict[str, Any]:
         return {"version": self.version, "model": self.model.to_dict(),
                 "batch_size": self.batch_size, "num_samples": self.num_samples,
@@ -155,6 +233,8 @@ class PacPlan:
                 "predicted": None if self.predicted is None else self.predicted.to_dict(),
                 "model_hash": self.model_hash, "cluster_hash": self.cluster_hash,
                 "fallback": {d: list(v) for d, v in self.fallback.items()},
+                "cache_phase1": {d: list(v) for d, v in self.cache_phase1.items()},
+                "cache_phase2": {d: list(v) for d, v in self.cache_phase2.items()},
                 "meta": dict(self.meta)}
 
     def to_json(self) -> str:
@@ -178,7 +258,11 @@ class PacPlan:
                        fallback={str(d): tuple(int(x) for x in v)
                                  for d, v in data.get("fallback", {}).items()},
                        version=int(data.get("version", PAC_PLAN_VERSION)),
-                       meta=dict(data.get("meta", {})))
+                       meta=dict(data.get("meta", {})),
+                       cache_phase1={str(d): tuple(int(x) for x in v)
+                                     for d, v in data.get("cache_phase1", {}).items()},
+                       cache_phase2={str(d): tuple(int(x) for x in v)
+                                     for d, v in data.get("cache_phase2", {}).items()})
         except (KeyError, TypeError, ValueError) as exc:
             if isinstance(exc, PlanError):
                 raise

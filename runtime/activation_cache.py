@@ -28,6 +28,19 @@ class ActivationCache:
         for i in range(int(entry[0].shape[0])):
             self.rows[start + i] = tuple(t[i:i + 1] for t in entry)
 
+    def drop(self, indices: list[int], neighbours: list[int]) -> None:
+        """Forget samples ``indices`` (handed to another holder). A row is a view of the
+        message it came in, whose storage lives on with any row of it, so the kept
+        ``neighbours`` (rows that may have shared a message with them) get storages of
+        their own."""
+        for i in indices:
+            del self.rows[i]
+        for i in neighbours:
+            row = self.rows.get(i)
+            if row is not None and any(
+                    t.untyped_storage().nbytes() > t.numel() * t.element_size() for t in row):
+                self.rows[i] = tuple(t.clone() for t in row)
+
     def missing(self, indices: list[int]) -> list[int]:
         """The sample indices of ``indices`` that are not cached."""
         return [i for i in indices if i not in self.rows]

@@ -125,9 +125,12 @@ class FailSpec:
 
     device: str
     step: int
+    #: ``DEVICE@aSTEP``: at the start of adapter step ``step`` of epoch 1, after phase 1
+    #: ended everywhere (recovered as a phase-2 loss, [Note: PAC recovery])
+    after_phase1: bool = False
 
     def in_phase1(self, pac: PacPlan) -> bool:
-        return self.step < pac.steps_per_epoch
+        return self.step < pac.steps_per_epoch and not self.after_phase1
 
 
 def parse_fail(text: str | None, pac: PacPlan) -> FailSpec | None:
@@ -144,8 +147,11 @@ def parse_fail(text: str | None, pac: PacPlan) -> FailSpec | None:
     parsed: list[FailSpec] = []
     for part in specs:
         device, sep, step = part.partition("@")
+        adapter = step.startswith("a")
+        step = step[1:] if adapter else step
         if not sep or not step.isdigit():
-            raise RuntimeFailure(f"--fail must be DEVICE@STEP with a device of "
+            raise RuntimeFailure(f"--fail must be DEVICE@STEP (or DEVICE@aSTEP: epoch 1's "
+                                 f"adapter step STEP, after phase 1) with a device of "
                                  f"{list(pac.devices)}, got {part!r}")
         if device not in pac.devices:
             raise RuntimeFailure(f"--fail {part}: device {device!r} is not in the PAC plan "
@@ -154,7 +160,7 @@ def parse_fail(text: str | None, pac: PacPlan) -> FailSpec | None:
         if int(step) >= total:
             raise RuntimeFailure(f"--fail {part}: the run has steps 0..{total - 1} "
                                  f"({pac.epochs} epochs of {pac.steps_per_epoch})")
-        parsed.append(FailSpec(device, int(step)))
+        parsed.append(FailSpec(device, int(step), adapter))
     if not parsed:
         raise RuntimeFailure(f"--fail must be DEVICE@STEP, got {text!r}")
     lost = {f.device for f in parsed}

@@ -10,7 +10,9 @@ the adapters' initial weights (``adapters.weights.pt``). For epoch ``e`` and min
   samples, [Note: fine-tuning data]; later stages receive them, re-sharded as
   ``runtime.lowering.transfers`` says), run their segments under ``torch.no_grad``, pass
   the cut on, and then send each cache-entry part (their taps; the last stage: the head's
-  inputs) to the device that trains on those rows. On one pair of ranks the activations
+  inputs) to the device that caches those rows in phase 1 (the trainer, or where the plan
+  parks them, [Note: cache placement] in solver/pac.py; parked rows go to their phase-2
+  holder when phase 1 ends, ``_rehome``). On one pair of ranks the activations
   of a step all go before its entry parts, and the receiver takes them in that order, so
   the asynchronous sends never deadlock. When the cache holds the whole epoch, every
   device drops its backbone segments (``AdapterModel.drop_backbone``): the frozen weights
@@ -18,7 +20,9 @@ the adapters' initial weights (``adapters.weights.pt``). For epoch ``e`` and min
   larger of the two, not their sum. The losses are those of interleaving (the backbone
   is frozen); step ``k`` of epoch 1 reports phase-1 mini-batch ``k``'s time with it.
 * phase 2 (every step): the rows ``[lo, hi)`` of the mini-batch that this device trains on
-  come from its cache (hits; misses are the rows computed in phase 1 this step); the side
+  come from its cache, or from the device that caches them (``_Fetch``: sent a step ahead
+  over the process group; hits either way; in epoch 1 all rows count as misses, computed
+  by phase 1); the side
   path and head run forward and backward on them with the loss weighted by
   ``(hi - lo) / B``, the adapter gradients are summed over all devices
   (``Comm.all_reduce``), and every device takes the same optimizer step. So the losses
@@ -64,10 +68,10 @@ import os
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Tuple
 
 import torch
 import torch.distributed as dist
@@ -187,7 +191,8 @@ def _cat(pieces: Sequence[Sequence[torch.Tensor]]) -> tuple[torch.Tensor, ...]:
 class _Phase1:
     """This rank's part of the forward-only pipeline ``plan`` among the members of ``group``
     (see [Note: PAC run]); the cache-entry parts go to the members that train on the rows
-    (``group.ranges``, which after a lost device are more than one range per member)."""
+    (``group.homes``: the trainers' rows, or the devices the plan parks them on, which
+    after a lost device are more than one range per member)."""
 
     def __init__(self, plan: Plan, group: _Group, model: AdapterModel, comm: Comm,
                  samples: SampleSource, batch_size: int, scale: float = 1.0) -> None:
@@ -202,7 +207,8 @@ class _Phase1:
         #: or by other jobs waiting for the core: what the cost table measured)
         self.compute_cpu_s = 0.0
         #: the most bytes of activations this rank held at once in phase 1 (received
-        #: inputs, outputs, entry parts waiting for their owner or for the cache)
+        #: inputs, outputs, entry parts waiting for their owner or for the cache, and the
+        #: wire buffers of its messages)
         self.in_flight_peak = 0
         self.rank_of = {d: i for i, d in enumerate(group.devices)}
         me = group.devices[group.rank]
@@ -226,7 +232,7 @@ class _Phase1:
         """The row ranges of ``[lo, hi)`` that ``owner`` trains on (and that are
         ``wanted``), in the order both the sender and the owner walk them."""
         out = []
-        for o_lo, o_hi in self.group.ranges[owner]:
+        for o_lo, o_hi in self.group.homes[owner]:
             a, b = max(lo, o_lo), min(hi, o_hi)
             for w_lo, w_hi in ((a, b),) if wanted is None else wanted:
                 c, d = max(a, w_lo), min(b, w_hi)
@@ -295,7 +301,9 @@ class _Phase1:
                     handoff.append((owner, m, rows))
             held = [t for rows in local.values() for t in rows]
             held += [t for _o, _m, rows in handoff for t in rows] + list(values) + list(part)
-            self.in_flight_peak = max(self.in_flight_peak, storage_bytes(held))
+            # and the wire buffers (sends posted, the pools), as runtime.executor counts
+            self.in_flight_peak = max(self.in_flight_peak, storage_bytes(held)
+                                      + storage_bytes(self.comm.held()))
         for owner, m, rows in handoff:      # after every activation (see [Note: PAC run])
             self.comm.send([(owner, list(rows))], f"{channel}{m}")
 
@@ -319,14 +327,17 @@ class _Phase1:
                             row = offset + i - a
                             parts.setdefault(i, []).extend(t[row:row + 1] for t in got)
                         offset += b - a
+        # the hand-offs' wire buffers (sends posted, the pools), held with the cache
+        self.in_flight_peak = max(self.in_flight_peak, storage_bytes(self.comm.held()))
         self.comm.flush()
         start = step * self.batch_size
         for i, entry in parts.items():
             cache.put(start + i, tuple(entry))
 
 
-_SLOTS = 10  # loss, hits, misses, phase 1 s, phase 2 s, peak bytes, cache bytes,
-#              phase-1 forward s, phase-1 samples s, phase-1 forward CPU s
+_SLOTS = 11  # loss, hits, misses, phase 1 s, phase 2 s, peak bytes, cache bytes,
+#              peak bytes with the cache, phase-1 forward s, phase-1 samples s,
+#              phase-1 forward CPU s
 
 
 def _compute_scale(source: Any, rank: int, config: TrainConfig) -> float:
@@ -341,15 +352,42 @@ def _dilate(began: float, scale: float) -> None:
         time.sleep((scale - 1.0) * (time.perf_counter() - began))
 
 
+Ranges = Tuple[Tuple[Tuple[int, int], ...], ...]
+
+
+def _runs(rows: Sequence[int]) -> tuple[tuple[int, int], ...]:
+    """Sorted row indices as half-open ranges of consecutive rows."""
+    out: list[tuple[int, int]] = []
+    for i in sorted(rows):
+        if out and out[-1][1] == i:
+            out[-1] = (out[-1][0], i + 1)
+        else:
+            out.append((i, i + 1))
+    return tuple(out)
+
+
+def _members(ranges: Sequence[tuple[int, int]]) -> list[int]:
+    return [i for a, b in ranges for i in range(a, b)]
+
+
 @dataclass
 class _Group:
-    """The devices of the current phase-2 generation and this rank's place in it;
-    ``ranges[i]``: the row ranges of every mini-batch that member ``i`` trains on."""
+    """The devices of the current generation and this rank's place in it;
+    ``ranges[i]``: the row ranges of every mini-batch that member ``i`` trains on;
+    ``homes[i]``: those whose cache entries it holds now (phase 1: where the hand-off
+    goes; phase 2: what it streams to their trainers); ``later[i]``: those it holds in
+    phase 2 (the plan's ``homes(2)``; see [Note: cache placement] in solver/pac.py)."""
 
     devices: tuple[str, ...]
-    ranges: tuple[tuple[tuple[int, int], ...], ...]
+    ranges: Ranges
     rank: int
     old_ranks: tuple[int, ...]        # rank in the launch of every member
+    homes: Ranges = ()
+    later: Ranges = ()
+
+    def __post_init__(self) -> None:
+        self.homes = self.homes or self.ranges
+        self.later = self.later or self.homes
 
     @property
     def world(self) -> int:
@@ -359,12 +397,16 @@ class _Group:
         """Global sample indices this rank trains on in mini-batch ``step``."""
         return [step * batch_size + i for a, b in self.ranges[self.rank] for i in range(a, b)]
 
-    def without(self, lost: str, extra: Sequence[int]) -> tuple[tuple[str, ...], tuple[
-            tuple[tuple[int, int], ...], ...]]:
-        """Members and ranges after ``lost``: its rows go to the others, ``extra[i]`` each
-        (in member order), and everyone keeps the rows it had."""
+    def trainer_of(self, row: int) -> int:
+        return next(m for m, rs in enumerate(self.ranges) if any(a <= row < b for a, b in rs))
+
+    def without(self, lost: str, extra: Sequence[int]) -> _Group:
+        """The group after ``lost`` (``rank`` and ``old_ranks`` still this group's): its
+        rows go to the others, ``extra[i]`` each (in member order), everyone keeps the rows
+        it had, and rows cached on ``lost`` (now or in phase 2) are cached by their new
+        trainer (they are recomputed there: [Note: PAC recovery])."""
         index = self.devices.index(lost)
-        lost_rows = [i for a, b in self.ranges[index] for i in range(a, b)]
+        lost_rows = _members(self.ranges[index])
         devices, ranges, taken = [], [], 0
         for device, own, more in zip((d for d in self.devices if d != lost),
                                      (r for i, r in enumerate(self.ranges) if i != index),
@@ -373,7 +415,102 @@ class _Group:
             taken += more
             devices.append(device)
             ranges.append(own + ((rows[0], rows[-1] + 1),) if rows else own)
-        return tuple(devices), tuple(ranges)
+        new = _Group(tuple(devices), tuple(ranges), 0, ())
+
+        def moved(homes: Ranges) -> Ranges:
+            held: list[list[int]] = [[] for _ in devices]
+            for m, rs in enumerate(homes):
+                for i in _members(rs):
+                    held[new.trainer_of(i) if m == index else
+                         devices.index(self.devices[m])].append(i)
+            return tuple(_runs(h) for h in held)
+
+        return _Group(tuple(devices), tuple(ranges), self.rank, self.old_ranks,
+                      moved(self.homes), moved(self.later))
+
+
+def _within(ranges: Sequence[tuple[int, int]], held: Sequence[tuple[int, int]]) -> list[int]:
+    """Rows of ``ranges`` (in their order) that lie in ``held``."""
+    return [i for i in _members(ranges) if any(a <= i < b for a, b in held)]
+
+
+def _split(tensors: Sequence[torch.Tensor], count: int) -> list[tuple[torch.Tensor, ...]]:
+    return [tuple(t[i:i + 1] for t in tensors) for i in range(count)]
+
+
+def _rehome(group: _Group, comm: Comm, cache: ActivationCache, batch: int, steps: int
+            ) -> tuple[_Group, int]:
+    """When phase 1 ends: hand every cache entry this device holds for another phase-2
+    holder to it and take those parked elsewhere for this device (``group.homes`` ->
+    ``group.later``; [Note: cache placement] in solver/pac.py), one message per pair and
+    mini-batch. Returns the group in its phase-2 placement and the most bytes of entries
+    and wire buffers held at once on the way."""
+    if group.homes == group.later:
+        return group, cache.bytes
+    me = group.rank
+    peers = [m for m in range(group.world) if m != me]
+    out = {m: _within(group.homes[me], group.later[m]) for m in peers}
+    into = {m: _within(group.homes[m], group.later[me]) for m in peers}
+    most = cache.bytes
+    for k in range(steps):
+        base = k * batch
+        gone = [base + i for rows in out.values() for i in rows]
+        for m, rows in out.items():      # the send copies the rows into its wire buffer
+            if rows:
+                comm.send([(m, list(_cat([cache.rows[base + i] for i in rows])))], "rehome")
+        cache.drop(gone, [base + i for i in range(batch) if base + i not in gone])
+        for m, rows in into.items():
+            if rows:
+                got = comm.recv([m], "rehome")[0]
+                for i, row in zip(rows, _split(got, len(rows))):
+                    cache.put(base + i, row)
+        most = max(most, cache.bytes + storage_bytes(comm.held()))
+        comm.flush()
+    return replace(group, homes=group.later), most
+
+
+class _Fetch:
+    """Phase 2 with a sharded cache: each step, this device sends the rows it caches for
+    other trainers (posted a step ahead, so the link overlaps the step before) and
+    receives its own rows cached elsewhere ([Note: cache placement] in solver/pac.py)."""
+
+    def __init__(self, group: _Group, comm: Comm, cache: ActivationCache, batch: int,
+                 steps: int, total: int) -> None:
+        self.group, self.comm, self.cache = group, comm, cache
+        self.batch, self.steps, self.total = batch, steps, total
+        me = group.rank
+        peers = [m for m in range(group.world) if m != me]
+        self.out = {m: rows for m in peers
+                    if (rows := _within(group.ranges[m], group.homes[me]))}
+        self.into = {m: rows for m in peers
+                     if (rows := _within(group.ranges[me], group.homes[m]))}
+        self.posted: set[int] = set()
+
+    def post(self, step: int) -> None:
+        if step in self.posted or step >= self.total or not self.out:
+            return
+        base = (step % self.steps) * self.batch
+        for m, rows in self.out.items():
+            missing = self.cache.missing([base + i for i in rows])
+            if missing:
+                raise RuntimeFailure(f"rows {missing[:4]} that {self.group.devices[m]!r} "
+                                     f"trains on are not in this device's cache")
+            entry = _cat([self.cache.rows[base + i] for i in rows])
+            self.comm.send([(m, list(entry))], "fetch", key=("fetch", step))
+        self.posted.add(step)
+
+    def take(self, step: int) -> dict[int, tuple[torch.Tensor, ...]]:
+        base = (step % self.steps) * self.batch
+        got: dict[int, tuple[torch.Tensor, ...]] = {}
+        for m, rows in self.into.items():
+            tensors = self.comm.recv([m], "fetch")[0]
+            for i, row in zip(rows, _split(tensors, len(rows))):
+                got[base + i] = row
+        return got
+
+    def release(self, step: int) -> None:
+        if step in self.posted:
+            self.comm.release([("fetch", step)])
 
 
 def _comm(rank: int, config: TrainConfig, old_ranks: Sequence[int]) -> Comm:
@@ -418,13 +555,14 @@ def _regroup(store: Any, generation: int, group: _Group, pac: PacPlan,
         dist.destroy_process_group()
     except Exception as exc:  # noqa: BLE001 - the broken group may refuse a clean teardown
         log.debug("destroying the failed process group: %s", exc)
-    devices, ranges = group.without(lost[0], pac.fallback[lost[0]])
+    fresh = group.without(lost[0], pac.fallback[lost[0]])
     old_ranks = tuple(r for r in group.old_ranks if r in alive)
     rank = old_ranks.index(me)
     dist.init_process_group("gloo", store=dist.PrefixStore(prefix, store), rank=rank,
-                            world_size=len(devices),
+                            world_size=len(fresh.devices),
                             timeout=timedelta(seconds=config.timeout_s))
-    return _Group(devices, ranges, rank, old_ranks), lost, time.perf_counter() - began
+    return (replace(fresh, rank=rank, old_ranks=old_ranks), lost,
+            time.perf_counter() - began)
 
 
 def finetune_device(source: Any, rank: int, config: TrainConfig, *, hooks: Any = None,
@@ -446,7 +584,7 @@ def finetune_device(source: Any, rank: int, config: TrainConfig, *, hooks: Any =
     model_file = inner.model_module()
     samples = SampleSource(model_file, config.seed, pac.num_samples)
     group = _Group(tuple(pac.devices), tuple((pac.sample_range(d),) for d in pac.devices),
-                   rank, tuple(range(world)))
+                   rank, tuple(range(world)), pac.homes(1), pac.homes(2))
     comm = _comm(rank, config, group.old_ranks)
     scale = _compute_scale(source, rank, config)
     segments = stage_segments(pac, rank)
@@ -473,11 +611,20 @@ def finetune_device(source: Any, rank: int, config: TrainConfig, *, hooks: Any =
             fh.write(json.dumps(p1.event) + "\n")
     peak = storage_bytes(list(model.parameters()) + list(model.buffers())) \
         + p1.in_flight_peak
+    # with the cache: phase 1's tensors and every entry this device holds when it ends
+    peak_cached = peak + cache.bytes
     model.drop_backbone()
     fixed = storage_bytes(list(model.parameters()) + list(model.buffers()))
+    # the rows parked here in phase 1 go to their phase-2 holders, once; each phase gets a
+    # communicator of its own, so that no idle wire buffer of phase 1 outlives it
+    p1.comm = comm = _comm(group.rank, config, group.old_ranks)
+    group, moved_peak = _rehome(group, comm, cache, batch, steps)
+    comm = _comm(group.rank, config, group.old_ranks)
+    peak_cached = max(peak_cached, fixed + moved_peak)
     weight_ptrs = {t.untyped_storage().data_ptr()
                    for t in [*model.parameters(), *model.buffers()]}
     peak = max(peak, fixed)
+    fetch = _Fetch(group, comm, cache, batch, steps, pac.epochs * steps)
     me = pac.devices[rank]
     first_stage = pac.phase1.stage_of(me) if me in pac.phase1.devices else 0
     result = WorkerResult(rank=rank, device=me, stage=first_stage)
@@ -494,21 +641,23 @@ def finetune_device(source: Any, rank: int, config: TrainConfig, *, hooks: Any =
             began = last_end
             rows = group.rows(batch, k)
             hits_before, misses_before = cache.hits, cache.misses
-            entry = cache.get(rows)
-            if entry is not None and epoch == 0:
-                cache.count(-len(rows), len(rows))    # computed by phase 1 for this step
-                began -= phase1_s[k][0]
-            elif entry is None:          # rows taken over from a lost device
+            if fetch.group is not group:         # a new generation after a lost device
+                fetch = _Fetch(group, comm, cache, batch, steps, pac.epochs * steps)
+            fetch.post(step)
+            fetch.post(step + 1)                 # prefetch: overlaps this step
+            remote = fetch.take(step)            # rows cached on other devices
+            new = cache.missing([i for i in rows if i not in remote])
+            if new:        # rows taken over from a lost device (or cached on it)
                 full = full or build_device_model(inner, list(range(len(model.taps))))
-                new = cache.missing(rows)
                 for i in new:
                     inputs, _ = samples.rows(i, i + 1)
                     cache.put(i, full.backbone(*model_inputs(inputs)))
-                entry = cache.get(rows)        # counts every row as a hit
-                cache.count(-len(new), len(new))
-            if entry is None:
-                raise RuntimeFailure(f"samples {rows[0]}..{rows[-1]} of step {step} are not "
-                                     f"in the activation cache after they were computed")
+            entry = _cat([remote[i] if i in remote else cache.rows[i] for i in rows])
+            if epoch == 0:
+                cache.count(0, len(rows))    # computed by phase 1 for this step
+                began -= phase1_s[k][0]
+            else:
+                cache.count(len(rows) - len(new), len(new))
             p1_done = time.perf_counter()
             key = tuple(rows)
             if key not in targets_of:     # kept beside the cache: made once
@@ -532,9 +681,10 @@ def finetune_device(source: Any, rank: int, config: TrainConfig, *, hooks: Any =
             seen: set[int] = set()
             held = storage_bytes(entry, seen)
             held += sum(b for ptr, b in saved.items() if ptr not in seen)
-            peak = max(peak, fixed + storage_bytes(grads) + storage_bytes(state) + held
-                       + (0 if full is None else storage_bytes(
-                           list(full.segments.parameters()))))
+            step_peak = fixed + storage_bytes(grads) + storage_bytes(state) + held \
+                + (0 if full is None else storage_bytes(list(full.segments.parameters())))
+            peak = max(peak, step_peak)
+            peak_cached = max(peak_cached, step_peak + storage_bytes(comm.held()) + cache.bytes)
             _dilate(p1_done, scale)
             computed = time.perf_counter()
             # one collective per step: the gradients and every rank's metrics slots (SUM)
@@ -542,13 +692,13 @@ def finetune_device(source: Any, rank: int, config: TrainConfig, *, hooks: Any =
             slots[group.rank] = torch.tensor(
                 [float(loss.detach()), float(cache.hits - hits_before),
                  float(cache.misses - misses_before), p1_done - began, computed - p1_done,
-                 float(peak), float(cache.bytes)]
+                 float(peak), float(cache.bytes), float(peak_cached)]
                 + (list(phase1_s[k][1:]) if epoch == 0 else [0.0, 0.0, 0.0]))
             flat = torch.cat([g.reshape(-1).double() for g in grads] + [slots.reshape(-1)])
             comm.all_reduce([[flat]], None, list(range(group.world)))
         except (RuntimeError, CommFailureError) as exc:
-            if epoch == 0:
-                raise
+            # in phase 2, or in epoch 1 after phase 1 ended everywhere (the cache is full:
+            # the same recovery, the step redone on the survivors)
             log.warning("phase-2 step %d failed (%s); regrouping", step, exc)
             optimizer.zero_grad(set_to_none=True)
             generation += 1
@@ -571,6 +721,7 @@ def finetune_device(source: Any, rank: int, config: TrainConfig, *, hooks: Any =
             offset += g.numel()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        fetch.release(step)       # received before the all-reduce everyone joined
         ended = time.perf_counter()
         slots = flat[offset:].view(group.world, _SLOTS)
         total = slots.sum(dim=0)
@@ -583,14 +734,15 @@ def finetune_device(source: Any, rank: int, config: TrainConfig, *, hooks: Any =
             "cache_hit_rate": float(total[1]) / served if served else 0.0,
             "cache_bytes": {d: int(slots[i, 6]) for i, d in enumerate(group.devices)},
             "peak_memory_bytes": {d: int(slots[i, 5]) for i, d in enumerate(group.devices)},
+            "peak_with_cache_bytes": {d: int(slots[i, 7]) for i, d in enumerate(group.devices)},
             "plan_version": generation,
         }
         if epoch == 0:     # this device's segments (forward) and sample making, seconds
-            record["phase1_forward_s"] = {d: float(slots[i, 7])
+            record["phase1_forward_s"] = {d: float(slots[i, 8])
                                           for i, d in enumerate(group.devices)}
-            record["phase1_samples_s"] = {d: float(slots[i, 8])
+            record["phase1_samples_s"] = {d: float(slots[i, 9])
                                           for i, d in enumerate(group.devices)}
-            record["phase1_forward_cpu_s"] = {d: float(slots[i, 9])
+            record["phase1_forward_cpu_s"] = {d: float(slots[i, 10])
                                               for i, d in enumerate(group.devices)}
         if pac.predicted is not None:
             pred = pac.predicted
@@ -685,7 +837,8 @@ def _fill_cache(run: _Phase1Run) -> list[tuple[float, float, float, float]]:
             try:
                 for k in range(done, steps):
                     dist.barrier()
-                    if run.fail is not None and run.fail.device == me and run.fail.step == k:
+                    if run.fail is not None and run.fail.device == me and \
+                            run.fail.in_phase1(pac) and run.fail.step == k:
                         run.store.set(KILLED_KEY, repr(time.time()))
                         os._exit(1)      # the emulated loss of this device (--fail)
                     began = time.perf_counter()
@@ -739,7 +892,8 @@ def _recover_phase1(run: _Phase1Run, done: int, detected_at: float) -> _Phase1:
                              f"samples the others can cache (fallback shares for "
                              f"{sorted(run.pac.fallback)})")
     plan = Plan.from_dict(record["phase1"])
-    devices, ranges = old.without(lost, run.pac.fallback[lost])
+    fresh = old.without(lost, run.pac.fallback[lost])
+    devices, ranges = fresh.devices, fresh.ranges
     old_ranks = tuple(r for r, d in zip(old.old_ranks, old.devices) if d != lost)
     rank = old_ranks.index(old.old_ranks[old.rank])
     run.generation += 1
@@ -747,7 +901,7 @@ def _recover_phase1(run: _Phase1Run, done: int, detected_at: float) -> _Phase1:
     dist.init_process_group("gloo", store=dist.PrefixStore(prefix, run.store), rank=rank,
                             world_size=len(devices),
                             timeout=timedelta(seconds=run.config.timeout_s))
-    run.group = _Group(devices, ranges, rank, old_ranks)
+    run.group = replace(fresh, rank=rank, old_ranks=old_ranks)
     run.comm = _comm(rank, run.config, old_ranks)
     segments = [] if me not in plan.devices else list(range(
         plan.stages[plan.stage_of(me)].first, plan.stages[plan.stage_of(me)].last + 1))
@@ -758,7 +912,7 @@ def _recover_phase1(run: _Phase1Run, done: int, detected_at: float) -> _Phase1:
     dist.all_reduce(sync, op=dist.ReduceOp.MAX)
     resume = int(-sync[0].item())
     ready_at = time.time()
-    lost_rows = old.ranges[old.devices.index(lost)]
+    lost_rows = old.homes[old.devices.index(lost)]     # the entries it held
     for j in range(resume):       # the lost device's cache entries of the done mini-batches
         new.run(j, run.cache, wanted=lost_rows)
     resumed_at = time.time()

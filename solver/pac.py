@@ -14,8 +14,11 @@ only a side network fed by tapped hidden states of a frozen backbone, so
   ``solver.split.split_shares``, by speed, capped by the memory left after its cache),
   then the adapter gradients are all-reduced (``solver.evaluate.allreduce_time``).
 
-The cache is placed on the device that trains on the samples (``cache="local"``: nothing
-moves after epoch 1). Predicted times (``PacPrediction``): one phase-1 step is a
+Where the cache lives is planned too ([Note: cache placement]): on the device that trains
+on the samples (``cache="local"``: nothing moves after epoch 1), or ``sharded`` (rows
+parked on devices with room while the backbone is held and handed to their phase-2 holder
+when phase 1 ends, or held on another device and streamed to the trainer every step).
+Predicted times (``PacPrediction``): one phase-1 step is a
 forward-only pipeline of ``M`` micro-batches, ``sum_s E_f^s + (M - 1) max_s E_f^s``, where
 ``E_f^s`` is ``solver.evaluate``'s forward term plus the stage's hand-off of cache entries;
 one phase-2 step is ``max_d compute_d + all-reduce``, ``compute_d`` the whole step
@@ -44,7 +47,8 @@ from solver.timing import Timing
 __all__ = ["PacModel", "PacPrediction", "PacPlan", "segment_costs", "phase1_costs",
            "plan_finetune",
            "predict_finetune", "describe_phase1", "PHASE1_OBJECTIVES", "replan_phase1",
-           "DEFAULT_PHASE1_SLACK"]   # the plan's data types live in contracts/pac_plan.py
+           "DEFAULT_PHASE1_SLACK", "place_cache", "describe_cache", "DEFAULT_CACHE_SLACK",
+           "CACHE_MODES"]   # the plan's data types live in contracts/pac_plan.py
 
 FROZEN_BACKWARD_SHARE = 0.5
 """Backward time of a frozen layer (input gradients only) as a share of its measured
@@ -186,6 +190,31 @@ def predict_finetune(plan: PacPlan, costs: CostTable, cluster: Cluster) -> PacPr
 
         phase1_step = max(closed_form, simulate_phase1(plan, costs, cluster)[0])
 
+    compute = _phase2_compute(costs, cluster, model, plan.devices, plan.shares)
+    allreduce = allreduce_time(cluster, plan.devices, model.wire_bytes)
+    fetch = _fetch_s(cluster, plan.devices, plan.shares, _table(plan, 2), model.entry_bytes)
+    phase2_step = max(max(compute) + allreduce, fetch)
+    handoff = _rehome_s(cluster, plan.devices, plan.shares, _table(plan, 1), _table(plan, 2),
+                        plan.steps_per_epoch * model.entry_bytes)
+
+    steps = plan.steps_per_epoch
+    epoch1 = steps * (phase1_step + phase2_step) + handoff
+    epoch = steps * phase2_step
+    total = epoch1 + (plan.epochs - 1) * epoch
+    # phase 1 fills the whole cache before the adapters train and the backbone is dropped
+    # then (runtime.pac_train): the frozen weights and the adapter steps never meet
+    peak, cache = _peaks(costs, model, plan.devices, plan.shares, steps,
+                         p1.peak_memory_bytes, _table(plan, 1), _table(plan, 2), plan.phase1)
+    return PacPrediction(phase1_step_s=phase1_step, phase2_step_s=phase2_step,
+                         allreduce_s=allreduce, epoch1_s=epoch1, epoch_s=epoch,
+                         total_s=total, peak_memory_bytes=peak, cache_bytes=cache,
+                         phase1_closed_form_s=closed_form, fetch_s=fetch, handoff_s=handoff)
+
+
+def _phase2_compute(costs: CostTable, cluster: Cluster, model: PacModel,
+                    devices: Sequence[str], shares: Sequence[int]) -> list[float]:
+    """Seconds of each device's phase-2 step before the all-reduce (see [Note: PAC
+    phases])."""
     timing = Timing.of(costs, cluster)
     head_first, last = model.taps[-1] + 1, costs.num_layers - 1
     speeds = timing.speeds
@@ -193,7 +222,7 @@ def predict_finetune(plan: PacPlan, costs: CostTable, cluster: Cluster) -> PacPr
     bwd_share = 1.0 if model.train_head else FROZEN_BACKWARD_SHARE
     compute = []
     intercept, per_sample = model.step_fit
-    for device, share in zip(plan.devices, plan.shares, strict=True):
+    for device, share in zip(devices, shares, strict=True):
         if intercept + per_sample > 0:   # measured: the whole step, over the device's speed
             compute.append((intercept + per_sample * share) / speeds[device])
             continue
@@ -202,24 +231,7 @@ def predict_finetune(plan: PacPlan, costs: CostTable, cluster: Cluster) -> PacPr
         adapters = 3.0 * model.adapter_flops * share / (costs.host_flops * speeds[device])
         update = costs.update_s_per_byte * model.trainable_bytes / speeds[device]
         compute.append(head + adapters + update)
-    allreduce = allreduce_time(cluster, plan.devices, model.trainable_bytes)
-    phase2_step = max(compute) + allreduce
-
-    steps = plan.steps_per_epoch
-    epoch1 = steps * (phase1_step + phase2_step)
-    epoch = steps * phase2_step
-    total = epoch1 + (plan.epochs - 1) * epoch
-    cache = {d: share * steps * model.entry_bytes
-             for d, share in zip(plan.devices, plan.shares, strict=True)}
-    phase2_mem = _phase2_memory(costs, plan)
-    # phase 1 fills the whole cache before the adapters train and the backbone is dropped
-    # then (runtime.pac_train): the frozen weights and the adapter steps never meet
-    peak = {d: max(p1.peak_memory_bytes.get(d, 0) + cache[d], phase2_mem[d])
-            for d in plan.devices}
-    return PacPrediction(phase1_step_s=phase1_step, phase2_step_s=phase2_step,
-                         allreduce_s=allreduce, epoch1_s=epoch1, epoch_s=epoch,
-                         total_s=total, peak_memory_bytes=peak, cache_bytes=cache,
-                         phase1_closed_form_s=closed_form)
+    return compute
 
 
 def _phase2_fixed(costs: CostTable, model: PacModel, osf: float) -> int:
@@ -235,11 +247,124 @@ def _phase2_per_sample(costs: CostTable, model: PacModel, steps: int) -> tuple[i
     return steps * model.entry_bytes, model.entry_bytes + head_act
 
 
-def _phase2_memory(costs: CostTable, plan: PacPlan) -> dict[str, int]:
-    fixed = _phase2_fixed(costs, plan.model, costs.optimizer_state_factor)
-    cache, work = _phase2_per_sample(costs, plan.model, plan.steps_per_epoch)
-    return {d: fixed + share * (cache + work)
-            for d, share in zip(plan.devices, plan.shares, strict=True)}
+Holders = Mapping[str, Sequence[int]]
+"""Per trainer: rows of its share of every mini-batch held by each device (``devices``
+order); a trainer that is not a key holds its own rows (``PacPlan.cache_phase1/2``)."""
+
+
+def _table(plan: PacPlan, phase: int) -> dict[str, tuple[int, ...]]:
+    return {d: plan.holders(d, phase) for d in plan.devices}
+
+
+def _counts(devices: Sequence[str], shares: Sequence[int], holders: Holders
+            ) -> list[list[int]]:
+    """``rows[t][h]``: rows of trainer ``t`` held on device ``h`` (indices)."""
+    return [list(holders[d]) if d in holders else
+            [s if j == t else 0 for j in range(len(devices))]
+            for t, (d, s) in enumerate(zip(devices, shares, strict=True))]
+
+
+def _phase1_wire(costs: CostTable, model: PacModel, devices: Sequence[str],
+                 plan: Plan | None, held: Sequence[int]) -> list[int]:
+    """Wire buffers of phase 1's hand-offs per device (``runtime.comm`` keeps one message
+    per peer and micro-batch in its pools): the entry parts of one mini-batch that it sends
+    (rows it computes and another device holds) and receives (rows it holds and another
+    device computes); ``held[h]``: rows of a mini-batch device ``h`` holds in phase 1
+    (rows spread evenly, an estimate for data-parallel stages)."""
+    if plan is None:
+        return [0] * len(devices)
+    parts = entry_parts(costs, model.taps, model.entry_bytes)
+    batch = plan.batch_size
+    out = []
+    for h, d in enumerate(devices):
+        wire = 0.0
+        for st in plan.stages:
+            part = sum(parts[st.first:st.last + 1])
+            computed = (st.shares[st.devices.index(d)] * plan.num_micro_batches
+                        if d in st.devices else 0)
+            wire += part * computed * (1 - held[h] / batch)      # sent
+            wire += part * held[h] * (1 - computed / batch)      # received
+        out.append(int(wire))
+    return out
+
+
+def _peaks(costs: CostTable, model: PacModel, devices: Sequence[str], shares: Sequence[int],
+           steps: int, p1_memory: Mapping[str, int], phase1: Holders, phase2: Holders,
+           phase1_plan: Plan | None = None) -> tuple[dict[str, int], dict[str, int]]:
+    """Peak bytes of each device over both phases and the bytes it caches in phase 2 (see
+    [Note: cache placement]): ``max(phase-1 peak + rows held in phase 1 + the hand-offs'
+    wire buffers, phase-2 step + rows held in phase 2 + the wire buffers of the rows it
+    streams)``."""
+    fixed = _phase2_fixed(costs, model, costs.optimizer_state_factor)
+    unit, work = _phase2_per_sample(costs, model, steps)
+    one, two = _counts(devices, shares, phase1), _counts(devices, shares, phase2)
+    n = len(devices)
+    weights = sum(lc.param_bytes + lc.buffer_bytes
+                  for lc in costs.layers[model.taps[-1] + 1:]) + model.trainable_bytes
+    peak, cache = {}, {}
+    wire1 = _phase1_wire(costs, model, devices, phase1_plan,
+                         [sum(one[t][h] for t in range(n)) for h in range(n)])
+    for h, d in enumerate(devices):
+        held1 = sum(one[t][h] for t in range(n)) * unit + wire1[h]
+        held2 = sum(two[t][h] for t in range(n)) * unit
+        # streamed rows: a holder keeps two steps' sends in flight (prefetch), the trainer
+        # one step's receive buffers besides the step's entry (counted in ``work``)
+        wire = model.entry_bytes * (2 * sum(two[t][h] for t in range(n) if t != h)
+                                    + sum(two[h][j] for j in range(n) if j != h))
+        # every device holds the head and the adapters from the start (phase 1 included)
+        peak[d] = max(p1_memory.get(d, 0) + weights + held1,
+                      fixed + shares[h] * work + held2 + wire)
+        cache[d] = held2
+    return peak, cache
+
+
+def _fetch_s(cluster: Cluster, devices: Sequence[str], shares: Sequence[int],
+             phase2: Holders, entry_bytes: int) -> float:
+    """Link seconds per phase-2 step of the rows streamed from their holders: the busiest
+    device's incoming or outgoing messages (every message pays the link's latency, which
+    carries the runtime's cost per message)."""
+    rows = _counts(devices, shares, phase2)
+    return _busiest(cluster, devices, rows, entry_bytes)
+
+
+def _rehome_s(cluster: Cluster, devices: Sequence[str], shares: Sequence[int],
+              phase1: Holders, phase2: Holders, unit_bytes: int) -> float:
+    """Seconds to hand the rows held in phase 1 to their phase-2 holders when phase 1 ends
+    (one message per pair of devices), the busiest device's messages."""
+    one, two = _counts(devices, shares, phase1), _counts(devices, shares, phase2)
+    n = len(devices)
+    moved = [[0] * n for _ in range(n)]     # moved[a][b]: rows from a to b
+    for t in range(n):
+        src = [h for h in _layout(t, n) for _ in range(one[t][h])]
+        dst = [h for h in _layout(t, n) for _ in range(two[t][h])]
+        for a, b in zip(src, dst, strict=True):
+            if a != b:
+                moved[a][b] += 1
+    return _busiest(cluster, devices, moved, unit_bytes, by_pair=True)
+
+
+def _layout(t: int, n: int) -> list[int]:
+    """The order of the holders within trainer ``t``'s rows (``PacPlan.homes``)."""
+    return [t] + [h for h in range(n) if h != t]
+
+
+def _busiest(cluster: Cluster, devices: Sequence[str], rows: Sequence[Sequence[int]],
+             row_bytes: int, by_pair: bool = False) -> float:
+    """``rows[t][h]`` rows go from ``h`` to ``t`` (``by_pair``: ``rows[a][b]`` from ``a``
+    to ``b``), one message per pair; the most seconds any device's port is busy."""
+    n = len(devices)
+    busy = [0.0] * n
+    into = [0.0] * n
+    for t in range(n):
+        for h in range(n):
+            src, dst, count = (t, h, rows[t][h]) if by_pair else (h, t, rows[t][h])
+            if src == dst or count <= 0:
+                continue
+            a, b = devices[src], devices[dst]
+            seconds = cluster.latency_s(a, b) + count * row_bytes / cluster.bandwidth_bytes_s(a, b)
+            busy[src] += seconds
+            into[dst] += seconds
+    return max(busy + into, default=0.0)
 
 
 def _phase2_shares(costs: CostTable, cluster: Cluster, model: PacModel, batch_size: int,
@@ -291,6 +416,14 @@ def _takeover(costs: CostTable, cluster: Cluster, model: PacModel, lost_share: i
     taken = dict(zip(order, part, strict=True))
     return tuple(taken.get(d, 0) for d in others)
 
+
+DEFAULT_CACHE_SLACK = 0.0
+"""How much longer than with a local cache (a fraction of the predicted phase-2 step) a
+sharded cache's fetches may make the phase-2 step."""
+
+CACHE_MODES = ("auto", "local")
+"""``auto``: planned by memory and link bandwidth ([Note: cache placement]); ``local``:
+every trainer caches its own rows."""
 
 PHASE1_OBJECTIVES = ("memory", "time")
 """How ``plan_finetune`` picks the phase-1 plan (see [Note: phase-1 objective])."""
@@ -385,7 +518,8 @@ def describe_phase1(plan: Plan) -> str:
 def plan_finetune(costs: CostTable, cluster: Cluster, model: PacModel, *, batch_size: int,
                   num_samples: int, epochs: int, micro_batch_size: int | None = None,
                   phase1_planner: str = "asteroid", phase1_objective: str = "memory",
-                  phase1_slack: float = DEFAULT_PHASE1_SLACK) -> PacPlan:
+                  phase1_slack: float = DEFAULT_PHASE1_SLACK, cache: str = "auto",
+                  cache_slack: float = DEFAULT_CACHE_SLACK) -> PacPlan:
     """Plan both phases of PAC fine-tuning (see [Note: PAC phases]); pure.
 
     ``phase1_planner`` is any planner of ``solver.api`` (``asteroid``: the fastest
@@ -393,11 +527,14 @@ def plan_finetune(costs: CostTable, cluster: Cluster, model: PacModel, *, batch_
     weights and so lowers each device's peak memory). ``phase1_objective``: ``memory``
     (default) takes the phase-1 plan of lowest peak memory pressure among those at most
     ``1 + phase1_slack`` times slower than the fastest; ``time`` the fastest (see
-    [Note: phase-1 objective]).
+    [Note: phase-1 objective]). ``cache``: ``auto`` (default) places the activation
+    cache by memory and link bandwidth, ``local`` keeps every trainer's rows on itself;
+    ``cache_slack``: how much longer the phase-2 step may get for fetching rows cached
+    elsewhere (see [Note: cache placement]).
 
     Raises:
-        PlanError: bad sizes or objective, no forward-only pipeline fits, or the cache
-            fits nowhere.
+        PlanError: bad sizes, objective, cache mode or slack, no forward-only pipeline
+            fits, or the cache fits nowhere.
     """
     if batch_size < 1 or epochs < 1:
         raise PlanError(f"--batch-size and --epochs must be >= 1, got {batch_size} and "
@@ -408,6 +545,11 @@ def plan_finetune(costs: CostTable, cluster: Cluster, model: PacModel, *, batch_
     if not phase1_slack >= 0.0:
         raise PlanError(f"phase-1 slack must be >= 0 (a fraction of the fastest phase 1), "
                         f"got {phase1_slack}")
+    if cache not in CACHE_MODES:
+        raise PlanError(f"cache placement must be one of {list(CACHE_MODES)}, got {cache!r}")
+    if not cache_slack >= 0.0:
+        raise PlanError(f"cache slack must be >= 0 (a fraction of the phase-2 step), got "
+                        f"{cache_slack}")
     steps = num_samples // batch_size
     if steps < 1:
         raise PlanError(f"{num_samples} samples make no full batch of {batch_size}; use "
@@ -423,7 +565,8 @@ def plan_finetune(costs: CostTable, cluster: Cluster, model: PacModel, *, batch_
     for label, phase1 in candidates:
         try:
             draft = _draft(costs, cluster, model, coarse, phase1, batch_size=batch_size,
-                           num_samples=num_samples, steps=steps, epochs=epochs)
+                           num_samples=num_samples, steps=steps, epochs=epochs, cache=cache,
+                           cache_slack=cache_slack)
         except PlanError as exc:      # this phase 1 leaves no room for the cache
             error = error or exc
             continue
@@ -450,7 +593,30 @@ def plan_finetune(costs: CostTable, cluster: Cluster, model: PacModel, *, batch_
                         "peak_memory_bytes": dict(p.peak_memory_bytes)}
                        for i, (lab, d, p) in enumerate(drafts)],
     }
-    return replace(draft, predicted=pred, meta={**dict(draft.meta), "phase1_choice": choice})
+    return replace(draft, predicted=pred, meta={
+        **dict(draft.meta), "phase1_choice": choice,
+        "cache_choice": {"mode": cache, "slack": cache_slack,
+                         "reason": describe_cache(draft, pred)}})
+
+
+def describe_cache(plan: PacPlan, pred: PacPrediction) -> str:
+    """One line: where the cache lives and what it costs (see [Note: cache placement])."""
+    if plan.cache == "local":
+        return "local: every device caches the rows it trains on; nothing moves after phase 1"
+    parts = []
+    for phase, what in ((1, "phase 1"), (2, "phase 2")):
+        moved = []
+        for t, trainer in enumerate(plan.devices):
+            counts = plan.holders(trainer, phase)
+            off = [f"{counts[h]} on {d}" for h, d in enumerate(plan.devices)
+                   if h != t and counts[h]]
+            if off:
+                moved.append(f"{trainer}'s rows {', '.join(off)}")
+        if moved:
+            parts.append(f"{what}: " + "; ".join(moved))
+    return (f"sharded ({' | '.join(parts)}): hand-off after phase 1 "
+            f"{pred.handoff_s * 1e3:.2f} ms, fetches {pred.fetch_s * 1e3:.2f} ms per phase-2 "
+            f"step (overlapped)")
 
 
 def _reason(objective: str, slack: float, drafts: Sequence[tuple[str, PacPlan, PacPrediction]],
@@ -472,13 +638,26 @@ def _reason(objective: str, slack: float, drafts: Sequence[tuple[str, PacPlan, P
 
 
 def _draft(costs: CostTable, cluster: Cluster, model: PacModel, coarse: CostTable,
-           phase1: Plan, *, batch_size: int, num_samples: int, steps: int, epochs: int
-           ) -> PacPlan:
-    """A PAC plan around ``phase1``: phase-2 shares and fallbacks, no prediction."""
+           phase1: Plan, *, batch_size: int, num_samples: int, steps: int, epochs: int,
+           cache: str = "auto", cache_slack: float = 0.0) -> PacPlan:
+    """A PAC plan around ``phase1``: phase-2 shares, fallbacks and the cache's placement
+    (see [Note: cache placement]), no prediction."""
     p1_memory = evaluate(phase1, coarse, cluster.for_costs(coarse)).peak_memory_bytes
     devices = tuple(cluster.names)
-    shares = _phase2_shares(costs, cluster.for_costs(costs), model, batch_size, steps, devices,
-                            p1_memory)
+    try:
+        shares = _phase2_shares(costs, cluster.for_costs(costs), model, batch_size, steps,
+                                devices, p1_memory)
+    except PlanError as local_error:
+        if cache == "local":
+            raise
+        # no local placement: shares by the step's memory alone, the cache placed apart
+        try:
+            shares = _phase2_shares(costs, cluster.for_costs(costs), model, batch_size, 0,
+                                    devices, p1_memory)
+        except PlanError:
+            raise local_error from None
+    phase1_holders, phase2_holders = ({}, {}) if cache == "local" else place_cache(
+        costs, cluster, model, devices, shares, steps, p1_memory, cache_slack, phase1)
     fallback = {}
     for lost, lost_share in zip(devices, shares, strict=True):
         others = tuple(d for d in devices if d != lost)
@@ -491,7 +670,108 @@ def _draft(costs: CostTable, cluster: Cluster, model: PacModel, coarse: CostTabl
     return PacPlan(model=model, batch_size=batch_size, num_samples=num_samples,
                    steps_per_epoch=steps, epochs=epochs, phase1=phase1, devices=devices,
                    shares=shares, model_hash=costs.model_hash,
-                   cluster_hash=cluster.cluster_hash, fallback=fallback)
+                   cluster_hash=cluster.cluster_hash, fallback=fallback,
+                   cache="sharded" if phase1_holders or phase2_holders else "local",
+                   cache_phase1=phase1_holders, cache_phase2=phase2_holders)
+
+
+# [Note: cache placement]
+# Where the activation cache lives is planned per trainer and per phase. In phase 1 a
+# device holds the frozen segments of its stage and the cache fills up; in phase 2 the
+# backbone is gone and the device holds the adapter step. So a device's peak is
+#     max(phase-1 peak + rows held in phase 1, phase-2 step + rows held in phase 2 + wires)
+# and memory one phase needs is free in the other. Every trainer starts with its own rows
+# (``local``: nothing moves after phase 1); ``place_cache`` then moves one row of every
+# mini-batch at a time (``steps x entry_bytes`` bytes) from a holder to another device,
+# in phase 1 (the row is *parked* there while the backbone is held and handed to its
+# phase-2 holder when phase 1 ends, once) or in phase 2 (the trainer *fetches* it from
+# its holder every step over the process group, posted a step ahead so that the link
+# overlaps the step before). It keeps the move that lowers most the bytes by which
+# devices exceed their memory, else the sum of the devices' peaks (a row goes where
+# memory is held anyway in the other phase: a device's peak does not grow), ties broken
+# by the lowest largest memory pressure ``peak_d / memory_d``, until no move lowers
+# either: a row moves only where memory dictates, never merely to even out the devices'
+# pressure (that would fill a small device up to a large one's). A phase-2 move must keep
+# the predicted phase-2 step (``max(compute + all-reduce, busiest port's fetch per
+# step)``) within ``1 + cache_slack`` of the local cache's, unless a device is over its
+# memory. When
+# devices still exceed their memory the cache fits nowhere: ``PlanError`` naming the
+# device and the bytes short.
+
+def _holders_of(devices: Sequence[str], shares: Sequence[int], rows: Sequence[Sequence[int]]
+                ) -> dict[str, tuple[int, ...]]:
+    return {d: tuple(rows[t]) for t, (d, s) in enumerate(zip(devices, shares, strict=True))
+            if rows[t][t] != s}
+
+
+def place_cache(costs: CostTable, cluster: Cluster, model: PacModel, devices: Sequence[str],
+                shares: Sequence[int], steps: int, p1_memory: Mapping[str, int],
+                cache_slack: float = DEFAULT_CACHE_SLACK, phase1: Plan | None = None
+                ) -> tuple[dict[str, tuple[int, ...]], dict[str, tuple[int, ...]]]:
+    """The cache's holders in phase 1 and in phase 2 (``PacPlan.cache_phase1/2``; empty:
+    every trainer caches its own rows), see [Note: cache placement]; pure.
+
+    Raises:
+        PlanError: the cache fits nowhere (names the device and the bytes short).
+    """
+    cluster = cluster.for_costs(costs)
+    n = len(devices)
+    memory = [cluster.device(d).memory_bytes for d in devices]
+    compute = _phase2_compute(costs, cluster, model, devices, shares)
+    base_step = max(compute) + allreduce_time(cluster, devices, model.wire_bytes)
+    limit = (1.0 + cache_slack) * base_step * (1 + 1e-9)
+
+    def score(one: list[list[int]], two: list[list[int]]) -> tuple[float, ...]:
+        peak, _ = _peaks(costs, model, devices, shares, steps, p1_memory,
+                         _holders_of(devices, shares, one), _holders_of(devices, shares, two),
+                         phase1)
+        over = sum(max(0, peak[d] - memory[i]) for i, d in enumerate(devices))
+        pressure = max(peak[d] / memory[i] for i, d in enumerate(devices))
+        return (float(over), float(sum(peak.values())), round(pressure, 12))
+
+    def step_s(two: list[list[int]]) -> float:
+        return max(base_step, _fetch_s(cluster, devices, shares,
+                                       _holders_of(devices, shares, two), model.entry_bytes))
+
+    rows = [[[s if j == t else 0 for j in range(n)] for t, s in enumerate(shares)]
+            for _phase in (1, 2)]
+    best = score(*rows)
+    for _round in range(4 * n * sum(shares) + 1):
+        found: tuple[tuple[float, ...], int, int, int, int] | None = None
+        for phase in (0, 1):
+            for t in range(n):
+                for a in range(n):
+                    if rows[phase][t][a] == 0:
+                        continue
+                    for b in range(n):
+                        if b == a:
+                            continue
+                        rows[phase][t][a] -= 1
+                        rows[phase][t][b] += 1
+                        got = score(*rows)
+                        ok = got[:2] < best[:2] and (phase == 0 or got[0] > 0
+                                                     or step_s(rows[1]) <= limit)
+                        rows[phase][t][a] += 1
+                        rows[phase][t][b] -= 1
+                        if ok and (found is None or got < found[0]):
+                            found = (got, phase, t, a, b)
+        if found is None:
+            break
+        best, phase, t, a, b = found
+        rows[phase][t][a] -= 1
+        rows[phase][t][b] += 1
+    if best[0] > 0:
+        peak, _ = _peaks(costs, model, devices, shares, steps, p1_memory,
+                         _holders_of(devices, shares, rows[0]),
+                         _holders_of(devices, shares, rows[1]), phase1)
+        gap, device = max((peak[d] - memory[i], d) for i, d in enumerate(devices))
+        raise PlanError(
+            f"the activation cache does not fit: device {device!r} would hold "
+            f"{peak[device]} bytes with its share of the cache ({steps} steps x "
+            f"{model.entry_bytes} bytes a sample) but has {cluster.device(device).memory_bytes} "
+            f"bytes, {max(int(gap), 1)} bytes short, however the cache is sharded; use fewer "
+            f"samples (--samples), fewer taps, a smaller batch or devices with more memory")
+    return (_holders_of(devices, shares, rows[0]), _holders_of(devices, shares, rows[1]))
 
 
 def replan_phase1(pac: PacPlan, costs: CostTable, cluster: Cluster, failed: Sequence[str]
@@ -521,5 +801,6 @@ def replan_phase1(pac: PacPlan, costs: CostTable, cluster: Cluster, failed: Sequ
         else DEFAULT_PHASE1_SLACK
     fresh = plan_finetune(costs, cluster.subset(survivors), pac.model,
                           batch_size=pac.batch_size, num_samples=pac.num_samples,
-                          epochs=pac.epochs, phase1_objective=objective, phase1_slack=slack)
+                          epochs=pac.epochs, phase1_objective=objective, phase1_slack=slack,
+                          cache="local")
     return replace(fresh.phase1, plan_version=pac.phase1.plan_version + 1)

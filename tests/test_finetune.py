@@ -46,6 +46,9 @@ def test_plans_and_writes_the_pac_directory(tmp_path: Path,
     # the report explains the phase-1 choice and lists the candidates it chose from
     assert "phase-1 choice (memory objective):" in text
     assert plan.meta["phase1_choice"]["objective"] == "memory"
+    # and where the cache lives
+    assert f"cache: {plan.cache}" in text and plan.meta["cache_choice"]["reason"]
+    assert plan.meta["cache_choice"]["mode"] == "auto"
 
 
 def test_simulate_a_finetune_directory(tmp_path: Path,
@@ -213,6 +216,8 @@ network:
     (["--rank", "0"], "AdapterError: adapter rank must be an integer >= 1, got 0"),
     (["--method", "lora"], "--method must be pac or full"),
     (["--tap", "nope"], "no layer or module named 'nope'"),
+    (["--cache", "disk"], "cache placement must be one of ['auto', 'local'], got 'disk'"),
+    (["--cache-slack", "-1"], "cache slack must be >= 0"),
 ])
 def test_bad_options_are_one_line(extra: list[str], words: str, tmp_path: Path,
                                   capsys: pytest.CaptureFixture[str]) -> None:

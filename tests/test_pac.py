@@ -48,7 +48,8 @@ def test_plan_shares_by_speed_and_round_trips() -> None:
     pred = plan.predicted
     assert pred is not None
     assert pred.total_s == pytest.approx(pred.epoch1_s + 2 * pred.epoch_s)
-    assert pred.epoch1_s == pytest.approx(5 * (pred.phase1_step_s + pred.phase2_step_s))
+    assert pred.epoch1_s == pytest.approx(5 * (pred.phase1_step_s + pred.phase2_step_s)
+                                          + pred.handoff_s)
     assert pred.phase1_step_s > 3 * pred.phase2_step_s     # 9 frozen layers vs 1 + adapters
     assert pred.cache_bytes == {"d0": 4 * 5 * MODEL.entry_bytes,
                                 "d1": 2 * 5 * MODEL.entry_bytes,
@@ -251,3 +252,97 @@ def test_a_pipeline_is_predicted_no_faster_than_its_simulation() -> None:
     assert back == pred
     older = {k: v for k, v in pred.to_dict().items() if k != "phase1_closed_form_s"}
     assert type(pred).from_dict(older).phase1_closed_form_s == 0.0   # plans made before
+
+
+# -- the cache's placement (see [Note: cache placement]) ----------------------------------
+
+def _placed(memory_mib: list[int], cache: str = "auto", **kwargs: float) -> PacPlan:
+    cluster = make_cluster([1.0, 0.5, 0.5], bandwidth_mbps=1000, memory_mib=memory_mib)
+    return plan_finetune(COSTS, cluster, MODEL, batch_size=8, num_samples=80, epochs=3,
+                         cache=cache, **kwargs)
+
+
+def _rows_held(plan: PacPlan, phase: int) -> dict[str, int]:
+    return {d: sum(b - a for a, b in rs)
+            for d, rs in zip(plan.devices, plan.homes(phase), strict=True)}
+
+
+def test_a_cache_that_fits_only_sharded_is_streamed_from_other_devices() -> None:
+    with pytest.raises(PlanError, match=r"device 'd1' .* bytes short"):
+        _placed([64, 4, 64], cache="local")
+    plan = _placed([64, 4, 64])
+    assert plan.cache == "sharded" and "d1" in plan.cache_phase2
+    assert PacPlan.from_json(plan.to_json()) == plan
+    held, own = _rows_held(plan, 2), dict(zip(plan.devices, plan.shares, strict=True))
+    assert held["d1"] < own["d1"] and sum(held.values()) == plan.batch_size
+    pred = plan.predicted
+    assert pred is not None and pred.fetch_s > 0
+    assert pred.phase2_step_s >= pred.fetch_s
+    # every device within its memory, and the cache bytes are where the rows are held
+    cluster = make_cluster([1.0, 0.5, 0.5], memory_mib=[64, 4, 64])
+    for d, peak in pred.peak_memory_bytes.items():
+        assert peak <= cluster.device(d).memory_bytes
+        assert pred.cache_bytes[d] == held[d] * plan.steps_per_epoch * MODEL.entry_bytes
+    assert "sharded" in plan.meta["cache_choice"]["reason"]
+
+
+def test_rows_parked_in_phase_1_make_the_cache_fit() -> None:
+    with pytest.raises(PlanError, match=r"device 'd0' .* bytes short"):
+        _placed([12, 12, 12], cache="local")
+    plan = _placed([12, 12, 12])
+    # d0 runs phase 1's last stage: its rows wait on another device until phase 1 ends
+    assert plan.cache == "sharded" and "d0" in plan.cache_phase1
+    assert _rows_held(plan, 1)["d0"] < _rows_held(plan, 2)["d0"]
+    pred = plan.predicted
+    assert pred is not None
+    cluster = make_cluster([1.0, 0.5, 0.5], memory_mib=[12, 12, 12])
+    assert all(peak <= cluster.device(d).memory_bytes
+               for d, peak in pred.peak_memory_bytes.items())
+    # rows held elsewhere in phase 1 than in phase 2 are handed over once, in epoch 1
+    assert (pred.handoff_s > 0) == (plan.homes(1) != plan.homes(2))
+    assert pred.epoch1_s == pytest.approx(plan.steps_per_epoch * (pred.phase1_step_s
+                                                                  + pred.phase2_step_s)
+                                          + pred.handoff_s)
+
+
+def test_sharding_lowers_the_summed_peak_and_only_where_memory_dictates() -> None:
+    local, auto = _placed([64, 20, 64], cache="local"), _placed([64, 20, 64])
+    assert local.cache == "local" and not local.cache_phase1 and not local.cache_phase2
+    assert local.predicted is not None and auto.predicted is not None
+    assert auto.cache == "sharded"
+    assert sum(auto.predicted.peak_memory_bytes.values()) < \
+        sum(local.predicted.peak_memory_bytes.values())
+    # on devices with room to spare everywhere, nothing moves
+    roomy = _placed([64, 64, 64])
+    assert roomy.cache == "local" and roomy.predicted is not None
+    assert roomy.predicted.fetch_s == 0 and roomy.predicted.handoff_s == 0
+
+
+def test_no_slack_keeps_fetches_hidden_behind_the_step() -> None:
+    plan = _placed([64, 20, 64])
+    assert plan.cache_phase2 and plan.predicted is not None and plan.predicted.fetch_s > 0
+    local_like = replace(plan, cache="local", cache_phase1={}, cache_phase2={})
+    assert plan.predicted is not None
+    base = predict_finetune(local_like, COSTS, make_cluster([1.0, 0.5, 0.5],
+                                                           bandwidth_mbps=1000,
+                                                           memory_mib=[64, 20, 64]))
+    assert plan.predicted.phase2_step_s == pytest.approx(base.phase2_step_s)
+
+
+@pytest.mark.parametrize("kwargs, match", [({"cache": "disk"}, "cache placement must be"),
+                                           ({"cache_slack": -1.0}, "cache slack must be")])
+def test_bad_cache_mode_or_slack(kwargs: dict[str, object], match: str) -> None:
+    with pytest.raises(PlanError, match=match):
+        plan_finetune(COSTS, make_cluster([1.0, 0.5, 0.5]), MODEL, batch_size=8,
+                      num_samples=16, epochs=1, **kwargs)  # type: ignore[arg-type]
+
+
+def test_cache_holders_must_add_up_to_the_share() -> None:
+    plan = _placed([12, 12, 12])
+    with pytest.raises(PlanError, match="adding up to its share"):
+        replace(plan, cache_phase2={"d0": (1, 1, 0)})
+    with pytest.raises(PlanError, match="use cache='local'"):
+        replace(plan, cache_phase1={}, cache_phase2={})
+    # the layout: a trainer's own rows first, then the other holders in device order
+    homes = plan.homes(2)
+    assert sorted(i for rs in homes for a, b in rs for i in range(a, b)) == list(range(8))

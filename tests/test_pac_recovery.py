@@ -47,8 +47,9 @@ def test_a_device_lost_in_phase_1_is_recovered(tmp_path: Path, fail: str) -> Non
     # every row of the mini-batch has one owner, the lost device's rows split as planned
     owned = sorted(i for rs in event["rows"].values() for a, b in rs for i in range(a, b))
     assert owned == list(range(6))
-    lo, hi = plan.sample_range(lost)
-    assert event["recomputed_rows"] == int(step) * (hi - lo)
+    # the entries the lost device held in phase 1 (its own rows, or rows parked on it)
+    held = sum(b - a for a, b in plan.homes(1)[plan.devices.index(lost)])
+    assert event["recomputed_rows"] == int(step) * held
     for key in ("detect_s", "replan_s", "restore_s", "recompute_s", "total_s"):
         assert 0 <= event[key] < 30, key
     rows = [json.loads(line) for line in metrics.read_text().splitlines() if '"step"' in line]
@@ -64,7 +65,8 @@ def test_bad_fail_values_are_one_line_errors(tmp_path: Path) -> None:
     _spec, cluster, costs, out, plan, cluster_file = _prepare(tmp_path)
     for bad, message in [("z@1", "not in the PAC plan"), ("b", "DEVICE@STEP"),
                          ("b@x", "DEVICE@STEP"), ("b@4", "steps 0..3"),
-                         ("a@1,b@1,c@1", "every device"), ("a@1,b@2", "one lost device")]:
+                         ("a@1,b@1,c@1", "every device"), ("a@1,b@2", "one lost device"),
+                         ("b@a9", "steps 0..3"), ("b@ax", "DEVICE@aSTEP")]:
         with pytest.raises(RuntimeFailure, match=message) as info:
             parse_fail(bad, plan)
         assert "\n" not in str(info.value)
@@ -72,6 +74,9 @@ def test_bad_fail_values_are_one_line_errors(tmp_path: Path) -> None:
     with pytest.raises(RuntimeFailure, match="no other device can cache"):
         parse_fail("c@1", no_fallback)
     assert parse_fail("b@1", plan) is not None and parse_fail(None, plan) is None
+    after = parse_fail("b@a1", plan)      # epoch 1's adapter step 1: not a phase-1 loss
+    assert after is not None and after.step == 1 and not after.in_phase1(plan)
+    assert parse_fail("b@1", plan).in_phase1(plan)  # type: ignore[union-attr]
     # the run refuses before any process starts
     with pytest.raises(RuntimeFailure, match="not in the PAC plan"):
         run_finetune(out, cluster_file, fail="z@0", timeout_s=60)

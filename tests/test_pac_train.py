@@ -83,11 +83,11 @@ PIPELINED_PHASE1 = Plan(model_hash="h", cluster_hash="c", batch_size=6, micro_ba
 """Segment 0 on a, segments 1-2 on b + c (2/1), two micro-batches of 3: a hand-off."""
 
 
-def prepare_tiny(tmp_path: Path, epochs: int, *, pipelined: bool = False
-                 ) -> tuple[Any, Cluster, Any, Path, PacPlan, Path]:
+def prepare_tiny(tmp_path: Path, epochs: int, *, pipelined: bool = False,
+                 cache: str = "auto") -> tuple[Any, Cluster, Any, Path, PacPlan, Path]:
     """``(spec, cluster, costs, out, plan, cluster_file)``: the tiny GPT on a, b, c,
     prepared for ``epochs`` epochs of 2 mini-batches of 6 (adapter rank 4); with
-    ``pipelined``, phase 1 is :data:`PIPELINED_PHASE1`."""
+    ``pipelined``, phase 1 is :data:`PIPELINED_PHASE1`; ``cache``: the placement mode."""
     model_file = tmp_path / "tiny.py"
     model_file.write_text(TINY_GPT)
     cluster_file = tmp_path / "c.yaml"
@@ -97,7 +97,7 @@ def prepare_tiny(tmp_path: Path, epochs: int, *, pipelined: bool = False
     costs = analytic_costs(spec.build_model(), spec.example_inputs(2)[0], model_name=spec.name)
     out = tmp_path / "pac"
     plan = prepare_finetune(spec, cluster, costs, out, batch_size=6, epochs=epochs,
-                            num_samples=12, rank=4)
+                            num_samples=12, rank=4, cache=cache)
     if pipelined:
         plan = replace(plan, phase1=PIPELINED_PHASE1)
         plan = replace(plan, predicted=predict_finetune(plan, costs, cluster))
@@ -116,10 +116,16 @@ def assert_matches_reference(losses: list[float], spec: Any, epochs: int) -> lis
     return reference
 
 
-@pytest.mark.parametrize("pipelined", [False, True], ids=["planned", "pipeline-handoff"])
-def test_emulated_pac_equals_the_reference(tmp_path: Path, pipelined: bool) -> None:
+@pytest.mark.parametrize("pipelined, cache", [(False, "auto"), (False, "local"),
+                                             (True, "auto")],
+                         ids=["planned", "local-cache", "pipeline-handoff"])
+def test_emulated_pac_equals_the_reference(tmp_path: Path, pipelined: bool, cache: str
+                                           ) -> None:
     spec, _cluster, _costs, out, plan, cluster_file = prepare_tiny(tmp_path, 2,
-                                                                   pipelined=pipelined)
+                                                                   pipelined=pipelined,
+                                                                   cache=cache)
+    if cache == "local":
+        assert plan.cache == "local"
     if pipelined:
         assert stage_segments(PacSource(str(out)).pac_plan(), 1) == [1, 2]
     metrics = tmp_path / "m.jsonl"
@@ -129,9 +135,12 @@ def test_emulated_pac_equals_the_reference(tmp_path: Path, pipelined: bool) -> N
     rows = [json.loads(line) for line in metrics.read_text().splitlines()]
     assert [r["phase"] for r in rows] == [1, 1, 2, 2]
     assert [r["cache_hit_rate"] for r in rows] == [0.0, 0.0, 1.0, 1.0]
-    shares = dict(zip(plan.devices, plan.shares, strict=True))
     entry = plan.model.entry_bytes
-    assert rows[-1]["cache_bytes"] == {d: 2 * shares[d] * entry for d in plan.devices}
+    # every device caches the rows the plan places on it in phase 2 (2 mini-batches)
+    held = {d: sum(b - a for a, b in rs) for d, rs in zip(plan.devices, plan.homes(2),
+                                                          strict=True)}
+    assert rows[-1]["cache_bytes"] == {d: 2 * held[d] * entry for d in plan.devices}
+    assert sum(held.values()) == plan.batch_size
     assert all(v > 0 for v in rows[-1]["peak_memory_bytes"].values())
     # epoch-1 rows carry each phase-1 device's forward and sample-making seconds
     p1_devices = set(plan.phase1.devices)
@@ -143,8 +152,9 @@ def test_emulated_pac_equals_the_reference(tmp_path: Path, pipelined: bool) -> N
     assert PacPlan.load(out / PAC_PLAN_FILE) == plan
 
 
-def test_a_device_lost_in_phase_2_loses_only_its_share(tmp_path: Path) -> None:
-    spec, _cluster, _costs, out, plan, cluster_file = prepare_tiny(tmp_path, 3)
+@pytest.mark.parametrize("cache", ["auto", "local"])
+def test_a_device_lost_in_phase_2_loses_only_its_share(tmp_path: Path, cache: str) -> None:
+    spec, _cluster, _costs, out, plan, cluster_file = prepare_tiny(tmp_path, 3, cache=cache)
     assert set(plan.fallback) == {"a", "b", "c"}
     assert sum(plan.fallback["c"]) == dict(zip(plan.devices, plan.shares, strict=True))["c"]
     metrics = tmp_path / "m.jsonl"
@@ -158,10 +168,32 @@ def test_a_device_lost_in_phase_2_loses_only_its_share(tmp_path: Path) -> None:
     assert [r["step"] for r in rows] == list(range(6))
     after = rows[3]
     assert set(after["cache_bytes"]) == {"a", "b"}
-    lost = dict(zip(plan.devices, plan.shares, strict=True))["c"]
-    # only c's rows are recomputed: every other row of the step comes from the cache
-    assert after["cache_hit_rate"] == pytest.approx(1 - lost / 6)
+    # only the rows cached on c are recomputed (c's own when the cache is local); c's rows
+    # cached on another device reach their new trainer from there
+    on_c = sum(b - a for a, b in plan.homes(2)[plan.devices.index("c")])
+    assert cache == "auto" or on_c == dict(zip(plan.devices, plan.shares, strict=True))["c"]
+    assert after["cache_hit_rate"] == pytest.approx(1 - on_c / 6)
     assert rows[5]["cache_hit_rate"] == 1.0           # mini-batch 1's rows too, by then
+
+
+def test_a_device_lost_after_phase_1_in_epoch_1_is_recovered(tmp_path: Path) -> None:
+    spec, _cluster, _costs, out, plan, cluster_file = prepare_tiny(tmp_path, 2)
+    metrics = tmp_path / "m.jsonl"
+    # adapter step 1 of epoch 1: phase 1 has filled the whole cache by then
+    result = run_finetune(out, cluster_file, seed=0, lr=0.05, metrics=metrics, timeout_s=300,
+                          fail="c@a1")
+    assert_matches_reference(result.losses, spec, 2)
+    (event,) = result.recoveries
+    assert event["phase"] == 2 and event["failed"] == ["c"] and event["at_step"] == 1
+    assert event["lost_steps"] == 0 and set(event["rows"]) == {"a", "b"}
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()
+            if '"step"' in line]
+    assert [r["step"] for r in rows] == list(range(4))
+    assert [r["phase"] for r in rows] == [1, 1, 2, 2]
+    assert set(rows[1]["cache_bytes"]) == {"a", "b"}
+    on_c = sum(b - a for a, b in plan.homes(2)[plan.devices.index("c")])
+    # mini-batch 1's rows cached on c are recomputed in epoch 2's step 3, the rest hit
+    assert rows[3]["cache_hit_rate"] == pytest.approx(1 - on_c / 6)
 
 
 @pytest.mark.slow
