@@ -125,7 +125,7 @@ after the lean hops). A device at speed ``v`` pays it at ``1 / v``, a message at
 end (``CostTable.message_cost_s``)."""
 
 
-def phase1_costs(costs: CostTable, taps: Sequence[int], cluster: Cluster) -> CostTable:
+def phase1_costs(costs: CostTable, taps: Sequence[int]) -> CostTable:
     """The forward-only table of phase 1 (:func:`segment_costs`) with the runtime's cost
     per message (see [Note: phase-1 time]): the table's ``message_overhead_s`` when
     ``calibrate`` fitted it to a run, else ``MESSAGE_CPU_S`` (a host's probe figure,
@@ -167,7 +167,7 @@ def predict_finetune(plan: PacPlan, costs: CostTable, cluster: Cluster) -> PacPr
     """Predict both phases of ``plan`` (see [Note: PAC phases] and [Note: phase-1 time]);
     pure."""
     model = plan.model
-    coarse = phase1_costs(costs, model.taps, cluster)
+    coarse = phase1_costs(costs, model.taps)
     p1_cluster = cluster.for_costs(coarse)
     cluster = cluster.for_costs(costs)
     p1 = evaluate(plan.phase1, coarse, p1_cluster)
@@ -557,7 +557,7 @@ def plan_finetune(costs: CostTable, cluster: Cluster, model: PacModel, *, batch_
     if batch_size < len(cluster.devices):
         raise PlanError(f"--batch-size {batch_size} is smaller than the {len(cluster.devices)} "
                         f"devices of the cluster; phase 2 gives every device >= 1 sample")
-    coarse = phase1_costs(costs, model.taps, cluster)
+    coarse = phase1_costs(costs, model.taps)
     candidates = _phase1_candidates(coarse, cluster, batch_size, phase1_planner,
                                     micro_batch_size, phase1_objective)
     drafts: list[tuple[str, PacPlan, PacPrediction]] = []

@@ -93,7 +93,7 @@ def simulate_phase1(plan: PacPlan, costs: CostTable, cluster: Cluster
         raise PlanError(f"PAC plan devices {missing} are not in the cluster "
                         f"({list(cluster.names)}); simulate with the cluster it was made for")
     model = plan.model
-    coarse = phase1_costs(costs, model.taps, cluster)
+    coarse = phase1_costs(costs, model.taps)
     net = cluster.for_costs(coarse)
     timing = Timing.of(coarse, net)
     speeds = Timing.of(costs, cluster.for_costs(costs)).speeds

@@ -154,15 +154,15 @@ def test_bad_phase1_objective_or_slack(objective: str, slack: float, match: str)
 
 def test_phase1_costs_charge_the_runtime_per_message() -> None:
     cluster = make_cluster([1.0, 0.5], bandwidth_mbps=1000)
-    coarse = phase1_costs(COSTS, MODEL.taps, cluster)
+    coarse = phase1_costs(COSTS, MODEL.taps)
     assert coarse.message_overhead_s == pytest.approx(MESSAGE_CPU_S)
     # at one core: a message to or from the half-speed device pays twice that
     assert cluster.for_costs(coarse).latency_s("d0", "d1") == pytest.approx(MESSAGE_CPU_S / 0.5)
     calibrated = replace(COSTS, message_overhead_s=2e-4,      # fitted to a run: kept
                          meta={**COSTS.meta, "calibration": {}})
-    assert phase1_costs(calibrated, MODEL.taps, cluster).message_overhead_s == 2e-4
+    assert phase1_costs(calibrated, MODEL.taps).message_overhead_s == 2e-4
     probed = replace(COSTS, message_overhead_s=2e-4)   # the host probe's all-reduce step
-    assert phase1_costs(probed, MODEL.taps, cluster).message_overhead_s == pytest.approx(
+    assert phase1_costs(probed, MODEL.taps).message_overhead_s == pytest.approx(
         MESSAGE_CPU_S)
 
 
@@ -175,7 +175,7 @@ def test_phase1_prediction_adds_the_hand_off_after_the_pipeline() -> None:
                stages=(Stage((0, 1), ("d0",), (2,)), Stage((2, 2), ("d1",), (2,))))
     piped = replace(plan, phase1=one, shares=(2, 2))
     pred = predict_finetune(piped, COSTS, cluster)
-    coarse = phase1_costs(COSTS, MODEL.taps, cluster)
+    coarse = phase1_costs(COSTS, MODEL.taps)
     from solver.evaluate import evaluate
     e_f = [st.e_f for st in evaluate(one, coarse, cluster.for_costs(coarse)).stages]
     pipeline = sum(e_f) + max(e_f)          # M = 2
