@@ -65,7 +65,11 @@ def test_ilp_planners_through_the_api() -> None:
     for name in ("ilp", "ilp-wide"):
         result = plan(costs, cluster, batch, planner=name)
         assert result.planner.name == name and result.predicted is not None
-        assert result.planner.check["ilp_status"] == "optimal"
+        # CBC now and then runs a solve of this 3-layer instance to its time limit and
+        # returns its incumbent (1-2 of 24 plans in a fresh venv, the same binary, also
+        # before issue 13; never here in the development environment): either way the
+        # plan is scored by the same model and carries the status
+        assert result.planner.check["ilp_status"] in ("optimal", "time limit (feasible)")
 
 
 def test_micro_batch_sizes_are_respected() -> None:
