@@ -156,6 +156,7 @@ def save_partition(
     chosen = find_token(token, out) or new_token()
     written[TOKEN_FILE] = write_token(out, chosen)
     if example_inputs is not None:
+        example_inputs = check_rows(example_inputs)
         _check_outputs(stages, loaded, example_inputs)
     if onnx:
         if example_inputs is None:
@@ -246,6 +247,37 @@ def _header(info: StageInfo, spec: str | None) -> list[str]:
             f"The runtime imports this file (Python >= 3.8, torch >= 2.0), builds "
             f"Stage{info.index} under the meta device",
             f"and loads stage_{info.index}.weights.pt with torch.load(weights_only=True)."]
+
+
+CHECK_ROWS = 2
+"""Samples of the example batch the written stages are checked (and exported to ONNX) on:
+the stages are batch-polymorphic (the runtime feeds them micro-batches of any size, and the
+ONNX files have a dynamic batch dimension), and two samples keep train-mode BatchNorm
+defined while a batch of 64 images would cost the check seconds of convolutions."""
+
+
+def check_rows(example_inputs: Any, rows: int = CHECK_ROWS) -> Any:
+    """``example_inputs`` cut to its first ``rows`` samples: every tensor whose dimension 0
+    is the batch (the first tensor's dimension 0) is sliced; other tensors and values are
+    kept as they are, in the same container (tensor, tuple or mapping)."""
+    from contracts.inputs import model_inputs
+
+    tensors = [t for t in model_inputs(example_inputs)
+               if isinstance(t, torch.Tensor) and t.dim() > 0]
+    if not tensors or tensors[0].shape[0] <= rows:
+        return example_inputs
+    batch = tensors[0].shape[0]
+
+    def cut(value: Any) -> Any:
+        if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == batch:
+            return value[:rows]
+        return value
+
+    if isinstance(example_inputs, Mapping):
+        return {key: cut(value) for key, value in example_inputs.items()}
+    if isinstance(example_inputs, torch.Tensor):
+        return cut(example_inputs)
+    return tuple(cut(value) for value in example_inputs)
 
 
 def _check_outputs(stages: Sequence[fx.GraphModule], loaded: Sequence[torch.nn.Module],

@@ -13,7 +13,7 @@ import pytest
 import torch
 from partition_cases import EXAMPLES, compose, example_spec, hand_plan
 
-from asteroid_fx.package import load_partition, save_partition, stage_example_args
+from asteroid_fx.package import check_rows, load_partition, save_partition, stage_example_args
 from asteroid_fx.partition import partition, stage_info
 from asteroid_fx.trace import trace
 from contracts.errors import PartitionError
@@ -214,3 +214,16 @@ def test_missing_report_modules_are_skipped(tmp_path: Path, monkeypatch: pytest.
     assert Cluster.from_yaml(tmp_path / "cluster.yaml") == cluster
     assert "asteroid_fx.report is not available" in caplog.text
     assert "asteroid_fx.gantt is not available" in caplog.text
+
+
+def test_check_rows_cuts_the_batch_and_keeps_the_rest() -> None:
+    x, mask, scale = torch.randn(16, 3), torch.ones(4, 4), torch.tensor(2.0)
+    cut = check_rows((x, mask, scale))
+    assert cut[0].shape == (2, 3) and torch.equal(cut[0], x[:2])
+    assert cut[1] is mask and cut[2] is scale  # not the batch: dimension 0 is 4, or none
+    named = check_rows({"input_ids": torch.zeros(16, 8), "mask": torch.ones(16, 8)}, rows=3)
+    assert list(named) == ["input_ids", "mask"]
+    assert [t.shape[0] for t in named.values()] == [3, 3]
+    assert check_rows(x).shape == (2, 3)
+    small = (torch.randn(2, 3),)
+    assert check_rows(small) is small
