@@ -38,7 +38,7 @@ MAX_PROFILE_BATCH = 32
 Progress = Callable[[int, int, str], None]
 T = TypeVar("T")
 
-PROFILER_KEY = "chain/thread-cpu-time/less-timing-overhead/min-50ms"
+PROFILER_KEY = "chain/thread-cpu-time/less-timing-overhead/min-50ms/copy-in-place-only"
 """What the cached measurements were made with (part of the cache key): a change of the
 profiler's method invalidates the cache."""
 

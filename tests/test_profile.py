@@ -13,7 +13,7 @@ from asteroid_fx.costs import profile
 from asteroid_fx.trace import trace
 from contracts.errors import CostModelError
 from contracts.table import CostTable, TimeFit
-from cost_models.profile import fit_time, split_layers
+from cost_models.profile import _chain_pass, fit_time, in_place_layers, split_layers
 
 
 class ConvNet(nn.Module):
@@ -227,8 +227,6 @@ def test_integer_values_between_layers_get_no_gradient() -> None:
 def test_chain_pass_gradients_equal_a_plain_backward() -> None:
     """The layer-by-layer backward of chain mode (gradients of a value read by several
     layers are summed) computes exactly the whole model's parameter gradients."""
-    from cost_models.profile import _chain_pass
-
     torch.manual_seed(0)
     model = ConvNet().train()
     (x,), _ = conv_batch(2)
@@ -237,7 +235,8 @@ def test_chain_pass_gradients_equal_a_plain_backward() -> None:
     layers = split_layers(graph)
     placeholders = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
     torch.manual_seed(7)
-    f_times, b_times = _chain_pass(graph, layers, placeholders, (x,), 2)
+    f_times, b_times = _chain_pass(graph, layers, placeholders, (x,), 2,
+                                   in_place_layers(layers))
     chained = {name: p.grad.clone() for name, p in gm.named_parameters()}
     assert len(f_times) == len(b_times) == graph.num_layers
     assert all(t > 0 for t in f_times)
@@ -287,3 +286,64 @@ def test_what_timing_a_layer_adds_is_measured_and_taken_off(measured: CostTable)
     assert 0.0 < eps_f < 1e-3 and 0.0 < eps_b < 1e-3
     # nothing goes below zero, a layer never timed stays zero
     assert profile_module._less([[3e-6, 0.0, 1e-5]], 5e-6) == [[0.0, 0.0, 5e-6]]
+
+
+class InPlaceOps(nn.Module):
+    """In-place writes to layer inputs: a method and a functional ``inplace=True`` (fx traces
+    ``+=`` on a proxy as an out-of-place add)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(8, 8)
+        self.fc2 = nn.Linear(8, 8)
+        self.fc3 = nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc1(x).mul_(2.0)
+        h = self.fc2(h)
+        h += 1.0
+        return self.fc3(torch.nn.functional.relu(h, inplace=True))
+
+
+def test_in_place_layers_are_found() -> None:
+    """The layers that may write to an input are the ones a chain pass copies inputs for;
+    a model without such operations copies nothing (no second copy of its activations)."""
+    layers = split_layers(trace(ConvNet().train(), conv_batch(2)[0]))
+    assert in_place_layers(layers) == {
+        layer.index for layer in layers
+        if any(n.op == "call_module" and n.target == "act" for n in layer.module.graph.nodes)}
+    assert in_place_layers(split_layers(trace(Tiny(), tiny_batch(2)[0]))) == set()
+    graph = trace(InPlaceOps(), tiny_batch(2)[0])
+    found = in_place_layers(split_layers(graph))
+    kinds = {str(n.target) for layer in split_layers(graph) if layer.index in found
+             for n in layer.module.graph.nodes}
+    assert "mul_" in kinds and any("relu" in k for k in kinds)
+    assert len(found) == 2
+
+
+@pytest.mark.parametrize("scan", [True, False])
+def test_chain_pass_with_in_place_ops_matches_a_plain_backward(scan: bool) -> None:
+    """With the scan (or without it: a layer that fails uncopied is learnt and run again
+    copied) the chain pass leaves the inputs as they were and computes the model's exact
+    gradients."""
+    torch.manual_seed(0)
+    for model, (inputs, _) in ((InPlaceOps().train(), tiny_batch(4)),
+                               (ConvNet().train(), conv_batch(2))):
+        graph = trace(model, inputs)
+        gm, layers = graph.graph_module, split_layers(graph)
+        placeholders = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
+        kept = [t.clone() for t in inputs]
+        in_place = in_place_layers(layers) if scan else set()
+        torch.manual_seed(7)
+        _chain_pass(graph, layers, placeholders, inputs, 4, in_place)
+        if not scan:
+            assert in_place  # learnt from the failures
+        assert all(torch.equal(a, b) for a, b in zip(inputs, kept, strict=True))
+        chained = {name: p.grad.clone() for name, p in gm.named_parameters()}
+        for p in gm.parameters():
+            p.grad = None
+        out = gm(*inputs)
+        torch.manual_seed(7)
+        out.backward(torch.randn_like(out))
+        for name, p in gm.named_parameters():
+            assert torch.allclose(chained[name], p.grad, atol=1e-5), name
