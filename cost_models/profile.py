@@ -722,9 +722,12 @@ def _chain_pass(graph: LayerGraph, layers: Sequence[LayerModule], placeholders: 
                 torch.autograd.backward([t for t, _ in pairs], [g for _, g in pairs])
                 b_times[layer.index] = compute_clock() - start
             outputs[layer.index] = ()
+            for name in layer.outputs:  # its activations go as backward passes them
+                env.pop(name, None)
             for name, leaf in leaves[layer.index]:
                 if leaf.grad is not None:
                     grads[name] = leaf.grad if name not in grads else grads[name] + leaf.grad
+            leaves[layer.index] = []
     return f_times, b_times
 
 
