@@ -144,7 +144,7 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="afx-readme-"))
     clone = work / "checkout"
     subprocess.run(["git", "clone", "-q", str(ROOT), str(clone)], check=True)
-    console = Console()
+    console = Console(width=None if sys.stdout.isatty() else 140)
     console.print(f"{len(found)} commands from {args.readme}; running in {clone} "
                   f"(log: {clone / 'check_readme.log'}); load {os.getloadavg()[0]:.1f}")
     rows: list[dict[str, object]] = []
@@ -161,8 +161,9 @@ def main() -> int:
                       f"{rows[-1]['peak_rss_mib']} MiB")
     table = Table(title=f"README commands (load {os.getloadavg()[0]:.1f} at the end; "
                         f"targets: rc 0, <= {WALL_TARGET_S:.0f} s, <= 2 GiB)")
-    for column in ("command", "rc", "wall (s)", "peak RSS (MiB)", "verdict"):
-        table.add_column(column)
+    table.add_column("command", no_wrap=True, overflow="ellipsis", max_width=72)
+    for column in ("rc", "wall (s)", "peak RSS (MiB)", "verdict"):
+        table.add_column(column, no_wrap=True)
     for row in rows:
         if "skipped" in row:
             table.add_row(str(row["command"]), "-", "-", "-", f"skipped: {row['skipped']}")
