@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
+import sys
 from collections.abc import Sequence
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import torch
@@ -145,3 +148,13 @@ class BatchlessAcross(nn.Module):
         s = torch.exp(self.scale)
         h = torch.relu(self.a(x))
         return h * s
+
+
+def load_tool(name: str) -> ModuleType:
+    """``tools/<name>.py`` imported as the module ``name`` (tools are scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module

@@ -2,29 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 import torch
-from partition_cases import ROOT
+from partition_cases import load_tool
 
 from asteroid_fx.model_spec import load_model_spec
 
-
-def _tool() -> ModuleType:
-    path = ROOT / "tools" / "check_model_zoo.py"
-    spec = importlib.util.spec_from_file_location("check_model_zoo", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["check_model_zoo"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-zoo = _tool()
+zoo = load_tool("check_model_zoo")
 
 PRELUDE = '''
 from torch import nn

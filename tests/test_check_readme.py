@@ -2,25 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
-from types import ModuleType
 
-from partition_cases import ROOT
+from partition_cases import ROOT, load_tool
 
-
-def _tool() -> ModuleType:
-    path = ROOT / "tools" / "check_readme.py"
-    spec = importlib.util.spec_from_file_location("check_readme", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["check_readme"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-tool = _tool()
+tool = load_tool("check_readme")
 
 README = """intro
 ```bash
