@@ -83,8 +83,10 @@ def profile(
     method: str = "chain",
     optimizer: BuildOptimizer | None = None,
     device_type: str = "local",
+    device: str | torch.device = "cpu",
 ) -> CostTable:
-    """Measure every layer's forward and backward time on one core of this host
+    """Measure every layer's forward and backward time on one core of this host (or on its
+    GPU: ``device="cuda"``)
     (:func:`cost_models.profile.profile`, whose arguments these are); the model is traced
     on ``example_inputs`` (default: ``sample_batch(max(batch_sizes))``) keeping
     ``leaf_modules`` whole, unless ``graph`` is given. Layer ``i`` of the result is layer
@@ -103,4 +105,4 @@ def profile(
     return profile_graph(model, sample_batch, batch_sizes, repeats=repeats, warmup=warmup,
                          progress=progress, example_inputs=example_inputs, graph=graph,
                          tracer=tracer, model_name=model_name, method=method,
-                         optimizer=optimizer, device_type=device_type)
+                         optimizer=optimizer, device_type=device_type, device=device)

@@ -76,6 +76,9 @@ def _parser() -> argparse.ArgumentParser:
                       help="timed runs per layer and batch size; the median is kept (5)")
     prof.add_argument("--leaf", action="append", default=None,
                       help="qualified name or class name of a module to keep whole")
+    prof.add_argument("--device", default="auto",
+                      help="where to run the layers: auto (CUDA where available, as `run` "
+                           "trains there; default), cpu, cuda or cuda:N")
     prof.add_argument("--no-runtime-overhead", dest="runtime_overhead", action="store_false",
                       help="skip measuring the runtime's own cost per stage call, round and "
                            "message on this device (about 20 s; `calibrate` then fits it "
@@ -87,12 +90,16 @@ def _parser() -> argparse.ArgumentParser:
 
 def profile_device(model: str, device_type: str, out: Path, *, batch_sizes: str = "1,2,4,8",
                    repeats: int = 5, leaf: Sequence[str] = (), runtime_overhead: bool = True,
-                   progress: Callable[[int, int, str], None] | None = None) -> Any:
+                   progress: Callable[[int, int, str], None] | None = None,
+                   device: str = "auto") -> Any:
     """Profile ``model`` on this device and write a table labelled ``device_type``
     (``asteroid-fx profile --device-type`` without the workstation's dependencies); with
     ``runtime_overhead``, also the runtime's own cost per stage call, round and message on
     this device (``asteroid_fx.runtime_overhead.measure_here``), which the column of this
-    type then carries after ``asteroid-fx costs merge``.
+    type then carries after ``asteroid-fx costs merge``. ``device`` is where the layers run
+    (``cost_models.profile.profiling_device``: by default CUDA where available, where
+    ``run`` trains); the runtime-overhead probe trains on the CPU, so on CUDA it is left
+    out and ``calibrate`` fits that overhead from a run.
 
     Returns:
         The ``CostTable`` written to ``out``.
@@ -113,11 +120,17 @@ def profile_device(model: str, device_type: str, out: Path, *, batch_sizes: str 
     if not out.parent.is_dir():
         raise CostModelError(f"--out {str(out)!r}: directory {str(out.parent)!r} does not "
                              f"exist")
+    from cost_models.profile import profiling_device
+
+    where = profiling_device(device)
     spec = load_model_spec(model)
     table = profile(spec.build_model(), spec.sample_batch, sizes, leaf_modules=tuple(leaf),
                     repeats=repeats, progress=progress, optimizer=spec.build_optimizer,
-                    device_type=device_type)
-    if runtime_overhead:
+                    device_type=device_type, device=where)
+    if runtime_overhead and where.type != "cpu":
+        log.warning("the runtime-overhead probe trains on the CPU: not measured for %s "
+                    "(`calibrate` fits it from a run)", where)
+    elif runtime_overhead:
         from dataclasses import replace
 
         from asteroid_fx.runtime_overhead import measure_here
@@ -149,11 +162,12 @@ def _profile_command(args: argparse.Namespace) -> None:
     table = profile_device(args.model, args.device_type, args.out,
                            batch_sizes=args.batch_sizes, repeats=args.repeats,
                            leaf=args.leaf or (), runtime_overhead=args.runtime_overhead,
-                           progress=progress)
+                           progress=progress, device=args.device)
     if tty:
         print(file=sys.stderr)
     print(f"profiled {table.num_layers} layers of {table.model_name} at batch sizes "
-          f"{list(table.batch_sizes)} on this {args.device_type} ({table.host}) -> {args.out}",
+          f"{list(table.batch_sizes)} on this {args.device_type} ({table.host}, "
+          f"{table.meta.get('device', 'cpu')}) -> {args.out}",
           flush=True)
 
 

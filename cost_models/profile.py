@@ -90,7 +90,7 @@ from cost_models.optimizer import BuildOptimizer, state_bytes
 from cost_models.optimizer import build as build_optimizer
 
 __all__ = ["profile", "split_layers", "LayerModule", "fit_time", "SampleBatch", "Progress",
-           "Tracer"]
+           "Tracer", "profiling_device"]
 
 logger = logging.getLogger(__name__)
 
@@ -118,6 +118,60 @@ class LayerModule:
     module: fx.GraphModule
     inputs: tuple[str, ...]
     outputs: tuple[str, ...]
+
+
+# -- where and how it is timed ------------------------------------------------------------
+
+# [Note: profiling on an accelerator]
+# On a board with CUDA (every Jetson), `python -m asteroid_fx.device run` trains on the GPU,
+# so a table measured on the board's CPU would describe the wrong processor. With
+# ``device`` a CUDA device, the model (a copy: the caller's stays where it is) and every
+# batch go there, and each timed region is bracketed by ``torch.cuda.synchronize``, read on
+# the wall clock: a layer's time is then its kernels' time plus what launching them costs,
+# as a training step pays it. The timing overhead taken off every layer (an empty layer's
+# call and one autograd launch, ``_timing_overhead``) is measured the same way, so the
+# synchronisation is taken off too. On the CPU the clock stays the thread's CPU time
+# ([Note: CPU time, not wall time]).
+
+
+def _cuda_clock() -> float:
+    torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+_clock: Callable[[], float] = compute_clock
+"""The clock of the profile under way (``profile`` sets it for its device)."""
+
+
+def _now() -> float:
+    return _clock()
+
+
+def profiling_device(device: str | torch.device | None) -> torch.device:
+    """The device a profile runs on: ``None`` or ``"auto"`` is CUDA where available (as
+    ``python -m asteroid_fx.device run`` trains there), else the CPU.
+
+    Raises:
+        CostModelError: an unknown device, or CUDA asked for where there is none.
+    """
+    if device is None or device == "auto":
+        return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    try:
+        chosen = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise CostModelError(f"unknown profiling device {device!r}; use cpu, cuda, cuda:N "
+                             f"or auto") from exc
+    if chosen.type not in ("cpu", "cuda"):
+        raise CostModelError(f"profiling device {device!r} is not supported; use cpu, cuda, "
+                             f"cuda:N or auto")
+    if chosen.type == "cuda" and not torch.cuda.is_available():
+        raise CostModelError(f"profiling device {device!r}: this torch "
+                             f"({torch.__version__}) sees no CUDA device; use --device cpu")
+    return chosen
+
+
+def _to(values: Sequence[Any], device: torch.device) -> tuple[Any, ...]:
+    return tuple(v.to(device) if isinstance(v, torch.Tensor) else v for v in values)
 
 
 # -- splitting ----------------------------------------------------------------------------
@@ -274,10 +328,10 @@ class _LayerTimer:
     def forward(self, number: int) -> float:
         calls = [self._args() for _ in range(number)]
         with torch.enable_grad():
-            start = compute_clock()
+            start = _now()
             for args in calls:
                 self.layer.module(*args)
-            return compute_clock() - start
+            return _now() - start
 
     def backward(self, number: int) -> float:
         with torch.enable_grad():
@@ -289,10 +343,10 @@ class _LayerTimer:
             for leaf in self.leaves:
                 if isinstance(leaf, torch.Tensor):
                     leaf.grad = None
-            start = compute_clock()
+            start = _now()
             for k in range(number):
                 torch.autograd.backward(tensors, grads, retain_graph=k < number - 1)
-            return compute_clock() - start
+            return _now() - start
 
     def needs_backward(self) -> bool:
         with torch.enable_grad():
@@ -403,8 +457,10 @@ def profile(
     method: str = "chain",
     optimizer: BuildOptimizer | None = None,
     device_type: str = "local",
+    device: str | torch.device = "cpu",
 ) -> CostTable:
-    """Measure every layer's forward and backward time on one core of this host.
+    """Measure every layer's forward and backward time on one core of this host, or on
+    its GPU (``device``).
 
     See the module note for the method. Layer ``i`` of the result is layer ``i`` of
     ``graph``, or of ``tracer(model, example_inputs)``: the cost models never trace
@@ -432,6 +488,9 @@ def profile(
             e.g. ``jetson-nano`` when run on a Nano); ``"local"`` for the workstation.
             A labelled table's times are taken as they are for devices of that type, and
             ``asteroid-fx costs merge`` joins tables of several types.
+        device: where the layers run: ``"cpu"`` (one core, the default), ``"cuda"`` /
+            ``"cuda:N"`` (a copy of the model on that GPU, timed between synchronisations:
+            [Note: profiling on an accelerator]) or ``"auto"`` (CUDA where available).
 
     Returns:
         A :class:`~contracts.table.CostTable` with source ``"measured"``.
@@ -451,6 +510,7 @@ def profile(
         raise CostModelError(
             f"unknown profiling method {method!r}; use one of {', '.join(_METHODS)}")
     _check_device_type(device_type)
+    where = profiling_device(device)
     if graph is None and tracer is None:
         raise CostModelError("profile needs the model's traced graph (graph=) or a tracer "
                              "(tracer=); asteroid_fx.profile traces the model for you")
@@ -459,7 +519,7 @@ def profile(
     name = model_name or type(model).__name__
     state = _ModelState(model)
     try:
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=[where] if where.type == "cuda" else []):
             torch.manual_seed(0)
             model.train()
             if example_inputs is None:
@@ -475,18 +535,25 @@ def profile(
                 graph = tracer(model, example_inputs)
             host_flops = measure_host_flops()
             host_bw = measure_host_mem_bw()
-            gm_state = _ModelState(graph.graph_module)
+            gm = graph.graph_module
+            home = next(iter(gm.parameters()), torch.empty(0)).device
+            gm_state = _ModelState(gm)
+            global _clock
             try:
-                graph.graph_module.train()
+                gm.to(where)  # and back below: the caller's model shares these modules
+                gm.train()
+                _clock = compute_clock if where.type == "cpu" else _cuda_clock
                 with single_thread():
                     measure = _measure_chain if method == "chain" else _measure
-                    fwd, bwd = measure(graph, sample_batch, sizes, repeats, warmup, progress)
-                    eps_f, eps_b = _timing_overhead(repeats, warmup)
+                    fwd, bwd = measure(graph, sample_batch, sizes, repeats, warmup, progress,
+                                       where)
+                    eps_f, eps_b = _timing_overhead(repeats, warmup, where)
                     fwd = _less(fwd, eps_f)
                     bwd = _less(bwd, eps_b)
-                    update_s, osf = _measure_update(graph.graph_module, optimizer,
-                                                    repeats, warmup)
+                    update_s, osf = _measure_update(gm, optimizer, repeats, warmup)
             finally:
+                _clock = compute_clock
+                gm.to(home)
                 gm_state.restore()
     finally:
         state.restore()
@@ -531,6 +598,8 @@ def profile(
             "update_s": update_s,
             "timing_overhead_s": [eps_f, eps_b],
             "host_mem_bw": float(host_bw),
+            "device": str(where) if where.type == "cpu" else
+            f"{where} ({torch.cuda.get_device_name(where)})",
             "profile_wall_s": wall,
         },
         update_s_per_byte=update_s / param_bytes if param_bytes > 0 else 0.0,
@@ -557,6 +626,7 @@ def _measure(
     repeats: int,
     warmup: int,
     progress: Progress | None,
+    device: torch.device,
 ) -> tuple[list[list[float]], list[list[float]]]:
     """Median forward / backward seconds, ``[layer][batch size index]``."""
     layers = split_layers(graph)
@@ -570,7 +640,7 @@ def _measure(
     if progress is not None:
         progress(0, total, "starting")
     for j, b in enumerate(sizes):
-        inputs = _draw_for(sample_batch, b, placeholders)
+        inputs = _to(_draw_for(sample_batch, b, placeholders), device)
         env: dict[str, Any] = dict(zip(placeholders, inputs))
         for layer in layers:
             args = [env[n] for n in layer.inputs]
@@ -608,6 +678,7 @@ def _measure_chain(
     repeats: int,
     warmup: int,
     progress: Progress | None,
+    device: torch.device,
 ) -> tuple[list[list[float]], list[list[float]]]:
     """Median forward / backward seconds, ``[layer][batch size index]``, timed in sequence.
 
@@ -632,7 +703,7 @@ def _measure_chain(
     if progress is not None:
         progress(0, total, "starting")
     for j, b in enumerate(sizes):
-        inputs = _draw_for(sample_batch, b, placeholders)
+        inputs = _to(_draw_for(sample_batch, b, placeholders), device)
         f_samples: list[list[float]] = [[] for _ in layers]
         b_samples: list[list[float]] = [[] for _ in layers]
         timed = repeats
@@ -690,9 +761,9 @@ def _chain_pass(graph: LayerGraph, layers: Sequence[LayerModule], placeholders: 
                     copy = layer.index in in_place
                     args = [_layer_arg(env[n], leaf_of.get(n), copy) for n in layer.inputs]
                     try:
-                        start = compute_clock()
+                        start = _now()
                         out = layer.module(*args)
-                        f_times[layer.index] = compute_clock() - start
+                        f_times[layer.index] = _now() - start
                     except RuntimeError:
                         if copy:
                             raise
@@ -718,9 +789,9 @@ def _chain_pass(graph: LayerGraph, layers: Sequence[LayerModule], placeholders: 
                     grad = grads.pop(out_name, None)
                     pairs.append((value, torch.randn_like(value) if grad is None else grad))
             if pairs:
-                start = compute_clock()
+                start = _now()
                 torch.autograd.backward([t for t, _ in pairs], [g for _, g in pairs])
-                b_times[layer.index] = compute_clock() - start
+                b_times[layer.index] = _now() - start
             outputs[layer.index] = ()
             for name in layer.outputs:  # its activations go as backward passes them
                 env.pop(name, None)
@@ -775,25 +846,26 @@ def _identity_layer() -> fx.GraphModule:
     return fx.GraphModule(torch.nn.Module(), graph)
 
 
-def _timing_overhead(repeats: int, warmup: int) -> tuple[float, float]:
+def _timing_overhead(repeats: int, warmup: int,
+                     device: torch.device | None = None) -> tuple[float, float]:
     """(forward, backward) seconds that timing one layer adds to its own work: the layer
     module's call, and one ``torch.autograd.backward`` launch on the smallest graph."""
     ident = _identity_layer()
-    x = torch.ones(1)
+    x = torch.ones(1, device=device)
     passes = warmup + max(repeats, 5) * 4
     fs: list[float] = []
     bs: list[float] = []
     with torch.enable_grad():
         for run in range(passes):
             leaf = x.clone().requires_grad_(True)
-            start = compute_clock()
+            start = _now()
             out = ident(leaf)
-            f = compute_clock() - start
+            f = _now() - start
             y = out[0] * 1.0
             g = torch.ones_like(y)
-            start = compute_clock()
+            start = _now()
             torch.autograd.backward([y], [g])
-            b = compute_clock() - start
+            b = _now() - start
             if run >= warmup:
                 fs.append(f)
                 bs.append(b)
@@ -820,10 +892,10 @@ def _measure_update(module: torch.nn.Module, optimizer: BuildOptimizer | None, r
             p.grad = torch.randn_like(p)
         samples = []
         for run in range(warmup + repeats):
-            start = compute_clock()
+            start = _now()
             opt.step()
             if run >= warmup:
-                samples.append(compute_clock() - start)
+                samples.append(_now() - start)
         weights = sum(p.numel() * p.element_size() for p in params)
         return statistics.median(samples), state_bytes(opt) / weights
     finally:

@@ -347,3 +347,27 @@ def test_chain_pass_with_in_place_ops_matches_a_plain_backward(scan: bool) -> No
         out.backward(torch.randn_like(out))
         for name, p in gm.named_parameters():
             assert torch.allclose(chained[name], p.grad, atol=1e-5), name
+
+
+def test_profiling_device_choices() -> None:
+    """auto is CUDA where available (as a board's `run` trains there), else the CPU; an
+    unknown or unsupported device, or CUDA where there is none, is a CostModelError."""
+    from cost_models.profile import profiling_device
+
+    want = "cuda" if torch.cuda.is_available() else "cpu"
+    assert profiling_device("auto").type == want and profiling_device(None).type == want
+    assert profiling_device("cpu") == torch.device("cpu")
+    with pytest.raises(CostModelError, match="unknown profiling device 'gpu0'"):
+        profiling_device("gpu0")
+    with pytest.raises(CostModelError, match="'meta' is not supported"):
+        profiling_device("meta")
+    if not torch.cuda.is_available():
+        with pytest.raises(CostModelError, match="sees no CUDA device; use --device cpu"):
+            profiling_device("cuda")
+        with pytest.raises(CostModelError, match="sees no CUDA device"):
+            profile(Tiny(), tiny_batch, (1, 2), repeats=1, warmup=0, device="cuda")
+
+
+def test_a_cpu_table_says_where_it_was_measured() -> None:
+    table = profile(Tiny(), tiny_batch, (1, 2), repeats=1, warmup=0, device="cpu")
+    assert table.meta["device"] == "cpu"
