@@ -53,11 +53,13 @@ def _tensors(value: Any) -> Iterator[torch.Tensor]:
             yield from _tensors(item)
 
 
-def _slice_rows(value: Any, rows: slice) -> Any:
+def _slice_rows(value: Any, rows: slice, device: torch.device) -> Any:
+    """Rows ``rows`` of the targets ``value`` (a tensor, or a tuple or list of them), on
+    ``device``: the model's output is there (a CUDA stage's loss needs CUDA targets)."""
     if isinstance(value, torch.Tensor):
-        return value[rows]
+        return value[rows].to(device)
     if isinstance(value, (tuple, list)):
-        return type(value)(_slice_rows(v, rows) for v in value)
+        return type(value)(_slice_rows(v, rows, device) for v in value)
     raise RuntimeFailure(f"targets must be a tensor or a tuple of tensors with the batch in "
                          f"dimension 0, got {type(value).__name__}")
 
@@ -314,7 +316,7 @@ class StageExecutor:
         else:
             out = self.module(*inputs)
         if self.is_last:
-            targets = _slice_rows(self._batch_targets, self._rows[m])
+            targets = _slice_rows(self._batch_targets, self._rows[m], self.device)
             loss = self.loss_fn(out, targets) * self.loss_weight
             self._losses[m] = loss
             self._stats.loss += float(loss.detach())

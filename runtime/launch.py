@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import os
@@ -276,9 +277,12 @@ def _run_torchrun(source: StageSource, plan: Plan, config: TrainConfig,
     backend = "nccl" if cuda and dist.is_nccl_available() else "gloo"
     tune_allocator()
     store = _join_torchrun(token, rank, world, config.timeout_s)
+    bound: dict[str, Any] = {}
+    if backend == "nccl" and "device_id" in inspect.signature(dist.init_process_group).parameters:
+        bound["device_id"] = device   # torch >= 2.3: NCCL need not guess it from the rank
     dist.init_process_group(backend, store=dist.PrefixStore(proto.Keys(0).process_group(), store),
                             rank=rank, world_size=world,
-                            timeout=timedelta(seconds=config.timeout_s))
+                            timeout=timedelta(seconds=config.timeout_s), **bound)
     log.info("rank %d runs device %s (stage %d) on %s with %s", rank, plan.devices[rank],
              plan.stage_of(plan.devices[rank]), device, backend)
     try:

@@ -329,3 +329,17 @@ def test_peer_dying_mid_step_raises_on_its_partner(tmp_path: Path,
     assert "rank 0 (device 'a', stage 0) failed at step 1, action 0RECV_B" in message
     assert "CommFailure" in message
     assert elapsed < 45
+
+
+def test_targets_go_to_the_stage_device() -> None:
+    """The last stage's loss takes targets on the stage's device (on CUDA the output is
+    there and nll_loss refuses CPU targets; found on an H200 by tools/check_cuda.py)."""
+    from runtime.executor import _slice_rows
+
+    y = torch.arange(8)
+    moved = _slice_rows(y, slice(2, 5), torch.device("meta"))
+    assert moved.device.type == "meta" and moved.shape == (3,)
+    pair = _slice_rows((y, y.float()), slice(0, 2), torch.device("cpu"))
+    assert isinstance(pair, tuple) and torch.equal(pair[0], y[:2])
+    with pytest.raises(RuntimeFailure, match="targets must be a tensor"):
+        _slice_rows({"y": y}, slice(0, 2), torch.device("cpu"))
