@@ -62,6 +62,7 @@ from solver.diagnose import no_fit_error
 from solver.dp import DPResult, asteroid_dp
 from solver.evaluate import LayerSums, evaluate
 from solver.link_bound import link_bound
+from solver.link_bound import structure as link_structure
 from solver.space import (
     DEFAULT_MAX_CUTS,
     ClassSpace,
@@ -261,15 +262,23 @@ def _class_bounds(costs: CostTable, cluster: Cluster, batch_size: int, mbs: Sequ
 
 
 def link_bounds(costs: CostTable, cluster: Cluster, batch_size: int, mbs: Sequence[int],
-                max_cuts: int | None) -> dict[int, float]:
-    """``solver.link_bound.link_bound`` per micro-batch size: a lower bound on every plan of
-    the wide space on the candidate cuts (milliseconds per size on fleets of 64 devices)."""
+                max_cuts: int | None, deadline: float | None = None) -> dict[int, float]:
+    """``solver.link_bound.link_bound`` per micro-batch size, as many as the
+    ``time.perf_counter()`` deadline allows: a lower bound on every plan of the wide space
+    on the candidate cuts."""
+    out: dict[int, float] = {}
+    if not mbs:
+        return out
     cluster = cluster.for_costs(costs)
     space = ClassSpace(costs, cluster)
     sums = LayerSums.of(costs)
     ends = candidate_cuts(costs, max_cuts)
-    return {mb: link_bound(space, sums, costs.cut_bytes, ends, mb, batch_size // mb)
-            for mb in mbs}
+    raw = link_structure(space)
+    for mb in mbs:
+        if deadline is not None and time.perf_counter() > deadline:
+            break
+        out[mb] = link_bound(space, sums, costs.cut_bytes, ends, mb, batch_size // mb, raw)
+    return out
 
 
 def search(costs: CostTable, cluster: Cluster, batch_size: int, *,
@@ -379,18 +388,18 @@ def search(costs: CostTable, cluster: Cluster, batch_size: int, *,
     # bound, else the larger of the work bound and the class bound
     proven = dict(wide.bounds) if wide is not None else {}
     searched = time.perf_counter() - started
+    # the link bound ([Note: the link bound] in solver.link_bound; milliseconds to a few
+    # tenths of a second per size) first, within the deadline, then the class bound
+    links = {} if complete else link_bounds(
+        costs, cluster, batch_size, [mb for mb in mbs if mb not in proven], max_cuts,
+        deadline)
     if not complete and (deadline is not None or searched >= CLASS_BOUND_AFTER_S):
         until = (deadline if deadline is not None
                  else time.perf_counter() + CLASS_BOUND_SHARE * searched)
         proven.update(_class_bounds(costs, cluster, batch_size, mbs, max_cuts, best_value,
                                     proven, until))
-    if not complete:
-        # the link bound (cheap, [Note: the link bound]) wherever it proves more
-        links = link_bounds(costs, cluster, batch_size,
-                            [mb for mb in mbs if mb not in (wide.bounds if wide else {})],
-                            max_cuts)
-        for mb, value in links.items():
-            proven[mb] = max(value, proven.get(mb, work_bound(costs, cluster, batch_size, mb)))
+    for mb, value in links.items():
+        proven[mb] = max(value, proven.get(mb, work_bound(costs, cluster, batch_size, mb)))
     bound = min(min(proven.get(mb, work_bound(costs, cluster, batch_size, mb)), best_value)
                 for mb in mbs)
     cuts = len(candidate_cuts(costs, max_cuts))

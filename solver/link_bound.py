@@ -53,6 +53,7 @@ sample's activations over one link: BERT-small's embedding on a 100 Mbps network
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 
@@ -62,7 +63,7 @@ from solver.bounds import _min_max_ratio, _triangle_links
 from solver.space import SearchSpace
 from solver.timing import LayerSums
 
-__all__ = ["link_bound"]
+__all__ = ["link_bound", "structure"]
 
 _SLACK = 1.0 - 1e-9
 
@@ -113,42 +114,48 @@ def _profiles(bw: np.ndarray, d: int, outside: Sequence[int]) -> tuple[
     return in1, out1, [(in1, out2), (in2, out1)]
 
 
-def _rate(micro_batch: int, rates: Sequence[float]) -> float:
-    """``_min_max_ratio`` with inf for no split or a zero rate."""
+@functools.lru_cache(maxsize=65536)
+def _rate_sorted(micro_batch: int, rates: tuple[float, ...]) -> float:
     if any(r <= 0.0 for r in rates):
         return math.inf
     found = _min_max_ratio(micro_batch, rates)
     return math.inf if found is None else found
 
 
-def _options(space: SearchSpace, micro_batch: int) -> np.ndarray:
-    """Per group option (rows): ``(inv_u, beta, lat_in, gamma_in, lat_out, gamma_out,
-    gamma_in_mid, gamma_out_mid, reduce_a, reduce_b, step)``, lower bounds for every
-    group the option stands for (``_mid``: a stage with neighbours on both sides; ``gamma``:
-    the smallest ``max_j b_j / bw_j`` over the members' integer shares)."""
-    n, b = space.n, micro_batch
+def _rate(micro_batch: int, rates: Sequence[float]) -> float:
+    """``_min_max_ratio`` with inf for no split or a zero rate (the order of the rates
+    does not matter)."""
+    return _rate_sorted(micro_batch, tuple(sorted(rates)))
+
+
+Raw = tuple[float | tuple[float, ...], ...]
+"""An option before the micro-batch size is known: ``(inv_u, speeds, lat_in, ins, lat_out,
+outs, mid_ins, mid_outs, reduce_a, reduce_b, step)``, the rate lists as tuples."""
+
+
+def structure(space: SearchSpace) -> list[Raw]:
+    """The group options of [Note: the link bound] for every micro-batch size (distinct
+    ones only): every device alone, every pair, and ``n >= 3`` devices relaxed."""
+    n = space.n
     bw, lat = _links(space)
     u = np.asarray(space.bounds, dtype=np.float64)
     step = _step_rates(space)
     lat_in_all = lat.min(axis=0) if n > 1 else np.full(n, math.inf)
     lat_out_all = lat.min(axis=1) if n > 1 else np.full(n, math.inf)
-    out: list[tuple[float, ...]] = []
+    found: dict[Raw, None] = {}
     # every device alone: all samples through its own links
     for d in range(n):
         others = [e for e in range(n) if e != d]
         in1, out1, mids = _profiles(bw, d, others)
         for mid_in, mid_out in mids:
-            out.append((1.0 / u[d], b / u[d], float(lat_in_all[d]), _rate(b, [in1]),
-                        float(lat_out_all[d]), _rate(b, [out1]), _rate(b, [mid_in]),
-                        _rate(b, [mid_out]), 0.0, 0.0, float(step[d])))
-    if b < 2 or n < 2:
-        return np.asarray(out, dtype=np.float64)
+            found[(1.0 / u[d], (float(u[d]),), float(lat_in_all[d]), (in1,),
+                   float(lat_out_all[d]), (out1,), (mid_in,), (mid_out,), 0.0, 0.0,
+                   float(step[d]))] = None
+    if n < 2:
+        return list(found)
     # every pair: its own links to the others, the all-reduce over the link between them
     for a in range(n):
         for c in range(a + 1, n):
-            beta = _min_max_ratio(b, [float(u[a]), float(u[c])])
-            if beta is None:
-                continue
             rest = [e for e in range(n) if e not in (a, c)]
             in_a, out_a, mids_a = _profiles(bw, a, rest)
             in_c, out_c, mids_c = _profiles(bw, c, rest)
@@ -160,12 +167,14 @@ def _options(space: SearchSpace, micro_batch: int) -> np.ndarray:
                 lat_in = lat_out = math.inf
             link = min(float(bw[a, c]), float(bw[c, a]))
             far = max(float(lat[a, c]), float(lat[c, a]))
+            pair_speeds = tuple(sorted((float(u[a]), float(u[c]))))
             for ma in mids_a:
                 for mc in mids_c:
-                    out.append((1.0 / max(u[a], u[c]), beta, lat_in, _rate(b, [in_a, in_c]),
-                                lat_out, _rate(b, [out_a, out_c]), _rate(b, [ma[0], mc[0]]),
-                                _rate(b, [ma[1], mc[1]]), 1.0 / link, 2.0 * far,
-                                float(min(step[a], step[c]))))
+                    found[(1.0 / max(u[a], u[c]), pair_speeds, lat_in,
+                           tuple(sorted((in_a, in_c))), lat_out,
+                           tuple(sorted((out_a, out_c))), tuple(sorted((ma[0], mc[0]))),
+                           tuple(sorted((ma[1], mc[1]))), 1.0 / link, 2.0 * far,
+                           float(min(step[a], step[c])))] = None
     # three or more: the n fastest of everything, the best triangle's links; in the
     # middle, k members with their P1 profile (fastest in) and n - k with P2 (fastest out)
     tri_bw, tri_lat = _triangle_links(space)
@@ -179,36 +188,59 @@ def _options(space: SearchSpace, micro_batch: int) -> np.ndarray:
     p1_out = sorted((p[2][0][1] for p in prof), reverse=True)
     p2_in = sorted((p[2][-1][0] for p in prof), reverse=True)
     p2_out = sorted((p[2][-1][1] for p in prof), reverse=True)
-    for size in range(3, min(n, b) + 1):
-        beta = _min_max_ratio(b, speeds[:size])
-        if beta is None:
-            continue
-        if size == n:     # no device outside: no stage before or after
-            g_in = g_out = math.inf
-        else:
-            g_in, g_out = _rate(b, ins[:size]), _rate(b, outs[:size])
+    for size in range(3, n + 1):
         for k in range(size + 1):
-            if size == n:
-                m_in = m_out = math.inf
+            if size == n:     # no device outside: no stage before or after
+                g_in: tuple[float, ...] = (0.0,)
+                g_out: tuple[float, ...] = (0.0,)
+                m_in: tuple[float, ...] = (0.0,)
+                m_out: tuple[float, ...] = (0.0,)
             else:
-                m_in = _rate(b, p1_in[:k] + p2_in[:size - k])
-                m_out = _rate(b, p1_out[:k] + p2_out[:size - k])
-            out.append((1.0 / speeds[0], beta, lat0, g_in, lat0, g_out, m_in, m_out,
-                        2.0 * (size - 1) / (size * tri_bw), 2.0 * (size - 1) * tri_lat,
-                        float(step.min())))
-    return np.unique(np.asarray(out, dtype=np.float64), axis=0)
+                g_in, g_out = tuple(ins[:size]), tuple(outs[:size])
+                m_in = tuple(p1_in[:k] + p2_in[:size - k])
+                m_out = tuple(p1_out[:k] + p2_out[:size - k])
+            found[(1.0 / speeds[0], tuple(speeds[:size]), lat0, g_in, lat0, g_out, m_in,
+                   m_out, 2.0 * (size - 1) / (size * tri_bw), 2.0 * (size - 1) * tri_lat,
+                   float(step.min()))] = None
+            if size == n:
+                break
+    return list(found)
+
+
+def _options(raw: Sequence[Raw], micro_batch: int) -> np.ndarray:
+    """Per group option of ``structure`` that can take the micro-batch (at least one
+    sample per member), a row ``(inv_u, beta, lat_in, gamma_in, lat_out, gamma_out,
+    gamma_in_mid, gamma_out_mid, reduce_a, reduce_b, step)`` (``gamma``: the smallest
+    ``max_j b_j / bw_j`` over the members' integer shares; ``_mid``: a stage with
+    neighbours on both sides)."""
+    b = micro_batch
+    rows = []
+    for inv_u, speeds, lat_in, ins, lat_out, outs, m_in, m_out, red_a, red_b, step in raw:
+        assert isinstance(speeds, tuple) and isinstance(ins, tuple)
+        assert isinstance(outs, tuple) and isinstance(m_in, tuple)
+        assert isinstance(m_out, tuple)
+        if len(speeds) > b:
+            continue
+        beta = _rate(b, speeds)
+        if math.isinf(beta):
+            continue
+        rows.append((inv_u, beta, lat_in, _rate(b, ins), lat_out, _rate(b, outs),
+                     _rate(b, m_in), _rate(b, m_out), red_a, red_b, step))
+    return np.asarray(rows, dtype=np.float64).reshape(len(rows), 11)
 
 
 def link_bound(space: SearchSpace, sums: LayerSums, cut_bytes: Sequence[int],
-               ends: Sequence[int], micro_batch: int, num_micro: int) -> float:
+               ends: Sequence[int], micro_batch: int, num_micro: int,
+               raw: Sequence[Raw] | None = None) -> float:
     """A lower bound on the round time of every plan (every device order, any groups) with
     this micro-batch size whose non-final stages end after one of ``ends`` ([Note: the link
-    bound]); inf when no plan exists."""
+    bound]); inf when no plan exists. ``raw``: ``structure(space)``, to share between
+    micro-batch sizes."""
     m = num_micro
     num_layers = len(sums.fwd_slope) - 1
     firsts = [0] + [e + 1 for e in ends if e + 1 < num_layers]
     lasts = [e for e in ends if e < num_layers - 1] + [num_layers - 1]
-    opts = _options(space, micro_batch)
+    opts = _options(structure(space) if raw is None else raw, micro_batch)
     if not len(opts):
         return math.inf
     (inv_u, beta, lat_in, g_in, lat_out, g_out, g_in_m, g_out_m, red_a, red_b,
