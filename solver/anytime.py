@@ -61,6 +61,8 @@ from solver.bounds import bound_classes, class_bound
 from solver.diagnose import no_fit_error
 from solver.dp import DPResult, asteroid_dp
 from solver.evaluate import LayerSums, evaluate
+from solver.link_bound import link_bound
+from solver.link_bound import structure as link_structure
 from solver.space import (
     DEFAULT_MAX_CUTS,
     ClassSpace,
@@ -71,7 +73,7 @@ from solver.space import (
 from solver.summary import hiding_ratio
 from solver.timing import Timing
 
-__all__ = ["Progress", "SearchReport", "search", "plan_or_raise", "work_bound",
+__all__ = ["Progress", "SearchReport", "search", "plan_or_raise", "work_bound", "link_bounds",
            "check_time_limit", "wide_size", "WIDE_EXACT_MAX"]
 
 log = logging.getLogger(__name__)
@@ -259,6 +261,26 @@ def _class_bounds(costs: CostTable, cluster: Cluster, batch_size: int, mbs: Sequ
     return out
 
 
+def link_bounds(costs: CostTable, cluster: Cluster, batch_size: int, mbs: Sequence[int],
+                max_cuts: int | None, deadline: float | None = None) -> dict[int, float]:
+    """``solver.link_bound.link_bound`` per micro-batch size, as many as the
+    ``time.perf_counter()`` deadline allows: a lower bound on every plan of the wide space
+    on the candidate cuts."""
+    out: dict[int, float] = {}
+    if not mbs:
+        return out
+    cluster = cluster.for_costs(costs)
+    space = ClassSpace(costs, cluster)
+    sums = LayerSums.of(costs)
+    ends = candidate_cuts(costs, max_cuts)
+    raw = link_structure(space)
+    for mb in mbs:
+        if deadline is not None and time.perf_counter() > deadline:
+            break
+        out[mb] = link_bound(space, sums, costs.cut_bytes, ends, mb, batch_size // mb, raw)
+    return out
+
+
 def search(costs: CostTable, cluster: Cluster, batch_size: int, *,
            optimizer_state_factor: float = 0.0,
            micro_batch_sizes: Sequence[int] | None = None,
@@ -366,11 +388,18 @@ def search(costs: CostTable, cluster: Cluster, batch_size: int, *,
     # bound, else the larger of the work bound and the class bound
     proven = dict(wide.bounds) if wide is not None else {}
     searched = time.perf_counter() - started
+    # the link bound ([Note: the link bound] in solver.link_bound; milliseconds to a few
+    # tenths of a second per size) first, within the deadline, then the class bound
+    links = {} if complete else link_bounds(
+        costs, cluster, batch_size, [mb for mb in mbs if mb not in proven], max_cuts,
+        deadline)
     if not complete and (deadline is not None or searched >= CLASS_BOUND_AFTER_S):
         until = (deadline if deadline is not None
                  else time.perf_counter() + CLASS_BOUND_SHARE * searched)
         proven.update(_class_bounds(costs, cluster, batch_size, mbs, max_cuts, best_value,
                                     proven, until))
+    for mb, value in links.items():
+        proven[mb] = max(value, proven.get(mb, work_bound(costs, cluster, batch_size, mb)))
     bound = min(min(proven.get(mb, work_bound(costs, cluster, batch_size, mb)), best_value)
                 for mb in mbs)
     cuts = len(candidate_cuts(costs, max_cuts))
