@@ -80,6 +80,13 @@ class AdapterModel(nn.Module):
         every later step), so that their weights are freed."""
         self.segments = nn.ModuleList(nn.Identity() for _ in self.segments)
 
+    def set_head(self, head: nn.Module) -> None:
+        """Put ``head`` in place (frozen unless ``train_head``): a device that built the
+        model without it (phase 1 never runs the head) loads it for phase 2."""
+        for p in head.parameters():
+            p.requires_grad_(self.train_head)
+        self.head = head
+
     def run_segment(self, index: int, values: tuple[torch.Tensor, ...]
                     ) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
         """Segment ``index`` on the tensors of the cut before it: (the cut after it, its tap)."""

@@ -131,8 +131,9 @@ _META_TAG = {"f": 1, "b": 2}
 
 def _meta_tag(channel: str) -> int:
     """Tag of ``channel``'s shape header: 1 and 2 for the pipeline's "f" and "b"; other
-    channels (PAC's ``act<m>``/``tap<m>``) a stable tag in ``[3, 2**19)`` from the name,
-    below every message tag. Their data go with tag 0, matched in call order."""
+    channels (PAC's ``act``, ``tap<rows>``, ``fetch`` ...) a stable tag in ``[3, 2**19)``
+    from the name, below every message tag. Their data go with the tag the caller gives
+    (0 by default: matched in call order)."""
     tag = _META_TAG.get(channel)
     if tag is None:
         tag = 3 + zlib.crc32(channel.encode()) % ((1 << 19) - 3)

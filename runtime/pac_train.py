@@ -12,13 +12,24 @@ the adapters' initial weights (``adapters.weights.pt``). For epoch ``e`` and min
   the cut on, and then send each cache-entry part (their taps; the last stage: the head's
   inputs) to the device that caches those rows in phase 1 (the trainer, or where the plan
   parks them, [Note: cache placement] in solver/pac.py; parked rows go to their phase-2
-  holder when phase 1 ends, ``_rehome``). On one pair of ranks the activations
-  of a step all go before its entry parts, and the receiver takes them in that order, so
-  the asynchronous sends never deadlock. When the cache holds the whole epoch, every
-  device drops its backbone segments (``AdapterModel.drop_backbone``): the frozen weights
-  and the adapter steps' activations are never held at once, so a device's peak is the
-  larger of the two, not their sum. The losses are those of interleaving (the backbone
-  is frozen); step ``k`` of epoch 1 reports phase-1 mini-batch ``k``'s time with it.
+  holder when phase 1 ends, ``_rehome``). Each micro-batch's entry parts go as soon as
+  it is computed, and every message has a tag of its own (``phase1_tag``: its kind and
+  micro-batch), so a receive matches only its own message whatever the order of the
+  asynchronous sends, and nothing waits for a send before the mini-batch ends (no
+  deadlock). A stage waits for its cut pieces of two micro-batches ago before it sends
+  the next (the next stage takes them in its forward, which waits for nothing else), so
+  their wire buffers serve again, and a receive copies out of its buffer, which the
+  sender's next message of that size reuses; only the entry parts' sends are held until
+  the mini-batch ends (the owners take them after their own forward). Before 2026-12-05
+  the entry parts of a whole mini-batch waited for its last activation as tensors, and
+  every micro-batch had wire buffers of its own (6.4 MiB on ``fast`` of local3, see
+  docs/finetune.md). When the
+  cache holds the whole epoch, every device drops its backbone segments
+  (``AdapterModel.drop_backbone``) and loads the head (a frozen head is not needed
+  before): the frozen weights and the adapter steps' activations are never held at once,
+  so a device's peak is the larger of the two, not their sum. The losses are those of
+  interleaving (the backbone is frozen); step ``k`` of epoch 1 reports phase-1 mini-batch
+  ``k``'s time with it.
 * phase 2 (every step): the rows ``[lo, hi)`` of the mini-batch that this device trains on
   come from its cache, or from the device that caches them (``_Fetch``: sent a step ahead
   over the process group; hits either way; in epoch 1 all rows count as misses, computed
@@ -101,7 +112,7 @@ from runtime.replication import abort_connections
 from runtime.samples import SampleSource
 from runtime.train import TrainConfig, WorkerResult, make_optimizer, resolve_loss_fn
 
-__all__ = ["PacSource", "finetune_device", "build_device_model", "stage_segments",
+__all__ = ["PacSource", "finetune_device", "build_device_model", "load_head", "stage_segments",
            "BACKBONE_DIR", "PAC_PLAN_FILE", "LAYOUT_FILE", "ADAPTERS_FILE"]
 
 log = logging.getLogger(__name__)
@@ -163,16 +174,25 @@ class PacSource:
         return weights
 
 
-def build_device_model(source: PacSource, segments: Sequence[int]) -> AdapterModel:
+def build_device_model(source: PacSource, segments: Sequence[int],
+                       head: bool = True) -> AdapterModel:
     """The adapter model with only ``segments`` of the backbone loaded (the others are
-    placeholders), the head, and the adapters' initial weights."""
+    placeholders), the head (without ``head``: a placeholder, :func:`load_head` later),
+    and the adapters' initial weights."""
     layout = source.layout()
     k = len(layout["taps"])
     parts: list[nn.Module] = [source.load_stage(j) if j in segments else nn.Identity()
                               for j in range(k)]
-    model = AdapterModel.from_parts(parts, source.load_stage(k), layout)
+    model = AdapterModel.from_parts(parts, source.load_stage(k) if head else nn.Identity(),
+                                    layout)
     model.load_state_dict(source.adapter_weights(), strict=False)
     return model
+
+
+def load_head(source: PacSource, model: AdapterModel) -> None:
+    """Load the (frozen) head into a model built without it (phase 1 never runs the head:
+    a device loads it when phase 2 starts and its backbone segments are gone)."""
+    model.set_head(source.load_stage(len(model.taps)))
 
 
 def stage_segments(pac: PacPlan, rank: int) -> list[int]:
@@ -208,8 +228,10 @@ class _Phase1:
         self.compute_cpu_s = 0.0
         #: the most bytes of activations this rank held at once in phase 1 (received
         #: inputs, outputs, entry parts waiting for their owner or for the cache, and the
-        #: wire buffers of its messages)
+        #: wire buffers of its messages), and the most with the cache entries it held at
+        #: that moment
         self.in_flight_peak = 0
+        self.cached_peak = 0
         self.rank_of = {d: i for i, d in enumerate(group.devices)}
         me = group.devices[group.rank]
         self.stage = plan.stage_of(me) if me in plan.devices else None
@@ -250,11 +272,19 @@ class _Phase1:
         self.compute_s = self.samples_s = self.compute_cpu_s = 0.0
         channel = "tap" if wanted is None else "fix"
         if self.stage is not None:
-            self._forward(self.stage, step, local, wanted, channel)
+            self._forward(self.stage, step, local, wanted, channel, cache)
         self._collect(step, local, cache, wanted, channel)
 
+    def _note(self, held: Sequence[torch.Tensor], cache: ActivationCache) -> None:
+        """Count what this rank holds now: ``held`` (activations, entry parts), the wire
+        buffers, and (for the peak with the cache) the entries cached so far."""
+        now = storage_bytes(list(held) + self.comm.held())
+        self.in_flight_peak = max(self.in_flight_peak, now)
+        self.cached_peak = max(self.cached_peak, now + cache.bytes)
+
     def _forward(self, s: int, step: int, local: dict[tuple[int, int], tuple[torch.Tensor, ...]],
-                 wanted: Sequence[tuple[int, int]] | None, channel: str) -> None:
+                 wanted: Sequence[tuple[int, int]] | None, channel: str,
+                 cache: ActivationCache) -> None:
         plan = self.plan
         stage = plan.stages[s]
         me = self.group.devices[self.rank]
@@ -265,8 +295,12 @@ class _Phase1:
         outgoing = [] if s == plan.num_stages - 1 else [
             t for t in transfers(plan, s) if self.global_of[t.src] == self.rank]
         last_segment = len(self.model.taps) - 1
-        handoff: list[tuple[int, int, tuple[torch.Tensor, ...]]] = []
+        sent: list[tuple[str, int]] = []     # keys of the cut pieces sent, in order
         for m in self.micro_batches(wanted):
+            # the cut pieces sent two micro-batches ago have been taken (the next stage
+            # waits for nothing but cut pieces in its forward): their buffers serve again
+            self.comm.release(sent[:-1])
+            del sent[:-1]
             lo, hi = self._my_rows(s, me, m)
             values: tuple[torch.Tensor, ...]
             if s == 0:
@@ -275,7 +309,8 @@ class _Phase1:
                 values = model_inputs(inputs)
                 self.samples_s += time.perf_counter() - making
             else:
-                got = self.comm.recv([self.global_of[t.src] for t in incoming], f"act{m}")
+                got = self.comm.recv([self.global_of[t.src] for t in incoming], "act",
+                                     tag=phase1_tag("act", m))
                 values = _cat(got)
             taps = []
             computing, cpu = time.perf_counter(), time.thread_time()
@@ -289,23 +324,34 @@ class _Phase1:
             for t in outgoing:
                 a, b = t.start - (lo - m * plan.micro_batch_size), \
                     t.stop - (lo - m * plan.micro_batch_size)
-                self.comm.send([(self.global_of[t.dst], [v[a:b] for v in values])], f"act{m}")
+                self.comm.send([(self.global_of[t.dst], [v[a:b] for v in values])], "act",
+                               key=("act", m), tag=phase1_tag("act", m))
+            if outgoing:
+                sent.append(("act", m))
+            handoff: list[tuple[int, tuple[torch.Tensor, ...]]] = []
             for owner in range(self.group.world):
                 pieces = self.segments_for(lo, hi, owner, wanted)
                 if not pieces:
                     continue     # one message per owner: its rows of this micro-batch
-                rows = tuple(torch.cat([v[a - lo:b - lo] for a, b in pieces]) for v in part)
-                if owner == self.rank:
-                    local[(s, m)] = rows
+                if owner == self.rank:     # its own storage: the cache keeps only these
+                    local[(s, m)] = tuple(torch.cat([v[a - lo:b - lo] for a, b in pieces])
+                                          for v in part)
+                elif len(pieces) == 1:     # views: the send copies them into its buffer
+                    a, b = pieces[0]
+                    handoff.append((owner, tuple(v[a - lo:b - lo] for v in part)))
                 else:
-                    handoff.append((owner, m, rows))
-            held = [t for rows in local.values() for t in rows]
-            held += [t for _o, _m, rows in handoff for t in rows] + list(values) + list(part)
-            # and the wire buffers (sends posted, the pools), as runtime.executor counts
-            self.in_flight_peak = max(self.in_flight_peak, storage_bytes(held)
-                                      + storage_bytes(self.comm.held()))
-        for owner, m, rows in handoff:      # after every activation (see [Note: PAC run])
-            self.comm.send([(owner, list(rows))], f"{channel}{m}")
+                    handoff.append((owner, tuple(torch.cat([v[a - lo:b - lo]
+                                                            for a, b in pieces])
+                                                 for v in part)))
+            self._note([t for rows in local.values() for t in rows]
+                       + [t for _o, rows in handoff for t in rows] + list(values) + list(part),
+                       cache)
+            # each micro-batch's entry parts go at once (their own tags: no order to keep,
+            # [Note: PAC run]); the send copies them into its wire buffer, held until the
+            # mini-batch ends (the owner takes them after its own forward)
+            for owner, rows in handoff:
+                self.comm.send([(owner, list(rows))], f"{channel}{_count(rows)}",
+                               tag=phase1_tag(channel, m))
 
     def _collect(self, step: int, local: dict[tuple[int, int], tuple[torch.Tensor, ...]],
                  cache: ActivationCache, wanted: Sequence[tuple[int, int]] | None,
@@ -319,20 +365,45 @@ class _Phase1:
                     if not pieces:
                         continue
                     sender = self.rank_of[device]
-                    got = local[(s, m)] if sender == self.rank else \
-                        tuple(self.comm.recv([sender], f"{channel}{m}")[0])
+                    if sender == self.rank:
+                        got = local.pop((s, m))
+                    else:     # a copy: the wire buffer goes back to its pool at once
+                        got = tuple(self.comm.recv(
+                            [sender], f"{channel}{sum(b - a for a, b in pieces)}",
+                            tag=phase1_tag(channel, m))[0])
                     offset = 0
                     for a, b in pieces:
                         for i in range(a, b):
                             row = offset + i - a
                             parts.setdefault(i, []).extend(t[row:row + 1] for t in got)
                         offset += b - a
-        # the hand-offs' wire buffers (sends posted, the pools), held with the cache
-        self.in_flight_peak = max(self.in_flight_peak, storage_bytes(self.comm.held()))
-        self.comm.flush()
         start = step * self.batch_size
         for i, entry in parts.items():
             cache.put(start + i, tuple(entry))
+        # the entries of this mini-batch are in the cache now, with the wire buffers
+        self._note([], cache)
+        self.comm.flush()
+
+
+def phase1_tag(channel: str, microbatch: int) -> int:
+    """The tag of phase 1's message of ``channel`` (``act``: a cut piece; ``tap``: an entry
+    part for its owner; ``fix``: a recomputed one after a loss) for ``microbatch``: one of
+    its own per message kind and micro-batch, above the pipeline's
+    (``runtime.comm.message_tag``), so that a receive matches only its message whatever
+    the order of the sends ([Note: PAC run])."""
+    kinds = ("act", "tap", "fix")
+    if channel not in kinds:
+        raise RuntimeFailure(f"unknown phase-1 channel {channel!r}; one of {kinds}")
+    return PHASE1_TAG_BASE + len(kinds) * microbatch + kinds.index(channel)
+
+
+PHASE1_TAG_BASE = 1 << 28
+"""Tags of phase 1's messages start here (the pipeline's ``message_tag`` are ``2**20 +
+2 m``)."""
+
+
+def _count(rows: Sequence[torch.Tensor]) -> int:
+    return int(rows[0].shape[0])
 
 
 _SLOTS = 11  # loss, hits, misses, phase 1 s, phase 2 s, peak bytes, cache bytes,
@@ -588,7 +659,10 @@ def finetune_device(source: Any, rank: int, config: TrainConfig, *, hooks: Any =
     comm = _comm(rank, config, group.old_ranks)
     scale = _compute_scale(source, rank, config)
     segments = stage_segments(pac, rank)
-    model = build_device_model(inner, segments)
+    # a frozen head is not needed before phase 2: loaded when the backbone goes, so the
+    # two are never held at once (a trained head is in the optimizer from the start)
+    early_head = pac.model.train_head
+    model = build_device_model(inner, segments, head=early_head)
     full: AdapterModel | None = None      # the whole backbone, loaded to recompute rows
     params = model.trainable_parameters()
     optimizer = make_optimizer(model_file, params, config.lr)
@@ -609,11 +683,13 @@ def finetune_device(source: Any, rank: int, config: TrainConfig, *, hooks: Any =
     if p1.event is not None and metrics is not None and group.rank == 0:
         with metrics.open("a") as fh:
             fh.write(json.dumps(p1.event) + "\n")
-    peak = storage_bytes(list(model.parameters()) + list(model.buffers())) \
-        + p1.in_flight_peak
-    # with the cache: phase 1's tensors and every entry this device holds when it ends
-    peak_cached = peak + cache.bytes
+    weights = storage_bytes(list(model.parameters()) + list(model.buffers()))
+    peak = weights + p1.in_flight_peak
+    # with the cache: phase 1's tensors with the entries this device held at that moment
+    peak_cached = weights + max(p1.cached_peak, cache.bytes)
     model.drop_backbone()
+    if not early_head:
+        load_head(inner, model)
     fixed = storage_bytes(list(model.parameters()) + list(model.buffers()))
     # the rows parked here in phase 1 go to their phase-2 holders, once; each phase gets a
     # communicator of its own, so that no idle wire buffer of phase 1 outlives it
@@ -787,6 +863,7 @@ class _Phase1Run:
     generation: int = 0
     event: dict[str, Any] | None = None
     in_flight_peak: int = 0
+    cached_peak: int = 0
 
 
 class _NoticeWatch:
@@ -860,12 +937,14 @@ def _fill_cache(run: _Phase1Run) -> list[tuple[float, float, float, float]]:
                 watch.stop()
                 watch = None
                 run.in_flight_peak = max(run.in_flight_peak, phase1.in_flight_peak)
+                run.cached_peak = max(run.cached_peak, phase1.cached_peak)
                 phase1 = _recover_phase1(run, done, detected_at)
                 done = int(run.event["resume_step"]) if run.event else done
     finally:
         if watch is not None:
             watch.stop()
     run.in_flight_peak = max(run.in_flight_peak, phase1.in_flight_peak)
+    run.cached_peak = max(run.cached_peak, phase1.cached_peak)
     run.store.add(DONE_KEY, 1)
     return seconds
 

@@ -47,8 +47,9 @@ from solver.timing import Timing
 __all__ = ["PacModel", "PacPrediction", "PacPlan", "segment_costs", "phase1_costs",
            "plan_finetune",
            "predict_finetune", "describe_phase1", "PHASE1_OBJECTIVES", "replan_phase1",
-           "DEFAULT_PHASE1_SLACK", "place_cache", "describe_cache", "DEFAULT_CACHE_SLACK",
-           "CACHE_MODES"]   # the plan's data types live in contracts/pac_plan.py
+           "DEFAULT_PHASE1_SLACK", "place_cache", "phase1_memory", "describe_cache",
+           "DEFAULT_CACHE_SLACK", "CACHE_MODES"]
+# (the plan's data types live in contracts/pac_plan.py)
 
 FROZEN_BACKWARD_SHARE = 0.5
 """Backward time of a frozen layer (input gradients only) as a share of its measured
@@ -204,7 +205,8 @@ def predict_finetune(plan: PacPlan, costs: CostTable, cluster: Cluster) -> PacPr
     # phase 1 fills the whole cache before the adapters train and the backbone is dropped
     # then (runtime.pac_train): the frozen weights and the adapter steps never meet
     peak, cache = _peaks(costs, model, plan.devices, plan.shares, steps,
-                         p1.peak_memory_bytes, _table(plan, 1), _table(plan, 2), plan.phase1)
+                         phase1_memory(costs, model, plan.phase1), _table(plan, 1),
+                         _table(plan, 2), plan.phase1)
     return PacPrediction(phase1_step_s=phase1_step, phase2_step_s=phase2_step,
                          allreduce_s=allreduce, epoch1_s=epoch1, epoch_s=epoch,
                          total_s=total, peak_memory_bytes=peak, cache_bytes=cache,
@@ -266,25 +268,65 @@ def _counts(devices: Sequence[str], shares: Sequence[int], holders: Holders
 
 def _phase1_wire(costs: CostTable, model: PacModel, devices: Sequence[str],
                  plan: Plan | None, held: Sequence[int]) -> list[int]:
-    """Wire buffers of phase 1's hand-offs per device (``runtime.comm`` keeps one message
-    per peer and micro-batch in its pools): the entry parts of one mini-batch that it sends
-    (rows it computes and another device holds) and receives (rows it holds and another
-    device computes); ``held[h]``: rows of a mini-batch device ``h`` holds in phase 1
-    (rows spread evenly, an estimate for data-parallel stages)."""
+    """Wire buffers of phase 1's hand-offs per device (see [Note: phase-1 memory]): the
+    entry parts of one mini-batch that it sends (rows it computes and another device
+    holds; the owners take them after their own forward, so they wait until the
+    mini-batch ends) and of one micro-batch that it receives (rows it holds and another
+    device computes; a receive copies out of its buffer, which the next message of that
+    sender reuses); ``held[h]``: rows of a mini-batch device ``h`` holds in phase 1
+    (spread evenly over the micro-batches, an estimate)."""
     if plan is None:
         return [0] * len(devices)
     parts = entry_parts(costs, model.taps, model.entry_bytes)
-    batch = plan.batch_size
+    batch, mb = plan.batch_size, plan.micro_batch_size
     out = []
     for h, d in enumerate(devices):
         wire = 0.0
         for st in plan.stages:
             part = sum(parts[st.first:st.last + 1])
-            computed = (st.shares[st.devices.index(d)] * plan.num_micro_batches
-                        if d in st.devices else 0)
-            wire += part * computed * (1 - held[h] / batch)      # sent
-            wire += part * held[h] * (1 - computed / batch)      # received
+            computed = st.shares[st.devices.index(d)] if d in st.devices else 0
+            wire += part * computed * plan.num_micro_batches * (1 - held[h] / batch)  # sent
+            wire += part * mb * held[h] / batch * (1 - computed / mb)  # received
         out.append(int(wire))
+    return out
+
+
+# [Note: phase-1 memory]
+# What a device holds in phase 1 besides its cache rows (runtime.pac_train counts the
+# same tensors, [Note: PAC run] there): the frozen segments of its stage (no head: a
+# frozen head is loaded when phase 2 starts, after the segments are dropped), the
+# workspace constant of solver.evaluate, and for the micro-batch it has just computed at
+# its share b: the cut it received (b x cut_in), what its segments output (their taps and
+# the cut it passes on, b x its entry parts), the wire buffers of the cut (one received,
+# b x cut_in; two micro-batches sent, 2 b x cut_out: a stage waits for the pieces of two
+# micro-batches ago before it sends more); plus the hand-offs' wire buffers
+# (``_phase1_wire``: a mini-batch of them sent, a micro-batch received). Nothing is kept
+# for backward, so unlike ``solver.evaluate``'s training memory no micro-batch's
+# activations outlive it. The transients inside a
+# segment's forward (a feed-forward layer's hidden state) are not counted, as the runtime
+# does not see them either.
+
+def phase1_memory(costs: CostTable, model: PacModel, phase1: Plan) -> dict[str, int]:
+    """Bytes each device of ``phase1`` holds in phase 1 besides its cache rows and its
+    hand-offs' wire buffers (see [Note: phase-1 memory]); pure."""
+    coarse = segment_costs(costs, model.taps)
+    if phase1.stages and phase1.stages[-1].last >= coarse.num_layers:
+        raise PlanError(f"the phase-1 plan runs segments up to {phase1.stages[-1].last} but "
+                        f"the model has {coarse.num_layers} segments (taps "
+                        f"{list(model.taps)}); plan phase 1 on this model's segment table "
+                        f"(solver.pac.phase1_costs)")
+    parts = entry_parts(costs, model.taps, model.entry_bytes)
+    last = phase1.num_stages - 1
+    out = {}
+    for s, stage in enumerate(phase1.stages):
+        weights = sum(coarse.layers[j].buffer_bytes for j in range(stage.first, stage.last + 1))
+        cut_in = coarse.cut_bytes[stage.first - 1] if s > 0 else 0
+        cut_out = coarse.cut_bytes[stage.last] if s < last else 0
+        made = sum(parts[stage.first:stage.last + 1])
+        for d, b in zip(stage.devices, stage.shares, strict=True):
+            sends = min(2, phase1.num_micro_batches)
+            out[d] = int(WORKSPACE_BYTES + weights + b * (cut_in + made)
+                         + b * (cut_in + sends * cut_out))
     return out
 
 
@@ -299,8 +341,8 @@ def _peaks(costs: CostTable, model: PacModel, devices: Sequence[str], shares: Se
     unit, work = _phase2_per_sample(costs, model, steps)
     one, two = _counts(devices, shares, phase1), _counts(devices, shares, phase2)
     n = len(devices)
-    weights = sum(lc.param_bytes + lc.buffer_bytes
-                  for lc in costs.layers[model.taps[-1] + 1:]) + model.trainable_bytes
+    # phase 1 holds the adapters (and a trained head), not a frozen head
+    weights = model.trainable_bytes
     peak, cache = {}, {}
     wire1 = _phase1_wire(costs, model, devices, phase1_plan,
                          [sum(one[t][h] for t in range(n)) for h in range(n)])
@@ -311,7 +353,6 @@ def _peaks(costs: CostTable, model: PacModel, devices: Sequence[str], shares: Se
         # one step's receive buffers besides the step's entry (counted in ``work``)
         wire = model.entry_bytes * (2 * sum(two[t][h] for t in range(n) if t != h)
                                     + sum(two[h][j] for j in range(n) if j != h))
-        # every device holds the head and the adapters from the start (phase 1 included)
         peak[d] = max(p1_memory.get(d, 0) + weights + held1,
                       fixed + shares[h] * work + held2 + wire)
         cache[d] = held2
@@ -642,7 +683,7 @@ def _draft(costs: CostTable, cluster: Cluster, model: PacModel, coarse: CostTabl
            cache: str = "auto", cache_slack: float = 0.0) -> PacPlan:
     """A PAC plan around ``phase1``: phase-2 shares, fallbacks and the cache's placement
     (see [Note: cache placement]), no prediction."""
-    p1_memory = evaluate(phase1, coarse, cluster.for_costs(coarse)).peak_memory_bytes
+    p1_memory = phase1_memory(costs, model, phase1)
     devices = tuple(cluster.names)
     try:
         shares = _phase2_shares(costs, cluster.for_costs(costs), model, batch_size, steps,

@@ -17,6 +17,7 @@ from solver.pac import (
     PacModel,
     PacPlan,
     phase1_costs,
+    phase1_memory,
     plan_finetune,
     predict_finetune,
     segment_costs,
@@ -292,7 +293,7 @@ def test_rows_parked_in_phase_1_make_the_cache_fit() -> None:
     plan = _placed([12, 12, 12])
     # d0 runs phase 1's last stage: its rows wait on another device until phase 1 ends
     assert plan.cache == "sharded" and "d0" in plan.cache_phase1
-    assert _rows_held(plan, 1)["d0"] < _rows_held(plan, 2)["d0"]
+    assert _rows_held(plan, 1)["d0"] < plan.shares[plan.devices.index("d0")]
     pred = plan.predicted
     assert pred is not None
     cluster = make_cluster([1.0, 0.5, 0.5], memory_mib=[12, 12, 12])
@@ -346,3 +347,42 @@ def test_cache_holders_must_add_up_to_the_share() -> None:
     # the layout: a trainer's own rows first, then the other holders in device order
     homes = plan.homes(2)
     assert sorted(i for rs in homes for a, b in rs for i in range(a, b)) == list(range(8))
+
+
+def _pipeline(micro_batch: int, num_micro_batches: int) -> Plan:
+    """Segment 0 on d0, 1 on d1, 2 on d2, every device at the whole micro-batch."""
+    return Plan(model_hash="h", cluster_hash="c", batch_size=micro_batch * num_micro_batches,
+                micro_batch_size=micro_batch, num_micro_batches=num_micro_batches,
+                num_layers=3, stages=(Stage((0, 0), ("d0",), (micro_batch,)),
+                                      Stage((1, 1), ("d1",), (micro_batch,)),
+                                      Stage((2, 2), ("d2",), (micro_batch,))))
+
+
+def test_phase_1_memory_is_one_micro_batch_of_a_forward_only_stage() -> None:
+    from solver.evaluate import WORKSPACE_BYTES
+
+    one = phase1_memory(COSTS, MODEL, _pipeline(2, 4))
+    # nothing is kept for backward: more micro-batches of the same size hold no more
+    assert phase1_memory(COSTS, MODEL, _pipeline(2, 8)) == one
+    coarse = segment_costs(COSTS, MODEL.taps)
+    part = MODEL.entry_bytes // 3                 # three taps of equal cuts
+    cut = 64 * 1024
+    # the middle stage: its weights, the workspace, the cut it received and its wire
+    # buffer, its tap, and two micro-batches of the cut it sends
+    assert one["d1"] == WORKSPACE_BYTES + coarse.layers[1].buffer_bytes + 2 * (
+        cut + part) + 2 * (cut + 2 * cut)
+    # the first stage receives nothing; the last sends no cut
+    assert one["d0"] == WORKSPACE_BYTES + coarse.layers[0].buffer_bytes + 2 * part + 2 * 2 * cut
+    assert one["d2"] == WORKSPACE_BYTES + coarse.layers[2].buffer_bytes + 2 * (cut + part) \
+        + 2 * cut
+    # more rows per micro-batch hold more
+    assert all(v > one[d] for d, v in phase1_memory(COSTS, MODEL, _pipeline(4, 2)).items())
+
+
+def test_phase_1_memory_of_a_plan_for_another_model_is_a_plan_error() -> None:
+    wrong = Plan(model_hash="h", cluster_hash="c", batch_size=4, micro_batch_size=4,
+                 num_micro_batches=1, num_layers=5,
+                 stages=(Stage((0, 4), ("d0",), (4,)),))
+    with pytest.raises(PlanError, match=r"segments up to 4 but .* 3 segments .*phase1_costs"):
+        phase1_memory(COSTS, MODEL, wrong)
+

@@ -14,6 +14,7 @@ from asteroid_fx.costs import analytic_costs
 from asteroid_fx.finetune import prepare_finetune, reference_finetune, run_finetune
 from asteroid_fx.model_spec import load_model_spec
 from contracts.cluster import Cluster
+from contracts.errors import RuntimeFailure
 from contracts.plan import Plan, Stage
 from runtime.pac_train import PAC_PLAN_FILE, PacSource, stage_segments
 from solver.pac import PacPlan, predict_finetune
@@ -211,3 +212,34 @@ def test_hugging_face_bert_equals_the_reference(tmp_path: Path) -> None:
                                    seed=0, lr=0.05)
     for got, want in zip(result.losses, reference, strict=True):
         assert abs(got - want) <= 1e-4 * abs(want)
+
+
+def test_phase_1_messages_have_tags_of_their_own() -> None:
+    from runtime.comm import message_tag
+    from runtime.pac_train import PHASE1_TAG_BASE, phase1_tag
+
+    tags = [phase1_tag(kind, m) for kind in ("act", "tap", "fix") for m in range(512)]
+    assert len(set(tags)) == len(tags)            # a receive matches only its message
+    assert min(tags) >= PHASE1_TAG_BASE > message_tag("b", 100_000)
+    with pytest.raises(RuntimeFailure, match=r"unknown phase-1 channel 'act2'; one of"):
+        phase1_tag("act2", 0)
+
+
+def test_a_frozen_head_is_loaded_when_phase_2_starts(tmp_path: Path) -> None:
+    import torch
+
+    from runtime.pac_train import build_device_model, load_head
+
+    _spec, _cluster, _costs, out, plan, _cluster_file = prepare_tiny(tmp_path, 1)
+    source = PacSource(str(out))
+    everything = list(range(len(plan.model.taps)))
+    whole = build_device_model(source, everything)
+    late = build_device_model(source, everything, head=False)
+    # phase 1 holds no head: only the segments and the adapters
+    assert sum(p.numel() for p in late.parameters()) < sum(p.numel() for p in
+                                                           whole.parameters())
+    load_head(source, late)
+    assert not any(p.requires_grad for p in late.head.parameters())
+    ids = torch.randint(0, 50, (2, 8))
+    entry = whole.backbone(ids)
+    assert torch.equal(late.train_forward(entry), whole.train_forward(entry))
