@@ -90,7 +90,10 @@ def check(model: str, batch: int, steps: int, device_type: str, work: Path) -> d
         "backward_predicted_s": stage["e_b"], "backward_measured_s": device["backward_s"],
         "peak_predicted_bytes": device.get("predicted_peak_memory_bytes"),
         "peak_measured_bytes": device.get("peak_memory_bytes"),
-        "loss_max_rel_diff_cuda_vs_cpu": rel, "steps": steps, "walls_s": walls,
+        "loss_max_rel_diff_cuda_vs_cpu": rel,
+        "loss_rel_diff_by_step": [round(abs(a - b) / max(abs(b), 1e-12), 8)
+                                  for a, b in zip(losses["cuda"], losses["cpu"], strict=True)],
+        "steps": steps, "walls_s": walls,
     }
     for key in ("round", "forward", "backward"):
         measured = out.get(f"{key}_measured_s")
