@@ -225,6 +225,9 @@ def profile(
         "--runtime-overhead/--no-runtime-overhead",
         help="also record what the training runtime costs on this host per stage call, "
         "round and message (measured once per host in about 20 s, then cached)")] = True,
+    device: Annotated[str, typer.Option(
+        "--device", help="where the layers run: cpu (one core, the default), cuda, cuda:N, "
+        "or auto (CUDA where available)")] = "cpu",
 ) -> None:
     """Measure forward/backward time per layer on this host at several batch sizes."""
     with _errors():
@@ -243,9 +246,13 @@ def profile(
         with bar:
             table = profile_fn(spec.build_model(), spec.sample_batch, batch_sizes=sizes,
                                leaf_modules=_leaf(leaf), repeats=repeats, progress=update,
-                               optimizer=spec.build_optimizer, device_type=device_type)
+                               optimizer=spec.build_optimizer, device_type=device_type,
+                               device=device)
         table = _renamed(table, spec.name)
-        if runtime_overhead:
+        if runtime_overhead and table.meta.get("device", "cpu") != "cpu":
+            err_console.print("the runtime-overhead probe trains on the CPU: not measured "
+                              "for a GPU table (`calibrate` fits it from a run)")
+        elif runtime_overhead:
             from asteroid_fx.cost_source import with_host_overhead
 
             bar, update = _progress_callback("measuring")

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 from asteroid_fx.cli import main
 from contracts.table import CostTable, LayerCost, TimeFit
@@ -263,6 +264,9 @@ def test_profile_per_device_type_merge_and_show(tmp_path: Path,
 
 @pytest.mark.parametrize(("args", "match"), [
     (["profile", "{mlp}", "--device-type", "jetson-foo"], "unknown --device-type 'jetson-foo'"),
+    (["profile", "{mlp}", "--device", "gpu0"], "unknown profiling device 'gpu0'"),
+    *([] if torch.cuda.is_available() else
+      [(["profile", "{mlp}", "--device", "cuda"], "sees no CUDA device; use --device cpu")]),
     (["costs", "merge", "{costs}"], "usage: asteroid-fx costs merge"),
     (["costs", "merge", "{costs}", "{costs}", "--out", "{out}"], "both unlabelled"),
     (["costs", "{costs}", "{costs}"], "costs shows one table"),
