@@ -371,3 +371,18 @@ def test_profiling_device_choices() -> None:
 def test_a_cpu_table_says_where_it_was_measured() -> None:
     table = profile(Tiny(), tiny_batch, (1, 2), repeats=1, warmup=0, device="cpu")
     assert table.meta["device"] == "cpu"
+
+
+def test_layers_scaled_to_the_whole_model() -> None:
+    """On CUDA the layers only split the whole model's pass: per batch size they are scaled
+    to add up to it (a size whose layers are all zero stays zero)."""
+    from cost_models.profile import _to_whole, _whole_pass
+
+    times = [[1.0, 2.0, 0.0], [3.0, 2.0, 0.0]]
+    scaled = _to_whole(times, [2.0, 8.0, 5.0])
+    assert scaled == [[0.5, 4.0, 0.0], [1.5, 4.0, 0.0]]
+    assert times == [[1.0, 2.0, 0.0], [3.0, 2.0, 0.0]]   # not in place
+    model = Tiny()
+    f, b = _whole_pass(model, tiny_batch(4)[0])
+    assert f > 0.0 and b > 0.0
+    assert all(p.grad is not None for p in model.parameters())
