@@ -128,7 +128,8 @@ def _rate(micro_batch: int, rates: Sequence[float]) -> float:
     return _rate_sorted(micro_batch, tuple(sorted(rates)))
 
 
-Raw = tuple[float | tuple[float, ...], ...]
+Raw = tuple[float, tuple[float, ...], float, tuple[float, ...], float, tuple[float, ...],
+            tuple[float, ...], tuple[float, ...], float, float, float]
 """An option before the micro-batch size is known: ``(inv_u, speeds, lat_in, ins, lat_out,
 outs, mid_ins, mid_outs, reduce_a, reduce_b, step)``, the rate lists as tuples."""
 
@@ -216,9 +217,6 @@ def _options(raw: Sequence[Raw], micro_batch: int) -> np.ndarray:
     b = micro_batch
     rows = []
     for inv_u, speeds, lat_in, ins, lat_out, outs, m_in, m_out, red_a, red_b, step in raw:
-        assert isinstance(speeds, tuple) and isinstance(ins, tuple)
-        assert isinstance(outs, tuple) and isinstance(m_in, tuple)
-        assert isinstance(m_out, tuple)
         if len(speeds) > b:
             continue
         beta = _rate(b, speeds)
