@@ -240,6 +240,9 @@ def profile(
         except ValueError:
             raise CostModelError(f"--batch-sizes must be comma-separated integers, got "
                                  f"{batch_sizes!r}") from None
+        from cost_models.profile import profiling_device
+
+        where = profiling_device(device)
         spec = load_model_spec(model)
         start = time.perf_counter()
         bar, update = _progress_callback("profiling")
@@ -247,9 +250,9 @@ def profile(
             table = profile_fn(spec.build_model(), spec.sample_batch, batch_sizes=sizes,
                                leaf_modules=_leaf(leaf), repeats=repeats, progress=update,
                                optimizer=spec.build_optimizer, device_type=device_type,
-                               device=device)
+                               device=where)
         table = _renamed(table, spec.name)
-        if runtime_overhead and table.meta.get("device", "cpu") != "cpu":
+        if runtime_overhead and where.type != "cpu":
             err_console.print("the runtime-overhead probe trains on the CPU: not measured "
                               "for a GPU table (`calibrate` fits it from a run)")
         elif runtime_overhead:
