@@ -77,6 +77,9 @@ def _source_phrase(costs: CostTable, device_type: str) -> str:
     elif costs.message_overhead_s > 0:
         parts.append(f"{costs.message_overhead_s * 1e3:.3f} ms per message of one core, "
                      f"over each device's speed")
+    workspace = costs.workspace_of(device_type)
+    if workspace is not None:
+        parts.append(f"fixed workspace {workspace / 2**20:.1f} MiB (measured)")
     return "; ".join(parts)
 
 

@@ -17,7 +17,9 @@ from contracts.errors import ClusterError
 
 __all__ = ["Device", "Link", "Cluster"]
 
-_DEVICE_KEYS = {"name", "type", "memory_gb", "speed", "flops"}
+_MIB = 2**20
+
+_DEVICE_KEYS = {"name", "type", "memory_gb", "speed", "flops", "workspace_mb"}
 
 
 def _host_memory_bytes() -> int:
@@ -58,13 +60,17 @@ _LINK_KEYS = {"between", "bandwidth_mbps", "latency_ms"}
 @dataclass(frozen=True)
 class Device:
     """One device. ``speed`` is relative to ``local`` (the profiling host); when it is
-    None the speed follows from ``flops`` and the cost table's ``host_flops``."""
+    None the speed follows from ``flops`` and the cost table's ``host_flops``.
+    ``workspace_bytes`` is what a training process holds there beyond its tensors (its
+    type's default, contracts/devices.py, a measured column's, or ``workspace_mb:``);
+    plans fit a device's stage into ``usable_bytes``."""
 
     name: str
     type: str
     memory_bytes: int
     speed: float | None = None
     flops: float | None = None
+    workspace_bytes: int = 0
 
     def speed_against(self, host_flops: float) -> float:
         """Speed relative to a host whose effective FLOP/s is ``host_flops``."""
@@ -81,6 +87,9 @@ class Device:
             out["speed"] = self.speed
         if self.flops is not None:
             out["flops"] = self.flops
+        known = DEVICE_TYPES.get(self.type)
+        if known is None or self.workspace_bytes != known.workspace_bytes:
+            out["workspace_mb"] = self.workspace_bytes / _MIB
         return out
 
     @classmethod
@@ -113,6 +122,14 @@ class Device:
         else:
             raise ClusterError(f"device {name!r} of type custom needs memory_gb, "
                                f"e.g. {{name: {name}, type: custom, speed: 0.7, memory_gb: 3}}")
+        workspace = dtype.workspace_bytes   # a device too small for it fails to plan
+        if "workspace_mb" in entry:
+            workspace = int(_number(entry["workspace_mb"], "workspace_mb", dict(entry),
+                                    zero_ok=True) * _MIB)
+            if workspace >= memory:
+                raise ClusterError(f"device {name!r}: workspace_mb {workspace / _MIB:g} leaves "
+                                   f"no memory of its {memory / GIB:g} GiB; give a smaller "
+                                   f"workspace_mb or a larger memory_gb")
         if speed is None and flops is None:
             if dtype.flops is not None:
                 flops = dtype.flops
@@ -121,7 +138,8 @@ class Device:
             else:
                 raise ClusterError(f"device {name!r} of type custom needs speed (relative to "
                                    f"local) or flops, e.g. speed: 0.7")
-        return cls(name=name, type=dtype.name, memory_bytes=memory, speed=speed, flops=flops)
+        return cls(name=name, type=dtype.name, memory_bytes=memory, speed=speed, flops=flops,
+                   workspace_bytes=workspace)
 
 
 @dataclass(frozen=True)
@@ -166,6 +184,11 @@ class Cluster:
     #: ``calibrate``), set by :meth:`for_costs`; a message pays the larger of its two ends'
     #: on top of the link's latency; not part of the cluster file or its hash
     message_costs: tuple[tuple[str, float], ...] = ()
+    #: each device's fixed workspace as the cost table measured it for its type,
+    #: ``(name, bytes)`` pairs where that differs from the device's own ``workspace_bytes``
+    #: (its type's default or ``workspace_mb``); set by :meth:`for_costs`, not part of the
+    #: cluster file or its hash
+    workspaces: tuple[tuple[str, int], ...] = ()
 
     def __post_init__(self) -> None:
         if not self.devices:
@@ -253,9 +276,34 @@ class Cluster:
                       for d in self.devices) if callable(cost_of) else ()
         if all(v == 0.0 for _, v in found):
             found = ()
-        if found == self.message_costs:
+        workspace_of = getattr(costs, "workspace_of", None)
+        spaces: tuple[tuple[str, int], ...] = ()
+        if callable(workspace_of):
+            measured = ((d, workspace_of(d.type)) for d in self.devices)
+            spaces = tuple((d.name, int(w)) for d, w in measured
+                           if w is not None and int(w) != d.workspace_bytes)
+        if found == self.message_costs and spaces == self.workspaces:
             return self
-        return replace(self, message_costs=found)
+        return replace(self, message_costs=found, workspaces=spaces)
+
+    @cached_property
+    def _workspaces(self) -> dict[str, int]:
+        own = {d.name: d.workspace_bytes for d in self.devices}
+        own.update(self.workspaces)
+        return own
+
+    def workspace_bytes(self, name: str) -> int:
+        """The fixed bytes a training process holds on device ``name`` beyond its tensors:
+        the cost table's measured figure for its type (:meth:`for_costs`), else the
+        device's own (its type's default, contracts/devices.py, or ``workspace_mb``)."""
+        if name not in self._workspaces:
+            self.device(name)     # raises ClusterError naming the devices
+        return self._workspaces[name]
+
+    def usable_bytes(self, name: str) -> int:
+        """Memory of device ``name`` left for a stage's tensors: its memory less its
+        fixed workspace. Every planner fits stages into this."""
+        return self.device(name).memory_bytes - self.workspace_bytes(name)
 
     def message_cost_s(self, name: str) -> float:
         """The runtime's own seconds per message on device ``name`` (see
@@ -283,6 +331,7 @@ class Cluster:
             links=tuple(lk for lk in self.links if lk.a in keep and lk.b in keep),
             latency_ms=self.latency_ms,
             message_costs=tuple((n, v) for n, v in self.message_costs if n in keep),
+            workspaces=tuple((n, v) for n, v in self.workspaces if n in keep),
         )
 
     # -- (de)serialisation ----------------------------------------------------------------

@@ -28,6 +28,19 @@ Sources and assumptions (peak figures from NVIDIA's module data sheets):
   pipes each = 16 FP32 FLOP/cycle/core = 153.6 GFLOP/s peak, 8 GB LPDDR4X-4267 on a
   32-bit bus = 17.1 GB/s (Raspberry Pi 5 product brief; Arm Cortex-A76 TRM).
 
+Fixed workspace (``workspace_bytes``): memory a training process holds on the device
+beyond its tensors, which the memory model adds to every device's peak
+(solver/evaluate.py). On a GPU it is cuBLAS's workspace, one per thread that runs
+matrix products (the forward's and autograd's backward thread), allocated through
+torch's caching allocator, so ``torch.cuda.max_memory_allocated`` counts it. For the
+Jetsons (pre-Hopper GPUs) torch's default ``CUBLAS_WORKSPACE_CONFIG`` is ``:4096:2:16:8``,
+2 x 4096 KiB + 8 x 16 KiB = 8.125 MiB a workspace, so 16.25 MiB for two; on an H200
+(Hopper's larger default) ``asteroid-fx profile --device cuda`` measured 65.0 MiB
+(torch 2.11). A column measured on the board records its own (``CostTable.workspace_bytes``),
+which replaces this default. On a CPU (``local``, the Raspberry Pi 5) there is none: the
+operators' scratch grows with the activations and is ``WORKSPACE_FRACTION`` of them.
+``custom`` devices keep a 1 MiB margin unless the cluster says ``workspace_mb``.
+
 Training kernels on these boards reach only part of peak (small batches, memory-bound
 depthwise/normalisation layers). We assume an effective fraction of 0.25 (Nano, TX2)
 and 0.30 (NX, whose tensor cores help mixed workloads), which gives the relative
@@ -46,7 +59,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["DeviceType", "DEVICE_TYPES", "GIB", "device_type"]
+__all__ = ["DeviceType", "DEVICE_TYPES", "GIB", "CUSTOM_WORKSPACE_BYTES", "device_type"]
 
 GIB = 2**30
 
@@ -62,11 +75,21 @@ class DeviceType:
     mem_bw_gbs: float | None
     description: str
     peak_flops: float | None = None
+    #: fixed bytes a training process holds beyond its tensors (see the module docstring)
+    workspace_bytes: int = 0
+
+
+_MIB = 2**20
+#: two cuBLAS workspaces of torch's default size on a pre-Hopper GPU (module docstring)
+_CUBLAS_WORKSPACES = 2 * (2 * 4096 + 8 * 16) * 1024
+#: the margin for a device of unknown kind (``custom``)
+CUSTOM_WORKSPACE_BYTES = _MIB
 
 
 def _board(name: str, memory_gb: float, peak: float, fraction: float, mem_bw_gbs: float,
-           description: str) -> DeviceType:
-    return DeviceType(name, memory_gb, peak * fraction, mem_bw_gbs, description, peak)
+           description: str, workspace_bytes: int = _CUBLAS_WORKSPACES) -> DeviceType:
+    return DeviceType(name, memory_gb, peak * fraction, mem_bw_gbs, description, peak,
+                      workspace_bytes)
 
 
 DEVICE_TYPES: dict[str, DeviceType] = {
@@ -85,9 +108,10 @@ DEVICE_TYPES: dict[str, DeviceType] = {
         _board("jetson-agx-orin", 64.0, 5.32e12, 0.30, 204.8,
                "Jetson AGX Orin 64GB (Ampere, 2048 cores)"),
         _board("raspberry-pi-5", 8.0, 153.6e9, 0.25, 17.1,
-               "Raspberry Pi 5 8GB (4x Cortex-A76, CPU only)"),
+               "Raspberry Pi 5 8GB (4x Cortex-A76, CPU only)", workspace_bytes=0),
         DeviceType("local", None, None, None, "the host that measured the cost table"),
-        DeviceType("custom", None, None, None, "declared inline with speed and memory_gb"),
+        DeviceType("custom", None, None, None, "declared inline with speed and memory_gb",
+                   workspace_bytes=CUSTOM_WORKSPACE_BYTES),
     )
 }
 

@@ -11,9 +11,15 @@ from typing import Any
 from contracts.errors import PlanError
 
 __all__ = ["Stage", "StagePrediction", "Prediction", "PlannerInfo", "SearchBound", "Plan",
-           "PLAN_VERSION"]
+           "PLAN_VERSION", "SMALL_BUCKET_BYTES"]
 
 PLAN_VERSION = 1
+
+SMALL_BUCKET_BYTES = 256 << 10
+"""A data-parallel stage all-reduces its gradients in buckets of at most its largest
+gradient's bytes or this, whichever is larger (runtime/comm.py ``gradient_buckets``), each
+through a flat copy; the memory model budgets the largest such copy
+(solver/evaluate.py ``transient_gradient_bytes``)."""
 
 
 @dataclass(frozen=True)

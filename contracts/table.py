@@ -111,6 +111,15 @@ class LayerCost:
             raise CostModelError(f"malformed layer entry {dict(data)!r}: {exc}") from exc
 
 
+def _workspace(value: Any) -> int | None:
+    """A table's ``workspace_bytes`` entry: None (absent: not measured) or bytes >= 0."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise CostModelError(f"workspace_bytes must be an integer >= 0 or null, got {value!r}")
+    return value
+
+
 def _fits(values: Any, what: str, count: int) -> tuple[TimeFit, ...]:
     if not isinstance(values, Sequence) or isinstance(values, str) or len(values) != count:
         raise CostModelError(f"{what} must list one [intercept_s, per_sample_s] per layer "
@@ -195,6 +204,10 @@ class DeviceColumn:
     #: (``CostTable.message_overhead_s`` of its table); 0: not measured, so such a device
     #: pays the base's figure over its declared speed (``CostTable.message_cost_s``)
     message_overhead_s: float = 0.0
+    #: fixed bytes a training process held on this type beyond its tensors, as measured
+    #: there (cuBLAS's workspaces on a GPU); None: not measured, the type's default holds
+    #: (contracts/devices.py)
+    workspace_bytes: int | None = None
 
     def __post_init__(self) -> None:
         if not self.device_type or self.device_type in UNMEASURED_TYPES:
@@ -234,6 +247,7 @@ class DeviceColumn:
             "meta": dict(self.meta),
             "runtime_overhead": self.runtime_overhead.to_dict(),
             "message_overhead_s": self.message_overhead_s,
+            "workspace_bytes": self.workspace_bytes,
         }
 
     @classmethod
@@ -254,6 +268,7 @@ class DeviceColumn:
                 meta=dict(data.get("meta", {})),
                 runtime_overhead=RuntimeOverhead.from_dict(data.get("runtime_overhead")),
                 message_overhead_s=float(data.get("message_overhead_s", 0.0)),
+                workspace_bytes=_workspace(data.get("workspace_bytes")),
             )
         except KeyError as exc:
             raise CostModelError(f"a cost column is missing the field {exc.args[0]!r}") from exc
@@ -301,6 +316,10 @@ class CostTable:
     columns: tuple[DeviceColumn, ...] = ()  # other measured types, sorted by type
     #: the runtime's own cost per stage call and round on the base device (measured)
     runtime_overhead: RuntimeOverhead = field(default_factory=RuntimeOverhead)
+    #: fixed bytes a training process held on the profiling device beyond its tensors
+    #: (cuBLAS's workspaces, measured on CUDA); None: not measured (a CPU has none to
+    #: measure), so devices keep their type's default (contracts/devices.py)
+    workspace_bytes: int | None = None
 
     def __post_init__(self) -> None:
         for value, what in ((self.optimizer_state_factor, "optimizer_state_factor"),
@@ -361,6 +380,7 @@ class CostTable:
             host=self.host, torch_version=self.torch_version, host_flops=self.host_flops,
             runtime_overhead=self.runtime_overhead,
             message_overhead_s=self.message_overhead_s,
+            workspace_bytes=self.workspace_bytes,
         )
 
     def without_runtime_overhead(self) -> CostTable:
@@ -385,6 +405,14 @@ class CostTable:
             if col.device_type == device_type:
                 return col
         return None
+
+    def workspace_of(self, device_type: str) -> int | None:
+        """The fixed workspace measured for devices of ``device_type`` (the base's for its
+        own type, else its column's), or None where none was measured."""
+        if device_type == self.device_type:
+            return self.workspace_bytes
+        col = self.column(device_type)
+        return None if col is None else col.workspace_bytes
 
     def runtime_overhead_of(self, device_type: str) -> RuntimeOverhead:
         """The runtime overhead devices of ``device_type`` take: their column's, else the
@@ -437,6 +465,7 @@ class CostTable:
             "message_overhead_s": self.message_overhead_s,
             "columns": [col.to_dict() for col in self.columns],
             "runtime_overhead": self.runtime_overhead.to_dict(),
+            "workspace_bytes": self.workspace_bytes,
         }
 
     def to_json(self) -> str:
@@ -474,6 +503,7 @@ class CostTable:
                 columns=tuple(DeviceColumn.from_dict(c, len(data["layers"]))
                               for c in data.get("columns", ())),
                 runtime_overhead=RuntimeOverhead.from_dict(data.get("runtime_overhead")),
+                workspace_bytes=_workspace(data.get("workspace_bytes")),
             )
         except KeyError as exc:
             raise CostModelError(f"cost table is missing the field {exc.args[0]!r}") from exc

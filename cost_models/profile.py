@@ -566,6 +566,12 @@ def profile(
                 example_inputs = (example_inputs,)
             elif not isinstance(example_inputs, Mapping):
                 example_inputs = tuple(example_inputs)
+            # a model already on a GPU runs (and is traced) there: its inputs go with it
+            on = next(iter(model.parameters()), torch.empty(0)).device
+            if on.type != "cpu":
+                example_inputs = ({k: _to((v,), on)[0] for k, v in example_inputs.items()}
+                                  if isinstance(example_inputs, Mapping)
+                                  else _to(example_inputs, on))
             _run_model(model, example_inputs)
             if graph is None:
                 if tracer is None:   # checked above; keeps the type checker informed
@@ -592,6 +598,7 @@ def profile(
                         fwd = _to_whole(fwd, [f for f, _ in wholes])
                         bwd = _to_whole(bwd, [b for _, b in wholes])
                     update_s, osf = _measure_update(gm, optimizer, repeats, warmup)
+                    workspace = _cuda_workspace(where) if where.type == "cuda" else None
             finally:
                 _stamps = _CpuStamps()
                 gm.to(home)
@@ -647,6 +654,7 @@ def profile(
         update_s_per_byte=update_s / param_bytes if param_bytes > 0 else 0.0,
         optimizer_state_factor=osf,
         device_type=device_type,
+        workspace_bytes=workspace,
     )
 
 
@@ -781,6 +789,27 @@ def _measure_chain(
             wholes.append((statistics.median(passes_f[warmup:]),
                            statistics.median(passes_b[warmup:])))
     return fwd, bwd, (wholes or None)
+
+
+def _cuda_workspace(device: torch.device) -> int | None:
+    """The bytes a training process holds on ``device`` whatever it trains: cuBLAS's
+    workspaces (one per thread that runs matrix products, here the forward's and autograd's
+    backward thread), which torch allocates through its caching allocator on first use and
+    keeps. Measured as what a matrix product's forward and backward leave allocated once
+    its tensors are gone, after releasing the workspaces; None where this torch cannot
+    release them (the figure would be 0 however large they are)."""
+    release = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)
+    if release is None:
+        return None
+    torch.cuda.synchronize(device)
+    release()
+    before = torch.cuda.memory_allocated(device)
+    a = torch.randn(64, 64, device=device, requires_grad=True)
+    w = torch.randn(64, 64, device=device, requires_grad=True)
+    (a @ w).sum().backward()
+    del a, w
+    torch.cuda.synchronize(device)
+    return max(0, torch.cuda.memory_allocated(device) - before)
 
 
 def _whole_pass(module: torch.nn.Module, inputs: Sequence[Any]) -> tuple[float, float]:

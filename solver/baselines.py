@@ -159,10 +159,13 @@ def homogeneous_view(costs: CostTable, cluster: Cluster) -> Cluster:
     cluster = cluster.for_costs(costs)
     speeds = _speeds(costs, cluster)
     mean_speed = sum(speeds.values()) / len(speeds)
-    mean_memory = int(sum(d.memory_bytes for d in cluster.devices) / len(cluster.devices))
+    # the mean memory left for tensors, and no workspace of its own: the view's devices
+    # are all alike
+    mean_memory = int(sum(cluster.usable_bytes(d.name) for d in cluster.devices)
+                      / len(cluster.devices))
     devices = tuple(Device(name=d.name, type="custom", memory_bytes=mean_memory,
-                           speed=mean_speed) for d in cluster.devices)
-    return replace(cluster, devices=devices)
+                           speed=mean_speed, workspace_bytes=0) for d in cluster.devices)
+    return replace(cluster, devices=devices, workspaces=())
 
 
 def _layer_times(costs: CostTable, batch: float) -> list[float]:
@@ -502,7 +505,7 @@ def single_device(costs: CostTable, cluster: Cluster, batch_size: int, *,
     started = time.perf_counter()
     _check_batch(batch_size)
     best: tuple[float, Plan] | None = None
-    biggest = max(cluster.devices, key=lambda d: d.memory_bytes).name
+    biggest = max(cluster.devices, key=lambda d: cluster.usable_bytes(d.name)).name
     fallback: Plan | None = None
     for dev in cluster.names:
         for m in _divisors(batch_size):

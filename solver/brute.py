@@ -91,7 +91,7 @@ def enumerate_plans(costs: CostTable, cluster: Cluster, batch_size: int, *,
                         group = [devices[d] for d in members]
                         shares = split_stage(sums, first, last,
                                              [speed_of[d.name] for d in group],
-                                             [d.memory_bytes for d in group], mb,
+                                             [cluster.usable_bytes(d.name) for d in group], mb,
                                              in_flight(m, s_count, s), optimizer_state_factor)
                         if shares is None:
                             break

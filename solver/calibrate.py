@@ -231,7 +231,8 @@ def calibrate_costs(plan: Plan, costs: CostTable, cluster: Cluster,
             host_flops=old.host_flops if old is not None else 0.0,
             runtime_overhead=(old.runtime_overhead if old is not None
                               else _scaled_overhead(costs.runtime_overhead,
-                                                    group_speed[group])))
+                                                    group_speed[group])),
+            workspace_bytes=old.workspace_bytes if old is not None else None)
     table = replace(costs, layers=tuple(layers), source=base_source,
                     columns=tuple(columns[k] for k in sorted(columns)
                                   if k != costs.device_type))

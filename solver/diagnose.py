@@ -18,20 +18,21 @@ def no_fit_error(costs: CostTable, cluster: Cluster, batch_size: int,
     The diagnosis uses the most memory-friendly plan shape: micro-batches of one sample,
     one device per stage on every device, layers split to balance memory per capacity.
     """
-    devices = sorted(cluster.devices, key=lambda d: -d.memory_bytes)
+    usable = {d.name: cluster.usable_bytes(d.name) for d in cluster.devices}
+    devices = sorted(cluster.devices, key=lambda d: -usable[d.name])
     sums = LayerSums.of(costs)
     n_layers = costs.num_layers
     k = min(len(devices), n_layers)
     need = [sums.params(i, i) * (2 + optimizer_state_factor) + sums.activations(i, i) * k
             for i in range(n_layers)]
     total_need = sum(need)
-    total_cap = sum(d.memory_bytes for d in devices[:k])
+    total_cap = sum(usable[d.name] for d in devices[:k])
     # greedy contiguous split: fill each device up to its fraction of the total
     stages = []
     first = 0
     acc = 0.0
     for s, device in enumerate(devices[:k]):
-        target = total_need * sum(d.memory_bytes for d in devices[:s + 1]) / total_cap
+        target = total_need * sum(usable[d.name] for d in devices[:s + 1]) / total_cap
         last = first
         acc += need[first]
         while last + 1 < n_layers - (k - s - 1) and acc + need[last + 1] <= target:

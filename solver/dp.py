@@ -166,11 +166,17 @@ import numpy as np
 
 from contracts.cluster import Cluster
 from contracts.errors import PlanError
-from contracts.plan import Plan, PlannerInfo, Stage
+from contracts.plan import SMALL_BUCKET_BYTES, Plan, PlannerInfo, Stage
 from contracts.table import CostTable
 from solver.bounds import StageBound, stage_bound
 from solver.diagnose import no_fit_error
-from solver.evaluate import WORKSPACE_BYTES, WORKSPACE_FRACTION, LayerSums, Pieces, pieces_time
+from solver.evaluate import (
+    WORKSPACE_FRACTION,
+    LayerSums,
+    Pieces,
+    pieces_time,
+    transient_gradient_bytes,
+)
 from solver.pareto import pareto, pareto_np
 from solver.space import (
     DEFAULT_MAX_CUTS,
@@ -470,7 +476,7 @@ class _Search:
         sources = self.timing.sources
         used = sorted(set(self.space.srcs))
         if not lasts:
-            found = (lasts, slopes, inters, {}, [], [], [], use_np)
+            found = (lasts, slopes, inters, {}, [], [], [], [], use_np)
         elif use_np:
             stop = np.asarray(lasts) + 1
             terms: dict[int, Any] = {}
@@ -481,20 +487,26 @@ class _Search:
                               b_s)
             params = self.ctx.np_params[stop] - self.ctx.np_params[first]
             largest = np.maximum.accumulate(self.ctx.np_layer_params[first:])[stop - 1 - first]
-            # stage_memory_parts over all `last` at once (exact while bytes stay below 2**53)
-            fixed = (np.ceil(params * (2.0 + self.osf))
-                     + (self.ctx.np_buffers[stop] - self.ctx.np_buffers[first]) + WORKSPACE_BYTES
-                     + largest).tolist()
+            # stage_memory_parts over all `last` at once (exact while bytes stay below 2**53),
+            # for one device and for a data-parallel group (transient_gradient_bytes)
+            held = (np.ceil(params * (2.0 + self.osf))
+                    + (self.ctx.np_buffers[stop] - self.ctx.np_buffers[first]))
+            fixed = (held + largest).tolist()
+            bucket = np.maximum(largest, np.minimum(params, SMALL_BUCKET_BYTES))
+            fixed_dp = (held + bucket).tolist()
             acts = (self.ctx.np_acts[stop] - self.ctx.np_acts[first] + self.ctx.np_edges[first]
                     + self.ctx.np_edges[stop]).astype(np.float64).tolist()
-            found = (lasts, slopes, inters, terms, params, fixed, acts, use_np)
+            found = (lasts, slopes, inters, terms, params, fixed, fixed_dp, acts, use_np)
         else:
             pb, bb = sums.param_bytes, sums.buffer_bytes
             factor = 2.0 + self.osf
             params_l = [pb[last + 1] - pb[first] for last in lasts]
-            fixed = [float(math.ceil(p * factor) + (bb[last + 1] - bb[first]) + WORKSPACE_BYTES
-                           + sums.largest_params(first, last))
+            fixed = [float(math.ceil(p * factor) + (bb[last + 1] - bb[first])
+                           + transient_gradient_bytes(sums, first, last))
                      for p, last in zip(params_l, lasts, strict=True)]
+            fixed_dp = [float(math.ceil(p * factor) + (bb[last + 1] - bb[first])
+                              + transient_gradient_bytes(sums, first, last, 2))
+                        for p, last in zip(params_l, lasts, strict=True)]
             acts = [float(sums.in_flight_bytes(first, last)) for last in lasts]
             terms = {}
             for src in used:
@@ -504,7 +516,7 @@ class _Search:
                 terms[src] = [(fi[last + 1] - fi[first] + cf_t, fs[last + 1] - fs[first],
                                bi[last + 1] - bi[first] + cb_t, bs[last + 1] - bs[first])
                               for last in lasts]
-            found = (lasts, slopes, inters, terms, params_l, fixed, acts, use_np)
+            found = (lasts, slopes, inters, terms, params_l, fixed, fixed_dp, acts, use_np)
         self._layers[key] = found
         return found
 
@@ -523,8 +535,8 @@ class _Search:
             return None
         free, deciders, _ = per
         info = self.space.group(self.space.kind_group[kind])
-        lasts_all, slopes, inters, terms, params, fixed, acts, use_np = self._layer_terms(
-            first, final)
+        lasts_all, slopes, inters, terms, params, fixed, fixed_dp, acts, use_np = \
+            self._layer_terms(first, final)
         m, inc, mb = self.m, self.incumbent, self.mb
         inc_hi = inc * (1.0 + 1e-9)
         speed = info.bound_speed
@@ -595,7 +607,8 @@ class _Search:
                 if m * (x_f + x_b) >= inc:
                     break
                 keep += 1
-        found = (free, lasts, cf_l, cb_l, ta, keep, fixed[:count], acts[:count])
+        held = fixed if size == 1 else fixed_dp     # a group's all-reduce bucket copy
+        found = (free, lasts, cf_l, cb_l, ta, keep, held[:count], acts[:count])
         self._bases[key] = found
         return found
 

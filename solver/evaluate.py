@@ -81,9 +81,14 @@ Device ``d`` of stage ``s`` (layers ``first..last``, share ``b_d``) holds
   outputs it sent (``cut_bytes[last]``, kept until the gradient comes back, see
   runtime/lowering.py [Note: releasing sends]); the last stage holds the model's output
   for the loss instead (the last layer's ``output_bytes``);
-* workspace ``WORKSPACE_BYTES + WORKSPACE_FRACTION * in-flight bytes``: the gradient
-  received for and sent back by the micro-batch in backward, the mini-batch the first
-  and last stages hold, operators' scratch and gradients before they are accumulated.
+* workspace ``WORKSPACE_FRACTION * in-flight bytes``: the gradient received for and sent
+  back by the micro-batch in backward, the mini-batch the first and last stages hold,
+  operators' scratch and gradients before they are accumulated;
+* the device's fixed workspace, ``Cluster.workspace_bytes(d)``: what a training process
+  holds there beyond its tensors whatever the stage (cuBLAS's workspaces on a GPU,
+  measured by ``asteroid-fx profile --device cuda`` or its type's default in
+  contracts/devices.py; none on a CPU). Every planner fits the rest into
+  ``Cluster.usable_bytes(d)``, the device's memory less that workspace.
 
 Every holder of a replica (``plan.replicas``) also stores that device's stage weights
 and optimizer state, ``param_bytes * (1 + optimizer_state_factor)``.
@@ -101,12 +106,11 @@ from collections.abc import Callable, Sequence
 
 from contracts.cluster import Cluster
 from contracts.errors import PlanError
-from contracts.plan import Plan, Prediction, StagePrediction
+from contracts.plan import SMALL_BUCKET_BYTES, Plan, Prediction, StagePrediction
 from contracts.table import CostTable
 from solver.timing import LayerSums, Timing
 
 __all__ = [
-    "WORKSPACE_BYTES",
     "WORKSPACE_FRACTION",
     "LayerSums",
     "evaluate",
@@ -120,14 +124,12 @@ __all__ = [
     "stage_tail_time",
     "stage_memory_bytes",
     "stage_memory_parts",
+    "transient_gradient_bytes",
     "memory_from_parts",
     "in_flight",
     "round_terms",
     "drain_term",
 ]
-
-WORKSPACE_BYTES = 1 << 20
-"""Fixed runtime workspace per device (1 MiB), small enough for a tiny stage on a tiny device."""
 
 WORKSPACE_FRACTION = 0.1
 """Extra workspace as a fraction of the device's in-flight activation bytes."""
@@ -241,13 +243,29 @@ def in_flight(num_micro_batches: int, num_stages: int, stage: int, schedule: str
     return min(num_micro_batches, num_stages - stage)
 
 
+def transient_gradient_bytes(sums: LayerSums, first: int, last: int, group_size: int = 1
+                             ) -> int:
+    """The gradient bytes a device of a stage on layers ``first..last`` holds besides its
+    ``.grad`` tensors at their peak: the largest layer's (a later micro-batch's gradient
+    before it is added, an optimizer's temporary) and, in a data-parallel group
+    (``group_size > 1``), the flat copy of an all-reduce bucket, up to the largest
+    gradient or ``SMALL_BUCKET_BYTES`` but never more than the stage's gradients
+    (runtime/comm.py ``gradient_buckets``)."""
+    largest = sums.largest_params(first, last)
+    if group_size > 1:
+        return max(largest, min(int(sums.params(first, last)), SMALL_BUCKET_BYTES))
+    return largest
+
+
 def stage_memory_parts(sums: LayerSums, first: int, last: int, in_flight: int,
-                       optimizer_state_factor: float) -> tuple[int, int]:
-    """``(fixed, per_sample)`` bytes of layers ``first..last``: a device with ``b`` samples
-    needs ``fixed + b * per_sample + ceil(b * per_sample * WORKSPACE_FRACTION)``."""
+                       optimizer_state_factor: float, group_size: int = 1
+                       ) -> tuple[int, int]:
+    """``(fixed, per_sample)`` bytes of layers ``first..last`` on one device of a group of
+    ``group_size``: a device with ``b`` samples needs ``fixed + b * per_sample +
+    ceil(b * per_sample * WORKSPACE_FRACTION)``."""
     weights = math.ceil(sums.params(first, last) * (2.0 + optimizer_state_factor))
-    fixed = (weights + sums.buffers(first, last) + WORKSPACE_BYTES
-             + sums.largest_params(first, last))
+    fixed = (weights + sums.buffers(first, last)
+             + transient_gradient_bytes(sums, first, last, group_size))
     return fixed, sums.in_flight_bytes(first, last) * in_flight
 
 
@@ -258,10 +276,11 @@ def memory_from_parts(fixed: int, per_sample: int, share: int) -> int:
 
 
 def stage_memory_bytes(sums: LayerSums, first: int, last: int, share: int, in_flight: int,
-                       optimizer_state_factor: float) -> int:
-    """Peak bytes of one device holding layers ``first..last`` with ``share`` samples."""
+                       optimizer_state_factor: float, group_size: int = 1) -> int:
+    """Peak bytes of one device of a group of ``group_size`` holding layers ``first..last``
+    with ``share`` samples."""
     fixed, per_sample = stage_memory_parts(sums, first, last, in_flight,
-                                           optimizer_state_factor)
+                                           optimizer_state_factor, group_size)
     return memory_from_parts(fixed, per_sample, share)
 
 
@@ -374,8 +393,9 @@ def evaluate(plan: Plan, costs: CostTable, cluster: Cluster) -> Prediction:
         replica = math.ceil(sums.params(stage.first, stage.last)
                             * (1.0 + plan.optimizer_state_factor))
         for device, share in zip(stage.devices, stage.shares, strict=True):
-            peak[device] = stage_memory_bytes(sums, stage.first, stage.last, share, flight,
-                                              plan.optimizer_state_factor)
+            peak[device] = cluster.workspace_bytes(device) + stage_memory_bytes(
+                sums, stage.first, stage.last, share, flight, plan.optimizer_state_factor,
+                len(stage.devices))
             stage_weights[device] = replica
     for device, holders in plan.replicas.items():
         for holder in holders:

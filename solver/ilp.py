@@ -338,7 +338,7 @@ def ilp_plan(costs: CostTable, cluster: Cluster, batch_size: int, *,
     timing = Timing.of(costs, cluster)
     speed_of = timing.speeds  # capability: the order and Algorithm 1's split
     speeds = [speed_of[d] for d in names]
-    caps = [d.memory_bytes for d in devices]
+    caps = [cluster.usable_bytes(d.name) for d in devices]
     best: tuple[float, Plan | None] = (math.inf, None)
     statuses: list[str] = []
     solver_name = "none"

@@ -40,7 +40,7 @@ from contracts.errors import PlanError
 from contracts.pac_plan import PacModel, PacPlan, PacPrediction
 from contracts.plan import Plan
 from contracts.table import CostTable, LayerCost, TimeFit
-from solver.evaluate import WORKSPACE_BYTES, allreduce_time, evaluate, transfer_time
+from solver.evaluate import allreduce_time, evaluate, transfer_time
 from solver.split import split_shares
 from solver.timing import Timing
 
@@ -206,7 +206,7 @@ def predict_finetune(plan: PacPlan, costs: CostTable, cluster: Cluster) -> PacPr
     # then (runtime.pac_train): the frozen weights and the adapter steps never meet
     peak, cache = _peaks(costs, model, plan.devices, plan.shares, steps,
                          phase1_memory(costs, model, plan.phase1), _table(plan, 1),
-                         _table(plan, 2), plan.phase1)
+                         _table(plan, 2), plan.phase1, _workspaces(cluster, plan.devices))
     return PacPrediction(phase1_step_s=phase1_step, phase2_step_s=phase2_step,
                          allreduce_s=allreduce, epoch1_s=epoch1, epoch_s=epoch,
                          total_s=total, peak_memory_bytes=peak, cache_bytes=cache,
@@ -240,7 +240,7 @@ def _phase2_fixed(costs: CostTable, model: PacModel, osf: float) -> int:
     head_params = sum(lc.param_bytes + lc.buffer_bytes
                       for lc in costs.layers[model.taps[-1] + 1:])
     trainable = model.trainable_bytes * (2.0 + osf)
-    return int(WORKSPACE_BYTES + head_params + trainable)
+    return int(head_params + trainable)
 
 
 def _phase2_per_sample(costs: CostTable, model: PacModel, steps: int) -> tuple[int, int]:
@@ -325,18 +325,20 @@ def phase1_memory(costs: CostTable, model: PacModel, phase1: Plan) -> dict[str, 
         made = sum(parts[stage.first:stage.last + 1])
         for d, b in zip(stage.devices, stage.shares, strict=True):
             sends = min(2, phase1.num_micro_batches)
-            out[d] = int(WORKSPACE_BYTES + weights + b * (cut_in + made)
+            out[d] = int(weights + b * (cut_in + made)
                          + b * (cut_in + sends * cut_out))
     return out
 
 
 def _peaks(costs: CostTable, model: PacModel, devices: Sequence[str], shares: Sequence[int],
            steps: int, p1_memory: Mapping[str, int], phase1: Holders, phase2: Holders,
-           phase1_plan: Plan | None = None) -> tuple[dict[str, int], dict[str, int]]:
+           phase1_plan: Plan | None = None, workspace: Mapping[str, int] | None = None
+           ) -> tuple[dict[str, int], dict[str, int]]:
     """Peak bytes of each device over both phases and the bytes it caches in phase 2 (see
-    [Note: cache placement]): ``max(phase-1 peak + rows held in phase 1 + the hand-offs'
-    wire buffers, phase-2 step + rows held in phase 2 + the wire buffers of the rows it
-    streams)``."""
+    [Note: cache placement]): the device's fixed workspace (``Cluster.workspace_bytes``)
+    plus ``max(phase-1 peak + rows held in phase 1 + the hand-offs' wire buffers, phase-2
+    step + rows held in phase 2 + the wire buffers of the rows it streams)``."""
+    workspace = workspace or {}
     fixed = _phase2_fixed(costs, model, costs.optimizer_state_factor)
     unit, work = _phase2_per_sample(costs, model, steps)
     one, two = _counts(devices, shares, phase1), _counts(devices, shares, phase2)
@@ -353,8 +355,8 @@ def _peaks(costs: CostTable, model: PacModel, devices: Sequence[str], shares: Se
         # one step's receive buffers besides the step's entry (counted in ``work``)
         wire = model.entry_bytes * (2 * sum(two[t][h] for t in range(n) if t != h)
                                     + sum(two[h][j] for j in range(n) if j != h))
-        peak[d] = max(p1_memory.get(d, 0) + weights + held1,
-                      fixed + shares[h] * work + held2 + wire)
+        peak[d] = workspace.get(d, 0) + max(p1_memory.get(d, 0) + weights + held1,
+                                            fixed + shares[h] * work + held2 + wire)
         cache[d] = held2
     return peak, cache
 
@@ -420,7 +422,7 @@ def _phase2_shares(costs: CostTable, cluster: Cluster, model: PacModel, batch_si
     per_sample = cache + work
     caps = []
     for d in devices:
-        room = cluster.device(d).memory_bytes - fixed - reserved.get(d, 0)
+        room = cluster.usable_bytes(d) - fixed - reserved.get(d, 0)
         caps.append(max(0, room // per_sample) if per_sample > 0 else batch_size)
     shares = split_shares(batch_size, speeds, caps)
     if shares is not None:
@@ -429,7 +431,7 @@ def _phase2_shares(costs: CostTable, cluster: Cluster, model: PacModel, batch_si
     short = []
     for d, v in zip(devices, speeds, strict=True):
         want = max(1, math.ceil(batch_size * v / total))
-        need = fixed + reserved.get(d, 0) + want * per_sample
+        need = cluster.workspace_bytes(d) + fixed + reserved.get(d, 0) + want * per_sample
         short.append((need - cluster.device(d).memory_bytes, d, want, need))
     gap, device, want, need = max(short)
     have = cluster.device(device).memory_bytes
@@ -492,6 +494,10 @@ CAP_RATIO = 0.8
 # takes the lowest *memory pressure* ``max_d peak_d / memory_d`` (PAC peak, both phases),
 # then the faster. ``plan.meta["phase1_choice"]`` keeps every candidate and the reason,
 # which the report prints. ``phase1_objective="time"`` takes the fastest plan.
+
+
+def _workspaces(cluster: Cluster, devices: Sequence[str]) -> dict[str, int]:
+    return {d: cluster.workspace_bytes(d) for d in devices}
 
 
 def _pressure(peak: Mapping[str, int], cluster: Cluster) -> float:
@@ -758,6 +764,7 @@ def place_cache(costs: CostTable, cluster: Cluster, model: PacModel, devices: Se
     cluster = cluster.for_costs(costs)
     n = len(devices)
     memory = [cluster.device(d).memory_bytes for d in devices]
+    spaces = _workspaces(cluster, devices)
     compute = _phase2_compute(costs, cluster, model, devices, shares)
     base_step = max(compute) + allreduce_time(cluster, devices, model.wire_bytes)
     limit = (1.0 + cache_slack) * base_step * (1 + 1e-9)
@@ -765,7 +772,7 @@ def place_cache(costs: CostTable, cluster: Cluster, model: PacModel, devices: Se
     def score(one: list[list[int]], two: list[list[int]]) -> tuple[float, ...]:
         peak, _ = _peaks(costs, model, devices, shares, steps, p1_memory,
                          _holders_of(devices, shares, one), _holders_of(devices, shares, two),
-                         phase1)
+                         phase1, spaces)
         over = sum(max(0, peak[d] - memory[i]) for i, d in enumerate(devices))
         pressure = max(peak[d] / memory[i] for i, d in enumerate(devices))
         return (float(over), float(sum(peak.values())), round(pressure, 12))
@@ -804,7 +811,7 @@ def place_cache(costs: CostTable, cluster: Cluster, model: PacModel, devices: Se
     if best[0] > 0:
         peak, _ = _peaks(costs, model, devices, shares, steps, p1_memory,
                          _holders_of(devices, shares, rows[0]),
-                         _holders_of(devices, shares, rows[1]), phase1)
+                         _holders_of(devices, shares, rows[1]), phase1, spaces)
         gap, device = max((peak[d] - memory[i], d) for i, d in enumerate(devices))
         raise PlanError(
             f"the activation cache does not fit: device {device!r} would hold "

@@ -134,7 +134,7 @@ def _memory_hint(costs: CostTable, survivors: Cluster, osf: float) -> str:
     sums = LayerSums.of(costs)
     need = math.ceil(sums.params(0, costs.num_layers - 1) * (2.0 + osf)) \
         + sums.buffers(0, costs.num_layers - 1)
-    have = sum(d.memory_bytes for d in survivors.devices)
+    have = sum(survivors.usable_bytes(d.name) for d in survivors.devices)
     return (f"weights, gradients and optimizer state alone need {need / 2**20:.1f} MiB; "
             f"the survivors have {have / 2**20:.1f} MiB in all")
 
@@ -151,7 +151,7 @@ class _Search:
         self.timing = Timing.of(costs, survivors)
         self.sums = self.timing.base
         self.speeds = self.timing.speeds  # capability: Algorithm 1's split
-        self.capacity = {d.name: d.memory_bytes for d in survivors.devices}
+        self.capacity = {d.name: survivors.usable_bytes(d.name) for d in survivors.devices}
         self.evaluations = 0
         self.front_cap = 8
         self.comm_cache: dict[tuple[int, int, tuple[int, ...]], float] = {}
@@ -202,7 +202,7 @@ class _Search:
             osf = self.plan.optimizer_state_factor
             free = self._free_shares(s, mb)
             if free is not None and all(
-                    stage_memory_bytes(self.sums, first, last, b, flight, osf)
+                    stage_memory_bytes(self.sums, first, last, b, flight, osf, len(group))
                     <= self.capacity[d] for b, d in zip(free, group, strict=True)):
                 shares: tuple[int, ...] | None = free  # what split_stage returns too
             else:
@@ -315,7 +315,7 @@ def _layouts(plan: Plan, costs: CostTable, cluster: Cluster, survivors: Cluster,
     """The base repair and its local variants (see [Note: layer-wise re-planning])."""
     cluster_speeds = Timing.of(costs, cluster).speeds  # capability (columns included)
     speeds = {d: cluster_speeds[d] for d in survivors.names}
-    memory = {d.name: d.memory_bytes for d in survivors.devices}
+    memory = {d.name: survivors.usable_bytes(d.name) for d in survivors.devices}
 
     def order(devices: Iterable[str]) -> tuple[str, ...]:
         return tuple(sorted(devices, key=lambda d: (-speeds[d], -memory[d], d)))

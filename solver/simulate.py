@@ -155,7 +155,8 @@ def _overlap(a: tuple[int, int], b: tuple[int, int]) -> int:
     return max(0, min(a[1], b[1]) - max(a[0], b[0]))
 
 
-def _memory_terms(plan: Plan, sums: LayerSums) -> tuple[dict[str, int], dict[str, int]]:
+def _memory_terms(plan: Plan, sums: LayerSums, cluster: Cluster
+                  ) -> tuple[dict[str, int], dict[str, int]]:
     """``(static, per_micro_batch)`` bytes of every device, from evaluate's memory model:
     static = weights, gradients, optimizer state, buffers, fixed workspace and replicas
     held for other devices; per micro-batch = the share's activations (the workspace
@@ -166,7 +167,8 @@ def _memory_terms(plan: Plan, sums: LayerSums) -> tuple[dict[str, int], dict[str
     osf = plan.optimizer_state_factor
     for stage in plan.stages:
         for dev, share in zip(stage.devices, stage.shares, strict=True):
-            static[dev] = stage_memory_bytes(sums, stage.first, stage.last, share, 0, osf)
+            static[dev] = cluster.workspace_bytes(dev) + stage_memory_bytes(
+                sums, stage.first, stage.last, share, 0, osf, len(stage.devices))
             act[dev] = share * sums.in_flight_bytes(stage.first, stage.last)
             weights[dev] = math.ceil(sums.params(stage.first, stage.last) * (1.0 + osf))
     for dev, holders in plan.replicas.items():
@@ -316,7 +318,7 @@ def simulate(plan: Plan, costs: CostTable, cluster: Cluster, *, rounds: int = 1,
         task.deps.extend(index[k] for k in deps)
 
     _run(tasks, network)
-    return _collect(plan, sums, tasks, sched, comm, network, rounds, stage_of)
+    return _collect(plan, sums, tasks, sched, comm, network, rounds, stage_of, cluster)
 
 
 def _run(tasks: list[_Task], network: str) -> None:
@@ -354,7 +356,8 @@ def _run(tasks: list[_Task], network: str) -> None:
 
 
 def _collect(plan: Plan, sums: LayerSums, tasks: list[_Task], sched: str,
-             comm: str, network: str, rounds: int, stage_of: dict[str, int]) -> SimResult:
+             comm: str, network: str, rounds: int, stage_of: dict[str, int],
+             cluster: Cluster) -> SimResult:
     events = []
     busy: dict[str, float] = {d: 0.0 for d in plan.devices}
     for task in tasks:
@@ -370,7 +373,7 @@ def _collect(plan: Plan, sums: LayerSums, tasks: list[_Task], sched: str,
     n_dev = len(plan.devices)
     bubble = 1.0 - sum(busy.values()) / (n_dev * total) if total > 0 else 0.0
 
-    static, act = _memory_terms(plan, sums)
+    static, act = _memory_terms(plan, sums, cluster)
     samples: dict[str, tuple[tuple[float, int], ...]] = {}
     peaks: dict[str, int] = {}
     for dev in plan.devices:

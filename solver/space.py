@@ -73,7 +73,8 @@ def _class_keys(cluster: Cluster, timing: Timing, devices: Sequence[Device]) -> 
     own = []
     for d in devices:
         t = timing.device(d.name)
-        own.append((d.type, d.memory_bytes, t.speed, t.bound_speed, t.source, t.divisor))
+        own.append((d.type, cluster.usable_bytes(d.name), t.speed, t.bound_speed, t.source,
+                    t.divisor))
     n = len(devices)
 
     def link(a: str, b: str) -> tuple[float, float]:
@@ -107,12 +108,13 @@ def sorted_devices(cluster: Cluster, costs: CostTable | float) -> list[Device]:
     else:
         speeds = cluster.speeds(costs)
         timing = None
-    by_name = sorted(cluster.devices, key=lambda d: (-speeds[d.name], -d.memory_bytes, d.name))
+    usable = {d.name: cluster.usable_bytes(d.name) for d in cluster.devices}
+    by_name = sorted(cluster.devices, key=lambda d: (-speeds[d.name], -usable[d.name], d.name))
     if timing is None or len(by_name) < 2:
         return by_name
     label = _class_keys(cluster, timing, by_name)
     rank = {d.name: label[k] for k, d in enumerate(by_name)}
-    return sorted(by_name, key=lambda d: (-speeds[d.name], -d.memory_bytes, rank[d.name],
+    return sorted(by_name, key=lambda d: (-speeds[d.name], -usable[d.name], rank[d.name],
                                           d.name))
 
 
@@ -212,7 +214,7 @@ class SearchSpace:
         self.n = len(devices)
         per = [timing.device(name) for name in self.names]
         self.speeds = [t.speed for t in per]
-        self.caps = [d.memory_bytes for d in devices]
+        self.caps = [cluster.usable_bytes(d.name) for d in devices]
         self.bounds = [t.bound_speed for t in per]
         self.srcs = [t.source for t in per]
         self.divs = [t.divisor for t in per]

@@ -133,7 +133,8 @@ def split_stage(sums: LayerSums, first: int, last: int, speeds: Sequence[float],
     free = free_shares if free_shares is not None else split_shares(micro_batch, speeds)
     if free is None:
         return None
-    fixed, per_sample = stage_memory_parts(sums, first, last, in_flight, optimizer_state_factor)
+    fixed, per_sample = stage_memory_parts(sums, first, last, in_flight, optimizer_state_factor,
+                                           len(capacities))
     if all(memory_from_parts(fixed, per_sample, b) <= cap
            for b, cap in zip(free, capacities, strict=True)):
         return free
@@ -171,7 +172,7 @@ def resplit(plan: Plan, costs: CostTable, cluster: Cluster, micro_batch_size: in
     batch = plan.batch_size
     cluster = cluster.for_costs(costs)
     timing = Timing.of(costs, cluster)
-    capacity = {d.name: d.memory_bytes for d in cluster.devices}
+    capacity = {d.name: cluster.usable_bytes(d.name) for d in cluster.devices}
     count = batch // m
     stages = []
     for s, stage in enumerate(plan.stages):

@@ -143,6 +143,9 @@ def test_no_latency_keeps_the_old_hash(tmp_path: Path) -> None:
          "network: {links: [{between: [a, b], latency_ms: .nan}]}", "must be >= 0"),
         ("devices: [{name: a, type: local}, {name: b, type: local}]\n"
          "network: {links: [{between: [a, b], latency_ms: 1, jitter_ms: 2}]}", "a link is"),
+        ("devices: [{name: a, type: local, workspace_mb: -1}]", "workspace_mb must be >= 0"),
+        ("devices: [{name: a, type: jetson-nano, workspace_mb: 4096}]",
+         "workspace_mb 4096 leaves no memory"),
         ("- a\n- b", "a cluster file is a mapping"),
         ("devices: [{name: a, type: local}\n", "not valid YAML"),
     ],
@@ -222,3 +225,38 @@ def _column(costs: Any, device_type: str) -> Any:
 
     return DeviceColumn(device_type=device_type, fwd=tuple(lc.fwd for lc in costs.layers),
                         bwd=tuple(lc.bwd for lc in costs.layers))
+
+
+def test_fixed_workspace_defaults_per_type_and_is_declared_per_device(tmp_path: Path) -> None:
+    cluster = Cluster.from_yaml(_write(tmp_path, (
+        "devices: [{name: n, type: jetson-nano}, {name: h, type: local},\n"
+        "          {name: c, type: custom, speed: 1, memory_gb: 1},\n"
+        "          {name: w, type: jetson-nano, workspace_mb: 64}]")))
+    mib = 2**20
+    # two cuBLAS workspaces of torch's default pre-Hopper size on a Jetson; none on a CPU
+    assert cluster.workspace_bytes("n") == 2 * (2 * 4096 + 8 * 16) * 1024
+    assert cluster.workspace_bytes("h") == 0
+    assert cluster.workspace_bytes("c") == mib
+    assert cluster.workspace_bytes("w") == 64 * mib
+    assert cluster.usable_bytes("w") == 4 * 2**30 - 64 * mib
+    # only a declared figure is written out: clusters that declare none keep their hash
+    assert [("workspace_mb" in d.to_dict()) for d in cluster.devices] == [False, False, False,
+                                                                          True]
+    assert Cluster.from_dict(cluster.to_dict()) == cluster
+    with pytest.raises(ClusterError, match="unknown device 'zz'"):
+        cluster.workspace_bytes("zz")
+
+
+def test_a_tables_measured_workspace_applies_to_its_type_only() -> None:
+    from types import SimpleNamespace
+
+    cluster = Cluster.from_dict({"devices": [{"name": "n", "type": "jetson-nano"},
+                                             {"name": "h", "type": "local"}]})
+    measured = {"jetson-nano": 9 * 2**20}
+    costs = SimpleNamespace(host_flops=1e9, message_cost_s=lambda t, v: 0.0,
+                            workspace_of=measured.get)
+    seen = cluster.for_costs(costs)
+    assert seen.workspace_bytes("n") == 9 * 2**20 and seen.workspace_bytes("h") == 0
+    assert seen.for_costs(costs) is seen                       # idempotent
+    assert seen.cluster_hash == cluster.cluster_hash           # not part of the file
+    assert seen.subset(["n"]).workspace_bytes("n") == 9 * 2**20

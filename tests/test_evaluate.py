@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from contracts.cluster import Cluster
 from contracts.errors import PlanError
-from contracts.plan import Plan, Stage
+from contracts.plan import SMALL_BUCKET_BYTES, Plan, Stage
 from contracts.table import CostTable
 from solver.evaluate import (
-    WORKSPACE_BYTES,
     LayerSums,
     allreduce_time,
     drain_term,
@@ -18,6 +19,7 @@ from solver.evaluate import (
     round_terms,
     stage_memory_bytes,
     transfer_time,
+    transient_gradient_bytes,
 )
 from solver.simulate import simulate
 from tests.solver_cases import make_cluster, make_costs, uniform_costs
@@ -67,11 +69,13 @@ def test_hand_computed_two_stage_plan() -> None:
     # copy of its outputs sent across the cut (5000), for 2 micro-batches of 4 samples;
     # stage 1 holds its activations (500), its received inputs (5000) and the model's
     # output (4), for one micro-batch; 10 % of that on top as workspace. Weights count
-    # twice (gradients) and the largest layer's once more (a gradient being accumulated)
+    # twice (gradients) and the largest layer's once more (a gradient being accumulated);
+    # on the data-parallel stage 1 the all-reduce's flat bucket copy instead, here all of
+    # its 5000 bytes of gradients (under SMALL_BUCKET_BYTES)
     assert pred.peak_memory_bytes == {
-        "d0": 2000 + 1000 + 40800 + WORKSPACE_BYTES + 4080,
-        "d1": 10000 + 3000 + 64 + 16512 + WORKSPACE_BYTES + 1652,
-        "d2": 10000 + 3000 + 64 + 5504 + WORKSPACE_BYTES + 551}
+        "d0": 2000 + 1000 + 40800 + 4080,
+        "d1": 10000 + 5000 + 64 + 16512 + 1652,
+        "d2": 10000 + 5000 + 64 + 5504 + 551}
     assert pred.memory_capacity_bytes["d1"] == 1024 * 2**20
     assert pred.fits
 
@@ -79,19 +83,48 @@ def test_hand_computed_two_stage_plan() -> None:
 def test_optimizer_state_and_replicas_add_memory() -> None:
     plan = _plan3(optimizer_state_factor=1.0, replicas={"d0": ("d1",)})
     pred = evaluate(plan, _costs3(), _cluster3())
-    assert pred.peak_memory_bytes["d0"] == 3000 + 1000 + 40800 + WORKSPACE_BYTES + 4080
-    assert pred.peak_memory_bytes["d1"] == (15000 + 3000 + 64 + 16512 + WORKSPACE_BYTES
+    assert pred.peak_memory_bytes["d0"] == 3000 + 1000 + 40800 + 4080
+    assert pred.peak_memory_bytes["d1"] == (15000 + 5000 + 64 + 16512
                                             + 1652 + 2 * 1000)
-    assert pred.peak_memory_bytes["d2"] == (15000 + 3000 + 64 + 5504 + WORKSPACE_BYTES
+    assert pred.peak_memory_bytes["d2"] == (15000 + 5000 + 64 + 5504
                                             + 551)
 
 
+def _with_workspace(cluster: Cluster, workspace: int) -> Cluster:
+    return replace(cluster, devices=tuple(replace(d, workspace_bytes=workspace)
+                                          for d in cluster.devices))
+
+
 def test_memory_shortfall_reported() -> None:
-    cluster = make_cluster([2.0, 1.0, 1.0], memory_mib=1.0, bandwidth_mbps=8.0)
+    # 1 MiB of memory, all of it the devices' fixed workspace: every byte of a stage is short
+    cluster = _with_workspace(make_cluster([2.0, 1.0, 1.0], memory_mib=1.0,
+                                           bandwidth_mbps=8.0), 1 << 20)
     pred = evaluate(_plan3(), _costs3(), cluster)
     assert not pred.fits
     assert set(pred.memory_shortfall()) == {"d0", "d1", "d2"}
     assert pred.memory_shortfall()["d0"] == 2000 + 1000 + 40800 + 4080
+
+
+def test_peak_memory_adds_each_devices_fixed_workspace() -> None:
+    plain = evaluate(_plan3(), _costs3(), _cluster3())
+    held = evaluate(_plan3(), _costs3(), _with_workspace(_cluster3(), 5000))
+    assert {d: held.peak_memory_bytes[d] - plain.peak_memory_bytes[d]
+            for d in plain.peak_memory_bytes} == {"d0": 5000, "d1": 5000, "d2": 5000}
+    assert held.memory_capacity_bytes == plain.memory_capacity_bytes
+
+
+def test_a_measured_workspace_in_the_table_replaces_the_devices_own() -> None:
+    costs = replace(_costs3(), workspace_bytes=7000)   # the base type: custom devices scale it
+    cluster = _with_workspace(_cluster3(), 5000)
+    assert cluster.for_costs(costs).workspace_bytes("d0") == 5000   # not custom's column
+    local = replace(costs, device_type="jetson-nano")
+    nano = replace(cluster, devices=tuple(replace(d, type="jetson-nano")
+                                          for d in cluster.devices))
+    assert nano.for_costs(local).workspace_bytes("d1") == 7000
+    assert nano.for_costs(local).usable_bytes("d1") == nano.device("d1").memory_bytes - 7000
+    held = evaluate(_plan3(), local, nano)
+    plain = evaluate(_plan3(), replace(local, workspace_bytes=None), nano)
+    assert held.peak_memory_bytes["d2"] - plain.peak_memory_bytes["d2"] == 7000 - 5000
 
 
 def test_equal_stages_give_m_plus_one_x() -> None:
@@ -270,7 +303,7 @@ def test_in_flight_and_memory_helpers() -> None:
     assert [sums.largest_params(0, i) for i in range(3)] == [1000, 2000, 3000]
     assert sums.largest_params(1, 1) == 2000
     assert stage_memory_bytes(sums, 0, 2, 2, 1, 0.0) == (
-        12000 + 3000 + 64 + 1208 + WORKSPACE_BYTES + 121)
+        12000 + 3000 + 64 + 1208 + 121)
 
 
 def test_largest_params_is_the_range_maximum() -> None:
@@ -289,8 +322,24 @@ def test_largest_params_is_the_range_maximum() -> None:
 def test_gpipe_keeps_all_micro_batches() -> None:
     plan = _plan3(schedule="gpipe")
     pred = evaluate(plan, _costs3(), _cluster3())
-    assert pred.peak_memory_bytes["d1"] == (10000 + 3000 + 64 + 33024 + WORKSPACE_BYTES
+    assert pred.peak_memory_bytes["d1"] == (10000 + 5000 + 64 + 33024
                                             + 3303)
+
+
+def test_a_data_parallel_stage_holds_an_all_reduce_bucket() -> None:
+    sums = LayerSums.of(_costs3())
+    # alone: the largest layer's gradient; in a group: the flat copy of its gradients,
+    # at most SMALL_BUCKET_BYTES or the largest gradient
+    assert transient_gradient_bytes(sums, 1, 2) == 3000
+    assert transient_gradient_bytes(sums, 1, 2, group_size=2) == 5000
+    big = make_costs([(0.0, 0.01)] * 3, [(0.0, 0.02)] * 3, [100_000, 120_000, 90_000],
+                     [1] * 3, [8] * 2)
+    big_sums = LayerSums.of(big)
+    assert transient_gradient_bytes(big_sums, 0, 2, 3) == SMALL_BUCKET_BYTES
+    huge = make_costs([(0.0, 0.01)] * 2, [(0.0, 0.02)] * 2, [10**6, 10**5], [1] * 2, [8])
+    assert transient_gradient_bytes(LayerSums.of(huge), 0, 1, 2) == 10**6
+    assert (stage_memory_bytes(sums, 1, 2, 3, 1, 0.0, group_size=2)
+            - stage_memory_bytes(sums, 1, 2, 3, 1, 0.0)) == 2000
 
 
 def test_plan_for_another_model_is_rejected() -> None:

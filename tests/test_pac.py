@@ -259,6 +259,9 @@ def test_a_pipeline_is_predicted_no_faster_than_its_simulation() -> None:
 
 def _placed(memory_mib: list[int], cache: str = "auto", **kwargs: float) -> PacPlan:
     cluster = make_cluster([1.0, 0.5, 0.5], bandwidth_mbps=1000, memory_mib=memory_mib)
+    # each device holds 1 MiB whatever it trains (Cluster.workspace_bytes), as a GPU does
+    cluster = replace(cluster, devices=tuple(replace(d, workspace_bytes=MIB)
+                                             for d in cluster.devices))
     return plan_finetune(COSTS, cluster, MODEL, batch_size=8, num_samples=80, epochs=3,
                          cache=cache, **kwargs)
 
@@ -320,13 +323,13 @@ def test_sharding_lowers_the_summed_peak_and_only_where_memory_dictates() -> Non
 
 
 def test_no_slack_keeps_fetches_hidden_behind_the_step() -> None:
-    plan = _placed([64, 20, 64])
+    plan = _placed([64, 18, 64])
     assert plan.cache_phase2 and plan.predicted is not None and plan.predicted.fetch_s > 0
     local_like = replace(plan, cache="local", cache_phase1={}, cache_phase2={})
     assert plan.predicted is not None
     base = predict_finetune(local_like, COSTS, make_cluster([1.0, 0.5, 0.5],
                                                            bandwidth_mbps=1000,
-                                                           memory_mib=[64, 20, 64]))
+                                                           memory_mib=[64, 18, 64]))
     assert plan.predicted.phase2_step_s == pytest.approx(base.phase2_step_s)
 
 
@@ -359,8 +362,6 @@ def _pipeline(micro_batch: int, num_micro_batches: int) -> Plan:
 
 
 def test_phase_1_memory_is_one_micro_batch_of_a_forward_only_stage() -> None:
-    from solver.evaluate import WORKSPACE_BYTES
-
     one = phase1_memory(COSTS, MODEL, _pipeline(2, 4))
     # nothing is kept for backward: more micro-batches of the same size hold no more
     assert phase1_memory(COSTS, MODEL, _pipeline(2, 8)) == one
@@ -369,11 +370,11 @@ def test_phase_1_memory_is_one_micro_batch_of_a_forward_only_stage() -> None:
     cut = 64 * 1024
     # the middle stage: its weights, the workspace, the cut it received and its wire
     # buffer, its tap, and two micro-batches of the cut it sends
-    assert one["d1"] == WORKSPACE_BYTES + coarse.layers[1].buffer_bytes + 2 * (
+    assert one["d1"] == coarse.layers[1].buffer_bytes + 2 * (
         cut + part) + 2 * (cut + 2 * cut)
     # the first stage receives nothing; the last sends no cut
-    assert one["d0"] == WORKSPACE_BYTES + coarse.layers[0].buffer_bytes + 2 * part + 2 * 2 * cut
-    assert one["d2"] == WORKSPACE_BYTES + coarse.layers[2].buffer_bytes + 2 * (cut + part) \
+    assert one["d0"] == coarse.layers[0].buffer_bytes + 2 * part + 2 * 2 * cut
+    assert one["d2"] == coarse.layers[2].buffer_bytes + 2 * (cut + part) \
         + 2 * cut
     # more rows per micro-batch hold more
     assert all(v > one[d] for d, v in phase1_memory(COSTS, MODEL, _pipeline(4, 2)).items())

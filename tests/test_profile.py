@@ -371,6 +371,8 @@ def test_profiling_device_choices() -> None:
 def test_a_cpu_table_says_where_it_was_measured() -> None:
     table = profile(Tiny(), tiny_batch, (1, 2), repeats=1, warmup=0, device="cpu")
     assert table.meta["device"] == "cpu"
+    # a CPU holds no fixed workspace to measure: its devices keep their type's (none)
+    assert table.workspace_bytes is None
 
 
 def test_layers_scaled_to_the_whole_model() -> None:

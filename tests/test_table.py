@@ -172,3 +172,26 @@ def test_a_columns_message_cost_round_trips_and_is_looked_up_per_type() -> None:
     assert board.base_column is not None and board.base_column.message_overhead_s == 4e-3
     with pytest.raises(CostModelError, match="message_overhead_s must be finite and >= 0"):
         replace(nano, message_overhead_s=-1.0)
+
+
+def test_a_measured_workspace_round_trips_and_is_looked_up_per_type() -> None:
+    layers = _table().layers
+    nano = DeviceColumn("jetson-nano", fwd=tuple(lc.fwd for lc in layers),
+                        bwd=tuple(lc.bwd for lc in layers), workspace_bytes=17 << 20)
+    table = replace(_table(), workspace_bytes=0, columns=(nano,))
+    assert CostTable.from_json(table.to_json()) == table
+    assert table.workspace_of("local") == 0 and table.workspace_of("jetson-nano") == 17 << 20
+    assert table.workspace_of("jetson-tx2") is None               # not measured: the default
+    board = replace(_table(), device_type="jetson-tx2", workspace_bytes=5 << 20)
+    assert board.base_column is not None and board.base_column.workspace_bytes == 5 << 20
+    older = table.to_dict()
+    del older["workspace_bytes"]
+    assert CostTable.from_dict(older).workspace_bytes is None      # tables from before
+
+
+@pytest.mark.parametrize("value", [-1, 1.5, True, "big"])
+def test_a_bad_workspace_is_refused(value: object) -> None:
+    data = _table().to_dict()
+    data["workspace_bytes"] = value
+    with pytest.raises(CostModelError, match="workspace_bytes must be an integer >= 0"):
+        CostTable.from_dict(data)
