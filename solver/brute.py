@@ -92,7 +92,8 @@ def enumerate_plans(costs: CostTable, cluster: Cluster, batch_size: int, *,
                         shares = split_stage(sums, first, last,
                                              [speed_of[d.name] for d in group],
                                              [cluster.usable_bytes(d.name) for d in group], mb,
-                                             in_flight(m, s_count, s), optimizer_state_factor)
+                                             in_flight(m, s_count, s), optimizer_state_factor,
+                                             num_micro_batches=m)
                         if shares is None:
                             break
                         stages.append(Stage((first, last), tuple(d.name for d in group),

@@ -174,6 +174,7 @@ from solver.evaluate import (
     WORKSPACE_FRACTION,
     LayerSums,
     Pieces,
+    accumulates,
     pieces_time,
     transient_gradient_bytes,
 )
@@ -491,9 +492,10 @@ class _Search:
             # for one device and for a data-parallel group (transient_gradient_bytes)
             held = (np.ceil(params * (2.0 + self.osf))
                     + (self.ctx.np_buffers[stop] - self.ctx.np_buffers[first]))
-            fixed = (held + largest).tolist()
-            bucket = np.maximum(largest, np.minimum(params, SMALL_BUCKET_BYTES))
+            bucket = np.minimum(params, np.maximum(largest, SMALL_BUCKET_BYTES))
             fixed_dp = (held + bucket).tolist()
+            fixed = (held + largest).tolist() if accumulates(self.m, self.osf) \
+                else held.tolist()
             acts = (self.ctx.np_acts[stop] - self.ctx.np_acts[first] + self.ctx.np_edges[first]
                     + self.ctx.np_edges[stop]).astype(np.float64).tolist()
             found = (lasts, slopes, inters, terms, params, fixed, fixed_dp, acts, use_np)
@@ -501,11 +503,12 @@ class _Search:
             pb, bb = sums.param_bytes, sums.buffer_bytes
             factor = 2.0 + self.osf
             params_l = [pb[last + 1] - pb[first] for last in lasts]
+            grows = accumulates(self.m, self.osf)
             fixed = [float(math.ceil(p * factor) + (bb[last + 1] - bb[first])
-                           + transient_gradient_bytes(sums, first, last))
+                           + transient_gradient_bytes(sums, first, last, 1, grows))
                      for p, last in zip(params_l, lasts, strict=True)]
             fixed_dp = [float(math.ceil(p * factor) + (bb[last + 1] - bb[first])
-                              + transient_gradient_bytes(sums, first, last, 2))
+                              + transient_gradient_bytes(sums, first, last, 2, grows))
                         for p, last in zip(params_l, lasts, strict=True)]
             acts = [float(sums.in_flight_bytes(first, last)) for last in lasts]
             terms = {}
@@ -684,7 +687,7 @@ class _Search:
         for k in range(max(fits, start), len(sel)):
             last = sel[k]
             shares = split_stage(self.sums, first, last, info.speeds, info.caps, self.mb,
-                                 flight, self.osf, free)
+                                 flight, self.osf, free, num_micro_batches=m)
             if shares is None:  # longer stages need even more memory
                 break
             cfs, cbs = self.timing.compute(first, last, info.names, shares)

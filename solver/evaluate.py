@@ -68,10 +68,13 @@ Device ``d`` of stage ``s`` (layers ``first..last``, share ``b_d``) holds
 
 * ``param_bytes * (2 + optimizer_state_factor)``: weights, gradients (backward allocates
   one per weight; later micro-batches accumulate into it) and optimizer state;
-* the largest layer's ``param_bytes`` once more (``LayerSums.largest_params``): autograd
-  computes a later micro-batch's gradient of a weight before adding it to ``.grad``, and
-  an optimizer such as Adam makes a temporary of a weight's size at its step (with one
-  micro-batch the gradient is assigned, not added, so this over-counts a little);
+* the largest layer's ``param_bytes`` once more (``LayerSums.largest_params``) where
+  gradients accumulate (``accumulates``): autograd computes a later micro-batch's
+  gradient of a weight before adding it to ``.grad``, and an optimizer that keeps state
+  (Adam, momentum) makes a temporary of a weight's size at its step; with one
+  micro-batch and plain SGD the gradient is assigned, not added, and nothing is counted.
+  A data-parallel group's device counts instead the flat copy of its largest all-reduce
+  bucket (``transient_gradient_bytes``, ``SMALL_BUCKET_BYTES``);
 * the stage's ``buffer_bytes``;
 * for every micro-batch in flight (``min(M, S - s)`` under 1F1B, ``M`` under GPipe),
   ``b_d`` times ``LayerSums.in_flight_bytes``: the activations its layers save for
@@ -125,6 +128,7 @@ __all__ = [
     "stage_memory_bytes",
     "stage_memory_parts",
     "transient_gradient_bytes",
+    "accumulates",
     "memory_from_parts",
     "in_flight",
     "round_terms",
@@ -243,29 +247,42 @@ def in_flight(num_micro_batches: int, num_stages: int, stage: int, schedule: str
     return min(num_micro_batches, num_stages - stage)
 
 
-def transient_gradient_bytes(sums: LayerSums, first: int, last: int, group_size: int = 1
-                             ) -> int:
+def transient_gradient_bytes(sums: LayerSums, first: int, last: int, group_size: int = 1,
+                             accumulates: bool = True) -> int:
     """The gradient bytes a device of a stage on layers ``first..last`` holds besides its
-    ``.grad`` tensors at their peak: the largest layer's (a later micro-batch's gradient
-    before it is added, an optimizer's temporary) and, in a data-parallel group
+    ``.grad`` tensors at their peak: the largest layer's when gradients ``accumulate`` (a
+    later micro-batch's gradient before it is added, or an optimizer's temporary of a
+    weight's size: see :func:`accumulates`) and, in a data-parallel group
     (``group_size > 1``), the flat copy of an all-reduce bucket, up to the largest
     gradient or ``SMALL_BUCKET_BYTES`` but never more than the stage's gradients
     (runtime/comm.py ``gradient_buckets``)."""
     largest = sums.largest_params(first, last)
-    if group_size > 1:
-        return max(largest, min(int(sums.params(first, last)), SMALL_BUCKET_BYTES))
-    return largest
+    if group_size > 1:     # at least the largest gradient, so accumulating adds nothing
+        return min(int(sums.params(first, last)), max(largest, SMALL_BUCKET_BYTES))
+    return largest if accumulates else 0
+
+
+def accumulates(num_micro_batches: int | None, optimizer_state_factor: float) -> bool:
+    """Whether a device makes a gradient-sized temporary besides ``.grad``: with more than
+    one micro-batch a round (each later one's gradient is computed, then added), or with
+    an optimizer that keeps state (its step's temporaries); None: not known, assume so.
+    With one micro-batch and plain SGD autograd hands each gradient to ``.grad`` as it
+    is."""
+    return (num_micro_batches is None or num_micro_batches > 1
+            or optimizer_state_factor > 0.0)
 
 
 def stage_memory_parts(sums: LayerSums, first: int, last: int, in_flight: int,
-                       optimizer_state_factor: float, group_size: int = 1
-                       ) -> tuple[int, int]:
+                       optimizer_state_factor: float, group_size: int = 1,
+                       num_micro_batches: int | None = None) -> tuple[int, int]:
     """``(fixed, per_sample)`` bytes of layers ``first..last`` on one device of a group of
-    ``group_size``: a device with ``b`` samples needs ``fixed + b * per_sample +
+    ``group_size`` running ``num_micro_batches`` a round (None: unknown, counted as
+    several): a device with ``b`` samples needs ``fixed + b * per_sample +
     ceil(b * per_sample * WORKSPACE_FRACTION)``."""
     weights = math.ceil(sums.params(first, last) * (2.0 + optimizer_state_factor))
     fixed = (weights + sums.buffers(first, last)
-             + transient_gradient_bytes(sums, first, last, group_size))
+             + transient_gradient_bytes(sums, first, last, group_size,
+                                        accumulates(num_micro_batches, optimizer_state_factor)))
     return fixed, sums.in_flight_bytes(first, last) * in_flight
 
 
@@ -276,11 +293,13 @@ def memory_from_parts(fixed: int, per_sample: int, share: int) -> int:
 
 
 def stage_memory_bytes(sums: LayerSums, first: int, last: int, share: int, in_flight: int,
-                       optimizer_state_factor: float, group_size: int = 1) -> int:
+                       optimizer_state_factor: float, group_size: int = 1,
+                       num_micro_batches: int | None = None) -> int:
     """Peak bytes of one device of a group of ``group_size`` holding layers ``first..last``
-    with ``share`` samples."""
+    with ``share`` samples (``num_micro_batches``: see :func:`stage_memory_parts`)."""
     fixed, per_sample = stage_memory_parts(sums, first, last, in_flight,
-                                           optimizer_state_factor, group_size)
+                                           optimizer_state_factor, group_size,
+                                           num_micro_batches)
     return memory_from_parts(fixed, per_sample, share)
 
 
@@ -395,7 +414,7 @@ def evaluate(plan: Plan, costs: CostTable, cluster: Cluster) -> Prediction:
         for device, share in zip(stage.devices, stage.shares, strict=True):
             peak[device] = cluster.workspace_bytes(device) + stage_memory_bytes(
                 sums, stage.first, stage.last, share, flight, plan.optimizer_state_factor,
-                len(stage.devices))
+                len(stage.devices), m)
             stage_weights[device] = replica
     for device, holders in plan.replicas.items():
         for holder in holders:

@@ -133,7 +133,8 @@ def _candidates(costs: CostTable, names: Sequence[str], speeds: Sequence[float],
                     if not wide and g[-1] + 1 > n - (r - 1):
                         continue
                     shares = split_stage(sums, first, last, [speeds[d] for d in g],
-                                         [caps[d] for d in g], mb, min(m, r), osf)
+                                         [caps[d] for d in g], mb, min(m, r), osf,
+                                         num_micro_batches=m)
                     if shares is None:
                         continue
                     group = [names[d] for d in g]

@@ -197,17 +197,19 @@ class _Search:
         key = (s, first, last, mb)
         if key not in self.share_cache:
             group = self.groups[s]
-            flight = in_flight(self.plan.batch_size // mb, len(self.groups), s,
-                               self.plan.schedule)
+            count = self.plan.batch_size // mb
+            flight = in_flight(count, len(self.groups), s, self.plan.schedule)
             osf = self.plan.optimizer_state_factor
             free = self._free_shares(s, mb)
             if free is not None and all(
-                    stage_memory_bytes(self.sums, first, last, b, flight, osf, len(group))
+                    stage_memory_bytes(self.sums, first, last, b, flight, osf, len(group),
+                                       count)
                     <= self.capacity[d] for b, d in zip(free, group, strict=True)):
                 shares: tuple[int, ...] | None = free  # what split_stage returns too
             else:
                 shares = split_stage(self.sums, first, last, [self.speeds[d] for d in group],
-                                     [self.capacity[d] for d in group], mb, flight, osf)
+                                     [self.capacity[d] for d in group], mb, flight, osf,
+                                     num_micro_batches=count)
             self.share_cache[key] = shares
         return self.share_cache[key]
 

@@ -168,7 +168,8 @@ def _memory_terms(plan: Plan, sums: LayerSums, cluster: Cluster
     for stage in plan.stages:
         for dev, share in zip(stage.devices, stage.shares, strict=True):
             static[dev] = cluster.workspace_bytes(dev) + stage_memory_bytes(
-                sums, stage.first, stage.last, share, 0, osf, len(stage.devices))
+                sums, stage.first, stage.last, share, 0, osf, len(stage.devices),
+                plan.num_micro_batches)
             act[dev] = share * sums.in_flight_bytes(stage.first, stage.last)
             weights[dev] = math.ceil(sums.params(stage.first, stage.last) * (1.0 + osf))
     for dev, holders in plan.replicas.items():

@@ -112,7 +112,8 @@ def memory_cap(sums: LayerSums, first: int, last: int, in_flight: int,
 def split_stage(sums: LayerSums, first: int, last: int, speeds: Sequence[float],
                 capacities: Sequence[int], micro_batch: int, in_flight: int,
                 optimizer_state_factor: float = 0.0,
-                free_shares: tuple[int, ...] | None = None) -> tuple[int, ...] | None:
+                free_shares: tuple[int, ...] | None = None,
+                num_micro_batches: int | None = None) -> tuple[int, ...] | None:
     """Algorithm 1 for one stage: shares of layers ``first..last`` on a group of devices.
 
     Args:
@@ -124,6 +125,8 @@ def split_stage(sums: LayerSums, first: int, last: int, speeds: Sequence[float],
             (``min(M, S - s)`` under 1F1B).
         optimizer_state_factor: optimizer state in units of the weights.
         free_shares: ``split_shares(micro_batch, speeds)`` when the caller has it cached.
+        num_micro_batches: micro-batches a round (None: not known; see
+            ``solver.evaluate.accumulates``).
 
     Returns:
         The shares, or None when the group cannot hold the stage.
@@ -134,7 +137,7 @@ def split_stage(sums: LayerSums, first: int, last: int, speeds: Sequence[float],
     if free is None:
         return None
     fixed, per_sample = stage_memory_parts(sums, first, last, in_flight, optimizer_state_factor,
-                                           len(capacities))
+                                           len(capacities), num_micro_batches)
     if all(memory_from_parts(fixed, per_sample, b) <= cap
            for b, cap in zip(free, capacities, strict=True)):
         return free
@@ -185,7 +188,7 @@ def resplit(plan: Plan, costs: CostTable, cluster: Cluster, micro_batch_size: in
         shares = split_stage(timing.base, first, last,
                              [timing.speeds[d] for d in stage.devices],
                              [capacity[d] for d in stage.devices], m, flight,
-                             plan.optimizer_state_factor)
+                             plan.optimizer_state_factor, num_micro_batches=count)
         if shares is None:
             raise PlanError(f"stage {s} (layers {first}..{last}) does not fit on "
                             f"{', '.join(stage.devices)} at micro-batch {m}; use a smaller "

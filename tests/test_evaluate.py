@@ -12,6 +12,7 @@ from contracts.plan import SMALL_BUCKET_BYTES, Plan, Stage
 from contracts.table import CostTable
 from solver.evaluate import (
     LayerSums,
+    accumulates,
     allreduce_time,
     drain_term,
     evaluate,
@@ -448,3 +449,19 @@ def test_hand_computed_plan_with_a_cost_column() -> None:
         # without the column the same plan scales the base times by d0's speed
         assert evaluate(_plan3(), base, cluster).stages[0].compute_f == pytest.approx(
             0.0205 * 2.0 / declared)
+
+
+def test_one_micro_batch_of_plain_sgd_makes_no_gradient_temporary() -> None:
+    sums = LayerSums.of(_costs3())
+    # one micro-batch, no optimizer state: autograd hands each gradient to .grad as it is
+    assert not accumulates(1, 0.0)
+    assert accumulates(2, 0.0) and accumulates(1, 1.0) and accumulates(None, 0.0)
+    one = stage_memory_bytes(sums, 0, 2, 4, 1, 0.0, num_micro_batches=1)
+    assert stage_memory_bytes(sums, 0, 2, 4, 1, 0.0, num_micro_batches=2) - one == 3000
+    assert stage_memory_bytes(sums, 0, 2, 4, 1, 0.0) - one == 3000       # unknown: counted
+    # a data-parallel group's bucket copy is there whatever the micro-batches
+    assert (stage_memory_bytes(sums, 1, 2, 3, 1, 0.0, 2, num_micro_batches=1)
+            == stage_memory_bytes(sums, 1, 2, 3, 1, 0.0, 2, num_micro_batches=4))
+    single = Plan(model_hash="h", cluster_hash="c", batch_size=4, micro_batch_size=4,
+                  num_micro_batches=1, stages=(Stage((0, 2), ("d0",), (4,)),))
+    assert evaluate(single, _costs3(), _cluster3()).peak_memory_bytes["d0"] == one

@@ -319,14 +319,14 @@ def test_bad_leave_values(tmp_path: Path) -> None:
         run(directory, emulate=CLUSTER, steps=3, leave="nano@1")
 
 
-# 1.1 MiB of which 1 MiB is held whatever the device trains: about 100 KiB for tensors,
+# 1.06e-3 GiB of which 1 MiB is held whatever the device trains: about 90 KiB for tensors,
 # less than examples/mlp.py needs on one device
 TIGHT4 = """
 devices:
-  - {name: fast, type: local, speed: 1.0, memory_gb: 0.00107, workspace_mb: 1}
-  - {name: slow0, type: local, speed: 0.5, memory_gb: 0.00107, workspace_mb: 1}
-  - {name: slow1, type: local, speed: 0.5, memory_gb: 0.00107, workspace_mb: 1}
-  - {name: slow2, type: local, speed: 0.5, memory_gb: 0.00107, workspace_mb: 1}
+  - {name: fast, type: local, speed: 1.0, memory_gb: 0.00106, workspace_mb: 1}
+  - {name: slow0, type: local, speed: 0.5, memory_gb: 0.00106, workspace_mb: 1}
+  - {name: slow1, type: local, speed: 0.5, memory_gb: 0.00106, workspace_mb: 1}
+  - {name: slow2, type: local, speed: 0.5, memory_gb: 0.00106, workspace_mb: 1}
 network:
   bandwidth_mbps: 1000
 """
