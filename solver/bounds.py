@@ -50,6 +50,7 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -57,7 +58,7 @@ from solver.space import ClassSpace, SearchSpace, SliceSpace
 from solver.split import split_shares
 from solver.timing import LayerSums
 
-__all__ = ["StageBound", "stage_bound", "proven_bound", "GRID", "class_bound",
+__all__ = ["StageBound", "stage_bound", "proven_bound", "GRID", "class_bound", "CLASS_POOLS_MAX",
            "bound_classes", "CLASS_GROUPS_MAX"]
 
 GRID = 8
@@ -245,6 +246,11 @@ CLASS_VECTORS_MAX = 20_000
 their best) on clusters with more count vectors than this (``prod (n_k + 1)`` over the
 classes), and gives up (None) where those too have more."""
 
+CLASS_POOLS_MAX = 256
+"""``class_bound`` counts the devices of every relaxed plan exactly (no prices) and bounds
+each transfer by the links from the devices the plan leaves free, where the classes have
+at most this many count vectors (``prod (n_k + 1)``): [Note: counted pools]."""
+
 CLASS_BUCKETS = 10
 """Buckets of the dominant stage's ``X`` in ``class_bound``'s first grid."""
 
@@ -275,13 +281,28 @@ class _ClassTables:
     """Per first layer ``firsts[i]``: ``(x, big, t_a, next, shortest)``: lower bounds of
     the stage's ``X = E_f + E_b`` and ``max(E_f, E_b)`` and its exact ``T_a`` (groups x
     candidate ends), the row of the layer after each end, and the smallest ``x`` over the
-    groups per end (non-decreasing); ``counts``: devices per class of each group."""
+    groups per end (non-decreasing); ``counts``: devices per class of each group.
+    ``pooled``, where the pools are counted ([Note: counted pools]): per row the compute
+    parts ``(f, b)`` of ``E_f`` and ``E_b`` (groups x ends) and the cut's bytes per sample,
+    and per group and pool (count vector of the devices a suffix from that stage on uses,
+    ``np.unravel_index`` over ``totals + 1``) the smallest latency and the smallest ``max_e
+    b_e / bw_e`` of a transfer into the group from the devices the pool leaves free."""
 
     firsts: tuple[int, ...]
     rows: tuple[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray], ...]
     counts: np.ndarray
     totals: np.ndarray
     speeds: np.ndarray
+    pooled: _Pooled | None = None
+
+
+@dataclass(frozen=True)
+class _Pooled:
+    """The parts of ``_ClassTables`` that ``_counted`` needs (see there)."""
+
+    compute: tuple[tuple[np.ndarray, np.ndarray, float], ...]
+    latency: np.ndarray
+    gamma: np.ndarray
 
 
 def _bucket(count: int) -> int:
@@ -326,6 +347,8 @@ def _class_tables(space: ClassSpace, sums: LayerSums, cut_bytes: Sequence[int],
     per_class = [(space.bounds[d], sorted((bw_in[e] for e in members), reverse=True),
                   timing.device(names[d]).source, timing.device(names[d]).divisor)
                  for d, members in zip(heads, classes, strict=True)]
+    pooled = math.prod(c + 1 for c in counts_all) <= CLASS_POOLS_MAX
+    ratios: dict[tuple[float, ...], float] = {}
     found: dict[tuple[int, ...], list[float]] = {}
     for seen, take in enumerate(itertools.product(*(range(c + 1) for c in counts_all))):
         if deadline is not None and not seen % 256 and time.perf_counter() > deadline:
@@ -357,6 +380,9 @@ def _class_tables(space: ClassSpace, sums: LayerSums, cut_bytes: Sequence[int],
             divisors[src] = min(div, divisors.get(src, math.inf))
         step = max(timing.sources[src].update_per_byte / div for src, div in divisors.items())
         found[take] = [1.0 / max(us), beta, gamma, reduce_a, reduce_b, step]
+        if pooled:
+            found[take] += _pattern_terms(take, per_class, link_bw, link_lat, micro_batch,
+                                          ratios)
     if not found:
         return None
     if len(found) > CLASS_GROUPS_MAX:
@@ -377,7 +403,8 @@ def _class_tables(space: ClassSpace, sums: LayerSums, cut_bytes: Sequence[int],
     counts = np.asarray(keys, dtype=np.float64).reshape(len(keys), n_classes)
     kept = _undominated(counts, table)
     counts, table = counts[kept], table[kept]
-    inv_u, beta, gamma, red_a, red_b, step = table.T
+    inv_u, beta, gamma, red_a, red_b, step = table[:, :6].T
+    patterns = 1 << n_classes
     num_layers = len(sums.fwd_slope) - 1
     firsts = [0] + [e + 1 for e in ends if e + 1 < num_layers]
     lasts = [e for e in ends if e < num_layers - 1] + [num_layers - 1]
@@ -386,16 +413,20 @@ def _class_tables(space: ClassSpace, sums: LayerSums, cut_bytes: Sequence[int],
     bi, bs = np.asarray(sums.bwd_intercept), np.asarray(sums.bwd_slope)
     params = np.asarray(sums.param_bytes, dtype=np.float64)
     rows = []
+    compute = []
     for first in firsts:
         if deadline is not None and time.perf_counter() > deadline:
             raise _Late
         stop = np.asarray([last + 1 for last in lasts if last >= first])
         cut = cut_bytes[first - 1] if first > 0 else 0
         comm = (lat0 + cut * gamma) if cut > 0 else np.zeros_like(gamma)
-        e_f = ((fi[stop] - fi[first])[None] * inv_u[:, None]
-               + (fs[stop] - fs[first])[None] * beta[:, None] + comm[:, None]) * _SLACK
-        e_b = ((bi[stop] - bi[first])[None] * inv_u[:, None]
-               + (bs[stop] - bs[first])[None] * beta[:, None] + comm[:, None]) * _SLACK
+        c_f = ((fi[stop] - fi[first])[None] * inv_u[:, None]
+               + (fs[stop] - fs[first])[None] * beta[:, None])
+        c_b = ((bi[stop] - bi[first])[None] * inv_u[:, None]
+               + (bs[stop] - bs[first])[None] * beta[:, None])
+        e_f = (c_f + comm[:, None]) * _SLACK
+        e_b = (c_b + comm[:, None]) * _SLACK
+        compute.append((c_f * _SLACK, c_b * _SLACK, float(cut)))
         p = (params[stop] - params[first])[None]
         t_a = (np.where(p > 0, p * red_a[:, None] + red_b[:, None], 0.0)
                + p * step[:, None]) * _SLACK
@@ -405,8 +436,48 @@ def _class_tables(space: ClassSpace, sums: LayerSums, cut_bytes: Sequence[int],
         shortest = np.maximum.accumulate(x.min(axis=0))
         rows.append((x, np.maximum(e_f, e_b), t_a, nxt, shortest))
     speeds = np.asarray([space.bounds[members[0]] for members in classes])
-    return _ClassTables(tuple(firsts), tuple(rows), counts,
-                        np.asarray(counts_all, dtype=np.float64), speeds)
+    totals = np.asarray(counts_all, dtype=np.float64)
+    if not pooled:
+        return _ClassTables(tuple(firsts), tuple(rows), counts, totals, speeds)
+    # per group and pool: the pattern of classes the pool leaves a device of
+    vecs = np.asarray(np.unravel_index(np.arange(math.prod(c + 1 for c in counts_all)),
+                                       [c + 1 for c in counts_all])).T
+    free = ((np.asarray(counts_all)[None] - vecs) > 0) << np.arange(n_classes)[None]
+    pattern = free.sum(axis=1)
+    lat_pat, gamma_pat = table[:, 6:6 + patterns], table[:, 6 + patterns:]
+    return _ClassTables(tuple(firsts), tuple(rows), counts, totals, speeds,
+                        _Pooled(tuple(compute), lat_pat[:, pattern] * _SLACK,
+                                gamma_pat[:, pattern] * _SLACK))
+
+
+def _pattern_terms(take: tuple[int, ...], per_class: list[tuple[Any, ...]],
+                   link_bw: list[list[float]], link_lat: list[list[float]], micro_batch: int,
+                   ratios: dict[tuple[float, ...], float]) -> list[float]:
+    """Per pattern of classes with a free device (bit ``j``: class ``j``), the smallest
+    latency and the smallest ``max_e b_e / bw_e`` over integer shares of a transfer into
+    the group ``take`` from free devices ([Note: counted pools]); inf where none can send.
+    ``ratios`` caches ``_min_max_ratio`` by its rates."""
+    n_classes = len(take)
+    present = [k for k, t in enumerate(take) if t]
+    lats, gammas = [], []
+    for pattern in range(1 << n_classes):
+        senders = [j for j in range(n_classes) if pattern >> j & 1]
+        lat = min((link_lat[k][j] for k in present for j in senders), default=math.inf)
+        rates: list[float] = []
+        for k in present:
+            best = max((link_bw[k][j] for j in senders), default=0.0)
+            rates.extend(min(bw, best) for bw in per_class[k][1][:take[k]])
+        if not rates or min(rates) <= 0.0 or math.isinf(lat):
+            lats.append(math.inf)
+            gammas.append(math.inf)
+            continue
+        key = tuple(rates)
+        if key not in ratios:
+            found = _min_max_ratio(micro_batch, rates)
+            ratios[key] = math.inf if found is None else found
+        lats.append(lat)
+        gammas.append(ratios[key])
+    return lats + gammas
 
 
 def _undominated(counts: np.ndarray, consts: np.ndarray) -> np.ndarray:
@@ -501,9 +572,9 @@ def _relaxed(tables: _ClassTables, m: int, low: float, top: float, limit: float,
     # >= (M - j (1 - rho)) X_d + T_a^{d+j} (E_b <= (1 - rho) X <= (1 - rho) X_d, rho the
     # hiding ratio), so the stage at position j keeps that with `low` for X_d below
     # `limit`; `placed[j - 1]`: tails whose first stage is at position j
-    gates = [(m - j * (1.0 - rho)) * low for j in range(1, _AFTER_LEVELS + 1)]
-    levels = next((j for j, gate in enumerate(gates) if gate < 0.0), len(gates))
+    gates, levels = _gates(m, rho, low)
     placed = [after.copy() for _ in range(levels)]
+    rest_gate = _rest_gate(m, int(tables.totals.sum()), rho, low, top)
     with_d = np.full(count + 1, inf)            # suffixes holding the dominant stage
     cost = (tables.counts @ prices)[:, None]
     shift = np.minimum(np.arange(a_max) + 1, a_max - 1)
@@ -536,9 +607,11 @@ def _relaxed(tables: _ClassTables, m: int, low: float, top: float, limit: float,
         # x where it is at most `top`, else inf (inf stays inf in the sums below)
         capped = np.where(x <= top, x, inf)
         priced = capped + cost_i
-        # a stage after the dominant one: round >= T_w + T_e + T_a >= T_a of every stage
+        # a stage after the dominant one, at a position j <= n - 1 past the first
+        # `levels`: round >= T^{d+j} >= (M - j (1 - rho)) X_d + T_a (_rest_gate)
         tail = after[nxt]                                                     # (ends, A)
-        best = (np.where(t_a < limit, priced, inf).min(axis=0)[:, None] + tail).min(axis=0)
+        best = (np.where(rest_gate + t_a < limit, priced, inf).min(axis=0)[:, None]
+                + tail).min(axis=0)
         np.minimum.at(after[i], shift, best)
         lowest_ta = t_a.min()
         for j in range(levels, 0, -1):
@@ -575,6 +648,140 @@ def _relaxed(tables: _ClassTables, m: int, low: float, top: float, limit: float,
     if math.isinf(found):
         return found          # no relaxed plan: none in the bucket
     return found - paid - 1e-10 * (abs(found) + abs(paid))
+
+
+def _counted(tables: _ClassTables, m: int, low: float, top: float, limit: float,
+             rho: float = 0.0, deadline: float | None = None) -> float:
+    """``_relaxed`` with the devices counted instead of priced: the smallest value of bound
+    (A) over plans of the relaxed stages (every group on count vectors of the classes, at
+    most ``totals`` devices of each in all) whose stages all have ``x <= top``, whose
+    dominant stage has ``X > low``, with the filters of ``_relaxed``; each transfer is
+    bounded by the links from the devices the stages from it on leave free ([Note:
+    counted pools]); ``_Late`` once the ``time.perf_counter()`` deadline has passed.
+
+    [Note: counted pools]
+    Where the classes have few count vectors (``CLASS_POOLS_MAX``), the DP of ``_relaxed``
+    carries the count vector ``q`` of the devices the stages from a first layer on use
+    (a suffix; every stage takes devices no other uses), so a relaxed plan uses at most
+    the cluster's devices of each class and no prices are needed. It also bounds the
+    transfers better: the stage before a stage on group ``g`` runs on devices outside
+    ``q`` (which holds ``g``), so each receiver ``e`` of ``g`` gets its share over a link
+    from a device of a class with a free device: ``E_f`` and ``E_b`` each hold at least
+    ``lat + cut max_e b_e / bw_e``, with ``bw_e`` the fastest such link into ``e`` (at
+    most its own fastest link, and the best between its class and a class with a free
+    device), ``lat`` the smallest latency of such a link, minimised over integer shares;
+    a stage after the first with no free device left has no plan. Instead of ``a``, the
+    DP takes its upper bound ``min(M - 1, |q'|)`` (``q'``: the devices of the stages after
+    the dominant one, at least one each); (A) only falls with a larger ``a`` (``X_d >=
+    max(E_f^d, E_b^d)``), so that is a lower bound too, and exact for plans of one device
+    per stage. Every other rule of ``_relaxed`` holds for each plan, so the value is a
+    lower bound of (A) on every plan in the bucket. Groups one dominates, with the
+    constants of every pattern of free classes included (fewer devices leave more free,
+    and more free classes only lower the transfer bound), are dropped as in
+    ``_relaxed``.
+    """
+    pooled = tables.pooled
+    assert pooled is not None
+    inf = math.inf
+    count = len(tables.firsts)
+    totals = tables.totals.astype(np.int64)
+    shape = [int(c) + 1 for c in totals]
+    n_pools = math.prod(shape)
+    vecs = np.asarray(np.unravel_index(np.arange(n_pools), shape)).T
+    group_counts = tables.counts.astype(np.int64)
+    # src[g, q]: the pool of the tail when the stage takes g and its suffix uses q
+    # (n_pools: none; that column of every table is inf)
+    diff = vecs[None] - group_counts[:, None]
+    src = np.where((diff >= 0).all(axis=2),
+                   np.ravel_multi_index(tuple(np.clip(diff, 0, None).transpose(2, 0, 1)),
+                                        shape), n_pools)
+    # a <= min(M - 1, devices after the dominant stage), per pool of those devices
+    a_cap = np.minimum(m - 1, np.append(vecs.sum(axis=1), 0)).astype(np.float64)
+    n_total = int(totals.sum())
+    after = np.full((count + 1, n_pools + 1), inf)
+    after[count, 0] = 0.0
+    gates, levels = _gates(m, rho, low)
+    rest_gate = _rest_gate(m, n_total, rho, low, top)
+    ta_limit = limit - min(0.0, rest_gate)
+    placed = [after.copy() for _ in range(levels)]
+    with_d = np.full((count + 1, n_pools + 1), inf)
+    m_low = m * low
+    for i in range(count - 1, -1, -1):
+        if deadline is not None and not i % 8 and time.perf_counter() > deadline:
+            raise _Late
+        _, _, t_a, nxt, shortest = tables.rows[i]
+        k = int(np.searchsorted(shortest, top, side="right"))
+        if not k:
+            continue
+        c_f, c_b, cut = pooled.compute[i]
+        first = tables.firsts[i] == 0
+        if first:
+            comm = np.zeros_like(pooled.gamma)
+        elif cut > 0:
+            comm = pooled.latency + cut * pooled.gamma
+        else:
+            comm = np.where(np.isfinite(pooled.gamma), 0.0, inf)
+        x0 = c_f[:, :k] + c_b[:, :k]
+        # every phase below keeps x <= top and T_a < limit - min(0, rest_gate)
+        fits = ((x0 + 2.0 * comm.min(axis=1)[:, None] <= top)
+                & (t_a[:, :k] < ta_limit))
+        g_t, e_t = np.nonzero(fits)
+        if not len(g_t):
+            continue
+        comm_t = comm[g_t]                                                  # (T, P)
+        x = x0[g_t, e_t][:, None] + 2.0 * comm_t
+        ta = t_a[g_t, e_t][:, None]
+        capped = np.where(x <= top, x, inf)
+        rows, cols = nxt[e_t][:, None], src[g_t]
+        tail = after[rows, cols]                                            # (T, P)
+        found = (np.where(rest_gate + ta < limit, capped, inf) + tail).min(axis=0)
+        np.minimum(after[i, :n_pools], found, out=after[i, :n_pools])
+        lowest_ta = float(ta.min())
+        for j in range(levels, 0, -1):
+            gate = gates[j - 1]
+            if gate + lowest_ta < limit:
+                rest = placed[j][rows, cols] if j < levels else tail
+                found = (np.where(gate + ta < limit, capped, inf) + rest).min(axis=0)
+                np.minimum(placed[j - 1][i, :n_pools], found, out=placed[j - 1][i, :n_pools])
+        if levels:
+            tail = placed[0][rows, cols]
+        if np.isfinite(tail).any():
+            big = np.maximum(c_f[g_t, e_t], c_b[g_t, e_t])[:, None] + comm_t
+            x_d = np.maximum(capped, low)
+            # inf where x is (no plan there): base is inf, hide must not be nan
+            with np.errstate(invalid="ignore"):
+                hide = np.where(np.isfinite(capped),
+                                np.maximum(x, low) - np.maximum(big, low / 2), 0.0)
+            total = m * x_d + ta
+            base = np.where(total < limit, total if first else m * x_d, inf)
+            value = base - a_cap[cols] * hide + tail
+            np.minimum(with_d[i, :n_pools], value.min(axis=0), out=with_d[i, :n_pools])
+        if m_low + lowest_ta < limit:
+            c_s = np.where(m_low + capped + ta < limit, capped + ta if first else capped, inf)
+            found = (c_s + with_d[rows, cols]).min(axis=0)
+            np.minimum(with_d[i, :n_pools], found, out=with_d[i, :n_pools])
+    return float(with_d[0, :n_pools].min())
+
+
+def _gates(m: int, rho: float, low: float) -> tuple[list[float], int]:
+    """``(gates, levels)``: for the stages at positions ``j = 1 .. levels`` after the
+    dominant one, ``(M - j (1 - rho)) low``, a lower bound of ``(M - j (1 - rho)) X_d``
+    while the factor is >= 0 (``levels``: the positions up to the first negative factor,
+    at most ``_AFTER_LEVELS``; with a negative factor ``low`` is no bound, and the
+    position is left to ``_rest_gate``)."""
+    factors = [m - j * (1.0 - rho) for j in range(1, _AFTER_LEVELS + 1)]
+    levels = next((j for j, f in enumerate(factors) if f < 0.0), len(factors))
+    return [f * low for f in factors[:levels]], levels
+
+
+def _rest_gate(m: int, n_total: int, rho: float, low: float, top: float) -> float:
+    """A lower bound of ``(M - j (1 - rho)) X_d`` for a stage at any position ``j <= n -
+    1`` after the dominant one, ``X_d`` in ``(low, top]``: ``round >= T^{d+j} >= (M - j (1 -
+    rho)) X_d + T_a^{d+j}`` ([Note: the class bound]); ``T_a < round`` alone does not hold
+    past ``j (1 - rho) > M`` (docs/planner.md's example: ``M = 1``, ``T_a^3 = 9`` in a round
+    of 8.1)."""
+    c = m - (n_total - 1) * (1.0 - rho)
+    return c * low if c >= 0.0 else c * top
 
 
 def class_bound(space: ClassSpace, sums: LayerSums, cut_bytes: Sequence[int],
@@ -641,10 +848,15 @@ def class_bound(space: ClassSpace, sums: LayerSums, cut_bytes: Sequence[int],
             if deadline is not None and time.perf_counter() > deadline:
                 raise _Late
             evals[0] += 1
-            found = _relaxed(tables, m, low, top, target, p * top * shape, rho, deadline)
+            if tables.pooled is not None:
+                found = _counted(tables, m, low, top, target, rho, deadline)
+            else:
+                found = _relaxed(tables, m, low, top, target, p * top * shape, rho, deadline)
             return max(m * low, found) if not math.isnan(found) else m * low
 
         best = value(price)
+        if tables.pooled is not None:
+            return best, price      # no prices to walk
         for factor in (_PRICE_STEP, 1.0 / _PRICE_STEP):
             moved = False
             while best < enough and _PRICE_MIN < price < _PRICE_MAX:
