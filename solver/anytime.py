@@ -57,7 +57,7 @@ from contracts.cluster import Cluster
 from contracts.errors import AsteroidError, PlanError
 from contracts.plan import Plan, PlannerInfo, SearchBound
 from contracts.table import CostTable
-from solver.bounds import bound_classes, class_bound
+from solver.bounds import bound_classes, class_bound, counts_pools
 from solver.diagnose import no_fit_error
 from solver.dp import DPResult, asteroid_dp
 from solver.evaluate import LayerSums, evaluate
@@ -198,6 +198,13 @@ the rest (and whatever the search left unused). A search that finishes proves it
 optimal and skips the bound."""
 
 CLASS_BOUND_AFTER_S = 5.0
+
+CLASS_COUNTED_S = 20.0
+"""Without a time limit, where the class bound counts the devices of each class exactly
+(``solver.bounds.counts_pools``, [Note: counted pools]), it runs after any search, for
+up to the larger of this many seconds and ``CLASS_BOUND_SHARE`` of the search: there it
+is strong enough to prove the plan optimal over every order (the 200-layer MLP of issue
+14 on eight mixed devices)."""
 
 CLASS_BOUND_BISECT_TOL = 0.01
 """The class bounds' targets are bisected until the smallest bound is within this share
@@ -393,9 +400,12 @@ def search(costs: CostTable, cluster: Cluster, batch_size: int, *,
     links = {} if complete else link_bounds(
         costs, cluster, batch_size, [mb for mb in mbs if mb not in proven], max_cuts,
         deadline)
-    if not complete and (deadline is not None or searched >= CLASS_BOUND_AFTER_S):
+    counted = counts_pools(ClassSpace(costs, cluster))
+    if not complete and (deadline is not None or counted
+                         or searched >= CLASS_BOUND_AFTER_S):
         until = (deadline if deadline is not None
-                 else time.perf_counter() + CLASS_BOUND_SHARE * searched)
+                 else time.perf_counter() + max(CLASS_BOUND_SHARE * searched,
+                                                CLASS_COUNTED_S if counted else 0.0))
         proven.update(_class_bounds(costs, cluster, batch_size, mbs, max_cuts, best_value,
                                     proven, until))
     for mb, value in links.items():

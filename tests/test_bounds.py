@@ -133,8 +133,9 @@ def _check_class_bound(seeds: range, instance: Any, **kwargs: Any) -> tuple[int,
     from solver.summary import hiding_ratio
 
     checked = above = 0
+    devices = kwargs.pop("devices", 4)
     for seed in seeds:
-        costs, cluster, batch = instance(seed, max_layers=5, max_devices=4, **kwargs)
+        costs, cluster, batch = instance(seed, max_layers=5, max_devices=devices, **kwargs)
         cluster = cluster.for_costs(costs)
         sums = LayerSums.of(costs)
         ends = list(range(costs.num_layers - 1))
@@ -181,6 +182,15 @@ def test_class_bound_with_prices_is_below_every_plan(monkeypatch: pytest.MonkeyP
     assert above > 250
 
 
+def test_counted_class_bound_on_five_devices() -> None:
+    # counted pools, sender profiles and one-device upper bounds on clusters of up to five
+    # devices with random links and latency: no plan of brute force below the bound
+    checked, above = _check_class_bound(range(900, 940), random_instance, links=True,
+                                        latency=True, devices=5)
+    assert checked > 3000
+    assert above > 100
+
+
 def test_counted_pools_prove_more_than_prices(monkeypatch: pytest.MonkeyPatch) -> None:
     # on these instances the counted bound is never below the priced one by more than
     # rounding, and above it often
@@ -214,26 +224,31 @@ def test_counted_pools_prove_more_than_prices(monkeypatch: pytest.MonkeyPatch) -
 def _chain_tables(fwd: list[float], bwd: list[float], tail: list[float], devices: int,
                   pooled: bool) -> Any:
     """Hand-made class-bound tables: layers of additive times ``fwd`` / ``bwd`` / ``T_a``
-    (``tail``), one class of ``devices`` devices, single-device groups, free transfers."""
+    (``tail``), one class of ``devices`` devices, one-device groups, free transfers, no
+    upper bounds."""
     import numpy as np
 
     from solver.bounds import _ClassTables, _Pooled
 
     n = len(fwd)
-    rows, compute = [], []
+    rows, cached = [], []
     for first in range(n):
         ends = range(first, n)
         c_f = np.asarray([[sum(fwd[first:e + 1]) for e in ends]])
         c_b = np.asarray([[sum(bwd[first:e + 1]) for e in ends]])
         t_a = np.asarray([[sum(tail[first:e + 1]) for e in ends]])
         x = c_f + c_b
-        rows.append((x, np.maximum(c_f, c_b), t_a, np.asarray([e + 1 for e in ends]),
-                     np.maximum.accumulate(x.min(axis=0))))
-        compute.append((c_f, c_b, 0.0))
-    free = np.asarray([[0.0 if q < devices else math.inf for q in range(devices + 1)]])
+        nxt = np.asarray([e + 1 for e in ends])
+        shortest = np.maximum.accumulate(x.min(axis=0))
+        rows.append((x, np.maximum(c_f, c_b), t_a, nxt, shortest))
+        cached.append((np.zeros((1, 1)), x, x, np.full_like(x, math.inf),
+                       np.maximum(c_f, c_b), t_a, nxt, shortest))
+    pools = np.arange(devices + 1)
+    extra = _Pooled(np.zeros((1, 1)), np.zeros((1, 1)), np.zeros(1, dtype=np.intp),
+                    np.zeros(n), np.where(pools >= 1, pools - 1, devices + 1)[None],
+                    np.append(pools, 0), (devices - pools).astype(float), tuple(cached))
     return _ClassTables(tuple(range(n)), tuple(rows), np.ones((1, 1)),
-                        np.asarray([float(devices)]), np.ones(1),
-                        _Pooled(tuple(compute), free, free) if pooled else None)
+                        np.asarray([float(devices)]), np.ones(1), extra if pooled else None)
 
 
 @pytest.mark.parametrize("pooled", [False, True])
@@ -336,7 +351,7 @@ def test_dominated_groups_do_not_change_the_class_bound(
             tables = solver.bounds._class_tables(space, sums, costs.cut_bytes, ends, mb)
             with monkeypatch.context() as patch:
                 patch.setattr(solver.bounds, "_undominated",
-                              lambda counts, consts: np.arange(len(counts)))
+                              lambda counts, consts, *_: np.arange(len(counts)))
                 full = class_bound(space, sums, costs.cut_bytes, ends, mb, batch // mb, 1.0)
                 every = solver.bounds._class_tables(space, sums, costs.cut_bytes, ends, mb)
             assert pruned == full, (seed, mb)
