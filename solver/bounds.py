@@ -822,6 +822,8 @@ def _counted(tables: _ClassTables, m: int, low: float, top: float, limit: float,
     gate_col = np.asarray(gates)[:, None, None]
     m_low = m * low
     live_all = pooled.free_speed * top * _ABOVE
+    alive = np.zeros(count + 1, dtype=bool)
+    alive[count] = True
     for i in range(count - 1, -1, -1):
         if deadline is not None and time.perf_counter() > deadline:
             raise _Late
@@ -829,8 +831,10 @@ def _counted(tables: _ClassTables, m: int, low: float, top: float, limit: float,
         k = int(np.searchsorted(shortest, top, side="right"))
         if not k:
             continue
-        # every phase below keeps x <= top and T_a < limit - min(0, rest_gate)
-        g_t, e_t = np.nonzero((lowest[:, :k] <= top) & (t_a[:, :k] < ta_limit))
+        # every phase below keeps x <= top and T_a < limit - min(0, rest_gate), and needs
+        # a suffix after the stage (a row with some finite value)
+        g_t, e_t = np.nonzero((lowest[:, :k] <= top) & (t_a[:, :k] < ta_limit)
+                              & alive[nxt[:k]][None])
         # pools whose free devices can run the layers before the row in stages of x <=
         # top: each such stage has x U >= its work (U: its bound speeds), so the head's
         # work is at most top times the free speed; the others start no relaxed plan
@@ -872,6 +876,7 @@ def _counted(tables: _ClassTables, m: int, low: float, top: float, limit: float,
         if m_low + float(ta.min()) < limit:
             c_s = np.where(m_low + capped + ta < limit, capped + ta if first else capped, inf)
             with_d[i, live] = np.minimum(with_d[i, live], _best(c_s, with_d, at))
+        alive[i] = bool(np.isfinite(stack[:, i]).any() or np.isfinite(with_d[i]).any())
     return float(with_d[0, :n_pools].min())
 
 
