@@ -224,7 +224,10 @@ def _class_bounds(costs: CostTable, cluster: Cluster, batch_size: int, mbs: Sequ
     more than the smallest so far (its target: a lower target is still a bound, and
     cheaper, since the bound stops once every bucket reaches it). Once every size has
     one, the target of the size with the smallest bound is bisected while time is left:
-    ``class_bound`` with a lower target filters more, and often proves the target."""
+    ``class_bound`` with a lower target filters more, and often proves the target. Where
+    the pools can be counted (``counts_pools``), the sizes first get the priced bound
+    (quick) and then, instead of the bisection, the counted one for the best round, the
+    size with the smallest bound first ([Note: counted pools])."""
     if not math.isfinite(target):
         return {}
     space = ClassSpace(costs, cluster)
@@ -235,11 +238,12 @@ def _class_bounds(costs: CostTable, cluster: Cluster, batch_size: int, mbs: Sequ
     work = {mb: work_bound(costs, cluster, batch_size, mb) for mb in mbs if mb not in proven}
     cap = min(target, min(proven.values(), default=math.inf))
     unproven: dict[int, float] = {}     # per size: a target its class bound fell short of
+    counted = counts_pools(space)
     for mb in sorted(work, key=work.__getitem__):
         if time.perf_counter() > deadline:
             break
         value = class_bound(space, sums, costs.cut_bytes, ends, mb, batch_size // mb, cap,
-                            deadline, rho=rho)
+                            deadline, rho=rho, pools=False)
         if value is None:
             if time.perf_counter() > deadline:
                 break
@@ -248,10 +252,20 @@ def _class_bounds(costs: CostTable, cluster: Cluster, batch_size: int, mbs: Sequ
             unproven[mb] = cap
         out[mb] = max(value, work[mb])
         cap = min(cap, out[mb])
-    # then bisect the target of the size with the smallest bound, between that bound and
+    # counted pools: the smallest bound first, for the best round, while time is left
+    while counted and len(out) == len(work) and time.perf_counter() < deadline:
+        mb = min(out, key=out.__getitem__)
+        if out[mb] >= target * _PROVED:
+            break
+        value = class_bound(space, sums, costs.cut_bytes, ends, mb, batch_size // mb, target,
+                            deadline, rho=rho)
+        if value is None or value <= out[mb]:
+            break
+        out[mb] = value
+    # else bisect the target of the size with the smallest bound, between that bound and
     # the lowest target it fell short of (or the first target): a lower target is a
     # stronger filter, and where the class bound reaches its target, the target is proven
-    while len(out) == len(work) and time.perf_counter() < deadline:
+    while not counted and len(out) == len(work) and time.perf_counter() < deadline:
         mb = min(out, key=out.__getitem__)
         low, high = out[mb], unproven.get(mb, target)
         if (high <= low * (1.0 + CLASS_BOUND_BISECT_TOL)

@@ -341,7 +341,7 @@ def _bucket(count: int) -> int:
 
 def _class_tables(space: ClassSpace, sums: LayerSums, cut_bytes: Sequence[int],
                   ends: Sequence[int], micro_batch: int,
-                  deadline: float | None = None) -> _ClassTables | None:
+                  deadline: float | None = None, pools: bool = True) -> _ClassTables | None:
     """The per-stage lower bounds of [Note: the class bound] for every group of at most
     ``micro_batch`` devices (merged into buckets above ``CLASS_GROUPS_MAX``); ``_Late``
     when the ``time.perf_counter()`` deadline passes first."""
@@ -373,7 +373,7 @@ def _class_tables(space: ClassSpace, sums: LayerSums, cut_bytes: Sequence[int],
     per_class = [(space.bounds[d], sorted((bw_in[e] for e in members), reverse=True),
                   timing.device(names[d]).source, timing.device(names[d]).divisor)
                  for d, members in zip(heads, classes, strict=True)]
-    pooled = math.prod(c + 1 for c in counts_all) <= CLASS_POOLS_MAX   # counts_pools
+    pooled = pools and math.prod(c + 1 for c in counts_all) <= CLASS_POOLS_MAX
     profiles = _sender_profiles(link_bw, link_lat) if pooled else []
     # the one-device upper bounds need the stage bound's compute on the base times exact
     base = timing.base
@@ -913,7 +913,8 @@ def _rest_gate(m: int, n_total: int, rho: float, low: float, top: float) -> floa
 def class_bound(space: ClassSpace, sums: LayerSums, cut_bytes: Sequence[int],
                 ends: Sequence[int], micro_batch: int, num_micro: int, target: float,
                 deadline: float | None = None, max_evals: int | None = None,
-                rho: float = 0.0, buckets: int | None = None) -> float | None:
+                rho: float = 0.0, buckets: int | None = None,
+                pools: bool = True) -> float | None:
     """A lower bound, at most ``target``, on the round time of every plan of the wide space
     (``ClassSpace``: every group in every order) with this micro-batch size on the
     candidate ends ``ends`` ([Note: the class bound]); None when the
@@ -925,7 +926,8 @@ def class_bound(space: ClassSpace, sums: LayerSums, cut_bytes: Sequence[int],
     always safe); ``max_evals``: stop splitting buckets after this many DP runs (default
     24, ``CLASS_COUNTED_EVALS`` where the pools are counted); ``buckets``: buckets of the
     first grid (fewer: a quicker, weaker first bound; default ``CLASS_BUCKETS``,
-    ``CLASS_COUNTED_BUCKETS`` where the pools are counted).
+    ``CLASS_COUNTED_BUCKETS`` where the pools are counted); ``pools``: count the pools
+    where they are few (``counts_pools``; False: prices, quicker and weaker).
 
     [Note: the class bound]
     Let ``d`` be the dominant stage (largest ``X``) and ``a = min(M, S - d) - 1`` (at most
@@ -959,7 +961,7 @@ def class_bound(space: ClassSpace, sums: LayerSums, cut_bytes: Sequence[int],
     if not math.isfinite(target) or target <= 0 or bound_classes(space) is None:
         return None
     try:
-        tables = _class_tables(space, sums, cut_bytes, ends, micro_batch, deadline)
+        tables = _class_tables(space, sums, cut_bytes, ends, micro_batch, deadline, pools)
     except _Late:
         return None
     if tables is None:
