@@ -39,7 +39,8 @@ bound (``solver.bounds``, [Note: the class bound]) where the wide search did not
 with a time limit and a wide space of more than ``WIDE_EXACT_MAX`` pairs the search stops
 ``CLASS_BOUND_LIMIT_SHARE`` of the limit before the deadline and the bound runs until the
 deadline (cut short there, it keeps what it proved so far); without a limit it gets a
-quarter of a search of ``CLASS_BOUND_AFTER_S`` or more.
+quarter of a search of ``CLASS_BOUND_AFTER_S`` or more, and where it counts the pools
+(``solver.bounds.counts_pools``) up to ``CLASS_COUNTED_S`` after any search.
 The gap ``(round - bound) / bound`` goes into ``plan.planner.bound``; the work bound
 ignores communication and integer shares, so a search stopped early reports a large but
 honest gap.
