@@ -39,7 +39,8 @@ bound (``solver.bounds``, [Note: the class bound]) where the wide search did not
 with a time limit and a wide space of more than ``WIDE_EXACT_MAX`` pairs the search stops
 ``CLASS_BOUND_LIMIT_SHARE`` of the limit before the deadline and the bound runs until the
 deadline (cut short there, it keeps what it proved so far); without a limit it gets a
-quarter of a search of ``CLASS_BOUND_AFTER_S`` or more.
+quarter of a search of ``CLASS_BOUND_AFTER_S`` or more, and where it counts the pools
+(``solver.bounds.counts_pools``) up to ``CLASS_COUNTED_S`` after any search.
 The gap ``(round - bound) / bound`` goes into ``plan.planner.bound``; the work bound
 ignores communication and integer shares, so a search stopped early reports a large but
 honest gap.
@@ -57,7 +58,7 @@ from contracts.cluster import Cluster
 from contracts.errors import AsteroidError, PlanError
 from contracts.plan import Plan, PlannerInfo, SearchBound
 from contracts.table import CostTable
-from solver.bounds import bound_classes, class_bound
+from solver.bounds import bound_classes, class_bound, counts_pools
 from solver.diagnose import no_fit_error
 from solver.dp import DPResult, asteroid_dp
 from solver.evaluate import LayerSums, evaluate
@@ -199,6 +200,13 @@ optimal and skips the bound."""
 
 CLASS_BOUND_AFTER_S = 5.0
 
+CLASS_COUNTED_S = 20.0
+"""Without a time limit, where the class bound counts the devices of each class exactly
+(``solver.bounds.counts_pools``, [Note: counted pools]), it runs after any search, for
+up to the larger of this many seconds and ``CLASS_BOUND_SHARE`` of the search: there it
+is strong enough to prove the plan optimal over every order (the 200-layer MLP of issue
+14 on eight mixed devices)."""
+
 CLASS_BOUND_BISECT_TOL = 0.01
 """The class bounds' targets are bisected until the smallest bound is within this share
 of the lowest target it did not reach."""
@@ -217,7 +225,10 @@ def _class_bounds(costs: CostTable, cluster: Cluster, batch_size: int, mbs: Sequ
     more than the smallest so far (its target: a lower target is still a bound, and
     cheaper, since the bound stops once every bucket reaches it). Once every size has
     one, the target of the size with the smallest bound is bisected while time is left:
-    ``class_bound`` with a lower target filters more, and often proves the target."""
+    ``class_bound`` with a lower target filters more, and often proves the target. Where
+    the pools can be counted (``counts_pools``), the sizes first get the priced bound
+    (quick) and then, instead of the bisection, the counted one for the best round, the
+    size with the smallest bound first ([Note: counted pools])."""
     if not math.isfinite(target):
         return {}
     space = ClassSpace(costs, cluster)
@@ -228,11 +239,12 @@ def _class_bounds(costs: CostTable, cluster: Cluster, batch_size: int, mbs: Sequ
     work = {mb: work_bound(costs, cluster, batch_size, mb) for mb in mbs if mb not in proven}
     cap = min(target, min(proven.values(), default=math.inf))
     unproven: dict[int, float] = {}     # per size: a target its class bound fell short of
+    counted = counts_pools(space)
     for mb in sorted(work, key=work.__getitem__):
         if time.perf_counter() > deadline:
             break
         value = class_bound(space, sums, costs.cut_bytes, ends, mb, batch_size // mb, cap,
-                            deadline, rho=rho)
+                            deadline, rho=rho, pools=False)
         if value is None:
             if time.perf_counter() > deadline:
                 break
@@ -241,10 +253,20 @@ def _class_bounds(costs: CostTable, cluster: Cluster, batch_size: int, mbs: Sequ
             unproven[mb] = cap
         out[mb] = max(value, work[mb])
         cap = min(cap, out[mb])
-    # then bisect the target of the size with the smallest bound, between that bound and
+    # counted pools: the smallest bound first, for the best round, while time is left
+    while counted and len(out) == len(work) and time.perf_counter() < deadline:
+        mb = min(out, key=out.__getitem__)
+        if out[mb] >= target * _PROVED:
+            break
+        value = class_bound(space, sums, costs.cut_bytes, ends, mb, batch_size // mb, target,
+                            deadline, rho=rho)
+        if value is None or value <= out[mb]:
+            break
+        out[mb] = value
+    # else bisect the target of the size with the smallest bound, between that bound and
     # the lowest target it fell short of (or the first target): a lower target is a
     # stronger filter, and where the class bound reaches its target, the target is proven
-    while len(out) == len(work) and time.perf_counter() < deadline:
+    while not counted and len(out) == len(work) and time.perf_counter() < deadline:
         mb = min(out, key=out.__getitem__)
         low, high = out[mb], unproven.get(mb, target)
         if (high <= low * (1.0 + CLASS_BOUND_BISECT_TOL)
@@ -393,9 +415,12 @@ def search(costs: CostTable, cluster: Cluster, batch_size: int, *,
     links = {} if complete else link_bounds(
         costs, cluster, batch_size, [mb for mb in mbs if mb not in proven], max_cuts,
         deadline)
-    if not complete and (deadline is not None or searched >= CLASS_BOUND_AFTER_S):
+    counted = counts_pools(ClassSpace(costs, cluster))
+    if not complete and (deadline is not None or counted
+                         or searched >= CLASS_BOUND_AFTER_S):
         until = (deadline if deadline is not None
-                 else time.perf_counter() + CLASS_BOUND_SHARE * searched)
+                 else time.perf_counter() + max(CLASS_BOUND_SHARE * searched,
+                                                CLASS_COUNTED_S if counted else 0.0))
         proven.update(_class_bounds(costs, cluster, batch_size, mbs, max_cuts, best_value,
                                     proven, until))
     for mb, value in links.items():

@@ -50,6 +50,7 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -58,12 +59,13 @@ from solver.split import split_shares
 from solver.timing import LayerSums
 
 __all__ = ["StageBound", "stage_bound", "proven_bound", "GRID", "class_bound",
-           "bound_classes", "CLASS_GROUPS_MAX"]
+           "bound_classes", "counts_pools", "CLASS_GROUPS_MAX", "CLASS_POOLS_MAX"]
 
 GRID = 8
 """Values ``T_j`` of the largest stage time the fill bound (F) is split over."""
 
 _SLACK = 1.0 - 1e-9
+_ABOVE = 1.0 + 1e-9
 
 
 @dataclass(frozen=True)
@@ -245,8 +247,21 @@ CLASS_VECTORS_MAX = 20_000
 their best) on clusters with more count vectors than this (``prod (n_k + 1)`` over the
 classes), and gives up (None) where those too have more."""
 
+CLASS_POOLS_MAX = 128
+"""``class_bound`` counts the devices of every relaxed plan exactly (no prices) and reads
+each transfer at the links of the stage before, where the classes have at most this
+many count vectors (``prod (n_k + 1)``): [Note: counted pools]. The 200-layer MLP on
+eight mixed devices has 72; BERT-small on the 16-device fleet (252, coarse classes)
+was measured slower than its time limit with them, so it keeps the prices."""
+
 CLASS_BUCKETS = 10
 """Buckets of the dominant stage's ``X`` in ``class_bound``'s first grid."""
+
+CLASS_COUNTED_BUCKETS = 3
+CLASS_COUNTED_EVALS = 40
+"""The first grid and the most DP runs of ``class_bound`` where the pools are counted:
+its DP proves wide buckets more often, and each run is cheap (measured on issue 14's
+MLP: every micro-batch size proven with 3 buckets, 3-19 runs)."""
 
 _BUCKET_RATIO = 0.93
 """Each bucket's top is this share of the next one's in the first grid."""
@@ -256,6 +271,11 @@ _FINEST = 0.992
 
 _FINEST_LOW = 0.05
 """The lowest bucket (from 0) is not split below this share of ``target / M``."""
+
+_REACHED = 1.0 - 1e-6
+"""A bucket whose bound is within this share of the target is not split (the float
+slack of the tables keeps a bucket that holds a plan of the target's round just below
+it)."""
 
 _AFTER_LEVELS = 4
 """Stages right after the dominant one whose all-reduce ``_relaxed`` checks."""
@@ -275,13 +295,40 @@ class _ClassTables:
     """Per first layer ``firsts[i]``: ``(x, big, t_a, next, shortest)``: lower bounds of
     the stage's ``X = E_f + E_b`` and ``max(E_f, E_b)`` and its exact ``T_a`` (groups x
     candidate ends), the row of the layer after each end, and the smallest ``x`` over the
-    groups per end (non-decreasing); ``counts``: devices per class of each group."""
+    groups per end (non-decreasing); ``counts``: devices per class of each group.
+    ``pooled``, where the pools are counted ([Note: counted pools]): per group and sender
+    profile the smallest latency and the smallest ``max_e b_e /
+    bw_e`` of a transfer into the group from a group of that profile; each group's own
+    profile as a sender; per row the work of the layers before it, ``sum (intercepts +
+    slopes b)`` forward and backward; the pools (count vectors of the classes, in the
+    order of ``np.unravel_index`` over ``totals + 1``): ``src[g, q]``, the pool a suffix
+    leaves after a stage on group ``g`` when it uses ``q`` (``n_pools``: none), the
+    devices in each pool (and 0 for none), the bound speed each pool leaves free; and
+    per row what ``_counted`` reads: the transfer bounds (groups x profiles), ``x``
+    without them, ``x`` with the smallest, the upper bound of ``_one_device_uppers``
+    (groups x ends; inf: none), the compute part of ``max(E_f, E_b)``, ``T_a``, the next
+    rows and the non-decreasing smallest ``x`` per end."""
 
     firsts: tuple[int, ...]
     rows: tuple[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray], ...]
     counts: np.ndarray
     totals: np.ndarray
     speeds: np.ndarray
+    pooled: _Pooled | None = None
+
+
+@dataclass(frozen=True)
+class _Pooled:
+    """The parts of ``_ClassTables`` that ``_counted`` needs (see there)."""
+
+    latency: np.ndarray
+    gamma: np.ndarray
+    profile: np.ndarray
+    head: np.ndarray
+    src: np.ndarray
+    sizes: np.ndarray
+    free_speed: np.ndarray
+    rows: tuple[tuple[np.ndarray, ...], ...]
 
 
 def _bucket(count: int) -> int:
@@ -294,7 +341,7 @@ def _bucket(count: int) -> int:
 
 def _class_tables(space: ClassSpace, sums: LayerSums, cut_bytes: Sequence[int],
                   ends: Sequence[int], micro_batch: int,
-                  deadline: float | None = None) -> _ClassTables | None:
+                  deadline: float | None = None, pools: bool = True) -> _ClassTables | None:
     """The per-stage lower bounds of [Note: the class bound] for every group of at most
     ``micro_batch`` devices (merged into buckets above ``CLASS_GROUPS_MAX``); ``_Late``
     when the ``time.perf_counter()`` deadline passes first."""
@@ -326,6 +373,15 @@ def _class_tables(space: ClassSpace, sums: LayerSums, cut_bytes: Sequence[int],
     per_class = [(space.bounds[d], sorted((bw_in[e] for e in members), reverse=True),
                   timing.device(names[d]).source, timing.device(names[d]).divisor)
                  for d, members in zip(heads, classes, strict=True)]
+    pooled = pools and math.prod(c + 1 for c in counts_all) <= CLASS_POOLS_MAX
+    profiles = _sender_profiles(link_bw, link_lat) if pooled else []
+    # the one-device upper bounds need the stage bound's compute on the base times exact
+    base = timing.base
+    exact = all(list(getattr(sums, f)) == list(getattr(base, f))
+                for f in ("fwd_intercept", "fwd_slope", "bwd_intercept", "bwd_slope"))
+    uppers = (_one_device_uppers(space, classes, micro_batch) if exact
+              else [[math.inf, math.inf]] * n_classes) if pooled else []
+    ratios: dict[tuple[float, ...], float] = {}
     found: dict[tuple[int, ...], list[float]] = {}
     for seen, take in enumerate(itertools.product(*(range(c + 1) for c in counts_all))):
         if deadline is not None and not seen % 256 and time.perf_counter() > deadline:
@@ -357,6 +413,10 @@ def _class_tables(space: ClassSpace, sums: LayerSums, cut_bytes: Sequence[int],
             divisors[src] = min(div, divisors.get(src, math.inf))
         step = max(timing.sources[src].update_per_byte / div for src, div in divisors.items())
         found[take] = [1.0 / max(us), beta, gamma, reduce_a, reduce_b, step]
+        if pooled:
+            found[take] += _profile_terms(take, per_class, profiles, link_bw, link_lat,
+                                          micro_batch, ratios)
+            found[take] += uppers[present[0]] if size == 1 else [math.inf, math.inf]
     if not found:
         return None
     if len(found) > CLASS_GROUPS_MAX:
@@ -375,9 +435,14 @@ def _class_tables(space: ClassSpace, sums: LayerSums, cut_bytes: Sequence[int],
     keys = list(found)
     table = np.asarray([found[k] for k in keys], dtype=np.float64)
     counts = np.asarray(keys, dtype=np.float64).reshape(len(keys), n_classes)
-    kept = _undominated(counts, table)
+    if pooled:
+        # a group with an upper bound may be kept from being the dominant stage where a
+        # group without one is not: only groups without one dominate (see _counted)
+        kept = _undominated(counts, table[:, :-2], ~np.isfinite(table[:, -2]))
+    else:
+        kept = _undominated(counts, table)
     counts, table = counts[kept], table[kept]
-    inv_u, beta, gamma, red_a, red_b, step = table.T
+    inv_u, beta, gamma, red_a, red_b, step = table[:, :6].T
     num_layers = len(sums.fwd_slope) - 1
     firsts = [0] + [e + 1 for e in ends if e + 1 < num_layers]
     lasts = [e for e in ends if e < num_layers - 1] + [num_layers - 1]
@@ -386,16 +451,22 @@ def _class_tables(space: ClassSpace, sums: LayerSums, cut_bytes: Sequence[int],
     bi, bs = np.asarray(sums.bwd_intercept), np.asarray(sums.bwd_slope)
     params = np.asarray(sums.param_bytes, dtype=np.float64)
     rows = []
+    compute = []
+    before: list[float] = []
     for first in firsts:
         if deadline is not None and time.perf_counter() > deadline:
             raise _Late
         stop = np.asarray([last + 1 for last in lasts if last >= first])
         cut = cut_bytes[first - 1] if first > 0 else 0
         comm = (lat0 + cut * gamma) if cut > 0 else np.zeros_like(gamma)
-        e_f = ((fi[stop] - fi[first])[None] * inv_u[:, None]
-               + (fs[stop] - fs[first])[None] * beta[:, None] + comm[:, None]) * _SLACK
-        e_b = ((bi[stop] - bi[first])[None] * inv_u[:, None]
-               + (bs[stop] - bs[first])[None] * beta[:, None] + comm[:, None]) * _SLACK
+        c_f = ((fi[stop] - fi[first])[None] * inv_u[:, None]
+               + (fs[stop] - fs[first])[None] * beta[:, None])
+        c_b = ((bi[stop] - bi[first])[None] * inv_u[:, None]
+               + (bs[stop] - bs[first])[None] * beta[:, None])
+        e_f = (c_f + comm[:, None]) * _SLACK
+        e_b = (c_b + comm[:, None]) * _SLACK
+        compute.append((c_f * _SLACK, c_b * _SLACK, float(cut)))
+        before.append(float(fi[first] + bi[first] + micro_batch * (fs[first] + bs[first])))
         p = (params[stop] - params[first])[None]
         t_a = (np.where(p > 0, p * red_a[:, None] + red_b[:, None], 0.0)
                + p * step[:, None]) * _SLACK
@@ -405,11 +476,120 @@ def _class_tables(space: ClassSpace, sums: LayerSums, cut_bytes: Sequence[int],
         shortest = np.maximum.accumulate(x.min(axis=0))
         rows.append((x, np.maximum(e_f, e_b), t_a, nxt, shortest))
     speeds = np.asarray([space.bounds[members[0]] for members in classes])
-    return _ClassTables(tuple(firsts), tuple(rows), counts,
-                        np.asarray(counts_all, dtype=np.float64), speeds)
+    totals = np.asarray(counts_all, dtype=np.float64)
+    if not pooled:
+        return _ClassTables(tuple(firsts), tuple(rows), counts, totals, speeds)
+    n_prof = len(profiles)
+    lat_prof, gamma_prof = table[:, 6:6 + n_prof], table[:, 6 + n_prof:6 + 2 * n_prof]
+    own = [profiles.index(_profile_of(
+        [k for k in range(n_classes) if c[k] > 0], link_bw, link_lat)) for c in counts]
+    lat_prof, gamma_prof = lat_prof * _SLACK, gamma_prof * _SLACK
+    uppers = table[:, -2:] * _ABOVE
+    shape = [c + 1 for c in counts_all]
+    n_pools = math.prod(shape)
+    vecs = np.asarray(np.unravel_index(np.arange(n_pools), shape)).T
+    diff = vecs[None] - counts.astype(np.int64)[:, None]
+    leaves = np.where((diff >= 0).all(axis=2),
+                      np.ravel_multi_index(tuple(np.clip(diff, 0, None).transpose(2, 0, 1)),
+                                           shape), n_pools)
+    cached = []
+    for (c_f, c_b, cut_b), (_, _, t_a, nxt, shortest), row0 in zip(compute, rows, firsts,
+                                                                    strict=True):
+        if row0 == 0:
+            comm, up = np.zeros_like(gamma_prof), np.where(np.isfinite(uppers[:, 0]), 0.0,
+                                                           math.inf)
+        elif cut_b > 0:
+            comm, up = lat_prof + cut_b * gamma_prof, uppers[:, 0] + cut_b * uppers[:, 1]
+        else:
+            comm = np.where(np.isfinite(gamma_prof), 0.0, math.inf)
+            up = np.where(np.isfinite(uppers[:, 0]), 0.0, math.inf)
+        x0 = c_f + c_b
+        cached.append((comm, x0, x0 + 2.0 * comm.min(axis=1)[:, None],
+                       x0 / _SLACK * _ABOVE + 2.0 * up[:, None], np.maximum(c_f, c_b),
+                       t_a, nxt, shortest))
+    return _ClassTables(tuple(firsts), tuple(rows), counts, totals, speeds,
+                        _Pooled(lat_prof, gamma_prof, np.asarray(own, dtype=np.intp),
+                                np.asarray(before), leaves, np.append(vecs.sum(axis=1), 0),
+                                (totals[None] - vecs) @ speeds, tuple(cached)))
 
 
-def _undominated(counts: np.ndarray, consts: np.ndarray) -> np.ndarray:
+def _one_device_uppers(space: ClassSpace, classes: list[list[int]],
+                       micro_batch: int) -> list[list[float]]:
+    """Per class, for a stage on one of its devices: ``[lat, gamma]`` with ``X <= compute
+    + 2 (lat + cut gamma)`` (the receiver's messages: at most ``min(b, n - 1)`` senders,
+    each of at most the largest latency into the class, all ``b`` samples at the slowest
+    link into it), where the stage bound's compute is exact (base times, bound speed = the
+    speed); ``[inf, inf]`` elsewhere."""
+    cluster, names, timing = space.cluster, space.names, space.timing
+    out = []
+    for members in classes:
+        t = timing.device(names[members[0]])
+        if t.source != 0 or space.bounds[members[0]] != t.divisor or space.n < 2:
+            out.append([math.inf, math.inf])
+            continue
+        bw = min(cluster.bandwidth_bytes_s(names[a], names[e]) for e in members
+                 for a in range(space.n) if a != e)
+        lat = max(cluster.latency_s(names[a], names[e]) for e in members
+                  for a in range(space.n) if a != e)
+        out.append([min(micro_batch, space.n - 1) * lat, micro_batch / bw])
+    return out
+
+
+def _profile_of(senders: list[int], link_bw: list[list[float]],
+                link_lat: list[list[float]]) -> tuple[float, ...]:
+    """What a group holding devices of the classes ``senders`` offers a receiver of each
+    class: the fastest link (bytes/s; 0: none) and the smallest latency (inf: none)."""
+    n_classes = len(link_bw)
+    return (tuple(max((link_bw[k][j] for j in senders), default=0.0) for k in range(n_classes))
+            + tuple(min((link_lat[k][j] for j in senders), default=math.inf)
+                    for k in range(n_classes)))
+
+
+def _sender_profiles(link_bw: list[list[float]],
+                     link_lat: list[list[float]]) -> list[tuple[float, ...]]:
+    """The distinct ``_profile_of`` of every non-empty set of classes."""
+    n_classes = len(link_bw)
+    found: list[tuple[float, ...]] = []
+    for pattern in range(1, 1 << n_classes):
+        key = _profile_of([j for j in range(n_classes) if pattern >> j & 1], link_bw, link_lat)
+        if key not in found:
+            found.append(key)
+    return found
+
+
+def _profile_terms(take: tuple[int, ...], per_class: list[tuple[Any, ...]],
+                   profiles: list[tuple[float, ...]], link_bw: list[list[float]],
+                   link_lat: list[list[float]], micro_batch: int,
+                   ratios: dict[tuple[float, ...], float]) -> list[float]:
+    """Constants of the group ``take`` for ``_counted`` ([Note: counted pools]): per sender
+    profile the smallest latency and the smallest ``max_e b_e / bw_e`` over integer shares
+    of a transfer into the group (inf where no member can receive), then its own profile
+    as a sender in a form where smaller is better (minus each bandwidth, each latency).
+    ``ratios`` caches ``_min_max_ratio`` by its rates."""
+    n_classes = len(take)
+    present = [k for k, t in enumerate(take) if t]
+    lats, gammas = [], []
+    for profile in profiles:
+        bw_in, lat_in = profile[:n_classes], profile[n_classes:]
+        lat = min(lat_in[k] for k in present)
+        rates = [min(bw, bw_in[k]) for k in present for bw in per_class[k][1][:take[k]]]
+        if min(rates) <= 0.0 or math.isinf(lat):
+            lats.append(math.inf)
+            gammas.append(math.inf)
+            continue
+        key = tuple(rates)
+        if key not in ratios:
+            found = _min_max_ratio(micro_batch, rates)
+            ratios[key] = math.inf if found is None else found
+        lats.append(lat)
+        gammas.append(ratios[key])
+    # the links this group offers the next stage, best when smallest (for _undominated)
+    own = _profile_of(present, link_bw, link_lat)
+    return lats + gammas + [-v for v in own[:n_classes]] + list(own[n_classes:])
+
+
+def _undominated(counts: np.ndarray, consts: np.ndarray,
+                 can_dominate: np.ndarray | None = None) -> np.ndarray:
     """Indices of the groups that no other group dominates: one with no more devices of
     any class and no larger constant (``1 / u_max``, ``beta``, ``gamma``, the all-reduce
     terms, the step) has stage bounds ``x``, ``max(E_f, E_b)`` and ``T_a`` no larger on
@@ -420,6 +600,8 @@ def _undominated(counts: np.ndarray, consts: np.ndarray) -> np.ndarray:
     keep = []
     for g in range(len(both)):
         below = np.all(both <= both[g], axis=1)
+        if can_dominate is not None:
+            below &= can_dominate
         below[g] = False
         # an equal group dominates only when it comes first
         equal = below & np.all(both == both[g], axis=1)
@@ -446,6 +628,13 @@ def bound_classes(space: ClassSpace) -> list[list[int]] | None:
     if math.prod(len(c) + 1 for c in coarse) > CLASS_VECTORS_MAX:
         return None
     return coarse
+
+
+def counts_pools(space: ClassSpace) -> bool:
+    """True when ``class_bound`` counts the devices of each class exactly on this space
+    ([Note: counted pools]): its classes have at most ``CLASS_POOLS_MAX`` count vectors."""
+    classes = bound_classes(space)
+    return classes is not None and math.prod(len(c) + 1 for c in classes) <= CLASS_POOLS_MAX
 
 
 def _coarse_classes(space: ClassSpace) -> list[list[int]]:
@@ -501,9 +690,9 @@ def _relaxed(tables: _ClassTables, m: int, low: float, top: float, limit: float,
     # >= (M - j (1 - rho)) X_d + T_a^{d+j} (E_b <= (1 - rho) X <= (1 - rho) X_d, rho the
     # hiding ratio), so the stage at position j keeps that with `low` for X_d below
     # `limit`; `placed[j - 1]`: tails whose first stage is at position j
-    gates = [(m - j * (1.0 - rho)) * low for j in range(1, _AFTER_LEVELS + 1)]
-    levels = next((j for j, gate in enumerate(gates) if gate < 0.0), len(gates))
+    gates, levels = _gates(m, rho, low)
     placed = [after.copy() for _ in range(levels)]
+    rest_gate = _rest_gate(m, int(tables.totals.sum()), rho, low, top)
     with_d = np.full(count + 1, inf)            # suffixes holding the dominant stage
     cost = (tables.counts @ prices)[:, None]
     shift = np.minimum(np.arange(a_max) + 1, a_max - 1)
@@ -536,9 +725,11 @@ def _relaxed(tables: _ClassTables, m: int, low: float, top: float, limit: float,
         # x where it is at most `top`, else inf (inf stays inf in the sums below)
         capped = np.where(x <= top, x, inf)
         priced = capped + cost_i
-        # a stage after the dominant one: round >= T_w + T_e + T_a >= T_a of every stage
+        # a stage after the dominant one, at a position j <= n - 1 past the first
+        # `levels`: round >= T^{d+j} >= (M - j (1 - rho)) X_d + T_a (_rest_gate)
         tail = after[nxt]                                                     # (ends, A)
-        best = (np.where(t_a < limit, priced, inf).min(axis=0)[:, None] + tail).min(axis=0)
+        best = (np.where(rest_gate + t_a < limit, priced, inf).min(axis=0)[:, None]
+                + tail).min(axis=0)
         np.minimum.at(after[i], shift, best)
         lowest_ta = t_a.min()
         for j in range(levels, 0, -1):
@@ -577,10 +768,153 @@ def _relaxed(tables: _ClassTables, m: int, low: float, top: float, limit: float,
     return found - paid - 1e-10 * (abs(found) + abs(paid))
 
 
+def _counted(tables: _ClassTables, m: int, low: float, top: float, limit: float,
+             rho: float = 0.0, deadline: float | None = None) -> float:
+    """``_relaxed`` with the devices counted instead of priced: the smallest value of bound
+    (A) over plans of the relaxed stages (every group on count vectors of the classes, at
+    most ``totals`` devices of each in all) whose stages all have ``x <= top``, whose
+    dominant stage has ``X > low``, with the filters of ``_relaxed``; each transfer is
+    bounded by the links from the classes of the stage before ([Note: counted pools]);
+    ``_Late`` once the ``time.perf_counter()`` deadline has passed.
+
+    [Note: counted pools]
+    Where the classes have few count vectors (``CLASS_POOLS_MAX``), the DP of ``_relaxed``
+    carries the count vector ``q`` of the devices the stages from a first layer on use
+    (a suffix; every stage takes devices no other uses), so a relaxed plan uses at most
+    the cluster's devices of each class and no prices are needed. It also carries the
+    *sender profile* of the stage before the suffix: per class, the fastest link and the
+    smallest latency from a device of that stage's classes to a device of that class
+    (``_profile_of``; classes of interchangeable devices have the same links, coarse
+    classes the best of their members'). Each receiver ``e`` of a stage gets its share
+    from the stage before, over a link no faster than that profile's for its class and
+    than its own fastest link, so ``E_f`` and ``E_b`` each hold at least ``lat + cut max_e
+    b_e / bw_e`` with those links, minimised over integer shares, and ``lat`` the
+    profile's smallest latency into the group's classes. A stage prepended on group
+    ``g`` reads its suffix at ``g``'s own profile; the first stage has no transfer.
+    Instead of ``a``, the DP takes its upper bound ``min(M - 1, |q'|)`` (``q'``: the
+    devices of the stages after the dominant one, at least one each); (A) only falls with
+    a larger ``a`` (``X_d >= max(E_f^d, E_b^d)``), so that is a lower bound too, and exact
+    for plans of one device per stage. Every other rule of ``_relaxed`` holds for each
+    plan, so the value is a lower bound of (A) on every plan in the bucket. A group
+    dominated by another with no more devices of any class, no larger constant for any
+    sender profile and an own profile no worse (no slower link, no larger latency for
+    any class) is dropped as in ``_relaxed``: every value of the DP only grows with the
+    stage times.
+    """
+    pooled = tables.pooled
+    assert pooled is not None
+    inf = math.inf
+    count = len(tables.firsts)
+    n_pools, n_prof = len(pooled.free_speed), pooled.gamma.shape[1]
+    src = pooled.src
+    # a <= min(M - 1, devices after the dominant stage), per pool of those devices
+    a_cap = np.minimum(m - 1, pooled.sizes).astype(np.float64)
+    gates, levels = _gates(m, rho, low)
+    rest_gate = _rest_gate(m, int(tables.totals.sum()), rho, low, top)
+    ta_limit = limit - min(0.0, rest_gate)
+    # over (first row, pool, profile of the stage before): stack[j] (j < levels) the
+    # suffixes whose first stage is at position j + 1 after the dominant one,
+    # stack[levels] the suffixes after the dominant one (any position), with_d the
+    # suffixes holding the dominant stage
+    stack = np.full((levels + 1, count + 1, n_pools + 1, n_prof), inf)
+    stack[:, count, 0] = 0.0
+    with_d = np.full((count + 1, n_pools + 1, n_prof), inf)
+    gate_col = np.asarray(gates)[:, None, None]
+    m_low = m * low
+    live_all = pooled.free_speed * top * _ABOVE
+    alive = np.zeros(count + 1, dtype=bool)
+    alive[count] = True
+    for i in range(count - 1, -1, -1):
+        if deadline is not None and time.perf_counter() > deadline:
+            raise _Late
+        comm, x0, lowest, upper, big0, t_a, nxt, shortest = pooled.rows[i]
+        k = int(np.searchsorted(shortest, top, side="right"))
+        if not k:
+            continue
+        # every phase below keeps x <= top and T_a < limit - min(0, rest_gate), and needs
+        # a suffix after the stage (a row with some finite value)
+        g_t, e_t = np.nonzero((lowest[:, :k] <= top) & (t_a[:, :k] < ta_limit)
+                              & alive[nxt[:k]][None])
+        # pools whose free devices can run the layers before the row in stages of x <=
+        # top: each such stage has x U >= its work (U: its bound speeds), so the head's
+        # work is at most top times the free speed; the others start no relaxed plan
+        live = np.nonzero(live_all >= pooled.head[i] * _SLACK)[0]
+        if not len(g_t) or not len(live):
+            continue
+        first = tables.firsts[i] == 0
+        comm_t = comm[g_t]                                                  # (T, R)
+        x = x0[g_t, e_t][:, None] + 2.0 * comm_t
+        ta = t_a[g_t, e_t][:, None]
+        capped = np.where(x <= top, x, inf)
+        # the suffix after the stage, read at the stage's own profile: (T, P)
+        rows, cols = nxt[e_t][:, None], src[g_t][:, live]
+        own = pooled.profile[g_t][:, None]
+        at = (rows, cols, own)
+        found = _best(np.where(rest_gate + ta < limit, capped, inf), stack[levels], at)
+        stack[levels, i, live] = np.minimum(stack[levels, i, live], found)
+        if levels:
+            # position j + 1 reads the suffix at position j + 2 (the last: any position)
+            gated = np.where(gate_col + ta[None] < limit, capped[None], inf)  # (L, T, R)
+            found = (gated[:, :, None, :]
+                     + stack[1:, rows, cols, own][..., None]).min(axis=1)     # (L, P, R)
+            stack[:levels, i, live] = np.minimum(stack[:levels, i, live], found)
+        tail = stack[0, rows, cols, own]                                      # (T, P)
+        if np.isfinite(tail).any():
+            big = big0[g_t, e_t][:, None] + comm_t
+            x_d = np.maximum(capped, low)
+            # inf where x is (no plan there): base is inf, hide must not be nan
+            with np.errstate(invalid="ignore"):
+                hide = np.where(np.isfinite(capped),
+                                np.maximum(x, low) - np.maximum(big, low / 2), 0.0)
+            total = m * x_d + ta
+            # the dominant stage has X > low: not a stage whose X is at most low
+            base = np.where((total < limit) & (upper[g_t, e_t][:, None] > low),
+                            total if first else m * x_d, inf)                  # (T, R)
+            value = (base[:, None, :] - a_cap[cols][..., None] * hide[:, None, :]
+                     + tail[..., None]).min(axis=0)
+            with_d[i, live] = np.minimum(with_d[i, live], value)
+        if m_low + float(ta.min()) < limit:
+            c_s = np.where(m_low + capped + ta < limit, capped + ta if first else capped, inf)
+            with_d[i, live] = np.minimum(with_d[i, live], _best(c_s, with_d, at))
+        alive[i] = bool(np.isfinite(stack[:, i]).any() or np.isfinite(with_d[i]).any())
+    return float(with_d[0, :n_pools].min())
+
+
+def _best(values: np.ndarray, table: np.ndarray,
+          at: tuple[np.ndarray, np.ndarray, np.ndarray]) -> np.ndarray:
+    """``_counted``'s step: the smallest over the stages ``t`` of ``values[t, r]`` plus the
+    suffix after the stage, ``table`` at ``at`` (its row, pool and the stage's own
+    profile, per stage and pool): ``(pools, profiles)``."""
+    found: np.ndarray = (values[:, None, :] + table[at][..., None]).min(axis=0)
+    return found
+
+
+def _gates(m: int, rho: float, low: float) -> tuple[list[float], int]:
+    """``(gates, levels)``: for the stages at positions ``j = 1 .. levels`` after the
+    dominant one, ``(M - j (1 - rho)) low``, a lower bound of ``(M - j (1 - rho)) X_d``
+    while the factor is >= 0 (``levels``: the positions up to the first negative factor,
+    at most ``_AFTER_LEVELS``; with a negative factor ``low`` is no bound, and the
+    position is left to ``_rest_gate``)."""
+    factors = [m - j * (1.0 - rho) for j in range(1, _AFTER_LEVELS + 1)]
+    levels = next((j for j, f in enumerate(factors) if f < 0.0), len(factors))
+    return [f * low for f in factors[:levels]], levels
+
+
+def _rest_gate(m: int, n_total: int, rho: float, low: float, top: float) -> float:
+    """A lower bound of ``(M - j (1 - rho)) X_d`` for a stage at any position ``j <= n -
+    1`` after the dominant one, ``X_d`` in ``(low, top]``: ``round >= T^{d+j} >= (M - j (1 -
+    rho)) X_d + T_a^{d+j}`` ([Note: the class bound]); ``T_a < round`` alone does not hold
+    past ``j (1 - rho) > M`` (docs/planner.md's example: ``M = 1``, ``T_a^3 = 9`` in a round
+    of 8.1)."""
+    c = m - (n_total - 1) * (1.0 - rho)
+    return c * low if c >= 0.0 else c * top
+
+
 def class_bound(space: ClassSpace, sums: LayerSums, cut_bytes: Sequence[int],
                 ends: Sequence[int], micro_batch: int, num_micro: int, target: float,
-                deadline: float | None = None, max_evals: int = 24,
-                rho: float = 0.0, buckets: int = CLASS_BUCKETS) -> float | None:
+                deadline: float | None = None, max_evals: int | None = None,
+                rho: float = 0.0, buckets: int | None = None,
+                pools: bool = True) -> float | None:
     """A lower bound, at most ``target``, on the round time of every plan of the wide space
     (``ClassSpace``: every group in every order) with this micro-batch size on the
     candidate ends ``ends`` ([Note: the class bound]); None when the
@@ -589,8 +923,11 @@ def class_bound(space: ClassSpace, sums: LayerSums, cut_bytes: Sequence[int],
     vectors. A deadline that passes later gives the bound of the buckets done so far,
     ``M`` times the last one's top for the rest (``round > M X_d``). ``rho``: a hiding ratio
     (``solver.summary.hiding_ratio``: ``min(E_f, E_b) >= rho X`` in every plan; 0 is
-    always safe); ``max_evals``: stop splitting buckets after this many DP runs;
-    ``buckets``: buckets of the first grid (fewer: a quicker, weaker first bound).
+    always safe); ``max_evals``: stop splitting buckets after this many DP runs (default
+    24, ``CLASS_COUNTED_EVALS`` where the pools are counted); ``buckets``: buckets of the
+    first grid (fewer: a quicker, weaker first bound; default ``CLASS_BUCKETS``,
+    ``CLASS_COUNTED_BUCKETS`` where the pools are counted); ``pools``: count the pools
+    where they are few (``counts_pools``; False: prices, quicker and weaker).
 
     [Note: the class bound]
     Let ``d`` be the dominant stage (largest ``X``) and ``a = min(M, S - d) - 1`` (at most
@@ -624,7 +961,7 @@ def class_bound(space: ClassSpace, sums: LayerSums, cut_bytes: Sequence[int],
     if not math.isfinite(target) or target <= 0 or bound_classes(space) is None:
         return None
     try:
-        tables = _class_tables(space, sums, cut_bytes, ends, micro_batch, deadline)
+        tables = _class_tables(space, sums, cut_bytes, ends, micro_batch, deadline, pools)
     except _Late:
         return None
     if tables is None:
@@ -641,10 +978,15 @@ def class_bound(space: ClassSpace, sums: LayerSums, cut_bytes: Sequence[int],
             if deadline is not None and time.perf_counter() > deadline:
                 raise _Late
             evals[0] += 1
-            found = _relaxed(tables, m, low, top, target, p * top * shape, rho, deadline)
+            if tables.pooled is not None:
+                found = _counted(tables, m, low, top, target, rho, deadline)
+            else:
+                found = _relaxed(tables, m, low, top, target, p * top * shape, rho, deadline)
             return max(m * low, found) if not math.isnan(found) else m * low
 
         best = value(price)
+        if tables.pooled is not None:
+            return best, price      # no prices to walk
         for factor in (_PRICE_STEP, 1.0 / _PRICE_STEP):
             moved = False
             while best < enough and _PRICE_MIN < price < _PRICE_MAX:
@@ -663,6 +1005,11 @@ def class_bound(space: ClassSpace, sums: LayerSums, cut_bytes: Sequence[int],
 
     # buckets (low, top, bound, price) of X_d covering (0, target / M]: a coarse grid,
     # then the bucket that sets the bound is split while that raises it
+    counted = tables.pooled is not None
+    if buckets is None:
+        buckets = CLASS_COUNTED_BUCKETS if counted else CLASS_BUCKETS
+    if max_evals is None:
+        max_evals = CLASS_COUNTED_EVALS if counted else 24
     tops = [top_all * _BUCKET_RATIO ** k for k in range(max(1, buckets))][::-1]
     done: list[tuple[float, float, float, float]] = []
     evals = [0]
@@ -679,8 +1026,8 @@ def class_bound(space: ClassSpace, sums: LayerSums, cut_bytes: Sequence[int],
         while True:
             j = min(range(len(done)), key=lambda k: done[k][2])
             low, top, found, price = done[j]
-            if (found >= target or low >= top * _FINEST or top < top_all * _FINEST_LOW
-                    or evals[0] >= max_evals):
+            if (found >= target * _REACHED or low >= top * _FINEST
+                    or top < top_all * _FINEST_LOW or evals[0] >= max_evals):
                 break
             mid = math.sqrt(low * top) if low > 0.0 else top / 2
             enough = min(b[2] for k, b in enumerate(done) if k != j) if len(done) > 1 \

@@ -133,8 +133,9 @@ def _check_class_bound(seeds: range, instance: Any, **kwargs: Any) -> tuple[int,
     from solver.summary import hiding_ratio
 
     checked = above = 0
+    devices = kwargs.pop("devices", 4)
     for seed in seeds:
-        costs, cluster, batch = instance(seed, max_layers=5, max_devices=4, **kwargs)
+        costs, cluster, batch = instance(seed, max_layers=5, max_devices=devices, **kwargs)
         cluster = cluster.for_costs(costs)
         sums = LayerSums.of(costs)
         ends = list(range(costs.num_layers - 1))
@@ -167,6 +168,109 @@ def test_class_bound_is_below_every_plan() -> None:
                                         latency=True)
     assert checked > 2000
     assert above > 250
+
+
+def test_class_bound_with_prices_is_below_every_plan(monkeypatch: pytest.MonkeyPatch) -> None:
+    # the Lagrange prices of _relaxed, where the pools are too many to count (forced here:
+    # these small clusters are counted by default, [Note: counted pools])
+    import solver.bounds
+
+    monkeypatch.setattr(solver.bounds, "CLASS_POOLS_MAX", 0)
+    checked, above = _check_class_bound(range(0, 60), random_instance, links=True,
+                                        latency=True)
+    assert checked > 2000
+    assert above > 250
+
+
+def test_counted_class_bound_on_five_devices() -> None:
+    # counted pools, sender profiles and one-device upper bounds on clusters of up to five
+    # devices with random links and latency: no plan of brute force below the bound
+    checked, above = _check_class_bound(range(900, 940), random_instance, links=True,
+                                        latency=True, devices=5)
+    assert checked > 3000
+    assert above > 100
+
+
+def test_counted_pools_prove_more_than_prices(monkeypatch: pytest.MonkeyPatch) -> None:
+    # on these instances the counted bound is never below the priced one by more than
+    # rounding, and above it often
+    import solver.bounds
+    from solver.bounds import class_bound
+    from solver.space import ClassSpace
+    from solver.summary import hiding_ratio
+
+    higher = 0
+    for seed in range(0, 30):
+        costs, cluster, batch = random_instance(seed, max_layers=5, max_devices=4,
+                                                links=True, latency=True)
+        cluster = cluster.for_costs(costs)
+        space = ClassSpace(costs, cluster)
+        args = (space, LayerSums.of(costs), costs.cut_bytes,
+                list(range(costs.num_layers - 1)))
+        rho = hiding_ratio(costs, cluster)
+        best = asteroid_dp(costs, cluster, batch, space="classes", micro_batch_sizes=[1])
+        if best.plan is None:
+            continue
+        counted = class_bound(*args, 1, batch, best.round_time_s, rho=rho)
+        with monkeypatch.context() as patch:
+            patch.setattr(solver.bounds, "CLASS_POOLS_MAX", 0)
+            priced = class_bound(*args, 1, batch, best.round_time_s, rho=rho)
+        assert counted is not None and priced is not None
+        assert counted <= best.round_time_s
+        higher += counted > priced * (1 + 1e-6)
+    assert higher >= 5
+
+
+def _chain_tables(fwd: list[float], bwd: list[float], tail: list[float], devices: int,
+                  pooled: bool) -> Any:
+    """Hand-made class-bound tables: layers of additive times ``fwd`` / ``bwd`` / ``T_a``
+    (``tail``), one class of ``devices`` devices, one-device groups, free transfers, no
+    upper bounds."""
+    import numpy as np
+
+    from solver.bounds import _ClassTables, _Pooled
+
+    n = len(fwd)
+    rows, cached = [], []
+    for first in range(n):
+        ends = range(first, n)
+        c_f = np.asarray([[sum(fwd[first:e + 1]) for e in ends]])
+        c_b = np.asarray([[sum(bwd[first:e + 1]) for e in ends]])
+        t_a = np.asarray([[sum(tail[first:e + 1]) for e in ends]])
+        x = c_f + c_b
+        nxt = np.asarray([e + 1 for e in ends])
+        shortest = np.maximum.accumulate(x.min(axis=0))
+        rows.append((x, np.maximum(c_f, c_b), t_a, nxt, shortest))
+        cached.append((np.zeros((1, 1)), x, x, np.full_like(x, math.inf),
+                       np.maximum(c_f, c_b), t_a, nxt, shortest))
+    pools = np.arange(devices + 1)
+    extra = _Pooled(np.zeros((1, 1)), np.zeros((1, 1)), np.zeros(1, dtype=np.intp),
+                    np.zeros(n), np.where(pools >= 1, pools - 1, devices + 1)[None],
+                    np.append(pools, 0), (devices - pools).astype(float), tuple(cached))
+    return _ClassTables(tuple(range(n)), tuple(rows), np.ones((1, 1)),
+                        np.asarray([float(devices)]), np.ones(1), extra if pooled else None)
+
+
+@pytest.mark.parametrize("pooled", [False, True])
+def test_class_bound_admits_a_late_all_reduce_above_the_round(pooled: bool) -> None:
+    # docs/planner.md's example: M = 1, E_f = (1.1, 1, 1, 1), E_b = 1, T_a = (0, 0, 0, 9):
+    # four one-layer stages give a round of 8.1 (round_terms) although T_a^3 = 9, so
+    # "T_a < round" must not filter the stages after the dominant one there
+    import numpy as np
+
+    from solver.bounds import _counted, _relaxed
+    from solver.evaluate import round_terms
+
+    fwd, bwd, tail = [1.1, 1.0, 1.0, 1.0], [1.0] * 4, [0.0, 0.0, 0.0, 9.0]
+    t_w, t_e, _ = round_terms(fwd, bwd, 1)
+    assert max(w + e + a for w, e, a in zip(t_w, t_e, tail, strict=True)) == pytest.approx(8.1)
+    tables = _chain_tables(fwd, bwd, tail, 4, pooled)
+    for low in (0.0, 2.0):
+        if pooled:
+            found = _counted(tables, 1, low, 8.5, 8.5, rho=0.0)
+        else:
+            found = _relaxed(tables, 1, low, 8.5, 8.5, np.zeros(1), rho=0.0)
+        assert found <= 8.1 + 1e-9, (low, found)
 
 
 @pytest.mark.parametrize("latency", [False, True])
@@ -247,7 +351,7 @@ def test_dominated_groups_do_not_change_the_class_bound(
             tables = solver.bounds._class_tables(space, sums, costs.cut_bytes, ends, mb)
             with monkeypatch.context() as patch:
                 patch.setattr(solver.bounds, "_undominated",
-                              lambda counts, consts: np.arange(len(counts)))
+                              lambda counts, consts, *_: np.arange(len(counts)))
                 full = class_bound(space, sums, costs.cut_bytes, ends, mb, batch // mb, 1.0)
                 every = solver.bounds._class_tables(space, sums, costs.cut_bytes, ends, mb)
             assert pruned == full, (seed, mb)
