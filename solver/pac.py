@@ -21,8 +21,9 @@ when phase 1 ends, or held on another device and streamed to the trainer every s
 Predicted times (``PacPrediction``): one phase-1 step is a
 forward-only pipeline of ``M`` micro-batches, ``sum_s E_f^s + (M - 1) max_s E_f^s``, where
 ``E_f^s`` is ``solver.evaluate``'s forward term plus the stage's hand-off of cache entries;
-one phase-2 step is ``max_d compute_d + all-reduce``, ``compute_d`` the whole step
-(side path, head, loss, backward, optimizer step) as ``PacModel.step_fit`` measured it on
+one phase-2 step is ``max_d compute_d + all-reduce``, ``compute_d`` the whole step besides
+the all-reduce (entry from the cache rows, side path, head, loss, backward, gradients
+packed and unpacked, optimizer step) as ``PacModel.step_fit`` measured it on
 the profiling host, over the device's speed; without that measurement, the head's layers
 from the cost table (a frozen head's backward counted at ``FROZEN_BACKWARD_SHARE`` of its
 measured backward), the adapters' FLOPs and the optimizer step; epoch 1 runs a
