@@ -236,6 +236,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                             ("phase 1 (epoch 1) vs simulated", measured_p1,
                              report["phase1_simulated_s"]),
                             ("phase-2 step", measured_p2, report["phase2_step_predicted_s"]),
+                            # measured: forward and backward; the prediction also
+                            # counts the entry's assembly, the gradients' packing and
+                            # the optimizer step (``PacModel.step_fit``)
                             ("  its compute (slowest device, no all-reduce)",
                              measured_p2_compute, report["phase2_compute_predicted_s"])):
         print(f"{name}: measured {got:.4f} s, predicted {want:.4f} s "
