@@ -67,34 +67,46 @@ def measure_step(pac: AdapterModel, spec: Any, *, batch_sizes: Sequence[int] = (
                  repeats: int = 5) -> tuple[float, float]:
     """``(intercept_s, per_sample_s)`` of one phase-2 step of ``pac`` on this host, one
     thread as a device runs (median of ``repeats`` after a warm-up, fitted as
-    ``cost_models.profile`` fits layers); the adapters' weights are left unchanged. Each
-    run is timed in this thread's CPU seconds, not wall clock: on a shared host other
-    jobs would otherwise stretch the fit (the fits of one host varied 10x with its load)."""
+    ``cost_models.profile`` fits layers); the adapters' weights are left unchanged. A
+    step is what ``runtime.pac_train`` does on a device besides the all-reduce: its entry
+    from the cache's per-sample rows (``cat_rows``), the side path, the head and the loss
+    forward and backward, the gradients packed for the all-reduce and unpacked from it
+    (``wire_tensor``, ``take_gradients``), and the run's optimizer step
+    (``make_optimizer``). Each run is timed in this thread's CPU seconds, not wall clock:
+    on a shared host other jobs would otherwise stretch the fit (the fits of one host
+    varied 10x with its load)."""
     import statistics
 
     from asteroid_fx.model_spec import model_inputs
     from cost_models.profile import fit_time
-    from runtime.train import resolve_loss_fn
+    from runtime.pac_train import SLOTS, cat_rows, take_gradients, wire_tensor
+    from runtime.train import make_optimizer, resolve_loss_fn
 
-    loss_fn = resolve_loss_fn(_ModelFile(spec))
+    model_file = _ModelFile(spec)
+    loss_fn = resolve_loss_fn(model_file)
     saved = {k: v.clone() for k, v in pac.trainable_state().items()}
+    params = pac.trainable_parameters()
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     times = []
     try:
+        optimizer = make_optimizer(model_file, params, 1e-3)
+        slots = torch.zeros(SLOTS, dtype=torch.float64)
         for batch in batch_sizes:
             inputs, targets = spec.example_inputs(batch)
-            entry = pac.backbone(*model_inputs(inputs))
+            whole = pac.backbone(*model_inputs(inputs))
+            rows = [tuple(t[i:i + 1] for t in whole) for i in range(batch)]   # as cached
             runs = []
             for i in range(repeats + 1):
                 began = time.thread_time()
+                entry = cat_rows(rows)
                 loss = loss_fn(pac.train_forward(entry), targets)
                 loss.backward()
-                with torch.no_grad():
-                    for p in pac.trainable_parameters():
-                        if p.grad is not None:
-                            p.add_(p.grad, alpha=-1e-3)
-                            p.grad = None
+                grads = [p.grad if p.grad is not None else torch.zeros_like(p)
+                         for p in params]
+                take_gradients(params, wire_tensor(grads, slots))
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
                 if i:
                     runs.append(time.thread_time() - began)
             times.append(statistics.median(runs))

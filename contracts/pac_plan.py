@@ -36,8 +36,9 @@ class PacModel:
     ``taps``: tapped layer indices; ``entry_bytes``: one sample's cache entry;
     ``trainable_bytes``: adapter (and trainable head) parameter bytes; ``adapter_flops``:
     forward FLOPs of the adapters per sample; ``train_head``: whether the head trains;
-    ``step_fit``: ``(intercept_s, per_sample_s)`` of one whole phase-2 step (side path,
-    head, loss, backward, optimizer step) measured on the profiling host, one thread
+    ``step_fit``: ``(intercept_s, per_sample_s)`` of one whole phase-2 step besides its
+    all-reduce (entry from the cache rows, side path, head, loss, backward, gradients
+    packed and unpacked, optimizer step) measured on the profiling host, one thread
     (``(0, 0)``: not measured, the step is modelled from the cost table); ``sample_s``:
     seconds to make one sample (``dataset()[i]`` or the seeded ``sample_batch(1)``) on the
     profiling host, which phase 1's first stage pays (0: not measured);

@@ -8,6 +8,7 @@ workstation, and rebuilt on a device from saved segment modules and ``pac.json``
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -89,9 +90,12 @@ class AdapterModel(nn.Module):
 
     def run_segment(self, index: int, values: tuple[torch.Tensor, ...]
                     ) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
-        """Segment ``index`` on the tensors of the cut before it: (the cut after it, its tap)."""
-        with torch.no_grad():
-            out = self.segments[index](*values)
+        """Segment ``index`` on the tensors of the cut before it: (the cut after it, its tap);
+        without gradients, on torch's folded matrix products (see [Note: frozen weights
+        and matmul])."""
+        segment = self.segments[index]
+        with torch.no_grad(), _folded(segment):
+            out = segment(*values)
         out = out if isinstance(out, tuple) else (out,)
         return out, out[self.tap_positions[index]]
 
@@ -157,6 +161,37 @@ class AdapterModel(nn.Module):
                     train_head=bool(layout["train_head"]))
         model.entry_sizes = tuple(int(v) for v in layout["entry_sizes"])
         return model
+
+
+# [Note: frozen weights and matmul]
+# ``torch.matmul`` of a 3-D input and a 2-D weight (``F.linear`` on an input it cannot view
+# as a matrix) folds the input into one matrix product only when the weight requires grad
+# (aten ``should_fold``, torch 2.x): with a frozen weight and an input whose leading
+# dimensions are not contiguous it runs a batched product over the first dimension with
+# the weight broadcast instead. ``nn.MultiheadAttention(batch_first=True)`` transposes
+# its input to (sequence, batch, hidden) before the packed input projection, so a frozen
+# attention block at micro-batch b ran 64 products of b rows each (GPT-small, sequence 64):
+# segments 0-1 of examples/gpt_small.py took 11.1 ms instead of 8.2 ms at micro-batch 2
+# (1.36x; 1.36x at 4, 1.22x at 8, 1.05x at 16, equal at 1: one product either way), and
+# the cost table, measured with trainable weights, predicted 8.3 ms (docs/benchmarks.md,
+# "PAC fine-tuning"). So a segment runs with its frozen parameters marked as requiring
+# grad, under ``torch.no_grad`` (nothing is recorded, no gradient is made, the outputs
+# do not require grad), and marked frozen again afterwards: the same products in one
+# matrix multiplication, as in training and in the profiler.
+
+
+@contextmanager
+def _folded(module: nn.Module) -> Iterator[None]:
+    """Mark ``module``'s frozen parameters as requiring grad for the ``with`` body (call it
+    under ``torch.no_grad``; see [Note: frozen weights and matmul]); restored on exit."""
+    frozen = [p for p in module.parameters() if not p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(True)
+    try:
+        yield
+    finally:
+        for p in frozen:
+            p.requires_grad_(False)
 
 
 def named_trainable(model: AdapterModel) -> Iterator[tuple[str, nn.Parameter]]:

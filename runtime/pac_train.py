@@ -113,7 +113,8 @@ from runtime.samples import SampleSource
 from runtime.train import TrainConfig, WorkerResult, make_optimizer, resolve_loss_fn
 
 __all__ = ["PacSource", "finetune_device", "build_device_model", "load_head", "stage_segments",
-           "BACKBONE_DIR", "PAC_PLAN_FILE", "LAYOUT_FILE", "ADAPTERS_FILE"]
+           "cat_rows", "wire_tensor", "take_gradients", "SLOTS", "BACKBONE_DIR", "PAC_PLAN_FILE",
+           "LAYOUT_FILE", "ADAPTERS_FILE"]
 
 log = logging.getLogger(__name__)
 
@@ -204,8 +205,26 @@ def stage_segments(pac: PacPlan, rank: int) -> list[int]:
     return list(range(stage.first, stage.last + 1))
 
 
-def _cat(pieces: Sequence[Sequence[torch.Tensor]]) -> tuple[torch.Tensor, ...]:
+def cat_rows(pieces: Sequence[Sequence[torch.Tensor]]) -> tuple[torch.Tensor, ...]:
+    """Tensors of several rows (or row ranges) of one structure concatenated along
+    dimension 0: a phase-2 step's entry from its cache rows, a cut from its pieces."""
     return tuple(torch.cat([p[i] for p in pieces], dim=0) for i in range(len(pieces[0])))
+
+
+def wire_tensor(grads: Sequence[torch.Tensor], slots: torch.Tensor) -> torch.Tensor:
+    """A phase-2 step's one all-reduce tensor: every trainable gradient in float64, then
+    the metrics ``slots`` ([Note: PAC run])."""
+    return torch.cat([g.reshape(-1).double() for g in grads] + [slots.reshape(-1)])
+
+
+def take_gradients(params: Sequence[torch.Tensor], flat: torch.Tensor) -> torch.Tensor:
+    """Set every parameter's gradient from the summed :func:`wire_tensor` (in its own
+    dtype); returns the slots part."""
+    offset = 0
+    for p in params:
+        p.grad = flat[offset:offset + p.numel()].view_as(p).to(p.dtype)
+        offset += p.numel()
+    return flat[offset:]
 
 
 class _Phase1:
@@ -311,7 +330,7 @@ class _Phase1:
             else:
                 got = self.comm.recv([self.global_of[t.src] for t in incoming], "act",
                                      tag=phase1_tag("act", m))
-                values = _cat(got)
+                values = cat_rows(got)
             taps = []
             computing, cpu = time.perf_counter(), time.thread_time()
             for j in range(stage.first, stage.last + 1):
@@ -406,9 +425,9 @@ def _count(rows: Sequence[torch.Tensor]) -> int:
     return int(rows[0].shape[0])
 
 
-_SLOTS = 11  # loss, hits, misses, phase 1 s, phase 2 s, peak bytes, cache bytes,
-#              peak bytes with the cache, phase-1 forward s, phase-1 samples s,
-#              phase-1 forward CPU s
+SLOTS = 12  # per rank in a phase-2 step's all-reduce: loss, hits, misses, phase 1 s,
+#             phase 2 s, peak bytes, cache bytes, peak bytes with the cache, phase-1
+#             forward s, phase-1 samples s, phase-1 forward CPU s, phase-2 CPU s
 
 
 def _compute_scale(source: Any, rank: int, config: TrainConfig) -> float:
@@ -528,7 +547,7 @@ def _rehome(group: _Group, comm: Comm, cache: ActivationCache, batch: int, steps
         gone = [base + i for rows in out.values() for i in rows]
         for m, rows in out.items():      # the send copies the rows into its wire buffer
             if rows:
-                comm.send([(m, list(_cat([cache.rows[base + i] for i in rows])))], "rehome")
+                comm.send([(m, list(cat_rows([cache.rows[base + i] for i in rows])))], "rehome")
         cache.drop(gone, [base + i for i in range(batch) if base + i not in gone])
         for m, rows in into.items():
             if rows:
@@ -566,7 +585,7 @@ class _Fetch:
             if missing:
                 raise RuntimeFailure(f"rows {missing[:4]} that {self.group.devices[m]!r} "
                                      f"trains on are not in this device's cache")
-            entry = _cat([self.cache.rows[base + i] for i in rows])
+            entry = cat_rows([self.cache.rows[base + i] for i in rows])
             self.comm.send([(m, list(entry))], "fetch", key=("fetch", step))
         self.posted.add(step)
 
@@ -705,6 +724,7 @@ def finetune_device(source: Any, rank: int, config: TrainConfig, *, hooks: Any =
     first_stage = pac.phase1.stage_of(me) if me in pac.phase1.devices else 0
     result = WorkerResult(rank=rank, device=me, stage=first_stage)
     step = 0
+    cpu_after = 0.0     # CPU of the previous step's part after its all-reduce
     last_end = time.perf_counter()
     while step < pac.epochs * steps:
         epoch, k = divmod(step, steps)
@@ -728,7 +748,8 @@ def finetune_device(source: Any, rank: int, config: TrainConfig, *, hooks: Any =
                 for i in new:
                     inputs, _ = samples.rows(i, i + 1)
                     cache.put(i, full.backbone(*model_inputs(inputs)))
-            entry = _cat([remote[i] if i in remote else cache.rows[i] for i in rows])
+            cpu_began = time.thread_time()
+            entry = cat_rows([remote[i] if i in remote else cache.rows[i] for i in rows])
             if epoch == 0:
                 cache.count(0, len(rows))    # computed by phase 1 for this step
                 began -= phase1_s[k][0]
@@ -763,14 +784,18 @@ def finetune_device(source: Any, rank: int, config: TrainConfig, *, hooks: Any =
             peak_cached = max(peak_cached, step_peak + storage_bytes(comm.held()) + cache.bytes)
             _dilate(p1_done, scale)
             computed = time.perf_counter()
+            # this thread's CPU for the step besides the all-reduce (what step_fit times):
+            # its entry, forward and backward, and the previous step's gradient unpacking
+            # and optimizer step (this step's come after its slots are summed)
+            local_cpu = time.thread_time() - cpu_began + cpu_after
             # one collective per step: the gradients and every rank's metrics slots (SUM)
-            slots = torch.zeros((group.world, _SLOTS), dtype=torch.float64)
+            slots = torch.zeros((group.world, SLOTS), dtype=torch.float64)
             slots[group.rank] = torch.tensor(
                 [float(loss.detach()), float(cache.hits - hits_before),
                  float(cache.misses - misses_before), p1_done - began, computed - p1_done,
                  float(peak), float(cache.bytes), float(peak_cached)]
-                + (list(phase1_s[k][1:]) if epoch == 0 else [0.0, 0.0, 0.0]))
-            flat = torch.cat([g.reshape(-1).double() for g in grads] + [slots.reshape(-1)])
+                + (list(phase1_s[k][1:]) if epoch == 0 else [0.0, 0.0, 0.0]) + [local_cpu])
+            flat = wire_tensor(grads, slots)
             comm.all_reduce([[flat]], None, list(range(group.world)))
         except (RuntimeError, CommFailureError) as exc:
             # in phase 2, or in epoch 1 after phase 1 ended everywhere (the cache is full:
@@ -791,15 +816,13 @@ def finetune_device(source: Any, rank: int, config: TrainConfig, *, hooks: Any =
                     fh.write(json.dumps(event) + "\n")
             last_end = time.perf_counter()
             continue
-        offset = 0
-        for p, g in zip(params, grads):
-            p.grad = flat[offset:offset + g.numel()].view_as(g).to(g.dtype)
-            offset += g.numel()
+        cpu_began = time.thread_time()
+        slots = take_gradients(params, flat).view(group.world, SLOTS)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        cpu_after = time.thread_time() - cpu_began
         fetch.release(step)       # received before the all-reduce everyone joined
         ended = time.perf_counter()
-        slots = flat[offset:].view(group.world, _SLOTS)
         total = slots.sum(dim=0)
         worst = slots.max(dim=0).values
         served = float(total[1] + total[2])
@@ -812,6 +835,8 @@ def finetune_device(source: Any, rank: int, config: TrainConfig, *, hooks: Any =
             "peak_memory_bytes": {d: int(slots[i, 5]) for i, d in enumerate(group.devices)},
             "peak_with_cache_bytes": {d: int(slots[i, 7]) for i, d in enumerate(group.devices)},
             "plan_version": generation,
+            # this device's CPU seconds of the step besides the all-reduce (see above)
+            "phase2_cpu_s": {d: float(slots[i, 11]) for i, d in enumerate(group.devices)},
         }
         if epoch == 0:     # this device's segments (forward) and sample making, seconds
             record["phase1_forward_s"] = {d: float(slots[i, 8])

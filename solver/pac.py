@@ -21,8 +21,9 @@ when phase 1 ends, or held on another device and streamed to the trainer every s
 Predicted times (``PacPrediction``): one phase-1 step is a
 forward-only pipeline of ``M`` micro-batches, ``sum_s E_f^s + (M - 1) max_s E_f^s``, where
 ``E_f^s`` is ``solver.evaluate``'s forward term plus the stage's hand-off of cache entries;
-one phase-2 step is ``max_d compute_d + all-reduce``, ``compute_d`` the whole step
-(side path, head, loss, backward, optimizer step) as ``PacModel.step_fit`` measured it on
+one phase-2 step is ``max_d compute_d + all-reduce``, ``compute_d`` the whole step besides
+the all-reduce (entry from the cache rows, side path, head, loss, backward, gradients
+packed and unpacked, optimizer step) as ``PacModel.step_fit`` measured it on
 the profiling host, over the device's speed; without that measurement, the head's layers
 from the cost table (a frozen head's backward counted at ``FROZEN_BACKWARD_SHARE`` of its
 measured backward), the adapters' FLOPs and the optimizer step; epoch 1 runs a
@@ -44,8 +45,7 @@ from solver.evaluate import allreduce_time, evaluate, transfer_time
 from solver.split import split_shares
 from solver.timing import Timing
 
-__all__ = ["PacModel", "PacPrediction", "PacPlan", "segment_costs", "phase1_costs",
-           "plan_finetune",
+__all__ = ["PacModel", "PacPrediction", "PacPlan", "segment_costs", "plan_finetune",
            "predict_finetune", "describe_phase1", "PHASE1_OBJECTIVES", "replan_phase1",
            "DEFAULT_PHASE1_SLACK", "place_cache", "phase1_memory", "describe_cache",
            "DEFAULT_CACHE_SLACK", "CACHE_MODES"]
@@ -68,7 +68,9 @@ def segment_costs(costs: CostTable, taps: Sequence[int]) -> CostTable:
     """The backbone up to the last tap as a forward-only cost table of one layer per
     segment (see [Note: PAC phases]): forward fits summed, no backward, weights frozen
     (``buffer_bytes``), the activations of its largest layer only (nothing is kept for
-    backward), and the cuts at the taps. Device columns are dropped (speed-scaled)."""
+    backward), and the cuts at the taps. Device columns are dropped (speed-scaled); the
+    runtime's measured costs per stage call and per message (``runtime_overhead``,
+    ``message_overhead_s``) stay (see [Note: phase-1 time])."""
     if not taps or taps[-1] >= costs.num_layers - 1:
         raise PlanError(f"taps {list(taps)} must be layers before the last of the "
                         f"{costs.num_layers} layers of the cost table")
@@ -119,26 +121,6 @@ def _handoff_s(cluster: Cluster, phase1: Plan, s: int, owners: Sequence[str],
     return total / phase1.num_micro_batches
 
 
-MESSAGE_CPU_S = 1.5e-3
-"""The runtime's CPU per pipeline message on the profiling host (``runtime.comm``: packing,
-gloo's threads, unpacking; docs/benchmarks.md, "Per-hop cost": 1.29-1.70 ms per message
-after the lean hops). A device at speed ``v`` pays it at ``1 / v``, a message at its slower
-end (``CostTable.message_cost_s``)."""
-
-
-def phase1_costs(costs: CostTable, taps: Sequence[int]) -> CostTable:
-    """The forward-only table of phase 1 (:func:`segment_costs`) with the runtime's cost
-    per message (see [Note: phase-1 time]): the table's ``message_overhead_s`` when
-    ``calibrate`` fitted it to a run, else ``MESSAGE_CPU_S`` (a host's probe figure,
-    ``asteroid_fx.runtime_overhead``, is one all-reduce step, not phase 1's many small
-    pieces and hand-offs). Either is at one core of the profiling host: the cluster
-    charges each message at its slower end's speed."""
-    coarse = segment_costs(costs, taps)
-    if costs.message_overhead_s > 0 and "calibration" in costs.meta:
-        return coarse
-    return replace(coarse, message_overhead_s=MESSAGE_CPU_S)
-
-
 # [Note: phase-1 time]
 # A phase-1 step is a forward-only pipeline of M micro-batches; stage s's forward term
 # E_f^s is solver.evaluate's (its slowest device's segments at its share, plus receiving
@@ -150,11 +132,16 @@ def phase1_costs(costs: CostTable, taps: Sequence[int]) -> CostTable:
 # Stage 0 also makes its samples (``PacModel.sample_s`` per sample, measured at planning,
 # over the device's speed): about a tenth of a GPT segment's forward per sample.
 # Every message (a re-sharded piece of a cut, a hand-off) also costs the runtime CPU on
-# both ends, ~1.5 ms at host speed on the profiling host, which a capped device pays at
-# 1/speed; with hundreds of small messages per step it, not the links, is what pipelines
-# pay. It is charged as a per-message latency (``CostTable.message_overhead_s`` of the
-# forward-only table, ``phase1_costs``), so the phase-1 planner and the prediction both
-# see it: without it, phase 1 of a 3-stage pipeline was predicted 1.8x too fast.
+# both ends, which a capped device pays at 1/speed; with tens of small messages per step
+# it is what pipelines pay beyond their forwards. It is charged as a per-message latency:
+# the table's measured ``message_overhead_s`` (the host probe's,
+# ``asteroid_fx.runtime_overhead``, or ``calibrate``'s fit to a run), which the forward-only
+# table keeps (``segment_costs``), so the phase-1 planner and the prediction both see it.
+# Without it, phase 1 of a 3-stage pipeline was predicted 1.8x too fast (2026-12-03); a
+# fixed 1.5 ms per message (the per-hop cost before gloo's loop thread stopped spinning,
+# docs/benchmarks.md "Per-hop cost") predicted it 33-37 % too slow once the segments'
+# forwards matched the table (2026-12-05); the probe's 0.45 ms comes within 5-11 %
+# (docs/benchmarks.md, "PAC fine-tuning").
 # The closed form overlaps what a device cannot: its receives block it and each device
 # has one outgoing port, so the hand-offs of all micro-batches queue behind each other and
 # behind the cut pieces. For a pipeline (more than one stage) the phase-1 step is
@@ -168,7 +155,7 @@ def predict_finetune(plan: PacPlan, costs: CostTable, cluster: Cluster) -> PacPr
     """Predict both phases of ``plan`` (see [Note: PAC phases] and [Note: phase-1 time]);
     pure."""
     model = plan.model
-    coarse = phase1_costs(costs, model.taps)
+    coarse = segment_costs(costs, model.taps)
     p1_cluster = cluster.for_costs(coarse)
     cluster = cluster.for_costs(costs)
     p1 = evaluate(plan.phase1, coarse, p1_cluster)
@@ -314,7 +301,7 @@ def phase1_memory(costs: CostTable, model: PacModel, phase1: Plan) -> dict[str, 
         raise PlanError(f"the phase-1 plan runs segments up to {phase1.stages[-1].last} but "
                         f"the model has {coarse.num_layers} segments (taps "
                         f"{list(model.taps)}); plan phase 1 on this model's segment table "
-                        f"(solver.pac.phase1_costs)")
+                        f"(solver.pac.segment_costs)")
     parts = entry_parts(costs, model.taps, model.entry_bytes)
     last = phase1.num_stages - 1
     out = {}
@@ -604,7 +591,7 @@ def plan_finetune(costs: CostTable, cluster: Cluster, model: PacModel, *, batch_
     if batch_size < len(cluster.devices):
         raise PlanError(f"--batch-size {batch_size} is smaller than the {len(cluster.devices)} "
                         f"devices of the cluster; phase 2 gives every device >= 1 sample")
-    coarse = phase1_costs(costs, model.taps)
+    coarse = segment_costs(costs, model.taps)
     candidates = _phase1_candidates(coarse, cluster, batch_size, phase1_planner,
                                     micro_batch_size, phase1_objective)
     drafts: list[tuple[str, PacPlan, PacPrediction]] = []

@@ -12,7 +12,7 @@ incoming port):
 * the cut's pieces (re-sharded by sample ranges) go from the devices of stage ``s-1`` to
   those of stage ``s`` after the sender's ``F(m)``; the receiver is busy while they arrive
   (blocking receives, as the runtime's); each message costs the link's latency plus the
-  runtime's per-message cost (``phase1_costs``) plus bytes / bandwidth;
+  runtime's per-message cost (the table's ``message_overhead_s``) plus bytes / bandwidth;
 * after a device's last ``F``, it hands every micro-batch's cache-entry part to the device
   that trains on those rows (``runtime.pac_train`` sends them after all activations), one
   message per (micro-batch, owner), over its outgoing port.
@@ -33,7 +33,7 @@ from contracts.cluster import Cluster
 from contracts.errors import PlanError
 from contracts.pac_plan import PacPlan
 from contracts.table import CostTable
-from solver.pac import entry_parts, phase1_costs, predict_finetune
+from solver.pac import entry_parts, predict_finetune, segment_costs
 from solver.simulate import SimEvent, _run, _Task
 from solver.timing import Timing
 
@@ -93,7 +93,7 @@ def simulate_phase1(plan: PacPlan, costs: CostTable, cluster: Cluster
         raise PlanError(f"PAC plan devices {missing} are not in the cluster "
                         f"({list(cluster.names)}); simulate with the cluster it was made for")
     model = plan.model
-    coarse = phase1_costs(costs, model.taps)
+    coarse = segment_costs(costs, model.taps)
     net = cluster.for_costs(coarse)
     timing = Timing.of(coarse, net)
     speeds = Timing.of(costs, cluster.for_costs(costs)).speeds

@@ -163,6 +163,31 @@ def test_measured_step_fit_feeds_the_prediction() -> None:
         + plan.predicted.allreduce_s)
 
 
+def test_measured_step_runs_the_runs_optimizer_on_cached_rows() -> None:
+    from dataclasses import replace
+
+    from asteroid_fx.adapters import parallel_adapters
+    from asteroid_fx.finetune import measure_step
+
+    spec = load_model_spec(GPT)
+    torch.manual_seed(0)
+    model = spec.build_model()
+    pac = parallel_adapters(model, spec.sample_batch(2)[0], rank=2)
+    steps: list[int] = []
+
+    def build_optimizer(params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+        opt = torch.optim.SGD(params, lr=0.1, momentum=0.9)
+        opt.register_step_post_hook(lambda *_: steps.append(1))
+        return opt
+
+    before = pac.trainable_state()
+    measure_step(pac, replace(spec, build_optimizer=build_optimizer), batch_sizes=(1, 2),
+                 repeats=2)
+    assert len(steps) == 2 * (2 + 1)        # the model file's optimizer, every timed run
+    for name, value in pac.trainable_state().items():
+        torch.testing.assert_close(value, before[name])      # weights left unchanged
+
+
 def test_reference_trains(tmp_path: Path) -> None:
     spec = load_model_spec(GPT)
     losses = reference_finetune(spec, batch_size=4, epochs=2, num_samples=8, rank=4, lr=0.5)

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 from asteroid_fx.costs import analytic_costs
 from asteroid_fx.finetune import prepare_finetune, reference_finetune, run_finetune
@@ -150,6 +151,10 @@ def test_emulated_pac_equals_the_reference(tmp_path: Path, pipelined: bool, cach
         assert set(r["phase1_samples_s"]) == set(plan.devices)
         assert r["phase1_s"] > 0
     assert "phase1_forward_s" not in rows[-1]
+    # every step carries each device's CPU seconds of its step besides the all-reduce
+    for r in rows:
+        assert set(r["phase2_cpu_s"]) == set(plan.devices)
+        assert all(v > 0 for v in r["phase2_cpu_s"].values())
     assert PacPlan.load(out / PAC_PLAN_FILE) == plan
 
 
@@ -215,6 +220,24 @@ def test_hugging_face_bert_equals_the_reference(tmp_path: Path) -> None:
                                    seed=0, lr=0.05)
     for got, want in zip(result.losses, reference, strict=True):
         assert abs(got - want) <= 1e-4 * abs(want)
+
+
+def test_gradients_travel_in_float64_with_the_slots_and_come_back_in_their_dtype() -> None:
+    from runtime.pac_train import SLOTS, cat_rows, take_gradients, wire_tensor
+
+    params = [torch.nn.Parameter(torch.randn(3, 2)), torch.nn.Parameter(torch.randn(4))]
+    grads = [torch.randn(3, 2), torch.randn(4)]
+    slots = torch.arange(2 * SLOTS, dtype=torch.float64).view(2, SLOTS)
+    flat = wire_tensor(grads, slots)
+    assert flat.dtype == torch.float64 and flat.numel() == 6 + 4 + 2 * SLOTS
+    back = take_gradients(params, flat * 2)            # the sum over two equal ranks
+    torch.testing.assert_close(back.view(2, SLOTS), slots * 2)
+    for p, g in zip(params, grads, strict=True):
+        assert p.grad is not None and p.grad.dtype == torch.float32
+        torch.testing.assert_close(p.grad, g * 2)
+    rows = [(torch.full((1, 2), float(i)), torch.full((1, 3), -float(i))) for i in range(3)]
+    a, b = cat_rows(rows)
+    assert a[:, 0].tolist() == [0.0, 1.0, 2.0] and b.shape == (3, 3)
 
 
 def test_phase_1_messages_have_tags_of_their_own() -> None:

@@ -19,7 +19,9 @@ adapter model. It prints each measured figure next to its baseline or target:
 * end to end: full fine-tuning's summed step times / PAC's, for all epochs;
 * prediction: measured phase-1 time and phase-2 step (the whole step of epochs 2+, and
   its compute part) of the run against the plan's prediction times the emulator's
-  slow-down factor.
+  slow-down factor; per device, the CPU seconds of phase 1's forwards against the cost
+  table and of a phase-2 step (besides its all-reduce) against the measured step fit, both
+  at host speed (CPU is stretched neither by the emulator's caps nor by other jobs).
 
 The host's load (``os.getloadavg``) is printed before and after: on a shared host the
 measured times stretch with it.
@@ -83,6 +85,21 @@ def _phase1_forward(plan: Any, costs: Any, cluster: Any, records: list[dict[str,
                 "samples_s": sum(float(r.get("phase1_samples_s", {}).get(device, 0.0))
                                  for r in records),
                 "predicted_s": predicted * plan.steps_per_epoch * factor}
+    return out
+
+
+def _phase2_cpu(plan: Any, records: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Per device: its mean CPU seconds per phase-2 step besides the all-reduce (metrics
+    ``phase2_cpu_s``, epochs 2+) and the measured step fit (``PacModel.step_fit``) at its
+    share, at host speed (neither stretched by the emulator's caps nor by other jobs)."""
+    intercept, per_sample = plan.model.step_fit
+    out = {}
+    for device, share in zip(plan.devices, plan.shares, strict=True):
+        seen = [float(r["phase2_cpu_s"][device]) for r in records
+                if device in r.get("phase2_cpu_s", {})]
+        if seen:
+            out[device] = {"cpu_s": statistics.mean(seen),
+                           "fit_s": intercept + per_sample * share}
     return out
 
 
@@ -158,6 +175,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     measured_p2_compute = statistics.mean(
         [float(r["phase2_s"]) for r in pac.records[steps:]] or [float("nan")])
     forward = _phase1_forward(plan, costs, cluster, pac.records[:steps], f)
+    phase2_cpu = _phase2_cpu(plan, pac.records[steps:])
     from solver.pac_simulate import simulate_finetune
     simulated = simulate_finetune(plan, costs, cluster)
     memory = {}
@@ -192,6 +210,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "phase2_compute_predicted_s": (pred.phase2_step_s - pred.allreduce_s) * f,
         "phase2_allreduce_predicted_s": pred.allreduce_s * f,
         "memory": memory, "load_after": os.getloadavg(), "phase1_forward": forward,
+        "phase2_cpu": phase2_cpu,
         "phase1_choice": choice, "cache": plan.cache,
         "cache_phase1": dict(plan.cache_phase1), "cache_phase2": dict(plan.cache_phase2),
         "cache_choice": dict(plan.meta.get("cache_choice", {})),
@@ -217,6 +236,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                             ("phase 1 (epoch 1) vs simulated", measured_p1,
                              report["phase1_simulated_s"]),
                             ("phase-2 step", measured_p2, report["phase2_step_predicted_s"]),
+                            # measured: forward and backward; the prediction also
+                            # counts the entry's assembly, the gradients' packing and
+                            # the optimizer step (``PacModel.step_fit``)
                             ("  its compute (slowest device, no all-reduce)",
                              measured_p2_compute, report["phase2_compute_predicted_s"])):
         print(f"{name}: measured {got:.4f} s, predicted {want:.4f} s "
@@ -228,6 +250,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               f"forward CPU {row['cpu_s']:.4f} s vs the cost table at host speed "
               f"{row['predicted_host_s']:.4f} s "
               f"({row['cpu_s'] / row['predicted_host_s'] - 1:+.0%})")
+    for device, row in phase2_cpu.items():
+        print(f"  phase 2 on {device}: CPU per step {row['cpu_s'] * 1e3:.2f} ms vs the step "
+              f"fit at host speed {row['fit_s'] * 1e3:.2f} ms "
+              f"({row['cpu_s'] / row['fit_s'] - 1:+.0%})")
     print(f"after: {_load()}")
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
