@@ -10,6 +10,7 @@ import pytest
 from solver_cases import MIB, make_cluster, uniform_costs
 
 from asteroid_fx.errors import PlanError
+from contracts.cluster import Cluster
 from contracts.plan import Plan, Stage
 from solver.pac import (
     DEFAULT_PHASE1_SLACK,
@@ -165,14 +166,20 @@ def test_segment_costs_charge_the_tables_measured_cost_per_message() -> None:
     assert cluster.for_costs(segment_costs(COSTS, MODEL.taps)).latency_s("d0", "d1") == wire
 
 
-def test_phase1_prediction_grows_with_the_measured_cost_per_message() -> None:
-    cluster = make_cluster([1.0, 1.0], bandwidth_mbps=1000)
+def _piped(cluster: Cluster) -> tuple[PacPlan, Plan]:
+    """A plan on ``cluster`` whose phase 1 is the 2-stage pipeline ``d0 | d1`` (M = 2),
+    and that phase-1 plan."""
     plan = plan_finetune(COSTS, cluster, MODEL, batch_size=4, num_samples=8, epochs=1,
                          phase1_objective="time")
     one = Plan(model_hash="h", cluster_hash="c", batch_size=4, micro_batch_size=2,
                num_micro_batches=2, num_layers=3,
                stages=(Stage((0, 1), ("d0",), (2,)), Stage((2, 2), ("d1",), (2,))))
-    piped = replace(plan, phase1=one, shares=(2, 2))
+    return replace(plan, phase1=one, shares=(2, 2)), one
+
+
+def test_phase1_prediction_grows_with_the_measured_cost_per_message() -> None:
+    cluster = make_cluster([1.0, 1.0], bandwidth_mbps=1000)
+    piped, _one = _piped(cluster)
     free = predict_finetune(piped, COSTS, cluster).phase1_step_s
     paid = predict_finetune(piped, replace(COSTS, message_overhead_s=1e-3), cluster).phase1_step_s
     # two cut pieces (one per micro-batch) lie on the critical path, at least
@@ -181,12 +188,7 @@ def test_phase1_prediction_grows_with_the_measured_cost_per_message() -> None:
 
 def test_phase1_prediction_adds_the_hand_off_after_the_pipeline() -> None:
     cluster = make_cluster([1.0, 1.0], bandwidth_mbps=10)
-    plan = plan_finetune(COSTS, cluster, MODEL, batch_size=4, num_samples=8, epochs=1,
-                         phase1_objective="time")
-    one = Plan(model_hash="h", cluster_hash="c", batch_size=4, micro_batch_size=2,
-               num_micro_batches=2, num_layers=3,
-               stages=(Stage((0, 1), ("d0",), (2,)), Stage((2, 2), ("d1",), (2,))))
-    piped = replace(plan, phase1=one, shares=(2, 2))
+    piped, one = _piped(cluster)
     pred = predict_finetune(piped, COSTS, cluster)
     coarse = segment_costs(COSTS, MODEL.taps)
     from solver.evaluate import evaluate
