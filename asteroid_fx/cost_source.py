@@ -43,6 +43,29 @@ PROFILER_KEY = "chain/thread-cpu-time/less-timing-overhead/min-50ms/copy-in-plac
 profiler's method invalidates the cache."""
 
 
+def code_digest(*packages: str) -> str:
+    """A digest of the Python sources of ``packages`` (importable names), part of a cache
+    key: a measurement made by other code (a new version, or an edit under development
+    that kept ``PROFILER_KEY``) is measured again rather than read back. A benchmark's
+    cache once kept a table from a development version of the profiler whose backward
+    was 3x too small, under an unchanged key (docs/latency-model.md)."""
+    import importlib.util
+
+    digest = hashlib.sha256()
+    for name in packages:
+        spec = importlib.util.find_spec(name)
+        origin = spec.origin if spec is not None else None
+        if origin is None:
+            digest.update(f"{name}:?".encode())
+            continue
+        where = Path(origin)
+        files = sorted(where.parent.glob("*.py")) if where.name == "__init__.py" else [where]
+        for file in files:
+            digest.update(file.name.encode())
+            digest.update(file.read_bytes())
+    return digest.hexdigest()[:16]
+
+
 @dataclass(frozen=True)
 class CostChoice:
     """The table a command plans with, and one line saying where it came from."""
@@ -206,7 +229,7 @@ def resolve_costs(spec: Any, model: Any, inputs: Any, cluster: Any,
 
     sizes = tuple(batch_sizes) if batch_sizes else default_batch_sizes(batch_size)
     key = cache_key([graph.model_hash, _filecache_key(spec.path), platform.node(),
-                   torch.__version__, list(sizes), PROFILER_KEY])
+                   torch.__version__, list(sizes), PROFILER_KEY, code_digest("cost_models")])
     path = cache_dir() / "costs" / f"{spec.name.replace(':', '_').replace('/', '_')}-{key}.json"
     if path.is_file():
         cached = _load_cached(path)

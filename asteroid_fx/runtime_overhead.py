@@ -331,9 +331,11 @@ def _figures(table: CostTable, worker: Any, round_times: list[float], reduce_s: 
 def _cache_path() -> Path:
     import torch
 
-    from asteroid_fx.cost_source import PROFILER_KEY, cache_dir, cache_key
+    from asteroid_fx.cost_source import PROFILER_KEY, cache_dir, cache_key, code_digest
 
-    key = cache_key([platform.node(), torch.__version__, PROFILER_KEY, PROBE_KEY])
+    # the probe times the runtime itself: other runtime code is measured again
+    key = cache_key([platform.node(), torch.__version__, PROFILER_KEY, PROBE_KEY,
+                     code_digest("cost_models", "runtime", "asteroid_fx.runtime_overhead")])
     return cache_dir() / f"runtime-overhead-{key}.json"
 
 

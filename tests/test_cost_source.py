@@ -57,6 +57,34 @@ def test_explicit_words_and_files(cache: Path, tmp_path: Path) -> None:
         _resolve(str(tmp_path / "missing.json"))
 
 
+def test_a_table_measured_by_other_profiler_code_is_measured_again(
+        cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from asteroid_fx import cost_source
+
+    assert _resolve(None).how == "measured"
+    assert _resolve(None).how == "cached"
+    # an edited profiler (same PROFILER_KEY): its sources' digest differs
+    monkeypatch.setattr(cost_source, "code_digest", lambda *names: "edited")
+    assert _resolve(None).how == "measured"
+    assert len(list((cache / "costs").glob("*.json"))) == 2
+
+
+def test_code_digest_follows_the_sources(tmp_path: Path,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    from asteroid_fx.cost_source import code_digest
+
+    package = tmp_path / "afx_probe_pkg"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "timing.py").write_text("A = 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    before = code_digest("afx_probe_pkg")
+    assert code_digest("afx_probe_pkg") == before
+    (package / "timing.py").write_text("A = 2\n")
+    assert code_digest("afx_probe_pkg") != before
+    assert code_digest("no_such_package_here") == code_digest("no_such_package_here")
+
+
 def test_unreadable_cache_is_measured_again(cache: Path) -> None:
     _resolve("measure")
     (path,) = (cache / "costs").glob("*.json")
