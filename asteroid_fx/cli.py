@@ -923,5 +923,17 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def entry() -> None:
+    """The ``asteroid-fx`` console script: :func:`main`'s exit code. A process that torchrun
+    started ends without the interpreter's teardown (runtime/launch.py [Note: ending a
+    torchrun worker])."""
+    code = main()
+    if all(k in os.environ for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR")):
+        from runtime.launch import end_process
+
+        end_process(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    entry()

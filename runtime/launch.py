@@ -7,11 +7,12 @@ import json
 import logging
 import os
 import statistics
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import torch
 import torch.distributed as dist
@@ -221,6 +222,35 @@ def _write_summary(metrics: str | Path | None, plan: Plan, result: RunResult) ->
 
 def _under_torchrun() -> bool:
     return all(k in os.environ for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR"))
+
+
+# [Note: ending a torchrun worker]
+# A process that torchrun started ends without the interpreter's teardown. After a run has
+# destroyed its process group and written its metrics, a normal exit still destroys
+# torch.distributed objects from Python's finalisation, in no particular order, and now
+# and then one of them takes a thread that is still running with it: the process aborts
+# ("terminate called without an active exception", SIGABRT) after its work is done, and
+# torchrun reports the job as failed. Seen 2 times in about 22 local runs of
+# tests/test_device.py's torchrun test, once in tools/check_device_env.py and once in a CI
+# rehearsal (2026-12-04), on ranks 0 and 1 alike. The emulator's workers end the same way
+# for the same reason (runtime.worker ``_exit_handed_over``).
+
+
+def end_process(code: int) -> NoReturn:
+    """Leave the process with ``code``: under torchrun (``RANK``, ``WORLD_SIZE`` and
+    ``MASTER_ADDR`` set) through ``os._exit`` after flushing the log and the standard
+    streams, without the interpreter's teardown ([Note: ending a torchrun worker]); else
+    ``sys.exit(code)``. Called by the command-line entry points once their command is done;
+    never from library code."""
+    if not _under_torchrun():
+        sys.exit(code)
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
 
 
 def run_source(source: StageSource, *, emulate: Any = None, steps: int = 10, seed: int = 0,

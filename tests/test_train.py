@@ -164,3 +164,31 @@ def test_run_needs_a_partition_and_a_launcher(tmp_path: Path,
         run(directory)
     with pytest.raises(RuntimeFailure, match="steps must be >= 1"):
         run(directory, emulate=tmp_path / "c.yaml", steps=0)
+
+
+def test_a_torchrun_worker_ends_without_the_interpreters_teardown(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """runtime.launch.end_process: under torchrun, os._exit after flushing (the exit code
+    and everything printed arrive; atexit handlers, part of the teardown, do not run);
+    elsewhere a plain SystemExit."""
+    import subprocess
+    import sys
+
+    from runtime.launch import end_process
+
+    script = ("import atexit, sys\n"
+              "from runtime.launch import end_process\n"
+              "atexit.register(lambda: print('teardown ran'))\n"
+              "print('trained', end='')\n"
+              "end_process(3)\n")
+    root = Path(__file__).resolve().parents[1]
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(root), "RANK": "0", "WORLD_SIZE": "1",
+           "MASTER_ADDR": "127.0.0.1"}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                          text=True, timeout=120, check=False)
+    assert done.returncode == 3 and done.stdout == "trained", done.stderr
+    for key in ("RANK", "WORLD_SIZE", "MASTER_ADDR"):
+        monkeypatch.delenv(key, raising=False)
+    with pytest.raises(SystemExit) as exited:
+        end_process(2)
+    assert exited.value.code == 2
