@@ -244,13 +244,9 @@ def end_process(code: int) -> NoReturn:
     never from library code."""
     if not _under_torchrun():
         sys.exit(code)
-    logging.shutdown()
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (OSError, ValueError):
-            pass
-    os._exit(code)
+    from runtime.worker import exit_without_teardown
+
+    exit_without_teardown(code)
 
 
 def run_source(source: StageSource, *, emulate: Any = None, steps: int = 10, seed: int = 0,

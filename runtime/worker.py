@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 import torch.distributed as dist
@@ -122,6 +122,12 @@ def _exit_handed_over(results: Any, code: int = 0) -> None:
         results.join_thread()     # every message put so far reaches the launcher
     except (OSError, ValueError, AssertionError) as exc:
         log.debug("flushing the result queue: %s", exc)
+    exit_without_teardown(code)
+
+
+def exit_without_teardown(code: int) -> NoReturn:
+    """Flush the log and the standard streams, then ``os._exit(code)``: the process ends
+    without the interpreter's teardown (see :func:`_exit_handed_over`)."""
     logging.shutdown()
     for stream in (sys.stdout, sys.stderr):
         try:
