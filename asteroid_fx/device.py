@@ -245,9 +245,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":  # pragma: no cover - exercised through a subprocess in tests
-    code = main()
-    if all(k in os.environ for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR")):
-        from runtime.launch import end_process
+    from runtime.launch import end_process
 
-        end_process(code)   # [Note: ending a torchrun worker]
-    sys.exit(code)
+    end_process(main())   # [Note: ending a torchrun worker]

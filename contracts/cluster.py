@@ -62,8 +62,9 @@ class Device:
     """One device. ``speed`` is relative to ``local`` (the profiling host); when it is
     None the speed follows from ``flops`` and the cost table's ``host_flops``.
     ``workspace_bytes`` is what a training process holds there beyond its tensors (its
-    type's default, contracts/devices.py, a measured column's, or ``workspace_mb:``);
-    plans fit a device's stage into ``usable_bytes``."""
+    type's default, contracts/devices.py, or ``workspace_mb:``); a cost table that
+    measured it for the type overrides it, and plans fit a device's stage into the rest
+    (``Cluster.workspace_bytes``, ``Cluster.usable_bytes``)."""
 
     name: str
     type: str

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from contracts.errors import RuntimeFailure
-from contracts.plan import SMALL_BUCKET_BYTES as _SMALL_BUCKET_BYTES
+from contracts.plan import SMALL_BUCKET_BYTES
 
 __all__ = ["Comm", "CommFailure", "pack", "unpack", "encode_meta", "decode_meta",
            "gradient_buckets", "message_tag", "calm_transport_threads"]
@@ -518,10 +518,6 @@ class Comm:
                              + 2 * (g - 1) * latency)
 
 
-SMALL_BUCKET_BYTES = _SMALL_BUCKET_BYTES
-"""Gradients smaller than this share an all-reduce bucket up to this size even when no
-single gradient is as large (see :func:`gradient_buckets`)."""
-
 
 def gradient_buckets(grads: Sequence[torch.Tensor]) -> list[list[torch.Tensor]]:
     """``grads`` in order, grouped into all-reduce buckets of at most the largest
@@ -531,8 +527,8 @@ def gradient_buckets(grads: Sequence[torch.Tensor]) -> list[list[torch.Tensor]]:
     No flat buffer is then larger than the largest gradient or 256 KiB (and never than the
     stage's gradients), which the memory model budgets for a data-parallel stage
     (``solver.evaluate.transient_gradient_bytes``); so data parallelism needs no copy of
-    a whole stage's gradients. The floor matters for stages
-    of many small layers: each bucket is one collective, and a collective costs a fixed time
+    a whole stage's gradients. The floor, :data:`SMALL_BUCKET_BYTES`, matters for stages of
+    many small layers: each bucket is one collective, and a collective costs a fixed time
     per ring step (a process wake-up on each member; on a CPU-capped emulated device up to
     a quota period) whatever its size. SkipNet's ten gradients of 19 KB went in three
     all-reduces without it.

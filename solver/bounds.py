@@ -768,8 +768,8 @@ def _relaxed(tables: _ClassTables, m: int, low: float, top: float, limit: float,
     return found - paid - 1e-10 * (abs(found) + abs(paid))
 
 
-def _counted(tables: _ClassTables, m: int, low: float, top: float, limit: float,
-             rho: float = 0.0, deadline: float | None = None) -> float:
+def _counted(tables: _ClassTables, pooled: _Pooled, m: int, low: float, top: float,
+             limit: float, rho: float = 0.0, deadline: float | None = None) -> float:
     """``_relaxed`` with the devices counted instead of priced: the smallest value of bound
     (A) over plans of the relaxed stages (every group on count vectors of the classes, at
     most ``totals`` devices of each in all) whose stages all have ``x <= top``, whose
@@ -801,8 +801,6 @@ def _counted(tables: _ClassTables, m: int, low: float, top: float, limit: float,
     any class) is dropped as in ``_relaxed``: every value of the DP only grows with the
     stage times.
     """
-    pooled = tables.pooled
-    assert pooled is not None
     inf = math.inf
     count = len(tables.firsts)
     n_pools, n_prof = len(pooled.free_speed), pooled.gamma.shape[1]
@@ -979,7 +977,8 @@ def class_bound(space: ClassSpace, sums: LayerSums, cut_bytes: Sequence[int],
                 raise _Late
             evals[0] += 1
             if tables.pooled is not None:
-                found = _counted(tables, m, low, top, target, rho, deadline)
+                found = _counted(tables, tables.pooled, m, low, top, target, rho,
+                                 deadline)
             else:
                 found = _relaxed(tables, m, low, top, target, p * top * shape, rho, deadline)
             return max(m * low, found) if not math.isnan(found) else m * low

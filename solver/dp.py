@@ -504,12 +504,12 @@ class _Search:
             factor = 2.0 + self.osf
             params_l = [pb[last + 1] - pb[first] for last in lasts]
             grows = accumulates(self.m, self.osf)
-            fixed = [float(math.ceil(p * factor) + (bb[last + 1] - bb[first])
-                           + transient_gradient_bytes(sums, first, last, 1, grows))
-                     for p, last in zip(params_l, lasts, strict=True)]
-            fixed_dp = [float(math.ceil(p * factor) + (bb[last + 1] - bb[first])
-                              + transient_gradient_bytes(sums, first, last, 2, grows))
-                        for p, last in zip(params_l, lasts, strict=True)]
+            held_l = [math.ceil(p * factor) + (bb[last + 1] - bb[first])
+                      for p, last in zip(params_l, lasts, strict=True)]
+            fixed = [float(h + transient_gradient_bytes(sums, first, last, 1, grows))
+                     for h, last in zip(held_l, lasts, strict=True)]
+            fixed_dp = [float(h + transient_gradient_bytes(sums, first, last, 2))
+                        for h, last in zip(held_l, lasts, strict=True)]
             acts = [float(sums.in_flight_bytes(first, last)) for last in lasts]
             terms = {}
             for src in used:

@@ -267,7 +267,8 @@ def test_class_bound_admits_a_late_all_reduce_above_the_round(pooled: bool) -> N
     tables = _chain_tables(fwd, bwd, tail, 4, pooled)
     for low in (0.0, 2.0):
         if pooled:
-            found = _counted(tables, 1, low, 8.5, 8.5, rho=0.0)
+            assert tables.pooled is not None
+            found = _counted(tables, tables.pooled, 1, low, 8.5, 8.5, rho=0.0)
         else:
             found = _relaxed(tables, 1, low, 8.5, 8.5, np.zeros(1), rho=0.0)
         assert found <= 8.1 + 1e-9, (low, found)
