@@ -452,6 +452,18 @@ class Comm:
             out += [slot.buffer for pool in pools.values() for slot in pool]
         return out
 
+    def wire_buffers(self) -> list[torch.Tensor]:
+        """Every pooled wire buffer this rank has allocated: sends pending, receives posted
+        or lent out, and the idle pools. The pools keep them for the rest of the run (see
+        runtime/memory.py [Note: measured memory])."""
+        out = [slot.buffer for entries in self._pending.values() for _, slot, _ in entries
+               if isinstance(slot, _Slot)]
+        out += [slot.buffer for entries in self._posted.values() for _, _, slot in entries]
+        out += [slot.buffer for lent in self._lent.values() for _, slot in lent]
+        for pools in (self._send_pool, self._recv_pool):
+            out += [slot.buffer for pool in pools.values() for slot in pool]
+        return out
+
     def _finish(self, entries: Sequence[tuple[Any, Any, list[_Slot] | None]]) -> None:
         self._wait([work for work, _, _ in entries], "sending")
         for _, slot, pool in entries:

@@ -195,7 +195,7 @@ class StageExecutor:
 
     def _observe(self, *extra: torch.Tensor) -> None:
         if self.memory is not None and self.memory.counting:
-            self.memory.observe([*self.held_tensors(), *extra])
+            self.memory.observe([*self.held_tensors(), *extra], self.comm.wire_buffers())
 
     def _compile(self, actions: Sequence[Action],
                  releases: Mapping[int, Sequence[Action]] | None,

@@ -13,13 +13,16 @@ stage's own weights are):
   state tensors and buffers, plus the largest amount of *in-flight* tensor memory at any
   action boundary of a round: the tensors autograd saved for backward (counted with
   ``torch.autograd.graph.saved_tensors_hooks``, each storage once, parameters and buffers
-  excluded), received inputs, outputs and gradients waiting to be used or sent, send
-  buffers not yet known to be received, the mini-batch held by the first and last
-  stages, and the flat gradient copy of the group all-reduce; plus the largest gradient
-  that a later micro-batch's backward makes before autograd adds it to ``.grad`` (seen by
-  a hook on every parameter). Other transients inside one operator (a convolution's
-  scratch) are not seen: torch's profiler found the allocator's peak at 0.91-1.08x this
-  count on the examples (docs/latency-model.md, "Memory").
+  excluded), received inputs, outputs and gradients waiting to be used or sent, the
+  mini-batch held by the first and last stages, and the flat gradient copy of the group
+  all-reduce; plus every pooled wire buffer the runtime has allocated (sends pending,
+  receives posted or lent out, idle pools: runtime/comm.py keeps them for the rest of the
+  run, so a later round holds all of them at every boundary; they are counted once, at
+  the most the round allocated, and not again as the tensors that alias them); plus the
+  largest gradient that a later micro-batch's backward makes before autograd adds it to
+  ``.grad`` (seen by a hook on every parameter). Other transients inside one operator
+  (a convolution's scratch) are not seen: torch's profiler found the allocator's peak at
+  0.91-1.08x this count on the examples (docs/latency-model.md, "Memory").
   The in-flight part is counted on the first round a process trains (the hooks cost a
   few microseconds per saved tensor and per parameter, and that round is the warm-up
   round the timing statistics leave out anyway); every round runs the same schedule.
@@ -133,7 +136,8 @@ class _Round:
     """Tensors saved for backward by the micro-batches of the round being counted."""
 
     saved: dict[int, dict[int, int]] = field(default_factory=dict)  # mb -> {ptr: bytes}
-    peak: int = 0
+    peak: int = 0                  # in-flight bytes besides the wire buffers
+    wire: int = 0                  # the wire buffers allocated so far
     accumulating: int = 0          # the largest gradient that arrived while .grad existed
     handles: list[Any] = field(default_factory=list)
 
@@ -243,7 +247,8 @@ class MemoryMeter:
 
     def end_round(self) -> None:
         if self._round is not None:
-            self.in_flight_peak = max(self.in_flight_peak, self._round.peak)
+            self.in_flight_peak = max(self.in_flight_peak,
+                                      self._round.peak + self._round.wire)
             self.accumulating_peak = max(self.accumulating_peak, self._round.accumulating)
             for handle in self._round.handles:
                 handle.remove()
@@ -293,12 +298,15 @@ class MemoryMeter:
         if self._round is not None:
             self._round.saved.pop(microbatch, None)
 
-    def observe(self, held: Iterable[torch.Tensor]) -> None:
-        """An action boundary, where the runtime holds ``held``: fold the in-flight bytes."""
+    def observe(self, held: Iterable[torch.Tensor],
+                wire: Iterable[torch.Tensor] = ()) -> None:
+        """An action boundary, where the runtime holds ``held`` and has allocated the
+        pooled ``wire`` buffers: fold the in-flight bytes."""
         if self._round is None:
             return
         self.sample()
         seen = set(self._weights)
+        self._round.wire = max(self._round.wire, storage_bytes(wire, seen))
         total = 0
         for saved in self._round.saved.values():
             for ptr, nbytes in saved.items():

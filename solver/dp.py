@@ -214,8 +214,10 @@ _Option = tuple[tuple[int, ...], list[int], list[float], list[float], list[float
 
 # The share-independent part of a group kind's options: (free shares, lasts, compute_f,
 # compute_b, t_a, keep, fixed bytes, activation bytes per sample), lists over ``lasts``.
+# (free shares, lasts, compute f, compute b, T_a, keep, fixed bytes, per `last` the
+# activations and the cut after the stage per sample)
 _Base = tuple[tuple[int, ...], list[int], list[float], list[float], list[float],
-              int, list[float], list[float]]
+              int, list[float], list[tuple[int, int]]]
 
 # The cut-offs of a cell ([Note: exact bounds]): (ghost when R >= this, ghost when M Xm +
 # Pre >= this, drop a ghost when (M - (w-1)/2) max(Xm, head) + SumX >= this, drop any
@@ -446,8 +448,9 @@ class _Search:
         """Per candidate ``last`` (up to where even the fastest group of the cluster costs
         ``M X >= incumbent``): the stage's slope and intercept sums, per time source its
         (fwd intercepts, fwd slopes, bwd intercepts, bwd slopes), params, and the memory
-        parts (fixed bytes, activation bytes per sample), as numpy arrays for long lists
-        and Python lists for short ones, in the float operations of ``LayerSums``,
+        parts (fixed bytes; per sample the activations and the cut after the stage), as
+        numpy arrays for long lists and Python lists for short ones, in the float
+        operations of ``LayerSums``,
         ``allreduce_from`` and ``stage_memory_parts``."""
         key = (first, final)
         found = self._layers.get(key)
@@ -496,8 +499,9 @@ class _Search:
             fixed_dp = (held + bucket).tolist()
             fixed = (held + largest).tolist() if accumulates(self.m, self.osf) \
                 else held.tolist()
-            acts = (self.ctx.np_acts[stop] - self.ctx.np_acts[first] + self.ctx.np_edges[first]
-                    + self.ctx.np_edges[stop]).astype(np.float64).tolist()
+            # LayerSums.flight_bytes' parts: activations, and the cut after the stage
+            acts = list(zip((self.ctx.np_acts[stop] - self.ctx.np_acts[first]).tolist(),
+                            self.ctx.np_edges[stop].tolist(), strict=True))
             found = (lasts, slopes, inters, terms, params, fixed, fixed_dp, acts, use_np)
         else:
             pb, bb = sums.param_bytes, sums.buffer_bytes
@@ -510,7 +514,9 @@ class _Search:
                      for h, last in zip(held_l, lasts, strict=True)]
             fixed_dp = [float(h + transient_gradient_bytes(sums, first, last, 2))
                         for h, last in zip(held_l, lasts, strict=True)]
-            acts = [float(sums.in_flight_bytes(first, last)) for last in lasts]
+            edges = sums.boundary_bytes
+            acts = [(sums.activations(first, last), edges[last + 1] if edges else 0)
+                    for last in lasts]
             terms = {}
             for src in used:
                 t = sources[src]
@@ -643,9 +649,14 @@ class _Search:
         info = self.space.group(self.space.kind_group[kind])
         holders = self.ctx.group_mb(self.mb, kind)[2]
         frac = WORKSPACE_FRACTION
+        # LayerSums.flight_bytes: activations of `flight` micro-batches and wire buffers
+        edges = self.sums.boundary_bytes
+        wire_in = 2 * min(m, flight + 1) * (edges[first] if edges else 0)
+        outs = flight if final else flight + 1
 
         def fit(k: int) -> bool:
-            per = acts[k] * flight
+            act, c_out = acts[k]
+            per = act * flight + wire_in + outs * c_out
             for b, cap in holders:  # memory_from_parts, in the same float operations
                 a = per * b
                 if fixed[k] + a + math.ceil(a * frac) > cap:

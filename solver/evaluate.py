@@ -76,17 +76,14 @@ Device ``d`` of stage ``s`` (layers ``first..last``, share ``b_d``) holds
   A data-parallel group's device counts instead the flat copy of its largest all-reduce
   bucket (``transient_gradient_bytes``, ``SMALL_BUCKET_BYTES``);
 * the stage's ``buffer_bytes``;
-* for every micro-batch in flight (``min(M, S - s)`` under 1F1B, ``M`` under GPipe),
-  ``b_d`` times ``LayerSums.in_flight_bytes``: the activations its layers save for
-  backward (``activation_bytes``), plus the tensors at its two cuts: the inputs it
-  received (``cut_bytes[first - 1]``, kept until its backward hands their gradient back;
-  the trace counts their storage in the stage that made them) and the packed copy of the
-  outputs it sent (``cut_bytes[last]``, kept until the gradient comes back, see
-  runtime/lowering.py [Note: releasing sends]); the last stage holds the model's output
-  for the loss instead (the last layer's ``output_bytes``);
-* workspace ``WORKSPACE_FRACTION * in-flight bytes``: the gradient received for and sent
-  back by the micro-batch in backward, the mini-batch the first and last stages hold,
-  operators' scratch and gradients before they are accumulated;
+* ``b_d`` times ``LayerSums.flight_bytes``: for every micro-batch in flight
+  (``F = min(M, S - s)`` under 1F1B, ``M`` under GPipe) the activations its layers save
+  for backward (``activation_bytes``), and the runtime's wire buffers at the stage's two
+  cuts (see [Note: wire buffers]);
+* workspace ``WORKSPACE_FRACTION`` times those bytes: the gradient of the inputs that
+  backward makes before it is copied into a send buffer, stage outputs that autograd
+  does not save, the mini-batch the first and last stages hold, operators' scratch and
+  gradients before they are accumulated;
 * the device's fixed workspace, ``Cluster.workspace_bytes(d)``: what a training process
   holds there beyond its tensors whatever the stage (cuBLAS's workspaces on a GPU,
   measured by ``asteroid-fx profile --device cuda`` or its type's default in
@@ -95,6 +92,28 @@ Device ``d`` of stage ``s`` (layers ``first..last``, share ``b_d``) holds
 
 Every holder of a replica (``plan.replicas``) also stores that device's stage weights
 and optimizer state, ``param_bytes * (1 + optimizer_state_factor)``.
+
+[Note: wire buffers]
+The runtime sends and receives through pooled buffers of the cut's size (runtime/comm.py
+[Note: lean hops]) that it allocates when its pool is empty and keeps for the rest of
+the run, so a stage holds the most it ever used at once. For the 1F1B and GPipe
+schedules with ``RECV_WINDOW = 1``, replaying the runtime's own posts, releases and
+recycles (tests/test_evaluate.py checks this against runtime.lowering) gives, per
+sample and with ``c_in = cut_bytes[first - 1]`` (0 for the first stage) and
+``c_out = cut_bytes[last]``:
+
+* received activations: ``min(M, F + 1)`` buffers of ``c_in`` (one per micro-batch in
+  flight, kept until its backward, and the next one posted ahead);
+* gradients sent back: ``min(M, F + 1)`` of ``c_in``; a send is freed only once the
+  schedule proves it received (runtime/lowering.py [Note: releasing sends]), which the
+  cool-down's sends never are before the round ends;
+* activations sent on: ``F`` of ``c_out`` (each freed when its gradient comes back);
+* received gradients: one of ``c_out`` (posted ahead, consumed by the next backward).
+
+The last stage sends nothing on; it holds the model's output for the loss instead,
+``F`` times the last layer's ``output_bytes``. Before these were counted, the last stage
+of a three-stage BERT with Adam was predicted at 0.89x its measured peak
+(``tools/check_memory.py --cases bert-pp-adam``).
 
 This counts tensors, as ``torch.cuda.max_memory_allocated`` does, and the runtime
 measures the same (``peak_memory_bytes``, runtime/memory.py [Note: measured memory]).
@@ -283,7 +302,7 @@ def stage_memory_parts(sums: LayerSums, first: int, last: int, in_flight: int,
     fixed = (weights + sums.buffers(first, last)
              + transient_gradient_bytes(sums, first, last, group_size,
                                         accumulates(num_micro_batches, optimizer_state_factor)))
-    return fixed, sums.in_flight_bytes(first, last) * in_flight
+    return fixed, sums.flight_bytes(first, last, in_flight, num_micro_batches)
 
 
 def memory_from_parts(fixed: int, per_sample: int, share: int) -> int:

@@ -25,7 +25,8 @@ simulator executes the schedule micro-batch by micro-batch instead:
   of its gradients, ``2 (k-1)/k * bytes / min bandwidth``, on all its devices;
 * activations of a micro-batch are held from the start of its forward to the end of
   its backward, on top of the device's static memory (weights, gradients, optimizer
-  state and workspace, taken from ``evaluate``'s memory model).
+  state, workspace and the runtime's wire buffers, taken from ``evaluate``'s memory
+  model).
 
 The two agree exactly on single-device stages without communication where the
 dominant stage paces a full pipeline; they differ where devices of one group run
@@ -47,7 +48,13 @@ from contracts.cluster import Cluster
 from contracts.errors import PlanError
 from contracts.plan import Plan
 from contracts.table import CostTable
-from solver.evaluate import WORKSPACE_FRACTION, LayerSums, allreduce_time, stage_memory_bytes
+from solver.evaluate import (
+    WORKSPACE_FRACTION,
+    LayerSums,
+    allreduce_time,
+    in_flight,
+    stage_memory_parts,
+)
 from solver.timing import Timing
 
 __all__ = ["SimEvent", "SimResult", "simulate", "program_order"]
@@ -155,27 +162,34 @@ def _overlap(a: tuple[int, int], b: tuple[int, int]) -> int:
     return max(0, min(a[1], b[1]) - max(a[0], b[0]))
 
 
-def _memory_terms(plan: Plan, sums: LayerSums, cluster: Cluster
-                  ) -> tuple[dict[str, int], dict[str, int]]:
-    """``(static, per_micro_batch)`` bytes of every device, from evaluate's memory model:
-    static = weights, gradients, optimizer state, buffers, fixed workspace and replicas
-    held for other devices; per micro-batch = the share's activations (the workspace
-    fraction of live activations is added when the level is computed)."""
+def _memory_terms(plan: Plan, sums: LayerSums, cluster: Cluster, schedule: str
+                  ) -> tuple[dict[str, int], dict[str, int], dict[str, int]]:
+    """``(static, wire, per_micro_batch)`` bytes of every device, from evaluate's memory
+    model: static = weights, gradients, optimizer state, buffers, fixed workspace and
+    replicas held for other devices; wire = the runtime's wire buffers, allocated once and
+    held (``LayerSums.flight_bytes`` less its activations); per micro-batch = the share's
+    activations (the workspace fraction of wire and live activations is added when the
+    level is computed)."""
     static: dict[str, int] = {}
+    wire: dict[str, int] = {}
     act: dict[str, int] = {}
     weights: dict[str, int] = {}
-    osf = plan.optimizer_state_factor
-    for stage in plan.stages:
+    osf, m = plan.optimizer_state_factor, plan.num_micro_batches
+    for s, stage in enumerate(plan.stages):
+        fixed, _ = stage_memory_parts(sums, stage.first, stage.last, 0, osf,
+                                      len(stage.devices), m)
+        flight = in_flight(m, plan.num_stages, s, schedule)
+        acts = sums.activations(stage.first, stage.last)
+        per_wire = sums.flight_bytes(stage.first, stage.last, flight, m) - flight * acts
         for dev, share in zip(stage.devices, stage.shares, strict=True):
-            static[dev] = cluster.workspace_bytes(dev) + stage_memory_bytes(
-                sums, stage.first, stage.last, share, 0, osf, len(stage.devices),
-                plan.num_micro_batches)
-            act[dev] = share * sums.in_flight_bytes(stage.first, stage.last)
+            static[dev] = cluster.workspace_bytes(dev) + fixed
+            wire[dev] = share * per_wire
+            act[dev] = share * acts
             weights[dev] = math.ceil(sums.params(stage.first, stage.last) * (1.0 + osf))
     for dev, holders in plan.replicas.items():
         for holder in holders:
             static[holder] = static.get(holder, 0) + weights[dev]
-    return static, act
+    return static, wire, act
 
 
 def simulate(plan: Plan, costs: CostTable, cluster: Cluster, *, rounds: int = 1,
@@ -374,7 +388,7 @@ def _collect(plan: Plan, sums: LayerSums, tasks: list[_Task], sched: str,
     n_dev = len(plan.devices)
     bubble = 1.0 - sum(busy.values()) / (n_dev * total) if total > 0 else 0.0
 
-    static, act = _memory_terms(plan, sums, cluster)
+    static, wire, act = _memory_terms(plan, sums, cluster, sched)
     samples: dict[str, tuple[tuple[float, int], ...]] = {}
     peaks: dict[str, int] = {}
     for dev in plan.devices:
@@ -385,12 +399,13 @@ def _collect(plan: Plan, sums: LayerSums, tasks: list[_Task], sched: str,
             elif ev.device == dev and ev.kind == "B":
                 changes.append((ev.end, -act[dev]))
         changes.sort(key=lambda c: (c[0], c[1]))  # frees before allocations at equal times
-        live = 0
-        peak = static[dev]
-        points = [(0.0, static[dev])]
+        live = wire[dev]
+        base = static[dev]
+        peak = base + live + math.ceil(live * WORKSPACE_FRACTION)
+        points = [(0.0, peak)]
         for when, delta in changes:
             live += delta
-            level = static[dev] + live + math.ceil(live * WORKSPACE_FRACTION)
+            level = base + live + math.ceil(live * WORKSPACE_FRACTION)
             peak = max(peak, level)
             points.append((when, level))
         samples[dev] = tuple(points)

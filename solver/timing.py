@@ -178,12 +178,28 @@ class LayerSums:
         return max(level[first], level[last - (1 << k) + 1])
 
     def in_flight_bytes(self, first: int, last: int) -> int:
-        """Per-sample bytes that a stage over layers ``first..last`` holds for every
+        """Per-sample bytes that a stage over layers ``first..last`` holds for one
         micro-batch in flight: the layers' saved activations plus the tensors at its two
-        cuts (see solver.evaluate [Note: the memory model])."""
+        cuts (the simulator's per-micro-batch level; the peak is :meth:`flight_bytes`)."""
         edges = self.boundary_bytes
         cuts = edges[first] + edges[last + 1] if edges else 0
         return self.activations(first, last) + cuts
+
+    def flight_bytes(self, first: int, last: int, in_flight: int,
+                     num_micro_batches: int | None = None) -> int:
+        """Per-sample bytes that a stage over layers ``first..last`` holds at its peak with
+        ``in_flight`` micro-batches in flight out of ``num_micro_batches`` a round (None:
+        more than ``in_flight``): their saved activations, and the runtime's wire buffers
+        at its two cuts (see solver.evaluate [Note: wire buffers])."""
+        acts = self.activations(first, last) * in_flight
+        edges = self.boundary_bytes
+        if not edges:
+            return acts
+        c_in, c_out = edges[first], edges[last + 1]
+        ahead = in_flight + 1 if num_micro_batches is None \
+            else min(num_micro_batches, in_flight + 1)
+        outs = in_flight if last == self.num_layers - 1 else in_flight + 1
+        return acts + 2 * ahead * c_in + outs * c_out
 
     def fwd_time(self, first: int, last: int, share: int, speed: float) -> float:
         """Forward seconds of layers ``first..last`` for ``share`` samples at ``speed``."""

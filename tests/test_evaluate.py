@@ -19,6 +19,7 @@ from solver.evaluate import (
     in_flight,
     round_terms,
     stage_memory_bytes,
+    stage_memory_parts,
     transfer_time,
     transient_gradient_bytes,
 )
@@ -66,17 +67,19 @@ def test_hand_computed_two_stage_plan() -> None:
     assert s1.t_e == pytest.approx(2 * 0.263)
     assert pred.round_time_s == pytest.approx(0.5875)
     assert pred.throughput_samples_s == pytest.approx(8 / 0.5875)
-    # per sample and micro-batch in flight: stage 0 holds its activations (100) and the
-    # copy of its outputs sent across the cut (5000), for 2 micro-batches of 4 samples;
-    # stage 1 holds its activations (500), its received inputs (5000) and the model's
-    # output (4), for one micro-batch; 10 % of that on top as workspace. Weights count
-    # twice (gradients) and the largest layer's once more (a gradient being accumulated);
-    # on the data-parallel stage 1 the all-reduce's flat bucket copy instead, here all of
-    # its 5000 bytes of gradients (under SMALL_BUCKET_BYTES)
+    # per sample: stage 0 holds the activations (100) of its 2 micro-batches in flight and
+    # the wire buffers of its outputs (5000): one per micro-batch in flight and the posted
+    # receive of a gradient, 3 in all, for 4 samples; stage 1 holds its activations (500)
+    # for one micro-batch, 2 received inputs (one in flight, one posted ahead) and 2
+    # gradients sent back (5000 each), and the model's output (4); 10 % of that on top as
+    # workspace. Weights count twice (gradients) and the largest layer's once more (a
+    # gradient being accumulated); on the data-parallel stage 1 the all-reduce's flat
+    # bucket copy instead, here all of its 5000 bytes of gradients (under
+    # SMALL_BUCKET_BYTES)
     assert pred.peak_memory_bytes == {
-        "d0": 2000 + 1000 + 40800 + 4080,
-        "d1": 10000 + 5000 + 64 + 16512 + 1652,
-        "d2": 10000 + 5000 + 64 + 5504 + 551}
+        "d0": 2000 + 1000 + 4 * (2 * 100 + 3 * 5000) + 6080,
+        "d1": 10000 + 5000 + 64 + 3 * (500 + 4 * 5000 + 4) + 6152,
+        "d2": 10000 + 5000 + 64 + (500 + 4 * 5000 + 4) + 2051}
     assert pred.memory_capacity_bytes["d1"] == 1024 * 2**20
     assert pred.fits
 
@@ -84,11 +87,11 @@ def test_hand_computed_two_stage_plan() -> None:
 def test_optimizer_state_and_replicas_add_memory() -> None:
     plan = _plan3(optimizer_state_factor=1.0, replicas={"d0": ("d1",)})
     pred = evaluate(plan, _costs3(), _cluster3())
-    assert pred.peak_memory_bytes["d0"] == 3000 + 1000 + 40800 + 4080
-    assert pred.peak_memory_bytes["d1"] == (15000 + 5000 + 64 + 16512
-                                            + 1652 + 2 * 1000)
-    assert pred.peak_memory_bytes["d2"] == (15000 + 5000 + 64 + 5504
-                                            + 551)
+    assert pred.peak_memory_bytes["d0"] == 3000 + 1000 + 60800 + 6080
+    assert pred.peak_memory_bytes["d1"] == (15000 + 5000 + 64 + 61512
+                                            + 6152 + 2 * 1000)
+    assert pred.peak_memory_bytes["d2"] == (15000 + 5000 + 64 + 20504
+                                            + 2051)
 
 
 def _with_workspace(cluster: Cluster, workspace: int) -> Cluster:
@@ -103,7 +106,7 @@ def test_memory_shortfall_reported() -> None:
     pred = evaluate(_plan3(), _costs3(), cluster)
     assert not pred.fits
     assert set(pred.memory_shortfall()) == {"d0", "d1", "d2"}
-    assert pred.memory_shortfall()["d0"] == 2000 + 1000 + 40800 + 4080
+    assert pred.memory_shortfall()["d0"] == 2000 + 1000 + 60800 + 6080
 
 
 def test_peak_memory_adds_each_devices_fixed_workspace() -> None:
@@ -307,6 +310,68 @@ def test_in_flight_and_memory_helpers() -> None:
         12000 + 3000 + 64 + 1208 + 121)
 
 
+def _wire_high_water(num_stages: int, m: int, schedule: str) -> list[dict[str, int]]:
+    """Per stage, the most pooled wire buffers of each kind the runtime holds at once
+    (sf/sb: sends of activations/gradients, rf/rb: receives), replaying its own receive
+    posts and send releases (runtime.lowering) and its recycling of received buffers at
+    backward (runtime.executor)."""
+    from runtime.lowering import add_comms, recv_posts, send_releases
+    from runtime.schedule import ActionKind, compute_schedule
+
+    plan = Plan("h", "c", m, 1, m, tuple(Stage((i, i), (f"d{i}",), (1,))
+                                         for i in range(num_stages)),
+                num_layers=num_stages, schedule=schedule)
+    sched = add_comms(plan, compute_schedule(plan))
+    posts, releases = recv_posts(plan, sched), send_releases(plan, sched)
+    kinds = {ActionKind.SEND_F: "sf", ActionKind.SEND_B: "sb",
+             ActionKind.RECV_F: "rf", ActionKind.RECV_B: "rb"}
+    out = []
+    for rank in range(num_stages):
+        held: dict[str, set[int]] = {k: set() for k in ("sf", "sb", "rf", "rb")}
+        high = dict.fromkeys(held, 0)
+        for i, action in enumerate(sched[rank]):
+            for recv in posts[rank].get(i, ()):
+                held[kinds[recv.kind]].add(recv.microbatch)       # posted ahead
+            if action.kind in (ActionKind.SEND_F, ActionKind.SEND_B):
+                held[kinds[action.kind]].add(action.microbatch)
+            elif action.kind is ActionKind.B:                       # received ones recycled
+                held["rf"].discard(action.microbatch)
+                held["rb"].discard(action.microbatch)
+            for kind, ids in held.items():
+                high[kind] = max(high[kind], len(ids))
+            for send in releases[rank].get(i, ()):
+                held[kinds[send.kind]].discard(send.microbatch)
+        out.append(high)
+    return out
+
+
+@pytest.mark.parametrize("schedule", ["1f1b", "gpipe"])
+def test_wire_buffers_are_what_the_runtime_allocates(schedule: str) -> None:
+    # [Note: wire buffers]: min(M, F + 1) received activations and as many gradients sent
+    # back, F activations sent on and one gradient received, F the micro-batches in flight
+    for num_stages in range(2, 6):
+        for m in (1, 2, 3, 4, 8):
+            for s, high in enumerate(_wire_high_water(num_stages, m, schedule)):
+                flight = in_flight(m, num_stages, s, schedule)
+                first, last = s == 0, s == num_stages - 1
+                assert high == {"rf": 0 if first else min(m, flight + 1),
+                                "sb": 0 if first else min(m, flight + 1),
+                                "sf": 0 if last else flight,
+                                "rb": 0 if last else 1}, (num_stages, m, s)
+
+
+def test_flight_bytes_counts_activations_and_wire_buffers() -> None:
+    sums = LayerSums.of(_costs3())
+    # the first stage of two: 2 in flight, activations 100, outputs 5000 three times
+    assert sums.flight_bytes(0, 0, 2, 4) == 2 * 100 + 3 * 5000
+    # the last: inputs 5000 four times (two received, two sent back), the model's output
+    assert sums.flight_bytes(1, 2, 1, 4) == 500 + 4 * 5000 + 4
+    assert sums.flight_bytes(1, 2, 1, 1) == 500 + 2 * 5000 + 4       # nothing posted ahead
+    assert sums.flight_bytes(1, 2, 1) == sums.flight_bytes(1, 2, 1, 8)   # M unknown: more
+    # a middle stage of layers 1..1: inputs 5000, outputs 1000
+    assert sums.flight_bytes(1, 1, 2, 8) == 2 * 200 + 2 * 3 * 5000 + 3 * 1000
+
+
 def test_largest_params_is_the_range_maximum() -> None:
     import random
 
@@ -323,8 +388,9 @@ def test_largest_params_is_the_range_maximum() -> None:
 def test_gpipe_keeps_all_micro_batches() -> None:
     plan = _plan3(schedule="gpipe")
     pred = evaluate(plan, _costs3(), _cluster3())
-    assert pred.peak_memory_bytes["d1"] == (10000 + 5000 + 64 + 33024
-                                            + 3303)
+    # both micro-batches in flight: 2 received inputs, 2 gradients sent back
+    assert pred.peak_memory_bytes["d1"] == (10000 + 5000 + 64 + 3 * (2 * 504 + 4 * 5000)
+                                            + 6303)
 
 
 def test_a_data_parallel_stage_holds_an_all_reduce_bucket() -> None:
@@ -460,8 +526,8 @@ def test_one_micro_batch_of_plain_sgd_makes_no_gradient_temporary() -> None:
     assert stage_memory_bytes(sums, 0, 2, 4, 1, 0.0, num_micro_batches=2) - one == 3000
     assert stage_memory_bytes(sums, 0, 2, 4, 1, 0.0) - one == 3000       # unknown: counted
     # a data-parallel group's bucket copy is there whatever the micro-batches
-    assert (stage_memory_bytes(sums, 1, 2, 3, 1, 0.0, 2, num_micro_batches=1)
-            == stage_memory_bytes(sums, 1, 2, 3, 1, 0.0, 2, num_micro_batches=4))
+    assert (stage_memory_parts(sums, 1, 2, 1, 0.0, 2, num_micro_batches=1)[0]
+            == stage_memory_parts(sums, 1, 2, 1, 0.0, 2, num_micro_batches=4)[0])
     single = Plan(model_hash="h", cluster_hash="c", batch_size=4, micro_batch_size=4,
                   num_micro_batches=1, stages=(Stage((0, 2), ("d0",), (4,)),))
     assert evaluate(single, _costs3(), _cluster3()).peak_memory_bytes["d0"] == one

@@ -86,6 +86,24 @@ def test_in_flight_peak_is_the_largest_set_of_live_micro_batches() -> None:
     assert meter.parts()["optimizer_state"] == 0     # plain SGD keeps no state
 
 
+def test_wire_buffers_count_once_at_the_most_allocated() -> None:
+    model = _linear_model()
+    meter = MemoryMeter(model, torch.optim.SGD(model.parameters(), lr=0.1),
+                        torch.device("cpu"))
+    pool = [torch.zeros(256, dtype=torch.uint8) for _ in range(3)]
+    meter.begin_round()
+    held = torch.zeros(100)                   # 400 bytes held besides the wire
+    meter.observe([held], pool[:1])
+    # a received input aliases its wire buffer: counted once, as wire
+    alias = pool[1][:64].view(torch.float32)
+    meter.observe([held, alias], pool[:2])
+    # later the pools hold three buffers while less else is held: a later round holds
+    # them all at every boundary
+    meter.observe([], pool)
+    meter.end_round()
+    assert meter.in_flight_peak == 400 + 3 * 256
+
+
 def test_a_gradient_being_accumulated_is_counted() -> None:
     model = _linear_model()
     meter = MemoryMeter(model, torch.optim.SGD(model.parameters(), lr=0.1),
