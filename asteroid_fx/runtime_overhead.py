@@ -53,7 +53,7 @@ from contracts.errors import AsteroidError, CostModelError
 from contracts.table import CostTable, RuntimeOverhead
 
 __all__ = ["measure", "measure_here", "host_runtime_overhead", "HostOverhead", "PROBE_KEY",
-           "PROBE_SOURCE"]
+           "PROBE_SOURCE", "profile_probe", "probe_plan"]
 
 log = logging.getLogger(__name__)
 
@@ -171,7 +171,7 @@ def _train_here(table: CostTable, devices: tuple[str, ...], rank: int, steps: in
     dist.init_process_group("gloo", store=store, rank=rank, world_size=len(devices),
                             timeout=timedelta(seconds=timeout_s))
     try:
-        return train_device(_ProbeSource(_probe_plan(table, devices)), rank,
+        return train_device(_ProbeSource(probe_plan(table, devices)), rank,
                             TrainConfig(steps=steps, timeout_s=timeout_s))
     finally:
         dist.destroy_process_group()
@@ -238,7 +238,7 @@ def _measure_here(steps: int, timeout_s: float) -> dict[str, Any]:
         raise CostModelError("cannot probe the runtime inside a running process group; "
                              "profile in a process of its own")
     with tempfile.TemporaryDirectory(prefix="asteroid-fx-probe-") as tmp:
-        _spec, table = _profile_probe(Path(tmp))
+        _spec, table = profile_probe(Path(tmp))
     one = _train_here(table, ("probe",), 0, steps, dist.HashStore(), timeout_s)
     reduce_s = _pair_allreduce(table, steps, timeout_s)
     # loopback: no wire time worth counting; each process had a core (speed 1)
@@ -256,13 +256,13 @@ def _measure(steps: int) -> dict[str, Any]:
     b = _MICRO_BATCH
     with tempfile.TemporaryDirectory(prefix="asteroid-fx-probe-") as tmp:
         root = Path(tmp)
-        spec, table = _profile_probe(root)
+        spec, table = profile_probe(root)
         model = spec.build_model()
         inputs = spec.sample_batch(b)[0]
 
         def train(name: str, cluster_yaml: str, devices: tuple[str, ...]) -> Any:
             (root / f"{name}.yaml").write_text(cluster_yaml)
-            plan = _probe_plan(table, devices)
+            plan = probe_plan(table, devices)
             stages = partition(model, inputs, plan)
             save_partition(root / name, plan, stages, model_spec=spec, onnx=False,
                            example_inputs=inputs)
@@ -279,7 +279,7 @@ def _measure(steps: int) -> dict[str, Any]:
                     _TWO_DEVICE_SPEED, steps, shaping=[one.shaping, two.shaping])
 
 
-def _profile_probe(root: Path) -> tuple[Any, CostTable]:
+def profile_probe(root: Path) -> tuple[Any, CostTable]:
     """The probe's model spec (its file written under ``root``) and its cost table."""
     from asteroid_fx.costs import profile
     from asteroid_fx.model_spec import load_model_spec
@@ -291,7 +291,7 @@ def _profile_probe(root: Path) -> tuple[Any, CostTable]:
     return spec, table
 
 
-def _probe_plan(table: CostTable, devices: tuple[str, ...]) -> Any:
+def probe_plan(table: CostTable, devices: tuple[str, ...]) -> Any:
     """The probe as one stage over ``devices`` (data parallel for more than one), one
     micro-batch of ``_MICRO_BATCH`` samples per device."""
     from contracts.plan import Plan, Stage
