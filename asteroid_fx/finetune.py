@@ -38,7 +38,7 @@ from solver.pac import (
 )
 
 __all__ = ["FinetuneResult", "PacReplanner", "build_adapter_model", "measure_samples",
-           "measure_step", "pac_model_of",
+           "measure_step", "measure_step_memory", "pac_model_of",
            "prepare_finetune",
            "run_finetune", "reference_finetune", "DEFAULT_SAMPLES_BATCHES"]
 
@@ -117,6 +117,36 @@ def measure_step(pac: AdapterModel, spec: Any, *, batch_sizes: Sequence[int] = (
     return fit.intercept_s, fit.per_sample_s
 
 
+def measure_step_memory(pac: AdapterModel, spec: Any, batch_size: int = 4) -> int:
+    """Per sample, the bytes autograd saves in one phase-2 step's forward of ``pac`` (the
+    side path, the head and the loss on an entry of ``batch_size`` cached rows), each
+    storage once and neither weights nor the entry's own rows, as ``runtime.pac_train``
+    counts a step's tensors (``PacModel.step_saved_bytes``); rounded up."""
+    from asteroid_fx.model_spec import model_inputs
+    from runtime.pac_train import cat_rows
+    from runtime.train import resolve_loss_fn
+
+    loss_fn = resolve_loss_fn(_ModelFile(spec))
+    inputs, targets = spec.example_inputs(batch_size)
+    with torch.no_grad():
+        whole = pac.backbone(*model_inputs(inputs))
+    entry = cat_rows([tuple(t[i:i + 1] for t in whole) for i in range(batch_size)])
+    skip = {t.untyped_storage().data_ptr()
+            for t in [*pac.parameters(), *pac.buffers(), *entry]}
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in skip:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = loss_fn(pac.train_forward(entry), targets)
+    del loss
+    return -(-sum(saved.values()) // batch_size)
+
+
 def measure_samples(samples: SampleSource, count: int = 8, repeats: int = 3) -> float:
     """Seconds to make one sample of ``samples`` on this host, one thread (median of
     ``repeats`` runs over the first ``count`` samples), which phase 1's first stage pays."""
@@ -171,7 +201,8 @@ def prepare_finetune(spec: Any, cluster: Any, costs: Any, out: str | Path, *, ba
     measured = costs.source != "analytic"
     step_fit = measure_step(pac, spec) if measured else (0.0, 0.0)
     model = replace(pac_model_of(pac, step_fit),
-                    sample_s=measure_samples(samples) if measured else 0.0)
+                    sample_s=measure_samples(samples) if measured else 0.0,
+                    step_saved_bytes=measure_step_memory(pac, spec))
     plan = plan_finetune(costs, cluster, model, batch_size=batch_size,
                          num_samples=samples.num_samples, epochs=epochs,
                          micro_batch_size=micro_batch_size, phase1_planner=phase1_planner,

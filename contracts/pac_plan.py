@@ -44,7 +44,10 @@ class PacModel:
     profiling host, which phase 1's first stage pays (0: not measured);
     ``allreduce_bytes``: bytes one phase-2 step all-reduces (the runtime sums the adapter
     gradients in float64, so that every step equals the single-process reference; 0: the
-    ``trainable_bytes``).
+    ``trainable_bytes``); ``step_saved_bytes``: per sample, what autograd saves in a
+    phase-2 step's forward (side path, head and loss; weights and the entry itself
+    excluded), as the runtime counts it (0: not measured, the head's ``activation_bytes``
+    from the cost table stand in).
     """
 
     taps: tuple[int, ...]
@@ -55,6 +58,7 @@ class PacModel:
     step_fit: tuple[float, float] = (0.0, 0.0)
     sample_s: float = 0.0
     allreduce_bytes: int = 0
+    step_saved_bytes: int = 0
 
     @property
     def wire_bytes(self) -> int:
@@ -65,7 +69,8 @@ class PacModel:
         return {"taps": list(self.taps), "entry_bytes": self.entry_bytes,
                 "trainable_bytes": self.trainable_bytes, "adapter_flops": self.adapter_flops,
                 "train_head": self.train_head, "step_fit": list(self.step_fit),
-                "sample_s": self.sample_s, "allreduce_bytes": self.allreduce_bytes}
+                "sample_s": self.sample_s, "allreduce_bytes": self.allreduce_bytes,
+                "step_saved_bytes": self.step_saved_bytes}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> PacModel:
@@ -77,7 +82,8 @@ class PacModel:
                    train_head=bool(data.get("train_head", False)),
                    step_fit=(float(fit[0]), float(fit[1])),
                    sample_s=float(data.get("sample_s", 0.0)),
-                   allreduce_bytes=int(data.get("allreduce_bytes", 0)))
+                   allreduce_bytes=int(data.get("allreduce_bytes", 0)),
+                   step_saved_bytes=int(data.get("step_saved_bytes", 0)))
 
 
 @dataclass(frozen=True)

@@ -231,9 +231,12 @@ def _phase2_fixed(costs: CostTable, model: PacModel, osf: float) -> int:
 
 
 def _phase2_per_sample(costs: CostTable, model: PacModel, steps: int) -> tuple[int, int]:
-    """(cache bytes, working bytes) per sample of a device's share."""
-    head_act = sum(lc.activation_bytes for lc in costs.layers[model.taps[-1] + 1:])
-    return steps * model.entry_bytes, model.entry_bytes + head_act
+    """(cache bytes, working bytes) per sample of a device's share: the working bytes are
+    the step's entry and what its forward saves for backward (``PacModel.step_saved_bytes``
+    as measured; without it the head's activations, which leave out the side path's)."""
+    saved = model.step_saved_bytes or sum(
+        lc.activation_bytes for lc in costs.layers[model.taps[-1] + 1:])
+    return steps * model.entry_bytes, model.entry_bytes + saved
 
 
 Holders = Mapping[str, Sequence[int]]

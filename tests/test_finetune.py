@@ -163,6 +163,42 @@ def test_measured_step_fit_feeds_the_prediction() -> None:
         + plan.predicted.allreduce_s)
 
 
+def test_measured_step_memory_feeds_the_memory_prediction() -> None:
+    from dataclasses import replace
+
+    from asteroid_fx.adapters import parallel_adapters
+    from asteroid_fx.finetune import measure_step_memory
+    from contracts.pac_plan import PacModel
+    from solver.pac import plan_finetune
+
+    spec = load_model_spec(GPT)
+    torch.manual_seed(0)
+    model = spec.build_model()
+    pac = parallel_adapters(model, spec.sample_batch(2)[0], rank=8)
+    per_sample = measure_step_memory(pac, spec, batch_size=4)
+    # the side path saves more than the head's activations the cost table knows of, and
+    # what it saves grows with the samples
+    costs = analytic_costs(model, spec.sample_batch(2)[0])
+    head = sum(lc.activation_bytes for lc in costs.layers[pac.taps[-1] + 1:])
+    assert per_sample > head > 0
+    assert abs(measure_step_memory(pac, spec, batch_size=2) - per_sample) <= per_sample // 10
+    base = pac_model_of(pac)
+    measured = replace(base, step_saved_bytes=per_sample)
+    assert PacModel.from_dict(measured.to_dict()) == measured
+    assert PacModel.from_dict({k: v for k, v in base.to_dict().items()
+                               if k != "step_saved_bytes"}).step_saved_bytes == 0
+    cluster = Cluster.from_yaml(LOCAL3)
+    # a batch of 32: phase 2's step, not phase 1, is part of every device's peak
+    plans = [plan_finetune(costs, cluster, m, batch_size=32, num_samples=32, epochs=2,
+                           cache="local") for m in (base, measured)]
+    peaks = [p.predicted.peak_memory_bytes for p in plans if p.predicted is not None]
+    assert plans[0].shares == plans[1].shares
+    grew = [peaks[1][d] - peaks[0][d] for d in plans[0].devices]
+    assert min(grew) > 0
+    assert all(g <= share * (per_sample - head)
+               for g, share in zip(grew, plans[0].shares, strict=True))
+
+
 def test_measured_step_runs_the_runs_optimizer_on_cached_rows() -> None:
     from dataclasses import replace
 
