@@ -124,11 +124,15 @@ def _handoff_s(cluster: Cluster, phase1: Plan, s: int, owners: Sequence[str],
 # [Note: phase-1 time]
 # A phase-1 step is a forward-only pipeline of M micro-batches; stage s's forward term
 # E_f^s is solver.evaluate's (its slowest device's segments at its share, plus receiving
-# the cut), and stage s finishes its last micro-batch at
-#     finish_s = sum_{i<=s} E_f^i + (M - 1) max_{i<=s} E_f^i .
-# Only then does it hand its cache-entry parts to their owners (runtime.pac_train sends
-# them after every activation, so that the asynchronous sends cannot deadlock), so
-#     phase-1 step = max_s (finish_s + M x mean hand-off of stage s per micro-batch).
+# the cut), and stage s finishes micro-batch k at
+#     sum_{i<=s} E_f^i + k max_{i<=s} E_f^i .
+# Right after it, the stage sends that micro-batch's cache-entry parts to their owners
+# (runtime.pac_train: asynchronous sends with tags of their own, after the activation),
+# one hand-off H_s (the mean per micro-batch) after the other on its port, so
+#     phase-1 step = max_s (sum_{i<=s} E_f^i + max((M - 1) max_{i<=s} E_f^i + H_s, M H_s)).
+# Until 2026-12-04 both this and the simulation sent every hand-off after the stage's last
+# forward, as the runtime once did; on local3 (gpt_small, 1 x 16) they then predicted
+# phase 1 1.1-1.3x the measured step.
 # Stage 0 also makes its samples (``PacModel.sample_s`` per sample, measured at planning,
 # over the device's speed): about a tenth of a GPT segment's forward per sample.
 # Every message (a re-sharded piece of a cut, a hand-off) also costs the runtime CPU on
@@ -168,10 +172,12 @@ def predict_finetune(plan: PacPlan, costs: CostTable, cluster: Cluster) -> PacPr
             model.sample_s * share / speeds[d]
             for d, share in zip(stage.devices, stage.shares, strict=True))
         e_f.append(p1.stages[s].e_f + making)
-        finish = sum(e_f) + (m - 1) * max(e_f)
         sent = sum(parts[stage.first:stage.last + 1])
-        handoff = m * _handoff_s(p1_cluster, plan.phase1, s, plan.devices, plan.shares, sent)
-        phase1_step = max(phase1_step, finish + handoff)
+        handoff = _handoff_s(p1_cluster, plan.phase1, s, plan.devices, plan.shares, sent)
+        # micro-batch k's forward ends at sum(e_f) + k max(e_f); its hand-offs follow it
+        # on the device's port, behind the earlier micro-batches' ones
+        phase1_step = max(phase1_step, sum(e_f) + max((m - 1) * max(e_f) + handoff,
+                                                      m * handoff))
     closed_form = phase1_step
     if plan.phase1.num_stages > 1:     # ports and blocking receives: see the Note
         from solver.pac_simulate import simulate_phase1

@@ -13,9 +13,12 @@ incoming port):
   those of stage ``s`` after the sender's ``F(m)``; the receiver is busy while they arrive
   (blocking receives, as the runtime's); each message costs the link's latency plus the
   runtime's per-message cost (the table's ``message_overhead_s``) plus bytes / bandwidth;
-* after a device's last ``F``, it hands every micro-batch's cache-entry part to the device
-  that trains on those rows (``runtime.pac_train`` sends them after all activations), one
-  message per (micro-batch, owner), over its outgoing port.
+* after a device's ``F(m)``, it hands micro-batch ``m``'s cache-entry parts to the devices
+  that train on those rows (``runtime.pac_train`` sends them right after the activation),
+  one message per (micro-batch, owner): the sender first pays the runtime's per-message
+  cost on its own CPU (a ``PACK`` event on the device, before its next forward), then
+  the bytes cross its outgoing port, arriving a link latency later (the receiver's
+  per-message cost included).
 
 The phase-1 step ends with the last hand-off. Phase 2 is plain data parallelism (each
 device's step, then one all-reduce): it has no schedule to simulate, so its step is
@@ -124,9 +127,15 @@ def simulate_phase1(plan: PacPlan, costs: CostTable, cluster: Cluster
     busy: dict[str, float] = {d: 0.0 for d in p1.devices}
     for s, stage in enumerate(p1.stages):
         cut = coarse.cut_bytes[stage.first - 1] if s > 0 else 0
+        sent = sum(parts[stage.first:stage.last + 1])
         for d, share in zip(stage.devices, stage.shares, strict=True):
             fwd = timing.fwd_time(d, stage.first, stage.last, share)
             making = model.sample_s * share / speeds[d] if s == 0 else 0.0
+            lo, hi = ranges[s][d]
+            # the next stage's devices that receive a piece of the cut from d
+            nexts = [] if s + 1 >= len(p1.stages) or coarse.cut_bytes[stage.last] <= 0 else [
+                nxt for nxt, rng in ranges[s + 1].items()
+                if nxt != d and _overlap(ranges[s][d], rng)]
             for m in range(m_count):
                 deps: list[tuple[Any, ...]] = []
                 if s > 0:
@@ -143,17 +152,24 @@ def simulate_phase1(plan: PacPlan, costs: CostTable, cluster: Cluster
                         deps.append(("RECV", s, d, src, m))
                 add(("F", s, d, m), fwd + making, d, True, None, "F", s, m, deps)
                 busy[d] += fwd + making
-            sent = sum(parts[stage.first:stage.last + 1])
-            for m in range(m_count):          # hand-offs after the device's last forward
-                lo, hi = ranges[s][d]
+                # micro-batch m's hand-offs right after its forward: the sender's CPU for
+                # each message (the runtime's per-message cost at its speed), then the
+                # bytes on its port and the link's latency with the receiver's cost
                 mine = (m * mb + lo, m * mb + hi)
                 for owner, rows_of in owners.items():
                     rows = _overlap(mine, rows_of)
                     if not rows or owner == d or sent <= 0:
                         continue
-                    secs = net.latency_s(d, owner) + rows * sent / net.bandwidth_bytes_s(d, owner)
-                    add(("HAND", s, d, owner, m), secs, d, False, (d, owner), "SEND", s, m,
-                        [("F", s, d, m_count - 1)], peer=owner)
+                    cpu = net.message_cost_s(d)
+                    add(("PACK", s, d, owner, m), cpu, d, True, None, "PACK", s, m,
+                        [("F", s, d, m)], peer=owner)
+                    busy[d] += cpu
+                    secs = (net.latency_s(d, owner) - cpu
+                            + rows * sent / net.bandwidth_bytes_s(d, owner))
+                    # after the micro-batch's activation (sent first) has left on its link
+                    after = [("RECV", s + 1, nxt, d, m) for nxt in nexts]
+                    add(("HAND", s, d, owner, m), max(secs, 0.0), d, False, (d, owner), "SEND",
+                        s, m, [("PACK", s, d, owner, m), *after], peer=owner)
     for task, deps in zip(tasks, wants, strict=True):
         task.deps.extend(index[k] for k in deps)
     _run(tasks, "ports")
