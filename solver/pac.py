@@ -218,14 +218,19 @@ def _phase2_compute(costs: CostTable, cluster: Cluster, model: PacModel,
     compute = []
     intercept, per_sample = model.step_fit
     for device, share in zip(devices, shares, strict=True):
+        # what the runtime pays beyond a step timed back to back: a forward and a backward
+        # call after the step's all-reduce, and the round's own (the device's runtime
+        # overhead, asteroid_fx/runtime_overhead.py [Note: runtime overhead])
+        sums, divisor = timing.sums_of(device), timing.device(device).divisor
         if intercept + per_sample > 0:   # measured: the whole step, over the device's speed
-            compute.append((intercept + per_sample * share) / speeds[device])
+            compute.append((intercept + per_sample * share) / speeds[device]
+                           + (sums.call_fwd + sums.call_bwd + sums.round_s) / divisor)
             continue
-        head = (timing.fwd_time(device, head_first, last, share)
+        head = (timing.fwd_time(device, head_first, last, share)       # calls included
                 + bwd_share * timing.bwd_time(device, head_first, last, share))
         adapters = 3.0 * model.adapter_flops * share / (costs.host_flops * speeds[device])
         update = costs.update_s_per_byte * model.trainable_bytes / speeds[device]
-        compute.append(head + adapters + update)
+        compute.append(head + adapters + update + sums.round_s / divisor)
     return compute
 
 

@@ -161,6 +161,15 @@ def test_measured_step_fit_feeds_the_prediction() -> None:
     assert plan.predicted.phase2_step_s == pytest.approx(
         max(n / s for n, s in zip(plan.shares, (1.0, 0.5, 0.5), strict=True))
         + plan.predicted.allreduce_s)
+    # the runtime's own cost per stage call and round comes on top, at the device's speed
+    from contracts.table import RuntimeOverhead
+    from solver.pac import predict_finetune
+
+    costly = replace(costs, runtime_overhead=RuntimeOverhead(0.01, 0.02, 0.03))
+    again = predict_finetune(plan, costly, cluster)
+    assert again.phase2_step_s == pytest.approx(
+        max((n + 0.06) / s for n, s in zip(plan.shares, (1.0, 0.5, 0.5), strict=True))
+        + plan.predicted.allreduce_s)
 
 
 def test_measured_step_memory_feeds_the_memory_prediction() -> None:
