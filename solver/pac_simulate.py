@@ -17,8 +17,9 @@ incoming port):
   that train on those rows (``runtime.pac_train`` sends them right after the activation),
   one message per (micro-batch, owner): the sender first pays the runtime's per-message
   cost on its own CPU (a ``PACK`` event on the device, before its next forward), then
-  the bytes cross its outgoing port, arriving a link latency later (the receiver's
-  per-message cost included).
+  the bytes cross its outgoing port, arriving a link latency later; each owner takes its
+  rows after its own forwards, stage by stage and micro-batch by micro-batch (as
+  ``runtime.pac_train`` collects them), paying the per-message cost on its CPU (``TAKE``).
 
 The phase-1 step ends with the last hand-off. Phase 2 is plain data parallelism (each
 device's step, then one all-reduce): it has no schedule to simulate, so its step is
@@ -125,6 +126,7 @@ def simulate_phase1(plan: PacPlan, costs: CostTable, cluster: Cluster
             chain[device] = tid
 
     busy: dict[str, float] = {d: 0.0 for d in p1.devices}
+    handed: list[tuple[int, int, int, str, str]] = []    # (stage, m, index in it, from, to)
     for s, stage in enumerate(p1.stages):
         cut = coarse.cut_bytes[stage.first - 1] if s > 0 else 0
         sent = sum(parts[stage.first:stage.last + 1])
@@ -164,12 +166,21 @@ def simulate_phase1(plan: PacPlan, costs: CostTable, cluster: Cluster
                     add(("PACK", s, d, owner, m), cpu, d, True, None, "PACK", s, m,
                         [("F", s, d, m)], peer=owner)
                     busy[d] += cpu
-                    secs = (net.latency_s(d, owner) - cpu
-                            + rows * sent / net.bandwidth_bytes_s(d, owner))
+                    link = net.latency_s(d, owner) - max(cpu, net.message_cost_s(owner))
+                    secs = link + rows * sent / net.bandwidth_bytes_s(d, owner)
                     # after the micro-batch's activation (sent first) has left on its link
                     after = [("RECV", s + 1, nxt, d, m) for nxt in nexts]
                     add(("HAND", s, d, owner, m), max(secs, 0.0), d, False, (d, owner), "SEND",
                         s, m, [("PACK", s, d, owner, m), *after], peer=owner)
+                    handed.append((s, m, stage.devices.index(d), d, owner))
+    # each owner takes its rows after its own forwards, stage by stage, micro-batch by
+    # micro-batch (runtime.pac_train's _collect), paying the per-message cost on its CPU
+    for s, m, _i, d, owner in sorted(handed):
+        cpu = net.message_cost_s(owner)
+        add(("TAKE", s, d, owner, m), cpu, owner, True, None, "TAKE", s, m,
+            [("HAND", s, d, owner, m)], peer=d)
+        if owner in busy:      # an owner outside phase 1 has no forwards to idle between
+            busy[owner] += cpu
     for task, deps in zip(tasks, wants, strict=True):
         task.deps.extend(index[k] for k in deps)
     _run(tasks, "ports")

@@ -253,6 +253,16 @@ def test_simulation_of_a_pipeline_with_hand_offs() -> None:
         hand = [e for e in sim.events if e.kind == "SEND" and e.device == device
                 and e.peer == "d0" and e.start >= f0.end]
         assert hand and all(f0.end <= e.start and e.end < f1.end for e in hand)
+    # each owner takes its rows after its own forwards, one message at a time on its CPU:
+    # d0 from d1 and d2 (micro-batch 0), d1 and d2 from d0 (micro-batch 1)
+    takes = sorted((e for e in sim.events if e.kind == "TAKE"), key=lambda e: e.start)
+    assert {(e.device, e.peer) for e in takes} == {("d0", "d1"), ("d0", "d2"),
+                                                   ("d1", "d0"), ("d2", "d0")}
+    for device in ("d0", "d1", "d2"):
+        mine = [e for e in takes if e.device == device]
+        last_f = max(e.end for e in sim.events if e.kind == "F" and e.device == device)
+        assert all(e.start >= last_f for e in mine)
+        assert all(a.end <= b.start + 1e-12 for a, b in zip(mine, mine[1:], strict=False))
     assert 0.0 < sim.phase1_bubble_fraction < 1.0
     bad = make_cluster([1.0, 0.5], bandwidth_mbps=100)
     with pytest.raises(PlanError, match="not in the cluster"):
