@@ -77,7 +77,6 @@ def measure_step(pac: AdapterModel, spec: Any, *, batch_sizes: Sequence[int] = (
     varied 10x with its load)."""
     import statistics
 
-    from asteroid_fx.model_spec import model_inputs
     from cost_models.profile import fit_time
     from runtime.pac_train import SLOTS, cat_rows, take_gradients, wire_tensor
     from runtime.train import make_optimizer, resolve_loss_fn
@@ -93,9 +92,7 @@ def measure_step(pac: AdapterModel, spec: Any, *, batch_sizes: Sequence[int] = (
         optimizer = make_optimizer(model_file, params, 1e-3)
         slots = torch.zeros(SLOTS, dtype=torch.float64)
         for batch in batch_sizes:
-            inputs, targets = spec.example_inputs(batch)
-            whole = pac.backbone(*model_inputs(inputs))
-            rows = [tuple(t[i:i + 1] for t in whole) for i in range(batch)]   # as cached
+            rows, targets = _cached_rows(pac, spec, batch)
             runs = []
             for i in range(repeats + 1):
                 began = time.thread_time()
@@ -117,31 +114,33 @@ def measure_step(pac: AdapterModel, spec: Any, *, batch_sizes: Sequence[int] = (
     return fit.intercept_s, fit.per_sample_s
 
 
+def _cached_rows(pac: AdapterModel, spec: Any, batch_size: int
+                 ) -> tuple[list[tuple[torch.Tensor, ...]], Any]:
+    """``(rows, targets)`` of ``batch_size`` example samples: each sample's cache entry
+    as the activation cache holds it (one row per sample), and the samples' targets."""
+    from asteroid_fx.model_spec import model_inputs
+
+    inputs, targets = spec.example_inputs(batch_size)
+    with torch.no_grad():
+        whole = pac.backbone(*model_inputs(inputs))
+    return [tuple(t[i:i + 1] for t in whole) for i in range(batch_size)], targets
+
+
 def measure_step_memory(pac: AdapterModel, spec: Any, batch_size: int = 4) -> int:
     """Per sample, the bytes autograd saves in one phase-2 step's forward of ``pac`` (the
     side path, the head and the loss on an entry of ``batch_size`` cached rows), each
     storage once and neither weights nor the entry's own rows, as ``runtime.pac_train``
     counts a step's tensors (``PacModel.step_saved_bytes``); rounded up."""
-    from asteroid_fx.model_spec import model_inputs
+    from runtime.memory import saved_storages
     from runtime.pac_train import cat_rows
     from runtime.train import resolve_loss_fn
 
     loss_fn = resolve_loss_fn(_ModelFile(spec))
-    inputs, targets = spec.example_inputs(batch_size)
-    with torch.no_grad():
-        whole = pac.backbone(*model_inputs(inputs))
-    entry = cat_rows([tuple(t[i:i + 1] for t in whole) for i in range(batch_size)])
+    rows, targets = _cached_rows(pac, spec, batch_size)
+    entry = cat_rows(rows)
     skip = {t.untyped_storage().data_ptr()
             for t in [*pac.parameters(), *pac.buffers(), *entry]}
-    saved: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in skip:
-            saved[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with saved_storages(skip) as saved:
         loss = loss_fn(pac.train_forward(entry), targets)
     del loss
     return -(-sum(saved.values()) // batch_size)

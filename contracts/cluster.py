@@ -240,13 +240,19 @@ class Cluster:
     def latency_s(self, a: str, b: str) -> float:
         """One-way latency of one message between two devices, seconds (0 for a device and
         itself)."""
-        if a == b:
-            return 0.0
-        link = self._overrides[1].get((a, b), self.latency_ms) / 1e3
+        link = self.link_latency_s(a, b)
         costs = self._message_costs
-        if not costs:
+        if a == b or not costs:
             return link
         return link + max(costs.get(a, 0.0), costs.get(b, 0.0))
+
+    def link_latency_s(self, a: str, b: str) -> float:
+        """The link's own one-way latency between two devices, seconds, without the
+        runtime's per-message cost that :meth:`latency_s` adds (0 for a device and
+        itself)."""
+        if a == b:
+            return 0.0
+        return self._overrides[1].get((a, b), self.latency_ms) / 1e3
 
     @cached_property
     def _message_costs(self) -> dict[str, float]:

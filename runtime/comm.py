@@ -447,10 +447,7 @@ class Comm:
         not yet awaited, receives posted and not yet awaited, and the idle pools."""
         out = [slot.buffer if isinstance(slot, _Slot) else slot
                for entries in self._pending.values() for _, slot, _ in entries]
-        out += [slot.buffer for entries in self._posted.values() for _, _, slot in entries]
-        for pools in (self._send_pool, self._recv_pool):
-            out += [slot.buffer for pool in pools.values() for slot in pool]
-        return out
+        return out + self._posted_and_idle()
 
     def wire_buffers(self) -> list[torch.Tensor]:
         """Every pooled wire buffer this rank has allocated: sends pending, receives posted
@@ -458,8 +455,12 @@ class Comm:
         runtime/memory.py [Note: measured memory])."""
         out = [slot.buffer for entries in self._pending.values() for _, slot, _ in entries
                if isinstance(slot, _Slot)]
-        out += [slot.buffer for entries in self._posted.values() for _, _, slot in entries]
         out += [slot.buffer for lent in self._lent.values() for _, slot in lent]
+        return out + self._posted_and_idle()
+
+    def _posted_and_idle(self) -> list[torch.Tensor]:
+        """The buffers of receives posted and of the idle pools."""
+        out = [slot.buffer for entries in self._posted.values() for _, _, slot in entries]
         for pools in (self._send_pool, self._recv_pool):
             out += [slot.buffer for pool in pools.values() for slot in pool]
         return out

@@ -46,7 +46,7 @@ from __future__ import annotations
 
 import gc
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -55,7 +55,7 @@ import torch
 
 from contracts.allocator import trim_heap
 
-__all__ = ["MemoryMeter", "storage_bytes", "read_status", "freeze_startup"]
+__all__ = ["MemoryMeter", "storage_bytes", "saved_storages", "read_status", "freeze_startup"]
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +122,27 @@ def storage_bytes(tensors: Iterable[torch.Tensor], seen: set[int] | None = None)
             seen.add(ptr)
             total += storage.nbytes()
     return total
+
+
+@contextmanager
+def saved_storages(skip: Collection[int]) -> Iterator[dict[int, int]]:
+    """Count what autograd saves for backward inside the ``with`` body: the dict it yields
+    fills with data pointer -> bytes of every storage saved, each once, leaving out those
+    whose data pointer is in ``skip`` (weights, say)."""
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in skip:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, _unpacked):
+        yield saved
+
+
+def _unpacked(t: torch.Tensor) -> torch.Tensor:
+    return t
 
 
 def _state_tensors(optimizer: torch.optim.Optimizer) -> Iterator[torch.Tensor]:

@@ -97,7 +97,7 @@ from runtime.adapter_model import AdapterModel
 from runtime.comm import Comm
 from runtime.comm import CommFailure as CommFailureError
 from runtime.lowering import transfers
-from runtime.memory import storage_bytes
+from runtime.memory import saved_storages, storage_bytes
 from runtime.pac_recovery import (
     DONE_KEY,
     KILLED_KEY,
@@ -760,15 +760,8 @@ def finetune_device(source: Any, rank: int, config: TrainConfig, *, hooks: Any =
             if key not in targets_of:     # kept beside the cache: made once
                 targets_of[key] = samples.take(rows)[1]
             targets = targets_of[key]
-            saved: dict[int, int] = {}
-
-            def pack(t: torch.Tensor, saved: dict[int, int] = saved) -> torch.Tensor:
-                storage = t.untyped_storage()    # each storage once, weights excluded, as
-                if storage.data_ptr() not in weight_ptrs:   # runtime.memory counts them
-                    saved[storage.data_ptr()] = storage.nbytes()
-                return t
-
-            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            # each storage once, weights excluded, as runtime.memory counts them
+            with saved_storages(weight_ptrs) as saved:
                 out = model.train_forward(entry)
                 loss = loss_fn(out, targets) * (len(rows) / batch)
             loss.backward()

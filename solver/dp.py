@@ -190,6 +190,7 @@ from solver.space import (
 )
 from solver.split import split_shares, split_stage
 from solver.summary import PipelineSummary, Summary, dominates, hiding_ratio, prepend
+from solver.timing import wire_counts
 
 __all__ = ["DP_VERSION", "DEFAULT_MAX_CUTS", "DPResult", "SearchTimeout", "asteroid_dp",
            "make_space", "PipelineSummary", "prepend", "dominates", "hiding_ratio",
@@ -213,9 +214,8 @@ _NUMPY_LASTS = 16
 _Option = tuple[tuple[int, ...], list[int], list[float], list[float], list[float]]
 
 # The share-independent part of a group kind's options: (free shares, lasts, compute_f,
-# compute_b, t_a, keep, fixed bytes, activation bytes per sample), lists over ``lasts``.
-# (free shares, lasts, compute f, compute b, T_a, keep, fixed bytes, per `last` the
-# activations and the cut after the stage per sample)
+# compute_b, t_a, keep, fixed bytes, per sample the activations and the cut after the
+# stage), lists over ``lasts``.
 _Base = tuple[tuple[int, ...], list[int], list[float], list[float], list[float],
               int, list[float], list[tuple[int, int]]]
 
@@ -651,8 +651,8 @@ class _Search:
         frac = WORKSPACE_FRACTION
         # LayerSums.flight_bytes: activations of `flight` micro-batches and wire buffers
         edges = self.sums.boundary_bytes
-        wire_in = 2 * min(m, flight + 1) * (edges[first] if edges else 0)
-        outs = flight if final else flight + 1
+        ins, outs = wire_counts(flight, m, final)
+        wire_in = ins * (edges[first] if edges else 0)
 
         def fit(k: int) -> bool:
             act, c_out = acts[k]

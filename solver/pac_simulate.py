@@ -156,7 +156,7 @@ def simulate_phase1(plan: PacPlan, costs: CostTable, cluster: Cluster
                 busy[d] += fwd + making
                 # micro-batch m's hand-offs right after its forward: the sender's CPU for
                 # each message (the runtime's per-message cost at its speed), then the
-                # bytes on its port and the link's latency with the receiver's cost
+                # bytes on its port and the link's own latency (the owner's CPU: TAKE)
                 mine = (m * mb + lo, m * mb + hi)
                 for owner, rows_of in owners.items():
                     rows = _overlap(mine, rows_of)
@@ -166,12 +166,12 @@ def simulate_phase1(plan: PacPlan, costs: CostTable, cluster: Cluster
                     add(("PACK", s, d, owner, m), cpu, d, True, None, "PACK", s, m,
                         [("F", s, d, m)], peer=owner)
                     busy[d] += cpu
-                    link = net.latency_s(d, owner) - max(cpu, net.message_cost_s(owner))
-                    secs = link + rows * sent / net.bandwidth_bytes_s(d, owner)
+                    secs = (net.link_latency_s(d, owner)
+                            + rows * sent / net.bandwidth_bytes_s(d, owner))
                     # after the micro-batch's activation (sent first) has left on its link
                     after = [("RECV", s + 1, nxt, d, m) for nxt in nexts]
-                    add(("HAND", s, d, owner, m), max(secs, 0.0), d, False, (d, owner), "SEND",
-                        s, m, [("PACK", s, d, owner, m), *after], peer=owner)
+                    add(("HAND", s, d, owner, m), secs, d, False, (d, owner), "SEND", s, m,
+                        [("PACK", s, d, owner, m), *after], peer=owner)
                     handed.append((s, m, stage.devices.index(d), d, owner))
     # each owner takes its rows after its own forwards, stage by stage, micro-batch by
     # micro-batch (runtime.pac_train's _collect), paying the per-message cost on its CPU

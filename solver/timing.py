@@ -56,7 +56,8 @@ from itertools import accumulate
 from contracts.cluster import Cluster, Device
 from contracts.table import UNMEASURED_TYPES, CostTable, DeviceColumn, TimeFit
 
-__all__ = ["LayerSums", "DeviceTiming", "Timing", "column_speed", "column_bound_speed"]
+__all__ = ["LayerSums", "DeviceTiming", "Timing", "column_speed", "column_bound_speed",
+           "wire_counts"]
 
 log = logging.getLogger(__name__)
 
@@ -195,11 +196,8 @@ class LayerSums:
         edges = self.boundary_bytes
         if not edges:
             return acts
-        c_in, c_out = edges[first], edges[last + 1]
-        ahead = in_flight + 1 if num_micro_batches is None \
-            else min(num_micro_batches, in_flight + 1)
-        outs = in_flight if last == self.num_layers - 1 else in_flight + 1
-        return acts + 2 * ahead * c_in + outs * c_out
+        ins, outs = wire_counts(in_flight, num_micro_batches, last == self.num_layers - 1)
+        return acts + ins * edges[first] + outs * edges[last + 1]
 
     def fwd_time(self, first: int, last: int, share: int, speed: float) -> float:
         """Forward seconds of layers ``first..last`` for ``share`` samples at ``speed``."""
@@ -230,6 +228,18 @@ class LayerSums:
         cf = max(self.fwd_time(first, last, b, v) for b, v in zip(shares, speeds, strict=True))
         cb = max(self.bwd_time(first, last, b, v) for b, v in zip(shares, speeds, strict=True))
         return cf, cb
+
+
+def wire_counts(in_flight: int, num_micro_batches: int | None, final: bool) -> tuple[int, int]:
+    """``(at the input cut, at the output cut)``: how many of its cuts' per-sample wire
+    buffers a stage with ``in_flight`` micro-batches in flight out of ``num_micro_batches``
+    a round (None: more than ``in_flight``) holds (see solver.evaluate [Note: wire
+    buffers]): received activations and gradients sent back, ``min(M, F + 1)`` each; ``F``
+    activations sent and one gradient received, or on the ``final`` stage the model's
+    output of its ``F`` micro-batches."""
+    ahead = in_flight + 1 if num_micro_batches is None \
+        else min(num_micro_batches, in_flight + 1)
+    return 2 * ahead, in_flight if final else in_flight + 1
 
 
 def _work(fits: Iterable[tuple[TimeFit, TimeFit]]) -> tuple[float, float]:
