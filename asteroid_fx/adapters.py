@@ -37,7 +37,7 @@ from torch import nn
 
 from asteroid_fx.errors import AdapterError
 from asteroid_fx.trace import LayerGraph
-from runtime.adapter_model import Adapter, AdapterModel
+from runtime.adapter_model import Adapter, AdapterModel, cache_dtype_of
 
 __all__ = ["Adapter", "AdapterModel", "block_taps", "resolve_taps", "parallel_adapters"]
 
@@ -168,7 +168,8 @@ def _inputs_tuple(example_inputs: Any) -> tuple[torch.Tensor, ...]:
 def parallel_adapters(model: nn.Module | LayerGraph, example_inputs: Any, *,
                       layers: Sequence[int | str] | None = None, rank: int = 8,
                       train_head: bool = False, leaf_modules: Sequence[Any] = (),
-                      graph: LayerGraph | None = None) -> AdapterModel:
+                      graph: LayerGraph | None = None,
+                      cache_dtype: str | None = None) -> AdapterModel:
     """Attach parallel adapters of ``rank`` to the tapped layers of ``model``.
 
     Args:
@@ -180,20 +181,24 @@ def parallel_adapters(model: nn.Module | LayerGraph, example_inputs: Any, *,
         train_head: also train (a copy of) the head; the backbone stays frozen.
         leaf_modules: passed to :func:`asteroid_fx.trace.trace`.
         graph: an existing trace of ``model``.
+        cache_dtype: the dtype the activation cache keeps floating-point entries in
+            (``"bfloat16"``, ``"float16"``, ``"float32"``; default: as the backbone makes
+            them), see [Note: cache dtype] in ``runtime.adapter_model``.
 
     Returns:
         An :class:`AdapterModel` whose output equals ``model``'s until it is trained; the
         adapters' random parts draw from torch's global generator (seed before calling).
 
     Raises:
-        AdapterError: ``rank < 1``, nothing to tap, or a tapped tensor whose shape differs
-            from the head input it is added to.
+        AdapterError: ``rank < 1``, nothing to tap, a tapped tensor whose shape differs
+            from the head input it is added to, or an unknown ``cache_dtype``.
     """
     from asteroid_fx.partition import partition, stage_info
     from contracts.plan import Plan, Stage
 
     if not isinstance(rank, int) or rank < 1:
         raise AdapterError(f"adapter rank must be an integer >= 1, got {rank!r}; try rank=8")
+    cached = cache_dtype_of(cache_dtype)
     module = None if isinstance(model, LayerGraph) else model
     if isinstance(model, LayerGraph):
         graph = model
@@ -239,10 +244,15 @@ def parallel_adapters(model: nn.Module | LayerGraph, example_inputs: Any, *,
     adapters = [Adapter(hidden, rank) for _ in taps]
     result = AdapterModel(parts[:-1], parts[-1], adapters, positions, head_position, taps,
                           tap_shapes, train_head=train_head)
-    sizes = [_sample_bytes(shapes.get(name)) for name in
+    sizes = [_sample_bytes(shapes.get(name), cached) for name in
              [stage_info(parts[i]).outputs[positions[i]] for i in range(len(taps) - 1)]]
-    sizes += [_sample_bytes(shapes.get(name)) for name in head_inputs]
+    sizes += [_sample_bytes(shapes.get(name), cached) for name in head_inputs]
     result.entry_sizes = tuple(sizes)
+    result.cache_dtype = cached
+    result.made_entry_bytes = sum(
+        _sample_bytes(shapes.get(name)) for name in
+        [*(stage_info(parts[i]).outputs[positions[i]] for i in range(len(taps) - 1)),
+         *head_inputs])
     result.segment_plan = plan
     return result
 
@@ -260,10 +270,13 @@ def _per_sample_shape(meta: Any, name: str) -> tuple[int, ...]:
     return tuple(int(d) for d in shape[1:])
 
 
-def _sample_bytes(meta: Any) -> int:
+def _sample_bytes(meta: Any, cache_dtype: torch.dtype | None = None) -> int:
+    """Bytes of one sample of the traced tensor ``meta`` as the cache keeps it."""
     meta = _meta_of(meta)
     shape = getattr(meta, "shape", None)
     dtype = getattr(meta, "dtype", torch.float32)
+    if cache_dtype is not None and dtype.is_floating_point:
+        dtype = cache_dtype
     if shape is None:
         return 0
     count = 1

@@ -801,6 +801,10 @@ def finetune(
         "--cache-slack", help="with --cache auto: how much longer the phase-2 step may get "
         "for streaming rows cached on other devices (a fraction of it; 0: only fetches the "
         "step hides)")] = 0.0,
+    cache_dtype: Annotated[str | None, typer.Option(
+        "--cache-dtype", help="keep the activation cache in this dtype: bfloat16 or float16 "
+        "halve the cache, its hand-offs and fetches (entries rounded once; the adapters "
+        "still train in the model's dtype); default: as the backbone computes them")] = None,
     fail: Annotated[str | None, typer.Option(
         "--fail", help="DEVICE@STEP: with --emulate, kill that device at the start of step "
         "STEP (in epoch 1: during phase-1 mini-batch STEP, and phase 1 is re-planned on the "
@@ -831,7 +835,7 @@ def finetune(
                                     phase1_planner=phase1_planner,
                                     phase1_objective=phase1_objective,
                                     phase1_slack=phase1_slack, cache=cache,
-                                    cache_slack=cache_slack)
+                                    cache_slack=cache_slack, cache_dtype=cache_dtype)
         console.print(_pac_report(plan_obj), markup=False, highlight=False)
         console.print(f"wrote {out}/")
         if emulate is not None:
@@ -844,8 +848,11 @@ def _pac_report(plan_obj: Any) -> str:
     p1 = plan_obj.phase1
     stages = "; ".join(f"segments {s.first}-{s.last} on {list(s.devices)} shares "
                        f"{list(s.shares)}" for s in p1.stages)
+    rounded = plan_obj.model.made_bytes != plan_obj.model.entry_bytes
     lines = [f"PAC: taps at layers {list(plan_obj.model.taps)}, cache entry "
-             f"{_fmt_bytes(plan_obj.model.entry_bytes)}/sample, adapters "
+             f"{_fmt_bytes(plan_obj.model.entry_bytes)}/sample"
+             + (f" (rounded from {_fmt_bytes(plan_obj.model.made_bytes)})" if rounded else "")
+             + ", adapters "
              f"{_fmt_bytes(plan_obj.model.trainable_bytes)}",
              f"phase 1 (epoch 1, forward only): {stages}; micro-batch "
              f"{p1.micro_batch_size} x {p1.num_micro_batches}",

@@ -49,7 +49,8 @@ DEFAULT_SAMPLES_BATCHES = 8
 
 
 def build_adapter_model(spec: Any, *, rank: int, seed: int, layers: Sequence[Any] | None = None,
-                        train_head: bool = False) -> tuple[torch.nn.Module, AdapterModel, Any]:
+                        train_head: bool = False, cache_dtype: str | None = None
+                        ) -> tuple[torch.nn.Module, AdapterModel, Any]:
     """The seeded model, its adapter model and example inputs (see the module's seeds)."""
     from asteroid_fx.trace import trace
 
@@ -59,7 +60,7 @@ def build_adapter_model(spec: Any, *, rank: int, seed: int, layers: Sequence[Any
     graph = trace(model, inputs, model_name=spec.name)
     torch.manual_seed(seed)
     pac = parallel_adapters(model, inputs, layers=layers, rank=rank, train_head=train_head,
-                            graph=graph)
+                            graph=graph, cache_dtype=cache_dtype)
     return model, pac, inputs
 
 
@@ -178,7 +179,9 @@ def pac_model_of(pac: AdapterModel, step_fit: tuple[float, float] = (0.0, 0.0)) 
     wire = sum(p.numel() for p in pac.trainable_parameters()) * torch.float64.itemsize
     return PacModel(taps=pac.taps, entry_bytes=pac.entry_bytes(), trainable_bytes=trainable,
                     adapter_flops=flops, train_head=pac.train_head, step_fit=step_fit,
-                    allreduce_bytes=wire)
+                    allreduce_bytes=wire,
+                    made_entry_bytes=0 if pac.made_entry_bytes == pac.entry_bytes()
+                    else pac.made_entry_bytes)
 
 
 def prepare_finetune(spec: Any, cluster: Any, costs: Any, out: str | Path, *, batch_size: int,
@@ -187,16 +190,18 @@ def prepare_finetune(spec: Any, cluster: Any, costs: Any, out: str | Path, *, ba
                      micro_batch_size: int | None = None, token: str | None = None,
                      phase1_planner: str = "asteroid", phase1_objective: str = "memory",
                      phase1_slack: float = DEFAULT_PHASE1_SLACK, cache: str = "auto",
-                     cache_slack: float = DEFAULT_CACHE_SLACK) -> PacPlan:
+                     cache_slack: float = DEFAULT_CACHE_SLACK,
+                     cache_dtype: str | None = None) -> PacPlan:
     """Build the adapter model, plan both phases (``cache``, ``cache_slack``: where the
     activation cache lives, ``solver.pac.plan_finetune``) and write the PAC directory
-    ``out``."""
+    ``out``; ``cache_dtype`` (``"bfloat16"`` ...): the dtype the cache keeps its entries in
+    ([Note: cache dtype] in ``runtime.adapter_model``)."""
     from asteroid_fx.package import save_partition
 
     samples = SampleSource(spec, seed, num_samples if num_samples is not None else
                            _default_samples(spec, batch_size))
     _model, pac, inputs = build_adapter_model(spec, rank=rank, seed=seed, layers=layers,
-                                              train_head=train_head)
+                                              train_head=train_head, cache_dtype=cache_dtype)
     measured = costs.source != "analytic"
     step_fit = measure_step(pac, spec) if measured else (0.0, 0.0)
     model = replace(pac_model_of(pac, step_fit),
@@ -360,17 +365,18 @@ class PacReplanner:
 
 def reference_finetune(spec: Any, *, batch_size: int, epochs: int, num_samples: int | None,
                        rank: int = 8, seed: int = 0, lr: float = 0.01,
-                       layers: Sequence[Any] | None = None, train_head: bool = False
-                       ) -> list[float]:
+                       layers: Sequence[Any] | None = None, train_head: bool = False,
+                       cache_dtype: str | None = None) -> list[float]:
     """Per-step losses of single-process PAC training of the same adapter model on the same
-    samples (the check the distributed run must equal up to float rounding)."""
+    samples (the check the distributed run must equal up to float rounding), its cache
+    entries rounded to ``cache_dtype`` as the run's are."""
     from runtime.train import make_optimizer, resolve_loss_fn
 
     samples = SampleSource(spec, seed, num_samples if num_samples is not None else
                            _default_samples(spec, batch_size))
     steps = samples.steps_per_epoch(batch_size)
     _model, pac, _inputs = build_adapter_model(spec, rank=rank, seed=seed, layers=layers,
-                                               train_head=train_head)
+                                               train_head=train_head, cache_dtype=cache_dtype)
     module = _ModelFile(spec)
     optimizer = make_optimizer(module, pac.trainable_parameters(), lr)
     loss_fn = resolve_loss_fn(module)

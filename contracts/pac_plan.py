@@ -47,7 +47,8 @@ class PacModel:
     ``trainable_bytes``); ``step_saved_bytes``: per sample, what autograd saves in a
     phase-2 step's forward (side path, head and loss; weights and the entry itself
     excluded), as the runtime counts it (0: not measured, the head's ``activation_bytes``
-    from the cost table stand in).
+    from the cost table stand in); ``made_entry_bytes``: one sample's entry as the backbone
+    makes it, before the cache rounds it to its dtype (0: the same as ``entry_bytes``).
     """
 
     taps: tuple[int, ...]
@@ -59,6 +60,12 @@ class PacModel:
     sample_s: float = 0.0
     allreduce_bytes: int = 0
     step_saved_bytes: int = 0
+    made_entry_bytes: int = 0
+
+    @property
+    def made_bytes(self) -> int:
+        """Bytes of one sample's entry as the backbone makes it."""
+        return self.made_entry_bytes or self.entry_bytes
 
     @property
     def wire_bytes(self) -> int:
@@ -70,7 +77,8 @@ class PacModel:
                 "trainable_bytes": self.trainable_bytes, "adapter_flops": self.adapter_flops,
                 "train_head": self.train_head, "step_fit": list(self.step_fit),
                 "sample_s": self.sample_s, "allreduce_bytes": self.allreduce_bytes,
-                "step_saved_bytes": self.step_saved_bytes}
+                "step_saved_bytes": self.step_saved_bytes,
+                "made_entry_bytes": self.made_entry_bytes}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> PacModel:
@@ -83,7 +91,8 @@ class PacModel:
                    step_fit=(float(fit[0]), float(fit[1])),
                    sample_s=float(data.get("sample_s", 0.0)),
                    allreduce_bytes=int(data.get("allreduce_bytes", 0)),
-                   step_saved_bytes=int(data.get("step_saved_bytes", 0)))
+                   step_saved_bytes=int(data.get("step_saved_bytes", 0)),
+                   made_entry_bytes=int(data.get("made_entry_bytes", 0)))
 
 
 @dataclass(frozen=True)

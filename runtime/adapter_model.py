@@ -2,7 +2,7 @@
 
 Built by ``asteroid_fx.parallel_adapters`` (see [Note: parallel adapters] there) on the
 workstation, and rebuilt on a device from saved segment modules and ``pac.json``
-(:func:`AdapterModel.from_parts`): this module imports only torch.
+(:func:`AdapterModel.from_parts`): this module imports only torch and ``contracts``.
 """
 
 from __future__ import annotations
@@ -14,7 +14,10 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["Adapter", "AdapterModel", "named_trainable"]
+from contracts.errors import AdapterError
+
+__all__ = ["CACHE_DTYPES", "Adapter", "AdapterModel", "cache_dtype_of", "dtype_name",
+           "named_trainable"]
 
 
 class Adapter(nn.Module):
@@ -110,8 +113,31 @@ class AdapterModel(nn.Module):
 
     def cache_entry(self, taps: Sequence[torch.Tensor],
                     head_inputs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
-        """``(h_1 .. h_{k-1}, *head_inputs)``: ``h_k`` is one of the head's inputs."""
-        return (*taps[:-1], *head_inputs)
+        """``(h_1 .. h_{k-1}, *head_inputs)``: ``h_k`` is one of the head's inputs; in the
+        cache's dtype (:meth:`to_cache`)."""
+        return self.to_cache((*taps[:-1], *head_inputs))
+
+    def to_cache(self, values: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        """``values`` as the cache keeps them: floating-point tensors in ``cache_dtype``
+        (see [Note: cache dtype]), the others as they are."""
+        dtype = self.cache_dtype
+        if dtype is None:
+            return tuple(values)
+        return tuple(v.to(dtype) if v.is_floating_point() else v for v in values)
+
+    def from_cache(self, entry: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        """A cache entry in the dtype the adapters and the head compute in."""
+        if self.cache_dtype is None:
+            return tuple(entry)
+        compute = self.compute_dtype
+        return tuple(v.to(compute) if v.is_floating_point() else v for v in entry)
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype of the adapters' weights (the model's)."""
+        first: Any = self.adapters[0]
+        dtype: torch.dtype = first.down.weight.dtype
+        return dtype
 
     def split_entry(self, entry: Sequence[torch.Tensor]
                     ) -> tuple[list[torch.Tensor], tuple[torch.Tensor, ...]]:
@@ -122,7 +148,7 @@ class AdapterModel(nn.Module):
 
     def train_forward(self, entry: Sequence[torch.Tensor]) -> Any:
         """The model output from a cache entry: side path, then the head."""
-        taps, head_inputs = self.split_entry(entry)
+        taps, head_inputs = self.split_entry(self.from_cache(entry))
         side = self.adapters[0](taps[0])
         for adapter, tap in zip(list(self.adapters)[1:], taps[1:]):
             side = side + adapter(tap)
@@ -138,6 +164,11 @@ class AdapterModel(nn.Module):
         return int(sum(self.entry_sizes))
 
     entry_sizes: tuple[int, ...] = ()
+    #: the dtype the cache keeps floating-point entries in (None: as the backbone makes them)
+    cache_dtype: torch.dtype | None = None
+    #: bytes of one sample's entry as the backbone makes it, before :meth:`to_cache`
+    #: (workstation; 0: unknown)
+    made_entry_bytes: int = 0
     #: the one-device-per-segment ``Plan`` the segments were partitioned with (workstation)
     segment_plan: Any = None
 
@@ -147,7 +178,8 @@ class AdapterModel(nn.Module):
                 "head_position": self.head_position,
                 "tap_shapes": [list(s) for s in self.tap_shapes],
                 "rank": self.rank,
-                "train_head": self.train_head, "entry_sizes": list(self.entry_sizes)}
+                "train_head": self.train_head, "entry_sizes": list(self.entry_sizes),
+                "cache_dtype": dtype_name(self.cache_dtype)}
 
     @classmethod
     def from_parts(cls, segments: Sequence[nn.Module], head: nn.Module,
@@ -160,7 +192,46 @@ class AdapterModel(nn.Module):
                     int(layout["head_position"]), layout["taps"], shapes,
                     train_head=bool(layout["train_head"]))
         model.entry_sizes = tuple(int(v) for v in layout["entry_sizes"])
+        model.cache_dtype = cache_dtype_of(layout.get("cache_dtype"))
         return model
+
+
+CACHE_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32,
+                                        "bfloat16": torch.bfloat16,
+                                        "float16": torch.float16}
+"""The cache dtypes one may choose (``--cache-dtype``), by name."""
+
+
+def cache_dtype_of(name: str | None) -> torch.dtype | None:
+    """The cache dtype named ``name`` (None: as the backbone makes its tensors).
+
+    Raises:
+        AdapterError: an unknown name.
+    """
+    if name is None:
+        return None
+    if name not in CACHE_DTYPES:
+        raise AdapterError(f"unknown cache dtype {name!r}; choose one of "
+                           f"{', '.join(CACHE_DTYPES)}")
+    return CACHE_DTYPES[name]
+
+
+def dtype_name(dtype: torch.dtype | None) -> str | None:
+    """The name :func:`cache_dtype_of` reads back (None stays None)."""
+    return None if dtype is None else str(dtype).split(".")[-1]
+
+
+# [Note: cache dtype]
+# The activation cache may keep its floating-point entries in a narrower dtype than the
+# backbone computes in (``--cache-dtype bfloat16``): the entry is rounded once, where it is
+# made (``cache_entry``, and phase 1's entry parts through ``to_cache``), and widened back
+# to the adapters' dtype where a step reads it (``train_forward``). The cache, the phase-1
+# hand-offs and the phase-2 row fetches then take half the bytes; a step holds the widened
+# copy of its own rows besides (autograd saves it for the down-projections, so the
+# planner's measured ``step_saved_bytes`` counts it). The single-process reference builds
+# its entries through the same ``cache_entry``, so it rounds alike and the distributed run
+# still equals it. bfloat16 keeps float32's range (8 bits of mantissa); float16 keeps 11
+# bits of mantissa but overflows above 65504.
 
 
 # [Note: frozen weights and matmul]

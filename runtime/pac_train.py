@@ -339,7 +339,8 @@ class _Phase1:
             self.compute_cpu_s += time.thread_time() - cpu
             _dilate(computing, self.scale)       # the compute only, not the waits
             self.compute_s += time.perf_counter() - computing
-            part = tuple(taps[:-1]) + values if stage.last == last_segment else tuple(taps)
+            part = self.model.cache_entry(taps, values) if stage.last == last_segment \
+                else self.model.to_cache(taps)
             for t in outgoing:
                 a, b = t.start - (lo - m * plan.micro_batch_size), \
                     t.stop - (lo - m * plan.micro_batch_size)
@@ -363,8 +364,8 @@ class _Phase1:
                                                             for a, b in pieces])
                                                  for v in part)))
             self._note([t for rows in local.values() for t in rows]
-                       + [t for _o, rows in handoff for t in rows] + list(values) + list(part),
-                       cache)
+                       + [t for _o, rows in handoff for t in rows] + list(values) + list(part)
+                       + taps, cache)
             # each micro-batch's entry parts go at once (their own tags: no order to keep,
             # [Note: PAC run]); the send copies them into its wire buffer, held until the
             # mini-batch ends (the owner takes them after its own forward)

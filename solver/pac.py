@@ -298,9 +298,11 @@ def _phase1_wire(costs: CostTable, model: PacModel, devices: Sequence[str],
 # frozen head is loaded when phase 2 starts, after the segments are dropped), the
 # workspace constant of solver.evaluate, and for the micro-batch it has just computed at
 # its share b: the cut it received (b x cut_in), what its segments output (their taps and
-# the cut it passes on, b x its entry parts), the wire buffers of the cut (one received,
-# b x cut_in; two micro-batches sent, 2 b x cut_out: a stage waits for the pieces of two
-# micro-batches ago before it sends more); plus the hand-offs' wire buffers
+# the cut it passes on, b x its entry parts; with a cache dtype, both as made and as
+# rounded for the cache, [Note: cache dtype] in runtime.adapter_model), the wire buffers
+# of the cut (one received, b x cut_in; two micro-batches sent, 2 b x cut_out: a stage
+# waits for the pieces of two micro-batches ago before it sends more); plus the
+# hand-offs' wire buffers
 # (``_phase1_wire``: a mini-batch of them sent, a micro-batch received). Nothing is kept
 # for backward, so unlike ``solver.evaluate``'s training memory no micro-batch's
 # activations outlive it. The transients inside a
@@ -317,6 +319,9 @@ def phase1_memory(costs: CostTable, model: PacModel, phase1: Plan) -> dict[str, 
                         f"{list(model.taps)}); plan phase 1 on this model's segment table "
                         f"(solver.pac.segment_costs)")
     parts = entry_parts(costs, model.taps, model.entry_bytes)
+    if model.made_bytes != model.entry_bytes:     # made, then rounded for the cache
+        parts = [a + b for a, b in zip(parts, entry_parts(costs, model.taps, model.made_bytes),
+                                       strict=True)]
     last = phase1.num_stages - 1
     out = {}
     for s, stage in enumerate(phase1.stages):
@@ -440,7 +445,14 @@ def _phase2_shares(costs: CostTable, cluster: Cluster, model: PacModel, batch_si
         f"the activation cache does not fit: device {device!r} would hold {want} samples x "
         f"{steps} steps x {model.entry_bytes} bytes of cache (needs {need} bytes with the "
         f"phase-1 weights) but has {have} bytes, {max(gap, 1)} bytes short; use fewer "
-        f"samples (--samples), fewer taps, a smaller batch or devices with more memory")
+        f"samples (--samples), fewer taps, a smaller batch{_narrower(model)}")
+
+
+def _narrower(model: PacModel) -> str:
+    """The end of the hint of a cache that does not fit: a narrower cache dtype too, while
+    the cache keeps entries as made."""
+    return ", devices with more memory or --cache-dtype bfloat16 (half the bytes)" \
+        if model.made_bytes == model.entry_bytes else " or devices with more memory"
 
 
 def _takeover(costs: CostTable, cluster: Cluster, model: PacModel, lost_share: int,
@@ -819,7 +831,7 @@ def place_cache(costs: CostTable, cluster: Cluster, model: PacModel, devices: Se
             f"{peak[device]} bytes with its share of the cache ({steps} steps x "
             f"{model.entry_bytes} bytes a sample) but has {cluster.device(device).memory_bytes} "
             f"bytes, {max(int(gap), 1)} bytes short, however the cache is sharded; use fewer "
-            f"samples (--samples), fewer taps, a smaller batch or devices with more memory")
+            f"samples (--samples), fewer taps, a smaller batch{_narrower(model)}")
     return (_holders_of(devices, shares, rows[0]), _holders_of(devices, shares, rows[1]))
 
 

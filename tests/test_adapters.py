@@ -176,3 +176,41 @@ def test_drop_backbone_keeps_the_cached_training_path() -> None:
     assert not list(lean.segments.parameters())
     assert len(lean.segments) == len(pac.segments)
     torch.testing.assert_close(lean.train_forward(entry), want)
+
+
+def test_a_bfloat16_cache_rounds_each_entry_once_and_trains_in_float32() -> None:
+    spec = load_model_spec(str(ROOT / "examples" / "gpt_small.py"))
+    torch.manual_seed(0)
+    model = spec.build_model()
+    (ids,), targets = spec.sample_batch(2)
+    torch.manual_seed(1)
+    exact = parallel_adapters(model, (ids,), rank=2)
+    torch.manual_seed(1)
+    pac = parallel_adapters(model, (ids,), rank=2, cache_dtype="bfloat16")
+    assert pac.made_entry_bytes == exact.entry_bytes() == 2 * pac.entry_bytes()
+    entry = pac.backbone(ids)
+    assert [t.dtype for t in entry] == [torch.bfloat16] * len(entry)
+    # the rounded entry is the exact one rounded, and trains in the adapters' float32
+    for got, want in zip(entry, exact.backbone(ids), strict=True):
+        assert torch.equal(got, want.to(torch.bfloat16))
+    out = pac.train_forward(entry)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, exact.train_forward(exact.backbone(ids)),
+                               rtol=0.05, atol=0.05)
+    spec.loss_fn(out, targets).backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32
+               for p in pac.trainable_parameters())
+    # the device rebuilds the same cache dtype from the layout
+    rebuilt = AdapterModel.from_parts(list(pac.segments), pac.head, pac.layout())
+    assert rebuilt.cache_dtype == torch.bfloat16
+    assert AdapterModel.from_parts(list(exact.segments), exact.head,
+                                   exact.layout()).cache_dtype is None
+
+
+def test_an_unknown_cache_dtype_is_one_line() -> None:
+    spec = load_model_spec(str(ROOT / "examples" / "gpt_small.py"))
+    (ids,), _ = spec.sample_batch(2)
+    with pytest.raises(AdapterError, match="unknown cache dtype 'int8'; choose one of "
+                                           "float32, bfloat16, float16") as info:
+        parallel_adapters(spec.build_model(), (ids,), rank=2, cache_dtype="int8")
+    assert "\n" not in str(info.value)

@@ -288,6 +288,7 @@ network:
     (["--tap", "nope"], "no layer or module named 'nope'"),
     (["--cache", "disk"], "cache placement must be one of ['auto', 'local'], got 'disk'"),
     (["--cache-slack", "-1"], "cache slack must be >= 0"),
+    (["--cache-dtype", "int8"], "unknown cache dtype 'int8'; choose one of float32"),
 ])
 def test_bad_options_are_one_line(extra: list[str], words: str, tmp_path: Path,
                                   capsys: pytest.CaptureFixture[str]) -> None:
@@ -318,6 +319,13 @@ def test_cache_that_fits_nowhere(tmp_path: Path, capsys: pytest.CaptureFixture[s
     line = _one_error_line(capsys.readouterr().err)
     assert "PlanError: the activation cache does not fit: device" in line
     assert "bytes short" in line
+    assert line.endswith("or --cache-dtype bfloat16 (half the bytes)")
+    # with the cache already in bfloat16 the hint is not repeated
+    assert main(["finetune", GPT, "--cluster", str(cluster), "--batch-size", "8",
+                 "--samples", "1600", "--costs", "analytic", "--out", str(tmp_path / "o"),
+                 "--cache-dtype", "bfloat16"]) == 1
+    line = _one_error_line(capsys.readouterr().err)
+    assert "bytes short" in line and line.endswith("or devices with more memory")
 
 
 def test_prepare_refuses_a_cache_too_big_for_the_cluster(tmp_path: Path) -> None:

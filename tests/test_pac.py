@@ -415,6 +415,19 @@ def test_phase_1_memory_is_one_micro_batch_of_a_forward_only_stage() -> None:
     assert all(v > one[d] for d, v in phase1_memory(COSTS, MODEL, _pipeline(4, 2)).items())
 
 
+def test_a_rounded_cache_holds_its_parts_as_made_and_as_rounded_in_phase_1() -> None:
+    half = replace(MODEL, entry_bytes=MODEL.entry_bytes // 2,
+                   made_entry_bytes=MODEL.entry_bytes)
+    cluster = make_cluster([1.0, 0.5, 0.5], bandwidth_mbps=1000)
+    assert PacPlan.from_json(plan_finetune(COSTS, cluster, half, batch_size=8,
+                                           num_samples=16, epochs=2).to_json()).model == half
+    one, rounded = phase1_memory(COSTS, MODEL, _pipeline(2, 4)), \
+        phase1_memory(COSTS, half, _pipeline(2, 4))
+    part = MODEL.entry_bytes // 3
+    # each stage's micro-batch of 2 rows holds its tap as made and its rounded copy
+    assert {d: rounded[d] - one[d] for d in one} == {d: 2 * (part // 2) for d in one}
+
+
 def test_phase_1_memory_of_a_plan_for_another_model_is_a_plan_error() -> None:
     wrong = Plan(model_hash="h", cluster_hash="c", batch_size=4, micro_batch_size=4,
                  num_micro_batches=1, num_layers=5,

@@ -86,10 +86,12 @@ PIPELINED_PHASE1 = Plan(model_hash="h", cluster_hash="c", batch_size=6, micro_ba
 
 
 def prepare_tiny(tmp_path: Path, epochs: int, *, pipelined: bool = False,
-                 cache: str = "auto") -> tuple[Any, Cluster, Any, Path, PacPlan, Path]:
+                 cache: str = "auto", cache_dtype: str | None = None
+                 ) -> tuple[Any, Cluster, Any, Path, PacPlan, Path]:
     """``(spec, cluster, costs, out, plan, cluster_file)``: the tiny GPT on a, b, c,
     prepared for ``epochs`` epochs of 2 mini-batches of 6 (adapter rank 4); with
-    ``pipelined``, phase 1 is :data:`PIPELINED_PHASE1`; ``cache``: the placement mode."""
+    ``pipelined``, phase 1 is :data:`PIPELINED_PHASE1`; ``cache``: the placement mode;
+    ``cache_dtype``: the cache's dtype."""
     model_file = tmp_path / "tiny.py"
     model_file.write_text(TINY_GPT)
     cluster_file = tmp_path / "c.yaml"
@@ -99,7 +101,7 @@ def prepare_tiny(tmp_path: Path, epochs: int, *, pipelined: bool = False,
     costs = analytic_costs(spec.build_model(), spec.example_inputs(2)[0], model_name=spec.name)
     out = tmp_path / "pac"
     plan = prepare_finetune(spec, cluster, costs, out, batch_size=6, epochs=epochs,
-                            num_samples=12, rank=4, cache=cache)
+                            num_samples=12, rank=4, cache=cache, cache_dtype=cache_dtype)
     if pipelined:
         plan = replace(plan, phase1=PIPELINED_PHASE1)
         plan = replace(plan, predicted=predict_finetune(plan, costs, cluster))
@@ -107,32 +109,37 @@ def prepare_tiny(tmp_path: Path, epochs: int, *, pipelined: bool = False,
     return spec, cluster, costs, out, plan, cluster_file
 
 
-def assert_matches_reference(losses: list[float], spec: Any, epochs: int) -> list[float]:
+def assert_matches_reference(losses: list[float], spec: Any, epochs: int,
+                             cache_dtype: str | None = None) -> list[float]:
     """The run's losses equal the single-process reference within 1e-4 relative; returns
     the reference."""
     reference = reference_finetune(spec, batch_size=6, epochs=epochs, num_samples=12, rank=4,
-                                   seed=0, lr=0.05)
+                                   seed=0, lr=0.05, cache_dtype=cache_dtype)
     assert len(losses) == len(reference) == 2 * epochs
     for got, want in zip(losses, reference, strict=True):
         assert abs(got - want) <= 1e-4 * abs(want)
     return reference
 
 
-@pytest.mark.parametrize("pipelined, cache", [(False, "auto"), (False, "local"),
-                                             (True, "auto")],
-                         ids=["planned", "local-cache", "pipeline-handoff"])
-def test_emulated_pac_equals_the_reference(tmp_path: Path, pipelined: bool, cache: str
-                                           ) -> None:
+@pytest.mark.parametrize("pipelined, cache, cache_dtype",
+                         [(False, "auto", None), (False, "local", None), (True, "auto", None),
+                          (True, "auto", "bfloat16")],
+                         ids=["planned", "local-cache", "pipeline-handoff", "bfloat16-cache"])
+def test_emulated_pac_equals_the_reference(tmp_path: Path, pipelined: bool, cache: str,
+                                           cache_dtype: str | None) -> None:
     spec, _cluster, _costs, out, plan, cluster_file = prepare_tiny(tmp_path, 2,
                                                                    pipelined=pipelined,
-                                                                   cache=cache)
+                                                                   cache=cache,
+                                                                   cache_dtype=cache_dtype)
+    if cache_dtype is not None:     # the entries are rounded: half the bytes of float32's
+        assert 2 * plan.model.entry_bytes == plan.model.made_bytes
     if cache == "local":
         assert plan.cache == "local"
     if pipelined:
         assert stage_segments(PacSource(str(out)).pac_plan(), 1) == [1, 2]
     metrics = tmp_path / "m.jsonl"
     result = run_finetune(out, cluster_file, seed=0, lr=0.05, metrics=metrics, timeout_s=300)
-    reference = assert_matches_reference(result.losses, spec, 2)
+    reference = assert_matches_reference(result.losses, spec, 2, cache_dtype)
     assert reference[-1] != reference[0]          # the adapters did train
     rows = [json.loads(line) for line in metrics.read_text().splitlines()]
     assert [r["phase"] for r in rows] == [1, 1, 2, 2]

@@ -5,7 +5,7 @@ Usage::
     PYTHONPATH=. python tools/bench_finetune.py [--model examples/gpt_small.py]
         [--cluster examples/clusters/local3.yaml] [--batch-size 16] [--samples 64]
         [--epochs 3] [--out runs/bench-finetune] [--json runs/bench-finetune.json]
-        [--cache auto|local] [--cache-slack X]
+        [--cache auto|local] [--cache-slack X] [--cache-dtype bfloat16]
 
 Everything is measured in this one invocation on the emulated cluster (same host, same
 load): PAC (``asteroid-fx finetune --method pac``), full fine-tuning of the same model for
@@ -126,6 +126,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--phase1-slack", type=float, default=None)
     parser.add_argument("--cache", default="auto", choices=("auto", "local"))
     parser.add_argument("--cache-slack", type=float, default=0.0)
+    parser.add_argument("--cache-dtype", default=None, choices=("float32", "bfloat16",
+                                                                 "float16"))
     args = parser.parse_args(argv)
 
     print(f"before: {_load()}")
@@ -142,6 +144,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                             seed=args.seed, phase1_planner=args.phase1_planner,
                             phase1_objective=args.phase1_objective,
                             cache=args.cache, cache_slack=args.cache_slack,
+                            cache_dtype=args.cache_dtype,
                             **({} if args.phase1_slack is None else
                                {"phase1_slack": args.phase1_slack}))
     choice: dict[str, Any] = dict(plan.meta.get("phase1_choice", {}))
@@ -152,7 +155,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                        metrics=out / "pac.jsonl")
     reference = reference_finetune(spec, batch_size=args.batch_size, epochs=args.epochs,
                                    num_samples=args.samples, rank=args.rank, seed=args.seed,
-                                   lr=args.lr)
+                                   lr=args.lr, cache_dtype=args.cache_dtype)
     steps = plan.steps_per_epoch
     torch_module = spec.build_model()
     full_plan, full = _full(spec, torch_module, inputs, costs, cluster, args.cluster,
