@@ -66,6 +66,10 @@ GRID = 8
 
 _SLACK = 1.0 - 1e-9
 _ABOVE = 1.0 + 1e-9
+_TAIL_SLACK = 1.0 - 1e-6
+"""``_counted`` skips a pool only where its speed falls short of the suffix's work by more
+than the float error of the tables' sums (each ``x`` is at least its work over its group's
+bound speed times ``_SLACK``)."""
 
 
 @dataclass(frozen=True)
@@ -297,15 +301,15 @@ class _ClassTables:
     candidate ends), the row of the layer after each end, and the smallest ``x`` over the
     groups per end (non-decreasing); ``counts``: devices per class of each group.
     ``pooled``, where the pools are counted ([Note: counted pools]): per group and sender
-    profile the smallest latency and the smallest ``max_e b_e /
-    bw_e`` of a transfer into the group from a group of that profile; each group's own
-    profile as a sender; per row the work of the layers before it, ``sum (intercepts +
-    slopes b)`` forward and backward; the pools (count vectors of the classes, in the
-    order of ``np.unravel_index`` over ``totals + 1``): ``src[g, q]``, the pool a suffix
-    leaves after a stage on group ``g`` when it uses ``q`` (``n_pools``: none), the
-    devices in each pool (and 0 for none), the bound speed each pool leaves free; and
-    per row what ``_counted`` reads: the transfer bounds (groups x profiles), ``x``
-    without them, ``x`` with the smallest, the upper bound of ``_one_device_uppers``
+    profile the smallest latency and the smallest ``max_e b_e / bw_e`` of a transfer into
+    the group from a group of that profile; each group's own profile as a sender; per row
+    the work of the layers before it and of the layers from it on, ``sum (intercepts +
+    slopes b)`` forward and backward; the pools (count vectors of the classes, in the order
+    of ``np.unravel_index`` over ``totals + 1``): ``src[g, q]``, the pool a suffix leaves
+    after a stage on group ``g`` when it uses ``q`` (``n_pools``: none), the devices in
+    each pool (and 0 for none), the bound speed each pool leaves free and the bound speed
+    in it; and per row what ``_counted`` reads: the transfer bounds (groups x profiles),
+    ``x`` without them, ``x`` with the smallest, the upper bound of ``_one_device_uppers``
     (groups x ends; inf: none), the compute part of ``max(E_f, E_b)``, ``T_a``, the next
     rows and the non-decreasing smallest ``x`` per end."""
 
@@ -325,9 +329,11 @@ class _Pooled:
     gamma: np.ndarray
     profile: np.ndarray
     head: np.ndarray
+    tail: np.ndarray
     src: np.ndarray
     sizes: np.ndarray
     free_speed: np.ndarray
+    speed: np.ndarray
     rows: tuple[tuple[np.ndarray, ...], ...]
 
 
@@ -453,6 +459,7 @@ def _class_tables(space: ClassSpace, sums: LayerSums, cut_bytes: Sequence[int],
     rows = []
     compute = []
     before: list[float] = []
+    after: list[float] = []
     for first in firsts:
         if deadline is not None and time.perf_counter() > deadline:
             raise _Late
@@ -467,6 +474,8 @@ def _class_tables(space: ClassSpace, sums: LayerSums, cut_bytes: Sequence[int],
         e_b = (c_b + comm[:, None]) * _SLACK
         compute.append((c_f * _SLACK, c_b * _SLACK, float(cut)))
         before.append(float(fi[first] + bi[first] + micro_batch * (fs[first] + bs[first])))
+        after.append(float((fi[-1] - fi[first]) + (bi[-1] - bi[first])
+                           + micro_batch * ((fs[-1] - fs[first]) + (bs[-1] - bs[first]))))
         p = (params[stop] - params[first])[None]
         t_a = (np.where(p > 0, p * red_a[:, None] + red_b[:, None], 0.0)
                + p * step[:, None]) * _SLACK
@@ -509,8 +518,9 @@ def _class_tables(space: ClassSpace, sums: LayerSums, cut_bytes: Sequence[int],
                        t_a, nxt, shortest))
     return _ClassTables(tuple(firsts), tuple(rows), counts, totals, speeds,
                         _Pooled(lat_prof, gamma_prof, np.asarray(own, dtype=np.intp),
-                                np.asarray(before), leaves, np.append(vecs.sum(axis=1), 0),
-                                (totals[None] - vecs) @ speeds, tuple(cached)))
+                                np.asarray(before), np.asarray(after), leaves,
+                                np.append(vecs.sum(axis=1), 0), (totals[None] - vecs) @ speeds,
+                                vecs @ speeds, tuple(cached)))
 
 
 def _one_device_uppers(space: ClassSpace, classes: list[list[int]],
@@ -820,6 +830,7 @@ def _counted(tables: _ClassTables, pooled: _Pooled, m: int, low: float, top: flo
     gate_col = np.asarray(gates)[:, None, None]
     m_low = m * low
     live_all = pooled.free_speed * top * _ABOVE
+    used_all = pooled.speed * top * _ABOVE
     alive = np.zeros(count + 1, dtype=bool)
     alive[count] = True
     for i in range(count - 1, -1, -1):
@@ -836,7 +847,10 @@ def _counted(tables: _ClassTables, pooled: _Pooled, m: int, low: float, top: flo
         # pools whose free devices can run the layers before the row in stages of x <=
         # top: each such stage has x U >= its work (U: its bound speeds), so the head's
         # work is at most top times the free speed; the others start no relaxed plan
-        live = np.nonzero(live_all >= pooled.head[i] * _SLACK)[0]
+        # and pools that can run the layers from the row on in such stages (the suffix
+        # uses exactly its pool: a smaller one has no finite value, skip it)
+        live = np.nonzero((live_all >= pooled.head[i] * _SLACK)
+                          & (used_all >= pooled.tail[i] * _TAIL_SLACK))[0]
         if not len(g_t) or not len(live):
             continue
         first = tables.firsts[i] == 0

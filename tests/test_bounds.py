@@ -245,8 +245,9 @@ def _chain_tables(fwd: list[float], bwd: list[float], tail: list[float], devices
                        np.maximum(c_f, c_b), t_a, nxt, shortest))
     pools = np.arange(devices + 1)
     extra = _Pooled(np.zeros((1, 1)), np.zeros((1, 1)), np.zeros(1, dtype=np.intp),
-                    np.zeros(n), np.where(pools >= 1, pools - 1, devices + 1)[None],
-                    np.append(pools, 0), (devices - pools).astype(float), tuple(cached))
+                    np.zeros(n), np.zeros(n), np.where(pools >= 1, pools - 1, devices + 1)[None],
+                    np.append(pools, 0), (devices - pools).astype(float),
+                    pools.astype(float), tuple(cached))
     return _ClassTables(tuple(range(n)), tuple(rows), np.ones((1, 1)),
                         np.asarray([float(devices)]), np.ones(1), extra if pooled else None)
 
