@@ -217,7 +217,7 @@ _PROVED = 1.0 - 1e-6
 
 def _class_bounds(costs: CostTable, cluster: Cluster, batch_size: int, mbs: Sequence[int],
                   max_cuts: int | None, target: float, proven: dict[int, float],
-                  deadline: float) -> dict[int, float]:
+                  deadline: float, priced: bool = True) -> dict[int, float]:
     """Per micro-batch size without a bound in ``proven``, until the deadline: the larger
     of the work bound and ``class_bound`` (at most ``target``). The sizes go in order of
     their work bound, lowest first: each one finished raises the smallest bound. Only the
@@ -228,7 +228,9 @@ def _class_bounds(costs: CostTable, cluster: Cluster, batch_size: int, mbs: Sequ
     ``class_bound`` with a lower target filters more, and often proves the target. Where
     the pools can be counted (``counts_pools``), the sizes first get the priced bound
     (quick) and then, instead of the bisection, the counted one for the best round, the
-    size with the smallest bound first ([Note: counted pools])."""
+    size with the smallest bound first ([Note: counted pools]); with ``priced`` False (no
+    time limit: every size gets its counted bound in any case) the priced pass is left
+    out. A size whose work bound already reaches ``target`` gets no class bound."""
     if not math.isfinite(target):
         return {}
     space = ClassSpace(costs, cluster)
@@ -240,9 +242,25 @@ def _class_bounds(costs: CostTable, cluster: Cluster, batch_size: int, mbs: Sequ
     cap = min(target, min(proven.values(), default=math.inf))
     unproven: dict[int, float] = {}     # per size: a target its class bound fell short of
     counted = counts_pools(space)
+    for mb, low in work.items():
+        if low >= target:       # the work bound proves the target: nothing to add
+            out[mb] = low
+    if counted and not priced:
+        # the counted bound for the best round, every size in order of its work bound
+        for mb in sorted(work, key=work.__getitem__):
+            if mb in out:
+                continue
+            found = class_bound(space, sums, costs.cut_bytes, ends, mb, batch_size // mb,
+                                target, deadline, rho=rho)
+            if found is None:
+                break
+            out[mb] = max(found, work[mb])
+        return out
     for mb in sorted(work, key=work.__getitem__):
         if time.perf_counter() > deadline:
             break
+        if mb in out:
+            continue
         value = class_bound(space, sums, costs.cut_bytes, ends, mb, batch_size // mb, cap,
                             deadline, rho=rho, pools=False)
         if value is None:
@@ -422,7 +440,7 @@ def search(costs: CostTable, cluster: Cluster, batch_size: int, *,
                  else time.perf_counter() + max(CLASS_BOUND_SHARE * searched,
                                                 CLASS_COUNTED_S if counted else 0.0))
         proven.update(_class_bounds(costs, cluster, batch_size, mbs, max_cuts, best_value,
-                                    proven, until))
+                                    proven, until, priced=deadline is not None))
     for mb, value in links.items():
         proven[mb] = max(value, proven.get(mb, work_bound(costs, cluster, batch_size, mb)))
     bound = min(min(proven.get(mb, work_bound(costs, cluster, batch_size, mb)), best_value)
