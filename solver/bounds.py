@@ -67,9 +67,11 @@ GRID = 8
 _SLACK = 1.0 - 1e-9
 _ABOVE = 1.0 + 1e-9
 _TAIL_SLACK = 1.0 - 1e-6
-"""``_counted`` skips a pool only where its speed falls short of the suffix's work by more
-than the float error of the tables' sums (each ``x`` is at least its work over its group's
-bound speed times ``_SLACK``)."""
+_CUT_ABOVE = 1.0 + 1e-6
+"""``_counted`` skips a pool only where its speed falls short of the suffix's work, and a
+stage only where its plans' lower bounds reach the limit, by more than the float error of
+the tables' sums (each ``x`` is at least its work over its group's bound speed times
+``_SLACK``)."""
 
 
 @dataclass(frozen=True)
@@ -831,8 +833,20 @@ def _counted(tables: _ClassTables, pooled: _Pooled, m: int, low: float, top: flo
     m_low = m * low
     live_all = pooled.free_speed * top * _ABOVE
     used_all = pooled.speed * top * _ABOVE
-    alive = np.zeros(count + 1, dtype=bool)
-    alive[count] = True
+    # per row the smallest value of any suffix from it after the dominant stage (`floor`)
+    # and holding it (`floor_d`; inf: none). Every value only grows as stages are put
+    # before it: each adds at least its x, the dominant stage at least x_d + (M - 1) low /
+    # 2 ((M - a) X_d + a max(E_f, E_b) with a <= M - 1, X_d >= max(x_d, low) and max(E_f,
+    # E_b) >= X_d / 2), and the stages before a row at least the head's work over the
+    # cluster's bound speed. A stage whose x, the rest of its prefix and the smallest
+    # suffix after it already reach the limit is left out (its plans are at the limit or
+    # above: the bound, at most the limit, does not change)
+    floor = np.full(count + 1, inf)
+    floor[count] = 0.0
+    floor_d = np.full(count + 1, inf)
+    head_low = pooled.head / float(tables.totals @ tables.speeds) * _TAIL_SLACK
+    dominant_low = (m - 1) * low / 2 * _TAIL_SLACK
+    cut = limit * _CUT_ABOVE
     for i in range(count - 1, -1, -1):
         if deadline is not None and time.perf_counter() > deadline:
             raise _Late
@@ -841,9 +855,10 @@ def _counted(tables: _ClassTables, pooled: _Pooled, m: int, low: float, top: flo
         if not k:
             continue
         # every phase below keeps x <= top and T_a < limit - min(0, rest_gate), and needs
-        # a suffix after the stage (a row with some finite value)
+        # a suffix after the stage whose value leaves room below the limit (floor)
+        after_low = np.minimum(floor[nxt[:k]] + dominant_low, floor_d[nxt[:k]])
         g_t, e_t = np.nonzero((lowest[:, :k] <= top) & (t_a[:, :k] < ta_limit)
-                              & alive[nxt[:k]][None])
+                              & (lowest[:, :k] + (after_low + head_low[i])[None] < cut))
         # pools whose free devices can run the layers before the row in stages of x <=
         # top: each such stage has x U >= its work (U: its bound speeds), so the head's
         # work is at most top times the free speed; the others start no relaxed plan
@@ -888,7 +903,7 @@ def _counted(tables: _ClassTables, pooled: _Pooled, m: int, low: float, top: flo
         if m_low + float(ta.min()) < limit:
             c_s = np.where(m_low + capped + ta < limit, capped + ta if first else capped, inf)
             with_d[i, live] = np.minimum(with_d[i, live], _best(c_s, with_d, at))
-        alive[i] = bool(np.isfinite(stack[:, i]).any() or np.isfinite(with_d[i]).any())
+        floor[i], floor_d[i] = float(stack[:, i].min()), float(with_d[i].min())
     return float(with_d[0, :n_pools].min())
 
 
