@@ -246,15 +246,18 @@ def _class_bounds(costs: CostTable, cluster: Cluster, batch_size: int, mbs: Sequ
         if low >= target:       # the work bound proves the target: nothing to add
             out[mb] = low
     if counted and not priced:
-        # the counted bound for the best round, every size in order of its work bound
+        # the counted bound, every size in order of its work bound, for the best round or
+        # the smallest bound so far where a size fell short of it (only the smallest is
+        # reported)
         for mb in sorted(work, key=work.__getitem__):
             if mb in out:
                 continue
             found = class_bound(space, sums, costs.cut_bytes, ends, mb, batch_size // mb,
-                                target, deadline, rho=rho)
+                                cap, deadline, rho=rho)
             if found is None:
                 break
             out[mb] = max(found, work[mb])
+            cap = min(cap, out[mb])
         return out
     for mb in sorted(work, key=work.__getitem__):
         if time.perf_counter() > deadline:

@@ -116,10 +116,11 @@ def test_the_bound_survives_plan_json() -> None:
     assert again == plan and again.planner.bound == plan.planner.bound
 
 
-def test_the_class_bounds_over_the_sizes_stay_below_the_optimum() -> None:
+@pytest.mark.parametrize("priced", [True, False])
+def test_the_class_bounds_over_the_sizes_stay_below_the_optimum(priced: bool) -> None:
     # each size's class bound targets the smallest bound so far: the smallest over the
     # sizes is still below every plan of the wide space (brute force), for a target at and
-    # above the optimum
+    # above the optimum; with the priced pass first (a time limit) and without it
     from solver.anytime import _class_bounds
     from solver.brute import enumerate_plans
     from solver.space import micro_batch_choices
@@ -137,7 +138,7 @@ def test_the_class_bounds_over_the_sizes_stay_below_the_optimum() -> None:
         mbs = micro_batch_choices(batch, None)
         for target in (best, 1.5 * best):
             out = _class_bounds(costs, cluster, batch, mbs, None, target, {},
-                                time.perf_counter() + 60.0)
+                                time.perf_counter() + 60.0, priced=priced)
             assert out
             bound = min(out.get(mb, work_bound(costs, cluster, batch, mb)) for mb in mbs)
             assert bound <= best * (1 + 1e-9), (seed, target, bound, best)
