@@ -873,19 +873,21 @@ def _counted(tables: _ClassTables, pooled: _Pooled, m: int, low: float, top: flo
         x = x0[g_t, e_t][:, None] + 2.0 * comm_t
         ta = t_a[g_t, e_t][:, None]
         capped = np.where(x <= top, x, inf)
-        # the suffix after the stage, read at the stage's own profile: (T, P)
-        rows, cols = nxt[e_t][:, None], src[g_t][:, live]
-        own = pooled.profile[g_t][:, None]
-        at = (rows, cols, own)
+        # the suffix after the stage, read at the stage's own profile: (T, P) positions
+        # in a (row, pool, profile) table, flat
+        cols = src[g_t][:, live]
+        at = ((nxt[e_t][:, None] * (n_pools + 1) + cols) * n_prof
+              + pooled.profile[g_t][:, None])
         found = _best(np.where(rest_gate + ta < limit, capped, inf), stack[levels], at)
         stack[levels, i, live] = np.minimum(stack[levels, i, live], found)
         if levels:
             # position j + 1 reads the suffix at position j + 2 (the last: any position)
             gated = np.where(gate_col + ta[None] < limit, capped[None], inf)  # (L, T, R)
-            found = (gated[:, :, None, :]
-                     + stack[1:, rows, cols, own][..., None]).min(axis=1)     # (L, P, R)
-            stack[:levels, i, live] = np.minimum(stack[:levels, i, live], found)
-        tail = stack[0, rows, cols, own]                                      # (T, P)
+            found = (gated.transpose(0, 2, 1)[..., None]
+                     + stack[1:].reshape(levels, -1)[:, at][:, None]).min(axis=2)  # (L, R, P)
+            stack[:levels, i, live] = np.minimum(stack[:levels, i, live],
+                                                 found.transpose(0, 2, 1))
+        tail = stack[0].reshape(-1)[at]                                       # (T, P)
         if np.isfinite(tail).any():
             big = big0[g_t, e_t][:, None] + comm_t
             x_d = np.maximum(capped, low)
@@ -897,9 +899,9 @@ def _counted(tables: _ClassTables, pooled: _Pooled, m: int, low: float, top: flo
             # the dominant stage has X > low: not a stage whose X is at most low
             base = np.where((total < limit) & (upper[g_t, e_t][:, None] > low),
                             total if first else m * x_d, inf)                  # (T, R)
-            value = (base[:, None, :] - a_cap[cols][..., None] * hide[:, None, :]
-                     + tail[..., None]).min(axis=0)
-            with_d[i, live] = np.minimum(with_d[i, live], value)
+            value = (base.T[:, :, None] - a_cap[cols][None] * hide.T[:, :, None]
+                     + tail[None]).min(axis=1)                                 # (R, P)
+            with_d[i, live] = np.minimum(with_d[i, live], value.T)
         if m_low + float(ta.min()) < limit:
             c_s = np.where(m_low + capped + ta < limit, capped + ta if first else capped, inf)
             with_d[i, live] = np.minimum(with_d[i, live], _best(c_s, with_d, at))
@@ -907,12 +909,13 @@ def _counted(tables: _ClassTables, pooled: _Pooled, m: int, low: float, top: flo
     return float(with_d[0, :n_pools].min())
 
 
-def _best(values: np.ndarray, table: np.ndarray,
-          at: tuple[np.ndarray, np.ndarray, np.ndarray]) -> np.ndarray:
+def _best(values: np.ndarray, table: np.ndarray, at: np.ndarray) -> np.ndarray:
     """``_counted``'s step: the smallest over the stages ``t`` of ``values[t, r]`` plus the
-    suffix after the stage, ``table`` at ``at`` (its row, pool and the stage's own
-    profile, per stage and pool): ``(pools, profiles)``."""
-    found: np.ndarray = (values[:, None, :] + table[at][..., None]).min(axis=0)
+    suffix after the stage, ``table`` (C-contiguous) at the flat positions ``at`` (its
+    row, pool and the stage's own profile, per stage and pool): ``(pools, profiles)``.
+    The sums run with the stages in the middle axis and the pools last (contiguous), the
+    same float operations as any other order."""
+    found: np.ndarray = (values.T[:, :, None] + table.reshape(-1)[at][None]).min(axis=1).T
     return found
 
 
