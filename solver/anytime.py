@@ -257,7 +257,8 @@ def _class_bounds(costs: CostTable, cluster: Cluster, batch_size: int, mbs: Sequ
             if found is None:
                 break
             out[mb] = max(found, work[mb])
-            cap = min(cap, out[mb])
+            if out[mb] < cap * _PROVED:     # fell short (else the target holds)
+                cap = out[mb]
         return out
     for mb in sorted(work, key=work.__getitem__):
         if time.perf_counter() > deadline:
