@@ -782,12 +782,31 @@ def _relaxed(tables: _ClassTables, m: int, low: float, top: float, limit: float,
 
 def _counted(tables: _ClassTables, pooled: _Pooled, m: int, low: float, top: float,
              limit: float, rho: float = 0.0, deadline: float | None = None) -> float:
+    """``_counted_run``'s value."""
+    return _counted_run(tables, pooled, m, low, top, limit, rho, deadline)[0]
+
+
+_After = tuple[np.ndarray, np.ndarray]
+"""``_counted_run``'s suffixes after the dominant stage: the table of those whose first
+stage is right after it (rows x pools x profiles) and per row the smallest of any."""
+
+
+def _counted_run(tables: _ClassTables, pooled: _Pooled, m: int, low: float, top: float,
+                 limit: float, rho: float = 0.0, deadline: float | None = None,
+                 after: _After | None = None, prune: bool = True) -> tuple[float, _After]:
     """``_relaxed`` with the devices counted instead of priced: the smallest value of bound
     (A) over plans of the relaxed stages (every group on count vectors of the classes, at
     most ``totals`` devices of each in all) whose stages all have ``x <= top``, whose
     dominant stage has ``X > low``, with the filters of ``_relaxed``; each transfer is
     bounded by the links from the classes of the stage before ([Note: counted pools]);
-    ``_Late`` once the ``time.perf_counter()`` deadline has passed.
+    ``_Late`` once the ``time.perf_counter()`` deadline has passed. Also returns its
+    suffixes after the dominant stage, for ``after`` in a run of the same ``top`` and
+    ``limit`` and a ``low`` at least as large: that run then takes them instead of
+    building its own (their filters, ``low``'s gates, are weaker or the same there, so
+    they hold every suffix of that run, at no more than its value or, where left out, at
+    or above the limit; the value is still a lower bound, at most its own). ``prune``
+    False keeps the pools and stages that cannot give a value below the limit (the same
+    value: for the tests).
 
     [Note: counted pools]
     Where the classes have few count vectors (``CLASS_POOLS_MAX``), the DP of ``_relaxed``
@@ -846,7 +865,12 @@ def _counted(tables: _ClassTables, pooled: _Pooled, m: int, low: float, top: flo
     floor_d = np.full(count + 1, inf)
     head_low = pooled.head / float(tables.totals @ tables.speeds) * _TAIL_SLACK
     dominant_low = (m - 1) * low / 2 * _TAIL_SLACK
-    cut = limit * _CUT_ABOVE
+    cut = limit * _CUT_ABOVE if prune else inf
+    if not prune:
+        head_low = np.zeros_like(head_low)
+        used_all = np.full_like(used_all, inf)
+    if after is not None:
+        stack[0], floor = after[0], after[1]
     for i in range(count - 1, -1, -1):
         if deadline is not None and time.perf_counter() > deadline:
             raise _Late
@@ -878,9 +902,10 @@ def _counted(tables: _ClassTables, pooled: _Pooled, m: int, low: float, top: flo
         cols = src[g_t][:, live]
         at = ((nxt[e_t][:, None] * (n_pools + 1) + cols) * n_prof
               + pooled.profile[g_t][:, None])
-        found = _best(np.where(rest_gate + ta < limit, capped, inf), stack[levels], at)
-        stack[levels, i, live] = np.minimum(stack[levels, i, live], found)
-        if levels:
+        if after is None:
+            found = _best(np.where(rest_gate + ta < limit, capped, inf), stack[levels], at)
+            stack[levels, i, live] = np.minimum(stack[levels, i, live], found)
+        if levels and after is None:
             # position j + 1 reads the suffix at position j + 2 (the last: any position)
             gated = np.where(gate_col + ta[None] < limit, capped[None], inf)  # (L, T, R)
             found = (gated.transpose(0, 2, 1)[..., None]
@@ -905,8 +930,10 @@ def _counted(tables: _ClassTables, pooled: _Pooled, m: int, low: float, top: flo
         if m_low + float(ta.min()) < limit:
             c_s = np.where(m_low + capped + ta < limit, capped + ta if first else capped, inf)
             with_d[i, live] = np.minimum(with_d[i, live], _best(c_s, with_d, at))
-        floor[i], floor_d[i] = float(stack[:, i].min()), float(with_d[i].min())
-    return float(with_d[0, :n_pools].min())
+        if after is None:
+            floor[i] = float(stack[:, i].min())
+        floor_d[i] = float(with_d[i].min())
+    return float(with_d[0, :n_pools].min()), (stack[0], floor)
 
 
 def _best(values: np.ndarray, table: np.ndarray, at: np.ndarray) -> np.ndarray:
@@ -999,6 +1026,7 @@ def class_bound(space: ClassSpace, sums: LayerSums, cut_bytes: Sequence[int],
     m = num_micro
     top_all = target / m
     shape = tables.speeds / tables.speeds.max()
+    afters: dict[float, tuple[float, _After]] = {}
 
     def bucket(low: float, top: float, price: float, enough: float) -> tuple[float, float]:
         """``(bound of the bucket, best price)``: the dual is concave in the price, so walk
@@ -1009,8 +1037,14 @@ def class_bound(space: ClassSpace, sums: LayerSums, cut_bytes: Sequence[int],
                 raise _Late
             evals[0] += 1
             if tables.pooled is not None:
-                found = _counted(tables, tables.pooled, m, low, top, target, rho,
-                                 deadline)
+                # a bucket split off the top of another reads that one's suffixes after
+                # the dominant stage (same top, a lower low: see _counted_run)
+                known = afters.get(top)
+                found, made = _counted_run(tables, tables.pooled, m, low, top, target, rho,
+                                           deadline, known[1] if known is not None
+                                           and known[0] <= low else None)
+                if known is None:
+                    afters[top] = (low, made)
             else:
                 found = _relaxed(tables, m, low, top, target, p * top * shape, rho, deadline)
             return max(m * low, found) if not math.isnan(found) else m * low
