@@ -927,9 +927,18 @@ def _counted_run(tables: _ClassTables, pooled: _Pooled, m: int, low: float, top:
             value = (base.T[:, :, None] - a_cap[cols][None] * hide.T[:, :, None]
                      + tail[None]).min(axis=1)                                 # (R, P)
             with_d[i, live] = np.minimum(with_d[i, live], value.T)
-        if m_low + float(ta.min()) < limit:
-            c_s = np.where(m_low + capped + ta < limit, capped + ta if first else capped, inf)
-            with_d[i, live] = np.minimum(with_d[i, live], _best(c_s, with_d, at))
+        # a stage before the dominant one: only those that leave room below the limit
+        # before the suffixes holding the dominant stage (with M low: round >= M X_d +
+        # X_s + T_a^s)
+        x_low = lowest[g_t, e_t]
+        ta_t = ta[:, 0]
+        before = np.nonzero((m_low + x_low + ta_t < limit)
+                            & (x_low + floor_d[nxt[e_t]] + head_low[i] < cut))[0]
+        if len(before):
+            cap_b, ta_b = capped[before], ta[before]
+            c_s = np.where(m_low + cap_b + ta_b < limit, cap_b + ta_b if first else cap_b,
+                           inf)
+            with_d[i, live] = np.minimum(with_d[i, live], _best(c_s, with_d, at[before]))
         if after is None:
             floor[i] = float(stack[:, i].min())
         floor_d[i] = float(with_d[i].min())
