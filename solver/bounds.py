@@ -869,8 +869,10 @@ def _counted_run(tables: _ClassTables, pooled: _Pooled, m: int, low: float, top:
     if not prune:
         head_low = np.zeros_like(head_low)
         used_all = np.full_like(used_all, inf)
+    floor_0 = floor.copy()      # the same for the suffixes right after the dominant stage
     if after is not None:
         stack[0], floor = after[0], after[1]
+        floor_0 = stack[0].reshape(count + 1, -1).min(axis=1)
     for i in range(count - 1, -1, -1):
         if deadline is not None and time.perf_counter() > deadline:
             raise _Late
@@ -912,26 +914,32 @@ def _counted_run(tables: _ClassTables, pooled: _Pooled, m: int, low: float, top:
                      + stack[1:].reshape(levels, -1)[:, at][:, None]).min(axis=2)  # (L, R, P)
             stack[:levels, i, live] = np.minimum(stack[:levels, i, live],
                                                  found.transpose(0, 2, 1))
-        tail = stack[0].reshape(-1)[at]                                       # (T, P)
-        if np.isfinite(tail).any():
-            big = big0[g_t, e_t][:, None] + comm_t
-            x_d = np.maximum(capped, low)
+        # the dominant stage: only those with M max(x, low) + T_a below the limit, X >
+        # low possible, and room below the limit before a suffix right after it
+        x_low = lowest[g_t, e_t]
+        ta_t = ta[:, 0]
+        ups = upper[g_t, e_t]
+        dom = np.nonzero((m * np.maximum(x_low, low) + ta_t < limit) & (ups > low)
+                         & (x_low + floor_0[nxt[e_t]] + (dominant_low + head_low[i]) < cut))[0]
+        tail = stack[0].reshape(-1)[at[dom]]                                  # (D, P)
+        if len(dom) and np.isfinite(tail).any():
+            c_d, x_dom = capped[dom], x[dom]
+            big = big0[g_t[dom], e_t[dom]][:, None] + comm_t[dom]
+            x_d = np.maximum(c_d, low)
             # inf where x is (no plan there): base is inf, hide must not be nan
             with np.errstate(invalid="ignore"):
-                hide = np.where(np.isfinite(capped),
-                                np.maximum(x, low) - np.maximum(big, low / 2), 0.0)
-            total = m * x_d + ta
+                hide = np.where(np.isfinite(c_d),
+                                np.maximum(x_dom, low) - np.maximum(big, low / 2), 0.0)
+            total = m * x_d + ta[dom]
             # the dominant stage has X > low: not a stage whose X is at most low
-            base = np.where((total < limit) & (upper[g_t, e_t][:, None] > low),
-                            total if first else m * x_d, inf)                  # (T, R)
-            value = (base.T[:, :, None] - a_cap[cols][None] * hide.T[:, :, None]
+            base = np.where((total < limit) & (ups[dom][:, None] > low),
+                            total if first else m * x_d, inf)                  # (D, R)
+            value = (base.T[:, :, None] - a_cap[cols[dom]][None] * hide.T[:, :, None]
                      + tail[None]).min(axis=1)                                 # (R, P)
             with_d[i, live] = np.minimum(with_d[i, live], value.T)
         # a stage before the dominant one: only those that leave room below the limit
         # before the suffixes holding the dominant stage (with M low: round >= M X_d +
         # X_s + T_a^s)
-        x_low = lowest[g_t, e_t]
-        ta_t = ta[:, 0]
         before = np.nonzero((m_low + x_low + ta_t < limit)
                             & (x_low + floor_d[nxt[e_t]] + head_low[i] < cut))[0]
         if len(before):
@@ -940,7 +948,7 @@ def _counted_run(tables: _ClassTables, pooled: _Pooled, m: int, low: float, top:
                            inf)
             with_d[i, live] = np.minimum(with_d[i, live], _best(c_s, with_d, at[before]))
         if after is None:
-            floor[i] = float(stack[:, i].min())
+            floor[i], floor_0[i] = float(stack[:, i].min()), float(stack[0, i].min())
         floor_d[i] = float(with_d[i].min())
     return float(with_d[0, :n_pools].min()), (stack[0], floor)
 
