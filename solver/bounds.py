@@ -869,7 +869,9 @@ def _counted_run(tables: _ClassTables, pooled: _Pooled, m: int, low: float, top:
     if not prune:
         head_low = np.zeros_like(head_low)
         used_all = np.full_like(used_all, inf)
-    floor_0 = floor.copy()      # the same for the suffixes right after the dominant stage
+    # the same for the suffixes right after the dominant stage, at any position after it
+    # and at positions 2 .. levels + 1
+    floor_0, floor_any, floor_pos = floor.copy(), floor.copy(), floor.copy()
     if after is not None:
         stack[0], floor = after[0], after[1]
         floor_0 = stack[0].reshape(count + 1, -1).min(axis=1)
@@ -904,20 +906,31 @@ def _counted_run(tables: _ClassTables, pooled: _Pooled, m: int, low: float, top:
         cols = src[g_t][:, live]
         at = ((nxt[e_t][:, None] * (n_pools + 1) + cols) * n_prof
               + pooled.profile[g_t][:, None])
-        if after is None:
-            found = _best(np.where(rest_gate + ta < limit, capped, inf), stack[levels], at)
-            stack[levels, i, live] = np.minimum(stack[levels, i, live], found)
-        if levels and after is None:
-            # position j + 1 reads the suffix at position j + 2 (the last: any position)
-            gated = np.where(gate_col + ta[None] < limit, capped[None], inf)  # (L, T, R)
-            found = (gated.transpose(0, 2, 1)[..., None]
-                     + stack[1:].reshape(levels, -1)[:, at][:, None]).min(axis=2)  # (L, R, P)
-            stack[:levels, i, live] = np.minimum(stack[:levels, i, live],
-                                                 found.transpose(0, 2, 1))
-        # the dominant stage: only those with M max(x, low) + T_a below the limit, X >
-        # low possible, and room below the limit before a suffix right after it
         x_low = lowest[g_t, e_t]
         ta_t = ta[:, 0]
+        # a stage after the dominant one: only those that pass the gate and leave room
+        # below the limit before the suffixes they read (the dominant stage and the head
+        # before them)
+        room = x_low + (dominant_low + head_low[i])
+        if after is None:
+            some = np.nonzero((rest_gate + ta_t < limit) & (room + floor_any[nxt[e_t]] < cut))[0]
+            if len(some):
+                found = _best(np.where(rest_gate + ta[some] < limit, capped[some], inf),
+                              stack[levels], at[some])
+                stack[levels, i, live] = np.minimum(stack[levels, i, live], found)
+        if levels and after is None:
+            # position j + 1 reads the suffix at position j + 2 (the last: any position);
+            # the gates fall with j: the last one lets through every stage any of them does
+            some = np.nonzero((gates[-1] + ta_t < limit) & (room + floor_pos[nxt[e_t]] < cut))[0]
+            if len(some):
+                gated = np.where(gate_col + ta[some][None] < limit, capped[some][None],
+                                 inf)                                           # (L, S, R)
+                found = (gated.transpose(0, 2, 1)[..., None]
+                         + stack[1:].reshape(levels, -1)[:, at[some]][:, None]).min(axis=2)
+                stack[:levels, i, live] = np.minimum(stack[:levels, i, live],
+                                                     found.transpose(0, 2, 1))  # (L, P, R)
+        # the dominant stage: only those with M max(x, low) + T_a below the limit, X >
+        # low possible, and room below the limit before a suffix right after it
         ups = upper[g_t, e_t]
         dom = np.nonzero((m * np.maximum(x_low, low) + ta_t < limit) & (ups > low)
                          & (x_low + floor_0[nxt[e_t]] + (dominant_low + head_low[i]) < cut))[0]
@@ -949,6 +962,8 @@ def _counted_run(tables: _ClassTables, pooled: _Pooled, m: int, low: float, top:
             with_d[i, live] = np.minimum(with_d[i, live], _best(c_s, with_d, at[before]))
         if after is None:
             floor[i], floor_0[i] = float(stack[:, i].min()), float(stack[0, i].min())
+            floor_any[i] = float(stack[levels, i].min())
+            floor_pos[i] = float(stack[1:, i].min()) if levels else inf
         floor_d[i] = float(with_d[i].min())
     return float(with_d[0, :n_pools].min()), (stack[0], floor)
 
