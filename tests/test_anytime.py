@@ -116,15 +116,19 @@ def test_the_bound_survives_plan_json() -> None:
     assert again == plan and again.planner.bound == plan.planner.bound
 
 
-@pytest.mark.parametrize("priced", [True, False])
-def test_the_class_bounds_over_the_sizes_stay_below_the_optimum(priced: bool) -> None:
+@pytest.mark.parametrize("pools", [True, False])
+def test_the_class_bounds_over_the_sizes_stay_below_the_optimum(
+        pools: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     # each size's class bound targets the smallest bound so far: the smallest over the
     # sizes is still below every plan of the wide space (brute force), for a target at and
-    # above the optimum; with the priced pass first (a time limit) and without it
+    # above the optimum; with the pools counted (these small clusters) and priced (forced)
+    import solver.bounds
     from solver.anytime import _class_bounds
     from solver.brute import enumerate_plans
     from solver.space import micro_batch_choices
 
+    if not pools:
+        monkeypatch.setattr(solver.bounds, "CLASS_POOLS_MAX", 0)
     raised = 0
     for seed in range(800, 840):
         costs, cluster, batch = random_instance(seed, max_layers=5, max_devices=4, links=True,
@@ -138,7 +142,7 @@ def test_the_class_bounds_over_the_sizes_stay_below_the_optimum(priced: bool) ->
         mbs = micro_batch_choices(batch, None)
         for target in (best, 1.5 * best):
             out = _class_bounds(costs, cluster, batch, mbs, None, target, {},
-                                time.perf_counter() + 60.0, priced=priced)
+                                time.perf_counter() + 60.0)
             assert out
             bound = min(out.get(mb, work_bound(costs, cluster, batch, mb)) for mb in mbs)
             assert bound <= best * (1 + 1e-9), (seed, target, bound, best)
