@@ -66,6 +66,12 @@ GRID = 8
 
 _SLACK = 1.0 - 1e-9
 _ABOVE = 1.0 + 1e-9
+_TAIL_SLACK = 1.0 - 1e-6
+_CUT_ABOVE = 1.0 + 1e-6
+"""``_counted`` skips a pool only where its speed falls short of the suffix's work, and a
+stage only where its plans' lower bounds reach the limit, by more than the float error of
+the tables' sums (each ``x`` is at least its work over its group's bound speed times
+``_SLACK``)."""
 
 
 @dataclass(frozen=True)
@@ -297,15 +303,15 @@ class _ClassTables:
     candidate ends), the row of the layer after each end, and the smallest ``x`` over the
     groups per end (non-decreasing); ``counts``: devices per class of each group.
     ``pooled``, where the pools are counted ([Note: counted pools]): per group and sender
-    profile the smallest latency and the smallest ``max_e b_e /
-    bw_e`` of a transfer into the group from a group of that profile; each group's own
-    profile as a sender; per row the work of the layers before it, ``sum (intercepts +
-    slopes b)`` forward and backward; the pools (count vectors of the classes, in the
-    order of ``np.unravel_index`` over ``totals + 1``): ``src[g, q]``, the pool a suffix
-    leaves after a stage on group ``g`` when it uses ``q`` (``n_pools``: none), the
-    devices in each pool (and 0 for none), the bound speed each pool leaves free; and
-    per row what ``_counted`` reads: the transfer bounds (groups x profiles), ``x``
-    without them, ``x`` with the smallest, the upper bound of ``_one_device_uppers``
+    profile the smallest latency and the smallest ``max_e b_e / bw_e`` of a transfer into
+    the group from a group of that profile; each group's own profile as a sender; per row
+    the work of the layers before it and of the layers from it on, ``sum (intercepts +
+    slopes b)`` forward and backward; the pools (count vectors of the classes, in the order
+    of ``np.unravel_index`` over ``totals + 1``): ``src[g, q]``, the pool a suffix leaves
+    after a stage on group ``g`` when it uses ``q`` (``n_pools``: none), the devices in
+    each pool (and 0 for none), the bound speed each pool leaves free and the bound speed
+    in it; and per row what ``_counted`` reads: the transfer bounds (groups x profiles),
+    ``x`` without them, ``x`` with the smallest, the upper bound of ``_one_device_uppers``
     (groups x ends; inf: none), the compute part of ``max(E_f, E_b)``, ``T_a``, the next
     rows and the non-decreasing smallest ``x`` per end."""
 
@@ -325,9 +331,11 @@ class _Pooled:
     gamma: np.ndarray
     profile: np.ndarray
     head: np.ndarray
+    tail: np.ndarray
     src: np.ndarray
     sizes: np.ndarray
     free_speed: np.ndarray
+    speed: np.ndarray
     rows: tuple[tuple[np.ndarray, ...], ...]
 
 
@@ -453,6 +461,7 @@ def _class_tables(space: ClassSpace, sums: LayerSums, cut_bytes: Sequence[int],
     rows = []
     compute = []
     before: list[float] = []
+    after: list[float] = []
     for first in firsts:
         if deadline is not None and time.perf_counter() > deadline:
             raise _Late
@@ -467,6 +476,8 @@ def _class_tables(space: ClassSpace, sums: LayerSums, cut_bytes: Sequence[int],
         e_b = (c_b + comm[:, None]) * _SLACK
         compute.append((c_f * _SLACK, c_b * _SLACK, float(cut)))
         before.append(float(fi[first] + bi[first] + micro_batch * (fs[first] + bs[first])))
+        after.append(float((fi[-1] - fi[first]) + (bi[-1] - bi[first])
+                           + micro_batch * ((fs[-1] - fs[first]) + (bs[-1] - bs[first]))))
         p = (params[stop] - params[first])[None]
         t_a = (np.where(p > 0, p * red_a[:, None] + red_b[:, None], 0.0)
                + p * step[:, None]) * _SLACK
@@ -509,8 +520,9 @@ def _class_tables(space: ClassSpace, sums: LayerSums, cut_bytes: Sequence[int],
                        t_a, nxt, shortest))
     return _ClassTables(tuple(firsts), tuple(rows), counts, totals, speeds,
                         _Pooled(lat_prof, gamma_prof, np.asarray(own, dtype=np.intp),
-                                np.asarray(before), leaves, np.append(vecs.sum(axis=1), 0),
-                                (totals[None] - vecs) @ speeds, tuple(cached)))
+                                np.asarray(before), np.asarray(after), leaves,
+                                np.append(vecs.sum(axis=1), 0), (totals[None] - vecs) @ speeds,
+                                vecs @ speeds, tuple(cached)))
 
 
 def _one_device_uppers(space: ClassSpace, classes: list[list[int]],
@@ -770,12 +782,31 @@ def _relaxed(tables: _ClassTables, m: int, low: float, top: float, limit: float,
 
 def _counted(tables: _ClassTables, pooled: _Pooled, m: int, low: float, top: float,
              limit: float, rho: float = 0.0, deadline: float | None = None) -> float:
+    """``_counted_run``'s value."""
+    return _counted_run(tables, pooled, m, low, top, limit, rho, deadline)[0]
+
+
+_After = tuple[np.ndarray, np.ndarray]
+"""``_counted_run``'s suffixes after the dominant stage: the table of those whose first
+stage is right after it (rows x pools x profiles) and per row the smallest of any."""
+
+
+def _counted_run(tables: _ClassTables, pooled: _Pooled, m: int, low: float, top: float,
+                 limit: float, rho: float = 0.0, deadline: float | None = None,
+                 after: _After | None = None, prune: bool = True) -> tuple[float, _After]:
     """``_relaxed`` with the devices counted instead of priced: the smallest value of bound
     (A) over plans of the relaxed stages (every group on count vectors of the classes, at
     most ``totals`` devices of each in all) whose stages all have ``x <= top``, whose
     dominant stage has ``X > low``, with the filters of ``_relaxed``; each transfer is
     bounded by the links from the classes of the stage before ([Note: counted pools]);
-    ``_Late`` once the ``time.perf_counter()`` deadline has passed.
+    ``_Late`` once the ``time.perf_counter()`` deadline has passed. Also returns its
+    suffixes after the dominant stage, for ``after`` in a run of the same ``top`` and
+    ``limit`` and a ``low`` at least as large: that run then takes them instead of
+    building its own (their filters, ``low``'s gates, are weaker or the same there, so
+    they hold every suffix of that run, at no more than its value or, where left out, at
+    or above the limit; the value is still a lower bound, at most its own). ``prune``
+    False keeps the pools and stages that cannot give a value below the limit (the same
+    value: for the tests).
 
     [Note: counted pools]
     Where the classes have few count vectors (``CLASS_POOLS_MAX``), the DP of ``_relaxed``
@@ -820,8 +851,30 @@ def _counted(tables: _ClassTables, pooled: _Pooled, m: int, low: float, top: flo
     gate_col = np.asarray(gates)[:, None, None]
     m_low = m * low
     live_all = pooled.free_speed * top * _ABOVE
-    alive = np.zeros(count + 1, dtype=bool)
-    alive[count] = True
+    used_all = pooled.speed * top * _ABOVE
+    # per row the smallest value of any suffix from it after the dominant stage (`floor`)
+    # and holding it (`floor_d`; inf: none). Every value only grows as stages are put
+    # before it: each adds at least its x, the dominant stage at least x_d + (M - 1) low /
+    # 2 ((M - a) X_d + a max(E_f, E_b) with a <= M - 1, X_d >= max(x_d, low) and max(E_f,
+    # E_b) >= X_d / 2), and the stages before a row at least the head's work over the
+    # cluster's bound speed. A stage whose x, the rest of its prefix and the smallest
+    # suffix after it already reach the limit is left out (its plans are at the limit or
+    # above: the bound, at most the limit, does not change)
+    floor = np.full(count + 1, inf)
+    floor[count] = 0.0
+    floor_d = np.full(count + 1, inf)
+    head_low = pooled.head / float(tables.totals @ tables.speeds) * _TAIL_SLACK
+    dominant_low = (m - 1) * low / 2 * _TAIL_SLACK
+    cut = limit * _CUT_ABOVE if prune else inf
+    if not prune:
+        head_low = np.zeros_like(head_low)
+        used_all = np.full_like(used_all, inf)
+    # the same for the suffixes right after the dominant stage, at any position after it
+    # and at positions 2 .. levels + 1
+    floor_0, floor_any, floor_pos = floor.copy(), floor.copy(), floor.copy()
+    if after is not None:
+        stack[0], floor = after[0], after[1]
+        floor_0 = stack[0].reshape(count + 1, -1).min(axis=1)
     for i in range(count - 1, -1, -1):
         if deadline is not None and time.perf_counter() > deadline:
             raise _Late
@@ -830,13 +883,17 @@ def _counted(tables: _ClassTables, pooled: _Pooled, m: int, low: float, top: flo
         if not k:
             continue
         # every phase below keeps x <= top and T_a < limit - min(0, rest_gate), and needs
-        # a suffix after the stage (a row with some finite value)
+        # a suffix after the stage whose value leaves room below the limit (floor)
+        after_low = np.minimum(floor[nxt[:k]] + dominant_low, floor_d[nxt[:k]])
         g_t, e_t = np.nonzero((lowest[:, :k] <= top) & (t_a[:, :k] < ta_limit)
-                              & alive[nxt[:k]][None])
+                              & (lowest[:, :k] + (after_low + head_low[i])[None] < cut))
         # pools whose free devices can run the layers before the row in stages of x <=
         # top: each such stage has x U >= its work (U: its bound speeds), so the head's
         # work is at most top times the free speed; the others start no relaxed plan
-        live = np.nonzero(live_all >= pooled.head[i] * _SLACK)[0]
+        # and pools that can run the layers from the row on in such stages (the suffix
+        # uses exactly its pool: a smaller one has no finite value, skip it)
+        live = np.nonzero((live_all >= pooled.head[i] * _SLACK)
+                          & (used_all >= pooled.tail[i] * _TAIL_SLACK))[0]
         if not len(g_t) or not len(live):
             continue
         first = tables.firsts[i] == 0
@@ -844,46 +901,80 @@ def _counted(tables: _ClassTables, pooled: _Pooled, m: int, low: float, top: flo
         x = x0[g_t, e_t][:, None] + 2.0 * comm_t
         ta = t_a[g_t, e_t][:, None]
         capped = np.where(x <= top, x, inf)
-        # the suffix after the stage, read at the stage's own profile: (T, P)
-        rows, cols = nxt[e_t][:, None], src[g_t][:, live]
-        own = pooled.profile[g_t][:, None]
-        at = (rows, cols, own)
-        found = _best(np.where(rest_gate + ta < limit, capped, inf), stack[levels], at)
-        stack[levels, i, live] = np.minimum(stack[levels, i, live], found)
-        if levels:
-            # position j + 1 reads the suffix at position j + 2 (the last: any position)
-            gated = np.where(gate_col + ta[None] < limit, capped[None], inf)  # (L, T, R)
-            found = (gated[:, :, None, :]
-                     + stack[1:, rows, cols, own][..., None]).min(axis=1)     # (L, P, R)
-            stack[:levels, i, live] = np.minimum(stack[:levels, i, live], found)
-        tail = stack[0, rows, cols, own]                                      # (T, P)
-        if np.isfinite(tail).any():
-            big = big0[g_t, e_t][:, None] + comm_t
-            x_d = np.maximum(capped, low)
+        # the suffix after the stage, read at the stage's own profile: (T, P) positions
+        # in a (row, pool, profile) table, flat
+        cols = src[g_t][:, live]
+        at = ((nxt[e_t][:, None] * (n_pools + 1) + cols) * n_prof
+              + pooled.profile[g_t][:, None])
+        x_low = lowest[g_t, e_t]
+        ta_t = ta[:, 0]
+        # a stage after the dominant one: only those that pass the gate and leave room
+        # below the limit before the suffixes they read (the dominant stage and the head
+        # before them)
+        room = x_low + (dominant_low + head_low[i])
+        if after is None:
+            some = np.nonzero((rest_gate + ta_t < limit) & (room + floor_any[nxt[e_t]] < cut))[0]
+            if len(some):
+                found = _best(np.where(rest_gate + ta[some] < limit, capped[some], inf),
+                              stack[levels], at[some])
+                stack[levels, i, live] = np.minimum(stack[levels, i, live], found)
+        if levels and after is None:
+            # position j + 1 reads the suffix at position j + 2 (the last: any position);
+            # the gates fall with j: the last one lets through every stage any of them does
+            some = np.nonzero((gates[-1] + ta_t < limit) & (room + floor_pos[nxt[e_t]] < cut))[0]
+            if len(some):
+                gated = np.where(gate_col + ta[some][None] < limit, capped[some][None],
+                                 inf)                                           # (L, S, R)
+                found = (gated.transpose(0, 2, 1)[..., None]
+                         + stack[1:].reshape(levels, -1)[:, at[some]][:, None]).min(axis=2)
+                stack[:levels, i, live] = np.minimum(stack[:levels, i, live],
+                                                     found.transpose(0, 2, 1))  # (L, P, R)
+        # the dominant stage: only those with M max(x, low) + T_a below the limit, X >
+        # low possible, and room below the limit before a suffix right after it
+        ups = upper[g_t, e_t]
+        dom = np.nonzero((m * np.maximum(x_low, low) + ta_t < limit) & (ups > low)
+                         & (x_low + floor_0[nxt[e_t]] + (dominant_low + head_low[i]) < cut))[0]
+        tail = stack[0].reshape(-1)[at[dom]]                                  # (D, P)
+        if len(dom) and np.isfinite(tail).any():
+            c_d, x_dom = capped[dom], x[dom]
+            big = big0[g_t[dom], e_t[dom]][:, None] + comm_t[dom]
+            x_d = np.maximum(c_d, low)
             # inf where x is (no plan there): base is inf, hide must not be nan
             with np.errstate(invalid="ignore"):
-                hide = np.where(np.isfinite(capped),
-                                np.maximum(x, low) - np.maximum(big, low / 2), 0.0)
-            total = m * x_d + ta
+                hide = np.where(np.isfinite(c_d),
+                                np.maximum(x_dom, low) - np.maximum(big, low / 2), 0.0)
+            total = m * x_d + ta[dom]
             # the dominant stage has X > low: not a stage whose X is at most low
-            base = np.where((total < limit) & (upper[g_t, e_t][:, None] > low),
-                            total if first else m * x_d, inf)                  # (T, R)
-            value = (base[:, None, :] - a_cap[cols][..., None] * hide[:, None, :]
-                     + tail[..., None]).min(axis=0)
-            with_d[i, live] = np.minimum(with_d[i, live], value)
-        if m_low + float(ta.min()) < limit:
-            c_s = np.where(m_low + capped + ta < limit, capped + ta if first else capped, inf)
-            with_d[i, live] = np.minimum(with_d[i, live], _best(c_s, with_d, at))
-        alive[i] = bool(np.isfinite(stack[:, i]).any() or np.isfinite(with_d[i]).any())
-    return float(with_d[0, :n_pools].min())
+            base = np.where((total < limit) & (ups[dom][:, None] > low),
+                            total if first else m * x_d, inf)                  # (D, R)
+            value = (base.T[:, :, None] - a_cap[cols[dom]][None] * hide.T[:, :, None]
+                     + tail[None]).min(axis=1)                                 # (R, P)
+            with_d[i, live] = np.minimum(with_d[i, live], value.T)
+        # a stage before the dominant one: only those that leave room below the limit
+        # before the suffixes holding the dominant stage (with M low: round >= M X_d +
+        # X_s + T_a^s)
+        before = np.nonzero((m_low + x_low + ta_t < limit)
+                            & (x_low + floor_d[nxt[e_t]] + head_low[i] < cut))[0]
+        if len(before):
+            cap_b, ta_b = capped[before], ta[before]
+            c_s = np.where(m_low + cap_b + ta_b < limit, cap_b + ta_b if first else cap_b,
+                           inf)
+            with_d[i, live] = np.minimum(with_d[i, live], _best(c_s, with_d, at[before]))
+        if after is None:
+            floor[i], floor_0[i] = float(stack[:, i].min()), float(stack[0, i].min())
+            floor_any[i] = float(stack[levels, i].min())
+            floor_pos[i] = float(stack[1:, i].min()) if levels else inf
+        floor_d[i] = float(with_d[i].min())
+    return float(with_d[0, :n_pools].min()), (stack[0], floor)
 
 
-def _best(values: np.ndarray, table: np.ndarray,
-          at: tuple[np.ndarray, np.ndarray, np.ndarray]) -> np.ndarray:
+def _best(values: np.ndarray, table: np.ndarray, at: np.ndarray) -> np.ndarray:
     """``_counted``'s step: the smallest over the stages ``t`` of ``values[t, r]`` plus the
-    suffix after the stage, ``table`` at ``at`` (its row, pool and the stage's own
-    profile, per stage and pool): ``(pools, profiles)``."""
-    found: np.ndarray = (values[:, None, :] + table[at][..., None]).min(axis=0)
+    suffix after the stage, ``table`` (C-contiguous) at the flat positions ``at`` (its
+    row, pool and the stage's own profile, per stage and pool): ``(pools, profiles)``.
+    The sums run with the stages in the middle axis and the pools last (contiguous), the
+    same float operations as any other order."""
+    found: np.ndarray = (values.T[:, :, None] + table.reshape(-1)[at][None]).min(axis=1).T
     return found
 
 
@@ -967,6 +1058,7 @@ def class_bound(space: ClassSpace, sums: LayerSums, cut_bytes: Sequence[int],
     m = num_micro
     top_all = target / m
     shape = tables.speeds / tables.speeds.max()
+    afters: dict[float, tuple[float, _After]] = {}
 
     def bucket(low: float, top: float, price: float, enough: float) -> tuple[float, float]:
         """``(bound of the bucket, best price)``: the dual is concave in the price, so walk
@@ -977,8 +1069,14 @@ def class_bound(space: ClassSpace, sums: LayerSums, cut_bytes: Sequence[int],
                 raise _Late
             evals[0] += 1
             if tables.pooled is not None:
-                found = _counted(tables, tables.pooled, m, low, top, target, rho,
-                                 deadline)
+                # a bucket split off the top of another reads that one's suffixes after
+                # the dominant stage (same top, a lower low: see _counted_run)
+                known = afters.get(top)
+                found, made = _counted_run(tables, tables.pooled, m, low, top, target, rho,
+                                           deadline, known[1] if known is not None
+                                           and known[0] <= low else None)
+                if known is None:
+                    afters[top] = (low, made)
             else:
                 found = _relaxed(tables, m, low, top, target, p * top * shape, rho, deadline)
             return max(m * low, found) if not math.isnan(found) else m * low

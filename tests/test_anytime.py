@@ -116,14 +116,19 @@ def test_the_bound_survives_plan_json() -> None:
     assert again == plan and again.planner.bound == plan.planner.bound
 
 
-def test_the_class_bounds_over_the_sizes_stay_below_the_optimum() -> None:
+@pytest.mark.parametrize("pools", [True, False])
+def test_the_class_bounds_over_the_sizes_stay_below_the_optimum(
+        pools: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     # each size's class bound targets the smallest bound so far: the smallest over the
     # sizes is still below every plan of the wide space (brute force), for a target at and
-    # above the optimum
+    # above the optimum; with the pools counted (these small clusters) and priced (forced)
+    import solver.bounds
     from solver.anytime import _class_bounds
     from solver.brute import enumerate_plans
     from solver.space import micro_batch_choices
 
+    if not pools:
+        monkeypatch.setattr(solver.bounds, "CLASS_POOLS_MAX", 0)
     raised = 0
     for seed in range(800, 840):
         costs, cluster, batch = random_instance(seed, max_layers=5, max_devices=4, links=True,
