@@ -73,6 +73,37 @@ def _slice_rows(value: Any, rows: slice, device: torch.device) -> Any:
 # meter only runs in the rounds it counts, and the action is named only when one fails.
 
 
+# [Note: launching backward]
+# ``torch.autograd.backward`` (and ``Tensor.backward``, which calls it) wraps the C++
+# engine in Python that checks for functorch transforms and ``__torch_function__``
+# subclasses, makes and shape-checks the gradient tensors (``ones_like`` of a loss) and
+# copies the ``contextvars`` context into the engine's thread-local storage for device
+# threads. Per backward on this host that is 20-30 us of CPU hot and 30-50 us as a
+# pipeline stage runs it (woken from a wait, caches cold), once per micro-batch on every
+# stage. A CPU stage whose roots are plain tensors calls the engine itself with the same
+# arguments that ``torch.autograd.backward`` passes it (no graph kept or created, no
+# ``inputs``, gradients accumulated) and gradients it already has: the received ones, or
+# for the loss a cached tensor of ones of the loss's shape and dtype (the engine reads it
+# and never writes it: it is held here, so it is never stolen). The engine itself checks
+# the gradients' shapes, dtypes and devices against the roots' and that the roots need a
+# gradient, so the errors are the same. The arithmetic is the same, so losses and
+# gradients are bit for bit those of ``torch.autograd.backward``; any other stage (CUDA, a
+# tensor subclass, a torch without the engine object) goes through
+# ``torch.autograd.backward``.
+
+_ENGINE: Any = getattr(getattr(torch.autograd, "Variable", None), "_execution_engine", None)
+
+
+def _run_backward(roots: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
+                  direct: bool) -> None:
+    """Backward from ``roots`` with gradients ``grads`` (see [Note: launching backward])."""
+    if direct and _ENGINE is not None and all(type(t) is torch.Tensor for t in roots):
+        _ENGINE.run_backward(tuple(roots), tuple(grads), False, False, (),
+                             allow_unreachable=True, accumulate_grad=True)
+    else:
+        torch.autograd.backward(list(roots), list(grads))
+
+
 @dataclass(frozen=True)
 class _Step:
     """One action of the compiled program."""
@@ -144,6 +175,9 @@ class StageExecutor:
         self.compute_scale = compute_scale
         self.device = device or torch.device("cpu")
         self.memory = memory
+        # the engine is called directly on CPU only (see [Note: launching backward])
+        self._direct_backward = self.device.type == "cpu"
+        self._loss_ones: torch.Tensor | None = None
         self._outgoing = sorted(outgoing(plan, rank), key=lambda t: t.start)
         self._incoming = incoming(plan, rank)
         # hoisted out of the step loop: peers, row slices (None: the whole share)
@@ -330,14 +364,21 @@ class StageExecutor:
         inputs = self._inputs.pop(m)
         start, cpu_start = time.perf_counter(), time.thread_time()
         if self.is_last:
-            self._losses.pop(m).backward()
+            loss = self._losses.pop(m)
+            ones = self._loss_ones
+            if ones is None or ones.shape != loss.shape or ones.dtype != loss.dtype:
+                ones = self._loss_ones = torch.ones_like(loss,
+                                                         memory_format=torch.preserve_format)
+            _run_backward((loss,), (ones,), self._direct_backward)
+            del loss
         else:
             outputs = self._outputs.pop(m)
             grads = iter(self._out_grads.pop(m))
             pairs = [(o, next(grads)) for o in outputs if _is_float(o)]
             pairs = [(o, g) for o, g in pairs if o.requires_grad]
             if pairs:
-                torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
+                _run_backward([o for o, _ in pairs], [g for _, g in pairs],
+                              self._direct_backward)
         if not self.is_first:
             self._in_grads[m] = [x.grad if x.grad is not None else torch.zeros_like(x)
                                  for x in inputs if _is_float(x)]
