@@ -187,6 +187,13 @@ class StageExecutor:
         self._b_slices = [(t.src, self._share_rows(t.start, t.stop)) for t in self._incoming]
         self._rows = [micro_batch_rows(plan, m, self.start, self.stop)
                       for m in range(plan.num_micro_batches)]
+        # what a micro-batch's backward hands back to the comm pools: the keys of what
+        # this rank receives for it (activations unless it is the first stage, gradients
+        # unless it is the last)
+        self._recycled = [tuple(key for key, received in ((("f", m), not self.is_first),
+                                                          (("b", m), not self.is_last))
+                                if received)
+                          for m in range(plan.num_micro_batches)]
         self._program: list[_Step] = []
         self._program_key: tuple[Any, Any, Any] | None = None
         self._counting = False
@@ -248,8 +255,14 @@ class StageExecutor:
         for index, action in enumerate(actions):
             kind, m = action.kind, action.microbatch
             arg: Any = m
-            if kind is ActionKind.SEND_F or kind is ActionKind.SEND_B:
-                arg = (m, action)
+            if kind is ActionKind.SEND_F:
+                arg = (m, action, message_tag("f", m))
+            elif kind is ActionKind.SEND_B:
+                arg = (m, action, message_tag("b", m))
+            elif kind is ActionKind.RECV_F:
+                arg = (m, ("f", m), message_tag("f", m))
+            elif kind is ActionKind.RECV_B:
+                arg = (m, ("b", m), message_tag("b", m))
             post = []
             for recv in (posts or {}).get(index, ()):
                 if recv.kind is ActionKind.RECV_F:
@@ -385,18 +398,18 @@ class StageExecutor:
         del inputs
         self._dilate(start, self._stats.backward_s, cpu_start, self._stats.backward_cpu_s)
         # the micro-batch's received activations and gradients are no longer used
-        self.comm.recycle(("f", m))
-        self.comm.recycle(("b", m))
+        for key in self._recycled[m]:
+            self.comm.recycle(key)
         if self.memory is not None:
             self.memory.backward_done(m)
 
     # -- communication -----------------------------------------------------------------------
-    def _send_f(self, arg: tuple[int, Action]) -> None:
-        m, action = arg
+    def _send_f(self, arg: tuple[int, Action, int]) -> None:
+        m, action, tag = arg
         outputs = self._outputs[m]
         items = [(dst, [o.detach()[rows] if rows is not None else o.detach()
                         for o in outputs]) for dst, rows in self._f_slices]
-        self.comm.send(items, "f", key=action, tag=message_tag("f", m))
+        self.comm.send(items, "f", key=action, tag=tag)
 
     def _received(self, pieces: list[list[torch.Tensor]], key: tuple[str, int]
                   ) -> list[torch.Tensor]:
@@ -406,22 +419,22 @@ class StageExecutor:
         self.comm.recycle(key)
         return joined
 
-    def _recv_f(self, m: int) -> None:
-        key = ("f", m)
-        pieces = self.comm.recv(self._f_peers, "f", message_tag("f", m), key=key)
-        self._recv_inputs[m] = self._received(pieces, key)
+    def _recv_f(self, arg: tuple[int, tuple[str, int], int]) -> None:
+        m, key, tag = arg
+        pieces = self.comm.recv(self._f_peers, "f", tag, key=key)
+        self._recv_inputs[m] = pieces[0] if len(pieces) == 1 else self._received(pieces, key)
 
-    def _send_b(self, arg: tuple[int, Action]) -> None:
-        m, action = arg
+    def _send_b(self, arg: tuple[int, Action, int]) -> None:
+        m, action, tag = arg
         grads = self._in_grads.pop(m)
         items = [(src, [g[rows] if rows is not None else g for g in grads])
                  for src, rows in self._b_slices]
-        self.comm.send(items, "b", key=action, tag=message_tag("b", m))
+        self.comm.send(items, "b", key=action, tag=tag)
 
-    def _recv_b(self, m: int) -> None:
-        key = ("b", m)
-        pieces = self.comm.recv(self._b_peers, "b", message_tag("b", m), key=key)
-        self._out_grads[m] = self._received(pieces, key)
+    def _recv_b(self, arg: tuple[int, tuple[str, int], int]) -> None:
+        m, key, tag = arg
+        pieces = self.comm.recv(self._b_peers, "b", tag, key=key)
+        self._out_grads[m] = pieces[0] if len(pieces) == 1 else self._received(pieces, key)
 
     # -- data parallelism inside the stage ---------------------------------------------------
     def _all_reduce_grads(self) -> None:
