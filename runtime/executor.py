@@ -53,6 +53,21 @@ def _tensors(value: Any) -> Iterator[torch.Tensor]:
             yield from _tensors(item)
 
 
+def _split_rows(value: Any, rows: Sequence[slice], micro_batches: int, micro_batch_size: int,
+                share: slice, device: torch.device) -> list[Any]:
+    """``_slice_rows(value, r, device)`` for every ``r`` of ``rows`` (a rank's rows of each
+    micro-batch). A contiguous tensor of the whole mini-batch is moved once and cut in one
+    call: the pieces are views of it with the sizes, strides and offsets of the slices,
+    so every loss or module computes on the same tensors."""
+    if isinstance(value, torch.Tensor) and value.dim() >= 1 \
+            and value.shape[0] == micro_batches * micro_batch_size:
+        moved = value.to(device)
+        if moved.is_contiguous():
+            grid = moved.view(micro_batches, micro_batch_size, *moved.shape[1:])
+            return list(grid[:, share].unbind(0))
+    return [_slice_rows(value, r, device) for r in rows]
+
+
 def _slice_rows(value: Any, rows: slice, device: torch.device) -> Any:
     """Rows ``rows`` of the targets ``value`` (a tensor, or a tuple or list of them), on
     ``device``: the model's output is there (a CUDA stage's loss needs CUDA targets)."""
@@ -73,6 +88,16 @@ def _slice_rows(value: Any, rows: slice, device: torch.device) -> Any:
 # meter only runs in the rounds it counts, and the action is named only when one fails.
 
 
+# [Note: the loss's weight]
+# The last stage's loss is ``loss_fn(out, targets) * loss_weight`` ([Note: loss scaling]).
+# The weight is not multiplied in autograd's graph, where it cost a multiplication and a
+# node per micro-batch, plus a ``float`` of the product: the backward starts from the
+# gradient that the multiplication's backward would have passed on, ``ones * weight`` (the
+# same multiplication, made once and cached), and the round's loss is the stacked raw
+# losses times the weight (the same multiplication of each element, one call), added in
+# micro-batch order as before. Both are the same floats, so gradients and losses are bit
+# for bit unchanged. A loss that is not one element is refused, as ``float`` refused it.
+#
 # [Note: launching backward]
 # ``torch.autograd.backward`` (and ``Tensor.backward``, which calls it) wraps the C++
 # engine in Python that checks for functorch transforms and ``__torch_function__``
@@ -177,7 +202,7 @@ class StageExecutor:
         self.memory = memory
         # the engine is called directly on CPU only (see [Note: launching backward])
         self._direct_backward = self.device.type == "cpu"
-        self._loss_ones: torch.Tensor | None = None
+        self._loss_seed: torch.Tensor | None = None
         self._outgoing = sorted(outgoing(plan, rank), key=lambda t: t.start)
         self._incoming = incoming(plan, rank)
         # hoisted out of the step loop: peers, row slices (None: the whole share)
@@ -209,6 +234,11 @@ class StageExecutor:
     def _reset_round(self, inputs: Sequence[torch.Tensor] | None, targets: Any) -> None:
         self._batch_inputs = inputs
         self._batch_targets = targets
+        # this rank's rows of every micro-batch, cut once per round (None: not given)
+        self._input_rows: list[list[torch.Tensor]] | None = None
+        self._target_rows: list[Any] | None = None
+        # the last stage's losses before their weight (see [Note: the loss's weight])
+        self._raw_losses: list[torch.Tensor] = []
         self._recv_inputs: dict[int, list[torch.Tensor]] = {}
         self._inputs: dict[int, list[torch.Tensor]] = {}
         self._outputs: dict[int, tuple[torch.Tensor, ...]] = {}
@@ -216,6 +246,22 @@ class StageExecutor:
         self._out_grads: dict[int, list[torch.Tensor]] = {}
         self._in_grads: dict[int, list[torch.Tensor]] = {}
         self._stats = RoundStats()
+
+    def _cut_batch(self) -> None:
+        """This rank's rows of every micro-batch of the round's inputs (first stage) and
+        targets (last stage), cut once (see ``_split_rows``)."""
+        inputs, targets = self._batch_inputs, self._batch_targets
+        if inputs is not None and self.is_first:
+            per_input = [self._split(x) for x in inputs]
+            self._input_rows = ([list(pieces) for pieces in zip(*per_input)] if per_input
+                                else [[] for _ in self._rows])
+        if targets is not None and self.is_last:
+            self._target_rows = self._split(targets)
+
+    def _split(self, value: Any) -> list[Any]:
+        return _split_rows(value, self._rows, self.plan.num_micro_batches,
+                           self.plan.micro_batch_size, slice(self.start, self.stop),
+                           self.device)
 
     @property
     def live_microbatches(self) -> int:
@@ -228,6 +274,8 @@ class StageExecutor:
         losses, gradients received or to be sent, and unflushed send buffers."""
         yield from _tensors(self._batch_inputs)
         yield from _tensors(self._batch_targets)
+        yield from _tensors(self._input_rows)
+        yield from _tensors(self._target_rows)
         for values in (self._recv_inputs, self._inputs, self._outputs, self._losses,
                        self._out_grads, self._in_grads):
             for value in values.values():
@@ -304,6 +352,7 @@ class StageExecutor:
         current = "start"
         entry: _Step | None = None
         try:
+            self._cut_batch()
             if counting:
                 self._observe()
             for entry in self._program:
@@ -315,6 +364,8 @@ class StageExecutor:
                 if counting:
                     self._observe()
             entry = None
+            current = "loss"
+            self._add_losses()
             current = "flush sends"
             comm.flush()
             current = "all-reduce"
@@ -336,6 +387,15 @@ class StageExecutor:
         return stats
 
     # -- compute ---------------------------------------------------------------------------
+    def _add_losses(self) -> None:
+        """The round's loss: the weighted losses of its micro-batches, added in order."""
+        raw = self._raw_losses
+        if raw:
+            with torch.no_grad():
+                weighted = (torch.stack(raw).reshape(-1) * self.loss_weight).tolist()
+            for value in weighted:
+                self._stats.loss += value
+
     def _dilate(self, start: float, into: list[float], cpu_start: float,
                 cpu_into: list[float]) -> None:
         cpu_into.append(time.thread_time() - cpu_start)
@@ -346,10 +406,9 @@ class StageExecutor:
     def _forward(self, m: int) -> None:
         fault_point("forward", self.device_name, self._step)   # tests only: see runtime.faults
         if self.is_first:
-            if self._batch_inputs is None:
+            if self._input_rows is None:
                 raise RuntimeFailure("stage 0 needs the mini-batch inputs")
-            rows = self._rows[m]
-            inputs = [x[rows].to(self.device) for x in self._batch_inputs]
+            inputs = self._input_rows[m]
         else:
             inputs = self._recv_inputs.pop(m)
             for x in inputs:
@@ -363,10 +422,16 @@ class StageExecutor:
         else:
             out = self.module(*inputs)
         if self.is_last:
-            targets = _slice_rows(self._batch_targets, self._rows[m], self.device)
-            loss = self.loss_fn(out, targets) * self.loss_weight
+            if self._target_rows is None:
+                raise RuntimeFailure("the last stage needs the mini-batch targets")
+            loss = self.loss_fn(out, self._target_rows[m])
+            if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+                got = (f"shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor)
+                       else type(loss).__name__)
+                raise RuntimeFailure(f"loss_fn must return a tensor of one element, got "
+                                     f"{got}")
             self._losses[m] = loss
-            self._stats.loss += float(loss.detach())
+            self._raw_losses.append(loss.detach())
         else:
             self._outputs[m] = out if isinstance(out, tuple) else (out,)
         self._inputs[m] = inputs
@@ -378,11 +443,14 @@ class StageExecutor:
         start, cpu_start = time.perf_counter(), time.thread_time()
         if self.is_last:
             loss = self._losses.pop(m)
-            ones = self._loss_ones
-            if ones is None or ones.shape != loss.shape or ones.dtype != loss.dtype:
-                ones = self._loss_ones = torch.ones_like(loss,
-                                                         memory_format=torch.preserve_format)
-            _run_backward((loss,), (ones,), self._direct_backward)
+            seed = self._loss_seed
+            if (seed is None or seed.shape != loss.shape or seed.dtype != loss.dtype
+                    or seed.device != loss.device):
+                # what autograd computed from ones through the weight's multiplication
+                # (see [Note: the loss's weight])
+                seed = torch.ones_like(loss, memory_format=torch.preserve_format)
+                seed = self._loss_seed = seed * self.loss_weight
+            _run_backward((loss,), (seed,), self._direct_backward)
             del loss
         else:
             outputs = self._outputs.pop(m)

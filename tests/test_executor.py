@@ -367,3 +367,22 @@ def test_direct_backward_matches_torch_autograd_backward() -> None:
     assert all(torch.equal(a, b) for a, b in zip(*grads, strict=True))
     with pytest.raises(RuntimeError):      # the engine checks the roots as the wrapper does
         _run_backward((torch.ones(()),), (torch.ones(()),), True)
+
+
+def test_rows_cut_once_are_the_slices() -> None:
+    """A rank's rows of every micro-batch, cut once per round, are the tensors that slicing
+    each micro-batch gives: same values, sizes and strides (contiguous, a share of the
+    micro-batch, a non-contiguous batch and a tuple of targets)."""
+    from runtime.executor import _slice_rows, _split_rows
+
+    cpu = torch.device("cpu")
+    y = torch.arange(24.0).reshape(12, 2)
+    for value in (y, y.t().contiguous().t(), (y[:, 0].long(), y)):
+        for share in (slice(0, 4), slice(1, 3)):
+            rows = [slice(m * 4 + share.start, m * 4 + share.stop) for m in range(3)]
+            got = _split_rows(value, rows, 3, 4, share, cpu)
+            want = [_slice_rows(value, r, cpu) for r in rows]
+            for a, b in zip(got, want, strict=True):
+                pairs = list(zip(a, b, strict=True)) if isinstance(b, tuple) else [(a, b)]
+                for ta, tb in pairs:
+                    assert torch.equal(ta, tb) and ta.stride() == tb.stride()
