@@ -36,11 +36,12 @@ log = logging.getLogger(__name__)
 #   already posted (its NOTIFY_RECV_READY has arrived); otherwise it announces the send and
 #   the payload follows only after the receiver posts, through the sender's gloo thread: an
 #   extra round trip and two thread wake-ups per message. The executor therefore posts
-#   every receive ahead (``runtime.lowering.recv_posts``: as soon as the previous receive
-#   of its kind is consumed) and waits on it at the RECV action, which stays the only
-#   blocking point, so runtime/validate.py's proof is unchanged. Each message has a tag of
-#   its own (``message_tag``: channel and micro-batch), so a posted receive can only match
-#   its own message whatever the order of the posts.
+#   every receive ahead (``runtime.lowering.recv_posts``: activations two ahead, gradients
+#   one, see runtime/lowering.py [Note: posting receives]) and waits on it at the RECV
+#   action, which stays the only blocking point, so runtime/validate.py's proof is
+#   unchanged. Each message has a tag of its own (``message_tag``: channel and
+#   micro-batch), so a posted receive can only match its own message whatever the order
+#   of the posts.
 # * Wire buffers come from per-(peer, channel) pools with typed views made once: a send
 #   copies into the views (no pack/cat), a receive hands out aliases of the views (no
 #   unpack/clone) that go back to the pool when the executor is done with the micro-batch
