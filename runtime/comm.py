@@ -36,11 +36,12 @@ log = logging.getLogger(__name__)
 #   already posted (its NOTIFY_RECV_READY has arrived); otherwise it announces the send and
 #   the payload follows only after the receiver posts, through the sender's gloo thread: an
 #   extra round trip and two thread wake-ups per message. The executor therefore posts
-#   every receive ahead (``runtime.lowering.recv_posts``: as soon as the previous receive
-#   of its kind is consumed) and waits on it at the RECV action, which stays the only
-#   blocking point, so runtime/validate.py's proof is unchanged. Each message has a tag of
-#   its own (``message_tag``: channel and micro-batch), so a posted receive can only match
-#   its own message whatever the order of the posts.
+#   every receive ahead (``runtime.lowering.recv_posts``: activations two ahead, gradients
+#   one, see runtime/lowering.py [Note: posting receives]) and waits on it at the RECV
+#   action, which stays the only blocking point, so runtime/validate.py's proof is
+#   unchanged. Each message has a tag of its own (``message_tag``: channel and
+#   micro-batch), so a posted receive can only match its own message whatever the order
+#   of the posts.
 # * Wire buffers come from per-(peer, channel) pools with typed views made once: a send
 #   copies into the views (no pack/cat), a receive hands out aliases of the views (no
 #   unpack/clone) that go back to the pool when the executor is done with the micro-batch
@@ -275,8 +276,9 @@ class Comm:
         self._link_free: dict[int, float] = {}
         # sends posted and not yet awaited, by key: (work, slot or header, pool or None)
         self._pending: dict[Any, list[tuple[Any, Any, list[_Slot] | None]]] = {}
-        # receives posted and not yet awaited, by (channel, tag): (peer, work, slot)
-        self._posted: dict[tuple[str, int], list[tuple[int, Any, _Slot]]] = {}
+        # receives posted and not yet awaited, by (channel, tag): (peer, work, slot, the
+        # pool the slot goes back to)
+        self._posted: dict[tuple[str, int], list[tuple[int, Any, _Slot, list[_Slot]]]] = {}
         # received buffers whose tensors the caller still uses, by key (see recycle)
         self._lent: dict[Any, list[tuple[list[_Slot], _Slot]]] = {}
         self.bytes_sent = 0
@@ -288,18 +290,23 @@ class Comm:
     def _wire(self, t: torch.Tensor) -> torch.Tensor:
         return t.cpu() if self._stage_cpu else t
 
-    def _wait(self, works: Sequence[Any], what: str) -> None:
+    def _wait(self, works: Sequence[Any], what: str | Callable[[], str]) -> None:
+        """Wait for ``works``; ``what`` (or what it returns: the message is only made when
+        one fails) names them in the error."""
         start = time.perf_counter()
+        timeout = self.timeout
         for work in works:
             try:
-                ok = work.wait(self.timeout)
+                ok = work.wait(timeout)
             except RuntimeError as exc:
-                raise CommFailure(f"rank {self.rank}: {what} failed or timed out after "
+                name = what if isinstance(what, str) else what()
+                raise CommFailure(f"rank {self.rank}: {name} failed or timed out after "
                                      f"{self.timeout.total_seconds():.0f} s: "
                                      f"{str(exc).splitlines()[0] if str(exc) else exc!r}"
                                      ) from exc
             if ok is False:
-                raise CommFailure(f"rank {self.rank}: {what} timed out after "
+                name = what if isinstance(what, str) else what()
+                raise CommFailure(f"rank {self.rank}: {name} timed out after "
                                      f"{self.timeout.total_seconds():.0f} s")
         self.wait_s += time.perf_counter() - start
 
@@ -331,22 +338,23 @@ class Comm:
         Raises:
             CommFailure: when the tensors' shapes or dtypes differ from the first send's.
         """
-        pending = self._pending.setdefault(key, [])
+        pending = self._pending.get(key)
+        if pending is None:
+            pending = self._pending[key] = []
         for peer, tensors in items:
             pair = (peer, channel)
-            layout = self._send_layout.get(pair)
-            if layout is None:
+            pool = self._send_pool.get(pair)
+            if pool is None:
                 header = encode_meta(tensors).to(self._wire_device)
                 pending.append((self._isend(header, peer, _meta_tag(channel)), header, None))
-                layout = [(tuple(t.shape), t.dtype) for t in tensors]
-                self._send_layout[pair] = layout
-                self._send_pool[pair] = []
-            pool = self._send_pool[pair]
-            slot = pool.pop() if pool else _Slot(layout, self._wire_device)
-            if len(tensors) != len(slot.views):
+                self._send_layout[pair] = [(tuple(t.shape), t.dtype) for t in tensors]
+                pool = self._send_pool[pair] = []
+            slot = pool.pop() if pool else _Slot(self._send_layout[pair], self._wire_device)
+            views = slot.views
+            if len(tensors) != len(views):
                 raise CommFailure(f"rank {self.rank}: {len(tensors)} tensors to send to rank "
-                                  f"{peer} ({channel}), the first send had {len(slot.views)}")
-            for view, t in zip(slot.views, tensors):
+                                  f"{peer} ({channel}), the first send had {len(views)}")
+            for view, t in zip(views, tensors):
                 if view.shape != t.shape or view.dtype != t.dtype:
                     raise CommFailure(f"rank {self.rank}: a tensor of shape "
                                       f"{tuple(t.shape)} {t.dtype} to send to rank {peer} "
@@ -355,9 +363,12 @@ class Comm:
                 view.copy_(t)
             if self.link_bytes_s is not None:
                 slot.stamp.fill_(time.time())
-            pending.append((self._isend(slot.buffer, peer, tag), slot, pool))
-            self.bytes_sent += slot.buffer.numel()
-            self.messages_sent += 1
+            buffer = slot.buffer
+            work = (self._pg.send([buffer], peer, tag) if self._pg is not None
+                    else dist.isend(buffer, peer, tag=tag))
+            pending.append((work, slot, pool))
+            self.bytes_sent += buffer.numel()
+        self.messages_sent += len(items)
 
     def _learn_meta(self, peers: Sequence[int], channel: str) -> None:
         new = [p for p in peers if (p, channel) not in self._recv_meta]
@@ -377,7 +388,7 @@ class Comm:
             pool = self._recv_pool[(p, channel)]
             slot = pool.pop() if pool else _Slot(self._recv_meta[(p, channel)],
                                                   self._wire_device)
-            entries.append((p, self._irecv(slot.buffer, p, tag), slot))
+            entries.append((p, self._irecv(slot.buffer, p, tag), slot, pool))
         self._posted[(channel, tag)] = entries
 
     def post_recv(self, peers: Sequence[int], channel: str, tag: int) -> bool:
@@ -409,20 +420,21 @@ class Comm:
             self._post(peers, channel, tag)
             entries = self._posted.pop((channel, tag))
         try:
-            self._wait([work for _, work, _ in entries],
-                       f"receiving from rank(s) {list(peers)} ({channel})")
+            self._wait([entry[1] for entry in entries],
+                       lambda: f"receiving from rank(s) {list(peers)} ({channel})")
         except CommFailure:
             self._posted[(channel, tag)] = entries   # still held by the backend
             raise
         out = []
+        lend = self._lend and key is not None
         lent: list[tuple[list[_Slot], _Slot]] = []
-        for p, _, slot in entries:
-            if self._lend and key is not None:
+        for p, _, slot, pool in entries:
+            if lend:
                 tensors = [view.detach() for view in slot.views]
-                lent.append((self._recv_pool[(p, channel)], slot))
+                lent.append((pool, slot))
             else:
                 tensors = [view.to(self.device, copy=True) for view in slot.views]
-                self._recv_pool[(p, channel)].append(slot)
+                pool.append(slot)
             if self.link_bytes_s is not None:
                 # the link is busy for bytes / bandwidth (messages queue behind each
                 # other); the latency delays the arrival without holding the link
@@ -431,9 +443,13 @@ class Comm:
                 self._link_free[p] = sent
                 self._pace_until(sent + self._latency(p, self.rank))
             out.append(tensors)
-            self.messages_received += 1
+        self.messages_received += len(entries)
         if lent:
-            self._lent.setdefault(key, []).extend(lent)
+            held = self._lent.get(key)
+            if held is None:
+                self._lent[key] = lent
+            else:
+                held.extend(lent)
         return out
 
     def recycle(self, key: Any) -> None:
@@ -460,7 +476,7 @@ class Comm:
 
     def _posted_and_idle(self) -> list[torch.Tensor]:
         """The buffers of receives posted and of the idle pools."""
-        out = [slot.buffer for entries in self._posted.values() for _, _, slot in entries]
+        out = [entry[2].buffer for entries in self._posted.values() for entry in entries]
         for pools in (self._send_pool, self._recv_pool):
             out += [slot.buffer for pool in pools.values() for slot in pool]
         return out
@@ -475,8 +491,9 @@ class Comm:
         """Wait for the sends posted under ``keys`` (already received, so this does not
         block; see runtime/lowering.py [Note: releasing sends]); their buffers go back to
         the pool."""
+        pending = self._pending
         for key in keys:
-            entries = self._pending.pop(key, None)
+            entries = pending.pop(key, None)
             if entries:
                 self._finish(entries)
 

@@ -53,6 +53,21 @@ def _tensors(value: Any) -> Iterator[torch.Tensor]:
             yield from _tensors(item)
 
 
+def _split_rows(value: Any, rows: Sequence[slice], micro_batches: int, micro_batch_size: int,
+                share: slice, device: torch.device) -> list[Any]:
+    """``_slice_rows(value, r, device)`` for every ``r`` of ``rows`` (a rank's rows of each
+    micro-batch). A contiguous tensor of the whole mini-batch is moved once and cut in one
+    call: the pieces are views of it with the sizes, strides and offsets of the slices,
+    so every loss or module computes on the same tensors."""
+    if isinstance(value, torch.Tensor) and value.dim() >= 1 \
+            and value.shape[0] == micro_batches * micro_batch_size:
+        moved = value.to(device)
+        if moved.is_contiguous():
+            grid = moved.view(micro_batches, micro_batch_size, *moved.shape[1:])
+            return list(grid[:, share].unbind(0))
+    return [_slice_rows(value, r, device) for r in rows]
+
+
 def _slice_rows(value: Any, rows: slice, device: torch.device) -> Any:
     """Rows ``rows`` of the targets ``value`` (a tensor, or a tuple or list of them), on
     ``device``: the model's output is there (a CUDA stage's loss needs CUDA targets)."""
@@ -71,6 +86,47 @@ def _slice_rows(value: Any, rows: slice, device: torch.device) -> Any:
 # formatted, inferred or logged in the step loop: peers and row slices are fixed at
 # construction, shapes travel once (runtime/comm.py [Note: message format]), the memory
 # meter only runs in the rounds it counts, and the action is named only when one fails.
+
+
+# [Note: the loss's weight]
+# The last stage's loss is ``loss_fn(out, targets) * loss_weight`` ([Note: loss scaling]).
+# The weight is not multiplied in autograd's graph, where it cost a multiplication and a
+# node per micro-batch, plus a ``float`` of the product: the backward starts from the
+# gradient that the multiplication's backward would have passed on, ``ones * weight`` (the
+# same multiplication, made once and cached), and the round's loss is the stacked raw
+# losses times the weight (the same multiplication of each element, one call), added in
+# micro-batch order as before. Both are the same floats, so gradients and losses are bit
+# for bit unchanged. A loss that is not one element is refused, as ``float`` refused it.
+#
+# [Note: launching backward]
+# ``torch.autograd.backward`` (and ``Tensor.backward``, which calls it) wraps the C++
+# engine in Python that checks for functorch transforms and ``__torch_function__``
+# subclasses, makes and shape-checks the gradient tensors (``ones_like`` of a loss) and
+# copies the ``contextvars`` context into the engine's thread-local storage for device
+# threads. Per backward on this host that is 20-30 us of CPU hot and 30-50 us as a
+# pipeline stage runs it (woken from a wait, caches cold), once per micro-batch on every
+# stage. A CPU stage whose roots are plain tensors calls the engine itself with the same
+# arguments that ``torch.autograd.backward`` passes it (no graph kept or created, no
+# ``inputs``, gradients accumulated) and gradients it already has: the received ones, or
+# for the loss a cached tensor of ones of the loss's shape and dtype (the engine reads it
+# and never writes it: it is held here, so it is never stolen). The engine itself checks
+# the gradients' shapes, dtypes and devices against the roots' and that the roots need a
+# gradient, so the errors are the same. The arithmetic is the same, so losses and
+# gradients are bit for bit those of ``torch.autograd.backward``; any other stage (CUDA, a
+# tensor subclass, a torch without the engine object) goes through
+# ``torch.autograd.backward``.
+
+_ENGINE: Any = getattr(getattr(torch.autograd, "Variable", None), "_execution_engine", None)
+
+
+def _run_backward(roots: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
+                  direct: bool) -> None:
+    """Backward from ``roots`` with gradients ``grads`` (see [Note: launching backward])."""
+    if direct and _ENGINE is not None and all(type(t) is torch.Tensor for t in roots):
+        _ENGINE.run_backward(tuple(roots), tuple(grads), False, False, (),
+                             allow_unreachable=True, accumulate_grad=True)
+    else:
+        torch.autograd.backward(list(roots), list(grads))
 
 
 @dataclass(frozen=True)
@@ -144,6 +200,9 @@ class StageExecutor:
         self.compute_scale = compute_scale
         self.device = device or torch.device("cpu")
         self.memory = memory
+        # the engine is called directly on CPU only (see [Note: launching backward])
+        self._direct_backward = self.device.type == "cpu"
+        self._loss_seed: torch.Tensor | None = None
         self._outgoing = sorted(outgoing(plan, rank), key=lambda t: t.start)
         self._incoming = incoming(plan, rank)
         # hoisted out of the step loop: peers, row slices (None: the whole share)
@@ -153,6 +212,13 @@ class StageExecutor:
         self._b_slices = [(t.src, self._share_rows(t.start, t.stop)) for t in self._incoming]
         self._rows = [micro_batch_rows(plan, m, self.start, self.stop)
                       for m in range(plan.num_micro_batches)]
+        # what a micro-batch's backward hands back to the comm pools: the keys of what
+        # this rank receives for it (activations unless it is the first stage, gradients
+        # unless it is the last)
+        self._recycled = [tuple(key for key, received in ((("f", m), not self.is_first),
+                                                          (("b", m), not self.is_last))
+                                if received)
+                          for m in range(plan.num_micro_batches)]
         self._program: list[_Step] = []
         self._program_key: tuple[Any, Any, Any] | None = None
         self._counting = False
@@ -168,6 +234,11 @@ class StageExecutor:
     def _reset_round(self, inputs: Sequence[torch.Tensor] | None, targets: Any) -> None:
         self._batch_inputs = inputs
         self._batch_targets = targets
+        # this rank's rows of every micro-batch, cut once per round (None: not given)
+        self._input_rows: list[list[torch.Tensor]] | None = None
+        self._target_rows: list[Any] | None = None
+        # the last stage's losses before their weight (see [Note: the loss's weight])
+        self._raw_losses: list[torch.Tensor] = []
         self._recv_inputs: dict[int, list[torch.Tensor]] = {}
         self._inputs: dict[int, list[torch.Tensor]] = {}
         self._outputs: dict[int, tuple[torch.Tensor, ...]] = {}
@@ -175,6 +246,22 @@ class StageExecutor:
         self._out_grads: dict[int, list[torch.Tensor]] = {}
         self._in_grads: dict[int, list[torch.Tensor]] = {}
         self._stats = RoundStats()
+
+    def _cut_batch(self) -> None:
+        """This rank's rows of every micro-batch of the round's inputs (first stage) and
+        targets (last stage), cut once (see ``_split_rows``)."""
+        inputs, targets = self._batch_inputs, self._batch_targets
+        if inputs is not None and self.is_first:
+            per_input = [self._split(x) for x in inputs]
+            self._input_rows = ([list(pieces) for pieces in zip(*per_input)] if per_input
+                                else [[] for _ in self._rows])
+        if targets is not None and self.is_last:
+            self._target_rows = self._split(targets)
+
+    def _split(self, value: Any) -> list[Any]:
+        return _split_rows(value, self._rows, self.plan.num_micro_batches,
+                           self.plan.micro_batch_size, slice(self.start, self.stop),
+                           self.device)
 
     @property
     def live_microbatches(self) -> int:
@@ -187,6 +274,8 @@ class StageExecutor:
         losses, gradients received or to be sent, and unflushed send buffers."""
         yield from _tensors(self._batch_inputs)
         yield from _tensors(self._batch_targets)
+        yield from _tensors(self._input_rows)
+        yield from _tensors(self._target_rows)
         for values in (self._recv_inputs, self._inputs, self._outputs, self._losses,
                        self._out_grads, self._in_grads):
             for value in values.values():
@@ -214,8 +303,14 @@ class StageExecutor:
         for index, action in enumerate(actions):
             kind, m = action.kind, action.microbatch
             arg: Any = m
-            if kind is ActionKind.SEND_F or kind is ActionKind.SEND_B:
-                arg = (m, action)
+            if kind is ActionKind.SEND_F:
+                arg = (m, action, message_tag("f", m))
+            elif kind is ActionKind.SEND_B:
+                arg = (m, action, message_tag("b", m))
+            elif kind is ActionKind.RECV_F:
+                arg = (m, ("f", m), message_tag("f", m))
+            elif kind is ActionKind.RECV_B:
+                arg = (m, ("b", m), message_tag("b", m))
             post = []
             for recv in (posts or {}).get(index, ()):
                 if recv.kind is ActionKind.RECV_F:
@@ -257,6 +352,7 @@ class StageExecutor:
         current = "start"
         entry: _Step | None = None
         try:
+            self._cut_batch()
             if counting:
                 self._observe()
             for entry in self._program:
@@ -268,6 +364,8 @@ class StageExecutor:
                 if counting:
                     self._observe()
             entry = None
+            current = "loss"
+            self._add_losses()
             current = "flush sends"
             comm.flush()
             current = "all-reduce"
@@ -289,6 +387,15 @@ class StageExecutor:
         return stats
 
     # -- compute ---------------------------------------------------------------------------
+    def _add_losses(self) -> None:
+        """The round's loss: the weighted losses of its micro-batches, added in order."""
+        raw = self._raw_losses
+        if raw:
+            with torch.no_grad():
+                weighted = (torch.stack(raw).reshape(-1) * self.loss_weight).tolist()
+            for value in weighted:
+                self._stats.loss += value
+
     def _dilate(self, start: float, into: list[float], cpu_start: float,
                 cpu_into: list[float]) -> None:
         cpu_into.append(time.thread_time() - cpu_start)
@@ -299,10 +406,9 @@ class StageExecutor:
     def _forward(self, m: int) -> None:
         fault_point("forward", self.device_name, self._step)   # tests only: see runtime.faults
         if self.is_first:
-            if self._batch_inputs is None:
+            if self._input_rows is None:
                 raise RuntimeFailure("stage 0 needs the mini-batch inputs")
-            rows = self._rows[m]
-            inputs = [x[rows].to(self.device) for x in self._batch_inputs]
+            inputs = self._input_rows[m]
         else:
             inputs = self._recv_inputs.pop(m)
             for x in inputs:
@@ -316,10 +422,16 @@ class StageExecutor:
         else:
             out = self.module(*inputs)
         if self.is_last:
-            targets = _slice_rows(self._batch_targets, self._rows[m], self.device)
-            loss = self.loss_fn(out, targets) * self.loss_weight
+            if self._target_rows is None:
+                raise RuntimeFailure("the last stage needs the mini-batch targets")
+            loss = self.loss_fn(out, self._target_rows[m])
+            if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+                got = (f"shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor)
+                       else type(loss).__name__)
+                raise RuntimeFailure(f"loss_fn must return a tensor of one element, got "
+                                     f"{got}")
             self._losses[m] = loss
-            self._stats.loss += float(loss.detach())
+            self._raw_losses.append(loss.detach())
         else:
             self._outputs[m] = out if isinstance(out, tuple) else (out,)
         self._inputs[m] = inputs
@@ -330,32 +442,42 @@ class StageExecutor:
         inputs = self._inputs.pop(m)
         start, cpu_start = time.perf_counter(), time.thread_time()
         if self.is_last:
-            self._losses.pop(m).backward()
+            loss = self._losses.pop(m)
+            seed = self._loss_seed
+            if (seed is None or seed.shape != loss.shape or seed.dtype != loss.dtype
+                    or seed.device != loss.device):
+                # what autograd computed from ones through the weight's multiplication
+                # (see [Note: the loss's weight])
+                seed = torch.ones_like(loss, memory_format=torch.preserve_format)
+                seed = self._loss_seed = seed * self.loss_weight
+            _run_backward((loss,), (seed,), self._direct_backward)
+            del loss
         else:
             outputs = self._outputs.pop(m)
             grads = iter(self._out_grads.pop(m))
             pairs = [(o, next(grads)) for o in outputs if _is_float(o)]
             pairs = [(o, g) for o, g in pairs if o.requires_grad]
             if pairs:
-                torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
+                _run_backward([o for o, _ in pairs], [g for _, g in pairs],
+                              self._direct_backward)
         if not self.is_first:
             self._in_grads[m] = [x.grad if x.grad is not None else torch.zeros_like(x)
                                  for x in inputs if _is_float(x)]
         del inputs
         self._dilate(start, self._stats.backward_s, cpu_start, self._stats.backward_cpu_s)
         # the micro-batch's received activations and gradients are no longer used
-        self.comm.recycle(("f", m))
-        self.comm.recycle(("b", m))
+        for key in self._recycled[m]:
+            self.comm.recycle(key)
         if self.memory is not None:
             self.memory.backward_done(m)
 
     # -- communication -----------------------------------------------------------------------
-    def _send_f(self, arg: tuple[int, Action]) -> None:
-        m, action = arg
+    def _send_f(self, arg: tuple[int, Action, int]) -> None:
+        m, action, tag = arg
         outputs = self._outputs[m]
         items = [(dst, [o.detach()[rows] if rows is not None else o.detach()
                         for o in outputs]) for dst, rows in self._f_slices]
-        self.comm.send(items, "f", key=action, tag=message_tag("f", m))
+        self.comm.send(items, "f", key=action, tag=tag)
 
     def _received(self, pieces: list[list[torch.Tensor]], key: tuple[str, int]
                   ) -> list[torch.Tensor]:
@@ -365,22 +487,22 @@ class StageExecutor:
         self.comm.recycle(key)
         return joined
 
-    def _recv_f(self, m: int) -> None:
-        key = ("f", m)
-        pieces = self.comm.recv(self._f_peers, "f", message_tag("f", m), key=key)
-        self._recv_inputs[m] = self._received(pieces, key)
+    def _recv_f(self, arg: tuple[int, tuple[str, int], int]) -> None:
+        m, key, tag = arg
+        pieces = self.comm.recv(self._f_peers, "f", tag, key=key)
+        self._recv_inputs[m] = pieces[0] if len(pieces) == 1 else self._received(pieces, key)
 
-    def _send_b(self, arg: tuple[int, Action]) -> None:
-        m, action = arg
+    def _send_b(self, arg: tuple[int, Action, int]) -> None:
+        m, action, tag = arg
         grads = self._in_grads.pop(m)
         items = [(src, [g[rows] if rows is not None else g for g in grads])
                  for src, rows in self._b_slices]
-        self.comm.send(items, "b", key=action, tag=message_tag("b", m))
+        self.comm.send(items, "b", key=action, tag=tag)
 
-    def _recv_b(self, m: int) -> None:
-        key = ("b", m)
-        pieces = self.comm.recv(self._b_peers, "b", message_tag("b", m), key=key)
-        self._out_grads[m] = self._received(pieces, key)
+    def _recv_b(self, arg: tuple[int, tuple[str, int], int]) -> None:
+        m, key, tag = arg
+        pieces = self.comm.recv(self._b_peers, "b", tag, key=key)
+        self._out_grads[m] = pieces[0] if len(pieces) == 1 else self._received(pieces, key)
 
     # -- data parallelism inside the stage ---------------------------------------------------
     def _all_reduce_grads(self) -> None:

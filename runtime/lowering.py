@@ -53,10 +53,25 @@ __all__ = [
 # (see runtime/comm.py [Note: lean hops]). Posting never blocks and every message has a tag
 # of its own, so the blocking points are exactly the RECV actions of the schedule and the
 # readiness rule, ``runtime.validate.simulate`` and the release proofs above are unchanged.
-# The first receive of each kind (RECV_F, RECV_B) is posted before the rank's first
-# action, every later one right after the previous receive of its kind was consumed: at
-# most ``RECV_WINDOW`` receives of a kind are posted ahead of their wait, which bounds the
-# buffers held for them (``runtime.validate.check_posts`` checks all of this).
+# The first ``w`` receives of a kind (RECV_F, RECV_B) are posted before the rank's first
+# action, every later one right after the receive ``w`` before it of its kind was
+# consumed, ``w = RECV_WINDOW[kind]``: at most ``w`` receives of a kind are posted ahead of
+# their wait, which bounds the buffers held for them (``runtime.validate.check_posts``
+# checks all of this).
+#
+# Activations are posted two ahead, gradients one. A stage runs ahead of the next one (in
+# 1F1B it sends the activations of micro-batch m + 1 as soon as the gradients of m - 1
+# are back), so with one ahead the next stage, which posts the receive of m + 1 only once
+# it has taken m, was often late, most of all when it is the slower one: gloo then
+# announces the send, waits for the receive to be posted and writes the payload from the
+# sender's transport thread, a round trip and a wake-up of both processes' transport
+# threads more per message. Posted two ahead, the receive is there before the send. On
+# the 2-stage pipeline of tools/measure_hop.py (16 micro-batches, uncapped) the transport
+# threads' CPU per round fell from 0.56-0.60 to 0.28-0.37 ms and the main threads' by
+# 0.4-0.5 ms (docs/benchmarks.md, "Per-hop cost"). The price is one more received
+# activation buffer on every stage but the first (solver.evaluate [Note: wire buffers]).
+# Gradients are posted as soon as the previous ones are taken, long before the next
+# stage can send them (it needs these activations first), so one ahead is enough.
 
 
 @dataclass(frozen=True)
@@ -231,8 +246,8 @@ def send_releases(plan: Plan, schedule: Schedule) -> dict[int, dict[int, list[Ac
 _SENDS = (ActionKind.SEND_F, ActionKind.SEND_B)
 
 
-RECV_WINDOW = 1
-"""Receives of one kind a rank posts ahead of their wait (see [Note: posting receives])."""
+RECV_WINDOW: dict[ActionKind, int] = {ActionKind.RECV_F: 2, ActionKind.RECV_B: 1}
+"""Receives of each kind a rank posts ahead of their wait (see [Note: posting receives])."""
 
 
 def recv_posts(plan: Plan, schedule: Schedule) -> dict[int, dict[int, list[Action]]]:
@@ -241,11 +256,13 @@ def recv_posts(plan: Plan, schedule: Schedule) -> dict[int, dict[int, list[Actio
     out: dict[int, dict[int, list[Action]]] = {}
     for rank, actions in schedule.items():
         posts: dict[int, list[Action]] = {}
-        last: dict[ActionKind, int] = {}
+        waits: dict[ActionKind, list[int]] = {}
         for index, action in enumerate(actions):
-            if action.kind in (ActionKind.RECV_F, ActionKind.RECV_B):
-                at = last.get(action.kind, -1) + 1
+            window = RECV_WINDOW.get(action.kind)
+            if window is not None:
+                earlier = waits.setdefault(action.kind, [])
+                at = earlier[-window] + 1 if len(earlier) >= window else 0
                 posts.setdefault(at, []).append(action)
-                last[action.kind] = index
+                earlier.append(index)
         out[rank] = posts
     return out

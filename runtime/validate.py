@@ -150,18 +150,23 @@ _RECVS = (ActionKind.RECV_F, ActionKind.RECV_B)
 
 
 def check_posts(plan: Plan, schedule: Schedule, posts: Mapping[int, Mapping[int,
-                Sequence[Action]]], window: int = RECV_WINDOW) -> None:
+                Sequence[Action]]],
+                window: int | Mapping[ActionKind, int] | None = None) -> None:
     """Check where receives are posted (``runtime.lowering.recv_posts``; see
     runtime/lowering.py [Note: posting receives]): each RECV of a rank is posted exactly
     once, at or before its own position (where the rank waits for it), nothing else is
     posted, and at no position more than ``window`` receives of one kind are posted ahead
-    of their wait. Posting never blocks and each (channel, micro-batch) has its own tag, so
-    with these checks :func:`simulate`'s deadlock proof covers the posted schedule.
+    of their wait (per kind; by default ``runtime.lowering.RECV_WINDOW``). Posting never
+    blocks and each (channel, micro-batch) has its own tag, so with these checks
+    :func:`simulate`'s deadlock proof covers the posted schedule.
 
     Raises:
         ScheduleError: naming the rank and the receive, with the schedule as a grid.
     """
     n = len(rank_stages(plan))
+    limits: Mapping[ActionKind, int] = (RECV_WINDOW if window is None
+                                        else dict.fromkeys(_RECVS, window)
+                                        if isinstance(window, int) else window)
     for rank in range(n):
         actions = schedule.get(rank, [])
         where = {a: i for i, a in enumerate(actions)}
@@ -195,9 +200,10 @@ def check_posts(plan: Plan, schedule: Schedule, posts: Mapping[int, Mapping[int,
                 spans = [(posted_at[a], where[a]) for a in actions if a.kind is kind]
                 for i in range(len(actions)):
                     ahead = sum(1 for p, w in spans if p <= i < w)
-                    if ahead > window:
+                    if ahead > limits[kind]:
                         problem = (f"rank {rank}: {ahead} {kind.value} receives are posted "
-                                   f"ahead of their wait at step {i} (at most {window})")
+                                   f"ahead of their wait at step {i} (at most "
+                                   f"{limits[kind]})")
                         index = i
                         break
                 if problem is not None:

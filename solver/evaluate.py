@@ -97,13 +97,14 @@ and optimizer state, ``param_bytes * (1 + optimizer_state_factor)``.
 The runtime sends and receives through pooled buffers of the cut's size (runtime/comm.py
 [Note: lean hops]) that it allocates when its pool is empty and keeps for the rest of
 the run, so a stage holds the most it ever used at once. For the 1F1B and GPipe
-schedules with ``RECV_WINDOW = 1``, replaying the runtime's own posts, releases and
+schedules with activations posted two ahead and gradients one (``RECV_WINDOW``, runtime/
+lowering.py [Note: posting receives]), replaying the runtime's own posts, releases and
 recycles (tests/test_evaluate.py checks this against runtime.lowering) gives, per
 sample and with ``c_in = cut_bytes[first - 1]`` (0 for the first stage) and
 ``c_out = cut_bytes[last]``:
 
-* received activations: ``min(M, F + 1)`` buffers of ``c_in`` (one per micro-batch in
-  flight, kept until its backward, and the next one posted ahead);
+* received activations: ``min(M, F + 2)`` buffers of ``c_in`` (one per micro-batch in
+  flight, kept until its backward, and the next two posted ahead);
 * gradients sent back: ``min(M, F + 1)`` of ``c_in``; a send is freed only once the
   schedule proves it received (runtime/lowering.py [Note: releasing sends]), which the
   cool-down's sends never are before the round ends;

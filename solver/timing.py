@@ -234,12 +234,13 @@ def wire_counts(in_flight: int, num_micro_batches: int | None, final: bool) -> t
     """``(at the input cut, at the output cut)``: how many of its cuts' per-sample wire
     buffers a stage with ``in_flight`` micro-batches in flight out of ``num_micro_batches``
     a round (None: more than ``in_flight``) holds (see solver.evaluate [Note: wire
-    buffers]): received activations and gradients sent back, ``min(M, F + 1)`` each; ``F``
-    activations sent and one gradient received, or on the ``final`` stage the model's
-    output of its ``F`` micro-batches."""
-    ahead = in_flight + 1 if num_micro_batches is None \
-        else min(num_micro_batches, in_flight + 1)
-    return 2 * ahead, in_flight if final else in_flight + 1
+    buffers]): received activations ``min(M, F + 2)`` and gradients sent back
+    ``min(M, F + 1)``; ``F`` activations sent and one gradient received, or on the
+    ``final`` stage the model's output of its ``F`` micro-batches."""
+    m = num_micro_batches
+    received = in_flight + 2 if m is None else min(m, in_flight + 2)
+    returned = in_flight + 1 if m is None else min(m, in_flight + 1)
+    return received + returned, in_flight if final else in_flight + 1
 
 
 def _work(fits: Iterable[tuple[TimeFit, TimeFit]]) -> tuple[float, float]:

@@ -347,14 +347,15 @@ def _wire_high_water(num_stages: int, m: int, schedule: str) -> list[dict[str, i
 
 @pytest.mark.parametrize("schedule", ["1f1b", "gpipe"])
 def test_wire_buffers_are_what_the_runtime_allocates(schedule: str) -> None:
-    # [Note: wire buffers]: min(M, F + 1) received activations and as many gradients sent
-    # back, F activations sent on and one gradient received, F the micro-batches in flight
+    # [Note: wire buffers]: min(M, F + 2) received activations (two posted ahead), min(M,
+    # F + 1) gradients sent back, F activations sent on and one gradient received, F the
+    # micro-batches in flight
     for num_stages in range(2, 6):
         for m in (1, 2, 3, 4, 8):
             for s, high in enumerate(_wire_high_water(num_stages, m, schedule)):
                 flight = in_flight(m, num_stages, s, schedule)
                 first, last = s == 0, s == num_stages - 1
-                assert high == {"rf": 0 if first else min(m, flight + 1),
+                assert high == {"rf": 0 if first else min(m, flight + 2),
                                 "sb": 0 if first else min(m, flight + 1),
                                 "sf": 0 if last else flight,
                                 "rb": 0 if last else 1}, (num_stages, m, s)
@@ -364,12 +365,12 @@ def test_flight_bytes_counts_activations_and_wire_buffers() -> None:
     sums = LayerSums.of(_costs3())
     # the first stage of two: 2 in flight, activations 100, outputs 5000 three times
     assert sums.flight_bytes(0, 0, 2, 4) == 2 * 100 + 3 * 5000
-    # the last: inputs 5000 four times (two received, two sent back), the model's output
-    assert sums.flight_bytes(1, 2, 1, 4) == 500 + 4 * 5000 + 4
+    # the last: inputs 5000 five times (three received, two sent back), the model's output
+    assert sums.flight_bytes(1, 2, 1, 4) == 500 + 5 * 5000 + 4
     assert sums.flight_bytes(1, 2, 1, 1) == 500 + 2 * 5000 + 4       # nothing posted ahead
     assert sums.flight_bytes(1, 2, 1) == sums.flight_bytes(1, 2, 1, 8)   # M unknown: more
     # a middle stage of layers 1..1: inputs 5000, outputs 1000
-    assert sums.flight_bytes(1, 1, 2, 8) == 2 * 200 + 2 * 3 * 5000 + 3 * 1000
+    assert sums.flight_bytes(1, 1, 2, 8) == 2 * 200 + (4 + 3) * 5000 + 3 * 1000
 
 
 def test_largest_params_is_the_range_maximum() -> None:

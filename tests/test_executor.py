@@ -343,3 +343,46 @@ def test_targets_go_to_the_stage_device() -> None:
     assert isinstance(pair, tuple) and torch.equal(pair[0], y[:2])
     with pytest.raises(RuntimeFailure, match="targets must be a tensor"):
         _slice_rows({"y": y}, slice(0, 2), torch.device("cpu"))
+
+
+def test_direct_backward_matches_torch_autograd_backward() -> None:
+    """[Note: launching backward]: the engine called directly gives the same gradients, bit
+    for bit, as torch.autograd.backward, for a loss (cached ones) and for received grads."""
+    from runtime.executor import _run_backward
+
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(4, 3)
+    x = torch.randn(2, 4)
+    grads = []
+    for direct in (True, False):
+        layer.zero_grad(set_to_none=True)
+        inp = x.clone().requires_grad_(True)
+        out = layer(inp)
+        loss = torch.nn.functional.cross_entropy(out, torch.tensor([0, 2])) * 0.25
+        _run_backward((loss,), (torch.ones_like(loss),), direct)
+        first = [layer.weight.grad.clone(), inp.grad.clone()]
+        inp2 = x.clone().requires_grad_(True)
+        _run_backward([layer(inp2)], [torch.full((2, 3), 0.5)], direct)
+        grads.append(first + [layer.weight.grad.clone(), inp2.grad.clone()])
+    assert all(torch.equal(a, b) for a, b in zip(*grads, strict=True))
+    with pytest.raises(RuntimeError):      # the engine checks the roots as the wrapper does
+        _run_backward((torch.ones(()),), (torch.ones(()),), True)
+
+
+def test_rows_cut_once_are_the_slices() -> None:
+    """A rank's rows of every micro-batch, cut once per round, are the tensors that slicing
+    each micro-batch gives: same values, sizes and strides (contiguous, a share of the
+    micro-batch, a non-contiguous batch and a tuple of targets)."""
+    from runtime.executor import _slice_rows, _split_rows
+
+    cpu = torch.device("cpu")
+    y = torch.arange(24.0).reshape(12, 2)
+    for value in (y, y.t().contiguous().t(), (y[:, 0].long(), y)):
+        for share in (slice(0, 4), slice(1, 3)):
+            rows = [slice(m * 4 + share.start, m * 4 + share.stop) for m in range(3)]
+            got = _split_rows(value, rows, 3, 4, share, cpu)
+            want = [_slice_rows(value, r, cpu) for r in rows]
+            for a, b in zip(got, want, strict=True):
+                pairs = list(zip(a, b, strict=True)) if isinstance(b, tuple) else [(a, b)]
+                for ta, tb in pairs:
+                    assert torch.equal(ta, tb) and ta.stride() == tb.stride()

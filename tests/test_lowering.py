@@ -7,6 +7,7 @@ import pytest
 from contracts.errors import ScheduleError
 from contracts.plan import Plan, Stage
 from runtime.lowering import (
+    RECV_WINDOW,
     Transfer,
     add_comms,
     incoming,
@@ -150,6 +151,7 @@ def test_1f1b_holds_send_buffers_only_for_micro_batches_in_flight() -> None:
 
 @pytest.mark.parametrize("order", [one_f_one_b, gpipe])
 def test_receives_are_posted_once_the_previous_of_their_kind_is_consumed(order: object) -> None:
+    """Activations two ahead, gradients one (runtime/lowering.py [Note: posting receives])."""
     plan = _plan()
     schedule = add_comms(plan, order(plan))  # type: ignore[operator]
     posts = recv_posts(plan, schedule)
@@ -158,16 +160,20 @@ def test_receives_are_posted_once_the_previous_of_their_kind_is_consumed(order: 
         where = {a: i for i, sends in posts[rank].items() for a in sends}
         recvs = [a for a in actions if a.kind in (ActionKind.RECV_F, ActionKind.RECV_B)]
         assert sorted(where, key=actions.index) == recvs       # each exactly once
-        for kind in (ActionKind.RECV_F, ActionKind.RECV_B):
+        for kind, window in ((ActionKind.RECV_F, 2), (ActionKind.RECV_B, 1)):
+            assert RECV_WINDOW[kind] == window
             mine = [a for a in recvs if a.kind is kind]
-            for before, after in zip([None, *mine][: len(mine)], mine, strict=True):
-                # the first at the start, every later one right after the previous wait
-                assert where[after] == (0 if before is None else actions.index(before) + 1)
+            for i, after in enumerate(mine):
+                # the first `window` at the start, every later one right after the wait of
+                # the one `window` before it
+                assert where[after] == (0 if i < window
+                                        else actions.index(mine[i - window]) + 1)
     # the middle stage of a 3-stage 1F1B pipeline: both first receives at the start
     one = _pipeline(2)
     lowered = add_comms(one, one_f_one_b(one))
     assert format_actions(lowered[1]) == ("1RECV_F0 1F0 1SEND_F0 1RECV_F1 1F1 1SEND_F1 "
                                           "1RECV_B0 1B0 1SEND_B0 1RECV_B1 1B1 1SEND_B1")
     assert recv_posts(one, lowered)[1] == {
-        0: [Action(1, ActionKind.RECV_F, 0), Action(1, ActionKind.RECV_B, 0)],
-        1: [Action(1, ActionKind.RECV_F, 1)], 7: [Action(1, ActionKind.RECV_B, 1)]}
+        0: [Action(1, ActionKind.RECV_F, 0), Action(1, ActionKind.RECV_F, 1),
+            Action(1, ActionKind.RECV_B, 0)],
+        7: [Action(1, ActionKind.RECV_B, 1)]}

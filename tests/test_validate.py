@@ -103,8 +103,8 @@ def test_format_grid_marks_one_row() -> None:
 
 
 def test_posted_receives_are_checked() -> None:
-    """Each receive is posted once, before it is waited on, and at most one per kind ahead
-    (runtime/lowering.py [Note: posting receives])."""
+    """Each receive is posted once, before it is waited on, and at most two activations
+    and one gradient ahead (runtime/lowering.py [Note: posting receives])."""
     plan = _plan([[4], [2, 2]], 3)
     sched = add_comms(plan, one_f_one_b(plan))
     posts = recv_posts(plan, sched)
@@ -126,8 +126,18 @@ def test_posted_receives_are_checked() -> None:
         check_posts(plan, sched, moved(1, {0: recvs[1:]}))
     with pytest.raises(ScheduleError, match="posts 1F0 at step 0, which is not a receive"):
         check_posts(plan, sched, moved(1, {0: [Action(1, ActionKind.F, 0), *recvs]}))
-    # everything posted at the start: three RECV_F ahead of their waits at once
+    # everything posted at the start: two RECV_F ahead of their waits at once, which their
+    # window of two allows and a window of one does not
+    check_posts(plan, sched, moved(1, {0: recvs}))
     with pytest.raises(ScheduleError, match=r"2 RECV_F receives are posted ahead of their "
                                             r"wait at step 0 \(at most 1\)"):
-        check_posts(plan, sched, moved(1, {0: recvs}))
+        check_posts(plan, sched, moved(1, {0: recvs}), window=1)
+    # a middle stage posting every gradient at the start: three ahead, one allowed
+    three = _plan([[4], [4], [4]], 3)
+    lowered = add_comms(three, one_f_one_b(three))
+    mine = [a for a in lowered[1] if a.kind in (ActionKind.RECV_F, ActionKind.RECV_B)]
+    all_posts = recv_posts(three, lowered)
+    with pytest.raises(ScheduleError, match=r"3 RECV_B receives are posted ahead of their "
+                                            r"wait at step 0 \(at most 1\)"):
+        check_posts(three, lowered, {**all_posts, 1: {0: mine}})
     check_posts(plan, sched, moved(1, {0: recvs}), window=len(recvs))
