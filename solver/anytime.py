@@ -318,6 +318,35 @@ def link_bounds(costs: CostTable, cluster: Cluster, batch_size: int, mbs: Sequen
     return out
 
 
+ORDER_FIRST_SIZES = 2
+"""Without a time limit, where the wide space is too large to search and the class bound
+counts its pools (``counts_pools``), the order's pass over every candidate cut runs first
+for this many micro-batch sizes only (the most promising of its coarser passes), and for
+the others only where the class bound does not prove the best round ([Note: the order's
+sizes after the bound])."""
+
+
+def _order_rest(costs: CostTable, cluster: Cluster, batch_size: int, osf: float,
+                max_cuts: int | None, order: DPResult, incumbent: float,
+                sizes: Sequence[int] | None = None) -> DPResult:
+    """The order's search over ``sizes`` (default: those ``order`` skipped) with
+    ``incumbent``, as one result with ``order``: complete and no size skipped. A size the
+    class bound proved needs no search: its plans cannot beat the best round."""
+    sizes = list(order.skipped if sizes is None else sizes)
+    if not sizes:
+        return replace(order, complete=True, skipped=())
+    more = asteroid_dp(costs, cluster, batch_size, optimizer_state_factor=osf,
+                       micro_batch_sizes=sizes, max_cuts=max_cuts, incumbent=incumbent)
+    better = more.plan is not None and more.round_time_s < order.round_time_s
+    return DPResult(plan=more.plan if better else order.plan,
+                    round_time_s=min(order.round_time_s, more.round_time_s),
+                    search_time_s=order.search_time_s + more.search_time_s,
+                    cells=order.cells + more.cells,
+                    max_front=max(order.max_front, more.max_front),
+                    candidate_cuts=order.candidate_cuts, complete=more.complete,
+                    bounds={**order.bounds, **more.bounds})
+
+
 def search(costs: CostTable, cluster: Cluster, batch_size: int, *,
            optimizer_state_factor: float = 0.0,
            micro_batch_sizes: Sequence[int] | None = None,
@@ -392,11 +421,22 @@ def search(costs: CostTable, cluster: Cluster, batch_size: int, *,
     first_deadline = search_end
     if search_end is not None and size <= WIDE_ANYTIME_MAX:
         first_deadline = started + (search_end - started) / 2
+    # without a limit, where the counted class bound will prove the sizes over every
+    # order, only the most promising sizes get the order's pass over every cut first
+    # ([Note: the order's sizes after the bound])
+    counted = counts_pools(ClassSpace(costs, cluster))
+    later = time_limit is None and not wide_ok and counted
     order = asteroid_dp(costs, cluster, batch_size, optimizer_state_factor=optimizer_state_factor,
                         micro_batch_sizes=micro_batch_sizes, max_cuts=max_cuts,
                         incumbent=best_value, deadline=first_deadline,
-                        progress=report(_ORDER_SHARE, 0.0, "one order"))
+                        progress=report(_ORDER_SHARE, 0.0, "one order"),
+                        full_sizes=ORDER_FIRST_SIZES if later else None)
     take(order)
+    if order.skipped and best is None:
+        # nothing found yet: the sizes left out now, as without the bound
+        order = _order_rest(costs, cluster, batch_size, optimizer_state_factor, max_cuts,
+                            order, best_value)
+        take(order)
     phases.append("order")
     # 2: the baselines that plan with a search of their own
     safety_net(planning=True)
@@ -427,10 +467,11 @@ def search(costs: CostTable, cluster: Cluster, batch_size: int, *,
     searched = time.perf_counter() - started
     # the link bound ([Note: the link bound] in solver.link_bound; milliseconds to a few
     # tenths of a second per size) first, within the deadline, then the class bound
-    links = {} if complete else link_bounds(
-        costs, cluster, batch_size, [mb for mb in mbs if mb not in proven], max_cuts,
-        deadline)
-    counted = counts_pools(ClassSpace(costs, cluster))
+    # (without a limit, where the counted bound runs, only for the sizes it falls short on)
+    links: dict[int, float] = {}
+    if not complete and not later:
+        links = link_bounds(costs, cluster, batch_size, [mb for mb in mbs if mb not in proven],
+                            max_cuts, deadline)
     if not complete and (deadline is not None or counted
                          or searched >= CLASS_BOUND_AFTER_S):
         until = (deadline if deadline is not None
@@ -438,6 +479,16 @@ def search(costs: CostTable, cluster: Cluster, batch_size: int, *,
                                                 CLASS_COUNTED_S if counted else 0.0))
         proven.update(_class_bounds(costs, cluster, batch_size, mbs, max_cuts, best_value,
                                     proven, until))
+    if later and not complete:
+        target = best_value
+        short = [mb for mb in mbs if mb not in proven or proven[mb] < target * _PROVED]
+        links = link_bounds(costs, cluster, batch_size, short, max_cuts, deadline)
+        if order.skipped:
+            # the sizes the bound left unproven get the order's pass over every cut
+            rest = [mb for mb in order.skipped if mb in short]
+            order = _order_rest(costs, cluster, batch_size, optimizer_state_factor, max_cuts,
+                                order, best_value, rest)
+            take(order)
     for mb, value in links.items():
         proven[mb] = max(value, proven.get(mb, work_bound(costs, cluster, batch_size, mb)))
     bound = min(min(proven.get(mb, work_bound(costs, cluster, batch_size, mb)), best_value)
