@@ -44,6 +44,19 @@ quarter of a search of ``CLASS_BOUND_AFTER_S`` or more, and where it counts the 
 The gap ``(round - bound) / bound`` goes into ``plan.planner.bound``; the work bound
 ignores communication and integer shares, so a search stopped early reports a large but
 honest gap.
+
+[Note: the order's sizes after the bound]
+Without a time limit, where phase 3 does not run (more than ``WIDE_EXACT_MAX`` pairs) and
+the class bound counts the pools, the counted bound proves most micro-batch sizes over
+every order at the best round. Phase 1's pass over every candidate cut then runs only
+for the ``ORDER_FIRST_SIZES`` sizes its coarser passes found most promising (the DP's
+``full_sizes``); the class bound follows, and only the sizes it leaves below the best
+round (``_PROVED``) get the order's pass over every cut, with the best round as
+incumbent, and the link bound. A size the class bound proves has no plan in any order
+below the best round (less the bound's slack), so the paper's space holds none either:
+the plan, its round and the reported bound are those of the search over every size, and
+``order_optimal`` still holds. Where the first sizes find no plan, the others are
+searched at once, as before.
 """
 
 from __future__ import annotations
