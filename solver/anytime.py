@@ -50,13 +50,19 @@ Without a time limit, where phase 3 does not run (more than ``WIDE_EXACT_MAX`` p
 the class bound counts the pools, the counted bound proves most micro-batch sizes over
 every order at the best round. Phase 1's pass over every candidate cut then runs only
 for the ``ORDER_FIRST_SIZES`` sizes its coarser passes found most promising (the DP's
-``full_sizes``); the class bound follows, and only the sizes it leaves below the best
-round (``_PROVED``) get the order's pass over every cut, with the best round as
-incumbent, and the link bound. A size the class bound proves has no plan in any order
-below the best round (less the bound's slack), so the paper's space holds none either:
-the plan, its round and the reported bound are those of the search over every size, and
-``order_optimal`` still holds. Where the first sizes find no plan, the others are
-searched at once, as before.
+``full_sizes``). The counted class bound follows, for the best round, until a size falls
+short of it (``_PROVED``). Where every size reaches it, no other size needs the order's
+pass: a size the class bound proves has no plan in any order below the best round (less
+the bound's slack), so the paper's space holds none either, and ``order_optimal`` still
+holds. Where a size falls short (the bound is weak there, or a better plan is at that
+size), every size left out gets the order's pass with the best round as incumbent, as
+before, then the class bound for the sizes it has not reached, for the (maybe new) best
+round or the short size's bound if lower. The sizes done keep their bounds: a class
+bound for a higher target is still a lower bound on every plan of its size, so the
+reported bound is sound, though where the order's pass finds a better round it may
+differ from the one of the old sequence (each size's bound for the final round) either
+way. The link bound runs only for the sizes still short. Where the first sizes find no
+plan, the others are searched at once.
 """
 
 from __future__ import annotations
@@ -230,7 +236,7 @@ _PROVED = 1.0 - 1e-6
 
 def _class_bounds(costs: CostTable, cluster: Cluster, batch_size: int, mbs: Sequence[int],
                   max_cuts: int | None, target: float, proven: dict[int, float],
-                  deadline: float) -> dict[int, float]:
+                  deadline: float, stop_short: bool = False) -> dict[int, float]:
     """Per micro-batch size without a bound in ``proven``, until the deadline: the larger
     of the work bound and ``class_bound`` (at most ``target``). The sizes go in order of
     their work bound, lowest first: each one finished raises the smallest bound. Only the
@@ -244,7 +250,8 @@ def _class_bounds(costs: CostTable, cluster: Cluster, batch_size: int, mbs: Sequ
     so far where a size fell short of it, and no bisection (the counted bound reaches its
     target where it proves anything: on issue 14's MLP each size in 0.1-0.5 s of CPU,
     where the priced pass it replaced took 0.15-0.5 s per size and proved one size). A size
-    whose work bound already reaches ``target`` gets no class bound."""
+    whose work bound already reaches ``target`` gets no class bound. ``stop_short``: stop
+    after the first counted size that falls short of its target."""
     if not math.isfinite(target):
         return {}
     space = ClassSpace(costs, cluster)
@@ -275,6 +282,8 @@ def _class_bounds(costs: CostTable, cluster: Cluster, batch_size: int, mbs: Sequ
             out[mb] = max(found, work[mb])
             if out[mb] < cap * _PROVED:     # fell short (else the target holds)
                 cap = out[mb]
+                if stop_short:
+                    break
         return out
     for mb in sorted(work, key=work.__getitem__):
         if time.perf_counter() > deadline:
@@ -485,23 +494,33 @@ def search(costs: CostTable, cluster: Cluster, batch_size: int, *,
     if not complete and not later:
         links = link_bounds(costs, cluster, batch_size, [mb for mb in mbs if mb not in proven],
                             max_cuts, deadline)
-    if not complete and (deadline is not None or counted
-                         or searched >= CLASS_BOUND_AFTER_S):
+    if not complete and not later and (deadline is not None or counted
+                                       or searched >= CLASS_BOUND_AFTER_S):
         until = (deadline if deadline is not None
                  else time.perf_counter() + max(CLASS_BOUND_SHARE * searched,
                                                 CLASS_COUNTED_S if counted else 0.0))
         proven.update(_class_bounds(costs, cluster, batch_size, mbs, max_cuts, best_value,
                                     proven, until))
     if later and not complete:
+        # [Note: the order's sizes after the bound]: the counted bound until a size falls
+        # short; then the order's pass for every size it left out, and the bound for the
+        # sizes it has not reached yet
         target = best_value
-        short = [mb for mb in mbs if mb not in proven or proven[mb] < target * _PROVED]
-        links = link_bounds(costs, cluster, batch_size, short, max_cuts, deadline)
-        if order.skipped:
-            # the sizes the bound left unproven get the order's pass over every cut
-            rest = [mb for mb in order.skipped if mb in short]
+        until = time.perf_counter() + max(CLASS_BOUND_SHARE * searched, CLASS_COUNTED_S)
+        first = _class_bounds(costs, cluster, batch_size, mbs, max_cuts, target, proven,
+                              until, stop_short=True)
+        proven.update(first)
+        if any(proven.get(mb, 0.0) < target * _PROVED for mb in mbs):
             order = _order_rest(costs, cluster, batch_size, optimizer_state_factor, max_cuts,
-                                order, best_value, rest)
+                                order, best_value)
             take(order)
+            # a class bound for a higher target is still a bound: the sizes done keep theirs
+            proven.update(_class_bounds(costs, cluster, batch_size, mbs, max_cuts,
+                                        best_value, dict(proven), until))
+        else:
+            order = replace(order, complete=True, skipped=())
+        short = [mb for mb in mbs if proven.get(mb, 0.0) < best_value * _PROVED]
+        links = link_bounds(costs, cluster, batch_size, short, max_cuts, deadline)
     for mb, value in links.items():
         proven[mb] = max(value, proven.get(mb, work_bound(costs, cluster, batch_size, mb)))
     bound = min(min(proven.get(mb, work_bound(costs, cluster, batch_size, mb)), best_value)
