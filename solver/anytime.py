@@ -44,6 +44,25 @@ quarter of a search of ``CLASS_BOUND_AFTER_S`` or more, and where it counts the 
 The gap ``(round - bound) / bound`` goes into ``plan.planner.bound``; the work bound
 ignores communication and integer shares, so a search stopped early reports a large but
 honest gap.
+
+[Note: the order's sizes after the bound]
+Without a time limit, where phase 3 does not run (more than ``WIDE_EXACT_MAX`` pairs) and
+the class bound counts the pools, the counted bound proves most micro-batch sizes over
+every order at the best round. Phase 1's pass over every candidate cut then runs only
+for the ``ORDER_FIRST_SIZES`` sizes its coarser passes found most promising (the DP's
+``full_sizes``). The counted class bound follows, for the best round, until a size falls
+short of it (``_PROVED``). Where every size reaches it, no other size needs the order's
+pass: a size the class bound proves has no plan in any order below the best round (less
+the bound's slack), so the paper's space holds none either, and ``order_optimal`` still
+holds. Where a size falls short (the bound is weak there, or a better plan is at that
+size), every size left out gets the order's pass with the best round as incumbent, as
+before, then the class bound for the sizes it has not reached, for the (maybe new) best
+round or the short size's bound if lower. The sizes done keep their bounds: a class
+bound for a higher target is still a lower bound on every plan of its size, so the
+reported bound is sound, though where the order's pass finds a better round it may
+differ from the one of the old sequence (each size's bound for the final round) either
+way. The link bound runs only for the sizes still short. Where the first sizes find no
+plan, the others are searched at once.
 """
 
 from __future__ import annotations
@@ -217,7 +236,7 @@ _PROVED = 1.0 - 1e-6
 
 def _class_bounds(costs: CostTable, cluster: Cluster, batch_size: int, mbs: Sequence[int],
                   max_cuts: int | None, target: float, proven: dict[int, float],
-                  deadline: float) -> dict[int, float]:
+                  deadline: float, stop_short: bool = False) -> dict[int, float]:
     """Per micro-batch size without a bound in ``proven``, until the deadline: the larger
     of the work bound and ``class_bound`` (at most ``target``). The sizes go in order of
     their work bound, lowest first: each one finished raises the smallest bound. Only the
@@ -231,7 +250,8 @@ def _class_bounds(costs: CostTable, cluster: Cluster, batch_size: int, mbs: Sequ
     so far where a size fell short of it, and no bisection (the counted bound reaches its
     target where it proves anything: on issue 14's MLP each size in 0.1-0.5 s of CPU,
     where the priced pass it replaced took 0.15-0.5 s per size and proved one size). A size
-    whose work bound already reaches ``target`` gets no class bound."""
+    whose work bound already reaches ``target`` gets no class bound. ``stop_short``: stop
+    after the first counted size that falls short of its target."""
     if not math.isfinite(target):
         return {}
     space = ClassSpace(costs, cluster)
@@ -262,6 +282,8 @@ def _class_bounds(costs: CostTable, cluster: Cluster, batch_size: int, mbs: Sequ
             out[mb] = max(found, work[mb])
             if out[mb] < cap * _PROVED:     # fell short (else the target holds)
                 cap = out[mb]
+                if stop_short:
+                    break
         return out
     for mb in sorted(work, key=work.__getitem__):
         if time.perf_counter() > deadline:
@@ -316,6 +338,35 @@ def link_bounds(costs: CostTable, cluster: Cluster, batch_size: int, mbs: Sequen
             break
         out[mb] = link_bound(space, sums, costs.cut_bytes, ends, mb, batch_size // mb, raw)
     return out
+
+
+ORDER_FIRST_SIZES = 2
+"""Without a time limit, where the wide space is too large to search and the class bound
+counts its pools (``counts_pools``), the order's pass over every candidate cut runs first
+for this many micro-batch sizes only (the most promising of its coarser passes), and for
+the others only where the class bound does not prove the best round ([Note: the order's
+sizes after the bound])."""
+
+
+def _order_rest(costs: CostTable, cluster: Cluster, batch_size: int, osf: float,
+                max_cuts: int | None, order: DPResult, incumbent: float,
+                sizes: Sequence[int] | None = None) -> DPResult:
+    """The order's search over ``sizes`` (default: those ``order`` skipped) with
+    ``incumbent``, as one result with ``order``: complete and no size skipped. A size the
+    class bound proved needs no search: its plans cannot beat the best round."""
+    sizes = list(order.skipped if sizes is None else sizes)
+    if not sizes:
+        return replace(order, complete=True, skipped=())
+    more = asteroid_dp(costs, cluster, batch_size, optimizer_state_factor=osf,
+                       micro_batch_sizes=sizes, max_cuts=max_cuts, incumbent=incumbent)
+    better = more.plan is not None and more.round_time_s < order.round_time_s
+    return DPResult(plan=more.plan if better else order.plan,
+                    round_time_s=min(order.round_time_s, more.round_time_s),
+                    search_time_s=order.search_time_s + more.search_time_s,
+                    cells=order.cells + more.cells,
+                    max_front=max(order.max_front, more.max_front),
+                    candidate_cuts=order.candidate_cuts, complete=more.complete,
+                    bounds={**order.bounds, **more.bounds})
 
 
 def search(costs: CostTable, cluster: Cluster, batch_size: int, *,
@@ -392,11 +443,22 @@ def search(costs: CostTable, cluster: Cluster, batch_size: int, *,
     first_deadline = search_end
     if search_end is not None and size <= WIDE_ANYTIME_MAX:
         first_deadline = started + (search_end - started) / 2
+    # without a limit, where the counted class bound will prove the sizes over every
+    # order, only the most promising sizes get the order's pass over every cut first
+    # ([Note: the order's sizes after the bound])
+    counted = counts_pools(ClassSpace(costs, cluster))
+    later = time_limit is None and not wide_ok and counted
     order = asteroid_dp(costs, cluster, batch_size, optimizer_state_factor=optimizer_state_factor,
                         micro_batch_sizes=micro_batch_sizes, max_cuts=max_cuts,
                         incumbent=best_value, deadline=first_deadline,
-                        progress=report(_ORDER_SHARE, 0.0, "one order"))
+                        progress=report(_ORDER_SHARE, 0.0, "one order"),
+                        full_sizes=ORDER_FIRST_SIZES if later else None)
     take(order)
+    if order.skipped and best is None:
+        # nothing found yet: the sizes left out now, as without the bound
+        order = _order_rest(costs, cluster, batch_size, optimizer_state_factor, max_cuts,
+                            order, best_value)
+        take(order)
     phases.append("order")
     # 2: the baselines that plan with a search of their own
     safety_net(planning=True)
@@ -427,17 +489,38 @@ def search(costs: CostTable, cluster: Cluster, batch_size: int, *,
     searched = time.perf_counter() - started
     # the link bound ([Note: the link bound] in solver.link_bound; milliseconds to a few
     # tenths of a second per size) first, within the deadline, then the class bound
-    links = {} if complete else link_bounds(
-        costs, cluster, batch_size, [mb for mb in mbs if mb not in proven], max_cuts,
-        deadline)
-    counted = counts_pools(ClassSpace(costs, cluster))
-    if not complete and (deadline is not None or counted
-                         or searched >= CLASS_BOUND_AFTER_S):
+    # (without a limit, where the counted bound runs, only for the sizes it falls short on)
+    links: dict[int, float] = {}
+    if not complete and not later:
+        links = link_bounds(costs, cluster, batch_size, [mb for mb in mbs if mb not in proven],
+                            max_cuts, deadline)
+    if not complete and not later and (deadline is not None or counted
+                                       or searched >= CLASS_BOUND_AFTER_S):
         until = (deadline if deadline is not None
                  else time.perf_counter() + max(CLASS_BOUND_SHARE * searched,
                                                 CLASS_COUNTED_S if counted else 0.0))
         proven.update(_class_bounds(costs, cluster, batch_size, mbs, max_cuts, best_value,
                                     proven, until))
+    if later and not complete:
+        # [Note: the order's sizes after the bound]: the counted bound until a size falls
+        # short; then the order's pass for every size it left out, and the bound for the
+        # sizes it has not reached yet
+        target = best_value
+        until = time.perf_counter() + max(CLASS_BOUND_SHARE * searched, CLASS_COUNTED_S)
+        first = _class_bounds(costs, cluster, batch_size, mbs, max_cuts, target, proven,
+                              until, stop_short=True)
+        proven.update(first)
+        if any(proven.get(mb, 0.0) < target * _PROVED for mb in mbs):
+            order = _order_rest(costs, cluster, batch_size, optimizer_state_factor, max_cuts,
+                                order, best_value)
+            take(order)
+            # a class bound for a higher target is still a bound: the sizes done keep theirs
+            proven.update(_class_bounds(costs, cluster, batch_size, mbs, max_cuts,
+                                        best_value, dict(proven), until))
+        else:
+            order = replace(order, complete=True, skipped=())
+        short = [mb for mb in mbs if proven.get(mb, 0.0) < best_value * _PROVED]
+        links = link_bounds(costs, cluster, batch_size, short, max_cuts, deadline)
     for mb, value in links.items():
         proven[mb] = max(value, proven.get(mb, work_bound(costs, cluster, batch_size, mb)))
     bound = min(min(proven.get(mb, work_bound(costs, cluster, batch_size, mb)), best_value)

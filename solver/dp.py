@@ -273,6 +273,8 @@ class DPResult:
     candidate_cuts: int
     complete: bool = True
     bounds: dict[int, float] = field(default_factory=dict)
+    #: micro-batch sizes left out of the pass over every candidate cut (``full_sizes``)
+    skipped: tuple[int, ...] = ()
 
 
 def make_space(costs: CostTable, cluster: Cluster, space: SpaceName = "order",
@@ -312,6 +314,10 @@ class _Context:
         self.np_edges = np.asarray(sums.boundary_bytes or [0] * len(sums.activation_bytes),
                                    dtype=np.int64)   # LayerSums.in_flight_bytes
         self.np_layer_params = np.diff(self.np_params)   # LayerSums.largest_params
+        # the base sums of the stage filter in _Search._layer_terms
+        self.np_sums = tuple(np.asarray(values, dtype=np.float64)
+                             for values in (sums.fwd_slope, sums.bwd_slope,
+                                            sums.fwd_intercept, sums.bwd_intercept))
         self.rho = hiding_ratio(costs, cluster)
         # (group, shares) and (what the next stage receives from it, pool left) as small
         # integers; an interface keeps the first (group, shares) of its signature
@@ -464,6 +470,19 @@ class _Search:
         lasts: list[int] = []
         slopes: list[float] = []
         inters: list[float] = []
+        if len(candidates) > _NUMPY_LASTS:
+            # the loop below over every candidate at once, in the same float operations
+            stop = np.asarray(candidates) + 1
+            f_s, b_s, f_i, b_i = self.ctx.np_sums
+            slope_a = f_s[stop] - f_s[first] + b_s[stop] - b_s[first]
+            inter_a = f_i[stop] - f_i[first] + b_i[stop] - b_i[first]
+            over = (m * slope_a * mb / speed >= inc) | (m * (inter_a + slope_a * mb) / speed
+                                                         >= inc_hi)
+            cut = int(np.argmax(over)) if over.any() else len(candidates)
+            lasts = candidates[:cut]
+            slopes = slope_a[:cut].tolist()
+            inters = inter_a[:cut].tolist()
+            candidates = []
         for last in candidates:
             slope = (sums.fwd_slope[last + 1] - sums.fwd_slope[first]
                      + sums.bwd_slope[last + 1] - sums.bwd_slope[first])
@@ -1069,7 +1088,8 @@ def asteroid_dp(costs: CostTable, cluster: Cluster, batch_size: int, *,
                 incumbent: float = math.inf,
                 deadline: float | None = None,
                 progress: Progress | None = None,
-                stage_bounds_prune: bool = False) -> DPResult:
+                stage_bounds_prune: bool = False,
+                full_sizes: int | None = None) -> DPResult:
     """Run Algorithm 2 and return the best plan of the DP's space (see the module notes).
 
     Args:
@@ -1092,6 +1112,9 @@ def asteroid_dp(costs: CostTable, cluster: Cluster, batch_size: int, *,
         stage_bounds_prune: also prune with the stage bound of ``solver.bounds`` (the
             paper's space, no cap, no deadline). Exact, but off by default: measured
             slower than without on issue 14's instances (docs/planner.md).
+        full_sizes: the pass over every candidate cut runs only this many micro-batch
+            sizes, the most promising of the coarser passes first (None: all); the others
+            are in ``skipped``, and ``complete`` is False where any is.
 
     Returns:
         A ``DPResult``; ``plan`` is None when no plan of the space fits in memory (or
@@ -1123,7 +1146,10 @@ def asteroid_dp(costs: CostTable, cluster: Cluster, batch_size: int, *,
             while stride > 1:
                 passes.append((ends[::stride], _REFINE_MBS))
                 stride //= 2
-    passes.append((ends, len(mbs)))
+    # without coarser passes there is no ranking of the sizes: all of them
+    full = len(mbs) if full_sizes is None or not passes else max(1, min(full_sizes, len(mbs)))
+    passes.append((ends, full))
+    skipped: tuple[int, ...] = ()
     order = list(mbs)
     found: dict[int, float] = {}
     steps = sum(min(count, len(mbs)) for _, count in passes)
@@ -1145,6 +1171,8 @@ def asteroid_dp(costs: CostTable, cluster: Cluster, batch_size: int, *,
 
     try:
         for pass_ends, count in passes:
+            if pass_ends is ends:
+                skipped = tuple(order[count:])
             for mb in order[:count]:
                 m = batch_size // mb
                 if (max_front is not None and math.isfinite(best_value)
@@ -1209,9 +1237,10 @@ def asteroid_dp(costs: CostTable, cluster: Cluster, batch_size: int, *,
             order.sort(key=lambda b: found.get(b, math.inf))
     except SearchTimeout:
         complete = False
+    complete = complete and not skipped
     elapsed = time.perf_counter() - start
     if best_plan is not None:
         best_plan = replace(best_plan, planner=PlannerInfo("asteroid", DP_VERSION, elapsed))
     return DPResult(plan=best_plan, round_time_s=best_value, search_time_s=elapsed,
                     cells=cells, max_front=biggest, candidate_cuts=len(ends),
-                    complete=complete, bounds=bounds)
+                    complete=complete, bounds=bounds, skipped=skipped)

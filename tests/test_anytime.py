@@ -149,3 +149,39 @@ def test_the_class_bounds_over_the_sizes_stay_below_the_optimum(
             raised += bound > min(work_bound(costs, cluster, batch, mb)
                                   for mb in mbs) * (1 + 1e-9)
     assert raised > 20
+
+
+@pytest.mark.parametrize(("seed", "first_sizes"), [(0, 2), (1, 1)])
+def test_the_order_searches_the_sizes_the_class_bound_leaves(
+        seed: int, first_sizes: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    # a wide space too large to search, pools counted: the order's pass over every cut
+    # first runs the first sizes, the others where the class bound falls short; the plan
+    # and its round are those of the pass over every size first, the bound is a bound
+    # (the same where the best round did not change after the bound)
+    import random
+
+    import solver.anytime
+    from solver.bounds import counts_pools
+    from solver.space import ClassSpace
+    from tests.solver_cases import random_costs
+
+    costs = random_costs(random.Random(seed), 40)
+    cluster = make_cluster([2.0, 2.0, 1.4, 1.4, 1.0, 1.0, 1.0, 0.7],
+                           links=[("d0", "d1", 1000.0)]).for_costs(costs)
+    assert wide_size(costs, cluster) > WIDE_EXACT_MAX
+    assert counts_pools(ClassSpace(costs, cluster))
+    monkeypatch.setattr(solver.anytime, "ORDER_FIRST_SIZES", first_sizes)
+    first = search(costs, cluster, 32)
+    monkeypatch.setattr(solver.anytime, "ORDER_FIRST_SIZES", 100)
+    every = search(costs, cluster, 32)
+    assert first.plan is not None and every.plan is not None
+    assert first.bound is not None and every.bound is not None
+    assert first.round_time_s == every.round_time_s
+    assert first.plan.stages == every.plan.stages
+    assert first.plan.micro_batch_size == every.plan.micro_batch_size
+    assert first.bound.order_optimal and first.bound.stopped == "size limit"
+    assert first.bound.bound_s <= first.round_time_s
+    assert first.bound.bound_s >= min(work_bound(costs, cluster, 32, mb)
+                                      for mb in (1, 2, 4, 8, 16, 32))
+    if seed == 0:
+        assert first.bound.bound_s == every.bound.bound_s

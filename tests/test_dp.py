@@ -722,3 +722,18 @@ def test_numpy_and_python_paths_agree(monkeypatch: pytest.MonkeyPatch,
             out.append((result.round_time_s, _stages(result)))
         results[label] = out
     assert results["python"] == results["numpy"]
+
+
+def test_full_sizes_leaves_the_least_promising_sizes_to_a_later_search() -> None:
+    # the pass over every cut runs two sizes; the others, searched later with the
+    # incumbent, give the same optimum as one search over all of them
+    rng = random.Random(7)
+    costs, cluster = random_costs(rng, 40), spread_cluster(rng, 4)
+    whole = asteroid_dp(costs, cluster, 16)
+    part = asteroid_dp(costs, cluster, 16, full_sizes=2)
+    assert whole.complete and not whole.skipped
+    assert not part.complete and len(part.skipped) == 3
+    assert set(part.bounds).isdisjoint(part.skipped) and len(part.bounds) == 2
+    rest = asteroid_dp(costs, cluster, 16, micro_batch_sizes=part.skipped,
+                       incumbent=part.round_time_s)
+    assert min(part.round_time_s, rest.round_time_s) == whole.round_time_s
