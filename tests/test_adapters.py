@@ -178,11 +178,8 @@ def test_drop_backbone_keeps_the_cached_training_path() -> None:
     torch.testing.assert_close(lean.train_forward(entry), want)
 
 
-def test_a_bfloat16_cache_rounds_each_entry_once_and_trains_in_float32() -> None:
-    spec = load_model_spec(str(ROOT / "examples" / "gpt_small.py"))
-    torch.manual_seed(0)
-    model = spec.build_model()
-    (ids,), targets = spec.sample_batch(2)
+def test_a_bfloat16_cache_rounds_each_entry_once_and_trains_in_float32(gpt: Any) -> None:
+    spec, model, _pac, (ids,), targets = gpt
     torch.manual_seed(1)
     exact = parallel_adapters(model, (ids,), rank=2)
     torch.manual_seed(1)
