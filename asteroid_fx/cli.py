@@ -817,6 +817,9 @@ def finetune(
 
         if method not in ("pac", "full"):
             raise PlanError(f"--method must be pac or full, got {method!r}")
+        if method == "full" and cache_dtype is not None:
+            raise PlanError(f"--cache-dtype {cache_dtype} applies to --method pac only (full "
+                            f"fine-tuning keeps no activation cache); drop it")
         if epochs < 1:
             raise PlanError(f"--epochs must be >= 1, got {epochs}")
         clus = Cluster.from_yaml(cluster)

@@ -289,6 +289,8 @@ network:
     (["--cache", "disk"], "cache placement must be one of ['auto', 'local'], got 'disk'"),
     (["--cache-slack", "-1"], "cache slack must be >= 0"),
     (["--cache-dtype", "int8"], "unknown cache dtype 'int8'; choose one of float32"),
+    (["--method", "full", "--cache-dtype", "bfloat16"],
+     "--cache-dtype bfloat16 applies to --method pac only"),
 ])
 def test_bad_options_are_one_line(extra: list[str], words: str, tmp_path: Path,
                                   capsys: pytest.CaptureFixture[str]) -> None:
