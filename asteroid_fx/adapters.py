@@ -244,15 +244,12 @@ def parallel_adapters(model: nn.Module | LayerGraph, example_inputs: Any, *,
     adapters = [Adapter(hidden, rank) for _ in taps]
     result = AdapterModel(parts[:-1], parts[-1], adapters, positions, head_position, taps,
                           tap_shapes, train_head=train_head)
-    sizes = [_sample_bytes(shapes.get(name), cached) for name in
-             [stage_info(parts[i]).outputs[positions[i]] for i in range(len(taps) - 1)]]
-    sizes += [_sample_bytes(shapes.get(name), cached) for name in head_inputs]
-    result.entry_sizes = tuple(sizes)
+    # the cache entry's tensors (AdapterModel.cache_entry), as made and as cached
+    entry = [*(stage_info(parts[i]).outputs[positions[i]] for i in range(len(taps) - 1)),
+             *head_inputs]
+    result.entry_sizes = tuple(_sample_bytes(shapes.get(name), cached) for name in entry)
     result.cache_dtype = cached
-    result.made_entry_bytes = sum(
-        _sample_bytes(shapes.get(name)) for name in
-        [*(stage_info(parts[i]).outputs[positions[i]] for i in range(len(taps) - 1)),
-         *head_inputs])
+    result.made_entry_bytes = sum(_sample_bytes(shapes.get(name)) for name in entry)
     result.segment_plan = plan
     return result
 

@@ -120,17 +120,11 @@ class AdapterModel(nn.Module):
     def to_cache(self, values: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
         """``values`` as the cache keeps them: floating-point tensors in ``cache_dtype``
         (see [Note: cache dtype]), the others as they are."""
-        dtype = self.cache_dtype
-        if dtype is None:
-            return tuple(values)
-        return tuple(v.to(dtype) if v.is_floating_point() else v for v in values)
+        return _floats_to(values, self.cache_dtype)
 
     def from_cache(self, entry: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
         """A cache entry in the dtype the adapters and the head compute in."""
-        if self.cache_dtype is None:
-            return tuple(entry)
-        compute = self.compute_dtype
-        return tuple(v.to(compute) if v.is_floating_point() else v for v in entry)
+        return _floats_to(entry, None if self.cache_dtype is None else self.compute_dtype)
 
     @property
     def compute_dtype(self) -> torch.dtype:
@@ -214,6 +208,14 @@ def cache_dtype_of(name: str | None) -> torch.dtype | None:
         raise AdapterError(f"unknown cache dtype {name!r}; choose one of "
                            f"{', '.join(CACHE_DTYPES)}")
     return CACHE_DTYPES[name]
+
+
+def _floats_to(values: Sequence[torch.Tensor], dtype: torch.dtype | None
+               ) -> tuple[torch.Tensor, ...]:
+    """``values`` with the floating-point tensors in ``dtype`` (None: all as they are)."""
+    if dtype is None:
+        return tuple(values)
+    return tuple(v.to(dtype) if v.is_floating_point() else v for v in values)
 
 
 def dtype_name(dtype: torch.dtype | None) -> str | None:
