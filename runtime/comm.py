@@ -363,11 +363,8 @@ class Comm:
                 view.copy_(t)
             if self.link_bytes_s is not None:
                 slot.stamp.fill_(time.time())
-            buffer = slot.buffer
-            work = (self._pg.send([buffer], peer, tag) if self._pg is not None
-                    else dist.isend(buffer, peer, tag=tag))
-            pending.append((work, slot, pool))
-            self.bytes_sent += buffer.numel()
+            pending.append((self._isend(slot.buffer, peer, tag), slot, pool))
+            self.bytes_sent += slot.buffer.numel()
         self.messages_sent += len(items)
 
     def _learn_meta(self, peers: Sequence[int], channel: str) -> None:
