@@ -13,8 +13,10 @@ their initial weights; samples follow [Note: fine-tuning data] in ``runtime.samp
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
+import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -65,17 +67,20 @@ def build_adapter_model(spec: Any, *, rank: int, seed: int, layers: Sequence[Any
 
 
 def measure_step(pac: AdapterModel, spec: Any, *, batch_sizes: Sequence[int] = (1, 4, 8),
-                 repeats: int = 5) -> tuple[float, float]:
+                 repeats: int = 5, rounds: int = 3) -> tuple[float, float]:
     """``(intercept_s, per_sample_s)`` of one phase-2 step of ``pac`` on this host, one
-    thread as a device runs (median of ``repeats`` after a warm-up, fitted as
-    ``cost_models.profile`` fits layers); the adapters' weights are left unchanged. A
-    step is what ``runtime.pac_train`` does on a device besides the all-reduce: its entry
-    from the cache's per-sample rows (``cat_rows``), the side path, the head and the loss
-    forward and backward, the gradients packed for the all-reduce and unpacked from it
-    (``wire_tensor``, ``take_gradients``), and the run's optimizer step
-    (``make_optimizer``). Each run is timed in this thread's CPU seconds, not wall clock:
-    on a shared host other jobs would otherwise stretch the fit (the fits of one host
-    varied 10x with its load)."""
+    thread as a device runs (per batch size the least of ``rounds`` medians of ``repeats``
+    after a warm-up, fitted as ``cost_models.profile`` fits layers); the adapters' weights
+    are left unchanged. A step is what ``runtime.pac_train`` does on a device besides the
+    all-reduce: its entry from the cache's per-sample rows (``cat_rows``), the side path,
+    the head and the loss forward and backward, the gradients packed for the all-reduce
+    and unpacked from it (``wire_tensor``, ``take_gradients``), and the run's optimizer
+    step (``make_optimizer``). Each run is timed in this thread's CPU seconds, not wall
+    clock: on a shared host other jobs would otherwise stretch the fit (the fits of one
+    host varied 10x with its load). Other jobs still slow the CPU itself (caches, memory
+    bandwidth): single medians of one host at load 2-3 came out 13-25 % above its quiet
+    figure, so the least of a few rounds is kept, the rounds interleaved over the batch
+    sizes so that a busy moment does not skew one size alone."""
     import statistics
 
     from cost_models.profile import fit_time
@@ -88,12 +93,13 @@ def measure_step(pac: AdapterModel, spec: Any, *, batch_sizes: Sequence[int] = (
     params = pac.trainable_parameters()
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    times = []
     try:
         optimizer = make_optimizer(model_file, params, 1e-3)
         slots = torch.zeros(SLOTS, dtype=torch.float64)
-        for batch in batch_sizes:
-            rows, targets = _cached_rows(pac, spec, batch)
+        made = {batch: _cached_rows(pac, spec, batch) for batch in batch_sizes}
+        best = {batch: math.inf for batch in batch_sizes}
+        for _, batch in itertools.product(range(rounds), batch_sizes):
+            rows, targets = made[batch]
             runs = []
             for i in range(repeats + 1):
                 began = time.thread_time()
@@ -107,11 +113,11 @@ def measure_step(pac: AdapterModel, spec: Any, *, batch_sizes: Sequence[int] = (
                 optimizer.zero_grad(set_to_none=True)
                 if i:
                     runs.append(time.thread_time() - began)
-            times.append(statistics.median(runs))
+            best[batch] = min(best[batch], statistics.median(runs))
     finally:
         torch.set_num_threads(threads)
         pac.load_state_dict(saved, strict=False)
-    fit = fit_time(list(batch_sizes), times)
+    fit = fit_time(list(batch_sizes), [best[b] for b in batch_sizes])
     return fit.intercept_s, fit.per_sample_s
 
 
@@ -246,6 +252,10 @@ class FinetuneResult:
     peak_with_cache_bytes: dict[str, int] = field(default_factory=dict)
     predicted: dict[str, Any] = field(default_factory=dict)
     recoveries: list[dict[str, Any]] = field(default_factory=list)
+    #: per device, its median seconds in the phase-2 all-reduce (epochs 2+), waiting for
+    #: the others included: the smallest is about the collective alone (the device that
+    #: arrived last waited for no one), the spread is the devices' uneven arrival
+    allreduce_s: dict[str, float] = field(default_factory=dict)
 
     @property
     def losses(self) -> list[float]:
@@ -337,7 +347,8 @@ def run_finetune(directory: str | Path, cluster: str | Path, *, seed: int = 0, l
                           cache_bytes=dict(last.get("cache_bytes", {})),
                           peak_with_cache_bytes=dict(last.get("peak_with_cache_bytes", {})),
                           predicted={} if plan.predicted is None else plan.predicted.to_dict(),
-                          recoveries=recoveries)
+                          recoveries=recoveries,
+                          allreduce_s={w.device: w.allreduce_s for w in result.workers})
 
 
 class PacReplanner:

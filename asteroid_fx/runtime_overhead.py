@@ -53,11 +53,11 @@ from contracts.errors import AsteroidError, CostModelError
 from contracts.table import CostTable, RuntimeOverhead
 
 __all__ = ["measure", "measure_here", "host_runtime_overhead", "HostOverhead", "PROBE_KEY",
-           "PROBE_SOURCE", "profile_probe", "probe_plan"]
+           "PROBE_SOURCE", "profile_probe", "probe_plan", "collective_s"]
 
 log = logging.getLogger(__name__)
 
-PROBE_KEY = "probe-mlp4x32-b4-m1-emulated-v4"
+PROBE_KEY = "probe-mlp4x32-b4-m1-emulated-v5"
 """What the cached figures were measured with (part of the cache key)."""
 
 PROBE_SOURCE = '''"""The asteroid-fx runtime-overhead probe: 4 Linear layers of width 32.
@@ -180,7 +180,7 @@ def _train_here(table: CostTable, devices: tuple[str, ...], rank: int, steps: in
 
 def _pair_worker(rank: int, port: int, table_json: str, steps: int, timeout_s: float,
                  out: Any) -> None:
-    """One of the two probe processes: its mean all-reduce seconds, or the error, on
+    """One of the two probe processes: its all-reduce seconds per step, or the error, on
     ``out``."""
     try:
         import torch.distributed as dist
@@ -188,14 +188,14 @@ def _pair_worker(rank: int, port: int, table_json: str, steps: int, timeout_s: f
         store = dist.TCPStore("127.0.0.1", port, None, False, timedelta(seconds=timeout_s))
         result = _train_here(CostTable.from_json(table_json), ("a", "b"), rank, steps, store,
                              timeout_s)
-        out.put((rank, float(result.allreduce_s), ""))
+        out.put((rank, [float(t) for t in result.allreduce_times], ""))
     except Exception as exc:  # reported to the parent, which raises it as CostModelError
-        out.put((rank, math.nan, f"{type(exc).__name__}: {exc}"))
+        out.put((rank, [], f"{type(exc).__name__}: {exc}"))
 
 
 def _pair_allreduce(table: CostTable, steps: int, timeout_s: float) -> float:
-    """The median all-reduce seconds of the probe as one data-parallel stage over two
-    processes of this device (spawned here, ended here whatever happens)."""
+    """The all-reduce seconds of the probe as one data-parallel stage over two processes
+    of this device (spawned here, ended here whatever happens): :func:`collective_s`."""
     import multiprocessing
     import queue as queue_module
 
@@ -212,7 +212,7 @@ def _pair_allreduce(table: CostTable, steps: int, timeout_s: float) -> float:
     try:
         for proc in procs:
             proc.start()
-        found: dict[int, float] = {}
+        found: dict[int, list[float]] = {}
         while len(found) < 2:
             try:
                 rank, seconds, error = out.get(timeout=max(0.1, deadline - time.monotonic()))
@@ -222,7 +222,7 @@ def _pair_allreduce(table: CostTable, steps: int, timeout_s: float) -> float:
             if error:
                 raise CostModelError(f"probe process {rank} failed: {error}")
             found[rank] = seconds
-        return statistics.median(found.values())
+        return collective_s(list(found.values()))
     finally:
         for proc in procs:
             proc.join(timeout=5.0)
@@ -273,7 +273,7 @@ def _measure(steps: int) -> dict[str, Any]:
         cluster = Cluster.from_yaml(root / "two.yaml")
     # a ring all-reduce over two devices: 2 messages (solver.evaluate.allreduce_time), each
     # paid at the devices' speed: the table keeps it at one core (CostTable.message_cost_s)
-    reduce_s = statistics.median(w.allreduce_s for w in two.workers) / two.slowdown_factor
+    reduce_s = collective_s([w.allreduce_times for w in two.workers]) / two.slowdown_factor
     wire = allreduce_time(cluster, ("a", "b"), table.total_param_bytes)
     return _figures(table, one.workers[0], one.round_times, reduce_s, wire,
                     _TWO_DEVICE_SPEED, steps, shaping=[one.shaping, two.shaping])
@@ -301,6 +301,32 @@ def probe_plan(table: CostTable, devices: tuple[str, ...]) -> Any:
                 batch_size=b * len(devices), micro_batch_size=b * len(devices),
                 num_micro_batches=1, stages=(Stage((0, n - 1), devices, (b,) * len(devices)),),
                 num_layers=n, model_name="probe")
+
+
+# [Note: the collective alone]
+# A rank's time in an all-reduce is the wait for the other ranks plus the collective. The
+# probe's two ranks arrive at different moments (their rounds end on a shared host), so
+# the rank that arrives last times the collective alone: per step, the smaller of the two
+# times. The median over the steps is then the figure: a mean of every rank's time (as
+# until 2026-12-05) counted the waits and every stall of a busy host, and the per-message
+# cost it gave moved from 0.25 to 0.91 ms between probes of the same code on this
+# project's 2-core host, and phase 1 of PAC fine-tuning, which sends tens of messages a
+# step, was predicted 20 % too fast or too slow with it.
+
+
+def collective_s(per_rank: list[list[float]]) -> float:
+    """The collective's own seconds from each rank's all-reduce seconds per step: per
+    step the least over the ranks (the rank that arrived last waited for no one), then
+    the median over the steps (see [Note: the collective alone]).
+
+    Raises:
+        CostModelError: no steps, or ranks with different numbers of steps.
+    """
+    counts = {len(times) for times in per_rank}
+    if len(counts) != 1 or 0 in counts:
+        raise CostModelError(f"the probe's ranks timed {sorted(counts)} all-reduces; each "
+                             f"must time the same steps, at least one")
+    return statistics.median(min(step) for step in zip(*per_rank))
 
 
 def _figures(table: CostTable, worker: Any, round_times: list[float], reduce_s: float,

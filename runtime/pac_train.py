@@ -76,6 +76,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import statistics
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -726,6 +727,7 @@ def finetune_device(source: Any, rank: int, config: TrainConfig, *, hooks: Any =
     result = WorkerResult(rank=rank, device=me, stage=first_stage)
     step = 0
     cpu_after = 0.0     # CPU of the previous step's part after its all-reduce
+    reduce_times: list[float] = []
     last_end = time.perf_counter()
     while step < pac.epochs * steps:
         epoch, k = divmod(step, steps)
@@ -790,7 +792,10 @@ def finetune_device(source: Any, rank: int, config: TrainConfig, *, hooks: Any =
                  float(peak), float(cache.bytes), float(peak_cached)]
                 + (list(phase1_s[k][1:]) if epoch == 0 else [0.0, 0.0, 0.0]) + [local_cpu])
             flat = wire_tensor(grads, slots)
+            reducing = time.perf_counter()
             comm.all_reduce([[flat]], None, list(range(group.world)))
+            if epoch > 0:    # this device's wait for the others and the collective itself
+                reduce_times.append(time.perf_counter() - reducing)
         except (RuntimeError, CommFailureError) as exc:
             # in phase 2, or in epoch 1 after phase 1 ended everywhere (the cache is full:
             # the same recovery, the step redone on the survivors)
@@ -855,6 +860,9 @@ def finetune_device(source: Any, rank: int, config: TrainConfig, *, hooks: Any =
         last_end = ended
         step += 1
     result.peak_memory_bytes = peak
+    # the median all-reduce of epochs 2+ (seconds, waiting included): on the device that
+    # arrives last it is the collective alone (see FinetuneResult.allreduce_s)
+    result.allreduce_s = statistics.median(reduce_times) if reduce_times else 0.0
     result.tensor_memory = {"cache_bytes": cache.bytes, "cache_hits": cache.hits,
                             "cache_misses": cache.misses}
     if config.return_state:

@@ -147,6 +147,9 @@ class WorkerResult:
     forward_cpu_s: float = 0.0
     backward_cpu_s: float = 0.0
     allreduce_s: float = 0.0
+    #: this rank's seconds in the round's all-reduces, per step (the steps ``allreduce_s``
+    #: averages), waiting for the other ranks included
+    allreduce_times: list[float] = field(default_factory=list)
     state: dict[str, torch.Tensor] | None = None
     #: training stopped after this committed step because a device left gracefully
     ended_after: int | None = None
@@ -370,6 +373,7 @@ def train_device(source: StageSource, rank: int, config: TrainConfig, *,
     result.forward_cpu_s = _mean(forward_cpu)
     result.backward_cpu_s = _mean(backward_cpu)
     result.allreduce_s = _mean(allreduce)
+    result.allreduce_times = allreduce
     if result.losses:        # as the last metrics line has them
         result.peak_memory_bytes, result.peak_reserved_bytes = peak, reserved
     else:

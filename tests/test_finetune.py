@@ -227,8 +227,9 @@ def test_measured_step_runs_the_runs_optimizer_on_cached_rows() -> None:
 
     before = pac.trainable_state()
     measure_step(pac, replace(spec, build_optimizer=build_optimizer), batch_sizes=(1, 2),
-                 repeats=2)
-    assert len(steps) == 2 * (2 + 1)        # the model file's optimizer, every timed run
+                 repeats=2, rounds=2)
+    # the model file's optimizer, every run: 2 rounds x 2 sizes x (a warm-up + 2 timed)
+    assert len(steps) == 2 * 2 * (2 + 1)
     for name, value in pac.trainable_state().items():
         torch.testing.assert_close(value, before[name])      # weights left unchanged
 

@@ -162,6 +162,9 @@ def test_emulated_pac_equals_the_reference(tmp_path: Path, pipelined: bool, cach
     for r in rows:
         assert set(r["phase2_cpu_s"]) == set(plan.devices)
         assert all(v > 0 for v in r["phase2_cpu_s"].values())
+    # and the result each device's time in the phase-2 all-reduces (epochs 2+)
+    assert set(result.allreduce_s) == set(plan.devices)
+    assert all(v > 0 for v in result.allreduce_s.values())
     assert PacPlan.load(out / PAC_PLAN_FILE) == plan
 
 

@@ -53,6 +53,19 @@ def test_the_probe_measures_the_runtime_on_this_host(cache: Path) -> None:
         max(0.0, (probe["allreduce_s"] - probe["allreduce_wire_s"]) / 2.0) * 0.75)
 
 
+def test_the_collective_alone_is_the_last_arrivals_time_per_step() -> None:
+    # per step the rank that arrived last (the smaller time); the median over the steps
+    a = [5.0, 1.0, 9.0, 1.2, 30.0]
+    b = [1.1, 4.0, 1.3, 6.0, 1.4]
+    assert ro.collective_s([a, b]) == pytest.approx(1.2)
+    # a stall of the host on some steps does not move it; a mean would
+    assert ro.collective_s([a + [900.0], b + [800.0]]) == pytest.approx(1.25)
+    with pytest.raises(CostModelError, match=r"timed \[4, 5\] all-reduces"):
+        ro.collective_s([a, b[:4]])
+    with pytest.raises(CostModelError, match="at least one"):
+        ro.collective_s([[], []])
+
+
 def test_the_host_figures_are_measured_once_and_cached(cache: Path, canned: list[int]) -> None:
     first = ro.host_runtime_overhead()
     assert first == ro.HostOverhead(RuntimeOverhead(1e-4, 2e-4, 3e-4), 5e-4)

@@ -212,6 +212,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "phase2_compute_measured_s": measured_p2_compute,
         "phase2_compute_predicted_s": (pred.phase2_step_s - pred.allreduce_s) * f,
         "phase2_allreduce_predicted_s": pred.allreduce_s * f,
+        "phase2_allreduce_measured_s": dict(pac.allreduce_s),
         "memory": memory, "load_after": os.getloadavg(), "phase1_forward": forward,
         "phase2_cpu": phase2_cpu,
         "phase1_choice": choice, "cache": plan.cache,
@@ -246,6 +247,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                              measured_p2_compute, report["phase2_compute_predicted_s"])):
         print(f"{name}: measured {got:.4f} s, predicted {want:.4f} s "
               f"({got / want - 1:+.0%}; target within 15%)")
+    if pac.allreduce_s:
+        waits = sorted(pac.allreduce_s.items(), key=lambda kv: kv[1])
+        print(f"  its all-reduce: measured {waits[0][1] * 1e3:.2f} ms on {waits[0][0]} (the "
+              f"last to arrive: the collective alone) vs predicted "
+              f"{report['phase2_allreduce_predicted_s'] * 1e3:.2f} ms; with the wait for the "
+              f"others " + ", ".join(f"{d} {t * 1e3:.2f}" for d, t in waits[1:]) + " ms")
     for device, row in forward.items():
         print(f"  phase 1 on {device}: forward measured {row['measured_s']:.4f} s vs predicted "
               f"{row['predicted_s']:.4f} s ({row['measured_s'] / row['predicted_s'] - 1:+.0%}), "
