@@ -26,7 +26,8 @@ from contracts.plan import Plan
 from runtime.train import StageSource
 
 __all__ = ["CGROUP_ROOT", "Shaping", "choose_shaping", "cgroup_available", "cfs_settings",
-           "make_cgroup", "make_cgroups", "remove_cgroups", "PerRankScale", "cpu_stat"]
+           "make_cgroup", "make_cgroups", "remove_cgroups", "PerRankScale", "cpu_stat",
+           "CommThreads", "comm_group", "COMM_SUFFIX", "SPLIT_COMM"]
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,83 @@ _CFS_PERIOD_US = 5_000
 # (worst-fit by speed, no core overbooked) brought that ratio to 1.6x in one run, but made
 # heartbeats miss their 1 s deadline at start-up in the recovery tests (two processes
 # importing torch on one core under their quotas), so it is not done.
+
+
+# [Note: communication threads]
+# A device process computes on its main thread (one intra-op thread); gloo moves its
+# messages and runs its collectives on threads of its own (the process group's workers
+# and the transport's loop). In one CPU group with the compute, they share its quota: a
+# device that has just spent its quota on compute (every busy one, at the end of each
+# burst) cannot answer a message until the next period, up to (1 - speed) x 5 ms later,
+# on every hop. PAC's phase-2 all-reduce over local3 (4 hops, gradients of 139 KB)
+# measured 6-16 ms on the device that arrived last, against 3.9 ms predicted from the
+# runtime's per-message cost, and 3.1-4.0 ms under time dilation, which caps nothing
+# (2026-12-05, load 2-3). A board has more than one core, and its communication threads
+# do not wait for its compute thread's time slice. So every device group has a sibling
+# (the group's path + ``COMM_SUFFIX``) with the same quota, and the worker keeps every
+# thread but the main one there (:class:`CommThreads`): messages are paid at the
+# device's speed, never behind its compute's spent quota.
+COMM_SUFFIX = "c"
+SPLIT_COMM = True
+"""Whether device groups get a sibling for their communication threads."""
+
+
+def comm_group(path: str | Path) -> Path:
+    """The sibling group of device group ``path`` for its communication threads."""
+    return Path(f"{path}{COMM_SUFFIX}")
+
+
+class CommThreads:
+    """Keeps every thread of this process but the one that made it (the main, computing
+    thread) in the communication sibling of the process's CPU group (see [Note:
+    communication threads]); threads that start later (gloo's, for each new process
+    group) are moved within ``interval_s``."""
+
+    def __init__(self, interval_s: float = 0.02) -> None:
+        import threading
+
+        self.main = threading.get_native_id()
+        self.interval_s = interval_s
+        self._target: Path | None = None
+        self._moved: set[int] = set()
+        self._lock = threading.Lock()
+        self._thread: Any = None
+
+    def follow(self, cgroup: str | None) -> None:
+        """Move the other threads to ``cgroup``'s sibling from now on (nothing when it
+        has none, or ``cgroup`` is None); the main thread must already be in ``cgroup``."""
+        import threading
+
+        target = None if cgroup is None else comm_group(cgroup)
+        with self._lock:
+            self._target = target if target is not None and target.is_dir() else None
+            self._moved = set()
+        if self._target is not None and self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="asteroid-fx-comm-threads",
+                                            daemon=True)
+            self._thread.start()
+        self.move()
+
+    def move(self) -> None:
+        """Move the threads not yet moved (a thread that ended meanwhile is skipped)."""
+        with self._lock:
+            target = self._target
+            if target is None:
+                return
+            for name in os.listdir("/proc/self/task"):
+                tid = int(name)
+                if tid == self.main or tid in self._moved:
+                    continue
+                try:
+                    (target / "tasks").write_text(name)
+                except OSError:
+                    continue
+                self._moved.add(tid)
+
+    def _run(self) -> None:
+        while True:
+            time.sleep(self.interval_s)
+            self.move()
 
 
 @dataclass(frozen=True)
@@ -148,17 +226,19 @@ def _remove_stale_cgroups() -> None:
                 pass
 
 
-def make_cgroup(path: Path, speed: float) -> None:
+def make_cgroup(path: Path, speed: float, *, comm: bool = SPLIT_COMM) -> None:
     """Create (or reuse) the cgroup-v1 CPU group ``path`` holding its processes to
-    ``speed`` of one core (:func:`cfs_settings`)."""
-    path.mkdir(exist_ok=True)
+    ``speed`` of one core (:func:`cfs_settings`), and with ``comm`` its sibling for the
+    communication threads, alike (see [Note: communication threads])."""
     period, quota = cfs_settings(speed)
-    # weight by speed (1024 = one core; see [Note: contending devices])
-    # (never below a plain process's 1024, so a device does not lose its CPU to the host's
-    # other work: at least 1024, and 2048 x speed for devices above half a core)
-    (path / "cpu.shares").write_text(str(max(1024, int(round(2048 * min(speed, 1.0))))))
-    (path / "cpu.cfs_period_us").write_text(str(period))
-    (path / "cpu.cfs_quota_us").write_text(str(quota))
+    for group in (path, comm_group(path)) if comm else (path,):
+        group.mkdir(exist_ok=True)
+        # weight by speed (1024 = one core; see [Note: contending devices])
+        # (never below a plain process's 1024, so a device does not lose its CPU to the
+        # host's other work: at least 1024, and 2048 x speed above half a core)
+        (group / "cpu.shares").write_text(str(max(1024, int(round(2048 * min(speed, 1.0))))))
+        (group / "cpu.cfs_period_us").write_text(str(period))
+        (group / "cpu.cfs_quota_us").write_text(str(quota))
 
 
 def make_cgroups(speeds: Sequence[float], *, tag: int = 0,
@@ -184,8 +264,9 @@ def _group(tag: int, rank: int) -> Path:
 
 
 def remove_cgroups(paths: Sequence[str]) -> None:
-    """Remove the (emptied) groups ``paths``, waiting up to 2.5 s for each to empty."""
-    for path in paths:
+    """Remove the (emptied) groups ``paths`` and their communication siblings, waiting up
+    to 2.5 s for each to empty."""
+    for path in [p for group in paths for p in (str(comm_group(group)), group)]:
         for _ in range(50):
             try:
                 os.rmdir(path)

@@ -20,6 +20,7 @@ from contracts.allocator import tune_allocator
 from runtime import protocol as proto
 from runtime.comm import CommFailure
 from runtime.memory import freeze_startup
+from runtime.shaping import CommThreads
 from runtime.train import DirectorySource, StageSource, TrainConfig, WorkerResult, train_device
 from runtime.trust import join_job
 
@@ -44,6 +45,7 @@ def worker_main(rank: int, world: int, port: int, source: StageSource, config: T
     device leaves gracefully (SIGTERM) every rank reports ("left", (generation, rank), step)
     after that committed step and does the same."""
     hooks: Any = None
+    comm_threads = CommThreads()
     try:
         _exit_with_parent()
         torch.set_num_threads(1)
@@ -62,6 +64,7 @@ def worker_main(rank: int, world: int, port: int, source: StageSource, config: T
         while True:
             if cgroup is not None:
                 Path(cgroup, "cgroup.procs").write_text(str(os.getpid()))
+            comm_threads.follow(cgroup)     # [Note: communication threads]
             group_store: Any = store
             if recovery is not None:
                 hooks = recovery.hooks(store, rank, world)

@@ -151,3 +151,52 @@ def test_cpu_stat_reads_the_counters_and_names_a_bad_line(tmp_path: Path) -> Non
     (tmp_path / "cpu.stat").write_text("nr_periods many\n")
     with pytest.raises(RuntimeFailure, match="'nr_periods many'"):
         cpu_stat(tmp_path)
+
+
+def test_communication_threads_leave_the_compute_threads_group(tmp_path: Path) -> None:
+    import threading
+
+    from runtime.shaping import CommThreads, comm_group
+
+    group = tmp_path / "asteroid-fx-1-0"
+    group.mkdir()
+    written: list[str] = []
+    comm_group(group).mkdir()
+    threads = CommThreads(interval_s=0.01)
+    # a cgroup-v1 "tasks" file takes one thread id per write: record each write
+    real_write = Path.write_text
+
+    def record(self: Path, data: str, *args: object, **kwargs: object) -> int:
+        if self.name == "tasks":
+            written.append(data)
+        return real_write(self, data)
+
+    stop = threading.Event()
+    started = threading.Event()
+    ids: list[int] = []
+
+    def worker() -> None:
+        ids.append(threading.get_native_id())
+        started.set()
+        stop.wait(5)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Path, "write_text", record)
+        threads.follow(str(group))
+        t = threading.Thread(target=worker)
+        t.start()
+        started.wait(5)
+        deadline = time.monotonic() + 5
+        while str(ids[0]) not in written and time.monotonic() < deadline:
+            time.sleep(0.01)
+        stop.set()
+        t.join()
+        moved = list(written)
+        # a group without a sibling (an uncapped device in the root group): nothing moves
+        threads.follow(str(tmp_path / "no-such-group"))
+        written.clear()
+        threads.move()
+    assert str(ids[0]) in moved                              # a thread started later moves
+    assert str(threading.get_native_id()) not in moved       # the computing thread stays
+    assert len(moved) == len(set(moved))                     # each thread once
+    assert written == []
