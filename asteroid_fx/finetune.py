@@ -121,6 +121,60 @@ def measure_step(pac: AdapterModel, spec: Any, *, batch_sizes: Sequence[int] = (
     return fit.intercept_s, fit.per_sample_s
 
 
+def _last_level_cache_bytes(default: int = 32 * 2**20) -> int:
+    """This host's largest CPU cache (sysfs; ``default`` where it cannot be read)."""
+    sizes = []
+    for path in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        text = path.read_text().strip().upper()
+        scale = {"K": 2**10, "M": 2**20, "G": 2**30}.get(text[-1:], 1)
+        digits = text.rstrip("KMG")
+        if digits.isdigit():
+            sizes.append(int(digits) * scale)
+    return max(sizes) if sizes else default
+
+
+def measure_cold_segments(pac: AdapterModel, spec: Any, *, repeats: int = 7,
+                          rounds: int = 3) -> tuple[float, ...]:
+    """Per backbone segment of ``pac``, the CPU seconds a forward of one sample takes
+    beyond a warm one when it starts with the segment's weights out of the cache (after
+    reading twice this host's last-level cache of other memory), as phase 1 calls it
+    after each wait (see [Note: cold weights in phase 1] in ``solver.pac``): per segment
+    the least of ``rounds`` medians of ``repeats`` for each, one thread, never below 0."""
+    import statistics
+
+    from asteroid_fx.model_spec import model_inputs
+
+    sweep = torch.empty(2 * _last_level_cache_bytes() // 4)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.no_grad():
+            values = model_inputs(spec.example_inputs(1)[0])
+            inputs = []
+            for j in range(len(pac.segments)):
+                inputs.append(values)
+                values, _ = pac.run_segment(j, values)
+
+            def timed(j: int, cold: bool) -> float:
+                if cold:
+                    sweep.add_(1.0)
+                began = time.thread_time()
+                pac.run_segment(j, inputs[j])
+                return time.thread_time() - began
+
+            extra = []
+            for j in range(len(pac.segments)):
+                timed(j, False)
+                warm = cold = math.inf
+                for _ in range(rounds):
+                    warm = min(warm, statistics.median(timed(j, False) for _ in range(repeats)))
+                    cold = min(cold, statistics.median(timed(j, True) for _ in range(repeats)))
+                extra.append(max(0.0, cold - warm))
+    finally:
+        torch.set_num_threads(threads)
+    return tuple(extra)
+
+
 def _cached_rows(pac: AdapterModel, spec: Any, batch_size: int
                  ) -> tuple[list[tuple[torch.Tensor, ...]], Any]:
     """``(rows, targets)`` of ``batch_size`` example samples: each sample's cache entry
@@ -212,7 +266,8 @@ def prepare_finetune(spec: Any, cluster: Any, costs: Any, out: str | Path, *, ba
     step_fit = measure_step(pac, spec) if measured else (0.0, 0.0)
     model = replace(pac_model_of(pac, step_fit),
                     sample_s=measure_samples(samples) if measured else 0.0,
-                    step_saved_bytes=measure_step_memory(pac, spec))
+                    step_saved_bytes=measure_step_memory(pac, spec),
+                    segment_cold_s=measure_cold_segments(pac, spec) if measured else ())
     plan = plan_finetune(costs, cluster, model, batch_size=batch_size,
                          num_samples=samples.num_samples, epochs=epochs,
                          micro_batch_size=micro_batch_size, phase1_planner=phase1_planner,

@@ -48,7 +48,10 @@ class PacModel:
     phase-2 step's forward (side path, head and loss; weights and the entry itself
     excluded), as the runtime counts it (0: not measured, the head's ``activation_bytes``
     from the cost table stand in); ``made_entry_bytes``: one sample's entry as the backbone
-    makes it, before the cache rounds it to its dtype (0: the same as ``entry_bytes``).
+    makes it, before the cache rounds it to its dtype (0: the same as ``entry_bytes``);
+    ``segment_cold_s``: per backbone segment, the seconds a forward call of one sample
+    takes beyond a warm one when the segment's weights are no longer in the cache, as
+    phase 1 calls it after each wait (measured on the profiling host; empty: none).
     """
 
     taps: tuple[int, ...]
@@ -61,6 +64,7 @@ class PacModel:
     allreduce_bytes: int = 0
     step_saved_bytes: int = 0
     made_entry_bytes: int = 0
+    segment_cold_s: tuple[float, ...] = ()
 
     @property
     def made_bytes(self) -> int:
@@ -78,7 +82,8 @@ class PacModel:
                 "train_head": self.train_head, "step_fit": list(self.step_fit),
                 "sample_s": self.sample_s, "allreduce_bytes": self.allreduce_bytes,
                 "step_saved_bytes": self.step_saved_bytes,
-                "made_entry_bytes": self.made_entry_bytes}
+                "made_entry_bytes": self.made_entry_bytes,
+                "segment_cold_s": list(self.segment_cold_s)}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> PacModel:
@@ -92,7 +97,8 @@ class PacModel:
                    sample_s=float(data.get("sample_s", 0.0)),
                    allreduce_bytes=int(data.get("allreduce_bytes", 0)),
                    step_saved_bytes=int(data.get("step_saved_bytes", 0)),
-                   made_entry_bytes=int(data.get("made_entry_bytes", 0)))
+                   made_entry_bytes=int(data.get("made_entry_bytes", 0)),
+                   segment_cold_s=tuple(float(v) for v in data.get("segment_cold_s", ())))
 
 
 @dataclass(frozen=True)

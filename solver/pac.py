@@ -64,9 +64,11 @@ def _bounds(taps: Sequence[int]) -> list[tuple[int, int]]:
     return out
 
 
-def segment_costs(costs: CostTable, taps: Sequence[int]) -> CostTable:
+def segment_costs(costs: CostTable, taps: Sequence[int],
+                  cold_s: Sequence[float] = ()) -> CostTable:
     """The backbone up to the last tap as a forward-only cost table of one layer per
-    segment (see [Note: PAC phases]): forward fits summed, no backward, weights frozen
+    segment (see [Note: PAC phases]): forward fits summed (plus ``cold_s[j]`` per call of
+    segment ``j``, [Note: cold weights in phase 1]), no backward, weights frozen
     (``buffer_bytes``), the activations of its largest layer only (nothing is kept for
     backward), and the cuts at the taps. Device columns are dropped (speed-scaled); the
     runtime's measured costs per stage call and per message (``runtime_overhead``,
@@ -74,12 +76,15 @@ def segment_costs(costs: CostTable, taps: Sequence[int]) -> CostTable:
     if not taps or taps[-1] >= costs.num_layers - 1:
         raise PlanError(f"taps {list(taps)} must be layers before the last of the "
                         f"{costs.num_layers} layers of the cost table")
+    if cold_s and len(cold_s) != len(taps):
+        raise PlanError(f"{len(cold_s)} cold-call figures for {len(taps)} segments; measure "
+                        f"them for this adapter model (asteroid_fx.finetune)")
     layers = []
     for j, (first, last) in enumerate(_bounds(taps)):
         part = costs.layers[first:last + 1]
         layers.append(LayerCost(
             name=f"segment{j}", op="segment",
-            fwd=TimeFit(sum(lc.fwd.intercept_s for lc in part),
+            fwd=TimeFit(sum(lc.fwd.intercept_s for lc in part) + (cold_s[j] if cold_s else 0.0),
                         sum(lc.fwd.per_sample_s for lc in part)),
             bwd=TimeFit(0.0, 0.0), param_bytes=0,
             activation_bytes=max(lc.output_bytes for lc in part),
@@ -155,11 +160,25 @@ def _handoff_s(cluster: Cluster, phase1: Plan, s: int, owners: Sequence[str],
 # of a run where the closed form missed by +50 % (docs/benchmarks.md).
 
 
+# [Note: cold weights in phase 1]
+# Phase 1 runs micro-batches of one sample, whose forward streams each segment's weights
+# once (gpt_small: 3-3.6 MB a segment); between two calls a stage waits for messages, and
+# whatever else runs on the device (here: the other emulated devices, other jobs) evicts
+# them. The cost table times each layer back to back, its weights warm in the cache. On
+# this project's host a segment's forward of one sample took 17-21 % longer after a sweep
+# of the last-level cache than warm (an L2-sized sweep: +1 %), and the phase-1 runs
+# measured their forwards' CPU 11-28 % above the table. So ``finetune`` measures, per
+# segment, a one-sample forward cold against warm (``asteroid_fx.finetune.
+# measure_cold_segments``, ``PacModel.segment_cold_s``) and :func:`segment_costs` adds the
+# difference to each call of the segment, over the device's speed like its layers. A
+# device whose cache holds its weights between calls (no other work) pays less than this.
+
+
 def predict_finetune(plan: PacPlan, costs: CostTable, cluster: Cluster) -> PacPrediction:
     """Predict both phases of ``plan`` (see [Note: PAC phases] and [Note: phase-1 time]);
     pure."""
     model = plan.model
-    coarse = segment_costs(costs, model.taps)
+    coarse = segment_costs(costs, model.taps, model.segment_cold_s)
     p1_cluster = cluster.for_costs(coarse)
     cluster = cluster.for_costs(costs)
     p1 = evaluate(plan.phase1, coarse, p1_cluster)
@@ -312,7 +331,7 @@ def _phase1_wire(costs: CostTable, model: PacModel, devices: Sequence[str],
 def phase1_memory(costs: CostTable, model: PacModel, phase1: Plan) -> dict[str, int]:
     """Bytes each device of ``phase1`` holds in phase 1 besides its cache rows and its
     hand-offs' wire buffers (see [Note: phase-1 memory]); pure."""
-    coarse = segment_costs(costs, model.taps)
+    coarse = segment_costs(costs, model.taps, model.segment_cold_s)
     if phase1.stages and phase1.stages[-1].last >= coarse.num_layers:
         raise PlanError(f"the phase-1 plan runs segments up to {phase1.stages[-1].last} but "
                         f"the model has {coarse.num_layers} segments (taps "
@@ -617,7 +636,7 @@ def plan_finetune(costs: CostTable, cluster: Cluster, model: PacModel, *, batch_
     if batch_size < len(cluster.devices):
         raise PlanError(f"--batch-size {batch_size} is smaller than the {len(cluster.devices)} "
                         f"devices of the cluster; phase 2 gives every device >= 1 sample")
-    coarse = segment_costs(costs, model.taps)
+    coarse = segment_costs(costs, model.taps, model.segment_cold_s)
     candidates = _phase1_candidates(coarse, cluster, batch_size, phase1_planner,
                                     micro_batch_size, phase1_objective)
     drafts: list[tuple[str, PacPlan, PacPrediction]] = []

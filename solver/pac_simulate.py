@@ -97,7 +97,7 @@ def simulate_phase1(plan: PacPlan, costs: CostTable, cluster: Cluster
         raise PlanError(f"PAC plan devices {missing} are not in the cluster "
                         f"({list(cluster.names)}); simulate with the cluster it was made for")
     model = plan.model
-    coarse = segment_costs(costs, model.taps)
+    coarse = segment_costs(costs, model.taps, model.segment_cold_s)
     net = cluster.for_costs(coarse)
     timing = Timing.of(coarse, net)
     speeds = Timing.of(costs, cluster.for_costs(costs)).speeds

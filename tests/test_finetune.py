@@ -208,6 +208,18 @@ def test_measured_step_memory_feeds_the_memory_prediction() -> None:
                for g, share in zip(grew, plans[0].shares, strict=True))
 
 
+def test_cold_segments_are_measured_per_segment() -> None:
+    from asteroid_fx.adapters import parallel_adapters
+    from asteroid_fx.finetune import measure_cold_segments
+
+    spec = load_model_spec(GPT)
+    torch.manual_seed(0)
+    model = spec.build_model()
+    pac = parallel_adapters(model, spec.sample_batch(2)[0], rank=2)
+    cold = measure_cold_segments(pac, spec, repeats=2, rounds=1)
+    assert len(cold) == len(pac.segments) and all(v >= 0.0 for v in cold)
+
+
 def test_measured_step_runs_the_runs_optimizer_on_cached_rows() -> None:
     from dataclasses import replace
 

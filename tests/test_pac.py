@@ -38,6 +38,27 @@ def test_segment_costs_are_forward_only_and_frozen() -> None:
         segment_costs(COSTS, (2, 9))
 
 
+def test_cold_weights_add_to_every_call_of_their_segment() -> None:
+    warm = segment_costs(COSTS, MODEL.taps)
+    cold = segment_costs(COSTS, MODEL.taps, (0.001, 0.0, 0.004))
+    # per call (the intercept), not per sample; one figure per segment
+    assert [c.fwd.intercept_s - w.fwd.intercept_s for c, w in
+            zip(cold.layers, warm.layers, strict=True)] == pytest.approx([0.001, 0.0, 0.004])
+    assert [c.fwd.per_sample_s for c in cold.layers] == [w.fwd.per_sample_s
+                                                          for w in warm.layers]
+    with pytest.raises(PlanError, match="2 cold-call figures for 3 segments"):
+        segment_costs(COSTS, MODEL.taps, (0.001, 0.002))
+    # the prediction charges them on phase 1, and the plan keeps them (JSON round trip)
+    cluster = make_cluster([1.0, 0.5, 0.5], bandwidth_mbps=1000)
+    chilled = replace(MODEL, segment_cold_s=(0.001, 0.0, 0.004))
+    plain = plan_finetune(COSTS, cluster, MODEL, batch_size=8, num_samples=16, epochs=2)
+    plan = plan_finetune(COSTS, cluster, chilled, batch_size=8, num_samples=16, epochs=2)
+    assert PacPlan.from_json(plan.to_json()).model == chilled
+    assert plan.predicted is not None and plain.predicted is not None
+    assert predict_finetune(replace(plain, model=chilled), COSTS, cluster).phase1_step_s > \
+        plain.predicted.phase1_step_s
+
+
 def test_plan_shares_by_speed_and_round_trips() -> None:
     cluster = make_cluster([1.0, 0.5, 0.5], bandwidth_mbps=1000)
     plan = plan_finetune(COSTS, cluster, MODEL, batch_size=8, num_samples=40, epochs=3)

@@ -66,7 +66,7 @@ def _phase1_forward(plan: Any, costs: Any, cluster: Any, records: list[dict[str,
     from solver.pac import segment_costs
     from solver.timing import Timing
 
-    coarse = segment_costs(costs, plan.model.taps)
+    coarse = segment_costs(costs, plan.model.taps, plan.model.segment_cold_s)
     timing = Timing.of(coarse, cluster.for_costs(coarse))
     out = {}
     p1 = plan.phase1
