@@ -875,6 +875,9 @@ def _counted_run(tables: _ClassTables, pooled: _Pooled, m: int, low: float, top:
     if after is not None:
         stack[0], floor = after[0], after[1]
         floor_0 = stack[0].reshape(count + 1, -1).min(axis=1)
+    # rows whose tables are the same at every position after the dominant stage
+    same = np.ones(count + 1, dtype=bool)
+    gate_max = max([*gates, rest_gate])
     for i in range(count - 1, -1, -1):
         if deadline is not None and time.perf_counter() > deadline:
             raise _Late
@@ -912,17 +915,34 @@ def _counted_run(tables: _ClassTables, pooled: _Pooled, m: int, low: float, top:
         # below the limit before the suffixes they read (the dominant stage and the head
         # before them)
         room = x_low + (dominant_low + head_low[i])
+        # [Note: equal positions]: where the rows read hold the same suffixes at every
+        # position after the dominant stage, a stage that passes every gate adds the same
+        # to every position of this row: the after phase takes it once for all of them,
+        # and only the stages that some gates let through and others do not are taken per
+        # position (their floors are the same at every position too)
+        nxt_t = nxt[e_t]
+        shared = after is None and bool(same[nxt_t].all())
+        gated_all = gate_max + ta_t < limit if shared else np.zeros(len(ta_t), dtype=bool)
+        mixed = False
         if after is None:
-            some = np.nonzero((rest_gate + ta_t < limit) & (room + floor_any[nxt[e_t]] < cut))[0]
+            keep = (rest_gate + ta_t < limit) & (room + floor_any[nxt_t] < cut)
+            some = np.nonzero(keep & gated_all)[0]
             if len(some):
+                found = _best(capped[some], stack[levels], at[some])
+                stack[:, i, live] = np.minimum(stack[:, i, live], found)
+            some = np.nonzero(keep & ~gated_all)[0]
+            if len(some):
+                mixed = True
                 found = _best(np.where(rest_gate + ta[some] < limit, capped[some], inf),
                               stack[levels], at[some])
                 stack[levels, i, live] = np.minimum(stack[levels, i, live], found)
         if levels and after is None:
             # position j + 1 reads the suffix at position j + 2 (the last: any position);
             # the gates fall with j: the last one lets through every stage any of them does
-            some = np.nonzero((gates[-1] + ta_t < limit) & (room + floor_pos[nxt[e_t]] < cut))[0]
+            some = np.nonzero((gates[-1] + ta_t < limit) & (room + floor_pos[nxt_t] < cut)
+                              & ~gated_all)[0]
             if len(some):
+                mixed = True
                 gated = np.where(gate_col + ta[some][None] < limit, capped[some][None],
                                  inf)                                           # (L, S, R)
                 found = (gated.transpose(0, 2, 1)[..., None]
@@ -961,9 +981,15 @@ def _counted_run(tables: _ClassTables, pooled: _Pooled, m: int, low: float, top:
                            inf)
             with_d[i, live] = np.minimum(with_d[i, live], _best(c_s, with_d, at[before]))
         if after is None:
-            floor[i], floor_0[i] = float(stack[:, i].min()), float(stack[0, i].min())
-            floor_any[i] = float(stack[levels, i].min())
-            floor_pos[i] = float(stack[1:, i].min()) if levels else inf
+            if mixed or not shared:
+                same[i] = bool((stack[:, i] == stack[levels, i]).all())
+            if same[i]:
+                floor[i] = floor_0[i] = floor_any[i] = float(stack[levels, i].min())
+                floor_pos[i] = floor[i] if levels else inf
+            else:
+                floor[i], floor_0[i] = float(stack[:, i].min()), float(stack[0, i].min())
+                floor_any[i] = float(stack[levels, i].min())
+                floor_pos[i] = float(stack[1:, i].min()) if levels else inf
         floor_d[i] = float(with_d[i].min())
     return float(with_d[0, :n_pools].min()), (stack[0], floor)
 
