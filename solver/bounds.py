@@ -49,7 +49,7 @@ import itertools
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -337,6 +337,37 @@ class _Pooled:
     free_speed: np.ndarray
     speed: np.ndarray
     rows: tuple[tuple[np.ndarray, ...], ...]
+    flat: dict[tuple[float, float], _Flat] = field(default_factory=dict, compare=False)
+    """``_flat_stages`` by its cap."""
+
+
+@dataclass(frozen=True)
+class _Flat:
+    """The stages of every row of a ``_Pooled`` whose ``lowest`` is at most a cap, one
+    array per field, rows in order (``row``): the group, the row after the stage
+    (``nxt``), the smallest ``x`` of its row's ends up to its own (``shortest``: a run
+    with ``top`` below it does not take the stage), ``lowest``, ``T_a``, the upper bound
+    ``upper``, and per sender profile ``x`` and the bound of ``max(E_f, E_b)`` (stages x
+    profiles): what ``_counted_run`` reads per row, gathered once for every run."""
+
+    row: np.ndarray
+    group: np.ndarray
+    nxt: np.ndarray
+    shortest: np.ndarray
+    lowest: np.ndarray
+    t_a: np.ndarray
+    upper: np.ndarray
+    x: np.ndarray
+    big: np.ndarray
+    offsets: list[int]
+    """Row ``i``'s stages are ``offsets[i]:offsets[i + 1]``."""
+    cols: np.ndarray
+    """Per stage and pool the pool its suffix leaves (``_Pooled.src``)."""
+    at: np.ndarray
+    """Per stage and pool the flat position of the suffix after it in a (row, pool,
+    profile) table, at the stage's own profile."""
+    hidden: dict[int, np.ndarray] = field(default_factory=dict, compare=False)
+    """Per number of micro-batches ``M``: ``min(M - 1, size of the pool)`` at ``cols``."""
 
 
 def _bucket(count: int) -> int:
@@ -835,7 +866,6 @@ def _counted_run(tables: _ClassTables, pooled: _Pooled, m: int, low: float, top:
     inf = math.inf
     count = len(tables.firsts)
     n_pools, n_prof = len(pooled.free_speed), pooled.gamma.shape[1]
-    src = pooled.src
     # a <= min(M - 1, devices after the dominant stage), per pool of those devices
     a_cap = np.minimum(m - 1, pooled.sizes).astype(np.float64)
     gates, levels = _gates(m, rho, low)
@@ -878,108 +908,124 @@ def _counted_run(tables: _ClassTables, pooled: _Pooled, m: int, low: float, top:
     # rows whose tables are the same at every position after the dominant stage
     same = np.ones(count + 1, dtype=bool)
     gate_max = max([*gates, rest_gate])
+    # [Note: one pass per run]: every phase keeps x <= top, T_a < limit - min(0,
+    # rest_gate) and the ends of the row up to the first whose x over every group is
+    # above top. The stages of every row are gathered once per table (_flat_stages, for
+    # the largest top and T_a limit of class_bound's runs), the terms of each phase that
+    # do not depend on the suffixes (floors and tables) once per run, in the float
+    # operations of a step per row; a row then selects its stages by masks and reads its
+    # suffixes for its live pools only (a minimum over the same values: bit for bit the
+    # step per row, tests/counted_reference.py)
+    flat = _flat_stages(pooled, top, ta_limit)
+    static = (flat.lowest <= top) & (flat.t_a < ta_limit) & (flat.shortest <= top)
+    offsets, row_s, nxt_s, at = flat.offsets, flat.row, flat.nxt, flat.at
+    x_low, ta_t, ups, x, big = flat.lowest, flat.t_a, flat.upper, flat.x, flat.big
+    ta = ta_t[:, None]
+    capped = np.where(x <= top, x, inf)
+    # a stage after the dominant one: only those that pass the gate and leave room below
+    # the limit before the suffixes they read (the dominant stage and the head before)
+    room = x_low + (dominant_low + head_low[row_s])
+    rest_ok = rest_gate + ta_t < limit
+    rest_vals = np.where(rest_ok[:, None], capped, inf)
+    gated_every = gate_max + ta_t < limit
+    last_gate = gates[-1] + ta_t < limit if levels else rest_ok
+    # the dominant stage: M max(x, low) + T_a below the limit and X > low possible
+    dom_ok = (m * np.maximum(x_low, low) + ta_t < limit) & (ups > low)
+    first = row_s == 0
+    x_d = np.maximum(capped, low)
+    # inf where x is (no plan there): base is inf, hide must not be nan
+    with np.errstate(invalid="ignore"):
+        hide = np.where(np.isfinite(capped), np.maximum(x, low) - np.maximum(big, low / 2),
+                        0.0)
+    total = m * x_d + ta
+    base_all = np.where((total < limit) & (ups[:, None] > low),
+                        np.where(first[:, None], total, m * x_d), inf)
+    hidden = flat.hidden.get(m)
+    if hidden is None:
+        hidden = flat.hidden[m] = a_cap[flat.cols]
+    # a stage before the dominant one (round >= M X_d + X_s + T_a^s)
+    before_ok = m_low + x_low + ta_t < limit
+    c_before = np.where(m_low + capped + ta < limit,
+                        np.where(first[:, None], capped + ta, capped), inf)
+    # pools whose free devices can run the layers before the row in stages of x <= top:
+    # each such stage has x U >= its work (U: its bound speeds), so the head's work is
+    # at most top times the free speed; the others start no relaxed plan; and pools
+    # that can run the layers from the row on in such stages (the suffix uses exactly
+    # its pool: a smaller one has no finite value, skip it)
+    lives = ((live_all[None] >= (pooled.head * _SLACK)[:, None])
+             & (used_all[None] >= (pooled.tail * _TAIL_SLACK)[:, None]))
+    live_rows, live_pools = np.nonzero(lives)
+    live_at = np.searchsorted(live_rows, np.arange(count + 1)).tolist()
     for i in range(count - 1, -1, -1):
         if deadline is not None and time.perf_counter() > deadline:
             raise _Late
-        comm, x0, lowest, upper, big0, t_a, nxt, shortest = pooled.rows[i]
-        k = int(np.searchsorted(shortest, top, side="right"))
-        if not k:
+        lo, hi = offsets[i], offsets[i + 1]
+        if lo == hi or live_at[i] == live_at[i + 1]:
             continue
-        # every phase below keeps x <= top and T_a < limit - min(0, rest_gate), and needs
-        # a suffix after the stage whose value leaves room below the limit (floor)
-        after_low = np.minimum(floor[nxt[:k]] + dominant_low, floor_d[nxt[:k]])
-        g_t, e_t = np.nonzero((lowest[:, :k] <= top) & (t_a[:, :k] < ta_limit)
-                              & (lowest[:, :k] + (after_low + head_low[i])[None] < cut))
-        # pools whose free devices can run the layers before the row in stages of x <=
-        # top: each such stage has x U >= its work (U: its bound speeds), so the head's
-        # work is at most top times the free speed; the others start no relaxed plan
-        # and pools that can run the layers from the row on in such stages (the suffix
-        # uses exactly its pool: a smaller one has no finite value, skip it)
-        live = np.nonzero((live_all >= pooled.head[i] * _SLACK)
-                          & (used_all >= pooled.tail[i] * _TAIL_SLACK))[0]
-        if not len(g_t) or not len(live):
+        nx = nxt_s[lo:hi]
+        # every phase needs a suffix after the stage whose value leaves room below the
+        # limit (floor)
+        after_low = np.minimum(floor[nx] + dominant_low, floor_d[nx])
+        xl = x_low[lo:hi]
+        on = static[lo:hi] & (xl + (after_low + head_low[i]) < cut)
+        if not on.any():
             continue
-        first = tables.firsts[i] == 0
-        comm_t = comm[g_t]                                                  # (T, R)
-        x = x0[g_t, e_t][:, None] + 2.0 * comm_t
-        ta = t_a[g_t, e_t][:, None]
-        capped = np.where(x <= top, x, inf)
-        # the suffix after the stage, read at the stage's own profile: (T, P) positions
-        # in a (row, pool, profile) table, flat
-        cols = src[g_t][:, live]
-        at = ((nxt[e_t][:, None] * (n_pools + 1) + cols) * n_prof
-              + pooled.profile[g_t][:, None])
-        x_low = lowest[g_t, e_t]
-        ta_t = ta[:, 0]
-        # a stage after the dominant one: only those that pass the gate and leave room
-        # below the limit before the suffixes they read (the dominant stage and the head
-        # before them)
-        room = x_low + (dominant_low + head_low[i])
+        live = live_pools[live_at[i]:live_at[i + 1]]
+        at_i, room_i = at[lo:hi].take(live, axis=1), room[lo:hi]
         # [Note: equal positions]: where the rows read hold the same suffixes at every
         # position after the dominant stage, a stage that passes every gate adds the same
         # to every position of this row: the after phase takes it once for all of them,
         # and only the stages that some gates let through and others do not are taken per
         # position (their floors are the same at every position too)
-        nxt_t = nxt[e_t]
-        shared = after is None and bool(same[nxt_t].all())
-        gated_all = gate_max + ta_t < limit if shared else np.zeros(len(ta_t), dtype=bool)
+        shared = after is None and bool(same[nx].all())
+        every = gated_every[lo:hi] if shared else None
         mixed = False
         if after is None:
-            keep = (rest_gate + ta_t < limit) & (room + floor_any[nxt_t] < cut)
-            some = np.nonzero(keep & gated_all)[0]
-            if len(some):
-                found = _best(capped[some], stack[levels], at[some])
-                stack[:, i, live] = np.minimum(stack[:, i, live], found)
-            some = np.nonzero(keep & ~gated_all)[0]
-            if len(some):
+            keep = on & rest_ok[lo:hi] & (room_i + floor_any[nx] < cut)
+            if every is not None:
+                both = keep & every
+                if both.any():
+                    found = _best_of(both, capped[lo:hi], stack[levels], at_i)
+                    stack[:, i, live] = found
+                keep &= ~every
+            if keep.any():
                 mixed = True
-                found = _best(np.where(rest_gate + ta[some] < limit, capped[some], inf),
-                              stack[levels], at[some])
+                found = _best_of(keep, rest_vals[lo:hi], stack[levels], at_i)
                 stack[levels, i, live] = np.minimum(stack[levels, i, live], found)
         if levels and after is None:
             # position j + 1 reads the suffix at position j + 2 (the last: any position);
             # the gates fall with j: the last one lets through every stage any of them does
-            some = np.nonzero((gates[-1] + ta_t < limit) & (room + floor_pos[nxt_t] < cut)
-                              & ~gated_all)[0]
+            pos = on & last_gate[lo:hi] & (room_i + floor_pos[nx] < cut)
+            if every is not None:
+                pos &= ~every
+            some = np.nonzero(pos)[0]
             if len(some):
                 mixed = True
-                gated = np.where(gate_col + ta[some][None] < limit, capped[some][None],
+                ta_p = ta[lo:hi][some]
+                gated = np.where(gate_col + ta_p[None] < limit, capped[lo:hi][some][None],
                                  inf)                                           # (L, S, R)
                 found = (gated.transpose(0, 2, 1)[..., None]
-                         + stack[1:].reshape(levels, -1)[:, at[some]][:, None]).min(axis=2)
+                         + stack[1:].reshape(levels, -1)[:, at_i[some]][:, None]).min(axis=2)
                 stack[:levels, i, live] = np.minimum(stack[:levels, i, live],
                                                      found.transpose(0, 2, 1))  # (L, P, R)
-        # the dominant stage: only those with M max(x, low) + T_a below the limit, X >
-        # low possible, and room below the limit before a suffix right after it
-        ups = upper[g_t, e_t]
-        dom = np.nonzero((m * np.maximum(x_low, low) + ta_t < limit) & (ups > low)
-                         & (x_low + floor_0[nxt[e_t]] + (dominant_low + head_low[i]) < cut))[0]
-        tail = stack[0].reshape(-1)[at[dom]]                                  # (D, P)
-        if len(dom) and np.isfinite(tail).any():
-            c_d, x_dom = capped[dom], x[dom]
-            big = big0[g_t[dom], e_t[dom]][:, None] + comm_t[dom]
-            x_d = np.maximum(c_d, low)
-            # inf where x is (no plan there): base is inf, hide must not be nan
-            with np.errstate(invalid="ignore"):
-                hide = np.where(np.isfinite(c_d),
-                                np.maximum(x_dom, low) - np.maximum(big, low / 2), 0.0)
-            total = m * x_d + ta[dom]
-            # the dominant stage has X > low: not a stage whose X is at most low
-            base = np.where((total < limit) & (ups[dom][:, None] > low),
-                            total if first else m * x_d, inf)                  # (D, R)
-            value = (base.T[:, :, None] - a_cap[cols[dom]][None] * hide.T[:, :, None]
+        # the dominant stage: only those with room below the limit before a suffix right
+        # after it
+        dom = on & dom_ok[lo:hi] & (xl + floor_0[nx] + (dominant_low + head_low[i]) < cut)
+        dom = np.nonzero(dom)[0]
+        if len(dom):
+            at_d = at_i[dom]
+            tail = stack[0].reshape(-1)[at_d]                                   # (D, P)
+            base, part = base_all[lo:hi][dom], hide[lo:hi][dom]                 # (D, R)
+            scale = hidden[lo:hi][dom].take(live, axis=1)                       # (D, P)
+            value = (base.T[:, :, None] - scale[None] * part.T[:, :, None]
                      + tail[None]).min(axis=1)                                 # (R, P)
             with_d[i, live] = np.minimum(with_d[i, live], value.T)
         # a stage before the dominant one: only those that leave room below the limit
-        # before the suffixes holding the dominant stage (with M low: round >= M X_d +
-        # X_s + T_a^s)
-        before = np.nonzero((m_low + x_low + ta_t < limit)
-                            & (x_low + floor_d[nxt[e_t]] + head_low[i] < cut))[0]
-        if len(before):
-            cap_b, ta_b = capped[before], ta[before]
-            c_s = np.where(m_low + cap_b + ta_b < limit, cap_b + ta_b if first else cap_b,
-                           inf)
-            with_d[i, live] = np.minimum(with_d[i, live], _best(c_s, with_d, at[before]))
+        # before the suffixes holding the dominant stage
+        before = on & before_ok[lo:hi] & (xl + floor_d[nx] + head_low[i] < cut)
+        if before.any():
+            found = _best_of(before, c_before[lo:hi], with_d, at_i)
+            with_d[i, live] = np.minimum(with_d[i, live], found)
         if after is None:
             if mixed or not shared:
                 same[i] = bool((stack[:, i] == stack[levels, i]).all())
@@ -992,6 +1038,40 @@ def _counted_run(tables: _ClassTables, pooled: _Pooled, m: int, low: float, top:
                 floor_pos[i] = float(stack[1:, i].min()) if levels else inf
         floor_d[i] = float(with_d[i].min())
     return float(with_d[0, :n_pools].min()), (stack[0], floor)
+
+
+def _flat_stages(pooled: _Pooled, top: float, ta_limit: float) -> _Flat:
+    """``_Flat`` of the stages with ``lowest <= top`` and ``T_a < ta_limit``: a cached one
+    of caps at least those (the smallest top), else a new one, kept for later runs."""
+    caps = [key for key in pooled.flat if key[0] >= top and key[1] >= ta_limit]
+    if caps:
+        return pooled.flat[min(caps)]
+    parts: list[list[np.ndarray]] = [[] for _ in range(9)]
+    for i, (comm, x0, lowest, upper, big0, t_a, nxt, shortest) in enumerate(pooled.rows):
+        g, e = np.nonzero((lowest <= top) & (t_a < ta_limit))
+        comm_t = comm[g]
+        for out, value in zip(parts, (np.full(len(g), i, dtype=np.intp), g, nxt[e],
+                                      shortest[e], lowest[g, e], t_a[g, e], upper[g, e],
+                                      x0[g, e][:, None] + 2.0 * comm_t,
+                                      big0[g, e][:, None] + comm_t), strict=True):
+            out.append(value)
+    row, group, nxt_f, short_f, low_f, ta_f, up_f, x_f, big_f = (np.concatenate(p)
+                                                                  for p in parts)
+    n_pools, n_prof = len(pooled.free_speed), pooled.gamma.shape[1]
+    cols = pooled.src[group][:, :n_pools]
+    at = (nxt_f[:, None] * (n_pools + 1) + cols) * n_prof + pooled.profile[group][:, None]
+    offsets = np.searchsorted(row, np.arange(len(pooled.rows) + 1)).tolist()
+    found = _Flat(row, group, nxt_f, short_f, low_f, ta_f, up_f, x_f, big_f, offsets, cols,
+                  at)
+    pooled.flat[(top, ta_limit)] = found
+    return found
+
+
+def _best_of(mask: np.ndarray, values: np.ndarray, table: np.ndarray,
+             at: np.ndarray) -> np.ndarray:
+    """``_best`` over the stages of ``mask``: ``(pools, profiles)``."""
+    sel = np.nonzero(mask)[0]
+    return _best(values[sel], table, at[sel])
 
 
 def _best(values: np.ndarray, table: np.ndarray, at: np.ndarray) -> np.ndarray:
@@ -1084,6 +1164,10 @@ def class_bound(space: ClassSpace, sums: LayerSums, cut_bytes: Sequence[int],
     m = num_micro
     top_all = target / m
     shape = tables.speeds / tables.speeds.max()
+    if tables.pooled is not None:
+        # the stages of every bucket's runs, gathered once ([Note: one pass per run])
+        _flat_stages(tables.pooled, top_all, target - min(
+            0.0, _rest_gate(m, int(tables.totals.sum()), rho, 0.0, top_all)))
     afters: dict[float, tuple[float, _After]] = {}
 
     def bucket(low: float, top: float, price: float, enough: float) -> tuple[float, float]:
