@@ -485,7 +485,6 @@ def _class_tables(space: ClassSpace, sums: LayerSums, cut_bytes: Sequence[int],
     num_layers = len(sums.fwd_slope) - 1
     firsts = [0] + [e + 1 for e in ends if e + 1 < num_layers]
     lasts = [e for e in ends if e < num_layers - 1] + [num_layers - 1]
-    index = {f: i for i, f in enumerate(firsts)}
     fi, fs = np.asarray(sums.fwd_intercept), np.asarray(sums.fwd_slope)
     bi, bs = np.asarray(sums.bwd_intercept), np.asarray(sums.bwd_slope)
     params = np.asarray(sums.param_bytes, dtype=np.float64)
@@ -493,10 +492,13 @@ def _class_tables(space: ClassSpace, sums: LayerSums, cut_bytes: Sequence[int],
     compute = []
     before: list[float] = []
     after: list[float] = []
+    stops = np.asarray(lasts) + 1
+    row_of = np.full(num_layers + 1, len(firsts))     # the row of each first layer
+    row_of[firsts] = np.arange(len(firsts))
     for first in firsts:
         if deadline is not None and time.perf_counter() > deadline:
             raise _Late
-        stop = np.asarray([last + 1 for last in lasts if last >= first])
+        stop = stops[stops > first]
         cut = cut_bytes[first - 1] if first > 0 else 0
         comm = (lat0 + cut * gamma) if cut > 0 else np.zeros_like(gamma)
         c_f = ((fi[stop] - fi[first])[None] * inv_u[:, None]
@@ -512,7 +514,7 @@ def _class_tables(space: ClassSpace, sums: LayerSums, cut_bytes: Sequence[int],
         p = (params[stop] - params[first])[None]
         t_a = (np.where(p > 0, p * red_a[:, None] + red_b[:, None], 0.0)
                + p * step[:, None]) * _SLACK
-        nxt = np.asarray([index.get(int(e), len(firsts)) for e in stop])
+        nxt = row_of[stop]
         # the smallest x over the groups per end (non-decreasing: see _relaxed)
         x = e_f + e_b
         shortest = np.maximum.accumulate(x.min(axis=0))
