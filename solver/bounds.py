@@ -343,8 +343,8 @@ class _Pooled:
 
 @dataclass(frozen=True)
 class _Flat:
-    """The stages of every row of a ``_Pooled`` whose ``lowest`` is at most a cap, one
-    array per field, rows in order (``row``): the group, the row after the stage
+    """The stages of every row of a ``_Pooled`` whose ``lowest`` and ``T_a`` are below caps,
+    one array per field, rows in order (``row``): the group, the row after the stage
     (``nxt``), the smallest ``x`` of its row's ends up to its own (``shortest``: a run
     with ``top`` below it does not take the stage), ``lowest``, ``T_a``, the upper bound
     ``upper``, and per sender profile ``x`` and the bound of ``max(E_f, E_b)`` (stages x
@@ -359,15 +359,10 @@ class _Flat:
     upper: np.ndarray
     x: np.ndarray
     big: np.ndarray
-    offsets: list[int]
-    """Row ``i``'s stages are ``offsets[i]:offsets[i + 1]``."""
-    cols: np.ndarray
-    """Per stage and pool the pool its suffix leaves (``_Pooled.src``)."""
     at: np.ndarray
-    """Per stage and pool the flat position of the suffix after it in a (row, pool,
-    profile) table, at the stage's own profile."""
-    hidden: dict[int, np.ndarray] = field(default_factory=dict, compare=False)
-    """Per number of micro-batches ``M``: ``min(M - 1, size of the pool)`` at ``cols``."""
+    """Per stage the flat position of the row after it in a (row, pool, profile) table, at
+    the stage's own profile: the suffix after the stage in pool ``q`` is at ``at + q
+    n_prof``."""
 
 
 def _bucket(count: int) -> int:
@@ -918,10 +913,15 @@ def _counted_run(tables: _ClassTables, pooled: _Pooled, m: int, low: float, top:
     # operations of a step per row; a row then selects its stages by masks and reads its
     # suffixes for its live pools only (a minimum over the same values: bit for bit the
     # step per row, tests/counted_reference.py)
-    flat = _flat_stages(pooled, top, ta_limit)
-    static = (flat.lowest <= top) & (flat.t_a < ta_limit) & (flat.shortest <= top)
-    offsets, row_s, nxt_s, at = flat.offsets, flat.row, flat.nxt, flat.at
-    x_low, ta_t, ups, x, big = flat.lowest, flat.t_a, flat.upper, flat.x, flat.big
+    flat = _flat_stages(pooled, top, ta_limit, deadline)
+    keep_s = np.nonzero((flat.lowest <= top) & (flat.t_a < ta_limit)
+                        & (flat.shortest <= top))[0]
+    row_s, nxt_s, at, g_s = (flat.row[keep_s], flat.nxt[keep_s], flat.at[keep_s],
+                             flat.group[keep_s])
+    offsets = np.searchsorted(row_s, np.arange(count + 1)).tolist()
+    x_low, ta_t, ups = flat.lowest[keep_s], flat.t_a[keep_s], flat.upper[keep_s]
+    x, big = flat.x[keep_s], flat.big[keep_s]
+    src = pooled.src
     ta = ta_t[:, None]
     capped = np.where(x <= top, x, inf)
     # a stage after the dominant one: only those that pass the gate and leave room below
@@ -942,9 +942,6 @@ def _counted_run(tables: _ClassTables, pooled: _Pooled, m: int, low: float, top:
     total = m * x_d + ta
     base_all = np.where((total < limit) & (ups[:, None] > low),
                         np.where(first[:, None], total, m * x_d), inf)
-    hidden = flat.hidden.get(m)
-    if hidden is None:
-        hidden = flat.hidden[m] = a_cap[flat.cols]
     # a stage before the dominant one (round >= M X_d + X_s + T_a^s)
     before_ok = m_low + x_low + ta_t < limit
     c_before = np.where(m_low + capped + ta < limit,
@@ -969,11 +966,13 @@ def _counted_run(tables: _ClassTables, pooled: _Pooled, m: int, low: float, top:
         # limit (floor)
         after_low = np.minimum(floor[nx] + dominant_low, floor_d[nx])
         xl = x_low[lo:hi]
-        on = static[lo:hi] & (xl + (after_low + head_low[i]) < cut)
+        on = xl + (after_low + head_low[i]) < cut
         if not on.any():
             continue
         live = live_pools[live_at[i]:live_at[i + 1]]
-        at_i, room_i = at[lo:hi].take(live, axis=1), room[lo:hi]
+        # the pools each stage's suffix leaves, for the live pools (contiguous)
+        cols = src[g_s[lo:hi]].take(live, axis=1)                           # (S, P)
+        at_i, room_i = at[lo:hi, None] + cols * n_prof, room[lo:hi]
         # [Note: equal positions]: where the rows read hold the same suffixes at every
         # position after the dominant stage, a stage that passes every gate adds the same
         # to every position of this row: the after phase takes it once for all of them,
@@ -1018,7 +1017,7 @@ def _counted_run(tables: _ClassTables, pooled: _Pooled, m: int, low: float, top:
             at_d = at_i[dom]
             tail = stack[0].reshape(-1)[at_d]                                   # (D, P)
             base, part = base_all[lo:hi][dom], hide[lo:hi][dom]                 # (D, R)
-            scale = hidden[lo:hi][dom].take(live, axis=1)                       # (D, P)
+            scale = a_cap[cols[dom]]                                            # (D, P)
             value = (base.T[:, :, None] - scale[None] * part.T[:, :, None]
                      + tail[None]).min(axis=1)                                 # (R, P)
             with_d[i, live] = np.minimum(with_d[i, live], value.T)
@@ -1042,14 +1041,18 @@ def _counted_run(tables: _ClassTables, pooled: _Pooled, m: int, low: float, top:
     return float(with_d[0, :n_pools].min()), (stack[0], floor)
 
 
-def _flat_stages(pooled: _Pooled, top: float, ta_limit: float) -> _Flat:
+def _flat_stages(pooled: _Pooled, top: float, ta_limit: float,
+                 deadline: float | None = None) -> _Flat:
     """``_Flat`` of the stages with ``lowest <= top`` and ``T_a < ta_limit``: a cached one
-    of caps at least those (the smallest top), else a new one, kept for later runs."""
+    of caps at least those (the smallest top), else a new one, kept for later runs;
+    ``_Late`` once the ``time.perf_counter()`` deadline has passed."""
     caps = [key for key in pooled.flat if key[0] >= top and key[1] >= ta_limit]
     if caps:
         return pooled.flat[min(caps)]
     parts: list[list[np.ndarray]] = [[] for _ in range(9)]
     for i, (comm, x0, lowest, upper, big0, t_a, nxt, shortest) in enumerate(pooled.rows):
+        if deadline is not None and not i % 16 and time.perf_counter() > deadline:
+            raise _Late
         g, e = np.nonzero((lowest <= top) & (t_a < ta_limit))
         comm_t = comm[g]
         for out, value in zip(parts, (np.full(len(g), i, dtype=np.intp), g, nxt[e],
@@ -1060,11 +1063,8 @@ def _flat_stages(pooled: _Pooled, top: float, ta_limit: float) -> _Flat:
     row, group, nxt_f, short_f, low_f, ta_f, up_f, x_f, big_f = (np.concatenate(p)
                                                                   for p in parts)
     n_pools, n_prof = len(pooled.free_speed), pooled.gamma.shape[1]
-    cols = pooled.src[group][:, :n_pools]
-    at = (nxt_f[:, None] * (n_pools + 1) + cols) * n_prof + pooled.profile[group][:, None]
-    offsets = np.searchsorted(row, np.arange(len(pooled.rows) + 1)).tolist()
-    found = _Flat(row, group, nxt_f, short_f, low_f, ta_f, up_f, x_f, big_f, offsets, cols,
-                  at)
+    at = nxt_f * ((n_pools + 1) * n_prof) + pooled.profile[group]
+    found = _Flat(row, group, nxt_f, short_f, low_f, ta_f, up_f, x_f, big_f, at)
     pooled.flat[(top, ta_limit)] = found
     return found
 
@@ -1157,19 +1157,20 @@ def class_bound(space: ClassSpace, sums: LayerSums, cut_bytes: Sequence[int],
     """
     if not math.isfinite(target) or target <= 0 or bound_classes(space) is None:
         return None
+    m = num_micro
+    top_all = target / m
     try:
         tables = _class_tables(space, sums, cut_bytes, ends, micro_batch, deadline, pools)
+        if tables is not None and tables.pooled is not None:
+            # the stages of every bucket's runs, gathered once ([Note: one pass per run]):
+            # every run has top <= target / M and T_a limit at most this one's
+            _flat_stages(tables.pooled, top_all, target - min(
+                0.0, _rest_gate(m, int(tables.totals.sum()), rho, 0.0, top_all)), deadline)
     except _Late:
         return None
     if tables is None:
         return target        # no group can take a micro-batch: no plan
-    m = num_micro
-    top_all = target / m
     shape = tables.speeds / tables.speeds.max()
-    if tables.pooled is not None:
-        # the stages of every bucket's runs, gathered once ([Note: one pass per run])
-        _flat_stages(tables.pooled, top_all, target - min(
-            0.0, _rest_gate(m, int(tables.totals.sum()), rho, 0.0, top_all)))
     afters: dict[float, tuple[float, _After]] = {}
 
     def bucket(low: float, top: float, price: float, enough: float) -> tuple[float, float]:
