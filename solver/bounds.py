@@ -283,6 +283,10 @@ _REACHED = 1.0 - 1e-6
 slack of the tables keeps a bucket that holds a plan of the target's round just below
 it)."""
 
+_TERMS_AT_ONCE = 200_000
+"""``_counted_run`` computes the terms of every stage of a run at once where they have at
+most this many values (stages x sender profiles), else per row for the stages it keeps."""
+
 _AFTER_LEVELS = 4
 """Stages right after the dominant one whose all-reduce ``_relaxed`` checks."""
 
@@ -347,8 +351,9 @@ class _Flat:
     one array per field, rows in order (``row``): the group, the row after the stage
     (``nxt``), the smallest ``x`` of its row's ends up to its own (``shortest``: a run
     with ``top`` below it does not take the stage), ``lowest``, ``T_a``, the upper bound
-    ``upper``, and per sender profile ``x`` and the bound of ``max(E_f, E_b)`` (stages x
-    profiles): what ``_counted_run`` reads per row, gathered once for every run."""
+    ``upper``, ``x`` and the bound of ``max(E_f, E_b)`` without the transfers (``x0``,
+    ``big0``), and the transfer bounds of every row (rows x groups x sender profiles):
+    what ``_counted_run`` reads per row, gathered once for every run."""
 
     row: np.ndarray
     group: np.ndarray
@@ -357,8 +362,9 @@ class _Flat:
     lowest: np.ndarray
     t_a: np.ndarray
     upper: np.ndarray
-    x: np.ndarray
-    big: np.ndarray
+    x0: np.ndarray
+    big0: np.ndarray
+    comm: np.ndarray
     at: np.ndarray
     """Per stage the flat position of the row after it in a (row, pool, profile) table, at
     the stage's own profile: the suffix after the stage in pool ``q`` is at ``at + q
@@ -920,32 +926,51 @@ def _counted_run(tables: _ClassTables, pooled: _Pooled, m: int, low: float, top:
                              flat.group[keep_s])
     offsets = np.searchsorted(row_s, np.arange(count + 1)).tolist()
     x_low, ta_t, ups = flat.lowest[keep_s], flat.t_a[keep_s], flat.upper[keep_s]
-    x, big = flat.x[keep_s], flat.big[keep_s]
+    x0_s, big0_s = flat.x0[keep_s], flat.big0[keep_s]
     src = pooled.src
     ta = ta_t[:, None]
-    capped = np.where(x <= top, x, inf)
-    # a stage after the dominant one: only those that pass the gate and leave room below
-    # the limit before the suffixes they read (the dominant stage and the head before)
-    room = x_low + (dominant_low + head_low[row_s])
-    rest_ok = rest_gate + ta_t < limit
-    rest_vals = np.where(rest_ok[:, None], capped, inf)
-    gated_every = gate_max + ta_t < limit
-    last_gate = gates[-1] + ta_t < limit if levels else rest_ok
-    # the dominant stage: M max(x, low) + T_a below the limit and X > low possible
-    dom_ok = (m * np.maximum(x_low, low) + ta_t < limit) & (ups > low)
-    first = row_s == 0
-    x_d = np.maximum(capped, low)
-    # inf where x is (no plan there): base is inf, hide must not be nan
-    with np.errstate(invalid="ignore"):
-        hide = np.where(np.isfinite(capped), np.maximum(x, low) - np.maximum(big, low / 2),
-                        0.0)
-    total = m * x_d + ta
-    base_all = np.where((total < limit) & (ups[:, None] > low),
-                        np.where(first[:, None], total, m * x_d), inf)
-    # a stage before the dominant one (round >= M X_d + X_s + T_a^s)
-    before_ok = m_low + x_low + ta_t < limit
-    c_before = np.where(m_low + capped + ta < limit,
-                        np.where(first[:, None], capped + ta, capped), inf)
+
+    def terms(pick: slice | np.ndarray) -> tuple[np.ndarray, ...]:
+        """Per stage of ``pick``: the filters of the phases that do not read the suffixes
+        and, per sender profile, ``x`` where at most ``top`` (else inf), that where the
+        rest gate holds, the dominant stage's hidden part and value without the suffix,
+        and a stage's before the dominant one (inf: none)."""
+        x_low_p, ta_p1, ups_p, row_p = x_low[pick], ta_t[pick], ups[pick], row_s[pick]
+        # a stage after the dominant one: only those that pass the gate and leave room
+        # below the limit before the suffixes they read (the dominant stage and the head
+        # before them)
+        room = x_low_p + (dominant_low + head_low[row_p])
+        rest_ok = rest_gate + ta_p1 < limit
+        gated_every = gate_max + ta_p1 < limit
+        last_gate = gates[-1] + ta_p1 < limit if levels else rest_ok
+        # the dominant stage: M max(x, low) + T_a below the limit and X > low possible
+        dom_ok = (m * np.maximum(x_low_p, low) + ta_p1 < limit) & (ups_p > low)
+        before_ok = m_low + x_low_p + ta_p1 < limit
+        # as a step per row: x0[g, e][:, None] + 2.0 * comm[g] and big0[g, e][:, None] + comm[g]
+        comm_p = flat.comm[row_p, g_s[pick]]
+        x_p = x0_s[pick][:, None] + 2.0 * comm_p
+        big_p = big0_s[pick][:, None] + comm_p
+        ta_p, first_p = ta[pick], (row_p == 0)[:, None]
+        capped = np.where(x_p <= top, x_p, inf)
+        rest_vals = np.where(rest_ok[:, None], capped, inf)
+        x_d = np.maximum(capped, low)
+        # inf where x is (no plan there): base is inf, hide must not be nan
+        with np.errstate(invalid="ignore"):
+            hide = np.where(np.isfinite(capped),
+                            np.maximum(x_p, low) - np.maximum(big_p, low / 2), 0.0)
+        total = m * x_d + ta_p
+        base = np.where((total < limit) & (ups_p[:, None] > low),
+                        np.where(first_p, total, m * x_d), inf)
+        # a stage before the dominant one (round >= M X_d + X_s + T_a^s)
+        c_before = np.where(m_low + capped + ta_p < limit,
+                            np.where(first_p, capped + ta_p, capped), inf)
+        return (room, rest_ok, gated_every, last_gate, dom_ok, before_ok, capped, rest_vals,
+                hide, base, c_before)
+
+    # the terms of every stage at once where they are few, else per row for the stages
+    # the row keeps ([Note: one pass per run])
+    every_terms = (terms(slice(None)) if len(keep_s) * (n_prof + 1) <= _TERMS_AT_ONCE
+                   else None)
     # pools whose free devices can run the layers before the row in stages of x <= top:
     # each such stage has x U >= its work (U: its bound speeds), so the head's work is
     # at most top times the free speed; the others start no relaxed plan; and pools
@@ -965,45 +990,60 @@ def _counted_run(tables: _ClassTables, pooled: _Pooled, m: int, low: float, top:
         # every phase needs a suffix after the stage whose value leaves room below the
         # limit (floor)
         after_low = np.minimum(floor[nx] + dominant_low, floor_d[nx])
-        xl = x_low[lo:hi]
-        on = xl + (after_low + head_low[i]) < cut
-        if not on.any():
+        on = x_low[lo:hi] + (after_low + head_low[i]) < cut
+        kept = int(np.count_nonzero(on))
+        if not kept:
             continue
+        # the row's stages: a slice (each phase masks with `on`) where it keeps most of
+        # them, else those it keeps
+        pick: slice | np.ndarray
+        if every_terms is not None and 4 * kept >= 3 * (hi - lo):
+            pick, mask = slice(lo, hi), on
+        else:
+            pick, mask = np.nonzero(on)[0] + lo, None
+            nx = nxt_s[pick]
+        (room_i, rest_ok, gated_every, last_gate, dom_ok, before_ok, capped, rest_vals, hide,
+         base_all, c_before) = (terms(pick) if every_terms is None
+                                else tuple(t[pick] for t in every_terms))
+        xl = x_low[pick]
         live = live_pools[live_at[i]:live_at[i + 1]]
         # the pools each stage's suffix leaves, for the live pools (contiguous)
-        cols = src[g_s[lo:hi]].take(live, axis=1)                           # (S, P)
-        at_i, room_i = at[lo:hi, None] + cols * n_prof, room[lo:hi]
+        cols = src[g_s[pick]].take(live, axis=1)                            # (S, P)
+        at_i = at[pick][:, None] + cols * n_prof
         # [Note: equal positions]: where the rows read hold the same suffixes at every
         # position after the dominant stage, a stage that passes every gate adds the same
         # to every position of this row: the after phase takes it once for all of them,
         # and only the stages that some gates let through and others do not are taken per
         # position (their floors are the same at every position too)
         shared = after is None and bool(same[nx].all())
-        every = gated_every[lo:hi] if shared else None
+        every = gated_every if shared else None
         mixed = False
         if after is None:
-            keep = on & rest_ok[lo:hi] & (room_i + floor_any[nx] < cut)
+            keep = rest_ok & (room_i + floor_any[nx] < cut)
+            if mask is not None:
+                keep &= mask
             if every is not None:
                 both = keep & every
                 if both.any():
-                    found = _best_of(both, capped[lo:hi], stack[levels], at_i)
+                    found = _best_of(both, capped, stack[levels], at_i)
                     stack[:, i, live] = found
                 keep &= ~every
             if keep.any():
                 mixed = True
-                found = _best_of(keep, rest_vals[lo:hi], stack[levels], at_i)
+                found = _best_of(keep, rest_vals, stack[levels], at_i)
                 stack[levels, i, live] = np.minimum(stack[levels, i, live], found)
         if levels and after is None:
             # position j + 1 reads the suffix at position j + 2 (the last: any position);
             # the gates fall with j: the last one lets through every stage any of them does
-            pos = on & last_gate[lo:hi] & (room_i + floor_pos[nx] < cut)
+            pos = last_gate & (room_i + floor_pos[nx] < cut)
+            if mask is not None:
+                pos &= mask
             if every is not None:
                 pos &= ~every
             some = np.nonzero(pos)[0]
             if len(some):
                 mixed = True
-                ta_p = ta[lo:hi][some]
-                gated = np.where(gate_col + ta_p[None] < limit, capped[lo:hi][some][None],
+                gated = np.where(gate_col + ta[pick][some][None] < limit, capped[some][None],
                                  inf)                                           # (L, S, R)
                 found = (gated.transpose(0, 2, 1)[..., None]
                          + stack[1:].reshape(levels, -1)[:, at_i[some]][:, None]).min(axis=2)
@@ -1011,21 +1051,24 @@ def _counted_run(tables: _ClassTables, pooled: _Pooled, m: int, low: float, top:
                                                      found.transpose(0, 2, 1))  # (L, P, R)
         # the dominant stage: only those with room below the limit before a suffix right
         # after it
-        dom = on & dom_ok[lo:hi] & (xl + floor_0[nx] + (dominant_low + head_low[i]) < cut)
+        dom = dom_ok & (xl + floor_0[nx] + (dominant_low + head_low[i]) < cut)
+        if mask is not None:
+            dom &= mask
         dom = np.nonzero(dom)[0]
         if len(dom):
-            at_d = at_i[dom]
-            tail = stack[0].reshape(-1)[at_d]                                   # (D, P)
-            base, part = base_all[lo:hi][dom], hide[lo:hi][dom]                 # (D, R)
+            tail = stack[0].reshape(-1)[at_i[dom]]                              # (D, P)
+            base, part = base_all[dom], hide[dom]                               # (D, R)
             scale = a_cap[cols[dom]]                                            # (D, P)
             value = (base.T[:, :, None] - scale[None] * part.T[:, :, None]
                      + tail[None]).min(axis=1)                                 # (R, P)
             with_d[i, live] = np.minimum(with_d[i, live], value.T)
         # a stage before the dominant one: only those that leave room below the limit
         # before the suffixes holding the dominant stage
-        before = on & before_ok[lo:hi] & (xl + floor_d[nx] + head_low[i] < cut)
+        before = before_ok & (xl + floor_d[nx] + head_low[i] < cut)
+        if mask is not None:
+            before &= mask
         if before.any():
-            found = _best_of(before, c_before[lo:hi], with_d, at_i)
+            found = _best_of(before, c_before, with_d, at_i)
             with_d[i, live] = np.minimum(with_d[i, live], found)
         if after is None:
             if mixed or not shared:
@@ -1050,21 +1093,20 @@ def _flat_stages(pooled: _Pooled, top: float, ta_limit: float,
     if caps:
         return pooled.flat[min(caps)]
     parts: list[list[np.ndarray]] = [[] for _ in range(9)]
-    for i, (comm, x0, lowest, upper, big0, t_a, nxt, shortest) in enumerate(pooled.rows):
+    for i, (_, x0, lowest, upper, big0, t_a, nxt, shortest) in enumerate(pooled.rows):
         if deadline is not None and not i % 16 and time.perf_counter() > deadline:
             raise _Late
         g, e = np.nonzero((lowest <= top) & (t_a < ta_limit))
-        comm_t = comm[g]
         for out, value in zip(parts, (np.full(len(g), i, dtype=np.intp), g, nxt[e],
                                       shortest[e], lowest[g, e], t_a[g, e], upper[g, e],
-                                      x0[g, e][:, None] + 2.0 * comm_t,
-                                      big0[g, e][:, None] + comm_t), strict=True):
+                                      x0[g, e], big0[g, e]), strict=True):
             out.append(value)
-    row, group, nxt_f, short_f, low_f, ta_f, up_f, x_f, big_f = (np.concatenate(p)
-                                                                  for p in parts)
+    row, group, nxt_f, short_f, low_f, ta_f, up_f, x0_f, big0_f = (np.concatenate(p)
+                                                                    for p in parts)
     n_pools, n_prof = len(pooled.free_speed), pooled.gamma.shape[1]
     at = nxt_f * ((n_pools + 1) * n_prof) + pooled.profile[group]
-    found = _Flat(row, group, nxt_f, short_f, low_f, ta_f, up_f, x_f, big_f, at)
+    comm = np.stack([r[0] for r in pooled.rows])
+    found = _Flat(row, group, nxt_f, short_f, low_f, ta_f, up_f, x0_f, big0_f, comm, at)
     pooled.flat[(top, ta_limit)] = found
     return found
 

@@ -521,12 +521,18 @@ def _mlp_case() -> tuple[Any, int, float, float] | None:
     return tables, 8, hiding_ratio(costs, cluster), 0.06268075162732864
 
 
-def test_counted_run_equals_the_reference_bit_for_bit() -> None:
-    # the faster _counted_run (equal positions, ...) gives the value and the suffixes of
-    # the reference implementation (main 903aa00), bit for bit, with and without `after`
+@pytest.mark.parametrize("at_once", [True, False])
+def test_counted_run_equals_the_reference_bit_for_bit(at_once: bool,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    # the faster _counted_run (equal positions, one pass per run) gives the value and the
+    # suffixes of the reference implementation (main 903aa00), bit for bit, with and
+    # without `after`, with the stages' terms computed at once or per row
+    import solver.bounds
     from solver.bounds import _counted_run
     from tests.counted_reference import reference_counted_run
 
+    if not at_once:
+        monkeypatch.setattr(solver.bounds, "_TERMS_AT_ONCE", 0)
     cases = list(_counted_cases(range(0, 40)))
     compared = finite = 0
     for tables, m, rho, target in cases:
@@ -554,11 +560,16 @@ def test_counted_run_equals_the_reference_bit_for_bit() -> None:
     assert finite > 300
 
 
-def test_counted_run_equals_the_reference_on_the_mlp() -> None:
+@pytest.mark.parametrize("at_once", [True, False])
+def test_counted_run_equals_the_reference_on_the_mlp(at_once: bool,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     # issue 14's MLP, where the gates let some stages through at some positions only
+    import solver.bounds
     from solver.bounds import _counted_run
     from tests.counted_reference import reference_counted_run
 
+    if not at_once:
+        monkeypatch.setattr(solver.bounds, "_TERMS_AT_ONCE", 0)
     case = _mlp_case()
     assert case is not None
     tables, m, rho, target = case
