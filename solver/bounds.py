@@ -342,7 +342,7 @@ class _Pooled:
     speed: np.ndarray
     rows: tuple[tuple[np.ndarray, ...], ...]
     flat: dict[tuple[float, float], _Flat] = field(default_factory=dict, compare=False)
-    """``_flat_stages`` by its cap."""
+    """``_flat_stages`` by its caps (``top``, ``T_a`` limit)."""
 
 
 @dataclass(frozen=True)
@@ -915,10 +915,11 @@ def _counted_run(tables: _ClassTables, pooled: _Pooled, m: int, low: float, top:
     # rest_gate) and the ends of the row up to the first whose x over every group is
     # above top. The stages of every row are gathered once per table (_flat_stages, for
     # the largest top and T_a limit of class_bound's runs), the terms of each phase that
-    # do not depend on the suffixes (floors and tables) once per run, in the float
-    # operations of a step per row; a row then selects its stages by masks and reads its
-    # suffixes for its live pools only (a minimum over the same values: bit for bit the
-    # step per row, tests/counted_reference.py)
+    # do not depend on the suffixes (floors and tables) once per run where they are few
+    # (_TERMS_AT_ONCE, else per row for the stages it keeps), in the float operations of
+    # a step per row; a row then selects its stages by masks and reads its suffixes for
+    # its live pools only (a minimum over the same values: bit for bit the step per row,
+    # tests/counted_reference.py)
     flat = _flat_stages(pooled, top, ta_limit, deadline)
     keep_s = np.nonzero((flat.lowest <= top) & (flat.t_a < ta_limit)
                         & (flat.shortest <= top))[0]
