@@ -49,7 +49,7 @@ import itertools
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -283,6 +283,10 @@ _REACHED = 1.0 - 1e-6
 slack of the tables keeps a bucket that holds a plan of the target's round just below
 it)."""
 
+_TERMS_AT_ONCE = 200_000
+"""``_counted_run`` computes the terms of every stage of a run at once where they have at
+most this many values (stages x sender profiles), else per row for the stages it keeps."""
+
 _AFTER_LEVELS = 4
 """Stages right after the dominant one whose all-reduce ``_relaxed`` checks."""
 
@@ -337,6 +341,34 @@ class _Pooled:
     free_speed: np.ndarray
     speed: np.ndarray
     rows: tuple[tuple[np.ndarray, ...], ...]
+    flat: dict[tuple[float, float], _Flat] = field(default_factory=dict, compare=False)
+    """``_flat_stages`` by its caps (``top``, ``T_a`` limit)."""
+
+
+@dataclass(frozen=True)
+class _Flat:
+    """The stages of every row of a ``_Pooled`` whose ``lowest`` and ``T_a`` are below caps,
+    one array per field, rows in order (``row``): the group, the row after the stage
+    (``nxt``), the smallest ``x`` of its row's ends up to its own (``shortest``: a run
+    with ``top`` below it does not take the stage), ``lowest``, ``T_a``, the upper bound
+    ``upper``, ``x`` and the bound of ``max(E_f, E_b)`` without the transfers (``x0``,
+    ``big0``), and the transfer bounds of every row (rows x groups x sender profiles):
+    what ``_counted_run`` reads per row, gathered once for every run."""
+
+    row: np.ndarray
+    group: np.ndarray
+    nxt: np.ndarray
+    shortest: np.ndarray
+    lowest: np.ndarray
+    t_a: np.ndarray
+    upper: np.ndarray
+    x0: np.ndarray
+    big0: np.ndarray
+    comm: np.ndarray
+    at: np.ndarray
+    """Per stage the flat position of the row after it in a (row, pool, profile) table, at
+    the stage's own profile: the suffix after the stage in pool ``q`` is at ``at + q
+    n_prof``."""
 
 
 def _bucket(count: int) -> int:
@@ -454,7 +486,6 @@ def _class_tables(space: ClassSpace, sums: LayerSums, cut_bytes: Sequence[int],
     num_layers = len(sums.fwd_slope) - 1
     firsts = [0] + [e + 1 for e in ends if e + 1 < num_layers]
     lasts = [e for e in ends if e < num_layers - 1] + [num_layers - 1]
-    index = {f: i for i, f in enumerate(firsts)}
     fi, fs = np.asarray(sums.fwd_intercept), np.asarray(sums.fwd_slope)
     bi, bs = np.asarray(sums.bwd_intercept), np.asarray(sums.bwd_slope)
     params = np.asarray(sums.param_bytes, dtype=np.float64)
@@ -462,10 +493,13 @@ def _class_tables(space: ClassSpace, sums: LayerSums, cut_bytes: Sequence[int],
     compute = []
     before: list[float] = []
     after: list[float] = []
+    stops = np.asarray(lasts) + 1
+    row_of = np.full(num_layers + 1, len(firsts))     # the row of each first layer
+    row_of[firsts] = np.arange(len(firsts))
     for first in firsts:
         if deadline is not None and time.perf_counter() > deadline:
             raise _Late
-        stop = np.asarray([last + 1 for last in lasts if last >= first])
+        stop = stops[stops > first]
         cut = cut_bytes[first - 1] if first > 0 else 0
         comm = (lat0 + cut * gamma) if cut > 0 else np.zeros_like(gamma)
         c_f = ((fi[stop] - fi[first])[None] * inv_u[:, None]
@@ -481,7 +515,7 @@ def _class_tables(space: ClassSpace, sums: LayerSums, cut_bytes: Sequence[int],
         p = (params[stop] - params[first])[None]
         t_a = (np.where(p > 0, p * red_a[:, None] + red_b[:, None], 0.0)
                + p * step[:, None]) * _SLACK
-        nxt = np.asarray([index.get(int(e), len(firsts)) for e in stop])
+        nxt = row_of[stop]
         # the smallest x over the groups per end (non-decreasing: see _relaxed)
         x = e_f + e_b
         shortest = np.maximum.accumulate(x.min(axis=0))
@@ -835,7 +869,6 @@ def _counted_run(tables: _ClassTables, pooled: _Pooled, m: int, low: float, top:
     inf = math.inf
     count = len(tables.firsts)
     n_pools, n_prof = len(pooled.free_speed), pooled.gamma.shape[1]
-    src = pooled.src
     # a <= min(M - 1, devices after the dominant stage), per pool of those devices
     a_cap = np.minimum(m - 1, pooled.sizes).astype(np.float64)
     gates, levels = _gates(m, rho, low)
@@ -875,97 +908,215 @@ def _counted_run(tables: _ClassTables, pooled: _Pooled, m: int, low: float, top:
     if after is not None:
         stack[0], floor = after[0], after[1]
         floor_0 = stack[0].reshape(count + 1, -1).min(axis=1)
-    for i in range(count - 1, -1, -1):
-        if deadline is not None and time.perf_counter() > deadline:
-            raise _Late
-        comm, x0, lowest, upper, big0, t_a, nxt, shortest = pooled.rows[i]
-        k = int(np.searchsorted(shortest, top, side="right"))
-        if not k:
-            continue
-        # every phase below keeps x <= top and T_a < limit - min(0, rest_gate), and needs
-        # a suffix after the stage whose value leaves room below the limit (floor)
-        after_low = np.minimum(floor[nxt[:k]] + dominant_low, floor_d[nxt[:k]])
-        g_t, e_t = np.nonzero((lowest[:, :k] <= top) & (t_a[:, :k] < ta_limit)
-                              & (lowest[:, :k] + (after_low + head_low[i])[None] < cut))
-        # pools whose free devices can run the layers before the row in stages of x <=
-        # top: each such stage has x U >= its work (U: its bound speeds), so the head's
-        # work is at most top times the free speed; the others start no relaxed plan
-        # and pools that can run the layers from the row on in such stages (the suffix
-        # uses exactly its pool: a smaller one has no finite value, skip it)
-        live = np.nonzero((live_all >= pooled.head[i] * _SLACK)
-                          & (used_all >= pooled.tail[i] * _TAIL_SLACK))[0]
-        if not len(g_t) or not len(live):
-            continue
-        first = tables.firsts[i] == 0
-        comm_t = comm[g_t]                                                  # (T, R)
-        x = x0[g_t, e_t][:, None] + 2.0 * comm_t
-        ta = t_a[g_t, e_t][:, None]
-        capped = np.where(x <= top, x, inf)
-        # the suffix after the stage, read at the stage's own profile: (T, P) positions
-        # in a (row, pool, profile) table, flat
-        cols = src[g_t][:, live]
-        at = ((nxt[e_t][:, None] * (n_pools + 1) + cols) * n_prof
-              + pooled.profile[g_t][:, None])
-        x_low = lowest[g_t, e_t]
-        ta_t = ta[:, 0]
+    # rows whose tables are the same at every position after the dominant stage
+    same = np.ones(count + 1, dtype=bool)
+    gate_max = max([*gates, rest_gate])
+    # [Note: one pass per run]: every phase keeps x <= top, T_a < limit - min(0,
+    # rest_gate) and the ends of the row up to the first whose x over every group is
+    # above top. The stages of every row are gathered once per table (_flat_stages, for
+    # the largest top and T_a limit of class_bound's runs), the terms of each phase that
+    # do not depend on the suffixes (floors and tables) once per run where they are few
+    # (_TERMS_AT_ONCE, else per row for the stages it keeps), in the float operations of
+    # a step per row; a row then selects its stages by masks and reads its suffixes for
+    # its live pools only (a minimum over the same values: bit for bit the step per row,
+    # tests/counted_reference.py)
+    flat = _flat_stages(pooled, top, ta_limit, deadline)
+    keep_s = np.nonzero((flat.lowest <= top) & (flat.t_a < ta_limit)
+                        & (flat.shortest <= top))[0]
+    row_s, nxt_s, at, g_s = (flat.row[keep_s], flat.nxt[keep_s], flat.at[keep_s],
+                             flat.group[keep_s])
+    offsets = np.searchsorted(row_s, np.arange(count + 1)).tolist()
+    x_low, ta_t, ups = flat.lowest[keep_s], flat.t_a[keep_s], flat.upper[keep_s]
+    x0_s, big0_s = flat.x0[keep_s], flat.big0[keep_s]
+    src = pooled.src
+    ta = ta_t[:, None]
+
+    def terms(pick: slice | np.ndarray) -> tuple[np.ndarray, ...]:
+        """Per stage of ``pick``: the filters of the phases that do not read the suffixes
+        and, per sender profile, ``x`` where at most ``top`` (else inf), that where the
+        rest gate holds, the dominant stage's hidden part and value without the suffix,
+        and a stage's before the dominant one (inf: none)."""
+        x_low_p, ta_p1, ups_p, row_p = x_low[pick], ta_t[pick], ups[pick], row_s[pick]
         # a stage after the dominant one: only those that pass the gate and leave room
         # below the limit before the suffixes they read (the dominant stage and the head
         # before them)
-        room = x_low + (dominant_low + head_low[i])
+        room = x_low_p + (dominant_low + head_low[row_p])
+        rest_ok = rest_gate + ta_p1 < limit
+        gated_every = gate_max + ta_p1 < limit
+        last_gate = gates[-1] + ta_p1 < limit if levels else rest_ok
+        # the dominant stage: M max(x, low) + T_a below the limit and X > low possible
+        dom_ok = (m * np.maximum(x_low_p, low) + ta_p1 < limit) & (ups_p > low)
+        before_ok = m_low + x_low_p + ta_p1 < limit
+        # as a step per row: x0[g, e][:, None] + 2.0 * comm[g] and big0[g, e][:, None] + comm[g]
+        comm_p = flat.comm[row_p, g_s[pick]]
+        x_p = x0_s[pick][:, None] + 2.0 * comm_p
+        big_p = big0_s[pick][:, None] + comm_p
+        ta_p, first_p = ta[pick], (row_p == 0)[:, None]
+        capped = np.where(x_p <= top, x_p, inf)
+        rest_vals = np.where(rest_ok[:, None], capped, inf)
+        x_d = np.maximum(capped, low)
+        # inf where x is (no plan there): base is inf, hide must not be nan
+        with np.errstate(invalid="ignore"):
+            hide = np.where(np.isfinite(capped),
+                            np.maximum(x_p, low) - np.maximum(big_p, low / 2), 0.0)
+        total = m * x_d + ta_p
+        base = np.where((total < limit) & (ups_p[:, None] > low),
+                        np.where(first_p, total, m * x_d), inf)
+        # a stage before the dominant one (round >= M X_d + X_s + T_a^s)
+        c_before = np.where(m_low + capped + ta_p < limit,
+                            np.where(first_p, capped + ta_p, capped), inf)
+        return (room, rest_ok, gated_every, last_gate, dom_ok, before_ok, capped, rest_vals,
+                hide, base, c_before)
+
+    # the terms of every stage at once where they are few, else per row for the stages
+    # the row keeps ([Note: one pass per run])
+    every_terms = (terms(slice(None)) if len(keep_s) * (n_prof + 1) <= _TERMS_AT_ONCE
+                   else None)
+    # pools whose free devices can run the layers before the row in stages of x <= top:
+    # each such stage has x U >= its work (U: its bound speeds), so the head's work is
+    # at most top times the free speed; the others start no relaxed plan; and pools
+    # that can run the layers from the row on in such stages (the suffix uses exactly
+    # its pool: a smaller one has no finite value, skip it)
+    lives = ((live_all[None] >= (pooled.head * _SLACK)[:, None])
+             & (used_all[None] >= (pooled.tail * _TAIL_SLACK)[:, None]))
+    live_rows, live_pools = np.nonzero(lives)
+    live_at = np.searchsorted(live_rows, np.arange(count + 1)).tolist()
+    for i in range(count - 1, -1, -1):
+        if deadline is not None and time.perf_counter() > deadline:
+            raise _Late
+        lo, hi = offsets[i], offsets[i + 1]
+        if lo == hi or live_at[i] == live_at[i + 1]:
+            continue
+        nx = nxt_s[lo:hi]
+        # every phase needs a suffix after the stage whose value leaves room below the
+        # limit (floor)
+        after_low = np.minimum(floor[nx] + dominant_low, floor_d[nx])
+        on = x_low[lo:hi] + (after_low + head_low[i]) < cut
+        kept = int(np.count_nonzero(on))
+        if not kept:
+            continue
+        # the row's stages: a slice (each phase masks with `on`) where it keeps most of
+        # them, else those it keeps
+        pick: slice | np.ndarray
+        if every_terms is not None and 4 * kept >= 3 * (hi - lo):
+            pick, mask = slice(lo, hi), on
+        else:
+            pick, mask = np.nonzero(on)[0] + lo, None
+            nx = nxt_s[pick]
+        (room_i, rest_ok, gated_every, last_gate, dom_ok, before_ok, capped, rest_vals, hide,
+         base_all, c_before) = (terms(pick) if every_terms is None
+                                else tuple(t[pick] for t in every_terms))
+        xl = x_low[pick]
+        live = live_pools[live_at[i]:live_at[i + 1]]
+        # the pools each stage's suffix leaves, for the live pools (contiguous)
+        cols = src[g_s[pick]].take(live, axis=1)                            # (S, P)
+        at_i = at[pick][:, None] + cols * n_prof
+        # [Note: equal positions]: where the rows read hold the same suffixes at every
+        # position after the dominant stage, a stage that passes every gate adds the same
+        # to every position of this row: the after phase takes it once for all of them,
+        # and only the stages that some gates let through and others do not are taken per
+        # position (their floors are the same at every position too)
+        shared = after is None and bool(same[nx].all())
+        every = gated_every if shared else None
+        mixed = False
         if after is None:
-            some = np.nonzero((rest_gate + ta_t < limit) & (room + floor_any[nxt[e_t]] < cut))[0]
-            if len(some):
-                found = _best(np.where(rest_gate + ta[some] < limit, capped[some], inf),
-                              stack[levels], at[some])
+            keep = rest_ok & (room_i + floor_any[nx] < cut)
+            if mask is not None:
+                keep &= mask
+            if every is not None:
+                both = keep & every
+                if both.any():
+                    found = _best_of(both, capped, stack[levels], at_i)
+                    stack[:, i, live] = found
+                keep &= ~every
+            if keep.any():
+                mixed = True
+                found = _best_of(keep, rest_vals, stack[levels], at_i)
                 stack[levels, i, live] = np.minimum(stack[levels, i, live], found)
         if levels and after is None:
             # position j + 1 reads the suffix at position j + 2 (the last: any position);
             # the gates fall with j: the last one lets through every stage any of them does
-            some = np.nonzero((gates[-1] + ta_t < limit) & (room + floor_pos[nxt[e_t]] < cut))[0]
+            pos = last_gate & (room_i + floor_pos[nx] < cut)
+            if mask is not None:
+                pos &= mask
+            if every is not None:
+                pos &= ~every
+            some = np.nonzero(pos)[0]
             if len(some):
-                gated = np.where(gate_col + ta[some][None] < limit, capped[some][None],
+                mixed = True
+                gated = np.where(gate_col + ta[pick][some][None] < limit, capped[some][None],
                                  inf)                                           # (L, S, R)
                 found = (gated.transpose(0, 2, 1)[..., None]
-                         + stack[1:].reshape(levels, -1)[:, at[some]][:, None]).min(axis=2)
+                         + stack[1:].reshape(levels, -1)[:, at_i[some]][:, None]).min(axis=2)
                 stack[:levels, i, live] = np.minimum(stack[:levels, i, live],
                                                      found.transpose(0, 2, 1))  # (L, P, R)
-        # the dominant stage: only those with M max(x, low) + T_a below the limit, X >
-        # low possible, and room below the limit before a suffix right after it
-        ups = upper[g_t, e_t]
-        dom = np.nonzero((m * np.maximum(x_low, low) + ta_t < limit) & (ups > low)
-                         & (x_low + floor_0[nxt[e_t]] + (dominant_low + head_low[i]) < cut))[0]
-        tail = stack[0].reshape(-1)[at[dom]]                                  # (D, P)
-        if len(dom) and np.isfinite(tail).any():
-            c_d, x_dom = capped[dom], x[dom]
-            big = big0[g_t[dom], e_t[dom]][:, None] + comm_t[dom]
-            x_d = np.maximum(c_d, low)
-            # inf where x is (no plan there): base is inf, hide must not be nan
-            with np.errstate(invalid="ignore"):
-                hide = np.where(np.isfinite(c_d),
-                                np.maximum(x_dom, low) - np.maximum(big, low / 2), 0.0)
-            total = m * x_d + ta[dom]
-            # the dominant stage has X > low: not a stage whose X is at most low
-            base = np.where((total < limit) & (ups[dom][:, None] > low),
-                            total if first else m * x_d, inf)                  # (D, R)
-            value = (base.T[:, :, None] - a_cap[cols[dom]][None] * hide.T[:, :, None]
+        # the dominant stage: only those with room below the limit before a suffix right
+        # after it
+        dom = dom_ok & (xl + floor_0[nx] + (dominant_low + head_low[i]) < cut)
+        if mask is not None:
+            dom &= mask
+        dom = np.nonzero(dom)[0]
+        if len(dom):
+            tail = stack[0].reshape(-1)[at_i[dom]]                              # (D, P)
+            base, part = base_all[dom], hide[dom]                               # (D, R)
+            scale = a_cap[cols[dom]]                                            # (D, P)
+            value = (base.T[:, :, None] - scale[None] * part.T[:, :, None]
                      + tail[None]).min(axis=1)                                 # (R, P)
             with_d[i, live] = np.minimum(with_d[i, live], value.T)
         # a stage before the dominant one: only those that leave room below the limit
-        # before the suffixes holding the dominant stage (with M low: round >= M X_d +
-        # X_s + T_a^s)
-        before = np.nonzero((m_low + x_low + ta_t < limit)
-                            & (x_low + floor_d[nxt[e_t]] + head_low[i] < cut))[0]
-        if len(before):
-            cap_b, ta_b = capped[before], ta[before]
-            c_s = np.where(m_low + cap_b + ta_b < limit, cap_b + ta_b if first else cap_b,
-                           inf)
-            with_d[i, live] = np.minimum(with_d[i, live], _best(c_s, with_d, at[before]))
+        # before the suffixes holding the dominant stage
+        before = before_ok & (xl + floor_d[nx] + head_low[i] < cut)
+        if mask is not None:
+            before &= mask
+        if before.any():
+            found = _best_of(before, c_before, with_d, at_i)
+            with_d[i, live] = np.minimum(with_d[i, live], found)
         if after is None:
-            floor[i], floor_0[i] = float(stack[:, i].min()), float(stack[0, i].min())
-            floor_any[i] = float(stack[levels, i].min())
-            floor_pos[i] = float(stack[1:, i].min()) if levels else inf
+            if mixed or not shared:
+                same[i] = bool((stack[:, i] == stack[levels, i]).all())
+            if same[i]:
+                floor[i] = floor_0[i] = floor_any[i] = float(stack[levels, i].min())
+                floor_pos[i] = floor[i] if levels else inf
+            else:
+                floor[i], floor_0[i] = float(stack[:, i].min()), float(stack[0, i].min())
+                floor_any[i] = float(stack[levels, i].min())
+                floor_pos[i] = float(stack[1:, i].min()) if levels else inf
         floor_d[i] = float(with_d[i].min())
     return float(with_d[0, :n_pools].min()), (stack[0], floor)
+
+
+def _flat_stages(pooled: _Pooled, top: float, ta_limit: float,
+                 deadline: float | None = None) -> _Flat:
+    """``_Flat`` of the stages with ``lowest <= top`` and ``T_a < ta_limit``: a cached one
+    of caps at least those (the smallest top), else a new one, kept for later runs;
+    ``_Late`` once the ``time.perf_counter()`` deadline has passed."""
+    caps = [key for key in pooled.flat if key[0] >= top and key[1] >= ta_limit]
+    if caps:
+        return pooled.flat[min(caps)]
+    parts: list[list[np.ndarray]] = [[] for _ in range(9)]
+    for i, (_, x0, lowest, upper, big0, t_a, nxt, shortest) in enumerate(pooled.rows):
+        if deadline is not None and not i % 16 and time.perf_counter() > deadline:
+            raise _Late
+        g, e = np.nonzero((lowest <= top) & (t_a < ta_limit))
+        for out, value in zip(parts, (np.full(len(g), i, dtype=np.intp), g, nxt[e],
+                                      shortest[e], lowest[g, e], t_a[g, e], upper[g, e],
+                                      x0[g, e], big0[g, e]), strict=True):
+            out.append(value)
+    row, group, nxt_f, short_f, low_f, ta_f, up_f, x0_f, big0_f = (np.concatenate(p)
+                                                                    for p in parts)
+    n_pools, n_prof = len(pooled.free_speed), pooled.gamma.shape[1]
+    at = nxt_f * ((n_pools + 1) * n_prof) + pooled.profile[group]
+    comm = np.stack([r[0] for r in pooled.rows])
+    found = _Flat(row, group, nxt_f, short_f, low_f, ta_f, up_f, x0_f, big0_f, comm, at)
+    pooled.flat[(top, ta_limit)] = found
+    return found
+
+
+def _best_of(mask: np.ndarray, values: np.ndarray, table: np.ndarray,
+             at: np.ndarray) -> np.ndarray:
+    """``_best`` over the stages of ``mask``: ``(pools, profiles)``."""
+    sel = np.nonzero(mask)[0]
+    return _best(values[sel], table, at[sel])
 
 
 def _best(values: np.ndarray, table: np.ndarray, at: np.ndarray) -> np.ndarray:
@@ -1049,14 +1200,19 @@ def class_bound(space: ClassSpace, sums: LayerSums, cut_bytes: Sequence[int],
     """
     if not math.isfinite(target) or target <= 0 or bound_classes(space) is None:
         return None
+    m = num_micro
+    top_all = target / m
     try:
         tables = _class_tables(space, sums, cut_bytes, ends, micro_batch, deadline, pools)
+        if tables is not None and tables.pooled is not None:
+            # the stages of every bucket's runs, gathered once ([Note: one pass per run]):
+            # every run has top <= target / M and T_a limit at most this one's
+            _flat_stages(tables.pooled, top_all, target - min(
+                0.0, _rest_gate(m, int(tables.totals.sum()), rho, 0.0, top_all)), deadline)
     except _Late:
         return None
     if tables is None:
         return target        # no group can take a micro-batch: no plan
-    m = num_micro
-    top_all = target / m
     shape = tables.speeds / tables.speeds.max()
     afters: dict[float, tuple[float, _After]] = {}
 

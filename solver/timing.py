@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import logging
 import math
+import weakref
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from itertools import accumulate
@@ -86,6 +87,10 @@ def _range_max_table(values: Sequence[int]) -> tuple[tuple[int, ...], ...]:
     return tuple(table)
 
 
+_BASE_SUMS: dict[int, tuple[weakref.ref[CostTable], LayerSums]] = {}
+"""``LayerSums.of``'s base sums by the id of their live table."""
+
+
 @dataclass(frozen=True)
 class LayerSums:
     """Prefix sums over the layers of a cost table (index ``i`` = sum of layers ``< i``).
@@ -121,7 +126,12 @@ class LayerSums:
 
     @classmethod
     def of(cls, costs: CostTable, column: DeviceColumn | None = None) -> LayerSums:
-        """The base times' sums, or ``column``'s times with the table's bytes."""
+        """The base times' sums, or ``column``'s times with the table's bytes. The base
+        sums of a table are built once while it lives (a planner run asks for them about a
+        hundred times; a ``CostTable`` is frozen)."""
+        hit = _BASE_SUMS.get(id(costs))
+        if hit is not None and hit[0]() is costs:
+            return hit[1] if column is None else hit[1].with_column(column)
         layers = costs.layers
         base = cls(
             fwd_intercept=_prefix_f([lc.fwd.intercept_s for lc in layers]),
@@ -138,6 +148,8 @@ class LayerSums:
             call_bwd=costs.runtime_overhead.backward_s,
             round_s=costs.runtime_overhead.round_s,
         )
+        key = id(costs)
+        _BASE_SUMS[key] = (weakref.ref(costs, lambda _: _BASE_SUMS.pop(key, None)), base)
         return base if column is None else base.with_column(column)
 
     def with_column(self, column: DeviceColumn) -> LayerSums:

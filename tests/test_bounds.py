@@ -7,6 +7,7 @@ import itertools
 import math
 from typing import Any
 
+import numpy as np
 import pytest
 
 from contracts.plan import Plan
@@ -501,3 +502,81 @@ def test_counted_run_on_the_suffixes_of_a_lower_bucket() -> None:
                 same += reused == own
     assert compared > 500     # measured 564, every one the same
     assert same > 0.9 * compared
+
+
+def _mlp_case() -> tuple[Any, int, float, float] | None:
+    """The 200-layer MLP of issue 14 on eight mixed devices at micro-batch 8 (the counted
+    bound's costliest size): its class tables, micro-batches, hiding ratio and round."""
+    from solver.bounds import _class_tables
+    from solver.space import ClassSpace, candidate_cuts
+    from solver.summary import hiding_ratio
+    from tools.time_planner import mixed8, model_costs
+
+    costs, cluster = model_costs("mlp200"), mixed8().for_costs(model_costs("mlp200"))
+    space = ClassSpace(costs, cluster)
+    tables = _class_tables(space, LayerSums.of(costs), costs.cut_bytes,
+                           candidate_cuts(costs, 96), 8)
+    if tables is None or tables.pooled is None:
+        return None
+    return tables, 8, hiding_ratio(costs, cluster), 0.06268075162732864
+
+
+@pytest.mark.parametrize("at_once", [True, False])
+def test_counted_run_equals_the_reference_bit_for_bit(at_once: bool,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    # the faster _counted_run (equal positions, one pass per run) gives the value and the
+    # suffixes of the reference implementation (main 903aa00), bit for bit, with and
+    # without `after`, with the stages' terms computed at once or per row
+    import solver.bounds
+    from solver.bounds import _counted_run
+    from tests.counted_reference import reference_counted_run
+
+    if not at_once:
+        monkeypatch.setattr(solver.bounds, "_TERMS_AT_ONCE", 0)
+    cases = list(_counted_cases(range(0, 40)))
+    compared = finite = 0
+    for tables, m, rho, target in cases:
+        for low_share, top_share in ((0.0, 1.0), (0.0, 0.5), (0.5, 0.8), (0.8, 1.0),
+                                     (0.3, 0.35)):
+            low, top = low_share * target / m, top_share * target / m
+            for prune in (True, False):
+                ours, made = _counted_run(tables, tables.pooled, m, low, top, target, rho,
+                                          prune=prune)
+                ref, ref_made = reference_counted_run(tables, tables.pooled, m, low, top,
+                                                      target, rho, prune=prune)
+                assert ours == ref or (math.isnan(ours) and math.isnan(ref)), (ours, ref)
+                assert np.array_equal(made[0], ref_made[0])
+                assert np.array_equal(made[1], ref_made[1])
+                # a bucket split off the top of this one, reading its suffixes
+                upper = (low + top) / 2
+                ours2, _ = _counted_run(tables, tables.pooled, m, upper, top, target, rho,
+                                        after=made, prune=prune)
+                ref2, _ = reference_counted_run(tables, tables.pooled, m, upper, top, target,
+                                                rho, after=ref_made, prune=prune)
+                assert ours2 == ref2, (ours2, ref2)
+                compared += 1
+                finite += math.isfinite(ours) and ours < target
+    assert compared > 700
+    assert finite > 300
+
+
+@pytest.mark.parametrize("at_once", [True, False])
+def test_counted_run_equals_the_reference_on_the_mlp(at_once: bool,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    # issue 14's MLP, where the gates let some stages through at some positions only
+    import solver.bounds
+    from solver.bounds import _counted_run
+    from tests.counted_reference import reference_counted_run
+
+    if not at_once:
+        monkeypatch.setattr(solver.bounds, "_TERMS_AT_ONCE", 0)
+    case = _mlp_case()
+    assert case is not None
+    tables, m, rho, target = case
+    top_all = target / m
+    for low_share, top_share in ((0.0, 0.87), (0.73, 0.79), (0.76, 0.78), (0.87, 0.93)):
+        low, top = low_share * top_all, top_share * top_all
+        ours, made = _counted_run(tables, tables.pooled, m, low, top, target, rho)
+        ref, ref_made = reference_counted_run(tables, tables.pooled, m, low, top, target, rho)
+        assert ours == ref
+        assert np.array_equal(made[0], ref_made[0]) and np.array_equal(made[1], ref_made[1])
