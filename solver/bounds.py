@@ -286,6 +286,11 @@ it)."""
 _AFTER_LEVELS = 4
 """Stages right after the dominant one whose all-reduce ``_relaxed`` checks."""
 
+_PRICED_AFTER_LEVELS = 12
+"""The same for ``_relaxed`` (each level costs it little: one table of suffixes by ``a``);
+a deep pipeline after the dominant stage otherwise hides all-reduces behind
+``_rest_gate``, which is no bound past ``j (1 - rho) > M``."""
+
 _CHORD_POINTS = 3
 """``a`` values at which ``_relaxed`` takes the dominant stage's minimum exactly."""
 
@@ -311,7 +316,7 @@ class _ClassTables:
     after a stage on group ``g`` when it uses ``q`` (``n_pools``: none), the devices in
     each pool (and 0 for none), the bound speed each pool leaves free and the bound speed
     in it; and per row what ``_counted`` reads: the transfer bounds (groups x profiles),
-    ``x`` without them, ``x`` with the smallest, the upper bound of ``_one_device_uppers``
+    ``x`` without them, ``x`` with the smallest, the upper bound of ``_rigid_uppers``
     (groups x ends; inf: none), the compute part of ``max(E_f, E_b)``, ``T_a``, the next
     rows and the non-decreasing smallest ``x`` per end."""
 
@@ -321,6 +326,7 @@ class _ClassTables:
     totals: np.ndarray
     speeds: np.ndarray
     pooled: _Pooled | None = None
+    uppers: tuple[np.ndarray, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -387,8 +393,9 @@ def _class_tables(space: ClassSpace, sums: LayerSums, cut_bytes: Sequence[int],
     base = timing.base
     exact = all(list(getattr(sums, f)) == list(getattr(base, f))
                 for f in ("fwd_intercept", "fwd_slope", "bwd_intercept", "bwd_slope"))
-    uppers = (_one_device_uppers(space, classes, micro_batch) if exact
-              else [[math.inf, math.inf]] * n_classes) if pooled else []
+    uppers = (_rigid_uppers(space, classes, micro_batch) if exact
+              else [[math.inf, math.inf]] * n_classes)
+    rigid = [_same_memory(space, members) for members in classes]
     ratios: dict[tuple[float, ...], float] = {}
     found: dict[tuple[int, ...], list[float]] = {}
     for seen, take in enumerate(itertools.product(*(range(c + 1) for c in counts_all))):
@@ -424,7 +431,9 @@ def _class_tables(space: ClassSpace, sums: LayerSums, cut_bytes: Sequence[int],
         if pooled:
             found[take] += _profile_terms(take, per_class, profiles, link_bw, link_lat,
                                           micro_batch, ratios)
-            found[take] += uppers[present[0]] if size == 1 else [math.inf, math.inf]
+        # [Note: rigid groups]: one device, or devices of one class of equal memory
+        found[take] += (uppers[present[0]] if len(present) == 1
+                        and (size == 1 or rigid[present[0]]) else [math.inf, math.inf])
     if not found:
         return None
     if len(found) > CLASS_GROUPS_MAX:
@@ -439,16 +448,18 @@ def _class_tables(space: ClassSpace, sums: LayerSums, cut_bytes: Sequence[int],
             else:
                 old[0][:] = [min(a, b) for a, b in zip(old[0], vec, strict=True)]
                 old[1][:] = [min(a, b) for a, b in zip(old[1], consts, strict=True)]
-        found = {tuple(c): k for c, k in merged.values()}
+        # a merged group has no upper bound (its compute is no member's)
+        found = {tuple(c): k[:-2] + [math.inf, math.inf] for c, k in merged.values()}
     keys = list(found)
     table = np.asarray([found[k] for k in keys], dtype=np.float64)
     counts = np.asarray(keys, dtype=np.float64).reshape(len(keys), n_classes)
-    if pooled:
-        # a group with an upper bound may be kept from being the dominant stage where a
-        # group without one is not: only groups without one dominate (see _counted)
-        kept = _undominated(counts, table[:, :-2], ~np.isfinite(table[:, -2]))
-    else:
-        kept = _undominated(counts, table)
+    # a group with an upper bound may be kept from being the dominant stage where a group
+    # with a larger one (or none) is not: a group dominates only where its upper bound is
+    # no smaller on every layer range ([Note: rigid groups])
+    has_up = np.isfinite(table[:, -2])
+    up_cols = np.where(has_up[:, None],
+                       -np.concatenate([table[:, :2], table[:, -2:]], axis=1), -math.inf)
+    kept = _undominated(counts, np.concatenate([table[:, :-2], up_cols], axis=1))
     counts, table = counts[kept], table[kept]
     inv_u, beta, gamma, red_a, red_b, step = table[:, :6].T
     num_layers = len(sums.fwd_slope) - 1
@@ -460,6 +471,10 @@ def _class_tables(space: ClassSpace, sums: LayerSums, cut_bytes: Sequence[int],
     params = np.asarray(sums.param_bytes, dtype=np.float64)
     rows = []
     compute = []
+    # per row, the upper bounds of X of [Note: rigid groups] (inf: none)
+    up_lat, up_gamma = table[:, -2], table[:, -1]
+    no_comm = np.where(np.isfinite(up_lat), 0.0, math.inf)
+    tops = []
     before: list[float] = []
     after: list[float] = []
     for first in firsts:
@@ -475,6 +490,8 @@ def _class_tables(space: ClassSpace, sums: LayerSums, cut_bytes: Sequence[int],
         e_f = (c_f + comm[:, None]) * _SLACK
         e_b = (c_b + comm[:, None]) * _SLACK
         compute.append((c_f * _SLACK, c_b * _SLACK, float(cut)))
+        up_c = up_lat + cut * up_gamma if cut > 0 else no_comm
+        tops.append((c_f + c_b + 2.0 * up_c[:, None]) * _ABOVE)
         before.append(float(fi[first] + bi[first] + micro_batch * (fs[first] + bs[first])))
         after.append(float((fi[-1] - fi[first]) + (bi[-1] - bi[first])
                            + micro_batch * ((fs[-1] - fs[first]) + (bs[-1] - bs[first]))))
@@ -489,7 +506,8 @@ def _class_tables(space: ClassSpace, sums: LayerSums, cut_bytes: Sequence[int],
     speeds = np.asarray([space.bounds[members[0]] for members in classes])
     totals = np.asarray(counts_all, dtype=np.float64)
     if not pooled:
-        return _ClassTables(tuple(firsts), tuple(rows), counts, totals, speeds)
+        return _ClassTables(tuple(firsts), tuple(rows), counts, totals, speeds,
+                            uppers=tuple(tops))
     n_prof = len(profiles)
     lat_prof, gamma_prof = table[:, 6:6 + n_prof], table[:, 6 + n_prof:6 + 2 * n_prof]
     own = [profiles.index(_profile_of(
@@ -525,13 +543,26 @@ def _class_tables(space: ClassSpace, sums: LayerSums, cut_bytes: Sequence[int],
                                 vecs @ speeds, tuple(cached)))
 
 
-def _one_device_uppers(space: ClassSpace, classes: list[list[int]],
-                       micro_batch: int) -> list[list[float]]:
-    """Per class, for a stage on one of its devices: ``[lat, gamma]`` with ``X <= compute
-    + 2 (lat + cut gamma)`` (the receiver's messages: at most ``min(b, n - 1)`` senders,
-    each of at most the largest latency into the class, all ``b`` samples at the slowest
-    link into it), where the stage bound's compute is exact (base times, bound speed = the
-    speed); ``[inf, inf]`` elsewhere."""
+def _rigid_uppers(space: ClassSpace, classes: list[list[int]],
+                  micro_batch: int) -> list[list[float]]:
+    """Per class, for a stage on a rigid group of its devices ([Note: rigid groups]):
+    ``[lat, gamma]`` with ``X <= compute + 2 (lat + cut gamma)``, where the stage bound's
+    compute is exact (base times, bound speed = the speed); ``[inf, inf]`` elsewhere.
+
+    [Note: rigid groups]
+    A group is *rigid* when its shares, and so its compute, are known exactly: one device
+    (it takes the whole micro-batch ``b``), or ``k`` devices of one class of the same speed
+    and the same usable memory (``_same_memory``): Algorithm 1 (``solver.split``) gives
+    them ``ceil(b / k)`` at most, since with equal speeds and equal caps the caps either
+    hold that split or hold no split (``k c < b``, no plan). Its compute is then the
+    class bound's lower bound ``I / u + S beta`` exactly. Its transfer is at most ``lat +
+    cut gamma`` each way: a receiver gets its share from at most ``min(b, n - 1)`` senders
+    and a sender sends at most ``b`` samples to at most ``min(b, n - 1)`` receivers, each
+    message of at most the largest latency into the class and the samples at the slowest
+    link into it. A stage whose upper bound is at most the bucket's ``low`` cannot be the
+    dominant one (``X_d > low``); without this the relaxation names a small stage dominant
+    and hides ``a min(E_f, E_b)`` behind it at ``X_d = low``. Only a group with an upper
+    bound no smaller on every layer range may dominate another in ``_undominated``."""
     cluster, names, timing = space.cluster, space.names, space.timing
     out = []
     for members in classes:
@@ -545,6 +576,13 @@ def _one_device_uppers(space: ClassSpace, classes: list[list[int]],
                   for a in range(space.n) if a != e)
         out.append([min(micro_batch, space.n - 1) * lat, micro_batch / bw])
     return out
+
+
+def _same_memory(space: ClassSpace, members: list[int]) -> bool:
+    """True when every device of the class has the same usable memory (its groups of one
+    class are rigid: [Note: rigid groups])."""
+    usable = {space.cluster.usable_bytes(space.names[d]) for d in members}
+    return len(usable) == 1
 
 
 def _profile_of(senders: list[int], link_bw: list[list[float]],
@@ -702,8 +740,11 @@ def _relaxed(tables: _ClassTables, m: int, low: float, top: float, limit: float,
     # >= (M - j (1 - rho)) X_d + T_a^{d+j} (E_b <= (1 - rho) X <= (1 - rho) X_d, rho the
     # hiding ratio), so the stage at position j keeps that with `low` for X_d below
     # `limit`; `placed[j - 1]`: tails whose first stage is at position j
-    gates, levels = _gates(m, rho, low)
-    placed = [after.copy() for _ in range(levels)]
+    gates, levels = _gates(m, rho, low, _PRICED_AFTER_LEVELS)
+    # (the last table, `placed[levels]`, is `after` itself: any position)
+    placed = np.stack([after] * (levels + 1))
+    after = placed[levels]
+    gate_arr = np.asarray(gates)
     rest_gate = _rest_gate(m, int(tables.totals.sum()), rho, low, top)
     with_d = np.full(count + 1, inf)            # suffixes holding the dominant stage
     cost = (tables.counts @ prices)[:, None]
@@ -728,10 +769,13 @@ def _relaxed(tables: _ClassTables, m: int, low: float, top: float, limit: float,
         if not k:
             continue
         keep = x[:, 0] <= top                  # groups with some end of x <= top
+        # X's upper bound: a stage whose X is at most `low` is not the dominant one
+        up = tables.uppers[i] if tables.uppers else np.full_like(x, inf)
         if not keep.all():
             x, big, t_a, cost_i = x[keep, :k], big[keep, :k], t_a[keep, :k], cost[keep]
+            up = up[keep, :k]
         else:
-            x, big, t_a, cost_i = x[:, :k], big[:, :k], t_a[:, :k], cost
+            x, big, t_a, cost_i, up = x[:, :k], big[:, :k], t_a[:, :k], cost, up[:, :k]
         nxt = nxt[:k]
         first = tables.firsts[i] == 0
         # x where it is at most `top`, else inf (inf stays inf in the sums below)
@@ -743,13 +787,15 @@ def _relaxed(tables: _ClassTables, m: int, low: float, top: float, limit: float,
         best = (np.where(rest_gate + t_a < limit, priced, inf).min(axis=0)[:, None]
                 + tail).min(axis=0)
         np.minimum.at(after[i], shift, best)
-        lowest_ta = t_a.min()
-        for j in range(levels, 0, -1):
-            gate = gates[j - 1]
-            if gate + lowest_ta < limit:
-                rest = placed[j][nxt] if j < levels else tail
-                here = np.where(gate + t_a < limit, priced, inf).min(axis=0)
-                np.minimum.at(placed[j - 1][i], shift, (here[:, None] + rest).min(axis=0))
+        # the stages at positions j = 1 .. levels, all at once: position j reads the
+        # tails at position j + 1 (the last: any position)
+        js = np.nonzero(gate_arr + t_a.min() < limit)[0]
+        if len(js):
+            here = np.where(gate_arr[js][:, None, None] + t_a[None] < limit, priced[None],
+                            inf).min(axis=1)                                  # (J, ends)
+            rest = placed[js + 1][:, nxt]                                     # (J, ends, A)
+            found = (here[:, :, None] + rest).min(axis=1)                     # (J, A)
+            np.minimum.at(placed[:, i], (js[:, None], shift[None]), found)
         if levels:
             tail = placed[0][nxt]
         # the dominant stage, with a stages after it
@@ -759,7 +805,8 @@ def _relaxed(tables: _ClassTables, m: int, low: float, top: float, limit: float,
             # the points `points` (all of them for a few a)
             hide = np.maximum(x, low) - np.maximum(big, low / 2)
             total = m * x_d + t_a
-            base = np.where(total < limit, (total if first else m * x_d) + cost_i, inf)
+            base = np.where((total < limit) & (up > low),
+                            (total if first else m * x_d) + cost_i, inf)
             at = np.stack([base.min(axis=0) if p == 0 else (base - p * hide).min(axis=0)
                            for p in points])                                 # (P, ends)
             finite = np.isfinite(at[0])
@@ -978,13 +1025,14 @@ def _best(values: np.ndarray, table: np.ndarray, at: np.ndarray) -> np.ndarray:
     return found
 
 
-def _gates(m: int, rho: float, low: float) -> tuple[list[float], int]:
+def _gates(m: int, rho: float, low: float,
+           most: int = _AFTER_LEVELS) -> tuple[list[float], int]:
     """``(gates, levels)``: for the stages at positions ``j = 1 .. levels`` after the
     dominant one, ``(M - j (1 - rho)) low``, a lower bound of ``(M - j (1 - rho)) X_d``
     while the factor is >= 0 (``levels``: the positions up to the first negative factor,
-    at most ``_AFTER_LEVELS``; with a negative factor ``low`` is no bound, and the
+    at most ``most``; with a negative factor ``low`` is no bound, and the
     position is left to ``_rest_gate``)."""
-    factors = [m - j * (1.0 - rho) for j in range(1, _AFTER_LEVELS + 1)]
+    factors = [m - j * (1.0 - rho) for j in range(1, most + 1)]
     levels = next((j for j, f in enumerate(factors) if f < 0.0), len(factors))
     return [f * low for f in factors[:levels]], levels
 
@@ -1003,7 +1051,8 @@ def class_bound(space: ClassSpace, sums: LayerSums, cut_bytes: Sequence[int],
                 ends: Sequence[int], micro_batch: int, num_micro: int, target: float,
                 deadline: float | None = None, max_evals: int | None = None,
                 rho: float = 0.0, buckets: int | None = None,
-                pools: bool = True) -> float | None:
+                pools: bool = True,
+                cache: dict[tuple[int, bool], _ClassTables | None] | None = None) -> float | None:
     """A lower bound, at most ``target``, on the round time of every plan of the wide space
     (``ClassSpace``: every group in every order) with this micro-batch size on the
     candidate ends ``ends`` ([Note: the class bound]); None when the
@@ -1016,7 +1065,9 @@ def class_bound(space: ClassSpace, sums: LayerSums, cut_bytes: Sequence[int],
     24, ``CLASS_COUNTED_EVALS`` where the pools are counted); ``buckets``: buckets of the
     first grid (fewer: a quicker, weaker first bound; default ``CLASS_BUCKETS``,
     ``CLASS_COUNTED_BUCKETS`` where the pools are counted); ``pools``: count the pools
-    where they are few (``counts_pools``; False: prices, quicker and weaker).
+    where they are few (``counts_pools``; False: prices, quicker and weaker); ``cache``:
+    the tables of earlier calls on the same space, layers and cuts, by micro-batch size
+    and ``pools`` (they do not depend on the target), filled as they are built.
 
     [Note: the class bound]
     Let ``d`` be the dominant stage (largest ``X``) and ``a = min(M, S - d) - 1`` (at most
@@ -1049,10 +1100,16 @@ def class_bound(space: ClassSpace, sums: LayerSums, cut_bytes: Sequence[int],
     """
     if not math.isfinite(target) or target <= 0 or bound_classes(space) is None:
         return None
-    try:
-        tables = _class_tables(space, sums, cut_bytes, ends, micro_batch, deadline, pools)
-    except _Late:
-        return None
+    key = (micro_batch, pools)
+    if cache is not None and key in cache:
+        tables = cache[key]
+    else:
+        try:
+            tables = _class_tables(space, sums, cut_bytes, ends, micro_batch, deadline, pools)
+        except _Late:
+            return None
+        if cache is not None:
+            cache[key] = tables
     if tables is None:
         return target        # no group can take a micro-batch: no plan
     m = num_micro

@@ -501,3 +501,82 @@ def test_counted_run_on_the_suffixes_of_a_lower_bucket() -> None:
                 same += reused == own
     assert compared > 500     # measured 564, every one the same
     assert same > 0.9 * compared
+
+
+def _rigid_instance(seed: int, *, max_layers: int, max_devices: int,
+                    **_: Any) -> tuple[Any, Any, int]:
+    """Two or three devices of each of one or two speeds, the same memory per speed (tight
+    or not), random links and latencies: groups of several devices of one class
+    ([Note: rigid groups] in solver/bounds.py), with memory caps that bind."""
+    import random
+
+    from tests.solver_cases import make_cluster, random_costs
+
+    rng = random.Random(seed)
+    kinds = rng.sample([0.4, 1.0, 1.7], rng.choice([1, 2]))
+    speeds: list[float] = []
+    mems: list[float] = []
+    for speed in kinds:
+        count = rng.randint(2, 3) if len(kinds) == 1 else rng.randint(1, 2)
+        mem = rng.choice([6.0, 16.0, 64.0, 1024.0])
+        speeds += [speed] * count
+        mems += [mem] * count
+    speeds, mems = speeds[:max_devices], mems[:max_devices]
+    n = len(speeds)
+    overrides = []
+    if n > 2 and rng.random() < 0.5:
+        a, b = rng.sample(range(n), 2)
+        overrides.append((f"d{a}", f"d{b}", rng.choice([10.0, 1000.0])))
+    costs = random_costs(rng, rng.randint(1, max_layers),
+                         param_scale=rng.choice([0.1, 1.0, 10.0]))
+    cluster = make_cluster(speeds, mems, rng.choice([10.0, 100.0, 1000.0]), overrides,
+                           latency_ms=rng.choice([0.0, 1.0, 5.0]))
+    return costs, cluster, rng.choice([2, 4, 6, 8])
+
+
+@pytest.mark.parametrize("priced", [False, True])
+def test_class_bound_with_rigid_groups_is_below_every_plan(
+        monkeypatch: pytest.MonkeyPatch, priced: bool) -> None:
+    # groups of several devices of one class have an upper bound on X too (their shares
+    # are known): a stage below the bucket is not the dominant one, and no plan of brute
+    # force falls below the bound, counted or priced, also where memory caps bind
+    import solver.bounds
+
+    if priced:
+        monkeypatch.setattr(solver.bounds, "CLASS_POOLS_MAX", 0)
+    checked, above = _check_class_bound(range(1000, 1040), _rigid_instance, devices=4)
+    assert checked > 1000
+    assert above > 40
+
+
+def test_rigid_groups_raise_the_priced_bound(monkeypatch: pytest.MonkeyPatch) -> None:
+    # the upper bounds of rigid groups ([Note: rigid groups]) keep a stage below the bucket
+    # from being the dominant one: with them the priced bound is higher on some instances
+    import solver.bounds
+    from solver.bounds import class_bound
+    from solver.space import ClassSpace
+    from solver.summary import hiding_ratio
+
+    monkeypatch.setattr(solver.bounds, "CLASS_POOLS_MAX", 0)
+    higher = lower = 0
+    for seed in range(1000, 1040):
+        costs, cluster, batch = _rigid_instance(seed, max_layers=5, max_devices=4)
+        cluster = cluster.for_costs(costs)
+        space = ClassSpace(costs, cluster)
+        args = (space, LayerSums.of(costs), costs.cut_bytes, list(range(costs.num_layers - 1)))
+        rho = hiding_ratio(costs, cluster)
+        for mb in (2, batch):
+            best = asteroid_dp(costs, cluster, batch, space="classes", micro_batch_sizes=[mb])
+            if best.plan is None:
+                continue
+            with_up = class_bound(*args, mb, batch // mb, best.round_time_s, rho=rho)
+            with monkeypatch.context() as patch:
+                patch.setattr(solver.bounds, "_rigid_uppers",
+                              lambda space, classes, mb: [[math.inf, math.inf]] * len(classes))
+                without = class_bound(*args, mb, batch // mb, best.round_time_s, rho=rho)
+            assert with_up is not None and without is not None
+            assert with_up <= best.round_time_s
+            higher += with_up > without * (1 + 1e-6)
+            lower += with_up < without * (1 - 1e-6)
+    assert higher >= 3
+    assert lower <= higher // 4
