@@ -220,6 +220,13 @@ optimal and skips the bound."""
 
 CLASS_BOUND_AFTER_S = 5.0
 
+CLASS_FIRST_BUCKETS = 6
+"""The priced class bound's first grid of ``X_d`` buckets in the first round of
+[Note: one target for every size] (later rounds: ``solver.bounds.CLASS_BUCKETS``): its
+target, halfway up from the work and link bounds, is usually proven in every bucket at
+once, and fewer buckets cost fewer DP runs (ResNet-50 x 32 Jetsons, micro-batches 8 to
+64 at 0.636 s: 1.17 s of CPU against 1.49 s with 10)."""
+
 CLASS_COUNTED_S = 20.0
 """Without a time limit, where the class bound counts the devices of each class exactly
 (``solver.bounds.counts_pools``, [Note: counted pools]), it runs after any search, for
@@ -240,28 +247,29 @@ def _class_bounds(costs: CostTable, cluster: Cluster, batch_size: int, mbs: Sequ
                   deadline: float, stop_short: bool = False,
                   start: dict[int, float] | None = None) -> dict[int, float]:
     """Per micro-batch size without a bound in ``proven``, until the deadline: the larger
-    of the work bound and ``class_bound`` (at most ``target``). Only the smallest bound over the sizes is reported, so no size
-    is asked for more than the smallest so far. Where the pools can be counted
-    (``counts_pools``), each size gets the counted bound ([Note: counted pools]) in order
-    of its work bound, for the best round or the smallest bound so far where a size fell
-    short of it (the counted bound reaches its target where it proves anything: on issue
-    14's MLP each size in 0.1-0.5 s of CPU). A size whose work bound already reaches
-    ``target`` gets no class bound. ``stop_short``: stop after the first counted size that
-    falls short of its target; ``start``: other bounds per size (the link bound), where
-    the priced bisection starts.
+    of the work bound and ``class_bound`` (at most ``target``). Only the smallest bound
+    over the sizes is reported, so no size is asked for more than the smallest so far.
+    Where the pools can be counted (``counts_pools``), each size gets the counted bound
+    ([Note: counted pools]) in order of its work bound, for the best round or the
+    smallest bound so far where a size fell short of it (the counted bound reaches its
+    target where it proves anything: on issue 14's MLP each size in 0.1-0.5 s of CPU). A
+    size whose work bound already reaches ``target`` gets no class bound. ``stop_short``:
+    stop after the first counted size that falls short of its target; ``start``: other
+    bounds per size (the link bound), where the priced bisection starts.
 
     [Note: one target for every size]
     Elsewhere (the priced bound) one target is bisected for all sizes at once, between
-    the smallest bound so far and the lowest target a size fell short of (first: the
-    best round): each round asks the sizes, weakest first, for the midpoint and stops at
-    the first one that falls short. ``class_bound`` filters more with a lower target
-    (``M X_d + T_a < target``, buckets up to ``target / M``), so it proves a target below
-    the best round more often, and more cheaply, than it proves a bound that high when
-    asked for the best round itself: on ResNet-50 x 32 Jetsons, micro-batch 8, asked for
-    0.8746 s it proves 0.6795 s in 0.75 s of CPU, asked for 0.73 s it proves 0.73 s in
-    0.5 s. Every value is a bound of its size whatever the target, so each size keeps the
-    largest it got. Where no size falls short, the best round itself is asked once at
-    the end (within ``CLASS_BOUND_BISECT_TOL``)."""
+    the smallest bound over the sizes so far (first: of the work and link bounds) and the
+    lowest target a size fell short of (first: the best round). The first round asks
+    every size for the midpoint; each later one asks the sizes, weakest first, for the
+    next midpoint and stops at the first that falls short. ``class_bound`` filters more
+    with a lower target (``M X_d + T_a < target``, buckets up to ``target / M``), so it
+    proves a target below the best round more often, and more cheaply, than it proves a
+    bound that high when asked for the best round itself: on ResNet-50 x 32 Jetsons,
+    micro-batch 8, asked for 0.8746 s it proves 0.6795 s in 0.75 s of CPU, asked for 0.73
+    s it proves 0.73 s in 0.5 s. Every value is a bound of its size whatever the target,
+    so each size keeps the largest it got. Where no size falls short, the best round
+    itself is asked once at the end (within ``CLASS_BOUND_BISECT_TOL``)."""
     if not math.isfinite(target):
         return {}
     space = ClassSpace(costs, cluster)
@@ -297,7 +305,7 @@ def _class_bounds(costs: CostTable, cluster: Cluster, batch_size: int, mbs: Sequ
     # priced: one target for every size at once, bisected between the smallest bound so
     # far and the lowest target a size fell short of ([Note: one target for every size])
     have = {mb: max(work[mb], (start or {}).get(mb, 0.0)) for mb in work if mb not in out}
-    high, short = cap, False
+    high, short, rounds = cap, False, 0
     cache: dict[tuple[int, bool], Any] = {}    # the tables of each size, built once
     while have and time.perf_counter() < deadline:
         low = min(have.values())
@@ -309,20 +317,23 @@ def _class_bounds(costs: CostTable, cluster: Cluster, batch_size: int, mbs: Sequ
             else (low + high) / 2
         if short and high <= low * (1.0 + CLASS_BOUND_BISECT_TOL):
             break
+        first_round, fell = not rounds, False
+        rounds += 1
         for mb in sorted(have, key=have.__getitem__):
             if have[mb] >= trial * _PROVED:
                 continue
             value = class_bound(space, sums, costs.cut_bytes, ends, mb, batch_size // mb,
-                                trial, deadline, rho=rho, pools=False, cache=cache)
+                                trial, deadline, rho=rho, pools=False, cache=cache,
+                                buckets=CLASS_FIRST_BUCKETS if first_round else None)
             if value is None:
                 return {**out, **have}
             have[mb] = max(have[mb], value)
             if value < trial * _PROVED:     # fell short: a lower target next
-                high, short = trial, True
-                break
-        else:
-            if trial >= high:
-                break
+                high, short, fell = trial, True, True
+                if not first_round:     # (the first round asks every size)
+                    break
+        if not fell and trial >= high:  # the best round itself is proven
+            break
     out.update(have)
     return out
 

@@ -45,6 +45,7 @@ Relative slacks of ``1e-9`` cover float rounding against the DP's own sums.
 
 from __future__ import annotations
 
+import heapq
 import itertools
 import math
 import time
@@ -55,7 +56,6 @@ from typing import Any
 import numpy as np
 
 from solver.space import ClassSpace, SearchSpace, SliceSpace
-from solver.split import split_shares
 from solver.timing import LayerSums
 
 __all__ = ["StageBound", "stage_bound", "proven_bound", "GRID", "class_bound",
@@ -131,10 +131,28 @@ def _min_max_ratio(micro_batch: int, rates: Sequence[float]) -> float | None:
     if len(finite) < len(rates):
         # infinitely fast members take every sample but one per finite member
         return max((1.0 / r for r in finite), default=0.0)
-    shares = split_shares(micro_batch, rates)
-    if shares is None:
+    if not rates:
         return None
-    return max(b / r for b, r in zip(shares, rates, strict=True))
+    # [Note: the greedy by equal rates]: Algorithm 1's greedy (``split_shares``) gives
+    # the next sample to the device of the smallest ``(b + 1) / r``, so the values it
+    # takes are, in order, the ``micro_batch - n`` smallest of ``b / r_e`` (``b >= 2``,
+    # every device), and its largest ``b / r`` is the last of them or some ``1 / r_e``.
+    # Devices of equal rates take their values together: a heap over the distinct
+    # rates, each value counted once per device, gives the same float as the greedy.
+    counts: dict[float, int] = {}
+    for r in rates:
+        counts[r] = counts.get(r, 0) + 1
+    base = max(1.0 / r for r in counts)
+    need = micro_batch - len(rates)
+    heap = [(2 / r, r, 2) for r in counts]
+    heapq.heapify(heap)
+    while need > 0:
+        value, r, b = heapq.heappop(heap)
+        if need <= counts[r]:
+            return max(base, value)
+        need -= counts[r]
+        heapq.heappush(heap, ((b + 1) / r, r, b + 1))
+    return base
 
 
 def stage_bound(space: SliceSpace, sums: LayerSums, cut_bytes: Sequence[int],

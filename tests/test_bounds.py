@@ -580,3 +580,23 @@ def test_rigid_groups_raise_the_priced_bound(monkeypatch: pytest.MonkeyPatch) ->
             lower += with_up < without * (1 - 1e-6)
     assert higher >= 3
     assert lower <= higher // 4
+
+
+def test_min_max_ratio_is_the_greedy_split_bit_for_bit() -> None:
+    # the heap over distinct rates gives the same float as Algorithm 1's greedy over every
+    # device ([Note: the greedy by equal rates] in solver/bounds.py)
+    import random
+
+    from solver.bounds import _min_max_ratio
+    from solver.split import split_shares
+
+    rng = random.Random(3)
+    for _ in range(3000):
+        pool = [rng.choice([0.3, 1.0, 2.5, 7.0, 1.0 / 3, 12.5e6]) for _ in range(3)]
+        rates = [rng.choice(pool) if rng.random() < 0.7 else rng.uniform(0.1, 10.0)
+                 for _ in range(rng.randint(1, 8))]
+        mb = rng.randint(1, 70)
+        shares = split_shares(mb, rates)
+        expected = None if shares is None else max(b / r for b, r in zip(shares, rates,
+                                                                         strict=True))
+        assert _min_max_ratio(mb, rates) == expected
