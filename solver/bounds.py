@@ -410,7 +410,11 @@ def _class_tables(space: ClassSpace, sums: LayerSums, cut_bytes: Sequence[int],
     # the one-device upper bounds need the stage bound's compute on the base times exact
     base = timing.base
     exact = all(list(getattr(sums, f)) == list(getattr(base, f))
-                for f in ("fwd_intercept", "fwd_slope", "bwd_intercept", "bwd_slope"))
+                for f in ("fwd_intercept", "fwd_slope", "bwd_intercept", "bwd_slope")) \
+        and (sums.call_fwd, sums.call_bwd) == (base.call_fwd, base.call_bwd)
+    # the runtime's seconds per stage call, in every device's compute (the lower bounds
+    # leave it out; the upper bounds of rigid groups add it)
+    call = base.call_fwd + base.call_bwd
     uppers = (_rigid_uppers(space, classes, micro_batch) if exact
               else [[math.inf, math.inf]] * n_classes)
     rigid = [_same_memory(space, members) for members in classes]
@@ -509,7 +513,7 @@ def _class_tables(space: ClassSpace, sums: LayerSums, cut_bytes: Sequence[int],
         e_b = (c_b + comm[:, None]) * _SLACK
         compute.append((c_f * _SLACK, c_b * _SLACK, float(cut)))
         up_c = up_lat + cut * up_gamma if cut > 0 else no_comm
-        tops.append((c_f + c_b + 2.0 * up_c[:, None]) * _ABOVE)
+        tops.append((c_f + c_b + (call * inv_u)[:, None] + 2.0 * up_c[:, None]) * _ABOVE)
         before.append(float(fi[first] + bi[first] + micro_batch * (fs[first] + bs[first])))
         after.append(float((fi[-1] - fi[first]) + (bi[-1] - bi[first])
                            + micro_batch * ((fs[-1] - fs[first]) + (bs[-1] - bs[first]))))
@@ -552,7 +556,8 @@ def _class_tables(space: ClassSpace, sums: LayerSums, cut_bytes: Sequence[int],
             up = np.where(np.isfinite(uppers[:, 0]), 0.0, math.inf)
         x0 = c_f + c_b
         cached.append((comm, x0, x0 + 2.0 * comm.min(axis=1)[:, None],
-                       x0 / _SLACK * _ABOVE + 2.0 * up[:, None], np.maximum(c_f, c_b),
+                       (x0 / _SLACK + (call * inv_u)[:, None]) * _ABOVE + 2.0 * up[:, None],
+                       np.maximum(c_f, c_b),
                        t_a, nxt, shortest))
     return _ClassTables(tuple(firsts), tuple(rows), counts, totals, speeds,
                         _Pooled(lat_prof, gamma_prof, np.asarray(own, dtype=np.intp),
@@ -573,8 +578,9 @@ def _rigid_uppers(space: ClassSpace, classes: list[list[int]],
     and the same usable memory (``_same_memory``): Algorithm 1 (``solver.split``) gives
     them ``ceil(b / k)`` at most, since with equal speeds and equal caps the caps either
     hold that split or hold no split (``k c < b``, no plan). Its compute is then the
-    class bound's lower bound ``I / u + S beta`` exactly. Its transfer is at most ``lat +
-    cut gamma`` each way: a receiver gets its share from at most ``min(b, n - 1)`` senders
+    class bound's lower bound ``I / u + S beta`` exactly, plus the runtime's seconds per
+    stage call over ``u`` (which the lower bounds leave out). Its transfer is at most
+    ``lat + cut gamma`` each way: a receiver gets its share from at most ``min(b, n - 1)`` senders
     and a sender sends at most ``b`` samples to at most ``min(b, n - 1)`` receivers, each
     message of at most the largest latency into the class and the samples at the slowest
     link into it. A stage whose upper bound is at most the bucket's ``low`` cannot be the

@@ -506,10 +506,13 @@ def test_counted_run_on_the_suffixes_of_a_lower_bucket() -> None:
 def _rigid_instance(seed: int, *, max_layers: int, max_devices: int,
                     **_: Any) -> tuple[Any, Any, int]:
     """Two or three devices of each of one or two speeds, the same memory per speed (tight
-    or not), random links and latencies: groups of several devices of one class
-    ([Note: rigid groups] in solver/bounds.py), with memory caps that bind."""
+    or not), random links and latencies, half with a runtime overhead per stage call:
+    groups of several devices of one class ([Note: rigid groups] in solver/bounds.py),
+    with memory caps that bind."""
     import random
+    from dataclasses import replace
 
+    from contracts.table import RuntimeOverhead
     from tests.solver_cases import make_cluster, random_costs
 
     rng = random.Random(seed)
@@ -529,6 +532,9 @@ def _rigid_instance(seed: int, *, max_layers: int, max_devices: int,
         overrides.append((f"d{a}", f"d{b}", rng.choice([10.0, 1000.0])))
     costs = random_costs(rng, rng.randint(1, max_layers),
                          param_scale=rng.choice([0.1, 1.0, 10.0]))
+    if rng.random() < 0.5:      # the runtime's seconds per stage call, in every compute
+        costs = replace(costs, runtime_overhead=RuntimeOverhead(
+            rng.uniform(0.0, 0.05), rng.uniform(0.0, 0.05)))
     cluster = make_cluster(speeds, mems, rng.choice([10.0, 100.0, 1000.0]), overrides,
                            latency_ms=rng.choice([0.0, 1.0, 5.0]))
     return costs, cluster, rng.choice([2, 4, 6, 8])
@@ -600,3 +606,46 @@ def test_min_max_ratio_is_the_greedy_split_bit_for_bit() -> None:
         expected = None if shares is None else max(b / r for b, r in zip(shares, rates,
                                                                          strict=True))
         assert _min_max_ratio(mb, rates) == expected
+
+
+@pytest.mark.parametrize("pools", [False, True])
+def test_rigid_upper_bounds_hold_every_stage_of_every_plan(pools: bool) -> None:
+    # [Note: rigid groups]: the upper bound of X the class tables keep for a rigid group
+    # and a layer range is at least X of every stage of brute force's plans on that group
+    # and range (runtime overhead per call, memory caps, links and latency included)
+    from solver.bounds import _class_tables, bound_classes
+    from solver.space import ClassSpace
+
+    seen = 0
+    for seed in range(1000, 1040):
+        costs, cluster, batch = _rigid_instance(seed, max_layers=4, max_devices=4)
+        cluster = cluster.for_costs(costs)
+        space = ClassSpace(costs, cluster)
+        classes = bound_classes(space)
+        assert classes is not None
+        of = {space.names[d]: k for k, members in enumerate(classes) for d in members}
+        ends = list(range(costs.num_layers - 1))
+        for mb in sorted({plan.micro_batch_size
+                          for plan in enumerate_plans(costs, cluster, batch, wide=True)}):
+            tables = _class_tables(space, LayerSums.of(costs), costs.cut_bytes, ends, mb,
+                                   None, pools)
+            assert tables is not None
+            groups = {tuple(int(c) for c in row): g for g, row in enumerate(tables.counts)}
+            for plan in enumerate_plans(costs, cluster, batch, wide=True,
+                                        micro_batch_sizes=[mb]):
+                stages = evaluate(plan, costs, cluster).stages
+                for stage, pred in zip(plan.stages, stages, strict=True):
+                    vec = [0] * len(classes)
+                    for name in stage.devices:
+                        vec[of[name]] += 1
+                    g = groups.get(tuple(vec))
+                    if g is None:
+                        continue
+                    i = tables.firsts.index(stage.first)
+                    e = stage.last - stage.first     # every boundary is a candidate end
+                    upper = (tables.pooled.rows[i][3][g, e] if tables.pooled is not None
+                             else tables.uppers[i][g, e])
+                    if math.isfinite(upper):
+                        seen += 1
+                        assert pred.e_f + pred.e_b <= upper, (seed, mb, stage, upper)
+    assert seen > 500
