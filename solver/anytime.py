@@ -245,7 +245,8 @@ _PROVED = 1.0 - 1e-6
 def _class_bounds(costs: CostTable, cluster: Cluster, batch_size: int, mbs: Sequence[int],
                   max_cuts: int | None, target: float, proven: dict[int, float],
                   deadline: float, stop_short: bool = False,
-                  start: dict[int, float] | None = None) -> dict[int, float]:
+                  start: dict[int, float] | None = None,
+                  optimizer_state_factor: float | None = None) -> dict[int, float]:
     """Per micro-batch size without a bound in ``proven``, until the deadline: the larger
     of the work bound and ``class_bound`` (at most ``target``). Only the smallest bound
     over the sizes is reported, so no size is asked for more than the smallest so far.
@@ -255,7 +256,9 @@ def _class_bounds(costs: CostTable, cluster: Cluster, batch_size: int, mbs: Sequ
     target where it proves anything: on issue 14's MLP each size in 0.1-0.5 s of CPU). A
     size whose work bound already reaches ``target`` gets no class bound. ``stop_short``:
     stop after the first counted size that falls short of its target; ``start``: other
-    bounds per size (the link bound), where the priced bisection starts.
+    bounds per size (the link bound), where the priced bisection starts;
+    ``optimizer_state_factor``: the plans' (the priced bound's memory check of mixed
+    groups, [Note: rigid groups] in ``solver.bounds``; None: rigid groups only).
 
     [Note: one target for every size]
     Elsewhere (the priced bound) one target is bisected for all sizes at once, between
@@ -324,7 +327,8 @@ def _class_bounds(costs: CostTable, cluster: Cluster, batch_size: int, mbs: Sequ
                 continue
             value = class_bound(space, sums, costs.cut_bytes, ends, mb, batch_size // mb,
                                 trial, deadline, rho=rho, pools=False, cache=cache,
-                                buckets=CLASS_FIRST_BUCKETS if first_round else None)
+                                buckets=CLASS_FIRST_BUCKETS if first_round else None,
+                                optimizer_state_factor=optimizer_state_factor)
             if value is None:
                 return {**out, **have}
             have[mb] = max(have[mb], value)
@@ -518,7 +522,8 @@ def search(costs: CostTable, cluster: Cluster, batch_size: int, *,
                  else time.perf_counter() + max(CLASS_BOUND_SHARE * searched,
                                                 CLASS_COUNTED_S if counted else 0.0))
         proven.update(_class_bounds(costs, cluster, batch_size, mbs, max_cuts, best_value,
-                                    proven, until, start=links))
+                                    proven, until, start=links,
+                                    optimizer_state_factor=optimizer_state_factor))
     if later and not complete:
         # [Note: the order's sizes after the bound]: the counted bound until a size falls
         # short; then the order's pass for every size it left out, and the bound for the

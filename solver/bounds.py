@@ -55,6 +55,7 @@ from typing import Any
 
 import numpy as np
 
+from solver.evaluate import WORKSPACE_FRACTION
 from solver.space import ClassSpace, SearchSpace, SliceSpace
 from solver.timing import LayerSums
 
@@ -373,10 +374,13 @@ def _bucket(count: int) -> int:
 
 def _class_tables(space: ClassSpace, sums: LayerSums, cut_bytes: Sequence[int],
                   ends: Sequence[int], micro_batch: int,
-                  deadline: float | None = None, pools: bool = True) -> _ClassTables | None:
+                  deadline: float | None = None, pools: bool = True,
+                  memory: tuple[float, int] | None = None) -> _ClassTables | None:
     """The per-stage lower bounds of [Note: the class bound] for every group of at most
     ``micro_batch`` devices (merged into buckets above ``CLASS_GROUPS_MAX``); ``_Late``
-    when the ``time.perf_counter()`` deadline passes first."""
+    when the ``time.perf_counter()`` deadline passes first. ``memory``: the optimizer
+    state factor and the micro-batches a round, where known: mixed groups whose shares
+    fit get upper bounds of ``X`` too ([Note: rigid groups]; priced tables only)."""
     classes = bound_classes(space)
     if classes is None:
         return None
@@ -418,6 +422,10 @@ def _class_tables(space: ClassSpace, sums: LayerSums, cut_bytes: Sequence[int],
     uppers = (_rigid_uppers(space, classes, micro_batch) if exact
               else [[math.inf, math.inf]] * n_classes)
     rigid = [_same_memory(space, members) for members in classes]
+    mixed = memory is not None and not pooled
+    # per group: 1 / its slowest bound speed, whether it is rigid, and the most samples
+    # a member of each class takes in Algorithm 1's split without memory caps
+    extra: dict[tuple[int, ...], tuple[float, bool, tuple[int, ...]]] = {}
     ratios: dict[tuple[float, ...], float] = {}
     found: dict[tuple[int, ...], list[float]] = {}
     for seen, take in enumerate(itertools.product(*(range(c + 1) for c in counts_all))):
@@ -453,9 +461,15 @@ def _class_tables(space: ClassSpace, sums: LayerSums, cut_bytes: Sequence[int],
         if pooled:
             found[take] += _profile_terms(take, per_class, profiles, link_bw, link_lat,
                                           micro_batch, ratios)
-        # [Note: rigid groups]: one device, or devices of one class of equal memory
-        found[take] += (uppers[present[0]] if len(present) == 1
-                        and (size == 1 or rigid[present[0]]) else [math.inf, math.inf])
+        # [Note: rigid groups]: one device, or devices of one class of equal memory; and
+        # (priced, with the memory model) any group where its shares fit
+        firm = len(present) == 1 and (size == 1 or rigid[present[0]])
+        found[take] += ([max(uppers[k][0] for k in present),
+                         max(uppers[k][1] for k in present)] if firm or mixed
+                        else [math.inf, math.inf])
+        extra[take] = (1.0 / min(us), firm, tuple(
+            min(micro_batch, math.floor(beta * per_class[k][0] * _ABOVE)) if t else 0
+            for k, t in enumerate(take)))
     if not found:
         return None
     if len(found) > CLASS_GROUPS_MAX:
@@ -472,17 +486,25 @@ def _class_tables(space: ClassSpace, sums: LayerSums, cut_bytes: Sequence[int],
                 old[1][:] = [min(a, b) for a, b in zip(old[1], consts, strict=True)]
         # a merged group has no upper bound (its compute is no member's)
         found = {tuple(c): k[:-2] + [math.inf, math.inf] for c, k in merged.values()}
+        extra = {c: (0.0, False, (0,) * n_classes) for c in found}
     keys = list(found)
     table = np.asarray([found[k] for k in keys], dtype=np.float64)
     counts = np.asarray(keys, dtype=np.float64).reshape(len(keys), n_classes)
+    inv_min = np.asarray([extra[k][0] for k in keys])
+    firm_g = np.asarray([extra[k][1] for k in keys], dtype=bool)
+    shares_g = np.asarray([extra[k][2] for k in keys], dtype=np.float64).reshape(
+        len(keys), n_classes)
     # a group with an upper bound may be kept from being the dominant stage where a group
     # with a larger one (or none) is not: a group dominates only where its upper bound is
-    # no smaller on every layer range ([Note: rigid groups])
+    # no smaller on every layer range ([Note: rigid groups]); a mixed group's holds only
+    # where its shares fit, so it dominates none
     has_up = np.isfinite(table[:, -2])
-    up_cols = np.where(has_up[:, None],
-                       -np.concatenate([table[:, :2], table[:, -2:]], axis=1), -math.inf)
-    kept = _undominated(counts, np.concatenate([table[:, :-2], up_cols], axis=1))
+    up_cols = np.where(has_up[:, None], -np.concatenate(
+        [inv_min[:, None], table[:, 1:2], table[:, -2:]], axis=1), -math.inf)
+    kept = _undominated(counts, np.concatenate([table[:, :-2], up_cols], axis=1),
+                        firm_g | ~has_up)
     counts, table = counts[kept], table[kept]
+    inv_min, firm_g, shares_g = inv_min[kept], firm_g[kept], shares_g[kept]
     inv_u, beta, gamma, red_a, red_b, step = table[:, :6].T
     num_layers = len(sums.fwd_slope) - 1
     firsts = [0] + [e + 1 for e in ends if e + 1 < num_layers]
@@ -497,6 +519,9 @@ def _class_tables(space: ClassSpace, sums: LayerSums, cut_bytes: Sequence[int],
     up_lat, up_gamma = table[:, -2], table[:, -1]
     no_comm = np.where(np.isfinite(up_lat), 0.0, math.inf)
     tops = []
+    if mixed:
+        assert memory is not None
+        fits = _fits(space, classes, base, memory, shares_g)
     before: list[float] = []
     after: list[float] = []
     for first in firsts:
@@ -513,7 +538,13 @@ def _class_tables(space: ClassSpace, sums: LayerSums, cut_bytes: Sequence[int],
         e_b = (c_b + comm[:, None]) * _SLACK
         compute.append((c_f * _SLACK, c_b * _SLACK, float(cut)))
         up_c = up_lat + cut * up_gamma if cut > 0 else no_comm
-        tops.append((c_f + c_b + (call * inv_u)[:, None] + 2.0 * up_c[:, None]) * _ABOVE)
+        # the slowest member's intercepts, the largest share per bound speed
+        top_x = ((fi[stop] - fi[first] + bi[stop] - bi[first] + call)[None] * inv_min[:, None]
+                 + (fs[stop] - fs[first] + bs[stop] - bs[first])[None] * beta[:, None]
+                 + 2.0 * up_c[:, None]) * _ABOVE
+        if mixed:
+            top_x = np.where(firm_g[:, None] | fits(first, stop - 1), top_x, math.inf)
+        tops.append(np.where(np.isfinite(up_lat)[:, None], top_x, math.inf))
         before.append(float(fi[first] + bi[first] + micro_batch * (fs[first] + bs[first])))
         after.append(float((fi[-1] - fi[first]) + (bi[-1] - bi[first])
                            + micro_batch * ((fs[-1] - fs[first]) + (bs[-1] - bs[first]))))
@@ -600,6 +631,40 @@ def _rigid_uppers(space: ClassSpace, classes: list[list[int]],
                   for a in range(space.n) if a != e)
         out.append([min(micro_batch, space.n - 1) * lat, micro_batch / bw])
     return out
+
+
+def _fits(space: ClassSpace, classes: list[list[int]], sums: LayerSums,
+          memory: tuple[float, int], shares: np.ndarray) -> Any:
+    """``check(first, lasts)``: per group (rows of ``shares``: the most samples a member of
+    each class takes) and last layer, True where every member's share fits its device
+    for layers ``first..last`` with any in-flight count, by ``solver.evaluate``'s memory
+    model over-counted: the weights and optimizer state, the buffers, a gradient of the
+    stage's size besides ``.grad`` (the transient is at most that), and per sample the
+    activations of ``M`` micro-batches with ``2 M`` wire buffers at the input cut and ``M
+    + 1`` at the output (``wire_counts`` with ``F <= M``), plus the workspace fraction and
+    a byte of rounding. Where it fits, Algorithm 1 keeps the free split (``split_stage``)
+    ([Note: rigid groups])."""
+    factor, m = memory
+    usable = np.asarray([min(space.cluster.usable_bytes(space.names[d]) for d in members)
+                         for members in classes], dtype=np.float64)
+    params = np.asarray(sums.param_bytes, dtype=np.float64)
+    buffers = np.asarray(sums.buffer_bytes, dtype=np.float64)
+    acts = np.asarray(sums.activation_bytes, dtype=np.float64)
+    edges = np.asarray(sums.boundary_bytes, dtype=np.float64) if sums.boundary_bytes else None
+    absent = (shares <= 0)[:, :, None]
+
+    def check(first: int, lasts: np.ndarray) -> np.ndarray:
+        p = params[lasts + 1] - params[first]
+        fixed = p * (3.0 + factor) + (buffers[lasts + 1] - buffers[first]) + 1.0
+        per = (acts[lasts + 1] - acts[first]) * m
+        if edges is not None:
+            per = per + 2 * m * edges[first] + (m + 1) * edges[lasts + 1]
+        need = (fixed[None, None] + shares[:, :, None] * per[None, None]
+                * (1.0 + WORKSPACE_FRACTION) + 1.0) * _ABOVE               # (G, K, ends)
+        ok: np.ndarray = np.all(absent | (need <= usable[None, :, None]), axis=1)
+        return ok
+
+    return check
 
 
 def _same_memory(space: ClassSpace, members: list[int]) -> bool:
@@ -1076,7 +1141,8 @@ def class_bound(space: ClassSpace, sums: LayerSums, cut_bytes: Sequence[int],
                 deadline: float | None = None, max_evals: int | None = None,
                 rho: float = 0.0, buckets: int | None = None,
                 pools: bool = True,
-                cache: dict[tuple[int, bool], _ClassTables | None] | None = None) -> float | None:
+                cache: dict[tuple[int, bool], _ClassTables | None] | None = None,
+                optimizer_state_factor: float | None = None) -> float | None:
     """A lower bound, at most ``target``, on the round time of every plan of the wide space
     (``ClassSpace``: every group in every order) with this micro-batch size on the
     candidate ends ``ends`` ([Note: the class bound]); None when the
@@ -1090,8 +1156,11 @@ def class_bound(space: ClassSpace, sums: LayerSums, cut_bytes: Sequence[int],
     first grid (fewer: a quicker, weaker first bound; default ``CLASS_BUCKETS``,
     ``CLASS_COUNTED_BUCKETS`` where the pools are counted); ``pools``: count the pools
     where they are few (``counts_pools``; False: prices, quicker and weaker); ``cache``:
-    the tables of earlier calls on the same space, layers and cuts, by micro-batch size
-    and ``pools`` (they do not depend on the target), filled as they are built.
+    the tables of earlier calls on the same space, layers, cuts, batch and optimizer state
+    factor, by micro-batch size and ``pools`` (they do not depend on the target), filled
+    as they are built; ``optimizer_state_factor``: the plans' (memory), where known: the
+    priced bound then knows upper bounds of mixed groups' stage times too ([Note: rigid
+    groups]).
 
     [Note: the class bound]
     Let ``d`` be the dominant stage (largest ``X``) and ``a = min(M, S - d) - 1`` (at most
@@ -1129,7 +1198,10 @@ def class_bound(space: ClassSpace, sums: LayerSums, cut_bytes: Sequence[int],
         tables = cache[key]
     else:
         try:
-            tables = _class_tables(space, sums, cut_bytes, ends, micro_batch, deadline, pools)
+            tables = _class_tables(
+                space, sums, cut_bytes, ends, micro_batch, deadline, pools,
+                None if optimizer_state_factor is None
+                else (optimizer_state_factor, num_micro))
         except _Late:
             return None
         if cache is not None:

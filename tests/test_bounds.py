@@ -134,6 +134,7 @@ def _check_class_bound(seeds: range, instance: Any, **kwargs: Any) -> tuple[int,
 
     checked = above = 0
     devices = kwargs.pop("devices", 4)
+    memory = kwargs.pop("memory", False)    # the memory model (brute force's: no state)
     for seed in seeds:
         costs, cluster, batch = instance(seed, max_layers=5, max_devices=devices, **kwargs)
         cluster = cluster.for_costs(costs)
@@ -150,7 +151,8 @@ def _check_class_bound(seeds: range, instance: Any, **kwargs: Any) -> tuple[int,
             for target in (values[0] * 0.9, values[0], values[len(values) // 2],
                            values[-1] * 2.0):
                 bound = class_bound(space, sums, costs.cut_bytes, ends, mb, batch // mb,
-                                    target, rho=rho)
+                                    target, rho=rho,
+                                    optimizer_state_factor=0.0 if memory else None)
                 assert bound is not None
                 assert bound <= target
                 assert values[0] >= bound, (seed, mb, target, values[0], bound)
@@ -281,12 +283,17 @@ def test_class_bound_with_cost_columns(latency: bool) -> None:
     assert checked > 500
 
 
-def test_class_bound_with_merged_groups(monkeypatch: pytest.MonkeyPatch) -> None:
-    # merging groups into buckets of counts is a relaxation too
+@pytest.mark.parametrize("priced", [False, True])
+def test_class_bound_with_merged_groups(monkeypatch: pytest.MonkeyPatch, priced: bool) -> None:
+    # merging groups into buckets of counts is a relaxation too (a merged group has no
+    # upper bound of X, also where the priced bound knows the memory model)
     import solver.bounds
 
     monkeypatch.setattr(solver.bounds, "CLASS_GROUPS_MAX", 2)
-    checked, _ = _check_class_bound(range(100, 130), random_instance, links=True)
+    if priced:
+        monkeypatch.setattr(solver.bounds, "CLASS_POOLS_MAX", 0)
+    checked, _ = _check_class_bound(range(100, 130), random_instance, links=True,
+                                    memory=priced)
     assert checked > 500
 
 
@@ -550,9 +557,9 @@ def test_class_bound_with_rigid_groups_is_below_every_plan(
 
     if priced:
         monkeypatch.setattr(solver.bounds, "CLASS_POOLS_MAX", 0)
-    checked, above = _check_class_bound(range(1000, 1040), _rigid_instance, devices=4)
+    checked, above = _check_class_bound(range(1000, 1025), _rigid_instance, devices=4)
     assert checked > 1000
-    assert above > 40
+    assert above > 25
 
 
 def test_rigid_groups_raise_the_priced_bound(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -608,17 +615,24 @@ def test_min_max_ratio_is_the_greedy_split_bit_for_bit() -> None:
         assert _min_max_ratio(mb, rates) == expected
 
 
-@pytest.mark.parametrize("pools", [False, True])
-def test_rigid_upper_bounds_hold_every_stage_of_every_plan(pools: bool) -> None:
+@pytest.mark.parametrize(("pools", "mixed"), [(False, False), (True, False), (False, True)])
+def test_rigid_upper_bounds_hold_every_stage_of_every_plan(pools: bool, mixed: bool) -> None:
     # [Note: rigid groups]: the upper bound of X the class tables keep for a rigid group
-    # and a layer range is at least X of every stage of brute force's plans on that group
-    # and range (runtime overhead per call, memory caps, links and latency included)
+    # (and, with the memory model, a mixed group whose shares fit) and a layer range is at
+    # least X of every stage of brute force's plans on that group and range (runtime
+    # overhead per call, memory caps, optimizer state, links and latency included)
+    import random
+
     from solver.bounds import _class_tables, bound_classes
     from solver.space import ClassSpace
 
     seen = 0
     for seed in range(1000, 1040):
         costs, cluster, batch = _rigid_instance(seed, max_layers=4, max_devices=4)
+        if mixed and seed % 2:
+            costs, cluster, batch = random_instance(seed, max_layers=4, max_devices=4,
+                                                    links=True, latency=True)
+        factor = random.Random(seed).choice([0.0, 1.0, 2.0]) if mixed else 0.0
         cluster = cluster.for_costs(costs)
         space = ClassSpace(costs, cluster)
         classes = bound_classes(space)
@@ -626,13 +640,15 @@ def test_rigid_upper_bounds_hold_every_stage_of_every_plan(pools: bool) -> None:
         of = {space.names[d]: k for k, members in enumerate(classes) for d in members}
         ends = list(range(costs.num_layers - 1))
         for mb in sorted({plan.micro_batch_size
-                          for plan in enumerate_plans(costs, cluster, batch, wide=True)}):
+                          for plan in enumerate_plans(costs, cluster, batch, wide=True,
+                                                      optimizer_state_factor=factor)}):
             tables = _class_tables(space, LayerSums.of(costs), costs.cut_bytes, ends, mb,
-                                   None, pools)
+                                   None, pools, (factor, batch // mb) if mixed else None)
             assert tables is not None
             groups = {tuple(int(c) for c in row): g for g, row in enumerate(tables.counts)}
             for plan in enumerate_plans(costs, cluster, batch, wide=True,
-                                        micro_batch_sizes=[mb]):
+                                        micro_batch_sizes=[mb],
+                                        optimizer_state_factor=factor):
                 stages = evaluate(plan, costs, cluster).stages
                 for stage, pred in zip(plan.stages, stages, strict=True):
                     vec = [0] * len(classes)
@@ -649,3 +665,18 @@ def test_rigid_upper_bounds_hold_every_stage_of_every_plan(pools: bool) -> None:
                         seen += 1
                         assert pred.e_f + pred.e_b <= upper, (seed, mb, stage, upper)
     assert seen > 500
+
+
+@pytest.mark.parametrize("kind", ["random", "rigid"])
+def test_priced_class_bound_with_mixed_uppers_is_below_every_plan(
+        monkeypatch: pytest.MonkeyPatch, kind: str) -> None:
+    # with the memory model the priced bound has upper bounds of mixed groups whose shares
+    # fit ([Note: rigid groups]): no plan of brute force below it (tight memory included)
+    import solver.bounds
+
+    monkeypatch.setattr(solver.bounds, "CLASS_POOLS_MAX", 0)
+    instance = _rigid_instance if kind == "rigid" else random_instance
+    extra = {} if kind == "rigid" else {"links": True, "latency": True}
+    checked, above = _check_class_bound(range(1100, 1125), instance, memory=True, **extra)
+    assert checked > 1000
+    assert above > 25
