@@ -830,6 +830,7 @@ def _relaxed(tables: _ClassTables, m: int, low: float, top: float, limit: float,
     # hiding ratio), so the stage at position j keeps that with `low` for X_d below
     # `limit`; `placed[j - 1]`: tails whose first stage is at position j
     gates, levels = _gates(m, rho, low, _PRICED_AFTER_LEVELS)
+    late, late_ta = _late_gate(m, rho, low)
     # (the last table, `placed[levels]`, is `after` itself: any position)
     placed = np.stack([after] * (levels + 1))
     after = placed[levels]
@@ -870,17 +871,19 @@ def _relaxed(tables: _ClassTables, m: int, low: float, top: float, limit: float,
         # x where it is at most `top`, else inf (inf stays inf in the sums below)
         capped = np.where(x <= top, x, inf)
         priced = capped + cost_i
+        # a stage after the dominant one, at any position: (L) of _late_gate
+        later = np.where(late + t_a * late_ta < limit, priced, inf)
         # a stage after the dominant one, at a position j <= n - 1 past the first
         # `levels`: round >= T^{d+j} >= (M - j (1 - rho)) X_d + T_a (_rest_gate)
         tail = after[nxt]                                                     # (ends, A)
-        best = (np.where(rest_gate + t_a < limit, priced, inf).min(axis=0)[:, None]
+        best = (np.where(rest_gate + t_a < limit, later, inf).min(axis=0)[:, None]
                 + tail).min(axis=0)
         np.minimum.at(after[i], shift, best)
         # the stages at positions j = 1 .. levels, all at once: position j reads the
         # tails at position j + 1 (the last: any position)
         js = np.nonzero(gate_arr + t_a.min() < limit)[0]
         if len(js):
-            here = np.where(gate_arr[js][:, None, None] + t_a[None] < limit, priced[None],
+            here = np.where(gate_arr[js][:, None, None] + t_a[None] < limit, later[None],
                             inf).min(axis=1)                                  # (J, ends)
             rest = placed[js + 1][:, nxt]                                     # (J, ends, A)
             found = (here[:, :, None] + rest).min(axis=1)                     # (J, A)
@@ -1124,6 +1127,23 @@ def _gates(m: int, rho: float, low: float,
     factors = [m - j * (1.0 - rho) for j in range(1, most + 1)]
     levels = next((j for j, f in enumerate(factors) if f < 0.0), len(factors))
     return [f * low for f in factors[:levels]], levels
+
+
+def _late_gate(m: int, rho: float, low: float) -> tuple[float, float]:
+    """``(g low, 1 / (2 - rho))``: every stage ``s`` after the dominant one ``d``, at any
+    position, keeps ``g X_d + T_a^s / (2 - rho) <= round`` with ``X_d > low``:
+
+        (L)  round >= g X_d + T_a^s / (2 - rho),  g = M - (1 - rho) (M + 1) / (2 (2 - rho)).
+
+    With ``B = sum_{i=d}^{s-1} E_b^i``, ``T^s = sum_{i<d} E_f^i + M X_d - B + T_a^s`` and
+    ``T^0 >= M X_d + tail - (w - 1) min(E_f^d, E_b^d)`` (the drain, ``w <= M``), where the
+    tail after ``d`` holds at least ``(B - E_b^d) / (1 - rho)`` (each ``E_b <= (1 - rho)
+    X``). So ``(1 - rho) T^0 + T^s >= (2 - rho) M X_d - E_b^d - (1 - rho) (M - 1) X_d / 2
+    + T_a^s`` with ``E_b^d <= (1 - rho) X_d``, and ``round`` is at least both. Unlike
+    ``_rest_gate`` it does not fall with the position: a deep pipeline after the dominant
+    stage cannot hide an all-reduce of any size behind its ``E_b``."""
+    g = m - (1.0 - rho) * (m + 1) / (2.0 * (2.0 - rho))
+    return g * low, 1.0 / (2.0 - rho)
 
 
 def _rest_gate(m: int, n_total: int, rho: float, low: float, top: float) -> float:
