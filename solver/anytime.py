@@ -264,8 +264,10 @@ def _class_bounds(costs: CostTable, cluster: Cluster, batch_size: int, mbs: Sequ
     Elsewhere (the priced bound) one target is bisected for all sizes at once, between
     the smallest bound over the sizes so far (first: of the work and link bounds) and the
     lowest target a size fell short of (first: the best round). The first round asks
-    every size for the midpoint; each later one asks the sizes, weakest first, for the
-    next midpoint and stops at the first that falls short. ``class_bound`` filters more
+    every size, weakest first, for the midpoint or twice the smallest bound if lower (on
+    fleets the link bound already proves more than that for most sizes, which are then
+    skipped); each later one asks the sizes, weakest first, for the next midpoint and
+    stops at the first that falls short. ``class_bound`` filters more
     with a lower target (``M X_d + T_a < target``, buckets up to ``target / M``), so it
     proves a target below the best round more often, and more cheaply, than it proves a
     bound that high when asked for the best round itself: on ResNet-50 x 32 Jetsons,
@@ -317,7 +319,7 @@ def _class_bounds(costs: CostTable, cluster: Cluster, batch_size: int, mbs: Sequ
         # the target itself, once, where no size fell short and the rest is within the
         # tolerance: the class bound may prove the best round outright
         trial = high if not short and high <= low * (1.0 + CLASS_BOUND_BISECT_TOL) \
-            else (low + high) / 2
+            else (low + high) / 2 if rounds else min((low + high) / 2, 2.0 * low)
         if short and high <= low * (1.0 + CLASS_BOUND_BISECT_TOL):
             break
         first_round, fell = not rounds, False
