@@ -330,6 +330,7 @@ def _class_bounds(costs: CostTable, cluster: Cluster, batch_size: int, mbs: Sequ
             value = class_bound(space, sums, costs.cut_bytes, ends, mb, batch_size // mb,
                                 trial, deadline, rho=rho, pools=False, cache=cache,
                                 buckets=CLASS_FIRST_BUCKETS if first_round else None,
+                                max_evals=CLASS_FIRST_BUCKETS if first_round else None,
                                 optimizer_state_factor=optimizer_state_factor)
             if value is None:
                 return {**out, **have}

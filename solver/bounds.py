@@ -494,17 +494,32 @@ def _class_tables(space: ClassSpace, sums: LayerSums, cut_bytes: Sequence[int],
     firm_g = np.asarray([extra[k][1] for k in keys], dtype=bool)
     shares_g = np.asarray([extra[k][2] for k in keys], dtype=np.float64).reshape(
         len(keys), n_classes)
-    # a group with an upper bound may be kept from being the dominant stage where a group
-    # with a larger one (or none) is not: a group dominates only where its upper bound is
-    # no smaller on every layer range ([Note: rigid groups]); a mixed group's holds only
-    # where its shares fit, so it dominates none
-    has_up = np.isfinite(table[:, -2])
-    up_cols = np.where(has_up[:, None], -np.concatenate(
-        [inv_min[:, None], table[:, 1:2], table[:, -2:]], axis=1), -math.inf)
-    kept = _undominated(counts, np.concatenate([table[:, :-2], up_cols], axis=1),
-                        firm_g | ~has_up)
+    # the upper bounds' constants: 1 / slowest speed, largest share per speed, latency and
+    # gamma of the messages in, whether no memory check is needed, the shares to check
+    ups = np.concatenate([inv_min[:, None], table[:, 1:2], table[:, -2:]], axis=1)
+    if mixed:
+        # [Note: rigid groups]: dominance on the lower bounds alone; a kept group takes
+        # the largest upper constants, the largest shares and the memory check of the
+        # groups it drops (an upper bound may always be raised, and where it holds it is
+        # above theirs, so a plan of a dropped group as the dominant stage has one of the
+        # kept group)
+        kept = _undominated(counts, table[:, :-2])
+        lower = np.concatenate([counts, table[:, :-2]], axis=1)
+        for g in np.setdiff1d(np.arange(len(keys)), kept):
+            h = kept[int(np.argmax(np.all(lower[kept] <= lower[g], axis=1)))]
+            ups[h] = np.maximum(ups[h], ups[g])
+            firm_g[h] &= firm_g[g]
+            shares_g[h] = np.maximum(shares_g[h], shares_g[g])
+    else:
+        # a group with an upper bound may be kept from being the dominant stage where a
+        # group with a larger one (or none) is not: a group dominates only where its upper
+        # bound is no smaller on every layer range
+        has_up = np.isfinite(table[:, -2])
+        kept = _undominated(counts, np.concatenate(
+            [table[:, :-2], np.where(has_up[:, None], -ups, -math.inf)], axis=1),
+            firm_g | ~has_up)
     counts, table = counts[kept], table[kept]
-    inv_min, firm_g, shares_g = inv_min[kept], firm_g[kept], shares_g[kept]
+    ups, firm_g, shares_g = ups[kept], firm_g[kept], shares_g[kept]
     inv_u, beta, gamma, red_a, red_b, step = table[:, :6].T
     num_layers = len(sums.fwd_slope) - 1
     firsts = [0] + [e + 1 for e in ends if e + 1 < num_layers]
@@ -516,7 +531,7 @@ def _class_tables(space: ClassSpace, sums: LayerSums, cut_bytes: Sequence[int],
     rows = []
     compute = []
     # per row, the upper bounds of X of [Note: rigid groups] (inf: none)
-    up_lat, up_gamma = table[:, -2], table[:, -1]
+    up_inv, up_beta, up_lat, up_gamma = ups.T
     no_comm = np.where(np.isfinite(up_lat), 0.0, math.inf)
     tops = []
     if mixed:
@@ -539,8 +554,8 @@ def _class_tables(space: ClassSpace, sums: LayerSums, cut_bytes: Sequence[int],
         compute.append((c_f * _SLACK, c_b * _SLACK, float(cut)))
         up_c = up_lat + cut * up_gamma if cut > 0 else no_comm
         # the slowest member's intercepts, the largest share per bound speed
-        top_x = ((fi[stop] - fi[first] + bi[stop] - bi[first] + call)[None] * inv_min[:, None]
-                 + (fs[stop] - fs[first] + bs[stop] - bs[first])[None] * beta[:, None]
+        top_x = ((fi[stop] - fi[first] + bi[stop] - bi[first] + call)[None] * up_inv[:, None]
+                 + (fs[stop] - fs[first] + bs[stop] - bs[first])[None] * up_beta[:, None]
                  + 2.0 * up_c[:, None]) * _ABOVE
         if mixed:
             top_x = np.where(firm_g[:, None] | fits(first, stop - 1), top_x, math.inf)
