@@ -626,13 +626,25 @@ def _rigid_uppers(space: ClassSpace, classes: list[list[int]],
     hold that split or hold no split (``k c < b``, no plan). Its compute is then the
     class bound's lower bound ``I / u + S beta`` exactly, plus the runtime's seconds per
     stage call over ``u`` (which the lower bounds leave out). Its transfer is at most
-    ``lat + cut gamma`` each way: a receiver gets its share from at most ``min(b, n - 1)`` senders
-    and a sender sends at most ``b`` samples to at most ``min(b, n - 1)`` receivers, each
-    message of at most the largest latency into the class and the samples at the slowest
-    link into it. A stage whose upper bound is at most the bucket's ``low`` cannot be the
-    dominant one (``X_d > low``); without this the relaxation names a small stage dominant
-    and hides ``a min(E_f, E_b)`` behind it at ``X_d = low``. Only a group with an upper
-    bound no smaller on every layer range may dominate another in ``_undominated``."""
+    ``lat + cut gamma`` each way: a receiver gets its share from at most ``min(b, n -
+    1)`` senders and a sender sends at most ``b`` samples to at most ``min(b, n - 1)``
+    receivers, each message of at most the largest latency into the class and the samples
+    at the slowest link into it. A stage whose upper bound is at most the bucket's ``low``
+    cannot be the dominant one (``X_d > low``); without this the relaxation names a small
+    stage dominant and hides ``a min(E_f, E_b)`` behind it at ``X_d = low``. Only a group
+    with an upper bound no smaller on every layer range may dominate another in
+    ``_undominated``.
+
+    With the memory model (the optimizer state factor and ``M``; the priced tables only)
+    any group of exact classes has one too, on the layer ranges where its free split
+    (Algorithm 1 without caps) provably fits every member (``_fits``): ``split_stage``
+    then keeps that split, so the compute is at most the slowest member's intercepts over
+    its speed plus ``S beta``, and the transfer as above with the largest latency and
+    gamma of its classes. There dominance looks at the lower bounds alone, and a kept
+    group takes the largest upper constants, shares and memory checks of the groups it
+    drops: raised, its upper bound still holds, and where it is finite it is above
+    theirs. ``tests/test_bounds.py`` checks every upper bound against every stage of brute
+    force's plans (runtime overhead, optimizer state, tight memory)."""
     cluster, names, timing = space.cluster, space.names, space.timing
     out = []
     for members in classes:
