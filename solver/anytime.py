@@ -72,6 +72,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from typing import Any
 
 from contracts.cluster import Cluster
 from contracts.errors import AsteroidError, PlanError
@@ -219,6 +220,13 @@ optimal and skips the bound."""
 
 CLASS_BOUND_AFTER_S = 5.0
 
+CLASS_FIRST_BUCKETS = 6
+"""The priced class bound's first grid of ``X_d`` buckets in the first round of
+[Note: one target for every size] (later rounds: ``solver.bounds.CLASS_BUCKETS``): its
+target, halfway up from the work and link bounds, is usually proven in every bucket at
+once, and fewer buckets cost fewer DP runs (ResNet-50 x 32 Jetsons, micro-batches 8 to
+64 at 0.636 s: 1.17 s of CPU against 1.49 s with 10)."""
+
 CLASS_COUNTED_S = 20.0
 """Without a time limit, where the class bound counts the devices of each class exactly
 (``solver.bounds.counts_pools``, [Note: counted pools]), it runs after any search, for
@@ -236,22 +244,37 @@ _PROVED = 1.0 - 1e-6
 
 def _class_bounds(costs: CostTable, cluster: Cluster, batch_size: int, mbs: Sequence[int],
                   max_cuts: int | None, target: float, proven: dict[int, float],
-                  deadline: float, stop_short: bool = False) -> dict[int, float]:
+                  deadline: float, stop_short: bool = False,
+                  start: dict[int, float] | None = None,
+                  optimizer_state_factor: float | None = None) -> dict[int, float]:
     """Per micro-batch size without a bound in ``proven``, until the deadline: the larger
-    of the work bound and ``class_bound`` (at most ``target``). The sizes go in order of
-    their work bound, lowest first: each one finished raises the smallest bound. Only the
-    smallest bound over the sizes is reported, so each size's class bound is asked for no
-    more than the smallest so far (its target: a lower target is still a bound, and
-    cheaper, since the bound stops once every bucket reaches it). Once every size has
-    one, the target of the size with the smallest bound is bisected while time is left:
-    ``class_bound`` with a lower target filters more, and often proves the target. Where
-    the pools can be counted (``counts_pools``), each size gets the counted bound instead
-    ([Note: counted pools]), in the same order, for the best round or the smallest bound
-    so far where a size fell short of it, and no bisection (the counted bound reaches its
-    target where it proves anything: on issue 14's MLP each size in 0.1-0.5 s of CPU,
-    where the priced pass it replaced took 0.15-0.5 s per size and proved one size). A size
-    whose work bound already reaches ``target`` gets no class bound. ``stop_short``: stop
-    after the first counted size that falls short of its target."""
+    of the work bound and ``class_bound`` (at most ``target``). Only the smallest bound
+    over the sizes is reported, so no size is asked for more than the smallest so far.
+    Where the pools can be counted (``counts_pools``), each size gets the counted bound
+    ([Note: counted pools]) in order of its work bound, for the best round or the
+    smallest bound so far where a size fell short of it (the counted bound reaches its
+    target where it proves anything: on issue 14's MLP each size in 0.1-0.5 s of CPU). A
+    size whose work bound already reaches ``target`` gets no class bound. ``stop_short``:
+    stop after the first counted size that falls short of its target; ``start``: other
+    bounds per size (the link bound), where the priced bisection starts;
+    ``optimizer_state_factor``: the plans' (the priced bound's memory check of mixed
+    groups, [Note: rigid groups] in ``solver.bounds``; None: rigid groups only).
+
+    [Note: one target for every size]
+    Elsewhere (the priced bound) one target is bisected for all sizes at once, between
+    the smallest bound over the sizes so far (first: of the work and link bounds) and the
+    lowest target a size fell short of (first: the best round). The first round asks
+    every size, weakest first, for the midpoint or twice the smallest bound if lower (on
+    fleets the link bound already proves more than that for most sizes, which are then
+    skipped); each later one asks the sizes, weakest first, for the next midpoint and
+    stops at the first that falls short. ``class_bound`` filters more
+    with a lower target (``M X_d + T_a < target``, buckets up to ``target / M``), so it
+    proves a target below the best round more often, and more cheaply, than it proves a
+    bound that high when asked for the best round itself: on ResNet-50 x 32 Jetsons,
+    micro-batch 8, asked for 0.8746 s it proves 0.6795 s in 0.75 s of CPU, asked for 0.73
+    s it proves 0.73 s in 0.5 s. Every value is a bound of its size whatever the target,
+    so each size keeps the largest it got. Where no size falls short, the best round
+    itself is asked once at the end (within ``CLASS_BOUND_BISECT_TOL``)."""
     if not math.isfinite(target):
         return {}
     space = ClassSpace(costs, cluster)
@@ -261,7 +284,6 @@ def _class_bounds(costs: CostTable, cluster: Cluster, batch_size: int, mbs: Sequ
     out: dict[int, float] = {}
     work = {mb: work_bound(costs, cluster, batch_size, mb) for mb in mbs if mb not in proven}
     cap = min(target, min(proven.values(), default=math.inf))
-    unproven: dict[int, float] = {}     # per size: a target its class bound fell short of
     counted = counts_pools(space)
     for mb, low in work.items():
         if low >= target:       # the work bound proves the target: nothing to add
@@ -285,38 +307,41 @@ def _class_bounds(costs: CostTable, cluster: Cluster, batch_size: int, mbs: Sequ
                 if stop_short:
                     break
         return out
-    for mb in sorted(work, key=work.__getitem__):
-        if time.perf_counter() > deadline:
+    # priced: one target for every size at once, bisected between the smallest bound so
+    # far and the lowest target a size fell short of ([Note: one target for every size])
+    have = {mb: max(work[mb], (start or {}).get(mb, 0.0)) for mb in work if mb not in out}
+    high, short, rounds = cap, False, 0
+    cache: dict[tuple[int, bool], Any] = {}    # the tables of each size, built once
+    while have and time.perf_counter() < deadline:
+        low = min(have.values())
+        if low >= high * _PROVED:
             break
-        if mb in out:
-            continue
-        value = class_bound(space, sums, costs.cut_bytes, ends, mb, batch_size // mb, cap,
-                            deadline, rho=rho, pools=False)
-        if value is None:
-            if time.perf_counter() > deadline:
-                break
-            continue
-        if value < cap * _PROVED:
-            unproven[mb] = cap
-        out[mb] = max(value, work[mb])
-        cap = min(cap, out[mb])
-    # bisect the target of the size with the smallest bound, between that bound and the
-    # lowest target it fell short of (or the first target): a lower target is a stronger
-    # filter, and where the class bound reaches its target, the target is proven
-    while len(out) == len(work) and time.perf_counter() < deadline:
-        mb = min(out, key=out.__getitem__)
-        low, high = out[mb], unproven.get(mb, target)
-        if (high <= low * (1.0 + CLASS_BOUND_BISECT_TOL)
-                or low >= min(proven.values(), default=math.inf)):
+        # the target itself, once, where no size fell short and the rest is within the
+        # tolerance: the class bound may prove the best round outright
+        trial = high if not short and high <= low * (1.0 + CLASS_BOUND_BISECT_TOL) \
+            else (low + high) / 2 if rounds else min((low + high) / 2, 2.0 * low)
+        if short and high <= low * (1.0 + CLASS_BOUND_BISECT_TOL):
             break
-        trial = (low + high) / 2
-        value = class_bound(space, sums, costs.cut_bytes, ends, mb, batch_size // mb, trial,
-                            deadline, rho=rho)
-        if value is None:
+        first_round, fell = not rounds, False
+        rounds += 1
+        for mb in sorted(have, key=have.__getitem__):
+            if have[mb] >= trial * _PROVED:
+                continue
+            value = class_bound(space, sums, costs.cut_bytes, ends, mb, batch_size // mb,
+                                trial, deadline, rho=rho, pools=False, cache=cache,
+                                buckets=CLASS_FIRST_BUCKETS if first_round else None,
+                                max_evals=CLASS_FIRST_BUCKETS if first_round else None,
+                                optimizer_state_factor=optimizer_state_factor)
+            if value is None:
+                return {**out, **have}
+            have[mb] = max(have[mb], value)
+            if value < trial * _PROVED:     # fell short: a lower target next
+                high, short, fell = trial, True, True
+                if not first_round:     # (the first round asks every size)
+                    break
+        if not fell and trial >= high:  # the best round itself is proven
             break
-        if value < trial * _PROVED:
-            unproven[mb] = trial
-        out[mb] = max(out[mb], value)
+    out.update(have)
     return out
 
 
@@ -500,7 +525,8 @@ def search(costs: CostTable, cluster: Cluster, batch_size: int, *,
                  else time.perf_counter() + max(CLASS_BOUND_SHARE * searched,
                                                 CLASS_COUNTED_S if counted else 0.0))
         proven.update(_class_bounds(costs, cluster, batch_size, mbs, max_cuts, best_value,
-                                    proven, until))
+                                    proven, until, start=links,
+                                    optimizer_state_factor=optimizer_state_factor))
     if later and not complete:
         # [Note: the order's sizes after the bound]: the counted bound until a size falls
         # short; then the order's pass for every size it left out, and the bound for the

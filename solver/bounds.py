@@ -45,6 +45,7 @@ Relative slacks of ``1e-9`` cover float rounding against the DP's own sums.
 
 from __future__ import annotations
 
+import heapq
 import itertools
 import math
 import time
@@ -54,8 +55,8 @@ from typing import Any
 
 import numpy as np
 
+from solver.evaluate import WORKSPACE_FRACTION
 from solver.space import ClassSpace, SearchSpace, SliceSpace
-from solver.split import split_shares
 from solver.timing import LayerSums
 
 __all__ = ["StageBound", "stage_bound", "proven_bound", "GRID", "class_bound",
@@ -131,10 +132,28 @@ def _min_max_ratio(micro_batch: int, rates: Sequence[float]) -> float | None:
     if len(finite) < len(rates):
         # infinitely fast members take every sample but one per finite member
         return max((1.0 / r for r in finite), default=0.0)
-    shares = split_shares(micro_batch, rates)
-    if shares is None:
+    if not rates:
         return None
-    return max(b / r for b, r in zip(shares, rates, strict=True))
+    # [Note: the greedy by equal rates]: Algorithm 1's greedy (``split_shares``) gives
+    # the next sample to the device of the smallest ``(b + 1) / r``, so the values it
+    # takes are, in order, the ``micro_batch - n`` smallest of ``b / r_e`` (``b >= 2``,
+    # every device), and its largest ``b / r`` is the last of them or some ``1 / r_e``.
+    # Devices of equal rates take their values together: a heap over the distinct
+    # rates, each value counted once per device, gives the same float as the greedy.
+    counts: dict[float, int] = {}
+    for r in rates:
+        counts[r] = counts.get(r, 0) + 1
+    base = max(1.0 / r for r in counts)
+    need = micro_batch - len(rates)
+    heap = [(2 / r, r, 2) for r in counts]
+    heapq.heapify(heap)
+    while need > 0:
+        value, r, b = heapq.heappop(heap)
+        if need <= counts[r]:
+            return max(base, value)
+        need -= counts[r]
+        heapq.heappush(heap, ((b + 1) / r, r, b + 1))
+    return base
 
 
 def stage_bound(space: SliceSpace, sums: LayerSums, cut_bytes: Sequence[int],
@@ -290,6 +309,11 @@ most this many values (stages x sender profiles), else per row for the stages it
 _AFTER_LEVELS = 4
 """Stages right after the dominant one whose all-reduce ``_relaxed`` checks."""
 
+_PRICED_AFTER_LEVELS = 12
+"""The same for ``_relaxed`` (each level costs it little: one table of suffixes by ``a``);
+a deep pipeline after the dominant stage otherwise hides all-reduces behind
+``_rest_gate``, which is no bound past ``j (1 - rho) > M``."""
+
 _CHORD_POINTS = 3
 """``a`` values at which ``_relaxed`` takes the dominant stage's minimum exactly."""
 
@@ -315,7 +339,7 @@ class _ClassTables:
     after a stage on group ``g`` when it uses ``q`` (``n_pools``: none), the devices in
     each pool (and 0 for none), the bound speed each pool leaves free and the bound speed
     in it; and per row what ``_counted`` reads: the transfer bounds (groups x profiles),
-    ``x`` without them, ``x`` with the smallest, the upper bound of ``_one_device_uppers``
+    ``x`` without them, ``x`` with the smallest, the upper bound of ``_rigid_uppers``
     (groups x ends; inf: none), the compute part of ``max(E_f, E_b)``, ``T_a``, the next
     rows and the non-decreasing smallest ``x`` per end."""
 
@@ -325,6 +349,7 @@ class _ClassTables:
     totals: np.ndarray
     speeds: np.ndarray
     pooled: _Pooled | None = None
+    uppers: tuple[np.ndarray, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -381,10 +406,13 @@ def _bucket(count: int) -> int:
 
 def _class_tables(space: ClassSpace, sums: LayerSums, cut_bytes: Sequence[int],
                   ends: Sequence[int], micro_batch: int,
-                  deadline: float | None = None, pools: bool = True) -> _ClassTables | None:
+                  deadline: float | None = None, pools: bool = True,
+                  memory: tuple[float, int] | None = None) -> _ClassTables | None:
     """The per-stage lower bounds of [Note: the class bound] for every group of at most
     ``micro_batch`` devices (merged into buckets above ``CLASS_GROUPS_MAX``); ``_Late``
-    when the ``time.perf_counter()`` deadline passes first."""
+    when the ``time.perf_counter()`` deadline passes first. ``memory``: the optimizer
+    state factor and the micro-batches a round, where known: mixed groups whose shares
+    fit get upper bounds of ``X`` too ([Note: rigid groups]; priced tables only)."""
     classes = bound_classes(space)
     if classes is None:
         return None
@@ -418,9 +446,18 @@ def _class_tables(space: ClassSpace, sums: LayerSums, cut_bytes: Sequence[int],
     # the one-device upper bounds need the stage bound's compute on the base times exact
     base = timing.base
     exact = all(list(getattr(sums, f)) == list(getattr(base, f))
-                for f in ("fwd_intercept", "fwd_slope", "bwd_intercept", "bwd_slope"))
-    uppers = (_one_device_uppers(space, classes, micro_batch) if exact
-              else [[math.inf, math.inf]] * n_classes) if pooled else []
+                for f in ("fwd_intercept", "fwd_slope", "bwd_intercept", "bwd_slope")) \
+        and (sums.call_fwd, sums.call_bwd) == (base.call_fwd, base.call_bwd)
+    # the runtime's seconds per stage call, in every device's compute (the lower bounds
+    # leave it out; the upper bounds of rigid groups add it)
+    call = base.call_fwd + base.call_bwd
+    uppers = (_rigid_uppers(space, classes, micro_batch) if exact
+              else [[math.inf, math.inf]] * n_classes)
+    rigid = [_same_memory(space, members) for members in classes]
+    mixed = memory is not None and not pooled
+    # per group: 1 / its slowest bound speed, whether it is rigid, and the most samples
+    # a member of each class takes in Algorithm 1's split without memory caps
+    extra: dict[tuple[int, ...], tuple[float, bool, tuple[int, ...]]] = {}
     ratios: dict[tuple[float, ...], float] = {}
     found: dict[tuple[int, ...], list[float]] = {}
     for seen, take in enumerate(itertools.product(*(range(c + 1) for c in counts_all))):
@@ -456,7 +493,15 @@ def _class_tables(space: ClassSpace, sums: LayerSums, cut_bytes: Sequence[int],
         if pooled:
             found[take] += _profile_terms(take, per_class, profiles, link_bw, link_lat,
                                           micro_batch, ratios)
-            found[take] += uppers[present[0]] if size == 1 else [math.inf, math.inf]
+        # [Note: rigid groups]: one device, or devices of one class of equal memory; and
+        # (priced, with the memory model) any group where its shares fit
+        firm = len(present) == 1 and (size == 1 or rigid[present[0]])
+        found[take] += ([max(uppers[k][0] for k in present),
+                         max(uppers[k][1] for k in present)] if firm or mixed
+                        else [math.inf, math.inf])
+        extra[take] = (1.0 / min(us), firm, tuple(
+            min(micro_batch, math.floor(beta * per_class[k][0] * _ABOVE)) if t else 0
+            for k, t in enumerate(take)))
     if not found:
         return None
     if len(found) > CLASS_GROUPS_MAX:
@@ -471,17 +516,42 @@ def _class_tables(space: ClassSpace, sums: LayerSums, cut_bytes: Sequence[int],
             else:
                 old[0][:] = [min(a, b) for a, b in zip(old[0], vec, strict=True)]
                 old[1][:] = [min(a, b) for a, b in zip(old[1], consts, strict=True)]
-        found = {tuple(c): k for c, k in merged.values()}
+        # a merged group has no upper bound (its compute is no member's)
+        found = {tuple(c): k[:-2] + [math.inf, math.inf] for c, k in merged.values()}
+        extra = {c: (0.0, False, (0,) * n_classes) for c in found}
     keys = list(found)
     table = np.asarray([found[k] for k in keys], dtype=np.float64)
     counts = np.asarray(keys, dtype=np.float64).reshape(len(keys), n_classes)
-    if pooled:
-        # a group with an upper bound may be kept from being the dominant stage where a
-        # group without one is not: only groups without one dominate (see _counted)
-        kept = _undominated(counts, table[:, :-2], ~np.isfinite(table[:, -2]))
+    inv_min = np.asarray([extra[k][0] for k in keys])
+    firm_g = np.asarray([extra[k][1] for k in keys], dtype=bool)
+    shares_g = np.asarray([extra[k][2] for k in keys], dtype=np.float64).reshape(
+        len(keys), n_classes)
+    # the upper bounds' constants: 1 / slowest speed, largest share per speed, latency and
+    # gamma of the messages in, whether no memory check is needed, the shares to check
+    ups = np.concatenate([inv_min[:, None], table[:, 1:2], table[:, -2:]], axis=1)
+    if mixed:
+        # [Note: rigid groups]: dominance on the lower bounds alone; a kept group takes
+        # the largest upper constants, the largest shares and the memory check of the
+        # groups it drops (an upper bound may always be raised, and where it holds it is
+        # above theirs, so a plan of a dropped group as the dominant stage has one of the
+        # kept group)
+        kept = _undominated(counts, table[:, :-2])
+        lower = np.concatenate([counts, table[:, :-2]], axis=1)
+        for g in np.setdiff1d(np.arange(len(keys)), kept):
+            h = kept[int(np.argmax(np.all(lower[kept] <= lower[g], axis=1)))]
+            ups[h] = np.maximum(ups[h], ups[g])
+            firm_g[h] &= firm_g[g]
+            shares_g[h] = np.maximum(shares_g[h], shares_g[g])
     else:
-        kept = _undominated(counts, table)
+        # a group with an upper bound may be kept from being the dominant stage where a
+        # group with a larger one (or none) is not: a group dominates only where its upper
+        # bound is no smaller on every layer range
+        has_up = np.isfinite(table[:, -2])
+        kept = _undominated(counts, np.concatenate(
+            [table[:, :-2], np.where(has_up[:, None], -ups, -math.inf)], axis=1),
+            firm_g | ~has_up)
     counts, table = counts[kept], table[kept]
+    ups, firm_g, shares_g = ups[kept], firm_g[kept], shares_g[kept]
     inv_u, beta, gamma, red_a, red_b, step = table[:, :6].T
     num_layers = len(sums.fwd_slope) - 1
     firsts = [0] + [e + 1 for e in ends if e + 1 < num_layers]
@@ -491,6 +561,13 @@ def _class_tables(space: ClassSpace, sums: LayerSums, cut_bytes: Sequence[int],
     params = np.asarray(sums.param_bytes, dtype=np.float64)
     rows = []
     compute = []
+    # per row, the upper bounds of X of [Note: rigid groups] (inf: none)
+    up_inv, up_beta, up_lat, up_gamma = ups.T
+    no_comm = np.where(np.isfinite(up_lat), 0.0, math.inf)
+    tops = []
+    if mixed:
+        assert memory is not None
+        fits = _fits(space, classes, base, memory, shares_g)
     before: list[float] = []
     after: list[float] = []
     stops = np.asarray(lasts) + 1
@@ -509,6 +586,14 @@ def _class_tables(space: ClassSpace, sums: LayerSums, cut_bytes: Sequence[int],
         e_f = (c_f + comm[:, None]) * _SLACK
         e_b = (c_b + comm[:, None]) * _SLACK
         compute.append((c_f * _SLACK, c_b * _SLACK, float(cut)))
+        up_c = up_lat + cut * up_gamma if cut > 0 else no_comm
+        # the slowest member's intercepts, the largest share per bound speed
+        top_x = ((fi[stop] - fi[first] + bi[stop] - bi[first] + call)[None] * up_inv[:, None]
+                 + (fs[stop] - fs[first] + bs[stop] - bs[first])[None] * up_beta[:, None]
+                 + 2.0 * up_c[:, None]) * _ABOVE
+        if mixed:
+            top_x = np.where(firm_g[:, None] | fits(first, stop - 1), top_x, math.inf)
+        tops.append(np.where(np.isfinite(up_lat)[:, None], top_x, math.inf))
         before.append(float(fi[first] + bi[first] + micro_batch * (fs[first] + bs[first])))
         after.append(float((fi[-1] - fi[first]) + (bi[-1] - bi[first])
                            + micro_batch * ((fs[-1] - fs[first]) + (bs[-1] - bs[first]))))
@@ -523,7 +608,8 @@ def _class_tables(space: ClassSpace, sums: LayerSums, cut_bytes: Sequence[int],
     speeds = np.asarray([space.bounds[members[0]] for members in classes])
     totals = np.asarray(counts_all, dtype=np.float64)
     if not pooled:
-        return _ClassTables(tuple(firsts), tuple(rows), counts, totals, speeds)
+        return _ClassTables(tuple(firsts), tuple(rows), counts, totals, speeds,
+                            uppers=tuple(tops))
     n_prof = len(profiles)
     lat_prof, gamma_prof = table[:, 6:6 + n_prof], table[:, 6 + n_prof:6 + 2 * n_prof]
     own = [profiles.index(_profile_of(
@@ -550,7 +636,8 @@ def _class_tables(space: ClassSpace, sums: LayerSums, cut_bytes: Sequence[int],
             up = np.where(np.isfinite(uppers[:, 0]), 0.0, math.inf)
         x0 = c_f + c_b
         cached.append((comm, x0, x0 + 2.0 * comm.min(axis=1)[:, None],
-                       x0 / _SLACK * _ABOVE + 2.0 * up[:, None], np.maximum(c_f, c_b),
+                       (x0 / _SLACK + (call * inv_u)[:, None]) * _ABOVE + 2.0 * up[:, None],
+                       np.maximum(c_f, c_b),
                        t_a, nxt, shortest))
     return _ClassTables(tuple(firsts), tuple(rows), counts, totals, speeds,
                         _Pooled(lat_prof, gamma_prof, np.asarray(own, dtype=np.intp),
@@ -559,13 +646,39 @@ def _class_tables(space: ClassSpace, sums: LayerSums, cut_bytes: Sequence[int],
                                 vecs @ speeds, tuple(cached)))
 
 
-def _one_device_uppers(space: ClassSpace, classes: list[list[int]],
-                       micro_batch: int) -> list[list[float]]:
-    """Per class, for a stage on one of its devices: ``[lat, gamma]`` with ``X <= compute
-    + 2 (lat + cut gamma)`` (the receiver's messages: at most ``min(b, n - 1)`` senders,
-    each of at most the largest latency into the class, all ``b`` samples at the slowest
-    link into it), where the stage bound's compute is exact (base times, bound speed = the
-    speed); ``[inf, inf]`` elsewhere."""
+def _rigid_uppers(space: ClassSpace, classes: list[list[int]],
+                  micro_batch: int) -> list[list[float]]:
+    """Per class, for a stage on a rigid group of its devices ([Note: rigid groups]):
+    ``[lat, gamma]`` with ``X <= compute + 2 (lat + cut gamma)``, where the stage bound's
+    compute is exact (base times, bound speed = the speed); ``[inf, inf]`` elsewhere.
+
+    [Note: rigid groups]
+    A group is *rigid* when its shares, and so its compute, are known exactly: one device
+    (it takes the whole micro-batch ``b``), or ``k`` devices of one class of the same speed
+    and the same usable memory (``_same_memory``): Algorithm 1 (``solver.split``) gives
+    them ``ceil(b / k)`` at most, since with equal speeds and equal caps the caps either
+    hold that split or hold no split (``k c < b``, no plan). Its compute is then the
+    class bound's lower bound ``I / u + S beta`` exactly, plus the runtime's seconds per
+    stage call over ``u`` (which the lower bounds leave out). Its transfer is at most
+    ``lat + cut gamma`` each way: a receiver gets its share from at most ``min(b, n -
+    1)`` senders and a sender sends at most ``b`` samples to at most ``min(b, n - 1)``
+    receivers, each message of at most the largest latency into the class and the samples
+    at the slowest link into it. A stage whose upper bound is at most the bucket's ``low``
+    cannot be the dominant one (``X_d > low``); without this the relaxation names a small
+    stage dominant and hides ``a min(E_f, E_b)`` behind it at ``X_d = low``. Only a group
+    with an upper bound no smaller on every layer range may dominate another in
+    ``_undominated``.
+
+    With the memory model (the optimizer state factor and ``M``; the priced tables only)
+    any group of exact classes has one too, on the layer ranges where its free split
+    (Algorithm 1 without caps) provably fits every member (``_fits``): ``split_stage``
+    then keeps that split, so the compute is at most the slowest member's intercepts over
+    its speed plus ``S beta``, and the transfer as above with the largest latency and
+    gamma of its classes. There dominance looks at the lower bounds alone, and a kept
+    group takes the largest upper constants, shares and memory checks of the groups it
+    drops: raised, its upper bound still holds, and where it is finite it is above
+    theirs. ``tests/test_bounds.py`` checks every upper bound against every stage of brute
+    force's plans (runtime overhead, optimizer state, tight memory)."""
     cluster, names, timing = space.cluster, space.names, space.timing
     out = []
     for members in classes:
@@ -579,6 +692,47 @@ def _one_device_uppers(space: ClassSpace, classes: list[list[int]],
                   for a in range(space.n) if a != e)
         out.append([min(micro_batch, space.n - 1) * lat, micro_batch / bw])
     return out
+
+
+def _fits(space: ClassSpace, classes: list[list[int]], sums: LayerSums,
+          memory: tuple[float, int], shares: np.ndarray) -> Any:
+    """``check(first, lasts)``: per group (rows of ``shares``: the most samples a member of
+    each class takes) and last layer, True where every member's share fits its device
+    for layers ``first..last`` with any in-flight count, by ``solver.evaluate``'s memory
+    model over-counted: the weights and optimizer state, the buffers, a gradient of the
+    stage's size besides ``.grad`` (the transient is at most that), and per sample the
+    activations of ``M`` micro-batches with ``2 M`` wire buffers at the input cut and ``M
+    + 1`` at the output (``wire_counts`` with ``F <= M``), plus the workspace fraction and
+    a byte of rounding. Where it fits, Algorithm 1 keeps the free split (``split_stage``)
+    ([Note: rigid groups])."""
+    factor, m = memory
+    usable = np.asarray([min(space.cluster.usable_bytes(space.names[d]) for d in members)
+                         for members in classes], dtype=np.float64)
+    params = np.asarray(sums.param_bytes, dtype=np.float64)
+    buffers = np.asarray(sums.buffer_bytes, dtype=np.float64)
+    acts = np.asarray(sums.activation_bytes, dtype=np.float64)
+    edges = np.asarray(sums.boundary_bytes, dtype=np.float64) if sums.boundary_bytes else None
+    absent = (shares <= 0)[:, :, None]
+
+    def check(first: int, lasts: np.ndarray) -> np.ndarray:
+        p = params[lasts + 1] - params[first]
+        fixed = p * (3.0 + factor) + (buffers[lasts + 1] - buffers[first]) + 1.0
+        per = (acts[lasts + 1] - acts[first]) * m
+        if edges is not None:
+            per = per + 2 * m * edges[first] + (m + 1) * edges[lasts + 1]
+        need = (fixed[None, None] + shares[:, :, None] * per[None, None]
+                * (1.0 + WORKSPACE_FRACTION) + 1.0) * _ABOVE               # (G, K, ends)
+        ok: np.ndarray = np.all(absent | (need <= usable[None, :, None]), axis=1)
+        return ok
+
+    return check
+
+
+def _same_memory(space: ClassSpace, members: list[int]) -> bool:
+    """True when every device of the class has the same usable memory (its groups of one
+    class are rigid: [Note: rigid groups])."""
+    usable = {space.cluster.usable_bytes(space.names[d]) for d in members}
+    return len(usable) == 1
 
 
 def _profile_of(senders: list[int], link_bw: list[list[float]],
@@ -736,8 +890,12 @@ def _relaxed(tables: _ClassTables, m: int, low: float, top: float, limit: float,
     # >= (M - j (1 - rho)) X_d + T_a^{d+j} (E_b <= (1 - rho) X <= (1 - rho) X_d, rho the
     # hiding ratio), so the stage at position j keeps that with `low` for X_d below
     # `limit`; `placed[j - 1]`: tails whose first stage is at position j
-    gates, levels = _gates(m, rho, low)
-    placed = [after.copy() for _ in range(levels)]
+    gates, levels = _gates(m, rho, low, _PRICED_AFTER_LEVELS)
+    late, late_ta = _late_gate(m, rho, low)
+    # (the last table, `placed[levels]`, is `after` itself: any position)
+    placed = np.stack([after] * (levels + 1))
+    after = placed[levels]
+    gate_arr = np.asarray(gates)
     rest_gate = _rest_gate(m, int(tables.totals.sum()), rho, low, top)
     with_d = np.full(count + 1, inf)            # suffixes holding the dominant stage
     cost = (tables.counts @ prices)[:, None]
@@ -762,28 +920,35 @@ def _relaxed(tables: _ClassTables, m: int, low: float, top: float, limit: float,
         if not k:
             continue
         keep = x[:, 0] <= top                  # groups with some end of x <= top
+        # X's upper bound: a stage whose X is at most `low` is not the dominant one
+        up = tables.uppers[i] if tables.uppers else np.full_like(x, inf)
         if not keep.all():
             x, big, t_a, cost_i = x[keep, :k], big[keep, :k], t_a[keep, :k], cost[keep]
+            up = up[keep, :k]
         else:
-            x, big, t_a, cost_i = x[:, :k], big[:, :k], t_a[:, :k], cost
+            x, big, t_a, cost_i, up = x[:, :k], big[:, :k], t_a[:, :k], cost, up[:, :k]
         nxt = nxt[:k]
         first = tables.firsts[i] == 0
         # x where it is at most `top`, else inf (inf stays inf in the sums below)
         capped = np.where(x <= top, x, inf)
         priced = capped + cost_i
+        # a stage after the dominant one, at any position: (L) of _late_gate
+        later = np.where(late + t_a * late_ta < limit, priced, inf)
         # a stage after the dominant one, at a position j <= n - 1 past the first
         # `levels`: round >= T^{d+j} >= (M - j (1 - rho)) X_d + T_a (_rest_gate)
         tail = after[nxt]                                                     # (ends, A)
-        best = (np.where(rest_gate + t_a < limit, priced, inf).min(axis=0)[:, None]
+        best = (np.where(rest_gate + t_a < limit, later, inf).min(axis=0)[:, None]
                 + tail).min(axis=0)
         np.minimum.at(after[i], shift, best)
-        lowest_ta = t_a.min()
-        for j in range(levels, 0, -1):
-            gate = gates[j - 1]
-            if gate + lowest_ta < limit:
-                rest = placed[j][nxt] if j < levels else tail
-                here = np.where(gate + t_a < limit, priced, inf).min(axis=0)
-                np.minimum.at(placed[j - 1][i], shift, (here[:, None] + rest).min(axis=0))
+        # the stages at positions j = 1 .. levels, all at once: position j reads the
+        # tails at position j + 1 (the last: any position)
+        js = np.nonzero(gate_arr + t_a.min() < limit)[0]
+        if len(js):
+            here = np.where(gate_arr[js][:, None, None] + t_a[None] < limit, later[None],
+                            inf).min(axis=1)                                  # (J, ends)
+            rest = placed[js + 1][:, nxt]                                     # (J, ends, A)
+            found = (here[:, :, None] + rest).min(axis=1)                     # (J, A)
+            np.minimum.at(placed[:, i], (js[:, None], shift[None]), found)
         if levels:
             tail = placed[0][nxt]
         # the dominant stage, with a stages after it
@@ -793,7 +958,8 @@ def _relaxed(tables: _ClassTables, m: int, low: float, top: float, limit: float,
             # the points `points` (all of them for a few a)
             hide = np.maximum(x, low) - np.maximum(big, low / 2)
             total = m * x_d + t_a
-            base = np.where(total < limit, (total if first else m * x_d) + cost_i, inf)
+            base = np.where((total < limit) & (up > low),
+                            (total if first else m * x_d) + cost_i, inf)
             at = np.stack([base.min(axis=0) if p == 0 else (base - p * hide).min(axis=0)
                            for p in points])                                 # (P, ends)
             finite = np.isfinite(at[0])
@@ -1129,15 +1295,33 @@ def _best(values: np.ndarray, table: np.ndarray, at: np.ndarray) -> np.ndarray:
     return found
 
 
-def _gates(m: int, rho: float, low: float) -> tuple[list[float], int]:
+def _gates(m: int, rho: float, low: float,
+           most: int = _AFTER_LEVELS) -> tuple[list[float], int]:
     """``(gates, levels)``: for the stages at positions ``j = 1 .. levels`` after the
     dominant one, ``(M - j (1 - rho)) low``, a lower bound of ``(M - j (1 - rho)) X_d``
     while the factor is >= 0 (``levels``: the positions up to the first negative factor,
-    at most ``_AFTER_LEVELS``; with a negative factor ``low`` is no bound, and the
+    at most ``most``; with a negative factor ``low`` is no bound, and the
     position is left to ``_rest_gate``)."""
-    factors = [m - j * (1.0 - rho) for j in range(1, _AFTER_LEVELS + 1)]
+    factors = [m - j * (1.0 - rho) for j in range(1, most + 1)]
     levels = next((j for j, f in enumerate(factors) if f < 0.0), len(factors))
     return [f * low for f in factors[:levels]], levels
+
+
+def _late_gate(m: int, rho: float, low: float) -> tuple[float, float]:
+    """``(g low, 1 / (2 - rho))``: every stage ``s`` after the dominant one ``d``, at any
+    position, keeps ``g X_d + T_a^s / (2 - rho) <= round`` with ``X_d > low``:
+
+        (L)  round >= g X_d + T_a^s / (2 - rho),  g = M - (1 - rho) (M + 1) / (2 (2 - rho)).
+
+    With ``B = sum_{i=d}^{s-1} E_b^i``, ``T^s = sum_{i<d} E_f^i + M X_d - B + T_a^s`` and
+    ``T^0 >= M X_d + tail - (w - 1) min(E_f^d, E_b^d)`` (the drain, ``w <= M``), where the
+    tail after ``d`` holds at least ``(B - E_b^d) / (1 - rho)`` (each ``E_b <= (1 - rho)
+    X``). So ``(1 - rho) T^0 + T^s >= (2 - rho) M X_d - E_b^d - (1 - rho) (M - 1) X_d / 2
+    + T_a^s`` with ``E_b^d <= (1 - rho) X_d``, and ``round`` is at least both. Unlike
+    ``_rest_gate`` it does not fall with the position: a deep pipeline after the dominant
+    stage cannot hide an all-reduce of any size behind its ``E_b``."""
+    g = m - (1.0 - rho) * (m + 1) / (2.0 * (2.0 - rho))
+    return g * low, 1.0 / (2.0 - rho)
 
 
 def _rest_gate(m: int, n_total: int, rho: float, low: float, top: float) -> float:
@@ -1154,7 +1338,9 @@ def class_bound(space: ClassSpace, sums: LayerSums, cut_bytes: Sequence[int],
                 ends: Sequence[int], micro_batch: int, num_micro: int, target: float,
                 deadline: float | None = None, max_evals: int | None = None,
                 rho: float = 0.0, buckets: int | None = None,
-                pools: bool = True) -> float | None:
+                pools: bool = True,
+                cache: dict[tuple[int, bool], _ClassTables | None] | None = None,
+                optimizer_state_factor: float | None = None) -> float | None:
     """A lower bound, at most ``target``, on the round time of every plan of the wide space
     (``ClassSpace``: every group in every order) with this micro-batch size on the
     candidate ends ``ends`` ([Note: the class bound]); None when the
@@ -1167,7 +1353,12 @@ def class_bound(space: ClassSpace, sums: LayerSums, cut_bytes: Sequence[int],
     24, ``CLASS_COUNTED_EVALS`` where the pools are counted); ``buckets``: buckets of the
     first grid (fewer: a quicker, weaker first bound; default ``CLASS_BUCKETS``,
     ``CLASS_COUNTED_BUCKETS`` where the pools are counted); ``pools``: count the pools
-    where they are few (``counts_pools``; False: prices, quicker and weaker).
+    where they are few (``counts_pools``; False: prices, quicker and weaker); ``cache``:
+    the tables of earlier calls on the same space, layers, cuts, batch and optimizer state
+    factor, by micro-batch size and ``pools`` (they do not depend on the target), filled
+    as they are built; ``optimizer_state_factor``: the plans' (memory), where known: the
+    priced bound then knows upper bounds of mixed groups' stage times too ([Note: rigid
+    groups]).
 
     [Note: the class bound]
     Let ``d`` be the dominant stage (largest ``X``) and ``a = min(M, S - d) - 1`` (at most
@@ -1202,8 +1393,17 @@ def class_bound(space: ClassSpace, sums: LayerSums, cut_bytes: Sequence[int],
         return None
     m = num_micro
     top_all = target / m
+    key = (micro_batch, pools)
     try:
-        tables = _class_tables(space, sums, cut_bytes, ends, micro_batch, deadline, pools)
+        if cache is not None and key in cache:
+            tables = cache[key]
+        else:
+            tables = _class_tables(
+                space, sums, cut_bytes, ends, micro_batch, deadline, pools,
+                None if optimizer_state_factor is None
+                else (optimizer_state_factor, num_micro))
+            if cache is not None:
+                cache[key] = tables
         if tables is not None and tables.pooled is not None:
             # the stages of every bucket's runs, gathered once ([Note: one pass per run]):
             # every run has top <= target / M and T_a limit at most this one's

@@ -135,6 +135,7 @@ def _check_class_bound(seeds: range, instance: Any, **kwargs: Any) -> tuple[int,
 
     checked = above = 0
     devices = kwargs.pop("devices", 4)
+    memory = kwargs.pop("memory", False)    # the memory model (brute force's: no state)
     for seed in seeds:
         costs, cluster, batch = instance(seed, max_layers=5, max_devices=devices, **kwargs)
         cluster = cluster.for_costs(costs)
@@ -151,7 +152,8 @@ def _check_class_bound(seeds: range, instance: Any, **kwargs: Any) -> tuple[int,
             for target in (values[0] * 0.9, values[0], values[len(values) // 2],
                            values[-1] * 2.0):
                 bound = class_bound(space, sums, costs.cut_bytes, ends, mb, batch // mb,
-                                    target, rho=rho)
+                                    target, rho=rho,
+                                    optimizer_state_factor=0.0 if memory else None)
                 assert bound is not None
                 assert bound <= target
                 assert values[0] >= bound, (seed, mb, target, values[0], bound)
@@ -282,12 +284,17 @@ def test_class_bound_with_cost_columns(latency: bool) -> None:
     assert checked > 500
 
 
-def test_class_bound_with_merged_groups(monkeypatch: pytest.MonkeyPatch) -> None:
-    # merging groups into buckets of counts is a relaxation too
+@pytest.mark.parametrize("priced", [False, True])
+def test_class_bound_with_merged_groups(monkeypatch: pytest.MonkeyPatch, priced: bool) -> None:
+    # merging groups into buckets of counts is a relaxation too (a merged group has no
+    # upper bound of X, also where the priced bound knows the memory model)
     import solver.bounds
 
     monkeypatch.setattr(solver.bounds, "CLASS_GROUPS_MAX", 2)
-    checked, _ = _check_class_bound(range(100, 130), random_instance, links=True)
+    if priced:
+        monkeypatch.setattr(solver.bounds, "CLASS_POOLS_MAX", 0)
+    checked, _ = _check_class_bound(range(100, 130), random_instance, links=True,
+                                    memory=priced)
     assert checked > 500
 
 
@@ -580,3 +587,213 @@ def test_counted_run_equals_the_reference_on_the_mlp(at_once: bool,
         ref, ref_made = reference_counted_run(tables, tables.pooled, m, low, top, target, rho)
         assert ours == ref
         assert np.array_equal(made[0], ref_made[0]) and np.array_equal(made[1], ref_made[1])
+
+
+def _rigid_instance(seed: int, *, max_layers: int, max_devices: int,
+                    **_: Any) -> tuple[Any, Any, int]:
+    """Two or three devices of each of one or two speeds, the same memory per speed (tight
+    or not), random links and latencies, half with a runtime overhead per stage call:
+    groups of several devices of one class ([Note: rigid groups] in solver/bounds.py),
+    with memory caps that bind."""
+    import random
+    from dataclasses import replace
+
+    from contracts.table import RuntimeOverhead
+    from tests.solver_cases import make_cluster, random_costs
+
+    rng = random.Random(seed)
+    kinds = rng.sample([0.4, 1.0, 1.7], rng.choice([1, 2]))
+    speeds: list[float] = []
+    mems: list[float] = []
+    for speed in kinds:
+        count = rng.randint(2, 3) if len(kinds) == 1 else rng.randint(1, 2)
+        mem = rng.choice([6.0, 16.0, 64.0, 1024.0])
+        speeds += [speed] * count
+        mems += [mem] * count
+    speeds, mems = speeds[:max_devices], mems[:max_devices]
+    n = len(speeds)
+    overrides = []
+    if n > 2 and rng.random() < 0.5:
+        a, b = rng.sample(range(n), 2)
+        overrides.append((f"d{a}", f"d{b}", rng.choice([10.0, 1000.0])))
+    costs = random_costs(rng, rng.randint(1, max_layers),
+                         param_scale=rng.choice([0.1, 1.0, 10.0]))
+    if rng.random() < 0.5:      # the runtime's seconds per stage call, in every compute
+        costs = replace(costs, runtime_overhead=RuntimeOverhead(
+            rng.uniform(0.0, 0.05), rng.uniform(0.0, 0.05)))
+    cluster = make_cluster(speeds, mems, rng.choice([10.0, 100.0, 1000.0]), overrides,
+                           latency_ms=rng.choice([0.0, 1.0, 5.0]))
+    return costs, cluster, rng.choice([2, 4, 6, 8])
+
+
+@pytest.mark.parametrize("priced", [False, True])
+def test_class_bound_with_rigid_groups_is_below_every_plan(
+        monkeypatch: pytest.MonkeyPatch, priced: bool) -> None:
+    # groups of several devices of one class have an upper bound on X too (their shares
+    # are known): a stage below the bucket is not the dominant one, and no plan of brute
+    # force falls below the bound, counted or priced, also where memory caps bind
+    import solver.bounds
+
+    if priced:
+        monkeypatch.setattr(solver.bounds, "CLASS_POOLS_MAX", 0)
+    checked, above = _check_class_bound(range(1000, 1025), _rigid_instance, devices=4)
+    assert checked > 1000
+    assert above > 25
+
+
+def test_rigid_groups_raise_the_priced_bound(monkeypatch: pytest.MonkeyPatch) -> None:
+    # the upper bounds of rigid groups ([Note: rigid groups]) keep a stage below the bucket
+    # from being the dominant one: with them the priced bound is higher on some instances
+    import solver.bounds
+    from solver.bounds import class_bound
+    from solver.space import ClassSpace
+    from solver.summary import hiding_ratio
+
+    monkeypatch.setattr(solver.bounds, "CLASS_POOLS_MAX", 0)
+    higher = lower = 0
+    for seed in range(1000, 1040):
+        costs, cluster, batch = _rigid_instance(seed, max_layers=5, max_devices=4)
+        cluster = cluster.for_costs(costs)
+        space = ClassSpace(costs, cluster)
+        args = (space, LayerSums.of(costs), costs.cut_bytes, list(range(costs.num_layers - 1)))
+        rho = hiding_ratio(costs, cluster)
+        for mb in (2, batch):
+            best = asteroid_dp(costs, cluster, batch, space="classes", micro_batch_sizes=[mb])
+            if best.plan is None:
+                continue
+            with_up = class_bound(*args, mb, batch // mb, best.round_time_s, rho=rho)
+            with monkeypatch.context() as patch:
+                patch.setattr(solver.bounds, "_rigid_uppers",
+                              lambda space, classes, mb: [[math.inf, math.inf]] * len(classes))
+                without = class_bound(*args, mb, batch // mb, best.round_time_s, rho=rho)
+            assert with_up is not None and without is not None
+            assert with_up <= best.round_time_s
+            higher += with_up > without * (1 + 1e-6)
+            lower += with_up < without * (1 - 1e-6)
+    assert higher >= 3
+    assert lower <= higher // 4
+
+
+def test_min_max_ratio_is_the_greedy_split_bit_for_bit() -> None:
+    # the heap over distinct rates gives the same float as Algorithm 1's greedy over every
+    # device ([Note: the greedy by equal rates] in solver/bounds.py)
+    import random
+
+    from solver.bounds import _min_max_ratio
+    from solver.split import split_shares
+
+    rng = random.Random(3)
+    for _ in range(3000):
+        pool = [rng.choice([0.3, 1.0, 2.5, 7.0, 1.0 / 3, 12.5e6]) for _ in range(3)]
+        rates = [rng.choice(pool) if rng.random() < 0.7 else rng.uniform(0.1, 10.0)
+                 for _ in range(rng.randint(1, 8))]
+        mb = rng.randint(1, 70)
+        shares = split_shares(mb, rates)
+        expected = None if shares is None else max(b / r for b, r in zip(shares, rates,
+                                                                         strict=True))
+        assert _min_max_ratio(mb, rates) == expected
+
+
+@pytest.mark.parametrize(("pools", "mixed"), [(False, False), (True, False), (False, True)])
+def test_rigid_upper_bounds_hold_every_stage_of_every_plan(pools: bool, mixed: bool) -> None:
+    # [Note: rigid groups]: the upper bound of X the class tables keep for a rigid group
+    # (and, with the memory model, a mixed group whose shares fit) and a layer range is at
+    # least X of every stage of brute force's plans on that group and range (runtime
+    # overhead per call, memory caps, optimizer state, links and latency included)
+    import random
+
+    from solver.bounds import _class_tables, bound_classes
+    from solver.space import ClassSpace
+
+    seen = 0
+    for seed in range(1000, 1040):
+        costs, cluster, batch = _rigid_instance(seed, max_layers=4, max_devices=4)
+        if mixed and seed % 2:
+            costs, cluster, batch = random_instance(seed, max_layers=4, max_devices=4,
+                                                    links=True, latency=True)
+        factor = random.Random(seed).choice([0.0, 1.0, 2.0]) if mixed else 0.0
+        cluster = cluster.for_costs(costs)
+        space = ClassSpace(costs, cluster)
+        classes = bound_classes(space)
+        assert classes is not None
+        of = {space.names[d]: k for k, members in enumerate(classes) for d in members}
+        ends = list(range(costs.num_layers - 1))
+        for mb in sorted({plan.micro_batch_size
+                          for plan in enumerate_plans(costs, cluster, batch, wide=True,
+                                                      optimizer_state_factor=factor)}):
+            tables = _class_tables(space, LayerSums.of(costs), costs.cut_bytes, ends, mb,
+                                   None, pools, (factor, batch // mb) if mixed else None)
+            assert tables is not None
+            groups = {tuple(int(c) for c in row): g for g, row in enumerate(tables.counts)}
+            for plan in enumerate_plans(costs, cluster, batch, wide=True,
+                                        micro_batch_sizes=[mb],
+                                        optimizer_state_factor=factor):
+                stages = evaluate(plan, costs, cluster).stages
+                for stage, pred in zip(plan.stages, stages, strict=True):
+                    vec = [0] * len(classes)
+                    for name in stage.devices:
+                        vec[of[name]] += 1
+                    g = groups.get(tuple(vec))
+                    if g is None:
+                        continue
+                    i = tables.firsts.index(stage.first)
+                    e = stage.last - stage.first     # every boundary is a candidate end
+                    upper = (tables.pooled.rows[i][3][g, e] if tables.pooled is not None
+                             else tables.uppers[i][g, e])
+                    if math.isfinite(upper):
+                        seen += 1
+                        assert pred.e_f + pred.e_b <= upper, (seed, mb, stage, upper)
+    assert seen > 500
+
+
+@pytest.mark.parametrize("kind", ["random", "rigid"])
+def test_priced_class_bound_with_mixed_uppers_is_below_every_plan(
+        monkeypatch: pytest.MonkeyPatch, kind: str) -> None:
+    # with the memory model the priced bound has upper bounds of mixed groups whose shares
+    # fit ([Note: rigid groups]): no plan of brute force below it (tight memory included)
+    import solver.bounds
+
+    monkeypatch.setattr(solver.bounds, "CLASS_POOLS_MAX", 0)
+    instance = _rigid_instance if kind == "rigid" else random_instance
+    extra = {} if kind == "rigid" else {"links": True, "latency": True}
+    checked, above = _check_class_bound(range(1100, 1125), instance, memory=True, **extra)
+    assert checked > 1000
+    assert above > 25
+
+
+def test_late_gate_holds_for_every_stage_after_the_dominant_one() -> None:
+    # (L) of solver.bounds._late_gate: round >= g X_d + T_a^s / (2 - rho) for every stage
+    # after the dominant one, at any position, on random pipelines of solver.evaluate's
+    # round formula whose stages have min(E_f, E_b) >= rho X (docs/planner.md's example
+    # of a late all-reduce above the round included)
+    import random
+
+    from solver.bounds import _late_gate
+    from solver.evaluate import round_terms
+
+    def check(e_f: list[float], e_b: list[float], t_a: list[float], m: int,
+              rho: float) -> bool:
+        t_w, t_e, d = round_terms(e_f, e_b, m)
+        round_s = max(w + e + a for w, e, a in zip(t_w, t_e, t_a, strict=True))
+        x_d = e_f[d] + e_b[d]
+        gate, scale = _late_gate(m, rho, x_d)
+        tight = False
+        for s in range(d + 1, len(e_f)):
+            assert gate + t_a[s] * scale <= round_s * (1 + 1e-12), (e_f, e_b, t_a, m, rho)
+            tight |= gate + t_a[s] * scale >= round_s * 0.7
+        return tight
+
+    assert check([1.1, 1, 1, 1], [1, 1, 1, 1], [0, 0, 0, 9], 1, 1 / 2.1)   # 7.28 <= 8.1
+    rng = random.Random(5)
+    tight = 0
+    for _ in range(20000):
+        rho = rng.choice([0.0, 0.2, 1 / 3, 0.45, 0.5])
+        e_f, e_b = [], []
+        for _ in range(rng.randint(2, 12)):
+            x = rng.choice([rng.uniform(0.1, 1.0), 1.0])
+            share = rng.uniform(rho, 1 - rho)
+            e_f.append(x * share)
+            e_b.append(x - x * share)
+        t_a = [rng.choice([0.0, rng.uniform(0, 5), rng.uniform(0, 50)]) for _ in e_f]
+        tight += check(e_f, e_b, t_a, rng.randint(1, 16), rho)
+    assert tight > 300      # measured: at most 92 % of the round, 70 % or more on 661
