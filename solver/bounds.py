@@ -565,9 +565,8 @@ def _class_tables(space: ClassSpace, sums: LayerSums, cut_bytes: Sequence[int],
     up_inv, up_beta, up_lat, up_gamma = ups.T
     no_comm = np.where(np.isfinite(up_lat), 0.0, math.inf)
     tops = []
-    if mixed:
-        assert memory is not None
-        fits = _fits(space, classes, base, memory, shares_g)
+    fits = _fits(space, classes, base, memory, shares_g) if mixed and memory is not None \
+        else None
     before: list[float] = []
     after: list[float] = []
     stops = np.asarray(lasts) + 1
@@ -591,7 +590,7 @@ def _class_tables(space: ClassSpace, sums: LayerSums, cut_bytes: Sequence[int],
         top_x = ((fi[stop] - fi[first] + bi[stop] - bi[first] + call)[None] * up_inv[:, None]
                  + (fs[stop] - fs[first] + bs[stop] - bs[first])[None] * up_beta[:, None]
                  + 2.0 * up_c[:, None]) * _ABOVE
-        if mixed:
+        if fits is not None:
             top_x = np.where(firm_g[:, None] | fits(first, stop - 1), top_x, math.inf)
         tops.append(np.where(np.isfinite(up_lat)[:, None], top_x, math.inf))
         before.append(float(fi[first] + bi[first] + micro_batch * (fs[first] + bs[first])))
