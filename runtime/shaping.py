@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -79,8 +80,6 @@ class CommThreads:
     group) are moved within ``interval_s``."""
 
     def __init__(self, interval_s: float = 0.02) -> None:
-        import threading
-
         self.main = threading.get_native_id()
         self.interval_s = interval_s
         self._target: Path | None = None
@@ -89,12 +88,14 @@ class CommThreads:
         self._thread: Any = None
 
     def follow(self, cgroup: str | None) -> None:
-        """Move the other threads to ``cgroup``'s sibling from now on (nothing when it
-        has none, or ``cgroup`` is None); the main thread must already be in ``cgroup``."""
-        import threading
-
+        """Put this process in ``cgroup`` (every thread) and from now on its other threads
+        in the group's sibling (nothing moves when it has none; nothing at all when
+        ``cgroup`` is None). Both under one lock, so that the mover never sends a new
+        thread to the previous group's sibling in between."""
         target = None if cgroup is None else comm_group(cgroup)
         with self._lock:
+            if cgroup is not None:
+                Path(cgroup, "cgroup.procs").write_text(str(os.getpid()))
             self._target = target if target is not None and target.is_dir() else None
             self._moved = set()
         if self._target is not None and self._thread is None:

@@ -10,7 +10,6 @@ import threading
 import time
 from collections.abc import Callable
 from datetime import timedelta
-from pathlib import Path
 from typing import Any, NoReturn
 
 import torch
@@ -62,9 +61,9 @@ def worker_main(rank: int, world: int, port: int, source: StageSource, config: T
         # new generation then starts without a 0.2 s full collection)
         freeze_startup()
         while True:
-            if cgroup is not None:
-                Path(cgroup, "cgroup.procs").write_text(str(os.getpid()))
-            comm_threads.follow(cgroup)     # [Note: communication threads]
+            # the process in its CPU group, its communication threads in the group's
+            # sibling ([Note: communication threads] in runtime.shaping)
+            comm_threads.follow(cgroup)
             group_store: Any = store
             if recovery is not None:
                 hooks = recovery.hooks(store, rank, world)

@@ -193,10 +193,13 @@ def test_communication_threads_leave_the_compute_threads_group(tmp_path: Path) -
         t.join()
         moved = list(written)
         # a group without a sibling (an uncapped device in the root group): nothing moves
-        threads.follow(str(tmp_path / "no-such-group"))
+        (tmp_path / "root-group").mkdir()
+        threads.follow(str(tmp_path / "root-group"))
         written.clear()
         threads.move()
     assert str(ids[0]) in moved                              # a thread started later moves
     assert str(threading.get_native_id()) not in moved       # the computing thread stays
     assert len(moved) == len(set(moved))                     # each thread once
     assert written == []
+    # follow puts the process itself in the group it follows
+    assert (tmp_path / "root-group" / "cgroup.procs").read_text() == str(os.getpid())
