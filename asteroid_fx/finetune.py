@@ -17,6 +17,7 @@ import itertools
 import json
 import logging
 import math
+import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -81,8 +82,6 @@ def measure_step(pac: AdapterModel, spec: Any, *, batch_sizes: Sequence[int] = (
     bandwidth): single medians of one host at load 2-3 came out 13-25 % above its quiet
     figure, so the least of a few rounds is kept, the rounds interleaved over the batch
     sizes so that a busy moment does not skew one size alone."""
-    import statistics
-
     from cost_models.profile import fit_time
     from runtime.pac_train import SLOTS, cat_rows, take_gradients, wire_tensor
     from runtime.train import make_optimizer, resolve_loss_fn
@@ -140,8 +139,6 @@ def measure_cold_segments(pac: AdapterModel, spec: Any, *, repeats: int = 7,
     reading twice this host's last-level cache of other memory), as phase 1 calls it
     after each wait (see [Note: cold weights in phase 1] in ``solver.pac``): per segment
     the least of ``rounds`` medians of ``repeats`` for each, one thread, never below 0."""
-    import statistics
-
     from asteroid_fx.model_spec import model_inputs
 
     sweep = torch.empty(2 * _last_level_cache_bytes() // 4)
@@ -210,8 +207,6 @@ def measure_step_memory(pac: AdapterModel, spec: Any, batch_size: int = 4) -> in
 def measure_samples(samples: SampleSource, count: int = 8, repeats: int = 3) -> float:
     """Seconds to make one sample of ``samples`` on this host, one thread (median of
     ``repeats`` runs over the first ``count`` samples), which phase 1's first stage pays."""
-    import statistics
-
     count = max(1, min(count, samples.num_samples))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -403,7 +398,8 @@ def run_finetune(directory: str | Path, cluster: str | Path, *, seed: int = 0, l
                           peak_with_cache_bytes=dict(last.get("peak_with_cache_bytes", {})),
                           predicted={} if plan.predicted is None else plan.predicted.to_dict(),
                           recoveries=recoveries,
-                          allreduce_s={w.device: w.allreduce_s for w in result.workers})
+                          allreduce_s={w.device: statistics.median(w.allreduce_times)
+                                       for w in result.workers if w.allreduce_times})
 
 
 class PacReplanner:

@@ -860,9 +860,10 @@ def finetune_device(source: Any, rank: int, config: TrainConfig, *, hooks: Any =
         last_end = ended
         step += 1
     result.peak_memory_bytes = peak
-    # the median all-reduce of epochs 2+ (seconds, waiting included): on the device that
-    # arrives last it is the collective alone (see FinetuneResult.allreduce_s)
-    result.allreduce_s = statistics.median(reduce_times) if reduce_times else 0.0
+    # the all-reduces of epochs 2+ (seconds, waiting included), as runtime.train reports a
+    # training stage's: per step, and their mean
+    result.allreduce_times = reduce_times
+    result.allreduce_s = statistics.fmean(reduce_times) if reduce_times else 0.0
     result.tensor_memory = {"cache_bytes": cache.bytes, "cache_hits": cache.hits,
                             "cache_misses": cache.misses}
     if config.return_state:
