@@ -28,6 +28,7 @@ import torch
 
 from asteroid_fx.adapters import parallel_adapters
 from contracts.plan import Plan
+from cost_models.hostspeed import single_thread
 from runtime.adapter_model import AdapterModel
 from runtime.pac_train import ADAPTERS_FILE, BACKBONE_DIR, LAYOUT_FILE, PAC_PLAN_FILE
 from runtime.samples import SampleSource
@@ -90,31 +91,29 @@ def measure_step(pac: AdapterModel, spec: Any, *, batch_sizes: Sequence[int] = (
     loss_fn = resolve_loss_fn(model_file)
     saved = {k: v.clone() for k, v in pac.trainable_state().items()}
     params = pac.trainable_parameters()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     try:
-        optimizer = make_optimizer(model_file, params, 1e-3)
-        slots = torch.zeros(SLOTS, dtype=torch.float64)
-        made = {batch: _cached_rows(pac, spec, batch) for batch in batch_sizes}
-        best = {batch: math.inf for batch in batch_sizes}
-        for _, batch in itertools.product(range(rounds), batch_sizes):
-            rows, targets = made[batch]
-            runs = []
-            for i in range(repeats + 1):
-                began = time.thread_time()
-                entry = cat_rows(rows)
-                loss = loss_fn(pac.train_forward(entry), targets)
-                loss.backward()
-                grads = [p.grad if p.grad is not None else torch.zeros_like(p)
-                         for p in params]
-                take_gradients(params, wire_tensor(grads, slots))
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                if i:
-                    runs.append(time.thread_time() - began)
-            best[batch] = min(best[batch], statistics.median(runs))
+        with single_thread():
+            optimizer = make_optimizer(model_file, params, 1e-3)
+            slots = torch.zeros(SLOTS, dtype=torch.float64)
+            made = {batch: _cached_rows(pac, spec, batch) for batch in batch_sizes}
+            best = {batch: math.inf for batch in batch_sizes}
+            for _, batch in itertools.product(range(rounds), batch_sizes):
+                rows, targets = made[batch]
+                runs = []
+                for i in range(repeats + 1):
+                    began = time.thread_time()
+                    entry = cat_rows(rows)
+                    loss = loss_fn(pac.train_forward(entry), targets)
+                    loss.backward()
+                    grads = [p.grad if p.grad is not None else torch.zeros_like(p)
+                             for p in params]
+                    take_gradients(params, wire_tensor(grads, slots))
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    if i:
+                        runs.append(time.thread_time() - began)
+                best[batch] = min(best[batch], statistics.median(runs))
     finally:
-        torch.set_num_threads(threads)
         pac.load_state_dict(saved, strict=False)
     fit = fit_time(list(batch_sizes), [best[b] for b in batch_sizes])
     return fit.intercept_s, fit.per_sample_s
@@ -142,33 +141,28 @@ def measure_cold_segments(pac: AdapterModel, spec: Any, *, repeats: int = 7,
     from asteroid_fx.model_spec import model_inputs
 
     sweep = torch.empty(2 * _last_level_cache_bytes() // 4)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with torch.no_grad():
-            values = model_inputs(spec.example_inputs(1)[0])
-            inputs = []
-            for j in range(len(pac.segments)):
-                inputs.append(values)
-                values, _ = pac.run_segment(j, values)
+    with single_thread(), torch.no_grad():
+        values = model_inputs(spec.example_inputs(1)[0])
+        inputs = []
+        for j in range(len(pac.segments)):
+            inputs.append(values)
+            values, _ = pac.run_segment(j, values)
 
-            def timed(j: int, cold: bool) -> float:
-                if cold:
-                    sweep.add_(1.0)
-                began = time.thread_time()
-                pac.run_segment(j, inputs[j])
-                return time.thread_time() - began
+        def timed(j: int, cold: bool) -> float:
+            if cold:
+                sweep.add_(1.0)
+            began = time.thread_time()
+            pac.run_segment(j, inputs[j])
+            return time.thread_time() - began
 
-            extra = []
-            for j in range(len(pac.segments)):
-                timed(j, False)
-                warm = cold = math.inf
-                for _ in range(rounds):
-                    warm = min(warm, statistics.median(timed(j, False) for _ in range(repeats)))
-                    cold = min(cold, statistics.median(timed(j, True) for _ in range(repeats)))
-                extra.append(max(0.0, cold - warm))
-    finally:
-        torch.set_num_threads(threads)
+        extra = []
+        for j in range(len(pac.segments)):
+            timed(j, False)
+            warm = cold = math.inf
+            for _ in range(rounds):
+                warm = min(warm, statistics.median(timed(j, False) for _ in range(repeats)))
+                cold = min(cold, statistics.median(timed(j, True) for _ in range(repeats)))
+            extra.append(max(0.0, cold - warm))
     return tuple(extra)
 
 
@@ -208,16 +202,12 @@ def measure_samples(samples: SampleSource, count: int = 8, repeats: int = 3) -> 
     """Seconds to make one sample of ``samples`` on this host, one thread (median of
     ``repeats`` runs over the first ``count`` samples), which phase 1's first stage pays."""
     count = max(1, min(count, samples.num_samples))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     runs = []
-    try:
+    with single_thread():
         for _ in range(repeats + 1):
             began = time.perf_counter()
             samples.rows(0, count)
             runs.append((time.perf_counter() - began) / count)
-    finally:
-        torch.set_num_threads(threads)
     return statistics.median(runs[1:])
 
 
