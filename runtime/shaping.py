@@ -227,12 +227,14 @@ def _remove_stale_cgroups() -> None:
                 pass
 
 
-def make_cgroup(path: Path, speed: float, *, comm: bool = SPLIT_COMM) -> None:
+def make_cgroup(path: Path, speed: float, *, comm: bool | None = None) -> None:
     """Create (or reuse) the cgroup-v1 CPU group ``path`` holding its processes to
-    ``speed`` of one core (:func:`cfs_settings`), and with ``comm`` its sibling for the
-    communication threads, alike (see [Note: communication threads])."""
+    ``speed`` of one core (:func:`cfs_settings`), and with ``comm`` (default
+    :data:`SPLIT_COMM`, read at the call) its sibling for the communication threads,
+    alike (see [Note: communication threads])."""
     period, quota = cfs_settings(speed)
-    for group in (path, comm_group(path)) if comm else (path,):
+    split = SPLIT_COMM if comm is None else comm
+    for group in (path, comm_group(path)) if split else (path,):
         group.mkdir(exist_ok=True)
         # weight by speed (1024 = one core; see [Note: contending devices])
         # (never below a plain process's 1024, so a device does not lose its CPU to the
