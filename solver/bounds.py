@@ -457,9 +457,12 @@ def _class_tables(space: ClassSpace, sums: LayerSums, cut_bytes: Sequence[int],
     mixed = memory is not None and not pooled
     # per group: 1 / its slowest bound speed, whether it is rigid, and the most samples
     # a member of each class takes in Algorithm 1's split without memory caps
-    extra: dict[tuple[int, ...], tuple[float, bool, tuple[int, ...]]] = {}
+    # keyed by (count vector, variant): a count vector of two devices has a variant per
+    # pair of devices that differs in its links ([Note: pairs of devices])
+    extra: dict[tuple[tuple[int, ...], int], tuple[float, bool, tuple[int, ...]]] = {}
     ratios: dict[tuple[float, ...], float] = {}
-    found: dict[tuple[int, ...], list[float]] = {}
+    found: dict[tuple[tuple[int, ...], int], list[float]] = {}
+    duos = _pair_links(space, classes)
     for seen, take in enumerate(itertools.product(*(range(c + 1) for c in counts_all))):
         if deadline is not None and not seen % 256 and time.perf_counter() > deadline:
             raise _Late
@@ -469,59 +472,76 @@ def _class_tables(space: ClassSpace, sums: LayerSums, cut_bytes: Sequence[int],
         present = [k for k, t in enumerate(take) if t]
         us = [per_class[k][0] for k in present for _ in range(take[k])]
         beta = _min_max_ratio(micro_batch, us)
-        # the members with the fastest links into them: a lower bound for any members
-        gamma = _min_max_ratio(micro_batch, [bw for k in present
-                                             for bw in per_class[k][1][:take[k]]])
-        if beta is None or gamma is None:
+        if beta is None:
             continue
-        if size > 1:
-            pairs = [(k, j) for k in present for j in present if j > k or (j == k and take[k] > 1)]
-            min_bw = min(link_bw[k][j] for k, j in pairs)
-            max_lat = max(link_lat[k][j] for k, j in pairs)
-            if size > 2:   # the group holds a triangle of devices
-                min_bw, max_lat = min(min_bw, tri_bw), max(max_lat, tri_lat)
-            reduce_a = 2.0 * (size - 1) / (size * min_bw)
-            reduce_b = 2.0 * (size - 1) * max_lat
+        # per variant: the slowest link and largest latency inside (T_a) and, per class,
+        # the links into its members from outside the group (fastest first)
+        variants: list[tuple[float, float, tuple[tuple[float, ...], ...]]] = []
+        if size == 2:
+            variants = duos.get(take, [])
         else:
-            reduce_a = reduce_b = 0.0
+            # the members with the fastest links into them: a lower bound for any members
+            ins = tuple(tuple(per_class[k][1][:take[k]]) if take[k] else ()
+                        for k in range(n_classes))
+            if size > 1:
+                pairs = [(k, j) for k in present for j in present
+                         if j > k or (j == k and take[k] > 1)]
+                min_bw = min(link_bw[k][j] for k, j in pairs)
+                max_lat = max(link_lat[k][j] for k, j in pairs)
+                # the group holds a triangle of devices
+                variants = [(min(min_bw, tri_bw), max(max_lat, tri_lat), ins)]
+            else:
+                variants = [(math.inf, 0.0, ins)]
         divisors: dict[int, float] = {}
         for k in present:
             src, div = per_class[k][2], per_class[k][3]
             divisors[src] = min(div, divisors.get(src, math.inf))
         step = max(timing.sources[src].update_per_byte / div for src, div in divisors.items())
-        found[take] = [1.0 / max(us), beta, gamma, reduce_a, reduce_b, step]
-        if pooled:
-            found[take] += _profile_terms(take, per_class, profiles, link_bw, link_lat,
-                                          micro_batch, ratios)
         # [Note: rigid groups]: one device, or devices of one class of equal memory; and
         # (priced, with the memory model) any group where its shares fit
         firm = len(present) == 1 and (size == 1 or rigid[present[0]])
-        found[take] += ([max(uppers[k][0] for k in present),
-                         max(uppers[k][1] for k in present)] if firm or mixed
-                        else [math.inf, math.inf])
-        extra[take] = (1.0 / min(us), firm, tuple(
-            min(micro_batch, math.floor(beta * per_class[k][0] * _ABOVE)) if t else 0
-            for k, t in enumerate(take)))
+        for v, (min_bw, max_lat, ins) in enumerate(variants):
+            rates = [bw for k in present for bw in ins[k]]
+            gamma = (math.inf if min(rates) <= 0.0
+                     else _min_max_ratio(micro_batch, rates))
+            if gamma is None:
+                continue
+            if size > 1:
+                reduce_a = 2.0 * (size - 1) / (size * min_bw)
+                reduce_b = 2.0 * (size - 1) * max_lat
+            else:
+                reduce_a = reduce_b = 0.0
+            key = (take, v)
+            found[key] = [1.0 / max(us), beta, gamma, reduce_a, reduce_b, step]
+            if pooled:
+                found[key] += _profile_terms(take, per_class, profiles, link_bw, link_lat,
+                                             micro_batch, ratios, ins)
+            found[key] += ([max(uppers[k][0] for k in present),
+                            max(uppers[k][1] for k in present)] if firm or mixed
+                           else [math.inf, math.inf])
+            extra[key] = (1.0 / min(us), firm, tuple(
+                min(micro_batch, math.floor(beta * per_class[k][0] * _ABOVE)) if t else 0
+                for k, t in enumerate(take)))
     if not found:
         return None
     if len(found) > CLASS_GROUPS_MAX:
         # a merged group has the smallest count of each class and the smallest of every
         # constant of its members: every stage of a member costs at least as much
         merged: dict[tuple[int, ...], tuple[list[int], list[float]]] = {}
-        for vec, consts in found.items():
-            key = tuple(_bucket(c) for c in vec)
-            old = merged.get(key)
+        for (vec, _), consts in found.items():
+            where = tuple(_bucket(c) for c in vec)
+            old = merged.get(where)
             if old is None:
-                merged[key] = (list(vec), list(consts))
+                merged[where] = (list(vec), list(consts))
             else:
                 old[0][:] = [min(a, b) for a, b in zip(old[0], vec, strict=True)]
                 old[1][:] = [min(a, b) for a, b in zip(old[1], consts, strict=True)]
         # a merged group has no upper bound (its compute is no member's)
-        found = {tuple(c): k[:-2] + [math.inf, math.inf] for c, k in merged.values()}
+        found = {(tuple(c), 0): k[:-2] + [math.inf, math.inf] for c, k in merged.values()}
         extra = {c: (0.0, False, (0,) * n_classes) for c in found}
     keys = list(found)
     table = np.asarray([found[k] for k in keys], dtype=np.float64)
-    counts = np.asarray(keys, dtype=np.float64).reshape(len(keys), n_classes)
+    counts = np.asarray([k[0] for k in keys], dtype=np.float64).reshape(len(keys), n_classes)
     inv_min = np.asarray([extra[k][0] for k in keys])
     firm_g = np.asarray([extra[k][1] for k in keys], dtype=bool)
     shares_g = np.asarray([extra[k][2] for k in keys], dtype=np.float64).reshape(
@@ -759,19 +779,23 @@ def _sender_profiles(link_bw: list[list[float]],
 def _profile_terms(take: tuple[int, ...], per_class: list[tuple[Any, ...]],
                    profiles: list[tuple[float, ...]], link_bw: list[list[float]],
                    link_lat: list[list[float]], micro_batch: int,
-                   ratios: dict[tuple[float, ...], float]) -> list[float]:
+                   ratios: dict[tuple[float, ...], float],
+                   ins: Sequence[Sequence[float]] | None = None) -> list[float]:
     """Constants of the group ``take`` for ``_counted`` ([Note: counted pools]): per sender
     profile the smallest latency and the smallest ``max_e b_e / bw_e`` over integer shares
     of a transfer into the group (inf where no member can receive), then its own profile
     as a sender in a form where smaller is better (minus each bandwidth, each latency).
-    ``ratios`` caches ``_min_max_ratio`` by its rates."""
+    ``ratios`` caches ``_min_max_ratio`` by its rates; ``ins``: per class, upper bounds of
+    the links into the group's members from outside it (default: the class's fastest)."""
     n_classes = len(take)
     present = [k for k, t in enumerate(take) if t]
+    member_ins = ins if ins is not None else [per_class[k][1][:take[k]]
+                                              for k in range(n_classes)]
     lats, gammas = [], []
     for profile in profiles:
         bw_in, lat_in = profile[:n_classes], profile[n_classes:]
         lat = min(lat_in[k] for k in present)
-        rates = [min(bw, bw_in[k]) for k in present for bw in per_class[k][1][:take[k]]]
+        rates = [min(bw, bw_in[k]) for k in present for bw in member_ins[k]]
         if min(rates) <= 0.0 or math.isinf(lat):
             lats.append(math.inf)
             gammas.append(math.inf)
@@ -785,6 +809,54 @@ def _profile_terms(take: tuple[int, ...], per_class: list[tuple[Any, ...]],
     # the links this group offers the next stage, best when smallest (for _undominated)
     own = _profile_of(present, link_bw, link_lat)
     return lats + gammas + [-v for v in own[:n_classes]] + list(own[n_classes:])
+
+
+def _pair_links(space: ClassSpace, classes: list[list[int]]) -> dict[
+        tuple[int, ...], list[tuple[float, float, tuple[tuple[float, ...], ...]]]]:
+    """Per count vector of two devices of ``classes``, the variants of [Note: pairs of
+    devices]: ``(link bandwidth, link latency, per class the links into its members from
+    outside the pair, fastest first)``, one per distinct value over the pairs of devices
+    of those counts.
+
+    [Note: pairs of devices]
+    A group's members receive their shares from the stage before, a group disjoint from
+    theirs, so a link between two members is no link into the group: on a fleet whose
+    fast links are wired pairs, a pair that takes a stage together all-reduces over its
+    fast link and receives over slow ones, and a pair that receives over two fast links
+    all-reduces over a slow one. The bounds of a group of many devices take the fastest
+    link into each member and the best link between members of its classes (or the best
+    triangle's) apart, which gives a two-device group both; a group of two devices is
+    instead taken per pair of devices ``{a, b}``: the all-reduce over the link ``a-b``
+    (the faster way and the smaller latency: at most ``allreduce_time``'s numbers), each
+    member's share over its fastest link from a device other than the two (inf where
+    there is none: no stage can come before a group of the whole cluster). The DP takes
+    the smallest over the variants of a count vector, so every stage on any pair has
+    bounds at least one variant's. (Groups of three or more already all-reduce over the
+    best triangle's slowest link, which on such fleets is a slow one.)"""
+    cluster, names = space.cluster, space.names
+    cls = {d: k for k, members in enumerate(classes) for d in members}
+    devices = sorted(cls)
+    n_classes = len(classes)
+
+    def bw(a: int, b: int) -> float:
+        return cluster.bandwidth_bytes_s(names[a], names[b])
+
+    out: dict[tuple[int, ...], list[tuple[float, float, tuple[tuple[float, ...], ...]]]] = {}
+    for x, a in enumerate(devices):
+        for b in devices[x + 1:]:
+            link = max(bw(a, b), bw(b, a))
+            lat = min(cluster.latency_s(names[a], names[b]),
+                      cluster.latency_s(names[b], names[a]))
+            per: list[list[float]] = [[] for _ in range(n_classes)]
+            for d in (a, b):
+                rest = [bw(e, d) for e in devices if e not in (a, b)]
+                per[cls[d]].append(max(rest) if rest else math.inf)
+            take = tuple(len(p) for p in per)
+            value = (link, lat, tuple(tuple(sorted(p, reverse=True)) for p in per))
+            known = out.setdefault(take, [])
+            if value not in known:
+                known.append(value)
+    return out
 
 
 def _undominated(counts: np.ndarray, consts: np.ndarray,
