@@ -350,6 +350,10 @@ class _ClassTables:
     speeds: np.ndarray
     pooled: _Pooled | None = None
     uppers: tuple[np.ndarray, ...] = ()
+    fast: np.ndarray | None = None
+    """Per group, the members it lets receive over a partner's link (priced tables where
+    [Note: partner links] applies; None elsewhere), at most ``fast_total`` in a plan."""
+    fast_total: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -462,7 +466,15 @@ def _class_tables(space: ClassSpace, sums: LayerSums, cut_bytes: Sequence[int],
     extra: dict[tuple[tuple[int, ...], int], tuple[float, bool, tuple[int, ...]]] = {}
     ratios: dict[tuple[float, ...], float] = {}
     found: dict[tuple[tuple[int, ...], int], list[float]] = {}
-    duos = _pair_links(space, classes)
+    # [Note: partner links]: priced tables count the members that receive over a partner's
+    # link (None: no such budget, every group as before)
+    partners = None if pooled else _partners(space)
+    duos = _pair_links(space, classes, partners)
+    fasts: dict[tuple[tuple[int, ...], int], int] = {}
+    if partners is not None:
+        second = partners[1]
+        # per class, the members' fastest links in from anyone else but their partner
+        slow_in = [sorted((second[e] for e in members), reverse=True) for members in classes]
     for seen, take in enumerate(itertools.product(*(range(c + 1) for c in counts_all))):
         if deadline is not None and not seen % 256 and time.perf_counter() > deadline:
             raise _Late
@@ -476,7 +488,7 @@ def _class_tables(space: ClassSpace, sums: LayerSums, cut_bytes: Sequence[int],
             continue
         # per variant: the slowest link and largest latency inside (T_a) and, per class,
         # the links into its members from outside the group (fastest first)
-        variants: list[tuple[float, float, tuple[tuple[float, ...], ...]]] = []
+        variants: list[tuple[float, float, tuple[tuple[float, ...], ...], int]] = []
         if size == 2:
             variants = duos.get(take, [])
         else:
@@ -489,9 +501,28 @@ def _class_tables(space: ClassSpace, sums: LayerSums, cut_bytes: Sequence[int],
                 min_bw = min(link_bw[k][j] for k, j in pairs)
                 max_lat = max(link_lat[k][j] for k, j in pairs)
                 # the group holds a triangle of devices
-                variants = [(min(min_bw, tri_bw), max(max_lat, tri_lat), ins)]
+                min_bw, max_lat = min(min_bw, tri_bw), max(max_lat, tri_lat)
             else:
-                variants = [(math.inf, 0.0, ins)]
+                min_bw, max_lat = math.inf, 0.0
+            if partners is None:
+                variants = [(min_bw, max_lat, ins, 0)]
+            else:
+                # f members over their partners' links (the f fastest such links of the
+                # group's classes), the others over the fastest of the rest
+                fast_in = sorted((bw for k in present for bw in per_class[k][1][:take[k]]),
+                                 reverse=True)
+                slow = sorted((bw for k in present for bw in slow_in[k][:take[k]]),
+                              reverse=True)
+                last: tuple[float, ...] = ()
+                for f in range(min(size, int(partners[2])) + 1):
+                    # (once a partner's link is no faster than the second link it
+                    # replaces, more of them only slow the group down: dominated)
+                    if f and fast_in[f - 1] <= slow[size - f]:
+                        break
+                    last = tuple(sorted(fast_in[:f] + slow[:size - f], reverse=True))
+                    # (priced tables read only the rates: one class holds them all)
+                    variants.append((min_bw, max_lat, (last,) + ((),) * (n_classes - 1),
+                                     f))
         divisors: dict[int, float] = {}
         for k in present:
             src, div = per_class[k][2], per_class[k][3]
@@ -500,8 +531,8 @@ def _class_tables(space: ClassSpace, sums: LayerSums, cut_bytes: Sequence[int],
         # [Note: rigid groups]: one device, or devices of one class of equal memory; and
         # (priced, with the memory model) any group where its shares fit
         firm = len(present) == 1 and (size == 1 or rigid[present[0]])
-        for v, (min_bw, max_lat, ins) in enumerate(variants):
-            rates = [bw for k in present for bw in ins[k]]
+        for v, (min_bw, max_lat, ins, f) in enumerate(variants):
+            rates = [bw for row in ins for bw in row]
             gamma = (math.inf if min(rates) <= 0.0
                      else _min_max_ratio(micro_batch, rates))
             if gamma is None:
@@ -512,6 +543,7 @@ def _class_tables(space: ClassSpace, sums: LayerSums, cut_bytes: Sequence[int],
             else:
                 reduce_a = reduce_b = 0.0
             key = (take, v)
+            fasts[key] = f
             found[key] = [1.0 / max(us), beta, gamma, reduce_a, reduce_b, step]
             if pooled:
                 found[key] += _profile_terms(take, per_class, profiles, link_bw, link_lat,
@@ -527,8 +559,10 @@ def _class_tables(space: ClassSpace, sums: LayerSums, cut_bytes: Sequence[int],
     if len(found) > CLASS_GROUPS_MAX:
         # a merged group has the smallest count of each class and the smallest of every
         # constant of its members: every stage of a member costs at least as much
+        # (and the fewest members over partners' links)
         merged: dict[tuple[int, ...], tuple[list[int], list[float]]] = {}
-        for (vec, _), consts in found.items():
+        for key, consts in found.items():
+            vec = (*key[0], fasts[key])
             where = tuple(_bucket(c) for c in vec)
             old = merged.get(where)
             if old is None:
@@ -537,11 +571,16 @@ def _class_tables(space: ClassSpace, sums: LayerSums, cut_bytes: Sequence[int],
                 old[0][:] = [min(a, b) for a, b in zip(old[0], vec, strict=True)]
                 old[1][:] = [min(a, b) for a, b in zip(old[1], consts, strict=True)]
         # a merged group has no upper bound (its compute is no member's)
-        found = {(tuple(c), 0): k[:-2] + [math.inf, math.inf] for c, k in merged.values()}
+        found = {(tuple(c[:-1]), c[-1]): k[:-2] + [math.inf, math.inf]
+                 for c, k in merged.values()}
+        fasts = {key: key[1] for key in found}
         extra = {c: (0.0, False, (0,) * n_classes) for c in found}
     keys = list(found)
     table = np.asarray([found[k] for k in keys], dtype=np.float64)
     counts = np.asarray([k[0] for k in keys], dtype=np.float64).reshape(len(keys), n_classes)
+    fast_g = np.asarray([fasts[k] for k in keys], dtype=np.float64)
+    # (a group dominates another only with no more members over partners' links too)
+    counted_f = np.concatenate([counts, fast_g[:, None]], axis=1)
     inv_min = np.asarray([extra[k][0] for k in keys])
     firm_g = np.asarray([extra[k][1] for k in keys], dtype=bool)
     shares_g = np.asarray([extra[k][2] for k in keys], dtype=np.float64).reshape(
@@ -555,8 +594,8 @@ def _class_tables(space: ClassSpace, sums: LayerSums, cut_bytes: Sequence[int],
         # groups it drops (an upper bound may always be raised, and where it holds it is
         # above theirs, so a plan of a dropped group as the dominant stage has one of the
         # kept group)
-        kept = _undominated(counts, table[:, :-2])
-        lower = np.concatenate([counts, table[:, :-2]], axis=1)
+        kept = _undominated(counted_f, table[:, :-2])
+        lower = np.concatenate([counted_f, table[:, :-2]], axis=1)
         for g in np.setdiff1d(np.arange(len(keys)), kept):
             h = kept[int(np.argmax(np.all(lower[kept] <= lower[g], axis=1)))]
             ups[h] = np.maximum(ups[h], ups[g])
@@ -567,10 +606,10 @@ def _class_tables(space: ClassSpace, sums: LayerSums, cut_bytes: Sequence[int],
         # group with a larger one (or none) is not: a group dominates only where its upper
         # bound is no smaller on every layer range
         has_up = np.isfinite(table[:, -2])
-        kept = _undominated(counts, np.concatenate(
+        kept = _undominated(counted_f, np.concatenate(
             [table[:, :-2], np.where(has_up[:, None], -ups, -math.inf)], axis=1),
             firm_g | ~has_up)
-    counts, table = counts[kept], table[kept]
+    counts, table, fast_g = counts[kept], table[kept], fast_g[kept]
     ups, firm_g, shares_g = ups[kept], firm_g[kept], shares_g[kept]
     inv_u, beta, gamma, red_a, red_b, step = table[:, :6].T
     num_layers = len(sums.fwd_slope) - 1
@@ -628,7 +667,9 @@ def _class_tables(space: ClassSpace, sums: LayerSums, cut_bytes: Sequence[int],
     totals = np.asarray(counts_all, dtype=np.float64)
     if not pooled:
         return _ClassTables(tuple(firsts), tuple(rows), counts, totals, speeds,
-                            uppers=tuple(tops))
+                            uppers=tuple(tops),
+                            fast=None if partners is None else fast_g,
+                            fast_total=0.0 if partners is None else partners[2])
     n_prof = len(profiles)
     lat_prof, gamma_prof = table[:, 6:6 + n_prof], table[:, 6 + n_prof:6 + 2 * n_prof]
     own = [profiles.index(_profile_of(
@@ -811,12 +852,15 @@ def _profile_terms(take: tuple[int, ...], per_class: list[tuple[Any, ...]],
     return lats + gammas + [-v for v in own[:n_classes]] + list(own[n_classes:])
 
 
-def _pair_links(space: ClassSpace, classes: list[list[int]]) -> dict[
-        tuple[int, ...], list[tuple[float, float, tuple[tuple[float, ...], ...]]]]:
+def _pair_links(space: ClassSpace, classes: list[list[int]],
+                partners: _Partners | None = None) -> dict[
+        tuple[int, ...], list[tuple[float, float, tuple[tuple[float, ...], ...], int]]]:
     """Per count vector of two devices of ``classes``, the variants of [Note: pairs of
     devices]: ``(link bandwidth, link latency, per class the links into its members from
-    outside the pair, fastest first)``, one per distinct value over the pairs of devices
-    of those counts.
+    outside the pair, fastest first, members over a partner's link)``, one per distinct
+    value over the pairs of devices of those counts. ``partners`` (``_partners``): a
+    member whose partner is outside the pair receives over the partner's link (counted)
+    or over the fastest of the rest ([Note: partner links]).
 
     [Note: pairs of devices]
     A group's members receive their shares from the stage before, a group disjoint from
@@ -841,22 +885,92 @@ def _pair_links(space: ClassSpace, classes: list[list[int]]) -> dict[
     def bw(a: int, b: int) -> float:
         return cluster.bandwidth_bytes_s(names[a], names[b])
 
-    out: dict[tuple[int, ...], list[tuple[float, float, tuple[tuple[float, ...], ...]]]] = {}
+    out: dict[tuple[int, ...],
+              list[tuple[float, float, tuple[tuple[float, ...], ...], int]]] = {}
     for x, a in enumerate(devices):
         for b in devices[x + 1:]:
             link = max(bw(a, b), bw(b, a))
             lat = min(cluster.latency_s(names[a], names[b]),
                       cluster.latency_s(names[b], names[a]))
-            per: list[list[float]] = [[] for _ in range(n_classes)]
+            # per member: (class, [(link in from outside the pair, over its partner)])
+            options: list[tuple[int, list[tuple[float, int]]]] = []
             for d in (a, b):
                 rest = [bw(e, d) for e in devices if e not in (a, b)]
-                per[cls[d]].append(max(rest) if rest else math.inf)
-            take = tuple(len(p) for p in per)
-            value = (link, lat, tuple(tuple(sorted(p, reverse=True)) for p in per))
-            known = out.setdefault(take, [])
-            if value not in known:
-                known.append(value)
+                best = max(rest) if rest else math.inf
+                mate = None if partners is None else partners[0][d]
+                if mate is None or mate in (a, b) or partners is None:
+                    options.append((cls[d], [(best, 0)]))
+                else:
+                    options.append((cls[d], [(best, 1), (partners[1][d], 0)]))
+            for (rate_a, f_a), (rate_b, f_b) in itertools.product(options[0][1],
+                                                                 options[1][1]):
+                per: list[list[float]] = [[] for _ in range(n_classes)]
+                per[options[0][0]].append(rate_a)
+                per[options[1][0]].append(rate_b)
+                take = tuple(len(p) for p in per)
+                value = (link, lat, tuple(tuple(sorted(p, reverse=True)) for p in per),
+                         f_a + f_b)
+                known = out.setdefault(take, [])
+                if value not in known:
+                    known.append(value)
     return out
+
+
+_Partners = tuple[list[int | None], list[float], int]
+"""``_partners``' value: per device its partner (None: none), its fastest link in from
+any device but its partner, and the most members over partners' links in a plan."""
+
+FAST_PRICE = 1.0
+"""The price of a member over a partner's link in ``_relaxed``, in units of the fastest
+class's device price ([Note: partner links])."""
+
+
+def _partners(space: SearchSpace) -> _Partners | None:
+    """[Note: partner links]: per device its *partner*, the one device whose link into it
+    is faster than every other device's (None where two or more tie, or alone), its
+    fastest link in from any other device, and ``K``, the most devices of a plan that
+    receive from their partners; None where no two devices are each other's partners
+    (then ``K`` is the number of devices with a partner, no limit).
+
+    [Note: partner links]
+    Where a device ``e`` has a partner ``p``, a message into ``e`` from any other device
+    goes over a link no faster than ``e``'s second-fastest; so ``e`` receives a share over
+    its fastest link only where ``p`` is in the stage right before ``e``'s. Two devices
+    that are each other's partners (a wired pair on a fleet) cannot both do that: each
+    would be in the stage before the other. So a plan has at most ``K`` = (devices with a
+    partner) - (such mutual pairs) members that receive over a partner's link. The priced
+    class bound (``_relaxed``) counts them: a group's variant with ``f`` of them takes the
+    ``f`` fastest links in of its classes' members and the fastest second links for the
+    others (every group with ``f`` such members receives no faster: the links of each
+    kind are at most those, member for member), and pays ``f`` times a Lagrange price
+    (``FAST_PRICE`` times the device price) against ``K`` of them, as for the devices of
+    each class: every value is still a lower bound. Groups of two devices take it per
+    pair of devices ([Note: pairs of devices]). Without the count, a fleet's coarse
+    classes let every member of a wired pair receive at the pair's speed, in every stage
+    at once. Counted pools see the classes of the stage before instead and do not use
+    it."""
+    cluster, names, n = space.cluster, space.names, space.n
+    if n < 3:
+        return None
+    mate: list[int | None] = []
+    second: list[float] = []
+    for e in range(n):
+        links = sorted(((cluster.bandwidth_bytes_s(names[d], names[e]), d)
+                        for d in range(n) if d != e), reverse=True)
+        if links[0][0] > links[1][0]:
+            mate.append(links[0][1])
+            second.append(links[1][0])
+        else:
+            mate.append(None)
+            second.append(links[0][0])
+    mutual = 0
+    for e, p in enumerate(mate):
+        if p is not None and mate[p] == e:
+            mutual += 1
+    mutual //= 2
+    if not mutual:
+        return None
+    return mate, second, sum(1 for m in mate if m is not None) - mutual
 
 
 def _undominated(counts: np.ndarray, consts: np.ndarray,
@@ -945,7 +1059,8 @@ def _triangle_links(space: SearchSpace) -> tuple[float, float]:
 
 
 def _relaxed(tables: _ClassTables, m: int, low: float, top: float, limit: float,
-             prices: np.ndarray, rho: float = 0.0, deadline: float | None = None) -> float:
+             prices: np.ndarray, rho: float = 0.0, deadline: float | None = None,
+             fast_price: float = 0.0) -> float:
     """``L``: the smallest value of bound (A) of [Note: the class bound] over relaxed plans
     whose stages all have ``x <= top``, whose dominant stage has ``X > low`` and whose
     stages up to the dominant one keep ``M X_d + T_a < limit``, with devices priced at
@@ -970,6 +1085,9 @@ def _relaxed(tables: _ClassTables, m: int, low: float, top: float, limit: float,
     rest_gate = _rest_gate(m, int(tables.totals.sum()), rho, low, top)
     with_d = np.full(count + 1, inf)            # suffixes holding the dominant stage
     cost = (tables.counts @ prices)[:, None]
+    if tables.fast is not None:
+        # [Note: partner links]: each member over a partner's link costs fast_price
+        cost = cost + (tables.fast * fast_price)[:, None]
     shift = np.minimum(np.arange(a_max) + 1, a_max - 1)
     points = list(range(a_max)) if a_max <= _CHORD_POINTS else sorted(
         {round(k * (a_max - 1) / (_CHORD_POINTS - 1)) for k in range(_CHORD_POINTS)})
@@ -1044,7 +1162,8 @@ def _relaxed(tables: _ClassTables, m: int, low: float, top: float, limit: float,
                            inf)
             with_d[i] = min(with_d[i], (c_b.min(axis=0) + with_d[nxt]).min())
     # the prices cancel: allow for the rounding of the large terms
-    paid = float(prices @ tables.totals)
+    paid = float(prices @ tables.totals) + (fast_price * tables.fast_total
+                                             if tables.fast is not None else 0.0)
     found = float(with_d[0])
     if math.isinf(found):
         return found          # no relaxed plan: none in the bucket
@@ -1486,12 +1605,15 @@ def class_bound(space: ClassSpace, sums: LayerSums, cut_bytes: Sequence[int],
         return target        # no group can take a micro-batch: no plan
     shape = tables.speeds / tables.speeds.max()
     afters: dict[float, tuple[float, _After]] = {}
+    fast_scale = [1.0]      # the partner links' price factor of the last bucket
 
     def bucket(low: float, top: float, price: float, enough: float) -> tuple[float, float]:
         """``(bound of the bucket, best price)``: the dual is concave in the price, so walk
         from ``price`` by factors of ``_PRICE_STEP`` while the bound rises (stop once it
-        reaches ``enough``), then try once its square root either way."""
-        def value(p: float) -> float:
+        reaches ``enough``), then try once its square root either way; then the price of
+        the members over partners' links ([Note: partner links]) the same way, by itself
+        (its best factor is kept in ``fast_scale`` for the next bucket)."""
+        def value(p: float, q: float | None = None) -> float:
             if deadline is not None and time.perf_counter() > deadline:
                 raise _Late
             evals[0] += 1
@@ -1505,7 +1627,8 @@ def class_bound(space: ClassSpace, sums: LayerSums, cut_bytes: Sequence[int],
                 if known is None:
                     afters[top] = (low, made)
             else:
-                found = _relaxed(tables, m, low, top, target, p * top * shape, rho, deadline)
+                found = _relaxed(tables, m, low, top, target, p * top * shape, rho, deadline,
+                                 p * top * FAST_PRICE * (fast_scale[0] if q is None else q))
             return max(m * low, found) if not math.isnan(found) else m * low
 
         best = value(price)
@@ -1525,6 +1648,18 @@ def class_bound(space: ClassSpace, sums: LayerSums, cut_bytes: Sequence[int],
                 trial = value(price * factor)
                 if trial > best:
                     best, price = trial, price * factor
+        if tables.fast is not None:
+            scale = fast_scale[0]
+            for factor in (_PRICE_STEP, 1.0 / _PRICE_STEP):
+                moved = False
+                while best < enough and _PRICE_MIN < scale < _PRICE_MAX:
+                    trial = value(price, scale * factor)
+                    if trial <= best:
+                        break
+                    best, scale, moved = trial, scale * factor, True
+                if moved:
+                    break
+            fast_scale[0] = scale
         return best, price
 
     # buckets (low, top, bound, price) of X_d covering (0, target / M]: a coarse grid,

@@ -843,7 +843,7 @@ def test_pair_links_see_a_wired_pair_from_outside() -> None:
     # a wired pair of two boards of a kind: as a group of two, its all-reduce goes over the
     # fast link and both members receive over the slow network; a pair of one of them and
     # another board receives the first one's share over the fast link
-    from solver.bounds import _pair_links
+    from solver.bounds import _pair_links, _partners
     from solver.space import ClassSpace
     from tests.solver_cases import make_cluster, uniform_costs
 
@@ -859,8 +859,35 @@ def test_pair_links_see_a_wired_pair_from_outside() -> None:
     variants = _pair_links(space, classes)
     both = tuple(2 if k == wired else 0 for k in range(2))
     assert variants[both] == [(fast, 0.0, tuple((slow, slow) if k == wired else ()
-                                                for k in range(2)))]
+                                                for k in range(2)), 0)]
     mixed = (1, 1)
     assert sorted(v[0] for v in variants[mixed]) == [slow]
     ins = variants[mixed][0][2]
     assert ins[wired] == (fast,) and ins[1 - wired] == (slow,)
+    # [Note: partner links]: d0 and d1 are each other's partners, one of them at most
+    # receives over the wired link; the pair of a wired board and another has a variant
+    # over it (one member counted) and one without
+    partners = _partners(space)
+    assert partners is not None
+    mate, second, most = partners
+    names = space.names
+    assert {names[mate[names.index("d0")]], names[mate[names.index("d1")]]} == {"d0", "d1"}
+    assert mate[names.index("d2")] is None and most == 1
+    assert second[names.index("d0")] == slow
+    counted = _pair_links(space, classes, partners)
+    assert counted[both] == variants[both]
+    assert sorted((v[2][wired], v[3]) for v in counted[mixed]) == [((slow,), 0),
+                                                                  ((fast,), 1)]
+
+
+def test_partners_need_a_mutual_pair() -> None:
+    # a hub whose fast links go out to every other device: each of those has the hub as
+    # its partner, the hub has none (a tie), and nothing limits them (None)
+    from solver.bounds import _partners
+    from solver.space import ClassSpace
+    from tests.solver_cases import make_cluster, uniform_costs
+
+    costs = uniform_costs(3)
+    hub = make_cluster([1.0] * 4, bandwidth_mbps=100.0,
+                       links=[("d0", f"d{k}", 1000.0) for k in (1, 2, 3)]).for_costs(costs)
+    assert _partners(ClassSpace(costs, hub)) is None
