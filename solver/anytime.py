@@ -293,7 +293,10 @@ def _class_bounds(costs: CostTable, cluster: Cluster, batch_size: int, mbs: Sequ
     every size, weakest first, for the midpoint or twice the smallest bound if lower (on
     fleets the link bound already proves more than that for most sizes, which are then
     skipped); each later one asks the sizes, weakest first, for the next midpoint and
-    stops at the first that falls short. ``class_bound`` filters more
+    stops at the first that falls short. The first round builds the quicker tables
+    without partner links ([Note: partner links] in ``solver.bounds``: on fleets whose
+    fast links are wired pairs the groups are several times more), so that every size
+    gets a bound within a short limit; the later ones count them. ``class_bound`` filters more
     with a lower target (``M X_d + T_a < target``, buckets up to ``target / M``), so it
     proves a target below the best round more often, and more cheaply, than it proves a
     bound that high when asked for the best round itself: on ResNet-50 x 32 Jetsons,
@@ -337,7 +340,7 @@ def _class_bounds(costs: CostTable, cluster: Cluster, batch_size: int, mbs: Sequ
     # far and the lowest target a size fell short of ([Note: one target for every size])
     have = {mb: max(work[mb], (start or {}).get(mb, 0.0)) for mb in work if mb not in out}
     high, short, rounds = cap, False, 0
-    cache: dict[tuple[int, bool], Any] = {}    # the tables of each size, built once
+    cache: dict[tuple[int, bool, bool], Any] = {}    # the tables of each size, built once
     while have and time.perf_counter() < deadline:
         low = min(have.values())
         if low >= high * _PROVED:
@@ -357,7 +360,8 @@ def _class_bounds(costs: CostTable, cluster: Cluster, batch_size: int, mbs: Sequ
                                 trial, deadline, rho=rho, pools=False, cache=cache,
                                 buckets=CLASS_FIRST_BUCKETS if first_round else None,
                                 max_evals=CLASS_FIRST_BUCKETS if first_round else None,
-                                optimizer_state_factor=optimizer_state_factor)
+                                optimizer_state_factor=optimizer_state_factor,
+                                partner_links=not first_round)
             if value is None:
                 return {**out, **have}
             have[mb] = max(have[mb], value)

@@ -411,10 +411,13 @@ def _bucket(count: int) -> int:
 def _class_tables(space: ClassSpace, sums: LayerSums, cut_bytes: Sequence[int],
                   ends: Sequence[int], micro_batch: int,
                   deadline: float | None = None, pools: bool = True,
-                  memory: tuple[float, int] | None = None) -> _ClassTables | None:
+                  memory: tuple[float, int] | None = None,
+                  partner_links: bool = True) -> _ClassTables | None:
     """The per-stage lower bounds of [Note: the class bound] for every group of at most
     ``micro_batch`` devices (merged into buckets above ``CLASS_GROUPS_MAX``); ``_Late``
-    when the ``time.perf_counter()`` deadline passes first. ``memory``: the optimizer
+    when the ``time.perf_counter()`` deadline passes first. ``partner_links``: count the
+    members over partners' links where the pools are priced ([Note: partner links]; False:
+    fewer groups, quicker tables). ``memory``: the optimizer
     state factor and the micro-batches a round, where known: mixed groups whose shares
     fit get upper bounds of ``X`` too ([Note: rigid groups]; priced tables only)."""
     classes = bound_classes(space)
@@ -468,9 +471,10 @@ def _class_tables(space: ClassSpace, sums: LayerSums, cut_bytes: Sequence[int],
     found: dict[tuple[tuple[int, ...], int], list[float]] = {}
     # [Note: partner links]: priced tables count the members that receive over a partner's
     # link (None: no such budget, every group as before)
-    partners = None if pooled else _partners(space)
+    partners = None if pooled or not partner_links else _partners(space)
     duos = _pair_links(space, classes, partners)
     fasts: dict[tuple[tuple[int, ...], int], int] = {}
+    gammas: dict[tuple[float, ...], float | None] = {}
     if partners is not None:
         second = partners[1]
         # per class, the members' fastest links in from anyone else but their partner
@@ -504,7 +508,9 @@ def _class_tables(space: ClassSpace, sums: LayerSums, cut_bytes: Sequence[int],
                 min_bw, max_lat = min(min_bw, tri_bw), max(max_lat, tri_lat)
             else:
                 min_bw, max_lat = math.inf, 0.0
-            if partners is None:
+            if partners is None or size > FAST_GROUP_MAX:
+                # (a larger group receives over every member's fastest link for free: a
+                # relaxation of the count, [Note: partner links])
                 variants = [(min_bw, max_lat, ins, 0)]
             else:
                 # f members over their partners' links (the f fastest such links of the
@@ -513,15 +519,22 @@ def _class_tables(space: ClassSpace, sums: LayerSums, cut_bytes: Sequence[int],
                                  reverse=True)
                 slow = sorted((bw for k in present for bw in slow_in[k][:take[k]]),
                               reverse=True)
-                last: tuple[float, ...] = ()
-                for f in range(min(size, int(partners[2])) + 1):
-                    # (once a partner's link is no faster than the second link it
-                    # replaces, more of them only slow the group down: dominated)
-                    if f and fast_in[f - 1] <= slow[size - f]:
-                        break
-                    last = tuple(sorted(fast_in[:f] + slow[:size - f], reverse=True))
+                # the most members over partners' links that still speed the group up
+                # (once a partner's link is no faster than the second link it replaces,
+                # more of them only slow it down)
+                most = 0
+                while (most < min(size, int(partners[2]))
+                       and fast_in[most] > slow[size - most - 1]):
+                    most += 1
+                # f = 0 exactly, then f in [g, 2g - 1] (g = 1, 2, 4, ...) as one variant of
+                # cost g at the links of min(2g - 1, most) (no slower than any f there),
+                # the last up to `most` and beyond (fewer variants, each a relaxation)
+                grid = [0] + [1 << j for j in range(most.bit_length())]
+                for at, f in enumerate(grid):
+                    upto = min(most, 2 * f - 1) if at + 1 < len(grid) else most
+                    links = tuple(sorted(fast_in[:upto] + slow[:size - upto], reverse=True))
                     # (priced tables read only the rates: one class holds them all)
-                    variants.append((min_bw, max_lat, (last,) + ((),) * (n_classes - 1),
+                    variants.append((min_bw, max_lat, (links,) + ((),) * (n_classes - 1),
                                      f))
         divisors: dict[int, float] = {}
         for k in present:
@@ -532,9 +545,11 @@ def _class_tables(space: ClassSpace, sums: LayerSums, cut_bytes: Sequence[int],
         # (priced, with the memory model) any group where its shares fit
         firm = len(present) == 1 and (size == 1 or rigid[present[0]])
         for v, (min_bw, max_lat, ins, f) in enumerate(variants):
-            rates = [bw for row in ins for bw in row]
-            gamma = (math.inf if min(rates) <= 0.0
-                     else _min_max_ratio(micro_batch, rates))
+            rates = tuple(sorted(bw for row in ins for bw in row))
+            if rates not in gammas:     # (the same links recur over many count vectors)
+                gammas[rates] = (math.inf if rates[0] <= 0.0
+                                 else _min_max_ratio(micro_batch, rates))
+            gamma = gammas[rates]
             if gamma is None:
                 continue
             if size > 1:
@@ -920,6 +935,11 @@ _Partners = tuple[list[int | None], list[float], int]
 """``_partners``' value: per device its partner (None: none), its fastest link in from
 any device but its partner, and the most members over partners' links in a plan."""
 
+FAST_GROUP_MAX = 16
+"""The priced class bound counts the members over partners' links in groups of at most
+this many devices ([Note: partner links]); larger groups take them for free (fewer
+groups)."""
+
 FAST_PRICE = 1.0
 """The price of a member over a partner's link in ``_relaxed``, in units of the fastest
 class's device price ([Note: partner links])."""
@@ -943,12 +963,20 @@ def _partners(space: SearchSpace) -> _Partners | None:
     ``f`` fastest links in of its classes' members and the fastest second links for the
     others (every group with ``f`` such members receives no faster: the links of each
     kind are at most those, member for member), and pays ``f`` times a Lagrange price
-    (``FAST_PRICE`` times the device price) against ``K`` of them, as for the devices of
-    each class: every value is still a lower bound. Groups of two devices take it per
-    pair of devices ([Note: pairs of devices]). Without the count, a fleet's coarse
-    classes let every member of a wired pair receive at the pair's speed, in every stage
-    at once. Counted pools see the classes of the stage before instead and do not use
-    it."""
+    (``FAST_PRICE`` times the device price, its factor walked after the device prices in
+    each bucket) against ``K`` of them, as for the devices of each class: every value is
+    still a lower bound. To keep the groups few, ``f`` runs over ``0`` and ``[g, 2g - 1]``
+    for ``g = 1, 2, 4, ...``, each range one variant of cost ``g`` at the links of its
+    largest ``f`` (no slower than any ``f`` in it, as long as a partner's link is faster
+    than the second link it replaces; beyond that more only slow the group down, and the
+    last variant covers them), and groups of more than ``FAST_GROUP_MAX`` devices take
+    every member's fastest link for free (a relaxation of the count: they pay nothing,
+    and the others pay for at most ``K``). Groups of two devices take it per pair of
+    devices ([Note: pairs of devices]). Without the count, a fleet's coarse classes let
+    every member of a wired pair receive at the pair's speed, in every stage at once
+    (ResNet-50 on the 32-device fleet of ``tools/time_planner.py``, micro-batch 8: 1.30 s
+    without, 1.66 s with it, against 2.92 s where no member may use a partner's link).
+    Counted pools see the classes of the stage before instead and do not use it."""
     cluster, names, n = space.cluster, space.names, space.n
     if n < 3:
         return None
@@ -1529,8 +1557,9 @@ def class_bound(space: ClassSpace, sums: LayerSums, cut_bytes: Sequence[int],
                 deadline: float | None = None, max_evals: int | None = None,
                 rho: float = 0.0, buckets: int | None = None,
                 pools: bool = True,
-                cache: dict[tuple[int, bool], _ClassTables | None] | None = None,
-                optimizer_state_factor: float | None = None) -> float | None:
+                cache: dict[tuple[int, bool, bool], _ClassTables | None] | None = None,
+                optimizer_state_factor: float | None = None,
+                partner_links: bool = True) -> float | None:
     """A lower bound, at most ``target``, on the round time of every plan of the wide space
     (``ClassSpace``: every group in every order) with this micro-batch size on the
     candidate ends ``ends`` ([Note: the class bound]); None when the
@@ -1545,10 +1574,11 @@ def class_bound(space: ClassSpace, sums: LayerSums, cut_bytes: Sequence[int],
     ``CLASS_COUNTED_BUCKETS`` where the pools are counted); ``pools``: count the pools
     where they are few (``counts_pools``; False: prices, quicker and weaker); ``cache``:
     the tables of earlier calls on the same space, layers, cuts, batch and optimizer state
-    factor, by micro-batch size and ``pools`` (they do not depend on the target), filled
-    as they are built; ``optimizer_state_factor``: the plans' (memory), where known: the
-    priced bound then knows upper bounds of mixed groups' stage times too ([Note: rigid
-    groups]).
+    factor, by micro-batch size, ``pools`` and ``partner_links`` (they do not depend on
+    the target), filled as they are built; ``optimizer_state_factor``: the plans'
+    (memory), where known: the priced bound then knows upper bounds of mixed groups' stage
+    times too ([Note: rigid groups]); ``partner_links``: the priced bound counts the
+    members over partners' links ([Note: partner links]; False: quicker, weaker tables).
 
     [Note: the class bound]
     Let ``d`` be the dominant stage (largest ``X``) and ``a = min(M, S - d) - 1`` (at most
@@ -1583,7 +1613,7 @@ def class_bound(space: ClassSpace, sums: LayerSums, cut_bytes: Sequence[int],
         return None
     m = num_micro
     top_all = target / m
-    key = (micro_batch, pools)
+    key = (micro_batch, pools, partner_links)
     try:
         if cache is not None and key in cache:
             tables = cache[key]
@@ -1591,7 +1621,7 @@ def class_bound(space: ClassSpace, sums: LayerSums, cut_bytes: Sequence[int],
             tables = _class_tables(
                 space, sums, cut_bytes, ends, micro_batch, deadline, pools,
                 None if optimizer_state_factor is None
-                else (optimizer_state_factor, num_micro))
+                else (optimizer_state_factor, num_micro), partner_links)
             if cache is not None:
                 cache[key] = tables
         if tables is not None and tables.pooled is not None:

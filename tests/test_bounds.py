@@ -822,16 +822,20 @@ def _wired_pairs_instance(seed: int, *, max_layers: int, max_devices: int,
     return costs, cluster, rng.choice([2, 4, 6, 8])
 
 
-@pytest.mark.parametrize("kind", ["counted", "priced", "coarse"])
+@pytest.mark.parametrize("kind", ["counted", "priced", "coarse", "few partners"])
 def test_class_bound_on_wired_pairs_is_below_every_plan(
         monkeypatch: pytest.MonkeyPatch, kind: str) -> None:
     # [Note: pairs of devices]: a group of two devices all-reduces over its own link and
-    # receives over the links from outside it; no plan of brute force below the bound,
-    # with the pools counted, priced, or over classes of the same compute
+    # receives over the links from outside it; [Note: partner links]: the priced bound
+    # counts the members over partners' links (groups of at most two only: "few
+    # partners"); no plan of brute force below the bound, with the pools counted,
+    # priced, or over classes of the same compute
     import solver.bounds
 
     if kind != "counted":
         monkeypatch.setattr(solver.bounds, "CLASS_POOLS_MAX", 0)
+    if kind == "few partners":
+        monkeypatch.setattr(solver.bounds, "FAST_GROUP_MAX", 2)
     if kind == "coarse":
         monkeypatch.setattr(solver.bounds, "bound_classes", solver.bounds._coarse_classes)
     checked, above = _check_class_bound(range(1400, 1440), _wired_pairs_instance, devices=5)
