@@ -442,6 +442,8 @@ class _Search:
                                  list[tuple[int, int, list[_Option]]]] = {}
         self._closed: dict[tuple[int, int, int], list[Summary]] = {}
         self._kind_cache: dict[int, tuple[int, list[tuple[bool, int, list[tuple[int, int]]]]]] = {}
+        # wire_counts by (in flight, final)
+        self._wires: dict[tuple[int, bool], tuple[int, int]] = {}
         # fronts as float arrays, by id() of the (cached, hence alive) front list
         self._arrays: dict[int, Any] = {}
         self.max_front_seen = 0
@@ -665,12 +667,14 @@ class _Search:
             return out
         free, sel, cf, cb, ta, keep, fixed, acts = base
         m, inc = self.m, self.incumbent
-        info = self.space.group(self.space.kind_group[kind])
         holders = self.ctx.group_mb(self.mb, kind)[2]
         frac = WORKSPACE_FRACTION
         # LayerSums.flight_bytes: activations of `flight` micro-batches and wire buffers
         edges = self.sums.boundary_bytes
-        ins, outs = wire_counts(flight, m, final)
+        wires = self._wires.get((flight, final))
+        if wires is None:
+            wires = self._wires[(flight, final)] = wire_counts(flight, m, final)
+        ins, outs = wires
         wire_in = ins * (edges[first] if edges else 0)
 
         def fit(k: int) -> bool:
@@ -714,6 +718,9 @@ class _Search:
                             ta[start:n_free]))
             else:
                 out.append((free, sel[:n_free], cf[:n_free], cb[:n_free], ta[:n_free]))
+        if fits == len(sel):    # no stage of the group is memory-capped
+            return out
+        info = self.space.group(self.space.kind_group[kind])
         for k in range(max(fits, start), len(sel)):
             last = sel[k]
             shares = split_stage(self.sums, first, last, info.speeds, info.caps, self.mb,
