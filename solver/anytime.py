@@ -48,22 +48,21 @@ honest gap.
 [Note: the order's sizes after the bound]
 Without a time limit, where phase 3 does not run (more than ``WIDE_EXACT_MAX`` pairs) and
 the class bound counts the pools, the counted bound proves most micro-batch sizes over
-every order at the best round. Phase 1's pass over every candidate cut then runs only for
-the ``ORDER_FIRST_SIZES`` sizes its coarse pass found most promising (the DP's
-``full_sizes``, which also leaves out the passes that refine the incumbent on more cuts:
-they prune little of the pass over every cut). The counted class bound follows, for the
-best round, until a size falls short of it (``_PROVED``). Where every size reaches it, no
-other size needs the order's pass: a size the class bound proves has no plan in any order
-below the best round (less the bound's slack), so the paper's space holds none either,
-and ``order_optimal`` still holds. Where a size falls short (the bound is weak there, or
-a better plan is at that size), every size left out gets the order's pass with the best
-round as incumbent, as before, then the class bound for the sizes it has not reached, for
-the (maybe new) best round or the short size's bound if lower. The sizes done keep their
-bounds: a class bound for a higher target is still a lower bound on every plan of its
-size, so the reported bound is sound, though where the order's pass finds a better round
-it may differ from the one of the old sequence (each size's bound for the final round)
-either way. The link bound runs only for the sizes still short. Where the first sizes
-find no plan, the others are searched at once.
+every order at the best round. Phase 1's pass over every candidate cut then runs only
+for the ``ORDER_FIRST_SIZES`` sizes its coarse pass found most promising (the DP's
+``full_sizes``). The counted class bound follows, for the best round, until a size falls
+short of it (``_PROVED``). Where every size reaches it, no other size needs the order's
+pass: a size the class bound proves has no plan in any order below the best round (less
+the bound's slack), so the paper's space holds none either, and ``order_optimal`` still
+holds. Where a size falls short (the bound is weak there, or a better plan is at that
+size), every size left out gets the order's pass with the best round as incumbent, as
+before, then the class bound for the sizes it has not reached, for the (maybe new) best
+round or the short size's bound if lower. The sizes done keep their bounds: a class
+bound for a higher target is still a lower bound on every plan of its size, so the
+reported bound is sound, though where the order's pass finds a better round it may
+differ from the one of the old sequence (each size's bound for the final round) either
+way. The link bound runs only for the sizes still short. Where the first sizes find no
+plan, the others are searched at once.
 """
 
 from __future__ import annotations
@@ -371,7 +370,8 @@ ORDER_FIRST_SIZES = 2
 counts its pools (``counts_pools``), the order's pass over every candidate cut runs first
 for this many micro-batch sizes only (the most promising of its coarse pass), and for
 the others only where the class bound does not prove the best round ([Note: the order's
-sizes after the bound])."""
+sizes after the bound]). The DP's passes that refine the incumbent on more cuts do not run
+there (``full_sizes``): they prune little of the pass over every cut."""
 
 
 def _order_rest(costs: CostTable, cluster: Cluster, batch_size: int, osf: float,
