@@ -51,7 +51,7 @@ honest gap.
 Without a time limit, where phase 3 does not run (more than ``WIDE_EXACT_MAX`` pairs) and
 the class bound counts the pools, the counted bound proves most micro-batch sizes over
 every order at the best round. Phase 1's pass over every candidate cut then runs only
-for the ``ORDER_FIRST_SIZES`` sizes its coarser passes found most promising (the DP's
+for the ``ORDER_FIRST_SIZES`` sizes its coarse pass found most promising (the DP's
 ``full_sizes``). The counted class bound follows, for the best round, until a size falls
 short of it (``_PROVED``). Where every size reaches it, no other size needs the order's
 pass: a size the class bound proves has no plan in any order below the best round (less
@@ -398,9 +398,10 @@ def link_bounds(costs: CostTable, cluster: Cluster, batch_size: int, mbs: Sequen
 ORDER_FIRST_SIZES = 2
 """Without a time limit, where the wide space is too large to search and the class bound
 counts its pools (``counts_pools``), the order's pass over every candidate cut runs first
-for this many micro-batch sizes only (the most promising of its coarser passes), and for
+for this many micro-batch sizes only (the most promising of its coarse pass), and for
 the others only where the class bound does not prove the best round ([Note: the order's
-sizes after the bound])."""
+sizes after the bound]). The DP's passes that refine the incumbent on more cuts do not run
+there (``full_sizes``): they prune little of the pass over every cut."""
 
 
 def _order_rest(costs: CostTable, cluster: Cluster, batch_size: int, osf: float,

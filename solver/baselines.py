@@ -104,7 +104,7 @@ def min_max_partition(weights: Sequence[float],
     minimising ``max_k sum(block_k) / capacities[k]``; returns inclusive index ranges.
 
     Exact dynamic program over (block, last index), ``O(K n^2)`` vectorised over the
-    block's first index (a greedy fill is not exact once capacities differ).
+    block's first and last index (a greedy fill is not exact once capacities differ).
     """
     n, parts = len(weights), len(capacities)
     if parts < 1 or parts > n:
@@ -114,14 +114,18 @@ def min_max_partition(weights: Sequence[float],
     best = np.full((parts, n), math.inf)
     start = np.zeros((parts, n), dtype=int)
     best[0] = prefix[1:] / capacities[0]
+    # every last index j at once (rows), block k's first index f in columns: f > j is no
+    # block (inf), so the first minimum of each row is the loop's over f = k..j
+    ends = np.arange(n)
     for k in range(1, parts):
         cap = capacities[k]
-        for j in range(k, n):
-            firsts = np.arange(k, j + 1)  # block k = firsts..j, blocks before end at firsts-1
-            cand = np.maximum(best[k - 1, firsts - 1], (prefix[j + 1] - prefix[firsts]) / cap)
-            i = int(np.argmin(cand))
-            best[k, j] = cand[i]
-            start[k, j] = firsts[i]
+        firsts = np.arange(k, n)
+        cand = np.maximum(best[k - 1, firsts - 1][None, :],
+                          (prefix[ends[k:] + 1][:, None] - prefix[firsts][None, :]) / cap)
+        cand[firsts[None, :] > ends[k:, None]] = math.inf
+        pick = np.argmin(cand, axis=1)
+        best[k, k:] = cand[np.arange(n - k), pick]
+        start[k, k:] = firsts[pick]
     blocks: list[tuple[int, int]] = []
     j = n - 1
     for k in range(parts - 1, 0, -1):
@@ -285,29 +289,34 @@ def _pipedream_dp(times: np.ndarray, sync: np.ndarray, comm: np.ndarray,
     inf = math.inf
     best = np.full((n_layers, num_devices + 1), inf)
     choice: dict[tuple[int, int], tuple[int, int]] = {}
+    machines = np.arange(1, num_devices + 1)
+    # replica counts mp of the last stage, 1 .. the most any machine count allows
+    most = min(num_devices - 1, max_replicas)
+    mps = np.arange(1, most + 1)
+    # per machine count m (first axis), the mp it may take: mp <= min(m - 1, max_replicas)
+    usable = mps[None, :] <= np.minimum(machines - 1, max_replicas)[:, None]
+    rest = np.where(usable, machines[:, None] - mps[None, :], 0)
     for j in range(n_layers):
-        for m in range(1, num_devices + 1):
-            if m <= max_replicas:
-                best[j, m] = float(t_block(0, j, m))
-                choice[(j, m)] = (-1, m)
-            if j == 0:
-                continue
-            top = min(m - 1, max_replicas)
-            if top < 1:
-                continue
-            # all replica counts mp of the last stage at once (rows), every cut (columns):
-            # the first minimum in row-major order is what a loop over mp ascending with a
-            # strict improvement test keeps
-            cut = np.arange(0, j)  # previous pipeline covers layers 0..cut
-            mps = np.arange(1, top + 1)[:, None]
-            prev = best[cut[None, :], m - mps]
-            cand = np.maximum(np.maximum(prev, 2.0 * comm[cut][None, :]),
-                              t_block(cut[None, :] + 1, j, mps))
-            flat = int(np.argmin(cand))
-            row, k = divmod(flat, j)
-            if cand[row, k] < best[j, m]:
-                best[j, m] = float(cand[row, k])
-                choice[(j, m)] = (k, row + 1)
+        for m in range(1, min(num_devices, max_replicas) + 1):
+            best[j, m] = float(t_block(0, j, m))
+            choice[(j, m)] = (-1, m)
+        if j == 0 or most < 1:
+            continue
+        # every machine count m (first axis), replica count mp (rows) and cut (columns) at
+        # once: best[j, .] depends on rows < j only, and the first minimum of each m in
+        # row-major order is what a loop over mp ascending with a strict improvement test
+        # keeps (mp past m's own limit is inf, after every usable one)
+        cut = np.arange(0, j)  # previous pipeline covers layers 0..cut
+        block = t_block(cut[None, :] + 1, j, mps[:, None])                    # (mp, cut)
+        prev = best[:j][:, rest].transpose(1, 2, 0)                           # (m, mp, cut)
+        cand = np.maximum(np.maximum(prev, 2.0 * comm[cut]), block[None])
+        cand = np.where(usable[:, :, None], cand, inf).reshape(num_devices, -1)
+        flat = np.argmin(cand, axis=1)
+        found = cand[np.arange(num_devices), flat]
+        for m in np.nonzero(found < best[j, 1:])[0].tolist():
+            row, k = divmod(int(flat[m]), j)
+            best[j, m + 1] = float(found[m])
+            choice[(j, m + 1)] = (k, row + 1)
     stages: list[tuple[int, int, int]] = []
     j = n_layers - 1
     # PipeDream uses every worker; with fewer layers than workers (or micro-batches too

@@ -442,6 +442,8 @@ class _Search:
                                  list[tuple[int, int, list[_Option]]]] = {}
         self._closed: dict[tuple[int, int, int], list[Summary]] = {}
         self._kind_cache: dict[int, tuple[int, list[tuple[bool, int, list[tuple[int, int]]]]]] = {}
+        # wire_counts by (in flight, final)
+        self._wires: dict[tuple[int, bool], tuple[int, int]] = {}
         # fronts as float arrays, by id() of the (cached, hence alive) front list
         self._arrays: dict[int, Any] = {}
         self.max_front_seen = 0
@@ -665,12 +667,14 @@ class _Search:
             return out
         free, sel, cf, cb, ta, keep, fixed, acts = base
         m, inc = self.m, self.incumbent
-        info = self.space.group(self.space.kind_group[kind])
         holders = self.ctx.group_mb(self.mb, kind)[2]
         frac = WORKSPACE_FRACTION
         # LayerSums.flight_bytes: activations of `flight` micro-batches and wire buffers
         edges = self.sums.boundary_bytes
-        ins, outs = wire_counts(flight, m, final)
+        wires = self._wires.get((flight, final))
+        if wires is None:
+            wires = self._wires[(flight, final)] = wire_counts(flight, m, final)
+        ins, outs = wires
         wire_in = ins * (edges[first] if edges else 0)
 
         def fit(k: int) -> bool:
@@ -714,6 +718,9 @@ class _Search:
                             ta[start:n_free]))
             else:
                 out.append((free, sel[:n_free], cf[:n_free], cb[:n_free], ta[:n_free]))
+        if fits == len(sel):    # no stage of the group is memory-capped
+            return out
+        info = self.space.group(self.space.kind_group[kind])
         for k in range(max(fits, start), len(sel)):
             last = sel[k]
             shares = split_stage(self.sums, first, last, info.speeds, info.caps, self.mb,
@@ -1113,8 +1120,9 @@ def asteroid_dp(costs: CostTable, cluster: Cluster, batch_size: int, *,
             paper's space, no cap, no deadline). Exact, but off by default: measured
             slower than without on issue 14's instances (docs/planner.md).
         full_sizes: the pass over every candidate cut runs only this many micro-batch
-            sizes, the most promising of the coarser passes first (None: all); the others
-            are in ``skipped``, and ``complete`` is False where any is.
+            sizes, the most promising of the coarse pass first, without the refining
+            passes (None: all sizes, after the refining passes); the others are in
+            ``skipped``, and ``complete`` is False where any is.
 
     Returns:
         A ``DPResult``; ``plan`` is None when no plan of the space fits in memory (or
@@ -1136,12 +1144,17 @@ def asteroid_dp(costs: CostTable, cluster: Cluster, batch_size: int, *,
     # with the most promising micro-batch size (each is exact over its subset, so each
     # incumbent is a real plan); the full pass then drops what provably cannot beat it.
     # With a cap the passes stay as they were (coarse, then full): the capped search's
-    # result depends on the incumbents it is given.
+    # result depends on the incumbents it is given. With `full_sizes` there are no
+    # refining passes either: the caller proves the sizes left out otherwise ([Note: the
+    # order's sizes after the bound] in solver.anytime), the coarse pass ranks the sizes,
+    # and a sharper incumbent prunes little of the full pass (issue 14's MLP x 8, micro-
+    # batch 16 over 96 cuts: 0.21 s with the coarse pass's incumbent and with the refined
+    # one, 1 % apart), while the refining passes cost 0.09 s.
     passes: list[tuple[list[int], int]] = []
     if len(ends) > 2 * _COARSE_CUTS:
         stride = len(ends) // _COARSE_CUTS
         passes.append((ends[::stride], len(mbs)))
-        if max_front is None:
+        if max_front is None and full_sizes is None:
             stride //= 2
             while stride > 1:
                 passes.append((ends[::stride], _REFINE_MBS))

@@ -45,6 +45,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from contracts.cluster import Cluster, Device
 from contracts.errors import PlanError
 from contracts.table import CostTable
@@ -162,13 +164,17 @@ def candidate_cuts(costs: CostTable, max_cuts: int | None) -> list[int]:
         prefix.append(prefix[-1] + w)
     chosen: set[int] = set()
     step = total / (max_cuts + 1)
-    for k in range(1, max_cuts + 1):
-        target = k * step
+    # every target's distances at once, in the float operations of a loop over the
+    # boundaries (abs(prefix[c + 1] - target)); the first of equal ones wins, as in min()
+    targets = np.arange(1, max_cuts + 1, dtype=np.float64) * step
+    distance = np.abs(np.asarray(prefix[1:n])[None, :] - targets[:, None])
+    inside = distance <= step / 2
+    cut_bytes = costs.cut_bytes
+    for k in range(max_cuts):
         # boundary c (after layer c) where prefix[c + 1] is closest to the target
-        best = min(range(n - 1), key=lambda c: abs(prefix[c + 1] - target))
-        window = [c for c in range(n - 1) if abs(prefix[c + 1] - target) <= step / 2] or [best]
-        chosen.add(min(window, key=lambda c: (costs.cut_bytes[c],
-                                              abs(prefix[c + 1] - target))))
+        window = np.flatnonzero(inside[k]).tolist() or [int(np.argmin(distance[k]))]
+        row = distance[k]
+        chosen.add(min(window, key=lambda c: (cut_bytes[c], float(row[c]))))
     return sorted(chosen)
 
 

@@ -86,6 +86,42 @@ def test_min_max_partition_is_exact() -> None:
         min_max_partition([1.0, 1.0, 1.0], [1.0] * 4)
 
 
+def _min_max_loop(weights: list[float], caps: list[float]) -> list[tuple[int, int]]:
+    """``min_max_partition`` as a loop over the last index (before it was vectorised)."""
+    n, parts = len(weights), len(caps)
+    prefix = np.concatenate([[0.0], np.cumsum(np.asarray(weights, dtype=float))])
+    best = np.full((parts, n), math.inf)
+    start = np.zeros((parts, n), dtype=int)
+    best[0] = prefix[1:] / caps[0]
+    for k in range(1, parts):
+        for j in range(k, n):
+            firsts = np.arange(k, j + 1)
+            cand = np.maximum(best[k - 1, firsts - 1], (prefix[j + 1] - prefix[firsts]) / caps[k])
+            i = int(np.argmin(cand))
+            best[k, j] = cand[i]
+            start[k, j] = firsts[i]
+    blocks = []
+    j = n - 1
+    for k in range(parts - 1, 0, -1):
+        blocks.append((int(start[k, j]), j))
+        j = int(start[k, j]) - 1
+    blocks.append((0, j))
+    return blocks[::-1]
+
+
+def test_min_max_partition_equals_the_loop_version() -> None:
+    """The blocks of the loop over the last index, ties included (integer weights)."""
+    rng = random.Random(14)
+    for trial in range(80):
+        n = rng.randint(1, 30)
+        ints = trial % 2 == 0
+        weights = [float(rng.randint(1, 3)) if ints else rng.uniform(0.1, 5.0)
+                   for _ in range(n)]
+        caps = [float(rng.randint(1, 2)) if ints else rng.uniform(0.5, 2.0)
+                for _ in range(rng.randint(1, n))]
+        assert min_max_partition(weights, caps) == _min_max_loop(weights, caps), trial
+
+
 def test_pp_equal_cuts_identical_layers_in_the_middle() -> None:
     costs = uniform_costs(4)
     cluster = make_cluster([1.0, 3.0])  # speeds ignored: GPipe balances on one device

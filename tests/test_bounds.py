@@ -589,6 +589,39 @@ def test_counted_run_equals_the_reference_on_the_mlp(at_once: bool,
         assert np.array_equal(made[0], ref_made[0]) and np.array_equal(made[1], ref_made[1])
 
 
+def test_counted_first_grid_is_two_buckets(monkeypatch: pytest.MonkeyPatch) -> None:
+    # the counted bound starts with (0, r T] and (r T, T] (T = target / M, r =
+    # _COUNTED_BUCKET_RATIO), splits from there, and still proves issue 14's round at
+    # micro-batch 8 (its costliest size) within the bound's float slack
+    import solver.bounds
+    from solver.bounds import _COUNTED_BUCKET_RATIO, class_bound
+    from solver.space import ClassSpace, candidate_cuts
+    from solver.summary import hiding_ratio
+    from tools.time_planner import mixed8, model_costs
+
+    costs = model_costs("mlp200")
+    cluster = mixed8().for_costs(costs)
+    target, mb = 0.06268075162732864, 8
+    runs: list[tuple[float, float]] = []
+    counted_run = solver.bounds._counted_run
+
+    def recorded(tables: Any, pooled: Any, m: int, low: float, top: float,
+                 *args: Any, **kwargs: Any) -> Any:
+        runs.append((low, top))
+        return counted_run(tables, pooled, m, low, top, *args, **kwargs)
+
+    monkeypatch.setattr(solver.bounds, "_counted_run", recorded)
+    value = class_bound(ClassSpace(costs, cluster), LayerSums.of(costs), costs.cut_bytes,
+                        candidate_cuts(costs, 96), mb, 64 // mb, target,
+                        rho=hiding_ratio(costs, cluster))
+    top_all = target / (64 // mb)
+    assert runs[:2] == [(0.0, top_all * _COUNTED_BUCKET_RATIO),
+                        (top_all * _COUNTED_BUCKET_RATIO, top_all)]
+    assert value is not None and value >= target * (1 - 1e-6)
+    # proven before the budget of runs: measured 18 (19 with three buckets of ratio 0.93)
+    assert len(runs) < solver.bounds.CLASS_COUNTED_EVALS
+
+
 def _rigid_instance(seed: int, *, max_layers: int, max_devices: int,
                     **_: Any) -> tuple[Any, Any, int]:
     """Two or three devices of each of one or two speeds, the same memory per speed (tight

@@ -737,3 +737,21 @@ def test_full_sizes_leaves_the_least_promising_sizes_to_a_later_search() -> None
     rest = asteroid_dp(costs, cluster, 16, micro_batch_sizes=part.skipped,
                        incumbent=part.round_time_s)
     assert min(part.round_time_s, rest.round_time_s) == whole.round_time_s
+def test_full_sizes_runs_no_refining_passes() -> None:
+    # with full_sizes: the coarse pass over every size, then the pass over every cut for
+    # the sizes it ranks first (no passes that refine the incumbent on more cuts); the
+    # same first sizes are searched over every cut as without the refining passes' help
+    rng = random.Random(7)
+    costs, cluster = random_costs(rng, 100), spread_cluster(rng, 4)
+    steps: list[tuple[int, int]] = []
+    part = asteroid_dp(costs, cluster, 16, full_sizes=2,
+                       progress=lambda done, total, _: steps.append((done, total)))
+    sizes = len(micro_batch_choices(16, None))
+    assert steps[-1] == (sizes + 2, sizes + 2)
+    every: list[tuple[int, int]] = []
+    asteroid_dp(costs, cluster, 16, progress=lambda done, total, _: every.append((done, total)))
+    # without full_sizes: coarse, at least one refining pass (one size) and the full pass
+    assert every[-1][1] > 2 * sizes
+    assert len(part.bounds) == 2 and not part.complete
+
+

@@ -10,10 +10,18 @@ import pytest
 
 from contracts.cluster import Cluster, Device, Link
 from contracts.plan import Plan, Stage
+from contracts.table import CostTable
 from solver.evaluate import evaluate, pieces_time, transfer_time
-from solver.space import ClassSpace, SliceSpace, device_classes, sorted_devices
+from solver.space import (
+    ClassSpace,
+    SliceSpace,
+    candidate_cuts,
+    device_classes,
+    sorted_devices,
+)
 from tests.solver_cases import (
     make_cluster,
+    make_costs,
     random_cluster,
     random_costs,
     scaled_column,
@@ -160,3 +168,44 @@ def test_memory_override_splits_a_type() -> None:
                                Device("c", "jetson-nano", 4 << 30, flops=1e9)),
                       bandwidth_mbps=100.0, links=(Link("a", "b", 10.0),))
     assert device_classes(cluster, costs) == [["a"], ["c"], ["b"]]
+
+
+def _candidate_cuts_loop(costs: CostTable, max_cuts: int) -> list[int]:
+    """``candidate_cuts`` as a loop over the boundaries per target (before issue 14's
+    fleet work took every target's distances at once)."""
+    n = costs.num_layers
+    work = [lc.fwd.at(1) + lc.bwd.at(1) for lc in costs.layers]
+    total = sum(work) or 1.0
+    prefix = [0.0]
+    for w in work:
+        prefix.append(prefix[-1] + w)
+    chosen: set[int] = set()
+    step = total / (max_cuts + 1)
+    for k in range(1, max_cuts + 1):
+        target = k * step
+        best = min(range(n - 1), key=lambda c: abs(prefix[c + 1] - target))
+        window = [c for c in range(n - 1) if abs(prefix[c + 1] - target) <= step / 2] or [best]
+        chosen.add(min(window, key=lambda c: (costs.cut_bytes[c],
+                                              abs(prefix[c + 1] - target))))
+    return sorted(chosen)
+
+
+def test_candidate_cuts_equal_the_loop_version() -> None:
+    """The same cuts as the loop per target, with ties of cut bytes and of distances
+    (equal layers and equal cuts), and with layers of no work."""
+    rng = random.Random(15)
+    for trial in range(40):
+        n = rng.randint(3, 120)
+        if trial % 3 == 0:
+            costs = uniform_costs(n)
+        elif trial % 3 == 1:
+            costs = random_costs(rng, n)
+        else:
+            costs = make_costs([(0.0, float(rng.randint(0, 2))) for _ in range(n)],
+                               [(0.0, float(rng.randint(0, 2))) for _ in range(n)],
+                               [0] * n, [1024] * n,
+                               [rng.choice([1024, 2048]) for _ in range(n - 1)])
+        for max_cuts in (1, 2, 5, 12, 30, 96):
+            if n - 1 > max_cuts:
+                assert candidate_cuts(costs, max_cuts) == _candidate_cuts_loop(costs, max_cuts), \
+                    (trial, max_cuts)
