@@ -26,6 +26,8 @@ cluster of ``n_k`` devices in class ``k`` has ``prod (n_k + 1)`` pools and ``pro
   at most ``WIDE_EXACT_MAX`` pairs (then the plan is optimal over every order). A larger
   wide space is not searched; the plan says so (``stopped="size limit"``) with the gap to
   the proven bound below.
+  A wide space of up to ``WIDE_SHORT_MAX`` pairs is searched after all where the
+  bounds leave a gap ([Note: the wide space where the bound falls short]).
 * With a time limit (a wall-clock deadline) every phase runs until the deadline (less the
   class bound's share, below), the wide one whatever its size; ``time_limit=inf``
   searches every order to the end, however long that takes.
@@ -63,6 +65,21 @@ reported bound is sound, though where the order's pass finds a better round it m
 differ from the one of the old sequence (each size's bound for the final round) either
 way. The link bound runs only for the sizes still short. Where the first sizes find no
 plan, the others are searched at once.
+
+[Note: the wide space where the bound falls short]
+Without a time limit, a wide space of more than ``WIDE_EXACT_MAX`` pairs is left out
+because its search can take long where the bounds prove the plan anyway (the 200-layer
+MLP on eight mixed devices: 1080 pairs, 31 s of CPU for the wide search against 2 s for
+the search with the counted bound). Where they do not, the best plan of one order may be
+far from the optimum: on a fleet whose few fast links are wired pairs, the capability
+order puts a pair's members apart, and the best plans give each pair a stage of its own
+(ResNet-50 on the 8-device fleet of ``tools/time_planner.py``: 7.03 s in the capability
+order, 5.92 s over every order; no bound closes that gap). So where the wide space has
+at most ``WIDE_SHORT_MAX`` pairs and the bounds fall short of the best round (the
+counted bound at the first size it falls short on, the wide search then replacing the
+order's pass over the sizes left out; else the bounds of every size), the wide space is
+searched to its end with the best round as incumbent: the plan is then optimal over
+every order (``stopped=""``, gap 0), as below ``WIDE_EXACT_MAX``.
 """
 
 from __future__ import annotations
@@ -125,6 +142,15 @@ WIDE_EXACT_MAX = 700
 """Without a time limit, the wide space is searched to its end when it has at most this
 many (pool, group) pairs (``wide_size``); measured on the 2-core development host: eight
 Jetsons of three types (600 pairs) take about 5 s of CPU."""
+
+
+WIDE_SHORT_MAX = 3000
+"""Without a time limit, a wide space of more than ``WIDE_EXACT_MAX`` pairs but at most
+this many is searched to its end after all where the bounds do not prove the best round
+([Note: the wide space where the bound falls short]); measured on the 2-core development
+host: the 8-device fleets of ``tools/time_planner.py`` (1080 pairs) take 1.4 s of CPU
+(BERT-small) and 16 s (ResNet-50), one with another wired pair (2916 pairs) 1.9 s and
+21 s, and with 4374 pairs 3.8 s and 54 s."""
 
 
 WIDE_ANYTIME_MAX = 100_000
@@ -267,7 +293,10 @@ def _class_bounds(costs: CostTable, cluster: Cluster, batch_size: int, mbs: Sequ
     every size, weakest first, for the midpoint or twice the smallest bound if lower (on
     fleets the link bound already proves more than that for most sizes, which are then
     skipped); each later one asks the sizes, weakest first, for the next midpoint and
-    stops at the first that falls short. ``class_bound`` filters more
+    stops at the first that falls short. The first round builds the quicker tables
+    without partner links ([Note: partner links] in ``solver.bounds``: on fleets whose
+    fast links are wired pairs the groups are several times more), so that every size
+    gets a bound within a short limit; the later ones count them. ``class_bound`` filters more
     with a lower target (``M X_d + T_a < target``, buckets up to ``target / M``), so it
     proves a target below the best round more often, and more cheaply, than it proves a
     bound that high when asked for the best round itself: on ResNet-50 x 32 Jetsons,
@@ -311,7 +340,7 @@ def _class_bounds(costs: CostTable, cluster: Cluster, batch_size: int, mbs: Sequ
     # far and the lowest target a size fell short of ([Note: one target for every size])
     have = {mb: max(work[mb], (start or {}).get(mb, 0.0)) for mb in work if mb not in out}
     high, short, rounds = cap, False, 0
-    cache: dict[tuple[int, bool], Any] = {}    # the tables of each size, built once
+    cache: dict[tuple[int, bool, bool], Any] = {}    # the tables of each size, built once
     while have and time.perf_counter() < deadline:
         low = min(have.values())
         if low >= high * _PROVED:
@@ -331,7 +360,8 @@ def _class_bounds(costs: CostTable, cluster: Cluster, batch_size: int, mbs: Sequ
                                 trial, deadline, rho=rho, pools=False, cache=cache,
                                 buckets=CLASS_FIRST_BUCKETS if first_round else None,
                                 max_evals=CLASS_FIRST_BUCKETS if first_round else None,
-                                optimizer_state_factor=optimizer_state_factor)
+                                optimizer_state_factor=optimizer_state_factor,
+                                partner_links=not first_round)
             if value is None:
                 return {**out, **have}
             have[mb] = max(have[mb], value)
@@ -504,11 +534,24 @@ def search(costs: CostTable, cluster: Cluster, batch_size: int, *,
                            progress=report(1.0 - _ORDER_SHARE, _ORDER_SHARE, "every order"))
         take(wide)
         phases.append("classes")
-    if progress is not None:
-        progress(1.0, f"done, best {best_value:.4g} s")
     complete = wide is not None and wide.complete
     if best is None:
+        if progress is not None:
+            progress(1.0, f"done, best {best_value:.4g} s")
         return SearchReport(None, math.inf, None, tuple(phases), complete)
+    # [Note: the wide space where the bound falls short]: without a limit, a wide space
+    # up to WIDE_SHORT_MAX pairs is searched to its end where the bounds leave a gap
+    fallback = time_limit is None and not wide_ok and size <= WIDE_SHORT_MAX
+
+    def search_wide() -> DPResult:
+        found = asteroid_dp(costs, cluster, batch_size,
+                            optimizer_state_factor=optimizer_state_factor,
+                            micro_batch_sizes=micro_batch_sizes, max_cuts=max_cuts,
+                            space="classes", incumbent=best_value,
+                            progress=report(1.0 - _ORDER_SHARE, _ORDER_SHARE, "every order"))
+        take(found)
+        phases.append("classes")
+        return found
     # what is proven about the wide space: per micro-batch size its finished search's
     # bound, else the larger of the work bound and the class bound
     proven = dict(wide.bounds) if wide is not None else {}
@@ -537,7 +580,12 @@ def search(costs: CostTable, cluster: Cluster, batch_size: int, *,
         first = _class_bounds(costs, cluster, batch_size, mbs, max_cuts, target, proven,
                               until, stop_short=True)
         proven.update(first)
-        if any(proven.get(mb, 0.0) < target * _PROVED for mb in mbs):
+        if fallback and any(proven.get(mb, 0.0) < target * _PROVED for mb in mbs):
+            # the wide search covers every order and size: no order's pass or bound needed
+            wide = search_wide()
+            complete = wide.complete
+            proven.update(wide.bounds)
+        elif any(proven.get(mb, 0.0) < target * _PROVED for mb in mbs):
             order = _order_rest(costs, cluster, batch_size, optimizer_state_factor, max_cuts,
                                 order, best_value)
             take(order)
@@ -547,11 +595,18 @@ def search(costs: CostTable, cluster: Cluster, batch_size: int, *,
         else:
             order = replace(order, complete=True, skipped=())
         short = [mb for mb in mbs if proven.get(mb, 0.0) < best_value * _PROVED]
-        links = link_bounds(costs, cluster, batch_size, short, max_cuts, deadline)
+        if not complete:
+            links = link_bounds(costs, cluster, batch_size, short, max_cuts, deadline)
     for mb, value in links.items():
         proven[mb] = max(value, proven.get(mb, work_bound(costs, cluster, batch_size, mb)))
     bound = min(min(proven.get(mb, work_bound(costs, cluster, batch_size, mb)), best_value)
                 for mb in mbs)
+    if fallback and not complete and bound < best_value * _PROVED:
+        # (the priced bounds: the wide search after them)
+        wide = search_wide()
+        complete = wide.complete
+    if progress is not None:
+        progress(1.0, f"done, best {best_value:.4g} s")
     cuts = len(candidate_cuts(costs, max_cuts))
     stopped = "" if complete else "time limit" if wide_ok else "size limit"
     info = SearchBound(space="classes", bound_s=bound,

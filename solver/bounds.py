@@ -360,6 +360,10 @@ class _ClassTables:
     speeds: np.ndarray
     pooled: _Pooled | None = None
     uppers: tuple[np.ndarray, ...] = ()
+    fast: np.ndarray | None = None
+    """Per group, the members it lets receive over a partner's link (priced tables where
+    [Note: partner links] applies; None elsewhere), at most ``fast_total`` in a plan."""
+    fast_total: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -417,10 +421,13 @@ def _bucket(count: int) -> int:
 def _class_tables(space: ClassSpace, sums: LayerSums, cut_bytes: Sequence[int],
                   ends: Sequence[int], micro_batch: int,
                   deadline: float | None = None, pools: bool = True,
-                  memory: tuple[float, int] | None = None) -> _ClassTables | None:
+                  memory: tuple[float, int] | None = None,
+                  partner_links: bool = True) -> _ClassTables | None:
     """The per-stage lower bounds of [Note: the class bound] for every group of at most
     ``micro_batch`` devices (merged into buckets above ``CLASS_GROUPS_MAX``); ``_Late``
-    when the ``time.perf_counter()`` deadline passes first. ``memory``: the optimizer
+    when the ``time.perf_counter()`` deadline passes first. ``partner_links``: count the
+    members over partners' links where the pools are priced ([Note: partner links]; False:
+    fewer groups, quicker tables). ``memory``: the optimizer
     state factor and the micro-batches a round, where known: mixed groups whose shares
     fit get upper bounds of ``X`` too ([Note: rigid groups]; priced tables only)."""
     classes = bound_classes(space)
@@ -467,9 +474,21 @@ def _class_tables(space: ClassSpace, sums: LayerSums, cut_bytes: Sequence[int],
     mixed = memory is not None and not pooled
     # per group: 1 / its slowest bound speed, whether it is rigid, and the most samples
     # a member of each class takes in Algorithm 1's split without memory caps
-    extra: dict[tuple[int, ...], tuple[float, bool, tuple[int, ...]]] = {}
+    # keyed by (count vector, variant): a count vector of two devices has a variant per
+    # pair of devices that differs in its links ([Note: pairs of devices])
+    extra: dict[tuple[tuple[int, ...], int], tuple[float, bool, tuple[int, ...]]] = {}
     ratios: dict[tuple[float, ...], float] = {}
-    found: dict[tuple[int, ...], list[float]] = {}
+    found: dict[tuple[tuple[int, ...], int], list[float]] = {}
+    # [Note: partner links]: priced tables count the members that receive over a partner's
+    # link (None: no such budget, every group as before)
+    partners = None if pooled or not partner_links else _partners(space)
+    duos = _pair_links(space, classes, partners)
+    fasts: dict[tuple[tuple[int, ...], int], int] = {}
+    gammas: dict[tuple[float, ...], float | None] = {}
+    if partners is not None:
+        second = partners[1]
+        # per class, the members' fastest links in from anyone else but their partner
+        slow_in = [sorted((second[e] for e in members), reverse=True) for members in classes]
     for seen, take in enumerate(itertools.product(*(range(c + 1) for c in counts_all))):
         if deadline is not None and not seen % 256 and time.perf_counter() > deadline:
             raise _Late
@@ -479,59 +498,114 @@ def _class_tables(space: ClassSpace, sums: LayerSums, cut_bytes: Sequence[int],
         present = [k for k, t in enumerate(take) if t]
         us = [per_class[k][0] for k in present for _ in range(take[k])]
         beta = _min_max_ratio(micro_batch, us)
-        # the members with the fastest links into them: a lower bound for any members
-        gamma = _min_max_ratio(micro_batch, [bw for k in present
-                                             for bw in per_class[k][1][:take[k]]])
-        if beta is None or gamma is None:
+        if beta is None:
             continue
-        if size > 1:
-            pairs = [(k, j) for k in present for j in present if j > k or (j == k and take[k] > 1)]
-            min_bw = min(link_bw[k][j] for k, j in pairs)
-            max_lat = max(link_lat[k][j] for k, j in pairs)
-            if size > 2:   # the group holds a triangle of devices
-                min_bw, max_lat = min(min_bw, tri_bw), max(max_lat, tri_lat)
-            reduce_a = 2.0 * (size - 1) / (size * min_bw)
-            reduce_b = 2.0 * (size - 1) * max_lat
+        # per variant: the slowest link and largest latency inside (T_a) and, per class,
+        # the links into its members from outside the group (fastest first)
+        variants: list[tuple[float, float, tuple[tuple[float, ...], ...], int]] = []
+        if size == 2:
+            variants = duos.get(take, [])
         else:
-            reduce_a = reduce_b = 0.0
+            # the members with the fastest links into them: a lower bound for any members
+            ins = tuple(tuple(per_class[k][1][:take[k]]) if take[k] else ()
+                        for k in range(n_classes))
+            if size > 1:
+                pairs = [(k, j) for k in present for j in present
+                         if j > k or (j == k and take[k] > 1)]
+                min_bw = min(link_bw[k][j] for k, j in pairs)
+                max_lat = max(link_lat[k][j] for k, j in pairs)
+                # the group holds a triangle of devices
+                min_bw, max_lat = min(min_bw, tri_bw), max(max_lat, tri_lat)
+            else:
+                min_bw, max_lat = math.inf, 0.0
+            if partners is None or size > FAST_GROUP_MAX:
+                # (a larger group receives over every member's fastest link for free: a
+                # relaxation of the count, [Note: partner links])
+                variants = [(min_bw, max_lat, ins, 0)]
+            else:
+                # f members over their partners' links (the f fastest such links of the
+                # group's classes), the others over the fastest of the rest
+                fast_in = sorted((bw for k in present for bw in per_class[k][1][:take[k]]),
+                                 reverse=True)
+                slow = sorted((bw for k in present for bw in slow_in[k][:take[k]]),
+                              reverse=True)
+                # the most members over partners' links that still speed the group up
+                # (once a partner's link is no faster than the second link it replaces,
+                # more of them only slow it down)
+                most = 0
+                while (most < min(size, int(partners[2]))
+                       and fast_in[most] > slow[size - most - 1]):
+                    most += 1
+                # f = 0 exactly, then f in [g, 2g - 1] (g = 1, 2, 4, ...) as one variant of
+                # cost g at the links of min(2g - 1, most) (no slower than any f there),
+                # the last up to `most` and beyond (fewer variants, each a relaxation)
+                grid = [0] + [1 << j for j in range(most.bit_length())]
+                for at, f in enumerate(grid):
+                    upto = min(most, 2 * f - 1) if at + 1 < len(grid) else most
+                    links = tuple(sorted(fast_in[:upto] + slow[:size - upto], reverse=True))
+                    # (priced tables read only the rates: one class holds them all)
+                    variants.append((min_bw, max_lat, (links,) + ((),) * (n_classes - 1),
+                                     f))
         divisors: dict[int, float] = {}
         for k in present:
             src, div = per_class[k][2], per_class[k][3]
             divisors[src] = min(div, divisors.get(src, math.inf))
         step = max(timing.sources[src].update_per_byte / div for src, div in divisors.items())
-        found[take] = [1.0 / max(us), beta, gamma, reduce_a, reduce_b, step]
-        if pooled:
-            found[take] += _profile_terms(take, per_class, profiles, link_bw, link_lat,
-                                          micro_batch, ratios)
         # [Note: rigid groups]: one device, or devices of one class of equal memory; and
         # (priced, with the memory model) any group where its shares fit
         firm = len(present) == 1 and (size == 1 or rigid[present[0]])
-        found[take] += ([max(uppers[k][0] for k in present),
-                         max(uppers[k][1] for k in present)] if firm or mixed
-                        else [math.inf, math.inf])
-        extra[take] = (1.0 / min(us), firm, tuple(
-            min(micro_batch, math.floor(beta * per_class[k][0] * _ABOVE)) if t else 0
-            for k, t in enumerate(take)))
+        for v, (min_bw, max_lat, ins, f) in enumerate(variants):
+            rates = tuple(sorted(bw for row in ins for bw in row))
+            if rates not in gammas:     # (the same links recur over many count vectors)
+                gammas[rates] = (math.inf if rates[0] <= 0.0
+                                 else _min_max_ratio(micro_batch, rates))
+            gamma = gammas[rates]
+            if gamma is None:
+                continue
+            if size > 1:
+                reduce_a = 2.0 * (size - 1) / (size * min_bw)
+                reduce_b = 2.0 * (size - 1) * max_lat
+            else:
+                reduce_a = reduce_b = 0.0
+            key = (take, v)
+            fasts[key] = f
+            found[key] = [1.0 / max(us), beta, gamma, reduce_a, reduce_b, step]
+            if pooled:
+                found[key] += _profile_terms(take, per_class, profiles, link_bw, link_lat,
+                                             micro_batch, ratios, ins)
+            found[key] += ([max(uppers[k][0] for k in present),
+                            max(uppers[k][1] for k in present)] if firm or mixed
+                           else [math.inf, math.inf])
+            extra[key] = (1.0 / min(us), firm, tuple(
+                min(micro_batch, math.floor(beta * per_class[k][0] * _ABOVE)) if t else 0
+                for k, t in enumerate(take)))
     if not found:
         return None
     if len(found) > CLASS_GROUPS_MAX:
         # a merged group has the smallest count of each class and the smallest of every
         # constant of its members: every stage of a member costs at least as much
+        # (and the fewest members over partners' links)
         merged: dict[tuple[int, ...], tuple[list[int], list[float]]] = {}
-        for vec, consts in found.items():
-            key = tuple(_bucket(c) for c in vec)
-            old = merged.get(key)
+        for key, consts in found.items():
+            vec = (*key[0], fasts[key])
+            where = tuple(_bucket(c) for c in vec)
+            old = merged.get(where)
             if old is None:
-                merged[key] = (list(vec), list(consts))
+                merged[where] = (list(vec), list(consts))
             else:
                 old[0][:] = [min(a, b) for a, b in zip(old[0], vec, strict=True)]
                 old[1][:] = [min(a, b) for a, b in zip(old[1], consts, strict=True)]
         # a merged group has no upper bound (its compute is no member's)
-        found = {tuple(c): k[:-2] + [math.inf, math.inf] for c, k in merged.values()}
+        found = {(tuple(c[:-1]), c[-1]): k[:-2] + [math.inf, math.inf]
+                 for c, k in merged.values()}
+        fasts = {key: key[1] for key in found}
         extra = {c: (0.0, False, (0,) * n_classes) for c in found}
     keys = list(found)
     table = np.asarray([found[k] for k in keys], dtype=np.float64)
-    counts = np.asarray(keys, dtype=np.float64).reshape(len(keys), n_classes)
+    counts = np.asarray([k[0] for k in keys], dtype=np.float64).reshape(len(keys), n_classes)
+    fast_g = np.asarray([fasts[k] for k in keys], dtype=np.float64)
+    # (a group dominates another only with no more members over partners' links too)
+    counted_f = np.concatenate([counts, fast_g[:, None]], axis=1)
     inv_min = np.asarray([extra[k][0] for k in keys])
     firm_g = np.asarray([extra[k][1] for k in keys], dtype=bool)
     shares_g = np.asarray([extra[k][2] for k in keys], dtype=np.float64).reshape(
@@ -545,8 +619,8 @@ def _class_tables(space: ClassSpace, sums: LayerSums, cut_bytes: Sequence[int],
         # groups it drops (an upper bound may always be raised, and where it holds it is
         # above theirs, so a plan of a dropped group as the dominant stage has one of the
         # kept group)
-        kept = _undominated(counts, table[:, :-2])
-        lower = np.concatenate([counts, table[:, :-2]], axis=1)
+        kept = _undominated(counted_f, table[:, :-2])
+        lower = np.concatenate([counted_f, table[:, :-2]], axis=1)
         for g in np.setdiff1d(np.arange(len(keys)), kept):
             h = kept[int(np.argmax(np.all(lower[kept] <= lower[g], axis=1)))]
             ups[h] = np.maximum(ups[h], ups[g])
@@ -557,10 +631,10 @@ def _class_tables(space: ClassSpace, sums: LayerSums, cut_bytes: Sequence[int],
         # group with a larger one (or none) is not: a group dominates only where its upper
         # bound is no smaller on every layer range
         has_up = np.isfinite(table[:, -2])
-        kept = _undominated(counts, np.concatenate(
+        kept = _undominated(counted_f, np.concatenate(
             [table[:, :-2], np.where(has_up[:, None], -ups, -math.inf)], axis=1),
             firm_g | ~has_up)
-    counts, table = counts[kept], table[kept]
+    counts, table, fast_g = counts[kept], table[kept], fast_g[kept]
     ups, firm_g, shares_g = ups[kept], firm_g[kept], shares_g[kept]
     inv_u, beta, gamma, red_a, red_b, step = table[:, :6].T
     num_layers = len(sums.fwd_slope) - 1
@@ -618,7 +692,9 @@ def _class_tables(space: ClassSpace, sums: LayerSums, cut_bytes: Sequence[int],
     totals = np.asarray(counts_all, dtype=np.float64)
     if not pooled:
         return _ClassTables(tuple(firsts), tuple(rows), counts, totals, speeds,
-                            uppers=tuple(tops))
+                            uppers=tuple(tops),
+                            fast=None if partners is None else fast_g,
+                            fast_total=0.0 if partners is None else partners[2])
     n_prof = len(profiles)
     lat_prof, gamma_prof = table[:, 6:6 + n_prof], table[:, 6 + n_prof:6 + 2 * n_prof]
     own = [profiles.index(_profile_of(
@@ -769,19 +845,23 @@ def _sender_profiles(link_bw: list[list[float]],
 def _profile_terms(take: tuple[int, ...], per_class: list[tuple[Any, ...]],
                    profiles: list[tuple[float, ...]], link_bw: list[list[float]],
                    link_lat: list[list[float]], micro_batch: int,
-                   ratios: dict[tuple[float, ...], float]) -> list[float]:
+                   ratios: dict[tuple[float, ...], float],
+                   ins: Sequence[Sequence[float]] | None = None) -> list[float]:
     """Constants of the group ``take`` for ``_counted`` ([Note: counted pools]): per sender
     profile the smallest latency and the smallest ``max_e b_e / bw_e`` over integer shares
     of a transfer into the group (inf where no member can receive), then its own profile
     as a sender in a form where smaller is better (minus each bandwidth, each latency).
-    ``ratios`` caches ``_min_max_ratio`` by its rates."""
+    ``ratios`` caches ``_min_max_ratio`` by its rates; ``ins``: per class, upper bounds of
+    the links into the group's members from outside it (default: the class's fastest)."""
     n_classes = len(take)
     present = [k for k, t in enumerate(take) if t]
+    member_ins = ins if ins is not None else [per_class[k][1][:take[k]]
+                                              for k in range(n_classes)]
     lats, gammas = [], []
     for profile in profiles:
         bw_in, lat_in = profile[:n_classes], profile[n_classes:]
         lat = min(lat_in[k] for k in present)
-        rates = [min(bw, bw_in[k]) for k in present for bw in per_class[k][1][:take[k]]]
+        rates = [min(bw, bw_in[k]) for k in present for bw in member_ins[k]]
         if min(rates) <= 0.0 or math.isinf(lat):
             lats.append(math.inf)
             gammas.append(math.inf)
@@ -795,6 +875,140 @@ def _profile_terms(take: tuple[int, ...], per_class: list[tuple[Any, ...]],
     # the links this group offers the next stage, best when smallest (for _undominated)
     own = _profile_of(present, link_bw, link_lat)
     return lats + gammas + [-v for v in own[:n_classes]] + list(own[n_classes:])
+
+
+def _pair_links(space: ClassSpace, classes: list[list[int]],
+                partners: _Partners | None = None) -> dict[
+        tuple[int, ...], list[tuple[float, float, tuple[tuple[float, ...], ...], int]]]:
+    """Per count vector of two devices of ``classes``, the variants of [Note: pairs of
+    devices]: ``(link bandwidth, link latency, per class the links into its members from
+    outside the pair, fastest first, members over a partner's link)``, one per distinct
+    value over the pairs of devices of those counts. ``partners`` (``_partners``): a
+    member whose partner is outside the pair receives over the partner's link (counted)
+    or over the fastest of the rest ([Note: partner links]).
+
+    [Note: pairs of devices]
+    A group's members receive their shares from the stage before, a group disjoint from
+    theirs, so a link between two members is no link into the group: on a fleet whose
+    fast links are wired pairs, a pair that takes a stage together all-reduces over its
+    fast link and receives over slow ones, and a pair that receives over two fast links
+    all-reduces over a slow one. The bounds of a group of many devices take the fastest
+    link into each member and the best link between members of its classes (or the best
+    triangle's) apart, which gives a two-device group both; a group of two devices is
+    instead taken per pair of devices ``{a, b}``: the all-reduce over the link ``a-b``
+    (the faster way and the smaller latency: at most ``allreduce_time``'s numbers), each
+    member's share over its fastest link from a device other than the two (inf where
+    there is none: no stage can come before a group of the whole cluster). The DP takes
+    the smallest over the variants of a count vector, so every stage on any pair has
+    bounds at least one variant's. (Groups of three or more already all-reduce over the
+    best triangle's slowest link, which on such fleets is a slow one.)"""
+    cluster, names = space.cluster, space.names
+    cls = {d: k for k, members in enumerate(classes) for d in members}
+    devices = sorted(cls)
+    n_classes = len(classes)
+
+    def bw(a: int, b: int) -> float:
+        return cluster.bandwidth_bytes_s(names[a], names[b])
+
+    out: dict[tuple[int, ...],
+              list[tuple[float, float, tuple[tuple[float, ...], ...], int]]] = {}
+    for x, a in enumerate(devices):
+        for b in devices[x + 1:]:
+            link = max(bw(a, b), bw(b, a))
+            lat = min(cluster.latency_s(names[a], names[b]),
+                      cluster.latency_s(names[b], names[a]))
+            # per member: (class, [(link in from outside the pair, over its partner)])
+            options: list[tuple[int, list[tuple[float, int]]]] = []
+            for d in (a, b):
+                rest = [bw(e, d) for e in devices if e not in (a, b)]
+                best = max(rest) if rest else math.inf
+                mate = None if partners is None else partners[0][d]
+                if mate is None or mate in (a, b) or partners is None:
+                    options.append((cls[d], [(best, 0)]))
+                else:
+                    options.append((cls[d], [(best, 1), (partners[1][d], 0)]))
+            for (rate_a, f_a), (rate_b, f_b) in itertools.product(options[0][1],
+                                                                 options[1][1]):
+                per: list[list[float]] = [[] for _ in range(n_classes)]
+                per[options[0][0]].append(rate_a)
+                per[options[1][0]].append(rate_b)
+                take = tuple(len(p) for p in per)
+                value = (link, lat, tuple(tuple(sorted(p, reverse=True)) for p in per),
+                         f_a + f_b)
+                known = out.setdefault(take, [])
+                if value not in known:
+                    known.append(value)
+    return out
+
+
+_Partners = tuple[list[int | None], list[float], int]
+"""``_partners``' value: per device its partner (None: none), its fastest link in from
+any device but its partner, and the most members over partners' links in a plan."""
+
+FAST_GROUP_MAX = 16
+"""The priced class bound counts the members over partners' links in groups of at most
+this many devices ([Note: partner links]); larger groups take them for free (fewer
+groups)."""
+
+FAST_PRICE = 1.0
+"""The price of a member over a partner's link in ``_relaxed``, in units of the fastest
+class's device price ([Note: partner links])."""
+
+
+def _partners(space: SearchSpace) -> _Partners | None:
+    """[Note: partner links]: per device its *partner*, the one device whose link into it
+    is faster than every other device's (None where two or more tie, or alone), its
+    fastest link in from any other device, and ``K``, the most devices of a plan that
+    receive from their partners; None where no two devices are each other's partners
+    (then ``K`` is the number of devices with a partner, no limit).
+
+    [Note: partner links]
+    Where a device ``e`` has a partner ``p``, a message into ``e`` from any other device
+    goes over a link no faster than ``e``'s second-fastest; so ``e`` receives a share over
+    its fastest link only where ``p`` is in the stage right before ``e``'s. Two devices
+    that are each other's partners (a wired pair on a fleet) cannot both do that: each
+    would be in the stage before the other. So a plan has at most ``K`` = (devices with a
+    partner) - (such mutual pairs) members that receive over a partner's link. The priced
+    class bound (``_relaxed``) counts them: a group's variant with ``f`` of them takes the
+    ``f`` fastest links in of its classes' members and the fastest second links for the
+    others (every group with ``f`` such members receives no faster: the links of each
+    kind are at most those, member for member), and pays ``f`` times a Lagrange price
+    (``FAST_PRICE`` times the device price, its factor walked after the device prices in
+    each bucket) against ``K`` of them, as for the devices of each class: every value is
+    still a lower bound. To keep the groups few, ``f`` runs over ``0`` and ``[g, 2g - 1]``
+    for ``g = 1, 2, 4, ...``, each range one variant of cost ``g`` at the links of its
+    largest ``f`` (no slower than any ``f`` in it, as long as a partner's link is faster
+    than the second link it replaces; beyond that more only slow the group down, and the
+    last variant covers them), and groups of more than ``FAST_GROUP_MAX`` devices take
+    every member's fastest link for free (a relaxation of the count: they pay nothing,
+    and the others pay for at most ``K``). Groups of two devices take it per pair of
+    devices ([Note: pairs of devices]). Without the count, a fleet's coarse classes let
+    every member of a wired pair receive at the pair's speed, in every stage at once
+    (ResNet-50 on the 32-device fleet of ``tools/time_planner.py``, micro-batch 8: 1.30 s
+    without, 1.66 s with it, against 2.92 s where no member may use a partner's link).
+    Counted pools see the classes of the stage before instead and do not use it."""
+    cluster, names, n = space.cluster, space.names, space.n
+    if n < 3:
+        return None
+    mate: list[int | None] = []
+    second: list[float] = []
+    for e in range(n):
+        links = sorted(((cluster.bandwidth_bytes_s(names[d], names[e]), d)
+                        for d in range(n) if d != e), reverse=True)
+        if links[0][0] > links[1][0]:
+            mate.append(links[0][1])
+            second.append(links[1][0])
+        else:
+            mate.append(None)
+            second.append(links[0][0])
+    mutual = 0
+    for e, p in enumerate(mate):
+        if p is not None and mate[p] == e:
+            mutual += 1
+    mutual //= 2
+    if not mutual:
+        return None
+    return mate, second, sum(1 for m in mate if m is not None) - mutual
 
 
 def _undominated(counts: np.ndarray, consts: np.ndarray,
@@ -883,7 +1097,8 @@ def _triangle_links(space: SearchSpace) -> tuple[float, float]:
 
 
 def _relaxed(tables: _ClassTables, m: int, low: float, top: float, limit: float,
-             prices: np.ndarray, rho: float = 0.0, deadline: float | None = None) -> float:
+             prices: np.ndarray, rho: float = 0.0, deadline: float | None = None,
+             fast_price: float = 0.0) -> float:
     """``L``: the smallest value of bound (A) of [Note: the class bound] over relaxed plans
     whose stages all have ``x <= top``, whose dominant stage has ``X > low`` and whose
     stages up to the dominant one keep ``M X_d + T_a < limit``, with devices priced at
@@ -908,6 +1123,9 @@ def _relaxed(tables: _ClassTables, m: int, low: float, top: float, limit: float,
     rest_gate = _rest_gate(m, int(tables.totals.sum()), rho, low, top)
     with_d = np.full(count + 1, inf)            # suffixes holding the dominant stage
     cost = (tables.counts @ prices)[:, None]
+    if tables.fast is not None:
+        # [Note: partner links]: each member over a partner's link costs fast_price
+        cost = cost + (tables.fast * fast_price)[:, None]
     shift = np.minimum(np.arange(a_max) + 1, a_max - 1)
     points = list(range(a_max)) if a_max <= _CHORD_POINTS else sorted(
         {round(k * (a_max - 1) / (_CHORD_POINTS - 1)) for k in range(_CHORD_POINTS)})
@@ -982,7 +1200,8 @@ def _relaxed(tables: _ClassTables, m: int, low: float, top: float, limit: float,
                            inf)
             with_d[i] = min(with_d[i], (c_b.min(axis=0) + with_d[nxt]).min())
     # the prices cancel: allow for the rounding of the large terms
-    paid = float(prices @ tables.totals)
+    paid = float(prices @ tables.totals) + (fast_price * tables.fast_total
+                                             if tables.fast is not None else 0.0)
     found = float(with_d[0])
     if math.isinf(found):
         return found          # no relaxed plan: none in the bucket
@@ -1348,8 +1567,9 @@ def class_bound(space: ClassSpace, sums: LayerSums, cut_bytes: Sequence[int],
                 deadline: float | None = None, max_evals: int | None = None,
                 rho: float = 0.0, buckets: int | None = None,
                 pools: bool = True,
-                cache: dict[tuple[int, bool], _ClassTables | None] | None = None,
-                optimizer_state_factor: float | None = None) -> float | None:
+                cache: dict[tuple[int, bool, bool], _ClassTables | None] | None = None,
+                optimizer_state_factor: float | None = None,
+                partner_links: bool = True) -> float | None:
     """A lower bound, at most ``target``, on the round time of every plan of the wide space
     (``ClassSpace``: every group in every order) with this micro-batch size on the
     candidate ends ``ends`` ([Note: the class bound]); None when the
@@ -1364,10 +1584,11 @@ def class_bound(space: ClassSpace, sums: LayerSums, cut_bytes: Sequence[int],
     ``CLASS_COUNTED_BUCKETS`` where the pools are counted); ``pools``: count the pools
     where they are few (``counts_pools``; False: prices, quicker and weaker); ``cache``:
     the tables of earlier calls on the same space, layers, cuts, batch and optimizer state
-    factor, by micro-batch size and ``pools`` (they do not depend on the target), filled
-    as they are built; ``optimizer_state_factor``: the plans' (memory), where known: the
-    priced bound then knows upper bounds of mixed groups' stage times too ([Note: rigid
-    groups]).
+    factor, by micro-batch size, ``pools`` and ``partner_links`` (they do not depend on
+    the target), filled as they are built; ``optimizer_state_factor``: the plans'
+    (memory), where known: the priced bound then knows upper bounds of mixed groups' stage
+    times too ([Note: rigid groups]); ``partner_links``: the priced bound counts the
+    members over partners' links ([Note: partner links]; False: quicker, weaker tables).
 
     [Note: the class bound]
     Let ``d`` be the dominant stage (largest ``X``) and ``a = min(M, S - d) - 1`` (at most
@@ -1402,7 +1623,7 @@ def class_bound(space: ClassSpace, sums: LayerSums, cut_bytes: Sequence[int],
         return None
     m = num_micro
     top_all = target / m
-    key = (micro_batch, pools)
+    key = (micro_batch, pools, partner_links)
     try:
         if cache is not None and key in cache:
             tables = cache[key]
@@ -1410,7 +1631,7 @@ def class_bound(space: ClassSpace, sums: LayerSums, cut_bytes: Sequence[int],
             tables = _class_tables(
                 space, sums, cut_bytes, ends, micro_batch, deadline, pools,
                 None if optimizer_state_factor is None
-                else (optimizer_state_factor, num_micro))
+                else (optimizer_state_factor, num_micro), partner_links)
             if cache is not None:
                 cache[key] = tables
         if tables is not None and tables.pooled is not None:
@@ -1424,12 +1645,15 @@ def class_bound(space: ClassSpace, sums: LayerSums, cut_bytes: Sequence[int],
         return target        # no group can take a micro-batch: no plan
     shape = tables.speeds / tables.speeds.max()
     afters: dict[float, tuple[float, _After]] = {}
+    fast_scale = [1.0]      # the partner links' price factor of the last bucket
 
     def bucket(low: float, top: float, price: float, enough: float) -> tuple[float, float]:
         """``(bound of the bucket, best price)``: the dual is concave in the price, so walk
         from ``price`` by factors of ``_PRICE_STEP`` while the bound rises (stop once it
-        reaches ``enough``), then try once its square root either way."""
-        def value(p: float) -> float:
+        reaches ``enough``), then try once its square root either way; then the price of
+        the members over partners' links ([Note: partner links]) the same way, by itself
+        (its best factor is kept in ``fast_scale`` for the next bucket)."""
+        def value(p: float, q: float | None = None) -> float:
             if deadline is not None and time.perf_counter() > deadline:
                 raise _Late
             evals[0] += 1
@@ -1443,7 +1667,8 @@ def class_bound(space: ClassSpace, sums: LayerSums, cut_bytes: Sequence[int],
                 if known is None:
                     afters[top] = (low, made)
             else:
-                found = _relaxed(tables, m, low, top, target, p * top * shape, rho, deadline)
+                found = _relaxed(tables, m, low, top, target, p * top * shape, rho, deadline,
+                                 p * top * FAST_PRICE * (fast_scale[0] if q is None else q))
             return max(m * low, found) if not math.isnan(found) else m * low
 
         best = value(price)
@@ -1463,6 +1688,18 @@ def class_bound(space: ClassSpace, sums: LayerSums, cut_bytes: Sequence[int],
                 trial = value(price * factor)
                 if trial > best:
                     best, price = trial, price * factor
+        if tables.fast is not None:
+            scale = fast_scale[0]
+            for factor in (_PRICE_STEP, 1.0 / _PRICE_STEP):
+                moved = False
+                while best < enough and _PRICE_MIN < scale < _PRICE_MAX:
+                    trial = value(price, scale * factor)
+                    if trial <= best:
+                        break
+                    best, scale, moved = trial, scale * factor, True
+                if moved:
+                    break
+            fast_scale[0] = scale
         return best, price
 
     # buckets (low, top, bound, price) of X_d covering (0, target / M]: a coarse grid,

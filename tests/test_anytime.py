@@ -11,6 +11,7 @@ from contracts.errors import PlanError
 from contracts.plan import Plan
 from solver.anytime import (
     WIDE_EXACT_MAX,
+    WIDE_SHORT_MAX,
     check_time_limit,
     plan_or_raise,
     search,
@@ -170,6 +171,8 @@ def test_the_order_searches_the_sizes_the_class_bound_leaves(
                            links=[("d0", "d1", 1000.0)]).for_costs(costs)
     assert wide_size(costs, cluster) > WIDE_EXACT_MAX
     assert counts_pools(ClassSpace(costs, cluster))
+    # (the wide search where the bound falls short: tested below)
+    monkeypatch.setattr(solver.anytime, "WIDE_SHORT_MAX", 0)
     monkeypatch.setattr(solver.anytime, "ORDER_FIRST_SIZES", first_sizes)
     first = search(costs, cluster, 32)
     monkeypatch.setattr(solver.anytime, "ORDER_FIRST_SIZES", 100)
@@ -185,3 +188,45 @@ def test_the_order_searches_the_sizes_the_class_bound_leaves(
                                       for mb in (1, 2, 4, 8, 16, 32))
     if seed == 0:
         assert first.bound.bound_s == every.bound.bound_s
+
+
+@pytest.mark.parametrize(("seed", "speeds", "pairs"), [
+    # pools counted (4 classes of 72 count vectors): the wide search replaces the
+    # order's pass over the sizes left out where the counted bound falls short
+    (0, [2.0, 2.0, 1.4, 1.4, 1.0, 1.0, 1.0, 0.7], [("d0", "d1")]),
+    # a fleet: boards of three speeds, two wired pairs, one of two boards of a kind
+    # (classes of 2, 2, 1, 1, 1, 1: 2916 pairs, 144 count vectors, priced bounds): the
+    # wide search after the bounds
+    (3, [2.0, 1.4, 1.0, 2.0, 1.4, 1.0, 2.0, 1.4], [("d0", "d3"), ("d1", "d2")]),
+])
+def test_a_wide_space_the_bounds_do_not_prove_is_searched_without_a_limit(
+        seed: int, speeds: list[float], pairs: list[tuple[str, str]],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # [Note: the wide space where the bound falls short]: more than WIDE_EXACT_MAX pairs
+    # but at most WIDE_SHORT_MAX, the bounds leave a gap: the plan is optimal over every
+    # order, as the wide search finds it on its own
+    import random
+
+    import solver.anytime
+    from solver.bounds import counts_pools
+    from solver.space import ClassSpace
+    from tests.solver_cases import random_costs
+
+    costs = random_costs(random.Random(seed), 24)
+    cluster = make_cluster(speeds, links=[(a, b, 1000.0) for a, b in pairs],
+                           latency_ms=2.0).for_costs(costs)
+    assert WIDE_EXACT_MAX < wide_size(costs, cluster) <= WIDE_SHORT_MAX
+    assert counts_pools(ClassSpace(costs, cluster)) == (seed == 0)
+    report = search(costs, cluster, 16)
+    assert report.complete and report.plan is not None and report.bound is not None
+    assert report.bound.stopped == "" and report.bound.gap == 0.0
+    assert report.bound.order_optimal and report.phases[-1] == "classes"
+    wide = asteroid_dp(costs, cluster, 16, space="classes")
+    assert report.round_time_s == pytest.approx(wide.round_time_s, rel=1e-9)
+    assert evaluate(report.plan, costs, cluster).round_time_s == pytest.approx(
+        report.round_time_s, rel=1e-12)
+    # the bounds alone (no wide search) leave a gap: the case needs the search
+    monkeypatch.setattr(solver.anytime, "WIDE_SHORT_MAX", 0)
+    alone = search(costs, cluster, 16)
+    assert alone.bound is not None and alone.bound.stopped == "size limit"
+    assert alone.bound.gap > 1e-6 and alone.round_time_s >= report.round_time_s

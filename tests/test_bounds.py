@@ -830,3 +830,101 @@ def test_late_gate_holds_for_every_stage_after_the_dominant_one() -> None:
         t_a = [rng.choice([0.0, rng.uniform(0, 5), rng.uniform(0, 50)]) for _ in e_f]
         tight += check(e_f, e_b, t_a, rng.randint(1, 16), rho)
     assert tight > 300      # measured: at most 92 % of the round, 70 % or more on 661
+
+
+def _wired_pairs_instance(seed: int, *, max_layers: int, max_devices: int,
+                          **_: Any) -> tuple[Any, Any, int]:
+    """A fleet in miniature: boards of two speeds on a slow network, one or two wired
+    pairs (disjoint) of fast links, a latency everywhere; parameters large or small, so
+    that a pair may take a stage together or receive over its fast link ([Note: pairs of
+    devices] in solver.bounds)."""
+    import random
+
+    from tests.solver_cases import make_cluster, random_costs
+
+    rng = random.Random(seed)
+    n = rng.randint(3, max_devices)
+    costs = random_costs(rng, rng.randint(2, max_layers),
+                         param_scale=rng.choice([0.1, 1.0, 10.0]))
+    speeds = [rng.choice([0.6, 1.4]) for _ in range(n)]
+    order = rng.sample(range(n), n)
+    pairs = [(f"d{order[2 * k]}", f"d{order[2 * k + 1]}", 1000.0)
+             for k in range(rng.randint(1, n // 2))]
+    cluster = make_cluster(speeds, 1024.0, rng.choice([10.0, 100.0]), pairs,
+                           latency_ms=rng.choice([0.2, 2.0]))
+    return costs, cluster, rng.choice([2, 4, 6, 8])
+
+
+@pytest.mark.parametrize("kind", ["counted", "priced", "coarse", "few partners"])
+def test_class_bound_on_wired_pairs_is_below_every_plan(
+        monkeypatch: pytest.MonkeyPatch, kind: str) -> None:
+    # [Note: pairs of devices]: a group of two devices all-reduces over its own link and
+    # receives over the links from outside it; [Note: partner links]: the priced bound
+    # counts the members over partners' links (groups of at most two only: "few
+    # partners"); no plan of brute force below the bound, with the pools counted,
+    # priced, or over classes of the same compute
+    import solver.bounds
+
+    if kind != "counted":
+        monkeypatch.setattr(solver.bounds, "CLASS_POOLS_MAX", 0)
+    if kind == "few partners":
+        monkeypatch.setattr(solver.bounds, "FAST_GROUP_MAX", 2)
+    if kind == "coarse":
+        monkeypatch.setattr(solver.bounds, "bound_classes", solver.bounds._coarse_classes)
+    checked, above = _check_class_bound(range(1400, 1440), _wired_pairs_instance, devices=5)
+    assert checked > 1000
+    assert above > 20
+
+
+def test_pair_links_see_a_wired_pair_from_outside() -> None:
+    # a wired pair of two boards of a kind: as a group of two, its all-reduce goes over the
+    # fast link and both members receive over the slow network; a pair of one of them and
+    # another board receives the first one's share over the fast link
+    from solver.bounds import _pair_links, _partners
+    from solver.space import ClassSpace
+    from tests.solver_cases import make_cluster, uniform_costs
+
+    costs = uniform_costs(3)
+    cluster = make_cluster([1.0, 1.0, 1.0, 1.0], bandwidth_mbps=100.0,
+                           links=[("d0", "d1", 1000.0)]).for_costs(costs)
+    space = ClassSpace(costs, cluster)
+    classes = [list(members) for members in space.classes]
+    assert sorted(len(c) for c in classes) == [2, 2]
+    fast, slow = 1000e6 / 8, 100e6 / 8
+    wired = next(k for k, members in enumerate(classes)
+                 if {space.names[d] for d in members} == {"d0", "d1"})
+    variants = _pair_links(space, classes)
+    both = tuple(2 if k == wired else 0 for k in range(2))
+    assert variants[both] == [(fast, 0.0, tuple((slow, slow) if k == wired else ()
+                                                for k in range(2)), 0)]
+    mixed = (1, 1)
+    assert sorted(v[0] for v in variants[mixed]) == [slow]
+    ins = variants[mixed][0][2]
+    assert ins[wired] == (fast,) and ins[1 - wired] == (slow,)
+    # [Note: partner links]: d0 and d1 are each other's partners, one of them at most
+    # receives over the wired link; the pair of a wired board and another has a variant
+    # over it (one member counted) and one without
+    partners = _partners(space)
+    assert partners is not None
+    mate, second, most = partners
+    names = space.names
+    assert {names[mate[names.index("d0")]], names[mate[names.index("d1")]]} == {"d0", "d1"}
+    assert mate[names.index("d2")] is None and most == 1
+    assert second[names.index("d0")] == slow
+    counted = _pair_links(space, classes, partners)
+    assert counted[both] == variants[both]
+    assert sorted((v[2][wired], v[3]) for v in counted[mixed]) == [((slow,), 0),
+                                                                  ((fast,), 1)]
+
+
+def test_partners_need_a_mutual_pair() -> None:
+    # a hub whose fast links go out to every other device: each of those has the hub as
+    # its partner, the hub has none (a tie), and nothing limits them (None)
+    from solver.bounds import _partners
+    from solver.space import ClassSpace
+    from tests.solver_cases import make_cluster, uniform_costs
+
+    costs = uniform_costs(3)
+    hub = make_cluster([1.0] * 4, bandwidth_mbps=100.0,
+                       links=[("d0", f"d{k}", 1000.0) for k in (1, 2, 3)]).for_costs(costs)
+    assert _partners(ClassSpace(costs, hub)) is None
