@@ -13,6 +13,7 @@ their initial weights; samples follow [Note: fine-tuning data] in ``runtime.samp
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import logging
@@ -42,7 +43,7 @@ from solver.pac import (
 )
 
 __all__ = ["FinetuneResult", "PacReplanner", "build_adapter_model", "measure_samples",
-           "measure_step", "measure_step_memory", "pac_model_of",
+           "measure_step", "measure_step_memory", "pac_model_of", "paired_extra",
            "prepare_finetune",
            "run_finetune", "reference_finetune", "DEFAULT_SAMPLES_BATCHES"]
 
@@ -68,14 +69,39 @@ def build_adapter_model(spec: Any, *, rank: int, seed: int, layers: Sequence[Any
     return model, pac, inputs
 
 
+WAIT_S = 0.01
+"""Seconds ``measure_step`` and ``measure_cold_segments`` wait before each timed step or
+cold call, as a device waits for the all-reduce (phase 2) or its input (phase 1) between
+two (see [Note: a step after a wait])."""
+
+# [Note: a step after a wait]
+# A device runs one phase-2 step per all-reduce and waits for the collective in between;
+# in phase 1 a stage waits for its input between two calls. The call after a wait starts
+# with its caches (and the core's predictors) partly cold, more so when other work ran
+# meanwhile (on the emulator: the other devices). On this project's host one gpt_small
+# adapter step of 4 cached samples took 5.3 ms of CPU back to back, 5.5-5.6 ms after a 2 ms
+# sleep and 6.1-6.3 ms after a 15 ms one (the forward +20 %, the backward +8 %), and the
+# emulated devices measured 6.1-6.3 ms per step against the back-to-back fit's 4.95 ms.
+# A one-sample forward of a segment (2 ms) took 0.1-0.3 ms more after a 2 ms sleep and
+# 0.6-0.8 ms more after a 10 ms sleep with a sweep of the last-level cache, steadily (a
+# sweep alone: 0.1-0.7 ms, from one measurement to the next); the emulated phase-1
+# devices paid 0.5-1.2 ms per call. So ``measure_step`` times each step and
+# ``measure_cold_segments`` each cold call after a pause of ``WAIT_S``, about a phase-2
+# all-reduce on the emulated cluster: each is timed as the runtime runs it. A device with
+# nothing else to run keeps more of its caches over a wait and pays less than this.
+
+
 def measure_step(pac: AdapterModel, spec: Any, *, batch_sizes: Sequence[int] = (1, 4, 8),
-                 repeats: int = 5, rounds: int = 3) -> tuple[float, float]:
+                 repeats: int = 5, rounds: int = 3,
+                 pause_s: float = WAIT_S) -> tuple[float, float]:
     """``(intercept_s, per_sample_s)`` of one phase-2 step of ``pac`` on this host, one
     thread as a device runs (per batch size the least of ``rounds`` medians of ``repeats``
-    after a warm-up, fitted as ``cost_models.profile`` fits layers); the adapters' weights
-    are left unchanged. A step is what ``runtime.pac_train`` does on a device besides the
+    after a warm-up, fitted as ``cost_models.profile`` fits layers), each step timed after
+    a pause of ``pause_s`` ([Note: a step after a wait]); the adapters' weights are left
+    unchanged. A step is what ``runtime.pac_train`` does on a device besides the
     all-reduce: its entry from the cache's per-sample rows (``cat_rows``), the side path,
-    the head and the loss forward and backward, the gradients packed for the all-reduce
+    the head and the loss forward (counting what autograd saves, ``saved_storages``) and
+    backward, the gradients packed for the all-reduce
     and unpacked from it (``wire_tensor``, ``take_gradients``), and the run's optimizer
     step (``make_optimizer``). Each run is timed in this thread's CPU seconds, not wall
     clock: on a shared host other jobs would otherwise stretch the fit (the fits of one
@@ -84,6 +110,7 @@ def measure_step(pac: AdapterModel, spec: Any, *, batch_sizes: Sequence[int] = (
     figure, so the least of a few rounds is kept, the rounds interleaved over the batch
     sizes so that a busy moment does not skew one size alone."""
     from cost_models.profile import fit_time
+    from runtime.memory import saved_storages
     from runtime.pac_train import SLOTS, cat_rows, take_gradients, wire_tensor
     from runtime.train import make_optimizer, resolve_loss_fn
 
@@ -91,6 +118,7 @@ def measure_step(pac: AdapterModel, spec: Any, *, batch_sizes: Sequence[int] = (
     loss_fn = resolve_loss_fn(model_file)
     saved = {k: v.clone() for k, v in pac.trainable_state().items()}
     params = pac.trainable_parameters()
+    skip = {t.untyped_storage().data_ptr() for t in [*pac.parameters(), *pac.buffers()]}
     try:
         with single_thread():
             optimizer = make_optimizer(model_file, params, 1e-3)
@@ -101,9 +129,12 @@ def measure_step(pac: AdapterModel, spec: Any, *, batch_sizes: Sequence[int] = (
                 rows, targets = made[batch]
                 runs = []
                 for i in range(repeats + 1):
+                    if pause_s > 0:
+                        time.sleep(pause_s)
                     began = time.thread_time()
                     entry = cat_rows(rows)
-                    loss = loss_fn(pac.train_forward(entry), targets)
+                    with saved_storages(skip):       # the runtime counts them every step
+                        loss = loss_fn(pac.train_forward(entry), targets)
                     loss.backward()
                     grads = [p.grad if p.grad is not None else torch.zeros_like(p)
                              for p in params]
@@ -131,13 +162,15 @@ def _last_level_cache_bytes(default: int = 32 * 2**20) -> int:
     return max(sizes) if sizes else default
 
 
-def measure_cold_segments(pac: AdapterModel, spec: Any, *, repeats: int = 7,
-                          rounds: int = 3) -> tuple[float, ...]:
+def measure_cold_segments(pac: AdapterModel, spec: Any, *, repeats: int = 5,
+                          rounds: int = 3, pause_s: float = WAIT_S) -> tuple[float, ...]:
     """Per backbone segment of ``pac``, the CPU seconds a forward of one sample takes
     beyond a warm one when it starts with the segment's weights out of the cache (after
-    reading twice this host's last-level cache of other memory), as phase 1 calls it
-    after each wait (see [Note: cold weights in phase 1] in ``solver.pac``): per segment
-    the least of ``rounds`` medians of ``repeats`` for each, one thread, never below 0."""
+    reading twice this host's last-level cache of other memory, and after a pause of
+    ``pause_s``), as phase 1 calls it after each wait (see [Note: cold weights in phase 1]
+    in ``solver.pac``): per segment the median over ``rounds x repeats`` pairs of a warm
+    forward and the cold one right after it (:func:`paired_extra`), one thread, never below
+    0."""
     from asteroid_fx.model_spec import model_inputs
 
     sweep = torch.empty(2 * _last_level_cache_bytes() // 4)
@@ -150,6 +183,8 @@ def measure_cold_segments(pac: AdapterModel, spec: Any, *, repeats: int = 7,
 
         def timed(j: int, cold: bool) -> float:
             if cold:
+                if pause_s > 0:
+                    time.sleep(pause_s)
                 sweep.add_(1.0)
             began = time.thread_time()
             pac.run_segment(j, inputs[j])
@@ -158,12 +193,20 @@ def measure_cold_segments(pac: AdapterModel, spec: Any, *, repeats: int = 7,
         extra = []
         for j in range(len(pac.segments)):
             timed(j, False)
-            warm = cold = math.inf
-            for _ in range(rounds):
-                warm = min(warm, statistics.median(timed(j, False) for _ in range(repeats)))
-                cold = min(cold, statistics.median(timed(j, True) for _ in range(repeats)))
-            extra.append(max(0.0, cold - warm))
+            extra.append(paired_extra(functools.partial(timed, j, False),
+                                      functools.partial(timed, j, True), rounds * repeats))
     return tuple(extra)
+
+
+def paired_extra(warm: Callable[[], float], cold: Callable[[], float], pairs: int) -> float:
+    """The median over ``pairs`` pairs of ``cold() - warm()``, each ``cold()`` run right
+    after its ``warm()``; never below 0. A busy moment of the host slows both runs of a
+    pair alike, so it stays out of the difference."""
+    differences = []
+    for _ in range(pairs):
+        before = warm()
+        differences.append(cold() - before)
+    return max(0.0, statistics.median(differences))
 
 
 def _cached_rows(pac: AdapterModel, spec: Any, batch_size: int

@@ -168,10 +168,14 @@ def _handoff_s(cluster: Cluster, phase1: Plan, s: int, owners: Sequence[str],
 # this project's host a segment's forward of one sample took 17-21 % longer after a sweep
 # of the last-level cache than warm (an L2-sized sweep: +1 %), and the phase-1 runs
 # measured their forwards' CPU 11-28 % above the table. So ``finetune`` measures, per
-# segment, a one-sample forward cold against warm (``asteroid_fx.finetune.
-# measure_cold_segments``, ``PacModel.segment_cold_s``) and :func:`segment_costs` adds the
-# difference to each call of the segment, over the device's speed like its layers. A
-# device whose cache holds its weights between calls (no other work) pays less than this.
+# segment, a one-sample forward cold (after a pause and a sweep of the last-level cache,
+# as a stage calls it after its wait: asteroid_fx/finetune.py [Note: a step after a wait])
+# against the warm one right before it (``asteroid_fx.finetune.measure_cold_segments``,
+# ``PacModel.segment_cold_s``) and :func:`segment_costs` adds the difference to each call
+# of the segment, over the device's speed like its layers. With the sweep alone the
+# figure moved 0.1-0.8 ms a segment between measurements and phase 1's prediction 0.58-
+# 0.71 s with it; with the pause it is 0.6-0.8 ms. A device whose cache holds its weights
+# between calls (no other work) pays less than this.
 
 
 def predict_finetune(plan: PacPlan, costs: CostTable, cluster: Cluster) -> PacPrediction:
@@ -237,13 +241,15 @@ def _phase2_compute(costs: CostTable, cluster: Cluster, model: PacModel,
     compute = []
     intercept, per_sample = model.step_fit
     for device, share in zip(devices, shares, strict=True):
-        # what the runtime pays beyond a step timed back to back: a forward and a backward
-        # call after the step's all-reduce, and the round's own (the device's runtime
-        # overhead, asteroid_fx/runtime_overhead.py [Note: runtime overhead])
+        # the runtime's own cost of a round (the device's runtime overhead,
+        # asteroid_fx/runtime_overhead.py [Note: runtime overhead]): its bookkeeping, which
+        # the measured fit leaves out; the fit times the step's forward and backward calls
+        # as the runtime makes them, after a wait (asteroid_fx/finetune.py [Note: a step
+        # after a wait]), so the overhead's per-call costs would count them twice
         sums, divisor = timing.sums_of(device), timing.device(device).divisor
         if intercept + per_sample > 0:   # measured: the whole step, over the device's speed
             compute.append((intercept + per_sample * share) / speeds[device]
-                           + (sums.call_fwd + sums.call_bwd + sums.round_s) / divisor)
+                           + sums.round_s / divisor)
             continue
         head = (timing.fwd_time(device, head_first, last, share)       # calls included
                 + bwd_share * timing.bwd_time(device, head_first, last, share))
