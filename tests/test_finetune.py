@@ -261,7 +261,7 @@ def test_measured_step_runs_the_runs_optimizer_on_cached_rows(
     assert len(steps) == 2 * 2 * (2 + 1)
     # each run after a pause, as a device's step after its all-reduce wait
     pauses: list[float] = []
-    monkeypatch.setattr(finetune.time, "sleep", pauses.append)
+    monkeypatch.setattr(finetune, "_wait", pauses.append)
     measure_step(pac, spec, batch_sizes=(1, 2), repeats=2, rounds=2, pause_s=0.004)
     assert pauses == [0.004] * (2 * 2 * (2 + 1))
     pauses.clear()
