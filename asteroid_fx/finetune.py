@@ -106,9 +106,9 @@ def measure_step(pac: AdapterModel, spec: Any, *, batch_sizes: Sequence[int] = (
     unchanged. A step is what ``runtime.pac_train`` does on a device besides the
     all-reduce: its entry from the cache's per-sample rows (``cat_rows``), the side path,
     the head and the loss forward (counting what autograd saves, ``saved_storages``) and
-    backward, the gradients packed for the all-reduce
-    and unpacked from it (``wire_tensor``, ``take_gradients``), and the run's optimizer
-    step (``make_optimizer``). Each run is timed in this thread's CPU seconds, not wall
+    backward, the gradients packed for the all-reduce and unpacked from it
+    (``wire_tensor``, ``take_gradients``), and the run's optimizer step
+    (``make_optimizer``). Each run is timed in this thread's CPU seconds, not wall
     clock: on a shared host other jobs would otherwise stretch the fit (the fits of one
     host varied 10x with its load). Other jobs still slow the CPU itself (caches, memory
     bandwidth): single medians of one host at load 2-3 came out 13-25 % above its quiet
