@@ -805,6 +805,11 @@ def finetune(
         "--cache-dtype", help="keep the activation cache in this dtype: bfloat16 or float16 "
         "halve the cache, its hand-offs and fetches (entries rounded once; the adapters "
         "still train in the model's dtype); default: as the backbone computes them")] = None,
+    cache_store: Annotated[str, typer.Option(
+        "--cache-store", help="where each device keeps its cache rows: memory, disk (a file "
+        "in $ASTEROID_CACHE_DIR or the temporary directory, read back every phase-2 step: "
+        "the cache costs storage reads instead of memory) or auto (memory where the cache "
+        "fits there, else disk)")] = "auto",
     fail: Annotated[str | None, typer.Option(
         "--fail", help="DEVICE@STEP: with --emulate, kill that device at the start of step "
         "STEP (in epoch 1: during phase-1 mini-batch STEP, and phase 1 is re-planned on the "
@@ -819,6 +824,9 @@ def finetune(
             raise PlanError(f"--method must be pac or full, got {method!r}")
         if method == "full" and cache_dtype is not None:
             raise PlanError(f"--cache-dtype {cache_dtype} applies to --method pac only (full "
+                            f"fine-tuning keeps no activation cache); drop it")
+        if method == "full" and cache_store != "auto":
+            raise PlanError(f"--cache-store {cache_store} applies to --method pac only (full "
                             f"fine-tuning keeps no activation cache); drop it")
         if epochs < 1:
             raise PlanError(f"--epochs must be >= 1, got {epochs}")
@@ -838,7 +846,8 @@ def finetune(
                                     phase1_planner=phase1_planner,
                                     phase1_objective=phase1_objective,
                                     phase1_slack=phase1_slack, cache=cache,
-                                    cache_slack=cache_slack, cache_dtype=cache_dtype)
+                                    cache_slack=cache_slack, cache_dtype=cache_dtype,
+                                    cache_store=cache_store)
         console.print(_pac_report(plan_obj), markup=False, highlight=False)
         console.print(f"wrote {out}/")
         if emulate is not None:
@@ -875,14 +884,17 @@ def _pac_report(plan_obj: Any) -> str:
                          f"peaks {peaks}")
     cache_choice = plan_obj.meta.get("cache_choice")
     lines.append(f"cache: {cache_choice['reason'] if cache_choice else plan_obj.cache}")
+    if cache_choice and cache_choice.get("store_reason"):
+        lines.append(f"cache store: {cache_choice['store_reason']}")
     pred = plan_obj.predicted
     if pred is not None:
         lines.append(f"predicted: phase-1 step {pred.phase1_step_s * 1e3:.2f} ms, phase-2 step "
                      f"{pred.phase2_step_s * 1e3:.2f} ms (all-reduce "
                      f"{pred.allreduce_s * 1e3:.2f} ms); epoch 1 {pred.epoch1_s:.3f} s, later "
                      f"epochs {pred.epoch_s:.3f} s, total {pred.total_s:.3f} s")
+        where = " on disk" if plan_obj.cache_store == "disk" else ""
         lines += [f"  {d}: peak {_fmt_bytes(pred.peak_memory_bytes[d])}, cache "
-                  f"{_fmt_bytes(pred.cache_bytes[d])}" for d in plan_obj.devices]
+                  f"{_fmt_bytes(pred.cache_bytes[d])}{where}" for d in plan_obj.devices]
     return "\n".join(lines)
 
 

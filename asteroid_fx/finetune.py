@@ -43,7 +43,7 @@ from solver.pac import (
 )
 
 __all__ = ["FinetuneResult", "PacReplanner", "build_adapter_model", "measure_samples",
-           "measure_step", "measure_step_memory", "pac_model_of", "paired_extra",
+           "measure_disk", "measure_step", "measure_step_memory", "pac_model_of", "paired_extra",
            "prepare_finetune",
            "run_finetune", "reference_finetune", "DEFAULT_SAMPLES_BATCHES"]
 
@@ -214,6 +214,42 @@ def paired_extra(warm: Callable[[], float], cold: Callable[[], float], pairs: in
     return max(0.0, statistics.median(differences))
 
 
+def measure_disk(pac: AdapterModel, spec: Any, *, rows: int = 8, repeats: int = 5,
+                 pause_s: float = WAIT_S, directory: str | None = None) -> tuple[float, float]:
+    """``(write_s_per_byte, read_s_per_byte)``: this host's CPU seconds per byte to write
+    ``rows`` cache rows of ``pac`` to a disk cache's file (``runtime.activation_cache.
+    DiskRows`` in ``directory``, None: ``ASTEROID_CACHE_DIR`` or the system's temporary
+    directory) and to read them back, one thread, medians of ``repeats`` after a warm-up,
+    each read after a pause of ``pause_s`` as a phase-2 step reads its rows after the
+    all-reduce ([Note: a cache on disk] in solver/pac.py). The file stays in the page
+    cache: storage bandwidth is the cluster's ``storage_mb_s``."""
+    import os
+
+    from runtime.activation_cache import CACHE_DIR_ENV, DiskRows
+
+    made, _ = _cached_rows(pac, spec, rows)
+    made = [pac.to_cache(row) for row in made]
+    size = sum(t.numel() * t.element_size() for row in made for t in row)
+    store = DiskRows(directory or os.environ.get(CACHE_DIR_ENV) or None)
+    writes, reads = [], []
+    try:
+        with single_thread():
+            for i in range(repeats + 1):
+                began = time.thread_time()
+                for j, row in enumerate(made):
+                    store[i * rows + j] = row
+                writes.append(time.thread_time() - began)
+                if pause_s > 0:
+                    _wait(pause_s)
+                began = time.thread_time()
+                for j in range(rows):
+                    store[i * rows + j]
+                reads.append(time.thread_time() - began)
+    finally:
+        store.close()
+    return (statistics.median(writes[1:]) / size, statistics.median(reads[1:]) / size)
+
+
 def _cached_rows(pac: AdapterModel, spec: Any, batch_size: int
                  ) -> tuple[list[tuple[torch.Tensor, ...]], Any]:
     """``(rows, targets)`` of ``batch_size`` example samples: each sample's cache entry
@@ -284,11 +320,11 @@ def prepare_finetune(spec: Any, cluster: Any, costs: Any, out: str | Path, *, ba
                      phase1_planner: str = "asteroid", phase1_objective: str = "memory",
                      phase1_slack: float = DEFAULT_PHASE1_SLACK, cache: str = "auto",
                      cache_slack: float = DEFAULT_CACHE_SLACK,
-                     cache_dtype: str | None = None) -> PacPlan:
-    """Build the adapter model, plan both phases (``cache``, ``cache_slack``: where the
-    activation cache lives, ``solver.pac.plan_finetune``) and write the PAC directory
-    ``out``; ``cache_dtype`` (``"bfloat16"`` ...): the dtype the cache keeps its entries in
-    ([Note: cache dtype] in ``runtime.adapter_model``)."""
+                     cache_dtype: str | None = None, cache_store: str = "auto") -> PacPlan:
+    """Build the adapter model, plan both phases (``cache``, ``cache_slack``,
+    ``cache_store``: where the activation cache lives, ``solver.pac.plan_finetune``) and
+    write the PAC directory ``out``; ``cache_dtype`` (``"bfloat16"`` ...): the dtype the
+    cache keeps its entries in ([Note: cache dtype] in ``runtime.adapter_model``)."""
     from asteroid_fx.package import save_partition
 
     samples = SampleSource(spec, seed, num_samples if num_samples is not None else
@@ -297,7 +333,10 @@ def prepare_finetune(spec: Any, cluster: Any, costs: Any, out: str | Path, *, ba
                                               train_head=train_head, cache_dtype=cache_dtype)
     measured = costs.source != "analytic"
     step_fit = measure_step(pac, spec) if measured else (0.0, 0.0)
-    model = replace(pac_model_of(pac, step_fit),
+    write_s, read_s = measure_disk(pac, spec) if measured and cache_store != "memory" \
+        else (0.0, 0.0)
+    model = replace(pac_model_of(pac, step_fit), write_s_per_byte=write_s,
+                    read_s_per_byte=read_s,
                     sample_s=measure_samples(samples) if measured else 0.0,
                     step_saved_bytes=measure_step_memory(pac, spec),
                     segment_cold_s=measure_cold_segments(pac, spec) if measured else ())
@@ -305,7 +344,7 @@ def prepare_finetune(spec: Any, cluster: Any, costs: Any, out: str | Path, *, ba
                          num_samples=samples.num_samples, epochs=epochs,
                          micro_batch_size=micro_batch_size, phase1_planner=phase1_planner,
                          phase1_objective=phase1_objective, phase1_slack=phase1_slack,
-                         cache=cache, cache_slack=cache_slack)
+                         cache=cache, cache_slack=cache_slack, cache_store=cache_store)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     parts: list[Any] = [*pac.segments, pac.head]
@@ -344,6 +383,8 @@ class FinetuneResult:
     #: the others included: the smallest is about the collective alone (the device that
     #: arrived last waited for no one), the spread is the devices' uneven arrival
     allreduce_s: dict[str, float] = field(default_factory=dict)
+    #: where the devices kept the cache: ``memory`` or ``disk`` (``PacPlan.cache_store``)
+    cache_store: str = "memory"
 
     @property
     def losses(self) -> list[float]:
@@ -379,7 +420,8 @@ class FinetuneResult:
             with_cache = self.peak_with_cache_bytes.get(device)
             lines.append(f"  {device}: peak tensors {peak / 2**20:.1f} MiB"
                          + ("" if cached is None else f", cache {cached / 2**20:.1f} MiB")
-                         + ("" if with_cache is None else
+                         + (" on disk" if self.cache_store == "disk" and cached else "")
+                         + ("" if with_cache is None or self.cache_store == "disk" else
                             f", peak with the cache {with_cache / 2**20:.1f} MiB"))
         return "\n".join(lines)
 
@@ -435,7 +477,7 @@ def run_finetune(directory: str | Path, cluster: str | Path, *, seed: int = 0, l
                           cache_bytes=dict(last.get("cache_bytes", {})),
                           peak_with_cache_bytes=dict(last.get("peak_with_cache_bytes", {})),
                           predicted={} if plan.predicted is None else plan.predicted.to_dict(),
-                          recoveries=recoveries,
+                          recoveries=recoveries, cache_store=plan.cache_store,
                           allreduce_s={w.device: statistics.median(w.allreduce_times)
                                        for w in result.workers if w.allreduce_times})
 

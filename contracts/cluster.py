@@ -19,7 +19,7 @@ __all__ = ["Device", "Link", "Cluster"]
 
 _MIB = 2**20
 
-_DEVICE_KEYS = {"name", "type", "memory_gb", "speed", "flops", "workspace_mb"}
+_DEVICE_KEYS = {"name", "type", "memory_gb", "speed", "flops", "workspace_mb", "storage_mb_s"}
 
 
 def _host_memory_bytes() -> int:
@@ -64,7 +64,10 @@ class Device:
     ``workspace_bytes`` is what a training process holds there beyond its tensors (its
     type's default, contracts/devices.py, or ``workspace_mb:``); a cost table that
     measured it for the type overrides it, and plans fit a device's stage into the rest
-    (``Cluster.workspace_bytes``, ``Cluster.usable_bytes``)."""
+    (``Cluster.workspace_bytes``, ``Cluster.usable_bytes``). ``storage_mb_s``: read and
+    write bandwidth of its local storage in megabytes per second (``storage_mb_s:``; None:
+    not limited by storage, as when files stay in the page cache), which a PAC disk cache
+    pays (docs/finetune.md, "A cache on disk")."""
 
     name: str
     type: str
@@ -72,6 +75,7 @@ class Device:
     speed: float | None = None
     flops: float | None = None
     workspace_bytes: int = 0
+    storage_mb_s: float | None = None
 
     def speed_against(self, host_flops: float) -> float:
         """Speed relative to a host whose effective FLOP/s is ``host_flops``."""
@@ -91,6 +95,8 @@ class Device:
         known = DEVICE_TYPES.get(self.type)
         if known is None or self.workspace_bytes != known.workspace_bytes:
             out["workspace_mb"] = self.workspace_bytes / _MIB
+        if self.storage_mb_s is not None:
+            out["storage_mb_s"] = self.storage_mb_s
         return out
 
     @classmethod
@@ -139,8 +145,10 @@ class Device:
             else:
                 raise ClusterError(f"device {name!r} of type custom needs speed (relative to "
                                    f"local) or flops, e.g. speed: 0.7")
+        storage = _positive(entry["storage_mb_s"], "storage_mb_s", dict(entry)) \
+            if "storage_mb_s" in entry else None
         return cls(name=name, type=dtype.name, memory_bytes=memory, speed=speed, flops=flops,
-                   workspace_bytes=workspace)
+                   workspace_bytes=workspace, storage_mb_s=storage)
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from contracts.errors import PlanError
 from contracts.plan import Plan
 
 __all__ = ["PacModel", "PacPrediction", "PacPlan", "PAC_PLAN_VERSION", "CACHE_PLACEMENTS",
-           "Ranges"]
+           "CACHE_STORES", "Ranges"]
 
 PAC_PLAN_VERSION = 1
 
@@ -24,6 +24,11 @@ CACHE_PLACEMENTS = ("local", "sharded")
 """``local``: every device caches exactly the rows it trains on; ``sharded``: some rows are
 cached on other devices, in phase 1 (handed to their phase-2 holder when phase 1 ends) or in
 phase 2 too (streamed to the trainer every step); see ``PacPlan.homes``."""
+
+CACHE_STORES = ("memory", "disk")
+"""``memory``: a device keeps its cache rows as tensors; ``disk``: in an unnamed file of its
+local storage (``runtime.activation_cache.DiskRows``), read back for every phase-2 step, so
+that the cache costs storage reads instead of memory."""
 
 Ranges = Tuple[Tuple[Tuple[int, int], ...], ...]
 """Per device (in ``PacPlan.devices`` order): half-open row ranges of every mini-batch."""
@@ -51,7 +56,10 @@ class PacModel:
     makes it, before the cache rounds it to its dtype (0: the same as ``entry_bytes``);
     ``segment_cold_s``: per backbone segment, the seconds a forward call of one sample
     takes beyond a warm one when the segment's weights are no longer in the cache, as
-    phase 1 calls it after each wait (measured on the profiling host; empty: none).
+    phase 1 calls it after each wait (measured on the profiling host; empty: none);
+    ``write_s_per_byte`` / ``read_s_per_byte``: seconds per byte to write cache rows to a
+    file and to read them back (from the page cache) on the profiling host, one thread,
+    which a disk cache (``PacPlan.cache_store``) pays (0: not measured).
     """
 
     taps: tuple[int, ...]
@@ -65,6 +73,8 @@ class PacModel:
     step_saved_bytes: int = 0
     made_entry_bytes: int = 0
     segment_cold_s: tuple[float, ...] = ()
+    write_s_per_byte: float = 0.0
+    read_s_per_byte: float = 0.0
 
     @property
     def made_bytes(self) -> int:
@@ -83,7 +93,9 @@ class PacModel:
                 "sample_s": self.sample_s, "allreduce_bytes": self.allreduce_bytes,
                 "step_saved_bytes": self.step_saved_bytes,
                 "made_entry_bytes": self.made_entry_bytes,
-                "segment_cold_s": list(self.segment_cold_s)}
+                "segment_cold_s": list(self.segment_cold_s),
+                "write_s_per_byte": self.write_s_per_byte,
+                "read_s_per_byte": self.read_s_per_byte}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> PacModel:
@@ -98,7 +110,9 @@ class PacModel:
                    allreduce_bytes=int(data.get("allreduce_bytes", 0)),
                    step_saved_bytes=int(data.get("step_saved_bytes", 0)),
                    made_entry_bytes=int(data.get("made_entry_bytes", 0)),
-                   segment_cold_s=tuple(float(v) for v in data.get("segment_cold_s", ())))
+                   segment_cold_s=tuple(float(v) for v in data.get("segment_cold_s", ())),
+                   write_s_per_byte=float(data.get("write_s_per_byte", 0.0)),
+                   read_s_per_byte=float(data.get("read_s_per_byte", 0.0)))
 
 
 @dataclass(frozen=True)
@@ -122,6 +136,11 @@ class PacPrediction:
     #: one hand-off of the rows parked elsewhere in phase 1 (in ``epoch1_s``)
     fetch_s: float = 0.0
     handoff_s: float = 0.0
+    #: a disk cache: the slowest device's seconds to write its rows of one mini-batch in
+    #: phase 1 (in ``phase1_step_s``) and to read them back in a phase-2 step (in
+    #: ``phase2_step_s``)
+    write_s: float = 0.0
+    read_s: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return {"phase1_step_s": self.phase1_step_s, "phase2_step_s": self.phase2_step_s,
@@ -130,7 +149,8 @@ class PacPrediction:
                 "peak_memory_bytes": dict(self.peak_memory_bytes),
                 "cache_bytes": dict(self.cache_bytes),
                 "phase1_closed_form_s": self.phase1_closed_form_s,
-                "fetch_s": self.fetch_s, "handoff_s": self.handoff_s}
+                "fetch_s": self.fetch_s, "handoff_s": self.handoff_s,
+                "write_s": self.write_s, "read_s": self.read_s}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> PacPrediction:
@@ -141,7 +161,9 @@ class PacPrediction:
                    cache_bytes={k: int(v) for k, v in data["cache_bytes"].items()},
                    phase1_closed_form_s=float(data.get("phase1_closed_form_s", 0.0)),
                    fetch_s=float(data.get("fetch_s", 0.0)),
-                   handoff_s=float(data.get("handoff_s", 0.0)))
+                   handoff_s=float(data.get("handoff_s", 0.0)),
+                   write_s=float(data.get("write_s", 0.0)),
+                   read_s=float(data.get("read_s", 0.0)))
 
 
 @dataclass(frozen=True)
@@ -178,6 +200,9 @@ class PacPlan:
     #: trainer that is not a key caches its own rows in that phase.
     cache_phase1: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
     cache_phase2: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
+    #: where every device keeps its cache rows: ``memory`` or ``disk`` (``CACHE_STORES``);
+    #: a disk cache is always ``local``
+    cache_store: str = "memory"
 
     def __post_init__(self) -> None:
         if len(self.devices) != len(self.shares) or not self.devices:
@@ -189,6 +214,12 @@ class PacPlan:
         if self.cache not in CACHE_PLACEMENTS:
             raise PlanError(f"cache placement {self.cache!r} is not one of "
                             f"{list(CACHE_PLACEMENTS)}")
+        if self.cache_store not in CACHE_STORES:
+            raise PlanError(f"cache store {self.cache_store!r} is not one of "
+                            f"{list(CACHE_STORES)}")
+        if self.cache_store == "disk" and self.cache != "local":
+            raise PlanError("a disk cache keeps every trainer's rows on itself (cache "
+                            "'local'), got a sharded one; re-plan")
         for what, holders in (("cache_phase1", self.cache_phase1),
                               ("cache_phase2", self.cache_phase2)):
             for trainer, counts in holders.items():
@@ -252,6 +283,7 @@ class PacPlan:
                 "steps_per_epoch": self.steps_per_epoch, "epochs": self.epochs,
                 "phase1": self.phase1.to_dict(), "devices": list(self.devices),
                 "shares": list(self.shares), "cache": self.cache,
+                "cache_store": self.cache_store,
                 "predicted": None if self.predicted is None else self.predicted.to_dict(),
                 "model_hash": self.model_hash, "cluster_hash": self.cluster_hash,
                 "fallback": {d: list(v) for d, v in self.fallback.items()},
@@ -274,6 +306,7 @@ class PacPlan:
                        devices=tuple(data["devices"]),
                        shares=tuple(int(s) for s in data["shares"]),
                        cache=str(data.get("cache", "local")),
+                       cache_store=str(data.get("cache_store", "memory")),
                        predicted=None if pred is None else PacPrediction.from_dict(pred),
                        model_hash=str(data.get("model_hash", "")),
                        cluster_hash=str(data.get("cluster_hash", "")),

@@ -2,11 +2,100 @@
 
 from __future__ import annotations
 
+import tempfile
 from dataclasses import dataclass, field
+from typing import Iterator, MutableMapping, Tuple
 
 import torch
 
-__all__ = ["ActivationCache"]
+from contracts.errors import RuntimeFailure
+
+__all__ = ["ActivationCache", "DiskRows", "CACHE_DIR_ENV"]
+
+CACHE_DIR_ENV = "ASTEROID_CACHE_DIR"
+"""The environment variable naming the directory of a device's disk cache file (unset:
+the system's temporary directory)."""
+
+Row = Tuple[torch.Tensor, ...]
+
+
+class DiskRows(MutableMapping[int, Row]):
+    """Cache rows kept in an unnamed temporary file of the device's storage instead of
+    memory (``PacPlan.cache_store == "disk"``, [Note: a cache on disk] in solver/pac.py):
+    a row is appended as the raw bytes of its parts and read back into fresh tensors, so
+    memory holds only the rows a step asks for. The file has no name on disk and is gone
+    when the process ends, however it ends. A row that is replaced or deleted leaves its
+    bytes behind (phase 2 only reads)."""
+
+    def __init__(self, directory: str | None = None) -> None:
+        try:
+            self._file = tempfile.TemporaryFile(dir=directory)
+        except OSError as exc:
+            raise RuntimeFailure(f"cannot create the activation cache's file in "
+                                 f"{directory or tempfile.gettempdir()!r}: {exc}; give a "
+                                 f"writable directory with free space in {CACHE_DIR_ENV}"
+                                 ) from None
+        # sample -> (offset, ((shape, dtype), ...))
+        self._index: dict[int, tuple[int, tuple[tuple[tuple[int, ...], torch.dtype], ...]]] = {}
+        self._end = 0
+        self.stored_bytes = 0        # bytes of the rows it holds now
+
+    def __setitem__(self, key: int, row: Row) -> None:
+        if key in self._index:
+            del self[key]
+        layout = []
+        self._file.seek(self._end)
+        size = 0
+        for part in row:
+            flat = part.detach().contiguous().reshape(-1)
+            layout.append((tuple(part.shape), part.dtype))
+            data = flat.view(torch.uint8).numpy()
+            try:
+                self._file.write(data.data)
+            except OSError as exc:
+                raise RuntimeFailure(f"cannot write the activation cache's file: {exc}; free "
+                                     f"storage or use --cache-store memory") from None
+            size += data.nbytes
+        self._index[key] = (self._end, tuple(layout))
+        self._end += size
+        self.stored_bytes += size
+
+    def __getitem__(self, key: int) -> Row:
+        offset, layout = self._index[key]
+        self._file.seek(offset)
+        out: list[torch.Tensor] = []
+        for shape, dtype in layout:
+            part = torch.empty(shape, dtype=dtype)
+            data = part.reshape(-1).view(torch.uint8).numpy()
+            got = self._file.readinto(data.data) if data.nbytes else 0
+            if got != data.nbytes:
+                raise RuntimeFailure(f"the activation cache's file ended after {got} of "
+                                     f"{data.nbytes} bytes of sample {key}'s row")
+            out.append(part)
+        return tuple(out)
+
+    def __delitem__(self, key: int) -> None:
+        _offset, layout = self._index.pop(key)
+        self.stored_bytes -= sum(_nbytes(shape, dtype) for shape, dtype in layout)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._index
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(list(self._index))
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def _nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
+    count = 1
+    for d in shape:
+        count *= d
+    return count * torch.empty((), dtype=dtype).element_size()
 
 
 @dataclass
@@ -18,9 +107,15 @@ class ActivationCache:
     ``hits``/``misses`` count rows served from the cache and rows that had to be computed
     (the first epoch, or samples taken over from a lost device)."""
 
-    rows: dict[int, tuple[torch.Tensor, ...]] = field(default_factory=dict)
+    rows: MutableMapping[int, Row] = field(default_factory=dict)
     hits: int = 0
     misses: int = 0
+
+    @classmethod
+    def on_disk(cls, directory: str | None = None) -> ActivationCache:
+        """A cache whose rows live in a file (:class:`DiskRows`) in ``directory`` (None:
+        the system's temporary directory)."""
+        return cls(rows=DiskRows(directory))
 
     def put(self, start: int, entry: tuple[torch.Tensor, ...]) -> None:
         """Keep the rows of ``entry`` as samples ``start, start + 1, ...``."""
@@ -35,6 +130,8 @@ class ActivationCache:
         their own."""
         for i in indices:
             del self.rows[i]
+        if isinstance(self.rows, DiskRows):      # rows read from a file own their storage
+            return
         for i in neighbours:
             row = self.rows.get(i)
             if row is not None and any(
@@ -65,5 +162,12 @@ class ActivationCache:
 
     @property
     def bytes(self) -> int:
-        """Bytes of the rows the cache holds."""
+        """Bytes of the rows the cache holds (in memory or on disk)."""
+        if isinstance(self.rows, DiskRows):
+            return self.rows.stored_bytes
         return sum(t.numel() * t.element_size() for row in self.rows.values() for t in row)
+
+    @property
+    def resident_bytes(self) -> int:
+        """Bytes of the rows the cache holds in memory (none on disk)."""
+        return 0 if isinstance(self.rows, DiskRows) else self.bytes

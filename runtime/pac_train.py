@@ -93,7 +93,7 @@ from contracts.errors import RuntimeFailure
 from contracts.inputs import model_inputs
 from contracts.pac_plan import PacPlan
 from contracts.plan import Plan, Stage
-from runtime.activation_cache import ActivationCache
+from runtime.activation_cache import CACHE_DIR_ENV, ActivationCache
 from runtime.adapter_model import AdapterModel
 from runtime.comm import Comm
 from runtime.comm import CommFailure as CommFailureError
@@ -300,7 +300,7 @@ class _Phase1:
         buffers, and (for the peak with the cache) the entries cached so far."""
         now = storage_bytes(list(held) + self.comm.held())
         self.in_flight_peak = max(self.in_flight_peak, now)
-        self.cached_peak = max(self.cached_peak, now + cache.bytes)
+        self.cached_peak = max(self.cached_peak, now + cache.resident_bytes)
 
     def _forward(self, s: int, step: int, local: dict[tuple[int, int], tuple[torch.Tensor, ...]],
                  wanted: Sequence[tuple[int, int]] | None, channel: str,
@@ -399,6 +399,9 @@ class _Phase1:
                             parts.setdefault(i, []).extend(t[row:row + 1] for t in got)
                         offset += b - a
         start = step * self.batch_size
+        # this mini-batch's rows, whole, before the cache takes them (a disk cache then
+        # holds none of them in memory)
+        self._note([t for entry in parts.values() for t in entry], cache)
         for i, entry in parts.items():
             cache.put(start + i, tuple(entry))
         # the entries of this mini-batch are in the cache now, with the wire buffers
@@ -538,12 +541,12 @@ def _rehome(group: _Group, comm: Comm, cache: ActivationCache, batch: int, steps
     mini-batch. Returns the group in its phase-2 placement and the most bytes of entries
     and wire buffers held at once on the way."""
     if group.homes == group.later:
-        return group, cache.bytes
+        return group, cache.resident_bytes
     me = group.rank
     peers = [m for m in range(group.world) if m != me]
     out = {m: _within(group.homes[me], group.later[m]) for m in peers}
     into = {m: _within(group.homes[m], group.later[me]) for m in peers}
-    most = cache.bytes
+    most = cache.resident_bytes
     for k in range(steps):
         base = k * batch
         gone = [base + i for rows in out.values() for i in rows]
@@ -556,7 +559,7 @@ def _rehome(group: _Group, comm: Comm, cache: ActivationCache, batch: int, steps
                 got = comm.recv([m], "rehome")[0]
                 for i, row in zip(rows, _split(got, len(rows))):
                     cache.put(base + i, row)
-        most = max(most, cache.bytes + storage_bytes(comm.held()))
+        most = max(most, cache.resident_bytes + storage_bytes(comm.held()))
         comm.flush()
     return replace(group, homes=group.later), most
 
@@ -688,7 +691,9 @@ def finetune_device(source: Any, rank: int, config: TrainConfig, *, hooks: Any =
     params = model.trainable_parameters()
     optimizer = make_optimizer(model_file, params, config.lr)
     loss_fn = resolve_loss_fn(model_file)
-    cache = ActivationCache()
+    # a disk cache's file goes in ASTEROID_CACHE_DIR, else the system's temporary directory
+    cache = ActivationCache.on_disk(os.environ.get(CACHE_DIR_ENV) or None) \
+        if pac.cache_store == "disk" else ActivationCache()
     targets_of: dict[tuple[int, ...], Any] = {}
     metrics = Path(config.metrics) if config.metrics else None
     if metrics is not None and rank == 0 and not config.append_metrics:
@@ -707,7 +712,7 @@ def finetune_device(source: Any, rank: int, config: TrainConfig, *, hooks: Any =
     weights = storage_bytes(list(model.parameters()) + list(model.buffers()))
     peak = weights + p1.in_flight_peak
     # with the cache: phase 1's tensors with the entries this device held at that moment
-    peak_cached = weights + max(p1.cached_peak, cache.bytes)
+    peak_cached = weights + max(p1.cached_peak, cache.resident_bytes)
     model.drop_backbone()
     if not early_head:
         load_head(inner, model)
@@ -777,7 +782,8 @@ def finetune_device(source: Any, rank: int, config: TrainConfig, *, hooks: Any =
             step_peak = fixed + storage_bytes(grads) + storage_bytes(state) + held \
                 + (0 if full is None else storage_bytes(list(full.segments.parameters())))
             peak = max(peak, step_peak)
-            peak_cached = max(peak_cached, step_peak + storage_bytes(comm.held()) + cache.bytes)
+            peak_cached = max(peak_cached,
+                              step_peak + storage_bytes(comm.held()) + cache.resident_bytes)
             _dilate(p1_done, scale)
             computed = time.perf_counter()
             # this thread's CPU for the step besides the all-reduce (what step_fit times):

@@ -207,10 +207,15 @@ def predict_finetune(plan: PacPlan, costs: CostTable, cluster: Cluster) -> PacPr
 
         phase1_step = max(closed_form, simulate_phase1(plan, costs, cluster)[0])
 
+    write, read = [0.0] * len(plan.devices), [0.0] * len(plan.devices)
+    if plan.cache_store == "disk":    # see [Note: a cache on disk]
+        write, read = disk_s(costs, cluster, model, plan.devices, plan.shares)
+        phase1_step += max(write)
     compute = _phase2_compute(costs, cluster, model, plan.devices, plan.shares)
     allreduce = allreduce_time(cluster, plan.devices, model.wire_bytes)
     fetch = _fetch_s(cluster, plan.devices, plan.shares, _table(plan, 2), model.entry_bytes)
-    phase2_step = max(max(compute) + allreduce, fetch)
+    phase2_step = max(max(c + r for c, r in zip(compute, read, strict=True)) + allreduce,
+                      fetch)
     handoff = _rehome_s(cluster, plan.devices, plan.shares, _table(plan, 1), _table(plan, 2),
                         plan.steps_per_epoch * model.entry_bytes)
 
@@ -222,11 +227,44 @@ def predict_finetune(plan: PacPlan, costs: CostTable, cluster: Cluster) -> PacPr
     # then (runtime.pac_train): the frozen weights and the adapter steps never meet
     peak, cache = _peaks(costs, model, plan.devices, plan.shares, steps,
                          phase1_memory(costs, model, plan.phase1), _table(plan, 1),
-                         _table(plan, 2), plan.phase1, _workspaces(cluster, plan.devices))
+                         _table(plan, 2), plan.phase1, _workspaces(cluster, plan.devices),
+                         in_memory=plan.cache_store == "memory")
     return PacPrediction(phase1_step_s=phase1_step, phase2_step_s=phase2_step,
                          allreduce_s=allreduce, epoch1_s=epoch1, epoch_s=epoch,
                          total_s=total, peak_memory_bytes=peak, cache_bytes=cache,
-                         phase1_closed_form_s=closed_form, fetch_s=fetch, handoff_s=handoff)
+                         phase1_closed_form_s=closed_form, fetch_s=fetch, handoff_s=handoff,
+                         write_s=max(write), read_s=max(read))
+
+
+# [Note: a cache on disk]
+# With ``cache_store="disk"`` every device keeps the rows it trains on in an unnamed file
+# of its local storage (runtime.activation_cache.DiskRows; placement ``local``): phase 1
+# writes each mini-batch's rows there as they arrive, and every phase-2 step reads its
+# share back before its forward. Memory then holds only the step's entry, and in phase 1
+# the wire buffers and one mini-batch's rows until they are written, never the whole
+# cache (``_peaks``). The time it costs, per
+# device and mini-batch of ``share`` rows of ``entry_bytes``:
+#     share x entry_bytes x max(X_s_per_byte / speed, 1 / (storage_mb_s x 1e6))
+# for X = write (phase 1, added to its step: a device writes before its next forward) and
+# read (phase 2, added to the device's step). ``X_s_per_byte`` is measured on the profiling
+# host (files in its page cache: the copy's CPU, which scales with the device's speed);
+# ``storage_mb_s`` (a device's storage bandwidth, from the cluster) bounds it where the
+# file has to come from storage, as it does once the cache outgrows the page cache. The
+# shares stay those of the speeds and memory (the reads are a few per cent of a step).
+
+def disk_s(costs: CostTable, cluster: Cluster, model: PacModel, devices: Sequence[str],
+           shares: Sequence[int]) -> tuple[list[float], list[float]]:
+    """Per device: seconds to write and to read its rows of one mini-batch in a disk cache
+    (see [Note: a cache on disk]); pure."""
+    speeds = Timing.of(costs, cluster.for_costs(costs)).speeds
+    write, read = [], []
+    for d, share in zip(devices, shares, strict=True):
+        device = cluster.device(d)
+        floor = 0.0 if device.storage_mb_s is None else 1.0 / (device.storage_mb_s * 1e6)
+        size = share * model.entry_bytes
+        write.append(size * max(model.write_s_per_byte / speeds[d], floor))
+        read.append(size * max(model.read_s_per_byte / speeds[d], floor))
+    return write, read
 
 
 def _phase2_compute(costs: CostTable, cluster: Cluster, model: PacModel,
@@ -363,15 +401,18 @@ def phase1_memory(costs: CostTable, model: PacModel, phase1: Plan) -> dict[str, 
 
 def _peaks(costs: CostTable, model: PacModel, devices: Sequence[str], shares: Sequence[int],
            steps: int, p1_memory: Mapping[str, int], phase1: Holders, phase2: Holders,
-           phase1_plan: Plan | None = None, workspace: Mapping[str, int] | None = None
-           ) -> tuple[dict[str, int], dict[str, int]]:
+           phase1_plan: Plan | None = None, workspace: Mapping[str, int] | None = None,
+           in_memory: bool = True) -> tuple[dict[str, int], dict[str, int]]:
     """Peak bytes of each device over both phases and the bytes it caches in phase 2 (see
     [Note: cache placement]): the device's fixed workspace (``Cluster.workspace_bytes``)
     plus ``max(phase-1 peak + rows held in phase 1 + the hand-offs' wire buffers, phase-2
-    step + rows held in phase 2 + the wire buffers of the rows it streams)``."""
+    step + rows held in phase 2 + the wire buffers of the rows it streams)``; a cache on
+    disk (not ``in_memory``) holds no rows in memory ([Note: a cache on disk])."""
     workspace = workspace or {}
     fixed = _phase2_fixed(costs, model, costs.optimizer_state_factor)
     unit, work = _phase2_per_sample(costs, model, steps)
+    # on disk, phase 1 holds one mini-batch's rows until they are written, phase 2 none
+    unit1, unit2 = (unit, unit) if in_memory else (model.entry_bytes, 0)
     one, two = _counts(devices, shares, phase1), _counts(devices, shares, phase2)
     n = len(devices)
     # phase 1 holds the adapters (and a trained head), not a frozen head
@@ -380,15 +421,15 @@ def _peaks(costs: CostTable, model: PacModel, devices: Sequence[str], shares: Se
     wire1 = _phase1_wire(costs, model, devices, phase1_plan,
                          [sum(one[t][h] for t in range(n)) for h in range(n)])
     for h, d in enumerate(devices):
-        held1 = sum(one[t][h] for t in range(n)) * unit + wire1[h]
-        held2 = sum(two[t][h] for t in range(n)) * unit
+        held1 = sum(one[t][h] for t in range(n)) * unit1 + wire1[h]
+        held2 = sum(two[t][h] for t in range(n)) * unit2
         # streamed rows: a holder keeps two steps' sends in flight (prefetch), the trainer
         # one step's receive buffers besides the step's entry (counted in ``work``)
         wire = model.entry_bytes * (2 * sum(two[t][h] for t in range(n) if t != h)
                                     + sum(two[h][j] for j in range(n) if j != h))
         peak[d] = workspace.get(d, 0) + max(p1_memory.get(d, 0) + weights + held1,
                                             fixed + shares[h] * work + held2 + wire)
-        cache[d] = held2
+        cache[d] = sum(two[t][h] for t in range(n)) * steps * model.entry_bytes
     return peak, cache
 
 
@@ -476,8 +517,9 @@ def _phase2_shares(costs: CostTable, cluster: Cluster, model: PacModel, batch_si
 def _narrower(model: PacModel) -> str:
     """The end of the hint of a cache that does not fit: a narrower cache dtype too, while
     the cache keeps entries as made."""
-    return ", devices with more memory or --cache-dtype bfloat16 (half the bytes)" \
-        if model.made_bytes == model.entry_bytes else " or devices with more memory"
+    return (", devices with more memory, --cache-store disk or --cache-dtype bfloat16 (half "
+            "the bytes)") if model.made_bytes == model.entry_bytes else \
+        ", devices with more memory or --cache-store disk"
 
 
 def _takeover(costs: CostTable, cluster: Cluster, model: PacModel, lost_share: int,
@@ -505,6 +547,10 @@ sharded cache's fetches may make the phase-2 step."""
 CACHE_MODES = ("auto", "local")
 """``auto``: planned by memory and link bandwidth ([Note: cache placement]); ``local``:
 every trainer caches its own rows."""
+
+STORE_MODES = ("auto", "memory", "disk")
+"""Where the cache's rows are kept ([Note: a cache on disk]): ``auto`` in memory where the
+cache fits there, else on disk; ``memory``; ``disk``."""
 
 PHASE1_OBJECTIVES = ("memory", "time")
 """How ``plan_finetune`` picks the phase-1 plan (see [Note: phase-1 objective])."""
@@ -604,7 +650,8 @@ def plan_finetune(costs: CostTable, cluster: Cluster, model: PacModel, *, batch_
                   num_samples: int, epochs: int, micro_batch_size: int | None = None,
                   phase1_planner: str = "asteroid", phase1_objective: str = "memory",
                   phase1_slack: float = DEFAULT_PHASE1_SLACK, cache: str = "auto",
-                  cache_slack: float = DEFAULT_CACHE_SLACK) -> PacPlan:
+                  cache_slack: float = DEFAULT_CACHE_SLACK, cache_store: str = "auto"
+                  ) -> PacPlan:
     """Plan both phases of PAC fine-tuning (see [Note: PAC phases]); pure.
 
     ``phase1_planner`` is any planner of ``solver.api`` (``asteroid``: the fastest
@@ -615,11 +662,13 @@ def plan_finetune(costs: CostTable, cluster: Cluster, model: PacModel, *, batch_
     [Note: phase-1 objective]). ``cache``: ``auto`` (default) places the activation
     cache by memory and link bandwidth, ``local`` keeps every trainer's rows on itself;
     ``cache_slack``: how much longer the phase-2 step may get for fetching rows cached
-    elsewhere (see [Note: cache placement]).
+    elsewhere (see [Note: cache placement]). ``cache_store``: ``memory``, ``disk`` (every
+    device keeps its rows in a file, [Note: a cache on disk]) or ``auto`` (default:
+    memory where the cache fits there, else disk).
 
     Raises:
-        PlanError: bad sizes, objective, cache mode or slack, no forward-only pipeline
-            fits, or the cache fits nowhere.
+        PlanError: bad sizes, objective, cache mode, store or slack, no forward-only
+            pipeline fits, or the cache fits nowhere.
     """
     if batch_size < 1 or epochs < 1:
         raise PlanError(f"--batch-size and --epochs must be >= 1, got {batch_size} and "
@@ -632,6 +681,9 @@ def plan_finetune(costs: CostTable, cluster: Cluster, model: PacModel, *, batch_
                         f"got {phase1_slack}")
     if cache not in CACHE_MODES:
         raise PlanError(f"cache placement must be one of {list(CACHE_MODES)}, got {cache!r}")
+    if cache_store not in STORE_MODES:
+        raise PlanError(f"cache store must be one of {list(STORE_MODES)}, got "
+                        f"{cache_store!r}")
     if not cache_slack >= 0.0:
         raise PlanError(f"cache slack must be >= 0 (a fraction of the phase-2 step), got "
                         f"{cache_slack}")
@@ -647,15 +699,22 @@ def plan_finetune(costs: CostTable, cluster: Cluster, model: PacModel, *, batch_
                                     micro_batch_size, phase1_objective)
     drafts: list[tuple[str, PacPlan, PacPrediction]] = []
     error: PlanError | None = None
-    for label, phase1 in candidates:
-        try:
-            draft = _draft(costs, cluster, model, coarse, phase1, batch_size=batch_size,
-                           num_samples=num_samples, steps=steps, epochs=epochs, cache=cache,
-                           cache_slack=cache_slack)
-        except PlanError as exc:      # this phase 1 leaves no room for the cache
-            error = error or exc
-            continue
-        drafts.append((label, draft, predict_finetune(draft, costs, cluster)))
+    stores = ["memory", "disk"] if cache_store == "auto" else [cache_store]
+    store_reason = "" if cache_store != "auto" else "memory: the cache fits there"
+    for store in stores:
+        for label, phase1 in candidates:
+            try:
+                draft = _draft(costs, cluster, model, coarse, phase1, batch_size=batch_size,
+                               num_samples=num_samples, steps=steps, epochs=epochs,
+                               cache=cache, cache_slack=cache_slack, cache_store=store)
+            except PlanError as exc:      # this phase 1 leaves no room for the cache
+                error = error or exc
+                continue
+            drafts.append((label, draft, predict_finetune(draft, costs, cluster)))
+        if drafts:
+            break
+        if store == "memory" and error is not None and "disk" in stores:
+            store_reason = f"disk: the cache does not fit in memory ({error})"
     if not drafts:
         raise error if error is not None else PlanError(
             "no phase-1 plan leaves room for the activation cache")
@@ -680,12 +739,17 @@ def plan_finetune(costs: CostTable, cluster: Cluster, model: PacModel, *, batch_
     }
     return replace(draft, predicted=pred, meta={
         **dict(draft.meta), "phase1_choice": choice,
-        "cache_choice": {"mode": cache, "slack": cache_slack,
-                         "reason": describe_cache(draft, pred)}})
+        "cache_choice": {"mode": cache, "slack": cache_slack, "store": cache_store,
+                         "reason": describe_cache(draft, pred),
+                         **({"store_reason": store_reason} if store_reason else {})}})
 
 
 def describe_cache(plan: PacPlan, pred: PacPrediction) -> str:
     """One line: where the cache lives and what it costs (see [Note: cache placement])."""
+    if plan.cache_store == "disk":
+        return (f"disk: every device keeps the rows it trains on in a file; writing them "
+                f"{pred.write_s * 1e3:.2f} ms per phase-1 step, reading them "
+                f"{pred.read_s * 1e3:.2f} ms per phase-2 step (slowest device)")
     if plan.cache == "local":
         return "local: every device caches the rows it trains on; nothing moves after phase 1"
     parts = []
@@ -724,16 +788,19 @@ def _reason(objective: str, slack: float, drafts: Sequence[tuple[str, PacPlan, P
 
 def _draft(costs: CostTable, cluster: Cluster, model: PacModel, coarse: CostTable,
            phase1: Plan, *, batch_size: int, num_samples: int, steps: int, epochs: int,
-           cache: str = "auto", cache_slack: float = 0.0) -> PacPlan:
+           cache: str = "auto", cache_slack: float = 0.0, cache_store: str = "memory"
+           ) -> PacPlan:
     """A PAC plan around ``phase1``: phase-2 shares, fallbacks and the cache's placement
-    (see [Note: cache placement]), no prediction."""
+    (see [Note: cache placement] and [Note: a cache on disk]), no prediction."""
     p1_memory = phase1_memory(costs, model, phase1)
     devices = tuple(cluster.names)
+    on_disk = cache_store == "disk"
+    held = 0 if on_disk else steps       # mini-batches of rows a device holds in memory
     try:
-        shares = _phase2_shares(costs, cluster.for_costs(costs), model, batch_size, steps,
+        shares = _phase2_shares(costs, cluster.for_costs(costs), model, batch_size, held,
                                 devices, p1_memory)
     except PlanError as local_error:
-        if cache == "local":
+        if cache == "local" or on_disk:
             raise
         # no local placement: shares by the step's memory alone, the cache placed apart
         try:
@@ -741,15 +808,15 @@ def _draft(costs: CostTable, cluster: Cluster, model: PacModel, coarse: CostTabl
                                     devices, p1_memory)
         except PlanError:
             raise local_error from None
-    phase1_holders, phase2_holders = ({}, {}) if cache == "local" else place_cache(
+    phase1_holders, phase2_holders = ({}, {}) if cache == "local" or on_disk else place_cache(
         costs, cluster, model, devices, shares, steps, p1_memory, cache_slack, phase1)
     fallback = {}
     for lost, lost_share in zip(devices, shares, strict=True):
         others = tuple(d for d in devices if d != lost)
-        extra = _takeover(costs, cluster.for_costs(costs), model, lost_share, steps, others,
+        extra = _takeover(costs, cluster.for_costs(costs), model, lost_share, held, others,
                           {d: p1_memory.get(d, 0) + s * sum(_phase2_per_sample(
-                              costs, model, steps)) for d, s in zip(devices, shares,
-                                                                    strict=True)})
+                              costs, model, held)) for d, s in zip(devices, shares,
+                                                                   strict=True)})
         if extra is not None:
             fallback[lost] = extra
     return PacPlan(model=model, batch_size=batch_size, num_samples=num_samples,
@@ -757,7 +824,8 @@ def _draft(costs: CostTable, cluster: Cluster, model: PacModel, coarse: CostTabl
                    shares=shares, model_hash=costs.model_hash,
                    cluster_hash=cluster.cluster_hash, fallback=fallback,
                    cache="sharded" if phase1_holders or phase2_holders else "local",
-                   cache_phase1=phase1_holders, cache_phase2=phase2_holders)
+                   cache_phase1=phase1_holders, cache_phase2=phase2_holders,
+                   cache_store=cache_store)
 
 
 # [Note: cache placement]
@@ -888,5 +956,5 @@ def replan_phase1(pac: PacPlan, costs: CostTable, cluster: Cluster, failed: Sequ
     fresh = plan_finetune(costs, cluster.subset(survivors), pac.model,
                           batch_size=pac.batch_size, num_samples=pac.num_samples,
                           epochs=pac.epochs, phase1_objective=objective, phase1_slack=slack,
-                          cache="local")
+                          cache="local", cache_store=pac.cache_store)
     return replace(fresh.phase1, plan_version=pac.phase1.plan_version + 1)

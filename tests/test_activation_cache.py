@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import pytest
 import torch
 
-from runtime.activation_cache import ActivationCache
+from contracts.errors import RuntimeFailure
+from runtime.activation_cache import ActivationCache, DiskRows
 
 
 def test_rows_by_sample_index() -> None:
@@ -34,3 +38,51 @@ def test_drop_frees_the_message_the_kept_rows_came_in() -> None:
         row = cache.rows[i][0]
         assert row.untyped_storage().nbytes() == 3 * 4
         torch.testing.assert_close(row, message[i:i + 1])
+
+
+# -- rows on disk (runtime.activation_cache.DiskRows) --------------------------------------
+
+def test_rows_on_disk_come_back_bit_for_bit_and_hold_no_memory(tmp_path: Path) -> None:
+    cache = ActivationCache.on_disk(str(tmp_path))
+    entry = (torch.randn(3, 4, 5), torch.randn(3, 2).to(torch.bfloat16),
+             torch.arange(3).reshape(3, 1), torch.tensor([[True], [False], [True]]),
+             torch.zeros(3, 0))
+    cache.put(10, entry)
+    row_bytes = sum(t[0:1].numel() * t.element_size() for t in entry)
+    assert cache.bytes == 3 * row_bytes and cache.resident_bytes == 0
+    assert len(cache.rows) == 3 and sorted(cache.rows) == [10, 11, 12]
+    got = cache.get([12, 10])
+    assert got is not None
+    for part, want in zip(got, entry, strict=True):
+        assert part.dtype == want.dtype and torch.equal(part, want[[2, 0]])
+    # the file has no name: nothing is left in the directory
+    assert list(tmp_path.iterdir()) == []
+    # a row replaced or handed away: the bytes count what is held
+    cache.put(11, tuple(t[0:1] for t in entry))
+    assert cache.bytes == 3 * row_bytes
+    got = cache.get([11])
+    assert got is not None and torch.equal(got[0], entry[0][0:1])
+    cache.drop([11], [10, 12])
+    assert cache.bytes == 2 * row_bytes and cache.missing([10, 11, 12]) == [11]
+    assert 11 not in cache.rows and 10 in cache.rows
+
+
+def test_the_same_cache_in_memory_counts_its_rows_as_resident() -> None:
+    cache = ActivationCache()
+    cache.put(0, (torch.zeros(2, 8),))
+    assert cache.bytes == cache.resident_bytes == 64
+
+
+def test_a_disk_cache_in_a_missing_directory_is_a_runtime_failure(tmp_path: Path) -> None:
+    with pytest.raises(RuntimeFailure, match="cannot create the activation cache's file in .*"
+                                             "ASTEROID_CACHE_DIR"):
+        DiskRows(str(tmp_path / "no" / "such"))
+
+
+def test_a_truncated_cache_file_is_a_runtime_failure(tmp_path: Path) -> None:
+    rows = DiskRows(str(tmp_path))
+    rows[0] = (torch.ones(1, 16),)
+    rows._file.truncate(8)
+    with pytest.raises(RuntimeFailure, match="ended after 8 of 64 bytes of sample 0's row"):
+        rows[0]
+    rows.close()

@@ -144,6 +144,7 @@ def test_no_latency_keeps_the_old_hash(tmp_path: Path) -> None:
         ("devices: [{name: a, type: local}, {name: b, type: local}]\n"
          "network: {links: [{between: [a, b], latency_ms: 1, jitter_ms: 2}]}", "a link is"),
         ("devices: [{name: a, type: local, workspace_mb: -1}]", "workspace_mb must be >= 0"),
+        ("devices: [{name: a, type: local, storage_mb_s: 0}]", "storage_mb_s must be > 0"),
         ("devices: [{name: a, type: jetson-nano, workspace_mb: 4096}]",
          "workspace_mb 4096 leaves no memory"),
         ("- a\n- b", "a cluster file is a mapping"),
@@ -245,6 +246,17 @@ def test_fixed_workspace_defaults_per_type_and_is_declared_per_device(tmp_path: 
     assert Cluster.from_dict(cluster.to_dict()) == cluster
     with pytest.raises(ClusterError, match="unknown device 'zz'"):
         cluster.workspace_bytes("zz")
+
+
+def test_storage_bandwidth_is_declared_per_device_and_round_trips(tmp_path: Path) -> None:
+    cluster = Cluster.from_yaml(_write(tmp_path, (
+        "devices: [{name: n, type: jetson-nano, storage_mb_s: 80},\n"
+        "          {name: h, type: local}]")))
+    assert cluster.device("n").storage_mb_s == 80.0
+    assert cluster.device("h").storage_mb_s is None
+    # only a declared figure is written out: clusters that declare none keep their hash
+    assert [("storage_mb_s" in d.to_dict()) for d in cluster.devices] == [True, False]
+    assert Cluster.from_dict(cluster.to_dict()) == cluster
 
 
 def test_a_tables_measured_workspace_applies_to_its_type_only() -> None:

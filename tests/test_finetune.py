@@ -13,6 +13,7 @@ from asteroid_fx.costs import analytic_costs
 from asteroid_fx.finetune import pac_model_of, prepare_finetune, reference_finetune
 from asteroid_fx.model_spec import load_model_spec
 from contracts.cluster import Cluster
+from contracts.pac_plan import PacPlan
 from runtime.pac_train import ADAPTERS_FILE, LAYOUT_FILE, PAC_PLAN_FILE, PacSource
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -221,6 +222,26 @@ def test_cold_segments_are_measured_per_segment() -> None:
     assert len(cold) == len(pac.segments) and all(v >= 0.0 for v in cold)
 
 
+def test_disk_costs_are_measured_per_byte_each_read_after_a_pause(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from asteroid_fx import finetune
+    from asteroid_fx.adapters import parallel_adapters
+
+    spec = load_model_spec(GPT)
+    torch.manual_seed(0)
+    pac = parallel_adapters(spec.build_model(), spec.sample_batch(2)[0], rank=2,
+                            cache_dtype="bfloat16")
+    pauses: list[float] = []
+    monkeypatch.setattr(finetune, "_wait", pauses.append)
+    write, read = finetune.measure_disk(pac, spec, rows=4, repeats=3, pause_s=0.002,
+                                        directory=str(tmp_path))
+    assert write > 0 and read > 0
+    assert pauses == [0.002] * (3 + 1)
+    # a byte of a cache row costs less than a microsecond to copy on any host we know
+    assert write < 1e-6 and read < 1e-6
+    assert list(tmp_path.iterdir()) == []          # the file is gone with its store
+
+
 def test_paired_extra_keeps_the_hosts_drift_out() -> None:
     from asteroid_fx.finetune import paired_extra
 
@@ -329,6 +350,10 @@ network:
     (["--cache-dtype", "int8"], "unknown cache dtype 'int8'; choose one of float32"),
     (["--method", "full", "--cache-dtype", "bfloat16"],
      "--cache-dtype bfloat16 applies to --method pac only"),
+    (["--cache-store", "flash"], "cache store must be one of ['auto', 'memory', 'disk'], got "
+                                 "'flash'"),
+    (["--method", "full", "--cache-store", "disk"],
+     "--cache-store disk applies to --method pac only"),
 ])
 def test_bad_options_are_one_line(extra: list[str], words: str, tmp_path: Path,
                                   capsys: pytest.CaptureFixture[str]) -> None:
@@ -355,7 +380,8 @@ def test_cache_that_fits_nowhere(tmp_path: Path, capsys: pytest.CaptureFixture[s
     cluster = tmp_path / "tiny.yaml"
     cluster.write_text(TINY_MEMORY)
     assert main(["finetune", GPT, "--cluster", str(cluster), "--batch-size", "8",
-                 "--samples", "800", "--costs", "analytic", "--out", str(tmp_path / "o")]) == 1
+                 "--samples", "800", "--costs", "analytic", "--out", str(tmp_path / "o"),
+                 "--cache-store", "memory"]) == 1
     line = _one_error_line(capsys.readouterr().err)
     assert "PlanError: the activation cache does not fit: device" in line
     assert "bytes short" in line
@@ -363,9 +389,21 @@ def test_cache_that_fits_nowhere(tmp_path: Path, capsys: pytest.CaptureFixture[s
     # with the cache already in bfloat16 the hint is not repeated
     assert main(["finetune", GPT, "--cluster", str(cluster), "--batch-size", "8",
                  "--samples", "1600", "--costs", "analytic", "--out", str(tmp_path / "o"),
-                 "--cache-dtype", "bfloat16"]) == 1
+                 "--cache-dtype", "bfloat16", "--cache-store", "memory"]) == 1
     line = _one_error_line(capsys.readouterr().err)
-    assert "bytes short" in line and line.endswith("or devices with more memory")
+    assert "bytes short" in line and line.endswith("devices with more memory or --cache-store "
+                                                   "disk")
+    # by default (--cache-store auto) such a cache goes to disk, and the report says why
+    assert main(["finetune", GPT, "--cluster", str(cluster), "--batch-size", "8",
+                 "--samples", "800", "--costs", "analytic", "--out", str(tmp_path / "d")]) == 0
+    report = capsys.readouterr().out
+    assert "cache store: disk: the cache does not fit in memory (the activation cache does " \
+        "not fit" in report
+    plan = PacPlan.load(tmp_path / "d" / PAC_PLAN_FILE)
+    assert plan.cache_store == "disk" and plan.predicted is not None
+    cluster_obj = Cluster.from_yaml(cluster)
+    assert all(peak <= cluster_obj.device(d).memory_bytes
+               for d, peak in plan.predicted.peak_memory_bytes.items())
 
 
 def test_prepare_refuses_a_cache_too_big_for_the_cluster(tmp_path: Path) -> None:
@@ -377,4 +415,4 @@ def test_prepare_refuses_a_cache_too_big_for_the_cluster(tmp_path: Path) -> None
     costs = analytic_costs(spec.build_model(), spec.sample_batch(2)[0])
     with pytest.raises(PlanError, match="bytes short"):
         prepare_finetune(spec, Cluster.from_yaml(cluster_file), costs, tmp_path / "o",
-                         batch_size=8, epochs=1, num_samples=800)
+                         batch_size=8, epochs=1, num_samples=800, cache_store="memory")

@@ -94,8 +94,82 @@ def test_prediction_of_a_hand_made_pipeline() -> None:
 def test_cache_that_fits_nowhere_names_device_and_bytes() -> None:
     cluster = make_cluster([1.0, 0.5], memory_mib=[40, 40])
     with pytest.raises(PlanError, match=r"device 'd\d' .* bytes short") as info:
-        plan_finetune(COSTS, cluster, MODEL, batch_size=8, num_samples=8 * 400, epochs=2)
+        plan_finetune(COSTS, cluster, MODEL, batch_size=8, num_samples=8 * 400, epochs=2,
+                      cache_store="memory")
     assert "\n" not in str(info.value)
+    assert str(info.value).endswith("--cache-store disk or --cache-dtype bfloat16 (half the "
+                                    "bytes)")
+
+
+# -- a cache on disk (see [Note: a cache on disk]) -----------------------------------------
+
+DISKY = replace(MODEL, write_s_per_byte=2e-10, read_s_per_byte=1e-10)
+
+
+def test_a_cache_too_big_for_memory_goes_to_disk_by_default() -> None:
+    cluster = make_cluster([1.0, 0.5], memory_mib=[40, 40])
+    plan = plan_finetune(COSTS, cluster, DISKY, batch_size=8, num_samples=8 * 400, epochs=2)
+    assert plan.cache_store == "disk" and plan.cache == "local"
+    assert plan.meta["cache_choice"]["store_reason"].startswith(
+        "disk: the cache does not fit in memory (the activation cache does not fit")
+    assert plan.meta["cache_choice"]["reason"].startswith("disk: every device keeps")
+    pred = plan.predicted
+    assert pred is not None
+    for d, peak in pred.peak_memory_bytes.items():
+        assert peak <= cluster.device(d).memory_bytes
+        # cache bytes are what it keeps on disk: more than its memory
+        assert pred.cache_bytes[d] > cluster.device(d).memory_bytes
+    assert PacPlan.from_json(plan.to_json()) == plan
+    # where the cache fits in memory, auto keeps it there
+    roomy = plan_finetune(COSTS, cluster, DISKY, batch_size=8, num_samples=16, epochs=2)
+    assert roomy.cache_store == "memory" and "store_reason" in roomy.meta["cache_choice"]
+
+
+def test_a_disk_cache_trades_its_memory_for_reads_and_writes() -> None:
+    cluster = make_cluster([1.0, 0.5], memory_mib=[4096, 4096])
+    kwargs = {"batch_size": 8, "num_samples": 8 * 20, "epochs": 3, "cache": "local"}
+    memory = plan_finetune(COSTS, cluster, DISKY, cache_store="memory",
+                           phase1_objective="time", **kwargs)
+    disk = plan_finetune(COSTS, cluster, DISKY, cache_store="disk", phase1_objective="time",
+                         **kwargs)
+    assert memory.phase1.stages == disk.phase1.stages and memory.shares == disk.shares
+    mp, dp = memory.predicted, disk.predicted
+    assert mp is not None and dp is not None
+    assert dp.cache_bytes == mp.cache_bytes
+    steps, entry = disk.steps_per_epoch, DISKY.entry_bytes
+    for d, share in zip(disk.devices, disk.shares, strict=True):
+        # the whole cache leaves memory; one mini-batch's rows wait to be written at most
+        assert mp.peak_memory_bytes[d] - dp.peak_memory_bytes[d] >= (steps - 1) * share * entry
+    speed = {"d0": 1.0, "d1": 0.5}
+    write = max(share * entry * 2e-10 / speed[d]
+                for d, share in zip(disk.devices, disk.shares, strict=True))
+    read = max(share * entry * 1e-10 / speed[d]
+               for d, share in zip(disk.devices, disk.shares, strict=True))
+    assert dp.write_s == pytest.approx(write) and dp.read_s == pytest.approx(read)
+    assert dp.phase1_step_s == pytest.approx(mp.phase1_step_s + write)
+    assert mp.phase2_step_s < dp.phase2_step_s <= mp.phase2_step_s + read * (1 + 1e-9)
+    assert mp.write_s == mp.read_s == 0.0
+
+
+def test_a_devices_storage_bandwidth_bounds_its_reads() -> None:
+    cluster = make_cluster([1.0, 0.5], memory_mib=[4096, 4096])
+    slow = replace(cluster, devices=tuple(replace(d, storage_mb_s=10.0) if d.name == "d1"
+                                          else d for d in cluster.devices))
+    plan = plan_finetune(COSTS, slow, DISKY, batch_size=8, num_samples=80, epochs=2,
+                         cache_store="disk")
+    share = dict(zip(plan.devices, plan.shares, strict=True))["d1"]
+    assert plan.predicted is not None
+    # 10 MB/s: far slower than the host's page-cache copy at half its speed
+    assert plan.predicted.read_s == pytest.approx(share * DISKY.entry_bytes / 10e6)
+
+
+def test_a_disk_cache_is_never_sharded() -> None:
+    plan = plan_finetune(COSTS, make_cluster([1.0, 0.5]), MODEL, batch_size=8,
+                         num_samples=16, epochs=1, cache_store="disk")
+    with pytest.raises(PlanError, match="a disk cache keeps every trainer's rows on itself"):
+        replace(plan, cache="sharded", cache_phase2={"d0": (plan.shares[0] - 1, 1)})
+    with pytest.raises(PlanError, match="cache store 'tape' is not one of"):
+        replace(plan, cache_store="tape")
 
 
 @pytest.mark.parametrize("kwargs, words", [
@@ -319,7 +393,7 @@ def _placed(memory_mib: list[int], cache: str = "auto", **kwargs: float) -> PacP
     cluster = replace(cluster, devices=tuple(replace(d, workspace_bytes=MIB)
                                              for d in cluster.devices))
     return plan_finetune(COSTS, cluster, MODEL, batch_size=8, num_samples=80, epochs=3,
-                         cache=cache, **kwargs)
+                         cache=cache, cache_store="memory", **kwargs)
 
 
 def _rows_held(plan: PacPlan, phase: int) -> dict[str, int]:
@@ -332,6 +406,12 @@ def test_a_cache_that_fits_only_sharded_is_streamed_from_other_devices() -> None
         _placed([64, 4, 64], cache="local")
     plan = _placed([64, 4, 64])
     assert plan.cache == "sharded" and "d1" in plan.cache_phase2
+    # a sharded cache in memory comes before a cache on disk (--cache-store auto)
+    cluster = replace(make_cluster([1.0, 0.5, 0.5], bandwidth_mbps=1000, memory_mib=[64, 4, 64]))
+    cluster = replace(cluster, devices=tuple(replace(d, workspace_bytes=MIB)
+                                             for d in cluster.devices))
+    auto = plan_finetune(COSTS, cluster, MODEL, batch_size=8, num_samples=80, epochs=3)
+    assert auto.cache_store == "memory" and auto.cache == "sharded"
     assert PacPlan.from_json(plan.to_json()) == plan
     held, own = _rows_held(plan, 2), dict(zip(plan.devices, plan.shares, strict=True))
     assert held["d1"] < own["d1"] and sum(held.values()) == plan.batch_size
@@ -390,6 +470,7 @@ def test_no_slack_keeps_fetches_hidden_behind_the_step() -> None:
 
 
 @pytest.mark.parametrize("kwargs, match", [({"cache": "disk"}, "cache placement must be"),
+                                           ({"cache_store": "tape"}, "cache store must be"),
                                            ({"cache_slack": -1.0}, "cache slack must be")])
 def test_bad_cache_mode_or_slack(kwargs: dict[str, object], match: str) -> None:
     with pytest.raises(PlanError, match=match):

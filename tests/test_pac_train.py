@@ -86,12 +86,12 @@ PIPELINED_PHASE1 = Plan(model_hash="h", cluster_hash="c", batch_size=6, micro_ba
 
 
 def prepare_tiny(tmp_path: Path, epochs: int, *, pipelined: bool = False,
-                 cache: str = "auto", cache_dtype: str | None = None
-                 ) -> tuple[Any, Cluster, Any, Path, PacPlan, Path]:
+                 cache: str = "auto", cache_dtype: str | None = None,
+                 cache_store: str = "auto") -> tuple[Any, Cluster, Any, Path, PacPlan, Path]:
     """``(spec, cluster, costs, out, plan, cluster_file)``: the tiny GPT on a, b, c,
     prepared for ``epochs`` epochs of 2 mini-batches of 6 (adapter rank 4); with
     ``pipelined``, phase 1 is :data:`PIPELINED_PHASE1`; ``cache``: the placement mode;
-    ``cache_dtype``: the cache's dtype."""
+    ``cache_dtype``: the cache's dtype; ``cache_store``: memory, disk or auto."""
     model_file = tmp_path / "tiny.py"
     model_file.write_text(TINY_GPT)
     cluster_file = tmp_path / "c.yaml"
@@ -101,7 +101,8 @@ def prepare_tiny(tmp_path: Path, epochs: int, *, pipelined: bool = False,
     costs = analytic_costs(spec.build_model(), spec.example_inputs(2)[0], model_name=spec.name)
     out = tmp_path / "pac"
     plan = prepare_finetune(spec, cluster, costs, out, batch_size=6, epochs=epochs,
-                            num_samples=12, rank=4, cache=cache, cache_dtype=cache_dtype)
+                            num_samples=12, rank=4, cache=cache, cache_dtype=cache_dtype,
+                            cache_store=cache_store)
     if pipelined:
         plan = replace(plan, phase1=PIPELINED_PHASE1)
         plan = replace(plan, predicted=predict_finetune(plan, costs, cluster))
@@ -121,16 +122,20 @@ def assert_matches_reference(losses: list[float], spec: Any, epochs: int,
     return reference
 
 
-@pytest.mark.parametrize("pipelined, cache, cache_dtype",
-                         [(False, "auto", None), (False, "local", None), (True, "auto", None),
-                          (True, "auto", "bfloat16")],
-                         ids=["planned", "local-cache", "pipeline-handoff", "bfloat16-cache"])
+@pytest.mark.parametrize("pipelined, cache, cache_dtype, store",
+                         [(False, "auto", None, "auto"), (False, "local", None, "auto"),
+                          (True, "auto", None, "auto"), (True, "auto", "bfloat16", "auto"),
+                          (True, "auto", "bfloat16", "disk")],
+                         ids=["planned", "local-cache", "pipeline-handoff", "bfloat16-cache",
+                              "disk-cache"])
 def test_emulated_pac_equals_the_reference(tmp_path: Path, pipelined: bool, cache: str,
-                                           cache_dtype: str | None) -> None:
+                                           cache_dtype: str | None, store: str) -> None:
     spec, _cluster, _costs, out, plan, cluster_file = prepare_tiny(tmp_path, 2,
                                                                    pipelined=pipelined,
                                                                    cache=cache,
-                                                                   cache_dtype=cache_dtype)
+                                                                   cache_dtype=cache_dtype,
+                                                                   cache_store=store)
+    assert plan.cache_store == ("disk" if store == "disk" else "memory")
     if cache_dtype is not None:     # the entries are rounded: half the bytes of float32's
         assert 2 * plan.model.entry_bytes == plan.model.made_bytes
     if cache == "local":
@@ -151,6 +156,13 @@ def test_emulated_pac_equals_the_reference(tmp_path: Path, pipelined: bool, cach
     assert rows[-1]["cache_bytes"] == {d: 2 * held[d] * entry for d in plan.devices}
     assert sum(held.values()) == plan.batch_size
     assert all(v > 0 for v in rows[-1]["peak_memory_bytes"].values())
+    # a disk cache holds none of its rows in memory: the peak with the cache is the peak
+    with_cache, peak = rows[-1]["peak_with_cache_bytes"], rows[-1]["peak_memory_bytes"]
+    if store == "disk":
+        assert with_cache == peak
+        assert "on disk" in result.summary(plan.steps_per_epoch)
+    else:
+        assert all(with_cache[d] > 2 * held[d] * entry for d in plan.devices)
     # epoch-1 rows carry each phase-1 device's forward and sample-making seconds
     p1_devices = set(plan.phase1.devices)
     for r in rows[:2]:
@@ -168,9 +180,11 @@ def test_emulated_pac_equals_the_reference(tmp_path: Path, pipelined: bool, cach
     assert PacPlan.load(out / PAC_PLAN_FILE) == plan
 
 
-@pytest.mark.parametrize("cache", ["auto", "local"])
+@pytest.mark.parametrize("cache", ["auto", "local", "disk"])
 def test_a_device_lost_in_phase_2_loses_only_its_share(tmp_path: Path, cache: str) -> None:
-    spec, _cluster, _costs, out, plan, cluster_file = prepare_tiny(tmp_path, 3, cache=cache)
+    spec, _cluster, _costs, out, plan, cluster_file = prepare_tiny(
+        tmp_path, 3, cache="local" if cache == "disk" else cache,
+        cache_store="disk" if cache == "disk" else "auto")
     assert set(plan.fallback) == {"a", "b", "c"}
     assert sum(plan.fallback["c"]) == dict(zip(plan.devices, plan.shares, strict=True))["c"]
     metrics = tmp_path / "m.jsonl"

@@ -6,6 +6,7 @@ Usage::
         [--cluster examples/clusters/local3.yaml] [--batch-size 16] [--samples 64]
         [--epochs 3] [--out runs/bench-finetune] [--json runs/bench-finetune.json]
         [--cache auto|local] [--cache-slack X] [--cache-dtype bfloat16]
+        [--cache-store auto|memory|disk]
 
 Everything is measured in this one invocation on the emulated cluster (same host, same
 load): PAC (``asteroid-fx finetune --method pac``), full fine-tuning of the same model for
@@ -14,8 +15,9 @@ adapter model. It prints each measured figure next to its baseline or target:
 
 * loss: largest relative difference of PAC's per-step losses from the reference;
 * epochs 2+ vs epoch 1: epoch 1 time / mean time of the later epochs;
-* peak memory per device: PAC's peak tensor bytes (with and without its activation cache)
-  against full fine-tuning's on the same device;
+* peak memory per device: PAC's peak tensor bytes (with and without its activation cache;
+  a cache on disk, ``--cache-store disk``, holds none of its rows in memory) against full
+  fine-tuning's on the same device;
 * end to end: full fine-tuning's summed step times / PAC's, for all epochs;
 * prediction: measured phase-1 time and phase-2 step (the whole step of epochs 2+, and
   its compute part) of the run against the plan's prediction times the emulator's
@@ -128,6 +130,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--cache-slack", type=float, default=0.0)
     parser.add_argument("--cache-dtype", default=None, choices=("float32", "bfloat16",
                                                                  "float16"))
+    parser.add_argument("--cache-store", default="auto", choices=("auto", "memory", "disk"))
     args = parser.parse_args(argv)
 
     print(f"before: {_load()}")
@@ -144,13 +147,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                             seed=args.seed, phase1_planner=args.phase1_planner,
                             phase1_objective=args.phase1_objective,
                             cache=args.cache, cache_slack=args.cache_slack,
-                            cache_dtype=args.cache_dtype,
+                            cache_dtype=args.cache_dtype, cache_store=args.cache_store,
                             **({} if args.phase1_slack is None else
                                {"phase1_slack": args.phase1_slack}))
     choice: dict[str, Any] = dict(plan.meta.get("phase1_choice", {}))
     if choice:
         print(f"phase-1 choice: {choice['reason']}")
     print(f"cache: {plan.meta.get('cache_choice', {}).get('reason', plan.cache)}")
+    print(f"cache store: {plan.cache_store}")
     pac = run_finetune(out / "pac", args.cluster, seed=args.seed, lr=args.lr,
                        metrics=out / "pac.jsonl")
     reference = reference_finetune(spec, batch_size=args.batch_size, epochs=args.epochs,
@@ -215,7 +219,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "phase2_allreduce_measured_s": dict(pac.allreduce_s),
         "memory": memory, "load_after": os.getloadavg(), "phase1_forward": forward,
         "phase2_cpu": phase2_cpu,
-        "phase1_choice": choice, "cache": plan.cache,
+        "phase1_choice": choice, "cache": plan.cache, "cache_store": plan.cache_store,
         "cache_phase1": dict(plan.cache_phase1), "cache_phase2": dict(plan.cache_phase2),
         "cache_choice": dict(plan.meta.get("cache_choice", {})),
     }
@@ -234,6 +238,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"  {device}: peak PAC {m['pac'] / 2**20:.1f} MiB (with the cache "
               f"{m['pac_with_cache'] / 2**20:.1f}, predicted "
               f"{(m['predicted_with_cache'] or 0) / 2**20:.1f}; cached at the end "
+              f"{'on disk ' if plan.cache_store == 'disk' else ''}"
               f"{m['cache'] / 2**20:.1f}) vs full {full_mib} MiB: "
               f"{red} lower ({red_c} with the cache; target >= 60%)")
     for name, got, want in (("phase 1 (epoch 1)", measured_p1, report["phase1_predicted_s"]),
