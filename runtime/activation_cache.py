@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import tempfile
+import time
 from dataclasses import dataclass, field
 from typing import Iterator, MutableMapping, Tuple
 
@@ -25,9 +26,13 @@ class DiskRows(MutableMapping[int, Row]):
     a row is appended as the raw bytes of its parts and read back into fresh tensors, so
     memory holds only the rows a step asks for. The file has no name on disk and is gone
     when the process ends, however it ends. A row that is replaced or deleted leaves its
-    bytes behind (phase 2 only reads)."""
+    bytes behind (phase 2 only reads). ``bytes_s`` (the emulator: a device's
+    ``storage_mb_s``) paces every row's write and read to that many bytes a second, as the
+    emulator paces links; None: as fast as the host's storage."""
 
-    def __init__(self, directory: str | None = None) -> None:
+    def __init__(self, directory: str | None = None, bytes_s: float | None = None) -> None:
+        self._bytes_s = bytes_s if bytes_s is not None and 0 < bytes_s < float("inf") \
+            else None
         try:
             self._file = tempfile.TemporaryFile(dir=directory)
         except OSError as exc:
@@ -44,6 +49,7 @@ class DiskRows(MutableMapping[int, Row]):
         if key in self._index:
             del self[key]
         layout = []
+        began = time.perf_counter()
         self._file.seek(self._end)
         size = 0
         for part in row:
@@ -59,11 +65,14 @@ class DiskRows(MutableMapping[int, Row]):
         self._index[key] = (self._end, tuple(layout))
         self._end += size
         self.stored_bytes += size
+        self._pace(size, began)
 
     def __getitem__(self, key: int) -> Row:
         offset, layout = self._index[key]
+        began = time.perf_counter()
         self._file.seek(offset)
         out: list[torch.Tensor] = []
+        size = 0
         for shape, dtype in layout:
             part = torch.empty(shape, dtype=dtype)
             data = part.reshape(-1).view(torch.uint8).numpy()
@@ -72,7 +81,16 @@ class DiskRows(MutableMapping[int, Row]):
                 raise RuntimeFailure(f"the activation cache's file ended after {got} of "
                                      f"{data.nbytes} bytes of sample {key}'s row")
             out.append(part)
+            size += data.nbytes
+        self._pace(size, began)
         return tuple(out)
+
+    def _pace(self, size: int, began: float) -> None:
+        """Sleep until ``size`` bytes since ``began`` took ``size / bytes_s`` seconds."""
+        if self._bytes_s is not None:
+            left = size / self._bytes_s - (time.perf_counter() - began)
+            if left > 0:
+                time.sleep(left)
 
     def __delitem__(self, key: int) -> None:
         _offset, layout = self._index.pop(key)
@@ -112,10 +130,11 @@ class ActivationCache:
     misses: int = 0
 
     @classmethod
-    def on_disk(cls, directory: str | None = None) -> ActivationCache:
+    def on_disk(cls, directory: str | None = None, bytes_s: float | None = None
+                ) -> ActivationCache:
         """A cache whose rows live in a file (:class:`DiskRows`) in ``directory`` (None:
-        the system's temporary directory)."""
-        return cls(rows=DiskRows(directory))
+        the system's temporary directory), paced to ``bytes_s`` (None: not paced)."""
+        return cls(rows=DiskRows(directory, bytes_s))
 
     def put(self, start: int, entry: tuple[torch.Tensor, ...]) -> None:
         """Keep the rows of ``entry`` as samples ``start, start + 1, ...``."""

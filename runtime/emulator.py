@@ -74,6 +74,8 @@ class EmulationSetup:
     host_cores: float                    # cores the devices share (see usable_cores)
     #: one-way latency (seconds) of a message between two ranks, already times factor
     link_latency_s: tuple[tuple[float, ...], ...] = ()
+    #: per rank, its storage's bytes/s (``storage_mb_s``) over factor; inf: not declared
+    storage_bytes_s: tuple[float, ...] = ()
 
     @property
     def effective_speeds(self) -> tuple[float, ...]:
@@ -88,10 +90,12 @@ class EmulationSetup:
 
     @property
     def links(self) -> dict[str, Any]:
-        """``link_bytes_s`` and ``link_latency_s``, as ``TrainConfig`` and the recovery
-        ``WorkerSpec`` take them (``dataclasses.replace(config, **setup.links)``)."""
+        """``link_bytes_s``, ``link_latency_s`` and ``storage_bytes_s``, as ``TrainConfig``
+        and the recovery ``WorkerSpec`` take them (``dataclasses.replace(config,
+        **setup.links)``)."""
         return {"link_bytes_s": self.link_bytes_s,
-                "link_latency_s": self.link_latency_s or None}
+                "link_latency_s": self.link_latency_s or None,
+                "storage_bytes_s": self.storage_bytes_s or None}
 
 
 @dataclass
@@ -150,8 +154,11 @@ def emulation_setup(plan: Plan, cluster: Any, *, host_cores: float | None = None
                         for b in plan.devices) for a in plan.devices)
     latency = tuple(tuple(cluster.latency_s(a, b) * factor for b in plan.devices)
                     for a in plan.devices)
+    storage = tuple(math.inf if cluster.device(d).storage_mb_s is None
+                    else cluster.device(d).storage_mb_s * 1e6 / factor for d in plan.devices)
     return EmulationSetup(devices=tuple(plan.devices), speeds=speeds, factor=factor,
-                          link_bytes_s=links, host_cores=cores, link_latency_s=latency)
+                          link_bytes_s=links, host_cores=cores, link_latency_s=latency,
+                          storage_bytes_s=storage)
 
 
 def launch_local(source: StageSource, world: int, config: TrainConfig, *,

@@ -692,7 +692,10 @@ def finetune_device(source: Any, rank: int, config: TrainConfig, *, hooks: Any =
     optimizer = make_optimizer(model_file, params, config.lr)
     loss_fn = resolve_loss_fn(model_file)
     # a disk cache's file goes in ASTEROID_CACHE_DIR, else the system's temporary directory
-    cache = ActivationCache.on_disk(os.environ.get(CACHE_DIR_ENV) or None) \
+    # (on the emulator paced to the device's storage bandwidth)
+    cache = ActivationCache.on_disk(
+        os.environ.get(CACHE_DIR_ENV) or None,
+        None if config.storage_bytes_s is None else config.storage_bytes_s[rank]) \
         if pac.cache_store == "disk" else ActivationCache()
     targets_of: dict[tuple[int, ...], Any] = {}
     metrics = Path(config.metrics) if config.metrics else None

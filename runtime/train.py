@@ -89,6 +89,9 @@ class TrainConfig:
     compute_scale: float = 1.0             # time dilation (1.0 = none)
     link_bytes_s: tuple[tuple[float, ...], ...] | None = None   # [src][dst], None = no pacing
     link_latency_s: tuple[tuple[float, ...], ...] | None = None  # [src][dst] seconds, or None
+    #: emulation: per rank, the bytes/s its storage reads and writes a disk cache at (the
+    #: cluster's ``storage_mb_s`` over the slow-down factor; inf: not paced); None: none
+    storage_bytes_s: tuple[float, ...] | None = None
     time_factor: float = 1.0               # emulation: the slow-down factor of every time
     # what metrics rows compare with: "plan" (the plan's predicted round), "emulated" (times
     # time_factor) or "calibrated" (a re-plan predicted on the run's calibrated costs)

@@ -79,6 +79,27 @@ def test_a_disk_cache_in_a_missing_directory_is_a_runtime_failure(tmp_path: Path
         DiskRows(str(tmp_path / "no" / "such"))
 
 
+def test_a_disk_cache_is_paced_to_its_storage_bandwidth(tmp_path: Path) -> None:
+    import time
+
+    paced = DiskRows(str(tmp_path), bytes_s=1e6)      # 1 MB/s: a 64 KiB row in 65 ms
+    row = (torch.zeros(1, 16384),)
+    began = time.perf_counter()
+    paced[0] = row
+    wrote = time.perf_counter() - began
+    began = time.perf_counter()
+    paced[0]
+    read = time.perf_counter() - began
+    assert wrote >= 0.065 and read >= 0.065
+    free = DiskRows(str(tmp_path), bytes_s=float("inf"))     # inf: not paced
+    began = time.perf_counter()
+    free[0] = row
+    free[0]
+    assert time.perf_counter() - began < 0.065
+    paced.close()
+    free.close()
+
+
 def test_a_truncated_cache_file_is_a_runtime_failure(tmp_path: Path) -> None:
     rows = DiskRows(str(tmp_path))
     rows[0] = (torch.ones(1, 16),)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from pathlib import Path
@@ -72,6 +73,15 @@ def test_setup_scales_speeds_and_links_by_one_factor() -> None:
     assert lagged.link_latency_s[1][1] == 0.0
     relaxed = emulation_setup(plan, _cluster({"a": 1.0, "b": 0.5, "c": 0.5}), host_cores=2)
     assert relaxed.factor == 1.0
+    # a device's storage (a PAC disk cache) is paced like its links; undeclared: not paced
+    stored = Cluster.from_dict({"devices": [
+        {"name": "a", "type": "local", "speed": 1.0, "memory_gb": 1, "storage_mb_s": 80},
+        {"name": "b", "type": "local", "speed": 1.0, "memory_gb": 1},
+        {"name": "c", "type": "local", "speed": 0.5, "memory_gb": 1}]})
+    disks = emulation_setup(plan, stored, host_cores=2)
+    assert disks.storage_bytes_s[0] == pytest.approx(80e6 / 1.25)
+    assert disks.storage_bytes_s[1:] == (math.inf, math.inf)
+    assert disks.links["storage_bytes_s"] == disks.storage_bytes_s
 
 
 def test_default_cores_leave_a_reserve(monkeypatch: pytest.MonkeyPatch) -> None:
