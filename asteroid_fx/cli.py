@@ -892,9 +892,9 @@ def _pac_report(plan_obj: Any) -> str:
                      f"{pred.phase2_step_s * 1e3:.2f} ms (all-reduce "
                      f"{pred.allreduce_s * 1e3:.2f} ms); epoch 1 {pred.epoch1_s:.3f} s, later "
                      f"epochs {pred.epoch_s:.3f} s, total {pred.total_s:.3f} s")
-        where = " on disk" if plan_obj.cache_store == "disk" else ""
         lines += [f"  {d}: peak {_fmt_bytes(pred.peak_memory_bytes[d])}, cache "
-                  f"{_fmt_bytes(pred.cache_bytes[d])}{where}" for d in plan_obj.devices]
+                  f"{_fmt_bytes(pred.cache_bytes[d])}"
+                  + (" on disk" if plan_obj.on_disk(d) else "") for d in plan_obj.devices]
     return "\n".join(lines)
 
 

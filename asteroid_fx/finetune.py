@@ -383,8 +383,8 @@ class FinetuneResult:
     #: the others included: the smallest is about the collective alone (the device that
     #: arrived last waited for no one), the spread is the devices' uneven arrival
     allreduce_s: dict[str, float] = field(default_factory=dict)
-    #: where the devices kept the cache: ``memory`` or ``disk`` (``PacPlan.cache_store``)
-    cache_store: str = "memory"
+    #: the devices that kept their cache on disk (``PacPlan.cache_disk``)
+    cache_disk: tuple[str, ...] = ()
 
     @property
     def losses(self) -> list[float]:
@@ -420,8 +420,8 @@ class FinetuneResult:
             with_cache = self.peak_with_cache_bytes.get(device)
             lines.append(f"  {device}: peak tensors {peak / 2**20:.1f} MiB"
                          + ("" if cached is None else f", cache {cached / 2**20:.1f} MiB")
-                         + (" on disk" if self.cache_store == "disk" and cached else "")
-                         + ("" if with_cache is None or self.cache_store == "disk" else
+                         + (" on disk" if device in self.cache_disk and cached else "")
+                         + ("" if with_cache is None or device in self.cache_disk else
                             f", peak with the cache {with_cache / 2**20:.1f} MiB"))
         return "\n".join(lines)
 
@@ -477,7 +477,7 @@ def run_finetune(directory: str | Path, cluster: str | Path, *, seed: int = 0, l
                           cache_bytes=dict(last.get("cache_bytes", {})),
                           peak_with_cache_bytes=dict(last.get("peak_with_cache_bytes", {})),
                           predicted={} if plan.predicted is None else plan.predicted.to_dict(),
-                          recoveries=recoveries, cache_store=plan.cache_store,
+                          recoveries=recoveries, cache_disk=plan.cache_disk,
                           allreduce_s={w.device: statistics.median(w.allreduce_times)
                                        for w in result.workers if w.allreduce_times})
 

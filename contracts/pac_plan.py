@@ -25,10 +25,12 @@ CACHE_PLACEMENTS = ("local", "sharded")
 cached on other devices, in phase 1 (handed to their phase-2 holder when phase 1 ends) or in
 phase 2 too (streamed to the trainer every step); see ``PacPlan.homes``."""
 
-CACHE_STORES = ("memory", "disk")
-"""``memory``: a device keeps its cache rows as tensors; ``disk``: in an unnamed file of its
-local storage (``runtime.activation_cache.DiskRows``), read back for every phase-2 step, so
-that the cache costs storage reads instead of memory."""
+CACHE_STORES = ("memory", "disk", "mixed")
+"""``PacPlan.cache_store``: ``memory``: every device keeps its cache rows as tensors;
+``disk``: every device in an unnamed file of its local storage
+(``runtime.activation_cache.DiskRows``), read back for every phase-2 step, so that the
+cache costs storage reads instead of memory; ``mixed``: the devices of
+``PacPlan.cache_disk`` on disk, the others in memory."""
 
 Ranges = Tuple[Tuple[Tuple[int, int], ...], ...]
 """Per device (in ``PacPlan.devices`` order): half-open row ranges of every mini-batch."""
@@ -200,9 +202,9 @@ class PacPlan:
     #: trainer that is not a key caches its own rows in that phase.
     cache_phase1: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
     cache_phase2: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
-    #: where every device keeps its cache rows: ``memory`` or ``disk`` (``CACHE_STORES``);
-    #: a disk cache is always ``local``
-    cache_store: str = "memory"
+    #: the devices that keep their cache rows on disk (the others: in memory); such a
+    #: device holds exactly its own rows in both phases (see ``cache_store``)
+    cache_disk: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if len(self.devices) != len(self.shares) or not self.devices:
@@ -214,12 +216,18 @@ class PacPlan:
         if self.cache not in CACHE_PLACEMENTS:
             raise PlanError(f"cache placement {self.cache!r} is not one of "
                             f"{list(CACHE_PLACEMENTS)}")
-        if self.cache_store not in CACHE_STORES:
-            raise PlanError(f"cache store {self.cache_store!r} is not one of "
-                            f"{list(CACHE_STORES)}")
-        if self.cache_store == "disk" and self.cache != "local":
-            raise PlanError("a disk cache keeps every trainer's rows on itself (cache "
-                            "'local'), got a sharded one; re-plan")
+        unknown = [d for d in self.cache_disk if d not in self.devices]
+        if unknown or len(set(self.cache_disk)) != len(self.cache_disk):
+            raise PlanError(f"cache_disk {list(self.cache_disk)} must name distinct devices "
+                            f"of {list(self.devices)}; re-plan")
+        for d in self.cache_disk:
+            i = self.devices.index(d)
+            own = tuple(s if j == i else 0 for j, s in enumerate(self.shares))
+            if any(self.holders(d, phase) != own or
+                   any(self.holders(t, phase)[i] for t in self.devices if t != d)
+                   for phase in (1, 2)):
+                raise PlanError(f"device {d!r} keeps its cache on disk, so it holds exactly "
+                                f"its own rows in both phases; re-plan")
         for what, holders in (("cache_phase1", self.cache_phase1),
                               ("cache_phase2", self.cache_phase2)):
             for trainer, counts in holders.items():
@@ -238,6 +246,18 @@ class PacPlan:
         if missing:
             raise PlanError(f"phase-1 devices {missing} are not phase-2 devices "
                             f"{list(self.devices)}")
+
+    @property
+    def cache_store(self) -> str:
+        """``memory``, ``disk`` or ``mixed`` (``CACHE_STORES``): where the devices keep
+        their cache rows (``cache_disk``)."""
+        if not self.cache_disk:
+            return "memory"
+        return "disk" if len(self.cache_disk) == len(self.devices) else "mixed"
+
+    def on_disk(self, device: str) -> bool:
+        """Whether ``device`` keeps its cache rows on disk."""
+        return device in self.cache_disk
 
     def sample_range(self, device: str) -> tuple[int, int]:
         """Half-open rows ``[start, stop)`` of every mini-batch that ``device`` trains on."""
@@ -283,7 +303,7 @@ class PacPlan:
                 "steps_per_epoch": self.steps_per_epoch, "epochs": self.epochs,
                 "phase1": self.phase1.to_dict(), "devices": list(self.devices),
                 "shares": list(self.shares), "cache": self.cache,
-                "cache_store": self.cache_store,
+                "cache_store": self.cache_store, "cache_disk": list(self.cache_disk),
                 "predicted": None if self.predicted is None else self.predicted.to_dict(),
                 "model_hash": self.model_hash, "cluster_hash": self.cluster_hash,
                 "fallback": {d: list(v) for d, v in self.fallback.items()},
@@ -306,7 +326,7 @@ class PacPlan:
                        devices=tuple(data["devices"]),
                        shares=tuple(int(s) for s in data["shares"]),
                        cache=str(data.get("cache", "local")),
-                       cache_store=str(data.get("cache_store", "memory")),
+                       cache_disk=tuple(str(d) for d in data.get("cache_disk", ())),
                        predicted=None if pred is None else PacPrediction.from_dict(pred),
                        model_hash=str(data.get("model_hash", "")),
                        cluster_hash=str(data.get("cluster_hash", "")),

@@ -696,7 +696,7 @@ def finetune_device(source: Any, rank: int, config: TrainConfig, *, hooks: Any =
     cache = ActivationCache.on_disk(
         os.environ.get(CACHE_DIR_ENV) or None,
         None if config.storage_bytes_s is None else config.storage_bytes_s[rank]) \
-        if pac.cache_store == "disk" else ActivationCache()
+        if pac.on_disk(pac.devices[rank]) else ActivationCache()
     targets_of: dict[tuple[int, ...], Any] = {}
     metrics = Path(config.metrics) if config.metrics else None
     if metrics is not None and rank == 0 and not config.append_metrics:

@@ -33,7 +33,7 @@ phase-1 and a phase-2 step per mini-batch, later epochs only phase 2.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import replace
 
 from contracts.cluster import Cluster
@@ -207,10 +207,9 @@ def predict_finetune(plan: PacPlan, costs: CostTable, cluster: Cluster) -> PacPr
 
         phase1_step = max(closed_form, simulate_phase1(plan, costs, cluster)[0])
 
-    write, read = [0.0] * len(plan.devices), [0.0] * len(plan.devices)
-    if plan.cache_store == "disk":    # see [Note: a cache on disk]
-        write, read = disk_s(costs, cluster, model, plan.devices, plan.shares)
-        phase1_step += max(write)
+    # a cache on disk: its writes in phase 1, its reads in phase 2 ([Note: a cache on disk])
+    write, read = disk_s(costs, cluster, model, plan.devices, plan.shares, plan.cache_disk)
+    phase1_step += max(write)
     compute = _phase2_compute(costs, cluster, model, plan.devices, plan.shares)
     allreduce = allreduce_time(cluster, plan.devices, model.wire_bytes)
     fetch = _fetch_s(cluster, plan.devices, plan.shares, _table(plan, 2), model.entry_bytes)
@@ -228,7 +227,7 @@ def predict_finetune(plan: PacPlan, costs: CostTable, cluster: Cluster) -> PacPr
     peak, cache = _peaks(costs, model, plan.devices, plan.shares, steps,
                          phase1_memory(costs, model, plan.phase1), _table(plan, 1),
                          _table(plan, 2), plan.phase1, _workspaces(cluster, plan.devices),
-                         in_memory=plan.cache_store == "memory")
+                         on_disk=plan.cache_disk)
     return PacPrediction(phase1_step_s=phase1_step, phase2_step_s=phase2_step,
                          allreduce_s=allreduce, epoch1_s=epoch1, epoch_s=epoch,
                          total_s=total, peak_memory_bytes=peak, cache_bytes=cache,
@@ -237,8 +236,8 @@ def predict_finetune(plan: PacPlan, costs: CostTable, cluster: Cluster) -> PacPr
 
 
 # [Note: a cache on disk]
-# With ``cache_store="disk"`` every device keeps the rows it trains on in an unnamed file
-# of its local storage (runtime.activation_cache.DiskRows; placement ``local``): phase 1
+# A device of ``PacPlan.cache_disk`` keeps the rows it trains on in an unnamed file of its
+# local storage (runtime.activation_cache.DiskRows), exactly its own rows: phase 1
 # writes each mini-batch's rows there as they arrive, and every phase-2 step reads its
 # share back before its forward. Memory then holds only the step's entry, and in phase 1
 # the wire buffers and one mini-batch's rows until they are written, never the whole
@@ -251,14 +250,22 @@ def predict_finetune(plan: PacPlan, costs: CostTable, cluster: Cluster) -> PacPr
 # ``storage_mb_s`` (a device's storage bandwidth, from the cluster) bounds it where the
 # file has to come from storage, as it does once the cache outgrows the page cache. The
 # shares stay those of the speeds and memory (the reads are a few per cent of a step).
+# ``--cache-store auto`` (``plan_finetune``) keeps every device's rows in memory where
+# some placement fits ([Note: cache placement]), else sends devices to disk smallest memory
+# first until one fits: the devices with room keep the faster memory cache (``mixed``),
+# sharded only among themselves; ``disk`` sends every device there.
 
 def disk_s(costs: CostTable, cluster: Cluster, model: PacModel, devices: Sequence[str],
-           shares: Sequence[int]) -> tuple[list[float], list[float]]:
-    """Per device: seconds to write and to read its rows of one mini-batch in a disk cache
-    (see [Note: a cache on disk]); pure."""
+           shares: Sequence[int], on_disk: Collection[str]) -> tuple[list[float], list[float]]:
+    """Per device: seconds to write and to read its rows of one mini-batch in its disk
+    cache, 0 for a device not ``on_disk`` (see [Note: a cache on disk]); pure."""
     speeds = Timing.of(costs, cluster.for_costs(costs)).speeds
     write, read = [], []
     for d, share in zip(devices, shares, strict=True):
+        if d not in on_disk:
+            write.append(0.0)
+            read.append(0.0)
+            continue
         device = cluster.device(d)
         floor = 0.0 if device.storage_mb_s is None else 1.0 / (device.storage_mb_s * 1e6)
         size = share * model.entry_bytes
@@ -402,17 +409,16 @@ def phase1_memory(costs: CostTable, model: PacModel, phase1: Plan) -> dict[str, 
 def _peaks(costs: CostTable, model: PacModel, devices: Sequence[str], shares: Sequence[int],
            steps: int, p1_memory: Mapping[str, int], phase1: Holders, phase2: Holders,
            phase1_plan: Plan | None = None, workspace: Mapping[str, int] | None = None,
-           in_memory: bool = True) -> tuple[dict[str, int], dict[str, int]]:
+           on_disk: Collection[str] = ()) -> tuple[dict[str, int], dict[str, int]]:
     """Peak bytes of each device over both phases and the bytes it caches in phase 2 (see
     [Note: cache placement]): the device's fixed workspace (``Cluster.workspace_bytes``)
     plus ``max(phase-1 peak + rows held in phase 1 + the hand-offs' wire buffers, phase-2
-    step + rows held in phase 2 + the wire buffers of the rows it streams)``; a cache on
-    disk (not ``in_memory``) holds no rows in memory ([Note: a cache on disk])."""
+    step + rows held in phase 2 + the wire buffers of the rows it streams)``; a device
+    ``on_disk`` holds one mini-batch's rows in phase 1 and none in phase 2 ([Note: a
+    cache on disk])."""
     workspace = workspace or {}
     fixed = _phase2_fixed(costs, model, costs.optimizer_state_factor)
     unit, work = _phase2_per_sample(costs, model, steps)
-    # on disk, phase 1 holds one mini-batch's rows until they are written, phase 2 none
-    unit1, unit2 = (unit, unit) if in_memory else (model.entry_bytes, 0)
     one, two = _counts(devices, shares, phase1), _counts(devices, shares, phase2)
     n = len(devices)
     # phase 1 holds the adapters (and a trained head), not a frozen head
@@ -421,6 +427,8 @@ def _peaks(costs: CostTable, model: PacModel, devices: Sequence[str], shares: Se
     wire1 = _phase1_wire(costs, model, devices, phase1_plan,
                          [sum(one[t][h] for t in range(n)) for h in range(n)])
     for h, d in enumerate(devices):
+        # on disk, phase 1 holds one mini-batch's rows until they are written, phase 2 none
+        unit1, unit2 = (model.entry_bytes, 0) if d in on_disk else (unit, unit)
         held1 = sum(one[t][h] for t in range(n)) * unit1 + wire1[h]
         held2 = sum(two[t][h] for t in range(n)) * unit2
         # streamed rows: a holder keeps two steps' sends in flight (prefetch), the trainer
@@ -483,18 +491,19 @@ def _busiest(cluster: Cluster, devices: Sequence[str], rows: Sequence[Sequence[i
 
 
 def _phase2_shares(costs: CostTable, cluster: Cluster, model: PacModel, batch_size: int,
-                   steps: int, devices: Sequence[str], reserved: Mapping[str, int]
-                   ) -> tuple[int, ...]:
-    """Algorithm 1 over all devices, each capped by the memory its cache leaves; raises
-    ``PlanError`` naming the device that is most bytes short when the cache fits nowhere."""
+                   steps: int, devices: Sequence[str], reserved: Mapping[str, int],
+                   on_disk: Collection[str] = ()) -> tuple[int, ...]:
+    """Algorithm 1 over all devices, each capped by the memory its cache leaves (none for
+    a device ``on_disk``); raises ``PlanError`` naming the device that is most bytes short
+    when the cache fits nowhere."""
     timing = Timing.of(costs, cluster)
     speeds = [timing.speeds[d] for d in devices]
     fixed = _phase2_fixed(costs, model, costs.optimizer_state_factor)
     cache, work = _phase2_per_sample(costs, model, steps)
-    per_sample = cache + work
     caps = []
     for d in devices:
         room = cluster.usable_bytes(d) - fixed - reserved.get(d, 0)
+        per_sample = work + (0 if d in on_disk else cache)
         caps.append(max(0, room // per_sample) if per_sample > 0 else batch_size)
     shares = split_shares(batch_size, speeds, caps)
     if shares is not None:
@@ -503,6 +512,7 @@ def _phase2_shares(costs: CostTable, cluster: Cluster, model: PacModel, batch_si
     short = []
     for d, v in zip(devices, speeds, strict=True):
         want = max(1, math.ceil(batch_size * v / total))
+        per_sample = work + (0 if d in on_disk else cache)
         need = cluster.workspace_bytes(d) + fixed + reserved.get(d, 0) + want * per_sample
         short.append((need - cluster.device(d).memory_bytes, d, want, need))
     gap, device, want, need = max(short)
@@ -523,8 +533,8 @@ def _narrower(model: PacModel) -> str:
 
 
 def _takeover(costs: CostTable, cluster: Cluster, model: PacModel, lost_share: int,
-              steps: int, others: Sequence[str], reserved: Mapping[str, int]
-              ) -> tuple[int, ...] | None:
+              steps: int, others: Sequence[str], reserved: Mapping[str, int],
+              on_disk: Collection[str] = ()) -> tuple[int, ...] | None:
     """How many of a lost device's rows each other device takes over (Algorithm 1 over
     the fastest ``min(len(others), lost_share)`` of them, capped by the memory their own
     cache leaves), or None when they cannot hold them."""
@@ -533,7 +543,8 @@ def _takeover(costs: CostTable, cluster: Cluster, model: PacModel, lost_share: i
     timing = Timing.of(costs, cluster)
     order = sorted(others, key=lambda d: -timing.speeds[d])[:lost_share]
     try:
-        part = _phase2_shares(costs, cluster, model, lost_share, steps, order, reserved)
+        part = _phase2_shares(costs, cluster, model, lost_share, steps, order, reserved,
+                              on_disk)
     except PlanError:
         return None
     taken = dict(zip(order, part, strict=True))
@@ -550,7 +561,8 @@ every trainer caches its own rows."""
 
 STORE_MODES = ("auto", "memory", "disk")
 """Where the cache's rows are kept ([Note: a cache on disk]): ``auto`` in memory where the
-cache fits there, else on disk; ``memory``; ``disk``."""
+cache fits there, else on the disks of as few devices as make it fit, smallest memory
+first; ``memory``; ``disk`` (every device)."""
 
 PHASE1_OBJECTIVES = ("memory", "time")
 """How ``plan_finetune`` picks the phase-1 plan (see [Note: phase-1 objective])."""
@@ -664,7 +676,8 @@ def plan_finetune(costs: CostTable, cluster: Cluster, model: PacModel, *, batch_
     ``cache_slack``: how much longer the phase-2 step may get for fetching rows cached
     elsewhere (see [Note: cache placement]). ``cache_store``: ``memory``, ``disk`` (every
     device keeps its rows in a file, [Note: a cache on disk]) or ``auto`` (default:
-    memory where the cache fits there, else disk).
+    memory where the cache fits there, else the fewest devices on disk that make it fit,
+    smallest memory first).
 
     Raises:
         PlanError: bad sizes, objective, cache mode, store or slack, no forward-only
@@ -699,22 +712,30 @@ def plan_finetune(costs: CostTable, cluster: Cluster, model: PacModel, *, batch_
                                     micro_batch_size, phase1_objective)
     drafts: list[tuple[str, PacPlan, PacPrediction]] = []
     error: PlanError | None = None
-    stores = ["memory", "disk"] if cache_store == "auto" else [cache_store]
-    store_reason = "" if cache_store != "auto" else "memory: the cache fits there"
-    for store in stores:
+    names = tuple(cluster.names)
+    if cache_store == "auto":        # memory, then the smallest devices' disks first
+        spill = sorted(names, key=lambda d: (cluster.device(d).memory_bytes, names.index(d)))
+        tries = [frozenset(spill[:k]) for k in range(len(names) + 1)]
+    else:
+        tries = [frozenset(names if cache_store == "disk" else ())]
+    store_reason = ""
+    for on_disk in tries:
         for label, phase1 in candidates:
             try:
                 draft = _draft(costs, cluster, model, coarse, phase1, batch_size=batch_size,
                                num_samples=num_samples, steps=steps, epochs=epochs,
-                               cache=cache, cache_slack=cache_slack, cache_store=store)
+                               cache=cache, cache_slack=cache_slack, on_disk=on_disk)
             except PlanError as exc:      # this phase 1 leaves no room for the cache
                 error = error or exc
                 continue
             drafts.append((label, draft, predict_finetune(draft, costs, cluster)))
         if drafts:
+            if cache_store == "auto":
+                store_reason = "memory: the cache fits there" if not on_disk else (
+                    f"{'disk' if len(on_disk) == len(names) else 'mixed'}: "
+                    f"{', '.join(d for d in names if d in on_disk)} keep their rows on disk: "
+                    f"the cache does not fit in memory ({error})")
             break
-        if store == "memory" and error is not None and "disk" in stores:
-            store_reason = f"disk: the cache does not fit in memory ({error})"
     if not drafts:
         raise error if error is not None else PlanError(
             "no phase-1 plan leaves room for the activation cache")
@@ -745,11 +766,16 @@ def plan_finetune(costs: CostTable, cluster: Cluster, model: PacModel, *, batch_
 
 
 def describe_cache(plan: PacPlan, pred: PacPrediction) -> str:
-    """One line: where the cache lives and what it costs (see [Note: cache placement])."""
+    """One line: where the cache lives and what it costs (see [Note: cache placement] and
+    [Note: a cache on disk])."""
+    disk = (f"writing them {pred.write_s * 1e3:.2f} ms per phase-1 step, reading them "
+            f"{pred.read_s * 1e3:.2f} ms per phase-2 step (slowest device)")
     if plan.cache_store == "disk":
-        return (f"disk: every device keeps the rows it trains on in a file; writing them "
-                f"{pred.write_s * 1e3:.2f} ms per phase-1 step, reading them "
-                f"{pred.read_s * 1e3:.2f} ms per phase-2 step (slowest device)")
+        return f"disk: every device keeps the rows it trains on in a file; {disk}"
+    if plan.cache_store == "mixed":
+        return (f"mixed: {', '.join(plan.cache_disk)} keep the rows they train on in a file "
+                f"({disk}); the others in memory, "
+                + describe_cache(replace(plan, cache_disk=()), pred))
     if plan.cache == "local":
         return "local: every device caches the rows it trains on; nothing moves after phase 1"
     parts = []
@@ -788,35 +814,35 @@ def _reason(objective: str, slack: float, drafts: Sequence[tuple[str, PacPlan, P
 
 def _draft(costs: CostTable, cluster: Cluster, model: PacModel, coarse: CostTable,
            phase1: Plan, *, batch_size: int, num_samples: int, steps: int, epochs: int,
-           cache: str = "auto", cache_slack: float = 0.0, cache_store: str = "memory"
-           ) -> PacPlan:
+           cache: str = "auto", cache_slack: float = 0.0,
+           on_disk: Collection[str] = frozenset()) -> PacPlan:
     """A PAC plan around ``phase1``: phase-2 shares, fallbacks and the cache's placement
-    (see [Note: cache placement] and [Note: a cache on disk]), no prediction."""
+    (see [Note: cache placement]; the devices ``on_disk`` keep their own rows on disk,
+    [Note: a cache on disk]), no prediction."""
     p1_memory = phase1_memory(costs, model, phase1)
     devices = tuple(cluster.names)
-    on_disk = cache_store == "disk"
-    held = 0 if on_disk else steps       # mini-batches of rows a device holds in memory
     try:
-        shares = _phase2_shares(costs, cluster.for_costs(costs), model, batch_size, held,
-                                devices, p1_memory)
+        shares = _phase2_shares(costs, cluster.for_costs(costs), model, batch_size, steps,
+                                devices, p1_memory, on_disk)
     except PlanError as local_error:
-        if cache == "local" or on_disk:
+        if cache == "local" or len(on_disk) == len(devices):
             raise
         # no local placement: shares by the step's memory alone, the cache placed apart
         try:
             shares = _phase2_shares(costs, cluster.for_costs(costs), model, batch_size, 0,
-                                    devices, p1_memory)
+                                    devices, p1_memory, on_disk)
         except PlanError:
             raise local_error from None
-    phase1_holders, phase2_holders = ({}, {}) if cache == "local" or on_disk else place_cache(
-        costs, cluster, model, devices, shares, steps, p1_memory, cache_slack, phase1)
+    phase1_holders, phase2_holders = ({}, {}) if cache == "local" else place_cache(
+        costs, cluster, model, devices, shares, steps, p1_memory, cache_slack, phase1,
+        on_disk)
     fallback = {}
     for lost, lost_share in zip(devices, shares, strict=True):
         others = tuple(d for d in devices if d != lost)
-        extra = _takeover(costs, cluster.for_costs(costs), model, lost_share, held, others,
+        extra = _takeover(costs, cluster.for_costs(costs), model, lost_share, steps, others,
                           {d: p1_memory.get(d, 0) + s * sum(_phase2_per_sample(
-                              costs, model, held)) for d, s in zip(devices, shares,
-                                                                   strict=True)})
+                              costs, model, 0 if d in on_disk else steps))
+                           for d, s in zip(devices, shares, strict=True)}, on_disk)
         if extra is not None:
             fallback[lost] = extra
     return PacPlan(model=model, batch_size=batch_size, num_samples=num_samples,
@@ -825,7 +851,7 @@ def _draft(costs: CostTable, cluster: Cluster, model: PacModel, coarse: CostTabl
                    cluster_hash=cluster.cluster_hash, fallback=fallback,
                    cache="sharded" if phase1_holders or phase2_holders else "local",
                    cache_phase1=phase1_holders, cache_phase2=phase2_holders,
-                   cache_store=cache_store)
+                   cache_disk=tuple(d for d in devices if d in on_disk))
 
 
 # [Note: cache placement]
@@ -859,10 +885,12 @@ def _holders_of(devices: Sequence[str], shares: Sequence[int], rows: Sequence[Se
 
 def place_cache(costs: CostTable, cluster: Cluster, model: PacModel, devices: Sequence[str],
                 shares: Sequence[int], steps: int, p1_memory: Mapping[str, int],
-                cache_slack: float = DEFAULT_CACHE_SLACK, phase1: Plan | None = None
+                cache_slack: float = DEFAULT_CACHE_SLACK, phase1: Plan | None = None,
+                on_disk: Collection[str] = ()
                 ) -> tuple[dict[str, tuple[int, ...]], dict[str, tuple[int, ...]]]:
     """The cache's holders in phase 1 and in phase 2 (``PacPlan.cache_phase1/2``; empty:
-    every trainer caches its own rows), see [Note: cache placement]; pure.
+    every trainer caches its own rows), see [Note: cache placement]; the devices
+    ``on_disk`` keep exactly their own rows ([Note: a cache on disk]); pure.
 
     Raises:
         PlanError: the cache fits nowhere (names the device and the bytes short).
@@ -878,7 +906,7 @@ def place_cache(costs: CostTable, cluster: Cluster, model: PacModel, devices: Se
     def score(one: list[list[int]], two: list[list[int]]) -> tuple[float, ...]:
         peak, _ = _peaks(costs, model, devices, shares, steps, p1_memory,
                          _holders_of(devices, shares, one), _holders_of(devices, shares, two),
-                         phase1, spaces)
+                         phase1, spaces, on_disk)
         over = sum(max(0, peak[d] - memory[i]) for i, d in enumerate(devices))
         pressure = max(peak[d] / memory[i] for i, d in enumerate(devices))
         return (float(over), float(sum(peak.values())), round(pressure, 12))
@@ -894,11 +922,13 @@ def place_cache(costs: CostTable, cluster: Cluster, model: PacModel, devices: Se
         found: tuple[tuple[float, ...], int, int, int, int] | None = None
         for phase in (0, 1):
             for t in range(n):
+                if devices[t] in on_disk:      # a disk cache keeps its own rows
+                    continue
                 for a in range(n):
                     if rows[phase][t][a] == 0:
                         continue
                     for b in range(n):
-                        if b == a:
+                        if b == a or devices[b] in on_disk:
                             continue
                         rows[phase][t][a] -= 1
                         rows[phase][t][b] += 1
@@ -917,7 +947,7 @@ def place_cache(costs: CostTable, cluster: Cluster, model: PacModel, devices: Se
     if best[0] > 0:
         peak, _ = _peaks(costs, model, devices, shares, steps, p1_memory,
                          _holders_of(devices, shares, rows[0]),
-                         _holders_of(devices, shares, rows[1]), phase1, spaces)
+                         _holders_of(devices, shares, rows[1]), phase1, spaces, on_disk)
         gap, device = max((peak[d] - memory[i], d) for i, d in enumerate(devices))
         raise PlanError(
             f"the activation cache does not fit: device {device!r} would hold "
@@ -956,5 +986,6 @@ def replan_phase1(pac: PacPlan, costs: CostTable, cluster: Cluster, failed: Sequ
     fresh = plan_finetune(costs, cluster.subset(survivors), pac.model,
                           batch_size=pac.batch_size, num_samples=pac.num_samples,
                           epochs=pac.epochs, phase1_objective=objective, phase1_slack=slack,
-                          cache="local", cache_store=pac.cache_store)
+                          cache="local",
+                          cache_store="memory" if not pac.cache_disk else "auto")
     return replace(fresh.phase1, plan_version=pac.phase1.plan_version + 1)

@@ -397,8 +397,8 @@ def test_cache_that_fits_nowhere(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert main(["finetune", GPT, "--cluster", str(cluster), "--batch-size", "8",
                  "--samples", "800", "--costs", "analytic", "--out", str(tmp_path / "d")]) == 0
     report = capsys.readouterr().out
-    assert "cache store: disk: the cache does not fit in memory (the activation cache does " \
-        "not fit" in report
+    assert "cache store: disk: a, b keep their rows on disk: the cache does not fit in " \
+        "memory (the activation cache does not fit" in report
     plan = PacPlan.load(tmp_path / "d" / PAC_PLAN_FILE)
     assert plan.cache_store == "disk" and plan.predicted is not None
     cluster_obj = Cluster.from_yaml(cluster)

@@ -110,8 +110,10 @@ def test_a_cache_too_big_for_memory_goes_to_disk_by_default() -> None:
     cluster = make_cluster([1.0, 0.5], memory_mib=[40, 40])
     plan = plan_finetune(COSTS, cluster, DISKY, batch_size=8, num_samples=8 * 400, epochs=2)
     assert plan.cache_store == "disk" and plan.cache == "local"
+    assert plan.cache_disk == ("d0", "d1")
     assert plan.meta["cache_choice"]["store_reason"].startswith(
-        "disk: the cache does not fit in memory (the activation cache does not fit")
+        "disk: d0, d1 keep their rows on disk: the cache does not fit in memory (the "
+        "activation cache does not fit")
     assert plan.meta["cache_choice"]["reason"].startswith("disk: every device keeps")
     pred = plan.predicted
     assert pred is not None
@@ -123,6 +125,31 @@ def test_a_cache_too_big_for_memory_goes_to_disk_by_default() -> None:
     # where the cache fits in memory, auto keeps it there
     roomy = plan_finetune(COSTS, cluster, DISKY, batch_size=8, num_samples=16, epochs=2)
     assert roomy.cache_store == "memory" and "store_reason" in roomy.meta["cache_choice"]
+
+
+def test_only_the_devices_short_of_memory_keep_their_cache_on_disk() -> None:
+    # d1 (40 MiB) cannot hold its share's cache; d0 (4 GiB) can (and, with --cache auto,
+    # would hold some of d1's rows for it: a sharded cache in memory comes first)
+    cluster = make_cluster([1.0, 0.5], memory_mib=[4096, 40])
+    plan = plan_finetune(COSTS, cluster, DISKY, batch_size=8, num_samples=8 * 400, epochs=2,
+                         cache="local")
+    assert plan.cache_store == "mixed" and plan.cache_disk == ("d1",)
+    assert plan.on_disk("d1") and not plan.on_disk("d0")
+    assert plan.meta["cache_choice"]["store_reason"].startswith(
+        "mixed: d1 keep their rows on disk: the cache does not fit in memory")
+    assert plan.meta["cache_choice"]["reason"].startswith(
+        "mixed: d1 keep the rows they train on in a file (writing them")
+    pred = plan.predicted
+    assert pred is not None
+    share = dict(zip(plan.devices, plan.shares, strict=True))
+    rows = plan.steps_per_epoch * DISKY.entry_bytes
+    # d0 holds its whole cache in memory, d1 none of it
+    assert pred.peak_memory_bytes["d0"] > share["d0"] * rows
+    assert pred.peak_memory_bytes["d1"] <= cluster.device("d1").memory_bytes
+    assert pred.peak_memory_bytes["d1"] < share["d1"] * rows
+    # only d1 reads: at half speed, its share
+    assert pred.read_s == pytest.approx(share["d1"] * DISKY.entry_bytes * 1e-10 / 0.5)
+    assert PacPlan.from_json(plan.to_json()) == plan
 
 
 def test_a_disk_cache_trades_its_memory_for_reads_and_writes() -> None:
@@ -163,13 +190,16 @@ def test_a_devices_storage_bandwidth_bounds_its_reads() -> None:
     assert plan.predicted.read_s == pytest.approx(share * DISKY.entry_bytes / 10e6)
 
 
-def test_a_disk_cache_is_never_sharded() -> None:
+def test_a_disk_cache_holds_exactly_its_own_rows() -> None:
     plan = plan_finetune(COSTS, make_cluster([1.0, 0.5]), MODEL, batch_size=8,
                          num_samples=16, epochs=1, cache_store="disk")
-    with pytest.raises(PlanError, match="a disk cache keeps every trainer's rows on itself"):
-        replace(plan, cache="sharded", cache_phase2={"d0": (plan.shares[0] - 1, 1)})
-    with pytest.raises(PlanError, match="cache store 'tape' is not one of"):
-        replace(plan, cache_store="tape")
+    assert plan.cache_disk == ("d0", "d1") and plan.cache == "local"
+    moved = {"d0": (plan.shares[0] - 1, 1)}
+    for disk in (("d0",), ("d1",)):       # d0's rows away from it, or onto d1's disk
+        with pytest.raises(PlanError, match="keeps its cache on disk, so it holds exactly"):
+            replace(plan, cache="sharded", cache_phase2=moved, cache_disk=disk)
+    with pytest.raises(PlanError, match=r"cache_disk \['zz'\] must name distinct devices"):
+        replace(plan, cache_disk=("zz",))
 
 
 @pytest.mark.parametrize("kwargs, words", [

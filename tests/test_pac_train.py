@@ -91,7 +91,8 @@ def prepare_tiny(tmp_path: Path, epochs: int, *, pipelined: bool = False,
     """``(spec, cluster, costs, out, plan, cluster_file)``: the tiny GPT on a, b, c,
     prepared for ``epochs`` epochs of 2 mini-batches of 6 (adapter rank 4); with
     ``pipelined``, phase 1 is :data:`PIPELINED_PHASE1`; ``cache``: the placement mode;
-    ``cache_dtype``: the cache's dtype; ``cache_store``: memory, disk or auto."""
+    ``cache_dtype``: the cache's dtype; ``cache_store``: memory, disk or auto, or
+    ``mixed``: b and c keep their caches on disk, a in memory."""
     model_file = tmp_path / "tiny.py"
     model_file.write_text(TINY_GPT)
     cluster_file = tmp_path / "c.yaml"
@@ -102,9 +103,10 @@ def prepare_tiny(tmp_path: Path, epochs: int, *, pipelined: bool = False,
     out = tmp_path / "pac"
     plan = prepare_finetune(spec, cluster, costs, out, batch_size=6, epochs=epochs,
                             num_samples=12, rank=4, cache=cache, cache_dtype=cache_dtype,
-                            cache_store=cache_store)
-    if pipelined:
-        plan = replace(plan, phase1=PIPELINED_PHASE1)
+                            cache_store="disk" if cache_store == "mixed" else cache_store)
+    if pipelined or cache_store == "mixed":
+        plan = replace(plan, phase1=PIPELINED_PHASE1 if pipelined else plan.phase1,
+                       cache_disk=("b", "c") if cache_store == "mixed" else plan.cache_disk)
         plan = replace(plan, predicted=predict_finetune(plan, costs, cluster))
         plan.save(out / PAC_PLAN_FILE)
     return spec, cluster, costs, out, plan, cluster_file
@@ -125,9 +127,9 @@ def assert_matches_reference(losses: list[float], spec: Any, epochs: int,
 @pytest.mark.parametrize("pipelined, cache, cache_dtype, store",
                          [(False, "auto", None, "auto"), (False, "local", None, "auto"),
                           (True, "auto", None, "auto"), (True, "auto", "bfloat16", "auto"),
-                          (True, "auto", "bfloat16", "disk")],
+                          (True, "auto", "bfloat16", "mixed")],
                          ids=["planned", "local-cache", "pipeline-handoff", "bfloat16-cache",
-                              "disk-cache"])
+                              "mixed-disk-cache"])
 def test_emulated_pac_equals_the_reference(tmp_path: Path, pipelined: bool, cache: str,
                                            cache_dtype: str | None, store: str) -> None:
     spec, _cluster, _costs, out, plan, cluster_file = prepare_tiny(tmp_path, 2,
@@ -135,7 +137,7 @@ def test_emulated_pac_equals_the_reference(tmp_path: Path, pipelined: bool, cach
                                                                    cache=cache,
                                                                    cache_dtype=cache_dtype,
                                                                    cache_store=store)
-    assert plan.cache_store == ("disk" if store == "disk" else "memory")
+    assert plan.cache_store == ("mixed" if store == "mixed" else "memory")
     if cache_dtype is not None:     # the entries are rounded: half the bytes of float32's
         assert 2 * plan.model.entry_bytes == plan.model.made_bytes
     if cache == "local":
@@ -158,11 +160,14 @@ def test_emulated_pac_equals_the_reference(tmp_path: Path, pipelined: bool, cach
     assert all(v > 0 for v in rows[-1]["peak_memory_bytes"].values())
     # a disk cache holds none of its rows in memory: the peak with the cache is the peak
     with_cache, peak = rows[-1]["peak_with_cache_bytes"], rows[-1]["peak_memory_bytes"]
-    if store == "disk":
-        assert with_cache == peak
-        assert "on disk" in result.summary(plan.steps_per_epoch)
-    else:
-        assert all(with_cache[d] > 2 * held[d] * entry for d in plan.devices)
+    for d in plan.devices:
+        if plan.on_disk(d):
+            assert with_cache[d] == peak[d]
+        else:
+            assert with_cache[d] > 2 * held[d] * entry
+    summary = result.summary(plan.steps_per_epoch).splitlines()
+    assert [line.split(":")[0].strip() for line in summary if "on disk" in line] == \
+        list(plan.cache_disk)
     # epoch-1 rows carry each phase-1 device's forward and sample-making seconds
     p1_devices = set(plan.phase1.devices)
     for r in rows[:2]:

@@ -238,7 +238,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"  {device}: peak PAC {m['pac'] / 2**20:.1f} MiB (with the cache "
               f"{m['pac_with_cache'] / 2**20:.1f}, predicted "
               f"{(m['predicted_with_cache'] or 0) / 2**20:.1f}; cached at the end "
-              f"{'on disk ' if plan.cache_store == 'disk' else ''}"
+              f"{'on disk ' if plan.on_disk(device) else ''}"
               f"{m['cache'] / 2**20:.1f}) vs full {full_mib} MiB: "
               f"{red} lower ({red_c} with the cache; target >= 60%)")
     for name, got, want in (("phase 1 (epoch 1)", measured_p1, report["phase1_predicted_s"]),
