@@ -90,12 +90,15 @@ class EmulationSetup:
 
     @property
     def links(self) -> dict[str, Any]:
-        """``link_bytes_s``, ``link_latency_s`` and ``storage_bytes_s``, as ``TrainConfig``
-        and the recovery ``WorkerSpec`` take them (``dataclasses.replace(config,
-        **setup.links)``)."""
+        """``link_bytes_s`` and ``link_latency_s``, as ``TrainConfig`` and the recovery
+        ``WorkerSpec`` take them (``dataclasses.replace(config, **setup.links)``)."""
         return {"link_bytes_s": self.link_bytes_s,
-                "link_latency_s": self.link_latency_s or None,
-                "storage_bytes_s": self.storage_bytes_s or None}
+                "link_latency_s": self.link_latency_s or None}
+
+    @property
+    def storage(self) -> dict[str, Any]:
+        """``storage_bytes_s``, as ``TrainConfig`` takes it (a PAC disk cache's pace)."""
+        return {"storage_bytes_s": self.storage_bytes_s or None}
 
 
 @dataclass
@@ -237,7 +240,7 @@ def _launch_shaped(source: StageSource, config: TrainConfig, setup: EmulationSet
                    body: Callable[..., WorkerResult] = train_device,
                    may_fail: Sequence[int] = (),
                    on_lost: Callable[[int, Any], None] | None = None) -> list[WorkerResult]:
-    config = replace(config, **setup.links, **setup.timing(config))
+    config = replace(config, **setup.links, **setup.storage, **setup.timing(config))
     # time dilation needs a per-rank compute scale: the source carries one per rank
     return launch_local(shaping.wrap(source), len(setup.devices), config,
                         cgroups=shaping.cgroups, progress=progress, timeout_s=timeout_s,

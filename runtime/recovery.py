@@ -748,7 +748,7 @@ class _Processes:
         previous = self.generation
         self.generation = spec.generation
         run_source, cgroups, setup = self._shape(plan, cluster, source, spec.generation)
-        config = replace(config, **setup.links, **setup.timing(config))
+        config = replace(config, **setup.links, **setup.storage, **setup.timing(config))
         spec = replace(spec, **setup.links)    # replica sends are paced too
         world = len(plan.devices)
         procs = []

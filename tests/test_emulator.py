@@ -81,7 +81,7 @@ def test_setup_scales_speeds_and_links_by_one_factor() -> None:
     disks = emulation_setup(plan, stored, host_cores=2)
     assert disks.storage_bytes_s[0] == pytest.approx(80e6 / 1.25)
     assert disks.storage_bytes_s[1:] == (math.inf, math.inf)
-    assert disks.links["storage_bytes_s"] == disks.storage_bytes_s
+    assert disks.storage == {"storage_bytes_s": disks.storage_bytes_s}
 
 
 def test_default_cores_leave_a_reserve(monkeypatch: pytest.MonkeyPatch) -> None:
