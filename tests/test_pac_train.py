@@ -126,10 +126,9 @@ def assert_matches_reference(losses: list[float], spec: Any, epochs: int,
 
 @pytest.mark.parametrize("pipelined, cache, cache_dtype, store",
                          [(False, "auto", None, "auto"), (False, "local", None, "auto"),
-                          (True, "auto", None, "auto"), (True, "auto", "bfloat16", "auto"),
-                          (True, "auto", "bfloat16", "mixed")],
-                         ids=["planned", "local-cache", "pipeline-handoff", "bfloat16-cache",
-                              "mixed-disk-cache"])
+                          (True, "auto", None, "auto"), (True, "auto", "bfloat16", "mixed")],
+                         ids=["planned", "local-cache", "pipeline-handoff",
+                              "bfloat16-mixed-disk-cache"])
 def test_emulated_pac_equals_the_reference(tmp_path: Path, pipelined: bool, cache: str,
                                            cache_dtype: str | None, store: str) -> None:
     spec, _cluster, _costs, out, plan, cluster_file = prepare_tiny(tmp_path, 2,
