@@ -249,7 +249,8 @@ def predict_finetune(plan: PacPlan, costs: CostTable, cluster: Cluster) -> PacPr
 # host (files in its page cache: the copy's CPU, which scales with the device's speed);
 # ``storage_mb_s`` (a device's storage bandwidth, from the cluster) bounds it where the
 # file has to come from storage, as it does once the cache outgrows the page cache. The
-# shares stay those of the speeds and memory (the reads are a few per cent of a step).
+# phase-2 shares weigh each device by the seconds a sample adds to its step, its read
+# included (``_phase2_shares``), so a device on slow storage trains on fewer samples.
 # ``--cache-store auto`` (``plan_finetune``) keeps every device's rows in memory where
 # some placement fits ([Note: cache placement]), else sends devices to disk smallest memory
 # first until one fits: the devices with room keep the faster memory cache (``mixed``),
@@ -498,6 +499,16 @@ def _phase2_shares(costs: CostTable, cluster: Cluster, model: PacModel, batch_si
     when the cache fits nowhere."""
     timing = Timing.of(costs, cluster)
     speeds = [timing.speeds[d] for d in devices]
+    if any(d in on_disk for d in devices):
+        # a device on disk also reads each of its samples: shares by the seconds a sample
+        # adds to its step, reads included ([Note: a cache on disk])
+        ones, twos = ([k] * len(devices) for k in (1, 2))
+        marginal = [b - a for a, b in zip(_phase2_compute(costs, cluster, model, devices, ones),
+                                          _phase2_compute(costs, cluster, model, devices, twos),
+                                          strict=True)]
+        reads = disk_s(costs, cluster, model, devices, ones, on_disk)[1]
+        if all(m + r > 0 for m, r in zip(marginal, reads, strict=True)):
+            speeds = [1.0 / (m + r) for m, r in zip(marginal, reads, strict=True)]
     fixed = _phase2_fixed(costs, model, costs.optimizer_state_factor)
     cache, work = _phase2_per_sample(costs, model, steps)
     caps = []

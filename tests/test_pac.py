@@ -180,14 +180,20 @@ def test_a_disk_cache_trades_its_memory_for_reads_and_writes() -> None:
 
 def test_a_devices_storage_bandwidth_bounds_its_reads() -> None:
     cluster = make_cluster([1.0, 0.5], memory_mib=[4096, 4096])
-    slow = replace(cluster, devices=tuple(replace(d, storage_mb_s=10.0) if d.name == "d1"
+    slow = replace(cluster, devices=tuple(replace(d, storage_mb_s=2.0) if d.name == "d1"
                                           else d for d in cluster.devices))
     plan = plan_finetune(COSTS, slow, DISKY, batch_size=8, num_samples=80, epochs=2,
                          cache_store="disk")
     share = dict(zip(plan.devices, plan.shares, strict=True))["d1"]
     assert plan.predicted is not None
-    # 10 MB/s: far slower than the host's page-cache copy at half its speed
-    assert plan.predicted.read_s == pytest.approx(share * DISKY.entry_bytes / 10e6)
+    # 2 MB/s: far slower than the host's page-cache copy at half its speed
+    assert plan.predicted.read_s == pytest.approx(share * DISKY.entry_bytes / 2e6)
+    # and the slow reader trains on fewer samples than its speed alone would give it
+    fast_disk = plan_finetune(COSTS, cluster, DISKY, batch_size=8, num_samples=80, epochs=2,
+                              cache_store="disk")
+    assert share < dict(zip(fast_disk.devices, fast_disk.shares, strict=True))["d1"]
+    assert fast_disk.predicted is not None
+    assert plan.predicted.phase2_step_s > fast_disk.predicted.phase2_step_s
 
 
 def test_a_disk_cache_holds_exactly_its_own_rows() -> None:
