@@ -78,6 +78,7 @@ def simulate_finetune(plan: PacPlan, costs: CostTable, cluster: Cluster) -> PacS
     """
     phase1_step, events, bubble = simulate_phase1(plan, costs, cluster)
     pred = predict_finetune(plan, costs, cluster)
+    phase1_step += pred.write_s      # a disk cache's writes ([Note: a cache on disk])
     steps = plan.steps_per_epoch
     epoch1 = steps * (phase1_step + pred.phase2_step_s)
     epoch = steps * pred.phase2_step_s

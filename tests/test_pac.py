@@ -356,6 +356,13 @@ def test_simulation_equals_the_model_on_one_device() -> None:
     assert sim.total_s == pytest.approx(pred.total_s)
     assert sim.total_s == pytest.approx(sim.epoch1_s + 2 * sim.epoch_s)
     assert sim.phase1_bubble_fraction == pytest.approx(0.0, abs=1e-9)
+    # with the cache on disk: its writes in phase 1 and its reads in phase 2, both alike
+    disk = plan_finetune(COSTS, cluster, replace(DISKY, sample_s=1e-3), batch_size=8,
+                         num_samples=24, epochs=3, cache_store="disk")
+    sim, pred = simulate_finetune(disk, COSTS, cluster), predict_finetune(disk, COSTS, cluster)
+    assert pred.write_s > 0 and pred.read_s > 0
+    assert sim.phase1_step_s == pytest.approx(pred.phase1_step_s)
+    assert sim.total_s == pytest.approx(pred.total_s)
 
 
 def test_simulation_of_a_pipeline_with_hand_offs() -> None:
