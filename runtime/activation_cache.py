@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Iterator, MutableMapping, Tuple
@@ -26,13 +27,15 @@ class DiskRows(MutableMapping[int, Row]):
     a row is appended as the raw bytes of its parts and read back into fresh tensors, so
     memory holds only the rows a step asks for. The file has no name on disk and is gone
     when the process ends, however it ends. A row that is replaced or deleted leaves its
-    bytes behind (phase 2 only reads). ``bytes_s`` (the emulator: a device's
-    ``storage_mb_s``) paces every row's write and read to that many bytes a second, as the
-    emulator paces links; None: as fast as the host's storage."""
+    bytes behind (phase 2 only reads). Rows may be read and written from two threads (a
+    step's rows are read ahead, ``runtime.pac_train._ReadAhead``). ``bytes_s`` (the
+    emulator: a device's ``storage_mb_s``) paces every row's write and read to that many
+    bytes a second, as the emulator paces links; None: as fast as the host's storage."""
 
     def __init__(self, directory: str | None = None, bytes_s: float | None = None) -> None:
         self._bytes_s = bytes_s if bytes_s is not None and 0 < bytes_s < float("inf") \
             else None
+        self._lock = threading.Lock()      # one file position: a seek and its I/O at once
         try:
             self._file = tempfile.TemporaryFile(dir=directory)
         except OSError as exc:
@@ -50,38 +53,41 @@ class DiskRows(MutableMapping[int, Row]):
             del self[key]
         layout = []
         began = time.perf_counter()
-        self._file.seek(self._end)
         size = 0
-        for part in row:
-            flat = part.detach().contiguous().reshape(-1)
-            layout.append((tuple(part.shape), part.dtype))
-            data = flat.view(torch.uint8).numpy()
-            try:
-                self._file.write(data.data)
-            except OSError as exc:
-                raise RuntimeFailure(f"cannot write the activation cache's file: {exc}; free "
-                                     f"storage or use --cache-store memory") from None
-            size += data.nbytes
-        self._index[key] = (self._end, tuple(layout))
-        self._end += size
+        with self._lock:
+            start = self._end
+            self._file.seek(start)
+            for part in row:
+                flat = part.detach().contiguous().reshape(-1)
+                layout.append((tuple(part.shape), part.dtype))
+                data = flat.view(torch.uint8).numpy()
+                try:
+                    self._file.write(data.data)
+                except OSError as exc:
+                    raise RuntimeFailure(f"cannot write the activation cache's file: {exc}; "
+                                         f"free storage or use --cache-store memory") from None
+                size += data.nbytes
+            self._end += size
+        self._index[key] = (start, tuple(layout))
         self.stored_bytes += size
         self._pace(size, began)
 
     def __getitem__(self, key: int) -> Row:
         offset, layout = self._index[key]
         began = time.perf_counter()
-        self._file.seek(offset)
         out: list[torch.Tensor] = []
         size = 0
-        for shape, dtype in layout:
-            part = torch.empty(shape, dtype=dtype)
-            data = part.reshape(-1).view(torch.uint8).numpy()
-            got = self._file.readinto(data.data) if data.nbytes else 0
-            if got != data.nbytes:
-                raise RuntimeFailure(f"the activation cache's file ended after {got} of "
-                                     f"{data.nbytes} bytes of sample {key}'s row")
-            out.append(part)
-            size += data.nbytes
+        with self._lock:
+            self._file.seek(offset)
+            for shape, dtype in layout:
+                part = torch.empty(shape, dtype=dtype)
+                data = part.reshape(-1).view(torch.uint8).numpy()
+                got = self._file.readinto(data.data) if data.nbytes else 0
+                if got != data.nbytes:
+                    raise RuntimeFailure(f"the activation cache's file ended after {got} of "
+                                         f"{data.nbytes} bytes of sample {key}'s row")
+                out.append(part)
+                size += data.nbytes
         self._pace(size, began)
         return tuple(out)
 

@@ -80,6 +80,7 @@ import statistics
 import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from datetime import timedelta
 from pathlib import Path
@@ -93,7 +94,7 @@ from contracts.errors import RuntimeFailure
 from contracts.inputs import model_inputs
 from contracts.pac_plan import PacPlan
 from contracts.plan import Plan, Stage
-from runtime.activation_cache import CACHE_DIR_ENV, ActivationCache
+from runtime.activation_cache import CACHE_DIR_ENV, ActivationCache, DiskRows, Row
 from runtime.adapter_model import AdapterModel
 from runtime.comm import Comm
 from runtime.comm import CommFailure as CommFailureError
@@ -564,6 +565,45 @@ def _rehome(group: _Group, comm: Comm, cache: ActivationCache, batch: int, steps
     return replace(group, homes=group.later), most
 
 
+class _ReadAhead:
+    """Phase 2 with the cache on disk: the next step's rows are read in a thread while this
+    step computes and all-reduces, so the storage's latency hides behind them ([Note: a
+    cache on disk] in solver/pac.py); rows asked for under another grouping (a lost
+    device) are read again where the step needs them."""
+
+    def __init__(self, cache: ActivationCache) -> None:
+        self.cache = cache
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="afx-read-ahead") \
+            if isinstance(cache.rows, DiskRows) else None
+        self.pending: tuple[tuple[int, ...], Future[dict[int, Row]]] | None = None
+
+    def post(self, rows: Sequence[int]) -> None:
+        """Start reading ``rows`` (those this device caches)."""
+        if self.pool is None or not rows:
+            return
+        key = tuple(rows)
+        self.pending = (key, self.pool.submit(self._read, key))
+
+    def _read(self, key: tuple[int, ...]) -> dict[int, Row]:
+        return {i: self.cache.rows[i] for i in key if i in self.cache.rows}
+
+    def take(self, rows: Sequence[int]) -> tuple[dict[int, Row], int]:
+        """The rows read ahead for a step of ``rows`` and their bytes (none: not asked
+        for, or for other rows)."""
+        if self.pending is None:
+            return {}, 0
+        key, future = self.pending
+        self.pending = None
+        if key != tuple(rows):
+            return {}, 0
+        got = future.result()
+        return got, storage_bytes([t for row in got.values() for t in row])
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True)
+
+
 class _Fetch:
     """Phase 2 with a sharded cache: each step, this device sends the rows it caches for
     other trainers (posted a step ahead, so the link overlaps the step before) and
@@ -730,6 +770,10 @@ def finetune_device(source: Any, rank: int, config: TrainConfig, *, hooks: Any =
                    for t in [*model.parameters(), *model.buffers()]}
     peak = max(peak, fixed)
     fetch = _Fetch(group, comm, cache, batch, steps, pac.epochs * steps)
+    ahead = _ReadAhead(cache)
+    # a step's peak tensors, with and without the cache: the rows read ahead during a step
+    # are held beside it (counted when the next step takes them)
+    step_peaks = (0, 0)
     me = pac.devices[rank]
     first_stage = pac.phase1.stage_of(me) if me in pac.phase1.devices else 0
     result = WorkerResult(rank=rank, device=me, stage=first_stage)
@@ -760,7 +804,14 @@ def finetune_device(source: Any, rank: int, config: TrainConfig, *, hooks: Any =
                     inputs, _ = samples.rows(i, i + 1)
                     cache.put(i, full.backbone(*model_inputs(inputs)))
             cpu_began = time.thread_time()
-            entry = cat_rows([remote[i] if i in remote else cache.rows[i] for i in rows])
+            read, read_bytes = ahead.take(rows)
+            peak = max(peak, step_peaks[0] + read_bytes)
+            peak_cached = max(peak_cached, step_peaks[1] + read_bytes)
+            entry = cat_rows([remote[i] if i in remote else read[i] if i in read
+                              else cache.rows[i] for i in rows])
+            del read
+            if step + 1 < pac.epochs * steps:
+                ahead.post(group.rows(batch, (step + 1) % steps))
             if epoch == 0:
                 cache.count(0, len(rows))    # computed by phase 1 for this step
                 began -= phase1_s[k][0]
@@ -785,8 +836,9 @@ def finetune_device(source: Any, rank: int, config: TrainConfig, *, hooks: Any =
             step_peak = fixed + storage_bytes(grads) + storage_bytes(state) + held \
                 + (0 if full is None else storage_bytes(list(full.segments.parameters())))
             peak = max(peak, step_peak)
-            peak_cached = max(peak_cached,
-                              step_peak + storage_bytes(comm.held()) + cache.resident_bytes)
+            step_cached = step_peak + storage_bytes(comm.held()) + cache.resident_bytes
+            peak_cached = max(peak_cached, step_cached)
+            step_peaks = (step_peak, step_cached)
             _dilate(p1_done, scale)
             computed = time.perf_counter()
             # this thread's CPU for the step besides the all-reduce (what step_fit times):
@@ -868,6 +920,7 @@ def finetune_device(source: Any, rank: int, config: TrainConfig, *, hooks: Any =
                 report(record)
         last_end = ended
         step += 1
+    ahead.close()
     result.peak_memory_bytes = peak
     # the all-reduces of epochs 2+ (seconds, waiting included), as runtime.train reports a
     # training stage's: per step, and their mean

@@ -208,13 +208,15 @@ def predict_finetune(plan: PacPlan, costs: CostTable, cluster: Cluster) -> PacPr
         phase1_step = max(closed_form, simulate_phase1(plan, costs, cluster)[0])
 
     # a cache on disk: its writes in phase 1, its reads in phase 2 ([Note: a cache on disk])
-    write, read = disk_s(costs, cluster, model, plan.devices, plan.shares, plan.cache_disk)
+    write, copy, wait = disk_s(costs, cluster, model, plan.devices, plan.shares,
+                               plan.cache_disk)
     phase1_step += max(write)
     compute = _phase2_compute(costs, cluster, model, plan.devices, plan.shares)
     allreduce = allreduce_time(cluster, plan.devices, model.wire_bytes)
     fetch = _fetch_s(cluster, plan.devices, plan.shares, _table(plan, 2), model.entry_bytes)
-    phase2_step = max(max(c + r for c, r in zip(compute, read, strict=True)) + allreduce,
-                      fetch)
+    # the reads run ahead: their CPU adds to the step, their storage wait overlaps it
+    phase2_step = max(max(c + r for c, r in zip(compute, copy, strict=True)) + allreduce,
+                      fetch, max(wait))
     handoff = _rehome_s(cluster, plan.devices, plan.shares, _table(plan, 1), _table(plan, 2),
                         plan.steps_per_epoch * model.entry_bytes)
 
@@ -232,47 +234,51 @@ def predict_finetune(plan: PacPlan, costs: CostTable, cluster: Cluster) -> PacPr
                          allreduce_s=allreduce, epoch1_s=epoch1, epoch_s=epoch,
                          total_s=total, peak_memory_bytes=peak, cache_bytes=cache,
                          phase1_closed_form_s=closed_form, fetch_s=fetch, handoff_s=handoff,
-                         write_s=max(write), read_s=max(read))
+                         write_s=max(write),
+                         read_s=max(max(c, w) for c, w in zip(copy, wait, strict=True)))
 
 
 # [Note: a cache on disk]
 # A device of ``PacPlan.cache_disk`` keeps the rows it trains on in an unnamed file of its
-# local storage (runtime.activation_cache.DiskRows), exactly its own rows: phase 1
-# writes each mini-batch's rows there as they arrive, and every phase-2 step reads its
-# share back before its forward. Memory then holds only the step's entry, and in phase 1
-# the wire buffers and one mini-batch's rows until they are written, never the whole
-# cache (``_peaks``). The time it costs, per
-# device and mini-batch of ``share`` rows of ``entry_bytes``:
-#     share x entry_bytes x max(X_s_per_byte / speed, 1 / (storage_mb_s x 1e6))
-# for X = write (phase 1, added to its step: a device writes before its next forward) and
-# read (phase 2, added to the device's step). ``X_s_per_byte`` is measured on the profiling
-# host (files in its page cache: the copy's CPU, which scales with the device's speed);
-# ``storage_mb_s`` (a device's storage bandwidth, from the cluster) bounds it where the
-# file has to come from storage, as it does once the cache outgrows the page cache. The
-# phase-2 shares weigh each device by the seconds a sample adds to its step, its read
-# included (``_phase2_shares``), so a device on slow storage trains on fewer samples.
-# ``--cache-store auto`` (``plan_finetune``) keeps every device's rows in memory where
-# some placement fits ([Note: cache placement]), else sends devices to disk smallest memory
-# first until one fits: the devices with room keep the faster memory cache (``mixed``),
-# sharded only among themselves; ``disk`` sends every device there.
+# local storage (runtime.activation_cache.DiskRows), exactly its own rows. Phase 1 writes
+# each mini-batch's rows there as they arrive; in phase 2 a thread reads the next step's
+# rows while a step computes and all-reduces (runtime.pac_train._ReadAhead). Memory holds
+# the step's entry and the rows read ahead, and in phase 1 one mini-batch's rows until
+# they are written, never the whole cache (``_peaks``). Per device and mini-batch of
+# ``share`` rows of ``entry_bytes`` (``disk_s``):
+#     write = share x entry_bytes x max(write_s_per_byte / speed, 1 / storage)
+#     copy  = share x entry_bytes x read_s_per_byte / speed
+#     wait  = share x entry_bytes / storage            (storage = storage_mb_s x 1e6)
+# The write is added to the phase-1 step (a device writes before its next forward). The
+# read's CPU (``copy``) adds to the device's phase-2 step; its storage ``wait`` overlaps
+# the step and the all-reduce, so the step is at least the longest wait. ``X_s_per_byte``
+# is measured on the profiling host (files in its page cache: the copy's CPU, which scales
+# with the device's speed); ``storage_mb_s`` (a device's storage bandwidth, from the
+# cluster; none: the page cache) is where the file has to come from storage, as it does
+# once the cache outgrows the page cache. The phase-2 shares weigh each device by the
+# seconds a sample adds to its step, ``max(compute + copy, wait)`` (``_phase2_shares``),
+# so a device on slow storage trains on fewer samples. ``--cache-store auto``
+# (``plan_finetune``) keeps every device's rows in memory where some placement fits
+# ([Note: cache placement]), else sends devices to disk smallest memory first until one
+# fits: the devices with room keep the faster memory cache (``mixed``), sharded only
+# among themselves; ``disk`` sends every device there.
 
 def disk_s(costs: CostTable, cluster: Cluster, model: PacModel, devices: Sequence[str],
-           shares: Sequence[int], on_disk: Collection[str]) -> tuple[list[float], list[float]]:
-    """Per device: seconds to write and to read its rows of one mini-batch in its disk
-    cache, 0 for a device not ``on_disk`` (see [Note: a cache on disk]); pure."""
+           shares: Sequence[int], on_disk: Collection[str]
+           ) -> tuple[list[float], list[float], list[float]]:
+    """Per device, for its rows of one mini-batch in its disk cache (0 for a device not
+    ``on_disk``): seconds to write them, and the CPU and the storage seconds of reading
+    them back (see [Note: a cache on disk]); pure."""
     speeds = Timing.of(costs, cluster.for_costs(costs)).speeds
-    write, read = [], []
+    write, copy, wait = [], [], []
     for d, share in zip(devices, shares, strict=True):
-        if d not in on_disk:
-            write.append(0.0)
-            read.append(0.0)
-            continue
         device = cluster.device(d)
         floor = 0.0 if device.storage_mb_s is None else 1.0 / (device.storage_mb_s * 1e6)
-        size = share * model.entry_bytes
+        size = share * model.entry_bytes if d in on_disk else 0
         write.append(size * max(model.write_s_per_byte / speeds[d], floor))
-        read.append(size * max(model.read_s_per_byte / speeds[d], floor))
-    return write, read
+        copy.append(size * model.read_s_per_byte / speeds[d])
+        wait.append(size * floor)
+    return write, copy, wait
 
 
 def _phase2_compute(costs: CostTable, cluster: Cluster, model: PacModel,
@@ -428,8 +434,9 @@ def _peaks(costs: CostTable, model: PacModel, devices: Sequence[str], shares: Se
     wire1 = _phase1_wire(costs, model, devices, phase1_plan,
                          [sum(one[t][h] for t in range(n)) for h in range(n)])
     for h, d in enumerate(devices):
-        # on disk, phase 1 holds one mini-batch's rows until they are written, phase 2 none
-        unit1, unit2 = (model.entry_bytes, 0) if d in on_disk else (unit, unit)
+        # on disk, phase 1 holds one mini-batch's rows until they are written, phase 2 the
+        # next step's rows, read ahead
+        unit1, unit2 = (model.entry_bytes, model.entry_bytes) if d in on_disk else (unit, unit)
         held1 = sum(one[t][h] for t in range(n)) * unit1 + wire1[h]
         held2 = sum(two[t][h] for t in range(n)) * unit2
         # streamed rows: a holder keeps two steps' sends in flight (prefetch), the trainer
@@ -506,9 +513,10 @@ def _phase2_shares(costs: CostTable, cluster: Cluster, model: PacModel, batch_si
         marginal = [b - a for a, b in zip(_phase2_compute(costs, cluster, model, devices, ones),
                                           _phase2_compute(costs, cluster, model, devices, twos),
                                           strict=True)]
-        reads = disk_s(costs, cluster, model, devices, ones, on_disk)[1]
-        if all(m + r > 0 for m, r in zip(marginal, reads, strict=True)):
-            speeds = [1.0 / (m + r) for m, r in zip(marginal, reads, strict=True)]
+        _write, copy, wait = disk_s(costs, cluster, model, devices, ones, on_disk)
+        sample_s = [max(m + c, w) for m, c, w in zip(marginal, copy, wait, strict=True)]
+        if all(t > 0 for t in sample_s):
+            speeds = [1.0 / t for t in sample_s]
     fixed = _phase2_fixed(costs, model, costs.optimizer_state_factor)
     cache, work = _phase2_per_sample(costs, model, steps)
     caps = []
