@@ -188,6 +188,8 @@ def test_a_devices_storage_bandwidth_bounds_its_reads() -> None:
     assert plan.predicted is not None
     # 2 MB/s: far slower than the host's page-cache copy at half its speed
     assert plan.predicted.read_s == pytest.approx(share * DISKY.entry_bytes / 2e6)
+    # read ahead: the storage's wait overlaps the step, which is at least that long
+    assert plan.predicted.phase2_step_s >= plan.predicted.read_s
     # and the slow reader trains on fewer samples than its speed alone would give it
     fast_disk = plan_finetune(COSTS, cluster, DISKY, batch_size=8, num_samples=80, epochs=2,
                               cache_store="disk")

@@ -250,6 +250,29 @@ def test_hugging_face_bert_equals_the_reference(tmp_path: Path) -> None:
         assert abs(got - want) <= 1e-4 * abs(want)
 
 
+def test_a_disk_cache_reads_the_rows_asked_for_ahead(tmp_path: Path) -> None:
+    from runtime.activation_cache import ActivationCache
+    from runtime.pac_train import _ReadAhead
+
+    cache = ActivationCache.on_disk(str(tmp_path))
+    cache.put(0, (torch.arange(12.0).reshape(4, 3),))
+    ahead = _ReadAhead(cache)
+    ahead.post([1, 2])
+    got, size = ahead.take([1, 2])
+    assert sorted(got) == [1, 2] and size == 2 * 3 * 4
+    assert torch.equal(got[2][0], torch.tensor([[6.0, 7.0, 8.0]]))
+    assert ahead.take([1, 2]) == ({}, 0)           # taken once
+    ahead.post([3])
+    assert ahead.take([0, 3]) == ({}, 0)           # asked under another grouping
+    ahead.post([0, 9])                             # 9 is not cached: read where needed
+    assert sorted(ahead.take([0, 9])[0]) == [0]
+    ahead.close()
+    in_memory = _ReadAhead(ActivationCache())      # rows in memory are not read ahead
+    in_memory.post([0])
+    assert in_memory.take([0]) == ({}, 0)
+    in_memory.close()
+
+
 def test_gradients_travel_in_float64_with_the_slots_and_come_back_in_their_dtype() -> None:
     from runtime.pac_train import SLOTS, cat_rows, take_gradients, wire_tensor
 
