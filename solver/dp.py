@@ -157,7 +157,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from bisect import bisect_right
+from bisect import bisect_left, bisect_right
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
@@ -209,6 +209,14 @@ _NUMPY_ITEMS = 400
 
 _NUMPY_LASTS = 16
 """Stage options use numpy for more candidate ``last`` layers than this."""
+
+_KIND_TABLE_AFTER = 4
+"""A group kind whose stage bases were built for this many first layers gets its
+``_KindTable`` ([Note: kind tables])."""
+
+# A group kind's compute and T_a of every stage of one ``_Search``: arrays over (first
+# layer's row, candidate last's column) of ``_Search._grid``.
+_KindTable = tuple[np.ndarray, np.ndarray, np.ndarray]
 
 # The options of one group kind: (shares, lasts, compute_f, compute_b, t_a).
 _Option = tuple[tuple[int, ...], list[int], list[float], list[float], list[float]]
@@ -437,6 +445,11 @@ class _Search:
         self.deadline = deadline
         self._layers: dict[tuple[int, bool], tuple[Any, ...]] = {}
         self._bases: dict[tuple[int, int, bool], _Base | None] = {}
+        # [Note: kind tables]: bases built per (kind, final), the tables, the grids
+        self._kind_misses: dict[tuple[int, bool], int] = {}
+        self._kind_tables: dict[tuple[int, bool], _KindTable] = {}
+        self._grids: dict[bool, tuple[dict[int, tuple[int, int]], np.ndarray,
+                                      dict[int, tuple[np.ndarray, ...]]]] = {}
         self._options: dict[tuple[int, int, int, bool, float], list[_Option]] = {}
         self._pool_options: dict[tuple[int, int, int, bool],
                                  list[tuple[int, int, list[_Option]]]] = {}
@@ -585,7 +598,23 @@ class _Search:
         lasts = lasts_all[:count]
         size = info.size
         pairs = info.update_pairs
-        if use_np:
+        table = self._kind_table(kind, final, first)
+        if table is not None:
+            # [Note: kind tables]: the row of the kind's table, the same float operations
+            row, col = self._grid(final)[0][first]
+            cf_a, cb_a, ta_a = table
+            cf_l = cf_a[row, col:col + count].tolist()
+            cb_l = cb_a[row, col:col + count].tolist()
+            ta = ta_a[row, col:col + count].tolist()
+            # compute grows with `last`: stages from `keep` on cost M X >= incumbent
+            keep, hi_k = 0, count
+            while keep < hi_k:
+                mid = (keep + hi_k) // 2
+                if m * (cf_l[mid] + cb_l[mid]) >= inc:
+                    hi_k = mid
+                else:
+                    keep = mid + 1
+        elif use_np:
             b, v, src = deciders[0]
             f_int, f_slope, b_int, b_slope = terms[src]
             cf = (f_int[:count] + f_slope[:count] * b) / v
@@ -641,6 +670,84 @@ class _Search:
         found = (free, lasts, cf_l, cb_l, ta, keep, held[:count], acts[:count])
         self._bases[key] = found
         return found
+
+    def _grid(self, final: bool) -> tuple[dict[int, tuple[int, int]], np.ndarray,
+                                          dict[int, tuple[np.ndarray, ...]]]:
+        """The grid of the kind tables ([Note: kind tables]) of the final stage or of the
+        others: per first layer (0 and after each candidate end) its row and its first
+        column (the first candidate ``last >= first``), the stages' params over (row,
+        column), and per time source their (fwd intercepts, fwd slopes, bwd intercepts,
+        bwd slopes) with the call overheads, in ``_layer_terms``' float operations (cells
+        of a ``last`` before ``first`` hold values never read)."""
+        found = self._grids.get(final)
+        if found is not None:
+            return found
+        ends = [self.num_layers - 1] if final else self.ends
+        firsts = [0, *(e + 1 for e in self.ends if e + 1 < self.num_layers)]
+        at = {f: (k, 0 if final else bisect_left(ends, f)) for k, f in enumerate(firsts)}
+        stop = np.asarray(ends) + 1
+        rows = np.asarray(firsts)
+        sources = self.timing.sources
+        terms: dict[int, tuple[np.ndarray, ...]] = {}
+        for src in sorted(set(self.space.srcs)):
+            f_i, f_s, b_i, b_s = (a[stop][None, :] - a[rows][:, None]
+                                  for a in self.ctx.np_src[src])
+            terms[src] = (f_i + sources[src].call_fwd, f_s, b_i + sources[src].call_bwd,
+                          b_s)
+        params = self.ctx.np_params[stop][None, :] - self.ctx.np_params[rows][:, None]
+        found = self._grids[final] = (at, params, terms)
+        return found
+
+    def _kind_table(self, kind: int, final: bool, first: int) -> _KindTable | None:
+        """``(compute_f, compute_b, t_a)`` of every stage of the grid on a group of
+        ``kind`` ([Note: kind tables]), built once the kind's bases were built for
+        ``_KIND_TABLE_AFTER`` first layers; None before that or where ``first`` is not on
+        the grid.
+
+        [Note: kind tables]
+        A group kind's bases are asked for at nearly every first layer in the order's
+        space (every slice of the order at every candidate cut), and building each from
+        its own short lists costs more in Python and small numpy calls than the arithmetic
+        itself. So once a kind has been asked for a few first layers, its compute times
+        and ``T_a`` are computed for every (first, last) of the grid at once, in the float
+        operations of ``_base``'s numpy branch element by element (``_base``'s Python
+        branch gives the same bits), and each later base reads its row. The incumbent's
+        cut-offs still come from ``_layer_terms`` and the count bisection; ``keep`` is
+        bisected on the row (compute grows with ``last``). ``tests/test_dp.py`` checks the
+        tables against the bases built without them."""
+        key = (kind, final)
+        table = self._kind_tables.get(key)
+        if table is not None:
+            return table if first in self._grid(final)[0] else None
+        misses = self._kind_misses[key] = self._kind_misses.get(key, 0) + 1
+        if misses <= _KIND_TABLE_AFTER:
+            return None
+        at, params, terms = self._grid(final)
+        if first not in at:
+            return None
+        deciders = self.ctx.group_mb(self.mb, kind)[1]
+        info = self.space.group(self.space.kind_group[kind])
+        b, v, src = deciders[0]
+        f_int, f_slope, b_int, b_slope = terms[src]
+        cf = (f_int + f_slope * b) / v
+        cb = (b_int + b_slope * b) / v
+        for b, v, src in deciders[1:]:
+            f_int, f_slope, b_int, b_slope = terms[src]
+            cf = np.maximum(cf, (f_int + f_slope * b) / v)
+            cb = np.maximum(cb, (b_int + b_slope * b) / v)
+        size = info.size
+        if size > 1:
+            reduce = np.where(params > 0, 2.0 * (size - 1) * params.astype(np.float64)
+                              / (size * info.min_bw) + 2.0 * (size - 1) * info.max_lat, 0.0)
+        else:
+            reduce = np.zeros(params.shape)
+        pairs = info.update_pairs
+        upb, div, fixed_s = pairs[0]
+        step = (params * upb + fixed_s) / div
+        for upb, div, fixed_s in pairs[1:]:
+            step = np.maximum(step, (params * upb + fixed_s) / div)
+        table = self._kind_tables[key] = (cf, cb, reduce + step)
+        return table
 
     def options(self, first: int, kind: int, flight: int, final: bool,
                 rest: float) -> list[_Option]:
