@@ -1268,6 +1268,25 @@ def _counted_run(tables: _ClassTables, pooled: _Pooled, m: int, low: float, top:
     gates, levels = _gates(m, rho, low)
     rest_gate = _rest_gate(m, int(tables.totals.sum()), rho, low, top)
     ta_limit = limit - min(0.0, rest_gate)
+    # [Note: one pass per run]: every phase keeps x <= top, T_a < limit - min(0,
+    # rest_gate) and the ends of the row up to the first whose x over every group is
+    # above top. The stages of every row are gathered once per table (_flat_stages, for
+    # the largest top and T_a limit of class_bound's runs), the terms of each phase that
+    # do not depend on the suffixes (floors and tables) once per run where they are few
+    # (_TERMS_AT_ONCE, else per row for the stages it keeps), in the float operations of
+    # a step per row; a row then selects its stages by masks and reads its suffixes for
+    # its live pools only (a minimum over the same values: bit for bit the step per row,
+    # tests/counted_reference.py)
+    flat = _flat_stages(pooled, top, ta_limit, deadline)
+    keep_s = np.nonzero((flat.lowest <= top) & (flat.t_a < ta_limit)
+                        & (flat.shortest <= top))[0]
+    ta_t = flat.t_a[keep_s]
+    if after is not None or (levels and bool(
+            (max([*gates, rest_gate]) + ta_t < limit).all())):
+        # [Note: gates every stage passes]: the tables of the positions after the dominant
+        # stage are the table of any position where every stage passes every position's
+        # gate (the rest gate among them); a run on the suffixes of another reads one table
+        levels, gates = 0, []
     # over (first row, pool, profile of the stage before): stack[j] (j < levels) the
     # suffixes whose first stage is at position j + 1 after the dominant one,
     # stack[levels] the suffixes after the dominant one (any position), with_d the
@@ -1305,22 +1324,10 @@ def _counted_run(tables: _ClassTables, pooled: _Pooled, m: int, low: float, top:
     # rows whose tables are the same at every position after the dominant stage
     same = np.ones(count + 1, dtype=bool)
     gate_max = max([*gates, rest_gate])
-    # [Note: one pass per run]: every phase keeps x <= top, T_a < limit - min(0,
-    # rest_gate) and the ends of the row up to the first whose x over every group is
-    # above top. The stages of every row are gathered once per table (_flat_stages, for
-    # the largest top and T_a limit of class_bound's runs), the terms of each phase that
-    # do not depend on the suffixes (floors and tables) once per run where they are few
-    # (_TERMS_AT_ONCE, else per row for the stages it keeps), in the float operations of
-    # a step per row; a row then selects its stages by masks and reads its suffixes for
-    # its live pools only (a minimum over the same values: bit for bit the step per row,
-    # tests/counted_reference.py)
-    flat = _flat_stages(pooled, top, ta_limit, deadline)
-    keep_s = np.nonzero((flat.lowest <= top) & (flat.t_a < ta_limit)
-                        & (flat.shortest <= top))[0]
     row_s, nxt_s, at, g_s = (flat.row[keep_s], flat.nxt[keep_s], flat.at[keep_s],
                              flat.group[keep_s])
     offsets = np.searchsorted(row_s, np.arange(count + 1)).tolist()
-    x_low, ta_t, ups = flat.lowest[keep_s], flat.t_a[keep_s], flat.upper[keep_s]
+    x_low, ups = flat.lowest[keep_s], flat.upper[keep_s]
     x0_s, big0_s = flat.x0[keep_s], flat.big0[keep_s]
     src = pooled.src
     ta = ta_t[:, None]
