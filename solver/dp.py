@@ -823,8 +823,10 @@ class _Search:
             if start:
                 out.append((free, sel[start:n_free], cf[start:n_free], cb[start:n_free],
                             ta[start:n_free]))
-            else:
+            elif n_free < len(sel):
                 out.append((free, sel[:n_free], cf[:n_free], cb[:n_free], ta[:n_free]))
+            else:   # the base's own lists (nothing writes to them)
+                out.append((free, sel, cf, cb, ta))
         if fits == len(sel):    # no stage of the group is memory-capped
             return out
         info = self.space.group(self.space.kind_group[kind])
