@@ -1463,15 +1463,17 @@ def _counted_run(tables: _ClassTables, pooled: _Pooled, m: int, low: float, top:
             scale = a_cap[cols[dom]]                                            # (D, P)
             value = (base.T[:, :, None] - scale[None] * part.T[:, :, None]
                      + tail[None]).min(axis=1)                                 # (R, P)
-            with_d[i, live] = np.minimum(with_d[i, live], value.T)
         # a stage before the dominant one: only those that leave room below the limit
-        # before the suffixes holding the dominant stage
+        # before the suffixes holding the dominant stage (rows after this one: the row
+        # takes both phases' values at once)
         before = before_ok & (xl + floor_d[nx] + head_low[i] < cut)
         if mask is not None:
             before &= mask
         if before.any():
             found = _best_of(before, c_before, with_d, at_i)
-            with_d[i, live] = np.minimum(with_d[i, live], found)
+            with_d[i, live] = found if not len(dom) else np.minimum(value.T, found)
+        elif len(dom):
+            with_d[i, live] = value.T
         if after is None:
             if mixed or not shared:
                 same[i] = bool((stack[:, i] == stack[levels, i]).all())
