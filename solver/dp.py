@@ -160,7 +160,7 @@ import time
 from bisect import bisect_left, bisect_right
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 
@@ -217,6 +217,23 @@ _KIND_TABLE_AFTER = 4
 # A group kind's compute and T_a of every stage of one ``_Search``: arrays over (first
 # layer's row, candidate last's column) of ``_Search._grid``.
 _KindTable = tuple[np.ndarray, np.ndarray, np.ndarray]
+
+
+class _Grid(NamedTuple):
+    """``_layer_terms`` of every first layer at once ([Note: kind tables]): arrays over
+    (first layer's row, candidate last's column), in the float operations of its numpy
+    branch (cells of a ``last`` before ``first`` hold values never read)."""
+
+    at: dict[int, tuple[int, int]]      # per first layer: its row and its first column
+    lasts: list[int]                    # the candidate last layers, by column
+    slopes: np.ndarray                  # slope sums (forward and backward)
+    inters: np.ndarray                  # intercept sums
+    terms: dict[int, tuple[np.ndarray, ...]]   # per time source: (fi, fs, bi, bs) with calls
+    params: np.ndarray                  # parameter bytes (int64)
+    fixed: np.ndarray                   # fixed bytes on one device
+    fixed_dp: np.ndarray                # fixed bytes in a data-parallel group
+    acts: np.ndarray                    # activation bytes per sample (int64)
+    edges: list[int]                    # per column: the cut after the stage, per sample
 
 # The options of one group kind: (shares, lasts, compute_f, compute_b, t_a).
 _Option = tuple[tuple[int, ...], list[int], list[float], list[float], list[float]]
@@ -448,8 +465,7 @@ class _Search:
         # [Note: kind tables]: bases built per (kind, final), the tables, the grids
         self._kind_misses: dict[tuple[int, bool], int] = {}
         self._kind_tables: dict[tuple[int, bool], _KindTable] = {}
-        self._grids: dict[bool, tuple[dict[int, tuple[int, int]], np.ndarray,
-                                      dict[int, tuple[np.ndarray, ...]]]] = {}
+        self._grids: dict[bool, _Grid] = {}
         self._options: dict[tuple[int, int, int, bool, float], list[_Option]] = {}
         self._pool_options: dict[tuple[int, int, int, bool],
                                  list[tuple[int, int, list[_Option]]]] = {}
@@ -481,6 +497,29 @@ class _Search:
         m, inc, mb = self.m, self.incumbent, self.mb
         inc_hi = inc * (1.0 + 1e-9)
         speed = self._top_speed
+        grid = self._grid(final)
+        spot = grid.at.get(first)
+        if spot is not None:
+            # the row of the grid ([Note: kind tables]): the same numbers
+            row, col = spot
+            slope_r, inter_r = grid.slopes[row, col:], grid.inters[row, col:]
+            over = (m * slope_r * mb / speed >= inc) | (m * (inter_r + slope_r * mb) / speed
+                                                        >= inc_hi)
+            cut = int(np.argmax(over)) if over.any() else len(over)
+            end = col + cut
+            use_np = cut > _NUMPY_LASTS
+            spans = {src: tuple(t[row, col:end] for t in ts) for src, ts in grid.terms.items()}
+            params_r = grid.params[row, col:end]
+            found = (grid.lasts[col:end], slope_r[:cut].tolist(), inter_r[:cut].tolist(),
+                     spans if use_np else {src: list(zip(*(t.tolist() for t in ts),
+                                                         strict=True))
+                                           for src, ts in spans.items()},
+                     params_r if use_np else params_r.tolist(),
+                     grid.fixed[row, col:end].tolist(), grid.fixed_dp[row, col:end].tolist(),
+                     list(zip(grid.acts[row, col:end].tolist(), grid.edges[col:end],
+                              strict=True)), use_np)
+            self._layers[key] = found
+            return found
         candidates = [self.num_layers - 1] if final else [e for e in self.ends if e >= first]
         lasts: list[int] = []
         slopes: list[float] = []
@@ -601,7 +640,7 @@ class _Search:
         table = self._kind_table(kind, final, first)
         if table is not None:
             # [Note: kind tables]: the row of the kind's table, the same float operations
-            row, col = self._grid(final)[0][first]
+            row, col = self._grid(final).at[first]
             cf_a, cb_a, ta_a = table
             cf_l = cf_a[row, col:col + count].tolist()
             cb_l = cb_a[row, col:col + count].tolist()
@@ -671,31 +710,50 @@ class _Search:
         self._bases[key] = found
         return found
 
-    def _grid(self, final: bool) -> tuple[dict[int, tuple[int, int]], np.ndarray,
-                                          dict[int, tuple[np.ndarray, ...]]]:
-        """The grid of the kind tables ([Note: kind tables]) of the final stage or of the
-        others: per first layer (0 and after each candidate end) its row and its first
-        column (the first candidate ``last >= first``), the stages' params over (row,
-        column), and per time source their (fwd intercepts, fwd slopes, bwd intercepts,
-        bwd slopes) with the call overheads, in ``_layer_terms``' float operations (cells
-        of a ``last`` before ``first`` hold values never read)."""
+    def _grid(self, final: bool) -> _Grid:
+        """The ``_Grid`` of the final stage or of the others ([Note: kind tables]): rows
+        for the first layers (0 and after each candidate end), columns for the candidate
+        last layers."""
         found = self._grids.get(final)
         if found is not None:
             return found
-        ends = [self.num_layers - 1] if final else self.ends
+        ctx = self.ctx
+        lasts = [self.num_layers - 1] if final else list(self.ends)
         firsts = [0, *(e + 1 for e in self.ends if e + 1 < self.num_layers)]
-        at = {f: (k, 0 if final else bisect_left(ends, f)) for k, f in enumerate(firsts)}
-        stop = np.asarray(ends) + 1
-        rows = np.asarray(firsts)
+        at = {f: (k, 0 if final else bisect_left(lasts, f)) for k, f in enumerate(firsts)}
+        stop = np.asarray(lasts, dtype=np.intp) + 1
+        rows = np.asarray(firsts, dtype=np.intp)
+
+        def span(a: np.ndarray) -> np.ndarray:
+            """``a[stop] - a[first]`` over (row, column)."""
+            out: np.ndarray = a[stop][None, :] - a[rows][:, None]
+            return out
+
+        f_s, b_s, f_i, b_i = ctx.np_sums
+        slopes = span(f_s) + b_s[stop][None, :] - b_s[rows][:, None]
+        inters = span(f_i) + b_i[stop][None, :] - b_i[rows][:, None]
         sources = self.timing.sources
         terms: dict[int, tuple[np.ndarray, ...]] = {}
         for src in sorted(set(self.space.srcs)):
-            f_i, f_s, b_i, b_s = (a[stop][None, :] - a[rows][:, None]
-                                  for a in self.ctx.np_src[src])
-            terms[src] = (f_i + sources[src].call_fwd, f_s, b_i + sources[src].call_bwd,
-                          b_s)
-        params = self.ctx.np_params[stop][None, :] - self.ctx.np_params[rows][:, None]
-        found = self._grids[final] = (at, params, terms)
+            s_fi, s_fs, s_bi, s_bs = (span(a) for a in ctx.np_src[src])
+            terms[src] = (s_fi + sources[src].call_fwd, s_fs, s_bi + sources[src].call_bwd,
+                          s_bs)
+        params = span(ctx.np_params)
+        # the largest layer's params from `first` to `last` (LayerSums.largest_params)
+        largest = np.zeros_like(params)
+        for k, first in enumerate(firsts):
+            ahead = stop > first
+            if ahead.any():
+                largest[k, ahead] = np.maximum.accumulate(
+                    ctx.np_layer_params[first:])[stop[ahead] - 1 - first]
+        # stage_memory_parts (exact while bytes stay below 2**53), for one device and for
+        # a data-parallel group (transient_gradient_bytes)
+        held = np.ceil(params * (2.0 + self.osf)) + span(ctx.np_buffers)
+        bucket = np.minimum(params, np.maximum(largest, SMALL_BUCKET_BYTES))
+        fixed = held + largest if accumulates(self.m, self.osf) else held
+        found = self._grids[final] = _Grid(at, lasts, slopes, inters, terms, params, fixed,
+                                           held + bucket, span(ctx.np_acts),
+                                           ctx.np_edges[stop].tolist())
         return found
 
     def _kind_table(self, kind: int, final: bool, first: int) -> _KindTable | None:
@@ -718,13 +776,14 @@ class _Search:
         key = (kind, final)
         table = self._kind_tables.get(key)
         if table is not None:
-            return table if first in self._grid(final)[0] else None
+            return table if first in self._grid(final).at else None
         misses = self._kind_misses[key] = self._kind_misses.get(key, 0) + 1
         if misses <= _KIND_TABLE_AFTER:
             return None
-        at, params, terms = self._grid(final)
-        if first not in at:
+        grid = self._grid(final)
+        if first not in grid.at:
             return None
+        params, terms = grid.params, grid.terms
         deciders = self.ctx.group_mb(self.mb, kind)[1]
         info = self.space.group(self.space.kind_group[kind])
         b, v, src = deciders[0]
