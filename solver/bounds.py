@@ -408,6 +408,10 @@ class _Flat:
     """Per stage the flat position of the row after it in a (row, pool, profile) table, at
     the stage's own profile: the suffix after the stage in pool ``q`` is at ``at + q
     n_prof``."""
+    x: np.ndarray
+    """Per stage and sender profile ``x0 + 2 comm`` (its transfers both ways)."""
+    big: np.ndarray
+    """Per stage and sender profile ``big0 + comm``."""
 
 
 def _bucket(count: int) -> int:
@@ -1328,7 +1332,7 @@ def _counted_run(tables: _ClassTables, pooled: _Pooled, m: int, low: float, top:
                              flat.group[keep_s])
     offsets = np.searchsorted(row_s, np.arange(count + 1)).tolist()
     x_low, ups = flat.lowest[keep_s], flat.upper[keep_s]
-    x0_s, big0_s = flat.x0[keep_s], flat.big0[keep_s]
+    x_s, big_s = flat.x[keep_s], flat.big[keep_s]
     src = pooled.src
     ta = ta_t[:, None]
 
@@ -1349,9 +1353,7 @@ def _counted_run(tables: _ClassTables, pooled: _Pooled, m: int, low: float, top:
         dom_ok = (m * np.maximum(x_low_p, low) + ta_p1 < limit) & (ups_p > low)
         before_ok = m_low + x_low_p + ta_p1 < limit
         # as a step per row: x0[g, e][:, None] + 2.0 * comm[g] and big0[g, e][:, None] + comm[g]
-        comm_p = flat.comm[row_p, g_s[pick]]
-        x_p = x0_s[pick][:, None] + 2.0 * comm_p
-        big_p = big0_s[pick][:, None] + comm_p
+        x_p, big_p = x_s[pick], big_s[pick]
         ta_p, first_p = ta[pick], (row_p == 0)[:, None]
         capped = np.where(x_p <= top, x_p, inf)
         rest_vals = np.where(rest_ok[:, None], capped, inf)
@@ -1382,6 +1384,9 @@ def _counted_run(tables: _ClassTables, pooled: _Pooled, m: int, low: float, top:
              & (used_all[None] >= (pooled.tail * _TAIL_SLACK)[:, None]))
     live_rows, live_pools = np.nonzero(lives)
     live_at = np.searchsorted(live_rows, np.arange(count + 1)).tolist()
+    # per row the smallest value of a suffix after a stage that ends before it: one after
+    # the dominant stage (and the dominant stage still to come) or one holding it
+    reach = np.minimum(floor + dominant_low, floor_d)
     for i in range(count - 1, -1, -1):
         if deadline is not None and time.perf_counter() > deadline:
             raise _Late
@@ -1391,8 +1396,7 @@ def _counted_run(tables: _ClassTables, pooled: _Pooled, m: int, low: float, top:
         nx = nxt_s[lo:hi]
         # every phase needs a suffix after the stage whose value leaves room below the
         # limit (floor)
-        after_low = np.minimum(floor[nx] + dominant_low, floor_d[nx])
-        on = x_low[lo:hi] + (after_low + head_low[i]) < cut
+        on = x_low[lo:hi] + (reach[nx] + head_low[i]) < cut
         kept = int(np.count_nonzero(on))
         if not kept:
             continue
@@ -1469,11 +1473,15 @@ def _counted_run(tables: _ClassTables, pooled: _Pooled, m: int, low: float, top:
         before = before_ok & (xl + floor_d[nx] + head_low[i] < cut)
         if mask is not None:
             before &= mask
+        row_d = None
         if before.any():
             found = _best_of(before, c_before, with_d, at_i)
-            with_d[i, live] = found if not len(dom) else np.minimum(value.T, found)
+            row_d = found if not len(dom) else np.minimum(value.T, found)
         elif len(dom):
-            with_d[i, live] = value.T
+            row_d = value.T
+        if row_d is not None:
+            with_d[i, live] = row_d
+            floor_d[i] = float(row_d.min())     # (the other pools: none, inf)
         if after is None:
             if mixed or not shared:
                 same[i] = bool((stack[:, i] == stack[levels, i]).all())
@@ -1484,7 +1492,7 @@ def _counted_run(tables: _ClassTables, pooled: _Pooled, m: int, low: float, top:
                 floor[i], floor_0[i] = float(stack[:, i].min()), float(stack[0, i].min())
                 floor_any[i] = float(stack[levels, i].min())
                 floor_pos[i] = float(stack[1:, i].min()) if levels else inf
-        floor_d[i] = float(with_d[i].min())
+        reach[i] = min(floor[i] + dominant_low, floor_d[i])
     return float(with_d[0, :n_pools].min()), (stack[0], floor)
 
 
@@ -1510,7 +1518,9 @@ def _flat_stages(pooled: _Pooled, top: float, ta_limit: float,
     n_pools, n_prof = len(pooled.free_speed), pooled.gamma.shape[1]
     at = nxt_f * ((n_pools + 1) * n_prof) + pooled.profile[group]
     comm = np.stack([r[0] for r in pooled.rows])
-    found = _Flat(row, group, nxt_f, short_f, low_f, ta_f, up_f, x0_f, big0_f, comm, at)
+    comm_f = comm[row, group]
+    found = _Flat(row, group, nxt_f, short_f, low_f, ta_f, up_f, x0_f, big0_f, comm, at,
+                  x0_f[:, None] + 2.0 * comm_f, big0_f[:, None] + comm_f)
     pooled.flat[(top, ta_limit)] = found
     return found
 
