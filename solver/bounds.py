@@ -1287,9 +1287,14 @@ def _counted_run(tables: _ClassTables, pooled: _Pooled, m: int, low: float, top:
     ta_t = flat.t_a[keep_s]
     if after is not None or (levels and bool(
             (max([*gates, rest_gate]) + ta_t < limit).all())):
-        # [Note: gates every stage passes]: the tables of the positions after the dominant
-        # stage are the table of any position where every stage passes every position's
-        # gate (the rest gate among them); a run on the suffixes of another reads one table
+        # [Note: one table after the dominant stage]
+        # The tables of positions 1 .. levels after the dominant stage differ from the
+        # table of any position only through the stages some position's gate turns away.
+        # Where every stage of the run passes every gate (the first position's, the
+        # largest, and the rest gate), each position's table is the table of any position
+        # (from the last position back: the same minimum over the same sums), so one table
+        # gives the same values bit for bit, without the work per position. A run on the
+        # suffixes of another (``after``) builds no table after the dominant stage at all.
         levels, gates = 0, []
     # over (first row, pool, profile of the stage before): stack[j] (j < levels) the
     # suffixes whose first stage is at position j + 1 after the dominant one,
