@@ -673,14 +673,16 @@ def _class_tables(space: ClassSpace, sums: LayerSums, cut_bytes: Sequence[int],
         e_f = (c_f + comm[:, None]) * _SLACK
         e_b = (c_b + comm[:, None]) * _SLACK
         compute.append((c_f * _SLACK, c_b * _SLACK, float(cut)))
-        up_c = up_lat + cut * up_gamma if cut > 0 else no_comm
-        # the slowest member's intercepts, the largest share per bound speed
-        top_x = ((fi[stop] - fi[first] + bi[stop] - bi[first] + call)[None] * up_inv[:, None]
-                 + (fs[stop] - fs[first] + bs[stop] - bs[first])[None] * up_beta[:, None]
-                 + 2.0 * up_c[:, None]) * _ABOVE
-        if fits is not None:
-            top_x = np.where(firm_g[:, None] | fits(first, stop - 1), top_x, math.inf)
-        tops.append(np.where(np.isfinite(up_lat)[:, None], top_x, math.inf))
+        if not pooled:      # (counted pools take their upper bounds below)
+            up_c = up_lat + cut * up_gamma if cut > 0 else no_comm
+            # the slowest member's intercepts, the largest share per bound speed
+            top_x = ((fi[stop] - fi[first] + bi[stop] - bi[first] + call)[None]
+                     * up_inv[:, None]
+                     + (fs[stop] - fs[first] + bs[stop] - bs[first])[None] * up_beta[:, None]
+                     + 2.0 * up_c[:, None]) * _ABOVE
+            if fits is not None:
+                top_x = np.where(firm_g[:, None] | fits(first, stop - 1), top_x, math.inf)
+            tops.append(np.where(np.isfinite(up_lat)[:, None], top_x, math.inf))
         before.append(float(fi[first] + bi[first] + micro_batch * (fs[first] + bs[first])))
         after.append(float((fi[-1] - fi[first]) + (bi[-1] - bi[first])
                            + micro_batch * ((fs[-1] - fs[first]) + (bs[-1] - bs[first]))))
