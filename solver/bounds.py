@@ -426,12 +426,14 @@ def _class_tables(space: ClassSpace, sums: LayerSums, cut_bytes: Sequence[int],
                   ends: Sequence[int], micro_batch: int,
                   deadline: float | None = None, pools: bool = True,
                   memory: tuple[float, int] | None = None,
-                  partner_links: bool = True) -> _ClassTables | None:
+                  partner_links: bool = True, top_cap: float = math.inf) -> _ClassTables | None:
     """The per-stage lower bounds of [Note: the class bound] for every group of at most
     ``micro_batch`` devices (merged into buckets above ``CLASS_GROUPS_MAX``); ``_Late``
     when the ``time.perf_counter()`` deadline passes first. ``partner_links``: count the
     members over partners' links where the pools are priced ([Note: partner links]; False:
-    fewer groups, quicker tables). ``memory``: the optimizer
+    fewer groups, quicker tables). ``top_cap``: where the pools are counted, each row's
+    ends stop before the first whose stages all have ``x`` above it (``shortest``: no
+    counted run with a ``top`` at most the cap takes them). ``memory``: the optimizer
     state factor and the micro-batches a round, where known: mixed groups whose shares
     fit get upper bounds of ``X`` too ([Note: rigid groups]; priced tables only)."""
     classes = bound_classes(space)
@@ -672,6 +674,15 @@ def _class_tables(space: ClassSpace, sums: LayerSums, cut_bytes: Sequence[int],
                + (bs[stop] - bs[first])[None] * beta[:, None])
         e_f = (c_f + comm[:, None]) * _SLACK
         e_b = (c_b + comm[:, None]) * _SLACK
+        # the smallest x over the groups per end (non-decreasing: see _relaxed)
+        x = e_f + e_b
+        shortest = np.maximum.accumulate(x.min(axis=0))
+        if pooled and top_cap < math.inf:
+            # the ends up to the first whose stages all have x above the cap
+            k = int(np.searchsorted(shortest, top_cap, side="right"))
+            if k < len(stop):
+                stop, shortest, x = stop[:k], shortest[:k], x[:, :k]
+                c_f, c_b, e_f, e_b = c_f[:, :k], c_b[:, :k], e_f[:, :k], e_b[:, :k]
         compute.append((c_f * _SLACK, c_b * _SLACK, float(cut)))
         if not pooled:      # (counted pools take their upper bounds below)
             up_c = up_lat + cut * up_gamma if cut > 0 else no_comm
@@ -690,9 +701,6 @@ def _class_tables(space: ClassSpace, sums: LayerSums, cut_bytes: Sequence[int],
         t_a = (np.where(p > 0, p * red_a[:, None] + red_b[:, None], 0.0)
                + p * step[:, None]) * _SLACK
         nxt = row_of[stop]
-        # the smallest x over the groups per end (non-decreasing: see _relaxed)
-        x = e_f + e_b
-        shortest = np.maximum.accumulate(x.min(axis=0))
         rows.append((x, np.maximum(e_f, e_b), t_a, nxt, shortest))
     speeds = np.asarray([space.bounds[members[0]] for members in classes])
     totals = np.asarray(counts_all, dtype=np.float64)
@@ -1654,10 +1662,12 @@ def class_bound(space: ClassSpace, sums: LayerSums, cut_bytes: Sequence[int],
         if cache is not None and key in cache:
             tables = cache[key]
         else:
+            # (tables kept for other targets keep every end)
             tables = _class_tables(
                 space, sums, cut_bytes, ends, micro_batch, deadline, pools,
                 None if optimizer_state_factor is None
-                else (optimizer_state_factor, num_micro), partner_links)
+                else (optimizer_state_factor, num_micro), partner_links,
+                top_all if cache is None else math.inf)
             if cache is not None:
                 cache[key] = tables
         if tables is not None and tables.pooled is not None:
