@@ -467,7 +467,7 @@ class _Search:
         self._kind_tables: dict[tuple[int, bool], _KindTable] = {}
         self._grids: dict[bool, _Grid] = {}
         self._options: dict[tuple[int, int, int, bool, float], list[_Option]] = {}
-        self._pool_options: dict[tuple[int, int, int, bool],
+        self._pool_options: dict[tuple[int, int, int, bool, int],
                                  list[tuple[int, int, list[_Option]]]] = {}
         self._closed: dict[tuple[int, int, int], list[Summary]] = {}
         self._kind_cache: dict[int, tuple[int, list[tuple[bool, int, list[tuple[int, int]]]]]] = {}
@@ -902,12 +902,15 @@ class _Search:
         return out
 
     def _usable(self, first: int, groups: list[tuple[int, int]], flight: int,
-                final: bool) -> list[tuple[int, int, list[_Option]]]:
-        """``(group, pool left, options)`` of the groups of a pool that have options."""
+                final: bool, need: int) -> list[tuple[int, int, list[_Option]]]:
+        """``(group, pool left, options)`` of the groups of a pool that have options and
+        leave at least ``need`` devices."""
         out = []
         space = self.space
-        kinds_of, options = space.group_kind, self._options
+        kinds_of, options, sizes = space.group_kind, self._options, space.pool_sizes
         for gid, left in groups:
+            if sizes[left] < need:
+                continue
             kind = kinds_of[gid]
             rest = 0.0 if final else space.rest_speed(gid, left)
             opts = options.get((first, kind, flight, final, rest))
@@ -982,15 +985,15 @@ class _Search:
             for final, min_class, hidden_mult in kinds:
                 last_ok = self.num_layers - 1 - min_class
                 gs_ids = ctx.gs_ids
-                pool_key = (first, pool, flight, final)
+                # the groups that leave at least r - 1 devices (and the tail's smallest
+                # class): the options of the others are never built for this cell
+                need = r - 1 if final else max(r - 1, min_class)
+                pool_key = (first, pool, flight, final, need)
                 usable = self._pool_options.get(pool_key)
                 if usable is None:
                     usable = self._pool_options[pool_key] = self._usable(first, groups,
-                                                                         flight, final)
+                                                                         flight, final, need)
                 for gid, left, opts in usable:
-                    left_size = sizes[left]
-                    if left_size < r - 1 or (not final and left_size < min_class):
-                        continue
                     speed_rest = speeds[left] if not final else 0.0
                     for shares, lasts, cfl, cbl, tal in opts:
                         # first what needs no re-sharding time: T_a grows with `last`
