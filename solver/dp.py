@@ -214,6 +214,10 @@ _KIND_TABLE_AFTER = 4
 """A group kind whose stage bases were built for this many first layers gets its
 ``_KindTable`` ([Note: kind tables])."""
 
+_KIND_TABLES_MAX = 400
+"""At most this many ``_KindTable`` per search (three floats per first and last layer
+each: about 90 MB at the default 96 cuts); later kinds build their bases one by one."""
+
 # A group kind's compute and T_a of every stage of one ``_Search``: arrays over (first
 # layer's row, candidate last's column) of ``_Search._grid``.
 _KindTable = tuple[np.ndarray, np.ndarray, np.ndarray]
@@ -778,7 +782,7 @@ class _Search:
         if table is not None:
             return table if first in self._grid(final).at else None
         misses = self._kind_misses[key] = self._kind_misses.get(key, 0) + 1
-        if misses <= _KIND_TABLE_AFTER:
+        if misses <= _KIND_TABLE_AFTER or len(self._kind_tables) >= _KIND_TABLES_MAX:
             return None
         grid = self._grid(final)
         if first not in grid.at:

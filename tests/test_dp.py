@@ -733,8 +733,10 @@ def test_kind_tables_equal_the_bases_built_one_by_one(monkeypatch: pytest.Monkey
     monkeypatch.setattr(dp_module, "_NUMPY_LASTS", lasts)
     real_base = dp_module._Search._base
     results: dict[str, list[Any]] = {}
-    for label, after in (("one by one", 10**9), ("tables", 0)):
+    for label, after, most in (("one by one", 10**9, 10**9), ("tables", 0, 10**9),
+                               ("some tables", 0, 3)):
         monkeypatch.setattr(dp_module, "_KIND_TABLE_AFTER", after)
+        monkeypatch.setattr(dp_module, "_KIND_TABLES_MAX", most)
         seen: list[Any] = []
 
         def base(self: Any, first: int, kind: int, final: bool,
@@ -759,8 +761,9 @@ def test_kind_tables_equal_the_bases_built_one_by_one(monkeypatch: pytest.Monkey
                 result = asteroid_dp(costs, cluster, 16, space=space)
                 out.append((result.round_time_s, _stages(result)))
         results[label] = [out, seen]
-    assert results["tables"][0] == results["one by one"][0]
-    assert results["tables"][1] == results["one by one"][1]
+    for label in ("tables", "some tables"):
+        assert results[label][0] == results["one by one"][0]
+        assert results[label][1] == results["one by one"][1]
     assert sum(b[-1] is not None and len(b[-1][1]) > 1 for b in results["tables"][1]) > 100
 
 
