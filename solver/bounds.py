@@ -408,6 +408,10 @@ class _Flat:
     """Per stage the flat position of the row after it in a (row, pool, profile) table, at
     the stage's own profile: the suffix after the stage in pool ``q`` is at ``at + q
     n_prof``."""
+    x: np.ndarray
+    """Per stage and sender profile ``x0 + 2 comm`` (its transfers both ways)."""
+    big: np.ndarray
+    """Per stage and sender profile ``big0 + comm``."""
 
 
 def _bucket(count: int) -> int:
@@ -422,12 +426,14 @@ def _class_tables(space: ClassSpace, sums: LayerSums, cut_bytes: Sequence[int],
                   ends: Sequence[int], micro_batch: int,
                   deadline: float | None = None, pools: bool = True,
                   memory: tuple[float, int] | None = None,
-                  partner_links: bool = True) -> _ClassTables | None:
+                  partner_links: bool = True, top_cap: float = math.inf) -> _ClassTables | None:
     """The per-stage lower bounds of [Note: the class bound] for every group of at most
     ``micro_batch`` devices (merged into buckets above ``CLASS_GROUPS_MAX``); ``_Late``
     when the ``time.perf_counter()`` deadline passes first. ``partner_links``: count the
     members over partners' links where the pools are priced ([Note: partner links]; False:
-    fewer groups, quicker tables). ``memory``: the optimizer
+    fewer groups, quicker tables). ``top_cap``: where the pools are counted, each row's
+    ends stop before the first whose stages all have ``x`` above it (``shortest``: no
+    counted run with a ``top`` at most the cap takes them). ``memory``: the optimizer
     state factor and the micro-batches a round, where known: mixed groups whose shares
     fit get upper bounds of ``X`` too ([Note: rigid groups]; priced tables only)."""
     classes = bound_classes(space)
@@ -668,15 +674,26 @@ def _class_tables(space: ClassSpace, sums: LayerSums, cut_bytes: Sequence[int],
                + (bs[stop] - bs[first])[None] * beta[:, None])
         e_f = (c_f + comm[:, None]) * _SLACK
         e_b = (c_b + comm[:, None]) * _SLACK
+        # the smallest x over the groups per end (non-decreasing: see _relaxed)
+        x = e_f + e_b
+        shortest = np.maximum.accumulate(x.min(axis=0))
+        if pooled and top_cap < math.inf:
+            # the ends up to the first whose stages all have x above the cap
+            k = int(np.searchsorted(shortest, top_cap, side="right"))
+            if k < len(stop):
+                stop, shortest, x = stop[:k], shortest[:k], x[:, :k]
+                c_f, c_b, e_f, e_b = c_f[:, :k], c_b[:, :k], e_f[:, :k], e_b[:, :k]
         compute.append((c_f * _SLACK, c_b * _SLACK, float(cut)))
-        up_c = up_lat + cut * up_gamma if cut > 0 else no_comm
-        # the slowest member's intercepts, the largest share per bound speed
-        top_x = ((fi[stop] - fi[first] + bi[stop] - bi[first] + call)[None] * up_inv[:, None]
-                 + (fs[stop] - fs[first] + bs[stop] - bs[first])[None] * up_beta[:, None]
-                 + 2.0 * up_c[:, None]) * _ABOVE
-        if fits is not None:
-            top_x = np.where(firm_g[:, None] | fits(first, stop - 1), top_x, math.inf)
-        tops.append(np.where(np.isfinite(up_lat)[:, None], top_x, math.inf))
+        if not pooled:      # (counted pools take their upper bounds below)
+            up_c = up_lat + cut * up_gamma if cut > 0 else no_comm
+            # the slowest member's intercepts, the largest share per bound speed
+            top_x = ((fi[stop] - fi[first] + bi[stop] - bi[first] + call)[None]
+                     * up_inv[:, None]
+                     + (fs[stop] - fs[first] + bs[stop] - bs[first])[None] * up_beta[:, None]
+                     + 2.0 * up_c[:, None]) * _ABOVE
+            if fits is not None:
+                top_x = np.where(firm_g[:, None] | fits(first, stop - 1), top_x, math.inf)
+            tops.append(np.where(np.isfinite(up_lat)[:, None], top_x, math.inf))
         before.append(float(fi[first] + bi[first] + micro_batch * (fs[first] + bs[first])))
         after.append(float((fi[-1] - fi[first]) + (bi[-1] - bi[first])
                            + micro_batch * ((fs[-1] - fs[first]) + (bs[-1] - bs[first]))))
@@ -684,9 +701,6 @@ def _class_tables(space: ClassSpace, sums: LayerSums, cut_bytes: Sequence[int],
         t_a = (np.where(p > 0, p * red_a[:, None] + red_b[:, None], 0.0)
                + p * step[:, None]) * _SLACK
         nxt = row_of[stop]
-        # the smallest x over the groups per end (non-decreasing: see _relaxed)
-        x = e_f + e_b
-        shortest = np.maximum.accumulate(x.min(axis=0))
         rows.append((x, np.maximum(e_f, e_b), t_a, nxt, shortest))
     speeds = np.asarray([space.bounds[members[0]] for members in classes])
     totals = np.asarray(counts_all, dtype=np.float64)
@@ -1268,6 +1282,30 @@ def _counted_run(tables: _ClassTables, pooled: _Pooled, m: int, low: float, top:
     gates, levels = _gates(m, rho, low)
     rest_gate = _rest_gate(m, int(tables.totals.sum()), rho, low, top)
     ta_limit = limit - min(0.0, rest_gate)
+    # [Note: one pass per run]: every phase keeps x <= top, T_a < limit - min(0,
+    # rest_gate) and the ends of the row up to the first whose x over every group is
+    # above top. The stages of every row are gathered once per table (_flat_stages, for
+    # the largest top and T_a limit of class_bound's runs), the terms of each phase that
+    # do not depend on the suffixes (floors and tables) once per run where they are few
+    # (_TERMS_AT_ONCE, else per row for the stages it keeps), in the float operations of
+    # a step per row; a row then selects its stages by masks and reads its suffixes for
+    # its live pools only (a minimum over the same values: bit for bit the step per row,
+    # tests/counted_reference.py)
+    flat = _flat_stages(pooled, top, ta_limit, deadline)
+    keep_s = np.nonzero((flat.lowest <= top) & (flat.t_a < ta_limit)
+                        & (flat.shortest <= top))[0]
+    ta_t = flat.t_a[keep_s]
+    if after is not None or (levels and bool(
+            (max([*gates, rest_gate]) + ta_t < limit).all())):
+        # [Note: one table after the dominant stage]
+        # The tables of positions 1 .. levels after the dominant stage differ from the
+        # table of any position only through the stages some position's gate turns away.
+        # Where every stage of the run passes every gate (the first position's, the
+        # largest, and the rest gate), each position's table is the table of any position
+        # (from the last position back: the same minimum over the same sums), so one table
+        # gives the same values bit for bit, without the work per position. A run on the
+        # suffixes of another (``after``) builds no table after the dominant stage at all.
+        levels, gates = 0, []
     # over (first row, pool, profile of the stage before): stack[j] (j < levels) the
     # suffixes whose first stage is at position j + 1 after the dominant one,
     # stack[levels] the suffixes after the dominant one (any position), with_d the
@@ -1305,23 +1343,11 @@ def _counted_run(tables: _ClassTables, pooled: _Pooled, m: int, low: float, top:
     # rows whose tables are the same at every position after the dominant stage
     same = np.ones(count + 1, dtype=bool)
     gate_max = max([*gates, rest_gate])
-    # [Note: one pass per run]: every phase keeps x <= top, T_a < limit - min(0,
-    # rest_gate) and the ends of the row up to the first whose x over every group is
-    # above top. The stages of every row are gathered once per table (_flat_stages, for
-    # the largest top and T_a limit of class_bound's runs), the terms of each phase that
-    # do not depend on the suffixes (floors and tables) once per run where they are few
-    # (_TERMS_AT_ONCE, else per row for the stages it keeps), in the float operations of
-    # a step per row; a row then selects its stages by masks and reads its suffixes for
-    # its live pools only (a minimum over the same values: bit for bit the step per row,
-    # tests/counted_reference.py)
-    flat = _flat_stages(pooled, top, ta_limit, deadline)
-    keep_s = np.nonzero((flat.lowest <= top) & (flat.t_a < ta_limit)
-                        & (flat.shortest <= top))[0]
     row_s, nxt_s, at, g_s = (flat.row[keep_s], flat.nxt[keep_s], flat.at[keep_s],
                              flat.group[keep_s])
     offsets = np.searchsorted(row_s, np.arange(count + 1)).tolist()
-    x_low, ta_t, ups = flat.lowest[keep_s], flat.t_a[keep_s], flat.upper[keep_s]
-    x0_s, big0_s = flat.x0[keep_s], flat.big0[keep_s]
+    x_low, ups = flat.lowest[keep_s], flat.upper[keep_s]
+    x_s, big_s = flat.x[keep_s], flat.big[keep_s]
     src = pooled.src
     ta = ta_t[:, None]
 
@@ -1342,9 +1368,7 @@ def _counted_run(tables: _ClassTables, pooled: _Pooled, m: int, low: float, top:
         dom_ok = (m * np.maximum(x_low_p, low) + ta_p1 < limit) & (ups_p > low)
         before_ok = m_low + x_low_p + ta_p1 < limit
         # as a step per row: x0[g, e][:, None] + 2.0 * comm[g] and big0[g, e][:, None] + comm[g]
-        comm_p = flat.comm[row_p, g_s[pick]]
-        x_p = x0_s[pick][:, None] + 2.0 * comm_p
-        big_p = big0_s[pick][:, None] + comm_p
+        x_p, big_p = x_s[pick], big_s[pick]
         ta_p, first_p = ta[pick], (row_p == 0)[:, None]
         capped = np.where(x_p <= top, x_p, inf)
         rest_vals = np.where(rest_ok[:, None], capped, inf)
@@ -1375,6 +1399,9 @@ def _counted_run(tables: _ClassTables, pooled: _Pooled, m: int, low: float, top:
              & (used_all[None] >= (pooled.tail * _TAIL_SLACK)[:, None]))
     live_rows, live_pools = np.nonzero(lives)
     live_at = np.searchsorted(live_rows, np.arange(count + 1)).tolist()
+    # per row the smallest value of a suffix after a stage that ends before it: one after
+    # the dominant stage (and the dominant stage still to come) or one holding it
+    reach = np.minimum(floor + dominant_low, floor_d)
     for i in range(count - 1, -1, -1):
         if deadline is not None and time.perf_counter() > deadline:
             raise _Late
@@ -1384,8 +1411,7 @@ def _counted_run(tables: _ClassTables, pooled: _Pooled, m: int, low: float, top:
         nx = nxt_s[lo:hi]
         # every phase needs a suffix after the stage whose value leaves room below the
         # limit (floor)
-        after_low = np.minimum(floor[nx] + dominant_low, floor_d[nx])
-        on = x_low[lo:hi] + (after_low + head_low[i]) < cut
+        on = x_low[lo:hi] + (reach[nx] + head_low[i]) < cut
         kept = int(np.count_nonzero(on))
         if not kept:
             continue
@@ -1456,15 +1482,21 @@ def _counted_run(tables: _ClassTables, pooled: _Pooled, m: int, low: float, top:
             scale = a_cap[cols[dom]]                                            # (D, P)
             value = (base.T[:, :, None] - scale[None] * part.T[:, :, None]
                      + tail[None]).min(axis=1)                                 # (R, P)
-            with_d[i, live] = np.minimum(with_d[i, live], value.T)
         # a stage before the dominant one: only those that leave room below the limit
-        # before the suffixes holding the dominant stage
+        # before the suffixes holding the dominant stage (rows after this one: the row
+        # takes both phases' values at once)
         before = before_ok & (xl + floor_d[nx] + head_low[i] < cut)
         if mask is not None:
             before &= mask
+        row_d = None
         if before.any():
             found = _best_of(before, c_before, with_d, at_i)
-            with_d[i, live] = np.minimum(with_d[i, live], found)
+            row_d = found if not len(dom) else np.minimum(value.T, found)
+        elif len(dom):
+            row_d = value.T
+        if row_d is not None:
+            with_d[i, live] = row_d
+            floor_d[i] = float(row_d.min())     # (the other pools: none, inf)
         if after is None:
             if mixed or not shared:
                 same[i] = bool((stack[:, i] == stack[levels, i]).all())
@@ -1475,7 +1507,7 @@ def _counted_run(tables: _ClassTables, pooled: _Pooled, m: int, low: float, top:
                 floor[i], floor_0[i] = float(stack[:, i].min()), float(stack[0, i].min())
                 floor_any[i] = float(stack[levels, i].min())
                 floor_pos[i] = float(stack[1:, i].min()) if levels else inf
-        floor_d[i] = float(with_d[i].min())
+        reach[i] = min(floor[i] + dominant_low, floor_d[i])
     return float(with_d[0, :n_pools].min()), (stack[0], floor)
 
 
@@ -1501,7 +1533,9 @@ def _flat_stages(pooled: _Pooled, top: float, ta_limit: float,
     n_pools, n_prof = len(pooled.free_speed), pooled.gamma.shape[1]
     at = nxt_f * ((n_pools + 1) * n_prof) + pooled.profile[group]
     comm = np.stack([r[0] for r in pooled.rows])
-    found = _Flat(row, group, nxt_f, short_f, low_f, ta_f, up_f, x0_f, big0_f, comm, at)
+    comm_f = comm[row, group]
+    found = _Flat(row, group, nxt_f, short_f, low_f, ta_f, up_f, x0_f, big0_f, comm, at,
+                  x0_f[:, None] + 2.0 * comm_f, big0_f[:, None] + comm_f)
     pooled.flat[(top, ta_limit)] = found
     return found
 
@@ -1628,10 +1662,12 @@ def class_bound(space: ClassSpace, sums: LayerSums, cut_bytes: Sequence[int],
         if cache is not None and key in cache:
             tables = cache[key]
         else:
+            # (tables kept for other targets keep every end)
             tables = _class_tables(
                 space, sums, cut_bytes, ends, micro_batch, deadline, pools,
                 None if optimizer_state_factor is None
-                else (optimizer_state_factor, num_micro), partner_links)
+                else (optimizer_state_factor, num_micro), partner_links,
+                top_all if cache is None else math.inf)
             if cache is not None:
                 cache[key] = tables
         if tables is not None and tables.pooled is not None:

@@ -157,10 +157,10 @@ from __future__ import annotations
 import logging
 import math
 import time
-from bisect import bisect_right
+from bisect import bisect_left, bisect_right
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 
@@ -209,6 +209,35 @@ _NUMPY_ITEMS = 400
 
 _NUMPY_LASTS = 16
 """Stage options use numpy for more candidate ``last`` layers than this."""
+
+_KIND_TABLE_AFTER = 4
+"""A group kind whose stage bases were built for this many first layers gets its
+``_KindTable`` ([Note: kind tables])."""
+
+_KIND_TABLES_MAX = 400
+"""At most this many ``_KindTable`` per search (three floats per first and last layer
+each: about 90 MB at the default 96 cuts); later kinds build their bases one by one."""
+
+# A group kind's compute and T_a of every stage of one ``_Search``: arrays over (first
+# layer's row, candidate last's column) of ``_Search._grid``.
+_KindTable = tuple[np.ndarray, np.ndarray, np.ndarray]
+
+
+class _Grid(NamedTuple):
+    """``_layer_terms`` of every first layer at once ([Note: kind tables]): arrays over
+    (first layer's row, candidate last's column), in the float operations of its numpy
+    branch (cells of a ``last`` before ``first`` hold values never read)."""
+
+    at: dict[int, tuple[int, int]]      # per first layer: its row and its first column
+    lasts: list[int]                    # the candidate last layers, by column
+    slopes: np.ndarray                  # slope sums (forward and backward)
+    inters: np.ndarray                  # intercept sums
+    terms: dict[int, tuple[np.ndarray, ...]]   # per time source: (fi, fs, bi, bs) with calls
+    params: np.ndarray                  # parameter bytes (int64)
+    fixed: np.ndarray                   # fixed bytes on one device
+    fixed_dp: np.ndarray                # fixed bytes in a data-parallel group
+    acts: np.ndarray                    # activation bytes per sample (int64)
+    edges: list[int]                    # per column: the cut after the stage, per sample
 
 # The options of one group kind: (shares, lasts, compute_f, compute_b, t_a).
 _Option = tuple[tuple[int, ...], list[int], list[float], list[float], list[float]]
@@ -437,8 +466,12 @@ class _Search:
         self.deadline = deadline
         self._layers: dict[tuple[int, bool], tuple[Any, ...]] = {}
         self._bases: dict[tuple[int, int, bool], _Base | None] = {}
+        # [Note: kind tables]: bases built per (kind, final), the tables, the grids
+        self._kind_misses: dict[tuple[int, bool], int] = {}
+        self._kind_tables: dict[tuple[int, bool], _KindTable] = {}
+        self._grids: dict[bool, _Grid] = {}
         self._options: dict[tuple[int, int, int, bool, float], list[_Option]] = {}
-        self._pool_options: dict[tuple[int, int, int, bool],
+        self._pool_options: dict[tuple[int, int, int, bool, int],
                                  list[tuple[int, int, list[_Option]]]] = {}
         self._closed: dict[tuple[int, int, int], list[Summary]] = {}
         self._kind_cache: dict[int, tuple[int, list[tuple[bool, int, list[tuple[int, int]]]]]] = {}
@@ -468,6 +501,29 @@ class _Search:
         m, inc, mb = self.m, self.incumbent, self.mb
         inc_hi = inc * (1.0 + 1e-9)
         speed = self._top_speed
+        grid = self._grid(final)
+        spot = grid.at.get(first)
+        if spot is not None:
+            # the row of the grid ([Note: kind tables]): the same numbers
+            row, col = spot
+            slope_r, inter_r = grid.slopes[row, col:], grid.inters[row, col:]
+            over = (m * slope_r * mb / speed >= inc) | (m * (inter_r + slope_r * mb) / speed
+                                                        >= inc_hi)
+            cut = int(np.argmax(over)) if over.any() else len(over)
+            end = col + cut
+            use_np = cut > _NUMPY_LASTS
+            spans = {src: tuple(t[row, col:end] for t in ts) for src, ts in grid.terms.items()}
+            params_r = grid.params[row, col:end]
+            found = (grid.lasts[col:end], slope_r[:cut].tolist(), inter_r[:cut].tolist(),
+                     spans if use_np else {src: list(zip(*(t.tolist() for t in ts),
+                                                         strict=True))
+                                           for src, ts in spans.items()},
+                     params_r if use_np else params_r.tolist(),
+                     grid.fixed[row, col:end].tolist(), grid.fixed_dp[row, col:end].tolist(),
+                     list(zip(grid.acts[row, col:end].tolist(), grid.edges[col:end],
+                              strict=True)), use_np)
+            self._layers[key] = found
+            return found
         candidates = [self.num_layers - 1] if final else [e for e in self.ends if e >= first]
         lasts: list[int] = []
         slopes: list[float] = []
@@ -585,7 +641,23 @@ class _Search:
         lasts = lasts_all[:count]
         size = info.size
         pairs = info.update_pairs
-        if use_np:
+        table = self._kind_table(kind, final, first)
+        if table is not None:
+            # [Note: kind tables]: the row of the kind's table, the same float operations
+            row, col = self._grid(final).at[first]
+            cf_a, cb_a, ta_a = table
+            cf_l = cf_a[row, col:col + count].tolist()
+            cb_l = cb_a[row, col:col + count].tolist()
+            ta = ta_a[row, col:col + count].tolist()
+            # compute grows with `last`: stages from `keep` on cost M X >= incumbent
+            keep, hi_k = 0, count
+            while keep < hi_k:
+                mid = (keep + hi_k) // 2
+                if m * (cf_l[mid] + cb_l[mid]) >= inc:
+                    hi_k = mid
+                else:
+                    keep = mid + 1
+        elif use_np:
             b, v, src = deciders[0]
             f_int, f_slope, b_int, b_slope = terms[src]
             cf = (f_int[:count] + f_slope[:count] * b) / v
@@ -641,6 +713,104 @@ class _Search:
         found = (free, lasts, cf_l, cb_l, ta, keep, held[:count], acts[:count])
         self._bases[key] = found
         return found
+
+    def _grid(self, final: bool) -> _Grid:
+        """The ``_Grid`` of the final stage or of the others ([Note: kind tables]): rows
+        for the first layers (0 and after each candidate end), columns for the candidate
+        last layers."""
+        found = self._grids.get(final)
+        if found is not None:
+            return found
+        ctx = self.ctx
+        lasts = [self.num_layers - 1] if final else list(self.ends)
+        firsts = [0, *(e + 1 for e in self.ends if e + 1 < self.num_layers)]
+        at = {f: (k, 0 if final else bisect_left(lasts, f)) for k, f in enumerate(firsts)}
+        stop = np.asarray(lasts, dtype=np.intp) + 1
+        rows = np.asarray(firsts, dtype=np.intp)
+
+        def span(a: np.ndarray) -> np.ndarray:
+            """``a[stop] - a[first]`` over (row, column)."""
+            out: np.ndarray = a[stop][None, :] - a[rows][:, None]
+            return out
+
+        f_s, b_s, f_i, b_i = ctx.np_sums
+        slopes = span(f_s) + b_s[stop][None, :] - b_s[rows][:, None]
+        inters = span(f_i) + b_i[stop][None, :] - b_i[rows][:, None]
+        sources = self.timing.sources
+        terms: dict[int, tuple[np.ndarray, ...]] = {}
+        for src in sorted(set(self.space.srcs)):
+            s_fi, s_fs, s_bi, s_bs = (span(a) for a in ctx.np_src[src])
+            terms[src] = (s_fi + sources[src].call_fwd, s_fs, s_bi + sources[src].call_bwd,
+                          s_bs)
+        params = span(ctx.np_params)
+        # the largest layer's params from `first` to `last` (LayerSums.largest_params)
+        largest = np.zeros_like(params)
+        for k, first in enumerate(firsts):
+            ahead = stop > first
+            if ahead.any():
+                largest[k, ahead] = np.maximum.accumulate(
+                    ctx.np_layer_params[first:])[stop[ahead] - 1 - first]
+        # stage_memory_parts (exact while bytes stay below 2**53), for one device and for
+        # a data-parallel group (transient_gradient_bytes)
+        held = np.ceil(params * (2.0 + self.osf)) + span(ctx.np_buffers)
+        bucket = np.minimum(params, np.maximum(largest, SMALL_BUCKET_BYTES))
+        fixed = held + largest if accumulates(self.m, self.osf) else held
+        found = self._grids[final] = _Grid(at, lasts, slopes, inters, terms, params, fixed,
+                                           held + bucket, span(ctx.np_acts),
+                                           ctx.np_edges[stop].tolist())
+        return found
+
+    def _kind_table(self, kind: int, final: bool, first: int) -> _KindTable | None:
+        """``(compute_f, compute_b, t_a)`` of every stage of the grid on a group of
+        ``kind`` ([Note: kind tables]), built once the kind's bases were built for
+        ``_KIND_TABLE_AFTER`` first layers; None before that or where ``first`` is not on
+        the grid.
+
+        [Note: kind tables]
+        A group kind's bases are asked for at nearly every first layer in the order's
+        space (every slice of the order at every candidate cut), and building each from
+        its own short lists costs more in Python and small numpy calls than the arithmetic
+        itself. So once a kind has been asked for a few first layers, its compute times
+        and ``T_a`` are computed for every (first, last) of the grid at once, in the float
+        operations of ``_base``'s numpy branch element by element (``_base``'s Python
+        branch gives the same bits), and each later base reads its row. The incumbent's
+        cut-offs still come from ``_layer_terms`` and the count bisection; ``keep`` is
+        bisected on the row (compute grows with ``last``). ``tests/test_dp.py`` checks the
+        tables against the bases built without them."""
+        key = (kind, final)
+        table = self._kind_tables.get(key)
+        if table is not None:
+            return table if first in self._grid(final).at else None
+        misses = self._kind_misses[key] = self._kind_misses.get(key, 0) + 1
+        if misses <= _KIND_TABLE_AFTER or len(self._kind_tables) >= _KIND_TABLES_MAX:
+            return None
+        grid = self._grid(final)
+        if first not in grid.at:
+            return None
+        params, terms = grid.params, grid.terms
+        deciders = self.ctx.group_mb(self.mb, kind)[1]
+        info = self.space.group(self.space.kind_group[kind])
+        b, v, src = deciders[0]
+        f_int, f_slope, b_int, b_slope = terms[src]
+        cf = (f_int + f_slope * b) / v
+        cb = (b_int + b_slope * b) / v
+        for b, v, src in deciders[1:]:
+            f_int, f_slope, b_int, b_slope = terms[src]
+            cf = np.maximum(cf, (f_int + f_slope * b) / v)
+            cb = np.maximum(cb, (b_int + b_slope * b) / v)
+        size = info.size
+        if size > 1:
+            reduce = np.where(params > 0, 2.0 * (size - 1) * params.astype(np.float64)
+                              / (size * info.min_bw) + 2.0 * (size - 1) * info.max_lat, 0.0)
+        else:
+            reduce = np.zeros(params.shape)
+        pairs = info.update_pairs
+        upb, div, fixed_s = pairs[0]
+        step = (params * upb + fixed_s) / div
+        for upb, div, fixed_s in pairs[1:]:
+            step = np.maximum(step, (params * upb + fixed_s) / div)
+        table = self._kind_tables[key] = (cf, cb, reduce + step)
+        return table
 
     def options(self, first: int, kind: int, flight: int, final: bool,
                 rest: float) -> list[_Option]:
@@ -716,8 +886,10 @@ class _Search:
             if start:
                 out.append((free, sel[start:n_free], cf[start:n_free], cb[start:n_free],
                             ta[start:n_free]))
-            else:
+            elif n_free < len(sel):
                 out.append((free, sel[:n_free], cf[:n_free], cb[:n_free], ta[:n_free]))
+            else:   # the base's own lists (nothing writes to them)
+                out.append((free, sel, cf, cb, ta))
         if fits == len(sel):    # no stage of the group is memory-capped
             return out
         info = self.space.group(self.space.kind_group[kind])
@@ -734,12 +906,15 @@ class _Search:
         return out
 
     def _usable(self, first: int, groups: list[tuple[int, int]], flight: int,
-                final: bool) -> list[tuple[int, int, list[_Option]]]:
-        """``(group, pool left, options)`` of the groups of a pool that have options."""
+                final: bool, need: int) -> list[tuple[int, int, list[_Option]]]:
+        """``(group, pool left, options)`` of the groups of a pool that have options and
+        leave at least ``need`` devices."""
         out = []
         space = self.space
-        kinds_of, options = space.group_kind, self._options
+        kinds_of, options, sizes = space.group_kind, self._options, space.pool_sizes
         for gid, left in groups:
+            if sizes[left] < need:
+                continue
             kind = kinds_of[gid]
             rest = 0.0 if final else space.rest_speed(gid, left)
             opts = options.get((first, kind, flight, final, rest))
@@ -814,15 +989,15 @@ class _Search:
             for final, min_class, hidden_mult in kinds:
                 last_ok = self.num_layers - 1 - min_class
                 gs_ids = ctx.gs_ids
-                pool_key = (first, pool, flight, final)
+                # the groups that leave at least r - 1 devices (and the tail's smallest
+                # class): the options of the others are never built for this cell
+                need = r - 1 if final else max(r - 1, min_class)
+                pool_key = (first, pool, flight, final, need)
                 usable = self._pool_options.get(pool_key)
                 if usable is None:
                     usable = self._pool_options[pool_key] = self._usable(first, groups,
-                                                                         flight, final)
+                                                                         flight, final, need)
                 for gid, left, opts in usable:
-                    left_size = sizes[left]
-                    if left_size < r - 1 or (not final and left_size < min_class):
-                        continue
                     speed_rest = speeds[left] if not final else 0.0
                     for shares, lasts, cfl, cbl, tal in opts:
                         # first what needs no re-sharding time: T_a grows with `last`

@@ -589,6 +589,38 @@ def test_counted_run_equals_the_reference_on_the_mlp(at_once: bool,
         assert np.array_equal(made[0], ref_made[0]) and np.array_equal(made[1], ref_made[1])
 
 
+def test_counted_tables_cut_at_the_target_give_the_same_bound() -> None:
+    # class_bound without a cache builds counted tables whose rows stop before the first
+    # end all of whose stages have x above target / M; with a cache (tables kept for other
+    # targets: every end) the bound is the same, bit for bit
+    from solver.bounds import class_bound, counts_pools
+    from solver.space import ClassSpace, micro_batch_choices
+    from solver.summary import hiding_ratio
+
+    compared = 0
+    for seed in range(60, 90):
+        costs, cluster, batch = random_instance(seed, max_layers=8, max_devices=5, links=True,
+                                                latency=True)
+        cluster = cluster.for_costs(costs)
+        space = ClassSpace(costs, cluster)
+        if not counts_pools(space):
+            continue
+        sums, rho = LayerSums.of(costs), hiding_ratio(costs, cluster)
+        ends = list(range(costs.num_layers - 1))
+        best = asteroid_dp(costs, cluster, batch).round_time_s
+        if not math.isfinite(best):
+            continue
+        for mb in micro_batch_choices(batch, None):
+            for target in (0.7 * best, best, 1.5 * best):
+                cut = class_bound(space, sums, costs.cut_bytes, ends, mb, batch // mb, target,
+                                  rho=rho)
+                whole = class_bound(space, sums, costs.cut_bytes, ends, mb, batch // mb,
+                                    target, rho=rho, cache={})
+                assert cut == whole, (seed, mb, target)
+                compared += 1
+    assert compared > 100
+
+
 def test_counted_first_grid_is_two_buckets(monkeypatch: pytest.MonkeyPatch) -> None:
     # the counted bound starts with (0, r T] and (r T, T] (T = target / M, r =
     # _COUNTED_BUCKET_RATIO), splits from there, and still proves issue 14's round at

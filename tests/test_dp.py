@@ -724,6 +724,49 @@ def test_numpy_and_python_paths_agree(monkeypatch: pytest.MonkeyPatch,
     assert results["python"] == results["numpy"]
 
 
+@pytest.mark.parametrize("lasts", [10**9, 0])
+def test_kind_tables_equal_the_bases_built_one_by_one(monkeypatch: pytest.MonkeyPatch,
+                                                      lasts: int) -> None:
+    """[Note: kind tables]: the stage bases read from a group kind's table are those built
+    per first layer (Python lists, or numpy per row) bit for bit, in both spaces, with
+    cost columns and latency; so the searches and plans are the same."""
+    monkeypatch.setattr(dp_module, "_NUMPY_LASTS", lasts)
+    real_base = dp_module._Search._base
+    results: dict[str, list[Any]] = {}
+    for label, after, most in (("one by one", 10**9, 10**9), ("tables", 0, 10**9),
+                               ("some tables", 0, 3)):
+        monkeypatch.setattr(dp_module, "_KIND_TABLE_AFTER", after)
+        monkeypatch.setattr(dp_module, "_KIND_TABLES_MAX", most)
+        seen: list[Any] = []
+
+        def base(self: Any, first: int, kind: int, final: bool,
+                 seen: list[Any] = seen) -> Any:
+            found = real_base(self, first, kind, final)
+            seen.append((self.mb, len(self.ends), first, kind, final, found))
+            return found
+
+        monkeypatch.setattr(dp_module._Search, "_base", base)
+        out: list[Any] = []
+        for seed in range(6):
+            rng = random.Random(300 + seed)
+            costs = random_costs(rng, rng.choice([12, 40]))
+            if seed % 3 == 2:
+                costs = random_columns(rng, costs, ["jetson-nano", "jetson-tx2"])
+                cluster = typed_cluster(["jetson-nano", "custom", "jetson-tx2", "jetson-nano"],
+                                        [rng.uniform(0.2, 2.0) for _ in range(4)])
+            else:
+                cluster = random_cluster(rng, 4, tight_memory=seed % 2 == 0,
+                                         latency=seed % 3 == 1)
+            for space in ("order", "classes"):
+                result = asteroid_dp(costs, cluster, 16, space=space)
+                out.append((result.round_time_s, _stages(result)))
+        results[label] = [out, seen]
+    for label in ("tables", "some tables"):
+        assert results[label][0] == results["one by one"][0]
+        assert results[label][1] == results["one by one"][1]
+    assert sum(b[-1] is not None and len(b[-1][1]) > 1 for b in results["tables"][1]) > 100
+
+
 def test_full_sizes_leaves_the_least_promising_sizes_to_a_later_search() -> None:
     # the pass over every cut runs two sizes; the others, searched later with the
     # incumbent, give the same optimum as one search over all of them
