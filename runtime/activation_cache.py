@@ -115,6 +115,10 @@ class DiskRows(MutableMapping[int, Row]):
         self._file.close()
 
 
+def _row_bytes(row: Row) -> int:
+    return sum(t.numel() * t.element_size() for t in row)
+
+
 def _nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
     count = 1
     for d in shape:
@@ -134,6 +138,9 @@ class ActivationCache:
     rows: MutableMapping[int, Row] = field(default_factory=dict)
     hits: int = 0
     misses: int = 0
+    #: bytes of the rows in memory, kept as rows come and go (``_note`` asks for them
+    #: after every phase-1 micro-batch: a sum over every row would grow with the cache)
+    _held: int = 0
 
     @classmethod
     def on_disk(cls, directory: str | None = None, bytes_s: float | None = None
@@ -145,8 +152,12 @@ class ActivationCache:
     def put(self, start: int, entry: tuple[torch.Tensor, ...]) -> None:
         """Keep the rows of ``entry`` as samples ``start, start + 1, ...``."""
         entry = tuple(t.detach().contiguous() for t in entry)
+        size = sum(t[0:1].numel() * t.element_size() for t in entry)
         for i in range(int(entry[0].shape[0])):
+            if start + i in self.rows:
+                self._held -= _row_bytes(self.rows[start + i])
             self.rows[start + i] = tuple(t[i:i + 1] for t in entry)
+            self._held += size
 
     def drop(self, indices: list[int], neighbours: list[int]) -> None:
         """Forget samples ``indices`` (handed to another holder). A row is a view of the
@@ -154,6 +165,7 @@ class ActivationCache:
         ``neighbours`` (rows that may have shared a message with them) get storages of
         their own."""
         for i in indices:
+            self._held -= _row_bytes(self.rows[i]) if not isinstance(self.rows, DiskRows) else 0
             del self.rows[i]
         if isinstance(self.rows, DiskRows):      # rows read from a file own their storage
             return
@@ -190,7 +202,7 @@ class ActivationCache:
         """Bytes of the rows the cache holds (in memory or on disk)."""
         if isinstance(self.rows, DiskRows):
             return self.rows.stored_bytes
-        return sum(t.numel() * t.element_size() for row in self.rows.values() for t in row)
+        return self._held
 
     @property
     def resident_bytes(self) -> int:

@@ -72,6 +72,15 @@ def test_the_same_cache_in_memory_counts_its_rows_as_resident() -> None:
     cache.put(0, (torch.zeros(2, 8),))
     assert cache.bytes == cache.resident_bytes == 64
 
+    def summed() -> int:
+        return sum(t.numel() * t.element_size() for row in cache.rows.values() for t in row)
+
+    # the count is kept as rows come, are replaced and go
+    cache.put(1, (torch.zeros(3, 8, dtype=torch.float64),))     # row 1 replaced: 64 bytes
+    assert cache.bytes == summed() == 32 + 3 * 64
+    cache.drop([0, 2], [1, 3])
+    assert cache.bytes == summed() == 2 * 64
+
 
 def test_a_disk_cache_in_a_missing_directory_is_a_runtime_failure(tmp_path: Path) -> None:
     with pytest.raises(RuntimeFailure, match="cannot create the activation cache's file in .*"
