@@ -21,16 +21,19 @@ from solver.pac import replan_phase1
 from tests.test_pac_train import assert_matches_reference, prepare_tiny
 
 
-def _prepare(tmp_path: Path) -> tuple[Any, Cluster, Any, Path, PacPlan, Path]:
+def _prepare(tmp_path: Path, cache_store: str = "auto"
+             ) -> tuple[Any, Cluster, Any, Path, PacPlan, Path]:
     """The tiny GPT on a, b, c with a pipelined phase 1 (segment 0 on a, segments 1-2 on
-    b + c); 2 epochs of 2 mini-batches of 6."""
-    return prepare_tiny(tmp_path, 2, pipelined=True)
+    b + c); 2 epochs of 2 mini-batches of 6 (``mixed``: b and c cache on disk)."""
+    return prepare_tiny(tmp_path, 2, pipelined=True, cache_store=cache_store)
 
 
-@pytest.mark.parametrize("fail", ["b@1", "a@0"], ids=["middle-stage-second-batch",
-                                                     "first-stage-first-batch"])
-def test_a_device_lost_in_phase_1_is_recovered(tmp_path: Path, fail: str) -> None:
-    spec, _cluster, _costs, out, plan, cluster_file = _prepare(tmp_path)
+@pytest.mark.parametrize("fail, store", [("b@1", "mixed"), ("a@0", "auto")],
+                         ids=["middle-stage-second-batch-disk-cache",
+                              "first-stage-first-batch"])
+def test_a_device_lost_in_phase_1_is_recovered(tmp_path: Path, fail: str, store: str) -> None:
+    spec, _cluster, _costs, out, plan, cluster_file = _prepare(tmp_path, store)
+    assert plan.cache_store == ("mixed" if store == "mixed" else "memory")
     lost, step = fail.split("@")
     metrics = tmp_path / "m.jsonl"
     result = run_finetune(out, cluster_file, seed=0, lr=0.05, metrics=metrics, timeout_s=300,
