@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import os
 import tempfile
 import threading
 import time
@@ -12,13 +14,38 @@ import torch
 
 from contracts.errors import RuntimeFailure
 
-__all__ = ["ActivationCache", "DiskRows", "CACHE_DIR_ENV"]
+__all__ = ["ActivationCache", "DiskRows", "CACHE_DIR_ENV", "memory_filesystem"]
+
+log = logging.getLogger(__name__)
 
 CACHE_DIR_ENV = "ASTEROID_CACHE_DIR"
 """The environment variable naming the directory of a device's disk cache file (unset:
 the system's temporary directory)."""
 
 Row = Tuple[torch.Tensor, ...]
+
+MEMORY_FILESYSTEMS = ("tmpfs", "ramfs")
+
+
+def memory_filesystem(directory: str, mounts: str = "/proc/mounts") -> str | None:
+    """The type of the filesystem ``directory`` is on when it keeps its files in memory
+    (``tmpfs``, ``ramfs``: a disk cache there saves no memory), else None (also where the
+    mount table cannot be read)."""
+    try:
+        lines = open(mounts, encoding="utf-8").read().splitlines()
+    except OSError:
+        return None
+    path = os.path.realpath(directory)
+    best, kind = "", ""
+    for line in lines:
+        fields = line.split()
+        if len(fields) < 3:
+            continue
+        point = fields[1].replace("\\040", " ")
+        inside = path == point or path.startswith(point.rstrip("/") + "/")
+        if inside and len(point) > len(best):
+            best, kind = point, fields[2]
+    return kind if kind in MEMORY_FILESYSTEMS else None
 
 
 class DiskRows(MutableMapping[int, Row]):
@@ -36,6 +63,12 @@ class DiskRows(MutableMapping[int, Row]):
         self._bytes_s = bytes_s if bytes_s is not None and 0 < bytes_s < float("inf") \
             else None
         self._lock = threading.Lock()      # one file position: a seek and its I/O at once
+        where = directory or tempfile.gettempdir()
+        kind = memory_filesystem(where)
+        if kind is not None:
+            log.warning("the activation cache's file is in %s, a %s: it takes memory, not "
+                        "storage; set %s to a directory on storage", where, kind,
+                        CACHE_DIR_ENV)
         try:
             self._file = tempfile.TemporaryFile(dir=directory)
         except OSError as exc:

@@ -116,3 +116,33 @@ def test_a_truncated_cache_file_is_a_runtime_failure(tmp_path: Path) -> None:
     with pytest.raises(RuntimeFailure, match="ended after 8 of 64 bytes of sample 0's row"):
         rows[0]
     rows.close()
+
+
+def test_a_cache_directory_in_memory_is_named(tmp_path: Path,
+                                              caplog: pytest.LogCaptureFixture,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    import runtime.activation_cache as activation_cache
+    from runtime.activation_cache import memory_filesystem
+
+    mounts = tmp_path / "mounts"
+    mounts.write_text(f"/dev/sda1 / ext4 rw 0 0\n"
+                      f"tmpfs {tmp_path}/ram tmpfs rw 0 0\n"
+                      f"/dev/sdb1 {tmp_path}/ram/disk xfs rw 0 0\n"
+                      f"tmpfs {tmp_path}/with\\040space tmpfs rw 0 0\n")
+    for sub in ("ram", "ram/x", "ram/disk", "ramdisk", "with space/y"):
+        (tmp_path / sub).mkdir(parents=True, exist_ok=True)
+    assert memory_filesystem(str(tmp_path / "ram"), str(mounts)) == "tmpfs"
+    assert memory_filesystem(str(tmp_path / "ram" / "x"), str(mounts)) == "tmpfs"
+    assert memory_filesystem(str(tmp_path / "ram" / "disk"), str(mounts)) is None
+    assert memory_filesystem(str(tmp_path / "ramdisk"), str(mounts)) is None
+    assert memory_filesystem(str(tmp_path / "with space" / "y"), str(mounts)) == "tmpfs"
+    assert memory_filesystem(str(tmp_path), str(tmp_path / "no-such-table")) is None
+    # a disk cache there says so, and still works
+    monkeypatch.setattr(activation_cache, "memory_filesystem", lambda directory: "tmpfs")
+    with caplog.at_level("WARNING", logger="runtime.activation_cache"):
+        rows = DiskRows(str(tmp_path))
+    assert f"{tmp_path}, a tmpfs: it takes memory, not storage; set ASTEROID_CACHE_DIR" \
+        in caplog.text
+    rows[0] = (torch.ones(1, 2),)
+    assert torch.equal(rows[0][0], torch.ones(1, 2))
+    rows.close()
