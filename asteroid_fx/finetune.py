@@ -223,14 +223,12 @@ def measure_disk(pac: AdapterModel, spec: Any, *, rows: int = 8, repeats: int = 
     each read after a pause of ``pause_s`` as a phase-2 step reads its rows after the
     all-reduce ([Note: a cache on disk] in solver/pac.py). The file stays in the page
     cache: storage bandwidth is the cluster's ``storage_mb_s``."""
-    import os
-
-    from runtime.activation_cache import CACHE_DIR_ENV, DiskRows
+    from runtime.activation_cache import DiskRows
 
     made, _ = _cached_rows(pac, spec, rows)
     made = [pac.to_cache(row) for row in made]
     size = sum(t.numel() * t.element_size() for row in made for t in row)
-    store = DiskRows(directory or os.environ.get(CACHE_DIR_ENV) or None)
+    store = DiskRows(directory)
     writes, reads = [], []
     try:
         with single_thread():

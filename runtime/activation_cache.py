@@ -8,13 +8,13 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Iterator, MutableMapping, Tuple
+from typing import Dict, Iterator, MutableMapping, Tuple
 
 import torch
 
 from contracts.errors import RuntimeFailure
 
-__all__ = ["ActivationCache", "DiskRows", "CACHE_DIR_ENV", "memory_filesystem"]
+__all__ = ["ActivationCache", "DiskRows", "MemoryRows", "CACHE_DIR_ENV", "memory_filesystem"]
 
 log = logging.getLogger(__name__)
 
@@ -57,27 +57,28 @@ class DiskRows(MutableMapping[int, Row]):
     bytes behind (phase 2 only reads). Rows may be read and written from two threads (a
     step's rows are read ahead, ``runtime.pac_train._ReadAhead``). ``bytes_s`` (the
     emulator: a device's ``storage_mb_s``) paces every row's write and read to that many
-    bytes a second, as the emulator paces links; None: as fast as the host's storage."""
+    bytes a second, as the emulator paces links; None: as fast as the host's storage.
+    ``directory`` None: ``$ASTEROID_CACHE_DIR``, else the system's temporary directory."""
 
     def __init__(self, directory: str | None = None, bytes_s: float | None = None) -> None:
         self._bytes_s = bytes_s if bytes_s is not None and 0 < bytes_s < float("inf") \
             else None
         self._lock = threading.Lock()      # one file position: a seek and its I/O at once
-        where = directory or tempfile.gettempdir()
+        where = directory or os.environ.get(CACHE_DIR_ENV) or tempfile.gettempdir()
         kind = memory_filesystem(where)
         if kind is not None:
             log.warning("the activation cache's file is in %s, a %s: it takes memory, not "
                         "storage; set %s to a directory on storage", where, kind,
                         CACHE_DIR_ENV)
         try:
-            self._file = tempfile.TemporaryFile(dir=directory)
+            self._file = tempfile.TemporaryFile(dir=where)
         except OSError as exc:
-            raise RuntimeFailure(f"cannot create the activation cache's file in "
-                                 f"{directory or tempfile.gettempdir()!r}: {exc}; give a "
-                                 f"writable directory with free space in {CACHE_DIR_ENV}"
-                                 ) from None
-        # sample -> (offset, ((shape, dtype), ...))
-        self._index: dict[int, tuple[int, tuple[tuple[tuple[int, ...], torch.dtype], ...]]] = {}
+            raise RuntimeFailure(f"cannot create the activation cache's file in {where!r}: "
+                                 f"{exc}; give a writable directory with free space in "
+                                 f"{CACHE_DIR_ENV}") from None
+        # sample -> (offset, bytes, ((shape, dtype), ...))
+        self._index: dict[int, tuple[int, int,
+                                     tuple[tuple[tuple[int, ...], torch.dtype], ...]]] = {}
         self._end = 0
         self.stored_bytes = 0        # bytes of the rows it holds now
 
@@ -101,12 +102,12 @@ class DiskRows(MutableMapping[int, Row]):
                                          f"free storage or use --cache-store memory") from None
                 size += data.nbytes
             self._end += size
-        self._index[key] = (start, tuple(layout))
+        self._index[key] = (start, size, tuple(layout))
         self.stored_bytes += size
         self._pace(size, began)
 
     def __getitem__(self, key: int) -> Row:
-        offset, layout = self._index[key]
+        offset, _size, layout = self._index[key]
         began = time.perf_counter()
         out: list[torch.Tensor] = []
         size = 0
@@ -132,8 +133,7 @@ class DiskRows(MutableMapping[int, Row]):
                 time.sleep(left)
 
     def __delitem__(self, key: int) -> None:
-        _offset, layout = self._index.pop(key)
-        self.stored_bytes -= sum(_nbytes(shape, dtype) for shape, dtype in layout)
+        self.stored_bytes -= self._index.pop(key)[1]
 
     def __contains__(self, key: object) -> bool:
         return key in self._index
@@ -148,15 +148,29 @@ class DiskRows(MutableMapping[int, Row]):
         self._file.close()
 
 
+class MemoryRows(Dict[int, Row]):
+    """Cache rows kept as tensors (a dict), with the bytes of the rows it holds counted as
+    rows come and go (``stored_bytes``, as :class:`DiskRows` counts its own): the run asks
+    for them after every phase-1 micro-batch, where a sum over every row would grow with
+    the cache."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stored_bytes = 0
+
+    def __setitem__(self, key: int, row: Row) -> None:
+        if key in self:
+            self.stored_bytes -= _row_bytes(self[key])
+        super().__setitem__(key, row)
+        self.stored_bytes += _row_bytes(row)
+
+    def __delitem__(self, key: int) -> None:
+        self.stored_bytes -= _row_bytes(self[key])
+        super().__delitem__(key)
+
+
 def _row_bytes(row: Row) -> int:
     return sum(t.numel() * t.element_size() for t in row)
-
-
-def _nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
-    count = 1
-    for d in shape:
-        count *= d
-    return count * torch.empty((), dtype=dtype).element_size()
 
 
 @dataclass
@@ -168,29 +182,23 @@ class ActivationCache:
     ``hits``/``misses`` count rows served from the cache and rows that had to be computed
     (the first epoch, or samples taken over from a lost device)."""
 
-    rows: MutableMapping[int, Row] = field(default_factory=dict)
+    rows: MemoryRows | DiskRows = field(default_factory=MemoryRows)
     hits: int = 0
     misses: int = 0
-    #: bytes of the rows in memory, kept as rows come and go (``_note`` asks for them
-    #: after every phase-1 micro-batch: a sum over every row would grow with the cache)
-    _held: int = 0
 
     @classmethod
     def on_disk(cls, directory: str | None = None, bytes_s: float | None = None
                 ) -> ActivationCache:
         """A cache whose rows live in a file (:class:`DiskRows`) in ``directory`` (None:
-        the system's temporary directory), paced to ``bytes_s`` (None: not paced)."""
+        ``$ASTEROID_CACHE_DIR`` or the system's temporary directory), paced to ``bytes_s``
+        (None: not paced)."""
         return cls(rows=DiskRows(directory, bytes_s))
 
     def put(self, start: int, entry: tuple[torch.Tensor, ...]) -> None:
         """Keep the rows of ``entry`` as samples ``start, start + 1, ...``."""
         entry = tuple(t.detach().contiguous() for t in entry)
-        size = sum(t[0:1].numel() * t.element_size() for t in entry)
         for i in range(int(entry[0].shape[0])):
-            if start + i in self.rows:
-                self._held -= _row_bytes(self.rows[start + i])
             self.rows[start + i] = tuple(t[i:i + 1] for t in entry)
-            self._held += size
 
     def drop(self, indices: list[int], neighbours: list[int]) -> None:
         """Forget samples ``indices`` (handed to another holder). A row is a view of the
@@ -198,7 +206,6 @@ class ActivationCache:
         ``neighbours`` (rows that may have shared a message with them) get storages of
         their own."""
         for i in indices:
-            self._held -= _row_bytes(self.rows[i]) if not isinstance(self.rows, DiskRows) else 0
             del self.rows[i]
         if isinstance(self.rows, DiskRows):      # rows read from a file own their storage
             return
@@ -233,9 +240,7 @@ class ActivationCache:
     @property
     def bytes(self) -> int:
         """Bytes of the rows the cache holds (in memory or on disk)."""
-        if isinstance(self.rows, DiskRows):
-            return self.rows.stored_bytes
-        return self._held
+        return self.rows.stored_bytes
 
     @property
     def resident_bytes(self) -> int:

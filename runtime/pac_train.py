@@ -94,7 +94,7 @@ from contracts.errors import RuntimeFailure
 from contracts.inputs import model_inputs
 from contracts.pac_plan import PacPlan
 from contracts.plan import Plan, Stage
-from runtime.activation_cache import CACHE_DIR_ENV, ActivationCache, DiskRows, Row
+from runtime.activation_cache import ActivationCache, DiskRows, Row
 from runtime.adapter_model import AdapterModel
 from runtime.comm import Comm
 from runtime.comm import CommFailure as CommFailureError
@@ -734,8 +734,7 @@ def finetune_device(source: Any, rank: int, config: TrainConfig, *, hooks: Any =
     # a disk cache's file goes in ASTEROID_CACHE_DIR, else the system's temporary directory
     # (on the emulator paced to the device's storage bandwidth)
     cache = ActivationCache.on_disk(
-        os.environ.get(CACHE_DIR_ENV) or None,
-        None if config.storage_bytes_s is None else config.storage_bytes_s[rank]) \
+        None, None if config.storage_bytes_s is None else config.storage_bytes_s[rank]) \
         if pac.on_disk(pac.devices[rank]) else ActivationCache()
     targets_of: dict[tuple[int, ...], Any] = {}
     metrics = Path(config.metrics) if config.metrics else None

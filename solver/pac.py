@@ -519,11 +519,11 @@ def _phase2_shares(costs: CostTable, cluster: Cluster, model: PacModel, batch_si
             speeds = [1.0 / t for t in sample_s]
     fixed = _phase2_fixed(costs, model, costs.optimizer_state_factor)
     cache, work = _phase2_per_sample(costs, model, steps)
+    per_sample = {d: work + (0 if d in on_disk else cache) for d in devices}
     caps = []
     for d in devices:
         room = cluster.usable_bytes(d) - fixed - reserved.get(d, 0)
-        per_sample = work + (0 if d in on_disk else cache)
-        caps.append(max(0, room // per_sample) if per_sample > 0 else batch_size)
+        caps.append(max(0, room // per_sample[d]) if per_sample[d] > 0 else batch_size)
     shares = split_shares(batch_size, speeds, caps)
     if shares is not None:
         return shares
@@ -531,8 +531,7 @@ def _phase2_shares(costs: CostTable, cluster: Cluster, model: PacModel, batch_si
     short = []
     for d, v in zip(devices, speeds, strict=True):
         want = max(1, math.ceil(batch_size * v / total))
-        per_sample = work + (0 if d in on_disk else cache)
-        need = cluster.workspace_bytes(d) + fixed + reserved.get(d, 0) + want * per_sample
+        need = cluster.workspace_bytes(d) + fixed + reserved.get(d, 0) + want * per_sample[d]
         short.append((need - cluster.device(d).memory_bytes, d, want, need))
     gap, device, want, need = max(short)
     have = cluster.device(device).memory_bytes

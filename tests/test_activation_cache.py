@@ -146,3 +146,9 @@ def test_a_cache_directory_in_memory_is_named(tmp_path: Path,
     rows[0] = (torch.ones(1, 2),)
     assert torch.equal(rows[0][0], torch.ones(1, 2))
     rows.close()
+    # without a directory: ASTEROID_CACHE_DIR's
+    monkeypatch.setenv("ASTEROID_CACHE_DIR", str(tmp_path / "ram"))
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="runtime.activation_cache"):
+        DiskRows().close()
+    assert f"{tmp_path / 'ram'}, a tmpfs" in caplog.text
