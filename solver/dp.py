@@ -223,6 +223,35 @@ each: about 90 MB at the default 96 cuts); later kinds build their bases one by 
 _KindTable = tuple[np.ndarray, np.ndarray, np.ndarray]
 
 
+def _np_stage_times(terms: dict[int, tuple[np.ndarray, ...]], deciders: Sequence[Any],
+                    params: np.ndarray, info: Any) -> _KindTable:
+    """``(compute_f, compute_b, T_a)`` of stages on a group, element by element over
+    arrays of any shape (``_base``'s candidate lasts, or a kind table's whole grid): the
+    slowest decider's compute, and T_a = the all-reduce (``allreduce_from``) plus the
+    optimizer step on the slowest device (``Timing.group_update_time``), in the same float
+    operations as ``evaluate``."""
+    b, v, src = deciders[0]
+    f_int, f_slope, b_int, b_slope = terms[src]
+    cf = (f_int + f_slope * b) / v
+    cb = (b_int + b_slope * b) / v
+    for b, v, src in deciders[1:]:
+        f_int, f_slope, b_int, b_slope = terms[src]
+        cf = np.maximum(cf, (f_int + f_slope * b) / v)
+        cb = np.maximum(cb, (b_int + b_slope * b) / v)
+    size = info.size
+    if size > 1:
+        reduce = np.where(params > 0, 2.0 * (size - 1) * params.astype(np.float64)
+                          / (size * info.min_bw) + 2.0 * (size - 1) * info.max_lat, 0.0)
+    else:
+        reduce = np.zeros(params.shape)
+    pairs = info.update_pairs
+    upb, div, fixed_s = pairs[0]
+    step = (params * upb + fixed_s) / div
+    for upb, div, fixed_s in pairs[1:]:
+        step = np.maximum(step, (params * upb + fixed_s) / div)
+    return cf, cb, reduce + step
+
+
 class _Grid(NamedTuple):
     """``_layer_terms`` of every first layer at once ([Note: kind tables]): arrays over
     (first layer's row, candidate last's column), in the float operations of its numpy
@@ -658,28 +687,10 @@ class _Search:
                 else:
                     keep = mid + 1
         elif use_np:
-            b, v, src = deciders[0]
-            f_int, f_slope, b_int, b_slope = terms[src]
-            cf = (f_int[:count] + f_slope[:count] * b) / v
-            cb = (b_int[:count] + b_slope[:count] * b) / v
-            for b, v, src in deciders[1:]:
-                f_int, f_slope, b_int, b_slope = terms[src]
-                cf = np.maximum(cf, (f_int[:count] + f_slope[:count] * b) / v)
-                cb = np.maximum(cb, (b_int[:count] + b_slope[:count] * b) / v)
-            # T_a: all-reduce (allreduce_from) plus the optimizer step on the slowest
-            # device (Timing.group_update_time), in the same float operations
-            par = params[:count]
-            if size > 1:
-                reduce = np.where(par > 0, 2.0 * (size - 1) * par.astype(np.float64)
-                                  / (size * info.min_bw) + 2.0 * (size - 1) * info.max_lat,
-                                  0.0)
-            else:
-                reduce = np.zeros(count)
-            upb, div, fixed_s = pairs[0]
-            step = (par * upb + fixed_s) / div
-            for upb, div, fixed_s in pairs[1:]:
-                step = np.maximum(step, (par * upb + fixed_s) / div)
-            ta = (reduce + step).tolist()
+            cf, cb, ta_np = _np_stage_times(
+                {src: tuple(a[:count] for a in terms[src]) for _b, _v, src in deciders},
+                deciders, params[:count], info)
+            ta = ta_np.tolist()
             # compute grows with `last`: stages past `keep` cost M X >= incumbent
             keep = int(np.count_nonzero(m * (cf + cb) < inc))
             cf_l, cb_l = cf.tolist(), cb.tolist()
@@ -787,29 +798,10 @@ class _Search:
         grid = self._grid(final)
         if first not in grid.at:
             return None
-        params, terms = grid.params, grid.terms
         deciders = self.ctx.group_mb(self.mb, kind)[1]
         info = self.space.group(self.space.kind_group[kind])
-        b, v, src = deciders[0]
-        f_int, f_slope, b_int, b_slope = terms[src]
-        cf = (f_int + f_slope * b) / v
-        cb = (b_int + b_slope * b) / v
-        for b, v, src in deciders[1:]:
-            f_int, f_slope, b_int, b_slope = terms[src]
-            cf = np.maximum(cf, (f_int + f_slope * b) / v)
-            cb = np.maximum(cb, (b_int + b_slope * b) / v)
-        size = info.size
-        if size > 1:
-            reduce = np.where(params > 0, 2.0 * (size - 1) * params.astype(np.float64)
-                              / (size * info.min_bw) + 2.0 * (size - 1) * info.max_lat, 0.0)
-        else:
-            reduce = np.zeros(params.shape)
-        pairs = info.update_pairs
-        upb, div, fixed_s = pairs[0]
-        step = (params * upb + fixed_s) / div
-        for upb, div, fixed_s in pairs[1:]:
-            step = np.maximum(step, (params * upb + fixed_s) / div)
-        table = self._kind_tables[key] = (cf, cb, reduce + step)
+        table = self._kind_tables[key] = _np_stage_times(grid.terms, deciders, grid.params,
+                                                         info)
         return table
 
     def options(self, first: int, kind: int, flight: int, final: bool,
