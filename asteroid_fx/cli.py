@@ -808,8 +808,13 @@ def finetune(
     cache_store: Annotated[str, typer.Option(
         "--cache-store", help="where each device keeps its cache rows: memory, disk (a file "
         "in $ASTEROID_CACHE_DIR or the temporary directory, read back every phase-2 step: "
-        "the cache costs storage reads instead of memory) or auto (memory where the cache "
-        "fits there, else disk)")] = "auto",
+        "the cache costs storage reads instead of memory) or auto (with --phase1-objective "
+        "memory: the store of lowest peak memory pressure whose predicted total is at most "
+        "1 + --store-slack times the fastest's; with time: the fastest)")] = "auto",
+    store_slack: Annotated[float, typer.Option(
+        "--store-slack", help="with --cache-store auto: how much longer (a fraction of the "
+        "predicted total) a cache on disk may make the run for its lower peak memory")]
+    = 0.05,
     fail: Annotated[str | None, typer.Option(
         "--fail", help="DEVICE@STEP: with --emulate, kill that device at the start of step "
         "STEP (in epoch 1: during phase-1 mini-batch STEP, and phase 1 is re-planned on the "
@@ -825,9 +830,9 @@ def finetune(
         if method == "full" and cache_dtype is not None:
             raise PlanError(f"--cache-dtype {cache_dtype} applies to --method pac only (full "
                             f"fine-tuning keeps no activation cache); drop it")
-        if method == "full" and cache_store != "auto":
-            raise PlanError(f"--cache-store {cache_store} applies to --method pac only (full "
-                            f"fine-tuning keeps no activation cache); drop it")
+        if method == "full" and (cache_store != "auto" or store_slack != 0.05):
+            raise PlanError("--cache-store and --store-slack apply to --method pac only (full "
+                            "fine-tuning keeps no activation cache); drop them")
         if epochs < 1:
             raise PlanError(f"--epochs must be >= 1, got {epochs}")
         clus = Cluster.from_yaml(cluster)
@@ -847,7 +852,7 @@ def finetune(
                                     phase1_objective=phase1_objective,
                                     phase1_slack=phase1_slack, cache=cache,
                                     cache_slack=cache_slack, cache_dtype=cache_dtype,
-                                    cache_store=cache_store)
+                                    cache_store=cache_store, store_slack=store_slack)
         console.print(_pac_report(plan_obj), markup=False, highlight=False)
         console.print(f"wrote {out}/")
         if emulate is not None:

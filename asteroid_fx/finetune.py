@@ -36,6 +36,7 @@ from runtime.samples import SampleSource
 from solver.pac import (
     DEFAULT_CACHE_SLACK,
     DEFAULT_PHASE1_SLACK,
+    DEFAULT_STORE_SLACK,
     PacModel,
     PacPlan,
     plan_finetune,
@@ -214,6 +215,12 @@ def paired_extra(warm: Callable[[], float], cold: Callable[[], float], pairs: in
     return max(0.0, statistics.median(differences))
 
 
+NOMINAL_DISK_S_PER_BYTE = (4e-10, 2.5e-10)
+"""``(write, read)`` CPU seconds per byte of a disk cache where costs are analytic (nothing
+is measured): about what ``measure_disk`` gives on the development host (files in the page
+cache, 2.5 and 4 GB/s). A device's ``storage_mb_s`` adds the storage's own wait."""
+
+
 def measure_disk(pac: AdapterModel, spec: Any, *, rows: int = 8, repeats: int = 5,
                  pause_s: float = WAIT_S, directory: str | None = None) -> tuple[float, float]:
     """``(write_s_per_byte, read_s_per_byte)``: this host's CPU seconds per byte to write
@@ -318,11 +325,13 @@ def prepare_finetune(spec: Any, cluster: Any, costs: Any, out: str | Path, *, ba
                      phase1_planner: str = "asteroid", phase1_objective: str = "memory",
                      phase1_slack: float = DEFAULT_PHASE1_SLACK, cache: str = "auto",
                      cache_slack: float = DEFAULT_CACHE_SLACK,
-                     cache_dtype: str | None = None, cache_store: str = "auto") -> PacPlan:
+                     cache_dtype: str | None = None, cache_store: str = "auto",
+                     store_slack: float = DEFAULT_STORE_SLACK) -> PacPlan:
     """Build the adapter model, plan both phases (``cache``, ``cache_slack``,
-    ``cache_store``: where the activation cache lives, ``solver.pac.plan_finetune``) and
-    write the PAC directory ``out``; ``cache_dtype`` (``"bfloat16"`` ...): the dtype the
-    cache keeps its entries in ([Note: cache dtype] in ``runtime.adapter_model``)."""
+    ``cache_store``, ``store_slack``: where the activation cache lives,
+    ``solver.pac.plan_finetune``) and write the PAC directory ``out``; ``cache_dtype``
+    (``"bfloat16"`` ...): the dtype the cache keeps its entries in ([Note: cache dtype] in
+    ``runtime.adapter_model``)."""
     from asteroid_fx.package import save_partition
 
     samples = SampleSource(spec, seed, num_samples if num_samples is not None else
@@ -331,8 +340,8 @@ def prepare_finetune(spec: Any, cluster: Any, costs: Any, out: str | Path, *, ba
                                               train_head=train_head, cache_dtype=cache_dtype)
     measured = costs.source != "analytic"
     step_fit = measure_step(pac, spec) if measured else (0.0, 0.0)
-    write_s, read_s = measure_disk(pac, spec) if measured and cache_store != "memory" \
-        else (0.0, 0.0)
+    write_s, read_s = (0.0, 0.0) if cache_store == "memory" else \
+        measure_disk(pac, spec) if measured else NOMINAL_DISK_S_PER_BYTE
     model = replace(pac_model_of(pac, step_fit), write_s_per_byte=write_s,
                     read_s_per_byte=read_s,
                     sample_s=measure_samples(samples) if measured else 0.0,
@@ -342,7 +351,8 @@ def prepare_finetune(spec: Any, cluster: Any, costs: Any, out: str | Path, *, ba
                          num_samples=samples.num_samples, epochs=epochs,
                          micro_batch_size=micro_batch_size, phase1_planner=phase1_planner,
                          phase1_objective=phase1_objective, phase1_slack=phase1_slack,
-                         cache=cache, cache_slack=cache_slack, cache_store=cache_store)
+                         cache=cache, cache_slack=cache_slack, cache_store=cache_store,
+                         store_slack=store_slack)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     parts: list[Any] = [*pac.segments, pac.head]

@@ -257,11 +257,8 @@ def predict_finetune(plan: PacPlan, costs: CostTable, cluster: Cluster) -> PacPr
 # cluster; none: the page cache) is where the file has to come from storage, as it does
 # once the cache outgrows the page cache. The phase-2 shares weigh each device by the
 # seconds a sample adds to its step, ``max(compute + copy, wait)`` (``_phase2_shares``),
-# so a device on slow storage trains on fewer samples. ``--cache-store auto``
-# (``plan_finetune``) keeps every device's rows in memory where some placement fits
-# ([Note: cache placement]), else sends devices to disk smallest memory first until one
-# fits: the devices with room keep the faster memory cache (``mixed``), sharded only
-# among themselves; ``disk`` sends every device there.
+# so a device on slow storage trains on fewer samples. ``--cache-store auto`` chooses
+# among memory, a partial spill and every device on disk ([Note: choosing the store]).
 
 def disk_s(costs: CostTable, cluster: Cluster, model: PacModel, devices: Sequence[str],
            shares: Sequence[int], on_disk: Collection[str]
@@ -578,9 +575,27 @@ CACHE_MODES = ("auto", "local")
 every trainer caches its own rows."""
 
 STORE_MODES = ("auto", "memory", "disk")
-"""Where the cache's rows are kept ([Note: a cache on disk]): ``auto`` in memory where the
-cache fits there, else on the disks of as few devices as make it fit, smallest memory
-first; ``memory``; ``disk`` (every device)."""
+"""Where the cache's rows are kept ([Note: a cache on disk]): ``auto`` chooses (see
+[Note: choosing the store]); ``memory``; ``disk`` (every device)."""
+
+DEFAULT_STORE_SLACK = 0.05
+"""With ``cache_store="auto"`` and the ``memory`` objective: how much longer (a fraction of
+the predicted total) a cache on disk may make the run for its lower peak memory."""
+
+# [Note: choosing the store]
+# ``cache_store="auto"`` plans up to three stores and takes one. It tries the cache in
+# memory (no device on disk); where that fits nowhere, the fewest devices on disk, smallest
+# memory first, that make it fit (``mixed``: the others keep the faster memory cache,
+# sharded only among themselves); and every device on disk. Each gets its own phase-1
+# choice ([Note: phase-1 objective]). With the ``memory`` objective (the default) it takes
+# the lowest peak memory pressure among the stores whose predicted total is at most
+# ``1 + store_slack`` times the fastest's, then the faster: the cache grows with the data
+# set while the adapters do not, and with the reads overlapped ([Note: a cache on disk])
+# storage usually costs a few per cent. A device on slow storage (``storage_mb_s``) can
+# push the disk's total past the slack, and the cache stays in memory. With the ``time``
+# objective it takes the fastest total. ``plan.meta["cache_choice"]["store_reason"]``
+# gives the choice and its price. The planner cannot see whether a device's temporary
+# directory is memory (``tmpfs``); the run warns where it is (``ASTEROID_CACHE_DIR``).
 
 PHASE1_OBJECTIVES = ("memory", "time")
 """How ``plan_finetune`` picks the phase-1 plan (see [Note: phase-1 objective])."""
@@ -680,8 +695,8 @@ def plan_finetune(costs: CostTable, cluster: Cluster, model: PacModel, *, batch_
                   num_samples: int, epochs: int, micro_batch_size: int | None = None,
                   phase1_planner: str = "asteroid", phase1_objective: str = "memory",
                   phase1_slack: float = DEFAULT_PHASE1_SLACK, cache: str = "auto",
-                  cache_slack: float = DEFAULT_CACHE_SLACK, cache_store: str = "auto"
-                  ) -> PacPlan:
+                  cache_slack: float = DEFAULT_CACHE_SLACK, cache_store: str = "auto",
+                  store_slack: float = DEFAULT_STORE_SLACK) -> PacPlan:
     """Plan both phases of PAC fine-tuning (see [Note: PAC phases]); pure.
 
     ``phase1_planner`` is any planner of ``solver.api`` (``asteroid``: the fastest
@@ -718,6 +733,9 @@ def plan_finetune(costs: CostTable, cluster: Cluster, model: PacModel, *, batch_
     if not cache_slack >= 0.0:
         raise PlanError(f"cache slack must be >= 0 (a fraction of the phase-2 step), got "
                         f"{cache_slack}")
+    if not store_slack >= 0.0:
+        raise PlanError(f"store slack must be >= 0 (a fraction of the predicted total), got "
+                        f"{store_slack}")
     steps = num_samples // batch_size
     if steps < 1:
         raise PlanError(f"{num_samples} samples make no full batch of {batch_size}; use "
@@ -728,16 +746,13 @@ def plan_finetune(costs: CostTable, cluster: Cluster, model: PacModel, *, batch_
     coarse = segment_costs(costs, model.taps, model.segment_cold_s)
     candidates = _phase1_candidates(coarse, cluster, batch_size, phase1_planner,
                                     micro_batch_size, phase1_objective)
-    drafts: list[tuple[str, PacPlan, PacPrediction]] = []
-    error: PlanError | None = None
     names = tuple(cluster.names)
-    if cache_store == "auto":        # memory, then the smallest devices' disks first
-        spill = sorted(names, key=lambda d: (cluster.device(d).memory_bytes, names.index(d)))
-        tries = [frozenset(spill[:k]) for k in range(len(names) + 1)]
-    else:
-        tries = [frozenset(names if cache_store == "disk" else ())]
-    store_reason = ""
-    for on_disk in tries:
+    error: PlanError | None = None
+    options: list[_StoreOption] = []
+    for on_disk in _store_sets(cluster, cache_store):
+        if cache_store == "auto" and options and on_disk != frozenset(names):
+            continue     # a partial spill only where less does not fit
+        drafts: list[tuple[str, PacPlan, PacPrediction]] = []
         for label, phase1 in candidates:
             try:
                 draft = _draft(costs, cluster, model, coarse, phase1, batch_size=batch_size,
@@ -748,39 +763,99 @@ def plan_finetune(costs: CostTable, cluster: Cluster, model: PacModel, *, batch_
                 continue
             drafts.append((label, draft, predict_finetune(draft, costs, cluster)))
         if drafts:
-            if cache_store == "auto":
-                store_reason = "memory: the cache fits there" if not on_disk else (
-                    f"{'disk' if len(on_disk) == len(names) else 'mixed'}: "
-                    f"{', '.join(d for d in names if d in on_disk)} keep their rows on disk: "
-                    f"the cache does not fit in memory ({error})")
-            break
-    if not drafts:
+            options.append(_StoreOption(on_disk, drafts, phase1_objective, phase1_slack,
+                                        cluster))
+    if not options:
         raise error if error is not None else PlanError(
             "no phase-1 plan leaves room for the activation cache")
-    fastest = min(p.phase1_step_s for _l, _d, p in drafts)
-    admissible = [i for i, (_l, _d, p) in enumerate(drafts)
-                  if p.phase1_step_s <= (1.0 + phase1_slack) * fastest * (1 + 1e-12)]
-    pressures = [_pressure(p.peak_memory_bytes, cluster) for _l, _d, p in drafts]
-    if phase1_objective == "time":
-        chosen = min(admissible, key=lambda i: drafts[i][2].phase1_step_s)
-    else:
-        chosen = min(admissible, key=lambda i: (round(pressures[i], 12),
-                                                drafts[i][2].phase1_step_s))
-    label, draft, pred = drafts[chosen]
+    best, store_reason = _choose_store(options, cache_store, phase1_objective, store_slack,
+                                       names, error)
+    label, draft, pred = best.drafts[best.chosen]
     choice = {
-        "objective": phase1_objective, "slack": phase1_slack, "chosen": chosen,
-        "reason": _reason(phase1_objective, phase1_slack, drafts, pressures, chosen),
+        "objective": phase1_objective, "slack": phase1_slack, "chosen": best.chosen,
+        "reason": _reason(phase1_objective, phase1_slack, best.drafts, best.pressures,
+                          best.chosen),
         "candidates": [{"label": lab, "phase1": describe_phase1(d.phase1),
                         "phase1_step_s": p.phase1_step_s, "total_s": p.total_s,
-                        "pressure": pressures[i],
+                        "pressure": best.pressures[i],
                         "peak_memory_bytes": dict(p.peak_memory_bytes)}
-                       for i, (lab, d, p) in enumerate(drafts)],
+                       for i, (lab, d, p) in enumerate(best.drafts)],
     }
     return replace(draft, predicted=pred, meta={
         **dict(draft.meta), "phase1_choice": choice,
         "cache_choice": {"mode": cache, "slack": cache_slack, "store": cache_store,
                          "reason": describe_cache(draft, pred),
                          **({"store_reason": store_reason} if store_reason else {})}})
+
+
+def _store_sets(cluster: Cluster, cache_store: str) -> list[frozenset[str]]:
+    """The sets of devices keeping their rows on disk that ``cache_store`` tries, in order
+    (see [Note: choosing the store])."""
+    names = tuple(cluster.names)
+    if cache_store != "auto":
+        return [frozenset(names if cache_store == "disk" else ())]
+    spill = sorted(names, key=lambda d: (cluster.device(d).memory_bytes, names.index(d)))
+    return [frozenset(spill[:k]) for k in range(len(names) + 1)]
+
+
+class _StoreOption:
+    """One set of devices on disk: its PAC drafts (one per phase-1 candidate) and the
+    phase-1 choice among them ([Note: phase-1 objective])."""
+
+    def __init__(self, on_disk: frozenset[str],
+                 drafts: list[tuple[str, PacPlan, PacPrediction]], objective: str,
+                 slack: float, cluster: Cluster) -> None:
+        self.on_disk = on_disk
+        self.drafts = drafts
+        self.pressures = [_pressure(p.peak_memory_bytes, cluster) for _l, _d, p in drafts]
+        fastest = min(p.phase1_step_s for _l, _d, p in drafts)
+        admissible = [i for i, (_l, _d, p) in enumerate(drafts)
+                      if p.phase1_step_s <= (1.0 + slack) * fastest * (1 + 1e-12)]
+        if objective == "time":
+            self.chosen = min(admissible, key=lambda i: drafts[i][2].phase1_step_s)
+        else:
+            self.chosen = min(admissible, key=lambda i: (round(self.pressures[i], 12),
+                                                         drafts[i][2].phase1_step_s))
+
+    @property
+    def total_s(self) -> float:
+        return self.drafts[self.chosen][2].total_s
+
+    @property
+    def pressure(self) -> float:
+        return self.pressures[self.chosen]
+
+
+def _choose_store(options: Sequence[_StoreOption], cache_store: str, objective: str,
+                  slack: float, names: Sequence[str], error: PlanError | None
+                  ) -> tuple[_StoreOption, str]:
+    """The store option to take and, for ``auto``, why (see [Note: choosing the store])."""
+    if cache_store != "auto":
+        return options[0], ""
+    fastest = min(o.total_s for o in options)
+    if objective == "time":
+        best = min(options, key=lambda o: (o.total_s, len(o.on_disk)))
+    else:
+        admissible = [o for o in options if o.total_s <= (1.0 + slack) * fastest * (1 + 1e-12)]
+        best = min(admissible, key=lambda o: (round(o.pressure, 12), o.total_s))
+    memory = next((o for o in options if not o.on_disk), None)
+    if not best.on_disk:
+        others = [o for o in options if o.on_disk]
+        why = ("memory: the cache fits there" + (
+            f"; on disk it would cost {others[0].total_s / best.total_s - 1:+.1%} of the "
+            f"predicted total for peak memory pressure {others[0].pressure:.3%} instead of "
+            f"{best.pressure:.3%}" if others else ""))
+        return best, why
+    where = ("disk" if len(best.on_disk) == len(names) else
+             f"mixed: {', '.join(d for d in names if d in best.on_disk)} keep their rows on "
+             f"disk")
+    if memory is None:
+        return best, f"{where}: the cache does not fit in memory ({error})"
+    return best, (f"{where}: peak memory pressure {best.pressure:.3%} instead of "
+                  f"{memory.pressure:.3%} in memory, for {best.total_s / memory.total_s - 1:+.1%}"
+                  f" of the predicted total ({best.total_s:.3f} s); allowed: +{slack:.0%}"
+                  if objective == "memory" else
+                  f"{where}: the fastest predicted total ({best.total_s:.3f} s)")
 
 
 def describe_cache(plan: PacPlan, pred: PacPrediction) -> str:

@@ -21,14 +21,14 @@ from solver.pac import replan_phase1
 from tests.test_pac_train import assert_matches_reference, prepare_tiny
 
 
-def _prepare(tmp_path: Path, cache_store: str = "auto"
+def _prepare(tmp_path: Path, cache_store: str = "memory"
              ) -> tuple[Any, Cluster, Any, Path, PacPlan, Path]:
     """The tiny GPT on a, b, c with a pipelined phase 1 (segment 0 on a, segments 1-2 on
     b + c); 2 epochs of 2 mini-batches of 6 (``mixed``: b and c cache on disk)."""
     return prepare_tiny(tmp_path, 2, pipelined=True, cache_store=cache_store)
 
 
-@pytest.mark.parametrize("fail, store", [("b@1", "mixed"), ("a@0", "auto")],
+@pytest.mark.parametrize("fail, store", [("b@1", "mixed"), ("a@0", "memory")],
                          ids=["middle-stage-second-batch-disk-cache",
                               "first-stage-first-batch"])
 def test_a_device_lost_in_phase_1_is_recovered(tmp_path: Path, fail: str, store: str) -> None:

@@ -87,7 +87,7 @@ PIPELINED_PHASE1 = Plan(model_hash="h", cluster_hash="c", batch_size=6, micro_ba
 
 def prepare_tiny(tmp_path: Path, epochs: int, *, pipelined: bool = False,
                  cache: str = "auto", cache_dtype: str | None = None,
-                 cache_store: str = "auto") -> tuple[Any, Cluster, Any, Path, PacPlan, Path]:
+                 cache_store: str = "memory") -> tuple[Any, Cluster, Any, Path, PacPlan, Path]:
     """``(spec, cluster, costs, out, plan, cluster_file)``: the tiny GPT on a, b, c,
     prepared for ``epochs`` epochs of 2 mini-batches of 6 (adapter rank 4); with
     ``pipelined``, phase 1 is :data:`PIPELINED_PHASE1`; ``cache``: the placement mode;
@@ -125,8 +125,8 @@ def assert_matches_reference(losses: list[float], spec: Any, epochs: int,
 
 
 @pytest.mark.parametrize("pipelined, cache, cache_dtype, store",
-                         [(False, "auto", None, "auto"), (False, "local", None, "auto"),
-                          (True, "auto", None, "auto"), (True, "auto", "bfloat16", "mixed")],
+                         [(False, "auto", None, "memory"), (False, "local", None, "memory"),
+                          (True, "auto", None, "memory"), (True, "auto", "bfloat16", "mixed")],
                          ids=["planned", "local-cache", "pipeline-handoff",
                               "bfloat16-mixed-disk-cache"])
 def test_emulated_pac_equals_the_reference(tmp_path: Path, pipelined: bool, cache: str,
@@ -188,7 +188,7 @@ def test_emulated_pac_equals_the_reference(tmp_path: Path, pipelined: bool, cach
 def test_a_device_lost_in_phase_2_loses_only_its_share(tmp_path: Path, cache: str) -> None:
     spec, _cluster, _costs, out, plan, cluster_file = prepare_tiny(
         tmp_path, 3, cache="local" if cache == "disk" else cache,
-        cache_store="disk" if cache == "disk" else "auto")
+        cache_store="disk" if cache == "disk" else "memory")
     assert set(plan.fallback) == {"a", "b", "c"}
     assert sum(plan.fallback["c"]) == dict(zip(plan.devices, plan.shares, strict=True))["c"]
     metrics = tmp_path / "m.jsonl"
