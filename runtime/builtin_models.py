@@ -124,6 +124,35 @@ def _gpt2_small() -> tuple[BuildModel, SampleBatch]:
     return build_model, sample_batch
 
 
+_LLAMA_SEQ = 128
+_LLAMA_VOCAB = 32000
+
+
+def _llama_small() -> tuple[BuildModel, SampleBatch]:
+    _require_models_extra("llama-small", "transformers")
+
+    def build_model() -> nn.Module:
+        import transformers  # type: ignore[import-untyped, unused-ignore]
+
+        config = transformers.LlamaConfig(
+            vocab_size=_LLAMA_VOCAB,
+            hidden_size=512,
+            intermediate_size=1376,
+            num_hidden_layers=4,
+            num_attention_heads=8,
+            num_key_value_heads=2,
+            max_position_embeddings=1024,
+        )
+        model: nn.Module = transformers.LlamaForCausalLM(config)
+        return model
+
+    def sample_batch(batch_size: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        tokens = torch.randint(0, _LLAMA_VOCAB, (batch_size, _LLAMA_SEQ + 1))
+        return {"input_ids": tokens[:, :-1]}, tokens[:, 1:]
+
+    return build_model, sample_batch
+
+
 def next_token_loss(outputs: Any, targets: torch.Tensor) -> torch.Tensor:
     """Cross-entropy of a causal LM's ``outputs["logits"]`` (batch, sequence, vocabulary)
     against the next tokens ``targets`` (batch, sequence)."""
@@ -141,8 +170,12 @@ BUILTIN_MODELS: dict[str, Callable[[], tuple[BuildModel, SampleBatch]]] = {
     # vocabulary); a Hugging Face GPT2LMHeadModel called with keyword input_ids, whose
     # output is a ModelOutput (not OpenAI's 124M "GPT-2 small")
     "gpt2-small": _gpt2_small,
+    # a Llama-style decoder of the same size (RMSNorm, rotary positions, SwiGLU, grouped
+    # query attention with 2 key/value heads; Llama 2's vocabulary): LlamaForCausalLM
+    "llama-small": _llama_small,
 }
-BUILTIN_LOSSES: dict[str, LossFn] = {"gpt2-small": next_token_loss}
+BUILTIN_LOSSES: dict[str, LossFn] = {"gpt2-small": next_token_loss,
+                                     "llama-small": next_token_loss}
 
 
 def builtin_functions(name: str) -> tuple[BuildModel, SampleBatch]:

@@ -153,14 +153,9 @@ class PacSource:
     def model_module(self) -> Any:
         """The model file's functions (``sample_batch``, ``loss_fn``, ``dataset`` ...): the
         copied module, or the ``ModelSpec`` of a built-in or a ``file.py:prefix`` spec."""
-        from runtime.stage_io import load_model_module, load_partition_meta, spec_functions
+        from runtime.stage_io import model_namespace
 
-        backbone = Path(self.directory) / BACKBONE_DIR
-        meta = load_partition_meta(backbone)
-        spec = meta.model_spec or ""
-        if spec.startswith("builtin:") or (meta.prefix and meta.model_file):
-            return spec_functions(backbone, meta)
-        return load_model_module(backbone)
+        return model_namespace(Path(self.directory) / BACKBONE_DIR)
 
     def load_stage(self, index: int) -> nn.Module:
         from runtime.stage_io import load_stage

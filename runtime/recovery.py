@@ -36,7 +36,7 @@ from runtime.replanning import Calibration, Replanner, load_replanner
 from runtime.replication import WorkerSpec, announce_failure, external_holders
 from runtime.shaping import choose_shaping, remove_cgroups
 from runtime.supervisor import FailureJudge, Supervisor
-from runtime.train import DirectorySource, StageSource, TrainConfig, WorkerResult
+from runtime.train import DirectorySource, StageSource, TrainConfig, WorkerResult, model_state
 
 __all__ = ["RECOVERY_MODES", "LEAVE_ROUND_S", "REPLAY_CHECKPOINT_EVERY", "REPLAN_TOLERANCE",
            "parse_fail", "parse_leave", "parse_replicate_every", "resume_point", "RecoveryRun",
@@ -215,8 +215,7 @@ def _prewarm(planner: Replanner) -> None:
 def _seeded_state(module: Any, seed: int) -> StageState:
     torch.manual_seed(seed)
     model = module.build_model()
-    return StageState(step=-1, model={k: v.detach().clone()
-                                      for k, v in model.state_dict().items()})
+    return StageState(step=-1, model=model_state(model))
 
 
 def run_with_recovery(directory: str | Path, cluster: Any, config: TrainConfig, *,

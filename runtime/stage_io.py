@@ -55,6 +55,7 @@ __all__ = [
     "weights_file",
     "load_plan",
     "load_partition_meta",
+    "model_namespace",
     "load_stage",
     "build_stage",
     "read_weights",
@@ -332,6 +333,17 @@ def model_builder(directory: str | Path,
                              f"has no {name}(); re-run `asteroid-fx partition` with the model "
                              f"file")
     return build
+
+
+def model_namespace(directory: str | Path) -> Any:
+    """What a device calls the partition's model functions on (``build_model``,
+    ``sample_batch``, ``loss_fn`` ...): the copied model file's module, or, for a built-in
+    or a ``file.py:prefix`` spec, :func:`spec_functions`."""
+    path = _directory(directory)
+    meta = load_partition_meta(path)
+    if (meta.model_spec or "").startswith("builtin:") or (meta.prefix and meta.model_file):
+        return spec_functions(path, meta)
+    return load_model_module(path)
 
 
 _SPEC_FUNCTIONS = ("build_model", "sample_batch", "loss_fn", "build_optimizer", "dataset")

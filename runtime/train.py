@@ -31,6 +31,7 @@ __all__ = [
     "TrainHooks",
     "WorkerResult",
     "load_stage_weights",
+    "model_state",
     "make_optimizer",
     "resolve_loss_fn",
     "train_device",
@@ -61,9 +62,10 @@ class DirectorySource:
         return load_plan(self.directory)
 
     def model_module(self) -> Any:
-        from runtime.stage_io import load_model_module
+        """The model functions (``runtime.stage_io.model_namespace``)."""
+        from runtime.stage_io import model_namespace
 
-        return load_model_module(self.directory)
+        return model_namespace(self.directory)
 
     def load_stage(self, index: int) -> torch.nn.Module:
         from runtime.stage_io import load_stage
@@ -165,6 +167,17 @@ class WorkerResult:
     tensor_memory: dict[str, int] = field(default_factory=dict)
 
 
+def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Detached copies of ``model``'s state dict and of its non-persistent buffers: a
+    stage's code keeps every buffer it reads as its own (Llama's rotary ``inv_freq``,
+    which ``state_dict()`` leaves out), so the seeded model must supply them too."""
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    for name, buffer in model.named_buffers():
+        if name not in state:
+            state[name] = buffer.detach().clone()
+    return state
+
+
 def load_stage_weights(stage: torch.nn.Module, full_state: dict[str, torch.Tensor],
                        index: int) -> None:
     """Copy the stage's own parameters and buffers (by qualified name) from the seeded
@@ -253,7 +266,7 @@ def train_device(source: StageSource, rank: int, config: TrainConfig, *,
     model_file = source.model_module()
 
     torch.manual_seed(config.seed)
-    full_state = {k: v.detach().clone() for k, v in model_file.build_model().state_dict().items()}
+    full_state = model_state(model_file.build_model())
     module = source.load_stage(stage_index).to(device)
     load_stage_weights(module, full_state, stage_index)
     del full_state

@@ -145,7 +145,7 @@ def test_explicit_layer_by_module_name() -> None:
     torch.testing.assert_close(pac(x), model(x))
 
 
-@pytest.mark.parametrize("builtin", ["bert-small", "gpt2-small"])
+@pytest.mark.parametrize("builtin", ["bert-small", "gpt2-small", "llama-small"])
 def test_hugging_face_builtins(builtin: str) -> None:
     pytest.importorskip("transformers")
     spec = load_model_spec(f"builtin:{builtin}")

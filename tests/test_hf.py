@@ -180,7 +180,7 @@ def test_leaf_that_matches_nothing_lists_close_names() -> None:
         trace(_model("bert"), _inputs("bert"), leaf_modules=["bert.embedding"])
 
 
-@pytest.mark.parametrize("name", ["bert-small", "gpt2-small"])
+@pytest.mark.parametrize("name", ["bert-small", "gpt2-small", "llama-small"])
 def test_builtin_partitions_with_no_flags_and_loads_back(
         name: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "out"

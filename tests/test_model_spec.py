@@ -159,7 +159,7 @@ def test_unknown_builtin_lists_known_names() -> None:
     ):
         load_model_spec("builtin:vgg")
     assert set(BUILTIN_MODELS) == {"resnet50", "mobilenet_v2", "efficientnet_b1", "bert-small",
-                                   "gpt2-small"}
+                                   "gpt2-small", "llama-small"}
 
 
 @pytest.mark.skipif(
@@ -174,7 +174,7 @@ def test_builtin_without_the_models_extra_gives_the_install_hint(name: str) -> N
 @pytest.mark.skipif(
     importlib.util.find_spec("transformers") is not None, reason="models extra installed"
 )
-@pytest.mark.parametrize("name", ["bert-small", "gpt2-small"])
+@pytest.mark.parametrize("name", ["bert-small", "gpt2-small", "llama-small"])
 def test_transformers_builtins_without_transformers(name: str) -> None:
     with pytest.raises(ModelSpecError, match=r"needs transformers.*asteroid-fx\[models\]"):
         load_model_spec(f"builtin:{name}")

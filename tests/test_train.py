@@ -14,7 +14,7 @@ from contracts.plan import Plan, Stage
 from runtime.launch import metrics_lines, run
 from runtime.reference import reference_training
 from runtime.stage_io import load_model_module
-from runtime.train import DirectorySource, load_stage_weights
+from runtime.train import DirectorySource, load_stage_weights, model_state
 
 CLUSTER = """
 devices:
@@ -26,15 +26,16 @@ network:
 """
 
 
-def _partition(tmp_path: Path, predicted: bool = False) -> Path:
+def _partition(tmp_path: Path, predicted: bool = False, text: str = MODEL,
+               prefix: str = "") -> Path:
     from asteroid_fx.package import save_partition
     from asteroid_fx.partition import partition
 
-    model_file = write_model(tmp_path, MODEL)
+    model_file = write_model(tmp_path, text)
     namespace: dict[str, object] = {}
-    exec(compile(MODEL, model_file, "exec"), namespace)
-    model = namespace["build_model"]()  # type: ignore[operator]
-    inputs, _ = namespace["sample_batch"](4)  # type: ignore[operator]
+    exec(compile(text, model_file, "exec"), namespace)
+    model = namespace[f"{prefix}build_model"]()  # type: ignore[operator]
+    inputs, _ = namespace[f"{prefix}sample_batch"](4)  # type: ignore[operator]
     plan = Plan("m", "c", 12, 6, 2, (Stage((0, 1), ("fast",), (6,)),
                                      Stage((2, 4), ("slow0", "slow1"), (2, 4))), num_layers=5)
     if predicted:
@@ -47,8 +48,8 @@ def _partition(tmp_path: Path, predicted: bool = False) -> Path:
         cluster = Cluster.from_dict(yaml.safe_load(CLUSTER))
         plan = plan.with_prediction(evaluate(plan, analytic_costs(model, inputs), cluster))
     out = tmp_path / "part"
-    save_partition(out, plan, partition(model, inputs, plan), model_spec=model_file,
-                   onnx=False)
+    save_partition(out, plan, partition(model, inputs, plan),
+                   model_spec=f"{model_file}:{prefix[:-1]}" if prefix else model_file, onnx=False)
     return out
 
 
@@ -151,6 +152,57 @@ def test_stage_weights_come_from_the_seeded_model(tmp_path: Path) -> None:
         assert torch.equal(value, full[name])
     with pytest.raises(RuntimeFailure, match="that build_model\\(\\) does not define"):
         load_stage_weights(stage, {}, 1)
+
+
+NON_PERSISTENT = '''
+import torch
+from torch import nn
+
+class Scaled(nn.Module):
+    """A layer with a buffer its forward reads but state_dict() leaves out (as Llama's
+    rotary inv_freq)."""
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("scale", torch.linspace(0.5, 1.5, 10), persistent=False)
+    def forward(self, x):
+        return x * self.scale
+
+def build_model():
+    return nn.Sequential(nn.Linear(6, 10), nn.Tanh(), nn.Linear(10, 10), Scaled(),
+                         nn.Linear(10, 3))
+
+def sample_batch(batch_size):
+    return (torch.randn(batch_size, 6),), torch.randint(0, 3, (batch_size,))
+'''
+
+
+def test_a_stage_with_a_non_persistent_buffer_trains_like_one_process(tmp_path: Path) -> None:
+    directory = _partition(tmp_path, text=NON_PERSISTENT)
+    source = DirectorySource(str(directory))
+    stage = source.load_stage(1)
+    assert any(name.endswith("scale") for name in stage.state_dict())
+    full = source.model_module().build_model()
+    assert not any(name.endswith("scale") for name in full.state_dict())
+    load_stage_weights(stage, model_state(full), 1)       # the buffer comes from the model
+    cluster = tmp_path / "cluster.yaml"
+    cluster.write_text(CLUSTER)
+    result = run(directory, emulate=cluster, steps=2, seed=5, lr=0.05)
+    ref = reference_training(load_model_module(directory), 12, steps=2, seed=5, lr=0.05)
+    assert result.losses == pytest.approx(ref.losses, rel=1e-6)
+
+
+def test_a_prefixed_model_spec_trains_like_one_process(tmp_path: Path) -> None:
+    # file.py:tiny names tiny_build_model, tiny_sample_batch: the devices call those
+    text = MODEL.replace("def build_model", "def tiny_build_model").replace(
+        "def sample_batch", "def tiny_sample_batch")
+    directory = _partition(tmp_path, text=text, prefix="tiny_")
+    functions = DirectorySource(str(directory)).model_module()
+    assert callable(functions.build_model) and callable(functions.sample_batch)
+    cluster = tmp_path / "cluster.yaml"
+    cluster.write_text(CLUSTER)
+    result = run(directory, emulate=cluster, steps=2, seed=5, lr=0.05)
+    ref = reference_training(functions, 12, steps=2, seed=5, lr=0.05)
+    assert result.losses == pytest.approx(ref.losses, rel=1e-6)
 
 
 def test_run_needs_a_partition_and_a_launcher(tmp_path: Path,
