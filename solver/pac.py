@@ -1080,5 +1080,5 @@ def replan_phase1(pac: PacPlan, costs: CostTable, cluster: Cluster, failed: Sequ
                           batch_size=pac.batch_size, num_samples=pac.num_samples,
                           epochs=pac.epochs, phase1_objective=objective, phase1_slack=slack,
                           cache="local",
-                          cache_store="memory" if not pac.cache_disk else "auto")
+                          cache_store="auto" if pac.cache_store == "mixed" else pac.cache_store)
     return replace(fresh.phase1, plan_version=pac.phase1.plan_version + 1)
