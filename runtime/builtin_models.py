@@ -94,63 +94,38 @@ def _bert_small() -> tuple[BuildModel, SampleBatch]:
     return build_model, sample_batch
 
 
-_GPT2_SEQ = 128
-_GPT2_VOCAB = 50257
+def _causal_lm(name: str, model_class: str, config_class: str, vocab: int, seq: int,
+               **config: Any) -> tuple[BuildModel, SampleBatch]:
+    """A Hugging Face causal LM ``transformers.<model_class>(<config_class>(vocab_size=vocab,
+    **config))`` called with keyword ``input_ids`` of ``seq`` random tokens, whose targets
+    are the next tokens (``next_token_loss``)."""
+    _require_models_extra(name, "transformers")
+
+    def build_model() -> nn.Module:
+        import transformers  # type: ignore[import-untyped, unused-ignore]
+
+        made = getattr(transformers, config_class)(vocab_size=vocab, **config)
+        model: nn.Module = getattr(transformers, model_class)(made)
+        return model
+
+    def sample_batch(batch_size: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        tokens = torch.randint(0, vocab, (batch_size, seq + 1))
+        return {"input_ids": tokens[:, :-1]}, tokens[:, 1:]
+
+    return build_model, sample_batch
 
 
 def _gpt2_small() -> tuple[BuildModel, SampleBatch]:
-    _require_models_extra("gpt2-small", "transformers")
-
-    def build_model() -> nn.Module:
-        import transformers  # type: ignore[import-untyped, unused-ignore]
-
-        config = transformers.GPT2Config(
-            vocab_size=_GPT2_VOCAB,
-            n_positions=1024,
-            n_embd=512,
-            n_layer=4,
-            n_head=8,
-            resid_pdrop=0.0,
-            embd_pdrop=0.0,
-            attn_pdrop=0.0,
-        )
-        model: nn.Module = transformers.GPT2LMHeadModel(config)
-        return model
-
-    def sample_batch(batch_size: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        tokens = torch.randint(0, _GPT2_VOCAB, (batch_size, _GPT2_SEQ + 1))
-        return {"input_ids": tokens[:, :-1]}, tokens[:, 1:]
-
-    return build_model, sample_batch
-
-
-_LLAMA_SEQ = 128
-_LLAMA_VOCAB = 32000
+    return _causal_lm("gpt2-small", "GPT2LMHeadModel", "GPT2Config", 50257, 128,
+                      n_positions=1024, n_embd=512, n_layer=4, n_head=8, resid_pdrop=0.0,
+                      embd_pdrop=0.0, attn_pdrop=0.0)
 
 
 def _llama_small() -> tuple[BuildModel, SampleBatch]:
-    _require_models_extra("llama-small", "transformers")
-
-    def build_model() -> nn.Module:
-        import transformers  # type: ignore[import-untyped, unused-ignore]
-
-        config = transformers.LlamaConfig(
-            vocab_size=_LLAMA_VOCAB,
-            hidden_size=512,
-            intermediate_size=1376,
-            num_hidden_layers=4,
-            num_attention_heads=8,
-            num_key_value_heads=2,
-            max_position_embeddings=1024,
-        )
-        model: nn.Module = transformers.LlamaForCausalLM(config)
-        return model
-
-    def sample_batch(batch_size: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        tokens = torch.randint(0, _LLAMA_VOCAB, (batch_size, _LLAMA_SEQ + 1))
-        return {"input_ids": tokens[:, :-1]}, tokens[:, 1:]
-
-    return build_model, sample_batch
+    return _causal_lm("llama-small", "LlamaForCausalLM", "LlamaConfig", 32000, 128,
+                      hidden_size=512, intermediate_size=1376, num_hidden_layers=4,
+                      num_attention_heads=8, num_key_value_heads=2,
+                      max_position_embeddings=1024)
 
 
 def next_token_loss(outputs: Any, targets: torch.Tensor) -> torch.Tensor:
