@@ -39,6 +39,13 @@ from pathlib import Path
 from typing import Any
 
 
+def _sem(values: list[float]) -> float:
+    """The standard error of the mean of ``values`` (0 for fewer than two)."""
+    if len(values) < 2:
+        return 0.0
+    return statistics.stdev(values) / len(values) ** 0.5
+
+
 def _load() -> str:
     one, five, fifteen = os.getloadavg()
     return f"load average {one:.2f} {five:.2f} {fifteen:.2f} on {os.cpu_count()} cores"
@@ -212,7 +219,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "full_total_s": full_total, "full_over_pac": full_total / pac_total,
         "phase1_measured_s": measured_p1, "phase1_predicted_s": pred.phase1_step_s * steps * f,
         "phase1_simulated_s": simulated.phase1_step_s * steps * f,
-        "phase2_step_measured_s": measured_p2, "phase2_step_predicted_s": pred.phase2_step_s * f,
+        "phase2_step_measured_s": measured_p2,
+        "phase2_step_times_s": [float(r["round_time_s"]) for r in pac.records[steps:]],
+        "phase2_step_predicted_s": pred.phase2_step_s * f,
         "phase2_compute_measured_s": measured_p2_compute,
         "phase2_compute_predicted_s": (pred.phase2_step_s - pred.allreduce_s) * f,
         "phase2_allreduce_predicted_s": pred.allreduce_s * f,
@@ -252,6 +261,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                              measured_p2_compute, report["phase2_compute_predicted_s"])):
         print(f"{name}: measured {got:.4f} s, predicted {want:.4f} s "
               f"({got / want - 1:+.0%}; target within 15%)")
+    steps_p2 = sorted(float(r["round_time_s"]) for r in pac.records[steps:])
+    if steps_p2:
+        print(f"  its spread over {len(steps_p2)} steps: min {steps_p2[0] * 1e3:.1f}, median "
+              f"{statistics.median(steps_p2) * 1e3:.1f}, max {steps_p2[-1] * 1e3:.1f} ms "
+              f"(the mean's standard error {_sem(steps_p2) / measured_p2:.0%} of it)")
     if pac.allreduce_s:
         waits = sorted(pac.allreduce_s.items(), key=lambda kv: kv[1])
         print(f"  its all-reduce: measured {waits[0][1] * 1e3:.2f} ms on {waits[0][0]} (the "
