@@ -38,33 +38,29 @@ def pareto_np(table: Any, cap: int | None, h: float) -> list[int]:
     of the rows kept.
 
     The dominance relation of ``pareto`` is transitive (for a fixed ``h``), so a row is
-    dominated by an earlier kept row exactly when it is dominated by any earlier row;
-    each block of rows is checked against the earlier rows of the block and against the
-    rows kept before it (in chunks, dropping the rows already found dominated)."""
-    n = len(table)
+    dominated by an earlier kept row exactly when it is dominated by any earlier row.
+    Blocks of the rows still undecided are taken in order: each row of a block is
+    checked against the earlier rows of the block, and the rows of the block that
+    survive are kept and drop every later row they dominate at once (most rows of a
+    cell are dominated by its first few summaries, so later blocks are short or none)."""
+    xm_a, pre_a, g_a, sx_a = table[:, 1], table[:, 2], table[:, 3], table[:, 4]
+    rest = np.arange(len(table))
     kept: list[int] = []
-    k_xm, k_pre, k_g, k_sx = (np.empty(0) for _ in range(4))
-    for start in range(0, n, _BLOCK):
-        blk = table[start:start + _BLOCK]
-        xm, pre, g, sx = blk[:, 1], blk[:, 2], blk[:, 3], blk[:, 4]
-        alive = ~np.triu(_dominated(xm, pre, g, sx, xm, pre, g, sx, h), 1).any(axis=0)
-        for c0 in range(0, len(k_xm), _BLOCK):
-            idx = np.flatnonzero(alive)
-            if not len(idx):
-                break
-            c1 = c0 + _BLOCK
-            hit = _dominated(k_xm[c0:c1], k_pre[c0:c1], k_g[c0:c1], k_sx[c0:c1],
-                             xm[idx], pre[idx], g[idx], sx[idx], h).any(axis=0)
-            alive[idx[hit]] = False
-        new = np.flatnonzero(alive)
-        if len(new):
-            kept.extend((new + start).tolist())
-            if cap is not None and len(kept) >= cap:
-                return kept[:cap]
-            k_xm = np.concatenate([k_xm, xm[new]])
-            k_pre = np.concatenate([k_pre, pre[new]])
-            k_g = np.concatenate([k_g, g[new]])
-            k_sx = np.concatenate([k_sx, sx[new]])
+    while len(rest):
+        blk, rest = rest[:_BLOCK], rest[_BLOCK:]
+        xm, pre, g, sx = xm_a[blk], pre_a[blk], g_a[blk], sx_a[blk]
+        new = np.flatnonzero(
+            ~np.triu(_dominated(xm, pre, g, sx, xm, pre, g, sx, h), 1).any(axis=0))
+        if not len(new):
+            continue
+        kept.extend(blk[new].tolist())
+        if cap is not None and len(kept) >= cap:
+            return kept[:cap]
+        if len(rest):
+            # a later row that any earlier row dominates, a kept one does: drop it now
+            hit = _dominated(xm[new], pre[new], g[new], sx[new], xm_a[rest], pre_a[rest],
+                             g_a[rest], sx_a[rest], h).any(axis=0)
+            rest = rest[~hit]
     return kept
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import math
 import time
 
@@ -91,6 +92,25 @@ def test_progress_reports_fractions_up_to_one() -> None:
     search(costs, cluster, batch, progress=lambda done, what: seen.append(done))
     assert seen and seen[-1] == 1.0
     assert all(0.0 <= x <= 1.0 for x in seen) and seen == sorted(seen)
+
+
+def test_the_collector_is_paused_during_the_search_only() -> None:
+    """[Note: no collection during the search]: off while the search runs, as it was after
+    (also after an error), and left off where the caller turned it off."""
+    costs, cluster, batch = random_instance(34, max_layers=5, max_devices=3)
+    during: list[bool] = []
+    assert gc.isenabled()
+    search(costs, cluster, batch, progress=lambda done, what: during.append(gc.isenabled()))
+    assert during and not any(during) and gc.isenabled()
+    with pytest.raises(PlanError):
+        search(costs, cluster, batch, time_limit=-1.0)
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        search(costs, cluster, batch)
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
 
 
 def test_nothing_fits_is_a_plan_error_with_the_shortfall() -> None:
