@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing.connection
+import os
 import queue
 import socket
 import time
@@ -72,6 +73,19 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+_PRELOAD = ["torch", "torch.distributed", "runtime.worker"]
+
+
+def _context() -> Any:
+    """The forkserver context with torch and the worker preloaded: a device process forks
+    from a server that imported them once (about 1.7 s of CPU a process on a small host)
+    instead of importing them again; :func:`runtime.worker.worker_main` takes the
+    launcher's environment as it is when the process starts."""
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(_PRELOAD)
+    return ctx
+
+
 class LocalJob:
     """The launcher's side of device processes on this host: the job's store on 127.0.0.1
     behind the token gate (see [Note: trust boundary] in runtime.trust), the result queue,
@@ -88,7 +102,7 @@ class LocalJob:
                                where=f"the launcher at 127.0.0.1:{self.port}")
         #: the job's keys (prefixed: see runtime.trust)
         self.store: dist.Store = self.gate.job_store
-        self.ctx = mp.get_context("spawn")
+        self.ctx = _context()
         self.results: Any = self.ctx.Queue()
 
     def spawn(self, rank: int, world: int, source: StageSource, config: TrainConfig,
@@ -98,7 +112,8 @@ class LocalJob:
         proc = self.ctx.Process(target=worker_main, daemon=True,
                                 name=f"asteroid-fx-{name or rank}",
                                 args=(rank, world, self.port, source, config, cgroup,
-                                      self.results, spec, self.token, body))
+                                      self.results, spec, self.token, body),
+                                kwargs={"environ": dict(os.environ)})
         proc.start()
         return proc
 

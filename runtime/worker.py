@@ -30,7 +30,8 @@ log = logging.getLogger(__name__)
 
 def worker_main(rank: int, world: int, port: int, source: StageSource, config: TrainConfig,
                 cgroup: str | None, results: Any, recovery: Any = None, token: str = "",
-                body: Callable[..., WorkerResult] = train_device) -> None:
+                body: Callable[..., WorkerResult] = train_device,
+                environ: dict[str, str] | None = None) -> None:
     """Body of one device process; reports ("step"|"ok"|"error", rank, payload).
 
     The process first proves the job's ``token`` on the launcher's store
@@ -43,6 +44,9 @@ def worker_main(rank: int, world: int, port: int, source: StageSource, config: T
     hands its state over, and (replay) waits for its place in the next generation. When a
     device leaves gracefully (SIGTERM) every rank reports ("left", (generation, rank), step)
     after that committed step and does the same."""
+    if environ is not None:     # the launcher's, as a spawned process would have it
+        os.environ.clear()
+        os.environ.update(environ)
     hooks: Any = None
     comm_threads = CommThreads()
     try:
