@@ -234,11 +234,12 @@ def test_a_device_lost_after_phase_1_in_epoch_1_is_recovered(tmp_path: Path) -> 
 
 
 @pytest.mark.slow
-def test_hugging_face_bert_equals_the_reference(tmp_path: Path) -> None:
+@pytest.mark.parametrize("name", ["bert-small", "llama-small"])
+def test_hugging_face_models_equal_the_reference(tmp_path: Path, name: str) -> None:
     pytest.importorskip("transformers")
     cluster_file = tmp_path / "c.yaml"
     cluster_file.write_text(CLUSTER)
-    spec = load_model_spec("builtin:bert-small")
+    spec = load_model_spec(f"builtin:{name}")
     cluster = Cluster.from_yaml(cluster_file)
     costs = analytic_costs(spec.build_model(), spec.example_inputs(2)[0], model_name=spec.name)
     prepare_finetune(spec, cluster, costs, tmp_path / "pac", batch_size=3, epochs=2,
