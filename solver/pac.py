@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Collection, Mapping, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 from contracts.cluster import Cluster
 from contracts.errors import PlanError
@@ -763,8 +763,8 @@ def plan_finetune(costs: CostTable, cluster: Cluster, model: PacModel, *, batch_
                 continue
             drafts.append((label, draft, predict_finetune(draft, costs, cluster)))
         if drafts:
-            options.append(_StoreOption(on_disk, drafts, phase1_objective, phase1_slack,
-                                        cluster))
+            options.append(_store_option(on_disk, drafts, phase1_objective, phase1_slack,
+                                         cluster))
     if not options:
         raise error if error is not None else PlanError(
             "no phase-1 plan leaves room for the activation cache")
@@ -798,24 +798,15 @@ def _store_sets(cluster: Cluster, cache_store: str) -> list[frozenset[str]]:
     return [frozenset(spill[:k]) for k in range(len(names) + 1)]
 
 
+@dataclass(frozen=True)
 class _StoreOption:
-    """One set of devices on disk: its PAC drafts (one per phase-1 candidate) and the
-    phase-1 choice among them ([Note: phase-1 objective])."""
+    """One set of devices on disk: its PAC drafts (one per phase-1 candidate), their peak
+    memory pressures and the phase-1 choice among them ([Note: phase-1 objective])."""
 
-    def __init__(self, on_disk: frozenset[str],
-                 drafts: list[tuple[str, PacPlan, PacPrediction]], objective: str,
-                 slack: float, cluster: Cluster) -> None:
-        self.on_disk = on_disk
-        self.drafts = drafts
-        self.pressures = [_pressure(p.peak_memory_bytes, cluster) for _l, _d, p in drafts]
-        fastest = min(p.phase1_step_s for _l, _d, p in drafts)
-        admissible = [i for i, (_l, _d, p) in enumerate(drafts)
-                      if p.phase1_step_s <= (1.0 + slack) * fastest * (1 + 1e-12)]
-        if objective == "time":
-            self.chosen = min(admissible, key=lambda i: drafts[i][2].phase1_step_s)
-        else:
-            self.chosen = min(admissible, key=lambda i: (round(self.pressures[i], 12),
-                                                         drafts[i][2].phase1_step_s))
+    on_disk: frozenset[str]
+    drafts: tuple[tuple[str, PacPlan, PacPrediction], ...]
+    pressures: tuple[float, ...]
+    chosen: int
 
     @property
     def total_s(self) -> float:
@@ -824,6 +815,22 @@ class _StoreOption:
     @property
     def pressure(self) -> float:
         return self.pressures[self.chosen]
+
+
+def _store_option(on_disk: frozenset[str], drafts: Sequence[tuple[str, PacPlan, PacPrediction]],
+                  objective: str, slack: float, cluster: Cluster) -> _StoreOption:
+    """``drafts`` for the devices ``on_disk`` with the phase-1 choice made (lowest pressure
+    within ``slack`` of the fastest phase 1, or the fastest for the ``time`` objective)."""
+    pressures = tuple(_pressure(p.peak_memory_bytes, cluster) for _l, _d, p in drafts)
+    fastest = min(p.phase1_step_s for _l, _d, p in drafts)
+    admissible = [i for i, (_l, _d, p) in enumerate(drafts)
+                  if p.phase1_step_s <= (1.0 + slack) * fastest * (1 + 1e-12)]
+    if objective == "time":
+        chosen = min(admissible, key=lambda i: drafts[i][2].phase1_step_s)
+    else:
+        chosen = min(admissible, key=lambda i: (round(pressures[i], 12),
+                                                drafts[i][2].phase1_step_s))
+    return _StoreOption(on_disk, tuple(drafts), pressures, chosen)
 
 
 def _choose_store(options: Sequence[_StoreOption], cache_store: str, objective: str,
