@@ -822,15 +822,18 @@ def _store_option(on_disk: frozenset[str], drafts: Sequence[tuple[str, PacPlan, 
     """``drafts`` for the devices ``on_disk`` with the phase-1 choice made (lowest pressure
     within ``slack`` of the fastest phase 1, or the fastest for the ``time`` objective)."""
     pressures = tuple(_pressure(p.peak_memory_bytes, cluster) for _l, _d, p in drafts)
-    fastest = min(p.phase1_step_s for _l, _d, p in drafts)
-    admissible = [i for i, (_l, _d, p) in enumerate(drafts)
-                  if p.phase1_step_s <= (1.0 + slack) * fastest * (1 + 1e-12)]
-    if objective == "time":
-        chosen = min(admissible, key=lambda i: drafts[i][2].phase1_step_s)
-    else:
-        chosen = min(admissible, key=lambda i: (round(pressures[i], 12),
-                                                drafts[i][2].phase1_step_s))
+    steps = [p.phase1_step_s for _l, _d, p in drafts]
+    chosen = (min(range(len(steps)), key=lambda i: steps[i]) if objective == "time"
+              else _least_pressure(steps, pressures, slack))
     return _StoreOption(on_disk, tuple(drafts), pressures, chosen)
+
+
+def _least_pressure(times: Sequence[float], pressures: Sequence[float], slack: float) -> int:
+    """The index of the lowest peak memory pressure, then the faster, among those whose
+    time is at most ``1 + slack`` times the fastest's (the first of equals)."""
+    fastest = min(times)
+    admissible = [i for i, t in enumerate(times) if t <= (1.0 + slack) * fastest * (1 + 1e-12)]
+    return min(admissible, key=lambda i: (round(pressures[i], 12), times[i]))
 
 
 def _choose_store(options: Sequence[_StoreOption], cache_store: str, objective: str,
@@ -839,12 +842,11 @@ def _choose_store(options: Sequence[_StoreOption], cache_store: str, objective: 
     """The store option to take and, for ``auto``, why (see [Note: choosing the store])."""
     if cache_store != "auto":
         return options[0], ""
-    fastest = min(o.total_s for o in options)
     if objective == "time":
         best = min(options, key=lambda o: (o.total_s, len(o.on_disk)))
     else:
-        admissible = [o for o in options if o.total_s <= (1.0 + slack) * fastest * (1 + 1e-12)]
-        best = min(admissible, key=lambda o: (round(o.pressure, 12), o.total_s))
+        best = options[_least_pressure([o.total_s for o in options],
+                                       [o.pressure for o in options], slack)]
     memory = next((o for o in options if not o.on_disk), None)
     if not best.on_disk:
         others = [o for o in options if o.on_disk]
