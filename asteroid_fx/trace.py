@@ -31,6 +31,7 @@ from asteroid_fx.shape_prop import (
     iter_tensor_metas,
 )
 from contracts.errors import ModelOutputError, TraceError
+from contracts.table import TiedWeight
 
 __all__ = ["Layer", "LayerGraph", "trace", "BATCHED_KEY", "LAYER_KEY"]
 
@@ -87,6 +88,8 @@ class LayerGraph:
     # in asteroid_fx/modes.py); None when both modes run the same code
     eval_graph: LayerGraph | None = None
     capture: str = "fx"  # how the graph was captured: "fx" (symbolic tracing) or "export"
+    # trained tensors several layers use (weight tying), counted in their first layer only
+    tied: tuple[TiedWeight, ...] = ()
 
     @property
     def num_layers(self) -> int:
@@ -384,6 +387,7 @@ def _trace_mode(
         model_name=name,
         example_batch=batch,
         capture=capture,
+        tied=_tied_weights(gm, layer_of, num_layers),
     )
     log.debug("traced %s (%s): %d layers, %d nodes", name, capture, num_layers,
               len(gm.graph.nodes))
@@ -1063,6 +1067,27 @@ def _sort_by_layer(graph: fx.Graph, layer_of: dict[fx.Node, int]) -> None:
 
 
 # --------------------------------------------------------------------------- results
+
+
+def _tied_weights(gm: fx.GraphModule, layer_of: dict[fx.Node, int],
+                  num_layers: int) -> tuple[TiedWeight, ...]:
+    """The trained tensors that two or more layers use, under the first name a layer uses."""
+    members: list[list[fx.Node]] = [[] for _ in range(num_layers)]
+    for node in gm.graph.nodes:
+        if node.op not in ("placeholder", "output"):
+            members[layer_of[node]].append(node)
+    named = dict(gm.named_parameters(remove_duplicate=False))
+    users: dict[int, tuple[str, torch.Tensor, list[int]]] = {}
+    for index, nodes in enumerate(members):
+        for qual in _tensor_names_used(gm, nodes, named, {}):
+            tensor = named.get(qual)
+            if tensor is None or not tensor.requires_grad:
+                continue
+            _, _, layers = users.setdefault(id(tensor), (qual, tensor, []))
+            if index not in layers:
+                layers.append(index)
+    return tuple(TiedWeight(qual, tuple(layers), tensor.numel() * tensor.element_size())
+                 for qual, tensor, layers in users.values() if len(layers) > 1)
 
 
 def _build_layers(

@@ -11,7 +11,7 @@ from typing import Any
 
 from contracts.errors import CostModelError
 
-__all__ = ["TimeFit", "LayerCost", "DeviceColumn", "CostTable", "RuntimeOverhead",
+__all__ = ["TimeFit", "LayerCost", "DeviceColumn", "CostTable", "RuntimeOverhead", "TiedWeight",
            "COST_TABLE_VERSION", "COLUMN_SOURCES", "UNMEASURED_TYPES"]
 
 COST_TABLE_VERSION = 2
@@ -182,6 +182,36 @@ class RuntimeOverhead:
 
 
 @dataclass(frozen=True)
+class TiedWeight:
+    """A trained tensor that several layers use (a token embedding that is also the output
+    head): ``bytes`` counted once, in the first of ``layers`` (``LayerCost.param_bytes``).
+    A plan that puts ``layers`` in several stages holds a copy in each and sums their
+    gradients over every device of those stages each round (runtime/ties.py)."""
+
+    name: str
+    layers: tuple[int, ...]
+    bytes: int
+
+    def __post_init__(self) -> None:
+        if len(set(self.layers)) < 2 or list(self.layers) != sorted(set(self.layers)):
+            raise CostModelError(f"tied weight {self.name!r} needs two or more distinct layers "
+                                 f"in order, got {list(self.layers)}")
+        if self.bytes < 0:
+            raise CostModelError(f"tied weight {self.name!r} has {self.bytes} bytes; "
+                                 f"re-run `asteroid-fx profile`")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "layers": list(self.layers), "bytes": self.bytes}
+
+    @classmethod
+    def from_dict(cls, data: Any) -> TiedWeight:
+        if not isinstance(data, Mapping):
+            raise CostModelError(f"a tied weight is a JSON object, got {data!r}")
+        return cls(str(data["name"]), tuple(int(v) for v in data["layers"]),
+                   int(data["bytes"]))
+
+
+@dataclass(frozen=True)
 class DeviceColumn:
     """One device type's per-layer times (``fwd[i]``/``bwd[i]`` for layer ``i``) and
     optimizer step, taken as they are for every device of that type: no ``speed`` is
@@ -320,8 +350,14 @@ class CostTable:
     #: (cuBLAS's workspaces, measured on CUDA); None: not measured (a CPU has none to
     #: measure), so devices keep their type's default (contracts/devices.py)
     workspace_bytes: int | None = None
+    #: tensors several layers use (weight tying), each counted in its first layer only
+    tied: tuple[TiedWeight, ...] = ()
 
     def __post_init__(self) -> None:
+        for tie in self.tied:
+            if tie.layers[-1] >= len(self.layers):
+                raise CostModelError(f"tied weight {tie.name!r} names layer {tie.layers[-1]}, "
+                                     f"but the table has {len(self.layers)} layers")
         for value, what in ((self.optimizer_state_factor, "optimizer_state_factor"),
                             (self.message_overhead_s, "message_overhead_s")):
             if not (math.isfinite(value) and value >= 0):
@@ -466,6 +502,7 @@ class CostTable:
             "columns": [col.to_dict() for col in self.columns],
             "runtime_overhead": self.runtime_overhead.to_dict(),
             "workspace_bytes": self.workspace_bytes,
+            **({"tied": [t.to_dict() for t in self.tied]} if self.tied else {}),
         }
 
     def to_json(self) -> str:
@@ -504,6 +541,7 @@ class CostTable:
                               for c in data.get("columns", ())),
                 runtime_overhead=RuntimeOverhead.from_dict(data.get("runtime_overhead")),
                 workspace_bytes=_workspace(data.get("workspace_bytes")),
+                tied=tuple(TiedWeight.from_dict(t) for t in data.get("tied", ())),
             )
         except KeyError as exc:
             raise CostModelError(f"cost table is missing the field {exc.args[0]!r}") from exc

@@ -12,6 +12,8 @@ from typing import Protocol
 
 from torch import fx
 
+from contracts.table import TiedWeight
+
 __all__ = ["GraphLayer", "LayerGraph"]
 
 
@@ -55,5 +57,7 @@ class LayerGraph(Protocol):
     def model_name(self) -> str: ...
     @property
     def example_batch(self) -> int: ...
+    @property
+    def tied(self) -> tuple[TiedWeight, ...]: ...
 
     def node_to_layer(self) -> dict[str, int]: ...

@@ -628,6 +628,7 @@ def profile(
     return CostTable(
         layers=tuple(layers),
         cut_bytes=tuple(int(v) for v in graph.cut_bytes),
+        tied=graph.tied,
         input_bytes=int(graph.input_bytes),
         model_name=model_name or graph.model_name or name,
         model_hash=graph.model_hash,

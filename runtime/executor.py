@@ -171,13 +171,19 @@ class StageExecutor:
             ``(compute_scale - 1) x`` the measured compute time (1.0 = no dilation).
         memory: counts the tensors this rank holds at every action boundary of the rounds
             it is told to (``MemoryMeter.begin_round``; see runtime/memory.py).
+        ties: this rank's copies of parameters tied across stages, each with the process
+            group and ranks of every holding stage: their gradients are summed over those
+            ranks instead of over ``group`` (see [Note: tied weights across stages] in
+            runtime/ties.py).
     """
 
     def __init__(self, plan: Plan, rank: int, module: torch.nn.Module, comm: Comm,
                  loss_fn: LossFn, optimizer: torch.optim.Optimizer, *, group: Any = None,
                  loss_reduction: str = "mean", compute_scale: float = 1.0,
                  device: torch.device | None = None,
-                 memory: MemoryMeter | None = None) -> None:
+                 memory: MemoryMeter | None = None,
+                 ties: Sequence[tuple[Sequence[torch.nn.Parameter], Any, Sequence[int]]] = (),
+                 ) -> None:
         if loss_reduction not in ("mean", "sum"):
             raise RuntimeFailure(f"loss_reduction must be 'mean' or 'sum', got "
                                  f"{loss_reduction!r}")
@@ -200,6 +206,11 @@ class StageExecutor:
         self.compute_scale = compute_scale
         self.device = device or torch.device("cpu")
         self.memory = memory
+        self.ties = [(list(params), tie_group, list(ranks)) for params, tie_group, ranks in ties
+                     if params]
+        tied_ids = {id(p) for params, _, _ in self.ties for p in params}
+        self._own_params = [p for p in module.parameters()
+                            if p.requires_grad and id(p) not in tied_ids]
         # the engine is called directly on CPU only (see [Note: launching backward])
         self._direct_backward = self.device.type == "cpu"
         self._loss_seed: torch.Tensor | None = None
@@ -506,16 +517,23 @@ class StageExecutor:
 
     # -- data parallelism inside the stage ---------------------------------------------------
     def _all_reduce_grads(self) -> None:
-        if self.group is None or len(self.group_ranks) < 2:
+        grouped = self.group is not None and len(self.group_ranks) > 1
+        if not grouped and not self.ties:
             return
         fault_point("allreduce", self.device_name, self._step)
         start = time.perf_counter()
-        params = [p for p in self.module.parameters() if p.requires_grad]
+        if grouped:
+            self._sum_grads(self._own_params, self.group, self.group_ranks)
+        for params, tie_group, ranks in self.ties:    # in the same order on every holder
+            self._sum_grads(params, tie_group, ranks)
+        self._stats.allreduce_s = time.perf_counter() - start
+
+    def _sum_grads(self, params: Sequence[torch.nn.Parameter], group: Any,
+                   ranks: Sequence[int]) -> None:
         for p in params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
         grads = [p.grad for p in params if p.grad is not None]
-        self.comm.all_reduce(gradient_buckets(grads), self.group, self.group_ranks,
-                             observe=self._observe)
-        self._stats.allreduce_s = time.perf_counter() - start
+        if grads:
+            self.comm.all_reduce(gradient_buckets(grads), group, ranks, observe=self._observe)
 

@@ -22,6 +22,7 @@ from runtime.executor import StageExecutor
 from runtime.lowering import add_comms, recv_posts, send_releases
 from runtime.memory import MemoryMeter
 from runtime.schedule import compute_schedule, rank_stages
+from runtime.ties import TieGroup, tie_groups, tied_parameters_of
 from runtime.validate import check_schedule
 
 __all__ = [
@@ -238,6 +239,12 @@ def _batch(model_file: Any, batch_size: int, config: TrainConfig, step: int,
     return rows
 
 
+def _tie_groups(source: StageSource, plan: Plan) -> list[TieGroup]:
+    """The source's parameters tied across stages (none where it does not say)."""
+    tied = getattr(source, "tied_parameters", None)
+    return tie_groups(plan, tied()) if callable(tied) else []
+
+
 def train_device(source: StageSource, rank: int, config: TrainConfig, *,
                  device: torch.device | None = None,
                  report: Callable[[dict[str, Any]], None] | None = None,
@@ -258,11 +265,6 @@ def train_device(source: StageSource, rank: int, config: TrainConfig, *,
                              f"{dist.get_world_size() if dist.is_initialized() else 0} ranks; "
                              f"launch one process per device")
     stage_index = stages[rank]
-    tied = getattr(source, "tied_parameters", None)
-    if callable(tied) and tied():
-        raise RuntimeFailure(f"parameters {sorted(tied())} are shared by several stages; the "
-                             f"runtime does not synchronise tied weights yet - choose cuts "
-                             f"that keep each tied parameter inside one stage")
     model_file = source.model_module()
 
     torch.manual_seed(config.seed)
@@ -281,6 +283,11 @@ def train_device(source: StageSource, rank: int, config: TrainConfig, *,
         ranks = list(range(start, start + len(stage.devices)))
         groups.append(dist.new_group(ranks) if len(ranks) > 1 else None)
         start += len(stage.devices)
+    ties: list[tuple[list[torch.nn.Parameter], Any, tuple[int, ...]]] = []
+    for tie in _tie_groups(source, plan):   # every rank creates every group, by name
+        tie_group = dist.new_group(list(tie.ranks))
+        if stage_index in tie.stages:
+            ties.append((tied_parameters_of(module, tie, stage_index), tie_group, tie.ranks))
 
     links, latency = config.link_bytes_s, config.link_latency_s
     comm = Comm(rank, device, timeout_s=config.timeout_s,
@@ -290,7 +297,7 @@ def train_device(source: StageSource, rank: int, config: TrainConfig, *,
     executor = StageExecutor(plan, rank, module, comm, resolve_loss_fn(model_file), optimizer,
                              group=groups[stage_index], loss_reduction=config.loss_reduction,
                              compute_scale=_compute_scale(source, rank, config), device=device,
-                             memory=meter)
+                             memory=meter, ties=ties)
     schedule = add_comms(plan, compute_schedule(plan))
     all_posts = recv_posts(plan, schedule)
     check_schedule(plan, schedule, all_posts)

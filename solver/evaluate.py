@@ -34,6 +34,16 @@ For stage ``s`` with layers ``D_s`` on devices ``G_s`` (shares ``b_d``, speeds `
   give ``M X``.
 * ``round = max_s (T_w + T_e + T_a)``; throughput = batch_size / round.
 
+[Note: tied weights]
+A tensor several layers use (``CostTable.tied``: GPT-2's token embedding is its output
+head) that a plan puts in several stages is copied into each (runtime/ties.py): each
+holding stage adds to its ``T_a`` the all-reduce of the tensor's bytes over every device
+of the holding stages (after its own all-reduce; the first stage, which ends the round
+under 1F1B, waits for it), and every holder but the first keeps a copy with its gradient
+and optimizer state (``(2 + optimizer_state_factor)`` times the bytes; the first stage's
+layer counts the tensor already). The searches (``solver.dp``, the MILP) do not see this
+term: their plans are scored by this function, which does.
+
 [Note: the drain correction]
 The paper's ``T_e^s = M X_dm + sum_{i=s}^{dm-1} X_i`` (``s <= dm``) never counts the
 stages *after* the dominant one: it assumes the dominant stage is busy from its first
@@ -130,7 +140,7 @@ from collections.abc import Callable, Sequence
 from contracts.cluster import Cluster
 from contracts.errors import PlanError
 from contracts.plan import SMALL_BUCKET_BYTES, Plan, Prediction, StagePrediction
-from contracts.table import CostTable
+from contracts.table import CostTable, TiedWeight
 from solver.timing import LayerSums, Timing
 
 __all__ = [
@@ -145,6 +155,8 @@ __all__ = [
     "allreduce_time",
     "allreduce_from",
     "stage_tail_time",
+    "split_ties",
+    "tie_time",
     "stage_memory_bytes",
     "stage_memory_parts",
     "transient_gradient_bytes",
@@ -258,6 +270,25 @@ def stage_tail_time(cluster: Cluster, devices: Sequence[str], timing: Timing, fi
     (``Timing.group_update_time``: each device's own column or scaled base step)."""
     return (allreduce_time(cluster, devices, timing.base.params(first, last))
             + timing.group_update_time(first, last, devices))
+
+
+def split_ties(plan: Plan, costs: CostTable) -> list[tuple[TiedWeight, tuple[int, ...]]]:
+    """The tied weights (``CostTable.tied``) ``plan`` puts in two or more stages, each with
+    its holding stages (see [Note: tied weights] above)."""
+    stage_of = {layer: s for s, stage in enumerate(plan.stages)
+                for layer in range(stage.first, stage.last + 1)}
+    split = []
+    for tie in costs.tied:
+        holders = tuple(sorted({stage_of[layer] for layer in tie.layers}))
+        if len(holders) > 1:
+            split.append((tie, holders))
+    return split
+
+
+def tie_time(cluster: Cluster, plan: Plan, holders: Sequence[int], tie: TiedWeight) -> float:
+    """The all-reduce of a tied weight's gradient over every device of its holding stages."""
+    devices = [d for s in holders for d in plan.stages[s].devices]
+    return allreduce_time(cluster, devices, tie.bytes)
 
 
 def in_flight(num_micro_batches: int, num_stages: int, stage: int, schedule: str = "1f1b") -> int:
@@ -414,6 +445,14 @@ def evaluate(plan: Plan, costs: CostTable, cluster: Cluster) -> Prediction:
             comm.append(transfer_time(cluster, prev.devices, prev.shares, stage.devices,
                                       stage.shares, costs.cut_bytes[stage.first - 1]))
         t_a.append(stage_tail_time(cluster, stage.devices, timing, stage.first, stage.last))
+    copies: dict[int, int] = {}       # stage -> bytes of tied weights it holds a copy of
+    for tie, holding in split_ties(plan, costs):
+        secs = tie_time(cluster, plan, holding, tie)
+        owner = holding[0]            # the first layer's stage counts the tensor already
+        for h in holding:
+            t_a[h] += secs
+            if h != owner:
+                copies[h] = copies.get(h, 0) + tie.bytes
 
     e_f = [cf + c for (cf, _), c in zip(compute, comm, strict=True)]
     e_b = [cb + c for (_, cb), c in zip(compute, comm, strict=True)]
@@ -434,7 +473,8 @@ def evaluate(plan: Plan, costs: CostTable, cluster: Cluster) -> Prediction:
         for device, share in zip(stage.devices, stage.shares, strict=True):
             peak[device] = cluster.workspace_bytes(device) + stage_memory_bytes(
                 sums, stage.first, stage.last, share, flight, plan.optimizer_state_factor,
-                len(stage.devices), m)
+                len(stage.devices), m) + math.ceil(
+                    copies.get(s, 0) * (2.0 + plan.optimizer_state_factor))
             stage_weights[device] = replica
     for device, holders in plan.replicas.items():
         for holder in holders:

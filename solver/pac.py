@@ -93,7 +93,7 @@ def segment_costs(costs: CostTable, taps: Sequence[int],
             buffer_bytes=sum(lc.param_bytes + lc.buffer_bytes for lc in part)))
     return replace(costs, layers=tuple(layers),
                    cut_bytes=tuple(costs.cut_bytes[t] for t in taps[:-1]),
-                   columns=(), update_s_per_byte=0.0, optimizer_state_factor=0.0,
+                   columns=(), update_s_per_byte=0.0, optimizer_state_factor=0.0, tied=(),
                    model_name=f"{costs.model_name} (PAC backbone)")
 
 

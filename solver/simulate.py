@@ -53,7 +53,9 @@ from solver.evaluate import (
     LayerSums,
     allreduce_time,
     in_flight,
+    split_ties,
     stage_memory_parts,
+    tie_time,
 )
 from solver.timing import Timing
 
@@ -283,6 +285,7 @@ def simulate(plan: Plan, costs: CostTable, cluster: Cluster, *, rounds: int = 1,
             chain[device].append(tid)
 
     round_end: dict[tuple[int, int], list[tuple[Any, ...]]] = {}
+    ties = split_ties(plan, costs)
     for r in range(rounds):
         for s in range(n_stages):
             prog = program_order(sched, s, n_stages, m_count)
@@ -329,6 +332,13 @@ def simulate(plan: Plan, costs: CostTable, cluster: Cluster, *, rounds: int = 1,
                     add(("UP", r, s, d), step, d, True, None, "UPDATE", s, -1, r, last)
                 last = [("UP", r, s, d) for d in group]
             round_end[(r, s)] = last
+        for k, (tie, holders) in enumerate(ties):    # after every holder's own step
+            ends = [key for h in holders for key in round_end[(r, h)]]
+            secs = tie_time(cluster, plan, holders, tie)
+            for h in holders:
+                for d in stages[h].devices:
+                    add(("TIE", r, k, d), secs, d, True, None, "ALLREDUCE", h, -1, r, ends)
+                round_end[(r, h)] = [("TIE", r, k, d) for d in stages[h].devices]
     for task, deps in zip(tasks, wants, strict=True):
         task.deps.extend(index[k] for k in deps)
 

@@ -7,9 +7,9 @@ from dataclasses import replace
 import pytest
 
 from contracts.cluster import Cluster
-from contracts.errors import PlanError
+from contracts.errors import CostModelError, PlanError
 from contracts.plan import SMALL_BUCKET_BYTES, Plan, Stage
-from contracts.table import CostTable
+from contracts.table import CostTable, TiedWeight
 from solver.evaluate import (
     LayerSums,
     accumulates,
@@ -18,6 +18,7 @@ from solver.evaluate import (
     evaluate,
     in_flight,
     round_terms,
+    split_ties,
     stage_memory_bytes,
     stage_memory_parts,
     transfer_time,
@@ -532,3 +533,44 @@ def test_one_micro_batch_of_plain_sgd_makes_no_gradient_temporary() -> None:
     single = Plan(model_hash="h", cluster_hash="c", batch_size=4, micro_batch_size=4,
                   num_micro_batches=1, stages=(Stage((0, 2), ("d0",), (4,)),))
     assert evaluate(single, _costs3(), _cluster3()).peak_memory_bytes["d0"] == one
+
+
+# -- tied weights ------------------------------------------------------------------------------
+def test_a_tied_weight_split_over_stages_costs_an_all_reduce_and_a_copy() -> None:
+    # the tensor of layer 0 (1000 B) is also used by layer 2: d0 and the stage of d1, d2
+    # sum its gradient (a ring over three devices) and that stage keeps a second copy
+    costs = _costs3()
+    tied = replace(costs, tied=(TiedWeight("emb", (0, 2), 1000),))
+    cluster = _cluster3()
+    plain, split = evaluate(_plan3(), costs, cluster), evaluate(_plan3(), tied, cluster)
+    secs = allreduce_time(cluster, ("d0", "d1", "d2"), 1000)
+    assert secs > 0
+    for before, after in zip(plain.stages, split.stages, strict=True):
+        assert after.t_a == pytest.approx(before.t_a + secs)
+    assert split.round_time_s == pytest.approx(plain.round_time_s + secs)
+    assert split.peak_memory_bytes["d0"] == plain.peak_memory_bytes["d0"]
+    for d in ("d1", "d2"):          # weight and gradient (no optimizer state here)
+        assert split.peak_memory_bytes[d] == plain.peak_memory_bytes[d] + 2 * 1000
+    assert split_ties(_plan3(), tied) == [(tied.tied[0], (0, 1))]
+    # inside one stage the tie costs nothing more
+    one = replace(_plan3(), stages=(Stage((0, 2), ("d0",), (4,)),))
+    assert split_ties(one, tied) == []
+    assert evaluate(one, tied, cluster) == evaluate(one, costs, cluster)
+    # the simulator runs the all-reduce after both stages' own steps
+    assert simulate(_plan3(), tied, cluster).round_time_s == pytest.approx(
+        simulate(_plan3(), costs, cluster).round_time_s + secs)
+
+
+def test_a_tied_weight_names_layers_of_the_table() -> None:
+    with pytest.raises(CostModelError, match="names layer 5, but the table has 3 layers"):
+        replace(_costs3(), tied=(TiedWeight("emb", (0, 5), 10),))
+    with pytest.raises(CostModelError, match="two or more distinct layers"):
+        TiedWeight("emb", (2,), 10)
+    with pytest.raises(CostModelError, match="-1 bytes"):
+        TiedWeight("emb", (0, 1), -1)
+    tied = replace(_costs3(), tied=(TiedWeight("emb", (0, 2), 1000),))
+    assert CostTable.from_json(tied.to_json()) == tied
+    assert "tied" not in _costs3().to_dict()
+    with pytest.raises(CostModelError, match="malformed cost table"):
+        CostTable.from_dict({**tied.to_dict(), "tied": [{"name": "x", "layers": "ab",
+                                                         "bytes": 1}]})

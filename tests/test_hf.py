@@ -242,11 +242,12 @@ def test_builtin_partitions_with_no_flags_and_loads_back(
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["llama-small"])
+@pytest.mark.parametrize("name", ["llama-small", "gpt2-small"])
 def test_builtin_trains_like_one_process(name: str, tmp_path: Path) -> None:
-    # the devices build the built-in from its name (runtime.stage_io.model_namespace), and
-    # Llama's non-persistent rotary buffer comes from the seeded model (model_state);
-    # (gpt2-small ties its embedding to its head across stages, which the runtime refuses)
+    # the devices build the built-in from its name (runtime.stage_io.model_namespace),
+    # Llama's non-persistent rotary buffer comes from the seeded model (model_state), and
+    # GPT-2's embedding, tied to its head in another stage, sums its gradient over both
+    # stages (runtime.ties)
     from runtime.launch import run
     from runtime.reference import reference_training
     from runtime.train import DirectorySource
@@ -255,7 +256,10 @@ def test_builtin_trains_like_one_process(name: str, tmp_path: Path) -> None:
     out = tmp_path / "out"
     assert main(["partition", f"builtin:{name}", "--cluster", local3, "--batch-size", "4",
                  "--costs", "analytic", "--out", str(out), "--no-onnx"]) == 0
-    result = run(out, emulate=local3, steps=2, seed=5, lr=0.05)
+    if name == "gpt2-small":
+        tied = DirectorySource(str(out)).tied_parameters()
+        assert len({s for s, _ in tied["transformer.wte.weight"]}) >= 2
+    result = run(out, emulate=local3, steps=3, seed=5, lr=0.05)
     functions = DirectorySource(str(out)).model_module()
-    reference = reference_training(functions, 4, steps=2, seed=5, lr=0.05)
+    reference = reference_training(functions, 4, steps=3, seed=5, lr=0.05)
     assert result.losses == pytest.approx(reference.losses, rel=1e-5)

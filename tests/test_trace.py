@@ -16,6 +16,7 @@ from asteroid_fx.model_spec import load_model_spec
 from asteroid_fx.shape_prop import META_KEY, TensorMeta
 from asteroid_fx.trace import BATCHED_KEY, LayerGraph, trace
 from contracts.errors import TraceError
+from contracts.table import TiedWeight
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
@@ -268,6 +269,12 @@ def test_shared_parameters_are_counted_once() -> None:
     assert graph.layers[0].param_bytes == (16 + 4) * 4
     assert graph.layers[2].param_names == ("b.weight", "b.bias")
     assert graph.layers[2].param_bytes == 4 * 4  # the tied weight was counted by layer 0
+    # ... and the graph names the tie, which a plan splitting layers 0 and 2 pays for
+    assert graph.tied == (TiedWeight("a.weight", (0, 2), 16 * 4),)
+    from cost_models.analytic import analytic_table
+
+    assert analytic_table(graph, _Tied()).tied == graph.tied
+    assert trace(nn.Sequential(nn.Linear(4, 4), nn.ReLU()), (torch.randn(3, 4),)).tied == ()
 
 
 class _PairOut(nn.Module):

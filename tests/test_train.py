@@ -27,7 +27,7 @@ network:
 
 
 def _partition(tmp_path: Path, predicted: bool = False, text: str = MODEL,
-               prefix: str = "") -> Path:
+               prefix: str = "", stages: tuple[Stage, ...] | None = None) -> Path:
     from asteroid_fx.package import save_partition
     from asteroid_fx.partition import partition
 
@@ -36,8 +36,9 @@ def _partition(tmp_path: Path, predicted: bool = False, text: str = MODEL,
     exec(compile(text, model_file, "exec"), namespace)
     model = namespace[f"{prefix}build_model"]()  # type: ignore[operator]
     inputs, _ = namespace[f"{prefix}sample_batch"](4)  # type: ignore[operator]
-    plan = Plan("m", "c", 12, 6, 2, (Stage((0, 1), ("fast",), (6,)),
-                                     Stage((2, 4), ("slow0", "slow1"), (2, 4))), num_layers=5)
+    plan = Plan("m", "c", 12, 6, 2, stages or (Stage((0, 1), ("fast",), (6,)),
+                                               Stage((2, 4), ("slow0", "slow1"), (2, 4))),
+                num_layers=5)
     if predicted:
         import yaml
 
@@ -203,6 +204,55 @@ def test_a_prefixed_model_spec_trains_like_one_process(tmp_path: Path) -> None:
     result = run(directory, emulate=cluster, steps=2, seed=5, lr=0.05)
     ref = reference_training(functions, 12, steps=2, seed=5, lr=0.05)
     assert result.losses == pytest.approx(ref.losses, rel=1e-6)
+
+
+TIED = '''
+import torch
+from torch import nn
+
+class TiedLM(nn.Module):
+    """The output head is the token embedding (weight tying, as GPT-2's)."""
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(11, 6)
+        self.a = nn.Linear(6, 6)
+        self.act = nn.Tanh()
+        self.b = nn.Linear(6, 6)
+        self.head = nn.Linear(6, 11, bias=False)
+        self.head.weight = self.emb.weight
+    def forward(self, ids):
+        return self.head(self.b(self.act(self.a(self.emb(ids)))))
+
+def build_model():
+    return TiedLM()
+
+def sample_batch(batch_size):
+    return (torch.randint(0, 11, (batch_size,)),), torch.randint(0, 11, (batch_size,))
+'''
+
+
+@pytest.mark.parametrize("stages", [
+    # the embedding on one device, the head on a data-parallel group of two
+    (Stage((0, 1), ("fast",), (6,)), Stage((2, 4), ("slow0", "slow1"), (2, 4))),
+    # embedding and head three stages apart: the middle stage holds no copy
+    (Stage((0, 0), ("slow0",), (6,)), Stage((1, 3), ("fast",), (6,)),
+     Stage((4, 4), ("slow1",), (6,))),
+], ids=["two-stages", "three-stages"])
+def test_a_weight_tied_across_stages_trains_like_one_process(
+        tmp_path: Path, stages: tuple[Stage, ...]) -> None:
+    # each stage holds a copy of the tied weight; their gradients are summed over every
+    # rank of the holding stages, so the copies stay equal and the losses are the
+    # single-process model's (without the sum they part from step 1 on)
+    directory = _partition(tmp_path, text=TIED, stages=stages)
+    tied = DirectorySource(str(directory)).tied_parameters()
+    assert set(tied) == {"emb.weight"}
+    assert {s for s, _ in tied["emb.weight"]} == {0, len(stages) - 1}
+    cluster = tmp_path / "cluster.yaml"
+    cluster.write_text(CLUSTER)
+    result = run(directory, emulate=cluster, steps=4, seed=5, lr=0.5)
+    ref = reference_training(load_model_module(directory), 12, steps=4, seed=5, lr=0.5)
+    assert result.losses == pytest.approx(ref.losses, rel=1e-6)
+    assert len(set(ref.losses)) == 4
 
 
 def test_run_needs_a_partition_and_a_launcher(tmp_path: Path,
