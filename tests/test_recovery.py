@@ -31,24 +31,27 @@ THREE = (Stage((0, 1), ("fast",), (6,)), Stage((2, 3), ("slow0",), (6,)),
 GROUP = (Stage((0, 3), ("fast",), (6,)), Stage((4, 6), ("slow0", "slow1"), (3, 3)))
 
 
-def make_partition(out: Path, stages: tuple[Stage, ...]) -> Path:
-    """examples/mlp.py split into ``stages`` (batch 12, two micro-batches of 6)."""
+def make_partition(out: Path, stages: tuple[Stage, ...],
+                   model_file: Path = EXAMPLES / "mlp.py") -> Path:
+    """``model_file`` (examples/mlp.py) split into ``stages`` (batch 12, two micro-batches
+    of 6)."""
     from asteroid_fx.costs import analytic_costs
     from asteroid_fx.package import save_partition
     from asteroid_fx.partition import partition
     from contracts.cluster import Cluster
     from solver.evaluate import evaluate
 
-    module = import_model_file(EXAMPLES / "mlp.py")
+    module = import_model_file(model_file)
     torch.manual_seed(0)
     inputs, _ = module.sample_batch(2)
     costs = analytic_costs(module.build_model(), inputs)
     cluster = Cluster.from_yaml(CLUSTER)
-    plan = Plan(costs.model_hash, cluster.cluster_hash, 12, 6, 2, stages, num_layers=7,
+    plan = Plan(costs.model_hash, cluster.cluster_hash, 12, 6, 2, stages,
+                num_layers=costs.num_layers,
                 model_name="MLP")
     plan = replace(plan, predicted=evaluate(plan, costs, cluster))
     save_partition(out, plan, partition(module.build_model(), inputs, plan),
-                   model_spec=str(EXAMPLES / "mlp.py"), onnx=False)
+                   model_spec=str(model_file), onnx=False)
     return out
 
 
@@ -99,6 +102,21 @@ def test_replay_after_losing_a_single_device_stage(tmp_path: Path, victim: str) 
     # every survivor leaves the failed round at once (also `fast`, blocked on a receive
     # from `slow0` when the last stage dies) and keeps its process and its memory
     assert ev["kept"] == survivors and ev["total_s"] < 5.0
+
+
+def test_replay_after_losing_the_holder_of_a_tied_weight(tmp_path: Path) -> None:
+    # the embedding (stage 0) is the head (stage 2): after slow1 leaves, the re-plan
+    # holds the tie in other stages or in one, and the run still trains the model
+    from test_train import TIED
+
+    model_file = tmp_path / "tied_lm.py"
+    model_file.write_text(TIED)
+    stages = (Stage((0, 0), ("fast",), (6,)), Stage((1, 3), ("slow0",), (6,)),
+              Stage((4, 4), ("slow1",), (6,)))
+    directory = make_partition(tmp_path / "part", stages, model_file)
+    result, lines = _run(directory, tmp_path, "slow1@2", "replay")
+    _check_transparent(directory, result, lines)
+    assert _event(lines)["failed"] == ["slow1"]
 
 
 def test_replay_after_losing_a_member_of_a_group(tmp_path: Path) -> None:
