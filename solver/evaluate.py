@@ -41,8 +41,10 @@ holding stage adds to its ``T_a`` the all-reduce of the tensor's bytes over ever
 of the holding stages (after its own all-reduce; the first stage, which ends the round
 under 1F1B, waits for it), and every holder but the first keeps a copy with its gradient
 and optimizer state (``(2 + optimizer_state_factor)`` times the bytes; the first stage's
-layer counts the tensor already). The searches (``solver.dp``, the MILP) do not see this
-term: their plans are scored by this function, which does.
+layer counts the tensor already), plus a gradient-sized temporary where gradients
+accumulate and the copy is larger than the stage's own largest gradient. The searches
+(``solver.dp``, the MILP) do not see this term: their plans are scored by this function,
+which does.
 
 [Note: the drain correction]
 The paper's ``T_e^s = M X_dm + sum_{i=s}^{dm-1} X_i`` (``s <= dm``) never counts the
@@ -291,6 +293,19 @@ def tie_time(cluster: Cluster, plan: Plan, holders: Sequence[int], tie: TiedWeig
     return allreduce_time(cluster, devices, tie.bytes)
 
 
+def _copies_bytes(copies: Sequence[int], sums: LayerSums, first: int, last: int,
+                  num_micro_batches: int, optimizer_state_factor: float) -> int:
+    """The memory a stage's copies of tied weights add: weight, gradient and optimizer
+    state each, and where gradients accumulate (:func:`accumulates`) a temporary of the
+    largest copy's size where it is larger than the stage's own largest gradient."""
+    if not copies:
+        return 0
+    extra = math.ceil(sum(copies) * (2.0 + optimizer_state_factor))
+    if accumulates(num_micro_batches, optimizer_state_factor):
+        extra += max(0, max(copies) - sums.largest_params(first, last))
+    return extra
+
+
 def in_flight(num_micro_batches: int, num_stages: int, stage: int, schedule: str = "1f1b") -> int:
     """Micro-batches whose activations stage ``stage`` holds at once."""
     if schedule == "gpipe":
@@ -445,14 +460,14 @@ def evaluate(plan: Plan, costs: CostTable, cluster: Cluster) -> Prediction:
             comm.append(transfer_time(cluster, prev.devices, prev.shares, stage.devices,
                                       stage.shares, costs.cut_bytes[stage.first - 1]))
         t_a.append(stage_tail_time(cluster, stage.devices, timing, stage.first, stage.last))
-    copies: dict[int, int] = {}       # stage -> bytes of tied weights it holds a copy of
+    copies: dict[int, list[int]] = {}     # stage -> bytes of the tied weights it copies
     for tie, holding in split_ties(plan, costs):
         secs = tie_time(cluster, plan, holding, tie)
         owner = holding[0]            # the first layer's stage counts the tensor already
         for h in holding:
             t_a[h] += secs
             if h != owner:
-                copies[h] = copies.get(h, 0) + tie.bytes
+                copies.setdefault(h, []).append(tie.bytes)
 
     e_f = [cf + c for (cf, _), c in zip(compute, comm, strict=True)]
     e_b = [cb + c for (_, cb), c in zip(compute, comm, strict=True)]
@@ -473,8 +488,9 @@ def evaluate(plan: Plan, costs: CostTable, cluster: Cluster) -> Prediction:
         for device, share in zip(stage.devices, stage.shares, strict=True):
             peak[device] = cluster.workspace_bytes(device) + stage_memory_bytes(
                 sums, stage.first, stage.last, share, flight, plan.optimizer_state_factor,
-                len(stage.devices), m) + math.ceil(
-                    copies.get(s, 0) * (2.0 + plan.optimizer_state_factor))
+                len(stage.devices), m) + _copies_bytes(
+                    copies.get(s, []), sums, stage.first, stage.last, m,
+                    plan.optimizer_state_factor)
             stage_weights[device] = replica
     for device, holders in plan.replicas.items():
         for holder in holders:

@@ -552,6 +552,10 @@ def test_a_tied_weight_split_over_stages_costs_an_all_reduce_and_a_copy() -> Non
     for d in ("d1", "d2"):          # weight and gradient (no optimizer state here)
         assert split.peak_memory_bytes[d] == plain.peak_memory_bytes[d] + 2 * 1000
     assert split_ties(_plan3(), tied) == [(tied.tied[0], (0, 1))]
+    # a copy larger than the stage's largest gradient (3000 B) adds a temporary of its size
+    # as the micro-batches' gradients accumulate
+    big = evaluate(_plan3(), replace(costs, tied=(TiedWeight("emb", (0, 2), 5000),)), cluster)
+    assert big.peak_memory_bytes["d1"] == plain.peak_memory_bytes["d1"] + 2 * 5000 + 2000
     # inside one stage the tie costs nothing more
     one = replace(_plan3(), stages=(Stage((0, 2), ("d0",), (4,)),))
     assert split_ties(one, tied) == []
