@@ -30,6 +30,7 @@ from solver.ilp import ilp_plan, milp_size
 from solver.simulate import simulate
 from solver.space import DEFAULT_MAX_CUTS, candidate_cuts
 from solver.split import check_micro_batch
+from solver.tied_plan import keep_ties_together, one_stage_plan
 
 __all__ = ["PLANNERS", "Planner", "plan", "planner_names", "DEFAULT_ILP_TIME_LIMIT_S",
            "ILP_CHECK_MAX_VARIABLES"]
@@ -58,9 +59,23 @@ def asteroid(costs: CostTable, cluster: Cluster, batch_size: int, *,
     ``plan.planner.bound`` holds the proven lower bound and gap. A baseline plan that
     wins is recorded as ``planner.check["seeded_from"]``.
     """
-    return plan_or_raise(costs, cluster, batch_size, optimizer_state_factor=optimizer_state_factor,
+    tied = bool(costs.tied)
+    # a tied model also searches one stage ([Note: planning tied weights]): a share of
+    # the limit is kept for it
+    main_limit = None if time_limit is None or not tied else time_limit * (1 - _ONE_STAGE_SHARE)
+    best = plan_or_raise(costs, cluster, batch_size, optimizer_state_factor=optimizer_state_factor,
                          micro_batch_sizes=micro_batch_sizes, max_cuts=max_cuts,
-                         time_limit=time_limit, progress=progress)
+                         time_limit=main_limit, progress=progress)
+    if not tied:
+        return best
+    one_limit = None if time_limit is None else time_limit * _ONE_STAGE_SHARE
+    return keep_ties_together(best, costs, cluster, lambda: one_stage_plan(
+        costs, cluster, batch_size, optimizer_state_factor=optimizer_state_factor,
+        micro_batch_sizes=micro_batch_sizes, time_limit=one_limit))
+
+
+_ONE_STAGE_SHARE = 0.2
+"""The share of a time limit that the plan of one stage of a tied model gets."""
 
 
 def asteroid_order(costs: CostTable, cluster: Cluster, batch_size: int, *,
