@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from rich.console import Group, RenderableType
 from rich.table import Table
@@ -217,10 +218,24 @@ _CHECK_PHRASES = {
 }
 
 
+def _tied_words(tied: Mapping[str, Any]) -> str:
+    """``check["tied"]`` (solver.tied_plan) as words."""
+    split = format_seconds(float(tied["split_round_s"])) + ("" if tied.get("split_fits", True)
+                                                            else ", does not fit")
+    alone = tied.get("one_stage_round_s")
+    other = "no plan of one stage fits" if alone is None else \
+        f"one stage {format_seconds(float(alone))}"
+    weights = ", ".join(str(w) for w in tied.get("weights", ()))
+    return f"tied {weights}: kept {tied['kept']} (split {split}; {other})"
+
+
 def check_words(check: Mapping[str, object]) -> str:
     """``PlannerInfo.check`` as words for the report (``gap 0.12 %``, ``ILP optimal``...)."""
     parts = []
     for key, value in check.items():
+        if key == "tied" and isinstance(value, Mapping):
+            parts.append(_tied_words(value))
+            continue
         if isinstance(value, float):
             text = (f"{value:.2%}" if key == "gap" else format_seconds(value)
                     if key.endswith(("_round", "_time_s", "_s")) else f"{value:.4g}")

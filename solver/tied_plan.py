@@ -30,7 +30,7 @@ from contracts.cluster import Cluster
 from contracts.errors import PlanError
 from contracts.plan import Plan
 from contracts.table import CostTable
-from solver.dp import asteroid_dp
+from solver.dp import SpaceName, asteroid_dp
 from solver.evaluate import evaluate, split_ties
 from solver.space import device_classes
 
@@ -56,7 +56,7 @@ def one_stage_plan(costs: CostTable, cluster: Cluster, batch_size: int, *,
         PlanError: no plan of one stage fits in memory.
     """
     groups = math.prod(len(members) + 1 for members in device_classes(cluster, costs)) - 1
-    space = "classes" if groups <= ONE_STAGE_GROUPS_MAX else "order"
+    space: SpaceName = "classes" if groups <= ONE_STAGE_GROUPS_MAX else "order"
     deadline = None if time_limit is None else time.perf_counter() + time_limit
     result = asteroid_dp(costs, cluster, batch_size, optimizer_state_factor=optimizer_state_factor,
                          micro_batch_sizes=micro_batch_sizes, max_cuts=0, space=space,

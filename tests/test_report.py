@@ -112,6 +112,13 @@ def test_planner_checks_read_as_words() -> None:
     assert text == ("best device order from the hetpipe baseline; replicas 5, 1; "
                     "DP-ILP gap 0.12%; ILP optimal; dp time 1.50 s")
     assert "{" not in text
+    tied = {"weights": ["wte.weight"], "split_round_s": 2.26, "split_fits": True,
+            "one_stage_round_s": 1.35, "kept": "one stage"}
+    assert check_words({"tied": tied}) == ("tied wte.weight: kept one stage (split 2.26 s; "
+                                           "one stage 1.35 s)")
+    none = {**tied, "split_fits": False, "one_stage_round_s": None, "kept": "split"}
+    assert check_words({"tied": none}) == ("tied wte.weight: kept split (split 2.26 s, does not "
+                                           "fit; no plan of one stage fits)")
 
 
 def test_report_fits_an_80_column_terminal_without_cutting_text() -> None:
