@@ -22,6 +22,7 @@ from contracts.cluster import Cluster
 from contracts.plan import Plan, Prediction, SearchBound
 from contracts.table import CostTable
 from solver.evaluate import evaluate
+from solver.tied_plan import TIED_STOP
 
 __all__ = ["plan_report", "plan_report_markdown", "format_bytes", "format_seconds"]
 
@@ -142,9 +143,10 @@ def _bound_text(bound: SearchBound) -> str:
     if bound.optimal:
         return f"optimal over {over}, {cuts}"
     order = "optimal over the capability order; " if bound.order_optimal else ""
+    why = ("the bound leaves out the tied weights' all-reduce and copies"
+           if bound.stopped == TIED_STOP else f"search stopped: {bound.stopped or 'early'}")
     return (f"{order}within {100 * bound.gap:.3g}% of the optimum over {over}, {cuts} "
-            f"(proven bound {format_seconds(bound.bound_s)}; search stopped: "
-            f"{bound.stopped or 'early'})")
+            f"(proven bound {format_seconds(bound.bound_s)}; {why})")
 
 
 def _rich_table(title: str, headers: Sequence[str], rows: Sequence[Sequence[str]],

@@ -34,7 +34,11 @@ from solver.dp import SpaceName, asteroid_dp
 from solver.evaluate import evaluate, split_ties
 from solver.space import device_classes
 
-__all__ = ["keep_ties_together", "one_stage_plan", "ONE_STAGE_GROUPS_MAX"]
+__all__ = ["keep_ties_together", "one_stage_plan", "ONE_STAGE_GROUPS_MAX", "TIED_STOP"]
+
+TIED_STOP = "tied weights"
+"""``SearchBound.stopped`` of a tied model's plan whose gap the ties opened: the search
+finished, but its bound leaves out the ties' all-reduce and copies."""
 
 ONE_STAGE_GROUPS_MAX = 4096
 """The most groups (``prod (n_k + 1) - 1`` over the classes of interchangeable devices)
@@ -108,5 +112,8 @@ def keep_ties_together(plan: Plan, costs: CostTable, cluster: Cluster,
              check["tied"]["kept"])
     bound = plan.planner.bound
     if bound is not None and bound.bound_s > 0:
-        bound = replace(bound, gap=max(0.0, (round_s - bound.bound_s) / bound.bound_s))
+        gap = max(0.0, (round_s - bound.bound_s) / bound.bound_s)
+        if gap > bound.gap:   # no longer proven over the capability order either
+            bound = replace(bound, gap=gap, order_optimal=False,
+                            stopped=bound.stopped or TIED_STOP)
     return replace(chosen, planner=replace(chosen.planner, check=check, bound=bound))

@@ -121,6 +121,18 @@ def test_planner_checks_read_as_words() -> None:
                                            "fit; no plan of one stage fits)")
 
 
+def test_a_gap_the_tied_weights_opened_says_so() -> None:
+    from asteroid_fx.report import _bound_text
+    from contracts.plan import SearchBound
+    from solver.tied_plan import TIED_STOP
+
+    tied = SearchBound("classes", 1.16, 0.166, 64, 65, stopped=TIED_STOP)
+    assert _bound_text(tied) == ("within 16.6% of the optimum over every device order, every "
+                                 "cut (proven bound 1.16 s; the bound leaves out the tied "
+                                 "weights' all-reduce and copies)")
+    assert "search stopped: time limit" in _bound_text(replace(tied, stopped="time limit"))
+
+
 def test_report_fits_an_80_column_terminal_without_cutting_text() -> None:
     plan, costs, cluster = _setup()
     console = Console(width=80, record=True, file=io.StringIO())

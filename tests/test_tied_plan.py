@@ -10,7 +10,7 @@ from contracts.errors import PlanError
 from contracts.table import TiedWeight
 from solver.api import plan
 from solver.evaluate import evaluate, split_ties
-from solver.tied_plan import one_stage_plan
+from solver.tied_plan import TIED_STOP, one_stage_plan
 from tests.solver_cases import MIB, make_cluster, uniform_costs
 
 COSTS = uniform_costs(4)                 # 4 MiB of weights a layer, 64 KiB a sample cut
@@ -35,6 +35,7 @@ def test_a_plan_that_splits_a_heavy_tie_loses_to_one_stage() -> None:
     assert bound is not None and bound.bound_s <= tied.predicted.round_time_s
     assert bound.gap == pytest.approx((tied.predicted.round_time_s - bound.bound_s)
                                       / bound.bound_s)
+    assert bound.stopped == TIED_STOP and not bound.order_optimal
 
 
 def test_a_split_is_kept_where_one_stage_does_not_fit() -> None:
