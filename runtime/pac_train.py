@@ -653,8 +653,13 @@ def _comm(rank: int, config: TrainConfig, old_ranks: Sequence[int]) -> Comm:
                 (lambda a, b: latency[old[a]][old[b]]))
 
 
-DETECT_S = 5.0
-"""How long survivors of a failed phase-2 step wait for each other to announce themselves."""
+DETECT_S = 30.0
+"""How long survivors of a failed phase-2 step wait for each other to announce themselves.
+They stop waiting as soon as all but one have (one loss at a time), so this bounds only a
+second loss's detection; 5 s was too short on a loaded 2-core host, where a survivor
+blocked on a peer other than the lost one saw the failure more than 5 s after the others
+(the suite with other jobs running, 2026-12-05: 'phase 2 lost devices ['a', 'c']' for a
+run that lost 'c' alone)."""
 
 
 def _regroup(store: Any, generation: int, group: _Group, pac: PacPlan,
