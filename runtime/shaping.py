@@ -300,3 +300,8 @@ class PerRankScale:
 
     def compute_scale(self, rank: int) -> float:
         return self.scales[rank]
+
+    def tied_parameters(self) -> dict[str, Any]:
+        """The inner source's weights tied across stages (runtime/ties.py), if it says."""
+        tied = getattr(self.inner, "tied_parameters", None)
+        return dict(tied()) if callable(tied) else {}

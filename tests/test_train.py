@@ -255,6 +255,23 @@ def test_a_weight_tied_across_stages_trains_like_one_process(
     assert len(set(ref.losses)) == 4
 
 
+
+def test_a_tied_weight_trains_under_time_dilation(tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    # without cgroups the emulator wraps the source to carry each rank's dilation: the
+    # wrapper still tells the devices which weights are tied
+    import runtime.emulator
+
+    monkeypatch.setattr(runtime.emulator, "cgroup_available", lambda: False)
+    directory = _partition(tmp_path, text=TIED)
+    cluster = tmp_path / "cluster.yaml"
+    cluster.write_text(CLUSTER)
+    result = run(directory, emulate=cluster, steps=3, seed=5, lr=0.5)
+    assert result.shaping == "dilation"
+    ref = reference_training(load_model_module(directory), 12, steps=3, seed=5, lr=0.5)
+    assert result.losses == pytest.approx(ref.losses, rel=1e-6)
+
+
 def test_run_needs_a_partition_and_a_launcher(tmp_path: Path,
                                               monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(RuntimeFailure, match="is not a partition directory"):
