@@ -16,6 +16,7 @@ from runtime.comm import Comm, gradient_buckets, message_tag
 from runtime.faults import fault_point
 from runtime.lowering import incoming, outgoing
 from runtime.memory import MemoryMeter
+from runtime.pacing import pace
 from runtime.schedule import Action, ActionKind, rank_stages
 
 __all__ = ["RoundStats", "StageExecutor", "micro_batch_rows"]
@@ -169,6 +170,8 @@ class StageExecutor:
         loss_reduction: ``"mean"`` (default) or ``"sum"`` - see [Note: loss scaling].
         compute_scale: emulated slowness; after each F/B the rank sleeps
             ``(compute_scale - 1) x`` the measured compute time (1.0 = no dilation).
+        pace: a cgroup-capped rank's speed: each F/B ends no earlier than its CPU time over
+            it (runtime/pacing.py; 1.0 = no pacing).
         memory: counts the tensors this rank holds at every action boundary of the rounds
             it is told to (``MemoryMeter.begin_round``; see runtime/memory.py).
         ties: this rank's copies of parameters tied across stages, each with the process
@@ -183,7 +186,7 @@ class StageExecutor:
                  device: torch.device | None = None,
                  memory: MemoryMeter | None = None,
                  ties: Sequence[tuple[Sequence[torch.nn.Parameter], Any, Sequence[int]]] = (),
-                 ) -> None:
+                 pace: float = 1.0) -> None:
         if loss_reduction not in ("mean", "sum"):
             raise RuntimeFailure(f"loss_reduction must be 'mean' or 'sum', got "
                                  f"{loss_reduction!r}")
@@ -204,6 +207,7 @@ class StageExecutor:
         share = self.stop - self.start
         self.loss_weight = share / plan.batch_size if loss_reduction == "mean" else 1.0
         self.compute_scale = compute_scale
+        self.pace = pace
         self.device = device or torch.device("cpu")
         self.memory = memory
         self.ties = [(list(params), tie_group, list(ranks)) for params, tie_group, ranks in ties
@@ -412,6 +416,7 @@ class StageExecutor:
         cpu_into.append(time.thread_time() - cpu_start)
         if self.compute_scale > 1.0:
             time.sleep((self.compute_scale - 1.0) * (time.perf_counter() - start))
+        pace(start, cpu_start, self.pace)
         into.append(time.perf_counter() - start)
 
     def _forward(self, m: int) -> None:

@@ -109,10 +109,17 @@ from runtime.pac_recovery import (
     parse_fail,
     read_record,
 )
+from runtime.pacing import pace
 from runtime.protocol import store_port
 from runtime.replication import abort_connections
 from runtime.samples import SampleSource
-from runtime.train import TrainConfig, WorkerResult, make_optimizer, resolve_loss_fn
+from runtime.train import (
+    TrainConfig,
+    WorkerResult,
+    make_optimizer,
+    pace_speed,
+    resolve_loss_fn,
+)
 
 __all__ = ["PacSource", "finetune_device", "build_device_model", "load_head", "stage_segments",
            "cat_rows", "wire_tensor", "take_gradients", "SLOTS", "BACKBONE_DIR", "PAC_PLAN_FILE",
@@ -231,9 +238,11 @@ class _Phase1:
     after a lost device are more than one range per member)."""
 
     def __init__(self, plan: Plan, group: _Group, model: AdapterModel, comm: Comm,
-                 samples: SampleSource, batch_size: int, scale: float = 1.0) -> None:
+                 samples: SampleSource, batch_size: int, scale: float = 1.0,
+                 paced: float = 1.0) -> None:
         self.plan, self.group, self.model, self.comm = plan, group, model, comm
         self.samples, self.batch_size, self.scale = samples, batch_size, scale
+        self.pace = paced
         self.rank = group.rank
         #: seconds of the last :meth:`run`: this rank's segments (dilation included) and
         #: making its samples (stage 0)
@@ -335,6 +344,7 @@ class _Phase1:
                 taps.append(tap)
             self.compute_cpu_s += time.thread_time() - cpu
             _dilate(computing, self.scale)       # the compute only, not the waits
+            pace(computing, cpu, self.pace)
             self.compute_s += time.perf_counter() - computing
             part = self.model.cache_entry(taps, values) if stage.last == last_segment \
                 else self.model.to_cache(taps)
@@ -722,6 +732,7 @@ def finetune_device(source: Any, rank: int, config: TrainConfig, *, hooks: Any =
                    rank, tuple(range(world)), pac.homes(1), pac.homes(2))
     comm = _comm(rank, config, group.old_ranks)
     scale = _compute_scale(source, rank, config)
+    paced = pace_speed(source, rank)
     segments = stage_segments(pac, rank)
     # a frozen head is not needed before phase 2: loaded when the backbone goes, so the
     # two are never held at once (a trained head is in the optimizer from the start)
@@ -744,7 +755,8 @@ def finetune_device(source: Any, rank: int, config: TrainConfig, *, hooks: Any =
     # phase 1 first, for every mini-batch of epoch 1 (see [Note: PAC run]); then the
     # backbone goes: phase 2 holds only the head, the adapters and the cache
     p1 = _Phase1Run(pac=pac, inner=inner, config=config, store=_job_store(store), model=model,
-                    samples=samples, cache=cache, scale=scale, group=group, comm=comm,
+                    samples=samples, cache=cache, scale=scale, paced=paced, group=group,
+                    comm=comm,
                     fail=fail, segments=segments)
     phase1_s = _fill_cache(p1)
     group, comm, generation = p1.group, p1.comm, p1.generation
@@ -816,7 +828,7 @@ def finetune_device(source: Any, rank: int, config: TrainConfig, *, hooks: Any =
                 began -= phase1_s[k][0]
             else:
                 cache.count(len(rows) - len(new), len(new))
-            p1_done = time.perf_counter()
+            p1_done, p1_cpu = time.perf_counter(), time.thread_time()
             key = tuple(rows)
             if key not in targets_of:     # kept beside the cache: made once
                 targets_of[key] = samples.take(rows)[1]
@@ -839,6 +851,7 @@ def finetune_device(source: Any, rank: int, config: TrainConfig, *, hooks: Any =
             peak_cached = max(peak_cached, step_cached)
             step_peaks = (step_peak, step_cached)
             _dilate(p1_done, scale)
+            pace(p1_done, p1_cpu, paced)
             computed = time.perf_counter()
             # this thread's CPU for the step besides the all-reduce (what step_fit times):
             # its entry, forward and backward, and the previous step's gradient unpacking
@@ -875,11 +888,12 @@ def finetune_device(source: Any, rank: int, config: TrainConfig, *, hooks: Any =
                     fh.write(json.dumps(event) + "\n")
             last_end = time.perf_counter()
             continue
-        cpu_began = time.thread_time()
+        stepping, cpu_began = time.perf_counter(), time.thread_time()
         slots = take_gradients(params, flat).view(group.world, SLOTS)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         cpu_after = time.thread_time() - cpu_began
+        pace(stepping, cpu_began, paced)
         fetch.release(step)       # received before the all-reduce everyone joined
         ended = time.perf_counter()
         total = slots.sum(dim=0)
@@ -945,6 +959,7 @@ class _Phase1Run:
     samples: SampleSource
     cache: ActivationCache
     scale: float
+    paced: float
     group: _Group
     comm: Comm
     fail: FailSpec | None
@@ -993,7 +1008,7 @@ def _fill_cache(run: _Phase1Run) -> list[tuple[float, float, float, float]]:
     CPU)`` seconds of each mini-batch on this rank (see :class:`_Phase1`)."""
     pac, steps = run.pac, run.pac.steps_per_epoch
     phase1 = _Phase1(pac.phase1, run.group, run.model, run.comm, run.samples,
-                     pac.batch_size, run.scale)
+                     pac.batch_size, run.scale, run.paced)
     me = run.group.devices[run.group.rank]
     seconds = [(0.0, 0.0, 0.0, 0.0)] * steps
     done = 0            # mini-batches whose rows this rank holds completely
@@ -1075,7 +1090,7 @@ def _recover_phase1(run: _Phase1Run, done: int, detected_at: float) -> _Phase1:
         plan.stages[plan.stage_of(me)].first, plan.stages[plan.stage_of(me)].last + 1))
     _swap_segments(run, segments)
     new = _Phase1(plan, run.group, run.model, run.comm, run.samples, run.pac.batch_size,
-                  run.scale)
+                  run.scale, run.paced)
     sync = torch.tensor([-float(done), detected_at, got_plan_at], dtype=torch.float64)
     dist.all_reduce(sync, op=dist.ReduceOp.MAX)
     resume = int(-sync[0].item())

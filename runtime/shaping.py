@@ -66,6 +66,11 @@ _CFS_PERIOD_US = 5_000
 COMM_SUFFIX = "c"
 SPLIT_COMM = True
 """Whether device groups get a sibling for their communication threads."""
+PACE = False
+"""Whether cgroup-capped ranks also pace their compute calls (runtime/pacing.py, [Note:
+pacing]): off, as measured on 2026-12-05 it fixed phase 1's burst but moved the other
+comparisons without making them better on a loaded host (docs/latency-model.md,
+"Pacing the compute of capped devices")."""
 
 
 def comm_group(path: str | Path) -> Path:
@@ -137,10 +142,17 @@ class Shaping:
     cgroups: tuple[str, ...] | None
     scales: tuple[float, ...]
     made: tuple[str, ...] = ()
+    #: each rank's speed that its compute calls are paced to (cgroup shaping: the quota's;
+    #: 1.0: none; see [Note: pacing] in runtime/pacing.py)
+    paces: tuple[float, ...] = ()
 
     def wrap(self, source: StageSource) -> StageSource:
-        """``source``, carrying the per-rank dilation factors when ``kind`` is "dilation"."""
-        return PerRankScale(source, self.scales) if self.kind == "dilation" else source
+        """``source``, carrying the per-rank dilation factors when ``kind`` is "dilation"
+        and the per-rank paces when some rank is paced."""
+        paced = any(p < 1.0 for p in self.paces)
+        if self.kind == "dilation" or paced:
+            return PerRankScale(source, self.scales, self.paces)
+        return source
 
 
 def choose_shaping(speeds: Sequence[float], *, use_cgroups: bool, tag: int = 0,
@@ -153,16 +165,17 @@ def choose_shaping(speeds: Sequence[float], *, use_cgroups: bool, tag: int = 0,
     ones = tuple(1.0 for _ in speeds)
     if use_cgroups and (slow or regroup):
         try:
+            paces = tuple(min(1.0, s) for s in speeds) if PACE else ones
             if not fast_in_root:
                 made = make_cgroups(speeds, tag=tag)
-                return Shaping("cgroup", tuple(made), ones, tuple(made))
+                return Shaping("cgroup", tuple(made), ones, tuple(made), paces)
             capped = [r for r, s in enumerate(speeds) if s < 1.0]
             made = (make_cgroups([speeds[r] for r in capped], tag=tag, ranks=capped)
                     if capped else [])
             groups = [str(CGROUP_ROOT)] * len(speeds)
             for r, path in zip(capped, made):
                 groups[r] = path
-            return Shaping("cgroup", tuple(groups), ones, tuple(made))
+            return Shaping("cgroup", tuple(groups), ones, tuple(made), paces)
         except OSError as exc:
             log.warning("cgroup CPU shaping unavailable (%s); using time dilation", exc)
     if slow:
@@ -288,6 +301,7 @@ class PerRankScale:
 
     inner: StageSource
     scales: tuple[float, ...]
+    paces: tuple[float, ...] = ()
 
     def load_plan(self) -> Plan:
         return self.inner.load_plan()
@@ -300,6 +314,10 @@ class PerRankScale:
 
     def compute_scale(self, rank: int) -> float:
         return self.scales[rank]
+
+    def pace_speed(self, rank: int) -> float:
+        """The speed rank ``rank``'s compute calls are paced to (runtime/pacing.py)."""
+        return self.paces[rank] if self.paces else 1.0
 
     def tied_parameters(self) -> dict[str, Any]:
         """The inner source's weights tied across stages (runtime/ties.py), if it says."""

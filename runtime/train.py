@@ -33,6 +33,7 @@ __all__ = [
     "WorkerResult",
     "load_stage_weights",
     "model_state",
+    "pace_speed",
     "make_optimizer",
     "resolve_loss_fn",
     "train_device",
@@ -217,6 +218,12 @@ def resolve_loss_fn(module: Any) -> Callable[[Any, Any], torch.Tensor]:
     return fn if callable(fn) else F.cross_entropy
 
 
+def pace_speed(source: Any, rank: int) -> float:
+    """The speed ``rank``'s compute calls are paced to (``PerRankScale``; 1.0: none)."""
+    per_rank = getattr(source, "pace_speed", None)
+    return float(per_rank(rank)) if callable(per_rank) else 1.0
+
+
 def _compute_scale(source: StageSource, rank: int, config: TrainConfig) -> float:
     per_rank = getattr(source, "compute_scale", None)
     return float(per_rank(rank)) if callable(per_rank) else config.compute_scale
@@ -297,6 +304,7 @@ def train_device(source: StageSource, rank: int, config: TrainConfig, *,
     executor = StageExecutor(plan, rank, module, comm, resolve_loss_fn(model_file), optimizer,
                              group=groups[stage_index], loss_reduction=config.loss_reduction,
                              compute_scale=_compute_scale(source, rank, config), device=device,
+                             pace=pace_speed(source, rank),
                              memory=meter, ties=ties)
     schedule = add_comms(plan, compute_schedule(plan))
     all_posts = recv_posts(plan, schedule)
