@@ -112,6 +112,7 @@ from solver.space import (
 )
 from solver.summary import hiding_ratio
 from solver.timing import Timing
+from solver.widening import widen
 
 __all__ = ["Progress", "SearchReport", "search", "plan_or_raise", "work_bound", "link_bounds",
            "check_time_limit", "wide_size", "WIDE_EXACT_MAX"]
@@ -168,6 +169,32 @@ def wide_size(costs: CostTable, cluster: Cluster) -> int:
         n = len(members)
         size *= (n + 1) * (n + 2) // 2
     return size
+
+
+WIDEN_MIN_DEVICES = 9
+"""[Note: when to widen]: only clusters of at least this many devices are widened."""
+
+WIDEN_SHARE = 0.4
+"""[Note: when to widen]: the share of the search's time (up to its own deadline) that
+the sub-clusters get, from the start of the search."""
+
+
+def widens(cluster: Cluster, size: int) -> bool:
+    """Whether a time-limited search on ``cluster`` (wide space of ``size`` pairs) plans
+    sub-clusters first.
+
+    [Note: when to widen]
+    Iterative widening ([Note: iterative widening] in ``solver.widening``) runs only with
+    a finite time limit, on clusters of at least ``WIDEN_MIN_DEVICES`` devices whose wide
+    space has more than ``WIDE_EXACT_MAX`` pairs, for ``WIDEN_SHARE`` of the search's
+    time. There the exact searches do not finish in seconds and stop with whatever their
+    first passes found (a 32- or 64-device fleet got a worse plan in 5 s than the 8-device
+    fleet's exact one), while a sub-cluster of a few devices is searched exactly in a
+    fraction of a second. Below that size the phases themselves finish (or nearly) within
+    the limit, so the time is better spent there; without a limit every phase runs to its
+    end anyway and nothing needs a seed (the plans on small instances, e.g. the 200-layer
+    MLP on eight devices, are unchanged and cost no more)."""
+    return len(cluster.devices) >= WIDEN_MIN_DEVICES and size > WIDE_EXACT_MAX
 
 
 def check_time_limit(time_limit: float | None) -> None:
@@ -527,11 +554,22 @@ def _search(costs: CostTable, cluster: Cluster, batch_size: int, optimizer_state
 
     # 0: the quick baselines: a safety net, and an incumbent that prunes from the start
     safety_net(planning=False)
-    # 1: the paper's space (slices of the capability order); with a limit, half of it
-    # unless the wide space is too large to search in any case
+    # 0': [Note: when to widen]: exact plans of sub-clusters as the incumbent
+    if search_end is not None and widens(cluster, size):
+        widened = widen(costs, cluster, batch_size,
+                        deadline=started + WIDEN_SHARE * (search_end - started),
+                        optimizer_state_factor=optimizer_state_factor,
+                        micro_batch_sizes=micro_batch_sizes, max_cuts=max_cuts,
+                        incumbent=best_value)
+        if widened.plan is not None and widened.round_time_s < best_value:
+            best, best_value, seeded = widened.plan, widened.round_time_s, ""
+        phases.append("widening")
+    # 1: the paper's space (slices of the capability order); with a limit, half of what is
+    # left unless the wide space is too large to search in any case
     first_deadline = search_end
     if search_end is not None and size <= WIDE_ANYTIME_MAX:
-        first_deadline = started + (search_end - started) / 2
+        now = time.perf_counter()
+        first_deadline = now + max(0.0, search_end - now) / 2
     # without a limit, where the counted class bound will prove the sizes over every
     # order, only the most promising sizes get the order's pass over every cut first
     # ([Note: the order's sizes after the bound])
