@@ -112,7 +112,7 @@ from solver.space import (
 )
 from solver.summary import hiding_ratio
 from solver.timing import Timing
-from solver.widening import widen
+from solver.widening import Widened, widen
 
 __all__ = ["Progress", "SearchReport", "search", "plan_or_raise", "work_bound", "link_bounds",
            "check_time_limit", "wide_size", "WIDE_EXACT_MAX"]
@@ -190,7 +190,11 @@ def widens(cluster: Cluster, size: int) -> bool:
     time. There the exact searches do not finish in seconds and stop with whatever their
     first passes found (a 32- or 64-device fleet got a worse plan in 5 s than the 8-device
     fleet's exact one), while a sub-cluster of a few devices is searched exactly in a
-    fraction of a second. Below that size the phases themselves finish (or nearly) within
+    fraction of a second. Where the order's search then finishes before its deadline and
+    the wide space has more than ``WIDE_ANYTIME_MAX`` pairs (the wide search cannot get far:
+    a fleet's root pool alone has millions of groups), the widening goes on with the sizes
+    it had no time for, until the search's deadline, before the wide search gets what is
+    left. Below that size the phases themselves finish (or nearly) within
     the limit, so the time is better spent there; without a limit every phase runs to its
     end anyway and nothing needs a seed (the plans on small instances, e.g. the 200-layer
     MLP on eight devices, are unchanged and cost no more)."""
@@ -555,15 +559,21 @@ def _search(costs: CostTable, cluster: Cluster, batch_size: int, optimizer_state
     # 0: the quick baselines: a safety net, and an incumbent that prunes from the start
     safety_net(planning=False)
     # 0': [Note: when to widen]: exact plans of sub-clusters as the incumbent
-    if search_end is not None and widens(cluster, size):
-        widened = widen(costs, cluster, batch_size,
-                        deadline=started + WIDEN_SHARE * (search_end - started),
+    widened: Widened | None = None
+
+    def widening(until: float) -> None:
+        nonlocal best, best_value, seeded, widened
+        widened = widen(costs, cluster, batch_size, deadline=until,
                         optimizer_state_factor=optimizer_state_factor,
                         micro_batch_sizes=micro_batch_sizes, max_cuts=max_cuts,
-                        incumbent=best_value)
+                        incumbent=best_value, after=widened)
         if widened.plan is not None and widened.round_time_s < best_value:
             best, best_value, seeded = widened.plan, widened.round_time_s, ""
-        phases.append("widening")
+        if "widening" not in phases:
+            phases.append("widening")
+
+    if search_end is not None and widens(cluster, size):
+        widening(started + WIDEN_SHARE * (search_end - started))
     # 1: the paper's space (slices of the capability order); with a limit, half of what is
     # left unless the wide space is too large to search in any case
     first_deadline = search_end
@@ -587,6 +597,11 @@ def _search(costs: CostTable, cluster: Cluster, batch_size: int, optimizer_state
                             order, best_value)
         take(order)
     phases.append("order")
+    if (widened is not None and search_end is not None and order.complete
+            and size > WIDE_ANYTIME_MAX):
+        # [Note: when to widen]: the order's search finished early, the wide one cannot
+        # get far: the time left goes to the sizes the widening had no time for
+        widening(search_end)
     # 2: the baselines that plan with a search of their own
     safety_net(planning=True)
     if baselines:

@@ -42,7 +42,7 @@ from __future__ import annotations
 import itertools
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -75,6 +75,15 @@ _DEADLINE_EVERY = (1 << 14) - 1
 
 class GroupsTimeout(Exception):
     """Raised by ``SearchSpace.groups`` when its deadline passes while it lists groups."""
+
+
+def _until(items: Iterator[tuple[int, ...]], deadline: float) -> Iterator[tuple[int, ...]]:
+    """``items``, with ``GroupsTimeout`` once the deadline has passed (checked every
+    ``_DEADLINE_EVERY + 1`` items)."""
+    for n, item in enumerate(items):
+        if not n & _DEADLINE_EVERY and time.perf_counter() > deadline:
+            raise GroupsTimeout
+        yield item
 
 
 def _class_keys(cluster: Cluster, timing: Timing, devices: Sequence[Device]) -> list[int]:
@@ -480,10 +489,10 @@ class ClassSpace(SearchSpace):
         out = []
         # a pool of a fleet's many classes has millions of count vectors (32 boards with
         # ten wired pairs: 35 million, 10 s to list): the deadline is checked as they go
-        for n, take in enumerate(itertools.product(*(range(c + 1) for c in counts))):
-            if (deadline is not None and not n & _DEADLINE_EVERY
-                    and time.perf_counter() > deadline):
-                raise GroupsTimeout
+        takes: Iterator[tuple[int, ...]] = itertools.product(*(range(c + 1) for c in counts))
+        if deadline is not None:
+            takes = _until(takes, deadline)
+        for take in takes:
             size = sum(take)
             if size == 0 or size > limit:
                 continue

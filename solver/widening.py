@@ -65,13 +65,20 @@ and find their best plan in 0.5 s; eight in four pairs (2916) find 5.79 s in 4 s
 @dataclass(frozen=True)
 class Widened:
     """What ``widen`` found: the best plan of the sub-clusters (None: none beat the
-    incumbent), its round on the whole cluster, the devices of the sub-cluster that gave
-    it, and every sub-cluster searched (in order)."""
+    incumbent), its round on the whole cluster (else the incumbent), the devices of the
+    sub-cluster that gave it, every sub-cluster searched (in order), and where to go on
+    from."""
 
     plan: Plan | None
     round_time_s: float
     devices: tuple[str, ...]
     searched: tuple[tuple[str, ...], ...]
+    #: the best round of the sub-clusters (also where it does not beat the incumbent)
+    own_s: float = math.inf
+    #: the largest size whose sub-clusters were all planned (0: none)
+    size: int = 0
+    #: stopped by [Note: plans that want every device]
+    saturated: bool = False
 
 
 def units(costs: CostTable, cluster: Cluster) -> list[tuple[str, ...]]:
@@ -156,47 +163,52 @@ def widen(costs: CostTable, cluster: Cluster, batch_size: int, *,
           micro_batch_sizes: Sequence[int] | None = None,
           max_cuts: int | None = DEFAULT_MAX_CUTS,
           incumbent: float = math.inf,
-          sizes: Sequence[int] = WIDEN_SIZES) -> Widened:
+          sizes: Sequence[int] = WIDEN_SIZES,
+          after: Widened | None = None) -> Widened:
     """[Note: iterative widening]: the best plan of the sub-clusters of ``sub_clusters``
     that beats ``incumbent``, planned exactly in turn until ``deadline`` (a
-    ``time.perf_counter()`` value), lifted to ``cluster``.
+    ``time.perf_counter()`` value), lifted to ``cluster``. ``after``: an earlier call's
+    result on the same instance, to go on from (the sizes it finished are not planned
+    again).
 
     [Note: plans that want every device]
     Sizes are tried smallest first. Where the best round of a size is below the one of
     the size before times ``sqrt(k_before / k)`` (more devices pay nearly in proportion:
-    ResNet-50 on Jetsons at 1000 Mbps, 2.94 s on 4 and 1.73 s on 8), the good plans use
+    ResNet-50 on Jetsons at 1000 Mbps, 2.94 s on 4 and 2.15 s on 6), the good plans use
     every device they get, so the whole cluster's own search is the better use of the time
-    and the widening stops. On slow networks a few more devices pay little (the ResNet-50
-    fleets: 6.71 s on 4 devices, 6.00 s on 6), and the sizes go on.
+    and the widening stops (``saturated``). On slow networks a few more devices pay little
+    (the ResNet-50 fleets: 6.71 s on 4 devices, 6.00 s on 6), and the sizes go on.
     """
     cluster = cluster.for_costs(costs)
     best: Plan | None = None
-    best_value = math.inf   # the sub-clusters' own best, which their searches must beat
+    # the sub-clusters' own best, which their searches must beat, and the size it is of
+    own, done = (math.inf, 0) if after is None else (after.own_s, after.size)
     best_devices: tuple[str, ...] = ()
-    searched: list[tuple[str, ...]] = []
+    searched: list[tuple[str, ...]] = [] if after is None else list(after.searched)
     subs = sub_clusters(costs, cluster, sizes)
-    before, size_before = math.inf, 0
-    for k in sorted({len(names) for names in subs}):
-        if time.perf_counter() >= deadline:
+    saturated = after is not None and after.saturated
+    for k in sorted({len(names) for names in subs if len(names) > done}):
+        if saturated or time.perf_counter() >= deadline:
             break
+        before = own
         for names in subs:
             if len(names) != k or time.perf_counter() >= deadline:
                 continue
             searched.append(names)
             found = _plan_sub(costs, cluster, cluster.subset(names), batch_size,
                               optimizer_state_factor, micro_batch_sizes, max_cuts,
-                              best_value, deadline)
-            if found is not None and found[1] < best_value:
-                best, best_value, best_devices = found[0], found[1], names
-                log.debug("widening: %d devices: round %.6g s", len(names), best_value)
-        log.debug("widening: size %d done at %.3f s: best %.6g s", k,
-                  time.perf_counter(), best_value)
-        if size_before and best_value < before * math.sqrt(size_before / k):
-            break   # [Note: plans that want every device]
-        before, size_before = best_value, k
-    if best is None or best_value >= incumbent:
-        return Widened(None, incumbent, (), tuple(searched))
-    return Widened(best, best_value, best_devices, tuple(searched))
+                              own, deadline)
+            if found is not None and found[1] < own:
+                best, own, best_devices = found[0], found[1], names
+                log.debug("widening: %d devices: round %.6g s", len(names), own)
+        if time.perf_counter() >= deadline:
+            break   # (a size cut short is planned again by a later call)
+        # [Note: plans that want every device]
+        saturated = bool(done) and own < before * math.sqrt(done / k)
+        done = k
+    if best is None or own >= incumbent:
+        return Widened(None, incumbent, (), tuple(searched), own, done, saturated)
+    return Widened(best, own, best_devices, tuple(searched), own, done, saturated)
 
 
 def _plan_sub(costs: CostTable, cluster: Cluster, sub: Cluster, batch_size: int, osf: float,
