@@ -7,6 +7,9 @@ each starting from the best round time so far (the incumbent, which only prunes)
 0. the quick baselines' plans (``solver.baselines``): a safety net (a baseline plan
    outside the DP's spaces, with equal shares or another order of a group, is kept when
    it is better) and a first incumbent;
+0'. with a time limit on a large cluster, iterative widening ([Note: iterative widening]
+   in ``solver.widening``, [Note: when to widen] below): exact plans of sub-clusters of a
+   few devices, lifted to the whole cluster, as the incumbent (never as a bound);
 1. the paper's space: slices of the capability order (fast: one order);
 2. the baselines that run a planning search of their own (DAPPLE), on small clusters;
 3. the wide space: every group in every order, as counts of interchangeable devices
@@ -186,18 +189,19 @@ def widens(cluster: Cluster, size: int) -> bool:
     [Note: when to widen]
     Iterative widening ([Note: iterative widening] in ``solver.widening``) runs only with
     a finite time limit, on clusters of at least ``WIDEN_MIN_DEVICES`` devices whose wide
-    space has more than ``WIDE_EXACT_MAX`` pairs, for ``WIDEN_SHARE`` of the search's
-    time. There the exact searches do not finish in seconds and stop with whatever their
-    first passes found (a 32- or 64-device fleet got a worse plan in 5 s than the 8-device
-    fleet's exact one), while a sub-cluster of a few devices is searched exactly in a
-    fraction of a second. Where the order's search then finishes before its deadline and
-    the wide space has more than ``WIDE_ANYTIME_MAX`` pairs (the wide search cannot get far:
-    a fleet's root pool alone has millions of groups), the widening goes on with the sizes
-    it had no time for, until the search's deadline, before the wide search gets what is
-    left. Below that size the phases themselves finish (or nearly) within
-    the limit, so the time is better spent there; without a limit every phase runs to its
-    end anyway and nothing needs a seed (the plans on small instances, e.g. the 200-layer
-    MLP on eight devices, are unchanged and cost no more)."""
+    space has more than ``WIDE_EXACT_MAX`` pairs, first, for ``WIDEN_SHARE`` of the
+    search's time. There the exact searches do not finish in seconds and stop with
+    whatever their first passes found (a 32- or 64-device fleet got a worse plan in 5 s
+    than the 8-device fleet's exact one), while a sub-cluster of a few devices is
+    searched exactly in a fraction of a second and seeds them. On smaller clusters the
+    phases themselves finish (or nearly) within the limit, so the time is better spent
+    there; without a limit every phase runs to its end anyway and nothing needs a seed
+    (the plans on small instances, e.g. the 200-layer MLP on eight devices, are unchanged
+    and cost no more). Where the order's search then finishes before its deadline and the
+    wide space has more than ``WIDE_ANYTIME_MAX`` pairs (the wide search cannot get far:
+    a fleet's root pool alone has millions of groups), the widening goes on with the
+    sizes it had no time for, until the search's deadline, and the wide search gets what
+    is left."""
     return len(cluster.devices) >= WIDEN_MIN_DEVICES and size > WIDE_EXACT_MAX
 
 
@@ -578,8 +582,8 @@ def _search(costs: CostTable, cluster: Cluster, batch_size: int, optimizer_state
     # left unless the wide space is too large to search in any case
     first_deadline = search_end
     if search_end is not None and size <= WIDE_ANYTIME_MAX:
-        now = time.perf_counter()
-        first_deadline = now + max(0.0, search_end - now) / 2
+        begun = started if widened is None else time.perf_counter()
+        first_deadline = begun + max(0.0, search_end - begun) / 2
     # without a limit, where the counted class bound will prove the sizes over every
     # order, only the most promising sizes get the order's pass over every cut first
     # ([Note: the order's sizes after the bound])
