@@ -215,9 +215,11 @@ def _plan_sub(costs: CostTable, cluster: Cluster, sub: Cluster, batch_size: int,
               micro_batch_sizes: Sequence[int] | None, max_cuts: int | None,
               incumbent: float, deadline: float) -> tuple[Plan, float] | None:
     """The best plan of the sub-cluster ``sub`` below ``incumbent`` (lifted to ``cluster``,
-    with its round there) by the deadline: the paper's space in the capability order, in
-    the order that keeps the units together where that differs, and the wide space where
-    it has at most ``WIDEN_WIDE_MAX`` pairs; None where none is better."""
+    with its round there) by the deadline: the wide space alone where it has at most
+    ``WIDE_EXACT_MAX`` pairs (it covers every order); else the paper's space in the
+    capability order, in the order that keeps the units together where that differs,
+    then the wide space where it has at most ``WIDEN_WIDE_MAX`` pairs. None where none
+    is better."""
     from solver.anytime import WIDE_EXACT_MAX, wide_size  # (anytime imports this module)
 
     size = wide_size(costs, sub)
