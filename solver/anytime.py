@@ -7,6 +7,9 @@ each starting from the best round time so far (the incumbent, which only prunes)
 0. the quick baselines' plans (``solver.baselines``): a safety net (a baseline plan
    outside the DP's spaces, with equal shares or another order of a group, is kept when
    it is better) and a first incumbent;
+0'. with a time limit on a large cluster, iterative widening ([Note: iterative widening]
+   in ``solver.widening``, [Note: when to widen] below): exact plans of sub-clusters of a
+   few devices, lifted to the whole cluster, as the incumbent (never as a bound);
 1. the paper's space: slices of the capability order (fast: one order);
 2. the baselines that run a planning search of their own (DAPPLE), on small clusters;
 3. the wide space: every group in every order, as counts of interchangeable devices
@@ -112,6 +115,7 @@ from solver.space import (
 )
 from solver.summary import hiding_ratio
 from solver.timing import Timing
+from solver.widening import Widened, widen
 
 __all__ = ["Progress", "SearchReport", "search", "plan_or_raise", "work_bound", "link_bounds",
            "check_time_limit", "wide_size", "WIDE_EXACT_MAX"]
@@ -168,6 +172,37 @@ def wide_size(costs: CostTable, cluster: Cluster) -> int:
         n = len(members)
         size *= (n + 1) * (n + 2) // 2
     return size
+
+
+WIDEN_MIN_DEVICES = 9
+"""[Note: when to widen]: only clusters of at least this many devices are widened."""
+
+WIDEN_SHARE = 0.4
+"""[Note: when to widen]: the share of the search's time (up to its own deadline) that
+the sub-clusters get, from the start of the search."""
+
+
+def widens(cluster: Cluster, size: int) -> bool:
+    """Whether a time-limited search on ``cluster`` (wide space of ``size`` pairs) plans
+    sub-clusters first.
+
+    [Note: when to widen]
+    Iterative widening ([Note: iterative widening] in ``solver.widening``) runs only with
+    a finite time limit, on clusters of at least ``WIDEN_MIN_DEVICES`` devices whose wide
+    space has more than ``WIDE_EXACT_MAX`` pairs, first, for ``WIDEN_SHARE`` of the
+    search's time. There the exact searches do not finish in seconds and stop with
+    whatever their first passes found (a 32- or 64-device fleet got a worse plan in 5 s
+    than the 8-device fleet's exact one), while a sub-cluster of a few devices is
+    searched exactly in a fraction of a second and seeds them. On smaller clusters the
+    phases themselves finish (or nearly) within the limit, so the time is better spent
+    there; without a limit every phase runs to its end anyway and nothing needs a seed
+    (the plans on small instances, e.g. the 200-layer MLP on eight devices, are unchanged
+    and cost no more). Where the order's search then finishes before its deadline and the
+    wide space has more than ``WIDE_ANYTIME_MAX`` pairs (the wide search cannot get far:
+    a fleet's root pool alone has millions of groups), the widening goes on with the
+    sizes it had no time for, until the search's deadline, and the wide search gets what
+    is left."""
+    return len(cluster.devices) >= WIDEN_MIN_DEVICES and size > WIDE_EXACT_MAX
 
 
 def check_time_limit(time_limit: float | None) -> None:
@@ -527,11 +562,28 @@ def _search(costs: CostTable, cluster: Cluster, batch_size: int, optimizer_state
 
     # 0: the quick baselines: a safety net, and an incumbent that prunes from the start
     safety_net(planning=False)
-    # 1: the paper's space (slices of the capability order); with a limit, half of it
-    # unless the wide space is too large to search in any case
+    # 0': [Note: when to widen]: exact plans of sub-clusters as the incumbent
+    widened: Widened | None = None
+
+    def widening(until: float) -> None:
+        nonlocal best, best_value, seeded, widened
+        widened = widen(costs, cluster, batch_size, deadline=until,
+                        optimizer_state_factor=optimizer_state_factor,
+                        micro_batch_sizes=micro_batch_sizes, max_cuts=max_cuts,
+                        incumbent=best_value, after=widened)
+        if widened.plan is not None and widened.round_time_s < best_value:
+            best, best_value, seeded = widened.plan, widened.round_time_s, ""
+        if "widening" not in phases:
+            phases.append("widening")
+
+    if search_end is not None and widens(cluster, size):
+        widening(started + WIDEN_SHARE * (search_end - started))
+    # 1: the paper's space (slices of the capability order); with a limit, half of what is
+    # left unless the wide space is too large to search in any case
     first_deadline = search_end
     if search_end is not None and size <= WIDE_ANYTIME_MAX:
-        first_deadline = started + (search_end - started) / 2
+        begun = started if widened is None else time.perf_counter()
+        first_deadline = begun + max(0.0, search_end - begun) / 2
     # without a limit, where the counted class bound will prove the sizes over every
     # order, only the most promising sizes get the order's pass over every cut first
     # ([Note: the order's sizes after the bound])
@@ -549,6 +601,11 @@ def _search(costs: CostTable, cluster: Cluster, batch_size: int, optimizer_state
                             order, best_value)
         take(order)
     phases.append("order")
+    if (widened is not None and search_end is not None and order.complete
+            and size > WIDE_ANYTIME_MAX):
+        # [Note: when to widen]: the order's search finished early, the wide one cannot
+        # get far: the time left goes to the sizes the widening had no time for
+        widening(search_end)
     # 2: the baselines that plan with a search of their own
     safety_net(planning=True)
     if baselines:

@@ -182,6 +182,7 @@ from solver.pareto import pareto, pareto_np
 from solver.space import (
     DEFAULT_MAX_CUTS,
     ClassSpace,
+    GroupsTimeout,
     SearchSpace,
     SliceSpace,
     candidate_cuts,
@@ -977,7 +978,10 @@ class _Search:
             tail_limit = inc * (1.0 + 1e-9) / m
             cache = self._closed
             comm_cache = ctx.comm
-            groups = space.groups(pool, self.mb)
+            try:
+                groups = space.groups(pool, self.mb, self.deadline)
+            except GroupsTimeout:
+                raise SearchTimeout from None
             for final, min_class, hidden_mult in kinds:
                 last_ok = self.num_layers - 1 - min_class
                 gs_ids = ctx.gs_ids

@@ -41,7 +41,8 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Sequence
+import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -63,9 +64,26 @@ __all__ = [
     "SearchSpace",
     "SliceSpace",
     "ClassSpace",
+    "GroupsTimeout",
 ]
 
 DEFAULT_MAX_CUTS = 96
+
+_DEADLINE_EVERY = (1 << 14) - 1
+"""``ClassSpace.groups`` checks its deadline once per this many count vectors (plus one)."""
+
+
+class GroupsTimeout(Exception):
+    """Raised by ``SearchSpace.groups`` when its deadline passes while it lists groups."""
+
+
+def _until(items: Iterator[tuple[int, ...]], deadline: float) -> Iterator[tuple[int, ...]]:
+    """``items``, with ``GroupsTimeout`` once the deadline has passed (checked every
+    ``_DEADLINE_EVERY + 1`` items)."""
+    for n, item in enumerate(items):
+        if not n & _DEADLINE_EVERY and time.perf_counter() > deadline:
+            raise GroupsTimeout
+        yield item
 
 
 def _class_keys(cluster: Cluster, timing: Timing, devices: Sequence[Device]) -> list[int]:
@@ -259,9 +277,11 @@ class SearchSpace:
         """The time sources of the groups of at most ``limit`` devices of the pool."""
         raise NotImplementedError
 
-    def groups(self, pool: int, limit: int) -> list[tuple[int, int]]:
+    def groups(self, pool: int, limit: int,
+               deadline: float | None = None) -> list[tuple[int, int]]:
         """``(group, pool left)`` for every group of at most ``limit`` devices of the pool,
-        in a fixed order."""
+        in a fixed order. ``deadline`` (a ``time.perf_counter()`` value): raise
+        ``GroupsTimeout`` where listing them is still under way then."""
         raise NotImplementedError
 
     def rest_speed(self, gid: int, left: int) -> float:
@@ -360,7 +380,8 @@ class SliceSpace(SearchSpace):
     def pool_sources(self, pool: int, limit: int) -> list[int]:
         return self._srcs[pool][min(self.n, pool + limit)]
 
-    def groups(self, pool: int, limit: int) -> list[tuple[int, int]]:
+    def groups(self, pool: int, limit: int,
+               deadline: float | None = None) -> list[tuple[int, int]]:
         key = (pool, limit)
         found = self._groups.get(key)
         if found is None:
@@ -458,14 +479,20 @@ class ClassSpace(SearchSpace):
         counts = self._pools[pool]
         return sorted({self._class_src[k] for k, c in enumerate(counts) if c})
 
-    def groups(self, pool: int, limit: int) -> list[tuple[int, int]]:
+    def groups(self, pool: int, limit: int,
+               deadline: float | None = None) -> list[tuple[int, int]]:
         key = (pool, limit)
         found = self._groups.get(key)
         if found is not None:
             return found
         counts = self._pools[pool]
         out = []
-        for take in itertools.product(*(range(c + 1) for c in counts)):
+        # a pool of a fleet's many classes has millions of count vectors (32 boards with
+        # ten wired pairs: 35 million, 10 s to list): the deadline is checked as they go
+        takes: Iterator[tuple[int, ...]] = itertools.product(*(range(c + 1) for c in counts))
+        if deadline is not None:
+            takes = _until(takes, deadline)
+        for take in takes:
             size = sum(take)
             if size == 0 or size > limit:
                 continue

@@ -8,8 +8,10 @@ import time
 
 import pytest
 
+from contracts.cluster import Cluster
 from contracts.errors import PlanError
 from contracts.plan import Plan
+from contracts.table import CostTable
 from solver.anytime import (
     WIDE_EXACT_MAX,
     WIDE_SHORT_MAX,
@@ -250,3 +252,75 @@ def test_a_wide_space_the_bounds_do_not_prove_is_searched_without_a_limit(
     alone = search(costs, cluster, 16)
     assert alone.bound is not None and alone.bound.stopped == "size limit"
     assert alone.bound.gap > 1e-6 and alone.round_time_s >= report.round_time_s
+
+
+def _small_fleet(devices: int = 12) -> tuple[CostTable, Cluster]:
+    """Boards of three speeds on 100 Mbps with 2 ms latency and wired 1000 Mbps pairs (as
+    ``tests/test_widening.py``)."""
+    import random
+
+    from tests.solver_cases import random_costs
+
+    costs = random_costs(random.Random(0), 10)
+    speeds = [(2.0, 1.4, 1.0)[i % 3] for i in range(devices)]
+    pairs = [(f"d{i}", f"d{i + 4}", 1000.0) for i in range(devices // 4)]
+    return costs, make_cluster(speeds, links=pairs, latency_ms=2.0).for_costs(costs)
+
+
+def test_a_time_limited_fleet_is_widened_and_no_worse_than_a_sub_cluster() -> None:
+    # [Note: when to widen]: a 12-device fleet with a limit plans sub-clusters first; the
+    # plan is no worse than the exact plan of the first sub-cluster (two wired pairs), and
+    # its round is the whole cluster's prediction of it
+    from solver.widening import sub_clusters
+
+    costs, cluster = _small_fleet()
+    assert wide_size(costs, cluster) > WIDE_EXACT_MAX
+    report = search(costs, cluster, 16, time_limit=3.0)
+    assert report.plan is not None and report.bound is not None
+    assert report.phases[0] == "widening"
+    first = cluster.subset(sub_clusters(costs, cluster)[0])
+    exact = asteroid_dp(costs, first, 16, space="classes")
+    assert exact.complete and report.round_time_s <= exact.round_time_s * (1 + 1e-12)
+    assert evaluate(report.plan, costs, cluster).round_time_s == pytest.approx(
+        report.round_time_s, rel=1e-12)
+    assert 0.0 < report.bound.bound_s <= report.round_time_s
+    assert report.bound.gap == pytest.approx(
+        (report.round_time_s - report.bound.bound_s) / report.bound.bound_s)
+
+
+def test_a_widened_search_that_finishes_proves_the_same_optimum(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # the widening only seeds the incumbent: forced onto a small cluster whose wide search
+    # finishes within the limit, the plan and the proven bound are the wide optimum's
+    import solver.anytime
+
+    costs, cluster = _small_fleet(devices=6)
+    monkeypatch.setattr(solver.anytime, "WIDEN_MIN_DEVICES", 2)
+    monkeypatch.setattr(solver.anytime, "WIDE_EXACT_MAX", 1)
+    report = search(costs, cluster, 16, time_limit=60.0)
+    assert report.phases[0] == "widening"
+    assert report.complete and report.bound is not None and report.bound.optimal
+    wide = asteroid_dp(costs, cluster, 16, space="classes")
+    assert report.round_time_s == pytest.approx(wide.round_time_s, rel=1e-12)
+    assert report.bound.bound_s == pytest.approx(wide.round_time_s, rel=1e-12)
+
+
+def test_no_widening_without_a_limit_or_on_small_clusters(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import solver.anytime
+    from solver.anytime import WIDEN_MIN_DEVICES, widens
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("widened")
+
+    monkeypatch.setattr(solver.anytime, "widen", refuse)
+    costs, cluster = _small_fleet(devices=8)
+    assert len(cluster.devices) < WIDEN_MIN_DEVICES
+    assert not widens(cluster, wide_size(costs, cluster))
+    limited = search(costs, cluster, 16, time_limit=1.0)
+    assert "widening" not in limited.phases
+    costs, cluster, batch = random_instance(36, max_layers=5, max_devices=4, links=True)
+    report = search(costs, cluster, batch)
+    assert report.phases == ("order", "baselines", "classes")
+    big_costs, big = _small_fleet()
+    assert widens(big, wide_size(big_costs, big))   # (with a limit it would)

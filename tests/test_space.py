@@ -209,3 +209,25 @@ def test_candidate_cuts_equal_the_loop_version() -> None:
             if n - 1 > max_cuts:
                 assert candidate_cuts(costs, max_cuts) == _candidate_cuts_loop(costs, max_cuts), \
                     (trial, max_cuts)
+
+
+def test_listing_the_groups_of_many_classes_stops_at_the_deadline() -> None:
+    # 22 devices of 22 classes (each with a link of its own): 2^22 count vectors at the
+    # root; a deadline already past stops the listing, which is not kept half done
+    import time
+
+    from solver.dp import asteroid_dp
+    from solver.space import GroupsTimeout
+
+    n = 22
+    costs = uniform_costs(4)
+    cluster = make_cluster([1.0 + 0.01 * i for i in range(n)],
+                           links=[(f"d{i}", f"d{i + 1}", 1000.0 + i) for i in range(n - 1)])
+    space = ClassSpace(costs, cluster)
+    assert space.num_classes == n
+    with pytest.raises(GroupsTimeout):
+        space.groups(space.root, n, deadline=time.perf_counter() - 1.0)
+    assert (space.root, n) not in space._groups
+    started = time.perf_counter()
+    found = asteroid_dp(costs, cluster, 16, space="classes", deadline=started + 0.2)
+    assert not found.complete and time.perf_counter() - started < 2.0
