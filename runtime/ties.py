@@ -48,7 +48,7 @@ class TieGroup:
         return self.names.get(stage, ())
 
 
-def tie_groups(plan: Plan, tied: Mapping[str, Sequence[Sequence[object]]]) -> list[TieGroup]:
+def tie_groups(plan: Plan, tied: Mapping[str, Sequence[tuple[int, str]]]) -> list[TieGroup]:
     """The tie groups of ``tied`` (``partition.json``'s ``tied``: canonical name ->
     ``((stage, local name), ...)``) under ``plan``, sorted by name; a group held by one
     stage only needs no all-reduce and is left out.
@@ -58,14 +58,13 @@ def tie_groups(plan: Plan, tied: Mapping[str, Sequence[Sequence[object]]]) -> li
     """
     first: list[int] = []
     start = 0
-    for stage in plan.stages:
+    for planned in plan.stages:
         first.append(start)
-        start += len(stage.devices)
+        start += len(planned.devices)
     groups: list[TieGroup] = []
     for name in sorted(tied):
         names: dict[int, list[str]] = {}
-        for holder in tied[name]:
-            stage, local = int(holder[0]), str(holder[1])     # type: ignore[call-overload]
+        for stage, local in tied[name]:
             if not 0 <= stage < plan.num_stages:
                 raise RuntimeFailure(f"tied parameter {name!r} is held by stage {stage}, but "
                                      f"the plan has {plan.num_stages} stages; the partition "
