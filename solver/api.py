@@ -62,7 +62,8 @@ def asteroid(costs: CostTable, cluster: Cluster, batch_size: int, *,
     tied = bool(costs.tied)
     # a tied model also searches one stage ([Note: planning tied weights]): a share of
     # the limit is kept for it
-    main_limit = None if time_limit is None or not tied else time_limit * (1 - _ONE_STAGE_SHARE)
+    main_limit = (time_limit if time_limit is None or not tied
+                  else time_limit * (1 - _ONE_STAGE_SHARE))
     best = plan_or_raise(costs, cluster, batch_size, optimizer_state_factor=optimizer_state_factor,
                          micro_batch_sizes=micro_batch_sizes, max_cuts=max_cuts,
                          time_limit=main_limit, progress=progress)

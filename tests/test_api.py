@@ -141,6 +141,22 @@ def test_time_limit_through_the_api() -> None:
     assert ilp.planner.bound is None and ilp.predicted is not None
 
 
+def test_the_time_limit_reaches_the_search_with_and_without_ties() -> None:
+    # eight devices of eight speeds: the wide space does not finish in 1 s, so the plan
+    # says it stopped at the limit (a limit the API dropped would search for much longer
+    # and say "size limit"); a tied model splits the limit with its one-stage plan
+    from contracts.table import TiedWeight
+    from tests.solver_cases import planner_instance
+
+    costs, cluster = planner_instance("spread", 7, 200, 8)
+    tied = replace(costs, tied=(TiedWeight("emb", (0, costs.num_layers - 1), 4096),))
+    for table in (costs, tied):
+        result = plan(table, cluster, 32, time_limit=1.0)
+        assert result.planner.bound is not None
+        assert result.planner.bound.stopped in ("time limit", "tied weights")
+        assert result.planner.search_time_s < 10.0
+
+
 def test_check_ilp_on_fewer_cuts_when_the_milp_is_large(
         monkeypatch: pytest.MonkeyPatch) -> None:
     import random
