@@ -45,6 +45,7 @@ from solver.pac import (
 
 __all__ = ["FinetuneResult", "PacReplanner", "build_adapter_model", "measure_samples",
            "measure_disk", "measure_step", "measure_step_memory", "pac_model_of", "paired_extra",
+           "weights_stay_cached", "COLD_CACHE_SHARE",
            "prepare_finetune",
            "run_finetune", "reference_finetune", "DEFAULT_SAMPLES_BATCHES"]
 
@@ -168,6 +169,26 @@ def _last_level_cache_bytes(default: int = 32 * 2**20) -> int:
     return max(sizes) if sizes else default
 
 
+COLD_CACHE_SHARE = 0.25
+"""Weights evicted between phase-1 calls are expected only where every device's copy of the
+backbone together needs more than this share of the host's last-level cache
+(:func:`weights_stay_cached`)."""
+
+
+def weights_stay_cached(pac: AdapterModel, devices: int,
+                        cache_bytes: int | None = None) -> bool:
+    """Whether the backbone's weights stay in this host's last-level cache between phase
+    1's calls: ``devices`` copies of every segment's weights and buffers (the most the
+    emulated devices of one host hold together) within :data:`COLD_CACHE_SHARE` of the
+    cache (``cache_bytes``; None: this host's, from sysfs). Then a call after a wait finds
+    them warm, and no cold extras apply ([Note: cold weights in phase 1] in
+    ``solver.pac``)."""
+    held = sum(t.numel() * t.element_size() for segment in pac.segments
+               for t in [*segment.parameters(), *segment.buffers()])
+    cache = _last_level_cache_bytes() if cache_bytes is None else cache_bytes
+    return devices * held <= COLD_CACHE_SHARE * cache
+
+
 def measure_cold_segments(pac: AdapterModel, spec: Any, *, repeats: int = 5,
                           rounds: int = 3, pause_s: float = WAIT_S) -> tuple[float, ...]:
     """Per backbone segment of ``pac``, the CPU seconds a forward of one sample takes
@@ -202,6 +223,15 @@ def measure_cold_segments(pac: AdapterModel, spec: Any, *, repeats: int = 5,
             extra.append(paired_extra(functools.partial(timed, j, False),
                                       functools.partial(timed, j, True), rounds * repeats))
     return tuple(extra)
+
+
+def _cold_segments(pac: AdapterModel, spec: Any, devices: int) -> tuple[float, ...]:
+    """``measure_cold_segments``, or nothing where the weights stay cached."""
+    if weights_stay_cached(pac, devices):
+        log.info("the backbone's weights (x %d devices) fit in a quarter of this host's "
+                 "last-level cache: phase 1's calls find them warm, no cold extras", devices)
+        return ()
+    return measure_cold_segments(pac, spec)
 
 
 def paired_extra(warm: Callable[[], float], cold: Callable[[], float], pairs: int) -> float:
@@ -346,7 +376,8 @@ def prepare_finetune(spec: Any, cluster: Any, costs: Any, out: str | Path, *, ba
                     read_s_per_byte=read_s,
                     sample_s=measure_samples(samples) if measured else 0.0,
                     step_saved_bytes=measure_step_memory(pac, spec),
-                    segment_cold_s=measure_cold_segments(pac, spec) if measured else ())
+                    segment_cold_s=_cold_segments(pac, spec, len(cluster.devices))
+                    if measured else ())
     plan = plan_finetune(costs, cluster, model, batch_size=batch_size,
                          num_samples=samples.num_samples, epochs=epochs,
                          micro_batch_size=micro_batch_size, phase1_planner=phase1_planner,

@@ -176,6 +176,13 @@ def _handoff_s(cluster: Cluster, phase1: Plan, s: int, owners: Sequence[str],
 # figure moved 0.1-0.8 ms a segment between measurements and phase 1's prediction 0.58-
 # 0.71 s with it; with the pause it is 0.6-0.8 ms. A device whose cache holds its weights
 # between calls (no other work) pays less than this.
+# On the VM of 2026-12-05 (a 480 MiB last-level cache) the sweep made the figure 0.9 ms a
+# segment call, but nothing in a run evicts 12.6 MiB of weights from such a cache: the
+# fast device's in-run forward CPU matched the table without the extras (0.167-0.172 s
+# against 0.170 s; with them 0.290 s), and phase 1 came 23-34 % under its prediction in
+# six quiet runs. So ``finetune`` measures the extras only where every device's copy of
+# the backbone together needs more than a quarter of the host's last-level cache
+# (``asteroid_fx.finetune.weights_stay_cached``); else there are none.
 
 
 def predict_finetune(plan: PacPlan, costs: CostTable, cluster: Cluster) -> PacPrediction:

@@ -226,6 +226,28 @@ def test_cold_segments_are_measured_per_segment() -> None:
     assert len(cold) == len(pac.segments) and all(v >= 0.0 for v in cold)
 
 
+def test_cold_extras_only_where_the_weights_leave_the_cache(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from asteroid_fx import finetune
+    from asteroid_fx.adapters import parallel_adapters
+
+    spec = load_model_spec(GPT)
+    torch.manual_seed(0)
+    pac = parallel_adapters(spec.build_model(), spec.sample_batch(2)[0], rank=2)
+    held = sum(t.numel() * t.element_size() for seg in pac.segments
+               for t in [*seg.parameters(), *seg.buffers()])
+    # three devices' copies within a quarter of the cache: warm; one byte less: cold
+    assert finetune.weights_stay_cached(pac, 3, cache_bytes=12 * held)
+    assert not finetune.weights_stay_cached(pac, 3, cache_bytes=12 * held - 1)
+    assert not finetune.weights_stay_cached(pac, 4, cache_bytes=12 * held)
+    # where they stay, prepare_finetune measures no extras; else it does
+    monkeypatch.setattr(finetune, "weights_stay_cached", lambda *a, **k: True)
+    assert finetune._cold_segments(pac, spec, 3) == ()
+    monkeypatch.setattr(finetune, "weights_stay_cached", lambda *a, **k: False)
+    monkeypatch.setattr(finetune, "measure_cold_segments", lambda *a, **k: (0.1,) * 4)
+    assert finetune._cold_segments(pac, spec, 3) == (0.1,) * 4
+
+
 def test_disk_costs_are_measured_per_byte_each_read_after_a_pause(
         monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     from asteroid_fx import finetune
