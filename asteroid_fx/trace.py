@@ -1069,13 +1069,20 @@ def _sort_by_layer(graph: fx.Graph, layer_of: dict[fx.Node, int]) -> None:
 # --------------------------------------------------------------------------- results
 
 
-def _tied_weights(gm: fx.GraphModule, layer_of: dict[fx.Node, int],
-                  num_layers: int) -> tuple[TiedWeight, ...]:
-    """The trained tensors that two or more layers use, under the first name a layer uses."""
+def _layer_members(gm: fx.GraphModule, layer_of: dict[fx.Node, int],
+                   num_layers: int) -> list[list[fx.Node]]:
+    """Each layer's nodes in graph order (placeholders and the output in none)."""
     members: list[list[fx.Node]] = [[] for _ in range(num_layers)]
     for node in gm.graph.nodes:
         if node.op not in ("placeholder", "output"):
             members[layer_of[node]].append(node)
+    return members
+
+
+def _tied_weights(gm: fx.GraphModule, layer_of: dict[fx.Node, int],
+                  num_layers: int) -> tuple[TiedWeight, ...]:
+    """The trained tensors that two or more layers use, under the first name a layer uses."""
+    members = _layer_members(gm, layer_of, num_layers)
     named = dict(gm.named_parameters(remove_duplicate=False))
     users: dict[int, tuple[str, torch.Tensor, list[int]]] = {}
     for index, nodes in enumerate(members):
@@ -1093,10 +1100,7 @@ def _tied_weights(gm: fx.GraphModule, layer_of: dict[fx.Node, int],
 def _build_layers(
     gm: fx.GraphModule, layer_of: dict[fx.Node, int], anchors: list[fx.Node], batch: int
 ) -> list[Layer]:
-    members: list[list[fx.Node]] = [[] for _ in anchors]
-    for node in gm.graph.nodes:
-        if node.op not in ("placeholder", "output"):
-            members[layer_of[node]].append(node)
+    members = _layer_members(gm, layer_of, len(anchors))
     named = dict(gm.named_parameters(remove_duplicate=False))
     buffers = dict(gm.named_buffers(remove_duplicate=False))
     owned: set[int] = set()  # ids of tensors whose bytes are counted already
