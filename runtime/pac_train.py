@@ -116,6 +116,7 @@ from runtime.samples import SampleSource
 from runtime.train import (
     TrainConfig,
     WorkerResult,
+    compute_scale,
     make_optimizer,
     pace_speed,
     resolve_loss_fn,
@@ -441,11 +442,6 @@ SLOTS = 12  # per rank in a phase-2 step's all-reduce: loss, hits, misses, phase
 #             forward s, phase-1 samples s, phase-1 forward CPU s, phase-2 CPU s
 
 
-def _compute_scale(source: Any, rank: int, config: TrainConfig) -> float:
-    per_rank = getattr(source, "compute_scale", None)
-    return float(per_rank(rank)) if callable(per_rank) else config.compute_scale
-
-
 def _dilate(began: float, scale: float) -> None:
     """Time dilation of the emulator (speed < 1 without cgroups): sleep (scale - 1) x the
     compute just done."""
@@ -731,7 +727,7 @@ def finetune_device(source: Any, rank: int, config: TrainConfig, *, hooks: Any =
     group = _Group(tuple(pac.devices), tuple((pac.sample_range(d),) for d in pac.devices),
                    rank, tuple(range(world)), pac.homes(1), pac.homes(2))
     comm = _comm(rank, config, group.old_ranks)
-    scale = _compute_scale(source, rank, config)
+    scale = compute_scale(source, rank, config)
     paced = pace_speed(source, rank)
     segments = stage_segments(pac, rank)
     # a frozen head is not needed before phase 2: loaded when the backbone goes, so the

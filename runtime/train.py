@@ -34,6 +34,7 @@ __all__ = [
     "load_stage_weights",
     "model_state",
     "pace_speed",
+    "compute_scale",
     "make_optimizer",
     "resolve_loss_fn",
     "train_device",
@@ -224,7 +225,8 @@ def pace_speed(source: Any, rank: int) -> float:
     return float(per_rank(rank)) if callable(per_rank) else 1.0
 
 
-def _compute_scale(source: StageSource, rank: int, config: TrainConfig) -> float:
+def compute_scale(source: Any, rank: int, config: TrainConfig) -> float:
+    """The time dilation of ``rank``'s compute (``PerRankScale``; else the config's)."""
     per_rank = getattr(source, "compute_scale", None)
     return float(per_rank(rank)) if callable(per_rank) else config.compute_scale
 
@@ -303,7 +305,7 @@ def train_device(source: StageSource, rank: int, config: TrainConfig, *,
     meter = MemoryMeter(module, optimizer, device)
     executor = StageExecutor(plan, rank, module, comm, resolve_loss_fn(model_file), optimizer,
                              group=groups[stage_index], loss_reduction=config.loss_reduction,
-                             compute_scale=_compute_scale(source, rank, config), device=device,
+                             compute_scale=compute_scale(source, rank, config), device=device,
                              pace=pace_speed(source, rank),
                              memory=meter, ties=ties)
     schedule = add_comms(plan, compute_schedule(plan))
