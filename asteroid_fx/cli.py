@@ -63,6 +63,10 @@ PlannerOpt = Annotated[str, typer.Option("--planner", help=PLANNERS_HELP)]
 TimeLimitOpt = Annotated[float | None, typer.Option(
     "--time-limit", help="seconds for the asteroid search: the best plan by then, with its "
     "proven gap (default: search to the end, exact)")]
+ObjectiveOpt = Annotated[str, typer.Option(
+    "--objective", help="model: the latency model's optimum (default); simulated: of the "
+    "plans the asteroid search found, the one whose event simulation is fastest, where it "
+    "beats the optimum's by 5% (docs/planner.md, \"Simulated alternatives\")")]
 
 
 _THIRD_PARTY_LOGGERS = ("onnxscript", "onnx_ir", "onnx", "torch", "matplotlib", "PIL",
@@ -423,6 +427,7 @@ def plan(
     leaf: LeafOpt = None,
     micro_batch: MicroOpt = None,
     time_limit: TimeLimitOpt = None,
+    objective: ObjectiveOpt = "model",
 ) -> None:
     """Plan stages, device groups, shares and micro-batches; print the report."""
     with _errors():
@@ -430,10 +435,12 @@ def plan(
         from solver.anytime import check_time_limit
 
         check_time_limit(time_limit)
+        _check_objective(objective, planner)
         clus = Cluster.from_yaml(cluster)
         _spec, _module, _inputs, table = _costs_for(model, batch_size, costs_file, _leaf(leaf),
                                                     clus, planner)
-        result = _plan(table, clus, batch_size, planner, micro_batch, time_limit, check_ilp)
+        result = _plan(table, clus, batch_size, planner, micro_batch, time_limit, check_ilp,
+                       objective)
         _print_report(result, table, clus)
         if out is not None:
             result.save(out)
@@ -445,8 +452,15 @@ LARGE_FLEET = 12
 exact search may take minutes (docs/planner.md, "Limits")."""
 
 
+def _check_objective(objective: str, planner: str) -> None:
+    """``--objective``'s value checked before any costs are measured (PlanError)."""
+    from solver.alternatives import check_objective
+
+    check_objective(objective, planner)
+
+
 def _plan(table: Any, clus: Any, batch_size: int, planner: str, micro_batch: int | None,
-          time_limit: float | None, check_ilp: bool = False) -> Any:
+          time_limit: float | None, check_ilp: bool = False, objective: str = "model") -> Any:
     """``solver.api.plan`` with a progress bar, and a hint on large fleets."""
     from solver.api import plan as plan_fn
 
@@ -459,6 +473,7 @@ def _plan(table: Any, clus: Any, batch_size: int, planner: str, micro_batch: int
         return plan_fn(table, clus, batch_size, planner=planner, check_ilp=check_ilp,
                        optimizer_state_factor=table.optimizer_state_factor,
                        micro_batch_size=micro_batch, time_limit=time_limit,
+                       objective=objective,
                        progress=lambda done, what: update(round(1000 * done), 1000, what))
 
 
@@ -480,6 +495,7 @@ def partition(
     leaf: LeafOpt = None,
     micro_batch: MicroOpt = None,
     time_limit: TimeLimitOpt = None,
+    objective: ObjectiveOpt = "model",
     token: Annotated[str | None, typer.Option(
         "--token", help="the shared secret devices prove to join a run of this package, "
         "written to DIR/token (mode 0600); default: $ASTEROID_TOKEN, else the directory's "
@@ -493,11 +509,13 @@ def partition(
         from solver.anytime import check_time_limit
 
         check_time_limit(time_limit)
+        _check_objective(objective, planner)
         start = time.perf_counter()
         clus = Cluster.from_yaml(cluster)
         spec, module, inputs, table = _costs_for(model, batch_size, costs_file, _leaf(leaf),
                                                  clus, planner)
-        result = _plan(table, clus, batch_size, planner, micro_batch, time_limit)
+        result = _plan(table, clus, batch_size, planner, micro_batch, time_limit,
+                       objective=objective)
         _print_report(result, table, clus)
         stages = partition_fn(module, inputs, result, leaf_modules=_leaf(leaf))
         bar, update = _progress_callback("ONNX export and check")

@@ -231,12 +231,27 @@ def _tied_words(tied: Mapping[str, Any]) -> str:
     return f"tied {weights}: kept {tied['kept']} (split {split}; {other})"
 
 
+def _plan_words(plan: Mapping[str, Any]) -> str:
+    """A plan summary of ``solver.alternatives.describe`` as words."""
+    stages = plan.get("stages", ())
+    return (f"{format_seconds(float(plan['round_s']))}, simulated "
+            f"{format_seconds(float(plan['simulated_s']))} ({len(stages)} stage(s), "
+            f"micro-batch {plan['micro_batch']})")
+
+
 def check_words(check: Mapping[str, object]) -> str:
     """``PlannerInfo.check`` as words for the report (``gap 0.12 %``, ``ILP optimal``...)."""
     parts = []
     for key, value in check.items():
         if key == "tied" and isinstance(value, Mapping):
             parts.append(_tied_words(value))
+            continue
+        if key == "simulated_alternative" and isinstance(value, Mapping):
+            parts.append(f"a plan the search passed simulates faster: {_plan_words(value)}; "
+                         f"--objective simulated takes it")
+            continue
+        if key == "model_optimum" and isinstance(value, Mapping):
+            parts.append(f"the model's optimum found: {_plan_words(value)}")
             continue
         if isinstance(value, float):
             text = (f"{value:.2%}" if key == "gap" else format_seconds(value)

@@ -117,8 +117,9 @@ from solver.summary import hiding_ratio
 from solver.timing import Timing
 from solver.widening import Widened, widen
 
-__all__ = ["Progress", "SearchReport", "search", "plan_or_raise", "work_bound", "link_bounds",
-           "check_time_limit", "wide_size", "WIDE_EXACT_MAX"]
+__all__ = ["Progress", "SearchReport", "search", "plan_or_raise", "search_or_raise",
+           "work_bound", "link_bounds", "check_time_limit", "wide_size", "WIDE_EXACT_MAX",
+           "ALTERNATIVES_MAX"]
 
 log = logging.getLogger(__name__)
 
@@ -142,6 +143,13 @@ class SearchReport:
     bound: SearchBound | None
     phases: tuple[str, ...]
     complete: bool
+    #: the plans that were the best so far and lost it, the latest first (at most
+    #: ``ALTERNATIVES_MAX``): what ``solver.alternatives`` simulates
+    alternatives: tuple[Plan, ...] = ()
+
+
+ALTERNATIVES_MAX = 8
+"""How many earlier incumbents a search keeps (``SearchReport.alternatives``)."""
 
 
 WIDE_EXACT_MAX = 700
@@ -544,21 +552,26 @@ def _search(costs: CostTable, cluster: Cluster, batch_size: int, optimizer_state
         return step
 
     seeded = ""
+    earlier: list[Plan] = []     # the incumbents replaced, oldest first
+
+    def promote(plan: Plan, value: float, name: str) -> None:
+        nonlocal best, best_value, seeded
+        if best is not None:
+            earlier.append(best)
+        best, best_value, seeded = plan, value, name
 
     def take(result: DPResult) -> None:
-        nonlocal best, best_value, seeded
         if result.plan is not None and result.round_time_s < best_value:
-            best, best_value, seeded = result.plan, result.round_time_s, ""
+            promote(result.plan, result.round_time_s, "")
 
     def safety_net(planning: bool) -> None:
-        nonlocal best, best_value, seeded
         if not baselines:
             return
         for name, seed, value in _baseline_plans(costs, cluster, batch_size,
                                                  optimizer_state_factor, micro_batch_sizes,
                                                  search_end, planning):
             if value < best_value:
-                best, best_value, seeded = seed, value, name
+                promote(seed, value, name)
 
     # 0: the quick baselines: a safety net, and an incumbent that prunes from the start
     safety_net(planning=False)
@@ -566,13 +579,13 @@ def _search(costs: CostTable, cluster: Cluster, batch_size: int, optimizer_state
     widened: Widened | None = None
 
     def widening(until: float) -> None:
-        nonlocal best, best_value, seeded, widened
+        nonlocal widened
         widened = widen(costs, cluster, batch_size, deadline=until,
                         optimizer_state_factor=optimizer_state_factor,
                         micro_batch_sizes=micro_batch_sizes, max_cuts=max_cuts,
                         incumbent=best_value, after=widened)
         if widened.plan is not None and widened.round_time_s < best_value:
-            best, best_value, seeded = widened.plan, widened.round_time_s, ""
+            promote(widened.plan, widened.round_time_s, "")
         if "widening" not in phases:
             phases.append("widening")
 
@@ -706,7 +719,8 @@ def _search(costs: CostTable, cluster: Cluster, batch_size: int, optimizer_state
     check = {"seeded_from": seeded} if seeded else {}
     plan = replace(best, planner=PlannerInfo("asteroid", PLANNER_VERSION,
                                              time.perf_counter() - started, check, info))
-    return SearchReport(plan, best_value, info, tuple(phases), complete)
+    return SearchReport(plan, best_value, info, tuple(phases), complete,
+                        tuple(reversed(earlier[-ALTERNATIVES_MAX:])))
 
 
 def plan_or_raise(costs: CostTable, cluster: Cluster, batch_size: int, *,
@@ -716,11 +730,27 @@ def plan_or_raise(costs: CostTable, cluster: Cluster, batch_size: int, *,
                   time_limit: float | None = None,
                   progress: Progress | None = None) -> Plan:
     """``search``'s plan, or the ``PlanError`` of why there is none."""
+    found = search_or_raise(costs, cluster, batch_size,
+                            optimizer_state_factor=optimizer_state_factor,
+                            micro_batch_sizes=micro_batch_sizes, max_cuts=max_cuts,
+                            time_limit=time_limit, progress=progress).plan
+    if found is None:   # (search_or_raise raises first)
+        raise PlanError("the search returned no plan")
+    return found
+
+
+def search_or_raise(costs: CostTable, cluster: Cluster, batch_size: int, *,
+                    optimizer_state_factor: float = 0.0,
+                    micro_batch_sizes: Sequence[int] | None = None,
+                    max_cuts: int | None = DEFAULT_MAX_CUTS,
+                    time_limit: float | None = None,
+                    progress: Progress | None = None) -> SearchReport:
+    """``search``'s report where it has a plan, or the ``PlanError`` of why there is none."""
     report = search(costs, cluster, batch_size, optimizer_state_factor=optimizer_state_factor,
                     micro_batch_sizes=micro_batch_sizes, max_cuts=max_cuts,
                     time_limit=time_limit, progress=progress)
     if report.plan is not None:
-        return report.plan
+        return report
     if not report.complete and time_limit is not None:
         raise PlanError(f"no plan found within the time limit of {time_limit:g} s (the "
                         f"search had not finished); raise the time limit or leave it out")

@@ -22,7 +22,8 @@ from contracts.cluster import Cluster
 from contracts.errors import PlanError
 from contracts.plan import Plan, PlannerInfo, SearchBound
 from contracts.table import CostTable
-from solver.anytime import Progress, check_time_limit, plan_or_raise
+from solver.alternatives import check_objective, describe, simulated_alternative
+from solver.anytime import Progress, check_time_limit, search_or_raise
 from solver.diagnose import no_fit_error
 from solver.dp import DP_VERSION, asteroid_dp
 from solver.evaluate import evaluate
@@ -47,7 +48,7 @@ def asteroid(costs: CostTable, cluster: Cluster, batch_size: int, *,
              optimizer_state_factor: float = 0.0,
              micro_batch_sizes: Sequence[int] | None = None,
              max_cuts: int | None = DEFAULT_MAX_CUTS, time_limit: float | None = None,
-             progress: Progress | None = None) -> Plan:
+             progress: Progress | None = None, objective: str = "model") -> Plan:
     """The Asteroid planner (Algorithm 2 over Algorithm 1, every device order searched);
     PlanError when nothing fits.
 
@@ -58,15 +59,25 @@ def asteroid(costs: CostTable, cluster: Cluster, batch_size: int, *,
     the candidate cuts); with one, it is the best found by then, and
     ``plan.planner.bound`` holds the proven lower bound and gap. A baseline plan that
     wins is recorded as ``planner.check["seeded_from"]``.
+
+    The plans the search passed over are simulated against its best ([Note: simulated
+    alternatives] in ``solver.alternatives``): one that simulates at least 5 % faster is
+    recorded as ``planner.check["simulated_alternative"]``, and with ``objective=
+    "simulated"`` returned instead.
     """
     tied = bool(costs.tied)
     # a tied model also searches one stage ([Note: planning tied weights]): a share of
     # the limit is kept for it
     main_limit = (time_limit if time_limit is None or not tied
                   else time_limit * (1 - _ONE_STAGE_SHARE))
-    best = plan_or_raise(costs, cluster, batch_size, optimizer_state_factor=optimizer_state_factor,
-                         micro_batch_sizes=micro_batch_sizes, max_cuts=max_cuts,
-                         time_limit=main_limit, progress=progress)
+    report = search_or_raise(costs, cluster, batch_size,
+                             optimizer_state_factor=optimizer_state_factor,
+                             micro_batch_sizes=micro_batch_sizes, max_cuts=max_cuts,
+                             time_limit=main_limit, progress=progress)
+    best = report.plan
+    if best is None:    # (search_or_raise raises first)
+        raise PlanError("the search returned no plan")
+    best = _with_alternative(best, report.alternatives, costs, cluster, objective)
     if not tied:
         return best
     one_limit = None if time_limit is None else time_limit * _ONE_STAGE_SHARE
@@ -77,6 +88,27 @@ def asteroid(costs: CostTable, cluster: Cluster, batch_size: int, *,
 
 _ONE_STAGE_SHARE = 0.2
 """The share of a time limit that the plan of one stage of a tied model gets."""
+
+
+def _with_alternative(best: Plan, alternatives: Sequence[Plan], costs: CostTable,
+                      cluster: Cluster, objective: str) -> Plan:
+    """``best`` with the simulated alternative in its check, or (``objective ==
+    "simulated"``) the alternative with the model's optimum in its check."""
+    found = simulated_alternative(best, alternatives, costs, cluster)
+    if found is None:
+        return best
+    alt, alt_s, best_s = found
+    info = best.planner
+    if objective != "simulated":
+        check = {**info.check, "simulated_alternative": describe(alt, alt_s, costs, cluster)}
+        return replace(best, planner=replace(info, check=check))
+    check = {**info.check, "objective": "simulated",
+             "model_optimum": describe(best, best_s, costs, cluster)}
+    bound = info.bound
+    if bound is not None:
+        alt_round = evaluate(alt, costs, cluster).round_time_s
+        bound = replace(bound, gap=max(0.0, (alt_round - bound.bound_s) / bound.bound_s))
+    return replace(alt, planner=replace(info, check=check, bound=bound))
 
 
 def asteroid_order(costs: CostTable, cluster: Cluster, batch_size: int, *,
@@ -184,7 +216,7 @@ def plan(costs: CostTable, cluster: Cluster, batch_size: int, *, planner: str = 
          time_limit_s: float = DEFAULT_ILP_TIME_LIMIT_S,
          micro_batch_size: int | None = None,
          time_limit: float | None = None,
-         progress: Progress | None = None) -> Plan:
+         progress: Progress | None = None, objective: str = "model") -> Plan:
     """Plan with the named planner and return the evaluated plan.
 
     Args:
@@ -209,6 +241,9 @@ def plan(costs: CostTable, cluster: Cluster, batch_size: int, *, planner: str = 
         progress: ``(fraction done, what)`` callback of the ``asteroid`` search.
         micro_batch_size: fix the micro-batch size (a divisor of ``batch_size``; asteroid /
             ilp planners only) instead of letting the planner choose it.
+        objective: ``model`` (the closed form's optimum) or ``simulated`` (of the plans
+            the ``asteroid`` search found, the one whose event simulation is fastest, where
+            it beats the optimum's by 5 %: ``solver.alternatives``).
 
     Returns:
         The plan with ``predicted``, ``num_layers``, hashes and planner info filled in.
@@ -226,6 +261,7 @@ def plan(costs: CostTable, cluster: Cluster, batch_size: int, *, planner: str = 
     if fn is None:
         raise PlanError(f"unknown planner {planner!r}; choose one of "
                         f"{', '.join(sorted(PLANNERS))}")
+    check_objective(objective, planner)
     if micro_batch_size is not None:
         micro_batch_sizes = [_fixed_micro_batch(micro_batch_size, batch_size, planner)]
     ilp_cuts = _check_cuts(costs, cluster, batch_size, micro_batch_sizes) if check_ilp else None
@@ -237,6 +273,7 @@ def plan(costs: CostTable, cluster: Cluster, batch_size: int, *, planner: str = 
     if planner == "asteroid":
         kwargs["time_limit"] = time_limit
         kwargs["progress"] = progress
+        kwargs["objective"] = objective
     start = time.perf_counter()
     result = fn(costs, cluster, batch_size, **kwargs)
     elapsed = time.perf_counter() - start

@@ -484,6 +484,25 @@ def test_plan_time_limit(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
         assert "PlanError" in line and "time limit must be a number of seconds > 0" in line
 
 
+def test_plan_objective(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    mlp = str(ROOT / "examples" / "mlp.py")
+    plan_path = tmp_path / "plan.json"
+    assert main(["plan", mlp, "--cluster", LOCAL3, "-b", "8", "--costs", "analytic",
+                 "--objective", "simulated", "--out", str(plan_path)]) == 0
+    capsys.readouterr()
+    from contracts.plan import Plan
+
+    assert Plan.load(plan_path).predicted is not None
+    for args, words in ((["--objective", "fastest"], "unknown objective 'fastest'"),
+                        (["--objective", "simulated", "--planner", "dapple"],
+                         "applies to the planner 'asteroid' only")):
+        assert main(["partition", mlp, "--cluster", LOCAL3, "-b", "8", "--costs", "analytic",
+                     "--no-onnx", "--out", str(tmp_path / "bad"), *args]) == 1
+        line = _one_error_line(capsys.readouterr().err)
+        assert "PlanError" in line and words in line
+        assert not (tmp_path / "bad").exists()
+
+
 def test_partition_time_limit_and_the_large_fleet_hint(tmp_path: Path,
                                                        capsys: pytest.CaptureFixture[str]
                                                        ) -> None:
