@@ -96,6 +96,8 @@ def test_the_planner_reports_the_alternative_and_takes_it_when_asked(
     assert after.simulated_round_time_s is not None
     assert after.simulated_round_time_s < before.simulated_round_time_s
     assert "the model's optimum found" in check_words(taken.planner.check)
+    for plan in (default, taken):       # plan.json keeps what the check says
+        assert Plan.from_json(plan.to_json()).planner.check == plan.planner.check
 
 
 def test_without_a_better_alternative_both_objectives_agree(
