@@ -432,10 +432,11 @@ def plan(
     """Plan stages, device groups, shares and micro-batches; print the report."""
     with _errors():
         from contracts.cluster import Cluster
+        from solver.alternatives import check_objective
         from solver.anytime import check_time_limit
 
         check_time_limit(time_limit)
-        _check_objective(objective, planner)
+        check_objective(objective, planner)     # before any costs are measured
         clus = Cluster.from_yaml(cluster)
         _spec, _module, _inputs, table = _costs_for(model, batch_size, costs_file, _leaf(leaf),
                                                     clus, planner)
@@ -450,13 +451,6 @@ def plan(
 LARGE_FLEET = 12
 """Above this many devices, ``plan``/``partition`` without ``--time-limit`` say that the
 exact search may take minutes (docs/planner.md, "Limits")."""
-
-
-def _check_objective(objective: str, planner: str) -> None:
-    """``--objective``'s value checked before any costs are measured (PlanError)."""
-    from solver.alternatives import check_objective
-
-    check_objective(objective, planner)
 
 
 def _plan(table: Any, clus: Any, batch_size: int, planner: str, micro_batch: int | None,
@@ -506,10 +500,11 @@ def partition(
         from asteroid_fx.package import save_partition
         from asteroid_fx.partition import partition as partition_fn
         from contracts.cluster import Cluster
+        from solver.alternatives import check_objective
         from solver.anytime import check_time_limit
 
         check_time_limit(time_limit)
-        _check_objective(objective, planner)
+        check_objective(objective, planner)     # before any costs are measured
         start = time.perf_counter()
         clus = Cluster.from_yaml(cluster)
         spec, module, inputs, table = _costs_for(model, batch_size, costs_file, _leaf(leaf),

@@ -117,7 +117,7 @@ from solver.summary import hiding_ratio
 from solver.timing import Timing
 from solver.widening import Widened, widen
 
-__all__ = ["Progress", "SearchReport", "search", "plan_or_raise", "search_or_raise",
+__all__ = ["Progress", "SearchReport", "search", "search_or_raise",
            "work_bound", "link_bounds", "check_time_limit", "wide_size", "WIDE_EXACT_MAX",
            "ALTERNATIVES_MAX"]
 
@@ -721,22 +721,6 @@ def _search(costs: CostTable, cluster: Cluster, batch_size: int, optimizer_state
                                              time.perf_counter() - started, check, info))
     return SearchReport(plan, best_value, info, tuple(phases), complete,
                         tuple(reversed(earlier[-ALTERNATIVES_MAX:])))
-
-
-def plan_or_raise(costs: CostTable, cluster: Cluster, batch_size: int, *,
-                  optimizer_state_factor: float = 0.0,
-                  micro_batch_sizes: Sequence[int] | None = None,
-                  max_cuts: int | None = DEFAULT_MAX_CUTS,
-                  time_limit: float | None = None,
-                  progress: Progress | None = None) -> Plan:
-    """``search``'s plan, or the ``PlanError`` of why there is none."""
-    found = search_or_raise(costs, cluster, batch_size,
-                            optimizer_state_factor=optimizer_state_factor,
-                            micro_batch_sizes=micro_batch_sizes, max_cuts=max_cuts,
-                            time_limit=time_limit, progress=progress).plan
-    if found is None:   # (search_or_raise raises first)
-        raise PlanError("the search returned no plan")
-    return found
 
 
 def search_or_raise(costs: CostTable, cluster: Cluster, batch_size: int, *,

@@ -16,8 +16,8 @@ from solver.anytime import (
     WIDE_EXACT_MAX,
     WIDE_SHORT_MAX,
     check_time_limit,
-    plan_or_raise,
     search,
+    search_or_raise,
     wide_size,
     work_bound,
 )
@@ -119,7 +119,7 @@ def test_nothing_fits_is_a_plan_error_with_the_shortfall() -> None:
     costs = uniform_costs(3, param_bytes=64 * MIB)
     cluster = make_cluster([1.0, 2.0], memory_mib=[100.0, 120.0])
     with pytest.raises(PlanError, match=r"no plan .* fits in memory.*short"):
-        plan_or_raise(costs, cluster, 4)
+        search_or_raise(costs, cluster, 4)
 
 
 def test_a_plan_that_fits_only_in_another_order_is_found() -> None:
@@ -127,13 +127,15 @@ def test_a_plan_that_fits_only_in_another_order_is_found() -> None:
     # runs even where the size gate would skip it
     costs = make_costs([(0.0, 0.01)], [(0.0, 0.02)], [16 * MIB], [MIB], [])
     cluster = make_cluster([2.0, 1.0, 1.0], memory_mib=[8.0, 256.0, 256.0])
-    plan = plan_or_raise(costs, cluster, 4)
+    plan = search_or_raise(costs, cluster, 4).plan
+    assert plan is not None
     assert "d0" not in plan.devices and evaluate(plan, costs, cluster).fits
 
 
 def test_the_bound_survives_plan_json() -> None:
     costs, cluster, batch = random_instance(35, max_layers=5, max_devices=3)
-    plan = plan_or_raise(costs, cluster, batch)
+    plan = search_or_raise(costs, cluster, batch).plan
+    assert plan is not None
     assert plan.planner.bound is not None and plan.planner.version == "2"
     again = Plan.from_json(plan.to_json())
     assert again == plan and again.planner.bound == plan.planner.bound
