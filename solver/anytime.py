@@ -544,11 +544,12 @@ def _search(costs: CostTable, cluster: Cluster, batch_size: int, optimizer_state
     best_value = math.inf
     phases: list[str] = []
 
-    def report(share: float, offset: float, what: str) -> Callable[[int, int, str], None]:
-        def step(done: int, total: int, where: str) -> None:
+    def report(share: float, offset: float, what: str) -> Callable[[int, int, str, float], None]:
+        def step(done: int, total: int, where: str, found: float) -> None:
+            # the running search's best, not only what earlier phases left
             if progress is not None:
                 progress(offset + share * done / max(total, 1),
-                         f"{what}, {where}, best {best_value:.4g} s")
+                         f"{what}, {where}, best {min(best_value, found):.4g} s")
         return step
 
     seeded = ""

@@ -60,6 +60,7 @@ __all__ = [
     "device_classes",
     "micro_batch_choices",
     "candidate_cuts",
+    "balanced_cuts",
     "GroupInfo",
     "SearchSpace",
     "SliceSpace",
@@ -175,24 +176,36 @@ def candidate_cuts(costs: CostTable, max_cuts: int | None) -> list[int]:
     n = costs.num_layers
     if max_cuts is None or n - 1 <= max_cuts:
         return list(range(n - 1))
+    return balanced_cuts(costs, list(range(n - 1)), max_cuts)
+
+
+def balanced_cuts(costs: CostTable, allowed: Sequence[int], count: int) -> list[int]:
+    """At most ``count`` of the cut positions ``allowed`` (sorted), chosen as
+    ``candidate_cuts`` chooses among every boundary: the ones nearest to splitting the
+    model's compute into ``count + 1`` equal parts, each moved to the allowed boundary
+    with the fewest cut bytes within half a step. The DP's coarse passes take their cuts
+    this way from the candidate cuts ([Note: coarse passes] in ``solver.dp``)."""
+    if len(allowed) <= count:
+        return list(allowed)
     work = [lc.fwd.at(1) + lc.bwd.at(1) for lc in costs.layers]
     total = sum(work) or 1.0
     prefix = [0.0]
     for w in work:
         prefix.append(prefix[-1] + w)
     chosen: set[int] = set()
-    step = total / (max_cuts + 1)
+    step = total / (count + 1)
     # every target's distances at once, in the float operations of a loop over the
     # boundaries (abs(prefix[c + 1] - target)); the first of equal ones wins, as in min()
-    targets = np.arange(1, max_cuts + 1, dtype=np.float64) * step
-    distance = np.abs(np.asarray(prefix[1:n])[None, :] - targets[:, None])
+    targets = np.arange(1, count + 1, dtype=np.float64) * step
+    at = np.asarray(allowed, dtype=np.int64)
+    distance = np.abs(np.asarray(prefix[1:])[at][None, :] - targets[:, None])
     inside = distance <= step / 2
     cut_bytes = costs.cut_bytes
-    for k in range(max_cuts):
-        # boundary c (after layer c) where prefix[c + 1] is closest to the target
+    for k in range(count):
+        # allowed boundary i (after layer allowed[i]) where its prefix is nearest the target
         window = np.flatnonzero(inside[k]).tolist() or [int(np.argmin(distance[k]))]
         row = distance[k]
-        chosen.add(min(window, key=lambda c: (cut_bytes[c], float(row[c]))))
+        chosen.add(allowed[min(window, key=lambda i: (cut_bytes[allowed[i]], float(row[i])))])
     return sorted(chosen)
 
 

@@ -394,6 +394,20 @@ def test_candidate_cuts() -> None:
     assert cuts == sorted(set(cuts)) and all(0 <= c < 59 for c in cuts)
 
 
+def test_progress_reports_the_best_round_so_far() -> None:
+    # what the CLI's bar shows while a search runs: never rising, the result at the end
+    costs, cluster, batch = random_instance(11)
+    seen: list[float] = []
+    result = asteroid_dp(costs, cluster, batch,
+                         progress=lambda _, __, ___, best: seen.append(best))
+    assert seen and all(a >= b for a, b in zip(seen, seen[1:], strict=False))
+    assert seen[-1] == result.round_time_s
+    given: list[float] = []
+    asteroid_dp(costs, cluster, batch, incumbent=result.round_time_s,
+                progress=lambda _, __, ___, best: given.append(best))
+    assert given and set(given) == {result.round_time_s}
+
+
 def test_incumbent_and_device_order() -> None:
     costs, cluster, batch = random_instance(11)
     best = asteroid_dp(costs, cluster, batch, max_cuts=None)
@@ -788,11 +802,12 @@ def test_full_sizes_runs_no_refining_passes() -> None:
     costs, cluster = random_costs(rng, 100), spread_cluster(rng, 4)
     steps: list[tuple[int, int]] = []
     part = asteroid_dp(costs, cluster, 16, full_sizes=2,
-                       progress=lambda done, total, _: steps.append((done, total)))
+                       progress=lambda done, total, _, __: steps.append((done, total)))
     sizes = len(micro_batch_choices(16, None))
     assert steps[-1] == (sizes + 2, sizes + 2)
     every: list[tuple[int, int]] = []
-    asteroid_dp(costs, cluster, 16, progress=lambda done, total, _: every.append((done, total)))
+    asteroid_dp(costs, cluster, 16,
+                progress=lambda done, total, _, __: every.append((done, total)))
     # without full_sizes: coarse, at least one refining pass (one size) and the full pass
     assert every[-1][1] > 2 * sizes
     assert len(part.bounds) == 2 and not part.complete

@@ -15,6 +15,7 @@ from solver.evaluate import evaluate, pieces_time, transfer_time
 from solver.space import (
     ClassSpace,
     SliceSpace,
+    balanced_cuts,
     candidate_cuts,
     device_classes,
     sorted_devices,
@@ -231,3 +232,26 @@ def test_listing_the_groups_of_many_classes_stops_at_the_deadline() -> None:
     started = time.perf_counter()
     found = asteroid_dp(costs, cluster, 16, space="classes", deadline=started + 0.2)
     assert not found.complete and time.perf_counter() - started < 2.0
+
+
+def test_balanced_cuts_pick_from_the_allowed_cuts_as_the_candidates_from_all() -> None:
+    rng = random.Random(5)
+    costs = random_costs(rng, 80)
+    every = list(range(79))
+    # over every boundary it is the candidate rule itself
+    for count in (3, 10, 40):
+        assert balanced_cuts(costs, every, count) == candidate_cuts(costs, count)
+    allowed = candidate_cuts(costs, 30)
+    for count in (1, 5, 12):
+        cuts = balanced_cuts(costs, allowed, count)
+        assert 1 <= len(cuts) <= count
+        assert cuts == sorted(set(cuts)) and set(cuts) <= set(allowed)
+    # no more allowed cuts than asked for: all of them
+    assert balanced_cuts(costs, allowed[:4], 4) == allowed[:4]
+    # the cheapest boundary within half a step of an even split wins over the nearest
+    cut_bytes = [1000] * 8
+    cut_bytes[2] = 10        # nine equal layers: boundaries 3 and 4 are nearest the half
+    cheap = make_costs([(0.0, 0.01)] * 9, [(0.0, 0.02)] * 9, [1024] * 9, [1024] * 9,
+                       cut_bytes, name="cheap-cut")
+    assert balanced_cuts(cheap, list(range(8)), 1) == [2]
+    assert balanced_cuts(uniform_costs(9), list(range(8)), 1) in ([3], [4])
