@@ -307,8 +307,7 @@ def test_a_widened_search_that_finishes_proves_the_same_optimum(
     assert report.bound.bound_s == pytest.approx(wide.round_time_s, rel=1e-12)
 
 
-def test_no_widening_without_a_limit_or_on_small_clusters(
-        monkeypatch: pytest.MonkeyPatch) -> None:
+def test_no_widening_on_small_clusters(monkeypatch: pytest.MonkeyPatch) -> None:
     import solver.anytime
     from solver.anytime import WIDEN_MIN_DEVICES, widens
 
@@ -324,5 +323,23 @@ def test_no_widening_without_a_limit_or_on_small_clusters(
     costs, cluster, batch = random_instance(36, max_layers=5, max_devices=4, links=True)
     report = search(costs, cluster, batch)
     assert report.phases == ("order", "baselines", "classes")
-    big_costs, big = _small_fleet()
-    assert widens(big, wide_size(big_costs, big))   # (with a limit it would)
+
+
+def test_a_fleet_without_a_limit_is_widened_and_no_worse_than_either_seed() -> None:
+    # [Note: when to widen]: without a limit a large fleet's sub-clusters seed the search
+    # too (for WIDEN_UNLIMITED_S); the paper's space is still searched to its end, so the
+    # plan is no worse than its optimum nor than the first sub-cluster's exact plan
+    from solver.widening import sub_clusters
+
+    costs, cluster = _small_fleet()
+    report = search(costs, cluster, 16)
+    assert report.phases[0] == "widening" and report.plan is not None
+    assert report.bound is not None and report.bound.order_optimal
+    assert report.bound.stopped == "size limit"
+    order = asteroid_dp(costs, cluster, 16)
+    assert report.round_time_s <= order.round_time_s * (1 + 1e-12)
+    first = cluster.subset(sub_clusters(costs, cluster)[0])
+    exact = asteroid_dp(costs, first, 16, space="classes")
+    assert report.round_time_s <= exact.round_time_s * (1 + 1e-12)
+    assert evaluate(report.plan, costs, cluster).round_time_s == pytest.approx(
+        report.round_time_s, rel=1e-12)
