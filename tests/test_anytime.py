@@ -73,12 +73,19 @@ def test_a_time_limit_returns_the_best_plan_with_a_proven_gap() -> None:
                                        for mb in (1, 2, 4, 8, 16, 32)) * (1 - 1e-12)
 
 
-def test_a_large_wide_space_is_not_searched_without_a_limit() -> None:
+def test_a_large_wide_space_is_not_searched_without_a_limit(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # (its glimpse, [Note: a glimpse of every order], cut to nothing: the test's plan
+    # does not depend on the host's speed)
+    import solver.anytime
+
+    monkeypatch.setattr(solver.anytime, "WIDE_UNLIMITED_S", 0.0)
     costs, cluster = planner_instance("spread", 7, 200, 8)
+    assert WIDE_SHORT_MAX < wide_size(costs, cluster) <= solver.anytime.WIDE_ANYTIME_MAX
     report = search(costs, cluster, 32)
     assert report.bound is not None and report.bound.stopped == "size limit"
     assert report.bound.order_optimal and not report.bound.optimal
-    assert report.phases == ("order", "baselines")
+    assert report.phases == ("order", "baselines", "classes")
     assert report.round_time_s <= asteroid_dp(costs, cluster, 32).round_time_s
 
 
@@ -249,8 +256,9 @@ def test_a_wide_space_the_bounds_do_not_prove_is_searched_without_a_limit(
     assert report.round_time_s == pytest.approx(wide.round_time_s, rel=1e-9)
     assert evaluate(report.plan, costs, cluster).round_time_s == pytest.approx(
         report.round_time_s, rel=1e-12)
-    # the bounds alone (no wide search) leave a gap: the case needs the search
+    # the bounds alone (no wide search, nor its glimpse) leave a gap: the case needs it
     monkeypatch.setattr(solver.anytime, "WIDE_SHORT_MAX", 0)
+    monkeypatch.setattr(solver.anytime, "WIDE_ANYTIME_MAX", 0)
     alone = search(costs, cluster, 16)
     assert alone.bound is not None and alone.bound.stopped == "size limit"
     assert alone.bound.gap > 1e-6 and alone.round_time_s >= report.round_time_s
@@ -343,3 +351,37 @@ def test_a_fleet_without_a_limit_is_widened_and_no_worse_than_either_seed() -> N
     assert report.round_time_s <= exact.round_time_s * (1 + 1e-12)
     assert evaluate(report.plan, costs, cluster).round_time_s == pytest.approx(
         report.round_time_s, rel=1e-12)
+
+
+def test_without_a_limit_a_middling_wide_space_gets_a_glimpse(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # [Note: a glimpse of every order]: without a limit, a wide space between
+    # WIDE_SHORT_MAX and WIDE_ANYTIME_MAX pairs is searched for WIDE_UNLIMITED_S after
+    # the paper's space; one that finishes in the time proves its plan optimal
+    import solver.anytime
+
+    costs, cluster = _small_fleet(devices=6)
+    size = wide_size(costs, cluster)
+    monkeypatch.setattr(solver.anytime, "WIDE_EXACT_MAX", 1)
+    monkeypatch.setattr(solver.anytime, "WIDE_SHORT_MAX", 1)
+    monkeypatch.setattr(solver.anytime, "WIDE_ANYTIME_MAX", size)
+    monkeypatch.setattr(solver.anytime, "WIDEN_MIN_DEVICES", 100)
+    # (where the class bound counts the pools, [Note: the order's sizes after the bound]
+    # decides instead)
+    monkeypatch.setattr(solver.anytime, "counts_pools", lambda space: False)
+    report = search(costs, cluster, 16)
+    assert "classes" in report.phases and report.complete
+    assert report.bound is not None and report.bound.optimal
+    wide = asteroid_dp(costs, cluster, 16, space="classes")
+    assert report.round_time_s == pytest.approx(wide.round_time_s, rel=1e-12)
+    # cut short at once: what the paper's space proved, and the size limit said
+    monkeypatch.setattr(solver.anytime, "WIDE_UNLIMITED_S", 0.0)
+    short = search(costs, cluster, 16)
+    assert "classes" in short.phases and not short.complete
+    assert short.bound is not None and short.bound.stopped == "size limit"
+    assert short.bound.order_optimal
+    order = asteroid_dp(costs, cluster, 16)
+    assert short.round_time_s <= order.round_time_s * (1 + 1e-12)
+    # above WIDE_ANYTIME_MAX it is not searched at all
+    monkeypatch.setattr(solver.anytime, "WIDE_ANYTIME_MAX", size - 1)
+    assert "classes" not in search(costs, cluster, 16).phases
