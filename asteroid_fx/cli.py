@@ -450,7 +450,7 @@ def plan(
 
 LARGE_FLEET = 12
 """Above this many devices, ``plan``/``partition`` without ``--time-limit`` say that the
-exact search may take minutes (docs/planner.md, "Limits")."""
+search may take minutes and what it proves (docs/planner.md, "Anytime planning")."""
 
 
 def _plan(table: Any, clus: Any, batch_size: int, planner: str, micro_batch: int | None,
@@ -459,9 +459,10 @@ def _plan(table: Any, clus: Any, batch_size: int, planner: str, micro_batch: int
     from solver.api import plan as plan_fn
 
     if time_limit is None and planner == "asteroid" and len(clus.devices) > LARGE_FLEET:
-        err_console.print(f"note: {len(clus.devices)} devices: the exact search may take "
-                          f"minutes; --time-limit SECONDS returns the best plan found by "
-                          f"then, with its proven gap", highlight=False)
+        err_console.print(f"note: {len(clus.devices)} devices: the search may take minutes "
+                          f"(exact over the capability order; the report gives its proven "
+                          f"gap over every order); --time-limit SECONDS returns the best "
+                          f"plan found by then, with its proven gap", highlight=False)
     bar, update = _progress_callback("planning")
     with bar:
         return plan_fn(table, clus, batch_size, planner=planner, check_ilp=check_ilp,
