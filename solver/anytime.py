@@ -659,30 +659,27 @@ def _search(costs: CostTable, cluster: Cluster, batch_size: int, optimizer_state
     if baselines:
         phases.append("baselines")
     # 3: the wide space
+    def search_wide(until: float | None) -> DPResult:
+        """The wide space from the best round so far, until ``until`` (None: its end)."""
+        found = asteroid_dp(costs, cluster, batch_size,
+                            optimizer_state_factor=optimizer_state_factor,
+                            micro_batch_sizes=micro_batch_sizes, max_cuts=max_cuts,
+                            space="classes", incumbent=best_value, deadline=until,
+                            progress=report(1.0 - _ORDER_SHARE, _ORDER_SHARE, "every order"))
+        take(found)
+        phases.append("classes")
+        return found
+
     wide: DPResult | None = None
     wide_ok = wide_ok or best is None   # a plan may fit only in another order
     if wide_ok and (search_end is None or time.perf_counter() < search_end
                     or (best is None and deadline is not None
                         and time.perf_counter() < deadline)):
-        wide = asteroid_dp(costs, cluster, batch_size,
-                           optimizer_state_factor=optimizer_state_factor,
-                           micro_batch_sizes=micro_batch_sizes, max_cuts=max_cuts,
-                           space="classes", incumbent=best_value,
-                           deadline=search_end if best is not None else deadline,
-                           progress=report(1.0 - _ORDER_SHARE, _ORDER_SHARE, "every order"))
-        take(wide)
-        phases.append("classes")
+        wide = search_wide(search_end if best is not None else deadline)
     elif time_limit is None and not later and WIDE_SHORT_MAX < size <= WIDE_ANYTIME_MAX:
         # [Note: a glimpse of every order]: without a limit, a middling wide space for a
         # few seconds (its plans only; it is not searched to its end)
-        wide = asteroid_dp(costs, cluster, batch_size,
-                           optimizer_state_factor=optimizer_state_factor,
-                           micro_batch_sizes=micro_batch_sizes, max_cuts=max_cuts,
-                           space="classes", incumbent=best_value,
-                           deadline=time.perf_counter() + WIDE_UNLIMITED_S,
-                           progress=report(1.0 - _ORDER_SHARE, _ORDER_SHARE, "every order"))
-        take(wide)
-        phases.append("classes")
+        wide = search_wide(time.perf_counter() + WIDE_UNLIMITED_S)
     complete = wide is not None and wide.complete
     if best is None:
         if progress is not None:
@@ -692,15 +689,6 @@ def _search(costs: CostTable, cluster: Cluster, batch_size: int, optimizer_state
     # up to WIDE_SHORT_MAX pairs is searched to its end where the bounds leave a gap
     fallback = time_limit is None and not wide_ok and size <= WIDE_SHORT_MAX
 
-    def search_wide() -> DPResult:
-        found = asteroid_dp(costs, cluster, batch_size,
-                            optimizer_state_factor=optimizer_state_factor,
-                            micro_batch_sizes=micro_batch_sizes, max_cuts=max_cuts,
-                            space="classes", incumbent=best_value,
-                            progress=report(1.0 - _ORDER_SHARE, _ORDER_SHARE, "every order"))
-        take(found)
-        phases.append("classes")
-        return found
     # what is proven about the wide space: per micro-batch size its finished search's
     # bound, else the larger of the work bound and the class bound
     proven = dict(wide.bounds) if wide is not None else {}
@@ -731,7 +719,7 @@ def _search(costs: CostTable, cluster: Cluster, batch_size: int, optimizer_state
         proven.update(first)
         if fallback and any(proven.get(mb, 0.0) < target * _PROVED for mb in mbs):
             # the wide search covers every order and size: no order's pass or bound needed
-            wide = search_wide()
+            wide = search_wide(None)
             complete = wide.complete
             proven.update(wide.bounds)
         elif any(proven.get(mb, 0.0) < target * _PROVED for mb in mbs):
@@ -752,7 +740,7 @@ def _search(costs: CostTable, cluster: Cluster, batch_size: int, optimizer_state
                 for mb in mbs)
     if fallback and not complete and bound < best_value * _PROVED:
         # (the priced bounds: the wide search after them)
-        wide = search_wide()
+        wide = search_wide(None)
         complete = wide.complete
     if progress is not None:
         progress(1.0, f"done, best {best_value:.4g} s")
