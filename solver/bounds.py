@@ -49,6 +49,7 @@ import heapq
 import itertools
 import math
 import time
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -107,20 +108,53 @@ class StageBound:
         return True
 
 
+@dataclass(frozen=True)
+class _Links:
+    """Every link of a space's devices, by device index: ``bw[a, b]`` the bandwidth from
+    ``a`` to ``b`` (bytes/s) and ``lat[a, b]`` its latency (s), the numbers of
+    ``Cluster.bandwidth_bytes_s`` and ``Cluster.latency_s`` (the diagonal: ``-inf`` and
+    ``inf``, no link); ``sym_bw`` and ``sym_lat`` the faster way and the smaller latency
+    of each pair. Read once per space (``_links``): the helpers below asked the cluster
+    again for every pair of every table, O(n^3) lookups per table for ``_pair_links``
+    (4 s of 15 in the class bound on 64 Jetsons)."""
+
+    bw: np.ndarray
+    lat: np.ndarray
+    sym_bw: np.ndarray
+    sym_lat: np.ndarray
+    pairs: dict[Any, Any] = field(default_factory=dict)    # _pair_links' results
+
+
+_LINKS: weakref.WeakKeyDictionary[SearchSpace, _Links] = weakref.WeakKeyDictionary()
+
+
+def _links(space: SearchSpace) -> _Links:
+    """The space's ``_Links``, read from its cluster on the first call."""
+    found = _LINKS.get(space)
+    if found is None:
+        cluster, names, n = space.cluster, space.names, space.n
+        bw = np.full((n, n), -math.inf)
+        lat = np.full((n, n), math.inf)
+        for a in range(n):
+            for b in range(n):
+                if a != b:
+                    bw[a, b] = cluster.bandwidth_bytes_s(names[a], names[b])
+                    lat[a, b] = cluster.latency_s(names[a], names[b])
+        found = _LINKS[space] = _Links(bw, lat, np.maximum(bw, bw.T), np.minimum(lat, lat.T))
+    return found
+
+
 def _in_bandwidth(space: SearchSpace) -> list[float]:
     """The fastest link into each device of the space (bytes/s; inf alone)."""
-    cluster, names = space.cluster, space.names
-    out = []
-    for a in names:
-        links = [cluster.bandwidth_bytes_s(b, a) for b in names if b != a]
-        out.append(max(links) if links else math.inf)
-    return out
+    if space.n < 2:
+        return [math.inf] * space.n
+    return [float(v) for v in _links(space).bw.max(axis=0)]
 
 
 def _min_latency(space: SearchSpace) -> float:
-    cluster, names = space.cluster, space.names
-    values = [cluster.latency_s(a, b) for a in names for b in names if a != b]
-    return min(values) if values else 0.0
+    if space.n < 2:
+        return 0.0
+    return float(_links(space).lat.min())
 
 
 def _min_max_ratio(micro_batch: int, rates: Sequence[float]) -> float | None:
@@ -443,21 +477,20 @@ def _class_tables(space: ClassSpace, sums: LayerSums, cut_bytes: Sequence[int],
     counts_all = tuple(len(c) for c in classes)
     bw_in = _in_bandwidth(space)
     lat0 = _min_latency(space)
-    cluster, names, timing = space.cluster, space.names, space.timing
+    names, timing = space.names, space.timing
     heads = [members[0] for members in classes]
     # per pair of classes: an upper bound on the bandwidth and a lower bound on the latency
     # of a link between two of their members, either way (T_a's slowest link and largest
     # latency, so T_a below is a lower bound of the group's); 0 where no such pair
+    net = _links(space)
     link_bw = [[0.0] * n_classes for _ in range(n_classes)]
     link_lat = [[math.inf] * n_classes for _ in range(n_classes)]
     for k, a_members in enumerate(classes):
         for j, b_members in enumerate(classes):
-            for a in (names[d] for d in a_members):
-                for b in (names[d] for d in b_members if names[d] != a):
-                    link_bw[k][j] = max(link_bw[k][j], cluster.bandwidth_bytes_s(a, b),
-                                        cluster.bandwidth_bytes_s(b, a))
-                    link_lat[k][j] = min(link_lat[k][j], cluster.latency_s(a, b),
-                                         cluster.latency_s(b, a))
+            # (the diagonal is -inf and inf: no device links to itself)
+            block = np.ix_(a_members, b_members)
+            link_bw[k][j] = max(0.0, float(net.sym_bw[block].max()))
+            link_lat[k][j] = float(net.sym_lat[block].min())
     tri_bw, tri_lat = _triangle_links(space)
     # per class: bound speed, fastest links into its members (fastest first), time
     # source and divisor (the same for every member, bound_classes)
@@ -916,26 +949,36 @@ def _pair_links(space: ClassSpace, classes: list[list[int]],
     the smallest over the variants of a count vector, so every stage on any pair has
     bounds at least one variant's. (Groups of three or more already all-reduce over the
     best triangle's slowest link, which on such fleets is a slow one.)"""
-    cluster, names = space.cluster, space.names
+    links = _links(space)
+    key = (tuple(tuple(c) for c in classes), None if partners is None else (
+        tuple(partners[0]), tuple(partners[1]), partners[2]))
+    found = links.pairs.get(key)
+    if found is not None:
+        return found
     cls = {d: k for k, members in enumerate(classes) for d in members}
     devices = sorted(cls)
     n_classes = len(classes)
+    # per device, the devices by their link into it, fastest first (ties by index): the
+    # fastest from outside a pair is the first of these not in it
+    ranked = {d: [e for e in np.argsort(-links.bw[:, d], kind="stable").tolist()
+                  if e != d and e in cls] for d in devices}
 
-    def bw(a: int, b: int) -> float:
-        return cluster.bandwidth_bytes_s(names[a], names[b])
+    def best_in(d: int, other: int) -> float:
+        for e in ranked[d]:
+            if e != other:
+                return float(links.bw[e, d])
+        return math.inf
 
     out: dict[tuple[int, ...],
               list[tuple[float, float, tuple[tuple[float, ...], ...], int]]] = {}
     for x, a in enumerate(devices):
         for b in devices[x + 1:]:
-            link = max(bw(a, b), bw(b, a))
-            lat = min(cluster.latency_s(names[a], names[b]),
-                      cluster.latency_s(names[b], names[a]))
+            link = float(links.sym_bw[a, b])
+            lat = float(links.sym_lat[a, b])
             # per member: (class, [(link in from outside the pair, over its partner)])
             options: list[tuple[int, list[tuple[float, int]]]] = []
             for d in (a, b):
-                rest = [bw(e, d) for e in devices if e not in (a, b)]
-                best = max(rest) if rest else math.inf
+                best = best_in(d, b if d == a else a)
                 mate = None if partners is None else partners[0][d]
                 if mate is None or mate in (a, b) or partners is None:
                     options.append((cls[d], [(best, 0)]))
@@ -952,6 +995,7 @@ def _pair_links(space: ClassSpace, classes: list[list[int]],
                 known = out.setdefault(take, [])
                 if value not in known:
                     known.append(value)
+    links.pairs[key] = out
     return out
 
 
@@ -1001,14 +1045,14 @@ def _partners(space: SearchSpace) -> _Partners | None:
     (ResNet-50 on the 32-device fleet of ``tools/time_planner.py``, micro-batch 8: 1.30 s
     without, 1.66 s with it, against 2.92 s where no member may use a partner's link).
     Counted pools see the classes of the stage before instead and do not use it."""
-    cluster, names, n = space.cluster, space.names, space.n
+    n = space.n
     if n < 3:
         return None
+    bw = _links(space).bw
     mate: list[int | None] = []
     second: list[float] = []
     for e in range(n):
-        links = sorted(((cluster.bandwidth_bytes_s(names[d], names[e]), d)
-                        for d in range(n) if d != e), reverse=True)
+        links = sorted(((float(bw[d, e]), d) for d in range(n) if d != e), reverse=True)
         if links[0][0] > links[1][0]:
             mate.append(links[0][1])
             second.append(links[1][0])
@@ -1089,17 +1133,11 @@ def _triangle_links(space: SearchSpace) -> tuple[float, float]:
     bound on the largest latency inside any group of three or more devices (the best of
     every triangle of devices, either way along each link; (inf, 0) with fewer than
     three devices)."""
-    n, cluster, names = space.n, space.cluster, space.names
+    n = space.n
     if n < 3:
         return math.inf, 0.0
-    bw = np.full((n, n), -math.inf)
-    lat = np.full((n, n), math.inf)
-    for a in range(n):
-        for b in range(n):
-            if a != b:
-                x, y = names[a], names[b]
-                bw[a, b] = max(cluster.bandwidth_bytes_s(x, y), cluster.bandwidth_bytes_s(y, x))
-                lat[a, b] = min(cluster.latency_s(x, y), cluster.latency_s(y, x))
+    links = _links(space)
+    bw, lat = links.sym_bw, links.sym_lat
     best_bw, best_lat = -math.inf, math.inf
     for a in range(n):
         # triangles (a, b, c): the slowest of the three links, the largest latency
@@ -1657,6 +1695,8 @@ def class_bound(space: ClassSpace, sums: LayerSums, cut_bytes: Sequence[int],
         return None
     m = num_micro
     top_all = target / m
+    if partner_links and _partners(space) is None:
+        partner_links = False       # (no partners: the same tables either way)
     key = (micro_batch, pools, partner_links)
     try:
         if cache is not None and key in cache:

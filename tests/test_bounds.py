@@ -15,7 +15,7 @@ from solver.bounds import proven_bound, stage_bound
 from solver.brute import brute_force, enumerate_plans
 from solver.dp import asteroid_dp, make_space
 from solver.evaluate import LayerSums, evaluate
-from solver.space import SliceSpace
+from solver.space import ClassSpace, SliceSpace
 from tests.solver_cases import random_column_instance, random_instance
 
 
@@ -960,3 +960,66 @@ def test_partners_need_a_mutual_pair() -> None:
     hub = make_cluster([1.0] * 4, bandwidth_mbps=100.0,
                        links=[("d0", f"d{k}", 1000.0) for k in (1, 2, 3)]).for_costs(costs)
     assert _partners(ClassSpace(costs, hub)) is None
+
+
+def _pair_links_by_lookup(space: ClassSpace, classes: list[list[int]],
+                          partners: Any) -> dict[tuple[int, ...], list[Any]]:
+    """``_pair_links`` as it was before the link matrices: every link asked of the
+    cluster (the reference)."""
+    cluster, names = space.cluster, space.names
+    cls = {d: k for k, members in enumerate(classes) for d in members}
+    devices = sorted(cls)
+    out: dict[tuple[int, ...], list[Any]] = {}
+
+    def bw(a: int, b: int) -> float:
+        return cluster.bandwidth_bytes_s(names[a], names[b])
+
+    for x, a in enumerate(devices):
+        for b in devices[x + 1:]:
+            link = max(bw(a, b), bw(b, a))
+            lat = min(cluster.latency_s(names[a], names[b]), cluster.latency_s(names[b], names[a]))
+            options = []
+            for d in (a, b):
+                rest = [bw(e, d) for e in devices if e not in (a, b)]
+                best = max(rest) if rest else math.inf
+                mate = None if partners is None else partners[0][d]
+                if mate is None or mate in (a, b):
+                    options.append((cls[d], [(best, 0)]))
+                else:
+                    options.append((cls[d], [(best, 1), (partners[1][d], 0)]))
+            for (rate_a, f_a), (rate_b, f_b) in itertools.product(options[0][1], options[1][1]):
+                per: list[list[float]] = [[] for _ in classes]
+                per[options[0][0]].append(rate_a)
+                per[options[1][0]].append(rate_b)
+                value = (link, lat, tuple(tuple(sorted(p, reverse=True)) for p in per), f_a + f_b)
+                known = out.setdefault(tuple(len(p) for p in per), [])
+                if value not in known:
+                    known.append(value)
+    return out
+
+
+def test_link_matrices_give_what_the_cluster_says() -> None:
+    """The helpers read every link once per space (``_links``) and give what asking the
+    cluster for each pair gives: the fastest link into each device, the smallest latency,
+    and per pair of devices its variants, with and without partners (fleets of wired
+    pairs); the pairs are computed once per space and classes."""
+    from solver.bounds import _in_bandwidth, _min_latency, _pair_links, _partners
+
+    checked = 0
+    for seed in range(40):
+        costs, cluster, _ = random_instance(seed, max_devices=7, links=True, latency=True)
+        space = ClassSpace(costs, cluster.for_costs(costs))
+        names, c = space.names, space.cluster
+        for d, got in enumerate(_in_bandwidth(space)):
+            ins = [c.bandwidth_bytes_s(e, names[d]) for e in names if e != names[d]]
+            assert got == (max(ins) if ins else math.inf)
+        lats = [c.latency_s(a, b) for a in names for b in names if a != b]
+        assert _min_latency(space) == (min(lats) if lats else 0.0)
+        classes = [list(m) for m in space.classes]
+        mates = _partners(space)
+        for partners in [None] if mates is None else [None, mates]:
+            found = _pair_links(space, classes, partners)
+            assert found == _pair_links_by_lookup(space, classes, partners)
+            assert _pair_links(space, classes, partners) is found
+            checked += 1
+    assert checked >= 40
