@@ -59,6 +59,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from solver.bounds import _links as space_links
 from solver.bounds import _min_max_ratio, _triangle_links
 from solver.space import SearchSpace
 from solver.timing import LayerSums
@@ -70,16 +71,12 @@ _SLACK = 1.0 - 1e-9
 
 def _links(space: SearchSpace) -> tuple[np.ndarray, np.ndarray]:
     """``(bw, lat)``: bytes/s and seconds per message from device ``a`` to ``b`` (``bw``
-    0 and ``lat`` inf on the diagonal)."""
-    n, cluster, names = space.n, space.cluster, space.names
-    bw = np.zeros((n, n))
-    lat = np.full((n, n), math.inf)
-    for a in range(n):
-        for b in range(n):
-            if a != b:
-                bw[a, b] = cluster.bandwidth_bytes_s(names[a], names[b])
-                lat[a, b] = cluster.latency_s(names[a], names[b])
-    return bw, lat
+    0 and ``lat`` inf on the diagonal), from the space's link matrices
+    (``solver.bounds._links``)."""
+    net = space_links(space)
+    bw = net.bw.copy()
+    np.fill_diagonal(bw, 0.0)
+    return bw, net.lat.copy()
 
 
 def _step_rates(space: SearchSpace) -> np.ndarray:
