@@ -182,6 +182,7 @@ from solver.pareto import pareto, pareto_np
 from solver.space import (
     DEFAULT_MAX_CUTS,
     ClassSpace,
+    EvenSpace,
     GroupsTimeout,
     SearchSpace,
     SliceSpace,
@@ -204,7 +205,7 @@ DP_VERSION = "1"
 _COARSE_CUTS = 12
 _REFINE_MBS = 1
 
-SpaceName = Literal["order", "classes"]
+SpaceName = Literal["order", "classes", "even"]
 
 _NUMPY_ITEMS = 400
 """Cells with at least this many candidate summaries are combined with numpy."""
@@ -335,18 +336,20 @@ class DPResult:
     bounds: dict[int, float] = field(default_factory=dict)
     #: micro-batch sizes left out of the pass over every candidate cut (``full_sizes``)
     skipped: tuple[int, ...] = ()
+    #: the micro-batch sizes, most promising first (by the best round each pass found)
+    ranking: tuple[int, ...] = ()
 
 
 def make_space(costs: CostTable, cluster: Cluster, space: SpaceName = "order",
                device_order: Sequence[str] | None = None) -> SearchSpace:
     """The search space of ``asteroid_dp`` ([Note: group spaces] in ``solver.space``)."""
-    if space == "classes":
+    if space in ("classes", "even"):
         if device_order is not None:
-            raise PlanError("device_order applies to space='order' only; the classes space "
+            raise PlanError(f"device_order applies to space='order' only; the {space} space "
                             "searches every order")
-        return ClassSpace(costs, cluster)
+        return ClassSpace(costs, cluster) if space == "classes" else EvenSpace(costs, cluster)
     if space != "order":
-        raise PlanError(f"unknown search space {space!r}; use 'order' or 'classes'")
+        raise PlanError(f"unknown search space {space!r}; use 'order', 'classes' or 'even'")
     if device_order is None:
         return SliceSpace(costs, cluster, sorted_devices(cluster, costs))
     devices = [cluster.device(name) for name in device_order]
@@ -1282,8 +1285,11 @@ def asteroid_dp(costs: CostTable, cluster: Cluster, batch_size: int, *,
         device_order: the device order whose slices stages take (``space="order"``;
             default: the capability order, ``sorted_devices``); devices left out are not
             used.
-        space: ``"order"`` (slices of one order, the paper's space) or ``"classes"`` (any
-            group, as counts of interchangeable devices: every order is searched).
+        space: ``"order"`` (slices of one order, the paper's space), ``"classes"`` (any
+            group, as counts of interchangeable devices: every order is searched) or
+            ``"even"`` (the groups of ``"classes"`` whose size divides the micro-batch,
+            nearly all of one class: [Note: even groups] in ``solver.space``; its
+            ``bounds`` hold for it alone).
         incumbent: a round time already achieved elsewhere; only better plans are
             returned (``plan`` is None when there is none).
         deadline: a ``time.perf_counter()`` value; the search stops there and returns the
@@ -1434,4 +1440,5 @@ def asteroid_dp(costs: CostTable, cluster: Cluster, batch_size: int, *,
         best_plan = replace(best_plan, planner=PlannerInfo("asteroid", DP_VERSION, elapsed))
     return DPResult(plan=best_plan, round_time_s=best_value, search_time_s=elapsed,
                     cells=cells, max_front=biggest, candidate_cuts=len(ends),
-                    complete=complete, bounds=bounds, skipped=skipped)
+                    complete=complete, bounds=bounds, skipped=skipped,
+                    ranking=tuple(sorted(mbs, key=lambda b: found.get(b, math.inf))))

@@ -385,3 +385,59 @@ def test_without_a_limit_a_middling_wide_space_gets_a_glimpse(
     # above WIDE_ANYTIME_MAX it is not searched at all
     monkeypatch.setattr(solver.anytime, "WIDE_ANYTIME_MAX", size - 1)
     assert "classes" not in search(costs, cluster, 16).phases
+
+
+def test_the_even_phase_adds_the_even_groups_plan(monkeypatch: pytest.MonkeyPatch) -> None:
+    # [Note: the even phase]: where it runs (here forced on a 5-device instance whose even
+    # groups beat the capability order), the search returns a plan at least as good as
+    # the even groups' optimum (a small model: the first pass takes every cut), the
+    # report names the phase, and the bound still holds; switched off, the search keeps
+    # the order's plan
+    import solver.anytime
+
+    costs, cluster, batch = random_instance(1715, max_layers=6, max_devices=5, links=True)
+    cluster = cluster.for_costs(costs)
+    order = asteroid_dp(costs, cluster, batch, max_cuts=None)
+    even = asteroid_dp(costs, cluster, batch, space="even", max_cuts=None)
+    assert even.round_time_s < order.round_time_s * (1 - 1e-6)
+    for name, value in (("WIDEN_MIN_DEVICES", 100), ("WIDE_EXACT_MAX", 1),
+                        ("WIDE_SHORT_MAX", 1), ("WIDE_ANYTIME_MAX", 1)):
+        monkeypatch.setattr(solver.anytime, name, value)
+    monkeypatch.setattr(solver.anytime, "even_phase", lambda *args: True)
+    monkeypatch.setattr(solver.anytime, "counts_pools", lambda space: False)
+    report = search(costs, cluster, batch, baselines=False)
+    assert "even" in report.phases and report.plan is not None
+    assert report.round_time_s <= even.round_time_s * (1 + 1e-12)
+    assert evaluate(report.plan, costs, cluster).round_time_s == pytest.approx(
+        report.round_time_s, rel=1e-12)
+    assert report.bound is not None and report.bound.bound_s <= report.round_time_s
+    assert report.bound.order_optimal
+    monkeypatch.setattr(solver.anytime, "even_phase", lambda *args: False)
+    plain = search(costs, cluster, batch, baselines=False)
+    assert "even" not in plain.phases
+    assert plain.round_time_s == pytest.approx(order.round_time_s, rel=1e-12)
+
+
+def test_the_even_phase_runs_on_jetson_mixes_only() -> None:
+    # [Note: the even phase]: at least WIDEN_MIN_DEVICES devices, a wide space too large
+    # to finish, and few pools: 16 or 32 boards of three types, not 8 (small), 64 (too
+    # many pools) or a fleet whose wired pairs make many classes
+    from solver.anytime import EVEN_POOLS_MAX, WIDEN_MIN_DEVICES, even_phase
+
+    def boards(n: int, pairs: int = 0) -> Cluster:
+        speeds = [(2.0, 1.4, 1.0)[i % 3] for i in range(n)]
+        return make_cluster(speeds, links=[(f"d{i}", f"d{i + 1}", 1000.0)
+                                           for i in range(0, 2 * pairs, 2)])
+
+    costs = uniform_costs(4)
+
+    def runs(cluster: Cluster) -> bool:
+        from solver.space import device_classes
+
+        pools = math.prod(len(c) + 1 for c in device_classes(cluster, costs))
+        return even_phase(cluster, wide_size(costs, cluster), pools)
+
+    assert WIDEN_MIN_DEVICES > 8 and not runs(boards(8))
+    assert runs(boards(16)) and runs(boards(32))
+    assert math.prod(c + 1 for c in (22, 21, 21)) > EVEN_POOLS_MAX and not runs(boards(64))
+    assert not runs(boards(32, pairs=10))

@@ -813,3 +813,61 @@ def test_full_sizes_runs_no_refining_passes() -> None:
     assert len(part.bounds) == 2 and not part.complete
 
 
+
+
+def _even_plan(plan: Any, class_of: dict[str, int]) -> bool:
+    """Every group of ``plan`` divides the micro-batch, nearly all of one class
+    ([Note: even groups] in ``solver.space``)."""
+    from collections import Counter
+
+    from solver.space import EVEN_OFF_CLASS
+
+    for stage in plan.stages:
+        size = len(stage.devices)
+        most = max(Counter(class_of[d] for d in stage.devices).values())
+        if plan.micro_batch_size % size or size - most > EVEN_OFF_CLASS:
+            return False
+    return True
+
+
+@pytest.mark.parametrize("latency", [False, True])
+def test_even_space_dp_equals_brute_force_over_its_plans(latency: bool) -> None:
+    """``space="even"`` finds the best plan whose groups are even ([Note: even groups]):
+    brute force over every plan of the wide space, those with even groups kept; its
+    plans are real (``evaluate`` agrees) and never beat the wide space's optimum."""
+    from solver.brute import enumerate_plans
+    from solver.space import ClassSpace
+
+    found = narrower = 0
+    for seed in range(40):
+        costs, cluster, batch = random_instance(1700 + seed, max_layers=4, max_devices=4,
+                                                links=True, latency=latency)
+        cluster = cluster.for_costs(costs)
+        space = ClassSpace(costs, cluster)
+        class_of = {space.names[d]: k for k, members in enumerate(space.classes)
+                    for d in members}
+        best = math.inf
+        for plan in enumerate_plans(costs, cluster, batch, wide=True):
+            if _even_plan(plan, class_of):
+                pred = evaluate(plan, costs, cluster)
+                if pred.fits:
+                    best = min(best, pred.round_time_s)
+        even = asteroid_dp(costs, cluster, batch, space="even", max_cuts=None)
+        assert (even.plan is None) == math.isinf(best), seed
+        if even.plan is None:
+            continue
+        assert _even_plan(even.plan, class_of), seed
+        assert even.round_time_s == pytest.approx(best, rel=1e-9), seed
+        assert evaluate(even.plan, costs, cluster).round_time_s == pytest.approx(
+            even.round_time_s, rel=1e-12), seed
+        wide = asteroid_dp(costs, cluster, batch, space="classes", max_cuts=None)
+        assert wide.round_time_s <= even.round_time_s * (1 + 1e-12), seed
+        found += 1
+        narrower += wide.round_time_s < even.round_time_s * (1 - 1e-9)
+    assert found >= 30 and narrower >= 1
+
+
+def test_even_space_refuses_a_device_order() -> None:
+    costs, cluster, batch = random_instance(3)
+    with pytest.raises(PlanError, match="device_order applies to space='order' only"):
+        asteroid_dp(costs, cluster, batch, space="even", device_order=[cluster.names[0]])

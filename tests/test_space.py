@@ -13,7 +13,9 @@ from contracts.plan import Plan, Stage
 from contracts.table import CostTable
 from solver.evaluate import evaluate, pieces_time, transfer_time
 from solver.space import (
+    EVEN_OFF_CLASS,
     ClassSpace,
+    EvenSpace,
     SliceSpace,
     balanced_cuts,
     candidate_cuts,
@@ -255,3 +257,28 @@ def test_balanced_cuts_pick_from_the_allowed_cuts_as_the_candidates_from_all() -
                        cut_bytes, name="cheap-cut")
     assert balanced_cuts(cheap, list(range(8)), 1) == [2]
     assert balanced_cuts(uniform_costs(9), list(range(8)), 1) in ([3], [4])
+
+
+def test_even_space_offers_the_class_groups_of_even_size_nearly_one_class() -> None:
+    # [Note: even groups]: for every pool and micro-batch size, the count vectors of the
+    # wide space whose size divides the micro-batch with at most EVEN_OFF_CLASS devices
+    # outside their largest class, each leaving the same pool
+    rng = random.Random(5)
+    checked = 0
+    for _ in range(30):
+        costs = random_costs(rng, 2)
+        cluster = random_cluster(rng, rng.randint(1, 7), links=rng.random() < 0.5)
+        wide, even = ClassSpace(costs, cluster), EvenSpace(costs, cluster)
+        assert even.counts == wide.counts and not even.exhaustive_order
+        for counts in itertools.product(*(range(c + 1) for c in wide.counts)):
+            for limit in range(1, 9):
+                expected = {(wide.group_counts(g), wide.pool_counts(rest))
+                            for g, rest in wide.groups(wide.pool_id(counts), limit)
+                            if limit % sum(wide.group_counts(g)) == 0
+                            and sum(wide.group_counts(g)) - max(wide.group_counts(g))
+                            <= EVEN_OFF_CLASS}
+                got = [(even.group_counts(g), even.pool_counts(rest))
+                       for g, rest in even.groups(even.pool_id(counts), limit)]
+                assert len(got) == len(set(got)) and set(got) == expected
+                checked += len(got)
+    assert checked > 1000
