@@ -11,6 +11,8 @@ each starting from the best round time so far (the incumbent, which only prunes)
    in ``solver.widening``, [Note: when to widen] below): exact plans of sub-clusters of a
    few devices, lifted to the whole cluster, as the incumbent (never as a bound);
 1. the paper's space: slices of the capability order (fast: one order);
+1'. on 16-32 boards of a few types, the even groups of every order ([Note: the even
+   phase] below): a quick search of plans the capability order cannot hold;
 2. the baselines that run a planning search of their own (DAPPLE), on small clusters;
 3. the wide space: every group in every order, as counts of interchangeable devices
    (``space="classes"``, [Note: device classes] in ``solver.space``). When it finishes
