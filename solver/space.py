@@ -507,24 +507,29 @@ class ClassSpace(SearchSpace):
         if found is not None:
             return found
         counts = self._pools[pool]
-        out = []
+        out = [self._take(counts, take) for take in self._takes(counts, limit, deadline)]
+        self._groups[key] = out
+        return out
+
+    def _takes(self, counts: tuple[int, ...], limit: int,
+               deadline: float | None) -> Iterator[tuple[int, ...]]:
+        """The count vectors a pool of ``counts`` offers: every nonzero one of at most
+        ``limit`` devices."""
         # a pool of a fleet's many classes has millions of count vectors (32 boards with
         # ten wired pairs: 35 million, 10 s to list): the deadline is checked as they go
         takes: Iterator[tuple[int, ...]] = itertools.product(*(range(c + 1) for c in counts))
         if deadline is not None:
             takes = _until(takes, deadline)
-        for take in takes:
-            size = sum(take)
-            if size == 0 or size > limit:
-                continue
-            members = [d for k, t in enumerate(take) for d in self.classes[k][:t]]
-            gid = self._intern(take, members)
-            if gid == len(self._group_counts):
-                self._group_counts.append(take)
-            out.append((gid, self.pool_id(tuple(c - t for c, t in zip(counts, take,
-                                                                     strict=True)))))
-        self._groups[key] = out
-        return out
+        return (take for take in takes if 0 < sum(take) <= limit)
+
+    def _take(self, counts: tuple[int, ...], take: tuple[int, ...]) -> tuple[int, int]:
+        """``(group, pool it leaves)`` of the count vector ``take`` from the pool of
+        ``counts``: the first free devices of each class, interned."""
+        members = [d for k, t in enumerate(take) for d in self.classes[k][:t]]
+        gid = self._intern(take, members)
+        if gid == len(self._group_counts):
+            self._group_counts.append(take)
+        return gid, self.pool_id(tuple(c - t for c, t in zip(counts, take, strict=True)))
 
     def group_counts(self, gid: int) -> tuple[int, ...]:
         return self._group_counts[gid]
@@ -587,13 +592,9 @@ class EvenSpace(ClassSpace):
 
     exhaustive_order = False
 
-    def groups(self, pool: int, limit: int,
-               deadline: float | None = None) -> list[tuple[int, int]]:
-        key = (pool, limit)
-        found = self._groups.get(key)
-        if found is not None:
-            return found
-        counts = self.pool_counts(pool)
+    def _takes(self, counts: tuple[int, ...], limit: int,
+               deadline: float | None) -> Iterator[tuple[int, ...]]:
+        """The even count vectors within ``counts``, in order."""
         takes: set[tuple[int, ...]] = set()
         for size in (d for d in range(1, min(limit, sum(counts)) + 1) if limit % d == 0):
             for k, have in enumerate(counts):
@@ -609,13 +610,4 @@ class EvenSpace(ClassSpace):
                             vector[j] += 1
                         if all(t <= c for t, c in zip(vector, counts, strict=True)):
                             takes.add(tuple(vector))
-        out = []
-        for take in sorted(takes):
-            members = [d for k, t in enumerate(take) for d in self.classes[k][:t]]
-            gid = self._intern(take, members)
-            if gid == len(self._group_counts):
-                self._group_counts.append(take)
-            out.append((gid, self.pool_id(tuple(c - t for c, t in zip(counts, take,
-                                                                     strict=True)))))
-        self._groups[key] = out
-        return out
+        return iter(sorted(takes))
