@@ -260,8 +260,9 @@ def even_phase(cluster: Cluster, size: int, pools: int) -> bool:
 
 def _even_search(costs: CostTable, cluster: Cluster, batch_size: int, ranking: Sequence[int],
                  incumbent: float, until: float,
-                 optimizer_state_factor: float,
-                 max_cuts: int | None) -> tuple[Plan | None, float]:
+                 optimizer_state_factor: float, max_cuts: int | None,
+                 progress: Callable[[int, int, str, float], None] | None = None
+                 ) -> tuple[Plan | None, float]:
     """[Note: the even phase]: the best plan of its passes below ``incumbent`` before
     ``until`` (None: none) and its round time (else ``incumbent``)."""
     best: Plan | None = None
@@ -275,7 +276,7 @@ def _even_search(costs: CostTable, cluster: Cluster, batch_size: int, ranking: S
             found = asteroid_dp(costs, cluster, batch_size,
                                 optimizer_state_factor=optimizer_state_factor,
                                 micro_batch_sizes=[mb], max_cuts=cuts, space="even",
-                                incumbent=incumbent, deadline=until)
+                                incumbent=incumbent, deadline=until, progress=progress)
             if found.plan is not None and found.round_time_s < incumbent:
                 best, incumbent = found.plan, found.round_time_s
         if cuts >= most:
@@ -734,7 +735,8 @@ def _search(costs: CostTable, cluster: Cluster, batch_size: int, optimizer_state
         # passes found best first
         found, value = _even_search(costs, cluster, batch_size, order.ranking or mbs,
                                     best_value, time.perf_counter() + even_s,
-                                    optimizer_state_factor, max_cuts)
+                                    optimizer_state_factor, max_cuts,
+                                    report(0.0, _ORDER_SHARE, "even groups"))
         if found is not None and value < best_value:
             promote(found, value, "")
         phases.append("even")

@@ -405,8 +405,12 @@ def test_the_even_phase_adds_the_even_groups_plan(monkeypatch: pytest.MonkeyPatc
         monkeypatch.setattr(solver.anytime, name, value)
     monkeypatch.setattr(solver.anytime, "even_phase", lambda *args: True)
     monkeypatch.setattr(solver.anytime, "counts_pools", lambda space: False)
-    report = search(costs, cluster, batch, baselines=False)
+    seen: list[tuple[float, str]] = []
+    report = search(costs, cluster, batch, baselines=False,
+                    progress=lambda done, what: seen.append((done, what)))
     assert "even" in report.phases and report.plan is not None
+    # the bar says what the phase does
+    assert any(what.startswith("even groups, micro-batch") for _, what in seen)
     assert report.round_time_s <= even.round_time_s * (1 + 1e-12)
     assert evaluate(report.plan, costs, cluster).round_time_s == pytest.approx(
         report.round_time_s, rel=1e-12)
