@@ -733,8 +733,11 @@ def _search(costs: CostTable, cluster: Cluster, batch_size: int, optimizer_state
     if even:
         # 1': [Note: the even phase]: the even groups of every order, the sizes the order's
         # passes found best first
+        even_until = time.perf_counter() + even_s
+        if search_end is not None:      # (never past the search's end)
+            even_until = min(even_until, max(search_end, time.perf_counter()))
         found, value = _even_search(costs, cluster, batch_size, order.ranking or mbs,
-                                    best_value, time.perf_counter() + even_s,
+                                    best_value, even_until,
                                     optimizer_state_factor, max_cuts,
                                     report(0.0, _ORDER_SHARE, "even groups"))
         if found is not None and value < best_value:
