@@ -245,9 +245,9 @@ def even_phase(cluster: Cluster, size: int, pools: int) -> bool:
     32 Jetsons the even groups' pass on 12 cuts takes 0.4 s at micro-batch 8, the best,
     and over 1 s at micro-batch 4 from a weak incumbent, 5-18 s at 32 and 64); then the
     best size again on twice as many cuts, and so on, until its time is up or the cuts
-    are the search's own. Each pass is exact over
-    its part of the space and starts from the best round so far, so it only ever adds a
-    better plan, which then prunes the phases after it. Measured (ResNet-50, Jetsons at
+    are the search's own. Each pass is exact over its part of the space and starts from
+    the best round so far, so it only ever adds a better plan, which then prunes the
+    phases after it. Measured (ResNet-50, Jetsons at
     1 Gbps, 2-core host): on 32 Jetsons a 5-s limit gave 0.8851 s before (the paper's
     space's plan) and the even groups find 0.8389 s on 12 cuts at micro-batch 8 in under
     a second; on 16 Jetsons 24 cuts find 1.3694 s at micro-batch 4 in 0.4 s. Its plans
