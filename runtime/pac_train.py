@@ -665,8 +665,7 @@ They stop waiting as soon as all but one have (one loss at a time), so this boun
 second loss's detection; 5 s was too short on a loaded 2-core host, where a survivor
 blocked on a peer other than the lost one saw the failure more than 5 s after the others
 (the suite with other jobs running, 2026-12-05: 'phase 2 lost devices ['a', 'c']' for a
-run that lost 'c' alone). Such a survivor sees it only when that peer's connections
-close, so each survivor tears its broken group down before it waits (`_regroup`)."""
+run that lost 'c' alone)."""
 
 
 def _regroup(store: Any, generation: int, group: _Group, pac: PacPlan,
@@ -679,14 +678,6 @@ def _regroup(store: Any, generation: int, group: _Group, pac: PacPlan,
     me = group.old_ranks[group.rank]
     prefix = f"asteroid-fx/pac/gen{generation}"
     store.set(f"{prefix}/alive/{me}", "1")
-    # the broken group goes first: a survivor blocked in the collective on this rank (not
-    # on the lost one) sees its failure only when this rank's connections close; waiting
-    # with them open, each waited on the other until DETECT_S ran out ("phase 2 lost
-    # devices ['a', 'c']" for a run that lost 'c' alone, twice in full suites)
-    try:
-        dist.destroy_process_group()
-    except Exception as exc:  # noqa: BLE001 - the broken group may refuse a clean teardown
-        log.debug("destroying the failed process group: %s", exc)
     expected = [f"{prefix}/alive/{r}" for r in group.old_ranks]
     alive: list[int] = []
     deadline = time.monotonic() + DETECT_S
@@ -701,6 +692,10 @@ def _regroup(store: Any, generation: int, group: _Group, pac: PacPlan,
         raise RuntimeFailure(f"phase 2 lost devices {lost}; PAC recovers from one lost "
                              f"device whose samples the others can cache "
                              f"(fallback shares for {sorted(pac.fallback)})")
+    try:
+        dist.destroy_process_group()
+    except Exception as exc:  # noqa: BLE001 - the broken group may refuse a clean teardown
+        log.debug("destroying the failed process group: %s", exc)
     fresh = group.without(lost[0], pac.fallback[lost[0]])
     old_ranks = tuple(r for r in group.old_ranks if r in alive)
     rank = old_ranks.index(me)
