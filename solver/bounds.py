@@ -364,7 +364,8 @@ _CHORD_POINTS = 3
 _PRICE_START = 0.1
 _PRICE_MIN, _PRICE_MAX = 1e-6, 1e6
 _PRICE_STEP = 4.0
-_CLASS_PRICE_STEP, _CLASS_PRICE_FINEST = 2.0, 1.1
+_CLASS_PRICE_STEP, _CLASS_PRICE_FINEST = 2.0, 1.02
+_PATTERN_CLASSES = 4
 """Device prices (Lagrange multipliers) in units of (bucket top) x (bound speed /
 fastest): the first tried, and the factor of the walk along their ray; then each class's
 factor by itself, from ``_CLASS_PRICE_STEP`` down to ``_CLASS_PRICE_FINEST`` ([Note: prices
@@ -1174,15 +1175,22 @@ def _relaxed_many(tables: _ClassTables, m: int, low: float, top: float, limit: f
     dual is concave in ``lambda``. Until the nineteenth session ``class_bound`` walked one
     ray, prices proportional to the classes' bound speeds; on ResNet-50 x 32 Jetsons the
     best prices of the bucket that set the bound lay 0.77 to 1.4 times off that ray,
-    class by class. A bucket of ``X_d`` that sets the bound once it is split no more is now
-    "polished": each class's price by itself is tried up and down by a factor that
-    shrinks from 2 to 1.1, all ``2 C`` trials in one pass, moving to the best while the
-    bound rises. One pass costs 2-4 single prices, not ``2 C``: the DP's numpy calls are
-    small and their overhead dominates. The walk compares the dual itself, not the bucket's
-    bound clipped at ``M low``: below that clip the walk had no slope to follow (a price
-    too high gave the same clipped bound as the right one). Measured on ResNet-50 x 32
-    Jetsons, micro-batch 8, target 0.82 s: 0.7971 s against 0.7855 s; 32 Jetsons in 30 s:
-    a gap of 4.3 % against 5.7 % (docs/planner.md)."""
+    class by class. A bucket of ``X_d`` that sets the bound once it is split no more is
+    now "polished" (``class_bound(polish=True)``, within as many DP passes again as its
+    ``max_evals``): from its best price on the ray, every class's price is moved up, down
+    or kept by a factor, every combination at once (``3^C - 1`` moves up to
+    ``_PATTERN_CLASSES`` classes, else each class by itself), moving to the best while the
+    bound rises and shrinking the factor from 2 to 1.02 where none does. The dual is not
+    smooth: at the ray's best price on ResNet-50 x 32 Jetsons (micro-batch 8) the relaxed
+    plan used one NX and one TX2 fewer than the cluster has and every Nano, so both of
+    their prices had to fall at once, which no move of one class finds (one class at a
+    time: 0.7971 s; every combination: 0.8097 s, and 0.8099 s from six random starts,
+    so about the most any prices give there). One pass costs much less than its ``K``
+    prices one by one: the DP's numpy calls are small and their overhead dominates (32
+    Jetsons: 22 ms for one price, 56 ms for 6, 169 ms for 26). The walk compares the dual
+    itself, not the bucket's bound clipped at ``M low``: below that clip the walk had no
+    slope to follow. Measured: ResNet-50 x 32 Jetsons in 30 s, a gap of 3.8 % against
+    5.7 %; x 64 in 30 s, 14.1 % against 17.4 % (docs/planner.md)."""
     inf = math.inf
     n_k = len(prices)
     count = len(tables.firsts)
@@ -1291,6 +1299,20 @@ def _relaxed_many(tables: _ClassTables, m: int, low: float, top: float, limit: f
         out = found_all - paid - 1e-10 * (np.abs(found_all) + np.abs(paid))
     # no relaxed plan: none in the bucket
     return np.where(np.isinf(found_all), found_all, out)
+
+
+def _price_moves(classes: int) -> np.ndarray:
+    """The exponents of the polishing moves of ``class_bound``'s prices ([Note: prices per
+    class]): every vector of -1, 0 and 1 but zero for at most ``_PATTERN_CLASSES``
+    classes, else each class up and down by itself; none for one class (its ray is
+    walked already)."""
+    if classes <= 1:
+        return np.zeros((0, classes))
+    if classes <= _PATTERN_CLASSES:
+        grid = np.array(list(itertools.product((-1.0, 0.0, 1.0), repeat=classes)))
+        return grid[np.any(grid != 0.0, axis=1)]
+    eye = np.eye(classes)
+    return np.concatenate([eye, -eye])
 
 
 def _shift_min(table: np.ndarray, values: np.ndarray) -> None:
@@ -1681,7 +1703,7 @@ def class_bound(space: ClassSpace, sums: LayerSums, cut_bytes: Sequence[int],
                 pools: bool = True,
                 cache: dict[tuple[int, bool, bool], _ClassTables | None] | None = None,
                 optimizer_state_factor: float | None = None,
-                partner_links: bool = True) -> float | None:
+                partner_links: bool = True, polish: bool = True) -> float | None:
     """A lower bound, at most ``target``, on the round time of every plan of the wide space
     (``ClassSpace``: every group in every order) with this micro-batch size on the
     candidate ends ``ends`` ([Note: the class bound]); None when the
@@ -1700,7 +1722,9 @@ def class_bound(space: ClassSpace, sums: LayerSums, cut_bytes: Sequence[int],
     the target), filled as they are built; ``optimizer_state_factor``: the plans'
     (memory), where known: the priced bound then knows upper bounds of mixed groups' stage
     times too ([Note: rigid groups]); ``partner_links``: the priced bound counts the
-    members over partners' links ([Note: partner links]; False: quicker, weaker tables).
+    members over partners' links ([Note: partner links]; False: quicker, weaker tables);
+    ``polish``: walk each class's price in the bucket that sets the bound once it is split
+    no more ([Note: prices per class]; False: quicker, weaker).
 
     [Note: the class bound]
     Let ``d`` be the dominant stage (largest ``X``) and ``a = min(M, S - d) - 1`` (at most
@@ -1816,16 +1840,13 @@ def class_bound(space: ClassSpace, sums: LayerSums, cut_bytes: Sequence[int],
             while better([price * f for f in ladder if _PRICE_MIN < price.max() * f
                           < _PRICE_MAX]) and best < enough:
                 pass
-        # each class by itself, all of them at once, by factors that shrink
+        # the classes' prices up, down or kept, every combination at once (each class by
+        # itself where the classes are many), by factors that shrink
         step = _CLASS_PRICE_STEP
-        while polish and best < enough and step > _CLASS_PRICE_FINEST and len(price) > 1:
-            trials = []
-            for k in range(len(price)):
-                for factor in (step, 1.0 / step):
-                    moved_price = price.copy()
-                    moved_price[k] *= factor
-                    trials.append(moved_price)
-            if not better(trials):
+        moves = _price_moves(len(price)) if polish else np.zeros((0, len(price)))
+        while len(moves) and best < enough and step > _CLASS_PRICE_FINEST:
+            trials = price * step ** moves
+            if not better([t for t in trials if _PRICE_MIN < t.max() and t.max() < _PRICE_MAX]):
                 step = math.sqrt(step)
         if tables.fast is not None and best < enough:
             scale = fast_scale[0]
@@ -1874,7 +1895,8 @@ def class_bound(space: ClassSpace, sums: LayerSums, cut_bytes: Sequence[int],
                     or evals[0] >= max_evals:
                 # split no more: the prices per class of the bucket that sets the bound,
                 # once per bucket, within as many runs again
-                if counted or (low, top) in polished or evals[0] >= 2 * max_evals:
+                if (counted or not polish or (low, top) in polished
+                        or evals[0] >= 2 * max_evals):
                     break
                 polished.add((low, top))
                 value, p = bucket(low, top, price, enough, polish=True)

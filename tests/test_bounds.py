@@ -777,8 +777,8 @@ def test_relaxed_at_many_prices_is_relaxed_at_each() -> None:
 
 
 def test_prices_per_class_raise_the_priced_bound(monkeypatch: pytest.MonkeyPatch) -> None:
-    # [Note: prices per class]: walking each class's price by itself raises the priced
-    # bound on some instances of two classes, and is below it only by rounding elsewhere
+    # [Note: prices per class]: polishing the classes' prices raises the priced bound on
+    # some instances of two classes, and is below the ray's only by rounding elsewhere
     import solver.bounds
     from solver.bounds import class_bound
     from solver.summary import hiding_ratio
@@ -796,9 +796,7 @@ def test_prices_per_class_raise_the_priced_bound(monkeypatch: pytest.MonkeyPatch
             if best.plan is None:
                 continue
             per_class = class_bound(*args, mb, batch // mb, best.round_time_s, rho=rho)
-            with monkeypatch.context() as patch:
-                patch.setattr(solver.bounds, "_CLASS_PRICE_STEP", 1.0)   # the ray alone
-                ray = class_bound(*args, mb, batch // mb, best.round_time_s, rho=rho)
+            ray = class_bound(*args, mb, batch // mb, best.round_time_s, rho=rho, polish=False)
             assert per_class is not None and ray is not None
             assert per_class <= best.round_time_s
             higher += per_class > ray * (1 + 1e-6)
