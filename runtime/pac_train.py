@@ -665,7 +665,10 @@ They stop waiting as soon as all but one have (one loss at a time), so this boun
 second loss's detection; 5 s was too short on a loaded 2-core host, where a survivor
 blocked on a peer other than the lost one saw the failure more than 5 s after the others
 (the suite with other jobs running, 2026-12-05: 'phase 2 lost devices ['a', 'c']' for a
-run that lost 'c' alone)."""
+run that lost 'c' alone). The cause was not the wait's length: such a survivor saw the
+failure only once the other survivor's connections closed, and they stayed open while that
+one waited (`_regroup` now shuts them down first; `tests/test_pac_train.py` has the three
+ranks of that run)."""
 
 
 def _regroup(store: Any, generation: int, group: _Group, pac: PacPlan,
@@ -678,6 +681,12 @@ def _regroup(store: Any, generation: int, group: _Group, pac: PacPlan,
     me = group.old_ranks[group.rank]
     prefix = f"asteroid-fx/pac/gen{generation}"
     store.set(f"{prefix}/alive/{me}", "1")
+    # a survivor blocked in the collective on this rank, not on the lost one, sees the
+    # failure only when this rank's connections close: destroying the group does not close
+    # them while anything (the Comm, a pending work, this exception's frames) holds it, so
+    # shut them down, as phase 1 does ([Note: PAC phase-1 recovery])
+    count = abort_connections(store_port(store))
+    log.debug("phase-2 regroup: %d connections shut down", count)
     expected = [f"{prefix}/alive/{r}" for r in group.old_ranks]
     alive: list[int] = []
     deadline = time.monotonic() + DETECT_S

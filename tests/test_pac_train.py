@@ -210,6 +210,89 @@ def test_a_device_lost_in_phase_2_loses_only_its_share(tmp_path: Path, cache: st
     assert rows[5]["cache_hit_rate"] == 1.0           # mini-batch 1's rows too, by then
 
 
+def _regroup_worker(rank: int, port: int, results: Any) -> None:
+    """One rank of three for ``test_a_survivor_blocked_on_another_survivor_regroups``."""
+    import os
+    import time
+    from datetime import timedelta
+    from types import SimpleNamespace
+
+    import torch.distributed as dist
+
+    from runtime.comm import Comm
+    from runtime.pac_train import _default_store, _Group, _regroup
+
+    store = dist.TCPStore("127.0.0.1", port, 3, is_master=rank == 0)
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=3,
+                            timeout=timedelta(seconds=120))
+    comm = Comm(rank, torch.device("cpu"), timeout_s=120)    # holds the group, as in a run
+    group = _Group(("a", "b", "c"), (((0, 2),), ((2, 4),), ((4, 6),)), rank, (0, 1, 2))
+    pac: Any = SimpleNamespace(devices=("a", "b", "c"), fallback={"c": (1, 1)})
+    config: Any = SimpleNamespace(timeout_s=120.0)
+    dist.barrier()
+    if rank == 2:
+        time.sleep(1.0)
+        os._exit(1)                 # the lost device
+    began = time.perf_counter()
+    try:
+        # a waits on b, b on c: only b sees c go
+        dist.recv(torch.zeros(3), src=rank + 1)
+        results.put((rank, {"error": "the receive did not fail"}))
+        return
+    except RuntimeError:
+        failed_s = time.perf_counter() - began
+    try:
+        fresh, lost, detect_s = _regroup(_default_store(), 1, group, pac, config)
+    except RuntimeFailure as exc:
+        results.put((rank, {"error": str(exc)}))
+        return
+    total = torch.ones(1)
+    dist.all_reduce(total)          # the survivors' new group works
+    results.put((rank, {"lost": lost, "failed_s": failed_s, "detect_s": detect_s,
+                        "devices": list(fresh.devices), "sum": float(total)}))
+    del comm
+    dist.destroy_process_group()
+
+
+def test_a_survivor_blocked_on_another_survivor_regroups() -> None:
+    # the flake "phase 2 lost devices ['a', 'c']" for a run that lost c alone: a waited on
+    # b, which saw c go and waited in _regroup for a to announce itself, with its broken
+    # group's connections open (a Comm held the group), until DETECT_S ran out
+    import multiprocessing as mp
+    import socket
+    import time
+
+    from runtime.pac_train import DETECT_S
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = int(sock.getsockname()[1])
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    procs = [ctx.Process(target=_regroup_worker, args=(rank, port, results))
+             for rank in range(3)]
+    began = time.perf_counter()
+    for proc in procs:
+        proc.start()
+    try:
+        out = dict(results.get(timeout=DETECT_S * 2 + 30) for _ in range(2))
+    finally:
+        for proc in procs:
+            proc.join(timeout=10)
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+    for rank in (0, 1):
+        assert "error" not in out[rank], out
+        assert out[rank]["lost"] == ["c"]
+        assert out[rank]["devices"] == ["a", "b"]
+        assert out[rank]["sum"] == 2.0
+        assert out[rank]["detect_s"] < DETECT_S / 3, out
+    # a saw the failure through b, long before any timeout
+    assert out[0]["failed_s"] < DETECT_S / 3, out
+    assert time.perf_counter() - began < DETECT_S
+
+
 def test_a_device_lost_after_phase_1_in_epoch_1_is_recovered(tmp_path: Path) -> None:
     spec, _cluster, _costs, out, plan, cluster_file = prepare_tiny(tmp_path, 2)
     metrics = tmp_path / "m.jsonl"
