@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import socket
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -14,7 +13,6 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from contracts.errors import RuntimeFailure, StageFailure
 from contracts.plan import Plan, Stage
@@ -35,6 +33,7 @@ from runtime.lowering import add_comms
 from runtime.reference import reference_training
 from runtime.schedule import one_f_one_b
 from runtime.train import TrainConfig, load_stage_weights, train_device
+from tests.ranks import spawn_ranks
 
 MODEL = '''
 import torch
@@ -183,33 +182,6 @@ def test_gradient_buckets_never_exceed_the_largest_gradient_or_the_small_bucket(
     assert gradient_buckets([]) == []
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _spawn(target: Any, extra: tuple[Any, ...], reports: int = 2,
-           timeout_s: float = 120) -> tuple[dict[int, Any], list[int | None]]:
-    """Run ``target(rank, port, results, *extra)`` in two spawned processes: the first
-    ``reports`` (rank, report) pairs they put, and their exit codes."""
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
-    port = _free_port()
-    procs = [ctx.Process(target=target, args=(rank, port, results, *extra)) for rank in (0, 1)]
-    for proc in procs:
-        proc.start()
-    try:
-        out = dict(results.get(timeout=timeout_s) for _ in range(reports))
-    finally:
-        for proc in procs:
-            proc.join(timeout=10)
-            if proc.is_alive():
-                proc.kill()
-                proc.join()
-    return out, [proc.exitcode for proc in procs]
-
-
 def _thread_policies(name: str) -> list[int]:
     """Scheduling policies of this process's threads called ``name`` (Linux)."""
     out = []
@@ -263,7 +235,7 @@ def test_lean_comm_posts_receives_into_pooled_buffers() -> None:
     """Tagged messages land in receives posted ahead, the wire buffers are reused across
     micro-batches and rounds (no allocation per message), and a send whose shapes change
     raises ``CommFailure`` instead of corrupting the peer's buffers."""
-    reports, _ = _spawn(_pooled_comm_worker, ())
+    reports, _ = spawn_ranks(_pooled_comm_worker, 2)
     sender, receiver = reports[0], reports[1]
     assert sender["ok"] and receiver["ok"]
     assert sender["messages"] == receiver["messages"] == 12
@@ -322,7 +294,7 @@ def test_peer_dying_mid_step_raises_on_its_partner(tmp_path: Path,
     monkeypatch.setenv("DIE_RANK", "1")
     plan = Plan("m", "c", 8, 2, 4, (Stage((0, 0), ("a",), (2,)), Stage((1, 2), ("b",), (2,))))
     source = SeqSource(plan.to_json(), write_model(tmp_path, DYING))
-    reports, exit_codes = _spawn(_dying_worker, (source,), reports=1)
+    reports, exit_codes = spawn_ranks(_dying_worker, 2, (source,), reports=1)
     assert exit_codes[1] == 5
     kind, message, elapsed = reports[0]
     assert kind == "StageFailure"

@@ -258,30 +258,13 @@ def test_a_survivor_blocked_on_another_survivor_regroups() -> None:
     # the flake "phase 2 lost devices ['a', 'c']" for a run that lost c alone: a waited on
     # b, which saw c go and waited in _regroup for a to announce itself, with its broken
     # group's connections open (a Comm held the group), until DETECT_S ran out
-    import multiprocessing as mp
-    import socket
     import time
 
     from runtime.pac_train import DETECT_S
+    from tests.ranks import spawn_ranks
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = int(sock.getsockname()[1])
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
-    procs = [ctx.Process(target=_regroup_worker, args=(rank, port, results))
-             for rank in range(3)]
     began = time.perf_counter()
-    for proc in procs:
-        proc.start()
-    try:
-        out = dict(results.get(timeout=DETECT_S * 2 + 30) for _ in range(2))
-    finally:
-        for proc in procs:
-            proc.join(timeout=10)
-            if proc.is_alive():
-                proc.kill()
-                proc.join()
+    out, _ = spawn_ranks(_regroup_worker, 3, reports=2, timeout_s=DETECT_S * 2 + 30)
     for rank in (0, 1):
         assert "error" not in out[rank], out
         assert out[rank]["lost"] == ["c"]

@@ -1,0 +1,38 @@
+"""Spawned processes of one gloo group for tests: each gets its rank, a free port and a queue."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import socket
+from typing import Any
+
+
+def free_port() -> int:
+    """A TCP port on loopback that nothing listens on now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def spawn_ranks(target: Any, world: int, extra: tuple[Any, ...] = (), reports: int | None = None,
+                timeout_s: float = 120) -> tuple[dict[int, Any], list[int | None]]:
+    """Run ``target(rank, port, results, *extra)`` in ``world`` spawned processes: the first
+    ``reports`` (default ``world``) (rank, report) pairs they put on ``results``, and their
+    exit codes (a process still alive 10 s after the reports is killed)."""
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=target, args=(rank, port, results, *extra))
+             for rank in range(world)]
+    for proc in procs:
+        proc.start()
+    try:
+        out = dict(results.get(timeout=timeout_s)
+                   for _ in range(world if reports is None else reports))
+    finally:
+        for proc in procs:
+            proc.join(timeout=10)
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+    return out, [proc.exitcode for proc in procs]
