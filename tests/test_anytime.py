@@ -445,3 +445,26 @@ def test_the_even_phase_runs_on_jetson_mixes_only() -> None:
     assert runs(boards(16)) and runs(boards(32))
     assert math.prod(c + 1 for c in (22, 21, 21)) > EVEN_POOLS_MAX and not runs(boards(64))
     assert not runs(boards(32, pairs=10))
+
+
+def test_the_bound_gets_half_a_limit_where_it_counts_the_clusters_own_classes() -> None:
+    # CLASS_BOUND_LIMIT_SHARE where the class bound counts the cluster's classes (three
+    # speeds), CLASS_BOUND_COARSE_SHARE where wired pairs split them into classes too many
+    # to count, so that it counts coarser ones
+    import random
+
+    from solver.anytime import CLASS_BOUND_COARSE_SHARE, CLASS_BOUND_LIMIT_SHARE, bound_share
+    from solver.bounds import bound_classes
+    from solver.space import ClassSpace
+    from tests.solver_cases import make_cluster, random_costs
+
+    costs = random_costs(random.Random(3), 6)
+    speeds = [1.7, 1.0, 0.4] * 11
+    mix = ClassSpace(costs, make_cluster(speeds).for_costs(costs))
+    assert len(mix.classes) == 3
+    assert bound_share(mix) == CLASS_BOUND_LIMIT_SHARE
+    pairs = [(f"d{2 * k}", f"d{2 * k + 1}", 1000.0) for k in range(11)]
+    wired = ClassSpace(costs, make_cluster(speeds, links=pairs).for_costs(costs))
+    coarse = bound_classes(wired)
+    assert coarse is not None and len(coarse) < len(wired.classes)
+    assert bound_share(wired) == CLASS_BOUND_COARSE_SHARE < CLASS_BOUND_LIMIT_SHARE
