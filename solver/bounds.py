@@ -364,12 +364,13 @@ _CHORD_POINTS = 3
 _PRICE_START = 0.1
 _PRICE_MIN, _PRICE_MAX = 1e-6, 1e6
 _PRICE_STEP = 4.0
+"""Device prices (Lagrange multipliers) in units of (bucket top) x (bound speed /
+fastest): the first tried, and the factor of the walk along their ray."""
+
 _CLASS_PRICE_STEP, _CLASS_PRICE_FINEST = 2.0, 1.02
 _PATTERN_CLASSES = 4
-"""Device prices (Lagrange multipliers) in units of (bucket top) x (bound speed /
-fastest): the first tried, and the factor of the walk along their ray; then each class's
-factor by itself, from ``_CLASS_PRICE_STEP`` down to ``_CLASS_PRICE_FINEST`` ([Note: prices
-per class])."""
+"""The polish of [Note: prices per class]: the classes' factors from ``_CLASS_PRICE_STEP``
+down to ``_CLASS_PRICE_FINEST``, every combination up to ``_PATTERN_CLASSES`` classes."""
 
 
 @dataclass(frozen=True)
@@ -1181,10 +1182,10 @@ def _relaxed_many(tables: _ClassTables, m: int, low: float, top: float, limit: f
     or kept by a factor, every combination at once (``3^C - 1`` moves up to
     ``_PATTERN_CLASSES`` classes, else each class by itself), moving to the best while the
     bound rises and shrinking the factor from 2 to 1.02 where none does. The dual is not
-    smooth: at the ray's best price on ResNet-50 x 32 Jetsons (micro-batch 8) the relaxed
-    plan used one NX and one TX2 fewer than the cluster has and every Nano, so both of
-    their prices had to fall at once, which no move of one class finds (one class at a
-    time: 0.7971 s; every combination: 0.8097 s, and 0.8099 s from six random starts,
+    smooth: where moving one class's price at a time stopped on ResNet-50 x 32 Jetsons
+    (micro-batch 8, 0.7971 s), the relaxed plan used one NX and one TX2 fewer than the
+    cluster has and every Nano, so both of their prices had to fall at once, which no
+    move of one class finds (every combination: 0.8097 s, and 0.8099 s from six random starts,
     so about the most any prices give there). One pass costs much less than its ``K``
     prices one by one: the DP's numpy calls are small and their overhead dominates (32
     Jetsons: 22 ms for one price, 56 ms for 6, 169 ms for 26). The walk compares the dual
