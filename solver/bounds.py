@@ -50,7 +50,7 @@ import itertools
 import math
 import time
 import weakref
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -1185,8 +1185,8 @@ def _relaxed_many(tables: _ClassTables, m: int, low: float, top: float, limit: f
     smooth: where moving one class's price at a time stopped on ResNet-50 x 32 Jetsons
     (micro-batch 8, 0.7971 s), the relaxed plan used one NX and one TX2 fewer than the
     cluster has and every Nano, so both of their prices had to fall at once, which no
-    move of one class finds (every combination: 0.8097 s, and 0.8099 s from six random starts,
-    so about the most any prices give there). One pass costs much less than its ``K``
+    move of one class finds (every combination: 0.8097 s, and 0.8099 s from six random
+    starts, so about the most any prices give there). One pass costs much less than its ``K``
     prices one by one: the DP's numpy calls are small and their overhead dominates (32
     Jetsons: 22 ms for one price, 56 ms for 6, 169 ms for 26). The walk compares the dual
     itself, not the bucket's bound clipped at ``M low``: below that clip the walk had no
@@ -1724,8 +1724,8 @@ def class_bound(space: ClassSpace, sums: LayerSums, cut_bytes: Sequence[int],
     (memory), where known: the priced bound then knows upper bounds of mixed groups' stage
     times too ([Note: rigid groups]); ``partner_links``: the priced bound counts the
     members over partners' links ([Note: partner links]; False: quicker, weaker tables);
-    ``polish``: walk each class's price in the bucket that sets the bound once it is split
-    no more ([Note: prices per class]; False: quicker, weaker).
+    ``polish``: walk the classes' prices apart in the bucket that sets the bound once it
+    is split no more ([Note: prices per class]; False: quicker, weaker).
 
     [Note: the class bound]
     Let ``d`` be the dominant stage (largest ``X``) and ``a = min(M, S - d) - 1`` (at most
@@ -1792,8 +1792,8 @@ def class_bound(space: ClassSpace, sums: LayerSums, cut_bytes: Sequence[int],
                polish: bool = False) -> tuple[float, np.ndarray]:
         """``(bound of the bucket, best prices)`` ([Note: prices per class]): the dual is
         concave in the prices (per class, in units of ``top``), so from ``price`` walk
-        the ray of its multiples while the bound rises, then (``polish``) each class's
-        price by itself, then the price of the members over partners' links ([Note:
+        the ray of its multiples while the bound rises, then (``polish``) the classes'
+        prices up, down or kept, then the price of the members over partners' links ([Note:
         partner links]; its best factor is kept in ``fast_scale`` for the next bucket);
         stop once the bound reaches ``enough``."""
         def values(ps: list[np.ndarray], q: float | None = None) -> np.ndarray:
@@ -1823,31 +1823,31 @@ def class_bound(space: ClassSpace, sums: LayerSums, cut_bytes: Sequence[int],
 
         best = float(values([price])[0])
 
-        def better(trials: list[np.ndarray]) -> bool:
-            """Move to the best of ``trials`` where it beats ``best``."""
+        def better(trials: Iterable[np.ndarray]) -> bool:
+            """Move to the best of ``trials`` (those within the prices' range) where it
+            beats ``best``."""
             nonlocal best, price
-            if not trials:
+            kept = [t for t in trials if _PRICE_MIN < t.max() < _PRICE_MAX]
+            if not kept:
                 return False
-            found = values(trials)
+            found = values(kept)
             k = int(np.argmax(found))
             if found[k] <= best:
                 return False
-            best, price = float(found[k]), trials[k]
+            best, price = float(found[k]), kept[k]
             return True
 
         # the ray: a window of multiples around the best price so far, while it rises
         if best < enough:
             ladder = [_PRICE_STEP ** k for k in (-2, -1, -0.5, 0.5, 1, 2)]
-            while better([price * f for f in ladder if _PRICE_MIN < price.max() * f
-                          < _PRICE_MAX]) and best < enough:
+            while better(price * f for f in ladder) and best < enough:
                 pass
         # the classes' prices up, down or kept, every combination at once (each class by
         # itself where the classes are many), by factors that shrink
         step = _CLASS_PRICE_STEP
         moves = _price_moves(len(price)) if polish else np.zeros((0, len(price)))
         while len(moves) and best < enough and step > _CLASS_PRICE_FINEST:
-            trials = price * step ** moves
-            if not better([t for t in trials if _PRICE_MIN < t.max() and t.max() < _PRICE_MAX]):
+            if not better(price * step ** moves):
                 step = math.sqrt(step)
         if tables.fast is not None and best < enough:
             scale = fast_scale[0]
