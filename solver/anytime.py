@@ -104,7 +104,7 @@ from contracts.cluster import Cluster
 from contracts.errors import AsteroidError, PlanError
 from contracts.plan import Plan, PlannerInfo, SearchBound
 from contracts.table import CostTable
-from solver.bounds import bound_classes, class_bound, counts_pools
+from solver.bounds import bound_classes, class_bound, counted_classes, counts_pools
 from solver.diagnose import no_fit_error
 from solver.dp import DPResult, asteroid_dp
 from solver.evaluate import LayerSums, evaluate
@@ -384,15 +384,18 @@ def _baseline_plans(costs: CostTable, cluster: Cluster, batch_size: int, osf: fl
     return out
 
 
-CLASS_BOUND_SHARE = 1.0
+CLASS_BOUND_SHARE = 2.0
 """Without a time limit, where the wide search was not run to its end, the class bound
 (``solver.bounds.class_bound``) runs for up to this share of the search's own time, or
 for as long as the search itself up to ``CLASS_BOUND_AFTER_S``, whichever is longer; its
 bisection usually ends first. A quarter until the nineteenth session; with the prices per
 class of that session (``solver.bounds``), measured alternating with the commit before:
 ResNet-50 x 32 Jetsons 5.9 % in 24.3 s of CPU before, now 3.85 % in 25.4 s (16 Jetsons:
-5.0 % in 11.3 s, now 2.5 % in 13.6 s); on 64 Jetsons (254 s) the bound's bisection ends
-within a quarter, so nothing changes there."""
+5.0 % in 11.3 s, now 2.5 % in 13.6 s). Twice the search's time since the twentieth, for
+the second bisection of [Note: counted classes] (``solver.bounds``), alternating with
+the commit before: 32 Jetsons 3.85 % in 25.7 s -> 1.89 % in 49.6 s, 16 Jetsons 2.49 % in
+13.5 s -> 1.63 % in 19.8 s; 64 Jetsons 10.7 % -> 8.2 % in 237 s, its bisections ending
+long before the share."""
 
 CLASS_BOUND_LIMIT_SHARE = 0.5
 """With a time limit, where the wide space is larger than ``WIDE_EXACT_MAX`` pairs (the
@@ -497,7 +500,11 @@ def _class_bounds(costs: CostTable, cluster: Cluster, batch_size: int, mbs: Sequ
     0.8071 s; the next target, 0.7991 s, is where the bound stopped before, and 0.8071 s
     holds for every size). Where it falls short by more, the next size usually does too,
     and each try that falls short costs seconds (64 Jetsons: a target of 0.5508 s after
-    0.5687 s cost 4.6 s and proved nothing more)."""
+    0.5687 s cost 4.6 s and proved nothing more). Once this bisection ends short of the
+    best round, a second one runs from where it ended up to the best round, with
+    ``class_bound(count=True)``: a bucket that still sets a size's bound after its polish
+    gets its slowest classes counted ([Note: counted classes] in ``solver.bounds``; seconds
+    a pass, so only once the cheap rounds are done)."""
     if not math.isfinite(target):
         return {}
     space = ClassSpace(costs, cluster)
@@ -536,20 +543,25 @@ def _class_bounds(costs: CostTable, cluster: Cluster, batch_size: int, mbs: Sequ
     high, short, rounds = cap, False, 0
     floor = 0.0     # what the size that fell short last proved: the next target, if higher
     cache: dict[tuple[int, bool, bool], Any] = {}    # the tables of each size, built once
+    counting = False    # [Note: counted classes]: the second bisection, with them counted
+    weakest = 0         # the size that fell short last
     while have and time.perf_counter() < deadline:
         low = min(have.values())
-        if low >= high * _PROVED:
-            break
+        if low >= high * _PROVED or (short and high <= low * (1.0 + CLASS_BOUND_BISECT_TOL)):
+            if counting or not counted_classes(space) or low >= cap * _PROVED:
+                break
+            # the priced bisection has ended: again from there up to the best round, the
+            # slowest classes counted where the prices fall short
+            counting, high, short, floor = True, cap, False, 0.0
         # the target itself, once, where no size fell short and the rest is within the
         # tolerance: the class bound may prove the best round outright
         trial = high if not short and high <= low * (1.0 + CLASS_BOUND_BISECT_TOL) \
             else max((low + high) / 2, floor) if rounds else min((low + high) / 2, 2.0 * low)
         floor = 0.0
-        if short and high <= low * (1.0 + CLASS_BOUND_BISECT_TOL):
-            break
         first_round, fell = not rounds, False
         rounds += 1
-        for mb in sorted(have, key=have.__getitem__):
+        # (weakest first; on a tie, the size that fell short last)
+        for mb in sorted(have, key=lambda mb: (have[mb], mb != weakest)):
             if have[mb] >= trial * _PROVED:
                 continue
             value = class_bound(space, sums, costs.cut_bytes, ends, mb, batch_size // mb,
@@ -557,12 +569,13 @@ def _class_bounds(costs: CostTable, cluster: Cluster, batch_size: int, mbs: Sequ
                                 buckets=CLASS_FIRST_BUCKETS if first_round else None,
                                 max_evals=CLASS_FIRST_BUCKETS if first_round else None,
                                 optimizer_state_factor=optimizer_state_factor,
-                                partner_links=not first_round, polish=not first_round)
+                                partner_links=not first_round, polish=not first_round,
+                                count=counting)
             if value is None:
                 return {**out, **have}
             have[mb] = max(have[mb], value)
             if value < trial * _PROVED:     # fell short: a lower target next
-                high, short, fell = trial, True, True
+                high, short, fell, weakest = trial, True, True, mb
                 floor = have[mb] if have[mb] >= trial * (1.0 - CLASS_BOUND_FLOOR_NEAR) \
                     else 0.0    # (below the trial: sizes that reached it are not asked)
                 if not first_round:     # (the first round asks every size)

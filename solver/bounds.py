@@ -61,7 +61,8 @@ from solver.space import ClassSpace, SearchSpace, SliceSpace
 from solver.timing import LayerSums
 
 __all__ = ["StageBound", "stage_bound", "proven_bound", "GRID", "class_bound",
-           "bound_classes", "counts_pools", "CLASS_GROUPS_MAX", "CLASS_POOLS_MAX"]
+           "bound_classes", "counts_pools", "counted_classes", "CLASS_GROUPS_MAX",
+           "CLASS_POOLS_MAX", "CLASS_COUNTED_STATES"]
 
 GRID = 8
 """Values ``T_j`` of the largest stage time the fill bound (F) is split over."""
@@ -366,6 +367,11 @@ _PRICE_MIN, _PRICE_MAX = 1e-6, 1e6
 _PRICE_STEP = 4.0
 """Device prices (Lagrange multipliers) in units of (bucket top) x (bound speed /
 fastest): the first tried, and the factor of the walk along their ray."""
+
+CLASS_COUNTED_STATES = 2000
+"""The polish of ``class_bound``'s priced bound counts the devices of its slowest classes
+exactly where that takes at most this many states (``prod (n_k + 1)`` over them): [Note:
+counted classes]."""
 
 _CLASS_PRICE_STEP, _CLASS_PRICE_FINEST = 2.0, 1.02
 _PATTERN_CLASSES = 4
@@ -1167,9 +1173,30 @@ def _relaxed(tables: _ClassTables, m: int, low: float, top: float, limit: float,
 
 def _relaxed_many(tables: _ClassTables, m: int, low: float, top: float, limit: float,
                   prices: np.ndarray, rho: float = 0.0, deadline: float | None = None,
-                  fast_prices: np.ndarray | None = None) -> np.ndarray:
+                  fast_prices: np.ndarray | None = None,
+                  counted: tuple[int, ...] = ()) -> np.ndarray:
     """``_relaxed`` at ``K`` prices at once (``prices``: K x classes; ``fast_prices``: K, or
-    None for 0): the ``K`` values, each the same as ``_relaxed``'s up to rounding.
+    None for 0): the ``K`` values, each the same as ``_relaxed``'s up to rounding; the
+    classes ``counted`` counted exactly instead of priced (their prices are ignored).
+
+    [Note: counted classes]
+    The prices leave a duality gap that no price closes. On ResNet-50 x 32 Jetsons
+    (micro-batch 8, ``X_d`` in (0.07261, 0.07328] s, target 0.8225 s) the best prices give
+    0.8088 s: the relaxed plans use more Nanos than the cluster has, or fewer NX and TX2.
+    Counting a class's devices exactly, an axis of ``n_k + 1`` values per class in every
+    table (the devices of that class the suffix uses; a stage that takes ``v`` of them
+    reads the suffix at ``u - v``), rules out what the prices only penalise. At the same
+    prices it is never below them: a plan within the counts pays at most ``lambda (n -
+    used) >= 0`` less. Measured in that bucket: the Nanos counted 0.8104 s, the TX2s
+    0.8159 s, both 0.8213 s (0.59 s a pass against 0.02 s), all three 0.8301 s (4-5 s a
+    pass; 1584 states), the gap closed. The stages right after the dominant one are gated
+    at ``_AFTER_LEVELS`` positions where classes are counted, not ``_PRICED_AFTER_LEVELS``
+    (12 levels: the same 0.8301 s in 8.2 s; 2 levels: 0.8155 s). A surrogate count (the
+    devices of all classes as one number, 33 states) gave only 0.8144 s. ``class_bound``
+    counts the slowest classes within ``CLASS_COUNTED_STATES`` (``counted_classes``) in a
+    bucket that sets the bound again after its polish, at the polished prices, and
+    ``solver.anytime._class_bounds`` asks for that only in a second bisection, after the
+    priced one has ended, since each counted pass costs seconds.
 
     [Note: prices per class]
     Every price vector ``lambda >= 0`` gives a bound ``L(lambda) - lambda . n``, and that
@@ -1196,25 +1223,35 @@ def _relaxed_many(tables: _ClassTables, m: int, low: float, top: float, limit: f
     n_k = len(prices)
     count = len(tables.firsts)
     a_max = m                                   # a = 0 .. M - 1 stages after the dominant
+    # [Note: counted classes]: per counted class an axis of the devices its suffix uses,
+    # 0 .. n_k (none: one state); `_shift` puts a stage's suffix with `v` of them used
+    # where `u + v` is
+    dims = tuple(int(tables.totals[c]) + 1 for c in counted)
+    lead = (slice(None),) * 2
     # the same, with the first stages after the dominant one at positions j = 1 .. J:
     # round >= T^{d+j} >= sum_{i<d} E_f^i + M X_d - sum_{i=d}^{d+j-1} E_b^i + T_a^{d+j}
     # >= (M - j (1 - rho)) X_d + T_a^{d+j} (E_b <= (1 - rho) X <= (1 - rho) X_d, rho the
     # hiding ratio), so the stage at position j keeps that with `low` for X_d below
     # `limit`; `placed[:, j - 1]`: tails whose first stage is at position j
-    gates, levels = _gates(m, rho, low, _PRICED_AFTER_LEVELS)
+    gates, levels = _gates(m, rho, low, _PRICED_AFTER_LEVELS if not counted
+                           else _AFTER_LEVELS)
     late, late_ta = _late_gate(m, rho, low)
-    # (per price, row and a; the last table, `placed[:, levels]`, is `after`: suffixes
-    # after the dominant stage at any position)
-    placed = np.full((n_k, levels + 1, count + 1, a_max), inf)
-    placed[:, :, count, 0] = 0.0
+    # (per price, row, counted devices used and a; the last table, `placed[:, levels]`, is
+    # `after`: suffixes after the dominant stage at any position)
+    placed = np.full((n_k, levels + 1, count + 1, *dims, a_max), inf)
+    placed[(slice(None), slice(None), count) + (0,) * len(dims) + (0,)] = 0.0
     after = placed[:, levels]
     gate_arr = np.asarray(gates)
     rest_gate = _rest_gate(m, int(tables.totals.sum()), rho, low, top)
-    with_d = np.full((n_k, count + 1), inf)     # suffixes holding the dominant stage
+    with_d = np.full((n_k, count + 1, *dims), inf)  # suffixes holding the dominant stage
+    if counted:
+        prices = prices.copy()
+        prices[:, list(counted)] = 0.0          # (counted: no price)
     cost = tables.counts @ prices.T                                           # (G, K)
     if tables.fast is not None and fast_prices is not None:
         # [Note: partner links]: each member over a partner's link costs fast_price
         cost = cost + tables.fast[:, None] * fast_prices[None]
+    usage = tables.counts[:, list(counted)].astype(int)     # (G, counted classes)
     points = list(range(a_max)) if a_max <= _CHORD_POINTS else sorted(
         {round(k * (a_max - 1) / (_CHORD_POINTS - 1)) for k in range(_CHORD_POINTS)})
     chords = np.zeros((a_max, len(points)))
@@ -1226,6 +1263,7 @@ def _relaxed_many(tables: _ClassTables, m: int, low: float, top: float, limit: f
             w = (a - points[k]) / (points[k + 1] - points[k])
             chords[a, k], chords[a, k + 1] = 1.0 - w, w
     m_low = m * low
+    wide = (None,) * (len(dims) + 1)            # (broadcast over the counts and a)
     for i in range(count - 1, -1, -1):
         if deadline is not None and not i % 8 and time.perf_counter() > deadline:
             raise _Late
@@ -1239,10 +1277,12 @@ def _relaxed_many(tables: _ClassTables, m: int, low: float, top: float, limit: f
         up = tables.uppers[i] if tables.uppers else np.full_like(x, inf)
         if not keep.all():
             x, big, t_a, cost_i = x[keep, :k], big[keep, :k], t_a[keep, :k], cost[keep]
-            up = up[keep, :k]
+            up, used_i = up[keep, :k], usage[keep]
         else:
             x, big, t_a, cost_i, up = x[:, :k], big[:, :k], t_a[:, :k], cost, up[:, :k]
+            used_i = usage
         nxt = nxt[:k]
+        kinds = _kinds(used_i, dims)
         first = tables.firsts[i] == 0
         cost_k = cost_i.T[:, :, None]                                         # (K, G, 1)
         # x where it is at most `top`, else inf (inf stays inf in the sums below)
@@ -1252,20 +1292,36 @@ def _relaxed_many(tables: _ClassTables, m: int, low: float, top: float, limit: f
         later = np.where(late + t_a * late_ta < limit, priced, inf)
         # a stage after the dominant one, at a position j <= n - 1 past the first
         # `levels`: round >= T^{d+j} >= (M - j (1 - rho)) X_d + T_a (_rest_gate)
-        tail = after[:, nxt]                                                  # (K, ends, A)
-        best = (np.where(rest_gate + t_a < limit, later, inf).min(axis=1)[:, :, None]
-                + tail).min(axis=1)                                           # (K, A)
+        anywhere = np.where(rest_gate + t_a < limit, later, inf)
+        tail = after[:, nxt]                                            # (K, ends, ..., A)
+        best = np.full((n_k, *dims, a_max), inf)
+        for used, members in kinds.items():
+            into, src = _shift(used, dims)
+            on = anywhere[:, members].min(axis=1)                              # (K, ends)
+            ends = _finite(on, counted)
+            if ends is not None:
+                found = (on[:, ends][lead + wide] + tail[lead[:1] + (ends,) + src]).min(axis=1)
+                np.minimum(best[lead[:1] + into], found, out=best[lead[:1] + into])
         _shift_min(after[:, i], best)
         # the stages at positions j = 1 .. levels, all at once: position j reads the
         # tails at position j + 1 (the last: any position)
         js = np.nonzero(gate_arr + t_a.min() < limit)[0]
         if len(js):
-            here = np.where((gate_arr[js][:, None, None] + t_a[None] < limit)[None],
-                            later[:, None], inf).min(axis=2)                  # (K, J, ends)
-            rest = placed[:, js + 1][:, :, nxt]                               # (K, J, ends, A)
-            found = (here[:, :, :, None] + rest).min(axis=2)                  # (K, J, A)
+            # (one gather: the rows `nxt` of the levels `js + 1` only)
+            rest = placed[:, js[:, None] + 1, nxt[None, :]]             # (K, J, ends, ..., A)
+            gated = np.where((gate_arr[js][:, None, None] + t_a[None] < limit)[None],
+                             later[:, None], inf)                          # (K, J, G, ends)
+            found_j = np.full((n_k, len(js), *dims, a_max), inf)
+            for used, members in kinds.items():
+                into, src = _shift(used, dims)
+                here = gated[:, :, members].min(axis=2)                        # (K, J, ends)
+                ends = _finite(here.reshape(-1, here.shape[-1]), counted)
+                if ends is not None:
+                    found = (here[:, :, ends][(Ellipsis, *wide)]
+                             + rest[lead + (ends,) + src]).min(axis=2)
+                    np.minimum(found_j[lead + into], found, out=found_j[lead + into])
             mins = placed[:, js, i]
-            _shift_min(mins, found)
+            _shift_min(mins, found_j)
             placed[:, js, i] = mins
         if levels:
             tail = placed[:, 0][:, nxt]
@@ -1278,28 +1334,91 @@ def _relaxed_many(tables: _ClassTables, m: int, low: float, top: float, limit: f
             total = m * x_d + t_a
             base = np.where((total < limit) & (up > low),
                             (total if first else m * x_d) + cost_k, inf)     # (K, G, ends)
-            at = np.stack([base.min(axis=1) if p == 0 else (base - p * hide).min(axis=1)
-                           for p in points])                                  # (P, K, ends)
-            finite = np.isfinite(at[0])
-            if finite.any():
-                c_d = np.einsum("ap,pke->kea", chords, np.where(finite, at, 0.0))
-                c_d[~finite] = inf                                            # (K, ends, A)
-                np.minimum(with_d[:, i], (c_d + tail).min(axis=(1, 2)), out=with_d[:, i])
+            for used, members in kinds.items():
+                into, src = _shift(used, dims)
+                on, hid = base[:, members], hide[members]
+                at = np.stack([on.min(axis=1) if p == 0 else (on - p * hid).min(axis=1)
+                               for p in points])                              # (P, K, ends)
+                finite = np.isfinite(at[0])
+                ends = _finite(at[0], counted)
+                if ends is None or not finite.any():
+                    continue
+                c_d = np.einsum("ap,pke->kea", chords, np.where(finite, at, 0.0)[:, :, ends])
+                c_d[~finite[:, ends]] = inf                                   # (K, ends, A)
+                found = (c_d[lead + wide[1:] + (slice(None),)]
+                         + tail[lead[:1] + (ends,) + src]).min(axis=(1, -1))
+                np.minimum(with_d[(slice(None), i) + into], found,
+                           out=with_d[(slice(None), i) + into])
         # a stage s before the dominant one: round >= T^s >= M X_d + X_s + T_a^s
         if m_low + t_a.min() < limit:
             c_b = np.where(m_low + capped + t_a < limit, priced + t_a if first else priced,
                            inf)
-            np.minimum(with_d[:, i], (c_b.min(axis=1) + with_d[:, nxt]).min(axis=1),
-                       out=with_d[:, i])
+            for used, members in kinds.items():
+                into, src = _shift(used, dims)
+                on = c_b[:, members].min(axis=1)                               # (K, ends)
+                ends = _finite(on, counted)
+                if ends is not None:
+                    found = (on[:, ends][lead + wide[1:]]
+                             + with_d[(slice(None), nxt[ends]) + src]).min(axis=1)
+                    np.minimum(with_d[(slice(None), i) + into], found,
+                               out=with_d[(slice(None), i) + into])
     # the prices cancel: allow for the rounding of the large terms
     paid = prices @ tables.totals
     if tables.fast is not None and fast_prices is not None:
         paid = paid + fast_prices * tables.fast_total
-    found_all = with_d[:, 0]
+    found_all = with_d[:, 0].reshape(n_k, -1).min(axis=1)
     with np.errstate(invalid="ignore"):
         out = found_all - paid - 1e-10 * (np.abs(found_all) + np.abs(paid))
     # no relaxed plan: none in the bucket
     return np.where(np.isinf(found_all), found_all, out)
+
+
+def counted_classes(space: ClassSpace) -> tuple[int, ...]:
+    """The classes of ``bound_classes`` whose devices the priced ``class_bound`` counts in a
+    bucket that sets the bound after its polish ([Note: counted classes]): the slowest
+    first, as many as keep ``prod (n_k + 1)`` within ``CLASS_COUNTED_STATES``; none where
+    the pools are counted already (``counts_pools``) or the bound gives up."""
+    classes = bound_classes(space)
+    if classes is None or counts_pools(space):
+        return ()
+    out: list[int] = []
+    states = 1
+    for c in sorted(range(len(classes)), key=lambda c: (space.bounds[classes[c][0]], c)):
+        states *= len(classes[c]) + 1
+        if states > CLASS_COUNTED_STATES:
+            break
+        out.append(c)
+    return tuple(sorted(out))
+
+
+def _kinds(used: np.ndarray, dims: tuple[int, ...]) -> dict[tuple[int, ...], Any]:
+    """The groups of a row of ``_relaxed_many`` by the devices of the counted classes each
+    takes (``used``: groups x counted classes; [Note: counted classes]), those that fit
+    ``dims``; every group (a slice) where no class is counted."""
+    if not dims:
+        return {(): slice(None)}
+    kinds, inverse = np.unique(used, axis=0, return_inverse=True)
+    inverse = inverse.reshape(-1)
+    return {tuple(int(u) for u in kind): np.nonzero(inverse == j)[0]
+            for j, kind in enumerate(kinds) if all(kind < np.asarray(dims))}
+
+
+def _finite(values: np.ndarray, counted: tuple[int, ...]) -> Any:
+    """The ends (last axis) where some of ``values`` is finite, where classes are counted
+    (None: none); every end (a slice) where none is, as before [Note: counted classes]."""
+    if not counted:
+        return slice(None)
+    ends = np.nonzero(np.isfinite(values).any(axis=0))[0]
+    return ends if len(ends) else None
+
+
+def _shift(used: tuple[int, ...], dims: tuple[int, ...]) -> tuple[tuple[slice, ...],
+                                                                   tuple[slice, ...]]:
+    """``(into, src)``: the slices of the counted axes of ``_relaxed_many`` ([Note: counted
+    classes]) where a stage that uses ``used`` of their devices puts a suffix, and those
+    the suffix after it comes from (``u`` from ``u - used``)."""
+    return (tuple(slice(u, None) for u in used),
+            tuple(slice(0, d - u) for u, d in zip(used, dims, strict=True)))
 
 
 def _price_moves(classes: int) -> np.ndarray:
@@ -1704,7 +1823,8 @@ def class_bound(space: ClassSpace, sums: LayerSums, cut_bytes: Sequence[int],
                 pools: bool = True,
                 cache: dict[tuple[int, bool, bool], _ClassTables | None] | None = None,
                 optimizer_state_factor: float | None = None,
-                partner_links: bool = True, polish: bool = True) -> float | None:
+                partner_links: bool = True, polish: bool = True,
+                count: bool = True) -> float | None:
     """A lower bound, at most ``target``, on the round time of every plan of the wide space
     (``ClassSpace``: every group in every order) with this micro-batch size on the
     candidate ends ``ends`` ([Note: the class bound]); None when the
@@ -1725,7 +1845,9 @@ def class_bound(space: ClassSpace, sums: LayerSums, cut_bytes: Sequence[int],
     times too ([Note: rigid groups]); ``partner_links``: the priced bound counts the
     members over partners' links ([Note: partner links]; False: quicker, weaker tables);
     ``polish``: walk the classes' prices apart in the bucket that sets the bound once it
-    is split no more ([Note: prices per class]; False: quicker, weaker).
+    is split no more ([Note: prices per class]; False: quicker, weaker); ``count``: where
+    such a bucket sets the bound again after its polish, count its slowest classes
+    ([Note: counted classes]; False: quicker, weaker).
 
     [Note: the class bound]
     Let ``d`` be the dominant stage (largest ``X``) and ``a = min(M, S - d) - 1`` (at most
@@ -1785,25 +1907,27 @@ def class_bound(space: ClassSpace, sums: LayerSums, cut_bytes: Sequence[int],
     if tables is None:
         return target        # no group can take a micro-batch: no plan
     shape = tables.speeds / tables.speeds.max()
+    counting = counted_classes(space) if count else ()
     afters: dict[float, tuple[float, _After]] = {}
     fast_scale = [1.0]      # the partner links' price factor of the last bucket
 
     def bucket(low: float, top: float, price: np.ndarray, enough: float,
-               polish: bool = False) -> tuple[float, np.ndarray]:
+               polish: bool = False, count: bool = False) -> tuple[float, np.ndarray]:
         """``(bound of the bucket, best prices)`` ([Note: prices per class]): the dual is
         concave in the prices (per class, in units of ``top``), so from ``price`` walk
         the ray of its multiples while the bound rises, then (``polish``) the classes'
         prices up, down or kept, then the price of the members over partners' links ([Note:
         partner links]; its best factor is kept in ``fast_scale`` for the next bucket);
         stop once the bound reaches ``enough``."""
-        def values(ps: list[np.ndarray], q: float | None = None) -> np.ndarray:
+        def values(ps: list[np.ndarray], q: float | None = None,
+                   counted: tuple[int, ...] = ()) -> np.ndarray:
             if deadline is not None and time.perf_counter() > deadline:
                 raise _Late
             evals[0] += 1
             scale = fast_scale[0] if q is None else q
             stacked = np.stack(ps)
             found = _relaxed_many(tables, m, low, top, target, stacked * top, rho, deadline,
-                                  stacked.max(axis=1) * top * FAST_PRICE * scale)
+                                  stacked.max(axis=1) * top * FAST_PRICE * scale, counted)
             # (the dual itself, not clipped at M low: the walk needs its slope there too)
             return np.where(np.isnan(found), -math.inf, found)
 
@@ -1821,6 +1945,10 @@ def class_bound(space: ClassSpace, sums: LayerSums, cut_bytes: Sequence[int],
                 afters[top] = (low, made)
             return (max(m * low, found) if not math.isnan(found) else m * low), price
 
+        if count:
+            # [Note: counted classes]: the slowest classes counted, the rest at the prices
+            # polished before
+            return max(m * low, float(values([price], counted=counting)[0])), price
         best = float(values([price])[0])
 
         def better(trials: Iterable[np.ndarray]) -> bool:
@@ -1885,6 +2013,7 @@ def class_bound(space: ClassSpace, sums: LayerSums, cut_bytes: Sequence[int],
             worst = min(worst, found)
             done.append((low, top, found, price))
         polished: set[tuple[float, float]] = set()
+        counts: set[tuple[float, float]] = set()
         while True:
             j = min(range(len(done)), key=lambda k: done[k][2])
             low, top, found, price = done[j]
@@ -1895,12 +2024,18 @@ def class_bound(space: ClassSpace, sums: LayerSums, cut_bytes: Sequence[int],
             if low >= top * _FINEST or top < top_all * _FINEST_LOW \
                     or evals[0] >= max_evals:
                 # split no more: the prices per class of the bucket that sets the bound,
-                # once per bucket, within as many runs again
-                if (counted or not polish or (low, top) in polished
-                        or evals[0] >= 2 * max_evals):
+                # once per bucket, within as many runs again; where it sets the bound
+                # again, its slowest classes counted ([Note: counted classes])
+                if counted or not polish or evals[0] >= 2 * max_evals:
                     break
-                polished.add((low, top))
-                value, p = bucket(low, top, price, enough, polish=True)
+                if (low, top) not in polished:
+                    polished.add((low, top))
+                    value, p = bucket(low, top, price, enough, polish=True)
+                elif counting and (low, top) not in counts:
+                    counts.add((low, top))
+                    value, p = bucket(low, top, price, enough, count=True)
+                else:
+                    break
                 done[j] = (low, top, max(value, found), p)
                 continue
             mid = math.sqrt(low * top) if low > 0.0 else top / 2

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import math
 import time
+from typing import Any
 
 import pytest
 
@@ -181,6 +182,56 @@ def test_the_class_bounds_over_the_sizes_stay_below_the_optimum(
             raised += bound > min(work_bound(costs, cluster, batch, mb)
                                   for mb in mbs) * (1 + 1e-9)
     assert raised > 20
+
+
+def test_the_classes_are_counted_after_the_priced_bisection(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # [Note: counted classes]: once the priced bisection ends short of the best round, a
+    # second one counts the slowest classes; it asks nothing before the first ends, never
+    # lowers a size's bound and raises the smallest on some instances (the pools priced,
+    # forced: these small clusters are counted by default)
+    import solver.anytime
+    import solver.bounds
+    from solver.anytime import _class_bounds
+    from solver.space import micro_batch_choices
+
+    monkeypatch.setattr(solver.bounds, "CLASS_POOLS_MAX", 0)
+    asked: list[bool] = []
+    plain = solver.anytime.class_bound
+
+    def recorded(*args: Any, **kwargs: Any) -> float | None:
+        asked.append(kwargs.get("count", True))
+        return plain(*args, **kwargs)
+
+    monkeypatch.setattr(solver.anytime, "class_bound", recorded)
+    raised = counted_runs = 0
+    for seed in range(800, 830):
+        costs, cluster, batch = random_instance(seed, max_layers=5, max_devices=4, links=True,
+                                                latency=seed % 2 == 0)
+        cluster = cluster.for_costs(costs)
+        mbs = micro_batch_choices(batch, None)
+        target = asteroid_dp(costs, cluster, batch, space="classes").round_time_s
+        if not math.isfinite(target):
+            continue
+        results = []
+        for counting in (False, True):
+            with monkeypatch.context() as patch:
+                if not counting:
+                    patch.setattr(solver.anytime, "counted_classes", lambda space: ())
+                asked.clear()
+                out = _class_bounds(costs, cluster, batch, mbs, None, target, {},
+                                    time.perf_counter() + 60.0)
+            assert asked == sorted(asked), (seed, asked)     # (False before True)
+            counted_runs += any(asked)
+            results.append(out)
+        without, with_counts = results
+        assert all(with_counts[mb] >= value for mb, value in without.items()), seed
+        smallest = [min(out.get(mb, work_bound(costs, cluster, batch, mb)) for mb in mbs)
+                    for out in results]
+        assert smallest[1] <= target * (1 + 1e-9)
+        raised += smallest[1] > smallest[0] * (1 + 1e-9)
+    assert counted_runs > 8      # (measured: 12 of the instances, 9 raised)
+    assert raised > 5
 
 
 @pytest.mark.parametrize(("seed", "first_sizes"), [(0, 2), (1, 1)])
