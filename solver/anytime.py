@@ -457,6 +457,9 @@ share of it sets the next target to what it proved, if that is above the midpoin
 _PROVED = 1.0 - 1e-6
 """A class bound at least this share of its target proves the target."""
 
+_TIE = 1.0 + 1e-6
+"""Bounds of two sizes within this ratio are the same for the order of the bisection."""
+
 
 def _class_bounds(costs: CostTable, cluster: Cluster, batch_size: int, mbs: Sequence[int],
                   max_cuts: int | None, target: float, proven: dict[int, float],
@@ -560,8 +563,8 @@ def _class_bounds(costs: CostTable, cluster: Cluster, batch_size: int, mbs: Sequ
         floor = 0.0
         first_round, fell = not rounds, False
         rounds += 1
-        # (weakest first; on a tie, the size that fell short last)
-        for mb in sorted(have, key=lambda mb: (have[mb], mb != weakest)):
+        # (weakest first; among those at the smallest bound, the size that fell short last)
+        for mb in sorted(have, key=lambda mb: (have[mb] > low * _TIE, mb != weakest, have[mb])):
             if have[mb] >= trial * _PROVED:
                 continue
             value = class_bound(space, sums, costs.cut_bytes, ends, mb, batch_size // mb,
