@@ -564,7 +564,8 @@ def _class_bounds(costs: CostTable, cluster: Cluster, batch_size: int, mbs: Sequ
         first_round, fell = not rounds, False
         rounds += 1
         # (weakest first; among those at the smallest bound, the size that fell short last)
-        for mb in sorted(have, key=lambda mb: (have[mb] > low * _TIE, mb != weakest, have[mb])):
+        for mb in sorted(have, key=lambda mb: (have[mb] if have[mb] > low * _TIE else low,
+                                               mb != weakest)):
             if have[mb] >= trial * _PROVED:
                 continue
             value = class_bound(space, sums, costs.cut_bytes, ends, mb, batch_size // mb,

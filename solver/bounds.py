@@ -1194,10 +1194,11 @@ def _relaxed_many(tables: _ClassTables, m: int, low: float, top: float, limit: f
     prices it is never below them: a plan within the counts pays at most ``lambda (n -
     used) >= 0`` less. Measured in that bucket: the Nanos counted 0.8104 s, the TX2s
     0.8159 s, both 0.8213 s (0.5 s a pass against 0.02 s), all three 0.8301 s (2.9 s a
-    pass in single precision, ``_COUNTED_DTYPE``; 1584 states), the gap closed. The stages right after the dominant one are gated
-    at ``_AFTER_LEVELS`` positions where classes are counted, not ``_PRICED_AFTER_LEVELS``
-    (12 levels: the same 0.8301 s in 8.2 s; 2 levels: 0.8155 s). A surrogate count (the
-    devices of all classes as one number, 33 states) gave only 0.8144 s. ``class_bound``
+    pass in single precision, ``_COUNTED_DTYPE``; 1584 states), the gap closed. The stages
+    right after the dominant one are gated at ``_AFTER_LEVELS`` positions where classes
+    are counted, not ``_PRICED_AFTER_LEVELS`` (12 levels: the same 0.8301 s in 8.2 s; 3
+    levels: 0.8182 s; 2: 0.8155 s). A surrogate count (the devices of all classes as one
+    number, 33 states) gave only 0.8144 s. ``class_bound``
     counts the slowest classes within ``CLASS_COUNTED_STATES`` (``counted_classes``) in a
     bucket that sets the bound again after its polish, at the polished prices, and
     ``solver.anytime._class_bounds`` asks for that only in a second bisection, after the
