@@ -753,25 +753,22 @@ def test_rigid_groups_raise_the_priced_bound(monkeypatch: pytest.MonkeyPatch) ->
     assert lower <= higher // 4
 
 
-def test_relaxed_at_many_prices_is_relaxed_at_each() -> None:
-    # [Note: prices per class]: one pass of _relaxed_many at K prices gives each price's
-    # value of _relaxed, partner-link prices included
+def _random_relaxed(seeds: range, k: int) -> Any:
+    """Per seed of ``random_instance`` (links, latency) whose priced tables at micro-batch 1
+    exist: ``(seed, tables, M, low, top, prices, fast, rho)`` with ``k`` random prices per
+    class and for partner links, and a random bucket ``(low, top]`` of ``X_d``."""
     import random
 
     import solver.bounds
-    from solver.bounds import _relaxed, _relaxed_many
     from solver.summary import hiding_ratio
 
-    compared = 0
-    for seed in range(40):
+    for seed in seeds:
         costs, cluster, batch = random_instance(seed, links=True, latency=True)
         cluster = cluster.for_costs(costs)
         space = ClassSpace(costs, cluster)
         cache: dict[Any, Any] = {}
         args = (space, LayerSums.of(costs), costs.cut_bytes, list(range(costs.num_layers - 1)))
-        mb = 1
-        solver.bounds.class_bound(*args, mb, batch // mb, 1e9, pools=False, cache=cache,
-                                  max_evals=1)
+        solver.bounds.class_bound(*args, 1, batch, 1e9, pools=False, cache=cache, max_evals=1)
         tables = next((t for t in cache.values() if t is not None), None)
         if tables is None:
             continue
@@ -779,12 +776,21 @@ def test_relaxed_at_many_prices_is_relaxed_at_each() -> None:
         top = rng.uniform(0.1, 2.0) * max(float(r[0].min()) for r in tables.rows)
         low = rng.choice([0.0, top * rng.uniform(0.3, 0.95)])
         prices = np.array([[rng.uniform(0.0, 2.0) * top for _ in tables.totals]
-                           for _ in range(5)])
-        fast = np.array([rng.uniform(0.0, 2.0) * top for _ in range(5)])
-        rho = hiding_ratio(costs, cluster)
-        many = _relaxed_many(tables, batch // mb, low, top, 1e9, prices, rho, None, fast)
+                           for _ in range(k)])
+        fast = np.array([rng.uniform(0.0, 2.0) * top for _ in range(k)])
+        yield seed, tables, batch, low, top, prices, fast, hiding_ratio(costs, cluster)
+
+
+def test_relaxed_at_many_prices_is_relaxed_at_each() -> None:
+    # [Note: prices per class]: one pass of _relaxed_many at K prices gives each price's
+    # value of _relaxed, partner-link prices included
+    from solver.bounds import _relaxed, _relaxed_many
+
+    compared = 0
+    for seed, tables, m, low, top, prices, fast, rho in _random_relaxed(range(40), 5):
+        many = _relaxed_many(tables, m, low, top, 1e9, prices, rho, None, fast)
         for k in range(5):
-            one = _relaxed(tables, batch // mb, low, top, 1e9, prices[k], rho, None, fast[k])
+            one = _relaxed(tables, m, low, top, 1e9, prices[k], rho, None, fast[k])
             assert many[k] == pytest.approx(one, rel=1e-12, abs=1e-12), (seed, k)
             compared += math.isfinite(one)
     assert compared > 80
@@ -795,33 +801,10 @@ def test_counting_classes_is_never_below_pricing_them() -> None:
     # at the same prices of the others (and partner links), counting one class or all of
     # them is never below the priced value beyond rounding, and above it on most of these
     # random prices
-    import random
-
-    import solver.bounds
     from solver.bounds import _relaxed_many
-    from solver.summary import hiding_ratio
 
     compared = higher = 0
-    for seed in range(40):
-        costs, cluster, batch = random_instance(seed, links=True, latency=True)
-        cluster = cluster.for_costs(costs)
-        space = ClassSpace(costs, cluster)
-        cache: dict[Any, Any] = {}
-        args = (space, LayerSums.of(costs), costs.cut_bytes, list(range(costs.num_layers - 1)))
-        mb = 1
-        solver.bounds.class_bound(*args, mb, batch // mb, 1e9, pools=False, cache=cache,
-                                  max_evals=1)
-        tables = next((t for t in cache.values() if t is not None), None)
-        if tables is None:
-            continue
-        rng = random.Random(seed)
-        top = rng.uniform(0.1, 2.0) * max(float(r[0].min()) for r in tables.rows)
-        low = rng.choice([0.0, top * rng.uniform(0.3, 0.95)])
-        prices = np.array([[rng.uniform(0.0, 2.0) * top for _ in tables.totals]
-                           for _ in range(4)])
-        fast = np.array([rng.uniform(0.0, 2.0) * top for _ in range(4)])
-        rho = hiding_ratio(costs, cluster)
-        m = batch // mb
+    for seed, tables, m, low, top, prices, fast, rho in _random_relaxed(range(40), 4):
         priced = _relaxed_many(tables, m, low, top, 1e9, prices, rho, None, fast)
         classes = len(tables.totals)
         for counted in [(c,) for c in range(classes)] + [tuple(range(classes))]:
@@ -843,34 +826,16 @@ def test_counted_classes_in_single_precision_stay_below_double(
         monkeypatch: pytest.MonkeyPatch) -> None:
     # [Note: counted classes]: the counted tables are single precision, and the rounding
     # taken off keeps the value at most the same DP's in double precision, and close to it
-    import random
-
     import solver.bounds
     from solver.bounds import _relaxed_many
-    from solver.summary import hiding_ratio
 
     compared = 0
-    for seed in range(120):
-        costs, cluster, batch = random_instance(seed, links=True, latency=True)
-        cluster = cluster.for_costs(costs)
-        space = ClassSpace(costs, cluster)
-        cache: dict[Any, Any] = {}
-        args = (space, LayerSums.of(costs), costs.cut_bytes, list(range(costs.num_layers - 1)))
-        solver.bounds.class_bound(*args, 1, batch, 1e9, pools=False, cache=cache, max_evals=1)
-        tables = next((t for t in cache.values() if t is not None), None)
-        if tables is None:
-            continue
-        rng = random.Random(seed)
-        top = rng.uniform(0.1, 2.0) * max(float(r[0].min()) for r in tables.rows)
-        low = rng.choice([0.0, top * rng.uniform(0.3, 0.95)])
-        prices = np.array([[rng.uniform(0.0, 2.0) * top for _ in tables.totals]])
+    for seed, tables, m, low, top, prices, _, rho in _random_relaxed(range(120), 1):
         every = tuple(range(len(tables.totals)))
-        rho = hiding_ratio(costs, cluster)
-        single = _relaxed_many(tables, batch, low, top, 1e9, prices, rho, None, None, every)
+        single = _relaxed_many(tables, m, low, top, 1e9, prices, rho, None, None, every)
         with monkeypatch.context() as patch:
             patch.setattr(solver.bounds, "_COUNTED_DTYPE", np.float64)
-            double = _relaxed_many(tables, batch, low, top, 1e9, prices, rho, None, None,
-                                   every)
+            double = _relaxed_many(tables, m, low, top, 1e9, prices, rho, None, None, every)
         if math.isinf(double[0]):
             assert single[0] == math.inf
             continue
