@@ -394,8 +394,8 @@ ResNet-50 x 32 Jetsons 5.9 % in 24.3 s of CPU before, now 3.85 % in 25.4 s (16 J
 5.0 % in 11.3 s, now 2.5 % in 13.6 s). Twice the search's time since the twentieth, for
 the second bisection of [Note: counted classes] (``solver.bounds``), alternating with
 the commit before: 32 Jetsons 3.85 % in 25.7 s -> 1.89 % in 49.6 s, 16 Jetsons 2.49 % in
-13.5 s -> 1.63 % in 19.8 s; 64 Jetsons 10.7 % -> 8.2 % in 237 s, its bisections ending
-long before the share."""
+13.5 s -> 1.63 % in 19.8 s; 64 Jetsons 10.7 % -> 8.2-8.7 % in 231-237 s, its bisections
+ending long before the share."""
 
 CLASS_BOUND_LIMIT_SHARE = 0.5
 """With a time limit, where the wide space is larger than ``WIDE_EXACT_MAX`` pairs (the
