@@ -1230,7 +1230,7 @@ def _relaxed_many(tables: _ClassTables, m: int, low: float, top: float, limit: f
     count = len(tables.firsts)
     a_max = m                                   # a = 0 .. M - 1 stages after the dominant
     # [Note: counted classes]: per counted class an axis of the devices its suffix uses,
-    # 0 .. n_k (none: one state); `_shift` puts a stage's suffix with `v` of them used
+    # 0 .. n_k (none: one state); `_kinds` puts a stage's suffix with `v` of them used
     # where `u + v` is
     dims = tuple(int(tables.totals[c]) + 1 for c in counted)
     lead = (slice(None),) * 2
@@ -1304,8 +1304,7 @@ def _relaxed_many(tables: _ClassTables, m: int, low: float, top: float, limit: f
         anywhere = np.where(rest_gate + t_a < limit, later, inf)
         tail = after[:, nxt]                                            # (K, ends, ..., A)
         best = np.full((n_k, *dims, a_max), inf, dtype)
-        for used, members in kinds.items():
-            into, src = _shift(used, dims)
+        for members, into, src in kinds:
             on = anywhere[:, members].min(axis=1)                              # (K, ends)
             ends = _finite(on, counted)
             if ends is not None:
@@ -1322,8 +1321,7 @@ def _relaxed_many(tables: _ClassTables, m: int, low: float, top: float, limit: f
             gated = np.where((gate_arr[js][:, None, None] + t_a[None] < limit)[None],
                              later[:, None], inf)                          # (K, J, G, ends)
             found_j = np.full((n_k, len(js), *dims, a_max), inf, dtype)
-            for used, members in kinds.items():
-                into, src = _shift(used, dims)
+            for members, into, src in kinds:
                 here = gated[:, :, members].min(axis=2)                        # (K, J, ends)
                 ends = _finite(here.reshape(-1, here.shape[-1]), counted)
                 if ends is not None:
@@ -1344,15 +1342,14 @@ def _relaxed_many(tables: _ClassTables, m: int, low: float, top: float, limit: f
             total = m * x_d + t_a
             base = np.where((total < limit) & (up > low),
                             (total if first else m * x_d) + cost_k, inf)     # (K, G, ends)
-            for used, members in kinds.items():
-                into, src = _shift(used, dims)
+            for members, into, src in kinds:
                 on, hid = base[:, members], hide[members]
                 at = np.stack([on.min(axis=1) if p == 0 else (on - p * hid).min(axis=1)
                                for p in points])                              # (P, K, ends)
                 finite = np.isfinite(at[0])
-                ends = _finite(at[0], counted)
-                if ends is None or not finite.any():
+                if not finite.any():
                     continue
+                ends = _finite(at[0], counted)
                 c_d = np.einsum("ap,pke->kea", chords, np.where(finite, at, 0.0)[:, :, ends])
                 c_d[~finite[:, ends]] = inf                                   # (K, ends, A)
                 found = (c_d.astype(dtype)[lead + wide[1:] + (slice(None),)]
@@ -1363,8 +1360,7 @@ def _relaxed_many(tables: _ClassTables, m: int, low: float, top: float, limit: f
         if m_low + t_a.min() < limit:
             c_b = np.where(m_low + capped + t_a < limit, priced + t_a if first else priced,
                            inf)
-            for used, members in kinds.items():
-                into, src = _shift(used, dims)
+            for members, into, src in kinds:
                 on = c_b[:, members].min(axis=1)                               # (K, ends)
                 ends = _finite(on, counted)
                 if ends is not None:
@@ -1406,16 +1402,23 @@ def counted_classes(space: ClassSpace) -> tuple[int, ...]:
     return tuple(sorted(out))
 
 
-def _kinds(used: np.ndarray, dims: tuple[int, ...]) -> dict[tuple[int, ...], Any]:
+_Kind = tuple[Any, tuple[slice, ...], tuple[slice, ...]]
+"""``(members, into, src)`` of ``_kinds``."""
+
+
+def _kinds(used: np.ndarray, dims: tuple[int, ...]) -> list[_Kind]:
     """The groups of a row of ``_relaxed_many`` by the devices of the counted classes each
     takes (``used``: groups x counted classes; [Note: counted classes]), those that fit
-    ``dims``; every group (a slice) where no class is counted."""
+    ``dims`` (every group, a slice, where no class is counted), each with the slices of
+    the counted axes where a stage of it puts a suffix (``into``) and those the suffix
+    after it comes from (``src``: ``u`` from ``u - used``)."""
     if not dims:
-        return {(): slice(None)}
+        return [(slice(None), (), ())]
     kinds, inverse = np.unique(used, axis=0, return_inverse=True)
     inverse = inverse.reshape(-1)
-    return {tuple(int(u) for u in kind): np.nonzero(inverse == j)[0]
-            for j, kind in enumerate(kinds) if all(kind < np.asarray(dims))}
+    return [(np.nonzero(inverse == j)[0], tuple(slice(int(u), None) for u in kind),
+             tuple(slice(0, d - int(u)) for u, d in zip(kind, dims, strict=True)))
+            for j, kind in enumerate(kinds) if all(kind < np.asarray(dims))]
 
 
 def _finite(values: np.ndarray, counted: tuple[int, ...]) -> Any:
@@ -1425,15 +1428,6 @@ def _finite(values: np.ndarray, counted: tuple[int, ...]) -> Any:
         return slice(None)
     ends = np.nonzero(np.isfinite(values).any(axis=0))[0]
     return ends if len(ends) else None
-
-
-def _shift(used: tuple[int, ...], dims: tuple[int, ...]) -> tuple[tuple[slice, ...],
-                                                                   tuple[slice, ...]]:
-    """``(into, src)``: the slices of the counted axes of ``_relaxed_many`` ([Note: counted
-    classes]) where a stage that uses ``used`` of their devices puts a suffix, and those
-    the suffix after it comes from (``u`` from ``u - used``)."""
-    return (tuple(slice(u, None) for u in used),
-            tuple(slice(0, d - u) for u, d in zip(used, dims, strict=True)))
 
 
 def _price_moves(classes: int) -> np.ndarray:
