@@ -550,12 +550,17 @@ def _class_bounds(costs: CostTable, cluster: Cluster, batch_size: int, mbs: Sequ
     weakest = 0         # the size that fell short last
     while have and time.perf_counter() < deadline:
         low = min(have.values())
-        if low >= high * _PROVED or (short and high <= low * (1.0 + CLASS_BOUND_BISECT_TOL)):
+        ended = low >= high * _PROVED or (short and high <= low * (1.0 + CLASS_BOUND_BISECT_TOL))
+        # (a round at `floor` that would only end the priced bisection: the counted one
+        # asks every size for more, from there)
+        near = not counting and short and high <= floor * (1.0 + CLASS_BOUND_BISECT_TOL)
+        if ended or (near and counted_classes(space) and floor < cap * _PROVED):
             if counting or not counted_classes(space) or low >= cap * _PROVED:
                 break
             # the priced bisection has ended: again from there up to the best round, the
             # slowest classes counted where the prices fall short
-            counting, high, short, floor = True, cap, False, 0.0
+            counting, high, short = True, cap, False
+            low, floor = max(low, floor), 0.0
         # the target itself, once, where no size fell short and the rest is within the
         # tolerance: the class bound may prove the best round outright
         trial = high if not short and high <= low * (1.0 + CLASS_BOUND_BISECT_TOL) \

@@ -1236,3 +1236,50 @@ def test_states_by_speed_only_raise_the_counted_value() -> None:
                 higher += kept[k] > whole[k] * (1 + 1e-6)
     assert compared > 50
     assert higher > 0, compared
+
+
+def test_floors_leave_every_value_below_the_limit() -> None:
+    # [Note: floors of the counted tables]: the stages left out lead only to plans at the
+    # limit or above, so every value below it is the same as without the floors (and the
+    # states by speed: the same value where every class is counted); the others stay at
+    # the limit or above
+    import dataclasses
+
+    from solver.bounds import _relaxed_many
+
+    compared = cut = 0
+    for seed, tables, m, low, top, prices, fast, rho in _random_relaxed(range(60), 2):
+        every = tuple(range(len(tables.totals)))
+        plain = dataclasses.replace(tables, work=None)
+        free = _relaxed_many(tables, m, low, top, 1e9, prices, rho, None, fast, every)
+        for k in range(len(prices)):
+            if not math.isfinite(free[k]):
+                continue
+            for limit in (free[k] * 0.98, free[k] * 1.02 + 1e-3):
+                args = (m, low, top, limit, prices[k:k + 1], rho, None, fast[k:k + 1], every)
+                found = _relaxed_many(tables, *args)[0]
+                whole = _relaxed_many(plain, *args)[0]
+                if whole < limit:
+                    assert found == whole, (seed, k, limit)
+                    compared += 1
+                else:
+                    assert found >= limit * (1 - 1e-6), (seed, k, limit)
+                    cut += 1
+    assert compared > 20 and cut > 20
+
+
+def test_a_counted_span_takes_the_most_buckets_below_the_target_within_its_ratio() -> None:
+    # [Note: counted spans]: of the adjacent buckets around the one to count, within
+    # _COUNT_SPAN of top to low, those with the most below the target (the narrowest)
+    from solver.bounds import _COUNT_SPAN, _count_span
+
+    target = 1.0
+    done = [(0.0, 0.60, 0.5), (0.60, 0.70, 0.9), (0.70, 0.71, 0.8), (0.71, 0.715, 1.0),
+            (0.715, 0.72, 0.95), (0.72, 0.80, 0.9)]
+    assert 0.72 / 0.70 <= _COUNT_SPAN < 0.80 / 0.71
+    assert _count_span(done, 2, target) == (2, 4)     # 0.70 .. 0.72: three below
+    assert _count_span(done, 1, target) == (1, 1)     # 0.60 .. 0.71 is too wide
+    assert _count_span(done, 0, target) == (0, 0)     # (from 0: never wider)
+    # the narrowest of the spans with as many below the target
+    done[4] = (0.715, 0.72, 1.0)
+    assert _count_span(done, 2, target) == (2, 2)
