@@ -507,7 +507,11 @@ def _class_bounds(costs: CostTable, cluster: Cluster, batch_size: int, mbs: Sequ
     best round, a second one runs from where it ended up to the best round, with
     ``class_bound(count=True)``: a bucket that still sets a size's bound after its polish
     gets its slowest classes counted ([Note: counted classes] in ``solver.bounds``; seconds
-    a pass, so only once the cheap rounds are done)."""
+    a pass, so only once the cheap rounds are done). Where the next priced round would ask
+    the other sizes only for the floor and then end (the lowest target that fell short
+    within the tolerance of it), the counted bisection starts at once, from the floor: it
+    asks every size for more than that anyway (ResNet-50 x 32 Jetsons in 30 s: the 1.5 s
+    of that round let the counted one finish, 1.89 % instead of 3.85 %)."""
     if not math.isfinite(target):
         return {}
     space = ClassSpace(costs, cluster)
