@@ -1243,7 +1243,8 @@ def _relaxed_many(tables: _ClassTables, m: int, low: float, top: float, limit: f
     a_max = m                                   # a = 0 .. M - 1 stages after the dominant
     # [Note: counted classes]: one axis of the count vectors of the counted classes the
     # suffix uses, in order of their bound speed ([Note: states by speed]; none counted:
-    # one state); `_kinds` puts a stage's suffix with `v` of them used where `u + v` is
+    # one state); `states.kinds` puts a stage's suffix with `v` of them used where `u + v`
+    # is
     states = _CountStates(tables, counted, top)
     n_states = states.size
     # the same, with the first stages after the dominant one at positions j = 1 .. J:
@@ -1289,8 +1290,11 @@ def _relaxed_many(tables: _ClassTables, m: int, low: float, top: float, limit: f
             w = (a - points[k]) / (points[k + 1] - points[k])
             chords[a, k], chords[a, k + 1] = 1.0 - w, w
     m_low = m * low
-    floors = _Floors(tables, n_k, levels, count, m, low, limit, prices, fast_prices,
-                     bool(counted))
+    # what the prices pay back (they cancel in the value; the floors allow for them)
+    paid = prices @ tables.totals
+    if tables.fast is not None and fast_prices is not None:
+        paid = paid + fast_prices * tables.fast_total
+    floors = _Floors(tables, n_k, levels, count, m, low, limit, paid, bool(counted))
     for i in range(count - 1, -1, -1):
         if deadline is not None and not i % 8 and time.perf_counter() > deadline:
             raise _Late
@@ -1390,9 +1394,6 @@ def _relaxed_many(tables: _ClassTables, m: int, low: float, top: float, limit: f
                     _min_into(with_d[:, i], 1, into, found)
         floors.keep(i, after, placed, with_d, levels)
     # the prices cancel: allow for the rounding of the large terms
-    paid = prices @ tables.totals
-    if tables.fast is not None and fast_prices is not None:
-        paid = paid + fast_prices * tables.fast_total
     found_all = with_d[:, 0].reshape(n_k, -1).min(axis=1).astype(np.float64)
     # where classes are counted the tables are single precision: a value sums one term per
     # stage (at most one stage per device), all >= 0, each term and each sum rounded by at
@@ -1520,18 +1521,13 @@ class _Floors:
     stages that lead only to such plans does not change it."""
 
     def __init__(self, tables: _ClassTables, n_k: int, levels: int, count: int, m: int,
-                 low: float, limit: float, prices: np.ndarray,
-                 fast_prices: np.ndarray | None, on: bool) -> None:
+                 low: float, limit: float, paid: np.ndarray, on: bool) -> None:
         self.on = on and tables.work is not None and math.isfinite(limit)
         if not self.on or tables.work is None:
             return
-        paid = prices @ tables.totals
-        if tables.fast is not None and fast_prices is not None:
-            paid = paid + fast_prices * tables.fast_total
         # (single precision tables: their rounding, with room)
         self.limit = ((limit + paid) * (1.0 + 1e-5))[:, None]                  # (K, 1)
-        self.head = tables.work[0] / float(tables.totals @ tables.speeds) * _TAIL_SLACK
-        self.dom_low = (m - 1) * low / 2 * _TAIL_SLACK
+        self.head, self.dom_low = _prefix_lows(tables, tables.work[0], m, low)
         inf = math.inf
         self.fl_after = np.full((n_k, count + 1), inf)
         self.fl_after[:, count] = 0.0
@@ -1553,7 +1549,7 @@ class _Floors:
         tails are at the levels ``reads``."""
         if not self.on:
             return values
-        fl = self.fl_levels[:, reads][:, :, nxt]                                # (K, J, ends)
+        fl = self.fl_levels[:, reads[:, None], nxt[None, :]]                    # (K, J, ends)
         room = self.limit[:, :, None] - self.head[i] - self.dom_low - fl
         return np.where(values < room[:, :, None, :], values, math.inf)
 
@@ -1586,6 +1582,16 @@ class _Floors:
             axis=2)
         self.fl_levels[:, levels, i] = self.fl_after[:, i]
         self.fl_d[:, i] = with_d[:, i].reshape(n_k, -1).min(axis=1)
+
+
+def _prefix_lows(tables: _ClassTables, head: np.ndarray, m: int,
+                 low: float) -> tuple[np.ndarray, float]:
+    """What the stages before each row add to a relaxed plan's value at least (``head``:
+    the work before each row, over the cluster's bound speed), and what the dominant stage
+    adds beyond its ``x`` (``(M - 1) low / 2``), both a little less for the float error
+    ([Note: floors of the counted tables])."""
+    return (head / float(tables.totals @ tables.speeds) * _TAIL_SLACK,
+            (m - 1) * low / 2 * _TAIL_SLACK)
 
 
 def _gather(table: np.ndarray, index: tuple[np.ndarray, ...], src: Any) -> np.ndarray:
@@ -1753,8 +1759,7 @@ def _counted_run(tables: _ClassTables, pooled: _Pooled, m: int, low: float, top:
     floor = np.full(count + 1, inf)
     floor[count] = 0.0
     floor_d = np.full(count + 1, inf)
-    head_low = pooled.head / float(tables.totals @ tables.speeds) * _TAIL_SLACK
-    dominant_low = (m - 1) * low / 2 * _TAIL_SLACK
+    head_low, dominant_low = _prefix_lows(tables, pooled.head, m, low)
     cut = limit * _CUT_ABOVE if prune else inf
     if not prune:
         head_low = np.zeros_like(head_low)
