@@ -53,7 +53,7 @@ uses ``g + 1``, so stale keys are never read):
 | ``rx/<g>/next/<device>`` (g: the old one) | ``Assignment`` or ``ExitOrder`` | the launcher |
 | ``rx/<g>/restore/<device>`` | ``Manifest`` | the launcher |
 
-Between a launcher and its own child processes (the emulator's result queue) a finished
+Between a launcher and its own child processes (the emulator's result channels) a finished
 rank's ``WorkerResult`` travels as :func:`encode_result` bytes (JSON plus flat state bytes),
 and under torchrun the ranks gather the same bytes with ``all_gather`` of byte tensors: no
 ``pickle.loads`` and no ``torch.load(weights_only=False)`` anywhere in the runtime.

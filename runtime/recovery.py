@@ -686,7 +686,7 @@ def _collect_records(store: dist.Store, generation: int, start: int, steps: int,
 
 
 class _Processes:
-    """The device processes of every generation, the store and the result queue.
+    """The device processes of every generation, the store and the result channels.
 
     In replay mode a process that survives a failure is kept: it waits on
     ``rx/<g>/next/<device>`` for its ``runtime.protocol.Assignment`` in generation ``g + 1``
@@ -699,7 +699,7 @@ class _Processes:
         from runtime import emulator as emu
 
         #: every device process of every generation, the job's store, token gate and
-        #: result queue (the supervisor ``launch_local`` uses too)
+        #: result channels (the supervisor ``launch_local`` uses too)
         self.supervisor = Supervisor(timeout_s, token)
         self.token = self.supervisor.token
         self.gate = self.supervisor.gate

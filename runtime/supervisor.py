@@ -5,9 +5,7 @@
 from __future__ import annotations
 
 import logging
-import multiprocessing.connection
 import os
-import queue
 import socket
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
@@ -21,6 +19,7 @@ import torch.multiprocessing as mp
 from contracts.errors import StageFailure
 from runtime import protocol as proto
 from runtime.heartbeat import Blame, FailureDetector, FailureReport, blame, process_state
+from runtime.results import ResultReader
 from runtime.train import StageSource, TrainConfig, WorkerResult, train_device
 from runtime.trust import Gatekeeper, new_token
 from runtime.worker import worker_main
@@ -32,7 +31,7 @@ log = logging.getLogger(__name__)
 
 # [Note: one supervisor]
 # Every device process this host starts belongs to one ``Supervisor``: the job's store
-# behind the token gate and the result queue (``LocalJob``), a table of the processes by
+# behind the token gate and the result channels (``LocalJob``), a table of the processes by
 # name, one watch loop and one way to stop. ``watch`` reads the workers' messages (a
 # process's exit wakes it at once: its sentinel is among the handles it waits on), hands
 # progress on, collects results, and every tick asks a *judge* who failed:
@@ -88,7 +87,7 @@ def _context() -> Any:
 
 class LocalJob:
     """The launcher's side of device processes on this host: the job's store on 127.0.0.1
-    behind the token gate (see [Note: trust boundary] in runtime.trust), the result queue,
+    behind the token gate (see [Note: trust boundary] in runtime.trust), the result channels,
     spawning :func:`runtime.worker.worker_main`, and reading the workers' messages."""
 
     def __init__(self, timeout_s: float, token: str | None = None, *,
@@ -103,18 +102,23 @@ class LocalJob:
         #: the job's keys (prefixed: see runtime.trust)
         self.store: dist.Store = self.gate.job_store
         self.ctx = _context()
-        self.results: Any = self.ctx.Queue()
+        #: one pipe per device process (see [Note: one pipe per process] in runtime.results)
+        self.results = ResultReader(self.ctx)
 
     def spawn(self, rank: int, world: int, source: StageSource, config: TrainConfig,
               cgroup: str | None, *, spec: Any = None, name: str = "",
               body: Callable[..., WorkerResult] = train_device) -> Any:
         """Start one device process (:func:`worker_main`, running ``body``) and return it."""
+        channel = self.results.channel()
         proc = self.ctx.Process(target=worker_main, daemon=True,
                                 name=f"asteroid-fx-{name or rank}",
                                 args=(rank, world, self.port, source, config, cgroup,
-                                      self.results, spec, self.token, body),
+                                      channel, spec, self.token, body),
                                 kwargs={"environ": dict(os.environ)})
-        proc.start()
+        try:
+            proc.start()
+        finally:
+            self.results.started(channel)
         return proc
 
     def next_message(self, procs: Sequence[Any], done: Collection[int],
@@ -122,23 +126,12 @@ class LocalJob:
         """The next worker message, or ("", -1, None) after ``wait_s`` or as soon as a
         worker process not in ``done`` ends (its sentinel wakes the wait: a kill is seen
         at once)."""
-        try:
-            message: tuple[str, Any, Any] = self.results.get_nowait()
-            return message
-        except queue.Empty:
-            pass
-        reader = getattr(self.results, "_reader", None)
         handles = [p.sentinel for r, p in enumerate(procs) if r not in done]
-        multiprocessing.connection.wait(handles + ([reader] if reader is not None else []),
-                                        wait_s)
-        try:
-            message = self.results.get_nowait()
-            return message
-        except queue.Empty:
-            return "", -1, None
+        message: tuple[str, Any, Any] | None = self.results.get(wait_s, handles)
+        return ("", -1, None) if message is None else message
 
     def close(self) -> None:
-        """Close the result queue and stop the token gate (the processes are the
+        """Close the result channels and stop the token gate (the processes are the
         caller's to end first)."""
         self.results.close()
         self.gate.stop()
@@ -230,7 +223,7 @@ class Supervisor:
 
     def __init__(self, timeout_s: float, token: str | None = None, *,
                  expected: int = 1) -> None:
-        #: the store, token gate, result queue and spawning
+        #: the store, token gate, result channels and spawning
         self.job = LocalJob(timeout_s, token, expected=expected)
         self.procs: dict[str, Any] = {}                  # name -> process
         #: exit codes of the processes stopped so far, by name
@@ -401,7 +394,7 @@ class Supervisor:
                 if pid not in kept and process_state(pid) != "gone"]
 
     def close(self) -> None:
-        """Stop every process, then the store's token gate and the result queue; log any
+        """Stop every process, then the store's token gate and the result channels; log any
         process left behind (there should be none)."""
         try:
             self.stop()

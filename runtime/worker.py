@@ -19,6 +19,7 @@ from contracts.allocator import tune_allocator
 from runtime import protocol as proto
 from runtime.comm import CommFailure
 from runtime.memory import freeze_startup
+from runtime.results import ResultWriter
 from runtime.shaping import CommThreads
 from runtime.train import DirectorySource, StageSource, TrainConfig, WorkerResult, train_device
 from runtime.trust import join_job
@@ -29,7 +30,7 @@ log = logging.getLogger(__name__)
 
 
 def worker_main(rank: int, world: int, port: int, source: StageSource, config: TrainConfig,
-                cgroup: str | None, results: Any, recovery: Any = None, token: str = "",
+                cgroup: str | None, results: ResultWriter, recovery: Any = None, token: str = "",
                 body: Callable[..., WorkerResult] = train_device,
                 environ: dict[str, str] | None = None) -> None:
     """Body of one device process; reports ("step"|"ok"|"error", rank, payload).
@@ -116,18 +117,14 @@ def worker_main(rank: int, world: int, port: int, source: StageSource, config: T
         raise SystemExit(1) from None
 
 
-def _exit_handed_over(results: Any, code: int = 0) -> None:
+def _exit_handed_over(results: ResultWriter, code: int = 0) -> None:
     """End a worker whose work is done and handed over (training finished, or told to exit
-    after a failure or a graceful leave) with code 0: flush the result queue and the log,
-    then ``os._exit(code)``.
+    after a failure or a graceful leave) with code 0: close its result channel, flush the
+    log, then ``os._exit(code)``.
     A normal interpreter exit would destroy torch.distributed objects whose threads (a
     replica channel's send or receive left blocked when the group was shut down) still run,
     which aborts the process ("terminate called without an active exception", code -6)."""
-    try:
-        results.close()
-        results.join_thread()     # every message put so far reaches the launcher
-    except (OSError, ValueError, AssertionError) as exc:
-        log.debug("flushing the result queue: %s", exc)
+    results.close()     # (a ResultWriter sends synchronously: every message is out)
     exit_without_teardown(code)
 
 

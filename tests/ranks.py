@@ -1,9 +1,12 @@
-"""Spawned processes of one gloo group for tests: each gets its rank, a free port and a queue."""
+"""Spawned processes of one gloo group for tests (each gets its rank, a free port and a queue),
+and a wait for a process that blocks in a pipe write."""
 
 from __future__ import annotations
 
 import multiprocessing as mp
 import socket
+import time
+from pathlib import Path
 from typing import Any
 
 
@@ -36,3 +39,17 @@ def spawn_ranks(target: Any, world: int, extra: tuple[Any, ...] = (), reports: i
                 proc.kill()
                 proc.join()
     return out, [proc.exitcode for proc in procs]
+
+
+def blocked_in_write(pid: int, limit_s: float = 10.0) -> None:
+    """Wait until ``pid`` sleeps in a pipe write (or ``limit_s``, where wchan is hidden)."""
+    wchan = Path(f"/proc/{pid}/wchan")
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline:
+        try:
+            if "pipe_write" in wchan.read_text():
+                return
+        except OSError:
+            break
+        time.sleep(0.02)
+    time.sleep(1.0)

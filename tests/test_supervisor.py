@@ -16,6 +16,7 @@ from contracts.errors import StageFailure
 from runtime.heartbeat import process_state
 from runtime.supervisor import Supervisor
 from runtime.train import TrainConfig, WorkerResult
+from tests.ranks import blocked_in_write
 
 CONFIG = TrainConfig(steps=1, timeout_s=60)
 NAMES = ("a", "b", "c")
@@ -24,9 +25,15 @@ NAMES = ("a", "b", "c")
 def _body(source: Any, rank: int, config: TrainConfig, *, hooks: Any = None,
           report: Callable[[dict[str, Any]], None] | None = None,
           acts: dict[int, str] | None = None) -> WorkerResult:
-    """A device body: rank r does ``acts[r]`` ("raise", "exit", "stop", "sleep"; default:
-    report one step and finish)."""
+    """A device body: rank r does ``acts[r]`` ("raise", "exit", "stop", "sleep", "flood": a
+    record far larger than a pipe, then sleep; "late": finish after 3 s; default: report
+    one step and finish)."""
     act = (acts or {}).get(rank, "finish")
+    if act == "late":
+        time.sleep(3.0)
+        act = "finish"
+    if act == "flood" and report is not None:
+        report({"step": 0, "rank": rank, "blob": "x" * 4_000_000})
     if act == "finish":
         if report is not None:
             report({"step": 0, "rank": rank})
@@ -95,6 +102,19 @@ def test_a_rank_that_may_fail_is_lost_not_fatal(supervisor: Supervisor) -> None:
     procs = _start(supervisor, {0: "exit"}, world=1)
     watched = supervisor.watch(procs, NAMES[:1], timeout_s=60, may_fail=(0,))
     assert watched.done == {} and watched.lost == {0}
+
+
+def test_a_rank_killed_mid_message_does_not_silence_the_others(
+        supervisor: Supervisor) -> None:
+    """The CI flake of `tests/test_recovery.py` (see [Note: one pipe per process] in
+    runtime.results): a rank killed while it sent a message took the shared queue's lock
+    with it, and the survivors' "ok" never arrived."""
+    procs = _start(supervisor, {0: "late", 1: "flood"}, world=2)
+    blocked_in_write(procs[1].pid)       # the watch is not reading yet: the send blocks
+    procs[1].kill()
+    watched = supervisor.watch(procs, NAMES[:2], timeout_s=30, may_fail=(1,))
+    assert sorted(watched.done) == [0] and watched.lost == {1}
+    assert watched.done[0].device == "a"
 
 
 def test_a_judges_verdict_ends_the_watch_and_survivors_can_be_kept(

@@ -1,0 +1,103 @@
+"""Result channels: one pipe from each device process to the launcher, none shared."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Sequence
+from multiprocessing.connection import Connection, wait
+from typing import Any
+
+__all__ = ["ResultReader", "ResultWriter"]
+
+log = logging.getLogger(__name__)
+
+# [Note: one pipe per process]
+# The device processes once shared one ``multiprocessing.Queue``. Its writers take one
+# lock (a POSIX semaphore) around every write, and a process SIGKILLed while its feeder
+# thread held that lock (an injected fault, a fence by the launcher, the OOM killer) left
+# it taken for good: every later message of every other process waited forever. CI saw it
+# once (`tests/test_recovery.py`, restart after f2 was killed at the start of step 3; f2
+# died while the record of its step 2 was on the way): each later single-device generation
+# trained to the end, stopped its heartbeat, hung flushing its "ok", and was blamed by
+# heartbeat 5 s later, until no device was left.
+# Now each process writes to a pipe of its own, so there is no lock to lose. The launcher
+# closes its copy of each write end once the process has started: a dead writer's pipe
+# ends in EOF, and a message cut off by the kill is dropped instead of waited for. A
+# writer sends synchronously (a pipe holds 64 KiB; the launcher reads while it watches).
+# What is left: a live writer stopped (SIGSTOP) in the middle of a message larger than
+# the pipe would block the launcher's read of that one message.
+
+
+class ResultWriter:
+    """The device process's end of its channel: ``put`` sends one message.
+
+    Thread-safe; a launcher that is gone (broken pipe) is logged, not raised, since
+    nobody is left to tell. Pickles as its connection (for ``Process`` arguments)."""
+
+    def __init__(self, connection: Connection) -> None:
+        self._connection = connection
+        self._lock = threading.Lock()
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (ResultWriter, (self._connection,))
+
+    def put(self, message: Any) -> None:
+        with self._lock:
+            try:
+                self._connection.send(message)
+            except (OSError, ValueError) as exc:    # closed here, or the reader is gone
+                log.debug("the launcher did not take %r: %s", message[:1], exc)
+
+    def close(self) -> None:
+        with self._lock:
+            self._connection.close()
+
+
+class ResultReader:
+    """The launcher's ends of every device process's channel (see [Note: one pipe per
+    process]). ``channel`` makes one for a process about to start, ``started`` drops the
+    launcher's copy of its write end, ``get`` reads whichever channel has a message."""
+
+    def __init__(self, context: Any) -> None:
+        self._context = context
+        self._readers: list[Connection] = []
+
+    def channel(self) -> ResultWriter:
+        """A new channel's write end, for one device process's arguments."""
+        reader, writer = self._context.Pipe(duplex=False)
+        self._readers.append(reader)
+        return ResultWriter(writer)
+
+    @staticmethod
+    def started(writer: ResultWriter) -> None:
+        """Close the launcher's copy of ``writer`` once its process holds its own, so that
+        the process's exit ends the channel (EOF)."""
+        writer.close()
+
+    def get(self, wait_s: float = 0.0, wake: Sequence[Any] = ()) -> Any | None:
+        """The next message of any channel, or None after ``wait_s`` seconds or as soon as
+        one of ``wake`` (e.g. process sentinels) is ready. A channel whose process ended is
+        dropped, with the message its death cut off."""
+        message = self._take(0.0)
+        if message is None and wait_s > 0:
+            message = self._take(wait_s, wake)
+        return message
+
+    def _take(self, timeout: float, wake: Sequence[Any] = ()) -> Any | None:
+        ready = set(wait([*self._readers, *wake], timeout))
+        for reader in [r for r in self._readers if r in ready]:
+            try:
+                message: Any = reader.recv()
+                return message
+            except (EOFError, OSError) as exc:     # the writer ended, maybe mid-message
+                if not isinstance(exc, EOFError):
+                    log.debug("a device process's last message was cut off: %s", exc)
+                self._readers.remove(reader)
+                reader.close()
+        return None
+
+    def close(self) -> None:
+        for reader in self._readers:
+            reader.close()
+        self._readers = []
