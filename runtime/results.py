@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 from collections.abc import Sequence
 from multiprocessing.connection import Connection, wait
@@ -11,6 +12,8 @@ from typing import Any
 __all__ = ["ResultReader", "ResultWriter"]
 
 log = logging.getLogger(__name__)
+
+_CLOSE = object()     # (ends a writer's thread)
 
 # [Note: one pipe per process]
 # The device processes once shared one ``multiprocessing.Queue``. Its writers take one
@@ -23,35 +26,64 @@ log = logging.getLogger(__name__)
 # heartbeat 5 s later, until no device was left.
 # Now each process writes to a pipe of its own, so there is no lock to lose. The launcher
 # closes its copy of each write end once the process has started: a dead writer's pipe
-# ends in EOF, and a message cut off by the kill is dropped instead of waited for. A
-# writer sends synchronously (a pipe holds 64 KiB; the launcher reads while it watches).
+# ends in EOF, and a message cut off by the kill is dropped instead of waited for. As
+# with the queue, a thread of the writer sends, so that ``put`` never waits for the
+# launcher to read (a pipe holds 64 KiB).
 # What is left: a live writer stopped (SIGSTOP) in the middle of a message larger than
 # the pipe would block the launcher's read of that one message.
 
 
 class ResultWriter:
-    """The device process's end of its channel: ``put`` sends one message.
+    """The device process's end of its channel: ``put`` hands a message to a thread that
+    sends it (as ``multiprocessing.Queue`` does: ``put`` never waits for the launcher to
+    read), ``close`` sends what is left and closes the pipe.
 
-    Thread-safe; a launcher that is gone (broken pipe) is logged, not raised, since
-    nobody is left to tell. Pickles as its connection (for ``Process`` arguments)."""
+    A launcher that is gone (broken pipe) is logged, not raised: nobody is left to tell.
+    Pickles as its connection (for ``Process`` arguments)."""
 
     def __init__(self, connection: Connection) -> None:
         self._connection = connection
         self._lock = threading.Lock()
+        self._pending: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._closed = False
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (ResultWriter, (self._connection,))
 
     def put(self, message: Any) -> None:
         with self._lock:
+            if self._closed:
+                log.debug("the result channel is closed: %r not sent", message[:1])
+                return
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._feed, daemon=True,
+                                                name="asteroid-fx-results")
+                self._thread.start()
+            self._pending.put(message)
+
+    def _feed(self) -> None:
+        while True:
+            message = self._pending.get()
+            if message is _CLOSE:
+                return
             try:
                 self._connection.send(message)
-            except (OSError, ValueError) as exc:    # closed here, or the reader is gone
+            except (OSError, ValueError) as exc:    # the launcher is gone
                 log.debug("the launcher did not take %r: %s", message[:1], exc)
 
     def close(self) -> None:
+        """Send every message put so far, then close the pipe."""
         with self._lock:
-            self._connection.close()
+            if self._closed:
+                return
+            self._closed = True
+            thread = self._thread
+            if thread is not None:
+                self._pending.put(_CLOSE)
+        if thread is not None:
+            thread.join()
+        self._connection.close()
 
 
 class ResultReader:

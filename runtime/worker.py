@@ -115,6 +115,8 @@ def worker_main(rank: int, world: int, port: int, source: StageSource, config: T
         if hooks is not None:    # threads of replica channels may still run: no teardown
             _exit_handed_over(results, 1)
         raise SystemExit(1) from None
+    finally:        # (a process's exit does not wait for the channel's thread)
+        results.close()
 
 
 def _exit_handed_over(results: ResultWriter, code: int = 0) -> None:
@@ -124,7 +126,7 @@ def _exit_handed_over(results: ResultWriter, code: int = 0) -> None:
     A normal interpreter exit would destroy torch.distributed objects whose threads (a
     replica channel's send or receive left blocked when the group was shut down) still run,
     which aborts the process ("terminate called without an active exception", code -6)."""
-    results.close()     # (a ResultWriter sends synchronously: every message is out)
+    results.close()     # every message put so far reaches the launcher
     exit_without_teardown(code)
 
 

@@ -42,12 +42,13 @@ def spawn_ranks(target: Any, world: int, extra: tuple[Any, ...] = (), reports: i
 
 
 def blocked_in_write(pid: int, limit_s: float = 10.0) -> None:
-    """Wait until ``pid`` sleeps in a pipe write (or ``limit_s``, where wchan is hidden)."""
-    wchan = Path(f"/proc/{pid}/wchan")
+    """Wait until a thread of ``pid`` sleeps in a pipe write (or ``limit_s``, where wchan is
+    hidden)."""
+    tasks = Path(f"/proc/{pid}/task")
     deadline = time.monotonic() + limit_s
     while time.monotonic() < deadline:
         try:
-            if "pipe_write" in wchan.read_text():
+            if any("pipe_write" in (task / "wchan").read_text() for task in tasks.iterdir()):
                 return
         except OSError:
             break

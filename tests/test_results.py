@@ -17,6 +17,7 @@ BIG = b"x" * 4_000_000        # far more than a pipe holds: its send blocks unti
 def _send(writer: ResultWriter, *messages: Any) -> None:
     for message in messages:
         writer.put(message)
+    writer.close()
 
 
 def _drain(reader: ResultReader, until: Any, limit_s: float = 20.0) -> list[Any]:
