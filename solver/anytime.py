@@ -34,8 +34,8 @@ cluster of ``n_k`` devices in class ``k`` has ``prod (n_k + 1)`` pools and ``pro
   A wide space of up to ``WIDE_SHORT_MAX`` pairs is searched after all where the
   bounds leave a gap ([Note: the wide space where the bound falls short]).
 * With a time limit (a wall-clock deadline) every phase runs until the deadline (less the
-  class bound's share, below), the wide one whatever its size; ``time_limit=inf``
-  searches every order to the end, however long that takes.
+  class bound's share, below, on a host without a spare core), the wide one whatever its
+  size; ``time_limit=inf`` searches every order to the end, however long that takes.
 
 The result is the best plan found with a *proven* lower bound on the wide space's
 optimum: per micro-batch size, the bound its finished wide search proved
@@ -43,7 +43,9 @@ optimum: per micro-batch size, the bound its finished wide search proved
 stage has ``X`` at least the average ``work / V`` and every round is at least ``M X`` of
 its dominant stage (``[Note: incumbent pruning]`` in ``solver.dp``), raised to the class
 bound (``solver.bounds``, [Note: the class bound]) where the wide search did not finish:
-with a time limit and a wide space of more than ``WIDE_EXACT_MAX`` pairs the search stops
+with a time limit and a wide space of more than ``WIDE_EXACT_MAX`` pairs the bound runs in
+a process beside the search for the whole limit where the host has a spare core ([Note:
+the bound beside the search] in ``solver.beside``), else the search stops
 ``CLASS_BOUND_LIMIT_SHARE`` of the limit before the deadline (``CLASS_BOUND_COARSE_SHARE``
 where the bound counts coarser classes) and the bound runs until the
 deadline (cut short there, it keeps what it proved so far); without a limit it gets up
@@ -96,7 +98,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -104,6 +106,7 @@ from contracts.cluster import Cluster
 from contracts.errors import AsteroidError, PlanError
 from contracts.plan import Plan, PlannerInfo, SearchBound
 from contracts.table import CostTable
+from solver.beside import Beside, spare_core
 from solver.bounds import bound_classes, class_bound, counted_classes, counts_pools
 from solver.diagnose import no_fit_error
 from solver.dp import DPResult, asteroid_dp
@@ -465,7 +468,8 @@ def _class_bounds(costs: CostTable, cluster: Cluster, batch_size: int, mbs: Sequ
                   max_cuts: int | None, target: float, proven: dict[int, float],
                   deadline: float, stop_short: bool = False,
                   start: dict[int, float] | None = None,
-                  optimizer_state_factor: float | None = None) -> dict[int, float]:
+                  optimizer_state_factor: float | None = None,
+                  incumbent: Callable[[], float] | None = None) -> dict[int, float]:
     """Per micro-batch size without a bound in ``proven``, until the deadline: the larger
     of the work bound and ``class_bound`` (at most ``target``). Only the smallest bound
     over the sizes is reported, so no size is asked for more than the smallest so far.
@@ -477,7 +481,10 @@ def _class_bounds(costs: CostTable, cluster: Cluster, batch_size: int, mbs: Sequ
     stop after the first counted size that falls short of its target; ``start``: other
     bounds per size (the link bound), where the priced bisection starts;
     ``optimizer_state_factor``: the plans' (the priced bound's memory check of mixed
-    groups, [Note: rigid groups] in ``solver.bounds``; None: rigid groups only).
+    groups, [Note: rigid groups] in ``solver.bounds``; None: rigid groups only);
+    ``incumbent``: the best round of a search that runs beside ([Note: the bound beside
+    the search] in ``solver.beside``), read before each size or round: no size is asked
+    for more than it.
 
     [Note: one target for every size]
     Elsewhere (the priced bound) one target is bisected for all sizes at once, between
@@ -534,6 +541,8 @@ def _class_bounds(costs: CostTable, cluster: Cluster, batch_size: int, mbs: Sequ
                 break
             if mb in out:
                 continue
+            if incumbent is not None:
+                cap = min(cap, incumbent())
             found = class_bound(space, sums, costs.cut_bytes, ends, mb, batch_size // mb,
                                 cap, deadline, rho=rho)
             if found is None:
@@ -553,6 +562,9 @@ def _class_bounds(costs: CostTable, cluster: Cluster, batch_size: int, mbs: Sequ
     counting = False    # [Note: counted classes]: the second bisection, with them counted
     weakest = 0         # the size that fell short last
     while have and time.perf_counter() < deadline:
+        if incumbent is not None and incumbent() < cap:
+            cap = incumbent()
+            high = min(high, cap)
         low = min(have.values())
         ended = low >= high * _PROVED or (short and high <= low * (1.0 + CLASS_BOUND_BISECT_TOL))
         # (a round at `floor` that would only end the priced bisection: the counted one
@@ -675,9 +687,9 @@ def search(costs: CostTable, cluster: Cluster, batch_size: int, *,
     Raises:
         PlanError: a time limit that is not a number > 0, or bad micro-batch sizes.
     """
-    with _no_collection():
+    with _no_collection(), ExitStack() as stack:
         return _search(costs, cluster, batch_size, optimizer_state_factor,
-                       micro_batch_sizes, max_cuts, time_limit, baselines, progress)
+                       micro_batch_sizes, max_cuts, time_limit, baselines, progress, stack)
 
 
 @contextmanager
@@ -704,8 +716,8 @@ def _no_collection() -> Iterator[None]:
 def _search(costs: CostTable, cluster: Cluster, batch_size: int, optimizer_state_factor: float,
             micro_batch_sizes: Sequence[int] | None, max_cuts: int | None,
             time_limit: float | None, baselines: bool,
-            progress: Progress | None) -> SearchReport:
-    """``search`` with the collector as it is."""
+            progress: Progress | None, stack: ExitStack) -> SearchReport:
+    """``search`` with the collector as it is (``stack`` ends the bound beside it)."""
     check_time_limit(time_limit)
     cluster = cluster.for_costs(costs)
     started = time.perf_counter()
@@ -713,20 +725,42 @@ def _search(costs: CostTable, cluster: Cluster, batch_size: int, optimizer_state
                 else started + time_limit)
     size = wide_size(costs, cluster)
     wide_ok = time_limit is not None or size <= WIDE_EXACT_MAX
-    # with a limit, the search's own deadline leaves the class bound its share
+    # with a limit, the search's own deadline leaves the class bound its share, or the
+    # bound runs beside the search for the whole limit ([Note: the bound beside the
+    # search] in solver.beside)
     search_end = deadline
+    beside_ok = False
     if deadline is not None and size > WIDE_EXACT_MAX:
         share = bound_share(ClassSpace(costs, cluster))
-        if share is not None:
+        if share is not None and spare_core():
+            beside_ok = True
+        elif share is not None:
             search_end = started + (1.0 - share) * (deadline - started)
     mbs = micro_batch_choices(batch_size, micro_batch_sizes)
     best: Plan | None = None
     best_value = math.inf
     phases: list[str] = []
+    beside: Beside | None = None
+
+    def bound_beside(incumbent: Callable[[], float]) -> dict[int, float]:
+        """The link and class bounds of every size, until the deadline (in the process
+        beside the search)."""
+        until = math.inf if deadline is None else deadline      # (never None here)
+        links = link_bounds(costs, cluster, batch_size, mbs, max_cuts, until)
+        return _class_bounds(costs, cluster, batch_size, mbs, max_cuts, incumbent(), {},
+                             until, start=links,
+                             optimizer_state_factor=optimizer_state_factor,
+                             incumbent=incumbent)
+
+    def offer(value: float) -> None:
+        """A plan of round ``value`` found inside a phase: the bound beside's target."""
+        if beside is not None:
+            beside.offer(value)
 
     def report(share: float, offset: float, what: str) -> Callable[[int, int, str, float], None]:
         def step(done: int, total: int, where: str, found: float) -> None:
             # the running search's best, not only what earlier phases left
+            offer(found)
             if progress is not None:
                 progress(offset + share * done / max(total, 1),
                          f"{what}, {where}, best {min(best_value, found):.4g} s")
@@ -736,10 +770,15 @@ def _search(costs: CostTable, cluster: Cluster, batch_size: int, optimizer_state
     earlier: list[Plan] = []     # the incumbents replaced, oldest first
 
     def promote(plan: Plan, value: float, name: str) -> None:
-        nonlocal best, best_value, seeded
+        nonlocal best, best_value, seeded, beside
         if best is not None:
             earlier.append(best)
         best, best_value, seeded = plan, value, name
+        if beside is not None:
+            beside.offer(value)
+        elif beside_ok:     # (from the first plan on: the bound needs a target)
+            beside = Beside(bound_beside, value)
+            stack.callback(beside.close)
 
     def take(result: DPResult) -> None:
         if result.plan is not None and result.round_time_s < best_value:
@@ -764,7 +803,7 @@ def _search(costs: CostTable, cluster: Cluster, batch_size: int, optimizer_state
         widened = widen(costs, cluster, batch_size, deadline=until,
                         optimizer_state_factor=optimizer_state_factor,
                         micro_batch_sizes=micro_batch_sizes, max_cuts=max_cuts,
-                        incumbent=best_value, after=widened)
+                        incumbent=best_value, after=widened, on_better=offer)
         if widened.plan is not None and widened.round_time_s < best_value:
             promote(widened.plan, widened.round_time_s, "")
         if "widening" not in phases:
@@ -865,7 +904,15 @@ def _search(costs: CostTable, cluster: Cluster, batch_size: int, optimizer_state
     if not complete and not later:
         links = link_bounds(costs, cluster, batch_size, [mb for mb in mbs if mb not in proven],
                             max_cuts, deadline)
-    if not complete and not later:
+    if beside is not None and not complete and deadline is not None:
+        # what the bound beside the search proved by the deadline: per size the larger
+        ok, found = beside.result(deadline)
+        if ok:
+            for mb, value in found.items():
+                proven[mb] = max(value, proven.get(mb, 0.0))
+        else:
+            log.warning("the class bound beside the search proved nothing: %s", found)
+    elif not complete and not later:
         until = (deadline if deadline is not None
                  else time.perf_counter() + max(CLASS_BOUND_SHARE * searched,
                                                 min(searched, CLASS_BOUND_AFTER_S),

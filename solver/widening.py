@@ -35,7 +35,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 from contracts.cluster import Cluster
@@ -164,12 +164,13 @@ def widen(costs: CostTable, cluster: Cluster, batch_size: int, *,
           max_cuts: int | None = DEFAULT_MAX_CUTS,
           incumbent: float = math.inf,
           sizes: Sequence[int] = WIDEN_SIZES,
-          after: Widened | None = None) -> Widened:
+          after: Widened | None = None,
+          on_better: Callable[[float], None] | None = None) -> Widened:
     """[Note: iterative widening]: the best plan of the sub-clusters of ``sub_clusters``
     that beats ``incumbent``, planned exactly in turn until ``deadline`` (a
     ``time.perf_counter()`` value), lifted to ``cluster``. ``after``: an earlier call's
     result on the same instance, to go on from (the sizes it finished are not planned
-    again).
+    again); ``on_better``: called with the round of each better plan as it is found.
 
     [Note: plans that want every device]
     Sizes are tried smallest first. Where the best round of a size is below the one of
@@ -201,6 +202,8 @@ def widen(costs: CostTable, cluster: Cluster, batch_size: int, *,
             if found is not None and found[1] < own:
                 best, own, best_devices = found[0], found[1], names
                 log.debug("widening: %d devices: round %.6g s", len(names), own)
+                if on_better is not None:
+                    on_better(own)
         if time.perf_counter() >= deadline:
             break   # (a size cut short is planned again by a later call)
         # [Note: plans that want every device]

@@ -427,20 +427,25 @@ ONCE_CASES = {
 
 def once(case: str, devices: int, limit: float | None) -> dict[str, Any]:
     """One ``solver.api.plan`` run of a case of ``ONCE_CASES`` on ``devices`` devices: CPU
-    and wall seconds, round, proven bound and gap, and the load at the end. The solver
-    comes from ``sys.path`` (``PYTHONPATH=<checkout>`` runs another checkout's planner with
-    this script, for alternating runs of two versions)."""
+    (of this process, and of the class bound's process beside the search where it ran:
+    ``solver.beside``) and wall seconds, round, proven bound and gap, and the load at the
+    end. The solver comes from ``sys.path`` (``PYTHONPATH=<checkout>`` runs another
+    checkout's planner with this script, for alternating runs of two versions)."""
     import solver
 
     key, batch, make = ONCE_CASES[case]
     costs, cluster = model_costs(key), make(devices)
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu, wall = time.process_time(), time.perf_counter()
     result = plan(costs, cluster, batch, time_limit=limit)
     cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+    ended = resource.getrusage(resource.RUSAGE_CHILDREN)
+    beside = (ended.ru_utime + ended.ru_stime) - (children.ru_utime + children.ru_stime)
     bound = result.planner.bound
     return {"case": case, "devices": len(cluster.devices), "time_limit": limit,
             "solver": str(Path(solver.__file__).resolve().parents[1]),
             "cpu_s": round(cpu, 2), "wall_s": round(wall, 2),
+            "cpu_beside_s": round(beside, 2),
             "round_s": None if result.predicted is None else result.predicted.round_time_s,
             "bound_s": None if bound is None else bound.bound_s,
             "gap": None if bound is None else bound.gap,
