@@ -729,13 +729,14 @@ def _search(costs: CostTable, cluster: Cluster, batch_size: int, optimizer_state
     # bound runs beside the search for the whole limit ([Note: the bound beside the
     # search] in solver.beside)
     search_end = deadline
+    alone_end = deadline        # (the search's end where the bound runs after it)
     beside_ok = False
     if deadline is not None and size > WIDE_EXACT_MAX:
         share = bound_share(ClassSpace(costs, cluster))
-        if share is not None and spare_core():
-            beside_ok = True
-        elif share is not None:
-            search_end = started + (1.0 - share) * (deadline - started)
+        if share is not None:
+            alone_end = started + (1.0 - share) * (deadline - started)
+            beside_ok = spare_core()
+            search_end = deadline if beside_ok else alone_end
     mbs = micro_batch_choices(batch_size, micro_batch_sizes)
     best: Plan | None = None
     best_value = math.inf
@@ -770,14 +771,19 @@ def _search(costs: CostTable, cluster: Cluster, batch_size: int, optimizer_state
     earlier: list[Plan] = []     # the incumbents replaced, oldest first
 
     def promote(plan: Plan, value: float, name: str) -> None:
-        nonlocal best, best_value, seeded, beside
+        nonlocal best, best_value, seeded, beside, beside_ok, search_end
         if best is not None:
             earlier.append(best)
         best, best_value, seeded = plan, value, name
         if beside is not None:
             beside.offer(value)
         elif beside_ok:     # (from the first plan on: the bound needs a target)
-            beside = Beside(bound_beside, value)
+            try:
+                beside = Beside(bound_beside, value)
+            except OSError as exc:      # (no process: the bound after the search)
+                log.warning("cannot run the class bound beside the search: %s", exc)
+                beside_ok, search_end = False, alone_end
+                return
             stack.callback(beside.close)
 
     def take(result: DPResult) -> None:

@@ -7,6 +7,7 @@ import multiprocessing
 import os
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -73,7 +74,11 @@ class Beside:
         self._reader = reader
         self._proc: Any = context.Process(target=_run, args=(work, self._value, writer),
                                           name="asteroid-fx-bound", daemon=True)
-        self._proc.start()
+        with warnings.catch_warnings():
+            # (Python 3.12+ warns that forking a process with threads may deadlock the
+            # child where it takes a lock another thread held: this child takes none)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            self._proc.start()
         writer.close()
         self._done: tuple[bool, Any] | None = None
 

@@ -98,6 +98,33 @@ def test_a_bound_beside_that_fails_costs_only_the_class_bound(
     assert "proved nothing: RuntimeError: tables too large" in caplog.text
 
 
+def test_no_process_beside_means_the_bound_after_the_search(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    # the fork fails (no memory, no processes left): the search leaves the bound its
+    # share of the limit, as on one core
+    import solver.anytime
+
+    def no_fork(*args: Any, **kwargs: Any) -> Any:
+        raise OSError("Resource temporarily unavailable")
+
+    asked: list[float] = []
+    plain = solver.anytime._class_bounds
+
+    def recorded(*args: Any, **kwargs: Any) -> dict[int, float]:
+        asked.append(time.perf_counter())
+        return plain(*args, **kwargs)
+
+    monkeypatch.setattr(solver.anytime, "spare_core", lambda: True)
+    monkeypatch.setattr(solver.anytime, "Beside", no_fork)
+    monkeypatch.setattr(solver.anytime, "_class_bounds", recorded)
+    costs, cluster = planner_instance("spread", 7, 200, 8)
+    started = time.perf_counter()
+    report = search(costs, cluster, 32, time_limit=2.0)
+    assert report.plan is not None and report.bound is not None
+    assert "cannot run the class bound beside the search" in caplog.text
+    assert len(asked) == 1 and asked[0] - started < 2.0    # before the deadline
+
+
 def test_a_large_wide_space_is_not_searched_without_a_limit(
         monkeypatch: pytest.MonkeyPatch) -> None:
     # (its glimpse, [Note: a glimpse of every order], cut to nothing: the test's plan
