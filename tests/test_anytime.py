@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import math
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -200,6 +201,22 @@ def test_the_bound_survives_plan_json() -> None:
     assert again == plan and again.planner.bound == plan.planner.bound
 
 
+def _brute_cases(seeds: range) -> Iterator[tuple[int, CostTable, Cluster, int, float]]:
+    """Small random instances (links; latency on even seeds) with a plan, and the best
+    round over every plan of the wide space (brute force)."""
+    from solver.brute import enumerate_plans
+
+    for seed in seeds:
+        costs, cluster, batch = random_instance(seed, max_layers=5, max_devices=4, links=True,
+                                                latency=seed % 2 == 0)
+        cluster = cluster.for_costs(costs)
+        best = min((evaluate(p, costs, cluster).round_time_s
+                    for p in enumerate_plans(costs, cluster, batch, wide=True)),
+                   default=math.inf)
+        if math.isfinite(best):
+            yield seed, costs, cluster, batch, best
+
+
 @pytest.mark.parametrize("pools", [True, False])
 def test_the_class_bounds_over_the_sizes_stay_below_the_optimum(
         pools: bool, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -208,21 +225,12 @@ def test_the_class_bounds_over_the_sizes_stay_below_the_optimum(
     # above the optimum; with the pools counted (these small clusters) and priced (forced)
     import solver.bounds
     from solver.anytime import _class_bounds
-    from solver.brute import enumerate_plans
     from solver.space import micro_batch_choices
 
     if not pools:
         monkeypatch.setattr(solver.bounds, "CLASS_POOLS_MAX", 0)
     raised = 0
-    for seed in range(800, 840):
-        costs, cluster, batch = random_instance(seed, max_layers=5, max_devices=4, links=True,
-                                                latency=seed % 2 == 0)
-        cluster = cluster.for_costs(costs)
-        best = min((evaluate(p, costs, cluster).round_time_s
-                    for p in enumerate_plans(costs, cluster, batch, wide=True)),
-                   default=math.inf)
-        if not math.isfinite(best):
-            continue
+    for seed, costs, cluster, batch, best in _brute_cases(range(800, 840)):
         mbs = micro_batch_choices(batch, None)
         for target in (best, 1.5 * best):
             out = _class_bounds(costs, cluster, batch, mbs, None, target, {},
@@ -244,7 +252,6 @@ def test_the_class_bounds_follow_a_falling_incumbent(
     import solver.anytime
     import solver.bounds
     from solver.anytime import _class_bounds
-    from solver.brute import enumerate_plans
     from solver.space import micro_batch_choices
 
     if not pools:
@@ -259,15 +266,7 @@ def test_the_class_bounds_follow_a_falling_incumbent(
 
     monkeypatch.setattr(solver.anytime, "class_bound", recorded)
     fell = 0
-    for seed in range(800, 820):
-        costs, cluster, batch = random_instance(seed, max_layers=5, max_devices=4, links=True,
-                                                latency=seed % 2 == 0)
-        cluster = cluster.for_costs(costs)
-        best = min((evaluate(p, costs, cluster).round_time_s
-                    for p in enumerate_plans(costs, cluster, batch, wide=True)),
-                   default=math.inf)
-        if not math.isfinite(best):
-            continue
+    for seed, costs, cluster, batch, best in _brute_cases(range(800, 820)):
         reads = [0]
 
         def incumbent(best: float = best, reads: list[int] = reads) -> float:
