@@ -744,14 +744,16 @@ def _search(costs: CostTable, cluster: Cluster, batch_size: int, optimizer_state
     beside: Beside | None = None
 
     def bound_beside(incumbent: Callable[[], float]) -> dict[int, float]:
-        """The link and class bounds of every size, until the deadline (in the process
-        beside the search)."""
+        """Per size the larger of the link and class bounds, until the deadline (in the
+        process beside the search; the parent computes neither)."""
         until = math.inf if deadline is None else deadline      # (never None here)
         links = link_bounds(costs, cluster, batch_size, mbs, max_cuts, until)
-        return _class_bounds(costs, cluster, batch_size, mbs, max_cuts, incumbent(), {},
-                             until, start=links,
-                             optimizer_state_factor=optimizer_state_factor,
-                             incumbent=incumbent)
+        found = _class_bounds(costs, cluster, batch_size, mbs, max_cuts, incumbent(), {},
+                              until, start=links,
+                              optimizer_state_factor=optimizer_state_factor,
+                              incumbent=incumbent)
+        return {mb: max(links.get(mb, 0.0), found.get(mb, 0.0))
+                for mb in links.keys() | found.keys()}
 
     def offer(value: float) -> None:
         """A plan of round ``value`` found inside a phase: the bound beside's target."""
@@ -776,7 +778,7 @@ def _search(costs: CostTable, cluster: Cluster, batch_size: int, optimizer_state
             earlier.append(best)
         best, best_value, seeded = plan, value, name
         if beside is not None:
-            beside.offer(value)
+            offer(value)
         elif beside_ok:     # (from the first plan on: the bound needs a target)
             try:
                 beside = Beside(bound_beside, value)
@@ -906,12 +908,13 @@ def _search(costs: CostTable, cluster: Cluster, batch_size: int, optimizer_state
     # the link bound ([Note: the link bound] in solver.link_bound; milliseconds to a few
     # tenths of a second per size) first, within the deadline, then the class bound
     # (without a limit, where the counted bound runs, only for the sizes it falls short on)
+    # (where the bounds ran beside the search, its process computed the link bounds too)
     links: dict[int, float] = {}
-    if not complete and not later:
+    if not complete and not later and beside is None:
         links = link_bounds(costs, cluster, batch_size, [mb for mb in mbs if mb not in proven],
                             max_cuts, deadline)
     if beside is not None and not complete and deadline is not None:
-        # what the bound beside the search proved by the deadline: per size the larger
+        # what the bounds beside the search proved by the deadline: per size the larger
         ok, found = beside.result(deadline)
         if ok:
             for mb, value in found.items():

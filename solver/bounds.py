@@ -1243,8 +1243,8 @@ def _relaxed_many(tables: _ClassTables, m: int, low: float, top: float, limit: f
     a_max = m                                   # a = 0 .. M - 1 stages after the dominant
     # [Note: counted classes]: one axis of the count vectors of the counted classes the
     # suffix uses, in order of their bound speed ([Note: states by speed]; none counted:
-    # one state); `states.kinds` puts a stage's suffix with `v` of them used where `u + v`
-    # is
+    # one state); `states.kinds` puts a stage's suffix that uses `u` where the stage with
+    # `v` of them before it makes `u + v`
     states = _CountStates(tables, counted, top)
     n_states = states.size
     # the same, with the first stages after the dominant one at positions j = 1 .. J:
