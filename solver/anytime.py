@@ -97,7 +97,7 @@ import gc
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, replace
 from typing import Any
@@ -475,7 +475,8 @@ def _class_bounds(costs: CostTable, cluster: Cluster, batch_size: int, mbs: Sequ
                   deadline: float, stop_short: bool = False,
                   start: dict[int, float] | None = None,
                   optimizer_state_factor: float | None = None,
-                  incumbent: Callable[[], float] | None = None) -> dict[int, float]:
+                  incumbent: Callable[[], float] | None = None,
+                  on_bound: Callable[[float], None] | None = None) -> dict[int, float]:
     """Per micro-batch size without a bound in ``proven``, until the deadline: the larger
     of the work bound and ``class_bound`` (at most ``target``). Only the smallest bound
     over the sizes is reported, so no size is asked for more than the smallest so far.
@@ -490,7 +491,8 @@ def _class_bounds(costs: CostTable, cluster: Cluster, batch_size: int, mbs: Sequ
     groups, [Note: rigid groups] in ``solver.bounds``; None: rigid groups only);
     ``incumbent``: the best round of a search that runs beside ([Note: the bound beside
     the search] in ``solver.beside``), read before each size or round: no size is asked
-    for more than it.
+    for more than it; ``on_bound``: called with the smallest bound over the sizes (of
+    the work, ``start`` and class bounds) each time it rises.
 
     [Note: one target for every size]
     Elsewhere (the priced bound) one target is bisected for all sizes at once, between
@@ -538,6 +540,21 @@ def _class_bounds(costs: CostTable, cluster: Cluster, batch_size: int, mbs: Sequ
     for mb, low in work.items():
         if low >= target:       # the work bound proves the target: nothing to add
             out[mb] = low
+    shown = 0.0
+
+    def show(have: Mapping[int, float]) -> None:
+        """``on_bound`` with the smallest bound over the sizes, where it rose."""
+        nonlocal shown
+        if on_bound is None:
+            return
+        now = min([*proven.values(), *(max(work[mb], (start or {}).get(mb, 0.0),
+                                           out.get(mb, 0.0), have.get(mb, 0.0))
+                                       for mb in work)], default=math.inf)
+        if math.isfinite(now) and now > shown:
+            shown = now
+            on_bound(now)
+
+    show({})
     if counted:
         # the counted bound, every size in order of its work bound, for the best round or
         # the smallest bound so far where a size fell short of it (only the smallest is
@@ -554,6 +571,7 @@ def _class_bounds(costs: CostTable, cluster: Cluster, batch_size: int, mbs: Sequ
             if found is None:
                 break
             out[mb] = max(found, work[mb])
+            show({})
             if out[mb] < cap * _PROVED:     # fell short (else the target holds)
                 cap = out[mb]
                 if stop_short:
@@ -605,6 +623,7 @@ def _class_bounds(costs: CostTable, cluster: Cluster, batch_size: int, mbs: Sequ
             if value is None:
                 return {**out, **have}
             have[mb] = max(have[mb], value)
+            show(have)
             if value < trial * _PROVED:     # fell short: a lower target next
                 high, short, fell, weakest = trial, True, True, mb
                 floor = have[mb] if have[mb] >= trial * (1.0 - CLASS_BOUND_FLOOR_NEAR) \
@@ -749,15 +768,17 @@ def _search(costs: CostTable, cluster: Cluster, batch_size: int, optimizer_state
     phases: list[str] = []
     beside: Beside | None = None
 
-    def bound_beside(incumbent: Callable[[], float]) -> dict[int, float]:
+    def bound_beside(incumbent: Callable[[], float],
+                     publish: Callable[[float], None]) -> dict[int, float]:
         """Per size the larger of the link and class bounds, until the deadline (in the
-        process beside the search; the parent computes neither)."""
+        process beside the search; the parent computes neither); the bound over the
+        sizes so far is ``publish``-ed as it rises (for the progress bar)."""
         until = math.inf if deadline is None else deadline      # (never None here)
         links = link_bounds(costs, cluster, batch_size, mbs, max_cuts, until)
         found = _class_bounds(costs, cluster, batch_size, mbs, max_cuts, incumbent(), {},
                               until, start=links,
                               optimizer_state_factor=optimizer_state_factor,
-                              incumbent=incumbent)
+                              incumbent=incumbent, on_bound=publish)
         return {mb: max(links.get(mb, 0.0), found.get(mb, 0.0))
                 for mb in links.keys() | found.keys()}
 
@@ -771,9 +792,18 @@ def _search(costs: CostTable, cluster: Cluster, batch_size: int, optimizer_state
             # the running search's best, not only what earlier phases left
             offer(found)
             if progress is not None:
+                value = min(best_value, found)
                 progress(offset + share * done / max(total, 1),
-                         f"{what}, {where}, best {min(best_value, found):.4g} s")
+                         f"{what}, {where}, best {value:.4g} s{proven_gap(value)}")
         return step
+
+    def proven_gap(value: float) -> str:
+        """What the bound beside the search has proven so far, for the bar ('' if
+        nothing yet)."""
+        bound = beside.published if beside is not None else math.nan
+        if not (bound > 0.0 and math.isfinite(value)):
+            return ""
+        return f", gap <= {100.0 * max(0.0, value - bound) / bound:.3g} %"
 
     seeded = ""
     earlier: list[Plan] = []     # the incumbents replaced, oldest first
@@ -1009,12 +1039,13 @@ def _search(costs: CostTable, cluster: Cluster, batch_size: int, optimizer_state
         # (the priced bounds: the wide search after them)
         wide = search_wide(None)
         complete = wide.complete
+    gap = 0.0 if complete else max(0.0, (best_value - bound) / bound)
     if progress is not None:
-        progress(1.0, f"done, best {best_value:.4g} s")
+        progress(1.0, f"done, best {best_value:.4g} s, "
+                      + ("optimal" if gap == 0.0 else f"gap <= {100.0 * gap:.3g} %"))
     cuts = len(candidate_cuts(costs, max_cuts))
     stopped = "" if complete else "time limit" if wide_ok else "size limit"
-    info = SearchBound(space="classes", bound_s=bound,
-                       gap=0.0 if complete else max(0.0, (best_value - bound) / bound),
+    info = SearchBound(space="classes", bound_s=bound, gap=gap,
                        cuts=cuts, layers=costs.num_layers, stopped=stopped,
                        order_optimal=order.complete or complete)
     check = {"seeded_from": seeded} if seeded else {}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import multiprocessing
 import os
 import sys
@@ -36,7 +37,8 @@ its deadline every few rows of a DP pass, and the result is pickled and sent."""
 # the bound only at 18 s that way, which left it at 3.8 % instead of 1.8 %. The process
 # shares the parent's memory copy-on-write (no tables are sent, no module is imported
 # again) and touches no torch: ``solver`` never imports it. Its result (a dict of floats)
-# comes back by pipe; the parent waits for it until the deadline plus ``RESULT_GRACE_S``
+# comes back by pipe (and what it has proven so far by shared memory too, ``published``,
+# for the progress bar); the parent waits for it until the deadline plus ``RESULT_GRACE_S``
 # at most, then kills the process whatever it is doing. A process that fails or is late
 # costs the class bound only: the plan and the other bounds are the parent's.
 # Measured (``tools/time_planner.py --once``, alternating with the commit before, same
@@ -62,17 +64,26 @@ def spare_core() -> bool:
     return cpus >= 2
 
 
-class Beside:
-    """``work(incumbent)`` in a forked process, started at once; ``incumbent()`` there reads
-    the smallest value ``offer``-ed here so far. ``result`` waits for its return value
-    until a deadline; ``close`` ends the process (both are safe to call more than once)."""
+Work = Callable[[Callable[[], float], Callable[[float], None]], Any]
+"""``work(incumbent, publish)``: ``incumbent()`` reads the best value offered so far,
+``publish(value)`` shows the parent a value so far (``Beside.published``)."""
 
-    def __init__(self, work: Callable[[Callable[[], float]], Any], incumbent: float) -> None:
+
+class Beside:
+    """``work(incumbent, publish)`` in a forked process, started at once; ``incumbent()``
+    there reads the smallest value ``offer``-ed here so far, and ``publish(value)`` sets
+    ``published`` here (what the work has so far: the bound, for the progress bar).
+    ``result`` waits for its return value until a deadline; ``close`` ends the process
+    (both are safe to call more than once)."""
+
+    def __init__(self, work: Work, incumbent: float) -> None:
         context = multiprocessing.get_context("fork")
         self._value = context.RawValue("d", incumbent)
+        self._published = context.RawValue("d", math.nan)
         reader, writer = context.Pipe(duplex=False)
         self._reader = reader
-        self._proc: Any = context.Process(target=_run, args=(work, self._value, writer),
+        self._proc: Any = context.Process(target=_run,
+                                          args=(work, self._value, self._published, writer),
                                           name="asteroid-fx-bound", daemon=True)
         with warnings.catch_warnings():
             # (Python 3.12+ warns that forking a process with threads may deadlock the
@@ -86,6 +97,11 @@ class Beside:
         """A better incumbent (a larger one is ignored)."""
         if value < self._value.value:
             self._value.value = value
+
+    @property
+    def published(self) -> float:
+        """The last value the work published (nan before any)."""
+        return float(self._published.value)
 
     def result(self, deadline: float) -> tuple[bool, Any]:
         """(True, what ``work`` returned), or (False, why not) where it raised, died or was
@@ -115,10 +131,14 @@ class Beside:
         self._reader.close()
 
 
-def _run(work: Callable[[Callable[[], float]], Any], value: Any, writer: Any) -> None:
+def _run(work: Work, value: Any, published: Any, writer: Any) -> None:
     """The forked process: ``work``'s return value or its error, by ``writer``."""
+
+    def publish(found: float) -> None:
+        published.value = found
+
     try:
-        out: tuple[bool, Any] = (True, work(lambda: float(value.value)))
+        out: tuple[bool, Any] = (True, work(lambda: float(value.value), publish))
     except Exception as exc:  # noqa: BLE001 - reported to the parent as data
         out = (False, f"{type(exc).__name__}: {exc}")
     try:

@@ -68,10 +68,20 @@ def test_a_time_limit_returns_the_best_plan_with_a_proven_gap(
     costs, cluster = planner_instance("spread", 7, 200, 8)
     assert wide_size(costs, cluster) > WIDE_EXACT_MAX
     started = time.perf_counter()
-    report = search(costs, cluster, 32, time_limit=1.0)
+    seen: list[str] = []
+    report = search(costs, cluster, 32, time_limit=1.0,
+                    progress=lambda done, what: seen.append(what))
     assert time.perf_counter() - started < 10.0   # the limit, plus finishing a step
     assert report.plan is not None and report.bound is not None
     assert not report.bound.optimal and report.bound.stopped == "time limit"
+    # the bar ends with the proven gap; beside the search, it shows the gap proven so
+    # far on the way (never below the final one: the bound only rises, the best falls)
+    assert seen[-1] == (f"done, best {report.round_time_s:.4g} s, "
+                        f"gap <= {100.0 * report.bound.gap:.3g} %")
+    shown = [float(what.rsplit("gap <= ", 1)[1].split()[0]) for what in seen[:-1]
+             if "gap <= " in what]
+    assert bool(shown) == beside
+    assert all(value >= 100.0 * report.bound.gap * (1 - 5e-3) for value in shown)
     # the bound is a lower bound: no better than the exact optimum over one order
     exact = asteroid_dp(costs, cluster, 32)
     assert report.bound.bound_s <= exact.round_time_s
@@ -222,7 +232,8 @@ def test_the_class_bounds_over_the_sizes_stay_below_the_optimum(
         pools: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     # each size's class bound targets the smallest bound so far: the smallest over the
     # sizes is still below every plan of the wide space (brute force), for a target at and
-    # above the optimum; with the pools counted (these small clusters) and priced (forced)
+    # above the optimum; with the pools counted (these small clusters) and priced (forced).
+    # `on_bound` sees that smallest bound each time it rises, the last one the result's
     import solver.bounds
     from solver.anytime import _class_bounds
     from solver.space import micro_batch_choices
@@ -233,11 +244,14 @@ def test_the_class_bounds_over_the_sizes_stay_below_the_optimum(
     for seed, costs, cluster, batch, best in _brute_cases(range(800, 840)):
         mbs = micro_batch_choices(batch, None)
         for target in (best, 1.5 * best):
+            shown: list[float] = []
             out = _class_bounds(costs, cluster, batch, mbs, None, target, {},
-                                time.perf_counter() + 60.0)
+                                time.perf_counter() + 60.0, on_bound=shown.append)
             assert out
             bound = min(out.get(mb, work_bound(costs, cluster, batch, mb)) for mb in mbs)
             assert bound <= best * (1 + 1e-9), (seed, target, bound, best)
+            assert shown and shown == sorted(set(shown)), (seed, shown)
+            assert shown[-1] == pytest.approx(bound, rel=1e-12), (seed, shown, bound)
             raised += bound > min(work_bound(costs, cluster, batch, mb)
                                   for mb in mbs) * (1 + 1e-9)
     assert raised > 20

@@ -3,6 +3,7 @@ or its failure comes back as data, and a process that overruns is ended."""
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from collections.abc import Callable
@@ -13,7 +14,8 @@ import solver.beside
 from solver.beside import RESULT_GRACE_S, Beside, spare_core
 
 
-def _wait_for_better(incumbent: Callable[[], float]) -> float:
+def _wait_for_better(incumbent: Callable[[], float], publish: Callable[[float], None]) -> float:
+    publish(0.25)
     deadline = time.monotonic() + 20.0
     while incumbent() >= 1.0 and time.monotonic() < deadline:
         time.sleep(0.01)
@@ -21,26 +23,29 @@ def _wait_for_better(incumbent: Callable[[], float]) -> float:
 
 
 def test_the_result_comes_back_and_the_work_sees_the_offers() -> None:
+    # (and what the work publishes on the way is seen here)
     beside = Beside(_wait_for_better, 5.0)
     try:
+        assert math.isnan(beside.published) or beside.published == 0.25
         beside.offer(7.0)          # larger: ignored
         beside.offer(0.5)
         beside.offer(0.75)         # larger than 0.5: ignored
         assert beside.result(time.perf_counter() + 20.0) == (True, 0.5)
+        assert beside.published == 0.25
     finally:
         beside.close()
     beside.close()                 # (twice is fine)
 
 
-def _raise(incumbent: Callable[[], float]) -> float:
+def _raise(incumbent: Callable[[], float], publish: Callable[[float], None]) -> float:
     raise ValueError(f"no bound below {incumbent()}")
 
 
-def _die(incumbent: Callable[[], float]) -> float:
+def _die(incumbent: Callable[[], float], publish: Callable[[float], None]) -> float:
     os._exit(3)
 
 
-def _sleep(incumbent: Callable[[], float]) -> float:
+def _sleep(incumbent: Callable[[], float], publish: Callable[[float], None]) -> float:
     time.sleep(60.0)
     return incumbent()
 
