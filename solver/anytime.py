@@ -228,11 +228,6 @@ EVEN_SHARE = 0.3
 EVEN_UNLIMITED_S = 2.0
 """[Note: the even phase]: its seconds (wall clock) without a limit."""
 
-EVEN_FIRST = True
-"""[Note: the even groups first]: with a time limit, the even phase runs before the paper's
-space's pass over every cut (after a coarse pass of it, which ranks the sizes); False:
-after it, as without a limit."""
-
 EVEN_FIRST_CUTS = 12
 """[Note: the even phase]: the cut candidates of its first pass (then twice as many, and
 so on, for the best micro-batch size)."""
@@ -246,10 +241,9 @@ def even_phase(cluster: Cluster, size: int, pools: int) -> bool:
     On a cluster of at least ``WIDEN_MIN_DEVICES`` devices whose wide space is not
     searched to its end (more than ``WIDE_EXACT_MAX`` pairs) and has at most
     ``EVEN_POOLS_MAX`` pools, the search runs the classes DP over the even groups
-    (``space="even"``, [Note: even groups] in ``solver.space``) before the wide one: with
-    a limit for ``EVEN_SHARE`` of the search's time (taken from the paper's space's share),
-    before the paper's space's pass over every cut ([Note: the even groups first]),
-    without one for ``EVEN_UNLIMITED_S``, after the paper's space. A first pass
+    (``space="even"``, [Note: even groups] in ``solver.space``) after the paper's space
+    and before the wide one: with a limit for ``EVEN_SHARE`` of the search's time (taken
+    from the paper's space's share), without one for ``EVEN_UNLIMITED_S``. A first pass
     takes ``EVEN_FIRST_CUTS`` balanced cut candidates and every micro-batch size, in the
     order the paper's space's passes ranked them (its coarse pass covers every size: on
     32 Jetsons the even groups' pass on 12 cuts takes 0.4 s at micro-batch 8, the best,
@@ -872,46 +866,6 @@ def _search(costs: CostTable, cluster: Cluster, batch_size: int, optimizer_state
     # ([Note: the order's sizes after the bound])
     counted = counts_pools(ClassSpace(costs, cluster))
     later = time_limit is None and not wide_ok and counted
-    even_first = False
-    if even and search_end is not None and EVEN_FIRST:
-        even_first = True
-        # [Note: the even groups first]
-        # With a time limit the even phase ([Note: the even phase]) runs before the paper's
-        # space's pass over every cut, not after it: on the Jetson mixes its plans are the
-        # best of the search and take it a second or two, while the order's pass took
-        # most of the limit first (32 Jetsons in 5 s: 3.2 s, for 0.8851 s against the
-        # even groups' 0.8389 s). It needs a ranking of the micro-batch sizes (at a weak
-        # incumbent the even pass takes 5-18 s at micro-batch 32 or 64), so a pass of the
-        # paper's space over the even phase's first cuts gives one (0.9 s on 32 Jetsons)
-        # and its plan; the pass over every cut then starts from the even groups' plan.
-        # The class bound beside the search gets that plan as its target sooner too.
-        # Measured (ResNet-50, Jetsons at 1 Gbps, `tools/time_planner.py --once`,
-        # alternating with the commit before): the best plan found at 0.9 s instead of
-        # 2.5 s on 16 Jetsons in 5 s, at 2.6 s instead of 5.0 s on 32 in 5 s, and on 32 in
-        # 30 s 0.8310 s at 10 s instead of 25 s (or not at all under load). The plans at
-        # the limit are the same; the gaps change only through the bound's bisection
-        # (32 in 5 s 12.2 % -> 6.4 %; docs/planner.md for the other sizes). Without a
-        # limit the order stays as it was: there the paper's space is searched to its
-        # end first and the even phase has a fixed two seconds.
-        coarse = asteroid_dp(costs, cluster, batch_size,
-                             optimizer_state_factor=optimizer_state_factor,
-                             micro_batch_sizes=micro_batch_sizes, max_cuts=EVEN_FIRST_CUTS,
-                             incumbent=best_value, deadline=first_deadline,
-                             progress=report(0.0, 0.0, "one order on fewer cuts"))
-        take(coarse)
-        even_until = min(time.perf_counter() + even_s, max(search_end, time.perf_counter()))
-        found, value = _even_search(costs, cluster, batch_size, coarse.ranking or mbs,
-                                    best_value, even_until,
-                                    optimizer_state_factor, max_cuts,
-                                    report(0.0, _ORDER_SHARE, "even groups"))
-        if found is not None and value < best_value:
-            promote(found, value, "")
-        phases.append("even")
-        if size <= WIDE_ANYTIME_MAX:
-            begun = time.perf_counter()
-            first_deadline = begun + max(0.0, search_end - begun) / 2
-        else:
-            first_deadline = search_end
     order = asteroid_dp(costs, cluster, batch_size, optimizer_state_factor=optimizer_state_factor,
                         micro_batch_sizes=micro_batch_sizes, max_cuts=max_cuts,
                         incumbent=best_value, deadline=first_deadline,
@@ -924,7 +878,7 @@ def _search(costs: CostTable, cluster: Cluster, batch_size: int, optimizer_state
                             order, best_value)
         take(order)
     phases.append("order")
-    if even and not even_first:
+    if even:
         # 1': [Note: the even phase]: the even groups of every order, the sizes the order's
         # passes found best first
         even_until = time.perf_counter() + even_s
