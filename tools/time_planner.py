@@ -452,17 +452,20 @@ ONCE_CASES = {
 def once(case: str, devices: int, limit: float | None) -> dict[str, Any]:
     """One ``solver.api.plan`` run of a case of ``ONCE_CASES`` on ``devices`` devices: CPU
     (of this process, and of the class bound's process beside the search where it ran:
-    ``solver.beside``) and wall seconds, round, proven bound and gap, and the load at the
-    end. The solver comes from ``sys.path`` (``PYTHONPATH=<checkout>`` runs another
+    ``solver.beside``) and wall seconds, round, proven bound and gap, when the progress
+    bar first showed the plan returned (``best_at_s``), and the load at the end. The solver comes from ``sys.path`` (``PYTHONPATH=<checkout>`` runs another
     checkout's planner with this script, for alternating runs of two versions)."""
     import solver
 
     key, batch, make = ONCE_CASES[case]
     costs, cluster = model_costs(key), make(devices)
     beside = children_cpu()
+    seen: list[tuple[float, str]] = []     # (when, the bar's text)
     cpu, wall = time.process_time(), time.perf_counter()
-    result = plan(costs, cluster, batch, time_limit=limit)
+    result = plan(costs, cluster, batch, time_limit=limit,
+                  progress=lambda done, what: seen.append((time.perf_counter(), what)))
     cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+    started = time.perf_counter() - wall
     beside = children_cpu() - beside
     bound = result.planner.bound
     return {"case": case, "devices": len(cluster.devices), "time_limit": limit,
@@ -472,7 +475,17 @@ def once(case: str, devices: int, limit: float | None) -> dict[str, Any]:
             "round_s": None if result.predicted is None else result.predicted.round_time_s,
             "bound_s": None if bound is None else bound.bound_s,
             "gap": None if bound is None else bound.gap,
-            "stopped": None if bound is None else bound.stopped, "load": load()}
+            "stopped": None if bound is None else bound.stopped,
+            "best_at_s": _best_at(seen, result.predicted, started), "load": load()}
+
+
+def _best_at(seen: Sequence[tuple[float, str]], predicted: Any, started: float) -> float | None:
+    """Seconds into the run when the progress bar first showed the returned plan's round
+    (``best X s``, four digits), None where it never did."""
+    if predicted is None:
+        return None
+    final = f"best {predicted.round_time_s:.4g} s"
+    return next((round(when - started, 2) for when, what in seen if final in what), None)
 
 
 # -- issue 4: synthetic instances ----------------------------------------------------------
