@@ -808,9 +808,45 @@ def test_full_sizes_runs_no_refining_passes() -> None:
     every: list[tuple[int, int]] = []
     asteroid_dp(costs, cluster, 16,
                 progress=lambda done, total, _, __: every.append((done, total)))
-    # without full_sizes: coarse, at least one refining pass (one size) and the full pass
+    # without full_sizes: coarse, at least one refining pass (two sizes) and the full pass
     assert every[-1][1] > 2 * sizes
     assert len(part.bounds) == 2 and not part.complete
+
+
+def test_each_refining_pass_searches_the_two_leading_sizes(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # [Note: refining two sizes]: after the coarse pass over every size, each pass on twice
+    # as many cuts searches the two sizes that led the pass before, the one whose search
+    # there had fewer cells first; then every size over every cut. The result is the same
+    # as the full pass alone (exact either way)
+    import solver.dp
+
+    searched: list[tuple[int, int, float, int]] = []    # (cuts, size, round, cells)
+    plain = solver.dp._Search.best
+
+    def recorded(self: Any) -> Any:
+        value, summary = plain(self)
+        searched.append((len(self.ends), self.mb, value, len(self._closed)))
+        return value, summary
+
+    monkeypatch.setattr(solver.dp._Search, "best", recorded)
+    rng = random.Random(7)
+    costs, cluster = random_costs(rng, 100), spread_cluster(rng, 4)
+    result = asteroid_dp(costs, cluster, 16)
+    passes: dict[int, list[tuple[int, float, int]]] = {}
+    for cuts, mb, value, cells in searched:
+        passes.setdefault(cuts, []).append((mb, value, cells))
+    levels = sorted(passes)
+    sizes = len(micro_batch_choices(16, None))
+    assert len(levels) >= 3 and len(passes[levels[0]]) == len(passes[levels[-1]]) == sizes
+    latest: dict[int, tuple[float, int]] = {}     # size: (round, cells) of its last pass
+    for before, now in zip(levels[:-2], levels[1:-1], strict=True):
+        latest.update({mb: (value, cells) for mb, value, cells in passes[before]})
+        leading = sorted(latest, key=lambda mb: latest[mb][0])[:2]
+        assert sorted(mb for mb, _, _ in passes[now]) == sorted(leading)
+        assert [mb for mb, _, _ in passes[now]] == sorted(leading, key=lambda mb: latest[mb][1])
+    monkeypatch.setattr(solver.dp, "_REFINE_MBS", 1)
+    assert asteroid_dp(costs, cluster, 16).round_time_s == result.round_time_s
 
 
 
