@@ -453,8 +453,9 @@ def once(case: str, devices: int, limit: float | None) -> dict[str, Any]:
     """One ``solver.api.plan`` run of a case of ``ONCE_CASES`` on ``devices`` devices: CPU
     (of this process, and of the class bound's process beside the search where it ran:
     ``solver.beside``) and wall seconds, round, proven bound and gap, when the progress
-    bar first showed the plan returned (``best_at_s``), and the load at the end. The solver comes from ``sys.path`` (``PYTHONPATH=<checkout>`` runs another
-    checkout's planner with this script, for alternating runs of two versions)."""
+    bar first showed the plan returned (``best_at_s``), and the load at the end. The
+    solver comes from ``sys.path`` (``PYTHONPATH=<checkout>`` runs another checkout's
+    planner with this script, for alternating runs of two versions)."""
     import solver
 
     key, batch, make = ONCE_CASES[case]
