@@ -54,6 +54,12 @@ def test_run_reports_rc_wall_and_memory(tmp_path: Path) -> None:
     ok = tool.run(tool.Command("python -c pass", (), ("python", "-c", "pass")), tmp_path, 60)
     assert ok["rc"] == 0 and ok["within_targets"] is True
     assert float(str(ok["peak_rss_mib"])) >= 0.0
+    # (a process that holds 64 MiB of its own: both measures see it; PSS at most RSS)
+    big = tool.run(tool.Command("hold", (), ("python", "-c", "import time; b = bytearray("
+                                            "64 << 20); time.sleep(1.0)")), tmp_path, 60)
+    rss, pss = float(str(big["peak_rss_mib"])), float(str(big["peak_pss_mib"]))
+    assert big["rc"] == 0 and rss >= 64.0
+    assert 64.0 <= pss <= rss + 1.0 or pss == 0.0     # (0: no smaps_rollup here)
     bad = tool.run(tool.Command("exit 3", (), ("python", "-c", "raise SystemExit(3)")),
                    tmp_path, 60)
     assert bad["rc"] == 3 and bad["within_targets"] is False

@@ -80,10 +80,13 @@ def skip_reason(command: Command) -> str | None:
     return None
 
 
-def _session_rss(session: int) -> int:
-    """Summed resident bytes of the processes of ``session`` (Linux /proc)."""
+def _session_memory(session: int) -> tuple[int, int]:
+    """Summed resident and proportional (PSS) bytes of the processes of ``session`` (Linux
+    /proc; PSS 0 where ``smaps_rollup`` cannot be read). Summed RSS counts the pages the
+    processes share (libtorch, the Python runtime) once per process; PSS splits them
+    between the sharers, so its sum is the memory the session really holds."""
     page = os.sysconf("SC_PAGE_SIZE")
-    total = 0
+    rss = pss = 0
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
@@ -92,10 +95,17 @@ def _session_rss(session: int) -> int:
             fields = stat[stat.rindex(")") + 2:].split()
             if int(fields[3]) != session:
                 continue
-            total += int((entry / "statm").read_text().split()[1]) * page
+            rss += int((entry / "statm").read_text().split()[1]) * page
         except (OSError, ValueError, IndexError):
             continue
-    return total
+        try:
+            for line in (entry / "smaps_rollup").read_text().splitlines():
+                if line.startswith("Pss:"):
+                    pss += int(line.split()[1]) * 1024
+                    break
+        except (OSError, ValueError, IndexError):
+            continue
+    return rss, pss
 
 
 def run(command: Command, cwd: Path, timeout_s: float) -> dict[str, object]:
@@ -106,7 +116,7 @@ def run(command: Command, cwd: Path, timeout_s: float) -> dict[str, object]:
     if argv[0] == "python":
         argv[0] = sys.executable
     start = time.monotonic()
-    peak = 0
+    peak = peak_pss = 0
     with open(cwd / "check_readme.log", "ab") as log:
         log.write(f"\n$ {command.text}\n".encode())
         log.flush()
@@ -114,7 +124,8 @@ def run(command: Command, cwd: Path, timeout_s: float) -> dict[str, object]:
                                 stdin=subprocess.DEVNULL, start_new_session=True)
         rc: int | None = None
         while rc is None:
-            peak = max(peak, _session_rss(proc.pid))
+            rss, pss = _session_memory(proc.pid)
+            peak, peak_pss = max(peak, rss), max(peak_pss, pss)
             try:
                 rc = proc.wait(timeout=SAMPLE_S)
             except subprocess.TimeoutExpired:
@@ -124,7 +135,7 @@ def run(command: Command, cwd: Path, timeout_s: float) -> dict[str, object]:
                     rc = -9
     wall = time.monotonic() - start
     return {"command": command.text, "rc": rc, "wall_s": round(wall, 1),
-            "peak_rss_mib": round(peak / 2**20, 1),
+            "peak_rss_mib": round(peak / 2**20, 1), "peak_pss_mib": round(peak_pss / 2**20, 1),
             "within_targets": rc == 0 and wall <= WALL_TARGET_S and peak <= MEMORY_TARGET_BYTES}
 
 
@@ -158,19 +169,19 @@ def main() -> int:
         console.print(f"$ {command.text}")
         rows.append(run(command, clone, args.timeout))
         console.print(f"  rc {rows[-1]['rc']}  {rows[-1]['wall_s']} s  "
-                      f"{rows[-1]['peak_rss_mib']} MiB")
+                      f"{rows[-1]['peak_rss_mib']} MiB RSS, {rows[-1]['peak_pss_mib']} MiB PSS")
     table = Table(title=f"README commands (load {os.getloadavg()[0]:.1f} at the end; "
-                        f"targets: rc 0, <= {WALL_TARGET_S:.0f} s, <= 2 GiB)")
+                        f"targets: rc 0, <= {WALL_TARGET_S:.0f} s, <= 2 GiB summed RSS)")
     table.add_column("command", no_wrap=True, overflow="ellipsis", max_width=72)
-    for column in ("rc", "wall (s)", "peak RSS (MiB)", "verdict"):
+    for column in ("rc", "wall (s)", "peak RSS (MiB)", "peak PSS (MiB)", "verdict"):
         table.add_column(column, no_wrap=True)
     for row in rows:
         if "skipped" in row:
-            table.add_row(str(row["command"]), "-", "-", "-", f"skipped: {row['skipped']}")
+            table.add_row(str(row["command"]), "-", "-", "-", "-", f"skipped: {row['skipped']}")
         else:
             verdict = "ok" if row["within_targets"] else ("FAILED" if row["rc"] else "slow/large")
             table.add_row(str(row["command"]), str(row["rc"]), str(row["wall_s"]),
-                          str(row["peak_rss_mib"]), verdict)
+                          str(row["peak_rss_mib"]), str(row["peak_pss_mib"]), verdict)
     console.print(table)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
