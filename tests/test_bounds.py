@@ -1215,6 +1215,81 @@ def test_states_by_speed_map_each_state_to_its_suffix() -> None:
     assert checked > 40
 
 
+def _random_kinds(rng: np.random.Generator, groups: int,
+                  states: int) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Kinds as ``_CountStates.kinds`` gives them: the groups split into kinds, each with
+    states (``into``, some shared with other kinds) and the states read (``src``)."""
+    labels = rng.integers(0, max(1, groups // 2), groups)
+    out = []
+    for label in np.unique(labels):
+        into = np.sort(rng.choice(states, rng.integers(1, states + 1), replace=False))
+        out.append((np.nonzero(labels == label)[0], into, rng.integers(0, states, len(into))))
+    return out
+
+
+def test_batch_reads_every_kind_at_its_own_ends() -> None:
+    # [Note: kinds at once]: the kinds that reach the same ends are read together, every
+    # pair (kind, state) once, at exactly its kind's ends; the smallest over each kind's
+    # groups and a kind's values at its pairs are those of a loop over the kinds
+    from solver.bounds import _Batch
+
+    rng = np.random.default_rng(24)
+    for _ in range(200):
+        groups, states, ends = int(rng.integers(1, 9)), int(rng.integers(1, 7)), int(
+            rng.integers(1, 12))
+        kinds = _random_kinds(rng, groups, states)
+        batch = _Batch(kinds, groups, states)
+        reach = rng.random((len(kinds), ends)) < rng.uniform(0.0, 1.0)
+        reach[rng.random(len(kinds)) < 0.3] = reach[0]          # (kinds with the same ends)
+        seen = []
+        for pairs, at in batch.reads(reach):
+            for pair in pairs:
+                assert list(np.nonzero(reach[batch.kind[pair]])[0]) == list(at)
+            seen.extend(pairs.tolist())
+        wanted = [p for p in range(len(batch.kind)) if reach[batch.kind[p]].any()]
+        assert sorted(seen) == wanted
+        values = rng.random((2, groups, ends))
+        values[values < 0.2] = math.inf
+        smallest = batch.per_kind(values, 1)
+        for k, (members, into, src) in enumerate(kinds):
+            assert np.array_equal(smallest[:, k], values[:, members].min(axis=1))
+            pairs = np.nonzero(batch.kind == k)[0]
+            assert np.array_equal(batch.src[pairs], src)
+            assert np.array_equal(batch.into[pairs], into)
+            picked = batch.at(smallest, 1, pairs, np.arange(ends), np.float32)
+            assert picked.shape == (2, ends, len(pairs)) and picked.dtype == np.float32
+            assert np.array_equal(picked, np.repeat(
+                smallest[:, k, :, None].astype(np.float32), len(pairs), axis=2))
+
+
+def test_batch_lowers_a_state_to_the_smallest_of_the_kinds_that_share_it() -> None:
+    # [Note: kinds at once]: pairs of different kinds that put a suffix into the same
+    # state: the state keeps the smallest value, on a whole table (one flat
+    # np.minimum.at) and on a view of one (a row of with_d), along any axis
+    from solver.bounds import _Batch
+
+    rng = np.random.default_rng(2024)
+    for _ in range(200):
+        states = int(rng.integers(1, 7))
+        kinds = _random_kinds(rng, int(rng.integers(2, 9)), states)
+        batch = _Batch(kinds, 9, states)
+        pairs = np.nonzero(rng.random(len(batch.kind)) < 0.7)[0]
+        for shape, axis in (((2, states, 3), 1), ((2, 4, states, 3), 2), ((2, states), 1)):
+            table = rng.random(shape)
+            values = rng.random(shape[:axis] + (len(pairs),) + shape[axis + 1:])
+            wanted = table.copy()
+            for n, pair in enumerate(pairs):
+                at = (slice(None),) * axis + (batch.into[pair],)
+                got = (slice(None),) * axis + (n,)
+                wanted[at] = np.minimum(wanted[at], values[got])
+            whole = table.copy()
+            batch.min_into(whole, axis, pairs, values)
+            assert np.array_equal(whole, wanted)
+            wider = np.stack([table, table], axis=1)           # (a row of it: a view)
+            batch.min_into(wider[:, 1], axis, pairs, values)
+            assert np.array_equal(wider[:, 1], wanted) and np.array_equal(wider[:, 0], table)
+
+
 def test_states_by_speed_only_raise_the_counted_value() -> None:
     # [Note: states by speed]: leaving out the suffixes whose devices cannot hold the
     # layers before them (or after) leaves every plan in: the counted value is never below
