@@ -1326,10 +1326,11 @@ def _relaxed_many(tables: _ClassTables, m: int, low: float, top: float, limit: f
         later = np.where(late + t_a * late_ta < limit, priced, inf)
         # a stage after the dominant one, at a position j <= n - 1 past the first
         # `levels`: round >= T^{d+j} >= (M - j (1 - rho)) X_d + T_a (_rest_gate)
-        anywhere = floors.after(np.where(rest_gate + t_a < limit, later, inf), i, nxt)
+        # (the floors hold per end: they are taken after the smallest over each kind)
         batch = _Batch(kinds, len(x), n_states)
         best = np.full((n_k, n_states, a_max), inf, dtype)
-        on = batch.per_kind(anywhere, 1)                                   # (K, kinds, ends)
+        on = floors.after(batch.per_kind(np.where(rest_gate + t_a < limit, later, inf), 1),
+                          i, nxt)                                          # (K, kinds, ends)
         for pairs, ends in batch.reads(batch.reach(on, 0)):
             found = (batch.at(on, 1, pairs, ends, dtype)[..., None]
                      + _gather(after, (nxt[ends],), batch.source(pairs))).min(axis=1)
@@ -1339,11 +1340,13 @@ def _relaxed_many(tables: _ClassTables, m: int, low: float, top: float, limit: f
         # tails at position j + 1 (the last: any position)
         js = np.nonzero(gate_arr + t_a.min() < limit)[0]
         if len(js):
-            gated = floors.levels(np.where(
+            here = batch.per_kind(np.where(
                 (gate_arr[js][:, None, None] + t_a[None] < limit)[None], later[:, None],
-                inf), i, js + 1, nxt)                                      # (K, J, G, ends)
+                inf), 2)                                               # (K, J, kinds, ends)
+            # (the floors hold per end: the smallest over a kind's groups passes them where
+            # any of them does, so they are taken after it, on fewer values)
+            here = floors.levels(here, i, js + 1, nxt)
             found_j = np.full((n_k, len(js), n_states, a_max), inf, dtype)
-            here = batch.per_kind(gated, 2)                            # (K, J, kinds, ends)
             for pairs, ends in batch.reads(batch.reach(here, (0, 1))):
                 # (one gather: the rows `nxt` of the levels `js + 1` only)
                 found = (batch.at(here, 2, pairs, ends, dtype)[..., None]
@@ -1380,9 +1383,9 @@ def _relaxed_many(tables: _ClassTables, m: int, low: float, top: float, limit: f
                     batch.min_into(with_d[:, i], 1, pairs, found)              # (K, pairs)
         # a stage s before the dominant one: round >= T^s >= M X_d + X_s + T_a^s
         if m_low + t_a.min() < limit:
-            c_b = floors.before(np.where(m_low + capped + t_a < limit,
-                                         priced + t_a if first else priced, inf), i, nxt)
-            on = batch.per_kind(c_b, 1)                                # (K, kinds, ends)
+            on = floors.before(batch.per_kind(np.where(
+                m_low + capped + t_a < limit, priced + t_a if first else priced, inf), 1),
+                i, nxt)                                                # (K, kinds, ends)
             for pairs, ends in batch.reads(batch.reach(on, 0)):
                 found = (batch.at(on, 1, pairs, ends, dtype)
                          + _gather(with_d, (nxt[ends],), batch.source(pairs))).min(axis=1)
@@ -1536,8 +1539,8 @@ class _Floors:
         self.fl_d = np.full((n_k, count + 1), inf)
 
     def after(self, values: np.ndarray, i: int, nxt: np.ndarray) -> np.ndarray:
-        """``values`` (K x groups x ends) of stages after the dominant one at any position,
-        those that cannot lead below the limit at inf."""
+        """``values`` (K x groups or kinds x ends) of stages after the dominant one at any
+        position, those that cannot lead below the limit at inf."""
         if not self.on:
             return values
         room = self.limit - self.head[i] - self.dom_low - self.fl_after[:, nxt]  # (K, ends)
@@ -1545,8 +1548,8 @@ class _Floors:
 
     def levels(self, values: np.ndarray, i: int, reads: np.ndarray,
                nxt: np.ndarray) -> np.ndarray:
-        """The same for ``values`` (K x J x groups x ends) of stages at the levels whose
-        tails are at the levels ``reads``."""
+        """The same for ``values`` (K x J x groups or kinds x ends) of stages at the levels
+        whose tails are at the levels ``reads``."""
         if not self.on:
             return values
         fl = self.fl_levels[:, reads[:, None], nxt[None, :]]                    # (K, J, ends)
@@ -1563,8 +1566,8 @@ class _Floors:
         return (finite < room[:, None, :]).any(axis=0)
 
     def before(self, values: np.ndarray, i: int, nxt: np.ndarray) -> np.ndarray:
-        """``values`` (K x groups x ends) of stages before the dominant one, those that
-        cannot lead below the limit at inf."""
+        """``values`` (K x groups or kinds x ends) of stages before the dominant one, those
+        that cannot lead below the limit at inf."""
         if not self.on:
             return values
         room = self.limit - self.head[i] - self.fl_d[:, nxt]                    # (K, ends)
