@@ -349,6 +349,60 @@ def test_the_classes_are_counted_after_the_priced_bisection(
     assert raised > 5
 
 
+def test_the_counted_bisection_steps_from_where_the_prices_fell_short(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # [Note: counted steps]: a class bound that proves up to a ceiling (the prices a lower
+    # one than the counts); the counted trials ask at most CLASS_COUNTED_STEP above the
+    # lowest target the priced bisection fell short of after its first round (or the
+    # bound proven, if higher),
+    # never the midpoint towards a poor best round, and still climb to the counted ceiling
+    import solver.anytime
+    import solver.bounds
+    from solver.anytime import CLASS_BOUND_BISECT_TOL, CLASS_COUNTED_STEP, _class_bounds
+    from solver.space import micro_batch_choices
+
+    monkeypatch.setattr(solver.bounds, "CLASS_POOLS_MAX", 0)
+    monkeypatch.setattr(solver.anytime, "counted_classes", lambda space: (0,))
+    asked: list[tuple[float, bool, float, bool]] = []
+    ceiling = {False: 0.0, True: 0.0}
+
+    def scripted(*args: Any, **kwargs: Any) -> float | None:
+        target, count = args[6], bool(kwargs.get("count"))
+        found = min(target, ceiling[count])
+        asked.append((target, count, found, kwargs.get("buckets") is not None))
+        return found
+
+    monkeypatch.setattr(solver.anytime, "class_bound", scripted)
+    checked = 0
+    for seed in range(800, 830):
+        costs, cluster, batch = random_instance(seed, max_layers=5, max_devices=4)
+        cluster = cluster.for_costs(costs)
+        mbs = micro_batch_choices(batch, None)
+        work = max(work_bound(costs, cluster, batch, mb) for mb in mbs)
+        if not math.isfinite(work) or work <= 0:
+            continue
+        best = 2.0 * work               # (a poor best round: the midpoints ask far above)
+        ceiling[False], ceiling[True] = 1.5 * work, 1.56 * work
+        asked.clear()
+        out = _class_bounds(costs, cluster, batch, mbs, None, best, {},
+                            time.perf_counter() + 60.0)
+        # (the first round's quicker tables aside)
+        short = min((t for t, count, found, first in asked
+                     if not count and not first and found < t), default=math.inf)
+        counted = [(t, found) for t, count, found, _ in asked if count]
+        if not counted or not math.isfinite(short):
+            continue
+        proven = 0.0
+        for target, found in counted:
+            assert target <= max(short, proven) * (1 + CLASS_COUNTED_STEP) * (1 + 1e-12), (
+                seed, short, proven, target)
+            proven = max(proven, found) if found >= target * (1 - 1e-6) else proven
+        bound = min(out.get(mb, work_bound(costs, cluster, batch, mb)) for mb in mbs)
+        assert bound >= ceiling[True] / (1 + CLASS_BOUND_BISECT_TOL) * (1 - 1e-9), seed
+        checked += 1
+    assert checked > 10
+
+
 @pytest.mark.parametrize(("seed", "first_sizes"), [(0, 2), (1, 1)])
 def test_the_order_searches_the_sizes_the_class_bound_leaves(
         seed: int, first_sizes: int, monkeypatch: pytest.MonkeyPatch) -> None:
