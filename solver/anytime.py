@@ -435,6 +435,34 @@ CLASS_BOUND_AFTER_S = 5.0
 A quarter of a quick search proved little: ResNet-50 on 16 Jetsons, 2.6 s of search and
 no bound (gap 75 %); with 2.7 s more the bound proves a gap of 12 % (optimum: 6.4 %)."""
 
+CLASS_FIRST_RISE = 1.5
+"""The first round of [Note: one target for every size] asks at most this times the
+smallest bound so far where that is the work bounds' ([Note: the first target])."""
+
+CLASS_FIRST_RISE_LINKS = 2.0
+"""The same where the smallest bound so far is a link bound (slow networks).
+
+[Note: the first target]
+The first round asks every size for the midpoint between the smallest bound so far and
+the best round, at most a multiple of that bound. With the bound beside the search the
+best round is the search's first plan, far above the optimum (ResNet-50 x 32 Jetsons:
+the first round asked 0.8508 s, midway to 1.276 s, below twice the work bound 0.4254 s),
+and a class bound asked for far more than it can prove proves less (micro-batch 8:
+0.4352 s), so the second round only reached 0.643 s, which the first could have proven.
+Where the smallest bound is a work bound, the first round now asks at most 1.5 times it
+(on ResNet-50 x 32 Jetsons the link bounds are above the work bounds of micro-batches 1 to
+4 only, not of the weakest sizes); where it is a link bound (slow networks: every size's
+on the 32-device fleets) the factor stays 2. Measured with ``tools/time_planner.py
+--once``, the commit before and this one alternating (21:31-21:36 UTC), ResNet-50 on
+Jetsons in 5 s: 32 12.3 % -> 5.3 % (5.3 % in two earlier runs with the factor patched,
+against 29.9-30.5 %), 16 8.1 % -> 4.1 % (4.3 % twice), 20 12.0 % -> 9.1 %, 24 14.8 % ->
+11.6 %, 28 11.6 % -> 7.5 %; 32 in 30 s 1.7 % both, 64 in 30 s 8.7 % -> 8.5 %. The fleets
+in 5 s: ResNet-50 of 32 and BERT-small of 16 and 32 the same; ResNet-50 of 16, whose
+smallest bounds are work bounds, 253 % -> 278 % (its class bound proves twice the work
+bound in the first round there). 1.3 was worse than 1.5 on 20-32 Jetsons (15-19 %), and a
+factor of 1.5 everywhere was worse on the fleets (ResNet-50 of 32 215 % -> 307 %,
+BERT-small of 32 229 % -> 335 %)."""
+
 CLASS_FIRST_BUCKETS = 6
 """The priced class bound's first grid of ``X_d`` buckets in the first round of
 [Note: one target for every size] (later rounds: ``solver.bounds.CLASS_BUCKETS``): its
@@ -594,6 +622,11 @@ def _class_bounds(costs: CostTable, cluster: Cluster, batch_size: int, mbs: Sequ
     # priced: one target for every size at once, bisected between the smallest bound so
     # far and the lowest target a size fell short of ([Note: one target for every size])
     have = {mb: max(work[mb], (start or {}).get(mb, 0.0)) for mb in work if mb not in out}
+    # [Note: the first target]: a smaller first step above the work bounds than above
+    # the link bounds
+    weakest_at = min(have, key=have.__getitem__, default=None)
+    rise = CLASS_FIRST_RISE if weakest_at is None or have[weakest_at] <= work[weakest_at] \
+        else CLASS_FIRST_RISE_LINKS
     high, short, rounds = cap, False, 0
     floor = 0.0     # what the size that fell short last proved: the next target, if higher
     cache: dict[tuple[int, bool, bool], Any] = {}    # the tables of each size, built once
@@ -619,7 +652,7 @@ def _class_bounds(costs: CostTable, cluster: Cluster, batch_size: int, mbs: Sequ
         # the target itself, once, where no size fell short and the rest is within the
         # tolerance: the class bound may prove the best round outright
         trial = high if not short and high <= low * (1.0 + CLASS_BOUND_BISECT_TOL) \
-            else max((low + high) / 2, floor) if rounds else min((low + high) / 2, 2.0 * low)
+            else max((low + high) / 2, floor) if rounds else min((low + high) / 2, rise * low)
         if counting and math.isfinite(priced_short):    # [Note: counted steps]
             trial = min(trial, max(priced_short, low) * (1.0 + CLASS_COUNTED_STEP))
         floor = 0.0
