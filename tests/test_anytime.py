@@ -352,6 +352,21 @@ def test_the_classes_are_counted_after_the_priced_bisection(
     assert raised >= 5
 
 
+def _work_cases(seeds: range) -> Iterator[tuple[int, CostTable, Cluster, int,
+                                               dict[int, float]]]:
+    """Per seed of ``random_instance`` whose work bounds are all finite and positive:
+    ``(seed, costs, cluster, batch, work bound per micro-batch size)``."""
+    from solver.space import micro_batch_choices
+
+    for seed in seeds:
+        costs, cluster, batch = random_instance(seed, max_layers=5, max_devices=4)
+        cluster = cluster.for_costs(costs)
+        work = {mb: work_bound(costs, cluster, batch, mb)
+                for mb in micro_batch_choices(batch, None)}
+        if all(0.0 < value < math.inf for value in work.values()):
+            yield seed, costs, cluster, batch, work
+
+
 @pytest.mark.parametrize("links", [False, True])
 def test_the_first_round_asks_a_small_step_above_the_work_bounds(
         links: bool, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -361,7 +376,6 @@ def test_the_first_round_asks_a_small_step_above_the_work_bounds(
     import solver.anytime
     import solver.bounds
     from solver.anytime import CLASS_FIRST_RISE, CLASS_FIRST_RISE_LINKS, _class_bounds
-    from solver.space import micro_batch_choices
 
     monkeypatch.setattr(solver.bounds, "CLASS_POOLS_MAX", 0)
     firsts: list[float] = []
@@ -373,14 +387,8 @@ def test_the_first_round_asks_a_small_step_above_the_work_bounds(
 
     monkeypatch.setattr(solver.anytime, "class_bound", scripted)
     checked = 0
-    for seed in range(800, 820):
-        costs, cluster, batch = random_instance(seed, max_layers=5, max_devices=4)
-        cluster = cluster.for_costs(costs)
-        mbs = micro_batch_choices(batch, None)
-        work = {mb: work_bound(costs, cluster, batch, mb) for mb in mbs}
-        low = min(work.values())
-        if not 0.0 < low < math.inf:
-            continue
+    for seed, costs, cluster, batch, work in _work_cases(range(800, 820)):
+        mbs, low = list(work), min(work.values())
         start = {mb: 1.1 * value for mb, value in work.items()} if links else None
         firsts.clear()
         _class_bounds(costs, cluster, batch, mbs, None, 10.0 * max(work.values()), {},
@@ -403,7 +411,6 @@ def test_the_counted_bisection_steps_from_where_the_prices_fell_short(
     import solver.anytime
     import solver.bounds
     from solver.anytime import CLASS_BOUND_BISECT_TOL, CLASS_COUNTED_STEP, _class_bounds
-    from solver.space import micro_batch_choices
 
     monkeypatch.setattr(solver.bounds, "CLASS_POOLS_MAX", 0)
     monkeypatch.setattr(solver.anytime, "counted_classes", lambda space: (0,))
@@ -418,13 +425,8 @@ def test_the_counted_bisection_steps_from_where_the_prices_fell_short(
 
     monkeypatch.setattr(solver.anytime, "class_bound", scripted)
     checked = 0
-    for seed in range(800, 830):
-        costs, cluster, batch = random_instance(seed, max_layers=5, max_devices=4)
-        cluster = cluster.for_costs(costs)
-        mbs = micro_batch_choices(batch, None)
-        work = max(work_bound(costs, cluster, batch, mb) for mb in mbs)
-        if not math.isfinite(work) or work <= 0:
-            continue
+    for seed, costs, cluster, batch, bounds in _work_cases(range(800, 830)):
+        mbs, work = list(bounds), max(bounds.values())
         best = 2.0 * work               # (a poor best round: the midpoints ask far above)
         ceiling[False], ceiling[True] = 1.5 * work, 1.56 * work
         asked.clear()
