@@ -458,10 +458,10 @@ Jetsons in 5 s: 32 12.3 % -> 5.3 % (5.3 % in two earlier runs with the factor pa
 against 29.9-30.5 %), 16 8.1 % -> 4.1 % (4.3 % twice), 20 12.0 % -> 9.1 %, 24 14.8 % ->
 11.6 %, 28 11.6 % -> 7.5 %; 32 in 30 s 1.7 % both, 64 in 30 s 8.7 % -> 8.5 %. The fleets
 in 5 s: ResNet-50 of 32 and BERT-small of 16 and 32 the same; ResNet-50 of 16, whose
-smallest bounds are work bounds, 253 % -> 278 % (its class bound proves twice the work
-bound in the first round there). 1.3 was worse than 1.5 on 20-32 Jetsons (15-19 %), and a
-factor of 1.5 everywhere was worse on the fleets (ResNet-50 of 32 215 % -> 307 %,
-BERT-small of 32 229 % -> 335 %)."""
+smallest bounds are work bounds, 253 % -> 278 % (371 % in the bench table's run; its
+class bound proves twice the work bound in the first round there). 1.3 was worse than
+1.5 on 20-32 Jetsons (15-19 %), and a factor of 1.5 everywhere was worse on the fleets
+(ResNet-50 of 32 215 % -> 307 %, BERT-small of 32 229 % -> 335 %)."""
 
 CLASS_FIRST_BUCKETS = 6
 """The priced class bound's first grid of ``X_d`` buckets in the first round of
