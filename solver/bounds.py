@@ -1559,11 +1559,11 @@ class _Floors:
     def dominant(self, c_d: np.ndarray, i: int, nxt: np.ndarray) -> np.ndarray:
         """Per kind and end whether the dominant stages of ``c_d`` (K x kinds x ends x a,
         inf where none; ``nxt``: the ends' next rows) can lead below the limit."""
-        finite = c_d.min(axis=3)                                              # (K, kinds, ends)
+        least = c_d.min(axis=3)                                               # (K, kinds, ends)
         if not self.on:
-            return np.isfinite(finite).any(axis=0)
+            return np.isfinite(least).any(axis=0)
         room = self.limit - self.head[i] - self.fl_levels[:, 0, nxt]             # (K, ends)
-        return (finite < room[:, None, :]).any(axis=0)
+        return (least < room[:, None, :]).any(axis=0)
 
     def before(self, values: np.ndarray, i: int, nxt: np.ndarray) -> np.ndarray:
         """``values`` (K x groups or kinds x ends) of stages before the dominant one, those
@@ -1640,17 +1640,17 @@ class _Batch:
     def __init__(self, kinds: list[_Kind], groups: int, states: int) -> None:
         # (prices only: one kind of every group and state, read as the loop read it)
         self.whole = len(kinds) == 1 and all(isinstance(k, slice) for k in kinds[0])
-        self.src = np.arange(states)
         if self.whole:
             return
-        every = np.arange(groups)
-        members = [every[m] if isinstance(m, slice) else m for m, _, _ in kinds]
+        # (a slice reads every group or state)
+        every_group, every_state = np.arange(groups), np.arange(states)
+        members = [every_group[m] for m, _, _ in kinds]
         self.order = np.concatenate(members)
         self.first = _starts(np.array([len(m) for m in members]))
-        into = [self.src[i] for _, i, _ in kinds]
+        into = [every_state[i] for _, i, _ in kinds]
         self.kind = np.repeat(np.arange(len(kinds)), [len(i) for i in into])  # per pair
         self.into = np.concatenate(into)
-        self.src = np.concatenate([self.src[r] for _, _, r in kinds])
+        self.src = np.concatenate([every_state[r] for _, _, r in kinds])
 
     def per_kind(self, values: np.ndarray, axis: int) -> np.ndarray:
         """The smallest of ``values`` over each kind's groups (``axis``)."""

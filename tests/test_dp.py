@@ -849,8 +849,6 @@ def test_each_refining_pass_searches_the_two_leading_sizes(
     assert asteroid_dp(costs, cluster, 16).round_time_s == result.round_time_s
 
 
-
-
 def _even_plan(plan: Any, class_of: dict[str, int]) -> bool:
     """Every group of ``plan`` divides the micro-batch, nearly all of one class
     ([Note: even groups] in ``solver.space``)."""
