@@ -22,6 +22,7 @@ from tools.bound_bed import (
     narrow,
     narrowed_optimum,
     plan_vectors,
+    priced_plan,
     realize,
     relaxed_plan,
 )
@@ -173,3 +174,53 @@ def test_the_bed_gates_the_stages_after_the_dominant_one_as_the_class_bound() ->
         plan = realize(found, costs, cluster, 64, 8)
         assert plan.predicted is not None
         assert plan.predicted.round_time_s >= min(found.value, limit) * (1 - 1e-6)
+
+
+def test_the_priced_bed_is_the_priced_class_bound_and_adds_up() -> None:
+    # priced_plan at one price vector: _relaxed_many's value (its chords may give less
+    # where M > _CHORD_POINTS), and its plan's (A) less what the prices pay back
+    compared = 0
+    for seed, tables, m, low, top, prices, _, rho in _random_relaxed(range(60), 1):
+        vectors = tuple(tuple(int(c) for c in row) for row in tables.counts)
+        b = Bed(tables, vectors, tuple(range(len(vectors))), m, rho,
+                int(tables.firsts[-1]) + 1)
+        for limit in (1e9, *(top * m * f for f in (0.9, 1.3))):
+            mine = priced_plan(b, low, top, limit, prices[0])
+            theirs = float(_relaxed_many(tables, m, low, top, limit, prices, rho)[0])
+            if math.isinf(theirs):
+                assert math.isinf(mine.value), seed
+                continue
+            if m <= _CHORD_POINTS:
+                assert mine.value == pytest.approx(theirs, rel=1e-9, abs=1e-9), (seed, limit)
+            else:
+                assert mine.value >= theirs - 1e-9 * (1 + abs(theirs)), (seed, limit)
+            paid = float(prices[0] @ tables.totals)
+            spent = sum(float(prices[0] @ np.asarray(st.vector)) for st in mine.stages)
+            assert _value_of(b, mine.stages, low) + spent - paid == pytest.approx(
+                mine.value, rel=1e-9, abs=1e-9)
+            assert list(mine.usage) == np.sum([st.vector for st in mine.stages], axis=0).tolist()
+            compared += 1
+    assert compared >= 60
+
+
+def test_the_priced_bed_gates_as_the_class_bound_on_16_jetsons() -> None:
+    # ResNet-50 on 16 Jetsons at micro-batch 32 (M = 2: no chords): at the prices of the
+    # bucket that sets class_bound's value, the priced bed gives _relaxed_many's value in
+    # every bucket below the target, where the gates of the stages after the dominant one
+    # bind (without them every one of these buckets falls)
+    from tools.bound_bed import weakest_prices
+    from tools.time_planner import jetson_mix, model_costs
+
+    costs, cluster = model_costs("resnet50_imagenet"), jetson_mix(16)
+    b, low, top, prices, value = weakest_prices(costs, cluster, 64, 32, 1.5)
+    assert b.num_micro == 2 and 0.0 < value <= 1.5
+    # (its bucket's bound is the value, or above it where the target caps it)
+    assert max(b.num_micro * low, priced_plan(b, low, top, 1.5, prices).value) >= value * (
+        1 - 1e-6)
+    for k in range(4):
+        top_k = 1.5 / b.num_micro * 0.93 ** k
+        mine = priced_plan(b, top_k * 0.93, top_k, 1.5, prices)
+        theirs = float(_relaxed_many(b.tables, b.num_micro, top_k * 0.93, top_k, 1.5,
+                                     prices[None], b.rho)[0])
+        assert mine.value == pytest.approx(theirs, rel=1e-9), k
+        assert any(st.role == "after" for st in mine.stages)

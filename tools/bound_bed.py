@@ -14,11 +14,15 @@ size and a few count vectors of the device classes (by default those of the plan
 ``relaxed_plan`` is a second, plain implementation of ``solver.bounds._relaxed_many`` (every
 class counted, one state per use count of each vector instead of per device count vector),
 written to be read and to trace its plan back: the same stages, gates and value (the tests
-compare them). Where the relaxed plan is a real plan whose round is the optimum's or more,
-the bound lacks an inequality that the plan breaks; the entry in docs/planner.md names two.
+compare them). ``--priced`` runs ``priced_plan`` instead: every group of the tables, the
+devices priced at the prices ``class_bound`` found best in the bucket that sets its bound
+(``weakest_prices``), the plan behind that bucket and the devices it takes. Where the
+relaxed plan is a real plan whose round is the optimum's or more, the bound lacks an
+inequality that the plan breaks; the entry in docs/planner.md names them.
 
     python tools/bound_bed.py --devices 64 --micro-batch 8           # the planner's vectors
     python tools/bound_bed.py --devices 64 --micro-batch 8 --vectors 8-0-0,0-8-0,0-0-8
+    python tools/bound_bed.py --devices 64 --micro-batch 16 --target 0.57 --priced
 """
 
 from __future__ import annotations
@@ -46,6 +50,8 @@ from contracts.plan import Plan, Stage
 from contracts.table import CostTable
 from solver.bounds import (
     _AFTER_LEVELS,
+    _PRICED_AFTER_LEVELS,
+    _SLACK,
     _ClassTables,
     _gates,
     _late_gate,
@@ -60,7 +66,7 @@ from solver.split import resplit
 from solver.summary import hiding_ratio
 
 __all__ = ["RelaxedStage", "Relaxed", "Bed", "bed", "narrow", "relaxed_plan", "bucket_scan",
-           "narrowed_optimum", "plan_vectors", "realize"]
+           "narrowed_optimum", "plan_vectors", "realize", "priced_plan", "weakest_prices"]
 
 Vector = tuple[int, ...]
 
@@ -282,6 +288,143 @@ def relaxed_plan(b: Bed, low: float, top: float, limit: float) -> Relaxed:
     return Relaxed(value, tuple(stages), usage)
 
 
+def priced_plan(b: Bed, low: float, top: float, limit: float,
+                prices: np.ndarray) -> Relaxed:
+    """``relaxed_plan`` with the devices priced (``prices`` per device of each class, as
+    ``solver.bounds._relaxed_many`` takes them) instead of counted, on every group of the
+    bed at once: the value ``L - prices . n`` (``_relaxed_many``'s at one price vector, or
+    above it where its chords give less: ``M > _CHORD_POINTS``), its plan, and in
+    ``usage`` the devices of each class the plan takes (it may take more than the cluster
+    has: what the prices leave open)."""
+    tables, m, rho = b.tables, b.num_micro, b.rho
+    gates, levels = _gates(m, rho, low, _PRICED_AFTER_LEVELS)
+    late, late_ta = _late_gate(m, rho, low)
+    rest = _rest_gate(m, int(tables.totals.sum()), rho, low, top)
+    rows, n_a = len(tables.firsts), m
+    cost = tables.counts @ prices                                           # (G,)
+    inf = math.inf
+    placed = np.full((levels + 1, rows + 1, n_a), inf)
+    placed[:, rows, 0] = 0.0
+    with_d = np.full(rows + 1, inf)
+    took: dict[tuple[int, int, int], tuple[int, int, int, int]] = {}
+    chose: dict[int, tuple[int, int, int, int]] = {}
+    for i in range(rows - 1, -1, -1):
+        x, big, t_a, nxt, _ = tables.rows[i]
+        up = tables.uppers[i] if tables.uppers else np.full_like(x, inf)
+        first = tables.firsts[i] == 0
+        capped = np.where(x <= top, x, inf)
+        priced = capped + cost[:, None]
+        later = np.where(late + t_a * late_ta < limit, priced, inf)
+        ends = x.shape[1]
+        for lv in range(levels + 1):
+            passes = (rest + t_a < limit) if lv == levels else (gates[lv] + t_a < limit)
+            reads = min(lv + 1, levels)
+            val = (np.where(passes, later, inf)[:, :, None]
+                   + placed[reads][nxt][None]).reshape(-1, n_a)             # (G x E, A)
+            best = val.argmin(axis=0)
+            for a_read in range(n_a):
+                a_new = min(a_read + 1, n_a - 1)
+                if val[best[a_read], a_read] < placed[lv, i, a_new]:
+                    placed[lv, i, a_new] = val[best[a_read], a_read]
+                    g, e = divmod(int(best[a_read]), ends)
+                    took[(lv, i, a_new)] = (g, e, reads, a_read)
+        x_d = np.maximum(capped, low)
+        hide = np.maximum(x, low) - np.maximum(big, low / 2)
+        total = m * x_d + t_a
+        base = np.where((total < limit) & (up > low),
+                        (total if first else m * x_d) + cost[:, None], inf)
+        val = (base[:, :, None] - np.arange(n_a)[None, None] * hide[:, :, None]
+               + placed[0][nxt][None])
+        j = int(np.argmin(val))
+        if val.flat[j] < with_d[i]:
+            with_d[i] = val.flat[j]
+            at = np.unravel_index(j, val.shape)
+            chose[i] = (2, int(at[0]), int(at[1]), int(at[2]))
+        if m * low + t_a.min() < limit:
+            val = np.where(m * low + capped + t_a < limit, priced + t_a if first else priced,
+                           inf) + with_d[nxt][None]
+            j = int(np.argmin(val))
+            if val.flat[j] < with_d[i]:
+                with_d[i] = val.flat[j]
+                g, e = divmod(j, ends)
+                chose[i] = (1, g, e, 0)
+    value = float(with_d[0] - prices @ tables.totals)
+    if not math.isfinite(value):
+        return Relaxed(value, (), ())
+    stages: list[RelaxedStage] = []
+    used = np.zeros(len(tables.totals), dtype=int)
+    i, level, a = 0, -1, 0
+    while i < rows:
+        x, big, t_a, nxt, _ = tables.rows[i]
+        if level < 0:
+            role, g, e, a = chose[i]
+            kind = "dominant" if role == 2 else "before"
+            if role == 2:
+                level = 0
+        else:
+            g, e, reads, a_read = took[(level, i, a)]
+            kind = "after"
+        n = int(nxt[e])
+        used += tables.counts[g].astype(int)
+        stages.append(RelaxedStage(kind, tuple(int(c) for c in tables.counts[g]),
+                                   tables.firsts[i],
+                                   (tables.firsts[n] if n < rows else b.num_layers) - 1,
+                                   float(x[g, e]), float(big[g, e]), float(t_a[g, e]),
+                                   a if kind == "dominant" else 0,
+                                   level if kind == "after" else 0))
+        if kind == "after":
+            level, a = reads, a_read
+        i = n
+    return Relaxed(value, tuple(stages), tuple(int(u) for u in used))
+
+
+def weakest_prices(costs: CostTable, cluster: Cluster, batch_size: int, micro_batch: int,
+                   target: float, max_cuts: int | None = 96
+                   ) -> tuple[Bed, float, float, np.ndarray, float]:
+    """``class_bound`` with prices (no classes counted, no partner links) for
+    ``micro_batch`` at ``target``: a bed on every group of its tables, the narrowest bucket
+    ``(low, top]`` whose best dual value sets its bound, the prices of that value (per
+    device of each class, as ``_relaxed_many`` takes them) and the bound."""
+    import solver.bounds
+
+    cluster = cluster.for_costs(costs)
+    space = ClassSpace(costs, cluster)
+    cache: dict[Any, Any] = {}
+    m = batch_size // micro_batch
+    rho = hiding_ratio(costs, cluster)
+    seen: dict[tuple[float, float], tuple[float, np.ndarray]] = {}
+    original = solver.bounds._relaxed_many
+
+    def record(tables: _ClassTables, m_: int, low: float, top: float, limit: float,
+               prices: np.ndarray, *rest: Any) -> np.ndarray:
+        found = original(tables, m_, low, top, limit, prices, *rest)
+        k = int(np.argmax(found))
+        if (low, top) not in seen or found[k] > seen[(low, top)][0]:
+            seen[(low, top)] = (float(found[k]), np.array(prices[k]))
+        return found
+
+    solver.bounds._relaxed_many = record     # type: ignore[assignment]
+    try:
+        value = class_bound(space, LayerSums.of(costs), costs.cut_bytes,
+                            candidate_cuts(costs, max_cuts), micro_batch, m, target, rho=rho,
+                            cache=cache, count=False, pools=False, partner_links=False,
+                            optimizer_state_factor=0.0)
+    finally:
+        solver.bounds._relaxed_many = original
+    tables = next(iter(cache.values()), None)
+    if value is None or tables is None or not seen:
+        raise ValueError(f"no class bound at micro-batch {micro_batch} (no group takes it, "
+                         "or too many classes)")
+    # (the bucket whose bound is the returned one: class_bound returns it times _SLACK)
+    (low, top), (_, prices) = min(seen.items(), key=lambda kv: (
+        round(abs(max(kv[1][0], m * kv[0][0]) * _SLACK - value) / value, 6),
+        kv[0][1] - kv[0][0]))
+    vectors = tuple(tuple(int(c) for c in row) for row in tables.counts)
+    b = Bed(replace(tables, work=None), vectors, tuple(range(len(vectors))), m, rho,
+            costs.num_layers)
+    return b, low, top, prices, value
+
+
 def realize(relaxed: Relaxed, costs: CostTable, cluster: Cluster, batch_size: int,
             micro_batch: int) -> Plan:
     """``relaxed``'s stages as a plan of ``cluster`` (each class's devices taken in turn,
@@ -289,6 +432,11 @@ def realize(relaxed: Relaxed, costs: CostTable, cluster: Cluster, batch_size: in
     relaxation is loose, which term of the round it leaves out (``PlanError`` where a
     stage does not fit its devices' memory, which the relaxation also ignores)."""
     classes = device_classes(cluster, costs)
+    need = np.sum([st.vector for st in relaxed.stages], axis=0)
+    short = [k for k, members in enumerate(classes) if need[k] > len(members)]
+    if short:
+        raise PlanError(f"the relaxed plan takes {need.tolist()} devices per class, the "
+                        f"cluster has {[len(c) for c in classes]}")
     taken = [0] * len(classes)
     stages = []
     for st in relaxed.stages:
@@ -374,6 +522,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--target", type=float, help="the limit of the relaxed DP "
                         "(default: the narrowed optimum)")
     parser.add_argument("--ratio", type=float, default=0.99, help="bucket width")
+    parser.add_argument("--priced", action="store_true", help="the class bound with prices "
+                        "on every group instead: the relaxed plan of its weakest bucket at "
+                        "its best prices")
     args = parser.parse_args(argv)
     costs, cluster = model_costs("resnet50_imagenet"), jetson_mix(args.devices)
     batch = 64
@@ -406,23 +557,36 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     target = args.target or best.round_time_s
     try:
-        b = bed(costs, cluster, batch, args.micro_batch, vectors, target)
+        if args.priced:
+            b, low, top, prices, value = weakest_prices(costs, cluster, batch, args.micro_batch,
+                                                        target)
+            relaxed = priced_plan(b, low, top, target, prices)
+            print(f"class bound with prices on every group ({len(b.groups)}) below "
+                  f"{target:.5f} s: {value:.5f} s, set in the bucket X_d in ({low:.5f}, "
+                  f"{top:.5f}] (its dual there {relaxed.value:.5f} s at prices "
+                  f"{np.round(prices, 6).tolist()}); its relaxed plan takes "
+                  f"{list(relaxed.usage)} devices per class, the cluster has "
+                  f"{[int(t) for t in b.tables.totals]}:")
+        else:
+            b = bed(costs, cluster, batch, args.micro_batch, vectors, target)
     except ValueError as exc:
         print(f"bound_bed: {exc}", file=sys.stderr)
         return 2
-    worst: tuple[float, float, float, Relaxed] | None = None
-    for low, top, relaxed in bucket_scan(b, target, args.ratio):
-        value = max(b.num_micro * low, relaxed.value)
-        if worst is None or value < worst[0]:
-            worst = (value, low, top, relaxed)
-    if worst is None or not math.isfinite(worst[0]):
-        print(f"no relaxed plan below {target:.5f} s: the bound proves it")
-        return 0
-    value, low, top, relaxed = worst
-    print(f"relaxation below {target:.5f} s: {value:.5f} s ({100 * (target / value - 1):.2f} % "
-          f"below), in the bucket X_d in ({low:.5f}, {top:.5f}]; its relaxed plan "
-          "(uses " + ", ".join(f"{'-'.join(map(str, v))} x{n}" for v, n in
-                               zip(b.vectors, relaxed.usage, strict=True) if n) + "):")
+    if not args.priced:
+        worst: tuple[float, float, float, Relaxed] | None = None
+        for low, top, found in bucket_scan(b, target, args.ratio):
+            value = max(b.num_micro * low, found.value)
+            if worst is None or value < worst[0]:
+                worst = (value, low, top, found)
+        if worst is None or not math.isfinite(worst[0]):
+            print(f"no relaxed plan below {target:.5f} s: the bound proves it")
+            return 0
+        value, low, top, relaxed = worst
+        print(f"relaxation below {target:.5f} s: {value:.5f} s "
+              f"({100 * (target / value - 1):.2f} % below), in the bucket X_d in ({low:.5f}, "
+              f"{top:.5f}]; its relaxed plan (uses "
+              + ", ".join(f"{'-'.join(map(str, v))} x{n}" for v, n in
+                          zip(b.vectors, relaxed.usage, strict=True) if n) + "):")
     for st in relaxed.stages:
         extra = f" a={st.a}" if st.role == "dominant" else \
             (f" #{st.level + 1}" if st.level < _AFTER_LEVELS else f" #{_AFTER_LEVELS + 1}+") \
