@@ -114,6 +114,9 @@ class Beside:
                 else:
                     self._done = (False, f"not done {RESULT_GRACE_S:g} s after the deadline")
             except (EOFError, OSError) as exc:
+                # (the pipe closes as the process exits, a moment before its exit code is
+                # known: wait for it, briefly)
+                self._proc.join(timeout=5.0)
                 self._done = (False, f"the process ended without a result "
                                      f"(exit code {self._proc.exitcode}): {exc or 'EOF'}")
             self.close()
