@@ -176,6 +176,17 @@ def narrow(tables: _ClassTables, vectors: Sequence[Vector]
             tuple(counts[g] for g in groups))
 
 
+def _traced(b: Bed, kind: str, vector: Vector, row: int, group: int, end: int, a: int,
+            level: int) -> RelaxedStage:
+    """The stage of a traced relaxed plan on ``group`` from ``row`` to its ``end``."""
+    x, big, t_a, nxt, _ = b.tables.rows[row]
+    n = int(nxt[end])
+    last = (b.tables.firsts[n] if n < len(b.tables.firsts) else b.num_layers) - 1
+    return RelaxedStage(kind, vector, b.tables.firsts[row], last, float(x[group, end]),
+                        float(big[group, end]), float(t_a[group, end]),
+                        a if kind == "dominant" else 0, level if kind == "after" else 0)
+
+
 def relaxed_plan(b: Bed, low: float, top: float, limit: float) -> Relaxed:
     """The smallest (A) over relaxed plans on ``b``'s groups (within the cluster's device
     counts: one state per use count of each group) with ``X_d`` in ``(low, top]`` below
@@ -266,7 +277,7 @@ def relaxed_plan(b: Bed, low: float, top: float, limit: float) -> Relaxed:
     stages: list[RelaxedStage] = []
     i, level, a = 0, -1, 0          # level -1: before or at the dominant stage
     while i < rows:
-        x, big, t_a, nxt, _ = tables.rows[i]
+        nxt = tables.rows[i][3]
         if level < 0:
             role, q, e, a_d = (int(v) for v in chose[i, s])
             kind = "dominant" if role == 2 else "before"
@@ -277,11 +288,7 @@ def relaxed_plan(b: Bed, low: float, top: float, limit: float) -> Relaxed:
             q, e, reads, a_read = (int(v) for v in took[level, i, s, a])
             kind = "after"
         g, n = b.groups[q], int(nxt[e])
-        stages.append(RelaxedStage(kind, b.vectors[q], tables.firsts[i],
-                                   (tables.firsts[n] if n < rows else b.num_layers) - 1,
-                                   float(x[g, e]), float(big[g, e]), float(t_a[g, e]),
-                                   a if kind == "dominant" else 0,
-                                   level if kind == "after" else 0))
+        stages.append(_traced(b, kind, b.vectors[q], i, g, e, a, level))
         if kind == "after":
             level, a = reads, a_read
         s, i = int(minus[q, s]), n
@@ -355,7 +362,7 @@ def priced_plan(b: Bed, low: float, top: float, limit: float,
     used = np.zeros(len(tables.totals), dtype=int)
     i, level, a = 0, -1, 0
     while i < rows:
-        x, big, t_a, nxt, _ = tables.rows[i]
+        nxt = tables.rows[i][3]
         if level < 0:
             role, g, e, a = chose[i]
             kind = "dominant" if role == 2 else "before"
@@ -366,12 +373,8 @@ def priced_plan(b: Bed, low: float, top: float, limit: float,
             kind = "after"
         n = int(nxt[e])
         used += tables.counts[g].astype(int)
-        stages.append(RelaxedStage(kind, tuple(int(c) for c in tables.counts[g]),
-                                   tables.firsts[i],
-                                   (tables.firsts[n] if n < rows else b.num_layers) - 1,
-                                   float(x[g, e]), float(big[g, e]), float(t_a[g, e]),
-                                   a if kind == "dominant" else 0,
-                                   level if kind == "after" else 0))
+        stages.append(_traced(b, kind, tuple(int(c) for c in tables.counts[g]), i, g, e, a,
+                              level))
         if kind == "after":
             level, a = reads, a_read
         i = n
