@@ -114,11 +114,11 @@ class Bed:
 
 def plan_vectors(plan: Plan, costs: CostTable, cluster: Cluster) -> tuple[Vector, ...]:
     """The count vectors (over ``device_classes``) of ``plan``'s stages, each once."""
-    index = {name: k for k, members in enumerate(device_classes(cluster, costs))
-             for name in members}
+    classes = device_classes(cluster, costs)
+    index = {name: k for k, members in enumerate(classes) for name in members}
     out: list[Vector] = []
     for stage in plan.stages:
-        vec = [0] * (max(index.values()) + 1)
+        vec = [0] * len(classes)
         for name in stage.devices:
             vec[index[name]] += 1
         if tuple(vec) not in out:
@@ -126,28 +126,38 @@ def plan_vectors(plan: Plan, costs: CostTable, cluster: Cluster) -> tuple[Vector
     return tuple(out)
 
 
+def _bound_tables(costs: CostTable, cluster: Cluster, batch_size: int, micro_batch: int,
+                  target: float, max_cuts: int | None, **options: Any
+                  ) -> tuple[float | None, _ClassTables | None, float]:
+    """``class_bound``'s value and tables (priced, no partner links, no optimizer state)
+    for ``micro_batch`` at ``target`` with ``options``, and the hiding ratio it used."""
+    cluster = cluster.for_costs(costs)
+    rho = hiding_ratio(costs, cluster)
+    cache: dict[Any, Any] = {}
+    value = class_bound(ClassSpace(costs, cluster), LayerSums.of(costs), costs.cut_bytes,
+                        candidate_cuts(costs, max_cuts), micro_batch,
+                        batch_size // micro_batch, target, rho=rho, cache=cache,
+                        count=False, pools=False, partner_links=False,
+                        optimizer_state_factor=0.0, **options)
+    return value, next(iter(cache.values()), None), rho
+
+
 def bed(costs: CostTable, cluster: Cluster, batch_size: int, micro_batch: int,
         vectors: Sequence[Vector], target: float, max_cuts: int | None = 96) -> Bed:
     """The tables ``class_bound`` builds (priced, no partner links) for ``micro_batch``,
     narrowed to ``vectors`` (``ValueError`` where the bound's classes are not the cluster's
     own, or a vector is not one of its groups)."""
-    cluster = cluster.for_costs(costs)
-    space = ClassSpace(costs, cluster)
+    space = ClassSpace(costs, cluster.for_costs(costs))
     classes = bound_classes(space)
     if classes is None or classes != space.classes:
         raise ValueError("the class bound counts coarser classes here: the bed needs the "
                          "cluster's own classes")
-    cache: dict[Any, Any] = {}
-    m = batch_size // micro_batch
-    class_bound(space, LayerSums.of(costs), costs.cut_bytes, candidate_cuts(costs, max_cuts),
-                micro_batch, m, target, rho=hiding_ratio(costs, cluster), cache=cache,
-                count=False, pools=False, partner_links=False, optimizer_state_factor=0.0,
-                max_evals=1, buckets=1)
-    tables = next(iter(cache.values()), None)
+    _, tables, rho = _bound_tables(costs, cluster, batch_size, micro_batch, target, max_cuts,
+                                   max_evals=1, buckets=1)
     if tables is None:
         raise ValueError(f"no group takes a micro-batch of {micro_batch}")
     narrowed, groups, per_group = narrow(tables, vectors)
-    return Bed(narrowed, per_group, groups, m, hiding_ratio(costs, cluster), costs.num_layers)
+    return Bed(narrowed, per_group, groups, batch_size // micro_batch, rho, costs.num_layers)
 
 
 def narrow(tables: _ClassTables, vectors: Sequence[Vector]
@@ -157,13 +167,13 @@ def narrow(tables: _ClassTables, vectors: Sequence[Vector]
     ``solver.bounds``), the kept groups and their vectors."""
     counts = [tuple(int(c) for c in row) for row in tables.counts]
     wanted = {tuple(v) for v in vectors}
+    if any(len(v) != tables.counts.shape[1] for v in wanted):
+        raise ValueError(f"count vectors {sorted(wanted)} need {tables.counts.shape[1]} numbers "
+                         "each, one per class")
     missing = wanted - set(counts)
     if missing:
         raise ValueError(f"count vectors {sorted(missing)} are not groups of the tables "
                          "(merged or dominated away, or larger than the micro-batch)")
-    if any(len(v) != tables.counts.shape[1] for v in wanted):
-        raise ValueError(f"count vectors {sorted(wanted)} need {tables.counts.shape[1]} numbers "
-                         "each, one per class")
     groups = tuple(g for g, c in enumerate(counts) if c in wanted)
     out = np.ones(len(counts), dtype=bool)
     out[list(groups)] = False
@@ -219,6 +229,7 @@ def relaxed_plan(b: Bed, low: float, top: float, limit: float) -> Relaxed:
     # traceback: (vector, end, level read, a read) and (role, vector, end, a)
     took = np.full((levels + 1, rows, n_u, n_a, 4), -1)
     chose = np.full((rows, n_u, 4), -1)
+    reads_a = np.tile(np.arange(n_a) - 1, (n_u, 1))    # the a each shifted a reads
     for i in range(rows - 1, -1, -1):
         x, big, t_a, nxt, _ = tables.rows[i]
         up = tables.uppers[i] if tables.uppers else np.full_like(x, inf)
@@ -240,7 +251,7 @@ def relaxed_plan(b: Bed, low: float, top: float, limit: float) -> Relaxed:
                         # one more stage after the dominant one: a + 1, at most A - 1
                         shifted = np.full_like(val, inf)
                         shifted[:, 1:] = val[:, :-1]
-                        from_a = np.tile(np.arange(n_a) - 1, (n_u, 1))
+                        from_a = reads_a.copy()
                         last = val[:, -1] < shifted[:, -1]
                         shifted[:, -1] = np.where(last, val[:, -1], shifted[:, -1])
                         from_a[:, -1] = np.where(last, n_a - 1, n_a - 2)
@@ -390,11 +401,7 @@ def weakest_prices(costs: CostTable, cluster: Cluster, batch_size: int, micro_ba
     device of each class, as ``_relaxed_many`` takes them) and the bound."""
     import solver.bounds
 
-    cluster = cluster.for_costs(costs)
-    space = ClassSpace(costs, cluster)
-    cache: dict[Any, Any] = {}
     m = batch_size // micro_batch
-    rho = hiding_ratio(costs, cluster)
     seen: dict[tuple[float, float], tuple[float, np.ndarray]] = {}
     original = solver.bounds._relaxed_many
 
@@ -408,13 +415,10 @@ def weakest_prices(costs: CostTable, cluster: Cluster, batch_size: int, micro_ba
 
     solver.bounds._relaxed_many = record     # type: ignore[assignment]
     try:
-        value = class_bound(space, LayerSums.of(costs), costs.cut_bytes,
-                            candidate_cuts(costs, max_cuts), micro_batch, m, target, rho=rho,
-                            cache=cache, count=False, pools=False, partner_links=False,
-                            optimizer_state_factor=0.0)
+        value, tables, rho = _bound_tables(costs, cluster, batch_size, micro_batch, target,
+                                           max_cuts)
     finally:
         solver.bounds._relaxed_many = original
-    tables = next(iter(cache.values()), None)
     if value is None or tables is None or not seen:
         raise ValueError(f"no class bound at micro-batch {micro_batch} (no group takes it, "
                          "or too many classes)")
