@@ -341,9 +341,15 @@ class DPResult:
     ranking: tuple[int, ...] = ()
 
 
-def make_space(costs: CostTable, cluster: Cluster, space: SpaceName = "order",
+def make_space(costs: CostTable, cluster: Cluster, space: SpaceName | SearchSpace = "order",
                device_order: Sequence[str] | None = None) -> SearchSpace:
-    """The search space of ``asteroid_dp`` ([Note: group spaces] in ``solver.space``)."""
+    """The search space of ``asteroid_dp`` ([Note: group spaces] in ``solver.space``); a
+    ``SearchSpace`` given as ``space`` is that space (built on ``cluster.for_costs(costs)``)."""
+    if isinstance(space, SearchSpace):
+        if device_order is not None:
+            raise PlanError("device_order applies to space='order' only; a given space "
+                            "holds its own groups")
+        return space
     if space in ("classes", "even"):
         if device_order is not None:
             raise PlanError(f"device_order applies to space='order' only; the {space} space "
@@ -1268,7 +1274,7 @@ def asteroid_dp(costs: CostTable, cluster: Cluster, batch_size: int, *,
                 max_cuts: int | None = DEFAULT_MAX_CUTS,
                 max_front: int | None = None,
                 device_order: Sequence[str] | None = None,
-                space: SpaceName = "order",
+                space: SpaceName | SearchSpace = "order",
                 incumbent: float = math.inf,
                 deadline: float | None = None,
                 progress: Progress | None = None,
@@ -1290,7 +1296,9 @@ def asteroid_dp(costs: CostTable, cluster: Cluster, batch_size: int, *,
             group, as counts of interchangeable devices: every order is searched) or
             ``"even"`` (the groups of ``"classes"`` whose size divides the micro-batch,
             nearly all of one class: [Note: even groups] in ``solver.space``; its
-            ``bounds`` hold for it alone).
+            ``bounds`` hold for it alone), or a ``SearchSpace`` of the caller's, built on
+            ``cluster.for_costs(costs)`` (``tools/bound_bed.py`` narrows the classes'
+            groups to a few count vectors).
         incumbent: a round time already achieved elsewhere; only better plans are
             returned (``plan`` is None when there is none).
         deadline: a ``time.perf_counter()`` value; the search stops there and returns the

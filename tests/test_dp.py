@@ -905,3 +905,23 @@ def test_even_space_refuses_a_device_order() -> None:
     costs, cluster, batch = random_instance(3)
     with pytest.raises(PlanError, match="device_order applies to space='order' only"):
         asteroid_dp(costs, cluster, batch, space="even", device_order=[cluster.names[0]])
+
+
+def test_a_given_space_is_searched_as_built() -> None:
+    """``space=`` a ``SearchSpace`` object: the DP searches that space (the same optimum as
+    by its name), and a device order with it is refused."""
+    from solver.space import ClassSpace, EvenSpace
+
+    for seed in range(6):
+        costs, cluster, batch = random_instance(1900 + seed, max_layers=4, max_devices=4,
+                                                links=True)
+        own = cluster.for_costs(costs)
+        for name, kind in (("classes", ClassSpace), ("even", EvenSpace)):
+            by_name = asteroid_dp(costs, cluster, batch, space=name, max_cuts=None)
+            given = asteroid_dp(costs, cluster, batch, space=kind(costs, own), max_cuts=None)
+            assert given.round_time_s == by_name.round_time_s, (seed, name)
+            assert (given.plan is None) == (by_name.plan is None), (seed, name)
+    costs, cluster, batch = random_instance(3)
+    with pytest.raises(PlanError, match="a given space holds its own groups"):
+        asteroid_dp(costs, cluster, batch, space=ClassSpace(costs, cluster.for_costs(costs)),
+                    device_order=[cluster.names[0]])

@@ -33,7 +33,6 @@ import math
 import sys
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -43,7 +42,6 @@ import numpy as np
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import solver.dp
 from contracts.cluster import Cluster
 from contracts.errors import PlanError
 from contracts.plan import Plan, Stage
@@ -488,26 +486,15 @@ class _Narrowed(EvenSpace):
                 yield v
 
 
-@contextmanager
-def _narrowed_space(vectors: Sequence[Vector]) -> Iterator[None]:
-    """``asteroid_dp(space="even")`` searches ``_Narrowed`` on ``vectors`` meanwhile."""
-    saved = solver.dp.EvenSpace
-    solver.dp.EvenSpace = lambda costs, cluster: _Narrowed(costs, cluster, vectors)  # type: ignore[assignment,misc]
-    try:
-        yield
-    finally:
-        solver.dp.EvenSpace = saved  # type: ignore[misc]
-
-
 def narrowed_optimum(costs: CostTable, cluster: Cluster, batch_size: int, micro_batch: int,
                      vectors: Sequence[Vector], max_cuts: int | None = 96,
                      seconds: float = 600.0) -> DPResult:
     """The best plan whose stages all take one of ``vectors``, in every order, with
     ``micro_batch`` (the classes DP narrowed to them; ``complete`` once proven)."""
-    with _narrowed_space(vectors):
-        return asteroid_dp(costs, cluster, batch_size, optimizer_state_factor=0.0,
-                           micro_batch_sizes=[micro_batch], max_cuts=max_cuts, space="even",
-                           deadline=time.perf_counter() + seconds)
+    narrowed = _Narrowed(costs, cluster.for_costs(costs), vectors)
+    return asteroid_dp(costs, cluster, batch_size, optimizer_state_factor=0.0,
+                       micro_batch_sizes=[micro_batch], max_cuts=max_cuts, space=narrowed,
+                       deadline=time.perf_counter() + seconds)
 
 
 def _parse_vectors(text: str) -> tuple[Vector, ...]:
