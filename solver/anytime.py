@@ -498,9 +498,11 @@ call that falls short costs seconds. The midpoint towards a best round that the 
 not improved yet asked for far more: on 32 Jetsons in 30 s, where the search found its
 plan (0.8378 s) after 29 s, the counted bisection began at 0.8461 s, midway to 0.8851 s,
 and spent 6.4 s proving 0.8055 s. Where the priced bisection fell short of a target, each
-counted trial is now at most this share above that target (or above the smallest bound so
-far, where that is higher). Where it never fell short after its first round (whose
-quicker tables prove less: 64 Jetsons, micro-batch 32 fell short of 0.4298 s at 0.4291 s
+counted trial is now at most this share above the smallest bound so far (twenty-sixth
+session; before, above the lowest target the priced one fell short of, which with the
+counted bisection starting at the first near shortfall ([Note: counting from the floor])
+asked 0.8352 s where 0.8236 s was provable). Where it never fell short after its first
+round (whose quicker tables prove less: 64 Jetsons, micro-batch 32 fell short of 0.4298 s at 0.4291 s
 there, and the counted bisection started at once, far below what the prices prove), the
 midpoints stay: steps of 2 % from there took 12 rounds of every size to reach 0.5442 s in
 30 s, where the midpoints proved 0.5487 s in their first round."""
@@ -564,11 +566,28 @@ def _class_bounds(costs: CostTable, cluster: Cluster, batch_size: int, mbs: Sequ
     best round, a second one runs from where it ended up to the best round, with
     ``class_bound(count=True)``: a bucket that still sets a size's bound after its polish
     gets its slowest classes counted ([Note: counted classes] in ``solver.bounds``; seconds
-    a pass, so only once the cheap rounds are done). Where the next priced round would ask
-    the other sizes only for the floor and then end (the lowest target that fell short
-    within the tolerance of it), the counted bisection starts at once, from the floor: it
-    asks every size for more than that anyway (ResNet-50 x 32 Jetsons in 30 s: the 1.5 s
-    of that round let the counted one finish, 1.89 % instead of 3.85 %)."""
+    a pass, so only once the cheap rounds are done). Where a size falls short of a priced
+    target by less than ``CLASS_BOUND_FLOOR_NEAR``, the counted bisection starts at once,
+    from what it proved ([Note: counting from the floor]).
+
+    [Note: counting from the floor]
+    A size that falls short of a priced target by less than ``CLASS_BOUND_FLOOR_NEAR`` has
+    met the prices' duality gap there: on ResNet-50 x 32 Jetsons, micro-batch 8 fell
+    short of 0.8188 s at 0.8074 s, then proved 0.8078 s in 2.1 s and fell short of 0.8133
+    s at 0.8088 s in 2.4 s more before the priced bisection ended within its tolerance
+    (14.5 s into a 20-s limit), and the counted one then asked 0.8295 s, more than the
+    rest of the limit could prove. Now the counted bisection starts at the first such
+    shortfall, from what that size proved, each trial at most ``CLASS_COUNTED_STEP``
+    above the smallest bound so far ([Note: counted steps]), and it asks the size that
+    fell short last after the others (they prove the trial in a fraction of a second each,
+    so a deadline in the middle of its counted call, seconds long, still leaves every other
+    size at the trial; asked first, the others stayed at the last priced round's bound).
+    With ``class_bound``'s polish capped where it counts next ([Note: the polish before
+    counting] in ``solver.bounds``), measured with ``tools/time_planner.py --once``
+    (02:57-02:59 UTC, load 1.5-1.9, against the same rows at the start of the session):
+    32 Jetsons in 20 s 3.77 % -> 1.72 %, in 30 s 2.34 % -> 1.72 %, in 10 s and 5 s the
+    same (3.81 %, 5.3 %); 64 Jetsons in 30 s 8.52 % (8.51 %); 16 Jetsons in 5 s 4.09 %
+    (the same)."""
     if not math.isfinite(target):
         return {}
     space = ClassSpace(costs, cluster)
@@ -639,9 +658,10 @@ def _class_bounds(costs: CostTable, cluster: Cluster, batch_size: int, mbs: Sequ
             high = min(high, cap)
         low = min(have.values())
         ended = low >= high * _PROVED or (short and high <= low * (1.0 + CLASS_BOUND_BISECT_TOL))
-        # (a round at `floor` that would only end the priced bisection: the counted one
-        # asks every size for more, from there)
-        near = not counting and short and high <= floor * (1.0 + CLASS_BOUND_BISECT_TOL)
+        # [Note: counting from the floor]: a size fell short by less than
+        # CLASS_BOUND_FLOOR_NEAR (`floor` is what it proved): the counted bisection starts
+        # from there
+        near = not counting and short and floor > 0.0
         if ended or (near and counted_classes(space) and floor < cap * _PROVED):
             if counting or not counted_classes(space) or low >= cap * _PROVED:
                 break
@@ -654,13 +674,15 @@ def _class_bounds(costs: CostTable, cluster: Cluster, batch_size: int, mbs: Sequ
         trial = high if not short and high <= low * (1.0 + CLASS_BOUND_BISECT_TOL) \
             else max((low + high) / 2, floor) if rounds else min((low + high) / 2, rise * low)
         if counting and math.isfinite(priced_short):    # [Note: counted steps]
-            trial = min(trial, max(priced_short, low) * (1.0 + CLASS_COUNTED_STEP))
+            trial = min(trial, low * (1.0 + CLASS_COUNTED_STEP))
         floor = 0.0
         first_round, fell = not rounds, False
         rounds += 1
-        # (weakest first; among those at the smallest bound, the size that fell short last)
+        # (weakest first; among those at the smallest bound, the size that fell short last
+        # first, or last where classes are counted: [Note: counting from the floor])
         for mb in sorted(have, key=lambda mb: (have[mb] if have[mb] > low * _TIE else low,
-                                               mb != weakest)):
+                                               (mb == weakest) if counting
+                                               else (mb != weakest))):
             if have[mb] >= trial * _PROVED:
                 continue
             value = class_bound(space, sums, costs.cut_bytes, ends, mb, batch_size // mb,

@@ -301,10 +301,12 @@ def test_the_class_bounds_follow_a_falling_incumbent(
 
 def test_the_classes_are_counted_after_the_priced_bisection(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    # [Note: counted classes]: once the priced bisection ends short of the best round, a
-    # second one counts the slowest classes; it asks nothing before the first ends, never
-    # lowers a size's bound and raises the smallest on some instances (the pools priced,
-    # forced: these small clusters are counted by default)
+    # [Note: counted classes]: once the priced bisection ends short of the best round (or a
+    # size falls just short of a priced target: [Note: counting from the floor]), a second
+    # one counts the slowest classes; it asks nothing before the first ends, never lowers
+    # the smallest bound over the sizes (the one reported; another size may end lower,
+    # since the priced rounds stop early) and raises it on some instances (the pools
+    # priced, forced: these small clusters are counted by default)
     import solver.anytime
     import solver.bounds
     from solver.anytime import _class_bounds
@@ -339,17 +341,18 @@ def test_the_classes_are_counted_after_the_priced_bisection(
             assert asked == sorted(asked), (seed, asked)     # (False before True)
             counted_runs += any(asked)
             results.append(out)
-        without, with_counts = results
-        assert all(with_counts[mb] >= value for mb, value in without.items()), seed
         smallest = [min(out.get(mb, work_bound(costs, cluster, batch, mb)) for mb in mbs)
                     for out in results]
+        assert smallest[1] >= smallest[0] * (1 - 1e-9), seed
         assert smallest[1] <= target * (1 + 1e-9)
         raised += smallest[1] > smallest[0] * (1 + 1e-9)
     # (measured: 12 of the instances, 9 raised; 6 after the counted steps, 5 after the
     # first round's smaller target, which leaves the priced bounds as high on average:
-    # 0.9792 of the best round with either first target, counted 0.9803-0.9804)
+    # 0.9792 of the best round with either first target, counted 0.9803-0.9804; 7 since
+    # the counted bisection starts from the floor, one size of seed 821 lower but never
+    # the smallest)
     assert counted_runs > 8
-    assert raised >= 5
+    assert raised >= 6
 
 
 def _work_cases(seeds: range) -> Iterator[tuple[int, CostTable, Cluster, int,
