@@ -502,10 +502,10 @@ counted trial is now at most this share above the smallest bound so far (twenty-
 session; before, above the lowest target the priced one fell short of, which with the
 counted bisection starting at the first near shortfall ([Note: counting from the floor])
 asked 0.8352 s where 0.8236 s was provable). Where it never fell short after its first
-round (whose quicker tables prove less: 64 Jetsons, micro-batch 32 fell short of 0.4298 s at 0.4291 s
-there, and the counted bisection started at once, far below what the prices prove), the
-midpoints stay: steps of 2 % from there took 12 rounds of every size to reach 0.5442 s in
-30 s, where the midpoints proved 0.5487 s in their first round."""
+round (whose quicker tables prove less: 64 Jetsons, micro-batch 32 fell short of 0.4298 s
+at 0.4291 s there, and the counted bisection started at once, far below what the prices
+prove), the midpoints stay: steps of 2 % from there took 12 rounds of every size to reach
+0.5442 s in 30 s, where the midpoints proved 0.5487 s in their first round."""
 
 _PROVED = 1.0 - 1e-6
 """A class bound at least this share of its target proves the target."""
