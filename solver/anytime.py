@@ -487,8 +487,8 @@ share of it sets the next target to what it proved, if that is above the midpoin
 
 CLASS_COUNTED_STEP = 0.02
 """The counted bisection ([Note: one target for every size]) asks at most this share above
-the lowest target the priced one fell short of after its first round (or the smallest
-bound so far, if higher).
+the smallest bound so far, where the priced one fell short of a target after its first
+round.
 
 [Note: counted steps]
 Counting the classes raises the priced bound by a few per cent at most (ResNet-50 x 32
@@ -650,7 +650,7 @@ def _class_bounds(costs: CostTable, cluster: Cluster, batch_size: int, mbs: Sequ
     floor = 0.0     # what the size that fell short last proved: the next target, if higher
     cache: dict[tuple[int, bool, bool], Any] = {}    # the tables of each size, built once
     counting = False    # [Note: counted classes]: the second bisection, with them counted
-    priced_short = math.inf     # the lowest target the priced bisection fell short of
+    priced_fell = False     # whether the priced bisection fell short after its first round
     weakest = 0         # the size that fell short last
     while have and time.perf_counter() < deadline:
         if incumbent is not None and incumbent() < cap:
@@ -673,7 +673,7 @@ def _class_bounds(costs: CostTable, cluster: Cluster, batch_size: int, mbs: Sequ
         # tolerance: the class bound may prove the best round outright
         trial = high if not short and high <= low * (1.0 + CLASS_BOUND_BISECT_TOL) \
             else max((low + high) / 2, floor) if rounds else min((low + high) / 2, rise * low)
-        if counting and math.isfinite(priced_short):    # [Note: counted steps]
+        if counting and priced_fell:    # [Note: counted steps]
             trial = min(trial, low * (1.0 + CLASS_COUNTED_STEP))
         floor = 0.0
         first_round, fell = not rounds, False
@@ -699,7 +699,7 @@ def _class_bounds(costs: CostTable, cluster: Cluster, batch_size: int, mbs: Sequ
             if value < trial * _PROVED:     # fell short: a lower target next
                 high, short, fell, weakest = trial, True, True, mb
                 if not counting and not first_round:    # (not its quicker tables)
-                    priced_short = min(priced_short, trial)
+                    priced_fell = True
                 floor = have[mb] if have[mb] >= trial * (1.0 - CLASS_BOUND_FLOOR_NEAR) \
                     else 0.0    # (below the trial: sizes that reached it are not asked)
                 if not first_round:     # (the first round asks every size)

@@ -345,15 +345,14 @@ def make_space(costs: CostTable, cluster: Cluster, space: SpaceName | SearchSpac
                device_order: Sequence[str] | None = None) -> SearchSpace:
     """The search space of ``asteroid_dp`` ([Note: group spaces] in ``solver.space``); a
     ``SearchSpace`` given as ``space`` is that space (built on ``cluster.for_costs(costs)``)."""
+    given = isinstance(space, SearchSpace)
+    if device_order is not None and (given or space in ("classes", "even")):
+        raise PlanError("device_order applies to space='order' only; " + (
+            "a given space holds its own groups" if given
+            else f"the {space} space searches every order"))
     if isinstance(space, SearchSpace):
-        if device_order is not None:
-            raise PlanError("device_order applies to space='order' only; a given space "
-                            "holds its own groups")
         return space
     if space in ("classes", "even"):
-        if device_order is not None:
-            raise PlanError(f"device_order applies to space='order' only; the {space} space "
-                            "searches every order")
         return ClassSpace(costs, cluster) if space == "classes" else EvenSpace(costs, cluster)
     if space != "order":
         raise PlanError(f"unknown search space {space!r}; use 'order', 'classes' or 'even'")
