@@ -104,9 +104,21 @@ def _solver(time_limit_s: float) -> tuple[Any, str]:
     limit = max(1.0, time_limit_s)
     if highs_available():
         return pulp.HiGHS(msg=False, timeLimit=limit, gapRel=0.0), "HiGHS"
+    # [Note: CBC without threads]: no `threads` option, so no helper thread in CBC
     with warnings.catch_warnings():  # the bundled CBC is deprecated in PuLP 3.3, still fine
         warnings.simplefilter("ignore", DeprecationWarning)
-        return pulp.PULP_CBC_CMD(msg=False, timeLimit=limit, gapRel=0.0, threads=1), "CBC"
+        return pulp.PULP_CBC_CMD(msg=False, timeLimit=limit, gapRel=0.0), "CBC"
+
+
+# [Note: CBC without threads]
+# Until 2026-12-07 CBC was called with `threads=1` (`-threads 1`). With that option the
+# bundled CBC (2.10) starts one helper thread as it finishes, and that thread waits on a
+# condition with a 10-s timeout: now and then the wake-up comes before the wait and the
+# solve takes 10.05 s whatever the model (traced with strace: the thread's timed futex
+# wait ran out after 10.005 s, on models of 14-38 variables). In the test suite that hit
+# 1-3 of the ~250 CBC calls of tests/test_ilp.py per run (the file took 35-46 s instead of
+# 15 s). Without the option CBC starts no thread at all (strace: no clone), solves on one
+# core as before, and gives the same optima.
 
 
 def _candidates(costs: CostTable, names: Sequence[str], speeds: Sequence[float],

@@ -27,8 +27,8 @@ pytest.importorskip("pulp")
 
 
 def test_ilp_equals_dp_on_small_instances() -> None:
-    # (CBC occasionally takes ~10 s to return on this shared host even for a trivial model;
-    # the time limits below leave room for that)
+    # (the time limits below are generous: a loaded host; CBC's 10-s stalls were its
+    # helper thread, [Note: CBC without threads] in solver.ilp)
     agree = pipelines = 0
     for seed in range(15):
         costs, cluster, batch = random_instance(500 + seed, max_layers=4, max_devices=3)
@@ -141,6 +141,18 @@ def test_ilp_wide_escapes_the_device_order() -> None:
 def test_ilp_wide_refuses_large_instances() -> None:
     with pytest.raises(PlanError, match="ilp-wide.*small instances"):
         ilp_plan(uniform_costs(20), make_cluster([1.0]), 4, wide=True)
+
+
+def test_cbc_runs_without_a_helper_thread() -> None:
+    # [Note: CBC without threads] in solver.ilp: `-threads 1` made CBC stall 10 s now and
+    # then; the command line carries no thread option (HiGHS, where installed, is not CBC)
+    from solver.ilp import _solver
+
+    command, name = _solver(30.0)
+    if name == "CBC":
+        options = command.getOptions()
+        assert not any(option.startswith("threads") for option in options), options
+        assert "ratio 0.0" in options     # (still proven optimal)
 
 
 def test_ilp_reports_infeasible() -> None:
