@@ -1252,7 +1252,7 @@ def _relaxed_many(tables: _ClassTables, m: int, low: float, top: float, limit: f
     Jetsons: 22 ms for one price, 56 ms for 6, 169 ms for 26). The walk compares the dual
     itself, not the bucket's bound clipped at ``M low``: below that clip the walk had no
     slope to follow. Measured: ResNet-50 x 32 Jetsons in 30 s, a gap of 3.8 % against
-    5.7 %; x 64 in 30 s, 14.1 % against 17.4 % (docs/planner.md)."""
+    5.7 %; x 64 in 30 s, 14.1 % against 17.4 % (docs/planner-history.md)."""
     inf = math.inf
     n_k = len(prices)
     count = len(tables.firsts)

@@ -257,6 +257,69 @@ def test_the_class_bounds_over_the_sizes_stay_below_the_optimum(
     assert raised > 20
 
 
+def _pids_of_class_bounds(monkeypatch: pytest.MonkeyPatch, log: Any,
+                           fail_beside: bool = False) -> None:
+    """``solver.anytime.class_bound`` wrapped: each call appends its process id to the file
+    ``log`` (every process, forked ones too); ``fail_beside``: it raises in any process
+    but this one."""
+    import os
+
+    import solver.anytime
+
+    real, parent = solver.anytime.class_bound, os.getpid()
+
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        with open(log, "a") as out:
+            out.write(f"{os.getpid()}\n")
+        if fail_beside and os.getpid() != parent:
+            raise RuntimeError("the bound beside failed")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(solver.anytime, "class_bound", wrapped)
+
+
+@pytest.mark.parametrize("fail_beside", [False, True])
+def test_the_counted_sizes_split_over_two_processes(
+        fail_beside: bool, monkeypatch: pytest.MonkeyPatch, tmp_path: Any,
+        caplog: pytest.LogCaptureFixture) -> None:
+    # [Note: the counted sizes on two cores]: every other size in a forked process gives
+    # the bounds of one process where every size reaches the target, and bounds below the
+    # optimum (brute force) where some fall short; a child that fails costs only time:
+    # its sizes are bounded in this process, with a warning
+    import solver.anytime
+    from solver.anytime import _class_bounds
+    from solver.bounds import counts_pools
+    from solver.space import ClassSpace, micro_batch_choices
+
+    monkeypatch.setattr(solver.anytime, "spare_core", lambda: True)
+    log = tmp_path / "pids"
+    _pids_of_class_bounds(monkeypatch, log, fail_beside)
+    compared = same = split = 0
+    for seed, costs, cluster, batch, best in _brute_cases(range(800, 816)):
+        if not counts_pools(ClassSpace(costs, cluster)):
+            continue
+        mbs = micro_batch_choices(batch, None)
+        for short in (False, True):
+            one = _class_bounds(costs, cluster, batch, mbs, None, best, {},
+                                time.perf_counter() + 60.0, stop_short=short)
+            log.write_text("")
+            two = _class_bounds(costs, cluster, batch, mbs, None, best, {},
+                                time.perf_counter() + 60.0, stop_short=short, split=True)
+            calls = log.read_text().split()
+            assert min(two.values(), default=math.inf) <= best * (1 + 1e-9), seed
+            asked = [mb for mb in mbs if mb in one and one[mb] < best * (1 - 1e-6)]
+            if not asked:       # every size reached the target: the same bounds
+                assert two == one, (seed, short, one, two)
+                same += 1
+            compared += 1
+            if len(calls) >= 2:     # (two sizes asked or more: the child asked some)
+                assert len(set(calls)) == 2, (seed, calls)
+                split += 1
+    assert compared >= 20 and same >= 15 and split >= 12
+    if fail_beside:
+        assert "the counted class bound beside this process failed" in caplog.text
+
+
 @pytest.mark.parametrize("pools", [True, False])
 def test_the_class_bounds_follow_a_falling_incumbent(
         pools: bool, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,7 +1,7 @@
 """The class bound's relaxation on a few count vectors against their exact optimum there.
 
 Where the bound is loose, and the relaxed plan that makes it so: a workbench for issue 14's
-remaining gaps (docs/planner.md, twenty-fifth session). Given an instance, a micro-batch
+remaining gaps (docs/planner-history.md, twenty-fifth session). Given an instance, a micro-batch
 size and a few count vectors of the device classes (by default those of the plan
 ``solver.api.plan`` returns), it gives
 
@@ -18,7 +18,7 @@ compare them). ``--priced`` runs ``priced_plan`` instead: every group of the tab
 devices priced at the prices ``class_bound`` found best in the bucket that sets its bound
 (``weakest_prices``), the plan behind that bucket and the devices it takes. Where the
 relaxed plan is a real plan whose round is the optimum's or more, the bound lacks an
-inequality that the plan breaks; the entry in docs/planner.md names them.
+inequality that the plan breaks; the entry in docs/planner-history.md names them.
 
     python tools/bound_bed.py --devices 64 --micro-batch 8           # the planner's vectors
     python tools/bound_bed.py --devices 64 --micro-batch 8 --vectors 8-0-0,0-8-0,0-0-8
