@@ -1,7 +1,8 @@
 """Planner time and exactness: synthetic instances, the cases of issue 14, fleets, small instances.
 
 Every time is the planner's CPU time (``time.process_time``, plus the class bound's process
-beside the search where a time limit ran one: ``solver.beside``), best of
+beside the search where one ran: ``solver.beside``, with a time limit, and without one
+where the counted bound's sizes are shared between two processes), best of
 ``--repeat`` runs, with the host's load average; time-limited runs (``time_limit`` is a
 wall-clock deadline) also give their wall time, since the search does less under load.
 
