@@ -657,7 +657,7 @@ def _class_bounds(costs: CostTable, cluster: Cluster, batch_size: int, mbs: Sequ
                     break
                 found_out[mb] = max(found, work[mb])
                 if shows:       # (not in the process beside: the progress is this one's)
-                    show(found_out)
+                    show({})
                 if found_out[mb] < cap * _PROVED:     # fell short (else the target holds)
                     cap = found_out[mb]
                     if stop_short:

@@ -116,8 +116,8 @@ def _solver(time_limit_s: float) -> tuple[Any, str]:
 # condition with a 10-s timeout: now and then the wake-up comes before the wait and the
 # solve takes 10.05 s whatever the model (traced with strace: the thread's timed futex
 # wait ran out after 10.005 s, on models of 14-38 variables). In the test suite that hit
-# 1-3 of the ~250 CBC calls of tests/test_ilp.py per run (the file took 35-46 s instead of
-# 15 s). Without the option CBC starts no thread at all (strace: no clone), solves on one
+# 1-3 of the ~250 CBC calls of tests/test_ilp.py per run (the file took 35-66 s; 5-7 s
+# since). Without the option CBC starts no thread at all (strace: no clone), solves on one
 # core as before, and gives the same optima.
 
 
