@@ -15,11 +15,14 @@ from typing import Any
 from contracts.devices import DEVICE_TYPES, GIB
 from contracts.errors import ClusterError
 
-__all__ = ["Device", "Link", "Cluster"]
+__all__ = ["Device", "Link", "Cluster", "expand_entry"]
 
 _MIB = 2**20
 
 _DEVICE_KEYS = {"name", "type", "memory_gb", "speed", "flops", "workspace_mb", "storage_mb_s"}
+_COUNT_KEY = "count"
+"""A device entry with ``count: N`` stands for ``N`` devices alike, named ``<name>0`` to
+``<name>N-1`` (``expand_entry``): a fleet of 32 boards is three lines."""
 
 
 def _host_memory_bytes() -> int:
@@ -107,7 +110,7 @@ class Device:
         unknown = set(entry) - _DEVICE_KEYS
         if unknown:
             raise ClusterError(f"unknown device field(s) {sorted(unknown)} in {dict(entry)!r}; "
-                               f"allowed: {sorted(_DEVICE_KEYS)}")
+                               f"allowed: {sorted(_DEVICE_KEYS | {_COUNT_KEY})}")
         name = entry.get("name")
         if not isinstance(name, str) or not name:
             raise ClusterError(f"every device needs a non-empty string name, got {dict(entry)!r}")
@@ -149,6 +152,25 @@ class Device:
             if "storage_mb_s" in entry else None
         return cls(name=name, type=dtype.name, memory_bytes=memory, speed=speed, flops=flops,
                    workspace_bytes=workspace, storage_mb_s=storage)
+
+
+def expand_entry(entry: Any) -> list[Any]:
+    """The device entries one entry of ``devices:`` stands for: itself, or with ``count: N``
+    ``N`` copies named ``<name>0`` .. ``<name>N-1`` (``{name: nano, type: jetson-nano,
+    count: 3}``: ``nano0``, ``nano1``, ``nano2``); anything else is left to
+    ``Device.from_entry`` to reject."""
+    if not isinstance(entry, Mapping) or _COUNT_KEY not in entry:
+        return [entry]
+    name, count = entry.get("name"), entry[_COUNT_KEY]
+    if not isinstance(name, str) or not name:
+        raise ClusterError(f"a device entry with count needs a non-empty string name (the "
+                           f"devices are named <name>0, <name>1, ...), got {dict(entry)!r}")
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        raise ClusterError(f"device entry {name!r}: count must be a whole number >= 1 (how "
+                           f"many devices like it, named {name}0, {name}1, ...), got "
+                           f"{count!r}")
+    rest = {key: value for key, value in entry.items() if key != _COUNT_KEY}
+    return [{**rest, "name": f"{name}{i}"} for i in range(count)]
 
 
 @dataclass(frozen=True)
@@ -205,7 +227,9 @@ class Cluster:
         seen: set[str] = set()
         for device in self.devices:
             if device.name in seen:
-                raise ClusterError(f"duplicate device name {device.name!r}; names must be unique")
+                raise ClusterError(f"duplicate device name {device.name!r}; names must be "
+                                   f"unique (an entry with count: N names its devices "
+                                   f"<name>0 .. <name>N-1)")
             seen.add(device.name)
         _positive(self.bandwidth_mbps, "network.bandwidth_mbps", self.bandwidth_mbps)
         for link in self.links:
@@ -375,7 +399,8 @@ class Cluster:
         if not isinstance(raw_devices, list) or not raw_devices:
             raise ClusterError("`devices:` must be a non-empty list of "
                                "{name: ..., type: ...} entries")
-        devices = tuple(Device.from_entry(entry) for entry in raw_devices)
+        devices = tuple(Device.from_entry(one) for entry in raw_devices
+                        for one in expand_entry(entry))
         network = data.get("network", {}) or {}
         if not isinstance(network, Mapping):
             raise ClusterError(f"`network:` must be a mapping, got {network!r}")

@@ -65,6 +65,51 @@ def test_every_example_cluster_loads(name: str) -> None:
     assert len(cluster.devices) >= 3
 
 
+def test_count_stands_for_devices_alike(tmp_path: Path) -> None:
+    counted = Cluster.from_yaml(_write(tmp_path, """
+devices:
+  - {name: nano, type: jetson-nano, count: 3, memory_gb: 2}
+  - {name: me, type: local, count: 1}
+network:
+  bandwidth_mbps: 100
+  links: [{between: [nano0, nano2], bandwidth_mbps: 1000}]
+"""))
+    spelled = Cluster.from_yaml(_write(tmp_path, """
+devices:
+  - {name: nano0, type: jetson-nano, memory_gb: 2}
+  - {name: nano1, type: jetson-nano, memory_gb: 2}
+  - {name: nano2, type: jetson-nano, memory_gb: 2}
+  - {name: me0, type: local}
+network:
+  bandwidth_mbps: 100
+  links: [{between: [nano0, nano2], bandwidth_mbps: 1000}]
+"""))
+    assert counted == spelled
+    assert counted.names == ("nano0", "nano1", "nano2", "me0")
+    assert counted.device("nano1").memory_bytes == 2 * GIB
+    assert counted.bandwidth_mbps_between("nano2", "nano0") == 1000
+    # what it writes is the devices one by one, and reads back the same
+    assert Cluster.from_json(counted.to_json()) == counted
+
+
+def test_the_example_fleet_is_the_benchmarks_fleet() -> None:
+    fleet = Cluster.from_yaml(EXAMPLES / "fleet-32.yaml")
+    types = [d.type for d in fleet.devices]
+    assert (types.count("jetson-xavier-nx"), types.count("jetson-tx2"),
+            types.count("jetson-nano")) == (11, 11, 10)
+    assert len(fleet.links) == 10
+    wired = {name for link in fleet.links for name in (link.a, link.b)}
+    assert len(wired) == 20     # ten disjoint pairs
+    assert all(link.bandwidth_mbps == 1000 and link.latency_ms == 0.2 for link in fleet.links)
+    assert fleet.bandwidth_mbps == 100 and fleet.latency_ms == 2
+    from tools.time_planner import fleet as bench_fleet
+
+    bench = bench_fleet(32)
+    assert {(d.name, d.type) for d in bench.devices} == {(d.name, d.type) for d in fleet.devices}
+    assert {frozenset((k.a, k.b)) for k in bench.links} == \
+        {frozenset((k.a, k.b)) for k in fleet.links}
+
+
 def test_subset_keeps_links(tmp_path: Path) -> None:
     path = _write(tmp_path, """
 devices: [{name: a, type: local}, {name: b, type: local}, {name: c, type: local}]
@@ -147,6 +192,16 @@ def test_no_latency_keeps_the_old_hash(tmp_path: Path) -> None:
         ("devices: [{name: a, type: local, storage_mb_s: 0}]", "storage_mb_s must be > 0"),
         ("devices: [{name: a, type: jetson-nano, workspace_mb: 4096}]",
          "workspace_mb 4096 leaves no memory"),
+        ("devices: [{name: n, type: jetson-nano, count: 0}]", "count must be a whole number"),
+        ("devices: [{name: n, type: jetson-nano, count: -2}]", "count must be a whole number"),
+        ("devices: [{name: n, type: jetson-nano, count: 2.5}]", r"got 2\.5"),
+        ("devices: [{name: n, type: jetson-nano, count: 'three'}]", "got 'three'"),
+        ("devices: [{name: n, type: jetson-nano, count: true}]", "got True"),
+        ("devices: [{type: jetson-nano, count: 2}]", "count needs a non-empty string name"),
+        ("devices: [{name: n1, type: local}, {name: n, type: local, count: 2}]",
+         r"duplicate device name 'n1'.*count: N names its devices"),
+        ("devices: [{name: n, type: jetson-nano, count: 2}]\n"
+         "network: {links: [{between: [n, n1], bandwidth_mbps: 5}]}", "unknown device 'n'"),
         ("- a\n- b", "a cluster file is a mapping"),
         ("devices: [{name: a, type: local}\n", "not valid YAML"),
     ],
