@@ -134,6 +134,43 @@ def _errors() -> Iterator[None]:
         raise typer.Exit(1) from None
 
 
+def _writable(path: Path | None, option: str, example: str = "", *,
+              directory: bool = False) -> None:
+    """Check, before any work, that ``path`` (the value of ``option``: a file to write, like
+    ``example``, or with ``directory`` a directory to fill) can be written, making a file's
+    missing parent directories; an ``OutputError`` naming it and the fix otherwise, so that
+    a plan or a profile is never computed and then lost for want of a directory."""
+    if path is None:
+        return
+    from contracts.errors import OutputError
+
+    if directory and path.exists() and not path.is_dir():
+        raise OutputError(f"{option} {str(path)!r} is a file, not a directory; give a new "
+                          f"or an existing directory")
+    if not directory and path.is_dir():
+        raise OutputError(f"{option} {str(path)!r} is a directory; give a file name, e.g. "
+                          f"{str(path / example)!r}")
+    made = path if directory else path.parent       # (the directory the output goes in)
+    parent = made
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise OutputError(f"cannot make the directory {str(made)!r} for {option} "
+                          f"{str(path)!r}: {str(parent)!r} is a file; give a path in a "
+                          f"directory")
+    if not directory:   # (a partition or fine-tuning directory is made by its writer)
+        try:
+            made.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise OutputError(f"cannot make the directory {str(made)!r} for {option} "
+                              f"{str(path)!r}: {exc.strerror or exc}; give a path in a "
+                              f"writable directory") from None
+        parent = made
+    if not os.access(parent, os.W_OK):
+        raise OutputError(f"cannot write to {str(parent)!r} ({option} {str(path)!r}): no "
+                          f"write permission; give a path in a writable directory")
+
+
 def _progress_callback(description: str) -> tuple[Any, Callable[[int, int, str], None]]:
     """A rich progress bar and a ``(done, total, what)`` callback that drives it."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
@@ -246,6 +283,7 @@ def profile(
                                  f"{batch_sizes!r}") from None
         from cost_models.profile import profiling_device
 
+        _writable(out, "--out", "costs.json")
         where = profiling_device(device)
         spec = load_model_spec(model)
         start = time.perf_counter()
@@ -302,6 +340,7 @@ def costs(
             if len(files) < 2 or out is None:
                 raise CostModelError("usage: asteroid-fx costs merge A.json B.json ... "
                                      "--out costs.json")
+            _writable(out, "--out", "costs.json")
             merged = merge_costs([CostTable.load(f) for f in files[1:]], names=files[1:])
             merged.save(out)
             console.print(f"merged {len(files) - 1} tables of {merged.model_name}: "
@@ -437,6 +476,7 @@ def plan(
 
         check_time_limit(time_limit)
         check_objective(objective, planner)     # before any costs are measured
+        _writable(out, "--out", "plan.json")
         clus = Cluster.from_yaml(cluster)
         _spec, _module, _inputs, table = _costs_for(model, batch_size, costs_file, _leaf(leaf),
                                                     clus, planner)
@@ -506,6 +546,7 @@ def partition(
 
         check_time_limit(time_limit)
         check_objective(objective, planner)     # before any costs are measured
+        _writable(out, "--out", directory=True)
         start = time.perf_counter()
         clus = Cluster.from_yaml(cluster)
         spec, module, inputs, table = _costs_for(model, batch_size, costs_file, _leaf(leaf),
@@ -540,6 +581,7 @@ def calibrate(
     with _errors():
         from asteroid_fx.calibration import calibrate as calibrate_fn
 
+        _writable(out, "--out", "costs.json")
         table, correction = calibrate_fn(directory, metrics)
         table.save(out)
         for group, stages in sorted(correction.ratios.items()):
@@ -562,6 +604,7 @@ def plot(
     with _errors():
         from asteroid_fx.run_plot import plot_metrics
 
+        _writable(out, "--out", "run.png")
         console.print(f"wrote {plot_metrics(metrics, out)}")
 
 
@@ -589,6 +632,7 @@ def simulate(
         from contracts.plan import Plan
         from solver.simulate import simulate as simulate_fn
 
+        _writable(gantt, "--gantt", "round.png")
         pac_file = _pac_plan_file(plan_file)
         if pac_file is not None:
             _simulate_finetune(pac_file, costs_file, cluster)
@@ -727,6 +771,7 @@ def run(
         from asteroid_fx.training import run as run_fn
         from runtime.stage_io import load_plan
 
+        _writable(metrics, "--metrics", "metrics.jsonl")
         batch = load_plan(directory).batch_size
         progress = Progress(
             TextColumn("[bold]training"), BarColumn(), TextColumn("step {task.completed}/"
@@ -849,6 +894,8 @@ def finetune(
                             "fine-tuning keeps no activation cache); drop them")
         if epochs < 1:
             raise PlanError(f"--epochs must be >= 1, got {epochs}")
+        _writable(out, "--out", directory=True)
+        _writable(metrics, "--metrics", "metrics.jsonl")
         clus = Cluster.from_yaml(cluster)
         spec, module, inputs, table = _costs_for(model, batch_size, costs_file, (), clus)
         if method == "full":

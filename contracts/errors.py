@@ -20,6 +20,7 @@ __all__ = [
     "ReplannerUnavailable",
     "AdapterError",
     "DatasetError",
+    "OutputError",
 ]
 
 # [Note: dependency-free errors]
@@ -104,3 +105,8 @@ class AdapterError(AsteroidError, ValueError):
 class DatasetError(ModelSpecError):
     """A model file's ``dataset()`` is not a finite indexable dataset of ``(inputs,
     target)`` samples (no ``__len__``, empty, wrong item shape ...)."""
+
+
+class OutputError(AsteroidError, ValueError):
+    """A path to write cannot be written (a directory where a file is asked, a parent
+    directory that cannot be made ...); the CLI checks its outputs before any work."""

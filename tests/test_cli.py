@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -57,6 +58,60 @@ def test_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str],
     args = [a.format(costs=_costs(tmp_path), bad=bad) for a in args]
     assert main(args) == 1
     assert match in _one_error_line(capsys.readouterr().err)
+
+
+def test_an_output_in_a_missing_directory_is_written(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "runs" / "fleet" / "plan.json"
+    assert main(["plan", str(ROOT / "examples" / "mlp.py"), "--cluster",
+                 str(CLUSTERS / "C-100mbps.yaml"), "--batch-size", "8", "--costs",
+                 str(_costs(tmp_path)), "--out", str(out)]) == 0
+    assert out.is_file() and f"wrote {out}" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("args", "match"),
+    [
+        (["plan", "{model}", "--out", "{tmp}"], r"OutputError: --out '.*' is a directory; give "
+                                                r"a file name, e.g. '.*plan\.json'"),
+        (["plan", "{model}", "--out", "{file}/plan.json"], r"OutputError: cannot make the "
+                                                           r"directory .* is a file"),
+        (["partition", "{model}", "--out", "{file}/pkg"], r"OutputError: .* is a file"),
+        (["partition", "{model}", "--out", "{file}"], r"OutputError: --out '.*' is a file, not "
+                                                      r"a directory"),
+        (["costs", "merge", "{costs}", "{costs}", "--out", "{tmp}"],
+         r"OutputError: --out .* is a directory.*costs\.json"),
+        (["simulate", "{plan}", "--gantt", "{file}/round.png"], r"OutputError: .* is a file"),
+        (["plot", "{plan}", "--out", "{tmp}"], r"OutputError: .* is a directory.*run\.png"),
+        (["run", "{plan_dir}", "--metrics", "{file}/m.jsonl"], r"OutputError: .* is a file"),
+    ],
+)
+def test_an_output_that_cannot_be_written_is_refused_before_any_work(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list[str], match: str,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bad --out / --gantt / --metrics fails at once with one line, before the costs,
+    the plan or a run (a failing planner shows that none ran)."""
+    import solver.api
+
+    def no_plan(*_: Any, **__: Any) -> Any:
+        raise AssertionError("planned before checking the output")
+
+    monkeypatch.setattr(solver.api, "plan", no_plan)
+    file = tmp_path / "a-file"
+    file.write_text("x")
+    plan_dir = tmp_path / "pkg"
+    plan_dir.mkdir()
+    (plan_dir / "plan.json").write_text("{}")
+    fill = {"model": str(ROOT / "examples" / "mlp.py"), "tmp": str(tmp_path),
+            "file": str(file), "costs": str(_costs(tmp_path)),
+            "plan": str(plan_dir / "plan.json"), "plan_dir": str(plan_dir)}
+    argv = [a.format(**fill) for a in args]
+    if argv[0] in ("plan", "partition"):
+        argv += ["--cluster", str(CLUSTERS / "C-100mbps.yaml"), "--batch-size", "8",
+                 "--costs", fill["costs"]]
+    assert main(argv) == 1
+    assert file.read_text() == "x"
+    assert re.search(match, _one_error_line(capsys.readouterr().err))
 
 
 def test_console_script_error_has_no_traceback(tmp_path: Path) -> None:
