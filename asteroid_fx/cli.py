@@ -750,6 +750,10 @@ def run(
         "--replan-tolerance", help="with --fail/--leave, replay: keep the layer-wise repair "
         "when its predicted round is at most this fraction slower than a full re-plan "
         "(default 0.1; 0: always the faster plan)")] = None,
+    replan_time_limit: Annotated[float | None, typer.Option(
+        "--replan-time-limit", help="with --fail/--leave: seconds the full re-plan may search "
+        "while the survivors wait (default 10; the best plan found by then, with its proven "
+        "gap; small clusters are planned exactly well within it)")] = None,
     calibrate: Annotated[bool, typer.Option(
         "--calibrate/--no-calibrate", help="with --fail/--leave, replay: predict the re-plan "
         "on the cost table as the run measured it (forward/backward per device type and "
@@ -770,7 +774,9 @@ def run(
 
         from asteroid_fx.training import run as run_fn
         from runtime.stage_io import load_plan
+        from solver.anytime import check_time_limit
 
+        check_time_limit(replan_time_limit)
         _writable(metrics, "--metrics", "metrics.jsonl")
         batch = load_plan(directory).batch_size
         progress = Progress(
@@ -803,6 +809,10 @@ def run(
             kwargs["checkpoint_every"] = checkpoint_every
         if replan_tolerance is not None:
             kwargs["replan_tolerance"] = replan_tolerance
+        if replan_time_limit is not None:
+            from asteroid_fx.replanning import Replanner
+
+            kwargs["replanner"] = Replanner(full_time_limit=replan_time_limit)
         if not calibrate:
             kwargs["calibrate"] = False
         with progress:

@@ -22,7 +22,9 @@ from contracts.plan import Plan
 from contracts.table import CostTable
 from runtime.replanning import Calibration, Replanned
 from runtime.stage_io import load_model_module, load_partition_meta
+from solver.anytime import check_time_limit
 from solver.calibrate import MIN_STEPS, calibrate_costs
+from solver.replan import REPLAN_TIME_LIMIT_S
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +48,12 @@ class Replanner:
 
     min_calibration_steps: int = MIN_STEPS
 
-    def __init__(self) -> None:
+    def __init__(self, full_time_limit: float | None = REPLAN_TIME_LIMIT_S) -> None:
+        """``full_time_limit``: seconds the full re-plan (replay's check of the layer-wise
+        repair, and restart's plan) may search while the survivors wait; None: exact
+        (``solver.replan.REPLAN_TIME_LIMIT_S``)."""
+        check_time_limit(full_time_limit)
+        self.full_time_limit = full_time_limit
         self._models: dict[str, _Model] = {}
 
     def _model(self, directory: str) -> _Model:
@@ -110,14 +117,16 @@ class Replanner:
             log.warning("every device of the plan %s is lost; planning afresh on the "
                         "cluster's other devices %s", list(plan.devices), unused)
         if mode == "replay" and not fresh_start:
-            new, info = replan(plan, costs, cluster, list(failed), tolerance=tolerance)
+            new, info = replan(plan, costs, cluster, list(failed), tolerance=tolerance,
+                               time_limit=self.full_time_limit)
             return Replanned(new, {"chosen": info.chosen,
                                    "layerwise_round_s": info.layerwise_round_s,
                                    "full_round_s": info.full_round_s})
         survivors = (cluster.subset(unused) if fresh_start
                      else survivors_of(plan, cluster, failed))
         fresh = full_plan(costs, survivors, plan.batch_size, planner="asteroid",
-                          optimizer_state_factor=plan.optimizer_state_factor)
+                          optimizer_state_factor=plan.optimizer_state_factor,
+                          time_limit=self.full_time_limit)
         return Replanned(replace(fresh, plan_version=plan.plan_version + 1),
                          {"chosen": "full"})
 

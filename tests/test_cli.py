@@ -114,6 +114,13 @@ def test_an_output_that_cannot_be_written_is_refused_before_any_work(
     assert re.search(match, _one_error_line(capsys.readouterr().err))
 
 
+def test_a_bad_re_plan_time_limit_is_refused_before_the_run(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["run", str(tmp_path), "--fail", "a@1", "--replan-time-limit", "0"]) == 1
+    assert "PlanError: time limit must be a number of seconds > 0, got 0" in \
+        _one_error_line(capsys.readouterr().err)
+
+
 def test_console_script_error_has_no_traceback(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, "-m", "asteroid_fx.cli", "costs", "nope.json"],
                           capture_output=True, text=True, check=False, cwd=tmp_path)

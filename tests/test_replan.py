@@ -7,6 +7,7 @@ import random
 import statistics
 import time
 from dataclasses import replace
+from typing import Any
 
 import pytest
 
@@ -16,7 +17,7 @@ from contracts.plan import Plan, Stage
 from contracts.table import CostTable
 from solver.dp import asteroid_dp
 from solver.evaluate import evaluate
-from solver.replan import ReplanInfo, replan, replan_layerwise
+from solver.replan import REPLAN_TIME_LIMIT_S, ReplanInfo, replan, replan_layerwise
 from solver.replicas import with_replicas
 from tests.solver_cases import make_cluster, random_cluster, random_costs, uniform_costs
 
@@ -240,6 +241,37 @@ def test_injected_full_planner_is_used() -> None:
     assert calls == [("d0", "d2", "d3")]
     assert info.full_round_s is not None and info.layerwise_round_s is not None
     assert new.predicted is not None and new.predicted.fits
+
+
+@pytest.mark.parametrize("limit", [REPLAN_TIME_LIMIT_S, 2.5, None])
+def test_the_full_re_plan_searches_within_its_time_limit(
+        monkeypatch: pytest.MonkeyPatch, limit: float | None) -> None:
+    """The survivors wait for the full re-plan: by default it is given
+    ``REPLAN_TIME_LIMIT_S`` (None: exact), and its plan is the planner's within it."""
+    import solver.api
+
+    seen: list[float | None] = []
+    plan_within = solver.api.plan
+
+    def recorded(*args: Any, **kwargs: Any) -> Plan:
+        seen.append(kwargs.get("time_limit"))
+        return plan_within(*args, **kwargs)
+
+    monkeypatch.setattr(solver.api, "plan", recorded)
+    kwargs = {} if limit == REPLAN_TIME_LIMIT_S else {"time_limit": limit}
+    new, info = replan(_chain(), COSTS, EQUAL4, {"d1"}, tolerance=0.0, **kwargs)
+    assert seen == [limit] and REPLAN_TIME_LIMIT_S is not None
+    assert info.full_round_s is not None
+    assert info.full_round_s == pytest.approx(evaluate(
+        plan_within(COSTS, EQUAL4.subset(["d0", "d2", "d3"]), 8, planner="asteroid"),
+        COSTS, EQUAL4.subset(["d0", "d2", "d3"])).round_time_s)
+    assert new.predicted is not None and "d1" not in new.devices
+
+
+@pytest.mark.parametrize("limit", [0, -1.0, float("nan")])
+def test_a_bad_re_plan_time_limit_is_a_plan_error(limit: float) -> None:
+    with pytest.raises(PlanError, match="time limit must be a number of seconds > 0"):
+        replan(_chain(), COSTS, EQUAL4, {"d1"}, time_limit=limit)
 
 
 @pytest.mark.slow

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -62,6 +63,36 @@ def test_no_re_planner_is_one_typed_line_naming_what_to_install() -> None:
         load_replanner("asteroid_fx.replanning:Nope", needed_for="--recovery replay")
     with pytest.raises(ReplannerUnavailable, match="is not a re-planner.*lacks"):
         load_replanner("os:sep", needed_for="--recovery replay")
+
+
+def test_the_front_end_re_planner_gives_the_full_re_plan_its_time_limit(
+        partition_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import solver.api
+    from contracts.cluster import Cluster
+    from contracts.errors import PlanError
+    from runtime.stage_io import load_plan
+    from solver.replan import REPLAN_TIME_LIMIT_S
+
+    seen: list[Any] = []
+    plan_within = solver.api.plan
+
+    def recorded(*args: Any, **kwargs: Any) -> Plan:
+        seen.append(kwargs.get("time_limit"))
+        return plan_within(*args, **kwargs)
+
+    monkeypatch.setattr(solver.api, "plan", recorded)
+    plan = load_plan(partition_dir)
+    cluster = Cluster.from_yaml(CLUSTER)
+    for planner, limit in ((FrontEndReplanner(), REPLAN_TIME_LIMIT_S),
+                           (FrontEndReplanner(full_time_limit=3.0), 3.0),
+                           (FrontEndReplanner(full_time_limit=None), None)):
+        costs = planner.costs(str(partition_dir))
+        seen.clear()
+        planner.replan("replay", plan, costs, cluster, ["slow0"], 0.1)
+        planner.replan("restart", plan, costs, cluster, ["slow0"], 0.1)
+        assert seen == [limit, limit]
+    with pytest.raises(PlanError, match="time limit must be a number of seconds > 0, got 0"):
+        FrontEndReplanner(full_time_limit=0)
 
 
 @pytest.mark.parametrize("mode", ["replay", "restart"])
