@@ -110,6 +110,11 @@ class TrainConfig:
     #: of ``sample_batch(B)`` seeded per step
     num_samples: int = 0
 
+    def __post_init__(self) -> None:
+        # (checked where the run is set up, not in a device process after the launch)
+        if not (isinstance(self.lr, (int, float)) and 0.0 <= self.lr < float("inf")):
+            raise RuntimeFailure(f"--lr must be a learning rate >= 0, got {self.lr!r}")
+
 
 class TrainHooks(Protocol):
     """Called by :func:`train_device` around each step (checkpoints, replicas, recovery)."""

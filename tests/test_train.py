@@ -283,6 +283,12 @@ def test_run_needs_a_partition_and_a_launcher(tmp_path: Path,
         run(directory)
     with pytest.raises(RuntimeFailure, match="steps must be >= 1"):
         run(directory, emulate=tmp_path / "c.yaml", steps=0)
+    for lr in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(RuntimeFailure, match=f"--lr must be a learning rate >= 0, got "
+                                                 f"{lr}"):
+            run(directory, emulate=tmp_path / "c.yaml", steps=2, lr=lr)
+        with pytest.raises(RuntimeFailure, match="--lr must be"):
+            run(directory, emulate=tmp_path / "c.yaml", steps=2, lr=lr, fail="a@1")
 
 
 def test_a_torchrun_worker_ends_without_the_interpreters_teardown(
