@@ -75,10 +75,12 @@ LAYERWISE_PLANNER = "layerwise-replan"
 REPLAN_TIME_LIMIT_S: float | None = 10.0
 """Seconds the full re-plan of a recovery may search (``solver.api.plan(time_limit=)``;
 None: exact, however long). The survivors wait for it: on ResNet-50 x 32 Jetsons (1 Gbps)
-the exact search took 51 s after one device failed, where the layer-wise repair took 0.4 s
-and was as good; with the limit it returns the best plan found by then with its proven
-gap. Clusters of up to 8 boards of a few types are planned exactly well within it (2.2 s
-at 8 Jetsons; the same plan with and without the limit)."""
+the exact search took 42-52 s after one device failed, where the layer-wise repair took
+0.3 s and was as good, and on the 32-device home fleet (examples/clusters/fleet-32.yaml)
+104-122 s (``python tools/time_planner.py --replan jetsons 32``);
+with the limit it returns the best plan found by then with its proven gap (both cases: the
+same choice, the repair). Clusters of up to 8 boards of a few types are planned exactly
+well within it (2.2 s at 8 Jetsons; the same plan with and without the limit)."""
 
 
 @dataclass(frozen=True)

@@ -480,6 +480,30 @@ def once(case: str, devices: int, limit: float | None) -> dict[str, Any]:
             "best_at_s": _best_at(seen, result.predicted, started), "load": load()}
 
 
+def replan_times(case: str, devices: int, plan_limit: float = 10.0) -> dict[str, Any]:
+    """A recovery's re-plan on a case of ``ONCE_CASES``: the plan of ``plan_limit`` seconds
+    loses the first device of its middle stage, and ``solver.replan.replan`` runs with the
+    full re-plan's default time limit and without one (exact), one after the other: wall
+    seconds of the whole re-plan and of its full search, both rounds and the choice."""
+    from solver.replan import REPLAN_TIME_LIMIT_S, replan
+
+    key, batch, make = ONCE_CASES[case]
+    costs, cluster = model_costs(key), make(devices)
+    first = plan(costs, cluster, batch, time_limit=plan_limit)
+    failed = [first.stages[len(first.stages) // 2].devices[0]]
+    out: dict[str, Any] = {"case": case, "devices": len(cluster.devices), "failed": failed,
+                           "load": load()}
+    for name, limit in (("limited", REPLAN_TIME_LIMIT_S), ("exact", None)):
+        started = time.perf_counter()
+        _, info = replan(first, costs, cluster, failed, time_limit=limit)
+        out[name] = {"time_limit": limit, "wall_s": round(time.perf_counter() - started, 2),
+                     "full_search_s": round(info.full_search_s, 2),
+                     "layerwise_search_s": round(info.layerwise_search_s, 3),
+                     "full_round_s": info.full_round_s,
+                     "layerwise_round_s": info.layerwise_round_s, "chosen": info.chosen}
+    return out
+
+
 def _best_at(seen: Sequence[tuple[float, str]], predicted: Any, started: float) -> float | None:
     """Seconds into the run when the progress bar first showed the returned plan's round
     (``best X s``, four digits), None where it never did."""
@@ -537,6 +561,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--once", nargs=2, metavar=("CASE", "DEVICES"),
                         help=f"one run of a case ({', '.join(ONCE_CASES)}) on DEVICES devices "
                              f"with --time-limit, as a JSON line")
+    parser.add_argument("--replan", nargs=2, metavar=("CASE", "DEVICES"),
+                        help="a recovery's re-plan on a case (one device of the plan's middle "
+                        "stage lost): with the full re-plan's default time limit and exact, "
+                        "as a JSON line")
     parser.add_argument("--time-limit", type=float, default=None,
                         help="seconds, for --once (default: none)")
     parser.add_argument("--sizes", nargs="+", type=int, default=[8, 16, 32, 64])
@@ -559,6 +587,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error(f"--once: unknown case {args.once[0]!r}; choose one of "
                          f"{', '.join(ONCE_CASES)}")
         print(json.dumps(once(args.once[0], int(args.once[1]), args.time_limit)), flush=True)
+        return 0
+    if args.replan:
+        import json
+
+        if args.replan[0] not in ONCE_CASES:
+            parser.error(f"--replan: unknown case {args.replan[0]!r}; choose one of "
+                         f"{', '.join(ONCE_CASES)}")
+        print(json.dumps(replan_times(args.replan[0], int(args.replan[1]))), flush=True)
         return 0
     if args.check_ilp_example:
         print(_check_ilp_here(), flush=True)
