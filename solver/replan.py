@@ -74,13 +74,13 @@ LAYERWISE_PLANNER = "layerwise-replan"
 
 REPLAN_TIME_LIMIT_S: float | None = 10.0
 """Seconds the full re-plan of a recovery may search (``solver.api.plan(time_limit=)``;
-None: exact, however long). The survivors wait for it: on ResNet-50 x 32 Jetsons (1 Gbps)
-the exact search took 42-52 s after one device failed, where the layer-wise repair took
-0.3 s and was as good, and on the 32-device home fleet (examples/clusters/fleet-32.yaml)
-104-122 s (``python tools/time_planner.py --replan jetsons 32``);
-with the limit it returns the best plan found by then with its proven gap (both cases: the
-same choice, the repair). Clusters of up to 8 boards of a few types are planned exactly
-well within it (2.2 s at 8 Jetsons; the same plan with and without the limit)."""
+None: exact, however long); it returns the best plan found by then, with its proven gap.
+The survivors wait for it: after one device failed, the exact search took 42-52 s on
+ResNet-50 x 32 Jetsons (1 Gbps) and 104-122 s on the 32-device home fleet
+(examples/clusters/fleet-32.yaml), where the layer-wise repair took 0.2-0.4 s and was
+chosen either way (``python tools/time_planner.py --replan jetsons 32``). Clusters of up
+to 8 boards of a few types are planned exactly well within it (2.2 s at 8 Jetsons; the
+same plan with and without the limit)."""
 
 
 @dataclass(frozen=True)
@@ -559,7 +559,7 @@ def replan_layerwise(plan: Plan, costs: CostTable, cluster: Cluster, failed: Ite
     return repaired
 
 
-def full_planner_within(time_limit: float | None) -> FullPlanner:
+def _full_planner_within(time_limit: float | None) -> FullPlanner:
     """The default full re-planner: ``solver.api.plan(planner="asteroid")`` within
     ``time_limit`` seconds (None: exact)."""
     def full(costs: CostTable, survivors: Cluster, batch_size: int,
@@ -604,7 +604,7 @@ def replan(plan: Plan, costs: CostTable, cluster: Cluster, failed: Iterable[str]
     lost = tuple(sorted(set(failed)))
     survivors = survivors_of(plan, cluster, lost)
     check_time_limit(time_limit)
-    planner = full_planner or full_planner_within(time_limit)
+    planner = full_planner or _full_planner_within(time_limit)
 
     t0 = time.perf_counter()
     layerwise: Plan | None = None
