@@ -188,6 +188,21 @@ order cannot hold. The plan may then depend on the host's speed, but it is never
 than the paper's space's optimum, which is searched to its end first; a wide search that
 finishes in the time proves its plan optimal over every order."""
 
+NO_FIT_WIDE_S = 10.0
+"""Without a time limit, where no plan of the capability order fits and the wide space has
+more than ``WIDE_SHORT_MAX`` pairs, seconds (wall clock) the search over every order gets
+to find one before the planner says that none fits ([Note: no plan to prune by])."""
+
+# [Note: no plan to prune by]
+# Where no plan of the capability order fits, the wide search has no incumbent: nothing
+# it builds is pruned, and its tables grow until it ends. On PAC's memory-capped phase-1
+# clusters of the 32-device fleet (examples/clusters/fleet-32.yaml, GPT-small, devices
+# capped below their workspace) it grew by about 30 MB/s and was killed by the kernel at
+# 17 GB after 11 minutes. Without a limit it is therefore searched to its end only up to
+# ``WIDE_SHORT_MAX`` pairs and for ``NO_FIT_WIDE_S`` above (a plan it finds is kept, and
+# the search goes on as usual); ``search_or_raise`` then says what was searched with the
+# diagnosis of ``solver.diagnose``. ``time_limit=inf`` searches every order to its end.
+
 WIDE_ANYTIME_MAX = 100_000
 """With a time limit, the first phase (one order) gets half of it when the wide space has
 at most this many pairs, and all of it above (where the wide search cannot get far)."""
@@ -1052,7 +1067,10 @@ def _search(costs: CostTable, cluster: Cluster, batch_size: int, optimizer_state
     if wide_ok and (search_end is None or time.perf_counter() < search_end
                     or (best is None and deadline is not None
                         and time.perf_counter() < deadline)):
-        wide = search_wide(search_end if best is not None else deadline)
+        until = search_end if best is not None else deadline
+        if best is None and time_limit is None and size > WIDE_SHORT_MAX:
+            until = time.perf_counter() + NO_FIT_WIDE_S     # [Note: no plan to prune by]
+        wide = search_wide(until)
     elif time_limit is None and not later and WIDE_SHORT_MAX < size <= WIDE_ANYTIME_MAX:
         # [Note: a glimpse of every order]: without a limit, a middling wide space for a
         # few seconds (its plans only; it is not searched to its end)
@@ -1133,7 +1151,7 @@ def _search(costs: CostTable, cluster: Cluster, batch_size: int, optimizer_state
         progress(1.0, f"done, best {best_value:.4g} s, "
                       + ("optimal" if gap == 0.0 else f"gap <= {100.0 * gap:.3g} %"))
     cuts = len(candidate_cuts(costs, max_cuts))
-    stopped = "" if complete else "time limit" if wide_ok else "size limit"
+    stopped = "" if complete else "time limit" if time_limit is not None else "size limit"
     info = SearchBound(space="classes", bound_s=bound, gap=gap,
                        cuts=cuts, layers=costs.num_layers, stopped=stopped,
                        order_optimal=order.complete or complete)
@@ -1159,4 +1177,11 @@ def search_or_raise(costs: CostTable, cluster: Cluster, batch_size: int, *,
     if not report.complete and time_limit is not None:
         raise PlanError(f"no plan found within the time limit of {time_limit:g} s (the "
                         f"search had not finished); raise the time limit or leave it out")
-    raise no_fit_error(costs, cluster, batch_size, optimizer_state_factor, "asteroid")
+    error = no_fit_error(costs, cluster, batch_size, optimizer_state_factor, "asteroid")
+    if not report.complete:     # [Note: no plan to prune by]
+        raise PlanError(f"{error} (no plan of the capability order fits, and none was found "
+                        f"in {NO_FIT_WIDE_S:g} s of the search over every device order, "
+                        f"{wide_size(costs, cluster)} (pool, group) pairs, which did not "
+                        f"finish; --time-limit S searches every order for S seconds, inf "
+                        f"to its end)") from None
+    raise error

@@ -622,8 +622,9 @@ CAP_RATIO = 0.8
 # frozen backbone during epoch 1, so PAC's peak memory per device can exceed full
 # fine-tuning's, whose pipeline spreads the model. With ``phase1_objective="memory"``
 # (the default) the planner makes a small Pareto front of phase-1 plans: the fastest
-# one, the same planner under per-device memory caps of ``alpha x memory_d`` for
-# ``alpha`` shrinking by ``CAP_RATIO`` from the fastest plan's pressure (each cap gives
+# one, the same planner under per-device memory caps of ``workspace_d + alpha x (memory_d -
+# workspace_d)`` for ``alpha`` shrinking by ``CAP_RATIO`` from the fastest plan's pressure
+# on the memory for tensors (each cap gives
 # the fastest plan that holds less per device), and one device per stage
 # (``pp-equal``). Each candidate gets its phase-2 shares and the whole PAC prediction;
 # among those whose phase-1 step is at most ``1 + phase1_slack`` times the fastest's, it
@@ -640,9 +641,19 @@ def _pressure(peak: Mapping[str, int], cluster: Cluster) -> float:
     return max(peak[d] / cluster.device(d).memory_bytes for d in peak)
 
 
+def _usable_pressure(peak: Mapping[str, int], cluster: Cluster) -> float:
+    """``max_d (peak_d - workspace_d) / usable_d``: ``_pressure`` of the stage's tensors."""
+    return max((peak[d] - cluster.workspace_bytes(d)) / max(1, cluster.usable_bytes(d))
+               for d in peak)
+
+
 def _capped(cluster: Cluster, alpha: float) -> Cluster:
-    devices = tuple(replace(d, memory_bytes=max(1, int(alpha * d.memory_bytes)))
-                    for d in cluster.devices)
+    """``cluster`` (with its cost table's workspaces, ``Cluster.for_costs``) with every
+    device's memory for tensors cut to ``alpha`` of it; its workspace stays whole (a cap
+    of the whole memory fell below the Jetsons' 16 MiB workspaces for small models, where
+    no plan fits: [Note: no plan to prune by] in ``solver.anytime``)."""
+    devices = tuple(replace(d, memory_bytes=cluster.workspace_bytes(d.name) + max(
+        1, int(alpha * cluster.usable_bytes(d.name)))) for d in cluster.devices)
     return replace(cluster, devices=devices)
 
 
@@ -665,16 +676,17 @@ def _phase1_candidates(coarse: CostTable, cluster: Cluster, batch_size: int,
         return out
     seen = {_shape(fastest)}
     real = cluster.for_costs(coarse)
-    alpha = _pressure(evaluate(fastest, coarse, real).peak_memory_bytes, real)
+    alpha = _usable_pressure(evaluate(fastest, coarse, real).peak_memory_bytes, real)
     for _level in range(MEMORY_LEVELS):
         alpha *= CAP_RATIO
         try:
-            capped = make(planner, _capped(cluster, alpha))
+            capped = make(planner, _capped(real, alpha))
         except PlanError:
             break          # nothing fits under this cap (nor under smaller ones)
         if _shape(capped) not in seen:
             seen.add(_shape(capped))
-            out.append((f"{planner}, memory cap {alpha:.3g} x each device's", capped))
+            out.append((f"{planner}, memory cap {alpha:.3g} x each device's memory for "
+                        f"tensors", capped))
     if planner != "pp-equal":
         try:
             spread = make("pp-equal", cluster)

@@ -202,6 +202,52 @@ def test_a_plan_that_fits_only_in_another_order_is_found() -> None:
     assert "d0" not in plan.devices and evaluate(plan, costs, cluster).fits
 
 
+def test_a_large_space_where_nothing_fits_is_searched_for_a_while_only(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """[Note: no plan to prune by]: without a limit, where no plan of the capability order
+    fits and the wide space has more than WIDE_SHORT_MAX pairs, the wide search gets
+    NO_FIT_WIDE_S; a plan it finds in that time is kept, else a PlanError says what was
+    searched, with the diagnosis."""
+    import solver.anytime
+
+    deadlines: list[float | None] = []
+    dp = solver.anytime.asteroid_dp
+
+    def recorded(*args: Any, **kwargs: Any) -> Any:
+        if kwargs.get("space") == "classes":
+            deadlines.append(kwargs.get("deadline"))
+        return dp(*args, **kwargs)
+
+    monkeypatch.setattr(solver.anytime, "asteroid_dp", recorded)
+    monkeypatch.setattr(solver.anytime, "WIDE_SHORT_MAX", 0)
+    monkeypatch.setattr(solver.anytime, "SAFETY_NET_MAX_DEVICES", 0)   # (no baseline plan)
+    # a plan that fits only in another order is still found within the time
+    monkeypatch.setattr(solver.anytime, "NO_FIT_WIDE_S", 30.0)
+    # (two layers that no device holds together, and the fastest device holds neither)
+    costs = make_costs([(0.0, 0.01)] * 2, [(0.0, 0.02)] * 2, [16 * MIB] * 2, [MIB] * 2, [MIB])
+    cluster = make_cluster([2.0, 1.0, 1.0], memory_mib=[8.0, 48.0, 48.0])
+    started = time.perf_counter()
+    plan = search_or_raise(costs, cluster, 4).plan
+    assert plan is not None and "d0" not in plan.devices and plan.num_stages == 2
+    assert len(deadlines) == 1 and deadlines[0] is not None
+    assert started + 29.0 < deadlines[0] < time.perf_counter() + 30.0
+    assert plan.planner.bound is not None and plan.planner.bound.stopped == ""
+    # nothing fits: the search is cut at its deadline and the error says so
+    monkeypatch.setattr(solver.anytime, "NO_FIT_WIDE_S", 1e-9)
+    tight = make_cluster([1.0, 2.0, 1.5], memory_mib=[100.0, 120.0, 90.0])
+    heavy = uniform_costs(3, param_bytes=64 * MIB)
+    with pytest.raises(PlanError, match=r"no plan .* fits in memory.*short.*\(no plan of the "
+                                        r"capability order fits, and none was found in 1e-09 s "
+                                        r"of the search over every device order, \d+ \(pool, "
+                                        r"group\) pairs, which did not finish"):
+        search_or_raise(heavy, tight, 4)
+    # with a time limit (inf: to its end) the search is the caller's: nothing is cut
+    deadlines.clear()
+    with pytest.raises(PlanError, match=r"no plan .* fits in memory.*short.*memory$"):
+        search_or_raise(heavy, tight, 4, time_limit=math.inf)
+    assert deadlines == [None]
+
+
 def test_the_bound_survives_plan_json() -> None:
     costs, cluster, batch = random_instance(35, max_layers=5, max_devices=3)
     plan = search_or_raise(costs, cluster, batch).plan

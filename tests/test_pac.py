@@ -621,3 +621,22 @@ def test_phase_1_memory_of_a_plan_for_another_model_is_a_plan_error() -> None:
     with pytest.raises(PlanError, match=r"segments up to 4 but .* 3 segments .*segment_costs"):
         phase1_memory(COSTS, MODEL, wrong)
 
+
+
+def test_memory_caps_keep_each_devices_workspace() -> None:
+    """[Note: phase-1 objective]: a cap cuts the memory for tensors, not the workspace (a cap
+    of the whole memory fell below the Jetsons' 16 MiB workspaces for small models, where
+    no plan fits)."""
+    from solver.pac import _capped, _usable_pressure
+
+    cluster = Cluster.from_dict({"devices": [
+        {"name": "nano", "type": "jetson-nano", "count": 2},
+        {"name": "nx", "type": "jetson-xavier-nx"}, {"name": "me", "type": "local"}]})
+    capped = _capped(cluster, 0.001)
+    for d in cluster.devices:
+        assert capped.workspace_bytes(d.name) == cluster.workspace_bytes(d.name)
+        assert capped.usable_bytes(d.name) == max(1, int(0.001 * cluster.usable_bytes(d.name)))
+    assert cluster.workspace_bytes("nano0") > capped.usable_bytes("nano0") > 0
+    peak = {d.name: cluster.workspace_bytes(d.name) + cluster.usable_bytes(d.name) // 4
+            for d in cluster.devices}
+    assert _usable_pressure(peak, cluster) == pytest.approx(0.25, rel=1e-6)
