@@ -360,17 +360,19 @@ def _phase1_wire(costs: CostTable, model: PacModel, devices: Sequence[str],
     if plan is None:
         return [0] * len(devices)
     parts = entry_parts(costs, model.taps, model.entry_bytes)
+    return [_phase1_wire_of(parts, plan, d, held[h]) for h, d in enumerate(devices)]
+
+
+def _phase1_wire_of(parts: Sequence[int], plan: Plan, device: str, held: int) -> int:
+    """``_phase1_wire`` of one device that holds ``held`` rows of a mini-batch."""
     batch, mb = plan.batch_size, plan.micro_batch_size
-    out = []
-    for h, d in enumerate(devices):
-        wire = 0.0
-        for st in plan.stages:
-            part = sum(parts[st.first:st.last + 1])
-            computed = st.shares[st.devices.index(d)] if d in st.devices else 0
-            wire += part * computed * plan.num_micro_batches * (1 - held[h] / batch)  # sent
-            wire += part * mb * held[h] / batch * (1 - computed / mb)  # received
-        out.append(int(wire))
-    return out
+    wire = 0.0
+    for st in plan.stages:
+        part = sum(parts[st.first:st.last + 1])
+        computed = st.shares[st.devices.index(device)] if device in st.devices else 0
+        wire += part * computed * plan.num_micro_batches * (1 - held / batch)  # sent
+        wire += part * mb * held / batch * (1 - computed / mb)  # received
+    return int(wire)
 
 
 # [Note: phase-1 memory]
@@ -417,6 +419,44 @@ def phase1_memory(costs: CostTable, model: PacModel, phase1: Plan) -> dict[str, 
     return out
 
 
+class _DevicePeaks:
+    """``_peaks`` of one device at a time: a device's peak depends only on the rows it
+    holds in each phase and on how many rows of its own share it holds itself in phase 2
+    (the others it streams from their holders), so ``place_cache`` scores a move of one
+    row by the two devices it changes."""
+
+    def __init__(self, costs: CostTable, model: PacModel, devices: Sequence[str],
+                 shares: Sequence[int], steps: int, p1_memory: Mapping[str, int],
+                 phase1_plan: Plan | None, workspace: Mapping[str, int],
+                 on_disk: Collection[str]) -> None:
+        self.devices, self.shares, self.model = devices, shares, model
+        self.p1_memory, self.phase1_plan = p1_memory, phase1_plan
+        self.workspace, self.on_disk = workspace, on_disk
+        self.fixed = _phase2_fixed(costs, model, costs.optimizer_state_factor)
+        self.unit, self.work = _phase2_per_sample(costs, model, steps)
+        self.parts = entry_parts(costs, model.taps, model.entry_bytes)
+
+    def peak(self, h: int, held1: int, held2: int, own2: int, away2: int) -> int:
+        """Peak bytes of device ``h`` holding ``held1`` rows of a mini-batch in phase 1 and
+        ``held2`` in phase 2, ``own2`` of them its own share's, whose other ``away2`` rows
+        other devices hold in phase 2."""
+        d, entry = self.devices[h], self.model.entry_bytes
+        # on disk, phase 1 holds one mini-batch's rows until they are written, phase 2 the
+        # next step's rows, read ahead
+        unit1, unit2 = (entry, entry) if d in self.on_disk else (self.unit, self.unit)
+        wire1 = (0 if self.phase1_plan is None
+                 else _phase1_wire_of(self.parts, self.phase1_plan, d, held1))
+        rows1 = held1 * unit1 + wire1
+        rows2 = held2 * unit2
+        # streamed rows: a holder keeps two steps' sends in flight (prefetch), the trainer
+        # one step's receive buffers besides the step's entry (counted in ``work``)
+        wire = entry * (2 * (held2 - own2) + away2)
+        # phase 1 holds the adapters (and a trained head), not a frozen head
+        return self.workspace.get(d, 0) + max(
+            self.p1_memory.get(d, 0) + self.model.trainable_bytes + rows1,
+            self.fixed + self.shares[h] * self.work + rows2 + wire)
+
+
 def _peaks(costs: CostTable, model: PacModel, devices: Sequence[str], shares: Sequence[int],
            steps: int, p1_memory: Mapping[str, int], phase1: Holders, phase2: Holders,
            phase1_plan: Plan | None = None, workspace: Mapping[str, int] | None = None,
@@ -427,29 +467,16 @@ def _peaks(costs: CostTable, model: PacModel, devices: Sequence[str], shares: Se
     step + rows held in phase 2 + the wire buffers of the rows it streams)``; a device
     ``on_disk`` holds one mini-batch's rows in phase 1 and none in phase 2 ([Note: a
     cache on disk])."""
-    workspace = workspace or {}
-    fixed = _phase2_fixed(costs, model, costs.optimizer_state_factor)
-    unit, work = _phase2_per_sample(costs, model, steps)
+    peaks = _DevicePeaks(costs, model, devices, shares, steps, p1_memory, phase1_plan,
+                         workspace or {}, on_disk)
     one, two = _counts(devices, shares, phase1), _counts(devices, shares, phase2)
     n = len(devices)
-    # phase 1 holds the adapters (and a trained head), not a frozen head
-    weights = model.trainable_bytes
     peak, cache = {}, {}
-    wire1 = _phase1_wire(costs, model, devices, phase1_plan,
-                         [sum(one[t][h] for t in range(n)) for h in range(n)])
     for h, d in enumerate(devices):
-        # on disk, phase 1 holds one mini-batch's rows until they are written, phase 2 the
-        # next step's rows, read ahead
-        unit1, unit2 = (model.entry_bytes, model.entry_bytes) if d in on_disk else (unit, unit)
-        held1 = sum(one[t][h] for t in range(n)) * unit1 + wire1[h]
-        held2 = sum(two[t][h] for t in range(n)) * unit2
-        # streamed rows: a holder keeps two steps' sends in flight (prefetch), the trainer
-        # one step's receive buffers besides the step's entry (counted in ``work``)
-        wire = model.entry_bytes * (2 * sum(two[t][h] for t in range(n) if t != h)
-                                    + sum(two[h][j] for j in range(n) if j != h))
-        peak[d] = workspace.get(d, 0) + max(p1_memory.get(d, 0) + weights + held1,
-                                            fixed + shares[h] * work + held2 + wire)
-        cache[d] = sum(two[t][h] for t in range(n)) * steps * model.entry_bytes
+        held2 = sum(two[t][h] for t in range(n))
+        peak[d] = peaks.peak(h, sum(one[t][h] for t in range(n)), held2, two[h][h],
+                             sum(two[h][j] for j in range(n) if j != h))
+        cache[d] = held2 * steps * model.entry_bytes
     return peak, cache
 
 
@@ -1024,21 +1051,42 @@ def place_cache(costs: CostTable, cluster: Cluster, model: PacModel, devices: Se
     base_step = max(compute) + allreduce_time(cluster, devices, model.wire_bytes)
     limit = (1.0 + cache_slack) * base_step * (1 + 1e-9)
 
-    def score(one: list[list[int]], two: list[list[int]]) -> tuple[float, ...]:
-        peak, _ = _peaks(costs, model, devices, shares, steps, p1_memory,
-                         _holders_of(devices, shares, one), _holders_of(devices, shares, two),
-                         phase1, spaces, on_disk)
-        over = sum(max(0, peak[d] - memory[i]) for i, d in enumerate(devices))
-        pressure = max(peak[d] / memory[i] for i, d in enumerate(devices))
-        return (float(over), float(sum(peak.values())), round(pressure, 12))
+    # a move of one row changes the peaks of its two holders only ([Note: cache
+    # placement]; ``_DevicePeaks``): each device's peak is kept, and a move is scored by
+    # the two it changes (the sums are of integers: the same as summing every device's)
+    peaks = _DevicePeaks(costs, model, devices, shares, steps, p1_memory, phase1, spaces,
+                         on_disk)
+    rows = [[[s if j == t else 0 for j in range(n)] for t, s in enumerate(shares)]
+            for _phase in (1, 2)]
+    held = [[sum(rows[phase][t][h] for t in range(n)) for h in range(n)] for phase in (0, 1)]
+
+    def peak_of(h: int) -> int:
+        own = rows[1][h][h]
+        return peaks.peak(h, held[0][h], held[1][h], own, shares[h] - own)
+
+    peak = [peak_of(h) for h in range(n)]
+    over = [max(0, peak[h] - memory[h]) for h in range(n)]
+
+    def score(changed: Mapping[int, int]) -> tuple[float, ...]:
+        """(bytes over memory, summed peaks, largest pressure) with the peaks ``changed``."""
+        total_over = sum(over) + sum(max(0, p - memory[h]) - over[h]
+                                     for h, p in changed.items())
+        total = sum(peak) + sum(p - peak[h] for h, p in changed.items())
+        pressure = max(changed.get(h, peak[h]) / memory[h] for h in range(n))
+        return (float(total_over), float(total), round(pressure, 12))
+
+    def moved(phase: int, t: int, a: int, b: int, step: int) -> None:
+        """Move ``step`` (1 or -1) rows of trainer ``t`` from ``a`` to ``b``."""
+        rows[phase][t][a] -= step
+        rows[phase][t][b] += step
+        held[phase][a] -= step
+        held[phase][b] += step
 
     def step_s(two: list[list[int]]) -> float:
         return max(base_step, _fetch_s(cluster, devices, shares,
                                        _holders_of(devices, shares, two), model.entry_bytes))
 
-    rows = [[[s if j == t else 0 for j in range(n)] for t, s in enumerate(shares)]
-            for _phase in (1, 2)]
-    best = score(*rows)
+    best = score({})
     for _round in range(4 * n * sum(shares) + 1):
         found: tuple[tuple[float, ...], int, int, int, int] | None = None
         for phase in (0, 1):
@@ -1051,28 +1099,25 @@ def place_cache(costs: CostTable, cluster: Cluster, model: PacModel, devices: Se
                     for b in range(n):
                         if b == a or devices[b] in on_disk:
                             continue
-                        rows[phase][t][a] -= 1
-                        rows[phase][t][b] += 1
-                        got = score(*rows)
+                        moved(phase, t, a, b, 1)
+                        got = score({a: peak_of(a), b: peak_of(b)})
                         ok = got[:2] < best[:2] and (phase == 0 or got[0] > 0
                                                      or step_s(rows[1]) <= limit)
-                        rows[phase][t][a] += 1
-                        rows[phase][t][b] -= 1
+                        moved(phase, t, a, b, -1)
                         if ok and (found is None or got < found[0]):
                             found = (got, phase, t, a, b)
         if found is None:
             break
         best, phase, t, a, b = found
-        rows[phase][t][a] -= 1
-        rows[phase][t][b] += 1
+        moved(phase, t, a, b, 1)
+        for h in (a, b):
+            peak[h] = peak_of(h)
+            over[h] = max(0, peak[h] - memory[h])
     if best[0] > 0:
-        peak, _ = _peaks(costs, model, devices, shares, steps, p1_memory,
-                         _holders_of(devices, shares, rows[0]),
-                         _holders_of(devices, shares, rows[1]), phase1, spaces, on_disk)
-        gap, device = max((peak[d] - memory[i], d) for i, d in enumerate(devices))
+        gap, device = max((peak[h] - memory[h], devices[h]) for h in range(n))
         raise PlanError(
             f"the activation cache does not fit: device {device!r} would hold "
-            f"{peak[device]} bytes with its share of the cache ({steps} steps x "
+            f"{peak[devices.index(device)]} bytes with its share of the cache ({steps} steps x "
             f"{model.entry_bytes} bytes a sample) but has {cluster.device(device).memory_bytes} "
             f"bytes, {max(int(gap), 1)} bytes short, however the cache is sharded; use fewer "
             f"samples (--samples), fewer taps, a smaller batch{_narrower(model)}")

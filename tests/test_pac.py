@@ -640,3 +640,57 @@ def test_memory_caps_keep_each_devices_workspace() -> None:
     peak = {d.name: cluster.workspace_bytes(d.name) + cluster.usable_bytes(d.name) // 4
             for d in cluster.devices}
     assert _usable_pressure(peak, cluster) == pytest.approx(0.25, rel=1e-6)
+
+
+def test_the_cache_placement_scored_per_device_is_the_reference_one(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """``place_cache`` scores a move by the two devices it changes (``_DevicePeaks``); on
+    random clusters and data sets, tight and roomy, every call places every row as the
+    reference that re-scores every device (tests/pac_cache_reference.py) and fails with
+    the same error."""
+    import random
+
+    import solver.pac
+    from tests.pac_cache_reference import place_cache_reference
+
+    quick = solver.pac.place_cache
+    calls = {"same": 0, "moved": 0, "errors": 0}
+
+    def both(*args: Any, **kwargs: Any) -> Any:
+        try:
+            expected: Any = place_cache_reference(*args, **kwargs)
+        except PlanError as exc:
+            expected = str(exc)
+        try:
+            got: Any = quick(*args, **kwargs)
+        except PlanError as exc:
+            got = str(exc)
+        assert got == expected
+        calls["same"] += 1
+        if isinstance(got, str):
+            calls["errors"] += 1
+            raise PlanError(got)
+        calls["moved"] += bool(got[0] or got[1])
+        return got
+
+    monkeypatch.setattr(solver.pac, "place_cache", both)
+    rng = random.Random(2812)
+    for _ in range(24):
+        n = rng.randint(2, 5)
+        memory = [rng.choice([6.0, 8.0, 12.0, 64.0]) for _ in range(n)]
+        cluster = make_cluster([rng.choice([0.5, 1.0, 2.0]) for _ in range(n)],
+                               memory_mib=memory, bandwidth_mbps=rng.choice([100, 1000]))
+        batch = n * rng.randint(1, 3)
+        try:
+            plan_finetune(COSTS, cluster, MODEL, batch_size=batch,
+                          num_samples=batch * rng.randint(1, 12), epochs=2,
+                          cache_store=rng.choice(["memory", "auto"]),
+                          cache_slack=rng.choice([0.0, 0.5, 5.0]))
+        except PlanError:
+            pass
+    for memory_mib in ([40, 40], [40, 64, 24]):       # caches that fit nowhere
+        with pytest.raises(PlanError, match="bytes short"):
+            plan_finetune(COSTS, make_cluster([1.0] * len(memory_mib), memory_mib=memory_mib),
+                          MODEL, batch_size=8, num_samples=8 * 400, epochs=2,
+                          cache_store="memory")
+    assert calls["same"] >= 24 and calls["moved"] >= 3 and calls["errors"] >= 2, calls
