@@ -499,7 +499,8 @@ def _plan(table: Any, clus: Any, batch_size: int, planner: str, micro_batch: int
     from solver.api import plan as plan_fn
 
     if time_limit is None and planner == "asteroid" and len(clus.devices) > LARGE_FLEET:
-        err_console.print(f"note: {len(clus.devices)} devices: the search may take minutes "
+        err_console.print(f"note: {len(clus.devices)} devices: the search may take minutes, "
+                          f"tens of minutes on 64 boards "
                           f"(exact over the capability order; the report gives its proven "
                           f"gap over every order); --time-limit SECONDS returns the best "
                           f"plan found by then, with its proven gap", highlight=False)

@@ -586,5 +586,6 @@ def test_partition_time_limit_and_the_large_fleet_hint(tmp_path: Path,
         f"  - {{name: d{i}, type: custom, speed: 1, memory_gb: 2}}\n" for i in range(13)))
     assert main(["plan", mlp, "--cluster", str(fleet), "-b", "8", "--costs", "analytic"]) == 0
     err = capsys.readouterr().err
-    assert "13 devices: the search may take minutes (exact over the capability order" in err
+    assert ("13 devices: the search may take minutes, tens of minutes on 64 boards (exact "
+            "over the capability order") in err
     assert "--time-limit SECONDS returns the best plan" in err
