@@ -348,23 +348,14 @@ def _counts(devices: Sequence[str], shares: Sequence[int], holders: Holders
             for t, (d, s) in enumerate(zip(devices, shares, strict=True))]
 
 
-def _phase1_wire(costs: CostTable, model: PacModel, devices: Sequence[str],
-                 plan: Plan | None, held: Sequence[int]) -> list[int]:
-    """Wire buffers of phase 1's hand-offs per device (see [Note: phase-1 memory]): the
-    entry parts of one mini-batch that it sends (rows it computes and another device
-    holds; the owners take them after their own forward, so they wait until the
-    mini-batch ends) and of one micro-batch that it receives (rows it holds and another
-    device computes; a receive copies out of its buffer, which the next message of that
-    sender reuses); ``held[h]``: rows of a mini-batch device ``h`` holds in phase 1
-    (spread evenly over the micro-batches, an estimate)."""
-    if plan is None:
-        return [0] * len(devices)
-    parts = entry_parts(costs, model.taps, model.entry_bytes)
-    return [_phase1_wire_of(parts, plan, d, held[h]) for h, d in enumerate(devices)]
-
-
-def _phase1_wire_of(parts: Sequence[int], plan: Plan, device: str, held: int) -> int:
-    """``_phase1_wire`` of one device that holds ``held`` rows of a mini-batch."""
+def _phase1_wire(parts: Sequence[int], plan: Plan, device: str, held: int) -> int:
+    """Wire buffers of phase 1's hand-offs on ``device`` (see [Note: phase-1 memory]): the
+    entry parts (``parts``: ``entry_parts`` per segment) of one mini-batch that it sends
+    (rows it computes and another device holds; the owners take them after their own
+    forward, so they wait until the mini-batch ends) and of one micro-batch that it
+    receives (rows it holds and another device computes; a receive copies out of its
+    buffer, which the next message of that sender reuses); ``held``: rows of a mini-batch
+    it holds in phase 1 (spread evenly over the micro-batches, an estimate)."""
     batch, mb = plan.batch_size, plan.micro_batch_size
     wire = 0.0
     for st in plan.stages:
@@ -445,7 +436,7 @@ class _DevicePeaks:
         # next step's rows, read ahead
         unit1, unit2 = (entry, entry) if d in self.on_disk else (self.unit, self.unit)
         wire1 = (0 if self.phase1_plan is None
-                 else _phase1_wire_of(self.parts, self.phase1_plan, d, held1))
+                 else _phase1_wire(self.parts, self.phase1_plan, d, held1))
         rows1 = held1 * unit1 + wire1
         rows2 = held2 * unit2
         # streamed rows: a holder keeps two steps' sends in flight (prefetch), the trainer
