@@ -42,7 +42,7 @@ optimum: per micro-batch size, the bound its finished wide search proved
 (``DPResult.bounds``), or else the work bound ``M * work / (sum of bound speeds)``: some
 stage has ``X`` at least the average ``work / V`` and every round is at least ``M X`` of
 its dominant stage (``[Note: incumbent pruning]`` in ``solver.dp``), raised to the class
-bound (``solver.bounds``, [Note: the class bound]) where the wide search did not finish:
+bound (``solver.class_bound``, [Note: the class bound]) where the wide search did not finish:
 with a time limit and a wide space of more than ``WIDE_EXACT_MAX`` pairs the bound runs in
 a process beside the search for the whole limit where the host has a spare core ([Note:
 the bound beside the search] in ``solver.beside``), else the search stops
@@ -50,7 +50,7 @@ the bound beside the search] in ``solver.beside``), else the search stops
 where the bound counts coarser classes) and the bound runs until the
 deadline (cut short there, it keeps what it proved so far); without a limit it gets up
 to the search's own time, or as long as a search shorter than ``CLASS_BOUND_AFTER_S``
-took, and where it counts the pools (``solver.bounds.counts_pools``) up to
+took, and where it counts the pools (``solver.class_tables.counts_pools``) up to
 ``CLASS_COUNTED_S`` after any search.
 The gap ``(round - bound) / bound`` goes into ``plan.planner.bound``; the work bound
 ignores communication and integer shares, so a search stopped early reports a large but
@@ -107,12 +107,14 @@ from contracts.errors import AsteroidError, PlanError
 from contracts.plan import Plan, PlannerInfo, SearchBound
 from contracts.table import CostTable
 from solver.beside import Beside, spare_core
-from solver.bounds import bound_classes, class_bound, counted_classes, counts_pools
+from solver.class_bound import class_bound
+from solver.class_tables import bound_classes, counts_pools
 from solver.diagnose import no_fit_error
 from solver.dp import DPResult, asteroid_dp
 from solver.evaluate import LayerSums, evaluate
 from solver.link_bound import link_bound
 from solver.link_bound import structure as link_structure
+from solver.relaxation import counted_classes
 from solver.space import (
     DEFAULT_MAX_CUTS,
     ClassSpace,
@@ -404,13 +406,13 @@ def _baseline_plans(costs: CostTable, cluster: Cluster, batch_size: int, osf: fl
 
 CLASS_BOUND_SHARE = 2.0
 """Without a time limit, where the wide search was not run to its end, the class bound
-(``solver.bounds.class_bound``) runs for up to this share of the search's own time, or
+(``solver.class_bound.class_bound``) runs for up to this share of the search's own time, or
 for as long as the search itself up to ``CLASS_BOUND_AFTER_S``, whichever is longer; its
 bisection usually ends first. A quarter until the nineteenth session; with the prices per
-class of that session (``solver.bounds``), measured alternating with the commit before:
+class of that session (``solver.relaxation``), measured alternating with the commit before:
 ResNet-50 x 32 Jetsons 5.9 % in 24.3 s of CPU before, now 3.85 % in 25.4 s (16 Jetsons:
 5.0 % in 11.3 s, now 2.5 % in 13.6 s). Twice the search's time since the twentieth, for
-the second bisection of [Note: counted classes] (``solver.bounds``), alternating with
+the second bisection of [Note: counted classes] (``solver.relaxation``), alternating with
 the commit before: 32 Jetsons 3.85 % in 25.7 s -> 1.89 % in 49.6 s, 16 Jetsons 2.49 % in
 13.5 s -> 1.63 % in 19.8 s; 64 Jetsons 10.7 % -> 8.2-8.7 % in 231-237 s, its bisections
 ending long before the share."""
@@ -418,7 +420,7 @@ ending long before the share."""
 CLASS_BOUND_LIMIT_SHARE = 0.5
 """With a time limit, where the wide space is larger than ``WIDE_EXACT_MAX`` pairs (the
 search is unlikely to finish) and the class bound counts the space's own classes of
-interchangeable devices (``solver.bounds.bound_classes``), the search stops at this share
+interchangeable devices (``solver.class_tables.bound_classes``), the search stops at this share
 of the limit before the deadline and the class bound gets the rest (and whatever the
 search left unused). A search that finishes proves its plan optimal and skips the bound.
 0.3 until the nineteenth session: on ResNet-50 x 16 and x 32 Jetsons in 5 s the plans
@@ -437,7 +439,7 @@ def bound_share(space: ClassSpace) -> float | None:
     """The share of a time limit the class bound gets where the search is unlikely to
     finish: ``CLASS_BOUND_LIMIT_SHARE`` where it counts the space's own classes,
     ``CLASS_BOUND_COARSE_SHARE`` where it counts coarser ones; None where it gives up
-    (``solver.bounds.bound_classes``)."""
+    (``solver.class_tables.bound_classes``)."""
     classes = bound_classes(space)
     if classes is None:
         return None
@@ -480,14 +482,14 @@ class bound proves twice the work bound in the first round there). 1.3 was worse
 
 CLASS_FIRST_BUCKETS = 6
 """The priced class bound's first grid of ``X_d`` buckets in the first round of
-[Note: one target for every size] (later rounds: ``solver.bounds.CLASS_BUCKETS``): its
+[Note: one target for every size] (later rounds: ``solver.class_bound.CLASS_BUCKETS``): its
 target, halfway up from the work and link bounds, is usually proven in every bucket at
 once, and fewer buckets cost fewer DP runs (ResNet-50 x 32 Jetsons, micro-batches 8 to
 64 at 0.636 s: 1.17 s of CPU against 1.49 s with 10)."""
 
 CLASS_COUNTED_S = 20.0
 """Without a time limit, where the class bound counts the devices of each class exactly
-(``solver.bounds.counts_pools``, [Note: counted pools]), it runs after any search, for
+(``solver.class_tables.counts_pools``, [Note: counted pools]), it runs after any search, for
 up to the larger of this many seconds and ``CLASS_BOUND_SHARE`` of the search: there it
 is strong enough to prove the plan optimal over every order (the 200-layer MLP of issue
 14 on eight mixed devices)."""
@@ -548,7 +550,7 @@ def _class_bounds(costs: CostTable, cluster: Cluster, batch_size: int, mbs: Sequ
     stop after the first counted size that falls short of its target; ``start``: other
     bounds per size (the link bound), where the priced bisection starts;
     ``optimizer_state_factor``: the plans' (the priced bound's memory check of mixed
-    groups, [Note: rigid groups] in ``solver.bounds``; None: rigid groups only);
+    groups, [Note: rigid groups] in ``solver.class_tables``; None: rigid groups only);
     ``incumbent``: the best round of a search that runs beside ([Note: the bound beside
     the search] in ``solver.beside``), read before each size or round: no size is asked
     for more than it; ``on_bound``: called with the smallest bound over the sizes (of
@@ -583,7 +585,7 @@ def _class_bounds(costs: CostTable, cluster: Cluster, batch_size: int, mbs: Sequ
     fleets the link bound already proves more than that for most sizes, which are then
     skipped); each later one asks the sizes, weakest first, for the next midpoint and
     stops at the first that falls short. The first round builds the quicker tables
-    without partner links ([Note: partner links] in ``solver.bounds``: on fleets whose
+    without partner links ([Note: partner links] in ``solver.partners``: on fleets whose
     fast links are wired pairs the groups are several times more), so that every size
     gets a bound within a short limit; the later ones count them. ``class_bound`` filters more
     with a lower target (``M X_d + T_a < target``, buckets up to ``target / M``), so it
@@ -602,7 +604,7 @@ def _class_bounds(costs: CostTable, cluster: Cluster, batch_size: int, mbs: Sequ
     0.5687 s cost 4.6 s and proved nothing more). Once this bisection ends short of the
     best round, a second one runs from where it ended up to the best round, with
     ``class_bound(count=True)``: a bucket that still sets a size's bound after its polish
-    gets its slowest classes counted ([Note: counted classes] in ``solver.bounds``; seconds
+    gets its slowest classes counted ([Note: counted classes] in ``solver.relaxation``; seconds
     a pass, so only once the cheap rounds are done). Where a size falls short of a priced
     target by less than ``CLASS_BOUND_FLOOR_NEAR``, the counted bisection starts at once,
     from what it proved ([Note: counting from the floor]).
@@ -620,7 +622,7 @@ def _class_bounds(costs: CostTable, cluster: Cluster, batch_size: int, mbs: Sequ
     so a deadline in the middle of its counted call, seconds long, still leaves every other
     size at the trial; asked first, the others stayed at the last priced round's bound).
     With ``class_bound``'s polish capped where it counts next ([Note: the polish before
-    counting] in ``solver.bounds``), measured with ``tools/time_planner.py --once``
+    counting] in ``solver.class_bound``), measured with ``tools/time_planner.py --once``
     (02:57-02:59 UTC, load 1.5-1.9, against the same rows at the start of the session):
     32 Jetsons in 20 s 3.77 % -> 1.72 %, in 30 s 2.34 % -> 1.72 %, in 10 s and 5 s the
     same (3.81 %, 5.3 %); 64 Jetsons in 30 s 8.52 % (8.51 %); 16 Jetsons in 5 s 4.09 %

@@ -36,7 +36,7 @@ stage is slow). Groups are taken in three ways: every device alone (its own link
 every pair of devices (their own links, the all-reduce over the link between them), and
 for ``n >= 3`` devices a relaxation over the ``n`` fastest of everything (bound speeds,
 links in, links out; the slowest link of a group of three or more is no faster than the
-best triangle's, ``solver.bounds._triangle_links``).
+best triangle's, ``solver.link_floors.triangle_links``).
 
 So per candidate stage range ``f..l`` the smallest value over the groups of ``max(M x,
 T_a / 2 + (3M - 1) / 4 x)`` (``M x + T_a`` for ``f = 0``), ``x = max(x_s, x_{s+1})``, is a
@@ -59,8 +59,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from solver.bounds import _links as space_links
-from solver.bounds import _min_max_ratio, _triangle_links
+from solver.link_floors import min_max_ratio, space_links, triangle_links
 from solver.space import SearchSpace
 from solver.timing import LayerSums
 
@@ -72,7 +71,7 @@ _SLACK = 1.0 - 1e-9
 def _links(space: SearchSpace) -> tuple[np.ndarray, np.ndarray]:
     """``(bw, lat)``: bytes/s and seconds per message from device ``a`` to ``b`` (``bw``
     0 and ``lat`` inf on the diagonal), from the space's link matrices
-    (``solver.bounds._links``)."""
+    (``solver.link_floors.space_links``)."""
     net = space_links(space)
     bw = net.bw.copy()
     np.fill_diagonal(bw, 0.0)
@@ -115,12 +114,12 @@ def _profiles(bw: np.ndarray, d: int, outside: Sequence[int]) -> tuple[
 def _rate_sorted(micro_batch: int, rates: tuple[float, ...]) -> float:
     if any(r <= 0.0 for r in rates):
         return math.inf
-    found = _min_max_ratio(micro_batch, rates)
+    found = min_max_ratio(micro_batch, rates)
     return math.inf if found is None else found
 
 
 def _rate(micro_batch: int, rates: Sequence[float]) -> float:
-    """``_min_max_ratio`` with inf for no split or a zero rate (the order of the rates
+    """``min_max_ratio`` with inf for no split or a zero rate (the order of the rates
     does not matter)."""
     return _rate_sorted(micro_batch, tuple(sorted(rates)))
 
@@ -175,7 +174,7 @@ def structure(space: SearchSpace) -> list[Raw]:
                            float(min(step[a], step[c])))] = None
     # three or more: the n fastest of everything, the best triangle's links; in the
     # middle, k members with their P1 profile (fastest in) and n - k with P2 (fastest out)
-    tri_bw, tri_lat = _triangle_links(space)
+    tri_bw, tri_lat = triangle_links(space)
     lat0 = float(lat.min())
     speeds = sorted(u.tolist(), reverse=True)
     prof = [_profiles(bw, d, [e for e in range(n) if e != d]) for d in range(n)]

@@ -1,4 +1,5 @@
-"""``solver.bounds._counted_run`` as on main 903aa00: the reference for its faster versions."""
+"""``solver.counted_pools.counted_run`` as on main 903aa00: the reference for its faster
+versions."""
 
 from __future__ import annotations
 
@@ -7,25 +8,18 @@ import time
 
 import numpy as np
 
-from solver.bounds import (
-    _ABOVE,
-    _AFTER_LEVELS,
-    _CUT_ABOVE,
-    _SLACK,
-    _TAIL_SLACK,
-    _After,
-    _ClassTables,
-    _Late,
-    _Pooled,
-)
+from solver.class_tables import ClassTables, Late, Pooled
+from solver.counted_pools import After
+from solver.link_floors import ABOVE, CUT_ABOVE, SLACK, TAIL_SLACK
+from solver.relaxation import _AFTER_LEVELS
 
 __all__ = ["reference_counted_run"]
 
 
-def reference_counted_run(tables: _ClassTables, pooled: _Pooled, m: int, low: float, top: float,
+def reference_counted_run(tables: ClassTables, pooled: Pooled, m: int, low: float, top: float,
                  limit: float, rho: float = 0.0, deadline: float | None = None,
-                 after: _After | None = None, prune: bool = True) -> tuple[float, _After]:
-    """The value and the suffixes after the dominant stage of ``solver.bounds._counted_run``
+                 after: After | None = None, prune: bool = True) -> tuple[float, After]:
+    """The value and the suffixes after the dominant stage of ``solver.counted_pools.counted_run``
     (see there), computed as on main 903aa00."""
     inf = math.inf
     count = len(tables.firsts)
@@ -33,8 +27,8 @@ def reference_counted_run(tables: _ClassTables, pooled: _Pooled, m: int, low: fl
     src = pooled.src
     # a <= min(M - 1, devices after the dominant stage), per pool of those devices
     a_cap = np.minimum(m - 1, pooled.sizes).astype(np.float64)
-    gates, levels = _gates(m, rho, low)
-    rest_gate = _rest_gate(m, int(tables.totals.sum()), rho, low, top)
+    gates, levels = gate_levels(m, rho, low)
+    rest_gate = rest_gate_at(m, int(tables.totals.sum()), rho, low, top)
     ta_limit = limit - min(0.0, rest_gate)
     # over (first row, pool, profile of the stage before): stack[j] (j < levels) the
     # suffixes whose first stage is at position j + 1 after the dominant one,
@@ -45,8 +39,8 @@ def reference_counted_run(tables: _ClassTables, pooled: _Pooled, m: int, low: fl
     with_d = np.full((count + 1, n_pools + 1, n_prof), inf)
     gate_col = np.asarray(gates)[:, None, None]
     m_low = m * low
-    live_all = pooled.free_speed * top * _ABOVE
-    used_all = pooled.speed * top * _ABOVE
+    live_all = pooled.free_speed * top * ABOVE
+    used_all = pooled.speed * top * ABOVE
     # per row the smallest value of any suffix from it after the dominant stage (`floor`)
     # and holding it (`floor_d`; inf: none). Every value only grows as stages are put
     # before it: each adds at least its x, the dominant stage at least x_d + (M - 1) low /
@@ -58,9 +52,9 @@ def reference_counted_run(tables: _ClassTables, pooled: _Pooled, m: int, low: fl
     floor = np.full(count + 1, inf)
     floor[count] = 0.0
     floor_d = np.full(count + 1, inf)
-    head_low = pooled.head / float(tables.totals @ tables.speeds) * _TAIL_SLACK
-    dominant_low = (m - 1) * low / 2 * _TAIL_SLACK
-    cut = limit * _CUT_ABOVE if prune else inf
+    head_low = pooled.head / float(tables.totals @ tables.speeds) * TAIL_SLACK
+    dominant_low = (m - 1) * low / 2 * TAIL_SLACK
+    cut = limit * CUT_ABOVE if prune else inf
     if not prune:
         head_low = np.zeros_like(head_low)
         used_all = np.full_like(used_all, inf)
@@ -72,7 +66,7 @@ def reference_counted_run(tables: _ClassTables, pooled: _Pooled, m: int, low: fl
         floor_0 = stack[0].reshape(count + 1, -1).min(axis=1)
     for i in range(count - 1, -1, -1):
         if deadline is not None and time.perf_counter() > deadline:
-            raise _Late
+            raise Late
         comm, x0, lowest, upper, big0, t_a, nxt, shortest = pooled.rows[i]
         k = int(np.searchsorted(shortest, top, side="right"))
         if not k:
@@ -87,8 +81,8 @@ def reference_counted_run(tables: _ClassTables, pooled: _Pooled, m: int, low: fl
         # work is at most top times the free speed; the others start no relaxed plan
         # and pools that can run the layers from the row on in such stages (the suffix
         # uses exactly its pool: a smaller one has no finite value, skip it)
-        live = np.nonzero((live_all >= pooled.head[i] * _SLACK)
-                          & (used_all >= pooled.tail[i] * _TAIL_SLACK))[0]
+        live = np.nonzero((live_all >= pooled.head[i] * SLACK)
+                          & (used_all >= pooled.tail[i] * TAIL_SLACK))[0]
         if not len(g_t) or not len(live):
             continue
         first = tables.firsts[i] == 0
@@ -173,18 +167,18 @@ def _best(values: np.ndarray, table: np.ndarray, at: np.ndarray) -> np.ndarray:
     return found
 
 
-def _gates(m: int, rho: float, low: float) -> tuple[list[float], int]:
+def gate_levels(m: int, rho: float, low: float) -> tuple[list[float], int]:
     """``(gates, levels)``: for the stages at positions ``j = 1 .. levels`` after the
     dominant one, ``(M - j (1 - rho)) low``, a lower bound of ``(M - j (1 - rho)) X_d``
     while the factor is >= 0 (``levels``: the positions up to the first negative factor,
     at most ``_AFTER_LEVELS``; with a negative factor ``low`` is no bound, and the
-    position is left to ``_rest_gate``)."""
+    position is left to ``rest_gate_at``)."""
     factors = [m - j * (1.0 - rho) for j in range(1, _AFTER_LEVELS + 1)]
     levels = next((j for j, f in enumerate(factors) if f < 0.0), len(factors))
     return [f * low for f in factors[:levels]], levels
 
 
-def _rest_gate(m: int, n_total: int, rho: float, low: float, top: float) -> float:
+def rest_gate_at(m: int, n_total: int, rho: float, low: float, top: float) -> float:
     """A lower bound of ``(M - j (1 - rho)) X_d`` for a stage at any position ``j <= n -
     1`` after the dominant one, ``X_d`` in ``(low, top]``: ``round >= T^{d+j} >= (M - j (1 -
     rho)) X_d + T_a^{d+j}`` ([Note: the class bound]); ``T_a < round`` alone does not hold

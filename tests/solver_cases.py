@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import importlib
 import random
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
+
+import pytest
 
 from contracts.cluster import Cluster, Device, Link
 from contracts.table import CostTable, DeviceColumn, LayerCost, RuntimeOverhead, TimeFit
 
 __all__ = [
+    "CLASS_BOUND_MODULES",
+    "patch_class_bound",
     "MIB",
     "make_costs",
     "uniform_costs",
@@ -275,3 +280,20 @@ def random_overhead_instance(seed: int, **kwargs: object) -> tuple[CostTable, Cl
     make = random_column_instance if seed % 2 else random_instance
     costs, cluster, batch = make(seed, **kwargs)  # type: ignore[arg-type]
     return with_runtime_overhead(seed, costs), cluster, batch
+
+
+CLASS_BOUND_MODULES = ("solver.class_tables", "solver.partners", "solver.relaxation",
+                       "solver.counted_pools", "solver.class_bound")
+"""The modules of the class bound; each imports what it uses from the others by name."""
+
+
+def patch_class_bound(patch: pytest.MonkeyPatch, name: str, value: object) -> None:
+    """Set ``name`` to ``value`` in every module of the class bound that holds it (where it
+    is defined and where it is imported), so that every caller sees the same value."""
+    found = False
+    for module in map(importlib.import_module, CLASS_BOUND_MODULES):
+        if hasattr(module, name):
+            patch.setattr(module, name, value)
+            found = True
+    if not found:
+        raise AttributeError(f"no module of the class bound has {name!r}")

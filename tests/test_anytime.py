@@ -29,6 +29,7 @@ from tests.solver_cases import (
     MIB,
     make_cluster,
     make_costs,
+    patch_class_bound,
     planner_instance,
     random_instance,
     uniform_costs,
@@ -280,12 +281,11 @@ def test_the_class_bounds_over_the_sizes_stay_below_the_optimum(
     # sizes is still below every plan of the wide space (brute force), for a target at and
     # above the optimum; with the pools counted (these small clusters) and priced (forced).
     # `on_bound` sees that smallest bound each time it rises, the last one the result's
-    import solver.bounds
     from solver.anytime import _class_bounds
     from solver.space import micro_batch_choices
 
     if not pools:
-        monkeypatch.setattr(solver.bounds, "CLASS_POOLS_MAX", 0)
+        patch_class_bound(monkeypatch, "CLASS_POOLS_MAX", 0)
     raised = 0
     for seed, costs, cluster, batch, best in _brute_cases(range(800, 840)):
         mbs = micro_batch_choices(batch, None)
@@ -334,7 +334,7 @@ def test_the_counted_sizes_split_over_two_processes(
     # its sizes are bounded in this process, with a warning
     import solver.anytime
     from solver.anytime import _class_bounds
-    from solver.bounds import counts_pools
+    from solver.class_tables import counts_pools
     from solver.space import ClassSpace, micro_batch_choices
 
     monkeypatch.setattr(solver.anytime, "spare_core", lambda: True)
@@ -373,12 +373,11 @@ def test_the_class_bounds_follow_a_falling_incumbent(
     # the bounds run; no size is asked for more than the incumbent read last, and the
     # bound stays below every plan of the wide space (brute force)
     import solver.anytime
-    import solver.bounds
     from solver.anytime import _class_bounds
     from solver.space import micro_batch_choices
 
     if not pools:
-        monkeypatch.setattr(solver.bounds, "CLASS_POOLS_MAX", 0)
+        patch_class_bound(monkeypatch, "CLASS_POOLS_MAX", 0)
     plain = solver.anytime.class_bound
     now = [math.inf]
     asked: list[tuple[float, float]] = []
@@ -417,11 +416,10 @@ def test_the_classes_are_counted_after_the_priced_bisection(
     # since the priced rounds stop early) and raises it on some instances (the pools
     # priced, forced: these small clusters are counted by default)
     import solver.anytime
-    import solver.bounds
     from solver.anytime import _class_bounds
     from solver.space import micro_batch_choices
 
-    monkeypatch.setattr(solver.bounds, "CLASS_POOLS_MAX", 0)
+    patch_class_bound(monkeypatch, "CLASS_POOLS_MAX", 0)
     asked: list[bool] = []
     plain = solver.anytime.class_bound
 
@@ -486,10 +484,9 @@ def test_the_first_round_asks_a_small_step_above_the_work_bounds(
     # for at most CLASS_FIRST_RISE times the smallest work bound, or
     # CLASS_FIRST_RISE_LINKS times the smallest bound where that is a link bound
     import solver.anytime
-    import solver.bounds
     from solver.anytime import CLASS_FIRST_RISE, CLASS_FIRST_RISE_LINKS, _class_bounds
 
-    monkeypatch.setattr(solver.bounds, "CLASS_POOLS_MAX", 0)
+    patch_class_bound(monkeypatch, "CLASS_POOLS_MAX", 0)
     firsts: list[float] = []
 
     def scripted(*args: Any, **kwargs: Any) -> float | None:
@@ -521,10 +518,9 @@ def test_the_counted_bisection_steps_from_where_the_prices_fell_short(
     # bound proven, if higher),
     # never the midpoint towards a poor best round, and still climb to the counted ceiling
     import solver.anytime
-    import solver.bounds
     from solver.anytime import CLASS_BOUND_BISECT_TOL, CLASS_COUNTED_STEP, _class_bounds
 
-    monkeypatch.setattr(solver.bounds, "CLASS_POOLS_MAX", 0)
+    patch_class_bound(monkeypatch, "CLASS_POOLS_MAX", 0)
     monkeypatch.setattr(solver.anytime, "counted_classes", lambda space: (0,))
     asked: list[tuple[float, bool, float, bool]] = []
     ceiling = {False: 0.0, True: 0.0}
@@ -571,7 +567,7 @@ def test_the_order_searches_the_sizes_the_class_bound_leaves(
     import random
 
     import solver.anytime
-    from solver.bounds import counts_pools
+    from solver.class_tables import counts_pools
     from solver.space import ClassSpace
     from tests.solver_cases import random_costs
 
@@ -617,7 +613,7 @@ def test_a_wide_space_the_bounds_do_not_prove_is_searched_without_a_limit(
     import random
 
     import solver.anytime
-    from solver.bounds import counts_pools
+    from solver.class_tables import counts_pools
     from solver.space import ClassSpace
     from tests.solver_cases import random_costs
 
@@ -832,7 +828,7 @@ def test_the_bound_gets_half_a_limit_where_it_counts_the_clusters_own_classes() 
     import random
 
     from solver.anytime import CLASS_BOUND_COARSE_SHARE, CLASS_BOUND_LIMIT_SHARE, bound_share
-    from solver.bounds import bound_classes
+    from solver.class_tables import bound_classes
     from solver.space import ClassSpace
     from tests.solver_cases import make_cluster, random_costs
 

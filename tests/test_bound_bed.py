@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from contracts.errors import PlanError
-from solver.bounds import _CHORD_POINTS, _relaxed_many
 from solver.dp import asteroid_dp
+from solver.relaxation import _CHORD_POINTS, relaxed_many
 from solver.space import ClassSpace
 from tests.solver_cases import random_instance
 from tests.test_bounds import _random_relaxed
@@ -56,7 +56,7 @@ def _value_of(b: Bed, stages: Any, low: float) -> float:
 
 
 def test_the_bed_relaxation_is_the_counted_class_bound() -> None:
-    # every class counted, _relaxed_many gives the same value (its chords may give less
+    # every class counted, relaxed_many gives the same value (its chords may give less
     # where M > _CHORD_POINTS and a count vector has more than one group)
     compared = 0
     for seed, b, tables, low, top in _beds(range(120)):
@@ -67,9 +67,9 @@ def test_the_bed_relaxation_is_the_counted_class_bound() -> None:
         # limits where the gates of the stages after the dominant one bind, or nothing does
         for limit in (1e9, *(free * rng.uniform(0.6, 1.2) for _ in range(4))):
             mine = relaxed_plan(b, low, top, limit)
-            theirs = float(_relaxed_many(b.tables, b.num_micro, low, top, limit,
-                                         np.zeros((1, len(tables.totals))), b.rho, None, None,
-                                         tuple(range(len(tables.totals))))[0])
+            theirs = float(relaxed_many(b.tables, b.num_micro, low, top, limit,
+                                        np.zeros((1, len(tables.totals))), b.rho, None, None,
+                                        tuple(range(len(tables.totals))))[0])
             if math.isinf(mine.value) or math.isinf(theirs):
                 assert math.isinf(mine.value) == math.isinf(theirs) or theirs < mine.value, seed
                 continue
@@ -154,7 +154,7 @@ def test_a_realized_relaxed_plan_is_a_plan_at_or_above_its_value() -> None:
 def test_the_bed_gates_the_stages_after_the_dominant_one_as_the_class_bound() -> None:
     # ResNet-50 on 8 Jetsons, groups with all-reduces: in the top buckets below the narrowed
     # optimum the relaxed plans have stages after the dominant one and their gates bind
-    # (without them the values fall); the bed and _relaxed_many agree, and the relaxed
+    # (without them the values fall); the bed and relaxed_many agree, and the relaxed
     # plan, run as a plan, is at or above the value
     from tools.bound_bed import bucket_scan
     from tools.time_planner import jetson_mix, model_costs
@@ -167,8 +167,8 @@ def test_the_bed_gates_the_stages_after_the_dominant_one_as_the_class_bound() ->
     limit = best.round_time_s
     scanned = list(itertools.islice(bucket_scan(b, limit, 0.9), 2))
     for low, top, found in scanned:
-        theirs = float(_relaxed_many(b.tables, b.num_micro, low, top, limit, np.zeros((1, 3)),
-                                     b.rho, None, None, (0, 1, 2))[0])
+        theirs = float(relaxed_many(b.tables, b.num_micro, low, top, limit, np.zeros((1, 3)),
+                                    b.rho, None, None, (0, 1, 2))[0])
         assert theirs == pytest.approx(found.value, rel=1e-4), (low, top)
         assert any(st.role == "after" for st in found.stages)
         plan = realize(found, costs, cluster, 64, 8)
@@ -177,7 +177,7 @@ def test_the_bed_gates_the_stages_after_the_dominant_one_as_the_class_bound() ->
 
 
 def test_the_priced_bed_is_the_priced_class_bound_and_adds_up() -> None:
-    # priced_plan at one price vector: _relaxed_many's value (its chords may give less
+    # priced_plan at one price vector: relaxed_many's value (its chords may give less
     # where M > _CHORD_POINTS), and its plan's (A) less what the prices pay back
     compared = 0
     for seed, tables, m, low, top, prices, _, rho in _random_relaxed(range(60), 1):
@@ -186,7 +186,7 @@ def test_the_priced_bed_is_the_priced_class_bound_and_adds_up() -> None:
                 int(tables.firsts[-1]) + 1)
         for limit in (1e9, *(top * m * f for f in (0.9, 1.3))):
             mine = priced_plan(b, low, top, limit, prices[0])
-            theirs = float(_relaxed_many(tables, m, low, top, limit, prices, rho)[0])
+            theirs = float(relaxed_many(tables, m, low, top, limit, prices, rho)[0])
             if math.isinf(theirs):
                 assert math.isinf(mine.value), seed
                 continue
@@ -205,7 +205,7 @@ def test_the_priced_bed_is_the_priced_class_bound_and_adds_up() -> None:
 
 def test_the_priced_bed_gates_as_the_class_bound_on_16_jetsons() -> None:
     # ResNet-50 on 16 Jetsons at micro-batch 32 (M = 2: no chords): at the prices of the
-    # bucket that sets class_bound's value, the priced bed gives _relaxed_many's value in
+    # bucket that sets class_bound's value, the priced bed gives relaxed_many's value in
     # every bucket below the target, where the gates of the stages after the dominant one
     # bind (without them every one of these buckets falls)
     from tools.bound_bed import weakest_prices
@@ -220,7 +220,7 @@ def test_the_priced_bed_gates_as_the_class_bound_on_16_jetsons() -> None:
     for k in range(4):
         top_k = 1.5 / b.num_micro * 0.93 ** k
         mine = priced_plan(b, top_k * 0.93, top_k, 1.5, prices)
-        theirs = float(_relaxed_many(b.tables, b.num_micro, top_k * 0.93, top_k, 1.5,
-                                     prices[None], b.rho)[0])
+        theirs = float(relaxed_many(b.tables, b.num_micro, top_k * 0.93, top_k, 1.5,
+                                    prices[None], b.rho)[0])
         assert mine.value == pytest.approx(theirs, rel=1e-9), k
         assert any(st.role == "after" for st in mine.stages)

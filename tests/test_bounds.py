@@ -10,13 +10,17 @@ from typing import Any
 import numpy as np
 import pytest
 
+import solver.class_bound
+import solver.class_tables
+import solver.counted_pools
+import solver.relaxation
 from contracts.plan import Plan
 from solver.bounds import proven_bound, stage_bound
 from solver.brute import brute_force, enumerate_plans
 from solver.dp import asteroid_dp, make_space
 from solver.evaluate import LayerSums, evaluate
 from solver.space import ClassSpace, SliceSpace
-from tests.solver_cases import random_column_instance, random_instance
+from tests.solver_cases import patch_class_bound, random_column_instance, random_instance
 
 
 def _check(seeds: range, instance: Any, **kwargs: Any) -> tuple[int, dict[float, list[bool]]]:
@@ -129,7 +133,7 @@ def _check_class_bound(seeds: range, instance: Any, **kwargs: Any) -> tuple[int,
     plans' round times. Returns the plans checked and how often the bound proves more
     than the work bound (a target of 0.9 of the optimum counts when it is proven)."""
     from solver.anytime import work_bound
-    from solver.bounds import class_bound
+    from solver.class_bound import class_bound
     from solver.space import ClassSpace
     from solver.summary import hiding_ratio
 
@@ -178,12 +182,11 @@ def test_class_bound_is_below_every_plan() -> None:
     pytest.param(range(30, 60), id="next-30", marks=pytest.mark.slow)])
 def test_class_bound_with_prices_is_below_every_plan(monkeypatch: pytest.MonkeyPatch,
                                                      seeds: range) -> None:
-    # the Lagrange prices of _relaxed, where the pools are too many to count (forced here:
+    # the Lagrange prices of relaxed, where the pools are too many to count (forced here:
     # these small clusters are counted by default, [Note: counted pools]); half of the
     # seeds opt in with --run-slow
-    import solver.bounds
 
-    monkeypatch.setattr(solver.bounds, "CLASS_POOLS_MAX", 0)
+    patch_class_bound(monkeypatch, "CLASS_POOLS_MAX", 0)
     checked, above = _check_class_bound(seeds, random_instance, links=True, latency=True)
     assert checked > 900
     assert above > 110
@@ -201,8 +204,7 @@ def test_counted_class_bound_on_five_devices() -> None:
 def test_counted_pools_prove_more_than_prices(monkeypatch: pytest.MonkeyPatch) -> None:
     # on these instances the counted bound is never below the priced one by more than
     # rounding, and above it often
-    import solver.bounds
-    from solver.bounds import class_bound
+    from solver.class_bound import class_bound
     from solver.space import ClassSpace
     from solver.summary import hiding_ratio
 
@@ -220,7 +222,7 @@ def test_counted_pools_prove_more_than_prices(monkeypatch: pytest.MonkeyPatch) -
             continue
         counted = class_bound(*args, 1, batch, best.round_time_s, rho=rho)
         with monkeypatch.context() as patch:
-            patch.setattr(solver.bounds, "CLASS_POOLS_MAX", 0)
+            patch_class_bound(patch, "CLASS_POOLS_MAX", 0)
             priced = class_bound(*args, 1, batch, best.round_time_s, rho=rho)
         assert counted is not None and priced is not None
         assert counted <= best.round_time_s
@@ -235,7 +237,7 @@ def _chain_tables(fwd: list[float], bwd: list[float], tail: list[float], devices
     upper bounds."""
     import numpy as np
 
-    from solver.bounds import _ClassTables, _Pooled
+    from solver.class_tables import ClassTables, Pooled
 
     n = len(fwd)
     rows, cached = [], []
@@ -251,12 +253,12 @@ def _chain_tables(fwd: list[float], bwd: list[float], tail: list[float], devices
         cached.append((np.zeros((1, 1)), x, x, np.full_like(x, math.inf),
                        np.maximum(c_f, c_b), t_a, nxt, shortest))
     pools = np.arange(devices + 1)
-    extra = _Pooled(np.zeros((1, 1)), np.zeros((1, 1)), np.zeros(1, dtype=np.intp),
-                    np.zeros(n), np.zeros(n), np.where(pools >= 1, pools - 1, devices + 1)[None],
-                    np.append(pools, 0), (devices - pools).astype(float),
-                    pools.astype(float), tuple(cached))
-    return _ClassTables(tuple(range(n)), tuple(rows), np.ones((1, 1)),
-                        np.asarray([float(devices)]), np.ones(1), extra if pooled else None)
+    extra = Pooled(np.zeros((1, 1)), np.zeros((1, 1)), np.zeros(1, dtype=np.intp),
+                   np.zeros(n), np.zeros(n), np.where(pools >= 1, pools - 1, devices + 1)[None],
+                   np.append(pools, 0), (devices - pools).astype(float),
+                   pools.astype(float), tuple(cached))
+    return ClassTables(tuple(range(n)), tuple(rows), np.ones((1, 1)),
+                       np.asarray([float(devices)]), np.ones(1), extra if pooled else None)
 
 
 @pytest.mark.parametrize("pooled", [False, True])
@@ -266,8 +268,9 @@ def test_class_bound_admits_a_late_all_reduce_above_the_round(pooled: bool) -> N
     # "T_a < round" must not filter the stages after the dominant one there
     import numpy as np
 
-    from solver.bounds import _counted, _relaxed
+    from solver.counted_pools import _counted
     from solver.evaluate import round_terms
+    from solver.relaxation import relaxed
 
     fwd, bwd, tail = [1.1, 1.0, 1.0, 1.0], [1.0] * 4, [0.0, 0.0, 0.0, 9.0]
     t_w, t_e, _ = round_terms(fwd, bwd, 1)
@@ -278,7 +281,7 @@ def test_class_bound_admits_a_late_all_reduce_above_the_round(pooled: bool) -> N
             assert tables.pooled is not None
             found = _counted(tables, tables.pooled, 1, low, 8.5, 8.5, rho=0.0)
         else:
-            found = _relaxed(tables, 1, low, 8.5, 8.5, np.zeros(1), rho=0.0)
+            found = relaxed(tables, 1, low, 8.5, 8.5, np.zeros(1), rho=0.0)
         assert found <= 8.1 + 1e-9, (low, found)
 
 
@@ -292,11 +295,10 @@ def test_class_bound_with_cost_columns(latency: bool) -> None:
 def test_class_bound_with_merged_groups(monkeypatch: pytest.MonkeyPatch, priced: bool) -> None:
     # merging groups into buckets of counts is a relaxation too (a merged group has no
     # upper bound of X, also where the priced bound knows the memory model)
-    import solver.bounds
 
-    monkeypatch.setattr(solver.bounds, "CLASS_GROUPS_MAX", 2)
+    patch_class_bound(monkeypatch, "CLASS_GROUPS_MAX", 2)
     if priced:
-        monkeypatch.setattr(solver.bounds, "CLASS_POOLS_MAX", 0)
+        patch_class_bound(monkeypatch, "CLASS_POOLS_MAX", 0)
     checked, _ = _check_class_bound(range(100, 130), random_instance, links=True,
                                     memory=priced)
     assert checked > 400
@@ -332,9 +334,8 @@ def _same_compute_instance(seed: int, *, max_layers: int, max_devices: int,
 def test_class_bound_over_coarse_classes(monkeypatch: pytest.MonkeyPatch) -> None:
     # counting devices of the same compute together, with their links bounded by the best
     # of the members' (what class_bound does above CLASS_VECTORS_MAX), is a relaxation too
-    import solver.bounds
 
-    monkeypatch.setattr(solver.bounds, "bound_classes", solver.bounds._coarse_classes)
+    patch_class_bound(monkeypatch, "bound_classes", solver.class_tables._coarse_classes)
     checked, above = _check_class_bound(range(500, 560), _same_compute_instance)
     assert checked > 1000
     assert above > 20
@@ -346,8 +347,7 @@ def test_dominated_groups_do_not_change_the_class_bound(
     # is exact: the same bound with every group kept
     import numpy as np
 
-    import solver.bounds
-    from solver.bounds import class_bound
+    from solver.class_bound import class_bound
     from solver.space import ClassSpace
 
     dropped = 0
@@ -362,12 +362,13 @@ def test_dominated_groups_do_not_change_the_class_bound(
             if batch % mb:
                 continue
             pruned = class_bound(space, sums, costs.cut_bytes, ends, mb, batch // mb, 1.0)
-            tables = solver.bounds._class_tables(space, sums, costs.cut_bytes, ends, mb)
+            tables = solver.class_tables.build_class_tables(space, sums, costs.cut_bytes, ends, mb)
             with monkeypatch.context() as patch:
-                patch.setattr(solver.bounds, "_undominated",
-                              lambda counts, consts, *_: np.arange(len(counts)))
+                patch_class_bound(patch, "_undominated",
+                                  lambda counts, consts, *_: np.arange(len(counts)))
                 full = class_bound(space, sums, costs.cut_bytes, ends, mb, batch // mb, 1.0)
-                every = solver.bounds._class_tables(space, sums, costs.cut_bytes, ends, mb)
+                every = solver.class_tables.build_class_tables(space, sums, costs.cut_bytes,
+                                                               ends, mb)
             assert pruned == full, (seed, mb)
             if tables is not None and every is not None:
                 dropped += len(every.counts) - len(tables.counts)
@@ -375,14 +376,14 @@ def test_dominated_groups_do_not_change_the_class_bound(
 
 
 def test_triangle_links_bound_every_group_of_three() -> None:
-    from solver.bounds import _triangle_links
+    from solver.link_floors import triangle_links
     from solver.space import ClassSpace
 
     for seed in range(600, 620):
         costs, cluster, _ = _same_compute_instance(seed, max_layers=2, max_devices=5)
         cluster = cluster.for_costs(costs)
         space = ClassSpace(costs, cluster)
-        bw, lat = _triangle_links(space)
+        bw, lat = triangle_links(space)
         names = space.names
         for trio in itertools.combinations(names, 3):
             pairs = [(a, b) for a in trio for b in trio if a != b]
@@ -391,7 +392,7 @@ def test_triangle_links_bound_every_group_of_three() -> None:
 
 
 def test_class_bound_stops_at_its_deadline_and_size() -> None:
-    from solver.bounds import class_bound
+    from solver.class_bound import class_bound
     from solver.space import ClassSpace
 
     costs, cluster, batch = random_instance(3, max_layers=5, max_devices=4)
@@ -406,8 +407,7 @@ def test_class_bound_cut_short_by_its_deadline_is_still_below_every_plan(
         monkeypatch: pytest.MonkeyPatch) -> None:
     # a clock that advances one tick per reading: the deadline passes after a few buckets,
     # and the buckets not reached count with M times the last top (round > M X_d)
-    import solver.bounds
-    from solver.bounds import class_bound
+    from solver.class_bound import class_bound
     from solver.space import ClassSpace
     from solver.summary import hiding_ratio
 
@@ -437,7 +437,7 @@ def test_class_bound_cut_short_by_its_deadline_is_still_below_every_plan(
             assert full is not None
             for ticks in (3, 6, 12, 24, 48):
                 clock = Clock()
-                monkeypatch.setattr(solver.bounds, "time", clock)
+                patch_class_bound(monkeypatch, "time", clock)
                 cut = class_bound(space, sums, costs.cut_bytes, ends, mb, batch // mb,
                                   value * 2.0, deadline=float(ticks), rho=rho)
                 monkeypatch.undo()
@@ -453,7 +453,7 @@ def _counted_cases(seeds: range) -> Any:
     of each micro-batch size, its number of micro-batches and the hiding ratio, and a
     target (twice the work bound)."""
     from solver.anytime import work_bound
-    from solver.bounds import _class_tables, counts_pools
+    from solver.class_tables import build_class_tables, counts_pools
     from solver.space import ClassSpace
     from solver.summary import hiding_ratio
 
@@ -466,8 +466,8 @@ def _counted_cases(seeds: range) -> Any:
             continue
         rho = hiding_ratio(costs, cluster)
         for mb in (d for d in range(1, batch + 1) if batch % d == 0):
-            tables = _class_tables(space, LayerSums.of(costs), costs.cut_bytes,
-                                   list(range(costs.num_layers - 1)), mb)
+            tables = build_class_tables(space, LayerSums.of(costs), costs.cut_bytes,
+                                        list(range(costs.num_layers - 1)), mb)
             if tables is not None and tables.pooled is not None:
                 yield tables, batch // mb, rho, 2.0 * work_bound(costs, cluster, batch, mb)
 
@@ -475,15 +475,15 @@ def _counted_cases(seeds: range) -> Any:
 def test_counted_pruning_keeps_the_value() -> None:
     # the pools too slow for the layers from a row on and the stages whose plans reach the
     # limit are left out: the same value as with everything kept, bit for bit
-    from solver.bounds import _counted_run
+    from solver.counted_pools import counted_run
 
     compared = finite = 0
     for tables, m, rho, target in _counted_cases(range(0, 40)):
         for low_share, top_share in ((0.0, 1.0), (0.0, 0.5), (0.5, 0.8), (0.8, 1.0)):
             low, top = low_share * target / m, top_share * target / m
-            pruned, _ = _counted_run(tables, tables.pooled, m, low, top, target, rho)
-            full, _ = _counted_run(tables, tables.pooled, m, low, top, target, rho,
-                                   prune=False)
+            pruned, _ = counted_run(tables, tables.pooled, m, low, top, target, rho)
+            full, _ = counted_run(tables, tables.pooled, m, low, top, target, rho,
+                                  prune=False)
             # at or above the limit the pruned run may say inf: the bound is capped there
             assert pruned == full or (pruned >= target and full >= target), (pruned, full)
             compared += 1
@@ -495,19 +495,19 @@ def test_counted_pruning_keeps_the_value() -> None:
 def test_counted_run_on_the_suffixes_of_a_lower_bucket() -> None:
     # a bucket split off the top of another reads that one's suffixes after the dominant
     # stage: a lower bound no higher than its own run's, and mostly the same
-    from solver.bounds import _counted_run
+    from solver.counted_pools import counted_run
 
     compared = same = 0
     for tables, m, rho, target in _counted_cases(range(0, 40)):
         top = target / m
         for low_share in (0.0, 0.3):
-            _, after = _counted_run(tables, tables.pooled, m, low_share * top, top, target,
-                                    rho)
+            _, after = counted_run(tables, tables.pooled, m, low_share * top, top, target,
+                                   rho)
             for share in (0.5, 0.9):
                 low = max(share, low_share) * top
-                own, _ = _counted_run(tables, tables.pooled, m, low, top, target, rho)
-                reused, _ = _counted_run(tables, tables.pooled, m, low, top, target, rho,
-                                         after=after)
+                own, _ = counted_run(tables, tables.pooled, m, low, top, target, rho)
+                reused, _ = counted_run(tables, tables.pooled, m, low, top, target, rho,
+                                        after=after)
                 assert reused <= own or (reused >= target and own >= target), (reused, own)
                 compared += 1
                 same += reused == own
@@ -518,15 +518,15 @@ def test_counted_run_on_the_suffixes_of_a_lower_bucket() -> None:
 def _mlp_case() -> tuple[Any, int, float, float] | None:
     """The 200-layer MLP of issue 14 on eight mixed devices at micro-batch 8 (the counted
     bound's costliest size): its class tables, micro-batches, hiding ratio and round."""
-    from solver.bounds import _class_tables
+    from solver.class_tables import build_class_tables
     from solver.space import ClassSpace, candidate_cuts
     from solver.summary import hiding_ratio
     from tools.time_planner import mixed8, model_costs
 
     costs, cluster = model_costs("mlp200"), mixed8().for_costs(model_costs("mlp200"))
     space = ClassSpace(costs, cluster)
-    tables = _class_tables(space, LayerSums.of(costs), costs.cut_bytes,
-                           candidate_cuts(costs, 96), 8)
+    tables = build_class_tables(space, LayerSums.of(costs), costs.cut_bytes,
+                                candidate_cuts(costs, 96), 8)
     if tables is None or tables.pooled is None:
         return None
     return tables, 8, hiding_ratio(costs, cluster), 0.06268075162732864
@@ -535,15 +535,14 @@ def _mlp_case() -> tuple[Any, int, float, float] | None:
 @pytest.mark.parametrize("at_once", [True, False])
 def test_counted_run_equals_the_reference_bit_for_bit(at_once: bool,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    # the faster _counted_run (equal positions, one pass per run) gives the value and the
+    # the faster counted_run (equal positions, one pass per run) gives the value and the
     # suffixes of the reference implementation (main 903aa00), bit for bit, with and
     # without `after`, with the stages' terms computed at once or per row
-    import solver.bounds
-    from solver.bounds import _counted_run
+    from solver.counted_pools import counted_run
     from tests.counted_reference import reference_counted_run
 
     if not at_once:
-        monkeypatch.setattr(solver.bounds, "_TERMS_AT_ONCE", 0)
+        patch_class_bound(monkeypatch, "_TERMS_AT_ONCE", 0)
     cases = list(_counted_cases(range(0, 40)))
     compared = finite = 0
     for tables, m, rho, target in cases:
@@ -551,8 +550,8 @@ def test_counted_run_equals_the_reference_bit_for_bit(at_once: bool,
                                      (0.3, 0.35)):
             low, top = low_share * target / m, top_share * target / m
             for prune in (True, False):
-                ours, made = _counted_run(tables, tables.pooled, m, low, top, target, rho,
-                                          prune=prune)
+                ours, made = counted_run(tables, tables.pooled, m, low, top, target, rho,
+                                         prune=prune)
                 ref, ref_made = reference_counted_run(tables, tables.pooled, m, low, top,
                                                       target, rho, prune=prune)
                 assert ours == ref or (math.isnan(ours) and math.isnan(ref)), (ours, ref)
@@ -560,8 +559,8 @@ def test_counted_run_equals_the_reference_bit_for_bit(at_once: bool,
                 assert np.array_equal(made[1], ref_made[1])
                 # a bucket split off the top of this one, reading its suffixes
                 upper = (low + top) / 2
-                ours2, _ = _counted_run(tables, tables.pooled, m, upper, top, target, rho,
-                                        after=made, prune=prune)
+                ours2, _ = counted_run(tables, tables.pooled, m, upper, top, target, rho,
+                                       after=made, prune=prune)
                 ref2, _ = reference_counted_run(tables, tables.pooled, m, upper, top, target,
                                                 rho, after=ref_made, prune=prune)
                 assert ours2 == ref2, (ours2, ref2)
@@ -575,19 +574,18 @@ def test_counted_run_equals_the_reference_bit_for_bit(at_once: bool,
 def test_counted_run_equals_the_reference_on_the_mlp(at_once: bool,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     # issue 14's MLP, where the gates let some stages through at some positions only
-    import solver.bounds
-    from solver.bounds import _counted_run
+    from solver.counted_pools import counted_run
     from tests.counted_reference import reference_counted_run
 
     if not at_once:
-        monkeypatch.setattr(solver.bounds, "_TERMS_AT_ONCE", 0)
+        patch_class_bound(monkeypatch, "_TERMS_AT_ONCE", 0)
     case = _mlp_case()
     assert case is not None
     tables, m, rho, target = case
     top_all = target / m
     for low_share, top_share in ((0.0, 0.87), (0.73, 0.79), (0.76, 0.78), (0.87, 0.93)):
         low, top = low_share * top_all, top_share * top_all
-        ours, made = _counted_run(tables, tables.pooled, m, low, top, target, rho)
+        ours, made = counted_run(tables, tables.pooled, m, low, top, target, rho)
         ref, ref_made = reference_counted_run(tables, tables.pooled, m, low, top, target, rho)
         assert ours == ref
         assert np.array_equal(made[0], ref_made[0]) and np.array_equal(made[1], ref_made[1])
@@ -597,7 +595,8 @@ def test_counted_tables_cut_at_the_target_give_the_same_bound() -> None:
     # class_bound without a cache builds counted tables whose rows stop before the first
     # end all of whose stages have x above target / M; with a cache (tables kept for other
     # targets: every end) the bound is the same, bit for bit
-    from solver.bounds import class_bound, counts_pools
+    from solver.class_bound import class_bound
+    from solver.class_tables import counts_pools
     from solver.space import ClassSpace, micro_batch_choices
     from solver.summary import hiding_ratio
 
@@ -629,8 +628,7 @@ def test_counted_first_grid_is_two_buckets(monkeypatch: pytest.MonkeyPatch) -> N
     # the counted bound starts with (0, r T] and (r T, T] (T = target / M, r =
     # _COUNTED_BUCKET_RATIO), splits from there, and still proves issue 14's round at
     # micro-batch 8 (its costliest size) within the bound's float slack
-    import solver.bounds
-    from solver.bounds import _COUNTED_BUCKET_RATIO, class_bound
+    from solver.class_bound import _COUNTED_BUCKET_RATIO, class_bound
     from solver.space import ClassSpace, candidate_cuts
     from solver.summary import hiding_ratio
     from tools.time_planner import mixed8, model_costs
@@ -639,14 +637,14 @@ def test_counted_first_grid_is_two_buckets(monkeypatch: pytest.MonkeyPatch) -> N
     cluster = mixed8().for_costs(costs)
     target, mb = 0.06268075162732864, 8
     runs: list[tuple[float, float]] = []
-    counted_run = solver.bounds._counted_run
+    counted_run = solver.counted_pools.counted_run
 
     def recorded(tables: Any, pooled: Any, m: int, low: float, top: float,
                  *args: Any, **kwargs: Any) -> Any:
         runs.append((low, top))
         return counted_run(tables, pooled, m, low, top, *args, **kwargs)
 
-    monkeypatch.setattr(solver.bounds, "_counted_run", recorded)
+    patch_class_bound(monkeypatch, "counted_run", recorded)
     value = class_bound(ClassSpace(costs, cluster), LayerSums.of(costs), costs.cut_bytes,
                         candidate_cuts(costs, 96), mb, 64 // mb, target,
                         rho=hiding_ratio(costs, cluster))
@@ -655,14 +653,14 @@ def test_counted_first_grid_is_two_buckets(monkeypatch: pytest.MonkeyPatch) -> N
                         (top_all * _COUNTED_BUCKET_RATIO, top_all)]
     assert value is not None and value >= target * (1 - 1e-6)
     # proven before the budget of runs: measured 18 (19 with three buckets of ratio 0.93)
-    assert len(runs) < solver.bounds.CLASS_COUNTED_EVALS
+    assert len(runs) < solver.class_bound.CLASS_COUNTED_EVALS
 
 
 def _rigid_instance(seed: int, *, max_layers: int, max_devices: int,
                     **_: Any) -> tuple[Any, Any, int]:
     """Two or three devices of each of one or two speeds, the same memory per speed (tight
     or not), random links and latencies, half with a runtime overhead per stage call:
-    groups of several devices of one class ([Note: rigid groups] in solver/bounds.py),
+    groups of several devices of one class ([Note: rigid groups] in solver/class_tables.py),
     with memory caps that bind."""
     import random
     from dataclasses import replace
@@ -701,10 +699,9 @@ def test_class_bound_with_rigid_groups_is_below_every_plan(
     # groups of several devices of one class have an upper bound on X too (their shares
     # are known): a stage below the bucket is not the dominant one, and no plan of brute
     # force falls below the bound, counted or priced, also where memory caps bind
-    import solver.bounds
 
     if priced:
-        monkeypatch.setattr(solver.bounds, "CLASS_POOLS_MAX", 0)
+        patch_class_bound(monkeypatch, "CLASS_POOLS_MAX", 0)
     checked, above = _check_class_bound(range(1000, 1025), _rigid_instance, devices=4)
     assert checked > 1000
     assert above > 25
@@ -715,11 +712,10 @@ def _priced_against(monkeypatch: pytest.MonkeyPatch, variant: Any,
     """On the rigid instances of seeds 1000-1039 (two micro-batch sizes each), with the
     pools priced: how often ``class_bound`` is above ``variant`` (called like it) by more
     than 1e-6 and below it by more than ``below``, relative; each is below the optimum."""
-    import solver.bounds
-    from solver.bounds import class_bound
+    from solver.class_bound import class_bound
     from solver.summary import hiding_ratio
 
-    monkeypatch.setattr(solver.bounds, "CLASS_POOLS_MAX", 0)
+    patch_class_bound(monkeypatch, "CLASS_POOLS_MAX", 0)
     higher = lower = 0
     for seed in range(1000, 1040):
         costs, cluster, batch = _rigid_instance(seed, max_layers=5, max_devices=4)
@@ -743,13 +739,12 @@ def _priced_against(monkeypatch: pytest.MonkeyPatch, variant: Any,
 def test_rigid_groups_raise_the_priced_bound(monkeypatch: pytest.MonkeyPatch) -> None:
     # the upper bounds of rigid groups ([Note: rigid groups]) keep a stage below the bucket
     # from being the dominant one: with them the priced bound is higher on some instances
-    import solver.bounds
-    from solver.bounds import class_bound
+    from solver.class_bound import class_bound
 
     def without(*args: Any, **kwargs: Any) -> float | None:
         with monkeypatch.context() as patch:
-            patch.setattr(solver.bounds, "_rigid_uppers",
-                          lambda space, classes, mb: [[math.inf, math.inf]] * len(classes))
+            patch_class_bound(patch, "_rigid_uppers",
+                              lambda space, classes, mb: [[math.inf, math.inf]] * len(classes))
             return class_bound(*args, **kwargs)
 
     higher, lower = _priced_against(monkeypatch, without)
@@ -763,7 +758,6 @@ def _random_relaxed(seeds: range, k: int) -> Any:
     class and for partner links, and a random bucket ``(low, top]`` of ``X_d``."""
     import random
 
-    import solver.bounds
     from solver.summary import hiding_ratio
 
     for seed in seeds:
@@ -772,7 +766,7 @@ def _random_relaxed(seeds: range, k: int) -> Any:
         space = ClassSpace(costs, cluster)
         cache: dict[Any, Any] = {}
         args = (space, LayerSums.of(costs), costs.cut_bytes, list(range(costs.num_layers - 1)))
-        solver.bounds.class_bound(*args, 1, batch, 1e9, pools=False, cache=cache, max_evals=1)
+        solver.class_bound.class_bound(*args, 1, batch, 1e9, pools=False, cache=cache, max_evals=1)
         tables = next((t for t in cache.values() if t is not None), None)
         if tables is None:
             continue
@@ -786,15 +780,15 @@ def _random_relaxed(seeds: range, k: int) -> Any:
 
 
 def test_relaxed_at_many_prices_is_relaxed_at_each() -> None:
-    # [Note: prices per class]: one pass of _relaxed_many at K prices gives each price's
-    # value of _relaxed, partner-link prices included
-    from solver.bounds import _relaxed, _relaxed_many
+    # [Note: prices per class]: one pass of relaxed_many at K prices gives each price's
+    # value of relaxed, partner-link prices included
+    from solver.relaxation import relaxed, relaxed_many
 
     compared = 0
     for seed, tables, m, low, top, prices, fast, rho in _random_relaxed(range(40), 5):
-        many = _relaxed_many(tables, m, low, top, 1e9, prices, rho, None, fast)
+        many = relaxed_many(tables, m, low, top, 1e9, prices, rho, None, fast)
         for k in range(5):
-            one = _relaxed(tables, m, low, top, 1e9, prices[k], rho, None, fast[k])
+            one = relaxed(tables, m, low, top, 1e9, prices[k], rho, None, fast[k])
             assert many[k] == pytest.approx(one, rel=1e-12, abs=1e-12), (seed, k)
             compared += math.isfinite(one)
     assert compared > 80
@@ -805,14 +799,14 @@ def test_counting_classes_is_never_below_pricing_them() -> None:
     # at the same prices of the others (and partner links), counting one class or all of
     # them is never below the priced value beyond rounding, and above it on most of these
     # random prices
-    from solver.bounds import _relaxed_many
+    from solver.relaxation import relaxed_many
 
     compared = higher = 0
     for seed, tables, m, low, top, prices, fast, rho in _random_relaxed(range(40), 4):
-        priced = _relaxed_many(tables, m, low, top, 1e9, prices, rho, None, fast)
+        priced = relaxed_many(tables, m, low, top, 1e9, prices, rho, None, fast)
         classes = len(tables.totals)
         for counted in [(c,) for c in range(classes)] + [tuple(range(classes))]:
-            found = _relaxed_many(tables, m, low, top, 1e9, prices, rho, None, fast, counted)
+            found = relaxed_many(tables, m, low, top, 1e9, prices, rho, None, fast, counted)
             for k in range(len(prices)):
                 if math.isinf(priced[k]):
                     assert found[k] == math.inf, (seed, counted, k)
@@ -830,16 +824,15 @@ def test_counted_classes_in_single_precision_stay_below_double(
         monkeypatch: pytest.MonkeyPatch) -> None:
     # [Note: counted classes]: the counted tables are single precision, and the rounding
     # taken off keeps the value at most the same DP's in double precision, and close to it
-    import solver.bounds
-    from solver.bounds import _relaxed_many
+    from solver.relaxation import relaxed_many
 
     compared = 0
     for seed, tables, m, low, top, prices, _, rho in _random_relaxed(range(120), 1):
         every = tuple(range(len(tables.totals)))
-        single = _relaxed_many(tables, m, low, top, 1e9, prices, rho, None, None, every)
+        single = relaxed_many(tables, m, low, top, 1e9, prices, rho, None, None, every)
         with monkeypatch.context() as patch:
-            patch.setattr(solver.bounds, "_COUNTED_DTYPE", np.float64)
-            double = _relaxed_many(tables, m, low, top, 1e9, prices, rho, None, None, every)
+            patch_class_bound(patch, "_COUNTED_DTYPE", np.float64)
+            double = relaxed_many(tables, m, low, top, 1e9, prices, rho, None, None, every)
         if math.isinf(double[0]):
             assert single[0] == math.inf
             continue
@@ -854,8 +847,8 @@ def test_counted_classes_are_the_slowest_that_fit_the_states(
     # CLASS_COUNTED_STATES; none where the pools are counted already
     import random
 
-    import solver.bounds
-    from solver.bounds import CLASS_COUNTED_STATES, bound_classes, counted_classes
+    from solver.class_tables import bound_classes
+    from solver.relaxation import CLASS_COUNTED_STATES, counted_classes
     from tests.solver_cases import make_cluster, random_costs
 
     costs = random_costs(random.Random(3), 6)
@@ -872,7 +865,7 @@ def test_counted_classes_are_the_slowest_that_fit_the_states(
     assert len(every) == 3
     assert chosen(twenty) == every[:2]          # (sorted: the two slowest)
     assert chosen([1.7, 1.0, 0.4]) == []        # pools counted: nothing more to count
-    monkeypatch.setattr(solver.bounds, "CLASS_COUNTED_STATES", 1)
+    patch_class_bound(monkeypatch, "CLASS_COUNTED_STATES", 1)
     assert chosen(eleven) == []
 
 
@@ -882,7 +875,7 @@ def test_counted_classes_raise_the_priced_bound(monkeypatch: pytest.MonkeyPatch)
     # rounding elsewhere (each below the optimum: _priced_against)
     from functools import partial
 
-    from solver.bounds import class_bound
+    from solver.class_bound import class_bound
 
     higher, lower = _priced_against(monkeypatch, partial(class_bound, count=False), 1e-5)
     assert higher >= 5      # (measured: 10 of the 80)
@@ -894,7 +887,7 @@ def test_prices_per_class_raise_the_priced_bound(monkeypatch: pytest.MonkeyPatch
     # some instances of two classes, and is below the ray's only by rounding elsewhere
     from functools import partial
 
-    from solver.bounds import class_bound
+    from solver.class_bound import class_bound
 
     higher, lower = _priced_against(monkeypatch, partial(class_bound, polish=False), 1e-5)
     assert higher >= 5
@@ -903,10 +896,10 @@ def test_prices_per_class_raise_the_priced_bound(monkeypatch: pytest.MonkeyPatch
 
 def test_min_max_ratio_is_the_greedy_split_bit_for_bit() -> None:
     # the heap over distinct rates gives the same float as Algorithm 1's greedy over every
-    # device ([Note: the greedy by equal rates] in solver/bounds.py)
+    # device ([Note: the greedy by equal rates] in solver/link_floors.py)
     import random
 
-    from solver.bounds import _min_max_ratio
+    from solver.link_floors import min_max_ratio
     from solver.split import split_shares
 
     rng = random.Random(3)
@@ -918,7 +911,7 @@ def test_min_max_ratio_is_the_greedy_split_bit_for_bit() -> None:
         shares = split_shares(mb, rates)
         expected = None if shares is None else max(b / r for b, r in zip(shares, rates,
                                                                          strict=True))
-        assert _min_max_ratio(mb, rates) == expected
+        assert min_max_ratio(mb, rates) == expected
 
 
 @pytest.mark.parametrize(("pools", "mixed"), [(False, False), (True, False), (False, True)])
@@ -929,7 +922,7 @@ def test_rigid_upper_bounds_hold_every_stage_of_every_plan(pools: bool, mixed: b
     # overhead per call, memory caps, optimizer state, links and latency included)
     import random
 
-    from solver.bounds import _class_tables, bound_classes
+    from solver.class_tables import bound_classes, build_class_tables
     from solver.space import ClassSpace
 
     seen = 0
@@ -948,8 +941,8 @@ def test_rigid_upper_bounds_hold_every_stage_of_every_plan(pools: bool, mixed: b
         for mb in sorted({plan.micro_batch_size
                           for plan in enumerate_plans(costs, cluster, batch, wide=True,
                                                       optimizer_state_factor=factor)}):
-            tables = _class_tables(space, LayerSums.of(costs), costs.cut_bytes, ends, mb,
-                                   None, pools, (factor, batch // mb) if mixed else None)
+            tables = build_class_tables(space, LayerSums.of(costs), costs.cut_bytes, ends, mb,
+                                        None, pools, (factor, batch // mb) if mixed else None)
             assert tables is not None
             groups = {tuple(int(c) for c in row): g for g, row in enumerate(tables.counts)}
             for plan in enumerate_plans(costs, cluster, batch, wide=True,
@@ -978,9 +971,8 @@ def test_priced_class_bound_with_mixed_uppers_is_below_every_plan(
         monkeypatch: pytest.MonkeyPatch, kind: str) -> None:
     # with the memory model the priced bound has upper bounds of mixed groups whose shares
     # fit ([Note: rigid groups]): no plan of brute force below it (tight memory included)
-    import solver.bounds
 
-    monkeypatch.setattr(solver.bounds, "CLASS_POOLS_MAX", 0)
+    patch_class_bound(monkeypatch, "CLASS_POOLS_MAX", 0)
     instance = _rigid_instance if kind == "rigid" else random_instance
     extra = {} if kind == "rigid" else {"links": True, "latency": True}
     checked, above = _check_class_bound(range(1100, 1125), instance, memory=True, **extra)
@@ -989,14 +981,14 @@ def test_priced_class_bound_with_mixed_uppers_is_below_every_plan(
 
 
 def test_late_gate_holds_for_every_stage_after_the_dominant_one() -> None:
-    # (L) of solver.bounds._late_gate: round >= g X_d + T_a^s / (2 - rho) for every stage
+    # (L) of solver.relaxation._late_gate: round >= g X_d + T_a^s / (2 - rho) for every stage
     # after the dominant one, at any position, on random pipelines of solver.evaluate's
     # round formula whose stages have min(E_f, E_b) >= rho X (docs/planner.md's example
     # of a late all-reduce above the round included)
     import random
 
-    from solver.bounds import _late_gate
     from solver.evaluate import round_terms
+    from solver.relaxation import _late_gate
 
     def check(e_f: list[float], e_b: list[float], t_a: list[float], m: int,
               rho: float) -> bool:
@@ -1031,7 +1023,7 @@ def _wired_pairs_instance(seed: int, *, max_layers: int, max_devices: int,
     """A fleet in miniature: boards of two speeds on a slow network, one or two wired
     pairs (disjoint) of fast links, a latency everywhere; parameters large or small, so
     that a pair may take a stage together or receive over its fast link ([Note: pairs of
-    devices] in solver.bounds)."""
+    devices] in solver.partners)."""
     import random
 
     from tests.solver_cases import make_cluster, random_costs
@@ -1061,14 +1053,13 @@ def test_class_bound_on_wired_pairs_is_below_every_plan(
     # partners"); no plan of brute force below the bound, with the pools counted,
     # priced, or over classes of the same compute (half of the seeds opt in with
     # --run-slow)
-    import solver.bounds
 
     if kind != "counted":
-        monkeypatch.setattr(solver.bounds, "CLASS_POOLS_MAX", 0)
+        patch_class_bound(monkeypatch, "CLASS_POOLS_MAX", 0)
     if kind == "few partners":
-        monkeypatch.setattr(solver.bounds, "FAST_GROUP_MAX", 2)
+        patch_class_bound(monkeypatch, "FAST_GROUP_MAX", 2)
     if kind == "coarse":
-        monkeypatch.setattr(solver.bounds, "bound_classes", solver.bounds._coarse_classes)
+        patch_class_bound(monkeypatch, "bound_classes", solver.class_tables._coarse_classes)
     checked, above = _check_class_bound(seeds, _wired_pairs_instance, devices=5)
     assert checked > 400
     assert above > 8
@@ -1078,7 +1069,7 @@ def test_pair_links_see_a_wired_pair_from_outside() -> None:
     # a wired pair of two boards of a kind: as a group of two, its all-reduce goes over the
     # fast link and both members receive over the slow network; a pair of one of them and
     # another board receives the first one's share over the fast link
-    from solver.bounds import _pair_links, _partners
+    from solver.partners import find_partners, pair_links
     from solver.space import ClassSpace
     from tests.solver_cases import make_cluster, uniform_costs
 
@@ -1091,7 +1082,7 @@ def test_pair_links_see_a_wired_pair_from_outside() -> None:
     fast, slow = 1000e6 / 8, 100e6 / 8
     wired = next(k for k, members in enumerate(classes)
                  if {space.names[d] for d in members} == {"d0", "d1"})
-    variants = _pair_links(space, classes)
+    variants = pair_links(space, classes)
     both = tuple(2 if k == wired else 0 for k in range(2))
     assert variants[both] == [(fast, 0.0, tuple((slow, slow) if k == wired else ()
                                                 for k in range(2)), 0)]
@@ -1102,14 +1093,14 @@ def test_pair_links_see_a_wired_pair_from_outside() -> None:
     # [Note: partner links]: d0 and d1 are each other's partners, one of them at most
     # receives over the wired link; the pair of a wired board and another has a variant
     # over it (one member counted) and one without
-    partners = _partners(space)
+    partners = find_partners(space)
     assert partners is not None
     mate, second, most = partners
     names = space.names
     assert {names[mate[names.index("d0")]], names[mate[names.index("d1")]]} == {"d0", "d1"}
     assert mate[names.index("d2")] is None and most == 1
     assert second[names.index("d0")] == slow
-    counted = _pair_links(space, classes, partners)
+    counted = pair_links(space, classes, partners)
     assert counted[both] == variants[both]
     assert sorted((v[2][wired], v[3]) for v in counted[mixed]) == [((slow,), 0),
                                                                   ((fast,), 1)]
@@ -1118,19 +1109,19 @@ def test_pair_links_see_a_wired_pair_from_outside() -> None:
 def test_partners_need_a_mutual_pair() -> None:
     # a hub whose fast links go out to every other device: each of those has the hub as
     # its partner, the hub has none (a tie), and nothing limits them (None)
-    from solver.bounds import _partners
+    from solver.partners import find_partners
     from solver.space import ClassSpace
     from tests.solver_cases import make_cluster, uniform_costs
 
     costs = uniform_costs(3)
     hub = make_cluster([1.0] * 4, bandwidth_mbps=100.0,
                        links=[("d0", f"d{k}", 1000.0) for k in (1, 2, 3)]).for_costs(costs)
-    assert _partners(ClassSpace(costs, hub)) is None
+    assert find_partners(ClassSpace(costs, hub)) is None
 
 
 def _pair_links_by_lookup(space: ClassSpace, classes: list[list[int]],
                           partners: Any) -> dict[tuple[int, ...], list[Any]]:
-    """``_pair_links`` as it was before the link matrices: every link asked of the
+    """``pair_links`` as it was before the link matrices: every link asked of the
     cluster (the reference)."""
     cluster, names = space.cluster, space.names
     cls = {d: k for k, members in enumerate(classes) for d in members}
@@ -1165,28 +1156,29 @@ def _pair_links_by_lookup(space: ClassSpace, classes: list[list[int]],
 
 
 def test_link_matrices_give_what_the_cluster_says() -> None:
-    """The helpers read every link once per space (``_links``) and give what asking the
+    """The helpers read every link once per space (``space_links``) and give what asking the
     cluster for each pair gives: the fastest link into each device, the smallest latency,
     and per pair of devices its variants, with and without partners (fleets of wired
     pairs); the pairs are computed once per space and classes."""
-    from solver.bounds import _in_bandwidth, _min_latency, _pair_links, _partners
+    from solver.link_floors import in_bandwidth, min_latency
+    from solver.partners import find_partners, pair_links
 
     checked = 0
     for seed in range(40):
         costs, cluster, _ = random_instance(seed, max_devices=7, links=True, latency=True)
         space = ClassSpace(costs, cluster.for_costs(costs))
         names, c = space.names, space.cluster
-        for d, got in enumerate(_in_bandwidth(space)):
+        for d, got in enumerate(in_bandwidth(space)):
             ins = [c.bandwidth_bytes_s(e, names[d]) for e in names if e != names[d]]
             assert got == (max(ins) if ins else math.inf)
         lats = [c.latency_s(a, b) for a in names for b in names if a != b]
-        assert _min_latency(space) == (min(lats) if lats else 0.0)
+        assert min_latency(space) == (min(lats) if lats else 0.0)
         classes = [list(m) for m in space.classes]
-        mates = _partners(space)
+        mates = find_partners(space)
         for partners in [None] if mates is None else [None, mates]:
-            found = _pair_links(space, classes, partners)
+            found = pair_links(space, classes, partners)
             assert found == _pair_links_by_lookup(space, classes, partners)
-            assert _pair_links(space, classes, partners) is found
+            assert pair_links(space, classes, partners) is found
             checked += 1
     assert checked >= 40
 
@@ -1196,7 +1188,7 @@ def test_states_by_speed_map_each_state_to_its_suffix() -> None:
     # first), and a kind's stage puts its suffix at u where the suffix after it has u - v
     import dataclasses
 
-    from solver.bounds import _CountStates
+    from solver.relaxation import _CountStates
 
     checked = 0
     for _, tables, _, _, top, _, _, _ in _random_relaxed(range(20), 1):
@@ -1231,7 +1223,7 @@ def test_batch_reads_every_kind_at_its_own_ends() -> None:
     # [Note: kinds at once]: the kinds that reach the same ends are read together, every
     # pair (kind, state) once, at exactly its kind's ends; the smallest over each kind's
     # groups and a kind's values at its pairs are those of a loop over the kinds
-    from solver.bounds import _Batch
+    from solver.relaxation import _Batch
 
     rng = np.random.default_rng(24)
     for _ in range(200):
@@ -1266,7 +1258,7 @@ def test_batch_lowers_a_state_to_the_smallest_of_the_kinds_that_share_it() -> No
     # [Note: kinds at once]: pairs of different kinds that put a suffix into the same
     # state: the state keeps the smallest value, on a whole table (one flat
     # np.minimum.at) and on a view of one (a row of with_d), along any axis
-    from solver.bounds import _Batch
+    from solver.relaxation import _Batch
 
     rng = np.random.default_rng(2024)
     for _ in range(200):
@@ -1298,7 +1290,7 @@ def test_states_by_speed_only_raise_the_counted_value() -> None:
     # beyond their number (the value is a bound: class_bound's brute-force tests count)
     import dataclasses
 
-    from solver.bounds import _relaxed_many
+    from solver.relaxation import relaxed_many
 
     compared = higher = 0
     for seed, tables, m, _, _, prices, fast, rho in _random_relaxed(range(60), 2):
@@ -1308,9 +1300,9 @@ def test_states_by_speed_only_raise_the_counted_value() -> None:
         # work over the cluster's speed)
         top = float(tables.work[1][0] / (tables.totals @ tables.speeds)) * (1.0 + seed / 60)
         for counted in [(0,), tuple(range(classes))]:
-            kept = _relaxed_many(tables, m, 0.0, top, 1e9, prices, rho, None, fast, counted)
-            whole = _relaxed_many(dataclasses.replace(tables, work=None), m, 0.0, top, 1e9,
-                                  prices, rho, None, fast, counted)
+            kept = relaxed_many(tables, m, 0.0, top, 1e9, prices, rho, None, fast, counted)
+            whole = relaxed_many(dataclasses.replace(tables, work=None), m, 0.0, top, 1e9,
+                                 prices, rho, None, fast, counted)
             for k in range(len(prices)):
                 if len(counted) == classes:
                     assert kept[k] == whole[k], (seed, k)
@@ -1328,20 +1320,20 @@ def test_floors_leave_every_value_below_the_limit() -> None:
     # the limit or above
     import dataclasses
 
-    from solver.bounds import _relaxed_many
+    from solver.relaxation import relaxed_many
 
     compared = cut = 0
     for seed, tables, m, low, top, prices, fast, rho in _random_relaxed(range(60), 2):
         every = tuple(range(len(tables.totals)))
         plain = dataclasses.replace(tables, work=None)
-        free = _relaxed_many(tables, m, low, top, 1e9, prices, rho, None, fast, every)
+        free = relaxed_many(tables, m, low, top, 1e9, prices, rho, None, fast, every)
         for k in range(len(prices)):
             if not math.isfinite(free[k]):
                 continue
             for limit in (free[k] * 0.98, free[k] * 1.02 + 1e-3):
                 args = (m, low, top, limit, prices[k:k + 1], rho, None, fast[k:k + 1], every)
-                found = _relaxed_many(tables, *args)[0]
-                whole = _relaxed_many(plain, *args)[0]
+                found = relaxed_many(tables, *args)[0]
+                whole = relaxed_many(plain, *args)[0]
                 if whole < limit:
                     assert found == whole, (seed, k, limit)
                     compared += 1
@@ -1354,7 +1346,7 @@ def test_floors_leave_every_value_below_the_limit() -> None:
 def test_a_counted_span_takes_the_most_buckets_below_the_target_within_its_ratio() -> None:
     # [Note: counted spans]: of the adjacent buckets around the one to count, within
     # _COUNT_SPAN of top to low, those with the most below the target (the narrowest)
-    from solver.bounds import _COUNT_SPAN, _count_span
+    from solver.class_bound import _COUNT_SPAN, _count_span
 
     target = 1.0
     done = [(0.0, 0.60, 0.5), (0.60, 0.70, 0.9), (0.70, 0.71, 0.8), (0.71, 0.715, 1.0),

@@ -8,10 +8,10 @@ size and a few count vectors of the device classes (by default those of the plan
 * the exact optimum over plans whose every stage takes one of those vectors, in every device
   order (the classes DP of ``solver.dp`` with its groups narrowed to them), and
 * per bucket ``(low, top]`` of the dominant stage's ``X``, the smallest value of bound (A) of
-  [Note: the class bound] in ``solver.bounds`` over relaxed plans on the same vectors, with
+  [Note: the class bound] in ``solver.class_bound`` over relaxed plans on the same vectors, with
   the devices counted exactly, and the relaxed plan behind the smallest.
 
-``relaxed_plan`` is a second, plain implementation of ``solver.bounds._relaxed_many`` (every
+``relaxed_plan`` is a second, plain implementation of ``solver.relaxation.relaxed_many`` (every
 class counted, one state per use count of each vector instead of per device count vector),
 written to be read and to trace its plan back: the same stages, gates and value (the tests
 compare them). ``--priced`` runs ``priced_plan`` instead: every group of the tables, the
@@ -46,19 +46,18 @@ from contracts.cluster import Cluster
 from contracts.errors import PlanError
 from contracts.plan import Plan, Stage
 from contracts.table import CostTable
-from solver.bounds import (
-    _AFTER_LEVELS,
-    _PRICED_AFTER_LEVELS,
-    _SLACK,
-    _ClassTables,
-    _gates,
-    _late_gate,
-    _rest_gate,
-    bound_classes,
-    class_bound,
-)
+from solver.class_bound import class_bound
+from solver.class_tables import ClassTables, bound_classes
 from solver.dp import DPResult, asteroid_dp
 from solver.evaluate import LayerSums
+from solver.link_floors import SLACK
+from solver.relaxation import (
+    _AFTER_LEVELS,
+    _PRICED_AFTER_LEVELS,
+    _late_gate,
+    gate_levels,
+    rest_gate_at,
+)
 from solver.space import ClassSpace, EvenSpace, candidate_cuts, device_classes
 from solver.split import resplit
 from solver.summary import hiding_ratio
@@ -102,7 +101,7 @@ class Bed:
     """An instance's class-bound tables at one micro-batch size, narrowed to ``groups``
     (indices into them) with their count vectors ``vectors``."""
 
-    tables: _ClassTables
+    tables: ClassTables
     vectors: tuple[Vector, ...]
     groups: tuple[int, ...]
     num_micro: int
@@ -126,7 +125,7 @@ def plan_vectors(plan: Plan, costs: CostTable, cluster: Cluster) -> tuple[Vector
 
 def _bound_tables(costs: CostTable, cluster: Cluster, batch_size: int, micro_batch: int,
                   target: float, max_cuts: int | None, **options: Any
-                  ) -> tuple[float | None, _ClassTables | None, float]:
+                  ) -> tuple[float | None, ClassTables | None, float]:
     """``class_bound``'s value and tables (priced, no partner links, no optimizer state)
     for ``micro_batch`` at ``target`` with ``options``, and the hiding ratio it used."""
     cluster = cluster.for_costs(costs)
@@ -158,11 +157,11 @@ def bed(costs: CostTable, cluster: Cluster, batch_size: int, micro_batch: int,
     return Bed(narrowed, per_group, groups, batch_size // micro_batch, rho, costs.num_layers)
 
 
-def narrow(tables: _ClassTables, vectors: Sequence[Vector]
-           ) -> tuple[_ClassTables, tuple[int, ...], tuple[Vector, ...]]:
+def narrow(tables: ClassTables, vectors: Sequence[Vector]
+           ) -> tuple[ClassTables, tuple[int, ...], tuple[Vector, ...]]:
     """``tables`` with every group left out (``x`` at inf) but those on ``vectors`` (a count
     vector of two devices may have a group per pair of links: [Note: pairs of devices] in
-    ``solver.bounds``), the kept groups and their vectors."""
+    ``solver.partners``), the kept groups and their vectors."""
     counts = [tuple(int(c) for c in row) for row in tables.counts]
     wanted = {tuple(v) for v in vectors}
     if any(len(v) != tables.counts.shape[1] for v in wanted):
@@ -198,7 +197,7 @@ def _traced(b: Bed, kind: str, vector: Vector, row: int, group: int, end: int, a
 def relaxed_plan(b: Bed, low: float, top: float, limit: float) -> Relaxed:
     """The smallest (A) over relaxed plans on ``b``'s groups (within the cluster's device
     counts: one state per use count of each group) with ``X_d`` in ``(low, top]`` below
-    ``limit``, as ``solver.bounds._relaxed_many`` computes it with every class counted
+    ``limit``, as ``solver.relaxation.relaxed_many`` computes it with every class counted
     (exactly where ``M <= _CHORD_POINTS`` or each count vector has one group; elsewhere its
     chords may give less), and its plan."""
     tables, m, rho = b.tables, b.num_micro, b.rho
@@ -214,9 +213,9 @@ def relaxed_plan(b: Bed, low: float, top: float, limit: float) -> Relaxed:
             if u[q]:
                 minus[q, s] = index[u[:q] + (u[q] - 1,) + u[q + 1:]]
     n_u, rows, n_a = len(states), len(tables.firsts), m
-    gates, levels = _gates(m, rho, low, _AFTER_LEVELS)
+    gates, levels = gate_levels(m, rho, low, _AFTER_LEVELS)
     late, late_ta = _late_gate(m, rho, low)
-    rest = _rest_gate(m, int(tables.totals.sum()), rho, low, top)
+    rest = rest_gate_at(m, int(tables.totals.sum()), rho, low, top)
     inf = math.inf
     # placed[level, row, state, a]: suffixes after the dominant stage whose first stage is
     # at position level + 1 (the last level: any position); with_d[row, state]: suffixes
@@ -307,15 +306,15 @@ def relaxed_plan(b: Bed, low: float, top: float, limit: float) -> Relaxed:
 def priced_plan(b: Bed, low: float, top: float, limit: float,
                 prices: np.ndarray) -> Relaxed:
     """``relaxed_plan`` with the devices priced (``prices`` per device of each class, as
-    ``solver.bounds._relaxed_many`` takes them) instead of counted, on every group of the
-    bed at once: the value ``L - prices . n`` (``_relaxed_many``'s at one price vector, or
+    ``solver.relaxation.relaxed_many`` takes them) instead of counted, on every group of the
+    bed at once: the value ``L - prices . n`` (``relaxed_many``'s at one price vector, or
     above it where its chords give less: ``M > _CHORD_POINTS``), its plan, and in
     ``usage`` the devices of each class the plan takes (it may take more than the cluster
     has: what the prices leave open)."""
     tables, m, rho = b.tables, b.num_micro, b.rho
-    gates, levels = _gates(m, rho, low, _PRICED_AFTER_LEVELS)
+    gates, levels = gate_levels(m, rho, low, _PRICED_AFTER_LEVELS)
     late, late_ta = _late_gate(m, rho, low)
-    rest = _rest_gate(m, int(tables.totals.sum()), rho, low, top)
+    rest = rest_gate_at(m, int(tables.totals.sum()), rho, low, top)
     rows, n_a = len(tables.firsts), m
     cost = tables.counts @ prices                                           # (G,)
     inf = math.inf
@@ -396,14 +395,14 @@ def weakest_prices(costs: CostTable, cluster: Cluster, batch_size: int, micro_ba
     """``class_bound`` with prices (no classes counted, no partner links) for
     ``micro_batch`` at ``target``: a bed on every group of its tables, the narrowest bucket
     ``(low, top]`` whose best dual value sets its bound, the prices of that value (per
-    device of each class, as ``_relaxed_many`` takes them) and the bound."""
-    import solver.bounds
+    device of each class, as ``relaxed_many`` takes them) and the bound."""
+    import solver.class_bound
 
     m = batch_size // micro_batch
     seen: dict[tuple[float, float], tuple[float, np.ndarray]] = {}
-    original = solver.bounds._relaxed_many
+    original = solver.class_bound.relaxed_many
 
-    def record(tables: _ClassTables, m_: int, low: float, top: float, limit: float,
+    def record(tables: ClassTables, m_: int, low: float, top: float, limit: float,
                prices: np.ndarray, *rest: Any) -> np.ndarray:
         found = original(tables, m_, low, top, limit, prices, *rest)
         k = int(np.argmax(found))
@@ -411,18 +410,18 @@ def weakest_prices(costs: CostTable, cluster: Cluster, batch_size: int, micro_ba
             seen[(low, top)] = (float(found[k]), np.array(prices[k]))
         return found
 
-    solver.bounds._relaxed_many = record     # type: ignore[assignment]
+    solver.class_bound.relaxed_many = record     # type: ignore[assignment]
     try:
         value, tables, rho = _bound_tables(costs, cluster, batch_size, micro_batch, target,
                                            max_cuts)
     finally:
-        solver.bounds._relaxed_many = original
+        solver.class_bound.relaxed_many = original
     if value is None or tables is None or not seen:
         raise ValueError(f"no class bound at micro-batch {micro_batch} (no group takes it, "
                          "or too many classes)")
-    # (the bucket whose bound is the returned one: class_bound returns it times _SLACK)
+    # (the bucket whose bound is the returned one: class_bound returns it times SLACK)
     (low, top), (_, prices) = min(seen.items(), key=lambda kv: (
-        round(abs(max(kv[1][0], m * kv[0][0]) * _SLACK - value) / value, 6),
+        round(abs(max(kv[1][0], m * kv[0][0]) * SLACK - value) / value, 6),
         kv[0][1] - kv[0][0]))
     vectors = tuple(tuple(int(c) for c in row) for row in tables.counts)
     b = Bed(replace(tables, work=None), vectors, tuple(range(len(vectors))), m, rho,

@@ -387,7 +387,7 @@ def stage_bound_rows() -> list[str]:
     return lines
 
 
-# -- the class bound (solver.bounds.class_bound) ----------------------------------------------
+# -- the class bound (solver.class_bound) --------------------------------------------------
 CLASS_BOUND_CASES: tuple[tuple[str, str, Callable[[], Cluster], int, float], ...] = (
     ("MLP 200 x 8 mixed", "mlp200", mixed8, 64, 0.06268075162732864),
     ("ResNet-50 x 32 Jetsons, 1000 Mbps", "resnet50_imagenet", partial(jetson_mix, 32), 64,
@@ -405,7 +405,7 @@ def class_bound_rows() -> list[str]:
     bound over every order for the best round time known (the target), with the CPU
     seconds of each class bound, and the gap of the smallest bound over the sizes."""
     from solver.anytime import work_bound
-    from solver.bounds import class_bound
+    from solver.class_bound import class_bound
     from solver.evaluate import LayerSums
     from solver.space import ClassSpace, candidate_cuts
     from solver.summary import hiding_ratio

@@ -1,0 +1,674 @@
+"""The class bound's stage tables: lower bounds of every stage of every group of counts."""
+
+from __future__ import annotations
+
+import itertools
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from solver.evaluate import WORKSPACE_FRACTION
+from solver.link_floors import (
+    ABOVE,
+    SLACK,
+    in_bandwidth,
+    min_latency,
+    min_max_ratio,
+    space_links,
+    triangle_links,
+)
+from solver.partners import FAST_GROUP_MAX, find_partners, pair_links
+from solver.space import ClassSpace
+from solver.timing import LayerSums
+
+__all__ = ["CLASS_GROUPS_MAX", "CLASS_VECTORS_MAX", "CLASS_POOLS_MAX", "ClassTables", "Pooled",
+           "Flat", "build_class_tables", "bound_classes", "counts_pools", "Late"]
+
+CLASS_GROUPS_MAX = 1500
+"""``class_bound`` uses at most this many groups (count vectors); above, groups with
+counts in the same geometric bucket of every class merge into one that is at least as
+good as each of them."""
+
+CLASS_VECTORS_MAX = 20_000
+"""``class_bound`` counts devices in coarser classes (same compute, links bounded by
+their best) on clusters with more count vectors than this (``prod (n_k + 1)`` over the
+classes), and gives up (None) where those too have more."""
+
+CLASS_POOLS_MAX = 128
+"""``class_bound`` counts the devices of every relaxed plan exactly (no prices) and reads
+each transfer at the links of the stage before, where the classes have at most this
+many count vectors (``prod (n_k + 1)``): [Note: counted pools]. The 200-layer MLP on
+eight mixed devices has 72; BERT-small on the 16-device fleet (252, coarse classes)
+was measured slower than its time limit with them, so it keeps the prices."""
+
+
+@dataclass(frozen=True)
+class ClassTables:
+    """Per first layer ``firsts[i]``: ``(x, big, t_a, next, shortest)``: lower bounds of
+    the stage's ``X = E_f + E_b`` and ``max(E_f, E_b)`` and its exact ``T_a`` (groups x
+    candidate ends), the row of the layer after each end, and the smallest ``x`` over the
+    groups per end (non-decreasing); ``counts``: devices per class of each group.
+    ``pooled``, where the pools are counted ([Note: counted pools]): per group and sender
+    profile the smallest latency and the smallest ``max_e b_e / bw_e`` of a transfer into
+    the group from a group of that profile; each group's own profile as a sender; per row
+    the work of the layers before it and of the layers from it on, ``sum (intercepts +
+    slopes b)`` forward and backward; the pools (count vectors of the classes, in the order
+    of ``np.unravel_index`` over ``totals + 1``): ``src[g, q]``, the pool a suffix leaves
+    after a stage on group ``g`` when it uses ``q`` (``n_pools``: none), the devices in
+    each pool (and 0 for none), the bound speed each pool leaves free and the bound speed
+    in it; and per row what ``_counted`` reads: the transfer bounds (groups x profiles),
+    ``x`` without them, ``x`` with the smallest, the upper bound of ``_rigid_uppers``
+    (groups x ends; inf: none), the compute part of ``max(E_f, E_b)``, ``T_a``, the next
+    rows and the non-decreasing smallest ``x`` per end."""
+
+    firsts: tuple[int, ...]
+    rows: tuple[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray], ...]
+    counts: np.ndarray
+    totals: np.ndarray
+    speeds: np.ndarray
+    pooled: Pooled | None = None
+    uppers: tuple[np.ndarray, ...] = ()
+    fast: np.ndarray | None = None
+    """Per group, the members it lets receive over a partner's link (priced tables where
+    [Note: partner links] applies; None elsewhere), at most ``fast_total`` in a plan."""
+    fast_total: float = 0.0
+    work: tuple[np.ndarray, np.ndarray] | None = None
+    """Per row the work of the layers before it and of the layers from it on (as in
+    ``Pooled``), where every group's ``x`` is at least its work over its bound speed
+    (priced tables with no merged groups; None elsewhere): [Note: states by speed]."""
+
+
+@dataclass(frozen=True)
+class Pooled:
+    """The parts of ``ClassTables`` that ``_counted`` needs (see there)."""
+
+    latency: np.ndarray
+    gamma: np.ndarray
+    profile: np.ndarray
+    head: np.ndarray
+    tail: np.ndarray
+    src: np.ndarray
+    sizes: np.ndarray
+    free_speed: np.ndarray
+    speed: np.ndarray
+    rows: tuple[tuple[np.ndarray, ...], ...]
+    flat: dict[tuple[float, float], Flat] = field(default_factory=dict, compare=False)
+    """``flat_stages`` by its caps (``top``, ``T_a`` limit)."""
+
+
+@dataclass(frozen=True)
+class Flat:
+    """The stages of every row of a ``Pooled`` whose ``lowest`` and ``T_a`` are below caps,
+    one array per field, rows in order (``row``): the group, the row after the stage
+    (``nxt``), the smallest ``x`` of its row's ends up to its own (``shortest``: a run
+    with ``top`` below it does not take the stage), ``lowest``, ``T_a``, the upper bound
+    ``upper``, ``x`` and the bound of ``max(E_f, E_b)`` without the transfers (``x0``,
+    ``big0``), and the transfer bounds of every row (rows x groups x sender profiles):
+    what ``counted_run`` reads per row, gathered once for every run."""
+
+    row: np.ndarray
+    group: np.ndarray
+    nxt: np.ndarray
+    shortest: np.ndarray
+    lowest: np.ndarray
+    t_a: np.ndarray
+    upper: np.ndarray
+    x0: np.ndarray
+    big0: np.ndarray
+    comm: np.ndarray
+    at: np.ndarray
+    """Per stage the flat position of the row after it in a (row, pool, profile) table, at
+    the stage's own profile: the suffix after the stage in pool ``q`` is at ``at + q
+    n_prof``."""
+    x: np.ndarray
+    """Per stage and sender profile ``x0 + 2 comm`` (its transfers both ways)."""
+    big: np.ndarray
+    """Per stage and sender profile ``big0 + comm``."""
+
+
+def _bucket(count: int) -> int:
+    """Geometric bucket of a device count: 0, 1, 2, 3, 4-5, 6-7, 8-11, 12-15, ..."""
+    if count < 4:
+        return count
+    top = count.bit_length() - 1
+    return 2 * top + (1 if count >= 3 << (top - 1) else 0)
+
+
+def build_class_tables(space: ClassSpace, sums: LayerSums, cut_bytes: Sequence[int],
+                       ends: Sequence[int], micro_batch: int,
+                       deadline: float | None = None, pools: bool = True,
+                       memory: tuple[float, int] | None = None,
+                       partner_links: bool = True,
+                       top_cap: float = math.inf) -> ClassTables | None:
+    """The per-stage lower bounds of [Note: the class bound] for every group of at most
+    ``micro_batch`` devices (merged into buckets above ``CLASS_GROUPS_MAX``); ``Late``
+    when the ``time.perf_counter()`` deadline passes first. ``partner_links``: count the
+    members over partners' links where the pools are priced ([Note: partner links]; False:
+    fewer groups, quicker tables). ``top_cap``: where the pools are counted, each row's
+    ends stop before the first whose stages all have ``x`` above it (``shortest``: no
+    counted run with a ``top`` at most the cap takes them). ``memory``: the optimizer
+    state factor and the micro-batches a round, where known: mixed groups whose shares
+    fit get upper bounds of ``X`` too ([Note: rigid groups]; priced tables only)."""
+    classes = bound_classes(space)
+    if classes is None:
+        return None
+    n_classes = len(classes)
+    counts_all = tuple(len(c) for c in classes)
+    bw_in = in_bandwidth(space)
+    lat0 = min_latency(space)
+    names, timing = space.names, space.timing
+    heads = [members[0] for members in classes]
+    # per pair of classes: an upper bound on the bandwidth and a lower bound on the latency
+    # of a link between two of their members, either way (T_a's slowest link and largest
+    # latency, so T_a below is a lower bound of the group's); 0 where no such pair
+    net = space_links(space)
+    link_bw = [[0.0] * n_classes for _ in range(n_classes)]
+    link_lat = [[math.inf] * n_classes for _ in range(n_classes)]
+    for k, a_members in enumerate(classes):
+        for j, b_members in enumerate(classes):
+            # (the diagonal is -inf and inf: no device links to itself)
+            block = np.ix_(a_members, b_members)
+            link_bw[k][j] = max(0.0, float(net.sym_bw[block].max()))
+            link_lat[k][j] = float(net.sym_lat[block].min())
+    tri_bw, tri_lat = triangle_links(space)
+    # per class: bound speed, fastest links into its members (fastest first), time
+    # source and divisor (the same for every member, bound_classes)
+    per_class = [(space.bounds[d], sorted((bw_in[e] for e in members), reverse=True),
+                  timing.device(names[d]).source, timing.device(names[d]).divisor)
+                 for d, members in zip(heads, classes, strict=True)]
+    pooled = pools and math.prod(c + 1 for c in counts_all) <= CLASS_POOLS_MAX
+    profiles = _sender_profiles(link_bw, link_lat) if pooled else []
+    # the one-device upper bounds need the stage bound's compute on the base times exact
+    base = timing.base
+    exact = all(list(getattr(sums, f)) == list(getattr(base, f))
+                for f in ("fwd_intercept", "fwd_slope", "bwd_intercept", "bwd_slope")) \
+        and (sums.call_fwd, sums.call_bwd) == (base.call_fwd, base.call_bwd)
+    # the runtime's seconds per stage call, in every device's compute (the lower bounds
+    # leave it out; the upper bounds of rigid groups add it)
+    call = base.call_fwd + base.call_bwd
+    uppers = (_rigid_uppers(space, classes, micro_batch) if exact
+              else [[math.inf, math.inf]] * n_classes)
+    rigid = [_same_memory(space, members) for members in classes]
+    mixed = memory is not None and not pooled
+    # per group: 1 / its slowest bound speed, whether it is rigid, and the most samples
+    # a member of each class takes in Algorithm 1's split without memory caps
+    # keyed by (count vector, variant): a count vector of two devices has a variant per
+    # pair of devices that differs in its links ([Note: pairs of devices])
+    extra: dict[tuple[tuple[int, ...], int], tuple[float, bool, tuple[int, ...]]] = {}
+    ratios: dict[tuple[float, ...], float] = {}
+    found: dict[tuple[tuple[int, ...], int], list[float]] = {}
+    # [Note: partner links]: priced tables count the members that receive over a partner's
+    # link (None: no such budget, every group as before)
+    partners = None if pooled or not partner_links else find_partners(space)
+    duos = pair_links(space, classes, partners)
+    fasts: dict[tuple[tuple[int, ...], int], int] = {}
+    gammas: dict[tuple[float, ...], float | None] = {}
+    if partners is not None:
+        second = partners[1]
+        # per class, the members' fastest links in from anyone else but their partner
+        slow_in = [sorted((second[e] for e in members), reverse=True) for members in classes]
+    for seen, take in enumerate(itertools.product(*(range(c + 1) for c in counts_all))):
+        if deadline is not None and not seen % 256 and time.perf_counter() > deadline:
+            raise Late
+        size = sum(take)
+        if size == 0 or size > micro_batch:
+            continue
+        present = [k for k, t in enumerate(take) if t]
+        us = [per_class[k][0] for k in present for _ in range(take[k])]
+        beta = min_max_ratio(micro_batch, us)
+        if beta is None:
+            continue
+        # per variant: the slowest link and largest latency inside (T_a) and, per class,
+        # the links into its members from outside the group (fastest first)
+        variants: list[tuple[float, float, tuple[tuple[float, ...], ...], int]] = []
+        if size == 2:
+            variants = duos.get(take, [])
+        else:
+            # the members with the fastest links into them: a lower bound for any members
+            ins = tuple(tuple(per_class[k][1][:take[k]]) if take[k] else ()
+                        for k in range(n_classes))
+            if size > 1:
+                pairs = [(k, j) for k in present for j in present
+                         if j > k or (j == k and take[k] > 1)]
+                min_bw = min(link_bw[k][j] for k, j in pairs)
+                max_lat = max(link_lat[k][j] for k, j in pairs)
+                # the group holds a triangle of devices
+                min_bw, max_lat = min(min_bw, tri_bw), max(max_lat, tri_lat)
+            else:
+                min_bw, max_lat = math.inf, 0.0
+            if partners is None or size > FAST_GROUP_MAX:
+                # (a larger group receives over every member's fastest link for free: a
+                # relaxation of the count, [Note: partner links])
+                variants = [(min_bw, max_lat, ins, 0)]
+            else:
+                # f members over their partners' links (the f fastest such links of the
+                # group's classes), the others over the fastest of the rest
+                fast_in = sorted((bw for k in present for bw in per_class[k][1][:take[k]]),
+                                 reverse=True)
+                slow = sorted((bw for k in present for bw in slow_in[k][:take[k]]),
+                              reverse=True)
+                # the most members over partners' links that still speed the group up
+                # (once a partner's link is no faster than the second link it replaces,
+                # more of them only slow it down)
+                most = 0
+                while (most < min(size, int(partners[2]))
+                       and fast_in[most] > slow[size - most - 1]):
+                    most += 1
+                # f = 0 exactly, then f in [g, 2g - 1] (g = 1, 2, 4, ...) as one variant of
+                # cost g at the links of min(2g - 1, most) (no slower than any f there),
+                # the last up to `most` and beyond (fewer variants, each a relaxation)
+                grid = [0] + [1 << j for j in range(most.bit_length())]
+                for at, f in enumerate(grid):
+                    upto = min(most, 2 * f - 1) if at + 1 < len(grid) else most
+                    links = tuple(sorted(fast_in[:upto] + slow[:size - upto], reverse=True))
+                    # (priced tables read only the rates: one class holds them all)
+                    variants.append((min_bw, max_lat, (links,) + ((),) * (n_classes - 1),
+                                     f))
+        divisors: dict[int, float] = {}
+        for k in present:
+            src, div = per_class[k][2], per_class[k][3]
+            divisors[src] = min(div, divisors.get(src, math.inf))
+        step = max(timing.sources[src].update_per_byte / div for src, div in divisors.items())
+        # [Note: rigid groups]: one device, or devices of one class of equal memory; and
+        # (priced, with the memory model) any group where its shares fit
+        firm = len(present) == 1 and (size == 1 or rigid[present[0]])
+        for v, (min_bw, max_lat, ins, f) in enumerate(variants):
+            rates = tuple(sorted(bw for row in ins for bw in row))
+            if rates not in gammas:     # (the same links recur over many count vectors)
+                gammas[rates] = (math.inf if rates[0] <= 0.0
+                                 else min_max_ratio(micro_batch, rates))
+            gamma = gammas[rates]
+            if gamma is None:
+                continue
+            if size > 1:
+                reduce_a = 2.0 * (size - 1) / (size * min_bw)
+                reduce_b = 2.0 * (size - 1) * max_lat
+            else:
+                reduce_a = reduce_b = 0.0
+            key = (take, v)
+            fasts[key] = f
+            found[key] = [1.0 / max(us), beta, gamma, reduce_a, reduce_b, step]
+            if pooled:
+                found[key] += _profile_terms(take, per_class, profiles, link_bw, link_lat,
+                                             micro_batch, ratios, ins)
+            found[key] += ([max(uppers[k][0] for k in present),
+                            max(uppers[k][1] for k in present)] if firm or mixed
+                           else [math.inf, math.inf])
+            extra[key] = (1.0 / min(us), firm, tuple(
+                min(micro_batch, math.floor(beta * per_class[k][0] * ABOVE)) if t else 0
+                for k, t in enumerate(take)))
+    if not found:
+        return None
+    # (a merged group's x may be below its work over the speed of its smaller counts)
+    exact_counts = len(found) <= CLASS_GROUPS_MAX
+    if not exact_counts:
+        # a merged group has the smallest count of each class and the smallest of every
+        # constant of its members: every stage of a member costs at least as much
+        # (and the fewest members over partners' links)
+        merged: dict[tuple[int, ...], tuple[list[int], list[float]]] = {}
+        for key, consts in found.items():
+            vec = (*key[0], fasts[key])
+            where = tuple(_bucket(c) for c in vec)
+            old = merged.get(where)
+            if old is None:
+                merged[where] = (list(vec), list(consts))
+            else:
+                old[0][:] = [min(a, b) for a, b in zip(old[0], vec, strict=True)]
+                old[1][:] = [min(a, b) for a, b in zip(old[1], consts, strict=True)]
+        # a merged group has no upper bound (its compute is no member's)
+        found = {(tuple(c[:-1]), c[-1]): k[:-2] + [math.inf, math.inf]
+                 for c, k in merged.values()}
+        fasts = {key: key[1] for key in found}
+        extra = {c: (0.0, False, (0,) * n_classes) for c in found}
+    keys = list(found)
+    table = np.asarray([found[k] for k in keys], dtype=np.float64)
+    counts = np.asarray([k[0] for k in keys], dtype=np.float64).reshape(len(keys), n_classes)
+    fast_g = np.asarray([fasts[k] for k in keys], dtype=np.float64)
+    # (a group dominates another only with no more members over partners' links too)
+    counted_f = np.concatenate([counts, fast_g[:, None]], axis=1)
+    inv_min = np.asarray([extra[k][0] for k in keys])
+    firm_g = np.asarray([extra[k][1] for k in keys], dtype=bool)
+    shares_g = np.asarray([extra[k][2] for k in keys], dtype=np.float64).reshape(
+        len(keys), n_classes)
+    # the upper bounds' constants: 1 / slowest speed, largest share per speed, latency and
+    # gamma of the messages in, whether no memory check is needed, the shares to check
+    ups = np.concatenate([inv_min[:, None], table[:, 1:2], table[:, -2:]], axis=1)
+    if mixed:
+        # [Note: rigid groups]: dominance on the lower bounds alone; a kept group takes
+        # the largest upper constants, the largest shares and the memory check of the
+        # groups it drops (an upper bound may always be raised, and where it holds it is
+        # above theirs, so a plan of a dropped group as the dominant stage has one of the
+        # kept group)
+        kept = _undominated(counted_f, table[:, :-2])
+        lower = np.concatenate([counted_f, table[:, :-2]], axis=1)
+        for g in np.setdiff1d(np.arange(len(keys)), kept):
+            h = kept[int(np.argmax(np.all(lower[kept] <= lower[g], axis=1)))]
+            ups[h] = np.maximum(ups[h], ups[g])
+            firm_g[h] &= firm_g[g]
+            shares_g[h] = np.maximum(shares_g[h], shares_g[g])
+    else:
+        # a group with an upper bound may be kept from being the dominant stage where a
+        # group with a larger one (or none) is not: a group dominates only where its upper
+        # bound is no smaller on every layer range
+        has_up = np.isfinite(table[:, -2])
+        kept = _undominated(counted_f, np.concatenate(
+            [table[:, :-2], np.where(has_up[:, None], -ups, -math.inf)], axis=1),
+            firm_g | ~has_up)
+    counts, table, fast_g = counts[kept], table[kept], fast_g[kept]
+    ups, firm_g, shares_g = ups[kept], firm_g[kept], shares_g[kept]
+    inv_u, beta, gamma, red_a, red_b, step = table[:, :6].T
+    num_layers = len(sums.fwd_slope) - 1
+    firsts = [0] + [e + 1 for e in ends if e + 1 < num_layers]
+    lasts = [e for e in ends if e < num_layers - 1] + [num_layers - 1]
+    fi, fs = np.asarray(sums.fwd_intercept), np.asarray(sums.fwd_slope)
+    bi, bs = np.asarray(sums.bwd_intercept), np.asarray(sums.bwd_slope)
+    params = np.asarray(sums.param_bytes, dtype=np.float64)
+    rows = []
+    compute = []
+    # per row, the upper bounds of X of [Note: rigid groups] (inf: none)
+    up_inv, up_beta, up_lat, up_gamma = ups.T
+    no_comm = np.where(np.isfinite(up_lat), 0.0, math.inf)
+    tops = []
+    fits = _fits(space, classes, base, memory, shares_g) if mixed and memory is not None \
+        else None
+    before: list[float] = []
+    after: list[float] = []
+    stops = np.asarray(lasts) + 1
+    row_of = np.full(num_layers + 1, len(firsts))     # the row of each first layer
+    row_of[firsts] = np.arange(len(firsts))
+    for first in firsts:
+        if deadline is not None and time.perf_counter() > deadline:
+            raise Late
+        stop = stops[stops > first]
+        cut = cut_bytes[first - 1] if first > 0 else 0
+        comm = (lat0 + cut * gamma) if cut > 0 else np.zeros_like(gamma)
+        c_f = ((fi[stop] - fi[first])[None] * inv_u[:, None]
+               + (fs[stop] - fs[first])[None] * beta[:, None])
+        c_b = ((bi[stop] - bi[first])[None] * inv_u[:, None]
+               + (bs[stop] - bs[first])[None] * beta[:, None])
+        e_f = (c_f + comm[:, None]) * SLACK
+        e_b = (c_b + comm[:, None]) * SLACK
+        # the smallest x over the groups per end (non-decreasing: see relaxed)
+        x = e_f + e_b
+        shortest = np.maximum.accumulate(x.min(axis=0))
+        if pooled and top_cap < math.inf:
+            # the ends up to the first whose stages all have x above the cap
+            k = int(np.searchsorted(shortest, top_cap, side="right"))
+            if k < len(stop):
+                stop, shortest, x = stop[:k], shortest[:k], x[:, :k]
+                c_f, c_b, e_f, e_b = c_f[:, :k], c_b[:, :k], e_f[:, :k], e_b[:, :k]
+        compute.append((c_f * SLACK, c_b * SLACK, float(cut)))
+        if not pooled:      # (counted pools take their upper bounds below)
+            up_c = up_lat + cut * up_gamma if cut > 0 else no_comm
+            # the slowest member's intercepts, the largest share per bound speed
+            top_x = ((fi[stop] - fi[first] + bi[stop] - bi[first] + call)[None]
+                     * up_inv[:, None]
+                     + (fs[stop] - fs[first] + bs[stop] - bs[first])[None] * up_beta[:, None]
+                     + 2.0 * up_c[:, None]) * ABOVE
+            if fits is not None:
+                top_x = np.where(firm_g[:, None] | fits(first, stop - 1), top_x, math.inf)
+            tops.append(np.where(np.isfinite(up_lat)[:, None], top_x, math.inf))
+        before.append(float(fi[first] + bi[first] + micro_batch * (fs[first] + bs[first])))
+        after.append(float((fi[-1] - fi[first]) + (bi[-1] - bi[first])
+                           + micro_batch * ((fs[-1] - fs[first]) + (bs[-1] - bs[first]))))
+        p = (params[stop] - params[first])[None]
+        t_a = (np.where(p > 0, p * red_a[:, None] + red_b[:, None], 0.0)
+               + p * step[:, None]) * SLACK
+        nxt = row_of[stop]
+        rows.append((x, np.maximum(e_f, e_b), t_a, nxt, shortest))
+    speeds = np.asarray([space.bounds[members[0]] for members in classes])
+    totals = np.asarray(counts_all, dtype=np.float64)
+    if not pooled:
+        return ClassTables(tuple(firsts), tuple(rows), counts, totals, speeds,
+                           uppers=tuple(tops),
+                           fast=None if partners is None else fast_g,
+                           fast_total=0.0 if partners is None else partners[2],
+                           work=(np.asarray(before), np.asarray(after)) if exact_counts
+                           else None)
+    n_prof = len(profiles)
+    lat_prof, gamma_prof = table[:, 6:6 + n_prof], table[:, 6 + n_prof:6 + 2 * n_prof]
+    own = [profiles.index(_profile_of(
+        [k for k in range(n_classes) if c[k] > 0], link_bw, link_lat)) for c in counts]
+    lat_prof, gamma_prof = lat_prof * SLACK, gamma_prof * SLACK
+    uppers = table[:, -2:] * ABOVE
+    shape = [c + 1 for c in counts_all]
+    n_pools = math.prod(shape)
+    vecs = np.asarray(np.unravel_index(np.arange(n_pools), shape)).T
+    diff = vecs[None] - counts.astype(np.int64)[:, None]
+    leaves = np.where((diff >= 0).all(axis=2),
+                      np.ravel_multi_index(tuple(np.clip(diff, 0, None).transpose(2, 0, 1)),
+                                           shape), n_pools)
+    cached = []
+    for (c_f, c_b, cut_b), (_, _, t_a, nxt, shortest), row0 in zip(compute, rows, firsts,
+                                                                    strict=True):
+        if row0 == 0:
+            comm, up = np.zeros_like(gamma_prof), np.where(np.isfinite(uppers[:, 0]), 0.0,
+                                                           math.inf)
+        elif cut_b > 0:
+            comm, up = lat_prof + cut_b * gamma_prof, uppers[:, 0] + cut_b * uppers[:, 1]
+        else:
+            comm = np.where(np.isfinite(gamma_prof), 0.0, math.inf)
+            up = np.where(np.isfinite(uppers[:, 0]), 0.0, math.inf)
+        x0 = c_f + c_b
+        cached.append((comm, x0, x0 + 2.0 * comm.min(axis=1)[:, None],
+                       (x0 / SLACK + (call * inv_u)[:, None]) * ABOVE + 2.0 * up[:, None],
+                       np.maximum(c_f, c_b),
+                       t_a, nxt, shortest))
+    return ClassTables(tuple(firsts), tuple(rows), counts, totals, speeds,
+                       Pooled(lat_prof, gamma_prof, np.asarray(own, dtype=np.intp),
+                               np.asarray(before), np.asarray(after), leaves,
+                               np.append(vecs.sum(axis=1), 0), (totals[None] - vecs) @ speeds,
+                               vecs @ speeds, tuple(cached)))
+
+
+def _rigid_uppers(space: ClassSpace, classes: list[list[int]],
+                  micro_batch: int) -> list[list[float]]:
+    """Per class, for a stage on a rigid group of its devices ([Note: rigid groups]):
+    ``[lat, gamma]`` with ``X <= compute + 2 (lat + cut gamma)``, where the stage bound's
+    compute is exact (base times, bound speed = the speed); ``[inf, inf]`` elsewhere.
+
+    [Note: rigid groups]
+    A group is *rigid* when its shares, and so its compute, are known exactly: one device
+    (it takes the whole micro-batch ``b``), or ``k`` devices of one class of the same speed
+    and the same usable memory (``_same_memory``): Algorithm 1 (``solver.split``) gives
+    them ``ceil(b / k)`` at most, since with equal speeds and equal caps the caps either
+    hold that split or hold no split (``k c < b``, no plan). Its compute is then the
+    class bound's lower bound ``I / u + S beta`` exactly, plus the runtime's seconds per
+    stage call over ``u`` (which the lower bounds leave out). Its transfer is at most
+    ``lat + cut gamma`` each way: a receiver gets its share from at most ``min(b, n -
+    1)`` senders and a sender sends at most ``b`` samples to at most ``min(b, n - 1)``
+    receivers, each message of at most the largest latency into the class and the samples
+    at the slowest link into it. A stage whose upper bound is at most the bucket's ``low``
+    cannot be the dominant one (``X_d > low``); without this the relaxation names a small
+    stage dominant and hides ``a min(E_f, E_b)`` behind it at ``X_d = low``. Only a group
+    with an upper bound no smaller on every layer range may dominate another in
+    ``_undominated``.
+
+    With the memory model (the optimizer state factor and ``M``; the priced tables only)
+    any group of exact classes has one too, on the layer ranges where its free split
+    (Algorithm 1 without caps) provably fits every member (``_fits``): ``split_stage``
+    then keeps that split, so the compute is at most the slowest member's intercepts over
+    its speed plus ``S beta``, and the transfer as above with the largest latency and
+    gamma of its classes. There dominance looks at the lower bounds alone, and a kept
+    group takes the largest upper constants, shares and memory checks of the groups it
+    drops: raised, its upper bound still holds, and where it is finite it is above
+    theirs. ``tests/test_bounds.py`` checks every upper bound against every stage of brute
+    force's plans (runtime overhead, optimizer state, tight memory)."""
+    cluster, names, timing = space.cluster, space.names, space.timing
+    out = []
+    for members in classes:
+        t = timing.device(names[members[0]])
+        if t.source != 0 or space.bounds[members[0]] != t.divisor or space.n < 2:
+            out.append([math.inf, math.inf])
+            continue
+        bw = min(cluster.bandwidth_bytes_s(names[a], names[e]) for e in members
+                 for a in range(space.n) if a != e)
+        lat = max(cluster.latency_s(names[a], names[e]) for e in members
+                  for a in range(space.n) if a != e)
+        out.append([min(micro_batch, space.n - 1) * lat, micro_batch / bw])
+    return out
+
+
+def _fits(space: ClassSpace, classes: list[list[int]], sums: LayerSums,
+          memory: tuple[float, int], shares: np.ndarray) -> Any:
+    """``check(first, lasts)``: per group (rows of ``shares``: the most samples a member of
+    each class takes) and last layer, True where every member's share fits its device
+    for layers ``first..last`` with any in-flight count, by ``solver.evaluate``'s memory
+    model over-counted: the weights and optimizer state, the buffers, a gradient of the
+    stage's size besides ``.grad`` (the transient is at most that), and per sample the
+    activations of ``M`` micro-batches with ``2 M`` wire buffers at the input cut and ``M
+    + 1`` at the output (``wire_counts`` with ``F <= M``), plus the workspace fraction and
+    a byte of rounding. Where it fits, Algorithm 1 keeps the free split (``split_stage``)
+    ([Note: rigid groups])."""
+    factor, m = memory
+    usable = np.asarray([min(space.cluster.usable_bytes(space.names[d]) for d in members)
+                         for members in classes], dtype=np.float64)
+    params = np.asarray(sums.param_bytes, dtype=np.float64)
+    buffers = np.asarray(sums.buffer_bytes, dtype=np.float64)
+    acts = np.asarray(sums.activation_bytes, dtype=np.float64)
+    edges = np.asarray(sums.boundary_bytes, dtype=np.float64) if sums.boundary_bytes else None
+    absent = (shares <= 0)[:, :, None]
+
+    def check(first: int, lasts: np.ndarray) -> np.ndarray:
+        p = params[lasts + 1] - params[first]
+        fixed = p * (3.0 + factor) + (buffers[lasts + 1] - buffers[first]) + 1.0
+        per = (acts[lasts + 1] - acts[first]) * m
+        if edges is not None:
+            per = per + 2 * m * edges[first] + (m + 1) * edges[lasts + 1]
+        need = (fixed[None, None] + shares[:, :, None] * per[None, None]
+                * (1.0 + WORKSPACE_FRACTION) + 1.0) * ABOVE               # (G, K, ends)
+        ok: np.ndarray = np.all(absent | (need <= usable[None, :, None]), axis=1)
+        return ok
+
+    return check
+
+
+def _same_memory(space: ClassSpace, members: list[int]) -> bool:
+    """True when every device of the class has the same usable memory (its groups of one
+    class are rigid: [Note: rigid groups])."""
+    usable = {space.cluster.usable_bytes(space.names[d]) for d in members}
+    return len(usable) == 1
+
+
+def _profile_of(senders: list[int], link_bw: list[list[float]],
+                link_lat: list[list[float]]) -> tuple[float, ...]:
+    """What a group holding devices of the classes ``senders`` offers a receiver of each
+    class: the fastest link (bytes/s; 0: none) and the smallest latency (inf: none)."""
+    n_classes = len(link_bw)
+    return (tuple(max((link_bw[k][j] for j in senders), default=0.0) for k in range(n_classes))
+            + tuple(min((link_lat[k][j] for j in senders), default=math.inf)
+                    for k in range(n_classes)))
+
+
+def _sender_profiles(link_bw: list[list[float]],
+                     link_lat: list[list[float]]) -> list[tuple[float, ...]]:
+    """The distinct ``_profile_of`` of every non-empty set of classes."""
+    n_classes = len(link_bw)
+    found: list[tuple[float, ...]] = []
+    for pattern in range(1, 1 << n_classes):
+        key = _profile_of([j for j in range(n_classes) if pattern >> j & 1], link_bw, link_lat)
+        if key not in found:
+            found.append(key)
+    return found
+
+
+def _profile_terms(take: tuple[int, ...], per_class: list[tuple[Any, ...]],
+                   profiles: list[tuple[float, ...]], link_bw: list[list[float]],
+                   link_lat: list[list[float]], micro_batch: int,
+                   ratios: dict[tuple[float, ...], float],
+                   ins: Sequence[Sequence[float]] | None = None) -> list[float]:
+    """Constants of the group ``take`` for ``_counted`` ([Note: counted pools]): per sender
+    profile the smallest latency and the smallest ``max_e b_e / bw_e`` over integer shares
+    of a transfer into the group (inf where no member can receive), then its own profile
+    as a sender in a form where smaller is better (minus each bandwidth, each latency).
+    ``ratios`` caches ``min_max_ratio`` by its rates; ``ins``: per class, upper bounds of
+    the links into the group's members from outside it (default: the class's fastest)."""
+    n_classes = len(take)
+    present = [k for k, t in enumerate(take) if t]
+    member_ins = ins if ins is not None else [per_class[k][1][:take[k]]
+                                              for k in range(n_classes)]
+    lats, gammas = [], []
+    for profile in profiles:
+        bw_in, lat_in = profile[:n_classes], profile[n_classes:]
+        lat = min(lat_in[k] for k in present)
+        rates = [min(bw, bw_in[k]) for k in present for bw in member_ins[k]]
+        if min(rates) <= 0.0 or math.isinf(lat):
+            lats.append(math.inf)
+            gammas.append(math.inf)
+            continue
+        key = tuple(rates)
+        if key not in ratios:
+            found = min_max_ratio(micro_batch, rates)
+            ratios[key] = math.inf if found is None else found
+        lats.append(lat)
+        gammas.append(ratios[key])
+    # the links this group offers the next stage, best when smallest (for _undominated)
+    own = _profile_of(present, link_bw, link_lat)
+    return lats + gammas + [-v for v in own[:n_classes]] + list(own[n_classes:])
+
+
+def _undominated(counts: np.ndarray, consts: np.ndarray,
+                 can_dominate: np.ndarray | None = None) -> np.ndarray:
+    """Indices of the groups that no other group dominates: one with no more devices of
+    any class and no larger constant (``1 / u_max``, ``beta``, ``gamma``, the all-reduce
+    terms, the step) has stage bounds ``x``, ``max(E_f, E_b)`` and ``T_a`` no larger on
+    every layer range (each is a sum of non-negative layer terms times the constants) and
+    costs no more at any prices >= 0, so ``relaxed`` never needs the dominated one (of
+    equal groups, the first is kept)."""
+    both = np.concatenate([counts, consts], axis=1)
+    keep = []
+    for g in range(len(both)):
+        below = np.all(both <= both[g], axis=1)
+        if can_dominate is not None:
+            below &= can_dominate
+        below[g] = False
+        # an equal group dominates only when it comes first
+        equal = below & np.all(both == both[g], axis=1)
+        below &= ~equal | (np.arange(len(both)) < g)
+        if not below.any():
+            keep.append(g)
+    return np.asarray(keep, dtype=np.intp)
+
+
+def bound_classes(space: ClassSpace) -> list[list[int]] | None:
+    """The classes ``class_bound`` counts devices in: the space's classes of interchangeable
+    devices where they have at most ``CLASS_VECTORS_MAX`` count vectors that merge into at
+    most ``CLASS_GROUPS_MAX`` groups (``_bucket``), else the coarser classes of devices
+    with the same compute (bound speed, time source and divisor), whose links
+    ``build_class_tables`` bounds by the best of their members' (a relaxation); None where
+    those have more than ``CLASS_VECTORS_MAX`` count vectors (``class_bound`` gives up)."""
+    def buckets(count: int) -> int:
+        return _bucket(count) + 1
+
+    if (math.prod(c + 1 for c in space.counts) <= CLASS_VECTORS_MAX
+            and math.prod(buckets(c) for c in space.counts) <= CLASS_GROUPS_MAX):
+        return [list(members) for members in space.classes]
+    coarse = _coarse_classes(space)
+    if math.prod(len(c) + 1 for c in coarse) > CLASS_VECTORS_MAX:
+        return None
+    return coarse
+
+
+def counts_pools(space: ClassSpace) -> bool:
+    """True when ``class_bound`` counts the devices of each class exactly on this space
+    ([Note: counted pools]): its classes have at most ``CLASS_POOLS_MAX`` count vectors."""
+    classes = bound_classes(space)
+    return classes is not None and math.prod(len(c) + 1 for c in classes) <= CLASS_POOLS_MAX
+
+
+def _coarse_classes(space: ClassSpace) -> list[list[int]]:
+    """Devices of the space with the same compute (bound speed, time source, divisor)."""
+    timing, names = space.timing, space.names
+    coarse: dict[tuple[float, int, float], list[int]] = {}
+    for d in range(space.n):
+        t = timing.device(names[d])
+        coarse.setdefault((space.bounds[d], t.source, t.divisor), []).append(d)
+    return list(coarse.values())
+
+
+class Late(Exception):
+    """The deadline of ``class_bound`` passed."""
