@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 import solver.dp as dp_module
+import solver.stage_options as options_module
 from contracts.cluster import Cluster
 from contracts.errors import PlanError
 from contracts.plan import Stage
@@ -578,7 +579,7 @@ def _reference_dp(costs: CostTable, cluster: Cluster, batch: int, max_front: int
     for pass_ends in passes + [ends]:
         found = {}
         for mb in order:
-            ctx = dp_module._Context(costs, cluster, make_space(costs, cluster), sums)
+            ctx = options_module.SearchContext(costs, cluster, make_space(costs, cluster), sums)
             search = _Reference(ctx, pass_ends, mb, batch // mb, 0.0, max_front, best[0])
             value, summary = search.best()
             found[mb] = value
@@ -690,7 +691,7 @@ def test_deciders_keep_the_group_maximum() -> None:
     for _ in range(500):
         pairs = [(rng.randint(1, 4), rng.choice([0.5, 1.0, 1.5, 2.0]))
                  for _ in range(rng.randint(1, 6))]
-        kept = dp_module._deciders(pairs)
+        kept = options_module._deciders(pairs)
         assert set(kept) <= set(pairs) and kept
         for inter, slope in ((0.0, 1.0), (0.3, 0.01), (1e-3, 7.0)):
             assert (max((inter + slope * b) / v for b, v in kept)
@@ -716,7 +717,7 @@ def test_numpy_and_python_paths_agree(monkeypatch: pytest.MonkeyPatch,
     results = {}
     for label, items, lasts in (("python", 10**9, 10**9), ("numpy", 1, 0)):
         monkeypatch.setattr(dp_module, "_NUMPY_ITEMS", items)
-        monkeypatch.setattr(dp_module, "_NUMPY_LASTS", lasts)
+        monkeypatch.setattr(options_module, "_NUMPY_LASTS", lasts)
         out = []
         for seed in range(8):
             rng = random.Random(100 + seed)
@@ -744,13 +745,13 @@ def test_kind_tables_equal_the_bases_built_one_by_one(monkeypatch: pytest.Monkey
     """[Note: kind tables]: the stage bases read from a group kind's table are those built
     per first layer (Python lists, or numpy per row) bit for bit, in both spaces, with
     cost columns and latency; so the searches and plans are the same."""
-    monkeypatch.setattr(dp_module, "_NUMPY_LASTS", lasts)
+    monkeypatch.setattr(options_module, "_NUMPY_LASTS", lasts)
     real_base = dp_module._Search._base
     results: dict[str, list[Any]] = {}
     for label, after, most in (("one by one", 10**9, 10**9), ("tables", 0, 10**9),
                                ("some tables", 0, 3)):
-        monkeypatch.setattr(dp_module, "_KIND_TABLE_AFTER", after)
-        monkeypatch.setattr(dp_module, "_KIND_TABLES_MAX", most)
+        monkeypatch.setattr(options_module, "_KIND_TABLE_AFTER", after)
+        monkeypatch.setattr(options_module, "_KIND_TABLES_MAX", most)
         seen: list[Any] = []
 
         def base(self: Any, first: int, kind: int, final: bool,
