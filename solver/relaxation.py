@@ -75,7 +75,7 @@ def relaxed_many(tables: ClassTables, m: int, low: float, top: float, limit: flo
     number, 33 states) gave only 0.8144 s. ``class_bound``
     counts the slowest classes within ``CLASS_COUNTED_STATES`` (``counted_classes``) in a
     bucket that sets the bound again after its polish, at the polished prices, and
-    ``solver.anytime._class_bounds`` asks for that only in a second bisection, after the
+    ``solver.bound_bisection.class_bounds`` asks for that only in a second bisection, after the
     priced one has ended, since each counted pass costs seconds.
 
     [Note: prices per class]

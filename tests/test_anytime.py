@@ -10,6 +10,8 @@ from typing import Any
 
 import pytest
 
+import solver.anytime
+import solver.bound_bisection
 from contracts.cluster import Cluster
 from contracts.errors import PlanError
 from contracts.plan import Plan
@@ -34,6 +36,20 @@ from tests.solver_cases import (
     random_instance,
     uniform_costs,
 )
+
+
+def patch_planner(patch: pytest.MonkeyPatch, name: str, value: object) -> None:
+    """Set ``name`` in ``solver.anytime`` and ``solver.bound_bisection`` wherever it is
+    bound (both import some names, such as ``spare_core``, by name)."""
+    import solver.bound_bisection
+
+    found = False
+    for module in (solver.anytime, solver.bound_bisection):
+        if hasattr(module, name):
+            patch.setattr(module, name, value)
+            found = True
+    if not found:
+        raise AttributeError(f"neither solver.anytime nor solver.bound_bisection has {name!r}")
 
 
 @pytest.mark.parametrize("bad", [0, -1.0, float("nan"), True, "5", None])
@@ -63,9 +79,8 @@ def test_a_time_limit_returns_the_best_plan_with_a_proven_gap(
         beside: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     # eight devices of eight speeds: the wide space (6561 pairs) does not finish in 1 s;
     # the class bound after the search, or beside it ([Note: the bound beside the search])
-    import solver.anytime
 
-    monkeypatch.setattr(solver.anytime, "spare_core", lambda: beside)
+    patch_planner(monkeypatch, "spare_core", lambda: beside)
     costs, cluster = planner_instance("spread", 7, 200, 8)
     assert wide_size(costs, cluster) > WIDE_EXACT_MAX
     started = time.perf_counter()
@@ -96,13 +111,12 @@ def test_a_bound_beside_that_fails_costs_only_the_class_bound(
         monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     # [Note: the bound beside the search]: its process raises; the plan and the other
     # bounds are the parent's, and the warning says why
-    import solver.anytime
 
     def broken(*args: Any, **kwargs: Any) -> dict[int, float]:
         raise RuntimeError("tables too large")
 
-    monkeypatch.setattr(solver.anytime, "spare_core", lambda: True)
-    monkeypatch.setattr(solver.anytime, "_class_bounds", broken)
+    patch_planner(monkeypatch, "spare_core", lambda: True)
+    monkeypatch.setattr(solver.anytime, "class_bounds", broken)
     costs, cluster = planner_instance("spread", 7, 200, 8)
     report = search(costs, cluster, 32, time_limit=1.0)
     assert report.plan is not None and report.bound is not None
@@ -114,21 +128,20 @@ def test_no_process_beside_means_the_bound_after_the_search(
         monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     # the fork fails (no memory, no processes left): the search leaves the bound its
     # share of the limit, as on one core
-    import solver.anytime
 
     def no_fork(*args: Any, **kwargs: Any) -> Any:
         raise OSError("Resource temporarily unavailable")
 
     asked: list[float] = []
-    plain = solver.anytime._class_bounds
+    plain = solver.anytime.class_bounds
 
     def recorded(*args: Any, **kwargs: Any) -> dict[int, float]:
         asked.append(time.perf_counter())
         return plain(*args, **kwargs)
 
-    monkeypatch.setattr(solver.anytime, "spare_core", lambda: True)
-    monkeypatch.setattr(solver.anytime, "Beside", no_fork)
-    monkeypatch.setattr(solver.anytime, "_class_bounds", recorded)
+    patch_planner(monkeypatch, "spare_core", lambda: True)
+    patch_planner(monkeypatch, "Beside", no_fork)
+    monkeypatch.setattr(solver.anytime, "class_bounds", recorded)
     costs, cluster = planner_instance("spread", 7, 200, 8)
     started = time.perf_counter()
     report = search(costs, cluster, 32, time_limit=2.0)
@@ -141,7 +154,6 @@ def test_a_large_wide_space_is_not_searched_without_a_limit(
         monkeypatch: pytest.MonkeyPatch) -> None:
     # (its glimpse, [Note: a glimpse of every order], cut to nothing: the test's plan
     # does not depend on the host's speed)
-    import solver.anytime
 
     monkeypatch.setattr(solver.anytime, "WIDE_UNLIMITED_S", 0.0)
     costs, cluster = planner_instance("spread", 7, 200, 8)
@@ -209,7 +221,6 @@ def test_a_large_space_where_nothing_fits_is_searched_for_a_while_only(
     fits and the wide space has more than WIDE_SHORT_MAX pairs, the wide search gets
     NO_FIT_WIDE_S; a plan it finds in that time is kept, else a PlanError says what was
     searched, with the diagnosis."""
-    import solver.anytime
 
     deadlines: list[float | None] = []
     dp = solver.anytime.asteroid_dp
@@ -281,7 +292,7 @@ def test_the_class_bounds_over_the_sizes_stay_below_the_optimum(
     # sizes is still below every plan of the wide space (brute force), for a target at and
     # above the optimum; with the pools counted (these small clusters) and priced (forced).
     # `on_bound` sees that smallest bound each time it rises, the last one the result's
-    from solver.anytime import _class_bounds
+    from solver.bound_bisection import class_bounds
     from solver.space import micro_batch_choices
 
     if not pools:
@@ -291,7 +302,7 @@ def test_the_class_bounds_over_the_sizes_stay_below_the_optimum(
         mbs = micro_batch_choices(batch, None)
         for target in (best, 1.5 * best):
             shown: list[float] = []
-            out = _class_bounds(costs, cluster, batch, mbs, None, target, {},
+            out = class_bounds(costs, cluster, batch, mbs, None, target, {},
                                 time.perf_counter() + 60.0, on_bound=shown.append)
             assert out
             bound = min(out.get(mb, work_bound(costs, cluster, batch, mb)) for mb in mbs)
@@ -305,14 +316,13 @@ def test_the_class_bounds_over_the_sizes_stay_below_the_optimum(
 
 def _pids_of_class_bounds(monkeypatch: pytest.MonkeyPatch, log: Any,
                            fail_beside: bool = False) -> None:
-    """``solver.anytime.class_bound`` wrapped: each call appends its process id to the file
+    """``solver.bound_bisection.class_bound`` wrapped: each call appends its process id to the file
     ``log`` (every process, forked ones too); ``fail_beside``: it raises in any process
     but this one."""
     import os
 
-    import solver.anytime
 
-    real, parent = solver.anytime.class_bound, os.getpid()
+    real, parent = solver.bound_bisection.class_bound, os.getpid()
 
     def wrapped(*args: Any, **kwargs: Any) -> Any:
         with open(log, "a") as out:
@@ -321,7 +331,7 @@ def _pids_of_class_bounds(monkeypatch: pytest.MonkeyPatch, log: Any,
             raise RuntimeError("the bound beside failed")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(solver.anytime, "class_bound", wrapped)
+    patch_planner(monkeypatch, "class_bound", wrapped)
 
 
 @pytest.mark.parametrize("fail_beside", [False, True])
@@ -332,12 +342,11 @@ def test_the_counted_sizes_split_over_two_processes(
     # the bounds of one process where every size reaches the target, and bounds below the
     # optimum (brute force) where some fall short; a child that fails costs only time:
     # its sizes are bounded in this process, with a warning
-    import solver.anytime
-    from solver.anytime import _class_bounds
+    from solver.bound_bisection import class_bounds
     from solver.class_tables import counts_pools
     from solver.space import ClassSpace, micro_batch_choices
 
-    monkeypatch.setattr(solver.anytime, "spare_core", lambda: True)
+    patch_planner(monkeypatch, "spare_core", lambda: True)
     log = tmp_path / "pids"
     _pids_of_class_bounds(monkeypatch, log, fail_beside)
     compared = same = split = 0
@@ -346,10 +355,10 @@ def test_the_counted_sizes_split_over_two_processes(
             continue
         mbs = micro_batch_choices(batch, None)
         for short in (False, True):
-            one = _class_bounds(costs, cluster, batch, mbs, None, best, {},
+            one = class_bounds(costs, cluster, batch, mbs, None, best, {},
                                 time.perf_counter() + 60.0, stop_short=short)
             log.write_text("")
-            two = _class_bounds(costs, cluster, batch, mbs, None, best, {},
+            two = class_bounds(costs, cluster, batch, mbs, None, best, {},
                                 time.perf_counter() + 60.0, stop_short=short, split=True)
             calls = log.read_text().split()
             assert min(two.values(), default=math.inf) <= best * (1 + 1e-9), seed
@@ -372,13 +381,12 @@ def test_the_class_bounds_follow_a_falling_incumbent(
     # [Note: the bound beside the search]: the incumbent of a search beside falls while
     # the bounds run; no size is asked for more than the incumbent read last, and the
     # bound stays below every plan of the wide space (brute force)
-    import solver.anytime
-    from solver.anytime import _class_bounds
+    from solver.bound_bisection import class_bounds
     from solver.space import micro_batch_choices
 
     if not pools:
         patch_class_bound(monkeypatch, "CLASS_POOLS_MAX", 0)
-    plain = solver.anytime.class_bound
+    plain = solver.bound_bisection.class_bound
     now = [math.inf]
     asked: list[tuple[float, float]] = []
 
@@ -386,7 +394,7 @@ def test_the_class_bounds_follow_a_falling_incumbent(
         asked.append((args[6], now[0]))
         return plain(*args, **kwargs)
 
-    monkeypatch.setattr(solver.anytime, "class_bound", recorded)
+    patch_planner(monkeypatch, "class_bound", recorded)
     fell = 0
     for seed, costs, cluster, batch, best in _brute_cases(range(800, 820)):
         reads = [0]
@@ -398,7 +406,7 @@ def test_the_class_bounds_follow_a_falling_incumbent(
 
         asked.clear()
         mbs = micro_batch_choices(batch, None)
-        out = _class_bounds(costs, cluster, batch, mbs, None, 2.0 * best, {},
+        out = class_bounds(costs, cluster, batch, mbs, None, 2.0 * best, {},
                             time.perf_counter() + 60.0, incumbent=incumbent)
         assert all(target <= seen * (1 + 1e-12) for target, seen in asked), (seed, asked)
         bound = min(out.get(mb, work_bound(costs, cluster, batch, mb)) for mb in mbs)
@@ -415,19 +423,18 @@ def test_the_classes_are_counted_after_the_priced_bisection(
     # the smallest bound over the sizes (the one reported; another size may end lower,
     # since the priced rounds stop early) and raises it on some instances (the pools
     # priced, forced: these small clusters are counted by default)
-    import solver.anytime
-    from solver.anytime import _class_bounds
+    from solver.bound_bisection import class_bounds
     from solver.space import micro_batch_choices
 
     patch_class_bound(monkeypatch, "CLASS_POOLS_MAX", 0)
     asked: list[bool] = []
-    plain = solver.anytime.class_bound
+    plain = solver.bound_bisection.class_bound
 
     def recorded(*args: Any, **kwargs: Any) -> float | None:
         asked.append(kwargs.get("count", True))
         return plain(*args, **kwargs)
 
-    monkeypatch.setattr(solver.anytime, "class_bound", recorded)
+    patch_planner(monkeypatch, "class_bound", recorded)
     raised = counted_runs = 0
     for seed in range(800, 830):
         costs, cluster, batch = random_instance(seed, max_layers=5, max_devices=4, links=True,
@@ -441,9 +448,9 @@ def test_the_classes_are_counted_after_the_priced_bisection(
         for counting in (False, True):
             with monkeypatch.context() as patch:
                 if not counting:
-                    patch.setattr(solver.anytime, "counted_classes", lambda space: ())
+                    patch_planner(patch, "counted_classes", lambda space: ())
                 asked.clear()
-                out = _class_bounds(costs, cluster, batch, mbs, None, target, {},
+                out = class_bounds(costs, cluster, batch, mbs, None, target, {},
                                     time.perf_counter() + 60.0)
             assert asked == sorted(asked), (seed, asked)     # (False before True)
             counted_runs += any(asked)
@@ -483,8 +490,7 @@ def test_the_first_round_asks_a_small_step_above_the_work_bounds(
     # [Note: the first target]: with a poor best round, the first round asks every size
     # for at most CLASS_FIRST_RISE times the smallest work bound, or
     # CLASS_FIRST_RISE_LINKS times the smallest bound where that is a link bound
-    import solver.anytime
-    from solver.anytime import CLASS_FIRST_RISE, CLASS_FIRST_RISE_LINKS, _class_bounds
+    from solver.bound_bisection import CLASS_FIRST_RISE, CLASS_FIRST_RISE_LINKS, class_bounds
 
     patch_class_bound(monkeypatch, "CLASS_POOLS_MAX", 0)
     firsts: list[float] = []
@@ -494,13 +500,13 @@ def test_the_first_round_asks_a_small_step_above_the_work_bounds(
             firsts.append(args[6])
         return float(args[6])
 
-    monkeypatch.setattr(solver.anytime, "class_bound", scripted)
+    patch_planner(monkeypatch, "class_bound", scripted)
     checked = 0
     for seed, costs, cluster, batch, work in _work_cases(range(800, 820)):
         mbs, low = list(work), min(work.values())
         start = {mb: 1.1 * value for mb, value in work.items()} if links else None
         firsts.clear()
-        _class_bounds(costs, cluster, batch, mbs, None, 10.0 * max(work.values()), {},
+        class_bounds(costs, cluster, batch, mbs, None, 10.0 * max(work.values()), {},
                       time.perf_counter() + 60.0, start=start)
         rise, smallest = (CLASS_FIRST_RISE_LINKS, 1.1 * low) if links \
             else (CLASS_FIRST_RISE, low)
@@ -517,11 +523,10 @@ def test_the_counted_bisection_steps_from_where_the_prices_fell_short(
     # lowest target the priced bisection fell short of after its first round (or the
     # bound proven, if higher),
     # never the midpoint towards a poor best round, and still climb to the counted ceiling
-    import solver.anytime
-    from solver.anytime import CLASS_BOUND_BISECT_TOL, CLASS_COUNTED_STEP, _class_bounds
+    from solver.bound_bisection import CLASS_BOUND_BISECT_TOL, CLASS_COUNTED_STEP, class_bounds
 
     patch_class_bound(monkeypatch, "CLASS_POOLS_MAX", 0)
-    monkeypatch.setattr(solver.anytime, "counted_classes", lambda space: (0,))
+    patch_planner(monkeypatch, "counted_classes", lambda space: (0,))
     asked: list[tuple[float, bool, float, bool]] = []
     ceiling = {False: 0.0, True: 0.0}
 
@@ -531,14 +536,14 @@ def test_the_counted_bisection_steps_from_where_the_prices_fell_short(
         asked.append((target, count, found, kwargs.get("buckets") is not None))
         return found
 
-    monkeypatch.setattr(solver.anytime, "class_bound", scripted)
+    patch_planner(monkeypatch, "class_bound", scripted)
     checked = 0
     for seed, costs, cluster, batch, bounds in _work_cases(range(800, 830)):
         mbs, work = list(bounds), max(bounds.values())
         best = 2.0 * work               # (a poor best round: the midpoints ask far above)
         ceiling[False], ceiling[True] = 1.5 * work, 1.56 * work
         asked.clear()
-        out = _class_bounds(costs, cluster, batch, mbs, None, best, {},
+        out = class_bounds(costs, cluster, batch, mbs, None, best, {},
                             time.perf_counter() + 60.0)
         # (the first round's quicker tables aside)
         short = min((t for t, count, found, first in asked
@@ -566,7 +571,6 @@ def test_the_order_searches_the_sizes_the_class_bound_leaves(
     # (the same where the best round did not change after the bound)
     import random
 
-    import solver.anytime
     from solver.class_tables import counts_pools
     from solver.space import ClassSpace
     from tests.solver_cases import random_costs
@@ -612,7 +616,6 @@ def test_a_wide_space_the_bounds_do_not_prove_is_searched_without_a_limit(
     # order, as the wide search finds it on its own
     import random
 
-    import solver.anytime
     from solver.class_tables import counts_pools
     from solver.space import ClassSpace
     from tests.solver_cases import random_costs
@@ -676,7 +679,6 @@ def test_a_widened_search_that_finishes_proves_the_same_optimum(
         monkeypatch: pytest.MonkeyPatch) -> None:
     # the widening only seeds the incumbent: forced onto a small cluster whose wide search
     # finishes within the limit, the plan and the proven bound are the wide optimum's
-    import solver.anytime
 
     costs, cluster = _small_fleet(devices=6)
     monkeypatch.setattr(solver.anytime, "WIDEN_MIN_DEVICES", 2)
@@ -690,7 +692,6 @@ def test_a_widened_search_that_finishes_proves_the_same_optimum(
 
 
 def test_no_widening_on_small_clusters(monkeypatch: pytest.MonkeyPatch) -> None:
-    import solver.anytime
     from solver.anytime import WIDEN_MIN_DEVICES, widens
 
     def refuse(*args: object, **kwargs: object) -> None:
@@ -732,7 +733,6 @@ def test_without_a_limit_a_middling_wide_space_gets_a_glimpse(
     # [Note: a glimpse of every order]: without a limit, a wide space between
     # WIDE_SHORT_MAX and WIDE_ANYTIME_MAX pairs is searched for WIDE_UNLIMITED_S after
     # the paper's space; one that finishes in the time proves its plan optimal
-    import solver.anytime
 
     costs, cluster = _small_fleet(devices=6)
     size = wide_size(costs, cluster)
@@ -742,7 +742,7 @@ def test_without_a_limit_a_middling_wide_space_gets_a_glimpse(
     monkeypatch.setattr(solver.anytime, "WIDEN_MIN_DEVICES", 100)
     # (where the class bound counts the pools, [Note: the order's sizes after the bound]
     # decides instead)
-    monkeypatch.setattr(solver.anytime, "counts_pools", lambda space: False)
+    patch_planner(monkeypatch, "counts_pools", lambda space: False)
     report = search(costs, cluster, 16)
     assert "classes" in report.phases and report.complete
     assert report.bound is not None and report.bound.optimal
@@ -767,7 +767,6 @@ def test_the_even_phase_adds_the_even_groups_plan(monkeypatch: pytest.MonkeyPatc
     # the even groups' optimum (a small model: the first pass takes every cut), the
     # report names the phase, and the bound still holds; switched off, the search keeps
     # the order's plan
-    import solver.anytime
 
     costs, cluster, batch = random_instance(1715, max_layers=6, max_devices=5, links=True)
     cluster = cluster.for_costs(costs)
@@ -778,7 +777,7 @@ def test_the_even_phase_adds_the_even_groups_plan(monkeypatch: pytest.MonkeyPatc
                         ("WIDE_SHORT_MAX", 1), ("WIDE_ANYTIME_MAX", 1)):
         monkeypatch.setattr(solver.anytime, name, value)
     monkeypatch.setattr(solver.anytime, "even_phase", lambda *args: True)
-    monkeypatch.setattr(solver.anytime, "counts_pools", lambda space: False)
+    patch_planner(monkeypatch, "counts_pools", lambda space: False)
     seen: list[tuple[float, str]] = []
     report = search(costs, cluster, batch, baselines=False,
                     progress=lambda done, what: seen.append((done, what)))

@@ -132,7 +132,7 @@ def _check_class_bound(seeds: range, instance: Any, **kwargs: Any) -> tuple[int,
     least ``class_bound`` of its micro-batch size, for targets at, between and above the
     plans' round times. Returns the plans checked and how often the bound proves more
     than the work bound (a target of 0.9 of the optimum counts when it is proven)."""
-    from solver.anytime import work_bound
+    from solver.bound_bisection import work_bound
     from solver.class_bound import class_bound
     from solver.space import ClassSpace
     from solver.summary import hiding_ratio
@@ -452,7 +452,7 @@ def _counted_cases(seeds: range) -> Any:
     """Per random instance of up to five devices whose pools are counted: the class tables
     of each micro-batch size, its number of micro-batches and the hiding ratio, and a
     target (twice the work bound)."""
-    from solver.anytime import work_bound
+    from solver.bound_bisection import work_bound
     from solver.class_tables import build_class_tables, counts_pools
     from solver.space import ClassSpace
     from solver.summary import hiding_ratio

@@ -24,7 +24,7 @@ def _check(seeds: range, instance: Any, subset: bool = False,
            **kwargs: Any) -> tuple[int, int]:
     """Every plan's round is at least the bound of its micro-batch size. Returns the plans
     checked and the sizes where the bound is above the work bound."""
-    from solver.anytime import work_bound
+    from solver.bound_bisection import work_bound
 
     checked = above = 0
     for seed in seeds:
@@ -95,7 +95,7 @@ def test_link_bound_sees_a_slow_single_link() -> None:
     # slow network costs more than one device's round) and large cuts after it (a
     # pipeline sends every sample over one slow link); the work bound is far below, the
     # link bound proves the optimum to within 10 %
-    from solver.anytime import work_bound
+    from solver.bound_bisection import work_bound
     from tests.solver_cases import make_costs
 
     mib = 1 << 20

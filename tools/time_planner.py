@@ -348,7 +348,7 @@ def stage_bound_rows() -> list[str]:
     DP's CPU time without and with ``stage_bounds_prune`` (alternating, same process), and
     the proven lower bound of the paper's space per micro-batch size (``proven_bound``)
     against the work bound."""
-    from solver.anytime import work_bound
+    from solver.bound_bisection import work_bound
     from solver.bounds import proven_bound
     from solver.dp import make_space
     from solver.evaluate import LayerSums
@@ -404,7 +404,7 @@ def class_bound_rows() -> list[str]:
     """Per micro-batch size of issue 14's instances: the work bound and the class
     bound over every order for the best round time known (the target), with the CPU
     seconds of each class bound, and the gap of the smallest bound over the sizes."""
-    from solver.anytime import work_bound
+    from solver.bound_bisection import work_bound
     from solver.class_bound import class_bound
     from solver.evaluate import LayerSums
     from solver.space import ClassSpace, candidate_cuts
