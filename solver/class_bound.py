@@ -156,7 +156,7 @@ def class_bound(space: ClassSpace, sums: LayerSums, cut_bytes: Sequence[int],
     between is at most ``(1 - rho) X_d``). The bound is the smallest over the buckets.
     Memory is ignored (a relaxation); more than ``CLASS_GROUPS_MAX`` groups are merged
     per bucket of counts into a group with the smallest counts and constants of its
-    members (again a relaxation). ``tests/test_bounds.py`` checks it against every plan
+    members (again a relaxation). ``tests/test_class_bound.py`` checks it against every plan
     of brute force.
     """
     if not math.isfinite(target) or target <= 0 or bound_classes(space) is None:

@@ -496,7 +496,7 @@ def _rigid_uppers(space: ClassSpace, classes: list[list[int]],
     gamma of its classes. There dominance looks at the lower bounds alone, and a kept
     group takes the largest upper constants, shares and memory checks of the groups it
     drops: raised, its upper bound still holds, and where it is finite it is above
-    theirs. ``tests/test_bounds.py`` checks every upper bound against every stage of brute
+    theirs. ``tests/test_class_tables.py`` checks every upper bound against every stage of brute
     force's plans (runtime overhead, optimizer state, tight memory)."""
     cluster, names, timing = space.cluster, space.names, space.timing
     out = []

@@ -15,6 +15,7 @@ from contracts.table import CostTable, DeviceColumn, LayerCost, RuntimeOverhead,
 __all__ = [
     "CLASS_BOUND_MODULES",
     "patch_class_bound",
+    "patch_planner",
     "MIB",
     "make_costs",
     "uniform_costs",
@@ -297,3 +298,16 @@ def patch_class_bound(patch: pytest.MonkeyPatch, name: str, value: object) -> No
             found = True
     if not found:
         raise AttributeError(f"no module of the class bound has {name!r}")
+
+
+def patch_planner(patch: pytest.MonkeyPatch, name: str, value: object) -> None:
+    """Set ``name`` in ``solver.anytime`` and ``solver.bound_bisection`` wherever it is
+    bound (both import some names, such as ``spare_core``, by name)."""
+    found = False
+    for module in map(importlib.import_module, ("solver.anytime", "solver.bound_bisection")):
+        if hasattr(module, name):
+            patch.setattr(module, name, value)
+            found = True
+    if not found:
+        raise AttributeError(f"neither solver.anytime nor solver.bound_bisection has {name!r}")
+
