@@ -182,7 +182,7 @@ def weights_stay_cached(pac: AdapterModel, devices: int,
     emulated devices of one host hold together) within :data:`COLD_CACHE_SHARE` of the
     cache (``cache_bytes``; None: this host's, from sysfs). Then a call after a wait finds
     them warm, and no cold extras apply ([Note: cold weights in phase 1] in
-    ``solver.pac``)."""
+    ``solver.pac_cost``)."""
     held = sum(t.numel() * t.element_size() for segment in pac.segments
                for t in [*segment.parameters(), *segment.buffers()])
     cache = _last_level_cache_bytes() if cache_bytes is None else cache_bytes
@@ -195,7 +195,7 @@ def measure_cold_segments(pac: AdapterModel, spec: Any, *, repeats: int = 5,
     beyond a warm one when it starts with the segment's weights out of the cache (after
     reading twice this host's last-level cache of other memory, and after a pause of
     ``pause_s``), as phase 1 calls it after each wait (see [Note: cold weights in phase 1]
-    in ``solver.pac``): per segment the median over ``rounds x repeats`` pairs of a warm
+    in ``solver.pac_cost``): per segment the median over ``rounds x repeats`` pairs of a warm
     forward and the cold one right after it (:func:`paired_extra`), one thread, never below
     0."""
     from asteroid_fx.model_spec import model_inputs
@@ -258,7 +258,7 @@ def measure_disk(pac: AdapterModel, spec: Any, *, rows: int = 8, repeats: int = 
     DiskRows`` in ``directory``, None: ``ASTEROID_CACHE_DIR`` or the system's temporary
     directory) and to read them back, one thread, medians of ``repeats`` after a warm-up,
     each read after a pause of ``pause_s`` as a phase-2 step reads its rows after the
-    all-reduce ([Note: a cache on disk] in solver/pac.py). The file stays in the page
+    all-reduce ([Note: a cache on disk] in solver/pac_cost.py). The file stays in the page
     cache: storage bandwidth is the cluster's ``storage_mb_s``."""
     from runtime.activation_cache import DiskRows
 

@@ -131,7 +131,7 @@ class PacPrediction:
     peak_memory_bytes: Mapping[str, int]
     cache_bytes: Mapping[str, int]
     #: the closed-form phase-1 step (``phase1_step_s`` is the larger of it and the event
-    #: simulation for a pipeline; see [Note: phase-1 time] in solver/pac.py)
+    #: simulation for a pipeline; see [Note: phase-1 time] in solver/pac_cost.py)
     phase1_closed_form_s: float = 0.0
     #: link seconds per phase-2 step of the rows streamed from other devices' caches
     #: (overlapped with the step before: ``phase2_step_s`` is at least this), and of the

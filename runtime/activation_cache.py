@@ -50,7 +50,7 @@ def memory_filesystem(directory: str, mounts: str = "/proc/mounts") -> str | Non
 
 class DiskRows(MutableMapping[int, Row]):
     """Cache rows kept in an unnamed temporary file of the device's storage instead of
-    memory (``PacPlan.cache_disk``, [Note: a cache on disk] in solver/pac.py):
+    memory (``PacPlan.cache_disk``, [Note: a cache on disk] in solver/pac_cost.py):
     a row is appended as the raw bytes of its parts and read back into fresh tensors, so
     memory holds only the rows a step asks for. The file has no name on disk and is gone
     when the process ends, however it ends. A row that is replaced or deleted leaves its

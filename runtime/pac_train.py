@@ -569,7 +569,7 @@ def _rehome(group: _Group, comm: Comm, cache: ActivationCache, batch: int, steps
 class _ReadAhead:
     """Phase 2 with the cache on disk: the next step's rows are read in a thread while this
     step computes and all-reduces, so the storage's latency hides behind them ([Note: a
-    cache on disk] in solver/pac.py); rows asked for under another grouping (a lost
+    cache on disk] in solver/pac_cost.py); rows asked for under another grouping (a lost
     device) are read again where the step needs them."""
 
     def __init__(self, cache: ActivationCache) -> None:

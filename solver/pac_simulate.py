@@ -1,7 +1,7 @@
 """Event simulation of a PAC fine-tuning plan: the forward-only pipeline of phase 1, then phase 2.
 
 [Note: PAC simulation]
-``predict_finetune`` prices phase 1 in closed form ([Note: phase-1 time] in ``solver.pac``).
+``predict_finetune`` prices phase 1 in closed form ([Note: phase-1 time] in ``solver.pac_cost``).
 The simulator runs one phase-1 mini-batch micro-batch by micro-batch on the task scheduler
 of ``solver.simulate`` (every device a serial resource; every device one outgoing and one
 incoming port):
@@ -37,7 +37,7 @@ from contracts.cluster import Cluster
 from contracts.errors import PlanError
 from contracts.pac_plan import PacPlan
 from contracts.table import CostTable
-from solver.pac import entry_parts, predict_finetune, segment_costs
+from solver.pac_cost import entry_parts, predict_finetune, segment_costs
 from solver.simulate import SimEvent, _run, _Task
 from solver.timing import Timing
 

@@ -1,5 +1,5 @@
 """``solver.pac.place_cache`` as it was before its moves were scored per device (the
-twenty-eighth session): every candidate move re-runs ``_peaks`` over all devices. The
+twenty-eighth session): every candidate move re-runs ``peaks`` over all devices. The
 differential tests check that the quicker one places every row the same."""
 
 from __future__ import annotations
@@ -12,15 +12,8 @@ from contracts.pac_plan import PacModel
 from contracts.plan import Plan
 from contracts.table import CostTable
 from solver.evaluate import allreduce_time
-from solver.pac import (
-    DEFAULT_CACHE_SLACK,
-    _fetch_s,
-    _holders_of,
-    _narrower,
-    _peaks,
-    _phase2_compute,
-    _workspaces,
-)
+from solver.pac import DEFAULT_CACHE_SLACK, _holders_of, _narrower
+from solver.pac_cost import fetch_s, peaks, phase2_compute, workspaces
 
 
 def place_cache_reference(
@@ -39,13 +32,13 @@ def place_cache_reference(
     cluster = cluster.for_costs(costs)
     n = len(devices)
     memory = [cluster.device(d).memory_bytes for d in devices]
-    spaces = _workspaces(cluster, devices)
-    compute = _phase2_compute(costs, cluster, model, devices, shares)
+    spaces = workspaces(cluster, devices)
+    compute = phase2_compute(costs, cluster, model, devices, shares)
     base_step = max(compute) + allreduce_time(cluster, devices, model.wire_bytes)
     limit = (1.0 + cache_slack) * base_step * (1 + 1e-9)
 
     def score(one: list[list[int]], two: list[list[int]]) -> tuple[float, ...]:
-        peak, _ = _peaks(costs, model, devices, shares, steps, p1_memory,
+        peak, _ = peaks(costs, model, devices, shares, steps, p1_memory,
                          _holders_of(devices, shares, one), _holders_of(devices, shares, two),
                          phase1, spaces, on_disk)
         over = sum(max(0, peak[d] - memory[i]) for i, d in enumerate(devices))
@@ -53,7 +46,7 @@ def place_cache_reference(
         return (float(over), float(sum(peak.values())), round(pressure, 12))
 
     def step_s(two: list[list[int]]) -> float:
-        return max(base_step, _fetch_s(cluster, devices, shares,
+        return max(base_step, fetch_s(cluster, devices, shares,
                                        _holders_of(devices, shares, two), model.entry_bytes))
 
     rows = [[[s if j == t else 0 for j in range(n)] for t, s in enumerate(shares)]
@@ -86,7 +79,7 @@ def place_cache_reference(
         rows[phase][t][a] -= 1
         rows[phase][t][b] += 1
     if best[0] > 0:
-        peak, _ = _peaks(costs, model, devices, shares, steps, p1_memory,
+        peak, _ = peaks(costs, model, devices, shares, steps, p1_memory,
                          _holders_of(devices, shares, rows[0]),
                          _holders_of(devices, shares, rows[1]), phase1, spaces, on_disk)
         gap, device = max((peak[d] - memory[i], d) for i, d in enumerate(devices))
