@@ -4,9 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+
+import solver.class_bound
 from solver.brute import enumerate_plans
 from solver.evaluate import LayerSums, evaluate
 from solver.space import ClassSpace
+from tests.solver_cases import random_instance
 
 
 def check_class_bound(seeds: range, instance: Any, **kwargs: Any) -> tuple[int, int]:
@@ -134,3 +138,31 @@ def wired_pairs_instance(seed: int, *, max_layers: int, max_devices: int,
     cluster = make_cluster(speeds, 1024.0, rng.choice([10.0, 100.0]), pairs,
                            latency_ms=rng.choice([0.2, 2.0]))
     return costs, cluster, rng.choice([2, 4, 6, 8])
+
+
+def random_relaxed(seeds: range, k: int) -> Any:
+    """Per seed of ``random_instance`` (links, latency) whose priced tables at micro-batch 1
+    exist: ``(seed, tables, M, low, top, prices, fast, rho)`` with ``k`` random prices per
+    class and for partner links, and a random bucket ``(low, top]`` of ``X_d``."""
+    import random
+
+    from solver.summary import hiding_ratio
+
+    for seed in seeds:
+        costs, cluster, batch = random_instance(seed, links=True, latency=True)
+        cluster = cluster.for_costs(costs)
+        space = ClassSpace(costs, cluster)
+        cache: dict[Any, Any] = {}
+        args = (space, LayerSums.of(costs), costs.cut_bytes, list(range(costs.num_layers - 1)))
+        solver.class_bound.class_bound(*args, 1, batch, 1e9, pools=False, cache=cache,
+                                       max_evals=1)
+        tables = next((t for t in cache.values() if t is not None), None)
+        if tables is None:
+            continue
+        rng = random.Random(seed)
+        top = rng.uniform(0.1, 2.0) * max(float(r[0].min()) for r in tables.rows)
+        low = rng.choice([0.0, top * rng.uniform(0.3, 0.95)])
+        prices = np.array([[rng.uniform(0.0, 2.0) * top for _ in tables.totals]
+                           for _ in range(k)])
+        fast = np.array([rng.uniform(0.0, 2.0) * top for _ in range(k)])
+        yield seed, tables, batch, low, top, prices, fast, hiding_ratio(costs, cluster)

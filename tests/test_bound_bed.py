@@ -14,8 +14,8 @@ from contracts.errors import PlanError
 from solver.dp import asteroid_dp
 from solver.relaxation import _CHORD_POINTS, relaxed_many
 from solver.space import ClassSpace
+from tests.class_bound_cases import random_relaxed
 from tests.solver_cases import random_instance
-from tests.test_bounds import _random_relaxed
 from tools.bound_bed import (
     Bed,
     bed,
@@ -29,14 +29,14 @@ from tools.bound_bed import (
 
 
 def _beds(seeds: range) -> Any:
-    """Per instance of ``_random_relaxed`` whose groups allow few use states: a ``Bed`` on
+    """Per instance of ``random_relaxed`` whose groups allow few use states: a ``Bed`` on
     every group, a bucket and a limit (none, or near the relaxed value)."""
-    for seed, tables, m, low, top, _, _, rho in _random_relaxed(seeds, 1):
+    for seed, tables, m, low, top, _, _, rho in random_relaxed(seeds, 1):
         vectors = sorted({tuple(int(c) for c in row) for row in tables.counts})
         narrowed, groups, per_group = narrow(tables, vectors)
         if len(groups) > 8:
             continue
-        # (_random_relaxed's tables have a row at every layer)
+        # (random_relaxed's tables have a row at every layer)
         b = Bed(narrowed, per_group, groups, m, rho, int(tables.firsts[-1]) + 1)
         yield seed, b, tables, low, top
 
@@ -180,7 +180,7 @@ def test_the_priced_bed_is_the_priced_class_bound_and_adds_up() -> None:
     # priced_plan at one price vector: relaxed_many's value (its chords may give less
     # where M > _CHORD_POINTS), and its plan's (A) less what the prices pay back
     compared = 0
-    for seed, tables, m, low, top, prices, _, rho in _random_relaxed(range(60), 1):
+    for seed, tables, m, low, top, prices, _, rho in random_relaxed(range(60), 1):
         vectors = tuple(tuple(int(c) for c in row) for row in tables.counts)
         b = Bed(tables, vectors, tuple(range(len(vectors))), m, rho,
                 int(tables.firsts[-1]) + 1)

@@ -4,45 +4,13 @@ states by speed, kinds at once, floors and the late gate."""
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import numpy as np
 import pytest
 
-import solver.class_bound
-import solver.class_tables
-import solver.counted_pools
-import solver.relaxation
-from solver.evaluate import LayerSums
 from solver.space import ClassSpace
-from tests.solver_cases import patch_class_bound, random_instance
-
-
-def _random_relaxed(seeds: range, k: int) -> Any:
-    """Per seed of ``random_instance`` (links, latency) whose priced tables at micro-batch 1
-    exist: ``(seed, tables, M, low, top, prices, fast, rho)`` with ``k`` random prices per
-    class and for partner links, and a random bucket ``(low, top]`` of ``X_d``."""
-    import random
-
-    from solver.summary import hiding_ratio
-
-    for seed in seeds:
-        costs, cluster, batch = random_instance(seed, links=True, latency=True)
-        cluster = cluster.for_costs(costs)
-        space = ClassSpace(costs, cluster)
-        cache: dict[Any, Any] = {}
-        args = (space, LayerSums.of(costs), costs.cut_bytes, list(range(costs.num_layers - 1)))
-        solver.class_bound.class_bound(*args, 1, batch, 1e9, pools=False, cache=cache, max_evals=1)
-        tables = next((t for t in cache.values() if t is not None), None)
-        if tables is None:
-            continue
-        rng = random.Random(seed)
-        top = rng.uniform(0.1, 2.0) * max(float(r[0].min()) for r in tables.rows)
-        low = rng.choice([0.0, top * rng.uniform(0.3, 0.95)])
-        prices = np.array([[rng.uniform(0.0, 2.0) * top for _ in tables.totals]
-                           for _ in range(k)])
-        fast = np.array([rng.uniform(0.0, 2.0) * top for _ in range(k)])
-        yield seed, tables, batch, low, top, prices, fast, hiding_ratio(costs, cluster)
+from tests.class_bound_cases import random_relaxed
+from tests.solver_cases import patch_class_bound
 
 
 def test_relaxed_at_many_prices_is_relaxed_at_each() -> None:
@@ -51,7 +19,7 @@ def test_relaxed_at_many_prices_is_relaxed_at_each() -> None:
     from solver.relaxation import relaxed, relaxed_many
 
     compared = 0
-    for seed, tables, m, low, top, prices, fast, rho in _random_relaxed(range(40), 5):
+    for seed, tables, m, low, top, prices, fast, rho in random_relaxed(range(40), 5):
         many = relaxed_many(tables, m, low, top, 1e9, prices, rho, None, fast)
         for k in range(5):
             one = relaxed(tables, m, low, top, 1e9, prices[k], rho, None, fast[k])
@@ -68,7 +36,7 @@ def test_counting_classes_is_never_below_pricing_them() -> None:
     from solver.relaxation import relaxed_many
 
     compared = higher = 0
-    for seed, tables, m, low, top, prices, fast, rho in _random_relaxed(range(40), 4):
+    for seed, tables, m, low, top, prices, fast, rho in random_relaxed(range(40), 4):
         priced = relaxed_many(tables, m, low, top, 1e9, prices, rho, None, fast)
         classes = len(tables.totals)
         for counted in [(c,) for c in range(classes)] + [tuple(range(classes))]:
@@ -93,7 +61,7 @@ def test_counted_classes_in_single_precision_stay_below_double(
     from solver.relaxation import relaxed_many
 
     compared = 0
-    for seed, tables, m, low, top, prices, _, rho in _random_relaxed(range(120), 1):
+    for seed, tables, m, low, top, prices, _, rho in random_relaxed(range(120), 1):
         every = tuple(range(len(tables.totals)))
         single = relaxed_many(tables, m, low, top, 1e9, prices, rho, None, None, every)
         with monkeypatch.context() as patch:
@@ -181,7 +149,7 @@ def test_states_by_speed_map_each_state_to_its_suffix() -> None:
     from solver.relaxation import _CountStates
 
     checked = 0
-    for _, tables, _, _, top, _, _, _ in _random_relaxed(range(20), 1):
+    for _, tables, _, _, top, _, _, _ in random_relaxed(range(20), 1):
         every = tuple(range(len(tables.totals)))
         states = _CountStates(dataclasses.replace(tables, work=None), every, top)
         assert (np.diff(states.speed) >= 0).all() and not states.vecs[0].any()
@@ -283,7 +251,7 @@ def test_states_by_speed_only_raise_the_counted_value() -> None:
     from solver.relaxation import relaxed_many
 
     compared = higher = 0
-    for seed, tables, m, _, _, prices, fast, rho in _random_relaxed(range(60), 2):
+    for seed, tables, m, _, _, prices, fast, rho in random_relaxed(range(60), 2):
         assert tables.work is not None
         classes = len(tables.totals)
         # (a bucket near the round's fill: each stage at most a little above the model's
@@ -313,7 +281,7 @@ def test_floors_leave_every_value_below_the_limit() -> None:
     from solver.relaxation import relaxed_many
 
     compared = cut = 0
-    for seed, tables, m, low, top, prices, fast, rho in _random_relaxed(range(60), 2):
+    for seed, tables, m, low, top, prices, fast, rho in random_relaxed(range(60), 2):
         every = tuple(range(len(tables.totals)))
         plain = dataclasses.replace(tables, work=None)
         free = relaxed_many(tables, m, low, top, 1e9, prices, rho, None, fast, every)
