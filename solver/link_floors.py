@@ -20,10 +20,10 @@ SLACK = 1.0 - 1e-9
 ABOVE = 1.0 + 1e-9
 TAIL_SLACK = 1.0 - 1e-6
 CUT_ABOVE = 1.0 + 1e-6
-"""``_counted`` skips a pool only where its speed falls short of the suffix's work, and a
-stage only where its plans' lower bounds reach the limit, by more than the float error of
-the tables' sums (each ``x`` is at least its work over its group's bound speed times
-``SLACK``)."""
+"""Float slacks: ``solver.counted_pools.counted_run`` skips a pool only where its speed
+falls short of the suffix's work, and a stage only where its plans' lower bounds reach
+the limit, by more than the float error of the tables' sums (each ``x`` is at least its
+work over its group's bound speed times ``SLACK``)."""
 
 
 @dataclass(frozen=True)
