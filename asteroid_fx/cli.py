@@ -539,15 +539,19 @@ def partition(
 ) -> None:
     """Plan and split the model into runnable stages; write a stage package directory."""
     with _errors():
-        from asteroid_fx.package import save_partition
+        from asteroid_fx.package import check_package_dir, save_partition
         from asteroid_fx.partition import partition as partition_fn
         from contracts.cluster import Cluster
+        from runtime.trust import check_token
         from solver.alternatives import check_objective
         from solver.anytime import check_time_limit
 
         check_time_limit(time_limit)
         check_objective(objective, planner)     # before any costs are measured
         _writable(out, "--out", directory=True)
+        check_package_dir(out)
+        if token is not None:
+            check_token(token, "--token")
         start = time.perf_counter()
         clus = Cluster.from_yaml(cluster)
         spec, module, inputs, table = _costs_for(model, batch_size, costs_file, _leaf(leaf),
@@ -894,6 +898,7 @@ def finetune(
     with _errors():
         from asteroid_fx.errors import PlanError
         from contracts.cluster import Cluster
+        from runtime.train import TrainConfig
 
         if method not in ("pac", "full"):
             raise PlanError(f"--method must be pac or full, got {method!r}")
@@ -905,9 +910,15 @@ def finetune(
                             "fine-tuning keeps no activation cache); drop them")
         if epochs < 1:
             raise PlanError(f"--epochs must be >= 1, got {epochs}")
+        if emulate is None and (fail is not None or metrics is not None):
+            raise PlanError("--fail and --metrics apply to a run: add --emulate CLUSTER, or "
+                            "drop them")
+        TrainConfig(steps=1, lr=lr)     # --lr, checked before anything is written
         _writable(out, "--out", directory=True)
         _writable(metrics, "--metrics", "metrics.jsonl")
         clus = Cluster.from_yaml(cluster)
+        if fail is not None:
+            _check_fail_devices(fail, [d.name for d in clus.devices])
         spec, module, inputs, table = _costs_for(model, batch_size, costs_file, (), clus)
         if method == "full":
             _finetune_full(spec, module, inputs, table, clus, batch_size, epochs, samples, out,
@@ -931,6 +942,23 @@ def finetune(
             result = run_finetune(out, emulate, seed=seed, lr=lr, metrics=metrics, fail=fail)
             console.print(result.summary(plan_obj.steps_per_epoch), markup=False,
                           highlight=False)
+
+
+def _check_fail_devices(fail: str, names: list[str]) -> None:
+    """``RuntimeFailure`` where ``--fail`` (``DEVICE@STEP[,...]``, ``@aSTEP`` for an adapter
+    step) is malformed or names a device the cluster lacks: checked before the plan is
+    made and its directory written (the plan's own devices and steps are checked later)."""
+    from contracts.errors import RuntimeFailure
+
+    for part in (p.strip() for p in fail.split(",")):
+        device, sep, step = part.partition("@")
+        step = step[1:] if step.startswith("a") else step
+        if not sep or not step.isdigit():
+            raise RuntimeFailure(f"--fail must be DEVICE@STEP (or DEVICE@aSTEP: epoch 1's "
+                                 f"adapter step STEP) with a device of {names}, got {part!r}")
+        if device not in names:
+            raise RuntimeFailure(f"--fail {part}: device {device!r} is not in the cluster "
+                                 f"(devices {names})")
 
 
 def _pac_report(plan_obj: Any) -> str:

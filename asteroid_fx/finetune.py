@@ -482,6 +482,7 @@ def run_finetune(directory: str | Path, cluster: str | Path, *, seed: int = 0, l
     from runtime.emulator import emulate
     from runtime.pac_recovery import Phase1Recovery, parse_fail
     from runtime.pac_train import PacSource, finetune_device
+    from runtime.staged_output import staged_output
     from runtime.train import TrainConfig
 
     source = PacSource(str(directory), fail=fail)
@@ -497,11 +498,13 @@ def run_finetune(directory: str | Path, cluster: str | Path, *, seed: int = 0, l
         if progress is not None:
             progress(record)
 
-    config = TrainConfig(steps=plan.epochs * plan.steps_per_epoch, seed=seed, lr=lr,
-                         metrics=None if metrics is None else str(metrics), timeout_s=300.0)
     started = time.perf_counter()
-    result = emulate(source, cluster, config, progress=on_step, timeout_s=timeout_s,
-                     token=token, body=finetune_device, may_fail=may_fail, on_lost=on_lost)
+    with staged_output(metrics) as staged:     # a failed run keeps the metrics one had
+        config = TrainConfig(steps=plan.epochs * plan.steps_per_epoch, seed=seed, lr=lr,
+                             metrics=staged, timeout_s=300.0)
+        result = emulate(source, cluster, config, progress=on_step, timeout_s=timeout_s,
+                         token=token, body=finetune_device, may_fail=may_fail,
+                         on_lost=on_lost)
     records.sort(key=lambda r: int(r["step"]))
     last = records[-1] if records else {}
     recoveries = []

@@ -35,7 +35,10 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
+import re
 import shutil
+import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -61,7 +64,7 @@ from runtime.stage_io import (
 )
 from runtime.trust import TOKEN_FILE, find_token, new_token, write_token
 
-__all__ = ["save_partition", "load_partition", "stage_example_args"]
+__all__ = ["save_partition", "load_partition", "stage_example_args", "check_package_dir"]
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +88,10 @@ def save_partition(
     ``progress(done, total, what)`` is called around each stage's ONNX export and check.
 
     Args:
-        directory: created if missing; existing files of the same names are replaced.
+        directory: created if missing; it must be empty or hold an older package,
+            which the new one replaces (files of other names stay). The package is
+            written beside it first and moved in when complete, so a failure
+            leaves ``directory`` as it was.
         plan: the plan the stages were made from (``len(plan.stages) == len(stages)``).
         stages: the output of :func:`asteroid_fx.partition.partition`.
         model_spec: a MODEL_SPEC string (``path/model.py[:prefix]`` or ``builtin:NAME``) or
@@ -112,9 +118,79 @@ def save_partition(
     if len(stages) != plan.num_stages:
         raise PartitionError(f"the plan has {plan.num_stages} stages but {len(stages)} stage "
                              f"modules were given; partition with this plan first")
-    infos = [stage_info(s) for s in stages]
+    target = Path(directory)
+    check_package_dir(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial",
+                                    dir=target.parent))
+    try:
+        written = _write_package(staging, target, plan, stages, model_spec=model_spec,
+                                 onnx=onnx, example_inputs=example_inputs, costs=costs,
+                                 cluster=cluster, progress=progress, token=token)
+        return _move_in(staging, target, written)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+_PACKAGE_NAME = re.compile(r"(plan\.json|partition\.json|model\.py|costs\.json|cluster\.yaml"
+                           r"|report\.md|gantt\.png|token|stage_\d+\.(py|weights\.pt|onnx))")
+"""The names a partition package's files have (the layout in the module docstring)."""
+
+
+def check_package_dir(directory: str | Path) -> None:
+    """``PartitionError`` unless ``directory`` is missing, empty, or a partition package
+    (it holds ``partition.json``): a package is written only where it replaces nothing but
+    an older package, never a user's own files of the same names (a ``cluster.yaml``, a
+    ``model.py``, a ``report.md``)."""
     out = Path(directory)
-    out.mkdir(parents=True, exist_ok=True)
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise PartitionError(f"--out {str(out)!r} is a file, not a directory; give a new or "
+                             f"an empty directory, or a partition directory to replace")
+    if (out / "partition.json").is_file():
+        return
+    held = sorted(p.name for p in out.iterdir())
+    if held:
+        shown = ", ".join(held[:5]) + (f" and {len(held) - 5} more" if len(held) > 5 else "")
+        raise PartitionError(f"--out {str(out)!r} holds files and is not a partition "
+                             f"directory ({shown}); give a new or an empty directory, or a "
+                             f"partition directory to replace")
+
+
+def _move_in(staging: Path, target: Path, written: dict[str, Path]) -> dict[str, Path]:
+    """Move the finished package from ``staging`` into ``target``: the older package's
+    files that the new one does not have (stages beyond its count, ONNX files, a report)
+    are removed first, then each new file replaces its namesake; files of other names
+    stay. Returns ``written`` with the paths in ``target``."""
+    target.mkdir(parents=True, exist_ok=True)
+    for old in target.iterdir():
+        if old.is_file() and _PACKAGE_NAME.fullmatch(old.name) and old.name not in written:
+            old.unlink()
+    out: dict[str, Path] = {}
+    for name, path in written.items():
+        os.replace(path, target / name)
+        out[name] = target / name
+    return out
+
+
+def _write_package(
+    out: Path,
+    target: Path,
+    plan: Plan,
+    stages: Sequence[fx.GraphModule],
+    *,
+    model_spec: Any,
+    onnx: bool,
+    example_inputs: tuple[torch.Tensor, ...] | torch.Tensor | Mapping[str, torch.Tensor] | None,
+    costs: Any,
+    cluster: Any,
+    progress: Callable[[int, int, str], None] | None,
+    token: str | None,
+) -> dict[str, Path]:
+    """``save_partition``'s files, written in ``out`` (a fresh directory; ``target`` is
+    where they go: its token is kept)."""
+    infos = [stage_info(s) for s in stages]
     written: dict[str, Path] = {}
 
     def put(name: str, text: str) -> None:
@@ -153,7 +229,7 @@ def save_partition(
         _check_round_trip(stage, loaded[-1], i)
     meta = replace(meta, files={name: file_digest(out / name) for name in package_files(meta)})
     put("partition.json", meta.to_json())
-    chosen = find_token(token, out) or new_token()
+    chosen = find_token(token, target) or new_token()
     written[TOKEN_FILE] = write_token(out, chosen)
     if example_inputs is not None:
         example_inputs = check_rows(example_inputs)
@@ -182,7 +258,7 @@ def save_partition(
         written["cluster.yaml"] = out / "cluster.yaml"
     if costs is not None and cluster is not None:
         written.update(_write_report(out, plan, costs, cluster))
-    log.info("saved a %d-stage partition to %s (%d files)", len(stages), out, len(written))
+    log.info("saved a %d-stage partition to %s (%d files)", len(stages), target, len(written))
     return written
 
 

@@ -21,6 +21,7 @@ from contracts.allocator import tune_allocator
 from contracts.errors import RuntimeFailure
 from contracts.plan import Plan
 from runtime import protocol as proto
+from runtime.staged_output import staged_output
 from runtime.train import DirectorySource, StageSource, TrainConfig, WorkerResult, train_device
 from runtime.trust import Gatekeeper, find_token, join_job, resolve_token
 
@@ -423,16 +424,17 @@ def run(directory: str | Path, *, emulate: str | Path | None = None, steps: int 
     if num_samples and (fail is not None or leave is not None):
         raise RuntimeFailure("fine-tuning samples (num_samples) are not taken by runs with "
                              "--fail/--leave yet; drop one of them")
-    if fail is not None or leave is not None:
-        return _run_recovering(path, emulate, steps, seed, lr, metrics, progress, fail,
-                               recovery, {**recovery_options, "token": token,
-                                          "replanner": replanner}, leave)
-    if recovery_options:
+    if recovery_options and fail is None and leave is None:
         raise RuntimeFailure(f"options {sorted(recovery_options)} need fail=DEVICE@STEP (or "
                              f"leave=DEVICE@STEP)")
-    return run_source(DirectorySource(str(path)), emulate=emulate, steps=steps, seed=seed,
-                      lr=lr, metrics=metrics, progress=progress, token=token,
-                      num_samples=num_samples)
+    with staged_output(metrics) as staged:     # a failed run keeps the metrics one had
+        if fail is not None or leave is not None:
+            return _run_recovering(path, emulate, steps, seed, lr, staged, progress, fail,
+                                   recovery, {**recovery_options, "token": token,
+                                              "replanner": replanner}, leave)
+        return run_source(DirectorySource(str(path)), emulate=emulate, steps=steps, seed=seed,
+                          lr=lr, metrics=staged, progress=progress, token=token,
+                          num_samples=num_samples)
 
 
 def _run_recovering(path: Path, emulate: str | Path | None, steps: int, seed: int, lr: float,

@@ -13,10 +13,16 @@ import pytest
 import torch
 from partition_cases import EXAMPLES, compose, example_spec, hand_plan
 
-from asteroid_fx.package import check_rows, load_partition, save_partition, stage_example_args
+from asteroid_fx.package import (
+    check_package_dir,
+    check_rows,
+    load_partition,
+    save_partition,
+    stage_example_args,
+)
 from asteroid_fx.partition import partition, stage_info
 from asteroid_fx.trace import trace
-from contracts.errors import PartitionError
+from contracts.errors import AsteroidError, PartitionError
 from runtime.stage_io import PARTITION_VERSION, load_model_module, load_partition_meta
 
 
@@ -227,3 +233,56 @@ def test_check_rows_cuts_the_batch_and_keeps_the_rest() -> None:
     assert check_rows(x).shape == (2, 3)
     small = (torch.randn(2, 3),)
     assert check_rows(small) is small
+
+
+def _digests(directory: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(directory.iterdir()) if p.is_file()}
+
+
+def test_a_failed_save_leaves_the_older_package_as_it_was(tmp_path: Path) -> None:
+    # the package is written beside the directory and moved in when complete: a save that
+    # fails (here on its token, after the stages are written) changes nothing and leaves no
+    # staging directory behind
+    spec, _, inputs, plan, stages = _skipnet_partition([1, 4, 7])
+    save_partition(tmp_path / "out", plan, stages, model_spec=spec.spec, onnx=False,
+                   example_inputs=inputs)
+    before = _digests(tmp_path / "out")
+    _, _, _, plan2, stages2 = _skipnet_partition([3])
+    with pytest.raises(AsteroidError, match="without spaces"):
+        save_partition(tmp_path / "out", plan2, stages2, model_spec=spec.spec, onnx=False,
+                       example_inputs=inputs, token="has space")
+    assert _digests(tmp_path / "out") == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_a_new_package_replaces_the_older_ones_files_and_keeps_others(tmp_path: Path) -> None:
+    spec, _, inputs, plan, stages = _skipnet_partition([1, 4, 7])
+    save_partition(tmp_path / "out", plan, stages, model_spec=spec.spec, onnx=False,
+                   example_inputs=inputs)
+    (tmp_path / "out" / "notes.txt").write_text("mine")
+    _, _, _, plan2, stages2 = _skipnet_partition([3])
+    files = save_partition(tmp_path / "out", plan2, stages2, model_spec=spec.spec, onnx=False,
+                           example_inputs=inputs)
+    left = {p.name for p in (tmp_path / "out").iterdir()}
+    assert left == set(files) | {"notes.txt"}
+    assert not any(name.startswith(("stage_2", "stage_3")) for name in left)
+    assert (tmp_path / "out" / "notes.txt").read_text() == "mine"
+    assert load_partition(tmp_path / "out")[0] == plan2
+
+
+def test_a_directory_of_other_files_is_refused(tmp_path: Path) -> None:
+    # `--out .` in a project must not overwrite the user's cluster.yaml or model.py
+    spec, _, inputs, plan, stages = _skipnet_partition([3])
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "cluster.yaml").write_text("# my cluster\n")
+    with pytest.raises(PartitionError, match="not a partition directory.*cluster.yaml"):
+        save_partition(project, plan, stages, model_spec=spec.spec, onnx=False,
+                       example_inputs=inputs)
+    assert _digests(project) == {"cluster.yaml": b"# my cluster\n"}
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(PartitionError, match="is a file"):
+        check_package_dir(tmp_path / "afile")
+    check_package_dir(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    check_package_dir(tmp_path / "empty")

@@ -267,3 +267,24 @@ def test_cli_run_refuses_an_empty_token_in_one_line(tmp_path: Path,
     assert main(["run", str(out), "--emulate", str(cluster), "--token", " "]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--token must be a non-empty string without spaces" in err
+
+
+def test_cli_partition_refuses_a_bad_token_and_a_foreign_directory_before_planning(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # both are refused before the plan is printed, and nothing in --out changes
+    from asteroid_fx.cli import main
+
+    cluster = tmp_path / "c.yaml"
+    cluster.write_text("devices:\n  - {name: dev0, type: local}\n  - {name: dev1, type: local}\n")
+    args = ["partition", str(EXAMPLES / "mlp.py"), "--cluster", str(cluster), "--batch-size",
+            "4", "--no-onnx", "--costs", "analytic", "--planner", "pp-equal"]
+    assert main([*args, "--out", str(tmp_path / "part"), "--token", "has space"]) == 1
+    captured = capsys.readouterr()
+    assert "without spaces" in captured.err and "Plan for" not in captured.out
+    assert not (tmp_path / "part").exists()
+    assert main([*args, "--out", str(tmp_path)]) == 1
+    captured = capsys.readouterr()
+    assert captured.err.count("\n") == 1 and "not a partition directory" in captured.err
+    assert "Plan for" not in captured.out
+    assert cluster.read_text().startswith("devices:")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.yaml"]

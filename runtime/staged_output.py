@@ -1,0 +1,43 @@
+"""An output file written beside its place and moved there when the run that writes it ends."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+__all__ = ["staged_output"]
+
+log = logging.getLogger(__name__)
+
+
+@contextmanager
+def staged_output(path: str | Path | None) -> Iterator[str | None]:
+    """Yield where a run should write ``path`` (a metrics file): ``.NAME.partial`` beside it,
+    moved to ``path`` when the block ends. When the block raises and ``path`` already held
+    a file (an earlier run's metrics), that file is kept and this run's lines go to
+    ``STEM.failed.SUFFIX`` beside it, with a warning naming both; without an earlier file
+    they go to ``path`` as usual. So a run that fails never empties the metrics a user had.
+    None: nothing to stage."""
+    if path is None:
+        yield None
+        return
+    target = Path(path)
+    partial = target.with_name(f".{target.name}.partial")
+    partial.unlink(missing_ok=True)
+    try:
+        yield str(partial)
+    except BaseException:
+        if partial.exists():
+            if target.exists():
+                kept = target.with_name(f"{target.stem}.failed{target.suffix}")
+                os.replace(partial, kept)
+                log.warning("the run failed: %s keeps the metrics it had; this run's are in %s",
+                            target, kept)
+            else:
+                os.replace(partial, target)
+        raise
+    if partial.exists():
+        os.replace(partial, target)
