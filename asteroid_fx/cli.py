@@ -429,12 +429,14 @@ def _costs_for(model: str, batch_size: int, costs: str | None, leaf: tuple[str, 
     from asteroid_fx.cost_source import resolve_costs
     from contracts.errors import PlanError
     from solver.api import PLANNERS
+    from solver.space import check_batch_size
 
     if planner not in PLANNERS:
         raise PlanError(f"unknown planner {planner!r}; choose one of "
                         f"{', '.join(sorted(PLANNERS))}")
     if batch_size < 1:
         raise PlanError(f"--batch-size must be >= 1, got {batch_size}")
+    check_batch_size(batch_size, "--batch-size")
 
     spec, module, inputs = _load_model(model, 2)
     bar, update = _progress_callback("measuring the model on this host")

@@ -39,6 +39,7 @@ from contracts.cluster import Cluster, Device
 from contracts.errors import PlanError
 from contracts.plan import Plan, PlannerInfo, Stage
 from contracts.table import CostTable
+from solver.space import divisors
 from solver.timing import Timing
 
 __all__ = [
@@ -65,10 +66,6 @@ _VERSION = "1"
 
 
 # -- small helpers ---------------------------------------------------------------------------
-def _divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
-
-
 def equal_shares(micro_batch: int, k: int) -> tuple[int, ...]:
     """Split ``micro_batch`` samples as evenly as possible over ``k`` devices (each >= 1)."""
     if k < 1 or micro_batch < k:
@@ -145,7 +142,7 @@ def gpipe_micro_batches(batch_size: int, num_stages: int, min_micro_batch: int =
         raise PlanError(f"batch size {batch_size} is smaller than the {min_micro_batch} "
                         f"sample(s) one micro-batch needs here (one per device in a stage); "
                         f"use --batch-size >= {min_micro_batch}")
-    allowed = [m for m in _divisors(batch_size) if batch_size // m >= min_micro_batch]
+    allowed = [m for m in divisors(batch_size) if batch_size // m >= min_micro_batch]
     target = min(4 * num_stages, batch_size)
     at_least = [m for m in allowed if m >= target]
     return min(at_least) if at_least else max(allowed)
@@ -227,7 +224,7 @@ def dp_only(costs: CostTable, cluster: Cluster, batch_size: int, *,
     if batch_size < len(names):
         raise PlanError(f"dp-only needs at least one sample per device: batch size "
                         f"{batch_size} < {len(names)} devices; use --batch-size >= {len(names)}")
-    options = [m for m in _divisors(batch_size) if batch_size // m >= len(names)]
+    options = [m for m in divisors(batch_size) if batch_size // m >= len(names)]
     first: Plan | None = None
     for m in options:
         stage = Stage(layers=(0, costs.num_layers - 1), devices=names,
@@ -473,7 +470,7 @@ def hetpipe(costs: CostTable, cluster: Cluster, batch_size: int, *,
     names = list(cluster.names)
     n = len(names)
     best: tuple[float, Plan] | None = None
-    for k in _divisors(n):
+    for k in divisors(n):
         depth = n // k
         if depth > costs.num_layers or batch_size < k:
             continue
@@ -517,7 +514,7 @@ def single_device(costs: CostTable, cluster: Cluster, batch_size: int, *,
     biggest = max(cluster.devices, key=lambda d: cluster.usable_bytes(d.name)).name
     fallback: Plan | None = None
     for dev in cluster.names:
-        for m in _divisors(batch_size):
+        for m in divisors(batch_size):
             stage = Stage(layers=(0, costs.num_layers - 1), devices=(dev,),
                           shares=(batch_size // m,))
             plan = _make_plan(costs, cluster, batch_size, m, [stage], "device", started,

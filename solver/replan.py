@@ -58,6 +58,7 @@ from solver.evaluate import (
     transfer_time,
 )
 from solver.replicas import with_replicas
+from solver.space import divisors
 from solver.split import split_shares, split_stage
 from solver.summary import PipelineSummary, dominates, prepend
 from solver.timing import Timing
@@ -135,10 +136,9 @@ def survivors_of(plan: Plan, cluster: Cluster, failed: Iterable[str]) -> Cluster
 
 def _neighbour_divisors(batch_size: int, mb: int, radius: int) -> list[int]:
     """The ``radius`` divisors of ``batch_size`` below and above ``mb``."""
-    divisors = [b for b in range(1, batch_size + 1) if batch_size % b == 0]
-    i = divisors.index(mb)
-    return [divisors[j] for j in range(i - radius, i + radius + 1)
-            if j != i and 0 <= j < len(divisors)]
+    sizes = divisors(batch_size)
+    i = sizes.index(mb)
+    return [sizes[j] for j in range(i - radius, i + radius + 1) if j != i and 0 <= j < len(sizes)]
 
 
 def _memory_hint(costs: CostTable, survivors: Cluster, osf: float) -> str:

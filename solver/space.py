@@ -63,6 +63,9 @@ __all__ = [
     "sorted_devices",
     "device_classes",
     "micro_batch_choices",
+    "MAX_BATCH_SIZE",
+    "check_batch_size",
+    "divisors",
     "candidate_cuts",
     "balanced_cuts",
     "GroupInfo",
@@ -154,12 +157,36 @@ def device_classes(cluster: Cluster, costs: CostTable) -> list[list[str]]:
     return list(classes.values())
 
 
+MAX_BATCH_SIZE = 1 << 20
+"""The largest batch size the planners take: Algorithm 1 splits a micro-batch sample by
+sample (``solver.split.split_shares``), so a plan's time grows with the batch (MobileNetV2
+on eight devices: 4.7 s at 10**5, 19.6 s at 10**6, past 90 s at 10**7); a larger batch is a
+``PlanError`` up front instead of a search that seems to hang."""
+
+
+def divisors(n: int) -> list[int]:
+    """The divisors of ``n >= 1``, ascending (by pairs up to the square root: a batch of
+    10**9 is as quick as one of 64)."""
+    small = [b for b in range(1, math.isqrt(n) + 1) if n % b == 0]
+    return sorted({*small, *(n // b for b in small)})
+
+
+def check_batch_size(batch_size: int, option: str = "batch_size") -> None:
+    """``PlanError`` for a batch size above ``MAX_BATCH_SIZE``."""
+    if batch_size > MAX_BATCH_SIZE:
+        raise PlanError(f"{option} {batch_size} is above {MAX_BATCH_SIZE}, the largest the "
+                        f"planners take (Algorithm 1 splits a micro-batch sample by sample, "
+                        f"so planning time grows with the batch); plan a smaller batch and "
+                        f"accumulate gradients over several")
+
+
 def micro_batch_choices(batch_size: int, micro_batch_sizes: Sequence[int] | None) -> list[int]:
     """The micro-batch sizes to try: divisors of the batch size (or the given ones)."""
     if batch_size < 1:
         raise PlanError(f"batch_size must be >= 1, got {batch_size}")
+    check_batch_size(batch_size)
     if micro_batch_sizes is None:
-        return [b for b in range(1, batch_size + 1) if batch_size % b == 0]
+        return divisors(batch_size)
     bad = [b for b in micro_batch_sizes if b < 1 or batch_size % b]
     if bad:
         raise PlanError(f"micro-batch sizes {bad} do not divide the batch size {batch_size}; "

@@ -45,6 +45,7 @@ from solver.evaluate import (
     memory_from_parts,
     stage_memory_parts,
 )
+from solver.space import divisors
 from solver.timing import Timing
 
 __all__ = ["split_shares", "memory_cap", "cap_from_parts", "split_stage", "check_micro_batch",
@@ -155,9 +156,8 @@ def check_micro_batch(micro_batch_size: int, batch_size: int) -> int:
         raise PlanError(f"micro-batch {m} is larger than the batch {batch_size}; use at most "
                         f"{batch_size} (one micro-batch per round)")
     if batch_size % m:
-        divisors = [d for d in range(1, batch_size + 1) if batch_size % d == 0]
         raise PlanError(f"micro-batch {m} does not divide the batch {batch_size}; use one of "
-                        f"{divisors}")
+                        f"{divisors(batch_size)}")
     return m
 
 

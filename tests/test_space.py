@@ -282,3 +282,23 @@ def test_even_space_offers_the_class_groups_of_even_size_nearly_one_class() -> N
                 assert len(got) == len(set(got)) and set(got) == expected
                 checked += len(got)
     assert checked > 1000
+
+
+def test_micro_batch_choices_are_the_divisors() -> None:
+    from solver.space import divisors, micro_batch_choices
+
+    for n in range(1, 400):
+        assert micro_batch_choices(n, None) == [b for b in range(1, n + 1) if n % b == 0]
+    # by pairs up to the square root: 10**12 is immediate (the planners counted up to it)
+    assert divisors(10**12)[-3:] == [250_000_000_000, 500_000_000_000, 10**12]
+
+
+def test_a_batch_above_the_planners_largest_is_refused_up_front() -> None:
+    from contracts.errors import PlanError
+    from solver.space import MAX_BATCH_SIZE, check_batch_size, micro_batch_choices
+
+    check_batch_size(MAX_BATCH_SIZE)
+    with pytest.raises(PlanError, match="--batch-size 1000000000 is above 1048576"):
+        check_batch_size(10**9, "--batch-size")
+    with pytest.raises(PlanError, match="accumulate gradients"):
+        micro_batch_choices(MAX_BATCH_SIZE + 2, None)
