@@ -192,7 +192,7 @@ def _load_model(spec: str, batch_size: int) -> tuple[Any, Any, Any]:
     from asteroid_fx.model_spec import load_model_spec
 
     model_spec = load_model_spec(spec)
-    model = model_spec.build_model()
+    model = model_spec.build()
     inputs, _targets = model_spec.example_inputs(batch_size)
     return model_spec, model, inputs
 
@@ -289,7 +289,7 @@ def profile(
         start = time.perf_counter()
         bar, update = _progress_callback("profiling")
         with bar:
-            table = profile_fn(spec.build_model(), spec.sample_batch, batch_sizes=sizes,
+            table = profile_fn(spec.build(), spec.sample_batch, batch_sizes=sizes,
                                leaf_modules=_leaf(leaf), repeats=repeats, progress=update,
                                optimizer=spec.build_optimizer, device_type=device_type,
                                device=where)

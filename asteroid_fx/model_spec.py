@@ -15,7 +15,7 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import nn
 
-from contracts.errors import ModelSpecError
+from contracts.errors import AsteroidError, ModelSpecError
 from contracts.inputs import model_inputs
 from cost_models.batches import Inputs, check_batch
 from runtime.builtin_models import (
@@ -68,8 +68,32 @@ class ModelSpec:
         """
         if batch_size < 1:
             raise ModelSpecError(f"batch_size must be >= 1, got {batch_size}")
-        return check_batch(self.sample_batch(batch_size), batch_size,
-                           where=f"{self.spec}: sample_batch({batch_size})")
+        where = f"{self.spec}: sample_batch({batch_size})"
+        return check_batch(self._call(where, self.sample_batch, batch_size), batch_size,
+                           where=where)
+
+    def build(self) -> nn.Module:
+        """``build_model()``; ``ModelSpecError`` (the file and line) when it raises or does not
+        return an ``nn.Module``."""
+        model = self._call(f"{self.spec}: build_model()", self.build_model)
+        if not isinstance(model, nn.Module):
+            raise ModelSpecError(f"{self.spec}: build_model() returned {type(model).__name__}, "
+                                 f"not a torch.nn.Module; return the model")
+        return model
+
+    def _call(self, where: str, fn: Callable[..., Any], *args: Any) -> Any:
+        """``fn(*args)``, with what it raises (besides our own errors) as a one-line
+        ``ModelSpecError`` naming ``where`` and the line of the model file it came from."""
+        try:
+            return fn(*args)
+        except AsteroidError:
+            raise
+        except (Exception, SystemExit) as e:
+            line = _frame_in(e, self.path.resolve()) if self.path is not None else "?"
+            fix = "fix the model file" + (", or ask for a smaller batch"
+                                          if "sample_batch" in where else "")
+            raise ModelSpecError(f"{where} raised {type(e).__name__}: {e} (at {line}); "
+                                 f"{fix}") from e
 
 
 def load_model_spec(spec: str) -> ModelSpec:
@@ -154,7 +178,7 @@ def import_model_file(path: Path) -> types.ModuleType:
             f"syntax error in model file {e.filename or path}:{e.lineno}: {e.msg}"
             + (f": {code}" if code else "")
         ) from e
-    except Exception as e:
+    except (Exception, SystemExit) as e:        # a model file that exits is an error too
         del sys.modules[mod_name]
         where = _frame_in(e, resolved)
         raise ModelSpecError(

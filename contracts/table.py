@@ -80,6 +80,16 @@ class LayerCost:
     flops: float = 0.0  # forward FLOPs per sample (analytic; 0 when unknown)
     buffer_bytes: int = 0  # non-trainable state (BatchNorm running stats)
 
+    def __post_init__(self) -> None:
+        for what in ("param_bytes", "activation_bytes", "output_bytes", "buffer_bytes"):
+            value = getattr(self, what)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise CostModelError(f"layer {self.name!r}: {what} must be an integer >= 0, "
+                                     f"got {value!r}; re-run `asteroid-fx profile`")
+        if not (math.isfinite(self.flops) and self.flops >= 0):
+            raise CostModelError(f"layer {self.name!r}: flops must be finite and >= 0, got "
+                                 f"{self.flops!r}; re-run `asteroid-fx profile`")
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "name": self.name,
@@ -386,6 +396,11 @@ class CostTable:
                 f"cut_bytes must have len(layers) - 1 = {len(self.layers) - 1} entries, "
                 f"got {len(self.cut_bytes)}"
             )
+        bad_cuts = [(i, v) for i, v in enumerate(self.cut_bytes) if v < 0]
+        if bad_cuts or self.input_bytes < 0:
+            shown = bad_cuts[0] if bad_cuts else ("input", self.input_bytes)
+            raise CostModelError(f"cut_bytes and input_bytes must be >= 0, got {shown[1]} at "
+                                 f"{shown[0]}; re-run `asteroid-fx profile`")
         if not (self.host_flops > 0 and math.isfinite(self.host_flops)):
             raise CostModelError(f"host_flops must be > 0, got {self.host_flops!r}")
         if self.source not in COLUMN_SOURCES:

@@ -199,6 +199,15 @@ def sample_batch(b):
         (None, "ModelSpecError: MODEL_SPEC"),
         ("x = 1\n", "build_model"),
         (UNTRACEABLE, "TraceError: torch.fx cannot trace M"),
+        # what the model file's own code raises or returns is named, with its line
+        ("import sys\nsys.exit(0)\n", "failed at"),
+        ("def build_model():\n    raise ValueError('boom')\n\ndef sample_batch(b):\n"
+         "    return 1\n", "build_model() raised ValueError: boom (at"),
+        ("def build_model():\n    return 42\n\ndef sample_batch(b):\n    return 1\n",
+         "build_model() returned int, not a torch.nn.Module"),
+        ("import torch\n\ndef build_model():\n    return torch.nn.Linear(3, 2)\n\n"
+         "def sample_batch(b):\n    raise KeyError('no data')\n",
+         "sample_batch(2) raised KeyError: 'no data' (at"),
     ],
 )
 def test_trace_bad_models(tmp_path: Path, capsys: pytest.CaptureFixture[str],

@@ -195,3 +195,29 @@ def test_a_bad_workspace_is_refused(value: object) -> None:
     data["workspace_bytes"] = value
     with pytest.raises(CostModelError, match="workspace_bytes must be an integer >= 0"):
         CostTable.from_dict(data)
+
+
+@pytest.mark.parametrize(("field", "value", "match"), [
+    ("param_bytes", -10**12, "param_bytes must be an integer >= 0"),
+    ("activation_bytes", -1, "activation_bytes must be an integer >= 0"),
+    ("output_bytes", -5, "output_bytes must be an integer >= 0"),
+    ("buffer_bytes", -2, "buffer_bytes must be an integer >= 0"),
+    ("flops", float("nan"), "flops must be finite"),
+])
+def test_negative_bytes_in_a_layer_are_refused(field: str, value: object, match: str) -> None:
+    # a table with negative bytes planned a peak memory of -1862 GiB before
+    data = _table().to_dict()
+    data["layers"][1][field] = value
+    with pytest.raises(CostModelError, match=f"layer 'l1': {match}"):
+        CostTable.from_dict(data)
+
+
+def test_negative_cut_or_input_bytes_are_refused() -> None:
+    data = _table().to_dict()
+    data["cut_bytes"][2] = -48
+    with pytest.raises(CostModelError, match="got -48 at 2"):
+        CostTable.from_dict(data)
+    data = _table().to_dict()
+    data["input_bytes"] = -1
+    with pytest.raises(CostModelError, match="got -1 at input"):
+        CostTable.from_dict(data)
