@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from contracts.errors import CostModelError
+from contracts.errors import CostModelError, absent
 
 __all__ = ["calibrate", "read_summary"]
 
@@ -16,7 +16,7 @@ def read_summary(metrics: str | Path, fingerprint: str | None = None) -> dict[st
     ``fingerprint``, when given)."""
     path = Path(metrics)
     if not path.is_file():
-        raise CostModelError(f"metrics file {str(path)!r} does not exist; write one with "
+        raise CostModelError(f"metrics file {str(path)!r} {absent(path)}; write one with "
                              f"`asteroid-fx run DIR --emulate C --metrics {path}`")
     summaries = []
     for number, line in enumerate(path.read_text().splitlines(), start=1):

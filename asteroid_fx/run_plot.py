@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from contracts.errors import RuntimeFailure
+from contracts.errors import RuntimeFailure, absent
 
 __all__ = ["RunMetrics", "read_metrics", "plot_metrics"]
 
@@ -26,7 +26,7 @@ def read_metrics(path: str | Path) -> RunMetrics:
     the file and the line when it is not one."""
     source = Path(path)
     if not source.is_file():
-        raise RuntimeFailure(f"metrics file {source} does not exist; write one with "
+        raise RuntimeFailure(f"metrics file {source} {absent(source)}; write one with "
                              f"`asteroid-fx run DIR --metrics {source}`")
     steps: list[dict[str, Any]] = []
     recoveries: list[dict[str, Any]] = []
@@ -46,11 +46,25 @@ def read_metrics(path: str | Path) -> RunMetrics:
         elif row.get("event") == "summary":
             summary = row
         elif "step" in row and "round_time_s" in row:
+            if not (_number(row["step"], int) and _number(row["round_time_s"], float)
+                    and _number(row.get("predicted_round_time_s"), float, none=True)):
+                raise RuntimeFailure(f"{source} line {number}: step {row['step']!r} and its "
+                                     f"times must be numbers (the JSON lines of `asteroid-fx "
+                                     f"run --metrics`)")
             steps.append(row)
     if not steps:
         raise RuntimeFailure(f"{source} has no step rows; is it the metrics.jsonl of "
                              f"`asteroid-fx run DIR --metrics`?")
     return RunMetrics(steps=steps, recoveries=recoveries, summary=summary)
+
+
+def _number(value: Any, kind: type, none: bool = False) -> bool:
+    """Whether ``value`` reads as a number of ``kind`` (an int for steps; None where allowed)."""
+    if value is None:
+        return none
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    return kind is float or float(value).is_integer()
 
 
 def plot_metrics(path: str | Path, out: str | Path, *, title: str = "") -> Path:

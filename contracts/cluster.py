@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from contracts.devices import DEVICE_TYPES, GIB
-from contracts.errors import ClusterError
+from contracts.errors import ClusterError, absent
 
 __all__ = ["Device", "Link", "Cluster", "expand_entry"]
 
@@ -436,12 +436,15 @@ class Cluster:
 
         p = Path(path)
         if not p.is_file():
-            raise ClusterError(f"cluster file {str(p)!r} does not exist; see "
-                               f"examples/clusters/ for the format")
+            raise ClusterError(f"cluster file {str(p)!r} {absent(p)}; see examples/clusters/ "
+                               f"for the format")
         try:
             data = yaml.safe_load(p.read_text())
         except yaml.YAMLError as exc:
             raise ClusterError(f"{p} is not valid YAML: {str(exc).splitlines()[0]}") from exc
+        except UnicodeDecodeError as exc:
+            raise ClusterError(f"cluster file {str(p)!r} is not text (UTF-8): {exc}; see "
+                               f"examples/clusters/ for the format") from None
         return cls.from_dict(data)
 
     def to_json(self) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 __all__ = [
+    "absent",
     "AsteroidError",
     "ModelSpecError",
     "TraceError",
@@ -110,3 +111,14 @@ class DatasetError(ModelSpecError):
 class OutputError(AsteroidError, ValueError):
     """A path to write cannot be written (a directory where a file is asked, a parent
     directory that cannot be made ...); the CLI checks its outputs before any work."""
+
+
+def absent(path: object, directory: bool = False) -> str:
+    """Why ``path`` cannot be read as a file (or, with ``directory``, as a directory), for
+    an error message: "is a directory", "is a file, not a directory" or "does not exist"."""
+    from pathlib import Path
+
+    p = Path(str(path))
+    if directory:
+        return "is a file, not a directory" if p.exists() else "does not exist"
+    return "is a directory, not a file" if p.is_dir() else "does not exist"

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Tuple
 
-from contracts.errors import PlanError
+from contracts.errors import PlanError, absent
 from contracts.plan import Plan
 
 __all__ = ["PacModel", "PacPrediction", "PacPlan", "PAC_PLAN_VERSION", "CACHE_PLACEMENTS",
@@ -346,11 +346,23 @@ class PacPlan:
 
     @classmethod
     def from_json(cls, text: str) -> PacPlan:
-        return cls.from_dict(json.loads(text))
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise PlanError(f"PAC plan is not valid JSON: {exc}; re-plan with "
+                            f"`asteroid-fx finetune`") from exc
+        return cls.from_dict(data)
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(self.to_json())
 
     @classmethod
     def load(cls, path: str | Path) -> PacPlan:
-        return cls.from_json(Path(path).read_text())
+        p = Path(path)
+        if not p.is_file():
+            raise PlanError(f"PAC plan {str(p)!r} {absent(p)}; create it with `asteroid-fx "
+                            f"finetune MODEL --cluster C --batch-size N --out DIR`")
+        try:
+            return cls.from_json(p.read_text())
+        except UnicodeDecodeError as exc:
+            raise PlanError(f"PAC plan {str(p)!r} is not text: {exc}") from None

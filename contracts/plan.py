@@ -8,7 +8,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from contracts.errors import PlanError
+from contracts.errors import PlanError, absent
 
 __all__ = ["Stage", "StagePrediction", "Prediction", "PlannerInfo", "SearchBound", "Plan",
            "PLAN_VERSION", "SMALL_BUCKET_BYTES"]
@@ -387,6 +387,9 @@ class Plan:
     def load(cls, path: str | Path) -> Plan:
         p = Path(path)
         if not p.is_file():
-            raise PlanError(f"plan file {str(p)!r} does not exist; create it with "
+            raise PlanError(f"plan file {str(p)!r} {absent(p)}; create it with "
                             f"`asteroid-fx plan MODEL --cluster C --batch-size N --out {p}`")
-        return cls.from_json(p.read_text())
+        try:
+            return cls.from_json(p.read_text())
+        except UnicodeDecodeError as exc:
+            raise PlanError(f"plan file {str(p)!r} is not text: {exc}") from None

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from contracts.errors import CostModelError
+from contracts.errors import CostModelError, absent
 
 __all__ = ["TimeFit", "LayerCost", "DeviceColumn", "CostTable", "RuntimeOverhead", "TiedWeight",
            "COST_TABLE_VERSION", "COLUMN_SOURCES", "UNMEASURED_TYPES"]
@@ -579,7 +579,15 @@ class CostTable:
         p = Path(path)
         if not p.is_file():
             raise CostModelError(
-                f"cost table {str(p)!r} does not exist; create it with "
+                f"cost table {str(p)!r} {absent(p)}; create it with "
                 f"`asteroid-fx profile MODEL --out {p}`"
             )
-        return cls.from_json(p.read_text())
+        try:
+            text = p.read_text()
+            json.loads(text)
+        except UnicodeDecodeError as exc:
+            raise CostModelError(f"cost table {str(p)!r} is not text: {exc}") from None
+        except json.JSONDecodeError as exc:
+            raise CostModelError(f"cost table {str(p)!r} is not valid JSON: {exc}; create it "
+                                 f"with `asteroid-fx profile MODEL --out {p}`") from None
+        return cls.from_json(text)

@@ -42,7 +42,7 @@ from typing import Any
 
 import torch
 
-from contracts.errors import PartitionError
+from contracts.errors import PartitionError, absent
 from contracts.plan import Plan
 
 __all__ = [
@@ -238,7 +238,7 @@ def _opt_str(value: Any) -> str | None:
 def _directory(directory: str | Path) -> Path:
     path = Path(directory)
     if not path.is_dir():
-        raise PartitionError(f"partition directory {str(path)!r} does not exist; create it "
+        raise PartitionError(f"partition directory {str(path)!r} {absent(path, True)}; create it "
                              f"with `asteroid-fx partition MODEL --cluster C --batch-size N "
                              f"--out {path}`")
     return path

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -41,3 +42,40 @@ def test_public_functions_are_not_shadowed_by_submodules() -> None:
         "and not isinstance(afx.trace, types.ModuleType) else 1)"
     )
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
+def test_absent_says_what_is_there_instead(tmp_path: Path) -> None:
+    from contracts.errors import absent
+
+    (tmp_path / "f").write_text("x")
+    assert absent(tmp_path) == "is a directory, not a file"
+    assert absent(tmp_path / "nope") == "does not exist"
+    assert absent(tmp_path / "f", directory=True) == "is a file, not a directory"
+    assert absent(tmp_path / "nope", directory=True) == "does not exist"
+
+
+def test_files_that_are_not_text_or_json_are_typed_errors(tmp_path: Path) -> None:
+    from contracts.cluster import Cluster
+    from contracts.errors import ClusterError, CostModelError, PlanError
+    from contracts.pac_plan import PacPlan
+    from contracts.plan import Plan
+    from contracts.table import CostTable
+
+    binary = tmp_path / "binary"
+    binary.write_bytes(b"\xff\xfe\x00")
+    with pytest.raises(ClusterError, match="is not text"):
+        Cluster.from_yaml(binary)
+    with pytest.raises(PlanError, match="is not text"):
+        Plan.load(binary)
+    with pytest.raises(PlanError, match="is not text"):
+        PacPlan.load(binary)
+    with pytest.raises(CostModelError, match="is not text"):
+        CostTable.load(binary)
+    truncated = tmp_path / "truncated.json"
+    truncated.write_text('{"version": 1, "devic')
+    with pytest.raises(PlanError, match="PAC plan is not valid JSON"):
+        PacPlan.load(truncated)
+    with pytest.raises(CostModelError, match="truncated.json. is not valid JSON"):
+        CostTable.load(truncated)
+    with pytest.raises(ClusterError, match="is a directory, not a file"):
+        Cluster.from_yaml(tmp_path)

@@ -54,3 +54,20 @@ def test_not_metrics_is_refused_in_one_line(tmp_path: Path, content: str, match:
     assert not (tmp_path / "x.png").exists()
     with pytest.raises(RuntimeFailure, match="does not exist"):
         read_metrics(tmp_path / "missing.jsonl")
+
+
+@pytest.mark.parametrize("row", [{"step": "x", "round_time_s": 0.1},
+                                 {"step": 1.5, "round_time_s": 0.1},
+                                 {"step": 1, "round_time_s": "slow"},
+                                 {"step": 1, "round_time_s": 0.1, "predicted_round_time_s": []}])
+def test_a_step_row_of_other_types_is_refused_with_its_line(tmp_path: Path,
+                                                            row: dict[str, object]) -> None:
+    path = tmp_path / "m.jsonl"
+    path.write_text(json.dumps({"step": 0, "round_time_s": 0.1}) + "\n" + json.dumps(row) + "\n")
+    with pytest.raises(RuntimeFailure, match="line 2: step .* must be numbers"):
+        read_metrics(path)
+
+
+def test_a_directory_is_not_called_missing(tmp_path: Path) -> None:
+    with pytest.raises(RuntimeFailure, match="is a directory, not a file"):
+        read_metrics(tmp_path)
