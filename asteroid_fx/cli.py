@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -169,6 +170,27 @@ def _writable(path: Path | None, option: str, example: str = "", *,
     if not os.access(parent, os.W_OK):
         raise OutputError(f"cannot write to {str(parent)!r} ({option} {str(path)!r}): no "
                           f"write permission; give a path in a writable directory")
+    try:        # (root passes os.access everywhere; /sys and /proc refuse new files)
+        with tempfile.NamedTemporaryFile(dir=parent, prefix=".asteroid-fx-probe-"):
+            pass
+    except OSError as exc:
+        raise OutputError(f"cannot write to {str(parent)!r} ({option} {str(path)!r}): "
+                          f"{exc.strerror or exc}; give a path in a writable directory") from None
+
+
+def _image(path: Path | None, option: str) -> None:
+    """``OutputError`` unless ``path``'s suffix is an image format matplotlib writes (checked
+    before the work, as ``_writable`` is)."""
+    if path is None:
+        return
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    from contracts.errors import OutputError
+
+    formats = sorted(FigureCanvasBase.get_supported_filetypes())
+    if path.suffix.lower().lstrip(".") not in formats:
+        raise OutputError(f"{option} {str(path)!r}: {path.suffix or 'no suffix'} is not an "
+                          f"image format; end it in .png (or .{', .'.join(formats)})")
 
 
 def _progress_callback(description: str) -> tuple[Any, Callable[[int, int, str], None]]:
@@ -612,6 +634,7 @@ def plot(
         from asteroid_fx.run_plot import plot_metrics
 
         _writable(out, "--out", "run.png")
+        _image(out, "--out")
         console.print(f"wrote {plot_metrics(metrics, out)}")
 
 
@@ -640,6 +663,7 @@ def simulate(
         from solver.simulate import simulate as simulate_fn
 
         _writable(gantt, "--gantt", "round.png")
+        _image(gantt, "--gantt")
         pac_file = _pac_plan_file(plan_file)
         if pac_file is not None:
             _simulate_finetune(pac_file, costs_file, cluster)

@@ -84,6 +84,13 @@ def test_an_output_in_a_missing_directory_is_written(
         (["simulate", "{plan}", "--gantt", "{file}/round.png"], r"OutputError: .* is a file"),
         (["plot", "{plan}", "--out", "{tmp}"], r"OutputError: .* is a directory.*run\.png"),
         (["run", "{plan_dir}", "--metrics", "{file}/m.jsonl"], r"OutputError: .* is a file"),
+        # a directory that takes no new file (root passes os.access; /proc refuses)
+        (["plan", "{model}", "--out", "/proc/plan.json"],
+         r"OutputError: cannot write to '/proc' \(--out '/proc/plan\.json'\)"),
+        # an image in a format matplotlib does not write
+        (["simulate", "{plan}", "--gantt", "{tmp}/round.txt"],
+         r"OutputError: --gantt '.*round\.txt': \.txt is not an image format; end it in \.png"),
+        (["plot", "{plan}", "--out", "{tmp}/run"], r"OutputError: .*no suffix is not an image"),
     ],
 )
 def test_an_output_that_cannot_be_written_is_refused_before_any_work(
