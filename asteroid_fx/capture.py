@@ -118,8 +118,10 @@ def export_graph(
     return fx.GraphModule(_tensor_holder(gm, graph, model), graph, class_name=class_name)
 
 
-# torch loggers that report a failed export at warning level (the error says it already)
-_NOISY_LOGGERS = ("torch.fx.experimental.symbolic_shapes", "torch.export", "torch._export")
+# torch loggers that report a failed export at warning or error level (the error says it
+# already; a failed meta kernel logs its whole traceback)
+_NOISY_LOGGERS = ("torch.fx.experimental.symbolic_shapes", "torch.export", "torch._export",
+                  "torch._subclasses.fake_tensor")
 
 
 @contextlib.contextmanager
@@ -129,7 +131,7 @@ def _quiet() -> Iterator[None]:
     loggers = [logging.getLogger(name) for name in _NOISY_LOGGERS]
     levels = [logger.level for logger in loggers]
     for logger in loggers:
-        logger.setLevel(logging.ERROR)
+        logger.setLevel(logging.CRITICAL)
     text = io.StringIO()
     try:
         with contextlib.redirect_stderr(text):

@@ -135,6 +135,19 @@ def test_console_script_error_has_no_traceback(tmp_path: Path) -> None:
     assert "does not exist" in _one_error_line(proc.stderr)
 
 
+def test_a_model_of_the_wrong_shapes_is_one_line_from_python_m(tmp_path: Path) -> None:
+    # torch.export's fallback ran a meta kernel that logged its whole traceback at ERROR
+    # (19 lines before ours); `python -m asteroid_fx` is the console script too
+    (tmp_path / "model.py").write_text(
+        "import torch\n\ndef build_model():\n    return torch.nn.Sequential(torch.nn.Linear("
+        "5, 3), torch.nn.ReLU())\n\ndef sample_batch(b):\n    return torch.randn(b, 4), "
+        "torch.zeros(b, dtype=torch.long)\n")
+    proc = subprocess.run([sys.executable, "-m", "asteroid_fx", "trace", "model.py"],
+                          capture_output=True, text=True, check=False, cwd=tmp_path)
+    assert proc.returncode == 1
+    assert "TraceError: shape propagation failed" in _one_error_line(proc.stderr)
+
+
 def test_debug_shows_traceback(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, "-m", "asteroid_fx.cli", "--debug", "costs",
                            "nope.json"], capture_output=True, text=True, check=False,
