@@ -177,6 +177,21 @@ def cached_measurement(path: Path, measure: Callable[[], Any], parse: Callable[[
     return parse(data)
 
 
+def _check_model(table: Any, graph: Any, spec: Any, path: Path) -> None:
+    """``CostModelError`` where ``--costs`` holds another model's layers (another count);
+    a warning where the model hashes differ but the counts agree (a table measured on a
+    board's older torch traces the same layers under another hash)."""
+    if len(table.layers) != graph.num_layers:
+        raise CostModelError(
+            f"--costs {str(path)!r} is a table of {table.model_name!r} with "
+            f"{len(table.layers)} layers, but {spec.spec} traces to {graph.num_layers}; "
+            f"profile this model: `asteroid-fx profile {spec.spec} --out costs.json`")
+    if table.model_hash and graph.model_hash and table.model_hash != graph.model_hash:
+        log.warning("--costs %s: its model hash %s differs from %s's %s (the layer counts "
+                    "agree); check that it is this model's table", path, table.model_hash,
+                    spec.spec, graph.model_hash)
+
+
 def resolve_costs(spec: Any, model: Any, inputs: Any, cluster: Any,
                   choice: str | None, *, leaf_modules: Sequence[str] = (),
                   batch_size: int = 8, batch_sizes: Sequence[int] | None = None,
@@ -210,7 +225,9 @@ def resolve_costs(spec: Any, model: Any, inputs: Any, cluster: Any,
             raise CostModelError(
                 f"--costs {word!r} is neither a file nor one of {', '.join(CHOICES)}; give a "
                 f"costs.json from `asteroid-fx profile`, or `analytic` / `measure`")
-        return CostChoice(CostTable.load(path), "file", f"cost table {path}")
+        table = CostTable.load(path)
+        _check_model(table, trace(model, inputs, leaf_modules=tuple(leaf_modules)), spec, path)
+        return CostChoice(table, "file", f"cost table {path}")
     if word == "auto":
         word = "measure" if measures_by_default(cluster) else "analytic"
     graph = trace(model, inputs, leaf_modules=tuple(leaf_modules))

@@ -19,11 +19,12 @@ CLUSTERS = ROOT / "examples" / "clusters"
 
 
 def _costs(tmp_path: Path) -> Path:
+    """A hand-made table of examples/mlp.py's seven layers (another model's is refused)."""
     layers = tuple(LayerCost(f"l{i}", "linear", TimeFit(1e-4, 1e-3), TimeFit(2e-4, 2e-3),
                              param_bytes=4096, activation_bytes=256, output_bytes=128)
-                   for i in range(3))
-    table = CostTable(layers=layers, cut_bytes=(128, 128), input_bytes=64, model_name="toy",
-                      model_hash="h", host="test", host_flops=5e10, source="analytic")
+                   for i in range(7))
+    table = CostTable(layers=layers, cut_bytes=(128,) * 6, input_bytes=64, model_name="toy",
+                      model_hash="", host="test", host_flops=5e10, source="analytic")
     path = tmp_path / "costs.json"
     table.save(path)
     return path
@@ -48,7 +49,7 @@ def test_costs_table(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None
     [
         (["costs", "missing.json"], "CostModelError: cost table 'missing.json' does not exist"),
         (["costs", "{costs}", "--cluster", "missing.yaml"], "ClusterError: cluster file"),
-        (["costs", "{bad}"], "CostModelError: cost table is not valid JSON"),
+        (["costs", "{bad}"], "bad.json' is not valid JSON"),
     ],
 )
 def test_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str],
@@ -618,3 +619,13 @@ def test_partition_time_limit_and_the_large_fleet_hint(tmp_path: Path,
     assert ("13 devices: the search may take minutes, tens of minutes on 64 boards (exact "
             "over the capability order") in err
     assert "--time-limit SECONDS returns the best plan" in err
+
+
+def test_costs_of_another_model_are_refused(tmp_path: Path,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    # a table of mlp.py's seven layers given for skipnet.py (eleven) planned "MLP" before
+    assert main(["plan", SKIPNET, "--cluster", LOCAL3, "--batch-size", "8", "--costs",
+                 str(_costs(tmp_path))]) == 1
+    line = _one_error_line(capsys.readouterr().err)
+    assert "is a table of 'toy' with 7 layers, but" in line and "traces to 11" in line
+    assert "asteroid-fx profile" in line
