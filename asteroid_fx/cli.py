@@ -371,6 +371,11 @@ def costs(
         if len(files) != 1:
             raise CostModelError(f"costs shows one table, got {len(files)} files; to join "
                                  f"tables use `asteroid-fx costs merge ... --out FILE`")
+        if out is not None:
+            raise CostModelError(f"--out {str(out)!r} applies to `costs merge` only (showing a "
+                                 f"table writes nothing); drop it")
+        if batch_size < 1:
+            raise CostModelError(f"--batch-size must be >= 1, got {batch_size}")
         _show_costs(CostTable.load(files[0]), cluster, batch_size)
 
 
@@ -808,6 +813,11 @@ def run(
         from solver.anytime import check_time_limit
 
         check_time_limit(replan_time_limit)
+        if recovery != "replay" and fail is None and leave is None:
+            from contracts.errors import RuntimeFailure
+
+            raise RuntimeFailure(f"--recovery {recovery} applies to a run with --fail (or "
+                                 f"--leave); add one, or drop --recovery")
         _writable(metrics, "--metrics", "metrics.jsonl")
         batch = load_plan(directory).batch_size
         progress = Progress(

@@ -50,6 +50,11 @@ def test_costs_table(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None
         (["costs", "missing.json"], "CostModelError: cost table 'missing.json' does not exist"),
         (["costs", "{costs}", "--cluster", "missing.yaml"], "ClusterError: cluster file"),
         (["costs", "{bad}"], "bad.json' is not valid JSON"),
+        # flags that did nothing where they were given
+        (["costs", "{costs}", "--out", "x.json"], "applies to `costs merge` only"),
+        (["costs", "{costs}", "-b", "-3"], "--batch-size must be >= 1, got -3"),
+        (["run", "pkg", "--recovery", "restart"], "--recovery restart applies to a run with "
+                                                  "--fail"),
     ],
 )
 def test_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str],
