@@ -502,9 +502,11 @@ def plan(
         from contracts.cluster import Cluster
         from solver.alternatives import check_objective
         from solver.anytime import check_time_limit
+        from solver.api import check_planner_limit
 
         check_time_limit(time_limit)
         check_objective(objective, planner)     # before any costs are measured
+        check_planner_limit(planner, time_limit)
         _writable(out, "--out", "plan.json")
         clus = Cluster.from_yaml(cluster)
         _spec, _module, _inputs, table = _costs_for(model, batch_size, costs_file, _leaf(leaf),
@@ -574,9 +576,11 @@ def partition(
         from runtime.trust import check_token
         from solver.alternatives import check_objective
         from solver.anytime import check_time_limit
+        from solver.api import check_planner_limit
 
         check_time_limit(time_limit)
         check_objective(objective, planner)     # before any costs are measured
+        check_planner_limit(planner, time_limit)
         _writable(out, "--out", directory=True)
         check_package_dir(out)
         if token is not None:

@@ -34,7 +34,7 @@ from solver.split import check_micro_batch
 from solver.tied_plan import keep_ties_together, one_stage_plan
 
 __all__ = ["PLANNERS", "Planner", "plan", "planner_names", "DEFAULT_ILP_TIME_LIMIT_S",
-           "ILP_CHECK_MAX_VARIABLES"]
+           "ILP_CHECK_MAX_VARIABLES", "LIMITED_PLANNERS", "check_planner_limit"]
 
 log = logging.getLogger(__name__)
 
@@ -210,6 +210,18 @@ def _fixed_micro_batch(micro_batch_size: int, batch_size: int, planner: str) -> 
     return m
 
 
+LIMITED_PLANNERS = ("asteroid", "ilp", "ilp-wide")
+"""The planners that take a time limit (the others have no search to cut short)."""
+
+
+def check_planner_limit(planner: str, time_limit: float | None) -> None:
+    """``PlanError`` for a time limit given to a planner that does not take one."""
+    if time_limit is not None and planner not in LIMITED_PLANNERS:
+        raise PlanError(f"time limit (--time-limit) applies to the planners "
+                        f"{', '.join(map(repr, LIMITED_PLANNERS))}, not {planner!r}, whose "
+                        f"search has no limit to take; drop it")
+
+
 def plan(costs: CostTable, cluster: Cluster, batch_size: int, *, planner: str = "asteroid",
          check_ilp: bool = False, optimizer_state_factor: float = 0.0,
          micro_batch_sizes: Sequence[int] | None = None,
@@ -262,6 +274,7 @@ def plan(costs: CostTable, cluster: Cluster, batch_size: int, *, planner: str = 
         raise PlanError(f"unknown planner {planner!r}; choose one of "
                         f"{', '.join(sorted(PLANNERS))}")
     check_objective(objective, planner)
+    check_planner_limit(planner, time_limit)
     if micro_batch_size is not None:
         micro_batch_sizes = [_fixed_micro_batch(micro_batch_size, batch_size, planner)]
     ilp_cuts = _check_cuts(costs, cluster, batch_size, micro_batch_sizes) if check_ilp else None

@@ -180,3 +180,13 @@ def test_check_ilp_on_fewer_cuts_when_the_milp_is_large(
     with pytest.raises(PlanError, match=r"--check-ilp: the MILP would have about \d+ "
                                         r"variables even for single-stage plans"):
         plan(costs, cluster, batch, check_ilp=True)
+
+
+def test_a_time_limit_for_a_planner_without_a_search_is_refused() -> None:
+    # --planner pp-equal --time-limit 1 was accepted and the limit ignored
+    costs, cluster = uniform_costs(4), make_cluster([1.0, 1.0])
+    for name in ("pp-equal", "dapple"):
+        with pytest.raises(PlanError, match=f"applies to the planners .*not '{name}'"):
+            plan(costs, cluster, 8, planner=name, time_limit=1.0)
+    assert plan(costs, cluster, 8, planner="asteroid", time_limit=5.0).num_stages >= 1
+    assert plan(costs, cluster, 8, planner="pp-equal").num_stages >= 1
