@@ -41,7 +41,8 @@ def _number(value: Any, what: str, entry: Any, *, zero_ok: bool = False,
         of = f" of {unit}" if unit else ""
         raise ClusterError(f"{what} must be a number{of}, got {value!r} in {entry!r}") from None
     if not ((number >= 0 if zero_ok else number > 0) and math.isfinite(number)):
-        bound = ">= 0" if zero_ok else "> 0"
+        bound = ("finite and " if not math.isfinite(number) else "") + (">= 0" if zero_ok
+                                                                         else "> 0")
         raise ClusterError(f"{what} must be {bound}{' ' + unit if unit else ''}, got {value!r} "
                            f"in {entry!r}")
     return number

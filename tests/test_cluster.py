@@ -327,3 +327,13 @@ def test_a_tables_measured_workspace_applies_to_its_type_only() -> None:
     assert seen.for_costs(costs) is seen                       # idempotent
     assert seen.cluster_hash == cluster.cluster_hash           # not part of the file
     assert seen.subset(["n"]).workspace_bytes("n") == 9 * 2**20
+
+
+def test_an_infinite_number_is_called_so() -> None:
+    # memory_gb: 1e400 overflows to inf; "must be > 0, got '1e400'" named the wrong fault
+    from contracts.errors import ClusterError
+
+    with pytest.raises(ClusterError, match="memory_gb must be finite and > 0, got '1e400'"):
+        Cluster.from_dict({"devices": [{"name": "a", "type": "local", "memory_gb": "1e400"}]})
+    with pytest.raises(ClusterError, match="memory_gb must be > 0, got 0 "):
+        Cluster.from_dict({"devices": [{"name": "a", "type": "local", "memory_gb": 0}]})
