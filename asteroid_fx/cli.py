@@ -675,6 +675,13 @@ def simulate(
         _image(gantt, "--gantt")
         pac_file = _pac_plan_file(plan_file)
         if pac_file is not None:
+            given = [flag for flag, value in (("--gantt", gantt), ("--micro-batch", micro_batch),
+                                               ("--model", model)) if value is not None]
+            if rounds != 1:
+                given.append("--rounds")
+            if given:
+                raise PlanError(f"{', '.join(given)} apply to a plan.json, not to a PAC plan "
+                                f"(its two phases are simulated as planned); drop them")
             _simulate_finetune(pac_file, costs_file, cluster)
             return
         plan_obj = Plan.load(plan_file)

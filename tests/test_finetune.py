@@ -66,6 +66,10 @@ def test_simulate_a_finetune_directory(tmp_path: Path,
         assert main(["simulate", str(target)]) == 0
         text = capsys.readouterr().out
         assert "simulated PAC: phase-1 step" in text and "3 epochs" in text
+    # a plan.json's options were ignored here (no Gantt written, any micro-batch taken)
+    assert main(["simulate", str(out), "--gantt", str(tmp_path / "g.png"), "--rounds", "0"]) == 1
+    assert "--gantt, --rounds apply to a plan.json, not to a PAC plan" in _one_error_line(
+        capsys.readouterr().err)
     (out / "cluster.json").unlink()
     assert main(["simulate", str(out)]) == 1
     assert "simulate needs the cluster" in _one_error_line(capsys.readouterr().err)
