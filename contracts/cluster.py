@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from contracts.devices import DEVICE_TYPES, GIB
-from contracts.errors import ClusterError, absent
+from contracts.errors import ClusterError, read_text
 
 __all__ = ["Device", "Link", "Cluster", "expand_entry"]
 
@@ -41,8 +41,7 @@ def _number(value: Any, what: str, entry: Any, *, zero_ok: bool = False,
         of = f" of {unit}" if unit else ""
         raise ClusterError(f"{what} must be a number{of}, got {value!r} in {entry!r}") from None
     if not ((number >= 0 if zero_ok else number > 0) and math.isfinite(number)):
-        bound = ("finite and " if not math.isfinite(number) else "") + (">= 0" if zero_ok
-                                                                         else "> 0")
+        bound = ("finite and " if math.isinf(number) else "") + (">= 0" if zero_ok else "> 0")
         raise ClusterError(f"{what} must be {bound}{' ' + unit if unit else ''}, got {value!r} "
                            f"in {entry!r}")
     return number
@@ -436,16 +435,11 @@ class Cluster:
         import yaml
 
         p = Path(path)
-        if not p.is_file():
-            raise ClusterError(f"cluster file {str(p)!r} {absent(p)}; see examples/clusters/ "
-                               f"for the format")
+        text = read_text(p, ClusterError, "cluster file", "see examples/clusters/ for the format")
         try:
-            data = yaml.safe_load(p.read_text())
+            data = yaml.safe_load(text)
         except yaml.YAMLError as exc:
             raise ClusterError(f"{p} is not valid YAML: {str(exc).splitlines()[0]}") from exc
-        except UnicodeDecodeError as exc:
-            raise ClusterError(f"cluster file {str(p)!r} is not text (UTF-8): {exc}; see "
-                               f"examples/clusters/ for the format") from None
         return cls.from_dict(data)
 
     def to_json(self) -> str:

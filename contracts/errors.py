@@ -4,6 +4,7 @@ from __future__ import annotations
 
 __all__ = [
     "absent",
+    "read_text",
     "AsteroidError",
     "ModelSpecError",
     "TraceError",
@@ -122,3 +123,17 @@ def absent(path: object, directory: bool = False) -> str:
     if directory:
         return "is a file, not a directory" if p.exists() else "does not exist"
     return "is a directory, not a file" if p.is_dir() else "does not exist"
+
+
+def read_text(path: object, error: type[AsteroidError], what: str, fix: str) -> str:
+    """The text of the file ``path``; ``error`` (``"{what} 'PATH' does not exist; {fix}"``,
+    or "is a directory", or "is not text") where it cannot be read as one."""
+    from pathlib import Path
+
+    p = Path(str(path))
+    if not p.is_file():
+        raise error(f"{what} {str(p)!r} {absent(p)}; {fix}")
+    try:
+        return p.read_text()
+    except UnicodeDecodeError as exc:
+        raise error(f"{what} {str(p)!r} is not text (UTF-8): {exc}; {fix}") from None

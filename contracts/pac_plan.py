@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Tuple
 
-from contracts.errors import PlanError, absent
+from contracts.errors import PlanError, read_text
 from contracts.plan import Plan
 
 __all__ = ["PacModel", "PacPrediction", "PacPlan", "PAC_PLAN_VERSION", "CACHE_PLACEMENTS",
@@ -358,11 +358,6 @@ class PacPlan:
 
     @classmethod
     def load(cls, path: str | Path) -> PacPlan:
-        p = Path(path)
-        if not p.is_file():
-            raise PlanError(f"PAC plan {str(p)!r} {absent(p)}; create it with `asteroid-fx "
-                            f"finetune MODEL --cluster C --batch-size N --out DIR`")
-        try:
-            return cls.from_json(p.read_text())
-        except UnicodeDecodeError as exc:
-            raise PlanError(f"PAC plan {str(p)!r} is not text: {exc}") from None
+        return cls.from_json(read_text(path, PlanError, "PAC plan", "create it with "
+                                       "`asteroid-fx finetune MODEL --cluster C --batch-size "
+                                       "N --out DIR`"))

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from contracts.errors import PlanError, absent
+from contracts.errors import PlanError, read_text
 
 __all__ = ["Stage", "StagePrediction", "Prediction", "PlannerInfo", "SearchBound", "Plan",
            "PLAN_VERSION", "SMALL_BUCKET_BYTES"]
@@ -385,11 +385,6 @@ class Plan:
 
     @classmethod
     def load(cls, path: str | Path) -> Plan:
-        p = Path(path)
-        if not p.is_file():
-            raise PlanError(f"plan file {str(p)!r} {absent(p)}; create it with "
-                            f"`asteroid-fx plan MODEL --cluster C --batch-size N --out {p}`")
-        try:
-            return cls.from_json(p.read_text())
-        except UnicodeDecodeError as exc:
-            raise PlanError(f"plan file {str(p)!r} is not text: {exc}") from None
+        return cls.from_json(read_text(path, PlanError, "plan file", f"create it with "
+                                       f"`asteroid-fx plan MODEL --cluster C --batch-size N "
+                                       f"--out {path}`"))

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from contracts.errors import CostModelError, absent
+from contracts.errors import CostModelError, read_text
 
 __all__ = ["TimeFit", "LayerCost", "DeviceColumn", "CostTable", "RuntimeOverhead", "TiedWeight",
            "COST_TABLE_VERSION", "COLUMN_SOURCES", "UNMEASURED_TYPES"]
@@ -577,16 +577,10 @@ class CostTable:
     @classmethod
     def load(cls, path: str | Path) -> CostTable:
         p = Path(path)
-        if not p.is_file():
-            raise CostModelError(
-                f"cost table {str(p)!r} {absent(p)}; create it with "
-                f"`asteroid-fx profile MODEL --out {p}`"
-            )
+        text = read_text(p, CostModelError, "cost table",
+                         f"create it with `asteroid-fx profile MODEL --out {p}`")
         try:
-            text = p.read_text()
             json.loads(text)
-        except UnicodeDecodeError as exc:
-            raise CostModelError(f"cost table {str(p)!r} is not text: {exc}") from None
         except json.JSONDecodeError as exc:
             raise CostModelError(f"cost table {str(p)!r} is not valid JSON: {exc}; create it "
                                  f"with `asteroid-fx profile MODEL --out {p}`") from None
