@@ -232,6 +232,7 @@ class Cluster:
                                    f"<name>0 .. <name>N-1)")
             seen.add(device.name)
         _positive(self.bandwidth_mbps, "network.bandwidth_mbps", self.bandwidth_mbps)
+        given: dict[tuple[frozenset[str], str], list[str]] = {}
         for link in self.links:
             for end in (link.a, link.b):
                 if end not in seen:
@@ -246,6 +247,15 @@ class Cluster:
                 _positive(link.bandwidth_mbps, "bandwidth_mbps", [link.a, link.b])
             if link.latency_ms is not None:
                 _latency(link.latency_ms, "latency_ms", [link.a, link.b])
+            for what, value in (("bandwidth_mbps", link.bandwidth_mbps),
+                                ("latency_ms", link.latency_ms)):
+                key = (frozenset((link.a, link.b)), what)
+                if value is not None and key in given:
+                    raise ClusterError(f"links {given[key]} and {[link.a, link.b]} both set "
+                                       f"{what} of one pair (a link is both ways); give each "
+                                       f"pair's {what} once")
+                if value is not None:
+                    given[key] = [link.a, link.b]
         _latency(self.latency_ms, "network.latency_ms", self.latency_ms)
 
     # -- lookup -------------------------------------------------------------------------

@@ -337,3 +337,21 @@ def test_an_infinite_number_is_called_so() -> None:
         Cluster.from_dict({"devices": [{"name": "a", "type": "local", "memory_gb": "1e400"}]})
     with pytest.raises(ClusterError, match="memory_gb must be > 0, got 0 "):
         Cluster.from_dict({"devices": [{"name": "a", "type": "local", "memory_gb": 0}]})
+
+
+def test_a_pair_whose_bandwidth_two_links_set_is_refused() -> None:
+    # [a, X] at 1000 and [X, a] at 10: the first silently won; one may set the bandwidth
+    # and another the latency of a pair
+    from contracts.errors import ClusterError
+
+    devices = [{"name": "a", "type": "local"}, {"name": "X", "type": "local"}]
+    both = [{"between": ["a", "X"], "bandwidth_mbps": 1000},
+            {"between": ["X", "a"], "bandwidth_mbps": 10}]
+    with pytest.raises(ClusterError, match=r"links \['a', 'X'\] and \['X', 'a'\] both set "
+                                           r"bandwidth_mbps of one pair"):
+        Cluster.from_dict({"devices": devices, "network": {"links": both}})
+    split = [{"between": ["a", "X"], "bandwidth_mbps": 1000},
+             {"between": ["X", "a"], "latency_ms": 2}]
+    cluster = Cluster.from_dict({"devices": devices, "network": {"links": split}})
+    assert cluster.bandwidth_mbps_between("X", "a") == 1000.0
+    assert cluster.link_latency_s("a", "X") == 0.002
