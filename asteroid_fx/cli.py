@@ -692,15 +692,18 @@ def simulate(
             raise PlanError(f"simulate needs the cluster: pass --cluster cluster.yaml "
                             f"(looked for {cluster_path})")
         clus = Cluster.from_yaml(cluster_path)
-        if Path(costs_path).is_file():
+        if costs_file is not None and model is not None:
+            raise PlanError("--costs and --model both give the cost table; pass one")
+        if model is not None:       # (asked for: it beats the costs.json beside the plan)
+            table = _costs_for(model, plan_obj.batch_size, None, (), clus)[3]
+        elif Path(costs_path).is_file():
             from contracts.table import CostTable
 
             table = CostTable.load(costs_path)
-        elif model is not None:
-            table = _costs_for(model, plan_obj.batch_size, None, (), clus)[3]
         else:
             raise PlanError(f"simulate needs the cost table: pass --costs costs.json or "
                             f"--model MODEL_SPEC (looked for {costs_path})")
+        _check_plan_costs(plan_obj, table)
         if micro_batch is not None:
             from solver.split import resplit
 
@@ -719,6 +722,22 @@ def simulate(
 
             gantt_png(result, gantt)
             console.print(f"wrote {gantt}")
+
+
+def _check_plan_costs(plan_obj: Any, table: Any) -> None:
+    """``CostModelError`` where the plan's layers are not the table's (another model); a
+    warning where only the model hashes differ (a board's table of the same layers)."""
+    from contracts.errors import CostModelError
+
+    layers = plan_obj.stages[-1].last + 1
+    if layers != len(table.layers):
+        raise CostModelError(f"the plan covers {layers} layers of {plan_obj.model_name!r} but "
+                             f"the cost table has {len(table.layers)} of "
+                             f"{table.model_name!r}; give the costs the plan was made with")
+    if plan_obj.model_hash and table.model_hash and plan_obj.model_hash != table.model_hash:
+        log.warning("the plan's model hash %s differs from the cost table's %s (the layer "
+                    "counts agree); check that they are of one model", plan_obj.model_hash,
+                    table.model_hash)
 
 
 def _pac_plan_file(path: Path) -> Path | None:

@@ -194,6 +194,10 @@ def _memory_terms(plan: Plan, sums: LayerSums, cluster: Cluster, schedule: str
     return static, wire, act
 
 
+MAX_ROUNDS = 1000
+"""The most rounds ``simulate`` runs (each is a few thousand events on a large plan)."""
+
+
 def simulate(plan: Plan, costs: CostTable, cluster: Cluster, *, rounds: int = 1,
              schedule: str | None = None, comm: str = "blocking",
              network: str = "ports") -> SimResult:
@@ -226,6 +230,10 @@ def simulate(plan: Plan, costs: CostTable, cluster: Cluster, *, rounds: int = 1,
         raise PlanError(f"network must be 'ports' or 'pairs', got {network!r}")
     if not isinstance(rounds, int) or rounds < 1:
         raise PlanError(f"rounds must be a positive integer, got {rounds!r}")
+    if rounds > MAX_ROUNDS:
+        raise PlanError(f"rounds {rounds} is above {MAX_ROUNDS}: every round after the first "
+                        f"repeats its events (1,000 take about a second, 10,000 a quarter of a "
+                        f"minute); simulate fewer")
     if plan.stages[-1].last != costs.num_layers - 1:
         raise PlanError(f"the plan covers layers 0..{plan.stages[-1].last} but the cost table "
                         f"has {costs.num_layers} layers; re-plan for this model")

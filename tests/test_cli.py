@@ -270,6 +270,14 @@ def test_plan_partition_simulate(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert main(["simulate", str(out_dir / "plan.json"), "--cluster", LOCAL3, "--model",
                  SKIPNET, "--gantt", str(gantt)]) == 0
     assert "round time" in capsys.readouterr().out and gantt.stat().st_size > 1000
+    # --model is used even with a costs.json beside the plan (it was ignored): another
+    # model's layers are refused; --costs and --model together are one too many
+    plan_json = str(out_dir / "plan.json")
+    assert main(["simulate", plan_json, "--model", str(ROOT / "examples" / "mlp.py")]) == 1
+    assert "the plan covers 11 layers of" in _one_error_line(capsys.readouterr().err)
+    assert main(["simulate", plan_json, "--model", SKIPNET, "--costs",
+                 str(out_dir / "costs.json")]) == 1
+    assert "--costs and --model both" in _one_error_line(capsys.readouterr().err)
 
 
 def test_plan_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

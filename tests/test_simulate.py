@@ -176,6 +176,8 @@ def test_bad_arguments_raise_plan_error() -> None:
         simulate(plan, costs, cluster, network="mesh")
     with pytest.raises(PlanError, match="rounds must be"):
         simulate(plan, costs, cluster, rounds=0)
+    with pytest.raises(PlanError, match="rounds 1001 is above 1000"):
+        simulate(plan, costs, cluster, rounds=1001)
     with pytest.raises(PlanError, match="'d0' is not in the cluster"):
         simulate(plan, costs, make_cluster([1.0, 1.0]).subset(["d1"]))
     with pytest.raises(PlanError, match="3 layers"):
