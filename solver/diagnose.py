@@ -52,9 +52,14 @@ def no_fit_error(costs: CostTable, cluster: Cluster, batch_size: int,
                  f"with micro-batches of one sample and one device per stage")
     else:
         where = "every device would fit only with a plan shape outside this planner's space"
+    below = sorted(d.name for d in cluster.devices if usable[d.name] <= 0)
+    if below:      # (their usable memory is negative: a sum of it misleads)
+        where += (f"; {', '.join(map(repr, below))} ha{'s' if len(below) == 1 else 've'} "
+                  f"no memory beyond the runtime's workspace (workspace_mb in the cluster "
+                  f"file)")
     return PlanError(
         f"no plan of planner {planner!r} fits in memory for batch size {batch_size}: {where}; "
         f"the model needs about {total_need / 2**20:.1f} MiB of weights, gradients, optimizer "
-        f"state and activations against {total_cap / 2**20:.1f} MiB on the cluster. Use a "
-        f"smaller batch or micro-batch size, a lighter optimizer, or add devices with more "
-        f"memory")
+        f"state and activations against {max(total_cap, 0) / 2**20:.1f} MiB on the cluster. "
+        f"Use a smaller batch or micro-batch size, a lighter optimizer, or add devices with "
+        f"more memory")

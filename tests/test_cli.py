@@ -288,6 +288,9 @@ def test_plan_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None
     assert main(["plan", SKIPNET, "--cluster", str(tiny), "-b", "8"]) == 1
     line = _one_error_line(capsys.readouterr().err)
     assert "PlanError" in line and "short" in line
+    # 10 KB is below the runtime's workspace: said so, not "-1.0 MiB on the cluster"
+    assert "'a' has no memory beyond the runtime's workspace" in line and "-" not in line.split(
+        "against ")[1].split(" MiB")[0]
     assert main(["plan", SKIPNET, "--cluster", LOCAL3, "-b", "0"]) == 1
     assert "PlanError" in _one_error_line(capsys.readouterr().err)
     assert main(["simulate", str(tmp_path / "nope.json"), "--cluster", LOCAL3]) == 1
