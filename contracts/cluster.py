@@ -56,6 +56,10 @@ def _latency(value: Any, what: str, entry: Any) -> float:
     return _number(value, what, entry, zero_ok=True, unit="milliseconds")
 
 
+_NAME_SEPARATORS = frozenset("@,/=")
+"""Characters a device name may not hold (nor white space): ``--fail NAME@STEP``, comma
+lists of devices, paths, ``key=value`` options."""
+
 _NETWORK_KEYS = {"bandwidth_mbps", "latency_ms", "links"}
 _LINK_KEYS = {"between", "bandwidth_mbps", "latency_ms"}
 
@@ -114,6 +118,11 @@ class Device:
         name = entry.get("name")
         if not isinstance(name, str) or not name:
             raise ClusterError(f"every device needs a non-empty string name, got {dict(entry)!r}")
+        odd = sorted({ch for ch in name if ch.isspace() or ch in _NAME_SEPARATORS})
+        if odd:
+            raise ClusterError(f"device name {name!r} holds {''.join(odd)!r}: names are written "
+                               f"in flags such as --fail NAME@STEP and comma lists; use letters, "
+                               f"digits, '-', '_' or '.'")
         type_name = entry.get("type")
         dtype = DEVICE_TYPES.get(str(type_name))
         if dtype is None:

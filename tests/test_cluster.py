@@ -355,3 +355,14 @@ def test_a_pair_whose_bandwidth_two_links_set_is_refused() -> None:
     cluster = Cluster.from_dict({"devices": devices, "network": {"links": split}})
     assert cluster.bandwidth_mbps_between("X", "a") == 1000.0
     assert cluster.link_latency_s("a", "X") == 0.002
+
+
+@pytest.mark.parametrize("name", ["a b", "x@1", "p/q", "k=v", "a,b"])
+def test_a_device_name_that_flags_cannot_spell_is_refused(name: str) -> None:
+    # --fail NAME@STEP and comma lists of devices could not name such a device
+    from contracts.errors import ClusterError
+
+    with pytest.raises(ClusterError, match="names are written in flags such as --fail"):
+        Cluster.from_dict({"devices": [{"name": name, "type": "local"}]})
+    assert Cluster.from_dict({"devices": [{"name": "ok-1.x_2", "type": "local"}]}).names == (
+        "ok-1.x_2",)
