@@ -910,7 +910,8 @@ def finetune(
     samples: Annotated[int | None, typer.Option(
         "--samples", help="samples per epoch (default: len(dataset()) when the model file "
         "defines dataset(), else 8 batches of sample_batch with per-index seeds)")] = None,
-    rank: Annotated[int, typer.Option("--rank", help="adapter bottleneck width")] = 8,
+    rank: Annotated[int | None, typer.Option(
+        "--rank", help="adapter bottleneck width (--method pac; default 8)")] = None,
     tap: Annotated[list[str] | None, typer.Option(
         "--tap", help="layer index, layer name or module to tap (repeatable; default: "
         "every transformer block's output)")] = None,
@@ -968,6 +969,9 @@ def finetune(
 
         if method not in ("pac", "full"):
             raise PlanError(f"--method must be pac or full, got {method!r}")
+        if method == "full" and (rank is not None or tap or train_head):
+            raise PlanError("--rank, --tap and --train-head shape the adapters of --method pac; "
+                            "full fine-tuning trains the whole model: drop them")
         if method == "full" and cache_dtype is not None:
             raise PlanError(f"--cache-dtype {cache_dtype} applies to --method pac only (full "
                             f"fine-tuning keeps no activation cache); drop it")
@@ -994,7 +998,8 @@ def finetune(
 
         layers = None if not tap else [int(t) if t.isdigit() else t for t in tap]
         plan_obj = prepare_finetune(spec, clus, table, out, batch_size=batch_size,
-                                    epochs=epochs, num_samples=samples, rank=rank, seed=seed,
+                                    epochs=epochs, num_samples=samples,
+                                    rank=8 if rank is None else rank, seed=seed,
                                     layers=layers, train_head=train_head,
                                     micro_batch_size=micro_batch,
                                     phase1_planner=phase1_planner,

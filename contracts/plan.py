@@ -343,6 +343,9 @@ class Plan:
     def from_dict(cls, data: Mapping[str, Any]) -> Plan:
         if not isinstance(data, Mapping):
             raise PlanError(f"a plan is a JSON object, got {type(data).__name__}")
+        if "stages" not in data and "layers" in data and "cut_bytes" in data:
+            raise PlanError("this is a cost table, not a plan (it has layers and cut_bytes, no "
+                            "stages); give the plan.json of `asteroid-fx plan`")
         if data.get("version", PLAN_VERSION) != PLAN_VERSION:
             raise PlanError(f"plan version {data.get('version')!r} is not supported "
                             f"(expected {PLAN_VERSION}); re-run `asteroid-fx plan`")

@@ -386,6 +386,11 @@ network:
      "--cache-store and --store-slack apply to --method pac only"),
     (["--store-slack", "-0.5"], "store slack must be >= 0 (a fraction of the predicted total), "
                                 "got -0.5"),
+    # options that did nothing where they were given
+    (["--method", "full", "--rank", "4"], "--rank, --tap and --train-head shape the adapters"),
+    (["--lr", "nan"], "--lr must be a learning rate >= 0, got nan"),
+    (["--fail", "slow0@1"], "--fail and --metrics apply to a run: add --emulate"),
+    (["--emulate", LOCAL3, "--fail", "ghost@1"], "device 'ghost' is not in the cluster"),
 ])
 def test_bad_options_are_one_line(extra: list[str], words: str, tmp_path: Path,
                                   capsys: pytest.CaptureFixture[str]) -> None:

@@ -94,3 +94,10 @@ def test_plans_written_before_the_bound_still_load() -> None:
     bound = SearchBound("classes", 1.0, 0.02, cuts=12, layers=40, stopped="time limit")
     again = PlannerInfo.from_dict(PlannerInfo("asteroid", "2", 1.0, {}, bound).to_dict())
     assert again.bound == bound and not bound.optimal
+
+
+def test_a_cost_table_given_as_a_plan_is_called_so() -> None:
+    # it said "plan version 2 is not supported (expected 1)"
+    table = '{"version": 2, "layers": [], "cut_bytes": [], "model_name": "m"}'
+    with pytest.raises(PlanError, match="this is a cost table, not a plan"):
+        Plan.from_json(table)
