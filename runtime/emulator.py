@@ -131,6 +131,24 @@ def _host_cores() -> int:
         return os.cpu_count() or 1
 
 
+def memory_warnings(plan: Plan, cluster: Any) -> list[str]:
+    """A line per device of the emulated ``cluster`` whose memory is below the plan's
+    predicted peak there: the emulator shapes speed and links, not memory, so such a run
+    trains but shows nothing of whether the plan fits those devices."""
+    if plan.predicted is None:
+        return []
+    names = set(cluster.names)
+    out = []
+    for name, peak in sorted(plan.predicted.peak_memory_bytes.items()):
+        memory = cluster.device(name).memory_bytes if name in names else None
+        if memory is not None and peak > memory:
+            out.append(f"device {name!r}: the plan's predicted peak memory {peak / 2**20:.1f} "
+                       f"MiB is above its {memory / 2**20:.1f} MiB in the emulated cluster; "
+                       f"the emulator does not limit memory, so this run does not show whether "
+                       f"the plan fits there (re-plan for that cluster)")
+    return out
+
+
 def emulation_setup(plan: Plan, cluster: Any, *, host_cores: float | None = None,
                     host_flops: float | None = None) -> EmulationSetup:
     """Speeds and bandwidths of the plan's devices in ``cluster`` (a ``contracts.cluster.Cluster``
@@ -216,6 +234,12 @@ def emulate(source: StageSource, cluster: Any, config: TrainConfig, *,
     """Train ``source`` on an emulated ``cluster`` (see [Note: emulated speed]); the
     device processes join with ``token`` (a fresh one when None)."""
     plan = source.load_plan()
+    if isinstance(cluster, (str, Path)):
+        from contracts.cluster import Cluster  # host-side only: a device never emulates
+
+        cluster = Cluster.from_yaml(cluster)
+    for line in memory_warnings(plan, cluster):
+        log.warning("%s", line)
     setup = emulation_setup(plan, cluster, host_cores=host_cores, host_flops=host_flops)
     shaping = choose_shaping(setup.effective_speeds, use_cgroups=cgroup_available()
                              if use_cgroups is None else use_cgroups)

@@ -19,6 +19,7 @@ from runtime.emulator import (
     emulate,
     emulation_setup,
     launch_local,
+    memory_warnings,
 )
 from runtime.reference import reference_training
 from runtime.train import TrainConfig
@@ -213,3 +214,18 @@ def test_communication_threads_leave_the_compute_threads_group(tmp_path: Path) -
     assert written == []
     # follow puts the process itself in the group it follows
     assert (tmp_path / "root-group" / "cgroup.procs").read_text() == str(os.getpid())
+
+
+def test_devices_smaller_than_the_plans_peak_are_named() -> None:
+    # an emulated cluster of 10 KB devices trained a package without a word: the emulator
+    # shapes speed and links, not memory
+    from solver.api import plan as plan_fn
+    from tests.solver_cases import make_cluster, uniform_costs
+
+    costs, cluster = uniform_costs(4), make_cluster([1.0, 1.0])
+    made = plan_fn(costs, cluster, 8, planner="pp-equal")
+    assert memory_warnings(made, cluster) == []
+    tiny = make_cluster([1.0, 1.0], memory_mib=0.01)
+    lines = memory_warnings(made, tiny)
+    assert len(lines) == len(set(made.devices)) and "the emulator does not limit memory" in \
+        lines[0] and "'d0'" in lines[0]
