@@ -282,8 +282,11 @@ class Plan:
         seen: set[str] = set()
         for index, stage in enumerate(self.stages):
             if stage.first != expected:
-                raise PlanError(f"stage {index} starts at layer {stage.first} but layer "
-                                f"{expected} is next; stages must cover the layers in order")
+                after = ("the first stage starts at layer 0" if index == 0 else
+                         f"stage {index - 1} ends at layer {expected - 1}, so it must start at "
+                         f"{expected}")
+                raise PlanError(f"stage {index} starts at layer {stage.first} but {after}; "
+                                f"stages must cover the layers in order, each once")
             expected = stage.last + 1
             if stage.micro_batch_size != self.micro_batch_size:
                 raise PlanError(f"stage {index} shares {list(stage.shares)} add up to "

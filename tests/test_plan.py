@@ -52,7 +52,7 @@ def test_round_trip_exact(tmp_path: Path) -> None:
     [
         ({"batch_size": 9}, r"batch_size \(9\) must equal"),
         ({"stages": (Stage((0, 2), ("a",), (4,)), Stage((4, 5), ("b",), (4,)))},
-         "starts at layer 4 but layer 3"),
+         "starts at layer 4 but stage 0 ends at layer 2, so it must start at 3"),
         ({"stages": (Stage((0, 5), ("a",), (3,)),)}, "add up to 3"),
         ({"stages": (Stage((0, 2), ("a",), (4,)), Stage((3, 5), ("a",), (4,)))},
          "more than one stage"),
