@@ -167,10 +167,7 @@ def _writable(path: Path | None, option: str, example: str = "", *,
                               f"{str(path)!r}: {exc.strerror or exc}; give a path in a "
                               f"writable directory") from None
         parent = made
-    if not os.access(parent, os.W_OK):
-        raise OutputError(f"cannot write to {str(parent)!r} ({option} {str(path)!r}): no "
-                          f"write permission; give a path in a writable directory")
-    try:        # (root passes os.access everywhere; /sys and /proc refuse new files)
+    try:        # a file made and removed: what root may not write (/sys, /proc) too
         with tempfile.NamedTemporaryFile(dir=parent, prefix=".asteroid-fx-probe-"):
             pass
     except OSError as exc:
@@ -725,15 +722,13 @@ def simulate(
 
 
 def _check_plan_costs(plan_obj: Any, table: Any) -> None:
-    """``CostModelError`` where the plan's layers are not the table's (another model); a
-    warning where only the model hashes differ (a board's table of the same layers)."""
-    from contracts.errors import CostModelError
+    """``PlanError`` where the plan's layers are not the table's (another model,
+    ``solver.evaluate.check_covers``: before a re-split, which would fail on them less
+    clearly); a warning where only the model hashes differ (a board's table of the same
+    layers)."""
+    from solver.evaluate import check_covers
 
-    layers = plan_obj.stages[-1].last + 1
-    if layers != len(table.layers):
-        raise CostModelError(f"the plan covers {layers} layers of {plan_obj.model_name!r} but "
-                             f"the cost table has {len(table.layers)} of "
-                             f"{table.model_name!r}; give the costs the plan was made with")
+    check_covers(plan_obj, table)
     if plan_obj.model_hash and table.model_hash and plan_obj.model_hash != table.model_hash:
         log.warning("the plan's model hash %s differs from the cost table's %s (the layer "
                     "counts agree); check that they are of one model", plan_obj.model_hash,
@@ -965,7 +960,7 @@ def finetune(
     with _errors():
         from asteroid_fx.errors import PlanError
         from contracts.cluster import Cluster
-        from runtime.train import TrainConfig
+        from runtime.train import check_lr
 
         if method not in ("pac", "full"):
             raise PlanError(f"--method must be pac or full, got {method!r}")
@@ -983,12 +978,14 @@ def finetune(
         if emulate is None and (fail is not None or metrics is not None):
             raise PlanError("--fail and --metrics apply to a run: add --emulate CLUSTER, or "
                             "drop them")
-        TrainConfig(steps=1, lr=lr)     # --lr, checked before anything is written
+        check_lr(lr)        # before anything is written
         _writable(out, "--out", directory=True)
         _writable(metrics, "--metrics", "metrics.jsonl")
         clus = Cluster.from_yaml(cluster)
-        if fail is not None:
-            _check_fail_devices(fail, [d.name for d in clus.devices])
+        if fail is not None:    # (the plan's own devices and steps are checked later)
+            from runtime.pac_recovery import fail_specs
+
+            fail_specs(fail, clus.names, "the cluster")
         spec, module, inputs, table = _costs_for(model, batch_size, costs_file, (), clus)
         if method == "full":
             _finetune_full(spec, module, inputs, table, clus, batch_size, epochs, samples, out,
@@ -1013,23 +1010,6 @@ def finetune(
             result = run_finetune(out, emulate, seed=seed, lr=lr, metrics=metrics, fail=fail)
             console.print(result.summary(plan_obj.steps_per_epoch), markup=False,
                           highlight=False)
-
-
-def _check_fail_devices(fail: str, names: list[str]) -> None:
-    """``RuntimeFailure`` where ``--fail`` (``DEVICE@STEP[,...]``, ``@aSTEP`` for an adapter
-    step) is malformed or names a device the cluster lacks: checked before the plan is
-    made and its directory written (the plan's own devices and steps are checked later)."""
-    from contracts.errors import RuntimeFailure
-
-    for part in (p.strip() for p in fail.split(",")):
-        device, sep, step = part.partition("@")
-        step = step[1:] if step.startswith("a") else step
-        if not sep or not step.isdigit():
-            raise RuntimeFailure(f"--fail must be DEVICE@STEP (or DEVICE@aSTEP: epoch 1's "
-                                 f"adapter step STEP) with a device of {names}, got {part!r}")
-        if device not in names:
-            raise RuntimeFailure(f"--fail {part}: device {device!r} is not in the cluster "
-                                 f"(devices {names})")
 
 
 def _pac_report(plan_obj: Any) -> str:

@@ -124,7 +124,7 @@ def profile_device(model: str, device_type: str, out: Path, *, batch_sizes: str 
 
     where = profiling_device(device)
     spec = load_model_spec(model)
-    table = profile(spec.build_model(), spec.sample_batch, sizes, leaf_modules=tuple(leaf),
+    table = profile(spec.build(), spec.sample_batch, sizes, leaf_modules=tuple(leaf),
                     repeats=repeats, progress=progress, optimizer=spec.build_optimizer,
                     device_type=device_type, device=where)
     if runtime_overhead and where.type != "cpu":

@@ -62,7 +62,7 @@ def build_adapter_model(spec: Any, *, rank: int, seed: int, layers: Sequence[Any
     from asteroid_fx.trace import trace
 
     torch.manual_seed(seed)
-    model = spec.build_model()
+    model = spec.build()
     inputs, _ = spec.example_inputs(2)
     graph = trace(model, inputs, model_name=spec.name)
     torch.manual_seed(seed)

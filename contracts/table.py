@@ -580,8 +580,8 @@ class CostTable:
         text = read_text(p, CostModelError, "cost table",
                          f"create it with `asteroid-fx profile MODEL --out {p}`")
         try:
-            json.loads(text)
+            data = json.loads(text)
         except json.JSONDecodeError as exc:
             raise CostModelError(f"cost table {str(p)!r} is not valid JSON: {exc}; create it "
                                  f"with `asteroid-fx profile MODEL --out {p}`") from None
-        return cls.from_json(text)
+        return cls.from_dict(data)

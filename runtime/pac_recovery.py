@@ -48,7 +48,8 @@ from contracts.errors import AsteroidError, RuntimeFailure
 from contracts.pac_plan import PacPlan
 from contracts.plan import Plan
 
-__all__ = ["Phase1Replanner", "Phase1Recovery", "FailSpec", "parse_fail", "notice_key",
+__all__ = ["Phase1Replanner", "Phase1Recovery", "FailSpec", "fail_specs", "parse_fail",
+           "notice_key",
            "replan_key", "KILLED_KEY", "DONE_KEY", "REPLAN_WAIT_S", "NOTICE_POLL_S"]
 
 log = logging.getLogger(__name__)
@@ -133,6 +134,26 @@ class FailSpec:
         return self.step < pac.steps_per_epoch and not self.after_phase1
 
 
+def fail_specs(text: str, devices: Sequence[str], where: str) -> list[FailSpec]:
+    """The ``DEVICE@STEP`` (or ``DEVICE@aSTEP``: epoch 1's adapter step, after phase 1)
+    parts of ``--fail``, each naming one of ``devices`` (those of ``where``: the PAC plan,
+    or the cluster before a plan is made); ``RuntimeFailure`` (one line) otherwise."""
+    parsed: list[FailSpec] = []
+    for part in (part.strip() for part in text.split(",") if part.strip()):
+        device, sep, step = part.partition("@")
+        adapter = step.startswith("a")
+        step = step[1:] if adapter else step
+        if not sep or not step.isdigit():
+            raise RuntimeFailure(f"--fail must be DEVICE@STEP (or DEVICE@aSTEP: epoch 1's "
+                                 f"adapter step STEP, after phase 1) with a device of "
+                                 f"{list(devices)}, got {part!r}")
+        if device not in devices:
+            raise RuntimeFailure(f"--fail {part}: device {device!r} is not in {where} "
+                                 f"(devices {list(devices)})")
+        parsed.append(FailSpec(device, int(step), adapter))
+    return parsed
+
+
 def parse_fail(text: str | None, pac: PacPlan) -> FailSpec | None:
     """``--fail`` of a PAC run, checked against the plan (one lost device per run).
 
@@ -143,24 +164,13 @@ def parse_fail(text: str | None, pac: PacPlan) -> FailSpec | None:
     """
     if not text:
         return None
-    specs = [part.strip() for part in text.split(",") if part.strip()]
-    parsed: list[FailSpec] = []
-    for part in specs:
-        device, sep, step = part.partition("@")
-        adapter = step.startswith("a")
-        step = step[1:] if adapter else step
-        if not sep or not step.isdigit():
-            raise RuntimeFailure(f"--fail must be DEVICE@STEP (or DEVICE@aSTEP: epoch 1's "
-                                 f"adapter step STEP, after phase 1) with a device of "
-                                 f"{list(pac.devices)}, got {part!r}")
-        if device not in pac.devices:
-            raise RuntimeFailure(f"--fail {part}: device {device!r} is not in the PAC plan "
-                                 f"(devices {list(pac.devices)})")
-        total = pac.epochs * pac.steps_per_epoch
-        if int(step) >= total:
-            raise RuntimeFailure(f"--fail {part}: the run has steps 0..{total - 1} "
+    parsed = fail_specs(text, pac.devices, "the PAC plan")
+    total = pac.epochs * pac.steps_per_epoch
+    for spec in parsed:
+        if spec.step >= total:
+            raise RuntimeFailure(f"--fail {spec.device}@{'a' if spec.after_phase1 else ''}"
+                                 f"{spec.step}: the run has steps 0..{total - 1} "
                                  f"({pac.epochs} epochs of {pac.steps_per_epoch})")
-        parsed.append(FailSpec(device, int(step), adapter))
     if not parsed:
         raise RuntimeFailure(f"--fail must be DEVICE@STEP, got {text!r}")
     lost = {f.device for f in parsed}

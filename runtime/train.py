@@ -29,6 +29,7 @@ __all__ = [
     "StageSource",
     "DirectorySource",
     "TrainConfig",
+    "check_lr",
     "TrainHooks",
     "WorkerResult",
     "load_stage_weights",
@@ -112,8 +113,13 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         # (checked where the run is set up, not in a device process after the launch)
-        if not (isinstance(self.lr, (int, float)) and 0.0 <= self.lr < float("inf")):
-            raise RuntimeFailure(f"--lr must be a learning rate >= 0, got {self.lr!r}")
+        check_lr(self.lr)
+
+
+def check_lr(lr: object) -> None:
+    """``RuntimeFailure`` unless ``lr`` is a finite learning rate >= 0."""
+    if not (isinstance(lr, (int, float)) and 0.0 <= lr < float("inf")):
+        raise RuntimeFailure(f"--lr must be a learning rate >= 0, got {lr!r}")
 
 
 class TrainHooks(Protocol):

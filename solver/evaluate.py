@@ -149,6 +149,7 @@ __all__ = [
     "WORKSPACE_FRACTION",
     "LayerSums",
     "evaluate",
+    "check_covers",
     "transfer_time",
     "resharding_time",
     "resharding_pieces",
@@ -409,10 +410,16 @@ def round_terms(e_f: Sequence[float], e_b: Sequence[float],
     return t_w, t_e, dm
 
 
-def _check(plan: Plan, costs: CostTable, cluster: Cluster) -> None:
+def check_covers(plan: Plan, costs: CostTable) -> None:
+    """``PlanError`` unless the plan's stages end at the cost table's last layer (a table of
+    another model, or a plan made for one)."""
     if plan.stages[-1].last != costs.num_layers - 1:
         raise PlanError(f"the plan covers layers 0..{plan.stages[-1].last} but the cost table "
                         f"has {costs.num_layers} layers; re-plan for this model")
+
+
+def _check(plan: Plan, costs: CostTable, cluster: Cluster) -> None:
+    check_covers(plan, costs)
     known = set(cluster.names)
     for device in plan.devices:
         if device not in known:

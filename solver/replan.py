@@ -51,6 +51,7 @@ from contracts.table import CostTable
 from solver.anytime import check_time_limit
 from solver.evaluate import (
     LayerSums,
+    check_covers,
     evaluate,
     in_flight,
     stage_memory_bytes,
@@ -501,9 +502,7 @@ def replan_layerwise(plan: Plan, costs: CostTable, cluster: Cluster, failed: Ite
         raise PlanError(f"k and micro_batch_radius must be >= 0 and max_passes >= 1, got "
                         f"k={k}, micro_batch_radius={micro_batch_radius}, "
                         f"max_passes={max_passes}")
-    if plan.stages[-1].last != costs.num_layers - 1:
-        raise PlanError(f"the plan covers layers 0..{plan.stages[-1].last} but the cost "
-                        f"table has {costs.num_layers} layers; re-plan for this model")
+    check_covers(plan, costs)
 
     layouts = _layouts(plan, costs, cluster, survivors, lost, k)
     sizes = [plan.micro_batch_size,

@@ -52,6 +52,7 @@ from solver.evaluate import (
     WORKSPACE_FRACTION,
     LayerSums,
     allreduce_time,
+    check_covers,
     in_flight,
     split_ties,
     stage_memory_parts,
@@ -234,9 +235,7 @@ def simulate(plan: Plan, costs: CostTable, cluster: Cluster, *, rounds: int = 1,
         raise PlanError(f"rounds {rounds} is above {MAX_ROUNDS}: every round after the first "
                         f"repeats its events (1,000 take about a second, 10,000 a quarter of a "
                         f"minute); simulate fewer")
-    if plan.stages[-1].last != costs.num_layers - 1:
-        raise PlanError(f"the plan covers layers 0..{plan.stages[-1].last} but the cost table "
-                        f"has {costs.num_layers} layers; re-plan for this model")
+    check_covers(plan, costs)
     timing = Timing.of(costs, cluster)
     for dev in plan.devices:
         if dev not in timing.devices:

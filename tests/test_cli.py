@@ -274,7 +274,8 @@ def test_plan_partition_simulate(tmp_path: Path, capsys: pytest.CaptureFixture[s
     # model's layers are refused; --costs and --model together are one too many
     plan_json = str(out_dir / "plan.json")
     assert main(["simulate", plan_json, "--model", str(ROOT / "examples" / "mlp.py")]) == 1
-    assert "the plan covers 11 layers of" in _one_error_line(capsys.readouterr().err)
+    assert "PlanError: the plan covers layers 0..10 but the cost table has 7 layers" in \
+        _one_error_line(capsys.readouterr().err)
     assert main(["simulate", plan_json, "--model", SKIPNET, "--costs",
                  str(out_dir / "costs.json")]) == 1
     assert "--costs and --model both" in _one_error_line(capsys.readouterr().err)
