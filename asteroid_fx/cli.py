@@ -1064,6 +1064,7 @@ def _finetune_full(spec: Any, module: Any, inputs: Any, table: Any, clus: Any, b
     from asteroid_fx.finetune import DEFAULT_SAMPLES_BATCHES
     from asteroid_fx.package import save_partition
     from asteroid_fx.partition import partition as partition_fn
+    from contracts.files import write_text
     from runtime.launch import run as run_fn
     from runtime.samples import SampleSource
     from solver.api import plan as plan_fn
@@ -1085,8 +1086,8 @@ def _finetune_full(spec: Any, module: Any, inputs: Any, table: Any, clus: Any, b
                  num_samples=source.num_samples)
     if metrics is not None:      # every step row carries its phase, as PAC's do
         rows = [json.loads(line) for line in Path(metrics).read_text().splitlines() if line]
-        Path(metrics).write_text("".join(
-            json.dumps({**r, "phase": "full"} if "step" in r else r) + "\n" for r in rows))
+        write_text(metrics, "".join(json.dumps({**r, "phase": "full"} if "step" in r else r)
+                                    + "\n" for r in rows), "metrics")
     console.print(run.summary(), markup=False)
 
 

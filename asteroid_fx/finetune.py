@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from asteroid_fx.adapters import parallel_adapters
+from contracts.files import write_text
 from contracts.plan import Plan
 from cost_models.hostspeed import single_thread
 from runtime.adapter_model import AdapterModel
@@ -389,11 +390,11 @@ def prepare_finetune(spec: Any, cluster: Any, costs: Any, out: str | Path, *, ba
     parts: list[Any] = [*pac.segments, pac.head]
     save_partition(out / BACKBONE_DIR, pac.segment_plan, parts,
                    model_spec=spec, onnx=False, example_inputs=inputs, token=token)
-    (out / LAYOUT_FILE).write_text(json.dumps(pac.layout(), indent=2))
+    write_text(out / LAYOUT_FILE, json.dumps(pac.layout(), indent=2), "adapter layout")
     torch.save(pac.trainable_state(), out / ADAPTERS_FILE)
     plan.save(out / PAC_PLAN_FILE)
     costs.save(out / "costs.json")
-    (out / "cluster.json").write_text(cluster.to_json())
+    write_text(out / "cluster.json", cluster.to_json(), "cluster")
     return plan
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from asteroid_fx.figures import save_figure
 from solver.simulate import SimResult
 
 __all__ = ["gantt_png", "COLOURS"]
@@ -67,6 +68,6 @@ def gantt_png(result: SimResult, path: str | Path, *, title: str = "",
                  f"bubbles {100 * result.bubble_fraction:.0f}% ({result.schedule}, "
                  f"{result.rounds} round{'s' if result.rounds != 1 else ''})")
     fig.tight_layout()
-    fig.savefig(out, dpi=110)
+    save_figure(fig, out)
     plt.close(fig)
     return out

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from asteroid_fx.figures import save_figure
 from contracts.errors import RuntimeFailure, absent
 
 __all__ = ["RunMetrics", "read_metrics", "plot_metrics"]
@@ -106,6 +107,6 @@ def plot_metrics(path: str | Path, out: str | Path, *, title: str = "") -> Path:
     fig.tight_layout()
     target = Path(out)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(target, dpi=110)
+    save_figure(fig, target)
     plt.close(fig)
     return target

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Mapping, Tuple
 
 from contracts.errors import PlanError, read_text
+from contracts.files import write_text
 from contracts.plan import Plan
 
 __all__ = ["PacModel", "PacPrediction", "PacPlan", "PAC_PLAN_VERSION", "CACHE_PLACEMENTS",
@@ -354,7 +355,9 @@ class PacPlan:
         return cls.from_dict(data)
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(self.to_json())
+        """Write the JSON to ``path`` whole or not at all ([Note: whole files] in
+        ``contracts.files``)."""
+        write_text(path, self.to_json(), "PAC plan")
 
     @classmethod
     def load(cls, path: str | Path) -> PacPlan:

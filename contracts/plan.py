@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from contracts.errors import PlanError, read_text
+from contracts.files import write_text
 
 __all__ = ["Stage", "StagePrediction", "Prediction", "PlannerInfo", "SearchBound", "Plan",
            "PLAN_VERSION", "SMALL_BUCKET_BYTES"]
@@ -387,7 +388,9 @@ class Plan:
         return cls.from_dict(data)
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(self.to_json())
+        """Write the JSON to ``path`` whole or not at all ([Note: whole files] in
+        ``contracts.files``)."""
+        write_text(path, self.to_json(), "plan")
 
     @classmethod
     def load(cls, path: str | Path) -> Plan:

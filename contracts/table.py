@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from contracts.errors import CostModelError, read_text
+from contracts.files import write_text
 
 __all__ = ["TimeFit", "LayerCost", "DeviceColumn", "CostTable", "RuntimeOverhead", "TiedWeight",
            "COST_TABLE_VERSION", "COLUMN_SOURCES", "UNMEASURED_TYPES"]
@@ -572,7 +573,9 @@ class CostTable:
         return cls.from_dict(data)
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(self.to_json())
+        """Write the JSON to ``path`` whole or not at all ([Note: whole files] in
+        ``contracts.files``)."""
+        write_text(path, self.to_json(), "cost table")
 
     @classmethod
     def load(cls, path: str | Path) -> CostTable:

@@ -127,6 +127,19 @@ def test_an_output_that_cannot_be_written_is_refused_before_any_work(
     assert re.search(match, _one_error_line(capsys.readouterr().err))
 
 
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs Linux's /dev/full")
+def test_a_full_disk_is_an_output_error_not_an_internal_one(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The write itself fails (``/dev/full``: ENOSPC) after planning: one ``error:`` line
+    naming the file and the cause ([Note: whole files] in ``contracts.files``)."""
+    assert main(["plan", str(ROOT / "examples" / "mlp.py"), "--cluster",
+                 str(CLUSTERS / "C-100mbps.yaml"), "--batch-size", "8", "--costs",
+                 str(_costs(tmp_path)), "--out", "/dev/full"]) == 1
+    line = _one_error_line(capsys.readouterr().err)
+    assert line.startswith("error: OutputError: cannot write plan '/dev/full': No space left "
+                           "on device"), line
+
 def test_a_bad_re_plan_time_limit_is_refused_before_the_run(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["run", str(tmp_path), "--fail", "a@1", "--replan-time-limit", "0"]) == 1

@@ -1,0 +1,72 @@
+"""Writing the contracts' files whole or not at all: a failed write keeps the old file."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import stat
+from pathlib import Path
+
+from contracts.errors import OutputError
+
+__all__ = ["write_bytes", "write_text"]
+
+
+def write_text(path: str | os.PathLike[str], text: str, what: str = "file") -> None:
+    """Write ``text`` (UTF-8) to ``path`` whole or not at all (``write_bytes``)."""
+    write_bytes(path, text.encode("utf-8"), what)
+
+
+def write_bytes(path: str | os.PathLike[str], data: bytes, what: str = "file") -> None:
+    """Write ``data`` to ``path`` so that it is there whole or not at all.
+
+    [Note: whole files]
+    A plan, a cost table or a PAC plan written with ``Path.write_text`` was truncated in
+    place first: a full disk (``--out`` on a nearly full SD card of a board) or a quota
+    left a half-written JSON file where a good one had been, and the CLI called the
+    ``OSError`` an internal error. Here the text goes to a hidden file beside ``path``
+    (same directory, so same file system), is flushed to disk, and then replaces ``path``
+    in one ``os.replace``; the new file takes the old one's permission bits (a new file
+    gets the umask's, as ``open`` gives). Where ``path`` exists and is not a regular file
+    (``/dev/stdout``, a FIFO) it is written directly, since replacing it would replace the
+    device node; a symbolic link is followed, so the link stays and its target changes.
+    Any ``OSError`` becomes an ``OutputError`` naming ``what``, the path and the cause;
+    the hidden file is removed and the old file, if any, is untouched."""
+    target = Path(path)
+    if target.is_symlink():
+        target = target.resolve()
+    try:
+        existing = os.stat(target)
+    except FileNotFoundError:
+        existing = None
+    except OSError as exc:
+        raise _failed(what, target, exc) from None
+    if existing is not None and not stat.S_ISREG(existing.st_mode):
+        try:
+            with open(target, "wb") as handle:
+                handle.write(data)
+        except OSError as exc:
+            raise _failed(what, target, exc) from None
+        return
+    hidden = target.with_name(f".{target.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    try:
+        with open(hidden, "xb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        if existing is not None:
+            os.chmod(hidden, stat.S_IMODE(existing.st_mode))
+        os.replace(hidden, target)
+    except OSError as exc:
+        try:
+            hidden.unlink()
+        except OSError:
+            pass
+        raise _failed(what, target, exc) from None
+
+
+def _failed(what: str, path: Path, exc: OSError) -> OutputError:
+    """The ``OutputError`` of a write of ``what`` to ``path`` that failed with ``exc``."""
+    cause = exc.strerror or str(exc)
+    return OutputError(f"cannot write {what} {str(path)!r}: {cause}; nothing was written "
+                       f"(an existing file is kept): free space or give another path")
