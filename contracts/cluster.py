@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from contracts.devices import DEVICE_TYPES, GIB
-from contracts.errors import ClusterError, read_text
+from contracts.errors import ClusterError, parse_json, read_text
 
 __all__ = ["Device", "Link", "Cluster", "expand_entry"]
 
@@ -24,6 +24,20 @@ _COUNT_KEY = "count"
 """A device entry with ``count: N`` stands for ``N`` devices alike, named ``<name>0`` to
 ``<name>N-1`` (``expand_entry``): a fleet of 32 boards is three lines."""
 
+MAX_DEVICES = 4096
+"""The most devices a cluster may have (a ``count:`` typo of 10**8 built devices for
+minutes; the planner is measured up to 64, docs/planner.md)."""
+
+MAX_MEMORY_GB = 1e6
+"""The most ``memory_gb`` one device may declare (a petabyte: past it, a typo)."""
+
+MAX_SPEED = 1e6
+"""The most ``speed`` (relative to the host that measured the costs) one device may have."""
+
+MAX_FLOPS = 1e18
+"""The most ``flops`` (an exaflop per second) one device may declare."""
+
+
 
 def _host_memory_bytes() -> int:
     try:
@@ -33,17 +47,21 @@ def _host_memory_bytes() -> int:
 
 
 def _number(value: Any, what: str, entry: Any, *, zero_ok: bool = False,
-            unit: str = "") -> float:
-    """``value`` as a finite number > 0 (``zero_ok``: >= 0), else ``ClusterError``."""
+            unit: str = "", most: float = math.inf) -> float:
+    """``value`` as a finite number > 0 (``zero_ok``: >= 0) and at most ``most``, else
+    ``ClusterError``."""
     try:
         number = float(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         of = f" of {unit}" if unit else ""
         raise ClusterError(f"{what} must be a number{of}, got {value!r} in {entry!r}") from None
     if not ((number >= 0 if zero_ok else number > 0) and math.isfinite(number)):
         bound = ("finite and " if math.isinf(number) else "") + (">= 0" if zero_ok else "> 0")
         raise ClusterError(f"{what} must be {bound}{' ' + unit if unit else ''}, got {value!r} "
                            f"in {entry!r}")
+    if number > most:
+        raise ClusterError(f"{what} must be at most {most:g}{' ' + unit if unit else ''}, got "
+                           f"{value!r} in {entry!r}")
     return number
 
 
@@ -130,10 +148,17 @@ class Device:
                 f"unknown device type {type_name!r} for device {name!r}; known types: "
                 f"{', '.join(sorted(DEVICE_TYPES))} (or use type: custom with speed and memory_gb)"
             )
-        speed = _positive(entry["speed"], "speed", dict(entry)) if "speed" in entry else None
-        flops = _positive(entry["flops"], "flops", dict(entry)) if "flops" in entry else None
+        speed = _number(entry["speed"], "speed", dict(entry), most=MAX_SPEED) \
+            if "speed" in entry else None
+        flops = _number(entry["flops"], "flops", dict(entry), most=MAX_FLOPS) \
+            if "flops" in entry else None
         if "memory_gb" in entry:
-            memory = int(_positive(entry["memory_gb"], "memory_gb", dict(entry)) * GIB)
+            memory = int(_number(entry["memory_gb"], "memory_gb", dict(entry),
+                                 most=MAX_MEMORY_GB) * GIB)
+            if memory < 1:
+                raise ClusterError(f"device {name!r}: memory_gb {entry['memory_gb']!r} is less "
+                                   f"than one byte; give the device's memory in GiB, e.g. "
+                                   f"memory_gb: 4")
         elif dtype.memory_gb is not None:
             memory = int(dtype.memory_gb * GIB)
         elif dtype.name == "local":
@@ -174,10 +199,10 @@ def expand_entry(entry: Any) -> list[Any]:
     if not isinstance(name, str) or not name:
         raise ClusterError(f"a device entry with count needs a non-empty string name (the "
                            f"devices are named <name>0, <name>1, ...), got {dict(entry)!r}")
-    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
-        raise ClusterError(f"device entry {name!r}: count must be a whole number >= 1 (how "
-                           f"many devices like it, named {name}0, {name}1, ...), got "
-                           f"{count!r}")
+    if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= MAX_DEVICES:
+        raise ClusterError(f"device entry {name!r}: count must be a whole number from 1 to "
+                           f"{MAX_DEVICES} (how many devices like it, named {name}0, {name}1, "
+                           f"...), got {count!r}")
     rest = {key: value for key, value in entry.items() if key != _COUNT_KEY}
     return [{**rest, "name": f"{name}{i}"} for i in range(count)]
 
@@ -418,8 +443,13 @@ class Cluster:
         if not isinstance(raw_devices, list) or not raw_devices:
             raise ClusterError("`devices:` must be a non-empty list of "
                                "{name: ..., type: ...} entries")
-        devices = tuple(Device.from_entry(one) for entry in raw_devices
-                        for one in expand_entry(entry))
+        entries = []
+        for entry in raw_devices:
+            entries.extend(expand_entry(entry))
+            if len(entries) > MAX_DEVICES:
+                raise ClusterError(f"a cluster has at most {MAX_DEVICES} devices; `devices:` "
+                                   f"lists more (check the `count:` of each entry)")
+        devices = tuple(Device.from_entry(one) for one in entries)
         network = data.get("network", {}) or {}
         if not isinstance(network, Mapping):
             raise ClusterError(f"`network:` must be a mapping, got {network!r}")
@@ -453,12 +483,15 @@ class Cluster:
     def from_yaml(cls, path: str | Path) -> Cluster:
         import yaml
 
-        p = Path(path)
+        p = Path(str(path))
         text = read_text(p, ClusterError, "cluster file", "see examples/clusters/ for the format")
         try:
             data = yaml.safe_load(text)
         except yaml.YAMLError as exc:
             raise ClusterError(f"{p} is not valid YAML: {str(exc).splitlines()[0]}") from exc
+        except RecursionError:
+            raise ClusterError(f"{p} is not valid YAML (nested too deeply); see "
+                               f"examples/clusters/ for the format") from None
         return cls.from_dict(data)
 
     def to_json(self) -> str:
@@ -466,4 +499,5 @@ class Cluster:
 
     @classmethod
     def from_json(cls, text: str) -> Cluster:
-        return cls.from_dict(json.loads(text))
+        return cls.from_dict(parse_json(text, ClusterError, "cluster",
+                                        "give the text of Cluster.to_json()"))

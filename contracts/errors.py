@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 __all__ = [
     "absent",
     "read_text",
@@ -137,3 +139,25 @@ def read_text(path: object, error: type[AsteroidError], what: str, fix: str) -> 
         return p.read_text()
     except UnicodeDecodeError as exc:
         raise error(f"{what} {str(p)!r} is not text (UTF-8): {exc}; {fix}") from None
+
+
+MALFORMED = (KeyError, TypeError, ValueError, AttributeError, OverflowError, RecursionError)
+"""What parsing a contract's JSON/YAML data can raise on a value of the wrong type or size
+(a list where a mapping is due, ``Infinity`` where an int is, nesting too deep): the
+``from_dict`` methods turn each into their typed error."""
+
+
+def parse_json(text: object, error: type[AsteroidError], what: str, fix: str) -> Any:
+    """``json.loads(text)``; ``error`` (``"{what} is not valid JSON: ...; {fix}"``) where
+    ``text`` is not a string of JSON, or is nested too deeply to parse."""
+    import json
+
+    if not isinstance(text, (str, bytes, bytearray)):
+        raise error(f"{what} must be JSON text, got {type(text).__name__}; {fix}")
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise error(f"{what} is not valid JSON: {exc}; {fix}") from None
+    except (RecursionError, UnicodeDecodeError) as exc:
+        why = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+        raise error(f"{what} is not valid JSON ({why}); {fix}") from None

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Tuple
 
-from contracts.errors import PlanError, read_text
+from contracts.errors import MALFORMED, PlanError, parse_json, read_text
 from contracts.files import write_text
 from contracts.plan import Plan
 
@@ -339,7 +339,7 @@ class PacPlan:
                                      for d, v in data.get("cache_phase1", {}).items()},
                        cache_phase2={str(d): tuple(int(x) for x in v)
                                      for d, v in data.get("cache_phase2", {}).items()})
-        except (KeyError, TypeError, ValueError) as exc:
+        except MALFORMED as exc:   # (a field missing, or of the wrong type or size)
             if isinstance(exc, PlanError):
                 raise
             raise PlanError(f"malformed PAC plan: {type(exc).__name__}: {exc}; re-plan with "
@@ -347,12 +347,8 @@ class PacPlan:
 
     @classmethod
     def from_json(cls, text: str) -> PacPlan:
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise PlanError(f"PAC plan is not valid JSON: {exc}; re-plan with "
-                            f"`asteroid-fx finetune`") from exc
-        return cls.from_dict(data)
+        return cls.from_dict(parse_json(text, PlanError, "PAC plan",
+                                        "re-plan with `asteroid-fx finetune`"))
 
     def save(self, path: str | Path) -> None:
         """Write the JSON to ``path`` whole or not at all ([Note: whole files] in

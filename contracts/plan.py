@@ -8,7 +8,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from contracts.errors import PlanError, read_text
+from contracts.errors import MALFORMED, PlanError, parse_json, read_text
 from contracts.files import write_text
 
 __all__ = ["Stage", "StagePrediction", "Prediction", "PlannerInfo", "SearchBound", "Plan",
@@ -374,18 +374,16 @@ class Plan:
             )
         except KeyError as exc:
             raise PlanError(f"plan is missing the field {exc.args[0]!r}") from exc
-        except (TypeError, ValueError) as exc:
+        except MALFORMED as exc:   # (a field of the wrong type or size)
             if isinstance(exc, PlanError):
                 raise
-            raise PlanError(f"malformed plan: {exc}") from exc
+            raise PlanError(f"malformed plan: {type(exc).__name__}: {exc}; re-create it with "
+                            f"`asteroid-fx plan`") from None
 
     @classmethod
     def from_json(cls, text: str) -> Plan:
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise PlanError(f"plan is not valid JSON: {exc}") from exc
-        return cls.from_dict(data)
+        return cls.from_dict(parse_json(text, PlanError, "plan",
+                                        "re-create it with `asteroid-fx plan`"))
 
     def save(self, path: str | Path) -> None:
         """Write the JSON to ``path`` whole or not at all ([Note: whole files] in

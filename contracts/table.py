@@ -9,7 +9,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from contracts.errors import CostModelError, read_text
+from contracts.errors import MALFORMED, CostModelError, parse_json, read_text
 from contracts.files import write_text
 
 __all__ = ["TimeFit", "LayerCost", "DeviceColumn", "CostTable", "RuntimeOverhead", "TiedWeight",
@@ -112,14 +112,35 @@ class LayerCost:
                 op=str(data["op"]),
                 fwd=TimeFit.from_list(data["fwd"]),
                 bwd=TimeFit.from_list(data["bwd"]),
-                param_bytes=int(data["param_bytes"]),
-                activation_bytes=int(data["activation_bytes"]),
-                output_bytes=int(data["output_bytes"]),
+                param_bytes=_bytes(data["param_bytes"], f"layer {data['name']!r}: param_bytes"),
+                activation_bytes=_bytes(data["activation_bytes"],
+                                        f"layer {data['name']!r}: activation_bytes"),
+                output_bytes=_bytes(data["output_bytes"],
+                                    f"layer {data['name']!r}: output_bytes"),
                 flops=float(data.get("flops", 0.0)),
-                buffer_bytes=int(data.get("buffer_bytes", 0)),
+                buffer_bytes=_bytes(data.get("buffer_bytes", 0),
+                                    f"layer {data['name']!r}: buffer_bytes"),
             )
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, OverflowError) as exc:
+            if isinstance(exc, CostModelError):
+                raise
             raise CostModelError(f"malformed layer entry {dict(data)!r}: {exc}") from exc
+
+
+MAX_BYTES = 2**50
+"""The most bytes one size of a cost table may hold (a pebibyte: past it, a typo or a broken
+tool; 1e30 reached the planner and overflowed there)."""
+
+
+def _bytes(value: Any, what: str) -> int:
+    """A byte count of a table's JSON: a whole number from 0 to ``MAX_BYTES`` (an integral
+    float such as ``4096.0`` is taken; ``1.5``, ``true`` and strings are not)."""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_BYTES:
+        raise CostModelError(f"{what} must be an integer >= 0 (bytes, at most 2^50), got "
+                             f"{value!r}; re-run `asteroid-fx profile`")
+    return value
 
 
 def _workspace(value: Any) -> int | None:
@@ -219,7 +240,7 @@ class TiedWeight:
         if not isinstance(data, Mapping):
             raise CostModelError(f"a tied weight is a JSON object, got {data!r}")
         return cls(str(data["name"]), tuple(int(v) for v in data["layers"]),
-                   int(data["bytes"]))
+                   _bytes(data["bytes"], f"tied weight {data['name']!r}: bytes"))
 
 
 @dataclass(frozen=True)
@@ -366,9 +387,10 @@ class CostTable:
 
     def __post_init__(self) -> None:
         for tie in self.tied:
-            if tie.layers[-1] >= len(self.layers):
-                raise CostModelError(f"tied weight {tie.name!r} names layer {tie.layers[-1]}, "
-                                     f"but the table has {len(self.layers)} layers")
+            if tie.layers[0] < 0 or tie.layers[-1] >= len(self.layers):
+                bad = tie.layers[0] if tie.layers[0] < 0 else tie.layers[-1]
+                raise CostModelError(f"tied weight {tie.name!r} names layer {bad}, but the "
+                                     f"table's layers are 0 to {len(self.layers) - 1}")
         for value, what in ((self.optimizer_state_factor, "optimizer_state_factor"),
                             (self.message_overhead_s, "message_overhead_s")):
             if not (math.isfinite(value) and value >= 0):
@@ -539,8 +561,9 @@ class CostTable:
         try:
             return cls(
                 layers=tuple(LayerCost.from_dict(item) for item in data["layers"]),
-                cut_bytes=tuple(int(v) for v in data["cut_bytes"]),
-                input_bytes=int(data["input_bytes"]),
+                cut_bytes=tuple(_bytes(v, f"cut_bytes[{i}]")
+                                for i, v in enumerate(data["cut_bytes"])),
+                input_bytes=_bytes(data["input_bytes"], "input_bytes"),
                 model_name=str(data["model_name"]),
                 model_hash=str(data["model_hash"]),
                 host=str(data["host"]),
@@ -561,16 +584,16 @@ class CostTable:
             )
         except KeyError as exc:
             raise CostModelError(f"cost table is missing the field {exc.args[0]!r}") from exc
-        except (TypeError, ValueError) as exc:
-            raise CostModelError(f"malformed cost table: {exc}") from exc
+        except MALFORMED as exc:   # (a field of the wrong type or size)
+            if isinstance(exc, CostModelError):
+                raise
+            raise CostModelError(f"malformed cost table: {type(exc).__name__}: {exc}; "
+                                 f"re-create it with `asteroid-fx profile`") from None
 
     @classmethod
     def from_json(cls, text: str) -> CostTable:
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise CostModelError(f"cost table is not valid JSON: {exc}") from exc
-        return cls.from_dict(data)
+        return cls.from_dict(parse_json(text, CostModelError, "cost table",
+                                        "re-create it with `asteroid-fx profile`"))
 
     def save(self, path: str | Path) -> None:
         """Write the JSON to ``path`` whole or not at all ([Note: whole files] in
@@ -582,9 +605,5 @@ class CostTable:
         p = Path(path)
         text = read_text(p, CostModelError, "cost table",
                          f"create it with `asteroid-fx profile MODEL --out {p}`")
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise CostModelError(f"cost table {str(p)!r} is not valid JSON: {exc}; create it "
-                                 f"with `asteroid-fx profile MODEL --out {p}`") from None
-        return cls.from_dict(data)
+        return cls.from_dict(parse_json(text, CostModelError, f"cost table {str(p)!r}",
+                                        f"create it with `asteroid-fx profile MODEL --out {p}`"))

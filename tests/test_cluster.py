@@ -366,3 +366,45 @@ def test_a_device_name_that_flags_cannot_spell_is_refused(name: str) -> None:
         Cluster.from_dict({"devices": [{"name": name, "type": "local"}]})
     assert Cluster.from_dict({"devices": [{"name": "ok-1.x_2", "type": "local"}]}).names == (
         "ok-1.x_2",)
+
+
+@pytest.mark.parametrize(("entry", "match"), [
+    # 1e300 GiB overflowed int(); speed 1e308 reached the planner as NaN
+    ({"name": "a", "type": "local", "memory_gb": 1e300}, "memory_gb must be at most 1e"),
+    ({"name": "a", "type": "custom", "memory_gb": 4, "speed": 1e308}, "speed must be at most"),
+    ({"name": "a", "type": "custom", "memory_gb": 4, "flops": 1e30}, "flops must be at most"),
+    ({"name": "a", "type": "local", "memory_gb": 1e-12}, "less than one byte"),
+    # count: 10**8 built devices for minutes
+    ({"name": "a", "type": "local", "count": 10**8}, "count must be a whole number from 1 to"),
+])
+def test_numbers_past_any_device_are_refused(entry: dict[str, object], match: str) -> None:
+    from contracts.errors import ClusterError
+
+    with pytest.raises(ClusterError, match=match):
+        Cluster.from_dict({"devices": [entry]})
+
+
+def test_a_cluster_of_too_many_devices_is_refused_before_they_are_built() -> None:
+    from contracts.cluster import MAX_DEVICES
+    from contracts.errors import ClusterError
+
+    entries = [{"name": f"g{i}x", "type": "local", "count": MAX_DEVICES} for i in range(3)]
+    with pytest.raises(ClusterError, match=f"at most {MAX_DEVICES} devices"):
+        Cluster.from_dict({"devices": entries})
+
+
+def test_cluster_text_that_is_not_json_or_yaml_is_a_cluster_error(tmp_path: Path) -> None:
+    from contracts.errors import ClusterError
+
+    with pytest.raises(ClusterError, match="cluster is not valid JSON"):
+        Cluster.from_json("{not json")
+    with pytest.raises(ClusterError, match="cluster must be JSON text, got NoneType"):
+        Cluster.from_json(None)  # type: ignore[arg-type]
+    with pytest.raises(ClusterError, match="nested too deeply"):
+        Cluster.from_json("[" * 100_000 + "]" * 100_000)
+    deep = tmp_path / "deep.yaml"
+    deep.write_text("devices: " + "[" * 5000 + "]" * 5000 + "\n")
+    with pytest.raises(ClusterError, match="nested too deeply"):
+        Cluster.from_yaml(deep)
+    with pytest.raises(ClusterError, match="cluster file 'None' does not exist"):
+        Cluster.from_yaml(None)  # type: ignore[arg-type]

@@ -566,7 +566,7 @@ def test_a_tied_weight_split_over_stages_costs_an_all_reduce_and_a_copy() -> Non
 
 
 def test_a_tied_weight_names_layers_of_the_table() -> None:
-    with pytest.raises(CostModelError, match="names layer 5, but the table has 3 layers"):
+    with pytest.raises(CostModelError, match="names layer 5, but the table.s layers are 0 to 2"):
         replace(_costs3(), tied=(TiedWeight("emb", (0, 5), 10),))
     with pytest.raises(CostModelError, match="two or more distinct layers"):
         TiedWeight("emb", (2,), 10)

@@ -101,3 +101,22 @@ def test_a_cost_table_given_as_a_plan_is_called_so() -> None:
     table = '{"version": 2, "layers": [], "cut_bytes": [], "model_name": "m"}'
     with pytest.raises(PlanError, match="this is a cost table, not a plan"):
         Plan.from_json(table)
+
+
+@pytest.mark.parametrize(("field", "value"), [
+    ("replicas", []), ("replicas", None), ("planner", "asteroid"), ("planner", None),
+    ("batch_size", float("inf")),
+])
+def test_fields_of_the_wrong_type_or_size_are_plan_errors(field: str, value: object) -> None:
+    """Each was a raw AttributeError, OverflowError or ValueError from inside from_dict."""
+    data = _plan().to_dict()
+    data[field] = value
+    with pytest.raises(PlanError, match="malformed plan: .*re-create it with `asteroid-fx plan`"):
+        Plan.from_dict(data)
+
+
+def test_plan_text_that_is_not_json_is_a_plan_error() -> None:
+    with pytest.raises(PlanError, match="plan must be JSON text, got NoneType"):
+        Plan.from_json(None)  # type: ignore[arg-type]
+    with pytest.raises(PlanError, match="plan is not valid JSON \\(nested too deeply\\)"):
+        Plan.from_json("[" * 100_000 + "]" * 100_000)

@@ -215,9 +215,42 @@ def test_negative_bytes_in_a_layer_are_refused(field: str, value: object, match:
 def test_negative_cut_or_input_bytes_are_refused() -> None:
     data = _table().to_dict()
     data["cut_bytes"][2] = -48
-    with pytest.raises(CostModelError, match="got -48 at 2"):
+    with pytest.raises(CostModelError, match=r"cut_bytes\[2\] must be an integer >= 0 .*got -48"):
         CostTable.from_dict(data)
     data = _table().to_dict()
     data["input_bytes"] = -1
-    with pytest.raises(CostModelError, match="got -1 at input"):
+    with pytest.raises(CostModelError, match="input_bytes must be an integer >= 0.*got -1"):
+        CostTable.from_dict(data)
+    with pytest.raises(CostModelError, match="got -48 at 2"):   # (built in code, not loaded)
+        replace(_table(), cut_bytes=(1, 1, -48))
+
+
+@pytest.mark.parametrize("value", [1.5, True, "4096", 1e30, 2**51, float("inf")])
+def test_bytes_that_are_not_whole_or_are_too_large_are_refused(value: object) -> None:
+    """1e30 cut bytes reached the planner and overflowed there; 1.5 and true were read as 1."""
+    for where in ("cut", "param", "tie"):
+        data = _table().to_dict()
+        if where == "cut":
+            data["cut_bytes"][0] = value
+        elif where == "param":
+            data["layers"][0]["param_bytes"] = value
+        else:
+            data["tied"] = [{"name": "w", "layers": [0, 2], "bytes": value}]
+        with pytest.raises(CostModelError, match=r"must be an integer >= 0 \(bytes, at most "
+                                                 r"2\^50\)"):
+            CostTable.from_dict(data)
+
+
+def test_whole_floats_are_read_as_bytes() -> None:
+    data = _table().to_dict()
+    data["cut_bytes"][0] = 4096.0
+    assert CostTable.from_dict(data).cut_bytes[0] == 4096
+
+
+def test_a_negative_tied_layer_is_refused() -> None:
+    """It loaded, then the planner raised KeyError: -2."""
+    data = _table().to_dict()
+    data["tied"] = [{"name": "w", "layers": [-2, 1], "bytes": 4}]
+    with pytest.raises(CostModelError, match=r"tied weight 'w' names layer -2, but the "
+                                             r"table's layers are 0 to 3"):
         CostTable.from_dict(data)
