@@ -203,11 +203,11 @@ def parallel_adapters(model: nn.Module | LayerGraph, example_inputs: Any, *,
     if isinstance(model, LayerGraph):
         graph = model
     if graph is None:
-        from asteroid_fx.trace import trace
+        from asteroid_fx.trace import leaf_tuple, trace
 
         traced = example_inputs if isinstance(example_inputs, Mapping) else \
             _inputs_tuple(example_inputs)
-        graph = trace(model, traced, leaf_modules=tuple(leaf_modules))  # type: ignore[arg-type]
+        graph = trace(model, traced, leaf_modules=leaf_tuple(leaf_modules))  # type: ignore[arg-type]
     taps = resolve_taps(graph, module, layers)
     inputs = _inputs_tuple(example_inputs)
     batch = int(inputs[0].shape[0])

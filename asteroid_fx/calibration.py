@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from contracts.arguments import check_path
 from contracts.errors import CostModelError, absent
 
 __all__ = ["calibrate", "read_summary"]
@@ -67,7 +68,8 @@ def calibrate(directory: str | Path, metrics: str | Path) -> tuple[Any, Any]:
     from runtime.launch import plan_fingerprint
     from solver.calibrate import calibrate_costs
 
-    root = Path(directory)
+    root = check_path(directory, CostModelError, "directory")
+    check_path(metrics, CostModelError, "metrics")
     again = "re-create it with `asteroid-fx partition MODEL --cluster C --batch-size N --out DIR`"
     plan = Plan.load(_package_file(root, "plan.json", again))
     costs = CostTable.load(_package_file(root, "costs.json", again))

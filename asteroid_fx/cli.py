@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import os
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -137,42 +136,10 @@ def _errors() -> Iterator[None]:
 
 def _writable(path: Path | None, option: str, example: str = "", *,
               directory: bool = False) -> None:
-    """Check, before any work, that ``path`` (the value of ``option``: a file to write, like
-    ``example``, or with ``directory`` a directory to fill) can be written, making a file's
-    missing parent directories; an ``OutputError`` naming it and the fix otherwise, so that
-    a plan or a profile is never computed and then lost for want of a directory."""
-    if path is None:
-        return
-    from contracts.errors import OutputError
+    """``contracts.files.check_writable``: the output checked before any work."""
+    from contracts.files import check_writable
 
-    if directory and path.exists() and not path.is_dir():
-        raise OutputError(f"{option} {str(path)!r} is a file, not a directory; give a new "
-                          f"or an existing directory")
-    if not directory and path.is_dir():
-        raise OutputError(f"{option} {str(path)!r} is a directory; give a file name, e.g. "
-                          f"{str(path / example)!r}")
-    made = path if directory else path.parent       # (the directory the output goes in)
-    parent = made
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
-    if not parent.is_dir():
-        raise OutputError(f"cannot make the directory {str(made)!r} for {option} "
-                          f"{str(path)!r}: {str(parent)!r} is a file; give a path in a "
-                          f"directory")
-    if not directory:   # (a partition or fine-tuning directory is made by its writer)
-        try:
-            made.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise OutputError(f"cannot make the directory {str(made)!r} for {option} "
-                              f"{str(path)!r}: {exc.strerror or exc}; give a path in a "
-                              f"writable directory") from None
-        parent = made
-    try:        # a file made and removed: what root may not write (/sys, /proc) too
-        with tempfile.NamedTemporaryFile(dir=parent, prefix=".asteroid-fx-probe-"):
-            pass
-    except OSError as exc:
-        raise OutputError(f"cannot write to {str(parent)!r} ({option} {str(path)!r}): "
-                          f"{exc.strerror or exc}; give a path in a writable directory") from None
+    check_writable(path, option, example, directory=directory)
 
 
 def _image(path: Path | None, option: str) -> None:

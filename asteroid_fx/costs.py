@@ -12,7 +12,7 @@ from typing import Any, Sequence, Union
 
 import torch
 
-from asteroid_fx.trace import LayerGraph, trace
+from asteroid_fx.trace import LayerGraph, leaf_tuple, trace
 from contracts.errors import CostModelError
 from contracts.table import CostTable
 from cost_models.analytic import analytic_table
@@ -61,7 +61,7 @@ def analytic_costs(
         TraceError: the model cannot be traced.
     """
     if graph is None:
-        graph = trace(model, _as_inputs(example_inputs), leaf_modules=tuple(leaf_modules),
+        graph = trace(model, _as_inputs(example_inputs), leaf_modules=leaf_tuple(leaf_modules),
                       model_name=model_name or type(model).__name__)
     return analytic_table(graph, model, host_flops=host_flops, host_mem_bw=host_mem_bw,
                           model_name=model_name, norm_efficiency=norm_efficiency,
@@ -100,7 +100,7 @@ def profile(
     name = model_name or type(model).__name__
 
     def tracer(module: torch.nn.Module, inputs: Any) -> LayerGraph:
-        return trace(module, inputs, leaf_modules=tuple(leaf_modules), model_name=name)
+        return trace(module, inputs, leaf_modules=leaf_tuple(leaf_modules), model_name=name)
 
     return profile_graph(model, sample_batch, batch_sizes, repeats=repeats, warmup=warmup,
                          progress=progress, example_inputs=example_inputs, graph=graph,

@@ -49,6 +49,7 @@ import torch.fx as fx
 
 from asteroid_fx.partition import StageInfo, stage_info, tied_parameters
 from asteroid_fx.stage_code import stage_source
+from contracts.arguments import check_path
 from contracts.errors import AsteroidError, ModelSpecError, PartitionError
 from contracts.plan import Plan
 from runtime.package_check import file_digest, package_files
@@ -270,6 +271,7 @@ def load_partition(directory: str | Path) -> tuple[Plan, list[torch.nn.Module]]:
     ``partition.json`` entry in ``stage.meta`` (so :func:`~asteroid_fx.partition.stage_info`
     works) and composes like the stages :func:`~asteroid_fx.partition.partition` made.
     """
+    directory = check_path(directory, PartitionError, "directory")
     plan = load_plan(directory)
     meta = load_partition_meta(directory)
     if meta.num_stages != plan.num_stages:

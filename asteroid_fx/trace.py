@@ -310,12 +310,32 @@ def trace(
         graph.layers[0].name, graph.cut_bytes[:3]
         graph = trace(bert, {"input_ids": ids, "attention_mask": mask})
     """
-    leaves = tuple(leaf_modules)
+    from contracts.arguments import require
+
+    require(model, nn.Module, TraceError, "model",
+            "pass the module itself, e.g. build_model()"
+            + (f" or {model.__name__}()" if isinstance(model, type) else ""))
+    require(model_name, str, TraceError, "model_name", "give a string or leave it out")
+    leaves = leaf_tuple(leaf_modules)
     return trace_both_modes(
         model,
         lambda: _trace_mode(model, example_inputs, leaf_modules=leaves, model_name=model_name),
         lambda: _graph_code(model, example_inputs, leaves),
     )
+
+
+def leaf_tuple(leaf_modules: object) -> tuple[Any, ...]:
+    """``leaf_modules`` (of ``trace`` and the functions that trace) as a tuple: None is
+    none, one class or one string is one entry (a string was iterated letter by letter:
+    "leaf_modules names 'L'"), any other iterable its items; ``TraceError`` otherwise."""
+    if leaf_modules is None:
+        return ()
+    if isinstance(leaf_modules, (str, type)):
+        return (leaf_modules,)
+    if not isinstance(leaf_modules, Iterable):
+        raise TraceError(f"leaf_modules must be a list of nn.Module classes, class names or "
+                         f"qualified module names, got {leaf_modules!r}")
+    return tuple(leaf_modules)
 
 
 def _graph_code(
@@ -353,7 +373,7 @@ def _trace_mode(
     inputs = tuple(_resize_batch(t, batch) for t in inputs)
     gm, capture = _capture(model, inputs, names, leaf_classes, leaf_names, name, batch)
     output = _nodes(gm.graph, "output")[0]
-    _check_output(output.meta.get(META_KEY), "output")
+    _check_model_output(output.meta.get(META_KEY))
     _plain_mapping_output(gm.graph, output)
 
     kinds = _classify(gm, batch)
@@ -492,6 +512,21 @@ def _unknown_leaf(model: nn.Module, leaf: str, known: Mapping[str, nn.Module],
             f"nor the class of one ({hint})")
 
 
+def _check_model_output(meta: ValueMeta | None) -> None:
+    """Raise :class:`ModelOutputError` unless the model's output is tensors (or None) in
+    tuples, lists and mappings (``_check_output``), at least one tensor in all (a
+    ``forward`` that returned None was traced, planned and partitioned, and failed only in
+    the loss of a run)."""
+    _check_output(meta, "output")
+    if not _holds_tensor(meta):
+        raise ModelOutputError(
+            "the model's output holds no tensor (forward returned "
+            + ("None" if meta is None or getattr(meta, "type_name", "") == "NoneType"
+               else "no tensor")
+            + "): a model must return a tensor, or tuples, lists or dicts of tensors; "
+              "return what the loss is computed on")
+
+
 def _check_output(meta: ValueMeta | None, where: str) -> None:
     """Raise :class:`ModelOutputError` unless the output is tensors (or None) in tuples,
     lists and mappings."""
@@ -511,6 +546,17 @@ def _check_output(meta: ValueMeta | None, where: str) -> None:
         f"the model's {where} is a {meta.type_name}, not a tensor: a model must return a "
         f"tensor, or tuples, lists or dicts of tensors; return the tensors you train on "
         f"instead (e.g. from a wrapper module)")
+
+
+def _holds_tensor(meta: ValueMeta | None) -> bool:
+    """Whether the output described by ``meta`` holds a tensor anywhere."""
+    if isinstance(meta, TensorMeta):
+        return True
+    if isinstance(meta, tuple):
+        return any(_holds_tensor(item) for item in meta)
+    if isinstance(meta, MappingMeta):
+        return any(_holds_tensor(item) for _, item in meta.items)
+    return False
 
 
 def _plain_mapping_output(graph: fx.Graph, output: fx.Node) -> None:
@@ -609,7 +655,7 @@ def _check_eager_output(
         with torch.no_grad():
             for buf, saved in buffers:
                 buf.copy_(saved)
-    _check_output(describe(value), "output")
+    _check_model_output(describe(value))
 
 
 def _symbolic_trace(

@@ -161,3 +161,4 @@ def parse_json(text: object, error: type[AsteroidError], what: str, fix: str) ->
     except (RecursionError, UnicodeDecodeError) as exc:
         why = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
         raise error(f"{what} is not valid JSON ({why}); {fix}") from None
+

@@ -5,11 +5,12 @@ from __future__ import annotations
 import os
 import secrets
 import stat
+import tempfile
 from pathlib import Path
 
 from contracts.errors import OutputError
 
-__all__ = ["write_bytes", "write_text"]
+__all__ = ["check_writable", "write_bytes", "write_text"]
 
 
 def write_text(path: str | os.PathLike[str], text: str, what: str = "file") -> None:
@@ -70,3 +71,43 @@ def _failed(what: str, path: Path, exc: OSError) -> OutputError:
     cause = exc.strerror or str(exc)
     return OutputError(f"cannot write {what} {str(path)!r}: {cause}; nothing was written "
                        f"(an existing file is kept): free space or give another path")
+
+
+def check_writable(path: str | os.PathLike[str] | None, option: str, example: str = "", *,
+                   directory: bool = False) -> None:
+    """Check, before any work, that ``path`` (the value of ``option``: a file to write, like
+    ``example``, or with ``directory`` a directory to fill) can be written, making a file's
+    missing parent directories; an ``OutputError`` naming it and the fix otherwise, so that
+    a plan, a profile or a run's metrics is never computed and then lost for want of a
+    directory (the API's ``run(metrics=DIR)`` trained to the end, then failed)."""
+    if path is None:
+        return
+    path = Path(path)
+    if directory and path.exists() and not path.is_dir():
+        raise OutputError(f"{option} {str(path)!r} is a file, not a directory; give a new "
+                          f"or an existing directory")
+    if not directory and path.is_dir():
+        raise OutputError(f"{option} {str(path)!r} is a directory; give a file name, e.g. "
+                          f"{str(path / example)!r}")
+    made = path if directory else path.parent       # (the directory the output goes in)
+    parent = made
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise OutputError(f"cannot make the directory {str(made)!r} for {option} "
+                          f"{str(path)!r}: {str(parent)!r} is a file; give a path in a "
+                          f"directory")
+    if not directory:   # (a partition or fine-tuning directory is made by its writer)
+        try:
+            made.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise OutputError(f"cannot make the directory {str(made)!r} for {option} "
+                              f"{str(path)!r}: {exc.strerror or exc}; give a path in a "
+                              f"writable directory") from None
+        parent = made
+    try:        # a file made and removed: what root may not write (/sys, /proc) too
+        with tempfile.NamedTemporaryFile(dir=parent, prefix=".asteroid-fx-probe-"):
+            pass
+    except OSError as exc:
+        raise OutputError(f"cannot write to {str(parent)!r} ({option} {str(path)!r}): "
+                          f"{exc.strerror or exc}; give a path in a writable directory") from None

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import replace
 
+from contracts.arguments import check_costs
 from contracts.errors import CostModelError
 from contracts.table import UNMEASURED_TYPES, CostTable, DeviceColumn
 
@@ -68,6 +69,12 @@ def merge_costs(tables: Sequence[CostTable], *,
         CostModelError: fewer than one table, different models or batch sizes, or two
             tables (or columns) for the same device type.
     """
+    if isinstance(tables, CostTable) or not isinstance(tables, Sequence):
+        raise CostModelError(f"merge_costs takes a list of cost tables, got "
+                             f"{type(tables).__name__}; e.g. merge_costs([CostTable.load(p) "
+                             f"for p in paths])")
+    for i, table in enumerate(tables):
+        check_costs(table, f"table {i} of merge_costs")
     if not tables:
         raise CostModelError("costs merge needs at least one cost table")
     if names is not None and len(names) != len(tables):

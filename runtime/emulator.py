@@ -149,15 +149,23 @@ def memory_warnings(plan: Plan, cluster: Any) -> list[str]:
     return out
 
 
+def emulated_cluster(cluster: Any) -> Any:
+    """``cluster`` as a ``Cluster``: read from its YAML where it is a path; ``ClusterError``
+    where it is neither (a dict failed deep inside with AttributeError)."""
+    from contracts.arguments import check_cluster  # host-side only: a device never emulates
+    from contracts.cluster import Cluster
+
+    if isinstance(cluster, (str, Path)):
+        return Cluster.from_yaml(cluster)
+    return check_cluster(cluster, "emulate")
+
+
 def emulation_setup(plan: Plan, cluster: Any, *, host_cores: float | None = None,
                     host_flops: float | None = None) -> EmulationSetup:
     """Speeds and bandwidths of the plan's devices in ``cluster`` (a ``contracts.cluster.Cluster``
     or a path to cluster.yaml). Devices given by FLOP/s only (Jetson types) are scaled to
     ``host_flops``; without it the fastest such device counts as one host core."""
-    if isinstance(cluster, (str, Path)):
-        from contracts.cluster import Cluster  # host-side only: a device never emulates
-
-        cluster = Cluster.from_yaml(cluster)
+    cluster = emulated_cluster(cluster)
     names = set(cluster.names)
     missing = [d for d in plan.devices if d not in names]
     if missing:
@@ -234,10 +242,7 @@ def emulate(source: StageSource, cluster: Any, config: TrainConfig, *,
     """Train ``source`` on an emulated ``cluster`` (see [Note: emulated speed]); the
     device processes join with ``token`` (a fresh one when None)."""
     plan = source.load_plan()
-    if isinstance(cluster, (str, Path)):
-        from contracts.cluster import Cluster  # host-side only: a device never emulates
-
-        cluster = Cluster.from_yaml(cluster)
+    cluster = emulated_cluster(cluster)
     for line in memory_warnings(plan, cluster):
         log.warning("%s", line)
     setup = emulation_setup(plan, cluster, host_cores=host_cores, host_flops=host_flops)

@@ -18,11 +18,19 @@ import torch
 import torch.distributed as dist
 
 from contracts.allocator import tune_allocator
+from contracts.arguments import check_path
 from contracts.errors import RuntimeFailure
 from contracts.plan import Plan
 from runtime import protocol as proto
 from runtime.staged_output import staged_output
-from runtime.train import DirectorySource, StageSource, TrainConfig, WorkerResult, train_device
+from runtime.train import (
+    DirectorySource,
+    StageSource,
+    TrainConfig,
+    WorkerResult,
+    check_lr,
+    train_device,
+)
 from runtime.trust import Gatekeeper, find_token, join_job, resolve_token
 
 if TYPE_CHECKING:   # the device path (training without recovery) never loads it
@@ -250,6 +258,25 @@ def end_process(code: int) -> NoReturn:
     exit_without_teardown(code)
 
 
+def check_run_arguments(*, steps: object, seed: object, lr: object, progress: object,
+                        token: object, num_samples: object) -> None:
+    """``RuntimeFailure`` naming the argument of ``run`` that is of the wrong type or out
+    of range, before any process starts (``steps="2"`` was a TypeError, ``seed="x"`` a
+    worker's failure that named no argument, ``progress=5`` failed after the processes had
+    started, ``num_samples=-1`` was taken)."""
+    for value, what, least in ((steps, "steps", 1), (seed, "seed", 0),
+                               (num_samples, "num_samples", 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise RuntimeFailure(f"{what} must be an integer >= {least}, got {value!r}")
+    check_lr(lr)
+    if progress is not None and not callable(progress):
+        raise RuntimeFailure(f"progress must be a callable taking each step's record, or "
+                             f"None, got {progress!r}")
+    if token is not None and not isinstance(token, str):
+        raise RuntimeFailure(f"token must be a string (the job's shared secret), got "
+                             f"{type(token).__name__}")
+
+
 def run_source(source: StageSource, *, emulate: Any = None, steps: int = 10, seed: int = 0,
                lr: float = 0.01, metrics: str | Path | None = None,
                progress: Callable[[Mapping[str, Any]], None] | None = None,
@@ -260,8 +287,8 @@ def run_source(source: StageSource, *, emulate: Any = None, steps: int = 10, see
 
     ``token``: the job's shared secret (see [Note: trust boundary] in runtime.trust); under
     torchrun it is required, emulated device processes get a fresh one when None."""
-    if steps < 1:
-        raise RuntimeFailure(f"steps must be >= 1, got {steps}")
+    check_run_arguments(steps=steps, seed=seed, lr=lr, progress=progress, token=token,
+                        num_samples=num_samples)
     config = TrainConfig(steps=steps, seed=seed, lr=lr, timeout_s=timeout_s,
                          metrics=None if metrics is None else str(metrics),
                          return_state=return_state, num_samples=num_samples)
@@ -412,7 +439,7 @@ def run(directory: str | Path, *, emulate: str | Path | None = None, steps: int 
     name; ``afx.run`` and ``asteroid-fx run`` pass the front end's): the runtime never
     plans (see [Note: re-planner plugin point] in runtime.replanning).
     """
-    path = Path(directory)
+    path = check_path(directory, RuntimeFailure, "directory")
     if not (path / "plan.json").is_file():
         raise RuntimeFailure(f"{str(path)!r} is not a partition directory (no plan.json); "
                              f"create it with `asteroid-fx partition MODEL --cluster C "
@@ -420,6 +447,8 @@ def run(directory: str | Path, *, emulate: str | Path | None = None, steps: int 
     from runtime.package_check import check_package
 
     check_package(path)
+    check_run_arguments(steps=steps, seed=seed, lr=lr, progress=progress, token=token,
+                        num_samples=num_samples)
     token = find_token(token, path)     # required under torchrun: run_source says so
     if num_samples and (fail is not None or leave is not None):
         raise RuntimeFailure("fine-tuning samples (num_samples) are not taken by runs with "

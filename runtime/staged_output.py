@@ -8,6 +8,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from contracts.files import check_writable
+
 __all__ = ["staged_output"]
 
 log = logging.getLogger(__name__)
@@ -20,10 +22,12 @@ def staged_output(path: str | Path | None) -> Iterator[str | None]:
     a file (an earlier run's metrics), that file is kept and this run's lines go to
     ``STEM.failed.SUFFIX`` beside it, with a warning naming both; without an earlier file
     they go to ``path`` as usual. So a run that fails never empties the metrics a user had.
-    None: nothing to stage."""
+    None: nothing to stage. ``OutputError`` before the block where ``path`` cannot be
+    written (``contracts.files.check_writable``: a directory, a path under a file)."""
     if path is None:
         yield None
         return
+    check_writable(path, "metrics", "metrics.jsonl")   # (before the run, not after it)
     target = Path(path)
     partial = target.with_name(f".{target.name}.partial")
     partial.unlink(missing_ok=True)

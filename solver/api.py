@@ -14,10 +14,11 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
+from contracts.arguments import check_cluster, check_costs
 from contracts.cluster import Cluster
 from contracts.errors import PlanError
 from contracts.plan import Plan, PlannerInfo, SearchBound
@@ -210,6 +211,29 @@ def _fixed_micro_batch(micro_batch_size: int, batch_size: int, planner: str) -> 
     return m
 
 
+def check_optimizer_state_factor(factor: object) -> None:
+    """``PlanError`` unless ``factor`` is a finite number >= 0 (NaN failed in the memory
+    model, -1 shrank the predicted peak memory)."""
+    if isinstance(factor, bool) or not isinstance(factor, (int, float)) or \
+            not (math.isfinite(factor) and factor >= 0):
+        raise PlanError(f"optimizer_state_factor must be a finite number >= 0 (0 SGD, 1 "
+                        f"momentum, 2 Adam), got {factor!r}")
+
+
+def _checked_sizes(sizes: object, batch_size: int) -> list[int]:
+    """``micro_batch_sizes`` as a list of integers >= 1 (``PlanError`` for a bare number, a
+    string or anything else; ``micro_batch_choices`` checks that they divide the batch)."""
+    if isinstance(sizes, (str, bytes)) or not isinstance(sizes, Iterable):
+        raise PlanError(f"micro_batch_sizes must be a list of integers (divisors of the batch "
+                        f"{batch_size}), got {sizes!r}; for one size use micro_batch_size=")
+    listed = list(sizes)
+    bad = [b for b in listed if isinstance(b, bool) or not isinstance(b, int)]
+    if bad or not listed:
+        raise PlanError(f"micro_batch_sizes must be a non-empty list of integers (divisors "
+                        f"of the batch {batch_size}), got {sizes!r}")
+    return listed
+
+
 LIMITED_PLANNERS = ("asteroid", "ilp", "ilp-wide")
 """The planners that take a time limit (the others have no search to cut short)."""
 
@@ -265,11 +289,22 @@ def plan(costs: CostTable, cluster: Cluster, batch_size: int, *, planner: str = 
             micro-batch sizes that do not divide the batch, a check the MILP cannot make,
             or a plan that does not fit in memory (with the shortfall).
     """
-    cluster = cluster.for_costs(costs)
+    cluster = check_cluster(cluster).for_costs(check_costs(costs))
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise PlanError(f"batch_size must be an integer >= 1, got {batch_size!r}")
     check_time_limit(time_limit)
-    fn = PLANNERS.get(planner)
+    check_optimizer_state_factor(optimizer_state_factor)
+    if progress is not None and not callable(progress):
+        raise PlanError(f"progress must be a callable (fraction done, what) or None, got "
+                        f"{progress!r}")
+    if micro_batch_sizes is not None:
+        micro_batch_sizes = _checked_sizes(micro_batch_sizes, batch_size)
+    if planner in ("ilp", "ilp-wide") and time_limit is None:
+        if time_limit_s is None:
+            raise PlanError("time_limit_s (the MILP's budget) must be a number of seconds "
+                            "> 0, got None")
+        check_time_limit(time_limit_s)
+    fn = PLANNERS.get(planner) if isinstance(planner, str) else None
     if fn is None:
         raise PlanError(f"unknown planner {planner!r}; choose one of "
                         f"{', '.join(sorted(PLANNERS))}")

@@ -139,6 +139,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 
+from contracts.arguments import check_cluster, check_costs, check_plan
 from contracts.cluster import Cluster
 from contracts.errors import PlanError
 from contracts.plan import SMALL_BUCKET_BYTES, Plan, Prediction, StagePrediction
@@ -448,7 +449,8 @@ def evaluate(plan: Plan, costs: CostTable, cluster: Cluster) -> Prediction:
     Raises:
         PlanError: the plan does not match the cost table or the cluster.
     """
-    cluster = cluster.for_costs(costs)
+    check_plan(plan)
+    cluster = check_cluster(cluster).for_costs(check_costs(costs))
     _check(plan, costs, cluster)
     timing = Timing.of(costs, cluster)
     sums = timing.base

@@ -36,6 +36,7 @@ import math
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, replace
 
+from contracts.arguments import check_cluster, check_costs, require
 from contracts.cluster import Cluster
 from contracts.errors import PlanError
 from contracts.pac_plan import PacModel, PacPlan, PacPrediction
@@ -293,6 +294,18 @@ def plan_finetune(costs: CostTable, cluster: Cluster, model: PacModel, *, batch_
         PlanError: bad sizes, objective, cache mode, store or slack, no forward-only
             pipeline fits, or the cache fits nowhere.
     """
+    check_cluster(cluster)
+    check_costs(costs)
+    require(model, PacModel, PlanError, "model",
+            "make one with asteroid_fx.finetune.pac_model_of(afx.parallel_adapters(...))")
+    for value, what in ((batch_size, "batch_size"), (epochs, "epochs"),
+                        (num_samples, "num_samples")):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise PlanError(f"{what} must be an integer, got {value!r}")
+    for slack, what in ((phase1_slack, "phase1_slack"), (cache_slack, "cache_slack"),
+                        (store_slack, "store_slack")):
+        if isinstance(slack, bool) or not isinstance(slack, (int, float)):
+            raise PlanError(f"{what} must be a number >= 0, got {slack!r}")
     if batch_size < 1 or epochs < 1:
         raise PlanError(f"--batch-size and --epochs must be >= 1, got {batch_size} and "
                         f"{epochs}")

@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import replace
 
+from contracts.arguments import check_cluster, check_costs, require
 from contracts.cluster import Cluster
 from contracts.errors import PlanError
 from contracts.pac_plan import PacModel, PacPlan, PacPrediction
@@ -155,8 +156,11 @@ def _handoff_s(cluster: Cluster, phase1: Plan, s: int, owners: Sequence[str],
 def predict_finetune(plan: PacPlan, costs: CostTable, cluster: Cluster) -> PacPrediction:
     """Predict both phases of ``plan`` (see [Note: PAC phases] and [Note: phase-1 time]);
     pure."""
+    require(plan, PacPlan, PlanError, "plan", "load one with PacPlan.load('pac_plan.json') "
+            "or make one with afx.plan_finetune(...)")
+    cluster = check_cluster(cluster)
     model = plan.model
-    coarse = segment_costs(costs, model.taps, model.segment_cold_s)
+    coarse = segment_costs(check_costs(costs), model.taps, model.segment_cold_s)
     p1_cluster = cluster.for_costs(coarse)
     cluster = cluster.for_costs(costs)
     p1 = evaluate(plan.phase1, coarse, p1_cluster)

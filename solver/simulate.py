@@ -44,6 +44,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from contracts.arguments import check_cluster, check_costs, check_plan
 from contracts.cluster import Cluster
 from contracts.errors import PlanError
 from contracts.plan import Plan
@@ -221,7 +222,8 @@ def simulate(plan: Plan, costs: CostTable, cluster: Cluster, *, rounds: int = 1,
         PlanError: bad arguments, or a plan that names devices or layers the cluster or
             cost table lacks.
     """
-    cluster = cluster.for_costs(costs)
+    check_plan(plan)
+    cluster = check_cluster(cluster).for_costs(check_costs(costs))
     sched = schedule or plan.schedule
     if sched not in ("1f1b", "gpipe"):
         raise PlanError(f"schedule must be '1f1b' or 'gpipe', got {sched!r}")

@@ -288,7 +288,10 @@ def test_the_order_searches_the_sizes_the_class_bound_leaves(
     assert first.bound.bound_s >= min(work_bound(costs, cluster, 32, mb)
                                       for mb in (1, 2, 4, 8, 16, 32))
     if seed == 0:
-        assert first.bound.bound_s == every.bound.bound_s
+        # (to a millionth: the two processes of [Note: the counted sizes on two cores]
+        # share the sizes by timing, and a size asked for a target proves it to within
+        # PROVED; under load the bound came out 13.276032390 against 13.276032377)
+        assert first.bound.bound_s == pytest.approx(every.bound.bound_s, rel=1e-6)
 
 
 @pytest.mark.parametrize(("seed", "speeds", "pairs"), [

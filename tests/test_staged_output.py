@@ -48,3 +48,23 @@ def test_a_failed_first_run_leaves_its_lines_where_asked(tmp_path: Path) -> None
 def test_nothing_to_stage() -> None:
     with staged_output(None) as staged:
         assert staged is None
+
+
+def test_a_path_that_cannot_be_written_is_refused_before_the_run(tmp_path: Path) -> None:
+    """``afx.run(metrics=DIR)`` trained to the end, then failed on the rename and left
+    ``.DIR.partial`` behind; now nothing runs and nothing is left."""
+    import pytest
+
+    from contracts.errors import OutputError
+
+    ran = []
+    with pytest.raises(OutputError, match=r"metrics '.*' is a directory; give a file name, "
+                                          r"e.g. '.*metrics\.jsonl'"):
+        with staged_output(tmp_path):
+            ran.append(1)
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    with pytest.raises(OutputError, match="is a file; give a path in a directory"):
+        with staged_output(a_file / "m.jsonl"):
+            ran.append(1)
+    assert not ran and sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]

@@ -281,7 +281,7 @@ def test_run_needs_a_partition_and_a_launcher(tmp_path: Path,
         monkeypatch.delenv(key, raising=False)
     with pytest.raises(RuntimeFailure, match="pass --emulate cluster.yaml"):
         run(directory)
-    with pytest.raises(RuntimeFailure, match="steps must be >= 1"):
+    with pytest.raises(RuntimeFailure, match="steps must be an integer >= 1, got 0"):
         run(directory, emulate=tmp_path / "c.yaml", steps=0)
     for lr in (-1.0, float("nan"), float("inf")):
         with pytest.raises(RuntimeFailure, match=f"--lr must be a learning rate >= 0, got "
