@@ -49,7 +49,7 @@ import torch.fx as fx
 
 from asteroid_fx.partition import StageInfo, stage_info, tied_parameters
 from asteroid_fx.stage_code import stage_source
-from contracts.arguments import check_path
+from contracts.arguments import check_cluster, check_costs, check_path, check_plan
 from contracts.errors import AsteroidError, ModelSpecError, PartitionError
 from contracts.plan import Plan
 from runtime.package_check import file_digest, package_files
@@ -64,6 +64,7 @@ from runtime.stage_io import (
     weights_file,
 )
 from runtime.trust import TOKEN_FILE, find_token, new_token, write_token
+from solver.evaluate import check_covers
 
 __all__ = ["save_partition", "load_partition", "stage_example_args", "check_package_dir"]
 
@@ -116,10 +117,23 @@ def save_partition(
             without a model spec ...), or ONNX export fails (see
             :func:`asteroid_fx.onnx_export.export_stage_onnx`).
     """
+    check_plan(plan)
+    if isinstance(stages, (str, bytes)) or not isinstance(stages, Sequence):
+        raise PartitionError(f"stages must be the list of stage modules of "
+                             f"afx.partition(model, inputs, plan), got {type(stages).__name__}")
     if len(stages) != plan.num_stages:
         raise PartitionError(f"the plan has {plan.num_stages} stages but {len(stages)} stage "
                              f"modules were given; partition with this plan first")
-    target = Path(directory)
+    if costs is not None:
+        # (a table of another model wrote its costs.json and a report of its layers)
+        check_covers(plan, check_costs(costs))
+        if costs.model_hash and plan.model_hash and costs.model_hash != plan.model_hash:
+            raise PartitionError(f"the cost table is of model {costs.model_name!r} (hash "
+                                 f"{costs.model_hash}), the plan of hash {plan.model_hash}; "
+                                 f"give the table the plan was made from")
+    if cluster is not None:
+        check_cluster(cluster)
+    target = check_path(directory, PartitionError, "directory")
     check_package_dir(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial",

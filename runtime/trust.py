@@ -93,6 +93,8 @@ def new_token() -> str:
 def check_token(token: str, source: str = "the token") -> str:
     """``token`` without surrounding white space; ``AuthenticationError`` when it is empty or
     contains white space inside (a short one is accepted with a warning)."""
+    if not isinstance(token, str):
+        raise AuthenticationError(f"{source} must be a string, got {type(token).__name__}")
     text = token.strip()
     if not text or any(ch.isspace() for ch in text):
         raise AuthenticationError(f"{source} must be a non-empty string without spaces, got "

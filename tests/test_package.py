@@ -202,6 +202,30 @@ def test_report_and_gantt_with_costs_and_cluster(tmp_path: Path) -> None:
     assert "report.md" not in files and "gantt.png" not in files
 
 
+
+def test_a_cost_table_of_another_model_is_refused(tmp_path: Path) -> None:
+    """It wrote the other model's costs.json and a report of its layers; only a log line
+    said that gantt.png was not written."""
+    from asteroid_fx.costs import analytic_costs
+    from contracts.errors import ClusterError, PlanError
+    from tests.solver_cases import uniform_costs
+
+    spec, model, inputs, plan, stages = _skipnet_partition([1, 4])
+    with pytest.raises(PlanError, match=r"the plan covers layers 0\.\.\d+ but the cost table "
+                                        r"has 3 layers"):
+        save_partition(tmp_path / "a", plan, stages, onnx=False, costs=uniform_costs(3))
+    costs = analytic_costs(model, inputs, host_flops=1e10, host_mem_bw=1e10,
+                           norm_efficiency=0.5)
+    with pytest.raises(PartitionError, match="the cost table is of model .* the plan of hash"):
+        save_partition(tmp_path / "b", replace(plan, model_hash="0" * 16), stages,
+                       onnx=False, costs=costs)
+    with pytest.raises(ClusterError, match="cluster must be a Cluster, got str"):
+        save_partition(tmp_path / "c", plan, stages, onnx=False, costs=costs,
+                       cluster="local3.yaml")
+    with pytest.raises(PartitionError, match="stages must be the list of stage modules"):
+        save_partition(tmp_path / "d", plan, None, onnx=False)  # type: ignore[arg-type]
+    assert not any(tmp_path.iterdir())      # nothing written
+
 def test_missing_report_modules_are_skipped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                             caplog: pytest.LogCaptureFixture) -> None:
     from asteroid_fx.costs import analytic_costs

@@ -288,3 +288,13 @@ def test_cli_partition_refuses_a_bad_token_and_a_foreign_directory_before_planni
     assert "Plan for" not in captured.out
     assert cluster.read_text().startswith("devices:")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.yaml"]
+
+
+def test_a_token_that_is_not_a_string_is_an_authentication_error() -> None:
+    """``token=1234`` was AttributeError: 'int' object has no attribute 'strip'."""
+    from contracts.errors import AuthenticationError
+    from runtime.trust import check_token
+
+    with pytest.raises(AuthenticationError, match="token must be a string, got int"):
+        check_token(1234, "token")  # type: ignore[arg-type]
+    assert check_token(" abcdefghijklmnop\n") == "abcdefghijklmnop"
