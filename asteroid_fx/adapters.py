@@ -29,7 +29,7 @@ backbone once per sample and trains on cache entries afterwards (docs/finetune.m
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -133,7 +133,13 @@ def resolve_taps(graph: LayerGraph, model: nn.Module | None,
     else:
         by_name = {layer.name: layer.index for layer in graph.layers}
         taps = []
+        if isinstance(layers, (str, int)) or not isinstance(layers, Iterable):
+            raise AdapterError(f"layers must be a list of layer indices or names (from "
+                               f"`asteroid-fx trace`), got {layers!r}; for one layer pass "
+                               f"[{layers!r}]")
         for item in layers:
+            if isinstance(item, bool) or not isinstance(item, (int, str)):
+                raise AdapterError(f"a tap layer is a layer index or a name, got {item!r}")
             if isinstance(item, int):
                 if not 0 <= item < graph.num_layers:
                     raise AdapterError(f"tap layer {item} is out of range "

@@ -65,7 +65,7 @@ import math
 import platform
 import statistics
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -402,6 +402,9 @@ def _prewarm_autograd() -> None:
 
 
 def _check_batch_sizes(batch_sizes: Sequence[int]) -> tuple[int, ...]:
+    if isinstance(batch_sizes, (str, bytes)) or not isinstance(batch_sizes, Iterable):
+        raise CostModelError(f"batch_sizes must be a list of batch sizes, e.g. (1, 2, 4, 8), "
+                             f"got {batch_sizes!r}")
     values = tuple(batch_sizes)
     if not values:
         raise CostModelError(

@@ -87,6 +87,10 @@ def parse_fail(spec: str | Mapping[str, int] | None, plan: Plan, steps: int, *,
         return {}
     if isinstance(spec, Mapping):
         items = [(str(d), s) for d, s in spec.items()]
+        for device, step in items:
+            if isinstance(step, bool) or not isinstance(step, int):
+                raise RuntimeFailure(f"{option} {{{device!r}: {step!r}}}: the step must be an "
+                                     f"integer (steps from 0)")
     else:
         items = []
         for part in str(spec).split(","):

@@ -129,6 +129,10 @@ class _NoBlocks(nn.Module):
     ({}, "no repeated blocks to tap"),
     ({"layers": ["nope"]}, "no layer or module named 'nope'"),
     ({"layers": ["b"]}, "nothing is left for the head"),
+    # a bare index, and items of no kind, were raw TypeErrors
+    ({"layers": 3}, r"layers must be a list of layer indices or names .* pass \[3\]"),
+    ({"layers": [None]}, "a tap layer is a layer index or a name, got None"),
+    ({"layers": [1.5]}, "got 1.5"),
 ])
 def test_errors_are_typed_one_line(kwargs: dict[str, Any], words: str) -> None:
     with pytest.raises(AdapterError, match=words) as info:

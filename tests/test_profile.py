@@ -161,7 +161,10 @@ def test_fit_time_is_non_negative_least_squares() -> None:
 @pytest.mark.parametrize(
     ("batch_sizes", "match"),
     [((), "batch_sizes is empty"), ((1, 0), r"positive integers, got 0 in \[1, 0\]"),
-     ((-3,), "got -3"), ((2.5,), "got 2.5")],
+     ((-3,), "got -3"), ((2.5,), "got 2.5"),
+     # a bare number or None was "TypeError: 'int' object is not iterable"
+     (4, "batch_sizes must be a list of batch sizes, e.g. \\(1, 2, 4, 8\\), got 4"),
+     (None, "batch_sizes must be a list of batch sizes")],
 )
 def test_bad_batch_sizes_raise(batch_sizes: tuple[Any, ...], match: str) -> None:
     with pytest.raises(CostModelError, match=match):

@@ -277,6 +277,8 @@ def test_bad_fail_and_recovery_values(tmp_path: Path) -> None:
         parse_fail("slow0@3", plan, 3)
     with pytest.raises(RuntimeFailure, match="at least one must survive"):
         parse_fail("fast@1,slow0@1,slow1@1", plan, 3)
+    with pytest.raises(RuntimeFailure, match=r"the step must be an integer"):
+        parse_fail({"slow0": "x"}, plan, 3)     # (was ValueError from int())
     directory = make_partition(tmp_path / "part", THREE)
     with pytest.raises(RuntimeFailure, match="--recovery 'rewind'"):
         run(directory, emulate=CLUSTER, steps=2, fail="slow0@1", recovery="rewind")
