@@ -970,7 +970,8 @@ def finetune(
                                     phase1_objective=phase1_objective,
                                     phase1_slack=phase1_slack, cache=cache,
                                     cache_slack=cache_slack, cache_dtype=cache_dtype,
-                                    cache_store=cache_store, store_slack=store_slack)
+                                    cache_store=cache_store, store_slack=store_slack,
+                                    fail=fail)
         console.print(_pac_report(plan_obj), markup=False, highlight=False)
         console.print(f"wrote {out}/")
         if emulate is not None:
@@ -1069,15 +1070,42 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+_STOPPED: list[int] = []
+"""The signal that stopped this command (``_stop_on``), if one did."""
+
+
+def _stop(signum: int, _frame: Any) -> None:
+    """SIGTERM / SIGHUP: stop as Ctrl-C does (``KeyboardInterrupt``), so that the running
+    command's ``finally`` blocks run: the device processes of a run are ended and its
+    metrics moved into place ([Note: orphaned workers] in runtime.worker)."""
+    _STOPPED.append(signum)
+    raise KeyboardInterrupt
+
+
 def entry() -> None:
     """The ``asteroid-fx`` console script: :func:`main`'s exit code. A process that torchrun
     started ends without the interpreter's teardown (runtime/launch.py [Note: ending a
-    torchrun worker])."""
+    torchrun worker]). Elsewhere SIGTERM and SIGHUP stop a command as Ctrl-C does, with one
+    line and the exit code ``128 + signal`` (a launcher killed by them left its device
+    processes training and its metrics in a hidden ``.NAME.partial`` file)."""
+    torchrun = all(k in os.environ for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR"))
+    if not torchrun:
+        import signal
+
+        for sig in (getattr(signal, name, None) for name in ("SIGTERM", "SIGHUP")):
+            if sig is not None:
+                signal.signal(sig, _stop)
     code = main()
-    if all(k in os.environ for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR")):
+    if torchrun:
         from runtime.launch import end_process
 
         end_process(code)
+    if _STOPPED:
+        import signal
+
+        name = signal.Signals(_STOPPED[0]).name
+        err_console.print(f"stopped by {name}", highlight=False)
+        code = 128 + _STOPPED[0]
     sys.exit(code)
 
 

@@ -357,12 +357,15 @@ def prepare_finetune(spec: Any, cluster: Any, costs: Any, out: str | Path, *, ba
                      phase1_slack: float = DEFAULT_PHASE1_SLACK, cache: str = "auto",
                      cache_slack: float = DEFAULT_CACHE_SLACK,
                      cache_dtype: str | None = None, cache_store: str = "auto",
-                     store_slack: float = DEFAULT_STORE_SLACK) -> PacPlan:
+                     store_slack: float = DEFAULT_STORE_SLACK,
+                     fail: str | None = None) -> PacPlan:
     """Build the adapter model, plan both phases (``cache``, ``cache_slack``,
     ``cache_store``, ``store_slack``: where the activation cache lives,
     ``solver.pac.plan_finetune``) and write the PAC directory ``out``; ``cache_dtype``
     (``"bfloat16"`` ...): the dtype the cache keeps its entries in ([Note: cache dtype] in
-    ``runtime.adapter_model``)."""
+    ``runtime.adapter_model``). ``fail``: the run's ``--fail``, checked against the plan
+    before anything is written (``runtime.pac_recovery.parse_fail``: a step past the run
+    replaced the directory's plan, then failed)."""
     from asteroid_fx.package import save_partition
 
     samples = SampleSource(spec, seed, num_samples if num_samples is not None else
@@ -385,6 +388,10 @@ def prepare_finetune(spec: Any, cluster: Any, costs: Any, out: str | Path, *, ba
                          phase1_objective=phase1_objective, phase1_slack=phase1_slack,
                          cache=cache, cache_slack=cache_slack, cache_store=cache_store,
                          store_slack=store_slack)
+    if fail is not None:
+        from runtime.pac_recovery import parse_fail
+
+        parse_fail(fail, plan)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     parts: list[Any] = [*pac.segments, pac.head]

@@ -277,6 +277,25 @@ def check_run_arguments(*, steps: object, seed: object, lr: object, progress: ob
                              f"{type(token).__name__}")
 
 
+def check_metrics_path(metrics: str | Path | None, directory: Path, emulate: Any) -> None:
+    """``OutputError`` where ``metrics`` names an input of the run: a file of the partition
+    ``directory`` other than a ``.jsonl`` (``--metrics DIR/plan.json`` ruined the package
+    for the next run) or the ``emulate`` cluster file."""
+    if metrics is None:
+        return
+    from contracts.errors import OutputError
+
+    target = Path(metrics).resolve()
+    inputs = [p for p in Path(directory).iterdir() if p.is_file() and p.suffix != ".jsonl"]
+    if isinstance(emulate, (str, os.PathLike)):
+        inputs.append(Path(emulate))
+    for item in inputs:
+        if item.resolve() == target:
+            raise OutputError(f"--metrics {str(metrics)!r} is {str(item)!r}, an input of this "
+                              f"run; give a new .jsonl file, e.g. "
+                              f"{str(Path(directory) / 'metrics.jsonl')!r}")
+
+
 def run_source(source: StageSource, *, emulate: Any = None, steps: int = 10, seed: int = 0,
                lr: float = 0.01, metrics: str | Path | None = None,
                progress: Callable[[Mapping[str, Any]], None] | None = None,
@@ -449,6 +468,7 @@ def run(directory: str | Path, *, emulate: str | Path | None = None, steps: int 
     check_package(path)
     check_run_arguments(steps=steps, seed=seed, lr=lr, progress=progress, token=token,
                         num_samples=num_samples)
+    check_metrics_path(metrics, path, emulate)
     token = find_token(token, path)     # required under torchrun: run_source says so
     if num_samples and (fail is not None or leave is not None):
         raise RuntimeFailure("fine-tuning samples (num_samples) are not taken by runs with "

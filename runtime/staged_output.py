@@ -23,12 +23,21 @@ def staged_output(path: str | Path | None) -> Iterator[str | None]:
     ``STEM.failed.SUFFIX`` beside it, with a warning naming both; without an earlier file
     they go to ``path`` as usual. So a run that fails never empties the metrics a user had.
     None: nothing to stage. ``OutputError`` before the block where ``path`` cannot be
-    written (``contracts.files.check_writable``: a directory, a path under a file)."""
+    written (``contracts.files.check_writable``: a directory, a path under a file). A path
+    that is not a regular file (``/dev/null``, a FIFO) is written directly, and a symbolic
+    link's target is staged, so the link stays (as ``contracts.files.write_bytes`` does)."""
     if path is None:
         yield None
         return
     check_writable(path, "metrics", "metrics.jsonl")   # (before the run, not after it)
     target = Path(path)
+    if target.is_symlink():     # (the link stays; its target gets the lines)
+        target = target.resolve()
+    if target.exists() and not target.is_file():
+        # /dev/null, a FIFO a reader waits on: written as it is (the rename put a file in
+        # its place, and the reader got nothing)
+        yield str(target)
+        return
     partial = target.with_name(f".{target.name}.partial")
     partial.unlink(missing_ok=True)
     try:

@@ -114,7 +114,8 @@ class LocalJob:
                                 name=f"asteroid-fx-{name or rank}",
                                 args=(rank, world, self.port, source, config, cgroup,
                                       channel, spec, self.token, body),
-                                kwargs={"environ": dict(os.environ)})
+                                kwargs={"environ": dict(os.environ),
+                                        "launcher": os.getpid()})
         try:
             proc.start()
         finally:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 import threading
 import time
@@ -32,7 +33,7 @@ log = logging.getLogger(__name__)
 def worker_main(rank: int, world: int, port: int, source: StageSource, config: TrainConfig,
                 cgroup: str | None, results: ResultWriter, recovery: Any = None, token: str = "",
                 body: Callable[..., WorkerResult] = train_device,
-                environ: dict[str, str] | None = None) -> None:
+                environ: dict[str, str] | None = None, launcher: int | None = None) -> None:
     """Body of one device process; reports ("step"|"ok"|"error", rank, payload).
 
     The process first proves the job's ``token`` on the launcher's store
@@ -44,14 +45,16 @@ def worker_main(rank: int, world: int, port: int, source: StageSource, config: T
     generation; when a round fails it reports ("interrupted", (generation, rank), ...),
     hands its state over, and (replay) waits for its place in the next generation. When a
     device leaves gracefully (SIGTERM) every rank reports ("left", (generation, rank), step)
-    after that committed step and does the same."""
+    after that committed step and does the same. ``launcher``: the launcher's process id
+    (the worker's parent is the forkserver): the worker ends when it is gone
+    ([Note: orphaned workers])."""
     if environ is not None:     # the launcher's, as a spawned process would have it
         os.environ.clear()
         os.environ.update(environ)
     hooks: Any = None
     comm_threads = CommThreads()
     try:
-        _exit_with_parent()
+        _exit_with_launcher(launcher)
         torch.set_num_threads(1)
         tune_allocator()
         client = dist.TCPStore("127.0.0.1", port, world, is_master=False,
@@ -142,14 +145,41 @@ def exit_without_teardown(code: int) -> NoReturn:
     os._exit(code)
 
 
-def _exit_with_parent(interval_s: float = 0.5) -> None:
-    """End this worker when the launcher dies (so a killed launcher leaves no orphans)."""
+def _exit_with_launcher(launcher: int | None, interval_s: float = 0.5) -> None:
+    """End this worker when the launcher dies (so a killed launcher leaves no orphans).
+
+    [Note: orphaned workers]
+    A worker's parent is the forkserver (``runtime.supervisor``), not the launcher, and a
+    launcher killed with SIGKILL (or, before the CLI handled it, SIGTERM) left the
+    forkserver alive: the workers, which watched their parent, trained on for minutes
+    (100,000 steps at a third of a core each) under PID 1. Now each watches the launcher
+    itself (``launcher``, else its parent) and its parent: when either is gone it ends the
+    forkserver too (this job's own, which would otherwise wait forever) and exits."""
     parent = os.getppid()
+    watched = launcher if launcher is not None else parent
+
+    def gone(pid: int) -> bool:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:     # (alive, another user's: a reused pid is not ours)
+            return True
+        try:        # a killed launcher its parent has not reaped yet is a zombie
+            with open(f"/proc/{pid}/stat") as stat:
+                return stat.read().rsplit(")", 1)[1].split()[0] == "Z"
+        except (OSError, IndexError):
+            return False
 
     def watch() -> None:
         while True:
             time.sleep(interval_s)
-            if os.getppid() != parent:
+            if os.getppid() != parent or gone(watched):
+                if os.getppid() == parent and parent != watched:
+                    try:        # the forkserver of a dead launcher serves nobody
+                        os.kill(parent, signal.SIGTERM)
+                    except OSError:
+                        pass
                 os._exit(70)
 
     threading.Thread(target=watch, name="asteroid-fx-parent-watch", daemon=True).start()

@@ -453,3 +453,19 @@ def test_prepare_refuses_a_cache_too_big_for_the_cluster(tmp_path: Path) -> None
     with pytest.raises(PlanError, match="bytes short"):
         prepare_finetune(spec, Cluster.from_yaml(cluster_file), costs, tmp_path / "o",
                          batch_size=8, epochs=1, num_samples=800, cache_store="memory")
+
+
+def test_a_fail_the_plan_cannot_take_is_refused_before_anything_is_written(
+        tmp_path: Path) -> None:
+    """``finetune --out DIR --fail slow0@99`` replaced DIR's PAC plan, then failed."""
+    from contracts.errors import RuntimeFailure
+
+    spec = load_model_spec(GPT)
+    costs = analytic_costs(spec.build_model(), spec.sample_batch(2)[0])
+    cluster = Cluster.from_yaml(ROOT / "examples" / "clusters" / "local3.yaml")
+    for fail, match in (("slow0@99", r"the run has steps 0\.\.\d+"),
+                        ("fast@1,slow0@2", "PAC recovers one lost device per run")):
+        with pytest.raises(RuntimeFailure, match=match):
+            prepare_finetune(spec, cluster, costs, tmp_path / "o", batch_size=6, epochs=1,
+                             num_samples=24, fail=fail)
+    assert not (tmp_path / "o").exists()

@@ -68,3 +68,27 @@ def test_a_path_that_cannot_be_written_is_refused_before_the_run(tmp_path: Path)
         with staged_output(a_file / "m.jsonl"):
             ran.append(1)
     assert not ran and sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]
+
+
+def test_a_device_is_written_directly_and_a_link_stays(tmp_path: Path) -> None:
+    """``--metrics /dev/null`` turned /dev/null into a regular file (root), a FIFO's reader
+    got nothing, and a symbolic link was replaced by a file."""
+    import os
+
+    if Path("/dev/null").exists():
+        with staged_output("/dev/null") as where:
+            assert where == "/dev/null"
+            Path(where).write_text("x\n")
+        assert not Path("/dev/null").is_file()
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    with staged_output(fifo) as where:
+        assert where == str(fifo)
+    target = tmp_path / "real.jsonl"
+    target.write_text("old\n")
+    link = tmp_path / "link.jsonl"
+    link.symlink_to(target)
+    with staged_output(link) as where:
+        assert where is not None
+        Path(where).write_text("new\n")
+    assert link.is_symlink() and target.read_text() == "new\n"

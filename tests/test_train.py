@@ -317,3 +317,78 @@ def test_a_torchrun_worker_ends_without_the_interpreters_teardown(
     with pytest.raises(SystemExit) as exited:
         end_process(2)
     assert exited.value.code == 2
+
+
+def _group_alive(pgid: int) -> list[int]:
+    """The processes still in process group ``pgid`` (zombies excluded)."""
+    alive = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            alive.append(int(entry.name))
+    return alive
+
+
+@pytest.mark.parametrize("signal_name", ["SIGTERM", "SIGKILL"])
+def test_a_stopped_launcher_leaves_no_device_process(tmp_path: Path, signal_name: str) -> None:
+    """SIGTERM stops ``asteroid-fx run`` as Ctrl-C does (one line, exit 143, the device
+    processes ended, the metrics moved into place); after SIGKILL the device processes and
+    the forkserver end by themselves ([Note: orphaned workers] in runtime.worker). Both
+    left three workers training for minutes under PID 1."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    if not Path("/proc/self/stat").exists():
+        pytest.skip("needs Linux's /proc")
+    directory = _partition(tmp_path)
+    cluster = tmp_path / "cluster.yaml"
+    cluster.write_text(CLUSTER)
+    metrics = tmp_path / "m.jsonl"
+    partial = tmp_path / ".m.jsonl.partial"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "from asteroid_fx.cli import entry; entry()", "run",
+         str(directory), "--emulate", str(cluster), "--steps", "100000", "--metrics",
+         str(metrics)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (partial.exists() and partial.stat().st_size > 0):   # (training runs)
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr
+            time.sleep(0.2)
+        assert len(_group_alive(proc.pid)) >= 4     # launcher, forkserver, three devices
+        proc.send_signal(getattr(signal, signal_name))
+        _, err = proc.communicate(timeout=60)
+        while _group_alive(proc.pid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert _group_alive(proc.pid) == []
+    finally:
+        if proc.poll() is None or _group_alive(proc.pid):
+            os.killpg(proc.pid, signal.SIGKILL)
+    if signal_name == "SIGTERM":
+        assert proc.returncode == 128 + signal.SIGTERM
+        assert err.strip().splitlines()[-1] == "stopped by SIGTERM"
+        assert metrics.stat().st_size > 0 and not partial.exists()
+
+
+def test_metrics_that_name_an_input_of_the_run_are_refused(tmp_path: Path) -> None:
+    """``--metrics DIR/plan.json`` ran, then the next run found no plan."""
+    from contracts.errors import OutputError
+
+    directory = _partition(tmp_path)
+    cluster = tmp_path / "cluster.yaml"
+    cluster.write_text(CLUSTER)
+    plan_text = (directory / "plan.json").read_text()
+    for target in (directory / "plan.json", cluster):
+        with pytest.raises(OutputError, match=r"--metrics .* is .*, an input of this run; "
+                                              r"give a new \.jsonl file"):
+            run(directory, emulate=cluster, steps=1, metrics=target)
+    assert (directory / "plan.json").read_text() == plan_text
+    assert cluster.read_text() == CLUSTER
