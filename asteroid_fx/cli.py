@@ -803,8 +803,11 @@ def run(
         from asteroid_fx.training import run as run_fn
         from runtime.stage_io import load_plan
         from solver.anytime import check_time_limit
+        from solver.replan import REPLAN_TIME_LIMIT_S
 
-        check_time_limit(replan_time_limit)
+        check_time_limit(replan_time_limit, "--replan-time-limit",
+                         f"leave it out for the default of {REPLAN_TIME_LIMIT_S:g} s, or give "
+                         f"inf for an exact re-plan")
         if recovery != "replay" and fail is None and leave is None:
             from contracts.errors import RuntimeFailure
 
@@ -948,6 +951,11 @@ def finetune(
         check_lr(lr)        # before anything is written
         _writable(out, "--out", directory=True)
         _writable(metrics, "--metrics", "metrics.jsonl")
+        if method == "pac":
+            from asteroid_fx.package import check_package_dir
+            from runtime.pac_train import PAC_PLAN_FILE
+
+            check_package_dir(out, PAC_PLAN_FILE, "fine-tuning")
         clus = Cluster.from_yaml(cluster)
         if fail is not None:    # (the plan's own devices and steps are checked later)
             from runtime.pac_recovery import fail_specs

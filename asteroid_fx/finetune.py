@@ -366,8 +366,11 @@ def prepare_finetune(spec: Any, cluster: Any, costs: Any, out: str | Path, *, ba
     ``runtime.adapter_model``). ``fail``: the run's ``--fail``, checked against the plan
     before anything is written (``runtime.pac_recovery.parse_fail``: a step past the run
     replaced the directory's plan, then failed)."""
-    from asteroid_fx.package import save_partition
+    from asteroid_fx.package import check_package_dir, save_partition
 
+    # (before any work: a partition directory's costs.json, which its recovery reads, was
+    # replaced by the fine-tuning model's)
+    check_package_dir(out, PAC_PLAN_FILE, "fine-tuning")
     samples = SampleSource(spec, seed, num_samples if num_samples is not None else
                            _default_samples(spec, batch_size))
     _model, pac, inputs = build_adapter_model(spec, rank=rank, seed=seed, layers=layers,

@@ -152,25 +152,27 @@ _PACKAGE_NAME = re.compile(r"(plan\.json|partition\.json|model\.py|costs\.json|c
 """The names a partition package's files have (the layout in the module docstring)."""
 
 
-def check_package_dir(directory: str | Path) -> None:
-    """``PartitionError`` unless ``directory`` is missing, empty, or a partition package
-    (it holds ``partition.json``): a package is written only where it replaces nothing but
-    an older package, never a user's own files of the same names (a ``cluster.yaml``, a
-    ``model.py``, a ``report.md``)."""
+def check_package_dir(directory: str | Path, marker: str = "partition.json",
+                      kind: str = "partition") -> None:
+    """``PartitionError`` unless ``directory`` is missing, empty, or a ``kind`` directory
+    (it holds ``marker``; ``finetune`` asks for ``pac_plan.json``, a fine-tuning directory):
+    a package is written only where it replaces nothing but an older package, never a
+    user's own files of the same names (a ``cluster.yaml``, a ``model.py``, a ``report.md``,
+    or the ``costs.json`` a partition's recovery reads)."""
     out = Path(directory)
     if not out.exists():
         return
     if not out.is_dir():
         raise PartitionError(f"--out {str(out)!r} is a file, not a directory; give a new or "
-                             f"an empty directory, or a partition directory to replace")
-    if (out / "partition.json").is_file():
+                             f"an empty directory, or a {kind} directory to replace")
+    if (out / marker).is_file():
         return
     held = sorted(p.name for p in out.iterdir())
     if held:
         shown = ", ".join(held[:5]) + (f" and {len(held) - 5} more" if len(held) > 5 else "")
-        raise PartitionError(f"--out {str(out)!r} holds files and is not a partition "
+        raise PartitionError(f"--out {str(out)!r} holds files and is not a {kind} "
                              f"directory ({shown}); give a new or an empty directory, or a "
-                             f"partition directory to replace")
+                             f"{kind} directory to replace")
 
 
 def _move_in(staging: Path, target: Path, written: dict[str, Path]) -> dict[str, Path]:

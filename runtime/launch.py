@@ -314,6 +314,14 @@ def run_source(source: StageSource, *, emulate: Any = None, steps: int = 10, see
     plan = source.load_plan()
     if emulate is not None:
         from runtime.emulator import emulate as emulate_fn
+        from runtime.emulator import emulated_cluster
+
+        emulate = emulated_cluster(emulate)
+        if plan.cluster_hash and plan.cluster_hash != emulate.cluster_hash:
+            log.warning("the plan was made for another cluster (hash %s) than the one "
+                        "emulated (%s): its predicted round is not this cluster's; re-plan "
+                        "with this cluster to compare", plan.cluster_hash,
+                        emulate.cluster_hash)
 
         result = emulate_fn(source, emulate, config, progress=progress,
                             timeout_s=max(60.0, timeout_s * (steps + 2)),
@@ -474,8 +482,10 @@ def run(directory: str | Path, *, emulate: str | Path | None = None, steps: int 
         raise RuntimeFailure("fine-tuning samples (num_samples) are not taken by runs with "
                              "--fail/--leave yet; drop one of them")
     if recovery_options and fail is None and leave is None:
-        raise RuntimeFailure(f"options {sorted(recovery_options)} need fail=DEVICE@STEP (or "
-                             f"leave=DEVICE@STEP)")
+        flags = ", ".join("--" + name.replace("_", "-") for name in sorted(recovery_options))
+        raise RuntimeFailure(f"{flags} (API: {', '.join(sorted(recovery_options))}) apply to "
+                             f"a run with --fail DEVICE@STEP or --leave DEVICE@STEP (API: "
+                             f"fail= / leave=); add one, or drop them")
     with staged_output(metrics) as staged:     # a failed run keeps the metrics one had
         if fail is not None or leave is not None:
             return _run_recovering(path, emulate, steps, seed, lr, staged, progress, fail,

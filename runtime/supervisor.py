@@ -85,6 +85,16 @@ def _context() -> Any:
     return ctx
 
 
+def _killed_why(exitcode: int | None) -> str:
+    """A hint for a device process killed by SIGKILL that nobody here sent (exit code -9):
+    on Linux mostly the kernel's out-of-memory killer (a plan tampered to a batch of 10^8
+    grew one worker to 11.6 GB; the message said only "exit code -9")."""
+    if exitcode != -9:
+        return ""
+    return (" (killed by SIGKILL: on Linux usually the kernel's out-of-memory killer; see "
+            "`dmesg`, and check the plan's batch and the devices' memory_gb)")
+
+
 class LocalJob:
     """The launcher's side of device processes on this host: the job's store on 127.0.0.1
     behind the token gate (see [Note: trust boundary] in runtime.trust), the result channels,
@@ -338,7 +348,8 @@ class Supervisor:
                     elif now - dead_since.setdefault(r, now) > LAST_WORDS_S:
                         reported.add(r)
                         errors.add("died", f"rank {r} (device {names[r]!r}) died with exit "
-                                           f"code {procs[r].exitcode} before reporting")
+                                           f"code {procs[r].exitcode} before reporting"
+                                           + _killed_why(procs[r].exitcode))
                 checked = now >= next_check
                 if checked:
                     next_check = now + 0.2

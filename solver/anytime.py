@@ -334,16 +334,16 @@ def widens(cluster: Cluster, size: int) -> bool:
     return len(cluster.devices) >= WIDEN_MIN_DEVICES and size > WIDE_EXACT_MAX
 
 
-def check_time_limit(time_limit: float | None) -> None:
+def check_time_limit(time_limit: float | None, what: str = "time limit",
+                     fix: str = "leave it out for an exact search") -> None:
     """``PlanError`` unless ``time_limit`` is None or a number of seconds > 0 (``inf``:
-    search every order to the end)."""
+    search every order to the end); ``what`` and ``fix`` name it in the message."""
     if time_limit is None:
         return
     ok = (isinstance(time_limit, (int, float)) and not isinstance(time_limit, bool)
           and not math.isnan(time_limit) and time_limit > 0)
     if not ok:
-        raise PlanError(f"time limit must be a number of seconds > 0, got {time_limit!r}; "
-                        f"leave it out for an exact search")
+        raise PlanError(f"{what} must be a number of seconds > 0, got {time_limit!r}; {fix}")
 
 
 SAFETY_NET_MAX_DEVICES = 6

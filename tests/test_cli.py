@@ -140,10 +140,11 @@ def test_a_full_disk_is_an_output_error_not_an_internal_one(
     assert line.startswith("error: OutputError: cannot write plan '/dev/full': No space left "
                            "on device"), line
 
+
 def test_a_bad_re_plan_time_limit_is_refused_before_the_run(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["run", str(tmp_path), "--fail", "a@1", "--replan-time-limit", "0"]) == 1
-    assert "PlanError: time limit must be a number of seconds > 0, got 0" in \
+    assert "PlanError: --replan-time-limit must be a number of seconds > 0, got 0" in \
         _one_error_line(capsys.readouterr().err)
 
 

@@ -469,3 +469,18 @@ def test_a_fail_the_plan_cannot_take_is_refused_before_anything_is_written(
             prepare_finetune(spec, cluster, costs, tmp_path / "o", batch_size=6, epochs=1,
                              num_samples=24, fail=fail)
     assert not (tmp_path / "o").exists()
+
+
+def test_finetune_refuses_to_write_into_a_partition_directory(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """It replaced the partition's costs.json; that partition's next recovery then failed
+    with "the plan is for a model of 36 layers but MLP traces to 7 layers"."""
+    out = tmp_path / "part"
+    out.mkdir()
+    (out / "partition.json").write_text("{}")
+    (out / "costs.json").write_text("the partition's")
+    assert main(["finetune", GPT, "--cluster", LOCAL3, "--batch-size", "6", "--epochs", "1",
+                 "--samples", "24", "--costs", "analytic", "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "holds files and is not a fine-tuning directory (costs.json, partition.json)" in err
+    assert (out / "costs.json").read_text() == "the partition's"

@@ -145,7 +145,8 @@ def test_cli_options_of_fault_tolerance(tmp_path: Path,
     directory = make_partition(tmp_path / "part", THREE)
     assert main(["run", str(directory), "--emulate", str(CLUSTER), "--steps", "2",
                  "--replicate-every", "2"]) == 1
-    assert "need fail=DEVICE@STEP" in capsys.readouterr().err
+    assert "--replicate-every (API: replicate_every) apply to a run with --fail DEVICE@STEP" \
+        in capsys.readouterr().err
     assert main(["run", str(directory), "--emulate", str(CLUSTER), "--steps", "2",
                  "--fail", "slow0@1", "--replicate-every", "0"]) == 1
     assert "--replicate-every must be 'auto' or an integer >= 1" in capsys.readouterr().err
@@ -154,7 +155,11 @@ def test_cli_options_of_fault_tolerance(tmp_path: Path,
     assert "--replan-tolerance must be a fraction >= 0" in capsys.readouterr().err
     assert main(["run", str(directory), "--emulate", str(CLUSTER), "--steps", "2",
                  "--no-calibrate"]) == 1
-    assert "['calibrate'] need fail=DEVICE@STEP" in capsys.readouterr().err
+    assert "--calibrate (API: calibrate) apply to a run with --fail" in capsys.readouterr().err
+    assert main(["run", str(directory), "--emulate", str(CLUSTER), "--steps", "2",
+                 "--fail", "slow0@1", "--replan-time-limit", "0"]) == 1
+    assert "--replan-time-limit must be a number of seconds > 0, got 0.0; leave it out for " \
+        "the default of 10 s" in capsys.readouterr().err
 
 
 def test_replicate_every_values() -> None:

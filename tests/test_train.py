@@ -392,3 +392,24 @@ def test_metrics_that_name_an_input_of_the_run_are_refused(tmp_path: Path) -> No
             run(directory, emulate=cluster, steps=1, metrics=target)
     assert (directory / "plan.json").read_text() == plan_text
     assert cluster.read_text() == CLUSTER
+
+
+def test_emulating_another_cluster_than_the_plans_is_warned(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A run on a cluster the plan was not made for reported the other cluster's predicted
+    round beside its own measurement, silently."""
+    import logging
+
+    import yaml
+
+    from contracts.cluster import Cluster
+
+    directory = _partition(tmp_path)     # (its plan's cluster hash is "c")
+    cluster = tmp_path / "cluster.yaml"
+    cluster.write_text(CLUSTER)
+    with caplog.at_level(logging.WARNING, logger="runtime.launch"):
+        run(directory, emulate=cluster, steps=1)
+    assert "the plan was made for another cluster (hash c)" in caplog.text
+    same = Cluster.from_dict(yaml.safe_load(CLUSTER)).cluster_hash
+    plan = Plan.load(directory / "plan.json")
+    assert plan.cluster_hash == "c" and same != "c"
