@@ -357,6 +357,6 @@ class PacPlan:
 
     @classmethod
     def load(cls, path: str | Path) -> PacPlan:
-        return cls.from_json(read_text(path, PlanError, "PAC plan", "create it with "
-                                       "`asteroid-fx finetune MODEL --cluster C --batch-size "
-                                       "N --out DIR`"))
+        fix = "create it with `asteroid-fx finetune MODEL --cluster C --batch-size N --out DIR`"
+        text = read_text(path, PlanError, "PAC plan", fix)
+        return cls.from_dict(parse_json(text, PlanError, f"PAC plan {str(path)!r}", fix))

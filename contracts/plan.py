@@ -392,6 +392,6 @@ class Plan:
 
     @classmethod
     def load(cls, path: str | Path) -> Plan:
-        return cls.from_json(read_text(path, PlanError, "plan file", f"create it with "
-                                       f"`asteroid-fx plan MODEL --cluster C --batch-size N "
-                                       f"--out {path}`"))
+        fix = f"create it with `asteroid-fx plan MODEL --cluster C --batch-size N --out {path}`"
+        text = read_text(path, PlanError, "plan file", fix)
+        return cls.from_dict(parse_json(text, PlanError, f"plan file {str(path)!r}", fix))

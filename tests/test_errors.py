@@ -73,8 +73,10 @@ def test_files_that_are_not_text_or_json_are_typed_errors(tmp_path: Path) -> Non
         CostTable.load(binary)
     truncated = tmp_path / "truncated.json"
     truncated.write_text('{"version": 1, "devic')
-    with pytest.raises(PlanError, match="PAC plan is not valid JSON"):
+    with pytest.raises(PlanError, match="PAC plan '.*truncated.json' is not valid JSON"):
         PacPlan.load(truncated)
+    with pytest.raises(PlanError, match="plan file '.*truncated.json' is not valid JSON"):
+        Plan.load(truncated)    # (the message named no file)
     with pytest.raises(CostModelError, match="truncated.json. is not valid JSON"):
         CostTable.load(truncated)
     with pytest.raises(ClusterError, match="is a directory, not a file"):
