@@ -419,6 +419,17 @@ def run_with_recovery(directory: str | Path, cluster: Any, config: TrainConfig, 
                     del out.records[step]
             pending = {d: s for d, s in pending.items() if d not in failed and s > committed}
             leaving = {d: s for d, s in leaving.items() if d not in failed and s > committed}
+            # a fault scheduled on a device the new plan does not use cannot be injected:
+            # said, not skipped in silence (the run ended 0 with one recovery of two)
+            for what, faults in (("--fail", pending), ("--leave", leaving)):
+                idle = sorted(d for d in faults if d not in new_plan.devices)
+                if idle:
+                    log.warning("%s %s: the re-planned run (plan v%d) does not use %s, so "
+                                "nothing is injected there", what,
+                                ",".join(f"{d}@{faults[d]}" for d in idle),
+                                new_plan.plan_version, ", ".join(idle))
+                    for d in idle:
+                        del faults[d]
             plan, alive, current = new_plan, survivors, gen_dir
             gen_config = replace(config, start_step=resume, append_metrics=True,
                                  prediction="calibrated" if calibration is not None
