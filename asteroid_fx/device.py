@@ -238,6 +238,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("asteroid-fx device: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # noqa: BLE001 - one line per rank, not a page of C++ frames
+        if args.debug:
+            raise
+        # (a rank whose peer stopped the job, e.g. refused its token, saw only the closed
+        # connection: 55 lines of traceback ending in "Failed to recv, got 0 bytes")
+        text = " ".join(str(exc).split())[:300]
+        print(f"asteroid-fx device: error: {type(exc).__name__}: {text} (if another rank "
+              f"stopped the job, its message says why; --debug for the traceback)",
+              file=sys.stderr)
+        return 1
     summary = getattr(result, "summary", None)
     if callable(summary) and os.environ.get("RANK", "0") == "0":
         print(summary(), flush=True)

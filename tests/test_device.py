@@ -224,3 +224,23 @@ def test_profile_on_the_device_labels_the_table_and_imports_no_workstation_packa
     lines = [line for line in bad.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "unknown --device-type 'jetson-foo'" in lines[0]
     assert not (tmp_path / "x.json").exists()
+
+
+def test_a_rank_whose_peer_stopped_the_job_says_one_line(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """The rank that held the right token, when another's was refused, printed 55 lines of
+    traceback ending in DistNetworkError "Failed to recv, got 0 bytes"."""
+    import asteroid_fx.device as device
+
+    def lost(*_: object, **__: object) -> None:
+        raise RuntimeError("Failed to recv, got 0 bytes.\n  Exception raised from recvBytes")
+
+    monkeypatch.setattr(device, "run_device", lost)
+    assert main(["run", str(tmp_path)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(
+        "asteroid-fx device: error: RuntimeError: Failed to recv, got 0 bytes. Exception "
+        "raised from recvBytes (if another rank stopped the job, its message says why")
+    with pytest.raises(RuntimeError):
+        main(["run", str(tmp_path), "--debug"])
