@@ -149,6 +149,30 @@ def memory_warnings(plan: Plan, cluster: Any) -> list[str]:
     return out
 
 
+SLOW_SPEED = 1e-3
+"""An emulated device below this share of a host core (after the common factor) is warned:
+at speed 1e-6 a run said nothing for 130 s, then timed out."""
+
+SLOW_LINK_BYTES_S = 12_500.0
+"""An emulated link below this (0.1 Mbps, after the common factor) is warned: at 0.0001
+Mbps a run said nothing for minutes."""
+
+
+def slow_warnings(setup: EmulationSetup) -> list[str]:
+    """A line per emulated device or link so slow that a step may take minutes (the run
+    is not refused: a slow device is what the emulator is for, but not in silence)."""
+    out = [f"device {name!r} is emulated at {speed:.3g} of a host core: a step may take "
+           f"minutes (check its speed or flops in the cluster)"
+           for name, speed in zip(setup.devices, setup.effective_speeds)
+           if speed < SLOW_SPEED]
+    slow = [(setup.devices[a], setup.devices[b], rate)
+            for a, row in enumerate(setup.link_bytes_s) for b, rate in enumerate(row)
+            if a < b and rate < SLOW_LINK_BYTES_S]
+    out += [f"the link {a}-{b} is emulated at {rate * 8 / 1e6:.3g} Mbps: a step may take "
+            f"minutes (check its bandwidth_mbps in the cluster)" for a, b, rate in slow]
+    return out
+
+
 def emulated_cluster(cluster: Any) -> Any:
     """``cluster`` as a ``Cluster``: read from its YAML where it is a path; ``ClusterError``
     where it is neither (a dict failed deep inside with AttributeError)."""
@@ -246,6 +270,8 @@ def emulate(source: StageSource, cluster: Any, config: TrainConfig, *,
     for line in memory_warnings(plan, cluster):
         log.warning("%s", line)
     setup = emulation_setup(plan, cluster, host_cores=host_cores, host_flops=host_flops)
+    for line in slow_warnings(setup):
+        log.warning("%s", line)
     shaping = choose_shaping(setup.effective_speeds, use_cgroups=cgroup_available()
                              if use_cgroups is None else use_cgroups)
     if setup.factor > 1.0:

@@ -229,3 +229,21 @@ def test_devices_smaller_than_the_plans_peak_are_named() -> None:
     lines = memory_warnings(made, tiny)
     assert len(lines) == len(set(made.devices)) and "the emulator does not limit memory" in \
         lines[0] and "'d0'" in lines[0]
+
+
+def test_a_device_or_link_emulated_near_standstill_is_warned() -> None:
+    """A device at speed 1e-6 ran 130 s in silence, then timed out; a link of 0.0001 Mbps
+    said nothing for minutes."""
+    from runtime.emulator import EmulationSetup, slow_warnings
+
+    fast = 125e6   # 1 Gbps in bytes/s
+    setup = EmulationSetup(devices=("a", "b", "c"), speeds=(1.0, 1e-6, 0.5), factor=1.0,
+                           link_bytes_s=((0.0, fast, 12.5), (fast, 0.0, fast),
+                                         (12.5, fast, 0.0)), host_cores=1.5)
+    lines = slow_warnings(setup)
+    assert lines == ["device 'b' is emulated at 1e-06 of a host core: a step may take "
+                     "minutes (check its speed or flops in the cluster)",
+                     "the link a-c is emulated at 0.0001 Mbps: a step may take minutes "
+                     "(check its bandwidth_mbps in the cluster)"]
+    assert slow_warnings(EmulationSetup(devices=("a",), speeds=(0.5,), factor=1.0,
+                                        link_bytes_s=((0.0,),), host_cores=1.0)) == []
