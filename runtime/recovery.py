@@ -8,7 +8,7 @@ import shutil
 import signal
 import statistics
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from pathlib import Path
@@ -146,6 +146,21 @@ def parse_leave(spec: str | Mapping[str, int] | None, fail: Mapping[str, int], p
                                  f"{list(plan.devices)} during step {step}; at least one must "
                                  f"stay")
     return out
+
+
+def check_someone_stays(fail: Mapping[str, int], leave: Mapping[str, int],
+                        devices: Sequence[str]) -> None:
+    """``RuntimeFailure`` where ``--fail`` and ``--leave`` remove every device of the
+    emulated cluster by the end of the run, one after the other (``parse_fail`` and
+    ``parse_leave`` refuse every device of the plan at once): such a run failed seconds in,
+    at its last loss, with "restart from the last checkpoint on new devices". A device of
+    the cluster that the plan leaves out can take over, so the cluster counts, not the
+    plan."""
+    gone = {**fail, **leave}
+    if gone and set(gone) >= set(devices):
+        raise RuntimeFailure(f"--fail and --leave would remove every device of the cluster "
+                             f"{list(devices)} by step {max(gone.values())}; at least one "
+                             f"must stay")
 
 
 @dataclass
@@ -292,6 +307,7 @@ def run_with_recovery(directory: str | Path, cluster: Any, config: TrainConfig, 
                              f"mode does not keep")
     planner = load_replanner(replanner, needed_for=f"--recovery {recovery}")
     model = _load_model(root, cluster, planner)
+    check_someone_stays(pending, leaving, model.cluster.names)
     if recovery == "replay":   # the re-planner's imports now, not after a failure
         _prewarm(planner)
     work = root / "recovery"

@@ -282,6 +282,15 @@ def test_bad_fail_and_recovery_values(tmp_path: Path) -> None:
         parse_fail("slow0@3", plan, 3)
     with pytest.raises(RuntimeFailure, match="at least one must survive"):
         parse_fail("fast@1,slow0@1,slow1@1", plan, 3)
+    # one after the other, every device of the cluster: the run failed at the last loss
+    from runtime.recovery import check_someone_stays
+
+    with pytest.raises(RuntimeFailure, match=r"every device of the cluster .* by step 4; at "
+                                             r"least one must stay"):
+        check_someone_stays({"slow0": 1, "fast": 2}, {"slow1": 4}, ["fast", "slow0", "slow1"])
+    check_someone_stays({"slow0": 1, "fast": 2}, {}, ["fast", "slow0", "slow1"])
+    check_someone_stays({"slow0": 1, "fast": 2, "slow1": 3}, {}, ["fast", "slow0", "slow1",
+                                                                 "spare"])
     with pytest.raises(RuntimeFailure, match=r"the step must be an integer"):
         parse_fail({"slow0": "x"}, plan, 3)     # (was ValueError from int())
     directory = make_partition(tmp_path / "part", THREE)
