@@ -23,6 +23,15 @@ through a flat copy; the memory model budgets the largest such copy
 (solver/evaluate.py ``transient_gradient_bytes``)."""
 
 
+MAX_BATCH_SIZE = 1 << 20
+"""The largest batch size a plan may have, and the planners take: Algorithm 1 splits a
+micro-batch sample by sample (``solver.split.split_shares``), so a plan's time grows with
+the batch (examples/mlp.py on C-100mbps.yaml: 4.7 s at 10**5, 19.6 s at 10**6, past 90 s at
+10**7); a larger batch is a ``PlanError`` up front instead of a search that seems to hang,
+and a plan.json edited to a larger one is refused on load (a batch of 10**8 drove one
+device process of an emulated run to 11.6 GB and the host's out-of-memory killer)."""
+
+
 @dataclass(frozen=True)
 class Stage:
     """Layers ``first..last`` (inclusive) on ``devices``; ``shares[i]`` samples of every
@@ -273,6 +282,9 @@ class Plan:
         if self.micro_batch_size < 1 or self.num_micro_batches < 1:
             raise PlanError(f"micro_batch_size ({self.micro_batch_size}) and num_micro_batches "
                             f"({self.num_micro_batches}) must be >= 1")
+        if self.batch_size > MAX_BATCH_SIZE:
+            raise PlanError(f"batch_size {self.batch_size} is above {MAX_BATCH_SIZE}, the "
+                            f"largest a plan may have; re-plan a smaller batch")
         if self.micro_batch_size * self.num_micro_batches != self.batch_size:
             raise PlanError(
                 f"batch_size ({self.batch_size}) must equal micro_batch_size "

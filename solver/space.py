@@ -54,6 +54,7 @@ import numpy as np
 
 from contracts.cluster import Cluster, Device
 from contracts.errors import PlanError
+from contracts.plan import MAX_BATCH_SIZE
 from contracts.table import CostTable
 from solver.evaluate import Pieces, resharding_pieces
 from solver.timing import Timing
@@ -155,13 +156,6 @@ def device_classes(cluster: Cluster, costs: CostTable) -> list[list[str]]:
     for d, k in zip(devices, label, strict=True):
         classes.setdefault(k, []).append(d.name)
     return list(classes.values())
-
-
-MAX_BATCH_SIZE = 1 << 20
-"""The largest batch size the planners take: Algorithm 1 splits a micro-batch sample by
-sample (``solver.split.split_shares``), so a plan's time grows with the batch (examples/mlp.py
-on C-100mbps.yaml: 4.7 s at 10**5, 19.6 s at 10**6, past 90 s at 10**7); a larger batch is
-a ``PlanError`` up front instead of a search that seems to hang."""
 
 
 def divisors(n: int) -> list[int]:

@@ -120,3 +120,15 @@ def test_plan_text_that_is_not_json_is_a_plan_error() -> None:
         Plan.from_json(None)  # type: ignore[arg-type]
     with pytest.raises(PlanError, match="plan is not valid JSON \\(nested too deeply\\)"):
         Plan.from_json("[" * 100_000 + "]" * 100_000)
+
+
+def test_a_batch_past_what_a_plan_may_have_is_refused_on_load() -> None:
+    """A plan.json edited to a batch of 10**8 (digests rewritten) drove a device process to
+    11.6 GB and the host's out-of-memory killer."""
+    from contracts.plan import MAX_BATCH_SIZE
+
+    data = _plan().to_dict()
+    data.update(batch_size=10**8, num_micro_batches=10**8 // 4)
+    with pytest.raises(PlanError, match=f"batch_size 100000000 is above {MAX_BATCH_SIZE}, the "
+                                        f"largest a plan may have"):
+        Plan.from_dict(data)
