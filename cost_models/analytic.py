@@ -53,7 +53,10 @@ bandwidth."""
 
 
 def _positive(name: str, value: float | None) -> None:
-    if value is not None and not (math.isfinite(value) and value > 0):
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+            not (math.isfinite(value) and value > 0):     # (a string was a raw TypeError)
         raise CostModelError(f"{name} must be a finite number > 0, got {value!r}")
 
 

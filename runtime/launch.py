@@ -467,6 +467,12 @@ def run(directory: str | Path, *, emulate: str | Path | None = None, steps: int 
     plans (see [Note: re-planner plugin point] in runtime.replanning).
     """
     path = check_path(directory, RuntimeFailure, "directory")
+    if not (path / "plan.json").is_file() and (path / "pac_plan.json").is_file():
+        # (runtime.pac_train's PAC_PLAN_FILE and BACKBONE_DIR, not imported here)
+        raise RuntimeFailure(f"{str(path)!r} is a fine-tuning directory (pac_plan.json), not "
+                             f"a partition: it runs with `asteroid-fx finetune MODEL --method "
+                             f"pac ... --emulate CLUSTER`; its backbone alone is the "
+                             f"partition {str(path / 'backbone')!r}")
     if not (path / "plan.json").is_file():
         raise RuntimeFailure(f"{str(path)!r} is not a partition directory (no plan.json); "
                              f"create it with `asteroid-fx partition MODEL --cluster C "

@@ -151,3 +151,20 @@ def test_an_emulated_cluster_given_as_a_dict_is_a_cluster_error() -> None:
     assert emulated_cluster(CLUSTER) is CLUSTER
     assert emulated_cluster(ROOT / "examples" / "clusters" / "local3.yaml").names == (
         "fast", "slow0", "slow1")
+
+
+def test_a_graph_or_a_host_figure_of_the_wrong_kind_is_refused() -> None:
+    """``graph="g"`` was AttributeError: 'str' object has no attribute 'graph_module', and
+    ``host_flops="1e9"`` a TypeError."""
+    import torch
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 2))
+    x = torch.randn(2, 4)
+    with pytest.raises(TraceError, match="graph must be a LayerGraph, got str 'g'"):
+        afx.analytic_costs(model, (x,), graph="g")  # type: ignore[arg-type]
+    with pytest.raises(TraceError, match="graph must be a LayerGraph"):
+        afx.partition(model, (x,), afx.plan(afx.analytic_costs(model, (x,)),
+                                            make_cluster([1.0]), 2), graph="g")
+    with pytest.raises(CostModelError, match="host_flops must be a finite number > 0, got "
+                                             "'1e9'"):
+        afx.analytic_costs(model, (x,), host_flops="1e9")  # type: ignore[arg-type]

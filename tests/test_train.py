@@ -413,3 +413,13 @@ def test_emulating_another_cluster_than_the_plans_is_warned(
     same = Cluster.from_dict(yaml.safe_load(CLUSTER)).cluster_hash
     plan = Plan.load(directory / "plan.json")
     assert plan.cluster_hash == "c" and same != "c"
+
+
+def test_run_on_a_fine_tuning_directory_points_at_finetune(tmp_path: Path) -> None:
+    """It said "not a partition directory (no plan.json); create it with `asteroid-fx
+    partition`" of a directory `finetune` had just written."""
+    (tmp_path / "pac_plan.json").write_text("{}")
+    with pytest.raises(RuntimeFailure, match=r"is a fine-tuning directory \(pac_plan.json\), "
+                                              r"not a partition: it runs with `asteroid-fx "
+                                              r"finetune .*backbone"):
+        run(tmp_path)
