@@ -42,6 +42,20 @@ class Stage:
     shares: tuple[int, ...]
 
     def __post_init__(self) -> None:
+        def whole(value: object) -> bool:
+            return isinstance(value, int) and not isinstance(value, bool)
+
+        # (built in code as well as from JSON: (0, 1, 2), (None, 6) or shares ("8",) were
+        # raw ValueErrors and TypeErrors; a device named None read as 'None')
+        if not (isinstance(self.layers, (tuple, list)) and len(self.layers) == 2
+                and all(whole(v) for v in self.layers)):
+            raise PlanError(f"stage layers are [first, last] (two integers), got "
+                            f"{self.layers!r}")
+        if not all(isinstance(d, str) and d for d in self.devices):
+            raise PlanError(f"stage devices are non-empty names, got {list(self.devices)!r}")
+        if not all(whole(v) for v in self.shares):
+            raise PlanError(f"stage shares are whole numbers of samples, got "
+                            f"{list(self.shares)!r}")
         first, last = self.layers
         if first < 0 or last < first:
             raise PlanError(f"stage layers must be [first, last] with 0 <= first <= last, "
@@ -86,7 +100,7 @@ class Stage:
         if len(layers) != 2:
             raise PlanError(f"stage layers are [first, last], got {data['layers']!r}")
         return cls(layers=(layers[0], layers[1]),
-                   devices=tuple(str(d) for d in data["devices"]),
+                   devices=tuple(data["devices"]),
                    shares=tuple(int(s) for s in data["shares"]))
 
 
@@ -279,6 +293,10 @@ class Plan:
     def __post_init__(self) -> None:
         if not self.stages:
             raise PlanError("a plan needs at least one stage")
+        odd = [type(st).__name__ for st in self.stages if not isinstance(st, Stage)]
+        if odd:     # (a dict was AttributeError: 'dict' object has no attribute 'first')
+            raise PlanError(f"a plan's stages are Stage objects, got {', '.join(odd)}; make "
+                            f"them with Stage(layers, devices, shares) or Stage.from_dict")
         if self.micro_batch_size < 1 or self.num_micro_batches < 1:
             raise PlanError(f"micro_batch_size ({self.micro_batch_size}) and num_micro_batches "
                             f"({self.num_micro_batches}) must be >= 1")

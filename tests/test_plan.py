@@ -132,3 +132,27 @@ def test_a_batch_past_what_a_plan_may_have_is_refused_on_load() -> None:
     with pytest.raises(PlanError, match=f"batch_size 100000000 is above {MAX_BATCH_SIZE}, the "
                                         f"largest a plan may have"):
         Plan.from_dict(data)
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [
+    ({"layers": (0, 1, 2)}, r"stage layers are \[first, last\] \(two integers\)"),
+    ({"layers": (None, 6)}, r"stage layers are \[first, last\]"),
+    ({"shares": ("8",)}, "stage shares are whole numbers of samples"),
+    ({"devices": (None,)}, "stage devices are non-empty names"),
+])
+def test_a_stage_of_the_wrong_types_is_a_plan_error(kwargs: dict[str, object],
+                                                    match: str) -> None:
+    """Each was a raw ValueError or TypeError; a device None read as the name 'None'."""
+    fields: dict[str, object] = {"layers": (0, 6), "devices": ("a",), "shares": (8,)}
+    fields.update(kwargs)
+    with pytest.raises(PlanError, match=match):
+        Stage(**fields)  # type: ignore[arg-type]
+    data = _plan().to_dict()
+    data["stages"][0].update({k: list(v) for k, v in kwargs.items()})   # type: ignore
+    with pytest.raises(PlanError):
+        Plan.from_dict(data)
+
+
+def test_stages_that_are_not_stage_objects_are_a_plan_error() -> None:
+    with pytest.raises(PlanError, match="a plan's stages are Stage objects, got dict"):
+        _plan(stages=({"layers": [0, 5], "devices": ["a"], "shares": [4]},))
