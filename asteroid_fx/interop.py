@@ -71,6 +71,9 @@ def to_pipeline_stage(
     """
     from torch.distributed.pipelining import PipelineStage
 
+    if any(isinstance(v, bool) or not isinstance(v, int) for v in (stage_index, num_stages)):
+        raise PartitionError(f"stage_index and num_stages must be integers, got "
+                             f"{stage_index!r} and {num_stages!r}")
     if num_stages < 1 or not 0 <= stage_index < num_stages:
         raise PartitionError(f"stage_index must be in 0..{num_stages - 1} for {num_stages} "
                              f"stages, got {stage_index}")

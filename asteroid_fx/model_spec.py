@@ -66,8 +66,8 @@ class ModelSpec:
         Raises:
             ModelSpecError: ``sample_batch`` returned something else.
         """
-        if batch_size < 1:
-            raise ModelSpecError(f"batch_size must be >= 1, got {batch_size}")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ModelSpecError(f"batch_size must be an integer >= 1, got {batch_size!r}")
         where = f"{self.spec}: sample_batch({batch_size})"
         return check_batch(self._call(where, self.sample_batch, batch_size), batch_size,
                            where=where)

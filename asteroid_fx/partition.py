@@ -216,6 +216,9 @@ def tied_parameters(stages: Sequence[torch.nn.Module]) -> dict[str, tuple[tuple[
     A runtime must sum the gradients of all holders (e.g. an all-reduce between the holding
     stages) before the optimizer step so that every copy gets the unsplit gradient.
     """
+    if isinstance(stages, torch.nn.Module) or not isinstance(stages, Sequence):
+        raise PartitionError(f"tied_parameters takes the list of stages of afx.partition, got "
+                             f"{type(stages).__name__}")
     groups: dict[str, list[tuple[int, str]]] = {}
     for position, stage in enumerate(stages):
         info = stage_info(stage)

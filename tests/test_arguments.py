@@ -168,3 +168,21 @@ def test_a_graph_or_a_host_figure_of_the_wrong_kind_is_refused() -> None:
     with pytest.raises(CostModelError, match="host_flops must be a finite number > 0, got "
                                              "'1e9'"):
         afx.analytic_costs(model, (x,), host_flops="1e9")  # type: ignore[arg-type]
+
+
+def test_small_helpers_refuse_arguments_of_the_wrong_kind() -> None:
+    """Each was a raw TypeError ('<=' not supported between int and str, NoneType is not
+    iterable)."""
+    import torch
+
+    from asteroid_fx.model_spec import load_model_spec
+    from contracts.errors import ModelSpecError
+
+    with pytest.raises(PartitionError, match="stage_index and num_stages must be integers, "
+                                             "got '0' and 3"):
+        afx.to_pipeline_stage(torch.nn.Linear(2, 2), "0", 3, "cpu")  # type: ignore[arg-type]
+    with pytest.raises(PartitionError, match="tied_parameters takes the list of stages"):
+        afx.tied_parameters(None)  # type: ignore[arg-type]
+    spec = load_model_spec(str(ROOT / "examples" / "mlp.py"))
+    with pytest.raises(ModelSpecError, match="batch_size must be an integer >= 1, got '4'"):
+        spec.example_inputs("4")  # type: ignore[arg-type]

@@ -219,7 +219,7 @@ def wrong_sample_batch(batch_size):
         load_model_spec(f"{path}:bad").example_inputs(2)
     with pytest.raises(ModelSpecError, match=r"input 0 has shape \(3, 3\); dimension 0"):
         load_model_spec(f"{path}:wrong").example_inputs(2)
-    with pytest.raises(ModelSpecError, match="batch_size must be >= 1"):
+    with pytest.raises(ModelSpecError, match="batch_size must be an integer >= 1"):
         load_model_spec(str(path)).example_inputs(0)
 
 
