@@ -543,6 +543,9 @@ def profile(
         TraceError: ``tracer`` cannot trace the model.
     """
     sizes = _check_batch_sizes(batch_sizes)
+    if progress is not None and not callable(progress):   # (was a TypeError mid-profile)
+        raise CostModelError(f"progress must be a callable (done, total, what) or None, got "
+                             f"{progress!r}")
     if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
         raise CostModelError(f"repeats must be an integer >= 1, got {repeats!r}")
     if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:

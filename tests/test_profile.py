@@ -391,3 +391,8 @@ def test_layers_scaled_to_the_whole_model() -> None:
     f, b = _whole_pass(model, tiny_batch(4)[0])
     assert f > 0.0 and b > 0.0
     assert all(p.grad is not None for p in model.parameters())
+
+
+def test_a_progress_that_cannot_be_called_is_refused_before_profiling() -> None:
+    with pytest.raises(CostModelError, match="progress must be a callable"):
+        profile(Tiny(), tiny_batch, (1, 2), progress=5)  # type: ignore[arg-type]
