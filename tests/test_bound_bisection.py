@@ -37,9 +37,12 @@ def _brute_cases(seeds: range) -> Iterator[tuple[int, CostTable, Cluster, int, f
             yield seed, costs, cluster, batch, best
 
 
+@pytest.mark.parametrize("seeds", [range(800, 820),
+                                   pytest.param(range(820, 840), marks=pytest.mark.slow)],
+                         ids=["first-half", "second-half"])
 @pytest.mark.parametrize("pools", [True, False])
 def test_the_class_bounds_over_the_sizes_stay_below_the_optimum(
-        pools: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+        pools: bool, seeds: range, monkeypatch: pytest.MonkeyPatch) -> None:
     # each size's class bound targets the smallest bound so far: the smallest over the
     # sizes is still below every plan of the wide space (brute force), for a target at and
     # above the optimum; with the pools counted (these small clusters) and priced (forced).
@@ -50,7 +53,7 @@ def test_the_class_bounds_over_the_sizes_stay_below_the_optimum(
     if not pools:
         patch_class_bound(monkeypatch, "CLASS_POOLS_MAX", 0)
     raised = 0
-    for seed, costs, cluster, batch, best in _brute_cases(range(800, 840)):
+    for seed, costs, cluster, batch, best in _brute_cases(seeds):
         mbs = micro_batch_choices(batch, None)
         for target in (best, 1.5 * best):
             shown: list[float] = []
@@ -63,7 +66,7 @@ def test_the_class_bounds_over_the_sizes_stay_below_the_optimum(
             assert shown[-1] == pytest.approx(bound, rel=1e-12), (seed, shown, bound)
             raised += bound > min(work_bound(costs, cluster, batch, mb)
                                   for mb in mbs) * (1 + 1e-9)
-    assert raised > 20
+    assert raised > 10, raised     # (of up to 40: the class bound proves more than work)
 
 
 def _pids_of_class_bounds(monkeypatch: pytest.MonkeyPatch, log: Any,
