@@ -1079,7 +1079,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 _STOPPED: list[int] = []
-"""The signal that stopped this command (``_stop_on``), if one did."""
+"""The signal that stopped this command (``_stop``), if one did."""
 
 
 def _stop(signum: int, _frame: Any) -> None:

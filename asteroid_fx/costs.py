@@ -12,9 +12,8 @@ from typing import Any, Sequence, Union
 
 import torch
 
-from asteroid_fx.trace import LayerGraph, leaf_tuple, trace
-from contracts.arguments import require
-from contracts.errors import CostModelError, TraceError
+from asteroid_fx.trace import LayerGraph, check_graph, leaf_tuple, trace
+from contracts.errors import CostModelError
 from contracts.table import CostTable
 from cost_models.analytic import analytic_table
 from cost_models.optimizer import BuildOptimizer
@@ -64,11 +63,9 @@ def analytic_costs(
     if graph is None:
         graph = trace(model, _as_inputs(example_inputs), leaf_modules=leaf_tuple(leaf_modules),
                       model_name=model_name or type(model).__name__)
-    require(graph, LayerGraph, TraceError, "graph", "pass afx.trace(model, inputs), or leave "
-            "it out")
-    return analytic_table(graph, model, host_flops=host_flops, host_mem_bw=host_mem_bw,
-                          model_name=model_name, norm_efficiency=norm_efficiency,
-                          optimizer=optimizer)
+    return analytic_table(check_graph(graph), model, host_flops=host_flops,
+                          host_mem_bw=host_mem_bw, model_name=model_name,
+                          norm_efficiency=norm_efficiency, optimizer=optimizer)
 
 
 def profile(

@@ -174,9 +174,8 @@ def partition(
         PartitionError: the plan does not match the graph, or a non-tensor value (or a
             tensor without the batch dimension) would cross a cut.
     """
-    from asteroid_fx.trace import LayerGraph, leaf_tuple, trace
-    from contracts.arguments import check_plan, require
-    from contracts.errors import TraceError
+    from asteroid_fx.trace import check_graph, leaf_tuple, trace
+    from contracts.arguments import check_plan
     from contracts.inputs import model_inputs
 
     check_plan(plan)
@@ -184,8 +183,7 @@ def partition(
         traced: Any = example_inputs if isinstance(example_inputs, Mapping) else \
             model_inputs(example_inputs)
         graph = trace(model, traced, leaf_modules=leaf_tuple(leaf_modules))
-    require(graph, LayerGraph, TraceError, "graph", "pass afx.trace(model, inputs), or leave "
-            "it out")
+    graph = check_graph(graph)
     inputs = model_inputs(example_inputs)
     stages = _Partitioner(graph, plan, inputs, check_batch_dim).run()
     if graph.eval_graph is not None:

@@ -324,6 +324,17 @@ def trace(
     )
 
 
+def check_graph(graph: object) -> LayerGraph:
+    """``graph`` if it is a ``LayerGraph`` (of ``trace``), else ``TraceError``: the functions
+    that take one instead of tracing (``graph="g"`` was AttributeError: 'str' object has no
+    attribute 'graph_module')."""
+    from contracts.arguments import require
+
+    require(graph, LayerGraph, TraceError, "graph", "pass afx.trace(model, inputs), or leave "
+            "it out")
+    return graph  # type: ignore[return-value]
+
+
 def leaf_tuple(leaf_modules: object) -> tuple[Any, ...]:
     """``leaf_modules`` (of ``trace`` and the functions that trace) as a tuple: None is
     none, one class or one string is one entry (a string was iterated letter by letter:

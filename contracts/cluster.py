@@ -38,7 +38,6 @@ MAX_FLOPS = 1e18
 """The most ``flops`` (an exaflop per second) one device may declare."""
 
 
-
 def _host_memory_bytes() -> int:
     try:
         return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from contracts.errors import OutputError
 
-__all__ = ["check_writable", "write_bytes", "write_text"]
+__all__ = ["check_writable", "in_place", "landing", "write_bytes", "write_text"]
 
 
 def write_text(path: str | os.PathLike[str], text: str, what: str = "file") -> None:
@@ -33,16 +33,11 @@ def write_bytes(path: str | os.PathLike[str], data: bytes, what: str = "file") -
     device node; a symbolic link is followed, so the link stays and its target changes.
     Any ``OSError`` becomes an ``OutputError`` naming ``what``, the path and the cause;
     the hidden file is removed and the old file, if any, is untouched."""
-    target = Path(path)
-    if target.is_symlink():
-        target = target.resolve()
     try:
-        existing = os.stat(target)
-    except FileNotFoundError:
-        existing = None
+        target, existing = landing(path)
     except OSError as exc:
-        raise _failed(what, target, exc) from None
-    if existing is not None and not stat.S_ISREG(existing.st_mode):
+        raise _failed(what, Path(path), exc) from None
+    if in_place(existing):
         try:
             with open(target, "wb") as handle:
                 handle.write(data)
@@ -64,6 +59,26 @@ def write_bytes(path: str | os.PathLike[str], data: bytes, what: str = "file") -
         except OSError:
             pass
         raise _failed(what, target, exc) from None
+
+
+def landing(path: str | os.PathLike[str]) -> tuple[Path, os.stat_result | None]:
+    """Where a write of ``path`` lands, and what is there now: a symbolic link's target
+    (the link stays, its target changes) and that file's ``os.stat`` (None where nothing
+    is there yet); an ``OSError`` other than a missing file is raised."""
+    target = Path(path)
+    if target.is_symlink():
+        target = target.resolve()
+    try:
+        return target, os.stat(target)
+    except FileNotFoundError:
+        return target, None
+
+
+def in_place(existing: os.stat_result | None) -> bool:
+    """Whether a write must go into the file itself, not replace it: it exists and is not a
+    regular file (``/dev/null``, ``/dev/stdout``, a FIFO a reader waits on; replacing it
+    would put a regular file in the node's place)."""
+    return existing is not None and not stat.S_ISREG(existing.st_mode)
 
 
 def _failed(what: str, path: Path, exc: OSError) -> OutputError:

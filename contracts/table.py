@@ -603,7 +603,6 @@ class CostTable:
     @classmethod
     def load(cls, path: str | Path) -> CostTable:
         p = Path(path)
-        text = read_text(p, CostModelError, "cost table",
-                         f"create it with `asteroid-fx profile MODEL --out {p}`")
-        return cls.from_dict(parse_json(text, CostModelError, f"cost table {str(p)!r}",
-                                        f"create it with `asteroid-fx profile MODEL --out {p}`"))
+        fix = f"create it with `asteroid-fx profile MODEL --out {p}`"
+        text = read_text(p, CostModelError, "cost table", fix)
+        return cls.from_dict(parse_json(text, CostModelError, f"cost table {str(p)!r}", fix))

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from contracts.files import check_writable
+from contracts.files import check_writable, in_place, landing
 
 __all__ = ["staged_output"]
 
@@ -30,10 +30,8 @@ def staged_output(path: str | Path | None) -> Iterator[str | None]:
         yield None
         return
     check_writable(path, "metrics", "metrics.jsonl")   # (before the run, not after it)
-    target = Path(path)
-    if target.is_symlink():     # (the link stays; its target gets the lines)
-        target = target.resolve()
-    if target.exists() and not target.is_file():
+    target, existing = landing(path)   # (a link stays; its target gets the lines)
+    if in_place(existing):
         # /dev/null, a FIFO a reader waits on: written as it is (the rename put a file in
         # its place, and the reader got nothing)
         yield str(target)
