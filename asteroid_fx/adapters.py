@@ -208,7 +208,11 @@ def parallel_adapters(model: nn.Module | LayerGraph, example_inputs: Any, *,
     module = None if isinstance(model, LayerGraph) else model
     if isinstance(model, LayerGraph):
         graph = model
-    if graph is None:
+    if graph is not None:
+        from asteroid_fx.trace import check_graph
+
+        graph = check_graph(graph)
+    else:
         from asteroid_fx.trace import leaf_tuple, trace
 
         traced = example_inputs if isinstance(example_inputs, Mapping) else \

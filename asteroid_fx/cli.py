@@ -414,9 +414,10 @@ def _show_costs(table: Any, cluster: Path | None, batch_size: int) -> None:
 
 
 def _costs_for(model: str, batch_size: int, costs: str | None, leaf: tuple[str, ...],
-               clus: Any, planner: str = "asteroid") -> tuple[Any, Any, Any, Any]:
-    """The model, its example inputs and the cost table ``--costs`` asks for (bad
-    ``--planner`` / ``--batch-size`` are refused first: measuring takes a while)."""
+               clus: Any, planner: str = "asteroid") -> tuple[Any, Any, Any, Any, Any]:
+    """The model spec, the model, its example inputs, the cost table ``--costs`` asks for
+    and the model's trace it was made on or checked against (bad ``--planner`` /
+    ``--batch-size`` are refused first: measuring takes a while)."""
     from asteroid_fx.cost_source import resolve_costs
     from contracts.errors import PlanError
     from solver.api import PLANNERS
@@ -435,7 +436,7 @@ def _costs_for(model: str, batch_size: int, costs: str | None, leaf: tuple[str, 
         choice = resolve_costs(spec, module, inputs, clus, costs, leaf_modules=leaf,
                                batch_size=batch_size, progress=update)
     console.print(f"costs: {choice.detail}", highlight=False)
-    return spec, module, inputs, _renamed(choice.table, spec.name)
+    return spec, module, inputs, _renamed(choice.table, spec.name), choice.graph
 
 
 CostsOpt = Annotated[
@@ -473,8 +474,7 @@ def plan(
         check_planner_limit(planner, time_limit)
         _writable(out, "--out", "plan.json")
         clus = Cluster.from_yaml(cluster)
-        _spec, _module, _inputs, table = _costs_for(model, batch_size, costs_file, _leaf(leaf),
-                                                    clus, planner)
+        table = _costs_for(model, batch_size, costs_file, _leaf(leaf), clus, planner)[3]
         result = _plan(table, clus, batch_size, planner, micro_batch, time_limit, check_ilp,
                        objective)
         _print_report(result, table, clus)
@@ -551,12 +551,12 @@ def partition(
             check_token(token, "--token")
         start = time.perf_counter()
         clus = Cluster.from_yaml(cluster)
-        spec, module, inputs, table = _costs_for(model, batch_size, costs_file, _leaf(leaf),
-                                                 clus, planner)
+        spec, module, inputs, table, graph = _costs_for(model, batch_size, costs_file,
+                                                        _leaf(leaf), clus, planner)
         result = _plan(table, clus, batch_size, planner, micro_batch, time_limit,
                        objective=objective)
         _print_report(result, table, clus)
-        stages = partition_fn(module, inputs, result, leaf_modules=_leaf(leaf))
+        stages = partition_fn(module, inputs, result, graph=graph)  # (traced once)
         bar, update = _progress_callback("ONNX export and check")
         if no_onnx:
             bar.disable = True
@@ -961,10 +961,11 @@ def finetune(
             from runtime.pac_recovery import fail_specs
 
             fail_specs(fail, clus.names, "the cluster")
-        spec, module, inputs, table = _costs_for(model, batch_size, costs_file, (), clus)
+        spec, module, inputs, table, graph = _costs_for(model, batch_size, costs_file, (),
+                                                        clus)
         if method == "full":
-            _finetune_full(spec, module, inputs, table, clus, batch_size, epochs, samples, out,
-                           emulate, metrics, seed, lr, micro_batch)
+            _finetune_full(spec, module, inputs, table, graph, clus, batch_size, epochs,
+                           samples, out, emulate, metrics, seed, lr, micro_batch)
             return
         from asteroid_fx.finetune import prepare_finetune, run_finetune
 
@@ -1030,8 +1031,9 @@ def _pac_report(plan_obj: Any) -> str:
     return "\n".join(lines)
 
 
-def _finetune_full(spec: Any, module: Any, inputs: Any, table: Any, clus: Any, batch_size: int,
-                   epochs: int, samples: int | None, out: Path, emulate: Path | None,
+def _finetune_full(spec: Any, module: Any, inputs: Any, table: Any, graph: Any, clus: Any,
+                   batch_size: int, epochs: int, samples: int | None, out: Path,
+                   emulate: Path | None,
                    metrics: Path | None, seed: int, lr: float, micro_batch: int | None) -> None:
     """``--method full``: plan, partition and (with --emulate) run the whole model for the
     same number of steps as PAC would take."""
@@ -1052,7 +1054,7 @@ def _finetune_full(spec: Any, module: Any, inputs: Any, table: Any, clus: Any, b
     result = plan_fn(table, clus, batch_size, optimizer_state_factor=table.optimizer_state_factor,
                      micro_batch_size=micro_batch)
     _print_report(result, table, clus)
-    stages = partition_fn(module, inputs, result)
+    stages = partition_fn(module, inputs, result, graph=graph)
     save_partition(out, result, stages, model_spec=spec, onnx=False, example_inputs=inputs,
                    costs=table, cluster=clus)
     console.print(f"wrote {out}/ ({steps} steps)")

@@ -73,6 +73,9 @@ class CostChoice:
     table: Any  # contracts.table.CostTable
     how: str  # "file", "measured", "cached" or "analytic"
     detail: str
+    #: the model's trace (``asteroid_fx.trace.LayerGraph``) the table was made on or checked
+    #: against: partition it instead of tracing again
+    graph: Any = None
 
 
 def cache_dir() -> Path:
@@ -226,8 +229,9 @@ def resolve_costs(spec: Any, model: Any, inputs: Any, cluster: Any,
                 f"--costs {word!r} is neither a file nor one of {', '.join(CHOICES)}; give a "
                 f"costs.json from `asteroid-fx profile`, or `analytic` / `measure`")
         table = CostTable.load(path)
-        _check_model(table, trace(model, inputs, leaf_modules=tuple(leaf_modules)), spec, path)
-        return CostChoice(table, "file", f"cost table {path}")
+        graph = trace(model, inputs, leaf_modules=tuple(leaf_modules))
+        _check_model(table, graph, spec, path)
+        return CostChoice(table, "file", f"cost table {path}", graph)
     if word == "auto":
         word = "measure" if measures_by_default(cluster) else "analytic"
     graph = trace(model, inputs, leaf_modules=tuple(leaf_modules))
@@ -241,7 +245,7 @@ def resolve_costs(spec: Any, model: Any, inputs: Any, cluster: Any,
         why = ("" if choice == "analytic" else
                " (no local device in the cluster; profile the boards with --device-type "
                "and pass the merged table with --costs for measured times)")
-        return CostChoice(table, "analytic", f"analytic costs{why}")
+        return CostChoice(table, "analytic", f"analytic costs{why}", graph)
     import torch
 
     sizes = tuple(batch_sizes) if batch_sizes else default_batch_sizes(batch_size)
@@ -253,7 +257,7 @@ def resolve_costs(spec: Any, model: Any, inputs: Any, cluster: Any,
         if cached is not None:
             return CostChoice(with_host_overhead(cached, progress), "cached",
                               f"measured on this host at batch sizes {list(sizes)} (cached "
-                              f"in {path})")
+                              f"in {path})", graph)
     from asteroid_fx.costs import profile
 
     table = profile(model, spec.sample_batch, sizes, graph=graph,
@@ -264,7 +268,8 @@ def resolve_costs(spec: Any, model: Any, inputs: Any, cluster: Any,
     except OSError as exc:
         log.warning("cannot cache the measured cost table in %s: %s", path, exc)
     return CostChoice(with_host_overhead(table, progress), "measured",
-                      f"measured on this host at batch sizes {list(sizes)} (cached in {path})")
+                      f"measured on this host at batch sizes {list(sizes)} (cached in {path})",
+                      graph)
 
 
 def with_host_overhead(table: Any, progress: Progress | None = None) -> Any:

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from asteroid_fx.adapters import AdapterModel, block_taps, parallel_adapters
-from asteroid_fx.errors import AdapterError, AsteroidError
+from asteroid_fx.errors import AdapterError, AsteroidError, TraceError
 from asteroid_fx.model_spec import load_model_spec
 from asteroid_fx.trace import trace
 
@@ -138,6 +138,13 @@ def test_errors_are_typed_one_line(kwargs: dict[str, Any], words: str) -> None:
     with pytest.raises(AdapterError, match=words) as info:
         parallel_adapters(_NoBlocks(), (torch.randn(2, 4),), **kwargs)
     assert isinstance(info.value, AsteroidError)
+    assert "\n" not in str(info.value)
+
+
+def test_a_graph_of_the_wrong_kind_is_one_line() -> None:
+    # (was AttributeError: 'str' object has no attribute 'num_layers')
+    with pytest.raises(TraceError, match="graph must be a LayerGraph, got str") as info:
+        parallel_adapters(_NoBlocks(), (torch.randn(2, 4),), graph="g")  # type: ignore[arg-type]
     assert "\n" not in str(info.value)
 
 

@@ -626,6 +626,29 @@ def test_plan_objective(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
         assert not (tmp_path / "bad").exists()
 
 
+def test_partition_traces_the_model_once(tmp_path: Path,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    # the trace the cost table was made on is the one partitioned (the model was traced
+    # twice: a second trace is 0.2 s on examples/mobilenet_v2.py, 0.5 s on efficientnet)
+    import importlib
+
+    trace_module = importlib.import_module("asteroid_fx.trace")    # (afx.trace: the function)
+    calls: list[str] = []
+    real = trace_module.trace
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        calls.append("trace")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(trace_module, "trace", counted)
+    mlp = str(ROOT / "examples" / "mlp.py")
+    for costs in ("analytic", "measure"):
+        calls.clear()
+        assert main(["partition", mlp, "--cluster", LOCAL3, "-b", "8", "--costs", costs,
+                     "--no-onnx", "--out", str(tmp_path / costs)]) == 0
+        assert calls == ["trace"], costs
+
+
 def test_partition_time_limit_and_the_large_fleet_hint(tmp_path: Path,
                                                        capsys: pytest.CaptureFixture[str]
                                                        ) -> None:

@@ -53,6 +53,11 @@ def test_explicit_words_and_files(cache: Path, tmp_path: Path) -> None:
     measured.table.save(tmp_path / "costs.json")
     from_file = _resolve(str(tmp_path / "costs.json"))
     assert from_file.how == "file" and from_file.table == measured.table
+    # every choice hands on the trace it made or checked the table on (partition reuses it)
+    for choice in (measured, from_file, _resolve("analytic"), _resolve("measure", BOARDS)):
+        assert choice.graph is not None
+        assert choice.graph.model_hash == choice.table.model_hash
+        assert choice.graph.num_layers == choice.table.num_layers
     with pytest.raises(CostModelError, match="neither a file nor one of auto, measure"):
         _resolve(str(tmp_path / "missing.json"))
 

@@ -400,6 +400,32 @@ def test_bad_options_are_one_line(extra: list[str], words: str, tmp_path: Path,
     assert words in _one_error_line(capsys.readouterr().err)
 
 
+def test_full_method_partitions_the_whole_model(tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str],
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    # `--method full` without --emulate: the plan and the stage package of the whole model,
+    # on the trace its costs were made on (one trace, not two)
+    import importlib
+
+    from contracts.plan import Plan
+
+    trace_module = importlib.import_module("asteroid_fx.trace")
+    real, calls = trace_module.trace, []
+    monkeypatch.setattr(trace_module, "trace",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))
+    out = tmp_path / "full"
+    assert main(["finetune", str(ROOT / "examples" / "mlp.py"), "--method", "full",
+                 "--cluster", LOCAL3, "--batch-size", "8", "--samples", "32", "--epochs", "2",
+                 "--costs", "analytic", "--out", str(out)]) == 0
+    assert f"wrote {out}/ (8 steps)" in capsys.readouterr().out
+    plan = Plan.load(out / "plan.json")
+    assert plan.batch_size == 8 and plan.stages[0].first == 0
+    assert plan.stages[-1].last == plan.num_layers - 1
+    assert sorted(p.name for p in out.glob("stage_*.py")) == [
+        f"stage_{i}.py" for i in range(len(plan.stages))]
+    assert len(calls) == 1
+
+
 def test_nothing_to_tap_and_dataset_without_len(tmp_path: Path,
                                                 capsys: pytest.CaptureFixture[str]) -> None:
     base = ["--cluster", LOCAL3, "--batch-size", "4", "--costs", "analytic", "--out",
