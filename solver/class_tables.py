@@ -80,6 +80,8 @@ class ClassTables:
     """Per row the work of the layers before it and of the layers from it on (as in
     ``Pooled``), where every group's ``x`` is at least its work over its bound speed
     (priced tables with no merged groups; None elsewhere): [Note: states by speed]."""
+    compiled: dict[str, Any] = field(default_factory=dict, compare=False)
+    """The rows as ``solver.relaxation_compiled.pack`` lays them out, once built."""
 
 
 @dataclass(frozen=True)

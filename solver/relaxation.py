@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import bisect
+import functools
+import logging
 import math
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -12,6 +15,8 @@ import numpy as np
 from solver.class_tables import ClassTables, Late, bound_classes, counts_pools
 from solver.link_floors import ABOVE, TAIL_SLACK
 from solver.space import ClassSpace
+
+log = logging.getLogger(__name__)
 
 __all__ = ["CLASS_COUNTED_STATES", "relaxed", "relaxed_many", "counted_classes", "prefix_lows",
            "gate_levels", "rest_gate_at"]
@@ -23,6 +28,11 @@ _PRICED_AFTER_LEVELS = 12
 """The same for ``relaxed`` (each level costs it little: one table of suffixes by ``a``);
 a deep pipeline after the dominant stage otherwise hides all-reduces behind
 ``rest_gate_at``, which is no bound past ``j (1 - rho) > M``."""
+
+COMPILED_PRICED = True
+"""Run ``relaxed_many``'s passes where no class is counted compiled ([Note: the compiled
+priced pass] in ``solver.relaxation_compiled``; False: this module's numpy code, the
+reference of the tests)."""
 
 _CHORD_POINTS = 3
 """``a`` values at which ``relaxed`` takes the dominant stage's minimum exactly."""
@@ -103,12 +113,6 @@ def relaxed_many(tables: ClassTables, m: int, low: float, top: float, limit: flo
     n_k = len(prices)
     count = len(tables.firsts)
     a_max = m                                   # a = 0 .. M - 1 stages after the dominant
-    # [Note: counted classes]: one axis of the count vectors of the counted classes the
-    # suffix uses, in order of their bound speed ([Note: states by speed]; none counted:
-    # one state); `states.kinds` puts a stage's suffix that uses `u` where the stage with
-    # `v` of them before it makes `u + v`
-    states = _CountStates(tables, counted, top)
-    n_states = states.size
     # the same, with the first stages after the dominant one at positions j = 1 .. J:
     # round >= T^{d+j} >= sum_{i<d} E_f^i + M X_d - sum_{i=d}^{d+j-1} E_b^i + T_a^{d+j}
     # >= (M - j (1 - rho)) X_d + T_a^{d+j} (E_b <= (1 - rho) X <= (1 - rho) X_d, rho the
@@ -117,22 +121,10 @@ def relaxed_many(tables: ClassTables, m: int, low: float, top: float, limit: flo
     gates, levels = gate_levels(m, rho, low, _PRICED_AFTER_LEVELS if not counted
                                 else _AFTER_LEVELS)
     late, late_ta = _late_gate(m, rho, low)
-    # (per price, row, state and a; the last table, `placed[:, levels]`, is `after`:
-    # suffixes after the dominant stage at any position)
+    rest_gate = rest_gate_at(m, int(tables.totals.sum()), rho, low, top)
     # (single precision where classes are counted: their tables are large; allowed for in
     # the value below)
     dtype = _COUNTED_DTYPE if counted else np.float64
-    placed = np.full((n_k, levels + 1, count + 1, n_states, a_max), inf, dtype)
-    placed[:, :, count, 0, 0] = 0.0             # (state 0: no device used)
-    after = placed[:, levels]
-    # per row whether the tails of the dominant stage (the first level's; `after` where
-    # there are none) hold a suffix
-    tails = placed[:, 0]
-    held = np.zeros(count + 1, dtype=bool)
-    held[count] = True
-    gate_arr = np.asarray(gates)
-    rest_gate = rest_gate_at(m, int(tables.totals.sum()), rho, low, top)
-    with_d = np.full((n_k, count + 1, n_states), inf, dtype)  # suffixes with the dominant stage
     if counted:
         prices = prices.copy()
         prices[:, list(counted)] = 0.0          # (counted: no price)
@@ -140,7 +132,6 @@ def relaxed_many(tables: ClassTables, m: int, low: float, top: float, limit: flo
     if tables.fast is not None and fast_prices is not None:
         # [Note: partner links]: each member over a partner's link costs fast_price
         cost = cost + tables.fast[:, None] * fast_prices[None]
-    usage = tables.counts[:, list(counted)].astype(int)     # (G, counted classes)
     points = list(range(a_max)) if a_max <= _CHORD_POINTS else sorted(
         {round(k * (a_max - 1) / (_CHORD_POINTS - 1)) for k in range(_CHORD_POINTS)})
     chords = np.zeros((a_max, len(points)))
@@ -151,11 +142,37 @@ def relaxed_many(tables: ClassTables, m: int, low: float, top: float, limit: flo
         else:
             w = (a - points[k]) / (points[k + 1] - points[k])
             chords[a, k], chords[a, k + 1] = 1.0 - w, w
-    m_low = m * low
     # what the prices pay back (they cancel in the value; the floors allow for them)
     paid = prices @ tables.totals
     if tables.fast is not None and fast_prices is not None:
         paid = paid + fast_prices * tables.fast_total
+    compiled = _compiled_pass() if not counted and COMPILED_PRICED else None
+    if compiled is not None:
+        # [Note: the compiled priced pass]: the same DP, compiled
+        if deadline is not None and time.perf_counter() > deadline:
+            raise Late
+        return _paid_back(compiled(tables, m, low, top, limit, cost, gates, late, late_ta,
+                                   rest_gate, points, chords), paid, dtype, tables)
+    # [Note: counted classes]: one axis of the count vectors of the counted classes the
+    # suffix uses, in order of their bound speed ([Note: states by speed]; none counted:
+    # one state); `states.kinds` puts a stage's suffix that uses `u` where the stage with
+    # `v` of them before it makes `u + v`
+    states = _CountStates(tables, counted, top)
+    n_states = states.size
+    # (per price, row, state and a; the last table, `placed[:, levels]`, is `after`:
+    # suffixes after the dominant stage at any position)
+    placed = np.full((n_k, levels + 1, count + 1, n_states, a_max), inf, dtype)
+    placed[:, :, count, 0, 0] = 0.0             # (state 0: no device used)
+    after = placed[:, levels]
+    # per row whether the tails of the dominant stage (the first level's; `after` where
+    # there are none) hold a suffix
+    tails = placed[:, 0]
+    held = np.zeros(count + 1, dtype=bool)
+    held[count] = True
+    gate_arr = np.asarray(gates)
+    with_d = np.full((n_k, count + 1, n_states), inf, dtype)  # suffixes with the dominant stage
+    usage = tables.counts[:, list(counted)].astype(int)     # (G, counted classes)
+    m_low = m * low
     floors = _Floors(tables, n_k, levels, count, m, low, limit, paid, bool(counted))
     for i in range(count - 1, -1, -1):
         if deadline is not None and not i % 8 and time.perf_counter() > deadline:
@@ -252,16 +269,35 @@ def relaxed_many(tables: ClassTables, m: int, low: float, top: float, limit: flo
                          + _gather(with_d, (nxt[ends],), batch.source(pairs))).min(axis=1)
                 batch.min_into(with_d[:, i], 1, pairs, found)                  # (K, pairs)
         floors.keep(i, after, placed, with_d, levels)
-    # the prices cancel: allow for the rounding of the large terms
-    found_all = with_d[:, 0].reshape(n_k, -1).min(axis=1).astype(np.float64)
-    # where classes are counted the tables are single precision: a value sums one term per
-    # stage (at most one stage per device), all >= 0, each term and each sum rounded by at
-    # most 2^-24 of the sum (eps / 2)
+    return _paid_back(with_d[:, 0].reshape(n_k, -1).min(axis=1).astype(np.float64), paid,
+                      dtype, tables)
+
+
+@functools.cache
+def _compiled_pass() -> Callable[..., np.ndarray] | None:
+    """``solver.relaxation_compiled.priced_pass``, or None (once warned) where numba cannot
+    be imported: this module's numpy pass then, the same values more slowly."""
+    try:
+        from solver.relaxation_compiled import priced_pass
+    except ImportError as exc:
+        log.warning("the class bound's compiled pass is not available (%s): its priced "
+                    "passes run in numpy, 3-6 times slower; `pip install numba` to fix", exc)
+        return None
+    return priced_pass
+
+
+def _paid_back(found_all: np.ndarray, paid: np.ndarray, dtype: Any,
+               tables: ClassTables) -> np.ndarray:
+    """``relaxed_many``'s values from the smallest relaxed plans per price (``found_all``):
+    the prices paid back, less the rounding; inf where no relaxed plan is in the bucket."""
+    # the prices cancel: allow for the rounding of the large terms; where classes are
+    # counted the tables are single precision: a value sums one term per stage (at most
+    # one stage per device), all >= 0, each term and each sum rounded by at most 2^-24 of
+    # the sum (eps / 2)
     rounding = ((2 * int(tables.totals.sum()) + 4) * float(np.finfo(dtype).eps) / 2
                 if dtype != np.float64 else 1e-10)
     with np.errstate(invalid="ignore"):
         out = found_all - paid - rounding * (np.abs(found_all) + np.abs(paid))
-    # no relaxed plan: none in the bucket
     return np.where(np.isinf(found_all), found_all, out)
 
 

@@ -441,6 +441,69 @@ def class_bound_rows() -> list[str]:
     return lines
 
 
+def compiled_ab(devices: int, target: float) -> list[str]:
+    """The class bound of every micro-batch size of ResNet-50 x ``devices`` Jetsons for
+    ``target``, each priced pass run in numpy and compiled in turn ([Note: the compiled
+    priced pass] in ``solver.relaxation_compiled``): per size the seconds of each, how many
+    passes and how many values differed, and the counted passes' seconds."""
+    import numpy as np
+
+    import solver.class_bound
+    import solver.relaxation
+    from solver.class_bound import class_bound
+    from solver.evaluate import LayerSums
+    from solver.space import ClassSpace, candidate_cuts, micro_batch_choices
+    from solver.summary import hiding_ratio
+
+    costs = model_costs("resnet50_imagenet")
+    cluster = jetson_mix(devices).for_costs(costs)
+    space = ClassSpace(costs, cluster)
+    sums, ends = LayerSums.of(costs), candidate_cuts(costs, 96)
+    relaxed_many = solver.relaxation.relaxed_many
+    seen = {"numpy": 0.0, "compiled": 0.0, "passes": 0, "differ": 0, "counted": 0.0}
+
+    def both(*args: Any) -> Any:
+        if len(args) > 9 and args[9]:       # (classes counted: numpy only)
+            started = time.perf_counter()
+            out = relaxed_many(*args)
+            seen["counted"] += time.perf_counter() - started
+            return out
+        found = {}
+        for name, on in (("numpy", False), ("compiled", True)):
+            solver.relaxation.COMPILED_PRICED = on
+            started = time.perf_counter()
+            found[name] = relaxed_many(*args)
+            seen[name] += time.perf_counter() - started
+        seen["passes"] += 1
+        seen["differ"] += int(not np.array_equal(found["numpy"], found["compiled"]))
+        return found["compiled"]
+
+    lines = [f"ResNet-50 x {devices} Jetsons, target {target} s, load {load():.1f}",
+             "| micro-batch | bound (s) | priced passes | differ | numpy (s) | compiled (s) | "
+             "counted passes (s) |", "|---|---|---|---|---|---|---|"]
+    print("\n".join(lines), flush=True)
+    solver.class_bound.relaxed_many = both  # type: ignore[assignment]
+    try:
+        for mb in micro_batch_choices(64, None):
+            before = dict(seen)
+            value = class_bound(space, sums, costs.cut_bytes, ends, mb, 64 // mb, target,
+                                rho=hiding_ratio(costs, cluster), pools=False, cache={},
+                                optimizer_state_factor=costs.optimizer_state_factor)
+            lines.append(f"| {mb} | {value:.5g} | {seen['passes'] - before['passes']} | "
+                         f"{seen['differ'] - before['differ']} | "
+                         f"{seen['numpy'] - before['numpy']:.2f} | "
+                         f"{seen['compiled'] - before['compiled']:.2f} | "
+                         f"{seen['counted'] - before['counted']:.2f} |")
+            print(lines[-1], flush=True)
+    finally:
+        solver.class_bound.relaxed_many = relaxed_many
+        solver.relaxation.COMPILED_PRICED = True
+    lines.append(f"| all | | {seen['passes']} | {seen['differ']} | {seen['numpy']:.2f} | "
+                 f"{seen['compiled']:.2f} | {seen['counted']:.2f} |")
+    print(lines[-1], flush=True)
+    return lines
+
+
 # -- one time-limited run, for comparing checkouts ------------------------------------------
 ONCE_CASES = {
     "mlp8": ("mlp200", 64, lambda n: mixed8()),
@@ -565,6 +628,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="a recovery's re-plan on a case (one device of the plan's middle "
                         "stage lost): with the full re-plan's default time limit and exact, "
                         "as a JSON line")
+    parser.add_argument("--compiled-ab", nargs=2, metavar=("DEVICES", "TARGET"),
+                        help="the class bound's priced passes in numpy and compiled, in turn, "
+                        "on ResNet-50 x DEVICES Jetsons for TARGET seconds")
     parser.add_argument("--time-limit", type=float, default=None,
                         help="seconds, for --once (default: none)")
     parser.add_argument("--sizes", nargs="+", type=int, default=[8, 16, 32, 64])
@@ -595,6 +661,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error(f"--replan: unknown case {args.replan[0]!r}; choose one of "
                          f"{', '.join(ONCE_CASES)}")
         print(json.dumps(replan_times(args.replan[0], int(args.replan[1]))), flush=True)
+        return 0
+    if args.compiled_ab:
+        print("(the first run after an install builds the compiled pass: about 3 s more)")
+        compiled_ab(int(args.compiled_ab[0]), float(args.compiled_ab[1]))
         return 0
     if args.check_ilp_example:
         print(_check_ilp_here(), flush=True)
