@@ -151,8 +151,15 @@ def relaxed_many(tables: ClassTables, m: int, low: float, top: float, limit: flo
         # [Note: the compiled priced pass]: the same DP, compiled
         if deadline is not None and time.perf_counter() > deadline:
             raise Late
-        return _paid_back(compiled(tables, m, low, top, limit, cost, gates, late, late_ta,
-                                   rest_gate, points, chords), paid, dtype, tables)
+        try:
+            found = compiled(tables, m, low, top, limit, cost, gates, late, late_ta,
+                             rest_gate, points, chords)
+        except Exception as exc:    # (a numba that cannot build it: numpy from now on)
+            _compile_failed.append(repr(exc))
+            log.warning("the class bound's compiled pass failed (%s): its priced passes "
+                        "run in numpy from now on, 3-6 times slower", exc)
+        else:
+            return _paid_back(found, paid, dtype, tables)
     # [Note: counted classes]: one axis of the count vectors of the counted classes the
     # suffix uses, in order of their bound speed ([Note: states by speed]; none counted:
     # one state); `states.kinds` puts a stage's suffix that uses `u` where the stage with
@@ -273,10 +280,21 @@ def relaxed_many(tables: ClassTables, m: int, low: float, top: float, limit: flo
                       dtype, tables)
 
 
-@functools.cache
+_compile_failed: list[str] = []
+"""Why the compiled pass failed in this process, where it did (the numpy pass runs then)."""
+
+
 def _compiled_pass() -> Callable[..., np.ndarray] | None:
+    """``solver.relaxation_compiled.priced_pass``, or None where it failed in this process
+    or numba cannot be imported (once warned): this module's numpy pass then, the same
+    values more slowly."""
+    return None if _compile_failed else _import_compiled()
+
+
+@functools.cache
+def _import_compiled() -> Callable[..., np.ndarray] | None:
     """``solver.relaxation_compiled.priced_pass``, or None (once warned) where numba cannot
-    be imported: this module's numpy pass then, the same values more slowly."""
+    be imported."""
     try:
         from solver.relaxation_compiled import priced_pass
     except ImportError as exc:
