@@ -3,7 +3,6 @@ pass, value for value, and keeps its deadline."""
 
 from __future__ import annotations
 
-import math
 import time
 
 import numpy as np
@@ -69,10 +68,12 @@ def test_a_passed_deadline_is_late_and_the_rows_are_packed_once() -> None:
     with pytest.raises(Late):
         relaxed_many(tables, m, low, top, 1e9, prices, rho, time.perf_counter() - 1.0, fast)
     assert pack(tables) is pack(tables)
-    x_all = pack(tables)[0]
+    x_all, ends = pack(tables)[0], pack(tables)[6]
     assert x_all.shape[:2] == (len(tables.rows), tables.rows[0][0].shape[0])
-    assert not math.isfinite(x_all[-1, 0, -1]) or tables.rows[-1][0].shape[1] == \
-        x_all.shape[2]
+    for i, row in enumerate(tables.rows):     # each row's x, then inf past its ends
+        assert ends[i] == row[0].shape[1]
+        assert np.array_equal(x_all[i, :, :ends[i]], row[0])
+        assert not np.isfinite(x_all[i, :, ends[i]:]).any()
 
 
 def test_without_numba_the_numpy_pass_runs_and_says_so(monkeypatch: pytest.MonkeyPatch,
