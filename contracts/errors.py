@@ -7,6 +7,7 @@ from typing import Any
 __all__ = [
     "absent",
     "read_text",
+    "read_json",
     "AsteroidError",
     "ModelSpecError",
     "TraceError",
@@ -139,6 +140,15 @@ def read_text(path: object, error: type[AsteroidError], what: str, fix: str) -> 
         return p.read_text()
     except UnicodeDecodeError as exc:
         raise error(f"{what} {str(p)!r} is not text (UTF-8): {exc}; {fix}") from None
+
+
+def read_json(path: object, error: type[AsteroidError], what: str, fix: str) -> Any:
+    """The JSON data of the file ``path``: ``read_text``, then ``parse_json`` naming the
+    file (``"{what} 'PATH' is not valid JSON: ...; {fix}"``)."""
+    from pathlib import Path
+
+    return parse_json(read_text(path, error, what, fix), error,
+                      f"{what} {str(Path(str(path)))!r}", fix)
 
 
 MALFORMED = (KeyError, TypeError, ValueError, AttributeError, OverflowError, RecursionError)

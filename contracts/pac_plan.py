@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Tuple
 
-from contracts.errors import MALFORMED, PlanError, parse_json, read_text
+from contracts.errors import MALFORMED, PlanError, parse_json, read_json
 from contracts.files import write_text
 from contracts.plan import Plan
 
@@ -358,5 +358,4 @@ class PacPlan:
     @classmethod
     def load(cls, path: str | Path) -> PacPlan:
         fix = "create it with `asteroid-fx finetune MODEL --cluster C --batch-size N --out DIR`"
-        text = read_text(path, PlanError, "PAC plan", fix)
-        return cls.from_dict(parse_json(text, PlanError, f"PAC plan {str(path)!r}", fix))
+        return cls.from_dict(read_json(path, PlanError, "PAC plan", fix))

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from contracts.errors import MALFORMED, PlanError, parse_json, read_text
+from contracts.errors import MALFORMED, PlanError, parse_json, read_json
 from contracts.files import write_text
 
 __all__ = ["Stage", "StagePrediction", "Prediction", "PlannerInfo", "SearchBound", "Plan",
@@ -423,5 +423,4 @@ class Plan:
     @classmethod
     def load(cls, path: str | Path) -> Plan:
         fix = f"create it with `asteroid-fx plan MODEL --cluster C --batch-size N --out {path}`"
-        text = read_text(path, PlanError, "plan file", fix)
-        return cls.from_dict(parse_json(text, PlanError, f"plan file {str(path)!r}", fix))
+        return cls.from_dict(read_json(path, PlanError, "plan file", fix))

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from contracts.errors import MALFORMED, CostModelError, parse_json, read_text
+from contracts.errors import MALFORMED, CostModelError, parse_json, read_json
 from contracts.files import write_text
 
 __all__ = ["TimeFit", "LayerCost", "DeviceColumn", "CostTable", "RuntimeOverhead", "TiedWeight",
@@ -604,5 +604,4 @@ class CostTable:
     def load(cls, path: str | Path) -> CostTable:
         p = Path(path)
         fix = f"create it with `asteroid-fx profile MODEL --out {p}`"
-        text = read_text(p, CostModelError, "cost table", fix)
-        return cls.from_dict(parse_json(text, CostModelError, f"cost table {str(p)!r}", fix))
+        return cls.from_dict(read_json(p, CostModelError, "cost table", fix))
