@@ -19,6 +19,7 @@ import torch.distributed as dist
 from contracts.allocator import tune_allocator
 from runtime import protocol as proto
 from runtime.comm import CommFailure
+from runtime.heartbeat import process_state
 from runtime.memory import freeze_startup
 from runtime.results import ResultWriter
 from runtime.shaping import CommThreads
@@ -161,15 +162,10 @@ def _exit_with_launcher(launcher: int | None, interval_s: float = 0.5) -> None:
     def gone(pid: int) -> bool:
         try:
             os.kill(pid, 0)
-        except ProcessLookupError:
+        except (ProcessLookupError, PermissionError):   # (another user's: a reused pid)
             return True
-        except PermissionError:     # (alive, another user's: a reused pid is not ours)
-            return True
-        try:        # a killed launcher its parent has not reaped yet is a zombie
-            with open(f"/proc/{pid}/stat") as stat:
-                return stat.read().rsplit(")", 1)[1].split()[0] == "Z"
-        except (OSError, IndexError):
-            return False
+        # (a killed launcher its parent has not reaped yet is a zombie)
+        return process_state(pid) in ("gone", "zombie")
 
     def watch() -> None:
         while True:
