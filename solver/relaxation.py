@@ -32,7 +32,7 @@ a deep pipeline after the dominant stage otherwise hides all-reduces behind
 COMPILED_PRICED = True
 """Run ``relaxed_many``'s passes where no class is counted compiled ([Note: the compiled
 priced pass] in ``solver.relaxation_compiled``; False: this module's numpy code, the
-reference of the tests)."""
+reference of the tests, and what runs once the compiled pass has failed in a process)."""
 
 _CHORD_POINTS = 3
 """``a`` values at which ``relaxed`` takes the dominant stage's minimum exactly."""
@@ -155,9 +155,7 @@ def relaxed_many(tables: ClassTables, m: int, low: float, top: float, limit: flo
             found = compiled(tables, m, low, top, limit, cost, gates, late, late_ta,
                              rest_gate, points, chords)
         except Exception as exc:    # (a numba that cannot build it: numpy from now on)
-            _compile_failed.append(repr(exc))
-            log.warning("the class bound's compiled pass failed (%s): its priced passes "
-                        "run in numpy from now on, 3-6 times slower", exc)
+            _give_up_compiled(exc)
         else:
             return _paid_back(found, paid, dtype, tables)
     # [Note: counted classes]: one axis of the count vectors of the counted classes the
@@ -280,21 +278,19 @@ def relaxed_many(tables: ClassTables, m: int, low: float, top: float, limit: flo
                       dtype, tables)
 
 
-_compile_failed: list[str] = []
-"""Why the compiled pass failed in this process, where it did (the numpy pass runs then)."""
-
-
-def _compiled_pass() -> Callable[..., np.ndarray] | None:
-    """``solver.relaxation_compiled.priced_pass``, or None where it failed in this process
-    or numba cannot be imported (once warned): this module's numpy pass then, the same
-    values more slowly."""
-    return None if _compile_failed else _import_compiled()
+def _give_up_compiled(exc: Exception) -> None:
+    """The compiled pass failed (``exc``): this process's priced passes run in numpy from
+    now on (``COMPILED_PRICED`` off), the same values more slowly; said once."""
+    global COMPILED_PRICED
+    COMPILED_PRICED = False
+    log.warning("the class bound's compiled pass failed (%s): its priced passes run in "
+                "numpy from now on, 3-6 times slower", exc)
 
 
 @functools.cache
-def _import_compiled() -> Callable[..., np.ndarray] | None:
+def _compiled_pass() -> Callable[..., np.ndarray] | None:
     """``solver.relaxation_compiled.priced_pass``, or None (once warned) where numba cannot
-    be imported."""
+    be imported: this module's numpy pass then, the same values more slowly."""
     try:
         from solver.relaxation_compiled import priced_pass
     except ImportError as exc:

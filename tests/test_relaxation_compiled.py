@@ -83,14 +83,14 @@ def test_without_numba_the_numpy_pass_runs_and_says_so(monkeypatch: pytest.Monke
 
     seed, tables, m, low, top, prices, fast, rho = next(iter(random_relaxed(range(5), 2)))
     compiled = relaxed_many(tables, m, low, top, 1e9, prices, rho, None, fast)
-    solver.relaxation._import_compiled.cache_clear()
+    solver.relaxation._compiled_pass.cache_clear()
     monkeypatch.setitem(sys.modules, "solver.relaxation_compiled", None)  # (ImportError)
     try:
         with caplog.at_level("WARNING", logger="solver.relaxation"):
             fallback = relaxed_many(tables, m, low, top, 1e9, prices, rho, None, fast)
             relaxed_many(tables, m, low, top, 1e9, prices, rho, None, fast)
     finally:
-        solver.relaxation._import_compiled.cache_clear()
+        solver.relaxation._compiled_pass.cache_clear()
     assert np.array_equal(fallback, compiled)
     warned = [r.getMessage() for r in caplog.records if "compiled pass" in r.getMessage()]
     assert len(warned) == 1 and "pip install numba" in warned[0]
@@ -111,12 +111,13 @@ def test_a_compiled_pass_that_fails_leaves_the_numpy_pass(monkeypatch: pytest.Mo
         raise RuntimeError("cannot build the pass")
 
     monkeypatch.setattr(solver.relaxation_compiled, "_pass", broken)
-    monkeypatch.setattr(solver.relaxation, "_compile_failed", [])
+    monkeypatch.setattr(solver.relaxation, "COMPILED_PRICED", True)    # (restored after)
     with caplog.at_level("WARNING", logger="solver.relaxation"):
         first = relaxed_many(tables, m, low, top, 1e9, prices, rho, None, fast)
         again = relaxed_many(tables, m, low, top, 1e9, prices, rho, None, fast)
     assert np.array_equal(first, compiled) and np.array_equal(again, compiled)
     assert len(calls) == 1      # (not tried again in this process)
+    assert solver.relaxation.COMPILED_PRICED is False
     warned = [r.getMessage() for r in caplog.records if "compiled pass failed" in
               r.getMessage()]
     assert len(warned) == 1 and "cannot build the pass" in warned[0]
