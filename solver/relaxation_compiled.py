@@ -15,7 +15,9 @@ stage's values (``np.einsum`` in numpy), and its values equal numpy's on every p
 checked: ``tests/test_relaxation_compiled.py`` (random instances, every ``M``, prices and
 deadlines), and the 108 priced passes of ``class_bound`` on every micro-batch size of
 ResNet-50 x 32 Jetsons at 0.8225 s and the 174 on 64 Jetsons at 0.5845 s, bit for bit.
-Those passes took 4.56 s and 12.1 s in numpy, 0.78 s and 2.68 s compiled.
+Those passes took 5.25 s and 12.0 s in numpy, 1.58 s (0.48 s of it loading the compiled
+code) and 3.58 s compiled (``python tools/time_planner.py --compiled-ab 32 0.8225``, ``64
+0.5845``: each pass both ways in turn, in one process).
 
 Per row and price the loop takes every kept group and end once: the stage after the
 dominant one at any position (``after``), at each gated level (a group that passes a
