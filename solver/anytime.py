@@ -745,6 +745,13 @@ def _search(costs: CostTable, cluster: Cluster, batch_size: int, optimizer_state
         if ok:
             for mb, value in found.items():
                 proven[mb] = max(value, proven.get(mb, 0.0))
+        elif beside.published > 0.0 and math.isfinite(beside.published):
+            # (late or failed: what it published is the smallest bound over the sizes
+            # so far, a bound of every size)
+            log.warning("the class bound beside the search did not finish (%s): its bound "
+                        "so far, %.4g s, stands", found, beside.published)
+            for mb in mbs:
+                proven[mb] = max(beside.published, proven.get(mb, 0.0))
         else:
             log.warning("the class bound beside the search proved nothing: %s", found)
     elif not complete and not later:

@@ -7,7 +7,7 @@ import functools
 import logging
 import math
 import time
-from collections.abc import Callable
+from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -29,10 +29,11 @@ _PRICED_AFTER_LEVELS = 12
 a deep pipeline after the dominant stage otherwise hides all-reduces behind
 ``rest_gate_at``, which is no bound past ``j (1 - rho) > M``."""
 
-COMPILED_PRICED = True
-"""Run ``relaxed_many``'s passes where no class is counted compiled ([Note: the compiled
-priced pass] in ``solver.relaxation_compiled``; False: this module's numpy code, the
-reference of the tests, and what runs once the compiled pass has failed in a process)."""
+COMPILED = True
+"""Run ``relaxed_many``'s passes compiled ([Note: the compiled priced pass] and [Note: the
+compiled counted pass] in ``solver.relaxation_compiled``; False: this module's numpy code,
+the reference of the tests, and what runs once a compiled pass has failed in a
+process)."""
 
 _CHORD_POINTS = 3
 """``a`` values at which ``relaxed`` takes the dominant stage's minimum exactly."""
@@ -146,23 +147,27 @@ def relaxed_many(tables: ClassTables, m: int, low: float, top: float, limit: flo
     paid = prices @ tables.totals
     if tables.fast is not None and fast_prices is not None:
         paid = paid + fast_prices * tables.fast_total
-    compiled = _compiled_pass() if not counted and COMPILED_PRICED else None
-    if compiled is not None:
-        # [Note: the compiled priced pass]: the same DP, compiled
-        if deadline is not None and time.perf_counter() > deadline:
-            raise Late
-        try:
-            found = compiled(tables, m, low, top, limit, cost, gates, late, late_ta,
-                             rest_gate, points, chords)
-        except Exception as exc:    # (a numba that cannot build it: numpy from now on)
-            _give_up_compiled(exc)
-        else:
-            return _paid_back(found, paid, dtype, tables)
     # [Note: counted classes]: one axis of the count vectors of the counted classes the
     # suffix uses, in order of their bound speed ([Note: states by speed]; none counted:
     # one state); `states.kinds` puts a stage's suffix that uses `u` where the stage with
     # `v` of them before it makes `u + v`
     states = _CountStates(tables, counted, top)
+    floors = _Floors(tables, n_k, levels, count, m, low, limit, paid, bool(counted))
+    compiled = _compiled_passes() if COMPILED else None
+    if compiled is not None and (deadline is None or _built(compiled, bool(counted))):
+        # [Note: the compiled priced pass], [Note: the compiled counted pass]: the same DP,
+        # compiled ([Note: building the compiled passes]: not inside a deadline)
+        if deadline is not None and time.perf_counter() > deadline:
+            raise Late
+        args = (tables, m, low, top, limit, cost, gates, late, late_ta, rest_gate, points,
+                chords)
+        try:
+            found = (compiled.counted_pass(*args, states.flat(tables), floors.flat(count))
+                     if counted else compiled.priced_pass(*args))
+        except Exception as exc:    # (a numba that cannot build it: numpy from now on)
+            _give_up_compiled(exc)
+        else:
+            return _paid_back(found, paid, dtype, tables)
     n_states = states.size
     # (per price, row, state and a; the last table, `placed[:, levels]`, is `after`:
     # suffixes after the dominant stage at any position)
@@ -178,7 +183,6 @@ def relaxed_many(tables: ClassTables, m: int, low: float, top: float, limit: flo
     with_d = np.full((n_k, count + 1, n_states), inf, dtype)  # suffixes with the dominant stage
     usage = tables.counts[:, list(counted)].astype(int)     # (G, counted classes)
     m_low = m * low
-    floors = _Floors(tables, n_k, levels, count, m, low, limit, paid, bool(counted))
     for i in range(count - 1, -1, -1):
         if deadline is not None and not i % 8 and time.perf_counter() > deadline:
             raise Late
@@ -279,25 +283,43 @@ def relaxed_many(tables: ClassTables, m: int, low: float, top: float, limit: flo
 
 
 def _give_up_compiled(exc: Exception) -> None:
-    """The compiled pass failed (``exc``): this process's priced passes run in numpy from
-    now on (``COMPILED_PRICED`` off), the same values more slowly; said once."""
-    global COMPILED_PRICED
-    COMPILED_PRICED = False
-    log.warning("the class bound's compiled pass failed (%s): its priced passes run in "
-                "numpy from now on, 3-6 times slower", exc)
+    """A compiled pass failed (``exc``): this process's passes run in numpy from now on
+    (``COMPILED`` off), the same values more slowly; said once."""
+    global COMPILED
+    COMPILED = False
+    log.warning("the class bound's compiled pass failed (%s): its passes run in numpy "
+                "from now on, 3-6 times slower", exc)
 
 
 @functools.cache
-def _compiled_pass() -> Callable[..., np.ndarray] | None:
-    """``solver.relaxation_compiled.priced_pass``, or None (once warned) where numba cannot
-    be imported: this module's numpy pass then, the same values more slowly."""
+def _compiled_passes() -> ModuleType | None:
+    """``solver.relaxation_compiled`` (its ``priced_pass``, ``counted_pass`` and
+    ``built``), or None (once warned) where numba cannot be imported: this module's numpy
+    pass then, the same values more slowly."""
     try:
-        from solver.relaxation_compiled import priced_pass
+        import solver.relaxation_compiled as compiled
     except ImportError as exc:
-        log.warning("the class bound's compiled pass is not available (%s): its priced "
-                    "passes run in numpy, 3-6 times slower; `pip install numba` to fix", exc)
+        log.warning("the class bound's compiled pass is not available (%s): its passes run "
+                    "in numpy, 3-6 times slower; `pip install numba` to fix", exc)
         return None
-    return priced_pass
+    return compiled
+
+
+_UNBUILT_SAID: list[bool] = []
+"""Whether this process has said that a pass is not built yet (once)."""
+
+
+def _built(compiled: ModuleType, counted: bool) -> bool:
+    """Whether ``compiled``'s priced or counted pass is built ([Note: building the compiled
+    passes]); where not, said once: this call runs in numpy."""
+    if compiled.built(counted):
+        return True
+    if not _UNBUILT_SAID:
+        _UNBUILT_SAID.append(True)
+        log.info("the class bound's compiled passes are not built yet: within a time limit "
+                 "they run in numpy (3-6 times slower); `python -m solver.relaxation_compiled`"
+                 " builds them once per install (about 10 s)")
+    return False
 
 
 def _paid_back(found_all: np.ndarray, paid: np.ndarray, dtype: Any,
@@ -384,6 +406,33 @@ class _CountStates:
             self.low = tail * TAIL_SLACK / reach - others - total * 1e-9
             self.high = total - head * TAIL_SLACK / reach + total * 1e-9
 
+    def flat(self, tables: ClassTables) -> tuple[np.ndarray, ...]:
+        """The states as ``solver.relaxation_compiled.counted_pass`` reads them: per group
+        its kind (the devices of the counted classes it takes), per kind and state the
+        state the suffix after a stage of that kind comes from (-1: the kind does not fit
+        in the state), the states' bound speeds (non-decreasing) and per row the range of
+        speeds it keeps (``kinds``' ``low`` and ``high``; unbounded where those are not
+        known). The kinds are cached in ``tables.compiled`` per set of counted classes."""
+        key = f"kinds{self.counted}"
+        held = tables.compiled.get(key)
+        if held is None:
+            used = tables.counts[:, list(self.counted)].astype(int)
+            codes, kind_of = np.unique(np.ravel_multi_index(tuple(used.T), self.dims),
+                                       return_inverse=True)
+            src_of = np.full((len(codes), self.size), -1, dtype=np.int64)
+            for j, code in enumerate(codes.tolist()):
+                kind = np.asarray(np.unravel_index(code, self.dims))
+                fits = np.nonzero((self.vecs >= kind).all(axis=1))[0]
+                src_of[j, fits] = self.position[np.ravel_multi_index(
+                    tuple((self.vecs[fits] - kind).T), self.dims)]
+            held = tables.compiled[key] = (kind_of.reshape(-1).astype(np.int64), src_of)
+        rows = len(tables.rows)
+        low = self.low[:rows] if self.low is not None else np.full(rows, -math.inf)
+        high = self.high[:rows] if self.high is not None else np.full(rows, math.inf)
+        return (*held, np.ascontiguousarray(self.speed, dtype=np.float64),
+                np.ascontiguousarray(low, dtype=np.float64),
+                np.ascontiguousarray(high, dtype=np.float64))
+
     def kinds(self, used: np.ndarray, row: int) -> list[_Kind]:
         """The groups of ``row`` by the devices of the counted classes each takes (``used``:
         groups x counted classes), each with the states where a stage of it puts a suffix
@@ -448,6 +497,15 @@ class _Floors:
         self.fl_levels = np.full((n_k, levels + 1, count + 1), inf)
         self.fl_levels[:, :, count] = 0.0
         self.fl_d = np.full((n_k, count + 1), inf)
+
+    def flat(self, rows: int) -> tuple[bool, np.ndarray, np.ndarray, float]:
+        """Whether the floors are on, the limit per price, what the stages before each row
+        add at least and what the dominant stage adds beyond its ``x``, as
+        ``solver.relaxation_compiled.counted_pass`` reads them."""
+        if not self.on:
+            return False, np.zeros(1), np.zeros(rows), 0.0
+        return (True, np.ascontiguousarray(self.limit[:, 0], dtype=np.float64),
+                np.ascontiguousarray(self.head[:rows], dtype=np.float64), float(self.dom_low))
 
     def after(self, values: np.ndarray, i: int, nxt: np.ndarray) -> np.ndarray:
         """``values`` (K x groups or kinds x ends) of stages after the dominant one at any

@@ -1,4 +1,4 @@
-"""The class bound's priced relaxed DP (no class counted) as one compiled loop nest (numba).
+"""The class bound's relaxed DP, priced or with classes counted, as compiled loop nests (numba).
 
 [Note: the compiled priced pass]
 ``relaxation.relaxed_many`` is a few dozen numpy calls per row of its tables on small
@@ -8,8 +8,9 @@ or 26 prices of a polish step, whatever the work. Shrinking the work of its cost
 line six-fold (the gated levels' masked copies, a quarter of the profile) left a pass as
 slow as before (0.94 times; thirty-first session). ``priced_pass`` is the
 same DP as one loop nest, compiled once per installation by numba (``cache=True``: about
-3 s the first time, then 0.3 s to load) and run where no class is counted; the counted
-passes keep the numpy code (their states and kinds). It computes the same minima over
+3 s the first time, then 0.3 s to load: [Note: building the compiled passes]) and run
+where no class is counted; the counted passes have their own ([Note: the compiled counted
+pass]). It computes the same minima over
 the same sums, in the same order but for the chords' weighted sum of the dominant
 stage's values (``np.einsum`` in numpy), and its values equal numpy's on every pass
 checked: ``tests/test_relaxation_compiled.py`` (random instances, every ``M``, prices and
@@ -29,6 +30,8 @@ suffix tables, as ``relaxed_many`` does."""
 from __future__ import annotations
 
 import math
+import sys
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -37,47 +40,60 @@ import numpy as np
 
 from solver.class_tables import ClassTables
 
-__all__ = ["Packed", "pack", "priced_pass"]
+__all__ = ["Packed", "pack", "priced_pass", "counted_pass", "built", "build"]
 
 Packed = tuple[np.ndarray, ...]
-"""``pack``'s arrays: x, max(E_f, E_b), T_a and X's upper bound (rows x groups x ends, inf
-past a row's ends), the next rows, the smallest x per end, the ends per row and whether
-a row is the first layer's."""
+"""``pack``'s arrays: x, max(E_f, E_b), T_a and X's upper bound, every row's (groups x
+ends) laid end to end (inf where a row has no upper bounds); where each row starts in
+them, its ends and where its ends start in the next two: the next rows and the smallest
+x per end, laid end to end; whether a row is the first layer's."""
 
 
 def pack(tables: ClassTables) -> Packed:
-    """``tables``' rows as arrays padded to the most ends of a row (built once per
-    tables: ``ClassTables.compiled``)."""
+    """``tables``' rows as flat arrays (built once per tables: ``ClassTables.compiled``;
+    padding each row to the most ends of a row cost 0.17-0.24 s a table of ResNet-50 x 32
+    Jetsons, twice the memory of the rows, in a 5-s limit)."""
     held: Packed | None = tables.compiled.get("packed")
     if held is not None:
         return held
     rows = tables.rows
-    count, groups = len(rows), rows[0][0].shape[0]
-    width = max(r[0].shape[1] for r in rows)
-    x_all, big_all, ta_all, up_all = (np.full((count, groups, width), math.inf)
-                                      for _ in range(4))
-    nxt_all = np.full((count, width), count, dtype=np.int64)
-    short_all = np.full((count, width), math.inf)
-    ends = np.zeros(count, dtype=np.int64)
-    for i, (x, big, t_a, nxt, shortest) in enumerate(rows):
-        e = x.shape[1]
-        x_all[i, :, :e], big_all[i, :, :e], ta_all[i, :, :e] = x, big, t_a
-        if tables.uppers:
-            up_all[i, :, :e] = tables.uppers[i]
-        nxt_all[i, :e], short_all[i, :e], ends[i] = nxt, shortest, e
+    groups = rows[0][0].shape[0]
+    ends = np.asarray([r[0].shape[1] for r in rows], dtype=np.int64)
+    starts = np.zeros(len(rows), dtype=np.int64)
+    np.cumsum(ends[:-1] * groups, out=starts[1:])
+    end_starts = np.zeros(len(rows), dtype=np.int64)
+    np.cumsum(ends[:-1], out=end_starts[1:])
+
+    def flat(field: int) -> np.ndarray:
+        return np.concatenate([r[field].reshape(-1) for r in rows]).astype(np.float64, copy=False)
+
+    up = (np.concatenate([u.reshape(-1) for u in tables.uppers]).astype(np.float64, copy=False)
+          if tables.uppers else np.full(int(ends.sum()) * groups, math.inf))
     first = np.asarray([f == 0 for f in tables.firsts], dtype=np.bool_)
-    packed = (x_all, big_all, ta_all, up_all, nxt_all, short_all, ends, first)
+    packed = (flat(0), flat(1), flat(2), up, starts, ends, end_starts,
+              np.concatenate([r[3] for r in rows]).astype(np.int64), flat(4), first)
     tables.compiled["packed"] = packed
     return packed
 
 
 @numba.njit(cache=True)
-def _pass(x_all: Any, big_all: Any, ta_all: Any, up_all: Any, nxt_all: Any, short_all: Any,
-          ends: Any, first_row: Any, cost: Any, m: int, low: float, top: float,
-          limit: float, late: float, late_ta: float, gates: Any, rest_gate: float,
-          points: Any, chords: Any) -> Any:  # pragma: no cover (compiled)
+def _shape(x_f: Any, ends: Any) -> tuple[int, int, int]:  # pragma: no cover (compiled)
+    """The rows, the groups and the most ends of a row of ``pack``'s arrays."""
+    total = 0
+    width = 0
+    for e in ends:
+        total += e
+        width = max(width, e)
+    return ends.shape[0], x_f.shape[0] // total if total else 0, width
+
+
+@numba.njit(cache=True)
+def _pass(x_f: Any, big_f: Any, ta_f: Any, up_f: Any, starts: Any, ends: Any,
+          end_starts: Any, nxt_f: Any, short_f: Any, first_row: Any, cost: Any, m: int,
+          low: float, top: float, limit: float, late: float, late_ta: float, gates: Any,
+          rest_gate: float, points: Any, chords: Any) -> Any:  # pragma: no cover (compiled)
     inf = np.inf
-    count, groups, width = x_all.shape
+    count, groups, width = _shape(x_f, ends)
     n_k = cost.shape[1]
     levels = gates.shape[0]
     a_max = m
@@ -98,26 +114,26 @@ def _pass(x_all: Any, big_all: Any, ta_all: Any, up_all: Any, nxt_all: Any, shor
     first_level = np.empty((groups, width), dtype=np.int64)
     best = np.empty(a_max)
     for i in range(count - 1, -1, -1):
-        n_ends = ends[i]
+        n_ends, row0, eb = ends[i], starts[i], end_starts[i]
         kk = 0          # only the first `kk` ends can have x <= top
-        while kk < n_ends and short_all[i, kk] <= top:
+        while kk < n_ends and short_f[eb + kk] <= top:
             kk += 1
         if kk == 0:
             continue
         first = first_row[i]
         t_min = inf
         for g in range(groups):
-            if x_all[i, g, 0] <= top:
+            if x_f[row0 + g * n_ends] <= top:
                 for e in range(kk):
-                    t_min = min(t_min, ta_all[i, g, e])
+                    t_min = min(t_min, ta_f[row0 + g * n_ends + e])
                     passed = 0
                     for j in range(levels):
-                        if gates[j] + ta_all[i, g, e] < limit:
+                        if gates[j] + ta_f[row0 + g * n_ends + e] < limit:
                             passed += 1
                     first_level[g, e] = levels - passed
         dominant = False
         for e in range(kk):
-            if held[nxt_all[i, e]]:
+            if held[nxt_f[eb + e]]:
                 dominant = True
         before = m_low + t_min < limit
         for k in range(n_k):
@@ -129,12 +145,12 @@ def _pass(x_all: Any, big_all: Any, ta_all: Any, up_all: Any, nxt_all: Any, shor
                 for p in range(n_points):
                     at[p, e] = inf
             for g in range(groups):
-                if not x_all[i, g, 0] <= top:
+                if not x_f[row0 + g * n_ends] <= top:
                     continue
                 c_g = cost[g, k]
                 for e in range(kk):
-                    x = x_all[i, g, e]
-                    t_a = ta_all[i, g, e]
+                    x = x_f[row0 + g * n_ends + e]
+                    t_a = ta_f[row0 + g * n_ends + e]
                     capped = x if x <= top else inf
                     priced = capped + c_g
                     later = priced if late + t_a * late_ta < limit else inf
@@ -146,9 +162,9 @@ def _pass(x_all: Any, big_all: Any, ta_all: Any, up_all: Any, nxt_all: Any, shor
                     if dominant:
                         x_d = max(capped, low)
                         total = m * x_d + t_a
-                        if total < limit and up_all[i, g, e] > low:
+                        if total < limit and up_f[row0 + g * n_ends + e] > low:
                             base = (total if first else m * x_d) + c_g
-                            hide = max(x, low) - max(big_all[i, g, e], low / 2)
+                            hide = max(x, low) - max(big_f[row0 + g * n_ends + e], low / 2)
                             for p in range(n_points):
                                 v = base - points[p] * hide
                                 if v < at[p, e]:
@@ -171,7 +187,7 @@ def _pass(x_all: Any, big_all: Any, ta_all: Any, up_all: Any, nxt_all: Any, shor
                     v0 = on_after[e] if j == levels else here[j, e]
                     if v0 == inf:
                         continue
-                    n = nxt_all[i, e]
+                    n = nxt_f[eb + e]
                     for a in range(a_max):
                         v = v0 + placed[k, read, n, a]
                         if v < best[a]:
@@ -186,7 +202,7 @@ def _pass(x_all: Any, big_all: Any, ta_all: Any, up_all: Any, nxt_all: Any, shor
                 for e in range(kk):
                     if not at[0, e] < inf:
                         continue
-                    n = nxt_all[i, e]
+                    n = nxt_f[eb + e]
                     for a in range(a_max):
                         c = 0.0
                         for p in range(n_points):
@@ -200,7 +216,7 @@ def _pass(x_all: Any, big_all: Any, ta_all: Any, up_all: Any, nxt_all: Any, shor
                 found = inf
                 for e in range(kk):
                     if on_before[e] < inf:
-                        v = on_before[e] + with_d[k, nxt_all[i, e]]
+                        v = on_before[e] + with_d[k, nxt_f[eb + e]]
                         if v < found:
                             found = v
                 if found < with_d[k, i]:
@@ -227,3 +243,343 @@ def priced_pass(tables: ClassTables, m: int, low: float, top: float, limit: floa
                              np.asarray(gates, dtype=np.float64), rest_gate,
                              np.asarray(points, dtype=np.float64),
                              np.ascontiguousarray(chords, dtype=np.float64)))
+
+
+@numba.njit(cache=True)
+def _counted(x_f: Any, big_f: Any, ta_f: Any, up_f: Any, starts: Any, ends: Any,
+             end_starts: Any, nxt_f: Any, short_f: Any, first_row: Any, cost: Any, m: int,
+             low: float, top: float, limit: float, late: float, late_ta: float, gates: Any,
+             rest_gate: float, points: Any, chords: Any, kind_of: Any, src_of: Any,
+             speed: Any, row_low: Any, row_high: Any, floors_on: bool, lim: Any, head: Any,
+             dom_low: float) -> Any:  # pragma: no cover (compiled)
+    inf = np.inf
+    inf32 = np.float32(np.inf)
+    count, groups, width = _shape(x_f, ends)
+    n_k = cost.shape[1]
+    levels = gates.shape[0]
+    a_max = m
+    n_points = points.shape[0]
+    n_kinds, n_states = src_of.shape
+    # (per price, level (the last: after the dominant stage at any position), row, state, a)
+    placed = np.full((n_k, levels + 1, count + 1, n_states, a_max), inf32, dtype=np.float32)
+    for k in range(n_k):
+        for j in range(levels + 1):
+            placed[k, j, count, 0, 0] = 0.0
+    with_d = np.full((n_k, count + 1, n_states), inf32, dtype=np.float32)
+    held = np.zeros(count + 1, dtype=np.bool_)
+    held[count] = True
+    # [Note: floors of the counted tables]: per row the smallest value of each table
+    fl_after = np.full((n_k, count + 1), inf)
+    fl_levels = np.full((n_k, levels + 1, count + 1), inf)
+    fl_d = np.full((n_k, count + 1), inf)
+    for k in range(n_k):
+        fl_after[k, count] = 0.0
+        for j in range(levels + 1):
+            fl_levels[k, j, count] = 0.0
+    m_low = m * low
+    on_after = np.empty((n_k, n_kinds, width))
+    here = np.empty((n_k, levels, n_kinds, width))
+    at = np.empty((n_k, n_points, n_kinds, width))
+    on_before = np.empty((n_k, n_kinds, width))
+    c_d = np.empty((n_k, n_kinds, width, a_max), dtype=np.float32)
+    first_level = np.empty((groups, width), dtype=np.int64)
+    live = np.zeros(n_kinds, dtype=np.bool_)
+    reads = np.zeros((n_kinds, width), dtype=np.bool_)
+    best = np.empty((n_states, a_max), dtype=np.float32)
+    for i in range(count - 1, -1, -1):
+        n_ends, row0, eb = ends[i], starts[i], end_starts[i]
+        kk = 0          # only the first `kk` ends can have x <= top
+        while kk < n_ends and short_f[eb + kk] <= top:
+            kk += 1
+        if kk == 0:
+            continue
+        # the states the row keeps ([Note: states by speed]): speed in [low, high]
+        s_lo = np.searchsorted(speed, row_low[i], side="left")
+        s_hi = np.searchsorted(speed, row_high[i], side="right")
+        for kd in range(n_kinds):
+            live[kd] = False
+        for g in range(groups):
+            if x_f[row0 + g * n_ends] <= top and not live[kind_of[g]]:
+                for s in range(s_lo, s_hi):
+                    if src_of[kind_of[g], s] >= 0:
+                        live[kind_of[g]] = True
+                        break
+        if not live.any():
+            continue
+        first = first_row[i]
+        t_min = inf
+        for g in range(groups):
+            if x_f[row0 + g * n_ends] <= top:
+                for e in range(kk):
+                    t_min = min(t_min, ta_f[row0 + g * n_ends + e])
+                    passed = 0
+                    for j in range(levels):
+                        if gates[j] + ta_f[row0 + g * n_ends + e] < limit:
+                            passed += 1
+                    first_level[g, e] = levels - passed
+        dominant = False
+        for e in range(kk):
+            if held[nxt_f[eb + e]]:
+                dominant = True
+        before = m_low + t_min < limit
+        for k in range(n_k):
+            for kd in range(n_kinds):
+                for e in range(kk):
+                    on_after[k, kd, e] = inf
+                    on_before[k, kd, e] = inf
+                    for j in range(levels):
+                        here[k, j, kd, e] = inf
+                    for p in range(n_points):
+                        at[k, p, kd, e] = inf
+            # the smallest over each kind's groups, per end
+            for g in range(groups):
+                kd = kind_of[g]
+                if not x_f[row0 + g * n_ends] <= top or not live[kd]:
+                    continue
+                c_g = cost[g, k]
+                for e in range(kk):
+                    x = x_f[row0 + g * n_ends + e]
+                    t_a = ta_f[row0 + g * n_ends + e]
+                    capped = x if x <= top else inf
+                    priced = capped + c_g
+                    later = priced if late + t_a * late_ta < limit else inf
+                    if rest_gate + t_a < limit and later < on_after[k, kd, e]:
+                        on_after[k, kd, e] = later
+                    f = first_level[g, e]
+                    if f < levels and later < here[k, f, kd, e]:
+                        here[k, f, kd, e] = later
+                    if dominant:
+                        x_d = max(capped, low)
+                        total = m * x_d + t_a
+                        if total < limit and up_f[row0 + g * n_ends + e] > low:
+                            base = (total if first else m * x_d) + c_g
+                            hide = max(x, low) - max(big_f[row0 + g * n_ends + e], low / 2)
+                            for p in range(n_points):
+                                v = base if points[p] == 0 else base - points[p] * hide
+                                if v < at[k, p, kd, e]:
+                                    at[k, p, kd, e] = v
+                    if before and m_low + capped + t_a < limit:
+                        v = priced + t_a if first else priced
+                        if v < on_before[k, kd, e]:
+                            on_before[k, kd, e] = v
+            for kd in range(n_kinds):
+                if not live[kd]:
+                    continue
+                for e in range(kk):
+                    n = nxt_f[eb + e]
+                    for j in range(1, levels):      # each level: the stages that pass its gate
+                        if here[k, j - 1, kd, e] < here[k, j, kd, e]:
+                            here[k, j, kd, e] = here[k, j - 1, kd, e]
+                    if floors_on:                   # (after the running minima)
+                        if not on_after[k, kd, e] < lim[k] - head[i] - dom_low - fl_after[k, n]:
+                            on_after[k, kd, e] = inf
+                        for j in range(levels):
+                            if not here[k, j, kd, e] < (lim[k] - head[i] - dom_low
+                                                        - fl_levels[k, j + 1, n]):
+                                here[k, j, kd, e] = inf
+            # after the dominant stage at any position (j = levels), then at each level j,
+            # reading the tails at level j + 1; one more stage after the dominant one
+            for j in range(levels, -1, -1):
+                read = levels if j == levels else j + 1
+                best[:] = inf32
+                for kd in range(n_kinds):
+                    if not live[kd]:
+                        continue
+                    for e in range(kk):
+                        v0 = on_after[k, kd, e] if j == levels else here[k, j, kd, e]
+                        if v0 == inf:
+                            continue
+                        v32 = np.float32(v0)
+                        n = nxt_f[eb + e]
+                        for s in range(s_lo, s_hi):
+                            src = src_of[kd, s]
+                            if src < 0:
+                                continue
+                            for a in range(a_max):
+                                best[s, a] = min(best[s, a], v32 + placed[k, read, n, src, a])
+                for s in range(s_lo, s_hi):
+                    for a in range(a_max - 1, 0, -1):
+                        if best[s, a - 1] < placed[k, j, i, s, a]:
+                            placed[k, j, i, s, a] = best[s, a - 1]
+                    if best[s, a_max - 1] < placed[k, j, i, s, a_max - 1]:
+                        placed[k, j, i, s, a_max - 1] = best[s, a_max - 1]
+        for k in range(n_k):
+            for s in range(n_states):
+                for a in range(a_max):
+                    if placed[k, 0, i, s, a] < inf32:
+                        held[i] = True
+        if dominant:
+            # the dominant stage's value at every a (its chords), and per kind the ends whose
+            # smallest value can lead below the limit at some price
+            for kd in range(n_kinds):
+                if not live[kd]:
+                    continue
+                for e in range(kk):
+                    reads[kd, e] = False
+                    n = nxt_f[eb + e]
+                    for k in range(n_k):
+                        least = inf
+                        for a in range(a_max):
+                            if at[k, 0, kd, e] < inf:
+                                c = 0.0
+                                for p in range(n_points):
+                                    c += chords[a, p] * at[k, p, kd, e]
+                            else:
+                                c = inf
+                            c_d[k, kd, e, a] = np.float32(c)
+                            least = min(least, c)
+                        if floors_on:
+                            if least < lim[k] - head[i] - fl_levels[k, 0, n]:
+                                reads[kd, e] = True
+                        elif least < inf:
+                            reads[kd, e] = True
+            for k in range(n_k):
+                for kd in range(n_kinds):
+                    if not live[kd]:
+                        continue
+                    for s in range(s_lo, s_hi):
+                        src = src_of[kd, s]
+                        if src < 0:
+                            continue
+                        found = inf32
+                        for e in range(kk):
+                            if not reads[kd, e]:
+                                continue
+                            n = nxt_f[eb + e]
+                            for a in range(a_max):
+                                v = c_d[k, kd, e, a] + placed[k, 0, n, src, a]
+                                if v < found:
+                                    found = v
+                        if found < with_d[k, i, s]:
+                            with_d[k, i, s] = found
+        if before:
+            for k in range(n_k):
+                for kd in range(n_kinds):
+                    if not live[kd]:
+                        continue
+                    for e in range(kk):
+                        if floors_on and not on_before[k, kd, e] < (
+                                lim[k] - head[i] - fl_d[k, nxt_f[eb + e]]):
+                            on_before[k, kd, e] = inf
+                    for s in range(s_lo, s_hi):
+                        src = src_of[kd, s]
+                        if src < 0:
+                            continue
+                        found = inf32
+                        for e in range(kk):
+                            v0 = on_before[k, kd, e]
+                            if v0 == inf:
+                                continue
+                            v = np.float32(v0) + with_d[k, nxt_f[eb + e], src]
+                            if v < found:
+                                found = v
+                        if found < with_d[k, i, s]:
+                            with_d[k, i, s] = found
+        if floors_on:
+            for k in range(n_k):
+                least32 = inf32
+                for s in range(n_states):
+                    for a in range(a_max):
+                        least32 = min(least32, placed[k, levels, i, s, a])
+                fl_after[k, i] = least32
+                for j in range(levels):
+                    least32 = inf32
+                    for s in range(n_states):
+                        for a in range(a_max):
+                            least32 = min(least32, placed[k, j, i, s, a])
+                    fl_levels[k, j, i] = least32
+                fl_levels[k, levels, i] = fl_after[k, i]
+                least32 = inf32
+                for s in range(n_states):
+                    least32 = min(least32, with_d[k, i, s])
+                fl_d[k, i] = least32
+    out = np.empty(n_k)
+    for k in range(n_k):
+        least32 = inf32
+        for s in range(n_states):
+            least32 = min(least32, with_d[k, 0, s])
+        out[k] = least32
+    return out
+
+
+def counted_pass(tables: ClassTables, m: int, low: float, top: float, limit: float,
+                 cost: np.ndarray, gates: list[float], late: float, late_ta: float,
+                 rest_gate: float, points: list[int], chords: np.ndarray,
+                 states: tuple[np.ndarray, ...], floors: tuple[bool, np.ndarray, np.ndarray,
+                                                               float]) -> np.ndarray:
+    """``priced_pass`` where classes are counted, in single precision: ``states``, the
+    kinds of the groups (``relaxation._CountStates.flat``), ``floors``, whether they are on,
+    the limit per price, the prefix lows and the dominant stage's low.
+
+    [Note: the compiled counted pass]
+    ``relaxation.relaxed_many``'s counted pass ([Note: counted classes]) is the priced DP
+    with an axis of states (the count vectors of the counted classes, by bound speed) in
+    every table, in single precision, and floors that leave out stages that cannot lead
+    below the limit ([Note: floors of the counted tables]). In numpy it groups the stages
+    by kind (the devices of the counted classes a group takes) and reads, per set of ends
+    the kinds reach, every pair of kind and state at once ([Note: kinds at once]). Here
+    each row takes, per price, the smallest value over each kind's groups per end and
+    table (after the dominant stage at any position, at each gated level, as the dominant
+    stage at the chords' points, before it), applies the same floors to those minima,
+    then for each kind, end and state the row keeps (its speed range, [Note: states by
+    speed]) adds the suffix of the state the kind leaves, as numpy does: each minimum
+    converted to single precision before the sum, the floors and the dominant stage's
+    reads decided over all prices at once, so the tables are numpy's bit for bit
+    (``tests/test_relaxation_compiled.py``: 1,952 values of random instances, every set of
+    counted classes). Measured in one process with ``python tools/time_planner.py
+    --compiled-ab``: ResNet-50 x 32 Jetsons at 0.8225 s, the 3 counted passes of
+    micro-batch 8 2.08 s -> 0.67 s (all three classes counted, 1584 states: 1.5 s -> 0.5
+    s); x 64 at 0.5845 s, 12 counted passes 12.6 s -> 3.6 s; no value differs."""
+    kernel: Callable[..., Any] = _counted
+    kind_of, src_of, speed, row_low, row_high = states
+    on, lim, head, dom_low = floors
+    return np.asarray(kernel(*pack(tables), np.ascontiguousarray(cost, dtype=np.float64), m,
+                             low, top, limit, late, late_ta,
+                             np.asarray(gates, dtype=np.float64), rest_gate,
+                             np.asarray(points, dtype=np.float64),
+                             np.ascontiguousarray(chords, dtype=np.float64),
+                             kind_of, src_of, speed, row_low, row_high, on, lim, head,
+                             float(dom_low)))
+
+
+def built(counted: bool) -> bool:
+    """Whether the priced or counted pass is compiled already, in this process or in
+    numba's cache on disk (a build costs 3-6 s: [Note: building the compiled passes])."""
+    kernel: Any = _counted if counted else _pass
+    if kernel.signatures:
+        return True
+    try:    # (numba's cache index, internal: an unknown layout counts as built)
+        return bool(kernel._cache._cache_file._load_index())
+    except Exception:   # noqa: BLE001
+        return True
+
+
+def build() -> float:
+    """Both passes compiled (or loaded from numba's cache) on a tiny instance, with the
+    argument types of the class bound's calls; the seconds it took.
+
+    [Note: building the compiled passes]
+    numba compiles a pass on its first call after an install (the priced one about 3 s,
+    the counted one about 6 s on this host) and caches it on disk. Inside a time limit
+    that build would take the limit's bound process most of a 5-s limit, so
+    ``relaxation.relaxed_many`` runs a pass that is not built yet in numpy where it has a
+    deadline (the same values, 3-6 times slower; said once per process) and builds it
+    where it has none. ``python -m solver.relaxation_compiled`` builds both at once, as
+    the README's set-up does."""
+    from solver.class_tables import ClassTables
+    from solver.relaxation import relaxed_many
+
+    started = time.perf_counter()
+    x = np.array([[1.0, 2.0], [0.6, 1.1]])
+    rows = tuple((x * (1 + r), x / 2, x / 10, np.array([r + 1, 2]), x.min(axis=0) * (1 + r))
+                 for r in range(2))
+    tables = ClassTables((0, 1), rows, np.array([[1.0], [2.0]]), np.array([2.0]),
+                         np.array([1.0]))
+    for counted in ((), (0,)):
+        relaxed_many(tables, 2, 0.5, 4.0, 20.0, np.array([[0.1]]), 0.2, None, None, counted)
+    return time.perf_counter() - started
+
+
+if __name__ == "__main__":      # pragma: no cover (python -m: see build)
+    print(f"the class bound's compiled passes, built or loaded in {build():.1f} s",
+          file=sys.stderr)

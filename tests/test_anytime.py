@@ -109,6 +109,28 @@ def test_a_bound_beside_that_fails_costs_only_the_class_bound(
     assert "proved nothing: RuntimeError: tables too large" in caplog.text
 
 
+def test_a_bound_beside_that_is_late_keeps_what_it_published(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    # its process published a bound (the smallest over the sizes so far) and then failed
+    # (or was late): that bound stands for every size, with a warning
+    costs, cluster = planner_instance("spread", 7, 200, 8)
+    published = 0.97 * asteroid_dp(costs, cluster, 32).round_time_s
+
+    def publishes_then_fails(*args: Any, on_bound: Any = None, **kwargs: Any
+                             ) -> dict[int, float]:
+        on_bound(published)
+        raise RuntimeError("tables too large")
+
+    patch_planner(monkeypatch, "spare_core", lambda: True)
+    monkeypatch.setattr(solver.anytime, "class_bounds", publishes_then_fails)
+    report = search(costs, cluster, 32, time_limit=1.0)
+    assert report.plan is not None and report.bound is not None
+    assert report.bound.bound_s >= min(published, report.round_time_s) * (1 - 1e-12)
+    assert (f"did not finish (RuntimeError: tables too large): its bound so far, "
+            f"{published:.4g} s, stands") in caplog.text
+    assert "proved nothing" not in caplog.text
+
+
 def test_no_process_beside_means_the_bound_after_the_search(
         monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     # the fork fails (no memory, no processes left): the search leaves the bound its

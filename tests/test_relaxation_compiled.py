@@ -1,17 +1,20 @@
-"""Tests of solver/relaxation_compiled.py: the compiled priced pass is relaxed_many's numpy
-pass, value for value, and keeps its deadline."""
+"""Tests of solver/relaxation_compiled.py: the compiled priced and counted passes are
+relaxed_many's numpy passes, value for value, keep the deadline and are not built inside
+one."""
 
 from __future__ import annotations
 
+import itertools
 import time
 
 import numpy as np
 import pytest
 
 import solver.relaxation
+import solver.relaxation_compiled
 from solver.class_tables import Late
 from solver.relaxation import relaxed_many
-from solver.relaxation_compiled import pack
+from solver.relaxation_compiled import build, built, pack
 from tests.class_bound_cases import random_relaxed
 
 
@@ -19,7 +22,7 @@ def _both(monkeypatch: pytest.MonkeyPatch, *args: object) -> tuple[np.ndarray, n
     """``relaxed_many(*args)`` compiled, then in numpy."""
     compiled = relaxed_many(*args)  # type: ignore[arg-type]
     with monkeypatch.context() as patch:
-        patch.setattr(solver.relaxation, "COMPILED_PRICED", False)
+        patch.setattr(solver.relaxation, "COMPILED", False)
         reference = relaxed_many(*args)  # type: ignore[arg-type]
     return compiled, reference
 
@@ -51,6 +54,34 @@ def test_the_compiled_priced_pass_is_the_numpy_pass(monkeypatch: pytest.MonkeyPa
     assert exact == compared        # (measured: the same float values, not only close)
 
 
+def test_the_compiled_counted_pass_is_the_numpy_pass(monkeypatch: pytest.MonkeyPatch) -> None:
+    # [Note: the compiled counted pass]: every set of counted classes (up to 3000
+    # states), with the floors of [Note: floors of the counted tables] on (the tables
+    # know their work) at the limits that prune, and the states by speed; single
+    # precision both ways
+    compared = exact = finite = 0
+    sets = set()
+    for seed, tables, m, low, top, prices, fast, rho in random_relaxed(range(40), 2):
+        assert tables.work is not None      # (the floors and the states' speed ranges)
+        classes = range(len(tables.totals))
+        for counted in itertools.chain.from_iterable(
+                itertools.combinations(classes, r) for r in range(1, len(classes) + 1)):
+            if np.prod([tables.totals[c] + 1 for c in counted]) > 3000:
+                continue
+            sets.add(len(counted))
+            for limit in (1e9, m * top * 1.5, m * top * 1.05, m * max(low, top / 2) * 1.02):
+                compiled, reference = _both(monkeypatch, tables, m, low, top, limit, prices,
+                                            rho, None, fast, counted)
+                assert compiled.shape == reference.shape == (len(prices),)
+                same = (compiled == reference) | (np.isinf(compiled) & np.isinf(reference))
+                assert same.all(), (seed, counted, limit, compiled, reference)
+                compared += len(prices)
+                exact += int(same.sum())
+                finite += int(np.isfinite(reference).sum())
+    assert sets >= {1, 2, 3}
+    assert finite > 200 and compared - finite > 200 and exact == compared
+
+
 def test_one_price_is_relaxed() -> None:
     # `relaxed` (one price) runs the compiled pass too; a bucket below every stage's x
     # holds no relaxed plan: inf
@@ -68,12 +99,19 @@ def test_a_passed_deadline_is_late_and_the_rows_are_packed_once() -> None:
     with pytest.raises(Late):
         relaxed_many(tables, m, low, top, 1e9, prices, rho, time.perf_counter() - 1.0, fast)
     assert pack(tables) is pack(tables)
-    x_all, ends = pack(tables)[0], pack(tables)[6]
-    assert x_all.shape[:2] == (len(tables.rows), tables.rows[0][0].shape[0])
-    for i, row in enumerate(tables.rows):     # each row's x, then inf past its ends
+    x, big, t_a, up, starts, ends, end_starts, nxt, shortest, first = pack(tables)
+    groups = tables.rows[0][0].shape[0]
+    assert len(x) == groups * int(ends.sum()) and len(nxt) == len(shortest) == ends.sum()
+    for i, row in enumerate(tables.rows):     # each row's arrays, laid end to end
         assert ends[i] == row[0].shape[1]
-        assert np.array_equal(x_all[i, :, :ends[i]], row[0])
-        assert not np.isfinite(x_all[i, :, ends[i]:]).any()
+        at = slice(starts[i], starts[i] + groups * ends[i])
+        for flat, whole in ((x, row[0]), (big, row[1]), (t_a, row[2])):
+            assert np.array_equal(flat[at].reshape(groups, -1), whole)
+        assert np.array_equal(nxt[end_starts[i]:end_starts[i] + ends[i]], row[3])
+        assert np.array_equal(shortest[end_starts[i]:end_starts[i] + ends[i]], row[4])
+        assert first[i] == (tables.firsts[i] == 0)
+        assert (np.array_equal(up[at].reshape(groups, -1), tables.uppers[i])
+                if tables.uppers else np.isinf(up[at]).all())
 
 
 def test_without_numba_the_numpy_pass_runs_and_says_so(monkeypatch: pytest.MonkeyPatch,
@@ -83,14 +121,14 @@ def test_without_numba_the_numpy_pass_runs_and_says_so(monkeypatch: pytest.Monke
 
     seed, tables, m, low, top, prices, fast, rho = next(iter(random_relaxed(range(5), 2)))
     compiled = relaxed_many(tables, m, low, top, 1e9, prices, rho, None, fast)
-    solver.relaxation._compiled_pass.cache_clear()
+    solver.relaxation._compiled_passes.cache_clear()
     monkeypatch.setitem(sys.modules, "solver.relaxation_compiled", None)  # (ImportError)
     try:
         with caplog.at_level("WARNING", logger="solver.relaxation"):
             fallback = relaxed_many(tables, m, low, top, 1e9, prices, rho, None, fast)
             relaxed_many(tables, m, low, top, 1e9, prices, rho, None, fast)
     finally:
-        solver.relaxation._compiled_pass.cache_clear()
+        solver.relaxation._compiled_passes.cache_clear()
     assert np.array_equal(fallback, compiled)
     warned = [r.getMessage() for r in caplog.records if "compiled pass" in r.getMessage()]
     assert len(warned) == 1 and "pip install numba" in warned[0]
@@ -111,13 +149,44 @@ def test_a_compiled_pass_that_fails_leaves_the_numpy_pass(monkeypatch: pytest.Mo
         raise RuntimeError("cannot build the pass")
 
     monkeypatch.setattr(solver.relaxation_compiled, "_pass", broken)
-    monkeypatch.setattr(solver.relaxation, "COMPILED_PRICED", True)    # (restored after)
+    monkeypatch.setattr(solver.relaxation, "COMPILED", True)    # (restored after)
     with caplog.at_level("WARNING", logger="solver.relaxation"):
         first = relaxed_many(tables, m, low, top, 1e9, prices, rho, None, fast)
         again = relaxed_many(tables, m, low, top, 1e9, prices, rho, None, fast)
     assert np.array_equal(first, compiled) and np.array_equal(again, compiled)
     assert len(calls) == 1      # (not tried again in this process)
-    assert solver.relaxation.COMPILED_PRICED is False
+    assert solver.relaxation.COMPILED is False
     warned = [r.getMessage() for r in caplog.records if "compiled pass failed" in
               r.getMessage()]
     assert len(warned) == 1 and "cannot build the pass" in warned[0]
+
+
+def test_within_a_deadline_a_pass_not_built_runs_in_numpy(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    # [Note: building the compiled passes]: a build takes seconds; inside a deadline the
+    # numpy pass runs instead (said once), without one the compiled pass runs
+    seed, tables, m, low, top, prices, fast, rho = next(iter(random_relaxed(range(5), 2)))
+    assert build() > 0.0 and built(False) and built(True)
+    expected = relaxed_many(tables, m, low, top, 1e9, prices, rho, None, fast, (0,))
+    calls: list[int] = []
+
+    def counted_kernel(*args: object) -> None:
+        calls.append(1)
+        raise AssertionError("not to be called inside a deadline")
+
+    monkeypatch.setattr(solver.relaxation_compiled, "built", lambda counted: False)
+    monkeypatch.setattr(solver.relaxation_compiled, "_counted", counted_kernel)
+    monkeypatch.setattr(solver.relaxation, "_UNBUILT_SAID", [])
+    later = time.perf_counter() + 600.0
+    with caplog.at_level("INFO", logger="solver.relaxation"):
+        for _ in range(2):
+            found = relaxed_many(tables, m, low, top, 1e9, prices, rho, later, fast, (0,))
+            assert np.array_equal(found, expected)
+    assert not calls and solver.relaxation.COMPILED
+    said = [r.getMessage() for r in caplog.records if "not built yet" in r.getMessage()]
+    assert len(said) == 1 and "python -m solver.relaxation_compiled" in said[0]
+    # (without a deadline it is built: here the stand-in, which fails: numpy from then on)
+    monkeypatch.setattr(solver.relaxation, "COMPILED", True)
+    assert np.array_equal(relaxed_many(tables, m, low, top, 1e9, prices, rho, None, fast,
+                                       (0,)), expected)
+    assert calls == [1] and not solver.relaxation.COMPILED

@@ -578,6 +578,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(message)s")
     if args.fleet:
+        from time_planner import build_compiled
+
+        build_compiled()
         command = "python tools/bench_planner.py " + " ".join(
             sys.argv[1:] if argv is None else argv)
         section = fleet_section(command.strip(), args.small, args.repeat)
