@@ -106,7 +106,13 @@ from contracts.errors import AsteroidError, PlanError
 from contracts.plan import Plan, PlannerInfo, SearchBound
 from contracts.table import CostTable
 from solver.beside import Beside, spare_core
-from solver.bound_bisection import PROVED, class_bounds, link_bounds, work_bound
+from solver.bound_bisection import (
+    CLASS_BOUND_BESIDE_TOL,
+    PROVED,
+    class_bounds,
+    link_bounds,
+    work_bound,
+)
 from solver.class_tables import bound_classes, counts_pools
 from solver.diagnose import no_fit_error
 from solver.dp import DPResult, asteroid_dp
@@ -565,7 +571,8 @@ def _search(costs: CostTable, cluster: Cluster, batch_size: int, optimizer_state
         found = class_bounds(costs, cluster, batch_size, mbs, max_cuts, incumbent(), {},
                               until, start=links,
                               optimizer_state_factor=optimizer_state_factor,
-                              incumbent=incumbent, on_bound=publish)
+                              incumbent=incumbent, on_bound=publish,
+                              tolerance=CLASS_BOUND_BESIDE_TOL)
         return {mb: max(links.get(mb, 0.0), found.get(mb, 0.0))
                 for mb in links.keys() | found.keys()}
 

@@ -315,3 +315,39 @@ def test_the_counted_bisection_steps_from_where_the_prices_fell_short(
         assert bound >= ceiling[True] / (1 + CLASS_BOUND_BISECT_TOL) * (1 - 1e-9), seed
         checked += 1
     assert checked > 10
+
+
+def test_beside_the_search_the_last_bisection_goes_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    # [Note: bisecting on beside the search]: with `tolerance` the counted bisection ends
+    # within it of the counted ceiling, not within 1 %; the priced one before it asks the
+    # same targets either way
+    from solver.bound_bisection import CLASS_BOUND_BESIDE_TOL, CLASS_BOUND_BISECT_TOL, class_bounds
+
+    patch_class_bound(monkeypatch, "CLASS_POOLS_MAX", 0)
+    patch_planner(monkeypatch, "counted_classes", lambda space: (0,))
+    asked: list[tuple[float, bool]] = []
+    ceiling = {False: 0.0, True: 0.0}
+
+    def scripted(*args: Any, **kwargs: Any) -> float | None:
+        target, count = args[6], bool(kwargs.get("count"))
+        asked.append((target, count))
+        # (as the class bound: above what it can prove, it proves less than that)
+        return target if target <= ceiling[count] else 0.98 * ceiling[count]
+
+    patch_planner(monkeypatch, "class_bound", scripted)
+    finer = 0
+    for seed, costs, cluster, batch, bounds in _work_cases(range(800, 815)):
+        mbs, work = list(bounds), max(bounds.values())
+        ceiling[False], ceiling[True] = 1.5 * work, 1.56 * work
+        got, priced = {}, {}
+        for tol in (CLASS_BOUND_BISECT_TOL, CLASS_BOUND_BESIDE_TOL):
+            asked.clear()
+            out = class_bounds(costs, cluster, batch, mbs, None, 2.0 * work, {},
+                               time.perf_counter() + 60.0, tolerance=tol)
+            got[tol] = min(out.get(mb, work_bound(costs, cluster, batch, mb)) for mb in mbs)
+            priced[tol] = [t for t, count in asked if not count]
+            assert got[tol] >= ceiling[True] / (1 + tol) * (1 - 1e-9), (seed, tol)
+        assert priced[CLASS_BOUND_BISECT_TOL] == priced[CLASS_BOUND_BESIDE_TOL], seed
+        assert got[CLASS_BOUND_BESIDE_TOL] >= got[CLASS_BOUND_BISECT_TOL] * (1 - 1e-12)
+        finer += got[CLASS_BOUND_BESIDE_TOL] > got[CLASS_BOUND_BISECT_TOL] * (1 + 1e-6)
+    assert finer >= 3
