@@ -320,8 +320,13 @@ def test_the_counted_bisection_steps_from_where_the_prices_fell_short(
 def test_beside_the_search_the_last_bisection_goes_on(monkeypatch: pytest.MonkeyPatch) -> None:
     # [Note: bisecting on beside the search]: with `tolerance` the counted bisection ends
     # within it of the counted ceiling, not within 1 %; the priced one before it asks the
-    # same targets either way
-    from solver.bound_bisection import CLASS_BOUND_BESIDE_TOL, CLASS_BOUND_BISECT_TOL, class_bounds
+    # same targets either way; the counted steps shrink as they are proven
+    from solver.bound_bisection import (
+        CLASS_BOUND_BESIDE_TOL,
+        CLASS_BOUND_BISECT_TOL,
+        CLASS_COUNTED_STEP,
+        class_bounds,
+    )
 
     patch_class_bound(monkeypatch, "CLASS_POOLS_MAX", 0)
     patch_planner(monkeypatch, "counted_classes", lambda space: (0,))
@@ -346,6 +351,15 @@ def test_beside_the_search_the_last_bisection_goes_on(monkeypatch: pytest.Monkey
                                time.perf_counter() + 60.0, tolerance=tol)
             got[tol] = min(out.get(mb, work_bound(costs, cluster, batch, mb)) for mb in mbs)
             priced[tol] = [t for t, count in asked if not count]
+            # [Note: counted steps]: each counted trial every size proved halves the next
+            # step, down to a quarter
+            step, proven = CLASS_COUNTED_STEP, 0.0
+            for target in dict.fromkeys(t for t, count in asked if count):
+                if proven:
+                    assert target <= proven * (1 + step) * (1 + 1e-12), (seed, tol)
+                if target <= ceiling[True]:
+                    proven = max(proven, target)
+                    step = max(step / 2, CLASS_COUNTED_STEP / 4)
             assert got[tol] >= ceiling[True] / (1 + tol) * (1 - 1e-9), (seed, tol)
         assert priced[CLASS_BOUND_BISECT_TOL] == priced[CLASS_BOUND_BESIDE_TOL], seed
         assert got[CLASS_BOUND_BESIDE_TOL] >= got[CLASS_BOUND_BISECT_TOL] * (1 - 1e-12)
