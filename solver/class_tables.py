@@ -80,8 +80,11 @@ class ClassTables:
     """Per row the work of the layers before it and of the layers from it on (as in
     ``Pooled``), where every group's ``x`` is at least its work over its bound speed
     (priced tables with no merged groups; None elsewhere): [Note: states by speed]."""
-    compiled: dict[str, Any] = field(default_factory=dict, compare=False)
-    """The rows as ``solver.relaxation_compiled.pack`` lays them out, once built."""
+    compiled: dict[str, Any] = field(default_factory=dict, compare=False, init=False)
+    """The rows as ``solver.relaxation_compiled.pack`` lays them out, once built (and the
+    counted pass's kinds; not an argument: ``dataclasses.replace`` gives the new tables
+    an empty one, where a shared one handed tools/bound_bed.py's narrowed rows the packed
+    arrays of the rows it replaced)."""
 
 
 @dataclass(frozen=True)

@@ -88,6 +88,76 @@ def _shape(x_f: Any, ends: Any) -> tuple[int, int, int]:  # pragma: no cover (co
 
 
 @numba.njit(cache=True)
+def _row(x_f: Any, ta_f: Any, short_f: Any, row0: int, eb: int, n_ends: int, groups: int,
+         top: float, gates: Any, limit: float, m_low: float, held: Any, nxt_f: Any,
+         first_level: Any) -> tuple[int, float, bool, bool]:  # pragma: no cover (compiled)
+    """A row's ends that can have ``x <= top`` (the first ``kk``; 0: none, the rest is not
+    computed), the smallest ``T_a`` over them, whether a suffix after one of them is held
+    (the dominant stage can be here) and whether a stage before the dominant one can be;
+    per group and end the first gated level it passes (``first_level``)."""
+    kk = 0
+    while kk < n_ends and short_f[eb + kk] <= top:
+        kk += 1
+    if kk == 0:
+        return 0, np.inf, False, False
+    levels = gates.shape[0]
+    t_min = np.inf
+    for g in range(groups):
+        if x_f[row0 + g * n_ends] <= top:
+            for e in range(kk):
+                t_min = min(t_min, ta_f[row0 + g * n_ends + e])
+                passed = 0
+                for j in range(levels):
+                    if gates[j] + ta_f[row0 + g * n_ends + e] < limit:
+                        passed += 1
+                first_level[g, e] = levels - passed
+    dominant = False
+    for e in range(kk):
+        if held[nxt_f[eb + e]]:
+            dominant = True
+    return kk, t_min, dominant, m_low + t_min < limit
+
+
+@numba.njit(cache=True)
+def _group(x_f: Any, ta_f: Any, big_f: Any, up_f: Any, at_g: int, kk: int, c_g: float,
+           first_level: Any, top: float, low: float, m: int, first: bool, late: float,
+           late_ta: float, limit: float, rest_gate: float, dominant: bool, before: bool,
+           m_low: float, points: Any, on_after: Any, here: Any, at: Any,
+           on_before: Any) -> None:  # pragma: no cover (compiled)
+    """One group's stages at the row's first ``kk`` ends (its values from ``at_g`` in
+    ``pack``'s arrays, priced at ``c_g``) lowering, per end, the smallest values so far:
+    after the dominant stage at any position (``on_after``), at the first gated level each
+    passes (``here``: levels x ends), as the dominant stage at the chords' points (``at``:
+    points x ends; where ``dominant``) and before it (``on_before``; where ``before``)."""
+    levels = here.shape[0]
+    for e in range(kk):
+        x = x_f[at_g + e]
+        t_a = ta_f[at_g + e]
+        capped = x if x <= top else np.inf
+        priced = capped + c_g
+        later = priced if late + t_a * late_ta < limit else np.inf
+        if rest_gate + t_a < limit and later < on_after[e]:
+            on_after[e] = later
+        f = first_level[e]
+        if f < levels and later < here[f, e]:
+            here[f, e] = later
+        if dominant:
+            x_d = max(capped, low)
+            total = m * x_d + t_a
+            if total < limit and up_f[at_g + e] > low:
+                base = (total if first else m * x_d) + c_g
+                hide = max(x, low) - max(big_f[at_g + e], low / 2)
+                for p in range(points.shape[0]):
+                    v = base if points[p] == 0 else base - points[p] * hide
+                    if v < at[p, e]:
+                        at[p, e] = v
+        if before and m_low + capped + t_a < limit:
+            v = priced + t_a if first else priced
+            if v < on_before[e]:
+                on_before[e] = v
+
+
+@numba.njit(cache=True)
 def _pass(x_f: Any, big_f: Any, ta_f: Any, up_f: Any, starts: Any, ends: Any,
           end_starts: Any, nxt_f: Any, short_f: Any, first_row: Any, cost: Any, m: int,
           low: float, top: float, limit: float, late: float, late_ta: float, gates: Any,
@@ -115,27 +185,11 @@ def _pass(x_f: Any, big_f: Any, ta_f: Any, up_f: Any, starts: Any, ends: Any,
     best = np.empty(a_max)
     for i in range(count - 1, -1, -1):
         n_ends, row0, eb = ends[i], starts[i], end_starts[i]
-        kk = 0          # only the first `kk` ends can have x <= top
-        while kk < n_ends and short_f[eb + kk] <= top:
-            kk += 1
-        if kk == 0:
+        kk, t_min, dominant, before = _row(x_f, ta_f, short_f, row0, eb, n_ends, groups, top,
+                                           gates, limit, m_low, held, nxt_f, first_level)
+        if kk == 0:     # (only the first `kk` ends can have x <= top)
             continue
         first = first_row[i]
-        t_min = inf
-        for g in range(groups):
-            if x_f[row0 + g * n_ends] <= top:
-                for e in range(kk):
-                    t_min = min(t_min, ta_f[row0 + g * n_ends + e])
-                    passed = 0
-                    for j in range(levels):
-                        if gates[j] + ta_f[row0 + g * n_ends + e] < limit:
-                            passed += 1
-                    first_level[g, e] = levels - passed
-        dominant = False
-        for e in range(kk):
-            if held[nxt_f[eb + e]]:
-                dominant = True
-        before = m_low + t_min < limit
         for k in range(n_k):
             for e in range(kk):
                 on_after[e] = inf
@@ -145,34 +199,11 @@ def _pass(x_f: Any, big_f: Any, ta_f: Any, up_f: Any, starts: Any, ends: Any,
                 for p in range(n_points):
                     at[p, e] = inf
             for g in range(groups):
-                if not x_f[row0 + g * n_ends] <= top:
-                    continue
-                c_g = cost[g, k]
-                for e in range(kk):
-                    x = x_f[row0 + g * n_ends + e]
-                    t_a = ta_f[row0 + g * n_ends + e]
-                    capped = x if x <= top else inf
-                    priced = capped + c_g
-                    later = priced if late + t_a * late_ta < limit else inf
-                    if rest_gate + t_a < limit and later < on_after[e]:
-                        on_after[e] = later
-                    f = first_level[g, e]
-                    if f < levels and later < here[f, e]:
-                        here[f, e] = later
-                    if dominant:
-                        x_d = max(capped, low)
-                        total = m * x_d + t_a
-                        if total < limit and up_f[row0 + g * n_ends + e] > low:
-                            base = (total if first else m * x_d) + c_g
-                            hide = max(x, low) - max(big_f[row0 + g * n_ends + e], low / 2)
-                            for p in range(n_points):
-                                v = base - points[p] * hide
-                                if v < at[p, e]:
-                                    at[p, e] = v
-                    if before and m_low + capped + t_a < limit:
-                        v = priced + t_a if first else priced
-                        if v < on_before[e]:
-                            on_before[e] = v
+                if x_f[row0 + g * n_ends] <= top:
+                    _group(x_f, ta_f, big_f, up_f, row0 + g * n_ends, kk, cost[g, k],
+                           first_level[g], top, low, m, first, late, late_ta, limit,
+                           rest_gate, dominant, before, m_low, points, on_after, here, at,
+                           on_before)
             for e in range(kk):         # each level: the stages that pass its gate
                 for j in range(1, levels):
                     if here[j - 1, e] < here[j, e]:
@@ -278,8 +309,8 @@ def _counted(x_f: Any, big_f: Any, ta_f: Any, up_f: Any, starts: Any, ends: Any,
             fl_levels[k, j, count] = 0.0
     m_low = m * low
     on_after = np.empty((n_k, n_kinds, width))
-    here = np.empty((n_k, levels, n_kinds, width))
-    at = np.empty((n_k, n_points, n_kinds, width))
+    here = np.empty((n_k, n_kinds, levels, width))
+    at = np.empty((n_k, n_kinds, n_points, width))
     on_before = np.empty((n_k, n_kinds, width))
     c_d = np.empty((n_k, n_kinds, width, a_max), dtype=np.float32)
     first_level = np.empty((groups, width), dtype=np.int64)
@@ -288,10 +319,9 @@ def _counted(x_f: Any, big_f: Any, ta_f: Any, up_f: Any, starts: Any, ends: Any,
     best = np.empty((n_states, a_max), dtype=np.float32)
     for i in range(count - 1, -1, -1):
         n_ends, row0, eb = ends[i], starts[i], end_starts[i]
-        kk = 0          # only the first `kk` ends can have x <= top
-        while kk < n_ends and short_f[eb + kk] <= top:
-            kk += 1
-        if kk == 0:
+        kk, t_min, dominant, before = _row(x_f, ta_f, short_f, row0, eb, n_ends, groups, top,
+                                           gates, limit, m_low, held, nxt_f, first_level)
+        if kk == 0:     # (only the first `kk` ends can have x <= top)
             continue
         # the states the row keeps ([Note: states by speed]): speed in [low, high]
         s_lo = np.searchsorted(speed, row_low[i], side="left")
@@ -307,76 +337,38 @@ def _counted(x_f: Any, big_f: Any, ta_f: Any, up_f: Any, starts: Any, ends: Any,
         if not live.any():
             continue
         first = first_row[i]
-        t_min = inf
-        for g in range(groups):
-            if x_f[row0 + g * n_ends] <= top:
-                for e in range(kk):
-                    t_min = min(t_min, ta_f[row0 + g * n_ends + e])
-                    passed = 0
-                    for j in range(levels):
-                        if gates[j] + ta_f[row0 + g * n_ends + e] < limit:
-                            passed += 1
-                    first_level[g, e] = levels - passed
-        dominant = False
-        for e in range(kk):
-            if held[nxt_f[eb + e]]:
-                dominant = True
-        before = m_low + t_min < limit
         for k in range(n_k):
             for kd in range(n_kinds):
                 for e in range(kk):
                     on_after[k, kd, e] = inf
                     on_before[k, kd, e] = inf
                     for j in range(levels):
-                        here[k, j, kd, e] = inf
+                        here[k, kd, j, e] = inf
                     for p in range(n_points):
-                        at[k, p, kd, e] = inf
+                        at[k, kd, p, e] = inf
             # the smallest over each kind's groups, per end
             for g in range(groups):
                 kd = kind_of[g]
-                if not x_f[row0 + g * n_ends] <= top or not live[kd]:
-                    continue
-                c_g = cost[g, k]
-                for e in range(kk):
-                    x = x_f[row0 + g * n_ends + e]
-                    t_a = ta_f[row0 + g * n_ends + e]
-                    capped = x if x <= top else inf
-                    priced = capped + c_g
-                    later = priced if late + t_a * late_ta < limit else inf
-                    if rest_gate + t_a < limit and later < on_after[k, kd, e]:
-                        on_after[k, kd, e] = later
-                    f = first_level[g, e]
-                    if f < levels and later < here[k, f, kd, e]:
-                        here[k, f, kd, e] = later
-                    if dominant:
-                        x_d = max(capped, low)
-                        total = m * x_d + t_a
-                        if total < limit and up_f[row0 + g * n_ends + e] > low:
-                            base = (total if first else m * x_d) + c_g
-                            hide = max(x, low) - max(big_f[row0 + g * n_ends + e], low / 2)
-                            for p in range(n_points):
-                                v = base if points[p] == 0 else base - points[p] * hide
-                                if v < at[k, p, kd, e]:
-                                    at[k, p, kd, e] = v
-                    if before and m_low + capped + t_a < limit:
-                        v = priced + t_a if first else priced
-                        if v < on_before[k, kd, e]:
-                            on_before[k, kd, e] = v
+                if x_f[row0 + g * n_ends] <= top and live[kd]:
+                    _group(x_f, ta_f, big_f, up_f, row0 + g * n_ends, kk, cost[g, k],
+                           first_level[g], top, low, m, first, late, late_ta, limit,
+                           rest_gate, dominant, before, m_low, points, on_after[k, kd],
+                           here[k, kd], at[k, kd], on_before[k, kd])
             for kd in range(n_kinds):
                 if not live[kd]:
                     continue
                 for e in range(kk):
                     n = nxt_f[eb + e]
                     for j in range(1, levels):      # each level: the stages that pass its gate
-                        if here[k, j - 1, kd, e] < here[k, j, kd, e]:
-                            here[k, j, kd, e] = here[k, j - 1, kd, e]
+                        if here[k, kd, j - 1, e] < here[k, kd, j, e]:
+                            here[k, kd, j, e] = here[k, kd, j - 1, e]
                     if floors_on:                   # (after the running minima)
                         if not on_after[k, kd, e] < lim[k] - head[i] - dom_low - fl_after[k, n]:
                             on_after[k, kd, e] = inf
                         for j in range(levels):
-                            if not here[k, j, kd, e] < (lim[k] - head[i] - dom_low
+                            if not here[k, kd, j, e] < (lim[k] - head[i] - dom_low
                                                         - fl_levels[k, j + 1, n]):
-                                here[k, j, kd, e] = inf
+                                here[k, kd, j, e] = inf
             # after the dominant stage at any position (j = levels), then at each level j,
             # reading the tails at level j + 1; one more stage after the dominant one
             for j in range(levels, -1, -1):
@@ -386,7 +378,7 @@ def _counted(x_f: Any, big_f: Any, ta_f: Any, up_f: Any, starts: Any, ends: Any,
                     if not live[kd]:
                         continue
                     for e in range(kk):
-                        v0 = on_after[k, kd, e] if j == levels else here[k, j, kd, e]
+                        v0 = on_after[k, kd, e] if j == levels else here[k, kd, j, e]
                         if v0 == inf:
                             continue
                         v32 = np.float32(v0)
@@ -420,10 +412,10 @@ def _counted(x_f: Any, big_f: Any, ta_f: Any, up_f: Any, starts: Any, ends: Any,
                     for k in range(n_k):
                         least = inf
                         for a in range(a_max):
-                            if at[k, 0, kd, e] < inf:
+                            if at[k, kd, 0, e] < inf:
                                 c = 0.0
                                 for p in range(n_points):
-                                    c += chords[a, p] * at[k, p, kd, e]
+                                    c += chords[a, p] * at[k, kd, p, e]
                             else:
                                 c = inf
                             c_d[k, kd, e, a] = np.float32(c)

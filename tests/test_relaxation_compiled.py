@@ -4,7 +4,9 @@ one."""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
+import math
 import time
 
 import numpy as np
@@ -57,8 +59,8 @@ def test_the_compiled_priced_pass_is_the_numpy_pass(monkeypatch: pytest.MonkeyPa
 def test_the_compiled_counted_pass_is_the_numpy_pass(monkeypatch: pytest.MonkeyPatch) -> None:
     # [Note: the compiled counted pass]: every set of counted classes (up to 3000
     # states), with the floors of [Note: floors of the counted tables] on (the tables
-    # know their work) at the limits that prune, and the states by speed; single
-    # precision both ways
+    # know their work) at the limits that prune, and the states by speed, and off;
+    # single precision both ways
     compared = exact = finite = 0
     sets = set()
     for seed, tables, m, low, top, prices, fast, rho in random_relaxed(range(40), 2):
@@ -69,8 +71,14 @@ def test_the_compiled_counted_pass_is_the_numpy_pass(monkeypatch: pytest.MonkeyP
             if np.prod([tables.totals[c] + 1 for c in counted]) > 3000:
                 continue
             sets.add(len(counted))
-            for limit in (1e9, m * top * 1.5, m * top * 1.05, m * max(low, top / 2) * 1.02):
-                compiled, reference = _both(monkeypatch, tables, m, low, top, limit, prices,
+            # (and without the work: no floors, every state kept; an infinite limit: no
+            # floors either)
+            for limit, held in ((1e9, tables), (m * top * 1.5, tables),
+                                (m * top * 1.05, tables),
+                                (m * max(low, top / 2) * 1.02, tables),
+                                (m * top * 1.05, dataclasses.replace(tables, work=None)),
+                                (math.inf, tables)):
+                compiled, reference = _both(monkeypatch, held, m, low, top, limit, prices,
                                             rho, None, fast, counted)
                 assert compiled.shape == reference.shape == (len(prices),)
                 same = (compiled == reference) | (np.isinf(compiled) & np.isinf(reference))
@@ -190,3 +198,20 @@ def test_within_a_deadline_a_pass_not_built_runs_in_numpy(
     assert np.array_equal(relaxed_many(tables, m, low, top, 1e9, prices, rho, None, fast,
                                        (0,)), expected)
     assert calls == [1] and not solver.relaxation.COMPILED
+
+
+def test_tables_replaced_are_packed_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    # tables made from others by dataclasses.replace (tools/bound_bed.py narrows the rows
+    # so) get their own packed rows and kinds, not those of the tables they came from
+    seed, tables, m, low, top, prices, fast, rho = next(iter(random_relaxed(range(5), 2)))
+    relaxed_many(tables, m, low, top, 1e9, prices, rho, None, fast, (0,))
+    assert "packed" in tables.compiled
+    rows = tuple((x * 1.5, big, t_a, nxt, shortest * 1.5)
+                 for x, big, t_a, nxt, shortest in tables.rows)
+    slower = dataclasses.replace(tables, rows=rows)
+    assert slower.compiled == {}
+    assert np.array_equal(pack(slower)[0], np.concatenate([r[0].reshape(-1) for r in rows]))
+    for counted in ((), (0,)):
+        compiled, reference = _both(monkeypatch, slower, m, low, top, 1e9, prices, rho, None,
+                                    fast, counted)
+        assert np.array_equal(compiled, reference), counted
