@@ -162,8 +162,11 @@ def relaxed_many(tables: ClassTables, m: int, low: float, top: float, limit: flo
         args = (tables, m, low, top, limit, cost, gates, late, late_ta, rest_gate, points,
                 chords)
         try:
-            found = (compiled.counted_pass(*args, states.flat(tables), floors.flat(count))
-                     if counted else compiled.priced_pass(*args))
+            found = (compiled.counted_pass(*args, states.flat(tables), floors.flat(count),
+                                           deadline)
+                     if counted else compiled.priced_pass(*args, deadline))
+        except Late:
+            raise
         except Exception as exc:    # (a numba that cannot build it: numpy from now on)
             _give_up_compiled(exc)
         else:

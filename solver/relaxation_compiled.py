@@ -20,6 +20,12 @@ Those passes took 5.25 s and 12.0 s in numpy, 1.58 s (0.48 s of it loading the c
 code) and 3.58 s compiled (``python tools/time_planner.py --compiled-ab 32 0.8225``, ``64
 0.5845``: each pass both ways in turn, in one process).
 
+Like the numpy pass, each kernel reads the clock every 8 rows (in numba's object mode: a
+few microseconds) and stops with ``Late`` once the deadline has passed: without that a
+fleet's pass ran on past a 5-s limit, and the search waited a second's grace for the
+bound's process (the 32-device ResNet-50 fleet in 5 s: 6.11 s wall in the fleet table;
+5.24-5.65 s with the check).
+
 Per row and price the loop takes every kept group and end once: the stage after the
 dominant one at any position (``after``), at each gated level (a group that passes a
 level's gate passes every later one, so each level's minimum is a running minimum over
@@ -38,7 +44,7 @@ from typing import Any
 import numba
 import numpy as np
 
-from solver.class_tables import ClassTables
+from solver.class_tables import ClassTables, Late
 
 __all__ = ["Packed", "pack", "priced_pass", "counted_pass", "built", "build"]
 
@@ -85,6 +91,15 @@ def _shape(x_f: Any, ends: Any) -> tuple[int, int, int]:  # pragma: no cover (co
         total += e
         width = max(width, e)
     return ends.shape[0], x_f.shape[0] // total if total else 0, width
+
+
+@numba.njit(cache=True)
+def _late(deadline: float) -> bool:  # pragma: no cover (compiled)
+    """Whether the ``time.perf_counter()`` deadline has passed (the clock read in object
+    mode: a few microseconds, every 8 rows of a pass, as the numpy pass does)."""
+    with numba.objmode(now="float64"):
+        now = time.perf_counter()
+    return now > deadline
 
 
 @numba.njit(cache=True)
@@ -161,13 +176,15 @@ def _group(x_f: Any, ta_f: Any, big_f: Any, up_f: Any, at_g: int, kk: int, c_g: 
 def _pass(x_f: Any, big_f: Any, ta_f: Any, up_f: Any, starts: Any, ends: Any,
           end_starts: Any, nxt_f: Any, short_f: Any, first_row: Any, cost: Any, m: int,
           low: float, top: float, limit: float, late: float, late_ta: float, gates: Any,
-          rest_gate: float, points: Any, chords: Any) -> Any:  # pragma: no cover (compiled)
+          rest_gate: float, points: Any, chords: Any,
+          deadline: float) -> Any:  # pragma: no cover (compiled)
     inf = np.inf
     count, groups, width = _shape(x_f, ends)
     n_k = cost.shape[1]
     levels = gates.shape[0]
     a_max = m
     n_points = points.shape[0]
+    out = np.full(n_k, np.nan)      # (the values; nan where the deadline passed)
     # (per price, level (the last: after the dominant stage at any position), row, a)
     placed = np.full((n_k, levels + 1, count + 1, a_max), inf)
     for k in range(n_k):
@@ -184,6 +201,8 @@ def _pass(x_f: Any, big_f: Any, ta_f: Any, up_f: Any, starts: Any, ends: Any,
     first_level = np.empty((groups, width), dtype=np.int64)
     best = np.empty(a_max)
     for i in range(count - 1, -1, -1):
+        if not i % 8 and _late(deadline):
+            return out, True
         n_ends, row0, eb = ends[i], starts[i], end_starts[i]
         kk, t_min, dominant, before = _row(x_f, ta_f, short_f, row0, eb, n_ends, groups, top,
                                            gates, limit, m_low, held, nxt_f, first_level)
@@ -256,24 +275,34 @@ def _pass(x_f: Any, big_f: Any, ta_f: Any, up_f: Any, starts: Any, ends: Any,
             for a in range(a_max):
                 if placed[k, 0, i, a] < inf:
                     held[i] = True
-    out = np.empty(n_k)
     for k in range(n_k):
         out[k] = with_d[k, 0]
-    return out
+    return out, False
 
 
 def priced_pass(tables: ClassTables, m: int, low: float, top: float, limit: float,
                 cost: np.ndarray, gates: list[float], late: float, late_ta: float,
-                rest_gate: float, points: list[int], chords: np.ndarray) -> np.ndarray:
+                rest_gate: float, points: list[int], chords: np.ndarray,
+                deadline: float | None = None) -> np.ndarray:
     """Per price (``cost``: groups x prices), the smallest value of bound (A) over the
     relaxed plans, before the prices are paid back: ``relaxed_many``'s ``with_d`` at the
-    first row where no class is counted ([Note: the compiled priced pass])."""
+    first row where no class is counted ([Note: the compiled priced pass]); ``Late`` once
+    the ``time.perf_counter()`` deadline has passed (checked every 8 rows)."""
     kernel: Callable[..., Any] = _pass      # (numba's Dispatcher, typed loosely)
-    return np.asarray(kernel(*pack(tables), np.ascontiguousarray(cost, dtype=np.float64), m,
-                             low, top, limit, late, late_ta,
-                             np.asarray(gates, dtype=np.float64), rest_gate,
-                             np.asarray(points, dtype=np.float64),
-                             np.ascontiguousarray(chords, dtype=np.float64)))
+    return _on_time(kernel(*pack(tables), np.ascontiguousarray(cost, dtype=np.float64), m,
+                           low, top, limit, late, late_ta,
+                           np.asarray(gates, dtype=np.float64), rest_gate,
+                           np.asarray(points, dtype=np.float64),
+                           np.ascontiguousarray(chords, dtype=np.float64),
+                           math.inf if deadline is None else float(deadline)))
+
+
+def _on_time(found: tuple[np.ndarray, bool]) -> np.ndarray:
+    """A kernel's values, or ``Late`` where it stopped at the deadline."""
+    values, late = found
+    if late:
+        raise Late
+    return np.asarray(values)
 
 
 @numba.njit(cache=True)
@@ -282,7 +311,7 @@ def _counted(x_f: Any, big_f: Any, ta_f: Any, up_f: Any, starts: Any, ends: Any,
              low: float, top: float, limit: float, late: float, late_ta: float, gates: Any,
              rest_gate: float, points: Any, chords: Any, kind_of: Any, src_of: Any,
              speed: Any, row_low: Any, row_high: Any, floors_on: bool, lim: Any, head: Any,
-             dom_low: float) -> Any:  # pragma: no cover (compiled)
+             dom_low: float, deadline: float) -> Any:  # pragma: no cover (compiled)
     inf = np.inf
     inf32 = np.float32(np.inf)
     count, groups, width = _shape(x_f, ends)
@@ -290,6 +319,7 @@ def _counted(x_f: Any, big_f: Any, ta_f: Any, up_f: Any, starts: Any, ends: Any,
     levels = gates.shape[0]
     a_max = m
     n_points = points.shape[0]
+    out = np.full(n_k, np.nan)      # (the values; nan where the deadline passed)
     n_kinds, n_states = src_of.shape
     # (per price, level (the last: after the dominant stage at any position), row, state, a)
     placed = np.full((n_k, levels + 1, count + 1, n_states, a_max), inf32, dtype=np.float32)
@@ -335,6 +365,8 @@ def _counted(x_f: Any, big_f: Any, ta_f: Any, up_f: Any, starts: Any, ends: Any,
     q_lo = np.empty(n_kinds, dtype=np.int64)
     q_hi = np.empty(n_kinds, dtype=np.int64)
     for i in range(count - 1, -1, -1):
+        if not i % 8 and _late(deadline):
+            return out, True
         n_ends, row0, eb = ends[i], starts[i], end_starts[i]
         kk, t_min, dominant, before = _row(x_f, ta_f, short_f, row0, eb, n_ends, groups, top,
                                            gates, limit, m_low, held, nxt_f, first_level)
@@ -402,12 +434,12 @@ def _counted(x_f: Any, big_f: Any, ta_f: Any, up_f: Any, starts: Any, ends: Any,
                         n = nxt_f[eb + e]
                         tbl = placed[k, read, n]        # (views: 10 % quicker here)
                         for q in range(q_lo[kd], q_hi[kd]):
-                            out = best[into_f[q]]
+                            to = best[into_f[q]]
                             row = tbl[src_f[q]]
                             for a in range(a_max):
                                 w = v32 + row[a]
-                                if w < out[a]:
-                                    out[a] = w
+                                if w < to[a]:
+                                    to[a] = w
                 for s in range(s_lo, s_hi):
                     for a in range(a_max - 1, 0, -1):
                         if best[s, a - 1] < placed[k, j, i, s, a]:
@@ -500,23 +532,24 @@ def _counted(x_f: Any, big_f: Any, ta_f: Any, up_f: Any, starts: Any, ends: Any,
                 for s in range(n_states):
                     least32 = min(least32, with_d[k, i, s])
                 fl_d[k, i] = least32
-    out = np.empty(n_k)
     for k in range(n_k):
         least32 = inf32
         for s in range(n_states):
             least32 = min(least32, with_d[k, 0, s])
         out[k] = least32
-    return out
+    return out, False
 
 
 def counted_pass(tables: ClassTables, m: int, low: float, top: float, limit: float,
                  cost: np.ndarray, gates: list[float], late: float, late_ta: float,
                  rest_gate: float, points: list[int], chords: np.ndarray,
-                 states: tuple[np.ndarray, ...], floors: tuple[bool, np.ndarray, np.ndarray,
-                                                               float]) -> np.ndarray:
+                 states: tuple[np.ndarray, ...],
+                 floors: tuple[bool, np.ndarray, np.ndarray, float],
+                 deadline: float | None = None) -> np.ndarray:
     """``priced_pass`` where classes are counted, in single precision: ``states``, the
     kinds of the groups (``relaxation._CountStates.flat``), ``floors``, whether they are on,
-    the limit per price, the prefix lows and the dominant stage's low.
+    the limit per price, the prefix lows and the dominant stage's low; ``Late`` as
+    ``priced_pass``.
 
     [Note: the compiled counted pass]
     ``relaxation.relaxed_many``'s counted pass ([Note: counted classes]) is the priced DP
@@ -543,13 +576,13 @@ def counted_pass(tables: ClassTables, m: int, low: float, top: float, limit: flo
     kernel: Callable[..., Any] = _counted
     kind_of, src_of, speed, row_low, row_high = states
     on, lim, head, dom_low = floors
-    return np.asarray(kernel(*pack(tables), np.ascontiguousarray(cost, dtype=np.float64), m,
-                             low, top, limit, late, late_ta,
-                             np.asarray(gates, dtype=np.float64), rest_gate,
-                             np.asarray(points, dtype=np.float64),
-                             np.ascontiguousarray(chords, dtype=np.float64),
-                             kind_of, src_of, speed, row_low, row_high, on, lim, head,
-                             float(dom_low)))
+    return _on_time(kernel(*pack(tables), np.ascontiguousarray(cost, dtype=np.float64), m,
+                           low, top, limit, late, late_ta,
+                           np.asarray(gates, dtype=np.float64), rest_gate,
+                           np.asarray(points, dtype=np.float64),
+                           np.ascontiguousarray(chords, dtype=np.float64),
+                           kind_of, src_of, speed, row_low, row_high, on, lim, head,
+                           float(dom_low), math.inf if deadline is None else float(deadline)))
 
 
 def built(counted: bool) -> bool:

@@ -215,3 +215,28 @@ def test_tables_replaced_are_packed_again(monkeypatch: pytest.MonkeyPatch) -> No
         compiled, reference = _both(monkeypatch, slower, m, low, top, 1e9, prices, rho, None,
                                     fast, counted)
         assert np.array_equal(compiled, reference), counted
+
+
+def test_a_compiled_pass_stops_at_its_deadline(monkeypatch: pytest.MonkeyPatch) -> None:
+    # the kernels read the clock every 8 rows (object mode), as the numpy pass does: a
+    # deadline that passes during a pass is Late, not a pass that overruns it
+    seed, tables, m, low, top, prices, fast, rho = next(iter(random_relaxed(range(5), 2)))
+    seen: dict[str, tuple[object, ...]] = {}
+    for name in ("priced_pass", "counted_pass"):
+        plain = getattr(solver.relaxation_compiled, name)
+
+        def recorded(*args: object, plain: object = plain, name: str = name) -> object:
+            seen[name] = args
+            return plain(*args)  # type: ignore[operator]
+
+        monkeypatch.setattr(solver.relaxation_compiled, name, recorded)
+    for counted in ((), (0,)):
+        relaxed_many(tables, m, low, top, 1e9, prices, rho, time.perf_counter() + 600.0, fast,
+                     counted)
+    assert set(seen) == {"priced_pass", "counted_pass"}
+    monkeypatch.undo()
+    for name, args in seen.items():
+        run = getattr(solver.relaxation_compiled, name)
+        assert np.isfinite(run(*args[:-1], time.perf_counter() + 600.0)).any(), name
+        with pytest.raises(Late):
+            run(*args[:-1], time.perf_counter() - 1.0)
