@@ -411,30 +411,40 @@ class _CountStates:
 
     def flat(self, tables: ClassTables) -> tuple[np.ndarray, ...]:
         """The states as ``solver.relaxation_compiled.counted_pass`` reads them: per group
-        its kind (the devices of the counted classes it takes), per kind and state the
-        state the suffix after a stage of that kind comes from (-1: the kind does not fit
-        in the state), the states' bound speeds (non-decreasing) and per row the range of
-        speeds it keeps (``kinds``' ``low`` and ``high``; unbounded where those are not
-        known). The kinds are cached in ``tables.compiled`` per set of counted classes."""
+        its kind (the devices of the counted classes it takes); per kind the states it fits
+        in (``_fit``), laid end to end (where each kind's start, then the states a stage
+        puts its suffix in and those the suffix comes from: a stage that skips the states
+        its kind does not fit costs a quarter of a counted pass); the states' bound speeds
+        (non-decreasing) and per row the range of speeds it keeps (``kinds``' ``low`` and
+        ``high``; unbounded where those are not known). The kinds are cached in
+        ``tables.compiled`` per set of counted classes."""
         key = f"kinds{self.counted}"
         held = tables.compiled.get(key)
         if held is None:
             used = tables.counts[:, list(self.counted)].astype(int)
             codes, kind_of = np.unique(np.ravel_multi_index(tuple(used.T), self.dims),
                                        return_inverse=True)
-            src_of = np.full((len(codes), self.size), -1, dtype=np.int64)
-            for j, code in enumerate(codes.tolist()):
-                kind = np.asarray(np.unravel_index(code, self.dims))
-                fits = np.nonzero((self.vecs >= kind).all(axis=1))[0]
-                src_of[j, fits] = self.position[np.ravel_multi_index(
-                    tuple((self.vecs[fits] - kind).T), self.dims)]
-            held = tables.compiled[key] = (kind_of.reshape(-1).astype(np.int64), src_of)
+            fitted = [self._fit(np.asarray(np.unravel_index(code, self.dims)))
+                      for code in codes.tolist()]
+            kind_at = np.zeros(len(codes) + 1, dtype=np.int64)
+            np.cumsum([len(fits) for fits, _ in fitted], out=kind_at[1:])
+            held = tables.compiled[key] = (
+                kind_of.reshape(-1).astype(np.int64), kind_at,
+                np.concatenate([fits for fits, _ in fitted]).astype(np.int64),
+                np.concatenate([src for _, src in fitted]).astype(np.int64))
         rows = len(tables.rows)
         low = self.low[:rows] if self.low is not None else np.full(rows, -math.inf)
         high = self.high[:rows] if self.high is not None else np.full(rows, math.inf)
         return (*held, np.ascontiguousarray(self.speed, dtype=np.float64),
                 np.ascontiguousarray(low, dtype=np.float64),
                 np.ascontiguousarray(high, dtype=np.float64))
+
+    def _fit(self, kind: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The states a stage taking the count vector ``kind`` fits in (``u >= kind``, in
+        order) and, for each, the state the suffix after it comes from (``u - kind``)."""
+        fits = np.nonzero((self.vecs >= kind).all(axis=1))[0]
+        return fits, self.position[np.ravel_multi_index(tuple((self.vecs[fits] - kind).T),
+                                                        self.dims)]
 
     def kinds(self, used: np.ndarray, row: int) -> list[_Kind]:
         """The groups of ``row`` by the devices of the counted classes each takes (``used``:
@@ -456,10 +466,7 @@ class _CountStates:
         for j, code in enumerate(codes.tolist()):
             at = self._at.get(code)
             if at is None:
-                kind = used[first[j]]
-                fits = np.nonzero((self.vecs >= kind).all(axis=1))[0]
-                src = self.position[np.ravel_multi_index(tuple((self.vecs[fits] - kind).T),
-                                                         self.dims)]
+                fits, src = self._fit(used[first[j]])
                 at = self._at[code] = (fits, self.speed[fits].tolist(), src)
             into, speed, src = at
             if bounded:

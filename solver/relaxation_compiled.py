@@ -103,6 +103,18 @@ def _late(deadline: float) -> bool:  # pragma: no cover (compiled)
 
 
 @numba.njit(cache=True)
+def _shift_in(table: Any, best: Any) -> None:  # pragma: no cover (compiled)
+    """``table[min(a + 1, A - 1)]`` lowered to ``best[a]`` for every ``a``, in place (rows of
+    ``a``): one more stage after the dominant one (``relaxation._shift_min``)."""
+    a_max = table.shape[0]
+    for a in range(a_max - 1, 0, -1):
+        if best[a - 1] < table[a]:
+            table[a] = best[a - 1]
+    if best[a_max - 1] < table[a_max - 1]:
+        table[a_max - 1] = best[a_max - 1]
+
+
+@numba.njit(cache=True)
 def _row(x_f: Any, ta_f: Any, short_f: Any, row0: int, eb: int, n_ends: int, groups: int,
          top: float, gates: Any, limit: float, m_low: float, held: Any, nxt_f: Any,
          first_level: Any) -> tuple[int, float, bool, bool]:  # pragma: no cover (compiled)
@@ -242,11 +254,7 @@ def _pass(x_f: Any, big_f: Any, ta_f: Any, up_f: Any, starts: Any, ends: Any,
                         v = v0 + placed[k, read, n, a]
                         if v < best[a]:
                             best[a] = v
-                for a in range(a_max - 1, 0, -1):
-                    if best[a - 1] < placed[k, j, i, a]:
-                        placed[k, j, i, a] = best[a - 1]
-                if best[a_max - 1] < placed[k, j, i, a_max - 1]:
-                    placed[k, j, i, a_max - 1] = best[a_max - 1]
+                _shift_in(placed[k, j, i], best)
             if dominant:
                 found = inf
                 for e in range(kk):
@@ -309,8 +317,9 @@ def _on_time(found: tuple[np.ndarray, bool]) -> np.ndarray:
 def _counted(x_f: Any, big_f: Any, ta_f: Any, up_f: Any, starts: Any, ends: Any,
              end_starts: Any, nxt_f: Any, short_f: Any, first_row: Any, cost: Any, m: int,
              low: float, top: float, limit: float, late: float, late_ta: float, gates: Any,
-             rest_gate: float, points: Any, chords: Any, kind_of: Any, src_of: Any,
-             speed: Any, row_low: Any, row_high: Any, floors_on: bool, lim: Any, head: Any,
+             rest_gate: float, points: Any, chords: Any, kind_of: Any, kind_at: Any,
+             into_f: Any, src_f: Any, speed: Any, row_low: Any, row_high: Any,
+             floors_on: bool, lim: Any, head: Any,
              dom_low: float, deadline: float) -> Any:  # pragma: no cover (compiled)
     inf = np.inf
     inf32 = np.float32(np.inf)
@@ -320,7 +329,7 @@ def _counted(x_f: Any, big_f: Any, ta_f: Any, up_f: Any, starts: Any, ends: Any,
     a_max = m
     n_points = points.shape[0]
     out = np.full(n_k, np.nan)      # (the values; nan where the deadline passed)
-    n_kinds, n_states = src_of.shape
+    n_kinds, n_states = kind_at.shape[0] - 1, speed.shape[0]
     # (per price, level (the last: after the dominant stage at any position), row, state, a)
     placed = np.full((n_k, levels + 1, count + 1, n_states, a_max), inf32, dtype=np.float32)
     for k in range(n_k):
@@ -347,21 +356,8 @@ def _counted(x_f: Any, big_f: Any, ta_f: Any, up_f: Any, starts: Any, ends: Any,
     live = np.zeros(n_kinds, dtype=np.bool_)
     reads = np.zeros((n_kinds, width), dtype=np.bool_)
     best = np.empty((n_states, a_max), dtype=np.float32)
-    # per kind the states it fits, in order, laid end to end: where a stage of it puts a
-    # suffix (into_f) and where that suffix comes from (src_f); per row the range of them
-    # within the states the row keeps ([q_lo, q_hi) per kind): looping over every state
-    # and skipping those a kind does not fit cost a quarter of a counted pass
-    kind_at = np.zeros(n_kinds + 1, dtype=np.int64)
-    for kd in range(n_kinds):
-        kind_at[kd + 1] = kind_at[kd] + np.sum(src_of[kd] >= 0)
-    into_f = np.empty(kind_at[n_kinds], dtype=np.int64)
-    src_f = np.empty(kind_at[n_kinds], dtype=np.int64)
-    for kd in range(n_kinds):
-        q = kind_at[kd]
-        for s in range(n_states):
-            if src_of[kd, s] >= 0:
-                into_f[q], src_f[q] = s, src_of[kd, s]
-                q += 1
+    # per row the range of each kind's fitting states (from kind_at[kd] in into_f and
+    # src_f) within the states the row keeps: [q_lo, q_hi)
     q_lo = np.empty(n_kinds, dtype=np.int64)
     q_hi = np.empty(n_kinds, dtype=np.int64)
     for i in range(count - 1, -1, -1):
@@ -441,11 +437,7 @@ def _counted(x_f: Any, big_f: Any, ta_f: Any, up_f: Any, starts: Any, ends: Any,
                                 if w < to[a]:
                                     to[a] = w
                 for s in range(s_lo, s_hi):
-                    for a in range(a_max - 1, 0, -1):
-                        if best[s, a - 1] < placed[k, j, i, s, a]:
-                            placed[k, j, i, s, a] = best[s, a - 1]
-                    if best[s, a_max - 1] < placed[k, j, i, s, a_max - 1]:
-                        placed[k, j, i, s, a_max - 1] = best[s, a_max - 1]
+                    _shift_in(placed[k, j, i, s], best[s])
         for k in range(n_k):
             for s in range(n_states):
                 for a in range(a_max):
@@ -574,14 +566,15 @@ def counted_pass(tables: ClassTables, m: int, low: float, top: float, limit: flo
     14.1 s -> 4.5 s; no value differs. The loop over ``a`` is not vectorised (no SIMD in
     the assembly, with ``a`` padded to 8 or ``fastmath`` either): about 1 ns per value."""
     kernel: Callable[..., Any] = _counted
-    kind_of, src_of, speed, row_low, row_high = states
+    kind_of, kind_at, into_f, src_f, speed, row_low, row_high = states
     on, lim, head, dom_low = floors
     return _on_time(kernel(*pack(tables), np.ascontiguousarray(cost, dtype=np.float64), m,
                            low, top, limit, late, late_ta,
                            np.asarray(gates, dtype=np.float64), rest_gate,
                            np.asarray(points, dtype=np.float64),
                            np.ascontiguousarray(chords, dtype=np.float64),
-                           kind_of, src_of, speed, row_low, row_high, on, lim, head,
+                           kind_of, kind_at, into_f, src_f, speed, row_low, row_high, on,
+                           lim, head,
                            float(dom_low), math.inf if deadline is None else float(deadline)))
 
 
