@@ -112,13 +112,24 @@ at 0.4291 s there, and the counted bisection started at once, far below what the
 prove), the midpoints stay: steps of 2 % from there took 12 rounds of every size to reach
 0.5442 s in 30 s, where the midpoints proved 0.5487 s in their first round.
 
-Each counted trial that every size proves halves the step of the next, down to a quarter
-of it (thirty-second session; halving alone would never climb more than 4 %): a second
-step of 2 % lies 4 % above where the prices fell short, more than counting has been seen
-to add, and a counted call that falls short there costs the most (32 Jetsons in 10 s:
-after 0.8215 s, 2 % above the priced 0.8054 s, the trial of 0.8379 s fell short after 2.6
-s of CPU, then 0.8297 s after 1.7 s, and the limit ended the bisection at 0.8215 s, where
-micro-batch 8 proves 0.8240 s)."""
+After a counted trial that every size proves, each step is ``CLASS_COUNTED_STEP_AFTER``.
+A second step of 2 % lies 4 % above where the prices fell short, more than counting has
+been seen to add, and a counted call that falls short there costs the most (32 Jetsons in
+10 s: after 0.8215 s, 2 % above the priced 0.8054 s, the trial of 0.8379 s fell short
+after 2.6 s of CPU, then 0.8297 s after 1.7 s, and the limit ended the bisection at
+0.8215 s, where micro-batch 8 proves 0.8245 s but not 0.8250 s). The thirty-second
+session halved the step after each such trial, down to a quarter of it: 1 % next, whose
+trial (0.8297 s) fell short in 0.8-1.0 s of CPU, then 0.8256 s in as long, so the 5-s
+limit ended at 0.8215 s (2.13 %). A quarter at once asks 0.8256 s, then 0.8235 s and
+0.8246 s: measured with ``tools/time_planner.py --once jetsons 32`` (thirty-third
+session, load 1.1-1.3), 5 s 2.13 % -> 1.75 % in 4 of 4 runs (bound 0.8245 s), 10 s 1.66
+%, 30 s 1.61 %; 64 Jetsons in 30 s 8.25 % and 16 in 5 s 1.25 %, whose priced bisections
+never fall short after their first round, the same."""
+
+CLASS_COUNTED_STEP_AFTER = CLASS_COUNTED_STEP / 4.0
+"""Each counted trial after one that every size proved asks at most this share above the
+smallest bound so far ([Note: counted steps]): counting adds a few per cent at most over
+the prices, most of it in the first step."""
 
 PROVED = 1.0 - 1e-6
 """A class bound at least this share of its target proves the target."""
@@ -323,8 +334,8 @@ def class_bounds(costs: CostTable, cluster: Cluster, batch_size: int, mbs: Seque
     counting = False    # [Note: counted classes]: the second bisection, with them counted
     countable = bool(counted_classes(space))
     priced_fell = False     # whether the priced bisection fell short after its first round
-    step = CLASS_COUNTED_STEP   # (halved after each counted trial every size proves, to a
-    # quarter: steps that only halve would climb 4 % at most)
+    step = CLASS_COUNTED_STEP   # (CLASS_COUNTED_STEP_AFTER after a counted trial every
+    # size proves)
     weakest = 0         # the size that fell short last
     while have and time.perf_counter() < deadline:
         if incumbent is not None and incumbent() < cap:
@@ -383,7 +394,7 @@ def class_bounds(costs: CostTable, cluster: Cluster, batch_size: int, mbs: Seque
         if not fell and trial >= high:  # the best round itself is proven
             break
         if counting and not fell:
-            step = max(step / 2.0, CLASS_COUNTED_STEP / 4.0)
+            step = CLASS_COUNTED_STEP_AFTER
     out.update(have)
     return out
 

@@ -325,6 +325,7 @@ def test_beside_the_search_the_last_bisection_goes_on(monkeypatch: pytest.Monkey
         CLASS_BOUND_BESIDE_TOL,
         CLASS_BOUND_BISECT_TOL,
         CLASS_COUNTED_STEP,
+        CLASS_COUNTED_STEP_AFTER,
         class_bounds,
     )
 
@@ -351,15 +352,15 @@ def test_beside_the_search_the_last_bisection_goes_on(monkeypatch: pytest.Monkey
                                time.perf_counter() + 60.0, tolerance=tol)
             got[tol] = min(out.get(mb, work_bound(costs, cluster, batch, mb)) for mb in mbs)
             priced[tol] = [t for t, count in asked if not count]
-            # [Note: counted steps]: each counted trial every size proved halves the next
-            # step, down to a quarter
+            # [Note: counted steps]: after a counted trial every size proved, the steps are
+            # CLASS_COUNTED_STEP_AFTER
             step, proven = CLASS_COUNTED_STEP, 0.0
             for target in dict.fromkeys(t for t, count in asked if count):
                 if proven:
                     assert target <= proven * (1 + step) * (1 + 1e-12), (seed, tol)
                 if target <= ceiling[True]:
                     proven = max(proven, target)
-                    step = max(step / 2, CLASS_COUNTED_STEP / 4)
+                    step = CLASS_COUNTED_STEP_AFTER
             assert got[tol] >= ceiling[True] / (1 + tol) * (1 - 1e-9), (seed, tol)
         assert priced[CLASS_BOUND_BISECT_TOL] == priced[CLASS_BOUND_BESIDE_TOL], seed
         assert got[CLASS_BOUND_BESIDE_TOL] >= got[CLASS_BOUND_BISECT_TOL] * (1 - 1e-12)
