@@ -56,6 +56,37 @@ def test_the_compiled_priced_pass_is_the_numpy_pass(monkeypatch: pytest.MonkeyPa
     assert exact == compared        # (measured: the same float values, not only close)
 
 
+def test_many_prices_at_once_are_the_numpy_pass(monkeypatch: pytest.MonkeyPatch) -> None:
+    # [Note: many prices at once]: a pass of PRICES_INNER prices or more runs the kernel
+    # whose tables keep every price along their last axis: the same values as numpy's
+    # pass, and as the kernel of one price at a time on the same arguments
+    from solver.relaxation_compiled import PRICES_INNER
+
+    many, one = solver.relaxation_compiled._pass_many, solver.relaxation_compiled._pass
+    runs = [0]
+
+    def both_kernels(*args: object) -> object:
+        found, late = many(*args)
+        again, _ = one(*args)
+        assert np.array_equal(found, again, equal_nan=True)
+        runs[0] += 1
+        return found, late
+
+    compared = finite = 0
+    for seed, tables, m, low, top, prices, fast, rho in random_relaxed(range(30),
+                                                                     PRICES_INNER + 4):
+        for limit in (1e9, m * top * 1.05, m * max(low, top / 2) * 1.02):
+            with monkeypatch.context() as patch:
+                patch.setattr(solver.relaxation_compiled, "_pass_many", both_kernels)
+                compiled, reference = _both(monkeypatch, tables, m, low, top, limit, prices,
+                                            rho, None, fast)
+            same = (compiled == reference) | (np.isinf(compiled) & np.isinf(reference))
+            assert same.all(), (seed, limit, compiled, reference)
+            compared += len(prices)
+            finite += int(np.isfinite(reference).sum())
+    assert runs[0] >= 30 and finite > 300 and compared - finite > 50
+
+
 def test_the_compiled_counted_pass_is_the_numpy_pass(monkeypatch: pytest.MonkeyPatch) -> None:
     # [Note: the compiled counted pass]: every set of counted classes (up to 3000
     # states), with the floors of [Note: floors of the counted tables] on (the tables

@@ -42,6 +42,7 @@ import os
 import random
 import resource
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -615,14 +616,19 @@ def synthetic(args: argparse.Namespace) -> int:
 def build_compiled() -> None:
     """The class bound's compiled passes built before anything is timed ([Note: building the
     compiled passes] in ``solver.relaxation_compiled``: within a time limit a pass not
-    built yet runs in numpy), on stderr how long that took; nothing where numba is
-    missing."""
-    try:
-        from solver.relaxation_compiled import build
-    except ImportError as exc:
-        print(f"(no compiled passes: {exc})", file=sys.stderr)
-        return
-    print(f"(the class bound's compiled passes built or loaded in {build():.1f} s, "
+    built yet runs in numpy), in a process of its own, as the README's quick start does:
+    this one loads them where a plan needs them, inside its time limit, as a user's
+    ``asteroid-fx plan`` does (numba's import and the passes' load cost 0.5-0.7 s here;
+    loaded before the timings, they went unmeasured until the thirty-third session). On
+    stderr how long the build took."""
+    started = time.perf_counter()
+    path = os.pathsep.join(p for p in (os.environ.get("PYTHONPATH"), str(ROOT)) if p)
+    done = subprocess.run([sys.executable, "-m", "solver.relaxation_compiled"],
+                          capture_output=True, text=True, check=False,
+                          env={**os.environ, "PYTHONPATH": path})
+    said = (done.stderr or done.stdout).strip().splitlines()
+    print(f"(python -m solver.relaxation_compiled: rc {done.returncode} in "
+          f"{time.perf_counter() - started:.1f} s{': ' + said[-1] if said else ''}; "
           "before the timings)", file=sys.stderr, flush=True)
 
 
