@@ -308,6 +308,20 @@ def _compiled_passes() -> ModuleType | None:
     return compiled
 
 
+def load_compiled() -> None:
+    """The compiled passes loaded into this process now, where they are built (numba's
+    import and the passes' load: 0.5-0.7 s; [Note: the bound's process from the start] in
+    ``solver.anytime``); nothing where they are not built, are off, or fail to load (their
+    first call then says why, as before)."""
+    compiled = _compiled_passes() if COMPILED else None
+    if compiled is None or not (compiled.built(False) and compiled.built(True)):
+        return
+    try:
+        compiled.build()        # (built: this loads them)
+    except Exception as exc:    # noqa: BLE001 - the passes' first call deals with it
+        log.info("the class bound's compiled passes did not load ahead: %s", exc)
+
+
 _UNBUILT_SAID: list[bool] = []
 """Whether this process has said that a pass is not built yet (once)."""
 

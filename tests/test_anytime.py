@@ -131,6 +131,31 @@ def test_a_bound_beside_that_is_late_keeps_what_it_published(
     assert "proved nothing" not in caplog.text
 
 
+def test_the_bound_beside_starts_with_the_search_and_waits_for_a_plan(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> None:
+    # [Note: the bound's process from the start]: the process starts before the search
+    # has a plan (its incumbent inf), and its class bound's first target is a plan's round
+    started: list[float] = []
+    plain = solver.anytime.Beside
+
+    def recorded(work: Any, incumbent: float) -> Any:
+        started.append(incumbent)
+        return plain(work, incumbent)
+
+    def target_seen(*args: Any, **kwargs: Any) -> dict[int, float]:
+        (tmp_path / "target").write_text(repr(args[5]))     # (in the process beside)
+        return {}
+
+    patch_planner(monkeypatch, "spare_core", lambda: True)
+    patch_planner(monkeypatch, "Beside", recorded)
+    monkeypatch.setattr(solver.anytime, "class_bounds", target_seen)
+    costs, cluster = planner_instance("spread", 7, 200, 8)
+    report = search(costs, cluster, 32, time_limit=1.0)
+    assert report.plan is not None and started == [math.inf]
+    target = float((tmp_path / "target").read_text())
+    assert math.isfinite(target) and target >= report.round_time_s * (1 - 1e-12)
+
+
 def test_no_process_beside_means_the_bound_after_the_search(
         monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     # the fork fails (no memory, no processes left): the search leaves the bound its

@@ -231,6 +231,36 @@ def test_within_a_deadline_a_pass_not_built_runs_in_numpy(
     assert calls == [1] and not solver.relaxation.COMPILED
 
 
+def test_the_passes_load_ahead_only_where_built(monkeypatch: pytest.MonkeyPatch,
+                                                caplog: pytest.LogCaptureFixture) -> None:
+    # [Note: the bound's process from the start]: load_compiled loads the built passes
+    # (build, which only loads once they are built), builds nothing that is not built,
+    # and a load that fails is said, not raised (the passes' first call deals with it)
+    loads: list[int] = []
+
+    def load() -> float:
+        loads.append(1)
+        return 0.0
+
+    monkeypatch.setattr(solver.relaxation_compiled, "build", load)
+    monkeypatch.setattr(solver.relaxation_compiled, "built", lambda counted: True)
+    solver.relaxation.load_compiled()
+    assert loads == [1]
+    monkeypatch.setattr(solver.relaxation_compiled, "built", lambda counted: counted)
+    solver.relaxation.load_compiled()
+    assert loads == [1]                 # (the priced passes not built: nothing loaded)
+
+    def broken() -> float:
+        raise OSError("cache unreadable")
+
+    monkeypatch.setattr(solver.relaxation_compiled, "built", lambda counted: True)
+    monkeypatch.setattr(solver.relaxation_compiled, "build", broken)
+    with caplog.at_level("INFO", logger="solver.relaxation"):
+        solver.relaxation.load_compiled()
+    assert "did not load ahead: cache unreadable" in caplog.text
+    assert solver.relaxation.COMPILED
+
+
 def test_tables_replaced_are_packed_again(monkeypatch: pytest.MonkeyPatch) -> None:
     # tables made from others by dataclasses.replace (tools/bound_bed.py narrows the rows
     # so) get their own packed rows and kinds, not those of the tables they came from
