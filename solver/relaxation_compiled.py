@@ -143,6 +143,35 @@ def _reach(short_f: Any, eb: int, n_ends: int, top: float, held: Any,
     return kk, dominant
 
 
+@numba.njit(cache=True)
+def _dims(x_f: Any, ends: Any, cost: Any, gates: Any,
+          points: Any) -> tuple[int, int, int, int, int, int]:  # pragma: no cover (compiled)
+    """A pass's rows, groups, most ends of a row, prices, gated levels and chord points."""
+    count, groups, width = _shape(x_f, ends)
+    return count, groups, width, cost.shape[1], gates.shape[0], points.shape[0]
+
+
+@numba.njit(cache=True)
+def _row_stages(x_f: Any, big_f: Any, ta_f: Any, up_f: Any, starts: Any, ends: Any,
+                end_starts: Any, nxt_f: Any, short_f: Any, first_row: Any, i: int,
+                everyone: Any, top: float, low: float, m: int, late: float, late_ta: float,
+                limit: float, rest_gate: float, gates: Any, m_low: float, held: Any,
+                ent_i: Any, ent_f: Any
+                ) -> tuple[int, int, bool, bool, int, bool]:  # pragma: no cover (compiled)
+    """Row ``i`` of a priced pass: where its ends start in ``pack``'s arrays, ``_reach``'s
+    ends and whether the dominant stage can be here, whether it is the first layer's, and
+    ``_entries``' stages of every group (``kk`` 0: nothing to do)."""
+    n_ends, row0, eb = ends[i], starts[i], end_starts[i]
+    kk, dominant = _reach(short_f, eb, n_ends, top, held, nxt_f)
+    first = first_row[i]
+    if kk == 0:
+        return eb, 0, dominant, first, 0, False
+    n_ent, before = _entries(x_f, ta_f, big_f, up_f, row0, n_ends, kk, everyone, top, low, m,
+                             first, late, late_ta, limit, rest_gate, gates, dominant, m_low,
+                             ent_i, ent_f, 0)
+    return eb, kk, dominant, first, n_ent, before
+
+
 _LATE, _REST, _DOM, _BEF = 1, 2, 4, 8
 """``_entries``' flags of a stage: it passes the late gate (it can follow the dominant
 stage), and the rest gate too (at any position after it); it can be the dominant stage;
@@ -242,11 +271,8 @@ def _pass(x_f: Any, big_f: Any, ta_f: Any, up_f: Any, starts: Any, ends: Any,
           rest_gate: float, points: Any, chords: Any,
           deadline: float) -> Any:  # pragma: no cover (compiled)
     inf = np.inf
-    count, groups, width = _shape(x_f, ends)
-    n_k = cost.shape[1]
-    levels = gates.shape[0]
+    count, groups, width, n_k, levels, n_points = _dims(x_f, ends, cost, gates, points)
     a_max = m
-    n_points = points.shape[0]
     out = np.full(n_k, np.nan)      # (the values; nan where the deadline passed)
     # (per price, level (the last: after the dominant stage at any position), row, a)
     placed = np.full((n_k, levels + 1, count + 1, a_max), inf)
@@ -268,14 +294,12 @@ def _pass(x_f: Any, big_f: Any, ta_f: Any, up_f: Any, starts: Any, ends: Any,
     for i in range(count - 1, -1, -1):
         if not i % 8 and _late(deadline):
             return out, True
-        n_ends, row0, eb = ends[i], starts[i], end_starts[i]
-        kk, dominant = _reach(short_f, eb, n_ends, top, held, nxt_f)
+        eb, kk, dominant, first, n_ent, before = _row_stages(
+            x_f, big_f, ta_f, up_f, starts, ends, end_starts, nxt_f, short_f, first_row, i,
+            everyone, top, low, m, late, late_ta, limit, rest_gate, gates, m_low, held, ent_i,
+            ent_f)
         if kk == 0:     # (only the first `kk` ends can have x <= top)
             continue
-        first = first_row[i]
-        n_ent, before = _entries(x_f, ta_f, big_f, up_f, row0, n_ends, kk, everyone, top, low,
-                                 m, first, late, late_ta, limit, rest_gate, gates, dominant,
-                                 m_low, ent_i, ent_f, 0)
         for k in range(n_k):
             for e in range(kk):
                 on_after[e] = inf
@@ -341,8 +365,8 @@ def _pass(x_f: Any, big_f: Any, ta_f: Any, up_f: Any, starts: Any, ends: Any,
 
 @numba.njit(cache=True)
 def _price_many(ent_i: Any, ent_f: Any, lo: int, hi: int, cost: Any, first: bool,
-             points: Any, on_after: Any, here: Any, at: Any,
-             on_before: Any) -> None:  # pragma: no cover (compiled)
+                points: Any, on_after: Any, here: Any, at: Any,
+                on_before: Any) -> None:  # pragma: no cover (compiled)
     """``_price`` for every price at once (the minima's last axis: prices)."""
     levels = here.shape[0]
     n_k = cost.shape[1]
@@ -386,17 +410,14 @@ def _price_many(ent_i: Any, ent_f: Any, lo: int, hi: int, cost: Any, first: bool
 
 @numba.njit(cache=True)
 def _pass_many(x_f: Any, big_f: Any, ta_f: Any, up_f: Any, starts: Any, ends: Any,
-            end_starts: Any, nxt_f: Any, short_f: Any, first_row: Any, cost: Any, m: int,
-            low: float, top: float, limit: float, late: float, late_ta: float, gates: Any,
-            rest_gate: float, points: Any, chords: Any,
-            deadline: float) -> Any:  # pragma: no cover (compiled)
+               end_starts: Any, nxt_f: Any, short_f: Any, first_row: Any, cost: Any, m: int,
+               low: float, top: float, limit: float, late: float, late_ta: float, gates: Any,
+               rest_gate: float, points: Any, chords: Any,
+               deadline: float) -> Any:  # pragma: no cover (compiled)
     """``_pass`` with the prices as the tables' last axis ([Note: many prices at once])."""
     inf = np.inf
-    count, groups, width = _shape(x_f, ends)
-    n_k = cost.shape[1]
-    levels = gates.shape[0]
+    count, groups, width, n_k, levels, n_points = _dims(x_f, ends, cost, gates, points)
     a_max = m
-    n_points = points.shape[0]
     out = np.full(n_k, np.nan)      # (the values; nan where the deadline passed)
     # (per level (the last: after the dominant stage at any position), row, a, price)
     placed = np.full((levels + 1, count + 1, a_max, n_k), inf)
@@ -419,14 +440,12 @@ def _pass_many(x_f: Any, big_f: Any, ta_f: Any, up_f: Any, starts: Any, ends: An
     for i in range(count - 1, -1, -1):
         if not i % 8 and _late(deadline):
             return out, True
-        n_ends, row0, eb = ends[i], starts[i], end_starts[i]
-        kk, dominant = _reach(short_f, eb, n_ends, top, held, nxt_f)
+        eb, kk, dominant, first, n_ent, before = _row_stages(
+            x_f, big_f, ta_f, up_f, starts, ends, end_starts, nxt_f, short_f, first_row, i,
+            everyone, top, low, m, late, late_ta, limit, rest_gate, gates, m_low, held, ent_i,
+            ent_f)
         if kk == 0:     # (only the first `kk` ends can have x <= top)
             continue
-        first = first_row[i]
-        n_ent, before = _entries(x_f, ta_f, big_f, up_f, row0, n_ends, kk, everyone, top, low,
-                                 m, first, late, late_ta, limit, rest_gate, gates, dominant,
-                                 m_low, ent_i, ent_f, 0)
         on_after[:kk] = inf
         on_before[:kk] = inf
         here[:, :kk] = inf
@@ -565,11 +584,8 @@ def _counted(x_f: Any, big_f: Any, ta_f: Any, up_f: Any, starts: Any, ends: Any,
              dom_low: float, deadline: float) -> Any:  # pragma: no cover (compiled)
     inf = np.inf
     inf32 = np.float32(np.inf)
-    count, groups, width = _shape(x_f, ends)
-    n_k = cost.shape[1]
-    levels = gates.shape[0]
+    count, groups, width, n_k, levels, n_points = _dims(x_f, ends, cost, gates, points)
     a_max = m
-    n_points = points.shape[0]
     out = np.full(n_k, np.nan)      # (the values; nan where the deadline passed)
     n_kinds, n_states = kind_at.shape[0] - 1, speed.shape[0]
     # (per price, level (the last: after the dominant stage at any position), row, state, a)
