@@ -35,6 +35,7 @@ from typing import Any
 
 import torch
 
+from contracts.arguments import is_int
 from contracts.errors import PartitionError
 
 __all__ = ["to_pipeline_stage"]
@@ -71,7 +72,7 @@ def to_pipeline_stage(
     """
     from torch.distributed.pipelining import PipelineStage
 
-    if any(isinstance(v, bool) or not isinstance(v, int) for v in (stage_index, num_stages)):
+    if any(not is_int(v) for v in (stage_index, num_stages)):
         raise PartitionError(f"stage_index and num_stages must be integers, got "
                              f"{stage_index!r} and {num_stages!r}")
     if num_stages < 1 or not 0 <= stage_index < num_stages:

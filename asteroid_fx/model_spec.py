@@ -15,6 +15,7 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import nn
 
+from contracts.arguments import is_int
 from contracts.errors import AsteroidError, ModelSpecError
 from contracts.inputs import model_inputs
 from cost_models.batches import Inputs, check_batch
@@ -66,7 +67,7 @@ class ModelSpec:
         Raises:
             ModelSpecError: ``sample_batch`` returned something else.
         """
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        if not is_int(batch_size) or batch_size < 1:
             raise ModelSpecError(f"batch_size must be an integer >= 1, got {batch_size!r}")
         where = f"{self.spec}: sample_batch({batch_size})"
         return check_batch(self._call(where, self.sample_batch, batch_size), batch_size,

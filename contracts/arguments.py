@@ -9,11 +9,19 @@ from typing import TYPE_CHECKING, Any
 from contracts.errors import AsteroidError, ClusterError, CostModelError, PlanError
 
 if TYPE_CHECKING:
+    from typing import TypeGuard
+
     from contracts.cluster import Cluster
     from contracts.plan import Plan
     from contracts.table import CostTable
 
-__all__ = ["check_cluster", "check_costs", "check_path", "check_plan", "require"]
+__all__ = ["check_cluster", "check_costs", "check_path", "check_plan", "is_int", "require"]
+
+
+def is_int(value: object) -> TypeGuard[int]:
+    """Whether ``value`` is an ``int`` and not a ``bool`` (``True`` is an ``int`` to Python,
+    never a count or a size here)."""
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def require(value: object, kind: type | tuple[type, ...], error: type[AsteroidError],

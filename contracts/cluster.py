@@ -12,6 +12,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+from contracts.arguments import is_int
 from contracts.devices import DEVICE_TYPES, GIB
 from contracts.errors import ClusterError, parse_json, read_text
 
@@ -198,7 +199,7 @@ def expand_entry(entry: Any) -> list[Any]:
     if not isinstance(name, str) or not name:
         raise ClusterError(f"a device entry with count needs a non-empty string name (the "
                            f"devices are named <name>0, <name>1, ...), got {dict(entry)!r}")
-    if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= MAX_DEVICES:
+    if not is_int(count) or not 1 <= count <= MAX_DEVICES:
         raise ClusterError(f"device entry {name!r}: count must be a whole number from 1 to "
                            f"{MAX_DEVICES} (how many devices like it, named {name}0, {name}1, "
                            f"...), got {count!r}")

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from contracts.arguments import is_int
 from contracts.errors import MALFORMED, CostModelError, parse_json, read_json
 from contracts.files import write_text
 
@@ -84,7 +85,7 @@ class LayerCost:
     def __post_init__(self) -> None:
         for what in ("param_bytes", "activation_bytes", "output_bytes", "buffer_bytes"):
             value = getattr(self, what)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            if not is_int(value) or value < 0:
                 raise CostModelError(f"layer {self.name!r}: {what} must be an integer >= 0, "
                                      f"got {value!r}; re-run `asteroid-fx profile`")
         if not (math.isfinite(self.flops) and self.flops >= 0):
@@ -137,7 +138,7 @@ def _bytes(value: Any, what: str) -> int:
     float such as ``4096.0`` is taken; ``1.5``, ``true`` and strings are not)."""
     if isinstance(value, float) and value.is_integer():
         value = int(value)
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_BYTES:
+    if not is_int(value) or not 0 <= value <= MAX_BYTES:
         raise CostModelError(f"{what} must be an integer >= 0 (bytes, at most 2^50), got "
                              f"{value!r}; re-run `asteroid-fx profile`")
     return value
@@ -147,7 +148,7 @@ def _workspace(value: Any) -> int | None:
     """A table's ``workspace_bytes`` entry: None (absent: not measured) or bytes >= 0."""
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+    if not is_int(value) or value < 0:
         raise CostModelError(f"workspace_bytes must be an integer >= 0 or null, got {value!r}")
     return value
 

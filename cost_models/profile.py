@@ -74,6 +74,7 @@ from torch import fx
 from torch.utils._pytree import tree_flatten
 
 from contracts.allocator import tune_allocator
+from contracts.arguments import is_int
 from contracts.errors import AsteroidError, CostModelError
 from contracts.inputs import model_inputs
 from contracts.table import CostTable, LayerCost, TimeFit
@@ -411,7 +412,7 @@ def _check_batch_sizes(batch_sizes: Sequence[int]) -> tuple[int, ...]:
             "batch_sizes is empty; give at least one positive batch size, e.g. (1, 2, 4, 8)"
         )
     for b in values:
-        if isinstance(b, bool) or not isinstance(b, int) or b <= 0:
+        if not is_int(b) or b <= 0:
             raise CostModelError(
                 f"batch sizes must be positive integers, got {b!r} in {list(values)}"
             )
@@ -546,9 +547,9 @@ def profile(
     if progress is not None and not callable(progress):   # (was a TypeError mid-profile)
         raise CostModelError(f"progress must be a callable (done, total, what) or None, got "
                              f"{progress!r}")
-    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+    if not is_int(repeats) or repeats < 1:
         raise CostModelError(f"repeats must be an integer >= 1, got {repeats!r}")
-    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
+    if not is_int(warmup) or warmup < 0:
         raise CostModelError(f"warmup must be an integer >= 0, got {warmup!r}")
     if method not in _METHODS:
         raise CostModelError(

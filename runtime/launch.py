@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from contracts.allocator import tune_allocator
-from contracts.arguments import check_path
+from contracts.arguments import check_path, is_int
 from contracts.errors import RuntimeFailure
 from contracts.plan import Plan
 from runtime import protocol as proto
@@ -266,7 +266,7 @@ def check_run_arguments(*, steps: object, seed: object, lr: object, progress: ob
     started, ``num_samples=-1`` was taken)."""
     for value, what, least in ((steps, "steps", 1), (seed, "seed", 0),
                                (num_samples, "num_samples", 0)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        if not is_int(value) or value < least:
             raise RuntimeFailure(f"{what} must be an integer >= {least}, got {value!r}")
     check_lr(lr)
     if progress is not None and not callable(progress):

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from contracts.arguments import is_int
 from contracts.cluster import Cluster
 from contracts.errors import AsteroidError, PlanError, RuntimeFailure
 from contracts.plan import Plan
@@ -88,7 +89,7 @@ def parse_fail(spec: str | Mapping[str, int] | None, plan: Plan, steps: int, *,
     if isinstance(spec, Mapping):
         items = [(str(d), s) for d, s in spec.items()]
         for device, step in items:
-            if isinstance(step, bool) or not isinstance(step, int):
+            if not is_int(step):
                 raise RuntimeFailure(f"{option} {{{device!r}: {step!r}}}: the step must be an "
                                      f"integer (steps from 0)")
     else:

@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
-from contracts.arguments import check_cluster, check_costs
+from contracts.arguments import check_cluster, check_costs, is_int
 from contracts.cluster import Cluster
 from contracts.errors import PlanError
 from contracts.plan import Plan, PlannerInfo, SearchBound
@@ -227,7 +227,7 @@ def _checked_sizes(sizes: object, batch_size: int) -> list[int]:
         raise PlanError(f"micro_batch_sizes must be a list of integers (divisors of the batch "
                         f"{batch_size}), got {sizes!r}; for one size use micro_batch_size=")
     listed = list(sizes)
-    bad = [b for b in listed if isinstance(b, bool) or not isinstance(b, int)]
+    bad = [b for b in listed if not is_int(b)]
     if bad or not listed:
         raise PlanError(f"micro_batch_sizes must be a non-empty list of integers (divisors "
                         f"of the batch {batch_size}), got {sizes!r}")
@@ -290,7 +290,7 @@ def plan(costs: CostTable, cluster: Cluster, batch_size: int, *, planner: str = 
             or a plan that does not fit in memory (with the shortfall).
     """
     cluster = check_cluster(cluster).for_costs(check_costs(costs))
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+    if not is_int(batch_size) or batch_size < 1:
         raise PlanError(f"batch_size must be an integer >= 1, got {batch_size!r}")
     check_time_limit(time_limit)
     check_optimizer_state_factor(optimizer_state_factor)

@@ -36,7 +36,7 @@ import math
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, replace
 
-from contracts.arguments import check_cluster, check_costs, require
+from contracts.arguments import check_cluster, check_costs, is_int, require
 from contracts.cluster import Cluster
 from contracts.errors import PlanError
 from contracts.pac_plan import PacModel, PacPlan, PacPrediction
@@ -300,7 +300,7 @@ def plan_finetune(costs: CostTable, cluster: Cluster, model: PacModel, *, batch_
             "make one with asteroid_fx.finetune.pac_model_of(afx.parallel_adapters(...))")
     for value, what in ((batch_size, "batch_size"), (epochs, "epochs"),
                         (num_samples, "num_samples")):
-        if isinstance(value, bool) or not isinstance(value, int):
+        if not is_int(value):
             raise PlanError(f"{what} must be an integer, got {value!r}")
     for slack, what in ((phase1_slack, "phase1_slack"), (cache_slack, "cache_slack"),
                         (store_slack, "store_slack")):

@@ -33,6 +33,7 @@ import heapq
 from collections.abc import Sequence
 from dataclasses import replace
 
+from contracts.arguments import is_int
 from contracts.cluster import Cluster
 from contracts.errors import PlanError
 from contracts.plan import Plan
@@ -150,7 +151,7 @@ def check_micro_batch(micro_batch_size: int, batch_size: int) -> int:
     """``micro_batch_size``, checked: an integer >= 1, at most the batch and dividing it
     (``PlanError`` naming the valid sizes otherwise)."""
     m = micro_batch_size
-    if isinstance(m, bool) or not isinstance(m, int) or m < 1:
+    if not is_int(m) or m < 1:
         raise PlanError(f"the micro-batch size must be an integer >= 1, got {m!r}")
     if m > batch_size:
         raise PlanError(f"micro-batch {m} is larger than the batch {batch_size}; use at most "

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 import asteroid_fx as afx
-from contracts.arguments import check_cluster, check_costs, check_path, check_plan
+from contracts.arguments import check_cluster, check_costs, check_path, check_plan, is_int
 from contracts.errors import (
     ClusterError,
     CostModelError,
@@ -186,3 +186,8 @@ def test_small_helpers_refuse_arguments_of_the_wrong_kind() -> None:
     spec = load_model_spec(str(ROOT / "examples" / "mlp.py"))
     with pytest.raises(ModelSpecError, match="batch_size must be an integer >= 1, got '4'"):
         spec.example_inputs("4")  # type: ignore[arg-type]
+
+
+def test_is_int_takes_ints_not_bools_nor_floats() -> None:
+    assert is_int(0) and is_int(-3) and is_int(2 ** 70)
+    assert not any(is_int(v) for v in (True, False, 1.0, "1", None, [1]))
