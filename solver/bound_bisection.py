@@ -124,12 +124,24 @@ limit ended at 0.8215 s (2.13 %). A quarter at once asks 0.8256 s, then 0.8235 s
 0.8246 s: measured with ``tools/time_planner.py --once jetsons 32`` (thirty-third
 session, load 1.1-1.3), 5 s 2.13 % -> 1.75 % in 4 of 4 runs (bound 0.8245 s), 10 s 1.66
 %, 30 s 1.61 %; 64 Jetsons in 30 s 8.25 % and 16 in 5 s 1.25 %, whose priced bisections
-never fall short after their first round, the same."""
+never fall short after their first round, the same.
 
-CLASS_COUNTED_STEP_AFTER = CLASS_COUNTED_STEP / 4.0
-"""Each counted trial after one that every size proved asks at most this share above the
-smallest bound so far ([Note: counted steps]): counting adds a few per cent at most over
-the prices, most of it in the first step."""
+Since the thirty-fourth session the first step after a proven counted trial is an eighth
+(0.25 %) and each next one after a proof twice the last, up to ``CLASS_COUNTED_STEP`` (a
+search from below that grows its steps: a trial that falls short costs 1.5-2 times one
+that is proven, 0.7-0.85 s against 0.45-0.5 s of CPU for micro-batch 8 there, so the
+bisection comes at the ceiling from below in small steps first). On 32 Jetsons in 5 s
+the quarter asked 0.8256 s after 0.8215 s, fell short and left 0.8235 s to the last 0.5
+s, which the limit cut in 3 of 7 runs (2.13 %); now it asks 0.8235 s, proven at 3.0-3.5
+s, then 0.8276 s and 0.8256 s: 1.87 % in 7 of 7 runs (0.8235 s), alternating with the
+quarter in one script (load 1.0-1.6); in 10 and 30 s the same 0.8245 s either way; 16
+Jetsons in 5 s (1.40 %) and 64 in 30 s (8.25 %) unchanged."""
+
+CLASS_COUNTED_STEP_AFTER = CLASS_COUNTED_STEP / 8.0
+"""The first counted trial after one that every size proved asks at most this share above
+the smallest bound so far, each next one after a proof twice the last step ([Note: counted
+steps]): counting adds a few per cent at most over the prices, most of it in the first
+step."""
 
 PROVED = 1.0 - 1e-6
 """A class bound at least this share of its target proves the target."""
@@ -394,7 +406,10 @@ def class_bounds(costs: CostTable, cluster: Cluster, batch_size: int, mbs: Seque
         if not fell and trial >= high:  # the best round itself is proven
             break
         if counting and not fell:
-            step = CLASS_COUNTED_STEP_AFTER
+            # (the first step after a proven counted trial small, each next one twice the
+            # last: [Note: counted steps])
+            step = CLASS_COUNTED_STEP_AFTER if step >= CLASS_COUNTED_STEP \
+                else min(2.0 * step, CLASS_COUNTED_STEP)
     out.update(have)
     return out
 

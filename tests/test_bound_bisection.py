@@ -320,7 +320,8 @@ def test_the_counted_bisection_steps_from_where_the_prices_fell_short(
 def test_beside_the_search_the_last_bisection_goes_on(monkeypatch: pytest.MonkeyPatch) -> None:
     # [Note: bisecting on beside the search]: with `tolerance` the counted bisection ends
     # within it of the counted ceiling, not within 1 %; the priced one before it asks the
-    # same targets either way; the counted steps shrink as they are proven
+    # same targets either way; the counted steps start small after a proven trial and
+    # double as they are proven
     from solver.bound_bisection import (
         CLASS_BOUND_BESIDE_TOL,
         CLASS_BOUND_BISECT_TOL,
@@ -341,7 +342,7 @@ def test_beside_the_search_the_last_bisection_goes_on(monkeypatch: pytest.Monkey
         return target if target <= ceiling[count] else 0.98 * ceiling[count]
 
     patch_planner(monkeypatch, "class_bound", scripted)
-    finer = 0
+    finer = doubled = 0
     for seed, costs, cluster, batch, bounds in _work_cases(range(800, 815)):
         mbs, work = list(bounds), max(bounds.values())
         ceiling[False], ceiling[True] = 1.5 * work, 1.56 * work
@@ -352,17 +353,20 @@ def test_beside_the_search_the_last_bisection_goes_on(monkeypatch: pytest.Monkey
                                time.perf_counter() + 60.0, tolerance=tol)
             got[tol] = min(out.get(mb, work_bound(costs, cluster, batch, mb)) for mb in mbs)
             priced[tol] = [t for t, count in asked if not count]
-            # [Note: counted steps]: after a counted trial every size proved, the steps are
-            # CLASS_COUNTED_STEP_AFTER
+            # [Note: counted steps]: after a counted trial every size proved, the step is
+            # CLASS_COUNTED_STEP_AFTER, twice the last after each further one
             step, proven = CLASS_COUNTED_STEP, 0.0
             for target in dict.fromkeys(t for t, count in asked if count):
                 if proven:
                     assert target <= proven * (1 + step) * (1 + 1e-12), (seed, tol)
+                    doubled += target > proven * (1 + CLASS_COUNTED_STEP_AFTER) * (1 + 1e-9)
                 if target <= ceiling[True]:
                     proven = max(proven, target)
-                    step = CLASS_COUNTED_STEP_AFTER
+                    step = (CLASS_COUNTED_STEP_AFTER if step >= CLASS_COUNTED_STEP
+                            else min(2 * step, CLASS_COUNTED_STEP))
             assert got[tol] >= ceiling[True] / (1 + tol) * (1 - 1e-9), (seed, tol)
         assert priced[CLASS_BOUND_BISECT_TOL] == priced[CLASS_BOUND_BESIDE_TOL], seed
         assert got[CLASS_BOUND_BESIDE_TOL] >= got[CLASS_BOUND_BISECT_TOL] * (1 - 1e-12)
         finer += got[CLASS_BOUND_BESIDE_TOL] > got[CLASS_BOUND_BISECT_TOL] * (1 + 1e-6)
     assert finer >= 3
+    assert doubled, "no counted step grew after a proven one"
