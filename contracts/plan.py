@@ -8,6 +8,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from contracts.arguments import is_int
 from contracts.errors import MALFORMED, PlanError, parse_json, read_json
 from contracts.files import write_text
 
@@ -42,18 +43,15 @@ class Stage:
     shares: tuple[int, ...]
 
     def __post_init__(self) -> None:
-        def whole(value: object) -> bool:
-            return isinstance(value, int) and not isinstance(value, bool)
-
         # (built in code as well as from JSON: (0, 1, 2), (None, 6) or shares ("8",) were
         # raw ValueErrors and TypeErrors; a device named None read as 'None')
         if not (isinstance(self.layers, (tuple, list)) and len(self.layers) == 2
-                and all(whole(v) for v in self.layers)):
+                and all(is_int(v) for v in self.layers)):
             raise PlanError(f"stage layers are [first, last] (two integers), got "
                             f"{self.layers!r}")
         if not all(isinstance(d, str) and d for d in self.devices):
             raise PlanError(f"stage devices are non-empty names, got {list(self.devices)!r}")
-        if not all(whole(v) for v in self.shares):
+        if not all(is_int(v) for v in self.shares):
             raise PlanError(f"stage shares are whole numbers of samples, got "
                             f"{list(self.shares)!r}")
         first, last = self.layers

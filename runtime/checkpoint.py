@@ -16,6 +16,7 @@ from typing import Any, Tuple
 
 import torch
 
+from contracts.arguments import is_int
 from contracts.errors import ProtocolError, RuntimeFailure
 
 __all__ = [
@@ -238,7 +239,7 @@ def _header(data: bytes, where: str) -> tuple[dict[str, Any], int]:
     except (UnicodeDecodeError, ValueError) as exc:
         raise _bad(where, f"the header is not JSON ({exc})") from None
     if not isinstance(header, dict) or set(header) != {"step", "t", "x"} \
-            or not isinstance(header["step"], int) or isinstance(header["step"], bool) \
+            or not is_int(header["step"]) \
             or not isinstance(header["t"], list) or not isinstance(header["x"], dict):
         raise _bad(where, "the header is not {step: int, t: [...], x: {...}}")
     body = len(data) - start - length

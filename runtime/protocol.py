@@ -72,6 +72,7 @@ from typing import TYPE_CHECKING, Any, Callable, TypeVar, Union, overload
 
 import torch.distributed as dist
 
+from contracts.arguments import is_int
 from contracts.errors import ProtocolError
 
 __all__ = [
@@ -311,7 +312,7 @@ class StepRecord:
 
     def __post_init__(self) -> None:
         step = self.data.get("step")
-        if not isinstance(step, int) or isinstance(step, bool):
+        if not is_int(step):
             raise ValueError(f"a step record needs an integer 'step', got {step!r}")
 
 
@@ -648,7 +649,7 @@ def _scalar(name: str) -> _Check:
         return boolean
     if name == "int":
         def integer(value: Any, where: str) -> int:
-            if not isinstance(value, int) or isinstance(value, bool):
+            if not is_int(value):
                 raise _fail(where, f"expected an integer, got {_show(value)}")
             return value
         return integer

@@ -42,6 +42,7 @@ from typing import Any
 
 import torch
 
+from contracts.arguments import is_int
 from contracts.errors import PartitionError, absent
 from contracts.plan import Plan
 
@@ -185,7 +186,7 @@ class PartitionMeta:
             raise PartitionError(f"partition.json must hold a JSON object, got "
                                  f"{type(data).__name__}")
         version = data.get("version")
-        if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        if not is_int(version) or version < 1:
             raise PartitionError(f"partition.json version {version!r} is not a format number; "
                                  f"re-run `asteroid-fx partition`")
         if version > PARTITION_VERSION:
