@@ -21,7 +21,7 @@ from solver.space import ClassSpace, candidate_cuts
 from solver.summary import hiding_ratio
 from solver.timing import Timing
 
-__all__ = ["work_bound", "class_bounds", "link_bounds", "PROVED"]
+__all__ = ["work_bound", "class_bounds", "counted_step", "link_bounds", "PROVED"]
 
 log = logging.getLogger(__name__)
 
@@ -142,6 +142,17 @@ CLASS_COUNTED_STEP_AFTER = CLASS_COUNTED_STEP / 8.0
 the smallest bound so far, each next one after a proof twice the last step ([Note: counted
 steps]): counting adds a few per cent at most over the prices, most of it in the first
 step."""
+
+
+def counted_step(proofs: int) -> float:
+    """The most a counted trial asks above the smallest bound so far after ``proofs``
+    counted trials that every size proved ([Note: counted steps]): ``CLASS_COUNTED_STEP``
+    before the first, then ``CLASS_COUNTED_STEP_AFTER``, twice the last after each further
+    one, up to ``CLASS_COUNTED_STEP``."""
+    if proofs == 0:
+        return CLASS_COUNTED_STEP
+    return min(CLASS_COUNTED_STEP_AFTER * 2.0 ** (proofs - 1), CLASS_COUNTED_STEP)
+
 
 PROVED = 1.0 - 1e-6
 """A class bound at least this share of its target proves the target."""
@@ -346,8 +357,7 @@ def class_bounds(costs: CostTable, cluster: Cluster, batch_size: int, mbs: Seque
     counting = False    # [Note: counted classes]: the second bisection, with them counted
     countable = bool(counted_classes(space))
     priced_fell = False     # whether the priced bisection fell short after its first round
-    step = CLASS_COUNTED_STEP   # (CLASS_COUNTED_STEP_AFTER after a counted trial every
-    # size proves)
+    proofs = 0          # the counted trials every size proved ([Note: counted steps])
     weakest = 0         # the size that fell short last
     while have and time.perf_counter() < deadline:
         if incumbent is not None and incumbent() < cap:
@@ -373,7 +383,7 @@ def class_bounds(costs: CostTable, cluster: Cluster, batch_size: int, mbs: Seque
         trial = high if not short and high <= low * (1.0 + tol) \
             else max((low + high) / 2, floor) if rounds else min((low + high) / 2, rise * low)
         if counting and priced_fell:    # [Note: counted steps]
-            trial = min(trial, low * (1.0 + step))
+            trial = min(trial, low * (1.0 + counted_step(proofs)))
         floor = 0.0
         first_round, fell = not rounds, False
         rounds += 1
@@ -406,10 +416,7 @@ def class_bounds(costs: CostTable, cluster: Cluster, batch_size: int, mbs: Seque
         if not fell and trial >= high:  # the best round itself is proven
             break
         if counting and not fell:
-            # (the first step after a proven counted trial small, each next one twice the
-            # last: [Note: counted steps])
-            step = CLASS_COUNTED_STEP_AFTER if step >= CLASS_COUNTED_STEP \
-                else min(2.0 * step, CLASS_COUNTED_STEP)
+            proofs += 1
     out.update(have)
     return out
 

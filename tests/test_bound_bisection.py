@@ -355,18 +355,29 @@ def test_beside_the_search_the_last_bisection_goes_on(monkeypatch: pytest.Monkey
             priced[tol] = [t for t, count in asked if not count]
             # [Note: counted steps]: after a counted trial every size proved, the step is
             # CLASS_COUNTED_STEP_AFTER, twice the last after each further one
-            step, proven = CLASS_COUNTED_STEP, 0.0
+            step, proven, proofs = CLASS_COUNTED_STEP, 0.0, 0
             for target in dict.fromkeys(t for t, count in asked if count):
                 if proven:
                     assert target <= proven * (1 + step) * (1 + 1e-12), (seed, tol)
                     doubled += target > proven * (1 + CLASS_COUNTED_STEP_AFTER) * (1 + 1e-9)
                 if target <= ceiling[True]:
                     proven = max(proven, target)
-                    step = (CLASS_COUNTED_STEP_AFTER if step >= CLASS_COUNTED_STEP
+                    step = (CLASS_COUNTED_STEP_AFTER if not proofs
                             else min(2 * step, CLASS_COUNTED_STEP))
+                    proofs += 1
             assert got[tol] >= ceiling[True] / (1 + tol) * (1 - 1e-9), (seed, tol)
         assert priced[CLASS_BOUND_BISECT_TOL] == priced[CLASS_BOUND_BESIDE_TOL], seed
         assert got[CLASS_BOUND_BESIDE_TOL] >= got[CLASS_BOUND_BISECT_TOL] * (1 - 1e-12)
         finer += got[CLASS_BOUND_BESIDE_TOL] > got[CLASS_BOUND_BISECT_TOL] * (1 + 1e-6)
     assert finer >= 3
     assert doubled, "no counted step grew after a proven one"
+
+
+def test_the_counted_steps_grow_to_their_cap_and_stay() -> None:
+    # [Note: counted steps]: CLASS_COUNTED_STEP before a counted proof, then an eighth of it,
+    # doubled after each further proof, never back down once at the cap
+    from solver.bound_bisection import CLASS_COUNTED_STEP, CLASS_COUNTED_STEP_AFTER, counted_step
+
+    after = CLASS_COUNTED_STEP_AFTER
+    assert [counted_step(n) for n in range(8)] == pytest.approx(
+        [CLASS_COUNTED_STEP, after, 2 * after, 4 * after] + [CLASS_COUNTED_STEP] * 4)
