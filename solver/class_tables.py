@@ -18,6 +18,7 @@ from solver.link_floors import (
     in_bandwidth,
     min_latency,
     min_max_ratio,
+    min_max_ratios,
     space_links,
     triangle_links,
 )
@@ -44,6 +45,10 @@ each transfer at the links of the stage before, where the classes have at most t
 many count vectors (``prod (n_k + 1)``): [Note: counted pools]. The 200-layer MLP on
 eight mixed devices has 72; BERT-small on the 16-device fleet (252, coarse classes)
 was measured slower than its time limit with them, so it keeps the prices."""
+
+_COMPARED_CELLS = 1 << 22
+"""``_undominated`` compares a block of groups with every group at once, at most about
+this many pairs a block."""
 
 
 @dataclass(frozen=True)
@@ -216,17 +221,21 @@ def build_class_tables(space: ClassSpace, sums: LayerSums, cut_bytes: Sequence[i
         second = partners[1]
         # per class, the members' fastest links in from anyone else but their partner
         slow_in = [sorted((second[e] for e in members), reverse=True) for members in classes]
-    for seen, take in enumerate(itertools.product(*(range(c + 1) for c in counts_all))):
+    takes = list(itertools.product(*(range(c + 1) for c in counts_all)))
+    # every count vector's beta at once (NaN: none)
+    betas = min_max_ratios(micro_batch, [speed for speed, *_ in per_class],
+                           np.asarray(takes, dtype=np.int64).reshape(len(takes), n_classes))
+    for seen, take in enumerate(takes):
         if deadline is not None and not seen % 256 and time.perf_counter() > deadline:
             raise Late
         size = sum(take)
         if size == 0 or size > micro_batch:
             continue
-        present = [k for k, t in enumerate(take) if t]
-        us = [per_class[k][0] for k in present for _ in range(take[k])]
-        beta = min_max_ratio(micro_batch, us)
-        if beta is None:
+        beta = float(betas[seen])
+        if math.isnan(beta):
             continue
+        present = [k for k, t in enumerate(take) if t]
+        us = [per_class[k][0] for k in present]
         # per variant: the slowest link and largest latency inside (T_a) and, per class,
         # the links into its members from outside the group (fastest first)
         variants: list[tuple[float, float, tuple[tuple[float, ...], ...], int]] = []
@@ -350,11 +359,20 @@ def build_class_tables(space: ClassSpace, sums: LayerSums, cut_bytes: Sequence[i
         # kept group)
         kept = _undominated(counted_f, table[:, :-2])
         lower = np.concatenate([counted_f, table[:, :-2]], axis=1)
-        for g in np.setdiff1d(np.arange(len(keys)), kept):
-            h = kept[int(np.argmax(np.all(lower[kept] <= lower[g], axis=1)))]
-            ups[h] = np.maximum(ups[h], ups[g])
-            firm_g[h] &= firm_g[g]
-            shares_g[h] = np.maximum(shares_g[h], shares_g[g])
+        dropped = np.setdiff1d(np.arange(len(keys)), kept)
+        # per dropped group, the first kept group no larger (a column at a time, as in
+        # _undominated); then every kept group takes the maxima of its dropped ones
+        keeper = np.empty(len(dropped), dtype=np.intp)
+        span = max(1, _COMPARED_CELLS // max(1, len(kept)))
+        for lo in range(0, len(dropped), span):
+            drop = dropped[lo:lo + span]
+            under = np.ones((len(drop), len(kept)), dtype=bool)
+            for column in lower.T:
+                under &= column[kept][None] <= column[drop][:, None]
+            keeper[lo:lo + span] = kept[np.argmax(under, axis=1)]
+        np.maximum.at(ups, keeper, ups[dropped])
+        np.logical_and.at(firm_g, keeper, firm_g[dropped])
+        np.maximum.at(shares_g, keeper, shares_g[dropped])
     else:
         # a group with an upper bound may be kept from being the dominant stage where a
         # group with a larger one (or none) is not: a group dominates only where its upper
@@ -385,10 +403,21 @@ def build_class_tables(space: ClassSpace, sums: LayerSums, cut_bytes: Sequence[i
     stops = np.asarray(lasts) + 1
     row_of = np.full(num_layers + 1, len(firsts))     # the row of each first layer
     row_of[firsts] = np.arange(len(firsts))
-    for first in firsts:
+    # priced tables: each row's x, max(E_f, E_b), T_a and upper bounds written into one
+    # flat array per field, as solver.relaxation_compiled.pack lays them out (concatenating
+    # the rows afterwards cost 30-40 ms a table of ResNet-50 x 32 Jetsons); the rows are
+    # views of them
+    groups = len(counts)
+    widths = [0] if pooled else [groups * int((stops > first).sum()) for first in firsts]
+    offsets = np.concatenate([[0], np.cumsum(widths)])
+    laid = np.empty((4, int(offsets[-1])))
+    for i, first in enumerate(firsts):
         if deadline is not None and time.perf_counter() > deadline:
             raise Late
         stop = stops[stops > first]
+        if not pooled:
+            x_at, big_at, t_a_at, top_at = (
+                part.reshape(groups, len(stop)) for part in laid[:, offsets[i]:offsets[i + 1]])
         cut = cut_bytes[first - 1] if first > 0 else 0
         comm = (lat0 + cut * gamma) if cut > 0 else np.zeros_like(gamma)
         c_f = ((fi[stop] - fi[first])[None] * inv_u[:, None]
@@ -398,7 +427,7 @@ def build_class_tables(space: ClassSpace, sums: LayerSums, cut_bytes: Sequence[i
         e_f = (c_f + comm[:, None]) * SLACK
         e_b = (c_b + comm[:, None]) * SLACK
         # the smallest x over the groups per end (non-decreasing: see relaxed)
-        x = e_f + e_b
+        x = e_f + e_b if pooled else np.add(e_f, e_b, out=x_at)
         shortest = np.maximum.accumulate(x.min(axis=0))
         if pooled and top_cap < math.inf:
             # the ends up to the first whose stages all have x above the cap
@@ -406,34 +435,41 @@ def build_class_tables(space: ClassSpace, sums: LayerSums, cut_bytes: Sequence[i
             if k < len(stop):
                 stop, shortest, x = stop[:k], shortest[:k], x[:, :k]
                 c_f, c_b, e_f, e_b = c_f[:, :k], c_b[:, :k], e_f[:, :k], e_b[:, :k]
-        compute.append((c_f * SLACK, c_b * SLACK, float(cut)))
-        if not pooled:      # (counted pools take their upper bounds below)
+        if pooled:
+            compute.append((c_f * SLACK, c_b * SLACK, float(cut)))
+        else:      # (counted pools take their upper bounds below)
             up_c = up_lat + cut * up_gamma if cut > 0 else no_comm
             # the slowest member's intercepts, the largest share per bound speed
             top_x = ((fi[stop] - fi[first] + bi[stop] - bi[first] + call)[None]
                      * up_inv[:, None]
                      + (fs[stop] - fs[first] + bs[stop] - bs[first])[None] * up_beta[:, None]
                      + 2.0 * up_c[:, None]) * ABOVE
+            has_top = np.isfinite(up_lat)[:, None]
             if fits is not None:
-                top_x = np.where(firm_g[:, None] | fits(first, stop - 1), top_x, math.inf)
-            tops.append(np.where(np.isfinite(up_lat)[:, None], top_x, math.inf))
+                has_top = has_top & (firm_g[:, None] | fits(first, stop - 1))
+            top_at.fill(math.inf)
+            np.copyto(top_at, top_x, where=has_top)
+            tops.append(top_at)
         before.append(float(fi[first] + bi[first] + micro_batch * (fs[first] + bs[first])))
         after.append(float((fi[-1] - fi[first]) + (bi[-1] - bi[first])
                            + micro_batch * ((fs[-1] - fs[first]) + (bs[-1] - bs[first]))))
         p = (params[stop] - params[first])[None]
-        t_a = (np.where(p > 0, p * red_a[:, None] + red_b[:, None], 0.0)
-               + p * step[:, None]) * SLACK
+        t_a = np.multiply(np.where(p > 0, p * red_a[:, None] + red_b[:, None], 0.0)
+                          + p * step[:, None], SLACK, out=None if pooled else t_a_at)
         nxt = row_of[stop]
-        rows.append((x, np.maximum(e_f, e_b), t_a, nxt, shortest))
+        rows.append((x, np.maximum(e_f, e_b, out=None if pooled else big_at), t_a, nxt,
+                     shortest))
     speeds = np.asarray([space.bounds[members[0]] for members in classes])
     totals = np.asarray(counts_all, dtype=np.float64)
     if not pooled:
-        return ClassTables(tuple(firsts), tuple(rows), counts, totals, speeds,
-                           uppers=tuple(tops),
-                           fast=None if partners is None else fast_g,
-                           fast_total=0.0 if partners is None else partners[2],
-                           work=(np.asarray(before), np.asarray(after)) if exact_counts
-                           else None)
+        priced = ClassTables(tuple(firsts), tuple(rows), counts, totals, speeds,
+                             uppers=tuple(tops),
+                             fast=None if partners is None else fast_g,
+                             fast_total=0.0 if partners is None else partners[2],
+                             work=(np.asarray(before), np.asarray(after)) if exact_counts
+                             else None)
+        priced.compiled["laid"] = laid
+        return priced
     n_prof = len(profiles)
     lat_prof, gamma_prof = table[:, 6:6 + n_prof], table[:, 6 + n_prof:6 + 2 * n_prof]
     own = [profiles.index(_profile_of(
@@ -536,7 +572,10 @@ def _fits(space: ClassSpace, classes: list[list[int]], sums: LayerSums,
     buffers = np.asarray(sums.buffer_bytes, dtype=np.float64)
     acts = np.asarray(sums.activation_bytes, dtype=np.float64)
     edges = np.asarray(sums.boundary_bytes, dtype=np.float64) if sums.boundary_bytes else None
-    absent = (shares <= 0)[:, :, None]
+    # each class's shares take few values (at most the micro-batch): the need is computed
+    # once per value and end, and each group reads its values' rows
+    values = [np.unique(shares[:, k]) for k in range(shares.shape[1])]
+    where = [np.searchsorted(v, shares[:, k]) for k, v in enumerate(values)]
 
     def check(first: int, lasts: np.ndarray) -> np.ndarray:
         p = params[lasts + 1] - params[first]
@@ -544,9 +583,12 @@ def _fits(space: ClassSpace, classes: list[list[int]], sums: LayerSums,
         per = (acts[lasts + 1] - acts[first]) * m
         if edges is not None:
             per = per + 2 * m * edges[first] + (m + 1) * edges[lasts + 1]
-        need = (fixed[None, None] + shares[:, :, None] * per[None, None]
-                * (1.0 + WORKSPACE_FRACTION) + 1.0) * ABOVE               # (G, K, ends)
-        ok: np.ndarray = np.all(absent | (need <= usable[None, :, None]), axis=1)
+        ok = np.ones((len(shares), len(lasts)), dtype=bool)
+        for k, (v, at) in enumerate(zip(values, where, strict=True)):
+            need = (fixed[None] + v[:, None] * per[None] * (1.0 + WORKSPACE_FRACTION)
+                    + 1.0) * ABOVE                                   # (values, ends)
+            # (a class the group has none of fits)
+            ok &= ((v <= 0)[:, None] | (need <= usable[k]))[at]
         return ok
 
     return check
@@ -624,19 +666,27 @@ def _undominated(counts: np.ndarray, consts: np.ndarray,
     every layer range (each is a sum of non-negative layer terms times the constants) and
     costs no more at any prices >= 0, so ``relaxed`` never needs the dominated one (of
     equal groups, the first is kept)."""
-    both = np.concatenate([counts, consts], axis=1)
-    keep = []
-    for g in range(len(both)):
-        below = np.all(both <= both[g], axis=1)
+    columns = np.ascontiguousarray(np.concatenate([counts, consts], axis=1).T)
+    n = columns.shape[1]
+    order = np.arange(n)
+    dominated = np.zeros(n, dtype=bool)
+    # groups g a block at a time against every group h, a column at a time ((block, n)
+    # booleans; a comparison of whole rows reduced over their few columns was 3-4 times
+    # slower)
+    block = max(1, _COMPARED_CELLS // max(1, n))
+    for start in range(0, n, block):
+        rows = columns[:, start:start + block, None]
+        below = columns[0][None] <= rows[0]
+        equal = columns[0][None] == rows[0]
+        for column, row in zip(columns[1:], rows[1:], strict=True):
+            below &= column[None] <= row
+            equal &= column[None] == row
         if can_dominate is not None:
-            below &= can_dominate
-        below[g] = False
-        # an equal group dominates only when it comes first
-        equal = below & np.all(both == both[g], axis=1)
-        below &= ~equal | (np.arange(len(both)) < g)
-        if not below.any():
-            keep.append(g)
-    return np.asarray(keep, dtype=np.intp)
+            below &= can_dominate[None]
+        # an equal group dominates only when it comes first (g itself never)
+        below &= ~equal | (order[None] < order[start:start + block, None])
+        dominated[start:start + block] = below.any(axis=1)
+    return np.flatnonzero(~dominated).astype(np.intp)
 
 
 def bound_classes(space: ClassSpace) -> list[list[int]] | None:

@@ -88,10 +88,17 @@ def pack(tables: ClassTables) -> Packed:
     def flat(field: int) -> np.ndarray:
         return np.concatenate([r[field].reshape(-1) for r in rows]).astype(np.float64, copy=False)
 
-    up = (np.concatenate([u.reshape(-1) for u in tables.uppers]).astype(np.float64, copy=False)
-          if tables.uppers else np.full(int(ends.sum()) * groups, math.inf))
+    laid: np.ndarray | None = tables.compiled.get("laid")
+    if laid is not None:
+        # (build_class_tables wrote x, max(E_f, E_b), T_a and the upper bounds so)
+        x, big, t_a, up = laid
+    else:
+        x, big, t_a = flat(0), flat(1), flat(2)
+        up = (np.concatenate([u.reshape(-1) for u in tables.uppers]).astype(np.float64,
+                                                                           copy=False)
+              if tables.uppers else np.full(int(ends.sum()) * groups, math.inf))
     first = np.asarray([f == 0 for f in tables.firsts], dtype=np.bool_)
-    packed = (flat(0), flat(1), flat(2), up, starts, ends, end_starts,
+    packed = (x, big, t_a, up, starts, ends, end_starts,
               np.concatenate([r[3] for r in rows]).astype(np.int64), flat(4), first)
     tables.compiled["packed"] = packed
     return packed

@@ -101,3 +101,73 @@ def test_rigid_upper_bounds_hold_every_stage_of_every_plan(pools: bool, mixed: b
                         seen += 1
                         assert pred.e_f + pred.e_b <= upper, (seed, mb, stage, upper)
     assert seen > 500
+
+
+def test_undominated_keeps_the_groups_no_other_group_dominates(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # the blocked comparison keeps exactly the groups that a pairwise reading of the rule
+    # keeps: h drops g where h is no larger everywhere and may dominate, and of equal
+    # groups only the first is kept (ties, infinities and blocks of a few groups)
+    from solver.class_tables import _undominated
+
+    def plain(both: np.ndarray, can: np.ndarray | None) -> list[int]:
+        keep = []
+        for g in range(len(both)):
+            if not any(h != g and (can is None or can[h])
+                       and all(both[h] <= both[g])
+                       and (not all(both[h] == both[g]) or h < g)
+                       for h in range(len(both))):
+                keep.append(g)
+        return keep
+
+    rng = np.random.default_rng(5)
+    for trial in range(60):
+        monkeypatch.setattr(solver.class_tables, "_COMPARED_CELLS", [1, 7, 1 << 22][trial % 3])
+        n = int(rng.integers(1, 60))
+        counts = rng.integers(0, 3, (n, int(rng.integers(1, 4)))).astype(np.float64)
+        consts = rng.integers(0, 3, (n, int(rng.integers(1, 5)))).astype(np.float64)
+        consts[rng.random(consts.shape) < 0.1] = math.inf
+        consts[rng.random(consts.shape) < 0.05] = -math.inf
+        can = None if trial % 2 else rng.random(n) < 0.7
+        kept = _undominated(counts, consts, can)
+        assert kept.dtype == np.intp
+        assert kept.tolist() == plain(np.concatenate([counts, consts], axis=1), can), trial
+
+
+def test_the_memory_check_is_the_memory_model_per_group_and_end() -> None:
+    # _fits reads each class's need per share value; every (group, end) answer is the one
+    # the formula gives for that group's shares directly
+    from solver.class_tables import ABOVE, WORKSPACE_FRACTION, _fits, bound_classes
+
+    seen = {True: 0, False: 0}
+    for seed in range(40):
+        costs, cluster, _ = random_instance(seed, max_layers=6, max_devices=5,
+                                            tight_memory=True)
+        cluster = cluster.for_costs(costs)
+        space = ClassSpace(costs, cluster)
+        classes = bound_classes(space)
+        assert classes is not None
+        sums = LayerSums.of(costs)
+        rng = np.random.default_rng(seed)
+        shares = rng.integers(0, 5, (30, len(classes))).astype(np.float64)
+        factor, m = float(rng.choice([0.0, 1.0, 2.0])), int(rng.integers(1, 5))
+        check = _fits(space, classes, sums, (factor, m), shares)
+        usable = [min(cluster.usable_bytes(space.names[d]) for d in members)
+                  for members in classes]
+        edges = sums.boundary_bytes
+        for first in range(costs.num_layers):
+            lasts = np.arange(first, costs.num_layers)
+            ok = check(first, lasts)
+            for e, last in enumerate(lasts):
+                fixed = ((sums.param_bytes[last + 1] - sums.param_bytes[first]) * (3.0 + factor)
+                         + (sums.buffer_bytes[last + 1] - sums.buffer_bytes[first]) + 1.0)
+                per = float(sums.activation_bytes[last + 1] - sums.activation_bytes[first]) * m
+                if edges:
+                    per = per + 2 * m * edges[first] + (m + 1) * edges[last + 1]
+                for g, row in enumerate(shares):
+                    fit = all(b <= 0 or (fixed + b * per * (1.0 + WORKSPACE_FRACTION) + 1.0)
+                              * ABOVE <= usable[k] for k, b in enumerate(row))
+                    assert bool(ok[g, e]) == fit, (seed, first, last, g)
+                    seen[fit] += 1
+    # (both answers, many times)
+    assert min(seen.values()) > 1000, seen

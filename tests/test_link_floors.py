@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import itertools
+import math
+
+import numpy as np
 
 from solver.space import ClassSpace
 from tests.class_bound_cases import same_compute_instance
@@ -41,3 +44,31 @@ def test_min_max_ratio_is_the_greedy_split_bit_for_bit() -> None:
         expected = None if shares is None else max(b / r for b, r in zip(shares, rates,
                                                                          strict=True))
         assert min_max_ratio(mb, rates) == expected
+
+
+def test_min_max_ratios_are_min_max_ratio_per_count_vector() -> None:
+    # the count vectors at once: the same floats as min_max_ratio on each vector's rates,
+    # NaN where it is None (no devices, more devices than samples), and infinite rates
+    import random
+
+    from solver.link_floors import min_max_ratio, min_max_ratios
+
+    rng = random.Random(4)
+    nans = 0
+    for trial in range(1500):
+        rates = [rng.choice([0.5, 1.0, 1.5, 1.0 / 3, 12.5e6, rng.uniform(0.1, 5.0)])
+                 for _ in range(rng.randint(1, 4))]
+        if trial % 50 == 0:
+            rates[0] = math.inf
+        mb = rng.randint(1, 70)
+        counts = np.asarray([[rng.randint(0, 6) for _ in rates] for _ in range(12)])
+        got = min_max_ratios(mb, rates, counts)
+        for row, value in zip(counts, got, strict=True):
+            expected = min_max_ratio(mb, [r for r, c in zip(rates, row, strict=True)
+                                          for _ in range(int(c))])
+            if expected is None:
+                nans += 1
+                assert math.isnan(value), (rates, mb, row)
+            else:
+                assert value == expected, (rates, mb, row)
+    assert nans > 100
