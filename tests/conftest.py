@@ -4,15 +4,26 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 import tempfile
 
 import pytest
+
+_CACHE: list[str] = []
+"""The suite's cache folder, made by ``pytest_configure`` (removed at the end)."""
 
 
 def pytest_configure(config: pytest.Config) -> None:
     # measured cost tables and host speeds are cached (asteroid_fx.cost_source): keep the
     # suite's cache out of the user's home, shared by the tests and the CLIs they spawn
-    os.environ["ASTEROID_FX_CACHE"] = tempfile.mkdtemp(prefix="afx-test-cache-")
+    _CACHE.append(tempfile.mkdtemp(prefix="afx-test-cache-"))
+    os.environ["ASTEROID_FX_CACHE"] = _CACHE[-1]
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    # (a folder per run of the suite was left in the temporary directory)
+    while _CACHE:
+        shutil.rmtree(_CACHE.pop(), ignore_errors=True)
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
