@@ -30,10 +30,12 @@ app = typer.Typer(
 )
 
 # Tables are wide: when stdout is not a terminal (a file, a pipe, CI) do not squeeze them,
-# unless $COLUMNS says how wide to be; on a terminal they fold to its width.
+# unless $COLUMNS says how wide to be; on a terminal they fold to its width. Lines of text
+# are not folded (soft_wrap): a path in "wrote ..." stays whole on a narrow console.
 _SIZED = "COLUMNS" in os.environ
-console = Console(width=None if sys.stdout.isatty() or _SIZED else 160)
-err_console = Console(stderr=True, width=None if sys.stderr.isatty() or _SIZED else 400)
+console = Console(width=None if sys.stdout.isatty() or _SIZED else 160, soft_wrap=True)
+err_console = Console(stderr=True, width=None if sys.stderr.isatty() or _SIZED else 400,
+                      soft_wrap=True)
 
 _state: dict[str, bool] = {"debug": False}
 
