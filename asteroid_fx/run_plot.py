@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from asteroid_fx.figures import save_figure
+from contracts.arguments import is_number
 from contracts.errors import RuntimeFailure, absent
 
 __all__ = ["RunMetrics", "read_metrics", "plot_metrics"]
@@ -63,7 +64,7 @@ def _number(value: Any, kind: type, none: bool = False) -> bool:
     """Whether ``value`` reads as a number of ``kind`` (an int for steps; None where allowed)."""
     if value is None:
         return none
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if not is_number(value):
         return False
     return kind is float or float(value).is_integer()
 

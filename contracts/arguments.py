@@ -15,13 +15,21 @@ if TYPE_CHECKING:
     from contracts.plan import Plan
     from contracts.table import CostTable
 
-__all__ = ["check_cluster", "check_costs", "check_path", "check_plan", "is_int", "require"]
+__all__ = ["check_cluster", "check_costs", "check_path", "check_plan", "is_int", "is_number",
+           "require"]
 
 
 def is_int(value: object) -> TypeGuard[int]:
     """Whether ``value`` is an ``int`` and not a ``bool`` (``True`` is an ``int`` to Python,
     never a count or a size here)."""
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_number(value: object) -> TypeGuard[float]:
+    """Whether ``value`` is an ``int`` or a ``float`` and not a ``bool`` (``True`` is never a
+    rate, a time or a factor here; NaN and the infinities are numbers: range checks are the
+    caller's)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def require(value: object, kind: type | tuple[type, ...], error: type[AsteroidError],

@@ -32,6 +32,7 @@ import platform
 
 import torch
 
+from contracts.arguments import is_number
 from contracts.errors import CostModelError
 from contracts.table import CostTable, LayerCost, TimeFit
 from cost_models.flops import NodeCost, nodes_cost
@@ -55,7 +56,7 @@ bandwidth."""
 def _positive(name: str, value: float | None) -> None:
     if value is None:
         return
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+    if not is_number(value) or \
             not (math.isfinite(value) and value > 0):     # (a string was a raw TypeError)
         raise CostModelError(f"{name} must be a finite number > 0, got {value!r}")
 

@@ -72,7 +72,7 @@ from typing import TYPE_CHECKING, Any, Callable, TypeVar, Union, overload
 
 import torch.distributed as dist
 
-from contracts.arguments import is_int
+from contracts.arguments import is_int, is_number
 from contracts.errors import ProtocolError
 
 __all__ = [
@@ -655,7 +655,7 @@ def _scalar(name: str) -> _Check:
         return integer
     if name == "float":
         def number(value: Any, where: str) -> float:
-            if not isinstance(value, (int, float)) or isinstance(value, bool):
+            if not is_number(value):
                 raise _fail(where, f"expected a number, got {_show(value)}")
             return float(value)
         return number

@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from contracts.arguments import is_number
 from contracts.errors import RuntimeFailure
 from contracts.inputs import model_inputs
 from contracts.plan import Plan
@@ -118,7 +119,7 @@ class TrainConfig:
 
 def check_lr(lr: object) -> None:
     """``RuntimeFailure`` unless ``lr`` is a finite learning rate >= 0."""
-    if not (isinstance(lr, (int, float)) and 0.0 <= lr < float("inf")):
+    if not (is_number(lr) and 0.0 <= lr < float("inf")):
         raise RuntimeFailure(f"--lr must be a learning rate >= 0, got {lr!r}")
 
 

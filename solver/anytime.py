@@ -101,6 +101,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, replace
 
+from contracts.arguments import is_number
 from contracts.cluster import Cluster
 from contracts.errors import AsteroidError, PlanError
 from contracts.plan import Plan, PlannerInfo, SearchBound
@@ -347,7 +348,7 @@ def check_time_limit(time_limit: float | None, what: str = "time limit",
     search every order to the end); ``what`` and ``fix`` name it in the message."""
     if time_limit is None:
         return
-    ok = (isinstance(time_limit, (int, float)) and not isinstance(time_limit, bool)
+    ok = (is_number(time_limit)
           and not math.isnan(time_limit) and time_limit > 0)
     if not ok:
         raise PlanError(f"{what} must be a number of seconds > 0, got {time_limit!r}; {fix}")

@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
-from contracts.arguments import check_cluster, check_costs, is_int
+from contracts.arguments import check_cluster, check_costs, is_int, is_number
 from contracts.cluster import Cluster
 from contracts.errors import PlanError
 from contracts.plan import Plan, PlannerInfo, SearchBound
@@ -214,7 +214,7 @@ def _fixed_micro_batch(micro_batch_size: int, batch_size: int, planner: str) -> 
 def check_optimizer_state_factor(factor: object) -> None:
     """``PlanError`` unless ``factor`` is a finite number >= 0 (NaN failed in the memory
     model, -1 shrank the predicted peak memory)."""
-    if isinstance(factor, bool) or not isinstance(factor, (int, float)) or \
+    if not is_number(factor) or \
             not (math.isfinite(factor) and factor >= 0):
         raise PlanError(f"optimizer_state_factor must be a finite number >= 0 (0 SGD, 1 "
                         f"momentum, 2 Adam), got {factor!r}")

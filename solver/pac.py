@@ -36,7 +36,7 @@ import math
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, replace
 
-from contracts.arguments import check_cluster, check_costs, is_int, require
+from contracts.arguments import check_cluster, check_costs, is_int, is_number, require
 from contracts.cluster import Cluster
 from contracts.errors import PlanError
 from contracts.pac_plan import PacModel, PacPlan, PacPrediction
@@ -304,7 +304,7 @@ def plan_finetune(costs: CostTable, cluster: Cluster, model: PacModel, *, batch_
             raise PlanError(f"{what} must be an integer, got {value!r}")
     for slack, what in ((phase1_slack, "phase1_slack"), (cache_slack, "cache_slack"),
                         (store_slack, "store_slack")):
-        if isinstance(slack, bool) or not isinstance(slack, (int, float)):
+        if not is_number(slack):
             raise PlanError(f"{what} must be a number >= 0, got {slack!r}")
     if batch_size < 1 or epochs < 1:
         raise PlanError(f"--batch-size and --epochs must be >= 1, got {batch_size} and "

@@ -9,7 +9,14 @@ from typing import Any
 import pytest
 
 import asteroid_fx as afx
-from contracts.arguments import check_cluster, check_costs, check_path, check_plan, is_int
+from contracts.arguments import (
+    check_cluster,
+    check_costs,
+    check_path,
+    check_plan,
+    is_int,
+    is_number,
+)
 from contracts.errors import (
     ClusterError,
     CostModelError,
@@ -191,3 +198,18 @@ def test_small_helpers_refuse_arguments_of_the_wrong_kind() -> None:
 def test_is_int_takes_ints_not_bools_nor_floats() -> None:
     assert is_int(0) and is_int(-3) and is_int(2 ** 70)
     assert not any(is_int(v) for v in (True, False, 1.0, "1", None, [1]))
+
+
+def test_is_number_takes_ints_and_floats_not_bools() -> None:
+    assert is_number(0) and is_number(-3) and is_number(2.5) and is_number(float("nan"))
+    assert not any(is_number(v) for v in (True, False, "1", None, [1.0]))
+
+
+def test_a_learning_rate_of_true_is_refused() -> None:
+    # (True passed as 1.0 where the check read isinstance(lr, (int, float)))
+    from runtime.train import check_lr
+
+    check_lr(0.01)
+    for bad in (True, -0.1, float("inf"), float("nan"), "0.1"):
+        with pytest.raises(RuntimeFailure, match="--lr must be a learning rate >= 0"):
+            check_lr(bad)
