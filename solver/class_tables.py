@@ -383,17 +383,20 @@ def build_class_tables(space: ClassSpace, sums: LayerSums, cut_bytes: Sequence[i
             firm_g | ~has_up)
     counts, table, fast_g = counts[kept], table[kept], fast_g[kept]
     ups, firm_g, shares_g = ups[kept], firm_g[kept], shares_g[kept]
-    inv_u, beta, gamma, red_a, red_b, step = table[:, :6].T
+    # (each a contiguous array: the compiled rows read them)
+    inv_u, beta, gamma, red_a, red_b, step = np.ascontiguousarray(table[:, :6].T)
     num_layers = len(sums.fwd_slope) - 1
     firsts = [0] + [e + 1 for e in ends if e + 1 < num_layers]
     lasts = [e for e in ends if e < num_layers - 1] + [num_layers - 1]
-    fi, fs = np.asarray(sums.fwd_intercept), np.asarray(sums.fwd_slope)
-    bi, bs = np.asarray(sums.bwd_intercept), np.asarray(sums.bwd_slope)
+    fi, fs = (np.asarray(sums.fwd_intercept, dtype=np.float64),
+              np.asarray(sums.fwd_slope, dtype=np.float64))
+    bi, bs = (np.asarray(sums.bwd_intercept, dtype=np.float64),
+              np.asarray(sums.bwd_slope, dtype=np.float64))
     params = np.asarray(sums.param_bytes, dtype=np.float64)
     rows = []
     compute = []
     # per row, the upper bounds of X of [Note: rigid groups] (inf: none)
-    up_inv, up_beta, up_lat, up_gamma = ups.T
+    up_inv, up_beta, up_lat, up_gamma = np.ascontiguousarray(ups.T)
     no_comm = np.where(np.isfinite(up_lat), 0.0, math.inf)
     tops = []
     fits = _fits(space, classes, base, memory, shares_g) if mixed and memory is not None \
@@ -411,54 +414,85 @@ def build_class_tables(space: ClassSpace, sums: LayerSums, cut_bytes: Sequence[i
     widths = [0] if pooled else [groups * int((stops > first).sum()) for first in firsts]
     offsets = np.concatenate([[0], np.cumsum(widths)])
     laid = np.empty((4, int(offsets[-1])))
+    # [Note: the compiled rows]: a priced row in one compiled pass where the class bound's
+    # passes run compiled (the same floats)
+    from solver.relaxation import compiled_rows, give_up_compiled  # (imports this module)
+
+    fill = None if pooled else compiled_rows(deadline)
     for i, first in enumerate(firsts):
         if deadline is not None and time.perf_counter() > deadline:
             raise Late
         stop = stops[stops > first]
-        if not pooled:
-            x_at, big_at, t_a_at, top_at = (
-                part.reshape(groups, len(stop)) for part in laid[:, offsets[i]:offsets[i + 1]])
         cut = cut_bytes[first - 1] if first > 0 else 0
         comm = (lat0 + cut * gamma) if cut > 0 else np.zeros_like(gamma)
+        before.append(float(fi[first] + bi[first] + micro_batch * (fs[first] + bs[first])))
+        after.append(float((fi[-1] - fi[first]) + (bi[-1] - bi[first])
+                           + micro_batch * ((fs[-1] - fs[first]) + (bs[-1] - bs[first]))))
+        p = (params[stop] - params[first])[None]
+        nxt = row_of[stop]
+        if not pooled:
+            x, big, t_a, top = (part.reshape(groups, len(stop))
+                                for part in laid[:, offsets[i]:offsets[i + 1]])
+            up_c = up_lat + cut * up_gamma if cut > 0 else no_comm
+            has_top = np.isfinite(up_lat)[:, None]
+            if fits is not None:
+                has_top = has_top & (firm_g[:, None] | fits(first, stop - 1))
+            lowest = None
+            if fill is not None:
+                try:
+                    lowest = fill(
+                        fi[stop] - fi[first], fs[stop] - fs[first], bi[stop] - bi[first],
+                        bs[stop] - bs[first], fi[stop] - fi[first] + bi[stop] - bi[first] + call,
+                        fs[stop] - fs[first] + bs[stop] - bs[first], p[0], inv_u, beta, comm,
+                        up_inv, up_beta, up_c,
+                        np.ascontiguousarray(np.broadcast_to(has_top, x.shape)), red_a, red_b,
+                        step, SLACK, ABOVE, x, big, t_a, top)
+                except Exception as exc:    # noqa: BLE001 - numpy from now on, the same
+                    give_up_compiled(exc)
+                    fill = None
+            if lowest is None:
+                c_f = ((fi[stop] - fi[first])[None] * inv_u[:, None]
+                       + (fs[stop] - fs[first])[None] * beta[:, None])
+                c_b = ((bi[stop] - bi[first])[None] * inv_u[:, None]
+                       + (bs[stop] - bs[first])[None] * beta[:, None])
+                e_f = (c_f + comm[:, None]) * SLACK
+                e_b = (c_b + comm[:, None]) * SLACK
+                np.add(e_f, e_b, out=x)
+                np.maximum(e_f, e_b, out=big)
+                np.multiply(np.where(p > 0, p * red_a[:, None] + red_b[:, None], 0.0)
+                            + p * step[:, None], SLACK, out=t_a)
+                # the slowest member's intercepts, the largest share per bound speed
+                top_x = ((fi[stop] - fi[first] + bi[stop] - bi[first] + call)[None]
+                         * up_inv[:, None]
+                         + (fs[stop] - fs[first] + bs[stop] - bs[first])[None]
+                         * up_beta[:, None] + 2.0 * up_c[:, None]) * ABOVE
+                top.fill(math.inf)
+                np.copyto(top, top_x, where=has_top)
+                lowest = x.min(axis=0)
+            tops.append(top)
+            # the smallest x over the groups per end (non-decreasing: see relaxed)
+            rows.append((x, big, t_a, nxt, np.maximum.accumulate(lowest)))
+            continue
+        # counted pools (their upper bounds below)
         c_f = ((fi[stop] - fi[first])[None] * inv_u[:, None]
                + (fs[stop] - fs[first])[None] * beta[:, None])
         c_b = ((bi[stop] - bi[first])[None] * inv_u[:, None]
                + (bs[stop] - bs[first])[None] * beta[:, None])
         e_f = (c_f + comm[:, None]) * SLACK
         e_b = (c_b + comm[:, None]) * SLACK
-        # the smallest x over the groups per end (non-decreasing: see relaxed)
-        x = e_f + e_b if pooled else np.add(e_f, e_b, out=x_at)
+        x = e_f + e_b
         shortest = np.maximum.accumulate(x.min(axis=0))
-        if pooled and top_cap < math.inf:
+        if top_cap < math.inf:
             # the ends up to the first whose stages all have x above the cap
             k = int(np.searchsorted(shortest, top_cap, side="right"))
             if k < len(stop):
-                stop, shortest, x = stop[:k], shortest[:k], x[:, :k]
+                stop, shortest, x, p = stop[:k], shortest[:k], x[:, :k], p[:, :k]
                 c_f, c_b, e_f, e_b = c_f[:, :k], c_b[:, :k], e_f[:, :k], e_b[:, :k]
-        if pooled:
-            compute.append((c_f * SLACK, c_b * SLACK, float(cut)))
-        else:      # (counted pools take their upper bounds below)
-            up_c = up_lat + cut * up_gamma if cut > 0 else no_comm
-            # the slowest member's intercepts, the largest share per bound speed
-            top_x = ((fi[stop] - fi[first] + bi[stop] - bi[first] + call)[None]
-                     * up_inv[:, None]
-                     + (fs[stop] - fs[first] + bs[stop] - bs[first])[None] * up_beta[:, None]
-                     + 2.0 * up_c[:, None]) * ABOVE
-            has_top = np.isfinite(up_lat)[:, None]
-            if fits is not None:
-                has_top = has_top & (firm_g[:, None] | fits(first, stop - 1))
-            top_at.fill(math.inf)
-            np.copyto(top_at, top_x, where=has_top)
-            tops.append(top_at)
-        before.append(float(fi[first] + bi[first] + micro_batch * (fs[first] + bs[first])))
-        after.append(float((fi[-1] - fi[first]) + (bi[-1] - bi[first])
-                           + micro_batch * ((fs[-1] - fs[first]) + (bs[-1] - bs[first]))))
-        p = (params[stop] - params[first])[None]
-        t_a = np.multiply(np.where(p > 0, p * red_a[:, None] + red_b[:, None], 0.0)
-                          + p * step[:, None], SLACK, out=None if pooled else t_a_at)
-        nxt = row_of[stop]
-        rows.append((x, np.maximum(e_f, e_b, out=None if pooled else big_at), t_a, nxt,
-                     shortest))
+                nxt = row_of[stop]
+        compute.append((c_f * SLACK, c_b * SLACK, float(cut)))
+        t_a = (np.where(p > 0, p * red_a[:, None] + red_b[:, None], 0.0)
+               + p * step[:, None]) * SLACK
+        rows.append((x, np.maximum(e_f, e_b), t_a, nxt, shortest))
     speeds = np.asarray([space.bounds[members[0]] for members in classes])
     totals = np.asarray(counts_all, dtype=np.float64)
     if not pooled:

@@ -7,6 +7,7 @@ import functools
 import logging
 import math
 import time
+from collections.abc import Callable
 from types import ModuleType
 from typing import Any
 
@@ -19,7 +20,7 @@ from solver.space import ClassSpace
 log = logging.getLogger(__name__)
 
 __all__ = ["CLASS_COUNTED_STATES", "relaxed", "relaxed_many", "counted_classes", "prefix_lows",
-           "gate_levels", "rest_gate_at"]
+           "compiled_rows", "give_up_compiled", "gate_levels", "rest_gate_at"]
 
 _AFTER_LEVELS = 4
 """Stages right after the dominant one whose all-reduce ``relaxed`` checks."""
@@ -168,7 +169,7 @@ def relaxed_many(tables: ClassTables, m: int, low: float, top: float, limit: flo
         except Late:
             raise
         except Exception as exc:    # (a numba that cannot build it: numpy from now on)
-            _give_up_compiled(exc)
+            give_up_compiled(exc)
         else:
             return _paid_back(found, paid, dtype, tables)
     n_states = states.size
@@ -285,9 +286,10 @@ def relaxed_many(tables: ClassTables, m: int, low: float, top: float, limit: flo
                       dtype, tables)
 
 
-def _give_up_compiled(exc: Exception) -> None:
-    """A compiled pass failed (``exc``): this process's passes run in numpy from now on
-    (``COMPILED`` off), the same values more slowly; said once."""
+def give_up_compiled(exc: Exception) -> None:
+    """A compiled pass (or ``build_class_tables``'s compiled rows) failed (``exc``): this
+    process's passes run in numpy from now on (``COMPILED`` off), the same values more
+    slowly; said once."""
     global COMPILED
     COMPILED = False
     log.warning("the class bound's compiled pass failed (%s): its passes run in numpy "
@@ -320,6 +322,17 @@ def load_compiled() -> None:
         compiled.build()        # (built: this loads them)
     except Exception as exc:    # noqa: BLE001 - the passes' first call deals with it
         log.info("the class bound's compiled passes did not load ahead: %s", exc)
+
+
+def compiled_rows(deadline: float | None) -> Callable[..., np.ndarray] | None:
+    """``solver.relaxation_compiled.fill_row`` where the priced pass may run compiled (on,
+    importable, and built or no deadline: [Note: building the compiled passes]), for
+    ``build_class_tables``'s priced rows; None: its numpy rows, the same floats."""
+    compiled = _compiled_passes() if COMPILED else None
+    if compiled is None or not (deadline is None or _built(compiled, False)):
+        return None
+    fill: Callable[..., np.ndarray] = compiled.fill_row
+    return fill
 
 
 _UNBUILT_SAID: list[bool] = []

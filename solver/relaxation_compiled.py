@@ -59,7 +59,8 @@ import numpy as np
 
 from solver.class_tables import ClassTables, Late
 
-__all__ = ["Packed", "pack", "priced_pass", "counted_pass", "built", "build", "PRICES_INNER"]
+__all__ = ["Packed", "pack", "priced_pass", "counted_pass", "fill_row", "built", "build",
+           "PRICES_INNER"]
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +103,62 @@ def pack(tables: ClassTables) -> Packed:
               np.concatenate([r[3] for r in rows]).astype(np.int64), flat(4), first)
     tables.compiled["packed"] = packed
     return packed
+
+
+@numba.njit(cache=True)
+def _fill_row(a_f: Any, s_f: Any, a_b: Any, s_b: Any, a_up: Any, s_up: Any, p: Any,
+              inv_u: Any, beta: Any, comm: Any, up_inv: Any, up_beta: Any, up_c: Any,
+              has_top: Any, red_a: Any, red_b: Any, step: Any, slack: float, above: float,
+              x: Any, big: Any, t_a: Any, top: Any, lowest: Any
+              ) -> None:  # pragma: no cover (compiled)
+    """One row of ``build_class_tables``'s priced tables in one pass (groups x ends): ``x``,
+    ``max(E_f, E_b)``, ``T_a``, the upper bound of ``X`` where ``has_top`` (else inf) and
+    the smallest ``x`` per end, each the float of the numpy expressions there (the same
+    operations in the same order; ``tests/test_relaxation_compiled.py``).
+
+    [Note: the compiled rows]
+    A priced table's rows were some 25 numpy passes over groups x ends each (products of
+    the layer sums and the groups' constants, their sums, the slack, the upper bounds, the
+    masks), 0.14-0.30 s of the 0.25-0.47 s that the first round's five tables of ResNet-50
+    x 32 Jetsons took to build (the first figure a warm process, the second the bound's
+    process, whose pages are fresh). ``build_class_tables`` writes them here in one pass
+    per row where the class bound's passes run compiled (``relaxation.compiled_rows``:
+    built, or no deadline), and in numpy elsewhere; the tables are the same arrays bit for
+    bit either way."""
+    groups, ends = x.shape
+    for e in range(ends):
+        lowest[e] = math.inf
+    for g in range(groups):
+        for e in range(ends):
+            c_f = a_f[e] * inv_u[g] + s_f[e] * beta[g]
+            c_b = a_b[e] * inv_u[g] + s_b[e] * beta[g]
+            e_f = (c_f + comm[g]) * slack
+            e_b = (c_b + comm[g]) * slack
+            value = e_f + e_b
+            x[g, e] = value
+            if value < lowest[e] or value != value:
+                lowest[e] = value
+            big[g, e] = e_f if (e_f > e_b or e_f != e_f) else e_b
+            reduce = p[e] * red_a[g] + red_b[g] if p[e] > 0 else 0.0
+            t_a[g, e] = (reduce + p[e] * step[g]) * slack
+            if has_top[g, e]:
+                top[g, e] = (a_up[e] * up_inv[g] + s_up[e] * up_beta[g] + 2.0 * up_c[g]) * above
+            else:
+                top[g, e] = math.inf
+
+
+def fill_row(a_f: np.ndarray, s_f: np.ndarray, a_b: np.ndarray, s_b: np.ndarray,
+             a_up: np.ndarray, s_up: np.ndarray, p: np.ndarray, inv_u: np.ndarray,
+             beta: np.ndarray, comm: np.ndarray, up_inv: np.ndarray, up_beta: np.ndarray,
+             up_c: np.ndarray, has_top: np.ndarray, red_a: np.ndarray, red_b: np.ndarray,
+             step: np.ndarray, slack: float, above: float, x: np.ndarray, big: np.ndarray,
+             t_a: np.ndarray, top: np.ndarray) -> np.ndarray:
+    """``_fill_row`` into ``x``, ``big``, ``t_a`` and ``top`` (groups x ends, C order, as
+    ``build_class_tables`` lays them out); the smallest ``x`` per end."""
+    lowest = np.empty(x.shape[1])
+    _fill_row(a_f, s_f, a_b, s_b, a_up, s_up, p, inv_u, beta, comm, up_inv, up_beta, up_c,
+              has_top, red_a, red_b, step, slack, above, x, big, t_a, top, lowest)
+    return lowest
 
 
 @numba.njit(cache=True)
@@ -902,9 +959,11 @@ def counted_pass(tables: ClassTables, m: int, low: float, top: float, limit: flo
 
 
 def built(counted: bool) -> bool:
-    """Whether the priced or counted pass is compiled already, in this process or in
-    numba's cache on disk (a build costs 3-6 s: [Note: building the compiled passes])."""
-    return all(_ready(kernel) for kernel in ((_counted,) if counted else (_pass, _pass_many)))
+    """Whether the priced or counted pass (the priced one with the tables' rows) is
+    compiled already, in this process or in numba's cache on disk (a build costs 3-6 s:
+    [Note: building the compiled passes])."""
+    return all(_ready(kernel) for kernel in ((_counted,) if counted
+                                             else (_pass, _pass_many, _fill_row)))
 
 
 def _ready(kernel: Any) -> bool:
@@ -941,6 +1000,11 @@ def build() -> float:
     for counted in ((), (0,)):
         relaxed_many(tables, 2, 0.5, 4.0, 20.0, np.array([[0.1]]), 0.2, None, None, counted)
     relaxed_many(tables, 2, 0.5, 4.0, 20.0, np.full((PRICES_INNER, 1), 0.1), 0.2)
+    # the rows of the priced tables (build_class_tables' argument types)
+    one = np.ones(2)
+    fill_row(one, one, one, one, one, one, one, one, one, one, one, one, one,
+             np.ones((2, 2), dtype=np.bool_), one, one, one, 1.0, 1.0, np.empty((2, 2)),
+             np.empty((2, 2)), np.empty((2, 2)), np.empty((2, 2)))
     return time.perf_counter() - started
 
 

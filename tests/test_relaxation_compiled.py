@@ -301,3 +301,81 @@ def test_a_compiled_pass_stops_at_its_deadline(monkeypatch: pytest.MonkeyPatch) 
         assert np.isfinite(run(*args[:-1], time.perf_counter() + 600.0)).any(), name
         with pytest.raises(Late):
             run(*args[:-1], time.perf_counter() - 1.0)
+
+
+def test_the_compiled_rows_are_the_numpy_rows(monkeypatch: pytest.MonkeyPatch) -> None:
+    # [Note: the compiled rows]: the priced tables built with the compiled rows are the
+    # numpy rows bit for bit (x, max(E_f, E_b), T_a, the upper bounds where they hold
+    # (with the memory check), the smallest x per end); random links, latencies, memory
+    from solver.class_tables import build_class_tables
+    from solver.evaluate import LayerSums
+    from solver.space import ClassSpace
+    from tests.class_bound_cases import rigid_instance
+    from tests.solver_cases import random_instance
+
+    compared = uppers = 0
+    for seed in range(60):
+        make = rigid_instance if seed % 2 else random_instance
+        costs, cluster, batch = make(seed, max_layers=6, max_devices=5, links=True,
+                                     latency=True)
+        cluster = cluster.for_costs(costs)
+        space = ClassSpace(costs, cluster)
+        ends = list(range(costs.num_layers - 1))
+        for mb in sorted({1, 2, batch}):
+            if batch % mb:
+                continue
+            args = (space, LayerSums.of(costs), costs.cut_bytes, ends, mb, None, False,
+                    (float(seed % 3), batch // mb) if seed % 4 < 2 else None, seed % 5 > 0)
+            with monkeypatch.context() as patch:
+                patch.setattr(solver.relaxation, "COMPILED", False)
+                reference = build_class_tables(*args)
+            compiled = build_class_tables(*args)
+            if reference is None:
+                assert compiled is None
+                continue
+            assert compiled is not None
+            for mine, theirs in zip(compiled.rows, reference.rows, strict=True):
+                for a, b in zip(mine, theirs, strict=True):
+                    assert a.dtype == b.dtype and np.array_equal(a, b), seed
+            for a, b in zip(compiled.uppers, reference.uppers, strict=True):
+                assert np.array_equal(a, b), seed
+                uppers += int(np.isfinite(a).sum())
+            assert np.array_equal(compiled.compiled["laid"], reference.compiled["laid"])
+            compared += 1
+    assert solver.relaxation.COMPILED       # (no compiled row failed)
+    assert compared > 60 and uppers > 100
+
+
+def test_compiled_rows_that_fail_leave_the_numpy_rows(monkeypatch: pytest.MonkeyPatch,
+                                                      caplog: pytest.LogCaptureFixture
+                                                      ) -> None:
+    # a numba that cannot build the rows costs the speed only: the numpy rows, the class
+    # bound's passes in numpy from then on, said once
+    from solver.class_tables import build_class_tables
+    from solver.evaluate import LayerSums
+    from solver.space import ClassSpace
+    from tests.solver_cases import random_instance
+
+    costs, cluster, batch = random_instance(3, max_layers=6, max_devices=4, links=True)
+    cluster = cluster.for_costs(costs)
+    args = (ClassSpace(costs, cluster), LayerSums.of(costs), costs.cut_bytes,
+            list(range(costs.num_layers - 1)), 1, None, False)      # (priced tables)
+    expected = build_class_tables(*args)
+    assert expected is not None and len(expected.rows) > 1
+    calls: list[int] = []
+
+    def broken(*_: object) -> None:
+        calls.append(1)
+        raise RuntimeError("cannot build the rows")
+
+    monkeypatch.setattr(solver.relaxation_compiled, "_fill_row", broken)
+    monkeypatch.setattr(solver.relaxation, "COMPILED", True)    # (restored after)
+    with caplog.at_level("WARNING", logger="solver.relaxation"):
+        found = build_class_tables(*args)
+    assert found is not None and calls == [1]
+    for mine, theirs in zip(found.rows, expected.rows, strict=True):
+        assert all(np.array_equal(a, b) for a, b in zip(mine, theirs, strict=True))
+    assert solver.relaxation.COMPILED is False
+    assert [r.getMessage() for r in caplog.records].count(
+        "the class bound's compiled pass failed (cannot build the rows): its passes run in "
+        "numpy from now on, 3-6 times slower") == 1
