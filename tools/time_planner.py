@@ -40,6 +40,7 @@ import argparse
 import math
 import os
 import random
+import re
 import resource
 import statistics
 import subprocess
@@ -520,7 +521,8 @@ def once(case: str, devices: int, limit: float | None) -> dict[str, Any]:
     """One ``solver.api.plan`` run of a case of ``ONCE_CASES`` on ``devices`` devices: CPU
     (of this process, and of the class bound's process beside the search where it ran:
     ``solver.beside``) and wall seconds, round, proven bound and gap, when the progress
-    bar first showed the plan returned (``best_at_s``), and the load at the end. The
+    bar first showed the plan returned (``best_at_s``) and the bound (``bound_at_s``), and
+    the load at the end. The
     solver comes from ``sys.path`` (``PYTHONPATH=<checkout>`` runs another checkout's
     planner with this script, for alternating runs of two versions)."""
     import solver
@@ -543,7 +545,9 @@ def once(case: str, devices: int, limit: float | None) -> dict[str, Any]:
             "bound_s": None if bound is None else bound.bound_s,
             "gap": None if bound is None else bound.gap,
             "stopped": None if bound is None else bound.stopped,
-            "best_at_s": _best_at(seen, result.predicted, started), "load": load()}
+            "best_at_s": _best_at(seen, result.predicted, started),
+            "bound_at_s": _bound_at(seen, None if bound is None else bound.bound_s, started),
+            "load": load()}
 
 
 def replan_times(case: str, devices: int, plan_limit: float = 10.0) -> dict[str, Any]:
@@ -577,6 +581,22 @@ def _best_at(seen: Sequence[tuple[float, str]], predicted: Any, started: float) 
         return None
     final = f"best {predicted.round_time_s:.4g} s"
     return next((round(when - started, 2) for when, what in seen if final in what), None)
+
+
+def _bound_at(seen: Sequence[tuple[float, str]], bound: float | None,
+              started: float) -> float | None:
+    """Seconds into the run when the progress bar first showed the returned bound (read
+    back from its ``best X s, gap <= G %``: four and three digits, so within 0.03 %; the
+    counted steps are 0.25 % apart), None where it never did (the bar moves with the
+    search: a bound proven after its last step shows only at the end)."""
+    if bound is None or not bound > 0.0:
+        return None
+    shown = re.compile(r"best ([0-9.e+-]+) s, gap <= ([0-9.e+-]+) %")
+    for when, what in seen:
+        found = shown.search(what)
+        if found and float(found[1]) / (1.0 + float(found[2]) / 100.0) >= bound * (1 - 3e-4):
+            return round(when - started, 2)
+    return None
 
 
 # -- issue 4: synthetic instances ----------------------------------------------------------
