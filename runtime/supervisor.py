@@ -65,6 +65,10 @@ HANG_TIMEOUTS = 5.0
 REAP_S = 10.0
 
 
+#: ports ``LocalJob`` tries for its store where another process takes the free one first
+STORE_PORT_TRIES = 3
+
+
 def free_port() -> int:
     """A free TCP port on 127.0.0.1 (for a launcher's store)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
@@ -102,10 +106,17 @@ class LocalJob:
 
     def __init__(self, timeout_s: float, token: str | None = None, *,
                  expected: int = 1) -> None:
-        self.port = free_port()
-        self._server = dist.TCPStore("127.0.0.1", self.port, expected, is_master=True,
-                                     wait_for_workers=False,
-                                     timeout=timedelta(seconds=timeout_s))
+        for attempt in range(STORE_PORT_TRIES):
+            self.port = free_port()
+            try:
+                self._server = dist.TCPStore("127.0.0.1", self.port, expected,
+                                             is_master=True, wait_for_workers=False,
+                                             timeout=timedelta(seconds=timeout_s))
+                break
+            except RuntimeError as exc:     # (torch's DistNetworkError)
+                # another process took the free port between the check and the bind
+                if "EADDRINUSE" not in str(exc) or attempt + 1 == STORE_PORT_TRIES:
+                    raise
         self.token = token or new_token()
         self.gate = Gatekeeper(self._server, self.token,
                                where=f"the launcher at 127.0.0.1:{self.port}")

@@ -140,3 +140,29 @@ def test_the_deadline_bounds_a_watch(supervisor: Supervisor) -> None:
     procs = _start(supervisor, {0: "sleep", 1: "sleep"}, world=2)
     with pytest.raises(StageFailure, match=r"^the run did not finish within 1 s$"):
         supervisor.watch(procs, NAMES[:2], timeout_s=1.0)
+
+
+def test_a_taken_store_port_is_tried_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    # another process may bind the free port between free_port and the store's bind: the
+    # launcher takes another one (and gives up, saying why, after STORE_PORT_TRIES)
+    import socket
+
+    import runtime.supervisor
+    from runtime.supervisor import STORE_PORT_TRIES, LocalJob, free_port
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    busy = int(taken.getsockname()[1])
+    ports = iter([busy, free_port()])
+    monkeypatch.setattr(runtime.supervisor, "free_port", lambda: next(ports))
+    try:
+        job = LocalJob(5.0)
+        job.close()
+        assert job.port != busy
+        monkeypatch.setattr(runtime.supervisor, "free_port", lambda: busy)
+        with pytest.raises(RuntimeError, match="EADDRINUSE"):
+            LocalJob(5.0)
+    finally:
+        taken.close()
+    assert STORE_PORT_TRIES > 1
