@@ -40,11 +40,12 @@ import argparse
 import math
 import os
 import random
-import re
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from functools import partial
@@ -521,8 +522,9 @@ def once(case: str, devices: int, limit: float | None) -> dict[str, Any]:
     """One ``solver.api.plan`` run of a case of ``ONCE_CASES`` on ``devices`` devices: CPU
     (of this process, and of the class bound's process beside the search where it ran:
     ``solver.beside``) and wall seconds, round, proven bound and gap, when the progress
-    bar first showed the plan returned (``best_at_s``) and the bound (``bound_at_s``), and
-    the load at the end. The
+    bar first showed the plan returned (``best_at_s``), when the class bound had proven
+    the bound returned (``bound_at_s``: its calls traced, ``_traced_bound_calls``), and the
+    load at the end. The
     solver comes from ``sys.path`` (``PYTHONPATH=<checkout>`` runs another checkout's
     planner with this script, for alternating runs of two versions)."""
     import solver
@@ -531,12 +533,19 @@ def once(case: str, devices: int, limit: float | None) -> dict[str, Any]:
     costs, cluster = model_costs(key), make(devices)
     beside = children_cpu()
     seen: list[tuple[float, str]] = []     # (when, the bar's text)
+    calls = Path(tempfile.mkdtemp(prefix="afx-once-")) / "bound-calls"
+    undo = _traced_bound_calls(calls)
     cpu, started = time.process_time(), time.perf_counter()
-    result = plan(costs, cluster, batch, time_limit=limit,
-                  progress=lambda done, what: seen.append((time.perf_counter(), what)))
+    try:
+        result = plan(costs, cluster, batch, time_limit=limit,
+                      progress=lambda done, what: seen.append((time.perf_counter(), what)))
+    finally:
+        undo()
     cpu, wall = time.process_time() - cpu, time.perf_counter() - started
     beside = children_cpu() - beside
     bound = result.planner.bound
+    bound_at = _bound_at(calls, None if bound is None else bound.bound_s, started)
+    shutil.rmtree(calls.parent, ignore_errors=True)
     return {"case": case, "devices": len(cluster.devices), "time_limit": limit,
             "solver": str(Path(solver.__file__).resolve().parents[1]),
             "cpu_s": round(cpu, 2), "wall_s": round(wall, 2),
@@ -546,8 +555,7 @@ def once(case: str, devices: int, limit: float | None) -> dict[str, Any]:
             "gap": None if bound is None else bound.gap,
             "stopped": None if bound is None else bound.stopped,
             "best_at_s": _best_at(seen, result.predicted, started),
-            "bound_at_s": _bound_at(seen, None if bound is None else bound.bound_s, started),
-            "load": load()}
+            "bound_at_s": bound_at, "load": load()}
 
 
 def replan_times(case: str, devices: int, plan_limit: float = 10.0) -> dict[str, Any]:
@@ -583,20 +591,42 @@ def _best_at(seen: Sequence[tuple[float, str]], predicted: Any, started: float) 
     return next((round(when - started, 2) for when, what in seen if final in what), None)
 
 
-def _bound_at(seen: Sequence[tuple[float, str]], bound: float | None,
-              started: float) -> float | None:
-    """Seconds into the run when the progress bar first showed the returned bound (read
-    back from its ``best X s, gap <= G %``: four and three digits, so within 0.03 %; the
-    counted steps are 0.25 % apart), None where it never did (the bar moves with the
-    search: a bound proven after its last step shows only at the end)."""
-    if bound is None or not bound > 0.0:
+def _traced_bound_calls(path: Path) -> Callable[[], None]:
+    """Every ``class_bound`` call of the bisection (``solver.bound_bisection``, in this
+    process and in the processes forked beside the search, which inherit the wrapper)
+    appends ``when micro_batch value`` to ``path`` as it returns (``time.perf_counter``:
+    the same clock in every process); the returned function undoes it."""
+    import solver.bound_bisection as bisection
+
+    original = bisection.class_bound
+
+    def traced(*args: Any, **kwargs: Any) -> Any:
+        value = original(*args, **kwargs)
+        if value is not None:
+            with path.open("a") as out:
+                out.write(f"{time.perf_counter()!r} {args[4]} {value!r}\n")
+        return value
+
+    bisection.class_bound = traced
+
+    def undo() -> None:
+        bisection.class_bound = original
+    return undo
+
+
+def _bound_at(path: Path, bound: float | None, started: float) -> float | None:
+    """Seconds into the run when every micro-batch size the class bound was asked about
+    had reached the returned bound (each size's first call at or above it), from
+    ``_traced_bound_calls``'s file; None where no call reached it (a bound of the link or
+    work bounds alone)."""
+    if bound is None or not path.exists():
         return None
-    shown = re.compile(r"best ([0-9.e+-]+) s, gap <= ([0-9.e+-]+) %")
-    for when, what in seen:
-        found = shown.search(what)
-        if found and float(found[1]) / (1.0 + float(found[2]) / 100.0) >= bound * (1 - 3e-4):
-            return round(when - started, 2)
-    return None
+    reached: dict[int, float] = {}
+    for line in path.read_text().splitlines():
+        when, mb, value = line.split()
+        if float(value) >= bound * (1.0 - 1e-9):
+            reached.setdefault(int(mb), float(when))
+    return round(max(reached.values()) - started, 2) if reached else None
 
 
 # -- issue 4: synthetic instances ----------------------------------------------------------
