@@ -419,6 +419,17 @@ def build_class_tables(space: ClassSpace, sums: LayerSums, cut_bytes: Sequence[i
     from solver.relaxation import compiled_rows, give_up_compiled  # (imports this module)
 
     fill = None if pooled else compiled_rows(deadline)
+
+    def stage_parts(first: int, stop: np.ndarray, comm: np.ndarray
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Per group and end, the compute forward and backward of layers ``first`` up to
+        each ``stop``, and the lower bounds of ``E_f`` and ``E_b`` with ``comm``."""
+        c_f = ((fi[stop] - fi[first])[None] * inv_u[:, None]
+               + (fs[stop] - fs[first])[None] * beta[:, None])
+        c_b = ((bi[stop] - bi[first])[None] * inv_u[:, None]
+               + (bs[stop] - bs[first])[None] * beta[:, None])
+        return c_f, c_b, (c_f + comm[:, None]) * SLACK, (c_b + comm[:, None]) * SLACK
+
     for i, first in enumerate(firsts):
         if deadline is not None and time.perf_counter() > deadline:
             raise Late
@@ -451,12 +462,7 @@ def build_class_tables(space: ClassSpace, sums: LayerSums, cut_bytes: Sequence[i
                     give_up_compiled(exc)
                     fill = None
             if lowest is None:
-                c_f = ((fi[stop] - fi[first])[None] * inv_u[:, None]
-                       + (fs[stop] - fs[first])[None] * beta[:, None])
-                c_b = ((bi[stop] - bi[first])[None] * inv_u[:, None]
-                       + (bs[stop] - bs[first])[None] * beta[:, None])
-                e_f = (c_f + comm[:, None]) * SLACK
-                e_b = (c_b + comm[:, None]) * SLACK
+                _, _, e_f, e_b = stage_parts(first, stop, comm)
                 np.add(e_f, e_b, out=x)
                 np.maximum(e_f, e_b, out=big)
                 np.multiply(np.where(p > 0, p * red_a[:, None] + red_b[:, None], 0.0)
@@ -474,12 +480,7 @@ def build_class_tables(space: ClassSpace, sums: LayerSums, cut_bytes: Sequence[i
             rows.append((x, big, t_a, nxt, np.maximum.accumulate(lowest)))
             continue
         # counted pools (their upper bounds below)
-        c_f = ((fi[stop] - fi[first])[None] * inv_u[:, None]
-               + (fs[stop] - fs[first])[None] * beta[:, None])
-        c_b = ((bi[stop] - bi[first])[None] * inv_u[:, None]
-               + (bs[stop] - bs[first])[None] * beta[:, None])
-        e_f = (c_f + comm[:, None]) * SLACK
-        e_b = (c_b + comm[:, None]) * SLACK
+        c_f, c_b, e_f, e_b = stage_parts(first, stop, comm)
         x = e_f + e_b
         shortest = np.maximum.accumulate(x.min(axis=0))
         if top_cap < math.inf:

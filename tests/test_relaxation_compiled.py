@@ -29,6 +29,21 @@ def _both(monkeypatch: pytest.MonkeyPatch, *args: object) -> tuple[np.ndarray, n
     return compiled, reference
 
 
+def _break(patch: pytest.MonkeyPatch, kernel: str, why: str) -> list[int]:
+    """``kernel`` of ``solver.relaxation_compiled`` replaced by one that raises ``why``
+    (a numba that cannot build it), the compiled passes on (both restored after); each
+    call appends to the list returned."""
+    calls: list[int] = []
+
+    def broken(*_: object) -> None:
+        calls.append(1)
+        raise RuntimeError(why)
+
+    patch.setattr(solver.relaxation_compiled, kernel, broken)
+    patch.setattr(solver.relaxation, "COMPILED", True)
+    return calls
+
+
 def test_the_compiled_priced_pass_is_the_numpy_pass(monkeypatch: pytest.MonkeyPatch) -> None:
     # [Note: the compiled priced pass]: random instances with links and latency, random
     # buckets and prices (partner links included), limits from none to ones that gate
@@ -181,14 +196,7 @@ def test_a_compiled_pass_that_fails_leaves_the_numpy_pass(monkeypatch: pytest.Mo
 
     seed, tables, m, low, top, prices, fast, rho = next(iter(random_relaxed(range(5), 2)))
     compiled = relaxed_many(tables, m, low, top, 1e9, prices, rho, None, fast)
-    calls: list[int] = []
-
-    def broken(*args: object) -> None:
-        calls.append(1)
-        raise RuntimeError("cannot build the pass")
-
-    monkeypatch.setattr(solver.relaxation_compiled, "_pass", broken)
-    monkeypatch.setattr(solver.relaxation, "COMPILED", True)    # (restored after)
+    calls = _break(monkeypatch, "_pass", "cannot build the pass")
     with caplog.at_level("WARNING", logger="solver.relaxation"):
         first = relaxed_many(tables, m, low, top, 1e9, prices, rho, None, fast)
         again = relaxed_many(tables, m, low, top, 1e9, prices, rho, None, fast)
@@ -362,14 +370,7 @@ def test_compiled_rows_that_fail_leave_the_numpy_rows(monkeypatch: pytest.Monkey
             list(range(costs.num_layers - 1)), 1, None, False)      # (priced tables)
     expected = build_class_tables(*args)
     assert expected is not None and len(expected.rows) > 1
-    calls: list[int] = []
-
-    def broken(*_: object) -> None:
-        calls.append(1)
-        raise RuntimeError("cannot build the rows")
-
-    monkeypatch.setattr(solver.relaxation_compiled, "_fill_row", broken)
-    monkeypatch.setattr(solver.relaxation, "COMPILED", True)    # (restored after)
+    calls = _break(monkeypatch, "_fill_row", "cannot build the rows")
     with caplog.at_level("WARNING", logger="solver.relaxation"):
         found = build_class_tables(*args)
     assert found is not None and calls == [1]
