@@ -364,11 +364,12 @@ def build_class_tables(space: ClassSpace, sums: LayerSums, cut_bytes: Sequence[i
         # _undominated); then every kept group takes the maxima of its dropped ones
         keeper = np.empty(len(dropped), dtype=np.intp)
         span = max(1, _COMPARED_CELLS // max(1, len(kept)))
+        kept_columns = lower[kept].T
         for lo in range(0, len(dropped), span):
             drop = dropped[lo:lo + span]
             under = np.ones((len(drop), len(kept)), dtype=bool)
-            for column in lower.T:
-                under &= column[kept][None] <= column[drop][:, None]
+            for column, of_kept in zip(lower.T, kept_columns, strict=True):
+                under &= of_kept[None] <= column[drop][:, None]
             keeper[lo:lo + span] = kept[np.argmax(under, axis=1)]
         np.maximum.at(ups, keeper, ups[dropped])
         np.logical_and.at(firm_g, keeper, firm_g[dropped])
@@ -448,13 +449,15 @@ def build_class_tables(space: ClassSpace, sums: LayerSums, cut_bytes: Sequence[i
             has_top = np.isfinite(up_lat)[:, None]
             if fits is not None:
                 has_top = has_top & (firm_g[:, None] | fits(first, stop - 1))
+            # the slowest member's intercepts and the slopes, for the upper bounds
+            a_up = fi[stop] - fi[first] + bi[stop] - bi[first] + call
+            s_up = fs[stop] - fs[first] + bs[stop] - bs[first]
             lowest = None
             if fill is not None:
                 try:
                     lowest = fill(
                         fi[stop] - fi[first], fs[stop] - fs[first], bi[stop] - bi[first],
-                        bs[stop] - bs[first], fi[stop] - fi[first] + bi[stop] - bi[first] + call,
-                        fs[stop] - fs[first] + bs[stop] - bs[first], p[0], inv_u, beta, comm,
+                        bs[stop] - bs[first], a_up, s_up, p[0], inv_u, beta, comm,
                         up_inv, up_beta, up_c,
                         np.ascontiguousarray(np.broadcast_to(has_top, x.shape)), red_a, red_b,
                         step, SLACK, ABOVE, x, big, t_a, top)
@@ -467,11 +470,9 @@ def build_class_tables(space: ClassSpace, sums: LayerSums, cut_bytes: Sequence[i
                 np.maximum(e_f, e_b, out=big)
                 np.multiply(np.where(p > 0, p * red_a[:, None] + red_b[:, None], 0.0)
                             + p * step[:, None], SLACK, out=t_a)
-                # the slowest member's intercepts, the largest share per bound speed
-                top_x = ((fi[stop] - fi[first] + bi[stop] - bi[first] + call)[None]
-                         * up_inv[:, None]
-                         + (fs[stop] - fs[first] + bs[stop] - bs[first])[None]
-                         * up_beta[:, None] + 2.0 * up_c[:, None]) * ABOVE
+                # (per slowest member's speed, the largest share per bound speed)
+                top_x = (a_up[None] * up_inv[:, None] + s_up[None] * up_beta[:, None]
+                         + 2.0 * up_c[:, None]) * ABOVE
                 top.fill(math.inf)
                 np.copyto(top, top_x, where=has_top)
                 lowest = x.min(axis=0)

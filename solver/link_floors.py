@@ -125,7 +125,7 @@ def min_max_ratios(micro_batch: int, rates: Sequence[float], counts: np.ndarray)
     valid = (size > 0) & (size <= micro_batch)
     if not valid.any():
         return out
-    rows = counts[valid]
+    rows, sizes = counts[valid], size[valid]
     # [Note: the greedy by equal rates]: the greedy's largest b / r is the (micro-batch -
     # n)-th smallest of the values b / r_e (b >= 2, each once per device), or else the
     # largest 1 / r_e; the values counted per rate up to each distinct value, as the
@@ -133,10 +133,10 @@ def min_max_ratios(micro_batch: int, rates: Sequence[float], counts: np.ndarray)
     values = [np.arange(2, micro_batch + 2) / r for r in rates]
     every = np.unique(np.concatenate(values))
     upto = np.stack([np.searchsorted(v, every, side="right") for v in values])
-    reached = rows @ upto >= (micro_batch - rows.sum(axis=1))[:, None]
+    reached = rows @ upto >= (micro_batch - sizes)[:, None]
     base = np.max(np.where(rows > 0, 1.0 / np.asarray(rates), -math.inf), axis=1)
-    need = rows.sum(axis=1) < micro_batch
-    out[valid] = np.where(need, np.maximum(base, every[np.argmax(reached, axis=1)]), base)
+    out[valid] = np.where(sizes < micro_batch,
+                          np.maximum(base, every[np.argmax(reached, axis=1)]), base)
     return out
 
 

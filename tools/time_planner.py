@@ -524,9 +524,8 @@ def once(case: str, devices: int, limit: float | None) -> dict[str, Any]:
     ``solver.beside``) and wall seconds, round, proven bound and gap, when the progress
     bar first showed the plan returned (``best_at_s``), when the class bound had proven
     the bound returned (``bound_at_s``: its calls traced, ``_traced_bound_calls``), and the
-    load at the end. The
-    solver comes from ``sys.path`` (``PYTHONPATH=<checkout>`` runs another checkout's
-    planner with this script, for alternating runs of two versions)."""
+    load at the end. The solver comes from ``sys.path`` (``PYTHONPATH=<checkout>`` runs
+    another checkout's planner with this script, for alternating runs of two versions)."""
     import solver
 
     key, batch, make = ONCE_CASES[case]
@@ -539,13 +538,13 @@ def once(case: str, devices: int, limit: float | None) -> dict[str, Any]:
     try:
         result = plan(costs, cluster, batch, time_limit=limit,
                       progress=lambda done, what: seen.append((time.perf_counter(), what)))
+        cpu, wall = time.process_time() - cpu, time.perf_counter() - started
+        beside = children_cpu() - beside
+        bound = result.planner.bound
+        bound_at = _bound_at(calls, None if bound is None else bound.bound_s, started)
     finally:
         undo()
-    cpu, wall = time.process_time() - cpu, time.perf_counter() - started
-    beside = children_cpu() - beside
-    bound = result.planner.bound
-    bound_at = _bound_at(calls, None if bound is None else bound.bound_s, started)
-    shutil.rmtree(calls.parent, ignore_errors=True)
+        shutil.rmtree(calls.parent, ignore_errors=True)
     return {"case": case, "devices": len(cluster.devices), "time_limit": limit,
             "solver": str(Path(solver.__file__).resolve().parents[1]),
             "cpu_s": round(cpu, 2), "wall_s": round(wall, 2),
