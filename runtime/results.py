@@ -129,6 +129,10 @@ class ResultReader:
                 reader.close()
         return None
 
+    def pending(self) -> bool:
+        """Whether a channel holds an unread message (or its end) now."""
+        return bool(self._readers) and bool(wait(self._readers, 0))
+
     def close(self) -> None:
         for reader in self._readers:
             reader.close()

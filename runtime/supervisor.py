@@ -342,6 +342,12 @@ class Supervisor:
             self.gate.raise_if_refused()
             now = time.monotonic()
             exited = [r for r, p in enumerate(procs) if r not in out.done and not p.is_alive()]
+            if exited and self.job.results.pending():
+                # a rank that reported and ended may have its "ok" still unread behind its
+                # last step: its messages first, then its exit (judged as a failure where
+                # the launcher was slow to read, under load: a survivor that finished the
+                # run after a recovery was blamed for "failing during" the step after it)
+                continue
             if judge is not None:
                 verdict = judge(exited, out.done)
                 if verdict is not None:

@@ -166,3 +166,19 @@ def test_a_taken_store_port_is_tried_again(monkeypatch: pytest.MonkeyPatch) -> N
     finally:
         taken.close()
     assert STORE_PORT_TRIES > 1
+
+
+def test_a_rank_that_reported_and_ended_is_done_not_failed(supervisor: Supervisor) -> None:
+    # every rank reports a step and its result, then ends before the watch reads anything:
+    # the watch reads their messages before it judges their exits (it read one step, saw
+    # the processes gone and the judge blamed a rank whose "ok" was still in its pipe)
+    procs = _start(supervisor, {})
+    for proc in procs:
+        proc.join(timeout=30)
+        assert proc.exitcode == 0
+
+    def judge(exited: Sequence[int], done: Collection[int]) -> tuple[int, ...] | None:
+        return tuple(exited) or None
+
+    watched = supervisor.watch(procs, NAMES, timeout_s=30, judge=judge)
+    assert watched.verdict is None and sorted(watched.done) == [0, 1, 2]
